@@ -1,0 +1,36 @@
+# softgate: the commands the README and CI use.
+PY ?= python3
+
+.PHONY: install install-dev tools serve test lint proto proto-check bench
+install:
+	bash scripts/install.sh
+
+install-dev:
+	bash scripts/install.sh --dev
+
+# External tools that tests use (npm @bufbuild/buf and @grpc/grpc-js, Debian prometheus, ...):
+# each scripts/tools/*.sh installs one, idempotent and bounded in time.
+tools:
+	@for f in scripts/tools/*.sh; do [ -e "$$f" ] || continue; echo "== $$f"; bash "$$f" || exit 1; done
+
+serve: install
+	softgate serve
+
+proto:
+	$(PY) scripts/gen_proto.py
+
+proto-check:
+	$(PY) scripts/gen_proto.py --check
+
+lint:
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy server client/softgate_client
+
+# The one test command: installs everything, then lint, stale-stub check and the test suite.
+test: install-dev tools
+	$(MAKE) lint proto-check
+	$(PY) -m pytest -q
+
+bench:
+	$(PY) bench/engine_bench.py

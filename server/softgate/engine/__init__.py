@@ -1,0 +1,49 @@
+"""The transport-free loss engine: pure torch math over ragged batches.
+
+    from softgate.engine import Engine, Batch, LossConfig, Sapo
+    result = Engine().loss(batch, LossConfig(objective=Sapo(tau_pos=1.0, tau_neg=1.05)))
+"""
+
+from softgate.engine.batch import Batch
+from softgate.engine.config import (
+    OBJECTIVES,
+    AdvantageConfig,
+    AggregationConfig,
+    Cispo,
+    Gppo,
+    Grpo,
+    Gspo,
+    GspoToken,
+    KLConfig,
+    LossConfig,
+    MismatchConfig,
+    Objective,
+    Reinforce,
+    Sapo,
+)
+from softgate.engine.engine import Engine
+from softgate.engine.errors import FieldViolation, InputError
+from softgate.engine.result import AdvantageResult, LossResult
+
+__all__ = [
+    "OBJECTIVES",
+    "AdvantageConfig",
+    "AdvantageResult",
+    "AggregationConfig",
+    "Batch",
+    "Cispo",
+    "Engine",
+    "FieldViolation",
+    "Gppo",
+    "Grpo",
+    "Gspo",
+    "GspoToken",
+    "InputError",
+    "KLConfig",
+    "LossConfig",
+    "LossResult",
+    "MismatchConfig",
+    "Objective",
+    "Reinforce",
+    "Sapo",
+]

@@ -1,0 +1,142 @@
+"""Typed configuration of one loss computation: objective, advantages, KL, mismatch, aggregation.
+
+Every parameter's default is the one in SPEC.md. Objects are frozen and validated by
+`validate_config` (see `validation.py`); adapters build them from their wire formats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+# ---------------------------------------------------------------- objectives
+
+
+@dataclass(frozen=True)
+class Sapo:
+    """SAPO soft gate: l = -(4/tau) sigmoid(tau (r - 1)) A, tau by the sign of A."""
+
+    tau_pos: float = 1.0
+    tau_neg: float = 1.05
+    name: Literal["sapo"] = "sapo"
+
+
+@dataclass(frozen=True)
+class Grpo:
+    """PPO/GRPO clip with asymmetric bounds and optional dual clip c > 1."""
+
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    dual_clip: float | None = None
+    name: Literal["grpo"] = "grpo"
+
+
+@dataclass(frozen=True)
+class Gspo:
+    """GSPO: sequence-level geometric-mean ratio, whole sequence clipped together."""
+
+    eps_low: float = 3e-4
+    eps_high: float = 4e-4
+    name: Literal["gspo"] = "gspo"
+
+
+@dataclass(frozen=True)
+class GspoToken:
+    """GSPO-token: sequence ratio value with per-token advantages, clipped per token."""
+
+    eps_low: float = 3e-4
+    eps_high: float = 4e-4
+    name: Literal["gspo_token"] = "gspo_token"
+
+
+@dataclass(frozen=True)
+class Cispo:
+    """CISPO: stop-gradient clipped IS weight times A logp."""
+
+    eps_low: float = 1.0
+    eps_high: float = 0.28
+    name: Literal["cispo"] = "cispo"
+
+
+@dataclass(frozen=True)
+class Gppo:
+    """GPPO: GRPO's loss value, clipped tokens keep the gradient of their bound."""
+
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    name: Literal["gppo"] = "gppo"
+
+
+@dataclass(frozen=True)
+class Reinforce:
+    """Plain importance sampling, no trust region: l = -r A."""
+
+    name: Literal["reinforce"] = "reinforce"
+
+
+Objective = Union[Sapo, Grpo, Gspo, GspoToken, Cispo, Gppo, Reinforce]
+OBJECTIVES: dict[str, type] = {
+    cls.name: cls for cls in (Sapo, Grpo, Gspo, GspoToken, Cispo, Gppo, Reinforce)  # type: ignore[attr-defined]
+}
+
+# ---------------------------------------------------------------- the other choices
+
+Estimator = Literal["grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"]
+Scale = Literal["group", "batch", "none"]
+AggregationMode = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm"]
+
+
+@dataclass(frozen=True)
+class AdvantageConfig:
+    """Outcome-reward advantage estimator; `scale=None` takes the estimator's own default
+    (group std for `grpo`, none for the others)."""
+
+    estimator: Estimator = "grpo"
+    scale: Scale | None = None
+    eps: float = 1e-6
+    min_group_std: float = 0.0
+
+
+@dataclass(frozen=True)
+class KLConfig:
+    """KL penalty to the reference policy, x = ref - logp, added as beta * k per token."""
+
+    estimator: Literal["k1", "k2", "k3"] = "k3"
+    beta: float = 0.0
+
+
+@dataclass(frozen=True)
+class MismatchConfig:
+    """Train/inference mismatch weight v = exp(old - rollout), token or sequence level,
+    truncated at `cap` (TIS) or zeroed outside [lo, hi] (mask, "IcePop")."""
+
+    level: Literal["token", "sequence"] = "token"
+    mode: Literal["truncate", "mask"] = "truncate"
+    cap: float = 2.0
+    lo: float = 0.5
+    hi: float = 2.0
+
+
+@dataclass(frozen=True)
+class AggregationConfig:
+    """How per-token losses become one scalar. `num_tokens` / `num_seqs` are the global
+    normalisers of a micro-batch or shard (default: this request's own counts);
+    `constant` is K of `token_sum_norm`."""
+
+    mode: AggregationMode = "seq_mean_token_mean"
+    num_tokens: float | None = None
+    num_seqs: float | None = None
+    constant: float | None = None
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Everything that chooses how a batch's loss and gradient are computed."""
+
+    objective: Objective = field(default_factory=Sapo)
+    advantages: AdvantageConfig = field(default_factory=AdvantageConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    kl: KLConfig | None = None
+    mismatch: MismatchConfig | None = None
+    log_ratio_clamp: float = 20.0
+    saturation_threshold: float = 0.5

@@ -1,0 +1,33 @@
+"""The one error type the engine raises for bad input: a list of field violations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One bad field: its name (e.g. `logp`, `objective.sapo.tau_pos`), the offending
+    element index when there is one, and a human-readable reason."""
+
+    field: str
+    reason: str
+    index: int | None = None
+
+    def __str__(self) -> str:
+        where = self.field if self.index is None else f"{self.field}[{self.index}]"
+        return f"{where}: {self.reason}"
+
+
+class InputError(ValueError):
+    """Raised for every invalid batch or configuration; adapters map it to
+    gRPC INVALID_ARGUMENT (google.rpc.BadRequest) or HTTP 422."""
+
+    def __init__(self, violations: list[FieldViolation]):
+        self.violations = list(violations)
+        super().__init__("; ".join(str(v) for v in self.violations))
+
+    @property
+    def reasons(self) -> list[str]:
+        """Short machine-readable reason codes, for the rejected-inputs metric."""
+        return [v.reason.split(":", 1)[0] for v in self.violations]

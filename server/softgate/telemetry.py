@@ -1,0 +1,35 @@
+"""The hooks adapters call to report what they did; the Prometheus implementation lives in
+`softgate.observability`. This no-op base keeps the engine and tests free of metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Telemetry:
+    """No-op telemetry. Every adapter calls these; subclasses export them."""
+
+    def request_started(self, rpc: str, run: str, tokens: int) -> None:
+        """A request entered the server (in-flight gauges go up)."""
+
+    def request_finished(
+        self,
+        rpc: str,
+        run: str,
+        code: str,
+        seconds: float,
+        bytes_in: int,
+        bytes_out: int,
+        tokens: int,
+        sequences: int,
+    ) -> None:
+        """A request left the server with a gRPC status code name (e.g. "OK")."""
+
+    def rejected(self, rpc: str, reasons: list[str]) -> None:
+        """A request was refused for bad input; `reasons` are short reason codes."""
+
+    def observe_loss(self, run: str, config: Any, result: Any) -> None:
+        """A loss was computed: `config` is the engine LossConfig, `result` its LossResult."""
+
+    def observe_advantages(self, run: str, config: Any, result: Any) -> None:
+        """Advantages were computed: `result` is the engine AdvantageResult."""
