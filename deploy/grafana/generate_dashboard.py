@@ -1,0 +1,414 @@
+#!/usr/bin/env python3
+"""Writes deploy/grafana/softgate-dashboard.json (run it after editing the panels below).
+
+python3 deploy/grafana/generate_dashboard.py          # rewrite the JSON
+python3 deploy/grafana/generate_dashboard.py --check  # exit 1 if the JSON is stale
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+OUT = Path(__file__).with_name("softgate-dashboard.json")
+DS = {"type": "prometheus", "uid": "${datasource}"}
+R = 'run=~"$run"'
+
+
+def avg(metric: str, by: str, extra: str = "") -> str:
+    """Mean of a per-batch histogram's observations over the rate interval."""
+    sel = "{" + R + (", " + extra if extra else "") + "}"
+    return (
+        f"sum by ({by}) (rate({metric}_sum{sel}[$__rate_interval]))"
+        f" / sum by ({by}) (rate({metric}_count{sel}[$__rate_interval]))"
+    )
+
+
+_next_id = 0
+
+
+def panel(
+    title: str,
+    targets: list[tuple[str, str]],
+    x: int,
+    y: int,
+    w: int = 12,
+    h: int = 8,
+    unit: str = "short",
+    description: str = "",
+    kind: str = "timeseries",
+    minmax: tuple[float | None, float | None] = (None, None),
+) -> dict[str, Any]:
+    global _next_id
+    _next_id += 1
+    defaults: dict[str, Any] = {"unit": unit}
+    if minmax[0] is not None:
+        defaults["min"] = minmax[0]
+    if minmax[1] is not None:
+        defaults["max"] = minmax[1]
+    p: dict[str, Any] = {
+        "id": _next_id,
+        "type": kind,
+        "title": title,
+        "description": description,
+        "datasource": DS,
+        "gridPos": {"h": h, "w": w, "x": x, "y": y},
+        "fieldConfig": {"defaults": defaults, "overrides": []},
+        "targets": [
+            {"refId": chr(65 + i), "datasource": DS, "expr": expr, "legendFormat": legend, "range": True}
+            for i, (expr, legend) in enumerate(targets)
+        ],
+    }
+    if kind == "timeseries":
+        p["options"] = {
+            "legend": {"displayMode": "table", "placement": "bottom", "calcs": ["lastNotNull", "max"]}
+        }
+    return p
+
+
+def heatmap(title: str, metric: str, sign: str, x: int, y: int, description: str) -> dict[str, Any]:
+    p = panel(
+        title,
+        [(f'sum by (le) (rate({metric}_bucket{{{R}, sign="{sign}"}}[$__rate_interval]))', "{{le}}")],
+        x,
+        y,
+        description=description,
+        kind="heatmap",
+    )
+    p["targets"][0]["format"] = "heatmap"
+    p["options"] = {
+        "calculate": False,
+        "yAxis": {"axisPlacement": "left"},
+        "cellGap": 1,
+        "color": {"mode": "scheme", "scheme": "Oranges", "scale": "exponential", "exponent": 0.5},
+        "rowsFrame": {"layout": "le"},
+        "tooltip": {"show": True, "yHistogram": True},
+    }
+    return p
+
+
+def row(title: str, y: int) -> dict[str, Any]:
+    global _next_id
+    _next_id += 1
+    return {
+        "id": _next_id,
+        "type": "row",
+        "title": title,
+        "collapsed": False,
+        "gridPos": {"h": 1, "w": 24, "x": 0, "y": y},
+        "panels": [],
+    }
+
+
+def build() -> dict[str, Any]:
+    global _next_id
+    _next_id = 0
+    panels: list[dict[str, Any]] = []
+    y = 0
+    panels.append(row("Trust region", y))
+    y += 1
+    panels.append(
+        panel(
+            "Gate saturation by advantage sign",
+            [(avg("softgate_batch_gate_saturation", "sign"), "A {{sign}}")],
+            0,
+            y,
+            unit="percentunit",
+            minmax=(0, 1),
+            description="Share of the sign's tokens whose gate weight w is below the saturation threshold "
+            "(0.5 by default). Rising A<0 saturation is an early sign of instability.",
+        )
+    )
+    panels.append(
+        panel(
+            "Mean gate weight by advantage sign",
+            [(avg("softgate_batch_gate_weight_mean", "sign"), "A {{sign}}")],
+            12,
+            y,
+            unit="percentunit",
+            minmax=(0, 1),
+            description="Mean SAPO gate weight w = 4p(1-p) per sign (1 = unclipped, 0 = clipped for hard clips).",
+        )
+    )
+    y += 8
+    panels.append(
+        panel(
+            "Clip fractions",
+            [
+                (avg("softgate_batch_clip_fraction", "sign"), "clip {{sign}} (pos=clip_high, neg=clip_low)"),
+                (avg("softgate_batch_dual_clip_fraction", "objective"), "dual clip {{objective}}"),
+            ],
+            0,
+            y,
+            unit="percentunit",
+            minmax=(0, None),
+            description="clip_high: share of A>0 tokens with r > 1+eps_high; clip_low: share of A<0 tokens "
+            "with r < 1-eps_low; dual clip: A<0 tokens with r > c.",
+        )
+    )
+    panels.append(
+        panel(
+            "Gradient retained by the trust region",
+            [(avg("softgate_batch_grad_retained", "objective"), "{{objective}}")],
+            12,
+            y,
+            unit="percentunit",
+            minmax=(0, 1),
+            description="sum|c| / sum|c without trust region|: 1 = nothing suppressed. Comparable across "
+            "SAPO, GRPO and GSPO.",
+        )
+    )
+    y += 8
+    panels.append(
+        panel(
+            "Approx KL (old || new)",
+            [
+                (avg("softgate_batch_approx_kl", "objective"), "mean {{objective}}"),
+                (f"max by (objective) (softgate_batch_approx_kl_last{{{R}}})", "last batch {{objective}}"),
+            ],
+            0,
+            y,
+            description="Masked mean of (old - logp) per batch.",
+        )
+    )
+    panels.append(
+        panel(
+            "Token ratio range (last batch)",
+            [
+                (f"min by (objective) (softgate_batch_ratio_min{{{R}}})", "min {{objective}}"),
+                (f"avg by (objective) (softgate_batch_ratio_mean{{{R}}})", "mean {{objective}}"),
+                (f"max by (objective) (softgate_batch_ratio_max{{{R}}})", "max {{objective}}"),
+                (
+                    f"sum by (objective) (rate(softgate_clamped_tokens_total{{{R}}}[$__rate_interval]))",
+                    "clamped tokens/s {{objective}}",
+                ),
+            ],
+            12,
+            y,
+            description="Smallest, mean and largest token ratio of the last batch, and the rate of tokens "
+            "whose log-ratio hit the clamp.",
+        )
+    )
+    y += 8
+    panels.append(
+        heatmap(
+            "Token ratio distribution, A > 0",
+            "softgate_token_ratio",
+            "pos",
+            0,
+            y,
+            "Per-token ratio r of positive-advantage tokens, bucketed on the device.",
+        )
+    )
+    panels.append(
+        heatmap(
+            "Token ratio distribution, A < 0",
+            "softgate_token_ratio",
+            "neg",
+            12,
+            y,
+            "Per-token ratio r of negative-advantage tokens, bucketed on the device.",
+        )
+    )
+    y += 8
+    panels.append(
+        heatmap(
+            "Gate weight distribution, A > 0",
+            "softgate_token_gate_weight",
+            "pos",
+            0,
+            y,
+            "Per-token gate weight w of positive-advantage tokens.",
+        )
+    )
+    panels.append(
+        heatmap(
+            "Gate weight distribution, A < 0",
+            "softgate_token_gate_weight",
+            "neg",
+            12,
+            y,
+            "Per-token gate weight w of negative-advantage tokens.",
+        )
+    )
+    y += 8
+    panels.append(row("Rewards and advantages", y))
+    y += 1
+    panels.append(
+        panel(
+            "Degenerate-group share",
+            [
+                (avg("softgate_batch_degenerate_group_fraction", "run"), "mean {{run}}"),
+                (f"max by (run) (softgate_degenerate_group_fraction{{{R}}})", "last batch {{run}}"),
+            ],
+            0,
+            y,
+            unit="percentunit",
+            minmax=(0, 1),
+            description="Share of groups whose rewards are all equal: the part of the batch that teaches nothing.",
+        )
+    )
+    panels.append(
+        panel(
+            "Rewards and advantages (last batch)",
+            [
+                (f"avg by (run) (softgate_reward_mean{{{R}}})", "reward mean {{run}}"),
+                (f"avg by (run) (softgate_reward_std{{{R}}})", "reward std {{run}}"),
+                (f"avg by (run) (softgate_advantage_mean{{{R}}})", "advantage mean {{run}}"),
+                (f"avg by (run) (softgate_advantage_std{{{R}}})", "advantage std {{run}}"),
+            ],
+            12,
+            y,
+        )
+    )
+    y += 8
+    panels.append(row("Service", y))
+    y += 1
+    panels.append(
+        panel(
+            "Throughput",
+            [
+                (
+                    f"sum by (rpc) (rate(softgate_processed_tokens_total{{{R}}}[$__rate_interval]))",
+                    "tokens/s {{rpc}}",
+                ),
+                (
+                    f"sum by (sign) (rate(softgate_loss_tokens_total{{{R}}}[$__rate_interval]))",
+                    "loss tokens/s A {{sign}}",
+                ),
+                (
+                    f"sum by (rpc) (rate(softgate_processed_sequences_total{{{R}}}[$__rate_interval]))",
+                    "sequences/s {{rpc}}",
+                ),
+            ],
+            0,
+            y,
+            unit="short",
+            description="Tokens and sequences of successful RPCs per second.",
+        )
+    )
+    panels.append(
+        panel(
+            "Latency percentiles",
+            [
+                (
+                    f"histogram_quantile({q}, sum by (le) (rate(softgate_request_duration_seconds_bucket[$__rate_interval])))",
+                    f"p{int(q * 100)}",
+                )
+                for q in (0.5, 0.9, 0.99)
+            ],
+            12,
+            y,
+            unit="s",
+        )
+    )
+    y += 8
+    panels.append(
+        panel(
+            "Errors and rejected inputs",
+            [
+                ('sum by (code) (rate(softgate_requests_total{code!="OK"}[$__rate_interval]))', "{{code}}"),
+                (
+                    "sum by (reason) (rate(softgate_rejected_inputs_total[$__rate_interval]))",
+                    "rejected: {{reason}}",
+                ),
+            ],
+            0,
+            y,
+            unit="reqps",
+        )
+    )
+    panels.append(
+        panel(
+            "In flight and bytes",
+            [
+                ("sum(softgate_in_flight_requests)", "requests in flight"),
+                ("sum(softgate_in_flight_tokens)", "tokens in flight"),
+                ("sum(rate(softgate_request_bytes_total[$__rate_interval]))", "bytes in/s"),
+                ("sum(rate(softgate_response_bytes_total[$__rate_interval]))", "bytes out/s"),
+            ],
+            12,
+            y,
+        )
+    )
+    y += 8
+    panels.append(
+        panel(
+            "Requests by RPC and code",
+            [("sum by (rpc, code) (rate(softgate_requests_total[$__rate_interval]))", "{{rpc}} {{code}}")],
+            0,
+            y,
+            unit="reqps",
+        )
+    )
+    panels.append(
+        panel(
+            "Device",
+            [("softgate_device_info", "{{device}} {{name}} torch {{torch_version}} softgate {{version}}")],
+            12,
+            y,
+            kind="table",
+        )
+    )
+
+    return {
+        "__inputs": [],
+        "annotations": {"list": []},
+        "description": "softgate: trust-region health (SAPO gate, clip fractions, grad retained, KL) and service metrics.",
+        "editable": True,
+        "graphTooltip": 1,
+        "panels": panels,
+        "refresh": "10s",
+        "schemaVersion": 39,
+        "tags": ["softgate", "rl"],
+        "templating": {
+            "list": [
+                {
+                    "name": "datasource",
+                    "label": "Data source",
+                    "type": "datasource",
+                    "query": "prometheus",
+                    "current": {},
+                    "hide": 0,
+                },
+                {
+                    "name": "run",
+                    "label": "Run",
+                    "type": "query",
+                    "datasource": DS,
+                    "definition": "label_values(softgate_loss_batches_total, run)",
+                    "query": {"query": "label_values(softgate_loss_batches_total, run)", "refId": "run"},
+                    "refresh": 2,
+                    "includeAll": True,
+                    "multi": True,
+                    "allValue": ".*",
+                    "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+                    "sort": 1,
+                    "hide": 0,
+                },
+            ]
+        },
+        "time": {"from": "now-1h", "to": "now"},
+        "timepicker": {},
+        "timezone": "utc",
+        "title": "softgate",
+        "uid": "softgate",
+        "version": 1,
+    }
+
+
+def render() -> str:
+    return json.dumps(build(), indent=2) + "\n"
+
+
+if __name__ == "__main__":
+    text = render()
+    if "--check" in sys.argv:
+        if not OUT.exists() or OUT.read_text() != text:
+            print(f"{OUT} is stale: run python3 {Path(__file__).name}", file=sys.stderr)
+            sys.exit(1)
+    else:
+        OUT.write_text(text)
+        print(f"wrote {OUT}")

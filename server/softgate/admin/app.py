@@ -1,0 +1,311 @@
+"""The admin HTTP API: health, readiness, Prometheus metrics, configuration, the algorithm
+catalogue and recent per-run trust-region statistics.
+
+With `settings.admin_token` set, every route except /healthz and /readyz (the OpenAPI
+document and docs pages included) requires `Authorization: Bearer <token>`; the token is
+compared in constant time. Every error is a JSON body `{"error": {"code", "message"}}`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import math
+import typing
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from softgate import __version__
+from softgate.telemetry import Telemetry
+
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_SECRET_WORDS = ("token", "secret", "password", "key", "credential")
+
+
+def _error(
+    http_status: int, message: str, headers: dict[str, str] | None = None, **extra: Any
+) -> JSONResponse:
+    body: dict[str, Any] = {"error": {"code": http_status, "message": message, **extra}}
+    return JSONResponse(body, status_code=http_status, headers=headers)
+
+
+def _token_of(settings: Any) -> str | None:
+    tok = getattr(settings, "admin_token", None)
+    if tok is None:
+        return None
+    if hasattr(tok, "get_secret_value"):
+        tok = tok.get_secret_value()
+    tok = str(tok)
+    return tok or None
+
+
+def _redacted(settings: Any) -> dict[str, Any]:
+    if settings is None:
+        return {}
+    if hasattr(settings, "redacted"):
+        return _jsonable(settings.redacted())
+    if dataclasses.is_dataclass(settings) and not isinstance(settings, type):
+        raw = dataclasses.asdict(settings)
+    elif hasattr(settings, "model_dump"):
+        raw = settings.model_dump()
+    else:
+        raw = {k: v for k, v in vars(settings).items() if not k.startswith("_")}
+    return {
+        k: ("***" if v and any(w in k.lower() for w in _SECRET_WORDS) else _jsonable(v))
+        for k, v in raw.items()
+    }
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple, set, frozenset)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if v is None or isinstance(v, (str, int, float, bool)):
+        return v
+    if hasattr(v, "get_secret_value"):
+        return "***"
+    return str(v)
+
+
+# ---------------------------------------------------------------- algorithm catalogue
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name == "name":
+            continue
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = _jsonable(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = _jsonable(_describe(f.default_factory()))
+        else:
+            out[f.name] = None
+    return out
+
+
+def _describe(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        d = {k: _describe(v) for k, v in dataclasses.asdict(obj).items()}
+        return d
+    return obj
+
+
+def _literal_options(cls: type, field_name: str) -> list[Any]:
+    hints = typing.get_type_hints(cls)
+    tp = hints.get(field_name)
+    opts: list[Any] = []
+
+    def walk(t: Any) -> None:
+        origin = typing.get_origin(t)
+        if origin is typing.Literal:
+            opts.extend(typing.get_args(t))
+        elif origin is not None:
+            for a in typing.get_args(t):
+                walk(a)
+
+    walk(tp)
+    return [o for o in opts if o is not None]
+
+
+def _doc(cls: type) -> str:
+    return " ".join((cls.__doc__ or "").split())
+
+
+def algorithm_catalogue() -> dict[str, Any]:
+    """Built from the engine's config dataclasses: nothing here is hand-maintained."""
+    from softgate.engine import config as c
+
+    objectives = {
+        name: {"description": _doc(cls), "defaults": _defaults(cls)}
+        for name, cls in sorted(c.OBJECTIVES.items())
+    }
+    loss_defaults = {
+        f.name: _jsonable(f.default)
+        for f in dataclasses.fields(c.LossConfig)
+        if f.default is not dataclasses.MISSING
+    }
+    return {
+        "objectives": objectives,
+        "default_objective": c.LossConfig().objective.name,
+        "advantages": {
+            "description": _doc(c.AdvantageConfig),
+            "estimators": _literal_options(c.AdvantageConfig, "estimator"),
+            "scales": _literal_options(c.AdvantageConfig, "scale"),
+            "defaults": _defaults(c.AdvantageConfig),
+        },
+        "aggregations": {
+            "description": _doc(c.AggregationConfig),
+            "modes": _literal_options(c.AggregationConfig, "mode"),
+            "defaults": _defaults(c.AggregationConfig),
+        },
+        "kl": {
+            "description": _doc(c.KLConfig),
+            "estimators": _literal_options(c.KLConfig, "estimator"),
+            "defaults": _defaults(c.KLConfig),
+        },
+        "mismatch": {
+            "description": _doc(c.MismatchConfig),
+            "levels": _literal_options(c.MismatchConfig, "level"),
+            "modes": _literal_options(c.MismatchConfig, "mode"),
+            "defaults": _defaults(c.MismatchConfig),
+        },
+        "loss_defaults": loss_defaults,
+    }
+
+
+# ---------------------------------------------------------------- the app
+
+
+def create_app(
+    settings: Any, telemetry: Telemetry | None = None, is_ready: Callable[[], bool] | None = None
+) -> FastAPI:
+    """The admin FastAPI app. `telemetry` is normally a PrometheusTelemetry (anything else
+    serves an empty /metrics and no runs); `is_ready()` is true once the engine is warmed
+    up and gRPC is serving."""
+    token = _token_of(settings)
+    token_bytes = token.encode() if token else None
+    telemetry = telemetry if telemetry is not None else Telemetry()
+    ready = is_ready or (lambda: True)
+    catalogue = algorithm_catalogue()
+
+    app = FastAPI(
+        title="softgate admin",
+        version=__version__,
+        description=(
+            "Health, readiness, Prometheus metrics, configuration, the algorithm catalogue and recent "
+            "per-run trust-region statistics of a softgate loss server."
+            + (
+                " Every route but /healthz and /readyz needs `Authorization: Bearer <token>`."
+                if token
+                else ""
+            )
+        ),
+    )
+
+    @app.middleware("http")
+    async def bearer_auth(request: Request, call_next: Callable[[Request], Any]) -> Response:
+        if token_bytes is None or request.url.path in OPEN_PATHS:
+            return await call_next(request)  # type: ignore[no-any-return]
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        ok = scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token_bytes)
+        if not ok:
+            return _error(
+                401,
+                "missing or invalid bearer token" if header else "authorization required",
+                headers={"WWW-Authenticate": 'Bearer realm="softgate"'},
+            )
+        return await call_next(request)  # type: ignore[no-any-return]
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(422, "invalid request", details=_jsonable(exc.errors()))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        return _error(500, f"internal error: {type(exc).__name__}")
+
+    @app.get("/healthz", tags=["health"], summary="Liveness: the process answers.")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get(
+        "/readyz",
+        tags=["health"],
+        summary="Readiness: 200 once the engine is warmed up and gRPC is serving, else 503.",
+        responses={503: {"description": "not ready yet"}},
+    )
+    async def readyz() -> JSONResponse:
+        try:
+            ok = bool(ready())
+        except Exception:
+            ok = False
+        if ok:
+            return JSONResponse({"status": "ready"})
+        return _error(503, "not ready: engine warming up or gRPC not serving yet", status="starting")
+
+    @app.get(
+        "/metrics",
+        tags=["metrics"],
+        summary="Prometheus text exposition.",
+        response_class=Response,
+        responses={200: {"content": {PROMETHEUS_CONTENT_TYPE: {}}}},
+    )
+    async def metrics() -> Response:
+        expo = getattr(telemetry, "exposition", None)
+        body = expo() if callable(expo) else b""
+        return Response(content=body, media_type=PROMETHEUS_CONTENT_TYPE)
+
+    @app.get("/v1/config", tags=["config"], summary="The server settings, secrets redacted.")
+    async def config() -> dict[str, Any]:
+        return _redacted(settings)
+
+    @app.get("/v1/algorithms", tags=["config"], summary="Objectives, estimators, aggregations with defaults.")
+    async def algorithms() -> dict[str, Any]:
+        return catalogue
+
+    @app.get(
+        "/v1/runs",
+        tags=["runs"],
+        summary="Runs seen recently, most recent first, with their last 10 batches.",
+    )
+    async def runs() -> dict[str, Any]:
+        overview = getattr(telemetry, "runs_overview", None)
+        return {
+            "max_runs": getattr(telemetry, "max_runs", None),
+            "runs": overview() if callable(overview) else [],
+        }
+
+    @app.get(
+        "/v1/runs/{run}",
+        tags=["runs"],
+        summary="One run's statistics over windows (last 10 / 100 batches, last 5 min / 1 h).",
+        responses={404: {"description": "unknown run"}},
+    )
+    async def run_detail(run: str) -> Any:
+        summary = getattr(telemetry, "run_summary", None)
+        data = summary(run) if callable(summary) else None
+        if data is None:
+            return _error(404, f"unknown run {run!r}", run=run)
+        return data
+
+    if token:
+        base_openapi = app.openapi
+
+        def openapi() -> dict[str, Any]:
+            if app.openapi_schema:
+                return app.openapi_schema
+            schema = base_openapi()
+            schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {
+                "type": "http",
+                "scheme": "bearer",
+            }
+            for path, ops in schema.get("paths", {}).items():
+                if path in OPEN_PATHS:
+                    continue
+                for op in ops.values():
+                    if isinstance(op, dict):
+                        op["security"] = [{"bearer": []}]
+                        op.setdefault("responses", {})["401"] = {
+                            "description": "missing or invalid bearer token"
+                        }
+            app.openapi_schema = schema
+            return schema
+
+        app.openapi = openapi  # type: ignore[method-assign]
+
+    return app

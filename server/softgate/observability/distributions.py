@@ -1,0 +1,104 @@
+"""Per-token distributions bucketed on the device, in bulk.
+
+`bucket_tokens` turns the per-token ratio and gate weight of one LossResult into bucket
+counts per advantage sign with one `torch.bucketize` and one `torch.bincount` per
+quantity over the whole batch (masked-out tokens go to a discard slot instead of being
+compacted, so nothing synchronises before the single small copy to the host at the end).
+No Python code runs per token.
+
+On CUDA every token is bucketed. On a CPU device a batch larger than `cpu_sample_tokens`
+is bucketed through an evenly strided sample (every k-th token), its counts and sums
+scaled by k: the shape of the distribution is kept at a few percent of the cost. The
+token counters and per-batch fractions are exact in both cases (they come from the
+engine's metrics).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+# Edges of the per-token ratio histogram: dense near 1 (GSPO's 3e-4 / 4e-4 band, GRPO's
+# 0.2 / 0.28 band, SAPO's gate), coarse in the tails.
+RATIO_EDGES: tuple[float, ...] = (
+    0.1, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 0.9997,
+    1.0,
+    1.0004, 1.001, 1.005, 1.01, 1.02, 1.05, 1.1, 1.2, 1.28, 1.5, 2.0, 5.0, 10.0,
+)  # fmt: skip
+# Gate weight w in [0, 1]; le=0 holds the hard-clipped tokens of clip objectives.
+GATE_EDGES: tuple[float, ...] = (0.0, *(round(0.05 * k, 2) for k in range(1, 21)))
+
+SIGNS: tuple[str, ...] = ("pos", "neg", "zero")
+_DISCARD = len(SIGNS)
+
+
+@dataclass
+class TokenBuckets:
+    """Host-side result for one batch: [sign, bucket] counts (the last bucket is +Inf)
+    and per-sign sums, for the ratio and the gate weight."""
+
+    ratio_counts: np.ndarray  # [3, len(RATIO_EDGES) + 1]
+    ratio_sums: np.ndarray  # [3]
+    gate_counts: np.ndarray  # [3, len(GATE_EDGES) + 1]
+    gate_sums: np.ndarray  # [3]
+    stride: int
+
+
+class Bucketer:
+    """Keeps the edge tensors on each device it has seen."""
+
+    def __init__(self, cpu_sample_tokens: int | None = 1 << 19) -> None:
+        self.cpu_sample_tokens = cpu_sample_tokens
+        self._edges: dict[tuple[str, torch.dtype], tuple[Tensor, Tensor]] = {}
+
+    def _edges_for(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        key = (str(device), dtype)
+        e = self._edges.get(key)
+        if e is None:
+            e = (
+                torch.tensor(RATIO_EDGES, dtype=dtype, device=device),
+                torch.tensor(GATE_EDGES, dtype=dtype, device=device),
+            )
+            self._edges[key] = e
+        return e
+
+    def __call__(self, ratio: Tensor, gate: Tensor, advantages: Tensor, mask: Tensor) -> TokenBuckets:
+        return self.bucket(ratio, gate, advantages, mask)
+
+    @torch.no_grad()
+    def bucket(self, ratio: Tensor, gate: Tensor, advantages: Tensor, mask: Tensor) -> TokenBuckets:
+        n = int(ratio.numel())
+        stride = 1
+        if ratio.device.type == "cpu" and self.cpu_sample_tokens and n > self.cpu_sample_tokens:
+            stride = -(-n // self.cpu_sample_tokens)
+            ratio, gate = ratio[::stride].contiguous(), gate[::stride].contiguous()
+            advantages, mask = advantages[::stride], mask[::stride]
+        dtype = ratio.dtype if ratio.dtype in (torch.float32, torch.float64) else torch.float32
+        ratio = ratio.to(dtype)
+        gate = gate.to(dtype).contiguous()
+        r_edges, g_edges = self._edges_for(ratio.device, dtype)
+        nr, ng, ns = len(RATIO_EDGES) + 1, len(GATE_EDGES) + 1, len(SIGNS) + 1
+        # sign index: 0 pos, 1 neg, 2 zero, 3 masked out (discarded)
+        sign = (advantages < 0).to(torch.int32) + (advantages == 0).to(torch.int32) * 2
+        sign = sign.masked_fill_(~mask.to(torch.bool), _DISCARD)
+        kr = torch.bucketize(ratio, r_edges, out_int32=True).add_(sign * nr)
+        kg = torch.bucketize(gate, g_edges, out_int32=True).add_(sign * ng)
+        parts = [
+            torch.bincount(kr, minlength=ns * nr).to(torch.float64),
+            torch.bincount(sign, weights=ratio, minlength=ns).to(torch.float64),
+            torch.bincount(kg, minlength=ns * ng).to(torch.float64),
+            torch.bincount(sign, weights=gate, minlength=ns).to(torch.float64),
+        ]
+        host = torch.cat(parts).cpu().numpy() * float(stride)  # the one device -> host copy
+        o = 0
+        rc = host[o : o + ns * nr].reshape(ns, nr)[: len(SIGNS)]
+        o += ns * nr
+        rs = host[o : o + ns][: len(SIGNS)]
+        o += ns
+        gc = host[o : o + ns * ng].reshape(ns, ng)[: len(SIGNS)]
+        o += ns * ng
+        gs = host[o : o + ns][: len(SIGNS)]
+        return TokenBuckets(rc.copy(), rs.copy(), gc.copy(), gs.copy(), stride)

@@ -1,0 +1,236 @@
+"""Run-labelled state with bounded cardinality.
+
+Trainers tag requests with a run name (gRPC metadata `softgate-run`). Every run-labelled
+series lives here rather than in prometheus_client's own metric objects, so that a run
+can be *folded*: when more than `max_runs` runs have been seen, the least recently
+active one is removed and everything it had accumulated (counters, histogram buckets,
+the recent batch windows) is added to the run `"other"`. Totals summed over runs are thus
+conserved while the number of label values stays at most `max_runs + 1`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+OTHER = "other"
+DEFAULT_RUN = "default"
+MAX_RUN_NAME = 64
+_BAD = re.compile(r"[^A-Za-z0-9_.:/-]")
+
+
+def sanitize_run(run: str | None) -> str:
+    """A run label value: printable, at most 64 characters, `default` when empty."""
+    if not run:
+        return DEFAULT_RUN
+    run = _BAD.sub("_", str(run).strip())[:MAX_RUN_NAME]
+    return run or DEFAULT_RUN
+
+
+@dataclass
+class HistState:
+    """Non-cumulative bucket counts (the last one is +Inf) and the sum of observations."""
+
+    counts: np.ndarray
+    total: float = 0.0
+
+    def merge(self, other: HistState) -> None:
+        self.counts += other.counts
+        self.total += other.total
+
+
+@dataclass
+class BatchRecord:
+    """One loss batch's summary, for the /v1/runs windows."""
+
+    t: float
+    objective: str
+    tokens: int
+    seqs: int
+    values: dict[str, float]
+
+
+@dataclass
+class RunState:
+    counters: dict[tuple[str, tuple[str, ...]], float] = field(default_factory=dict)
+    hists: dict[tuple[str, tuple[str, ...]], HistState] = field(default_factory=dict)
+    gauges: dict[tuple[str, tuple[str, ...]], tuple[float, float]] = field(default_factory=dict)
+    batches: deque[BatchRecord] = field(default_factory=lambda: deque(maxlen=RunRegistry.WINDOW_BATCHES))
+    first_seen: float = field(default_factory=time.time)
+    last_seen: float = field(default_factory=time.time)
+    folded_runs: int = 0
+
+    # ------------------------------------------------------------ updates
+    def inc(self, name: str, labels: tuple[str, ...], value: float) -> None:
+        if value and math.isfinite(value):
+            key = (name, labels)
+            self.counters[key] = self.counters.get(key, 0.0) + float(value)
+
+    def observe(self, name: str, labels: tuple[str, ...], value: float, edges: np.ndarray) -> None:
+        if value is None or not math.isfinite(value):
+            return
+        key = (name, labels)
+        h = self.hists.get(key)
+        if h is None:
+            h = self.hists[key] = HistState(np.zeros(len(edges) + 1, dtype=np.float64))
+        # le semantics: the first edge >= value
+        h.counts[int(np.searchsorted(edges, value, side="left"))] += 1.0
+        h.total += float(value)
+
+    def add_hist(
+        self, name: str, labels: tuple[str, ...], counts: np.ndarray, total: float, nbuckets: int
+    ) -> None:
+        key = (name, labels)
+        h = self.hists.get(key)
+        if h is None:
+            h = self.hists[key] = HistState(np.zeros(nbuckets, dtype=np.float64))
+        h.counts += counts
+        h.total += total
+
+    def set(self, name: str, labels: tuple[str, ...], value: float, now: float) -> None:
+        if value is not None and math.isfinite(value):
+            self.gauges[(name, labels)] = (float(value), now)
+
+    def merge(self, other: RunState) -> None:
+        """Fold `other` into this state (counters and buckets add, newest gauge wins)."""
+        for k, v in other.counters.items():
+            self.counters[k] = self.counters.get(k, 0.0) + v
+        for k, h in other.hists.items():
+            mine = self.hists.get(k)
+            if mine is None:
+                self.hists[k] = HistState(h.counts.copy(), h.total)
+            else:
+                mine.merge(h)
+        for k, (v, t) in other.gauges.items():
+            if k not in self.gauges or self.gauges[k][1] <= t:
+                self.gauges[k] = (v, t)
+        merged = sorted([*self.batches, *other.batches], key=lambda b: b.t)
+        self.batches.clear()
+        self.batches.extend(merged[-(self.batches.maxlen or len(merged)) :])
+        self.first_seen = min(self.first_seen, other.first_seen)
+        self.last_seen = max(self.last_seen, other.last_seen)
+        self.folded_runs += 1 + other.folded_runs
+
+
+class RunRegistry:
+    """The `max_runs` most recently active runs, each with its own state, plus `other`.
+
+    `state(run)` marks the run as the most recent; a new run beyond the bound evicts the
+    least recently active one into `other`. The name `other` itself is always accepted
+    and never counts against the bound. Not thread-safe: the caller holds a lock.
+    """
+
+    WINDOW_BATCHES = 1000
+
+    def __init__(self, max_runs: int = 32) -> None:
+        self.max_runs = max(1, int(max_runs))
+        self._runs: OrderedDict[str, RunState] = OrderedDict()
+        self._other: RunState | None = None
+        self.evictions = 0
+
+    def state(self, run: str | None, now: float | None = None) -> tuple[str, RunState]:
+        name = sanitize_run(run)
+        now = time.time() if now is None else now
+        if name == OTHER:
+            if self._other is None:
+                self._other = RunState(first_seen=now, last_seen=now)
+            self._other.last_seen = now
+            return OTHER, self._other
+        st = self._runs.get(name)
+        if st is None:
+            st = self._runs[name] = RunState(first_seen=now, last_seen=now)
+            while len(self._runs) > self.max_runs:
+                _, old = self._runs.popitem(last=False)
+                self._fold(old)
+        else:
+            self._runs.move_to_end(name)
+        st.last_seen = now
+        return name, st
+
+    def _fold(self, old: RunState) -> None:
+        if self._other is None:
+            self._other = RunState(first_seen=old.first_seen, last_seen=old.last_seen)
+            self._other.merge(old)
+            self._other.folded_runs = 1 + old.folded_runs
+        else:
+            self._other.merge(old)
+        self.evictions += 1
+
+    def get(self, run: str) -> RunState | None:
+        if run == OTHER:
+            return self._other
+        return self._runs.get(run)
+
+    def items(self) -> list[tuple[str, RunState]]:
+        out = list(self._runs.items())
+        if self._other is not None:
+            out.append((OTHER, self._other))
+        return out
+
+    def names(self) -> list[str]:
+        return [n for n, _ in self.items()]
+
+
+# ---------------------------------------------------------------- windows for /v1/runs
+
+WINDOW_KEYS = (
+    "gate_saturation_pos",
+    "gate_saturation_neg",
+    "gate_mean_pos",
+    "gate_mean_neg",
+    "clip_low",
+    "clip_high",
+    "dual_clip",
+    "grad_retained",
+    "approx_kl",
+    "degenerate_group_fraction",
+    "reward_mean",
+    "advantage_mean",
+)
+
+
+def summarize(batches: list[BatchRecord]) -> dict[str, Any]:
+    """Mean of each per-batch statistic (tokens-weighted), the ratio range, KL max."""
+    out: dict[str, Any] = {"batches": len(batches)}
+    if not batches:
+        return out
+    out["tokens"] = int(sum(b.tokens for b in batches))
+    out["sequences"] = int(sum(b.seqs for b in batches))
+    out["from"] = min(b.t for b in batches)
+    out["to"] = max(b.t for b in batches)
+    objectives = sorted({b.objective for b in batches})
+    out["objectives"] = objectives
+    for key in WINDOW_KEYS:
+        vals = [(b.values[key], max(b.tokens, 1)) for b in batches if _finite(b.values.get(key))]
+        if vals:
+            w = sum(n for _, n in vals)
+            out[key] = sum(v * n for v, n in vals) / w
+    kls = [b.values["approx_kl"] for b in batches if _finite(b.values.get("approx_kl"))]
+    if kls:
+        out["approx_kl_max"] = max(kls)
+    rmin = [b.values["ratio_min"] for b in batches if _finite(b.values.get("ratio_min"))]
+    rmax = [b.values["ratio_max"] for b in batches if _finite(b.values.get("ratio_max"))]
+    if rmin and rmax:
+        out["ratio_range"] = [min(rmin), max(rmax)]
+    return out
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def windows(state: RunState, now: float | None = None) -> dict[str, Any]:
+    now = time.time() if now is None else now
+    bs = list(state.batches)
+    return {
+        "last_10_batches": summarize(bs[-10:]),
+        "last_100_batches": summarize(bs[-100:]),
+        "last_5m": summarize([b for b in bs if b.t >= now - 300]),
+        "last_1h": summarize([b for b in bs if b.t >= now - 3600]),
+    }

@@ -1,0 +1,370 @@
+"""PrometheusTelemetry: the Telemetry hooks exported as Prometheus metrics.
+
+Each instance owns a private `CollectorRegistry` (never the process-global one), so
+several servers or tests in one process do not share series. Service metrics use
+prometheus_client's own types; everything labelled by run lives in a `RunRegistry`
+(bounded cardinality, folding into `other`) and is exported by `SoftgateCollector`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+import time
+from collections import defaultdict, deque
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+
+from softgate import __version__
+from softgate.observability.collector import (
+    BATCH_HISTOGRAMS,
+    SoftgateCollector,
+)
+from softgate.observability.distributions import GATE_EDGES, RATIO_EDGES, SIGNS, Bucketer
+from softgate.observability.runs import OTHER, BatchRecord, RunRegistry, sanitize_run, windows
+from softgate.telemetry import Telemetry
+
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+MAX_REASONS = 64
+_REASON_BAD = re.compile(r"[^a-z0-9_]+")
+
+
+def _reason_label(reason: str) -> str:
+    r = _REASON_BAD.sub("_", str(reason).strip().lower()).strip("_")[:48]
+    return r or "unknown"
+
+
+# engine metric names (softgate.engine.metrics.METRIC_NAMES) -> the names used here
+ALIASES = {
+    "adv_mean": "advantage_mean",
+    "adv_std": "advantage_std",
+    "degenerate_group_frac": "degenerate_group_fraction",
+}
+_NO_GROUPS_KEYS = ("degenerate_group_fraction", "reward_mean", "reward_std")
+
+
+def _normalize(metrics: dict[str, Any] | None) -> dict[str, Any]:
+    m = dict(metrics or {})
+    for src, dst in ALIASES.items():
+        if src in m and dst not in m:
+            m[dst] = m[src]
+    # without groups (the caller gave advantages) rewards and degenerate share are undefined
+    if "num_groups" in m and not m["num_groups"]:
+        for k in _NO_GROUPS_KEYS:
+            m.pop(k, None)
+    return m
+
+
+def _f(metrics: dict[str, Any], key: str) -> float | None:
+    v = metrics.get(key)
+    if v is None:
+        return None
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+class PrometheusTelemetry(Telemetry):
+    """Exports requests, rejections and the trust-region statistics of every loss.
+
+    `settings` may be any object; read are `max_runs` (default 32) and, optionally,
+    `metrics_cpu_sample_tokens` (see `distributions.Bucketer`) and `device`.
+    """
+
+    def __init__(self, settings: Any = None, registry: CollectorRegistry | None = None) -> None:
+        self.settings = settings
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self.max_runs = int(getattr(settings, "max_runs", None) or 32)
+        sample = getattr(settings, "metrics_cpu_sample_tokens", 1 << 19)
+        self.bucketer = Bucketer(cpu_sample_tokens=sample)
+        self.lock = threading.Lock()
+        self.runs = RunRegistry(self.max_runs)
+        self._reasons: set[str] = set()
+        self._in_flight: dict[tuple[str, str], deque[int]] = defaultdict(deque)
+        r = self.registry
+        self.requests = Counter(
+            "softgate_requests", "RPCs handled, by method and gRPC status code.", ["rpc", "code"], registry=r
+        )
+        self.latency = Histogram(
+            "softgate_request_duration_seconds",
+            "Time from receiving an RPC to sending its response.",
+            ["rpc"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.bytes_in = Counter(
+            "softgate_request_bytes", "Serialized request bytes received.", ["rpc"], registry=r
+        )
+        self.bytes_out = Counter(
+            "softgate_response_bytes", "Serialized response bytes sent.", ["rpc"], registry=r
+        )
+        self.in_flight = Gauge(
+            "softgate_in_flight_requests", "RPCs being processed now.", ["rpc"], registry=r
+        )
+        self.in_flight_tokens = Gauge(
+            "softgate_in_flight_tokens", "Tokens of the RPCs being processed now.", registry=r
+        )
+        self.rejected_inputs = Counter(
+            "softgate_rejected_inputs",
+            "Requests refused for invalid input, by rpc and reason code (one request may count under several reasons).",
+            ["rpc", "reason"],
+            registry=r,
+        )
+        self.device_info = Info("softgate_device", "The device the engine computes on.", registry=r)
+        self.set_device(getattr(settings, "device", None))
+        self.collector = SoftgateCollector(self)
+        r.register(self.collector)
+
+    # ------------------------------------------------------------ service
+    def set_device(self, device: Any = None) -> None:
+        import torch
+
+        dev = str(device) if device else ("cuda:0" if torch.cuda.is_available() else "cpu")
+        name = "cpu"
+        if dev.startswith("cuda") and torch.cuda.is_available():
+            try:
+                idx = int(dev.split(":", 1)[1]) if ":" in dev else 0
+                name = torch.cuda.get_device_name(idx)
+            except Exception:
+                name = "cuda"
+        self.device_info.info(
+            {"device": dev, "name": name, "torch_version": torch.__version__, "version": __version__}
+        )
+
+    def request_started(self, rpc: str, run: str, tokens: int) -> None:
+        tokens = max(int(tokens or 0), 0)
+        self.in_flight.labels(rpc).inc()
+        self.in_flight_tokens.inc(tokens)
+        with self.lock:
+            self._in_flight[(rpc, run or "")].append(tokens)
+
+    def request_finished(
+        self,
+        rpc: str,
+        run: str,
+        code: str,
+        seconds: float,
+        bytes_in: int,
+        bytes_out: int,
+        tokens: int,
+        sequences: int,
+    ) -> None:
+        with self.lock:
+            q = self._in_flight.get((rpc, run or ""))
+            started = q.popleft() if q else None
+            if q is not None and not q:
+                del self._in_flight[(rpc, run or "")]
+            if code == "OK":
+                _, st = self.runs.state(run)
+                st.inc("softgate_processed_tokens_total", (rpc,), tokens)
+                st.inc("softgate_processed_sequences_total", (rpc,), sequences)
+        if started is not None:
+            self.in_flight.labels(rpc).dec()
+            self.in_flight_tokens.dec(started)
+        self.requests.labels(rpc, code or "UNKNOWN").inc()
+        if seconds is not None and math.isfinite(seconds) and seconds >= 0:
+            self.latency.labels(rpc).observe(seconds)
+        if bytes_in:
+            self.bytes_in.labels(rpc).inc(max(int(bytes_in), 0))
+        if bytes_out:
+            self.bytes_out.labels(rpc).inc(max(int(bytes_out), 0))
+
+    def rejected(self, rpc: str, reasons: list[str]) -> None:
+        labels = {_reason_label(x) for x in (reasons or ["unknown"])}
+        for reason in sorted(labels):
+            with self.lock:
+                if reason not in self._reasons:
+                    if len(self._reasons) >= MAX_REASONS:
+                        reason = "other"
+                    self._reasons.add(reason)
+            self.rejected_inputs.labels(rpc, reason).inc()
+
+    # ------------------------------------------------------------ engine results
+    def observe_loss(self, run: str, config: Any, result: Any) -> None:
+        objective = str(getattr(getattr(config, "objective", None), "name", "unknown"))
+        b = self.bucketer(result.ratio, result.gate_weight, result.advantages, result.mask)
+        m = _normalize(getattr(result, "metrics", None))
+        now = time.time()
+        # token counts per sign: exact from the engine's metrics when present
+        tok = {s: float(b.ratio_counts[i].sum()) for i, s in enumerate(SIGNS)}
+        n_tok = _f(m, "num_tokens")
+        if _f(m, "tokens_pos") is not None and _f(m, "tokens_neg") is not None:
+            tok["pos"], tok["neg"] = float(m["tokens_pos"]), float(m["tokens_neg"])
+            if _f(m, "tokens_zero") is not None:
+                tok["zero"] = float(m["tokens_zero"])
+            elif n_tok is not None:
+                tok["zero"] = max(n_tok - tok["pos"] - tok["neg"], 0.0)
+        if n_tok is None:
+            n_tok = sum(tok.values())
+        n_seq = _f(m, "num_seqs") or 0.0
+        values = {
+            "clip_high": _f(m, "clip_high"),
+            "clip_low": _f(m, "clip_low"),
+            "dual_clip": _f(m, "dual_clip"),
+            "gate_saturation_pos": _f(m, "gate_saturation_pos"),
+            "gate_saturation_neg": _f(m, "gate_saturation_neg"),
+            "gate_mean_pos": _f(m, "gate_mean_pos"),
+            "gate_mean_neg": _f(m, "gate_mean_neg"),
+            "grad_retained": _f(m, "grad_retained"),
+            "approx_kl": _f(m, "approx_kl"),
+            "ratio_mean": _f(m, "ratio_mean"),
+            "ratio_min": _f(m, "ratio_min"),
+            "ratio_max": _f(m, "ratio_max"),
+            "degenerate_group_fraction": _f(m, "degenerate_group_fraction"),
+            "reward_mean": _f(m, "reward_mean"),
+            "reward_std": _f(m, "reward_std"),
+            "advantage_mean": _f(m, "advantage_mean"),
+            "advantage_std": _f(m, "advantage_std"),
+        }
+        with self.lock:
+            _, st = self.runs.state(run, now)
+            o = (objective,)
+            st.inc("softgate_loss_batches_total", o, 1)
+            for s in SIGNS:
+                st.inc("softgate_loss_tokens_total", (objective, s), tok[s])
+            for s, frac in (("pos", values["clip_high"]), ("neg", values["clip_low"])):
+                if frac is not None:
+                    st.inc("softgate_clipped_tokens_total", (objective, s), round(frac * tok[s]))
+            if values["dual_clip"] is not None:
+                st.inc("softgate_dual_clipped_tokens_total", o, round(values["dual_clip"] * tok["neg"]))
+            for s in ("pos", "neg"):
+                sat = values[f"gate_saturation_{s}"]
+                if sat is not None:
+                    st.inc("softgate_gate_saturated_tokens_total", (objective, s), round(sat * tok[s]))
+            clamped = _f(m, "clamped_tokens")
+            if clamped:
+                st.inc("softgate_clamped_tokens_total", o, clamped)
+            # per-batch histograms (a sign's fraction only when that sign has tokens)
+            for name, key, sign in BATCH_HISTOGRAMS:
+                v = values.get(key)
+                if v is None or (sign is not None and tok.get(sign, 0.0) <= 0):
+                    continue
+                labels: tuple[str, ...] = (objective, sign) if sign else (objective,)
+                if name == "softgate_batch_degenerate_group_fraction":
+                    labels = ()
+                st.observe(name, labels, v, self.collector.edges[name])
+            for key in ("ratio_mean", "ratio_min", "ratio_max", "approx_kl", "grad_retained"):
+                gv = values[key]
+                if gv is not None:
+                    st.set(f"softgate_batch_{key}", o, gv, now)
+            self._set_reward_gauges(st, values, now)
+            for i, s in enumerate(SIGNS):
+                if b.ratio_counts[i].any():
+                    st.add_hist(
+                        "softgate_token_ratio", (objective, s), b.ratio_counts[i], float(b.ratio_sums[i]),
+                        len(RATIO_EDGES) + 1,
+                    )  # fmt: skip
+                if b.gate_counts[i].any():
+                    st.add_hist(
+                        "softgate_token_gate_weight", (objective, s), b.gate_counts[i], float(b.gate_sums[i]),
+                        len(GATE_EDGES) + 1,
+                    )  # fmt: skip
+            st.batches.append(
+                BatchRecord(
+                    t=now,
+                    objective=objective,
+                    tokens=int(n_tok),
+                    seqs=int(n_seq),
+                    values={k: v for k, v in values.items() if v is not None},
+                )
+            )
+
+    def observe_advantages(self, run: str, config: Any, result: Any) -> None:
+        m = _normalize(getattr(result, "metrics", None))
+        values = {
+            k: _f(m, k)
+            for k in (
+                "degenerate_group_fraction",
+                "reward_mean",
+                "reward_std",
+                "advantage_mean",
+                "advantage_std",
+            )
+        }
+        now = time.time()
+        with self.lock:
+            _, st = self.runs.state(run, now)
+            st.inc("softgate_advantage_batches_total", (), 1)
+            if values["degenerate_group_fraction"] is not None:
+                st.observe(
+                    "softgate_batch_degenerate_group_fraction",
+                    (),
+                    values["degenerate_group_fraction"],
+                    self.collector.edges["softgate_batch_degenerate_group_fraction"],
+                )
+            self._set_reward_gauges(st, values, now)
+
+    @staticmethod
+    def _set_reward_gauges(st: Any, values: dict[str, float | None], now: float) -> None:
+        for key in (
+            "reward_mean",
+            "reward_std",
+            "advantage_mean",
+            "advantage_std",
+            "degenerate_group_fraction",
+        ):
+            v = values.get(key)
+            if v is not None:
+                st.set(f"softgate_{key}", (), v, now)
+
+    # ------------------------------------------------------------ reading back
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def run_names(self) -> list[str]:
+        with self.lock:
+            return self.runs.names()
+
+    def run_summary(self, run: str) -> dict[str, Any] | None:
+        with self.lock:
+            st = self.runs.get(run)
+            if st is None:
+                return None
+            out: dict[str, Any] = {
+                "run": run,
+                "first_seen": st.first_seen,
+                "last_seen": st.last_seen,
+                "batches_recorded": len(st.batches),
+                "windows": windows(st),
+                "totals": _totals(st),
+            }
+            if run == OTHER:
+                out["folded_runs"] = st.folded_runs
+            return out
+
+    def runs_overview(self) -> list[dict[str, Any]]:
+        with self.lock:
+            items = self.runs.items()
+            out = []
+            for name, st in sorted(items, key=lambda x: -x[1].last_seen):
+                w = windows(st)
+                out.append(
+                    {
+                        "run": name,
+                        "first_seen": st.first_seen,
+                        "last_seen": st.last_seen,
+                        "last_10_batches": w["last_10_batches"],
+                        "totals": _totals(st),
+                    }
+                )
+            return out
+
+
+def _totals(st: Any) -> dict[str, Any]:
+    tokens: dict[str, float] = {}
+    batches = 0.0
+    for (name, labels), v in st.counters.items():
+        if name == "softgate_loss_tokens_total":
+            tokens[labels[1]] = tokens.get(labels[1], 0.0) + v
+        elif name == "softgate_loss_batches_total":
+            batches += v
+    return {"loss_batches": int(batches), "loss_tokens": {k: int(v) for k, v in sorted(tokens.items())}}
+
+
+__all__ = ["PrometheusTelemetry", "sanitize_run"]

@@ -1,0 +1,221 @@
+"""Admin API through a real HTTP client against uvicorn on loopback."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+from softgate.admin import create_app
+from softgate.admin.server import ThreadedAdminServer
+from softgate.engine import OBJECTIVES, LossConfig, LossResult
+from softgate.observability import PrometheusTelemetry
+
+TOKEN = "s3cret-token"
+
+
+@dataclasses.dataclass
+class FakeSettings:
+    """Stands in for softgate.settings.Settings: only what the admin app reads."""
+
+    admin_token: str | None = TOKEN
+    max_runs: int = 4
+    grpc_port: int = 50051
+
+    def redacted(self) -> dict[str, object]:
+        d = dataclasses.asdict(self)
+        d["admin_token"] = "***" if self.admin_token else None
+        return d
+
+
+def _result(n: int = 256, seed: int = 0) -> LossResult:
+    g = torch.Generator().manual_seed(seed)
+    ratio = torch.exp(torch.randn(n, generator=g) * 0.1)
+    adv = torch.randn(n, generator=g)
+    p = torch.sigmoid(ratio - 1)
+    mask = torch.rand(n, generator=g) > 0.1
+    pos, neg = float((mask & (adv > 0)).sum()), float((mask & (adv < 0)).sum())
+    metrics = {
+        "num_tokens": float(mask.sum()),
+        "num_seqs": 8.0,
+        "num_groups": 2.0,
+        "tokens_pos": pos,
+        "tokens_neg": neg,
+        "tokens_zero": 0.0,
+        "clip_low": 0.1,
+        "clip_high": 0.05,
+        "dual_clip": 0.0,
+        "gate_mean_pos": 0.9,
+        "gate_mean_neg": 0.8,
+        "gate_saturation_pos": 0.02,
+        "gate_saturation_neg": 0.3,
+        "grad_retained": 0.85,
+        "approx_kl": 0.002,
+        "ratio_mean": float(ratio.mean()),
+        "ratio_min": float(ratio.min()),
+        "ratio_max": float(ratio.max()),
+        "clamped_tokens": 0.0,
+        "adv_mean": 0.0,
+        "adv_std": 1.0,
+        "degenerate_group_frac": 0.5,
+        "reward_mean": 0.4,
+        "reward_std": 0.2,
+    }
+    return LossResult(
+        loss=0.0,
+        policy_loss=0.0,
+        kl_loss=0.0,
+        grad=torch.zeros(n),
+        advantages=adv,
+        ratio=ratio,
+        gate_weight=4 * p * (1 - p),
+        clip_mask=torch.zeros(n, dtype=torch.bool),
+        mask=mask,
+        metrics=metrics,
+    )
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[tuple[ThreadedAdminServer, PrometheusTelemetry, dict[str, bool]]]:
+    settings = FakeSettings()
+    tel = PrometheusTelemetry(settings)
+    state = {"ready": False}
+    app = create_app(settings, tel, lambda: state["ready"])
+    with ThreadedAdminServer(app) as srv:
+        yield srv, tel, state
+
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def test_health_and_readiness_need_no_token(server) -> None:
+    srv, _, state = server
+    state["ready"] = False
+    with httpx.Client(base_url=srv.url, timeout=5) as c:
+        r = c.get("/healthz")
+        assert r.status_code == 200 and r.json() == {"status": "ok"}
+        r = c.get("/readyz")
+        assert r.status_code == 503
+        assert r.headers["content-type"].startswith("application/json")
+        assert r.json()["error"]["code"] == 503
+        state["ready"] = True
+        r = c.get("/readyz")
+        assert r.status_code == 200 and r.json() == {"status": "ready"}
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/metrics", "/v1/config", "/v1/algorithms", "/v1/runs", "/v1/runs/x", "/openapi.json", "/docs", "/nope"],
+)
+@pytest.mark.parametrize(
+    "header",
+    [None, "Bearer wrong-token", "Basic czNjcmV0LXRva2Vu", f"Bearer {TOKEN}x", "Bearer", f"bearer{TOKEN}"],
+)
+def test_every_other_route_requires_the_bearer_token(server, path: str, header: str | None) -> None:
+    srv, _, _ = server
+    headers = {"Authorization": header} if header is not None else {}
+    r = httpx.get(srv.url + path, headers=headers, timeout=5)
+    assert r.status_code == 401
+    assert r.headers["content-type"].startswith("application/json")
+    assert r.headers["www-authenticate"].startswith("Bearer")
+    assert r.json()["error"]["code"] == 401
+    assert TOKEN not in r.text
+
+
+def test_routes_with_token(server) -> None:
+    srv, tel, _ = server
+    tel.observe_loss("run-a", LossConfig(), _result())
+    tel.request_started("Loss", "run-a", 256)
+    tel.request_finished("Loss", "run-a", "OK", 0.01, 1000, 2000, 256, 8)
+    with httpx.Client(base_url=srv.url, headers=AUTH, timeout=5) as c:
+        r = c.get("/metrics")
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/plain")
+        names = {f.name for f in text_string_to_metric_families(r.text)}
+        assert {"softgate_requests", "softgate_token_ratio", "softgate_batch_gate_saturation"} <= names
+
+        cfg = c.get("/v1/config").json()
+        assert cfg["admin_token"] == "***" and cfg["grpc_port"] == 50051
+        assert TOKEN not in c.get("/v1/config").text
+
+        alg = c.get("/v1/algorithms").json()
+        assert set(alg["objectives"]) == set(OBJECTIVES)
+        assert alg["objectives"]["sapo"]["defaults"] == {"tau_pos": 1.0, "tau_neg": 1.05}
+        assert alg["objectives"]["grpo"]["defaults"]["eps_high"] == 0.2
+        assert alg["objectives"]["gspo"]["defaults"] == {"eps_low": 3e-4, "eps_high": 4e-4}
+        assert set(alg["advantages"]["estimators"]) == {"grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"}
+        assert "seq_mean_token_mean" in alg["aggregations"]["modes"]
+        assert alg["kl"]["estimators"] == ["k1", "k2", "k3"]
+        assert set(alg["mismatch"]["modes"]) == {"truncate", "mask"}
+        assert alg["loss_defaults"]["saturation_threshold"] == 0.5
+
+        runs = c.get("/v1/runs").json()
+        assert [r["run"] for r in runs["runs"]] == ["run-a"]
+        one = c.get("/v1/runs/run-a").json()
+        w = one["windows"]["last_10_batches"]
+        assert w["batches"] == 1
+        assert w["gate_saturation_neg"] == pytest.approx(0.3)
+        assert w["gate_saturation_pos"] == pytest.approx(0.02)
+        assert w["clip_low"] == pytest.approx(0.1) and w["clip_high"] == pytest.approx(0.05)
+        assert w["grad_retained"] == pytest.approx(0.85)
+        assert w["approx_kl"] == pytest.approx(0.002)
+        lo, hi = w["ratio_range"]
+        assert lo <= 1.0 <= hi
+        assert set(one["windows"]) == {"last_10_batches", "last_100_batches", "last_5m", "last_1h"}
+
+        r = c.get("/v1/runs/missing-run")
+        assert r.status_code == 404
+        assert r.json()["error"]["code"] == 404 and "missing-run" in r.json()["error"]["message"]
+        r = c.get("/no/such/route")
+        assert r.status_code == 404 and r.json()["error"]["code"] == 404
+
+        spec = c.get("/openapi.json").json()
+        assert {
+            "/healthz",
+            "/readyz",
+            "/metrics",
+            "/v1/config",
+            "/v1/algorithms",
+            "/v1/runs",
+            "/v1/runs/{run}",
+        } <= set(spec["paths"])
+        assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+        assert c.get("/docs").status_code == 200
+
+
+def test_no_token_configured_means_open() -> None:
+    settings = FakeSettings(admin_token=None)
+    app = create_app(settings, PrometheusTelemetry(settings), lambda: True)
+    with ThreadedAdminServer(app) as srv, httpx.Client(base_url=srv.url, timeout=5) as c:
+        assert c.get("/metrics").status_code == 200
+        assert c.get("/v1/config").json()["admin_token"] is None
+        assert c.get("/readyz").status_code == 200
+
+
+def test_readiness_probe_exception_is_not_ready() -> None:
+    def boom() -> bool:
+        raise RuntimeError("engine gone")
+
+    app = create_app(FakeSettings(admin_token=None), None, boom)
+    with ThreadedAdminServer(app) as srv:
+        r = httpx.get(srv.url + "/readyz", timeout=5)
+        assert r.status_code == 503
+        # plain Telemetry: empty exposition and no runs, but the routes work
+        assert httpx.get(srv.url + "/metrics", timeout=5).text == ""
+        assert httpx.get(srv.url + "/v1/runs", timeout=5).json()["runs"] == []
+
+
+def test_config_without_redacted_method_hides_secret_looking_fields() -> None:
+    class Plain:
+        def __init__(self) -> None:
+            self.admin_token = None
+            self.tls_key_password = "hunter2"
+            self.port = 1
+
+    app = create_app(Plain(), None, None)
+    with ThreadedAdminServer(app) as srv:
+        cfg = httpx.get(srv.url + "/v1/config", timeout=5).json()
+        assert cfg == {"admin_token": None, "tls_key_password": "***", "port": 1}
