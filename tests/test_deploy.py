@@ -1,0 +1,361 @@
+"""The deployment artefacts: Dockerfiles, the install script they share with CI, and every
+kustomize overlay rendered with `kubectl kustomize` and validated against the Kubernetes
+OpenAPI schemas (kubernetes-validate, strict). The Prometheus Operator objects (no schema
+there) are checked by hand, and the generated dashboard and alert rules must equal their
+sources in deploy/grafana/ and deploy/prometheus/."""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.util
+import json
+import re
+import shlex
+import shutil
+import subprocess
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+K8S = ROOT / "deploy/k8s"
+OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").exists())
+# The oldest release the manifests need (native gRPC probes: 1.27, preStop sleep: 1.30); a
+# recent one that kubernetes-validate knows.
+K8S_VERSION = "1.33.0"
+CRD_GROUPS = ("monitoring.coreos.com/",)
+HEALTH_SERVICE = "softgate.v1.LossService"
+GRPC_PORT = 50051
+ADMIN_PORT = 8080
+
+
+def _render_module() -> Any:
+    spec = importlib.util.spec_from_file_location("render_k8s", ROOT / "scripts/render_k8s.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@cache
+def render(overlay: str) -> tuple[dict[str, Any], ...]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed (it bundles kustomize)")
+    out = subprocess.run(
+        [kubectl, "kustomize", str(K8S / "overlays" / overlay)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    return tuple(d for d in yaml.safe_load_all(out.stdout) if d)
+
+
+def one(docs: tuple[dict[str, Any], ...], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def container(docs: tuple[dict[str, Any], ...]) -> dict[str, Any]:
+    return one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+
+
+def env(c: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in c.get("env", [])}
+
+
+def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+# ---------------------------------------------------------------- generated sources
+
+
+def test_generated_files_are_fresh() -> None:
+    """deploy/k8s/base/generated/ is what scripts/render_k8s.py makes of the current sources."""
+    stale = [str(p.relative_to(ROOT)) for p, data in _render_module().rendered().items()
+             if not p.exists() or p.read_bytes() != data]  # fmt: skip
+    assert not stale, f"stale {stale}: run python3 scripts/render_k8s.py"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_dashboard_configmap_is_the_grafana_file(overlay: str) -> None:
+    cm = one(render(overlay), "ConfigMap", "softgate-grafana-dashboard")
+    source = (ROOT / "deploy/grafana/softgate-dashboard.json").read_text()
+    assert cm["data"] == {"softgate-dashboard.json": source}
+    json.loads(cm["data"]["softgate-dashboard.json"])
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_prometheusrule_groups_are_the_rule_file(overlay: str) -> None:
+    rule = one(render(overlay), "PrometheusRule")
+    source = yaml.safe_load((ROOT / "deploy/prometheus/softgate-rules.yaml").read_text())
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["spec"] == {"groups": source["groups"]}
+    for group in rule["spec"]["groups"]:
+        assert group["name"] and group["rules"]
+        for r in group["rules"]:
+            assert ("alert" in r) != ("record" in r) and r["expr"]
+
+
+# ---------------------------------------------------------------- schema validation
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_validates_strictly(overlay: str) -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    docs = render(overlay)
+    kinds = {d["kind"] for d in docs}
+    assert {"Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor",
+            "PrometheusRule", "ConfigMap", "HorizontalPodAutoscaler"} <= kinds  # fmt: skip
+    for d in docs:
+        assert d["metadata"]["namespace"] == "softgate"
+        if d["apiVersion"].startswith(CRD_GROUPS):
+            assert set(d) == {"apiVersion", "kind", "metadata", "spec"}, d["kind"]
+            continue
+        try:
+            kubernetes_validate.validate(d, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(f"{overlay}: {d['kind']}/{d['metadata']['name']}: {e.message} at {list(e.path)}")
+
+
+def test_strict_validation_catches_a_typo() -> None:
+    """The validator is not vacuous: a misspelt field in the Deployment is refused."""
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    d = json.loads(json.dumps(one(render(OVERLAYS[0]), "Deployment")))
+    d["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(d, K8S_VERSION, strict=True)
+
+
+# ---------------------------------------------------------------- the server's contract
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_probes_ports_and_health_service(overlay: str) -> None:
+    c = container(render(overlay))
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"grpc": GRPC_PORT, "admin": ADMIN_PORT}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["grpc"] == {"port": ports["grpc"], "service": HEALTH_SERVICE}, probe
+    e = env(c)
+    assert int(e["SOFTGATE_PORT"]) == ports["grpc"] and int(e["SOFTGATE_ADMIN_PORT"]) == ports["admin"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_drain_fits_in_the_termination_grace_period(overlay: str) -> None:
+    pod = one(render(overlay), "Deployment")["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    grace = float(env(c)["SOFTGATE_GRACE_SECONDS"])
+    pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pod["terminationGracePeriodSeconds"] >= pre_stop + grace + 5
+    # liveness must not fire during a drain (the server is NOT_SERVING then)
+    live = c["livenessProbe"]
+    assert live["periodSeconds"] * live["failureThreshold"] > pre_stop + grace
+    assert float(env(c)["SOFTGATE_MAX_CONNECTION_AGE_S"]) > 0
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pod_is_locked_down(overlay: str) -> None:
+    pod = one(render(overlay), "Deployment")["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    sc = c["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    tmp = next(m for m in c["volumeMounts"] if m["mountPath"] == "/tmp")
+    assert "emptyDir" in next(v for v in pod["volumes"] if v["name"] == tmp["name"])
+    # Service links would inject SOFTGATE_ADMIN_PORT=tcp://... from the softgate-admin Service.
+    assert pod["enableServiceLinks"] is False
+    assert pod["automountServiceAccountToken"] is False
+    for kind in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(c["resources"][kind])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_services_select_the_pods(overlay: str) -> None:
+    docs = render(overlay)
+    dep = one(docs, "Deployment")
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert matches(dep["spec"]["selector"]["matchLabels"], labels)
+    names = {p["name"] for p in container(docs)["ports"]}
+
+    grpc_svc = one(docs, "Service", "softgate")
+    assert grpc_svc["spec"]["clusterIP"] == "None"  # headless: client-side round robin
+    (port,) = grpc_svc["spec"]["ports"]
+    assert port["appProtocol"] == "grpc" and port["targetPort"] in names and port["port"] == GRPC_PORT
+
+    admin = one(docs, "Service", "softgate-admin")
+    assert admin["spec"].get("clusterIP") != "None"
+    for svc in (grpc_svc, admin):
+        assert matches(svc["spec"]["selector"], labels)
+
+    mon = one(docs, "ServiceMonitor")
+    assert matches(mon["spec"]["selector"]["matchLabels"], admin["metadata"]["labels"])
+    assert not matches(mon["spec"]["selector"]["matchLabels"], grpc_svc["metadata"]["labels"])
+    # the rules select the scrape job by name: the ServiceMonitor must produce that job label
+    job = admin["metadata"]["labels"][mon["spec"]["jobLabel"]]
+    rules = (ROOT / "deploy/prometheus/softgate-rules.yaml").read_text()
+    assert set(re.findall(r'\bjob="([^"]+)"', rules)) <= {job}
+    (ep,) = mon["spec"]["endpoints"]
+    assert ep["port"] in {p["name"] for p in admin["spec"]["ports"]} and ep["path"] == "/metrics"
+
+    assert matches(one(docs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"], labels)
+
+    pol = one(docs, "NetworkPolicy")
+    assert matches(pol["spec"]["podSelector"]["matchLabels"], labels)
+    ingress_ports = {p["port"] for rule in pol["spec"]["ingress"] for p in rule["ports"]}
+    assert ingress_ports == names == {"grpc", "admin"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_hpa_scales_the_deployment_on_an_exported_metric(overlay: str) -> None:
+    from softgate.observability import PrometheusTelemetry
+
+    exported = {m.name for m in PrometheusTelemetry().registry.collect()}
+    docs = render(overlay)
+    hpa = one(docs, "HorizontalPodAutoscaler")
+    dep = one(docs, "Deployment")
+    ref = hpa["spec"]["scaleTargetRef"]
+    assert (ref["kind"], ref["name"]) == ("Deployment", dep["metadata"]["name"])
+    assert "replicas" not in dep["spec"], "the HPA owns the replica count"
+    assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+    for m in hpa["spec"]["metrics"]:
+        assert m["type"] == "Pods" and m["pods"]["metric"]["name"] in exported
+
+
+def test_gpu_overlay_asks_for_one_gpu_and_the_cuda_image() -> None:
+    docs = render("gpu")
+    c = container(docs)
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert env(c)["SOFTGATE_DEVICE"] == "cuda"
+    assert c["image"].endswith("-cuda")
+    assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
+    assert pod["nodeSelector"]
+
+
+def test_cpu_overlay_has_no_gpu() -> None:
+    c = container(render("cpu"))
+    assert "nvidia.com/gpu" not in c["resources"]["limits"]
+    assert env(c)["SOFTGATE_DEVICE"] == "cpu"
+    assert c["image"].endswith("-cpu")
+
+
+# ---------------------------------------------------------------- Dockerfiles and install.sh
+
+
+def parse_dockerfile(path: Path) -> list[dict[str, Any]]:
+    """Stages of a Dockerfile: {'base', 'name', 'instructions': [(INSTR, args)]}, continuation
+    lines joined, comments dropped, global ARG defaults substituted into FROM."""
+    lines: list[str] = []
+    buf = ""
+    for raw in path.read_text().splitlines():
+        s = raw.strip()
+        if not s or s.startswith("#"):
+            continue
+        buf += s[:-1] + " " if s.endswith("\\") else s
+        if not s.endswith("\\"):
+            lines.append(buf)
+            buf = ""
+    assert not buf, "dangling line continuation"
+    global_args: dict[str, str] = {}
+    stages: list[dict[str, Any]] = []
+    for line in lines:
+        instr, _, args = line.partition(" ")
+        instr = instr.upper()
+        if instr == "FROM":
+            words = re.sub(r"\$\{(\w+)\}", lambda m: global_args.get(m[1], m[0]), args).split()
+            name = words[2] if len(words) == 3 and words[1].upper() == "AS" else None
+            stages.append({"base": words[0], "name": name, "instructions": []})
+        elif not stages:
+            assert instr == "ARG", f"{instr} before the first FROM"
+            key, _, default = args.partition("=")
+            global_args[key] = default
+        else:
+            stages[-1]["instructions"].append((instr, args))
+    return stages
+
+
+DOCKERFILES = sorted((ROOT / "deploy/docker").glob("Dockerfile.*"))
+BUILD_TOOLS = {"gcc", "g++", "build-essential", "clang", "make", "cmake", "python3-dev", "libc6-dev"}
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile(path: Path) -> None:
+    stages = parse_dockerfile(path)
+    assert len(stages) >= 2, "multi-stage: build tools and pip caches stay out of the image"
+    build, final = stages[0], stages[-1]
+    names = [s["name"] for s in stages]
+    for s in stages:
+        for instr, args in s["instructions"]:
+            if instr == "COPY" and "--from=" in args:
+                assert args.split("--from=")[1].split()[0] in names[:-1]
+
+    build_runs = " ".join(a for i, a in build["instructions"] if i == "RUN")
+    assert "bash scripts/install.sh --image" in build_runs, "install exactly as CI does"
+
+    final_instr = final["instructions"]
+    users = [a for i, a in final_instr if i == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0"), "non-root final stage"
+    assert users[-1].split(":")[0].isdigit(), "numeric USER, so runAsNonRoot can verify it"
+    final_runs = " ".join(a for i, a in final_instr if i == "RUN")
+    assert not BUILD_TOOLS & set(re.split(r"[\s;\"']+", final_runs)), "no build tools in the final stage"
+    assert "scripts/install.sh" not in final_runs
+
+    entry = [a for i, a in final_instr if i == "ENTRYPOINT"]
+    assert entry and json.loads(entry[-1]) == ["softgate", "serve"]
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert re.search(r'^softgate\s*=\s*"softgate\.cli:main"', pyproject, flags=re.M), "console script"
+
+    envs = " ".join(a for i, a in final_instr if i == "ENV")
+    preload = re.search(r"LD_PRELOAD=(\S+)", envs)
+    assert preload, "the allocator is preloaded"
+    allocator = next(a for i, a in final_instr if i == "ARG" and a.startswith("ALLOCATOR="))
+    assert allocator == "ALLOCATOR=jemalloc"
+    assert "libjemalloc2" in final_runs and preload[1] in final_runs, (
+        "installed and linked in the final stage"
+    )
+    exposed = {int(p) for i, a in final_instr if i == "EXPOSE" for p in a.split()}
+    assert exposed == {GRPC_PORT, ADMIN_PORT}
+
+    torch_index = next(a for i, a in build["instructions"] if i == "ARG" and a.startswith("TORCH_INDEX_URL="))
+    if path.name.endswith("cuda"):
+        assert build["base"].startswith("nvidia/cuda:") and "-runtime-" in build["base"]
+        assert final["base"] == build["base"]
+        assert re.search(r"/whl/cu\d+$", torch_index)
+    else:
+        assert torch_index.endswith("/whl/cpu")
+
+
+def test_install_script_modes() -> None:
+    script = ROOT / "scripts/install.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True, timeout=30)
+    text = script.read_text()
+    modes = dict(re.findall(r"^\s*(--\w+|\*)\)\s*(.+?)\s*;;", text, flags=re.M))
+    assert set(modes) == {"--dev", "--image", "*"}
+    image = shlex.split(modes["--image"].replace("$pip", "pip"))
+    assert "-e" not in image and "--editable" not in image, "the image installs non-editable"
+    assert "./client" in image and any(a == "." or a.startswith(".[") for a in image)
+    assert "TORCH_INDEX_URL" in text and "TORCH_SPEC" in text
+
+
+def test_dockerignore_keeps_what_the_install_needs() -> None:
+    patterns = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines()
+                if p.strip() and not p.startswith("#")]  # fmt: skip
+    needed = ["pyproject.toml", "README.md", "scripts/install.sh", "server/softgate/__init__.py",
+              "client/pyproject.toml", "client/softgate_client/__init__.py"]  # fmt: skip
+    for f in needed:
+        assert (ROOT / f).exists(), f
+        parts = Path(f).parts
+        prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+        hit = [p for p in patterns for q in prefixes if fnmatch.fnmatch(q, p.lstrip("/"))]
+        assert not hit, f"{f} excluded from the build context by {hit}"
