@@ -1,7 +1,11 @@
 """The transport-free loss engine: pure torch math over ragged batches.
 
-    from softgate.engine import Engine, Batch, LossConfig, Sapo
-    result = Engine().loss(batch, LossConfig(objective=Sapo(tau_pos=1.0, tau_neg=1.05)))
+Usage::
+
+    >>> from softgate.engine import Engine, Batch, LossConfig, Sapo
+    >>> result = Engine().loss(batch, LossConfig(objective=Sapo(tau_pos=1.0, tau_neg=1.05)))
+
+See docs/engine.md for the contract details (dtype rule, undefined metrics, peers).
 """
 
 from softgate.engine.batch import Batch
@@ -23,9 +27,12 @@ from softgate.engine.config import (
 )
 from softgate.engine.engine import Engine
 from softgate.engine.errors import FieldViolation, InputError
+from softgate.engine.loss import compute_loss
+from softgate.engine.metrics import METRIC_NAMES
 from softgate.engine.result import AdvantageResult, LossResult
 
 __all__ = [
+    "METRIC_NAMES",
     "OBJECTIVES",
     "AdvantageConfig",
     "AdvantageResult",
@@ -46,4 +53,5 @@ __all__ = [
     "Objective",
     "Reinforce",
     "Sapo",
+    "compute_loss",
 ]

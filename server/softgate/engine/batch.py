@@ -27,6 +27,9 @@ class Batch:
     rewards: Tensor | None = None  # [B]
     group_ids: Tensor | None = None  # [B] int64, groups need not be contiguous
     advantages: Tensor | None = None  # [B] or [N], given by the caller
+    # "sequence" or "token"; None infers it from the length of `advantages` ([B] or [N]).
+    # Needed only when B == N and some sequence is not exactly one token long.
+    advantage_level: str | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -7,7 +7,7 @@ Every parameter's default is the one in SPEC.md. Objects are frozen and validate
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Literal
 
 # ---------------------------------------------------------------- objectives
 
@@ -74,9 +74,10 @@ class Reinforce:
     name: Literal["reinforce"] = "reinforce"
 
 
-Objective = Union[Sapo, Grpo, Gspo, GspoToken, Cispo, Gppo, Reinforce]
+Objective = Sapo | Grpo | Gspo | GspoToken | Cispo | Gppo | Reinforce
 OBJECTIVES: dict[str, type] = {
-    cls.name: cls for cls in (Sapo, Grpo, Gspo, GspoToken, Cispo, Gppo, Reinforce)  # type: ignore[attr-defined]
+    cls.name: cls
+    for cls in (Sapo, Grpo, Gspo, GspoToken, Cispo, Gppo, Reinforce)  # type: ignore[attr-defined]
 }
 
 # ---------------------------------------------------------------- the other choices

@@ -29,8 +29,14 @@ class LossResult:
     kl_loss: float
     grad: Tensor  # [N]
     advantages: Tensor  # [N] per-token advantage A_{i,t}
-    ratio: Tensor  # [N] r (token ratio; the sequence ratio s_i for gspo objectives)
-    gate_weight: Tensor  # [N] SAPO's w = 4p(1-p); 1 for unclipped, 0 for clipped tokens of hard-clip objectives
-    clip_mask: Tensor  # [N] bool, True where the trust region removed the token's gradient
+    # [N] r (token ratio; the sequence ratio s_i for gspo objectives); 1 on masked tokens
+    ratio: Tensor
+    # [N] the factor by which the trust region scales the token's gradient, grad / grad with
+    # nothing clipped: SAPO's w = 4p(1-p); 1 unclipped / 0 clipped for grpo, gspo; bound / r on
+    # clipped gppo tokens; clip(r) / r for cispo; 1 for reinforce; 0 on masked tokens
+    gate_weight: Tensor
+    # [N] bool, True where the trust region's clip is active (gradient removed, or for
+    # gppo / cispo replaced by the bound's); False on masked tokens
+    clip_mask: Tensor
     mask: Tensor  # [N] bool, the effective loss mask
     metrics: dict[str, float] = field(default_factory=dict)

@@ -1,0 +1,71 @@
+"""Outcome-reward advantage estimators over groups (grpo, dr_grpo, rloo, reinforce_pp_baseline).
+
+All group statistics are computed in float64 whatever the reward dtype. Groups are found with
+torch.unique(return_inverse=True) and reduced with index_add_/scatter_reduce, so they need not
+be contiguous. A group is degenerate when it has one member, all its rewards are equal, or its
+unbiased std is below `min_group_std`; every member of a degenerate group gets advantage 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from softgate.engine.config import AdvantageConfig
+
+DEFAULT_SCALE = {"grpo": "group", "dr_grpo": "none", "rloo": "none", "reinforce_pp_baseline": "none"}
+
+
+@dataclass
+class GroupAdvantages:
+    advantages: Tensor  # [B] float64
+    degenerate: Tensor  # [B] bool, member of a degenerate group
+    num_groups: Tensor  # scalar
+    degenerate_group_frac: Tensor  # scalar float64
+
+
+def _unbiased_std(cnt: Tensor, dev_sq_sum: Tensor) -> Tensor:
+    return torch.where(cnt > 1, dev_sq_sum / (cnt - 1).clamp(min=1), torch.zeros_like(dev_sq_sum)).sqrt()
+
+
+def group_advantages(
+    rewards: Tensor, group_ids: Tensor, cfg: AdvantageConfig, weights: Tensor | None = None
+) -> GroupAdvantages:
+    """Per-sequence advantages. `weights` (per sequence, e.g. trained-token counts) are the
+    whitening weights of reinforce_pp_baseline; None weighs every sequence equally."""
+    r = rewards.to(torch.float64)
+    b = r.numel()
+    uniq, inv = torch.unique(group_ids, return_inverse=True)
+    g = uniq.numel()
+    z = torch.zeros(g, dtype=torch.float64, device=r.device)
+    cnt = z.clone().index_add_(0, inv, torch.ones_like(r))
+    mean = z.clone().index_add_(0, inv, r) / cnt.clamp(min=1)
+    dev = r - mean[inv]
+    std_g = _unbiased_std(cnt, z.clone().index_add_(0, inv, dev * dev))
+    gmax = z.clone().scatter_reduce_(0, inv, r, "amax", include_self=False)
+    gmin = z.clone().scatter_reduce_(0, inv, r, "amin", include_self=False)
+    degenerate_g = (cnt <= 1) | (gmax == gmin) | (std_g < cfg.min_group_std)
+
+    a = dev
+    if cfg.estimator == "rloo":
+        a = a * (cnt / (cnt - 1).clamp(min=1))[inv]
+    scale = cfg.scale or DEFAULT_SCALE[cfg.estimator]
+    if scale == "group":
+        a = a / (std_g[inv] + cfg.eps)
+    elif scale == "batch":
+        bstd = r.std() if b > 1 else torch.zeros((), dtype=torch.float64, device=r.device)
+        a = a / (bstd + cfg.eps)
+    if cfg.estimator == "reinforce_pp_baseline":
+        w = torch.ones_like(a) if weights is None else weights.to(torch.float64)
+        sw = w.sum()
+        mu = (w * a).sum() / sw.clamp(min=1e-300)
+        var = torch.where(
+            sw > 1, (w * (a - mu) ** 2).sum() / (sw - 1).clamp(min=1e-300), torch.zeros_like(sw)
+        )
+        a = (a - mu) / (var.sqrt() + cfg.eps)
+    degenerate = degenerate_g[inv]
+    a = torch.where(degenerate, torch.zeros_like(a), a)
+    frac = degenerate_g.to(torch.float64).mean() if g > 0 else torch.zeros((), dtype=torch.float64)
+    return GroupAdvantages(a, degenerate, torch.tensor(float(g)), frac)

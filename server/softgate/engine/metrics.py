@@ -1,0 +1,91 @@
+"""Batch metrics: names, meanings, and their computation from the per-token terms.
+
+Every metric is a finite float for every valid batch. Where a quantity is undefined (no
+trained token, no token of one advantage sign, no rewards) it takes the neutral value named
+in its description: 0 for shares, counts, means of signed quantities and spreads, 1 for the
+ratio statistics, gate means and `grad_retained` ("nothing suppressed").
+
+"Token" below always means a trained token (loss mask 1). "A>0 tokens" are trained tokens
+with a positive advantage A_{i,t}, "A<0 tokens" those with a negative one; tokens with
+A = 0 belong to neither sign.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+METRIC_NAMES: dict[str, str] = {
+    # loss
+    "loss": "scalar loss, policy_loss + kl_loss",
+    "policy_loss": "policy part of the loss (after mismatch weights and aggregation)",
+    "kl_loss": "KL part of the loss, beta * aggregated KL estimator (0 without a KL term)",
+    # sizes
+    "num_tokens": "trained tokens in the batch (sum of the loss mask)",
+    "num_seqs": "sequences in the batch, empty ones included",
+    "num_groups": "distinct group ids (0 when the caller gave advantages)",
+    "tokens_pos": "trained tokens with advantage > 0",
+    "tokens_neg": "trained tokens with advantage < 0",
+    "tokens_zero": "trained tokens with advantage exactly 0",
+    # ratio
+    "ratio_mean": "mean importance ratio r over tokens (sequence ratio s_i for gspo objectives); 1 if none",
+    "ratio_min": "smallest ratio over tokens; 1 if none",
+    "ratio_max": "largest ratio over tokens; 1 if none",
+    "approx_kl": "mean of (old - logp) over tokens, from the clamped log-ratio; 0 if none",
+    "clamped_tokens": "tokens whose policy log-ratio (per-token or sequence) hit the log_ratio_clamp bound",
+    # trust region
+    "clip_low": "share of A<0 tokens with ratio < 1-eps_low; 0 if none or the objective has no eps",
+    "clip_high": "share of A>0 tokens with ratio > 1+eps_high; 0 if none or the objective has no eps",
+    "dual_clip": "share of A<0 tokens with ratio > c (grpo dual clip); 0 if none or no dual clip",
+    "clip_fraction": "share of tokens whose trust-region clip is active (clip_mask); 0 if none",
+    "gate_mean_pos": "mean gate weight over A>0 tokens (SAPO 4p(1-p); hard clips 0/1); 1 if none",
+    "gate_mean_neg": "mean gate weight over A<0 tokens; 1 if none",
+    "gate_saturation_pos": "share of A>0 tokens whose gate weight < saturation_threshold; 0 if none",
+    "gate_saturation_neg": "share of A<0 tokens whose gate weight < saturation_threshold; 0 if none",
+    "grad_retained": "sum|c_policy| / sum|c_policy with nothing clipped and w=1|; 1 if the denominator is 0",
+    # advantages and rewards
+    "adv_mean": "mean advantage over tokens; 0 if none",
+    "adv_std": "population std of the advantage over tokens; 0 if none",
+    "degenerate_group_frac": "share of groups with no learning signal (singleton, all-equal rewards or std < min_group_std); 0 without groups",
+    "reward_mean": "mean reward over sequences; 0 without rewards",
+    "reward_std": "population std of rewards over sequences; 0 without rewards",
+    # KL and mismatch
+    "kl_mean": "mean of the KL estimator (before beta) over tokens; 0 without a KL term",
+    "kl_clamped_tokens": "tokens whose KL log-ratio ref - logp hit the log_ratio_clamp bound",
+    "mismatch_weight_mean": "mean train/inference mismatch weight v over tokens; 1 without correction",
+    "mismatch_clipped_frac": "share of tokens whose v was truncated at cap or zeroed outside [lo, hi]; 0 without correction",
+}
+
+
+def _share(num: Tensor, den: Tensor) -> Tensor:
+    """num / den, 0 where den is 0."""
+    return torch.where(den > 0, num / den.clamp(min=1), torch.zeros_like(num))
+
+
+def masked_stats(x: Tensor, m: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """count, sum, sum of squares, min, max of x over mask m (float64 accumulators)."""
+    xm = torch.where(m, x, torch.zeros_like(x)).to(torch.float64)
+    cnt = m.sum().to(torch.float64)
+    s = xm.sum()
+    ss = (xm * xm).sum()
+    big = torch.finfo(x.dtype).max
+    mn = torch.where(m, x, torch.full_like(x, big)).min() if x.numel() else torch.tensor(big)
+    mx = torch.where(m, x, torch.full_like(x, -big)).max() if x.numel() else torch.tensor(-big)
+    return cnt, s, ss, mn.to(torch.float64), mx.to(torch.float64)
+
+
+def mean_std(cnt: Tensor, s: Tensor, ss: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and population std from count, sum and sum of squares; (0, 0) when cnt is 0."""
+    mean = _share(s, cnt)
+    var = (_share(ss, cnt) - mean * mean).clamp(min=0.0)
+    return mean, var.sqrt()
+
+
+def to_floats(metrics: dict[str, Tensor | float]) -> dict[str, float]:
+    """One device sync for all tensor metrics; a non-finite value (never expected) becomes 0."""
+    tkeys = [k for k, v in metrics.items() if isinstance(v, Tensor)]
+    out = {k: float(v) for k, v in metrics.items() if not isinstance(v, Tensor)}
+    if tkeys:
+        vals = torch.stack([metrics[k].to(torch.float64).reshape(()) for k in tkeys])  # type: ignore[union-attr]
+        out.update(zip(tkeys, vals.cpu().tolist(), strict=True))
+    return {k: (v if v == v and abs(v) != float("inf") else 0.0) for k, v in ((k, out[k]) for k in metrics)}

@@ -1,0 +1,31 @@
+"""Train/inference mismatch weights v = exp(old - rollout) (stop-gradient), per token or per
+sequence (exp of the masked sum), truncated at `cap` (TIS) or zeroed outside [lo, hi] ("IcePop").
+
+The log-weight is clamped to +-log_ratio_clamp before exp so v is always finite. v multiplies
+the policy objective's per-token loss (and so its gradient); the KL term is not weighted.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from softgate.engine.config import MismatchConfig
+from softgate.engine.segments import Segments
+
+
+def mismatch_weights(
+    cfg: MismatchConfig, lv_raw: Tensor, seg: Segments, clamp: float
+) -> tuple[Tensor, Tensor]:
+    """(v, changed) per token from lv_raw = old - rollout (0 on masked tokens); `changed` marks
+    tokens whose weight was truncated or zeroed."""
+    if cfg.level == "sequence":
+        lv = seg.expand(seg.sum(lv_raw).clamp(-clamp, clamp))
+    else:
+        lv = lv_raw.clamp(-clamp, clamp)
+    v = torch.exp(lv)
+    if cfg.mode == "truncate":
+        changed = v > cfg.cap
+        return v.clamp(max=cfg.cap), changed
+    changed = (v < cfg.lo) | (v > cfg.hi)
+    return torch.where(changed, torch.zeros_like(v), v), changed

@@ -1,0 +1,27 @@
+"""Segment (per-sequence) reductions and broadcasts over offsets, without padding."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class Segments:
+    """The ragged layout of a batch: `lengths` [B] and the sequence id of every token [N]."""
+
+    def __init__(self, offsets: Tensor, num_tokens: int) -> None:
+        self.offsets = offsets
+        self.lengths = offsets[1:] - offsets[:-1]
+        self.num_seqs = int(self.lengths.numel())
+        self.num_tokens = num_tokens
+        self.ids = torch.repeat_interleave(
+            torch.arange(self.num_seqs, device=offsets.device), self.lengths, output_size=num_tokens
+        )
+
+    def sum(self, x: Tensor) -> Tensor:
+        """Per-sequence sum of a per-token tensor ([N] -> [B]); 0 for empty sequences."""
+        return torch.zeros(self.num_seqs, dtype=x.dtype, device=x.device).index_add_(0, self.ids, x)
+
+    def expand(self, x: Tensor) -> Tensor:
+        """Per-sequence values broadcast to their tokens ([B] -> [N])."""
+        return x[self.ids]

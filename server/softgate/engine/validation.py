@@ -1,0 +1,395 @@
+"""Input validation: every bad batch or configuration becomes one InputError listing all
+violations found (field, reason, first offending index).
+
+Reasons are "<code>: <text>"; the codes (REASON_CODES) are stable and feed the
+rejected-inputs metric. Dtype rule for float inputs: float32 and float64 are accepted and may
+be mixed; the computation runs in float64 when any log-prob tensor or the caller's advantages
+are float64, else in float32 (`compute_dtype`). Rewards are reduced in float64 whatever their
+dtype. Half precisions (float16, bfloat16) are refused.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from softgate.engine.batch import Batch
+from softgate.engine.config import (
+    OBJECTIVES,
+    AdvantageConfig,
+    AggregationConfig,
+    Cispo,
+    Gppo,
+    Grpo,
+    Gspo,
+    GspoToken,
+    KLConfig,
+    LossConfig,
+    MismatchConfig,
+    Reinforce,
+    Sapo,
+)
+from softgate.engine.errors import FieldViolation, InputError
+
+REASON_CODES: dict[str, str] = {
+    "non_finite": "a NaN or infinite value",
+    "positive_logp": "a log-probability above 0 (beyond LOGP_TOLERANCE) on a trained token",
+    "half_precision": "a float16/bfloat16 tensor (ratio noise larger than the clip band)",
+    "bad_dtype": "a tensor of the wrong dtype (e.g. integer log-probs, float group ids)",
+    "bad_shape": "a tensor that is not 1-D",
+    "length_mismatch": "a tensor whose length does not match the batch",
+    "bad_offsets": "offsets not starting at 0, not ending at N, or decreasing",
+    "bad_mask": "a loss mask with values other than 0 and 1",
+    "missing": "a required input is absent",
+    "ambiguous": "the advantages' level cannot be inferred from their length",
+    "out_of_range": "a parameter outside its valid range",
+    "unknown_name": "an unknown objective, estimator, mode or level name",
+    "unsupported": "a combination the objective does not define",
+}
+
+LOGP_TOLERANCE = 1e-4
+HALF_REASON = (
+    "half_precision: {dt} refused: bf16 log-probs carry about 3% ratio noise per token at "
+    "logp = -10, more than GSPO's whole clip band; send float32 or float64"
+)
+
+_FLOATS = (torch.float32, torch.float64)
+_HALVES = (torch.float16, torch.bfloat16)
+_INTS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
+_SCALES = ("group", "batch", "none")
+_AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm")
+
+
+def _num_ok(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def validate_config(config: LossConfig) -> list[FieldViolation]:
+    """Every out-of-range parameter or unknown name in `config`."""
+    v: list[FieldViolation] = []
+
+    def need(ok: bool, fld: str, reason: str) -> None:
+        if not ok:
+            v.append(FieldViolation(fld, reason))
+
+    def pos(x: object, fld: str, what: str = "must be > 0") -> None:
+        if not _num_ok(x):
+            v.append(FieldViolation(fld, f"out_of_range: {x!r} is not a finite number"))
+        elif not x > 0:  # type: ignore[operator]
+            v.append(FieldViolation(fld, f"out_of_range: {x!r} {what}"))
+
+    def nonneg(x: object, fld: str) -> None:
+        if not _num_ok(x):
+            v.append(FieldViolation(fld, f"out_of_range: {x!r} is not a finite number"))
+        elif x < 0:  # type: ignore[operator]
+            v.append(FieldViolation(fld, f"out_of_range: {x!r} must be >= 0"))
+
+    obj = config.objective
+    name = getattr(obj, "name", None)
+    if name not in OBJECTIVES or not isinstance(obj, OBJECTIVES[name]):
+        v.append(
+            FieldViolation("objective", f"unknown_name: objective {name!r}; known: {sorted(OBJECTIVES)}")
+        )
+    else:
+        p = f"objective.{name}"
+        if isinstance(obj, Sapo):
+            pos(obj.tau_pos, f"{p}.tau_pos")
+            pos(obj.tau_neg, f"{p}.tau_neg")
+        elif isinstance(obj, (Grpo, Gspo, GspoToken, Cispo, Gppo)):
+            nonneg(obj.eps_low, f"{p}.eps_low")
+            nonneg(obj.eps_high, f"{p}.eps_high")
+            if isinstance(obj, Grpo) and obj.dual_clip is not None:
+                if not _num_ok(obj.dual_clip):
+                    v.append(FieldViolation(f"{p}.dual_clip", "out_of_range: not a finite number"))
+                elif not obj.dual_clip > 1:
+                    v.append(FieldViolation(f"{p}.dual_clip", f"out_of_range: {obj.dual_clip!r} must be > 1"))
+        else:
+            assert isinstance(obj, Reinforce)
+
+    adv = config.advantages
+    if not isinstance(adv, AdvantageConfig):
+        v.append(FieldViolation("advantages", "unknown_name: not an AdvantageConfig"))
+    else:
+        need(
+            adv.estimator in _ESTIMATORS,
+            "advantages.estimator",
+            f"unknown_name: {adv.estimator!r}; known: {list(_ESTIMATORS)}",
+        )
+        need(
+            adv.scale is None or adv.scale in _SCALES,
+            "advantages.scale",
+            f"unknown_name: {adv.scale!r}; known: {list(_SCALES)}",
+        )
+        nonneg(adv.eps, "advantages.eps")
+        nonneg(adv.min_group_std, "advantages.min_group_std")
+
+    agg = config.aggregation
+    if not isinstance(agg, AggregationConfig):
+        v.append(FieldViolation("aggregation", "unknown_name: not an AggregationConfig"))
+    else:
+        need(
+            agg.mode in _AGG_MODES,
+            "aggregation.mode",
+            f"unknown_name: {agg.mode!r}; known: {list(_AGG_MODES)}",
+        )
+        for f in ("num_tokens", "num_seqs", "constant"):
+            x = getattr(agg, f)
+            if x is not None:
+                pos(x, f"aggregation.{f}", "must be > 0 (a global normaliser)")
+        if agg.mode == "token_sum_norm" and agg.constant is None:
+            v.append(FieldViolation("aggregation.constant", "missing: token_sum_norm needs the constant K"))
+
+    kl = config.kl
+    if kl is not None:
+        if not isinstance(kl, KLConfig):
+            v.append(FieldViolation("kl", "unknown_name: not a KLConfig"))
+        else:
+            need(
+                kl.estimator in ("k1", "k2", "k3"),
+                "kl.estimator",
+                f"unknown_name: {kl.estimator!r}; known: ['k1', 'k2', 'k3']",
+            )
+            nonneg(kl.beta, "kl.beta")
+
+    mm = config.mismatch
+    if mm is not None:
+        if not isinstance(mm, MismatchConfig):
+            v.append(FieldViolation("mismatch", "unknown_name: not a MismatchConfig"))
+        else:
+            need(
+                mm.level in ("token", "sequence"),
+                "mismatch.level",
+                f"unknown_name: {mm.level!r}; known: ['token', 'sequence']",
+            )
+            need(
+                mm.mode in ("truncate", "mask"),
+                "mismatch.mode",
+                f"unknown_name: {mm.mode!r}; known: ['truncate', 'mask']",
+            )
+            if mm.mode == "truncate":
+                pos(mm.cap, "mismatch.cap")
+            else:
+                nonneg(mm.lo, "mismatch.lo")
+                pos(mm.hi, "mismatch.hi")
+                if _num_ok(mm.lo) and _num_ok(mm.hi) and not mm.lo < mm.hi:
+                    v.append(
+                        FieldViolation("mismatch.lo", f"out_of_range: lo {mm.lo!r} must be < hi {mm.hi!r}")
+                    )
+
+    pos(config.log_ratio_clamp, "log_ratio_clamp")
+    if not _num_ok(config.saturation_threshold) or not 0 < config.saturation_threshold <= 1:
+        v.append(
+            FieldViolation(
+                "saturation_threshold",
+                f"out_of_range: {config.saturation_threshold!r} must be in (0, 1]",
+            )
+        )
+    return v
+
+
+def _first(bad: Tensor) -> int:
+    return int(torch.nonzero(bad)[0, 0].item())
+
+
+def _float_tensor(
+    v: list[FieldViolation], name: str, x: object, n: int | None, *, allow_int: bool = False
+) -> bool:
+    """dtype / shape / length / finiteness of one 1-D float tensor; True when usable."""
+    if not isinstance(x, Tensor):
+        v.append(FieldViolation(name, f"bad_dtype: expected a torch.Tensor, got {type(x).__name__}"))
+        return False
+    if x.dtype in _HALVES:
+        v.append(FieldViolation(name, HALF_REASON.format(dt=str(x.dtype).replace("torch.", ""))))
+        return False
+    if x.dtype not in _FLOATS and not (allow_int and x.dtype in _INTS):
+        v.append(FieldViolation(name, f"bad_dtype: {x.dtype} given, float32 or float64 expected"))
+        return False
+    if x.dim() != 1:
+        v.append(FieldViolation(name, f"bad_shape: expected a 1-D tensor, got shape {tuple(x.shape)}"))
+        return False
+    if n is not None and x.numel() != n:
+        v.append(FieldViolation(name, f"length_mismatch: length {x.numel()}, expected {n}"))
+        return False
+    if x.dtype in _FLOATS:
+        fin = torch.isfinite(x)
+        if not bool(fin.all()):
+            i = _first(~fin)
+            what = "NaN" if math.isnan(float(x[i])) else "infinite"
+            v.append(FieldViolation(name, f"non_finite: value is {what}", i))
+            return False
+    return True
+
+
+def compute_dtype(batch: Batch) -> torch.dtype:
+    """float64 when any log-prob tensor or the caller's advantages are float64, else float32."""
+    for t in (batch.logp, batch.old_logp, batch.ref_logp, batch.rollout_logp, batch.advantages):
+        if isinstance(t, Tensor) and t.dtype == torch.float64:
+            return torch.float64
+    return torch.float32
+
+
+def advantage_level(batch: Batch) -> str:
+    """'sequence' or 'token' for the caller's advantages (after validation)."""
+    if batch.advantage_level is not None:
+        return batch.advantage_level
+    assert batch.advantages is not None
+    return "sequence" if batch.advantages.numel() == batch.num_seqs else "token"
+
+
+def validate_batch(batch: Batch, config: LossConfig | None = None) -> list[FieldViolation]:
+    """Every violation in `batch` (and its fit with `config`, when given)."""
+    v: list[FieldViolation] = []
+    if not _float_tensor(v, "logp", batch.logp, None):
+        return v
+    n = batch.logp.numel()
+
+    # offsets
+    off = batch.offsets
+    b = None
+    if not isinstance(off, Tensor) or off.dtype not in _INTS:
+        v.append(FieldViolation("offsets", "bad_dtype: offsets must be an integer tensor"))
+    elif off.dim() != 1 or off.numel() < 1:
+        v.append(FieldViolation("offsets", "bad_shape: offsets must be 1-D of length B+1 >= 1"))
+    else:
+        o = off.to(torch.int64)
+        if int(o[0]) != 0:
+            v.append(FieldViolation("offsets", f"bad_offsets: offsets[0] = {int(o[0])}, must be 0", 0))
+        elif o.numel() > 1 and bool((o[1:] < o[:-1]).any()):
+            i = _first(o[1:] < o[:-1]) + 1
+            v.append(FieldViolation("offsets", "bad_offsets: offsets must be non-decreasing", i))
+        elif int(o[-1]) != n:
+            v.append(
+                FieldViolation(
+                    "offsets",
+                    f"bad_offsets: offsets[-1] = {int(o[-1])}, must equal the number of tokens {n}",
+                    o.numel() - 1,
+                )
+            )
+        else:
+            b = o.numel() - 1
+
+    # mask
+    m: Tensor | None = None
+    if batch.mask is not None:
+        mk = batch.mask
+        if not isinstance(mk, Tensor):
+            v.append(FieldViolation("mask", "bad_dtype: expected a torch.Tensor"))
+        elif mk.dim() != 1:
+            v.append(FieldViolation("mask", f"bad_shape: expected a 1-D tensor, got shape {tuple(mk.shape)}"))
+        elif mk.numel() != n:
+            v.append(FieldViolation("mask", f"length_mismatch: length {mk.numel()}, expected {n}"))
+        elif mk.dtype == torch.bool:
+            m = mk
+        elif mk.dtype in _INTS or mk.dtype in _FLOATS:
+            bad = (mk != 0) & (mk != 1)
+            if bool(bad.any()):
+                v.append(FieldViolation("mask", "bad_mask: values must be 0 or 1", _first(bad)))
+            else:
+                m = mk != 0
+        else:
+            v.append(FieldViolation("mask", f"bad_dtype: {mk.dtype}; bool or 0/1 expected"))
+
+    # log-prob tensors
+    def logp_range(name: str, x: Tensor) -> None:
+        over = x > LOGP_TOLERANCE
+        if m is not None:
+            over = over & m
+        if bool(over.any()):
+            i = _first(over)
+            v.append(
+                FieldViolation(
+                    name, f"positive_logp: log-probability {float(x[i]):.6g} > 0 on a trained token", i
+                )
+            )
+
+    logp_range("logp", batch.logp)
+    for name in ("old_logp", "ref_logp", "rollout_logp"):
+        x = getattr(batch, name)
+        if x is not None and _float_tensor(v, name, x, n):
+            logp_range(name, x)
+
+    if config is not None:
+        if config.kl is not None and batch.ref_logp is None:
+            v.append(FieldViolation("ref_logp", "missing: a KL term is configured, ref_logp is required"))
+        if config.mismatch is not None and batch.rollout_logp is None:
+            v.append(
+                FieldViolation(
+                    "rollout_logp", "missing: a mismatch correction is configured, rollout_logp is required"
+                )
+            )
+
+    # advantages / rewards
+    if batch.advantages is not None:
+        a = batch.advantages
+        lvl = batch.advantage_level
+        if lvl is not None and lvl not in ("sequence", "token"):
+            v.append(
+                FieldViolation("advantage_level", f"unknown_name: {lvl!r}; known: ['sequence', 'token']")
+            )
+        elif b is not None and _float_tensor(v, "advantages", a, None):
+            k = a.numel()
+            if lvl is None:
+                if k not in (b, n):
+                    v.append(
+                        FieldViolation(
+                            "advantages",
+                            f"length_mismatch: length {k}, expected {b} (per sequence) or {n} (per token)",
+                        )
+                    )
+                elif b == n and n > 0:
+                    lens = batch.offsets[1:] - batch.offsets[:-1]
+                    if not bool((lens == 1).all()):
+                        v.append(
+                            FieldViolation(
+                                "advantage_level",
+                                "ambiguous: B == N but sequences are not one token each; "
+                                "set advantage_level to 'sequence' or 'token'",
+                            )
+                        )
+                lvl = "sequence" if k == b else "token"
+            elif k != (b if lvl == "sequence" else n):
+                v.append(
+                    FieldViolation(
+                        "advantages",
+                        f"length_mismatch: length {k}, expected {b if lvl == 'sequence' else n} per {lvl}",
+                    )
+                )
+            if (
+                config is not None
+                and isinstance(config.objective, Gspo)
+                and lvl == "token"
+                and b is not None
+                and b != n
+            ):
+                v.append(
+                    FieldViolation(
+                        "advantages",
+                        "unsupported: gspo uses one advantage per sequence; use gspo_token for per-token advantages",
+                    )
+                )
+    elif batch.rewards is None:
+        v.append(FieldViolation("rewards", "missing: give rewards and group_ids, or advantages"))
+    if batch.rewards is not None and b is not None:
+        _float_tensor(v, "rewards", batch.rewards, b, allow_int=True)
+        if batch.advantages is None:
+            g = batch.group_ids
+            if g is None:
+                v.append(FieldViolation("group_ids", "missing: rewards need group_ids"))
+            elif not isinstance(g, Tensor) or g.dtype not in _INTS:
+                v.append(FieldViolation("group_ids", "bad_dtype: group_ids must be an integer tensor"))
+            elif g.dim() != 1:
+                v.append(FieldViolation("group_ids", f"bad_shape: expected 1-D, got shape {tuple(g.shape)}"))
+            elif g.numel() != b:
+                v.append(FieldViolation("group_ids", f"length_mismatch: length {g.numel()}, expected {b}"))
+    return v
+
+
+def check(batch: Batch, config: LossConfig) -> None:
+    """Raise InputError listing every violation of `config` and `batch`."""
+    v = validate_config(config) + validate_batch(batch, config)
+    if v:
+        raise InputError(v)

@@ -1,0 +1,372 @@
+"""Test oracle: SPEC.md's loss written plainly, per sequence, in float64 with torch autograd.
+
+Independent of softgate.engine's implementation on purpose: Python loops over groups and
+sequences, masked tokens dropped by indexing (never multiplied), the policy objectives written
+as SPEC states them (max/min/clip, stop-gradient by .detach()). The gradient is what
+torch.autograd gives for this loss. Used by the property tests only, never at serving time.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+
+import torch
+from softgate.engine import Batch, LossConfig
+from torch import Tensor
+
+EPS_DEFAULT_SCALE = {"grpo": "group", "dr_grpo": "none", "rloo": "none", "reinforce_pp_baseline": "none"}
+
+
+def reference_advantages(
+    rewards: list[float], groups: list[int], cfg, token_counts: list[int] | None = None
+) -> tuple[list[float], float]:
+    """Per-sequence advantages and the degenerate-group share, by plain loops."""
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    adv = [0.0] * len(rewards)
+    degenerate_seq = [False] * len(rewards)
+    n_degenerate = 0
+    scale = cfg.scale or EPS_DEFAULT_SCALE[cfg.estimator]
+    batch_std = statistics.stdev(rewards) if len(rewards) > 1 else 0.0
+    for idx in members.values():
+        rs = [rewards[i] for i in idx]
+        n = len(rs)
+        mean = math.fsum(rs) / n
+        std = math.sqrt(math.fsum((x - mean) ** 2 for x in rs) / (n - 1)) if n > 1 else 0.0
+        if n == 1 or max(rs) == min(rs) or std < cfg.min_group_std:
+            n_degenerate += 1
+            for i in idx:
+                degenerate_seq[i] = True
+            continue
+        for i in idx:
+            a = rewards[i] - mean
+            if cfg.estimator == "rloo":
+                a = a * n / (n - 1)
+            if scale == "group":
+                a = a / (std + cfg.eps)
+            elif scale == "batch":
+                a = a / (batch_std + cfg.eps)
+            adv[i] = a
+    if cfg.estimator == "reinforce_pp_baseline":
+        # whiten over all trained tokens of the batch (degenerate members count with value 0)
+        counts = token_counts if token_counts is not None else [1] * len(rewards)
+        vals: list[float] = []
+        for i, c in enumerate(counts):
+            vals += [adv[i]] * c
+        if len(vals) > 0:
+            mu = math.fsum(vals) / len(vals)
+            var = math.fsum((x - mu) ** 2 for x in vals) / (len(vals) - 1) if len(vals) > 1 else 0.0
+            adv = [(a - mu) / (math.sqrt(var) + cfg.eps) for a in adv]
+        adv = [0.0 if degenerate_seq[i] else a for i, a in enumerate(adv)]
+    share = n_degenerate / len(members) if members else 0.0
+    return adv, share
+
+
+@dataclass
+class Reference:
+    loss: Tensor  # scalar float64, differentiable w.r.t. logp
+    policy_loss: Tensor
+    kl_loss: Tensor
+    logp: Tensor  # the leaf the loss was built from
+    advantages: list[Tensor]  # per sequence, per token (all tokens of the sequence)
+
+    def grad(self) -> Tensor:
+        if not self.loss.requires_grad:
+            return torch.zeros_like(self.logp)
+        (g,) = torch.autograd.grad(self.loss, self.logp, allow_unused=True)
+        return torch.zeros_like(self.logp) if g is None else g
+
+
+def _objective(name: str, obj, r: Tensor, a: Tensor, logp: Tensor) -> Tensor:
+    """Per-token policy loss l of SPEC for one sequence's trained tokens."""
+    if name == "sapo":
+        tau = torch.where(a > 0, torch.full_like(a, obj.tau_pos), torch.full_like(a, obj.tau_neg))
+        p = torch.sigmoid(tau * (r - 1))
+        return -(4 / tau) * p * a
+    if name == "reinforce":
+        return -r * a
+    lo, hi = 1 - obj.eps_low, 1 + obj.eps_high
+    if name == "cispo":
+        return -torch.clamp(r.detach(), lo, hi) * a * logp
+    unclipped = -a * r
+    clipped = -a * torch.clamp(r, lo, hi)
+    if name == "gppo":
+        # clip active where max() picks the clipped term: keep the gradient of the bound
+        active = ((a > 0) & (r > hi)) | ((a < 0) & (r < lo))
+        bound = torch.where(r > hi, torch.full_like(r, hi), torch.full_like(r, lo))
+        return torch.where(active, -a * r * (bound / r).detach(), unclipped)
+    loss = torch.maximum(unclipped, clipped)
+    if name == "grpo" and obj.dual_clip is not None:
+        loss = torch.where(a < 0, torch.minimum(loss, -obj.dual_clip * a), loss)
+    return loss
+
+
+def reference_loss(batch: Batch, config: LossConfig) -> Reference:
+    f64 = torch.float64
+    logp = batch.logp.detach().to(f64).clone().requires_grad_(True)
+    n = logp.numel()
+    off = [int(x) for x in batch.offsets]
+    b = len(off) - 1
+    mask = torch.ones(n, dtype=torch.bool) if batch.mask is None else batch.mask.to(torch.bool)
+    old = batch.old_logp.to(f64) if batch.old_logp is not None else None
+    ref = batch.ref_logp.to(f64) if batch.ref_logp is not None else None
+    rollout = batch.rollout_logp.to(f64) if batch.rollout_logp is not None else None
+    C = config.log_ratio_clamp
+    name = config.objective.name
+    counts = [int(mask[off[i] : off[i + 1]].sum()) for i in range(b)]
+
+    # advantages per sequence or per token
+    tok_adv: list[Tensor] = []
+    if batch.advantages is not None:
+        adv = batch.advantages.to(f64)
+        per_token = batch.advantage_level == "token" if batch.advantage_level else (adv.numel() != b)
+        for i in range(b):
+            L = off[i + 1] - off[i]
+            tok_adv.append(adv[off[i] : off[i + 1]] if per_token else adv[i].repeat(L))
+    else:
+        seq_adv, _ = reference_advantages(
+            [float(x) for x in batch.rewards], [int(g) for g in batch.group_ids], config.advantages, counts
+        )
+        for i in range(b):
+            tok_adv.append(torch.full((off[i + 1] - off[i],), seq_adv[i], dtype=f64))
+
+    agg = config.aggregation
+    n_tok = agg.num_tokens if agg.num_tokens else sum(counts)
+    n_seq = agg.num_seqs if agg.num_seqs else sum(1 for c in counts if c > 0)
+
+    def aggregate(per_seq_terms: list[Tensor | None]) -> Tensor:
+        total = torch.zeros((), dtype=f64)
+        for i, t in enumerate(per_seq_terms):
+            if t is None or counts[i] == 0:
+                continue
+            if agg.mode == "token_mean":
+                total = total + t.sum() / n_tok
+            elif agg.mode == "seq_mean_token_mean":
+                total = total + t.sum() / counts[i] / n_seq
+            elif agg.mode == "seq_mean_token_sum":
+                total = total + t.sum() / n_seq
+            else:
+                total = total + t.sum() / agg.constant
+        return total
+
+    policy_terms: list[Tensor | None] = []
+    kl_terms: list[Tensor | None] = []
+    for i in range(b):
+        sl = slice(off[i], off[i + 1])
+        mi = mask[sl]
+        if counts[i] == 0:
+            policy_terms.append(None)
+            kl_terms.append(None)
+            continue
+        lp = logp[sl][mi]
+        o = old[sl][mi] if old is not None else lp.detach()
+        a = tok_adv[i][mi]
+        if name in ("gspo", "gspo_token"):
+            logs = torch.clamp((lp.detach() - o).sum() / counts[i], -C, C)
+            r = torch.exp(logs) * torch.exp(lp - lp.detach())
+        else:
+            r = torch.exp(torch.clamp(lp - o, -C, C))
+        loss_t = _objective(name, config.objective, r, a, lp)
+        mm = config.mismatch
+        if mm is not None:
+            ro = rollout[sl][mi]
+            if mm.level == "token":
+                v = torch.exp(torch.clamp(o - ro, -C, C))
+            else:
+                v = torch.exp(torch.clamp((o - ro).sum(), -C, C)).repeat(counts[i])
+            if mm.mode == "truncate":
+                v = torch.clamp(v, max=mm.cap)
+            else:
+                v = torch.where((v >= mm.lo) & (v <= mm.hi), v, torch.zeros_like(v))
+            loss_t = loss_t * v.detach()
+        policy_terms.append(loss_t)
+        if config.kl is not None:
+            x = torch.clamp(ref[sl][mi] - lp, -C, C)
+            est = config.kl.estimator
+            k = -x if est == "k1" else (x * x / 2 if est == "k2" else torch.exp(x) - x - 1)
+            kl_terms.append(k)
+        else:
+            kl_terms.append(None)
+    policy = aggregate(policy_terms)
+    kl = config.kl.beta * aggregate(kl_terms) if config.kl is not None else torch.zeros((), dtype=f64)
+    return Reference(policy + kl, policy, kl, logp, tok_adv)
+
+
+# ---------------------------------------------------------------- random batches and configs
+
+OBJECTIVE_NAMES = ("sapo", "grpo", "gspo", "gspo_token", "cispo", "gppo", "reinforce")
+AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm")
+KL_OPTIONS = (None, "k1", "k2", "k3")
+MISMATCH_OPTIONS = (
+    None,
+    ("token", "truncate"),
+    ("token", "mask"),
+    ("sequence", "truncate"),
+    ("sequence", "mask"),
+)
+
+
+def random_batch(
+    seed: int,
+    *,
+    max_seqs: int = 6,
+    max_len: int = 6,
+    advantages: str = "rewards",  # "rewards" | "sequence" | "token"
+    big_deltas: bool = False,
+    dtype: torch.dtype = torch.float64,
+    with_mask: bool = True,
+) -> Batch:
+    """A ragged batch: empty sequences, masked garbage (finite, even positive log-probs),
+    non-contiguous groups, optional log-ratios beyond the clamp bound."""
+    g = torch.Generator().manual_seed(seed)
+    b = int(torch.randint(1, max_seqs + 1, (1,), generator=g))
+    lengths = torch.randint(0, max_len + 1, (b,), generator=g)
+    n = int(lengths.sum())
+    logp = -torch.rand(n, generator=g, dtype=torch.float64) * 4 - 0.01
+    delta = 0.3 * torch.randn(n, generator=g, dtype=torch.float64)
+    if big_deltas:
+        big = torch.rand(n, generator=g) < 0.2
+        delta = torch.where(big, 8 * torch.randn(n, generator=g, dtype=torch.float64), delta)
+    old = (logp - delta).clamp(max=-1e-3)
+    ref = (logp + 0.5 * torch.randn(n, generator=g, dtype=torch.float64)).clamp(max=-1e-3)
+    rollout = (old + 0.3 * torch.randn(n, generator=g, dtype=torch.float64)).clamp(max=-1e-3)
+    mask = (torch.rand(n, generator=g) < 0.8) if with_mask else torch.ones(n, dtype=torch.bool)
+    # finite garbage on masked tokens: must never change a result
+    garbage = torch.where(torch.rand(n, generator=g) < 0.5, 7.5, -3.0e4).to(torch.float64)
+    logp, old, ref, rollout = (torch.where(mask, x, garbage) for x in (logp, old, ref, rollout))
+    rewards = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)[torch.randint(0, 3, (b,), generator=g)]
+    if torch.rand(1, generator=g) < 0.3:
+        rewards = torch.randn(b, generator=g, dtype=torch.float64)
+    groups = torch.randint(0, max(1, b // 2), (b,), generator=g) * 7 - 3  # non-contiguous, negative ids too
+    kw: dict = {}
+    if advantages == "rewards":
+        kw = {"rewards": rewards, "group_ids": groups}
+    elif advantages == "sequence":
+        kw = {"advantages": torch.randn(b, generator=g, dtype=torch.float64), "advantage_level": "sequence"}
+    else:
+        kw = {"advantages": torch.randn(n, generator=g, dtype=torch.float64), "advantage_level": "token"}
+    return Batch(
+        logp=logp.to(dtype),
+        offsets=Batch.offsets_from_lengths(lengths),
+        old_logp=old.to(dtype),
+        mask=mask,
+        ref_logp=ref.to(dtype),
+        rollout_logp=rollout.to(dtype),
+        **kw,
+    )
+
+
+def make_config(
+    objective: str,
+    agg: str,
+    kl: str | None,
+    mismatch: tuple[str, str] | None,
+    *,
+    variant: int = 0,
+    estimator: str = "grpo",
+    scale: str | None = None,
+    clamp: float = 20.0,
+    global_norm: bool = False,
+) -> LossConfig:
+    from softgate.engine import (
+        AdvantageConfig,
+        AggregationConfig,
+        Cispo,
+        Gppo,
+        Grpo,
+        Gspo,
+        GspoToken,
+        KLConfig,
+        MismatchConfig,
+        Reinforce,
+        Sapo,
+    )
+
+    objs = {
+        "sapo": [Sapo(), Sapo(tau_pos=0.5, tau_neg=3.0), Sapo(tau_pos=2.0, tau_neg=0.7)],
+        "grpo": [Grpo(), Grpo(eps_low=0.2, eps_high=0.28, dual_clip=1.15), Grpo(eps_low=0.1, eps_high=0.3)],
+        "gspo": [Gspo(), Gspo(eps_low=0.1, eps_high=0.15), Gspo(eps_low=0.05, eps_high=0.3)],
+        "gspo_token": [
+            GspoToken(),
+            GspoToken(eps_low=0.1, eps_high=0.15),
+            GspoToken(eps_low=0.05, eps_high=0.3),
+        ],
+        "cispo": [Cispo(), Cispo(eps_low=0.2, eps_high=0.2), Cispo(eps_low=0.5, eps_high=0.1)],
+        "gppo": [Gppo(), Gppo(eps_low=0.1, eps_high=0.28), Gppo(eps_low=0.3, eps_high=0.05)],
+        "reinforce": [Reinforce()],
+    }[objective]
+    obj = objs[variant % len(objs)]
+    aggc = AggregationConfig(
+        mode=agg,  # type: ignore[arg-type]
+        constant=37.0 if agg == "token_sum_norm" else None,
+        num_tokens=123.0 if global_norm else None,
+        num_seqs=17.0 if global_norm else None,
+    )
+    klc = KLConfig(estimator=kl, beta=0.07) if kl else None  # type: ignore[arg-type]
+    mmc = (
+        MismatchConfig(level=mismatch[0], mode=mismatch[1], cap=1.3, lo=0.8, hi=1.25)  # type: ignore[arg-type]
+        if mismatch
+        else None
+    )
+    return LossConfig(
+        objective=obj,
+        advantages=AdvantageConfig(estimator=estimator, scale=scale),  # type: ignore[arg-type]
+        aggregation=aggc,
+        kl=klc,
+        mismatch=mmc,
+        log_ratio_clamp=clamp,
+    )
+
+
+def near_boundary(batch: Batch, config: LossConfig, tol: float = 1e-7) -> bool:
+    """True when some trained token sits (numerically) on a discontinuity of the loss or its
+    gradient: clip bounds, dual clip, clamp bounds, mismatch cap / lo / hi."""
+    f64 = torch.float64
+    off = [int(x) for x in batch.offsets]
+    mask = torch.ones(batch.logp.numel(), dtype=torch.bool) if batch.mask is None else batch.mask.bool()
+    logp = batch.logp.to(f64)
+    old = batch.old_logp.to(f64) if batch.old_logp is not None else logp
+    C = config.log_ratio_clamp
+    obj = config.objective
+    bounds: list[float] = []
+    if hasattr(obj, "eps_low"):
+        bounds += [1 - obj.eps_low, 1 + obj.eps_high]
+    if getattr(obj, "dual_clip", None):
+        bounds.append(obj.dual_clip)
+    vals: list[Tensor] = []
+    for i in range(len(off) - 1):
+        mi = mask[off[i] : off[i + 1]]
+        if not bool(mi.any()):
+            continue
+        d = (logp - old)[off[i] : off[i + 1]][mi]
+        if obj.name in ("gspo", "gspo_token"):
+            ls = d.sum() / mi.sum()
+            if abs(abs(float(ls)) - C) < tol:
+                return True
+            vals.append(torch.exp(ls.clamp(-C, C)).reshape(1))
+        else:
+            if bool(((d.abs() - C).abs() < tol).any()):
+                return True
+            vals.append(torch.exp(d.clamp(-C, C)))
+        if batch.ref_logp is not None and config.kl is not None:
+            x = (batch.ref_logp.to(f64) - logp)[off[i] : off[i + 1]][mi]
+            if bool(((x.abs() - C).abs() < tol).any()):
+                return True
+        mm = config.mismatch
+        if mm is not None and batch.rollout_logp is not None:
+            lv = (old - batch.rollout_logp.to(f64))[off[i] : off[i + 1]][mi]
+            if mm.level == "sequence":
+                lv = lv.sum().reshape(1)
+            v = torch.exp(lv.clamp(-C, C))
+            for bd in [mm.cap] if mm.mode == "truncate" else [mm.lo, mm.hi]:
+                if bool(((v - bd).abs() < tol).any()):
+                    return True
+    if vals and bounds:
+        r = torch.cat(vals)
+        for bd in bounds:
+            if bool(((r - bd).abs() < tol * max(1.0, bd)).any()):
+                return True
+    return False
