@@ -15,6 +15,7 @@ from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
+    SummaryMetricFamily,
 )
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
     from softgate.observability.telemetry import PrometheusTelemetry
 
 FRACTION_EDGES = (0.001, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
-KL_EDGES = (-0.01, -0.001, -0.0001, 0.0, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0)
 
 RO = ("run", "objective")
 ROS = ("run", "objective", "sign")
@@ -92,7 +92,6 @@ HISTOGRAMS: dict[str, tuple[str, tuple[str, ...], tuple[float, ...]]] = {
         RO,
         FRACTION_EDGES,
     ),
-    "softgate_batch_approx_kl": ("Per batch: masked mean of (old - logp).", RO, KL_EDGES),
     "softgate_batch_degenerate_group_fraction": (
         "Per batch: share of groups with zero reward variance (advantage 0).",
         ("run",),
@@ -107,6 +106,15 @@ HISTOGRAMS: dict[str, tuple[str, tuple[str, ...], tuple[float, ...]]] = {
         "Per-token gate weight w (SAPO 4p(1-p); 1 unclipped / 0 clipped for hard clips), by advantage sign.",
         ROS,
         GATE_EDGES,
+    ),
+}
+
+# Per-batch statistics that can be negative: a histogram with a negative sum would lose its
+# _sum and _count in the exposition, so these are summaries (count and sum, no quantiles).
+SUMMARIES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "softgate_batch_approx_kl": (
+        "Per batch: approx KL, masked mean of (old - logp); mean = rate(_sum) / rate(_count).",
+        RO,
     ),
 }
 
@@ -138,6 +146,8 @@ def exported_names() -> set[str]:
         out.add(n.removesuffix("_total") + "_created")
     for n in HISTOGRAMS:
         out |= {n + "_bucket", n + "_sum", n + "_count"}
+    for n in SUMMARIES:
+        out |= {n + "_sum", n + "_count"}
     for n in GAUGES:
         out.add(GAUGE_EXPORT_NAME.get(n, n))
     out.add("softgate_runs_tracked")
@@ -151,6 +161,8 @@ class SoftgateCollector(Collector):
         self.edges: dict[str, np.ndarray] = {
             n: np.asarray(e, dtype=np.float64) for n, (_, _, e) in HISTOGRAMS.items()
         }
+        for n in SUMMARIES:  # no buckets: one count and the sum
+            self.edges[n] = np.zeros(0, dtype=np.float64)
         self._le = {n: [floatToGoString(x) for x in e] + ["+Inf"] for n, (_, _, e) in HISTOGRAMS.items()}
 
     def describe(self) -> Iterator[Any]:
@@ -194,6 +206,13 @@ class SoftgateCollector(Collector):
                             sum_value=total,
                         )
             yield hfam
+        for name, (doc, labels) in SUMMARIES.items():
+            sfam = SummaryMetricFamily(name, doc, labels=list(labels))
+            for run, (_, hists, _) in runs.items():
+                for (n, lv), (counts, total) in hists.items():
+                    if n == name:
+                        sfam.add_metric([run, *lv], count_value=float(counts.sum()), sum_value=total)
+            yield sfam
         for name, (doc, labels) in GAUGES.items():
             fam = GaugeMetricFamily(GAUGE_EXPORT_NAME.get(name, name), doc, labels=list(labels))
             for run, (_, _, gauges) in runs.items():

@@ -1,0 +1,331 @@
+"""PrometheusTelemetry: device-side bucketing, run-label folding, exposition conventions."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+from softgate.engine import Batch, Engine, Grpo, LossConfig, LossResult, Sapo
+from softgate.observability import (
+    GATE_EDGES,
+    OTHER,
+    RATIO_EDGES,
+    SIGNS,
+    Bucketer,
+    PrometheusTelemetry,
+    RunRegistry,
+    exported_names,
+    sanitize_run,
+)
+from softgate.observability.telemetry import MAX_REASONS
+
+
+class S:
+    def __init__(self, max_runs: int = 32, sample: int | None = 1 << 19) -> None:
+        self.max_runs = max_runs
+        self.metrics_cpu_sample_tokens = sample
+
+
+def _samples(tel: PrometheusTelemetry) -> list[tuple[str, dict[str, str], float]]:
+    out = []
+    for fam in text_string_to_metric_families(tel.exposition().decode()):
+        for s in fam.samples:
+            out.append((s.name, dict(s.labels), float(s.value)))
+    return out
+
+
+def _engine_result(n_seqs: int = 32, length: int = 64, seed: int = 0, config: LossConfig | None = None):
+    g = torch.Generator().manual_seed(seed)
+    n = n_seqs * length
+    logp = -torch.rand(n, generator=g) * 3
+    old = (logp + torch.randn(n, generator=g) * 0.3).clamp(max=0.0)
+    rewards = torch.rand(n_seqs, generator=g)
+    rewards[:4] = 1.0  # one degenerate group of 4
+    batch = Batch(
+        logp=logp,
+        old_logp=old,
+        offsets=Batch.offsets_from_lengths(torch.full((n_seqs,), length)),
+        mask=torch.rand(n, generator=g) > 0.2,
+        rewards=rewards,
+        group_ids=torch.arange(n_seqs) // 4,
+    )
+    config = config or LossConfig(objective=Sapo())
+    return config, Engine(device="cpu", compile=False).loss(batch, config)
+
+
+# ---------------------------------------------------------------- bucketing
+
+
+def _reference(values: np.ndarray, adv: np.ndarray, mask: np.ndarray, edges: tuple[float, ...]) -> np.ndarray:
+    out = np.zeros((3, len(edges) + 1))
+    idx = np.searchsorted(np.asarray(edges), values, side="left")  # le semantics
+    for si, sel in enumerate((adv > 0, adv < 0, adv == 0)):
+        np.add.at(out[si], idx[sel & mask], 1)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bucketing_matches_a_reference_exactly(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(1)
+    n = 20_000
+    ratio = torch.exp(torch.randn(n, generator=g, dtype=dtype) * 0.2)
+    ratio[:50] = torch.tensor(RATIO_EDGES[:25] * 2, dtype=dtype)  # values exactly on edges
+    ratio[50] = 1e6  # +Inf bucket
+    gate = torch.rand(n, generator=g, dtype=dtype)
+    gate[:21] = torch.tensor(GATE_EDGES, dtype=dtype)
+    adv = torch.randn(n, generator=g, dtype=dtype)
+    adv[100:200] = 0.0
+    mask = torch.rand(n, generator=g) > 0.3
+    b = Bucketer(cpu_sample_tokens=None)(ratio, gate, adv, mask)
+    assert b.stride == 1
+    r_edges = tuple(float(torch.tensor(e, dtype=dtype)) for e in RATIO_EDGES)
+    g_edges = tuple(float(torch.tensor(e, dtype=dtype)) for e in GATE_EDGES)
+    np.testing.assert_array_equal(
+        b.ratio_counts, _reference(ratio.numpy(), adv.numpy(), mask.numpy(), r_edges)
+    )
+    np.testing.assert_array_equal(b.gate_counts, _reference(gate.numpy(), adv.numpy(), mask.numpy(), g_edges))
+    for si, sel in enumerate((adv > 0, adv < 0, adv == 0)):
+        assert b.ratio_sums[si] == pytest.approx(float(ratio[sel & mask].double().sum()), rel=1e-5)
+        assert b.gate_sums[si] == pytest.approx(float(gate[sel & mask].double().sum()), rel=1e-5)
+    assert b.ratio_counts.sum() == int(mask.sum())
+
+
+def test_large_cpu_batches_are_sampled_and_scaled() -> None:
+    n = 100_000
+    ratio = torch.full((n,), 1.0)
+    adv = torch.ones(n)
+    adv[n // 2 :] = -1
+    b = Bucketer(cpu_sample_tokens=10_000)(ratio, torch.ones(n), adv, torch.ones(n, dtype=torch.bool))
+    assert b.stride == 10
+    assert b.ratio_counts.sum() == n
+    assert b.ratio_counts[0].sum() == n // 2 and b.ratio_counts[1].sum() == n // 2
+    assert b.ratio_sums[0] == pytest.approx(n / 2)
+
+
+# ---------------------------------------------------------------- run labels
+
+
+def test_run_registry_keeps_the_most_recent_runs() -> None:
+    reg = RunRegistry(max_runs=2)
+    for name in ["a", "b", "a", "c"]:  # b is the least recently active when c arrives
+        reg.state(name)
+    assert reg.names() == ["a", "c", OTHER]
+    assert reg.evictions == 1
+    reg.state(OTHER)  # "other" never counts against the bound
+    assert reg.names() == ["a", "c", OTHER]
+
+
+@pytest.mark.parametrize(
+    ("raw", "clean"),
+    [
+        (None, "default"),
+        ("", "default"),
+        ("exp-1/seed:3", "exp-1/seed:3"),
+        ('a"b\nc', "a_b_c"),
+        ("x" * 100, "x" * 64),
+    ],
+)
+def test_run_names_are_sanitized(raw: str | None, clean: str) -> None:
+    assert sanitize_run(raw) == clean
+
+
+def test_old_runs_fold_into_other_and_totals_are_conserved() -> None:
+    tel = PrometheusTelemetry(S(max_runs=3))
+    config, res = _engine_result()
+    n_runs, per_run = 10, 2
+    for i in range(n_runs):
+        for _ in range(per_run):
+            run = f"run-{i}"
+            tel.request_started("Loss", run, 2048)
+            tel.observe_loss(run, config, res)
+            tel.request_finished("Loss", run, "OK", 0.01, 10, 20, 2048, 32)
+    samples = _samples(tel)
+    runs = {lab["run"] for name, lab, _ in samples if "run" in lab}
+    assert runs == {"run-7", "run-8", "run-9", OTHER}
+    expected_tokens = n_runs * per_run * res.metrics["num_tokens"]
+    got = sum(v for name, lab, v in samples if name == "softgate_loss_tokens_total")
+    assert got == pytest.approx(expected_tokens)
+    batches = {lab["run"]: v for name, lab, v in samples if name == "softgate_loss_batches_total"}
+    assert batches == {"run-7": 2, "run-8": 2, "run-9": 2, OTHER: 14}
+    processed = sum(v for name, _, v in samples if name == "softgate_processed_tokens_total")
+    assert processed == n_runs * per_run * 2048
+    # token histogram counts are conserved too
+    ratio_count = sum(v for name, _, v in samples if name == "softgate_token_ratio_count")
+    assert ratio_count == pytest.approx(expected_tokens)
+    tracked = [v for name, _, v in samples if name == "softgate_runs_tracked"]
+    assert tracked == [4]
+    assert [v for name, _, v in samples if name == "softgate_run_evictions_total"] == [7]
+    other = tel.run_summary(OTHER)
+    assert other is not None and other["folded_runs"] == 7
+    assert other["windows"]["last_100_batches"]["batches"] == 14
+    assert tel.run_summary("run-0") is None
+    assert [r["run"] for r in tel.runs_overview()][:3] == ["run-9", "run-8", "run-7"]
+
+
+# ---------------------------------------------------------------- exposition
+
+
+def test_exposition_follows_the_conventions() -> None:
+    tel = PrometheusTelemetry(S())
+    config, res = _engine_result()
+    tel.observe_loss("r", config, res)
+    gconfig, gres = _engine_result(config=LossConfig(objective=Grpo(dual_clip=3.0)), seed=2)
+    tel.observe_loss("r", gconfig, gres)
+    tel.request_started("Loss", "r", 10)
+    tel.request_finished("Loss", "r", "OK", 0.2, 100, 200, 10, 1)
+    tel.rejected("Loss", ["non_finite", "bad_shape"])
+    fams = list(text_string_to_metric_families(tel.exposition().decode()))
+    names = {f.name for f in fams}
+    for f in fams:
+        assert f.name.startswith("softgate_"), f.name
+        assert f.documentation, f.name
+        if f.type == "counter":
+            assert all(s.name.endswith(("_total", "_created")) for s in f.samples)
+    for f in fams:
+        if f.type != "histogram":
+            continue
+        by_series: dict[tuple, list[tuple[float, float]]] = {}
+        counts: dict[tuple, float] = {}
+        for s in f.samples:
+            key = tuple(sorted((k, v) for k, v in s.labels.items() if k != "le"))
+            if s.name.endswith("_bucket"):
+                le = math.inf if s.labels["le"] == "+Inf" else float(s.labels["le"])
+                by_series.setdefault(key, []).append((le, s.value))
+            elif s.name.endswith("_count"):
+                counts[key] = s.value
+        for key, buckets in by_series.items():
+            buckets.sort()
+            vals = [v for _, v in buckets]
+            assert vals == sorted(vals), (f.name, key)  # cumulative
+            assert buckets[-1][0] == math.inf and buckets[-1][1] == counts.get(key), (f.name, key, counts)
+    for n in [
+        "softgate_token_ratio",
+        "softgate_token_gate_weight",
+        "softgate_batch_gate_saturation",
+        "softgate_batch_clip_fraction",
+        "softgate_batch_grad_retained",
+        "softgate_batch_approx_kl",
+        "softgate_batch_degenerate_group_fraction",
+        "softgate_request_duration_seconds",
+        "softgate_device_info",
+    ]:
+        assert n in names, n
+    samples = _samples(tel)
+    signs = {lab["sign"] for name, lab, _ in samples if name == "softgate_token_ratio_count"}
+    assert signs == {"pos", "neg", "zero"}  # the degenerate group has A = 0
+    objectives = {lab["objective"] for name, lab, _ in samples if name == "softgate_loss_batches_total"}
+    assert objectives == {"sapo", "grpo"}
+    deg = [v for name, lab, v in samples if name == "softgate_degenerate_group_fraction"]
+    assert deg == [pytest.approx(gres.metrics["degenerate_group_frac"])]
+    # every sample name is one the dashboard checker knows about
+    known = exported_names()
+    service = {
+        "softgate_requests",
+        "softgate_request_duration_seconds",
+        "softgate_request_bytes",
+        "softgate_response_bytes",
+        "softgate_in_flight_requests",
+        "softgate_in_flight_tokens",
+        "softgate_rejected_inputs",
+        "softgate_device_info",
+    }
+    for name, _, _ in samples:
+        assert name in known or any(name.startswith(p) for p in service), name
+
+
+def test_token_histograms_match_the_result_tensors() -> None:
+    tel = PrometheusTelemetry(S(sample=None))
+    config, res = _engine_result()
+    tel.observe_loss("r", config, res)
+    samples = _samples(tel)
+    m = res.mask
+    for sign, sel in (("pos", res.advantages > 0), ("neg", res.advantages < 0)):
+        count = [
+            v
+            for name, lab, v in samples
+            if name == "softgate_token_ratio_count" and lab["sign"] == sign and lab["run"] == "r"
+        ]
+        assert count == [float((m & sel).sum())]
+        s = [
+            v for name, lab, v in samples if name == "softgate_token_gate_weight_sum" and lab["sign"] == sign
+        ]
+        assert s[0] == pytest.approx(float(res.gate_weight[m & sel].sum()), rel=1e-5)
+    ones = [
+        v
+        for name, lab, v in samples
+        if name == "softgate_token_ratio_bucket" and lab["le"] == "1.0" and lab["sign"] == "pos"
+    ]
+    assert ones == [float((m & (res.advantages > 0) & (res.ratio <= 1.0)).sum())]
+
+
+def test_sign_without_tokens_is_not_observed() -> None:
+    tel = PrometheusTelemetry(S())
+    n = 100
+    res = LossResult(
+        loss=0.0,
+        policy_loss=0.0,
+        kl_loss=0.0,
+        grad=torch.zeros(n),
+        advantages=torch.ones(n),
+        ratio=torch.ones(n),
+        gate_weight=torch.ones(n),
+        clip_mask=torch.zeros(n, dtype=torch.bool),
+        mask=torch.ones(n, dtype=torch.bool),
+        metrics={"num_tokens": 100.0, "tokens_pos": 100.0, "tokens_neg": 0.0, "gate_saturation_neg": 0.0,
+                 "gate_saturation_pos": 0.0, "num_groups": 0.0, "reward_mean": 0.0},
+    )  # fmt: skip
+    tel.observe_loss("r", LossConfig(), res)
+    samples = _samples(tel)
+    sat = {lab["sign"] for name, lab, _ in samples if name == "softgate_batch_gate_saturation_count"}
+    assert sat == {"pos"}
+    # no groups: no reward gauge (the engine's 0 means "undefined" there)
+    assert not [1 for name, _, _ in samples if name == "softgate_reward_mean"]
+
+
+def test_in_flight_gauges_return_to_zero() -> None:
+    tel = PrometheusTelemetry(S())
+    tel.request_started("Loss", "a", 100)
+    tel.request_started("Loss", "a", 50)
+    tel.request_started("Advantages", "b", 7)
+    vals = {(n, lab.get("rpc")): v for n, lab, v in _samples(tel) if n.startswith("softgate_in_flight")}
+    assert vals[("softgate_in_flight_requests", "Loss")] == 2
+    assert vals[("softgate_in_flight_tokens", None)] == 157
+    tel.request_finished("Loss", "a", "OK", 0.1, 1, 1, 100, 1)
+    tel.request_finished("Loss", "a", "INVALID_ARGUMENT", 0.1, 1, 1, 0, 0)  # tokens differ: still balanced
+    tel.request_finished("Advantages", "b", "OK", 0.1, 1, 1, 7, 1)
+    tel.request_finished("Loss", "zzz", "OK", 0.1, 1, 1, 7, 1)  # never started: ignored by the gauges
+    vals = {(n, lab.get("rpc")): v for n, lab, v in _samples(tel) if n.startswith("softgate_in_flight")}
+    assert all(v == 0 for v in vals.values()), vals
+    codes: dict[str, float] = {}
+    for n, lab, v in _samples(tel):
+        if n == "softgate_requests_total":
+            codes[lab["code"]] = codes.get(lab["code"], 0) + v
+    assert codes == {"OK": 3, "INVALID_ARGUMENT": 1}
+
+
+def test_rejected_reasons_are_sanitized_and_bounded() -> None:
+    tel = PrometheusTelemetry(S())
+    tel.rejected("Loss", ["non_finite", "Half Precision!", ""])
+    for i in range(MAX_REASONS + 20):
+        tel.rejected("Loss", [f"reason_{i}"])
+    reasons = {lab["reason"] for n, lab, _ in _samples(tel) if n == "softgate_rejected_inputs_total"}
+    assert {"non_finite", "half_precision", "unknown", "other"} <= reasons
+    assert len(reasons) <= MAX_REASONS + 1
+
+
+def test_registries_are_private() -> None:
+    a, b = PrometheusTelemetry(S()), PrometheusTelemetry(S())
+    a.rejected("Loss", ["non_finite"])
+    assert not [1 for n, _, _ in _samples(b) if n == "softgate_rejected_inputs_total"]
+    assert (
+        REGISTRY.get_sample_value("softgate_rejected_inputs_total", {"rpc": "Loss", "reason": "non_finite"})
+        is None
+    )
+
+
+def test_signs_constant() -> None:
+    assert SIGNS == ("pos", "neg", "zero")

@@ -1,0 +1,119 @@
+"""promtool on softgate's alert rules, their unit tests and a real /metrics exposition.
+
+promtool comes from Debian's `prometheus` package (scripts/tools/prometheus.sh, run by
+`make tools` before the suite). Outside CI the tests skip when it is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import yaml
+from softgate.admin import create_app
+from softgate.admin.server import ThreadedAdminServer
+from softgate.engine import Batch, Engine, Grpo, Gspo, LossConfig, Sapo
+from softgate.observability import PrometheusTelemetry
+
+ROOT = Path(__file__).resolve().parents[1]
+PROM = ROOT / "deploy" / "prometheus"
+RULES = PROM / "softgate-rules.yaml"
+RULE_TESTS = PROM / "softgate-rules.test.yaml"
+
+
+def promtool() -> str:
+    exe = shutil.which("promtool")
+    if exe is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool missing: `make tools` (scripts/tools/prometheus.sh) installs it")
+        pytest.skip("promtool not installed (bash scripts/tools/prometheus.sh)")
+    return exe
+
+
+def run(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(args, input=stdin, capture_output=True, timeout=60, cwd=PROM, check=False)
+
+
+def test_rules_are_valid() -> None:
+    p = run(promtool(), "check", "rules", str(RULES))
+    assert p.returncode == 0, p.stdout.decode() + p.stderr.decode()
+
+
+def test_rule_unit_tests_pass() -> None:
+    p = run(promtool(), "test", "rules", str(RULE_TESTS))
+    assert p.returncode == 0, p.stdout.decode() + p.stderr.decode()
+
+
+def test_every_alert_is_tripped_by_a_unit_test() -> None:
+    alerts = {
+        r["alert"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"] if "alert" in r
+    }
+    fired = set()
+    for t in yaml.safe_load(RULE_TESTS.read_text())["tests"]:
+        for a in t.get("alert_rule_test", []):
+            if a.get("exp_alerts"):
+                fired.add(a["alertname"])
+    assert alerts == fired
+    assert len(alerts) >= 7
+
+
+def test_prometheus_config_is_valid() -> None:
+    p = run(promtool(), "check", "config", str(PROM / "prometheus.yml"))
+    assert p.returncode == 0, p.stdout.decode() + p.stderr.decode()
+
+
+def _traffic(tel: PrometheusTelemetry) -> None:
+    engine = Engine(device="cpu", compile=False)
+    g = torch.Generator().manual_seed(0)
+    n_seqs, length = 16, 32
+    n = n_seqs * length
+    for config in (
+        LossConfig(objective=Sapo()),
+        LossConfig(objective=Grpo(dual_clip=3.0)),
+        LossConfig(objective=Gspo()),
+    ):
+        logp = -torch.rand(n, generator=g) * 2
+        old = (logp + torch.randn(n, generator=g) * 0.2).clamp(max=0.0)
+        rewards = torch.rand(n_seqs, generator=g)
+        rewards[:4] = 0.0
+        batch = Batch(
+            logp=logp,
+            old_logp=old,
+            offsets=Batch.offsets_from_lengths(torch.full((n_seqs,), length)),
+            rewards=rewards,
+            group_ids=torch.arange(n_seqs) // 4,
+        )
+        tel.request_started("Loss", "exp-1", n)
+        tel.observe_loss("exp-1", config, engine.loss(batch, config))
+        tel.request_finished("Loss", "exp-1", "OK", 0.05, 4 * n, 4 * n, n, n_seqs)
+    tel.rejected("Loss", ["non_finite"])
+    tel.request_finished("Loss", "exp-1", "INVALID_ARGUMENT", 0.001, 100, 50, 0, 0)
+
+
+def test_promtool_check_metrics_on_a_real_exposition() -> None:
+    exe = promtool()
+    tel = PrometheusTelemetry(None)
+    _traffic(tel)
+    app = create_app(None, tel, lambda: True)
+    with ThreadedAdminServer(app) as srv:
+        body = httpx.get(srv.url + "/metrics", timeout=10).content
+    assert b"softgate_token_ratio_bucket" in body
+    p = run(exe, "check", "metrics", stdin=body)
+    assert p.returncode == 0, p.stdout.decode() + p.stderr.decode()
+    assert p.stdout.strip() == b"" and p.stderr.strip() == b"", p.stdout.decode() + p.stderr.decode()
+
+
+def test_dashboard_json_is_generated_from_its_script() -> None:
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "deploy" / "grafana" / "generate_dashboard.py"), "--check"],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert p.returncode == 0, p.stderr.decode()
