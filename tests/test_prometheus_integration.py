@@ -1,0 +1,280 @@
+"""A real Prometheus scrapes a running softgate admin /metrics while loss traffic flows;
+then every query of the Grafana dashboard is evaluated through Prometheus's HTTP API and
+must return data, and every metric the dashboard names must be one softgate exports.
+
+Runs in the default suite (about 20-40 s). Prometheus comes from Debian's package
+(scripts/tools/prometheus.sh); everything listens on 127.0.0.1 only and is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+import yaml
+from softgate.admin import create_app
+from softgate.admin.server import ThreadedAdminServer, free_port
+from softgate.engine import Batch, Engine, Grpo, Gspo, InputError, LossConfig, Sapo
+from softgate.observability import PrometheusTelemetry
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+ROOT = Path(__file__).resolve().parents[1]
+DASHBOARD = ROOT / "deploy" / "grafana" / "softgate-dashboard.json"
+RULES = ROOT / "deploy" / "prometheus" / "softgate-rules.yaml"
+BASE_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+RUN = "itest-run"
+DEADLINE_S = 60.0
+
+
+def _prometheus() -> str:
+    exe = shutil.which("prometheus")
+    if exe is None:
+        if os.environ.get("CI"):
+            pytest.fail("prometheus missing: `make tools` (scripts/tools/prometheus.sh) installs it")
+        pytest.skip("prometheus not installed (bash scripts/tools/prometheus.sh)")
+    return exe
+
+
+class Traffic:
+    """Sends loss batches through the real engine into the telemetry until stopped, like
+    the gRPC servicer does: request_started, observe_loss, request_finished; plus a
+    rejected non-finite batch now and then."""
+
+    def __init__(self, tel: PrometheusTelemetry) -> None:
+        self.tel = tel
+        self.engine = Engine(device="cpu", compile=False)
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="loss-traffic", daemon=True)
+        self.batches = 0
+        self.error: BaseException | None = None
+
+    def _batch(self, g: torch.Generator, poison: bool = False) -> Batch:
+        n_seqs, length = 16, 64
+        n = n_seqs * length
+        logp = -torch.rand(n, generator=g) * 2
+        old = (logp + torch.randn(n, generator=g) * 0.25).clamp(max=0.0)
+        old[:3] = logp[:3] - 25.0  # log-ratio beyond the clamp: counted in clamped_tokens
+        rewards = torch.rand(n_seqs, generator=g)
+        rewards[:4] = 1.0  # one degenerate group
+        if poison:
+            logp[5] = float("nan")
+        return Batch(
+            logp=logp,
+            old_logp=old,
+            offsets=Batch.offsets_from_lengths(torch.full((n_seqs,), length)),
+            rewards=rewards,
+            group_ids=torch.arange(n_seqs) // 4,
+        )
+
+    def _loop(self) -> None:
+        g = torch.Generator().manual_seed(0)
+        configs = [
+            LossConfig(objective=Sapo()),
+            LossConfig(objective=Grpo(dual_clip=3.0)),
+            LossConfig(objective=Gspo()),
+        ]
+        i = 0
+        try:
+            while not self.stop_event.is_set():
+                poison = i % 7 == 6
+                batch = self._batch(g, poison)
+                config = configs[i % len(configs)]
+                t0 = time.perf_counter()
+                self.tel.request_started("Loss", RUN, batch.num_tokens)
+                try:
+                    result = self.engine.loss(batch, config)
+                except InputError as e:
+                    self.tel.rejected("Loss", e.reasons)
+                    self.tel.request_finished("Loss", RUN, "INVALID_ARGUMENT", time.perf_counter() - t0,
+                                              8 * batch.num_tokens, 64, 0, 0)  # fmt: skip
+                else:
+                    self.tel.observe_loss(RUN, config, result)
+                    self.tel.request_finished("Loss", RUN, "OK", time.perf_counter() - t0,
+                                              8 * batch.num_tokens, 4 * batch.num_tokens, batch.num_tokens,
+                                              batch.num_seqs)  # fmt: skip
+                    self.batches += 1
+                i += 1
+                self.stop_event.wait(0.05)
+        except BaseException as e:  # surfaced by the test
+            self.error = e
+
+    def __enter__(self) -> Traffic:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_event.set()
+        self.thread.join(10)
+
+
+class Prometheus:
+    def __init__(self, exe: str, tmp: Path, target: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cfg = yaml.safe_load(BASE_CONFIG.read_text())
+        cfg["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"}
+        cfg["rule_files"] = [str(RULES)]
+        cfg["scrape_configs"][0]["static_configs"] = [{"targets": [target]}]
+        (tmp / "prometheus.yml").write_text(yaml.safe_dump(cfg))
+        self.log = (tmp / "prometheus.log").open("wb")
+        self.proc = subprocess.Popen(
+            [
+                exe,
+                f"--config.file={tmp / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--storage.tsdb.retention.time=1h",
+                "--log.level=warn",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=tmp,
+        )
+        self.logfile = tmp / "prometheus.log"
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("prometheus exited:\n" + self.logfile.read_text()[-3000:])
+            try:
+                if httpx.get(self.url + "/-/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("prometheus not ready:\n" + self.logfile.read_text()[-3000:])
+
+    def query(self, expr: str) -> dict[str, Any]:
+        r = httpx.get(self.url + "/api/v1/query", params={"query": expr}, timeout=5)
+        body: dict[str, Any] = r.json()
+        return body
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.log.close()
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    dash = json.loads(DASHBOARD.read_text())
+    out = []
+    for p in dash["panels"]:
+        for t in p.get("targets", []):
+            out.append((p["title"], t["expr"]))
+    for v in dash["templating"]["list"]:
+        q = v.get("query")
+        if isinstance(q, dict):
+            out.append((f"variable {v['name']}", q["query"]))
+    return out
+
+
+def concrete(expr: str) -> str:
+    return (
+        expr.replace("$__rate_interval", "15s")
+        .replace("$__interval", "5s")
+        .replace("$__range", "5m")
+        .replace("${run}", RUN)
+        .replace("$run", RUN)
+    )
+
+
+LABEL_VALUES = re.compile(r"^label_values\((\w+),\s*(\w+)\)$")
+
+
+@pytest.fixture()
+def stack(tmp_path: Path) -> Iterator[tuple[Prometheus, str, PrometheusTelemetry, Traffic]]:
+    exe = _prometheus()
+    tel = PrometheusTelemetry(None)
+    app = create_app(None, tel, lambda: True)
+    admin = ThreadedAdminServer(app).start()
+    prom = Prometheus(exe, tmp_path, f"127.0.0.1:{admin.port}")
+    traffic = Traffic(tel)
+    try:
+        with traffic:
+            yield prom, admin.url, tel, traffic
+    finally:
+        prom.stop()
+        admin.stop()
+
+
+def test_dashboard_queries_return_data_from_a_real_prometheus(stack) -> None:
+    prom, admin_url, _tel, traffic = stack
+    start = time.monotonic()
+    prom.wait_ready(20)
+    queries = dashboard_queries()
+    assert len(queries) >= 20
+    pending = dict.fromkeys(queries, "not tried")
+    while pending and time.monotonic() - start < DEADLINE_S:
+        assert traffic.error is None, traffic.error
+        for title, expr in list(pending):
+            m = LABEL_VALUES.match(expr)
+            if m:
+                r = httpx.get(
+                    f"{prom.url}/api/v1/label/{m.group(2)}/values", params={"match[]": m.group(1)}, timeout=5
+                ).json()
+                if r.get("status") == "success" and RUN in r["data"]:
+                    del pending[(title, expr)]
+                else:
+                    pending[(title, expr)] = f"label values: {r}"
+                continue
+            body = prom.query(concrete(expr))
+            if body.get("status") != "success":
+                pending[(title, expr)] = f"error: {body.get('error')}"
+                continue
+            result = body["data"]["result"]
+            if result and all(_finite(s) for s in result):
+                del pending[(title, expr)]
+            else:
+                pending[(title, expr)] = f"no data yet: {result[:2]}"
+        if pending:
+            time.sleep(1.0)
+    assert not pending, "dashboard queries without data:\n" + "\n".join(
+        f"  [{t}] {e}\n      -> {why}" for (t, e), why in pending.items()
+    )
+    assert traffic.batches > 0
+
+    # every metric the dashboard names is exported by softgate
+    exposition = httpx.get(admin_url + "/metrics", timeout=5).text
+    exported = {
+        line.split("{")[0].split(" ")[0] for line in exposition.splitlines() if line.startswith("softgate_")
+    }
+    named = {n for _, e in queries for n in re.findall(r"\bsoftgate_[a-z0-9_]+", e)}
+    assert named, "no softgate metric in the dashboard?"
+    missing = named - exported
+    assert not missing, f"dashboard names metrics softgate does not export: {sorted(missing)}"
+
+    # the recording and alerting rules evaluate without errors on real data
+    rules = httpx.get(prom.url + "/api/v1/rules", timeout=5).json()
+    groups = rules["data"]["groups"]
+    assert {g["name"] for g in groups} == {"softgate-recording", "softgate-training", "softgate-service"}
+    bad = [(r["name"], r.get("lastError")) for g in groups for r in g["rules"] if r.get("health") == "err"]
+    assert not bad, bad
+    # the target is up
+    up = prom.query('up{job="softgate"}')["data"]["result"]
+    assert up and up[0]["value"][1] == "1"
+
+
+def _finite(sample: dict[str, Any]) -> bool:
+    try:
+        v = float(sample["value"][1])
+    except (KeyError, ValueError, TypeError):
+        return False
+    return v == v and abs(v) != float("inf")
