@@ -1,0 +1,3 @@
+from softgate.demo.cli import main
+
+raise SystemExit(main())
