@@ -218,11 +218,13 @@ def random_batch(
     big_deltas: bool = False,
     dtype: torch.dtype = torch.float64,
     with_mask: bool = True,
+    num_seqs: int | None = None,
 ) -> Batch:
     """A ragged batch: empty sequences, masked garbage (finite, even positive log-probs),
     non-contiguous groups, optional log-ratios beyond the clamp bound."""
     g = torch.Generator().manual_seed(seed)
     b = int(torch.randint(1, max_seqs + 1, (1,), generator=g))
+    b = num_seqs if num_seqs is not None else b
     lengths = torch.randint(0, max_len + 1, (b,), generator=g)
     n = int(lengths.sum())
     logp = -torch.rand(n, generator=g, dtype=torch.float64) * 4 - 0.01

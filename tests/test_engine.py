@@ -1,0 +1,520 @@
+"""Engine behaviour beyond the autograd match: shards, SAPO identities, edge cases, dtypes,
+validation, metrics."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+
+import pytest
+import torch
+from softgate.engine import (
+    METRIC_NAMES,
+    AdvantageConfig,
+    AggregationConfig,
+    Batch,
+    Cispo,
+    Engine,
+    Gppo,
+    Grpo,
+    Gspo,
+    GspoToken,
+    InputError,
+    KLConfig,
+    LossConfig,
+    MismatchConfig,
+    Reinforce,
+    Sapo,
+)
+from softgate.engine.validation import REASON_CODES
+
+try:
+    from tests.reference_loss import AGG_MODES, OBJECTIVE_NAMES, make_config, random_batch
+except ImportError:  # tests/ is not a package
+    from reference_loss import AGG_MODES, OBJECTIVE_NAMES, make_config, random_batch  # type: ignore[no-redef]
+
+E = Engine(device="cpu")
+F64 = torch.float64
+ALL_OBJECTIVES = [Sapo(), Grpo(), Grpo(dual_clip=3.0), Gspo(), GspoToken(), Cispo(), Gppo(), Reinforce()]
+
+
+def simple_batch(lengths, *, seed=0, dtype=F64, **kw) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor(lengths)
+    n = int(lengths.sum())
+    logp = -torch.rand(n, generator=g, dtype=F64) * 3 - 0.05
+    base = {
+        "logp": logp.to(dtype),
+        "offsets": Batch.offsets_from_lengths(lengths),
+        "old_logp": (logp + 0.2 * torch.randn(n, generator=g, dtype=F64)).clamp(max=0).to(dtype),
+    }
+    base.update(kw)
+    return Batch(**base)
+
+
+# ---------------------------------------------------------------- shards
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+@pytest.mark.parametrize("objective", OBJECTIVE_NAMES)
+def test_shards_sum_to_whole_batch(mode, objective):
+    whole = random_batch(11, max_len=7, advantages="sequence", num_seqs=9)
+    cfg = make_config(objective, mode, "k3", ("sequence", "truncate"), variant=1)
+    m = whole.mask
+    off = whole.offsets
+    lens = off[1:] - off[:-1]
+    ylen = torch.stack([m[off[i] : off[i + 1]].sum() for i in range(len(lens))])
+    agg = AggregationConfig(
+        mode=mode,
+        num_tokens=float(m.sum()),
+        num_seqs=float((ylen > 0).sum()),
+        constant=cfg.aggregation.constant,
+    )
+    cfg_g = LossConfig(objective=cfg.objective, aggregation=agg, kl=cfg.kl, mismatch=cfg.mismatch)
+    res_whole = E.loss(whole, cfg_g)
+    res_default = E.loss(
+        whole,
+        LossConfig(objective=cfg.objective, aggregation=cfg.aggregation, kl=cfg.kl, mismatch=cfg.mismatch),
+    )
+    assert math.isclose(res_whole.loss, res_default.loss, rel_tol=1e-12, abs_tol=1e-15)
+    total, grads = 0.0, []
+    cuts = [0, 2, 3, 7, len(lens)]
+    for a, b in itertools.pairwise(cuts):
+        t0, t1 = int(off[a]), int(off[b])
+        part = Batch(
+            logp=whole.logp[t0:t1],
+            offsets=off[a : b + 1] - t0,
+            old_logp=whole.old_logp[t0:t1],
+            mask=m[t0:t1],
+            ref_logp=whole.ref_logp[t0:t1],
+            rollout_logp=whole.rollout_logp[t0:t1],
+            advantages=whole.advantages[a:b],
+            advantage_level="sequence",
+        )
+        r = E.loss(part, cfg_g)
+        total += r.loss
+        grads.append(r.grad)
+    assert math.isclose(total, res_whole.loss, rel_tol=1e-12, abs_tol=1e-15)
+    torch.testing.assert_close(torch.cat(grads), res_whole.grad, rtol=1e-12, atol=1e-15)
+
+
+# ---------------------------------------------------------------- SAPO identities
+
+
+@pytest.mark.parametrize("tau", [(1.0, 1.05), (0.3, 7.0), (5.0, 0.2)])
+@pytest.mark.parametrize("mode", AGG_MODES)
+def test_sapo_on_policy_gradient_is_minus_advantage(tau, mode):
+    b = simple_batch([3, 0, 4, 2], advantages=torch.tensor([1.5, 0.3, -2.0, 0.0], dtype=F64))
+    b.old_logp = b.logp.clone()
+    agg = AggregationConfig(mode=mode, constant=5.0 if mode == "token_sum_norm" else None)
+    res = E.loss(b, LossConfig(objective=Sapo(*tau), aggregation=agg))
+    alpha = {
+        "token_mean": torch.full((9,), 1 / 9, dtype=F64),
+        "seq_mean_token_mean": torch.tensor([1 / 3] * 3 + [1 / 4] * 4 + [1 / 2] * 2, dtype=F64) / 3,
+        "seq_mean_token_sum": torch.full((9,), 1 / 3, dtype=F64),
+        "token_sum_norm": torch.full((9,), 1 / 5, dtype=F64),
+    }[mode]
+    torch.testing.assert_close(res.grad, -res.advantages * alpha, rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(res.gate_weight, torch.ones(9, dtype=F64))
+    assert res.metrics["grad_retained"] == pytest.approx(1.0)
+
+
+def test_sapo_gate_and_tau_sign():
+    b = simple_batch([5, 4], seed=3, advantages=torch.tensor([0.7, -1.3], dtype=F64))
+    tp, tn = 0.6, 2.5
+    res = E.loss(
+        b,
+        LossConfig(
+            objective=Sapo(tau_pos=tp, tau_neg=tn),
+            aggregation=AggregationConfig("token_sum_norm", constant=1.0),
+        ),
+    )
+    r = torch.exp(b.logp - b.old_logp)
+    a = res.advantages
+    tau = torch.where(a > 0, torch.tensor(tp, dtype=F64), torch.tensor(tn, dtype=F64))
+    p = torch.sigmoid(tau * (r - 1))
+    torch.testing.assert_close(res.gate_weight, 4 * p * (1 - p), rtol=1e-13, atol=0)
+    torch.testing.assert_close(res.grad, -4 * p * (1 - p) * r * a, rtol=1e-13, atol=0)
+    assert res.loss == pytest.approx(float((-(4 / tau) * p * a).sum()), rel=1e-13)
+    # tau_neg is used for A <= 0: A = 0 tokens give loss 0 and gradient 0 whatever tau
+    b0 = simple_batch([3], advantages=torch.tensor([0.0], dtype=F64))
+    r0 = E.loss(b0, LossConfig(objective=Sapo(tau_pos=tp, tau_neg=tn)))
+    assert r0.loss == 0.0 and torch.all(r0.grad == 0)
+
+
+def test_sapo_saturation_metrics():
+    n = 6
+    logp = torch.full((n,), -5.0, dtype=F64)
+    old = logp - torch.tensor([0.0, 0.0, 3.0, 0.0, 3.0, 0.0], dtype=F64)  # r = 1 or e^3
+    b = Batch(
+        logp=logp,
+        offsets=torch.tensor([0, 3, 6]),
+        old_logp=old,
+        advantages=torch.tensor([1.0, -1.0], dtype=F64),
+    )
+    m = E.loss(b, LossConfig(objective=Sapo())).metrics
+    assert m["gate_saturation_pos"] == pytest.approx(1 / 3)
+    assert m["gate_saturation_neg"] == pytest.approx(1 / 3)
+    assert m["tokens_pos"] == 3 and m["tokens_neg"] == 3
+    assert 0 < m["gate_mean_pos"] < 1 and 0 < m["grad_retained"] < 1
+
+
+# ---------------------------------------------------------------- clip metrics
+
+
+def test_grpo_sign_aware_clip_fractions():
+    d = torch.tensor([0.5, 0.0, -0.5, -0.5, 0.0, 2.0], dtype=F64)  # r = e^d
+    logp = torch.full((6,), -2.0, dtype=F64)
+    b = Batch(
+        logp=logp,
+        offsets=torch.tensor([0, 3, 6]),
+        old_logp=logp - d,
+        advantages=torch.tensor([1.0, -1.0], dtype=F64),
+    )
+    res = E.loss(b, LossConfig(objective=Grpo(dual_clip=3.0)))
+    m = res.metrics
+    assert m["clip_high"] == pytest.approx(1 / 3)  # A>0: r = e^0.5 > 1.2
+    assert m["clip_low"] == pytest.approx(1 / 3)  # A<0: r = e^-0.5 < 0.8
+    assert m["dual_clip"] == pytest.approx(1 / 3)  # A<0: r = e^2 > 3
+    assert res.clip_mask.tolist() == [True, False, False, True, False, True]
+    assert res.grad[[0, 3, 5]].abs().sum() == 0
+    g = E.loss(b, LossConfig(objective=Gppo())).grad
+    assert g[0] == pytest.approx(-1.2 / 2 / 3)  # bound's gradient, seq_mean_token_mean weight 1/(3*2)
+    assert g[3] == pytest.approx(0.8 / 2 / 3)
+
+
+# ---------------------------------------------------------------- edge cases
+
+
+@pytest.mark.parametrize("obj", ALL_OBJECTIVES, ids=lambda o: o.name)
+@pytest.mark.parametrize("mode", AGG_MODES)
+def test_fully_masked_and_empty(obj, mode):
+    agg = AggregationConfig(mode=mode, constant=3.0 if mode == "token_sum_norm" else None)
+    kw = {"kl": KLConfig(beta=0.1), "mismatch": MismatchConfig()}
+    b = simple_batch([2, 0, 3], rewards=torch.tensor([1.0, 0.0, 2.0]), group_ids=torch.tensor([0, 0, 0]))
+    b.mask = torch.zeros(5, dtype=torch.bool)
+    b.ref_logp = b.logp + 0.1
+    b.rollout_logp = b.logp
+    res = E.loss(b, LossConfig(objective=obj, aggregation=agg, **kw))
+    assert res.loss == 0.0 and torch.all(res.grad == 0)
+    assert all(math.isfinite(v) for v in res.metrics.values())
+    assert set(res.metrics) == set(METRIC_NAMES)
+    # no token at all, no sequence at all
+    for lengths in ([0, 0], []):
+        e = Batch(
+            logp=torch.zeros(0),
+            offsets=Batch.offsets_from_lengths(torch.tensor(lengths, dtype=torch.int64)),
+            advantages=torch.zeros(len(lengths)),
+            ref_logp=torch.zeros(0),
+            rollout_logp=torch.zeros(0),
+        )
+        r = E.loss(e, LossConfig(objective=obj, aggregation=agg, **kw))
+        assert r.loss == 0.0 and r.grad.numel() == 0
+        assert all(math.isfinite(v) for v in r.metrics.values())
+        assert r.metrics["ratio_mean"] == 1.0 and r.metrics["grad_retained"] == 1.0
+
+
+def test_singleton_and_equal_groups_are_degenerate():
+    b = simple_batch(
+        [2, 3, 1, 2, 2],
+        rewards=torch.tensor([1.0, 1.0, 0.3, 0.0, 1.0]),
+        group_ids=torch.tensor([5, 5, 9, 2, 2]),
+    )
+    res = E.loss(b, LossConfig())
+    assert torch.all(res.advantages[:6] == 0)  # equal group (5) and singleton (9)
+    assert torch.all(res.advantages[6:8] < 0) and torch.all(res.advantages[8:] > 0)
+    assert res.metrics["degenerate_group_frac"] == pytest.approx(2 / 3)
+    assert res.metrics["num_groups"] == 3
+    assert torch.all(res.grad[:6] == 0)
+    # min_group_std turns a near-equal continuous group degenerate
+    b2 = simple_batch([2, 2], rewards=torch.tensor([0.5, 0.5 + 1e-7]), group_ids=torch.tensor([1, 1]))
+    assert E.loss(b2, LossConfig()).metrics["degenerate_group_frac"] == 0.0
+    res2 = E.loss(b2, LossConfig(advantages=AdvantageConfig(min_group_std=1e-3)))
+    assert res2.metrics["degenerate_group_frac"] == 1.0 and torch.all(res2.advantages == 0)
+
+
+@pytest.mark.parametrize("est", ["grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"])
+def test_estimators(est):
+    r = torch.tensor([1.0, 0.0, 0.0, 2.0, 4.0], dtype=F64)
+    g = torch.tensor([0, 0, 0, 1, 1])
+    res = E.advantages(r, g, AdvantageConfig(estimator=est))
+    a = res.advantages
+    if est == "grpo":
+        s0 = r[:3].std()
+        torch.testing.assert_close(a[:3], (r[:3] - 1 / 3) / (s0 + 1e-6))
+    elif est == "dr_grpo":
+        torch.testing.assert_close(a, torch.tensor([2 / 3, -1 / 3, -1 / 3, -1.0, 1.0], dtype=F64))
+    elif est == "rloo":
+        torch.testing.assert_close(a, torch.tensor([1.0, -0.5, -0.5, -2.0, 2.0], dtype=F64))
+    else:
+        assert abs(float(a.mean())) < 1e-12 and float(a.std()) == pytest.approx(1.0, rel=1e-5)
+    batch_scaled = E.advantages(r, g, AdvantageConfig(estimator="dr_grpo", scale="batch")).advantages
+    torch.testing.assert_close(
+        batch_scaled, (r - torch.tensor([1 / 3] * 3 + [3.0] * 2, dtype=F64)) / (r.std() + 1e-6)
+    )
+
+
+def test_extreme_log_ratios_are_clamped_and_counted():
+    logp = torch.tensor([-1.0, -1.0, -80.0, -1.0], dtype=F64)
+    old = torch.tensor([-60.0, -1.0, -1.0, -1.1], dtype=F64)
+    b = Batch(
+        logp=logp, offsets=torch.tensor([0, 4]), old_logp=old, advantages=torch.tensor([-1.0], dtype=F64)
+    )
+    b.ref_logp = torch.tensor([-1.0, -1.0, -1.0, -1.0], dtype=F64)
+    for obj in ALL_OBJECTIVES:
+        res = E.loss(b, LossConfig(objective=obj, kl=KLConfig(beta=0.1)))
+        assert all(math.isfinite(v) for v in res.metrics.values())
+        assert torch.isfinite(res.grad).all()
+        if obj.name in ("gspo", "gspo_token"):
+            assert res.metrics["clamped_tokens"] == 0  # mean log-ratio (59 - 79 + 0.1)/4 is inside
+        else:
+            assert res.metrics["clamped_tokens"] == 2
+            assert res.ratio[0] == pytest.approx(math.exp(20)) and res.ratio[2] == pytest.approx(
+                math.exp(-20)
+            )
+        assert res.metrics["kl_clamped_tokens"] == 1  # ref - logp = 79
+    res32 = E.loss(
+        Batch(
+            logp=logp.float(),
+            offsets=b.offsets,
+            old_logp=old.float(),
+            advantages=torch.tensor([1.0]),
+            ref_logp=b.ref_logp.float(),
+        ),
+        LossConfig(objective=Reinforce(), kl=KLConfig(estimator="k3", beta=1.0)),
+    )
+    assert math.isfinite(res32.loss) and torch.isfinite(res32.grad).all()
+
+
+def test_masked_garbage_has_no_effect():
+    b = random_batch(5, max_seqs=6, max_len=8)
+    cfg = make_config("sapo", "token_mean", "k2", ("token", "mask"))
+    r1 = E.loss(b, cfg)
+    m = b.mask
+    for name in ("logp", "old_logp", "ref_logp", "rollout_logp"):
+        x = getattr(b, name).clone()
+        x[~m] = torch.where(torch.arange(int((~m).sum())) % 2 == 0, 3.0e38, -3.0e38).to(x.dtype)
+        setattr(b, name, x)
+    r2 = E.loss(b, cfg)
+    assert r1.loss == r2.loss and torch.equal(r1.grad, r2.grad) and r1.metrics == r2.metrics
+
+
+# ---------------------------------------------------------------- dtypes
+
+
+def test_dtype_rule_promotes_mixed_to_float64():
+    b = simple_batch([3, 2], dtype=torch.float32, advantages=torch.tensor([1.0, -1.0]))
+    assert E.loss(b, LossConfig()).grad.dtype == torch.float32
+    b.old_logp = b.old_logp.double()
+    res = E.loss(b, LossConfig())
+    assert res.grad.dtype == torch.float64 and res.advantages.dtype == torch.float64
+    b.old_logp = b.old_logp.float()
+    b.advantages = b.advantages.double()
+    assert E.loss(b, LossConfig()).grad.dtype == torch.float64
+    # rewards' dtype does not choose the compute dtype (they are reduced in float64 anyway)
+    b2 = simple_batch(
+        [3, 2], dtype=torch.float32, rewards=torch.tensor([1, 0]), group_ids=torch.tensor([0, 0])
+    )
+    assert E.loss(b2, LossConfig()).grad.dtype == torch.float32
+
+
+def test_device_default_and_warmup():
+    e = Engine()
+    assert e.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    e.warmup()
+
+
+def test_float32_and_float64_agree():
+    b64 = random_batch(21, max_seqs=8, max_len=10)
+    b32 = random_batch(21, max_seqs=8, max_len=10, dtype=torch.float32)
+    for name in OBJECTIVE_NAMES:
+        cfg = make_config(name, "seq_mean_token_mean", "k3", ("token", "truncate"), variant=1)
+        r64 = E.loss(b64, cfg)
+        r32 = E.loss(b32, cfg)
+        assert r32.loss == pytest.approx(r64.loss, rel=1e-3, abs=1e-5)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def reasons(batch, cfg=None):
+    with pytest.raises(InputError) as ei:
+        E.loss(batch, cfg or LossConfig())
+    for v in ei.value.violations:
+        assert re.match(r"^[a-z_]+: ", v.reason), v.reason
+        assert v.reason.split(":")[0] in REASON_CODES
+    return {(v.field, v.reason.split(":")[0], v.index) for v in ei.value.violations}
+
+
+def test_validation_batch():
+    adv = torch.tensor([1.0, -1.0])
+    ok = simple_batch([3, 2], advantages=adv)
+    E.loss(ok, LossConfig())
+    nan = ok.logp.clone()
+    nan[3] = float("nan")
+    assert reasons(Batch(logp=nan, offsets=ok.offsets, advantages=adv)) == {("logp", "non_finite", 3)}
+    inf = ok.old_logp.clone()
+    inf[1] = float("-inf")
+    assert ("old_logp", "non_finite", 1) in reasons(
+        Batch(logp=ok.logp, offsets=ok.offsets, old_logp=inf, advantages=adv)
+    )
+    pos = ok.logp.clone()
+    pos[2] = 0.01
+    assert reasons(Batch(logp=pos, offsets=ok.offsets, advantages=adv)) == {("logp", "positive_logp", 2)}
+    pos[2] = 5e-5  # inside the tolerance
+    E.loss(Batch(logp=pos, offsets=ok.offsets, advantages=adv), LossConfig())
+    # positive garbage on a masked token is fine
+    pos[2] = 3.0
+    E.loss(
+        Batch(logp=pos, offsets=ok.offsets, advantages=adv, mask=torch.tensor([1, 1, 0, 1, 1])), LossConfig()
+    )
+    r = reasons(Batch(logp=ok.logp.bfloat16(), offsets=ok.offsets, advantages=adv))
+    assert r == {("logp", "half_precision", None)}
+    with pytest.raises(InputError, match="bf16 log-probs carry about 3% ratio noise"):
+        E.loss(Batch(logp=ok.logp.half(), offsets=ok.offsets, advantages=adv), LossConfig())
+    assert reasons(Batch(logp=ok.logp, offsets=torch.tensor([0, 3, 4]), advantages=adv)) == {
+        ("offsets", "bad_offsets", 2)
+    }
+    assert reasons(Batch(logp=ok.logp, offsets=torch.tensor([0, 4, 3, 5]), advantages=torch.zeros(3))) == {
+        ("offsets", "bad_offsets", 2)
+    }
+    assert ("offsets", "bad_offsets", 0) in reasons(
+        Batch(logp=ok.logp, offsets=torch.tensor([1, 3, 5]), advantages=adv)
+    )
+    assert ("offsets", "bad_dtype", None) in reasons(
+        Batch(logp=ok.logp, offsets=torch.tensor([0.0, 3, 5]), advantages=adv)
+    )
+    assert ("old_logp", "length_mismatch", None) in reasons(
+        Batch(logp=ok.logp, offsets=ok.offsets, old_logp=ok.logp[:4], advantages=adv)
+    )
+    assert ("mask", "length_mismatch", None) in reasons(
+        Batch(logp=ok.logp, offsets=ok.offsets, mask=torch.ones(4, dtype=torch.bool), advantages=adv)
+    )
+    assert ("mask", "bad_mask", 1) in reasons(
+        Batch(logp=ok.logp, offsets=ok.offsets, mask=torch.tensor([1, 2, 1, 1, 0]), advantages=adv)
+    )
+    assert ("advantages", "length_mismatch", None) in reasons(
+        Batch(logp=ok.logp, offsets=ok.offsets, advantages=torch.zeros(4))
+    )
+    assert ("rewards", "missing", None) in reasons(Batch(logp=ok.logp, offsets=ok.offsets))
+    assert ("group_ids", "missing", None) in reasons(Batch(logp=ok.logp, offsets=ok.offsets, rewards=adv))
+    assert ("group_ids", "length_mismatch", None) in reasons(
+        Batch(logp=ok.logp, offsets=ok.offsets, rewards=adv, group_ids=torch.tensor([0, 0, 1]))
+    )
+    assert ("rewards", "length_mismatch", None) in reasons(
+        Batch(logp=ok.logp, offsets=ok.offsets, rewards=torch.zeros(3), group_ids=torch.tensor([0, 0]))
+    )
+    assert ("group_ids", "bad_dtype", None) in reasons(
+        Batch(logp=ok.logp, offsets=ok.offsets, rewards=adv, group_ids=torch.tensor([0.0, 1.0]))
+    )
+    assert ("ref_logp", "missing", None) in reasons(ok, LossConfig(kl=KLConfig(beta=0.1)))
+    assert ("rollout_logp", "missing", None) in reasons(ok, LossConfig(mismatch=MismatchConfig()))
+    assert ("logp", "bad_shape", None) in reasons(
+        Batch(logp=ok.logp.reshape(5, 1), offsets=ok.offsets, advantages=adv)
+    )
+    assert ("logp", "bad_dtype", None) in reasons(
+        Batch(logp=torch.zeros(5, dtype=torch.int64), offsets=ok.offsets, advantages=adv)
+    )
+    # B == N with sequences of unequal length: the advantages' level is ambiguous unless given
+    amb = Batch(logp=ok.logp[:2], offsets=torch.tensor([0, 0, 2]), advantages=adv)
+    assert ("advantage_level", "ambiguous", None) in reasons(amb)
+    amb.advantage_level = "sequence"
+    E.loss(amb, LossConfig())
+    tok = Batch(logp=ok.logp, offsets=ok.offsets, advantages=torch.ones(5))
+    assert ("advantages", "unsupported", None) in reasons(tok, LossConfig(objective=Gspo()))
+    E.loss(tok, LossConfig(objective=GspoToken()))
+    # several violations at once, all reported
+    many = reasons(
+        Batch(logp=nan, offsets=ok.offsets, advantages=adv), LossConfig(objective=Sapo(tau_pos=0.0))
+    )
+    assert {("logp", "non_finite", 3), ("objective.sapo.tau_pos", "out_of_range", None)} <= many
+
+
+@pytest.mark.parametrize(
+    "cfg,field",
+    [
+        (LossConfig(objective=Sapo(tau_pos=-1.0)), "objective.sapo.tau_pos"),
+        (LossConfig(objective=Sapo(tau_neg=0.0)), "objective.sapo.tau_neg"),
+        (LossConfig(objective=Grpo(eps_low=-0.1)), "objective.grpo.eps_low"),
+        (LossConfig(objective=Gspo(eps_high=float("nan"))), "objective.gspo.eps_high"),
+        (LossConfig(objective=Grpo(dual_clip=1.0)), "objective.grpo.dual_clip"),
+        (LossConfig(kl=KLConfig(beta=-0.1)), "kl.beta"),
+        (LossConfig(kl=KLConfig(estimator="k4")), "kl.estimator"),  # type: ignore[arg-type]
+        (LossConfig(mismatch=MismatchConfig(cap=0.0)), "mismatch.cap"),
+        (LossConfig(mismatch=MismatchConfig(mode="mask", lo=2.0, hi=2.0)), "mismatch.lo"),
+        (LossConfig(mismatch=MismatchConfig(level="batch")), "mismatch.level"),  # type: ignore[arg-type]
+        (LossConfig(aggregation=AggregationConfig(num_tokens=0.0)), "aggregation.num_tokens"),
+        (LossConfig(aggregation=AggregationConfig(num_seqs=-3.0)), "aggregation.num_seqs"),
+        (LossConfig(aggregation=AggregationConfig(mode="token_sum_norm")), "aggregation.constant"),
+        (LossConfig(aggregation=AggregationConfig(mode="sum")), "aggregation.mode"),  # type: ignore[arg-type]
+        (LossConfig(advantages=AdvantageConfig(estimator="ppo")), "advantages.estimator"),  # type: ignore[arg-type]
+        (LossConfig(advantages=AdvantageConfig(scale="seq")), "advantages.scale"),  # type: ignore[arg-type]
+        (LossConfig(advantages=AdvantageConfig(min_group_std=-1.0)), "advantages.min_group_std"),
+        (LossConfig(log_ratio_clamp=0.0), "log_ratio_clamp"),
+        (LossConfig(saturation_threshold=1.5), "saturation_threshold"),
+        (LossConfig(objective="sapo"), "objective"),  # type: ignore[arg-type]
+    ],
+)
+def test_validation_config(cfg, field):
+    b = simple_batch(
+        [3, 2],
+        advantages=torch.tensor([1.0, -1.0]),
+        ref_logp=torch.full((5,), -1.0),
+        rollout_logp=torch.full((5,), -1.0),
+    )
+    with pytest.raises(InputError) as ei:
+        E.loss(b, cfg)
+    assert field in {v.field for v in ei.value.violations}
+    assert all(c in REASON_CODES for c in ei.value.reasons)
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_metric_names_are_stable_snake_case():
+    for k, desc in METRIC_NAMES.items():
+        assert re.fullmatch(r"[a-z][a-z0-9_]*", k) and desc
+    for k in (
+        "clip_low",
+        "clip_high",
+        "dual_clip",
+        "grad_retained",
+        "tokens_pos",
+        "tokens_neg",
+        "num_tokens",
+        "num_seqs",
+        "gate_mean_pos",
+        "gate_mean_neg",
+        "gate_saturation_pos",
+        "gate_saturation_neg",
+        "degenerate_group_frac",
+        "clamped_tokens",
+        "ratio_mean",
+        "ratio_min",
+        "ratio_max",
+        "approx_kl",
+        "adv_mean",
+        "adv_std",
+        "reward_mean",
+        "reward_std",
+    ):
+        assert k in METRIC_NAMES
+    res = E.loss(random_batch(3), make_config("grpo", "token_mean", "k1", ("token", "truncate")))
+    assert list(res.metrics) == list(METRIC_NAMES)
+
+
+def test_grad_retained_definition():
+    b = random_batch(8, max_seqs=8, max_len=8, big_deltas=True)
+    for name in OBJECTIVE_NAMES:
+        res = E.loss(b, make_config(name, "token_mean", None, None))
+        free = E.loss(b, make_config("reinforce", "token_mean", None, None))
+        if name in ("sapo", "grpo", "gppo", "reinforce"):
+            # their gradient with nothing clipped and w = 1 is the reinforce gradient on the same ratio
+            den = free.grad.abs().sum()
+            want = float(res.grad.abs().sum() / den) if den > 0 else 1.0
+            assert res.metrics["grad_retained"] == pytest.approx(want, rel=1e-12)
+        assert math.isfinite(res.metrics["grad_retained"])
+    assert E.loss(b, make_config("reinforce", "token_mean", None, None)).metrics[
+        "grad_retained"
+    ] == pytest.approx(1.0)
