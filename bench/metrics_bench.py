@@ -13,6 +13,7 @@ bucketing of every token. The target is observe_loss < 5% of the loss time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -23,8 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
 
-from softgate.engine import Batch, Engine, LossConfig, Sapo  # noqa: E402
-from softgate.observability import PrometheusTelemetry  # noqa: E402
+from softgate.engine import Batch, Engine, LossConfig, Sapo
+from softgate.observability import PrometheusTelemetry
 
 
 class _Settings:
@@ -69,10 +70,8 @@ def main() -> int:
     device = engine.device
     batch = make_batch(args.tokens, args.seq_len, device)
     config = LossConfig(objective=Sapo())
-    try:
+    with contextlib.suppress(NotImplementedError):
         engine.warmup()
-    except NotImplementedError:
-        pass
 
     loss_times: list[float] = []
     result = None
