@@ -329,3 +329,12 @@ def test_registries_are_private() -> None:
 
 def test_signs_constant() -> None:
     assert SIGNS == ("pos", "neg", "zero")
+
+
+def test_a_broken_result_never_breaks_the_rpc(caplog: pytest.LogCaptureFixture) -> None:
+    tel = PrometheusTelemetry(S())
+    tel.observe_loss("r", LossConfig(), object())  # no tensors at all
+    tel.observe_advantages("r", None, None)
+    errors = {lab["hook"]: v for n, lab, v in _samples(tel) if n == "softgate_telemetry_errors_total"}
+    assert errors == {"observe_loss": 1}
+    assert "observe_loss failed" in caplog.text

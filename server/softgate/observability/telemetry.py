@@ -8,6 +8,7 @@ prometheus_client's own types; everything labelled by run lives in a `RunRegistr
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import threading
@@ -30,6 +31,7 @@ LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
 MAX_REASONS = 64
+log = logging.getLogger("softgate.observability")
 _REASON_BAD = re.compile(r"[^a-z0-9_]+")
 
 
@@ -117,6 +119,12 @@ class PrometheusTelemetry(Telemetry):
             registry=r,
         )
         self.device_info = Info("softgate_device", "The device the engine computes on.", registry=r)
+        self.telemetry_errors = Counter(
+            "softgate_telemetry_errors",
+            "Engine results the telemetry failed to record (the RPC itself is unaffected).",
+            ["hook"],
+            registry=r,
+        )
         self.set_device(getattr(settings, "device", None))
         self.collector = SoftgateCollector(self)
         r.register(self.collector)
@@ -187,6 +195,24 @@ class PrometheusTelemetry(Telemetry):
 
     # ------------------------------------------------------------ engine results
     def observe_loss(self, run: str, config: Any, result: Any) -> None:
+        """Record one LossResult; never raises (a failure is logged and counted)."""
+        try:
+            self._observe_loss(run, config, result)
+        except Exception:
+            self._failed("observe_loss")
+
+    def observe_advantages(self, run: str, config: Any, result: Any) -> None:
+        """Record one AdvantageResult; never raises."""
+        try:
+            self._observe_advantages(run, config, result)
+        except Exception:
+            self._failed("observe_advantages")
+
+    def _failed(self, hook: str) -> None:
+        self.telemetry_errors.labels(hook).inc()
+        log.exception("telemetry hook %s failed", hook)
+
+    def _observe_loss(self, run: str, config: Any, result: Any) -> None:
         objective = str(getattr(getattr(config, "objective", None), "name", "unknown"))
         b = self.bucketer(result.ratio, result.gate_weight, result.advantages, result.mask)
         m = _normalize(getattr(result, "metrics", None))
@@ -275,7 +301,7 @@ class PrometheusTelemetry(Telemetry):
                 )
             )
 
-    def observe_advantages(self, run: str, config: Any, result: Any) -> None:
+    def _observe_advantages(self, run: str, config: Any, result: Any) -> None:
         m = _normalize(getattr(result, "metrics", None))
         values = {
             k: _f(m, k)
