@@ -211,7 +211,7 @@ class SoftgateCollector(Collector):
             for run, (_, hists, _) in runs.items():
                 for (n, lv), (counts, total) in hists.items():
                     if n == name:
-                        sfam.add_metric([run, *lv], count_value=float(counts.sum()), sum_value=total)
+                        sfam.add_metric([run, *lv], count_value=int(counts.sum()), sum_value=total)
             yield sfam
         for name, (doc, labels) in GAUGES.items():
             fam = GaugeMetricFamily(GAUGE_EXPORT_NAME.get(name, name), doc, labels=list(labels))
