@@ -1,0 +1,55 @@
+"""softgate_client: the light Python client of the softgate loss service.
+
+Depends on grpcio, grpcio-status, protobuf and numpy; torch is optional (the adapter
+`softgate_client.torch.softgate_loss` imports it). Never imports the server package.
+"""
+
+from softgate_client._channel import RetryPolicy
+from softgate_client.client import (
+    RUN_METADATA_KEY,
+    AdvantagesResult,
+    LossResult,
+    SoftgateClient,
+    pack_batch,
+)
+from softgate_client.config import (
+    AdvantageConfig,
+    AggregationConfig,
+    KLConfig,
+    LossConfig,
+    MismatchConfig,
+    Objective,
+    build_loss_config,
+)
+from softgate_client.errors import (
+    DeadlineExceededError,
+    FieldViolation,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+    SoftgateError,
+    UnavailableError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "RUN_METADATA_KEY",
+    "AdvantageConfig",
+    "AdvantagesResult",
+    "AggregationConfig",
+    "DeadlineExceededError",
+    "FieldViolation",
+    "InvalidArgumentError",
+    "KLConfig",
+    "LossConfig",
+    "LossResult",
+    "MismatchConfig",
+    "Objective",
+    "ResourceExhaustedError",
+    "RetryPolicy",
+    "SoftgateClient",
+    "SoftgateError",
+    "UnavailableError",
+    "build_loss_config",
+    "pack_batch",
+]

@@ -1,0 +1,215 @@
+"""Array plumbing with no per-element Python: numpy / torch in, little-endian bytes out,
+padded [B, T] + mask <-> ragged flat + offsets.
+
+torch is never imported here: a torch tensor is recognised by its type's module and turned
+into a numpy array through `.detach().cpu().numpy()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+HALF_REASON = (
+    "half_precision: {name} is {dtype}; log-probs travel as float32 or float64 "
+    "(bf16 carries about 3% ratio noise per token at logp = -10, more than GSPO's clip band)"
+)
+
+
+class ArrayInputError(ValueError):
+    """A client-side input problem, found before anything is sent: (field, reason) pairs."""
+
+    def __init__(self, field: str, reason: str, index: int | None = None):
+        self.field = field
+        self.reason = reason
+        self.index = index
+        where = field if index is None else f"{field}[{index}]"
+        super().__init__(f"{where}: {reason}")
+
+
+def is_torch(x: Any) -> bool:
+    """True for a torch.Tensor, without importing torch."""
+    t = type(x)
+    return t.__module__.startswith("torch") and hasattr(x, "detach")
+
+
+def to_numpy(x: Any, name: str) -> np.ndarray:
+    """A numpy view (or, for a device tensor, a host copy) of a numpy array, torch tensor or list."""
+    if isinstance(x, np.ndarray):
+        return x
+    if is_torch(x):
+        t = x.detach()
+        if t.dtype.is_floating_point and t.element_size() == 2:  # bf16 / fp16
+            raise ArrayInputError(
+                name, HALF_REASON.format(name=name, dtype=str(t.dtype).replace("torch.", ""))
+            )
+        if t.device.type != "cpu":
+            t = t.cpu()
+        return t.numpy()
+    return np.asarray(x)
+
+
+def float_array(x: Any, name: str, dtype: np.dtype | None = None) -> np.ndarray:
+    """A float32/float64 array; integers and bools are widened to float32 (or to `dtype`)."""
+    a = to_numpy(x, name)
+    if a.dtype == np.float16:
+        raise ArrayInputError(name, HALF_REASON.format(name=name, dtype="float16"))
+    if dtype is not None:
+        return a.astype(dtype, copy=False)
+    if a.dtype not in FLOAT_DTYPES:
+        if a.dtype.kind in "biu":
+            return a.astype(np.float32)
+        raise ArrayInputError(name, f"bad_dtype: {a.dtype}; expected float32 or float64")
+    return a
+
+
+def le_bytes(a: np.ndarray) -> bytes:
+    """The array's elements as contiguous little-endian bytes (one memcpy for native LE arrays)."""
+    if a.dtype.byteorder == ">" or (a.dtype.byteorder == "=" and np.little_endian is False):
+        a = a.astype(a.dtype.newbyteorder("<"))
+    return np.ascontiguousarray(a).tobytes()
+
+
+def from_le_bytes(data: bytes, dtype: np.dtype | str) -> np.ndarray:
+    """A (read-only, zero-copy) numpy view of little-endian bytes."""
+    dt = np.dtype(dtype).newbyteorder("<")
+    if len(data) % dt.itemsize:
+        raise ValueError(f"{len(data)} bytes is not a whole number of {dt} elements")
+    out = np.frombuffer(data, dtype=dt)
+    return out if np.little_endian else out.astype(dt.newbyteorder("="))
+
+
+@dataclass
+class Layout:
+    """How a request's token arrays map between the caller's shape and the wire's ragged form.
+
+    `padded` is None for ragged input; else (B, T) and `valid` is the [B, T] bool array of the
+    tokens that travel (each row's prefix up to its last mask = 1). `offsets` is int64 [B + 1].
+    """
+
+    offsets: np.ndarray
+    padded: tuple[int, int] | None = None
+    valid: np.ndarray | None = None
+    # the loss mask to send (None: every sent token is trained on)
+    mask: np.ndarray | None = None
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.offsets.shape[0]) - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    def flatten(self, x: Any, name: str, *, per_token_float: bool = True) -> np.ndarray:
+        """A per-token input in the wire's ragged form (padded inputs gather the valid tokens)."""
+        a = float_array(x, name) if per_token_float else to_numpy(x, name)
+        if self.padded is None:
+            if a.ndim != 1 or a.shape[0] != self.num_tokens:
+                raise ArrayInputError(name, f"bad_shape: {tuple(a.shape)}; expected ({self.num_tokens},)")
+            return a
+        if tuple(a.shape) != self.padded:
+            raise ArrayInputError(name, f"bad_shape: {tuple(a.shape)}; expected {self.padded} like logp")
+        if self.valid is None:  # every position travels
+            return a.reshape(-1)
+        return a[self.valid]
+
+    def unflatten(self, flat: np.ndarray, fill: Any = 0) -> np.ndarray:
+        """A per-token output in the caller's shape (padded: zeros / `fill` outside the valid tokens)."""
+        if self.padded is None:
+            return flat
+        if self.valid is None:
+            return flat.reshape(self.padded)
+        out = np.full(self.padded, fill, dtype=flat.dtype)
+        out[self.valid] = flat
+        return out
+
+
+def offsets_from_lengths(lengths: np.ndarray) -> np.ndarray:
+    out = np.zeros(lengths.shape[0] + 1, dtype=np.int64)
+    np.cumsum(lengths, out=out[1:])
+    return out
+
+
+def make_layout(
+    logp: np.ndarray,
+    *,
+    mask: Any = None,
+    offsets: Any = None,
+    lengths: Any = None,
+) -> Layout:
+    """Choose the wire layout from logp's shape and the given mask / offsets / lengths.
+
+    - 1-D logp (ragged): `offsets` [B + 1] or `lengths` [B] are required; `mask` is sent as is.
+    - 2-D logp [B, T] (padded): `mask` [B, T] (optional, default all ones) marks the trained
+      tokens; each row travels up to its last mask = 1 (trailing padding is dropped), so
+      `lengths` may also be given to cut rows explicitly. Interior zeros travel as the loss mask.
+    """
+    if logp.ndim == 1:
+        if offsets is not None:
+            off = to_numpy(offsets, "offsets").astype(np.int64, copy=False)
+        elif lengths is not None:
+            ln = to_numpy(lengths, "lengths").astype(np.int64, copy=False)
+            if ln.ndim != 1:
+                raise ArrayInputError("lengths", f"bad_shape: {tuple(ln.shape)}; expected (B,)")
+            if ln.size and int(ln.min()) < 0:
+                raise ArrayInputError("lengths", "negative", int(np.argmin(ln)))
+            off = offsets_from_lengths(ln)
+        else:
+            raise ArrayInputError("offsets", "missing: ragged (1-D) logp needs offsets or lengths")
+        if off.ndim != 1 or off.shape[0] < 1:
+            raise ArrayInputError("offsets", f"bad_shape: {tuple(off.shape)}; expected (B + 1,)")
+        m = None
+        if mask is not None:
+            m = _bool_mask(mask)
+            if m.shape != logp.shape:
+                raise ArrayInputError("mask", f"bad_shape: {tuple(m.shape)}; expected {tuple(logp.shape)}")
+        return Layout(offsets=off, mask=m)
+
+    if logp.ndim != 2:
+        raise ArrayInputError(
+            "logp", f"bad_shape: {tuple(logp.shape)}; expected (N,) ragged or (B, T) padded"
+        )
+    b, t = logp.shape
+    if offsets is not None:
+        raise ArrayInputError("offsets", "unexpected: padded (2-D) logp takes mask or lengths, not offsets")
+    m = None
+    if mask is not None:
+        m = _bool_mask(mask)
+        if m.shape != (b, t):
+            raise ArrayInputError("mask", f"bad_shape: {tuple(m.shape)}; expected {(b, t)}")
+    if lengths is not None:
+        ln = to_numpy(lengths, "lengths").astype(np.int64, copy=False)
+        if ln.shape != (b,):
+            raise ArrayInputError("lengths", f"bad_shape: {tuple(ln.shape)}; expected ({b},)")
+        if b and (int(ln.min()) < 0 or int(ln.max()) > t):
+            raise ArrayInputError("lengths", f"out_of_range: lengths must lie in [0, {t}]")
+    elif m is not None:
+        # each row up to its last trained token
+        any_row = m.any(axis=1)
+        last = t - np.argmax(m[:, ::-1], axis=1)
+        ln = np.where(any_row, last, 0).astype(np.int64)
+    else:
+        ln = None  # type: ignore[assignment]
+    if ln is None or (b and int(ln.min()) == t):
+        valid = None  # every position travels: no gather
+        off = np.arange(b + 1, dtype=np.int64) * t
+    else:
+        valid = np.arange(t, dtype=np.int64)[None, :] < ln[:, None]
+        off = offsets_from_lengths(ln)
+    layout = Layout(offsets=off, padded=(b, t), valid=valid)
+    if m is not None:
+        flat_m = m.reshape(-1) if valid is None else m[valid]
+        if not flat_m.all():
+            layout.mask = flat_m  # interior (or, with lengths, any) zeros travel as the loss mask
+    return layout
+
+
+def _bool_mask(mask: Any) -> np.ndarray:
+    m = to_numpy(mask, "mask")
+    if m.dtype == np.bool_:
+        return m
+    return m != 0

@@ -1,0 +1,655 @@
+"""SoftgateClient: numpy / torch batches in, loss + exact per-token gradient + metrics out.
+
+    from softgate_client import SoftgateClient
+
+    with SoftgateClient("localhost:50051", run="llama-8b-sapo") as sg:
+        r = sg.loss(logp, old_logp, mask=mask, rewards=rewards, group_ids=group_ids,
+                    objective="sapo", tau_pos=1.0, tau_neg=1.05)
+        r.loss, r.grad, r.metrics["clip_high"]
+
+Arrays travel as raw little-endian bytes (one memcpy per array). Padded [B, T] inputs are
+packed to the service's ragged layout (each row up to its last mask = 1) and the per-token
+outputs are padded back to [B, T]. Batches larger than `stream_threshold_bytes` go over the
+StreamLoss RPC, split on sequence boundaries; its results equal the unary ones bit for bit.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+
+from softgate_client import config as cfg
+from softgate_client._channel import DEFAULT_MAX_MESSAGE_BYTES, RetryPolicy, make_channel
+from softgate_client._retry import call_with_retries
+from softgate_client._tensors import (
+    ArrayInputError,
+    Layout,
+    float_array,
+    from_le_bytes,
+    le_bytes,
+    make_layout,
+    to_numpy,
+)
+from softgate_client.errors import InvalidArgumentError, invalid_argument
+from softgate_client.proto.softgate.v1 import softgate_pb2 as pb
+from softgate_client.proto.softgate.v1 import softgate_pb2_grpc as pb_grpc
+
+RUN_METADATA_KEY = "softgate-run"
+DEFAULT_TIMEOUT = 300.0
+DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024
+
+_NP_TO_DTYPE: dict[np.dtype, int] = {
+    np.dtype(np.float32): pb.DTYPE_FLOAT32,
+    np.dtype(np.float64): pb.DTYPE_FLOAT64,
+    np.dtype(np.int64): pb.DTYPE_INT64,
+    np.dtype(np.int32): pb.DTYPE_INT32,
+    np.dtype(np.bool_): pb.DTYPE_BOOL,
+    np.dtype(np.uint8): pb.DTYPE_UINT8,
+    np.dtype(np.int8): pb.DTYPE_INT8,
+    np.dtype(np.int16): pb.DTYPE_INT16,
+    np.dtype(np.float16): pb.DTYPE_FLOAT16,
+}
+_DTYPE_TO_NP: dict[int, np.dtype] = {v: k for k, v in _NP_TO_DTYPE.items()}
+_TOKEN_OUTPUTS = ("gradient", *cfg.OUTPUTS)
+
+
+# ---------------------------------------------------------------- results
+
+
+@dataclass
+class LossResult:
+    """What one loss call returned. Per-token arrays have the caller's layout: [B, T] for a
+    padded batch (0 / False outside the sent tokens), [N] for a ragged one. Outputs that were
+    not asked for (`outputs=`) are None."""
+
+    loss: float
+    policy_loss: float
+    kl_loss: float
+    grad: np.ndarray
+    metrics: dict[str, float] = field(default_factory=dict)
+    advantages: np.ndarray | None = None
+    ratio: np.ndarray | None = None
+    gate_weight: np.ndarray | None = None
+    clip_mask: np.ndarray | None = None
+    mask: np.ndarray | None = None
+    offsets: np.ndarray | None = None  # the ragged layout the batch travelled in
+    streamed: bool = False  # True when the call went over StreamLoss
+    chunks: int = 1
+
+
+@dataclass
+class AdvantagesResult:
+    advantages: np.ndarray  # [B]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- tensors and config to proto
+
+
+def _fill(t: pb.Tensor, a: np.ndarray) -> pb.Tensor:
+    """Fill the Tensor field `t` in place (one copy of the data into the message)."""
+    dt = _NP_TO_DTYPE.get(a.dtype.newbyteorder("="))
+    if dt is None:
+        raise TypeError(f"unsupported dtype {a.dtype}")
+    t.dtype = dt  # type: ignore[assignment]
+    t.shape.append(int(a.shape[0]))
+    t.data = le_bytes(a)
+    return t
+
+
+def _tensor(a: np.ndarray) -> pb.Tensor:
+    return _fill(pb.Tensor(), a)
+
+
+def _array(t: pb.Tensor) -> np.ndarray:
+    dt = _DTYPE_TO_NP.get(t.dtype)
+    if dt is None:
+        raise ValueError(f"unexpected dtype {pb.Dtype.Name(t.dtype)} in a response")
+    return from_le_bytes(t.data, dt)
+
+
+def _enum(enum: Any, prefix: str, value: str | None, field_name: str) -> int:
+    if value is None:
+        return 0
+    name = f"{prefix}_{str(value).upper()}"
+    try:
+        return int(enum.Value(name))
+    except ValueError:
+        choices = [
+            n[len(prefix) + 1 :].lower()
+            for n in enum.DESCRIPTOR.values_by_name
+            if not n.endswith("UNSPECIFIED")
+        ]
+        raise invalid_argument(field_name, f"unknown_choice: {value!r}; one of {choices}") from None
+
+
+def _set_optional(msg: Any, **values: float | None) -> None:
+    for k, v in values.items():
+        if v is not None:
+            setattr(msg, k, float(v))
+
+
+def loss_config_to_proto(c: cfg.LossConfig) -> pb.LossConfig:
+    """The proto LossConfig of a client LossConfig (unset fields stay unset: server defaults)."""
+    out = pb.LossConfig()
+    obj = getattr(out.objective, c.objective.name)
+    obj.SetInParent()
+    _set_optional(obj, **c.objective.params)
+    a = c.advantages
+    if any(v is not None for v in (a.estimator, a.scale, a.eps, a.min_group_std)):
+        adv: Any = out.advantages
+        adv.estimator = _enum(
+            pb.AdvantageEstimator, "ADVANTAGE_ESTIMATOR", a.estimator, "config.advantages.estimator"
+        )
+        adv.scale = _enum(pb.AdvantageScale, "ADVANTAGE_SCALE", a.scale, "config.advantages.scale")
+        _set_optional(adv, eps=a.eps, min_group_std=a.min_group_std)
+    g = c.aggregation
+    if any(v is not None for v in (g.mode, g.num_tokens, g.num_seqs, g.constant)):
+        agg: Any = out.aggregation
+        agg.mode = _enum(pb.AggregationMode, "AGGREGATION_MODE", g.mode, "config.aggregation.mode")
+        _set_optional(agg, num_tokens=g.num_tokens, num_seqs=g.num_seqs, constant=g.constant)
+    if c.kl is not None:
+        kl: Any = out.kl
+        kl.SetInParent()
+        kl.estimator = _enum(pb.KlEstimator, "KL_ESTIMATOR", c.kl.estimator, "config.kl.estimator")
+        _set_optional(kl, beta=c.kl.beta)
+    if c.mismatch is not None:
+        m = c.mismatch
+        mm: Any = out.mismatch
+        mm.SetInParent()
+        mm.level = _enum(pb.MismatchLevel, "MISMATCH_LEVEL", m.level, "config.mismatch.level")
+        mm.mode = _enum(pb.MismatchMode, "MISMATCH_MODE", m.mode, "config.mismatch.mode")
+        _set_optional(mm, cap=m.cap, lo=m.lo, hi=m.hi)
+    _set_optional(out, log_ratio_clamp=c.log_ratio_clamp, saturation_threshold=c.saturation_threshold)
+    return out
+
+
+def output_selection(outputs: Sequence[str]) -> pb.OutputSelection:
+    sel = pb.OutputSelection()
+    for name in outputs:
+        setattr(sel, name, True)
+    return sel
+
+
+# ---------------------------------------------------------------- the packed batch
+
+
+@dataclass
+class _Packed:
+    """A batch in wire form: numpy arrays in the ragged layout, ready to be sliced into chunks."""
+
+    layout: Layout
+    token: dict[str, np.ndarray]  # per-token arrays, length N
+    seq: dict[str, np.ndarray]  # per-sequence arrays, length B
+    advantage_level: int
+
+    @property
+    def bytes_per_token(self) -> int:
+        return sum(a.dtype.itemsize for a in self.token.values())
+
+    @property
+    def nbytes(self) -> int:
+        return (
+            sum(a.nbytes for a in self.token.values())
+            + sum(a.nbytes for a in self.seq.values())
+            + int(self.layout.offsets.nbytes)
+        )
+
+    def batch(self, s0: int = 0, s1: int | None = None) -> pb.Batch:
+        """The proto Batch of sequences [s0, s1) with offsets rebased to 0."""
+        return self.fill(pb.Batch(), s0, s1)
+
+    def fill(self, msg: pb.Batch, s0: int = 0, s1: int | None = None) -> pb.Batch:
+        """Fill `msg` (a Batch field, in place) with sequences [s0, s1), offsets rebased to 0."""
+        off = self.layout.offsets
+        b = self.layout.num_seqs
+        s1 = b if s1 is None else s1
+        t0, t1 = int(off[s0]), int(off[s1])
+        whole = s0 == 0 and s1 == b
+        msg.advantage_level = self.advantage_level  # type: ignore[assignment]
+        sub_off = off if whole else off[s0 : s1 + 1] - t0
+        _fill(msg.offsets, sub_off)
+        for name, a in self.token.items():
+            _fill(getattr(msg, name), a if whole else a[t0:t1])
+        for name, a in self.seq.items():
+            _fill(getattr(msg, name), a if whole else a[s0:s1])
+        return msg
+
+    def chunk_bounds(self, chunk_bytes: int) -> list[tuple[int, int]]:
+        """Sequence ranges of about `chunk_bytes` each (a chunk holds whole sequences; one
+        sequence longer than a chunk travels alone)."""
+        off = self.layout.offsets
+        b, n = self.layout.num_seqs, self.layout.num_tokens
+        per_tok = max(1, self.bytes_per_token)
+        per_seq = sum(a.dtype.itemsize for a in self.seq.values()) + 8
+        # tokens per chunk, leaving room for the per-sequence arrays of short sequences
+        avg_len = max(1.0, n / max(1, b))
+        tok = max(1, int(chunk_bytes / (per_tok + per_seq / avg_len)))
+        targets = np.arange(tok, n, tok, dtype=np.int64)
+        cuts = np.searchsorted(off, targets, side="right") - 1
+        cuts = np.unique(cuts[(cuts > 0) & (cuts < b)])
+        # a batch of many empty sequences: bound the sequences per chunk too
+        max_seqs = max(1, chunk_bytes // per_seq)
+        edges = [0, *cuts.tolist(), b]
+        out: list[tuple[int, int]] = []
+        for s0, s1 in itertools.pairwise(edges):
+            for a in range(s0, s1, max_seqs):
+                out.append((a, min(s1, a + max_seqs)))
+        return out or [(0, b)]
+
+
+def _advantage_level(level: str | None) -> int:
+    if level is None:
+        return pb.ADVANTAGE_LEVEL_UNSPECIFIED
+    return _enum(pb.AdvantageLevel, "ADVANTAGE_LEVEL", level, "batch.advantage_level")
+
+
+def pack_batch(
+    logp: Any,
+    old_logp: Any = None,
+    *,
+    mask: Any = None,
+    offsets: Any = None,
+    lengths: Any = None,
+    rewards: Any = None,
+    group_ids: Any = None,
+    advantages: Any = None,
+    ref_logp: Any = None,
+    rollout_logp: Any = None,
+    advantage_level: str | None = None,
+) -> _Packed:
+    """Check shapes and pack a batch in the service's ragged layout (no per-element Python)."""
+    try:
+        lp = float_array(logp, "logp")
+        layout = make_layout(lp, mask=mask, offsets=offsets, lengths=lengths)
+        fdt = lp.dtype
+        token: dict[str, np.ndarray] = {"logp": layout.flatten(lp, "logp")}
+        for name, x in (("old_logp", old_logp), ("ref_logp", ref_logp), ("rollout_logp", rollout_logp)):
+            if x is not None:
+                token[name] = layout.flatten(float_array(x, name, fdt if _is_float(x) else None), name)
+                if token[name].dtype != fdt:
+                    token[name] = token[name].astype(fdt)
+        if layout.mask is not None:
+            token["mask"] = layout.mask
+        seq: dict[str, np.ndarray] = {}
+        level = _advantage_level(advantage_level)
+        b = layout.num_seqs
+        if advantages is not None:
+            adv = float_array(advantages, "advantages")
+            if adv.dtype != fdt:
+                adv = adv.astype(fdt)
+            level = _place_advantages(adv, layout, level, token, seq)
+        if rewards is not None:
+            r = to_numpy(rewards, "rewards")
+            if r.dtype.kind in "biu":
+                r = r.astype(np.int64)
+            elif r.dtype not in (np.float32, np.float64):
+                r = float_array(r, "rewards")
+            seq["rewards"] = _per_seq(r, "rewards", b)
+        if group_ids is not None:
+            g = to_numpy(group_ids, "group_ids")
+            if g.dtype.kind not in "biu":
+                raise ArrayInputError("group_ids", f"bad_dtype: {g.dtype}; expected integers")
+            seq["group_ids"] = _per_seq(g.astype(np.int64, copy=False), "group_ids", b)
+    except ArrayInputError as e:
+        raise InvalidArgumentError(
+            "invalid input (checked by the client)",
+            violations=[
+                _violation(f"batch.{e.field}" if e.index is None else f"batch.{e.field}[{e.index}]", e.reason)
+            ],
+        ) from e
+    return _Packed(layout=layout, token=token, seq=seq, advantage_level=level)
+
+
+def _place_advantages(
+    adv: np.ndarray, layout: Layout, level: int, token: dict[str, np.ndarray], seq: dict[str, np.ndarray]
+) -> int:
+    """Put caller advantages in the per-sequence or per-token arrays; return the level sent."""
+    b, n = layout.num_seqs, layout.num_tokens
+    seq_level, tok_level = pb.ADVANTAGE_LEVEL_SEQUENCE, pb.ADVANTAGE_LEVEL_TOKEN
+    if adv.ndim == 2:
+        if layout.padded is None or level == seq_level:
+            raise ArrayInputError("advantages", f"bad_shape: {tuple(adv.shape)}; expected ({b},) or ({n},)")
+        token["advantages"] = layout.flatten(adv, "advantages")
+        return tok_level
+    if adv.ndim != 1:
+        raise ArrayInputError("advantages", f"bad_shape: {tuple(adv.shape)}; expected 1-D or like logp")
+    fits_seq = adv.shape[0] == b
+    fits_tok = layout.padded is None and adv.shape[0] == n
+    if level == pb.ADVANTAGE_LEVEL_UNSPECIFIED:
+        if fits_seq and fits_tok:
+            lengths = np.diff(layout.offsets)
+            if not bool((lengths == 1).all()):
+                raise ArrayInputError(
+                    "advantages", "ambiguous: B == N; pass advantage_level='sequence' or 'token'"
+                )
+            level = tok_level
+        elif fits_seq:
+            level = seq_level
+        elif fits_tok:
+            level = tok_level
+    if level == seq_level and fits_seq:
+        seq["advantages"] = adv
+    elif level == tok_level and fits_tok:
+        token["advantages"] = adv
+    else:
+        want = f"({b},) per sequence or " + (
+            f"{layout.padded} per token" if layout.padded else f"({n},) per token"
+        )
+        raise ArrayInputError("advantages", f"bad_shape: {tuple(adv.shape)}; expected {want}")
+    return level
+
+
+def _violation(fieldname: str, reason: str) -> Any:
+    from softgate_client.errors import FieldViolation
+
+    return FieldViolation(fieldname, reason)
+
+
+def _is_float(x: Any) -> bool:
+    a = x if isinstance(x, np.ndarray) else None
+    if a is None:
+        dt = getattr(x, "dtype", None)
+        return bool(getattr(dt, "is_floating_point", False)) and getattr(x, "element_size", lambda: 4)() > 2
+    return a.dtype.kind == "f" and a.dtype.itemsize > 2
+
+
+def _per_seq(a: np.ndarray, name: str, b: int) -> np.ndarray:
+    if a.ndim != 1 or a.shape[0] != b:
+        raise ArrayInputError(name, f"bad_shape: {tuple(a.shape)}; expected ({b},), one per sequence")
+    return a
+
+
+# ---------------------------------------------------------------- the client
+
+
+class SoftgateClient:
+    """A client of one softgate service (a host:port, or a DNS name whose addresses calls
+    are spread over, e.g. `dns:///softgate-headless.ns.svc:50051`).
+
+    target: `host:port`, `dns:///name:port`, `unix:/path`.
+    tls / root_certificates / client_cert / client_key: TLS (root CA PEM bytes or a path;
+    None: the system roots) and mTLS (client certificate chain and key).
+    retries: attempts in all for UNAVAILABLE (an int) or a RetryPolicy.
+    timeout: seconds per call including retries (None: none).
+    run: the training run's name, sent as metadata `softgate-run` (labels the server's metrics).
+    max_message_bytes: the channel's message size limit (both ways).
+    stream_threshold_bytes: requests larger than this go over StreamLoss (default 90% of
+    max_message_bytes); stream_chunk_bytes: the size of each streamed chunk.
+    """
+
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        tls: bool = False,
+        root_certificates: bytes | str | None = None,
+        client_cert: bytes | str | None = None,
+        client_key: bytes | str | None = None,
+        retries: int | RetryPolicy = 5,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        run: str | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        stream_threshold_bytes: int | None = None,
+        stream_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        server_name_override: str | None = None,
+        channel_options: dict[str, Any] | None = None,
+        channel: grpc.Channel | None = None,
+    ) -> None:
+        self.target = target
+        self.retry_policy = (
+            retries if isinstance(retries, RetryPolicy) else RetryPolicy(max_attempts=max(1, int(retries)))
+        )
+        self.timeout = timeout
+        self.run = run
+        self.max_message_bytes = int(max_message_bytes)
+        self.stream_threshold_bytes = (
+            int(stream_threshold_bytes)
+            if stream_threshold_bytes is not None
+            else int(self.max_message_bytes * 0.9)
+        )
+        self.stream_chunk_bytes = int(min(stream_chunk_bytes, self.stream_threshold_bytes))
+        self._channel = channel or make_channel(
+            target,
+            tls=tls,
+            root_certificates=root_certificates,
+            client_cert=client_cert,
+            client_key=client_key,
+            max_message_bytes=self.max_message_bytes,
+            server_name_override=server_name_override,
+            options=channel_options,
+        )
+        self._stub = pb_grpc.LossServiceStub(self._channel)
+        self.last_result: LossResult | None = None
+
+    # -------------------------------------------------------- plumbing
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> SoftgateClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _metadata(self, run: str | None) -> tuple[tuple[str, str], ...]:
+        r = run if run is not None else self.run
+        return ((RUN_METADATA_KEY, r),) if r else ()
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+    # -------------------------------------------------------- RPCs
+
+    def algorithms(self, *, timeout: float | None = None) -> pb.ListAlgorithmsResponse:
+        """The server's catalogue: objectives, estimators, aggregations with parameters and
+        defaults, metric names and the server's limits (a proto message)."""
+        return call_with_retries(
+            lambda t: self._stub.ListAlgorithms(
+                pb.ListAlgorithmsRequest(), timeout=t, metadata=self._metadata(None)
+            ),
+            policy=self.retry_policy,
+            timeout=self._timeout(timeout),
+        )
+
+    def advantages(
+        self,
+        rewards: Any,
+        group_ids: Any,
+        *,
+        estimator: str | None = None,
+        scale: str | None = None,
+        eps: float | None = None,
+        min_group_std: float | None = None,
+        config: cfg.AdvantageConfig | None = None,
+        timeout: float | None = None,
+        run: str | None = None,
+    ) -> AdvantagesResult:
+        """Per-sequence advantages from per-sequence rewards and group ids."""
+        c = config or cfg.AdvantageConfig()
+        c = cfg.AdvantageConfig(
+            estimator=estimator if estimator is not None else c.estimator,
+            scale=scale if scale is not None else c.scale,
+            eps=eps if eps is not None else c.eps,
+            min_group_std=min_group_std if min_group_std is not None else c.min_group_std,
+        )
+        r = to_numpy(rewards, "rewards")
+        if r.dtype.kind in "biu":
+            r = r.astype(np.int64)
+        elif r.dtype not in (np.float32, np.float64):
+            r = r.astype(np.float32)
+        g = to_numpy(group_ids, "group_ids").astype(np.int64, copy=False)
+        req = pb.ComputeAdvantagesRequest()
+        _fill(req.rewards, r.reshape(-1))
+        _fill(req.group_ids, g.reshape(-1))
+        req.config.CopyFrom(loss_config_to_proto(cfg.LossConfig(advantages=c)).advantages)
+        resp = call_with_retries(
+            lambda t: self._stub.ComputeAdvantages(req, timeout=t, metadata=self._metadata(run)),
+            policy=self.retry_policy,
+            timeout=self._timeout(timeout),
+        )
+        return AdvantagesResult(advantages=_array(resp.advantages), metrics=dict(resp.metrics))
+
+    def loss(
+        self,
+        logp: Any,
+        old_logp: Any = None,
+        *,
+        mask: Any = None,
+        offsets: Any = None,
+        lengths: Any = None,
+        rewards: Any = None,
+        group_ids: Any = None,
+        advantages: Any = None,
+        ref_logp: Any = None,
+        rollout_logp: Any = None,
+        advantage_level: str | None = None,
+        config: cfg.LossConfig | None = None,
+        stream: bool | None = None,
+        timeout: float | None = None,
+        run: str | None = None,
+        **options: Any,
+    ) -> LossResult:
+        """Loss, exact gradient d loss / d logp and metrics of one batch.
+
+        Batch: `logp` padded [B, T] (+ `mask` [B, T], or `lengths` [B]) or ragged [N]
+        (+ `offsets` [B + 1] or `lengths` [B], optional `mask` [N]); numpy arrays or torch
+        tensors. `old_logp` None means on-policy. Either `rewards` + `group_ids` ([B]) or
+        `advantages` ([B] per sequence, or per token like logp).
+
+        Configuration: a `config=LossConfig(...)` and/or flat keywords: `objective`
+        ("sapo", "grpo", "gspo", "gspo_token", "cispo", "gppo", "reinforce" or an Objective),
+        its parameters (`tau_pos`, `tau_neg`, `eps_low`, `eps_high`, `dual_clip`),
+        `estimator`, `scale`, `aggregation` (mode name), `num_tokens`, `num_seqs`, `constant`,
+        `kl_beta`, `kl_estimator`, `mismatch=MismatchConfig(...)`, `log_ratio_clamp`,
+        `saturation_threshold`, and `outputs=("ratio", "gate_weight", ...)`.
+
+        `stream` forces (True) or forbids (False) the StreamLoss RPC; None picks it when the
+        request is larger than `stream_threshold_bytes`.
+        """
+        c = cfg.build_loss_config(config, **options)
+        packed = pack_batch(
+            logp,
+            old_logp,
+            mask=mask,
+            offsets=offsets,
+            lengths=lengths,
+            rewards=rewards,
+            group_ids=group_ids,
+            advantages=advantages,
+            ref_logp=ref_logp,
+            rollout_logp=rollout_logp,
+            advantage_level=advantage_level,
+        )
+        return self.loss_packed(packed, c, stream=stream, timeout=timeout, run=run)
+
+    def loss_packed(
+        self,
+        packed: _Packed,
+        c: cfg.LossConfig,
+        *,
+        stream: bool | None = None,
+        timeout: float | None = None,
+        run: str | None = None,
+    ) -> LossResult:
+        """`loss` for an already packed batch (see `pack_batch`)."""
+        proto_cfg = loss_config_to_proto(c)
+        sel = output_selection(c.outputs)
+        use_stream = stream if stream is not None else packed.nbytes > self.stream_threshold_bytes
+        md = self._metadata(run)
+        if use_stream:
+            result = self._stream_loss(packed, proto_cfg, sel, md, timeout)
+        else:
+            req = pb.ComputeLossRequest(config=proto_cfg, outputs=sel)
+            packed.fill(req.batch)
+            resp = call_with_retries(
+                lambda t: self._stub.ComputeLoss(req, timeout=t, metadata=md),
+                policy=self.retry_policy,
+                timeout=self._timeout(timeout),
+            )
+            outs = {name: _array(getattr(resp.outputs, name)) for name in _requested(sel)}
+            result = _result(resp.loss, resp.policy_loss, resp.kl_loss, resp.metrics, outs, packed.layout)
+        self.last_result = result
+        return result
+
+    def _stream_loss(
+        self,
+        packed: _Packed,
+        proto_cfg: pb.LossConfig,
+        sel: pb.OutputSelection,
+        md: tuple[tuple[str, str], ...],
+        timeout: float | None,
+    ) -> LossResult:
+        bounds = packed.chunk_bounds(self.stream_chunk_bytes)
+
+        def requests() -> Iterator[pb.StreamLossRequest]:
+            for k, (s0, s1) in enumerate(bounds):
+                msg = pb.StreamLossRequest()
+                packed.fill(msg.chunk, s0, s1)
+                if k == 0:
+                    msg.config.CopyFrom(proto_cfg)
+                    msg.outputs.CopyFrom(sel)
+                yield msg
+
+        def call(t: float | None) -> list[pb.StreamLossResponse]:
+            return list(self._stub.StreamLoss(requests(), timeout=t, metadata=md))
+
+        responses = call_with_retries(call, policy=self.retry_policy, timeout=self._timeout(timeout))
+        responses.sort(key=lambda r: r.chunk_index)
+        names = _requested(sel)
+        outs: dict[str, np.ndarray] = {}
+        for name in names:
+            parts = [getattr(r.outputs, name) for r in responses]
+            dtype = parts[0].dtype if parts else pb.DTYPE_FLOAT32
+            outs[name] = from_le_bytes(b"".join(p.data for p in parts), _DTYPE_TO_NP[dtype])
+        summary = responses[-1].summary if responses else pb.LossSummary()
+        result = _result(
+            summary.loss, summary.policy_loss, summary.kl_loss, summary.metrics, outs, packed.layout
+        )
+        result.streamed = True
+        result.chunks = len(bounds)
+        return result
+
+
+def _requested(sel: pb.OutputSelection) -> list[str]:
+    names = []
+    if not sel.HasField("gradient") or sel.gradient:
+        names.append("gradient")
+    names.extend(n for n in cfg.OUTPUTS if getattr(sel, n))
+    return names
+
+
+def _result(
+    loss: float,
+    policy_loss: float,
+    kl_loss: float,
+    metrics: Any,
+    outs: dict[str, np.ndarray],
+    layout: Layout,
+) -> LossResult:
+    def shaped(name: str) -> np.ndarray | None:
+        a = outs.get(name)
+        if a is None:
+            return None
+        return layout.unflatten(a, fill=False if a.dtype == np.bool_ else 0)
+
+    grad = shaped("gradient")
+    return LossResult(
+        loss=float(loss),
+        policy_loss=float(policy_loss),
+        kl_loss=float(kl_loss),
+        grad=grad if grad is not None else np.zeros(0, np.float32),
+        metrics=dict(metrics),
+        advantages=shaped("advantages"),
+        ratio=shaped("ratio"),
+        gate_weight=shaped("gate_weight"),
+        clip_mask=shaped("clip_mask"),
+        mask=shaped("mask"),
+        offsets=layout.offsets,
+    )

@@ -1,0 +1,205 @@
+"""Small dataclasses mirroring the proto's configuration messages.
+
+Every field left at None takes the server's default (SPEC.md), so a request carries only what
+the caller chose. The same choices can be passed as keyword arguments to
+`SoftgateClient.loss` (see `build_loss_config`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+OBJECTIVE_PARAMS: dict[str, tuple[str, ...]] = {
+    "sapo": ("tau_pos", "tau_neg"),
+    "grpo": ("eps_low", "eps_high", "dual_clip"),
+    "gspo": ("eps_low", "eps_high"),
+    "gspo_token": ("eps_low", "eps_high"),
+    "cispo": ("eps_low", "eps_high"),
+    "gppo": ("eps_low", "eps_high"),
+    "reinforce": (),
+}
+OUTPUTS = ("advantages", "ratio", "gate_weight", "clip_mask", "mask")
+
+
+@dataclass(frozen=True)
+class Objective:
+    """An objective by name (`sapo`, `grpo`, `gspo`, `gspo_token`, `cispo`, `gppo`, `reinforce`)
+    and its parameters (`tau_pos`, `tau_neg`, `eps_low`, `eps_high`, `dual_clip`)."""
+
+    name: str = "sapo"
+    params: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.name not in OBJECTIVE_PARAMS:
+            raise ValueError(f"objective: unknown {self.name!r}; one of {sorted(OBJECTIVE_PARAMS)}")
+        bad = set(self.params) - set(OBJECTIVE_PARAMS[self.name])
+        if bad:
+            raise ValueError(
+                f"objective.{self.name}: unknown parameter(s) {sorted(bad)}; "
+                f"{self.name} takes {list(OBJECTIVE_PARAMS[self.name])}"
+            )
+
+
+def sapo(tau_pos: float | None = None, tau_neg: float | None = None) -> Objective:
+    return Objective("sapo", _given(tau_pos=tau_pos, tau_neg=tau_neg))
+
+
+def grpo(
+    eps_low: float | None = None, eps_high: float | None = None, dual_clip: float | None = None
+) -> Objective:
+    return Objective("grpo", _given(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip))
+
+
+def gspo(eps_low: float | None = None, eps_high: float | None = None) -> Objective:
+    return Objective("gspo", _given(eps_low=eps_low, eps_high=eps_high))
+
+
+def _given(**kw: float | None) -> dict[str, float]:
+    return {k: float(v) for k, v in kw.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class AdvantageConfig:
+    """Outcome-reward estimator: `grpo`, `dr_grpo`, `rloo`, `reinforce_pp_baseline`;
+    scale `group`, `batch`, `none` (None: the estimator's own default)."""
+
+    estimator: str | None = None
+    scale: str | None = None
+    eps: float | None = None
+    min_group_std: float | None = None
+
+
+@dataclass(frozen=True)
+class AggregationConfig:
+    """`token_mean`, `seq_mean_token_mean`, `seq_mean_token_sum`, `token_sum_norm`; the global
+    normalisers of a micro-batch or shard (`num_tokens`, `num_seqs`), `constant` = K."""
+
+    mode: str | None = None
+    num_tokens: float | None = None
+    num_seqs: float | None = None
+    constant: float | None = None
+
+
+@dataclass(frozen=True)
+class KLConfig:
+    """KL penalty to the reference policy: estimator `k1` / `k2` / `k3`, coefficient `beta`."""
+
+    estimator: str | None = None
+    beta: float | None = None
+
+
+@dataclass(frozen=True)
+class MismatchConfig:
+    """Train/inference mismatch weight: level `token` / `sequence`, mode `truncate` / `mask`."""
+
+    level: str | None = None
+    mode: str | None = None
+    cap: float | None = None
+    lo: float | None = None
+    hi: float | None = None
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Everything that chooses how a batch's loss and gradient are computed, plus which
+    per-token outputs to send back (any of `OUTPUTS`; the gradient always comes back)."""
+
+    objective: Objective = field(default_factory=Objective)
+    advantages: AdvantageConfig = field(default_factory=AdvantageConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    kl: KLConfig | None = None
+    mismatch: MismatchConfig | None = None
+    log_ratio_clamp: float | None = None
+    saturation_threshold: float | None = None
+    outputs: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        bad = set(self.outputs) - set(OUTPUTS)
+        if bad:
+            raise ValueError(f"outputs: unknown {sorted(bad)}; choose from {list(OUTPUTS)}")
+
+
+_FLAT_ALIASES = {
+    # keyword -> (section, field)
+    "estimator": ("advantages", "estimator"),
+    "scale": ("advantages", "scale"),
+    "adv_eps": ("advantages", "eps"),
+    "min_group_std": ("advantages", "min_group_std"),
+    "aggregation": ("aggregation", "mode"),
+    "num_tokens": ("aggregation", "num_tokens"),
+    "num_seqs": ("aggregation", "num_seqs"),
+    "constant": ("aggregation", "constant"),
+    "kl_estimator": ("kl", "estimator"),
+    "kl_beta": ("kl", "beta"),
+    "beta": ("kl", "beta"),
+    "mismatch_level": ("mismatch", "level"),
+    "mismatch_mode": ("mismatch", "mode"),
+    "mismatch_cap": ("mismatch", "cap"),
+    "mismatch_lo": ("mismatch", "lo"),
+    "mismatch_hi": ("mismatch", "hi"),
+}
+_SECTIONS: dict[str, type] = {
+    "advantages": AdvantageConfig,
+    "aggregation": AggregationConfig,
+    "kl": KLConfig,
+    "mismatch": MismatchConfig,
+}
+
+
+def build_loss_config(config: LossConfig | None = None, **kw: Any) -> LossConfig:
+    """A LossConfig from an optional base plus flat keyword arguments, e.g.
+
+        build_loss_config(objective="sapo", tau_pos=1.0, tau_neg=1.05, estimator="grpo",
+                          aggregation="token_mean", num_tokens=8192, kl_beta=0.01,
+                          outputs=("ratio",))
+
+    `objective` may be a name or an `Objective`; objective parameters (`tau_pos`, `eps_low`, ...)
+    are flat keywords; sections (`advantages=AdvantageConfig(...)`, `kl=KLConfig(...)`, ...)
+    may be given whole; `aggregation` may be a mode name or an `AggregationConfig`.
+    """
+    base = config or LossConfig()
+    values: dict[str, Any] = {f.name: getattr(base, f.name) for f in fields(LossConfig)}
+    obj = values["objective"]
+    obj_name, obj_params = obj.name, dict(obj.params)
+    sections: dict[str, dict[str, Any]] = {}
+    for s, cls in _SECTIONS.items():
+        cur = values[s]
+        sections[s] = {} if cur is None else {f.name: getattr(cur, f.name) for f in fields(cls)}
+    touched: set[str] = {s for s in _SECTIONS if values[s] is not None}
+
+    all_params = {p for ps in OBJECTIVE_PARAMS.values() for p in ps}
+    val = kw.pop("objective", None)
+    if isinstance(val, Objective):
+        obj_name, obj_params = val.name, dict(val.params)
+    elif val is not None:
+        if str(val) != obj_name:
+            obj_params = {}
+        obj_name = str(val)
+    for key, val in kw.items():
+        if val is None:
+            continue
+        if key in all_params:
+            obj_params[key] = float(val)
+        elif key in _SECTIONS and not (key == "aggregation" and isinstance(val, str)):
+            if not isinstance(val, _SECTIONS[key]):
+                raise TypeError(f"{key}: expected {_SECTIONS[key].__name__}, got {type(val).__name__}")
+            sections[key] = {f.name: getattr(val, f.name) for f in fields(_SECTIONS[key])}
+            touched.add(key)
+        elif key in _FLAT_ALIASES:
+            s, f = _FLAT_ALIASES[key]
+            sections[s][f] = val
+            touched.add(s)
+        elif key == "outputs":
+            values["outputs"] = (val,) if isinstance(val, str) else tuple(val)
+        elif key in ("log_ratio_clamp", "saturation_threshold"):
+            values[key] = float(val)
+        else:
+            raise TypeError(f"unknown loss option {key!r}")
+    values["objective"] = Objective(obj_name, obj_params)
+    for s, cls in _SECTIONS.items():
+        if s in touched:
+            values[s] = cls(**sections[s])
+    if values["kl"] is not None and values["kl"].beta is None and values["kl"].estimator is None:
+        values["kl"] = None
+    return LossConfig(**values)

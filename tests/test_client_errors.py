@@ -1,0 +1,125 @@
+"""Error mapping and the retry loop of the client, against a tiny raw-bytes gRPC server."""
+
+from __future__ import annotations
+
+import random
+from concurrent import futures
+
+import grpc
+import pytest
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+from softgate_client._channel import RetryPolicy, normalise_target
+from softgate_client._retry import call_with_retries
+from softgate_client.errors import InvalidArgumentError, SoftgateError, UnavailableError, from_rpc_error
+
+
+def _bad_request_status() -> status_pb2.Status:
+    br = error_details_pb2.BadRequest(
+        field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field="logp[17]", description="non_finite: nan"),
+            error_details_pb2.BadRequest.FieldViolation(
+                field="objective.sapo.tau_pos", description="out_of_range: must be > 0"
+            ),
+        ]
+    )
+    detail = any_pb2.Any()
+    detail.Pack(br)
+    return status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message="bad batch", details=[detail])
+
+
+@pytest.fixture()
+def raw_server():
+    calls = {"n": 0, "fail_first": 0}
+
+    def bad(request: bytes, context: grpc.ServicerContext) -> bytes:
+        context.abort_with_status(rpc_status.to_status(_bad_request_status()))
+        return b""
+
+    def flaky(request: bytes, context: grpc.ServicerContext) -> bytes:
+        calls["n"] += 1
+        if calls["n"] <= calls["fail_first"]:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "warming up")
+        return request
+
+    ident = lambda b: b  # noqa: E731
+    h = grpc.method_handlers_generic_handler(
+        "t.T",
+        {
+            "Bad": grpc.unary_unary_rpc_method_handler(bad, ident, ident),
+            "Flaky": grpc.unary_unary_rpc_method_handler(flaky, ident, ident),
+        },
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    server.add_generic_rpc_handlers((h,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    ch = grpc.insecure_channel(f"127.0.0.1:{port}")
+    yield ch, calls
+    ch.close()
+    server.stop(None)
+
+
+def test_bad_request_violations_are_parsed(raw_server) -> None:
+    ch, _ = raw_server
+    with pytest.raises(grpc.RpcError) as ei:
+        ch.unary_unary("/t.T/Bad")(b"x")
+    err = from_rpc_error(ei.value)
+    assert isinstance(err, InvalidArgumentError) and isinstance(err, ValueError)
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert [str(v) for v in err.violations] == [
+        "logp[17]: non_finite: nan",
+        "objective.sapo.tau_pos: out_of_range: must be > 0",
+    ]
+    assert err.reasons == ["non_finite", "out_of_range"]
+    assert "logp[17]: non_finite: nan" in str(err)
+
+
+def test_retry_loop_retries_unavailable_then_succeeds(raw_server) -> None:
+    ch, calls = raw_server
+    calls["fail_first"] = 3
+    sleeps: list[float] = []
+    out = call_with_retries(
+        lambda t: ch.unary_unary("/t.T/Flaky")(b"ok", timeout=t),
+        policy=RetryPolicy(max_attempts=5, initial_backoff=0.01),
+        timeout=10,
+        sleep=sleeps.append,
+        rng=random.Random(0),
+    )
+    assert out == b"ok" and calls["n"] == 4 and len(sleeps) == 3
+    assert all(0 <= s <= 0.01 * 2**i for i, s in enumerate(sleeps))
+
+
+def test_retry_loop_gives_up(raw_server) -> None:
+    ch, calls = raw_server
+    calls["fail_first"] = 100
+    with pytest.raises(UnavailableError) as ei:
+        call_with_retries(
+            lambda t: ch.unary_unary("/t.T/Flaky")(b"ok", timeout=t),
+            policy=RetryPolicy(max_attempts=3, initial_backoff=0.001),
+            timeout=10,
+        )
+    assert calls["n"] == 3 and "warming up" in str(ei.value)
+
+
+def test_no_retry_on_invalid_argument(raw_server) -> None:
+    ch, _ = raw_server
+    n = {"k": 0}
+
+    def fn(t):
+        n["k"] += 1
+        return ch.unary_unary("/t.T/Bad")(b"x", timeout=t)
+
+    with pytest.raises(SoftgateError):
+        call_with_retries(fn, policy=RetryPolicy(), timeout=5)
+    assert n["k"] == 1
+
+
+def test_normalise_target() -> None:
+    assert normalise_target("localhost") == ("localhost:50051", False)
+    assert normalise_target("127.0.0.1:9") == ("127.0.0.1:9", False)
+    assert normalise_target("[::1]:9") == ("[::1]:9", False)
+    assert normalise_target("dns:///softgate.ns.svc:50051") == ("dns:///softgate.ns.svc:50051", True)
+    assert normalise_target("softgate-headless:50051") == ("softgate-headless:50051", True)
+    assert normalise_target("unix:/tmp/s.sock") == ("unix:/tmp/s.sock", False)

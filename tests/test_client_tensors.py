@@ -1,0 +1,100 @@
+"""Client-side array plumbing and configuration (no server needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from softgate_client import config as cfg
+from softgate_client._tensors import ArrayInputError, from_le_bytes, le_bytes, make_layout, to_numpy
+
+
+def test_le_bytes_roundtrip_and_byteorder() -> None:
+    a = np.arange(10, dtype=np.float32) / 3
+    assert le_bytes(a) == a.astype("<f4").tobytes()
+    big = a.astype(">f4")
+    assert le_bytes(big) == a.astype("<f4").tobytes()
+    back = from_le_bytes(le_bytes(a), np.float32)
+    np.testing.assert_array_equal(back, a)
+    # non-contiguous input
+    m = np.arange(20, dtype=np.float64).reshape(4, 5)[:, 1]
+    np.testing.assert_array_equal(from_le_bytes(le_bytes(m), np.float64), m)
+    with pytest.raises(ValueError):
+        from_le_bytes(b"abc", np.float32)
+
+
+def test_padded_layout_drops_trailing_padding_keeps_interior_mask() -> None:
+    logp = np.arange(12, dtype=np.float32).reshape(3, 4)
+    mask = np.array([[1, 1, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]], dtype=np.float32)
+    lay = make_layout(logp, mask=mask)
+    assert lay.offsets.tolist() == [0, 2, 5, 5]
+    assert lay.flatten(logp, "logp").tolist() == [0, 1, 4, 5, 6]
+    assert lay.mask is not None and lay.mask.tolist() == [True, True, True, False, True]
+    back = lay.unflatten(np.array([1, 2, 3, 4, 5], dtype=np.float32))
+    assert back.tolist() == [[1, 2, 0, 0], [3, 4, 5, 0], [0, 0, 0, 0]]
+
+
+def test_padded_layout_prefix_mask_sends_no_mask() -> None:
+    logp = np.zeros((2, 3), dtype=np.float32)
+    lay = make_layout(logp, mask=np.array([[True, True, False], [True, False, False]]))
+    assert lay.mask is None
+    assert lay.offsets.tolist() == [0, 2, 3]
+
+
+def test_padded_without_mask_is_full_grid_without_copy() -> None:
+    logp = np.ones((2, 3), dtype=np.float64)
+    lay = make_layout(logp)
+    assert lay.valid is None and lay.mask is None
+    assert lay.offsets.tolist() == [0, 3, 6]
+    flat = lay.flatten(logp, "logp")
+    assert np.shares_memory(flat, logp)
+    assert lay.unflatten(flat).shape == (2, 3)
+
+
+def test_padded_with_lengths() -> None:
+    logp = np.arange(6, dtype=np.float32).reshape(2, 3)
+    lay = make_layout(logp, lengths=[1, 3])
+    assert lay.offsets.tolist() == [0, 1, 4]
+    assert lay.flatten(logp, "logp").tolist() == [0, 3, 4, 5]
+
+
+def test_ragged_layout() -> None:
+    logp = np.zeros(5, dtype=np.float32)
+    assert make_layout(logp, lengths=[2, 0, 3]).offsets.tolist() == [0, 2, 2, 5]
+    assert make_layout(logp, offsets=np.array([0, 5])).offsets.tolist() == [0, 5]
+    with pytest.raises(ArrayInputError, match="offsets"):
+        make_layout(logp)
+    with pytest.raises(ArrayInputError, match="mask"):
+        make_layout(logp, lengths=[5], mask=np.ones(4))
+
+
+def test_shape_errors_name_the_field() -> None:
+    lay = make_layout(np.zeros((2, 3), np.float32))
+    with pytest.raises(ArrayInputError, match=r"old_logp: bad_shape"):
+        lay.flatten(np.zeros((2, 4), np.float32), "old_logp")
+
+
+def test_torch_inputs_and_half_precision_refused() -> None:
+    torch = pytest.importorskip("torch")
+    t = torch.arange(4, dtype=torch.float32, requires_grad=True)
+    a = to_numpy(t, "logp")
+    assert a.dtype == np.float32 and a.tolist() == [0, 1, 2, 3]
+    with pytest.raises(ArrayInputError, match="half_precision"):
+        to_numpy(t.to(torch.bfloat16), "logp")
+
+
+def test_build_loss_config_flat_keywords() -> None:
+    c = cfg.build_loss_config(
+        tau_pos=2.0, objective="sapo", aggregation="token_mean", num_tokens=100, kl_beta=0.1, outputs="ratio"
+    )
+    assert c.objective == cfg.Objective("sapo", {"tau_pos": 2.0})
+    assert c.aggregation == cfg.AggregationConfig(mode="token_mean", num_tokens=100)
+    assert c.kl == cfg.KLConfig(beta=0.1)
+    assert c.outputs == ("ratio",)
+    assert c.mismatch is None
+    c2 = cfg.build_loss_config(c, objective=cfg.grpo(eps_high=0.28), kl=cfg.KLConfig("k1", 0.5))
+    assert c2.objective.params == {"eps_high": 0.28}
+    assert c2.kl == cfg.KLConfig("k1", 0.5)
+    with pytest.raises(ValueError, match="unknown parameter"):
+        cfg.build_loss_config(objective="reinforce", tau_pos=1.0)
+    with pytest.raises(TypeError, match="unknown loss option"):
+        cfg.build_loss_config(bogus=1)
