@@ -138,6 +138,13 @@ def test_strict_validation_catches_a_typo() -> None:
 # ---------------------------------------------------------------- the server's contract
 
 
+def test_ports_are_the_server_defaults() -> None:
+    """The images EXPOSE, and `docker run -p` in deploy/README.md maps, the defaults."""
+    from softgate.settings import Settings
+
+    assert (Settings().grpc_port, Settings().admin_port) == (GRPC_PORT, ADMIN_PORT)
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_probes_ports_and_health_service(overlay: str) -> None:
     c = container(render(overlay))
@@ -145,21 +152,35 @@ def test_probes_ports_and_health_service(overlay: str) -> None:
     assert ports == {"grpc": GRPC_PORT, "admin": ADMIN_PORT}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert c[probe]["grpc"] == {"port": ports["grpc"], "service": HEALTH_SERVICE}, probe
-    e = env(c)
-    assert int(e["SOFTGATE_PORT"]) == ports["grpc"] and int(e["SOFTGATE_ADMIN_PORT"]) == ports["admin"]
+    settings = server_settings(c)
+    assert (settings.grpc_port, settings.admin_port) == (ports["grpc"], ports["admin"])
+
+
+def server_settings(c: dict[str, Any]) -> Any:
+    """The server's Settings as `softgate serve` would load them from the container's env."""
+    from softgate.settings import Settings, field_names
+
+    softgate_env = {k: v for k, v in env(c).items() if k.startswith("SOFTGATE_")}
+    unknown = {k for k in softgate_env if k.removeprefix("SOFTGATE_").lower() not in field_names()}
+    assert not unknown, f"not server settings: {unknown}"
+    assert all(isinstance(v, str) for v in softgate_env.values())
+    return Settings.load(env=softgate_env)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_drain_fits_in_the_termination_grace_period(overlay: str) -> None:
     pod = one(render(overlay), "Deployment")["spec"]["template"]["spec"]
     c = pod["containers"][0]
-    grace = float(env(c)["SOFTGATE_GRACE_SECONDS"])
+    settings = server_settings(c)
+    assert "SOFTGATE_GRACE_SECONDS" in env(c), "set explicitly: the grace period below depends on it"
+    grace = settings.grace_seconds
     pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
     assert pod["terminationGracePeriodSeconds"] >= pre_stop + grace + 5
     # liveness must not fire during a drain (the server is NOT_SERVING then)
     live = c["livenessProbe"]
     assert live["periodSeconds"] * live["failureThreshold"] > pre_stop + grace
-    assert float(env(c)["SOFTGATE_MAX_CONNECTION_AGE_S"]) > 0
+    # clients re-resolve the headless Service's DNS when their connection is aged out
+    assert settings.max_connection_age_s is not None and settings.max_connection_age_s > 0
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -324,6 +345,10 @@ def test_dockerfile(path: Path) -> None:
     assert "libjemalloc2" in final_runs and preload[1] in final_runs, (
         "installed and linked in the final stage"
     )
+    from softgate.settings import field_names
+
+    for var in re.findall(r"\b(SOFTGATE_\w+)=", envs):
+        assert var.removeprefix("SOFTGATE_").lower() in field_names(), var
     exposed = {int(p) for i, a in final_instr if i == "EXPOSE" for p in a.split()}
     assert exposed == {GRPC_PORT, ADMIN_PORT}
 
