@@ -31,6 +31,7 @@ LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
 MAX_REASONS = 64
+DEFAULT_CPU_SAMPLE_TOKENS = 1 << 19
 log = logging.getLogger("softgate.observability")
 _REASON_BAD = re.compile(r"[^a-z0-9_]+")
 
@@ -75,15 +76,25 @@ def _f(metrics: dict[str, Any], key: str) -> float | None:
 class PrometheusTelemetry(Telemetry):
     """Exports requests, rejections and the trust-region statistics of every loss.
 
-    `settings` may be any object; read are `max_runs` (default 32) and, optionally,
-    `metrics_cpu_sample_tokens` (see `distributions.Bucketer`) and `device`.
+    `settings` may be any object; read are `max_runs` (default 32), `device` and, optionally,
+    `metrics_cpu_sample_tokens`. `cpu_sample_tokens` (default: that attribute, else 524288;
+    None: exact) bounds the tokens bucketed per batch on a CPU device (see
+    `distributions.Bucketer`); on CUDA every token is bucketed.
     """
 
-    def __init__(self, settings: Any = None, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        settings: Any = None,
+        registry: CollectorRegistry | None = None,
+        cpu_sample_tokens: int | None | str = "settings",
+    ) -> None:
         self.settings = settings
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self.max_runs = int(getattr(settings, "max_runs", None) or 32)
-        sample = getattr(settings, "metrics_cpu_sample_tokens", 1 << 19)
+        if cpu_sample_tokens == "settings":
+            sample = getattr(settings, "metrics_cpu_sample_tokens", DEFAULT_CPU_SAMPLE_TOKENS)
+        else:
+            sample = cpu_sample_tokens
         self.bucketer = Bucketer(cpu_sample_tokens=sample)
         self.lock = threading.Lock()
         self.runs = RunRegistry(self.max_runs)
@@ -133,7 +144,9 @@ class PrometheusTelemetry(Telemetry):
     def set_device(self, device: Any = None) -> None:
         import torch
 
-        dev = str(device) if device else ("cuda:0" if torch.cuda.is_available() else "cpu")
+        dev = str(device) if device and str(device) != "auto" else ""
+        if not dev:
+            dev = "cuda:0" if torch.cuda.is_available() else "cpu"
         name = "cpu"
         if dev.startswith("cuda") and torch.cuda.is_available():
             try:
