@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 
 import httpx
@@ -13,22 +12,13 @@ from softgate.admin import create_app
 from softgate.admin.server import ThreadedAdminServer
 from softgate.engine import OBJECTIVES, LossConfig, LossResult
 from softgate.observability import PrometheusTelemetry
+from softgate.settings import Settings
 
 TOKEN = "s3cret-token"
 
 
-@dataclasses.dataclass
-class FakeSettings:
-    """Stands in for softgate.settings.Settings: only what the admin app reads."""
-
-    admin_token: str | None = TOKEN
-    max_runs: int = 4
-    grpc_port: int = 50051
-
-    def redacted(self) -> dict[str, object]:
-        d = dataclasses.asdict(self)
-        d["admin_token"] = "***" if self.admin_token else None
-        return d
+def FakeSettings(admin_token: str | None = TOKEN) -> Settings:
+    return Settings(admin_token=admin_token, max_runs=4, grpc_port=50051)
 
 
 def _result(n: int = 256, seed: int = 0) -> LossResult:
