@@ -123,3 +123,39 @@ def test_normalise_target() -> None:
     assert normalise_target("dns:///softgate.ns.svc:50051") == ("dns:///softgate.ns.svc:50051", True)
     assert normalise_target("softgate-headless:50051") == ("softgate-headless:50051", True)
     assert normalise_target("unix:/tmp/s.sock") == ("unix:/tmp/s.sock", False)
+
+
+def test_run_metadata_and_round_robin_options() -> None:
+    import json
+
+    from softgate_client import SoftgateClient
+    from softgate_client._channel import channel_options
+    from softgate_client.proto.softgate.v1 import softgate_pb2 as pb
+    from softgate_client.proto.softgate.v1 import softgate_pb2_grpc as pb_grpc
+
+    seen: list[dict[str, str]] = []
+
+    class Recorder(pb_grpc.LossServiceServicer):
+        def ListAlgorithms(self, request, context):
+            seen.append(dict(context.invocation_metadata()))
+            return pb.ListAlgorithmsResponse(server_version="test")
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    pb_grpc.add_LossServiceServicer_to_server(Recorder(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with SoftgateClient(f"127.0.0.1:{port}", run="llama-sapo-3") as c:
+            assert c.algorithms().server_version == "test"
+        with SoftgateClient(f"127.0.0.1:{port}") as c:
+            c.algorithms()
+    finally:
+        server.stop(None)
+    assert seen[0].get("softgate-run") == "llama-sapo-3"
+    assert "softgate-run" not in seen[1]
+
+    opts = dict(channel_options(max_message_bytes=1 << 20, round_robin=True))
+    assert opts["grpc.lb_policy_name"] == "round_robin"
+    assert json.loads(opts["grpc.service_config"])["loadBalancingConfig"] == [{"round_robin": {}}]
+    assert opts["grpc.max_receive_message_length"] == 1 << 20
+    assert "grpc.lb_policy_name" not in dict(channel_options(max_message_bytes=1, round_robin=False))

@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 
 DEFAULT_PORT = 50051
-DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+DEFAULT_MAX_MESSAGE_BYTES = 512 * 1024 * 1024  # the server default
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from softgate_client.proto.softgate.v1 import softgate_pb2_grpc as pb_grpc
 RUN_METADATA_KEY = "softgate-run"
 DEFAULT_TIMEOUT = 300.0
 DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024
+_LIMIT_PROBE_BYTES = 4 * 1024 * 1024
 
 _NP_TO_DTYPE: dict[np.dtype, int] = {
     np.dtype(np.float32): pb.DTYPE_FLOAT32,
@@ -426,6 +427,7 @@ class SoftgateClient:
         )
         self._stub = pb_grpc.LossServiceStub(self._channel)
         self.last_result: LossResult | None = None
+        self._server_max_message_bytes: int | None = None
 
     # -------------------------------------------------------- plumbing
 
@@ -444,6 +446,21 @@ class SoftgateClient:
 
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
+
+    def _threshold(self, nbytes: int) -> int:
+        """The stream threshold, lowered to 90% of the server's own message limit: that limit
+        is asked once (ListAlgorithms) the first time a request is large enough to matter."""
+        if nbytes > _LIMIT_PROBE_BYTES and self._server_max_message_bytes is None:
+            try:
+                limits = self.algorithms(timeout=10).limits
+                self._server_max_message_bytes = int(limits.max_message_bytes)
+            except Exception:  # an old or unreachable server: the call itself will tell
+                self._server_max_message_bytes = 0
+            if self._server_max_message_bytes > 0:
+                server_cap = int(self._server_max_message_bytes * 0.9)
+                self.stream_threshold_bytes = min(self.stream_threshold_bytes, server_cap)
+                self.stream_chunk_bytes = min(self.stream_chunk_bytes, self.stream_threshold_bytes)
+        return self.stream_threshold_bytes
 
     # -------------------------------------------------------- RPCs
 
@@ -561,7 +578,9 @@ class SoftgateClient:
         """`loss` for an already packed batch (see `pack_batch`)."""
         proto_cfg = loss_config_to_proto(c)
         sel = output_selection(c.outputs)
-        use_stream = stream if stream is not None else packed.nbytes > self.stream_threshold_bytes
+        if stream is None:
+            stream = packed.nbytes > self._threshold(packed.nbytes)
+        use_stream = stream
         md = self._metadata(run)
         if use_stream:
             result = self._stream_loss(packed, proto_cfg, sel, md, timeout)

@@ -155,7 +155,7 @@ def build_loss_config(config: LossConfig | None = None, **kw: Any) -> LossConfig
                           outputs=("ratio",))
 
     `objective` may be a name or an `Objective`; objective parameters (`tau_pos`, `eps_low`, ...)
-    are flat keywords; sections (`advantages=AdvantageConfig(...)`, `kl=KLConfig(...)`, ...)
+    are flat keywords; sections (`advantage_config=AdvantageConfig(...)`, `kl=KLConfig(...)`, ...)
     may be given whole; `aggregation` may be a mode name or an `AggregationConfig`.
     """
     base = config or LossConfig()
@@ -179,6 +179,8 @@ def build_loss_config(config: LossConfig | None = None, **kw: Any) -> LossConfig
     for key, val in kw.items():
         if val is None:
             continue
+        if key == "advantage_config":  # `advantages=` of SoftgateClient.loss is the batch's own
+            key = "advantages"
         if key in all_params:
             obj_params[key] = float(val)
         elif key in _SECTIONS and not (key == "aggregation" and isinstance(val, str)):

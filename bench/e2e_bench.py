@@ -1,0 +1,478 @@
+"""End-to-end benchmark: softgate's SAPO loss with gradient over loopback gRPC, against a
+raw-bytes gRPC echo server moving the same bytes, in the same run.
+
+Per size N (4k, 1M, 16M tokens): three float32 inputs in (logp, old_logp, per-token
+advantages: 12 N bytes), the float32 gradient out (4 N bytes). The echo server gets the same
+12 N bytes and sends back 4 N bytes (bench/echo_server.py: no protobuf, no compute). Both are
+called through the same client-side path (numpy -> little-endian bytes -> gRPC), interleaved,
+and batches above the stream threshold are chunked the same way for both.
+
+Also measured: the memory allocator of all three processes (glibc malloc vs jemalloc vs
+tcmalloc through LD_PRELOAD; Debian packages libjemalloc2 and libtcmalloc-minimal4, installed
+with apt-get when missing unless --no-install) and the StreamLoss chunk size.
+
+    python bench/e2e_bench.py            # full: about 3-5 min on 2 cores
+    python bench/e2e_bench.py --quick    # about 1 min
+    python bench/e2e_bench.py --json out.json
+
+Targets (issue 3): 16M-token throughput >= 80% of echo; 4k median latency <= 0.5 ms over echo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+MiB = 1 << 20
+SEQ_LEN = 1024
+ALLOCATORS = {
+    "glibc": None,
+    "jemalloc": ("libjemalloc2", ["libjemalloc.so.2"]),
+    "tcmalloc": ("libtcmalloc-minimal4", ["libtcmalloc_minimal.so.4"]),
+}
+LIB_DIRS = ["/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib", "/usr/lib64"]
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def find_lib(names: list[str]) -> str | None:
+    for d in LIB_DIRS:
+        for n in names:
+            p = Path(d) / n
+            if p.exists():
+                return str(p)
+    return None
+
+
+def ensure_allocators(install: bool) -> dict[str, str | None]:
+    """{name: LD_PRELOAD path or None for glibc}; missing ones are apt-get installed when allowed."""
+    out: dict[str, str | None] = {"glibc": None}
+    missing = []
+    for spec in ALLOCATORS.values():
+        if spec is None:
+            continue
+        pkg, libs = spec
+        if find_lib(libs) is None:
+            missing.append(pkg)
+    if missing and install and shutil.which("apt-get"):
+        sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
+        print(f"# installing {' '.join(missing)} with apt-get", flush=True)
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run([*sudo, "apt-get", "update", "-qq"], env=env, timeout=300, check=False)
+        subprocess.run(
+            [*sudo, "apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
+            env=env,
+            timeout=600,
+            check=False,
+            stdout=subprocess.DEVNULL,
+        )
+    for name, spec in ALLOCATORS.items():
+        if spec is None:
+            continue
+        path = find_lib(spec[1])
+        if path is None:
+            print(f"# {name}: not available (Debian package {spec[0]}), skipped", flush=True)
+        else:
+            out[name] = path
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"port {port} not listening after {timeout}s")
+
+
+def env_with(preload: str | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("LD_PRELOAD", None)
+    if preload:
+        env["LD_PRELOAD"] = preload
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def start_servers(
+    preload: str | None, max_message_bytes: int
+) -> tuple[list[subprocess.Popen[bytes]], int, int]:
+    env = env_with(preload)
+    sg_port, echo_port = free_port(), free_port()
+    sg = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "softgate.cli",
+            "serve",
+            "--grpc-host",
+            "127.0.0.1",
+            "--grpc-port",
+            str(sg_port),
+            "--admin-port",
+            "-1",
+            "--device",
+            "cpu",
+            "--max-message-bytes",
+            str(max_message_bytes),
+            "--log-level",
+            "WARNING",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
+    echo = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "echo_server.py"),
+            "--port",
+            str(echo_port),
+            "--max-message-bytes",
+            str(max_message_bytes),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
+    procs = [sg, echo]
+    try:
+        wait_port(echo_port, echo)
+        wait_port(sg_port, sg)
+    except Exception:
+        stop(procs)
+        raise
+    return procs, sg_port, echo_port
+
+
+def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+# ---------------------------------------------------------------- the worker (client side)
+
+
+def make_batch(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    logp = (-rng.random(n, dtype=np.float32) * 3 - 0.01).astype(np.float32)
+    old = (logp + rng.standard_normal(n, dtype=np.float32) * 0.05).clip(max=-1e-4).astype(np.float32)
+    adv = rng.standard_normal(n, dtype=np.float32)
+    b = max(1, n // SEQ_LEN)
+    lengths = np.full(b, n // b, dtype=np.int64)
+    lengths[-1] += n - int(lengths.sum())
+    return {"logp": logp, "old_logp": old, "advantages": adv, "lengths": lengths}
+
+
+class EchoClient:
+    """Sends the same bytes as the softgate request (12 N) and receives 4 N bytes back,
+    chunked like StreamLoss when the batch is above the stream threshold."""
+
+    def __init__(self, port: int, max_message_bytes: int, threshold: int, chunk: int) -> None:
+        import grpc
+        from echo_server import STREAM, UNARY
+
+        opts = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
+        self.ch = grpc.insecure_channel(f"127.0.0.1:{port}", options=opts)
+        self.unary = self.ch.unary_unary(UNARY)
+        self.stream = self.ch.stream_stream(STREAM)
+        self.threshold = threshold
+        self.chunk = chunk
+
+    def call(self, b: dict[str, np.ndarray]) -> np.ndarray:
+        from softgate_client._tensors import from_le_bytes, le_bytes
+
+        arrays = [b["logp"], b["old_logp"], b["advantages"]]
+        n = b["logp"].shape[0]
+        total = sum(a.nbytes for a in arrays)
+        if total <= self.threshold:
+            out = 4 * n
+            req = b"".join([out.to_bytes(8, "little"), *(le_bytes(a) for a in arrays)])
+            return from_le_bytes(self.unary(req), np.float32)
+        tok = max(1, self.chunk // 12)
+
+        def reqs():
+            for s in range(0, n, tok):
+                e = min(n, s + tok)
+                yield b"".join([(4 * (e - s)).to_bytes(8, "little"), *(le_bytes(a[s:e]) for a in arrays)])
+
+        return from_le_bytes(b"".join(self.stream(reqs())), np.float32)
+
+    def close(self) -> None:
+        self.ch.close()
+
+
+def worker(args: argparse.Namespace) -> None:
+    from softgate_client import SoftgateClient
+
+    sizes = [int(s) for s in args.sizes.split(",")]
+    reps = {int(k): int(v) for k, v in (kv.split(":") for kv in args.reps.split(","))}
+    threshold = args.stream_threshold or int(0.9 * args.max_message_bytes)
+    sg = SoftgateClient(
+        f"127.0.0.1:{args.sg_port}",
+        max_message_bytes=args.max_message_bytes,
+        stream_threshold_bytes=threshold,
+        stream_chunk_bytes=args.chunk_bytes,
+        run="e2e-bench",
+        timeout=600,
+    )
+    echo = EchoClient(args.echo_port, args.max_message_bytes, threshold, args.chunk_bytes)
+    results = []
+    for n in sizes:
+        b = make_batch(n)
+
+        def sg_call(b: dict[str, np.ndarray] = b) -> Any:
+            return sg.loss(
+                b["logp"], b["old_logp"], lengths=b["lengths"], advantages=b["advantages"], objective="sapo"
+            )
+
+        def echo_call(b: dict[str, np.ndarray] = b) -> Any:
+            return echo.call(b)
+
+        r = sg_call()  # warm-up, and a check that the gradient came back
+        assert r.grad.shape == (n,) and np.isfinite(r.loss)
+        g = echo_call()
+        assert g.shape == (n,)
+        k = reps.get(n, 3)
+        t_sg, t_echo = [], []
+        for _ in range(k):  # interleaved, so that noise from shared cores hits both alike
+            t0 = time.perf_counter()
+            sg_call()
+            t1 = time.perf_counter()
+            echo_call()
+            t2 = time.perf_counter()
+            t_sg.append(t1 - t0)
+            t_echo.append(t2 - t1)
+        res = {
+            "tokens": n,
+            "reps": k,
+            "streamed": bool(r.streamed),
+            "chunks": int(r.chunks),
+            "softgate_median_s": statistics.median(t_sg),
+            "echo_median_s": statistics.median(t_echo),
+            "softgate_min_s": min(t_sg),
+            "echo_min_s": min(t_echo),
+        }
+        res["throughput_ratio"] = res["echo_median_s"] / res["softgate_median_s"]
+        res["latency_diff_ms"] = (res["softgate_median_s"] - res["echo_median_s"]) * 1e3
+        res["softgate_mtok_s"] = n / res["softgate_median_s"] / 1e6
+        res["echo_mtok_s"] = n / res["echo_median_s"] / 1e6
+        results.append(res)
+    sg.close()
+    echo.close()
+    print("RESULT " + json.dumps(results), flush=True)
+
+
+def engine_only(n: int, reps: int) -> float:
+    """Median seconds of the in-process engine on the same batch (the compute floor)."""
+    import torch
+    from softgate.engine import Batch, Engine, LossConfig
+
+    b = make_batch(n)
+    batch = Batch(
+        logp=torch.from_numpy(b["logp"]),
+        old_logp=torch.from_numpy(b["old_logp"]),
+        advantages=torch.from_numpy(b["advantages"]),
+        offsets=Batch.offsets_from_lengths(torch.from_numpy(b["lengths"])),
+    )
+    eng = Engine(device="cpu", compile=False)
+    eng.loss(batch, LossConfig())
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        eng.loss(batch, LossConfig())
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+# ---------------------------------------------------------------- orchestration
+
+
+def run_config(
+    name: str, preload: str | None, chunk: int, sizes: list[int], reps: str, args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    procs, sg_port, echo_port = start_servers(preload, args.max_message_bytes)
+    try:
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            "--sg-port",
+            str(sg_port),
+            "--echo-port",
+            str(echo_port),
+            "--sizes",
+            ",".join(map(str, sizes)),
+            "--reps",
+            reps,
+            "--chunk-bytes",
+            str(chunk),
+            "--max-message-bytes",
+            str(args.max_message_bytes),
+        ]
+        if args.stream_threshold:
+            cmd += ["--stream-threshold", str(args.stream_threshold)]
+        out = subprocess.run(cmd, env=env_with(preload), capture_output=True, text=True, timeout=900)
+        if out.returncode != 0:
+            raise RuntimeError(f"worker failed ({name}):\n{out.stderr[-3000:]}")
+        line = next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT "))
+        res = json.loads(line[len("RESULT ") :])
+        for r in res:
+            r["allocator"] = name
+            r["chunk_bytes"] = chunk
+        return res
+    finally:
+        stop(procs)
+
+
+def fmt_row(r: dict[str, Any]) -> str:
+    return (
+        f"| {r['allocator']} | {r['chunk_bytes'] // MiB} MiB | {r['tokens']:,} | "
+        f"{'stream x' + str(r['chunks']) if r['streamed'] else 'unary'} | "
+        f"{r['softgate_median_s'] * 1e3:.2f} | {r['echo_median_s'] * 1e3:.2f} | "
+        f"{r['throughput_ratio'] * 100:.0f}% | {r['latency_diff_ms']:+.2f} |"
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description="softgate end-to-end loopback benchmark vs a raw-bytes echo server"
+    )
+    p.add_argument("--quick", action="store_true", help="fewer repetitions and configurations (about 1 min)")
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--no-install", action="store_true", help="never apt-get install allocators")
+    p.add_argument("--max-message-bytes", type=int, default=512 * MiB)
+    p.add_argument(
+        "--stream-threshold", type=int, default=0, help="0: the client default (90%% of the limit)"
+    )
+    p.add_argument(
+        "--chunk-bytes", type=int, default=0, help="chunk size of the allocator sweep (0: client default)"
+    )
+    # worker mode (internal)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--sg-port", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--echo-port", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--sizes", default="", help=argparse.SUPPRESS)
+    p.add_argument("--reps", default="", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        worker(args)
+        return
+
+    from softgate_client.client import DEFAULT_CHUNK_BYTES
+
+    default_chunk = args.chunk_bytes or DEFAULT_CHUNK_BYTES
+    t_start = time.monotonic()
+    k4, m1, m16 = 4096, 1 << 20, 16 << 20
+    if args.quick:
+        sizes, reps = [k4, m1, m16], f"{k4}:100,{m1}:3,{m16}:1"
+        chunk_sweep = [4 * MiB, 64 * MiB]
+        sweep_reps = f"{m16}:1"
+    else:
+        sizes, reps = [k4, m1, m16], f"{k4}:300,{m1}:5,{m16}:2"
+        chunk_sweep = [1 * MiB, 4 * MiB, 64 * MiB]
+        sweep_reps = f"{m16}:2"
+    allocs = ensure_allocators(not args.no_install)
+    print(
+        f"# python {sys.version.split()[0]}, {os.cpu_count()} cores; allocators: {list(allocs)}", flush=True
+    )
+    rows: list[dict[str, Any]] = []
+    for name, preload in allocs.items():
+        print(f"# allocator {name} (chunk {default_chunk // MiB} MiB) ...", flush=True)
+        res = run_config(name, preload, default_chunk, sizes, reps, args)
+        rows.extend(res)
+        for r in res:
+            print(fmt_row(r), flush=True)
+    # the best allocator by 16M throughput ratio, then the chunk sweep under it
+    big = [r for r in rows if r["tokens"] == m16]
+    best_alloc = min(big, key=lambda r: r["softgate_median_s"])["allocator"]
+    for chunk in chunk_sweep:
+        if chunk == default_chunk:
+            continue
+        print(f"# chunk {chunk // MiB} MiB ({best_alloc}) ...", flush=True)
+        res = run_config(best_alloc, allocs[best_alloc], chunk, [m16], sweep_reps, args)
+        rows.extend(res)
+        for r in res:
+            print(fmt_row(r), flush=True)
+    eng = engine_only(m16, 1 if args.quick else 2)
+    eng1m = engine_only(m1, 3)
+    elapsed = time.monotonic() - t_start
+
+    print()
+    print(
+        "| allocator | chunk | tokens | call | softgate ms | echo ms | throughput vs echo | latency diff ms |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(fmt_row(r))
+    base16 = next(
+        r
+        for r in rows
+        if r["tokens"] == m16 and r["allocator"] == "glibc" and r["chunk_bytes"] == default_chunk
+    )
+    base4k = next(r for r in rows if r["tokens"] == k4 and r["allocator"] == "glibc")
+    best16 = min((r for r in rows if r["tokens"] == m16), key=lambda r: r["softgate_median_s"])
+    best4k = min((r for r in rows if r["tokens"] == k4), key=lambda r: r["latency_diff_ms"])
+    print()
+    print(
+        f"16M tokens, glibc, chunk {default_chunk // MiB} MiB: softgate {base16['softgate_mtok_s']:.2f} Mtok/s, "
+        f"echo {base16['echo_mtok_s']:.2f} Mtok/s -> {base16['throughput_ratio'] * 100:.0f}% of echo (target >= 80%)"
+    )
+    print(
+        f"4k tokens, glibc: median latency softgate {base4k['softgate_median_s'] * 1e3:.2f} ms, echo "
+        f"{base4k['echo_median_s'] * 1e3:.2f} ms -> {base4k['latency_diff_ms']:+.2f} ms over echo (target <= 0.5 ms)"
+    )
+    print(
+        f"in-process engine alone (CPU, same batch): 16M {eng * 1e3:.0f} ms, 1M {eng1m * 1e3:.1f} ms; "
+        f"16M transport+codec overhead over the engine: {(base16['softgate_median_s'] - eng) * 1e3:.0f} ms"
+    )
+    print(
+        f"best 16M: {best16['allocator']}, chunk {best16['chunk_bytes'] // MiB} MiB "
+        f"({best16['softgate_median_s'] * 1e3:.0f} ms, {best16['throughput_ratio'] * 100:.0f}% of echo); "
+        f"best 4k latency: {best4k['allocator']} ({best4k['latency_diff_ms']:+.2f} ms)"
+    )
+    print(f"bench wall time {elapsed:.0f} s")
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {"rows": rows, "engine_16m_s": eng, "engine_1m_s": eng1m, "elapsed_s": elapsed}, indent=1
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()

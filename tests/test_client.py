@@ -1,0 +1,489 @@
+"""SoftgateClient against a real softgate server on loopback: values equal the in-process
+engine bit for bit, unary and streamed; padded == ragged; torch adapter; errors; retries; TLS."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from softgate.engine import Batch, LossConfig
+from softgate.engine import config as ec
+from softgate_client import (
+    AdvantageConfig,
+    InvalidArgumentError,
+    KLConfig,
+    MismatchConfig,
+    RetryPolicy,
+    SoftgateClient,
+    UnavailableError,
+)
+from softgate_client.torch import softgate_loss
+from test_client_harness import ServerThread, engine, free_port
+
+ALL_OUTPUTS = ("advantages", "ratio", "gate_weight", "clip_mask", "mask")
+
+
+@pytest.fixture(scope="module")
+def server():
+    with ServerThread() as s:
+        yield s
+
+
+@pytest.fixture()
+def client(server):
+    with SoftgateClient(f"127.0.0.1:{server.port}", run="client-tests", timeout=60) as c:
+        yield c
+
+
+def padded_batch(seed: int = 0, b: int = 12, t: int = 40, dtype=np.float32) -> dict[str, np.ndarray]:
+    """A padded batch: right padding, some interior masked tokens, one empty row, 3 groups."""
+    rng = np.random.default_rng(seed)
+    logp = (-rng.random((b, t)) * 3 - 0.05).astype(dtype)
+    old = np.minimum(logp + rng.standard_normal((b, t)) * 0.2, -1e-3).astype(dtype)
+    ref = np.minimum(logp + rng.standard_normal((b, t)) * 0.1, -1e-3).astype(dtype)
+    rollout = np.minimum(old + rng.standard_normal((b, t)) * 0.05, -1e-3).astype(dtype)
+    lengths = rng.integers(1, t + 1, b)
+    lengths[3] = 0
+    mask = np.arange(t)[None, :] < lengths[:, None]
+    mask[0, 2] = False  # a tool-output token inside a sequence
+    mask[5, 0] = False
+    logp[~mask] = 7.0  # garbage in masked / padded positions must never matter
+    rewards = rng.integers(0, 2, b).astype(np.float32)
+    group_ids = np.repeat(np.arange(b // 4), 4)[rng.permutation(b)]
+    return {
+        "logp": logp,
+        "old_logp": old,
+        "ref_logp": ref,
+        "rollout_logp": rollout,
+        "mask": mask,
+        "rewards": rewards,
+        "group_ids": group_ids,
+    }
+
+
+def ragged_of(p: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The ragged equivalent the client sends for a padded batch (rows up to their last mask=1)."""
+    mask = p["mask"]
+    t = mask.shape[1]
+    last = np.where(mask.any(1), t - np.argmax(mask[:, ::-1], axis=1), 0)
+    valid = np.arange(t)[None, :] < last[:, None]
+    out = {k: p[k][valid] for k in ("logp", "old_logp", "ref_logp", "rollout_logp", "mask")}
+    out["offsets"] = np.concatenate([[0], np.cumsum(last)]).astype(np.int64)
+    out["rewards"], out["group_ids"] = p["rewards"], p["group_ids"]
+    return out, valid
+
+
+def engine_batch(r: dict[str, np.ndarray]) -> Batch:
+    t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in r.items()}
+    return Batch(
+        logp=t["logp"],
+        offsets=t["offsets"],
+        old_logp=t["old_logp"],
+        mask=t["mask"],
+        ref_logp=t["ref_logp"],
+        rollout_logp=t["rollout_logp"],
+        rewards=t["rewards"],
+        group_ids=t["group_ids"].to(torch.int64),
+    )
+
+
+CASES = [
+    # (client keywords, engine LossConfig)
+    ({"objective": "sapo"}, LossConfig()),
+    (
+        {
+            "objective": "sapo",
+            "tau_pos": 0.7,
+            "tau_neg": 1.3,
+            "aggregation": "token_mean",
+            "num_tokens": 1000,
+        },
+        LossConfig(
+            objective=ec.Sapo(tau_pos=0.7, tau_neg=1.3),
+            aggregation=ec.AggregationConfig(mode="token_mean", num_tokens=1000),
+        ),
+    ),
+    (
+        {"objective": "grpo", "eps_high": 0.28, "dual_clip": 3.0, "estimator": "rloo"},
+        LossConfig(objective=ec.Grpo(eps_high=0.28, dual_clip=3.0), advantages=ec.AdvantageConfig("rloo")),
+    ),
+    (
+        {
+            "objective": "gspo",
+            "kl": KLConfig("k3", 0.05),
+            "mismatch": MismatchConfig(level="sequence", mode="mask", lo=0.2, hi=5.0),
+        },
+        LossConfig(
+            objective=ec.Gspo(),
+            kl=ec.KLConfig("k3", 0.05),
+            mismatch=ec.MismatchConfig(level="sequence", mode="mask", lo=0.2, hi=5.0),
+        ),
+    ),
+    (
+        {
+            "objective": "cispo",
+            "advantage_config": AdvantageConfig("dr_grpo", "batch"),
+            "aggregation": "seq_mean_token_sum",
+        },
+        LossConfig(
+            objective=ec.Cispo(),
+            advantages=ec.AdvantageConfig("dr_grpo", "batch"),
+            aggregation=ec.AggregationConfig(mode="seq_mean_token_sum"),
+        ),
+    ),
+    (
+        {
+            "objective": "gppo",
+            "aggregation": "token_sum_norm",
+            "constant": 512.0,
+            "kl_beta": 0.1,
+            "kl_estimator": "k2",
+        },
+        LossConfig(
+            objective=ec.Gppo(),
+            aggregation=ec.AggregationConfig(mode="token_sum_norm", constant=512.0),
+            kl=ec.KLConfig("k2", 0.1),
+        ),
+    ),
+    (
+        {"objective": "reinforce", "estimator": "reinforce_pp_baseline"},
+        LossConfig(objective=ec.Reinforce(), advantages=ec.AdvantageConfig("reinforce_pp_baseline")),
+    ),
+]
+
+
+def assert_same_as_engine(res, ref, valid=None) -> None:
+    def sent(x):
+        return x if valid is None else x[valid]
+
+    assert res.loss == ref.loss
+    assert res.policy_loss == ref.policy_loss
+    assert res.kl_loss == ref.kl_loss
+    np.testing.assert_array_equal(sent(res.grad), ref.grad.numpy())
+    for name in ALL_OUTPUTS:
+        got = getattr(res, name)
+        if got is not None:
+            np.testing.assert_array_equal(sent(got), getattr(ref, name).numpy(), err_msg=name)
+    for k, v in ref.metrics.items():
+        assert res.metrics[k] == pytest.approx(float(v), nan_ok=True, rel=0, abs=0), k
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_unary_and_streamed_equal_engine_bit_for_bit(client, case) -> None:
+    kw, ref_cfg = CASES[case]
+    p = padded_batch(seed=case)
+    r, valid = ragged_of(p)
+    ref = engine().loss(engine_batch(r), ref_cfg)
+    args = {k: p[k] for k in ("old_logp", "mask", "rewards", "group_ids", "ref_logp", "rollout_logp")}
+    unary = client.loss(p["logp"], **args, outputs=ALL_OUTPUTS, stream=False, **kw)
+    assert not unary.streamed and unary.grad.shape == p["logp"].shape
+    assert_same_as_engine(unary, ref, valid)
+    # padding positions come back as zeros
+    assert (unary.grad[~valid] == 0).all()
+
+    client.stream_chunk_bytes = 700  # a few sequences per chunk; groups span chunks
+    try:
+        streamed = client.loss(p["logp"], **args, outputs=ALL_OUTPUTS, stream=True, **kw)
+    finally:
+        client.stream_chunk_bytes = 16 << 20
+    assert streamed.streamed and streamed.chunks > 2
+    assert_same_as_engine(streamed, ref, valid)
+
+    ragged = client.loss(
+        r["logp"],
+        **{k: r[k] for k in ("old_logp", "mask", "rewards", "group_ids", "ref_logp", "rollout_logp")},
+        offsets=r["offsets"],
+        outputs=ALL_OUTPUTS,
+        **kw,
+    )
+    assert ragged.grad.shape == r["logp"].shape
+    assert_same_as_engine(ragged, ref)
+
+
+def test_automatic_streaming_above_threshold(server) -> None:
+    p = padded_batch(seed=11, b=16, t=64)
+    args = {k: p[k] for k in ("old_logp", "mask", "rewards", "group_ids")}
+    with SoftgateClient(
+        f"127.0.0.1:{server.port}", stream_threshold_bytes=2000, stream_chunk_bytes=1000
+    ) as c:
+        auto = c.loss(p["logp"], **args)
+        forced_unary = c.loss(p["logp"], **args, stream=False)
+    assert auto.streamed and auto.chunks > 1 and not forced_unary.streamed
+    assert auto.loss == forced_unary.loss
+    np.testing.assert_array_equal(auto.grad, forced_unary.grad)
+
+
+def test_float64_torch_inputs_and_lengths(client) -> None:
+    p = padded_batch(seed=3, dtype=np.float64)
+    r, _ = ragged_of(p)
+    lengths = np.diff(r["offsets"])
+    ref = engine().loss(engine_batch(r), LossConfig())
+    tp = {k: torch.from_numpy(v) for k, v in r.items()}
+    res = client.loss(
+        tp["logp"],
+        tp["old_logp"],
+        lengths=lengths,
+        mask=tp["mask"],
+        rewards=tp["rewards"],
+        group_ids=tp["group_ids"],
+    )
+    assert res.grad.dtype == np.float64
+    assert_same_as_engine(res, ref)
+
+
+def test_caller_advantages_per_sequence_and_per_token(client) -> None:
+    p = padded_batch(seed=4)
+    r, valid = ragged_of(p)
+    b = p["logp"].shape[0]
+    seq_adv = np.linspace(-1, 1, b).astype(np.float32)
+    tok_adv = np.broadcast_to(seq_adv[:, None], p["logp"].shape).copy()
+    a = client.loss(p["logp"], p["old_logp"], mask=p["mask"], advantages=seq_adv, outputs=("advantages",))
+    t = client.loss(p["logp"], p["old_logp"], mask=p["mask"], advantages=tok_adv, outputs=("advantages",))
+    ref = engine().loss(
+        Batch(
+            logp=torch.from_numpy(r["logp"]),
+            offsets=torch.from_numpy(r["offsets"]),
+            old_logp=torch.from_numpy(r["old_logp"]),
+            mask=torch.from_numpy(r["mask"]),
+            advantages=torch.from_numpy(seq_adv),
+        ),
+        LossConfig(),
+    )
+    assert_same_as_engine(a, ref, valid)
+    np.testing.assert_array_equal(a.grad, t.grad)
+    np.testing.assert_array_equal(a.advantages[valid], tok_adv[valid])
+
+
+def test_advantages_rpc_equals_engine(client) -> None:
+    rng = np.random.default_rng(5)
+    rewards = rng.random(24).astype(np.float32)
+    gids = np.repeat(np.arange(6), 4)
+    res = client.advantages(rewards, gids, estimator="rloo")
+    ref = engine().advantages(torch.from_numpy(rewards), torch.from_numpy(gids), ec.AdvantageConfig("rloo"))
+    np.testing.assert_array_equal(res.advantages, ref.advantages.numpy())
+    assert res.metrics["num_groups"] == 6
+
+
+def test_algorithms(client) -> None:
+    cat = client.algorithms()
+    names = [o.name for o in cat.objectives]
+    assert names[0] == "sapo" and {"grpo", "gspo", "cispo", "gppo", "reinforce"} <= set(names)
+    assert cat.limits.max_message_bytes > 0
+
+
+# ---------------------------------------------------------------- torch adapter
+
+
+def test_torch_backward_puts_engine_grad_on_padded_logp(client) -> None:
+    p = padded_batch(seed=6)
+    r, valid = ragged_of(p)
+    ref = engine().loss(engine_batch(r), LossConfig())
+    logp = torch.from_numpy(p["logp"]).requires_grad_()
+    loss = softgate_loss(
+        logp,
+        torch.from_numpy(p["old_logp"]),
+        client=client,
+        mask=torch.from_numpy(p["mask"]),
+        rewards=p["rewards"],
+        group_ids=p["group_ids"],
+    )
+    assert loss.dim() == 0 and loss.dtype == torch.float32 and loss.requires_grad
+    assert loss.item() == np.float32(ref.loss)
+    (3 * loss).backward()
+    expect = np.zeros_like(p["logp"])
+    expect[valid] = ref.grad.numpy()
+    np.testing.assert_array_equal(logp.grad.numpy(), 3 * expect)
+    assert loss.softgate_result.metrics["num_groups"] == 3
+    assert client.last_result is loss.softgate_result
+
+
+def test_torch_ragged_return_result_and_graph(client) -> None:
+    p = padded_batch(seed=7)
+    r, _ = ragged_of(p)
+    # logp comes out of a "model": gradients flow on to its parameters
+    w = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    logp = torch.from_numpy(r["logp"]).double() * w
+    loss, result = softgate_loss(
+        logp,
+        r["old_logp"].astype(np.float64),
+        client=client,
+        offsets=r["offsets"],
+        mask=r["mask"],
+        rewards=r["rewards"],
+        group_ids=r["group_ids"],
+        return_result=True,
+    )
+    loss.backward()
+    expect = float((result.grad * r["logp"].astype(np.float64)).sum())
+    assert w.grad is not None and w.grad.item() == pytest.approx(expect, rel=1e-12)
+
+
+@pytest.mark.parametrize("objective", ["reinforce", "sapo"])
+def test_torch_adapter_matches_autograd_of_the_loss(client, objective) -> None:
+    """For a simple case, the service gradient equals torch autograd of the closed-form loss."""
+    rng = np.random.default_rng(8)
+    b, t = 6, 10
+    logp_np = (-rng.random((b, t)) - 0.1).astype(np.float64)
+    old_np = np.minimum(logp_np + rng.standard_normal((b, t)) * 0.3, -1e-3)
+    adv = rng.standard_normal(b).astype(np.float64)
+    lengths = np.array([10, 7, 3, 10, 1, 5])
+    mask = np.arange(t)[None, :] < lengths[:, None]
+
+    logp = torch.tensor(logp_np, requires_grad=True)
+    svc = softgate_loss(logp, old_np, client=client, mask=mask, advantages=adv, objective=objective)
+    svc.backward()
+
+    x = torch.tensor(logp_np, requires_grad=True)
+    ratio = torch.exp(x - torch.from_numpy(old_np))
+    a = torch.from_numpy(adv)[:, None].expand(b, t)
+    if objective == "reinforce":
+        per_tok = -ratio * a
+    else:
+        tau = torch.where(
+            a > 0, torch.tensor(1.0, dtype=torch.float64), torch.tensor(1.05, dtype=torch.float64)
+        )
+        per_tok = -(4 / tau) * torch.sigmoid(tau * (ratio - 1)) * a
+    m = torch.from_numpy(mask).double()
+    ref = ((per_tok * m).sum(1) / m.sum(1)).mean()  # seq_mean_token_mean
+    ref.backward()
+    assert svc.item() == pytest.approx(ref.item(), rel=1e-12)
+    np.testing.assert_allclose(logp.grad.numpy(), x.grad.numpy(), rtol=1e-10, atol=1e-14)
+
+
+# ---------------------------------------------------------------- errors, retries, TLS
+
+
+def test_bad_request_field_violations(client) -> None:
+    p = padded_batch(seed=9)
+    r, _ = ragged_of(p)
+    r["logp"][17] = np.nan
+    with pytest.raises(InvalidArgumentError) as ei:
+        client.loss(
+            r["logp"], r["old_logp"], offsets=r["offsets"], rewards=r["rewards"], group_ids=r["group_ids"]
+        )
+    err = ei.value
+    assert any(v.field == "batch.logp[17]" and v.reason == "non_finite" for v in err.violations), (
+        err.violations
+    )
+    assert "batch.logp[17]: non_finite" in str(err)
+
+    with pytest.raises(InvalidArgumentError) as ei:
+        client.loss(
+            r["logp"] * 0 - 1, offsets=r["offsets"], advantages=np.ones(len(r["offsets"]) - 1), tau_pos=-1.0
+        )
+    assert any(v.field == "config.objective.sapo.tau_pos" for v in ei.value.violations), ei.value.violations
+
+
+def test_client_side_refusals_look_like_server_ones(client) -> None:
+    logp = torch.zeros(4, 5, dtype=torch.bfloat16) - 1
+    with pytest.raises(InvalidArgumentError) as ei:
+        client.loss(logp, advantages=np.ones(4))
+    assert ei.value.violations[0].field == "batch.logp" and ei.value.reasons == ["half_precision"]
+    with pytest.raises(InvalidArgumentError, match=r"batch\.old_logp: bad_shape"):
+        client.loss(np.zeros((4, 5), np.float32) - 1, np.zeros((4, 6), np.float32), advantages=np.ones(4))
+    with pytest.raises(InvalidArgumentError, match=r"config\.advantages\.estimator: unknown_choice"):
+        client.loss(np.zeros((4, 5), np.float32) - 1, advantages=np.ones(4), estimator="nope")
+
+
+def test_retry_until_server_starts() -> None:
+    port = free_port()
+    late = ServerThread(port=port)
+    starter = threading.Timer(1.0, late.start)
+    starter.start()
+    try:
+        with SoftgateClient(
+            f"127.0.0.1:{port}",
+            retries=RetryPolicy(max_attempts=30, initial_backoff=0.05, max_backoff=0.3),
+            timeout=30,
+        ) as c:
+            t0 = time.monotonic()
+            res = c.loss(np.full(8, -1.0, np.float32), lengths=[4, 4], advantages=[1.0, -1.0])
+            assert time.monotonic() - t0 >= 0.5
+        assert np.isfinite(res.loss)
+    finally:
+        starter.join()
+        late.stop()
+
+
+def test_retry_on_unavailable_from_interceptor() -> None:
+    import grpc
+
+    class FailFirst(grpc.aio.ServerInterceptor):
+        def __init__(self, n: int) -> None:
+            self.left = n
+            self.calls = 0
+
+        async def intercept_service(self, continuation, handler_call_details):
+            self.calls += 1
+            if self.left > 0:
+                self.left -= 1
+
+                async def unavailable(request, context):
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "draining")
+
+                return grpc.unary_unary_rpc_method_handler(unavailable)
+            return await continuation(handler_call_details)
+
+    icpt = FailFirst(3)
+    with ServerThread(interceptors=[icpt]) as s:
+        with SoftgateClient(
+            f"127.0.0.1:{s.port}", retries=RetryPolicy(max_attempts=5, initial_backoff=0.01)
+        ) as c:
+            res = c.loss(np.full(8, -1.0, np.float32), lengths=[4, 4], advantages=[1.0, -1.0])
+        assert np.isfinite(res.loss) and icpt.calls == 4
+        icpt.left = 10
+        with (
+            SoftgateClient(f"127.0.0.1:{s.port}", retries=2) as c,
+            pytest.raises(UnavailableError, match="draining"),
+        ):
+            c.loss(np.full(8, -1.0, np.float32), lengths=[4, 4], advantages=[1.0, -1.0])
+
+
+@pytest.mark.parametrize("mutual", [False, True])
+def test_tls_and_mtls(mutual) -> None:
+    import grpc
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    key_pem = cert.private_key_pem.bytes()
+    chain_pem = b"".join(b.bytes() for b in cert.cert_chain_pems)
+    client_cert = ca.issue_cert("trainer@example.org")
+    creds = grpc.ssl_server_credentials(
+        [(key_pem, chain_pem)],
+        root_certificates=ca.cert_pem.bytes() if mutual else None,
+        require_client_auth=mutual,
+    )
+    with ServerThread(server_credentials=creds) as s:
+        kw = {}
+        if mutual:
+            kw = {
+                "client_cert": b"".join(b.bytes() for b in client_cert.cert_chain_pems),
+                "client_key": client_cert.private_key_pem.bytes(),
+            }
+        with SoftgateClient(
+            f"localhost:{s.port}", tls=True, root_certificates=ca.cert_pem.bytes(), retries=1, **kw
+        ) as c:
+            res = c.loss(np.full(8, -1.0, np.float32), lengths=[4, 4], advantages=[1.0, -1.0])
+            assert np.isfinite(res.loss)
+        # without the CA the handshake fails (UNAVAILABLE, not retried forever)
+        with (
+            SoftgateClient(f"localhost:{s.port}", tls=True, retries=1, timeout=5) as c,
+            pytest.raises(UnavailableError),
+        ):
+            c.algorithms()
+        if mutual:  # no client certificate: refused
+            with (
+                SoftgateClient(
+                    f"localhost:{s.port}",
+                    tls=True,
+                    root_certificates=ca.cert_pem.bytes(),
+                    retries=1,
+                    timeout=5,
+                ) as c,
+                pytest.raises(UnavailableError),
+            ):
+                c.algorithms()
