@@ -1,6 +1,7 @@
-"""A real Prometheus scrapes a running softgate admin /metrics while loss traffic flows;
-then every query of the Grafana dashboard is evaluated through Prometheus's HTTP API and
-must return data, and every metric the dashboard names must be one softgate exports.
+"""A real Prometheus scrapes `softgate serve`'s admin /metrics (with the bearer token) while
+a trainer sends loss traffic over gRPC; then every query of the Grafana dashboard is
+evaluated through Prometheus's HTTP API and must return data, and every metric the
+dashboard names must be one softgate exports.
 
 Runs in the default suite (about 20-40 s). Prometheus comes from Debian's package
 (scripts/tools/prometheus.sh); everything listens on 127.0.0.1 only and is stopped at the end.
@@ -12,7 +13,9 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,13 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
-import torch
 import yaml
-from softgate.admin import create_app
-from softgate.admin.server import ThreadedAdminServer, free_port
-from softgate.engine import Batch, Engine, Grpo, Gspo, InputError, LossConfig, Sapo
-from softgate.observability import PrometheusTelemetry
+from softgate.admin.server import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -35,6 +35,8 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "softgate-dashboard.json"
 RULES = ROOT / "deploy" / "prometheus" / "softgate-rules.yaml"
 BASE_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 RUN = "itest-run"
+TOKEN = "integration-admin-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 DEADLINE_S = 60.0
 
 
@@ -48,65 +50,54 @@ def _prometheus() -> str:
 
 
 class Traffic:
-    """Sends loss batches through the real engine into the telemetry until stopped, like
-    the gRPC servicer does: request_started, observe_loss, request_finished; plus a
-    rejected non-finite batch now and then."""
+    """A trainer: sends loss batches to the running server over gRPC (tagged with the run
+    name) until stopped, cycling SAPO, GRPO with dual clip and GSPO; every 7th batch
+    carries a NaN, which the server refuses (INVALID_ARGUMENT, reason non_finite)."""
 
-    def __init__(self, tel: PrometheusTelemetry) -> None:
-        self.tel = tel
-        self.engine = Engine(device="cpu", compile=False)
+    def __init__(self, grpc_target: str) -> None:
+        self.target = grpc_target
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="loss-traffic", daemon=True)
         self.batches = 0
+        self.rejected = 0
         self.error: BaseException | None = None
 
-    def _batch(self, g: torch.Generator, poison: bool = False) -> Batch:
+    def _loop(self) -> None:
+        from softgate_client import InvalidArgumentError, SoftgateClient
+
+        rng = np.random.default_rng(0)
+        options = [
+            {"objective": "sapo"},
+            {"objective": "grpo", "dual_clip": 3.0},
+            {"objective": "gspo"},
+        ]
         n_seqs, length = 16, 64
         n = n_seqs * length
-        logp = -torch.rand(n, generator=g) * 2
-        old = (logp + torch.randn(n, generator=g) * 0.25).clamp(max=0.0)
-        old[:3] = logp[:3] - 25.0  # log-ratio beyond the clamp: counted in clamped_tokens
-        rewards = torch.rand(n_seqs, generator=g)
-        rewards[:4] = 1.0  # one degenerate group
-        if poison:
-            logp[5] = float("nan")
-        return Batch(
-            logp=logp,
-            old_logp=old,
-            offsets=Batch.offsets_from_lengths(torch.full((n_seqs,), length)),
-            rewards=rewards,
-            group_ids=torch.arange(n_seqs) // 4,
-        )
-
-    def _loop(self) -> None:
-        g = torch.Generator().manual_seed(0)
-        configs = [
-            LossConfig(objective=Sapo()),
-            LossConfig(objective=Grpo(dual_clip=3.0)),
-            LossConfig(objective=Gspo()),
-        ]
         i = 0
         try:
-            while not self.stop_event.is_set():
-                poison = i % 7 == 6
-                batch = self._batch(g, poison)
-                config = configs[i % len(configs)]
-                t0 = time.perf_counter()
-                self.tel.request_started("Loss", RUN, batch.num_tokens)
-                try:
-                    result = self.engine.loss(batch, config)
-                except InputError as e:
-                    self.tel.rejected("Loss", e.reasons)
-                    self.tel.request_finished("Loss", RUN, "INVALID_ARGUMENT", time.perf_counter() - t0,
-                                              8 * batch.num_tokens, 64, 0, 0)  # fmt: skip
-                else:
-                    self.tel.observe_loss(RUN, config, result)
-                    self.tel.request_finished("Loss", RUN, "OK", time.perf_counter() - t0,
-                                              8 * batch.num_tokens, 4 * batch.num_tokens, batch.num_tokens,
-                                              batch.num_seqs)  # fmt: skip
-                    self.batches += 1
-                i += 1
-                self.stop_event.wait(0.05)
+            with SoftgateClient(self.target, run=RUN, timeout=30, retries=3) as sg:
+                while not self.stop_event.is_set():
+                    logp = -rng.random(n, dtype=np.float32) * 2
+                    old = np.minimum(logp + rng.normal(0, 0.25, n).astype(np.float32), 0.0)
+                    old[:3] = logp[:3] - 25.0  # log-ratio beyond the clamp: counted in clamped_tokens
+                    rewards = rng.random(n_seqs).astype(np.float32)
+                    rewards[:4] = 1.0  # one degenerate group
+                    if i % 7 == 6:
+                        logp[5] = np.nan
+                    try:
+                        sg.loss(
+                            logp,
+                            old,
+                            lengths=np.full(n_seqs, length),
+                            rewards=rewards,
+                            group_ids=np.arange(n_seqs) // 4,
+                            **options[i % len(options)],
+                        )
+                        self.batches += 1
+                    except InvalidArgumentError:
+                        self.rejected += 1
+                    i += 1
+                    self.stop_event.wait(0.05)
         except BaseException as e:  # surfaced by the test
             self.error = e
 
@@ -116,7 +107,52 @@ class Traffic:
 
     def __exit__(self, *exc: object) -> None:
         self.stop_event.set()
-        self.thread.join(10)
+        self.thread.join(30)
+
+
+class Softgate:
+    """`softgate serve` in a subprocess on loopback ports, with an admin token."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.grpc_port, self.admin_port = free_port(), free_port()
+        self.admin_url = f"http://127.0.0.1:{self.admin_port}"
+        self.logfile = tmp / "softgate.log"
+        self.log = self.logfile.open("wb")
+        env = dict(os.environ, SOFTGATE_ADMIN_TOKEN=TOKEN)
+        self.proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "softgate.cli", "serve",
+                "--grpc-host", "127.0.0.1", "--grpc-port", str(self.grpc_port),
+                "--admin-host", "127.0.0.1", "--admin-port", str(self.admin_port),
+                "--device", "cpu", "--grace-seconds", "2", "--log-level", "WARNING",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )  # fmt: skip
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("softgate serve exited:\n" + self.logfile.read_text()[-3000:])
+            try:
+                if httpx.get(self.admin_url + "/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("softgate serve not ready:\n" + self.logfile.read_text()[-3000:])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.log.close()
 
 
 class Prometheus:
@@ -127,6 +163,7 @@ class Prometheus:
         cfg["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"}
         cfg["rule_files"] = [str(RULES)]
         cfg["scrape_configs"][0]["static_configs"] = [{"targets": [target]}]
+        cfg["scrape_configs"][0]["authorization"] = {"type": "Bearer", "credentials": TOKEN}
         (tmp / "prometheus.yml").write_text(yaml.safe_dump(cfg))
         self.log = (tmp / "prometheus.log").open("wb")
         self.proc = subprocess.Popen(
@@ -200,23 +237,23 @@ LABEL_VALUES = re.compile(r"^label_values\((\w+),\s*(\w+)\)$")
 
 
 @pytest.fixture()
-def stack(tmp_path: Path) -> Iterator[tuple[Prometheus, str, PrometheusTelemetry, Traffic]]:
+def stack(tmp_path: Path) -> Iterator[tuple[Prometheus, Softgate, Traffic]]:
     exe = _prometheus()
-    tel = PrometheusTelemetry(None)
-    app = create_app(None, tel, lambda: True)
-    admin = ThreadedAdminServer(app).start()
-    prom = Prometheus(exe, tmp_path, f"127.0.0.1:{admin.port}")
-    traffic = Traffic(tel)
+    server = Softgate(tmp_path)
+    prom: Prometheus | None = None
     try:
-        with traffic:
-            yield prom, admin.url, tel, traffic
+        server.wait_ready(30)
+        prom = Prometheus(exe, tmp_path, f"127.0.0.1:{server.admin_port}")
+        with Traffic(f"127.0.0.1:{server.grpc_port}") as traffic:
+            yield prom, server, traffic
     finally:
-        prom.stop()
-        admin.stop()
+        if prom is not None:
+            prom.stop()
+        server.stop()
 
 
 def test_dashboard_queries_return_data_from_a_real_prometheus(stack) -> None:
-    prom, admin_url, _tel, traffic = stack
+    prom, server, traffic = stack
     start = time.monotonic()
     prom.wait_ready(20)
     queries = dashboard_queries()
@@ -249,10 +286,11 @@ def test_dashboard_queries_return_data_from_a_real_prometheus(stack) -> None:
     assert not pending, "dashboard queries without data:\n" + "\n".join(
         f"  [{t}] {e}\n      -> {why}" for (t, e), why in pending.items()
     )
-    assert traffic.batches > 0
+    assert traffic.batches > 0 and traffic.rejected > 0
 
     # every metric the dashboard names is exported by softgate
-    exposition = httpx.get(admin_url + "/metrics", timeout=5).text
+    assert httpx.get(server.admin_url + "/metrics", timeout=5).status_code == 401
+    exposition = httpx.get(server.admin_url + "/metrics", headers=AUTH, timeout=5).text
     exported = {
         line.split("{")[0].split(" ")[0] for line in exposition.splitlines() if line.startswith("softgate_")
     }
@@ -260,6 +298,12 @@ def test_dashboard_queries_return_data_from_a_real_prometheus(stack) -> None:
     assert named, "no softgate metric in the dashboard?"
     missing = named - exported
     assert not missing, f"dashboard names metrics softgate does not export: {sorted(missing)}"
+
+    # the per-run windows of the admin API saw the same traffic
+    detail = httpx.get(f"{server.admin_url}/v1/runs/{RUN}", headers=AUTH, timeout=5).json()
+    last = detail["windows"]["last_100_batches"]
+    assert last["batches"] > 0 and set(last["objectives"]) == {"sapo", "grpo", "gspo"}
+    assert 0.0 <= last["grad_retained"] <= 1.0 and "gate_saturation_neg" in last
 
     # the recording and alerting rules evaluate without errors on real data
     rules = httpx.get(prom.url + "/api/v1/rules", timeout=5).json()
