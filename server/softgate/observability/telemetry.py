@@ -86,7 +86,7 @@ class PrometheusTelemetry(Telemetry):
         self,
         settings: Any = None,
         registry: CollectorRegistry | None = None,
-        cpu_sample_tokens: int | None | str = "settings",
+        cpu_sample_tokens: int | str | None = "settings",
     ) -> None:
         self.settings = settings
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
