@@ -27,7 +27,6 @@ OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomiz
 # recent one that kubernetes-validate knows.
 K8S_VERSION = "1.33.0"
 CRD_GROUPS = ("monitoring.coreos.com/",)
-HEALTH_SERVICE = "softgate.v1.LossService"
 GRPC_PORT = 50051
 ADMIN_PORT = 8080
 
@@ -150,8 +149,11 @@ def test_probes_ports_and_health_service(overlay: str) -> None:
     c = container(render(overlay))
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports == {"grpc": GRPC_PORT, "admin": ADMIN_PORT}
+    from softgate.grpc.server import HEALTH_SERVICES, SERVICE_NAME
+
+    assert SERVICE_NAME == "softgate.v1.LossService" and SERVICE_NAME in HEALTH_SERVICES
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert c[probe]["grpc"] == {"port": ports["grpc"], "service": HEALTH_SERVICE}, probe
+        assert c[probe]["grpc"] == {"port": ports["grpc"], "service": SERVICE_NAME}, probe
     settings = server_settings(c)
     assert (settings.grpc_port, settings.admin_port) == (ports["grpc"], ports["admin"])
 
@@ -180,7 +182,10 @@ def test_drain_fits_in_the_termination_grace_period(overlay: str) -> None:
     live = c["livenessProbe"]
     assert live["periodSeconds"] * live["failureThreshold"] > pre_stop + grace
     # clients re-resolve the headless Service's DNS when their connection is aged out
-    assert settings.max_connection_age_s is not None and settings.max_connection_age_s > 0
+    from softgate.grpc.server import channel_options
+
+    age_ms = dict(channel_options(settings)).get("grpc.max_connection_age_ms")
+    assert age_ms and 0 < age_ms <= 600_000
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
