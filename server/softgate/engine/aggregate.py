@@ -1,9 +1,10 @@
-"""Aggregation: the per-token weight alpha_{i,t} with loss = sum alpha * l (alpha = 0 on masked
-tokens), for token_mean, seq_mean_token_mean, seq_mean_token_sum and token_sum_norm.
+"""Aggregation: loss = sum alpha * l with alpha_{i,t} = m_{i,t} * w_i, where the per-sequence
+weight w_i is 1/N_tok (token_mean), 1/(|y_i| N_seq) (seq_mean_token_mean), 1/N_seq
+(seq_mean_token_sum) or 1/K (token_sum_norm).
 
 N_tok defaults to this request's trained tokens, N_seq to its non-empty sequences (|y_i| > 0);
 a caller splitting a step into shards passes the global values so shard sums equal the whole.
-A zero default normaliser (fully masked batch) gives alpha = 0, so loss 0 and zero gradient.
+A zero default normaliser (fully masked batch) gives w = 0, so loss 0 and zero gradient.
 """
 
 from __future__ import annotations
@@ -12,27 +13,24 @@ import torch
 from torch import Tensor
 
 from softgate.engine.config import AggregationConfig
-from softgate.engine.segments import Segments
 
 
-def token_weights(cfg: AggregationConfig, mf: Tensor, ylen: Tensor, seg: Segments) -> Tensor:
-    """alpha per token. `mf` is the float loss mask [N], `ylen` the trained tokens per sequence [B]."""
+def sequence_weights(cfg: AggregationConfig, ylen: Tensor, dtype: torch.dtype) -> Tensor:
+    """w_i per sequence [B] from the trained-token counts `ylen` [B] (int64)."""
     mode = cfg.mode
+    yl = ylen.to(torch.float64)
     if mode == "token_mean":
-        if cfg.num_tokens:
-            return mf / cfg.num_tokens
-        return mf / mf.sum().clamp(min=1)  # counts are integers: 0 only when mf is all 0
-    if mode == "token_sum_norm":
+        n = float(cfg.num_tokens) if cfg.num_tokens else yl.sum().clamp(min=1)
+        w = torch.ones_like(yl) / n
+    elif mode == "token_sum_norm":
         assert cfg.constant is not None
-        return mf / cfg.constant
-    ns = (
-        torch.as_tensor(cfg.num_seqs, dtype=mf.dtype, device=mf.device)
-        if cfg.num_seqs
-        else (ylen > 0).sum().to(mf.dtype).clamp(min=1)
-    )
-    if mode == "seq_mean_token_sum":
-        return mf / ns
-    if mode == "seq_mean_token_mean":
-        w = torch.where(ylen > 0, 1 / (ylen.clamp(min=1) * ns), torch.zeros_like(ylen))
-        return seg.expand(w) * mf
-    raise ValueError(f"unknown aggregation mode {mode!r}")
+        w = torch.full_like(yl, 1.0 / cfg.constant)
+    else:
+        ns = float(cfg.num_seqs) if cfg.num_seqs else (yl > 0).sum().to(torch.float64).clamp(min=1)
+        if mode == "seq_mean_token_sum":
+            w = torch.ones_like(yl) / ns
+        elif mode == "seq_mean_token_mean":
+            w = torch.where(yl > 0, 1 / (yl.clamp(min=1) * ns), torch.zeros_like(yl))
+        else:
+            raise ValueError(f"unknown aggregation mode {mode!r}")
+    return w.to(dtype)

@@ -14,15 +14,17 @@ from softgate.engine.config import MismatchConfig
 from softgate.engine.segments import Segments
 
 
-def mismatch_weights(
-    cfg: MismatchConfig, lv_raw: Tensor, seg: Segments, clamp: float
-) -> tuple[Tensor, Tensor]:
-    """(v, changed) per token from lv_raw = old - rollout (0 on masked tokens); `changed` marks
-    tokens whose weight was truncated or zeroed."""
-    if cfg.level == "sequence":
-        lv = seg.expand(seg.sum(lv_raw).clamp(-clamp, clamp))
-    else:
-        lv = lv_raw.clamp(-clamp, clamp)
+def mismatch_log_weights(level: str, lv_raw: Tensor, seg: Segments, clamp: float) -> Tensor:
+    """Clamped log v: per token from lv_raw = old - rollout (0 on masked tokens), or per
+    sequence ([B], from the masked sum) when level is 'sequence'."""
+    if level == "sequence":
+        return seg.sum(lv_raw).clamp(-clamp, clamp)
+    return lv_raw.clamp(-clamp, clamp)
+
+
+def mismatch_weights(cfg: MismatchConfig, lv: Tensor) -> tuple[Tensor, Tensor]:
+    """(v, changed) per token from the clamped log-weight; `changed` marks tokens whose weight
+    was truncated at cap or zeroed outside [lo, hi]."""
     v = torch.exp(lv)
     if cfg.mode == "truncate":
         changed = v > cfg.cap

@@ -32,40 +32,63 @@ class PolicyTerms:
     dual: Tensor | None  # bool: A < 0 and rho > c
 
 
-def policy_terms(obj: Objective, ratio: Tensor, dratio: Tensor, a: Tensor, logp: Tensor) -> PolicyTerms:
-    one = torch.ones_like(ratio)
+OBJECTIVE_KIND = {
+    "sapo": "sapo",
+    "grpo": "clip",
+    "gspo": "clip",
+    "gspo_token": "clip",
+    "gppo": "gppo",
+    "cispo": "cispo",
+    "reinforce": "reinforce",
+}
+
+
+def objective_params(obj: Objective, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
+    """The objective's numbers as 0-d tensors (so a compiled kernel is not specialised on them).
+    A grpo without dual clip gets c = inf, which never fires."""
+    vals: dict[str, float] = {}
     if isinstance(obj, Sapo):
-        tau = torch.where(a > 0, ratio.new_tensor(obj.tau_pos), ratio.new_tensor(obj.tau_neg))
+        vals = {"tau_pos": obj.tau_pos, "tau_neg": obj.tau_neg}
+    elif isinstance(obj, (Grpo, Gppo, Gspo, GspoToken, Cispo)):
+        vals = {"lo": 1 - obj.eps_low, "hi": 1 + obj.eps_high}
+        if isinstance(obj, Grpo):
+            vals["dual"] = obj.dual_clip if obj.dual_clip is not None else float("inf")
+    else:
+        assert isinstance(obj, Reinforce)
+    return {k: torch.tensor(v, dtype=dtype, device=device) for k, v in vals.items()}
+
+
+def policy_terms(
+    kind: str, ratio: Tensor, dratio: Tensor, a: Tensor, logp: Tensor, prm: dict[str, Tensor]
+) -> PolicyTerms:
+    """`kind` is OBJECTIVE_KIND[name]; `prm` comes from objective_params."""
+    one = torch.ones_like(ratio)
+    no = torch.zeros_like(ratio, dtype=torch.bool)
+    free = -a * dratio
+    if kind == "sapo":
+        tau = torch.where(a > 0, prm["tau_pos"], prm["tau_neg"])
         p = torch.sigmoid(tau * (ratio - 1))
         w = 4 * p * (1 - p)
-        free = -a * dratio
-        no = torch.zeros_like(ratio, dtype=torch.bool)
         return PolicyTerms(-(4 / tau) * p * a, w * free, free, w, no, None, None, None)
-    if isinstance(obj, Reinforce):
-        free = -a * dratio
-        no = torch.zeros_like(ratio, dtype=torch.bool)
+    if kind == "reinforce":
         return PolicyTerms(-ratio * a, free, free, one, no, None, None, None)
-    if isinstance(obj, Cispo):
-        lo, hi = 1 - obj.eps_low, 1 + obj.eps_high
-        wgt = ratio.clamp(lo, hi)
-        high = (a > 0) & (ratio > hi)
-        low = (a < 0) & (ratio < lo)
-        clip = (ratio < lo) | (ratio > hi)
-        return PolicyTerms(-wgt * a * logp, -wgt * a, -ratio * a, wgt / ratio, clip, low, high, None)
-    assert isinstance(obj, (Grpo, Gppo, Gspo, GspoToken)), obj
-    lo, hi = 1 - obj.eps_low, 1 + obj.eps_high
+    lo, hi = prm["lo"], prm["hi"]
     high = (a > 0) & (ratio > hi)
     low = (a < 0) & (ratio < lo)
+    if kind == "cispo":
+        wgt = torch.minimum(torch.maximum(ratio, lo), hi)
+        clip = (ratio < lo) | (ratio > hi)
+        return PolicyTerms(-wgt * a * logp, -wgt * a, -ratio * a, wgt / ratio, clip, low, high, None)
     clip = high | low
-    bound = torch.where(high, ratio.new_tensor(hi), ratio.new_tensor(lo))
+    bound = torch.where(high, hi, lo)
     loss = -a * torch.where(clip, bound, ratio)
-    free = -a * dratio
     dual = None
-    if isinstance(obj, Grpo) and obj.dual_clip is not None:
-        dual = (a < 0) & (ratio > obj.dual_clip)
-        loss = torch.where(dual, -obj.dual_clip * a, loss)
+    if "dual" in prm:
+        c = prm["dual"]
+        dual = (a < 0) & (ratio > c)
+        loss = torch.where(dual, -c * a, loss)
         clip = clip | dual
-    if isinstance(obj, Gppo):
+    if kind == "gppo":
         # clipped tokens keep the gradient of their bound: d/dlogp of r * sg[bound / r]
         grad = torch.where(clip, -a * bound * (dratio / ratio), free)
         gate = torch.where(clip, bound / ratio, one)

@@ -14,13 +14,20 @@ class Segments:
         self.lengths = offsets[1:] - offsets[:-1]
         self.num_seqs = int(self.lengths.numel())
         self.num_tokens = num_tokens
-        self.ids = torch.repeat_interleave(
-            torch.arange(self.num_seqs, device=offsets.device), self.lengths, output_size=num_tokens
-        )
+        self.ids = torch.repeat_interleave(self.lengths, output_size=num_tokens)  # 0,0,..,1,1,..
 
     def sum(self, x: Tensor) -> Tensor:
         """Per-sequence sum of a per-token tensor ([N] -> [B]); 0 for empty sequences."""
         return torch.zeros(self.num_seqs, dtype=x.dtype, device=x.device).index_add_(0, self.ids, x)
+
+    def count(self, m: Tensor) -> Tensor:
+        """Per-sequence number of True values of a bool tensor ([N] -> [B], int64), exact."""
+        if self.num_tokens == 0:
+            return torch.zeros(self.num_seqs, dtype=torch.int64, device=m.device)
+        c = torch.cumsum(m, 0)  # int64
+        end = torch.where(self.offsets[1:] > 0, c[(self.offsets[1:] - 1).clamp(min=0)], 0)
+        start = torch.where(self.offsets[:-1] > 0, c[(self.offsets[:-1] - 1).clamp(min=0)], 0)
+        return end - start
 
     def expand(self, x: Tensor) -> Tensor:
         """Per-sequence values broadcast to their tokens ([B] -> [N])."""

@@ -214,10 +214,10 @@ def _float_tensor(
     if n is not None and x.numel() != n:
         v.append(FieldViolation(name, f"length_mismatch: length {x.numel()}, expected {n}"))
         return False
-    if x.dtype in _FLOATS:
-        fin = torch.isfinite(x)
-        if not bool(fin.all()):
-            i = _first(~fin)
+    if x.dtype in _FLOATS and x.numel() > 0:
+        lo, hi = torch.aminmax(x)  # one pass; NaN propagates to both
+        if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+            i = _first(~torch.isfinite(x))
             what = "NaN" if math.isnan(float(x[i])) else "infinite"
             v.append(FieldViolation(name, f"non_finite: value is {what}", i))
             return False
@@ -295,6 +295,8 @@ def validate_batch(batch: Batch, config: LossConfig | None = None) -> list[Field
 
     # log-prob tensors
     def logp_range(name: str, x: Tensor) -> None:
+        if x.numel() == 0 or float(x.max()) <= LOGP_TOLERANCE:
+            return
         over = x > LOGP_TOLERANCE
         if m is not None:
             over = over & m
