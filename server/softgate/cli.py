@@ -1,0 +1,88 @@
+"""The `softgate` command.
+
+    softgate serve [--grpc-port 50051] [--admin-port 8080] [--config server.yaml] ...
+    softgate demo ...      # the end-to-end RL example (softgate.demo)
+    softgate version
+
+Every setting of `softgate.settings.Settings` is a `serve` flag (`--max-concurrent-rpcs 8`);
+flags override `SOFTGATE_*` environment variables, which override the config file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+
+from softgate import __version__
+from softgate.settings import Settings, SettingsError, field_help
+
+
+def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "serve",
+        help="run the gRPC loss server (and the admin HTTP API)",
+        description="Run the softgate gRPC server. Flags override SOFTGATE_* environment variables, "
+        "which override the --config file (YAML or TOML), which overrides the defaults.",
+    )
+    for f in fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        tp = str(f.type)
+        helptext = field_help(f.name)
+        if f.name != "config":
+            helptext += f" [default: {f.default}; env SOFTGATE_{f.name.upper()}]"
+        else:
+            helptext += " [env SOFTGATE_CONFIG]"
+        if tp == "bool":
+            p.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=helptext
+            )
+        else:
+            p.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=helptext)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="softgate", description="softgate: a gRPC loss service for LLM RL.")
+    ap.add_argument("--version", action="version", version=f"softgate {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="{serve,demo,version}")
+    _serve_parser(sub)
+    sub.add_parser("demo", help="end-to-end RL demo (softgate demo --help)", add_help=False)
+    sub.add_parser("version", help="print the version")
+    return ap
+
+
+def load_settings(args: argparse.Namespace) -> Settings:
+    flags = {f.name: getattr(args, f.name, None) for f in fields(Settings)}
+    return Settings.load(flags)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "demo":
+        try:
+            from softgate.demo import main as demo_main
+        except ImportError as e:
+            print(f"softgate demo is not available: {e}", file=sys.stderr)
+            return 2
+        return int(demo_main(argv[1:]) or 0)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.command == "version":
+        print(f"softgate {__version__}")
+        return 0
+    if args.command != "serve":
+        ap.print_help()
+        return 2
+    try:
+        settings = load_settings(args)
+    except SettingsError as e:
+        print(f"softgate serve: {e}", file=sys.stderr)
+        return 2
+    from softgate.serve import run
+
+    return run(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

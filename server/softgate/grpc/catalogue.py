@@ -1,0 +1,129 @@
+"""ListAlgorithmsResponse, built from the engine's config dataclasses (defaults are read from
+them, never restated here) and `METRIC_NAMES`."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from typing import Any
+
+from softgate_client.proto.softgate.v1 import softgate_pb2 as pb
+
+from softgate import __version__
+from softgate.engine import config as c
+from softgate.engine.metrics import METRIC_NAMES
+from softgate.grpc.codec import Limits
+
+PARAM_HELP: dict[str, str] = {
+    "tau_pos": "gate temperature for tokens with positive advantage, > 0",
+    "tau_neg": "gate temperature for tokens with non-positive advantage, > 0",
+    "eps_low": "lower clip bound: the ratio is clipped below 1 - eps_low, >= 0",
+    "eps_high": "upper clip bound: the ratio is clipped above 1 + eps_high, >= 0",
+    "dual_clip": "dual clip c > 1 for negative advantages; unset: none",
+    "scale": "which std divides the centred rewards; unset: the estimator's own default",
+    "eps": "added to the std before dividing, >= 0",
+    "min_group_std": "groups with reward std below this get advantage 0, >= 0",
+    "num_tokens": "global N_tok normaliser, > 0; unset: this request's trained tokens",
+    "num_seqs": "global N_seq normaliser, > 0; unset: this request's sequences",
+    "constant": "K of token_sum_norm, > 0 (required by that mode)",
+    "beta": "KL coefficient, >= 0",
+    "level": "token or sequence mismatch weight",
+    "cap": "truncation cap C of the mismatch weight (truncate mode), > 0",
+    "lo": "lower bound of the masking window (mask mode), >= 0",
+    "hi": "upper bound of the masking window (mask mode), > lo",
+    "log_ratio_clamp": "bound on |logp - old_logp| before exponentiation, > 0",
+    "saturation_threshold": "gate weight below which a token counts as saturated, in (0, 1]",
+}
+
+ESTIMATOR_HELP = {
+    "grpo": "GRPO: (R - group mean) / (group std + eps)",
+    "dr_grpo": "Dr. GRPO: R - group mean, no std division",
+    "rloo": "RLOO: n/(n-1) (R - group mean), the leave-one-out baseline",
+    "reinforce_pp_baseline": "REINFORCE++ baseline: R - group mean, whitened over the batch's trained tokens",
+}
+AGGREGATION_HELP = {
+    "token_mean": "sum m l / N_tok",
+    "seq_mean_token_mean": "(1/N_seq) sum_i (sum_t m l / |y_i|), the SAPO / GRPO paper form",
+    "seq_mean_token_sum": "(1/N_seq) sum_i sum_t m l",
+    "token_sum_norm": "sum m l / K with a constant K (Dr. GRPO)",
+}
+KL_HELP = {"k1": "k1 = -x, x = ref - logp", "k2": "k2 = x^2 / 2", "k3": "k3 = exp(x) - x - 1"}
+MISMATCH_HELP = {
+    "truncate": "truncated importance sampling: v = min(exp(old - rollout), cap)",
+    "mask": "masking (IcePop): v = 0 outside [lo, hi]",
+}
+
+
+def _doc(cls: type) -> str:
+    return " ".join((cls.__doc__ or "").split())
+
+
+def _choices(cls: type, name: str) -> list[str]:
+    tp = typing.get_type_hints(cls)[name]
+    out: list[str] = []
+
+    def walk(t: Any) -> None:
+        if typing.get_origin(t) is typing.Literal:
+            out.extend(str(a) for a in typing.get_args(t))
+        else:
+            for a in typing.get_args(t):
+                walk(a)
+
+    walk(tp)
+    return out
+
+
+def _param(cls: type, f: dataclasses.Field[Any]) -> pb.ParameterInfo:
+    p = pb.ParameterInfo(name=f.name, description=PARAM_HELP.get(f.name, ""))
+    default = f.default
+    if isinstance(default, (int, float)) and not isinstance(default, bool) and math.isfinite(default):
+        p.default_value = float(default)
+    choices = _choices(cls, f.name)
+    if choices:
+        p.choices.extend(choices)
+        if isinstance(default, str):
+            p.default_choice = default
+    return p
+
+
+def _params(cls: type, skip: tuple[str, ...] = ("name",)) -> list[pb.ParameterInfo]:
+    return [_param(cls, f) for f in dataclasses.fields(cls) if f.name not in skip]
+
+
+def build(limits: Limits, max_message_bytes: int) -> pb.ListAlgorithmsResponse:
+    r = pb.ListAlgorithmsResponse(server_version=__version__)
+    default_obj = c.LossConfig().objective.name
+    names = sorted(c.OBJECTIVES, key=lambda n: (n != default_obj, list(c.OBJECTIVES).index(n)))
+    for name in names:
+        cls = c.OBJECTIVES[name]
+        r.objectives.add(name=name, description=_doc(cls), parameters=_params(cls))
+    adv_params = _params(c.AdvantageConfig, skip=("estimator",))
+    for est in _choices(c.AdvantageConfig, "estimator"):
+        r.advantage_estimators.add(name=est, description=ESTIMATOR_HELP.get(est, ""), parameters=adv_params)
+    agg_params = _params(c.AggregationConfig, skip=("mode",))
+    for mode in _choices(c.AggregationConfig, "mode"):
+        r.aggregations.add(name=mode, description=AGGREGATION_HELP.get(mode, ""), parameters=agg_params)
+    kl_params = _params(c.KLConfig, skip=("estimator",))
+    for est in _choices(c.KLConfig, "estimator"):
+        r.kl_estimators.add(name=est, description=KL_HELP.get(est, ""), parameters=kl_params)
+    by_mode = {"truncate": ("level", "cap"), "mask": ("level", "lo", "hi")}
+    fields = {f.name: f for f in dataclasses.fields(c.MismatchConfig)}
+    for mode in _choices(c.MismatchConfig, "mode"):
+        r.mismatch_modes.add(
+            name=mode,
+            description=MISMATCH_HELP.get(mode, ""),
+            parameters=[_param(c.MismatchConfig, fields[n]) for n in by_mode.get(mode, ())],
+        )
+    r.loss_parameters.extend(
+        _param(c.LossConfig, f)
+        for f in dataclasses.fields(c.LossConfig)
+        if f.name in ("log_ratio_clamp", "saturation_threshold")
+    )
+    for name, desc in METRIC_NAMES.items():
+        r.metrics.add(name=name, description=desc)
+    r.limits.max_tokens = limits.max_tokens
+    r.limits.max_sequences = limits.max_sequences
+    r.limits.max_groups = limits.max_groups
+    r.limits.max_message_bytes = max_message_bytes
+    return r

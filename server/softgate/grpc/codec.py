@@ -1,0 +1,436 @@
+"""softgate.v1 messages <-> engine objects: raw little-endian bytes to torch tensors (one memcpy,
+no per-element Python), proto configs to engine configs, engine results to responses.
+
+Every problem found here is collected as an engine `FieldViolation` named after the request
+field ("batch.logp", "config.objective.sapo.tau_pos"), so that the caller raises one
+`InputError` listing all of them. Shape claims are checked arithmetically against the bytes
+actually received and the server's limits BEFORE anything is allocated.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from softgate_client.proto.softgate.v1 import softgate_pb2 as pb
+from torch import Tensor
+
+from softgate.engine.batch import Batch
+from softgate.engine.config import (
+    AdvantageConfig,
+    AggregationConfig,
+    Cispo,
+    Gppo,
+    Grpo,
+    Gspo,
+    GspoToken,
+    KLConfig,
+    LossConfig,
+    MismatchConfig,
+    Reinforce,
+    Sapo,
+)
+from softgate.engine.errors import FieldViolation, InputError
+from softgate.engine.result import LossResult
+
+# the largest element count any shape may claim (far above every limit; guards the products)
+ABSURD_ELEMENTS = 1 << 50
+
+DTYPES: dict[int, torch.dtype] = {
+    pb.DTYPE_FLOAT32: torch.float32,
+    pb.DTYPE_FLOAT64: torch.float64,
+    pb.DTYPE_INT64: torch.int64,
+    pb.DTYPE_INT32: torch.int32,
+    pb.DTYPE_BOOL: torch.bool,
+    pb.DTYPE_UINT8: torch.uint8,
+    pb.DTYPE_INT8: torch.int8,
+    pb.DTYPE_INT16: torch.int16,
+    pb.DTYPE_FLOAT16: torch.float16,
+    pb.DTYPE_BFLOAT16: torch.bfloat16,
+}
+TORCH_TO_PB: dict[torch.dtype, int] = {v: k for k, v in DTYPES.items()}
+_ITEMSIZE: dict[int, int] = {k: torch.empty(0, dtype=v).element_size() for k, v in DTYPES.items()}
+_LITTLE = sys.byteorder == "little"
+
+TOKEN_FIELDS = ("logp", "old_logp", "mask", "ref_logp", "rollout_logp")
+SEQUENCE_FIELDS = ("rewards", "group_ids")
+BATCH_TENSORS = (
+    "logp",
+    "offsets",
+    "old_logp",
+    "mask",
+    "ref_logp",
+    "rollout_logp",
+    "rewards",
+    "group_ids",
+    "advantages",
+)
+OUTPUT_FIELDS = ("gradient", "advantages", "ratio", "gate_weight", "clip_mask", "mask")
+# LossResult attribute of each output
+_RESULT_ATTR = {
+    "gradient": "grad",
+    "advantages": "advantages",
+    "ratio": "ratio",
+    "gate_weight": "gate_weight",
+    "clip_mask": "clip_mask",
+    "mask": "mask",
+}
+CONFIG_ROOTS = (
+    "objective",
+    "advantages",
+    "aggregation",
+    "kl",
+    "mismatch",
+    "log_ratio_clamp",
+    "saturation_threshold",
+)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per request (per stream) caps; 0 means no limit."""
+
+    max_tokens: int = 0
+    max_sequences: int = 0
+    max_groups: int = 0
+
+
+# ---------------------------------------------------------------- tensors
+
+
+def element_count(t: pb.Tensor, name: str, v: list[FieldViolation]) -> int | None:
+    """The element count a tensor message claims, checked against its bytes; None if bad.
+
+    Pure arithmetic on the message: nothing is allocated, so an absurd shape costs nothing."""
+    itemsize = _ITEMSIZE.get(t.dtype)
+    if itemsize is None:
+        known = ", ".join(pb.Dtype.Name(k) for k in DTYPES)
+        what = "unset" if t.dtype == pb.DTYPE_UNSPECIFIED else f"unknown value {t.dtype}"
+        v.append(FieldViolation(name, f"bad_dtype: dtype is {what}; one of {known}"))
+        return None
+    nbytes = len(t.data)
+    if nbytes % itemsize:
+        v.append(
+            FieldViolation(
+                name,
+                f"bad_length: {nbytes} bytes is not a multiple of the {itemsize}-byte "
+                f"{pb.Dtype.Name(t.dtype)} element size",
+            )
+        )
+        return None
+    have = nbytes // itemsize
+    if len(t.shape) == 0:
+        return have
+    if len(t.shape) > 8:
+        v.append(FieldViolation(name, f"bad_shape: {len(t.shape)} dimensions; every tensor here is 1-D"))
+        return None
+    claimed = 1
+    for d in t.shape:
+        if d < 0:
+            v.append(FieldViolation(name, f"bad_shape: negative dimension {d} in shape {list(t.shape)}"))
+            return None
+        claimed *= d
+        if claimed > ABSURD_ELEMENTS:
+            v.append(
+                FieldViolation(name, f"bad_shape: shape {list(t.shape)} claims an absurd number of elements")
+            )
+            return None
+    if claimed != have:
+        v.append(
+            FieldViolation(
+                name,
+                f"shape_mismatch: shape {list(t.shape)} needs {claimed} elements = {claimed * itemsize} bytes, "
+                f"got {nbytes} bytes",
+            )
+        )
+        return None
+    return claimed
+
+
+def decode_tensor(t: pb.Tensor, name: str, v: list[FieldViolation]) -> Tensor | None:
+    """A torch tensor (CPU, torch-allocated, writable) holding the message's elements."""
+    n = element_count(t, name, v)
+    if n is None:
+        return None
+    dtype = DTYPES[t.dtype]
+    shape = tuple(t.shape) if len(t.shape) else (n,)
+    if dtype is torch.bool:
+        raw = _copy_bytes(t.data, torch.uint8, n)
+        if n and bool((raw > 1).any()):
+            idx = int(torch.nonzero(raw > 1)[0, 0])
+            v.append(
+                FieldViolation(
+                    name, f"bad_bool: BOOL elements must be bytes 0 or 1, got {int(raw[idx])}", idx
+                )
+            )
+            return None
+        return raw.view(torch.bool).reshape(shape)
+    return _copy_bytes(t.data, dtype, n).reshape(shape)
+
+
+def _copy_bytes(data: bytes, dtype: torch.dtype, n: int) -> Tensor:
+    out = torch.empty(n, dtype=dtype)
+    if n:
+        dst = out.view(torch.uint8).numpy()
+        dst[:] = np.frombuffer(data, dtype=np.uint8)
+        if not _LITTLE and out.element_size() > 1:  # pragma: no cover - big-endian hosts
+            out = torch.from_numpy(
+                out.view(torch.uint8).numpy().view(f"<u{out.element_size()}").byteswap()
+            ).view(dtype)
+    return out
+
+
+def encode_tensor(x: Tensor, out: pb.Tensor | None = None) -> pb.Tensor:
+    """Raw little-endian bytes of a tensor (moved to the CPU; one copy)."""
+    x = x.detach()
+    if x.device.type != "cpu":
+        x = x.cpu()
+    x = x.contiguous()
+    msg = out if out is not None else pb.Tensor()
+    msg.dtype = TORCH_TO_PB[x.dtype]
+    msg.shape[:] = list(x.shape)
+    if x.dtype is torch.bool:
+        x = x.view(torch.uint8)
+    arr = x.view(torch.uint8).numpy() if x.dim() else x.reshape(1).view(torch.uint8).numpy()
+    if not _LITTLE and x.element_size() > 1:  # pragma: no cover - big-endian hosts
+        arr = x.numpy().astype(x.numpy().dtype.newbyteorder("<")).view(np.uint8)
+    msg.data = arr.tobytes()
+    return msg
+
+
+def claimed_elements(t: pb.Tensor) -> int:
+    """Best-effort element count for accounting and limits (0 if malformed)."""
+    itemsize = _ITEMSIZE.get(t.dtype)
+    if not itemsize:
+        return 0
+    if len(t.shape) == 1:
+        return max(int(t.shape[0]), 0)
+    return len(t.data) // itemsize
+
+
+# ---------------------------------------------------------------- batches
+
+
+def check_batch_limits(
+    b: pb.Batch,
+    prefix: str,
+    limits: Limits,
+    v: list[FieldViolation],
+    tokens_before: int = 0,
+    seqs_before: int = 0,
+) -> tuple[int, int]:
+    """Tokens and sequences the batch claims; violations if over the limits (with what came before)."""
+    n = claimed_elements(b.logp) if b.HasField("logp") else 0
+    s = max(claimed_elements(b.offsets) - 1, 0) if b.HasField("offsets") else 0
+    if limits.max_tokens and tokens_before + n > limits.max_tokens:
+        v.append(
+            FieldViolation(
+                f"{prefix}logp",
+                f"too_large: {tokens_before + n} tokens exceed this server's max_tokens {limits.max_tokens}; "
+                "split the batch",
+            )
+        )
+    if limits.max_sequences and seqs_before + s > limits.max_sequences:
+        v.append(
+            FieldViolation(
+                f"{prefix}offsets",
+                f"too_large: {seqs_before + s} sequences exceed this server's max_sequences {limits.max_sequences}; "
+                "split the batch",
+            )
+        )
+    return n, s
+
+
+def decode_batch(b: pb.Batch, prefix: str, v: list[FieldViolation]) -> Batch | None:
+    """An engine Batch from the message; None (with violations added) if a tensor is malformed.
+
+    Semantic checks (lengths, offsets, finiteness, dtypes the engine refuses) are the engine's."""
+    got: dict[str, Tensor | None] = {}
+    before = len(v)
+    for name in BATCH_TENSORS:
+        got[name] = decode_tensor(getattr(b, name), prefix + name, v) if b.HasField(name) else None
+    if got["logp"] is None and b.HasField("logp") is False:
+        v.append(FieldViolation(prefix + "logp", "missing: logp is required"))
+    if got["offsets"] is None and b.HasField("offsets") is False:
+        v.append(FieldViolation(prefix + "offsets", "missing: offsets (int64, length B+1) are required"))
+    level = None
+    if b.advantage_level == pb.ADVANTAGE_LEVEL_SEQUENCE:
+        level = "sequence"
+    elif b.advantage_level == pb.ADVANTAGE_LEVEL_TOKEN:
+        level = "token"
+    elif b.advantage_level != pb.ADVANTAGE_LEVEL_UNSPECIFIED:
+        v.append(FieldViolation(prefix + "advantage_level", f"unknown_name: value {b.advantage_level}"))
+    if len(v) > before:
+        return None
+    assert got["logp"] is not None and got["offsets"] is not None
+    return Batch(
+        logp=got["logp"],
+        offsets=got["offsets"],
+        old_logp=got["old_logp"],
+        mask=got["mask"],
+        ref_logp=got["ref_logp"],
+        rollout_logp=got["rollout_logp"],
+        rewards=got["rewards"],
+        group_ids=got["group_ids"],
+        advantages=got["advantages"],
+        advantage_level=level,
+    )
+
+
+def check_groups(batch: Batch, limits: Limits, field: str, v: list[FieldViolation]) -> None:
+    g = batch.group_ids
+    if limits.max_groups and g is not None and g.numel() > limits.max_groups and g.dim() == 1:
+        if g.dtype.is_floating_point or g.dtype is torch.bool:
+            return  # the engine refuses the dtype
+        k = int(torch.unique(g).numel())
+        if k > limits.max_groups:
+            v.append(
+                FieldViolation(
+                    field, f"too_large: {k} groups exceed this server's max_groups {limits.max_groups}"
+                )
+            )
+
+
+# ---------------------------------------------------------------- configs
+
+
+def _set_fields(msg: Any, names: Iterable[str]) -> dict[str, Any]:
+    return {n: getattr(msg, n) for n in names if msg.HasField(n)}
+
+
+_OBJECTIVES: dict[str, tuple[type, tuple[str, ...]]] = {
+    "sapo": (Sapo, ("tau_pos", "tau_neg")),
+    "grpo": (Grpo, ("eps_low", "eps_high", "dual_clip")),
+    "gspo": (Gspo, ("eps_low", "eps_high")),
+    "gspo_token": (GspoToken, ("eps_low", "eps_high")),
+    "cispo": (Cispo, ("eps_low", "eps_high")),
+    "gppo": (Gppo, ("eps_low", "eps_high")),
+    "reinforce": (Reinforce, ()),
+}
+_ESTIMATORS = {
+    pb.ADVANTAGE_ESTIMATOR_GRPO: "grpo",
+    pb.ADVANTAGE_ESTIMATOR_DR_GRPO: "dr_grpo",
+    pb.ADVANTAGE_ESTIMATOR_RLOO: "rloo",
+    pb.ADVANTAGE_ESTIMATOR_REINFORCE_PP_BASELINE: "reinforce_pp_baseline",
+}
+_SCALES = {
+    pb.ADVANTAGE_SCALE_GROUP: "group",
+    pb.ADVANTAGE_SCALE_BATCH: "batch",
+    pb.ADVANTAGE_SCALE_NONE: "none",
+}
+_AGG_MODES = {
+    pb.AGGREGATION_MODE_TOKEN_MEAN: "token_mean",
+    pb.AGGREGATION_MODE_SEQ_MEAN_TOKEN_MEAN: "seq_mean_token_mean",
+    pb.AGGREGATION_MODE_SEQ_MEAN_TOKEN_SUM: "seq_mean_token_sum",
+    pb.AGGREGATION_MODE_TOKEN_SUM_NORM: "token_sum_norm",
+}
+_KL = {pb.KL_ESTIMATOR_K1: "k1", pb.KL_ESTIMATOR_K2: "k2", pb.KL_ESTIMATOR_K3: "k3"}
+_MM_LEVELS = {pb.MISMATCH_LEVEL_TOKEN: "token", pb.MISMATCH_LEVEL_SEQUENCE: "sequence"}
+_MM_MODES = {pb.MISMATCH_MODE_TRUNCATE: "truncate", pb.MISMATCH_MODE_MASK: "mask"}
+
+
+def _enum(
+    value: int, table: dict[int, str], field: str, v: list[FieldViolation], kw: dict[str, Any], key: str
+) -> None:
+    if value == 0:
+        return
+    if value in table:
+        kw[key] = table[value]
+    else:
+        v.append(FieldViolation(field, f"unknown_name: enum value {value}; known: {sorted(table.values())}"))
+
+
+def decode_advantage_config(msg: pb.AdvantageConfig, prefix: str, v: list[FieldViolation]) -> AdvantageConfig:
+    kw = _set_fields(msg, ("eps", "min_group_std"))
+    _enum(msg.estimator, _ESTIMATORS, prefix + "estimator", v, kw, "estimator")
+    _enum(msg.scale, _SCALES, prefix + "scale", v, kw, "scale")
+    return AdvantageConfig(**kw)
+
+
+def decode_loss_config(msg: pb.LossConfig, v: list[FieldViolation], prefix: str = "config.") -> LossConfig:
+    kind = msg.objective.WhichOneof("kind") if msg.HasField("objective") else None
+    if kind is None:
+        objective: Any = Sapo()
+    else:
+        cls, names = _OBJECTIVES[kind]
+        objective = cls(**_set_fields(getattr(msg.objective, kind), names))
+    adv = decode_advantage_config(msg.advantages, prefix + "advantages.", v)
+    agg_kw = _set_fields(msg.aggregation, ("num_tokens", "num_seqs", "constant"))
+    _enum(msg.aggregation.mode, _AGG_MODES, prefix + "aggregation.mode", v, agg_kw, "mode")
+    kl = None
+    if msg.HasField("kl"):
+        kl_kw = _set_fields(msg.kl, ("beta",))
+        _enum(msg.kl.estimator, _KL, prefix + "kl.estimator", v, kl_kw, "estimator")
+        kl = KLConfig(**kl_kw)
+    mm = None
+    if msg.HasField("mismatch"):
+        mm_kw = _set_fields(msg.mismatch, ("cap", "lo", "hi"))
+        _enum(msg.mismatch.level, _MM_LEVELS, prefix + "mismatch.level", v, mm_kw, "level")
+        _enum(msg.mismatch.mode, _MM_MODES, prefix + "mismatch.mode", v, mm_kw, "mode")
+        mm = MismatchConfig(**mm_kw)
+    top = _set_fields(msg, ("log_ratio_clamp", "saturation_threshold"))
+    return LossConfig(
+        objective=objective,
+        advantages=adv,
+        aggregation=AggregationConfig(**agg_kw),
+        kl=kl,
+        mismatch=mm,
+        **top,
+    )
+
+
+def selected_outputs(sel: pb.OutputSelection | None) -> tuple[str, ...]:
+    """The per-token outputs a request asked for (the gradient unless explicitly refused)."""
+    if sel is None:
+        return ("gradient",)
+    out = []
+    if not sel.HasField("gradient") or sel.gradient:
+        out.append("gradient")
+    out += [name for name in OUTPUT_FIELDS[1:] if getattr(sel, name)]
+    return tuple(out)
+
+
+# ---------------------------------------------------------------- results
+
+
+def fill_outputs(
+    dst: pb.TokenOutputs, result: LossResult, names: tuple[str, ...], start: int = 0, stop: int | None = None
+) -> None:
+    for name in names:
+        x = getattr(result, _RESULT_ATTR[name])
+        if start or stop is not None:
+            x = x[start:stop]
+        encode_tensor(x, getattr(dst, name))
+
+
+def host_result(result: LossResult, names: tuple[str, ...]) -> LossResult:
+    """The result with the requested per-token tensors moved to the CPU once."""
+    import dataclasses
+
+    moved = {_RESULT_ATTR[n]: getattr(result, _RESULT_ATTR[n]).detach().cpu() for n in names}
+    return dataclasses.replace(result, **moved)
+
+
+def metrics_map(metrics: dict[str, Any]) -> dict[str, float]:
+    return {str(k): float(x) for k, x in metrics.items()}
+
+
+# ---------------------------------------------------------------- engine field names -> request fields
+
+
+def request_field(engine_field: str, *, batch_prefix: str = "batch.", config_prefix: str = "config.") -> str:
+    root = engine_field.split(".", 1)[0].split("[", 1)[0]
+    if root == "advantages" and "." not in engine_field:
+        return batch_prefix + engine_field  # the tensor, not the AdvantageConfig
+    if root in CONFIG_ROOTS:
+        return config_prefix + engine_field
+    return batch_prefix + engine_field
+
+
+def rename(err: InputError, fn: Any) -> InputError:
+    """The same violations with `fn(FieldViolation) -> FieldViolation` applied."""
+    return InputError([fn(x) for x in err.violations])

@@ -1,0 +1,112 @@
+"""Exceptions -> gRPC statuses.
+
+- `InputError` -> INVALID_ARGUMENT with a `google.rpc.BadRequest` (one field violation per
+  problem: field "batch.logp[3]", description "non_finite: value is nan") in the status details;
+- torch out-of-memory (and host MemoryError) -> RESOURCE_EXHAUSTED;
+- `DeadlineExceeded` (the server saw the deadline pass) -> DEADLINE_EXCEEDED;
+- anything else -> INTERNAL with a generic message and an error id; the traceback is logged
+  server-side only.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from softgate.engine.errors import FieldViolation, InputError
+
+MAX_VIOLATIONS = 100  # per response; the message says how many more there were
+MAX_MESSAGE_CHARS = 1000
+
+
+class DeadlineExceeded(Exception):
+    """The call's deadline passed before its work finished."""
+
+
+class Cancelled(Exception):
+    """The call was cancelled; raised inside worker threads to stop between phases."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """What to send back for an exception: status code, message, trailing metadata."""
+
+    code: grpc.StatusCode
+    message: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...] = ()
+    reasons: tuple[str, ...] = ()  # for InputError, the rejected-input reason codes
+    log: bool = False  # log with traceback (unexpected failures)
+    error_id: str = ""
+
+
+def violation_field(v: FieldViolation) -> str:
+    return v.field if v.index is None else f"{v.field}[{v.index}]"
+
+
+def bad_request(err: InputError) -> Failure:
+    vs = err.violations
+    shown = vs[:MAX_VIOLATIONS]
+    detail = error_details_pb2.BadRequest()
+    for v in shown:
+        detail.field_violations.add(field=violation_field(v), description=v.reason)
+    any_detail = any_pb2.Any()
+    any_detail.Pack(detail)
+    message = "invalid input: " + "; ".join(str(v) for v in shown)
+    if len(vs) > len(shown):
+        message += f"; and {len(vs) - len(shown)} more"
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[: MAX_MESSAGE_CHARS - 3] + "..."
+    status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=message, details=[any_detail])
+    st = rpc_status.to_status(status)
+    return Failure(
+        code=grpc.StatusCode.INVALID_ARGUMENT,
+        message=message,
+        trailing_metadata=tuple(st.trailing_metadata),
+        reasons=tuple(err.reasons),
+    )
+
+
+def is_oom(exc: BaseException) -> bool:
+    oom_type = getattr(__import__("torch"), "OutOfMemoryError", None)
+    if oom_type is not None and isinstance(exc, oom_type):
+        return True
+    if isinstance(exc, MemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def failure_for(exc: BaseException) -> Failure:
+    if isinstance(exc, InputError):
+        return bad_request(exc)
+    if isinstance(exc, DeadlineExceeded):
+        return Failure(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the loss was computed")
+    if isinstance(exc, Cancelled):
+        return Failure(grpc.StatusCode.CANCELLED, "cancelled")
+    if is_oom(exc):
+        _free_device_cache()
+        return Failure(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "out of memory computing this batch; send smaller batches (or StreamLoss chunks of a smaller batch)",
+        )
+    error_id = uuid.uuid4().hex[:12]
+    return Failure(
+        grpc.StatusCode.INTERNAL,
+        f"internal error (id {error_id}); the server log has the details",
+        log=True,
+        error_id=error_id,
+    )
+
+
+def _free_device_cache() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # pragma: no cover - best effort
+        pass

@@ -1,0 +1,179 @@
+"""Build and run the grpc.aio server: LossService, standard health checking, reflection,
+message size, keepalive, max connection age, TLS / mutual TLS, graceful stop.
+
+    server = GrpcServer(settings, engine, telemetry)
+    port = await server.start()          # health NOT_SERVING until set_serving(True)
+    server.set_serving(True)
+    ...
+    await server.stop(settings.grace_seconds)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from softgate_client.proto.softgate.v1 import softgate_pb2 as pb
+from softgate_client.proto.softgate.v1 import softgate_pb2_grpc as pb_grpc
+
+from softgate.engine import Engine
+from softgate.grpc.codec import Limits
+from softgate.grpc.servicer import SERVICE_NAME, LossServicer
+from softgate.logging import get_logger
+from softgate.settings import Settings
+from softgate.telemetry import Telemetry
+
+log = get_logger("grpc")
+HEALTH_SERVICES = ("", SERVICE_NAME)
+
+
+def channel_options(settings: Settings) -> list[tuple[str, Any]]:
+    opts: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.keepalive_time_ms", int(settings.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # accept client keepalive pings as often as every 10 s without calling them abuse
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 0),
+        ("grpc.so_reuseport", 0),
+    ]
+    if settings.max_connection_age_s is not None:
+        opts += [
+            ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_s * 1000)),
+        ]
+    return opts
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    if not settings.tls:
+        return None
+    assert settings.tls_cert is not None and settings.tls_key is not None
+    cert = Path(settings.tls_cert).read_bytes()
+    key = Path(settings.tls_key).read_bytes()
+    ca = Path(settings.tls_client_ca).read_bytes() if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
+    )
+
+
+class GrpcServer:
+    """The gRPC side of `softgate serve` (usable on its own in tests)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        telemetry: Telemetry | None = None,
+        *,
+        servicer: LossServicer | None = None,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.telemetry = telemetry if telemetry is not None else Telemetry()
+        self.executor = ThreadPoolExecutor(settings.engine_workers, thread_name_prefix="softgate-engine")
+        self.servicer = servicer or LossServicer(
+            engine,
+            self.executor,
+            self.telemetry,
+            max_concurrent_rpcs=settings.max_concurrent_rpcs,
+            limits=Limits(settings.max_tokens, settings.max_sequences, settings.max_groups),
+            max_message_bytes=settings.max_message_bytes,
+        )
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.port: int | None = None
+        self.serving = False
+
+    @property
+    def address(self) -> str:
+        host = self.settings.grpc_host
+        host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+        return f"{host}:{self.port}"
+
+    async def start(self) -> int:
+        """Bind and start; health is NOT_SERVING until `set_serving(True)`. Returns the port."""
+        s = self.settings
+        server = grpc.aio.server(options=channel_options(s))
+        pb_grpc.add_LossServiceServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = (
+            pb.DESCRIPTOR.services_by_name["LossService"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        )
+        reflection.enable_server_reflection(names, server)
+        host = s.grpc_host
+        bind = (
+            f"[{host}]:{s.grpc_port}" if ":" in host and not host.startswith("[") else f"{host}:{s.grpc_port}"
+        )
+        creds = server_credentials(s)
+        try:
+            port = server.add_secure_port(bind, creds) if creds else server.add_insecure_port(bind)
+        except RuntimeError as e:
+            raise OSError(f"cannot bind gRPC on {bind}: {e}") from e
+        if not port:
+            raise OSError(f"cannot bind gRPC on {bind} (address in use?)")
+        await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.start()
+        self.server, self.port = server, port
+        log.info(
+            "grpc_listening",
+            address=self.address,
+            port=port,
+            tls=s.tls,
+            mutual_tls=s.tls_client_ca is not None,
+            max_message_bytes=s.max_message_bytes,
+            max_concurrent_rpcs=s.max_concurrent_rpcs,
+        )
+        return port
+
+    async def _set_all(self, status: Any) -> None:
+        for name in HEALTH_SERVICES:
+            await self.health.set(name, status)
+
+    async def set_serving(self, serving: bool) -> None:
+        self.serving = serving
+        await self._set_all(
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING, refuse new RPCs, let in-flight ones finish within `grace`."""
+        if self.server is None:
+            return
+        self.serving = False
+        await self.health.enter_graceful_shutdown()
+        log.info("grpc_stopping", in_flight=self.servicer.in_flight, grace_seconds=grace)
+        await self.server.stop(grace)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.server = None
+        log.info("grpc_stopped")
+
+    async def wait(self) -> None:
+        if self.server is not None:
+            await self.server.wait_for_termination()
+
+
+async def wait_serving(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
+    """Block until the health service of a local server reports SERVING (tests)."""
+    async with grpc.aio.insecure_channel(f"{host}:{port}") as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            try:
+                r = await stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=1)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"gRPC server on {host}:{port} is not SERVING")
+            await asyncio.sleep(0.05)

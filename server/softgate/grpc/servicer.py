@@ -1,0 +1,567 @@
+"""The softgate.v1.LossService servicer: decode -> Engine -> encode, nothing else.
+
+Each RPC takes one slot of a counter capped at `max_concurrent_rpcs` (past it:
+RESOURCE_EXHAUSTED at once, never a queue that hangs); decoding, the engine call and encoding
+run together in a thread pool so the event loop stays responsive (health checks, other calls,
+cancellation). Deadlines are checked before work starts and bound the wait for it; a cancelled
+or expired call stops its thread at the next phase boundary. Telemetry hooks get the run label
+from the `softgate-run` metadata key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+import torch
+from softgate_client.proto.softgate.v1 import softgate_pb2 as pb
+from softgate_client.proto.softgate.v1 import softgate_pb2_grpc as pb_grpc
+
+from softgate.engine import Engine
+from softgate.engine.batch import Batch
+from softgate.engine.errors import FieldViolation, InputError
+from softgate.engine.result import LossResult
+from softgate.grpc import catalogue, codec
+from softgate.grpc.errors import Cancelled, DeadlineExceeded, failure_for
+from softgate.logging import get_logger
+from softgate.telemetry import Telemetry
+
+RUN_METADATA_KEY = "softgate-run"
+DEFAULT_RUN = "default"
+MAX_RUN_CHARS = 128
+SERVICE_NAME = "softgate.v1.LossService"
+
+log = get_logger("grpc")
+T = TypeVar("T")
+
+
+def run_of(context: Any) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == RUN_METADATA_KEY:
+            run = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+            run = run.strip()[:MAX_RUN_CHARS]
+            return run or DEFAULT_RUN
+    return DEFAULT_RUN
+
+
+@dataclass
+class _Call:
+    rpc: str
+    run: str
+    t0: float = field(default_factory=time.perf_counter)
+    code: str = "OK"
+    tokens: int = 0
+    sequences: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    started: bool = False
+
+
+class LossServicer(pb_grpc.LossServiceServicer):
+    """Thin adapter from softgate.v1 to `Engine`; see the module docstring."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        executor: Executor,
+        telemetry: Telemetry | None = None,
+        *,
+        max_concurrent_rpcs: int = 32,
+        limits: codec.Limits | None = None,
+        max_message_bytes: int = 512 << 20,
+    ) -> None:
+        self.engine = engine
+        self.executor = executor
+        self.telemetry = telemetry if telemetry is not None else Telemetry()
+        self.max_concurrent_rpcs = max_concurrent_rpcs
+        self.limits = limits or codec.Limits()
+        self.max_message_bytes = max_message_bytes
+        self.in_flight = 0
+        self._catalogue = catalogue.build(self.limits, max_message_bytes)
+
+    # ------------------------------------------------------------ plumbing
+    def _hook(self, name: str, *args: Any) -> None:
+        try:
+            getattr(self.telemetry, name)(*args)
+        except Exception:  # telemetry must never fail an RPC
+            log.warning("telemetry_error", hook=name, exc_info=True)
+
+    async def _admit(self, rpc: str, context: Any) -> _Call:
+        call = _Call(rpc, run_of(context))
+        if self.in_flight >= self.max_concurrent_rpcs:
+            call.code = "RESOURCE_EXHAUSTED"
+            self._hook("request_finished", rpc, call.run, call.code, 0.0, 0, 0, 0, 0)
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"server busy: {self.in_flight} RPCs in flight (max_concurrent_rpcs={self.max_concurrent_rpcs}); "
+                "retry with backoff",
+            )
+        self.in_flight += 1
+        return call
+
+    def _start(self, call: _Call) -> None:
+        if not call.started:
+            call.started = True
+            self._hook("request_started", call.rpc, call.run, call.tokens)
+
+    async def _run(self, context: Any, fn: Callable[[threading.Event], T]) -> T:
+        """Run `fn(cancel_event)` in the pool, bounded by the call's deadline."""
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise DeadlineExceeded()
+        cancel = threading.Event()
+        fut = asyncio.get_running_loop().run_in_executor(self.executor, fn, cancel)
+        try:
+            if remaining is None:
+                return await fut
+            return await asyncio.wait_for(fut, remaining)
+        except asyncio.TimeoutError:
+            cancel.set()
+            raise DeadlineExceeded() from None
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
+
+    async def _fail(self, call: _Call, exc: BaseException, context: Any) -> None:
+        f = failure_for(exc)
+        call.code = f.code.name
+        if f.reasons:
+            self._hook("rejected", call.rpc, list(f.reasons))
+        if f.log:
+            log.error("rpc_internal_error", rpc=call.rpc, run=call.run, error_id=f.error_id, exc_info=exc)
+        else:
+            log.debug("rpc_failed", rpc=call.rpc, run=call.run, code=call.code, message=f.message)
+        await context.abort(f.code, f.message, trailing_metadata=f.trailing_metadata)
+
+    def _finish(self, call: _Call, context: Any) -> None:
+        self.in_flight -= 1
+        if call.code == "OK" and context.cancelled():
+            call.code = "CANCELLED"
+        self._hook(
+            "request_finished",
+            call.rpc,
+            call.run,
+            call.code,
+            time.perf_counter() - call.t0,
+            call.bytes_in,
+            call.bytes_out,
+            call.tokens,
+            call.sequences,
+        )
+
+    @staticmethod
+    def _check(cancel: threading.Event) -> None:
+        if cancel.is_set():
+            raise Cancelled()
+
+    # ------------------------------------------------------------ ComputeAdvantages
+    async def ComputeAdvantages(
+        self, request: pb.ComputeAdvantagesRequest, context: Any
+    ) -> pb.ComputeAdvantagesResponse:
+        call = await self._admit("ComputeAdvantages", context)
+        try:
+            call.sequences = codec.claimed_elements(request.rewards)
+            call.bytes_in = request.ByteSize()
+            self._start(call)
+            resp = await self._run(context, lambda cancel: self._advantages(request, call.run, cancel))
+            call.bytes_out = resp.ByteSize()
+            return resp
+        except asyncio.CancelledError:
+            call.code = "CANCELLED"
+            raise
+        except Exception as e:
+            if isinstance(e, grpc.aio.AbortError):
+                raise
+            await self._fail(call, e, context)
+            raise  # pragma: no cover - abort raises
+        finally:
+            self._finish(call, context)
+
+    def _advantages(
+        self, request: pb.ComputeAdvantagesRequest, run: str, cancel: threading.Event
+    ) -> pb.ComputeAdvantagesResponse:
+        v: list[FieldViolation] = []
+        n = codec.claimed_elements(request.rewards)
+        lim = self.limits
+        if lim.max_sequences and n > lim.max_sequences:
+            v.append(
+                FieldViolation(
+                    "rewards",
+                    f"too_large: {n} sequences exceed this server's max_sequences {lim.max_sequences}",
+                )
+            )
+            raise InputError(v)
+        rewards = codec.decode_tensor(request.rewards, "rewards", v) if request.HasField("rewards") else None
+        group_ids = (
+            codec.decode_tensor(request.group_ids, "group_ids", v) if request.HasField("group_ids") else None
+        )
+        if not request.HasField("rewards"):
+            v.append(FieldViolation("rewards", "missing: rewards are required"))
+        if not request.HasField("group_ids"):
+            v.append(FieldViolation("group_ids", "missing: group_ids are required"))
+        config = codec.decode_advantage_config(request.config, "config.", v)
+        if v:
+            raise InputError(v)
+        assert rewards is not None and group_ids is not None
+        probe = Batch(logp=rewards, offsets=torch.zeros(1, dtype=torch.int64), group_ids=group_ids)
+        codec.check_groups(probe, lim, "group_ids", v)
+        if v:
+            raise InputError(v)
+        self._check(cancel)
+        try:
+            result = self.engine.advantages(rewards, group_ids, config)
+        except InputError as e:
+            raise codec.rename(e, _advantages_field) from None
+        self._hook("observe_advantages", run, config, result)
+        self._check(cancel)
+        resp = pb.ComputeAdvantagesResponse()
+        codec.encode_tensor(result.advantages, resp.advantages)
+        resp.metrics.update(codec.metrics_map(result.metrics))
+        return resp
+
+    # ------------------------------------------------------------ ComputeLoss
+    async def ComputeLoss(self, request: pb.ComputeLossRequest, context: Any) -> pb.ComputeLossResponse:
+        call = await self._admit("ComputeLoss", context)
+        try:
+            call.tokens = codec.claimed_elements(request.batch.logp)
+            call.sequences = max(codec.claimed_elements(request.batch.offsets) - 1, 0)
+            call.bytes_in = request.ByteSize()
+            self._start(call)
+            resp = await self._run(context, lambda cancel: self._loss(request, call.run, cancel))
+            call.bytes_out = resp.ByteSize()
+            return resp
+        except asyncio.CancelledError:
+            call.code = "CANCELLED"
+            raise
+        except Exception as e:
+            if isinstance(e, grpc.aio.AbortError):
+                raise
+            await self._fail(call, e, context)
+            raise  # pragma: no cover
+        finally:
+            self._finish(call, context)
+
+    def _loss(
+        self, request: pb.ComputeLossRequest, run: str, cancel: threading.Event
+    ) -> pb.ComputeLossResponse:
+        v: list[FieldViolation] = []
+        if not request.HasField("batch"):
+            raise InputError([FieldViolation("batch", "missing: the batch is required")])
+        codec.check_batch_limits(request.batch, "batch.", self.limits, v)
+        if v:
+            raise InputError(v)
+        batch = codec.decode_batch(request.batch, "batch.", v)
+        config = codec.decode_loss_config(request.config, v)
+        if batch is not None:
+            codec.check_groups(batch, self.limits, "batch.group_ids", v)
+        if v:
+            raise InputError(v)
+        assert batch is not None
+        self._check(cancel)
+        try:
+            result = self.engine.loss(batch, config)
+        except InputError as e:
+            raise codec.rename(
+                e, lambda f: FieldViolation(codec.request_field(f.field), f.reason, f.index)
+            ) from None
+        self._hook("observe_loss", run, config, result)
+        self._check(cancel)
+        names = codec.selected_outputs(request.outputs if request.HasField("outputs") else None)
+        resp = pb.ComputeLossResponse(
+            loss=result.loss, policy_loss=result.policy_loss, kl_loss=result.kl_loss
+        )
+        resp.metrics.update(codec.metrics_map(result.metrics))
+        codec.fill_outputs(resp.outputs, codec.host_result(result, names), names)
+        return resp
+
+    # ------------------------------------------------------------ StreamLoss
+    async def StreamLoss(
+        self, request_iterator: AsyncIterator[pb.StreamLossRequest], context: Any
+    ) -> AsyncIterator[pb.StreamLossResponse]:
+        call = await self._admit("StreamLoss", context)
+        try:
+            cfg_msg: pb.LossConfig | None = None
+            out_msg: pb.OutputSelection | None = None
+            chunks: list[Batch] = []
+            async for msg in request_iterator:
+                i = len(chunks)
+                call.bytes_in += msg.ByteSize()
+                v: list[FieldViolation] = []
+                if cfg_msg is None:
+                    cfg_msg = pb.LossConfig()
+                    cfg_msg.CopyFrom(msg.config)
+                    if msg.HasField("outputs"):
+                        out_msg = pb.OutputSelection()
+                        out_msg.CopyFrom(msg.outputs)
+                elif msg.HasField("config") or msg.HasField("outputs"):
+                    v.append(
+                        FieldViolation(
+                            f"chunk[{i}].config",
+                            "unexpected: config and outputs go in the first message only",
+                        )
+                    )
+                if not msg.HasField("chunk"):
+                    v.append(FieldViolation(f"chunk[{i}]", "missing: every message carries a chunk"))
+                n, s = codec.check_batch_limits(
+                    msg.chunk, f"chunk[{i}].", self.limits, v, call.tokens, call.sequences
+                )
+                if v:
+                    raise InputError(v)
+                call.tokens += n
+                call.sequences += s
+                chunks.append(await self._run(context, functools.partial(_decode_chunk, msg.chunk, i)))
+                del msg  # the decoded tensors are all that is kept
+            if cfg_msg is None:
+                raise InputError([FieldViolation("chunk", "missing: the stream carried no chunk")])
+            self._start(call)
+            config_msg = cfg_msg
+            responses = await self._run(
+                context, lambda cancel: self._stream_loss(config_msg, out_msg, chunks, call.run, cancel)
+            )
+            chunks.clear()
+            for r in responses:
+                call.bytes_out += r.ByteSize()
+                yield r
+        except asyncio.CancelledError:
+            call.code = "CANCELLED"
+            raise
+        except Exception as e:
+            if isinstance(e, grpc.aio.AbortError):
+                raise
+            await self._fail(call, e, context)
+            raise  # pragma: no cover
+        finally:
+            self._finish(call, context)
+
+    def _stream_loss(
+        self,
+        cfg_msg: pb.LossConfig,
+        out_msg: pb.OutputSelection | None,
+        chunks: list[Batch],
+        run: str,
+        cancel: threading.Event,
+    ) -> list[pb.StreamLossResponse]:
+        v: list[FieldViolation] = []
+        config = codec.decode_loss_config(cfg_msg, v)
+        batch, tok_starts, seq_starts = _concatenate(chunks, v)
+        if batch is not None:
+            codec.check_groups(batch, self.limits, "chunk.group_ids", v)
+        if v:
+            raise InputError(v)
+        assert batch is not None
+        self._check(cancel)
+        try:
+            result = self.engine.loss(batch, config)
+        except InputError as e:
+            raise codec.rename(e, lambda f: _chunk_field(f, batch, tok_starts, seq_starts)) from None
+        self._hook("observe_loss", run, config, result)
+        self._check(cancel)
+        names = codec.selected_outputs(out_msg)
+        host: LossResult = codec.host_result(result, names)
+        out: list[pb.StreamLossResponse] = []
+        for j in range(len(chunks)):
+            r = pb.StreamLossResponse(chunk_index=j, token_start=tok_starts[j], sequence_start=seq_starts[j])
+            codec.fill_outputs(r.outputs, host, names, tok_starts[j], tok_starts[j + 1])
+            out.append(r)
+        summary = out[-1].summary
+        summary.loss, summary.policy_loss, summary.kl_loss = result.loss, result.policy_loss, result.kl_loss
+        summary.metrics.update(codec.metrics_map(result.metrics))
+        return out
+
+    # ------------------------------------------------------------ ListAlgorithms
+    async def ListAlgorithms(
+        self, request: pb.ListAlgorithmsRequest, context: Any
+    ) -> pb.ListAlgorithmsResponse:
+        run = run_of(context)
+        t0 = time.perf_counter()
+        resp = self._catalogue
+        self._hook(
+            "request_finished",
+            "ListAlgorithms",
+            run,
+            "OK",
+            time.perf_counter() - t0,
+            0,
+            resp.ByteSize(),
+            0,
+            0,
+        )
+        return resp
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _advantages_field(f: FieldViolation) -> FieldViolation:
+    name = f.field
+    if name.startswith("advantages."):
+        name = "config." + name[len("advantages.") :]
+    return FieldViolation(name, f.reason, f.index)
+
+
+def _decode_chunk(m: pb.Batch, i: int, cancel: threading.Event | None = None) -> Batch:
+    v: list[FieldViolation] = []
+    b = codec.decode_batch(m, f"chunk[{i}].", v)
+    if b is not None:
+        _check_chunk(b, i, v)
+    if v:
+        raise InputError(v)
+    assert b is not None
+    return b
+
+
+def _check_chunk(b: Batch, i: int, v: list[FieldViolation]) -> None:
+    """A chunk must be whole sequences: its own offsets from 0 to its token count."""
+    p = f"chunk[{i}]."
+    off, n = b.offsets, b.logp.numel()
+    if off.dtype.is_floating_point or off.dtype is torch.bool or off.dim() != 1 or off.numel() < 1:
+        v.append(
+            FieldViolation(
+                p + "offsets", "bad_offsets: offsets must be a 1-D integer tensor of length B+1 >= 1"
+            )
+        )
+        return
+    if int(off[0]) != 0:
+        v.append(FieldViolation(p + "offsets", f"bad_offsets: offsets[0] = {int(off[0])}, must be 0", 0))
+    diffs = off[1:] - off[:-1]
+    if diffs.numel() and bool((diffs < 0).any()):
+        v.append(
+            FieldViolation(
+                p + "offsets",
+                "bad_offsets: offsets must be non-decreasing",
+                int(torch.nonzero(diffs < 0)[0, 0]) + 1,
+            )
+        )
+    if int(off[-1]) != n:
+        v.append(
+            FieldViolation(
+                p + "offsets",
+                f"bad_offsets: offsets[B] = {int(off[-1])} must equal the chunk's token count {n}",
+                off.numel() - 1,
+            )
+        )
+
+
+_STREAM_TENSORS = (
+    "logp",
+    "old_logp",
+    "mask",
+    "ref_logp",
+    "rollout_logp",
+    "rewards",
+    "group_ids",
+    "advantages",
+)
+
+
+def _level(b: Batch) -> str | None:
+    """The advantage level of a chunk: given, or inferred like the engine does."""
+    if b.advantages is None:
+        return None
+    if b.advantage_level is not None:
+        return b.advantage_level
+    n_adv, bsz, n = b.advantages.numel(), b.num_seqs, b.num_tokens
+    if n_adv == bsz and n_adv != n:
+        return "sequence"
+    if n_adv == n and n_adv != bsz:
+        return "token"
+    if n_adv == bsz == n:
+        lengths = b.offsets[1:] - b.offsets[:-1]
+        return "sequence" if bool((lengths == 1).all()) else "ambiguous"
+    return "mismatch"
+
+
+def _concatenate(chunks: list[Batch], v: list[FieldViolation]) -> tuple[Batch | None, list[int], list[int]]:
+    """One Batch from the chunks (offsets rebased), exactly what a unary request would carry."""
+    tok_starts, seq_starts = [0], [0]
+    for b in chunks:
+        tok_starts.append(tok_starts[-1] + b.num_tokens)
+        seq_starts.append(seq_starts[-1] + b.num_seqs)
+    ref = chunks[0]
+    levels = [_level(b) for b in chunks]
+    for i, b in enumerate(chunks):
+        for name in _STREAM_TENSORS:
+            x, x0 = getattr(b, name), getattr(ref, name)
+            if (x is None) != (x0 is None):
+                state = "absent" if x is None else "present"
+                v.append(
+                    FieldViolation(
+                        f"chunk[{i}].{name}",
+                        f"inconsistent: {state} here but not in chunk 0; every chunk carries the same tensors",
+                    )
+                )
+            elif x is not None and x0 is not None and x.dtype != x0.dtype:
+                v.append(
+                    FieldViolation(
+                        f"chunk[{i}].{name}",
+                        f"inconsistent: dtype {str(x.dtype).replace('torch.', '')} differs from chunk 0's "
+                        f"{str(x0.dtype).replace('torch.', '')}",
+                    )
+                )
+        lvl = levels[i]
+        if lvl == "ambiguous":
+            v.append(
+                FieldViolation(
+                    f"chunk[{i}].advantage_level",
+                    "missing: advantages have length B == N in this chunk; set advantage_level",
+                )
+            )
+        elif lvl == "mismatch":
+            assert b.advantages is not None
+            v.append(
+                FieldViolation(
+                    f"chunk[{i}].advantages",
+                    f"length_mismatch: length {b.advantages.numel()}, expected B = {b.num_seqs} or N = {b.num_tokens}",
+                )
+            )
+        elif lvl is not None and levels[0] in ("sequence", "token") and lvl != levels[0]:
+            v.append(
+                FieldViolation(
+                    f"chunk[{i}].advantage_level",
+                    f"inconsistent: {lvl} advantages here, {levels[0]} in chunk 0",
+                )
+            )
+    if v:
+        return None, tok_starts, seq_starts
+    offsets = [chunks[0].offsets.to(torch.int64)]
+    for i, b in enumerate(chunks[1:], start=1):
+        offsets.append(b.offsets[1:].to(torch.int64) + tok_starts[i])
+    cat: dict[str, Any] = {}
+    for name in _STREAM_TENSORS:
+        parts = [getattr(b, name) for b in chunks]
+        cat[name] = None if parts[0] is None else (parts[0] if len(parts) == 1 else torch.cat(parts))
+    level = levels[0] if len(chunks) > 1 else ref.advantage_level
+    batch = Batch(
+        offsets=offsets[0] if len(offsets) == 1 else torch.cat(offsets), advantage_level=level, **cat
+    )
+    return batch, tok_starts, seq_starts
+
+
+_SEQ_FIELDS = ("rewards", "group_ids", "offsets")
+
+
+def _chunk_field(
+    f: FieldViolation, batch: Batch, tok_starts: list[int], seq_starts: list[int]
+) -> FieldViolation:
+    """An engine violation on the concatenated batch, named after the chunk it lies in."""
+    name = codec.request_field(f.field, batch_prefix="", config_prefix="config.")
+    if name.startswith("config."):
+        return FieldViolation(name, f.reason, f.index)
+    root = name.split(".", 1)[0]
+    if f.index is None:
+        return FieldViolation(f"chunk.{name}", f.reason)
+    per_seq = root in _SEQ_FIELDS or (
+        root == "advantages" and batch.advantages is not None and batch.advantage_level == "sequence"
+    )
+    starts = seq_starts if per_seq else tok_starts
+    j = 0
+    while j + 2 < len(starts) and f.index >= starts[j + 1]:
+        j += 1
+    return FieldViolation(f"chunk[{j}].{name}", f.reason, f.index - starts[j])

@@ -1,0 +1,193 @@
+"""`softgate serve`: the gRPC server and the admin HTTP server in ONE asyncio loop, one
+signal path for both.
+
+Start-up: logging, telemetry (`softgate.observability.PrometheusTelemetry` when importable,
+else the no-op `Telemetry`), the engine on its device, gRPC bound (health NOT_SERVING), the
+admin app under uvicorn (when `admin_port` is set and `softgate.admin` is importable), engine
+warm-up in a worker thread, then health SERVING and readiness true.
+
+Shutdown on SIGTERM or SIGINT: readiness false and health NOT_SERVING for every service, new
+RPCs refused, in-flight RPCs get `grace_seconds` to finish, then the admin server stops and the
+process exits 0. A second signal during the grace period cuts it short (in-flight RPCs are
+cancelled) and still exits 0. uvicorn's own signal handlers are disabled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Generator
+from typing import Any
+
+import torch
+
+from softgate import __version__
+from softgate.engine import Engine
+from softgate.grpc.server import GrpcServer
+from softgate.logging import configure, get_logger
+from softgate.settings import Settings
+from softgate.telemetry import Telemetry
+
+log = get_logger("serve")
+
+
+def make_telemetry(settings: Settings) -> Telemetry:
+    try:
+        from softgate.observability import PrometheusTelemetry
+    except Exception as e:  # not there yet, or prometheus_client missing
+        log.warning("telemetry_disabled", reason=f"{type(e).__name__}: {e}")
+        return Telemetry()
+    return PrometheusTelemetry(settings)  # type: ignore[no-any-return]
+
+
+def make_engine(settings: Settings) -> Engine:
+    device = None if settings.device in ("", "auto") else settings.device
+    return Engine(device=device, compile=settings.compile)
+
+
+def _device_description(engine: Engine) -> dict[str, Any]:
+    dev = engine.device
+    out: dict[str, Any] = {"device": str(dev), "torch": torch.__version__}
+    if dev.type == "cuda":
+        idx = dev.index if dev.index is not None else torch.cuda.current_device()
+        out["device_name"] = torch.cuda.get_device_name(idx)
+    else:
+        out["threads"] = torch.get_num_threads()
+    return out
+
+
+def _make_admin_server(settings: Settings, telemetry: Telemetry, is_ready: Any) -> Any | None:
+    """A uvicorn.Server for `softgate.admin.create_app`, or None (disabled / not importable)."""
+    if settings.admin_port is None:
+        return None
+    try:
+        import uvicorn
+
+        from softgate.admin import create_app
+    except Exception as e:
+        log.warning("admin_disabled", reason=f"softgate.admin not importable: {type(e).__name__}: {e}")
+        return None
+
+    class _Server(uvicorn.Server):
+        """Our signal handler owns shutdown: uvicorn installs none."""
+
+        def install_signal_handlers(self) -> None:  # uvicorn < 0.29
+            return None
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Generator[None, None, None]:  # uvicorn >= 0.29
+            yield
+
+    app = create_app(settings, telemetry, is_ready)
+    config = uvicorn.Config(
+        app,
+        host=settings.admin_host,
+        port=settings.admin_port,
+        lifespan="off",
+        access_log=False,
+        log_config=None,  # our handler (softgate.logging.configure) formats uvicorn's records
+        log_level=settings.log_level.lower(),
+    )
+    return _Server(config)
+
+
+def _bound_admin_address(server: Any, settings: Settings) -> str:
+    try:
+        sock = server.servers[0].sockets[0]
+        host, port = sock.getsockname()[:2]
+        return f"{host}:{port}"
+    except Exception:
+        return f"{settings.admin_host}:{settings.admin_port}"
+
+
+async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int:
+    """Run until SIGTERM / SIGINT (or until `stop` is set); returns the exit code."""
+    loop = asyncio.get_running_loop()
+    stop = stop or asyncio.Event()
+    signals_seen = 0
+    background: set[asyncio.Task[Any]] = set()
+
+    def on_signal(sig: signal.Signals) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        log.info("signal_received", signal=sig.name, count=signals_seen)
+        stop.set()
+        if signals_seen > 1 and grpc_server.server is not None:
+            # a second signal: cut the grace period short
+            task = loop.create_task(grpc_server.server.stop(0))
+            background.add(task)
+            task.add_done_callback(background.discard)
+
+    log.info("starting", version=__version__, settings=settings.redacted())
+    telemetry = make_telemetry(settings)
+    engine = make_engine(settings)
+    log.info("engine_ready", **_device_description(engine), compile=settings.compile)
+
+    grpc_server = GrpcServer(settings, engine, telemetry)
+    await grpc_server.start()
+    ready = False
+
+    def is_ready() -> bool:
+        return ready and grpc_server.serving
+
+    installed: list[signal.Signals] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, on_signal, sig)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError):  # not the main thread / platform
+            pass
+
+    admin = _make_admin_server(settings, telemetry, is_ready)
+    admin_task: asyncio.Task[Any] | None = None
+    code = 0
+    try:
+        if admin is not None:
+            admin_task = asyncio.create_task(admin.serve(), name="softgate-admin")
+            while not admin.started:
+                if admin_task.done():
+                    exc = admin_task.exception() if not admin_task.cancelled() else None
+                    raise OSError(
+                        f"admin server failed to start on {settings.admin_host}:{settings.admin_port}: {exc!r}"
+                    )
+                await asyncio.sleep(0.01)
+            log.info(
+                "admin_listening",
+                address=_bound_admin_address(admin, settings),
+                auth=bool(settings.admin_token),
+            )
+
+        if settings.warmup and not stop.is_set():
+            t0 = loop.time()
+            await asyncio.to_thread(engine.warmup)
+            log.info("engine_warmed_up", seconds=round(loop.time() - t0, 3))
+        if not stop.is_set():
+            await grpc_server.set_serving(True)
+            ready = True
+            log.info("serving", grpc=grpc_server.address)
+        await stop.wait()
+    except (OSError, SystemExit) as e:
+        log.error("startup_failed", error=str(e))
+        code = 1
+    finally:
+        ready = False
+        await grpc_server.stop(settings.grace_seconds)
+        if admin is not None and admin_task is not None:
+            admin.should_exit = True
+            with contextlib.suppress(Exception, SystemExit, asyncio.CancelledError):
+                await asyncio.wait_for(admin_task, timeout=max(settings.grace_seconds, 1.0) + 5)
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+        log.info("stopped", exit_code=code)
+    return code
+
+
+def run(settings: Settings) -> int:
+    """Configure logging and run `serve` in a fresh event loop."""
+    configure(settings.log_format, settings.log_level)
+    try:
+        return asyncio.run(serve(settings))
+    except OSError as e:
+        log.error("startup_failed", error=str(e))
+        return 1

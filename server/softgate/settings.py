@@ -1,0 +1,298 @@
+"""Server settings: one frozen dataclass, loaded from four sources.
+
+Precedence, highest first: command-line flags > `SOFTGATE_*` environment variables > a
+YAML or TOML config file (`--config PATH` or `SOFTGATE_CONFIG`) > the defaults below, which
+run on a laptop CPU. Every field `x` is the flag `--x` (dashes for underscores) and the
+environment variable `SOFTGATE_X`; the config file holds the same names as keys (flat, or
+under a top-level `softgate:` / `[softgate]` section).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+MiB = 1 << 20
+SECRET_FIELDS = frozenset({"admin_token"})
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_TRUE = {"1", "true", "yes", "on", "y", "t"}
+_FALSE = {"0", "false", "no", "off", "n", "f", ""}
+
+
+class SettingsError(ValueError):
+    """A setting is missing, malformed or inconsistent; the message names the source."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything `softgate serve` can be told. See docs/server.md for each field."""
+
+    # ---- gRPC endpoint
+    grpc_host: str = field(default="0.0.0.0", metadata={"help": "gRPC listen address"})
+    grpc_port: int = field(default=50051, metadata={"help": "gRPC port; 0 picks a free one (logged)"})
+    # ---- admin HTTP endpoint (health, readiness, metrics)
+    admin_host: str = field(default="0.0.0.0", metadata={"help": "admin HTTP listen address"})
+    admin_port: int | None = field(
+        default=8080, metadata={"help": "admin HTTP port; 0 picks a free one, -1 or 'none' disables it"}
+    )
+    admin_token: str | None = field(
+        default=None, metadata={"help": "bearer token required by the admin API (secret, never logged)"}
+    )
+    # ---- engine
+    device: str = field(
+        default="auto", metadata={"help": "engine device: auto (cuda if present), cpu, cuda:N"}
+    )
+    compile: bool = field(default=False, metadata={"help": "ask the engine to torch.compile its kernels"})
+    warmup: bool = field(default=True, metadata={"help": "run every objective once before serving"})
+    engine_workers: int = field(
+        default=2,
+        metadata={"help": "threads that run engine calls (RPCs past it queue, up to max_concurrent_rpcs)"},
+    )
+    # ---- transport
+    max_message_bytes: int = field(
+        default=512 * MiB, metadata={"help": "largest message received or sent, bytes"}
+    )
+    max_concurrent_rpcs: int = field(
+        default=32, metadata={"help": "RPCs in progress at once; past it RESOURCE_EXHAUSTED at once"}
+    )
+    keepalive_time_s: float = field(default=60.0, metadata={"help": "server keepalive ping interval, s"})
+    keepalive_timeout_s: float = field(default=20.0, metadata={"help": "keepalive ping ack timeout, s"})
+    max_connection_age_s: float | None = field(
+        default=300.0,
+        metadata={"help": "close connections after this age so clients re-resolve DNS (k8s); none: never"},
+    )
+    max_connection_age_grace_s: float = field(
+        default=60.0, metadata={"help": "time RPCs of an aged connection get to finish, s"}
+    )
+    grace_seconds: float = field(
+        default=30.0, metadata={"help": "on SIGTERM/SIGINT, time in-flight RPCs get to finish, s"}
+    )
+    # ---- TLS
+    tls_cert: str | None = field(
+        default=None, metadata={"help": "server certificate chain (PEM); enables TLS"}
+    )
+    tls_key: str | None = field(default=None, metadata={"help": "server private key (PEM)"})
+    tls_client_ca: str | None = field(
+        default=None, metadata={"help": "CA bundle (PEM) for client certificates; set: mutual TLS required"}
+    )
+    # ---- logs and metrics
+    log_format: str = field(default="text", metadata={"help": "text or json (one object per line)"})
+    log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING, ERROR"})
+    max_runs: int = field(
+        default=20, metadata={"help": "distinct softgate-run labels in metrics; more fold into 'other'"}
+    )
+    # ---- request limits (0: no limit)
+    max_tokens: int = field(
+        default=64 * MiB, metadata={"help": "tokens per request (per stream), 0: no limit"}
+    )
+    max_sequences: int = field(
+        default=1 * MiB, metadata={"help": "sequences per request (per stream), 0: no limit"}
+    )
+    max_groups: int = field(
+        default=1 * MiB, metadata={"help": "distinct groups per request (per stream), 0: no limit"}
+    )
+    # ---- where these came from
+    config: str | None = field(default=None, metadata={"help": "YAML or TOML config file"})
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise SettingsError("; ".join(problems))
+
+    # ------------------------------------------------------------ checks
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        if not 0 <= self.grpc_port <= 65535:
+            p.append(f"grpc_port: {self.grpc_port} is not a port (0..65535)")
+        if self.admin_port is not None and not 0 <= self.admin_port <= 65535:
+            p.append(f"admin_port: {self.admin_port} is not a port (0..65535, or -1 to disable)")
+        if self.log_format not in LOG_FORMATS:
+            p.append(f"log_format: {self.log_format!r}; one of {list(LOG_FORMATS)}")
+        if self.log_level.upper() not in LOG_LEVELS:
+            p.append(f"log_level: {self.log_level!r}; one of {list(LOG_LEVELS)}")
+        for name in ("max_message_bytes", "max_concurrent_rpcs", "engine_workers", "max_runs"):
+            if getattr(self, name) < 1:
+                p.append(f"{name}: {getattr(self, name)} must be >= 1")
+        for name in ("max_tokens", "max_sequences", "max_groups"):
+            if getattr(self, name) < 0:
+                p.append(f"{name}: {getattr(self, name)} must be >= 0 (0: no limit)")
+        for name in (
+            "keepalive_time_s",
+            "keepalive_timeout_s",
+            "max_connection_age_grace_s",
+            "grace_seconds",
+        ):
+            if not getattr(self, name) >= 0:
+                p.append(f"{name}: {getattr(self, name)} must be >= 0")
+        if self.max_connection_age_s is not None and not self.max_connection_age_s > 0:
+            p.append(f"max_connection_age_s: {self.max_connection_age_s} must be > 0 (or none)")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            p.append("tls_cert and tls_key: give both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            p.append("tls_client_ca: mutual TLS needs tls_cert and tls_key too")
+        return p
+
+    # ------------------------------------------------------------ views
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    @property
+    def admin_enabled(self) -> bool:
+        return self.admin_port is not None
+
+    def redacted(self) -> dict[str, Any]:
+        """Every field, secrets replaced by "***" (when set), for logs and the admin API."""
+        out = dataclasses.asdict(self)
+        for k in SECRET_FIELDS:
+            if out.get(k):
+                out[k] = "***"
+        return out
+
+    def __repr__(self) -> str:  # never show the secret in a traceback or log
+        inner = ", ".join(f"{k}={v!r}" for k, v in self.redacted().items())
+        return f"Settings({inner})"
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------ loading
+    @classmethod
+    def load(
+        cls,
+        flags: Mapping[str, Any] | None = None,
+        env: Mapping[str, str] | None = None,
+        config_file: str | os.PathLike[str] | None = None,
+    ) -> Settings:
+        """Merge the sources: `flags` (already parsed; None values mean "not given") over
+        `SOFTGATE_*` variables of `env` (default os.environ) over the config file (from
+        `config_file`, else flags["config"], else SOFTGATE_CONFIG) over the defaults."""
+        env = os.environ if env is None else env
+        flags = {k: v for k, v in (flags or {}).items() if v is not None}
+        unknown = set(flags) - _FIELDS.keys()
+        if unknown:
+            raise SettingsError(f"unknown setting(s): {sorted(unknown)}")
+        path = config_file or flags.get("config") or env.get("SOFTGATE_CONFIG") or None
+        values: dict[str, Any] = {}
+        if path:
+            for k, v in _read_config_file(Path(path)).items():
+                values[k] = _coerce(k, v, f"config file {path}")
+            values["config"] = str(path)
+        for k in _FIELDS:
+            var = "SOFTGATE_" + k.upper()
+            if var in env and k != "config":
+                values[k] = _coerce(k, env[var], f"environment variable {var}")
+        for k, v in flags.items():
+            values[k] = _coerce(k, v, f"flag --{k.replace('_', '-')}")
+        try:
+            return cls(**values)
+        except SettingsError:
+            raise
+        except (TypeError, ValueError) as e:  # pragma: no cover - _coerce catches these
+            raise SettingsError(str(e)) from e
+
+
+_FIELDS = {f.name: f for f in fields(Settings)}
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SettingsError(f"config file {path}: {e.strerror or e}") from e
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib  # type: ignore[no-redef]
+            data: Any = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml", ".json"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            raise SettingsError(f"config file {path}: unknown format {suffix!r}; use .yaml, .yml or .toml")
+    except SettingsError:
+        raise
+    except Exception as e:
+        raise SettingsError(f"config file {path}: cannot parse: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SettingsError(f"config file {path}: expected a mapping of setting names to values")
+    if isinstance(data.get("softgate"), dict) and len(data) == 1:
+        data = data["softgate"]
+    out = {}
+    for k, v in data.items():
+        key = str(k).replace("-", "_")
+        if key not in _FIELDS or key == "config":
+            raise SettingsError(f"config file {path}: unknown setting {k!r}")
+        out[key] = v
+    return out
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """`value` (a string from the environment, or a typed value) as the field's type."""
+    tp = str(_FIELDS[name].type)
+    optional = "None" in tp
+    try:
+        if isinstance(value, str):
+            s = value.strip()
+            if optional and s.lower() in ("none", "null", "off", "disabled"):
+                return None
+            if name == "admin_port" and s == "-1":
+                return None
+            if name == "max_connection_age_s" and s in ("0", "-1"):
+                return None
+        if value is None:
+            if optional:
+                return None
+            raise ValueError("must not be empty")
+        if tp.startswith("bool"):
+            if isinstance(value, bool):
+                return value
+            s = str(value).strip().lower()
+            if s in _TRUE:
+                return True
+            if s in _FALSE:
+                return False
+            raise ValueError(f"{value!r} is not a boolean (true/false)")
+        if tp.startswith("int"):
+            if isinstance(value, bool):
+                raise ValueError(f"{value!r} is not an integer")
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(f"{value!r} is not an integer")
+            iv = int(str(value).strip().replace("_", "")) if isinstance(value, str) else int(value)
+            if name == "admin_port" and iv == -1:
+                return None
+            return iv
+        if tp.startswith("float"):
+            if isinstance(value, bool):
+                raise ValueError(f"{value!r} is not a number")
+            fv = float(value)
+            if name == "max_connection_age_s" and fv <= 0:
+                return None
+            return fv
+        s = str(value)
+        if name == "log_level":
+            s = s.upper()
+        if optional and s == "":
+            return None
+        return s
+    except (TypeError, ValueError) as e:
+        raise SettingsError(f"{name} from {source}: {e}") from e
+
+
+def field_help(name: str) -> str:
+    return str(_FIELDS[name].metadata.get("help", ""))
+
+
+def field_names() -> list[str]:
+    return [f.name for f in fields(Settings)]

@@ -1,0 +1,805 @@
+"""The gRPC server against the real engine, on loopback: health and reflection, results equal
+to the in-process engine bit for bit (unary and streamed), bad input -> INVALID_ARGUMENT with
+BadRequest field violations, concurrency limit, deadlines, error mapping, TLS / mutual TLS,
+telemetry hooks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_status import rpc_status
+from softgate.engine import (
+    AdvantageConfig,
+    AggregationConfig,
+    Batch,
+    Engine,
+    Grpo,
+    Gspo,
+    KLConfig,
+    LossConfig,
+    MismatchConfig,
+    Sapo,
+)
+from softgate.grpc.server import GrpcServer
+from softgate.settings import Settings
+from softgate.telemetry import Telemetry
+from softgate_client.proto.softgate.v1 import softgate_pb2 as pb
+from softgate_client.proto.softgate.v1 import softgate_pb2_grpc as pb_grpc
+
+# ---------------------------------------------------------------- helpers
+
+NP = {
+    pb.DTYPE_FLOAT32: np.float32,
+    pb.DTYPE_FLOAT64: np.float64,
+    pb.DTYPE_INT64: np.int64,
+    pb.DTYPE_BOOL: np.bool_,
+}
+
+
+def tensor(x: Any, dtype: int | None = None) -> pb.Tensor:
+    a = x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if dtype is None:
+        dtype = {np.dtype(v): k for k, v in NP.items()}[a.dtype]
+    a = np.ascontiguousarray(a.astype(NP[dtype]).astype(np.dtype(NP[dtype]).newbyteorder("<")))
+    return pb.Tensor(dtype=dtype, shape=list(a.shape), data=a.tobytes())
+
+
+def array(t: pb.Tensor) -> np.ndarray:
+    return np.frombuffer(t.data, dtype=np.dtype(NP[t.dtype]).newbyteorder("<"))
+
+
+def make_batch(seed: int = 0, b: int = 12, dtype: torch.dtype = torch.float32, group: int = 4) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, 9, (b,), generator=g)
+    n = int(lengths.sum())
+    logp = (-torch.rand(n, generator=g, dtype=torch.float64) * 3 - 0.01).to(dtype)
+    old = (logp.double() + 0.3 * torch.randn(n, generator=g, dtype=torch.float64)).clamp(max=-1e-3).to(dtype)
+    return Batch(
+        logp=logp,
+        offsets=Batch.offsets_from_lengths(lengths),
+        old_logp=old,
+        mask=torch.rand(n, generator=g) > 0.2,
+        ref_logp=(logp.double() - 0.05).to(dtype),
+        rollout_logp=(old.double() + 0.01 * torch.randn(n, generator=g, dtype=torch.float64))
+        .clamp(max=-1e-3)
+        .to(dtype),
+        rewards=torch.randint(0, 3, (b,), generator=g).to(dtype),
+        group_ids=torch.arange(b) % group,
+    )
+
+
+def batch_msg(batch: Batch) -> pb.Batch:
+    m = pb.Batch(logp=tensor(batch.logp), offsets=tensor(batch.offsets))
+    for name in ("old_logp", "mask", "ref_logp", "rollout_logp", "rewards", "group_ids", "advantages"):
+        x = getattr(batch, name)
+        if x is not None:
+            getattr(m, name).CopyFrom(tensor(x))
+    return m
+
+
+def slice_batch(batch: Batch, s0: int, s1: int) -> Batch:
+    """Sequences s0..s1-1 as a self-contained chunk (offsets from 0)."""
+    t0, t1 = int(batch.offsets[s0]), int(batch.offsets[s1])
+    out: dict[str, Any] = {"offsets": batch.offsets[s0 : s1 + 1] - t0}
+    for name in ("logp", "old_logp", "mask", "ref_logp", "rollout_logp"):
+        x = getattr(batch, name)
+        out[name] = None if x is None else x[t0:t1]
+    for name in ("rewards", "group_ids"):
+        x = getattr(batch, name)
+        out[name] = None if x is None else x[s0:s1]
+    return Batch(**out)
+
+
+CONFIGS: dict[str, tuple[LossConfig, pb.LossConfig]] = {
+    "default-sapo": (LossConfig(), pb.LossConfig()),
+    "grpo-dual-kl-mismatch-token-mean": (
+        LossConfig(
+            objective=Grpo(eps_low=0.2, eps_high=0.28, dual_clip=3.0),
+            aggregation=AggregationConfig(mode="token_mean"),
+            kl=KLConfig(estimator="k3", beta=0.01),
+            mismatch=MismatchConfig(level="sequence", mode="mask", lo=0.5, hi=2.0),
+        ),
+        pb.LossConfig(
+            objective=pb.Objective(grpo=pb.GrpoParams(eps_low=0.2, eps_high=0.28, dual_clip=3.0)),
+            aggregation=pb.AggregationConfig(mode=pb.AGGREGATION_MODE_TOKEN_MEAN),
+            kl=pb.KlConfig(estimator=pb.KL_ESTIMATOR_K3, beta=0.01),
+            mismatch=pb.MismatchConfig(
+                level=pb.MISMATCH_LEVEL_SEQUENCE, mode=pb.MISMATCH_MODE_MASK, lo=0.5, hi=2.0
+            ),
+        ),
+    ),
+    "gspo-rloo-global-normalisers": (
+        LossConfig(
+            objective=Gspo(),
+            advantages=AdvantageConfig(estimator="rloo", scale="batch"),
+            aggregation=AggregationConfig(mode="seq_mean_token_sum", num_seqs=40.0),
+        ),
+        pb.LossConfig(
+            objective=pb.Objective(gspo=pb.GspoParams()),
+            advantages=pb.AdvantageConfig(
+                estimator=pb.ADVANTAGE_ESTIMATOR_RLOO, scale=pb.ADVANTAGE_SCALE_BATCH
+            ),
+            aggregation=pb.AggregationConfig(mode=pb.AGGREGATION_MODE_SEQ_MEAN_TOKEN_SUM, num_seqs=40.0),
+        ),
+    ),
+    "sapo-tau-reinforcepp-token-sum-norm": (
+        LossConfig(
+            objective=Sapo(tau_pos=2.0, tau_neg=3.0),
+            advantages=AdvantageConfig(estimator="reinforce_pp_baseline"),
+            aggregation=AggregationConfig(mode="token_sum_norm", constant=64.0),
+        ),
+        pb.LossConfig(
+            objective=pb.Objective(sapo=pb.SapoParams(tau_pos=2.0, tau_neg=3.0)),
+            advantages=pb.AdvantageConfig(estimator=pb.ADVANTAGE_ESTIMATOR_REINFORCE_PP_BASELINE),
+            aggregation=pb.AggregationConfig(mode=pb.AGGREGATION_MODE_TOKEN_SUM_NORM, constant=64.0),
+        ),
+    ),
+}
+ALL_OUTPUTS = pb.OutputSelection(advantages=True, ratio=True, gate_weight=True, clip_mask=True, mask=True)
+RESULT_ATTR = {
+    "gradient": "grad",
+    "advantages": "advantages",
+    "ratio": "ratio",
+    "gate_weight": "gate_weight",
+    "clip_mask": "clip_mask",
+    "mask": "mask",
+}
+
+
+class ServerThread:
+    """A GrpcServer on 127.0.0.1:<free port>, in its own event loop on a thread."""
+
+    def __init__(self, engine: Engine | None = None, telemetry: Telemetry | None = None, **settings: Any):
+        settings.setdefault("grpc_host", "127.0.0.1")
+        settings.setdefault("grpc_port", 0)
+        settings.setdefault("admin_port", None)
+        self.settings = Settings(**settings)
+        self.engine = engine or Engine(device="cpu")
+        self.telemetry = telemetry
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.server: GrpcServer | None = None
+
+    def _call(self, coro: Any, timeout: float = 30) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+
+        async def start() -> GrpcServer:
+            s = GrpcServer(self.settings, self.engine, self.telemetry)
+            await s.start()
+            await s.set_serving(True)
+            return s
+
+        self.server = self._call(start())
+        return self
+
+    @property
+    def target(self) -> str:
+        assert self.server is not None
+        return f"127.0.0.1:{self.server.port}"
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(self.target)
+
+    def stub(self) -> pb_grpc.LossServiceStub:
+        return pb_grpc.LossServiceStub(self.channel())
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.server is not None:
+            self._call(self.server.stop(1))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ServerThread]:
+    with ServerThread(max_tokens=100_000, max_sequences=1000, max_groups=100) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def stub(server: ServerThread) -> pb_grpc.LossServiceStub:
+    return server.stub()
+
+
+def violations(err: grpc.RpcError) -> list[tuple[str, str]]:
+    st = rpc_status.from_call(err)  # type: ignore[arg-type]
+    assert st is not None, "no google.rpc.Status in the trailers"
+    out = []
+    for d in st.details:
+        if d.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            br = error_details_pb2.BadRequest()
+            d.Unpack(br)
+            out += [(fv.field, fv.description) for fv in br.field_violations]
+    return out
+
+
+def expect_invalid(fn: Any, field: str, reason: str) -> list[tuple[str, str]]:
+    with pytest.raises(grpc.RpcError) as ei:
+        fn()
+    err = ei.value
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+    vs = violations(err)
+    assert any(f == field and d.startswith(reason) for f, d in vs), vs
+    return vs
+
+
+def same(a: np.ndarray, b: torch.Tensor) -> bool:
+    """Bit-for-bit equality (NaN-safe: compares the bytes)."""
+    bt = b.detach().cpu().contiguous()
+    if bt.dtype is torch.bool:
+        return a.dtype == np.bool_ and bytes(a.tobytes()) == bt.numpy().tobytes()
+    return a.dtype == bt.numpy().dtype and a.tobytes() == bt.numpy().tobytes()
+
+
+# ---------------------------------------------------------------- health, reflection, catalogue
+
+
+def test_health_and_reflection(server: ServerThread) -> None:
+    ch = server.channel()
+    h = health_pb2_grpc.HealthStub(ch)
+    for name in ("", "softgate.v1.LossService"):
+        r = h.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
+        assert r.status == health_pb2.HealthCheckResponse.SERVING
+    refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+    resp = next(
+        iter(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    )
+    names = {s.name for s in resp.list_services_response.service}
+    assert {"softgate.v1.LossService", "grpc.health.v1.Health"} <= names
+    resp = next(
+        iter(
+            refl.ServerReflectionInfo(
+                iter(
+                    [reflection_pb2.ServerReflectionRequest(file_containing_symbol="softgate.v1.LossService")]
+                )
+            )
+        )
+    )
+    assert resp.file_descriptor_response.file_descriptor_proto
+
+
+def test_list_algorithms(stub: pb_grpc.LossServiceStub) -> None:
+    r = stub.ListAlgorithms(pb.ListAlgorithmsRequest(), timeout=5)
+    names = [o.name for o in r.objectives]
+    assert names[0] == "sapo"
+    assert set(names) == {"sapo", "grpo", "gspo", "gspo_token", "cispo", "gppo", "reinforce"}
+    sapo = {p.name: p for p in r.objectives[0].parameters}
+    assert sapo["tau_pos"].default_value == 1.0 and sapo["tau_neg"].default_value == 1.05
+    grpo = {p.name: p for p in next(o for o in r.objectives if o.name == "grpo").parameters}
+    assert not grpo["dual_clip"].HasField("default_value")
+    assert {e.name for e in r.advantage_estimators} == {"grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"}
+    assert {a.name for a in r.aggregations} == {
+        "token_mean",
+        "seq_mean_token_mean",
+        "seq_mean_token_sum",
+        "token_sum_norm",
+    }
+    assert {k.name for k in r.kl_estimators} == {"k1", "k2", "k3"}
+    assert {m.name for m in r.mismatch_modes} == {"truncate", "mask"}
+    assert {"grad_retained", "clip_low", "gate_mean_pos"} <= {m.name for m in r.metrics}
+    assert r.limits.max_tokens == 100_000 and r.limits.max_message_bytes == 512 << 20
+
+
+# ---------------------------------------------------------------- results equal the engine's
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compute_loss_equals_engine(stub: pb_grpc.LossServiceStub, name: str, dtype: torch.dtype) -> None:
+    cfg, cfg_msg = CONFIGS[name]
+    batch = make_batch(seed=zlib.crc32(name.encode()) % 1000, dtype=dtype)
+    want = Engine(device="cpu").loss(batch, cfg)
+    got = stub.ComputeLoss(
+        pb.ComputeLossRequest(config=cfg_msg, batch=batch_msg(batch), outputs=ALL_OUTPUTS), timeout=30
+    )
+    assert got.loss == want.loss and got.policy_loss == want.policy_loss and got.kl_loss == want.kl_loss
+    assert dict(got.metrics) == {k: float(v) for k, v in want.metrics.items()}
+    for out_name, attr in RESULT_ATTR.items():
+        t = getattr(got.outputs, out_name)
+        assert list(t.shape) == [batch.num_tokens]
+        assert same(array(t), getattr(want, attr)), out_name
+    assert got.outputs.gradient.dtype == (pb.DTYPE_FLOAT64 if dtype == torch.float64 else pb.DTYPE_FLOAT32)
+
+
+def test_outputs_are_only_the_requested_ones(stub: pb_grpc.LossServiceStub) -> None:
+    batch = make_batch(1)
+    r = stub.ComputeLoss(pb.ComputeLossRequest(batch=batch_msg(batch)), timeout=10)
+    assert r.outputs.HasField("gradient")
+    assert not any(r.outputs.HasField(n) for n in ("advantages", "ratio", "gate_weight", "clip_mask", "mask"))
+    r = stub.ComputeLoss(
+        pb.ComputeLossRequest(batch=batch_msg(batch), outputs=pb.OutputSelection(gradient=False, ratio=True)),
+        timeout=10,
+    )
+    assert not r.outputs.HasField("gradient") and r.outputs.HasField("ratio")
+
+
+def test_given_advantages_per_sequence_and_per_token(stub: pb_grpc.LossServiceStub) -> None:
+    batch = make_batch(2)
+    g = torch.Generator().manual_seed(5)
+    for adv in (torch.randn(batch.num_seqs, generator=g), torch.randn(batch.num_tokens, generator=g)):
+        b = Batch(
+            logp=batch.logp, offsets=batch.offsets, old_logp=batch.old_logp, mask=batch.mask, advantages=adv
+        )
+        want = Engine(device="cpu").loss(b, LossConfig())
+        got = stub.ComputeLoss(pb.ComputeLossRequest(batch=batch_msg(b)), timeout=10)
+        assert got.loss == want.loss
+        assert same(array(got.outputs.gradient), want.grad)
+
+
+@pytest.mark.parametrize(
+    "name", ["default-sapo", "grpo-dual-kl-mismatch-token-mean", "gspo-rloo-global-normalisers"]
+)
+def test_stream_loss_equals_unary(stub: pb_grpc.LossServiceStub, name: str) -> None:
+    """Chunks split on sequence boundaries, groups spanning chunks, an empty chunk: the
+    concatenated outputs and the summary equal the unary call bit for bit."""
+    cfg_msg = CONFIGS[name][1]
+    batch = make_batch(seed=7, b=20, group=5)  # group ids 0..4 interleaved: every group spans chunks
+    unary = stub.ComputeLoss(
+        pb.ComputeLossRequest(config=cfg_msg, batch=batch_msg(batch), outputs=ALL_OUTPUTS), timeout=30
+    )
+    bounds = [0, 3, 3, 11, 20]  # the second chunk is empty
+    msgs = []
+    for k in range(len(bounds) - 1):
+        m = pb.StreamLossRequest(chunk=batch_msg(slice_batch(batch, bounds[k], bounds[k + 1])))
+        if k == 0:
+            m.config.CopyFrom(cfg_msg)
+            m.outputs.CopyFrom(ALL_OUTPUTS)
+        msgs.append(m)
+    resps = list(stub.StreamLoss(iter(msgs), timeout=30))
+    assert [r.chunk_index for r in resps] == list(range(len(msgs)))
+    assert [r.sequence_start for r in resps] == bounds[:-1]
+    assert [r.token_start for r in resps] == [int(batch.offsets[s]) for s in bounds[:-1]]
+    assert [r.HasField("summary") for r in resps] == [False] * (len(msgs) - 1) + [True]
+    s = resps[-1].summary
+    assert (s.loss, s.policy_loss, s.kl_loss) == (unary.loss, unary.policy_loss, unary.kl_loss)
+    assert dict(s.metrics) == dict(unary.metrics)
+    for out_name in RESULT_ATTR:
+        cat = b"".join(getattr(r.outputs, out_name).data for r in resps)
+        assert cat == getattr(unary.outputs, out_name).data, out_name
+
+
+def test_stream_single_chunk_with_advantages(stub: pb_grpc.LossServiceStub) -> None:
+    batch = make_batch(3)
+    b = Batch(logp=batch.logp, offsets=batch.offsets, advantages=torch.linspace(-1, 1, batch.num_seqs))
+    unary = stub.ComputeLoss(pb.ComputeLossRequest(batch=batch_msg(b)), timeout=10)
+    (r,) = list(stub.StreamLoss(iter([pb.StreamLossRequest(chunk=batch_msg(b))]), timeout=10))
+    assert r.summary.loss == unary.loss and r.outputs.gradient.data == unary.outputs.gradient.data
+
+
+def test_compute_advantages_equals_engine(stub: pb_grpc.LossServiceStub) -> None:
+    g = torch.Generator().manual_seed(3)
+    rewards = torch.rand(32, generator=g)
+    groups = torch.arange(32) // 4
+    cfg = AdvantageConfig(estimator="dr_grpo", scale="group", eps=1e-4)
+    want = Engine(device="cpu").advantages(rewards, groups, cfg)
+    got = stub.ComputeAdvantages(
+        pb.ComputeAdvantagesRequest(
+            config=pb.AdvantageConfig(
+                estimator=pb.ADVANTAGE_ESTIMATOR_DR_GRPO, scale=pb.ADVANTAGE_SCALE_GROUP, eps=1e-4
+            ),
+            rewards=tensor(rewards),
+            group_ids=tensor(groups),
+        ),
+        timeout=10,
+    )
+    assert same(array(got.advantages), want.advantages)
+    assert dict(got.metrics) == want.metrics
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _loss_call(stub: pb_grpc.LossServiceStub, batch: pb.Batch, config: pb.LossConfig | None = None) -> Any:
+    return lambda: stub.ComputeLoss(pb.ComputeLossRequest(batch=batch, config=config), timeout=10)
+
+
+def _good() -> pb.Batch:
+    return batch_msg(make_batch(4, b=6))
+
+
+def test_bad_dtype(stub: pb_grpc.LossServiceStub) -> None:
+    m = _good()
+    m.logp.dtype = pb.DTYPE_UNSPECIFIED
+    expect_invalid(_loss_call(stub, m), "batch.logp", "bad_dtype")
+    m = _good()
+    m.old_logp.dtype = 99
+    expect_invalid(_loss_call(stub, m), "batch.old_logp", "bad_dtype")
+
+
+def test_bytes_not_a_multiple_of_the_dtype(stub: pb_grpc.LossServiceStub) -> None:
+    m = _good()
+    m.logp.data = m.logp.data + b"\x00"
+    m.logp.ClearField("shape")
+    expect_invalid(_loss_call(stub, m), "batch.logp", "bad_length")
+
+
+def test_shape_disagrees_with_bytes(stub: pb_grpc.LossServiceStub) -> None:
+    m = _good()
+    m.ref_logp.shape[:] = [m.ref_logp.shape[0] + 1]
+    expect_invalid(_loss_call(stub, m), "batch.ref_logp", "shape_mismatch")
+
+
+@pytest.mark.parametrize("shape", [[1 << 40, 1 << 40], [-3], [1 << 62]])
+def test_absurd_shape_claims_are_refused_before_allocating(
+    stub: pb_grpc.LossServiceStub, shape: list[int]
+) -> None:
+    m = _good()
+    m.logp.shape[:] = shape
+    with pytest.raises(grpc.RpcError) as ei:
+        _loss_call(stub, m)()
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert any(f == "batch.logp" for f, _ in violations(ei.value))
+
+
+def test_offsets_disagree_with_tokens(stub: pb_grpc.LossServiceStub) -> None:
+    batch = make_batch(4, b=6)
+    m = batch_msg(batch)
+    off = batch.offsets.clone()
+    off[-1] += 1
+    m.offsets.CopyFrom(tensor(off))
+    vs = expect_invalid(_loss_call(stub, m), f"batch.offsets[{off.numel() - 1}]", "bad_offsets")
+    assert vs
+
+
+def test_nan_is_named_with_its_index(stub: pb_grpc.LossServiceStub) -> None:
+    batch = make_batch(4, b=6)
+    logp = batch.logp.clone()
+    logp[5] = float("nan")
+    m = batch_msg(batch)
+    m.logp.CopyFrom(tensor(logp))
+    expect_invalid(_loss_call(stub, m), "batch.logp[5]", "non_finite")
+
+
+@pytest.mark.parametrize(
+    ("config", "field"),
+    [
+        (
+            pb.LossConfig(objective=pb.Objective(sapo=pb.SapoParams(tau_pos=0.0))),
+            "config.objective.sapo.tau_pos",
+        ),
+        (
+            pb.LossConfig(objective=pb.Objective(sapo=pb.SapoParams(tau_neg=-1.0))),
+            "config.objective.sapo.tau_neg",
+        ),
+        (
+            pb.LossConfig(objective=pb.Objective(grpo=pb.GrpoParams(dual_clip=0.5))),
+            "config.objective.grpo.dual_clip",
+        ),
+        (
+            pb.LossConfig(aggregation=pb.AggregationConfig(mode=pb.AGGREGATION_MODE_TOKEN_SUM_NORM)),
+            "config.aggregation.constant",
+        ),
+        (pb.LossConfig(aggregation=pb.AggregationConfig(mode=77)), "config.aggregation.mode"),
+        (pb.LossConfig(advantages=pb.AdvantageConfig(eps=float("nan"))), "config.advantages.eps"),
+    ],
+)
+def test_bad_parameters(stub: pb_grpc.LossServiceStub, config: pb.LossConfig, field: str) -> None:
+    with pytest.raises(grpc.RpcError) as ei:
+        _loss_call(stub, _good(), config)()
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in [f for f, _ in violations(ei.value)]
+
+
+def test_half_precision_and_missing_fields(stub: pb_grpc.LossServiceStub) -> None:
+    m = _good()
+    n = m.logp.shape[0]
+    m.logp.CopyFrom(pb.Tensor(dtype=pb.DTYPE_BFLOAT16, shape=[n], data=b"\x00\x80" * n))
+    expect_invalid(_loss_call(stub, m), "batch.logp", "half_precision")
+    m = _good()
+    m.ClearField("rewards")
+    expect_invalid(_loss_call(stub, m), "batch.rewards", "missing")
+    m = _good()
+    m.mask.CopyFrom(pb.Tensor(dtype=pb.DTYPE_BOOL, shape=[n], data=b"\x02" * n))
+    expect_invalid(_loss_call(stub, m), "batch.mask[0]", "bad_bool")
+    with pytest.raises(grpc.RpcError) as ei:
+        stub.ComputeLoss(pb.ComputeLossRequest(), timeout=10)
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_limits(stub: pb_grpc.LossServiceStub) -> None:
+    n = 100_001
+    m = pb.Batch(
+        logp=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[n], data=bytes(4 * n)),
+        offsets=tensor(torch.tensor([0, n])),
+        advantages=tensor(torch.tensor([1.0])),
+    )
+    expect_invalid(_loss_call(stub, m), "batch.logp", "too_large")
+    with pytest.raises(grpc.RpcError) as ei:
+        stub.ComputeAdvantages(
+            pb.ComputeAdvantagesRequest(
+                rewards=tensor(torch.zeros(2000)), group_ids=tensor(torch.arange(2000))
+            ),
+            timeout=10,
+        )
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_compute_advantages_bad_input(stub: pb_grpc.LossServiceStub) -> None:
+    call = stub.ComputeAdvantages
+    expect_invalid(
+        lambda: call(
+            pb.ComputeAdvantagesRequest(rewards=tensor(torch.zeros(4)), group_ids=tensor(torch.arange(3))),
+            timeout=5,
+        ),
+        "group_ids",
+        "length_mismatch",
+    )
+    expect_invalid(
+        lambda: call(
+            pb.ComputeAdvantagesRequest(
+                config=pb.AdvantageConfig(eps=-1.0),
+                rewards=tensor(torch.zeros(4)),
+                group_ids=tensor(torch.arange(4)),
+            ),
+            timeout=5,
+        ),
+        "config.eps",
+        "out_of_range",
+    )
+
+
+def test_stream_bad_input(stub: pb_grpc.LossServiceStub) -> None:
+    batch = make_batch(8, b=10)
+    c0, c1 = slice_batch(batch, 0, 5), slice_batch(batch, 5, 10)
+
+    def run(msgs: list[pb.StreamLossRequest]) -> Any:
+        return lambda: list(stub.StreamLoss(iter(msgs), timeout=10))
+
+    # config in a later message
+    expect_invalid(
+        run(
+            [
+                pb.StreamLossRequest(chunk=batch_msg(c0)),
+                pb.StreamLossRequest(config=pb.LossConfig(), chunk=batch_msg(c1)),
+            ]
+        ),
+        "chunk[1].config",
+        "unexpected",
+    )
+    # a tensor present in one chunk only
+    m1 = batch_msg(c1)
+    m1.ClearField("old_logp")
+    expect_invalid(
+        run([pb.StreamLossRequest(chunk=batch_msg(c0)), pb.StreamLossRequest(chunk=m1)]),
+        "chunk[1].old_logp",
+        "inconsistent",
+    )
+    # chunk offsets not ending at the chunk's token count
+    m1 = batch_msg(c1)
+    off = c1.offsets.clone()
+    off[-1] += 2
+    m1.offsets.CopyFrom(tensor(off))
+    expect_invalid(
+        run([pb.StreamLossRequest(chunk=batch_msg(c0)), pb.StreamLossRequest(chunk=m1)]),
+        f"chunk[1].offsets[{off.numel() - 1}]",
+        "bad_offsets",
+    )
+    # a NaN in the second chunk is named with the chunk and its local index
+    m1 = batch_msg(c1)
+    lp = c1.logp.clone()
+    lp[2] = float("inf")
+    m1.logp.CopyFrom(tensor(lp))
+    expect_invalid(
+        run([pb.StreamLossRequest(chunk=batch_msg(c0)), pb.StreamLossRequest(chunk=m1)]),
+        "chunk[1].logp[2]",
+        "non_finite",
+    )
+    # no chunk at all
+    expect_invalid(run([]), "chunk", "missing")
+
+
+# ---------------------------------------------------------------- concurrency, deadlines, error mapping
+
+
+class SlowEngine(Engine):
+    """The real engine, after a pause (or a raise) chosen per test."""
+
+    def __init__(self, delay: float = 0.0, exc: BaseException | None = None) -> None:
+        super().__init__(device="cpu")
+        self.delay = delay
+        self.exc = exc
+        self.calls = 0
+
+    def loss(self, batch: Batch, config: LossConfig) -> Any:
+        self.calls += 1
+        time.sleep(self.delay)
+        if self.exc is not None:
+            raise self.exc
+        return super().loss(batch, config)
+
+
+def test_resource_exhausted_past_the_concurrency_limit() -> None:
+    with ServerThread(engine=SlowEngine(delay=1.0), max_concurrent_rpcs=1) as srv:
+        stub = srv.stub()
+        req = pb.ComputeLossRequest(batch=_good())
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(stub.ComputeLoss, req, timeout=10)
+            deadline = time.monotonic() + 5
+            while (
+                srv.server is not None and srv.server.servicer.in_flight < 1 and time.monotonic() < deadline
+            ):
+                time.sleep(0.01)
+            t0 = time.monotonic()
+            with pytest.raises(grpc.RpcError) as ei:
+                stub.ComputeLoss(req, timeout=10)
+            assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert time.monotonic() - t0 < 0.5  # at once, not after the first call
+            assert "max_concurrent_rpcs" in (ei.value.details() or "")
+            assert first.result().outputs.HasField("gradient")
+        # the slot is released: the next call succeeds
+        assert stub.ComputeLoss(req, timeout=10).outputs.HasField("gradient")
+
+
+def test_deadline_exceeded() -> None:
+    engine = SlowEngine(delay=1.5)
+    with ServerThread(engine=engine) as srv:
+        stub = srv.stub()
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as ei:
+            stub.ComputeLoss(pb.ComputeLossRequest(batch=_good()), timeout=0.3)
+        assert ei.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - t0 < 1.2
+        # the loop stayed responsive while the engine thread was busy
+        h = health_pb2_grpc.HealthStub(srv.channel())
+        assert (
+            h.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
+
+
+def test_unexpected_error_is_internal_and_generic(caplog: pytest.LogCaptureFixture) -> None:
+    with ServerThread(engine=SlowEngine(exc=RuntimeError("secret detail /etc/passwd"))) as srv:
+        with pytest.raises(grpc.RpcError) as ei:
+            srv.stub().ComputeLoss(pb.ComputeLossRequest(batch=_good()), timeout=10)
+        assert ei.value.code() == grpc.StatusCode.INTERNAL
+        assert "secret detail" not in (ei.value.details() or "")
+        assert "internal error" in (ei.value.details() or "")
+
+
+def test_out_of_memory_is_resource_exhausted() -> None:
+    oom = getattr(torch, "OutOfMemoryError", RuntimeError)("CUDA out of memory. Tried to allocate 80 GiB")
+    with ServerThread(engine=SlowEngine(exc=oom)) as srv:
+        with pytest.raises(grpc.RpcError) as ei:
+            srv.stub().ComputeLoss(pb.ComputeLossRequest(batch=_good()), timeout=10)
+        assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    with ServerThread(engine=SlowEngine(exc=RuntimeError("CUDA error: out of memory"))) as srv:
+        with pytest.raises(grpc.RpcError) as ei:
+            srv.stub().ComputeLoss(pb.ComputeLossRequest(batch=_good()), timeout=10)
+        assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+# ---------------------------------------------------------------- telemetry
+
+
+class RecordingTelemetry(Telemetry):
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+
+    def request_started(self, rpc: str, run: str, tokens: int) -> None:
+        self.events.append(("started", rpc, run, tokens))
+
+    def request_finished(
+        self,
+        rpc: str,
+        run: str,
+        code: str,
+        seconds: float,
+        bytes_in: int,
+        bytes_out: int,
+        tokens: int,
+        sequences: int,
+    ) -> None:
+        self.events.append(("finished", rpc, run, code, tokens, sequences, bytes_in > 0))
+
+    def rejected(self, rpc: str, reasons: list[str]) -> None:
+        self.events.append(("rejected", rpc, tuple(reasons)))
+
+    def observe_loss(self, run: str, config: Any, result: Any) -> None:
+        self.events.append(("loss", run, type(result).__name__))
+
+    def observe_advantages(self, run: str, config: Any, result: Any) -> None:
+        self.events.append(("advantages", run))
+
+
+def test_telemetry_hooks_get_the_run_from_metadata() -> None:
+    tel = RecordingTelemetry()
+    with ServerThread(telemetry=tel) as srv:
+        stub = srv.stub()
+        batch = make_batch(9, b=5)
+        stub.ComputeLoss(
+            pb.ComputeLossRequest(batch=batch_msg(batch)), metadata=[("softgate-run", "exp-7")], timeout=10
+        )
+        stub.ComputeAdvantages(
+            pb.ComputeAdvantagesRequest(rewards=tensor(torch.zeros(4)), group_ids=tensor(torch.arange(4))),
+            timeout=10,
+        )
+        m = batch_msg(batch)
+        m.logp.dtype = pb.DTYPE_UNSPECIFIED
+        with pytest.raises(grpc.RpcError):
+            stub.ComputeLoss(pb.ComputeLossRequest(batch=m), metadata=[("softgate-run", "exp-7")], timeout=10)
+    ev = tel.events
+    assert ("started", "ComputeLoss", "exp-7", batch.num_tokens) in ev
+    assert ("loss", "exp-7", "LossResult") in ev
+    assert ("finished", "ComputeLoss", "exp-7", "OK", batch.num_tokens, batch.num_seqs, True) in ev
+    assert ("advantages", "default") in ev
+    assert ("rejected", "ComputeLoss", ("bad_dtype",)) in ev
+    assert any(e[0] == "finished" and e[3] == "INVALID_ARGUMENT" for e in ev)
+
+
+# ---------------------------------------------------------------- TLS
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    trustme = pytest.importorskip("trustme")
+    d = tmp_path_factory.mktemp("pki")
+    ca = trustme.CA()
+    srv = ca.issue_cert("localhost", "127.0.0.1")
+    cli = ca.issue_cert("client@example.com")
+    srv.cert_chain_pems[0].write_to_path(str(d / "server.pem"))
+    for blob in srv.cert_chain_pems[1:]:
+        blob.write_to_path(str(d / "server.pem"), append=True)
+    srv.private_key_pem.write_to_path(str(d / "server.key"))
+    ca.cert_pem.write_to_path(str(d / "ca.pem"))
+    return {
+        "cert": str(d / "server.pem"),
+        "key": str(d / "server.key"),
+        "ca_file": str(d / "ca.pem"),
+        "ca": ca.cert_pem.bytes(),
+        "client_cert": b"".join(b.bytes() for b in cli.cert_chain_pems),
+        "client_key": cli.private_key_pem.bytes(),
+    }
+
+
+def _tls_stub(target: str, pki: dict[str, Any], client_cert: bool) -> pb_grpc.LossServiceStub:
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=pki["ca"],
+        private_key=pki["client_key"] if client_cert else None,
+        certificate_chain=pki["client_cert"] if client_cert else None,
+    )
+    opts = [("grpc.ssl_target_name_override", "localhost")]
+    return pb_grpc.LossServiceStub(grpc.secure_channel(target, creds, options=opts))
+
+
+def test_tls_and_mutual_tls(pki: dict[str, Any]) -> None:
+    req = pb.ListAlgorithmsRequest()
+    with ServerThread(tls_cert=pki["cert"], tls_key=pki["key"]) as srv:
+        assert _tls_stub(srv.target, pki, client_cert=False).ListAlgorithms(req, timeout=5).objectives
+        with pytest.raises(grpc.RpcError):  # plaintext against TLS
+            srv.stub().ListAlgorithms(req, timeout=2)
+    with ServerThread(tls_cert=pki["cert"], tls_key=pki["key"], tls_client_ca=pki["ca_file"]) as srv:
+        assert _tls_stub(srv.target, pki, client_cert=True).ListAlgorithms(req, timeout=5).objectives
+        with pytest.raises(grpc.RpcError) as ei:  # no client certificate
+            _tls_stub(srv.target, pki, client_cert=False).ListAlgorithms(req, timeout=3)
+        assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_graceful_stop_lets_in_flight_calls_finish() -> None:
+    with ServerThread(engine=SlowEngine(delay=0.5)) as srv:
+        stub = srv.stub()
+        with ThreadPoolExecutor(1) as pool:
+            fut = pool.submit(stub.ComputeLoss, pb.ComputeLossRequest(batch=_good()), timeout=10)
+            while srv.server is not None and srv.server.servicer.in_flight < 1:
+                time.sleep(0.01)
+            assert srv.server is not None
+            srv._call(srv.server.stop(5))
+            assert fut.result().outputs.HasField("gradient")
+        with contextlib.suppress(Exception):
+            srv.server = None
