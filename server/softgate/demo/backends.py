@@ -110,7 +110,7 @@ class EngineBackend:
     def __init__(self) -> None:
         from softgate.engine import Engine
 
-        self.engine = Engine(device="cpu")
+        self.engine = Engine(device="cpu", compile=False)
 
     def loss(self, spec, *, logp, old_logp, mask, rewards, group_ids):
         from softgate.engine import OBJECTIVES, Batch, LossConfig
@@ -138,14 +138,34 @@ class EngineBackend:
 
 @contextlib.contextmanager
 def local_server() -> Iterator[str]:
-    """A softgate gRPC server in this process on a free loopback port; yields its target."""
-    from softgate.grpc.server import start_server  # type: ignore[import-not-found]
+    """softgate's gRPC server (the one `softgate serve` runs, engine on CPU) in this process,
+    on a free loopback port, its asyncio loop in a background thread; yields its target."""
+    import asyncio
+    import threading
 
-    server = start_server(address="127.0.0.1:0")
+    from softgate.engine import Engine
+    from softgate.grpc.server import GrpcServer
+    from softgate.settings import Settings
+
+    settings = Settings(grpc_host="127.0.0.1", grpc_port=0, admin_port=None, device="cpu", engine_workers=1)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="softgate-demo-server", daemon=True)
+    thread.start()
+
+    def call(coro: Any, timeout: float = 30.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
+
+    server = GrpcServer(settings, Engine(device="cpu", compile=False))
     try:
-        yield f"127.0.0.1:{server.port}"
+        port = call(server.start())
+        call(server.set_serving(True))
+        yield f"127.0.0.1:{port}"
     finally:
-        server.stop(grace=None)
+        with contextlib.suppress(Exception):
+            call(server.stop(0.5))
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
 
 
 __all__ = ["EngineBackend", "GrpcBackend", "LossBackend", "curve_metrics", "local_server"]
