@@ -326,6 +326,12 @@ def test_dockerfile(path: Path) -> None:
             if instr == "COPY" and "--from=" in args:
                 assert args.split("--from=")[1].split()[0] in names[:-1]
 
+    for s in stages:  # the shell-form RUN commands parse (/bin/sh, as the builder runs them)
+        for instr, args in s["instructions"]:
+            if instr == "RUN" and not args.startswith("["):
+                sh = subprocess.run(["sh", "-n", "-c", args], capture_output=True, text=True, check=False)
+                assert sh.returncode == 0, f"{s['name']}: {sh.stderr}"
+
     build_runs = " ".join(a for i, a in build["instructions"] if i == "RUN")
     assert "bash scripts/install.sh --image" in build_runs, "install exactly as CI does"
 
