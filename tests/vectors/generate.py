@@ -1,0 +1,248 @@
+"""Conformance vectors: small float64 cases, inputs and the engine's outputs, one JSON file per
+objective (schema in tests/vectors/README.md).
+
+    python -m tests.vectors.generate           # rewrite tests/vectors/*.json
+    python -m tests.vectors.generate --check   # exit 1 if the engine drifted from the files
+
+Every case is also checked against the autograd oracle (tests/reference_loss.py) before it is
+written, so a vector never records an engine bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+if __package__ in (None, ""):  # run as a script: make `tests` and `softgate` importable
+    sys.path.insert(0, str(HERE.parents[1]))
+    sys.path.insert(0, str(HERE.parents[1] / "server"))
+
+from softgate.engine import (  # noqa: E402
+    OBJECTIVES,
+    AdvantageConfig,
+    AggregationConfig,
+    Batch,
+    Engine,
+    KLConfig,
+    LossConfig,
+    LossResult,
+    MismatchConfig,
+)
+
+from tests.reference_loss import (  # noqa: E402
+    AGG_MODES,
+    OBJECTIVE_NAMES,
+    make_config,
+    near_boundary,
+    random_batch,
+    reference_loss,
+)
+
+SCHEMA = "softgate-conformance/1"
+RTOL, ATOL = 1e-9, 1e-12
+TOKEN_FIELDS = ("logp", "old_logp", "ref_logp", "rollout_logp")
+
+
+# ---------------------------------------------------------------- JSON <-> engine types
+
+
+def config_to_json(cfg: LossConfig) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg)
+    obj = d.pop("objective")
+    d["objective"] = {"name": obj.pop("name"), **obj}
+    return d
+
+
+def config_from_json(d: dict[str, Any]) -> LossConfig:
+    obj = dict(d["objective"])
+    cls = OBJECTIVES[obj.pop("name")]
+    return LossConfig(
+        objective=cls(**obj),
+        advantages=AdvantageConfig(**d["advantages"]),
+        aggregation=AggregationConfig(**d["aggregation"]),
+        kl=KLConfig(**d["kl"]) if d.get("kl") else None,
+        mismatch=MismatchConfig(**d["mismatch"]) if d.get("mismatch") else None,
+        log_ratio_clamp=d["log_ratio_clamp"],
+        saturation_threshold=d["saturation_threshold"],
+    )
+
+
+def batch_to_json(b: Batch) -> dict[str, Any]:
+    def lst(t: torch.Tensor | None) -> list | None:
+        return None if t is None else t.tolist()
+
+    return {
+        "offsets": lst(b.offsets),
+        **{f: lst(getattr(b, f)) for f in TOKEN_FIELDS},
+        "mask": None if b.mask is None else [int(x) for x in b.mask.tolist()],
+        "rewards": lst(b.rewards),
+        "group_ids": lst(b.group_ids),
+        "advantages": lst(b.advantages),
+        "advantage_level": b.advantage_level,
+    }
+
+
+def batch_from_json(d: dict[str, Any]) -> Batch:
+    def f64(x: list | None) -> torch.Tensor | None:
+        return None if x is None else torch.tensor(x, dtype=torch.float64)
+
+    return Batch(
+        logp=torch.tensor(d["logp"], dtype=torch.float64),
+        offsets=torch.tensor(d["offsets"], dtype=torch.int64),
+        old_logp=f64(d["old_logp"]),
+        mask=None if d["mask"] is None else torch.tensor(d["mask"], dtype=torch.bool),
+        ref_logp=f64(d["ref_logp"]),
+        rollout_logp=f64(d["rollout_logp"]),
+        rewards=f64(d["rewards"]),
+        group_ids=None if d["group_ids"] is None else torch.tensor(d["group_ids"], dtype=torch.int64),
+        advantages=f64(d["advantages"]),
+        advantage_level=d["advantage_level"],
+    )
+
+
+def result_to_json(r: LossResult) -> dict[str, Any]:
+    return {
+        "loss": r.loss,
+        "policy_loss": r.policy_loss,
+        "kl_loss": r.kl_loss,
+        "grad": r.grad.tolist(),
+        "advantages": r.advantages.tolist(),
+        "ratio": r.ratio.tolist(),
+        "gate_weight": r.gate_weight.tolist(),
+        "clip_mask": [int(x) for x in r.clip_mask.tolist()],
+        "metrics": dict(r.metrics),
+    }
+
+
+# ---------------------------------------------------------------- the cases
+
+VARIANTS = [
+    # (advantages, estimator, scale, kl, mismatch, clamp, big_deltas)
+    ("rewards", "grpo", None, None, None, 20.0, False),
+    ("rewards", "rloo", "batch", "k3", ("token", "truncate"), 20.0, False),
+    ("rewards", "dr_grpo", None, "k1", ("sequence", "mask"), 3.0, True),
+    ("rewards", "reinforce_pp_baseline", None, "k2", ("token", "mask"), 20.0, False),
+    ("sequence", "grpo", None, None, ("sequence", "truncate"), 20.0, False),
+    ("token", "grpo", None, "k3", None, 3.0, True),
+]
+
+
+def _case(name: str, batch: Batch, cfg: LossConfig, engine: Engine) -> dict[str, Any]:
+    res = engine.loss(batch, cfg)
+    ref = reference_loss(batch, cfg)
+    g = ref.grad()
+    torch.testing.assert_close(
+        res.grad, g, rtol=RTOL, atol=ATOL * max(1.0, float(g.abs().max()) if g.numel() else 1.0)
+    )
+    assert math.isclose(res.loss, float(ref.loss.detach()), rel_tol=RTOL, abs_tol=ATOL), name
+    return {
+        "name": name,
+        "config": config_to_json(cfg),
+        "inputs": batch_to_json(batch),
+        "outputs": result_to_json(res),
+    }
+
+
+def build_cases(objective: str, engine: Engine | None = None) -> list[dict[str, Any]]:
+    engine = engine or Engine(device="cpu", compile=False)
+    cases = []
+    k = 0
+    for mode in AGG_MODES:
+        for vi in (
+            (0, 1, 2) if mode == "seq_mean_token_mean" else (k % len(VARIANTS), (k + 3) % len(VARIANTS))
+        ):
+            adv, est, scale, kl, mm, clamp, big = VARIANTS[vi]
+            if objective == "gspo" and adv == "token":
+                adv = "sequence"
+            k += 1
+            cfg = make_config(
+                objective,
+                mode,
+                kl,
+                mm,
+                variant=k,
+                estimator=est,
+                scale=scale,
+                clamp=clamp,
+                global_norm=(k % 3 == 0),
+            )
+            for seed in range(1000):
+                batch = random_batch(
+                    1000 * k + seed + 97 * OBJECTIVE_NAMES.index(objective),
+                    max_seqs=5,
+                    max_len=5,
+                    advantages=adv,
+                    big_deltas=big,
+                )
+                if batch.logp.numel() >= 4 and not near_boundary(batch, cfg, tol=1e-6):
+                    break
+            parts = [objective, mode, adv if adv != "rewards" else est, f"kl_{kl}" if kl else "no_kl"]
+            parts.append(f"mm_{mm[0]}_{mm[1]}" if mm else "no_mismatch")
+            cases.append(_case("/".join(parts), batch, cfg, engine))
+    if objective == "sapo":
+        # on-policy (r = 1): the gradient is -A * alpha whatever tau, the loss -2A/tau per token
+        b = random_batch(4242, max_seqs=4, max_len=5, advantages="sequence", with_mask=False)
+        b.old_logp = b.logp.clone()
+        cfg = make_config("sapo", "seq_mean_token_mean", None, None, variant=1)
+        cases.append(_case("sapo/on_policy_r_equals_1", b, cfg, engine))
+    return cases
+
+
+def dump(cases: list[dict[str, Any]], objective: str) -> str:
+    doc = {
+        "schema": SCHEMA,
+        "objective": objective,
+        "tolerance": {"rtol": RTOL, "atol": ATOL},
+        "cases": cases,
+    }
+    return json.dumps(doc, indent=1) + "\n"
+
+
+def close(a: Any, b: Any, path: str = "") -> list[str]:
+    """Differences between two JSON values, floats compared with RTOL / ATOL."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        if set(a) != set(b):
+            return [f"{path}: keys {sorted(set(a) ^ set(b))}"]
+        return [d for k in a for d in close(a[k], b[k], f"{path}.{k}")]
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return [f"{path}: length {len(a)} != {len(b)}"]
+        return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in close(x, y, f"{path}[{i}]")]
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        if math.isclose(a, b, rel_tol=RTOL, abs_tol=ATOL):
+            return []
+        return [f"{path}: {a!r} != {b!r}"]
+    return [] if a == b else [f"{path}: {a!r} != {b!r}"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="compare with the stored files, write nothing")
+    args = ap.parse_args(argv)
+    engine = Engine(device="cpu", compile=False)
+    bad = 0
+    for obj in OBJECTIVE_NAMES:
+        path = HERE / f"{obj}.json"
+        cases = build_cases(obj, engine)
+        if args.check:
+            stored = json.loads(path.read_text()) if path.exists() else None
+            diffs = close(stored["cases"], cases) if stored else [f"{path} missing"]
+            if diffs:
+                bad += 1
+                print(f"{path.name}: {len(diffs)} differences, first: {diffs[:3]}")
+        else:
+            path.write_text(dump(cases, obj))
+            print(f"wrote {path.relative_to(HERE.parents[1])}: {len(cases)} cases")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
