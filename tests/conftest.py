@@ -1,0 +1,366 @@
+"""Shared fixtures: free ports, test-time certificates (trustme), a softgate server in a
+subprocess (real `softgate serve`, for RSS, signals and logs) or in this process (for
+monkeypatching the engine).
+
+Other test files may add fixtures here; keep each one self-contained.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------- ports
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
+
+
+# ---------------------------------------------------------------- certificates
+
+
+@dataclass(frozen=True)
+class Certs:
+    """PEM files and bytes of a test PKI: a CA, a server certificate for localhost /
+    127.0.0.1 signed by it, a client certificate signed by it, and a client certificate
+    signed by an unrelated CA (must be refused by a mutual-TLS server)."""
+
+    dir: Path
+    ca_pem: bytes
+    server_cert: Path
+    server_key: Path
+    ca_file: Path
+    client_cert_pem: bytes
+    client_key_pem: bytes
+    other_ca_pem: bytes
+    other_client_cert_pem: bytes
+    other_client_key_pem: bytes
+
+    @property
+    def server_cert_pem(self) -> bytes:
+        return self.server_cert.read_bytes()
+
+    @property
+    def server_key_pem(self) -> bytes:
+        return self.server_key.read_bytes()
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    trustme = pytest.importorskip("trustme")
+    d = tmp_path_factory.mktemp("pki")
+    ca = trustme.CA()
+    server = ca.issue_cert("localhost", "127.0.0.1", "::1")
+    client = ca.issue_cert("softgate-test-client@example.com")
+    other_ca = trustme.CA()
+    other_client = other_ca.issue_cert("intruder@example.com")
+    server_cert = d / "server.pem"
+    server_key = d / "server.key"
+    ca_file = d / "ca.pem"
+    server_cert.write_bytes(b"".join(blob.bytes() for blob in server.cert_chain_pems))
+    server_key.write_bytes(server.private_key_pem.bytes())
+    server_key.chmod(0o600)
+    ca_file.write_bytes(ca.cert_pem.bytes())
+    return Certs(
+        dir=d,
+        ca_pem=ca.cert_pem.bytes(),
+        server_cert=server_cert,
+        server_key=server_key,
+        ca_file=ca_file,
+        client_cert_pem=b"".join(blob.bytes() for blob in client.cert_chain_pems),
+        client_key_pem=client.private_key_pem.bytes(),
+        other_ca_pem=other_ca.cert_pem.bytes(),
+        other_client_cert_pem=b"".join(blob.bytes() for blob in other_client.cert_chain_pems),
+        other_client_key_pem=other_client.private_key_pem.bytes(),
+    )
+
+
+# ---------------------------------------------------------------- bench/load_bench.py
+
+
+def load_bench_module() -> Any:
+    """bench/load_bench.py as a module (the load harness the tests share with the benchmark)."""
+    import importlib.util
+
+    name = "softgate_load_bench"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / "load_bench.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="session")
+def load_bench() -> Any:
+    return load_bench_module()
+
+
+# ---------------------------------------------------------------- health
+
+
+def grpc_health(channel: Any, timeout: float = 2.0) -> str:
+    """The gRPC health status ("SERVING", ...) of the whole server ("" service name)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    resp = health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(service=""), timeout=timeout
+    )
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
+
+
+# ---------------------------------------------------------------- a server in a subprocess
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process (VmRSS of /proc/<pid>/status), bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+@dataclass
+class ServerProcess:
+    """`softgate serve` running in a subprocess on loopback; stdout+stderr go to `log_path`.
+
+    Settings travel as SOFTGATE_* environment variables (the Settings loader reads them),
+    so this works whatever the CLI's flag spelling."""
+
+    settings: dict[str, Any]
+    log_path: Path
+    grpc_port: int = 0
+    admin_port: int | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SOFTGATE_")}
+        env.update(self.extra_env)
+        env.setdefault("SOFTGATE_ENGINE_COMPILE", "0")
+        env["PYTHONUNBUFFERED"] = "1"
+        for k, v in self.settings.items():
+            env["SOFTGATE_" + k.upper()] = "none" if v is None else str(v)
+        return env
+
+    def start(self, timeout: float = 60.0) -> ServerProcess:
+        self.grpc_port = int(self.settings.setdefault("grpc_port", free_port()))
+        self.settings.setdefault("grpc_host", "127.0.0.1")
+        self.settings.setdefault("admin_host", "127.0.0.1")
+        if "admin_port" not in self.settings:
+            self.settings["admin_port"] = free_port()
+        ap = self.settings["admin_port"]
+        self.admin_port = None if ap in (None, -1, "none") else int(ap)
+        self.settings.setdefault("device", "cpu")
+        self.settings.setdefault("warmup", "false")
+        self.settings.setdefault("compile", "false")
+        logf = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "softgate.cli", "serve"],
+            env=self.env(),
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+        self._logf = logf
+        self.wait_serving(timeout)
+        return self
+
+    def wait_serving(self, timeout: float) -> None:
+        import grpc
+
+        deadline = time.monotonic() + timeout
+        last: BaseException | None = None
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"softgate serve exited with {self.proc.returncode}:\n{self.logs()[-4000:]}"
+                )
+            try:
+                with self.channel() as ch:
+                    if grpc_health(ch, timeout=1.0) == "SERVING":
+                        return
+            except grpc.RpcError as e:
+                last = e
+            time.sleep(0.1)
+        raise TimeoutError(f"softgate serve not serving after {timeout}s ({last}):\n{self.logs()[-4000:]}")
+
+    def channel(self, **kw: Any) -> Any:
+        """A channel to the server: plaintext, or TLS trusting `root` (PEM bytes) when given."""
+        import grpc
+
+        root = kw.pop("root", None)
+        opts = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+        if root is None:
+            return grpc.insecure_channel(self.target, options=opts)
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=root, private_key=kw.pop("key", None), certificate_chain=kw.pop("cert", None)
+        )
+        return grpc.secure_channel(self.target, creds, options=opts)
+
+    def rss(self) -> int:
+        return rss_bytes(self.pid)
+
+    def logs(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        with contextlib.suppress(Exception):
+            self._logf.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def serve_process(tmp_path: Path) -> Iterator[Any]:
+    """Factory: `serve_process(max_concurrent_rpcs=4, ...)` starts `softgate serve` with
+    those settings on free loopback ports; every server started is stopped at teardown."""
+    started: list[ServerProcess] = []
+
+    def start(
+        log_name: str = "server.log", env: dict[str, str] | None = None, **settings: Any
+    ) -> ServerProcess:
+        sp = ServerProcess(settings=dict(settings), log_path=tmp_path / log_name, extra_env=dict(env or {}))
+        started.append(sp)
+        return sp.start()
+
+    yield start
+    for sp in started:
+        sp.stop()
+
+
+# ---------------------------------------------------------------- a server in this process
+
+
+@dataclass
+class InProcessServer:
+    """`softgate.grpc.GrpcServer` on its own event loop in a background thread (plaintext,
+    loopback); its engine may be replaced or monkeypatched by the test."""
+
+    grpc_server: Any
+    loop: Any
+    thread: Any
+    port: int
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def channel(self) -> Any:
+        import grpc
+
+        return grpc.insecure_channel(
+            self.target,
+            options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)],
+        )
+
+    def call(self, coro: Any, timeout: float = 60.0) -> Any:
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self, grace: float = 1.0) -> None:
+        if self.loop.is_running():
+            with contextlib.suppress(Exception):
+                self.call(self.grpc_server.stop(grace))
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture
+def inprocess_server() -> Iterator[Any]:
+    """Factory: `inprocess_server(engine=..., max_concurrent_rpcs=4)` -> a SERVING InProcessServer."""
+    import asyncio
+    import threading
+
+    from softgate.engine import Engine
+    from softgate.grpc.server import GrpcServer
+    from softgate.settings import Settings
+
+    started: list[InProcessServer] = []
+
+    def start(engine: Any = None, **settings: Any) -> InProcessServer:
+        settings.setdefault("grpc_host", "127.0.0.1")
+        settings.setdefault("grpc_port", 0)
+        settings.setdefault("admin_port", None)
+        settings.setdefault("device", "cpu")
+        settings.setdefault("warmup", False)
+        s = Settings(**settings)
+        eng = engine if engine is not None else Engine(device="cpu", compile=False)
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name="inprocess-grpc", daemon=True)
+        thread.start()
+        gs = GrpcServer(s, eng)
+
+        async def boot() -> int:
+            port = await gs.start()
+            await gs.set_serving(True)
+            return int(port)
+
+        port = asyncio.run_coroutine_threadsafe(boot(), loop).result(30)
+        srv = InProcessServer(gs, loop, thread, port)
+        started.append(srv)
+        return srv
+
+    yield start
+    for srv in started:
+        srv.stop()
