@@ -23,9 +23,9 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy/k8s"
 OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").exists())
-# The oldest release the manifests need (native gRPC probes: 1.27, preStop sleep: 1.30); a
-# recent one that kubernetes-validate knows.
-K8S_VERSION = "1.33.0"
+# Validated against the oldest release the manifests need (preStop `sleep` is on by default
+# from 1.30; native gRPC probes from 1.27) and a recent one.
+K8S_VERSIONS = ("1.30.0", "1.33.0")
 CRD_GROUPS = ("monitoring.coreos.com/",)
 GRPC_PORT = 50051
 ADMIN_PORT = 8080
@@ -107,8 +107,9 @@ def test_prometheusrule_groups_are_the_rule_file(overlay: str) -> None:
 # ---------------------------------------------------------------- schema validation
 
 
+@pytest.mark.parametrize("version", K8S_VERSIONS)
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_overlay_validates_strictly(overlay: str) -> None:
+def test_overlay_validates_strictly(overlay: str, version: str) -> None:
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
     docs = render(overlay)
     kinds = {d["kind"] for d in docs}
@@ -120,9 +121,11 @@ def test_overlay_validates_strictly(overlay: str) -> None:
             assert set(d) == {"apiVersion", "kind", "metadata", "spec"}, d["kind"]
             continue
         try:
-            kubernetes_validate.validate(d, K8S_VERSION, strict=True)
+            kubernetes_validate.validate(d, version, strict=True)
         except kubernetes_validate.ValidationError as e:
-            pytest.fail(f"{overlay}: {d['kind']}/{d['metadata']['name']}: {e.message} at {list(e.path)}")
+            pytest.fail(
+                f"{overlay}, k8s {version}: {d['kind']}/{d['metadata']['name']}: {e.message} at {list(e.path)}"
+            )
 
 
 def test_strict_validation_catches_a_typo() -> None:
@@ -131,7 +134,7 @@ def test_strict_validation_catches_a_typo() -> None:
     d = json.loads(json.dumps(one(render(OVERLAYS[0]), "Deployment")))
     d["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
     with pytest.raises(kubernetes_validate.ValidationError):
-        kubernetes_validate.validate(d, K8S_VERSION, strict=True)
+        kubernetes_validate.validate(d, K8S_VERSIONS[-1], strict=True)
 
 
 # ---------------------------------------------------------------- the server's contract
