@@ -33,7 +33,7 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> a
             helptext += f" [default: {f.default}; env SOFTGATE_{f.name.upper()}]"
         else:
             helptext += " [env SOFTGATE_CONFIG]"
-        if tp == "bool":
+        if tp.startswith("bool"):
             p.add_argument(
                 flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=helptext
             )

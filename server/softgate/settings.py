@@ -47,7 +47,10 @@ class Settings:
     device: str = field(
         default="auto", metadata={"help": "engine device: auto (cuda if present), cpu, cuda:N"}
     )
-    compile: bool = field(default=False, metadata={"help": "ask the engine to torch.compile its kernels"})
+    compile: bool | None = field(
+        default=None,
+        metadata={"help": "torch.compile the engine's per-token kernel: true, false, or auto (on for CUDA, off for CPU)"},
+    )
     warmup: bool = field(default=True, metadata={"help": "run every objective once before serving"})
     engine_workers: int = field(
         default=2,
@@ -245,7 +248,9 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     try:
         if isinstance(value, str):
             s = value.strip()
-            if optional and s.lower() in ("none", "null", "off", "disabled"):
+            if optional and s.lower() in ("none", "null", "off", "disabled") and name != "compile":
+                return None
+            if name == "compile" and s.lower() in ("auto", "none", "null", ""):
                 return None
             if name == "admin_port" and s == "-1":
                 return None

@@ -1,0 +1,243 @@
+"""The `softgate` command: version, serve flags, and a real `softgate serve --grpc-port 0`
+subprocess: the bound port is logged, SIGTERM with calls in flight lets them complete and
+exits 0, the admin HTTP server shares the loop and the shutdown."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from softgate import __version__
+from softgate.cli import main
+from softgate_client.proto.softgate.v1 import softgate_pb2 as pb
+from softgate_client.proto.softgate.v1 import softgate_pb2_grpc as pb_grpc
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["version"]) == 0
+    assert __version__ in capsys.readouterr().out
+
+
+def test_serve_help_lists_every_setting(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as ei:
+        main(["serve", "--help"])
+    assert ei.value.code == 0
+    out = capsys.readouterr().out
+    for flag in (
+        "--grpc-port",
+        "--admin-port",
+        "--config",
+        "--tls-client-ca",
+        "--max-concurrent-rpcs",
+        "--no-warmup",
+    ):
+        assert flag in out
+    assert "SOFTGATE_GRPC_PORT" in out
+
+
+def test_bad_setting_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--grpc-port", "seventy"]) == 2
+    assert "grpc_port" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- a real subprocess
+
+
+class Serve:
+    def __init__(self, tmp: Path, *args: str) -> None:
+        self.log_path = tmp / "serve.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SOFTGATE_")}
+        env["PYTHONUNBUFFERED"] = "1"
+        self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from softgate.cli import main; sys.exit(main())",
+                "serve",
+                *args,
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO,
+        )
+
+    def events(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                with contextlib.suppress(json.JSONDecodeError):
+                    out.append(json.loads(line))
+        return out
+
+    def wait_event(self, name: str, timeout: float = 30) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for e in self.events():
+                if e.get("event") == name:
+                    return e
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"no {name!r} event; log:\n{self.log_path.read_text(errors='replace')[-3000:]}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.log.close()
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Any]:
+    started: list[Serve] = []
+
+    def start(*args: str) -> Serve:
+        s = Serve(tmp_path, *args)
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.close()
+
+
+def _f32(x: np.ndarray) -> pb.Tensor:
+    a = np.ascontiguousarray(x, dtype="<f4")
+    return pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=list(a.shape), data=a.tobytes())
+
+
+def _i64(x: np.ndarray) -> pb.Tensor:
+    a = np.ascontiguousarray(x, dtype="<i8")
+    return pb.Tensor(dtype=pb.DTYPE_INT64, shape=list(a.shape), data=a.tobytes())
+
+
+def _chunk(seqs: int, length: int, seed: int) -> pb.Batch:
+    rng = np.random.default_rng(seed)
+    n = seqs * length
+    logp = -rng.random(n) - 0.1
+    return pb.Batch(
+        logp=_f32(logp),
+        offsets=_i64(np.arange(seqs + 1) * length),
+        old_logp=_f32(logp + 0.01 * rng.standard_normal(n)),
+        rewards=_f32(rng.integers(0, 2, seqs).astype(np.float32)),
+        group_ids=_i64(np.arange(seqs) // 2 + 100 * seed),
+    )
+
+
+def _wait_serving(target: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            try:
+                r = stub.Check(health_pb2.HealthCheckRequest(service="softgate.v1.LossService"), timeout=1)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.05)
+    raise AssertionError(f"{target} never SERVING")
+
+
+def test_sigterm_with_calls_in_flight_completes_them_and_exits_0(serve: Any) -> None:
+    s = serve(
+        "--grpc-port", "0", "--grpc-host", "127.0.0.1", "--admin-port", "-1",
+        "--log-format", "json", "--device", "cpu", "--no-warmup", "--grace-seconds", "20",
+    )  # fmt: skip
+    ev = s.wait_event("grpc_listening")
+    port = int(ev["port"])
+    assert port > 0 and ev["address"] == f"127.0.0.1:{port}"
+    assert s.wait_event("engine_ready")["device"] == "cpu"
+    target = f"127.0.0.1:{port}"
+    _wait_serving(target)
+
+    release = threading.Event()
+    first_sent = threading.Event()
+
+    def requests() -> Iterator[pb.StreamLossRequest]:
+        yield pb.StreamLossRequest(config=pb.LossConfig(), chunk=_chunk(4, 5, 1))
+        first_sent.set()
+        release.wait(20)
+        yield pb.StreamLossRequest(chunk=_chunk(6, 3, 2))
+
+    result: dict[str, Any] = {}
+
+    def stream() -> None:
+        with grpc.insecure_channel(target) as ch:
+            try:
+                result["responses"] = list(pb_grpc.LossServiceStub(ch).StreamLoss(requests(), timeout=30))
+            except grpc.RpcError as e:
+                result["error"] = e
+
+    t = threading.Thread(target=stream)
+    t.start()
+    assert first_sent.wait(10)
+    time.sleep(0.3)  # the first chunk is in the server: the call is in flight
+    s.proc.send_signal(signal.SIGTERM)
+    s.wait_event("grpc_stopping", timeout=10)
+    # new calls are refused while the in-flight one finishes
+    with grpc.insecure_channel(target) as ch, pytest.raises(grpc.RpcError):
+        pb_grpc.LossServiceStub(ch).ListAlgorithms(pb.ListAlgorithmsRequest(), timeout=2)
+    release.set()
+    t.join(30)
+    assert "error" not in result, result.get("error")
+    resps = result["responses"]
+    assert [r.chunk_index for r in resps] == [0, 1] and resps[-1].HasField("summary")
+    assert len(resps[0].outputs.gradient.data) == 20 * 4 and len(resps[1].outputs.gradient.data) == 18 * 4
+    assert s.proc.wait(30) == 0
+    names = [e.get("event") for e in s.events()]
+    assert "signal_received" in names and names[-1] == "stopped"
+
+
+def test_serve_with_admin_server_in_the_same_loop(serve: Any) -> None:
+    pytest.importorskip("softgate.admin")
+    httpx = pytest.importorskip("httpx")
+    s = serve(
+        "--grpc-port", "0", "--grpc-host", "127.0.0.1", "--admin-port", "0", "--admin-host", "127.0.0.1",
+        "--log-format", "json", "--device", "cpu", "--no-warmup",
+    )  # fmt: skip
+    port = int(s.wait_event("grpc_listening")["port"])
+    admin = s.wait_event("admin_listening")["address"]
+    _wait_serving(f"127.0.0.1:{port}")
+    deadline = time.monotonic() + 10
+    while True:
+        r = httpx.get(f"http://{admin}/readyz", timeout=2)
+        if r.status_code == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert r.status_code == 200
+    assert httpx.get(f"http://{admin}/healthz", timeout=2).status_code == 200
+    s.proc.send_signal(signal.SIGINT)
+    assert s.proc.wait(30) == 0
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://{admin}/healthz", timeout=1)
+
+
+def test_port_in_use_exits_nonzero(serve: Any) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        busy = sock.getsockname()[1]
+        s = serve(
+            "--grpc-port", str(busy), "--grpc-host", "127.0.0.1", "--admin-port", "-1", "--device", "cpu"
+        )
+        assert s.proc.wait(30) != 0
