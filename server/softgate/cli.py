@@ -30,7 +30,8 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> a
         tp = str(f.type)
         helptext = field_help(f.name)
         if f.name != "config":
-            helptext += f" [default: {f.default}; env SOFTGATE_{f.name.upper()}]"
+            shown = "auto" if f.name == "compile" and f.default is None else f.default
+            helptext += f" [default: {shown}; env SOFTGATE_{f.name.upper()}]"
         else:
             helptext += " [env SOFTGATE_CONFIG]"
         if tp.startswith("bool"):
