@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 MiB = 1 << 20
 SEQ_LEN = 1024
+WARMUP_MAX_TOKENS = 1 << 20
 ALLOCATORS = {
     "glibc": None,
     "jemalloc": ("libjemalloc2", ["libjemalloc.so.2"]),
@@ -242,10 +243,15 @@ def worker(args: argparse.Namespace) -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     reps = {int(k): int(v) for k, v in (kv.split(":") for kv in args.reps.split(","))}
     threshold = args.stream_threshold or int(0.9 * args.max_message_bytes)
+    stream = {"auto": None, "unary": False, "stream": True}[args.stream_mode]
+    if stream is True:
+        threshold = 0  # the echo client streams too
+    elif stream is False:
+        threshold = args.max_message_bytes
     sg = SoftgateClient(
         f"127.0.0.1:{args.sg_port}",
         max_message_bytes=args.max_message_bytes,
-        stream_threshold_bytes=threshold,
+        stream_threshold_bytes=max(threshold, 1),
         stream_chunk_bytes=args.chunk_bytes,
         run="e2e-bench",
         timeout=600,
@@ -257,26 +263,32 @@ def worker(args: argparse.Namespace) -> None:
 
         def sg_call(b: dict[str, np.ndarray] = b) -> Any:
             return sg.loss(
-                b["logp"], b["old_logp"], lengths=b["lengths"], advantages=b["advantages"], objective="sapo"
+                b["logp"],
+                b["old_logp"],
+                lengths=b["lengths"],
+                advantages=b["advantages"],
+                objective="sapo",
+                stream=stream,
             )
 
         def echo_call(b: dict[str, np.ndarray] = b) -> Any:
             return echo.call(b)
 
-        r = sg_call()  # warm-up, and a check that the gradient came back
-        assert r.grad.shape == (n,) and np.isfinite(r.loss)
-        g = echo_call()
-        assert g.shape == (n,)
+        if n <= WARMUP_MAX_TOKENS:  # warm-up (larger sizes: the smaller ones warmed the code paths)
+            sg_call()
+            echo_call()
         k = reps.get(n, 3)
         t_sg, t_echo = [], []
+        r = None
         for _ in range(k):  # interleaved, so that noise from shared cores hits both alike
             t0 = time.perf_counter()
-            sg_call()
+            r = sg_call()
             t1 = time.perf_counter()
-            echo_call()
+            g = echo_call()
             t2 = time.perf_counter()
             t_sg.append(t1 - t0)
             t_echo.append(t2 - t1)
+        assert r is not None and r.grad.shape == (n,) and np.isfinite(r.loss) and g.shape == (n,)
         res = {
             "tokens": n,
             "reps": k,
@@ -323,7 +335,13 @@ def engine_only(n: int, reps: int) -> float:
 
 
 def run_config(
-    name: str, preload: str | None, chunk: int, sizes: list[int], reps: str, args: argparse.Namespace
+    name: str,
+    preload: str | None,
+    chunk: int,
+    sizes: list[int],
+    reps: str,
+    args: argparse.Namespace,
+    mode: str = "auto",
 ) -> list[dict[str, Any]]:
     procs, sg_port, echo_port = start_servers(preload, args.max_message_bytes)
     try:
@@ -343,6 +361,8 @@ def run_config(
             str(chunk),
             "--max-message-bytes",
             str(args.max_message_bytes),
+            "--stream-mode",
+            mode,
         ]
         if args.stream_threshold:
             cmd += ["--stream-threshold", str(args.stream_threshold)]
@@ -360,9 +380,9 @@ def run_config(
 
 
 def fmt_row(r: dict[str, Any]) -> str:
+    call = f"stream, {r['chunk_bytes'] // MiB} MiB x {r['chunks']}" if r["streamed"] else "unary"
     return (
-        f"| {r['allocator']} | {r['chunk_bytes'] // MiB} MiB | {r['tokens']:,} | "
-        f"{'stream x' + str(r['chunks']) if r['streamed'] else 'unary'} | "
+        f"| {r['allocator']} | {r['tokens']:,} | {call} | "
         f"{r['softgate_median_s'] * 1e3:.2f} | {r['echo_median_s'] * 1e3:.2f} | "
         f"{r['throughput_ratio'] * 100:.0f}% | {r['latency_diff_ms']:+.2f} |"
     )
@@ -388,6 +408,9 @@ def main() -> None:
     p.add_argument("--echo-port", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--sizes", default="", help=argparse.SUPPRESS)
     p.add_argument("--reps", default="", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--stream-mode", default="auto", choices=["auto", "unary", "stream"], help=argparse.SUPPRESS
+    )
     args = p.parse_args()
     if args.worker:
         worker(args)
@@ -399,12 +422,12 @@ def main() -> None:
     t_start = time.monotonic()
     k4, m1, m16 = 4096, 1 << 20, 16 << 20
     if args.quick:
-        sizes, reps = [k4, m1, m16], f"{k4}:100,{m1}:3,{m16}:1"
-        chunk_sweep = [4 * MiB, 64 * MiB]
+        sizes, reps = [k4, m1, m16], f"{k4}:100,{m1}:2,{m16}:1"
+        chunk_sweep = [4 * MiB, 16 * MiB, 64 * MiB]
         sweep_reps = f"{m16}:1"
     else:
-        sizes, reps = [k4, m1, m16], f"{k4}:300,{m1}:5,{m16}:2"
-        chunk_sweep = [1 * MiB, 4 * MiB, 64 * MiB]
+        sizes, reps = [k4, m1, m16], f"{k4}:300,{m1}:4,{m16}:2"
+        chunk_sweep = [4 * MiB, 16 * MiB, 64 * MiB]
         sweep_reps = f"{m16}:2"
     allocs = ensure_allocators(not args.no_install)
     print(
@@ -412,22 +435,22 @@ def main() -> None:
     )
     rows: list[dict[str, Any]] = []
     for name, preload in allocs.items():
-        print(f"# allocator {name} (chunk {default_chunk // MiB} MiB) ...", flush=True)
+        print(f"# allocator {name} ...", flush=True)
         res = run_config(name, preload, default_chunk, sizes, reps, args)
         rows.extend(res)
         for r in res:
             print(fmt_row(r), flush=True)
-    # the best allocator by 16M throughput ratio, then the chunk sweep under it
+    # the best allocator at 16M, then the StreamLoss chunk sweep under it (16M forced to stream)
     big = [r for r in rows if r["tokens"] == m16]
     best_alloc = min(big, key=lambda r: r["softgate_median_s"])["allocator"]
+    print(f"# chunk sweep, 16M streamed, {best_alloc} ...", flush=True)
+    res = []
     for chunk in chunk_sweep:
-        if chunk == default_chunk:
-            continue
-        print(f"# chunk {chunk // MiB} MiB ({best_alloc}) ...", flush=True)
-        res = run_config(best_alloc, allocs[best_alloc], chunk, [m16], sweep_reps, args)
-        rows.extend(res)
-        for r in res:
+        out = run_config(best_alloc, allocs[best_alloc], chunk, [m16], sweep_reps, args, mode="stream")
+        res.extend(out)
+        for r in out:
             print(fmt_row(r), flush=True)
+    rows.extend(res)
     eng = engine_only(m16, 1 if args.quick else 2)
     eng1m = engine_only(m1, 3)
     elapsed = time.monotonic() - t_start
@@ -449,7 +472,7 @@ def main() -> None:
     best4k = min((r for r in rows if r["tokens"] == k4), key=lambda r: r["latency_diff_ms"])
     print()
     print(
-        f"16M tokens, glibc, chunk {default_chunk // MiB} MiB: softgate {base16['softgate_mtok_s']:.2f} Mtok/s, "
+        f"16M tokens, glibc, unary: softgate {base16['softgate_mtok_s']:.2f} Mtok/s, "
         f"echo {base16['echo_mtok_s']:.2f} Mtok/s -> {base16['throughput_ratio'] * 100:.0f}% of echo (target >= 80%)"
     )
     print(
@@ -461,11 +484,12 @@ def main() -> None:
         f"16M transport+codec overhead over the engine: {(base16['softgate_median_s'] - eng) * 1e3:.0f} ms"
     )
     print(
-        f"best 16M: {best16['allocator']}, chunk {best16['chunk_bytes'] // MiB} MiB "
+        f"best 16M: {best16['allocator']}, "
+        f"{'stream ' + str(best16['chunk_bytes'] // MiB) + ' MiB chunks' if best16['streamed'] else 'unary'} "
         f"({best16['softgate_median_s'] * 1e3:.0f} ms, {best16['throughput_ratio'] * 100:.0f}% of echo); "
         f"best 4k latency: {best4k['allocator']} ({best4k['latency_diff_ms']:+.2f} ms)"
     )
-    print(f"bench wall time {elapsed:.0f} s")
+    print(f"bench wall time {elapsed:.0f} s; load average {os.getloadavg()[0]:.1f} at the end")
     if args.json:
         Path(args.json).write_text(
             json.dumps(

@@ -159,3 +159,12 @@ def test_run_metadata_and_round_robin_options() -> None:
     assert json.loads(opts["grpc.service_config"])["loadBalancingConfig"] == [{"round_robin": {}}]
     assert opts["grpc.max_receive_message_length"] == 1 << 20
     assert "grpc.lb_policy_name" not in dict(channel_options(max_message_bytes=1, round_robin=False))
+
+
+def test_retryable_codes() -> None:
+    p = RetryPolicy()
+    assert p.retryable(grpc.StatusCode.UNAVAILABLE, "connection refused")
+    assert p.retryable(grpc.StatusCode.RESOURCE_EXHAUSTED, "server at its concurrency limit (32)")
+    assert not p.retryable(grpc.StatusCode.RESOURCE_EXHAUSTED, "Sent message larger than max (10 vs. 5)")
+    assert not p.retryable(grpc.StatusCode.INVALID_ARGUMENT, "bad")
+    assert p.backoff(1) == 0.1 and p.backoff(3) == 0.4 and p.backoff(100) == 5.0

@@ -25,7 +25,14 @@ class RetryPolicy:
     initial_backoff: float = 0.1
     max_backoff: float = 5.0
     multiplier: float = 2.0
-    retry_on: tuple[grpc.StatusCode, ...] = (grpc.StatusCode.UNAVAILABLE,)
+    # RESOURCE_EXHAUSTED: a server at its concurrency limit (or out of device memory) says so at
+    # once; a message over a size limit is never retried (see `retryable`)
+    retry_on: tuple[grpc.StatusCode, ...] = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+    def retryable(self, code: grpc.StatusCode | None, details: str | None) -> bool:
+        if code not in self.retry_on:
+            return False
+        return not (code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (details or ""))
 
     def backoff(self, attempt: int) -> float:
         """The upper bound of the wait before retry number `attempt` (1-based)."""

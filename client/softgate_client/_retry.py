@@ -36,7 +36,8 @@ def call_with_retries(
             return fn(remaining)
         except grpc.RpcError as err:
             code = err.code() if hasattr(err, "code") else None
-            if code not in policy.retry_on or attempt >= policy.max_attempts:
+            details = err.details() if hasattr(err, "details") else None
+            if not policy.retryable(code, details) or attempt >= policy.max_attempts:
                 raise from_rpc_error(err) from err
             wait = rnd.uniform(0.0, policy.backoff(attempt))
             if deadline is not None and time.monotonic() + wait >= deadline:

@@ -414,7 +414,8 @@ class SoftgateClient:
             if stream_threshold_bytes is not None
             else int(self.max_message_bytes * 0.9)
         )
-        self.stream_chunk_bytes = int(min(stream_chunk_bytes, self.stream_threshold_bytes))
+        # each streamed message must fit the limit; the threshold only says when to stream
+        self.stream_chunk_bytes = int(min(stream_chunk_bytes, self.max_message_bytes * 0.9))
         self._channel = channel or make_channel(
             target,
             tls=tls,
@@ -459,7 +460,7 @@ class SoftgateClient:
             if self._server_max_message_bytes > 0:
                 server_cap = int(self._server_max_message_bytes * 0.9)
                 self.stream_threshold_bytes = min(self.stream_threshold_bytes, server_cap)
-                self.stream_chunk_bytes = min(self.stream_chunk_bytes, self.stream_threshold_bytes)
+                self.stream_chunk_bytes = min(self.stream_chunk_bytes, server_cap)
         return self.stream_threshold_bytes
 
     # -------------------------------------------------------- RPCs
