@@ -22,7 +22,7 @@ DEFAULT_SCALE = {"grpo": "group", "dr_grpo": "none", "rloo": "none", "reinforce_
 class GroupAdvantages:
     advantages: Tensor  # [B] float64
     degenerate: Tensor  # [B] bool, member of a degenerate group
-    num_groups: Tensor  # scalar
+    num_groups: int
     degenerate_group_frac: Tensor  # scalar float64
 
 
@@ -67,5 +67,9 @@ def group_advantages(
         a = (a - mu) / (var.sqrt() + cfg.eps)
     degenerate = degenerate_g[inv]
     a = torch.where(degenerate, torch.zeros_like(a), a)
-    frac = degenerate_g.to(torch.float64).mean() if g > 0 else torch.zeros((), dtype=torch.float64)
-    return GroupAdvantages(a, degenerate, torch.tensor(float(g)), frac)
+    frac = (
+        degenerate_g.to(torch.float64).mean()
+        if g > 0
+        else torch.zeros((), dtype=torch.float64, device=r.device)
+    )
+    return GroupAdvantages(a, degenerate, g, frac)

@@ -191,7 +191,7 @@ def compute_loss(
         assert batch.rewards is not None and batch.group_ids is not None
         ga = group_advantages(batch.rewards.to(dev), batch.group_ids.to(dev), config.advantages, weights=ylen)
         t["adv"] = ga.advantages.to(dt)
-        mx["num_groups"] = ga.num_groups
+        mx["num_groups"] = float(ga.num_groups)
         mx["degenerate_group_frac"] = ga.degenerate_group_frac
 
     # ---- sequence-level pieces

@@ -1,4 +1,4 @@
-"""Batch metrics: names, meanings, and their computation from the per-token terms.
+"""Batch metrics: names and meanings (computed in loss.compute_loss from token_terms' sums).
 
 Every metric is a finite float for every valid batch. Where a quantity is undefined (no
 trained token, no token of one advantage sign, no rewards) it takes the neutral value named
@@ -57,35 +57,11 @@ METRIC_NAMES: dict[str, str] = {
 }
 
 
-def _share(num: Tensor, den: Tensor) -> Tensor:
-    """num / den, 0 where den is 0."""
-    return torch.where(den > 0, num / den.clamp(min=1), torch.zeros_like(num))
-
-
-def masked_stats(x: Tensor, m: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """count, sum, sum of squares, min, max of x over mask m (float64 accumulators)."""
-    xm = torch.where(m, x, torch.zeros_like(x)).to(torch.float64)
-    cnt = m.sum().to(torch.float64)
-    s = xm.sum()
-    ss = (xm * xm).sum()
-    big = torch.finfo(x.dtype).max
-    mn = torch.where(m, x, torch.full_like(x, big)).min() if x.numel() else torch.tensor(big)
-    mx = torch.where(m, x, torch.full_like(x, -big)).max() if x.numel() else torch.tensor(-big)
-    return cnt, s, ss, mn.to(torch.float64), mx.to(torch.float64)
-
-
-def mean_std(cnt: Tensor, s: Tensor, ss: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean and population std from count, sum and sum of squares; (0, 0) when cnt is 0."""
-    mean = _share(s, cnt)
-    var = (_share(ss, cnt) - mean * mean).clamp(min=0.0)
-    return mean, var.sqrt()
-
-
 def to_floats(metrics: dict[str, Tensor | float]) -> dict[str, float]:
-    """One device sync for all tensor metrics; a non-finite value (never expected) becomes 0."""
+    """Metric values as Python floats, in the order given; a non-finite value (never expected) becomes 0."""
     tkeys = [k for k, v in metrics.items() if isinstance(v, Tensor)]
     out = {k: float(v) for k, v in metrics.items() if not isinstance(v, Tensor)}
     if tkeys:
-        vals = torch.stack([metrics[k].to(torch.float64).reshape(()) for k in tkeys])  # type: ignore[union-attr]
+        vals = torch.stack([metrics[k].detach().to("cpu", torch.float64).reshape(()) for k in tkeys])  # type: ignore[union-attr]
         out.update(zip(tkeys, vals.cpu().tolist(), strict=True))
     return {k: (v if v == v and abs(v) != float("inf") else 0.0) for k, v in ((k, out[k]) for k in metrics)}
