@@ -539,3 +539,20 @@ def test_compiled_kernel_matches_eager(dtype):
         assert torch.equal(r_c.clip_mask, r_e.clip_mask)
         for k in METRIC_NAMES:
             assert r_c.metrics[k] == pytest.approx(r_e.metrics[k], rel=1e-4, abs=1e-6), k
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_matches_cpu(compile):
+    ec = Engine(device="cuda", compile=compile)
+    for name in OBJECTIVE_NAMES:
+        b = random_batch(31, max_seqs=10, max_len=20)
+        cfg = make_config(name, "seq_mean_token_mean", "k3", ("sequence", "mask"), variant=1)
+        r_cpu = E.loss(b, cfg)
+        r_gpu = ec.loss(b, cfg)
+        assert r_gpu.grad.device.type == "cuda"
+        assert r_gpu.loss == pytest.approx(r_cpu.loss, rel=1e-10, abs=1e-12)
+        torch.testing.assert_close(r_gpu.grad.cpu(), r_cpu.grad, rtol=1e-10, atol=1e-12)
+        for k in METRIC_NAMES:
+            assert r_gpu.metrics[k] == pytest.approx(r_cpu.metrics[k], rel=1e-8, abs=1e-10), k

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 
 import torch
 from torch import Tensor
@@ -42,7 +43,8 @@ class Engine:
     paths ahead. `compile=None` (default): on for CUDA, off for CPU (the warm-up per
     configuration is too slow for a CPU service's first requests and for test suites); the
     environment variable SOFTGATE_ENGINE_COMPILE=1 / 0 overrides it. If compilation fails
-    the engine logs it, falls back to eager and keeps serving.
+    the engine logs it, falls back to eager and keeps serving. Eager calls may run from
+    several threads at once; compiled calls are serialised by a lock.
     """
 
     def __init__(self, device: str | torch.device | None = None, compile: bool | None = None) -> None:
@@ -54,6 +56,7 @@ class Engine:
             compile = env in ("1", "true", "yes") if env else self.device.type == "cuda"
         self.compile = bool(compile)
         self._kernel: TokenTerms | None = None
+        self._lock = threading.Lock()
         if self.compile:
             self._kernel = torch.compile(token_terms, dynamic=True)
 
@@ -71,7 +74,10 @@ class Engine:
         batch = self._to_device(batch)
         if self._kernel is not None:
             try:
-                return compute_loss(batch, config, validate=False, kernel=self._kernel)
+                # dynamo's compile step is not safe to enter from several threads at once;
+                # compiled calls are serialised (each already uses every core / the GPU)
+                with self._lock:
+                    return compute_loss(batch, config, validate=False, kernel=self._kernel)
             except Exception as exc:  # a compiler failure must not take the service down
                 log.warning("compiled engine kernel failed (%s); falling back to eager", exc)
                 self._kernel = None
