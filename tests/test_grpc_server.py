@@ -803,3 +803,25 @@ def test_graceful_stop_lets_in_flight_calls_finish() -> None:
             assert fut.result().outputs.HasField("gradient")
         with contextlib.suppress(Exception):
             srv.server = None
+
+
+# ---------------------------------------------------------------- bytes that are not protobuf
+
+
+@pytest.mark.parametrize("method", ["ComputeLoss", "ComputeAdvantages", "ListAlgorithms", "StreamLoss"])
+def test_corrupt_protobuf_is_invalid_argument(server: ServerThread, method: str) -> None:
+    ch = server.channel()
+    path = f"/softgate.v1.LossService/{method}"
+    with pytest.raises(grpc.RpcError) as ei:
+        if method == "StreamLoss":
+            f = ch.stream_stream(path, request_serializer=bytes, response_deserializer=bytes)
+            list(f(iter([b"\xff\xff"]), timeout=5))
+        else:
+            ch.unary_unary(path, request_serializer=bytes, response_deserializer=bytes)(
+                b"\xff\xff\xff", timeout=5
+            )
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    (field, reason), *_ = violations(ei.value)
+    assert field in ("request", "chunk[0]") and reason.startswith("bad_protobuf")
+    health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING

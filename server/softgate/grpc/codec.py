@@ -99,6 +99,33 @@ class Limits:
     max_groups: int = 0
 
 
+# ---------------------------------------------------------------- wire
+
+
+@dataclass(frozen=True)
+class CorruptMessage:
+    """Stands for a request whose bytes are not a valid protobuf of `message` (so that the
+    servicer, not grpcio, answers: INVALID_ARGUMENT with a BadRequest)."""
+
+    message: str
+    error: str
+
+    def violation(self, field: str) -> FieldViolation:
+        return FieldViolation(field, f"bad_protobuf: the bytes are not a valid {self.message} ({self.error})")
+
+
+def safe_deserializer(cls: Any) -> Any:
+    """`cls.FromString`, returning a CorruptMessage instead of raising."""
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return cls.FromString(data)
+        except Exception as e:
+            return CorruptMessage(cls.DESCRIPTOR.full_name, str(e)[:200] or type(e).__name__)
+
+    return deserialize
+
+
 # ---------------------------------------------------------------- tensors
 
 

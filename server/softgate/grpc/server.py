@@ -19,10 +19,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from softgate_client.proto.softgate.v1 import softgate_pb2 as pb
-from softgate_client.proto.softgate.v1 import softgate_pb2_grpc as pb_grpc
 
 from softgate.engine import Engine
-from softgate.grpc.codec import Limits
+from softgate.grpc.codec import Limits, safe_deserializer
 from softgate.grpc.servicer import SERVICE_NAME, LossServicer
 from softgate.logging import get_logger
 from softgate.settings import Settings
@@ -64,6 +63,37 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
+def loss_service_handler(servicer: LossServicer) -> grpc.GenericRpcHandler:
+    """Like the generated `add_LossServiceServicer_to_server`, but a request that is not valid
+    protobuf reaches the servicer as a `CorruptMessage` (-> INVALID_ARGUMENT with BadRequest)
+    instead of failing inside grpcio (UNKNOWN / INTERNAL)."""
+    de = safe_deserializer
+    handlers = {
+        "ComputeAdvantages": grpc.unary_unary_rpc_method_handler(
+            servicer.ComputeAdvantages,
+            request_deserializer=de(pb.ComputeAdvantagesRequest),
+            response_serializer=pb.ComputeAdvantagesResponse.SerializeToString,
+        ),
+        "ComputeLoss": grpc.unary_unary_rpc_method_handler(
+            servicer.ComputeLoss,
+            request_deserializer=de(pb.ComputeLossRequest),
+            response_serializer=pb.ComputeLossResponse.SerializeToString,
+        ),
+        "StreamLoss": grpc.stream_stream_rpc_method_handler(
+            servicer.StreamLoss,
+            request_deserializer=de(pb.StreamLossRequest),
+            response_serializer=pb.StreamLossResponse.SerializeToString,
+        ),
+        "ListAlgorithms": grpc.unary_unary_rpc_method_handler(
+            servicer.ListAlgorithms,
+            request_deserializer=de(pb.ListAlgorithmsRequest),
+            response_serializer=pb.ListAlgorithmsResponse.SerializeToString,
+        ),
+    }
+    assert set(handlers) == set(pb.DESCRIPTOR.services_by_name["LossService"].methods_by_name)
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+
 class GrpcServer:
     """The gRPC side of `softgate serve` (usable on its own in tests)."""
 
@@ -102,7 +132,7 @@ class GrpcServer:
         """Bind and start; health is NOT_SERVING until `set_serving(True)`. Returns the port."""
         s = self.settings
         server = grpc.aio.server(options=channel_options(s))
-        pb_grpc.add_LossServiceServicer_to_server(self.servicer, server)
+        server.add_generic_rpc_handlers((loss_service_handler(self.servicer),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (
             pb.DESCRIPTOR.services_by_name["LossService"].full_name,

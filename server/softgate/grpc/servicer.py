@@ -167,6 +167,8 @@ class LossServicer(pb_grpc.LossServiceServicer):
     ) -> pb.ComputeAdvantagesResponse:
         call = await self._admit("ComputeAdvantages", context)
         try:
+            if isinstance(request, codec.CorruptMessage):
+                raise InputError([request.violation("request")])
             call.sequences = codec.claimed_elements(request.rewards)
             call.bytes_in = request.ByteSize()
             self._start(call)
@@ -230,6 +232,8 @@ class LossServicer(pb_grpc.LossServiceServicer):
     async def ComputeLoss(self, request: pb.ComputeLossRequest, context: Any) -> pb.ComputeLossResponse:
         call = await self._admit("ComputeLoss", context)
         try:
+            if isinstance(request, codec.CorruptMessage):
+                raise InputError([request.violation("request")])
             call.tokens = codec.claimed_elements(request.batch.logp)
             call.sequences = max(codec.claimed_elements(request.batch.offsets) - 1, 0)
             call.bytes_in = request.ByteSize()
@@ -292,6 +296,8 @@ class LossServicer(pb_grpc.LossServiceServicer):
             chunks: list[Batch] = []
             async for msg in request_iterator:
                 i = len(chunks)
+                if isinstance(msg, codec.CorruptMessage):
+                    raise InputError([msg.violation(f"chunk[{i}]")])
                 call.bytes_in += msg.ByteSize()
                 v: list[FieldViolation] = []
                 if cfg_msg is None:
@@ -381,6 +387,12 @@ class LossServicer(pb_grpc.LossServiceServicer):
     ) -> pb.ListAlgorithmsResponse:
         run = run_of(context)
         t0 = time.perf_counter()
+        if isinstance(request, codec.CorruptMessage):
+            call = _Call("ListAlgorithms", run)
+            self._hook("rejected", call.rpc, ["bad_protobuf"])
+            self._hook("request_finished", call.rpc, run, "INVALID_ARGUMENT", 0.0, 0, 0, 0, 0)
+            f = failure_for(InputError([request.violation("request")]))
+            await context.abort(f.code, f.message, trailing_metadata=f.trailing_metadata)
         resp = self._catalogue
         self._hook(
             "request_finished",
