@@ -6,7 +6,8 @@ same metrics), in one process, on the same batch.
     python bench/engine_bench.py --quick    # 1M tokens only
     python bench/engine_bench.py --device cuda
 
-Reports tokens/s (median of --repeats timed runs after one untimed run), the engine/autograd
+Reports tokens/s (median of --repeats timed rounds after one untimed call; the implementations
+run round-robin within each round so that load from other processes hits them alike), the engine/autograd
 ratio, and peak extra resident memory per token: on Linux the peak-RSS counter is reset before
 each timed call (`echo 5 > /proc/self/clear_refs`), and (VmHWM - VmRSS before the call) / N is
 reported; on CUDA torch.cuda.max_memory_allocated() minus the memory allocated before the call.
@@ -19,6 +20,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -122,33 +124,41 @@ def _status(key: str) -> int:
     return 0
 
 
-def measure(fn, device: torch.device, repeats: int) -> tuple[float, float]:
-    """(median seconds, peak extra bytes) of fn()."""
-    fn()  # untimed: warm caches (and compile)
-    times, peaks = [], []
+def _run_once(fn, device: torch.device) -> tuple[float, int]:
+    """(seconds, peak extra bytes) of one call of fn()."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current RSS
+        except OSError:
+            pass
+        base = _status("VmRSS")
+    t0 = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() - base if device.type == "cuda" else _status("VmHWM") - base
+    del out
+    return dt, peak
+
+
+def measure(
+    fns: dict[str, Callable[[], object]], device: torch.device, repeats: int
+) -> dict[str, tuple[float, int]]:
+    """Median seconds and max peak extra bytes per implementation; the implementations run
+    round-robin (one call each per round) so that load from other processes hits them alike."""
+    for fn in fns.values():
+        fn()  # untimed: warm caches (and compile)
+    runs: dict[str, list[tuple[float, int]]] = {k: [] for k in fns}
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        else:
-            try:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-            except OSError:
-                pass
-            base = _status("VmRSS")
-        t0 = time.perf_counter()
-        out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-        if device.type == "cuda":
-            peaks.append(torch.cuda.max_memory_allocated() - base)
-        else:
-            peaks.append(_status("VmHWM") - base)
-        del out
-    return statistics.median(times), max(peaks)
+        for k, fn in fns.items():
+            runs[k].append(_run_once(fn, device))
+    return {k: (statistics.median(t for t, _ in v), max(p for _, p in v)) for k, v in runs.items()}
 
 
 def main() -> None:
@@ -180,17 +190,20 @@ def main() -> None:
         batch = make_batch(n, device)
         for name, obj in (("sapo", Sapo()), ("grpo", Grpo())):
             cfg = LossConfig(objective=obj, aggregation=AggregationConfig(mode="seq_mean_token_mean"))
-            t_ag, mem_ag = measure(lambda name=name, batch=batch: autograd_loss(batch, name), device, repeats)
-            rows = [("autograd", t_ag, mem_ag)]
+            fns: dict[str, Callable[[], object]] = {
+                "autograd": lambda name=name, batch=batch: autograd_loss(batch, name)
+            }
             for label, eng in engines.items():
                 t0 = time.perf_counter()
                 eng.loss(batch, cfg)  # first call: compiles for the compiled engine
-                first = time.perf_counter() - t0
-                t, mem = measure(lambda eng=eng, cfg=cfg, batch=batch: eng.loss(batch, cfg), device, repeats)
-                rows.append((label, t, mem))
                 if label == "compiled":
-                    print(f"{'':>10} {name:>9} (first compiled call incl. compilation: {first:.1f} s)")
-            for label, t, mem in rows:
+                    print(
+                        f"{'':>10} {name:>9} (first compiled call incl. compilation: {time.perf_counter() - t0:.1f} s)"
+                    )
+                fns[label] = lambda eng=eng, cfg=cfg, batch=batch: eng.loss(batch, cfg)
+            res_t = measure(fns, device, repeats)
+            t_ag = res_t["autograd"][0]
+            for label, (t, mem) in res_t.items():
                 print(
                     f"{n:>10} {name:>9} {label:>9} {n / t / 1e6:>8.1f} {t * 1e3:>9.1f} "
                     f"{t_ag / t:>10.2f} {mem / n:>8.1f}"

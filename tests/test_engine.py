@@ -556,3 +556,16 @@ def test_cuda_matches_cpu(compile):
         torch.testing.assert_close(r_gpu.grad.cpu(), r_cpu.grad, rtol=1e-10, atol=1e-12)
         for k in METRIC_NAMES:
             assert r_gpu.metrics[k] == pytest.approx(r_cpu.metrics[k], rel=1e-8, abs=1e-10), k
+
+
+def test_inputs_with_autograd_graph():
+    """A trainer passes its live logp: no graph is recorded, logp.backward(grad) applies it."""
+    b = random_batch(9, max_seqs=5, max_len=6, advantages="sequence")
+    params = b.logp.clone().requires_grad_(True)
+    live = params * 1.0
+    b.logp = live
+    for eng in (E,):
+        res = eng.loss(b, make_config("sapo", "token_mean", "k3", None))
+        assert res.grad.grad_fn is None and not res.grad.requires_grad
+        live.backward(res.grad, retain_graph=True)
+        torch.testing.assert_close(params.grad, res.grad)

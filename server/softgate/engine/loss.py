@@ -160,7 +160,13 @@ def compute_loss(
 
     All tensors of `batch` must be on one device; results are on that device, per-token
     tensors in the compute dtype (validation.compute_dtype). `kernel` replaces `token_terms`
-    (the Engine passes its compiled version)."""
+    (the Engine passes its compiled version). Inputs that require grad are fine: nothing here
+    records an autograd graph, and `logp.backward(result.grad)` applies the gradient."""
+    with torch.no_grad():
+        return _compute_loss(batch, config, validate, kernel)
+
+
+def _compute_loss(batch: Batch, config: LossConfig, validate: bool, kernel: TokenTerms | None) -> LossResult:
     if validate:
         check(batch, config)
     dt = compute_dtype(batch)
