@@ -523,22 +523,32 @@ def test_grad_retained_definition():
 # ---------------------------------------------------------------- compiled kernel
 
 
-@pytest.mark.parametrize("dtype", [F64, torch.float32])
-def test_compiled_kernel_matches_eager(dtype):
-    ec = Engine(device="cpu", compile=True)
-    for name, kl, mm in (("sapo", None, None), ("grpo", "k3", ("token", "truncate")), ("gspo", None, None)):
-        b = random_batch(17, max_seqs=12, max_len=30, dtype=dtype, big_deltas=True)
-        cfg = make_config(name, "seq_mean_token_mean", kl, mm, variant=1, clamp=3.0)
-        r_e = E.loss(b, cfg)
-        r_c = ec.loss(b, cfg)
-        assert ec._kernel is not None, "compilation fell back to eager"
-        tol = 1e-12 if dtype == F64 else 1e-5
-        assert r_c.loss == pytest.approx(r_e.loss, rel=tol, abs=tol)
-        torch.testing.assert_close(r_c.grad, r_e.grad, rtol=tol, atol=tol)
-        torch.testing.assert_close(r_c.gate_weight, r_e.gate_weight, rtol=tol, atol=tol)
-        assert torch.equal(r_c.clip_mask, r_e.clip_mask)
-        for k in METRIC_NAMES:
-            assert r_c.metrics[k] == pytest.approx(r_e.metrics[k], rel=1e-4, abs=1e-6), k
+EC = None
+
+
+@pytest.mark.parametrize(
+    "dtype,name,kl,mm",
+    [
+        (F64, "sapo", None, None),
+        (F64, "grpo", "k3", ("token", "truncate")),
+        (torch.float32, "gspo", None, None),
+    ],
+)
+def test_compiled_kernel_matches_eager(dtype, name, kl, mm):
+    global EC
+    EC = EC or Engine(device="cpu", compile=True)
+    b = random_batch(17, max_seqs=12, max_len=30, dtype=dtype, big_deltas=True)
+    cfg = make_config(name, "seq_mean_token_mean", kl, mm, variant=1, clamp=3.0)
+    r_e = E.loss(b, cfg)
+    r_c = EC.loss(b, cfg)
+    assert EC._kernel is not None, "compilation fell back to eager"
+    tol = 1e-12 if dtype == F64 else 1e-5
+    assert r_c.loss == pytest.approx(r_e.loss, rel=tol, abs=tol)
+    torch.testing.assert_close(r_c.grad, r_e.grad, rtol=tol, atol=tol)
+    torch.testing.assert_close(r_c.gate_weight, r_e.gate_weight, rtol=tol, atol=tol)
+    assert torch.equal(r_c.clip_mask, r_e.clip_mask)
+    for k in METRIC_NAMES:
+        assert r_c.metrics[k] == pytest.approx(r_e.metrics[k], rel=1e-4, abs=1e-6), k
 
 
 @pytest.mark.cuda
