@@ -188,7 +188,7 @@ def test_unary_and_streamed_equal_engine_bit_for_bit(client, case) -> None:
     try:
         streamed = client.loss(p["logp"], **args, outputs=ALL_OUTPUTS, stream=True, **kw)
     finally:
-        client.stream_chunk_bytes = 16 << 20
+        client.stream_chunk_bytes = 4 << 20
     assert streamed.streamed and streamed.chunks > 2
     assert_same_as_engine(streamed, ref, valid)
 

@@ -98,3 +98,46 @@ def test_build_loss_config_flat_keywords() -> None:
         cfg.build_loss_config(objective="reinforce", tau_pos=1.0)
     with pytest.raises(TypeError, match="unknown loss option"):
         cfg.build_loss_config(bogus=1)
+
+
+def test_wire_encoding_parses_like_the_generated_classes() -> None:
+    from softgate_client import _wire
+    from softgate_client.client import loss_config_to_proto, output_selection, pack_batch
+    from softgate_client.proto.softgate.v1 import softgate_pb2 as pb
+
+    rng = np.random.default_rng(0)
+    logp = -rng.random((5, 7)).astype(np.float64)
+    mask = np.ones((5, 7), bool)
+    mask[1, 3:] = False
+    mask[2, 1] = False
+    p = pack_batch(logp, logp - 0.1, mask=mask, rewards=rng.random(5), group_ids=[3, 3, -1, -1, 2 << 40])
+    c = cfg.build_loss_config(objective="grpo", eps_high=0.28, kl_beta=0.1, outputs=("ratio",))
+    raw = _wire.message({1: loss_config_to_proto(c), 3: output_selection(c.outputs)}, {2: p.pieces()}).join()
+    want = pb.ComputeLossRequest(config=loss_config_to_proto(c), outputs=output_selection(c.outputs))
+    p.fill(want.batch)
+    assert pb.ComputeLossRequest.FromString(raw) == want
+    # a chunk: offsets rebased, slices of the arrays
+    chunk = pb.Batch.FromString(p.pieces(2, 4).join())
+    assert chunk == p.batch(2, 4)
+    assert np.frombuffer(chunk.offsets.data, "<i8")[0] == 0
+
+    resp = pb.ComputeLossResponse(loss=1.5, policy_loss=1.0, kl_loss=0.5, metrics={"a": 1.0, "b": -2.0})
+    resp.outputs.gradient.dtype = pb.DTYPE_FLOAT64
+    resp.outputs.gradient.shape.append(4)
+    resp.outputs.gradient.data = np.arange(4, dtype="<f8").tobytes()
+    resp.outputs.clip_mask.dtype = pb.DTYPE_BOOL
+    resp.outputs.clip_mask.data = bytes([0, 1, 1, 0])
+    small, outs = _wire.split_response(resp.SerializeToString(), 5, pb.ComputeLossResponse)
+    assert (small.loss, small.policy_loss, small.kl_loss, dict(small.metrics)) == (
+        1.5,
+        1.0,
+        0.5,
+        {"a": 1.0, "b": -2.0},
+    )
+    assert outs["gradient"].tolist() == [0, 1, 2, 3] and outs["clip_mask"].tolist() == [
+        False,
+        True,
+        True,
+        False,
+    ]
+    assert _wire.varint(300) == b"\xac\x02" and _wire.varint(-1) == b"\xff" * 9 + b"\x01"

@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from softgate_client import _wire
 from softgate_client import config as cfg
 from softgate_client._channel import DEFAULT_MAX_MESSAGE_BYTES, RetryPolicy, make_channel
 from softgate_client._retry import call_with_retries
@@ -40,8 +41,9 @@ from softgate_client.proto.softgate.v1 import softgate_pb2 as pb
 from softgate_client.proto.softgate.v1 import softgate_pb2_grpc as pb_grpc
 
 RUN_METADATA_KEY = "softgate-run"
+SERVICE = "softgate.v1.LossService"
 DEFAULT_TIMEOUT = 300.0
-DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024
+DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024  # bench/RESULTS.md: 4 MiB chunks stream fastest
 _LIMIT_PROBE_BYTES = 4 * 1024 * 1024
 
 _NP_TO_DTYPE: dict[np.dtype, int] = {
@@ -220,6 +222,19 @@ class _Packed:
         for name, a in self.seq.items():
             _fill(getattr(msg, name), a if whole else a[s0:s1])
         return msg
+
+    def pieces(self, s0: int = 0, s1: int | None = None) -> _wire.Pieces:
+        """The wire bytes of the Batch of sequences [s0, s1) (offsets rebased to 0), as pieces
+        that reference the arrays' memory (joined once, by gRPC's serializer)."""
+        off = self.layout.offsets
+        b = self.layout.num_seqs
+        s1 = b if s1 is None else s1
+        t0, t1 = int(off[s0]), int(off[s1])
+        if s0 == 0 and s1 == b:
+            return _wire.batch(self.token, self.seq, off, self.advantage_level)
+        token = {k: a[t0:t1] for k, a in self.token.items()}
+        seq = {k: a[s0:s1] for k, a in self.seq.items()}
+        return _wire.batch(token, seq, off[s0 : s1 + 1] - t0, self.advantage_level)
 
     def chunk_bounds(self, chunk_bytes: int) -> list[tuple[int, int]]:
         """Sequence ranges of about `chunk_bytes` each (a chunk holds whole sequences; one
@@ -427,6 +442,17 @@ class SoftgateClient:
             options=channel_options,
         )
         self._stub = pb_grpc.LossServiceStub(self._channel)
+        # the loss RPCs with hand-built request bytes and zero-copy response arrays (see _wire)
+        self._compute_loss = self._channel.unary_unary(
+            f"/{SERVICE}/ComputeLoss",
+            request_serializer=_wire.Pieces.join,
+            response_deserializer=_parse_loss_response,
+        )
+        self._stream_loss_rpc = self._channel.stream_stream(
+            f"/{SERVICE}/StreamLoss",
+            request_serializer=_wire.Pieces.join,
+            response_deserializer=_parse_stream_response,
+        )
         self.last_result: LossResult | None = None
         self._server_max_message_bytes: int | None = None
 
@@ -586,14 +612,12 @@ class SoftgateClient:
         if use_stream:
             result = self._stream_loss(packed, proto_cfg, sel, md, timeout)
         else:
-            req = pb.ComputeLossRequest(config=proto_cfg, outputs=sel)
-            packed.fill(req.batch)
-            resp = call_with_retries(
-                lambda t: self._stub.ComputeLoss(req, timeout=t, metadata=md),
+            req = _wire.message({1: proto_cfg, 3: sel}, {2: packed.pieces()})
+            resp, outs = call_with_retries(
+                lambda t: self._compute_loss(req, timeout=t, metadata=md),
                 policy=self.retry_policy,
                 timeout=self._timeout(timeout),
             )
-            outs = {name: _array(getattr(resp.outputs, name)) for name in _requested(sel)}
             result = _result(resp.loss, resp.policy_loss, resp.kl_loss, resp.metrics, outs, packed.layout)
         self.last_result = result
         return result
@@ -608,33 +632,36 @@ class SoftgateClient:
     ) -> LossResult:
         bounds = packed.chunk_bounds(self.stream_chunk_bytes)
 
-        def requests() -> Iterator[pb.StreamLossRequest]:
+        def requests() -> Iterator[_wire.Pieces]:
             for k, (s0, s1) in enumerate(bounds):
-                msg = pb.StreamLossRequest()
-                packed.fill(msg.chunk, s0, s1)
-                if k == 0:
-                    msg.config.CopyFrom(proto_cfg)
-                    msg.outputs.CopyFrom(sel)
-                yield msg
+                small: dict[int, Any] = {1: proto_cfg, 2: sel} if k == 0 else {}
+                yield _wire.message(small, {3: packed.pieces(s0, s1)})
 
-        def call(t: float | None) -> list[pb.StreamLossResponse]:
-            return list(self._stub.StreamLoss(requests(), timeout=t, metadata=md))
+        def call(t: float | None) -> list[tuple[pb.StreamLossResponse, dict[str, np.ndarray]]]:
+            return list(self._stream_loss_rpc(requests(), timeout=t, metadata=md))
 
         responses = call_with_retries(call, policy=self.retry_policy, timeout=self._timeout(timeout))
-        responses.sort(key=lambda r: r.chunk_index)
-        names = _requested(sel)
+        responses.sort(key=lambda r: r[0].chunk_index)
         outs: dict[str, np.ndarray] = {}
-        for name in names:
-            parts = [getattr(r.outputs, name) for r in responses]
-            dtype = parts[0].dtype if parts else pb.DTYPE_FLOAT32
-            outs[name] = from_le_bytes(b"".join(p.data for p in parts), _DTYPE_TO_NP[dtype])
-        summary = responses[-1].summary if responses else pb.LossSummary()
+        for name in _requested(sel):
+            parts = [o[name] for _, o in responses if name in o]
+            if parts:
+                outs[name] = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        summary = responses[-1][0].summary if responses else pb.LossSummary()
         result = _result(
             summary.loss, summary.policy_loss, summary.kl_loss, summary.metrics, outs, packed.layout
         )
         result.streamed = True
         result.chunks = len(bounds)
         return result
+
+
+def _parse_loss_response(data: bytes) -> tuple[pb.ComputeLossResponse, dict[str, np.ndarray]]:
+    return _wire.split_response(data, 5, pb.ComputeLossResponse)
+
+
+def _parse_stream_response(data: bytes) -> tuple[pb.StreamLossResponse, dict[str, np.ndarray]]:
+    return _wire.split_response(data, 4, pb.StreamLossResponse)
 
 
 def _requested(sel: pb.OutputSelection) -> list[str]:

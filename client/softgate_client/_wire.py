@@ -1,0 +1,241 @@
+"""Protobuf wire encoding of the big messages without intermediate copies.
+
+The token arrays are most of every request and response. Through the generated classes each
+one is copied three times on the way out (`tobytes`, into the message, `SerializeToString`)
+and twice on the way in (parse, `.data`). Here a request is a list of byte pieces: small
+headers encoded by hand (and the small config / output-selection messages serialised by
+protobuf), and each array's memory as a memoryview; gRPC's serializer joins them, the one copy.
+A response is walked field by field: the small fields are parsed by protobuf, each Tensor's
+`data` becomes a zero-copy numpy view of the received bytes.
+
+The encoding is standard proto3 (the same bytes as the generated classes up to field order,
+which protobuf parsers accept in any order); tests check it against the generated classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from softgate_client.proto.softgate.v1 import softgate_pb2 as pb
+
+LEN = 2  # wire type of length-delimited fields
+VARINT = 0
+I64 = 1
+I32 = 5
+
+# numpy dtype -> proto Dtype value
+NP_TO_DTYPE: dict[np.dtype, int] = {
+    np.dtype(np.float32): pb.DTYPE_FLOAT32,
+    np.dtype(np.float64): pb.DTYPE_FLOAT64,
+    np.dtype(np.int64): pb.DTYPE_INT64,
+    np.dtype(np.int32): pb.DTYPE_INT32,
+    np.dtype(np.bool_): pb.DTYPE_BOOL,
+    np.dtype(np.uint8): pb.DTYPE_UINT8,
+    np.dtype(np.int8): pb.DTYPE_INT8,
+    np.dtype(np.int16): pb.DTYPE_INT16,
+    np.dtype(np.float16): pb.DTYPE_FLOAT16,
+}
+DTYPE_TO_NP: dict[int, np.dtype] = {v: k for k, v in NP_TO_DTYPE.items()}
+
+# Batch field numbers (softgate.proto)
+BATCH_FIELDS = {
+    "logp": 1,
+    "offsets": 2,
+    "old_logp": 3,
+    "mask": 4,
+    "ref_logp": 5,
+    "rollout_logp": 6,
+    "rewards": 7,
+    "group_ids": 8,
+    "advantages": 9,
+}
+BATCH_ADVANTAGE_LEVEL = 10
+TOKEN_OUTPUT_FIELDS = {
+    1: "gradient",
+    2: "advantages",
+    3: "ratio",
+    4: "gate_weight",
+    5: "clip_mask",
+    6: "mask",
+}
+
+
+def varint(n: int) -> bytes:
+    if n < 0:
+        n += 1 << 64
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def tag(field: int, wire: int) -> bytes:
+    return varint((field << 3) | wire)
+
+
+class Pieces:
+    """Byte pieces of one message, with their total length."""
+
+    def __init__(self) -> None:
+        self.parts: list[Any] = []
+        self.size = 0
+
+    def add(self, b: Any) -> None:
+        self.parts.append(b)
+        self.size += len(b) if isinstance(b, bytes | bytearray) else b.nbytes
+
+    def extend(self, other: Pieces) -> None:
+        self.parts.extend(other.parts)
+        self.size += other.size
+
+    def submessage(self, field: int, body: Pieces) -> None:
+        self.add(tag(field, LEN) + varint(body.size))
+        self.extend(body)
+
+    def join(self) -> bytes:
+        return b"".join(self.parts)
+
+
+def _le_view(a: np.ndarray) -> memoryview:
+    """The array's bytes, little-endian and contiguous, without a copy when it already is."""
+    if a.dtype.byteorder == ">" or (a.dtype.byteorder == "=" and not np.little_endian):
+        a = a.astype(a.dtype.newbyteorder("<"))
+    a = np.ascontiguousarray(a)
+    return a.reshape(-1).data.cast("B")
+
+
+def tensor(a: np.ndarray) -> Pieces:
+    dt = NP_TO_DTYPE.get(a.dtype.newbyteorder("="))
+    if dt is None:
+        raise TypeError(f"unsupported dtype {a.dtype}")
+    data = _le_view(a)
+    shape = varint(int(a.shape[0]))
+    p = Pieces()
+    p.add(
+        tag(1, VARINT)
+        + varint(dt)
+        + tag(2, LEN)
+        + varint(len(shape))
+        + shape
+        + tag(3, LEN)
+        + varint(data.nbytes)
+    )
+    p.add(data)
+    return p
+
+
+def batch(
+    token: dict[str, np.ndarray], seq: dict[str, np.ndarray], offsets: np.ndarray, level: int
+) -> Pieces:
+    arrays = {**token, **seq, "offsets": offsets}
+    p = Pieces()
+    for name, num in BATCH_FIELDS.items():
+        a = arrays.get(name)
+        if a is not None:
+            p.submessage(num, tensor(a))
+    if level:
+        p.add(tag(BATCH_ADVANTAGE_LEVEL, VARINT) + varint(level))
+    return p
+
+
+def message(small: dict[int, Any], big: dict[int, Pieces]) -> Pieces:
+    """A message of small protobuf sub-messages (serialised by protobuf) and hand-built ones."""
+    p = Pieces()
+    for num in sorted({*small, *big}):
+        if num in small:
+            if small[num] is None:
+                continue
+            body = small[num].SerializeToString()
+            p.add(tag(num, LEN) + varint(len(body)) + body)
+        else:
+            p.submessage(num, big[num])
+    return p
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def _read_varint(buf: memoryview, i: int) -> tuple[int, int]:
+    shift = 0
+    out = 0
+    while True:
+        b = buf[i]
+        i += 1
+        out |= (b & 0x7F) << shift
+        if b < 0x80:
+            return out, i
+        shift += 7
+
+
+def fields(
+    buf: memoryview, start: int = 0, end: int | None = None
+) -> Iterator[tuple[int, int, int, int, int]]:
+    """(field number, wire type, field start, value start, value end) of each field."""
+    i = start
+    end = len(buf) if end is None else end
+    while i < end:
+        f0 = i
+        key, i = _read_varint(buf, i)
+        num, wire = key >> 3, key & 7
+        if wire == VARINT:
+            _, j = _read_varint(buf, i)
+        elif wire == I64:
+            j = i + 8
+        elif wire == LEN:
+            n, i = _read_varint(buf, i)
+            j = i + n
+        elif wire == I32:
+            j = i + 4
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+        if j > end:
+            raise ValueError("truncated message")
+        yield num, wire, f0, i, j
+        i = j
+
+
+def read_tensor(buf: memoryview, start: int, end: int) -> np.ndarray:
+    dtype = 0
+    data: memoryview | None = None
+    for num, wire, _, a, b in fields(buf, start, end):
+        if num == 1 and wire == VARINT:
+            dtype, _ = _read_varint(buf, a)
+        elif num == 3 and wire == LEN:
+            data = buf[a:b]
+    dt = DTYPE_TO_NP.get(dtype)
+    if dt is None:
+        raise ValueError(f"unexpected dtype {dtype} in a response")
+    if data is None:
+        return np.zeros(0, dt)
+    return np.frombuffer(data, dtype=dt.newbyteorder("<"))
+
+
+def read_token_outputs(buf: memoryview, start: int, end: int) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for num, wire, _, a, b in fields(buf, start, end):
+        name = TOKEN_OUTPUT_FIELDS.get(num)
+        if name is not None and wire == LEN:
+            out[name] = read_tensor(buf, a, b)
+    return out
+
+
+def split_response(data: bytes, outputs_field: int, msg_cls: Any) -> tuple[Any, dict[str, np.ndarray]]:
+    """Parse `data` as `msg_cls` without its `outputs_field` (TokenOutputs), which is read
+    into zero-copy numpy views instead."""
+    buf = memoryview(data)
+    rest: list[memoryview] = []
+    outs: dict[str, np.ndarray] = {}
+    for num, wire, f0, a, b in fields(buf):
+        if num == outputs_field and wire == LEN:
+            outs.update(read_token_outputs(buf, a, b))
+        else:
+            rest.append(buf[f0:b])
+    return msg_cls.FromString(b"".join(rest)), outs
