@@ -43,7 +43,7 @@ from softgate_client.proto.softgate.v1 import softgate_pb2_grpc as pb_grpc
 RUN_METADATA_KEY = "softgate-run"
 SERVICE = "softgate.v1.LossService"
 DEFAULT_TIMEOUT = 300.0
-DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024  # bench/RESULTS.md: 4 MiB chunks stream fastest
+DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024  # bench/RESULTS.md "End-to-end": the chunk sweep
 _LIMIT_PROBE_BYTES = 4 * 1024 * 1024
 
 _NP_TO_DTYPE: dict[np.dtype, int] = {
