@@ -76,7 +76,8 @@ def token_terms(
         clamped = raw.abs() > clamp
         ratio = torch.exp(d)
         dratio = torch.where(clamped, zero, ratio)
-    pt = policy_terms(kind, ratio, dratio, a, torch.where(m, logp, zero), prm)
+    lp = torch.where(m, logp, zero) if kind == "cispo" else logp  # only cispo's loss reads logp
+    pt = policy_terms(kind, ratio, dratio, a, lp, prm)
     lpol, gpol, gfree = pt.loss, pt.grad, pt.grad_free
     v_sum = zero.sum()
     v_changed = torch.zeros((), dtype=torch.int64, device=logp.device)
@@ -89,7 +90,8 @@ def token_terms(
         lpol, gpol, gfree = lpol * v, gpol * v, gfree * v
         v_sum = torch.where(m, v, zero).sum()
         v_changed = (vch & m).sum()
-    policy_loss = (alpha * torch.where(m, lpol, zero)).sum()
+    # every per-token term is finite on masked tokens (their log-ratios are 0), and alpha is 0 there
+    policy_loss = (alpha * lpol).sum()
     gpol = alpha * gpol
     grad_abs = gpol.abs().sum()
     free_abs = (alpha * gfree).abs().sum()

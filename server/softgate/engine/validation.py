@@ -196,9 +196,16 @@ def _first(bad: Tensor) -> int:
 
 
 def _float_tensor(
-    v: list[FieldViolation], name: str, x: object, n: int | None, *, allow_int: bool = False
+    v: list[FieldViolation],
+    name: str,
+    x: object,
+    n: int | None,
+    *,
+    allow_int: bool = False,
+    maxima: dict[str, float] | None = None,
 ) -> bool:
-    """dtype / shape / length / finiteness of one 1-D float tensor; True when usable."""
+    """dtype / shape / length / finiteness of one 1-D float tensor; True when usable. The
+    tensor's maximum is stored in `maxima[name]` when given."""
     if not isinstance(x, Tensor):
         v.append(FieldViolation(name, f"bad_dtype: expected a torch.Tensor, got {type(x).__name__}"))
         return False
@@ -216,6 +223,8 @@ def _float_tensor(
         return False
     if x.dtype in _FLOATS and x.numel() > 0:
         lo, hi = torch.aminmax(x)  # one pass; NaN propagates to both
+        if maxima is not None:
+            maxima[name] = float(hi)
         if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
             i = _first(~torch.isfinite(x))
             what = "NaN" if math.isnan(float(x[i])) else "infinite"
@@ -243,7 +252,8 @@ def advantage_level(batch: Batch) -> str:
 def validate_batch(batch: Batch, config: LossConfig | None = None) -> list[FieldViolation]:
     """Every violation in `batch` (and its fit with `config`, when given)."""
     v: list[FieldViolation] = []
-    if not _float_tensor(v, "logp", batch.logp, None):
+    maxima: dict[str, float] = {}
+    if not _float_tensor(v, "logp", batch.logp, None, maxima=maxima):
         return v
     n = batch.logp.numel()
 
@@ -295,7 +305,7 @@ def validate_batch(batch: Batch, config: LossConfig | None = None) -> list[Field
 
     # log-prob tensors
     def logp_range(name: str, x: Tensor) -> None:
-        if x.numel() == 0 or float(x.max()) <= LOGP_TOLERANCE:
+        if x.numel() == 0 or maxima.get(name, float("inf")) <= LOGP_TOLERANCE:
             return
         over = x > LOGP_TOLERANCE
         if m is not None:
@@ -311,7 +321,7 @@ def validate_batch(batch: Batch, config: LossConfig | None = None) -> list[Field
     logp_range("logp", batch.logp)
     for name in ("old_logp", "ref_logp", "rollout_logp"):
         x = getattr(batch, name)
-        if x is not None and _float_tensor(v, name, x, n):
+        if x is not None and _float_tensor(v, name, x, n, maxima=maxima):
             logp_range(name, x)
 
     if config is not None:
