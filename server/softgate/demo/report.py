@@ -47,6 +47,7 @@ def summarize(results: list[RunResult], last_k: int) -> list[dict[str, Any]]:
                 "trust_region_mean": _mean([_mean(r.curves["trust_region"]) for r in rs]),
                 "grad_retained_mean": _mean([_mean(r.curves["grad_retained"]) for r in rs]),
                 "approx_kl_mean": _mean([_mean(r.curves["approx_kl"]) for r in rs]),
+                "degenerate_groups_mean": _mean([_mean(r.curves["degenerate_groups"]) for r in rs]),
                 "seconds": _mean([r.seconds for r in rs]),
             }
         )
@@ -57,7 +58,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     last = next(k for k in rows[0] if k.startswith("train_reward_last"))
     head = (
         f"{'run':34} {'eval reward':>17} {'hit':>5} {last.replace('train_reward_', 'train '):>11} "
-        f"{'sat/clip':>8} {'grad_ret':>8} {'approx_kl':>9} {'s/run':>6}"
+        f"{'sat/clip':>8} {'grad_ret':>8} {'approx_kl':>9} {'degen':>5} {'s/run':>6}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -65,19 +66,19 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"{r['label']:34} {ev:>17} {r['eval_success_after']:5.2f} {r[last]:11.3f} "
             f"{r['trust_region_mean']:8.4f} {r['grad_retained_mean']:8.4f} {r['approx_kl_mean']:9.2e} "
-            f"{r['seconds']:6.1f}"
+            f"{r['degenerate_groups_mean']:5.2f} {r['seconds']:6.1f}"
         )
     return "\n".join(lines)
 
 
 def _num(x: float) -> float | None:
-    return float(f"{x:.5g}") if math.isfinite(x) else None
+    return float(f"{x:.4g}") if math.isfinite(x) else None
 
 
 def write_json(
     path: Path, cfg: TrainConfig, meta: dict[str, Any], results: list[RunResult], rows: list[dict[str, Any]]
 ) -> None:
-    """Config, summary and every run's curves (one run per line, values to 5 significant digits)."""
+    """Config, summary and every run's curves (one run per line, values to 4 significant digits)."""
     summary = [{k: _num(v) if isinstance(v, float) else v for k, v in row.items()} for row in rows]
     head = {"config": {k: v for k, v in asdict(cfg).items() if k != "seed"}, **meta, "summary": summary}
     runs = [
@@ -102,12 +103,10 @@ def write_json(
 def write_csv(path: Path, results: list[RunResult]) -> None:
     with path.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["run", "label", "seed", "step", *CURVES])
+        w.writerow(["run", "seed", "step", *CURVES])
         for r in results:
             for step in range(len(r.curves["reward"])):
-                w.writerow(
-                    [r.spec.key, r.spec.label, r.seed, step] + [f"{r.curves[k][step]:.5g}" for k in CURVES]
-                )
+                w.writerow([r.spec.key, r.seed, step] + [f"{r.curves[k][step]:.4g}" for k in CURVES])
 
 
 def _smooth(y: np.ndarray, w: int) -> np.ndarray:
@@ -142,7 +141,7 @@ def write_figure(path: Path, results: list[RunResult], title: str, smooth: int =
     panels = [
         ("reward", "rollout reward"),
         ("success", "exact hit rate"),
-        ("trust_region", "gate saturation (SAPO) / clip fraction"),
+        ("trust_region", "SAPO gate saturation (w < 0.5) / clip fraction"),
         ("grad_retained", "grad_retained"),
         ("approx_kl", "approx KL (old - logp)"),
     ]
@@ -190,8 +189,8 @@ def write_figure(path: Path, results: list[RunResult], title: str, smooth: int =
     ax.set_title("eval reward (fixed prompts)", fontsize=10)
     ax.legend(fontsize=7, loc="lower right")
     handles, labs = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labs, loc="lower center", ncol=min(6, len(labs)), fontsize=8, frameon=False)
+    fig.legend(handles, labs, loc="lower center", ncol=min(4, len(labs)), fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout(rect=(0, 0.05, 1, 0.96))
+    fig.tight_layout(rect=(0, 0.07, 1, 0.96))
     fig.savefig(path, dpi=80, pil_kwargs={"optimize": True})
     plt.close(fig)
