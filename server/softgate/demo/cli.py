@@ -11,9 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from softgate_client.errors import SoftgateError
 
 from softgate.demo.backends import LossBackend
-from softgate.demo.runs import DEFAULT_RUNS, parse_run
+from softgate.demo.runs import DEFAULT_RUNS, RunSpec, parse_run
 from softgate.demo.task import DigitSumTask
 from softgate.demo.train import RunResult, TrainConfig, train
 
@@ -101,11 +102,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     seeds = [args.seed + i for i in range(max(1, args.seeds))]
 
-    from softgate.demo import report
-
     args.out.mkdir(parents=True, exist_ok=True)
-    results: list[RunResult] = []
     t0 = time.perf_counter()
+    try:
+        results, where = _train_all(args, specs, seeds, base)
+    except SoftgateError as e:  # unreachable --target, a refused request, ...
+        print(f"softgate demo: the loss service failed: {e}", file=sys.stderr)
+        return 1
+    elapsed = time.perf_counter() - t0
+    _report(args, base, seeds, results, where, elapsed)
+    return 0
+
+
+def _train_all(
+    args: argparse.Namespace, specs: list[RunSpec], seeds: list[int], base: TrainConfig
+) -> tuple[list[RunResult], str]:
+    results: list[RunResult] = []
     with _backend(args) as (backend, where):
         print(
             f"softgate demo: {len(specs)} runs x {len(seeds)} seed(s), {args.steps} steps, "
@@ -133,7 +145,18 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if bar is not None:
                 bar.close()
-    elapsed = time.perf_counter() - t0
+    return results, where
+
+
+def _report(
+    args: argparse.Namespace,
+    base: TrainConfig,
+    seeds: list[int],
+    results: list[RunResult],
+    where: str,
+    elapsed: float,
+) -> None:
+    from softgate.demo import report
 
     rows = report.summarize(results, args.last_k)
     meta = {"backend": where.split(" at ")[0], "seeds": seeds, "seconds_total": round(elapsed, 1)}
@@ -150,4 +173,3 @@ def main(argv: list[str] | None = None) -> int:
     report.write_figure(png_path, results, title)
     print(report.format_table(rows))
     print(f"\n{elapsed:.0f} s; wrote {png_path}, {json_path}, {csv_path}")
-    return 0
