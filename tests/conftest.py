@@ -159,6 +159,8 @@ class ServerProcess:
     admin_port: int | None = None
     proc: subprocess.Popen[bytes] | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    # channel() keywords for the start-up health check of a TLS server: root=, cert=, key=
+    health_creds: dict[str, Any] = field(default_factory=dict)
 
     @property
     def target(self) -> str:
@@ -217,7 +219,7 @@ class ServerProcess:
                     f"softgate serve exited with {self.proc.returncode}:\n{self.logs()[-4000:]}"
                 )
             try:
-                with self.channel() as ch:
+                with self.channel(**self.health_creds) as ch:
                     if grpc_health(ch, timeout=1.0) == "SERVING":
                         return
             except grpc.RpcError as e:
