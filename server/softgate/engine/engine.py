@@ -36,10 +36,10 @@ class Engine:
 
     `compile=True` runs the per-token kernel (`loss.token_terms`) through
     torch.compile(dynamic=True): one fused loop instead of ~60 separate passes over the tokens,
-    the same code as the eager path, equal numbers up to float rounding (about 8x faster than
+    the same code as the eager path, equal numbers up to float rounding (5-8x faster than
     eager on CPU at 16M tokens, see bench/RESULTS.md). Each distinct configuration shape
     (objective kind, KL / mismatch on or off, advantage level) compiles once per process:
-    5-45 s on 2 CPU cores depending on the inductor disk cache; `warmup()` does the default
+    0.3-45 s on 2 CPU cores depending on the inductor disk cache; `warmup()` does the default
     paths ahead. `compile=None` (default): on for CUDA, off for CPU (the warm-up per
     configuration is too slow for a CPU service's first requests and for test suites); the
     environment variable SOFTGATE_ENGINE_COMPILE=1 / 0 overrides it. If compilation fails
