@@ -579,3 +579,30 @@ def test_inputs_with_autograd_graph():
         assert res.grad.grad_fn is None and not res.grad.requires_grad
         live.backward(res.grad, retain_graph=True)
         torch.testing.assert_close(params.grad, res.grad)
+
+
+def test_overflowing_results_are_refused():
+    """Finite inputs whose float32 result overflows: InputError 'overflow', never inf/NaN out."""
+    logp = torch.tensor([-1.0, -0.5, -2.0, -0.1])
+    old = torch.tensor([-6.0, -5.5, -7.0, -5.1])
+    off = torch.tensor([0, 2, 4])
+    huge = Batch(logp=logp, offsets=off, old_logp=old, advantages=torch.tensor([3e38, -3e38]))
+    assert ("batch", "overflow", 0) in reasons(huge, LossConfig(objective=Reinforce()))
+    ok = Batch(logp=logp, offsets=off, old_logp=old, advantages=torch.tensor([1.0, -1.0]))
+    tiny = LossConfig(aggregation=AggregationConfig(num_seqs=1e-300))
+    assert {c for _, c, _ in reasons(ok, tiny)} == {"overflow"}
+    rw = Batch(
+        logp=logp,
+        offsets=off,
+        old_logp=old,
+        rewards=torch.tensor([1e308, -1e308], dtype=F64),
+        group_ids=torch.tensor([0, 0]),
+    )
+    assert {c for _, c, _ in reasons(rw, LossConfig(advantages=AdvantageConfig(estimator="dr_grpo")))} == {
+        "overflow"
+    }
+    assert ("log_ratio_clamp", "out_of_range", None) in reasons(ok, LossConfig(log_ratio_clamp=100.0))
+    assert ("log_ratio_clamp", "out_of_range", None) in reasons(ok, LossConfig(log_ratio_clamp=1e300))
+    E.loss(ok, LossConfig(log_ratio_clamp=80.0))
+    with pytest.raises(InputError, match="overflow"):
+        E.advantages(torch.tensor([3e38, -3e38]), torch.tensor([0, 0]), AdvantageConfig(estimator="rloo"))

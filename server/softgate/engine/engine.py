@@ -78,6 +78,8 @@ class Engine:
                 # compiled calls are serialised (each already uses every core / the GPU)
                 with self._lock:
                     return compute_loss(batch, config, validate=False, kernel=self._kernel)
+            except InputError:
+                raise
             except Exception as exc:  # a compiler failure must not take the service down
                 log.warning("compiled engine kernel failed (%s); falling back to eager", exc)
                 self._kernel = None
@@ -103,6 +105,16 @@ class Engine:
             raise InputError(v)
         ga = group_advantages(rewards.to(self.device), group_ids.to(self.device), config)
         dt = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+        adv = ga.advantages.to(dt)
+        if not bool(torch.isfinite(adv).all()):
+            i = int(torch.nonzero(~torch.isfinite(adv))[0, 0])
+            raise InputError(
+                [
+                    FieldViolation(
+                        "rewards", f"overflow: advantage not finite in {str(dt).replace('torch.', '')}", i
+                    )
+                ]
+            )
         r = rewards.to(self.device, torch.float64)
         metrics = {
             "num_groups": float(ga.num_groups),
@@ -112,7 +124,7 @@ class Engine:
             "reward_mean": float(r.mean()) if r.numel() else 0.0,
             "reward_std": float(r.std(correction=0)) if r.numel() else 0.0,
         }
-        return AdvantageResult(ga.advantages.to(dt), metrics)
+        return AdvantageResult(adv, metrics)
 
     def warmup(self) -> None:
         """Run one small batch through every objective (and the KL, mismatch and aggregation

@@ -15,6 +15,7 @@ eager and compiled runs execute the same code.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,7 @@ from softgate.engine.advantages import group_advantages
 from softgate.engine.aggregate import sequence_weights
 from softgate.engine.batch import Batch
 from softgate.engine.config import Gspo, GspoToken, LossConfig
+from softgate.engine.errors import FieldViolation, InputError
 from softgate.engine.kl import kl_terms
 from softgate.engine.metrics import METRIC_NAMES, to_floats
 from softgate.engine.mismatch import mismatch_log_weights, mismatch_weights
@@ -38,7 +40,7 @@ F64 = torch.float64
 # order of the float sums and integer counts returned by token_terms
 SUMS = (
     "policy_loss", "kl_sum", "ratio_sum", "ratio_min", "ratio_max", "d_sum", "gate_pos", "gate_neg",
-    "grad_abs", "free_abs", "a_sum", "a_sq", "k_sum", "v_sum",
+    "grad_abs", "free_abs", "a_sum", "a_sq", "k_sum", "v_sum", "grad_total_abs",
 )  # fmt: skip
 COUNTS = (
     "cnt", "npos", "nneg", "clamped", "clip_low", "clip_high", "dual", "clip",
@@ -131,6 +133,7 @@ def token_terms(
             (am * am).sum(),
             k_sum,
             v_sum,
+            grad.abs().sum(),  # not finite iff some gradient is not (overflow check)
         ]
     )
     counts = torch.stack(
@@ -242,6 +245,19 @@ def _compute_loss(batch: Batch, config: LossConfig, validate: bool, kernel: Toke
     def share(num: float, den: float, empty: float = 0.0) -> float:
         return num / den if den > 0 else empty
 
+    if not all(math.isfinite(s[k]) for k in ("policy_loss", "kl_sum", "grad_total_abs")):
+        bad = ~torch.isfinite(grad)
+        idx = int(torch.nonzero(bad)[0, 0]) if bool(bad.any()) else None
+        raise InputError(
+            [
+                FieldViolation(
+                    "batch",
+                    f"overflow: the loss or its gradient is not finite in {str(dt).replace('torch.', '')}; "
+                    "advantages, rewards, normalisers or log-ratios are too large in magnitude",
+                    idx,
+                )
+            ]
+        )
     cnt, npos, nneg = c["cnt"], c["npos"], c["nneg"]
     policy_loss = s["policy_loss"]
     kl_loss = config.kl.beta * s["kl_sum"] if config.kl is not None else 0.0

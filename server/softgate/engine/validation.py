@@ -47,7 +47,11 @@ REASON_CODES: dict[str, str] = {
     "out_of_range": "a parameter outside its valid range",
     "unknown_name": "an unknown objective, estimator, mode or level name",
     "unsupported": "a combination the objective does not define",
+    "overflow": "finite inputs whose loss or gradient is not finite in the compute dtype",
 }
+
+# exp(80) = 5.5e34 stays finite in float32 with room for the advantage and weights
+MAX_LOG_RATIO_CLAMP = 80.0
 
 LOGP_TOLERANCE = 1e-4
 HALF_REASON = (
@@ -181,6 +185,14 @@ def validate_config(config: LossConfig) -> list[FieldViolation]:
                     )
 
     pos(config.log_ratio_clamp, "log_ratio_clamp")
+    if _num_ok(config.log_ratio_clamp) and config.log_ratio_clamp > MAX_LOG_RATIO_CLAMP:
+        v.append(
+            FieldViolation(
+                "log_ratio_clamp",
+                f"out_of_range: {config.log_ratio_clamp!r} must be <= {MAX_LOG_RATIO_CLAMP:g} "
+                "(exp of the bound must stay finite in float32)",
+            )
+        )
     if not _num_ok(config.saturation_threshold) or not 0 < config.saturation_threshold <= 1:
         v.append(
             FieldViolation(
