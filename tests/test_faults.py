@@ -283,10 +283,13 @@ def test_stalled_and_garbage_connections(load_bench: Any, server: Any, work: lis
 def test_sigterm_under_load(load_bench: Any, serve_process: Any, work: list[Any], big_request: bytes) -> None:
     """SIGTERM while calls are in flight: they finish OK within the grace period; calls after
     it are refused (UNAVAILABLE), never answered wrong; health leaves SERVING; exit code 0."""
-    srv = serve_process(max_concurrent_rpcs=16, engine_workers=2, grace_seconds=20)
+    inflight_calls = 6
+    # one worker: the 6 calls (~0.5 s of engine work each here) run one after the other, so
+    # several are still queued or computing when the signal comes, even on a fast machine
+    srv = serve_process(max_concurrent_rpcs=16, engine_workers=1, grace_seconds=30)
     results: list[Any] = []
     lock = threading.Lock()
-    started = threading.Barrier(5)
+    started = threading.Barrier(inflight_calls + 1)
 
     def inflight() -> None:
         with srv.channel() as ch:
@@ -298,40 +301,55 @@ def test_sigterm_under_load(load_bench: Any, serve_process: Any, work: list[Any]
                 reply = unary(big_request, timeout=60)
                 r = pb.ComputeLossResponse.FromString(reply)
                 with lock:
-                    results.append(("OK", np.isfinite(r.loss)))
+                    results.append(("OK", bool(np.isfinite(r.loss)), time.monotonic()))
             except grpc.RpcError as e:
                 with lock:
-                    results.append((e.code().name, e.details()))
+                    results.append((e.code().name, e.details(), time.monotonic()))
 
-    threads = [threading.Thread(target=inflight) for _ in range(4)]
+    threads = [threading.Thread(target=inflight) for _ in range(inflight_calls)]
     for t in threads:
         t.start()
     started.wait()
-    time.sleep(0.3)  # the calls are admitted and computing (4 x ~1 s of work on 2 workers)
+    time.sleep(0.2)  # the requests (~5 MB each) have arrived and are admitted
     t_sig = time.monotonic()
     srv.signal(signal.SIGTERM)
     # new calls after the signal: refused cleanly, never a wrong answer, never a hang
-    after: Counter[str] = Counter()
+    after: list[tuple[str, float]] = []
+    health: list[tuple[str, float]] = []
     small = next(x for x in work if x.kind == "unary")
-    while srv.proc.poll() is None and time.monotonic() - t_sig < 25:
+    while True:
         with srv.channel() as ch:
+            t0 = time.monotonic()
             try:
                 reply = ch.unary_unary(
                     load_bench.LOSS_METHOD, request_serializer=_ident, response_deserializer=_ident
                 )(small.payload, timeout=5)
                 assert load_bench.check_unary(small, reply) is None
-                after["OK"] += 1
+                after.append(("OK", t0 - t_sig))
             except grpc.RpcError as e:
-                after[e.code().name] += 1
+                after.append((e.code().name, t0 - t_sig))
+            try:
+                health.append((grpc_health(ch, timeout=5), time.monotonic() - t_sig))
+            except grpc.RpcError as e:
+                health.append((e.code().name, time.monotonic() - t_sig))
+        if srv.proc.poll() is not None or time.monotonic() - t_sig > 40:
+            break
         time.sleep(0.05)
     for t in threads:
         t.join(60)
     code = srv.wait(30)
     assert code == 0, srv.logs()[-3000:]
-    assert [r[0] for r in results] == ["OK"] * 4, results
+    assert [r[0] for r in results] == ["OK"] * inflight_calls, results
     assert all(r[1] for r in results)
-    assert set(after) <= {"UNAVAILABLE", "OK"}, dict(after)
-    assert after["UNAVAILABLE"] > 0, f"no refusal seen after SIGTERM: {dict(after)}"
+    assert max(r[2] for r in results) > t_sig, "every call finished before the signal: nothing was in flight"
+    codes = {c for c, _ in after}
+    assert codes <= {"UNAVAILABLE", "OK", "CANCELLED"}, after
+    assert "UNAVAILABLE" in codes, f"no refusal seen after SIGTERM: {after}"
+    # OK only in the instant before the server handled the signal; CANCELLED only for a call
+    # that raced the start of the shutdown (grpc-core cancels calls arriving as it begins)
+    assert all(dt < 0.2 for c, dt in after if c in ("OK", "CANCELLED")), after
+    # health leaves SERVING (NOT_SERVING, or the connection refused) while draining
+    assert all(dt < 0.2 for st_, dt in health if st_ == "SERVING"), health
     assert "Traceback" not in srv.logs()
 
 
