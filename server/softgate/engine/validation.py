@@ -414,6 +414,7 @@ def validate_batch(batch: Batch, config: LossConfig | None = None) -> list[Field
 
 def check(batch: Batch, config: LossConfig) -> None:
     """Raise InputError listing every violation of `config` and `batch`."""
-    v = validate_config(config) + validate_batch(batch, config)
+    with torch.no_grad():
+        v = validate_config(config) + validate_batch(batch, config)
     if v:
         raise InputError(v)
