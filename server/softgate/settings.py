@@ -49,7 +49,9 @@ class Settings:
     )
     compile: bool | None = field(
         default=None,
-        metadata={"help": "torch.compile the engine's per-token kernel: true, false, or auto (on for CUDA, off for CPU)"},
+        metadata={
+            "help": "torch.compile the engine's per-token kernel: true, false, or auto (on for CUDA, off for CPU)"
+        },
     )
     warmup: bool = field(default=True, metadata={"help": "run every objective once before serving"})
     engine_workers: int = field(

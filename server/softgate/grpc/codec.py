@@ -10,7 +10,7 @@ actually received and the server's limits BEFORE anything is allocated.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,7 +52,7 @@ DTYPES: dict[int, torch.dtype] = {
     pb.DTYPE_FLOAT16: torch.float16,
     pb.DTYPE_BFLOAT16: torch.bfloat16,
 }
-TORCH_TO_PB: dict[torch.dtype, int] = {v: k for k, v in DTYPES.items()}
+TORCH_TO_PB: dict[torch.dtype, Any] = {v: k for k, v in DTYPES.items()}
 _ITEMSIZE: dict[int, int] = {k: torch.empty(0, dtype=v).element_size() for k, v in DTYPES.items()}
 _LITTLE = sys.byteorder == "little"
 
@@ -361,7 +361,7 @@ _MM_MODES = {pb.MISMATCH_MODE_TRUNCATE: "truncate", pb.MISMATCH_MODE_MASK: "mask
 
 
 def _enum(
-    value: int, table: dict[int, str], field: str, v: list[FieldViolation], kw: dict[str, Any], key: str
+    value: int, table: Mapping[Any, str], field: str, v: list[FieldViolation], kw: dict[str, Any], key: str
 ) -> None:
     if value == 0:
         return
