@@ -11,6 +11,7 @@ from the `softgate-run` metadata key.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import threading
 import time
@@ -156,6 +157,23 @@ class LossServicer(pb_grpc.LossServiceServicer):
             call.sequences,
         )
 
+    @contextlib.asynccontextmanager
+    async def _guard(self, rpc: str, context: Any) -> AsyncIterator[_Call]:
+        """Admit a call, map any failure to its status, and always account for it."""
+        call = await self._admit(rpc, context)
+        try:
+            yield call
+        except asyncio.CancelledError:
+            call.code = "CANCELLED"
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            await self._fail(call, e, context)
+            raise  # pragma: no cover - abort raises
+        finally:
+            self._finish(call, context)
+
     @staticmethod
     def _check(cancel: threading.Event) -> None:
         if cancel.is_set():
@@ -165,8 +183,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
     async def ComputeAdvantages(
         self, request: pb.ComputeAdvantagesRequest, context: Any
     ) -> pb.ComputeAdvantagesResponse:
-        call = await self._admit("ComputeAdvantages", context)
-        try:
+        async with self._guard("ComputeAdvantages", context) as call:
             if isinstance(request, codec.CorruptMessage):
                 raise InputError([request.violation("request")])
             call.sequences = codec.claimed_elements(request.rewards)
@@ -175,16 +192,6 @@ class LossServicer(pb_grpc.LossServiceServicer):
             resp = await self._run(context, lambda cancel: self._advantages(request, call.run, cancel))
             call.bytes_out = resp.ByteSize()
             return resp
-        except asyncio.CancelledError:
-            call.code = "CANCELLED"
-            raise
-        except Exception as e:
-            if isinstance(e, grpc.aio.AbortError):
-                raise
-            await self._fail(call, e, context)
-            raise  # pragma: no cover - abort raises
-        finally:
-            self._finish(call, context)
 
     def _advantages(
         self, request: pb.ComputeAdvantagesRequest, run: str, cancel: threading.Event
@@ -230,8 +237,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
 
     # ------------------------------------------------------------ ComputeLoss
     async def ComputeLoss(self, request: pb.ComputeLossRequest, context: Any) -> pb.ComputeLossResponse:
-        call = await self._admit("ComputeLoss", context)
-        try:
+        async with self._guard("ComputeLoss", context) as call:
             if isinstance(request, codec.CorruptMessage):
                 raise InputError([request.violation("request")])
             call.tokens = codec.claimed_elements(request.batch.logp)
@@ -241,16 +247,6 @@ class LossServicer(pb_grpc.LossServiceServicer):
             resp = await self._run(context, lambda cancel: self._loss(request, call.run, cancel))
             call.bytes_out = resp.ByteSize()
             return resp
-        except asyncio.CancelledError:
-            call.code = "CANCELLED"
-            raise
-        except Exception as e:
-            if isinstance(e, grpc.aio.AbortError):
-                raise
-            await self._fail(call, e, context)
-            raise  # pragma: no cover
-        finally:
-            self._finish(call, context)
 
     def _loss(
         self, request: pb.ComputeLossRequest, run: str, cancel: threading.Event
@@ -289,8 +285,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
     async def StreamLoss(
         self, request_iterator: AsyncIterator[pb.StreamLossRequest], context: Any
     ) -> AsyncIterator[pb.StreamLossResponse]:
-        call = await self._admit("StreamLoss", context)
-        try:
+        async with self._guard("StreamLoss", context) as call:
             cfg_msg: pb.LossConfig | None = None
             out_msg: pb.OutputSelection | None = None
             chunks: list[Batch] = []
@@ -335,16 +330,6 @@ class LossServicer(pb_grpc.LossServiceServicer):
             for r in responses:
                 call.bytes_out += r.ByteSize()
                 yield r
-        except asyncio.CancelledError:
-            call.code = "CANCELLED"
-            raise
-        except Exception as e:
-            if isinstance(e, grpc.aio.AbortError):
-                raise
-            await self._fail(call, e, context)
-            raise  # pragma: no cover
-        finally:
-            self._finish(call, context)
 
     def _stream_loss(
         self,
