@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -280,6 +281,29 @@ def test_stalled_and_garbage_connections(load_bench: Any, server: Any, work: lis
 # ---------------------------------------------------------------- SIGTERM under load
 
 
+def _wait_all_admitted(srv: Any, calls: int, timeout: float = 30.0) -> None:
+    """Wait until the server has admitted every ComputeLoss call and some are still in flight, read
+    from its own /metrics (a fixed sleep is either too short under load or too long when quiet)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        in_flight = finished = 0.0
+        text = httpx.get(f"{srv.admin_url}/metrics", timeout=5).text
+        for fam in text_string_to_metric_families(text):
+            for smp in fam.samples:
+                if smp.labels.get("rpc") != "ComputeLoss":
+                    continue
+                if smp.name == "softgate_in_flight_requests":
+                    in_flight += smp.value
+                elif smp.name == "softgate_requests_total":
+                    finished += smp.value
+        if in_flight + finished >= calls and in_flight >= 1:
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"the server did not admit {calls} calls within {timeout} s")
+
+
 def test_sigterm_under_load(load_bench: Any, serve_process: Any, work: list[Any], big_request: bytes) -> None:
     """SIGTERM while calls are in flight: they finish OK within the grace period; calls after
     it are refused (UNAVAILABLE), never answered wrong; health leaves SERVING; exit code 0."""
@@ -310,7 +334,7 @@ def test_sigterm_under_load(load_bench: Any, serve_process: Any, work: list[Any]
     for t in threads:
         t.start()
     started.wait()
-    time.sleep(0.2)  # the requests (~5 MB each) have arrived and are admitted
+    _wait_all_admitted(srv, inflight_calls)
     t_sig = time.monotonic()
     srv.signal(signal.SIGTERM)
     # new calls after the signal: refused cleanly, never a wrong answer, never a hang
