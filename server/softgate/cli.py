@@ -59,6 +59,7 @@ def load_settings(args: argparse.Namespace) -> Settings:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv_given = argv is not None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "demo":
         try:
@@ -80,9 +81,18 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as e:
         print(f"softgate serve: {e}", file=sys.stderr)
         return 2
+    # the allocator must be chosen before torch / grpc allocate: re-exec this command line with
+    # LD_PRELOAD set (only for a real command line, never when embedded with an explicit argv)
+    from softgate.allocator import Decision, loaded_allocator, maybe_reexec
+
+    if argv_given:
+        now = loaded_allocator()
+        decision = Decision(settings.allocator, now, now, None, None)
+    else:
+        decision = maybe_reexec(settings.allocator)
     from softgate.serve import run
 
-    return run(settings)
+    return run(settings, allocator=decision)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from softgate import __version__
+from softgate.allocator import Decision, loaded_allocator, mapped_allocators
 from softgate.engine import Engine
 from softgate.grpc.server import GrpcServer
 from softgate.logging import configure, get_logger
@@ -183,9 +184,27 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
     return code
 
 
-def run(settings: Settings) -> int:
-    """Configure logging and run `serve` in a fresh event loop."""
+def log_allocator(decision: Decision | None) -> None:
+    """One `allocator` event: which malloc this process runs with, and why."""
+    name = loaded_allocator()
+    lib = mapped_allocators().get(name)
+    requested = decision.requested if decision is not None else "n/a"
+    log.info(
+        "allocator",
+        allocator=name,
+        library=lib,
+        requested=requested,
+        reexecuted=bool(decision and decision.reexecuted),
+    )
+    if decision is not None and decision.warning:
+        log.warning("allocator_unavailable", requested=requested, reason=decision.warning, allocator=name)
+
+
+def run(settings: Settings, *, allocator: Decision | None = None) -> int:
+    """Configure logging and run `serve` in a fresh event loop (`allocator`: what the CLI
+    decided about the malloc, logged)."""
     configure(settings.log_format, settings.log_level)
+    log_allocator(allocator)
     try:
         return asyncio.run(serve(settings))
     except OSError as e:

@@ -20,6 +20,7 @@ MiB = 1 << 20
 SECRET_FIELDS = frozenset({"admin_token"})
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+ALLOCATORS = ("auto", "system", "glibc", "tcmalloc", "jemalloc")
 _TRUE = {"1", "true", "yes", "on", "y", "t"}
 _FALSE = {"0", "false", "no", "off", "n", "f", ""}
 
@@ -57,6 +58,13 @@ class Settings:
     engine_workers: int = field(
         default=2,
         metadata={"help": "threads that run engine calls (RPCs past it queue, up to max_concurrent_rpcs)"},
+    )
+    allocator: str = field(
+        default="auto",
+        metadata={
+            "help": "malloc of the server process (LD_PRELOAD, set by re-executing at start): auto "
+            "(tcmalloc if installed, else jemalloc, else glibc), tcmalloc, jemalloc, system, or a library path"
+        },
     )
     # ---- transport
     max_message_bytes: int = field(
@@ -136,6 +144,8 @@ class Settings:
                 p.append(f"{name}: {getattr(self, name)} must be >= 0")
         if self.max_connection_age_s is not None and not self.max_connection_age_s > 0:
             p.append(f"max_connection_age_s: {self.max_connection_age_s} must be > 0 (or none)")
+        if self.allocator.strip().lower() not in ALLOCATORS and not self.allocator.startswith("/"):
+            p.append(f"allocator: {self.allocator!r}; one of {list(ALLOCATORS)} or an absolute library path")
         if (self.tls_cert is None) != (self.tls_key is None):
             p.append("tls_cert and tls_key: give both or neither")
         if self.tls_client_ca is not None and self.tls_cert is None:

@@ -1,0 +1,202 @@
+"""The memory allocator of `softgate serve`: tcmalloc by default, through LD_PRELOAD.
+
+Large batches spend most of their time in page faults of fresh allocations under glibc's
+malloc: every tensor over its mmap threshold is mmap'd, faulted in page by page and unmapped
+again on every call. tcmalloc (or jemalloc) keeps those pages and reuses them; end to end at
+16M tokens that is 2-2.7x faster (bench/RESULTS.md "End-to-end"). An allocator can only be
+chosen before the process allocates anything, so `softgate serve` re-executes itself once,
+with LD_PRELOAD set, before it imports torch or grpc (`maybe_reexec`, called by the CLI).
+
+Choices (setting `allocator`, `SOFTGATE_ALLOCATOR`, `--allocator`):
+
+- `auto` (default): tcmalloc when its library is installed, else jemalloc, else glibc's;
+- `tcmalloc`, `jemalloc`: that one (a warning and glibc's malloc when it is not installed);
+- `system`: glibc's malloc (an allocator preloaded by the environment, e.g. the container
+  images' LD_PRELOAD, is removed from LD_PRELOAD for the re-executed process);
+- a path to a malloc shared library: that library.
+
+An allocator already in the process (the container images preload tcmalloc) is kept as is
+under `auto`. The re-exec happens at most once (`SOFTGATE_ALLOCATOR_REEXEC` marks it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+CHOICES = ("auto", "system", "tcmalloc", "jemalloc")
+REEXEC_MARK = "SOFTGATE_ALLOCATOR_REEXEC"
+# library file names per allocator, most preferred first (Debian/Ubuntu, Fedora, Alpine, macOS-free)
+LIBRARIES: dict[str, tuple[str, ...]] = {
+    "tcmalloc": ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4", "libtcmalloc_minimal.so", "libtcmalloc.so"),
+    "jemalloc": ("libjemalloc.so.2", "libjemalloc.so"),
+}
+LIBRARY_DIRS: tuple[str, ...] = (
+    "/usr/lib/x86_64-linux-gnu",
+    "/usr/lib/aarch64-linux-gnu",
+    "/lib/x86_64-linux-gnu",
+    "/lib/aarch64-linux-gnu",
+    "/usr/lib64",
+    "/usr/lib",
+    "/usr/local/lib",
+    "/lib",
+)
+# tcmalloc reports every allocation above this many bytes on stderr (default 1 GiB), which
+# would break one-line-per-event logs; a 512 MiB message plus its copies can pass it
+_TCMALLOC_REPORT_VAR = "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"
+_TCMALLOC_REPORT_BYTES = str(1 << 40)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What `plan` decided: `env` is the environment to re-execute with (None: no re-exec)."""
+
+    requested: str
+    loaded: str  # the allocator in this process now: tcmalloc, jemalloc or glibc
+    target: str  # the allocator the process should run with
+    library: str | None  # its library, for tcmalloc / jemalloc / a path
+    env: dict[str, str] | None
+    warning: str | None = None
+    reexecuted: bool = False  # this process is the re-executed one
+
+
+def kind_of(path: str) -> str:
+    """tcmalloc / jemalloc / other for a library path (symlinks resolved)."""
+    name = os.path.basename(os.path.realpath(path)).lower()
+    for kind in LIBRARIES:
+        if kind in name:
+            return kind
+    return "other"
+
+
+def find_library(kind: str, dirs: Sequence[str] = LIBRARY_DIRS) -> str | None:
+    for d in dirs:
+        for name in LIBRARIES[kind]:
+            p = Path(d) / name
+            if p.exists():
+                return str(p)
+    return None
+
+
+def mapped_allocators(maps_path: str = "/proc/self/maps") -> dict[str, str]:
+    """{kind: library path} of the tcmalloc / jemalloc libraries mapped into this process."""
+    out: dict[str, str] = {}
+    try:
+        with open(maps_path) as f:
+            for line in f:
+                parts = line.split(None, 5)
+                if len(parts) < 6:
+                    continue
+                path = parts[5].strip()
+                if not path.startswith("/"):
+                    continue
+                kind = kind_of(path)
+                if kind != "other":
+                    out.setdefault(kind, path)
+    except OSError:
+        pass
+    return out
+
+
+def loaded_allocator(maps_path: str = "/proc/self/maps") -> str:
+    """The malloc this process runs with: tcmalloc, jemalloc, or glibc."""
+    mapped = mapped_allocators(maps_path)
+    for kind in LIBRARIES:
+        if kind in mapped:
+            return kind
+    return "glibc"
+
+
+def _preload_entries(env: Mapping[str, str]) -> list[str]:
+    return [p for p in env.get("LD_PRELOAD", "").replace(":", " ").split() if p]
+
+
+def plan(
+    requested: str,
+    env: Mapping[str, str] | None = None,
+    *,
+    loaded: str | None = None,
+    dirs: Sequence[str] = LIBRARY_DIRS,
+) -> Decision:
+    """Decide whether (and with which environment) to re-execute for the `requested` allocator."""
+    env = dict(os.environ if env is None else env)
+    req = (requested or "auto").strip()
+    key = req.lower()
+    loaded = loaded if loaded is not None else loaded_allocator()
+    again = env.get(REEXEC_MARK) == "1"
+
+    if key == "system" or key == "glibc":
+        if loaded == "glibc":
+            return Decision(req, loaded, "glibc", None, None)
+        kept = [p for p in _preload_entries(env) if kind_of(p) == "other" and "malloc" not in p.lower()]
+        if again:
+            return Decision(req, loaded, "glibc", None, None, f"{loaded} is still loaded after the re-exec")
+        new = dict(env, **{REEXEC_MARK: "1"})
+        if kept:
+            new["LD_PRELOAD"] = " ".join(kept)
+        else:
+            new.pop("LD_PRELOAD", None)
+        return Decision(req, loaded, "glibc", None, new)
+
+    if key == "auto":
+        if loaded != "glibc":
+            return Decision(req, loaded, loaded, mapped_allocators().get(loaded), None)
+        lib = None
+        target = "glibc"
+        for kind in LIBRARIES:
+            lib = find_library(kind, dirs)
+            if lib is not None:
+                target = kind
+                break
+        if lib is None:
+            return Decision(req, loaded, "glibc", None, None)
+    elif key in LIBRARIES:
+        target = key
+        if loaded == target:
+            return Decision(req, loaded, target, mapped_allocators().get(target), None)
+        lib = find_library(target, dirs)
+        if lib is None:
+            hint = "libtcmalloc-minimal4" if target == "tcmalloc" else "libjemalloc2"
+            return Decision(
+                req, loaded, loaded, None, None, f"{target} is not installed (Debian package {hint})"
+            )
+    else:  # a path
+        lib = req
+        target = kind_of(lib) if kind_of(lib) != "other" else lib
+        if not os.path.exists(lib):
+            return Decision(req, loaded, loaded, None, None, f"allocator library {lib} does not exist")
+        if loaded == target:
+            return Decision(req, loaded, target, lib, None)
+    if again:
+        return Decision(req, loaded, loaded, lib, None, f"{lib} did not load (LD_PRELOAD ignored it)")
+    others = [p for p in _preload_entries(env) if kind_of(p) == "other" and "malloc" not in p.lower()]
+    new = dict(env, **{REEXEC_MARK: "1"})
+    new["LD_PRELOAD"] = " ".join([lib, *others])
+    if target == "tcmalloc":
+        new.setdefault(_TCMALLOC_REPORT_VAR, _TCMALLOC_REPORT_BYTES)
+    return Decision(req, loaded, target, lib, new)
+
+
+def maybe_reexec(requested: str) -> Decision:
+    """Re-execute this very command line with the requested allocator preloaded, if needed.
+
+    Returns (without re-executing) when the process already runs with it, when it cannot be
+    loaded, or when this process is the re-executed one; the Decision says what happened."""
+    d = plan(requested)
+    again = os.environ.pop(REEXEC_MARK, None) == "1"  # not inherited by our own children
+    if d.env is None:
+        return dataclasses.replace(d, reexecuted=again)
+    argv = list(getattr(sys, "orig_argv", []) or [])
+    if not argv or not sys.executable:
+        return Decision(d.requested, d.loaded, d.loaded, None, None, "cannot re-execute: no command line")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(sys.executable, [sys.executable, *argv[1:]], d.env)
+    except OSError as e:  # pragma: no cover - exec of our own interpreter failing
+        return Decision(d.requested, d.loaded, d.loaded, None, None, f"re-exec failed: {e}")
+    raise AssertionError("unreachable")  # pragma: no cover
