@@ -39,7 +39,8 @@ def make_telemetry(settings: Settings) -> Telemetry:
     except Exception as e:  # not there yet, or prometheus_client missing
         log.warning("telemetry_disabled", reason=f"{type(e).__name__}: {e}")
         return Telemetry()
-    return PrometheusTelemetry(settings)  # type: ignore[no-any-return]
+    # deferred: a result's per-run statistics are recorded after its response has gone out
+    return PrometheusTelemetry(settings, defer=True)  # type: ignore[no-any-return]
 
 
 def make_engine(settings: Settings) -> Engine:
@@ -178,6 +179,10 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
             admin.should_exit = True
             with contextlib.suppress(Exception, SystemExit, asyncio.CancelledError):
                 await asyncio.wait_for(admin_task, timeout=max(settings.grace_seconds, 1.0) + 5)
+        close = getattr(telemetry, "close", None)
+        if callable(close):
+            with contextlib.suppress(Exception):
+                close()
         for sig in installed:
             loop.remove_signal_handler(sig)
         log.info("stopped", exit_code=code)

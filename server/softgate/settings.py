@@ -59,6 +59,13 @@ class Settings:
         default=2,
         metadata={"help": "threads that run engine calls (RPCs past it queue, up to max_concurrent_rpcs)"},
     )
+    inline_max_tokens: int = field(
+        default=32768,
+        metadata={
+            "help": "calls up to this many tokens may run on the event loop thread instead of the pool "
+            "when alone in flight and the engine has been fast (saves the thread hop); 0: never"
+        },
+    )
     allocator: str = field(
         default="auto",
         metadata={
@@ -131,6 +138,8 @@ class Settings:
         for name in ("max_message_bytes", "max_concurrent_rpcs", "engine_workers", "max_runs"):
             if getattr(self, name) < 1:
                 p.append(f"{name}: {getattr(self, name)} must be >= 1")
+        if self.inline_max_tokens < 0:
+            p.append(f"inline_max_tokens: {self.inline_max_tokens} must be >= 0 (0: never inline)")
         for name in ("max_tokens", "max_sequences", "max_groups"):
             if getattr(self, name) < 0:
                 p.append(f"{name}: {getattr(self, name)} must be >= 0 (0: no limit)")

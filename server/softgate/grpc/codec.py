@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from softgate_client import _wire
 from softgate_client.proto.softgate.v1 import softgate_pb2 as pb
 from torch import Tensor
 
@@ -54,7 +55,7 @@ DTYPES: dict[int, torch.dtype] = {
 }
 TORCH_TO_PB: dict[torch.dtype, Any] = {v: k for k, v in DTYPES.items()}
 _ITEMSIZE: dict[int, int] = {k: torch.empty(0, dtype=v).element_size() for k, v in DTYPES.items()}
-_LITTLE = sys.byteorder == "little"
+_LITTLE = LITTLE_ENDIAN = sys.byteorder == "little"
 
 TOKEN_FIELDS = ("logp", "old_logp", "mask", "ref_logp", "rollout_logp")
 SEQUENCE_FIELDS = ("rewards", "group_ids")
@@ -114,23 +115,109 @@ class CorruptMessage:
         return FieldViolation(field, f"bad_protobuf: the bytes are not a valid {self.message} ({self.error})")
 
 
-def safe_deserializer(cls: Any) -> Any:
-    """`cls.FromString`, returning a CorruptMessage instead of raising."""
+def safe_deserializer(cls: Any, batch_field: int | None = None) -> Any:
+    """`cls.FromString`, returning a CorruptMessage instead of raising.
+
+    With `batch_field` (the number of the message's Batch field) the result is a `Received`:
+    the message, its wire size, and, for a large message, zero-copy views of its Batch
+    tensors' bytes inside the received buffer (see `Received`)."""
 
     def deserialize(data: bytes) -> Any:
         try:
-            return cls.FromString(data)
+            msg = cls.FromString(data)
         except Exception as e:
             return CorruptMessage(cls.DESCRIPTOR.full_name, str(e)[:200] or type(e).__name__)
+        if batch_field is None:
+            return msg
+        views = _batch_views(data, batch_field) if len(data) >= VIEW_MIN_BYTES else {}
+        return Received(msg, len(data), views)
 
     return deserialize
+
+
+# below this message size the copies views avoid cost less than finding the views
+VIEW_MIN_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Received:
+    """A request as it came off the wire: the parsed `message`, its size in bytes, and
+    `views`: Batch tensor name -> a memoryview of that tensor's `data` inside the received
+    bytes. Reading `Tensor.data` from a parsed message copies the bytes on every access (upb);
+    a view is the same bytes without a copy. A view exists only where the wire holds exactly
+    one Batch and one occurrence of that tensor and of its data (what protobuf parsed is then
+    exactly those bytes); anything else reads the parsed message."""
+
+    message: Any
+    nbytes: int
+    views: dict[str, memoryview]
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A response serialised by hand (see `encode_loss_response`): its wire bytes."""
+
+    data: bytes
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+def unwrap(request: Any) -> tuple[Any, Received | None]:
+    """(the message, the Received it came in, if any)."""
+    if isinstance(request, Received):
+        return request.message, request
+    return request, None
+
+
+def serializer(cls: Any) -> Any:
+    """The response serializer of a handler whose servicer may return an `Encoded`."""
+    to_string = cls.SerializeToString
+
+    def serialize(msg: Any) -> bytes:
+        return msg.data if isinstance(msg, Encoded) else to_string(msg)
+
+    return serialize
+
+
+_BATCH_NAMES = {num: name for name, num in _wire.BATCH_FIELDS.items()}
+
+
+def _once(buf: memoryview, start: int, end: int) -> dict[int, tuple[int, int, int] | None]:
+    """field number -> (wire type, value start, value end), None when it occurs more than once."""
+    seen: dict[int, tuple[int, int, int] | None] = {}
+    for num, wire, _, a, b in _wire.fields(buf, start, end):
+        seen[num] = None if num in seen else (wire, a, b)
+    return seen
+
+
+def _batch_views(data: bytes, batch_field: int) -> dict[str, memoryview]:
+    try:
+        buf = memoryview(data)
+        top = _once(buf, 0, len(buf)).get(batch_field)
+        if top is None or top[0] != _wire.LEN:
+            return {}
+        out: dict[str, memoryview] = {}
+        for num, where in _once(buf, top[1], top[2]).items():
+            name = _BATCH_NAMES.get(num)
+            if name is None or where is None or where[0] != _wire.LEN:
+                continue
+            d = _once(buf, where[1], where[2])
+            if 3 not in d:
+                out[name] = memoryview(b"")
+            elif d[3] is not None and d[3][0] == _wire.LEN:
+                out[name] = buf[d[3][1] : d[3][2]]
+        return out
+    except Exception:  # anything unusual: read the parsed message instead
+        return {}
 
 
 # ---------------------------------------------------------------- tensors
 
 
-def element_count(t: pb.Tensor, name: str, v: list[FieldViolation]) -> int | None:
-    """The element count a tensor message claims, checked against its bytes; None if bad.
+def element_count(t: pb.Tensor, name: str, v: list[FieldViolation], nbytes: int | None = None) -> int | None:
+    """The element count a tensor message claims, checked against its bytes (`nbytes`: their
+    number when the caller has them already); None if bad.
 
     Pure arithmetic on the message: nothing is allocated, so an absurd shape costs nothing."""
     itemsize = _ITEMSIZE.get(t.dtype)
@@ -139,7 +226,8 @@ def element_count(t: pb.Tensor, name: str, v: list[FieldViolation]) -> int | Non
         what = "unset" if t.dtype == pb.DTYPE_UNSPECIFIED else f"unknown value {t.dtype}"
         v.append(FieldViolation(name, f"bad_dtype: dtype is {what}; one of {known}"))
         return None
-    nbytes = len(t.data)
+    if nbytes is None:
+        nbytes = len(t.data)
     if nbytes % itemsize:
         v.append(
             FieldViolation(
@@ -178,15 +266,20 @@ def element_count(t: pb.Tensor, name: str, v: list[FieldViolation]) -> int | Non
     return claimed
 
 
-def decode_tensor(t: pb.Tensor, name: str, v: list[FieldViolation]) -> Tensor | None:
-    """A torch tensor (CPU, torch-allocated, writable) holding the message's elements."""
-    n = element_count(t, name, v)
+def decode_tensor(
+    t: pb.Tensor, name: str, v: list[FieldViolation], data: bytes | memoryview | None = None
+) -> Tensor | None:
+    """A torch tensor (CPU, torch-allocated, writable) holding the message's elements (`data`:
+    the tensor's bytes when the caller has a view of them, see `Received`): one copy."""
+    if data is None:
+        data = t.data  # (a copy with upb: read once)
+    n = element_count(t, name, v, len(data))
     if n is None:
         return None
     dtype = DTYPES[t.dtype]
     shape = tuple(t.shape) if len(t.shape) else (n,)
     if dtype is torch.bool:
-        raw = _copy_bytes(t.data, torch.uint8, n)
+        raw = _copy_bytes(data, torch.uint8, n)
         if n and bool((raw > 1).any()):
             idx = int(torch.nonzero(raw > 1)[0, 0])
             v.append(
@@ -196,10 +289,10 @@ def decode_tensor(t: pb.Tensor, name: str, v: list[FieldViolation]) -> Tensor | 
             )
             return None
         return raw.view(torch.bool).reshape(shape)
-    return _copy_bytes(t.data, dtype, n).reshape(shape)
+    return _copy_bytes(data, dtype, n).reshape(shape)
 
 
-def _copy_bytes(data: bytes, dtype: torch.dtype, n: int) -> Tensor:
+def _copy_bytes(data: bytes | memoryview, dtype: torch.dtype, n: int) -> Tensor:
     out = torch.empty(n, dtype=dtype)
     if n:
         dst = out.view(torch.uint8).numpy()
@@ -272,14 +365,20 @@ def check_batch_limits(
     return n, s
 
 
-def decode_batch(b: pb.Batch, prefix: str, v: list[FieldViolation]) -> Batch | None:
+def decode_batch(
+    b: pb.Batch, prefix: str, v: list[FieldViolation], views: Mapping[str, memoryview] | None = None
+) -> Batch | None:
     """An engine Batch from the message; None (with violations added) if a tensor is malformed.
+    `views`: tensor name -> its bytes on the wire (`Received.views`), read instead of the message.
 
     Semantic checks (lengths, offsets, finiteness, dtypes the engine refuses) are the engine's."""
     got: dict[str, Tensor | None] = {}
     before = len(v)
+    views = views or {}
     for name in BATCH_TENSORS:
-        got[name] = decode_tensor(getattr(b, name), prefix + name, v) if b.HasField(name) else None
+        got[name] = (
+            decode_tensor(getattr(b, name), prefix + name, v, views.get(name)) if b.HasField(name) else None
+        )
     if got["logp"] is None and b.HasField("logp") is False:
         v.append(FieldViolation(prefix + "logp", "missing: logp is required"))
     if got["offsets"] is None and b.HasField("offsets") is False:
@@ -432,6 +531,59 @@ def fill_outputs(
         if start or stop is not None:
             x = x[start:stop]
         encode_tensor(x, getattr(dst, name))
+
+
+_OUTPUT_NUMBERS = {name: k + 1 for k, name in enumerate(OUTPUT_FIELDS)}  # TokenOutputs field numbers
+
+
+def _tensor_pieces(x: Tensor, parts: list[Any]) -> int:
+    """Append the wire pieces of a Tensor message holding `x` (CPU) to `parts`; its size."""
+    x = x.detach().contiguous()
+    n = int(x.numel())
+    data = x.reshape(-1).view(torch.uint8).numpy()  # bool: one byte each, 0 or 1
+    shape = _wire.varint(n)
+    head = _wire.tag(1, _wire.VARINT) + _wire.varint(TORCH_TO_PB[x.dtype]) + _wire.tag(2, _wire.LEN)
+    head += _wire.varint(len(shape)) + shape
+    if data.nbytes:
+        head += _wire.tag(3, _wire.LEN) + _wire.varint(data.nbytes)
+    parts.append(head)
+    if data.nbytes:
+        parts.append(data.data)
+    return len(head) + data.nbytes
+
+
+def encode_outputs(
+    field: int, result: LossResult, names: tuple[str, ...], start: int = 0, stop: int | None = None
+) -> tuple[list[Any], int]:
+    """Wire pieces of the TokenOutputs field `field` holding `names` of a host result (sliced
+    [start, stop)), referencing the tensors' memory: the caller's join is the one copy.
+    No names: no field (as `fill_outputs` leaves it unset)."""
+    if not names:
+        return [], 0
+    body: list[Any] = []
+    size = 0
+    for name in sorted(names, key=_OUTPUT_NUMBERS.__getitem__):
+        x = getattr(result, _RESULT_ATTR[name])
+        if start or stop is not None:
+            x = x[start:stop]
+        if x.dim() != 1:
+            x = x.reshape(-1)
+        parts: list[Any] = []
+        n = _tensor_pieces(x, parts)
+        head = _wire.tag(_OUTPUT_NUMBERS[name], _wire.LEN) + _wire.varint(n)
+        body += [head, *parts]
+        size += len(head) + n
+    head = _wire.tag(field, _wire.LEN) + _wire.varint(size)
+    return [head, *body], len(head) + size
+
+
+def encode_loss_response(result: LossResult, host: LossResult, names: tuple[str, ...]) -> Encoded:
+    """The ComputeLossResponse of `result` as wire bytes, per-token outputs from `host`
+    (what `fill_outputs` + SerializeToString give, with one copy of each tensor instead of four)."""
+    small = pb.ComputeLossResponse(loss=result.loss, policy_loss=result.policy_loss, kl_loss=result.kl_loss)
+    small.metrics.update(metrics_map(result.metrics))
+    pieces, _ = encode_outputs(5, host, names)
+    return Encoded(b"".join([small.SerializeToString(), *pieces]))
 
 
 def host_result(result: LossResult, names: tuple[str, ...]) -> LossResult:

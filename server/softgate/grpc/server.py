@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from softgate_client.proto.softgate.v1 import softgate_pb2 as pb
 
 from softgate.engine import Engine
-from softgate.grpc.codec import Limits, safe_deserializer
+from softgate.grpc.codec import Limits, safe_deserializer, serializer
 from softgate.grpc.servicer import SERVICE_NAME, LossServicer
 from softgate.logging import get_logger
 from softgate.settings import Settings
@@ -66,7 +66,8 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
 def loss_service_handler(servicer: LossServicer) -> grpc.GenericRpcHandler:
     """Like the generated `add_LossServiceServicer_to_server`, but a request that is not valid
     protobuf reaches the servicer as a `CorruptMessage` (-> INVALID_ARGUMENT with BadRequest)
-    instead of failing inside grpcio (UNKNOWN / INTERNAL)."""
+    instead of failing inside grpcio (UNKNOWN / INTERNAL), and the loss RPCs get their requests
+    as `codec.Received` (wire size, zero-copy tensor views) and may answer `codec.Encoded` bytes."""
     de = safe_deserializer
     handlers = {
         "ComputeAdvantages": grpc.unary_unary_rpc_method_handler(
@@ -76,13 +77,13 @@ def loss_service_handler(servicer: LossServicer) -> grpc.GenericRpcHandler:
         ),
         "ComputeLoss": grpc.unary_unary_rpc_method_handler(
             servicer.ComputeLoss,
-            request_deserializer=de(pb.ComputeLossRequest),
-            response_serializer=pb.ComputeLossResponse.SerializeToString,
+            request_deserializer=de(pb.ComputeLossRequest, batch_field=2),
+            response_serializer=serializer(pb.ComputeLossResponse),
         ),
         "StreamLoss": grpc.stream_stream_rpc_method_handler(
             servicer.StreamLoss,
-            request_deserializer=de(pb.StreamLossRequest),
-            response_serializer=pb.StreamLossResponse.SerializeToString,
+            request_deserializer=de(pb.StreamLossRequest, batch_field=3),
+            response_serializer=serializer(pb.StreamLossResponse),
         ),
         "ListAlgorithms": grpc.unary_unary_rpc_method_handler(
             servicer.ListAlgorithms,
@@ -116,6 +117,7 @@ class GrpcServer:
             max_concurrent_rpcs=settings.max_concurrent_rpcs,
             limits=Limits(settings.max_tokens, settings.max_sequences, settings.max_groups),
             max_message_bytes=settings.max_message_bytes,
+            inline_max_tokens=settings.inline_max_tokens,
         )
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None

@@ -14,6 +14,7 @@ import re
 import threading
 import time
 from collections import defaultdict, deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
@@ -26,11 +27,13 @@ from softgate.observability.collector import (
 from softgate.observability.distributions import GATE_EDGES, RATIO_EDGES, SIGNS, Bucketer
 from softgate.observability.runs import OTHER, BatchRecord, RunRegistry, sanitize_run, windows
 from softgate.telemetry import Telemetry
+from softgate.threads import single_threaded_here
 
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
 MAX_REASONS = 64
+MAX_PENDING = 2  # deferred results queued at most (each holds its per-token tensors)
 DEFAULT_CPU_SAMPLE_TOKENS = 1 << 19
 log = logging.getLogger("softgate.observability")
 _REASON_BAD = re.compile(r"[^a-z0-9_]+")
@@ -87,8 +90,17 @@ class PrometheusTelemetry(Telemetry):
         settings: Any = None,
         registry: CollectorRegistry | None = None,
         cpu_sample_tokens: int | str | None = "settings",
+        *,
+        defer: bool = False,
     ) -> None:
         self.settings = settings
+        # deferred mode: the per-run statistics of a result (bucketing its tokens, the run
+        # registry) are recorded by one background thread, in call order, after the RPC's
+        # response has gone out; every read (exposition, runs) waits for what is pending first
+        self.defer = defer
+        self._pending = 0
+        self._pending_cv = threading.Condition()
+        self._worker: ThreadPoolExecutor | None = None
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self.max_runs = int(getattr(settings, "max_runs", None) or 32)
         if cpu_sample_tokens == "settings":
@@ -165,6 +177,49 @@ class PrometheusTelemetry(Telemetry):
         with self.lock:
             self._in_flight[(rpc, run or "")].append(tokens)
 
+    # ------------------------------------------------------------ deferred recording
+    def _later(self, fn: Any, *args: Any) -> None:
+        """Run `fn(*args)` now, or (deferred mode) on the background thread in call order;
+        past MAX_PENDING queued results the caller records itself (back-pressure, bounded memory)."""
+        if not self.defer:
+            fn(*args)
+            return
+        with self._pending_cv:
+            if self._pending >= MAX_PENDING:
+                inline = True
+            else:
+                inline = False
+                self._pending += 1
+                if self._worker is None:
+                    self._worker = ThreadPoolExecutor(
+                        1, thread_name_prefix="softgate-telemetry", initializer=single_threaded_here
+                    )
+                worker = self._worker
+        if inline:
+            self.flush()  # keep the order: what is queued goes first
+            fn(*args)
+            return
+        worker.submit(self._run_pending, fn, args)
+
+    def _run_pending(self, fn: Any, args: tuple[Any, ...]) -> None:
+        try:
+            fn(*args)
+        finally:
+            with self._pending_cv:
+                self._pending -= 1
+                self._pending_cv.notify_all()
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every deferred result is recorded; False if `timeout` passed first."""
+        with self._pending_cv:
+            return self._pending_cv.wait_for(lambda: self._pending == 0, timeout)
+
+    def close(self) -> None:
+        self.flush()
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
+
     def request_finished(
         self,
         rpc: str,
@@ -181,10 +236,8 @@ class PrometheusTelemetry(Telemetry):
             started = q.popleft() if q else None
             if q is not None and not q:
                 del self._in_flight[(rpc, run or "")]
-            if code == "OK":
-                _, st = self.runs.state(run)
-                st.inc("softgate_processed_tokens_total", (rpc,), tokens)
-                st.inc("softgate_processed_sequences_total", (rpc,), sequences)
+        if code == "OK":
+            self._later(self._processed, rpc, run, tokens, sequences)
         if started is not None:
             self.in_flight.labels(rpc).dec()
             self.in_flight_tokens.dec(started)
@@ -195,6 +248,12 @@ class PrometheusTelemetry(Telemetry):
             self.bytes_in.labels(rpc).inc(max(int(bytes_in), 0))
         if bytes_out:
             self.bytes_out.labels(rpc).inc(max(int(bytes_out), 0))
+
+    def _processed(self, rpc: str, run: str, tokens: int, sequences: int) -> None:
+        with self.lock:
+            _, st = self.runs.state(run)
+            st.inc("softgate_processed_tokens_total", (rpc,), tokens)
+            st.inc("softgate_processed_sequences_total", (rpc,), sequences)
 
     def rejected(self, rpc: str, reasons: list[str]) -> None:
         labels = {_reason_label(x) for x in (reasons or ["unknown"])}
@@ -208,18 +267,19 @@ class PrometheusTelemetry(Telemetry):
 
     # ------------------------------------------------------------ engine results
     def observe_loss(self, run: str, config: Any, result: Any) -> None:
-        """Record one LossResult; never raises (a failure is logged and counted)."""
-        try:
-            self._observe_loss(run, config, result)
-        except Exception:
-            self._failed("observe_loss")
+        """Record one LossResult (deferred mode: later, see `_later`); never raises (a failure
+        is logged and counted)."""
+        self._later(self._safe, "observe_loss", self._observe_loss, run, config, result)
 
     def observe_advantages(self, run: str, config: Any, result: Any) -> None:
         """Record one AdvantageResult; never raises."""
+        self._later(self._safe, "observe_advantages", self._observe_advantages, run, config, result)
+
+    def _safe(self, hook: str, fn: Any, *args: Any) -> None:
         try:
-            self._observe_advantages(run, config, result)
+            fn(*args)
         except Exception:
-            self._failed("observe_advantages")
+            self._failed(hook)
 
     def _failed(self, hook: str) -> None:
         self.telemetry_errors.labels(hook).inc()
@@ -354,13 +414,16 @@ class PrometheusTelemetry(Telemetry):
 
     # ------------------------------------------------------------ reading back
     def exposition(self) -> bytes:
+        self.flush()
         return generate_latest(self.registry)
 
     def run_names(self) -> list[str]:
+        self.flush()
         with self.lock:
             return self.runs.names()
 
     def run_summary(self, run: str) -> dict[str, Any] | None:
+        self.flush()
         with self.lock:
             st = self.runs.get(run)
             if st is None:
@@ -378,6 +441,7 @@ class PrometheusTelemetry(Telemetry):
             return out
 
     def runs_overview(self) -> list[dict[str, Any]]:
+        self.flush()
         with self.lock:
             items = self.runs.items()
             out = []

@@ -1,0 +1,160 @@
+"""The server's copy-saving wire paths give exactly what the protobuf classes give: zero-copy
+views of a large request's tensor bytes (`codec.Received`) and hand-encoded responses
+(`codec.Encoded`) for ComputeLoss and StreamLoss."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from softgate.engine import Batch, Engine, LossConfig, Sapo
+from softgate.engine.errors import FieldViolation
+from softgate.grpc import codec
+from softgate.grpc.servicer import LossServicer
+from softgate_client.proto.softgate.v1 import softgate_pb2 as pb
+
+
+def _tensor(a: np.ndarray, dtype: int) -> pb.Tensor:
+    return pb.Tensor(dtype=dtype, shape=[a.shape[0]], data=a.tobytes())  # type: ignore[arg-type]
+
+
+def _request(n: int, seqs: int = 8, dtype: type = np.float32) -> pb.ComputeLossRequest:
+    rng = np.random.default_rng(n)
+    pdt = pb.DTYPE_FLOAT32 if dtype == np.float32 else pb.DTYPE_FLOAT64
+    logp = -rng.random(n).astype(dtype) - 0.01
+    old = logp + rng.standard_normal(n).astype(dtype) * 0.01
+    off = np.linspace(0, n, seqs + 1).astype(np.int64)
+    b = pb.Batch(
+        logp=_tensor(logp, pdt),
+        old_logp=_tensor(old, pdt),
+        offsets=_tensor(off, pb.DTYPE_INT64),
+        mask=_tensor((rng.random(n) > 0.1).astype(np.uint8), pb.DTYPE_BOOL),
+        rewards=_tensor(rng.random(seqs).astype(dtype), pdt),
+        group_ids=_tensor(np.arange(seqs, dtype=np.int64) // 4, pb.DTYPE_INT64),
+    )
+    return pb.ComputeLossRequest(batch=b, config=pb.LossConfig(objective=pb.Objective(sapo=pb.SapoParams())))
+
+
+def _same_batch(a: Batch, b: Batch) -> None:
+    for name in ("logp", "offsets", "old_logp", "mask", "rewards", "group_ids", "advantages"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None) == (y is None), name
+        if x is not None:
+            assert x.dtype == y.dtype and torch.equal(x, y), name
+
+
+@pytest.mark.parametrize("n", [1 << 18, 5])
+def test_views_decode_like_the_message(n: int) -> None:
+    data = _request(n).SerializeToString()
+    got = codec.safe_deserializer(pb.ComputeLossRequest, batch_field=2)(data)
+    assert isinstance(got, codec.Received) and got.nbytes == len(data)
+    msg = got.message
+    if len(data) >= codec.VIEW_MIN_BYTES:
+        assert set(got.views) == {"logp", "old_logp", "offsets", "mask", "rewards", "group_ids"}
+        for name, view in got.views.items():
+            assert bytes(view) == getattr(msg.batch, name).data, name
+    else:
+        assert got.views == {}  # small: not worth the walk
+    v: list[FieldViolation] = []
+    a = codec.decode_batch(msg.batch, "batch.", v, got.views)
+    b = codec.decode_batch(msg.batch, "batch.", v)
+    assert not v and a is not None and b is not None
+    _same_batch(a, b)
+    a.logp.add_(1)  # torch-owned and writable: the received bytes are untouched
+    assert bytes(got.views.get("logp", b"")) == (msg.batch.logp.data if got.views else b"")
+
+
+def test_views_skip_repeated_fields() -> None:
+    """Protobuf merges a repeated message field and keeps the last bytes value: no view then."""
+    first = _request(1 << 18)
+    # (no shape: a repeated field would be appended to, [n, n])
+    second_logp = pb.Tensor(data=np.full(1 << 18, -2, np.float32).tobytes())
+    second = pb.ComputeLossRequest(batch=pb.Batch(logp=second_logp))
+    data = first.SerializeToString() + second.SerializeToString()
+    got = codec.safe_deserializer(pb.ComputeLossRequest, batch_field=2)(data)
+    assert isinstance(got, codec.Received)
+    assert got.views == {}  # two Batch occurrences: read the merged message
+    v: list[FieldViolation] = []
+    b = codec.decode_batch(got.message.batch, "batch.", v, got.views)
+    assert not v and b is not None and bool((b.logp == -2).all())
+    # one Batch whose logp data occurs twice: that tensor is read from the message
+    t = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[1 << 18], data=np.zeros(1 << 18, np.float32).tobytes())
+    extra = t.SerializeToString() + pb.Tensor(data=np.ones(1 << 18, np.float32).tobytes()).SerializeToString()
+    body = b"\x0a" + _varint(len(extra)) + extra  # Batch.logp
+    data = b"\x12" + _varint(len(body)) + body  # ComputeLossRequest.batch
+    got = codec.safe_deserializer(pb.ComputeLossRequest, batch_field=2)(data)
+    assert isinstance(got, codec.Received) and "logp" not in got.views
+    b = codec.decode_batch(got.message.batch, "batch.", v, got.views)
+    assert b is None  # offsets missing, but logp decoded from the merged message: no view used
+    assert any("offsets" in x.field for x in v)
+
+
+def _varint(n: int) -> bytes:
+    from softgate_client import _wire
+
+    return _wire.varint(n)
+
+
+def _result(n: int = 64, dtype: torch.dtype = torch.float32) -> Any:
+    g = torch.Generator().manual_seed(n)
+    logp = -torch.rand(n, generator=g, dtype=dtype) - 0.5
+    old = logp + 0.05 * torch.randn(n, generator=g, dtype=dtype).clamp(-2, 2)
+    off = torch.tensor([0, n // 3, n // 3, n], dtype=torch.int64)
+    mask = torch.rand(n, generator=g) > 0.2
+    batch = Batch(
+        logp=logp,
+        old_logp=old,
+        offsets=off,
+        mask=mask,
+        advantages=torch.tensor([1.0, -0.5, 2.0], dtype=dtype),
+    )
+    return Engine(device="cpu").loss(batch, LossConfig(objective=Sapo()))
+
+
+ALL = ("gradient", "advantages", "ratio", "gate_weight", "clip_mask", "mask")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("names", [("gradient",), ALL, ()])
+def test_encoded_loss_response_equals_protobuf(dtype: torch.dtype, names: tuple[str, ...]) -> None:
+    result = _result(dtype=dtype)
+    host = codec.host_result(result, names)
+    want = pb.ComputeLossResponse(loss=result.loss, policy_loss=result.policy_loss, kl_loss=result.kl_loss)
+    want.metrics.update(codec.metrics_map(result.metrics))
+    codec.fill_outputs(want.outputs, host, names)
+    enc = codec.encode_loss_response(result, host, names)
+    assert pb.ComputeLossResponse.FromString(enc.data) == want
+    assert codec.serializer(pb.ComputeLossResponse)(enc) == enc.data
+    assert codec.serializer(pb.ComputeLossResponse)(want) == want.SerializeToString()
+
+
+def test_encoded_stream_responses_equal_protobuf() -> None:
+    n = 96
+    g = torch.Generator().manual_seed(3)
+    chunks = []
+    for k in (40, 0, 56):  # an empty chunk in the middle
+        logp = -torch.rand(k, generator=g) - 0.01
+        chunks.append(
+            Batch(
+                logp=logp,
+                old_logp=logp + 0.01,
+                offsets=torch.tensor([0, k // 2, k], dtype=torch.int64),
+                rewards=torch.rand(2, generator=g),
+                group_ids=torch.tensor([0, 1], dtype=torch.int64),
+            )
+        )
+    assert sum(c.num_tokens for c in chunks) == n
+    with ThreadPoolExecutor(1) as pool:
+        s = LossServicer(Engine(device="cpu"), pool)
+        cfg = pb.LossConfig()
+        sel = pb.OutputSelection(ratio=True, clip_mask=True)
+        plain = s._stream_loss(cfg, sel, list(chunks), "r", threading.Event(), False)
+        enc = s._stream_loss(cfg, sel, list(chunks), "r", threading.Event(), True)
+    assert len(plain) == len(enc) == 3
+    for p, e in zip(plain, enc, strict=True):
+        assert isinstance(e, codec.Encoded)
+        assert pb.StreamLossResponse.FromString(e.data) == p

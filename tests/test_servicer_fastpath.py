@@ -1,0 +1,125 @@
+"""The servicer's small-call fast path (inline on the event loop, one intra-op thread) and
+deferred telemetry: same answers, only when safe, and reads see every result."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from softgate.engine import Batch, Engine, LossConfig, Sapo
+from softgate.observability import PrometheusTelemetry
+from softgate.settings import Settings
+from softgate.threads import single_threaded_here
+from softgate_client import SoftgateClient
+
+
+class RecordingEngine(Engine):
+    """The real engine; records the thread and intra-op thread count of each loss call."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        super().__init__(device="cpu", compile=False)
+        self.delay = delay
+        self.seen: list[tuple[str, int]] = []
+
+    def loss(self, batch: Batch, config: LossConfig) -> Any:
+        self.seen.append((threading.current_thread().name, torch.get_num_threads()))
+        if self.delay:
+            time.sleep(self.delay)
+        return super().loss(batch, config)
+
+
+def _call(client: SoftgateClient, n: int = 64) -> Any:
+    rng = np.random.default_rng(n)
+    logp = (-rng.random(n) - 0.1).astype(np.float32)
+    return client.loss(
+        logp, logp + 0.01, lengths=np.array([n // 2, n - n // 2]), advantages=np.array([1.0, -1.0])
+    )
+
+
+def test_small_calls_go_inline_once_the_engine_is_fast(inprocess_server: Any, monkeypatch: Any) -> None:
+    import softgate.grpc.servicer as servicer
+
+    monkeypatch.setattr(servicer, "INLINE_BUDGET_S", 5.0)  # the policy, not this host's speed
+    eng = RecordingEngine()
+    srv = inprocess_server(engine=eng)
+    threads_before = torch.get_num_threads()
+    with SoftgateClient(f"127.0.0.1:{srv.port}") as c:
+        results = [_call(c) for _ in range(8)]
+        big = _call(c, n=40000)  # over inline_max_tokens: the pool
+    names = [name for name, _ in eng.seen]
+    assert all(n.startswith("softgate-engine") for n in names[:3]), names  # first: the pool
+    assert all(n == "inprocess-grpc" for n in names[4:8]), names  # then inline on the loop
+    assert all(k == 1 for name, k in eng.seen[4:8]), eng.seen  # with one intra-op thread
+    assert names[8].startswith("softgate-engine") and eng.seen[8][1] == threads_before
+    assert torch.get_num_threads() == threads_before  # other threads unchanged
+    for r in results[1:]:  # identical answers either way
+        assert r.loss == results[0].loss and np.array_equal(r.grad, results[0].grad)
+    assert big.grad.shape == (40000,)
+
+
+def test_slow_engine_stays_in_the_pool(inprocess_server: Any) -> None:
+    eng = RecordingEngine(delay=0.02)  # over the inline budget (10 ms): a sleep never beats it
+    srv = inprocess_server(engine=eng)
+    with SoftgateClient(f"127.0.0.1:{srv.port}") as c:
+        for _ in range(6):
+            _call(c)
+    assert all(name.startswith("softgate-engine") for name, _ in eng.seen), eng.seen
+
+
+def test_inline_can_be_turned_off(inprocess_server: Any) -> None:
+    eng = RecordingEngine()
+    srv = inprocess_server(engine=eng, inline_max_tokens=0)
+    with SoftgateClient(f"127.0.0.1:{srv.port}") as c:
+        for _ in range(6):
+            _call(c)
+    assert all(name.startswith("softgate-engine") for name, _ in eng.seen), eng.seen
+
+
+def test_single_threaded_here_is_per_thread() -> None:
+    before = torch.get_num_threads()
+    got: list[Any] = []
+
+    def work() -> None:
+        got.append((single_threaded_here(), torch.get_num_threads()))
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    later: list[int] = []
+    t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert got == [(True, 1)] or before == 1
+    assert torch.get_num_threads() == before and later == [before]
+
+
+def _result(n: int = 256) -> Any:
+    logp = -torch.rand(n, generator=torch.Generator().manual_seed(1)) - 0.1
+    b = Batch(logp=logp, old_logp=logp + 0.01, offsets=torch.tensor([0, n]), advantages=torch.tensor([1.0]))
+    return Engine(device="cpu").loss(b, LossConfig(objective=Sapo()))
+
+
+def test_deferred_telemetry_is_seen_by_every_read() -> None:
+    tel = PrometheusTelemetry(Settings(max_runs=3), defer=True)
+    res = _result()
+    for k in range(6):
+        run = f"run-{k}"
+        tel.request_started("ComputeLoss", run, 256)
+        tel.observe_loss(run, LossConfig(), res)
+        tel.request_finished("ComputeLoss", run, "OK", 0.01, 10, 20, 256, 1)
+    text = tel.exposition().decode()  # waits for what is pending
+    assert 'softgate_loss_batches_total{objective="sapo",run="other"} 3.0' in text, text
+    assert [r["run"] for r in tel.runs_overview()][:2] == ["run-5", "run-4"]
+    summary = tel.run_summary("run-5")
+    assert summary is not None and summary["totals"]["loss_batches"] == 1
+    tel.close()
+
+
+def test_deferred_telemetry_failure_is_counted_not_raised() -> None:
+    tel = PrometheusTelemetry(Settings(), defer=True)
+    tel.observe_loss("r", LossConfig(), object())  # not a LossResult
+    assert 'softgate_telemetry_errors_total{hook="observe_loss"} 1.0' in tel.exposition().decode()
+    tel.close()
