@@ -117,6 +117,8 @@ def env_with(preload: str | None) -> dict[str, str]:
     env.pop("LD_PRELOAD", None)
     if preload:
         env["LD_PRELOAD"] = preload
+    # `softgate serve` picks its own allocator (tcmalloc when installed): pin the one measured
+    env["SOFTGATE_ALLOCATOR"] = preload or "system"
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 

@@ -33,3 +33,6 @@ class Telemetry:
 
     def observe_advantages(self, run: str, config: Any, result: Any) -> None:
         """Advantages were computed: `result` is the engine AdvantageResult."""
+
+    def kick(self) -> None:
+        """The RPC whose results were reported has ended: work deferred until then may start."""

@@ -129,6 +129,9 @@ class LossServicer(pb_grpc.LossServiceServicer):
         self.in_flight += 1
         return call
 
+    def _kick(self, _context: Any) -> None:
+        self._hook("kick")
+
     def _start(self, call: _Call) -> None:
         if not call.started:
             call.started = True
@@ -201,6 +204,10 @@ class LossServicer(pb_grpc.LossServiceServicer):
 
     def _finish(self, call: _Call, context: Any) -> None:
         self.in_flight -= 1
+        try:  # deferred telemetry starts once the response is out
+            context.add_done_callback(self._kick)
+        except Exception:  # a context without callbacks
+            self._kick(None)
         if call.code == "OK" and context.cancelled():
             call.code = "CANCELLED"
         self._hook(

@@ -33,7 +33,7 @@ LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
 MAX_REASONS = 64
-MAX_PENDING = 2  # deferred results queued at most (each holds its per-token tensors)
+MAX_PENDING = 4  # deferred results queued at most (each holds its per-token tensors)
 DEFAULT_CPU_SAMPLE_TOKENS = 1 << 19
 log = logging.getLogger("softgate.observability")
 _REASON_BAD = re.compile(r"[^a-z0-9_]+")
@@ -100,6 +100,7 @@ class PrometheusTelemetry(Telemetry):
         self.defer = defer
         self._pending = 0
         self._pending_cv = threading.Condition()
+        self._queue: deque[tuple[Any, tuple[Any, ...]]] = deque()
         self._worker: ThreadPoolExecutor | None = None
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self.max_runs = int(getattr(settings, "max_runs", None) or 32)
@@ -179,38 +180,48 @@ class PrometheusTelemetry(Telemetry):
 
     # ------------------------------------------------------------ deferred recording
     def _later(self, fn: Any, *args: Any) -> None:
-        """Run `fn(*args)` now, or (deferred mode) on the background thread in call order;
-        past MAX_PENDING queued results the caller records itself (back-pressure, bounded memory)."""
+        """Run `fn(*args)` now, or (deferred mode) queue it: `kick` (the RPC has ended) hands the
+        queue to the background thread, which runs it in call order. Past MAX_PENDING queued
+        results the caller records itself (back-pressure: each holds its per-token tensors)."""
         if not self.defer:
             fn(*args)
             return
         with self._pending_cv:
-            if self._pending >= MAX_PENDING:
-                inline = True
-            else:
-                inline = False
+            overflow = self._pending >= MAX_PENDING
+            if not overflow:
+                self._queue.append((fn, args))
                 self._pending += 1
-                if self._worker is None:
-                    self._worker = ThreadPoolExecutor(
-                        1, thread_name_prefix="softgate-telemetry", initializer=single_threaded_here
-                    )
-                worker = self._worker
-        if inline:
+        if overflow:
             self.flush()  # keep the order: what is queued goes first
             fn(*args)
-            return
-        worker.submit(self._run_pending, fn, args)
 
-    def _run_pending(self, fn: Any, args: tuple[Any, ...]) -> None:
-        try:
-            fn(*args)
-        finally:
-            with self._pending_cv:
-                self._pending -= 1
-                self._pending_cv.notify_all()
+    def kick(self) -> None:
+        """Start recording what is queued (called when the RPC that reported it has ended, so
+        that the work does not compete with sending its response)."""
+        with self._pending_cv:
+            if not self._queue:
+                return
+            items = list(self._queue)
+            self._queue.clear()
+            if self._worker is None:
+                self._worker = ThreadPoolExecutor(
+                    1, thread_name_prefix="softgate-telemetry", initializer=single_threaded_here
+                )
+            worker = self._worker
+        worker.submit(self._run_items, items)
+
+    def _run_items(self, items: list[tuple[Any, tuple[Any, ...]]]) -> None:
+        for fn, args in items:
+            try:
+                fn(*args)
+            finally:
+                with self._pending_cv:
+                    self._pending -= 1
+                    self._pending_cv.notify_all()
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until every deferred result is recorded; False if `timeout` passed first."""
+        """Record everything deferred now and wait for it; False if `timeout` passed first."""
+        self.kick()
         with self._pending_cv:
             return self._pending_cv.wait_for(lambda: self._pending == 0, timeout)
 
