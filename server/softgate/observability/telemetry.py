@@ -33,10 +33,18 @@ LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
 MAX_REASONS = 64
-MAX_PENDING = 4  # deferred results queued at most (each holds its per-token tensors)
+DEFER_MAX_TOKENS = 1 << 16  # larger results are recorded at once (see PrometheusTelemetry._later)
+MAX_QUEUED = 64  # queued recordings that start the background thread without waiting for a kick
 DEFAULT_CPU_SAMPLE_TOKENS = 1 << 19
 log = logging.getLogger("softgate.observability")
 _REASON_BAD = re.compile(r"[^a-z0-9_]+")
+
+
+def _numel(x: Any) -> int:
+    try:
+        return int(x.numel())
+    except Exception:
+        return 0
 
 
 def _reason_label(reason: str) -> str:
@@ -179,21 +187,27 @@ class PrometheusTelemetry(Telemetry):
             self._in_flight[(rpc, run or "")].append(tokens)
 
     # ------------------------------------------------------------ deferred recording
-    def _later(self, fn: Any, *args: Any) -> None:
+    def _later(self, fn: Any, *args: Any, tokens: int = 0) -> None:
         """Run `fn(*args)` now, or (deferred mode) queue it: `kick` (the RPC has ended) hands the
-        queue to the background thread, which runs it in call order. Past MAX_PENDING queued
-        results the caller records itself (back-pressure: each holds its per-token tensors)."""
+        queue to the background thread, which runs it in call order.
+
+        Only small results are deferred (`tokens` <= DEFER_MAX_TOKENS: there the recording is a
+        large share of the call; each queued one holds its per-token tensors): a larger one is
+        recorded by the calling thread (a pool thread, never the event loop) after what is
+        queued. So a read's `flush` never waits for more than a few small recordings."""
         if not self.defer:
             fn(*args)
             return
-        with self._pending_cv:
-            overflow = self._pending >= MAX_PENDING
-            if not overflow:
-                self._queue.append((fn, args))
-                self._pending += 1
-        if overflow:
+        if tokens > DEFER_MAX_TOKENS:
             self.flush()  # keep the order: what is queued goes first
             fn(*args)
+            return
+        with self._pending_cv:
+            self._queue.append((fn, args))
+            self._pending += 1
+            full = len(self._queue) >= MAX_QUEUED
+        if full:  # nobody kicked for a while (e.g. no RPC ends): start on it
+            self.kick()
 
     def kick(self) -> None:
         """Start recording what is queued (called when the RPC that reported it has ended, so
@@ -280,7 +294,8 @@ class PrometheusTelemetry(Telemetry):
     def observe_loss(self, run: str, config: Any, result: Any) -> None:
         """Record one LossResult (deferred mode: later, see `_later`); never raises (a failure
         is logged and counted)."""
-        self._later(self._safe, "observe_loss", self._observe_loss, run, config, result)
+        n = _numel(getattr(result, "ratio", None))
+        self._later(self._safe, "observe_loss", self._observe_loss, run, config, result, tokens=n)
 
     def observe_advantages(self, run: str, config: Any, result: Any) -> None:
         """Record one AdvantageResult; never raises."""
