@@ -368,43 +368,56 @@ class LossServicer(pb_grpc.LossServiceServicer):
         async with self._guard("StreamLoss", context) as call:
             cfg_msg: pb.LossConfig | None = None
             out_msg: pb.OutputSelection | None = None
+            # each chunk is decoded (in the pool) while the next one arrives; a failure is
+            # reported in chunk order (an earlier chunk's problem first), as when sequential
+            decoding: list[asyncio.Task[Batch]] = []
             chunks: list[Batch] = []
             encoded = codec.LITTLE_ENDIAN
-            async for item in request_iterator:
-                i = len(chunks)
-                if isinstance(item, codec.CorruptMessage):
-                    raise InputError([item.violation(f"chunk[{i}]")])
-                msg, wire = codec.unwrap(item)
-                encoded = encoded and wire is not None
-                call.bytes_in += wire.nbytes if wire is not None else msg.ByteSize()
-                v: list[FieldViolation] = []
-                if cfg_msg is None:
-                    cfg_msg = pb.LossConfig()
-                    cfg_msg.CopyFrom(msg.config)
-                    if msg.HasField("outputs"):
-                        out_msg = pb.OutputSelection()
-                        out_msg.CopyFrom(msg.outputs)
-                elif msg.HasField("config") or msg.HasField("outputs"):
-                    v.append(
-                        FieldViolation(
-                            f"chunk[{i}].config",
-                            "unexpected: config and outputs go in the first message only",
+            try:
+                async for item in request_iterator:
+                    i = len(decoding)
+                    if isinstance(item, codec.CorruptMessage):
+                        await _settle(decoding)
+                        raise InputError([item.violation(f"chunk[{i}]")])
+                    msg, wire = codec.unwrap(item)
+                    encoded = encoded and wire is not None
+                    call.bytes_in += wire.nbytes if wire is not None else msg.ByteSize()
+                    v: list[FieldViolation] = []
+                    if cfg_msg is None:
+                        cfg_msg = pb.LossConfig()
+                        cfg_msg.CopyFrom(msg.config)
+                        if msg.HasField("outputs"):
+                            out_msg = pb.OutputSelection()
+                            out_msg.CopyFrom(msg.outputs)
+                    elif msg.HasField("config") or msg.HasField("outputs"):
+                        v.append(
+                            FieldViolation(
+                                f"chunk[{i}].config",
+                                "unexpected: config and outputs go in the first message only",
+                            )
                         )
+                    if not msg.HasField("chunk"):
+                        v.append(FieldViolation(f"chunk[{i}]", "missing: every message carries a chunk"))
+                    n, s = codec.check_batch_limits(
+                        msg.chunk, f"chunk[{i}].", self.limits, v, call.tokens, call.sequences
                     )
-                if not msg.HasField("chunk"):
-                    v.append(FieldViolation(f"chunk[{i}]", "missing: every message carries a chunk"))
-                n, s = codec.check_batch_limits(
-                    msg.chunk, f"chunk[{i}].", self.limits, v, call.tokens, call.sequences
-                )
-                if v:
-                    raise InputError(v)
-                call.tokens += n
-                call.sequences += s
-                views = wire.views if wire is not None else None
-                chunks.append(
-                    await self._run(context, functools.partial(_decode_chunk, msg.chunk, i, views), n)
-                )
-                del msg, item, wire, views  # the decoded tensors are all that is kept
+                    if v:
+                        await _settle(decoding)
+                        raise InputError(v)
+                    call.tokens += n
+                    call.sequences += s
+                    views = wire.views if wire is not None else None
+                    fn = functools.partial(_decode_chunk, msg.chunk, i, views)
+                    decoding.append(asyncio.ensure_future(self._run(context, fn, n)))
+                    del msg, item, wire, views, fn  # the decoded tensors are all that is kept
+                    await asyncio.sleep(0)  # let the decode start (inline ones run here)
+                chunks = [await t for t in decoding]
+            finally:
+                for t in decoding:
+                    if t.done() and not t.cancelled():
+                        t.exception()  # retrieved: no "never retrieved" warning
+                    t.cancel()
+                decoding.clear()
             if cfg_msg is None:
                 raise InputError([FieldViolation("chunk", "missing: the stream carried no chunk")])
             self._start(call)
@@ -485,6 +498,12 @@ class LossServicer(pb_grpc.LossServiceServicer):
 
 
 # ---------------------------------------------------------------- helpers
+
+
+async def _settle(tasks: list[asyncio.Task[Batch]]) -> None:
+    """Wait for the chunk decodes started so far, raising the first failure in chunk order."""
+    for t in tasks:
+        await t
 
 
 def _advantages_field(f: FieldViolation) -> FieldViolation:
