@@ -27,7 +27,7 @@ from softgate.observability.collector import (
 from softgate.observability.distributions import GATE_EDGES, RATIO_EDGES, SIGNS, Bucketer
 from softgate.observability.runs import OTHER, BatchRecord, RunRegistry, sanitize_run, windows
 from softgate.telemetry import Telemetry
-from softgate.threads import single_threaded_here
+from softgate.threads import one_thread, single_threaded_here
 
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -313,7 +313,8 @@ class PrometheusTelemetry(Telemetry):
 
     def _observe_loss(self, run: str, config: Any, result: Any) -> None:
         objective = str(getattr(getattr(config, "objective", None), "name", "unknown"))
-        b = self.bucketer(result.ratio, result.gate_weight, result.advantages, result.mask)
+        with one_thread():  # a sample of at most cpu_sample_tokens: no OpenMP team to wait for
+            b = self.bucketer(result.ratio, result.gate_weight, result.advantages, result.mask)
         m = _normalize(getattr(result, "metrics", None))
         now = time.time()
         # token counts per sign: exact from the engine's metrics when present
