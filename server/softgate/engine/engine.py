@@ -21,7 +21,8 @@ from softgate.engine.config import (
     MismatchConfig,
 )
 from softgate.engine.errors import FieldViolation, InputError
-from softgate.engine.loss import TokenTerms, compute_loss, token_terms
+from softgate.engine.kernel import token_terms
+from softgate.engine.loss import TokenTerms, compute_loss
 from softgate.engine.result import AdvantageResult, LossResult
 from softgate.engine.validation import _INTS, _float_tensor, check
 

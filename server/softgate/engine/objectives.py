@@ -45,14 +45,14 @@ OBJECTIVE_KIND = {
 
 def objective_params(obj: Objective, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
     """The objective's numbers as 0-d tensors (so a compiled kernel is not specialised on them).
-    A grpo without dual clip gets c = inf, which never fires."""
+    A grpo without dual clip has no "dual" entry (so the kernel does not compute that mask)."""
     vals: dict[str, float] = {}
     if isinstance(obj, Sapo):
         vals = {"tau_pos": obj.tau_pos, "tau_neg": obj.tau_neg}
     elif isinstance(obj, (Grpo, Gppo, Gspo, GspoToken, Cispo)):
         vals = {"lo": 1 - obj.eps_low, "hi": 1 + obj.eps_high}
-        if isinstance(obj, Grpo):
-            vals["dual"] = obj.dual_clip if obj.dual_clip is not None else float("inf")
+        if isinstance(obj, Grpo) and obj.dual_clip is not None:
+            vals["dual"] = obj.dual_clip
     else:
         assert isinstance(obj, Reinforce)
     return {k: torch.tensor(v, dtype=dtype, device=device) for k, v in vals.items()}

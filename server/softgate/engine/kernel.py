@@ -1,0 +1,202 @@
+"""token_terms: the one per-token kernel (every per-token output and every token-level metric sum).
+
+It reduces over tokens only what cannot be had more cheaply: `kernel_layout` names the float
+sums and integer counts a configuration needs, and `derived_terms` fills in the rest from
+them and from per-sequence values. With per-sequence advantages the token counts and
+advantage sums are `|y_i|`-weighted sums over sequences; for hard clips (grpo, gspo) the gate
+is 0 / 1, so gate sums, saturation counts and the clip count follow from the clip counts;
+without a KL term the gradient is the policy gradient, so its absolute sum is `grad_abs`.
+Each reduction left in the fused loop costs about as much as a pass over one input, so fewer
+reductions is what makes the compiled kernel fast.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from softgate.engine.kl import kl_terms
+from softgate.engine.mismatch import mismatch_weights
+from softgate.engine.objectives import policy_terms
+
+# objective kinds whose gate weight is not a constant 0 / 1 pattern of the clip masks
+_SOFT_GATE = ("sapo", "gppo", "cispo")
+
+
+def kernel_layout(
+    kind: str, seq_ratio: bool, adv_per_token: bool, kl: bool, mismatch: bool, dual: bool
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(float sums, integer counts) that token_terms reduces over tokens, in order."""
+    sums = ["policy_loss", "d_sum", "grad_abs"]
+    counts: list[str] = []
+    if not seq_ratio:  # gspo's ratio and clamp are per sequence
+        sums += ["ratio_sum", "ratio_min", "ratio_max"]
+        counts.append("clamped")
+    if kind != "reinforce":  # reinforce: grad == grad_free
+        sums.append("free_abs")
+    if kind in _SOFT_GATE:
+        sums += ["gate_pos", "gate_neg"]
+        counts += ["sat_pos", "sat_neg"]
+    if kind in ("clip", "gppo", "cispo"):
+        counts += ["clip_low", "clip_high"]
+    if dual:
+        counts.append("dual")
+    if kind == "cispo":  # cispo's clip is either side whatever the sign of A
+        counts.append("clip")
+    if adv_per_token:
+        sums += ["a_sum", "a_sq"]
+        counts += ["npos", "nneg"]
+    if kl:
+        sums += ["kl_sum", "k_sum", "grad_total_abs"]
+        counts.append("kl_clamped")
+    if mismatch:
+        sums.append("v_sum")
+        counts.append("v_changed")
+    return tuple(sums), tuple(counts)
+
+
+def derived_terms(s: dict[str, float], kind: str, kl: bool, mismatch: bool) -> dict[str, float]:
+    """Complete the token sums `s` (kernel_layout's, plus the per-sequence cnt, npos, nneg,
+    a_sum, a_sq and, for gspo, ratio_sum / ratio_min / ratio_max / clamped) into every term
+    compute_loss reads; counts are exact integers held as floats."""
+    out = dict(s)
+    npos, nneg = s["npos"], s["nneg"]
+    if kind == "reinforce":
+        out["free_abs"] = s["grad_abs"]
+    if kind not in _SOFT_GATE:
+        if kind == "clip":
+            low = s["clip_low"] + s.get("dual", 0.0)  # A < 0 tokens clipped (low and dual are disjoint)
+            high = s["clip_high"]
+        else:  # reinforce
+            low = high = 0.0
+        out["gate_pos"], out["gate_neg"] = npos - high, nneg - low  # gate 1 unclipped, 0 clipped
+        out["sat_pos"], out["sat_neg"] = high, low  # 0 < threshold <= 1
+        out["clip"] = high + low
+    elif kind == "gppo":
+        out["clip"] = s["clip_low"] + s["clip_high"]
+    elif kind == "sapo":
+        out["clip"] = 0.0
+    for k in ("clip_low", "clip_high", "dual"):
+        out.setdefault(k, 0.0)
+    if not kl:
+        out.update(kl_sum=0.0, k_sum=0.0, kl_clamped=0.0, grad_total_abs=out["grad_abs"])
+    if not mismatch:
+        out.update(v_sum=0.0, v_changed=0.0)
+    return out
+
+
+def token_terms(
+    t: dict[str, Tensor],
+    prm: dict[str, Tensor],
+    kind: str,
+    seq_ratio: bool,
+    adv_per_token: bool,
+    kl: Any,
+    mismatch: Any,
+    clamp: float,
+    threshold: float,
+    count_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """All per-token work: (grad, advantages, ratio, gate, clip_mask, float sums, counts), the
+    sums and counts in kernel_layout's order.
+
+    The clip mask comes back as uint8 (0 / 1; `.view(torch.bool)` is free): inductor's CPU
+    code stores a bool tensor several times slower than a uint8 one (measured: the whole
+    kernel 3x slower at 16M tokens). Reading `m` as bool is the fast way round.
+
+    `t` holds logp, old, m (bool), ids (sequence id per token), w (aggregation weight per
+    sequence), adv ([N] or [B]), and as configured sratio ([B], gspo), ref (KL), rollout or
+    lvseq (mismatch, token or sequence level)."""
+    sum_names, count_names = kernel_layout(
+        kind, seq_ratio, adv_per_token, kl is not None, mismatch is not None, "dual" in prm
+    )
+    logp, old, m, ids = t["logp"], t["old"], t["m"], t["ids"]
+    zero = torch.zeros_like(logp)
+    a = t["adv"] if adv_per_token else t["adv"][ids]
+    alpha = torch.where(m, t["w"][ids], zero)
+    raw = torch.where(m, logp - old, zero)
+    d = raw.clamp(-clamp, clamp)
+    S: dict[str, Tensor] = {}
+    C: dict[str, Tensor] = {}
+    if seq_ratio:
+        ratio = t["sratio"][ids]
+        dratio = ratio  # s_{i,t} = sg[s_i] exp(logp - sg[logp]): d s_{i,t} / d logp = s_i
+    else:
+        clamped = raw.abs() > clamp
+        ratio = torch.exp(d)
+        dratio = torch.where(clamped, zero, ratio)
+        C["clamped"] = clamped
+        S["ratio_sum"] = torch.where(m, ratio, zero)
+    lp = torch.where(m, logp, zero) if kind == "cispo" else logp  # only cispo's loss reads logp
+    pt = policy_terms(kind, ratio, dratio, a, lp, prm)
+    lpol, gpol, gfree = pt.loss, pt.grad, pt.grad_free
+    if mismatch is not None:
+        if mismatch.level == "sequence":
+            lv = t["lvseq"][ids]
+        else:
+            lv = torch.where(m, old - t["rollout"], zero).clamp(-clamp, clamp)
+        v, vch = mismatch_weights(mismatch, lv)
+        lpol, gpol, gfree = lpol * v, gpol * v, gfree * v
+        S["v_sum"] = torch.where(m, v, zero)
+        C["v_changed"] = vch & m
+    # every per-token term is finite on masked tokens (their log-ratios are 0), and alpha is 0 there
+    S["policy_loss"] = alpha * lpol
+    grad = alpha * gpol
+    # alpha >= 0, so alpha |g| == |alpha g| exactly; written so, the sum is fused into the loop
+    # that writes grad instead of re-reading grad in a second pass
+    S["grad_abs"] = alpha * gpol.abs()
+    S["free_abs"] = alpha * gfree.abs()
+    S["d_sum"] = d
+    if kl is not None:
+        k, dk, kcl = kl_terms(kl.estimator, torch.where(m, t["ref"] - logp, zero), clamp)
+        S["kl_sum"] = alpha * k
+        S["k_sum"] = torch.where(m, k, zero)
+        grad = grad + (kl.beta * alpha) * dk
+        S["grad_total_abs"] = grad.abs()  # not finite iff some gradient is not (overflow check)
+        C["kl_clamped"] = kcl & m
+    pos = m & (a > 0)
+    neg = m & (a < 0)
+    if adv_per_token:
+        am = torch.where(m, a, zero)
+        S["a_sum"], S["a_sq"] = am, am * am
+        C["npos"], C["nneg"] = pos, neg
+    gate = pt.gate
+    if kind in _SOFT_GATE:
+        S["gate_pos"] = torch.where(pos, gate, zero)
+        S["gate_neg"] = torch.where(neg, gate, zero)
+        sat = gate < threshold
+        C["sat_pos"], C["sat_neg"] = pos & sat, neg & sat
+    if pt.clip_low is not None:
+        C["clip_low"] = pt.clip_low & m
+    if pt.clip_high is not None:
+        C["clip_high"] = pt.clip_high & m
+    if pt.dual is not None:
+        C["dual"] = pt.dual & m
+    clip = pt.clip & m
+    C["clip"] = clip
+    sums = []
+    for name in sum_names:
+        if name == "ratio_min":
+            sums.append(
+                torch.where(m, ratio, float("inf")).min() if ratio.numel() > 0 else logp.new_zeros(())
+            )
+        elif name == "ratio_max":
+            sums.append(
+                torch.where(m, ratio, -float("inf")).max() if ratio.numel() > 0 else logp.new_zeros(())
+            )
+        else:
+            sums.append(S[name].sum())
+    counts = [C[name].sum(dtype=count_dtype) for name in count_names]
+    if not counts:
+        counts.append(torch.zeros((), dtype=count_dtype, device=logp.device))
+    return (
+        grad,
+        a,
+        torch.where(m, ratio, zero + 1),
+        torch.where(m, gate, zero),
+        clip.to(torch.uint8),
+        torch.stack(sums),
+        torch.stack(counts),
+    )
