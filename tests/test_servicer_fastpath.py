@@ -123,3 +123,16 @@ def test_deferred_telemetry_failure_is_counted_not_raised() -> None:
     tel.observe_loss("r", LossConfig(), object())  # not a LossResult
     assert 'softgate_telemetry_errors_total{hook="observe_loss"} 1.0' in tel.exposition().decode()
     tel.close()
+
+
+def test_deferred_telemetry_bounds_large_results() -> None:
+    """At most one large result waits (it holds its per-token tensors); the next is recorded by
+    its caller after it, in order."""
+    tel = PrometheusTelemetry(Settings(), defer=True)
+    big = _result(n=1 << 17)
+    tel.observe_loss("r", LossConfig(), big)
+    assert tel._big_pending == 1
+    tel.observe_loss("r", LossConfig(), big)  # over the bound: flush, then record here
+    assert tel._big_pending == 0 and tel._pending == 0
+    assert 'softgate_loss_batches_total{objective="sapo",run="r"} 2.0' in tel.exposition().decode()
+    tel.close()

@@ -33,7 +33,8 @@ LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
 MAX_REASONS = 64
-DEFER_MAX_TOKENS = 1 << 16  # larger results are recorded at once (see PrometheusTelemetry._later)
+DEFER_MAX_TOKENS = 1 << 16  # larger results: at most MAX_BIG_PENDING queued (PrometheusTelemetry._later)
+MAX_BIG_PENDING = 1
 MAX_QUEUED = 64  # queued recordings that start the background thread without waiting for a kick
 DEFAULT_CPU_SAMPLE_TOKENS = 1 << 19
 log = logging.getLogger("softgate.observability")
@@ -108,7 +109,8 @@ class PrometheusTelemetry(Telemetry):
         self.defer = defer
         self._pending = 0
         self._pending_cv = threading.Condition()
-        self._queue: deque[tuple[Any, tuple[Any, ...]]] = deque()
+        self._queue: deque[tuple[Any, tuple[Any, ...], bool]] = deque()
+        self._big_pending = 0
         self._worker: ThreadPoolExecutor | None = None
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self.max_runs = int(getattr(settings, "max_runs", None) or 32)
@@ -191,21 +193,24 @@ class PrometheusTelemetry(Telemetry):
         """Run `fn(*args)` now, or (deferred mode) queue it: `kick` (the RPC has ended) hands the
         queue to the background thread, which runs it in call order.
 
-        Only small results are deferred (`tokens` <= DEFER_MAX_TOKENS: there the recording is a
-        large share of the call; each queued one holds its per-token tensors): a larger one is
-        recorded by the calling thread (a pool thread, never the event loop) after what is
-        queued. So a read's `flush` never waits for more than a few small recordings."""
+        A queued result holds its per-token tensors: at most MAX_BIG_PENDING results of more
+        than DEFER_MAX_TOKENS tokens wait at once; past that the calling thread (a pool thread:
+        large calls never run on the event loop) records it itself, after what is queued."""
         if not self.defer:
             fn(*args)
             return
-        if tokens > DEFER_MAX_TOKENS:
+        big = tokens > DEFER_MAX_TOKENS
+        with self._pending_cv:
+            overflow = big and self._big_pending >= MAX_BIG_PENDING
+            if not overflow:
+                self._queue.append((fn, args, big))
+                self._pending += 1
+                self._big_pending += big
+            full = len(self._queue) >= MAX_QUEUED
+        if overflow:  # (a pool thread: large calls never run on the event loop)
             self.flush()  # keep the order: what is queued goes first
             fn(*args)
             return
-        with self._pending_cv:
-            self._queue.append((fn, args))
-            self._pending += 1
-            full = len(self._queue) >= MAX_QUEUED
         if full:  # nobody kicked for a while (e.g. no RPC ends): start on it
             self.kick()
 
@@ -215,7 +220,7 @@ class PrometheusTelemetry(Telemetry):
         with self._pending_cv:
             if not self._queue:
                 return
-            items = list(self._queue)
+            items = list(self._queue)  # (fn, args, big)
             self._queue.clear()
             if self._worker is None:
                 self._worker = ThreadPoolExecutor(
@@ -224,13 +229,14 @@ class PrometheusTelemetry(Telemetry):
             worker = self._worker
         worker.submit(self._run_items, items)
 
-    def _run_items(self, items: list[tuple[Any, tuple[Any, ...]]]) -> None:
-        for fn, args in items:
+    def _run_items(self, items: list[tuple[Any, tuple[Any, ...], bool]]) -> None:
+        for fn, args, big in items:
             try:
                 fn(*args)
             finally:
                 with self._pending_cv:
                     self._pending -= 1
+                    self._big_pending -= big
                     self._pending_cv.notify_all()
 
     def flush(self, timeout: float = 10.0) -> bool:
