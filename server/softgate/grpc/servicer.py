@@ -336,6 +336,8 @@ class LossServicer(pb_grpc.LossServiceServicer):
         if v:
             raise InputError(v)
         batch = codec.decode_batch(request.batch, "batch.", v, wire.views if wire is not None else None)
+        if wire is not None:
+            wire.views.clear()  # the received bytes are free to go: the batch holds its own copy
         config = codec.decode_loss_config(request.config, v)
         if batch is not None:
             codec.check_groups(batch, self.limits, "batch.group_ids", v)
@@ -538,6 +540,8 @@ def _decode_chunk(
 ) -> Batch:
     v: list[FieldViolation] = []
     b = codec.decode_batch(m, f"chunk[{i}].", v, views)
+    if views:
+        views.clear()  # the received bytes are free to go
     if b is not None:
         _check_chunk(b, i, v)
     if v:
