@@ -21,6 +21,9 @@ from softgate.engine.kl import kl_terms
 from softgate.engine.mismatch import mismatch_weights
 from softgate.engine.objectives import policy_terms
 
+# token_terms' result: grad, advantages, ratio, gate, clip mask (uint8), sums, counts
+Terms = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+
 # objective kinds whose gate weight is not a constant 0 / 1 pattern of the clip masks
 _SOFT_GATE = ("sapo", "gppo", "cispo")
 
@@ -98,9 +101,9 @@ def token_terms(
     clamp: float,
     threshold: float,
     count_dtype: torch.dtype,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """All per-token work: (grad, advantages, ratio, gate, clip_mask, float sums, counts), the
-    sums and counts in kernel_layout's order.
+) -> Terms:
+    """All per-token work: (grad, advantages, ratio, gate, clip_mask, float64 sums, counts),
+    the sums and counts in kernel_layout's order.
 
     The clip mask comes back as uint8 (0 / 1; `.view(torch.bool)` is free): inductor's CPU
     code stores a bool tensor several times slower than a uint8 one (measured: the whole
@@ -187,7 +190,10 @@ def token_terms(
                 torch.where(m, ratio, -float("inf")).max() if ratio.numel() > 0 else logp.new_zeros(())
             )
         else:
-            sums.append(S[name].sum())
+            # float64 accumulators: more accurate than float32 cascade summation, as fast
+            # compiled, and one compiled kernel for every N (inductor's float32 cascade helper
+            # guards on N > 4096, so small and large batches would compile separately)
+            sums.append(S[name].sum(dtype=torch.float64))
     counts = [C[name].sum(dtype=count_dtype) for name in count_names]
     if not counts:
         counts.append(torch.zeros((), dtype=count_dtype, device=logp.device))

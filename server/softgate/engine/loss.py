@@ -29,7 +29,7 @@ from softgate.engine.aggregate import sequence_weights
 from softgate.engine.batch import Batch
 from softgate.engine.config import Gspo, GspoToken, LossConfig
 from softgate.engine.errors import FieldViolation, InputError
-from softgate.engine.kernel import derived_terms, kernel_layout, token_terms
+from softgate.engine.kernel import Terms, derived_terms, kernel_layout, token_terms
 from softgate.engine.metrics import METRIC_NAMES, to_floats
 from softgate.engine.mismatch import mismatch_log_weights
 from softgate.engine.objectives import OBJECTIVE_KIND, objective_params
@@ -40,7 +40,7 @@ from softgate.engine.validation import advantage_level, check, compute_dtype
 F64 = torch.float64
 INT32_MAX = 2**31 - 1
 
-TokenTerms = Callable[..., tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]]
+TokenTerms = Callable[..., Terms]
 
 
 def compute_loss(
