@@ -22,6 +22,9 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# engines built without an explicit `compile` stay eager in tests (CPU's default would queue
+# background compiles); tests of compilation pass compile= themselves
+os.environ.setdefault("SOFTGATE_ENGINE_COMPILE", "0")
 
 
 # ---------------------------------------------------------------- ports

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import threading
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from softgate.engine.advantages import group_advantages
 from softgate.engine.batch import Batch
+from softgate.engine.compiled import CompiledKernel, compile_mode
 from softgate.engine.config import (
     OBJECTIVES,
     AdvantageConfig,
@@ -21,7 +21,6 @@ from softgate.engine.config import (
     MismatchConfig,
 )
 from softgate.engine.errors import FieldViolation, InputError
-from softgate.engine.kernel import token_terms
 from softgate.engine.loss import TokenTerms, compute_loss
 from softgate.engine.result import AdvantageResult, LossResult
 from softgate.engine.validation import _INTS, _float_tensor, check
@@ -35,31 +34,26 @@ class Engine:
     Inputs may live on any device; they are moved to the engine's device and results stay
     there (adapters call `.cpu()` on what they send back).
 
-    `compile=True` runs the per-token kernel (`loss.token_terms`) through
-    torch.compile(dynamic=True): one fused loop instead of ~60 separate passes over the tokens,
-    the same code as the eager path, equal numbers up to float rounding (5-8x faster than
-    eager on CPU at 16M tokens, see bench/RESULTS.md). Each distinct configuration shape
-    (objective kind, KL / mismatch on or off, advantage level) compiles once per process:
-    0.3-45 s on 2 CPU cores depending on the inductor disk cache; `warmup()` does the default
-    paths ahead. `compile=None` (default): on for CUDA, off for CPU (the warm-up per
-    configuration is too slow for a CPU service's first requests and for test suites); the
-    environment variable SOFTGATE_ENGINE_COMPILE=1 / 0 overrides it. If compilation fails
-    the engine logs it, falls back to eager and keeps serving. Eager calls may run from
-    several threads at once; compiled calls are serialised by a lock.
+    The per-token kernel (`kernel.token_terms`) can run through torch.compile(dynamic=True):
+    one fused loop instead of ~60 separate passes over the tokens, the same code as the eager
+    path, equal numbers up to float rounding (several times faster than eager on CPU at 16M
+    tokens, see bench/RESULTS.md). `compile`: True compiles each configuration (objective
+    kind, KL / mismatch on or off, advantage level, dtype) on first use in the calling thread
+    (0.3-45 s on 2 CPU cores); False never compiles; "background" runs a configuration's first
+    calls eager while one background thread compiles it, then switches to the compiled
+    kernel; None (default) reads SOFTGATE_ENGINE_COMPILE (1 / 0 / background / auto) and
+    otherwise means True on CUDA, "background" on CPU. Compile failures are logged and leave
+    the engine eager. Calls may run from several threads at once; compiles and compiled calls
+    are serialised by a lock (see `compiled.CompiledKernel`).
     """
 
-    def __init__(self, device: str | torch.device | None = None, compile: bool | None = None) -> None:
+    def __init__(self, device: str | torch.device | None = None, compile: bool | str | None = None) -> None:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        if compile is None:
-            env = os.environ.get("SOFTGATE_ENGINE_COMPILE", "").strip().lower()
-            compile = env in ("1", "true", "yes") if env else self.device.type == "cuda"
-        self.compile = bool(compile)
-        self._kernel: TokenTerms | None = None
-        self._lock = threading.Lock()
-        if self.compile:
-            self._kernel = torch.compile(token_terms, dynamic=True)
+        self.compile_mode = compile_mode(compile, self.device)
+        self.compile = self.compile_mode != "off"
+        self.kernel = CompiledKernel(self.compile_mode)
 
     def _to_device(self, batch: Batch) -> Batch:
         moved = {
@@ -71,20 +65,15 @@ class Engine:
 
     def loss(self, batch: Batch, config: LossConfig) -> LossResult:
         """Validate, move to the device, compute loss + exact per-token gradient + metrics."""
+        return self._loss(batch, config, self.kernel)
+
+    def _loss(self, batch: Batch, config: LossConfig, kernel: TokenTerms) -> LossResult:
         check(batch, config)
-        batch = self._to_device(batch)
-        if self._kernel is not None:
-            try:
-                # dynamo's compile step is not safe to enter from several threads at once;
-                # compiled calls are serialised (each already uses every core / the GPU)
-                with self._lock:
-                    return compute_loss(batch, config, validate=False, kernel=self._kernel)
-            except InputError:
-                raise
-            except Exception as exc:  # a compiler failure must not take the service down
-                log.warning("compiled engine kernel failed (%s); falling back to eager", exc)
-                self._kernel = None
-        return compute_loss(batch, config, validate=False)
+        return compute_loss(self._to_device(batch), config, validate=False, kernel=kernel)
+
+    def wait_compiled(self, timeout: float | None = None) -> bool:
+        """Block until no background compile is queued or running (tests, benchmarks)."""
+        return self.kernel.wait(timeout)
 
     def advantages(self, rewards: Tensor, group_ids: Tensor, config: AdvantageConfig) -> AdvantageResult:
         """Per-sequence advantages from rewards and group ids (reinforce_pp_baseline whitens
@@ -129,7 +118,12 @@ class Engine:
 
     def warmup(self) -> None:
         """Run one small batch through every objective (and the KL, mismatch and aggregation
-        paths) so the first request is fast."""
+        paths) so the first request is fast. With compile=True this compiles those paths; in
+        background mode it queues no compiles (real traffic chooses what gets compiled)."""
+
+        def eager_only(*args: Any) -> Any:
+            return self.kernel(*args, schedule=False)
+
         g = torch.Generator().manual_seed(0)
         lengths = torch.tensor([3, 0, 5, 2])
         n = int(lengths.sum())
@@ -151,4 +145,4 @@ class Engine:
                 kl=KLConfig(beta=0.01),
                 mismatch=MismatchConfig(),
             )
-            self.loss(batch, cfg)
+            self._loss(batch, cfg, eager_only)

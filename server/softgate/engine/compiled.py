@@ -1,0 +1,227 @@
+"""CompiledKernel: when and how `kernel.token_terms` runs through torch.compile.
+
+Modes (`compile_mode`):
+- "off": always eager.
+- "sync": compile on first use of each configuration, in the calling thread (CUDA's default).
+- "background" (CPU's default): the first call of a configuration runs eager and queues a
+  compile of that configuration on one background thread, warmed on a small synthetic batch
+  of the same configuration; once it is ready, later calls with that configuration run the
+  compiled kernel. A compile failure is logged once and leaves that configuration eager.
+
+A configuration (`kernel_key`) is what the compiled code is specialised on: objective kind,
+sequence ratio, advantage level, KL estimator, mismatch level / mode, the objective's parameter
+names (e.g. dual clip on / off), the dtypes. Float parameters travel as values and sizes are
+dynamic, so neither recompiles. Batches with fewer than 2 tokens or sequences run eager
+(torch.compile specialises sizes 0 and 1). Dynamo's compiler is not thread-safe: compiles and
+compiled calls hold one lock; a call that would wait for a running background compile runs
+eager instead, and a ready configuration that still misses dynamo's guards runs eager
+("eager_on_recompile") instead of recompiling inside a request.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from softgate.engine.kernel import Terms, token_terms
+
+log = logging.getLogger(__name__)
+
+COMPILE_MODES = ("off", "sync", "background")
+_TRUE = ("1", "true", "yes", "on", "sync")
+_FALSE = ("0", "false", "no", "off")
+
+# tokens per sequence of the synthetic warm-up batch (5 sequences, 67 tokens): sizes >= 2 and
+# not round, so the compiled code is generic in N and B
+_WARM_LENGTHS = (13, 14, 13, 14, 13)
+# per-token entries of token_terms' tensor dict; the others are per sequence ([B])
+_PER_TOKEN = ("logp", "old", "m", "ids", "ref", "rollout")
+
+
+def compile_mode(compile: bool | str | None, device: torch.device) -> str:
+    """'off', 'sync' or 'background' from Engine's `compile` argument; None reads
+    SOFTGATE_ENGINE_COMPILE (1 / 0 / background / auto), auto = sync on CUDA, background on CPU."""
+    if compile is True:
+        return "sync"
+    if compile is False:
+        return "off"
+    raw = compile if compile is not None else os.environ.get("SOFTGATE_ENGINE_COMPILE", "")
+    s = raw.strip().lower()
+    if s in _TRUE:
+        return "sync"
+    if s in _FALSE:
+        return "off"
+    if s == "background":
+        return "background"
+    if s not in ("", "auto", "none"):
+        raise ValueError(f"compile must be one of {COMPILE_MODES}, a bool or 'auto'; got {raw!r}")
+    return "sync" if device.type == "cuda" else "background"
+
+
+def kernel_key(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The configuration a compiled token_terms is specialised on, from its arguments."""
+    t, prm, kind, seq_ratio, adv_per_token, kl, mismatch, _clamp, _threshold, count_dtype = args
+    return (
+        kind,
+        seq_ratio,
+        adv_per_token,
+        kl.estimator if kl is not None else None,
+        (mismatch.level, mismatch.mode) if mismatch is not None else None,
+        tuple((k, v.dtype) for k, v in sorted(t.items())),
+        tuple((k, v.dtype) for k, v in sorted(prm.items())),
+        count_dtype,
+        t["logp"].device,
+    )
+
+
+def warmup_args(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """token_terms arguments of the same configuration for a small synthetic batch."""
+    t, prm, *rest = args
+    adv_per_token = rest[2]
+    dev = t["logp"].device
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.tensor(_WARM_LENGTHS)
+    n, b = int(lengths.sum()), lengths.numel()
+    logp = -torch.rand(n, generator=g, dtype=torch.float64) - 0.5
+
+    def per_token(k: str) -> Tensor:
+        if k == "m":
+            return torch.rand(n, generator=g) < 0.9
+        if k == "ids":
+            return torch.repeat_interleave(torch.arange(b, dtype=torch.int32), lengths)
+        if k == "logp":
+            return logp
+        return logp + 0.05 * torch.randn(n, generator=g, dtype=torch.float64)
+
+    def per_seq(k: str) -> Tensor:
+        if k == "w":
+            return torch.rand(b, generator=g, dtype=torch.float64) / n
+        if k == "sratio":
+            return torch.exp(0.01 * torch.randn(b, generator=g, dtype=torch.float64))
+        return torch.randn(b, generator=g, dtype=torch.float64) * (0.01 if k == "lvseq" else 1.0)
+
+    out: dict[str, Tensor] = {}
+    for k, v in t.items():
+        x = per_token(k) if k in _PER_TOKEN or (k == "adv" and adv_per_token) else per_seq(k)
+        out[k] = x.to(device=dev, dtype=v.dtype)
+    return (out, {k: v.clone() for k, v in prm.items()}, *rest)
+
+
+class CompiledKernel:
+    """Callable with token_terms' signature that runs it compiled or eager per `mode`."""
+
+    def __init__(self, mode: str) -> None:
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"compile mode {mode!r}; known: {COMPILE_MODES}")
+        self.mode = mode
+        self._fn: Any = torch.compile(token_terms, dynamic=True) if mode != "off" else None
+        self._lock = threading.Lock()  # dynamo: one compile or compiled call at a time
+        self._state = threading.Lock()  # guards the sets below
+        self._ready: set[tuple[Any, ...]] = set()
+        self._queued: set[tuple[Any, ...]] = set()
+        self._failed: set[tuple[Any, ...]] = set()
+        self._jobs: queue.Queue[tuple[tuple[Any, ...], tuple[Any, ...]]] = queue.Queue()
+        self._worker: threading.Thread | None = None
+        self._compiling = threading.Event()
+        self._idle = threading.Condition(self._state)
+
+    def __call__(self, *args: Any, schedule: bool = True) -> Terms:
+        """token_terms(*args), compiled when this configuration's kernel is available;
+        `schedule=False` never queues a background compile."""
+        if self._fn is None or args[0]["logp"].numel() < 2 or args[0]["w"].numel() < 2:
+            return token_terms(*args)
+        if self.mode == "sync":
+            return self._sync(args)
+        key = kernel_key(args)
+        if key in self._ready and self._acquire():
+            try:
+                with torch.compiler.set_stance("eager_on_recompile"):
+                    return self._fn(*args)  # type: ignore[no-any-return]
+            except Exception as exc:
+                self._fail(key, exc)
+            finally:
+                self._lock.release()
+        elif schedule:
+            self._schedule(key, args)
+        return token_terms(*args)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until no background compile is queued or running; False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._queued, timeout)
+
+    @property
+    def enabled(self) -> bool:
+        """False when the mode is off or a sync compile failed (everything runs eager)."""
+        return self._fn is not None
+
+    @property
+    def ready(self) -> int:
+        """Number of configurations whose compiled kernel is in use."""
+        return len(self._ready)
+
+    # ---------------------------------------------------------------- internals
+
+    def _sync(self, args: tuple[Any, ...]) -> Terms:
+        try:
+            with self._lock:
+                return self._fn(*args)  # type: ignore[no-any-return]
+        except Exception as exc:  # a compiler failure must not take the service down
+            log.warning("compiled engine kernel failed (%s); falling back to eager", exc)
+            self._fn = None
+        return token_terms(*args)
+
+    def _acquire(self) -> bool:
+        """Take the compile lock unless a background compile holds it (then run eager)."""
+        if self._lock.acquire(blocking=False):
+            return True
+        while not self._compiling.is_set():  # another compiled call: it is short, wait
+            if self._lock.acquire(timeout=0.05):
+                return True
+        return False
+
+    def _fail(self, key: tuple[Any, ...], exc: BaseException) -> None:
+        with self._state:
+            self._ready.discard(key)
+            first = key not in self._failed
+            self._failed.add(key)
+        if first:
+            log.warning(
+                "compiled engine kernel failed for %s (%s); this configuration stays eager", key[:5], exc
+            )
+
+    def _schedule(self, key: tuple[Any, ...], args: tuple[Any, ...]) -> None:
+        with self._state:
+            if key in self._queued or key in self._failed or key in self._ready:
+                return
+            self._queued.add(key)
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._work, name="softgate-compile", daemon=True)
+                self._worker.start()
+        self._jobs.put((key, warmup_args(args)))
+
+    def _work(self) -> None:
+        while True:
+            key, args = self._jobs.get()
+            try:
+                with self._lock:
+                    self._compiling.set()
+                    try:
+                        self._fn(*args)
+                    finally:
+                        self._compiling.clear()
+                with self._state:
+                    self._ready.add(key)
+                log.info("compiled engine kernel ready for %s", key[:5])
+            except Exception as exc:
+                self._fail(key, exc)
+            finally:
+                with self._idle:
+                    self._queued.discard(key)
+                    self._idle.notify_all()

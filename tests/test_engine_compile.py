@@ -1,0 +1,167 @@
+"""When the engine's per-token kernel is compiled: modes, configuration keys, the background
+compile (first calls eager, then compiled, same numbers), failures staying eager."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import pytest
+import torch
+from softgate.engine import METRIC_NAMES, Engine
+from softgate.engine.compiled import compile_mode, kernel_key, warmup_args
+from softgate.engine.kernel import token_terms
+from softgate.engine.loss import compute_loss
+
+try:
+    from tests.reference_loss import OBJECTIVE_NAMES, make_config, random_batch
+except ImportError:  # tests/ is not a package from this rootdir
+    from reference_loss import OBJECTIVE_NAMES, make_config, random_batch  # type: ignore[no-redef]
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def test_compile_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert compile_mode(True, CPU) == "sync"
+    assert compile_mode(False, CUDA) == "off"
+    assert compile_mode("background", CUDA) == "background"
+    for env, cpu, cuda in (
+        ("1", "sync", "sync"),
+        ("true", "sync", "sync"),
+        ("0", "off", "off"),
+        ("no", "off", "off"),
+        ("background", "background", "background"),
+        ("auto", "background", "sync"),
+        ("", "background", "sync"),
+    ):
+        monkeypatch.setenv("SOFTGATE_ENGINE_COMPILE", env)
+        assert (compile_mode(None, CPU), compile_mode(None, CUDA)) == (cpu, cuda), env
+    monkeypatch.delenv("SOFTGATE_ENGINE_COMPILE")
+    assert compile_mode(None, CPU) == "background"
+    with pytest.raises(ValueError, match="compile"):
+        compile_mode("sometimes", CPU)
+    assert Engine(device="cpu", compile=False).compile is False
+
+
+def _kernel_args(batch: Any, cfg: Any) -> tuple[Any, ...]:
+    seen: list[tuple[Any, ...]] = []
+
+    def grab(*args: Any) -> Any:
+        seen.append(args)
+        return token_terms(*args)
+
+    compute_loss(batch, cfg, kernel=grab)
+    return seen[0]
+
+
+@pytest.mark.parametrize("name", OBJECTIVE_NAMES)
+@pytest.mark.parametrize(
+    "kl,mm,adv",
+    [
+        (None, None, "rewards"),
+        ("k3", ("token", "truncate"), "token"),
+        ("k1", ("sequence", "mask"), "sequence"),
+    ],
+)
+def test_warmup_args_have_the_same_configuration(name: str, kl: Any, mm: Any, adv: Any) -> None:
+    if name == "gspo" and adv == "token":
+        adv = "sequence"
+    batch = random_batch(5, max_seqs=9, max_len=11, advantages=adv)
+    args = _kernel_args(batch, make_config(name, "token_mean", kl, mm, variant=1))
+    warm = warmup_args(args)
+    assert kernel_key(warm) == kernel_key(args)
+    out = token_terms(*warm)  # a consistent batch: the eager kernel runs on it
+    assert out[0].numel() == warm[0]["logp"].numel() > 1 and warm[0]["w"].numel() > 1
+    assert all(bool(torch.isfinite(x).all()) for x in out[:4])
+
+
+def test_configuration_keys_differ_by_structure_not_by_values() -> None:
+    batch = random_batch(3, max_seqs=6, max_len=9)
+    key = kernel_key(_kernel_args(batch, make_config("grpo", "token_mean", "k3", None)))
+    same = kernel_key(
+        _kernel_args(
+            random_batch(4, max_seqs=12, max_len=40),
+            make_config("grpo", "seq_mean_token_sum", "k3", None, variant=2),
+        )
+    )
+    assert same == key
+    assert kernel_key(_kernel_args(batch, make_config("grpo", "token_mean", None, None))) != key
+    assert kernel_key(_kernel_args(batch, make_config("sapo", "token_mean", "k3", None))) != key
+    dual = make_config("grpo", "token_mean", "k3", None, variant=1)  # dual clip on
+    assert kernel_key(_kernel_args(batch, dual)) != key
+
+
+def _same_result(a: Any, b: Any, tol: float = 1e-5) -> None:
+    assert a.loss == pytest.approx(b.loss, rel=tol, abs=tol)
+    torch.testing.assert_close(a.grad, b.grad, rtol=tol, atol=tol)
+    torch.testing.assert_close(a.gate_weight, b.gate_weight, rtol=tol, atol=tol)
+    assert torch.equal(a.clip_mask, b.clip_mask)
+    for k in METRIC_NAMES:
+        assert a.metrics[k] == pytest.approx(b.metrics[k], rel=1e-4, abs=1e-6), k
+
+
+def test_background_compile_failure_stays_eager(caplog: pytest.LogCaptureFixture) -> None:
+    eng = Engine(device="cpu", compile="background")
+    calls = []
+
+    def broken(*args: Any) -> Any:
+        calls.append(1)
+        raise RuntimeError("inductor exploded")
+
+    eng.kernel._fn = broken
+    batch = random_batch(7, max_seqs=8, max_len=20)
+    cfg = make_config("sapo", "seq_mean_token_mean", None, None)
+    want = Engine(device="cpu", compile=False).loss(batch, cfg)
+    with caplog.at_level(logging.WARNING, logger="softgate.engine.compiled"):
+        _same_result(eng.loss(batch, cfg), want, 0)
+        assert eng.wait_compiled(30)
+        for _ in range(3):
+            _same_result(eng.loss(batch, cfg), want, 0)
+    assert len(calls) == 1 and eng.kernel.ready == 0
+    assert sum("stays eager" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.slow
+def test_background_compile_switches_to_compiled_with_the_same_numbers() -> None:
+    """First calls eager (also from several threads while the compile runs), then the
+    compiled kernel; every result equals the eager engine's."""
+    eng = Engine(device="cpu", compile="background")
+    eager = Engine(device="cpu", compile=False)
+    compiled_calls = []
+    fn = eng.kernel._fn
+
+    def counting(*args: Any) -> Any:
+        compiled_calls.append(threading.current_thread().name)
+        return fn(*args)
+
+    eng.kernel._fn = counting
+    batch = random_batch(11, max_seqs=12, max_len=40, big_deltas=True)
+    cfg = make_config("grpo", "seq_mean_token_mean", "k3", ("token", "truncate"), variant=1)
+    want = eager.loss(batch, cfg)
+    _same_result(eng.loss(batch, cfg), want)  # eager; queues the compile
+    errors: list[BaseException] = []
+
+    def hammer() -> None:
+        try:
+            for _ in range(5):
+                _same_result(eng.loss(batch, cfg), want)
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=hammer) for _ in range(3)]
+    for t in threads:
+        t.start()
+    assert eng.wait_compiled(600), "background compile did not finish"
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    assert eng.kernel.ready == 1
+    assert compiled_calls and compiled_calls[0] == "softgate-compile"  # the warm-up batch
+    before = len(compiled_calls)
+    for _ in range(2):
+        _same_result(eng.loss(batch, cfg), want)
+    assert len(compiled_calls) == before + 2  # later calls run the compiled kernel
+    other = make_config("sapo", "token_mean", None, None)
+    _same_result(eng.loss(batch, other), eager.loss(batch, other))  # a new configuration: eager first
+    assert eng.wait_compiled(600) and eng.kernel.ready == 2
