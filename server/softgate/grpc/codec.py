@@ -288,8 +288,10 @@ def decode_tensor(
                 )
             )
             return None
-        return raw.view(torch.bool).reshape(shape)
-    return _copy_bytes(data, dtype, n).reshape(shape)
+        out = raw.view(torch.bool)
+    else:
+        out = _copy_bytes(data, dtype, n)
+    return out if len(shape) == 1 else out.reshape(shape)  # (1-D: already that shape)
 
 
 def _copy_bytes(data: bytes | memoryview, dtype: torch.dtype, n: int) -> Tensor:
