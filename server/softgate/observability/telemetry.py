@@ -159,6 +159,8 @@ class PrometheusTelemetry(Telemetry):
             ["hook"],
             registry=r,
         )
+        self._rpc_children: dict[str, tuple[Any, Any, Any, Any]] = {}
+        self._request_children: dict[tuple[str, str], Any] = {}
         self.set_device(getattr(settings, "device", None))
         self.collector = SoftgateCollector(self)
         r.register(self.collector)
@@ -181,9 +183,22 @@ class PrometheusTelemetry(Telemetry):
             {"device": dev, "name": name, "torch_version": torch.__version__, "version": __version__}
         )
 
+    def _rpc(self, rpc: str) -> tuple[Any, Any, Any, Any]:
+        """The per-rpc children (in flight, latency, bytes in, bytes out), looked up once."""
+        c = self._rpc_children.get(rpc)
+        if c is None:
+            c = (
+                self.in_flight.labels(rpc),
+                self.latency.labels(rpc),
+                self.bytes_in.labels(rpc),
+                self.bytes_out.labels(rpc),
+            )
+            self._rpc_children[rpc] = c
+        return c
+
     def request_started(self, rpc: str, run: str, tokens: int) -> None:
         tokens = max(int(tokens or 0), 0)
-        self.in_flight.labels(rpc).inc()
+        self._rpc(rpc)[0].inc()
         self.in_flight_tokens.inc(tokens)
         with self.lock:
             self._in_flight[(rpc, run or "")].append(tokens)
@@ -269,16 +284,21 @@ class PrometheusTelemetry(Telemetry):
                 del self._in_flight[(rpc, run or "")]
         if code == "OK":
             self._later(self._processed, rpc, run, tokens, sequences)
+        in_flight, latency, b_in, b_out = self._rpc(rpc)
         if started is not None:
-            self.in_flight.labels(rpc).dec()
+            in_flight.dec()
             self.in_flight_tokens.dec(started)
-        self.requests.labels(rpc, code or "UNKNOWN").inc()
+        key = (rpc, code or "UNKNOWN")
+        counter = self._request_children.get(key)
+        if counter is None:
+            counter = self._request_children[key] = self.requests.labels(*key)
+        counter.inc()
         if seconds is not None and math.isfinite(seconds) and seconds >= 0:
-            self.latency.labels(rpc).observe(seconds)
+            latency.observe(seconds)
         if bytes_in:
-            self.bytes_in.labels(rpc).inc(max(int(bytes_in), 0))
+            b_in.inc(max(int(bytes_in), 0))
         if bytes_out:
-            self.bytes_out.labels(rpc).inc(max(int(bytes_out), 0))
+            b_out.inc(max(int(bytes_out), 0))
 
     def _processed(self, rpc: str, run: str, tokens: int, sequences: int) -> None:
         with self.lock:
