@@ -527,18 +527,21 @@ EC = None
 
 
 @pytest.mark.parametrize(
-    "dtype,name,kl,mm",
+    "dtype,name,kl,mm,clamp",
     [
-        (F64, "sapo", None, None),
-        (F64, "grpo", "k3", ("token", "truncate")),
-        (torch.float32, "gspo", None, None),
+        (F64, "sapo", None, None, 3.0),
+        (F64, "grpo", "k3", ("token", "truncate"), 3.0),
+        # the same kernel, another clamp: numbers are kernel inputs, never baked in (a float
+        # argument once was, and inductor's cache served the clamp-3 kernel to clamp 20)
+        (F64, "grpo", "k3", ("token", "truncate"), 20.0),
+        (torch.float32, "gspo", None, None, 3.0),
     ],
 )
-def test_compiled_kernel_matches_eager(dtype, name, kl, mm):
+def test_compiled_kernel_matches_eager(dtype, name, kl, mm, clamp):
     global EC
     EC = EC or Engine(device="cpu", compile=True)
     b = random_batch(17, max_seqs=12, max_len=30, dtype=dtype, big_deltas=True)
-    cfg = make_config(name, "seq_mean_token_mean", kl, mm, variant=1, clamp=3.0)
+    cfg = make_config(name, "seq_mean_token_mean", kl, mm, variant=1, clamp=clamp)
     r_e = E.loss(b, cfg)
     r_c = EC.loss(b, cfg)
     assert EC.kernel.enabled, "compilation fell back to eager"

@@ -162,6 +162,7 @@ def test_background_compile_switches_to_compiled_with_the_same_numbers() -> None
     for _ in range(2):
         _same_result(eng.loss(batch, cfg), want)
     assert len(compiled_calls) == before + 2  # later calls run the compiled kernel
+    assert eng.kernel.guard_misses == 0  # ... compiled, not eager behind dynamo's guards
     other = make_config("sapo", "token_mean", None, None)
     _same_result(eng.loss(batch, other), eager.loss(batch, other))  # a new configuration: eager first
     assert eng.wait_compiled(600) and eng.kernel.ready == 2

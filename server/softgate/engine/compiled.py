@@ -10,12 +10,12 @@ Modes (`compile_mode`):
 
 A configuration (`kernel_key`) is what the compiled code is specialised on: objective kind,
 sequence ratio, advantage level, KL estimator, mismatch level / mode, the objective's parameter
-names (e.g. dual clip on / off), the dtypes. Float parameters travel as values and sizes are
+names (e.g. dual clip on / off), the dtypes. Numbers travel as 0-d tensors and sizes are
 dynamic, so neither recompiles. Batches with fewer than 2 tokens or sequences run eager
 (torch.compile specialises sizes 0 and 1). Dynamo's compiler is not thread-safe: compiles and
 compiled calls hold one lock; a call that would wait for a running background compile runs
-eager instead, and a ready configuration that still misses dynamo's guards runs eager
-("eager_on_recompile") instead of recompiling inside a request.
+eager instead, and a ready configuration that still misses dynamo's guards runs eager (counted
+in `guard_misses`, logged once) instead of recompiling inside a request.
 """
 
 from __future__ import annotations
@@ -66,13 +66,13 @@ def compile_mode(compile: bool | str | None, device: torch.device) -> str:
 
 def kernel_key(args: tuple[Any, ...]) -> tuple[Any, ...]:
     """The configuration a compiled token_terms is specialised on, from its arguments."""
-    t, prm, kind, seq_ratio, adv_per_token, kl, mismatch, _clamp, _threshold, count_dtype = args
+    t, prm, kind, seq_ratio, adv_per_token, kl, mismatch, count_dtype = args
     return (
         kind,
         seq_ratio,
         adv_per_token,
-        kl.estimator if kl is not None else None,
-        (mismatch.level, mismatch.mode) if mismatch is not None else None,
+        kl,
+        mismatch,
         tuple((k, v.dtype) for k, v in sorted(t.items())),
         tuple((k, v.dtype) for k, v in sorted(prm.items())),
         count_dtype,
@@ -126,6 +126,8 @@ class CompiledKernel:
         self._ready: set[tuple[Any, ...]] = set()
         self._queued: set[tuple[Any, ...]] = set()
         self._failed: set[tuple[Any, ...]] = set()
+        self._missed: set[tuple[Any, ...]] = set()
+        self.guard_misses = 0  # calls of a ready configuration that ran eager (dynamo's guards)
         self._jobs: queue.Queue[tuple[tuple[Any, ...], tuple[Any, ...]]] = queue.Queue()
         self._worker: threading.Thread | None = None
         self._compiling = threading.Event()
@@ -141,10 +143,13 @@ class CompiledKernel:
         key = kernel_key(args)
         if key in self._ready and self._acquire():
             try:
-                with torch.compiler.set_stance("eager_on_recompile"):
+                with torch.compiler.set_stance("fail_on_recompile"):
                     return self._fn(*args)  # type: ignore[no-any-return]
             except Exception as exc:
-                self._fail(key, exc)
+                if isinstance(exc, RuntimeError) and str(exc).startswith("Detected recompile"):
+                    self._miss(key, exc)
+                else:
+                    self._fail(key, exc)
             finally:
                 self._lock.release()
         elif schedule:
@@ -196,6 +201,14 @@ class CompiledKernel:
                 "compiled engine kernel failed for %s (%s); this configuration stays eager", key[:5], exc
             )
 
+    def _miss(self, key: tuple[Any, ...], exc: BaseException) -> None:
+        with self._state:
+            self.guard_misses += 1
+            first = key not in self._missed
+            self._missed.add(key)
+        if first:
+            log.warning("compiled engine kernel does not fit this batch (%s); it runs eager", exc)
+
     def _schedule(self, key: tuple[Any, ...], args: tuple[Any, ...]) -> None:
         with self._state:
             if key in self._queued or key in self._failed or key in self._ready:
@@ -210,7 +223,7 @@ class CompiledKernel:
         while True:
             key, args = self._jobs.get()
             try:
-                with self._lock:
+                with self._lock, torch.no_grad():  # as compute_loss calls it (a dynamo guard)
                     self._compiling.set()
                     try:
                         self._fn(*args)

@@ -12,14 +12,15 @@ reductions is what makes the compiled kernel fast.
 
 from __future__ import annotations
 
-from typing import Any
+import functools
 
 import torch
 from torch import Tensor
 
+from softgate.engine.config import LossConfig
 from softgate.engine.kl import kl_terms
 from softgate.engine.mismatch import mismatch_weights
-from softgate.engine.objectives import policy_terms
+from softgate.engine.objectives import objective_params, policy_terms
 
 # token_terms' result: grad, advantages, ratio, gate, clip mask (uint8), sums, counts
 Terms = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
@@ -60,6 +61,34 @@ def kernel_layout(
     return tuple(sums), tuple(counts)
 
 
+def kernel_params(config: LossConfig, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
+    """Every number token_terms reads, as 0-d tensors: the objective's (objective_params), the
+    log-ratio clamp, the saturation threshold, the KL beta, the mismatch cap or bounds. Passed
+    as tensors, no value is baked into a compiled kernel (a float argument was: inductor's
+    cache served a kernel compiled for one clamp to a process using another). Shared, read-only
+    tensors per configuration."""
+    try:
+        return _kernel_params(config, dtype, device)
+    except TypeError:  # an unhashable configuration (not expected after validation)
+        return _kernel_params.__wrapped__(config, dtype, device)
+
+
+@functools.lru_cache(maxsize=256)
+def _kernel_params(config: LossConfig, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
+    prm = objective_params(config.objective, dtype, device)
+    vals = {"clamp": config.log_ratio_clamp, "threshold": config.saturation_threshold}
+    if config.kl is not None:
+        vals["beta"] = config.kl.beta
+    mm = config.mismatch
+    if mm is not None:
+        if mm.mode == "truncate":
+            vals["cap"] = mm.cap
+        else:
+            vals["vlo"], vals["vhi"] = mm.lo, mm.hi
+    prm.update({k: torch.tensor(float(v), dtype=dtype, device=device) for k, v in vals.items()})
+    return prm
+
+
 def derived_terms(s: dict[str, float], kind: str, kl: bool, mismatch: bool) -> dict[str, float]:
     """Complete the token sums `s` (kernel_layout's, plus the per-sequence cnt, npos, nneg,
     a_sum, a_sq and, for gspo, ratio_sum / ratio_min / ratio_max / clamped) into every term
@@ -96,10 +125,8 @@ def token_terms(
     kind: str,
     seq_ratio: bool,
     adv_per_token: bool,
-    kl: Any,
-    mismatch: Any,
-    clamp: float,
-    threshold: float,
+    kl: str | None,
+    mismatch: tuple[str, str] | None,
     count_dtype: torch.dtype,
 ) -> Terms:
     """All per-token work: (grad, advantages, ratio, gate, clip_mask, float64 sums, counts),
@@ -109,13 +136,15 @@ def token_terms(
     code stores a bool tensor several times slower than a uint8 one (measured: the whole
     kernel 3x slower at 16M tokens). Reading `m` as bool is the fast way round.
 
-    `t` holds logp, old, m (bool), ids (sequence id per token), w (aggregation weight per
+    `prm` is kernel_params(config); `kl` the KL estimator (None: no KL term), `mismatch` the
+    mismatch (level, mode) (None: no correction). `t` holds logp, old, m (bool), ids (sequence id per token), w (aggregation weight per
     sequence), adv ([N] or [B]), and as configured sratio ([B], gspo), ref (KL), rollout or
     lvseq (mismatch, token or sequence level)."""
     sum_names, count_names = kernel_layout(
         kind, seq_ratio, adv_per_token, kl is not None, mismatch is not None, "dual" in prm
     )
     logp, old, m, ids = t["logp"], t["old"], t["m"], t["ids"]
+    clamp = prm["clamp"]
     zero = torch.zeros_like(logp)
     a = t["adv"] if adv_per_token else t["adv"][ids]
     alpha = torch.where(m, t["w"][ids], zero)
@@ -136,11 +165,12 @@ def token_terms(
     pt = policy_terms(kind, ratio, dratio, a, lp, prm)
     lpol, gpol, gfree = pt.loss, pt.grad, pt.grad_free
     if mismatch is not None:
-        if mismatch.level == "sequence":
+        level, mode = mismatch
+        if level == "sequence":
             lv = t["lvseq"][ids]
         else:
             lv = torch.where(m, old - t["rollout"], zero).clamp(-clamp, clamp)
-        v, vch = mismatch_weights(mismatch, lv)
+        v, vch = mismatch_weights(mode, lv, prm)
         lpol, gpol, gfree = lpol * v, gpol * v, gfree * v
         S["v_sum"] = torch.where(m, v, zero)
         C["v_changed"] = vch & m
@@ -153,10 +183,10 @@ def token_terms(
     S["free_abs"] = alpha * gfree.abs()
     S["d_sum"] = d
     if kl is not None:
-        k, dk, kcl = kl_terms(kl.estimator, torch.where(m, t["ref"] - logp, zero), clamp)
+        k, dk, kcl = kl_terms(kl, torch.where(m, t["ref"] - logp, zero), clamp)
         S["kl_sum"] = alpha * k
         S["k_sum"] = torch.where(m, k, zero)
-        grad = grad + (kl.beta * alpha) * dk
+        grad = grad + (prm["beta"] * alpha) * dk
         S["grad_total_abs"] = grad.abs()  # not finite iff some gradient is not (overflow check)
         C["kl_clamped"] = kcl & m
     pos = m & (a > 0)
@@ -169,7 +199,7 @@ def token_terms(
     if kind in _SOFT_GATE:
         S["gate_pos"] = torch.where(pos, gate, zero)
         S["gate_neg"] = torch.where(neg, gate, zero)
-        sat = gate < threshold
+        sat = gate < prm["threshold"]
         C["sat_pos"], C["sat_neg"] = pos & sat, neg & sat
     if pt.clip_low is not None:
         C["clip_low"] = pt.clip_low & m

@@ -10,9 +10,9 @@ import torch
 from torch import Tensor
 
 
-def kl_terms(estimator: str, x_raw: Tensor, clamp: float) -> tuple[Tensor, Tensor, Tensor]:
+def kl_terms(estimator: str, x_raw: Tensor, clamp: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(k, d k / d logp, clamped) per token from x_raw = ref - logp (0 on masked tokens)."""
-    x = x_raw.clamp(-clamp, clamp)
+    x = torch.clamp(x_raw, -clamp, clamp)
     clamped = x_raw.abs() > clamp
     if estimator == "k1":
         k, dk = -x, torch.ones_like(x)

@@ -29,10 +29,10 @@ from softgate.engine.aggregate import sequence_weights
 from softgate.engine.batch import Batch
 from softgate.engine.config import Gspo, GspoToken, LossConfig
 from softgate.engine.errors import FieldViolation, InputError
-from softgate.engine.kernel import Terms, derived_terms, kernel_layout, token_terms
+from softgate.engine.kernel import Terms, derived_terms, kernel_layout, kernel_params, token_terms
 from softgate.engine.metrics import METRIC_NAMES, to_floats
 from softgate.engine.mismatch import mismatch_log_weights
-from softgate.engine.objectives import OBJECTIVE_KIND, objective_params
+from softgate.engine.objectives import OBJECTIVE_KIND
 from softgate.engine.result import LossResult
 from softgate.engine.segments import Segments
 from softgate.engine.validation import advantage_level, check, compute_dtype
@@ -130,7 +130,7 @@ def _compute_loss(batch: Batch, config: LossConfig, validate: bool, kernel: Toke
         assert batch.ref_logp is not None
         t["ref"] = batch.ref_logp.to(dt)
 
-    prm = objective_params(obj, dt, dev)
+    prm = kernel_params(config, dt, dev)
     fn = kernel or token_terms
     grad, a, ratio, gate, clip, sums_t, counts_t = fn(
         t,
@@ -138,10 +138,8 @@ def _compute_loss(batch: Batch, config: LossConfig, validate: bool, kernel: Toke
         kind,
         seq_ratio,
         adv_per_token,
-        config.kl,
-        mm,
-        clamp,
-        float(config.saturation_threshold),
+        config.kl.estimator if config.kl is not None else None,
+        (mm.level, mm.mode) if mm is not None else None,
         torch.int32 if n <= INT32_MAX else torch.int64,
     )
 

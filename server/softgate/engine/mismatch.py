@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from softgate.engine.config import MismatchConfig
 from softgate.engine.segments import Segments
 
 
@@ -22,12 +21,13 @@ def mismatch_log_weights(level: str, lv_raw: Tensor, seg: Segments, clamp: float
     return lv_raw.clamp(-clamp, clamp)
 
 
-def mismatch_weights(cfg: MismatchConfig, lv: Tensor) -> tuple[Tensor, Tensor]:
+def mismatch_weights(mode: str, lv: Tensor, prm: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     """(v, changed) per token from the clamped log-weight; `changed` marks tokens whose weight
-    was truncated at cap or zeroed outside [lo, hi]."""
+    was truncated at prm["cap"] ('truncate') or zeroed outside [prm["vlo"], prm["vhi"]] ('mask')."""
     v = torch.exp(lv)
-    if cfg.mode == "truncate":
-        changed = v > cfg.cap
-        return v.clamp(max=cfg.cap), changed
-    changed = (v < cfg.lo) | (v > cfg.hi)
+    if mode == "truncate":
+        cap = prm["cap"]
+        changed = v > cap
+        return torch.clamp(v, max=cap), changed
+    changed = (v < prm["vlo"]) | (v > prm["vhi"])
     return torch.where(changed, torch.zeros_like(v), v), changed
