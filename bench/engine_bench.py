@@ -6,18 +6,31 @@ same metrics), in one process, on the same batch.
     python bench/engine_bench.py --quick    # 1M tokens only
     python bench/engine_bench.py --device cuda
 
-Reports tokens/s (median of --repeats timed rounds after one untimed call; the implementations
-run round-robin within each round so that load from other processes hits them alike), the engine/autograd
-ratio, and peak extra resident memory per token: on Linux the peak-RSS counter is reset before
-each timed call (`echo 5 > /proc/self/clear_refs`), and (VmHWM - VmRSS before the call) / N is
-reported; on CUDA torch.cuda.max_memory_allocated() minus the memory allocated before the call.
+Columns: autograd (the baseline), eager (Engine(compile=False)), compiled (compile=True) and
+default (Engine() as `softgate serve` builds it: on CPU the background compile, measured in
+its steady state after the compile finished; on CUDA the same as compiled).
+
+Timing runs under the allocator the service ships with: the script re-executes itself with
+LD_PRELOAD=libtcmalloc_minimal when the library exists and is not preloaded yet
+(`--allocator system` keeps glibc malloc). Reports tokens/s (median of --repeats timed rounds
+after one untimed call; the implementations run round-robin within each round so that load
+from other processes hits them alike) and the engine/autograd ratio.
+
+Peak extra memory per token is measured apart, in one subprocess per implementation under
+glibc malloc with a fixed mmap threshold (MALLOC_MMAP_THRESHOLD_=65536, so that every large
+tensor is returned to the OS when freed and the peak of one call is not hidden by memory
+cached from the previous one): the peak-RSS counter is reset before the call
+(`echo 5 > /proc/self/clear_refs`) and (VmHWM - VmRSS before the call) / N is reported; on
+CUDA torch.cuda.max_memory_allocated() minus the memory allocated before the call.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -161,55 +174,137 @@ def measure(
     return {k: (statistics.median(t for t, _ in v), max(p for _, p in v)) for k, v in runs.items()}
 
 
+TCMALLOC = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib/libtcmalloc_minimal.so.4")
+IMPLS = ("autograd", "eager", "compiled", "default")
+
+
+def _reexec_with_tcmalloc() -> None:
+    """Run this script again with tcmalloc preloaded (what the service ships with), once."""
+    if not sys.platform.startswith("linux") or "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
+        return
+    lib = next((p for p in TCMALLOC if os.path.exists(p)), None)
+    if lib is None:
+        print("(tcmalloc not found: timing under glibc malloc)")
+        return
+    pre = os.environ.get("LD_PRELOAD", "")
+    env = dict(os.environ, LD_PRELOAD=f"{lib}:{pre}" if pre else lib)
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+def _engine(impl: str, device: torch.device) -> Engine:
+    if impl == "eager":
+        return Engine(device=device, compile=False)
+    if impl == "compiled":
+        return Engine(device=device, compile=True)
+    return Engine(device=device)  # the served default (SOFTGATE_ENGINE_COMPILE applies)
+
+
+def _config(objective: str) -> LossConfig:
+    obj = Sapo() if objective == "sapo" else Grpo()
+    return LossConfig(objective=obj, aggregation=AggregationConfig(mode="seq_mean_token_mean"))
+
+
+def _fn(impl: str, objective: str, batch: Batch, engine: Engine | None) -> Callable[[], object]:
+    if impl == "autograd":
+        return lambda: autograd_loss(batch, objective)
+    assert engine is not None
+    cfg = _config(objective)
+    return lambda: engine.loss(batch, cfg)
+
+
+def _probe(impl: str, objective: str, n: int, device: torch.device) -> None:
+    """Subprocess entry: print the peak extra bytes of one call of `impl` as JSON."""
+    batch = make_batch(n, device)
+    eng = None if impl == "autograd" else _engine(impl, device)
+    fn = _fn(impl, objective, batch, eng)
+    fn()  # untimed: compiles (and for the default engine queues the background compile)
+    if eng is not None:
+        eng.wait_compiled()
+    fn()
+    print(json.dumps({"peak": _run_once(fn, device)[1]}))
+
+
+def peak_bytes(impl: str, objective: str, n: int, device: torch.device) -> int | None:
+    """Peak extra bytes of one call, from a subprocess under glibc with a fixed mmap threshold."""
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    cmd = [sys.executable, __file__, "--probe", impl, objective, str(n), "--device", str(device)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    for line in reversed(out.stdout.splitlines()):
+        if line.startswith("{"):
+            return int(json.loads(line)["peak"])
+    print(f"(memory probe {impl} {objective} {n} failed: {out.stderr.strip()[-300:]})")
+    return None
+
+
 def main() -> None:
-    if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        # a fixed mmap threshold makes glibc return every large tensor's memory on free, so the
-        # RSS peak of one call is not hidden by memory cached from the previous one
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1M tokens only")
     ap.add_argument("--sizes", default=None, help="comma-separated token counts (default 1e6,16e6)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default=None)
-    ap.add_argument("--no-compile", action="store_true", help="skip the compiled engine")
+    ap.add_argument("--allocator", choices=("tcmalloc", "system"), default="tcmalloc")
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled and default engines")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument("--probe", nargs=3, metavar=("IMPL", "OBJECTIVE", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.probe:
+        _probe(args.probe[0], args.probe[1], int(args.probe[2]), device)
+        return
+    if args.allocator == "tcmalloc" and device.type == "cpu":
+        _reexec_with_tcmalloc()
     sizes = [int(float(s)) for s in (args.sizes or ("1e6" if args.quick else "1e6,16e6")).split(",")]
     repeats = 2 if args.quick else args.repeats
+    impls = [i for i in IMPLS if not (args.no_compile and i in ("compiled", "default"))]
+    engines = {i: _engine(i, device) for i in impls if i != "autograd"}
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} "
-        f"cpus={os.cpu_count()} repeats={repeats} (median), float32, seq_mean_token_mean, with metrics"
+        f"cpus={os.cpu_count()} repeats={repeats} (median), float32, seq_mean_token_mean, with metrics; "
+        f"LD_PRELOAD={os.environ.get('LD_PRELOAD', '') or '-'}; load average {load:.1f}"
+        + (f"; default engine: compile {engines['default'].compile_mode}" if "default" in engines else "")
     )
-    engines = {"eager": Engine(device=device, compile=False)}
-    if not args.no_compile:
-        engines["compiled"] = Engine(device=device, compile=True)
     header = f"{'tokens':>10} {'objective':>9} {'impl':>9} {'Mtok/s':>8} {'ms':>9} {'x autograd':>10} {'B/token':>8}"
     print(header)
     for n in sizes:
         batch = make_batch(n, device)
-        for name, obj in (("sapo", Sapo()), ("grpo", Grpo())):
-            cfg = LossConfig(objective=obj, aggregation=AggregationConfig(mode="seq_mean_token_mean"))
-            fns: dict[str, Callable[[], object]] = {
-                "autograd": lambda name=name, batch=batch: autograd_loss(batch, name)
-            }
-            for label, eng in engines.items():
-                t0 = time.perf_counter()
-                eng.loss(batch, cfg)  # first call: compiles for the compiled engine
-                if label == "compiled":
+        for name in ("sapo", "grpo"):
+            fns: dict[str, Callable[[], object]] = {}
+            # the default engine first: its background compile is the real one (the compiled
+            # engine then reuses dynamo's cache for the same configuration)
+            for impl in sorted(impls, key=lambda i: i != "default"):
+                eng = engines.get(impl)
+                fns[impl] = _fn(impl, name, batch, eng)
+                if impl in ("compiled", "default"):
+                    assert eng is not None
+                    t0 = time.perf_counter()
+                    fns[impl]()  # compiled: compiles; default: eager, queues the background compile
+                    t1 = time.perf_counter()
+                    done = eng.wait_compiled(900)
+                    t2 = time.perf_counter()
+                    what = "first call (compiles)" if impl == "compiled" else "first call (eager)"
                     print(
-                        f"{'':>10} {name:>9} (first compiled call incl. compilation: {time.perf_counter() - t0:.1f} s)"
+                        f"{'':>10} {name:>9} ({impl}: {what} {t1 - t0:.1f} s"
+                        + (
+                            f", background compile ready {t2 - t0:.1f} s after it"
+                            if impl == "default"
+                            else ""
+                        )
+                        + ("" if done else ", compile still running")
+                        + ")"
                     )
-                fns[label] = lambda eng=eng, cfg=cfg, batch=batch: eng.loss(batch, cfg)
+            fns = {k: fns[k] for k in impls}
             res_t = measure(fns, device, repeats)
             t_ag = res_t["autograd"][0]
-            for label, (t, mem) in res_t.items():
+            for label, (t, _) in res_t.items():
+                mem = None if args.no_memory else peak_bytes(label, name, n, device)
+                mem_s = f"{mem / n:>8.1f}" if mem is not None else f"{'-':>8}"
                 print(
-                    f"{n:>10} {name:>9} {label:>9} {n / t / 1e6:>8.1f} {t * 1e3:>9.1f} "
-                    f"{t_ag / t:>10.2f} {mem / n:>8.1f}"
+                    f"{n:>10} {name:>9} {label:>9} {n / t / 1e6:>8.1f} {t * 1e3:>9.1f} {t_ag / t:>10.2f} {mem_s}"
                 )
             # same numbers: engine vs autograd baseline
-            res = engines["eager"].loss(batch, cfg)
+            res = engines["eager"].loss(batch, _config(name))
             loss_ag, grad_ag, _ = autograd_loss(batch, name)
             diff = (res.grad - grad_ag).abs() / grad_ag.abs().max()
             print(
