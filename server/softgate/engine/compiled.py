@@ -100,6 +100,10 @@ def warmup_args(args: tuple[Any, ...]) -> tuple[Any, ...]:
         return logp + 0.05 * torch.randn(n, generator=g, dtype=torch.float64)
 
     def per_seq(k: str) -> Tensor:
+        if k == "ylen":
+            return lengths - 1
+        if k == "sclamped":
+            return torch.rand(b, generator=g) < 0.2
         if k == "w":
             return torch.rand(b, generator=g, dtype=torch.float64) / n
         if k == "sratio":

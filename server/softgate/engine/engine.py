@@ -59,9 +59,9 @@ class Engine:
         moved = {
             f.name: v.to(self.device)
             for f in dataclasses.fields(batch)
-            if isinstance(v := getattr(batch, f.name), Tensor)
+            if isinstance(v := getattr(batch, f.name), Tensor) and v.device != self.device
         }
-        return dataclasses.replace(batch, **moved)  # type: ignore[arg-type]
+        return dataclasses.replace(batch, **moved) if moved else batch  # type: ignore[arg-type]
 
     def loss(self, batch: Batch, config: LossConfig) -> LossResult:
         """Validate, move to the device, compute loss + exact per-token gradient + metrics."""

@@ -22,8 +22,8 @@ from softgate.engine.kl import kl_terms
 from softgate.engine.mismatch import mismatch_weights
 from softgate.engine.objectives import objective_params, policy_terms
 
-# token_terms' result: grad, advantages, ratio, gate, clip mask (uint8), sums, counts
-Terms = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+# token_terms' result: grad, advantages, ratio, gate, clip mask (uint8), float64 values
+Terms = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
 # objective kinds whose gate weight is not a constant 0 / 1 pattern of the clip masks
 _SOFT_GATE = ("sapo", "gppo", "cispo")
@@ -31,8 +31,9 @@ _SOFT_GATE = ("sapo", "gppo", "cispo")
 
 def kernel_layout(
     kind: str, seq_ratio: bool, adv_per_token: bool, kl: bool, mismatch: bool, dual: bool
-) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(float sums, integer counts) that token_terms reduces over tokens, in order."""
+) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """Names of token_terms' values, in order: float sums and integer counts over tokens, then
+    the terms it reduces over sequences."""
     sums = ["policy_loss", "d_sum", "grad_abs"]
     counts: list[str] = []
     if not seq_ratio:  # gspo's ratio and clamp are per sequence
@@ -58,7 +59,12 @@ def kernel_layout(
     if mismatch:
         sums.append("v_sum")
         counts.append("v_changed")
-    return tuple(sums), tuple(counts)
+    seq = ["cnt"]  # per-sequence terms, |y_i|-weighted sums over the B sequences
+    if not adv_per_token:
+        seq += ["npos", "nneg", "a_sum", "a_sq", "a_var"]
+    if seq_ratio:
+        seq += ["ratio_sum", "clamped", "ratio_min", "ratio_max"]
+    return tuple(sums), tuple(counts), tuple(seq)
 
 
 def kernel_params(config: LossConfig, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
@@ -90,9 +96,8 @@ def _kernel_params(config: LossConfig, dtype: torch.dtype, device: torch.device)
 
 
 def derived_terms(s: dict[str, float], kind: str, kl: bool, mismatch: bool) -> dict[str, float]:
-    """Complete the token sums `s` (kernel_layout's, plus the per-sequence cnt, npos, nneg,
-    a_sum, a_sq and, for gspo, ratio_sum / ratio_min / ratio_max / clamped) into every term
-    compute_loss reads; counts are exact integers held as floats."""
+    """Complete token_terms' values `s` (named by kernel_layout) into every term compute_loss
+    reads; counts are exact integers held as floats."""
     out = dict(s)
     npos, nneg = s["npos"], s["nneg"]
     if kind == "reinforce":
@@ -129,8 +134,8 @@ def token_terms(
     mismatch: tuple[str, str] | None,
     count_dtype: torch.dtype,
 ) -> Terms:
-    """All per-token work: (grad, advantages, ratio, gate, clip_mask, float64 sums, counts),
-    the sums and counts in kernel_layout's order.
+    """All per-token work: (grad, advantages, ratio, gate, clip_mask, values), the values one
+    float64 vector in kernel_layout's order (token sums, token counts, sequence terms).
 
     The clip mask comes back as uint8 (0 / 1; `.view(torch.bool)` is free): inductor's CPU
     code stores a bool tensor several times slower than a uint8 one (measured: the whole
@@ -140,7 +145,7 @@ def token_terms(
     mismatch (level, mode) (None: no correction). `t` holds logp, old, m (bool), ids (sequence id per token), w (aggregation weight per
     sequence), adv ([N] or [B]), and as configured sratio ([B], gspo), ref (KL), rollout or
     lvseq (mismatch, token or sequence level)."""
-    sum_names, count_names = kernel_layout(
+    sum_names, count_names, seq_names = kernel_layout(
         kind, seq_ratio, adv_per_token, kl is not None, mismatch is not None, "dual" in prm
     )
     logp, old, m, ids = t["logp"], t["old"], t["m"], t["ids"]
@@ -225,14 +230,44 @@ def token_terms(
             # guards on N > 4096, so small and large batches would compile separately)
             sums.append(S[name].sum(dtype=torch.float64))
     counts = [C[name].sum(dtype=count_dtype) for name in count_names]
-    if not counts:
-        counts.append(torch.zeros((), dtype=count_dtype, device=logp.device))
+    vals = [torch.stack(sums)]
+    if counts:
+        vals.append(torch.stack(counts).to(torch.float64))
+    vals.append(torch.stack(sequence_terms(t, seq_names, adv_per_token, seq_ratio)))
     return (
         grad,
         a,
         torch.where(m, ratio, zero + 1),
         torch.where(m, gate, zero),
         clip.to(torch.uint8),
-        torch.stack(sums),
-        torch.stack(counts),
+        torch.cat(vals),
     )
+
+
+def sequence_terms(
+    t: dict[str, Tensor], names: tuple[str, ...], adv_per_token: bool, seq_ratio: bool
+) -> list[Tensor]:
+    """The per-sequence metric terms (float64 0-d tensors) named in `names`: token counts and
+    advantage sums with per-sequence advantages, GSPO's ratio statistics."""
+    yl = t["ylen"].to(torch.float64)
+    out = {"cnt": yl.sum()}
+    if not adv_per_token:
+        adv = t["adv"].to(torch.float64)
+        wa = yl * adv
+        out["npos"] = torch.where(adv > 0, yl, 0.0).sum()
+        out["nneg"] = torch.where(adv < 0, yl, 0.0).sum()
+        out["a_sum"] = a_sum = wa.sum()
+        out["a_sq"] = (wa * adv).sum()
+        dev = adv - a_sum / out["cnt"].clamp(min=1)
+        out["a_var"] = (yl * dev * dev).sum()  # two-pass: exact 0 for equal advantages
+    if seq_ratio:
+        sr = t["sratio"].to(torch.float64)
+        out["ratio_sum"] = (yl * sr).sum()
+        out["clamped"] = torch.where(t["sclamped"], yl, 0.0).sum()
+        if yl.numel() > 0:
+            live = yl > 0
+            out["ratio_min"] = torch.where(live, sr, float("inf")).min()
+            out["ratio_max"] = torch.where(live, sr, -float("inf")).max()
+        else:
+            out["ratio_min"] = out["ratio_max"] = yl.sum()
+    return [out[k] for k in names]

@@ -77,9 +77,8 @@ def _compute_loss(batch: Batch, config: LossConfig, validate: bool, kernel: Toke
     old = batch.old_logp.to(dt) if batch.old_logp is not None else logp
     t: dict[str, Tensor] = {"logp": logp, "old": old, "m": m, "ids": seg.ids}
     t["w"] = sequence_weights(config.aggregation, ylen, dt)
-    ylen64 = ylen.to(F64)
-    # per-sequence contributions to the metrics, reduced here (B values) instead of per token
-    seqv: dict[str, Tensor] = {"cnt": ylen64.sum()}
+    t["ylen"] = ylen
+    extra: dict[str, Tensor] = {}  # metric terms computed here, fetched with the kernel's
 
     # ---- advantages (per sequence unless the caller gave them per token)
     adv_per_token = False
@@ -92,31 +91,17 @@ def _compute_loss(batch: Batch, config: LossConfig, validate: bool, kernel: Toke
         ga = group_advantages(batch.rewards.to(dev), batch.group_ids.to(dev), config.advantages, weights=ylen)
         t["adv"] = ga.advantages.to(dt)
         num_groups = ga.num_groups
-        seqv["degenerate_group_frac"] = ga.degenerate_group_frac
-    if not adv_per_token:
-        adv = t["adv"].to(F64)
-        wa = ylen64 * adv
-        seqv["npos"] = torch.where(adv > 0, ylen64, 0.0).sum()
-        seqv["nneg"] = torch.where(adv < 0, ylen64, 0.0).sum()
-        seqv["a_sum"] = a_sum = wa.sum()
-        seqv["a_sq"] = (wa * adv).sum()
-        dev_a = adv - a_sum / seqv["cnt"].clamp(min=1)
-        seqv["a_var"] = (ylen64 * dev_a * dev_a).sum()  # two-pass: exact 0 for equal advantages
+        extra["degenerate_group_frac"] = ga.degenerate_group_frac
     if batch.rewards is not None and batch.rewards.numel() > 0:
         rw = batch.rewards.to(dev, F64)
-        seqv["reward_std"], seqv["reward_mean"] = torch.std_mean(rw, correction=0)
+        extra["reward_std"], extra["reward_mean"] = torch.std_mean(rw, correction=0)
 
     # ---- sequence-level pieces
     seq_ratio = isinstance(obj, (Gspo, GspoToken))
     if seq_ratio:
         logs = seg.sum(torch.where(m, logp - old, torch.zeros_like(logp))) / ylen.clamp(min=1).to(dt)
-        t["sratio"] = sratio = torch.exp(logs.clamp(-clamp, clamp))
-        sr, live = sratio.to(F64), ylen > 0
-        seqv["ratio_sum"] = (ylen64 * sr).sum()
-        seqv["clamped"] = torch.where(logs.abs() > clamp, ylen64, 0.0).sum()
-        if sr.numel() > 0:
-            seqv["ratio_min"] = torch.where(live, sr, float("inf")).min()
-            seqv["ratio_max"] = torch.where(live, sr, -float("inf")).max()
+        t["sratio"] = torch.exp(logs.clamp(-clamp, clamp))
+        t["sclamped"] = logs.abs() > clamp
     mm = config.mismatch
     if mm is not None:
         assert batch.rollout_logp is not None
@@ -132,7 +117,7 @@ def _compute_loss(batch: Batch, config: LossConfig, validate: bool, kernel: Toke
 
     prm = kernel_params(config, dt, dev)
     fn = kernel or token_terms
-    grad, a, ratio, gate, clip, sums_t, counts_t = fn(
+    grad, a, ratio, gate, clip, vals = fn(
         t,
         prm,
         kind,
@@ -144,11 +129,12 @@ def _compute_loss(batch: Batch, config: LossConfig, validate: bool, kernel: Toke
     )
 
     # ---- metrics (one host sync)
-    sum_names, count_names = kernel_layout(
+    layout = kernel_layout(
         kind, seq_ratio, adv_per_token, config.kl is not None, mm is not None, "dual" in prm
     )
-    names = (*sum_names, *count_names, *seqv)
-    vals = torch.cat([sums_t.to(F64), counts_t[: len(count_names)].to(F64), torch.stack(list(seqv.values()))])
+    names = (*layout[0], *layout[1], *layout[2], *extra)
+    if extra:
+        vals = torch.cat([vals, torch.stack(list(extra.values()))])
     s = derived_terms(
         dict(zip(names, vals.cpu().tolist(), strict=True)), kind, config.kl is not None, mm is not None
     )

@@ -234,10 +234,10 @@ def _float_tensor(
         v.append(FieldViolation(name, f"length_mismatch: length {x.numel()}, expected {n}"))
         return False
     if x.dtype in _FLOATS and x.numel() > 0:
-        lo, hi = torch.aminmax(x)  # one pass; NaN propagates to both
+        lo, hi = torch.stack(torch.aminmax(x)).tolist()  # one pass, one sync; NaN propagates to both
         if maxima is not None:
-            maxima[name] = float(hi)
-        if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+            maxima[name] = hi
+        if not (math.isfinite(lo) and math.isfinite(hi)):
             i = _first(~torch.isfinite(x))
             what = "NaN" if math.isnan(float(x[i])) else "infinite"
             v.append(FieldViolation(name, f"non_finite: value is {what}", i))
