@@ -37,10 +37,10 @@ def group_advantages(
     whitening weights of reinforce_pp_baseline; None weighs every sequence equally."""
     r = rewards.to(torch.float64)
     b = r.numel()
-    uniq, inv = torch.unique(group_ids, return_inverse=True)
+    uniq, inv, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
     g = uniq.numel()
     z = torch.zeros(g, dtype=torch.float64, device=r.device)
-    cnt = z.clone().index_add_(0, inv, torch.ones_like(r))
+    cnt = counts.to(torch.float64)
     mean = z.clone().index_add_(0, inv, r) / cnt.clamp(min=1)
     dev = r - mean[inv]
     std_g = _unbiased_std(cnt, z.clone().index_add_(0, inv, dev * dev))
