@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
 import signal
+import sys
 from collections.abc import Generator
 from typing import Any
 
@@ -31,6 +34,11 @@ from softgate.settings import Settings
 from softgate.telemetry import Telemetry
 
 log = get_logger("serve")
+# on shutdown, how long to wait for a background torch.compile of the engine to finish: a
+# thread still compiling when the interpreter finalises aborts the process (std::terminate,
+# exit status -6 instead of 0); past this wait the process exits at once instead (os._exit)
+COMPILE_EXIT_WAIT_S = 5.0
+_exit_now = {"hard": False}
 
 
 def make_telemetry(settings: Settings) -> Telemetry:
@@ -179,6 +187,12 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
             admin.should_exit = True
             with contextlib.suppress(Exception, SystemExit, asyncio.CancelledError):
                 await asyncio.wait_for(admin_task, timeout=max(settings.grace_seconds, 1.0) + 5)
+        waiter = getattr(engine, "wait_compiled", None)
+        if callable(waiter):
+            with contextlib.suppress(Exception):
+                if not await asyncio.to_thread(waiter, COMPILE_EXIT_WAIT_S):
+                    log.warning("compile_in_progress", action="exiting without waiting for it")
+                    _exit_now["hard"] = True
         close = getattr(telemetry, "close", None)
         if callable(close):
             with contextlib.suppress(Exception):
@@ -211,7 +225,13 @@ def run(settings: Settings, *, allocator: Decision | None = None) -> int:
     configure(settings.log_format, settings.log_level)
     log_allocator(allocator)
     try:
-        return asyncio.run(serve(settings))
+        code = asyncio.run(serve(settings))
     except OSError as e:
         log.error("startup_failed", error=str(e))
         return 1
+    if _exit_now["hard"]:  # a compile thread is still running: skip interpreter finalisation
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code

@@ -1,0 +1,34 @@
+"""`softgate serve` shutdown with the engine's background torch.compile still running."""
+
+from __future__ import annotations
+
+import pytest
+from softgate.settings import Settings
+
+
+def test_exit_does_not_wait_forever_for_a_background_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compile thread still running at interpreter exit aborts the process (std::terminate):
+    serve waits a bounded time for it, then asks run() for an immediate exit."""
+    import asyncio
+
+    import softgate.serve as serve
+    from softgate.engine import Engine
+
+    waited: list[float | None] = []
+
+    class Compiling(Engine):
+        def wait_compiled(self, timeout: float | None = None) -> bool:
+            waited.append(timeout)
+            return False  # still compiling after the wait
+
+    monkeypatch.setattr(serve, "make_engine", lambda s: Compiling(device="cpu", compile=False))
+    monkeypatch.setitem(serve._exit_now, "hard", False)
+    settings = Settings(grpc_host="127.0.0.1", grpc_port=0, admin_port=None, device="cpu", warmup=False)
+
+    async def go() -> int:
+        stop = asyncio.Event()
+        stop.set()
+        return await serve.serve(settings, stop=stop)
+
+    assert asyncio.run(go()) == 0
+    assert waited == [serve.COMPILE_EXIT_WAIT_S] and serve._exit_now["hard"] is True
