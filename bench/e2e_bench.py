@@ -14,6 +14,7 @@ with apt-get when missing unless --no-install) and the StreamLoss chunk size.
     python bench/e2e_bench.py            # full: about 4-6 min on 2 shared cores
     python bench/e2e_bench.py --quick    # glibc + tcmalloc, one chunk size: about 1.5-2 min
     python bench/e2e_bench.py --json out.json
+    python bench/e2e_bench.py --compile false   # the eager engine (default: compiled, its CPU steady state)
 
 Targets (issue 3): 16M-token throughput >= 80% of echo; 4k median latency <= 0.5 ms over echo.
 """
@@ -123,7 +124,7 @@ def env_with(preload: str | None) -> dict[str, str]:
 
 
 def start_servers(
-    preload: str | None, max_message_bytes: int
+    preload: str | None, max_message_bytes: int, compile: str = "true"
 ) -> tuple[list[subprocess.Popen[bytes]], int, int]:
     env = env_with(preload)
     sg_port, echo_port = free_port(), free_port()
@@ -143,6 +144,7 @@ def start_servers(
             "cpu",
             "--max-message-bytes",
             str(max_message_bytes),
+            {"true": "--compile", "false": "--no-compile"}.get(compile, "--log-format=text"),
             "--log-level",
             "WARNING",
         ],
@@ -314,7 +316,7 @@ def worker(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(results), flush=True)
 
 
-def engine_only(n: int, reps: int) -> float:
+def engine_only(n: int, reps: int, compile: str = "true") -> float:
     """Median seconds of the in-process engine on the same batch (the compute floor)."""
     import torch
     from softgate.engine import Batch, Engine, LossConfig
@@ -326,8 +328,13 @@ def engine_only(n: int, reps: int) -> float:
         advantages=torch.from_numpy(b["advantages"]),
         offsets=Batch.offsets_from_lengths(torch.from_numpy(b["lengths"])),
     )
-    eng = Engine(device="cpu", compile=False)
+    mode: bool | str | None = {"true": True, "false": False, "auto": None}.get(compile, compile)
+    eng = Engine(device="cpu", compile=mode)
     eng.loss(batch, LossConfig())
+    wait = getattr(eng, "wait_compiled", None)
+    if callable(wait):  # a background compile: measure what follows it
+        wait(600)
+        eng.loss(batch, LossConfig())
     ts = []
     for _ in range(reps):
         t = time.perf_counter()
@@ -336,10 +343,10 @@ def engine_only(n: int, reps: int) -> float:
     return statistics.median(ts)
 
 
-def engine_subprocess(n: int, reps: int, preload: str | None) -> float:
+def engine_subprocess(n: int, reps: int, preload: str | None, compile: str = "true") -> float:
     """`engine_only` in a fresh process running on `preload`'s allocator (one warm-up call first)."""
     out = subprocess.run(
-        [sys.executable, __file__, "--engine-only", f"{n}:{reps}"],
+        [sys.executable, __file__, "--engine-only", f"{n}:{reps}:{compile}"],
         env=env_with(preload),
         capture_output=True,
         text=True,
@@ -363,7 +370,7 @@ def run_config(
     args: argparse.Namespace,
     mode: str = "auto",
 ) -> list[dict[str, Any]]:
-    procs, sg_port, echo_port = start_servers(preload, args.max_message_bytes)
+    procs, sg_port, echo_port = start_servers(preload, args.max_message_bytes, args.compile)
     try:
         cmd = [
             sys.executable,
@@ -415,6 +422,13 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="fewer repetitions and configurations (about 1 min)")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--no-install", action="store_true", help="never apt-get install allocators")
+    p.add_argument(
+        "--compile",
+        default="true",
+        choices=["true", "false", "auto"],
+        help="the server's engine compile setting (default true: the steady state of the CPU default, "
+        "auto = background compile, without its first eager calls in the timings)",
+    )
     p.add_argument("--max-message-bytes", type=int, default=512 * MiB)
     p.add_argument(
         "--stream-threshold", type=int, default=0, help="0: the client default (90%% of the limit)"
@@ -434,8 +448,8 @@ def main() -> None:
     )
     args = p.parse_args()
     if args.engine_only:
-        n, k = (int(x) for x in args.engine_only.split(":"))
-        print(f"RESULT {engine_only(n, k)}", flush=True)
+        n_s, k_s, mode = args.engine_only.split(":")
+        print(f"RESULT {engine_only(int(n_s), int(k_s), mode)}", flush=True)
         return
     if args.worker:
         worker(args)
@@ -481,8 +495,8 @@ def main() -> None:
             print(fmt_row(r), flush=True)
     rows.extend(res)
     # the engine alone, in a process with the same allocator as the server it is compared with
-    eng = engine_subprocess(m16, 2 if args.quick else 3, allocs[shipped])
-    eng1m = engine_subprocess(m1, 3, allocs[shipped])
+    eng = engine_subprocess(m16, 2 if args.quick else 3, allocs[shipped], args.compile)
+    eng1m = engine_subprocess(m1, 3, allocs[shipped], args.compile)
     elapsed = time.monotonic() - t_start
 
     print()

@@ -153,7 +153,7 @@ def test_encoded_stream_responses_equal_protobuf() -> None:
         cfg = pb.LossConfig()
         sel = pb.OutputSelection(ratio=True, clip_mask=True)
         plain = s._stream_loss(cfg, sel, list(chunks), "r", threading.Event(), False)
-        enc = s._stream_loss(cfg, sel, list(chunks), "r", threading.Event(), True)
+        enc = list(s._stream_loss(cfg, sel, list(chunks), "r", threading.Event(), True))
     assert len(plain) == len(enc) == 3
     for p, e in zip(plain, enc, strict=True):
         assert isinstance(e, codec.Encoded)

@@ -51,7 +51,8 @@ class Settings:
     compile: bool | None = field(
         default=None,
         metadata={
-            "help": "torch.compile the engine's per-token kernel: true, false, or auto (on for CUDA, off for CPU)"
+            "help": "torch.compile the engine's per-token kernel: true, false, or auto (CUDA: compile "
+            "before use; CPU: first calls eager while it compiles in the background)"
         },
     )
     warmup: bool = field(default=True, metadata={"help": "run every objective once before serving"})

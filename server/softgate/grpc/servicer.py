@@ -15,7 +15,7 @@ import contextlib
 import functools
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -442,7 +442,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         run: str,
         cancel: threading.Event,
         encoded: bool = False,
-    ) -> list[pb.StreamLossResponse] | list[codec.Encoded]:
+    ) -> list[pb.StreamLossResponse] | Iterator[codec.Encoded]:
         v: list[FieldViolation] = []
         config = codec.decode_loss_config(cfg_msg, v)
         batch, tok_starts, seq_starts = _concatenate(chunks, v)
@@ -517,9 +517,9 @@ def _advantages_field(f: FieldViolation) -> FieldViolation:
 
 def _encode_stream(
     result: LossResult, host: LossResult, names: tuple[str, ...], tok_starts: list[int], seq_starts: list[int]
-) -> list[codec.Encoded]:
-    """The StreamLossResponses as wire bytes (one copy of each chunk's outputs)."""
-    out = []
+) -> Iterator[codec.Encoded]:
+    """The StreamLossResponses as wire bytes (one copy of each chunk's outputs), built one at a
+    time as the handler sends them: chunk j+1 is encoded while gRPC writes chunk j."""
     last = len(tok_starts) - 2
     for j in range(last + 1):
         head = pb.StreamLossResponse(chunk_index=j, token_start=tok_starts[j], sequence_start=seq_starts[j])
@@ -531,8 +531,7 @@ def _encode_stream(
             s.loss, s.policy_loss, s.kl_loss = result.loss, result.policy_loss, result.kl_loss
             s.metrics.update(codec.metrics_map(result.metrics))
             parts.append(summary.SerializeToString())  # field 5 only
-        out.append(codec.Encoded(b"".join(parts)))
-    return out
+        yield codec.Encoded(b"".join(parts))
 
 
 def _decode_chunk(
