@@ -128,7 +128,35 @@ def start_servers(
 ) -> tuple[list[subprocess.Popen[bytes]], int, int]:
     env = env_with(preload)
     sg_port, echo_port = free_port(), free_port()
-    sg = subprocess.Popen(
+    if compile == "cached":  # the server path alone: softgate's gRPC server, an engine costing nothing
+        cmd = [sys.executable, __file__, "--serve-cached", f"{sg_port}:{max_message_bytes}"]
+        sg = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+    else:
+        sg = _softgate_serve(sg_port, max_message_bytes, compile, env)
+    echo = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "echo_server.py"),
+            "--port",
+            str(echo_port),
+            "--max-message-bytes",
+            str(max_message_bytes),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
+    procs = [sg, echo]
+    try:
+        wait_port(echo_port, echo)
+        wait_port(sg_port, sg)
+    except Exception:
+        stop(procs)
+        raise
+    return procs, sg_port, echo_port
+
+
+def _softgate_serve(sg_port: int, max_message_bytes: int, compile: str, env: dict[str, str]) -> Any:
+    return subprocess.Popen(
         [
             sys.executable,
             "-m",
@@ -151,26 +179,50 @@ def start_servers(
         env=env,
         stdout=subprocess.DEVNULL,
     )
-    echo = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "echo_server.py"),
-            "--port",
-            str(echo_port),
-            "--max-message-bytes",
-            str(max_message_bytes),
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-    )
-    procs = [sg, echo]
-    try:
-        wait_port(echo_port, echo)
-        wait_port(sg_port, sg)
-    except Exception:
-        stop(procs)
-        raise
-    return procs, sg_port, echo_port
+
+
+def serve_cached(port: int, max_message_bytes: int) -> None:
+    """softgate's gRPC server (servicer, codec, deferred telemetry: all of `softgate serve` but
+    the engine's compute) with an engine that computes each batch size once and then returns
+    that result: what the server path costs on top of the transport."""
+    import asyncio
+    import signal
+
+    from softgate.engine import Engine
+    from softgate.grpc.server import GrpcServer
+    from softgate.serve import make_telemetry
+    from softgate.settings import Settings
+
+    class CachedEngine(Engine):
+        def __init__(self) -> None:
+            super().__init__(device="cpu", compile=False)
+            self.cache: dict[tuple[int, int], Any] = {}
+
+        def loss(self, batch: Any, config: Any) -> Any:
+            key = (batch.num_tokens, batch.num_seqs)
+            if key not in self.cache:
+                self.cache[key] = super().loss(batch, config)
+            return self.cache[key]
+
+    async def run() -> None:
+        settings = Settings(
+            grpc_host="127.0.0.1",
+            grpc_port=port,
+            admin_port=None,
+            device="cpu",
+            warmup=False,
+            max_message_bytes=max_message_bytes,
+        )
+        server = GrpcServer(settings, CachedEngine(), make_telemetry(settings))
+        await server.start()
+        await server.set_serving(True)
+        stop_ev = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(sig, stop_ev.set)
+        await stop_ev.wait()
+        await server.stop(1)
+
+    asyncio.run(run())
 
 
 def stop(procs: list[subprocess.Popen[bytes]]) -> None:
@@ -369,8 +421,9 @@ def run_config(
     reps: str,
     args: argparse.Namespace,
     mode: str = "auto",
+    engine: str | None = None,
 ) -> list[dict[str, Any]]:
-    procs, sg_port, echo_port = start_servers(preload, args.max_message_bytes, args.compile)
+    procs, sg_port, echo_port = start_servers(preload, args.max_message_bytes, engine or args.compile)
     try:
         cmd = [
             sys.executable,
@@ -423,6 +476,11 @@ def main() -> None:
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--no-install", action="store_true", help="never apt-get install allocators")
     p.add_argument(
+        "--server-path",
+        action="store_true",
+        help="also in --quick: the server path with a cached engine (always in the full run)",
+    )
+    p.add_argument(
         "--compile",
         default="true",
         choices=["true", "false", "auto"],
@@ -439,6 +497,7 @@ def main() -> None:
     # worker mode (internal)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--engine-only", default="", help=argparse.SUPPRESS)
+    p.add_argument("--serve-cached", default="", help=argparse.SUPPRESS)
     p.add_argument("--sg-port", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--echo-port", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--sizes", default="", help=argparse.SUPPRESS)
@@ -447,6 +506,10 @@ def main() -> None:
         "--stream-mode", default="auto", choices=["auto", "unary", "stream"], help=argparse.SUPPRESS
     )
     args = p.parse_args()
+    if args.serve_cached:
+        port_s, limit_s = args.serve_cached.split(":")
+        serve_cached(int(port_s), int(limit_s))
+        return
     if args.engine_only:
         n_s, k_s, mode = args.engine_only.split(":")
         print(f"RESULT {engine_only(int(n_s), int(k_s), mode)}", flush=True)
@@ -494,17 +557,27 @@ def main() -> None:
         for r in out:
             print(fmt_row(r), flush=True)
     rows.extend(res)
+    # the server path alone: softgate's server with an engine that costs nothing (computes each
+    # size once, then returns that result): what softgate adds to the transport, engine aside
+    path_rows: list[dict[str, Any]] = []
+    if not args.quick or args.server_path:
+        label = f"{shipped}, no engine"
+        print(f"# server path with a cached engine, {shipped} ...", flush=True)
+        path_rows += run_config(label, allocs[shipped], default_chunk, sizes, reps, args, engine="cached")
+        path_rows += run_config(
+            label, allocs[shipped], default_chunk, [m16], sweep_reps, args, mode="stream", engine="cached"
+        )
+        for r in path_rows:
+            print(fmt_row(r), flush=True)
     # the engine alone, in a process with the same allocator as the server it is compared with
     eng = engine_subprocess(m16, 2 if args.quick else 3, allocs[shipped], args.compile)
     eng1m = engine_subprocess(m1, 3, allocs[shipped], args.compile)
     elapsed = time.monotonic() - t_start
 
     print()
-    print(
-        "| allocator | chunk | tokens | call | softgate ms | echo ms | throughput vs echo | latency diff ms |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
+    print("| allocator | tokens | call | softgate ms | echo ms | throughput vs echo | latency diff ms |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows + path_rows:
         print(fmt_row(r))
     base16 = next(
         r
@@ -533,11 +606,25 @@ def main() -> None:
         f"({best16['softgate_median_s'] * 1e3:.0f} ms, {best16['throughput_ratio'] * 100:.0f}% of echo); "
         f"best 4k latency: {best4k['allocator']} ({best4k['latency_diff_ms']:+.2f} ms)"
     )
+    for r in path_rows:
+        if r["tokens"] in (k4, m16):
+            print(
+                f"server path alone (cached engine), {r['tokens']:,} tokens "
+                f"{'stream' if r['streamed'] else 'unary'}: {r['throughput_ratio'] * 100:.0f}% of echo, "
+                f"{r['latency_diff_ms']:+.2f} ms"
+            )
     print(f"bench wall time {elapsed:.0f} s; load average {os.getloadavg()[0]:.1f} at the end")
     if args.json:
         Path(args.json).write_text(
             json.dumps(
-                {"rows": rows, "engine_16m_s": eng, "engine_1m_s": eng1m, "elapsed_s": elapsed}, indent=1
+                {
+                    "rows": rows,
+                    "server_path_rows": path_rows,
+                    "engine_16m_s": eng,
+                    "engine_1m_s": eng1m,
+                    "elapsed_s": elapsed,
+                },
+                indent=1,
             )
         )
 
