@@ -112,6 +112,29 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 120.0) 
     raise TimeoutError(f"port {port} not listening after {timeout}s")
 
 
+def wait_serving(port: int, proc: subprocess.Popen[bytes], timeout: float = 600.0) -> None:
+    """Until the server's health check says SERVING: `softgate serve` binds its port before the
+    engine's warm-up (which compiles every objective with --compile), and calls made during it
+    compete with the compiles."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    end = time.monotonic() + timeout
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < end:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}")
+            try:
+                r = stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    raise TimeoutError(f"server on port {port} not SERVING after {timeout}s")
+
+
 def env_with(preload: str | None) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("LD_PRELOAD", None)
@@ -149,6 +172,7 @@ def start_servers(
     try:
         wait_port(echo_port, echo)
         wait_port(sg_port, sg)
+        wait_serving(sg_port, sg)
     except Exception:
         stop(procs)
         raise
