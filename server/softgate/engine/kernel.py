@@ -1,13 +1,14 @@
-"""token_terms: the one per-token kernel (every per-token output and every token-level metric sum).
+"""token_terms: the one per-token kernel (every per-token output, every metric sum).
 
-It reduces over tokens only what cannot be had more cheaply: `kernel_layout` names the float
-sums and integer counts a configuration needs, and `derived_terms` fills in the rest from
-them and from per-sequence values. With per-sequence advantages the token counts and
-advantage sums are `|y_i|`-weighted sums over sequences; for hard clips (grpo, gspo) the gate
-is 0 / 1, so gate sums, saturation counts and the clip count follow from the clip counts;
-without a KL term the gradient is the policy gradient, so its absolute sum is `grad_abs`.
-Each reduction left in the fused loop costs about as much as a pass over one input, so fewer
-reductions is what makes the compiled kernel fast.
+It reduces over tokens only what cannot be had more cheaply: `kernel_layout` names the values
+a configuration needs, and `derived_terms` fills in the rest from them. With per-sequence
+advantages the token counts and advantage sums are `|y_i|`-weighted sums over the B sequences
+(`sequence_terms`, in the same compiled graph); for hard clips (grpo, gspo) the gate is 0 / 1,
+so gate sums, saturation counts and the clip count follow from the clip counts; without a KL
+term the gradient is the policy gradient, so its absolute sum is `grad_abs`. Each reduction
+left in the fused loop costs about as much as a pass over one input, so fewer reductions is
+what makes the compiled kernel fast. Sums accumulate in float64, and the whole result is one
+float64 vector (one host sync).
 """
 
 from __future__ import annotations
