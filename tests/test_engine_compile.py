@@ -166,3 +166,10 @@ def test_background_compile_switches_to_compiled_with_the_same_numbers() -> None
     other = make_config("sapo", "token_mean", None, None)
     _same_result(eng.loss(batch, other), eager.loss(batch, other))  # a new configuration: eager first
     assert eng.wait_compiled(600) and eng.kernel.ready == 2
+
+
+def test_background_warmup_queues_no_compiles() -> None:
+    """serve's warm-up runs every objective eager; real traffic decides what gets compiled."""
+    eng = Engine(device="cpu", compile="background")
+    eng.warmup()
+    assert eng.wait_compiled(0) and eng.kernel.ready == 0 and eng.kernel._worker is None
