@@ -611,18 +611,22 @@ def test_overflowing_results_are_refused():
         E.advantages(torch.tensor([3e38, -3e38]), torch.tensor([0, 0]), AdvantageConfig(estimator="rloo"))
 
 
-def test_segment_counts_are_exact():
-    """Per-sequence mask counts: empty sequences, one-token and long sequences."""
+@pytest.mark.parametrize("words", [False, True])
+def test_segment_counts_are_exact(monkeypatch, words):
+    """Per-sequence mask counts, by cumsum and by 8-byte words (the large-batch CPU path):
+    empty sequences, offsets inside words and in a partial last word, an unaligned mask."""
     from softgate.engine import segments
 
+    monkeypatch.setattr(segments, "_WORDS_MIN_TOKENS", 8 if words else 1 << 62)
     g = torch.Generator().manual_seed(5)
-    for n, b in ((1, 1), (64, 1), (130, 3), (1000, 40), (4099, 64), (777, 777)):
+    cases = ((1, 1), (8, 1), (13, 2), (64, 1), (130, 3), (1000, 40), (4099, 64), (4096, 9), (777, 777))
+    for (n, b), shift in itertools.product(cases, (0, 1)):
         lengths = torch.multinomial(torch.ones(b), n, replacement=True, generator=g).bincount(minlength=b)
         lengths[: b // 5] = 0
         lengths[-1] += n - int(lengths.sum())
         off = Batch.offsets_from_lengths(lengths)
-        m = torch.rand(n, generator=g) < 0.6
+        m = (torch.rand(n + shift, generator=g) < 0.6)[shift:]  # shift 1: not 8-byte aligned
         want = torch.zeros(b, dtype=torch.int64).index_add_(
             0, torch.repeat_interleave(torch.arange(b), lengths), m.long()
         )
-        assert torch.equal(segments.Segments(off, n).count(m), want), (n, b)
+        assert torch.equal(segments.Segments(off, n).count(m), want), (n, b, shift)

@@ -25,6 +25,14 @@ class Segments:
         """Per-sequence number of True values of a bool tensor ([N] -> [B], int64), exact."""
         if self.num_tokens == 0:
             return torch.zeros(self.num_seqs, dtype=torch.int64, device=m.device)
+        if (
+            self.num_tokens >= _WORDS_MIN_TOKENS
+            and m.device.type == "cpu"
+            and m.is_contiguous()
+            and m.data_ptr() % 8 == 0
+        ):
+            p = _prefix_counts_by_words(m, self.offsets)
+            return p[1:] - p[:-1]
         c = torch.cumsum(m, 0, dtype=torch.int32 if self.num_tokens < 2**31 else torch.int64)
         end = torch.where(self.offsets[1:] > 0, c[(self.offsets[1:] - 1).clamp(min=0)], 0)
         start = torch.where(self.offsets[:-1] > 0, c[(self.offsets[:-1] - 1).clamp(min=0)], 0)
@@ -33,3 +41,31 @@ class Segments:
     def expand(self, x: Tensor) -> Tensor:
         """Per-sequence values broadcast to their tokens ([B] -> [N])."""
         return x[self.ids]
+
+
+# From this many tokens on, CPU counts read the mask 8 bytes at a time: torch.cumsum over N
+# tokens is a sequential pass plus an int32 copy of the mask (~15 ms at 16M tokens, one core),
+# the word sums below ~5 ms and parallel.
+_WORDS_MIN_TOKENS = 1 << 16
+_ONES = 0x0101010101010101  # times a word of 0/1 bytes: their sum lands in the top byte
+_LOW_BYTES = [(1 << (8 * r)) - 1 for r in range(8)]
+
+
+def _prefix_counts_by_words(m: Tensor, offsets: Tensor) -> Tensor:
+    """Number of True values of `m` before each offset ([B+1], int64), exact. `m` is a
+    contiguous, 8-byte aligned bool tensor of at least 8 elements on the CPU."""
+    n = m.numel()
+    nw = n // 8
+    u = m.view(torch.uint8)
+    w = u[: nw * 8].view(torch.int64)
+    before = torch.zeros(nw + 1, dtype=torch.int64)
+    torch.cumsum((w * _ONES) >> 56, 0, out=before[1:])  # before[j]: True values in words < j
+    q = torch.div(offsets, 8, rounding_mode="floor")
+    r = offsets - 8 * q
+    low = torch.tensor(_LOW_BYTES, dtype=torch.int64)[r]
+    part = ((w[q.clamp(max=nw - 1)] & low) * _ONES) >> 56  # bytes of the offset's word before it
+    if n > nw * 8:  # offsets in the last, partial word (< 8 tokens) count those tokens directly
+        tail = torch.zeros(8, dtype=torch.int64)
+        torch.cumsum(u[nw * 8 :], 0, out=tail[1 : n - nw * 8 + 1])
+        part = torch.where(q >= nw, tail[r], part)
+    return before[q.clamp(max=nw)] + part
