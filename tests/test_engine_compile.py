@@ -109,7 +109,7 @@ def test_background_compile_failure_stays_eager(caplog: pytest.LogCaptureFixture
         calls.append(1)
         raise RuntimeError("inductor exploded")
 
-    eng.kernel._fn = broken
+    eng.kernel._compile = lambda f: broken
     batch = random_batch(7, max_seqs=8, max_len=20)
     cfg = make_config("sapo", "seq_mean_token_mean", None, None)
     want = Engine(device="cpu", compile=False).loss(batch, cfg)
@@ -129,13 +129,17 @@ def test_background_compile_switches_to_compiled_with_the_same_numbers() -> None
     eng = Engine(device="cpu", compile="background")
     eager = Engine(device="cpu", compile=False)
     compiled_calls = []
-    fn = eng.kernel._fn
 
-    def counting(*args: Any) -> Any:
-        compiled_calls.append(threading.current_thread().name)
-        return fn(*args)
+    def counting_compile(f: Any) -> Any:
+        fn = torch.compile(f, dynamic=True)
 
-    eng.kernel._fn = counting
+        def counting(*args: Any) -> Any:
+            compiled_calls.append(threading.current_thread().name)
+            return fn(*args)
+
+        return counting
+
+    eng.kernel._compile = counting_compile
     batch = random_batch(11, max_seqs=12, max_len=40, big_deltas=True)
     cfg = make_config("grpo", "seq_mean_token_mean", "k3", ("token", "truncate"), variant=1)
     want = eager.loss(batch, cfg)
@@ -166,6 +170,20 @@ def test_background_compile_switches_to_compiled_with_the_same_numbers() -> None
     other = make_config("sapo", "token_mean", None, None)
     _same_result(eng.loss(batch, other), eager.loss(batch, other))  # a new configuration: eager first
     assert eng.wait_compiled(600) and eng.kernel.ready == 2
+    _same_result(eng.loss(batch, other), eager.loss(batch, other))
+    assert eng.kernel.guard_misses == 0
+
+
+def test_each_configuration_compiles_its_own_code_object() -> None:
+    """dynamo's per-code-object recompile limit (8) never turns a configuration away."""
+    from softgate.engine.compiled import fresh_token_terms
+
+    a, b = fresh_token_terms(), fresh_token_terms()
+    assert a.__code__ is not b.__code__ and a.__code__ is not token_terms.__code__
+    batch = random_batch(3, max_seqs=6, max_len=9)
+    args = _kernel_args(batch, make_config("sapo", "token_mean", None, None))
+    for x, y in zip(a(*args), token_terms(*args), strict=True):
+        assert torch.equal(x, y)
 
 
 def test_background_warmup_queues_no_compiles() -> None:

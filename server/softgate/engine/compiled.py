@@ -24,6 +24,8 @@ import logging
 import os
 import queue
 import threading
+import types
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -117,6 +119,14 @@ def warmup_args(args: tuple[Any, ...]) -> tuple[Any, ...]:
     return (out, {k: v.clone() for k, v in prm.items()}, *rest)
 
 
+def fresh_token_terms() -> Callable[..., Terms]:
+    """token_terms with its own code object: dynamo keeps one cache (of at most 8 entries,
+    `recompile_limit`) per code object, so each configuration compiles its own copy; then no
+    configuration is ever turned away by that limit and each call checks one set of guards."""
+    code = token_terms.__code__.replace()
+    return types.FunctionType(code, token_terms.__globals__, token_terms.__name__, token_terms.__defaults__)
+
+
 class CompiledKernel:
     """Callable with token_terms' signature that runs it compiled or eager per `mode`."""
 
@@ -124,7 +134,9 @@ class CompiledKernel:
         if mode not in COMPILE_MODES:
             raise ValueError(f"compile mode {mode!r}; known: {COMPILE_MODES}")
         self.mode = mode
-        self._fn: Any = torch.compile(token_terms, dynamic=True) if mode != "off" else None
+        self._enabled = mode != "off"
+        self._compile: Callable[[Callable[..., Terms]], Any] = lambda f: torch.compile(f, dynamic=True)
+        self._fns: dict[tuple[Any, ...], Any] = {}  # configuration -> its compiled token_terms
         self._lock = threading.Lock()  # dynamo: one compile or compiled call at a time
         self._state = threading.Lock()  # guards the sets below
         self._ready: set[tuple[Any, ...]] = set()
@@ -140,15 +152,15 @@ class CompiledKernel:
     def __call__(self, *args: Any, schedule: bool = True) -> Terms:
         """token_terms(*args), compiled when this configuration's kernel is available;
         `schedule=False` never queues a background compile."""
-        if self._fn is None or args[0]["logp"].numel() < 2 or args[0]["w"].numel() < 2:
+        if not self._enabled or args[0]["logp"].numel() < 2 or args[0]["w"].numel() < 2:
             return token_terms(*args)
-        if self.mode == "sync":
-            return self._sync(args)
         key = kernel_key(args)
+        if self.mode == "sync":
+            return self._sync(key, args)
         if key in self._ready and self._acquire():
             try:
                 with torch.compiler.set_stance("fail_on_recompile"):
-                    return self._fn(*args)  # type: ignore[no-any-return]
+                    return self._fns[key](*args)  # type: ignore[no-any-return]
             except Exception as exc:
                 if isinstance(exc, RuntimeError) and str(exc).startswith("Detected recompile"):
                     self._miss(key, exc)
@@ -168,7 +180,7 @@ class CompiledKernel:
     @property
     def enabled(self) -> bool:
         """False when the mode is off or a sync compile failed (everything runs eager)."""
-        return self._fn is not None
+        return self._enabled
 
     @property
     def ready(self) -> int:
@@ -177,13 +189,21 @@ class CompiledKernel:
 
     # ---------------------------------------------------------------- internals
 
-    def _sync(self, args: tuple[Any, ...]) -> Terms:
+    def _compiled(self, key: tuple[Any, ...]) -> Any:
+        """The compiled token_terms of `key` (created, not yet compiled, on first use); call
+        with the lock held."""
+        fn = self._fns.get(key)
+        if fn is None:
+            fn = self._fns[key] = self._compile(fresh_token_terms())
+        return fn
+
+    def _sync(self, key: tuple[Any, ...], args: tuple[Any, ...]) -> Terms:
         try:
             with self._lock:
-                return self._fn(*args)  # type: ignore[no-any-return]
+                return self._compiled(key)(*args)  # type: ignore[no-any-return]
         except Exception as exc:  # a compiler failure must not take the service down
             log.warning("compiled engine kernel failed (%s); falling back to eager", exc)
-            self._fn = None
+            self._enabled = False
         return token_terms(*args)
 
     def _acquire(self) -> bool:
@@ -230,7 +250,7 @@ class CompiledKernel:
                 with self._lock, torch.no_grad():  # as compute_loss calls it (a dynamo guard)
                     self._compiling.set()
                     try:
-                        self._fn(*args)
+                        self._compiled(key)(*args)
                     finally:
                         self._compiling.clear()
                 with self._state:
