@@ -158,3 +158,20 @@ def test_encoded_stream_responses_equal_protobuf() -> None:
     for p, e in zip(plain, enc, strict=True):
         assert isinstance(e, codec.Encoded)
         assert pb.StreamLossResponse.FromString(e.data) == p
+
+
+@pytest.mark.parametrize("names", [("gradient",), ALL, ()])
+def test_client_parses_small_and_large_responses_alike(names: tuple[str, ...], monkeypatch: Any) -> None:
+    """The client parses a small response with protobuf whole and walks a large one for
+    zero-copy views: the same message and arrays either way."""
+    from softgate_client import _wire
+
+    result = _result()
+    data = codec.encode_loss_response(result, codec.host_result(result, names), names).data
+    small_msg, small = _wire.split_response(data, 5, pb.ComputeLossResponse)
+    monkeypatch.setattr(_wire, "SMALL_RESPONSE_BYTES", 0)
+    big_msg, big = _wire.split_response(data, 5, pb.ComputeLossResponse)
+    assert small_msg == big_msg and not small_msg.HasField("outputs")
+    assert set(small) == set(big) == set(names)
+    for name in names:
+        assert small[name].dtype == big[name].dtype and np.array_equal(small[name], big[name])

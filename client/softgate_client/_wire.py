@@ -63,7 +63,12 @@ TOKEN_OUTPUT_FIELDS = {
 }
 
 
+_SMALL_VARINTS = [bytes((i,)) for i in range(128)]
+
+
 def varint(n: int) -> bytes:
+    if 0 <= n < 128:  # tags, dtypes, small lengths: most calls
+        return _SMALL_VARINTS[n]
     if n < 0:
         n += 1 << 64
     out = bytearray()
@@ -227,9 +232,29 @@ def read_token_outputs(buf: memoryview, start: int, end: int) -> dict[str, np.nd
     return out
 
 
+# below this size a response is parsed by protobuf whole (one small copy of the outputs is
+# cheaper than walking the metrics map field by field in Python)
+SMALL_RESPONSE_BYTES = 1 << 20
+
+
 def split_response(data: bytes, outputs_field: int, msg_cls: Any) -> tuple[Any, dict[str, np.ndarray]]:
     """Parse `data` as `msg_cls` without its `outputs_field` (TokenOutputs), which is read
-    into zero-copy numpy views instead."""
+    into zero-copy numpy views instead (a small response: parsed whole, outputs copied once)."""
+    if len(data) < SMALL_RESPONSE_BYTES:
+        msg = msg_cls.FromString(data)
+        desc = msg_cls.DESCRIPTOR.fields_by_number[outputs_field]
+        small: dict[str, np.ndarray] = {}
+        if msg.HasField(desc.name):
+            tok = getattr(msg, desc.name)
+            for name in TOKEN_OUTPUT_FIELDS.values():
+                if tok.HasField(name):
+                    t = getattr(tok, name)
+                    dt = DTYPE_TO_NP.get(t.dtype)
+                    if dt is None:
+                        raise ValueError(f"unexpected dtype {t.dtype} in a response")
+                    small[name] = np.frombuffer(t.data, dtype=dt.newbyteorder("<"))
+            msg.ClearField(desc.name)
+        return msg, small
     buf = memoryview(data)
     rest: list[memoryview] = []
     outs: dict[str, np.ndarray] = {}
