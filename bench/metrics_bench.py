@@ -6,7 +6,7 @@
 
 For one batch of `--tokens` tokens (sequences of `--seq-len`), times Engine.loss and then
 observe_loss on its LossResult (median of `--repeats`), for the default telemetry (on
-CPU, batches above 512K tokens are bucketed through a strided sample) and for exact
+CPU, batches above 32K tokens (DEFAULT_CPU_SAMPLE_TOKENS) are bucketed through a strided sample) and for exact
 bucketing of every token. The target is observe_loss < 5% of the loss time.
 """
 
@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
 
 from softgate.engine import Batch, Engine, LossConfig, Sapo
 from softgate.observability import PrometheusTelemetry
+from softgate.observability.telemetry import DEFAULT_CPU_SAMPLE_TOKENS
 
 
 class _Settings:
@@ -86,7 +87,7 @@ def main() -> int:
     assert result is not None
 
     modes = {
-        "default": PrometheusTelemetry(_Settings(32, 1 << 19)),
+        "default": PrometheusTelemetry(_Settings(32, DEFAULT_CPU_SAMPLE_TOKENS)),
         "exact": PrometheusTelemetry(_Settings(32, None)),
     }
     obs: dict[str, list[float]] = {}

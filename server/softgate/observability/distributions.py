@@ -50,7 +50,7 @@ class TokenBuckets:
 class Bucketer:
     """Keeps the edge tensors on each device it has seen."""
 
-    def __init__(self, cpu_sample_tokens: int | None = 1 << 19) -> None:
+    def __init__(self, cpu_sample_tokens: int | None = 1 << 15) -> None:
         self.cpu_sample_tokens = cpu_sample_tokens
         self._edges: dict[tuple[str, torch.dtype], tuple[Tensor, Tensor]] = {}
 
