@@ -132,7 +132,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
     log.info("starting", version=__version__, settings=settings.redacted())
     telemetry = make_telemetry(settings)
     engine = make_engine(settings)
-    log.info("engine_ready", **_device_description(engine), compile=engine.compile)
+    log.info("engine_ready", **_device_description(engine), compile=engine.compile_mode)
 
     grpc_server = GrpcServer(settings, engine, telemetry)
     await grpc_server.start()
