@@ -304,12 +304,19 @@ def _wait_all_admitted(srv: Any, calls: int, timeout: float = 30.0) -> None:
     raise AssertionError(f"the server did not admit {calls} calls within {timeout} s")
 
 
-def test_sigterm_under_load(load_bench: Any, serve_process: Any, work: list[Any], big_request: bytes) -> None:
+def test_sigterm_under_load(load_bench: Any, serve_process: Any, work: list[Any]) -> None:
     """SIGTERM while calls are in flight: they finish OK within the grace period; calls after
     it are refused (UNAVAILABLE), never answered wrong; health leaves SERVING; exit code 0."""
-    inflight_calls = 6
-    # one worker: the 6 calls (~0.5 s of engine work each here) run one after the other, so
-    # several are still queued or computing when the signal comes, even on a fast machine
+    inflight_calls = 8
+    # one worker: the 8 calls of 2M tokens each (~0.1 s of eager engine work each with
+    # tcmalloc, more under load) run one after the other, so several are still queued or
+    # computing when the signal comes, even on a fast machine
+    rng = np.random.default_rng(6)
+    a = load_bench.random_batch_arrays(rng, 2048, 1024)
+    huge = pb.ComputeLossRequest(
+        config=load_bench._config_msg(pb, "sapo"), batch=load_bench._batch_msg(pb, a)
+    )
+    big_request = bytes(huge.SerializeToString())
     srv = serve_process(max_concurrent_rpcs=16, engine_workers=1, grace_seconds=30)
     results: list[Any] = []
     lock = threading.Lock()
