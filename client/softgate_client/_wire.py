@@ -124,16 +124,12 @@ def tensor(a: np.ndarray) -> Pieces:
     data = _le_view(a)
     shape = varint(int(a.shape[0]))
     p = Pieces()
-    p.add(
-        tag(1, VARINT)
-        + varint(dt)
-        + tag(2, LEN)
-        + varint(len(shape))
-        + shape
-        + tag(3, LEN)
-        + varint(data.nbytes)
-    )
-    p.add(data)
+    head = tag(1, VARINT) + varint(dt) + tag(2, LEN) + varint(len(shape)) + shape
+    if data.nbytes:  # proto3 leaves empty bytes out (as the generated classes do)
+        p.add(head + tag(3, LEN) + varint(data.nbytes))
+        p.add(data)
+    else:
+        p.add(head)
     return p
 
 

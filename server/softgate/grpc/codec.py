@@ -537,48 +537,26 @@ def fill_outputs(
         encode_tensor(x, getattr(dst, name))
 
 
-_OUTPUT_NUMBERS = {name: k + 1 for k, name in enumerate(OUTPUT_FIELDS)}  # TokenOutputs field numbers
-
-
-def _tensor_pieces(x: Tensor, parts: list[Any]) -> int:
-    """Append the wire pieces of a Tensor message holding `x` (CPU) to `parts`; its size."""
-    x = x.detach().contiguous()
-    n = int(x.numel())
-    data = x.reshape(-1).view(torch.uint8).numpy()  # bool: one byte each, 0 or 1
-    shape = _wire.varint(n)
-    head = _wire.tag(1, _wire.VARINT) + _wire.varint(TORCH_TO_PB[x.dtype]) + _wire.tag(2, _wire.LEN)
-    head += _wire.varint(len(shape)) + shape
-    if data.nbytes:
-        head += _wire.tag(3, _wire.LEN) + _wire.varint(data.nbytes)
-    parts.append(head)
-    if data.nbytes:
-        parts.append(data.data)
-    return len(head) + data.nbytes
+_OUTPUT_NUMBERS = {name: num for num, name in _wire.TOKEN_OUTPUT_FIELDS.items()}
 
 
 def encode_outputs(
     field: int, result: LossResult, names: tuple[str, ...], start: int = 0, stop: int | None = None
-) -> tuple[list[Any], int]:
+) -> _wire.Pieces:
     """Wire pieces of the TokenOutputs field `field` holding `names` of a host result (sliced
     [start, stop)), referencing the tensors' memory: the caller's join is the one copy.
     No names: no field (as `fill_outputs` leaves it unset)."""
+    out = _wire.Pieces()
     if not names:
-        return [], 0
-    body: list[Any] = []
-    size = 0
+        return out
+    body = _wire.Pieces()
     for name in sorted(names, key=_OUTPUT_NUMBERS.__getitem__):
         x = getattr(result, _RESULT_ATTR[name])
         if start or stop is not None:
             x = x[start:stop]
-        if x.dim() != 1:
-            x = x.reshape(-1)
-        parts: list[Any] = []
-        n = _tensor_pieces(x, parts)
-        head = _wire.tag(_OUTPUT_NUMBERS[name], _wire.LEN) + _wire.varint(n)
-        body += [head, *parts]
-        size += len(head) + n
-    head = _wire.tag(field, _wire.LEN) + _wire.varint(size)
-    return [head, *body], len(head) + size
+        body.submessage(_OUTPUT_NUMBERS[name], _wire.tensor(x.detach().reshape(-1).numpy()))
+    out.submessage(field, body)
+    return out
 
 
 def encode_loss_response(result: LossResult, host: LossResult, names: tuple[str, ...]) -> Encoded:
@@ -586,8 +564,7 @@ def encode_loss_response(result: LossResult, host: LossResult, names: tuple[str,
     (what `fill_outputs` + SerializeToString give, with one copy of each tensor instead of four)."""
     small = pb.ComputeLossResponse(loss=result.loss, policy_loss=result.policy_loss, kl_loss=result.kl_loss)
     small.metrics.update(metrics_map(result.metrics))
-    pieces, _ = encode_outputs(5, host, names)
-    return Encoded(b"".join([small.SerializeToString(), *pieces]))
+    return Encoded(b"".join([small.SerializeToString(), *encode_outputs(5, host, names).parts]))
 
 
 def host_result(result: LossResult, names: tuple[str, ...]) -> LossResult:

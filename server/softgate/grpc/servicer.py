@@ -523,7 +523,7 @@ def _encode_stream(
     last = len(tok_starts) - 2
     for j in range(last + 1):
         head = pb.StreamLossResponse(chunk_index=j, token_start=tok_starts[j], sequence_start=seq_starts[j])
-        pieces, _ = codec.encode_outputs(4, host, names, tok_starts[j], tok_starts[j + 1])
+        pieces = codec.encode_outputs(4, host, names, tok_starts[j], tok_starts[j + 1]).parts
         parts = [head.SerializeToString(), *pieces]
         if j == last:
             summary = pb.StreamLossResponse()
