@@ -120,6 +120,16 @@ def test_property_random(
     check_against_reference(batch, config)
 
 
+def test_reinforce_pp_equal_weighted_advantages_whiten_to_zero():
+    # found by test_property_random: the only sequences with trained tokens have the same
+    # group-centred advantage; the whitened advantages must be 0, not rounding noise / eps
+    batch = random_batch(83, advantages="rewards", big_deltas=True, max_len=12)
+    config = make_config(
+        "sapo", "token_mean", None, None, variant=0, estimator="reinforce_pp_baseline", scale=None, clamp=20.0
+    )
+    check_against_reference(batch, config)
+
+
 def test_float32_close_to_float64_reference():
     for seed in range(50):
         b64 = random_batch(seed)

@@ -60,7 +60,10 @@ def group_advantages(
     if cfg.estimator == "reinforce_pp_baseline":
         w = torch.ones_like(a) if weights is None else weights.to(torch.float64)
         sw = w.sum()
-        mu = (w * a).sum() / sw.clamp(min=1e-300)
+        # shifted by one weighted sequence's value: when every weighted value is the same, mu
+        # is exactly that value and the whitened advantages exactly 0 (not rounding noise / eps)
+        c = a[torch.argmax((w > 0).to(torch.int8))] if b > 0 else torch.zeros_like(sw)
+        mu = c + (w * (a - c)).sum() / sw.clamp(min=1e-300)
         var = torch.where(
             sw > 1, (w * (a - mu) ** 2).sum() / (sw - 1).clamp(min=1e-300), torch.zeros_like(sw)
         )
