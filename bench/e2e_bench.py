@@ -222,10 +222,10 @@ def serve_cached(port: int, max_message_bytes: int) -> None:
             super().__init__(device="cpu", compile=False)
             self.cache: dict[tuple[int, int], Any] = {}
 
-        def loss(self, batch: Any, config: Any) -> Any:
+        def loss(self, batch: Any, config: Any, **kw: Any) -> Any:
             key = (batch.num_tokens, batch.num_seqs)
             if key not in self.cache:
-                self.cache[key] = super().loss(batch, config)
+                self.cache[key] = super().loss(batch, config, **kw)
             return self.cache[key]
 
     async def run() -> None:

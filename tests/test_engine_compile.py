@@ -101,6 +101,28 @@ def _same_result(a: Any, b: Any, tol: float = 1e-5) -> None:
         assert a.metrics[k] == pytest.approx(b.metrics[k], rel=1e-4, abs=1e-6), k
 
 
+@pytest.mark.parametrize("compile", [False, True])
+def test_sampled_trust_region_outputs(compile: bool) -> None:
+    # Engine.loss(sample_tokens=k): ratio and gate weight for every stride-th token only, no
+    # clip mask; the gradient, loss and metrics are those of the whole-output call
+    batch = random_batch(7, max_seqs=40, max_len=60, advantages="token")
+    cfg = make_config("sapo", "token_mean", "k3", None)
+    eng = Engine(device="cpu", compile=compile)
+    whole = eng.loss(batch, cfg)
+    n = whole.grad.numel()
+    k = -(-n // (n // 7))
+    s = eng.loss(batch, cfg, sample_tokens=n // 7)
+    assert s.sample_stride == k > 1 and whole.sample_stride == 1
+    assert torch.equal(s.grad, whole.grad) and torch.equal(s.advantages, whole.advantages)
+    assert torch.equal(s.ratio, whole.ratio[::k]) and torch.equal(s.gate_weight, whole.gate_weight[::k])
+    assert s.clip_mask.numel() == 0 and torch.equal(s.mask, whole.mask)
+    assert s.loss == pytest.approx(whole.loss, rel=1e-12, abs=1e-15)
+    for name in METRIC_NAMES:
+        assert s.metrics[name] == pytest.approx(whole.metrics[name], rel=1e-12, abs=1e-15), name
+    assert eng.loss(batch, cfg, sample_tokens=n).sample_stride == 1  # nothing to sample
+    assert eng.kernel.guard_misses == 0
+
+
 def test_background_compile_failure_stays_eager(caplog: pytest.LogCaptureFixture) -> None:
     eng = Engine(device="cpu", compile="background")
     calls = []

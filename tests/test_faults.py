@@ -394,10 +394,10 @@ def _oom_engine() -> Any:
     from softgate.engine import Engine
 
     class OomEngine(Engine):
-        def loss(self, batch: Any, config: Any) -> Any:
+        def loss(self, batch: Any, config: Any, **kw: Any) -> Any:
             if batch.logp.numel() == OOM_TOKENS:
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB (simulated)")
-            return super().loss(batch, config)
+            return super().loss(batch, config, **kw)
 
     return OomEngine(device="cpu", compile=False)
 

@@ -617,12 +617,12 @@ class SlowEngine(Engine):
         self.exc = exc
         self.calls = 0
 
-    def loss(self, batch: Batch, config: LossConfig) -> Any:
+    def loss(self, batch: Batch, config: LossConfig, **kw: Any) -> Any:
         self.calls += 1
         time.sleep(self.delay)
         if self.exc is not None:
             raise self.exc
-        return super().loss(batch, config)
+        return super().loss(batch, config, **kw)
 
 
 def test_resource_exhausted_past_the_concurrency_limit() -> None:

@@ -106,6 +106,34 @@ def test_large_cpu_batches_are_sampled_and_scaled() -> None:
     assert b.ratio_sums[0] == pytest.approx(n / 2)
 
 
+def test_a_result_the_engine_sampled_gives_the_same_histograms() -> None:
+    # the server asks the engine for a strided sample of ratio and gate weight when a request
+    # wants neither (Engine.loss sample_tokens): the histograms must equal those of the
+    # bucketer sampling the whole tensors itself
+    config = LossConfig(objective=Sapo())
+    n = 32 * 64
+    g = torch.Generator().manual_seed(0)
+    logp = -torch.rand(n, generator=g) * 3
+    batch = Batch(
+        logp=logp,
+        old_logp=(logp + torch.randn(n, generator=g) * 0.3).clamp(max=0.0),
+        offsets=Batch.offsets_from_lengths(torch.full((32,), 64)),
+        mask=torch.rand(n, generator=g) > 0.2,
+        advantages=torch.randn(n, generator=g),
+    )
+    eng = Engine(device="cpu", compile=False)
+    whole, sampled = eng.loss(batch, config), eng.loss(batch, config, sample_tokens=300)
+    assert (
+        sampled.sample_stride == 7 and sampled.ratio.numel() == -(-n // 7) and sampled.clip_mask.numel() == 0
+    )
+    exported = []
+    for res in (whole, sampled):
+        tel = PrometheusTelemetry(S(sample=300))
+        tel.observe_loss("r", config, res)
+        exported.append([x for x in _samples(tel) if x[0].startswith("softgate_token_")])
+    assert exported[0] == exported[1] and len(exported[0]) > 20
+
+
 # ---------------------------------------------------------------- run labels
 
 

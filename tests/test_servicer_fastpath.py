@@ -24,11 +24,11 @@ class RecordingEngine(Engine):
         self.delay = delay
         self.seen: list[tuple[str, int]] = []
 
-    def loss(self, batch: Batch, config: LossConfig) -> Any:
+    def loss(self, batch: Batch, config: LossConfig, **kw: Any) -> Any:
         self.seen.append((threading.current_thread().name, torch.get_num_threads()))
         if self.delay:
             time.sleep(self.delay)
-        return super().loss(batch, config)
+        return super().loss(batch, config, **kw)
 
 
 def _call(client: SoftgateClient, n: int = 64) -> Any:
@@ -136,3 +136,44 @@ def test_deferred_telemetry_bounds_large_results() -> None:
     assert tel._big_pending == 0 and tel._pending == 0
     assert 'softgate_loss_batches_total{objective="sapo",run="r"} 2.0' in tel.exposition().decode()
     tel.close()
+
+
+class KwargsEngine(Engine):
+    """The real engine; records the keyword arguments of each loss call."""
+
+    def __init__(self) -> None:
+        super().__init__(device="cpu", compile=False)
+        self.kwargs: list[dict[str, Any]] = []
+
+    def loss(self, batch: Batch, config: LossConfig, **kw: Any) -> Any:
+        self.kwargs.append(kw)
+        return super().loss(batch, config, **kw)
+
+
+def test_trust_region_outputs_are_whole_only_when_asked(inprocess_server: Any) -> None:
+    # a request for the gradient alone lets the engine skip writing ratio, gate weight and clip
+    # mask (it samples what the telemetry reads); asking for any of them gets them whole
+    eng = KwargsEngine()
+    srv = inprocess_server(engine=eng)
+    n = 3000
+    rng = np.random.default_rng(0)
+    logp = (-rng.random(n) - 0.1).astype(np.float32)
+    old = logp + rng.normal(0, 0.2, n).astype(np.float32).clip(-0.05, 0.05)
+    kw: dict[str, Any] = {"lengths": np.array([1000, 2000]), "advantages": np.array([1.0, -1.0])}
+    with SoftgateClient(f"127.0.0.1:{srv.port}") as c:
+        plain = c.loss(logp, old, **kw)
+        asked = c.loss(logp, old, outputs=("ratio", "clip_mask"), **kw)
+        streamed = c.loss(logp, old, outputs=("gate_weight",), stream=True, **kw)
+    # the no-op telemetry reads 1 token
+    assert [k.get("sample_tokens", "unset") for k in eng.kwargs] == [1, None, None]
+    batch = Batch(
+        logp=torch.from_numpy(logp),
+        old_logp=torch.from_numpy(old),
+        offsets=torch.tensor([0, 1000, 3000]),
+        advantages=torch.tensor([1.0, -1.0]),
+    )
+    whole = Engine(device="cpu", compile=False).loss(batch, LossConfig())
+    assert np.array_equal(plain.grad, whole.grad.numpy()) and plain.loss == asked.loss == whole.loss
+    assert np.array_equal(asked.ratio, whole.ratio.numpy())
+    assert np.array_equal(asked.clip_mask, whole.clip_mask.numpy())
+    assert np.array_equal(streamed.gate_weight, whole.gate_weight.numpy())

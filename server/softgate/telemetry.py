@@ -9,6 +9,10 @@ from typing import Any
 class Telemetry:
     """No-op telemetry. Every adapter calls these; subclasses export them."""
 
+    # tokens of a loss result's ratio and gate weight that observe_loss reads (an evenly
+    # strided sample, see `Engine.loss`); None: every token
+    sample_tokens: int | None = 1
+
     def request_started(self, rpc: str, run: str, tokens: int) -> None:
         """A request entered the server (in-flight gauges go up)."""
 

@@ -10,7 +10,7 @@ Modes (`compile_mode`):
 
 A configuration (`kernel_key`) is what the compiled code is specialised on: objective kind,
 sequence ratio, advantage level, KL estimator, mismatch level / mode, the objective's parameter
-names (e.g. dual clip on / off), the dtypes. Numbers travel as 0-d tensors and sizes are
+names (e.g. dual clip on / off), the dtypes, whether ratio and gate are sampled. Numbers travel as 0-d tensors and sizes are
 dynamic, so neither recompiles. Batches with fewer than 2 tokens or sequences run eager
 (torch.compile specialises sizes 0 and 1). Dynamo's compiler is not thread-safe: compiles and
 compiled calls hold one lock; a call that would wait for a running background compile runs
@@ -68,7 +68,7 @@ def compile_mode(compile: bool | str | None, device: torch.device) -> str:
 
 def kernel_key(args: tuple[Any, ...]) -> tuple[Any, ...]:
     """The configuration a compiled token_terms is specialised on, from its arguments."""
-    t, prm, kind, seq_ratio, adv_per_token, kl, mismatch, count_dtype = args
+    t, prm, kind, seq_ratio, adv_per_token, kl, mismatch, count_dtype, *stride = args
     return (
         kind,
         seq_ratio,
@@ -79,6 +79,7 @@ def kernel_key(args: tuple[Any, ...]) -> tuple[Any, ...]:
         tuple((k, v.dtype) for k, v in sorted(prm.items())),
         count_dtype,
         t["logp"].device,
+        bool(stride) and stride[0] > 1,  # sampled ratio and gate, no clip mask
     )
 
 
@@ -116,6 +117,8 @@ def warmup_args(args: tuple[Any, ...]) -> tuple[Any, ...]:
     for k, v in t.items():
         x = per_token(k) if k in _PER_TOKEN or (k == "adv" and adv_per_token) else per_seq(k)
         out[k] = x.to(device=dev, dtype=v.dtype)
+    if len(rest) > 6 and rest[6] > 1:  # a sampled kernel: a stride that samples the small batch
+        rest[6] = 3
     return (out, {k: v.clone() for k, v in prm.items()}, *rest)
 
 

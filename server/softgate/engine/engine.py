@@ -63,13 +63,19 @@ class Engine:
         }
         return dataclasses.replace(batch, **moved) if moved else batch  # type: ignore[arg-type]
 
-    def loss(self, batch: Batch, config: LossConfig) -> LossResult:
-        """Validate, move to the device, compute loss + exact per-token gradient + metrics."""
-        return self._loss(batch, config, self.kernel)
+    def loss(self, batch: Batch, config: LossConfig, *, sample_tokens: int | None = None) -> LossResult:
+        """Validate, move to the device, compute loss + exact per-token gradient + metrics.
+        `sample_tokens`: see `compute_loss` (a server passes it when no ratio, gate weight or
+        clip mask was asked for)."""
+        return self._loss(batch, config, self.kernel, sample_tokens)
 
-    def _loss(self, batch: Batch, config: LossConfig, kernel: TokenTerms) -> LossResult:
+    def _loss(
+        self, batch: Batch, config: LossConfig, kernel: TokenTerms, sample_tokens: int | None = None
+    ) -> LossResult:
         check(batch, config)
-        return compute_loss(self._to_device(batch), config, validate=False, kernel=kernel)
+        return compute_loss(
+            self._to_device(batch), config, validate=False, kernel=kernel, sample_tokens=sample_tokens
+        )
 
     def wait_compiled(self, timeout: float | None = None) -> bool:
         """Block until no background compile is queued or running (tests, benchmarks)."""

@@ -44,19 +44,30 @@ TokenTerms = Callable[..., Terms]
 
 
 def compute_loss(
-    batch: Batch, config: LossConfig, *, validate: bool = True, kernel: TokenTerms | None = None
+    batch: Batch,
+    config: LossConfig,
+    *,
+    validate: bool = True,
+    kernel: TokenTerms | None = None,
+    sample_tokens: int | None = None,
 ) -> LossResult:
     """Loss, exact per-token gradient d loss / d logp, per-token terms and metrics of one batch.
+
+    `sample_tokens` (None: everything in full): on the CPU, a batch of more tokens gets ratio
+    and gate_weight for an evenly strided sample of at most that many tokens only, and an empty
+    clip_mask (`LossResult.sample_stride`); for callers that want the gradient, not those.
 
     All tensors of `batch` must be on one device; results are on that device, per-token
     tensors in the compute dtype (validation.compute_dtype). `kernel` replaces `token_terms`
     (the Engine passes its compiled version). Inputs that require grad are fine: nothing here
     records an autograd graph, and `logp.backward(result.grad)` applies the gradient."""
     with torch.no_grad():
-        return _compute_loss(batch, config, validate, kernel)
+        return _compute_loss(batch, config, validate, kernel, sample_tokens)
 
 
-def _compute_loss(batch: Batch, config: LossConfig, validate: bool, kernel: TokenTerms | None) -> LossResult:
+def _compute_loss(
+    batch: Batch, config: LossConfig, validate: bool, kernel: TokenTerms | None, sample_tokens: int | None
+) -> LossResult:
     if validate:
         check(batch, config)
     dt = compute_dtype(batch)
@@ -116,6 +127,9 @@ def _compute_loss(batch: Batch, config: LossConfig, validate: bool, kernel: Toke
         t["ref"] = batch.ref_logp.to(dt)
 
     prm = kernel_params(config, dt, dev)
+    stride = 1
+    if sample_tokens is not None and dev.type == "cpu" and n > sample_tokens:
+        stride = -(-n // max(sample_tokens, 1))
     fn = kernel or token_terms
     grad, a, ratio, gate, clip, vals = fn(
         t,
@@ -126,6 +140,7 @@ def _compute_loss(batch: Batch, config: LossConfig, validate: bool, kernel: Toke
         config.kl.estimator if config.kl is not None else None,
         (mm.level, mm.mode) if mm is not None else None,
         torch.int32 if n <= INT32_MAX else torch.int64,
+        stride,
     )
 
     # ---- metrics (one host sync)
@@ -206,4 +221,5 @@ def _compute_loss(batch: Batch, config: LossConfig, validate: bool, kernel: Toke
         clip_mask=clip.view(torch.bool),
         mask=m,
         metrics=metrics,
+        sample_stride=stride,
     )

@@ -71,6 +71,8 @@ BATCH_TENSORS = (
     "advantages",
 )
 OUTPUT_FIELDS = ("gradient", "advantages", "ratio", "gate_weight", "clip_mask", "mask")
+# the outputs an engine result holds whole only when asked (Engine.loss sample_tokens)
+TRUST_REGION_OUTPUTS = ("ratio", "gate_weight", "clip_mask")
 # LossResult attribute of each output
 _RESULT_ATTR = {
     "gradient": "grad",

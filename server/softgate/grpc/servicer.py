@@ -239,6 +239,13 @@ class LossServicer(pb_grpc.LossServiceServicer):
         finally:
             self._finish(call, context)
 
+    def _sample_tokens(self, names: tuple[str, ...]) -> int | None:
+        """Engine.loss's `sample_tokens`: what the telemetry reads of the ratio and gate weight,
+        unless the request asked for per-token trust-region outputs (then all of them)."""
+        if any(n in names for n in codec.TRUST_REGION_OUTPUTS):
+            return None
+        return getattr(self.telemetry, "sample_tokens", None)  # None: a telemetry that reads them all
+
     @staticmethod
     def _check(cancel: threading.Event) -> None:
         if cancel.is_set():
@@ -345,15 +352,15 @@ class LossServicer(pb_grpc.LossServiceServicer):
             raise InputError(v)
         assert batch is not None
         self._check(cancel)
+        names = codec.selected_outputs(request.outputs if request.HasField("outputs") else None)
         try:
-            result = self.engine.loss(batch, config)
+            result = self.engine.loss(batch, config, sample_tokens=self._sample_tokens(names))
         except InputError as e:
             raise codec.rename(
                 e, lambda f: FieldViolation(codec.request_field(f.field), f.reason, f.index)
             ) from None
         self._hook("observe_loss", run, config, result)
         self._check(cancel)
-        names = codec.selected_outputs(request.outputs if request.HasField("outputs") else None)
         if wire is not None and codec.LITTLE_ENDIAN:
             return codec.encode_loss_response(result, codec.host_result(result, names), names)
         resp = pb.ComputeLossResponse(
@@ -452,13 +459,13 @@ class LossServicer(pb_grpc.LossServiceServicer):
             raise InputError(v)
         assert batch is not None
         self._check(cancel)
+        names = codec.selected_outputs(out_msg)
         try:
-            result = self.engine.loss(batch, config)
+            result = self.engine.loss(batch, config, sample_tokens=self._sample_tokens(names))
         except InputError as e:
             raise codec.rename(e, lambda f: _chunk_field(f, batch, tok_starts, seq_starts)) from None
         self._hook("observe_loss", run, config, result)
         self._check(cancel)
-        names = codec.selected_outputs(out_msg)
         host: LossResult = codec.host_result(result, names)
         if encoded:
             return _encode_stream(result, host, names, tok_starts, seq_starts)

@@ -65,14 +65,24 @@ class Bucketer:
             self._edges[key] = e
         return e
 
-    def __call__(self, ratio: Tensor, gate: Tensor, advantages: Tensor, mask: Tensor) -> TokenBuckets:
-        return self.bucket(ratio, gate, advantages, mask)
+    def __call__(
+        self, ratio: Tensor, gate: Tensor, advantages: Tensor, mask: Tensor, stride: int = 1
+    ) -> TokenBuckets:
+        return self.bucket(ratio, gate, advantages, mask, stride)
 
     @torch.no_grad()
-    def bucket(self, ratio: Tensor, gate: Tensor, advantages: Tensor, mask: Tensor) -> TokenBuckets:
+    def bucket(
+        self, ratio: Tensor, gate: Tensor, advantages: Tensor, mask: Tensor, stride: int = 1
+    ) -> TokenBuckets:
+        """`stride` > 1: the tensors are already every stride-th token of the batch (counts
+        are scaled by it); else a CPU batch over cpu_sample_tokens is sampled here."""
         n = int(ratio.numel())
-        stride = 1
-        if ratio.device.type == "cpu" and self.cpu_sample_tokens and n > self.cpu_sample_tokens:
+        if (
+            stride == 1
+            and ratio.device.type == "cpu"
+            and self.cpu_sample_tokens
+            and n > self.cpu_sample_tokens
+        ):
             stride = -(-n // self.cpu_sample_tokens)
             ratio, gate = ratio[::stride].contiguous(), gate[::stride].contiguous()
             advantages, mask = advantages[::stride], mask[::stride]

@@ -119,6 +119,7 @@ class PrometheusTelemetry(Telemetry):
         else:
             sample = cpu_sample_tokens
         self.bucketer = Bucketer(cpu_sample_tokens=sample)
+        self.sample_tokens = sample
         self.lock = threading.Lock()
         self.runs = RunRegistry(self.max_runs)
         self._reasons: set[str] = set()
@@ -320,7 +321,7 @@ class PrometheusTelemetry(Telemetry):
     def observe_loss(self, run: str, config: Any, result: Any) -> None:
         """Record one LossResult (deferred mode: later, see `_later`); never raises (a failure
         is logged and counted)."""
-        n = _numel(getattr(result, "ratio", None))
+        n = _numel(getattr(result, "grad", None))
         self._later(self._safe, "observe_loss", self._observe_loss, run, config, result, tokens=n)
 
     def observe_advantages(self, run: str, config: Any, result: Any) -> None:
@@ -340,7 +341,9 @@ class PrometheusTelemetry(Telemetry):
     def _observe_loss(self, run: str, config: Any, result: Any) -> None:
         objective = str(getattr(getattr(config, "objective", None), "name", "unknown"))
         with one_thread():  # a sample of at most cpu_sample_tokens: no OpenMP team to wait for
-            b = self.bucketer(result.ratio, result.gate_weight, result.advantages, result.mask)
+            k = int(getattr(result, "sample_stride", 1))  # > 1: the engine sampled ratio and gate
+            adv, mask = result.advantages[::k], result.mask[::k]
+            b = self.bucketer(result.ratio, result.gate_weight, adv, mask, stride=k)
         m = _normalize(getattr(result, "metrics", None))
         now = time.time()
         # token counts per sign: exact from the engine's metrics when present
