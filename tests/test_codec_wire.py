@@ -17,6 +17,11 @@ from softgate.grpc import codec
 from softgate.grpc.servicer import LossServicer
 from softgate_client.proto.softgate.v1 import softgate_pb2 as pb
 
+try:
+    from tests.reference_loss import make_config, random_batch
+except ImportError:  # tests/ is not a package from this rootdir
+    from reference_loss import make_config, random_batch  # type: ignore[no-redef]
+
 
 def _tensor(a: np.ndarray, dtype: int) -> pb.Tensor:
     return pb.Tensor(dtype=dtype, shape=[a.shape[0]], data=a.tobytes())  # type: ignore[arg-type]
@@ -49,23 +54,114 @@ def _same_batch(a: Batch, b: Batch) -> None:
 
 @pytest.mark.parametrize("n", [1 << 18, 5])
 def test_views_decode_like_the_message(n: int) -> None:
-    data = _request(n).SerializeToString()
+    request = _request(n)
+    data = request.SerializeToString()
     got = codec.safe_deserializer(pb.ComputeLossRequest, batch_field=2)(data)
     assert isinstance(got, codec.Received) and got.nbytes == len(data)
     msg = got.message
     if len(data) >= codec.VIEW_MIN_BYTES:
         assert set(got.views) == {"logp", "old_logp", "offsets", "mask", "rewards", "group_ids"}
         for name, view in got.views.items():
-            assert bytes(view) == getattr(msg.batch, name).data, name
+            assert bytes(view) == getattr(request.batch, name).data, name
+            assert getattr(msg.batch, name).data == b""  # left out of the parse: the view has it
+        want = request.SerializeToString()
+        for name in got.views:
+            getattr(request.batch, name).ClearField("data")
+        assert msg == request  # everything but the data, as sent
+        request.ParseFromString(want)
     else:
-        assert got.views == {}  # small: not worth the walk
+        assert got.views == {} and msg == request  # small: not worth the walk
     v: list[FieldViolation] = []
     a = codec.decode_batch(msg.batch, "batch.", v, got.views)
-    b = codec.decode_batch(msg.batch, "batch.", v)
+    b = codec.decode_batch(request.batch, "batch.", v)
     assert not v and a is not None and b is not None
     _same_batch(a, b)
-    a.logp.add_(1)  # torch-owned and writable: the received bytes are untouched
-    assert bytes(got.views.get("logp", b"")) == (msg.batch.logp.data if got.views else b"")
+
+
+def _address(buf: Any) -> int:
+    return int(np.frombuffer(buf, np.uint8).ctypes.data)
+
+
+def test_aligned_tensors_of_a_large_request_are_read_in_place() -> None:
+    # the Python client pads large requests (Tensor.padding) so that each tensor's data starts
+    # at a multiple of 16 bytes; the server then uses the received bytes without a copy
+    from softgate_client import _wire
+    from softgate_client.client import pack_batch
+
+    n = 1 << 17
+    rng = np.random.default_rng(1)
+    logp = -rng.random(n).astype(np.float32) - 0.01
+    p = pack_batch(
+        logp,
+        logp - 0.01,
+        lengths=[n // 2, n - n // 2],
+        mask=rng.random(n) > 0.1,
+        rewards=[1.0, 0.0],
+        group_ids=[0, 0],
+    )
+    data = _wire.message({}, {2: p.placed()}).join()
+    assert len(data) >= codec.VIEW_MIN_BYTES
+    got = codec.safe_deserializer(pb.ComputeLossRequest, batch_field=2)(data)
+    assert isinstance(got, codec.Received)
+    v: list[FieldViolation] = []
+    a = codec.decode_batch(got.message.batch, "batch.", v, got.views)
+    b = codec.decode_batch(pb.ComputeLossRequest.FromString(data).batch, "batch.", v)  # all parsed: copies
+    assert not v and a is not None and b is not None
+    _same_batch(a, b)
+    base = _address(data)
+    for name in ("logp", "old_logp", "offsets", "mask"):
+        x = getattr(a, name)
+        assert x.data_ptr() == _address(got.views[name]) and (x.data_ptr() - base) % 16 == 0, name
+    # bytes that do not start on the boundary are copied (aligned, torch-owned memory)
+    buf = bytes(4 * 100 + 4)
+    for start in (0, 4):
+        view = memoryview(buf)[start : start + 400]
+        t = codec._tensor_over(view, torch.float32, 100)
+        shared = (_address(view) % codec.SHARE_ALIGN) == 0
+        assert (t.data_ptr() == _address(view)) == shared and t.data_ptr() % codec.SHARE_ALIGN == 0
+
+
+@pytest.mark.parametrize("objective", ["sapo", "grpo", "gspo", "gspo_token", "cispo", "gppo", "reinforce"])
+def test_the_engine_never_writes_into_a_request(objective: str) -> None:
+    # a request's tensors may be its received bytes (above): every input must stay as it came
+    for adv, kl, mm in (("rewards", "k3", ("token", "truncate")), ("token", None, ("sequence", "mask"))):
+        if objective == "gspo" and adv == "token":
+            adv = "sequence"
+        batch = random_batch(3, max_seqs=9, max_len=17, advantages=adv)
+        frozen = {}
+        for f in (
+            "logp",
+            "old_logp",
+            "ref_logp",
+            "rollout_logp",
+            "mask",
+            "offsets",
+            "rewards",
+            "group_ids",
+            "advantages",
+        ):
+            x = getattr(batch, f)
+            if x is not None:
+                raw = x.contiguous().view(torch.uint8).numpy().tobytes()
+                frozen[f] = raw
+                setattr(batch, f, torch.frombuffer(raw, dtype=x.dtype))  # backed by an immutable bytes
+        for compile in (False, "sync") if objective == "sapo" else (False,):
+            Engine(device="cpu", compile=compile).loss(
+                batch, make_config(objective, "seq_mean_token_mean", kl, mm)
+            )
+            for f, raw in frozen.items():
+                assert getattr(batch, f).view(torch.uint8).numpy().tobytes() == raw, (objective, f)
+
+
+def test_a_tensor_without_a_shape_is_parsed_whole() -> None:
+    # left out of the parse, a tensor's length would be unknown to the limits: no 1-D shape,
+    # no stripping (the whole message is parsed, the views still serve the decode)
+    request = _request(1 << 18)
+    request.batch.logp.ClearField("shape")
+    data = request.SerializeToString()
+    got = codec.safe_deserializer(pb.ComputeLossRequest, batch_field=2)(data)
+    assert isinstance(got, codec.Received) and got.message == request and "logp" in got.views
+    assert codec.check_batch_limits(got.message.batch, "batch.", codec.Limits(), []) == (1 << 18, 8)
 
 
 def test_views_skip_repeated_fields() -> None:

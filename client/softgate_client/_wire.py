@@ -14,7 +14,8 @@ which protobuf parsers accept in any order); tests check it against the generate
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -117,7 +118,9 @@ def _le_view(a: np.ndarray) -> memoryview:
     return a.reshape(-1).data.cast("B")
 
 
-def tensor(a: np.ndarray) -> Pieces:
+def tensor(a: np.ndarray, at: int | None = None) -> Pieces:
+    """A Tensor message of `a`. `at`: the offset in the whole serialised message where this
+    Tensor's body lands; its `data` then starts at a multiple of ALIGN (Tensor.padding)."""
     dt = NP_TO_DTYPE.get(a.dtype.newbyteorder("="))
     if dt is None:
         raise TypeError(f"unsupported dtype {a.dtype}")
@@ -126,29 +129,80 @@ def tensor(a: np.ndarray) -> Pieces:
     p = Pieces()
     head = tag(1, VARINT) + varint(dt) + tag(2, LEN) + varint(len(shape)) + shape
     if data.nbytes:  # proto3 leaves empty bytes out (as the generated classes do)
-        p.add(head + tag(3, LEN) + varint(data.nbytes))
+        data_head = tag(3, LEN) + varint(data.nbytes)
+        if at is not None:
+            head += _padding(at + len(head) + len(data_head))
+        p.add(head + data_head)
         p.add(data)
     else:
         p.add(head)
     return p
 
 
+# a request's tensor data starting at a multiple of this (from the message's first byte) can
+# be read in place by the server (codec.SHARE_ALIGN); the client aligns requests of at least
+# ALIGN_MIN_BYTES (the server's threshold for reading a request's tensors in place)
+ALIGN = 16
+ALIGN_MIN_BYTES = 1 << 20
+TENSOR_PADDING = 15  # Tensor.padding
+
+
+def _padding(data_at: int) -> bytes:
+    """A Tensor.padding field that moves data starting at offset `data_at` to a multiple of
+    ALIGN (tag, length and zeros: 2 bytes at least, so a shift of 1 is one of ALIGN + 1)."""
+    s = -data_at % ALIGN
+    if s == 0:
+        return b""
+    if s == 1:
+        s += ALIGN
+    return tag(TENSOR_PADDING, LEN) + varint(s - 2) + bytes(s - 2)
+
+
+def _placed(p: Pieces, field: int, build: Callable[[int], Pieces], at: int) -> None:
+    """p.submessage(field, build(body_at)) where body_at is the offset the body lands at when
+    p itself starts at offset `at`. The body's length prefix has to be known to place it, and
+    its length depends on the placement (padding): fixed point over the prefix's width."""
+    hdr = tag(field, LEN)
+    width = 1
+    for _ in range(4):
+        body = build(at + p.size + len(hdr) + width)
+        w = len(varint(body.size))
+        if w == width:
+            p.submessage(field, body)
+            return
+        width = w
+    p.submessage(
+        field, body
+    )  # (not reached in practice) padded for a prefix width that moved: unaligned, still valid
+
+
 def batch(
-    token: dict[str, np.ndarray], seq: dict[str, np.ndarray], offsets: np.ndarray, level: int
+    token: dict[str, np.ndarray],
+    seq: dict[str, np.ndarray],
+    offsets: np.ndarray,
+    level: int,
+    at: int | None = None,
 ) -> Pieces:
+    """A Batch message. `at`: the offset in the whole serialised message where it lands;
+    every tensor's data is then aligned (see `tensor`)."""
     arrays = {**token, **seq, "offsets": offsets}
     p = Pieces()
     for name, num in BATCH_FIELDS.items():
         a = arrays.get(name)
-        if a is not None:
+        if a is None:
+            continue
+        if at is None:
             p.submessage(num, tensor(a))
+        else:
+            _placed(p, num, functools.partial(tensor, a), at)
     if level:
         p.add(tag(BATCH_ADVANTAGE_LEVEL, VARINT) + varint(level))
     return p
 
 
-def message(small: dict[int, Any], big: dict[int, Pieces]) -> Pieces:
-    """A message of small protobuf sub-messages (serialised by protobuf) and hand-built ones."""
+def message(small: dict[int, Any], big: dict[int, Pieces | Callable[[int], Pieces]]) -> Pieces:
+    """A message of small protobuf sub-messages (serialised by protobuf) and hand-built ones:
+    Pieces, or a function of the offset at which the sub-message's body lands (`batch`'s `at`)."""
     p = Pieces()
     for num in sorted({*small, *big}):
         if num in small:
@@ -157,7 +211,11 @@ def message(small: dict[int, Any], big: dict[int, Pieces]) -> Pieces:
             body = small[num].SerializeToString()
             p.add(tag(num, LEN) + varint(len(body)) + body)
         else:
-            p.submessage(num, big[num])
+            b = big[num]
+            if isinstance(b, Pieces):
+                p.submessage(num, b)
+            else:
+                _placed(p, num, b, 0)
     return p
 
 

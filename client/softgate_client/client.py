@@ -15,8 +15,9 @@ StreamLoss RPC, split on sequence boundaries; its results equal the unary ones b
 
 from __future__ import annotations
 
+import functools
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -223,18 +224,29 @@ class _Packed:
             _fill(getattr(msg, name), a if whole else a[s0:s1])
         return msg
 
-    def pieces(self, s0: int = 0, s1: int | None = None) -> _wire.Pieces:
+    def pieces(self, s0: int = 0, s1: int | None = None, at: int | None = None) -> _wire.Pieces:
         """The wire bytes of the Batch of sequences [s0, s1) (offsets rebased to 0), as pieces
-        that reference the arrays' memory (joined once, by gRPC's serializer)."""
+        that reference the arrays' memory (joined once, by gRPC's serializer); `at`: see
+        `_wire.batch`."""
         off = self.layout.offsets
         b = self.layout.num_seqs
         s1 = b if s1 is None else s1
         t0, t1 = int(off[s0]), int(off[s1])
         if s0 == 0 and s1 == b:
-            return _wire.batch(self.token, self.seq, off, self.advantage_level)
+            return _wire.batch(self.token, self.seq, off, self.advantage_level, at)
         token = {k: a[t0:t1] for k, a in self.token.items()}
         seq = {k: a[s0:s1] for k, a in self.seq.items()}
-        return _wire.batch(token, seq, off[s0 : s1 + 1] - t0, self.advantage_level)
+        return _wire.batch(token, seq, off[s0 : s1 + 1] - t0, self.advantage_level, at)
+
+    def placed(self, s0: int = 0, s1: int | None = None) -> _wire.Pieces | Callable[[int], _wire.Pieces]:
+        """`pieces(s0, s1)` for `_wire.message`: placed so that the server can read the
+        tensors in place when the part is large enough for it to try."""
+        off = self.layout.offsets
+        s1 = self.layout.num_seqs if s1 is None else s1
+        size = (int(off[s1]) - int(off[s0])) * self.bytes_per_token
+        if size < _wire.ALIGN_MIN_BYTES:
+            return self.pieces(s0, s1)
+        return functools.partial(self.pieces, s0, s1)
 
     def chunk_bounds(self, chunk_bytes: int) -> list[tuple[int, int]]:
         """Sequence ranges of about `chunk_bytes` each (a chunk holds whole sequences; one
@@ -612,7 +624,7 @@ class SoftgateClient:
         if use_stream:
             result = self._stream_loss(packed, proto_cfg, sel, md, timeout)
         else:
-            req = _wire.message({1: proto_cfg, 3: sel}, {2: packed.pieces()})
+            req = _wire.message({1: proto_cfg, 3: sel}, {2: packed.placed()})
             resp, outs = call_with_retries(
                 lambda t: self._compute_loss(req, timeout=t, metadata=md),
                 policy=self.retry_policy,
@@ -635,7 +647,7 @@ class SoftgateClient:
         def requests() -> Iterator[_wire.Pieces]:
             for k, (s0, s1) in enumerate(bounds):
                 small: dict[int, Any] = {1: proto_cfg, 2: sel} if k == 0 else {}
-                yield _wire.message(small, {3: packed.pieces(s0, s1)})
+                yield _wire.message(small, {3: packed.placed(s0, s1)})
 
         def call(t: float | None) -> list[tuple[pb.StreamLossResponse, dict[str, np.ndarray]]]:
             return list(self._stream_loss_rpc(requests(), timeout=t, metadata=md))

@@ -344,7 +344,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
             raise InputError(v)
         batch = codec.decode_batch(request.batch, "batch.", v, wire.views if wire is not None else None)
         if wire is not None:
-            wire.views.clear()  # the received bytes are free to go: the batch holds its own copy
+            wire.views.clear()  # the batch holds what it needs of the received bytes (a copy, or them)
         config = codec.decode_loss_config(request.config, v)
         if batch is not None:
             codec.check_groups(batch, self.limits, "batch.group_ids", v)
