@@ -21,7 +21,7 @@ from torch import Tensor
 from softgate.engine.config import LossConfig
 from softgate.engine.kl import kl_terms
 from softgate.engine.mismatch import mismatch_weights
-from softgate.engine.objectives import objective_params, policy_terms
+from softgate.engine.objectives import PolicyTerms, objective_params, policy_terms
 
 # token_terms' result: grad, advantages, ratio, gate, clip mask (uint8), float64 values
 Terms = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
@@ -160,21 +160,12 @@ def token_terms(
     zero = torch.zeros_like(logp)
     a = t["adv"] if adv_per_token else t["adv"][ids]
     alpha = torch.where(m, t["w"][ids], zero)
-    raw = torch.where(m, logp - old, zero)
-    d = raw.clamp(-clamp, clamp)
+    d, clamped, ratio, pt = _policy(t, prm, kind, seq_ratio, m, logp, old, ids, a)
     S: dict[str, Tensor] = {}
     C: dict[str, Tensor] = {}
-    if seq_ratio:
-        ratio = t["sratio"][ids]
-        dratio = ratio  # s_{i,t} = sg[s_i] exp(logp - sg[logp]): d s_{i,t} / d logp = s_i
-    else:
-        clamped = raw.abs() > clamp
-        ratio = torch.exp(d)
-        dratio = torch.where(clamped, zero, ratio)
+    if clamped is not None:  # (gspo: the ratio and its clamp are per sequence)
         C["clamped"] = clamped
         S["ratio_sum"] = torch.where(m, ratio, zero)
-    lp = torch.where(m, logp, zero) if kind == "cispo" else logp  # only cispo's loss reads logp
-    pt = policy_terms(kind, ratio, dratio, a, lp, prm)
     lpol, gpol, gfree = pt.loss, pt.grad, pt.grad_free
     if mismatch is not None:
         level, mode = mismatch
@@ -241,12 +232,46 @@ def token_terms(
     if counts:
         vals.append(torch.stack(counts).to(torch.float64))
     vals.append(torch.stack(sequence_terms(t, seq_names, adv_per_token, seq_ratio)))
-    ratio_out = torch.where(m, ratio, zero + 1)
-    gate_out = torch.where(m, gate, zero)
-    clip_out = clip.to(torch.uint8)
-    if stride > 1:
-        ratio_out, gate_out, clip_out = ratio_out[::stride], gate_out[::stride], clip_out[:0]
-    return grad, a, ratio_out, gate_out, clip_out, torch.cat(vals)
+    values = torch.cat(vals)
+    if stride > 1:  # the sample, from strided inputs: only those tokens are computed and written
+        every = slice(None, None, stride)
+        ms = m[every]
+        _, _, ratio_s, pt_s = _policy(
+            t, prm, kind, seq_ratio, ms, logp[every], old[every], ids[every], a[every]
+        )
+        zs = torch.zeros_like(ratio_s)
+        ratio_s, gate_s = torch.where(ms, ratio_s, zs + 1), torch.where(ms, pt_s.gate, zs)
+        return grad, a, ratio_s, gate_s, clip[:0].to(torch.uint8), values
+    return grad, a, torch.where(m, ratio, zero + 1), torch.where(m, gate, zero), clip.to(torch.uint8), values
+
+
+def _policy(
+    t: dict[str, Tensor],
+    prm: dict[str, Tensor],
+    kind: str,
+    seq_ratio: bool,
+    m: Tensor,
+    logp: Tensor,
+    old: Tensor,
+    ids: Tensor,
+    a: Tensor,
+) -> tuple[Tensor, Tensor | None, Tensor, PolicyTerms]:
+    """(clamped log-ratio, where the clamp bit (None: gspo's per-sequence ratio), ratio,
+    policy terms) of the tokens given: all of them, or token_terms' sample."""
+    clamp = prm["clamp"]
+    zero = torch.zeros_like(logp)
+    raw = torch.where(m, logp - old, zero)
+    d = raw.clamp(-clamp, clamp)
+    clamped = None
+    if seq_ratio:
+        ratio = t["sratio"][ids]
+        dratio = ratio  # s_{i,t} = sg[s_i] exp(logp - sg[logp]): d s_{i,t} / d logp = s_i
+    else:
+        clamped = raw.abs() > clamp
+        ratio = torch.exp(d)
+        dratio = torch.where(clamped, zero, ratio)
+    lp = torch.where(m, logp, zero) if kind == "cispo" else logp  # only cispo's loss reads logp
+    return d, clamped, ratio, policy_terms(kind, ratio, dratio, a, lp, prm)
 
 
 def sequence_terms(
