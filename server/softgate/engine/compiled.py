@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from softgate.engine.kernel import Terms, token_terms
+from softgate.threads import intra_op_threads
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,7 @@ class CompiledKernel:
         if mode not in COMPILE_MODES:
             raise ValueError(f"compile mode {mode!r}; known: {COMPILE_MODES}")
         self.mode = mode
+        self._threads = torch.get_num_threads()  # the process's (see _first_call)
         self._enabled = mode != "off"
         self._compile: Callable[[Callable[..., Terms]], Any] = lambda f: torch.compile(f, dynamic=True)
         self._fns: dict[tuple[Any, ...], Any] = {}  # configuration -> its compiled token_terms
@@ -200,9 +202,22 @@ class CompiledKernel:
             fn = self._fns[key] = self._compile(fresh_token_terms())
         return fn
 
+    def _first_call(self, key: tuple[Any, ...], args: tuple[Any, ...]) -> Terms:
+        """The call that compiles `key`, with the process's intra-op thread count: inductor
+        writes the thread count it sees into the kernel (1: no parallel loop at all), and a
+        compile triggered from a thread limited to one (a small call run inline, the
+        telemetry thread) would leave every later call of that configuration on one core."""
+        with intra_op_threads(self._threads):
+            return self._compiled(key)(*args)  # type: ignore[no-any-return]
+
     def _sync(self, key: tuple[Any, ...], args: tuple[Any, ...]) -> Terms:
         try:
             with self._lock:
+                if key not in self._ready:
+                    out = self._first_call(key, args)
+                    with self._state:
+                        self._ready.add(key)
+                    return out
                 return self._compiled(key)(*args)  # type: ignore[no-any-return]
         except Exception as exc:  # a compiler failure must not take the service down
             log.warning("compiled engine kernel failed (%s); falling back to eager", exc)
@@ -253,7 +268,7 @@ class CompiledKernel:
                 with self._lock, torch.no_grad():  # as compute_loss calls it (a dynamo guard)
                     self._compiling.set()
                     try:
-                        self._compiled(key)(*args)
+                        self._first_call(key, args)
                     finally:
                         self._compiling.clear()
                 with self._state:
