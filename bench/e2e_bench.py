@@ -355,11 +355,13 @@ def worker(args: argparse.Namespace) -> None:
         def echo_call(b: dict[str, np.ndarray] = b) -> Any:
             return echo.call(b)
 
-        # one untimed call of each size first: a trainer sends the same size again and again,
-        # and the first call of a size pays the first touch of every buffer (16M tokens with
-        # tcmalloc: 3.5 s cold in the server vs 0.4 s after); glibc malloc pays it on every call
-        sg_call()
-        echo_call()
+        # untimed calls of each size first: a trainer sends the same size again and again, and
+        # the first calls of a size pay the first touch of every buffer in all three processes
+        # (16M tokens with tcmalloc, one client: 1231, 501, 696, then 320-340 ms); glibc malloc
+        # pays it on every call. Small calls: the server's inline path needs a few fast calls.
+        for _ in range(3 if n >= 1 << 20 else 20):
+            sg_call()
+            echo_call()
         k = reps.get(n, 3)
         t_sg, t_echo = [], []
         r = None
