@@ -370,7 +370,7 @@ def test_sigterm_under_load(load_bench: Any, serve_process: Any, work: list[Any]
         t.join(60)
     code = srv.wait(30)
     assert code == 0, srv.logs()[-3000:]
-    assert [r[0] for r in results] == ["OK"] * inflight_calls, results
+    assert [r[0] for r in results] == ["OK"] * inflight_calls, [r for r in results if r[0] != "OK"]
     assert all(r[1] for r in results)
     assert max(r[2] for r in results) > t_sig, "every call finished before the signal: nothing was in flight"
     codes = {c for c, _ in after}

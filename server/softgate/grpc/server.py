@@ -11,6 +11,7 @@ message size, keepalive, max connection age, TLS / mutual TLS, graceful stop.
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,9 @@ from softgate.telemetry import Telemetry
 
 log = get_logger("grpc")
 HEALTH_SERVICES = ("", SERVICE_NAME)
+# after a graceful stop, at most this long for the responses of the last calls to reach their
+# clients before the server is torn down (bounded by the grace period)
+DRAIN_S = 1.0
 
 
 def channel_options(settings: Settings) -> list[tuple[str, Any]]:
@@ -183,8 +187,24 @@ class GrpcServer:
             return
         self.serving = False
         await self.health.enter_graceful_shutdown()
+        self.servicer.closing = True  # from here new loss calls are refused with UNAVAILABLE
         log.info("grpc_stopping", in_flight=self.servicer.in_flight, grace_seconds=grace)
-        await self.server.stop(grace)
+        left: float | None = None
+        if grace is not None:
+            end = time.monotonic() + grace
+            # the calls in flight finish (and their responses get on their way) before gRPC's own
+            # shutdown: it reset the connection of a call whose handler was still running (a
+            # client then saw UNAVAILABLE for a call the server had accepted)
+            while self.servicer.in_flight > 0 and time.monotonic() < end:
+                await asyncio.sleep(0.01)
+            # the last responses may still be on their way; a torn-down server resets their
+            # connections and a client that had not read its whole response sees UNAVAILABLE
+            since = time.monotonic() - self.servicer.last_finished
+            wait = min(DRAIN_S - since, end - time.monotonic())
+            if wait > 0:
+                await asyncio.sleep(wait)
+            left = max(end - time.monotonic(), 0.0)
+        await self.server.stop(left)
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.server = None
         log.info("grpc_stopped")

@@ -108,6 +108,8 @@ class LossServicer(pb_grpc.LossServiceServicer):
         # consecutive small calls that took at most INLINE_BUDGET_S (see _run)
         self._fast_streak = 0
         self._loop_single_threaded: int | None = None
+        self.last_finished = float("-inf")  # time.monotonic() of the last call's end
+        self.closing = False  # set by a graceful stop: new calls are refused
 
     # ------------------------------------------------------------ plumbing
     def _hook(self, name: str, *args: Any) -> None:
@@ -118,6 +120,12 @@ class LossServicer(pb_grpc.LossServiceServicer):
 
     async def _admit(self, rpc: str, context: Any) -> _Call:
         call = _Call(rpc, run_of(context))
+        if self.closing:
+            call.code = "UNAVAILABLE"
+            self._hook("request_finished", rpc, call.run, call.code, 0.0, 0, 0, 0, 0)
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "server shutting down; retry (another replica will answer)"
+            )
         if self.in_flight >= self.max_concurrent_rpcs:
             call.code = "RESOURCE_EXHAUSTED"
             self._hook("request_finished", rpc, call.run, call.code, 0.0, 0, 0, 0, 0)
@@ -204,6 +212,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
 
     def _finish(self, call: _Call, context: Any) -> None:
         self.in_flight -= 1
+        self.last_finished = time.monotonic()
         try:  # deferred telemetry starts once the response is out
             context.add_done_callback(self._kick)
         except Exception:  # a context without callbacks
