@@ -118,14 +118,16 @@ class LossServicer(pb_grpc.LossServiceServicer):
         except Exception:  # telemetry must never fail an RPC
             log.warning("telemetry_error", hook=name, exc_info=True)
 
-    async def _admit(self, rpc: str, context: Any) -> _Call:
-        call = _Call(rpc, run_of(context))
+    async def _refuse_when_closing(self, rpc: str, run: str, context: Any) -> None:
         if self.closing:
-            call.code = "UNAVAILABLE"
-            self._hook("request_finished", rpc, call.run, call.code, 0.0, 0, 0, 0, 0)
+            self._hook("request_finished", rpc, run, "UNAVAILABLE", 0.0, 0, 0, 0, 0)
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE, "server shutting down; retry (another replica will answer)"
             )
+
+    async def _admit(self, rpc: str, context: Any) -> _Call:
+        call = _Call(rpc, run_of(context))
+        await self._refuse_when_closing(rpc, call.run, context)
         if self.in_flight >= self.max_concurrent_rpcs:
             call.code = "RESOURCE_EXHAUSTED"
             self._hook("request_finished", rpc, call.run, call.code, 0.0, 0, 0, 0, 0)
@@ -494,6 +496,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
     ) -> pb.ListAlgorithmsResponse:
         run = run_of(context)
         t0 = time.perf_counter()
+        await self._refuse_when_closing("ListAlgorithms", run, context)
         if isinstance(request, codec.CorruptMessage):
             call = _Call("ListAlgorithms", run)
             self._hook("rejected", call.rpc, ["bad_protobuf"])
