@@ -112,6 +112,11 @@ def test_aligned_tensors_of_a_large_request_are_read_in_place() -> None:
     for name in ("logp", "old_logp", "offsets", "mask"):
         x = getattr(a, name)
         assert x.data_ptr() == _address(got.views[name]) and (x.data_ptr() - base) % 16 == 0, name
+    del data, got  # the tensors keep the received bytes alive
+    import gc
+
+    gc.collect()
+    _same_batch(a, b)
     # bytes that do not start on the boundary are copied (aligned, torch-owned memory)
     buf = bytes(4 * 100 + 4)
     for start in (0, 4):
