@@ -12,8 +12,9 @@ import math
 import statistics
 from dataclasses import dataclass
 
+import pytest
 import torch
-from softgate.engine import Batch, LossConfig
+from softgate.engine import METRIC_NAMES, Batch, LossConfig
 from torch import Tensor
 
 EPS_DEFAULT_SCALE = {"grpo": "group", "dr_grpo": "none", "rloo": "none", "reinforce_pp_baseline": "none"}
@@ -372,3 +373,14 @@ def near_boundary(batch: Batch, config: LossConfig, tol: float = 1e-7) -> bool:
             if bool(((r - bd).abs() < tol * max(1.0, bd)).any()):
                 return True
     return False
+
+
+def assert_same_result(a, b, tol: float = 1e-5) -> None:
+    """Two LossResults agree: loss, gradient and gate weight within `tol`, the same clip mask,
+    every metric within 1e-4 relative."""
+    assert a.loss == pytest.approx(b.loss, rel=tol, abs=tol)
+    torch.testing.assert_close(a.grad, b.grad, rtol=tol, atol=tol)
+    torch.testing.assert_close(a.gate_weight, b.gate_weight, rtol=tol, atol=tol)
+    assert torch.equal(a.clip_mask, b.clip_mask)
+    for k in METRIC_NAMES:
+        assert a.metrics[k] == pytest.approx(b.metrics[k], rel=1e-4, abs=1e-6), k

@@ -30,9 +30,15 @@ from softgate.engine import (
 from softgate.engine.validation import REASON_CODES
 
 try:
-    from tests.reference_loss import AGG_MODES, OBJECTIVE_NAMES, make_config, random_batch
+    from tests.reference_loss import AGG_MODES, OBJECTIVE_NAMES, assert_same_result, make_config, random_batch
 except ImportError:  # tests/ is not a package
-    from reference_loss import AGG_MODES, OBJECTIVE_NAMES, make_config, random_batch  # type: ignore[no-redef]
+    from reference_loss import (  # type: ignore[no-redef]
+        AGG_MODES,
+        OBJECTIVE_NAMES,
+        assert_same_result,
+        make_config,
+        random_batch,
+    )
 
 E = Engine(device="cpu", compile=False)
 F64 = torch.float64
@@ -546,12 +552,7 @@ def test_compiled_kernel_matches_eager(dtype, name, kl, mm, clamp):
     r_c = EC.loss(b, cfg)
     assert EC.kernel.enabled, "compilation fell back to eager"
     tol = 1e-12 if dtype == F64 else 1e-5
-    assert r_c.loss == pytest.approx(r_e.loss, rel=tol, abs=tol)
-    torch.testing.assert_close(r_c.grad, r_e.grad, rtol=tol, atol=tol)
-    torch.testing.assert_close(r_c.gate_weight, r_e.gate_weight, rtol=tol, atol=tol)
-    assert torch.equal(r_c.clip_mask, r_e.clip_mask)
-    for k in METRIC_NAMES:
-        assert r_c.metrics[k] == pytest.approx(r_e.metrics[k], rel=1e-4, abs=1e-6), k
+    assert_same_result(r_c, r_e, tol)
 
 
 @pytest.mark.cuda

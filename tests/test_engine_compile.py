@@ -15,9 +15,9 @@ from softgate.engine.kernel import token_terms
 from softgate.engine.loss import compute_loss
 
 try:
-    from tests.reference_loss import OBJECTIVE_NAMES, make_config, random_batch
+    from tests.reference_loss import OBJECTIVE_NAMES, assert_same_result, make_config, random_batch
 except ImportError:  # tests/ is not a package from this rootdir
-    from reference_loss import OBJECTIVE_NAMES, make_config, random_batch  # type: ignore[no-redef]
+    from reference_loss import OBJECTIVE_NAMES, assert_same_result, make_config, random_batch  # type: ignore[no-redef]
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -90,15 +90,6 @@ def test_configuration_keys_differ_by_structure_not_by_values() -> None:
     assert kernel_key(_kernel_args(batch, make_config("sapo", "token_mean", "k3", None))) != key
     dual = make_config("grpo", "token_mean", "k3", None, variant=1)  # dual clip on
     assert kernel_key(_kernel_args(batch, dual)) != key
-
-
-def _same_result(a: Any, b: Any, tol: float = 1e-5) -> None:
-    assert a.loss == pytest.approx(b.loss, rel=tol, abs=tol)
-    torch.testing.assert_close(a.grad, b.grad, rtol=tol, atol=tol)
-    torch.testing.assert_close(a.gate_weight, b.gate_weight, rtol=tol, atol=tol)
-    assert torch.equal(a.clip_mask, b.clip_mask)
-    for k in METRIC_NAMES:
-        assert a.metrics[k] == pytest.approx(b.metrics[k], rel=1e-4, abs=1e-6), k
 
 
 @pytest.mark.parametrize("compile", [False, True])
@@ -178,10 +169,10 @@ def test_background_compile_failure_stays_eager(caplog: pytest.LogCaptureFixture
     cfg = make_config("sapo", "seq_mean_token_mean", None, None)
     want = Engine(device="cpu", compile=False).loss(batch, cfg)
     with caplog.at_level(logging.WARNING, logger="softgate.engine.compiled"):
-        _same_result(eng.loss(batch, cfg), want, 0)
+        assert_same_result(eng.loss(batch, cfg), want, 0)
         assert eng.wait_compiled(30)
         for _ in range(3):
-            _same_result(eng.loss(batch, cfg), want, 0)
+            assert_same_result(eng.loss(batch, cfg), want, 0)
     assert len(calls) == 1 and eng.kernel.ready == 0
     assert sum("stays eager" in r.getMessage() for r in caplog.records) == 1
 
@@ -207,13 +198,13 @@ def test_background_compile_switches_to_compiled_with_the_same_numbers() -> None
     batch = random_batch(11, max_seqs=12, max_len=40, big_deltas=True)
     cfg = make_config("grpo", "seq_mean_token_mean", "k3", ("token", "truncate"), variant=1)
     want = eager.loss(batch, cfg)
-    _same_result(eng.loss(batch, cfg), want)  # eager; queues the compile
+    assert_same_result(eng.loss(batch, cfg), want)  # eager; queues the compile
     errors: list[BaseException] = []
 
     def hammer() -> None:
         try:
             for _ in range(5):
-                _same_result(eng.loss(batch, cfg), want)
+                assert_same_result(eng.loss(batch, cfg), want)
         except BaseException as e:  # pragma: no cover - reported below
             errors.append(e)
 
@@ -228,13 +219,13 @@ def test_background_compile_switches_to_compiled_with_the_same_numbers() -> None
     assert compiled_calls and compiled_calls[0] == "softgate-compile"  # the warm-up batch
     before = len(compiled_calls)
     for _ in range(2):
-        _same_result(eng.loss(batch, cfg), want)
+        assert_same_result(eng.loss(batch, cfg), want)
     assert len(compiled_calls) == before + 2  # later calls run the compiled kernel
     assert eng.kernel.guard_misses == 0  # ... compiled, not eager behind dynamo's guards
     other = make_config("sapo", "token_mean", None, None)
-    _same_result(eng.loss(batch, other), eager.loss(batch, other))  # a new configuration: eager first
+    assert_same_result(eng.loss(batch, other), eager.loss(batch, other))  # a new configuration: eager first
     assert eng.wait_compiled(600) and eng.kernel.ready == 2
-    _same_result(eng.loss(batch, other), eager.loss(batch, other))
+    assert_same_result(eng.loss(batch, other), eager.loss(batch, other))
     assert eng.kernel.guard_misses == 0
 
 

@@ -223,35 +223,32 @@ def _batch_views(data: bytes, batch_field: int) -> tuple[dict[str, memoryview], 
                 out[name] = buf[d[3][1] : d[3][2]]
         if not any(v.nbytes for v in out.values()):
             return out, None
-        return out, _without_data(buf, batch_field, {n for n, v in out.items() if v.nbytes})
+        return out, _without_data(buf, batch_field, top[1], top[2], {n for n, v in out.items() if v.nbytes})
     except Exception:  # anything unusual: read the parsed message instead
         return {}, None
 
 
-def _without_data(buf: memoryview, batch_field: int, names: set[str]) -> bytes:
-    """The message in `buf` with the `data` field of the Batch tensors `names` left out
-    (their length prefixes re-encoded); every other byte as it was."""
+def _without_data(buf: memoryview, batch_field: int, start: int, end: int, names: set[str]) -> bytes:
+    """The message in `buf` (its Batch field's value at [start, end)) with the `data` field of
+    the Batch tensors `names` left out (their length prefixes re-encoded); every other byte as
+    it was."""
 
-    def field(num: int, body: bytes | bytearray) -> bytes:
+    def header(num: int, body: bytes | bytearray) -> bytes:
         return _wire.tag(num, _wire.LEN) + _wire.varint(len(body))
 
     body = bytearray()
-    top_start, top_end = 0, 0
-    for num, wire, _, a, b in _wire.fields(buf, 0, len(buf)):
-        if num == batch_field and wire == _wire.LEN:
-            top_start, top_end = a, b
-    for num, wire, f0, a, b in _wire.fields(buf, top_start, top_end):
+    for num, wire, f0, a, b in _wire.fields(buf, start, end):
         if _BATCH_NAMES.get(num) in names and wire == _wire.LEN:
             t = bytearray()
             for n2, _, g0, _, e in _wire.fields(buf, a, b):
                 if n2 != 3:
                     t += buf[g0:e]
-            body += field(num, t) + t
+            body += header(num, t) + t
         else:
             body += buf[f0:b]
     out = bytearray()
     for num, wire, f0, _, b in _wire.fields(buf, 0, len(buf)):
-        out += field(num, body) + body if num == batch_field and wire == _wire.LEN else buf[f0:b]
+        out += header(num, body) + body if num == batch_field and wire == _wire.LEN else buf[f0:b]
     return bytes(out)
 
 
