@@ -86,7 +86,7 @@ def _compute_loss(
     obj = config.objective
     kind = OBJECTIVE_KIND[obj.name]
     old = batch.old_logp.to(dt) if batch.old_logp is not None else logp
-    t: dict[str, Tensor] = {"logp": logp, "old": old, "m": m, "ids": seg.ids}
+    t: dict[str, Tensor] = {"logp": logp, "old": old, "m": m.view(torch.uint8), "ids": seg.ids}
     t["w"] = sequence_weights(config.aggregation, ylen, dt)
     t["ylen"] = ylen
     extra: dict[str, Tensor] = {}  # metric terms computed here, fetched with the kernel's
