@@ -246,3 +246,44 @@ def test_background_warmup_queues_no_compiles() -> None:
     eng = Engine(device="cpu", compile="background")
     eng.warmup()
     assert eng.wait_compiled(0) and eng.kernel.ready == 0 and eng.kernel._worker is None
+
+
+@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("adv", ["token", "sequence"])
+def test_kernel_value_checks_match_validation(compile: bool, adv: str) -> None:
+    # the values of logp, old_logp and per-token advantages are checked in the kernel's own
+    # loop; the error must be exactly the one the full validation gives (field, reason, first
+    # index), eager and compiled, and masked tokens may still hold positive garbage
+    import dataclasses
+
+    from softgate.engine.errors import InputError
+    from softgate.engine.validation import validate_batch, validate_config
+
+    eng = Engine(device="cpu", compile=compile)
+    cfg = make_config("sapo", "seq_mean_token_mean", None, None)
+    base = random_batch(3, max_seqs=30, max_len=40, advantages=adv, dtype=torch.float32)
+    eng.loss(base, cfg)
+    m = base.mask
+    assert m is not None
+    trained = torch.nonzero(m)[:, 0]
+    masked = torch.nonzero(~m)[:, 0]
+    cases = []
+    for field in ("logp", "old_logp") + (("advantages",) if adv == "token" else ()):
+        for value in (float("nan"), float("inf"), -float("inf"), 0.5):
+            if value == 0.5 and field == "advantages":
+                continue
+            for where in (trained[len(trained) // 2], trained[-1], masked[0]):
+                cases.append((field, value, int(where)))
+    for field, value, i in cases:
+        x = getattr(base, field).clone()
+        x[i] = value
+        bad = dataclasses.replace(base, **{field: x})
+        want = validate_config(cfg) + validate_batch(bad, cfg)
+        if not want:  # a positive log-prob on a masked token
+            assert value == 0.5 and not bool(m[i])
+            eng.loss(bad, cfg)
+            continue
+        with pytest.raises(InputError) as ei:
+            eng.loss(bad, cfg)
+        assert ei.value.violations == want, (field, value, i)
+    assert eng.kernel.guard_misses == 0

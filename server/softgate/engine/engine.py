@@ -23,7 +23,7 @@ from softgate.engine.config import (
 from softgate.engine.errors import FieldViolation, InputError
 from softgate.engine.loss import TokenTerms, compute_loss
 from softgate.engine.result import AdvantageResult, LossResult
-from softgate.engine.validation import _INTS, _float_tensor, check
+from softgate.engine.validation import _INTS, _float_tensor
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +72,7 @@ class Engine:
     def _loss(
         self, batch: Batch, config: LossConfig, kernel: TokenTerms, sample_tokens: int | None = None
     ) -> LossResult:
-        check(batch, config)
-        return compute_loss(
-            self._to_device(batch), config, validate=False, kernel=kernel, sample_tokens=sample_tokens
-        )
+        return compute_loss(self._to_device(batch), config, kernel=kernel, sample_tokens=sample_tokens)
 
     def wait_compiled(self, timeout: float | None = None) -> bool:
         """Block until no background compile is queued or running (tests, benchmarks)."""

@@ -22,6 +22,7 @@ from softgate.engine.config import LossConfig
 from softgate.engine.kl import kl_terms
 from softgate.engine.mismatch import mismatch_weights
 from softgate.engine.objectives import PolicyTerms, objective_params, policy_terms
+from softgate.engine.validation import LOGP_TOLERANCE
 
 # token_terms' result: grad, advantages, ratio, gate, clip mask (uint8), float64 values
 Terms = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
@@ -36,7 +37,7 @@ def kernel_layout(
     """Names of token_terms' values, in order: float sums and integer counts over tokens, then
     the terms it reduces over sequences."""
     sums = ["policy_loss", "d_sum", "grad_abs"]
-    counts: list[str] = []
+    counts = ["bad"]  # tokens with a bad input value (see token_terms)
     if not seq_ratio:  # gspo's ratio and clamp are per sequence
         sums += ["ratio_sum", "ratio_min", "ratio_max"]
         counts.append("clamped")
@@ -83,7 +84,11 @@ def kernel_params(config: LossConfig, dtype: torch.dtype, device: torch.device) 
 @functools.lru_cache(maxsize=256)
 def _kernel_params(config: LossConfig, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
     prm = objective_params(config.objective, dtype, device)
-    vals = {"clamp": config.log_ratio_clamp, "threshold": config.saturation_threshold}
+    vals = {
+        "clamp": config.log_ratio_clamp,
+        "threshold": config.saturation_threshold,
+        "logp_tol": LOGP_TOLERANCE,
+    }
     if config.kl is not None:
         vals["beta"] = config.kl.beta
     mm = config.mismatch
@@ -167,6 +172,13 @@ def token_terms(
     d, clamped, ratio, pt = _policy(t, prm, kind, seq_ratio, m, logp, old, ids, a)
     S: dict[str, Tensor] = {}
     C: dict[str, Tensor] = {}
+    # the value checks validation.check(token_values=False) leaves to this loop: non-finite
+    # logp, old or per-token advantages, or a log-prob above the tolerance on a trained token
+    # (compute_loss then names the culprit). Validation's own passes over the three inputs
+    # took ~6 ms at 16M tokens; here they add 1-3 ms to the loop.
+    tol = prm["logp_tol"]
+    bad = ~torch.isfinite(logp) | ~torch.isfinite(old) | (m & ((logp > tol) | (old > tol)))
+    C["bad"] = bad | ~torch.isfinite(a) if adv_per_token else bad
     if clamped is not None:  # (gspo: the ratio and its clamp are per sequence)
         C["clamped"] = clamped
         S["ratio_sum"] = torch.where(m, ratio, zero)

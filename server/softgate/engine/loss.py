@@ -57,6 +57,9 @@ def compute_loss(
     and gate_weight for an evenly strided sample of at most that many tokens only, and an empty
     clip_mask (`LossResult.sample_stride`); for callers that want the gradient, not those.
 
+    `validate`: raise InputError for a bad batch or configuration (validation.check; the
+    values of logp, old_logp and per-token advantages are checked by the kernel, in its loop).
+
     All tensors of `batch` must be on one device; results are on that device, per-token
     tensors in the compute dtype (validation.compute_dtype). `kernel` replaces `token_terms`
     (the Engine passes its compiled version). Inputs that require grad are fine: nothing here
@@ -69,7 +72,7 @@ def _compute_loss(
     batch: Batch, config: LossConfig, validate: bool, kernel: TokenTerms | None, sample_tokens: int | None
 ) -> LossResult:
     if validate:
-        check(batch, config)
+        check(batch, config, token_values=False)  # the kernel checks the token values
     dt = compute_dtype(batch)
     dev = batch.logp.device
     logp = batch.logp.to(dt)
@@ -153,6 +156,10 @@ def _compute_loss(
     s = derived_terms(
         dict(zip(names, vals.cpu().tolist(), strict=True)), kind, config.kl is not None, mm is not None
     )
+
+    if validate and s["bad"] > 0:
+        check(batch, config)  # raises, naming the field, the first bad token and the reason
+        raise AssertionError("the kernel found a bad input value that validation did not")
 
     def share(num: float, den: float, empty: float = 0.0) -> float:
         return num / den if den > 0 else empty

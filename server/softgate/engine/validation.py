@@ -215,9 +215,10 @@ def _float_tensor(
     *,
     allow_int: bool = False,
     maxima: dict[str, float] | None = None,
+    values: bool = True,
 ) -> bool:
     """dtype / shape / length / finiteness of one 1-D float tensor; True when usable. The
-    tensor's maximum is stored in `maxima[name]` when given."""
+    tensor's maximum is stored in `maxima[name]` when given; `values=False` reads no value."""
     if not isinstance(x, Tensor):
         v.append(FieldViolation(name, f"bad_dtype: expected a torch.Tensor, got {type(x).__name__}"))
         return False
@@ -233,7 +234,7 @@ def _float_tensor(
     if n is not None and x.numel() != n:
         v.append(FieldViolation(name, f"length_mismatch: length {x.numel()}, expected {n}"))
         return False
-    if x.dtype in _FLOATS and x.numel() > 0:
+    if values and x.dtype in _FLOATS and x.numel() > 0:
         lo, hi = torch.stack(torch.aminmax(x)).tolist()  # one pass, one sync; NaN propagates to both
         if maxima is not None:
             maxima[name] = hi
@@ -261,11 +262,15 @@ def advantage_level(batch: Batch) -> str:
     return "sequence" if batch.advantages.numel() == batch.num_seqs else "token"
 
 
-def validate_batch(batch: Batch, config: LossConfig | None = None) -> list[FieldViolation]:
-    """Every violation in `batch` (and its fit with `config`, when given)."""
+def validate_batch(
+    batch: Batch, config: LossConfig | None = None, *, token_values: bool = True
+) -> list[FieldViolation]:
+    """Every violation in `batch` (and its fit with `config`, when given). `token_values=False`
+    leaves out the values of logp, old_logp and per-token advantages (NaN, infinity, positive
+    log-probs), which the loss kernel checks in its own pass over the tokens."""
     v: list[FieldViolation] = []
     maxima: dict[str, float] = {}
-    if not _float_tensor(v, "logp", batch.logp, None, maxima=maxima):
+    if not _float_tensor(v, "logp", batch.logp, None, maxima=maxima, values=token_values):
         return v
     n = batch.logp.numel()
 
@@ -330,10 +335,12 @@ def validate_batch(batch: Batch, config: LossConfig | None = None) -> list[Field
                 )
             )
 
-    logp_range("logp", batch.logp)
+    if token_values:
+        logp_range("logp", batch.logp)
     for name in ("old_logp", "ref_logp", "rollout_logp"):
         x = getattr(batch, name)
-        if x is not None and _float_tensor(v, name, x, n, maxima=maxima):
+        values = token_values or name != "old_logp"
+        if x is not None and _float_tensor(v, name, x, n, maxima=maxima, values=values) and values:
             logp_range(name, x)
 
     if config is not None:
@@ -354,7 +361,7 @@ def validate_batch(batch: Batch, config: LossConfig | None = None) -> list[Field
             v.append(
                 FieldViolation("advantage_level", f"unknown_name: {lvl!r}; known: ['sequence', 'token']")
             )
-        elif b is not None and _float_tensor(v, "advantages", a, None):
+        elif b is not None and _float_tensor(v, "advantages", a, None, values=token_values):
             k = a.numel()
             if lvl is None:
                 if k not in (b, n):
@@ -382,6 +389,8 @@ def validate_batch(batch: Batch, config: LossConfig | None = None) -> list[Field
                         f"length_mismatch: length {k}, expected {b if lvl == 'sequence' else n} per {lvl}",
                     )
                 )
+            if not token_values and lvl == "sequence":  # per-sequence values: the kernel does not read them
+                _float_tensor(v, "advantages", a, None)
             if (
                 config is not None
                 and isinstance(config.objective, Gspo)
@@ -412,9 +421,13 @@ def validate_batch(batch: Batch, config: LossConfig | None = None) -> list[Field
     return v
 
 
-def check(batch: Batch, config: LossConfig) -> None:
-    """Raise InputError listing every violation of `config` and `batch`."""
+def check(batch: Batch, config: LossConfig, *, token_values: bool = True) -> None:
+    """Raise InputError listing every violation of `config` and `batch`. `token_values=False`:
+    see validate_batch; when anything else is wrong, the values are checked too, so that the
+    error still lists every violation."""
     with torch.no_grad():
-        v = validate_config(config) + validate_batch(batch, config)
+        v = validate_config(config) + validate_batch(batch, config, token_values=token_values)
+        if v and not token_values:
+            v = validate_config(config) + validate_batch(batch, config)
     if v:
         raise InputError(v)
