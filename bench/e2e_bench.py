@@ -9,7 +9,8 @@ and batches above the stream threshold are chunked the same way for both.
 
 Also measured: the memory allocator of all three processes (glibc malloc vs jemalloc vs
 tcmalloc through LD_PRELOAD; Debian packages libjemalloc2 and libtcmalloc-minimal4, installed
-with apt-get when missing unless --no-install) and the StreamLoss chunk size.
+with apt-get when missing unless --no-install; tcmalloc with TCMALLOC_RELEASE_RATE=0 as
+`softgate serve` runs it) and the StreamLoss chunk size.
 
     python bench/e2e_bench.py            # full: about 4-6 min on 2 shared cores
     python bench/e2e_bench.py --quick    # glibc + tcmalloc, one chunk size: about 1.5-2 min
@@ -138,8 +139,11 @@ def wait_serving(port: int, proc: subprocess.Popen[bytes], timeout: float = 600.
 def env_with(preload: str | None) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("LD_PRELOAD", None)
+    env.pop("TCMALLOC_RELEASE_RATE", None)
     if preload:
         env["LD_PRELOAD"] = preload
+        if "tcmalloc" in preload:  # what `softgate serve` and its images set (softgate.allocator),
+            env["TCMALLOC_RELEASE_RATE"] = "0"  # in all three processes alike
     # `softgate serve` picks its own allocator (tcmalloc when installed): pin the one measured
     env["SOFTGATE_ALLOCATOR"] = preload or "system"
     env.setdefault("PYTHONUNBUFFERED", "1")

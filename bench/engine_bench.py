@@ -192,6 +192,7 @@ def _reexec_with_tcmalloc() -> None:
         return
     pre = os.environ.get("LD_PRELOAD", "")
     env = dict(os.environ, LD_PRELOAD=f"{lib}:{pre}" if pre else lib)
+    env.setdefault("TCMALLOC_RELEASE_RATE", "0")  # as `softgate serve` sets it (softgate.allocator)
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 

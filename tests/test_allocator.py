@@ -46,6 +46,11 @@ def test_plan_auto_prefers_tcmalloc(tmp_path: Path) -> None:
     assert d.env["LD_PRELOAD"] == str(tmp_path / "libtcmalloc_minimal.so.4")
     assert d.env[REEXEC_MARK] == "1" and d.env["PATH"] == "/bin"
     assert "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD" in d.env  # no stderr reports breaking log lines
+    assert d.env["TCMALLOC_RELEASE_RATE"] == "0"  # freed pages kept, not faulted in again
+    own = plan("auto", {"TCMALLOC_RELEASE_RATE": "2"}, loaded="glibc", dirs=dirs)
+    assert own.env is not None and own.env["TCMALLOC_RELEASE_RATE"] == "2"  # the operator's value wins
+    jem = plan("jemalloc", {}, loaded="glibc", dirs=dirs)
+    assert jem.env is not None and "TCMALLOC_RELEASE_RATE" not in jem.env
 
 
 def test_plan_auto_falls_back(tmp_path: Path) -> None:

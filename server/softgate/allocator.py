@@ -17,6 +17,12 @@ Choices (setting `allocator`, `SOFTGATE_ALLOCATOR`, `--allocator`):
 
 An allocator already in the process (the container images preload tcmalloc) is kept as is
 under `auto`. The re-exec happens at most once (`SOFTGATE_ALLOCATOR_REEXEC` marks it).
+
+With tcmalloc the re-exec also sets `TCMALLOC_RELEASE_RATE=0` unless the environment has a
+value (the images set it too): by default tcmalloc hands freed pages back to the OS a little
+at a time, and a 16M-token call then faulted in up to 130,000 pages again (~500 MB, +100-250
+ms on that call). At 0 the process keeps its peak memory, which a deployment's memory limit
+must allow for anyway (deploy/README.md, sizing).
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ LIBRARY_DIRS: tuple[str, ...] = (
 # would break one-line-per-event logs; a 512 MiB message plus its copies can pass it
 _TCMALLOC_REPORT_VAR = "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"
 _TCMALLOC_REPORT_BYTES = str(1 << 40)
+TCMALLOC_RELEASE_VAR = "TCMALLOC_RELEASE_RATE"
 
 
 @dataclass(frozen=True)
@@ -178,6 +185,7 @@ def plan(
     new["LD_PRELOAD"] = " ".join([lib, *others])
     if target == "tcmalloc":
         new.setdefault(_TCMALLOC_REPORT_VAR, _TCMALLOC_REPORT_BYTES)
+        new.setdefault(TCMALLOC_RELEASE_VAR, "0")  # keep freed pages (module docstring)
     return Decision(req, loaded, target, lib, new)
 
 
