@@ -48,7 +48,7 @@ _WARM_LENGTHS = (13, 14, 13, 14, 13)
 # count: a background compile (warmed on the 67-token batch below) or a first call from a
 # one-thread caller produced a serial kernel, kept for every later call and cached on disk
 # for other processes (16M tokens, SAPO: 225 ms with 1.2 cores busy, against 157 ms).
-COMPILE_OPTIONS = {"cpp.dynamic_threads": True}
+COMPILE_OPTIONS: dict[str, str | int | bool | Callable[..., Any]] = {"cpp.dynamic_threads": True}
 # per-token entries of token_terms' tensor dict; the others are per sequence ([B])
 _PER_TOKEN = ("logp", "old", "m", "ids", "ref", "rollout")
 
