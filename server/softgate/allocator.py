@@ -22,7 +22,7 @@ With tcmalloc the re-exec also sets `TCMALLOC_RELEASE_RATE=0` unless the environ
 value (the images set it too): by default tcmalloc hands freed pages back to the OS a little
 at a time, and a 16M-token call then faulted in up to 130,000 pages again (~500 MB, +100-250
 ms on that call). At 0 the process keeps its peak memory, which a deployment's memory limit
-must allow for anyway (deploy/README.md, sizing).
+must allow for anyway (docs/server.md, "Memory allocator").
 """
 
 from __future__ import annotations

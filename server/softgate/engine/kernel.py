@@ -175,7 +175,7 @@ def token_terms(
     # the value checks validation.check(token_values=False) leaves to this loop: non-finite
     # logp, old or per-token advantages, or a log-prob above the tolerance on a trained token
     # (compute_loss then names the culprit). Validation's own passes over the three inputs
-    # took ~6 ms at 16M tokens; here they add 1-3 ms to the loop.
+    # took ~6 ms at 16M tokens; here they add 1-5 ms to the loop.
     tol = prm["logp_tol"]
     bad = ~torch.isfinite(logp) | ~torch.isfinite(old) | (m & ((logp > tol) | (old > tol)))
     C["bad"] = bad | ~torch.isfinite(a) if adv_per_token else bad
