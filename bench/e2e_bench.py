@@ -12,7 +12,7 @@ tcmalloc through LD_PRELOAD; Debian packages libjemalloc2 and libtcmalloc-minima
 with apt-get when missing unless --no-install; tcmalloc with TCMALLOC_RELEASE_RATE=0 as
 `softgate serve` runs it) and the StreamLoss chunk size.
 
-    python bench/e2e_bench.py            # full: about 4-6 min on 2 shared cores
+    python bench/e2e_bench.py            # full: about 3-4 min on 2 shared cores
     python bench/e2e_bench.py --quick    # glibc + tcmalloc, one chunk size: about 1.5-2 min
     python bench/e2e_bench.py --json out.json
     python bench/e2e_bench.py --compile false   # the eager engine (default: compiled, its CPU steady state)
@@ -558,7 +558,7 @@ def main() -> None:
         chunk_sweep = [16 * MiB]
         sweep_reps = f"{m16}:1"
     else:
-        sizes, reps = [k4, m1, m16], f"{k4}:300,{m1}:4,{m16}:3"
+        sizes, reps = [k4, m1, m16], f"{k4}:300,{m1}:8,{m16}:8"
         chunk_sweep = [4 * MiB, 8 * MiB, 16 * MiB, 32 * MiB, 64 * MiB]
         sweep_reps = f"{m16}:2"
     allocs = ensure_allocators(not args.no_install)
