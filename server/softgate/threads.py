@@ -61,29 +61,19 @@ def single_threaded_here() -> bool:
     return bool(torch.get_num_threads() == 1)
 
 
-class intra_op_threads:
-    """`with intra_op_threads(n):` torch ops of this thread use n intra-op threads inside the
-    block; the thread's previous count is restored after (no-op where the runtime is not found)."""
+class one_thread:
+    """`with one_thread():` torch ops of this thread use one intra-op thread inside the block;
+    the thread's previous count is restored after (no-op where the runtime is not found)."""
 
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __enter__(self) -> intra_op_threads:
+    def __enter__(self) -> one_thread:
         import torch
 
         self._before = torch.get_num_threads()  # also ATen's lazy per-thread init
-        self._lib = _openmp() if self._before != self.n else None
+        self._lib = _openmp() if self._before != 1 else None
         if self._lib is not None:
-            self._lib.omp_set_num_threads(self.n)
+            self._lib.omp_set_num_threads(1)
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._lib is not None:
             self._lib.omp_set_num_threads(self._before)
-
-
-class one_thread(intra_op_threads):
-    """`with one_thread():` torch ops of this thread use one intra-op thread inside the block."""
-
-    def __init__(self) -> None:
-        super().__init__(1)

@@ -10,8 +10,8 @@ Modes (`compile_mode`):
 
 A configuration (`kernel_key`) is what the compiled code is specialised on: objective kind,
 sequence ratio, advantage level, KL estimator, mismatch level / mode, the objective's parameter
-names (e.g. dual clip on / off), the dtypes, whether ratio and gate are sampled. Numbers travel as 0-d tensors and sizes are
-dynamic, so neither recompiles. Batches with fewer than 2 tokens or sequences run eager
+names (e.g. dual clip on / off), the dtypes, whether ratio and gate are sampled. Numbers
+travel as 0-d tensors and sizes are dynamic, so neither recompiles. Batches with fewer than 2 tokens or sequences run eager
 (torch.compile specialises sizes 0 and 1). Dynamo's compiler is not thread-safe: compiles and
 compiled calls hold one lock; a call that would wait for a running background compile runs
 eager instead, and a ready configuration that still misses dynamo's guards runs eager (counted
@@ -212,12 +212,11 @@ class CompiledKernel:
     def _sync(self, key: tuple[Any, ...], args: tuple[Any, ...]) -> Terms:
         try:
             with self._lock:
+                out = self._compiled(key)(*args)
                 if key not in self._ready:
-                    out = self._compiled(key)(*args)
                     with self._state:
                         self._ready.add(key)
-                    return out
-                return self._compiled(key)(*args)  # type: ignore[no-any-return]
+                return out  # type: ignore[no-any-return]
         except Exception as exc:  # a compiler failure must not take the service down
             log.warning("compiled engine kernel failed (%s); falling back to eager", exc)
             self._enabled = False

@@ -272,8 +272,8 @@ def _policy(
     ids: Tensor,
     a: Tensor,
 ) -> tuple[Tensor, Tensor | None, Tensor, PolicyTerms]:
-    """(clamped log-ratio, where the clamp bit (None: gspo's per-sequence ratio), ratio,
-    policy terms) of the tokens given: all of them, or token_terms' sample."""
+    """(clamped log-ratio, clamp bits (None for gspo: its ratio and clamp are per sequence),
+    ratio, policy terms) of the tokens given: all of them, or token_terms' sample."""
     clamp = prm["clamp"]
     zero = torch.zeros_like(logp)
     raw = torch.where(m, logp - old, zero)

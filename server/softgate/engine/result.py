@@ -13,8 +13,6 @@ class AdvantageResult:
 
     advantages: Tensor  # [B], the input dtype
     metrics: dict[str, float] = field(default_factory=dict)
-    # 1: every per-token tensor is whole; k > 1: ratio, gate_weight sampled, clip_mask empty
-    sample_stride: int = 1
 
 
 @dataclass
@@ -24,7 +22,8 @@ class LossResult:
     `grad[k]` = d loss / d logp[k] for every token (0 for masked tokens). Per-token
     tensors are filled for every token unless `sample_stride` > 1 (`compute_loss`'s
     `sample_tokens`): then `ratio` and `gate_weight` hold tokens 0, k, 2k, ... only and
-    `clip_mask` is empty; `grad`, `advantages` and `mask` are always whole. `metrics` uses the names of `softgate.engine.metrics.METRIC_NAMES`.
+    `clip_mask` is empty; `grad`, `advantages` and `mask` are always whole. `metrics` uses
+    the names of `softgate.engine.metrics.METRIC_NAMES`.
     """
 
     loss: float  # policy + kl, as float64
