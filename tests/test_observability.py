@@ -68,8 +68,10 @@ def _reference(values: np.ndarray, adv: np.ndarray, mask: np.ndarray, edges: tup
     return out
 
 
+@pytest.mark.parametrize("numpy_on_cpu", [True, False], ids=["numpy", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_bucketing_matches_a_reference_exactly(dtype: torch.dtype) -> None:
+def test_bucketing_matches_a_reference_exactly(dtype: torch.dtype, numpy_on_cpu: bool) -> None:
+    # numpy: how CPU tensors are bucketed; torch: the code every other device runs
     g = torch.Generator().manual_seed(1)
     n = 20_000
     ratio = torch.exp(torch.randn(n, generator=g, dtype=dtype) * 0.2)
@@ -80,7 +82,7 @@ def test_bucketing_matches_a_reference_exactly(dtype: torch.dtype) -> None:
     adv = torch.randn(n, generator=g, dtype=dtype)
     adv[100:200] = 0.0
     mask = torch.rand(n, generator=g) > 0.3
-    b = Bucketer(cpu_sample_tokens=None)(ratio, gate, adv, mask)
+    b = Bucketer(cpu_sample_tokens=None, numpy_on_cpu=numpy_on_cpu)(ratio, gate, adv, mask)
     assert b.stride == 1
     r_edges = tuple(float(torch.tensor(e, dtype=dtype)) for e in RATIO_EDGES)
     g_edges = tuple(float(torch.tensor(e, dtype=dtype)) for e in GATE_EDGES)

@@ -50,8 +50,11 @@ class TokenBuckets:
 class Bucketer:
     """Keeps the edge tensors on each device it has seen."""
 
-    def __init__(self, cpu_sample_tokens: int | None = 1 << 15) -> None:
+    def __init__(self, cpu_sample_tokens: int | None = 1 << 15, *, numpy_on_cpu: bool = True) -> None:
         self.cpu_sample_tokens = cpu_sample_tokens
+        # CPU tensors are bucketed with numpy: the same counts in ~100 us instead of ~165 us at
+        # 4k tokens (a dozen torch ops cost their dispatch, ~4-8 us each, more than their work)
+        self.numpy_on_cpu = numpy_on_cpu
         self._edges: dict[tuple[str, torch.dtype], tuple[Tensor, Tensor]] = {}
 
     def _edges_for(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -90,19 +93,12 @@ class Bucketer:
         ratio = ratio.to(dtype)
         gate = gate.to(dtype).contiguous()
         r_edges, g_edges = self._edges_for(ratio.device, dtype)
+        if ratio.device.type == "cpu" and self.numpy_on_cpu:
+            counts = _counts_numpy(ratio, gate, advantages, mask, r_edges, g_edges)
+        else:
+            counts = _counts_torch(ratio, gate, advantages, mask, r_edges, g_edges)
+        host = counts * float(stride)
         nr, ng, ns = len(RATIO_EDGES) + 1, len(GATE_EDGES) + 1, len(SIGNS) + 1
-        # sign index: 0 pos, 1 neg, 2 zero, 3 masked out (discarded)
-        sign = (advantages < 0).to(torch.int32) + (advantages == 0).to(torch.int32) * 2
-        sign = sign.masked_fill_(~mask.to(torch.bool), _DISCARD)
-        kr = torch.bucketize(ratio, r_edges, out_int32=True).add_(sign * nr)
-        kg = torch.bucketize(gate, g_edges, out_int32=True).add_(sign * ng)
-        parts = [
-            torch.bincount(kr, minlength=ns * nr).to(torch.float64),
-            torch.bincount(sign, weights=ratio, minlength=ns).to(torch.float64),
-            torch.bincount(kg, minlength=ns * ng).to(torch.float64),
-            torch.bincount(sign, weights=gate, minlength=ns).to(torch.float64),
-        ]
-        host = torch.cat(parts).cpu().numpy() * float(stride)  # the one device -> host copy
         o = 0
         rc = host[o : o + ns * nr].reshape(ns, nr)[: len(SIGNS)]
         o += ns * nr
@@ -112,3 +108,45 @@ class Bucketer:
         o += ns * ng
         gs = host[o : o + ns][: len(SIGNS)]
         return TokenBuckets(rc.copy(), rs.copy(), gc.copy(), gs.copy(), stride)
+
+
+def _counts_torch(
+    ratio: Tensor, gate: Tensor, advantages: Tensor, mask: Tensor, r_edges: Tensor, g_edges: Tensor
+) -> np.ndarray:
+    """[ratio bucket counts, ratio sums, gate bucket counts, gate sums] per sign (4 signs,
+    the last discarded) as one float64 host vector: the one device -> host copy."""
+    nr, ng, ns = r_edges.numel() + 1, g_edges.numel() + 1, len(SIGNS) + 1
+    sign = (advantages < 0).to(torch.int32) + (advantages == 0).to(torch.int32) * 2
+    sign = sign.masked_fill_(~mask.to(torch.bool), _DISCARD)
+    kr = torch.bucketize(ratio, r_edges, out_int32=True).add_(sign * nr)
+    kg = torch.bucketize(gate, g_edges, out_int32=True).add_(sign * ng)
+    parts = [
+        torch.bincount(kr, minlength=ns * nr).to(torch.float64),
+        torch.bincount(sign, weights=ratio, minlength=ns).to(torch.float64),
+        torch.bincount(kg, minlength=ns * ng).to(torch.float64),
+        torch.bincount(sign, weights=gate, minlength=ns).to(torch.float64),
+    ]
+    return torch.cat(parts).cpu().numpy()
+
+
+def _counts_numpy(
+    ratio: Tensor, gate: Tensor, advantages: Tensor, mask: Tensor, r_edges: Tensor, g_edges: Tensor
+) -> np.ndarray:
+    """`_counts_torch` of CPU tensors, computed with numpy on views of their memory."""
+    r, g, a = ratio.numpy(), gate.numpy(), advantages.numpy()
+    re_, ge_ = r_edges.numpy(), g_edges.numpy()
+    nr, ng, ns = re_.size + 1, ge_.size + 1, len(SIGNS) + 1
+    sign = (a < 0).astype(np.int32)
+    sign += 2 * (a == 0)
+    sign[~mask.numpy().astype(bool, copy=False)] = _DISCARD
+    # side="left" is torch.bucketize's (right=False): the first edge >= the value (le buckets)
+    kr = np.searchsorted(re_, r, side="left") + sign * nr
+    kg = np.searchsorted(ge_, g, side="left") + sign * ng
+    return np.concatenate(
+        [
+            np.bincount(kr, minlength=ns * nr),
+            np.bincount(sign, weights=r, minlength=ns),
+            np.bincount(kg, minlength=ns * ng),
+            np.bincount(sign, weights=g, minlength=ns),
+        ]
+    ).astype(np.float64)

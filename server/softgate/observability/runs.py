@@ -10,6 +10,7 @@ conserved while the number of label values stays at most `max_runs + 1`.
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
 import time
@@ -79,8 +80,8 @@ class RunState:
         h = self.hists.get(key)
         if h is None:
             h = self.hists[key] = HistState(np.zeros(len(edges) + 1, dtype=np.float64))
-        # le semantics: the first edge >= value
-        h.counts[int(np.searchsorted(edges, value, side="left"))] += 1.0
+        # le semantics: the first edge >= value (bisect: a tenth of np.searchsorted's call cost)
+        h.counts[bisect.bisect_left(edges, value)] += 1.0
         h.total += float(value)
 
     def add_hist(
