@@ -26,11 +26,12 @@ def sequence_weights(cfg: AggregationConfig, ylen: Tensor, dtype: torch.dtype) -
         assert cfg.constant is not None
         w = torch.full_like(yl, 1.0 / cfg.constant)
     else:
-        ns = float(cfg.num_seqs) if cfg.num_seqs else (yl > 0).sum().to(torch.float64).clamp(min=1)
+        nonempty = yl > 0
+        ns = float(cfg.num_seqs) if cfg.num_seqs else nonempty.sum().clamp(min=1)
         if mode == "seq_mean_token_sum":
             w = torch.ones_like(yl) / ns
         elif mode == "seq_mean_token_mean":
-            w = torch.where(yl > 0, 1 / (yl.clamp(min=1) * ns), torch.zeros_like(yl))
+            w = nonempty / (yl.clamp(min=1) * ns)  # 1 / (|y_i| N_seq), 0 for an empty sequence
         else:
             raise ValueError(f"unknown aggregation mode {mode!r}")
     return w.to(dtype)

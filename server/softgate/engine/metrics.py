@@ -12,8 +12,7 @@ A = 0 belong to neither sign.
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+import math
 
 METRIC_NAMES: dict[str, str] = {
     # loss
@@ -57,11 +56,6 @@ METRIC_NAMES: dict[str, str] = {
 }
 
 
-def to_floats(metrics: dict[str, Tensor | float]) -> dict[str, float]:
+def to_floats(metrics: dict[str, float]) -> dict[str, float]:
     """Metric values as Python floats, in the order given; a non-finite value (never expected) becomes 0."""
-    tkeys = [k for k, v in metrics.items() if isinstance(v, Tensor)]
-    out = {k: float(v) for k, v in metrics.items() if not isinstance(v, Tensor)}
-    if tkeys:
-        vals = torch.stack([metrics[k].detach().to("cpu", torch.float64).reshape(()) for k in tkeys])  # type: ignore[union-attr]
-        out.update(zip(tkeys, vals.cpu().tolist(), strict=True))
-    return {k: (v if v == v and abs(v) != float("inf") else 0.0) for k, v in ((k, out[k]) for k in metrics)}
+    return {k: v if math.isfinite(v := float(x)) else 0.0 for k, x in metrics.items()}
