@@ -4,8 +4,9 @@ raw-bytes gRPC echo server moving the same bytes, in the same run.
 Per size N (4k, 1M, 16M tokens): three float32 inputs in (logp, old_logp, per-token
 advantages: 12 N bytes), the float32 gradient out (4 N bytes). The echo server gets the same
 12 N bytes and sends back 4 N bytes (bench/echo_server.py: no protobuf, no compute). Both are
-called through the same client-side path (numpy -> little-endian bytes -> gRPC), interleaved,
-and batches above the stream threshold are chunked the same way for both.
+called through the same client-side path (numpy -> little-endian bytes -> gRPC), interleaved
+(call by call from 1M tokens on, in blocks of 25 calls below), and batches above the stream
+threshold are chunked the same way for both.
 
 Also measured: the memory allocator of all three processes (glibc malloc vs jemalloc vs
 tcmalloc through LD_PRELOAD; Debian packages libjemalloc2 and libtcmalloc-minimal4, installed
