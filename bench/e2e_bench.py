@@ -45,6 +45,7 @@ SEQ_LEN = 1024
 # requests below SMALL_MAX_TOKENS are timed in alternating blocks of SMALL_BLOCK calls (see worker)
 SMALL_MAX_TOKENS = 1 << 20
 SMALL_BLOCK = 25
+SERVER_VARIANTS = ("cached", "notelemetry")  # see serve_variant
 ALLOCATORS = {
     "glibc": None,
     "jemalloc": ("libjemalloc2", ["libjemalloc.so.2"]),
@@ -159,8 +160,8 @@ def start_servers(
 ) -> tuple[list[subprocess.Popen[bytes]], int, int]:
     env = env_with(preload)
     sg_port, echo_port = free_port(), free_port()
-    if compile == "cached":  # the server path alone: softgate's gRPC server, an engine costing nothing
-        cmd = [sys.executable, __file__, "--serve-cached", f"{sg_port}:{max_message_bytes}"]
+    if compile in SERVER_VARIANTS:  # softgate's gRPC server with one part changed (serve_variant)
+        cmd = [sys.executable, __file__, "--serve-variant", f"{sg_port}:{max_message_bytes}:{compile}"]
         sg = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
     else:
         sg = _softgate_serve(sg_port, max_message_bytes, compile, env)
@@ -213,10 +214,11 @@ def _softgate_serve(sg_port: int, max_message_bytes: int, compile: str, env: dic
     )
 
 
-def serve_cached(port: int, max_message_bytes: int) -> None:
-    """softgate's gRPC server (servicer, codec, deferred telemetry: all of `softgate serve` but
-    the engine's compute) with an engine that computes each batch size once and then returns
-    that result: what the server path costs on top of the transport."""
+def serve_variant(port: int, max_message_bytes: int, variant: str) -> None:
+    """softgate's gRPC server (servicer, codec, telemetry: what `softgate serve` runs) with one
+    part changed. "cached": an engine that computes each batch size once and then returns that
+    result, so the rows show what the server path costs on top of the transport. "notelemetry":
+    the compiled engine with no telemetry, so the rows show what recording the metrics costs."""
     import asyncio
     import signal
 
@@ -224,6 +226,7 @@ def serve_cached(port: int, max_message_bytes: int) -> None:
     from softgate.grpc.server import GrpcServer
     from softgate.serve import make_telemetry
     from softgate.settings import Settings
+    from softgate.telemetry import Telemetry
 
     class CachedEngine(Engine):
         def __init__(self) -> None:
@@ -245,7 +248,9 @@ def serve_cached(port: int, max_message_bytes: int) -> None:
             warmup=False,
             max_message_bytes=max_message_bytes,
         )
-        server = GrpcServer(settings, CachedEngine(), make_telemetry(settings))
+        engine: Engine = CachedEngine() if variant == "cached" else Engine(device="cpu", compile=True)
+        telemetry = make_telemetry(settings) if variant == "cached" else Telemetry()
+        server = GrpcServer(settings, engine, telemetry)
         await server.start()
         await server.set_serving(True)
         stop_ev = asyncio.Event()
@@ -546,7 +551,7 @@ def main() -> None:
     # worker mode (internal)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--engine-only", default="", help=argparse.SUPPRESS)
-    p.add_argument("--serve-cached", default="", help=argparse.SUPPRESS)
+    p.add_argument("--serve-variant", default="", help=argparse.SUPPRESS)
     p.add_argument("--sg-port", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--echo-port", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--sizes", default="", help=argparse.SUPPRESS)
@@ -555,9 +560,9 @@ def main() -> None:
         "--stream-mode", default="auto", choices=["auto", "unary", "stream"], help=argparse.SUPPRESS
     )
     args = p.parse_args()
-    if args.serve_cached:
-        port_s, limit_s = args.serve_cached.split(":")
-        serve_cached(int(port_s), int(limit_s))
+    if args.serve_variant:
+        port_s, limit_s, variant = args.serve_variant.split(":")
+        serve_variant(int(port_s), int(limit_s), variant)
         return
     if args.engine_only:
         n_s, k_s, mode = args.engine_only.split(":")
@@ -616,6 +621,17 @@ def main() -> None:
         path_rows += run_config(
             label, allocs[shipped], default_chunk, [m16], sweep_reps, args, mode="stream", engine="cached"
         )
+        # the whole server but the telemetry: what recording the metrics costs a caller
+        print(f"# compiled engine without telemetry, {shipped} ...", flush=True)
+        path_rows += run_config(
+            f"{shipped}, no telemetry",
+            allocs[shipped],
+            default_chunk,
+            [k4, m1],
+            reps,
+            args,
+            engine="notelemetry",
+        )
         for r in path_rows:
             print(fmt_row(r), flush=True)
     # the engine alone, in a process with the same allocator as the server it is compared with
@@ -656,7 +672,9 @@ def main() -> None:
         f"best 4k latency: {best4k['allocator']} ({best4k['latency_diff_ms']:+.2f} ms)"
     )
     for r in path_rows:
-        if r["tokens"] in (k4, m16):
+        if r["allocator"].endswith("no telemetry") and r["tokens"] == k4:
+            print(f"without telemetry (compiled engine), 4,096 tokens unary: {r['latency_diff_ms']:+.2f} ms")
+        elif r["tokens"] in (k4, m16):
             print(
                 f"server path alone (cached engine), {r['tokens']:,} tokens "
                 f"{'stream' if r['streamed'] else 'unary'}: {r['throughput_ratio'] * 100:.0f}% of echo, "
