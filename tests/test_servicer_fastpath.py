@@ -133,7 +133,7 @@ def test_deferred_telemetry_bounds_large_results() -> None:
     tel.observe_loss("r", LossConfig(), big)
     assert tel._big_pending == 1
     tel.observe_loss("r", LossConfig(), big)  # over the bound: flush, then record here
-    assert tel._big_pending == 0 and tel._pending == 0
+    assert tel._big_pending == 0 and not tel._queue
     assert 'softgate_loss_batches_total{objective="sapo",run="r"} 2.0' in tel.exposition().decode()
     tel.close()
 
