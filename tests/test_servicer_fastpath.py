@@ -118,6 +118,21 @@ def test_deferred_telemetry_is_seen_by_every_read() -> None:
     tel.close()
 
 
+def test_deferred_telemetry_is_recorded_by_the_kicking_thread_in_order() -> None:
+    # the servicer kicks on the event loop once an RPC has ended: no second thread holds the GIL
+    # against the next request, and a failing recording does not stop the ones after it
+    tel = PrometheusTelemetry(Settings(), defer=True)
+    seen: list[tuple[str, int]] = []
+    tel._later(lambda: seen.append(("a", threading.get_ident())))
+    tel._later(lambda: 1 / 0)
+    tel._later(lambda: seen.append(("b", threading.get_ident())))
+    assert seen == [] and len(tel._queue) == 3
+    tel.kick()
+    me = threading.get_ident()
+    assert seen == [("a", me), ("b", me)] and not tel._queue
+    tel.close()
+
+
 def test_deferred_telemetry_failure_is_counted_not_raised() -> None:
     tel = PrometheusTelemetry(Settings(), defer=True)
     tel.observe_loss("r", LossConfig(), object())  # not a LossResult
