@@ -11,11 +11,12 @@ Modes (`compile_mode`):
 A configuration (`kernel_key`) is what the compiled code is specialised on: objective kind,
 sequence ratio, advantage level, KL estimator, mismatch level / mode, the objective's parameter
 names (e.g. dual clip on / off), the dtypes, whether ratio and gate are sampled. Numbers
-travel as 0-d tensors and sizes are dynamic, so neither recompiles. Batches with fewer than 2 tokens or sequences run eager
-(torch.compile specialises sizes 0 and 1). Dynamo's compiler is not thread-safe: compiles and
-compiled calls hold one lock; a call that would wait for a running background compile runs
-eager instead, and a ready configuration that still misses dynamo's guards runs eager (counted
-in `guard_misses`, logged once) instead of recompiling inside a request.
+travel as 0-d tensors and sizes are dynamic, so neither recompiles. Batches with fewer than 2
+tokens or sequences run eager (torch.compile specialises sizes 0 and 1). Dynamo's compiler
+is not thread-safe: compiles and compiled calls hold one lock; a call that would wait for a
+running background compile runs eager instead, and a ready configuration that still misses
+dynamo's guards runs eager (counted in `guard_misses`, logged once) instead of recompiling
+inside a request.
 """
 
 from __future__ import annotations

@@ -426,8 +426,10 @@ def check(batch: Batch, config: LossConfig, *, token_values: bool = True) -> Non
     see validate_batch; when anything else is wrong, the values are checked too, so that the
     error still lists every violation."""
     with torch.no_grad():
-        v = validate_config(config) + validate_batch(batch, config, token_values=token_values)
-        if v and not token_values:
-            v = validate_config(config) + validate_batch(batch, config)
+        v = validate_config(config)
+        vb = validate_batch(batch, config, token_values=token_values)
+        if (v or vb) and not token_values:  # list the token values' violations too
+            vb = validate_batch(batch, config)
+    v += vb
     if v:
         raise InputError(v)
