@@ -156,15 +156,17 @@ def env_with(preload: str | None) -> dict[str, str]:
 
 
 def start_servers(
-    preload: str | None, max_message_bytes: int, compile: str = "true"
+    preload: str | None, max_message_bytes: int, compile: str = "true", device: str = "cpu"
 ) -> tuple[list[subprocess.Popen[bytes]], int, int]:
     env = env_with(preload)
     sg_port, echo_port = free_port(), free_port()
     if compile in SERVER_VARIANTS:  # softgate's gRPC server with one part changed (serve_variant)
-        cmd = [sys.executable, __file__, "--serve-variant", f"{sg_port}:{max_message_bytes}:{compile}"]
-        sg = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+        variant = f"{sg_port}:{max_message_bytes}:{compile}:{device}"
+        sg = subprocess.Popen(
+            [sys.executable, __file__, "--serve-variant", variant], env=env, stdout=subprocess.DEVNULL
+        )
     else:
-        sg = _softgate_serve(sg_port, max_message_bytes, compile, env)
+        sg = _softgate_serve(sg_port, max_message_bytes, compile, device, env)
     echo = subprocess.Popen(
         [
             sys.executable,
@@ -188,7 +190,9 @@ def start_servers(
     return procs, sg_port, echo_port
 
 
-def _softgate_serve(sg_port: int, max_message_bytes: int, compile: str, env: dict[str, str]) -> Any:
+def _softgate_serve(
+    sg_port: int, max_message_bytes: int, compile: str, device: str, env: dict[str, str]
+) -> Any:
     return subprocess.Popen(
         [
             sys.executable,
@@ -202,7 +206,7 @@ def _softgate_serve(sg_port: int, max_message_bytes: int, compile: str, env: dic
             "--admin-port",
             "-1",
             "--device",
-            "cpu",
+            device,
             "--max-message-bytes",
             str(max_message_bytes),
             {"true": "--compile", "false": "--no-compile"}.get(compile, "--log-format=text"),
@@ -214,7 +218,7 @@ def _softgate_serve(sg_port: int, max_message_bytes: int, compile: str, env: dic
     )
 
 
-def serve_variant(port: int, max_message_bytes: int, variant: str) -> None:
+def serve_variant(port: int, max_message_bytes: int, variant: str, device: str = "cpu") -> None:
     """softgate's gRPC server (servicer, codec, telemetry: what `softgate serve` runs) with one
     part changed. "cached": an engine that computes each batch size once and then returns that
     result, so the rows show what the server path costs on top of the transport. "notelemetry":
@@ -230,7 +234,7 @@ def serve_variant(port: int, max_message_bytes: int, variant: str) -> None:
 
     class CachedEngine(Engine):
         def __init__(self) -> None:
-            super().__init__(device="cpu", compile=False)
+            super().__init__(device=device, compile=False)
             self.cache: dict[tuple[int, int], Any] = {}
 
         def loss(self, batch: Any, config: Any, **kw: Any) -> Any:
@@ -244,11 +248,11 @@ def serve_variant(port: int, max_message_bytes: int, variant: str) -> None:
             grpc_host="127.0.0.1",
             grpc_port=port,
             admin_port=None,
-            device="cpu",
+            device=device,
             warmup=False,
             max_message_bytes=max_message_bytes,
         )
-        engine: Engine = CachedEngine() if variant == "cached" else Engine(device="cpu", compile=True)
+        engine: Engine = CachedEngine() if variant == "cached" else Engine(device=device, compile=True)
         telemetry = make_telemetry(settings) if variant == "cached" else Telemetry()
         server = GrpcServer(settings, engine, telemetry)
         await server.start()
@@ -419,9 +423,10 @@ def worker(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(results), flush=True)
 
 
-def engine_only(n: int, reps: int, compile: str = "true") -> float:
+def engine_only(n: int, reps: int, compile: str = "true", device: str = "cpu") -> float:
     """Median seconds of the in-process engine on the same batch, called as the server calls it
-    for a gradient-only request (ratio and gate weight for the telemetry's CPU sample only)."""
+    for a gradient-only request (ratio and gate weight for the telemetry's CPU sample only),
+    the gradient copied back to the host as the server sends it."""
     import torch
     from softgate.engine import Batch, Engine, LossConfig
     from softgate.observability.telemetry import DEFAULT_CPU_SAMPLE_TOKENS
@@ -434,25 +439,29 @@ def engine_only(n: int, reps: int, compile: str = "true") -> float:
         offsets=Batch.offsets_from_lengths(torch.from_numpy(b["lengths"])),
     )
     mode: bool | str | None = {"true": True, "false": False, "auto": None}.get(compile, compile)
-    eng = Engine(device="cpu", compile=mode)
+    eng = Engine(device=device, compile=mode)
     cfg, k = LossConfig(), DEFAULT_CPU_SAMPLE_TOKENS
-    eng.loss(batch, cfg, sample_tokens=k)
-    wait = getattr(eng, "wait_compiled", None)
-    if callable(wait):  # a background compile: measure what follows it
-        wait(600)
-        eng.loss(batch, cfg, sample_tokens=k)
+
+    def call() -> None:
+        eng.loss(batch, cfg, sample_tokens=k).grad.cpu()
+
+    call()
+    eng.wait_compiled(600)  # a background compile: measure what follows it
+    call()
     ts = []
     for _ in range(reps):
         t = time.perf_counter()
-        eng.loss(batch, cfg, sample_tokens=k)
+        call()
         ts.append(time.perf_counter() - t)
     return statistics.median(ts)
 
 
-def engine_subprocess(n: int, reps: int, preload: str | None, compile: str = "true") -> float:
+def engine_subprocess(
+    n: int, reps: int, preload: str | None, compile: str = "true", device: str = "cpu"
+) -> float:
     """`engine_only` in a fresh process running on `preload`'s allocator (one warm-up call first)."""
     out = subprocess.run(
-        [sys.executable, __file__, "--engine-only", f"{n}:{reps}:{compile}"],
+        [sys.executable, __file__, "--engine-only", f"{n}:{reps}:{compile}:{device}"],
         env=env_with(preload),
         capture_output=True,
         text=True,
@@ -477,7 +486,9 @@ def run_config(
     mode: str = "auto",
     engine: str | None = None,
 ) -> list[dict[str, Any]]:
-    procs, sg_port, echo_port = start_servers(preload, args.max_message_bytes, engine or args.compile)
+    procs, sg_port, echo_port = start_servers(
+        preload, args.max_message_bytes, engine or args.compile, args.device
+    )
     try:
         cmd = [
             sys.executable,
@@ -541,6 +552,16 @@ def main() -> None:
         help="the server's engine compile setting (default true: the steady state of the CPU default, "
         "auto = background compile, without its first eager calls in the timings)",
     )
+    p.add_argument(
+        "--device", default="cpu", help="the server's engine device (cpu, cuda, cuda:N); default cpu"
+    )
+    p.add_argument(
+        "--allocators",
+        default="",
+        help="comma-separated subset of glibc,jemalloc,tcmalloc (default: all found)",
+    )
+    p.add_argument("--no-sweep", action="store_true", help="skip the StreamLoss chunk-size sweep")
+    p.add_argument("--no-server-path", action="store_true", help="skip the server-path rows of the full run")
     p.add_argument("--max-message-bytes", type=int, default=512 * MiB)
     p.add_argument(
         "--stream-threshold", type=int, default=0, help="0: the client default (90%% of the limit)"
@@ -561,12 +582,12 @@ def main() -> None:
     )
     args = p.parse_args()
     if args.serve_variant:
-        port_s, limit_s, variant = args.serve_variant.split(":")
-        serve_variant(int(port_s), int(limit_s), variant)
+        port_s, limit_s, variant, device = args.serve_variant.split(":", 3)
+        serve_variant(int(port_s), int(limit_s), variant, device)
         return
     if args.engine_only:
-        n_s, k_s, mode = args.engine_only.split(":")
-        print(f"RESULT {engine_only(int(n_s), int(k_s), mode)}", flush=True)
+        n_s, k_s, mode, device = args.engine_only.split(":", 3)
+        print(f"RESULT {engine_only(int(n_s), int(k_s), mode, device)}", flush=True)
         return
     if args.worker:
         worker(args)
@@ -586,12 +607,15 @@ def main() -> None:
         chunk_sweep = [4 * MiB, 8 * MiB, 16 * MiB, 32 * MiB, 64 * MiB]
         sweep_reps = f"{m16}:2"
     allocs = ensure_allocators(not args.no_install)
-    if args.quick:
-        allocs = {k: v for k, v in allocs.items() if k in ("glibc", "tcmalloc")}
+    wanted = args.allocators.split(",") if args.allocators else ["glibc", "tcmalloc"] if args.quick else []
+    if wanted:
+        allocs = {k: v for k, v in allocs.items() if k in wanted}
     # the shipped default: softgate serve preloads tcmalloc when installed (softgate.allocator)
     shipped = "tcmalloc" if "tcmalloc" in allocs else "glibc"
     print(
-        f"# python {sys.version.split()[0]}, {os.cpu_count()} cores; allocators: {list(allocs)}", flush=True
+        f"# python {sys.version.split()[0]}, {os.cpu_count()} cores, engine on {args.device}; "
+        f"allocators: {list(allocs)}",
+        flush=True,
     )
     rows: list[dict[str, Any]] = []
     for name, preload in allocs.items():
@@ -605,7 +629,7 @@ def main() -> None:
     best_alloc = min(big, key=lambda r: r["softgate_median_s"])["allocator"]
     print(f"# chunk sweep, 16M streamed, {best_alloc} ...", flush=True)
     res = []
-    for chunk in chunk_sweep:
+    for chunk in [] if args.no_sweep else chunk_sweep:
         out = run_config(best_alloc, allocs[best_alloc], chunk, [m16], sweep_reps, args, mode="stream")
         res.extend(out)
         for r in out:
@@ -614,7 +638,7 @@ def main() -> None:
     # the server path alone: softgate's server with an engine that costs nothing (computes each
     # size once, then returns that result): what softgate adds to the transport, engine aside
     path_rows: list[dict[str, Any]] = []
-    if not args.quick or args.server_path:
+    if (not args.quick or args.server_path) and not args.no_server_path:
         label = f"{shipped}, no engine"
         print(f"# server path with a cached engine, {shipped} ...", flush=True)
         path_rows += run_config(label, allocs[shipped], default_chunk, sizes, reps, args, engine="cached")
@@ -635,8 +659,8 @@ def main() -> None:
         for r in path_rows:
             print(fmt_row(r), flush=True)
     # the engine alone, in a process with the same allocator as the server it is compared with
-    eng = engine_subprocess(m16, 3 if args.quick else 5, allocs[shipped], args.compile)
-    eng1m = engine_subprocess(m1, 5, allocs[shipped], args.compile)
+    eng = engine_subprocess(m16, 3 if args.quick else 5, allocs[shipped], args.compile, args.device)
+    eng1m = engine_subprocess(m1, 5, allocs[shipped], args.compile, args.device)
     elapsed = time.monotonic() - t_start
 
     print()
@@ -662,7 +686,7 @@ def main() -> None:
         f"{base4k['echo_median_s'] * 1e3:.2f} ms -> {base4k['latency_diff_ms']:+.2f} ms over echo (target <= 0.5 ms)"
     )
     print(
-        f"in-process engine alone, as served ({shipped}, CPU, same batch): 16M {eng * 1e3:.0f} ms, 1M {eng1m * 1e3:.1f} ms; "
+        f"in-process engine alone, as served ({shipped}, {args.device}, same batch): 16M {eng * 1e3:.0f} ms, 1M {eng1m * 1e3:.1f} ms; "
         f"16M transport+codec overhead over the engine: {(base16['softgate_median_s'] - eng) * 1e3:.0f} ms"
     )
     print(

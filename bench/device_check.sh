@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The checks that need a CUDA host, in one bounded run; each step's log lands in OUTDIR.
+#
+#   bash bench/device_check.sh OUTDIR [STEP ...]     (default steps: env tests e2e transfer)
+#
+# Steps: env (versions, GPU), tests (pytest -m cuda), e2e (bench/e2e_bench.py, engine on cuda),
+# e2e-short (the same without the server-path rows), transfer (bench/transfer_bench.py), engine
+# (bench/engine_bench.py --device cuda), profile (bench/latency_profile.py --device cuda), e2e-cpu
+# (the e2e bench with the engine on this host's CPU cores). DEADLINE (seconds, default 330)
+# bounds the whole run: a step gets what is left of it and is cut there.
+#
+# On a host without the project's packages but with torch (a bare GPU box that cannot reach a
+# registry), carry the wheels in .whl/ (and allocator libraries in .whl/lib/): they are installed
+# into /tmp/site and the project runs from its source tree.
+set -u
+OUTDIR=${1:?usage: device_check.sh OUTDIR [STEP ...]}
+shift
+STEPS=${*:-env tests e2e transfer}
+DEADLINE=${DEADLINE:-330}
+cd "$(dirname "$0")/.."
+mkdir -p "$OUTDIR"
+export PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || exit 1
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+if compgen -G ".whl/lib/*.so*" >/dev/null && [ -w /usr/lib/x86_64-linux-gnu ]; then
+    cp -n .whl/lib/*.so* /usr/lib/x86_64-linux-gnu/
+fi
+$PY -c "import softgate" 2>/dev/null || export PYTHONPATH=$PWD/server:$PWD/client${PYTHONPATH:+:$PYTHONPATH}
+
+step() {  # step NAME COMMAND...: run it with what is left of the deadline, log to OUTDIR/NAME.log
+    local name=$1 left=$((DEADLINE - SECONDS))
+    shift
+    if [ "$left" -lt 20 ]; then
+        echo "== $name: skipped, ${left}s left of ${DEADLINE}s" | tee -a "$OUTDIR/summary.log"
+        return
+    fi
+    local t0=$SECONDS
+    timeout -k 5 "$left" "$@" >"$OUTDIR/$name.log" 2>&1
+    local rc=$?
+    echo "== $name: rc=$rc in $((SECONDS - t0))s" | tee -a "$OUTDIR/summary.log"
+    tail -n 40 "$OUTDIR/$name.log"
+}
+
+for s in $STEPS; do
+    case $s in
+    env) step env bash -c "nvidia-smi; nproc; ldd /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4; $PY -c 'import torch, grpc, google.protobuf as pb, numpy
+print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.is_available(),
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else \"-\")
+print(\"grpc\", grpc.__version__, \"protobuf\", pb.__version__, \"numpy\", numpy.__version__)'" ;;
+    tests) step tests $PY -m pytest -q -p no:cacheprovider -m cuda tests/test_engine.py tests/test_client.py ;;
+    e2e) step e2e $PY bench/e2e_bench.py --device cuda --allocators tcmalloc --no-sweep --no-install \
+        --json "$OUTDIR/e2e.json" ;;
+    e2e-short) step e2e-short $PY bench/e2e_bench.py --device cuda --allocators tcmalloc --no-sweep --no-install \
+        --no-server-path ;;
+    profile) step profile $PY bench/latency_profile.py --device cuda ;;
+    transfer) step transfer $PY bench/transfer_bench.py ;;
+    engine) step engine $PY bench/engine_bench.py --device cuda --no-memory ;;
+    e2e-cpu) step e2e-cpu $PY bench/e2e_bench.py --device cpu --allocators tcmalloc --no-sweep --no-install ;;
+    *) echo "unknown step $s" >&2 ;;
+    esac
+done
