@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from softgate.engine import Batch, LossConfig
+from softgate.engine import Batch, Engine, LossConfig
 from softgate.engine import config as ec
 from softgate_client import (
     AdvantageConfig,
@@ -162,11 +162,11 @@ def assert_same_as_engine(res, ref, valid=None) -> None:
     assert res.loss == ref.loss
     assert res.policy_loss == ref.policy_loss
     assert res.kl_loss == ref.kl_loss
-    np.testing.assert_array_equal(sent(res.grad), ref.grad.numpy())
+    np.testing.assert_array_equal(sent(res.grad), ref.grad.cpu().numpy())
     for name in ALL_OUTPUTS:
         got = getattr(res, name)
         if got is not None:
-            np.testing.assert_array_equal(sent(got), getattr(ref, name).numpy(), err_msg=name)
+            np.testing.assert_array_equal(sent(got), getattr(ref, name).cpu().numpy(), err_msg=name)
     for k, v in ref.metrics.items():
         assert res.metrics[k] == pytest.approx(float(v), nan_ok=True, rel=0, abs=0), k
 
@@ -201,6 +201,33 @@ def test_unary_and_streamed_equal_engine_bit_for_bit(client, case) -> None:
     )
     assert ragged.grad.shape == r["logp"].shape
     assert_same_as_engine(ragged, ref)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_server_equals_cuda_engine_bit_for_bit(inprocess_server, monkeypatch, compile) -> None:
+    """A server whose engine runs on CUDA sends back what that engine computes in-process,
+    unary and streamed (compiled: the default SAPO configuration only, each one compiles;
+    eager: every copy through pinned memory, which only large batches take otherwise)."""
+    from softgate.engine import transfer
+
+    if not compile:
+        monkeypatch.setattr(transfer, "PIN_MIN_BYTES", 0)
+    eng = Engine(device="cuda", compile=compile)
+    srv = inprocess_server(engine=eng, device="cuda")
+    with SoftgateClient(srv.target, timeout=600, stream_chunk_bytes=700) as c:
+        for case in [0] if compile else range(len(CASES)):
+            kw, ref_cfg = CASES[case]
+            p = padded_batch(seed=case)
+            r, valid = ragged_of(p)
+            ref = eng.loss(engine_batch(r), ref_cfg)
+            assert ref.grad.device.type == "cuda"
+            args = {k: p[k] for k in ("old_logp", "mask", "rewards", "group_ids", "ref_logp", "rollout_logp")}
+            for stream in (False, True):
+                res = c.loss(p["logp"], **args, outputs=ALL_OUTPUTS, stream=stream, **kw)
+                assert res.streamed == stream
+                assert_same_as_engine(res, ref, valid)
 
 
 def test_automatic_streaming_above_threshold(server) -> None:

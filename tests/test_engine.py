@@ -26,6 +26,7 @@ from softgate.engine import (
     MismatchConfig,
     Reinforce,
     Sapo,
+    transfer,
 )
 from softgate.engine.validation import REASON_CODES
 
@@ -570,6 +571,68 @@ def test_cuda_matches_cpu(compile):
         torch.testing.assert_close(r_gpu.grad.cpu(), r_cpu.grad, rtol=1e-10, atol=1e-12)
         for k in METRIC_NAMES:
             assert r_gpu.metrics[k] == pytest.approx(r_cpu.metrics[k], rel=1e-8, abs=1e-10), k
+
+
+def test_transfers_on_the_cpu_are_plain():
+    x = torch.randn(7, requires_grad=True)
+    assert transfer.to_device(x, torch.device("cpu")) is x
+    (h,) = transfer.to_host([x * 2])
+    assert not h.requires_grad and torch.equal(h, (x * 2).detach())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_transfers_through_pinned_memory_equal_plain_copies():
+    big = torch.randn(transfer.PIN_MIN_BYTES // 4 + 3)  # pinned on the way
+    small = torch.arange(5, dtype=torch.float64)  # copied directly
+    dev = torch.device("cuda")
+    on = [transfer.to_device(x, dev) for x in (big, small)]
+    assert [t.device.type for t in on] == ["cuda", "cuda"]
+    back = transfer.to_host([*on, on[0][3:], on[0] > 0])
+    for got, want in zip(back, [big, small, big[3:], big > 0], strict=True):
+        assert got.device.type == "cpu" and got.dtype == want.dtype and torch.equal(got, want)
+    assert back[0].is_pinned() and not back[1].is_pinned()
+
+
+def test_segment_sum_equals_index_add():
+    from softgate.engine.segments import segment_sum
+
+    lengths = torch.tensor([3, 0, 5, 1, 0, 7])
+    off = Batch.offsets_from_lengths(lengths)
+    ids = torch.repeat_interleave(lengths)
+    x = torch.randint(-50, 50, (int(lengths.sum()),)).to(F64)  # integers: exact in any order
+    assert torch.equal(segment_sum(x, off), torch.zeros(6, dtype=F64).index_add_(0, ids, x))
+    assert torch.equal(segment_sum(x[:0], torch.zeros(3, dtype=torch.int64)), torch.zeros(2, dtype=F64))
+    assert segment_sum(x, torch.zeros(1, dtype=torch.int64)).shape == (0,)
+
+
+@pytest.mark.parametrize("name", ["gspo", "sapo"])
+def test_segment_reduce_sums_equal_index_add_sums(monkeypatch, name):
+    """The sums CUDA takes (segment_reduce over sequences, over rewards sorted by group) give
+    the index_add_ path's numbers, checked here on the CPU."""
+    from softgate.engine import advantages, segments
+
+    b = random_batch(5, max_seqs=40, max_len=30)
+    cfg = make_config(name, "seq_mean_token_mean", "k3", ("sequence", "mask"), estimator="rloo")
+    want = E.loss(b, cfg)
+    monkeypatch.setattr(segments, "use_segment_reduce", lambda device: True)
+    monkeypatch.setattr(advantages, "use_segment_reduce", lambda device: True)
+    assert_same_result(E.loss(b, cfg), want, 1e-12)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_results_are_the_same_bits_on_every_call():
+    """No atomic float adds on the path: GSPO's sequence ratio, the sequence mismatch weight and
+    group advantages of float rewards, twice on one batch, give identical results."""
+    ec = Engine(device="cuda", compile=False)
+    b = random_batch(3, max_seqs=400, max_len=500, num_seqs=400)
+    b.rewards = torch.randn(400, dtype=F64)
+    cfg = make_config("gspo", "seq_mean_token_mean", "k3", ("sequence", "truncate"))
+    r1, r2 = ec.loss(b, cfg), ec.loss(b, cfg)
+    assert r1.loss == r2.loss and r1.policy_loss == r2.policy_loss
+    assert torch.equal(r1.grad, r2.grad)
+    assert r1.metrics == pytest.approx(r2.metrics, rel=0, abs=0, nan_ok=True)
 
 
 def test_inputs_with_autograd_graph():

@@ -2,7 +2,8 @@
 
 All group statistics are computed in float64 whatever the reward dtype. Groups are found with
 torch.unique(return_inverse=True) and reduced with index_add_/scatter_reduce, so they need not
-be contiguous. A group is degenerate when it has one member, all its rewards are equal, or its
+be contiguous; on CUDA the sums go through the rewards sorted by group and a segmented
+reduction instead, which gives the same bits on every call (see segments.py). A group is degenerate when it has one member, all its rewards are equal, or its
 unbiased std is below `min_group_std`; every member of a degenerate group gets advantage 0.
 """
 
@@ -14,6 +15,7 @@ import torch
 from torch import Tensor
 
 from softgate.engine.config import AdvantageConfig
+from softgate.engine.segments import segment_sum, use_segment_reduce
 
 DEFAULT_SCALE = {"grpo": "group", "dr_grpo": "none", "rloo": "none", "reinforce_pp_baseline": "none"}
 
@@ -41,9 +43,20 @@ def group_advantages(
     g = uniq.numel()
     z = torch.zeros(g, dtype=torch.float64, device=r.device)
     cnt = counts.to(torch.float64)
-    mean = z.clone().index_add_(0, inv, r) / cnt.clamp(min=1)
+    if use_segment_reduce(r.device):
+        order = torch.argsort(inv, stable=True)
+        offsets = torch.nn.functional.pad(torch.cumsum(counts, 0), (1, 0))
+
+        def group_sum(x: Tensor) -> Tensor:
+            return segment_sum(x[order], offsets)
+    else:
+
+        def group_sum(x: Tensor) -> Tensor:
+            return z.clone().index_add_(0, inv, x)
+
+    mean = group_sum(r) / cnt.clamp(min=1)
     dev = r - mean[inv]
-    std_g = _unbiased_std(cnt, z.clone().index_add_(0, inv, dev * dev))
+    std_g = _unbiased_std(cnt, group_sum(dev * dev))
     gmax = z.clone().scatter_reduce_(0, inv, r, "amax", include_self=False)
     gmin = z.clone().scatter_reduce_(0, inv, r, "amin", include_self=False)
     degenerate_g = (cnt <= 1) | (gmax == gmin) | (std_g < cfg.min_group_std)

@@ -23,6 +23,7 @@ from softgate.engine.config import (
 from softgate.engine.errors import FieldViolation, InputError
 from softgate.engine.loss import TokenTerms, compute_loss
 from softgate.engine.result import AdvantageResult, LossResult
+from softgate.engine.transfer import to_device
 from softgate.engine.validation import _INTS, _float_tensor
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ class Engine:
     """Computes advantages and losses on one device (CUDA when present, else CPU).
 
     Inputs may live on any device; they are moved to the engine's device and results stay
-    there (adapters call `.cpu()` on what they send back).
+    there (adapters bring what they send back with `transfer.to_host`).
 
     The per-token kernel (`kernel.token_terms`) can run through torch.compile(dynamic=True):
     one fused loop instead of ~60 separate passes over the tokens, the same code as the eager
@@ -57,7 +58,7 @@ class Engine:
 
     def _to_device(self, batch: Batch) -> Batch:
         moved = {
-            f.name: v.to(self.device)
+            f.name: to_device(v, self.device)
             for f in dataclasses.fields(batch)
             if isinstance(v := getattr(batch, f.name), Tensor) and v.device != self.device
         }

@@ -1,4 +1,10 @@
-"""Segment (per-sequence) reductions and broadcasts over offsets, without padding."""
+"""Segment (per-sequence) reductions and broadcasts over offsets, without padding.
+
+Sums give the same bits on every call. On the CPU `index_add_` adds in token order; on CUDA it
+adds with atomics in whatever order the threads run (results differed in the last bits from
+call to call on an H200), so there each run of consecutive values is summed by a segmented
+reduction (`torch.segment_reduce`, cub's DeviceSegmentedReduce: a fixed order per segment).
+"""
 
 from __future__ import annotations
 
@@ -19,6 +25,8 @@ class Segments:
 
     def sum(self, x: Tensor) -> Tensor:
         """Per-sequence sum of a per-token tensor ([N] -> [B]); 0 for empty sequences."""
+        if use_segment_reduce(x.device):
+            return segment_sum(x, self.offsets)
         return torch.zeros(self.num_seqs, dtype=x.dtype, device=x.device).index_add_(0, self.ids, x)
 
     def count(self, m: Tensor) -> Tensor:
@@ -41,6 +49,20 @@ class Segments:
     def expand(self, x: Tensor) -> Tensor:
         """Per-sequence values broadcast to their tokens ([B] -> [N])."""
         return x[self.ids]
+
+
+def use_segment_reduce(device: torch.device) -> bool:
+    """Whether sums on `device` go through `segment_sum` (CUDA) rather than `index_add_`."""
+    return device.type == "cuda"
+
+
+def segment_sum(x: Tensor, offsets: Tensor) -> Tensor:
+    """Sums of the runs x[offsets[i]:offsets[i+1]] ([N] -> [len(offsets) - 1]), 0 for empty
+    runs, each added in a fixed order."""
+    b = offsets.numel() - 1
+    if b <= 0 or x.numel() == 0:
+        return torch.zeros(max(b, 0), dtype=x.dtype, device=x.device)
+    return torch.segment_reduce(x, "sum", offsets=offsets, unsafe=True, initial=0)
 
 
 # From this many tokens on, CPU counts read the mask 8 bytes at a time: torch.cumsum over N

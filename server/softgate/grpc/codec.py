@@ -38,6 +38,7 @@ from softgate.engine.config import (
 )
 from softgate.engine.errors import FieldViolation, InputError
 from softgate.engine.result import LossResult
+from softgate.engine.transfer import to_host
 
 # the largest element count any shape may claim (far above every limit; guards the products)
 ABSURD_ELEMENTS = 1 << 50
@@ -384,10 +385,7 @@ def _copy_bytes(data: bytes | memoryview, dtype: torch.dtype, n: int) -> Tensor:
 
 def encode_tensor(x: Tensor, out: pb.Tensor | None = None) -> pb.Tensor:
     """Raw little-endian bytes of a tensor (moved to the CPU; one copy)."""
-    x = x.detach()
-    if x.device.type != "cpu":
-        x = x.cpu()
-    x = x.contiguous()
+    x = to_host([x])[0].contiguous()
     msg = out if out is not None else pb.Tensor()
     msg.dtype = TORCH_TO_PB[x.dtype]
     msg.shape[:] = list(x.shape)
@@ -645,7 +643,8 @@ def host_result(result: LossResult, names: tuple[str, ...]) -> LossResult:
     """The result with the requested per-token tensors moved to the CPU once."""
     import dataclasses
 
-    moved = {_RESULT_ATTR[n]: getattr(result, _RESULT_ATTR[n]).detach().cpu() for n in names}
+    attrs = [_RESULT_ATTR[n] for n in names]
+    moved: dict[str, Any] = dict(zip(attrs, to_host([getattr(result, a) for a in attrs]), strict=True))
     return dataclasses.replace(result, **moved)
 
 
