@@ -423,21 +423,28 @@ def worker(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(results), flush=True)
 
 
-def engine_only(n: int, reps: int, compile: str = "true", device: str = "cpu") -> float:
-    """Median seconds of the in-process engine on the same batch, called as the server calls it
-    for a gradient-only request (ratio and gate weight for the telemetry's CPU sample only),
-    the gradient copied back to the host as the server sends it."""
+def engine_batch(n: int) -> Any:
+    """`make_batch(n)` as the engine's Batch (its tensors share the arrays' memory)."""
     import torch
-    from softgate.engine import Batch, Engine, LossConfig
-    from softgate.observability.telemetry import DEFAULT_CPU_SAMPLE_TOKENS
+    from softgate.engine import Batch
 
     b = make_batch(n)
-    batch = Batch(
+    return Batch(
         logp=torch.from_numpy(b["logp"]),
         old_logp=torch.from_numpy(b["old_logp"]),
         advantages=torch.from_numpy(b["advantages"]),
         offsets=Batch.offsets_from_lengths(torch.from_numpy(b["lengths"])),
     )
+
+
+def engine_only(n: int, reps: int, compile: str = "true", device: str = "cpu") -> float:
+    """Median seconds of the in-process engine on the same batch, called as the server calls it
+    for a gradient-only request (ratio and gate weight for the telemetry's CPU sample only),
+    the gradient copied back to the host as the server sends it."""
+    from softgate.engine import Engine, LossConfig
+    from softgate.observability.telemetry import DEFAULT_CPU_SAMPLE_TOKENS
+
+    batch = engine_batch(n)
     mode: bool | str | None = {"true": True, "false": False, "auto": None}.get(compile, compile)
     eng = Engine(device=device, compile=mode)
     cfg, k = LossConfig(), DEFAULT_CPU_SAMPLE_TOKENS

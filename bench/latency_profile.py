@@ -23,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from e2e_bench import make_batch  # noqa: E402
+from e2e_bench import engine_batch  # noqa: E402
 from softgate.engine import Batch, Engine, LossConfig  # noqa: E402
 from softgate.engine.transfer import to_host  # noqa: E402
 
@@ -41,13 +41,7 @@ def main() -> None:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     print(f"device={dev} torch={torch.__version__} compile={eng.compile_mode}")
     for n in (int(s) for s in args.tokens.split(",")):
-        b = make_batch(n)
-        batch = Batch(
-            logp=torch.from_numpy(b["logp"]),
-            old_logp=torch.from_numpy(b["old_logp"]),
-            advantages=torch.from_numpy(b["advantages"]),
-            offsets=Batch.offsets_from_lengths(torch.from_numpy(b["lengths"])),
-        )
+        batch = engine_batch(n)
 
         def call(batch: Batch = batch) -> None:
             to_host([eng.loss(batch, cfg).grad])
