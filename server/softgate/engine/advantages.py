@@ -3,8 +3,9 @@
 All group statistics are computed in float64 whatever the reward dtype. Groups are found with
 torch.unique(return_inverse=True) and reduced with index_add_/scatter_reduce, so they need not
 be contiguous; on CUDA the sums go through the rewards sorted by group and a segmented
-reduction instead, which gives the same bits on every call (see segments.py). A group is degenerate when it has one member, all its rewards are equal, or its
-unbiased std is below `min_group_std`; every member of a degenerate group gets advantage 0.
+reduction instead, which gives the same bits on every call (see segments.py). A group is
+degenerate when it has one member, all its rewards are equal, or its unbiased std is below
+`min_group_std`; every member of a degenerate group gets advantage 0.
 """
 
 from __future__ import annotations
