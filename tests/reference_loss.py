@@ -58,7 +58,10 @@ def reference_advantages(
         for i, c in enumerate(counts):
             vals += [adv[i]] * c
         if len(vals) > 0:
-            mu = math.fsum(vals) / len(vals)
+            # the mean shifted by the first value, as the engine computes it: equal values give
+            # mu equal to them exactly, so their whitened advantages are 0, not rounding noise / eps
+            c = vals[0]
+            mu = c + math.fsum(x - c for x in vals) / len(vals)
             var = math.fsum((x - mu) ** 2 for x in vals) / (len(vals) - 1) if len(vals) > 1 else 0.0
             adv = [(a - mu) / (math.sqrt(var) + cfg.eps) for a in adv]
         adv = [0.0 if degenerate_seq[i] else a for i, a in enumerate(adv)]

@@ -120,6 +120,16 @@ def test_property_random(
     check_against_reference(batch, config)
 
 
+def test_reference_whitens_equal_values_to_zero_too():
+    """Found by test_property_random in CI: rewards 0.5, 0.5, 0 in one group, the last
+    sequence empty, so every trained token's centred advantage is 1/6. The engine whitened them
+    to exactly 0, the reference to rounding noise / eps, and the two differed by 1e-11."""
+    batch = random_batch(449941, max_len=4)
+    check_against_reference(
+        batch, make_config("sapo", "token_mean", None, None, estimator="reinforce_pp_baseline")
+    )
+
+
 def test_reinforce_pp_equal_weighted_advantages_whiten_to_zero():
     # found by test_property_random: the only sequences with trained tokens have the same
     # group-centred advantage; the whitened advantages must be 0, not rounding noise / eps
