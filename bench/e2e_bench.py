@@ -442,6 +442,7 @@ def engine_only(n: int, reps: int, compile: str = "true", device: str = "cpu") -
     for a gradient-only request (ratio and gate weight for the telemetry's CPU sample only),
     the gradient copied back to the host as the server sends it."""
     from softgate.engine import Engine, LossConfig
+    from softgate.engine.transfer import to_host
     from softgate.observability.telemetry import DEFAULT_CPU_SAMPLE_TOKENS
 
     batch = engine_batch(n)
@@ -450,7 +451,7 @@ def engine_only(n: int, reps: int, compile: str = "true", device: str = "cpu") -
     cfg, k = LossConfig(), DEFAULT_CPU_SAMPLE_TOKENS
 
     def call() -> None:
-        eng.loss(batch, cfg, sample_tokens=k).grad.cpu()
+        to_host([eng.loss(batch, cfg, sample_tokens=k).grad])
 
     call()
     eng.wait_compiled(600)  # a background compile: measure what follows it
