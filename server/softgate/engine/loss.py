@@ -54,8 +54,9 @@ def compute_loss(
     """Loss, exact per-token gradient d loss / d logp, per-token terms and metrics of one batch.
 
     `sample_tokens` (None: everything in full): on the CPU, a batch of more tokens gets ratio
-    and gate_weight for an evenly strided sample of at most that many tokens only, and an empty
-    clip_mask (`LossResult.sample_stride`); for callers that want the gradient, not those.
+    and gate_weight for an evenly strided sample of at most that many tokens (but at least 2,
+    the smallest size a compiled kernel serves) only, and an empty clip_mask
+    (`LossResult.sample_stride`); for callers that want the gradient, not those.
 
     `validate`: raise InputError for a bad batch or configuration (validation.check; the
     values of logp, old_logp and per-token advantages are checked by the kernel, in its loop).
@@ -132,7 +133,7 @@ def _compute_loss(
     prm = kernel_params(config, dt, dev)
     stride = 1
     if sample_tokens is not None and dev.type == "cpu" and n > sample_tokens:
-        stride = -(-n // max(sample_tokens, 1))
+        stride = -(-n // max(sample_tokens, 2))
     fn = kernel or token_terms
     grad, a, ratio, gate, clip, vals = fn(
         t,
