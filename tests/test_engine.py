@@ -571,6 +571,8 @@ def test_cuda_matches_cpu(compile):
         torch.testing.assert_close(r_gpu.grad.cpu(), r_cpu.grad, rtol=1e-10, atol=1e-12)
         for k in METRIC_NAMES:
             assert r_gpu.metrics[k] == pytest.approx(r_cpu.metrics[k], rel=1e-8, abs=1e-10), k
+    # compiled, not quietly eager after a failed compile (logged, never raised)
+    assert ec.kernel.compiled_calls == (len(OBJECTIVE_NAMES) if compile else 0)
 
 
 def test_transfers_on_the_cpu_are_plain():
