@@ -45,7 +45,7 @@ SEQ_LEN = 1024
 # requests below SMALL_MAX_TOKENS are timed in alternating blocks of SMALL_BLOCK calls (see worker)
 SMALL_MAX_TOKENS = 1 << 20
 SMALL_BLOCK = 25
-SERVER_VARIANTS = ("cached", "notelemetry")  # see serve_variant
+SERVER_VARIANTS = ("cached", "notelemetry", "cached-notelemetry", "replay")  # see serve_variant
 ALLOCATORS = {
     "glibc": None,
     "jemalloc": ("libjemalloc2", ["libjemalloc.so.2"]),
@@ -222,7 +222,10 @@ def serve_variant(port: int, max_message_bytes: int, variant: str, device: str =
     """softgate's gRPC server (servicer, codec, telemetry: what `softgate serve` runs) with one
     part changed. "cached": an engine that computes each batch size once and then returns that
     result, so the rows show what the server path costs on top of the transport. "notelemetry":
-    the compiled engine with no telemetry, so the rows show what recording the metrics costs."""
+    the compiled engine with no telemetry, so the rows show what recording the metrics costs.
+    "cached-notelemetry": both. "replay": no servicer at all, ComputeLoss answers a request of
+    a size it has seen with the bytes it answered then (bench/latency_ladder.py: what the
+    client and the message sizes cost over the echo)."""
     import asyncio
     import signal
 
@@ -243,6 +246,21 @@ def serve_variant(port: int, max_message_bytes: int, variant: str, device: str =
                 self.cache[key] = super().loss(batch, config, **kw)
             return self.cache[key]
 
+    class Replay:
+        """ComputeLoss through the servicer once per request size, then the same bytes back."""
+
+        def __init__(self, servicer: Any) -> None:
+            self.servicer, self.answers = servicer, {}
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.servicer, name)
+
+        async def ComputeLoss(self, request: Any, context: Any) -> Any:
+            size = request.nbytes
+            if size not in self.answers:
+                self.answers[size] = await self.servicer.ComputeLoss(request, context)
+            return self.answers[size]
+
     async def run() -> None:
         settings = Settings(
             grpc_host="127.0.0.1",
@@ -252,9 +270,12 @@ def serve_variant(port: int, max_message_bytes: int, variant: str, device: str =
             warmup=False,
             max_message_bytes=max_message_bytes,
         )
-        engine: Engine = CachedEngine() if variant == "cached" else Engine(device=device, compile=True)
+        cached = variant.startswith("cached") or variant == "replay"
+        engine: Engine = CachedEngine() if cached else Engine(device=device, compile=True)
         telemetry = make_telemetry(settings) if variant == "cached" else Telemetry()
         server = GrpcServer(settings, engine, telemetry)
+        if variant == "replay":
+            server.servicer = Replay(server.servicer)  # type: ignore[assignment]
         await server.start()
         await server.set_serving(True)
         stop_ev = asyncio.Event()

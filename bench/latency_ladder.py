@@ -1,0 +1,97 @@
+"""Where a small call's time goes, end to end: the echo server and softgate's server with
+layers taken away, all up at once, called in rotating blocks of 25 calls, so that load from
+other processes hits every row alike. Each row is the median over the echo's median.
+
+    python bench/latency_ladder.py                     # 4096 tokens, 40 rounds (~1.5 min)
+    python bench/latency_ladder.py --tokens 65536 --rounds 20
+
+Rows (the same SAPO call through SoftgateClient as bench/e2e_bench.py, tcmalloc preloaded
+when installed, as `softgate serve` runs):
+- replay: ComputeLoss answers with bytes it answered before: the client and the message sizes.
+- cached-notelemetry: + the servicer and codec (the engine returns a result it computed before).
+- notelemetry: + the compiled engine.
+- serve: `softgate serve --compile`: + the telemetry it records.
+Each row adds one layer to the row above; the difference between them is what it costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import e2e_bench as E  # noqa: E402
+
+RUNGS = ("replay", "cached-notelemetry", "notelemetry", "serve")
+BLOCK = 25
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--rounds", type=int, default=40)
+    args = ap.parse_args()
+    from softgate_client import SoftgateClient
+
+    limit = 512 * E.MiB
+    env = E.env_with(E.find_lib(["libtcmalloc_minimal.so.4"]))
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        echo_port = E.free_port()
+        echo_cmd = [sys.executable, str(ROOT / "bench" / "echo_server.py"), "--port", str(echo_port)]
+        procs.append(
+            subprocess.Popen(
+                [*echo_cmd, "--max-message-bytes", str(limit)], env=env, stdout=subprocess.DEVNULL
+            )
+        )
+        E.wait_port(echo_port, procs[-1])
+        ports = {}
+        for rung in RUNGS:
+            ports[rung] = port = E.free_port()
+            if rung == "serve":
+                procs.append(E._softgate_serve(port, limit, "true", "cpu", env))
+            else:
+                cmd = [sys.executable, E.__file__, "--serve-variant", f"{port}:{limit}:{rung}:cpu"]
+                procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL))
+            E.wait_port(port, procs[-1])
+            E.wait_serving(port, procs[-1])
+        b = E.make_batch(args.tokens)
+        echo = E.EchoClient(echo_port, limit, limit, limit)
+        calls: dict[str, Any] = {"echo": lambda: echo.call(b)}
+        for rung, port in ports.items():
+            sg = SoftgateClient(f"127.0.0.1:{port}", run="ladder", timeout=600, max_message_bytes=limit)
+            calls[rung] = lambda sg=sg: sg.loss(
+                b["logp"], b["old_logp"], lengths=b["lengths"], advantages=b["advantages"], objective="sapo"
+            )
+        for call in calls.values():  # first touches, the inline path's streak, compiles
+            for _ in range(200):
+                call()
+        times: dict[str, list[float]] = {k: [] for k in calls}
+        for _ in range(args.rounds):
+            for name, call in calls.items():
+                for _ in range(BLOCK):
+                    t0 = time.perf_counter()
+                    call()
+                    times[name].append(time.perf_counter() - t0)
+    finally:
+        E.stop(procs)
+    echo_ms = statistics.median(times["echo"]) * 1e3
+    print(f"{args.tokens} tokens, {args.rounds} rounds of {BLOCK} calls each")
+    print("| server | median ms | over echo ms | over the row above ms |")
+    print("|---|---:|---:|---:|")
+    prev = echo_ms
+    for name, ts in times.items():
+        ms = statistics.median(ts) * 1e3
+        print(f"| {name} | {ms:.3f} | {ms - echo_ms:+.3f} | {ms - prev:+.3f} |")
+        prev = ms
+
+
+if __name__ == "__main__":
+    main()
