@@ -5,7 +5,8 @@
 #
 # Steps: env (versions, GPU), tests (pytest -m cuda), e2e (bench/e2e_bench.py, engine on cuda),
 # e2e-short (the same without the server-path rows), transfer (bench/transfer_bench.py), engine
-# (bench/engine_bench.py --device cuda), profile (bench/latency_profile.py --device cuda), e2e-cpu
+# (bench/engine_bench.py --device cuda), profile (bench/latency_profile.py --device cuda), ladder
+# (bench/latency_ladder.py --device cuda: a 4k call's gap to the echo, layer by layer), e2e-cpu
 # (the e2e bench with the engine on this host's CPU cores). DEADLINE (seconds, default 330)
 # bounds the whole run: a step gets what is left of it and is cut there.
 #
@@ -58,6 +59,7 @@ print(\"grpc\", grpc.__version__, \"protobuf\", pb.__version__, \"numpy\", numpy
     e2e-short) step e2e-short $PY bench/e2e_bench.py --device cuda --allocators tcmalloc --no-sweep --no-install \
         --no-server-path ;;
     profile) step profile $PY bench/latency_profile.py --device cuda ;;
+    ladder) step ladder $PY bench/latency_ladder.py --device cuda ;;
     transfer) step transfer $PY bench/transfer_bench.py ;;
     engine) step engine $PY bench/engine_bench.py --device cuda --no-memory ;;
     e2e-cpu) step e2e-cpu $PY bench/e2e_bench.py --device cpu --allocators tcmalloc --no-sweep --no-install ;;

@@ -4,6 +4,7 @@ other processes hits every row alike. Each row is the median over the echo's med
 
     python bench/latency_ladder.py                     # 4096 tokens, 40 rounds (~1.5 min)
     python bench/latency_ladder.py --tokens 65536 --rounds 20
+    python bench/latency_ladder.py --device cuda       # the engine on the GPU (bench/device_check.sh ladder)
 
 Rows (the same SAPO call through SoftgateClient as bench/e2e_bench.py, tcmalloc preloaded
 when installed, as `softgate serve` runs):
@@ -37,6 +38,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--device", default="cpu", help="the servers' engine device (cpu, cuda, cuda:N)")
     args = ap.parse_args()
     from softgate_client import SoftgateClient
 
@@ -56,9 +58,9 @@ def main() -> None:
         for rung in RUNGS:
             ports[rung] = port = E.free_port()
             if rung == "serve":
-                procs.append(E._softgate_serve(port, limit, "true", "cpu", env))
+                procs.append(E._softgate_serve(port, limit, "true", args.device, env))
             else:
-                cmd = [sys.executable, E.__file__, "--serve-variant", f"{port}:{limit}:{rung}:cpu"]
+                cmd = [sys.executable, E.__file__, "--serve-variant", f"{port}:{limit}:{rung}:{args.device}"]
                 procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL))
             E.wait_port(port, procs[-1])
             E.wait_serving(port, procs[-1])
@@ -83,7 +85,7 @@ def main() -> None:
     finally:
         E.stop(procs)
     echo_ms = statistics.median(times["echo"]) * 1e3
-    print(f"{args.tokens} tokens, {args.rounds} rounds of {BLOCK} calls each")
+    print(f"{args.tokens} tokens, engine on {args.device}, {args.rounds} rounds of {BLOCK} calls each")
     print("| server | median ms | over echo ms | over the row above ms |")
     print("|---|---:|---:|---:|")
     prev = echo_ms
