@@ -236,18 +236,13 @@ class CompiledKernel:
 
     # ---------------------------------------------------------------- internals
 
-    def _compiled(self, key: tuple[Any, ...], args: tuple[Any, ...]) -> Callable[..., Terms]:
-        """The compiled token_terms of `key`, compiled on first use (for the synthetic batch
-        of `args`' configuration); call with the lock held."""
-        fn = self._fns.get(key)
-        if fn is None:
-            fn = self._fns[key] = self._compile(warmup_args(args))
-        return fn
-
     def _sync(self, key: tuple[Any, ...], args: tuple[Any, ...]) -> Terms:
         try:
             with self._lock:
-                out = self._compiled(key, args)(*_contiguous(args))
+                fn = self._fns.get(key)
+                if fn is None:  # compiled on first use, for the synthetic batch of this configuration
+                    fn = self._fns[key] = self._compile(warmup_args(args))
+                out = fn(*_contiguous(args))
                 self.compiled_calls += 1
                 if key not in self._ready:
                     with self._state:
@@ -294,7 +289,8 @@ class CompiledKernel:
                 with self._lock, torch.no_grad():
                     self._compiling.set()
                     try:
-                        self._compiled(key, args)(*args)  # compile, then one run on the warm-up batch
+                        fn = self._fns[key] = self._compile(args)  # args: the warm-up batch
+                        fn(*args)  # one run before real calls use it
                     finally:
                         self._compiling.clear()
                 with self._state:
