@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 from softgate.engine import METRIC_NAMES, Engine
+from softgate.engine.buckets import bucket_codes, bucket_edges
 from softgate.engine.compiled import aot_compile, compile_mode, fits, kernel_key, warmup_args
 from softgate.engine.kernel import token_terms
 from softgate.engine.loss import compute_loss
@@ -114,7 +115,21 @@ def test_sampled_trust_region_outputs(compile: bool) -> None:
     assert s.loss == pytest.approx(whole.loss, rel=1e-12, abs=1e-15)
     for name in METRIC_NAMES:
         assert s.metrics[name] == pytest.approx(whole.metrics[name], rel=1e-12, abs=1e-15), name
-    assert eng.loss(batch, cfg, sample_tokens=n).sample_stride == 1  # nothing to sample
+    full = eng.loss(batch, cfg, sample_tokens=n)
+    assert full.sample_stride == 1  # nothing to sample
+    # histogram codes: for a ratio of at most sample_tokens tokens only, those of its values
+    assert whole.ratio_bucket.numel() == whole.gate_bucket.numel() == 0
+    for res, adv in ((s, whole.advantages[::k]), (full, whole.advantages)):
+        m = res.mask[:: res.sample_stride]
+        want = bucket_codes(
+            res.ratio,
+            res.gate_weight,
+            m & (adv > 0),
+            m & (adv < 0),
+            m,
+            bucket_edges(res.ratio.dtype, res.ratio.device),
+        )
+        assert torch.equal(res.ratio_bucket, want[0]) and torch.equal(res.gate_bucket, want[1])
     assert eng.kernel.compiled_calls == (3 if compile else 0)
 
 

@@ -10,6 +10,7 @@ import torch
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from softgate.engine import Batch, Engine, Grpo, LossConfig, LossResult, Sapo
+from softgate.engine.buckets import bucket_codes, bucket_edges
 from softgate.observability import (
     GATE_EDGES,
     OTHER,
@@ -21,6 +22,7 @@ from softgate.observability import (
     exported_names,
     sanitize_run,
 )
+from softgate.observability.distributions import _counts_numpy, _counts_torch
 from softgate.observability.telemetry import MAX_REASONS
 
 
@@ -68,10 +70,10 @@ def _reference(values: np.ndarray, adv: np.ndarray, mask: np.ndarray, edges: tup
     return out
 
 
-@pytest.mark.parametrize("numpy_on_cpu", [True, False], ids=["numpy", "torch"])
+@pytest.mark.parametrize("codes", ["eager", "compiled"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_bucketing_matches_a_reference_exactly(dtype: torch.dtype, numpy_on_cpu: bool) -> None:
-    # numpy: how CPU tensors are bucketed; torch: the code every other device runs
+def test_bucketing_matches_a_reference_exactly(dtype: torch.dtype, codes: str) -> None:
+    # eager: the codes telemetry computes itself; compiled: those the engine's kernel writes
     g = torch.Generator().manual_seed(1)
     n = 20_000
     ratio = torch.exp(torch.randn(n, generator=g, dtype=dtype) * 0.2)
@@ -82,7 +84,11 @@ def test_bucketing_matches_a_reference_exactly(dtype: torch.dtype, numpy_on_cpu:
     adv = torch.randn(n, generator=g, dtype=dtype)
     adv[100:200] = 0.0
     mask = torch.rand(n, generator=g) > 0.3
-    b = Bucketer(cpu_sample_tokens=None, numpy_on_cpu=numpy_on_cpu)(ratio, gate, adv, mask)
+    given = None
+    if codes == "compiled":
+        fn = torch.compile(bucket_codes, dynamic=True, fullgraph=True)
+        given = fn(ratio, gate, mask & (adv > 0), mask & (adv < 0), mask, bucket_edges(dtype, ratio.device))
+    b = Bucketer(cpu_sample_tokens=None)(ratio, gate, adv, mask, codes=given)
     assert b.stride == 1
     r_edges = tuple(float(torch.tensor(e, dtype=dtype)) for e in RATIO_EDGES)
     g_edges = tuple(float(torch.tensor(e, dtype=dtype)) for e in GATE_EDGES)
@@ -94,6 +100,11 @@ def test_bucketing_matches_a_reference_exactly(dtype: torch.dtype, numpy_on_cpu:
         assert b.ratio_sums[si] == pytest.approx(float(ratio[sel & mask].double().sum()), rel=1e-5)
         assert b.gate_sums[si] == pytest.approx(float(gate[sel & mask].double().sum()), rel=1e-5)
     assert b.ratio_counts.sum() == int(mask.sum())
+    # the torch counting that every other device runs counts the same codes alike
+    m = mask
+    c = bucket_codes(ratio, gate, m & (adv > 0), m & (adv < 0), m, bucket_edges(dtype, ratio.device))
+    host = _counts_numpy(ratio.numpy(), gate.numpy(), c[0].numpy(), c[1].numpy())
+    np.testing.assert_allclose(_counts_torch(ratio, gate, *c), host, rtol=1e-12)
 
 
 def test_large_cpu_batches_are_sampled_and_scaled() -> None:

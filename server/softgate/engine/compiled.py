@@ -89,7 +89,8 @@ def compile_mode(compile: bool | str | None, device: torch.device) -> str:
 
 def kernel_key(args: tuple[Any, ...]) -> tuple[Any, ...]:
     """The configuration a compiled token_terms is specialised on, from its arguments."""
-    t, prm, kind, seq_ratio, adv_per_token, kl, mismatch, count_dtype, *stride = args
+    t, prm, kind, seq_ratio, adv_per_token, kl, mismatch, count_dtype, *rest = args
+    stride, codes = (*rest, 1, False)[:2]  # token_terms' defaults
     return (
         kind,
         seq_ratio,
@@ -100,7 +101,8 @@ def kernel_key(args: tuple[Any, ...]) -> tuple[Any, ...]:
         tuple((k, v.dtype) for k, v in sorted(prm.items())),
         count_dtype,
         t["logp"].device,
-        bool(stride) and stride[0] > 1,  # sampled ratio and gate, no clip mask
+        stride > 1,  # sampled ratio and gate, no clip mask
+        bool(codes),  # bucket codes
     )
 
 

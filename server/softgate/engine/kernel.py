@@ -18,14 +18,16 @@ import functools
 import torch
 from torch import Tensor
 
+from softgate.engine.buckets import bucket_codes, bucket_edges
 from softgate.engine.config import LossConfig
 from softgate.engine.kl import kl_terms
 from softgate.engine.mismatch import mismatch_weights
 from softgate.engine.objectives import PolicyTerms, objective_params, policy_terms
 from softgate.engine.validation import LOGP_TOLERANCE
 
-# token_terms' result: grad, advantages, ratio, gate, clip mask (uint8), float64 values
-Terms = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+# token_terms' result: grad, advantages, ratio, gate, clip mask (uint8), the ratio's and the
+# gate's bucket codes (uint8, see buckets.py), float64 values
+Terms = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
 # objective kinds whose gate weight is not a constant 0 / 1 pattern of the clip masks
 _SOFT_GATE = ("sapo", "gppo", "cispo")
@@ -71,7 +73,8 @@ def kernel_layout(
 
 def kernel_params(config: LossConfig, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
     """Every number token_terms reads, as 0-d tensors: the objective's (objective_params), the
-    log-ratio clamp, the saturation threshold, the KL beta, the mismatch cap or bounds. Passed
+    log-ratio clamp, the saturation threshold, the KL beta, the mismatch cap or bounds, and
+    the histogram edges (`ratio_edges`, `gate_edges`, 1-d; buckets.bucket_edges). Passed
     as tensors, no value is baked into a compiled kernel (a float argument was: inductor's
     cache served a kernel compiled for one clamp to a process using another). Shared, read-only
     tensors per configuration."""
@@ -98,6 +101,7 @@ def _kernel_params(config: LossConfig, dtype: torch.dtype, device: torch.device)
         else:
             vals["vlo"], vals["vhi"] = mm.lo, mm.hi
     prm.update({k: torch.tensor(float(v), dtype=dtype, device=device) for k, v in vals.items()})
+    prm["ratio_edges"], prm["gate_edges"] = bucket_edges(dtype, device)
     return prm
 
 
@@ -140,14 +144,21 @@ def token_terms(
     mismatch: tuple[str, str] | None,
     count_dtype: torch.dtype,
     stride: int = 1,
+    codes: bool = False,
 ) -> Terms:
-    """All per-token work: (grad, advantages, ratio, gate, clip_mask, values), the values one
+    """All per-token work: (grad, advantages, ratio, gate, clip_mask, ratio_bucket,
+    gate_bucket, values), the bucket codes those of buckets.bucket_codes, the values one
     float64 vector in kernel_layout's order (token sums, token counts, sequence terms).
 
-    `stride` > 1: ratio and gate come back for tokens 0, stride, 2 stride, ... only (a
-    dashboard's sample) and the clip mask empty. On the CPU, writing those three [N] outputs
-    took more time than all the rest of the fused loop (16M tokens, SAPO: 132 -> 52 ms without
-    them), and most requests ask for the gradient alone.
+    `stride` > 1: ratio and gate (and their codes) come back for tokens 0, stride,
+    2 stride, ... only (a dashboard's sample) and the clip mask empty. On the CPU, writing
+    those three [N] outputs took more time than all the rest of the fused loop (16M tokens,
+    SAPO: 132 -> 52 ms without them), and most requests ask for the gradient alone.
+
+    `codes`: also the bucket codes of the ratio and gate that come back (else both empty).
+    Compiled, they cost ~2 ms per million tokens on 2 CPU cores (46 compares a token), about
+    half the rest of the loop, so compute_loss asks for them only when ratio and gate are
+    the few tokens telemetry buckets anyway.
 
     The clip mask comes back as uint8 (0 / 1; `.view(torch.bool)` is free): inductor's CPU
     code stores a bool tensor several times slower than a uint8 one (measured: the whole
@@ -249,16 +260,23 @@ def token_terms(
         vals.append(torch.stack(counts).to(torch.float64))
     vals.append(torch.stack(sequence_terms(t, seq_names, adv_per_token, seq_ratio)))
     values = torch.cat(vals)
+    edges = prm["ratio_edges"], prm["gate_edges"]
     if stride > 1:  # the sample, from strided inputs: only those tokens are computed and written
         every = slice(None, None, stride)
-        ms = m[every]
-        _, _, ratio_s, pt_s = _policy(
-            t, prm, kind, seq_ratio, ms, logp[every], old[every], ids[every], a[every]
-        )
+        ms, a_s = m[every], a[every]
+        _, _, ratio_s, pt_s = _policy(t, prm, kind, seq_ratio, ms, logp[every], old[every], ids[every], a_s)
         zs = torch.zeros_like(ratio_s)
         ratio_s, gate_s = torch.where(ms, ratio_s, zs + 1), torch.where(ms, pt_s.gate, zs)
-        return grad, a, ratio_s, gate_s, clip[:0].to(torch.uint8), values
-    return grad, a, torch.where(m, ratio, zero + 1), torch.where(m, gate, zero), clip.to(torch.uint8), values
+        none = clip[:0].to(torch.uint8)
+        rcode, gcode = (
+            bucket_codes(ratio_s, gate_s, ms & (a_s > 0), ms & (a_s < 0), ms, edges)
+            if codes
+            else (none, none)
+        )
+        return grad, a, ratio_s, gate_s, none, rcode, gcode, values
+    ratio, gate, clip8 = torch.where(m, ratio, zero + 1), torch.where(m, gate, zero), clip.to(torch.uint8)
+    rcode, gcode = bucket_codes(ratio, gate, pos, neg, m, edges) if codes else (clip8[:0], clip8[:0])
+    return grad, a, ratio, gate, clip8, rcode, gcode, values
 
 
 def _policy(

@@ -56,7 +56,9 @@ def compute_loss(
     `sample_tokens` (None: everything in full): on the CPU, a batch of more tokens gets ratio
     and gate_weight for an evenly strided sample of at most that many tokens (but at least 2,
     the smallest size a compiled kernel serves) only, and an empty clip_mask
-    (`LossResult.sample_stride`); for callers that want the gradient, not those.
+    (`LossResult.sample_stride`); for callers that want the gradient, not those. When ratio
+    and gate come back for at most that many tokens, so do their histogram codes
+    (`LossResult.ratio_bucket`, `gate_bucket`; else those are empty).
 
     `validate`: raise InputError for a bad batch or configuration (validation.check; the
     values of logp, old_logp and per-token advantages are checked by the kernel, in its loop).
@@ -135,7 +137,7 @@ def _compute_loss(
     if sample_tokens is not None and dev.type == "cpu" and n > sample_tokens:
         stride = -(-n // max(sample_tokens, 2))
     fn = kernel or token_terms
-    grad, a, ratio, gate, clip, vals = fn(
+    grad, a, ratio, gate, clip, rcode, gcode, vals = fn(
         t,
         prm,
         kind,
@@ -145,6 +147,7 @@ def _compute_loss(
         (mm.level, mm.mode) if mm is not None else None,
         torch.int32 if n <= INT32_MAX else torch.int64,
         stride,
+        sample_tokens is not None and -(-n // stride) <= max(sample_tokens, 2),
     )
 
     # ---- metrics (one host sync)
@@ -228,6 +231,8 @@ def _compute_loss(
         gate_weight=gate,
         clip_mask=clip.view(torch.bool),
         mask=m,
+        ratio_bucket=rcode,
+        gate_bucket=gcode,
         metrics=metrics,
         sample_stride=stride,
     )

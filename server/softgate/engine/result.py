@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 
@@ -44,3 +45,8 @@ class LossResult:
     metrics: dict[str, float] = field(default_factory=dict)
     # 1: every per-token tensor is whole; k > 1: ratio, gate_weight sampled, clip_mask empty
     sample_stride: int = 1
+    # uint8 histogram codes of ratio and gate_weight, for the same tokens as those: sign *
+    # slots + bucket (softgate.engine.buckets), what telemetry counts; empty when not computed
+    # (compute_loss computes them only for a ratio of at most `sample_tokens` tokens)
+    ratio_bucket: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.uint8))
+    gate_bucket: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.uint8))

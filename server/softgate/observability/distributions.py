@@ -1,10 +1,13 @@
-"""Per-token distributions bucketed on the device, in bulk.
+"""Per-token distributions: bucket counts of the ratio and gate weight per advantage sign.
 
-`bucket_tokens` turns the per-token ratio and gate weight of one LossResult into bucket
-counts per advantage sign with one `torch.bucketize` and one `torch.bincount` per
-quantity over the whole batch (masked-out tokens go to a discard slot instead of being
-compacted, so nothing synchronises before the single small copy to the host at the end).
-No Python code runs per token.
+The engine's kernel writes a one-byte bucket code per token (`softgate.engine.buckets`) when
+the ratio and gate it returns are no more than telemetry buckets; counting them is one
+bincount per quantity (4k tokens: ~100 -> ~35 us a call; a 16M-token batch's 32K-token
+sample: ~3 -> ~0.3 ms). Otherwise (e.g. a request that asked for the ratio, or a larger
+batch on CUDA) the codes are computed here, with one search per quantity. Masked tokens go
+to a discard slot instead of being compacted, so nothing synchronises before the single
+small copy to the host at the end. No Python code runs per token; CPU values are counted
+with numpy (a dozen torch ops cost more in dispatch than in work at these sizes).
 
 On CUDA every token is bucketed. On a CPU device a batch larger than `cpu_sample_tokens`
 is bucketed through an evenly strided sample (every k-th token), its counts and sums
@@ -21,19 +24,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-# Edges of the per-token ratio histogram: dense near 1 (GSPO's 3e-4 / 4e-4 band, GRPO's
-# 0.2 / 0.28 band, SAPO's gate), coarse in the tails.
-RATIO_EDGES: tuple[float, ...] = (
-    0.1, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 0.9997,
-    1.0,
-    1.0004, 1.001, 1.005, 1.01, 1.02, 1.05, 1.1, 1.2, 1.28, 1.5, 2.0, 5.0, 10.0,
-)  # fmt: skip
-# Gate weight w in [0, 1]; le=0 holds the hard-clipped tokens of clip objectives.
-GATE_EDGES: tuple[float, ...] = (0.0, *(round(0.05 * k, 2) for k in range(1, 21)))
+from softgate.engine.buckets import (
+    DISCARD,
+    GATE_EDGES,
+    GATE_SLOTS,
+    RATIO_EDGES,
+    RATIO_SLOTS,
+    SIGNS,
+    bucket_codes,
+    bucket_edges,
+)
 
-SIGNS: tuple[str, ...] = ("pos", "neg", "zero")
-NUMPY_MAX_TOKENS = 1 << 16  # see Bucketer.__init__
-_DISCARD = len(SIGNS)
+__all__ = ["GATE_EDGES", "RATIO_EDGES", "SIGNS", "Bucketer", "TokenBuckets"]
 
 
 @dataclass
@@ -49,38 +51,36 @@ class TokenBuckets:
 
 
 class Bucketer:
-    """Keeps the edge tensors on each device it has seen."""
+    """Bucket counts of LossResults' ratio and gate weight, sampled on the CPU."""
 
-    def __init__(self, cpu_sample_tokens: int | None = 1 << 15, *, numpy_on_cpu: bool = True) -> None:
+    def __init__(self, cpu_sample_tokens: int | None = 1 << 15) -> None:
         self.cpu_sample_tokens = cpu_sample_tokens
-        # up to NUMPY_MAX_TOKENS CPU tokens are bucketed with numpy: the same counts in ~100 us
-        # instead of ~165 us at 4k tokens (a dozen torch ops cost their dispatch, ~4-8 us each,
-        # more than their work); above, torch's parallel kernels win (15M tokens: 652 vs 783 ms)
-        self.numpy_on_cpu = numpy_on_cpu
-        self._edges: dict[tuple[str, torch.dtype], tuple[Tensor, Tensor]] = {}
-
-    def _edges_for(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        key = (str(device), dtype)
-        e = self._edges.get(key)
-        if e is None:
-            e = (
-                torch.tensor(RATIO_EDGES, dtype=dtype, device=device),
-                torch.tensor(GATE_EDGES, dtype=dtype, device=device),
-            )
-            self._edges[key] = e
-        return e
 
     def __call__(
-        self, ratio: Tensor, gate: Tensor, advantages: Tensor, mask: Tensor, stride: int = 1
+        self,
+        ratio: Tensor,
+        gate: Tensor,
+        advantages: Tensor,
+        mask: Tensor,
+        stride: int = 1,
+        codes: tuple[Tensor, Tensor] | None = None,
     ) -> TokenBuckets:
-        return self.bucket(ratio, gate, advantages, mask, stride)
+        return self.bucket(ratio, gate, advantages, mask, stride, codes)
 
     @torch.no_grad()
     def bucket(
-        self, ratio: Tensor, gate: Tensor, advantages: Tensor, mask: Tensor, stride: int = 1
+        self,
+        ratio: Tensor,
+        gate: Tensor,
+        advantages: Tensor,
+        mask: Tensor,
+        stride: int = 1,
+        codes: tuple[Tensor, Tensor] | None = None,
     ) -> TokenBuckets:
         """`stride` > 1: the tensors are already every stride-th token of the batch (counts
-        are scaled by it); else a CPU batch over cpu_sample_tokens is sampled here."""
+        are scaled by it); else a CPU batch over cpu_sample_tokens is sampled here. `codes`:
+        the engine's bucket codes of these ratio and gate values (LossResult.ratio_bucket,
+        gate_bucket), if it computed them."""
         n = int(ratio.numel())
         if (
             stride == 1
@@ -91,64 +91,73 @@ class Bucketer:
             stride = -(-n // self.cpu_sample_tokens)
             ratio, gate = ratio[::stride].contiguous(), gate[::stride].contiguous()
             advantages, mask = advantages[::stride], mask[::stride]
-        dtype = ratio.dtype if ratio.dtype in (torch.float32, torch.float64) else torch.float32
-        ratio = ratio.to(dtype)
-        gate = gate.to(dtype).contiguous()
-        r_edges, g_edges = self._edges_for(ratio.device, dtype)
-        if ratio.device.type == "cpu" and self.numpy_on_cpu and ratio.numel() <= NUMPY_MAX_TOKENS:
-            counts = _counts_numpy(ratio, gate, advantages, mask, r_edges, g_edges)
+            codes = (codes[0][::stride], codes[1][::stride]) if codes is not None else None
+        if ratio.dtype not in (torch.float32, torch.float64):
+            ratio, gate = ratio.float(), gate.float()
+        gate = gate.to(ratio.dtype)
+        if codes is not None and codes[0].numel() != ratio.numel():
+            codes = None  # not computed (an empty tensor)
+        edges = bucket_edges(ratio.dtype, ratio.device)
+        if ratio.device.type == "cpu":
+            r, g = ratio.numpy(), gate.numpy()
+            if codes is not None:
+                cr, cg = codes[0].numpy(), codes[1].numpy()
+            else:
+                cr, cg = _codes_numpy(r, g, advantages.numpy(), mask.numpy(), edges)
+            host = _counts_numpy(r, g, cr, cg)
         else:
-            counts = _counts_torch(ratio, gate, advantages, mask, r_edges, g_edges)
-        host = counts * float(stride)
-        nr, ng, ns = len(RATIO_EDGES) + 1, len(GATE_EDGES) + 1, len(SIGNS) + 1
-        o = 0
-        rc = host[o : o + ns * nr].reshape(ns, nr)[: len(SIGNS)]
-        o += ns * nr
-        rs = host[o : o + ns][: len(SIGNS)]
+            if codes is None:
+                m = mask.to(torch.bool)
+                codes = bucket_codes(ratio, gate, m & (advantages > 0), m & (advantages < 0), m, edges)
+            host = _counts_torch(ratio, gate, *codes)
+        host *= float(stride)
+        ns = len(SIGNS)
+        o = ns * RATIO_SLOTS
+        rc, rs = host[:o].reshape(ns, RATIO_SLOTS), host[o : o + ns]
         o += ns
-        gc = host[o : o + ns * ng].reshape(ns, ng)[: len(SIGNS)]
-        o += ns * ng
-        gs = host[o : o + ns][: len(SIGNS)]
+        gc, gs = host[o : o + ns * GATE_SLOTS].reshape(ns, GATE_SLOTS), host[o + ns * GATE_SLOTS :]
         return TokenBuckets(rc.copy(), rs.copy(), gc.copy(), gs.copy(), stride)
 
 
-def _counts_torch(
-    ratio: Tensor, gate: Tensor, advantages: Tensor, mask: Tensor, r_edges: Tensor, g_edges: Tensor
-) -> np.ndarray:
-    """[ratio bucket counts, ratio sums, gate bucket counts, gate sums] per sign (4 signs,
-    the last discarded) as one float64 host vector: the one device -> host copy."""
-    nr, ng, ns = r_edges.numel() + 1, g_edges.numel() + 1, len(SIGNS) + 1
-    sign = (advantages < 0).to(torch.int32) + (advantages == 0).to(torch.int32) * 2
-    sign = sign.masked_fill_(~mask.to(torch.bool), _DISCARD)
-    kr = torch.bucketize(ratio, r_edges, out_int32=True).add_(sign * nr)
-    kg = torch.bucketize(gate, g_edges, out_int32=True).add_(sign * ng)
+def _counts_torch(ratio: Tensor, gate: Tensor, rcode: Tensor, gcode: Tensor) -> np.ndarray:
+    """[ratio bucket counts, ratio sums, gate bucket counts, gate sums] per sign (the discard
+    slot dropped) as one float64 host vector: the one device -> host copy."""
+    slots = DISCARD + 1
+    rcode, gcode = rcode.long(), gcode.long()
+    sign = torch.div(rcode, RATIO_SLOTS, rounding_mode="floor")
     parts = [
-        torch.bincount(kr, minlength=ns * nr).to(torch.float64),
-        torch.bincount(sign, weights=ratio, minlength=ns).to(torch.float64),
-        torch.bincount(kg, minlength=ns * ng).to(torch.float64),
-        torch.bincount(sign, weights=gate, minlength=ns).to(torch.float64),
+        torch.bincount(rcode, minlength=slots * RATIO_SLOTS)[: DISCARD * RATIO_SLOTS].to(torch.float64),
+        torch.bincount(sign, weights=ratio.to(torch.float64), minlength=slots)[:DISCARD],
+        torch.bincount(gcode, minlength=slots * GATE_SLOTS)[: DISCARD * GATE_SLOTS].to(torch.float64),
+        torch.bincount(sign, weights=gate.to(torch.float64), minlength=slots)[:DISCARD],
     ]
     return torch.cat(parts).cpu().numpy()
 
 
-def _counts_numpy(
-    ratio: Tensor, gate: Tensor, advantages: Tensor, mask: Tensor, r_edges: Tensor, g_edges: Tensor
-) -> np.ndarray:
-    """`_counts_torch` of CPU tensors, computed with numpy on views of their memory."""
-    r, g, a = ratio.detach().numpy(), gate.detach().numpy(), advantages.detach().numpy()
-    re_, ge_ = r_edges.numpy(), g_edges.numpy()
-    nr, ng, ns = re_.size + 1, ge_.size + 1, len(SIGNS) + 1
-    sign = (a < 0).astype(np.int32)
-    sign += 2 * (a == 0)
-    sign[~mask.detach().numpy().astype(bool, copy=False)] = _DISCARD
-    # side="left" is torch.bucketize's (right=False): the first edge >= the value (le buckets)
-    kr = np.searchsorted(re_, r, side="left") + sign * nr
-    kg = np.searchsorted(ge_, g, side="left") + sign * ng
+def _codes_numpy(
+    r: np.ndarray, g: np.ndarray, a: np.ndarray, mask: np.ndarray, edges: tuple[Tensor, Tensor]
+) -> tuple[np.ndarray, np.ndarray]:
+    """buckets.bucket_codes of CPU values (strided views are fine), for a LossResult that
+    carries no codes."""
+    r_edges, g_edges = edges[0].numpy(), edges[1].numpy()
+    sign = (a < 0).astype(np.uint8)
+    sign[a == 0] = 2
+    sign[~mask.astype(bool, copy=False)] = DISCARD
+    # side="left" is torch.bucketize's (right=False): the number of edges below the value
+    cr = np.searchsorted(r_edges, r, side="left").astype(np.uint8) + sign * RATIO_SLOTS
+    cg = np.searchsorted(g_edges, g, side="left").astype(np.uint8) + sign * GATE_SLOTS
+    return cr, cg
+
+
+def _counts_numpy(r: np.ndarray, g: np.ndarray, cr: np.ndarray, cg: np.ndarray) -> np.ndarray:
+    """`_counts_torch` of CPU values and codes, with numpy."""
+    slots = DISCARD + 1
+    sign = cr // RATIO_SLOTS
     return np.concatenate(
         [
-            np.bincount(kr, minlength=ns * nr),
-            np.bincount(sign, weights=r, minlength=ns),
-            np.bincount(kg, minlength=ns * ng),
-            np.bincount(sign, weights=g, minlength=ns),
+            np.bincount(cr, minlength=slots * RATIO_SLOTS)[: DISCARD * RATIO_SLOTS],
+            np.bincount(sign, weights=r, minlength=slots)[:DISCARD],
+            np.bincount(cg, minlength=slots * GATE_SLOTS)[: DISCARD * GATE_SLOTS],
+            np.bincount(sign, weights=g, minlength=slots)[:DISCARD],
         ]
     ).astype(np.float64)

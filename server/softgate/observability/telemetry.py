@@ -343,7 +343,8 @@ class PrometheusTelemetry(Telemetry):
         with one_thread():  # a sample of at most cpu_sample_tokens: no OpenMP team to wait for
             k = int(getattr(result, "sample_stride", 1))  # > 1: the engine sampled ratio and gate
             adv, mask = result.advantages[::k], result.mask[::k]
-            b = self.bucketer(result.ratio, result.gate_weight, adv, mask, stride=k)
+            codes = (result.ratio_bucket, result.gate_bucket)
+            b = self.bucketer(result.ratio, result.gate_weight, adv, mask, stride=k, codes=codes)
         m = _normalize(getattr(result, "metrics", None))
         now = time.time()
         # token counts per sign: exact from the engine's metrics when present
