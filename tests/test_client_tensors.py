@@ -100,6 +100,23 @@ def test_build_loss_config_flat_keywords() -> None:
         cfg.build_loss_config(bogus=1)
 
 
+def test_request_configurations_are_remembered_only_for_equal_arguments() -> None:
+    from softgate_client.client import _loss_config, _messages, loss_config_to_proto
+
+    a = _loss_config(None, {"objective": "sapo", "tau_pos": 2.0})
+    assert _loss_config(None, {"tau_pos": 2.0, "objective": "sapo"}) is a  # remembered
+    assert _messages(a) is _messages(a)
+    b = _loss_config(None, {"objective": "sapo", "tau_pos": 3.0})
+    assert b.objective.params == {"tau_pos": 3.0} and _messages(b)[0] == loss_config_to_proto(b)
+    # a base configuration is part of the key; unhashable values are built every time
+    base = cfg.LossConfig(objective=cfg.grpo(eps_high=0.28))
+    assert _loss_config(base, {"kl_beta": 0.1}).objective.params == {"eps_high": 0.28}
+    assert _loss_config(None, {"outputs": ["ratio", "mask"]}).outputs == ("ratio", "mask")
+    assert _messages(_loss_config(None, {"outputs": ["ratio"]}))[1].ratio
+    with pytest.raises(TypeError, match="unknown loss option"):
+        _loss_config(None, {"bogus": 1})
+
+
 def test_wire_encoding_parses_like_the_generated_classes() -> None:
     from softgate_client import _wire
     from softgate_client.client import loss_config_to_proto, output_selection, pack_batch

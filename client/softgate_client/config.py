@@ -40,6 +40,9 @@ class Objective:
                 f"{self.name} takes {list(OBJECTIVE_PARAMS[self.name])}"
             )
 
+    def __hash__(self) -> int:  # so LossConfig hashes (the client remembers built requests)
+        return hash((self.name, tuple(sorted(self.params.items()))))
+
 
 def sapo(tau_pos: float | None = None, tau_neg: float | None = None) -> Objective:
     return Objective("sapo", _given(tau_pos=tau_pos, tau_neg=tau_neg))
