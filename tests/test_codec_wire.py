@@ -276,3 +276,20 @@ def test_client_parses_small_and_large_responses_alike(names: tuple[str, ...], m
     assert set(small) == set(big) == set(names)
     for name in names:
         assert small[name].dtype == big[name].dtype and np.array_equal(small[name], big[name])
+
+
+def test_a_config_message_is_decoded_once_and_its_violations_every_time() -> None:
+    msg = pb.LossConfig(log_ratio_clamp=5.0)
+    msg.objective.sapo.tau_pos = 2.0
+    v: list[FieldViolation] = []
+    a = codec.decode_loss_config(msg, v)
+    assert codec.decode_loss_config(pb.LossConfig.FromString(msg.SerializeToString()), v) is a and not v
+    assert a.objective == Sapo(tau_pos=2.0) and a.log_ratio_clamp == 5.0
+    msg.objective.sapo.tau_pos = 3.0
+    assert codec.decode_loss_config(msg, v).objective == Sapo(tau_pos=3.0)
+    bad = pb.LossConfig()
+    bad.aggregation.mode = 99  # an enum value this server does not know
+    for _ in range(2):
+        found: list[FieldViolation] = []
+        codec.decode_loss_config(bad, found)
+        assert [f.field for f in found] == ["config.aggregation.mode"]

@@ -476,6 +476,16 @@ def test_validation_config(cfg, field):
     assert all(c in REASON_CODES for c in ei.value.reasons)
 
 
+def test_a_valid_config_object_is_checked_once_and_an_equal_one_still_is() -> None:
+    from softgate.engine.validation import validate_config
+
+    ok = LossConfig(objective=Sapo(tau_pos=1.0))
+    assert validate_config(ok) == [] and validate_config(ok) == []  # the second by identity
+    bad = LossConfig(objective=Sapo(tau_pos=True))  # type: ignore[arg-type]
+    assert bad == ok  # True == 1.0: equal, yet not valid
+    assert [v.field for v in validate_config(bad)] == ["objective.sapo.tau_pos"]
+
+
 # ---------------------------------------------------------------- metrics
 
 
