@@ -476,6 +476,23 @@ def test_validation_config(cfg, field):
     assert all(c in REASON_CODES for c in ei.value.reasons)
 
 
+@pytest.mark.parametrize(
+    "mode", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm"]
+)
+def test_cpu_sequence_weights_are_the_torch_formula_bit_for_bit(mode: str) -> None:
+    # the CPU computes them with numpy (aggregate.sequence_weights), every other device with torch
+    from softgate.engine.aggregate import _weights, sequence_weights
+
+    yl = torch.tensor([0, 3, 7, 1, 0, 12, 5])
+    for given in ({}, {"num_tokens": 33.0, "num_seqs": 5.0}):
+        kw = {"constant": 7.0} if mode == "token_sum_norm" else given
+        c = AggregationConfig(mode=mode, **kw)  # type: ignore[arg-type]
+        for dt in (torch.float32, torch.float64):
+            want = _weights(c, yl.to(torch.float64), torch).to(dt)
+            got = sequence_weights(c, yl, dt)
+            assert got.dtype == dt and torch.equal(got, want), (given, dt)
+
+
 def test_a_valid_config_object_is_checked_once_and_an_equal_one_still_is() -> None:
     from softgate.engine.validation import validate_config
 

@@ -9,6 +9,9 @@ A zero default normaliser (fully masked batch) gives w = 0, so loss 0 and zero g
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -17,21 +20,25 @@ from softgate.engine.config import AggregationConfig
 
 def sequence_weights(cfg: AggregationConfig, ylen: Tensor, dtype: torch.dtype) -> Tensor:
     """w_i per sequence [B] from the trained-token counts `ylen` [B] (int64)."""
+    if ylen.device.type == "cpu":  # numpy: these six torch ops cost ~50 us a small call (cache-cold)
+        return torch.from_numpy(_weights(cfg, ylen.numpy().astype(np.float64), np)).to(dtype)
+    return _weights(cfg, ylen.to(torch.float64), torch).to(dtype)
+
+
+def _weights(cfg: AggregationConfig, yl: Any, xp: Any) -> Any:
+    """The weights of float64 counts `yl`, with `xp` numpy or torch (the same float64 ops: the
+    same bits; the sums are of integers, exact)."""
     mode = cfg.mode
-    yl = ylen.to(torch.float64)
     if mode == "token_mean":
-        n = float(cfg.num_tokens) if cfg.num_tokens else yl.sum().clamp(min=1)
-        w = torch.ones_like(yl) / n
-    elif mode == "token_sum_norm":
+        n = float(cfg.num_tokens) if cfg.num_tokens else yl.sum().clip(min=1)
+        return xp.ones_like(yl) / n
+    if mode == "token_sum_norm":
         assert cfg.constant is not None
-        w = torch.full_like(yl, 1.0 / cfg.constant)
-    else:
-        nonempty = yl > 0
-        ns = float(cfg.num_seqs) if cfg.num_seqs else nonempty.sum().clamp(min=1)
-        if mode == "seq_mean_token_sum":
-            w = torch.ones_like(yl) / ns
-        elif mode == "seq_mean_token_mean":
-            w = nonempty / (yl.clamp(min=1) * ns)  # 1 / (|y_i| N_seq), 0 for an empty sequence
-        else:
-            raise ValueError(f"unknown aggregation mode {mode!r}")
-    return w.to(dtype)
+        return xp.full_like(yl, 1.0 / cfg.constant)
+    nonempty = yl > 0
+    ns = float(cfg.num_seqs) if cfg.num_seqs else nonempty.sum().clip(min=1)
+    if mode == "seq_mean_token_sum":
+        return xp.ones_like(yl) / ns
+    if mode == "seq_mean_token_mean":
+        return nonempty / (yl.clip(min=1) * ns)  # 1 / (|y_i| N_seq), 0 for an empty sequence
+    raise ValueError(f"unknown aggregation mode {mode!r}")

@@ -8,6 +8,7 @@ reduction (`torch.segment_reduce`, cub's DeviceSegmentedReduce: a fixed order pe
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -17,11 +18,17 @@ class Segments:
 
     def __init__(self, offsets: Tensor, num_tokens: int) -> None:
         self.offsets = offsets
-        self.lengths = offsets[1:] - offsets[:-1]
-        self.num_seqs = int(self.lengths.numel())
         self.num_tokens = num_tokens
-        # 0,0,..,1,1,..: int32 halves the memory traffic of every gather (B < 2^31 always)
-        self.ids = torch.repeat_interleave(self.lengths.to(torch.int32), output_size=num_tokens)
+        # ids 0,0,..,1,1,..: int32 halves the memory traffic of every gather (B < 2^31 always)
+        if offsets.device.type == "cpu":  # numpy: 4k tokens 10 -> 5 us (~70 -> ~20 us between
+            # requests, cache-cold), 16M tokens 17 -> 6 ms; offsets are int64 (after validation)
+            lengths = np.diff(offsets.numpy())
+            self.lengths = torch.from_numpy(lengths)
+            self.ids = torch.from_numpy(np.repeat(np.arange(len(lengths), dtype=np.int32), lengths))
+        else:
+            self.lengths = offsets[1:] - offsets[:-1]
+            self.ids = torch.repeat_interleave(self.lengths.to(torch.int32), output_size=num_tokens)
+        self.num_seqs = int(self.lengths.numel())
 
     def sum(self, x: Tensor) -> Tensor:
         """Per-sequence sum of a per-token tensor ([N] -> [B]); 0 for empty sequences."""

@@ -342,7 +342,9 @@ class PrometheusTelemetry(Telemetry):
         objective = str(getattr(getattr(config, "objective", None), "name", "unknown"))
         with one_thread():  # a sample of at most cpu_sample_tokens: no OpenMP team to wait for
             k = int(getattr(result, "sample_stride", 1))  # > 1: the engine sampled ratio and gate
-            adv, mask = result.advantages[::k], result.mask[::k]
+            adv, mask = (
+                (result.advantages, result.mask) if k == 1 else (result.advantages[::k], result.mask[::k])
+            )
             codes = (result.ratio_bucket, result.gate_bucket)
             b = self.bucketer(result.ratio, result.gate_weight, adv, mask, stride=k, codes=codes)
         m = _normalize(getattr(result, "metrics", None))
