@@ -488,9 +488,10 @@ def test_cpu_sequence_weights_are_the_torch_formula_bit_for_bit(mode: str) -> No
         kw = {"constant": 7.0} if mode == "token_sum_norm" else given
         c = AggregationConfig(mode=mode, **kw)  # type: ignore[arg-type]
         for dt in (torch.float32, torch.float64):
-            want = _weights(c, yl.to(torch.float64), torch).to(dt)
+            want = torch.as_tensor(_weights(c, yl.to(torch.float64), torch)).to(dt)
             got = sequence_weights(c, yl, dt)
             assert got.dtype == dt and torch.equal(got, want), (given, dt)
+            assert got.dim() == (1 if mode == "seq_mean_token_mean" else 0)  # uniform: one weight
 
 
 def test_a_valid_config_object_is_checked_once_and_an_equal_one_still_is() -> None:
@@ -561,21 +562,24 @@ EC = None
 
 
 @pytest.mark.parametrize(
-    "dtype,name,kl,mm,clamp",
+    "dtype,name,kl,mm,clamp,agg,adv",
     [
-        (F64, "sapo", None, None, 3.0),
-        (F64, "grpo", "k3", ("token", "truncate"), 3.0),
+        (F64, "sapo", None, None, 3.0, "seq_mean_token_mean", "rewards"),
+        (F64, "grpo", "k3", ("token", "truncate"), 3.0, "seq_mean_token_mean", "rewards"),
         # the same kernel, another clamp: numbers are kernel inputs, never baked in (a float
         # argument once was, and inductor's cache served the clamp-3 kernel to clamp 20)
-        (F64, "grpo", "k3", ("token", "truncate"), 20.0),
-        (torch.float32, "gspo", None, None, 3.0),
+        (F64, "grpo", "k3", ("token", "truncate"), 20.0, "seq_mean_token_mean", "rewards"),
+        (torch.float32, "gspo", None, None, 3.0, "seq_mean_token_mean", "rewards"),
+        # one weight for all and per-token advantages: a kernel without per-token sequence ids
+        (torch.float32, "sapo", None, None, 20.0, "token_mean", "token"),
+        (F64, "cispo", "k1", None, 20.0, "seq_mean_token_sum", "sequence"),
     ],
 )
-def test_compiled_kernel_matches_eager(dtype, name, kl, mm, clamp):
+def test_compiled_kernel_matches_eager(dtype, name, kl, mm, clamp, agg, adv):
     global EC
     EC = EC or Engine(device="cpu", compile=True)
-    b = random_batch(17, max_seqs=12, max_len=30, dtype=dtype, big_deltas=True)
-    cfg = make_config(name, "seq_mean_token_mean", kl, mm, variant=1, clamp=clamp)
+    b = random_batch(17, max_seqs=12, max_len=30, dtype=dtype, big_deltas=True, advantages=adv)
+    cfg = make_config(name, agg, kl, mm, variant=1, clamp=clamp)
     r_e = E.loss(b, cfg)
     r_c = EC.loss(b, cfg)
     assert EC.kernel.enabled, "compilation fell back to eager"

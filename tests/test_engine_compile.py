@@ -73,8 +73,21 @@ def test_warmup_args_have_the_same_configuration(name: str, kl: Any, mm: Any, ad
     warm = warmup_args(args)
     assert kernel_key(warm) == kernel_key(args)
     out = token_terms(*warm)  # a consistent batch: the eager kernel runs on it
-    assert out[0].numel() == warm[0]["logp"].numel() > 1 and warm[0]["w"].numel() > 1
+    assert out[0].numel() == warm[0]["logp"].numel() > 1 and warm[0]["ylen"].numel() > 1
     assert all(bool(torch.isfinite(x).all()) for x in out[:4])
+
+
+def test_sequence_ids_go_to_the_kernel_only_for_per_sequence_terms() -> None:
+    # 64 MB at 16M tokens: built and read only when something per sequence needs a gather
+    def t(agg: str, adv: str, name: str = "sapo") -> dict[str, Any]:
+        return _kernel_args(
+            random_batch(3, max_seqs=9, max_len=11, advantages=adv), make_config(name, agg, None, None)
+        )[0]
+
+    assert "ids" not in t("token_mean", "token") and t("token_mean", "token")["w"].dim() == 0
+    assert "ids" in t("token_mean", "sequence")  # advantages per sequence
+    assert "ids" in t("seq_mean_token_mean", "token")  # a weight per sequence
+    assert "ids" in t("token_mean", "token", "gspo_token")  # the sequence ratio
 
 
 def test_configuration_keys_differ_by_structure_not_by_values() -> None:
@@ -277,11 +290,11 @@ def test_compiled_kernel_runs_only_where_it_fits() -> None:
 
 
 def test_fits() -> None:
-    t = {"logp": torch.zeros(10), "w": torch.zeros(3)}
+    t = {"logp": torch.zeros(10), "ylen": torch.zeros(3)}
     args = (t, {}, "sapo", False, True, None, None, torch.int32)
     assert fits((*args, 1)) and fits((*args, 5)) and not fits((*args, 10))
-    assert not fits(({"logp": torch.zeros(1), "w": torch.zeros(3)}, *args[1:], 1))
-    assert not fits(({"logp": torch.zeros(10), "w": torch.zeros(1)}, *args[1:], 1))
+    assert not fits(({"logp": torch.zeros(1), "ylen": torch.zeros(3)}, *args[1:], 1))
+    assert not fits(({"logp": torch.zeros(10), "ylen": torch.zeros(1)}, *args[1:], 1))
 
 
 def test_background_warmup_queues_no_compiles() -> None:

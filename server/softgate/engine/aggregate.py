@@ -19,26 +19,30 @@ from softgate.engine.config import AggregationConfig
 
 
 def sequence_weights(cfg: AggregationConfig, ylen: Tensor, dtype: torch.dtype) -> Tensor:
-    """w_i per sequence [B] from the trained-token counts `ylen` [B] (int64)."""
-    if ylen.device.type == "cpu":  # numpy: these six torch ops cost ~50 us a small call (cache-cold)
-        return torch.from_numpy(_weights(cfg, ylen.numpy().astype(np.float64), np)).to(dtype)
-    return _weights(cfg, ylen.to(torch.float64), torch).to(dtype)
+    """w_i per sequence [B] from the trained-token counts `ylen` [B] (int64); one weight for
+    every sequence (0-d) where the mode's is the same for all (every mode but
+    seq_mean_token_mean), so that the kernel needs no per-token sequence id for it."""
+    if ylen.device.type == "cpu":  # numpy: these torch ops cost ~50 us a small call (cache-cold)
+        w = _weights(cfg, ylen.numpy().astype(np.float64), np)
+    else:
+        w = _weights(cfg, ylen.to(torch.float64), torch)
+    return torch.as_tensor(w, device=ylen.device).to(dtype)
 
 
 def _weights(cfg: AggregationConfig, yl: Any, xp: Any) -> Any:
     """The weights of float64 counts `yl`, with `xp` numpy or torch (the same float64 ops: the
-    same bits; the sums are of integers, exact)."""
+    same bits; the sums are of integers, exact): an array, or one float64 for all."""
     mode = cfg.mode
     if mode == "token_mean":
         n = float(cfg.num_tokens) if cfg.num_tokens else yl.sum().clip(min=1)
-        return xp.ones_like(yl) / n
+        return 1.0 / xp.asarray(n, dtype=xp.float64)
     if mode == "token_sum_norm":
         assert cfg.constant is not None
-        return xp.full_like(yl, 1.0 / cfg.constant)
+        return xp.asarray(1.0 / cfg.constant, dtype=xp.float64)
     nonempty = yl > 0
     ns = float(cfg.num_seqs) if cfg.num_seqs else nonempty.sum().clip(min=1)
     if mode == "seq_mean_token_sum":
-        return xp.ones_like(yl) / ns
+        return 1.0 / xp.asarray(ns, dtype=xp.float64)
     if mode == "seq_mean_token_mean":
         return nonempty / (yl.clip(min=1) * ns)  # 1 / (|y_i| N_seq), 0 for an empty sequence
     raise ValueError(f"unknown aggregation mode {mode!r}")

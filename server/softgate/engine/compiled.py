@@ -90,14 +90,15 @@ def compile_mode(compile: bool | str | None, device: torch.device) -> str:
 def kernel_key(args: tuple[Any, ...]) -> tuple[Any, ...]:
     """The configuration a compiled token_terms is specialised on, from its arguments."""
     t, prm, kind, seq_ratio, adv_per_token, kl, mismatch, count_dtype, *rest = args
-    stride, codes = (*rest, 1, False)[:2]  # token_terms' defaults
+    stride = rest[0] if rest else 1  # token_terms' defaults
+    codes = rest[1] if len(rest) > 1 else False
     return (
         kind,
         seq_ratio,
         adv_per_token,
         kl,
         mismatch,
-        tuple((k, v.dtype) for k, v in sorted(t.items())),
+        tuple((k, v.dtype, v.dim()) for k, v in sorted(t.items())),  # (w is [B] or 0-d)
         tuple((k, v.dtype) for k, v in sorted(prm.items())),
         count_dtype,
         t["logp"].device,
@@ -130,8 +131,9 @@ def warmup_args(args: tuple[Any, ...]) -> tuple[Any, ...]:
             return lengths - 1
         if k == "sclamped":
             return torch.rand(b, generator=g) < 0.2
-        if k == "w":
-            return torch.rand(b, generator=g, dtype=torch.float64) / n
+        if k == "w":  # [B], or 0-d: one weight for all (kernel_key tells them apart)
+            w = torch.rand(b, generator=g, dtype=torch.float64) / n
+            return w if t["w"].dim() else w[0]
         if k == "sratio":
             return torch.exp(0.01 * torch.randn(b, generator=g, dtype=torch.float64))
         return torch.randn(b, generator=g, dtype=torch.float64) * (0.01 if k == "lvseq" else 1.0)
@@ -166,7 +168,7 @@ def aot_compile(example: tuple[Any, ...]) -> Callable[..., Terms]:
 def fits(args: tuple[Any, ...]) -> bool:
     """Whether a compiled kernel serves these token_terms arguments: at least 2 tokens, 2
     sequences and, when sampled, 2 sampled tokens (the shape guards dynamo would check)."""
-    n, b = args[0]["logp"].numel(), args[0]["w"].numel()
+    n, b = args[0]["logp"].numel(), args[0]["ylen"].numel()
     stride = args[8] if len(args) > 8 else 1
     return n >= 2 and b >= 2 and (stride == 1 or -(-n // stride) >= 2)
 

@@ -156,9 +156,9 @@ def token_terms(
     SAPO: 132 -> 52 ms without them), and most requests ask for the gradient alone.
 
     `codes`: also the bucket codes of the ratio and gate that come back (else both empty).
-    Compiled, they cost ~2 ms per million tokens on 2 CPU cores (46 compares a token), about
-    half the rest of the loop, so compute_loss asks for them only when ratio and gate are
-    the few tokens telemetry buckets anyway.
+    Compiled, they cost ~2 ms per million tokens on 2 CPU cores (46 compares a token), nearly
+    as much as the rest of the loop, so compute_loss asks for them only when ratio and gate
+    are the few tokens telemetry buckets anyway.
 
     The clip mask comes back as uint8 (0 / 1; `.view(torch.bool)` is free): inductor's CPU
     code stores a bool tensor several times slower than a uint8 one (measured: the whole
@@ -168,18 +168,20 @@ def token_terms(
 
     `prm` is kernel_params(config); `kl` the KL estimator (None: no KL term), `mismatch` the
     mismatch (level, mode) (None: no correction). `t` holds logp, old, m (the mask, uint8
-    0 / 1), ids (sequence id per token), w (aggregation weight per sequence), adv ([N] or
-    [B]), and as configured sratio ([B], gspo), ref (KL), rollout or lvseq (mismatch, token
-    or sequence level)."""
+    0 / 1), w (aggregation weight per sequence [B], or 0-d: one for all), adv ([N] or [B]),
+    ylen ([B] trained tokens), ids (sequence id per token; only where something is per
+    sequence: adv, w, sratio or lvseq), and as configured sratio ([B], gspo), ref (KL),
+    rollout or lvseq (mismatch, token or sequence level)."""
     sum_names, count_names, seq_names = kernel_layout(
         kind, seq_ratio, adv_per_token, kl is not None, mismatch is not None, "dual" in prm
     )
-    logp, old, ids = t["logp"], t["old"], t["ids"]
+    logp, old, ids, w = t["logp"], t["old"], t.get("ids"), t["w"]
     m = t["m"].to(logp.dtype) > 0.5 if torch.compiler.is_compiling() else t["m"].view(torch.bool)
     clamp = prm["clamp"]
     zero = torch.zeros_like(logp)
+    assert ids is not None or (adv_per_token and w.dim() == 0)  # (None would index as newaxis)
     a = t["adv"] if adv_per_token else t["adv"][ids]
-    alpha = torch.where(m, t["w"][ids], zero)
+    alpha = torch.where(m, w[ids] if w.dim() else w, zero)
     d, clamped, ratio, pt = _policy(t, prm, kind, seq_ratio, m, logp, old, ids, a)
     S: dict[str, Tensor] = {}
     C: dict[str, Tensor] = {}
@@ -197,6 +199,7 @@ def token_terms(
     if mismatch is not None:
         level, mode = mismatch
         if level == "sequence":
+            assert ids is not None
             lv = t["lvseq"][ids]
         else:
             lv = torch.where(m, old - t["rollout"], zero).clamp(-clamp, clamp)
@@ -264,7 +267,8 @@ def token_terms(
     if stride > 1:  # the sample, from strided inputs: only those tokens are computed and written
         every = slice(None, None, stride)
         ms, a_s = m[every], a[every]
-        _, _, ratio_s, pt_s = _policy(t, prm, kind, seq_ratio, ms, logp[every], old[every], ids[every], a_s)
+        ids_s = ids[every] if ids is not None else None
+        _, _, ratio_s, pt_s = _policy(t, prm, kind, seq_ratio, ms, logp[every], old[every], ids_s, a_s)
         zs = torch.zeros_like(ratio_s)
         ratio_s, gate_s = torch.where(ms, ratio_s, zs + 1), torch.where(ms, pt_s.gate, zs)
         none = clip[:0].to(torch.uint8)
@@ -287,7 +291,7 @@ def _policy(
     m: Tensor,
     logp: Tensor,
     old: Tensor,
-    ids: Tensor,
+    ids: Tensor | None,
     a: Tensor,
 ) -> tuple[Tensor, Tensor | None, Tensor, PolicyTerms]:
     """(clamped log-ratio, clamp bits (None for gspo: its ratio and clamp are per sequence),
@@ -298,6 +302,7 @@ def _policy(
     d = raw.clamp(-clamp, clamp)
     clamped = None
     if seq_ratio:
+        assert ids is not None
         ratio = t["sratio"][ids]
         dratio = ratio  # s_{i,t} = sg[s_i] exp(logp - sg[logp]): d s_{i,t} / d logp = s_i
     else:

@@ -92,8 +92,8 @@ def _compute_loss(
     obj = config.objective
     kind = OBJECTIVE_KIND[obj.name]
     old = batch.old_logp.to(dt) if batch.old_logp is not None else logp
-    t: dict[str, Tensor] = {"logp": logp, "old": old, "m": m.view(torch.uint8), "ids": seg.ids}
-    t["w"] = sequence_weights(config.aggregation, ylen, dt)
+    t: dict[str, Tensor] = {"logp": logp, "old": old, "m": m.view(torch.uint8)}
+    t["w"] = sequence_weights(config.aggregation, ylen, dt)  # [B], or 0-d: the same for all
     t["ylen"] = ylen
     extra: dict[str, Tensor] = {}  # metric terms computed here, fetched with the kernel's
 
@@ -132,6 +132,10 @@ def _compute_loss(
         assert batch.ref_logp is not None
         t["ref"] = batch.ref_logp.to(dt)
 
+    # the per-token sequence id, only for what is per sequence: advantages, the weight, GSPO's
+    # ratio, a sequence-level mismatch weight (token_terms reads no "ids" otherwise)
+    if not adv_per_token or t["w"].dim() or seq_ratio or "lvseq" in t:
+        t["ids"] = seg.ids
     prm = kernel_params(config, dt, dev)
     stride = 1
     if sample_tokens is not None and dev.type == "cpu" and n > sample_tokens:
