@@ -3,6 +3,7 @@ engine bit for bit, unary and streamed; padded == ragged; torch adapter; errors;
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -201,6 +202,25 @@ def test_unary_and_streamed_equal_engine_bit_for_bit(client, case) -> None:
     )
     assert ragged.grad.shape == r["logp"].shape
     assert_same_as_engine(ragged, ref)
+
+
+def test_a_batch_without_mask_equals_the_engine_unary_and_streamed(client) -> None:
+    # no mask: the engine trains every token without a mask tensor (its result's mask is a
+    # broadcast True), which the server sends back whole and sliced per chunk
+    r, _ = ragged_of(padded_batch(seed=5))
+    r = {k: (-np.abs(v) if k.endswith("logp") else v) for k, v in r.items() if k != "mask"}
+    batch = engine_batch({**r, "mask": np.ones(len(r["logp"]), bool)})
+    ref = engine().loss(dataclasses.replace(batch, mask=None), LossConfig())
+    assert ref.mask.all() and ref.mask.numel() == len(r["logp"])
+    args = {k: r[k] for k in ("old_logp", "rewards", "group_ids", "offsets")}
+    for stream in (False, True):
+        client.stream_chunk_bytes = 700 if stream else 4 << 20
+        try:
+            res = client.loss(r["logp"], **args, outputs=ALL_OUTPUTS, stream=stream)
+        finally:
+            client.stream_chunk_bytes = 4 << 20
+        assert res.streamed == stream
+        assert_same_as_engine(res, ref)
 
 
 @pytest.mark.cuda

@@ -168,7 +168,7 @@ def token_terms(
 
     `prm` is kernel_params(config); `kl` the KL estimator (None: no KL term), `mismatch` the
     mismatch (level, mode) (None: no correction). `t` holds logp, old, m (the mask, uint8
-    0 / 1), w (aggregation weight per sequence [B], or 0-d: one for all), adv ([N] or [B]),
+    0 / 1; absent: every token trained), w (aggregation weight per sequence [B], or 0-d: one for all), adv ([N] or [B]),
     ylen ([B] trained tokens), ids (sequence id per token; only where something is per
     sequence: adv, w, sratio or lvseq), and as configured sratio ([B], gspo), ref (KL),
     rollout or lvseq (mismatch, token or sequence level)."""
@@ -176,7 +176,12 @@ def token_terms(
         kind, seq_ratio, adv_per_token, kl is not None, mismatch is not None, "dual" in prm
     )
     logp, old, ids, w = t["logp"], t["old"], t.get("ids"), t["w"]
-    m = t["m"].to(logp.dtype) > 0.5 if torch.compiler.is_compiling() else t["m"].view(torch.bool)
+    if "m" not in t:  # every token trained: a constant in compiled code (no 16 MB read at 16M)
+        m = torch.ones_like(logp, dtype=torch.bool)
+    elif torch.compiler.is_compiling():
+        m = t["m"].to(logp.dtype) > 0.5
+    else:
+        m = t["m"].view(torch.bool)
     clamp = prm["clamp"]
     zero = torch.zeros_like(logp)
     assert ids is not None or (adv_per_token and w.dim() == 0)  # (None would index as newaxis)

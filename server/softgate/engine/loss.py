@@ -81,8 +81,8 @@ def _compute_loss(
     logp = batch.logp.to(dt)
     n = logp.numel()
     seg = Segments(batch.offsets.to(device=dev, dtype=torch.int64), n)
-    if batch.mask is None:
-        m = torch.ones(n, dtype=torch.bool, device=dev)
+    if batch.mask is None:  # every token trained: a broadcast True, no [N] mask in memory
+        m = torch.ones(1, dtype=torch.bool, device=dev).expand(n)
         ylen = seg.lengths
     else:
         m = batch.mask.to(dev)
@@ -92,7 +92,9 @@ def _compute_loss(
     obj = config.objective
     kind = OBJECTIVE_KIND[obj.name]
     old = batch.old_logp.to(dt) if batch.old_logp is not None else logp
-    t: dict[str, Tensor] = {"logp": logp, "old": old, "m": m.view(torch.uint8)}
+    t: dict[str, Tensor] = {"logp": logp, "old": old}
+    if batch.mask is not None:  # (token_terms: no "m", every token trained)
+        t["m"] = m.view(torch.uint8)
     t["w"] = sequence_weights(config.aggregation, ylen, dt)  # [B], or 0-d: the same for all
     t["ylen"] = ylen
     extra: dict[str, Tensor] = {}  # metric terms computed here, fetched with the kernel's
