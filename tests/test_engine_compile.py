@@ -143,6 +143,7 @@ def test_sampled_trust_region_outputs(compile: bool) -> None:
             bucket_edges(res.ratio.dtype, res.ratio.device),
         )
         assert torch.equal(res.ratio_bucket, want[0]) and torch.equal(res.gate_bucket, want[1])
+        assert res.bucket_sums == pytest.approx(want[2].tolist(), rel=1e-6)
     assert eng.kernel.compiled_calls == (3 if compile else 0)
 
 

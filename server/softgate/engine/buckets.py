@@ -31,12 +31,27 @@ GATE_SLOTS = len(GATE_EDGES) + 1
 assert (DISCARD + 1) * max(RATIO_SLOTS, GATE_SLOTS) <= 256  # codes fit a uint8
 
 
+# bucket_codes' sums, in order: the ratio's and the gate's per sign
+BUCKET_SUMS: tuple[str, ...] = tuple(f"{q}_sum_{s}" for q in ("ratio", "gate") for s in SIGNS)
+
+
 def bucket_codes(
     ratio: Tensor, gate: Tensor, pos: Tensor, neg: Tensor, m: Tensor, edges: tuple[Tensor, Tensor]
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """uint8 codes (ratio, gate) of tokens with values `ratio`, `gate`, advantage sign masks
-    `pos`, `neg` (both False: A = 0) and loss mask `m` (all bool, masked tokens discarded);
-    `edges`: bucket_edges of the values' dtype and device."""
+    `pos`, `neg` (both False: A = 0) and loss mask `m` (all bool, masked tokens discarded),
+    and the float64 sums of both per sign (BUCKET_SUMS: a histogram's `_sum`); `edges`:
+    bucket_edges of the values' dtype and device."""
+    zero = m & ~pos & ~neg
+    sums = torch.stack(
+        [torch.where(s, x, 0.0).sum(dtype=torch.float64) for x in (ratio, gate) for s in (pos, neg, zero)]
+    )
+    return (*_codes(ratio, gate, pos, neg, m, edges), sums)
+
+
+def _codes(
+    ratio: Tensor, gate: Tensor, pos: Tensor, neg: Tensor, m: Tensor, edges: tuple[Tensor, Tensor]
+) -> tuple[Tensor, Tensor]:
     r_edges, g_edges = edges
     if torch.compiler.is_compiling():
         # one vectorised compare per edge, counted in the values' float dtype: ~2 ms per

@@ -155,7 +155,8 @@ def token_terms(
     those three [N] outputs took more time than all the rest of the fused loop (16M tokens,
     SAPO: 132 -> 52 ms without them), and most requests ask for the gradient alone.
 
-    `codes`: also the bucket codes of the ratio and gate that come back (else both empty).
+    `codes`: also the bucket codes of the ratio and gate that come back (else both empty),
+    and their sums per sign after the values (buckets.BUCKET_SUMS).
     Compiled, they cost ~2 ms per million tokens on 2 CPU cores (46 compares a token), nearly
     as much as the rest of the loop, so compute_loss asks for them only when ratio and gate
     are the few tokens telemetry buckets anyway.
@@ -277,15 +278,15 @@ def token_terms(
         zs = torch.zeros_like(ratio_s)
         ratio_s, gate_s = torch.where(ms, ratio_s, zs + 1), torch.where(ms, pt_s.gate, zs)
         none = clip[:0].to(torch.uint8)
-        rcode, gcode = (
-            bucket_codes(ratio_s, gate_s, ms & (a_s > 0), ms & (a_s < 0), ms, edges)
-            if codes
-            else (none, none)
-        )
-        return grad, a, ratio_s, gate_s, none, rcode, gcode, values
+        if not codes:
+            return grad, a, ratio_s, gate_s, none, none, none, values
+        rcode, gcode, bsums = bucket_codes(ratio_s, gate_s, ms & (a_s > 0), ms & (a_s < 0), ms, edges)
+        return grad, a, ratio_s, gate_s, none, rcode, gcode, torch.cat([values, bsums])
     ratio, gate, clip8 = torch.where(m, ratio, zero + 1), torch.where(m, gate, zero), clip.to(torch.uint8)
-    rcode, gcode = bucket_codes(ratio, gate, pos, neg, m, edges) if codes else (clip8[:0], clip8[:0])
-    return grad, a, ratio, gate, clip8, rcode, gcode, values
+    if not codes:
+        return grad, a, ratio, gate, clip8, clip8[:0], clip8[:0], values
+    rcode, gcode, bsums = bucket_codes(ratio, gate, pos, neg, m, edges)
+    return grad, a, ratio, gate, clip8, rcode, gcode, torch.cat([values, bsums])
 
 
 def _policy(

@@ -27,6 +27,7 @@ from torch import Tensor
 from softgate.engine.advantages import group_advantages
 from softgate.engine.aggregate import sequence_weights
 from softgate.engine.batch import Batch
+from softgate.engine.buckets import BUCKET_SUMS
 from softgate.engine.config import Gspo, GspoToken, LossConfig
 from softgate.engine.errors import FieldViolation, InputError
 from softgate.engine.kernel import Terms, derived_terms, kernel_layout, kernel_params, token_terms
@@ -57,8 +58,8 @@ def compute_loss(
     and gate_weight for an evenly strided sample of at most that many tokens (but at least 2,
     the smallest size a compiled kernel serves) only, and an empty clip_mask
     (`LossResult.sample_stride`); for callers that want the gradient, not those. When ratio
-    and gate come back for at most that many tokens, so do their histogram codes
-    (`LossResult.ratio_bucket`, `gate_bucket`; else those are empty).
+    and gate come back for at most that many tokens, so do their histogram codes and sums
+    (`LossResult.ratio_bucket`, `gate_bucket`, `bucket_sums`; else those are empty).
 
     `validate`: raise InputError for a bad batch or configuration (validation.check; the
     values of logp, old_logp and per-token advantages are checked by the kernel, in its loop).
@@ -142,6 +143,7 @@ def _compute_loss(
     stride = 1
     if sample_tokens is not None and dev.type == "cpu" and n > sample_tokens:
         stride = -(-n // max(sample_tokens, 2))
+    codes = sample_tokens is not None and -(-n // stride) <= max(sample_tokens, 2)
     fn = kernel or token_terms
     grad, a, ratio, gate, clip, rcode, gcode, vals = fn(
         t,
@@ -153,14 +155,14 @@ def _compute_loss(
         (mm.level, mm.mode) if mm is not None else None,
         torch.int32 if n <= INT32_MAX else torch.int64,
         stride,
-        sample_tokens is not None and -(-n // stride) <= max(sample_tokens, 2),
+        codes,
     )
 
     # ---- metrics (one host sync)
     layout = kernel_layout(
         kind, seq_ratio, adv_per_token, config.kl is not None, mm is not None, "dual" in prm
     )
-    names = (*layout[0], *layout[1], *layout[2], *extra)
+    names = (*layout[0], *layout[1], *layout[2], *(BUCKET_SUMS if codes else ()), *extra)
     if extra:
         vals = torch.cat([vals, torch.stack(list(extra.values()))])
     s = derived_terms(
@@ -239,6 +241,7 @@ def _compute_loss(
         mask=m,
         ratio_bucket=rcode,
         gate_bucket=gcode,
+        bucket_sums=tuple(s[k] for k in BUCKET_SUMS) if codes else (),
         metrics=metrics,
         sample_stride=stride,
     )

@@ -50,3 +50,5 @@ class LossResult:
     # (compute_loss computes them only for a ratio of at most `sample_tokens` tokens)
     ratio_bucket: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.uint8))
     gate_bucket: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.uint8))
+    # with the codes: the sums of ratio and gate_weight over those tokens per sign (buckets.BUCKET_SUMS)
+    bucket_sums: tuple[float, ...] = ()

@@ -18,13 +18,16 @@ engine's metrics).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from softgate.engine.buckets import (
+    BUCKET_SUMS,
     DISCARD,
     GATE_EDGES,
     GATE_SLOTS,
@@ -63,7 +66,7 @@ class Bucketer:
         advantages: Tensor,
         mask: Tensor,
         stride: int = 1,
-        codes: tuple[Tensor, Tensor] | None = None,
+        codes: tuple[Tensor, Tensor, Sequence[float]] | None = None,
     ) -> TokenBuckets:
         return self.bucket(ratio, gate, advantages, mask, stride, codes)
 
@@ -75,13 +78,15 @@ class Bucketer:
         advantages: Tensor,
         mask: Tensor,
         stride: int = 1,
-        codes: tuple[Tensor, Tensor] | None = None,
+        codes: tuple[Tensor, Tensor, Sequence[float]] | None = None,
     ) -> TokenBuckets:
         """`stride` > 1: the tensors are already every stride-th token of the batch (counts
         are scaled by it); else a CPU batch over cpu_sample_tokens is sampled here. `codes`:
-        the engine's bucket codes of these ratio and gate values (LossResult.ratio_bucket,
-        gate_bucket), if it computed them."""
+        the engine's bucket codes of these ratio and gate values and their sums per sign
+        (LossResult.ratio_bucket, gate_bucket, bucket_sums), if it computed them."""
         n = int(ratio.numel())
+        if codes is not None and (codes[0].numel() != n or len(codes[2]) != len(BUCKET_SUMS)):
+            codes = None  # not computed (empty)
         if (
             stride == 1
             and ratio.device.type == "cpu"
@@ -91,73 +96,69 @@ class Bucketer:
             stride = -(-n // self.cpu_sample_tokens)
             ratio, gate = ratio[::stride].contiguous(), gate[::stride].contiguous()
             advantages, mask = advantages[::stride], mask[::stride]
-            codes = (codes[0][::stride], codes[1][::stride]) if codes is not None else None
+            codes = None  # (the engine's sums are of every token)
         if ratio.dtype not in (torch.float32, torch.float64):
             ratio, gate = ratio.float(), gate.float()
         gate = gate.to(ratio.dtype)
-        if codes is not None and codes[0].numel() != ratio.numel():
-            codes = None  # not computed (an empty tensor)
-        edges = bucket_edges(ratio.dtype, ratio.device)
-        if ratio.device.type == "cpu":
-            r, g = ratio.numpy(), gate.numpy()
-            if codes is not None:
-                cr, cg = codes[0].numpy(), codes[1].numpy()
-            else:
-                cr, cg = _codes_numpy(r, g, advantages.numpy(), mask.numpy(), edges)
-            host = _counts_numpy(r, g, cr, cg)
+        cpu = ratio.device.type == "cpu"
+        rcode: Tensor | np.ndarray
+        gcode: Tensor | np.ndarray
+        if codes is not None:
+            rcode, gcode, sums = codes[0], codes[1], np.asarray(codes[2], dtype=np.float64)
+        elif cpu:
+            rcode, gcode, sums = _codes_numpy(ratio, gate, advantages, mask)
         else:
-            if codes is None:
-                m = mask.to(torch.bool)
-                codes = bucket_codes(ratio, gate, m & (advantages > 0), m & (advantages < 0), m, edges)
-            host = _counts_torch(ratio, gate, *codes)
-        host *= float(stride)
-        ns = len(SIGNS)
-        o = ns * RATIO_SLOTS
-        rc, rs = host[:o].reshape(ns, RATIO_SLOTS), host[o : o + ns]
-        o += ns
-        gc, gs = host[o : o + ns * GATE_SLOTS].reshape(ns, GATE_SLOTS), host[o + ns * GATE_SLOTS :]
-        return TokenBuckets(rc.copy(), rs.copy(), gc.copy(), gs.copy(), stride)
+            m = mask.to(torch.bool)
+            edges = bucket_edges(ratio.dtype, ratio.device)
+            rcode, gcode, on_device = bucket_codes(
+                ratio, gate, m & (advantages > 0), m & (advantages < 0), m, edges
+            )
+            sums = on_device.cpu().numpy()
+        rc, gc = (_counts_numpy if cpu else _counts_torch)(rcode, gcode)
+        rs, gs = sums[: len(SIGNS)], sums[len(SIGNS) :]
+        k = float(stride)
+        return TokenBuckets(rc * k, rs * k, gc * k, gs * k, stride)
 
 
-def _counts_torch(ratio: Tensor, gate: Tensor, rcode: Tensor, gcode: Tensor) -> np.ndarray:
-    """[ratio bucket counts, ratio sums, gate bucket counts, gate sums] per sign (the discard
-    slot dropped) as one float64 host vector: the one device -> host copy."""
-    slots = DISCARD + 1
-    rcode, gcode = rcode.long(), gcode.long()
-    sign = torch.div(rcode, RATIO_SLOTS, rounding_mode="floor")
-    parts = [
-        torch.bincount(rcode, minlength=slots * RATIO_SLOTS)[: DISCARD * RATIO_SLOTS].to(torch.float64),
-        torch.bincount(sign, weights=ratio.to(torch.float64), minlength=slots)[:DISCARD],
-        torch.bincount(gcode, minlength=slots * GATE_SLOTS)[: DISCARD * GATE_SLOTS].to(torch.float64),
-        torch.bincount(sign, weights=gate.to(torch.float64), minlength=slots)[:DISCARD],
-    ]
-    return torch.cat(parts).cpu().numpy()
+def _counts_torch(rcode: Any, gcode: Any) -> tuple[np.ndarray, np.ndarray]:
+    """[sign, bucket] counts (the discard slot dropped) of ratio and gate codes on a device."""
+    nr, ng = (DISCARD + 1) * RATIO_SLOTS, (DISCARD + 1) * GATE_SLOTS
+    both = torch.cat([torch.bincount(rcode.long(), minlength=nr), torch.bincount(gcode.long(), minlength=ng)])
+    return _split(both.cpu().numpy())
+
+
+def _counts_numpy(rcode: Any, gcode: Any) -> tuple[np.ndarray, np.ndarray]:
+    """`_counts_torch` of CPU codes, with numpy."""
+    cr, cg = (np.asarray(c) for c in (rcode, gcode))
+    nr, ng = (DISCARD + 1) * RATIO_SLOTS, (DISCARD + 1) * GATE_SLOTS
+    return _split(np.concatenate([np.bincount(cr, minlength=nr), np.bincount(cg, minlength=ng)]))
+
+
+def _split(both: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    o = (DISCARD + 1) * RATIO_SLOTS
+    rc = both[: DISCARD * RATIO_SLOTS].reshape(DISCARD, RATIO_SLOTS)
+    gc = both[o : o + DISCARD * GATE_SLOTS].reshape(DISCARD, GATE_SLOTS)
+    return rc.astype(np.float64), gc.astype(np.float64)
 
 
 def _codes_numpy(
-    r: np.ndarray, g: np.ndarray, a: np.ndarray, mask: np.ndarray, edges: tuple[Tensor, Tensor]
-) -> tuple[np.ndarray, np.ndarray]:
-    """buckets.bucket_codes of CPU values (strided views are fine), for a LossResult that
-    carries no codes."""
-    r_edges, g_edges = edges[0].numpy(), edges[1].numpy()
+    ratio: Tensor, gate: Tensor, advantages: Tensor, mask: Tensor
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """buckets.bucket_codes of CPU values (strided views are fine), with numpy, for a
+    LossResult that carries no codes."""
+    r, g, a = ratio.numpy(), gate.numpy(), advantages.numpy()
+    r_edges, g_edges = (e.numpy() for e in bucket_edges(ratio.dtype, ratio.device))
     sign = (a < 0).astype(np.uint8)
     sign[a == 0] = 2
-    sign[~mask.astype(bool, copy=False)] = DISCARD
+    sign[~mask.numpy().astype(bool, copy=False)] = DISCARD
     # side="left" is torch.bucketize's (right=False): the number of edges below the value
     cr = np.searchsorted(r_edges, r, side="left").astype(np.uint8) + sign * RATIO_SLOTS
     cg = np.searchsorted(g_edges, g, side="left").astype(np.uint8) + sign * GATE_SLOTS
-    return cr, cg
-
-
-def _counts_numpy(r: np.ndarray, g: np.ndarray, cr: np.ndarray, cg: np.ndarray) -> np.ndarray:
-    """`_counts_torch` of CPU values and codes, with numpy."""
     slots = DISCARD + 1
-    sign = cr // RATIO_SLOTS
-    return np.concatenate(
+    sums = np.concatenate(
         [
-            np.bincount(cr, minlength=slots * RATIO_SLOTS)[: DISCARD * RATIO_SLOTS],
             np.bincount(sign, weights=r, minlength=slots)[:DISCARD],
-            np.bincount(cg, minlength=slots * GATE_SLOTS)[: DISCARD * GATE_SLOTS],
             np.bincount(sign, weights=g, minlength=slots)[:DISCARD],
         ]
-    ).astype(np.float64)
+    )
+    return cr, cg, sums

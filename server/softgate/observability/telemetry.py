@@ -345,7 +345,7 @@ class PrometheusTelemetry(Telemetry):
             adv, mask = (
                 (result.advantages, result.mask) if k == 1 else (result.advantages[::k], result.mask[::k])
             )
-            codes = (result.ratio_bucket, result.gate_bucket)
+            codes = (result.ratio_bucket, result.gate_bucket, result.bucket_sums)
             b = self.bucketer(result.ratio, result.gate_weight, adv, mask, stride=k, codes=codes)
         m = _normalize(getattr(result, "metrics", None))
         now = time.time()
