@@ -22,7 +22,7 @@ from softgate.observability import (
     exported_names,
     sanitize_run,
 )
-from softgate.observability.distributions import _codes_numpy, _counts_numpy, _counts_torch
+from softgate.observability.distributions import _counts_numpy, _counts_torch
 from softgate.observability.telemetry import MAX_REASONS
 
 
@@ -103,18 +103,11 @@ def test_bucketing_matches_a_reference_exactly(dtype: torch.dtype, codes: str) -
         assert b.ratio_sums[si] == pytest.approx(float(ratio[sel & mask].double().sum()), rel=1e-5)
         assert b.gate_sums[si] == pytest.approx(float(gate[sel & mask].double().sum()), rel=1e-5)
     assert b.ratio_counts.sum() == int(mask.sum())
-    # the torch counting that every other device runs counts the same codes alike, and the
-    # eager codes (every other device's fallback) are the numpy ones (the CPU's fallback)
+    # the torch counting that every other device runs counts the same codes alike
     m = mask
-    rc, gc, sums = bucket_codes(
-        ratio, gate, m & (adv > 0), m & (adv < 0), m, bucket_edges(dtype, ratio.device)
-    )
+    rc, gc, _ = bucket_codes(ratio, gate, m & (adv > 0), m & (adv < 0), m, bucket_edges(dtype, ratio.device))
     for got, want in zip(_counts_torch(rc, gc), _counts_numpy(rc.numpy(), gc.numpy()), strict=True):
         np.testing.assert_array_equal(got, want)
-    nr, ng, nsums = _codes_numpy(ratio, gate, adv, mask)
-    np.testing.assert_array_equal(nr, rc.numpy())
-    np.testing.assert_array_equal(ng, gc.numpy())
-    np.testing.assert_allclose(nsums, sums.numpy(), rtol=1e-6)
 
 
 def test_large_cpu_batches_are_sampled_and_scaled() -> None:

@@ -4,7 +4,8 @@ The engine's kernel writes a one-byte bucket code per token (`softgate.engine.bu
 the ratio and gate it returns are no more than telemetry buckets; counting them is one
 bincount per quantity (observe_loss of a 4k-token call: 169 -> 103 us; of a 16M-token batch
 as the server calls the engine: ~3 -> 0.4 ms). Otherwise (e.g. a request that asked for the ratio, or a larger
-batch on CUDA) the codes are computed here, with one search per quantity. Masked tokens go
+batch on CUDA) the codes are computed here, with one torch.bucketize per quantity (on the CPU
+3x faster than numpy's searchsorted for a 32K-token sample). Masked tokens go
 to a discard slot instead of being compacted, so nothing synchronises before the single
 small copy to the host at the end. No Python code runs per token; CPU values are counted
 with numpy (a dozen torch ops cost more in dispatch than in work at these sizes).
@@ -94,19 +95,16 @@ class Bucketer:
             and n > self.cpu_sample_tokens
         ):
             stride = -(-n // self.cpu_sample_tokens)
+            # contiguous copies: each pass over a strided view would miss the cache per token
             ratio, gate = ratio[::stride].contiguous(), gate[::stride].contiguous()
-            advantages, mask = advantages[::stride], mask[::stride]
+            advantages, mask = advantages[::stride].contiguous(), mask[::stride].contiguous()
             codes = None  # (the engine's sums are of every token)
         if ratio.dtype not in (torch.float32, torch.float64):
             ratio, gate = ratio.float(), gate.float()
         gate = gate.to(ratio.dtype)
         cpu = ratio.device.type == "cpu"
-        rcode: Tensor | np.ndarray
-        gcode: Tensor | np.ndarray
         if codes is not None:
             rcode, gcode, sums = codes[0], codes[1], np.asarray(codes[2], dtype=np.float64)
-        elif cpu:
-            rcode, gcode, sums = _codes_numpy(ratio, gate, advantages, mask)
         else:
             m = mask.to(torch.bool)
             edges = bucket_edges(ratio.dtype, ratio.device)
@@ -139,26 +137,3 @@ def _split(both: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     rc = both[: DISCARD * RATIO_SLOTS].reshape(DISCARD, RATIO_SLOTS)
     gc = both[o : o + DISCARD * GATE_SLOTS].reshape(DISCARD, GATE_SLOTS)
     return rc.astype(np.float64), gc.astype(np.float64)
-
-
-def _codes_numpy(
-    ratio: Tensor, gate: Tensor, advantages: Tensor, mask: Tensor
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """buckets.bucket_codes of CPU values (strided views are fine), with numpy, for a
-    LossResult that carries no codes."""
-    r, g, a = ratio.numpy(), gate.numpy(), advantages.numpy()
-    r_edges, g_edges = (e.numpy() for e in bucket_edges(ratio.dtype, ratio.device))
-    sign = (a < 0).astype(np.uint8)
-    sign[a == 0] = 2
-    sign[~mask.numpy().astype(bool, copy=False)] = DISCARD
-    # side="left" is torch.bucketize's (right=False): the number of edges below the value
-    cr = np.searchsorted(r_edges, r, side="left").astype(np.uint8) + sign * RATIO_SLOTS
-    cg = np.searchsorted(g_edges, g, side="left").astype(np.uint8) + sign * GATE_SLOTS
-    slots = DISCARD + 1
-    sums = np.concatenate(
-        [
-            np.bincount(sign, weights=r, minlength=slots)[:DISCARD],
-            np.bincount(sign, weights=g, minlength=slots)[:DISCARD],
-        ]
-    )
-    return cr, cg, sums
