@@ -60,18 +60,6 @@ class Bucketer:
     def __init__(self, cpu_sample_tokens: int | None = 1 << 15) -> None:
         self.cpu_sample_tokens = cpu_sample_tokens
 
-    def __call__(
-        self,
-        ratio: Tensor,
-        gate: Tensor,
-        advantages: Tensor,
-        mask: Tensor,
-        stride: int = 1,
-        codes: tuple[Tensor, Tensor, Sequence[float]] | None = None,
-    ) -> TokenBuckets:
-        return self.bucket(ratio, gate, advantages, mask, stride, codes)
-
-    @torch.no_grad()
     def bucket(
         self,
         ratio: Tensor,
@@ -111,11 +99,13 @@ class Bucketer:
             rcode, gcode, on_device = bucket_codes(
                 ratio, gate, m & (advantages > 0), m & (advantages < 0), m, edges
             )
-            sums = on_device.cpu().numpy()
+            sums = on_device.detach().cpu().numpy()  # (no autograd context here: ~5 us a call)
         rc, gc = (_counts_numpy if cpu else _counts_torch)(rcode, gcode)
         rs, gs = sums[: len(SIGNS)], sums[len(SIGNS) :]
         k = float(stride)
         return TokenBuckets(rc * k, rs * k, gc * k, gs * k, stride)
+
+    __call__ = bucket
 
 
 def _counts_torch(rcode: Any, gcode: Any) -> tuple[np.ndarray, np.ndarray]:
