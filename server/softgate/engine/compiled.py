@@ -10,8 +10,9 @@ Modes (`compile_mode`):
 
 A configuration (`kernel_key`) is what the compiled code is specialised on: objective kind,
 sequence ratio, advantage level, KL estimator, mismatch level / mode, the objective's parameter
-names (e.g. dual clip on / off), the dtypes, whether ratio and gate are sampled. Numbers
-travel as 0-d tensors and sizes are dynamic, so neither recompiles.
+names (e.g. dual clip on / off), the inputs present with their dtypes and ranks (e.g. no
+mask, a 0-d weight), whether ratio and gate are sampled, whether bucket codes are written.
+Numbers travel as 0-d tensors and sizes are dynamic, so neither recompiles.
 
 Each configuration is compiled ahead of time (`aot_compile`: dynamo, fullgraph, on a small
 synthetic batch of that configuration) and called without dynamo's per-call guard check
