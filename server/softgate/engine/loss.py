@@ -201,7 +201,7 @@ def _compute_loss(
     mx["tokens_pos"] = npos
     mx["tokens_neg"] = nneg
     mx["tokens_zero"] = cnt - npos - nneg
-    mx["ratio_mean"] = share(s["ratio_sum"], cnt, 1.0)
+    mx["ratio_mean"] = 1.0 + share(s["ratio_excess"], cnt)
     mx["ratio_min"] = s["ratio_min"] if cnt else 1.0
     mx["ratio_max"] = s["ratio_max"] if cnt else 1.0
     mx["approx_kl"] = share(-s["d_sum"], cnt)
