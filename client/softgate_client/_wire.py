@@ -70,6 +70,11 @@ _SMALL_VARINTS = [bytes((i,)) for i in range(128)]
 def varint(n: int) -> bytes:
     if 0 <= n < 128:  # tags, dtypes, small lengths: most calls
         return _SMALL_VARINTS[n]
+    return _varint(n)
+
+
+@functools.lru_cache(maxsize=1024)  # a trainer repeats its sizes
+def _varint(n: int) -> bytes:
     if n < 0:
         n += 1 << 64
     out = bytearray()
@@ -125,11 +130,9 @@ def tensor(a: np.ndarray, at: int | None = None) -> Pieces:
     if dt is None:
         raise TypeError(f"unsupported dtype {a.dtype}")
     data = _le_view(a)
-    shape = varint(int(a.shape[0]))
     p = Pieces()
-    head = tag(1, VARINT) + varint(dt) + tag(2, LEN) + varint(len(shape)) + shape
+    head, data_head = _tensor_heads(dt, int(a.shape[0]), data.nbytes)
     if data.nbytes:  # proto3 leaves empty bytes out (as the generated classes do)
-        data_head = tag(3, LEN) + varint(data.nbytes)
         if at is not None:
             head += _padding(at + len(head) + len(data_head))
         p.add(head + data_head)
@@ -137,6 +140,15 @@ def tensor(a: np.ndarray, at: int | None = None) -> Pieces:
     else:
         p.add(head)
     return p
+
+
+@functools.lru_cache(maxsize=256)
+def _tensor_heads(dt: int, n: int, nbytes: int) -> tuple[bytes, bytes]:
+    """A Tensor's fields before its data (dtype, shape) and its data's tag and length."""
+    shape = varint(n)
+    return tag(1, VARINT) + varint(dt) + tag(2, LEN) + varint(len(shape)) + shape, tag(3, LEN) + varint(
+        nbytes
+    )
 
 
 # a request's tensor data starting at a multiple of this (from the message's first byte) can
