@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import socket
 import statistics
@@ -406,17 +407,21 @@ def worker(args: argparse.Namespace) -> None:
         # alternating blocks, so that noise from shared cores hits both alike. A block of small
         # calls, not one call each: softgate's server records telemetry after each response (up
         # to ~0.4 ms of work at 4k tokens on 2 cores), which a single echo call right after ran
-        # against; one call each made the echo ~0.2 ms slower and softgate look that much better
+        # against; one call each made the echo ~0.2 ms slower and softgate look that much better.
+        # Each pair of blocks runs in a random (seeded) order: a fixed rotation made the later
+        # of two identical servers 0.12 ms slower (bench/latency_ladder.py)
         block = SMALL_BLOCK if n < SMALL_MAX_TOKENS else 1
+        rng = random.Random(n)
         for _ in range(-(-k // block)):
-            for _ in range(block):
-                t0 = time.perf_counter()
-                r = sg_call()
-                t_sg.append(time.perf_counter() - t0)
-            for _ in range(block):
-                t0 = time.perf_counter()
-                g = echo_call()
-                t_echo.append(time.perf_counter() - t0)
+            for sg_turn in rng.sample((True, False), 2):
+                for _ in range(block):
+                    t0 = time.perf_counter()
+                    if sg_turn:
+                        r = sg_call()
+                        t_sg.append(time.perf_counter() - t0)
+                    else:
+                        g = echo_call()
+                        t_echo.append(time.perf_counter() - t0)
         assert (
             r is not None
             and g is not None
