@@ -397,8 +397,10 @@ def worker(args: argparse.Namespace) -> None:
         # untimed calls of each size first: a trainer sends the same size again and again, and
         # the first calls of a size pay the first touch of every buffer in all three processes
         # (16M tokens with tcmalloc, one client: 1231, 501, 696, then 320-340 ms); glibc malloc
-        # pays it on every call. Small calls: the server's inline path needs a few fast calls.
-        for _ in range(3 if n >= 1 << 20 else 20):
+        # pays it on every call. Small calls: the server's inline path needs a few fast calls,
+        # and a fresh server's first ~500 4k calls read ~0.06 ms slower than its later ones
+        # (as bench/latency_ladder.py, 200 untimed calls)
+        for _ in range(3 if n >= 1 << 20 else 200):
             sg_call()
             echo_call()
         k = reps.get(n, 3)
