@@ -146,9 +146,8 @@ def tensor(a: np.ndarray, at: int | None = None) -> Pieces:
 def _tensor_heads(dt: int, n: int, nbytes: int) -> tuple[bytes, bytes]:
     """A Tensor's fields before its data (dtype, shape) and its data's tag and length."""
     shape = varint(n)
-    return tag(1, VARINT) + varint(dt) + tag(2, LEN) + varint(len(shape)) + shape, tag(3, LEN) + varint(
-        nbytes
-    )
+    head = tag(1, VARINT) + varint(dt) + tag(2, LEN) + varint(len(shape)) + shape
+    return head, tag(3, LEN) + varint(nbytes)
 
 
 # a request's tensor data starting at a multiple of this (from the message's first byte) can
