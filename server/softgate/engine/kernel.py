@@ -269,23 +269,17 @@ def token_terms(
         vals.append(torch.stack(counts).to(torch.float64))
     vals.append(torch.stack(sequence_terms(t, seq_names, adv_per_token, seq_ratio)))
     values = torch.cat(vals)
-    edges = prm["ratio_edges"], prm["gate_edges"]
     if stride > 1:  # the sample, from strided inputs: only those tokens are computed and written
         every = slice(None, None, stride)
-        ms, a_s = m[every], a[every]
+        m, a_s = m[every], a[every]
         ids_s = ids[every] if ids is not None else None
-        _, _, ratio_s, pt_s = _policy(t, prm, kind, seq_ratio, ms, logp[every], old[every], ids_s, a_s)
-        zs = torch.zeros_like(ratio_s)
-        ratio_s, gate_s = torch.where(ms, ratio_s, zs + 1), torch.where(ms, pt_s.gate, zs)
-        none = clip[:0].to(torch.uint8)
-        if not codes:
-            return grad, a, ratio_s, gate_s, none, none, none, values
-        rcode, gcode, bsums = bucket_codes(ratio_s, gate_s, ms & (a_s > 0), ms & (a_s < 0), ms, edges)
-        return grad, a, ratio_s, gate_s, none, rcode, gcode, torch.cat([values, bsums])
+        _, _, ratio, pt_s = _policy(t, prm, kind, seq_ratio, m, logp[every], old[every], ids_s, a_s)
+        gate, pos, neg, zero = pt_s.gate, m & (a_s > 0), m & (a_s < 0), torch.zeros_like(ratio)
+        clip = clip[:0]
     ratio, gate, clip8 = torch.where(m, ratio, zero + 1), torch.where(m, gate, zero), clip.to(torch.uint8)
     if not codes:
         return grad, a, ratio, gate, clip8, clip8[:0], clip8[:0], values
-    rcode, gcode, bsums = bucket_codes(ratio, gate, pos, neg, m, edges)
+    rcode, gcode, bsums = bucket_codes(ratio, gate, pos, neg, m, (prm["ratio_edges"], prm["gate_edges"]))
     return grad, a, ratio, gate, clip8, rcode, gcode, torch.cat([values, bsums])
 
 
