@@ -92,6 +92,9 @@ def tag(field: int, wire: int) -> bytes:
     return varint((field << 3) | wire)
 
 
+_BYTES = (bytes, bytearray)
+
+
 class Pieces:
     """Byte pieces of one message, with their total length."""
 
@@ -101,7 +104,7 @@ class Pieces:
 
     def add(self, b: Any) -> None:
         self.parts.append(b)
-        self.size += len(b) if isinstance(b, bytes | bytearray) else b.nbytes
+        self.size += len(b) if isinstance(b, _BYTES) else b.nbytes
 
     def extend(self, other: Pieces) -> None:
         self.parts.extend(other.parts)
@@ -123,12 +126,17 @@ def _le_view(a: np.ndarray) -> memoryview:
     return a.reshape(-1).data.cast("B")
 
 
-def tensor(a: np.ndarray, at: int | None = None) -> Pieces:
-    """A Tensor message of `a`. `at`: the offset in the whole serialised message where this
-    Tensor's body lands; its `data` then starts at a multiple of ALIGN (Tensor.padding)."""
+def _dtype(a: np.ndarray) -> int:
     dt = NP_TO_DTYPE.get(a.dtype.newbyteorder("="))
     if dt is None:
         raise TypeError(f"unsupported dtype {a.dtype}")
+    return dt
+
+
+def tensor(a: np.ndarray, at: int | None = None) -> Pieces:
+    """A Tensor message of `a`. `at`: the offset in the whole serialised message where this
+    Tensor's body lands; its `data` then starts at a multiple of ALIGN (Tensor.padding)."""
+    dt = _dtype(a)
     data = _le_view(a)
     p = Pieces()
     head, data_head = _tensor_heads(dt, int(a.shape[0]), data.nbytes)
@@ -148,6 +156,22 @@ def _tensor_heads(dt: int, n: int, nbytes: int) -> tuple[bytes, bytes]:
     shape = varint(n)
     head = tag(1, VARINT) + varint(dt) + tag(2, LEN) + varint(len(shape)) + shape
     return head, tag(3, LEN) + varint(nbytes)
+
+
+def _tensor_field(num: int, a: np.ndarray) -> tuple[bytes, memoryview]:
+    """Tensor field `num` holding `a`, unplaced (`tensor(a)` as a sub-message): its bytes
+    before the data, and the data. One cached header instead of four pieces: a small
+    request's build is mostly such per-piece Python."""
+    data = _le_view(a)
+    return _field_head(num, _dtype(a), int(a.shape[0]), data.nbytes), data
+
+
+@functools.lru_cache(maxsize=256)
+def _field_head(num: int, dt: int, n: int, nbytes: int) -> bytes:
+    head, data_head = _tensor_heads(dt, n, nbytes)
+    if not nbytes:  # proto3 leaves empty bytes out
+        data_head = b""
+    return tag(num, LEN) + varint(len(head) + len(data_head) + nbytes) + head + data_head
 
 
 # a request's tensor data starting at a multiple of this (from the message's first byte) can
@@ -203,7 +227,9 @@ def batch(
         if a is None:
             continue
         if at is None:
-            p.submessage(num, tensor(a))
+            head, data = _tensor_field(num, a)
+            p.parts += (head, data)
+            p.size += len(head) + data.nbytes
         else:
             _placed(p, num, functools.partial(tensor, a), at)
     if level:
