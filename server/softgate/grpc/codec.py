@@ -665,6 +665,8 @@ def host_result(result: LossResult, names: tuple[str, ...]) -> LossResult:
     import dataclasses
 
     attrs = [_RESULT_ATTR[n] for n in names]
+    if all(getattr(result, a).device.type == "cpu" for a in attrs):  # the CPU engine's: nothing to move
+        return result
     moved: dict[str, Any] = dict(zip(attrs, to_host([getattr(result, a) for a in attrs]), strict=True))
     return dataclasses.replace(result, **moved)
 
