@@ -6,16 +6,23 @@ copied back to the host), timed, then one call under torch.profiler.
     python bench/latency_profile.py --device cpu --tokens 4096,65536
 
 Prints the median per call and the profiler's operators by their own host time, with the
-CUDA runtime calls that block (synchronisations, copies) counted apart.
+CUDA runtime calls that block (synchronisations, copies) counted apart. Also the median of
+calls that each follow `--idle-ms` of sleep (the thread idle, as a server between requests)
+and of busy Python: on the 2-core VM a 4k call took about twice its back-to-back time after
+a sleep, which is most of why the engine costs more inside `softgate serve` than here.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -26,6 +33,26 @@ sys.path.insert(0, str(ROOT / "bench"))
 from e2e_bench import engine_batch  # noqa: E402
 from softgate.engine import Batch, Engine, LossConfig  # noqa: E402
 from softgate.engine.transfer import to_host  # noqa: E402
+from softgate.grpc.servicer import DEFAULT_INLINE_MAX_TOKENS  # noqa: E402
+from softgate.threads import one_thread  # noqa: E402
+
+
+def timed(call: Callable[[], None], reps: int, before: Callable[[], None] | None = None) -> list[float]:
+    """Seconds of each of `reps` calls, each after `before()` (untimed) when given."""
+    ts = []
+    for _ in range(reps):
+        if before is not None:
+            before()
+        t0 = time.perf_counter()
+        call()
+        ts.append(time.perf_counter() - t0)
+    return ts
+
+
+def _spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
 
 
 def main() -> None:
@@ -34,6 +61,9 @@ def main() -> None:
     ap.add_argument("--tokens", default="4096")
     ap.add_argument("--reps", type=int, default=300)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument(
+        "--idle-ms", type=float, default=1.0, help="the gap before each call of the idle rows (0: none)"
+    )
     args = ap.parse_args()
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     eng = Engine(device=dev)
@@ -41,38 +71,44 @@ def main() -> None:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     print(f"device={dev} torch={torch.__version__} compile={eng.compile_mode}")
     for n in (int(s) for s in args.tokens.split(",")):
-        batch = engine_batch(n)
+        # the server runs a small CPU call on one intra-op thread (servicer._inline), so does this
+        small = dev.type == "cpu" and n <= DEFAULT_INLINE_MAX_TOKENS
+        with one_thread() if small else contextlib.nullcontext():
+            profile_size(eng, cfg, n, args, acts)
 
-        def call(batch: Batch = batch) -> None:
-            to_host([eng.loss(batch, cfg).grad])
 
-        for _ in range(20):  # compiles on the first call (sync mode), then warm
-            call()
-        eng.wait_compiled(600)
-        ts = []
-        for _ in range(args.reps):
-            t0 = time.perf_counter()
-            call()
-            ts.append(time.perf_counter() - t0)
+def profile_size(eng: Engine, cfg: LossConfig, n: int, args: argparse.Namespace, acts: list[Any]) -> None:
+    batch = engine_batch(n)
+
+    def call(batch: Batch = batch) -> None:
+        to_host([eng.loss(batch, cfg).grad])
+
+    for _ in range(20):  # compiles on the first call (sync mode), then warm
+        call()
+    eng.wait_compiled(600)
+    ts = timed(call, args.reps)
+    print(f"\n{n} tokens: median {statistics.median(ts) * 1e6:.0f} us, min {min(ts) * 1e6:.0f} us per call")
+    if args.idle_ms > 0:
+        gap = args.idle_ms / 1e3
+        asleep = statistics.median(timed(call, args.reps, functools.partial(time.sleep, gap))) * 1e6
+        busy = statistics.median(timed(call, args.reps, functools.partial(_spin, gap))) * 1e6
         print(
-            f"\n{n} tokens: median {statistics.median(ts) * 1e6:.0f} us, min {min(ts) * 1e6:.0f} us per call"
+            f"after {args.idle_ms:g} ms asleep: median {asleep:.0f} us; after {args.idle_ms:g} ms busy: {busy:.0f} us"
         )
-        with profile(activities=acts) as prof:
-            for _ in range(10):
-                call()
-        ka = prof.key_averages()
-        blocking = [e for e in ka if "Synchronize" in e.key or "Memcpy" in e.key or "memcpy" in e.key]
-        launches = sum(e.count for e in ka if "LaunchKernel" in e.key or "cuLaunch" in e.key) / 10
-        print(
-            f"per call: {launches:.0f} kernel launches; blocking calls: "
-            + (
-                ", ".join(
-                    f"{e.key} x{e.count / 10:g} ({e.self_cpu_time_total / 10:.0f} us)" for e in blocking
-                )
-                or "-"
-            )
+    with profile(activities=acts) as prof:
+        for _ in range(10):
+            call()
+    ka = prof.key_averages()
+    blocking = [e for e in ka if "Synchronize" in e.key or "Memcpy" in e.key or "memcpy" in e.key]
+    launches = sum(e.count for e in ka if "LaunchKernel" in e.key or "cuLaunch" in e.key) / 10
+    print(
+        f"per call: {launches:.0f} kernel launches; blocking calls: "
+        + (
+            ", ".join(f"{e.key} x{e.count / 10:g} ({e.self_cpu_time_total / 10:.0f} us)" for e in blocking)
+            or "-"
         )
-        print(ka.table(sort_by="self_cpu_time_total", row_limit=args.top))
+    )
+    print(ka.table(sort_by="self_cpu_time_total", row_limit=args.top))
 
 
 if __name__ == "__main__":
