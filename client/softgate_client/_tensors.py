@@ -130,7 +130,7 @@ class Layout:
 
 def offsets_from_lengths(lengths: np.ndarray) -> np.ndarray:
     out = np.zeros(lengths.shape[0] + 1, dtype=np.int64)
-    np.cumsum(lengths, out=out[1:])
+    np.add.accumulate(lengths, out=out[1:])  # np.cumsum, without its Python-level dispatch
     return out
 
 
@@ -155,7 +155,7 @@ def make_layout(
             ln = to_numpy(lengths, "lengths").astype(np.int64, copy=False)
             if ln.ndim != 1:
                 raise ArrayInputError("lengths", f"bad_shape: {tuple(ln.shape)}; expected (B,)")
-            if ln.size and int(ln.min()) < 0:
+            if ln.size and np.minimum.reduce(ln) < 0:  # (ln.min() goes through Python-level wrappers)
                 raise ArrayInputError("lengths", "negative", int(np.argmin(ln)))
             off = offsets_from_lengths(ln)
         else:
@@ -185,7 +185,7 @@ def make_layout(
         ln = to_numpy(lengths, "lengths").astype(np.int64, copy=False)
         if ln.shape != (b,):
             raise ArrayInputError("lengths", f"bad_shape: {tuple(ln.shape)}; expected ({b},)")
-        if b and (int(ln.min()) < 0 or int(ln.max()) > t):
+        if b and (np.minimum.reduce(ln) < 0 or np.maximum.reduce(ln) > t):
             raise ArrayInputError("lengths", f"out_of_range: lengths must lie in [0, {t}]")
     elif m is not None:
         # each row up to its last trained token
@@ -194,7 +194,7 @@ def make_layout(
         ln = np.where(any_row, last, 0).astype(np.int64)
     else:
         ln = None  # type: ignore[assignment]
-    if ln is None or (b and int(ln.min()) == t):
+    if ln is None or (b and np.minimum.reduce(ln) == t):
         valid = None  # every position travels: no gather
         off = np.arange(b + 1, dtype=np.int64) * t
     else:

@@ -120,23 +120,26 @@ class Pieces:
 
 def _le_view(a: np.ndarray) -> memoryview:
     """The array's bytes, little-endian and contiguous, without a copy when it already is."""
+    if np.little_endian and a.dtype.isnative and a.flags.c_contiguous:  # (~4 us cold, the rest ~10)
+        return a.data.cast("B")
     if a.dtype.byteorder == ">" or (a.dtype.byteorder == "=" and not np.little_endian):
         a = a.astype(a.dtype.newbyteorder("<"))
     a = np.ascontiguousarray(a)
     return a.reshape(-1).data.cast("B")
 
 
-def _dtype(a: np.ndarray) -> int:
-    dt = NP_TO_DTYPE.get(a.dtype.newbyteorder("="))
+def _dtype(dtype: np.dtype) -> int:
+    """The proto Dtype of a numpy dtype of either byte order."""
+    dt = NP_TO_DTYPE.get(dtype.newbyteorder("="))
     if dt is None:
-        raise TypeError(f"unsupported dtype {a.dtype}")
+        raise TypeError(f"unsupported dtype {dtype}")
     return dt
 
 
 def tensor(a: np.ndarray, at: int | None = None) -> Pieces:
     """A Tensor message of `a`. `at`: the offset in the whole serialised message where this
     Tensor's body lands; its `data` then starts at a multiple of ALIGN (Tensor.padding)."""
-    dt = _dtype(a)
+    dt = _dtype(a.dtype)
     data = _le_view(a)
     p = Pieces()
     head, data_head = _tensor_heads(dt, int(a.shape[0]), data.nbytes)
@@ -163,12 +166,12 @@ def _tensor_field(num: int, a: np.ndarray) -> tuple[bytes, memoryview]:
     before the data, and the data. One cached header instead of four pieces: a small
     request's build is mostly such per-piece Python."""
     data = _le_view(a)
-    return _field_head(num, _dtype(a), int(a.shape[0]), data.nbytes), data
+    return _field_head(num, a.dtype, int(a.shape[0]), data.nbytes), data
 
 
 @functools.lru_cache(maxsize=256)
-def _field_head(num: int, dt: int, n: int, nbytes: int) -> bytes:
-    head, data_head = _tensor_heads(dt, n, nbytes)
+def _field_head(num: int, dtype: np.dtype, n: int, nbytes: int) -> bytes:
+    head, data_head = _tensor_heads(_dtype(dtype), n, nbytes)
     if not nbytes:  # proto3 leaves empty bytes out
         data_head = b""
     return tag(num, LEN) + varint(len(head) + len(data_head) + nbytes) + head + data_head

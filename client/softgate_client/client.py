@@ -644,7 +644,8 @@ class SoftgateClient:
         """`loss` for an already packed batch (see `pack_batch`)."""
         proto_cfg, sel = _messages(c)
         if stream is None:
-            stream = packed.nbytes > self._threshold(packed.nbytes)
+            nbytes = packed.nbytes
+            stream = nbytes > self._threshold(nbytes)
         use_stream = stream
         md = self._metadata(run)
         if use_stream:
