@@ -241,14 +241,16 @@ def batch(
 
 
 def message(small: dict[int, Any], big: dict[int, Pieces | Callable[[int], Pieces]]) -> Pieces:
-    """A message of small protobuf sub-messages (serialised by protobuf) and hand-built ones:
-    Pieces, or a function of the offset at which the sub-message's body lands (`batch`'s `at`)."""
+    """A message of small protobuf sub-messages (serialised by protobuf, or already: bytes)
+    and hand-built ones: Pieces, or a function of the offset at which the sub-message's body
+    lands (`batch`'s `at`)."""
     p = Pieces()
     for num in sorted({*small, *big}):
         if num in small:
-            if small[num] is None:
+            m = small[num]
+            if m is None:
                 continue
-            body = small[num].SerializeToString()
+            body = m if isinstance(m, bytes) else m.SerializeToString()
             p.add(tag(num, LEN) + varint(len(body)) + body)
         else:
             b = big[num]

@@ -187,9 +187,13 @@ def _built_config(config: cfg.LossConfig | None, options: tuple[tuple[str, Any],
     return cfg.build_loss_config(config, **dict(options))
 
 
-@functools.lru_cache(maxsize=64)
-def _config_messages(c: cfg.LossConfig) -> tuple[pb.LossConfig, pb.OutputSelection]:
-    return loss_config_to_proto(c), output_selection(c.outputs)  # shared: never mutated
+def _build_messages(c: cfg.LossConfig) -> tuple[pb.LossConfig, pb.OutputSelection, dict[int, bytes]]:
+    """(LossConfig, OutputSelection, both serialised as ComputeLossRequest's fields 1 and 3)."""
+    proto_cfg, sel = loss_config_to_proto(c), output_selection(c.outputs)
+    return proto_cfg, sel, {1: proto_cfg.SerializeToString(), 3: sel.SerializeToString()}
+
+
+_config_messages = functools.lru_cache(maxsize=64)(_build_messages)  # shared: never mutated
 
 
 def _loss_config(config: cfg.LossConfig | None, options: dict[str, Any]) -> cfg.LossConfig:
@@ -200,11 +204,11 @@ def _loss_config(config: cfg.LossConfig | None, options: dict[str, Any]) -> cfg.
         return cfg.build_loss_config(config, **options)
 
 
-def _messages(c: cfg.LossConfig) -> tuple[pb.LossConfig, pb.OutputSelection]:
+def _messages(c: cfg.LossConfig) -> tuple[pb.LossConfig, pb.OutputSelection, dict[int, bytes]]:
     try:
         return _config_messages(c)
     except TypeError:  # an unhashable configuration
-        return loss_config_to_proto(c), output_selection(c.outputs)
+        return _build_messages(c)
 
 
 # ---------------------------------------------------------------- the packed batch
@@ -642,7 +646,7 @@ class SoftgateClient:
         run: str | None = None,
     ) -> LossResult:
         """`loss` for an already packed batch (see `pack_batch`)."""
-        proto_cfg, sel = _messages(c)
+        proto_cfg, sel, fields = _messages(c)
         if stream is None:
             nbytes = packed.nbytes
             stream = nbytes > self._threshold(nbytes)
@@ -651,7 +655,7 @@ class SoftgateClient:
         if use_stream:
             result = self._stream_loss(packed, proto_cfg, sel, md, timeout)
         else:
-            req = _wire.message({1: proto_cfg, 3: sel}, {2: packed.placed()})
+            req = _wire.message(fields, {2: packed.placed()})
             resp, outs = call_with_retries(
                 lambda t: self._compute_loss(req, timeout=t, metadata=md),
                 policy=self.retry_policy,
