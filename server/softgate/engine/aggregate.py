@@ -22,25 +22,29 @@ def sequence_weights(cfg: AggregationConfig, ylen: Tensor, dtype: torch.dtype) -
     """w_i per sequence [B] from the trained-token counts `ylen` [B] (int64); one weight for
     every sequence (0-d) where the mode's is the same for all (every mode but
     seq_mean_token_mean), so that the kernel needs no per-token sequence id for it."""
-    if ylen.device.type == "cpu":  # numpy: these torch ops cost ~50 us a small call (cache-cold)
+    if ylen.device.type == "cpu" and dtype in _NUMPY:  # numpy: torch ops cost ~50 us a small call (cold)
         w = _weights(cfg, ylen.numpy().astype(np.float64), np)
-    else:
-        w = _weights(cfg, ylen.to(torch.float64), torch)
-    return torch.as_tensor(w, device=ylen.device).to(dtype)
+        return torch.from_numpy(np.asarray(w, _NUMPY[dtype]))
+    return torch.as_tensor(_weights(cfg, ylen.to(torch.float64), torch), device=ylen.device).to(dtype)
+
+
+_NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 def _weights(cfg: AggregationConfig, yl: Any, xp: Any) -> Any:
     """The weights of float64 counts `yl`, with `xp` numpy or torch (the same float64 ops: the
     same bits; the sums are of integers, exact): an array, or one float64 for all."""
     mode = cfg.mode
+    # numpy's clip of a scalar costs ~17 us after an idle millisecond, maximum ~9
+    at_least_1 = np.maximum if xp is np else torch.clamp_min
     if mode == "token_mean":
-        n = float(cfg.num_tokens) if cfg.num_tokens else yl.sum().clip(min=1)
+        n = float(cfg.num_tokens) if cfg.num_tokens else at_least_1(yl.sum(), 1)
         return 1.0 / xp.asarray(n, dtype=xp.float64)
     if mode == "token_sum_norm":
         assert cfg.constant is not None
         return xp.asarray(1.0 / cfg.constant, dtype=xp.float64)
     nonempty = yl > 0
-    ns = float(cfg.num_seqs) if cfg.num_seqs else nonempty.sum().clip(min=1)
+    ns = float(cfg.num_seqs) if cfg.num_seqs else at_least_1(nonempty.sum(), 1)
     if mode == "seq_mean_token_sum":
         return 1.0 / xp.asarray(ns, dtype=xp.float64)
     if mode == "seq_mean_token_mean":
