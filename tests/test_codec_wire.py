@@ -124,6 +124,12 @@ def test_aligned_tensors_of_a_large_request_are_read_in_place() -> None:
         t = codec._tensor_over(view, torch.float32, 100)
         shared = (_address(view) % codec.SHARE_ALIGN) == 0
         assert (t.data_ptr() == _address(view)) == shared and t.data_ptr() % codec.SHARE_ALIGN == 0
+    # a small request's field, the bytes object protobuf made for it, is used in place alike
+    for size in (400, 404):
+        raw = bytes(size)
+        t = codec._tensor_over(raw, torch.float32, 100)
+        shared = (_address(raw) % codec.SHARE_ALIGN) == 0
+        assert (t.data_ptr() == _address(raw)) == shared and t.data_ptr() % codec.SHARE_ALIGN == 0
 
 
 @pytest.mark.parametrize("objective", ["sapo", "grpo", "gspo", "gspo_token", "cispo", "gppo", "reinforce"])

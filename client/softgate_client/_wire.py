@@ -161,7 +161,7 @@ def _tensor_heads(dt: int, n: int, nbytes: int) -> tuple[bytes, bytes]:
     return head, tag(3, LEN) + varint(nbytes)
 
 
-def _tensor_field(num: int, a: np.ndarray) -> tuple[bytes, memoryview]:
+def tensor_field(num: int, a: np.ndarray) -> tuple[bytes, memoryview]:
     """Tensor field `num` holding `a`, unplaced (`tensor(a)` as a sub-message): its bytes
     before the data, and the data. One cached header instead of four pieces: a small
     request's build is mostly such per-piece Python."""
@@ -230,7 +230,7 @@ def batch(
         if a is None:
             continue
         if at is None:
-            head, data = _tensor_field(num, a)
+            head, data = tensor_field(num, a)
             p.parts += (head, data)
             p.size += len(head) + data.nbytes
         else:

@@ -357,12 +357,13 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable", ca
 
 
 def _tensor_over(data: bytes | memoryview, dtype: torch.dtype, n: int) -> Tensor:
-    """The n elements of `data` as a tensor. A view into a large received request (see
-    `Received`) whose bytes are SHARE_ALIGN-aligned (the Python client aligns them) is used in
-    place: no copy, and the request's bytes live as long as the tensor. Such a tensor is
-    read-only in fact: nothing on the server writes into a request's tensors (tested). Any
-    other `data` is copied (`_copy_bytes`), so compiled kernels always see aligned inputs."""
-    if isinstance(data, memoryview) and n and _LITTLE:
+    """The n elements of `data` as a tensor. `data` whose bytes are SHARE_ALIGN-aligned is
+    used in place: a view into a large received request (see `Received`; the Python client
+    aligns its tensors), or the bytes protobuf gave for a small one's field (its own copy).
+    No copy then, and the bytes live as long as the tensor. Such a tensor is read-only in
+    fact: nothing on the server writes into a request's tensors (tested). Unaligned `data`
+    is copied (`_copy_bytes`), so compiled kernels always see aligned inputs."""
+    if n and _LITTLE:
         t = torch.frombuffer(data, dtype=dtype, count=n)
         if t.data_ptr() % SHARE_ALIGN == 0:
             return t
@@ -647,7 +648,9 @@ def encode_outputs(
         x = getattr(result, _RESULT_ATTR[name])
         if start or stop is not None:
             x = x[start:stop]
-        body.submessage(_OUTPUT_NUMBERS[name], _wire.tensor(x.detach().reshape(-1).numpy()))
+        head, data = _wire.tensor_field(_OUTPUT_NUMBERS[name], x.detach().reshape(-1).numpy())
+        body.parts += (head, data)
+        body.size += len(head) + data.nbytes
     out.submessage(field, body)
     return out
 
