@@ -350,7 +350,8 @@ class PrometheusTelemetry(Telemetry):
         m = _normalize(getattr(result, "metrics", None))
         now = time.time()
         # token counts per sign: exact from the engine's metrics when present
-        tok = {s: float(b.ratio_counts[i].sum()) for i, s in enumerate(SIGNS)}
+        r_tok, g_tok = b.ratio_counts.sum(axis=1).tolist(), b.gate_counts.sum(axis=1).tolist()
+        tok = dict(zip(SIGNS, r_tok, strict=True))
         n_tok = _f(m, "num_tokens")
         if _f(m, "tokens_pos") is not None and _f(m, "tokens_neg") is not None:
             tok["pos"], tok["neg"] = float(m["tokens_pos"]), float(m["tokens_neg"])
@@ -413,12 +414,12 @@ class PrometheusTelemetry(Telemetry):
                     st.set(f"softgate_batch_{key}", o, gv, now)
             self._set_reward_gauges(st, values, now)
             for i, s in enumerate(SIGNS):
-                if b.ratio_counts[i].any():
+                if r_tok[i] > 0:
                     st.add_hist(
                         "softgate_token_ratio", (objective, s), b.ratio_counts[i], float(b.ratio_sums[i]),
                         len(RATIO_EDGES) + 1,
                     )  # fmt: skip
-                if b.gate_counts[i].any():
+                if g_tok[i] > 0:
                     st.add_hist(
                         "softgate_token_gate_weight", (objective, s), b.gate_counts[i], float(b.gate_sums[i]),
                         len(GATE_EDGES) + 1,
