@@ -22,13 +22,10 @@ def sequence_weights(cfg: AggregationConfig, ylen: Tensor, dtype: torch.dtype) -
     """w_i per sequence [B] from the trained-token counts `ylen` [B] (int64); one weight for
     every sequence (0-d) where the mode's is the same for all (every mode but
     seq_mean_token_mean), so that the kernel needs no per-token sequence id for it."""
-    if ylen.device.type == "cpu" and dtype in _NUMPY:  # numpy: torch ops cost ~50 us a small call (cold)
+    if ylen.device.type == "cpu":  # numpy: these torch ops cost ~50 us a small call (cold)
         w = _weights(cfg, ylen.numpy().astype(np.float64), np)
-        return torch.from_numpy(np.asarray(w, _NUMPY[dtype]))
+        return torch.from_numpy(np.asarray(w)).to(dtype)  # (past float32's range: inf, refused later)
     return torch.as_tensor(_weights(cfg, ylen.to(torch.float64), torch), device=ylen.device).to(dtype)
-
-
-_NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 def _weights(cfg: AggregationConfig, yl: Any, xp: Any) -> Any:
