@@ -110,6 +110,14 @@ class Pieces:
         self.parts.extend(other.parts)
         self.size += other.size
 
+    def add_tensor(self, field: int, a: np.ndarray) -> None:
+        """Add Tensor field `field` holding `a`, unplaced (`submessage(field, tensor(a))`): one
+        cached header and the data. A small request's build was mostly per-piece Python."""
+        data = _le_view(a)
+        head = _field_head(field, a.dtype, int(a.shape[0]), data.nbytes)
+        self.parts += (head, data)
+        self.size += len(head) + data.nbytes
+
     def submessage(self, field: int, body: Pieces) -> None:
         self.add(tag(field, LEN) + varint(body.size))
         self.extend(body)
@@ -161,16 +169,9 @@ def _tensor_heads(dt: int, n: int, nbytes: int) -> tuple[bytes, bytes]:
     return head, tag(3, LEN) + varint(nbytes)
 
 
-def tensor_field(num: int, a: np.ndarray) -> tuple[bytes, memoryview]:
-    """Tensor field `num` holding `a`, unplaced (`tensor(a)` as a sub-message): its bytes
-    before the data, and the data. One cached header instead of four pieces: a small
-    request's build is mostly such per-piece Python."""
-    data = _le_view(a)
-    return _field_head(num, a.dtype, int(a.shape[0]), data.nbytes), data
-
-
 @functools.lru_cache(maxsize=256)
 def _field_head(num: int, dtype: np.dtype, n: int, nbytes: int) -> bytes:
+    """The bytes of Tensor field `num` up to its data (see Pieces.add_tensor)."""
     head, data_head = _tensor_heads(_dtype(dtype), n, nbytes)
     if not nbytes:  # proto3 leaves empty bytes out
         data_head = b""
@@ -230,9 +231,7 @@ def batch(
         if a is None:
             continue
         if at is None:
-            head, data = tensor_field(num, a)
-            p.parts += (head, data)
-            p.size += len(head) + data.nbytes
+            p.add_tensor(num, a)
         else:
             _placed(p, num, functools.partial(tensor, a), at)
     if level:

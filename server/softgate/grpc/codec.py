@@ -648,9 +648,7 @@ def encode_outputs(
         x = getattr(result, _RESULT_ATTR[name])
         if start or stop is not None:
             x = x[start:stop]
-        head, data = _wire.tensor_field(_OUTPUT_NUMBERS[name], x.detach().reshape(-1).numpy())
-        body.parts += (head, data)
-        body.size += len(head) + data.nbytes
+        body.add_tensor(_OUTPUT_NUMBERS[name], x.detach().reshape(-1).numpy())
     out.submessage(field, body)
     return out
 

@@ -125,11 +125,9 @@ def _counts_torch(rcode: Any, gcode: Any) -> tuple[np.ndarray, np.ndarray]:
 def _counts_numpy(rcode: Any, gcode: Any) -> tuple[np.ndarray, np.ndarray]:
     """`_counts_torch` of CPU codes, with numpy (C-level calls only: this runs after every
     small call, where numpy's Python-level wrappers cost ~10 us each)."""
-    rc = np.bincount(_numpy(rcode), minlength=_NR)[: DISCARD * RATIO_SLOTS]
-    gc = np.bincount(_numpy(gcode), minlength=_NG)[: DISCARD * GATE_SLOTS]
-    return rc.reshape(DISCARD, RATIO_SLOTS).astype(np.float64), gc.reshape(DISCARD, GATE_SLOTS).astype(
-        np.float64
-    )
+    rc = np.bincount(_numpy(rcode), minlength=_NR)[: DISCARD * RATIO_SLOTS].reshape(DISCARD, RATIO_SLOTS)
+    gc = np.bincount(_numpy(gcode), minlength=_NG)[: DISCARD * GATE_SLOTS].reshape(DISCARD, GATE_SLOTS)
+    return rc.astype(np.float64), gc.astype(np.float64)
 
 
 def _numpy(x: Any) -> np.ndarray:
