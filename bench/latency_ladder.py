@@ -7,6 +7,7 @@ the echo's median.
     python bench/latency_ladder.py                     # 4096 tokens, 40 rounds (~1.5 min)
     python bench/latency_ladder.py --tokens 65536 --rounds 20
     python bench/latency_ladder.py --device cuda       # the engine on the GPU (bench/device_check.sh ladder)
+    python bench/latency_ladder.py --against f00bff0   # + `softgate serve` of that revision (a git worktree)
 
 Rows (the same SAPO call through SoftgateClient as bench/e2e_bench.py, tcmalloc preloaded
 when installed, as `softgate serve` runs):
@@ -15,15 +16,20 @@ when installed, as `softgate serve` runs):
 - notelemetry: + the compiled engine.
 - serve: `softgate serve --compile`: + the telemetry it records.
 Each row adds one layer to the row above; the difference between them is what it costs.
+- serve@REV (`--against REV`): `softgate serve` of revision REV, called by this tree's client;
+  its difference to the row above is what this tree's server changed, in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -42,12 +48,14 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--device", default="cpu", help="the servers' engine device (cpu, cuda, cuda:N)")
+    ap.add_argument("--against", metavar="REV", help="also a `softgate serve` of this git revision")
     args = ap.parse_args()
     from softgate_client import SoftgateClient
 
     limit = 512 * E.MiB
     env = E.env_with(E.find_lib(["libtcmalloc_minimal.so.4"]))
     procs: list[subprocess.Popen[bytes]] = []
+    worktree = tempfile.mkdtemp(prefix="softgate-against-") if args.against else None
     try:
         echo_port = E.free_port()
         echo_cmd = [sys.executable, str(ROOT / "bench" / "echo_server.py"), "--port", str(echo_port)]
@@ -65,6 +73,14 @@ def main() -> None:
             else:
                 cmd = [sys.executable, E.__file__, "--serve-variant", f"{port}:{limit}:{rung}:{args.device}"]
                 procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL))
+            E.wait_port(port, procs[-1])
+            E.wait_serving(port, procs[-1])
+        if worktree:
+            git = ["git", "-C", str(ROOT), "worktree"]
+            subprocess.run([*git, "add", "--detach", worktree, args.against], check=True, capture_output=True)
+            path = f"{worktree}/server{os.pathsep}{worktree}/client"
+            ports[f"serve@{args.against}"] = port = E.free_port()
+            procs.append(E._softgate_serve(port, limit, "true", args.device, {**env, "PYTHONPATH": path}))
             E.wait_port(port, procs[-1])
             E.wait_serving(port, procs[-1])
         b = E.make_batch(args.tokens)
@@ -90,6 +106,11 @@ def main() -> None:
                     times[name].append(time.perf_counter() - t0)
     finally:
         E.stop(procs)
+        if worktree:
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "remove", "--force", worktree], capture_output=True
+            )
+            shutil.rmtree(worktree, ignore_errors=True)
     echo_ms = statistics.median(times["echo"]) * 1e3
     print(f"{args.tokens} tokens, engine on {args.device}, {args.rounds} rounds of {BLOCK} calls each")
     print("| server | median ms | over echo ms | over the row above ms |")
