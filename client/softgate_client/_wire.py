@@ -111,8 +111,8 @@ class Pieces:
         self.size += other.size
 
     def add_tensor(self, field: int, a: np.ndarray) -> None:
-        """Add Tensor field `field` holding `a`, unplaced (`submessage(field, tensor(a))`): one
-        cached header and the data. A small request's build was mostly per-piece Python."""
+        """Add Tensor field `field` holding `a`, unplaced (no padding; `tensor` places one):
+        one cached header and the data. A small request's build was mostly per-piece Python."""
         data = _le_view(a)
         head = _field_head(field, a.dtype, int(a.shape[0]), data.nbytes)
         self.parts += (head, data)
@@ -144,16 +144,16 @@ def _dtype(dtype: np.dtype) -> int:
     return dt
 
 
-def tensor(a: np.ndarray, at: int | None = None) -> Pieces:
-    """A Tensor message of `a`. `at`: the offset in the whole serialised message where this
-    Tensor's body lands; its `data` then starts at a multiple of ALIGN (Tensor.padding)."""
+def tensor(a: np.ndarray, at: int) -> Pieces:
+    """A Tensor message of `a` placed at `at`: the offset in the whole serialised message where
+    this Tensor's body lands; its `data` then starts at a multiple of ALIGN (Tensor.padding).
+    (Unplaced: `Pieces.add_tensor`.)"""
     dt = _dtype(a.dtype)
     data = _le_view(a)
     p = Pieces()
     head, data_head = _tensor_heads(dt, int(a.shape[0]), data.nbytes)
     if data.nbytes:  # proto3 leaves empty bytes out (as the generated classes do)
-        if at is not None:
-            head += _padding(at + len(head) + len(data_head))
+        head += _padding(at + len(head) + len(data_head))
         p.add(head + data_head)
         p.add(data)
     else:
