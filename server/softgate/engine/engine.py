@@ -28,6 +28,8 @@ from softgate.engine.validation import _INTS, _float_tensor
 
 log = logging.getLogger(__name__)
 
+_BATCH_FIELDS = tuple(f.name for f in dataclasses.fields(Batch))
+
 
 class Engine:
     """Computes advantages and losses on one device (CUDA when present, else CPU).
@@ -58,9 +60,9 @@ class Engine:
 
     def _to_device(self, batch: Batch) -> Batch:
         moved = {
-            f.name: to_device(v, self.device)
-            for f in dataclasses.fields(batch)
-            if isinstance(v := getattr(batch, f.name), Tensor) and v.device != self.device
+            name: to_device(v, self.device)
+            for name in _BATCH_FIELDS
+            if isinstance(v := getattr(batch, name), Tensor) and v.device != self.device
         }
         return dataclasses.replace(batch, **moved) if moved else batch  # type: ignore[arg-type]
 

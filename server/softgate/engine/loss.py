@@ -72,6 +72,14 @@ def compute_loss(
         return _compute_loss(batch, config, validate, kernel, sample_tokens)
 
 
+def _cast(x: Tensor, dtype: torch.dtype, device: torch.device | None = None) -> Tensor:
+    """`x` in `dtype` (and on `device`, when given); `x` itself when it already is: a no-op
+    `Tensor.to` still costs ~1-3 us a call in a small request."""
+    if x.dtype == dtype and (device is None or x.device == device):
+        return x
+    return x.to(dtype=dtype, device=device)
+
+
 def _compute_loss(
     batch: Batch, config: LossConfig, validate: bool, kernel: TokenTerms | None, sample_tokens: int | None
 ) -> LossResult:
@@ -79,9 +87,9 @@ def _compute_loss(
         check(batch, config, token_values=False)  # the kernel checks the token values
     dt = compute_dtype(batch)
     dev = batch.logp.device
-    logp = batch.logp.to(dt)
+    logp = _cast(batch.logp, dt)
     n = logp.numel()
-    seg = Segments(batch.offsets.to(device=dev, dtype=torch.int64), n)
+    seg = Segments(_cast(batch.offsets, torch.int64, dev), n)
     if batch.mask is None:  # every token trained: a broadcast True, no [N] mask in memory
         m = torch.ones(1, dtype=torch.bool, device=dev).expand(n)
         ylen = seg.lengths
@@ -92,7 +100,7 @@ def _compute_loss(
     clamp = float(config.log_ratio_clamp)
     obj = config.objective
     kind = OBJECTIVE_KIND[obj.name]
-    old = batch.old_logp.to(dt) if batch.old_logp is not None else logp
+    old = _cast(batch.old_logp, dt) if batch.old_logp is not None else logp
     t: dict[str, Tensor] = {"logp": logp, "old": old}
     if batch.mask is not None:  # (token_terms: no "m", every token trained)
         t["m"] = m.view(torch.uint8)
@@ -104,7 +112,7 @@ def _compute_loss(
     adv_per_token = False
     num_groups = 0
     if batch.advantages is not None:
-        t["adv"] = batch.advantages.to(device=dev, dtype=dt)
+        t["adv"] = _cast(batch.advantages, dt, dev)
         adv_per_token = advantage_level(batch) == "token"
     else:
         assert batch.rewards is not None and batch.group_ids is not None
@@ -125,7 +133,7 @@ def _compute_loss(
     mm = config.mismatch
     if mm is not None:
         assert batch.rollout_logp is not None
-        rollout = batch.rollout_logp.to(dt)
+        rollout = _cast(batch.rollout_logp, dt)
         if mm.level == "sequence":
             lv_raw = torch.where(m, old - rollout, torch.zeros_like(logp))
             t["lvseq"] = mismatch_log_weights("sequence", lv_raw, seg, clamp)
@@ -133,7 +141,7 @@ def _compute_loss(
             t["rollout"] = rollout
     if config.kl is not None:
         assert batch.ref_logp is not None
-        t["ref"] = batch.ref_logp.to(dt)
+        t["ref"] = _cast(batch.ref_logp, dt)
 
     # the per-token sequence id, only for what is per sequence: advantages, the weight, GSPO's
     # ratio, a sequence-level mismatch weight (token_terms reads no "ids" otherwise)
@@ -197,7 +205,7 @@ def _compute_loss(
     mx["policy_loss"] = policy_loss
     mx["kl_loss"] = kl_loss
     mx["num_tokens"] = cnt
-    mx["num_seqs"] = seg.num_seqs
+    mx["num_seqs"] = float(seg.num_seqs)
     mx["tokens_pos"] = npos
     mx["tokens_neg"] = nneg
     mx["tokens_zero"] = cnt - npos - nneg
@@ -228,7 +236,9 @@ def _compute_loss(
     mx["mismatch_weight_mean"] = share(s["v_sum"], cnt, 1.0) if mm is not None else 1.0
     mx["mismatch_clipped_frac"] = share(s["v_changed"], cnt)
 
-    metrics = to_floats({k: mx[k] for k in METRIC_NAMES})
+    metrics = {k: mx[k] for k in METRIC_NAMES}  # floats, each finite unless something overflowed
+    if not all(map(math.isfinite, metrics.values())):
+        metrics = to_floats(metrics)
     return LossResult(
         loss=metrics["loss"],
         policy_loss=metrics["policy_loss"],
