@@ -18,6 +18,7 @@ in float64.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -70,6 +71,15 @@ def compute_loss(
     records an autograd graph, and `logp.backward(result.grad)` applies the gradient."""
     with torch.no_grad():
         return _compute_loss(batch, config, validate, kernel, sample_tokens)
+
+
+@functools.lru_cache(maxsize=256)
+def _value_names(
+    kind: str, seq_ratio: bool, adv_per_token: bool, kl: bool, mismatch: bool, dual: bool, codes: bool
+) -> tuple[str, ...]:
+    """The names of token_terms' values, in order (kernel_layout, then the bucket sums)."""
+    layout = kernel_layout(kind, seq_ratio, adv_per_token, kl, mismatch, dual)
+    return (*layout[0], *layout[1], *layout[2], *(BUCKET_SUMS if codes else ()))
 
 
 def _cast(x: Tensor, dtype: torch.dtype, device: torch.device | None = None) -> Tensor:
@@ -167,10 +177,10 @@ def _compute_loss(
     )
 
     # ---- metrics (one host sync)
-    layout = kernel_layout(
-        kind, seq_ratio, adv_per_token, config.kl is not None, mm is not None, "dual" in prm
+    names = _value_names(
+        kind, seq_ratio, adv_per_token, config.kl is not None, mm is not None, "dual" in prm, codes
     )
-    names = (*layout[0], *layout[1], *layout[2], *(BUCKET_SUMS if codes else ()), *extra)
+    names += tuple(extra)
     if extra:
         vals = torch.cat([vals, torch.stack(list(extra.values()))])
     s = derived_terms(
