@@ -10,10 +10,13 @@ from typing import Any
 import pytest
 import torch
 from softgate.engine import METRIC_NAMES, Engine
+from softgate.engine.aggregate import sequence_weights
 from softgate.engine.buckets import bucket_codes, bucket_edges
 from softgate.engine.compiled import aot_compile, compile_mode, fits, kernel_key, warmup_args
+from softgate.engine.config import AggregationConfig
 from softgate.engine.kernel import token_terms
 from softgate.engine.loss import compute_loss
+from softgate.engine.segments import Segments
 
 try:
     from tests.reference_loss import OBJECTIVE_NAMES, assert_same_result, make_config, random_batch
@@ -86,7 +89,14 @@ def test_sequence_ids_go_to_the_kernel_only_for_per_sequence_terms() -> None:
 
     assert "ids" not in t("token_mean", "token") and t("token_mean", "token")["w"].dim() == 0
     assert "ids" in t("token_mean", "sequence")  # advantages per sequence
-    assert "ids" in t("seq_mean_token_mean", "token")  # a weight per sequence
+    # a weight per sequence and nothing else per sequence: expanded per token on the CPU (a
+    # load in the kernel, not a gather), the same values the gather would read
+    b = random_batch(3, max_seqs=9, max_len=11, advantages="token")
+    wt = _kernel_args(b, make_config("sapo", "seq_mean_token_mean", None, None))[0]
+    assert "ids" not in wt and "w" not in wt and wt["wt"].numel() == b.logp.numel()
+    ids = Segments(b.offsets, b.logp.numel()).ids
+    w = sequence_weights(AggregationConfig(mode="seq_mean_token_mean"), wt["ylen"], wt["wt"].dtype)
+    assert torch.equal(wt["wt"], w[ids])
     assert "ids" in t("token_mean", "token", "gspo_token")  # the sequence ratio
 
 

@@ -65,7 +65,7 @@ COMPILE_OPTIONS: dict[str, str | int | bool | Callable[..., Any]] = {
     "cpp.max_horizontal_fusion_size": 32,
 }
 # per-token entries of token_terms' tensor dict; the others are per sequence ([B])
-_PER_TOKEN = ("logp", "old", "m", "ids", "ref", "rollout")
+_PER_TOKEN = ("logp", "old", "m", "ids", "ref", "rollout", "wt")
 
 
 def compile_mode(compile: bool | str | None, device: torch.device) -> str:
@@ -125,6 +125,8 @@ def warmup_args(args: tuple[Any, ...]) -> tuple[Any, ...]:
             return torch.repeat_interleave(torch.arange(b, dtype=torch.int32), lengths)
         if k == "logp":
             return logp
+        if k == "wt":
+            return torch.rand(n, generator=g, dtype=torch.float64) / n
         return logp + 0.05 * torch.randn(n, generator=g, dtype=torch.float64)
 
     def per_seq(k: str) -> Tensor:

@@ -169,14 +169,15 @@ def token_terms(
 
     `prm` is kernel_params(config); `kl` the KL estimator (None: no KL term), `mismatch` the
     mismatch (level, mode) (None: no correction). `t` holds logp, old, m (the mask, uint8
-    0 / 1; absent: every token trained), w (aggregation weight per sequence [B], or 0-d: one for all), adv ([N] or [B]),
+    0 / 1; absent: every token trained), w (aggregation weight per sequence [B], or 0-d: one for all;
+    or instead wt, the weight of every token [N], when nothing else is per sequence on the CPU), adv ([N] or [B]),
     ylen ([B] trained tokens), ids (sequence id per token; only where something is per
     sequence: adv, w, sratio or lvseq), and as configured sratio ([B], gspo), ref (KL),
     rollout or lvseq (mismatch, token or sequence level)."""
     sum_names, count_names, seq_names = kernel_layout(
         kind, seq_ratio, adv_per_token, kl is not None, mismatch is not None, "dual" in prm
     )
-    logp, old, ids, w = t["logp"], t["old"], t.get("ids"), t["w"]
+    logp, old, ids, w = t["logp"], t["old"], t.get("ids"), t.get("w")
     if "m" not in t:  # every token trained: a constant in compiled code (no 16 MB read at 16M)
         m = torch.ones_like(logp, dtype=torch.bool)
     elif torch.compiler.is_compiling():
@@ -185,9 +186,13 @@ def token_terms(
         m = t["m"].view(torch.bool)
     clamp = prm["clamp"]
     zero = torch.zeros_like(logp)
-    assert ids is not None or (adv_per_token and w.dim() == 0)  # (None would index as newaxis)
+    if w is None:  # the weight of every token, expanded on the host (see compute_loss)
+        alpha = torch.where(m, t["wt"], zero)
+    else:
+        assert ids is not None or w.dim() == 0  # (None would index as newaxis)
+        alpha = torch.where(m, w[ids] if w.dim() else w, zero)
+    assert ids is not None or adv_per_token
     a = t["adv"] if adv_per_token else t["adv"][ids]
-    alpha = torch.where(m, w[ids] if w.dim() else w, zero)
     d, clamped, ratio, pt = _policy(t, prm, kind, seq_ratio, m, logp, old, ids, a)
     S: dict[str, Tensor] = {}
     C: dict[str, Tensor] = {}

@@ -155,7 +155,11 @@ def _compute_loss(
 
     # the per-token sequence id, only for what is per sequence: advantages, the weight, GSPO's
     # ratio, a sequence-level mismatch weight (token_terms reads no "ids" otherwise)
-    if not adv_per_token or t["w"].dim() or seq_ratio or "lvseq" in t:
+    if dev.type == "cpu" and adv_per_token and t["w"].dim() and not seq_ratio and "lvseq" not in t:
+        # the weight is all that is per sequence: expanded per token here, a plain load in the
+        # kernel instead of a gather (which inductor's CPU code does lane by lane)
+        t["wt"] = torch.from_numpy(t.pop("w").numpy().repeat(seg.lengths.numpy()))
+    elif not adv_per_token or t["w"].dim() or seq_ratio or "lvseq" in t:
         t["ids"] = seg.ids
     prm = kernel_params(config, dt, dev)
     stride = 1
