@@ -80,24 +80,34 @@ def test_warmup_args_have_the_same_configuration(name: str, kl: Any, mm: Any, ad
     assert all(bool(torch.isfinite(x).all()) for x in out[:4])
 
 
-def test_sequence_ids_go_to_the_kernel_only_for_per_sequence_terms() -> None:
-    # 64 MB at 16M tokens: built and read only when something per sequence needs a gather
-    def t(agg: str, adv: str, name: str = "sapo") -> dict[str, Any]:
-        return _kernel_args(
-            random_batch(3, max_seqs=9, max_len=11, advantages=adv), make_config(name, agg, None, None)
-        )[0]
+def test_per_sequence_terms_reach_the_cpu_kernel_expanded_to_their_tokens() -> None:
+    # only what is per sequence reaches the tokens, and on the CPU expanded there (a vector
+    # load in the kernel, not a gather): the values a gather by sequence id would read
+    def t(agg: str, adv: str, name: str = "sapo", mm: Any = None) -> tuple[Any, dict[str, Any]]:
+        b = random_batch(3, max_seqs=9, max_len=11, advantages=adv)
+        return b, _kernel_args(b, make_config(name, agg, None, mm))[0]
 
-    assert "ids" not in t("token_mean", "token") and t("token_mean", "token")["w"].dim() == 0
-    assert "ids" in t("token_mean", "sequence")  # advantages per sequence
-    # a weight per sequence and nothing else per sequence: expanded per token on the CPU (a
-    # load in the kernel, not a gather), the same values the gather would read
-    b = random_batch(3, max_seqs=9, max_len=11, advantages="token")
-    wt = _kernel_args(b, make_config("sapo", "seq_mean_token_mean", None, None))[0]
-    assert "ids" not in wt and "w" not in wt and wt["wt"].numel() == b.logp.numel()
-    ids = Segments(b.offsets, b.logp.numel()).ids
-    w = sequence_weights(AggregationConfig(mode="seq_mean_token_mean"), wt["ylen"], wt["wt"].dtype)
-    assert torch.equal(wt["wt"], w[ids])
-    assert "ids" in t("token_mean", "token", "gspo_token")  # the sequence ratio
+    b, plain = t("token_mean", "token")
+    assert plain["w"].dim() == 0 and not any(k == "ids" or k.endswith("_tok") for k in plain)
+    cases = [
+        (("token_mean", "sequence"), "adv"),  # advantages per sequence
+        (("seq_mean_token_mean", "token"), "w"),  # a weight per sequence
+        (("token_mean", "token", "gspo_token"), "sratio"),  # the sequence ratio
+        (("token_mean", "token", "sapo", ("sequence", "truncate")), "lvseq"),  # mismatch weight
+    ]
+    for args, name in cases:
+        b, k = t(*args)
+        assert "ids" not in k and k[name + "_tok"].numel() == b.logp.numel(), name
+        ids = Segments(b.offsets, b.logp.numel()).ids
+        if name == "w":
+            per_seq = sequence_weights(
+                AggregationConfig(mode="seq_mean_token_mean"), k["ylen"], k["w_tok"].dtype
+            )
+        elif name == "lvseq":
+            continue  # (its per-sequence values are not kept)
+        else:
+            per_seq = k[name]
+        assert torch.equal(k[name + "_tok"], per_seq[ids]), name
 
 
 def test_configuration_keys_differ_by_structure_not_by_values() -> None:

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from softgate.engine.kernel import Terms, token_terms
+from softgate.engine.kernel import EXPANDED, Terms, token_terms
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ COMPILE_OPTIONS: dict[str, str | int | bool | Callable[..., Any]] = {
     "cpp.max_horizontal_fusion_size": 32,
 }
 # per-token entries of token_terms' tensor dict; the others are per sequence ([B])
-_PER_TOKEN = ("logp", "old", "m", "ids", "ref", "rollout", "wt")
+_PER_TOKEN = ("logp", "old", "m", "ids", "ref", "rollout")
 
 
 def compile_mode(compile: bool | str | None, device: torch.device) -> str:
@@ -125,8 +125,8 @@ def warmup_args(args: tuple[Any, ...]) -> tuple[Any, ...]:
             return torch.repeat_interleave(torch.arange(b, dtype=torch.int32), lengths)
         if k == "logp":
             return logp
-        if k == "wt":
-            return torch.rand(n, generator=g, dtype=torch.float64) / n
+        if k.endswith(EXPANDED):  # a per-sequence value expanded to its tokens
+            return per_seq(k.removesuffix(EXPANDED)).repeat_interleave(lengths)
         return logp + 0.05 * torch.randn(n, generator=g, dtype=torch.float64)
 
     def per_seq(k: str) -> Tensor:
@@ -136,14 +136,15 @@ def warmup_args(args: tuple[Any, ...]) -> tuple[Any, ...]:
             return torch.rand(b, generator=g) < 0.2
         if k == "w":  # [B], or 0-d: one weight for all (kernel_key tells them apart)
             w = torch.rand(b, generator=g, dtype=torch.float64) / n
-            return w if t["w"].dim() else w[0]
+            return w if k not in t or t[k].dim() else w[0]
         if k == "sratio":
             return torch.exp(0.01 * torch.randn(b, generator=g, dtype=torch.float64))
         return torch.randn(b, generator=g, dtype=torch.float64) * (0.01 if k == "lvseq" else 1.0)
 
     out: dict[str, Tensor] = {}
     for k, v in t.items():
-        x = per_token(k) if k in _PER_TOKEN or (k == "adv" and adv_per_token) else per_seq(k)
+        token = k in _PER_TOKEN or k.endswith(EXPANDED) or (k == "adv" and adv_per_token)
+        x = per_token(k) if token else per_seq(k)
         out[k] = x.to(device=dev, dtype=v.dtype)
     if len(rest) > 6 and rest[6] > 1:  # a sampled kernel: a stride that samples the small batch
         rest[6] = 3

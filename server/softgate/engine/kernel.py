@@ -29,6 +29,9 @@ from softgate.engine.validation import LOGP_TOLERANCE
 # gate's bucket codes (uint8, see buckets.py), float64 values
 Terms = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
+# the suffix of a per-sequence tensor of token_terms' dict expanded to its tokens (see per_token)
+EXPANDED = "_tok"
+
 # objective kinds whose gate weight is not a constant 0 / 1 pattern of the clip masks
 _SOFT_GATE = ("sapo", "gppo", "cispo")
 
@@ -169,15 +172,18 @@ def token_terms(
 
     `prm` is kernel_params(config); `kl` the KL estimator (None: no KL term), `mismatch` the
     mismatch (level, mode) (None: no correction). `t` holds logp, old, m (the mask, uint8
-    0 / 1; absent: every token trained), w (aggregation weight per sequence [B], or 0-d: one for all;
-    or instead wt, the weight of every token [N], when nothing else is per sequence on the CPU), adv ([N] or [B]),
+    0 / 1; absent: every token trained), w (aggregation weight per sequence [B], or 0-d: one for all),
+    adv ([N] or [B]),
     ylen ([B] trained tokens), ids (sequence id per token; only where something is per
     sequence: adv, w, sratio or lvseq), and as configured sratio ([B], gspo), ref (KL),
-    rollout or lvseq (mismatch, token or sequence level)."""
+    rollout or lvseq (mismatch, token or sequence level). A per-sequence w, adv, sratio or
+    lvseq may come expanded to its tokens instead, as w_tok, adv_tok, ... (per_token; then
+    there is no ids): the CPU engine expands them on the host, since inductor's CPU code
+    gathers lane by lane."""
     sum_names, count_names, seq_names = kernel_layout(
         kind, seq_ratio, adv_per_token, kl is not None, mismatch is not None, "dual" in prm
     )
-    logp, old, ids, w = t["logp"], t["old"], t.get("ids"), t.get("w")
+    logp, old, ids = t["logp"], t["old"], t.get("ids")
     if "m" not in t:  # every token trained: a constant in compiled code (no 16 MB read at 16M)
         m = torch.ones_like(logp, dtype=torch.bool)
     elif torch.compiler.is_compiling():
@@ -186,14 +192,11 @@ def token_terms(
         m = t["m"].view(torch.bool)
     clamp = prm["clamp"]
     zero = torch.zeros_like(logp)
-    if w is None:  # the weight of every token, expanded on the host (see compute_loss)
-        alpha = torch.where(m, t["wt"], zero)
-    else:
-        assert ids is not None or w.dim() == 0  # (None would index as newaxis)
-        alpha = torch.where(m, w[ids] if w.dim() else w, zero)
-    assert ids is not None or adv_per_token
-    a = t["adv"] if adv_per_token else t["adv"][ids]
-    d, clamped, ratio, pt = _policy(t, prm, kind, seq_ratio, m, logp, old, ids, a)
+    w = t.get("w")
+    alpha = torch.where(m, w if w is not None and w.dim() == 0 else per_token(t, "w", ids), zero)
+    a = t["adv"] if adv_per_token else per_token(t, "adv", ids)
+    sr = per_token(t, "sratio", ids) if seq_ratio else None
+    d, clamped, ratio, pt = _policy(prm, kind, m, logp, old, sr, a)
     S: dict[str, Tensor] = {}
     C: dict[str, Tensor] = {}
     # the value checks validation.check(token_values=False) leaves to this loop: non-finite
@@ -210,8 +213,7 @@ def token_terms(
     if mismatch is not None:
         level, mode = mismatch
         if level == "sequence":
-            assert ids is not None
-            lv = t["lvseq"][ids]
+            lv = per_token(t, "lvseq", ids)
         else:
             lv = torch.where(m, old - t["rollout"], zero).clamp(-clamp, clamp)
         v, vch = mismatch_weights(mode, lv, prm)
@@ -277,8 +279,8 @@ def token_terms(
     if stride > 1:  # the sample, from strided inputs: only those tokens are computed and written
         every = slice(None, None, stride)
         m, a_s = m[every], a[every]
-        ids_s = ids[every] if ids is not None else None
-        _, _, ratio, pt_s = _policy(t, prm, kind, seq_ratio, m, logp[every], old[every], ids_s, a_s)
+        sr_s = sr[every] if sr is not None else None
+        _, _, ratio, pt_s = _policy(prm, kind, m, logp[every], old[every], sr_s, a_s)
         gate, pos, neg, zero = pt_s.gate, m & (a_s > 0), m & (a_s < 0), torch.zeros_like(ratio)
         clip = clip[:0]
     ratio, gate, clip8 = torch.where(m, ratio, zero + 1), torch.where(m, gate, zero), clip.to(torch.uint8)
@@ -288,27 +290,35 @@ def token_terms(
     return grad, a, ratio, gate, clip8, rcode, gcode, torch.cat([values, bsums])
 
 
+def per_token(t: dict[str, Tensor], name: str, ids: Tensor | None) -> Tensor:
+    """The per-sequence tensor t[name] at every token: as the host expanded it
+    (t[name + EXPANDED], see compute_loss), else gathered by sequence id."""
+    expanded = t.get(name + EXPANDED)
+    if expanded is not None:
+        return expanded
+    assert ids is not None  # (None would index as newaxis)
+    return t[name][ids]
+
+
 def _policy(
-    t: dict[str, Tensor],
     prm: dict[str, Tensor],
     kind: str,
-    seq_ratio: bool,
     m: Tensor,
     logp: Tensor,
     old: Tensor,
-    ids: Tensor | None,
+    sratio: Tensor | None,
     a: Tensor,
 ) -> tuple[Tensor, Tensor | None, Tensor, PolicyTerms]:
     """(clamped log-ratio, clamp bits (None for gspo: its ratio and clamp are per sequence),
-    ratio, policy terms) of the tokens given: all of them, or token_terms' sample."""
+    ratio, policy terms) of the tokens given: all of them, or token_terms' sample. `sratio`:
+    GSPO's sequence ratio at these tokens (None: the ratio is per token)."""
     clamp = prm["clamp"]
     zero = torch.zeros_like(logp)
     raw = torch.where(m, logp - old, zero)
     d = raw.clamp(-clamp, clamp)
     clamped = None
-    if seq_ratio:
-        assert ids is not None
-        ratio = t["sratio"][ids]
+    if sratio is not None:
+        ratio = sratio
         dratio = ratio  # s_{i,t} = sg[s_i] exp(logp - sg[logp]): d s_{i,t} / d logp = s_i
     else:
         clamped = raw.abs() > clamp
