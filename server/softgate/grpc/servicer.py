@@ -94,13 +94,13 @@ class _Guard:
         self.call = await self.servicer._admit(self.rpc, self.context)
         return self.call
 
-    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        """(Returns None: an exception always propagates, or the abort's replaces it.)"""
         try:
             if isinstance(exc, asyncio.CancelledError):
                 self.call.code = "CANCELLED"
             elif isinstance(exc, Exception) and not isinstance(exc, grpc.aio.AbortError):
                 await self.servicer._fail(self.call, exc, self.context)  # aborts: raises AbortError
-            return False
         finally:
             self.servicer._finish(self.call, self.context)
 
