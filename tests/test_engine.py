@@ -639,6 +639,27 @@ def test_segment_sum_equals_index_add():
     assert segment_sum(x, torch.zeros(1, dtype=torch.int64)).shape == (0,)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_cpu_segment_sums_are_reduceat_sums(dtype):
+    """CPU sequence sums (numpy's add.reduceat): 0 for empty sequences wherever they are,
+    the dtype kept, close to a float64 sum, and the same bits on every call."""
+    from softgate.engine.segments import Segments
+
+    g = torch.Generator().manual_seed(4)
+    lengths = torch.tensor([0, 3, 0, 0, 5, 1, 2000, 0, 7, 0])
+    off = Batch.offsets_from_lengths(lengths)
+    n = int(lengths.sum())
+    x = torch.randn(n, generator=g, dtype=dtype)
+    seg = Segments(off, n)
+    got = seg.sum(x)
+    want = torch.zeros(10, dtype=F64).index_add_(0, torch.repeat_interleave(lengths), x.to(F64))
+    assert got.dtype == dtype and got.shape == (10,)
+    assert bool((got[lengths == 0] == 0).all())
+    assert torch.allclose(got.to(F64), want, rtol=0, atol=1e-12 if dtype == F64 else 1e-5)
+    assert torch.equal(seg.sum(x), got)
+    assert torch.equal(Segments(off[:1], 0).sum(x[:0]), torch.zeros(0, dtype=dtype))
+
+
 @pytest.mark.parametrize("name", ["gspo", "sapo"])
 def test_segment_reduce_sums_equal_index_add_sums(monkeypatch, name):
     """The sums CUDA takes (segment_reduce over sequences, over rewards sorted by group) give
