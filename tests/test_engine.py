@@ -661,9 +661,9 @@ def test_cpu_segment_sums_are_reduceat_sums(dtype):
 
 
 @pytest.mark.parametrize("name", ["gspo", "sapo"])
-def test_segment_reduce_sums_equal_index_add_sums(monkeypatch, name):
+def test_segment_reduce_sums_equal_cpu_sums(monkeypatch, name):
     """The sums CUDA takes (segment_reduce over sequences, over rewards sorted by group) give
-    the index_add_ path's numbers, checked here on the CPU."""
+    the CPU path's numbers (reduceat, index_add_ over groups), checked here on the CPU."""
     from softgate.engine import advantages, segments
 
     b = random_batch(5, max_seqs=40, max_len=30)

@@ -37,11 +37,8 @@ class Segments:
     @functools.cached_property
     def ids(self) -> Tensor:
         """The sequence id of every token [N], int32 (half the memory traffic of int64 in every
-        gather; B < 2^31 always). Built on first use: 64 MB at 16M tokens, which a batch with
-        per-token advantages and a uniform aggregation weight never needs."""
-        if self.offsets.device.type == "cpu":
-            lengths = self.lengths.numpy()
-            return torch.from_numpy(np.arange(len(lengths), dtype=np.int32).repeat(lengths))
+        gather; B < 2^31 always), for the gathers of a GPU kernel (the CPU engine expands
+        per-sequence values instead, see compute_loss). Built on first use: 64 MB at 16M tokens."""
         return torch.repeat_interleave(self.lengths.to(torch.int32), output_size=self.num_tokens)
 
     def sum(self, x: Tensor) -> Tensor:
