@@ -673,20 +673,15 @@ def _loss_fields(result: LossResult) -> bytes:
     names = tuple(result.metrics)
     hit = _LOSS_FIELDS.get(names)
     if hit is None:
-        fmt, args = ["<"], []
-        for num in (1, 2, 3):
-            head = _wire.tag(num, _wire.I64)
-            fmt.append(f"{len(head)}sd")
-            args += [head, 0.0]
+        heads = [_wire.tag(num, _wire.I64) for num in (1, 2, 3)]  # each a double after its head
         for name in names:
             key = str(name).encode()
             entry = _wire.tag(1, _wire.LEN) + _wire.varint(len(key)) + key + _wire.tag(2, _wire.I64)
-            head = _wire.tag(4, _wire.LEN) + _wire.varint(len(entry) + 8) + entry
-            fmt.append(f"{len(head)}sd")
-            args += [head, 0.0]
+            heads.append(_wire.tag(4, _wire.LEN) + _wire.varint(len(entry) + 8) + entry)
+        packer = struct.Struct("<" + "".join(f"{len(h)}sd" for h in heads))
         if len(_LOSS_FIELDS) >= 8:
             _LOSS_FIELDS.clear()
-        hit = _LOSS_FIELDS[names] = (struct.Struct("".join(fmt)), args)
+        hit = _LOSS_FIELDS[names] = (packer, [x for h in heads for x in (h, 0.0)])
     packer, args = hit
     args = args.copy()
     args[1::2] = (result.loss, result.policy_loss, result.kl_loss, *result.metrics.values())

@@ -125,9 +125,9 @@ def _counts_torch(rcode: Any, gcode: Any) -> tuple[np.ndarray, np.ndarray]:
 def _counts_numpy(rcode: Any, gcode: Any) -> tuple[np.ndarray, np.ndarray]:
     """`_counts_torch` of CPU codes, with numpy (C-level calls only: this runs after every
     small call, where numpy's Python-level wrappers cost ~10 us each)."""
-    rc = np.bincount(_numpy(rcode), minlength=_NR)[: DISCARD * RATIO_SLOTS].reshape(DISCARD, RATIO_SLOTS)
-    gc = np.bincount(_numpy(gcode), minlength=_NG)[: DISCARD * GATE_SLOTS].reshape(DISCARD, GATE_SLOTS)
-    return rc.astype(np.float64), gc.astype(np.float64)
+    return _signs(np.bincount(_numpy(rcode), minlength=_NR), RATIO_SLOTS), _signs(
+        np.bincount(_numpy(gcode), minlength=_NG), GATE_SLOTS
+    )
 
 
 def _numpy(x: Any) -> np.ndarray:
@@ -135,6 +135,9 @@ def _numpy(x: Any) -> np.ndarray:
 
 
 def _split(both: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    rc = both[: DISCARD * RATIO_SLOTS].reshape(DISCARD, RATIO_SLOTS)
-    gc = both[_NR : _NR + DISCARD * GATE_SLOTS].reshape(DISCARD, GATE_SLOTS)
-    return rc.astype(np.float64), gc.astype(np.float64)
+    return _signs(both[:_NR], RATIO_SLOTS), _signs(both[_NR:], GATE_SLOTS)
+
+
+def _signs(counts: np.ndarray, slots: int) -> np.ndarray:
+    """[sign, bucket] float64 counts of one quantity's code counts (the discard slot dropped)."""
+    return counts[: DISCARD * slots].reshape(DISCARD, slots).astype(np.float64)
