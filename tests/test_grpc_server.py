@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import threading
 import time
 import zlib
@@ -226,7 +227,11 @@ def violations(err: grpc.RpcError) -> list[tuple[str, str]]:
         if d.Is(error_details_pb2.BadRequest.DESCRIPTOR):
             br = error_details_pb2.BadRequest()
             d.Unpack(br)
-            out += [(fv.field, fv.description) for fv in br.field_violations]
+            for fv in br.field_violations:
+                # the machine-readable reason (AIP-193) is the description's leading code
+                assert fv.reason == fv.description.split(":", 1)[0].upper(), fv
+                assert re.fullmatch(r"[A-Z][A-Z0-9_]+[A-Z0-9]", fv.reason), fv
+                out.append((fv.field, fv.description))
     return out
 
 

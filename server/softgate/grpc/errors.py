@@ -1,7 +1,8 @@
 """Exceptions -> gRPC statuses.
 
 - `InputError` -> INVALID_ARGUMENT with a `google.rpc.BadRequest` (one field violation per
-  problem: field "batch.logp[3]", description "non_finite: value is nan") in the status details;
+  problem: field "batch.logp[3]", reason "NON_FINITE", description "non_finite: value is nan")
+  in the status details;
 - torch out-of-memory (and host MemoryError) -> RESOURCE_EXHAUSTED;
 - `DeadlineExceeded` (the server saw the deadline pass) -> DEADLINE_EXCEEDED;
 - anything else -> INTERNAL with a generic message and an error id; the traceback is logged
@@ -48,12 +49,20 @@ def violation_field(v: FieldViolation) -> str:
     return v.field if v.index is None else f"{v.field}[{v.index}]"
 
 
+def violation_reason(v: FieldViolation) -> str:
+    """BadRequest.FieldViolation.reason: the reason code in UPPER_SNAKE_CASE (AIP-193), e.g.
+    NON_FINITE for the description "non_finite: value is NaN"."""
+    return v.reason.split(":", 1)[0].strip().upper()
+
+
 def bad_request(err: InputError) -> Failure:
     vs = err.violations
     shown = vs[:MAX_VIOLATIONS]
     detail = error_details_pb2.BadRequest()
     for v in shown:
-        detail.field_violations.add(field=violation_field(v), description=v.reason)
+        detail.field_violations.add(
+            field=violation_field(v), description=v.reason, reason=violation_reason(v)
+        )
     any_detail = any_pb2.Any()
     any_detail.Pack(detail)
     message = "invalid input: " + "; ".join(str(v) for v in shown)
