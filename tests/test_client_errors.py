@@ -12,7 +12,13 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from softgate_client._channel import RetryPolicy, normalise_target
 from softgate_client._retry import call_with_retries
-from softgate_client.errors import InvalidArgumentError, SoftgateError, UnavailableError, from_rpc_error
+from softgate_client.errors import (
+    InvalidArgumentError,
+    SoftgateError,
+    UnavailableError,
+    from_rpc_error,
+    parse_status,
+)
 
 
 def _bad_request_status() -> status_pb2.Status:
@@ -74,6 +80,42 @@ def test_bad_request_violations_are_parsed(raw_server) -> None:
     ]
     assert err.reasons == ["non_finite", "out_of_range"]
     assert "logp[17]: non_finite: nan" in str(err)
+
+
+def test_status_parser_reads_what_protobuf_writes() -> None:
+    """The client's own reader of google.rpc.Status (it does not depend on grpcio-status)
+    against statuses serialised by protobuf: several details, DebugInfo, unknown detail types,
+    the newer FieldViolation fields, non-ASCII text; a status whose code is not the call's is
+    ignored, and bytes that are not a Status raise."""
+    br = error_details_pb2.BadRequest()
+    br.field_violations.add(
+        field="batch.logp[3]", description="non_finite: value is NaN", reason="NON_FINITE"
+    )
+    br.field_violations.add(field="config.objective.sapo.tau_pos", description="out_of_range: 0 ≤ τ")
+    br.field_violations.add()  # empty: field and description ""
+    info = error_details_pb2.DebugInfo(stack_entries=["a.py:1", "b.py:2"])
+    other = error_details_pb2.RetryInfo()
+    details = []
+    for m in (other, br, info):
+        d = any_pb2.Any()
+        d.Pack(m)
+        details.append(d)
+    raw = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message="invalid input: ü", details=details)
+    parsed = parse_status(raw.SerializeToString(), grpc.StatusCode.INVALID_ARGUMENT)
+    assert parsed is not None
+    message, violations, debug = parsed
+    assert message == "invalid input: ü"
+    assert [(v.field, v.description) for v in violations] == [
+        (fv.field, fv.description) for fv in br.field_violations
+    ]
+    assert [v.reason for v in violations] == ["non_finite", "out_of_range", ""]
+    assert debug == "a.py:1\nb.py:2"
+    detail_only = status_pb2.Status(code=code_pb2.INTERNAL, details=[any_pb2.Any()])
+    detail_only.details[0].Pack(error_details_pb2.DebugInfo(detail="boom", stack_entries=["x"]))
+    assert parse_status(detail_only.SerializeToString(), grpc.StatusCode.INTERNAL) == ("", [], "boom")
+    assert parse_status(raw.SerializeToString(), grpc.StatusCode.INTERNAL) is None  # not the call's code
+    with pytest.raises(ValueError):
+        parse_status(b"\x1a\xff\x01", grpc.StatusCode.INVALID_ARGUMENT)  # a truncated detail
 
 
 def test_retry_loop_retries_unavailable_then_succeeds(raw_server) -> None:

@@ -1,6 +1,6 @@
 """softgate_client: the light Python client of the softgate loss service.
 
-Depends on grpcio, grpcio-status, protobuf and numpy; torch is optional (the adapter
+Depends on grpcio, protobuf and numpy; torch is optional (the adapter
 `softgate_client.torch.softgate_loss` imports it). Never imports the server package.
 """
 

@@ -263,7 +263,7 @@ def message(small: dict[int, Any], big: dict[int, Pieces | Callable[[int], Piece
 # ---------------------------------------------------------------- decoding
 
 
-def _read_varint(buf: memoryview, i: int) -> tuple[int, int]:
+def read_varint(buf: memoryview, i: int) -> tuple[int, int]:
     shift = 0
     out = 0
     while True:
@@ -283,14 +283,14 @@ def fields(
     end = len(buf) if end is None else end
     while i < end:
         f0 = i
-        key, i = _read_varint(buf, i)
+        key, i = read_varint(buf, i)
         num, wire = key >> 3, key & 7
         if wire == VARINT:
-            _, j = _read_varint(buf, i)
+            _, j = read_varint(buf, i)
         elif wire == I64:
             j = i + 8
         elif wire == LEN:
-            n, i = _read_varint(buf, i)
+            n, i = read_varint(buf, i)
             j = i + n
         elif wire == I32:
             j = i + 4
@@ -307,7 +307,7 @@ def read_tensor(buf: memoryview, start: int, end: int) -> np.ndarray:
     data: memoryview | None = None
     for num, wire, _, a, b in fields(buf, start, end):
         if num == 1 and wire == VARINT:
-            dtype, _ = _read_varint(buf, a)
+            dtype, _ = read_varint(buf, a)
         elif num == 3 and wire == LEN:
             data = buf[a:b]
     dt = DTYPE_TO_NP.get(dtype)

@@ -10,6 +10,8 @@ from typing import Any
 
 import grpc
 
+from softgate_client import _wire
+
 
 @dataclass(frozen=True)
 class FieldViolation:
@@ -142,34 +144,68 @@ def from_rpc_error(err: grpc.RpcError) -> SoftgateError:
     details = err.details() if hasattr(err, "details") else str(err)
     violations: list[FieldViolation] = []
     debug_info: str | None = None
-    status = _rich_status(err)
+    status = _rich_status(err, code)
     if status is not None:
-        from google.rpc import error_details_pb2
-
-        if status.message:
-            details = status.message
-        for any_msg in status.details:
-            if any_msg.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                br = error_details_pb2.BadRequest()
-                any_msg.Unpack(br)
-                violations.extend(FieldViolation(v.field, v.description) for v in br.field_violations)
-            elif any_msg.Is(error_details_pb2.DebugInfo.DESCRIPTOR):
-                di = error_details_pb2.DebugInfo()
-                any_msg.Unpack(di)
-                debug_info = di.detail or "\n".join(di.stack_entries)
+        message, violations, debug_info = status
+        details = message or details
     cls = error_class(code)
     exc = cls(details or "", code=code, violations=violations, debug_info=debug_info)
     exc.__cause__ = err
     return exc
 
 
-def _rich_status(err: Any) -> Any:
-    """google.rpc.Status from the call's trailing metadata, or None."""
-    if not hasattr(err, "trailing_metadata"):
-        return None
-    try:
-        from grpc_status import rpc_status
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+_BAD_REQUEST = "type.googleapis.com/google.rpc.BadRequest"
+_DEBUG_INFO = "type.googleapis.com/google.rpc.DebugInfo"
 
-        return rpc_status.from_call(err)
-    except Exception:  # a malformed or mismatching status detail: keep the plain message
+
+def _rich_status(err: Any, code: grpc.StatusCode) -> tuple[str, list[FieldViolation], str | None] | None:
+    """(message, field violations, debug info) of the google.rpc.Status in the call's trailing
+    metadata, or None when there is none, it does not parse, or its code is not the call's."""
+    try:
+        raw = next((v for k, v in err.trailing_metadata() or () if k == STATUS_DETAILS_KEY), None)
+        if not isinstance(raw, bytes):
+            return None
+        return parse_status(raw, code)
+    except Exception:  # a malformed status detail: keep the plain message
         return None
+
+
+def parse_status(raw: bytes, code: grpc.StatusCode) -> tuple[str, list[FieldViolation], str | None] | None:
+    """`_rich_status` of serialized google.rpc.Status bytes, read with the client's own wire
+    reader (no googleapis-common-protos needed). Raises ValueError for bytes that do not parse."""
+    buf = memoryview(raw)
+    status_code, message = 0, ""
+    violations: list[FieldViolation] = []
+    debug: list[str] = []
+    detail = ""
+    for num, wire, _, a, b in _wire.fields(buf):
+        if num == 1 and wire == _wire.VARINT:  # Status.code
+            status_code = _wire.read_varint(buf, a)[0]
+        elif num == 2 and wire == _wire.LEN:  # Status.message
+            message = _text(buf[a:b])
+        elif num == 3 and wire == _wire.LEN:  # Status.details: google.protobuf.Any
+            any_fields = {n: buf[x:y] for n, w, _, x, y in _wire.fields(buf, a, b) if w == _wire.LEN}
+            kind, value = _text(any_fields.get(1, b"")), any_fields.get(2, memoryview(b""))
+            if kind == _BAD_REQUEST:  # field_violations = 1: {field = 1, description = 2}
+                for n, w, _, x, y in _wire.fields(value):
+                    if n == 1 and w == _wire.LEN:
+                        fv = {
+                            k: _text(value[p:q])
+                            for k, v, _, p, q in _wire.fields(value, x, y)
+                            if v == _wire.LEN
+                        }
+                        violations.append(FieldViolation(fv.get(1, ""), fv.get(2, "")))
+            elif kind == _DEBUG_INFO:  # stack_entries = 1, detail = 2
+                for n, w, _, x, y in _wire.fields(value):
+                    if w == _wire.LEN and n == 1:
+                        debug.append(_text(value[x:y]))
+                    elif w == _wire.LEN and n == 2:
+                        detail = _text(value[x:y])
+    if status_code != code.value[0]:
+        return None
+    return message, violations, (detail or "\n".join(debug)) if (detail or debug) else None
+
+
+def _text(b: Any) -> str:
+    return bytes(b).decode("utf-8", errors="replace")
