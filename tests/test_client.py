@@ -223,6 +223,46 @@ def test_a_batch_without_mask_equals_the_engine_unary_and_streamed(client) -> No
         assert_same_as_engine(res, ref)
 
 
+def test_a_batch_over_a_mebibyte_equals_the_engine_unary_and_streamed(client) -> None:
+    """A request of a few MiB takes the server's zero-copy path (codec.VIEW_MIN_BYTES) and
+    comes back hand-encoded; streamed, its chunks are over a MiB too."""
+    from softgate.grpc.codec import VIEW_MIN_BYTES
+
+    rng = np.random.default_rng(7)
+    lengths = rng.integers(0, 2000, 400)
+    n = int(lengths.sum())
+    logp = (-rng.random(n) * 3 - 0.01).astype(np.float32)
+    old = np.minimum(logp + rng.standard_normal(n).astype(np.float32) * 0.1, -1e-4).astype(np.float32)
+    ref_logp = np.minimum(logp + rng.standard_normal(n).astype(np.float32) * 0.1, -1e-4).astype(np.float32)
+    mask = rng.random(n) < 0.9
+    rewards = rng.random(400).astype(np.float32)
+    group_ids = np.repeat(np.arange(100), 4)
+    assert 3 * 4 * n > 2 * VIEW_MIN_BYTES
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    kw = {"objective": "sapo", "kl_beta": 0.01}
+    ref = engine().loss(
+        Batch(
+            logp=torch.from_numpy(logp),
+            offsets=torch.from_numpy(offsets),
+            old_logp=torch.from_numpy(old),
+            ref_logp=torch.from_numpy(ref_logp),
+            mask=torch.from_numpy(mask),
+            rewards=torch.from_numpy(rewards),
+            group_ids=torch.from_numpy(group_ids),
+        ),
+        LossConfig(kl=ec.KLConfig(beta=0.01)),
+    )
+    args = {"old_logp": old, "ref_logp": ref_logp, "mask": mask, "rewards": rewards, "group_ids": group_ids}
+    for stream in (False, True):
+        client.stream_chunk_bytes = 2 * VIEW_MIN_BYTES if stream else 64 << 20
+        try:
+            res = client.loss(logp, offsets=offsets, **args, outputs=ALL_OUTPUTS, stream=stream, **kw)
+        finally:
+            client.stream_chunk_bytes = 4 << 20
+        assert res.streamed == stream and (not stream or res.chunks >= 2)
+        assert_same_as_engine(res, ref)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("compile", [False, True])

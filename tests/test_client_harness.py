@@ -1,5 +1,7 @@
 """Client-test harness (no tests here): a real softgate gRPC server (grpc.aio + LossServicer + CPU Engine) on a loopback port,
-in a background thread, for the client tests. Optional TLS / mTLS and server interceptors."""
+in a background thread, for the client tests. The servicer is registered as `softgate serve`
+registers it (`loss_service_handler`: the raw request reader with its zero-copy views, the
+hand-encoded responses). Optional TLS / mTLS and server interceptors."""
 
 from __future__ import annotations
 
@@ -11,8 +13,8 @@ from typing import Any
 
 import grpc
 from softgate.engine import Engine
+from softgate.grpc.server import loss_service_handler
 from softgate.grpc.servicer import LossServicer
-from softgate_client.proto.softgate.v1 import softgate_pb2_grpc as pb_grpc
 
 ENGINE: Engine | None = None
 
@@ -83,7 +85,7 @@ class ServerThread:
         ]
         server = grpc.aio.server(interceptors=self.interceptors, options=opts)
         servicer = LossServicer(engine(), self._executor, max_message_bytes=self.max_message_bytes)
-        pb_grpc.add_LossServiceServicer_to_server(servicer, server)
+        server.add_generic_rpc_handlers((loss_service_handler(servicer),))
         addr = f"127.0.0.1:{self.port}"
         if self.server_credentials is not None:
             self.port = server.add_secure_port(addr, self.server_credentials)
