@@ -61,15 +61,16 @@ def _text_value(v: Any) -> str:
 
 
 class TextFormatter(logging.Formatter):
-    """`<ts> <LEVEL> <logger> <event> key=value ...`, tracebacks on the following lines."""
+    """`<ts> <LEVEL> <logger> <event> key=value ...`, one line per event: a traceback is the
+    last field, `exc="..."`, its newlines escaped (log shippers split events at newlines)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        parts = [_ts(record.created), record.levelname, record.name, record.getMessage()]
+        event = record.getMessage().replace("\n", "\\n")  # (e.g. a compiler's error text)
+        parts = [_ts(record.created), record.levelname, record.name, event]
         parts += [f"{k}={_text_value(v)}" for k, v in _fields(record).items()]
-        line = " ".join(parts)
         if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
-        return line
+            parts.append(f"exc={_text_value(self.formatException(record.exc_info))}")
+        return " ".join(parts)
 
 
 class EventLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
