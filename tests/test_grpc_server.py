@@ -830,3 +830,31 @@ def test_corrupt_protobuf_is_invalid_argument(server: ServerThread, method: str)
     assert field in ("request", "chunk[0]") and reason.startswith("bad_protobuf")
     health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
     assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_keepalive_and_message_size_reach_the_grpc_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`softgate serve --keepalive-time-s ... --keepalive-timeout-s ... --max-message-bytes ...`
+    become the options the grpc.aio server is built with."""
+    seen: dict[str, Any] = {}
+    real = grpc.aio.server
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.update(dict(kwargs.get("options") or ()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(grpc.aio, "server", spy)
+    from softgate.cli import build_parser, load_settings
+
+    argv = ["serve", "--grpc-host", "127.0.0.1", "--grpc-port", "0", "--admin-port", "-1"]
+    argv += ["--keepalive-time-s", "7.5", "--keepalive-timeout-s", "2", "--max-message-bytes", "12345678"]
+    settings = load_settings(build_parser().parse_args(argv))
+
+    async def start_stop() -> None:
+        srv = GrpcServer(settings, Engine(device="cpu", compile=False), Telemetry())
+        await srv.start()
+        await srv.stop(0)
+
+    asyncio.run(start_stop())
+    assert seen["grpc.keepalive_time_ms"] == 7500
+    assert seen["grpc.keepalive_timeout_ms"] == 2000
+    assert seen["grpc.max_receive_message_length"] == seen["grpc.max_send_message_length"] == 12345678
