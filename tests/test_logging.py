@@ -12,13 +12,16 @@ from softgate.logging import configure, get_logger
 
 @pytest.fixture()
 def restore_handlers():
-    names = ("softgate", "uvicorn", "uvicorn.error")
-    saved = {n: (list(logging.getLogger(n).handlers), logging.getLogger(n).level) for n in names}
+    """configure() rewires these loggers (handlers, level, propagation); put them back, or
+    later tests' caplog, which listens at the root, hears nothing."""
+    names = ("softgate", "uvicorn", "uvicorn.error", "uvicorn.access")
+    loggers = [logging.getLogger(n) for n in names]
+    saved = [(list(lg.handlers), lg.level, lg.propagate) for lg in loggers]
     yield
-    for n, (handlers, level) in saved.items():
-        lg = logging.getLogger(n)
+    for lg, (handlers, level, propagate) in zip(loggers, saved, strict=True):
         lg.handlers[:] = handlers
         lg.setLevel(level)
+        lg.propagate = propagate
 
 
 def _events(fmt: str) -> list[str]:
