@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 import torch
-from softgate.engine import METRIC_NAMES, Engine
+from softgate.engine import METRIC_NAMES, Engine, compiled
 from softgate.engine.aggregate import sequence_weights
 from softgate.engine.buckets import bucket_codes, bucket_edges
-from softgate.engine.compiled import aot_compile, compile_mode, fits, kernel_key, warmup_args
+from softgate.engine.compiled import aot_compile, compile_kernel, compile_mode, fits, kernel_key, warmup_args
 from softgate.engine.config import AggregationConfig
 from softgate.engine.kernel import token_terms
 from softgate.engine.loss import compute_loss
@@ -205,8 +205,9 @@ def test_compiled_kernels_are_parallel_whoever_compiles_them(mode: str, tmp_path
         [sys.executable, "-c", _PARALLEL_PROBE, mode], env=env, capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    sources = [p.read_text(errors="replace") for p in (tmp_path / "inductor").rglob("*.py")]
-    kernels = [s for s in sources if "cpp_fused" in s]
+    # (inductor's Python modules; AOTInductor's C++ sources, *.kernel.cpp)
+    files = [p for p in (tmp_path / "inductor").rglob("*") if p.suffix in (".py", ".cpp")]
+    kernels = [s for s in (p.read_text(errors="replace") for p in files) if "cpp_fused" in s]
     assert kernels
     assert any("#pragma omp parallel" in s and "omp_get_max_threads" in s for s in kernels)
 
@@ -281,6 +282,64 @@ def test_background_compile_switches_to_compiled_with_the_same_numbers() -> None
     assert eng.wait_compiled(600) and eng.kernel.ready == 2
     assert_same_result(eng.loss(batch, other), eager.loss(batch, other))
     assert eng.kernel.compiled_calls == len(compiled_calls) - 2  # all but the 2 warm-up runs
+
+
+def _kernel_args(batch: Any, cfg: Any, sample_tokens: int | None = None) -> tuple[Any, ...]:
+    """token_terms' arguments for `batch` as compute_loss builds them."""
+    seen: list[tuple[Any, ...]] = []
+
+    def capture(*args: Any) -> Any:
+        seen.append(args)
+        return token_terms(*args)
+
+    compute_loss(batch, cfg, kernel=capture, sample_tokens=sample_tokens)
+    return seen[0]
+
+
+def test_cpu_kernels_not_sampled_compile_with_aoti_the_rest_with_dynamo(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """AOTInductor for a CPU configuration whose ratio and gate are not sampled; dynamo for a
+    sampled one (its stride is a Python int) and whenever AOTInductor fails."""
+    calls: list[str] = []
+    monkeypatch.setattr(compiled, "aoti_compile", lambda ex: calls.append("aoti") or "aoti")
+    monkeypatch.setattr(compiled, "aot_compile", lambda ex: calls.append("dynamo") or "dynamo")
+    batch = random_batch(3, max_seqs=30, max_len=40)
+    cfg = make_config("sapo", "seq_mean_token_mean", None, None)
+    full = warmup_args(_kernel_args(batch, cfg))
+    sampled = warmup_args(_kernel_args(batch, cfg, sample_tokens=8))
+    assert sampled[8] > 1 and full[8] == 1
+    assert compile_kernel(full) == "aoti" and compile_kernel(sampled) == "dynamo"
+
+    def broken(ex: Any) -> Any:
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(compiled, "aoti_compile", broken)
+    assert compile_kernel(full) == "dynamo"
+    assert calls == ["aoti", "dynamo", "dynamo"]
+
+
+def test_aoti_kernel_equals_eager_at_other_sizes_and_refuses_inconsistent_lengths() -> None:
+    """Compiled on the 67-token warm-up batch, the AOTInductor kernel serves other sizes with
+    the eager kernel's numbers, and a per-token or per-sequence input of the wrong length is
+    an error, never a read past its end (AOTInductor's C++ wrapper checks no sizes)."""
+    cfg = make_config("grpo", "seq_mean_token_mean", "k3", ("token", "truncate"), variant=1)
+    args = _kernel_args(random_batch(5, max_seqs=12, max_len=40, big_deltas=True), cfg)
+    fn = compiled.aoti_compile(warmup_args(args))
+    for seed, seqs in ((6, 3), (7, 40)):
+        a = _kernel_args(random_batch(seed, max_seqs=seqs, max_len=90, big_deltas=True), cfg)
+        got, want = fn(*a), token_terms(*a)
+        for g, w in zip(got, want, strict=True):
+            assert g.shape == w.shape and g.dtype == w.dtype
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+    t = dict(args[0])
+    t["old"] = t["old"][:-1].clone()
+    with pytest.raises(ValueError, match="inconsistent lengths"):
+        fn(t, *args[1:])
+    t = dict(args[0])
+    t["ylen"] = torch.cat([t["ylen"], t["ylen"][:1]])
+    with pytest.raises(ValueError, match="inconsistent lengths"):
+        fn(t, *args[1:])
 
 
 def test_compiled_kernel_runs_only_where_it_fits() -> None:
