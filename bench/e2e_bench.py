@@ -232,6 +232,7 @@ def serve_variant(port: int, max_message_bytes: int, variant: str, device: str =
 
     from softgate.engine import Engine
     from softgate.grpc.server import GrpcServer
+    from softgate.observability.telemetry import DEFAULT_CPU_SAMPLE_TOKENS
     from softgate.serve import make_telemetry
     from softgate.settings import Settings
     from softgate.telemetry import Telemetry
@@ -274,6 +275,9 @@ def serve_variant(port: int, max_message_bytes: int, variant: str, device: str =
         cached = variant.startswith("cached") or variant == "replay"
         engine: Engine = CachedEngine() if cached else Engine(device=device, compile=True)
         telemetry = make_telemetry(settings) if variant == "cached" else Telemetry()
+        if variant != "cached":  # nothing recorded, but the engine asked for what serve's telemetry reads
+            # (the no-op's default, a 2-token sample, ran a cheaper, differently compiled kernel)
+            telemetry.sample_tokens = DEFAULT_CPU_SAMPLE_TOKENS
         server = GrpcServer(settings, engine, telemetry)
         if variant == "replay":
             server.servicer = Replay(server.servicer)  # type: ignore[assignment]
