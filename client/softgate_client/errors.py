@@ -177,34 +177,35 @@ def parse_status(raw: bytes, code: grpc.StatusCode) -> tuple[str, list[FieldViol
     buf = memoryview(raw)
     status_code, message = 0, ""
     violations: list[FieldViolation] = []
-    debug: list[str] = []
-    detail = ""
+    debug: str | None = None
     for num, wire, _, a, b in _wire.fields(buf):
         if num == 1 and wire == _wire.VARINT:  # Status.code
             status_code = _wire.read_varint(buf, a)[0]
         elif num == 2 and wire == _wire.LEN:  # Status.message
             message = _text(buf[a:b])
-        elif num == 3 and wire == _wire.LEN:  # Status.details: google.protobuf.Any
-            any_fields = {n: buf[x:y] for n, w, _, x, y in _wire.fields(buf, a, b) if w == _wire.LEN}
-            kind, value = _text(any_fields.get(1, b"")), any_fields.get(2, memoryview(b""))
-            if kind == _BAD_REQUEST:  # field_violations = 1: {field = 1, description = 2}
-                for n, w, _, x, y in _wire.fields(value):
-                    if n == 1 and w == _wire.LEN:
-                        fv = {
-                            k: _text(value[p:q])
-                            for k, v, _, p, q in _wire.fields(value, x, y)
-                            if v == _wire.LEN
-                        }
-                        violations.append(FieldViolation(fv.get(1, ""), fv.get(2, "")))
+        elif num == 3 and wire == _wire.LEN:  # Status.details: google.protobuf.Any {type_url = 1, value = 2}
+            any_msg = _strings(buf[a:b])
+            kind, value = _text(any_msg.get(1, [b""])[0]), bytes(any_msg.get(2, [b""])[0])
+            if kind == _BAD_REQUEST:  # field_violations = 1: {field = 1, description = 2, ...}
+                for fv in _strings(value).get(1, []):
+                    f = _strings(fv)
+                    violations.append(FieldViolation(_text(f.get(1, [b""])[0]), _text(f.get(2, [b""])[0])))
             elif kind == _DEBUG_INFO:  # stack_entries = 1, detail = 2
-                for n, w, _, x, y in _wire.fields(value):
-                    if w == _wire.LEN and n == 1:
-                        debug.append(_text(value[x:y]))
-                    elif w == _wire.LEN and n == 2:
-                        detail = _text(value[x:y])
+                d = _strings(value)
+                debug = _text(d[2][0]) if 2 in d else "\n".join(_text(e) for e in d.get(1, []))
     if status_code != code.value[0]:
         return None
-    return message, violations, (detail or "\n".join(debug)) if (detail or debug) else None
+    return message, violations, debug or None
+
+
+def _strings(msg: bytes | memoryview) -> dict[int, list[memoryview]]:
+    """The length-delimited fields of a message, by field number, in order."""
+    buf = memoryview(msg)
+    out: dict[int, list[memoryview]] = {}
+    for num, wire, _, a, b in _wire.fields(buf):
+        if wire == _wire.LEN:
+            out.setdefault(num, []).append(buf[a:b])
+    return out
 
 
 def _text(b: Any) -> str:
