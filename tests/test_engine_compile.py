@@ -12,7 +12,7 @@ import torch
 from softgate.engine import METRIC_NAMES, Engine, compiled
 from softgate.engine.aggregate import sequence_weights
 from softgate.engine.buckets import bucket_codes, bucket_edges
-from softgate.engine.compiled import aot_compile, compile_kernel, compile_mode, fits, kernel_key, warmup_args
+from softgate.engine.compiled import compile_kernel, compile_mode, fits, kernel_key, warmup_args
 from softgate.engine.config import AggregationConfig
 from softgate.engine.kernel import token_terms
 from softgate.engine.loss import compute_loss
@@ -242,7 +242,7 @@ def test_background_compile_switches_to_compiled_with_the_same_numbers() -> None
     compiled_calls = []
 
     def counting_compile(example: Any) -> Any:
-        fn = aot_compile(example)
+        fn = compile_kernel(example)  # as the engine compiles: AOTInductor for this CPU configuration
 
         def counting(*args: Any) -> Any:
             compiled_calls.append(threading.current_thread().name)
