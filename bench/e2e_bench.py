@@ -274,9 +274,11 @@ def serve_variant(port: int, max_message_bytes: int, variant: str, device: str =
         )
         cached = variant.startswith("cached") or variant == "replay"
         engine: Engine = CachedEngine() if cached else Engine(device=device, compile=True)
-        telemetry = make_telemetry(settings) if variant == "cached" else Telemetry()
-        if variant != "cached":  # nothing recorded, but the engine asked for what serve's telemetry reads
-            # (the no-op's default, a 2-token sample, ran a cheaper, differently compiled kernel)
+        if variant == "cached":
+            telemetry = make_telemetry(settings)
+        else:  # nothing recorded, but the engine asked for what serve's telemetry reads (the
+            # no-op's default, a 2-token sample, ran a cheaper, differently compiled kernel)
+            telemetry = Telemetry()
             telemetry.sample_tokens = DEFAULT_CPU_SAMPLE_TOKENS
         server = GrpcServer(settings, engine, telemetry)
         if variant == "replay":

@@ -14,6 +14,11 @@ class FieldViolation:
     reason: str
     index: int | None = None
 
+    @property
+    def code(self) -> str:
+        """The short machine-readable reason code: `reason` up to its first colon."""
+        return self.reason.split(":", 1)[0].strip()
+
     def __str__(self) -> str:
         where = self.field if self.index is None else f"{self.field}[{self.index}]"
         return f"{where}: {self.reason}"
@@ -30,4 +35,4 @@ class InputError(ValueError):
     @property
     def reasons(self) -> list[str]:
         """Short machine-readable reason codes, for the rejected-inputs metric."""
-        return [v.reason.split(":", 1)[0] for v in self.violations]
+        return [v.code for v in self.violations]

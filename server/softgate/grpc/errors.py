@@ -52,7 +52,7 @@ def violation_field(v: FieldViolation) -> str:
 def violation_reason(v: FieldViolation) -> str:
     """BadRequest.FieldViolation.reason: the reason code in UPPER_SNAKE_CASE (AIP-193), e.g.
     NON_FINITE for the description "non_finite: value is NaN"."""
-    return v.reason.split(":", 1)[0].strip().upper()
+    return v.code.upper()
 
 
 def bad_request(err: InputError) -> Failure:
