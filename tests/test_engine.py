@@ -561,30 +561,46 @@ def test_grad_retained_definition():
 EC = None
 
 
+CODES = 1 << 15  # sample_tokens above the batch's size: ratio and gate whole, with their bucket codes
+
+
 @pytest.mark.parametrize(
-    "dtype,name,kl,mm,clamp,agg,adv",
+    "dtype,name,kl,mm,clamp,agg,adv,sample",
     [
-        (F64, "sapo", None, None, 3.0, "seq_mean_token_mean", "rewards"),
-        (F64, "grpo", "k3", ("token", "truncate"), 3.0, "seq_mean_token_mean", "rewards"),
+        (F64, "sapo", None, None, 3.0, "seq_mean_token_mean", "rewards", None),
+        (F64, "grpo", "k3", ("token", "truncate"), 3.0, "seq_mean_token_mean", "rewards", None),
         # the same kernel, another clamp: numbers are kernel inputs, never baked in (a float
         # argument once was, and inductor's cache served the clamp-3 kernel to clamp 20)
-        (F64, "grpo", "k3", ("token", "truncate"), 20.0, "seq_mean_token_mean", "rewards"),
-        (torch.float32, "gspo", None, None, 3.0, "seq_mean_token_mean", "rewards"),
+        (F64, "grpo", "k3", ("token", "truncate"), 20.0, "seq_mean_token_mean", "rewards", None),
+        (torch.float32, "gspo", None, None, 3.0, "seq_mean_token_mean", "rewards", None),
         # one weight for all and per-token advantages: a kernel without per-token sequence ids
-        (torch.float32, "sapo", None, None, 20.0, "token_mean", "token"),
-        (F64, "cispo", "k1", None, 20.0, "seq_mean_token_sum", "sequence"),
+        (torch.float32, "sapo", None, None, 20.0, "token_mean", "token", None),
+        (F64, "cispo", "k1", None, 20.0, "seq_mean_token_sum", "sequence", None),
+        # with bucket codes, as a server calls it: every objective's AOTInductor kernel (its
+        # small buffers on the stack) once more
+        (torch.float32, "sapo", "k3", ("token", "truncate"), 20.0, "seq_mean_token_mean", "token", CODES),
+        (F64, "grpo", "k2", ("sequence", "mask"), 20.0, "token_mean", "rewards", CODES),
+        (torch.float32, "gspo", None, None, 20.0, "seq_mean_token_sum", "sequence", CODES),
+        (torch.float32, "gspo_token", "k1", None, 20.0, "token_sum_norm", "token", CODES),
+        (F64, "gppo", None, ("token", "mask"), 20.0, "seq_mean_token_mean", "sequence", CODES),
+        (torch.float32, "cispo", None, None, 20.0, "token_mean", "token", CODES),
+        (torch.float32, "reinforce", "k3", None, 20.0, "seq_mean_token_mean", "rewards", CODES),
     ],
 )
-def test_compiled_kernel_matches_eager(dtype, name, kl, mm, clamp, agg, adv):
+def test_compiled_kernel_matches_eager(dtype, name, kl, mm, clamp, agg, adv, sample):
     global EC
     EC = EC or Engine(device="cpu", compile=True)
     b = random_batch(17, max_seqs=12, max_len=30, dtype=dtype, big_deltas=True, advantages=adv)
     cfg = make_config(name, agg, kl, mm, variant=1, clamp=clamp)
-    r_e = E.loss(b, cfg)
-    r_c = EC.loss(b, cfg)
+    r_e = E.loss(b, cfg, sample_tokens=sample)
+    r_c = EC.loss(b, cfg, sample_tokens=sample)
     assert EC.kernel.enabled, "compilation fell back to eager"
     tol = 1e-12 if dtype == F64 else 1e-5
     assert_same_result(r_c, r_e, tol)
+    assert r_c.sample_stride == 1 and r_c.ratio_bucket.numel() == (b.logp.numel() if sample else 0)
+    if sample:  # (a value on a bucket edge may round to either side of it in float32)
+        assert torch.equal(r_c.ratio_bucket, r_e.ratio_bucket) or dtype != F64
+        assert r_c.bucket_sums == pytest.approx(r_e.bucket_sums, rel=1e-6, abs=1e-9)
 
 
 @pytest.mark.cuda

@@ -67,6 +67,10 @@ COMPILE_OPTIONS: dict[str, str | int | bool | Callable[..., Any]] = {
     "cpp.dynamic_threads": True,
     "cpp.max_horizontal_fusion_size": 32,
 }
+# AOTInductor's: the same, plus allow_stack_allocation: the kernel's statically sized buffers
+# (its ~28 reductions' 0-d results) live on the C++ stack instead of each being a tensor allocated
+# through torch's allocator on every call (4k tokens, SAPO: the kernel 59 -> 47 us; the same bits)
+AOTI_OPTIONS: dict[str, Any] = {**COMPILE_OPTIONS, "aot_inductor.allow_stack_allocation": True}
 # per-token entries of token_terms' tensor dict; the others are per sequence ([B])
 _PER_TOKEN = ("logp", "old", "m", "ids", "ref", "rollout")
 
@@ -206,7 +210,7 @@ def aoti_compile(example: tuple[Any, ...]) -> Callable[..., Terms]:
         warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations, not ours to act on
         program = export(Kernel(), (t, prm), dynamic_shapes=(shapes, {k: None for k in prm}), strict=False)
         path = torch._inductor.aoti_compile_and_package(
-            program, package_path=os.path.join(tmp, "kernel.pt2"), inductor_configs=dict(COMPILE_OPTIONS)
+            program, package_path=os.path.join(tmp, "kernel.pt2"), inductor_configs=AOTI_OPTIONS
         )
         run = torch._inductor.aoti_load_package(path).loader.run
     tkeys, pkeys = tuple(t), tuple(prm)

@@ -284,7 +284,11 @@ def token_terms(
         clip = clip[:0]
     ratio, gate, clip8 = torch.where(m, ratio, zero + 1), torch.where(m, gate, zero), clip.to(torch.uint8)
     if not codes:
-        return grad, a, ratio, gate, clip8, clip8[:0], clip8[:0], values
+        # two empty tensors of their own, not views of clip8: AOTInductor's stack-allocating
+        # wrapper made an output that views another output from a handle it had already
+        # given away (a segfault)
+        none = torch.empty(0, dtype=torch.uint8, device=logp.device)
+        return grad, a, ratio, gate, clip8, none, none.clone(), values
     rcode, gcode, bsums = bucket_codes(ratio, gate, pos, neg, m, (prm["ratio_edges"], prm["gate_edges"]))
     return grad, a, ratio, gate, clip8, rcode, gcode, torch.cat([values, bsums])
 
