@@ -721,7 +721,7 @@ def main() -> None:
     print()
     print(
         f"16M tokens, {shipped} (the default), {'stream' if base16['streamed'] else 'unary'}: softgate {base16['softgate_mtok_s']:.2f} Mtok/s, "
-        f"echo {base16['echo_mtok_s']:.2f} Mtok/s -> {base16['throughput_ratio'] * 100:.0f}% of echo (target >= 80%)"
+        f"echo {base16['echo_mtok_s']:.2f} Mtok/s -> {base16['throughput_ratio'] * 100:.1f}% of echo (target >= 80%)"
     )
     print(
         f"4k tokens, {shipped}: median latency softgate {base4k['softgate_median_s'] * 1e3:.2f} ms, echo "
