@@ -4,6 +4,7 @@ validation, metrics."""
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import re
 
@@ -587,19 +588,24 @@ CODES = 1 << 15  # sample_tokens above the batch's size: ratio and gate whole, w
         (torch.float32, "reinforce", "k3", None, 20.0, "seq_mean_token_mean", "rewards", CODES),
     ],
 )
-def test_compiled_kernel_matches_eager(dtype, name, kl, mm, clamp, agg, adv, sample):
+def test_compiled_kernel_matches_eager(dtype, name, kl, mm, clamp, agg, adv, sample, caplog):
     global EC
     EC = EC or Engine(device="cpu", compile=True)
     b = random_batch(17, max_seqs=12, max_len=30, dtype=dtype, big_deltas=True, advantages=adv)
     cfg = make_config(name, agg, kl, mm, variant=1, clamp=clamp)
     r_e = E.loss(b, cfg, sample_tokens=sample)
-    r_c = EC.loss(b, cfg, sample_tokens=sample)
+    with caplog.at_level(logging.WARNING, logger="softgate.engine.compiled"):
+        r_c = EC.loss(b, cfg, sample_tokens=sample)
     assert EC.kernel.enabled, "compilation fell back to eager"
+    assert "AOTInductor compile failed" not in caplog.text  # (not sampled: AOTInductor's kernel)
     tol = 1e-12 if dtype == F64 else 1e-5
     assert_same_result(r_c, r_e, tol)
-    assert r_c.sample_stride == 1 and r_c.ratio_bucket.numel() == (b.logp.numel() if sample else 0)
-    if sample:  # (a value on a bucket edge may round to either side of it in float32)
-        assert torch.equal(r_c.ratio_bucket, r_e.ratio_bucket) or dtype != F64
+    n = b.logp.numel()
+    codes = n if sample else 0
+    assert r_c.sample_stride == 1 and r_c.ratio_bucket.numel() == r_c.gate_bucket.numel() == codes
+    if sample:  # the same codes but where a value within an ulp of an edge rounds across it
+        for got, want in ((r_c.ratio_bucket, r_e.ratio_bucket), (r_c.gate_bucket, r_e.gate_bucket)):
+            assert int((got != want).sum()) <= n // 100
         assert r_c.bucket_sums == pytest.approx(r_e.bucket_sums, rel=1e-6, abs=1e-9)
 
 
