@@ -23,27 +23,34 @@ def sequence_weights(cfg: AggregationConfig, ylen: Tensor, dtype: torch.dtype) -
     every sequence (0-d) where the mode's is the same for all (every mode but
     seq_mean_token_mean), so that the kernel needs no per-token sequence id for it."""
     if ylen.device.type == "cpu":  # numpy: these torch ops cost ~50 us a small call (cold)
-        w = _weights(cfg, ylen.numpy().astype(np.float64), np)
+        w = _weights(cfg, ylen.numpy(), np)
         return torch.from_numpy(np.asarray(w)).to(dtype)  # (past float32's range: inf, refused later)
     return torch.as_tensor(_weights(cfg, ylen.to(torch.float64), torch), device=ylen.device).to(dtype)
 
 
+# (total, count, at least 1 of a count, at least 1 of each count): numpy's ufuncs called
+# directly and Python's max on its ints, since numpy's Python-level functions and methods
+# (`clip`, `sum`) cost ~2-17 us each in a small call, a ufunc on a scalar ~2
+_NP_OPS: tuple[Any, ...] = (np.add.reduce, np.count_nonzero, max, np.maximum)
+_TORCH_OPS: tuple[Any, ...] = (torch.sum, torch.count_nonzero, torch.clamp_min, torch.clamp_min)
+
+
 def _weights(cfg: AggregationConfig, yl: Any, xp: Any) -> Any:
-    """The weights of float64 counts `yl`, with `xp` numpy or torch (the same float64 ops: the
-    same bits; the sums are of integers, exact): an array, or one float64 for all."""
+    """The weights of counts `yl` (int64 numpy or float64 torch: the same float64 operations,
+    the same bits; the counts and their sums are exact), with `xp` numpy or torch: an array,
+    or one float64 for all."""
+    total, count, at_least_1, each_at_least_1 = _NP_OPS if xp is np else _TORCH_OPS
     mode = cfg.mode
-    # numpy's clip (a Python-level wrapper) costs ~17 us after an idle millisecond, maximum ~9
-    at_least_1 = np.maximum if xp is np else torch.clamp_min
     if mode == "token_mean":
-        n = float(cfg.num_tokens) if cfg.num_tokens else at_least_1(yl.sum(), 1)
+        n = float(cfg.num_tokens) if cfg.num_tokens else at_least_1(total(yl), 1)
         return 1.0 / xp.asarray(n, dtype=xp.float64)
     if mode == "token_sum_norm":
         assert cfg.constant is not None
         return xp.asarray(1.0 / cfg.constant, dtype=xp.float64)
-    nonempty = yl > 0
-    ns = float(cfg.num_seqs) if cfg.num_seqs else at_least_1(nonempty.sum(), 1)
+    ns = float(cfg.num_seqs) if cfg.num_seqs else at_least_1(count(yl), 1)
     if mode == "seq_mean_token_sum":
         return 1.0 / xp.asarray(ns, dtype=xp.float64)
     if mode == "seq_mean_token_mean":
-        return nonempty / (at_least_1(yl, 1) * ns)  # 1 / (|y_i| N_seq), 0 for an empty sequence
+        # 1 / (|y_i| N_seq), 0 for an empty sequence
+        return xp.true_divide(yl > 0, each_at_least_1(yl, 1) * xp.asarray(ns, dtype=xp.float64))
     raise ValueError(f"unknown aggregation mode {mode!r}")
