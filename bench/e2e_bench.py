@@ -46,7 +46,14 @@ SEQ_LEN = 1024
 # requests below SMALL_MAX_TOKENS are timed in alternating blocks of SMALL_BLOCK calls (see worker)
 SMALL_MAX_TOKENS = 1 << 20
 SMALL_BLOCK = 25
-SERVER_VARIANTS = ("cached", "notelemetry", "cached-notelemetry", "replay")  # see serve_variant
+SERVER_VARIANTS = (
+    "cached",
+    "notelemetry",
+    "cached-notelemetry",
+    "replay",
+    "admission",
+    "decode",
+)  # serve_variant
 ALLOCATORS = {
     "glibc": None,
     "jemalloc": ("libjemalloc2", ["libjemalloc.so.2"]),
@@ -226,11 +233,16 @@ def serve_variant(port: int, max_message_bytes: int, variant: str, device: str =
     the compiled engine with no telemetry, so the rows show what recording the metrics costs.
     "cached-notelemetry": both. "replay": no servicer at all, ComputeLoss answers a request of
     a size it has seen with the bytes it answered then (bench/latency_ladder.py: what the
-    client and the message sizes cost over the echo)."""
+    client and the message sizes cost over the echo). Between replay and cached-notelemetry
+    (the ladder's finer rows): "admission", the servicer's ComputeLoss (admission, deadline,
+    inline run, accounting) around the answer its `_loss` gave first for the size, so no
+    decoding; "decode", cached-notelemetry whose response is the first one encoded for the
+    size, so no encoding."""
     import asyncio
     import signal
 
     from softgate.engine import Engine
+    from softgate.grpc import codec
     from softgate.grpc.server import GrpcServer
     from softgate.observability.telemetry import DEFAULT_CPU_SAMPLE_TOKENS
     from softgate.serve import make_telemetry
@@ -247,6 +259,18 @@ def serve_variant(port: int, max_message_bytes: int, variant: str, device: str =
             if key not in self.cache:
                 self.cache[key] = super().loss(batch, config, **kw)
             return self.cache[key]
+
+    def first_answer(fn: Any, size: Any) -> Any:
+        """`fn`, answering every call after the first of a size with that first call's answer."""
+        answers: dict[Any, Any] = {}
+
+        def answer(*args: Any) -> Any:
+            key = size(*args)
+            if key not in answers:
+                answers[key] = fn(*args)
+            return answers[key]
+
+        return answer
 
     class Replay:
         """ComputeLoss through the servicer once per request size, then the same bytes back."""
@@ -272,7 +296,7 @@ def serve_variant(port: int, max_message_bytes: int, variant: str, device: str =
             warmup=False,
             max_message_bytes=max_message_bytes,
         )
-        cached = variant.startswith("cached") or variant == "replay"
+        cached = variant.startswith("cached") or variant in ("replay", "admission", "decode")
         engine: Engine = CachedEngine() if cached else Engine(device=device, compile=True)
         if variant == "cached":
             telemetry = make_telemetry(settings)
@@ -283,6 +307,13 @@ def serve_variant(port: int, max_message_bytes: int, variant: str, device: str =
         server = GrpcServer(settings, engine, telemetry)
         if variant == "replay":
             server.servicer = Replay(server.servicer)  # type: ignore[assignment]
+        elif variant == "admission":
+            loss = first_answer(server.servicer._loss, lambda request, *_: request.ByteSize())
+            server.servicer._loss = loss  # type: ignore[method-assign]
+        elif variant == "decode":
+            codec.encode_loss_response = first_answer(
+                codec.encode_loss_response, lambda result, *_: result.grad.numel()
+            )
         await server.start()
         await server.set_serving(True)
         stop_ev = asyncio.Event()

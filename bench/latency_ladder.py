@@ -4,7 +4,7 @@ other processes hits every row alike; the rotation's order is shuffled every rou
 order made the second of two identical servers 0.12 ms slower). Each row is the median over
 the echo's median.
 
-    python bench/latency_ladder.py                     # 4096 tokens, 40 rounds (~1.5 min)
+    python bench/latency_ladder.py                     # 4096 tokens, 40 rounds (~2 min)
     python bench/latency_ladder.py --tokens 65536 --rounds 20
     python bench/latency_ladder.py --device cuda       # the engine on the GPU (bench/device_check.sh ladder)
     python bench/latency_ladder.py --against f00bff0   # + `softgate serve` of that revision (a git worktree)
@@ -12,7 +12,11 @@ the echo's median.
 Rows (the same SAPO call through SoftgateClient as bench/e2e_bench.py, tcmalloc preloaded
 when installed, as `softgate serve` runs):
 - replay: ComputeLoss answers with bytes it answered before: the client and the message sizes.
-- cached-notelemetry: + the servicer and codec (the engine returns a result it computed before).
+- admission: + the servicer's ComputeLoss around a `_loss` that answers what it answered
+  before: admission, the deadline, the inline run, the accounting (no decoding).
+- decode: + decoding the batch and configuration (the engine returns a result it computed
+  before; the response is the one encoded first).
+- cached-notelemetry: + encoding the response: the whole servicer and codec.
 - notelemetry: + the compiled engine.
 - serve: `softgate serve --compile`: + the telemetry it records.
 Each row adds one layer to the row above; the difference between them is what it costs.
@@ -39,7 +43,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import e2e_bench as E  # noqa: E402
 
-RUNGS = ("replay", "cached-notelemetry", "notelemetry", "serve")
+RUNGS = ("replay", "admission", "decode", "cached-notelemetry", "notelemetry", "serve")
 BLOCK = 25
 
 
