@@ -28,9 +28,10 @@ def sequence_weights(cfg: AggregationConfig, ylen: Tensor, dtype: torch.dtype) -
     return torch.as_tensor(_weights(cfg, ylen.to(torch.float64), torch), device=ylen.device).to(dtype)
 
 
-# (total, count, at least 1 of a count, at least 1 of each count): numpy's ufuncs called
-# directly and Python's max on its ints, since numpy's Python-level functions and methods
-# (`clip`, `sum`) cost ~2-17 us each in a small call, a ufunc on a scalar ~2
+# (total, count of non-empty sequences (counts are >= 0: nonzero is non-empty), at least 1 of
+# a count, at least 1 of each count): numpy's ufuncs called directly and Python's max on its
+# ints, since numpy's Python-level functions and methods (`clip`, `sum`) cost ~2-17 us each in
+# a small call, a ufunc on a scalar ~2
 _NP_OPS: tuple[Any, ...] = (np.add.reduce, np.count_nonzero, max, np.maximum)
 _TORCH_OPS: tuple[Any, ...] = (torch.sum, torch.count_nonzero, torch.clamp_min, torch.clamp_min)
 
