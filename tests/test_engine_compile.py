@@ -48,17 +48,6 @@ def test_compile_mode(monkeypatch: pytest.MonkeyPatch) -> None:
     assert Engine(device="cpu", compile=False).compile is False
 
 
-def _kernel_args(batch: Any, cfg: Any) -> tuple[Any, ...]:
-    seen: list[tuple[Any, ...]] = []
-
-    def grab(*args: Any) -> Any:
-        seen.append(args)
-        return token_terms(*args)
-
-    compute_loss(batch, cfg, kernel=grab)
-    return seen[0]
-
-
 @pytest.mark.parametrize("name", OBJECTIVE_NAMES)
 @pytest.mark.parametrize(
     "kl,mm,adv",
@@ -319,15 +308,29 @@ def test_cpu_kernels_not_sampled_compile_with_aoti_the_rest_with_dynamo(
     assert calls == ["aoti", "dynamo", "dynamo"]
 
 
-def test_aoti_kernel_equals_eager_at_other_sizes_and_refuses_inconsistent_lengths() -> None:
+@pytest.fixture(scope="module", params=[None, 1 << 15], ids=["no-codes", "codes"])
+def aoti_kernel(request: pytest.FixtureRequest) -> tuple[Any, tuple[Any, ...], Any]:
+    """An AOTInductor kernel compiled on the warm-up batch of a configuration (with or without
+    the histogram codes, as the server asks for them: `sample_tokens`), the arguments of a
+    batch of that configuration, and a function giving another batch's arguments."""
+    cfg = make_config("grpo", "seq_mean_token_mean", "k3", ("token", "truncate"), variant=1)
+
+    def kernel_args(batch: Any) -> tuple[Any, ...]:
+        return _kernel_args(batch, cfg, sample_tokens=request.param)
+
+    args = kernel_args(random_batch(5, max_seqs=12, max_len=40, big_deltas=True))
+    return compiled.aoti_compile(warmup_args(args)), args, kernel_args
+
+
+def test_aoti_kernel_equals_eager_at_other_sizes_and_refuses_inconsistent_lengths(
+    aoti_kernel: tuple[Any, tuple[Any, ...], Any],
+) -> None:
     """Compiled on the 67-token warm-up batch, the AOTInductor kernel serves other sizes with
     the eager kernel's numbers, and a per-token or per-sequence input of the wrong length is
     an error, never a read past its end (AOTInductor's C++ wrapper checks no sizes)."""
-    cfg = make_config("grpo", "seq_mean_token_mean", "k3", ("token", "truncate"), variant=1)
-    args = _kernel_args(random_batch(5, max_seqs=12, max_len=40, big_deltas=True), cfg)
-    fn = compiled.aoti_compile(warmup_args(args))
+    fn, args, kernel_args = aoti_kernel
     for seed, seqs in ((6, 3), (7, 40)):
-        a = _kernel_args(random_batch(seed, max_seqs=seqs, max_len=90, big_deltas=True), cfg)
+        a = kernel_args(random_batch(seed, max_seqs=seqs, max_len=90, big_deltas=True))
         got, want = fn(*a), token_terms(*a)
         for g, w in zip(got, want, strict=True):
             assert g.shape == w.shape and g.dtype == w.dtype
@@ -340,6 +343,24 @@ def test_aoti_kernel_equals_eager_at_other_sizes_and_refuses_inconsistent_length
     t["ylen"] = torch.cat([t["ylen"], t["ylen"][:1]])
     with pytest.raises(ValueError, match="inconsistent lengths"):
         fn(t, *args[1:])
+
+
+def test_aoti_kernel_outputs_are_fresh_tensors_on_every_call(
+    aoti_kernel: tuple[Any, tuple[Any, ...], Any],
+) -> None:
+    """No output comes from a buffer of the calling thread: AOTInductor returns an output of a
+    constant size (the values vector, empty codes) as the same tensor on every call of a
+    thread, whose exit then takes the GIL to free it, and a pool thread exiting while the
+    interpreter finalised aborted `softgate serve` after SIGTERM (std::terminate, -6)."""
+    fn, args, _ = aoti_kernel
+
+    def call() -> tuple[Any, ...]:  # on copies: no output can be an input
+        return fn({k: v.clone() for k, v in args[0].items()}, *args[1:])
+
+    first, again = call(), call()
+    for x, y in zip(first, again, strict=True):
+        assert x is not y and x.numel() > 0 and x.data_ptr() != y.data_ptr()
+    torch.testing.assert_close(first[7], again[7], rtol=0, atol=0)
 
 
 def test_compiled_kernel_runs_only_where_it_fits() -> None:

@@ -151,15 +151,16 @@ def token_terms(
 ) -> Terms:
     """All per-token work: (grad, advantages, ratio, gate, clip_mask, ratio_bucket,
     gate_bucket, values), the bucket codes those of buckets.bucket_codes, the values one
-    float64 vector in kernel_layout's order (token sums, token counts, sequence terms).
+    float64 vector in kernel_layout's order (token sums, token counts, sequence terms),
+    followed by B zeros (see the end).
 
     `stride` > 1: ratio and gate (and their codes) come back for tokens 0, stride,
     2 stride, ... only (a dashboard's sample) and the clip mask empty. On the CPU, writing
     those three [N] outputs took more time than all the rest of the fused loop (16M tokens,
     SAPO: 132 -> 52 ms without them), and most requests ask for the gradient alone.
 
-    `codes`: also the bucket codes of the ratio and gate that come back (else both empty),
-    and their sums per sign after the values (buckets.BUCKET_SUMS).
+    `codes`: also the bucket codes of the ratio and gate that come back (else B zeros each,
+    not codes), and their sums per sign after the values (buckets.BUCKET_SUMS).
     Compiled, they cost ~2 ms per million tokens on 2 CPU cores (46 compares a token), nearly
     as much as the rest of the loop, so compute_loss asks for them only when ratio and gate
     are the few tokens telemetry buckets anyway.
@@ -283,14 +284,20 @@ def token_terms(
         gate, pos, neg, zero = pt_s.gate, m & (a_s > 0), m & (a_s < 0), torch.zeros_like(ratio)
         clip = clip[:0]
     ratio, gate, clip8 = torch.where(m, ratio, zero + 1), torch.where(m, gate, zero), clip.to(torch.uint8)
+    # Every output is as long as the batch, the values too (followed by B zeros): AOTInductor
+    # returns an output of a constant size from a buffer of the calling thread, the same
+    # tensor on every call of that thread, and when that thread exits, freeing the buffer
+    # takes the GIL; a pool thread that exited while the interpreter finalised aborted
+    # `softgate serve` after SIGTERM ("terminate called without an active exception").
+    pad = torch.zeros_like(t["ylen"], dtype=torch.float64)
     if not codes:
-        # two empty tensors of their own, not views of clip8: AOTInductor's stack-allocating
+        # two outputs of their own, not views of clip8: AOTInductor's stack-allocating
         # wrapper made an output that views another output from a handle it had already
         # given away (a segfault)
-        none = torch.empty(0, dtype=torch.uint8, device=logp.device)
-        return grad, a, ratio, gate, clip8, none, none.clone(), values
+        none = torch.zeros_like(t["ylen"], dtype=torch.uint8)
+        return grad, a, ratio, gate, clip8, none, none.clone(), torch.cat([values, pad])
     rcode, gcode, bsums = bucket_codes(ratio, gate, pos, neg, m, (prm["ratio_edges"], prm["gate_edges"]))
-    return grad, a, ratio, gate, clip8, rcode, gcode, torch.cat([values, bsums])
+    return grad, a, ratio, gate, clip8, rcode, gcode, torch.cat([values, bsums, pad])
 
 
 def per_token(t: dict[str, Tensor], name: str, ids: Tensor | None) -> Tensor:

@@ -90,6 +90,12 @@ def _cast(x: Tensor, dtype: torch.dtype, device: torch.device | None = None) -> 
     return x.to(dtype=dtype, device=device)
 
 
+@functools.lru_cache(maxsize=8)
+def _no_codes(device: torch.device) -> Tensor:
+    """LossResult's bucket codes when the kernel wrote none: one empty tensor per device."""
+    return torch.empty(0, dtype=torch.uint8, device=device)
+
+
 def _compute_loss(
     batch: Batch, config: LossConfig, validate: bool, kernel: TokenTerms | None, sample_tokens: int | None
 ) -> LossResult:
@@ -191,12 +197,13 @@ def _compute_loss(
     names = _value_names(
         kind, seq_ratio, adv_per_token, config.kl is not None, mm is not None, "dual" in prm, codes
     )
-    names += tuple(extra)
-    if extra:
-        vals = torch.cat([vals, torch.stack(list(extra.values()))])
-    s = derived_terms(
-        dict(zip(names, vals.cpu().tolist(), strict=True)), kind, config.kl is not None, mm is not None
-    )
+    if extra:  # (the kernel's values are followed by B zeros: see token_terms)
+        vals = torch.cat([vals[: len(names)], torch.stack(list(extra.values()))])
+        names += tuple(extra)
+    got = vals.cpu().tolist()[: len(names)]
+    s = derived_terms(dict(zip(names, got, strict=True)), kind, config.kl is not None, mm is not None)
+    if not codes:  # the kernel's code outputs are placeholders
+        rcode = gcode = _no_codes(dev)
 
     if validate and s["bad"] > 0:
         check(batch, config)  # raises, naming the field, the first bad token and the reason
