@@ -712,14 +712,18 @@ def test_cuda_results_are_the_same_bits_on_every_call():
 
 
 def test_inputs_with_autograd_graph():
-    """A trainer passes its live logp: no graph is recorded, logp.backward(grad) applies it."""
+    """A trainer passes its live logp: no graph is recorded, logp.backward(grad) applies it;
+    the same with the caller's grad mode off, which the engine leaves as it found it."""
     b = random_batch(9, max_seqs=5, max_len=6, advantages="sequence")
     params = b.logp.clone().requires_grad_(True)
     live = params * 1.0
     b.logp = live
-    for eng in (E,):
-        res = eng.loss(b, make_config("sapo", "token_mean", "k3", None))
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            res = E.loss(b, make_config("sapo", "token_mean", "k3", None))
+            assert torch.is_grad_enabled() is grad
         assert res.grad.grad_fn is None and not res.grad.requires_grad
+        params.grad = None
         live.backward(res.grad, retain_graph=True)
         torch.testing.assert_close(params.grad, res.grad)
 

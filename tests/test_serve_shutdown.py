@@ -32,3 +32,24 @@ def test_exit_does_not_wait_forever_for_a_background_compile(monkeypatch: pytest
 
     assert asyncio.run(go()) == 0
     assert waited == [serve.COMPILE_EXIT_WAIT_S] and serve._exit_now["hard"] is True
+
+
+def test_run_serves_with_grad_off_and_restores_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`run` serves with autograd off in its thread (the engine then skips its no_grad
+    contexts) and leaves an embedding caller's grad mode as it found it."""
+    import softgate.serve as serve
+    import torch
+
+    seen: list[bool] = []
+
+    async def fake_serve(settings: Settings) -> int:
+        seen.append(torch.is_grad_enabled())
+        return 0
+
+    monkeypatch.setattr(serve, "serve", fake_serve)
+    settings = Settings(grpc_host="127.0.0.1", grpc_port=0, admin_port=None, device="cpu", warmup=False)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            assert serve.run(settings) == 0
+            assert torch.is_grad_enabled() is grad
+    assert seen == [False, False]

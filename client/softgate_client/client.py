@@ -581,7 +581,7 @@ class SoftgateClient:
             policy=self.retry_policy,
             timeout=self._timeout(timeout),
         )
-        return AdvantagesResult(advantages=_array(resp.advantages), metrics=dict(resp.metrics))
+        return AdvantagesResult(advantages=_array(resp.advantages), metrics=_metrics(resp.metrics))
 
     def loss(
         self,
@@ -715,6 +715,12 @@ def _requested(sel: pb.OutputSelection) -> list[str]:
     return names
 
 
+def _metrics(m: Any) -> dict[str, float]:
+    """A response's metrics map as a dict: key by key, since `dict(m)` walks protobuf's map
+    through collections.abc's Python-level iterator (33 metrics: 10.7 -> 6.3 us)."""
+    return {k: m[k] for k in m}
+
+
 def _result(
     loss: float,
     policy_loss: float,
@@ -735,7 +741,7 @@ def _result(
         policy_loss=float(policy_loss),
         kl_loss=float(kl_loss),
         grad=grad if grad is not None else np.zeros(0, np.float32),
-        metrics=dict(metrics),
+        metrics=_metrics(metrics),
         advantages=shaped("advantages"),
         ratio=shaped("ratio"),
         gate_weight=shaped("gate_weight"),

@@ -69,6 +69,8 @@ def compute_loss(
     tensors in the compute dtype (validation.compute_dtype). `kernel` replaces `token_terms`
     (the Engine passes its compiled version). Inputs that require grad are fine: nothing here
     records an autograd graph, and `logp.backward(result.grad)` applies the gradient."""
+    if not torch.is_grad_enabled():  # (a server's threads run with grad off: no ~2 us context)
+        return _compute_loss(batch, config, validate, kernel, sample_tokens)
     with torch.no_grad():
         return _compute_loss(batch, config, validate, kernel, sample_tokens)
 

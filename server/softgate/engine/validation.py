@@ -452,11 +452,13 @@ def check(batch: Batch, config: LossConfig, *, token_values: bool = True) -> Non
     """Raise InputError listing every violation of `config` and `batch`. `token_values=False`:
     see validate_batch; when anything else is wrong, the values are checked too, so that the
     error still lists every violation."""
-    with torch.no_grad():
-        v = validate_config(config)
-        vb = validate_batch(batch, config, token_values=token_values)
-        if (v or vb) and not token_values:  # list the token values' violations too
-            vb = validate_batch(batch, config)
+    if torch.is_grad_enabled():  # (compute_loss calls it with grad off: no ~2 us context)
+        with torch.no_grad():
+            return check(batch, config, token_values=token_values)
+    v = validate_config(config)
+    vb = validate_batch(batch, config, token_values=token_values)
+    if (v or vb) and not token_values:  # list the token values' violations too
+        vb = validate_batch(batch, config)
     v += vb
     if v:
         raise InputError(v)
