@@ -47,6 +47,7 @@ def test_run_serves_with_grad_off_and_restores_it(monkeypatch: pytest.MonkeyPatc
         return 0
 
     monkeypatch.setattr(serve, "serve", fake_serve)
+    monkeypatch.setattr(serve, "configure", lambda *a: None)  # (the test process's logging stays)
     settings = Settings(grpc_host="127.0.0.1", grpc_port=0, admin_port=None, device="cpu", warmup=False)
     for grad in (True, False):
         with torch.set_grad_enabled(grad):
