@@ -199,10 +199,11 @@ def _compute_loss(
     names = _value_names(
         kind, seq_ratio, adv_per_token, config.kl is not None, mm is not None, "dual" in prm, codes
     )
-    if extra:  # (the kernel's values are followed by B zeros: see token_terms)
-        vals = torch.cat([vals[: len(names)], torch.stack(list(extra.values()))])
+    vals = vals[: len(names)]  # (the kernel's values are followed by B zeros: see token_terms)
+    if extra:
+        vals = torch.cat([vals, torch.stack(list(extra.values()))])
         names += tuple(extra)
-    got = vals.cpu().tolist()[: len(names)]
+    got = vals.cpu().tolist()
     s = derived_terms(dict(zip(names, got, strict=True)), kind, config.kl is not None, mm is not None)
     if not codes:  # the kernel's code outputs are placeholders
         rcode = gcode = _no_codes(dev)
