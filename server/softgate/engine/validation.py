@@ -452,9 +452,13 @@ def check(batch: Batch, config: LossConfig, *, token_values: bool = True) -> Non
     """Raise InputError listing every violation of `config` and `batch`. `token_values=False`:
     see validate_batch; when anything else is wrong, the values are checked too, so that the
     error still lists every violation."""
-    if torch.is_grad_enabled():  # (compute_loss calls it with grad off: no ~2 us context)
-        with torch.no_grad():
-            return check(batch, config, token_values=token_values)
+    if not torch.is_grad_enabled():  # (compute_loss calls it with grad off: no ~2 us context)
+        return _check(batch, config, token_values)
+    with torch.no_grad():
+        return _check(batch, config, token_values)
+
+
+def _check(batch: Batch, config: LossConfig, token_values: bool) -> None:
     v = validate_config(config)
     vb = validate_batch(batch, config, token_values=token_values)
     if (v or vb) and not token_values:  # list the token values' violations too
