@@ -363,6 +363,34 @@ def test_aoti_kernel_outputs_are_fresh_tensors_on_every_call(
     torch.testing.assert_close(first[7], again[7], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("sample_tokens", [None, 8], ids=["aoti", "dynamo"])
+def test_compiled_kernels_store_the_gradient_in_grad_out(sample_tokens: int | None) -> None:
+    """With grad_out in its dict, a compiled kernel (AOTInductor's, and dynamo's for a sampled
+    configuration) returns that tensor as the gradient, filled, and everything else as eager."""
+    batch = random_batch(11, max_seqs=30, max_len=40)
+    args = _kernel_args(batch, make_config("sapo", "seq_mean_token_mean", None, None), sample_tokens)
+    out = torch.full_like(args[0]["logp"], float("nan"))
+    with_out = ({**args[0], "grad_out": out}, *args[1:])
+    got, want = compile_kernel(warmup_args(with_out))(*with_out), token_terms(*args)
+    assert got[0].data_ptr() == out.data_ptr()
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+
+
+def test_compute_loss_writes_the_gradient_into_grad_out() -> None:
+    batch = random_batch(12, max_seqs=30, max_len=40)
+    cfg = make_config("grpo", "token_mean", "k3", None)
+    want = compute_loss(batch, cfg)
+    out = torch.full_like(want.grad, float("nan"))
+    got = compute_loss(batch, cfg, grad_out=out)
+    assert got.grad.data_ptr() == out.data_ptr() and torch.equal(out, want.grad)
+    assert got.metrics == want.metrics and got.loss == want.loss
+    for bad in (out[:-1], out.half(), torch.empty(2 * out.numel(), dtype=out.dtype)[::2]):
+        with pytest.raises(ValueError, match="grad_out must be a contiguous"):
+            compute_loss(batch, cfg, grad_out=bad)
+
+
 def test_compiled_kernel_runs_only_where_it_fits() -> None:
     """Compiled kernels run without dynamo's guard check: sizes it would have turned away run
     eager (fits), strided inputs are made contiguous; results are the eager engine's."""

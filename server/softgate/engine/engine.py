@@ -66,16 +66,31 @@ class Engine:
         }
         return dataclasses.replace(batch, **moved) if moved else batch  # type: ignore[arg-type]
 
-    def loss(self, batch: Batch, config: LossConfig, *, sample_tokens: int | None = None) -> LossResult:
+    def loss(
+        self,
+        batch: Batch,
+        config: LossConfig,
+        *,
+        sample_tokens: int | None = None,
+        grad_out: Tensor | None = None,
+    ) -> LossResult:
         """Validate, move to the device, compute loss + exact per-token gradient + metrics.
-        `sample_tokens`: see `compute_loss` (a server passes it when no ratio, gate weight or
-        clip mask was asked for)."""
-        return self._loss(batch, config, self.kernel, sample_tokens)
+        `sample_tokens`, `grad_out`: see `compute_loss` (a server passes the first when no
+        ratio, gate weight or clip mask was asked for, the second to write the gradient
+        straight into its response)."""
+        return self._loss(batch, config, self.kernel, sample_tokens, grad_out)
 
     def _loss(
-        self, batch: Batch, config: LossConfig, kernel: TokenTerms, sample_tokens: int | None = None
+        self,
+        batch: Batch,
+        config: LossConfig,
+        kernel: TokenTerms,
+        sample_tokens: int | None = None,
+        grad_out: Tensor | None = None,
     ) -> LossResult:
-        return compute_loss(self._to_device(batch), config, kernel=kernel, sample_tokens=sample_tokens)
+        return compute_loss(
+            self._to_device(batch), config, kernel=kernel, sample_tokens=sample_tokens, grad_out=grad_out
+        )
 
     def wait_compiled(self, timeout: float | None = None) -> bool:
         """Block until no background compile is queued or running (tests, benchmarks)."""

@@ -179,7 +179,9 @@ def token_terms(
     rollout or lvseq (mismatch, token or sequence level). A per-sequence w, adv, sratio or
     lvseq may come expanded to its tokens instead, as w_tok, adv_tok, ... (per_token; then
     there is no ids): the CPU engine expands them on the host, since inductor's CPU code
-    gathers lane by lane."""
+    gathers lane by lane. With grad_out ([N], compute_loss's) the gradient is stored there
+    and returned as it: compiled, by the fused loop itself (16M tokens: ~10 ms less than the
+    kernel's own [N] gradient and a copy of it into a server's response)."""
     sum_names, count_names, seq_names = kernel_layout(
         kind, seq_ratio, adv_per_token, kl is not None, mismatch is not None, "dual" in prm
     )
@@ -290,6 +292,8 @@ def token_terms(
     # takes the GIL; a pool thread that exited while the interpreter finalised aborted
     # `softgate serve` after SIGTERM ("terminate called without an active exception").
     pad = torch.zeros_like(t["ylen"], dtype=torch.float64)
+    if "grad_out" in t:
+        grad = t["grad_out"].copy_(grad)
     if not codes:
         # two outputs of their own, not views of clip8: AOTInductor's stack-allocating
         # wrapper made an output that views another output from a handle it had already

@@ -52,6 +52,7 @@ def compute_loss(
     validate: bool = True,
     kernel: TokenTerms | None = None,
     sample_tokens: int | None = None,
+    grad_out: Tensor | None = None,
 ) -> LossResult:
     """Loss, exact per-token gradient d loss / d logp, per-token terms and metrics of one batch.
 
@@ -68,11 +69,16 @@ def compute_loss(
     All tensors of `batch` must be on one device; results are on that device, per-token
     tensors in the compute dtype (validation.compute_dtype). `kernel` replaces `token_terms`
     (the Engine passes its compiled version). Inputs that require grad are fine: nothing here
-    records an autograd graph, and `logp.backward(result.grad)` applies the gradient."""
+    records an autograd graph, and `logp.backward(result.grad)` applies the gradient.
+
+    `grad_out`: a contiguous [N] tensor of the compute dtype on the batch's device that the
+    gradient is written into (the kernel's loop stores it there: no [N] tensor of its own and
+    no copy after); `result.grad` is then `grad_out`. A server gives it the bytes of the
+    response it will send."""
     if not torch.is_grad_enabled():  # (a server's threads run with grad off: no ~2 us context)
-        return _compute_loss(batch, config, validate, kernel, sample_tokens)
+        return _compute_loss(batch, config, validate, kernel, sample_tokens, grad_out)
     with torch.no_grad():
-        return _compute_loss(batch, config, validate, kernel, sample_tokens)
+        return _compute_loss(batch, config, validate, kernel, sample_tokens, grad_out)
 
 
 @functools.lru_cache(maxsize=256)
@@ -99,7 +105,12 @@ def _no_codes(device: torch.device) -> Tensor:
 
 
 def _compute_loss(
-    batch: Batch, config: LossConfig, validate: bool, kernel: TokenTerms | None, sample_tokens: int | None
+    batch: Batch,
+    config: LossConfig,
+    validate: bool,
+    kernel: TokenTerms | None,
+    sample_tokens: int | None,
+    grad_out: Tensor | None,
 ) -> LossResult:
     if validate:
         check(batch, config, token_values=False)  # the kernel checks the token values
@@ -176,6 +187,18 @@ def _compute_loss(
                 del t[k]
     elif gathered:
         t["ids"] = seg.ids  # the sequence id of every token, for the gathers
+    if grad_out is not None:
+        if (
+            grad_out.shape != (n,)
+            or grad_out.dtype != dt
+            or grad_out.device != dev
+            or not grad_out.is_contiguous()
+        ):
+            raise ValueError(
+                f"grad_out must be a contiguous [{n}] {dt} tensor on {dev}; got {tuple(grad_out.shape)} "
+                f"{grad_out.dtype} on {grad_out.device}"
+            )
+        t["grad_out"] = grad_out
     prm = kernel_params(config, dt, dev)
     stride = 1
     if sample_tokens is not None and dev.type == "cpu" and n > sample_tokens:
