@@ -207,19 +207,22 @@ def _varint(n: int) -> bytes:
 
 
 def _result(n: int = 64, dtype: torch.dtype = torch.float32) -> Any:
+    return Engine(device="cpu").loss(_batch(n, dtype), LossConfig(objective=Sapo()))
+
+
+def _batch(n: int, dtype: torch.dtype = torch.float32) -> Batch:
     g = torch.Generator().manual_seed(n)
     logp = -torch.rand(n, generator=g, dtype=dtype) - 0.5
     old = logp + 0.05 * torch.randn(n, generator=g, dtype=dtype).clamp(-2, 2)
     off = torch.tensor([0, n // 3, n // 3, n], dtype=torch.int64)
     mask = torch.rand(n, generator=g) > 0.2
-    batch = Batch(
+    return Batch(
         logp=logp,
         old_logp=old,
         offsets=off,
         mask=mask,
         advantages=torch.tensor([1.0, -0.5, 2.0], dtype=dtype),
     )
-    return Engine(device="cpu").loss(batch, LossConfig(objective=Sapo()))
 
 
 ALL = ("gradient", "advantages", "ratio", "gate_weight", "clip_mask", "mask")
@@ -265,6 +268,75 @@ def test_encoded_stream_responses_equal_protobuf() -> None:
     for p, e in zip(plain, enc, strict=True):
         assert isinstance(e, codec.Encoded)
         assert pb.StreamLossResponse.FromString(e.data) == p
+
+
+def _padding_cleared(msg: Any) -> Any:
+    msg.outputs.gradient.ClearField("padding")
+    return msg
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [40, 5000, 70000])
+def test_a_gradient_response_written_in_place_equals_the_encoded_one(dtype: torch.dtype, n: int) -> None:
+    from softgate.engine.metrics import METRIC_NAMES
+    from softgate.grpc.response_buffer import GradientResponse
+    from softgate_client import _wire
+
+    result = _result(n, dtype)
+    out = GradientResponse(n, dtype)
+    assert out.grad.data_ptr() % _wire.ALIGN == 0 and out.grad.dtype == dtype and out.grad.shape == (n,)
+    again = Engine(device="cpu").loss(_batch(n, dtype), LossConfig(objective=Sapo()), grad_out=out.grad)
+    assert again.grad.data_ptr() == out.grad.data_ptr()
+    got = out.encode(again)
+    want = codec.encode_loss_response(result, result, ("gradient",))
+    assert tuple(result.metrics) == tuple(METRIC_NAMES)
+    parsed = pb.ComputeLossResponse.FromString(got.data)
+    assert _padding_cleared(parsed) == pb.ComputeLossResponse.FromString(want.data)
+    assert codec.serializer(pb.ComputeLossResponse)(got) is got.data
+    # the gradient's bytes start at a multiple of 16 in the message (Tensor.padding), and the
+    # client reads the response either way
+    data_at = got.data.index(result.grad.numpy().tobytes())
+    assert data_at % _wire.ALIGN == 0
+    _, arrays = _wire.split_response(got.data, 5, pb.ComputeLossResponse)
+    assert np.array_equal(arrays["gradient"], result.grad.numpy())
+
+
+def test_a_gradient_response_copies_a_gradient_the_engine_kept_and_encodes_other_results() -> None:
+    import dataclasses
+    import gc
+
+    from softgate.grpc.response_buffer import GradientResponse
+
+    result = _result(64)
+    out = GradientResponse(64, torch.float32)
+    got = out.encode(result)  # the engine wrote its gradient elsewhere: copied in
+    assert pb.ComputeLossResponse.FromString(got.data).outputs.gradient.data == result.grad.numpy().tobytes()
+    # a result that is not a gradient response of this shape: the usual encoding
+    other = dataclasses.replace(result, metrics={"loss": result.loss})
+    assert GradientResponse(64, torch.float32).encode(other).data == codec.encode_loss_response(
+        other, other, ("gradient",)
+    ).data
+    short = dataclasses.replace(result, grad=result.grad[:10])
+    assert len(GradientResponse(64, torch.float32).encode(short).data) < len(got.data)
+    # the gradient tensor keeps the response's bytes alive
+    grad = GradientResponse(64, torch.float32).grad
+    gc.collect()
+    grad.fill_(2.5)
+    assert torch.all(grad == 2.5)
+
+
+def test_only_large_gradient_only_calls_of_a_cpu_engine_are_written_in_place() -> None:
+    from softgate.grpc.response_buffer import gradient_response
+
+    batch = _batch(5000, torch.float32)
+    assert gradient_response(batch, ("gradient",), "cpu", 4096) is not None
+    assert gradient_response(batch, ("gradient",), "cpu", 5000) is None  # not sampled
+    assert gradient_response(batch, ("gradient",), "cpu", None) is None
+    assert gradient_response(batch, ("gradient", "ratio"), "cpu", 4096) is None
+    assert gradient_response(batch, (), "cpu", 4096) is None
+    assert gradient_response(batch, ("gradient",), "meta", 4096) is None
+    f64 = gradient_response(_batch(5000, torch.float64), ("gradient",), "cpu", 4096)
+    assert f64 is not None and f64.grad.dtype == torch.float64
 
 
 @pytest.mark.parametrize("names", [("gradient",), ALL, ()])

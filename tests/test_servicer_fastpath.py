@@ -179,8 +179,10 @@ def test_trust_region_outputs_are_whole_only_when_asked(inprocess_server: Any) -
         plain = c.loss(logp, old, **kw)
         asked = c.loss(logp, old, outputs=("ratio", "clip_mask"), **kw)
         streamed = c.loss(logp, old, outputs=("gate_weight",), stream=True, **kw)
-    # the no-op telemetry reads 1 token
+    # the no-op telemetry reads 1 token; the gradient-only call's gradient is written straight
+    # into its response (response_buffer)
     assert [k.get("sample_tokens", "unset") for k in eng.kwargs] == [1, None, None]
+    assert [k.get("grad_out") is not None for k in eng.kwargs] == [True, False, False]
     batch = Batch(
         logp=torch.from_numpy(logp),
         old_logp=torch.from_numpy(old),

@@ -148,17 +148,21 @@ def tensor(a: np.ndarray, at: int) -> Pieces:
     """A Tensor message of `a` placed at `at`: the offset in the whole serialised message where
     this Tensor's body lands; its `data` then starts at a multiple of ALIGN (Tensor.padding).
     (Unplaced: `Pieces.add_tensor`.)"""
-    dt = _dtype(a.dtype)
     data = _le_view(a)
     p = Pieces()
-    head, data_head = _tensor_heads(dt, int(a.shape[0]), data.nbytes)
+    p.add(tensor_head(_dtype(a.dtype), int(a.shape[0]), data.nbytes, at))
     if data.nbytes:  # proto3 leaves empty bytes out (as the generated classes do)
-        head += _padding(at + len(head) + len(data_head))
-        p.add(head + data_head)
         p.add(data)
-    else:
-        p.add(head)
     return p
+
+
+def tensor_head(dt: int, n: int, nbytes: int, at: int) -> bytes:
+    """The bytes of `tensor`'s Tensor message before its data: Dtype `dt`, shape [n], `nbytes`
+    of data, placed at `at`."""
+    head, data_head = _tensor_heads(dt, n, nbytes)
+    if not nbytes:
+        return head
+    return head + _padding(at + len(head) + len(data_head)) + data_head
 
 
 @functools.lru_cache(maxsize=256)
@@ -197,7 +201,7 @@ def _padding(data_at: int) -> bytes:
     return tag(TENSOR_PADDING, LEN) + varint(s - 2) + bytes(s - 2)
 
 
-def _placed(p: Pieces, field: int, build: Callable[[int], Pieces], at: int) -> None:
+def placed(p: Pieces, field: int, build: Callable[[int], Pieces], at: int) -> None:
     """p.submessage(field, build(body_at)) where body_at is the offset the body lands at when
     p itself starts at offset `at`. The body's length prefix has to be known to place it, and
     its length depends on the placement (padding): fixed point over the prefix's width."""
@@ -233,7 +237,7 @@ def batch(
         if at is None:
             p.add_tensor(num, a)
         else:
-            _placed(p, num, functools.partial(tensor, a), at)
+            placed(p, num, functools.partial(tensor, a), at)
     if level:
         p.add(tag(BATCH_ADVANTAGE_LEVEL, VARINT) + varint(level))
     return p
@@ -256,7 +260,7 @@ def message(small: dict[int, Any], big: dict[int, Pieces | Callable[[int], Piece
             if isinstance(b, Pieces):
                 p.submessage(num, b)
             else:
-                _placed(p, num, b, 0)
+                placed(p, num, b, 0)
     return p
 
 

@@ -657,7 +657,7 @@ def encode_outputs(
 def encode_loss_response(result: LossResult, host: LossResult, names: tuple[str, ...]) -> Encoded:
     """The ComputeLossResponse of `result` as wire bytes, per-token outputs from `host`
     (what `fill_outputs` + SerializeToString give, with one copy of each tensor instead of four)."""
-    return Encoded(b"".join([_loss_fields(result), *encode_outputs(5, host, names).parts]))
+    return Encoded(b"".join([loss_fields(result), *encode_outputs(5, host, names).parts]))
 
 
 # metric names -> (a struct of ComputeLossResponse's fields 1-4, its arguments with 0.0 for
@@ -667,10 +667,7 @@ def encode_loss_response(result: LossResult, host: LossResult, names: tuple[str,
 _LOSS_FIELDS: dict[tuple[str, ...], tuple[struct.Struct, list[Any]]] = {}
 
 
-def _loss_fields(result: LossResult) -> bytes:
-    """Wire bytes of ComputeLossResponse's loss, policy_loss, kl_loss and metrics for `result`
-    (every field written, zeros too: what a parser reads is the same)."""
-    names = tuple(result.metrics)
+def _loss_packer(names: tuple[str, ...]) -> tuple[struct.Struct, list[Any]]:
     hit = _LOSS_FIELDS.get(names)
     if hit is None:
         heads = [_wire.tag(num, _wire.I64) for num in (1, 2, 3)]  # each a double after its head
@@ -682,7 +679,18 @@ def _loss_fields(result: LossResult) -> bytes:
         if len(_LOSS_FIELDS) >= 8:
             _LOSS_FIELDS.clear()
         hit = _LOSS_FIELDS[names] = (packer, [x for h in heads for x in (h, 0.0)])
-    packer, args = hit
+    return hit
+
+
+def loss_fields_size(names: tuple[str, ...]) -> int:
+    """The length of `loss_fields` for a result whose metrics are `names`."""
+    return _loss_packer(names)[0].size
+
+
+def loss_fields(result: LossResult) -> bytes:
+    """Wire bytes of ComputeLossResponse's loss, policy_loss, kl_loss and metrics for `result`
+    (every field written, zeros too: what a parser reads is the same)."""
+    packer, args = _loss_packer(tuple(result.metrics))
     args = args.copy()
     args[1::2] = (result.loss, result.policy_loss, result.kl_loss, *result.metrics.values())
     return packer.pack(*args)

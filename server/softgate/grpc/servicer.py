@@ -30,6 +30,7 @@ from softgate.engine.errors import FieldViolation, InputError
 from softgate.engine.result import LossResult
 from softgate.grpc import catalogue, codec
 from softgate.grpc.errors import Cancelled, DeadlineExceeded, failure_for
+from softgate.grpc.response_buffer import gradient_response
 from softgate.logging import get_logger
 from softgate.telemetry import Telemetry
 from softgate.threads import one_thread, single_threaded_here
@@ -374,14 +375,21 @@ class LossServicer(pb_grpc.LossServiceServicer):
         assert batch is not None
         self._check(cancel)
         names = codec.selected_outputs(request.outputs if request.HasField("outputs") else None)
+        sample = self._sample_tokens(names)
+        # a large gradient-only response: the engine writes the gradient into its bytes
+        out = gradient_response(batch, names, self.engine.device, sample) if wire is not None else None
         try:
-            result = self.engine.loss(batch, config, sample_tokens=self._sample_tokens(names))
+            result = self.engine.loss(
+                batch, config, sample_tokens=sample, grad_out=out.grad if out is not None else None
+            )
         except InputError as e:
             raise codec.rename(
                 e, lambda f: FieldViolation(codec.request_field(f.field), f.reason, f.index)
             ) from None
         self._hook("observe_loss", run, config, result)
         self._check(cancel)
+        if out is not None:
+            return out.encode(result)
         if wire is not None and codec.LITTLE_ENDIAN:
             return codec.encode_loss_response(result, codec.host_result(result, names), names)
         resp = pb.ComputeLossResponse(
