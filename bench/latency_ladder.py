@@ -8,6 +8,7 @@ the echo's median.
     python bench/latency_ladder.py --tokens 65536 --rounds 20
     python bench/latency_ladder.py --device cuda       # the engine on the GPU (bench/device_check.sh ladder)
     python bench/latency_ladder.py --against f00bff0   # + `softgate serve` of that revision (a git worktree)
+    python bench/latency_ladder.py --tokens 16777216 --rungs serve --block 1 --rounds 12 --against f00bff0
 
 Rows (the same SAPO call through SoftgateClient as bench/e2e_bench.py, tcmalloc preloaded
 when installed, as `softgate serve` runs):
@@ -53,7 +54,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--device", default="cpu", help="the servers' engine device (cpu, cuda, cuda:N)")
     ap.add_argument("--against", metavar="REV", help="also a `softgate serve` of this git revision")
+    ap.add_argument(
+        "--rungs", default=",".join(RUNGS), help="comma-separated subset of the rows (default: all)"
+    )
+    ap.add_argument("--block", type=int, default=BLOCK, help="calls of a row in a row (default 25)")
     args = ap.parse_args()
+    rungs = [r for r in RUNGS if r in args.rungs.split(",")]
     from softgate_client import SoftgateClient
 
     limit = 512 * E.MiB
@@ -70,7 +76,7 @@ def main() -> None:
         )
         E.wait_port(echo_port, procs[-1])
         ports = {}
-        for rung in RUNGS:
+        for rung in rungs:
             ports[rung] = port = E.free_port()
             if rung == "serve":
                 procs.append(E._softgate_serve(port, limit, "true", args.device, env))
@@ -96,7 +102,7 @@ def main() -> None:
                 b["logp"], b["old_logp"], lengths=b["lengths"], advantages=b["advantages"], objective="sapo"
             )
         for call in calls.values():  # first touches, the inline path's streak, compiles
-            for _ in range(200):
+            for _ in range(200 if args.tokens <= 1 << 16 else 3):
                 call()
         times: dict[str, list[float]] = {k: [] for k in calls}
         rng = random.Random(0)
@@ -104,7 +110,7 @@ def main() -> None:
             order = list(calls.items())
             rng.shuffle(order)
             for name, call in order:
-                for _ in range(BLOCK):
+                for _ in range(args.block):
                     t0 = time.perf_counter()
                     call()
                     times[name].append(time.perf_counter() - t0)
@@ -116,7 +122,7 @@ def main() -> None:
             )
             shutil.rmtree(worktree, ignore_errors=True)
     echo_ms = statistics.median(times["echo"]) * 1e3
-    print(f"{args.tokens} tokens, engine on {args.device}, {args.rounds} rounds of {BLOCK} calls each")
+    print(f"{args.tokens} tokens, engine on {args.device}, {args.rounds} rounds of {args.block} calls each")
     print("| server | median ms | over echo ms | over the row above ms |")
     print("|---|---:|---:|---:|")
     prev = echo_ms
