@@ -313,9 +313,10 @@ def test_a_gradient_response_copies_a_gradient_the_engine_kept_and_encodes_other
     assert pb.ComputeLossResponse.FromString(got.data).outputs.gradient.data == result.grad.numpy().tobytes()
     # a result that is not a gradient response of this shape: the usual encoding
     other = dataclasses.replace(result, metrics={"loss": result.loss})
-    assert GradientResponse(64, torch.float32).encode(other).data == codec.encode_loss_response(
-        other, other, ("gradient",)
-    ).data
+    assert (
+        GradientResponse(64, torch.float32).encode(other).data
+        == codec.encode_loss_response(other, other, ("gradient",)).data
+    )
     short = dataclasses.replace(result, grad=result.grad[:10])
     assert len(GradientResponse(64, torch.float32).encode(short).data) < len(got.data)
     # the gradient tensor keeps the response's bytes alive

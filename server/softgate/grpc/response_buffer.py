@@ -33,7 +33,6 @@ _bytes_data = ctypes.pythonapi.PyBytes_AsString
 _bytes_data.restype, _bytes_data.argtypes = ctypes.c_void_p, (ctypes.py_object,)
 
 _NUMPY = {torch.float32: np.float32, torch.float64: np.float64}  # the compute dtypes
-_ITEMSIZE = {torch.float32: 4, torch.float64: 8}
 _METRICS = tuple(METRIC_NAMES)  # a result's metrics, in order
 _GRADIENT = ("gradient",)
 _GRADIENT_FIELD = 1  # TokenOutputs.gradient
@@ -53,7 +52,7 @@ class GradientResponse:
 
     def __init__(self, n: int, dtype: torch.dtype) -> None:
         self._dtype = dtype
-        nbytes = n * _ITEMSIZE[dtype]
+        nbytes = n * np.dtype(_NUMPY[dtype]).itemsize
         head = codec.loss_fields_size(_METRICS)
 
         def tensor(at: int) -> _wire.Pieces:
