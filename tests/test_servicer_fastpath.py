@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 from softgate.engine import Batch, Engine, LossConfig, Sapo
 from softgate.observability import PrometheusTelemetry
@@ -179,10 +180,8 @@ def test_trust_region_outputs_are_whole_only_when_asked(inprocess_server: Any) -
         plain = c.loss(logp, old, **kw)
         asked = c.loss(logp, old, outputs=("ratio", "clip_mask"), **kw)
         streamed = c.loss(logp, old, outputs=("gate_weight",), stream=True, **kw)
-    # the no-op telemetry reads 1 token; the gradient-only call's gradient is written straight
-    # into its response (response_buffer)
+    # the no-op telemetry reads 1 token
     assert [k.get("sample_tokens", "unset") for k in eng.kwargs] == [1, None, None]
-    assert [k.get("grad_out") is not None for k in eng.kwargs] == [True, False, False]
     batch = Batch(
         logp=torch.from_numpy(logp),
         old_logp=torch.from_numpy(old),
@@ -194,3 +193,29 @@ def test_trust_region_outputs_are_whole_only_when_asked(inprocess_server: Any) -
     assert np.array_equal(asked.ratio, whole.ratio.numpy())
     assert np.array_equal(asked.clip_mask, whole.clip_mask.numpy())
     assert np.array_equal(streamed.gate_weight, whole.gate_weight.numpy())
+
+
+def test_a_large_gradient_is_written_into_its_response(inprocess_server: Any) -> None:
+    # a gradient-only call of 1 MiB and more: the engine writes into the response's bytes
+    # (response_buffer); the client reads the same gradient as the in-process engine's
+    eng = KwargsEngine()
+    srv = inprocess_server(engine=eng)
+    n = 1 << 18
+    rng = np.random.default_rng(1)
+    logp = (-rng.random(n) - 0.1).astype(np.float32)
+    old = logp + rng.normal(0, 0.01, n).astype(np.float32)
+    kw: dict[str, Any] = {"lengths": np.array([n // 4, 3 * n // 4]), "advantages": np.array([1.0, -1.0])}
+    with SoftgateClient(f"127.0.0.1:{srv.port}") as c:
+        large = c.loss(logp, old, **kw)
+        small = c.loss(logp[:64], old[:64], lengths=np.array([32, 32]), advantages=np.array([1.0, -1.0]))
+    assert [k.get("grad_out") is not None for k in eng.kwargs] == [True, False]
+    batch = Batch(
+        logp=torch.from_numpy(logp),
+        old_logp=torch.from_numpy(old),
+        offsets=torch.tensor([0, n // 4, n]),
+        advantages=torch.tensor([1.0, -1.0]),
+    )
+    want = Engine(device="cpu", compile=False).loss(batch, LossConfig())
+    assert np.array_equal(large.grad, want.grad.numpy()) and large.loss == want.loss
+    assert large.metrics == pytest.approx(want.metrics, rel=0, abs=0)
+    assert small.grad.shape == (64,)

@@ -96,18 +96,17 @@ class GradientResponse:
         return codec.Encoded(self.data)
 
 
-def gradient_response(
-    batch: Batch, names: tuple[str, ...], device: Any, sample_tokens: int | None
-) -> GradientResponse | None:
-    """A GradientResponse for a CPU engine's gradient-only call the engine samples (more than
-    `sample_tokens` tokens, see compute_loss): those calls run their own compiled kernels
-    already, so writing into a response adds no kernel configuration. None otherwise."""
+def gradient_response(batch: Batch, names: tuple[str, ...], device: Any) -> GradientResponse | None:
+    """A GradientResponse for a CPU engine's gradient-only call whose gradient is 1 MiB or more
+    (below that the copy costs little, and a small response stays free of Tensor.padding, the
+    size from which the client aligns its requests too). None otherwise."""
+    if names != _GRADIENT or not codec.LITTLE_ENDIAN or torch.device(device).type != "cpu":
+        return None
+    dtype = compute_dtype(batch)
     n = batch.logp.numel()
-    if names != _GRADIENT or sample_tokens is None or n <= sample_tokens or not codec.LITTLE_ENDIAN:
+    if n * np.dtype(_NUMPY[dtype]).itemsize < _wire.ALIGN_MIN_BYTES:
         return None
-    if torch.device(device).type != "cpu":
-        return None
-    out = GradientResponse(n, compute_dtype(batch))
+    out = GradientResponse(n, dtype)
     if out.grad.data_ptr() % _wire.ALIGN:  # (not seen: CPython's bytes data is 16-byte aligned)
         return None
     return out
