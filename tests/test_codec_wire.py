@@ -329,13 +329,14 @@ def test_a_gradient_response_copies_a_gradient_the_engine_kept_and_encodes_other
 def test_only_large_gradient_only_calls_of_a_cpu_engine_are_written_in_place() -> None:
     from softgate.grpc.response_buffer import gradient_response
 
+    cpu = torch.device("cpu")
     batch = _batch(1 << 18)  # a 1 MiB float32 gradient
-    assert gradient_response(batch, ("gradient",), "cpu") is not None
-    assert gradient_response(_batch((1 << 18) - 1), ("gradient",), "cpu") is None  # small: copied
-    assert gradient_response(batch, ("gradient", "ratio"), "cpu") is None
-    assert gradient_response(batch, (), "cpu") is None
-    assert gradient_response(batch, ("gradient",), "meta") is None
-    f64 = gradient_response(_batch(1 << 17, torch.float64), ("gradient",), "cpu")
+    assert gradient_response(batch, ("gradient",), cpu) is not None
+    assert gradient_response(_batch((1 << 18) - 1), ("gradient",), cpu) is None  # small: copied
+    assert gradient_response(batch, ("gradient", "ratio"), cpu) is None
+    assert gradient_response(batch, (), cpu) is None
+    assert gradient_response(batch, ("gradient",), torch.device("meta")) is None
+    f64 = gradient_response(_batch(1 << 18, torch.float64), ("gradient",), cpu)
     assert f64 is not None and f64.grad.dtype == torch.float64
 
 

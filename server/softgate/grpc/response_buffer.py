@@ -15,7 +15,6 @@ through ctypes. Every view of the memory keeps the bytes object alive.
 from __future__ import annotations
 
 import ctypes
-from typing import Any
 
 import numpy as np
 import torch
@@ -35,6 +34,7 @@ _bytes_data.restype, _bytes_data.argtypes = ctypes.c_void_p, (ctypes.py_object,)
 _NUMPY = {torch.float32: np.float32, torch.float64: np.float64}  # the compute dtypes
 _METRICS = tuple(METRIC_NAMES)  # a result's metrics, in order
 _GRADIENT = ("gradient",)
+_MIN_TOKENS = _wire.ALIGN_MIN_BYTES // 4  # a float32 gradient of 1 MiB
 _GRADIENT_FIELD = 1  # TokenOutputs.gradient
 _OUTPUTS_FIELD = 5  # ComputeLossResponse.outputs
 
@@ -96,17 +96,15 @@ class GradientResponse:
         return codec.Encoded(self.data)
 
 
-def gradient_response(batch: Batch, names: tuple[str, ...], device: Any) -> GradientResponse | None:
-    """A GradientResponse for a CPU engine's gradient-only call whose gradient is 1 MiB or more
-    (below that the copy costs little, and a small response stays free of Tensor.padding, the
-    size from which the client aligns its requests too). None otherwise."""
-    if names != _GRADIENT or not codec.LITTLE_ENDIAN or torch.device(device).type != "cpu":
-        return None
-    dtype = compute_dtype(batch)
+def gradient_response(batch: Batch, names: tuple[str, ...], device: torch.device) -> GradientResponse | None:
+    """A GradientResponse for a CPU engine's gradient-only call of 2^18 tokens or more (a
+    gradient of 1 MiB and more, the size from which the client aligns its requests too; below
+    it the copy costs little, and a small response stays free of Tensor.padding). None
+    otherwise (~0.3 us, a small call)."""
     n = batch.logp.numel()
-    if n * np.dtype(_NUMPY[dtype]).itemsize < _wire.ALIGN_MIN_BYTES:
+    if n < _MIN_TOKENS or names != _GRADIENT or device.type != "cpu" or not codec.LITTLE_ENDIAN:
         return None
-    out = GradientResponse(n, dtype)
+    out = GradientResponse(n, compute_dtype(batch))
     if out.grad.data_ptr() % _wire.ALIGN:  # (not seen: CPython's bytes data is 16-byte aligned)
         return None
     return out
