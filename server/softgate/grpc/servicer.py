@@ -375,12 +375,14 @@ class LossServicer(pb_grpc.LossServiceServicer):
         assert batch is not None
         self._check(cancel)
         names = codec.selected_outputs(request.outputs if request.HasField("outputs") else None)
-        sample = self._sample_tokens(names)
         # a large gradient-only response: the engine writes the gradient into its bytes
         out = gradient_response(batch, names, self.engine.device) if wire is not None else None
         try:
             result = self.engine.loss(
-                batch, config, sample_tokens=sample, grad_out=out.grad if out is not None else None
+                batch,
+                config,
+                sample_tokens=self._sample_tokens(names),
+                grad_out=out.grad if out is not None else None,
             )
         except InputError as e:
             raise codec.rename(
