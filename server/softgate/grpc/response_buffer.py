@@ -51,7 +51,6 @@ class GradientResponse:
     Engine.loss's `grad_out`, and `encode(result)` to finish them."""
 
     def __init__(self, n: int, dtype: torch.dtype) -> None:
-        self._dtype = dtype
         nbytes = n * np.dtype(_NUMPY[dtype]).itemsize
         head = codec.loss_fields_size(_METRICS)
 
@@ -85,7 +84,7 @@ class GradientResponse:
         grad = result.grad
         if (
             tuple(result.metrics) != _METRICS
-            or grad.dtype != self._dtype
+            or grad.dtype != self.grad.dtype
             or grad.numel() != self.grad.numel()
         ):
             return codec.encode_loss_response(result, codec.host_result(result, _GRADIENT), _GRADIENT)
