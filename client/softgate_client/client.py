@@ -106,10 +106,6 @@ def _fill(t: pb.Tensor, a: np.ndarray) -> pb.Tensor:
     return t
 
 
-def _tensor(a: np.ndarray) -> pb.Tensor:
-    return _fill(pb.Tensor(), a)
-
-
 def _array(t: pb.Tensor) -> np.ndarray:
     dt = _DTYPE_TO_NP.get(t.dtype)
     if dt is None:

@@ -167,10 +167,6 @@ class Settings:
     def tls(self) -> bool:
         return self.tls_cert is not None
 
-    @property
-    def admin_enabled(self) -> bool:
-        return self.admin_port is not None
-
     def redacted(self) -> dict[str, Any]:
         """Every field, secrets replaced by "***" (when set), for logs and the admin API."""
         out = dataclasses.asdict(self)

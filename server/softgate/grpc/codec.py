@@ -60,8 +60,6 @@ TORCH_TO_PB: dict[torch.dtype, Any] = {v: k for k, v in DTYPES.items()}
 _ITEMSIZE: dict[int, int] = {k: torch.empty(0, dtype=v).element_size() for k, v in DTYPES.items()}
 _LITTLE = LITTLE_ENDIAN = sys.byteorder == "little"
 
-TOKEN_FIELDS = ("logp", "old_logp", "mask", "ref_logp", "rollout_logp")
-SEQUENCE_FIELDS = ("rewards", "group_ids")
 BATCH_TENSORS = (
     "logp",
     "offsets",

@@ -212,20 +212,3 @@ class GrpcServer:
     async def wait(self) -> None:
         if self.server is not None:
             await self.server.wait_for_termination()
-
-
-async def wait_serving(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
-    """Block until the health service of a local server reports SERVING (tests)."""
-    async with grpc.aio.insecure_channel(f"{host}:{port}") as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        deadline = asyncio.get_running_loop().time() + timeout
-        while True:
-            try:
-                r = await stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=1)
-                if r.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            if asyncio.get_running_loop().time() > deadline:
-                raise TimeoutError(f"gRPC server on {host}:{port} is not SERVING")
-            await asyncio.sleep(0.05)

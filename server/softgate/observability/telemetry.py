@@ -477,11 +477,6 @@ class PrometheusTelemetry(Telemetry):
         self.flush()
         return generate_latest(self.registry)
 
-    def run_names(self) -> list[str]:
-        self.flush()
-        with self.lock:
-            return self.runs.names()
-
     def run_summary(self, run: str) -> dict[str, Any] | None:
         self.flush()
         with self.lock:
