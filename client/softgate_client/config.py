@@ -44,6 +44,24 @@ class Objective:
         return hash((self.name, tuple(sorted(self.params.items()))))
 
 
+def sapo(tau_pos: float | None = None, tau_neg: float | None = None) -> Objective:
+    return Objective("sapo", _given(tau_pos=tau_pos, tau_neg=tau_neg))
+
+
+def grpo(
+    eps_low: float | None = None, eps_high: float | None = None, dual_clip: float | None = None
+) -> Objective:
+    return Objective("grpo", _given(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip))
+
+
+def gspo(eps_low: float | None = None, eps_high: float | None = None) -> Objective:
+    return Objective("gspo", _given(eps_low=eps_low, eps_high=eps_high))
+
+
+def _given(**kw: float | None) -> dict[str, float]:
+    return {k: float(v) for k, v in kw.items() if v is not None}
+
+
 @dataclass(frozen=True)
 class AdvantageConfig:
     """Outcome-reward estimator: `grpo`, `dr_grpo`, `rloo`, `reinforce_pp_baseline`;
