@@ -13,8 +13,8 @@ tcmalloc through LD_PRELOAD; Debian packages libjemalloc2 and libtcmalloc-minima
 with apt-get when missing unless --no-install; tcmalloc with TCMALLOC_RELEASE_RATE=0 as
 `softgate serve` runs it) and the StreamLoss chunk size.
 
-    python bench/e2e_bench.py            # full: about 3-4 min on 2 shared cores
-    python bench/e2e_bench.py --quick    # glibc + tcmalloc, one chunk size: about 1.5-2 min
+    python bench/e2e_bench.py            # full: about 19-20 min on 2 shared cores
+    python bench/e2e_bench.py --quick    # glibc + tcmalloc, one chunk size: about 6-7 min
     python bench/e2e_bench.py --json out.json
     python bench/e2e_bench.py --compile false   # the eager engine (default: compiled, its CPU steady state)
 
@@ -601,7 +601,9 @@ def main() -> None:
     p = argparse.ArgumentParser(
         description="softgate end-to-end loopback benchmark vs a raw-bytes echo server"
     )
-    p.add_argument("--quick", action="store_true", help="fewer repetitions and configurations (about 1 min)")
+    p.add_argument(
+        "--quick", action="store_true", help="fewer repetitions and configurations (about 6-7 min on 2 cores)"
+    )
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--no-install", action="store_true", help="never apt-get install allocators")
     p.add_argument(
@@ -662,7 +664,7 @@ def main() -> None:
     default_chunk = args.chunk_bytes or DEFAULT_CHUNK_BYTES
     t_start = time.monotonic()
     k4, m1, m16 = 4096, 1 << 20, 16 << 20
-    if args.quick:  # glibc and tcmalloc only, one streamed chunk size: about 1 min
+    if args.quick:  # glibc and tcmalloc only, one streamed chunk size
         sizes, reps = [k4, m1, m16], f"{k4}:200,{m1}:2,{m16}:1"
         chunk_sweep = [16 * MiB]
         sweep_reps = f"{m16}:1"
