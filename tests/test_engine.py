@@ -29,6 +29,8 @@ from softgate.engine import (
     Sapo,
     transfer,
 )
+from softgate.engine.kernel import token_terms
+from softgate.engine.loss import compute_loss
 from softgate.engine.validation import REASON_CODES
 
 try:
@@ -355,7 +357,10 @@ def reasons(batch, cfg=None):
     return {(v.field, v.reason.split(":")[0], v.index) for v in ei.value.violations}
 
 
-def test_validation_batch():
+@pytest.mark.parametrize("path", ["cpu", "gpu"])
+def test_validation_batch(monkeypatch, path):
+    if path == "gpu":  # the same errors from the code a GPU runs (see _gpu_code_path)
+        _gpu_code_path(monkeypatch)
     adv = torch.tensor([1.0, -1.0])
     ok = simple_batch([3, 2], advantages=adv)
     E.loss(ok, LossConfig())
@@ -694,6 +699,70 @@ def test_segment_reduce_sums_equal_cpu_sums(monkeypatch, name):
     monkeypatch.setattr(segments, "use_segment_reduce", lambda device: True)
     monkeypatch.setattr(advantages, "use_segment_reduce", lambda device: True)
     assert_same_result(E.loss(b, cfg), want, 1e-12)
+
+
+def _gpu_code_path(monkeypatch) -> None:
+    """Make the engine run the device-generic code a GPU runs, here on the CPU: no host
+    shortcuts (numpy; per-sequence values expanded before the kernel: a gather in it instead),
+    segment_reduce sums, dynamo for compiles."""
+    from softgate.engine import advantages, aggregate, compiled, loss, segments, validation
+
+    for m in (segments, loss, aggregate, validation, compiled):
+        monkeypatch.setattr(m, "host_shortcuts", lambda device: False)
+    for m in (segments, advantages):
+        monkeypatch.setattr(m, "use_segment_reduce", lambda device: True)
+
+
+def _assert_equal_results(got, want, rtol: float = 1e-12) -> None:
+    """Two float64 LossResults of one batch agree to summation order: every output and metric."""
+    assert got.loss == pytest.approx(want.loss, rel=rtol, abs=1e-15)
+    for name in ("grad", "advantages", "ratio", "gate_weight"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=rtol, atol=1e-15)
+    assert torch.equal(got.clip_mask, want.clip_mask) and torch.equal(got.mask, want.mask)
+    for k in METRIC_NAMES:
+        assert got.metrics[k] == pytest.approx(want.metrics[k], rel=rtol, abs=1e-15), k
+
+
+@pytest.mark.parametrize("name", OBJECTIVE_NAMES)
+@pytest.mark.parametrize(
+    "agg,kl,mm,adv",
+    [
+        ("seq_mean_token_mean", "k3", ("sequence", "truncate"), "rewards"),
+        ("token_mean", None, ("token", "mask"), "sequence"),
+        ("seq_mean_token_sum", "k1", ("sequence", "mask"), "token"),
+    ],
+)
+def test_the_gpu_code_path_on_the_cpu_gives_the_cpu_results(monkeypatch, name, agg, kl, mm, adv):
+    """The code CUDA runs (sequence ids gathered in the kernel, torch for the layout, weights
+    and sums) differs from the CPU's shortcuts; run here on the CPU, it gives their results,
+    so the path a GPU takes is tested on every CI run, not only when a GPU is at hand."""
+    if name == "gspo" and adv == "token":
+        adv = "sequence"  # (gspo takes one advantage per sequence)
+    b = random_batch(11, max_seqs=12, max_len=15, advantages=adv)
+    cfg = make_config(name, agg, kl, mm, variant=1)
+    want = E.loss(b, cfg)
+    _gpu_code_path(monkeypatch)
+    seen: list[dict] = []
+    got = compute_loss(b, cfg, kernel=lambda t, *a: seen.append(dict(t)) or token_terms(t, *a))
+    # every case has something per sequence (advantages, weight, ratio or mismatch weight)
+    assert "ids" in seen[0] and not any(k.endswith("_tok") for k in seen[0])
+    _assert_equal_results(got, want)
+
+
+def test_the_gpu_code_path_compiled_on_the_cpu_gives_the_cpu_results(monkeypatch):
+    """The same, compiled as CUDA compiles (dynamo, the gathers in the graph)."""
+    from softgate.engine import compiled
+
+    b = random_batch(12, max_seqs=12, max_len=15, advantages="rewards")
+    cfg = make_config("gspo_token", "seq_mean_token_mean", "k3", ("sequence", "truncate"))
+    want = E.loss(b, cfg)
+    _gpu_code_path(monkeypatch)
+    monkeypatch.setattr(compiled, "aoti_compile", lambda example: pytest.fail("AOTInductor is CPU-only"))
+    ec = Engine(device="cpu", compile=True)
+    got = ec.loss(b, cfg)
+    (key,) = ec.kernel._fns  # the configuration compiled: the kernel reads sequence ids
+    assert ec.kernel.compiled_calls == 1 and "ids" in dict((k, d) for k, *d in key[5])
+    _assert_equal_results(got, want, rtol=1e-10)
 
 
 @pytest.mark.cuda

@@ -16,13 +16,14 @@ import torch
 from torch import Tensor
 
 from softgate.engine.config import AggregationConfig
+from softgate.engine.segments import host_shortcuts
 
 
 def sequence_weights(cfg: AggregationConfig, ylen: Tensor, dtype: torch.dtype) -> Tensor:
     """w_i per sequence [B] from the trained-token counts `ylen` [B] (int64); one weight for
     every sequence (0-d) where the mode's is the same for all (every mode but
     seq_mean_token_mean), so that the kernel needs no per-token sequence id for it."""
-    if ylen.device.type == "cpu":  # numpy: these torch ops cost ~50 us a small call (cold)
+    if host_shortcuts(ylen.device):  # numpy: these torch ops cost ~50 us a small call (cold)
         w = _weights(cfg, ylen.numpy(), np)
         return torch.from_numpy(np.asarray(w)).to(dtype)  # (past float32's range: inf, refused later)
     return torch.as_tensor(_weights(cfg, ylen.to(torch.float64), torch), device=ylen.device).to(dtype)

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from softgate.engine.kernel import EXPANDED, Terms, token_terms
+from softgate.engine.segments import host_shortcuts
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +231,7 @@ def compile_kernel(example: tuple[Any, ...]) -> Callable[..., Terms]:
     """`aoti_compile` for a CPU configuration that is not sampled (falling back to
     `aot_compile` if AOTInductor fails), else `aot_compile`."""
     stride = example[8] if len(example) > 8 else 1
-    if example[0]["logp"].device.type == "cpu" and stride == 1:
+    if host_shortcuts(example[0]["logp"].device) and stride == 1:
         try:
             return aoti_compile(example)
         except Exception as exc:  # e.g. a torch whose export cannot trace it: dynamo's compile

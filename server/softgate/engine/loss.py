@@ -36,7 +36,7 @@ from softgate.engine.metrics import METRIC_NAMES, to_floats
 from softgate.engine.mismatch import mismatch_log_weights
 from softgate.engine.objectives import OBJECTIVE_KIND
 from softgate.engine.result import LossResult
-from softgate.engine.segments import Segments
+from softgate.engine.segments import Segments, host_shortcuts
 from softgate.engine.validation import advantage_level, check, compute_dtype
 
 F64 = torch.float64
@@ -176,7 +176,7 @@ def _compute_loss(
     # sequence-level mismatch weight (token_terms reads nothing per sequence otherwise)
     gathered: list[str] = [k for k in ("w", "sratio", "lvseq") if k in t and t[k].dim()]
     gathered += [] if adv_per_token else ["adv"]
-    if gathered and dev.type == "cpu":
+    if gathered and host_shortcuts(dev):
         # expanded to their tokens here: a vector load in the kernel, not a gather, which
         # inductor's CPU code does lane by lane (16M tokens, SAPO, a weight per sequence: the
         # in-process engine 46 -> 42 ms)

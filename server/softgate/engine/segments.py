@@ -27,7 +27,7 @@ class Segments:
         # on the CPU through numpy (offsets are int64 after validation): 4k tokens ~70 -> ~20
         # us between requests, cache-cold. A slice, not np.diff: numpy's Python-level functions
         # cost ~20 us each after an idle millisecond, a slice ~8
-        if offsets.device.type == "cpu":
+        if host_shortcuts(offsets.device):
             o = offsets.numpy()
             self.lengths = torch.from_numpy(o[1:] - o[:-1])
         else:
@@ -45,7 +45,7 @@ class Segments:
         """Per-sequence sum of a per-token tensor ([N] -> [B]); 0 for empty sequences."""
         if use_segment_reduce(x.device):
             return segment_sum(x, self.offsets)
-        if x.device.type == "cpu":
+        if host_shortcuts(x.device):
             return torch.from_numpy(_reduceat(x.detach().contiguous().numpy(), self.offsets.numpy()))
         return torch.zeros(self.num_seqs, dtype=x.dtype, device=x.device).index_add_(0, self.ids, x)
 
@@ -55,7 +55,7 @@ class Segments:
             return torch.zeros(self.num_seqs, dtype=torch.int64, device=m.device)
         if (
             self.num_tokens >= _WORDS_MIN_TOKENS
-            and m.device.type == "cpu"
+            and host_shortcuts(m.device)
             and m.is_contiguous()
             and m.data_ptr() % 8 == 0
         ):
@@ -75,6 +75,13 @@ def _reduceat(x: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     if nonempty.size:
         out[nonempty] = np.add.reduceat(x, offsets[nonempty])
     return out
+
+
+def host_shortcuts(device: torch.device) -> bool:
+    """Whether work on `device` takes the CPU's shortcuts (numpy for lengths, sums, weights and
+    offsets; per-sequence values expanded to their tokens before the kernel) rather than the
+    device-generic torch code a GPU runs. Tests turn it off to run the GPU's path on the CPU."""
+    return device.type == "cpu"
 
 
 def use_segment_reduce(device: torch.device) -> bool:

@@ -35,6 +35,7 @@ from softgate.engine.config import (
     Sapo,
 )
 from softgate.engine.errors import FieldViolation, InputError
+from softgate.engine.segments import host_shortcuts
 
 REASON_CODES: dict[str, str] = {
     "non_finite": "a NaN or infinite value",
@@ -309,7 +310,7 @@ def validate_batch(
         v.append(FieldViolation("offsets", "bad_shape: offsets must be 1-D of length B+1 >= 1"))
     else:
         # on the CPU through numpy: three torch ops and their dispatch cost ~25 us a call
-        o = off.numpy() if off.device.type == "cpu" else off.to(torch.int64)
+        o = off.numpy() if host_shortcuts(off.device) else off.to(torch.int64)
         if int(o[0]) != 0:
             v.append(FieldViolation("offsets", f"bad_offsets: offsets[0] = {int(o[0])}, must be 0", 0))
         elif len(o) > 1 and bool((o[1:] < o[:-1]).any()):
