@@ -101,7 +101,8 @@ def _objective(name: str, obj, r: Tensor, a: Tensor, logp: Tensor) -> Tensor:
         # clip active where max() picks the clipped term: keep the gradient of the bound
         active = ((a > 0) & (r > hi)) | ((a < 0) & (r < lo))
         bound = torch.where(r > hi, torch.full_like(r, hi), torch.full_like(r, lo))
-        return torch.where(active, -a * r * (bound / r).detach(), unclipped)
+        # value -bound A (grpo's clipped value), gradient -bound A even where d was clamped
+        return torch.where(active, -a * bound * (1 + logp - logp.detach()), unclipped)
     loss = torch.maximum(unclipped, clipped)
     if name == "grpo" and obj.dual_clip is not None:
         loss = torch.where(a < 0, torch.minimum(loss, -obj.dual_clip * a), loss)

@@ -310,10 +310,55 @@ def test_masked_garbage_has_no_effect():
     assert r1.loss == r2.loss and torch.equal(r1.grad, r2.grad) and r1.metrics == r2.metrics
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize(
+    "name,mismatch",
+    [("reinforce", ("sequence", "mask")), ("reinforce", ("sequence", "truncate")), ("gspo_token", None)],
+)
+def test_masked_garbage_advantages_have_no_effect(name, mismatch, dtype):
+    """A masked token's own (per-token) advantage may be any finite value: a huge one times a
+    sequence-level mismatch weight or GSPO's sequence ratio once overflowed (a refusal) or
+    changed grad_retained."""
+    b = random_batch(6, max_seqs=6, max_len=8, dtype=dtype)
+    b.rewards = b.group_ids = None
+    b.advantages = torch.randn(b.logp.numel(), generator=torch.Generator().manual_seed(1), dtype=F64).to(
+        dtype
+    )
+    b.advantage_level = "token"
+    b.old_logp = torch.where(b.mask, b.logp - 3.0, b.old_logp)  # ratios e^3: clipped, sizeable
+    cfg = make_config(name, "token_mean", None, mismatch)
+    r1 = E.loss(b, cfg)
+    adv = b.advantages.clone()
+    adv[~b.mask] = torch.finfo(dtype).max / 2
+    b.advantages = adv
+    r2 = E.loss(b, cfg)
+    assert r1.loss == r2.loss and torch.equal(r1.grad, r2.grad) and r1.metrics == r2.metrics
+    assert torch.equal(r2.advantages, adv)  # the output still carries what was given
+
+
+@pytest.mark.parametrize(
+    "d,a,expected", [(19.9, 1.0, -1.2), (25.0, 1.0, -1.2), (-19.9, -1.0, 0.8), (-25.0, -1.0, 0.8)]
+)
+def test_gppo_clipped_tokens_keep_their_bounds_gradient_when_clamped(d, a, expected):
+    """SPEC: a clipped gppo token's gradient is -(1 + eps_high) A or -(1 - eps_low) A, also
+    beyond the log-ratio clamp (it was 0 there, the clamp's derivative)."""
+    b = Batch(
+        logp=torch.tensor([-30.0], dtype=F64),
+        old_logp=torch.tensor([-30.0 - d], dtype=F64),
+        offsets=torch.tensor([0, 1]),
+        advantages=torch.tensor([a], dtype=F64),
+    )
+    r = E.loss(b, LossConfig(objective=Gppo(), aggregation=AggregationConfig(mode="token_mean")))
+    assert r.grad.tolist() == [pytest.approx(expected, rel=1e-15)]
+    assert r.loss == pytest.approx(expected, rel=1e-15)  # grpo's clipped value, -bound A
+    assert r.clip_mask.tolist() == [True]
+
+
 # ---------------------------------------------------------------- dtypes
 
 
 def test_dtype_rule_promotes_mixed_to_float64():
+    """In process; over gRPC the contract refuses mixed float dtypes (codec.decode_batch)."""
     b = simple_batch([3, 2], dtype=torch.float32, advantages=torch.tensor([1.0, -1.0]))
     assert E.loss(b, LossConfig()).grad.dtype == torch.float32
     b.old_logp = b.old_logp.double()
@@ -803,7 +848,7 @@ def test_overflowing_results_are_refused():
     old = torch.tensor([-6.0, -5.5, -7.0, -5.1])
     off = torch.tensor([0, 2, 4])
     huge = Batch(logp=logp, offsets=off, old_logp=old, advantages=torch.tensor([3e38, -3e38]))
-    assert ("batch", "overflow", 0) in reasons(huge, LossConfig(objective=Reinforce()))
+    assert ("logp", "overflow", 0) in reasons(huge, LossConfig(objective=Reinforce()))
     ok = Batch(logp=logp, offsets=off, old_logp=old, advantages=torch.tensor([1.0, -1.0]))
     tiny = LossConfig(aggregation=AggregationConfig(num_seqs=1e-300))
     assert {c for _, c, _ in reasons(ok, tiny)} == {"overflow"}
@@ -814,9 +859,15 @@ def test_overflowing_results_are_refused():
         rewards=torch.tensor([1e308, -1e308], dtype=F64),
         group_ids=torch.tensor([0, 0]),
     )
-    assert {c for _, c, _ in reasons(rw, LossConfig(advantages=AdvantageConfig(estimator="dr_grpo")))} == {
-        "overflow"
-    }
+    dr_grpo = LossConfig(advantages=AdvantageConfig(estimator="dr_grpo"))
+    assert reasons(rw, dr_grpo) == {("rewards", "out_of_range", 0)}
+    # squares that overflow float64 would make the group's std inf and its advantages 0
+    rw.rewards = torch.tensor([1.0, 1e200], dtype=F64)
+    assert reasons(rw, LossConfig()) == {("rewards", "out_of_range", 1)}
+    with pytest.raises(InputError, match=r"rewards\[1\]: out_of_range"):
+        E.advantages(rw.rewards, torch.tensor([0, 0]), AdvantageConfig())
+    rw.rewards = torch.tensor([1.0, 1e100], dtype=F64)  # the bound itself is accepted
+    E.advantages(rw.rewards, torch.tensor([0, 0]), AdvantageConfig())
     assert ("log_ratio_clamp", "out_of_range", None) in reasons(ok, LossConfig(log_ratio_clamp=100.0))
     assert ("log_ratio_clamp", "out_of_range", None) in reasons(ok, LossConfig(log_ratio_clamp=1e300))
     E.loss(ok, LossConfig(log_ratio_clamp=80.0))

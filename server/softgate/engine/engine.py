@@ -24,7 +24,7 @@ from softgate.engine.errors import FieldViolation, InputError
 from softgate.engine.loss import TokenTerms, compute_loss
 from softgate.engine.result import AdvantageResult, LossResult
 from softgate.engine.transfer import to_device
-from softgate.engine.validation import _INTS, _float_tensor
+from softgate.engine.validation import _INTS, reward_tensor
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class Engine:
         """Per-sequence advantages from rewards and group ids (reinforce_pp_baseline whitens
         over sequences here, each weighing 1; in `loss` it whitens over trained tokens)."""
         v: list[FieldViolation] = []
-        ok = _float_tensor(v, "rewards", rewards, None, allow_int=True)
+        ok = reward_tensor(v, rewards, None)
         if not isinstance(group_ids, Tensor) or group_ids.dtype not in _INTS or group_ids.dim() != 1:
             v.append(FieldViolation("group_ids", "bad_dtype: group_ids must be a 1-D integer tensor"))
         elif ok and group_ids.numel() != rewards.numel():

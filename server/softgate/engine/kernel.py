@@ -197,8 +197,11 @@ def token_terms(
     w = t.get("w")
     alpha = torch.where(m, w if w is not None and w.dim() == 0 else per_token(t, "w", ids), zero)
     a = t["adv"] if adv_per_token else per_token(t, "adv", ids)
+    # a masked token's own advantage may be any finite value: 0 in every term (a garbage 3e38
+    # times a ratio overflowed), as given in the output
+    ap = torch.where(m, a, zero) if adv_per_token else a
     sr = per_token(t, "sratio", ids) if seq_ratio else None
-    d, clamped, ratio, pt = _policy(prm, kind, m, logp, old, sr, a)
+    d, clamped, ratio, pt = _policy(prm, kind, m, logp, old, sr, ap)
     S: dict[str, Tensor] = {}
     C: dict[str, Tensor] = {}
     # the value checks validation.check(token_values=False) leaves to this loop: non-finite
@@ -240,8 +243,7 @@ def token_terms(
     pos = m & (a > 0)
     neg = m & (a < 0)
     if adv_per_token:
-        am = torch.where(m, a, zero)
-        S["a_sum"], S["a_sq"] = am, am * am
+        S["a_sum"], S["a_sq"] = ap, ap * ap
         C["npos"], C["nneg"] = pos, neg
     gate = pt.gate
     if kind in _SOFT_GATE:
@@ -280,7 +282,7 @@ def token_terms(
     values = torch.cat(vals)
     if stride > 1:  # the sample, from strided inputs: only those tokens are computed and written
         every = slice(None, None, stride)
-        m, a_s = m[every], a[every]
+        m, a_s = m[every], ap[every]
         sr_s = sr[every] if sr is not None else None
         _, _, ratio, pt_s = _policy(prm, kind, m, logp[every], old[every], sr_s, a_s)
         gate, pos, neg, zero = pt_s.gate, m & (a_s > 0), m & (a_s < 0), torch.zeros_like(ratio)

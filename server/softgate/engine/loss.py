@@ -241,12 +241,13 @@ def _compute_loss(
     if not all(math.isfinite(s[k]) for k in ("policy_loss", "kl_sum", "grad_total_abs")):
         bad = ~torch.isfinite(grad)
         idx = int(torch.nonzero(bad)[0, 0]) if bool(bad.any()) else None
+        where = "the gradient at this token is" if idx is not None else "the loss is"
         raise InputError(
             [
                 FieldViolation(
-                    "batch",
-                    f"overflow: the loss or its gradient is not finite in {str(dt).replace('torch.', '')}; "
-                    "advantages, rewards, normalisers or log-ratios are too large in magnitude",
+                    "logp" if idx is not None else "batch",  # the token, or the batch as a whole
+                    f"overflow: {where} not finite in {str(dt).replace('torch.', '')}; advantages, "
+                    "rewards, normalisers, temperatures or log-ratios are too large in magnitude",
                     idx,
                 )
             ]

@@ -89,8 +89,9 @@ def policy_terms(
         loss = torch.where(dual, -c * a, loss)
         clip = clip | dual
     if kind == "gppo":
-        # clipped tokens keep the gradient of their bound: d/dlogp of r * sg[bound / r]
-        grad = torch.where(clip, -a * bound * (dratio / ratio), free)
+        # clipped tokens keep the gradient of their bound, -bound A, by definition (SPEC): also
+        # where the log-ratio was clamped, so not d/dlogp of r * sg[bound / r] with r clamped
+        grad = torch.where(clip, -a * bound, free)
         gate = torch.where(clip, bound / ratio, one)
     else:
         grad = torch.where(clip, torch.zeros_like(free), free)

@@ -41,7 +41,7 @@ class LossResult:
     # [N] bool, True where the trust region's clip is active (gradient removed, or for
     # gppo / cispo replaced by the bound's); False on masked tokens
     clip_mask: Tensor
-    mask: Tensor  # [N] bool, the effective loss mask (no mask given: a read-only broadcast True)
+    mask: Tensor  # [N] bool, the loss mask as given (no mask given: a read-only broadcast True)
     metrics: dict[str, float] = field(default_factory=dict)
     # 1: every per-token tensor is whole; k > 1: ratio, gate_weight sampled, clip_mask empty
     sample_stride: int = 1

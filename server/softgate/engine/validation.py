@@ -58,6 +58,8 @@ REASON_CODES: dict[str, str] = {
 MAX_LOG_RATIO_CLAMP = 80.0
 
 LOGP_TOLERANCE = 1e-4
+# rewards beyond this overflow the group statistics' float64 sums of squares (silent zeros)
+MAX_ABS_REWARD = 1e100
 HALF_REASON = (
     "half_precision: {dt} refused: bf16 log-probs carry about 3% ratio noise per token at "
     "logp = -10, more than GSPO's whole clip band; send float32 or float64"
@@ -289,6 +291,27 @@ def advantage_level(batch: Batch) -> str:
     return "sequence" if batch.advantages.numel() == batch.num_seqs else "token"
 
 
+def reward_tensor(v: list[FieldViolation], rewards: object, n: int | None) -> bool:
+    """`_float_tensor` for rewards (integers allowed), and every |reward| <= MAX_ABS_REWARD."""
+    if not _float_tensor(v, "rewards", rewards, n, allow_int=True):
+        return False
+    assert isinstance(rewards, Tensor)
+    if rewards.dtype in _FLOATS and rewards.numel() > 0:
+        big = rewards.abs() > MAX_ABS_REWARD
+        if bool(big.any()):
+            i = _first(big)
+            v.append(
+                FieldViolation(
+                    "rewards",
+                    f"out_of_range: |reward| {float(rewards[i]):.3g} exceeds {MAX_ABS_REWARD:.0e}; "
+                    "the group statistics would overflow float64",
+                    i,
+                )
+            )
+            return False
+    return True
+
+
 def validate_batch(
     batch: Batch, config: LossConfig | None = None, *, token_values: bool = True
 ) -> list[FieldViolation]:
@@ -435,7 +458,7 @@ def validate_batch(
     elif batch.rewards is None:
         v.append(FieldViolation("rewards", "missing: give rewards and group_ids, or advantages"))
     if batch.rewards is not None and b is not None:
-        _float_tensor(v, "rewards", batch.rewards, b, allow_int=True)
+        reward_tensor(v, batch.rewards, b)
         if batch.advantages is None:
             g = batch.group_ids
             if g is None:
