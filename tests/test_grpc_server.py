@@ -560,6 +560,50 @@ def test_compute_advantages_bad_input(stub: pb_grpc.LossServiceStub) -> None:
     )
 
 
+def test_float_tensors_must_share_logp_dtype(stub: pb_grpc.LossServiceStub) -> None:
+    """The contract: the batch's float tensors share logp's dtype, the outputs' dtype; a
+    float64 tensor beside float32 log-probs is refused, not promoted to float64 outputs."""
+    for name in ("old_logp", "ref_logp", "rollout_logp", "advantages"):
+        m = _good()
+        x = (
+            torch.zeros(len(array(m.logp))) - 1
+            if name == "advantages"
+            else torch.from_numpy(array(getattr(m, name)).copy())
+        )
+        getattr(m, name).CopyFrom(tensor(x.double()))
+        vs = expect_invalid(_loss_call(stub, m), f"batch.{name}", "bad_dtype")
+        assert "FLOAT32" in dict(vs)[f"batch.{name}"]
+    m = _good()  # rewards are read in float64 whatever their dtype
+    m.rewards.CopyFrom(tensor(torch.from_numpy(array(m.rewards).astype(np.float64))))
+    stub.ComputeLoss(pb.ComputeLossRequest(batch=m), timeout=10)
+
+
+def test_overflow_and_huge_rewards_name_their_fields(stub: pb_grpc.LossServiceStub) -> None:
+    """A float32 gradient that overflows names its token in logp (not `batch.batch`); rewards
+    whose group statistics would overflow float64 are refused, not turned into zeros."""
+    logp, old = [-1.0, -0.5, -2.0, -0.1], [-6.0, -5.5, -7.0, -5.1]
+    m = pb.Batch(
+        logp=tensor(np.array(logp, np.float32)),
+        old_logp=tensor(np.array(old, np.float32)),
+        offsets=tensor(np.array([0, 2, 4])),
+        advantages=tensor(np.array([3e38, -3e38], np.float32)),
+    )
+    reinforce = pb.LossConfig(objective=pb.Objective(reinforce=pb.ReinforceParams()))
+    expect_invalid(_loss_call(stub, m, reinforce), "batch.logp[0]", "overflow")
+    expect_invalid(
+        lambda: list(stub.StreamLoss(iter([pb.StreamLossRequest(config=reinforce, chunk=m)]), timeout=10)),
+        "chunk[0].logp[0]",
+        "overflow",
+    )
+    m = _good()
+    r = array(m.rewards).astype(np.float64)
+    r[1] = 1e200
+    m.rewards.CopyFrom(tensor(r))
+    expect_invalid(_loss_call(stub, m), "batch.rewards[1]", "out_of_range")
+    req = pb.ComputeAdvantagesRequest(rewards=tensor(r), group_ids=m.group_ids)
+    expect_invalid(lambda: stub.ComputeAdvantages(req, timeout=5), "rewards[1]", "out_of_range")
+
+
 def test_stream_bad_input(stub: pb_grpc.LossServiceStub) -> None:
     batch = make_batch(8, b=10)
     c0, c1 = slice_batch(batch, 0, 5), slice_batch(batch, 5, 10)
@@ -576,6 +620,16 @@ def test_stream_bad_input(stub: pb_grpc.LossServiceStub) -> None:
             ]
         ),
         "chunk[1].config",
+        "unexpected",
+    )
+    expect_invalid(  # outputs in a later message: named as outputs
+        run(
+            [
+                pb.StreamLossRequest(chunk=batch_msg(c0)),
+                pb.StreamLossRequest(outputs=pb.OutputSelection(ratio=True), chunk=batch_msg(c1)),
+            ]
+        ),
+        "chunk[1].outputs",
         "unexpected",
     )
     # a tensor present in one chunk only

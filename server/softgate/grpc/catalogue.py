@@ -32,7 +32,7 @@ PARAM_HELP: dict[str, str] = {
     "cap": "truncation cap C of the mismatch weight (truncate mode), > 0",
     "lo": "lower bound of the masking window (mask mode), >= 0",
     "hi": "upper bound of the masking window (mask mode), > lo",
-    "log_ratio_clamp": "bound on |logp - old_logp| before exponentiation, > 0",
+    "log_ratio_clamp": "bound on |logp - old_logp| before exponentiation, in (0, 80]",
     "saturation_threshold": "gate weight below which a token counts as saturated, in (0, 1]",
 }
 

@@ -60,6 +60,9 @@ TORCH_TO_PB: dict[torch.dtype, Any] = {v: k for k, v in DTYPES.items()}
 _ITEMSIZE: dict[int, int] = {k: torch.empty(0, dtype=v).element_size() for k, v in DTYPES.items()}
 _LITTLE = LITTLE_ENDIAN = sys.byteorder == "little"
 
+# the batch's float tensors that must share logp's float dtype (rewards are read in float64)
+SAME_DTYPE_AS_LOGP = ("old_logp", "ref_logp", "rollout_logp", "advantages")
+_FLOAT_DTYPES = frozenset((torch.float32, torch.float64))
 BATCH_TENSORS = (
     "logp",
     "offsets",
@@ -466,6 +469,17 @@ def decode_batch(
         level = "token"
     elif b.advantage_level != pb.ADVANTAGE_LEVEL_UNSPECIFIED:
         v.append(FieldViolation(prefix + "advantage_level", f"unknown_name: value {b.advantage_level}"))
+    lp = got["logp"]
+    for name in SAME_DTYPE_AS_LOGP:  # the contract: outputs come back in logp's dtype
+        t = got[name]
+        if lp is not None and t is not None and lp.dtype != t.dtype and {lp.dtype, t.dtype} <= _FLOAT_DTYPES:
+            v.append(
+                FieldViolation(
+                    prefix + name,
+                    f"bad_dtype: {pb.Dtype.Name(TORCH_TO_PB[t.dtype])}; every float tensor of the batch "
+                    f"must have logp's dtype, {pb.Dtype.Name(TORCH_TO_PB[lp.dtype])}",
+                )
+            )
     if len(v) > before:
         return None
     assert got["logp"] is not None and got["offsets"] is not None
@@ -713,6 +727,8 @@ def metrics_map(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def request_field(engine_field: str, *, batch_prefix: str = "batch.", config_prefix: str = "config.") -> str:
+    if engine_field == "batch":  # the batch as a whole (its loss overflowed)
+        return batch_prefix.rstrip(".")
     root = engine_field.split(".", 1)[0].split("[", 1)[0]
     if root == "advantages" and "." not in engine_field:
         return batch_prefix + engine_field  # the tensor, not the AdvantageConfig

@@ -432,7 +432,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
                     elif msg.HasField("config") or msg.HasField("outputs"):
                         v.append(
                             FieldViolation(
-                                f"chunk[{i}].config",
+                                f"chunk[{i}].{'config' if msg.HasField('config') else 'outputs'}",
                                 "unexpected: config and outputs go in the first message only",
                             )
                         )
@@ -727,7 +727,7 @@ def _chunk_field(
         return FieldViolation(name, f.reason, f.index)
     root = name.split(".", 1)[0]
     if f.index is None:
-        return FieldViolation(f"chunk.{name}", f.reason)
+        return FieldViolation(f"chunk.{name}" if name else "chunk", f.reason)
     per_seq = root in _SEQ_FIELDS or (
         root == "advantages" and batch.advantages is not None and batch.advantage_level == "sequence"
     )
