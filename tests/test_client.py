@@ -440,6 +440,22 @@ def test_torch_adapter_matches_autograd_of_the_loss(client, objective) -> None:
     np.testing.assert_allclose(logp.grad.numpy(), x.grad.numpy(), rtol=1e-10, atol=1e-14)
 
 
+def test_torch_adapter_refuses_a_second_derivative(client) -> None:
+    """The service gives d loss / d logp only: a gradient penalty through softgate_loss (or any
+    backward with create_graph=True) raises instead of silently dropping the second-order terms."""
+    torch.manual_seed(0)
+    w = torch.randn(5, 11, requires_grad=True)
+    x, ids = torch.randn(4, 7, 5), torch.randint(0, 11, (4, 7))
+    logp = (x @ w).log_softmax(-1).gather(-1, ids[..., None]).squeeze(-1)
+    loss = softgate_loss(
+        logp, logp.detach() - 0.3, client=client, advantages=torch.tensor([1.0, -1.0, 2.0, -2.0])
+    )
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(loss, w, create_graph=True)
+    (g,) = torch.autograd.grad(loss, w)  # first order: as before
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+
+
 # ---------------------------------------------------------------- errors, retries, TLS
 
 
@@ -462,6 +478,27 @@ def test_bad_request_field_violations(client) -> None:
             r["logp"] * 0 - 1, offsets=r["offsets"], advantages=np.ones(len(r["offsets"]) - 1), tau_pos=-1.0
         )
     assert any(v.field == "config.objective.sapo.tau_pos" for v in ei.value.violations), ei.value.violations
+
+
+def test_violations_of_a_padded_batch_name_the_callers_row_and_column(client) -> None:
+    logp = -np.ones((3, 5), np.float32)
+    mask = np.array([[1, 1, 0, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 0]], bool)
+    old = logp.copy()
+    old[0, 1] = np.inf  # token 1 of the ragged batch sent (rows cut at their last mask = 1)
+    logp[2, 1] = np.nan  # token 3
+    for lp, ol, field, where in [
+        (-np.ones((3, 5), np.float32), old, "batch.old_logp[1]", "(row 0, column 1 of the padded input)"),
+        (logp, None, "batch.logp[3]", "(row 2, column 1 of the padded input)"),
+    ]:
+        with pytest.raises(InvalidArgumentError) as ei:
+            client.loss(lp, ol, mask=mask, advantages=[1.0, -1.0, 1.0])
+        (v,) = ei.value.violations
+        assert v.field == field and v.reason == "non_finite" and v.description.endswith(where), v
+        assert where in str(ei.value)
+    # a ragged batch's indices are the caller's own
+    with pytest.raises(InvalidArgumentError) as ei:
+        client.loss(logp[mask], offsets=[0, 2, 2, 6], advantages=[1.0, -1.0, 1.0])
+    assert [str(v) for v in ei.value.violations] == ["batch.logp[3]: non_finite: value is NaN"]
 
 
 def test_client_side_refusals_look_like_server_ones(client) -> None:
@@ -574,3 +611,15 @@ def test_tls_and_mtls(mutual) -> None:
                 pytest.raises(UnavailableError),
             ):
                 c.algorithms()
+
+
+def test_a_run_name_outside_printable_ascii_still_calls(server):
+    """gRPC refuses non-ASCII metadata in the client (INTERNAL on every call); the client sends
+    the label the server would make of the name (docs/observability.md: other characters -> _)."""
+    p = padded_batch(3, b=8, t=6)
+    args = (p["logp"], p["old_logp"])
+    kw = {"mask": p["mask"], "rewards": p["rewards"], "group_ids": p["group_ids"]}
+    with SoftgateClient(f"127.0.0.1:{server.port}", run="exp-ü 1\n", timeout=60) as c:
+        c.loss(*args, **kw)
+        c.loss(*args, run="team/exp:2 ✓", **kw)
+        assert c._metadata(None) == (("softgate-run", "exp-__1"),)

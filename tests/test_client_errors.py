@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import traceback
 from concurrent import futures
 
 import grpc
@@ -156,6 +157,22 @@ def test_no_retry_on_invalid_argument(raw_server) -> None:
     with pytest.raises(SoftgateError):
         call_with_retries(fn, policy=RetryPolicy(), timeout=5)
     assert n["k"] == 1
+
+
+def test_errors_carry_the_status_without_grpcs_traceback(raw_server) -> None:
+    """One traceback: the SoftgateError is raised `from None`, not chained to grpc's
+    _InactiveRpcError (with its debug_error_string); code and details stay on the error."""
+    ch, _ = raw_server
+    with pytest.raises(InvalidArgumentError) as ei:
+        call_with_retries(
+            lambda t: ch.unary_unary("/t.T/Bad")(b"x", timeout=t), policy=RetryPolicy(), timeout=5
+        )
+    err = ei.value
+    assert err.__cause__ is None and err.__suppress_context__
+    shown = "".join(traceback.format_exception(err))
+    assert "_InactiveRpcError" not in shown and "debug_error_string" not in shown
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT and err.details == "bad batch"
+    assert err.reasons == ["non_finite", "out_of_range"]
 
 
 def test_normalise_target() -> None:

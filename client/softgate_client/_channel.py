@@ -107,6 +107,9 @@ def make_channel(
     server_name_override: str | None = None,
     options: dict[str, Any] | None = None,
 ) -> grpc.Channel:
+    if (client_cert is None) != (client_key is None):  # gRPC aborts the process on a half pair
+        missing = "client_key" if client_key is None else "client_cert"
+        raise ValueError(f"mutual TLS takes client_cert and client_key together: {missing} is missing")
     target, is_name = normalise_target(target)
     extra = dict(options or {})
     if server_name_override:

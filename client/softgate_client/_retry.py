@@ -38,8 +38,8 @@ def call_with_retries(
             code = err.code() if hasattr(err, "code") else None
             details = err.details() if hasattr(err, "details") else None
             if not policy.retryable(code, details) or attempt >= policy.max_attempts:
-                raise from_rpc_error(err) from err
+                raise from_rpc_error(err) from None
             wait = rnd.uniform(0.0, policy.backoff(attempt))
             if deadline is not None and time.monotonic() + wait >= deadline:
-                raise from_rpc_error(err) from err
+                raise from_rpc_error(err) from None
             sleep(wait)

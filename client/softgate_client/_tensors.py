@@ -13,10 +13,14 @@ from typing import Any
 import numpy as np
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-HALF_REASON = (
-    "half_precision: {name} is {dtype}; log-probs travel as float32 or float64 "
-    "(bf16 carries about 3% ratio noise per token at logp = -10, more than GSPO's clip band)"
-)
+
+
+def half_reason(name: str, dtype: str) -> str:
+    """The refusal of a float16 / bfloat16 input: names the field and what to send instead."""
+    why = ""
+    if name.endswith("logp"):
+        why = " (bf16 log-probs carry ~3% ratio noise per token at logp = -10, more than GSPO's clip band)"
+    return f"half_precision: {name} is {dtype}; send {name} as float32 or float64 (e.g. `.float()`){why}"
 
 
 class ArrayInputError(ValueError):
@@ -39,24 +43,39 @@ def is_torch(x: Any) -> bool:
 def to_numpy(x: Any, name: str) -> np.ndarray:
     """A numpy view (or, for a device tensor, a host copy) of a numpy array, torch tensor or list."""
     if isinstance(x, np.ndarray):
-        return x
-    if is_torch(x):
+        a = x
+    elif is_torch(x):
         t = x.detach()
         if t.dtype.is_floating_point and t.element_size() == 2:  # bf16 / fp16
-            raise ArrayInputError(
-                name, HALF_REASON.format(name=name, dtype=str(t.dtype).replace("torch.", ""))
-            )
+            raise ArrayInputError(name, half_reason(name, str(t.dtype).replace("torch.", "")))
         if t.device.type != "cpu":
             t = t.cpu()
         return t.numpy()
-    return np.asarray(x)
+    else:
+        a = np.asarray(x)
+    return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))  # big-endian: native
+
+
+def int_array(x: Any, name: str) -> np.ndarray:
+    """An int64 array of integers; floats are accepted when every value is a whole number."""
+    a = to_numpy(x, name)
+    if a.dtype.kind in "biu":
+        return a.astype(np.int64, copy=False)
+    if a.dtype.kind != "f":
+        raise ArrayInputError(name, f"bad_dtype: {a.dtype}; expected integers")
+    with np.errstate(invalid="ignore"):  # nan / inf: refused below
+        i = a.astype(np.int64)
+    bad = np.flatnonzero(i != a)
+    if bad.size:
+        raise ArrayInputError(name, f"not_integer: {a.reshape(-1)[bad[0]]}", int(bad[0]))
+    return i
 
 
 def float_array(x: Any, name: str, dtype: np.dtype | None = None) -> np.ndarray:
     """A float32/float64 array; integers and bools are widened to float32 (or to `dtype`)."""
     a = to_numpy(x, name)
     if a.dtype == np.float16:
-        raise ArrayInputError(name, HALF_REASON.format(name=name, dtype="float16"))
+        raise ArrayInputError(name, half_reason(name, "float16"))
     if dtype is not None:
         return a.astype(dtype, copy=False)
     if a.dtype not in FLOAT_DTYPES:
@@ -150,9 +169,9 @@ def make_layout(
     """
     if logp.ndim == 1:
         if offsets is not None:
-            off = to_numpy(offsets, "offsets").astype(np.int64, copy=False)
+            off = int_array(offsets, "offsets")
         elif lengths is not None:
-            ln = to_numpy(lengths, "lengths").astype(np.int64, copy=False)
+            ln = int_array(lengths, "lengths")
             if ln.ndim != 1:
                 raise ArrayInputError("lengths", f"bad_shape: {tuple(ln.shape)}; expected (B,)")
             if ln.size and np.minimum.reduce(ln) < 0:  # (ln.min() goes through Python-level wrappers)
@@ -182,7 +201,7 @@ def make_layout(
         if m.shape != (b, t):
             raise ArrayInputError("mask", f"bad_shape: {tuple(m.shape)}; expected {(b, t)}")
     if lengths is not None:
-        ln = to_numpy(lengths, "lengths").astype(np.int64, copy=False)
+        ln = int_array(lengths, "lengths")
         if ln.shape != (b,):
             raise ArrayInputError("lengths", f"bad_shape: {tuple(ln.shape)}; expected ({b},)")
         if b and (np.minimum.reduce(ln) < 0 or np.maximum.reduce(ln) > t):
@@ -209,6 +228,9 @@ def make_layout(
 
 
 def _bool_mask(mask: Any) -> np.ndarray:
+    """The mask as bool (any dtype; nonzero = trained), torch half masks included."""
+    if is_torch(mask) and mask.dtype.is_floating_point:
+        mask = mask.detach() != 0
     m = to_numpy(mask, "mask")
     if m.dtype == np.bool_:
         return m

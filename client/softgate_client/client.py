@@ -9,14 +9,15 @@
 
 Arrays travel as raw little-endian bytes (one memcpy per array). Padded [B, T] inputs are
 packed to the service's ragged layout (each row up to its last mask = 1) and the per-token
-outputs are padded back to [B, T]. Batches larger than `stream_threshold_bytes` go over the
-StreamLoss RPC, split on sequence boundaries; its results equal the unary ones bit for bit.
+outputs are padded back to [B, T]. Calls whose request or response is larger than
+`stream_threshold_bytes` go over the StreamLoss RPC, split on sequence boundaries; its results
+equal the unary ones bit for bit.
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,15 +38,22 @@ from softgate_client._tensors import (
     make_layout,
     to_numpy,
 )
-from softgate_client.errors import InvalidArgumentError, invalid_argument
+from softgate_client.errors import FieldViolation, InvalidArgumentError, invalid_argument
 from softgate_client.proto.softgate.v1 import softgate_pb2 as pb
 from softgate_client.proto.softgate.v1 import softgate_pb2_grpc as pb_grpc
 
 RUN_METADATA_KEY = "softgate-run"
+_RUN_BAD = re.compile(r"[^A-Za-z0-9_.:/-]")  # what the server makes `_` of (its runs.py)
 SERVICE = "softgate.v1.LossService"
 DEFAULT_TIMEOUT = 300.0
 DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024  # bench/RESULTS.md "End-to-end": the chunk sweep
-_LIMIT_PROBE_BYTES = 4 * 1024 * 1024
+# a message over this asks the server's own limit first (once): the smallest limit a server is
+# expected to be set to (a message under it is sent as the client's own limit allows)
+_LIMIT_PROBE_BYTES = 64 * 1024
+# a chunk's headers: 48 bytes for each of at most 9 tensors (tag, length, dtype, shape, data
+# tag and length, alignment padding; the offsets' extra element); the config in the first
+# message fits in the 10% left under the message limit
+_CHUNK_HEAD_BYTES = 48 * len(_wire.BATCH_FIELDS)
 
 _NP_TO_DTYPE: dict[np.dtype, int] = {
     np.dtype(np.float32): pb.DTYPE_FLOAT32,
@@ -93,6 +101,13 @@ class AdvantagesResult:
 
 
 # ---------------------------------------------------------------- tensors and config to proto
+
+
+@functools.lru_cache(maxsize=64)
+def _run_label(run: str) -> str:
+    """The run name as the server labels it (other characters become `_`): gRPC refuses
+    metadata values that are not printable ASCII before they leave the client."""
+    return _RUN_BAD.sub("_", run.strip())
 
 
 def _fill(t: pb.Tensor, a: np.ndarray) -> pb.Tensor:
@@ -275,26 +290,23 @@ class _Packed:
             return self.pieces(s0, s1)
         return functools.partial(self.pieces, s0, s1)
 
-    def chunk_bounds(self, chunk_bytes: int) -> list[tuple[int, int]]:
-        """Sequence ranges of about `chunk_bytes` each (a chunk holds whole sequences; one
-        sequence longer than a chunk travels alone)."""
+    def chunk_bounds(self, chunk_bytes: int, out_bytes_per_token: int = 0) -> list[tuple[int, int]]:
+        """Consecutive sequence ranges [s0, s1), as long as possible, each of whose request Batch
+        and response outputs (`out_bytes_per_token` per token) take at most `chunk_bytes` on the
+        wire; a sequence larger than that alone travels alone. Groups may span chunks."""
         off = self.layout.offsets
-        b, n = self.layout.num_seqs, self.layout.num_tokens
-        per_tok = max(1, self.bytes_per_token)
-        per_seq = sum(a.dtype.itemsize for a in self.seq.values()) + 8
-        # tokens per chunk, leaving room for the per-sequence arrays of short sequences
-        avg_len = max(1.0, n / max(1, b))
-        tok = max(1, int(chunk_bytes / (per_tok + per_seq / avg_len)))
-        targets = np.arange(tok, n, tok, dtype=np.int64)
-        cuts = np.searchsorted(off, targets, side="right") - 1
-        cuts = np.unique(cuts[(cuts > 0) & (cuts < b)])
-        # a batch of many empty sequences: bound the sequences per chunk too
-        max_seqs = max(1, chunk_bytes // per_seq)
-        edges = [0, *cuts.tolist(), b]
+        b = self.layout.num_seqs
+        per_tok = max(self.bytes_per_token, out_bytes_per_token)
+        per_seq = sum(a.dtype.itemsize for a in self.seq.values()) + off.dtype.itemsize
+        # the data bytes of sequences [0, i): strictly increasing, since per_seq > 0
+        end = off * per_tok + np.arange(b + 1, dtype=np.int64) * per_seq
+        room = chunk_bytes - _CHUNK_HEAD_BYTES
         out: list[tuple[int, int]] = []
-        for s0, s1 in itertools.pairwise(edges):
-            for a in range(s0, s1, max_seqs):
-                out.append((a, min(s1, a + max_seqs)))
+        s0 = 0
+        while s0 < b:  # one step per chunk
+            s1 = max(s0 + 1, int(np.searchsorted(end, end[s0] + room, side="right")) - 1)
+            out.append((s0, s1))
+            s0 = s1
         return out or [(0, b)]
 
 
@@ -339,26 +351,36 @@ def pack_batch(
             if adv.dtype != fdt:
                 adv = adv.astype(fdt)
             level = _place_advantages(adv, layout, level, token, seq)
-        if rewards is not None:
-            r = to_numpy(rewards, "rewards")
-            if r.dtype.kind in "biu":
-                r = r.astype(np.int64)
-            elif r.dtype not in (np.float32, np.float64):
-                r = float_array(r, "rewards")
-            seq["rewards"] = _per_seq(r, "rewards", b)
-        if group_ids is not None:
-            g = to_numpy(group_ids, "group_ids")
-            if g.dtype.kind not in "biu":
-                raise ArrayInputError("group_ids", f"bad_dtype: {g.dtype}; expected integers")
-            seq["group_ids"] = _per_seq(g.astype(np.int64, copy=False), "group_ids", b)
+        seq.update(_rewards_and_groups(rewards, group_ids, b))
     except ArrayInputError as e:
-        raise InvalidArgumentError(
-            "invalid input (checked by the client)",
-            violations=[
-                _violation(f"batch.{e.field}" if e.index is None else f"batch.{e.field}[{e.index}]", e.reason)
-            ],
-        ) from e
+        raise _refusal(e, "batch.") from None
     return _Packed(layout=layout, token=token, seq=seq, advantage_level=level)
+
+
+def _rewards_and_groups(rewards: Any, group_ids: Any, b: int | None) -> dict[str, np.ndarray]:
+    """Rewards (int64, float32 or float64) and int64 group ids as sent, [B] each (`b` None:
+    B is the rewards' length); the one check of both `loss` and `advantages`."""
+    out: dict[str, np.ndarray] = {}
+    if rewards is not None:
+        r = to_numpy(rewards, "rewards")
+        if r.dtype.kind in "biu":
+            r = r.astype(np.int64)
+        elif r.dtype not in (np.float32, np.float64):
+            r = float_array(r, "rewards")
+        out["rewards"] = _per_seq(r, "rewards", b)
+        b = r.shape[0]
+    if group_ids is not None:
+        g = to_numpy(group_ids, "group_ids")
+        if g.dtype.kind not in "biu":
+            raise ArrayInputError("group_ids", f"bad_dtype: {g.dtype}; expected integers")
+        out["group_ids"] = _per_seq(g.astype(np.int64, copy=False), "group_ids", b)
+    return out
+
+
+def _refusal(e: ArrayInputError, prefix: str) -> InvalidArgumentError:
+    """A client-side input problem as the server would report it (`prefix`: the request path)."""
+    where = f"{prefix}{e.field}" if e.index is None else f"{prefix}{e.field}[{e.index}]"
+    return invalid_argument(where, e.reason)
 
 
 def _place_advantages(
@@ -400,12 +422,6 @@ def _place_advantages(
     return level
 
 
-def _violation(fieldname: str, reason: str) -> Any:
-    from softgate_client.errors import FieldViolation
-
-    return FieldViolation(fieldname, reason)
-
-
 def _is_float(x: Any) -> bool:
     a = x if isinstance(x, np.ndarray) else None
     if a is None:
@@ -414,9 +430,10 @@ def _is_float(x: Any) -> bool:
     return a.dtype.kind == "f" and a.dtype.itemsize > 2
 
 
-def _per_seq(a: np.ndarray, name: str, b: int) -> np.ndarray:
-    if a.ndim != 1 or a.shape[0] != b:
-        raise ArrayInputError(name, f"bad_shape: {tuple(a.shape)}; expected ({b},), one per sequence")
+def _per_seq(a: np.ndarray, name: str, b: int | None) -> np.ndarray:
+    if a.ndim != 1 or (b is not None and a.shape[0] != b):
+        want = "B" if b is None else b
+        raise ArrayInputError(name, f"bad_shape: {tuple(a.shape)}; expected ({want},), one per sequence")
     return a
 
 
@@ -434,8 +451,9 @@ class SoftgateClient:
     timeout: seconds per call including retries (None: none).
     run: the training run's name, sent as metadata `softgate-run` (labels the server's metrics).
     max_message_bytes: the channel's message size limit (both ways).
-    stream_threshold_bytes: requests larger than this go over StreamLoss (default 90% of
-    max_message_bytes); stream_chunk_bytes: the size of each streamed chunk.
+    stream_threshold_bytes: calls whose request or response is larger than this go over
+    StreamLoss (default 90% of max_message_bytes); stream_chunk_bytes: the largest streamed
+    chunk, request and response (a sequence larger than that travels alone).
     """
 
     def __init__(
@@ -508,14 +526,15 @@ class SoftgateClient:
 
     def _metadata(self, run: str | None) -> tuple[tuple[str, str], ...]:
         r = run if run is not None else self.run
-        return ((RUN_METADATA_KEY, r),) if r else ()
+        return ((RUN_METADATA_KEY, _run_label(r)),) if r else ()
 
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
 
     def _threshold(self, nbytes: int) -> int:
         """The stream threshold, lowered to 90% of the server's own message limit: that limit
-        is asked once (ListAlgorithms) the first time a request is large enough to matter."""
+        is asked once (ListAlgorithms) the first time a call's larger message (request or
+        response, `nbytes`) is over _LIMIT_PROBE_BYTES."""
         if nbytes > _LIMIT_PROBE_BYTES and self._server_max_message_bytes is None:
             try:
                 limits = self.algorithms(timeout=10).limits
@@ -562,15 +581,13 @@ class SoftgateClient:
             eps=eps if eps is not None else c.eps,
             min_group_std=min_group_std if min_group_std is not None else c.min_group_std,
         )
-        r = to_numpy(rewards, "rewards")
-        if r.dtype.kind in "biu":
-            r = r.astype(np.int64)
-        elif r.dtype not in (np.float32, np.float64):
-            r = r.astype(np.float32)
-        g = to_numpy(group_ids, "group_ids").astype(np.int64, copy=False)
+        try:
+            seq = _rewards_and_groups(rewards, group_ids, None)
+        except ArrayInputError as e:
+            raise _refusal(e, "") from None
         req = pb.ComputeAdvantagesRequest()
-        _fill(req.rewards, r.reshape(-1))
-        _fill(req.group_ids, g.reshape(-1))
+        for name, a in seq.items():  # a missing one: the server says so
+            _fill(getattr(req, name), a)
         req.config.CopyFrom(loss_config_to_proto(cfg.LossConfig(advantages=c)).advantages)
         resp = call_with_retries(
             lambda t: self._stub.ComputeAdvantages(req, timeout=t, metadata=self._metadata(run)),
@@ -614,7 +631,7 @@ class SoftgateClient:
         `saturation_threshold`, and `outputs=("ratio", "gate_weight", ...)`.
 
         `stream` forces (True) or forbids (False) the StreamLoss RPC; None picks it when the
-        request is larger than `stream_threshold_bytes`.
+        request or the response is larger than `stream_threshold_bytes`.
         """
         c = _loss_config(config, options)
         packed = pack_batch(
@@ -630,7 +647,12 @@ class SoftgateClient:
             rollout_logp=rollout_logp,
             advantage_level=advantage_level,
         )
-        return self.loss_packed(packed, c, stream=stream, timeout=timeout, run=run)
+        try:
+            return self.loss_packed(packed, c, stream=stream, timeout=timeout, run=run)
+        except InvalidArgumentError as e:
+            if packed.layout.padded is None:
+                raise
+            raise _with_padded_positions(e, packed) from None
 
     def loss_packed(
         self,
@@ -643,12 +665,12 @@ class SoftgateClient:
     ) -> LossResult:
         """`loss` for an already packed batch (see `pack_batch`)."""
         proto_cfg, sel, fields = _messages(c)
-        if stream is None:
-            nbytes = packed.nbytes
-            stream = nbytes > self._threshold(nbytes)
-        use_stream = stream
+        if stream is not False:  # the call's larger message, request or response (asking the
+            # server's limit when it is large: that limit bounds the streamed chunks too)
+            nbytes = max(packed.nbytes, packed.layout.num_tokens * _out_bytes_per_token(packed, sel))
+            stream = nbytes > self._threshold(nbytes) or stream is True
         md = self._metadata(run)
-        if use_stream:
+        if stream:
             result = self._stream_loss(packed, proto_cfg, sel, md, timeout)
         else:
             req = _wire.message(fields, {2: packed.placed()})
@@ -669,7 +691,7 @@ class SoftgateClient:
         md: tuple[tuple[str, str], ...],
         timeout: float | None,
     ) -> LossResult:
-        bounds = packed.chunk_bounds(self.stream_chunk_bytes)
+        bounds = packed.chunk_bounds(self.stream_chunk_bytes, _out_bytes_per_token(packed, sel))
 
         def requests() -> Iterator[_wire.Pieces]:
             for k, (s0, s1) in enumerate(bounds):
@@ -695,6 +717,25 @@ class SoftgateClient:
         return result
 
 
+_TOKEN_FIELD = re.compile(r"batch\.(\w+)\[(\d+)\]")
+
+
+def _with_padded_positions(e: InvalidArgumentError, packed: _Packed) -> InvalidArgumentError:
+    """`e` with each per-token violation (`batch.logp[k]`, k a token of the ragged batch sent)
+    of a padded batch also placed in the caller's [B, T] input: "(row i, column j ...)"."""
+    off = packed.layout.offsets
+    out = []
+    for v in e.violations:
+        m = _TOKEN_FIELD.fullmatch(v.field)
+        if m and m.group(1) in packed.token and int(m.group(2)) < packed.layout.num_tokens:
+            k = int(m.group(2))
+            row = int(np.searchsorted(off, k, side="right")) - 1
+            where = f"row {row}, column {k - int(off[row])} of the padded input"
+            v = FieldViolation(v.field, f"{v.description} ({where})")
+        out.append(v)
+    return type(e)(e.details, code=e.code, violations=out, debug_info=e.debug_info)
+
+
 def _parse_loss_response(data: bytes) -> tuple[pb.ComputeLossResponse, dict[str, np.ndarray]]:
     return _wire.split_response(data, 5, pb.ComputeLossResponse)
 
@@ -709,6 +750,13 @@ def _requested(sel: pb.OutputSelection) -> list[str]:
         names.append("gradient")
     names.extend(n for n in cfg.OUTPUTS if getattr(sel, n))
     return names
+
+
+def _out_bytes_per_token(packed: _Packed, sel: pb.OutputSelection) -> int:
+    """Response bytes per token: the selected outputs, in the batch's float dtype (the masks BOOL)."""
+    names = _requested(sel)
+    bools = ("clip_mask" in names) + ("mask" in names)
+    return (len(names) - bools) * packed.token["logp"].dtype.itemsize + bools
 
 
 def _metrics(m: Any) -> dict[str, float]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from softgate_client.errors import invalid_argument
+
 OBJECTIVE_PARAMS: dict[str, tuple[str, ...]] = {
     "sapo": ("tau_pos", "tau_neg"),
     "grpo": ("eps_low", "eps_high", "dual_clip"),
@@ -32,12 +34,15 @@ class Objective:
 
     def __post_init__(self) -> None:
         if self.name not in OBJECTIVE_PARAMS:
-            raise ValueError(f"objective: unknown {self.name!r}; one of {sorted(OBJECTIVE_PARAMS)}")
-        bad = set(self.params) - set(OBJECTIVE_PARAMS[self.name])
+            raise invalid_argument(
+                "config.objective", f"unknown_choice: {self.name!r}; one of {list(OBJECTIVE_PARAMS)}"
+            )
+        takes = OBJECTIVE_PARAMS[self.name]
+        bad = sorted(set(self.params) - set(takes))
         if bad:
-            raise ValueError(
-                f"objective.{self.name}: unknown parameter(s) {sorted(bad)}; "
-                f"{self.name} takes {list(OBJECTIVE_PARAMS[self.name])}"
+            raise invalid_argument(
+                f"config.objective.{self.name}.{bad[0]}",
+                f"unexpected: {self.name} takes {list(takes)}, not {', '.join(bad)}",
             )
 
     def __hash__(self) -> int:  # so LossConfig hashes (the client remembers built requests)
@@ -120,7 +125,7 @@ class LossConfig:
     def __post_init__(self) -> None:
         bad = set(self.outputs) - set(OUTPUTS)
         if bad:
-            raise ValueError(f"outputs: unknown {sorted(bad)}; choose from {list(OUTPUTS)}")
+            raise invalid_argument("outputs", f"unknown_choice: {sorted(bad)}; one of {list(OUTPUTS)}")
 
 
 _FLAT_ALIASES = {

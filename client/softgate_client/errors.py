@@ -149,9 +149,7 @@ def from_rpc_error(err: grpc.RpcError) -> SoftgateError:
         message, violations, debug_info = status
         details = message or details
     cls = error_class(code)
-    exc = cls(details or "", code=code, violations=violations, debug_info=debug_info)
-    exc.__cause__ = err
-    return exc
+    return cls(details or "", code=code, violations=violations, debug_info=debug_info)
 
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"

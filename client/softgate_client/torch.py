@@ -51,6 +51,12 @@ class SoftgateLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:  # type: ignore[override]
+        if torch.is_grad_enabled():  # create_graph=True: a second derivative was asked for
+            raise RuntimeError(
+                "softgate_loss has no second derivative: the service returns d loss / d logp only, "
+                "so backward with create_graph=True (a gradient penalty, Hessian-vector products) "
+                "would silently drop its terms"
+            )
         (grad,) = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None

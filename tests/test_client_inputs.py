@@ -1,0 +1,134 @@
+"""The client's own checks of its arguments, made before anything is sent (no server needed):
+each refusal is an InvalidArgumentError naming the field, the same for `loss` and `advantages`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from softgate_client import InvalidArgumentError, SoftgateClient, pack_batch
+from softgate_client import config as cfg
+
+
+@pytest.fixture()
+def client():
+    # nothing listens here: every call below is refused before the channel connects
+    with SoftgateClient("127.0.0.1:1", retries=1, timeout=5) as c:
+        yield c
+
+
+def refusal(fn) -> tuple[str, str]:
+    """(field, description) of the one violation `fn()` is refused with."""
+    with pytest.raises(InvalidArgumentError) as ei:
+        fn()
+    (v,) = ei.value.violations
+    return v.field, v.description
+
+
+@pytest.mark.parametrize(
+    "kw, missing",
+    [({"client_cert": b"cert"}, "client_key"), ({"client_key": b"key"}, "client_cert")],
+    ids=["cert_only", "key_only"],
+)
+def test_half_of_an_mtls_pair_is_refused_before_grpc(kw, missing) -> None:
+    # client_cert alone made gRPC abort the process on the first call; client_key alone gave plaintext
+    with pytest.raises(ValueError, match=f"together: {missing} is missing"):
+        SoftgateClient("localhost:50051", **kw)
+
+
+def test_advantages_checks_rewards_and_group_ids_as_loss_does(client) -> None:
+    r = [1.0, 0.0, 1.0, 0.0]
+    lp = -np.ones((4, 1), np.float32)
+    cases = [
+        (r, [0.5, 0.7, 1.5, 1.7], "group_ids", "bad_dtype"),  # was truncated to int: wrong groups
+        (r, ["a", "b", "c", "d"], "group_ids", "bad_dtype"),
+        (torch.ones(4, dtype=torch.bfloat16), [0, 0, 1, 1], "rewards", "half_precision"),
+        (torch.ones(4, dtype=torch.float16), [0, 0, 1, 1], "rewards", "half_precision"),
+        (np.ones(4, np.float16), [0, 0, 1, 1], "rewards", "half_precision"),  # was accepted
+        (r, [0, 0, 1], "group_ids", "bad_shape"),
+    ]
+    for rewards, gids, name, reason in cases:
+        field, desc = refusal(lambda: client.advantages(rewards, gids))  # noqa: B023
+        assert (field, desc.split(":")[0]) == (name, reason), desc
+        field, desc2 = refusal(lambda: client.loss(lp, rewards=rewards, group_ids=gids))  # noqa: B023
+        assert (field, desc2) == (f"batch.{name}", desc)
+
+
+def test_half_precision_names_the_field_and_what_to_send() -> None:
+    lp = -np.ones((2, 3), np.float32)
+    _, desc = refusal(lambda: pack_batch(lp, advantages=torch.ones(2, dtype=torch.bfloat16)))
+    assert desc.startswith("half_precision: advantages is bfloat16; send advantages as float32 or float64")
+    assert "log-prob" not in desc
+    _, desc = refusal(lambda: pack_batch(torch.from_numpy(lp).bfloat16()))
+    assert desc.startswith("half_precision: logp is bfloat16; send logp as float32") and "log-prob" in desc
+
+
+def test_a_mask_of_any_dtype_is_a_mask() -> None:
+    lp = -np.ones((2, 4), np.float32)
+    m = np.array([[1, 0, 1, 0], [1, 1, 0, 0]])
+    want = pack_batch(lp, mask=m.astype(bool), advantages=[1.0, -1.0])
+    masks = [torch.from_numpy(m).to(dt) for dt in (torch.bfloat16, torch.float16, torch.float32, torch.int64)]
+    masks += [m.astype(np.float16), m.astype(np.float32), m.astype(np.uint8)]
+    for mask in masks:
+        p = pack_batch(lp, mask=mask, advantages=[1.0, -1.0])
+        assert p.layout.offsets.tolist() == want.layout.offsets.tolist() == [0, 3, 5]
+        assert p.token["mask"].tolist() == want.token["mask"].tolist() == [True, False, True, True, True]
+    ragged = pack_batch(
+        lp.reshape(-1), offsets=[0, 4, 8], mask=torch.ones(8, dtype=torch.bfloat16), advantages=[1, 2]
+    )
+    assert "mask" in ragged.token and ragged.token["mask"].all()
+
+
+def test_offsets_and_lengths_must_be_whole_numbers() -> None:
+    lp = -np.ones(3, np.float32)
+    assert refusal(lambda: pack_batch(lp, offsets=np.array([0, 1.7, 3]), advantages=[1, 2])) == (
+        "batch.offsets[1]",
+        "not_integer: 1.7",
+    )
+    assert refusal(lambda: pack_batch(lp[:2], lengths=np.array([1.0, 1.1]), advantages=[1, 2])) == (
+        "batch.lengths[1]",
+        "not_integer: 1.1",
+    )
+    assert (
+        refusal(lambda: pack_batch(lp[:2], lengths=[1.0, np.nan], advantages=[1, 2]))[0] == "batch.lengths[1]"
+    )
+    assert refusal(lambda: pack_batch(lp, lengths=["1", "2"], advantages=[1, 2]))[1].startswith("bad_dtype")
+    # whole numbers in floats (e.g. a float mask's row sums) are taken as they are
+    assert pack_batch(lp, offsets=np.array([0.0, 1.0, 3.0]), advantages=[1, 2]).layout.offsets.tolist() == [
+        0,
+        1,
+        3,
+    ]
+    pad = pack_batch(-np.ones((2, 3), np.float32), lengths=torch.tensor([3.0, 1.0]), advantages=[1, 2])
+    assert pad.layout.offsets.tolist() == [0, 3, 4] and pad.layout.offsets.dtype == np.int64
+
+
+def test_big_endian_arrays_travel_like_little_endian_ones() -> None:
+    rng = np.random.default_rng(0)
+    lp, old = -rng.random((3, 4)), -rng.random((3, 4))
+    mask = np.ones((3, 4), bool)
+    mask[1, 2:] = False
+    kw = {"rewards": np.array([1.0, 0.0, 1.0]), "group_ids": np.array([0, 0, 1]), "mask": mask}
+    little = pack_batch(lp.astype("<f4"), old.astype("<f4"), **kw).pieces().join()
+    big = {"rewards": kw["rewards"].astype(">f8"), "group_ids": kw["group_ids"].astype(">i8"), "mask": mask}
+    assert pack_batch(lp.astype(">f4"), old.astype(">f4"), **big).pieces().join() == little
+    ragged = pack_batch(
+        lp.reshape(-1).astype(">f8"), lengths=np.array([4, 4, 4], ">i4"), advantages=[1, 2, 3]
+    )
+    assert ragged.token["logp"].dtype == np.float64 and ragged.layout.offsets.tolist() == [0, 4, 8, 12]
+
+
+def test_configuration_mistakes_are_invalid_argument_errors(client) -> None:
+    lp = -np.ones(3, np.float32)
+    kw = {"lengths": [3], "advantages": [1.0]}
+    field, desc = refusal(lambda: client.loss(lp, **kw, objective="ppo"))
+    assert field == "config.objective" and desc.startswith("unknown_choice: 'ppo'; one of ['sapo', ")
+    field, desc = refusal(lambda: client.loss(lp, **kw, objective="grpo", tau_pos=1.0))
+    assert field == "config.objective.grpo.tau_pos" and desc.startswith("unexpected: grpo takes ['eps_low'")
+    assert refusal(lambda: client.loss(lp, **kw, outputs=("ratio", "nope")))[0] == "outputs"
+    assert (
+        refusal(lambda: cfg.Objective("reinforce", {"eps_low": 0.2}))[0]
+        == "config.objective.reinforce.eps_low"
+    )
+    with pytest.raises(TypeError, match="unknown loss option"):  # a misspelt keyword stays a TypeError
+        client.loss(lp, **kw, tau_post=1.0)

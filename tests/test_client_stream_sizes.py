@@ -1,0 +1,149 @@
+"""The client's message sizes: every streamed chunk (request and response) fits the chunk size,
+and the unary-vs-stream decision and the chunks count the response's outputs and the server's
+own message limit, asked before the first large call."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from softgate_client import SoftgateClient, pack_batch
+from softgate_client.client import _CHUNK_HEAD_BYTES
+from test_client_harness import ServerThread
+
+ALL_OUTPUTS = ("advantages", "ratio", "gate_weight", "clip_mask", "mask")
+MiB = 1 << 20
+
+
+def ragged(lengths: list[int], dtype: type = np.float64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(logp, offsets, per-sequence advantages) of a ragged batch."""
+    ln = np.asarray(lengths, np.int64)
+    off = np.concatenate([[0], np.cumsum(ln)])
+    logp = (-np.random.default_rng(0).random(int(off[-1])) - 0.01).astype(dtype)
+    adv = np.where(np.arange(len(ln)) % 2 == 0, 1.0, -1.0).astype(dtype)
+    return logp, off, adv
+
+
+@pytest.fixture(scope="module")
+def server():
+    with ServerThread() as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def small_server():
+    """A server whose message limit (1 MiB, both ways) is far under the client's (512 MiB)."""
+    with ServerThread(max_message_bytes=MiB) as s:
+        yield s
+
+
+# ---------------------------------------------------------------- chunk_bounds
+
+
+def test_chunk_bounds_cut_before_the_chunk_is_full() -> None:
+    # float64 logp (8 B / token), advantages (8 B) and offsets (8 B) per sequence; a sequence
+    # that crosses the first cut (150 tokens, 1200 B) must neither join its neighbours nor
+    # pull the following sequences into its chunk
+    logp, off, adv = ragged([10, 150, *[5] * 21])
+    p = pack_batch(logp, None, offsets=off, advantages=adv)
+    chunk = 1000
+    bounds = p.chunk_bounds(chunk)
+    assert [s for s, _ in bounds] == [0, *[e for _, e in bounds[:-1]]] and bounds[-1][1] == len(off) - 1
+    for s0, s1 in bounds:
+        wire = len(p.pieces(s0, s1).join())
+        assert wire <= chunk or s1 - s0 == 1, (s0, s1, wire)
+    assert (1, 2) in bounds  # the oversized sequence travels alone
+
+    def data(s0: int, s1: int) -> int:
+        return int(off[s1] - off[s0]) * 8 + (s1 - s0) * 16
+
+    room = chunk - _CHUNK_HEAD_BYTES
+    for s0, s1 in bounds[:-1]:  # as long as possible: one more sequence would not fit
+        assert data(s0, s1 + 1) > room
+
+
+def test_chunk_bounds_at_the_cut_point() -> None:
+    # sequences of 7 tokens: 7 * 8 + 16 = 72 data bytes each
+    logp, off, adv = ragged([7] * 10)
+    p = pack_batch(logp, None, offsets=off, advantages=adv)
+    exactly_three = _CHUNK_HEAD_BYTES + 3 * 72
+    assert p.chunk_bounds(exactly_three) == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert p.chunk_bounds(exactly_three - 1) == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]
+    assert p.chunk_bounds(1) == [(i, i + 1) for i in range(10)]  # each one alone
+    assert p.chunk_bounds(1 << 30) == [(0, 10)]
+    # the response's outputs count when they are the larger side: every output is 4 float64
+    # and 2 BOOL per token, so two sequences take 2 * (7 * 34 + 16) = 508 bytes
+    two = _CHUNK_HEAD_BYTES + 508
+    assert p.chunk_bounds(two) == [(0, 7), (7, 10)]
+    assert p.chunk_bounds(two, 34) == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]
+    assert p.chunk_bounds(two - 1, 34) == [(i, i + 1) for i in range(10)]
+
+
+def test_chunk_bounds_of_empty_sequences() -> None:
+    logp, off, adv = ragged([0] * 100)  # 16 bytes each: advantages and offsets
+    p = pack_batch(logp, None, offsets=off, advantages=adv)
+    assert p.chunk_bounds(_CHUNK_HEAD_BYTES + 10 * 16) == [(i, i + 10) for i in range(0, 100, 10)]
+
+
+# ---------------------------------------------------------------- against a server
+
+
+def test_streamed_chunks_fit_a_small_client_limit(server) -> None:
+    """Every message of a stream fits the client's own limit (1200 B, chunks of 1000 B): a
+    100-token sequence crossing a cut point no longer drags the next ones into its chunk."""
+    logp, off, adv = ragged([10, 100, *[5] * 21])
+    with SoftgateClient(
+        f"127.0.0.1:{server.port}", max_message_bytes=1200, stream_chunk_bytes=1000, timeout=60
+    ) as c:
+        res = c.loss(logp, None, offsets=off, advantages=adv)
+    with SoftgateClient(f"127.0.0.1:{server.port}", timeout=60) as c:
+        unary = c.loss(logp, None, offsets=off, advantages=adv, stream=False)
+    assert res.streamed and res.chunks > 2 and not unary.streamed
+    assert res.loss == unary.loss
+    np.testing.assert_array_equal(res.grad, unary.grad)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "outputs", "streamed"),
+    [
+        (500_000, (), True),  # a 2 MB request: over the server's 1 MiB, under 4 MiB
+        (100_000, ALL_OUTPUTS, True),  # a 0.4 MB request whose response is 1.8 MB
+        (300_000, ALL_OUTPUTS, True),  # a 1.2 MB request, its response 5.4 MB
+        (20_000, ALL_OUTPUTS, False),  # 0.36 MB both ways: unary
+    ],
+)
+def test_calls_fit_the_server_limit_both_ways(server, small_server, tokens, outputs, streamed) -> None:
+    """float32 logp with per-sequence advantages: 4 B / token in, 4-18 B / token out. The
+    client asks the 1 MiB server's limit and streams whatever request or response would be
+    over it, in chunks whose responses fit too; the values equal a unary call's."""
+    logp, off, adv = ragged([100] * (tokens // 100), np.float32)
+    args = {"offsets": off, "advantages": adv, "outputs": outputs}
+    with SoftgateClient(f"127.0.0.1:{small_server.port}", timeout=120) as c:
+        res = c.loss(logp, None, **args)
+        assert c._server_max_message_bytes == MiB
+    with SoftgateClient(f"127.0.0.1:{server.port}", timeout=120) as c:
+        unary = c.loss(logp, None, **args, stream=False)
+    assert res.streamed == streamed
+    assert_same(res, unary, outputs)
+
+
+@pytest.mark.parametrize("chunk_bytes", [900_000, None])
+def test_streamed_chunks_fit_the_server_limit_with_their_responses(server, small_server, chunk_bytes) -> None:
+    """Chunks of at most 900 kB (or the default 16 MiB, lowered to the server's limit) for a 1 MiB
+    server: each chunk's response carries 18 B / token of outputs for its 4 B / token of
+    request, and must fit the server's limit too."""
+    logp, off, adv = ragged([100] * 3000, np.float32)
+    args = {"offsets": off, "advantages": adv, "outputs": ALL_OUTPUTS}
+    sizes = {} if chunk_bytes is None else {"stream_chunk_bytes": chunk_bytes}
+    with SoftgateClient(f"127.0.0.1:{small_server.port}", **sizes, timeout=120) as c:
+        res = c.loss(logp, None, **args, stream=True)
+    with SoftgateClient(f"127.0.0.1:{server.port}", timeout=120) as c:
+        unary = c.loss(logp, None, **args, stream=False)
+    assert res.streamed and res.chunks >= 6
+    assert_same(res, unary, ALL_OUTPUTS)
+
+
+def assert_same(res, unary, outputs) -> None:
+    assert (res.loss, res.policy_loss, res.kl_loss) == (unary.loss, unary.policy_loss, unary.kl_loss)
+    np.testing.assert_equal(res.metrics, unary.metrics)
+    for name in ("grad", *outputs):
+        np.testing.assert_array_equal(getattr(res, name), getattr(unary, name), err_msg=name)
