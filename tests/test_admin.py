@@ -209,3 +209,21 @@ def test_config_without_redacted_method_hides_secret_looking_fields() -> None:
     with ThreadedAdminServer(app) as srv:
         cfg = httpx.get(srv.url + "/v1/config", timeout=5).json()
         assert cfg == {"admin_token": None, "tls_key_password": "***", "port": 1}
+
+
+def test_run_names_with_a_slash_can_be_read_back() -> None:
+    """docs/observability.md allows `/` in run names: /v1/runs/team/exp-1 and its encoded form
+    /v1/runs/team%2Fexp-1 gave 404."""
+    settings = FakeSettings(admin_token=None)
+    tel = PrometheusTelemetry(settings)
+    tel.observe_loss("team/exp-1", LossConfig(), _result())
+    app = create_app(settings, tel, lambda: True)
+    with ThreadedAdminServer(app) as srv, httpx.Client(base_url=srv.url, timeout=5) as c:
+        assert [r["run"] for r in c.get("/v1/runs").json()["runs"]] == ["team/exp-1"]
+        for path in ("/v1/runs/team/exp-1", "/v1/runs/team%2Fexp-1"):
+            r = c.get(path)
+            assert r.status_code == 200, (path, r.text)
+            assert r.json()["run"] == "team/exp-1" and r.json()["batches_recorded"] == 1
+        for path in ("/v1/runs/team", "/v1/runs/team/exp-1/x"):
+            assert c.get(path).status_code == 404
+        assert "/v1/runs/{run}" in c.get("/openapi.json").json()["paths"]

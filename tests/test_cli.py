@@ -55,6 +55,62 @@ def test_bad_setting_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert "grpc_port" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("args", "setting"),
+    [
+        (["--device", "cuda:999"], "device"),
+        (["--device", "foo"], "device"),
+        (["--keepalive-time-s", "inf"], "keepalive_time_s"),
+        (["--max-connection-age-s", "inf"], "max_connection_age_s"),
+        (["--keepalive-time-s", "1e12"], "keepalive_time_s"),
+        (["--max-message-bytes", "8589934592"], "max_message_bytes"),
+        (["--tls-cert", "/no/such.crt", "--tls-key", "/no/such.key"], "tls_cert"),
+        (["--warmup", "maybe"], "warmup"),
+    ],
+)
+def test_settings_that_ended_in_a_traceback_exit_2_with_one_line(
+    capsys: pytest.CaptureFixture[str], args: list[str], setting: str
+) -> None:
+    assert main(["serve", "--grpc-port", "0", "--admin-port", "-1", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"softgate serve: {setting}") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize(
+    ("args", "compile", "warmup"),
+    [
+        ([], False, True),
+        (["--compile"], True, True),
+        (["--compile", "true"], True, True),
+        (["--compile", "false"], False, True),
+        (["--no-compile"], False, True),
+        (["--compile", "auto"], None, True),
+        (["--compile", "--warmup"], True, True),
+        (["--warmup", "false", "--compile", "auto"], None, False),
+        (["--no-warmup"], False, False),
+    ],
+)
+def test_boolean_flags_take_a_value_or_none(
+    monkeypatch: pytest.MonkeyPatch, args: list[str], compile: bool | None, warmup: bool
+) -> None:
+    """docs/server.md: `compile` is true, false or auto; a bare `--compile` is true."""
+    from softgate.cli import build_parser, load_settings
+
+    for var in [v for v in os.environ if v.startswith("SOFTGATE_")]:
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("SOFTGATE_COMPILE", "false")  # a flag overrides it, `--compile auto` too
+    s = load_settings(build_parser().parse_args(["serve", *args]))
+    assert (s.compile, s.warmup) == (compile, warmup)
+
+
+def test_help_shows_the_values_of_boolean_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = capsys.readouterr().out
+    assert "--compile [true|false|auto]" in out and "--no-compile" in out
+    assert "--warmup [true|false]" in out and "--no-warmup" in out
+
+
 # ---------------------------------------------------------------- a real subprocess
 
 
@@ -241,3 +297,26 @@ def test_port_in_use_exits_nonzero(serve: Any) -> None:
             "--grpc-port", str(busy), "--grpc-host", "127.0.0.1", "--admin-port", "-1", "--device", "cpu"
         )
         assert s.proc.wait(30) != 0
+
+
+@pytest.mark.parametrize("where", ["port in use", "host that does not resolve"])
+def test_admin_bind_failure_exits_1_with_one_line(serve: Any, where: str) -> None:
+    """uvicorn's sys.exit(3) inside the admin task escaped the event loop: exit 3, two tracebacks."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        busy = sock.getsockname()[1]
+        admin = ["--admin-host", "127.0.0.1", "--admin-port", str(busy)]
+        if where != "port in use":
+            admin = ["--admin-host", "no-such-host.invalid", "--admin-port", "0"]
+        s = serve(
+            "--grpc-port", "0", "--grpc-host", "127.0.0.1", "--device", "cpu", "--no-warmup",
+            "--log-format", "json", *admin,
+        )  # fmt: skip
+        assert s.proc.wait(60) == 1
+    log = s.log_path.read_text()
+    assert "Traceback" not in log, log
+    failed = [e for e in s.events() if e.get("event") == "startup_failed"]
+    assert len(failed) == 1 and failed[0]["error"].startswith("cannot bind admin on "), log

@@ -279,6 +279,33 @@ def test_cpu_overlay_has_no_gpu() -> None:
     assert c["image"].endswith("-cpu")
 
 
+def _bytes(quantity: str) -> float:
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "K": 1e3, "M": 1e6, "G": 1e9}
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix):
+            return float(quantity[: -len(suffix)]) * factor
+    return float(quantity)
+
+
+def test_cpu_overlay_memory_limit_holds_its_largest_calls() -> None:
+    """docs/server.md: the process keeps ~0.45 GB plus ~60 bytes per token of its largest call
+    (tcmalloc keeps its peak); on the CPU, engine_workers such calls compute at once and the
+    other admitted calls hold their requests (>= 8 bytes per token: logp and old_logp). The
+    overlay's 4Gi did not hold one call of the default max_tokens (64 Mi tokens: 4.48 GB)."""
+    from softgate.settings import Settings
+
+    c = container(render("cpu"))
+    e, default = env(c), Settings()
+    tokens = int(e.get("SOFTGATE_MAX_TOKENS", default.max_tokens))
+    workers = int(e.get("SOFTGATE_ENGINE_WORKERS", default.engine_workers))
+    admitted = int(e.get("SOFTGATE_MAX_CONCURRENT_RPCS", default.max_concurrent_rpcs))
+    assert tokens > 0, "max_tokens 0 is no limit: nothing bounds a call's memory"
+    need = 0.45e9 + 60 * tokens * min(workers, admitted) + 8 * tokens * max(admitted - workers, 0)
+    limit = _bytes(c["resources"]["limits"]["memory"])
+    assert need <= limit, f"{need / 1e9:.2f} GB needed, the limit is {limit / 1e9:.2f} GB"
+    assert Settings.load({}, env={k: v for k, v in e.items() if k.startswith("SOFTGATE_")})
+
+
 # ---------------------------------------------------------------- Dockerfiles and install.sh
 
 

@@ -23,7 +23,7 @@ from softgate.observability import (
     sanitize_run,
 )
 from softgate.observability.distributions import _counts_numpy, _counts_torch
-from softgate.observability.telemetry import MAX_REASONS
+from softgate.observability.telemetry import CODES, MAX_REASONS, REASONS, RPCS, TRANSPORT_REASONS
 
 
 class S:
@@ -346,7 +346,7 @@ def test_in_flight_gauges_return_to_zero() -> None:
     assert all(v == 0 for v in vals.values()), vals
     codes: dict[str, float] = {}
     for n, lab, v in _samples(tel):
-        if n == "softgate_requests_total":
+        if n == "softgate_requests_total" and v:
             codes[lab["code"]] = codes.get(lab["code"], 0) + v
     assert codes == {"OK": 3, "INVALID_ARGUMENT": 1}
 
@@ -361,12 +361,82 @@ def test_rejected_reasons_are_sanitized_and_bounded() -> None:
     assert len(reasons) <= MAX_REASONS + 1
 
 
+def test_service_series_are_exported_at_0_from_start_up() -> None:
+    """increase() and rate() miss an event whose series appears with it (at 1): every RPC's
+    request codes and rejection reasons are there at 0 before the first call."""
+    from softgate.engine.validation import REASON_CODES
+    from softgate_client.proto.softgate.v1 import softgate_pb2 as pb
+
+    assert set(RPCS) == set(pb.DESCRIPTOR.services_by_name["LossService"].methods_by_name)
+    assert set(REASON_CODES) | set(TRANSPORT_REASONS) == set(REASONS)
+    tel = PrometheusTelemetry(S())
+    samples = _samples(tel)
+    rejected = {
+        (lab["rpc"], lab["reason"]): v for n, lab, v in samples if n == "softgate_rejected_inputs_total"
+    }
+    requests = {(lab["rpc"], lab["code"]): v for n, lab, v in samples if n == "softgate_requests_total"}
+    latency = {lab["rpc"]: v for n, lab, v in samples if n == "softgate_request_duration_seconds_count"}
+    assert rejected == {(rpc, reason): 0.0 for rpc in RPCS for reason in REASONS}
+    assert requests == {(rpc, code): 0.0 for rpc in RPCS for code in CODES}
+    assert latency == dict.fromkeys(RPCS, 0.0)
+    tel.rejected("ComputeLoss", ["non_finite"])
+    tel.request_finished("ComputeLoss", "r", "INVALID_ARGUMENT", 0.01, 10, 0, 0, 0)
+    samples = _samples(tel)
+    assert ("softgate_rejected_inputs_total", {"rpc": "ComputeLoss", "reason": "non_finite"}, 1.0) in samples
+    assert ("softgate_requests_total", {"rpc": "ComputeLoss", "code": "INVALID_ARGUMENT"}, 1.0) in samples
+
+
+def test_transport_reasons_are_the_ones_softgate_grpc_gives() -> None:
+    """TRANSPORT_REASONS (exported at 0) are read here from softgate.grpc's reason strings
+    ("<code>: <text>"), so that a new one cannot be missed."""
+    import re
+    from pathlib import Path
+
+    from softgate.engine.validation import REASON_CODES
+
+    src = Path(__file__).resolve().parents[1] / "server" / "softgate" / "grpc"
+    given = set()
+    for f in src.glob("*.py"):
+        given |= set(re.findall(r'(?<![\w"])f?"([a-z_]+): ', f.read_text()))
+    assert given - set(REASON_CODES) == set(TRANSPORT_REASONS)
+
+
+def test_every_reason_code_is_documented() -> None:
+    """docs/server.md lists every reason code: the engine's (REASON_CODES) and the transport's."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "server.md").read_text()
+    assert [r for r in REASONS if f"| `{r}` |" not in doc] == []
+
+
+def test_a_run_s_counters_start_at_0() -> None:
+    """A run's counters appear with its first batch, at 0 when nothing was clipped, so that the
+    first clipped token is an increase."""
+    tel = PrometheusTelemetry(S())
+    config, res = _engine_result(config=LossConfig(objective=Grpo(dual_clip=3.0)))
+    res.metrics.update(clip_low=0.0, clip_high=0.0, dual_clip=0.0, clamped_tokens=0.0)
+    res.metrics.update(gate_saturation_pos=0.0, gate_saturation_neg=0.0)
+    tel.observe_loss("r", config, res)
+    counters = {
+        (n, lab.get("sign", "")): v
+        for n, lab, v in _samples(tel)
+        if n.endswith("_total") and lab.get("run") == "r"
+    }
+    for name in ("clipped", "gate_saturated"):
+        for sign in ("pos", "neg"):
+            assert counters[(f"softgate_{name}_tokens_total", sign)] == 0.0
+    assert counters[("softgate_dual_clipped_tokens_total", "")] == 0.0
+    assert counters[("softgate_clamped_tokens_total", "")] == 0.0
+
+
 def test_registries_are_private() -> None:
     a, b = PrometheusTelemetry(S()), PrometheusTelemetry(S())
-    a.rejected("Loss", ["non_finite"])
-    assert not [1 for n, _, _ in _samples(b) if n == "softgate_rejected_inputs_total"]
+    a.rejected("ComputeLoss", ["non_finite"])
+    assert not [1 for n, _, v in _samples(b) if n == "softgate_rejected_inputs_total" and v]
     assert (
-        REGISTRY.get_sample_value("softgate_rejected_inputs_total", {"rpc": "Loss", "reason": "non_finite"})
+        REGISTRY.get_sample_value(
+            "softgate_rejected_inputs_total", {"rpc": "ComputeLoss", "reason": "non_finite"}
+        )
         is None
     )
 

@@ -7,6 +7,7 @@ promtool comes from Debian's `prometheus` package (scripts/tools/prometheus.sh, 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,10 +17,11 @@ import httpx
 import pytest
 import torch
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 from softgate.admin import create_app
 from softgate.admin.server import ThreadedAdminServer
 from softgate.engine import Batch, Engine, Grpo, Gspo, LossConfig, Sapo
-from softgate.observability import PrometheusTelemetry
+from softgate.observability import PrometheusTelemetry, exported_names
 
 ROOT = Path(__file__).resolve().parents[1]
 PROM = ROOT / "deploy" / "prometheus"
@@ -63,6 +65,40 @@ def test_every_alert_is_tripped_by_a_unit_test() -> None:
     assert len(alerts) >= 7
 
 
+def _series(text: str) -> tuple[str, dict[str, str]]:
+    """'name{a="b"}' -> (name, labels)."""
+    sample = next(iter(text_string_to_metric_families(text + " 0\n"))).samples[0]
+    return sample.name, dict(sample.labels)
+
+
+def test_rule_unit_tests_feed_the_series_the_server_exports() -> None:
+    """A rule test is only as good as its input: an alert on `increase()` missed the first
+    event when its series appeared at 1. So the input series are the server's: every service
+    series is one a server exports at 0 from start-up (real rpc names and codes, `le` as written
+    there), every run-labelled one a name the collector exports, and each starts at 0."""
+    fresh = {
+        (s.name, frozenset(s.labels.items()))
+        for fam in PrometheusTelemetry(None).registry.collect()
+        for s in fam.samples
+    }
+    known = exported_names()
+    seen = 0
+    for t in yaml.safe_load(RULE_TESTS.read_text())["tests"]:
+        for given in t["input_series"]:
+            name, labels = _series(given["series"])
+            if not name.startswith("softgate_"):
+                continue
+            seen += 1
+            labels.pop("job", None)
+            if "run" in labels:
+                assert name in known, given["series"]
+            else:
+                assert (name, frozenset(labels.items())) in fresh, given["series"]
+            first = next(v for v in given["values"].split() if not v.startswith("_"))
+            assert re.match(r"0([+x]|$)", first), f"{given['series']} starts at {first}, not 0"
+    assert seen >= 20
+
+
 def test_prometheus_config_is_valid() -> None:
     p = run(promtool(), "check", "config", str(PROM / "prometheus.yml"))
     assert p.returncode == 0, p.stdout.decode() + p.stderr.decode()
@@ -89,11 +125,11 @@ def _traffic(tel: PrometheusTelemetry) -> None:
             rewards=rewards,
             group_ids=torch.arange(n_seqs) // 4,
         )
-        tel.request_started("Loss", "exp-1", n)
+        tel.request_started("ComputeLoss", "exp-1", n)
         tel.observe_loss("exp-1", config, engine.loss(batch, config))
-        tel.request_finished("Loss", "exp-1", "OK", 0.05, 4 * n, 4 * n, n, n_seqs)
-    tel.rejected("Loss", ["non_finite"])
-    tel.request_finished("Loss", "exp-1", "INVALID_ARGUMENT", 0.001, 100, 50, 0, 0)
+        tel.request_finished("ComputeLoss", "exp-1", "OK", 0.05, 4 * n, 4 * n, n, n_seqs)
+    tel.rejected("ComputeLoss", ["non_finite"])
+    tel.request_finished("ComputeLoss", "exp-1", "INVALID_ARGUMENT", 0.001, 100, 50, 0, 0)
 
 
 def test_promtool_check_metrics_on_a_real_exposition() -> None:

@@ -54,3 +54,26 @@ def test_run_serves_with_grad_off_and_restores_it(monkeypatch: pytest.MonkeyPatc
             assert serve.run(settings) == 0
             assert torch.is_grad_enabled() is grad
     assert seen == [False, False]
+
+
+def test_an_admin_port_in_use_fails_start_up_with_exit_code_1() -> None:
+    """uvicorn ends a failed bind with sys.exit(3) in its task, which escaped asyncio.run; serve
+    binds the admin socket itself and reports the failure like the gRPC port's."""
+    import asyncio
+    import socket
+
+    import softgate.serve as serve
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        settings = Settings(
+            grpc_host="127.0.0.1",
+            grpc_port=0,
+            admin_host="127.0.0.1",
+            admin_port=sock.getsockname()[1],
+            device="cpu",
+            compile=False,
+            warmup=False,
+        )
+        assert asyncio.run(serve.serve(settings)) == 1

@@ -3,6 +3,7 @@ validation, redaction."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,147 @@ def test_secrets_are_redacted() -> None:
     assert red["admin_token"] == "***" and "hunter2" not in repr(s) and "hunter2" not in str(red)
     assert Settings.load({}, env={}).redacted()["admin_token"] is None
     assert set(red) == set(Settings.__dataclass_fields__)
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        ({"device": "foo"}, "device: 'foo' is not a device"),
+        ({"device": "mps"}, "device: 'mps' is not a device"),
+        ({"device": "cuda:x"}, "device: 'cuda:x' is not a device"),
+        ({"keepalive_time_s": "inf"}, "keepalive_time_s: inf must be from 0 to 2147483"),
+        ({"keepalive_time_s": "1e12"}, "keepalive_time_s"),
+        ({"keepalive_timeout_s": "nan"}, "keepalive_timeout_s"),
+        ({"max_connection_age_s": "inf"}, "max_connection_age_s"),
+        ({"max_connection_age_grace_s": "1e10"}, "max_connection_age_grace_s"),
+        ({"grace_seconds": "inf"}, "grace_seconds"),
+        ({"max_message_bytes": str(1 << 33)}, "max_message_bytes: 8589934592 must be below 2 GiB"),
+        ({"max_message_bytes": str(1 << 31)}, "max_message_bytes"),
+    ],
+)
+def test_what_grpc_or_torch_cannot_take_is_refused(flags: dict[str, str], needle: str) -> None:
+    """These ended in a traceback (torch's device parser, OverflowError in gRPC's int32
+    channel arguments) after start-up had begun."""
+    with pytest.raises(SettingsError, match=re.escape(needle)) as e:
+        Settings.load(flags, env={})
+    assert "\n" not in str(e.value)
+
+
+def test_the_largest_values_grpc_takes_are_accepted() -> None:
+    s = Settings.load(
+        {"max_message_bytes": str((1 << 31) - 1), "keepalive_time_s": "2147483", "device": "cpu:0"}, env={}
+    )
+    assert s.max_message_bytes == (1 << 31) - 1 and s.keepalive_time_s == 2147483.0
+
+
+def test_a_device_this_host_lacks_is_a_host_problem() -> None:
+    """Settings for another host (a GPU overlay's, read on a laptop) load; `softgate serve`
+    refuses them with host_problems() before it starts (torch asserted deep in start-up)."""
+    s = Settings.load({"device": "cuda:999"}, env={})
+    [problem] = s.host_problems()
+    assert problem.startswith("device: 'cuda:999' is not available: ")
+    assert Settings.load({"device": "cpu"}, env={}).host_problems() == []
+
+
+def test_a_device_in_a_config_file_that_is_not_a_name(tmp_path: Path) -> None:
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("device: {a: 1}\n")
+    with pytest.raises(SettingsError, match=r"device: .* is not a device"):
+        Settings.load({"config": str(cfg)}, env={})
+
+
+def test_a_malformed_config_file_is_one_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("grpc_port: [1, 2\n")
+    with pytest.raises(SettingsError, match="cannot parse") as e:
+        Settings.load({"config": str(cfg)}, env={})
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("var", ["SOFTGATE_WARMUP", "SOFTGATE_COMPILE"])
+def test_an_empty_boolean_is_refused(var: str) -> None:
+    name = var.removeprefix("SOFTGATE_").lower()
+    with pytest.raises(SettingsError, match=f"{name} from environment variable {var}: empty; expected true"):
+        Settings.load({}, env={var: ""})
+
+
+def test_compile_takes_true_false_auto() -> None:
+    for value, want in (("true", True), ("false", False), ("auto", None)):
+        assert Settings.load({"compile": value}, env={}).compile is want
+    with pytest.raises(SettingsError, match="'maybe'; expected true or false or auto"):
+        Settings.load({"compile": "maybe"}, env={})
+
+
+def test_every_log_level_is_documented() -> None:
+    from softgate.settings import LOG_LEVELS
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "server.md").read_text()
+    row = next(line for line in doc.splitlines() if line.startswith("| `log_level` |"))
+    assert all(f"`{level}`" in row for level in LOG_LEVELS), row
+    for level in LOG_LEVELS:
+        assert Settings.load({"log_level": level.lower()}, env={}).log_level == level
+
+
+# ---------------------------------------------------------------- TLS files
+
+
+@pytest.fixture(scope="module")
+def pems() -> dict[str, bytes]:
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    a, b = ca.issue_cert("localhost"), ca.issue_cert("other")
+    return {
+        "cert": b"".join(x.bytes() for x in a.cert_chain_pems),
+        "key": a.private_key_pem.bytes(),
+        "other_key": b.private_key_pem.bytes(),
+        "ca": ca.cert_pem.bytes(),
+        "garbage": b"garbage\n",
+        "bad_body": b"-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+    }
+
+
+@pytest.mark.parametrize(
+    ("cert", "key", "ca", "needle"),
+    [
+        ("garbage", "key", None, "tls_cert: .*cert.pem holds no PEM CERTIFICATE block"),
+        ("cert", "garbage", None, "tls_key: .*key.pem holds no PEM PRIVATE KEY block"),
+        ("key", "cert", None, "tls_cert: .* no PEM CERTIFICATE block; tls_key: .* no PEM PRIVATE KEY"),
+        ("missing", "key", None, "tls_cert: cannot read .*missing.pem: No such file"),
+        ("cert", "missing", None, "tls_key: cannot read"),
+        ("cert", "key", "missing", "tls_client_ca: cannot read"),
+        ("cert", "key", "garbage", "tls_client_ca: .* holds no PEM CERTIFICATE block"),
+        ("cert", "other_key", None, "tls_key: .* is not the private key of tls_cert"),
+        ("bad_body", "key", None, "tls_cert and tls_key: .*not a valid certificate"),
+        ("cert", "key", "bad_body", "tls_client_ca: .* not valid PEM certificates"),
+    ],
+)
+def test_tls_files_are_checked_and_named(
+    tmp_path: Path, pems: dict[str, bytes], cert: str, key: str, ca: str | None, needle: str
+) -> None:
+    """A bad TLS file was reported as "cannot bind gRPC on ...", a missing one without the
+    setting's name."""
+
+    def path(kind: str, what: str) -> str:
+        p = tmp_path / ("missing.pem" if what == "missing" else f"{kind}.pem")
+        if what != "missing":
+            p.write_bytes(pems[what])
+        return str(p)
+
+    flags = {"tls_cert": path("cert", cert), "tls_key": path("key", key)}
+    if ca is not None:
+        flags["tls_client_ca"] = path("ca", ca)
+    problems = "; ".join(Settings.load(flags, env={}).host_problems())
+    assert re.search(needle, problems) and "\n" not in problems, problems
+
+
+def test_good_tls_files_pass(tmp_path: Path, pems: dict[str, bytes]) -> None:
+    for name in ("cert", "key", "ca"):
+        (tmp_path / f"{name}.pem").write_bytes(pems[name])
+    s = Settings.load(
+        {
+            k: str(tmp_path / f"{n}.pem")
+            for k, n in (("tls_cert", "cert"), ("tls_key", "key"), ("tls_client_ca", "ca"))
+        },
+        env={},
+    )
+    assert s.tls and s.host_problems() == []

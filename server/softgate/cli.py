@@ -31,12 +31,16 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> a
         helptext = field_help(f.name)
         if f.name != "config":
             shown = "auto" if f.name == "compile" and f.default is None else f.default
+            shown = str(shown).lower() if isinstance(shown, bool) else shown
             helptext += f" [default: {shown}; env SOFTGATE_{f.name.upper()}]"
         else:
             helptext += " [env SOFTGATE_CONFIG]"
         if tp.startswith("bool"):
+            # `--warmup`, `--warmup false`, `--no-warmup` (`--compile auto` too): Settings coerces
+            choices = "true|false|auto" if f.name == "compile" else "true|false"
+            p.add_argument(flag, dest=f.name, nargs="?", const="true", metavar=choices, help=helptext)
             p.add_argument(
-                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=helptext
+                "--no-" + flag[2:], dest=f.name, action="store_const", const="false", help=f"{flag} false"
             )
         else:
             p.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=helptext)
@@ -90,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         decision = Decision(settings.allocator, now, now, None, None)
     else:
         decision = maybe_reexec(settings.allocator)
+    # the device and TLS files, once re-executed (the device check imports torch)
+    if problems := settings.host_problems():
+        print(f"softgate serve: {'; '.join(problems)}", file=sys.stderr)
+        return 2
     from softgate.serve import run
 
     return run(settings, allocator=decision)

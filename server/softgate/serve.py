@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Generator
 from typing import Any
@@ -102,6 +103,26 @@ def _make_admin_server(settings: Settings, telemetry: Telemetry, is_ready: Any) 
     return _Server(config)
 
 
+def _admin_socket(settings: Settings) -> socket.socket:
+    """The admin port, bound here rather than by uvicorn: uvicorn reports a bind failure with
+    sys.exit(3) inside its task, which escapes the event loop with two tracebacks."""
+    host, port = settings.admin_host, settings.admin_port
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+        except OSError:
+            sock.close()
+            raise
+    except OSError as e:
+        raise OSError(f"cannot bind admin on {host}:{port}: {e.strerror or e}") from e
+    return sock
+
+
 def _bound_admin_address(server: Any, settings: Settings) -> str:
     try:
         sock = server.servers[0].sockets[0]
@@ -154,7 +175,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
     code = 0
     try:
         if admin is not None:
-            admin_task = asyncio.create_task(admin.serve(), name="softgate-admin")
+            admin_task = asyncio.create_task(admin.serve([_admin_socket(settings)]), name="softgate-admin")
             while not admin.started:
                 if admin_task.done():
                     exc = admin_task.exception() if not admin_task.cancelled() else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -22,7 +23,10 @@ LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 ALLOCATORS = ("auto", "system", "glibc", "tcmalloc", "jemalloc")
 _TRUE = {"1", "true", "yes", "on", "y", "t"}
-_FALSE = {"0", "false", "no", "off", "n", "f", ""}
+_FALSE = {"0", "false", "no", "off", "n", "f"}
+# gRPC takes its time and size settings as 32-bit ints (milliseconds, bytes)
+INT32_MAX = (1 << 31) - 1
+MAX_SECONDS = INT32_MAX // 1000  # 2,147,483 s, about 24.8 days
 
 
 class SettingsError(ValueError):
@@ -76,7 +80,7 @@ class Settings:
     )
     # ---- transport
     max_message_bytes: int = field(
-        default=512 * MiB, metadata={"help": "largest message received or sent, bytes"}
+        default=512 * MiB, metadata={"help": "largest message received or sent, bytes (below 2 GiB)"}
     )
     max_concurrent_rpcs: int = field(
         default=32, metadata={"help": "RPCs in progress at once; past it RESOURCE_EXHAUSTED at once"}
@@ -103,7 +107,7 @@ class Settings:
     )
     # ---- logs and metrics
     log_format: str = field(default="text", metadata={"help": "text or json (one object per line)"})
-    log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING, ERROR"})
+    log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING, ERROR, CRITICAL"})
     max_runs: int = field(
         default=20, metadata={"help": "distinct softgate-run labels in metrics; more fold into 'other'"}
     )
@@ -139,6 +143,10 @@ class Settings:
         for name in ("max_message_bytes", "max_concurrent_rpcs", "engine_workers", "max_runs"):
             if getattr(self, name) < 1:
                 p.append(f"{name}: {getattr(self, name)} must be >= 1")
+        if self.max_message_bytes > INT32_MAX:
+            p.append(
+                f"max_message_bytes: {self.max_message_bytes} must be below 2 GiB ({INT32_MAX + 1}), gRPC's limit"
+            )
         if self.inline_max_tokens < 0:
             p.append(f"inline_max_tokens: {self.inline_max_tokens} must be >= 0 (0: never inline)")
         for name in ("max_tokens", "max_sequences", "max_groups"):
@@ -147,19 +155,36 @@ class Settings:
         for name in (
             "keepalive_time_s",
             "keepalive_timeout_s",
+            "max_connection_age_s",
             "max_connection_age_grace_s",
             "grace_seconds",
         ):
-            if not getattr(self, name) >= 0:
-                p.append(f"{name}: {getattr(self, name)} must be >= 0")
-        if self.max_connection_age_s is not None and not self.max_connection_age_s > 0:
-            p.append(f"max_connection_age_s: {self.max_connection_age_s} must be > 0 (or none)")
+            v = getattr(self, name)
+            if v is not None and not 0 <= v <= MAX_SECONDS:  # (NaN fails too)
+                p.append(f"{name}: {v} must be from 0 to {MAX_SECONDS} seconds (gRPC's 32-bit milliseconds)")
+        if self.max_connection_age_s == 0:
+            p.append("max_connection_age_s: 0 must be > 0 (or none)")
+        device = _device_problem(self.device, on_this_host=False)
+        if device:
+            p.append(f"device: {self.device!r} {device}")
         if self.allocator.strip().lower() not in ALLOCATORS and not self.allocator.startswith("/"):
             p.append(f"allocator: {self.allocator!r}; one of {list(ALLOCATORS)} or an absolute library path")
         if (self.tls_cert is None) != (self.tls_key is None):
             p.append("tls_cert and tls_key: give both or neither")
         if self.tls_client_ca is not None and self.tls_cert is None:
             p.append("tls_client_ca: mutual TLS needs tls_cert and tls_key too")
+        return p
+
+    def host_problems(self) -> list[str]:
+        """What this host must provide: the CUDA device asked for, and TLS files that are readable
+        and valid. Not checked on construction, so that the settings of another host (a GPU
+        overlay's, on a laptop) still load; `softgate serve` checks them before it starts."""
+        p: list[str] = []
+        device = _device_problem(self.device, on_this_host=True)
+        if device:
+            p.append(f"device: {self.device!r} {device}")
+        if self.tls_cert is not None and self.tls_key is not None:
+            p += _tls_problems(self.tls_cert, self.tls_key, self.tls_client_ca)
         return p
 
     # ------------------------------------------------------------ views
@@ -243,7 +268,7 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     except SettingsError:
         raise
     except Exception as e:
-        raise SettingsError(f"config file {path}: cannot parse: {e}") from e
+        raise SettingsError(f"config file {path}: cannot parse: {' '.join(str(e).split())}") from e
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -268,7 +293,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             s = value.strip()
             if optional and s.lower() in ("none", "null", "off", "disabled") and name != "compile":
                 return None
-            if name == "compile" and s.lower() in ("auto", "none", "null", ""):
+            if name == "compile" and s.lower() in ("auto", "none", "null"):
                 return None
             if name == "admin_port" and s == "-1":
                 return None
@@ -286,7 +311,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
                 return True
             if s in _FALSE:
                 return False
-            raise ValueError(f"{value!r} is not a boolean (true/false)")
+            given = repr(value) if s else "empty"
+            raise ValueError(f"{given}; expected true or false" + (" or auto" if name == "compile" else ""))
         if tp.startswith("int"):
             if isinstance(value, bool):
                 raise ValueError(f"{value!r} is not an integer")
@@ -311,6 +337,83 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         return s
     except (TypeError, ValueError) as e:
         raise SettingsError(f"{name} from {source}: {e}") from e
+
+
+_DEVICE = re.compile(r"(cpu|cuda)(:[0-9]+)?")
+
+
+def _device_problem(device: str, *, on_this_host: bool) -> str | None:
+    """Why `device` is not one (or, `on_this_host`, not there), or None. Only the check on this
+    host imports torch, which the CLI does once it has re-executed itself (allocator.py)."""
+    if device in ("", "auto", "cpu"):  # "" is auto, as in serve.make_engine
+        return None
+    if not _DEVICE.fullmatch(device):
+        return "is not a device; auto, cpu, cuda or cuda:N"
+    if not on_this_host:
+        return None
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        return "is not a device; auto, cpu, cuda or cuda:N"
+    if dev.type == "cpu":
+        return None
+    if not torch.cuda.is_available():
+        return "is not available: this torch has no CUDA or the host no CUDA device"
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        return f"is not available: this host has {count} CUDA device(s), cuda:0..cuda:{count - 1}"
+    return None
+
+
+_PEM_BEGIN = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----")
+
+
+def _pem_problem(name: str, path: str, kind: str) -> str | None:
+    """Why the file of setting `name` is unusable: unreadable, or no PEM block whose label ends
+    with `kind` ("CERTIFICATE", "PRIVATE KEY": also "RSA PRIVATE KEY", "EC PRIVATE KEY")."""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError as e:
+        return f"{name}: cannot read {path}: {e.strerror or e}"
+    if not any(label == kind or label.endswith(" " + kind) for label in _PEM_BEGIN.findall(text)):
+        return f"{name}: {path} holds no PEM {kind} block"
+    return None
+
+
+def _tls_problems(cert: str, key: str, client_ca: str | None) -> list[str]:
+    """The TLS files: readable, PEM of the right kind, and a key that parses and belongs to the
+    certificate (checked by the standard library's OpenSSL; gRPC would only fail to bind)."""
+    import ssl
+
+    p = [
+        x
+        for x in (
+            _pem_problem("tls_cert", cert, "CERTIFICATE"),
+            _pem_problem("tls_key", key, "PRIVATE KEY"),
+            client_ca and _pem_problem("tls_client_ca", client_ca, "CERTIFICATE"),
+        )
+        if x
+    ]
+    if p:
+        return p
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(cert, key, password=lambda: b"")  # an encrypted key fails, no prompt
+    except ssl.SSLError as e:
+        if e.reason == "KEY_VALUES_MISMATCH":
+            p.append(f"tls_key: {key} is not the private key of tls_cert {cert}")
+        else:
+            why = f" ({e.reason})" if e.reason else ""
+            p.append(f"tls_cert and tls_key: {cert}, {key}: not a valid certificate and unencrypted key{why}")
+    if client_ca is not None:
+        try:
+            ctx.load_verify_locations(client_ca)
+        except ssl.SSLError as e:
+            why = f" ({e.reason})" if e.reason else ""
+            p.append(f"tls_client_ca: {client_ca}: not valid PEM certificates{why}")
+    return p
 
 
 def field_help(name: str) -> str:

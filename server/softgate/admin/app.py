@@ -271,7 +271,7 @@ def create_app(
         }
 
     @app.get(
-        "/v1/runs/{run}",
+        "/v1/runs/{run:path}",  # a run name may hold "/" (`team/exp-1`, or `team%2Fexp-1` encoded)
         tags=["runs"],
         summary="One run's statistics over windows (last 10 / 100 batches, last 5 min / 1 h).",
         responses={404: {"description": "unknown run"}},

@@ -69,7 +69,9 @@ class RunState:
 
     # ------------------------------------------------------------ updates
     def inc(self, name: str, labels: tuple[str, ...], value: float) -> None:
-        if value and math.isfinite(value):
+        # a 0 is recorded too: the series exists from the run's first batch, so that the first
+        # clipped (saturated, clamped) token is an increase that rate() and increase() see
+        if math.isfinite(value):
             key = (name, labels)
             self.counters[key] = self.counters.get(key, 0.0) + float(value)
 

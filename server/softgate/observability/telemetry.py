@@ -17,8 +17,10 @@ from collections import defaultdict, deque
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from softgate_client.proto.softgate.v1 import softgate_pb2 as pb
 
 from softgate import __version__
+from softgate.engine.validation import REASON_CODES
 from softgate.observability.collector import (
     BATCH_HISTOGRAMS,
     SoftgateCollector,
@@ -32,6 +34,18 @@ LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
 MAX_REASONS = 64
+# Series exported at 0 from start-up, so that the first event after a start is an increase
+# (`increase()` / `rate()` cannot see a series that appears at 1): every RPC of the service,
+# the status codes a server answers, every reason code of the engine and of the transport.
+RPCS = tuple(pb.DESCRIPTOR.services_by_name["LossService"].methods_by_name)
+CODES = (
+    "OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "CANCELLED", "INTERNAL", "UNAVAILABLE",
+)  # fmt: skip
+# reason codes softgate.grpc gives besides the engine's (a test reads them from its source)
+TRANSPORT_REASONS = (
+    "bad_protobuf", "bad_length", "shape_mismatch", "bad_bool", "too_large", "inconsistent", "unexpected",
+)  # fmt: skip
+REASONS = tuple(dict.fromkeys((*REASON_CODES, *TRANSPORT_REASONS)))
 DEFER_MAX_TOKENS = 1 << 16  # larger results: at most MAX_BIG_PENDING queued (PrometheusTelemetry._later)
 MAX_BIG_PENDING = 1
 MAX_QUEUED = 64  # queued recordings that are recorded without waiting for a kick
@@ -161,6 +175,13 @@ class PrometheusTelemetry(Telemetry):
         self._rpc_children: dict[str, tuple[Any, Any, Any, Any]] = {}
         self._request_children: dict[tuple[str, str], Any] = {}
         self.set_device(getattr(settings, "device", None))
+        for rpc in RPCS:
+            self._rpc(rpc)
+            for code in CODES:
+                self._request_children[(rpc, code)] = self.requests.labels(rpc, code)
+            for reason in REASONS:
+                self.rejected_inputs.labels(rpc, reason)
+        self._reasons.update(REASONS)
         self.collector = SoftgateCollector(self)
         r.register(self.collector)
 
@@ -397,7 +418,7 @@ class PrometheusTelemetry(Telemetry):
                 if sat is not None:
                     st.inc("softgate_gate_saturated_tokens_total", (objective, s), round(sat * tok[s]))
             clamped = _f(m, "clamped_tokens")
-            if clamped:
+            if clamped is not None:
                 st.inc("softgate_clamped_tokens_total", o, clamped)
             # per-batch histograms (a sign's fraction only when that sign has tokens)
             for name, key, sign in BATCH_HISTOGRAMS:
