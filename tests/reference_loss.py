@@ -189,9 +189,10 @@ def reference_loss(batch: Batch, config: LossConfig) -> Reference:
             loss_t = loss_t * v.detach()
         policy_terms.append(loss_t)
         if config.kl is not None:
-            x = torch.clamp(ref[sl][mi] - lp, -C, C)
+            x = ref[sl][mi] - lp
             est = config.kl.estimator
-            k = -x if est == "k1" else (x * x / 2 if est == "k2" else torch.exp(x) - x - 1)
+            xc = torch.clamp(x, -C, C)  # k3 only: exp(x) finite in float32
+            k = -x if est == "k1" else (x * x / 2 if est == "k2" else torch.exp(xc) - xc - 1)
             kl_terms.append(k)
         else:
             kl_terms.append(None)

@@ -265,6 +265,24 @@ def test_estimators(est):
     )
 
 
+@pytest.mark.parametrize("estimator,grad", [("k1", 1.0), ("k2", 30.0), ("k3", 0.0)])
+def test_only_k3_clamps_the_kl_log_ratio(estimator, grad):
+    """SPEC's k1 = -x and k2 = x^2/2 are finite for any finite x = ref - logp: beyond the clamp
+    they keep their gradient (1, -x), which pulls hardest where the policy drifted furthest;
+    k3 = exp(x) - x - 1 clamps x (float32's exp), so its gradient is 0 there."""
+    b = Batch(
+        logp=torch.tensor([-31.0], dtype=F64),
+        offsets=torch.tensor([0, 1]),
+        advantages=torch.tensor([0.0], dtype=F64),
+        ref_logp=torch.tensor([-61.0], dtype=F64),  # x = -30, beyond the clamp of 20
+    )
+    res = E.loss(b, LossConfig(objective=Reinforce(), kl=KLConfig(estimator=estimator, beta=1.0)))
+    assert res.grad.tolist() == [pytest.approx(grad, rel=1e-12)]
+    want = {"k1": 30.0, "k2": 450.0, "k3": math.exp(-20) + 20 - 1}[estimator]
+    assert res.kl_loss == pytest.approx(want, rel=1e-12)
+    assert res.metrics["kl_clamped_tokens"] == (estimator == "k3")
+
+
 def test_extreme_log_ratios_are_clamped_and_counted():
     logp = torch.tensor([-1.0, -1.0, -80.0, -1.0], dtype=F64)
     old = torch.tensor([-60.0, -1.0, -1.0, -1.1], dtype=F64)

@@ -1,7 +1,9 @@
-"""KL penalty to the reference policy per token, x = ref - logp (clamped like the log-ratio).
+"""KL penalty to the reference policy per token, x = ref - logp (SPEC: k1, k2, k3).
 
-k1 = -x, k2 = x^2 / 2, k3 = exp(x) - x - 1; d k / d logp = 1, -x, 1 - exp(x) where x was not
-clamped, 0 where it was (the derivative of the clamp). The clamp keeps k3 finite in float32.
+k1 = -x, k2 = x^2 / 2, k3 = exp(x) - x - 1; d k / d logp = 1, -x, 1 - exp(x). Only k3 clamps
+x (like the log-ratio, so exp(x) stays finite in float32; its gradient is 0 where it clamped,
+the clamp's derivative): k1 and k2 are finite for every finite x and keep their gradient where
+the policy drifted furthest from the reference (as TRL's and verl's k1 / k2 do).
 """
 
 from __future__ import annotations
@@ -12,15 +14,13 @@ from torch import Tensor
 
 def kl_terms(estimator: str, x_raw: Tensor, clamp: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(k, d k / d logp, clamped) per token from x_raw = ref - logp (0 on masked tokens)."""
+    if estimator == "k1":
+        return -x_raw, torch.ones_like(x_raw), torch.zeros_like(x_raw, dtype=torch.bool)
+    if estimator == "k2":
+        return 0.5 * x_raw * x_raw, -x_raw, torch.zeros_like(x_raw, dtype=torch.bool)
+    if estimator != "k3":
+        raise ValueError(f"unknown KL estimator {estimator!r}")
     x = torch.clamp(x_raw, -clamp, clamp)
     clamped = x_raw.abs() > clamp
-    if estimator == "k1":
-        k, dk = -x, torch.ones_like(x)
-    elif estimator == "k2":
-        k, dk = 0.5 * x * x, -x
-    elif estimator == "k3":
-        ex = torch.exp(x)
-        k, dk = ex - x - 1, 1 - ex
-    else:
-        raise ValueError(f"unknown KL estimator {estimator!r}")
-    return k, torch.where(clamped, torch.zeros_like(dk), dk), clamped
+    ex = torch.exp(x)
+    return ex - x - 1, torch.where(clamped, torch.zeros_like(ex), 1 - ex), clamped
