@@ -665,13 +665,14 @@ class SoftgateClient:
     ) -> LossResult:
         """`loss` for an already packed batch (see `pack_batch`)."""
         proto_cfg, sel, fields = _messages(c)
+        out_per_token = _out_bytes_per_token(packed, sel)
         if stream is not False:  # the call's larger message, request or response (asking the
             # server's limit when it is large: that limit bounds the streamed chunks too)
-            nbytes = max(packed.nbytes, packed.layout.num_tokens * _out_bytes_per_token(packed, sel))
+            nbytes = max(packed.nbytes, packed.layout.num_tokens * out_per_token)
             stream = nbytes > self._threshold(nbytes) or stream is True
         md = self._metadata(run)
         if stream:
-            result = self._stream_loss(packed, proto_cfg, sel, md, timeout)
+            result = self._stream_loss(packed, proto_cfg, sel, out_per_token, md, timeout)
         else:
             req = _wire.message(fields, {2: packed.placed()})
             resp, outs = call_with_retries(
@@ -688,10 +689,12 @@ class SoftgateClient:
         packed: _Packed,
         proto_cfg: pb.LossConfig,
         sel: pb.OutputSelection,
+        out_per_token: int,
         md: tuple[tuple[str, str], ...],
         timeout: float | None,
     ) -> LossResult:
-        bounds = packed.chunk_bounds(self.stream_chunk_bytes, _out_bytes_per_token(packed, sel))
+        """`out_per_token`: the response's bytes per token (_out_bytes_per_token)."""
+        bounds = packed.chunk_bounds(self.stream_chunk_bytes, out_per_token)
 
         def requests() -> Iterator[_wire.Pieces]:
             for k, (s0, s1) in enumerate(bounds):
