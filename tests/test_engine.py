@@ -519,6 +519,7 @@ def test_validation_batch(monkeypatch, path):
         (LossConfig(kl=KLConfig(estimator="k4")), "kl.estimator"),  # type: ignore[arg-type]
         (LossConfig(mismatch=MismatchConfig(cap=0.0)), "mismatch.cap"),
         (LossConfig(mismatch=MismatchConfig(mode="mask", lo=2.0, hi=2.0)), "mismatch.lo"),
+        (LossConfig(mismatch=MismatchConfig(mode="mask", hi=0.3)), "mismatch.hi"),  # lo left at 0.5
         (LossConfig(mismatch=MismatchConfig(level="batch")), "mismatch.level"),  # type: ignore[arg-type]
         (LossConfig(aggregation=AggregationConfig(num_tokens=0.0)), "aggregation.num_tokens"),
         (LossConfig(aggregation=AggregationConfig(num_seqs=-3.0)), "aggregation.num_seqs"),

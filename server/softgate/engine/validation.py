@@ -209,8 +209,12 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
                 nonneg(mm.lo, "mismatch.lo")
                 pos(mm.hi, "mismatch.hi")
                 if _num_ok(mm.lo) and _num_ok(mm.hi) and not mm.lo < mm.hi:
+                    # named on the bound the caller moved: hi when lo is still its default
+                    moved = "hi" if mm.lo == MismatchConfig.lo and mm.hi != MismatchConfig.hi else "lo"
                     v.append(
-                        FieldViolation("mismatch.lo", f"out_of_range: lo {mm.lo!r} must be < hi {mm.hi!r}")
+                        FieldViolation(
+                            f"mismatch.{moved}", f"out_of_range: lo {mm.lo!r} must be < hi {mm.hi!r}"
+                        )
                     )
 
     pos(config.log_ratio_clamp, "log_ratio_clamp")
