@@ -114,6 +114,7 @@ def main() -> None:
                     t0 = time.perf_counter()
                     call()
                     times[name].append(time.perf_counter() - t0)
+                time.sleep(E.SETTLE_S)  # what a server defers past its block runs before the next
     finally:
         E.stop(procs)
         if worktree:

@@ -219,3 +219,55 @@ def test_a_large_gradient_is_written_into_its_response(inprocess_server: Any) ->
     assert np.array_equal(large.grad, want.grad.numpy()) and large.loss == want.loss
     assert large.metrics == pytest.approx(want.metrics, rel=0, abs=0)
     assert small.grad.shape == (64,)
+
+
+def _soon(done: Any, within: float = 0.5) -> bool:
+    """Whether `done()` holds within `within` seconds (well under the 1 s idle wait below):
+    the servicer's kick runs once the response is out, maybe just after the client has it."""
+    end = time.monotonic() + within
+    while not done() and time.monotonic() < end:
+        time.sleep(0.001)
+    return bool(done())
+
+
+class KickLog(PrometheusTelemetry):
+    """Deferred Prometheus telemetry that notes when the servicer lets it record."""
+
+    def __init__(self) -> None:
+        super().__init__(Settings(), defer=True)
+        self.kicks: list[float] = []
+
+    def kick(self) -> None:
+        self.kicks.append(time.monotonic())
+        super().kick()
+
+
+def test_telemetry_after_small_calls_waits_for_an_idle_server(
+    inprocess_server: Any, monkeypatch: Any
+) -> None:
+    # back-to-back small calls do not queue behind the previous call's recording: it runs once
+    # the server has been idle for KICK_IDLE_S, after KICK_BACKLOG calls, or at once after a large call
+    import softgate.grpc.servicer as servicer
+
+    monkeypatch.setattr(servicer, "KICK_IDLE_S", 1.0)  # calls a slow host makes back to back
+    srv = inprocess_server()
+    tel = KickLog()
+    sv = srv.grpc_server.servicer
+    sv.telemetry = tel
+    with SoftgateClient(f"127.0.0.1:{srv.port}") as c:
+        for _ in range(3):
+            _call(c)
+        assert tel.kicks == [] and tel._queue  # within KICK_IDLE_S of each other: waiting
+        time.sleep(servicer.KICK_IDLE_S + 0.5)
+        assert len(tel.kicks) == 1 and not tel._queue  # idle: recorded
+        for _ in range(servicer.KICK_BACKLOG):
+            _call(c)
+        assert _soon(lambda: len(tel.kicks) == 2)  # the backlog did not wait for idle
+        _call(c, n=sv.inline_max_tokens + 2)
+        assert _soon(lambda: len(tel.kicks) == 3)  # a large call: at once, not after idle
+        _call(c)
+        text = tel.exposition().decode()  # a read records what still waits
+    assert (
+        f'softgate_loss_batches_total{{objective="sapo",run="default"}} {3 + servicer.KICK_BACKLOG + 2}.0'
+        in text
+    )

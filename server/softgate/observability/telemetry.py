@@ -48,7 +48,9 @@ TRANSPORT_REASONS = (
 REASONS = tuple(dict.fromkeys((*REASON_CODES, *TRANSPORT_REASONS)))
 DEFER_MAX_TOKENS = 1 << 16  # larger results: at most MAX_BIG_PENDING queued (PrometheusTelemetry._later)
 MAX_BIG_PENDING = 1
-MAX_QUEUED = 64  # queued recordings that are recorded without waiting for a kick
+# queued recordings that are recorded without waiting for a kick: a safety net above the
+# servicer's own bound (servicer.KICK_BACKLOG calls, two recordings each)
+MAX_QUEUED = 128
 DEFAULT_CPU_SAMPLE_TOKENS = 1 << 15  # bucketize costs ~20 ns a token on CPU: ~3 ms per batch
 log = logging.getLogger("softgate.observability")
 _REASON_BAD = re.compile(r"[^a-z0-9_]+")
@@ -250,7 +252,8 @@ class PrometheusTelemetry(Telemetry):
 
     def kick(self) -> None:
         """Record what is queued, in the calling thread. The servicer calls it on the event loop
-        once an RPC has ended: after its response has gone out, and with no second thread
+        once an RPC has ended (after a small one, once it is idle: servicer.KICK_IDLE_S): after
+        its response has gone out, and with no second thread
         holding the GIL while the next request arrives. A recording thread cost a 4k-token
         caller 0.3-0.8 ms per call that way, for ~0.2 ms of work (bench/RESULTS.md)."""
         with self._record_lock:
