@@ -171,12 +171,11 @@ class LossServicer(pb_grpc.LossServiceServicer):
         self.in_flight += 1
         return call
 
-    def _kick(self, call: _Call | None) -> None:
+    def _kick(self, call: _Call) -> None:
         """A call has ended (its response is out): let the telemetry record what it deferred,
         at once after a large call or a backlog, else once the server is idle (KICK_IDLE_S)."""
         self._unrecorded += 1
-        small = call is not None and call.tokens <= self.inline_max_tokens
-        if not small or self._unrecorded >= KICK_BACKLOG:
+        if call.tokens > self.inline_max_tokens or self._unrecorded >= KICK_BACKLOG:
             self._record()
         elif self._kick_timer is None:
             self._kick_timer = asyncio.get_running_loop().call_later(KICK_IDLE_S, self._kick_when_idle)
