@@ -271,3 +271,24 @@ def test_telemetry_after_small_calls_waits_for_an_idle_server(
         f'softgate_loss_batches_total{{objective="sapo",run="default"}} {3 + servicer.KICK_BACKLOG + 2}.0'
         in text
     )
+
+
+def test_telemetry_waits_while_a_call_is_in_flight(inprocess_server: Any, monkeypatch: Any) -> None:
+    # the idle timer firing while another call runs records nothing; that call's end looks again
+    import softgate.grpc.servicer as servicer
+
+    monkeypatch.setattr(servicer, "KICK_IDLE_S", 0.2)
+    eng = RecordingEngine()
+    srv = inprocess_server(engine=eng)
+    tel = KickLog()
+    srv.grpc_server.servicer.telemetry = tel
+    with SoftgateClient(f"127.0.0.1:{srv.port}") as c:
+        _call(c)  # its idle timer fires while the slow call below is in flight
+        eng.delay = 0.8
+        slow = threading.Thread(target=_call, args=(c,))
+        slow.start()
+        time.sleep(0.5)
+        assert tel.kicks == [] and slow.is_alive()
+        slow.join()
+        assert _soon(lambda: len(tel.kicks) == 1, within=1.0)  # once idle after the slow call
+    assert len(tel.kicks) == 1 and not tel._queue

@@ -182,11 +182,11 @@ class LossServicer(pb_grpc.LossServiceServicer):
 
     def _kick_when_idle(self) -> None:
         self._kick_timer = None
+        if self.in_flight:  # a call came in since: its own end looks again (_kick)
+            return
         wait = self.last_finished + KICK_IDLE_S - time.monotonic()
-        if self.in_flight or wait > 0:  # a call came in since: look again when it may be idle
-            self._kick_timer = asyncio.get_running_loop().call_later(
-                KICK_IDLE_S if self.in_flight else wait, self._kick_when_idle
-            )
+        if wait > 0:  # one ended since: idle for KICK_IDLE_S after it
+            self._kick_timer = asyncio.get_running_loop().call_later(wait, self._kick_when_idle)
         else:
             self._record()
 
