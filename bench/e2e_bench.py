@@ -674,7 +674,7 @@ def main() -> None:
         chunk_sweep = [16 * MiB]
         sweep_reps = f"{m16}:1"
     else:
-        sizes, reps = [k4, m1, m16], f"{k4}:500,{m1}:8,{m16}:8"
+        sizes, reps = [k4, m1, m16], f"{k4}:1000,{m1}:8,{m16}:8"
         chunk_sweep = [4 * MiB, 8 * MiB, 16 * MiB, 32 * MiB, 64 * MiB]
         sweep_reps = f"{m16}:2"
     allocs = ensure_allocators(not args.no_install)
