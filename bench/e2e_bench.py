@@ -13,7 +13,7 @@ tcmalloc through LD_PRELOAD; Debian packages libjemalloc2 and libtcmalloc-minima
 with apt-get when missing unless --no-install; tcmalloc with TCMALLOC_RELEASE_RATE=0 as
 `softgate serve` runs it) and the StreamLoss chunk size.
 
-    python bench/e2e_bench.py            # full: about 19-20 min on 2 shared cores
+    python bench/e2e_bench.py            # full: about 14-20 min on 2 shared cores
     python bench/e2e_bench.py --quick    # glibc + tcmalloc, one chunk size: about 6-7 min
     python bench/e2e_bench.py --json out.json
     python bench/e2e_bench.py --compile false   # the eager engine (default: compiled, its CPU steady state)
