@@ -139,7 +139,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         self._fast_streak = 0
         self._loop_single_threaded: int | None = None
         self.last_finished = float("-inf")  # time.monotonic() of the last call's end
-        self._unrecorded = 0  # small calls ended since telemetry last recorded (see _kick)
+        self._unrecorded = 0  # calls ended since telemetry last recorded (see _kick)
         self._kick_timer: asyncio.TimerHandle | None = None
         self.closing = False  # set by a graceful stop: new calls are refused
 
