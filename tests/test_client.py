@@ -501,6 +501,42 @@ def test_violations_of_a_padded_batch_name_the_callers_row_and_column(client) ->
     assert [str(v) for v in ei.value.violations] == ["batch.logp[3]: non_finite: value is NaN"]
 
 
+def test_violations_of_a_streamed_batch_name_the_batch_not_the_chunk(server) -> None:
+    """The client cut the stream, so it names a violation as a unary call would: in the batch the
+    caller passed (and in the padded input), with the chunk the server saw in the description."""
+    logp = -np.ones((4, 5), np.float32)
+    mask = np.array([[1, 1, 0, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 0, 0]], bool)
+    logp[2, 1] = np.nan  # token 3 of the ragged batch, chunk 2 (one sequence a chunk) token 1
+    old = -np.ones((4, 5), np.float32)
+    old[3, 2] = np.inf  # token 8, chunk 3 token 2
+    rewards = np.array([1.0, 0.0, np.nan, 1.0])
+    with SoftgateClient(f"127.0.0.1:{server.port}", timeout=60, stream_chunk_bytes=64) as c:
+        for lp, ol, field, description in [
+            (logp, None, "batch.logp[3]", "non_finite: value is NaN (in chunk[2].logp[1] of the stream)"),
+            (
+                -np.ones((4, 5), np.float32),
+                old,
+                "batch.old_logp[8]",
+                "non_finite: value is infinite (in chunk[3].old_logp[2] of the stream)",
+            ),
+        ]:
+            with pytest.raises(InvalidArgumentError) as ei:
+                c.loss(lp, ol, mask=mask, advantages=[1.0, -1.0, 1.0, 1.0], stream=True)
+            (v,) = ei.value.violations
+            row, col = ((2, 1), (3, 2))[field.startswith("batch.old")]
+            assert (v.field, v.description) == (
+                field,
+                f"{description} (row {row}, column {col} of the padded input)",
+            )
+        ragged = -np.ones(9, np.float32)
+        with pytest.raises(InvalidArgumentError) as ei:  # per-sequence fields count sequences
+            c.loss(ragged, offsets=[0, 2, 2, 6, 9], rewards=rewards, group_ids=[0, 0, 1, 1], stream=True)
+        assert [v.field for v in ei.value.violations] == ["batch.rewards[2]"], ei.value.violations
+        with pytest.raises(InvalidArgumentError) as unary:
+            c.loss(ragged, offsets=[0, 2, 2, 6, 9], rewards=rewards, group_ids=[0, 0, 1, 1], stream=False)
+        assert [v.field for v in unary.value.violations] == ["batch.rewards[2]"]
+
+
 def test_client_side_refusals_look_like_server_ones(client) -> None:
     logp = torch.zeros(4, 5, dtype=torch.bfloat16) - 1
     with pytest.raises(InvalidArgumentError) as ei:

@@ -704,7 +704,10 @@ class SoftgateClient:
         def call(t: float | None) -> list[tuple[pb.StreamLossResponse, dict[str, np.ndarray]]]:
             return list(self._stream_loss_rpc(requests(), timeout=t, metadata=md))
 
-        responses = call_with_retries(call, policy=self.retry_policy, timeout=self._timeout(timeout))
+        try:
+            responses = call_with_retries(call, policy=self.retry_policy, timeout=self._timeout(timeout))
+        except InvalidArgumentError as e:
+            raise _unchunked(e, packed, bounds) from None
         responses.sort(key=lambda r: r[0].chunk_index)
         outs: dict[str, np.ndarray] = {}
         for name in _requested(sel):
@@ -721,6 +724,29 @@ class SoftgateClient:
 
 
 _TOKEN_FIELD = re.compile(r"batch\.(\w+)\[(\d+)\]")
+_CHUNK_FIELD = re.compile(r"chunk(?:\[(\d+)\])?\.(\w+)(?:\[(\d+)\])?")
+
+
+def _unchunked(
+    e: InvalidArgumentError, packed: _Packed, bounds: list[tuple[int, int]]
+) -> InvalidArgumentError:
+    """`e` of a stream this client cut into the sequence ranges `bounds`, each violation of a
+    chunk (`chunk[2].logp[1]`, `chunk.group_ids`) named in the batch the caller passed
+    (`batch.logp[5]`), as a unary call names it; the chunk's name stays in the description."""
+    out = []
+    for v in e.violations:
+        m = _CHUNK_FIELD.fullmatch(v.field)
+        if m is None or (m.group(3) is not None and (m.group(1) is None or int(m.group(1)) >= len(bounds))):
+            out.append(v)
+            continue
+        j, name, i = m.groups()
+        field = f"batch.{name}"
+        if i is not None:
+            s0 = bounds[int(j)][0]
+            start = s0 if name == "offsets" or name in packed.seq else int(packed.layout.offsets[s0])
+            field += f"[{start + int(i)}]"
+        out.append(FieldViolation(field, f"{v.description} (in {v.field} of the stream)"))
+    return type(e)(e.details, code=e.code, violations=out, debug_info=e.debug_info)
 
 
 def _with_padded_positions(e: InvalidArgumentError, packed: _Packed) -> InvalidArgumentError:
