@@ -11,6 +11,8 @@ message size, keepalive, max connection age, TLS / mutual TLS, graceful stop.
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -99,6 +101,21 @@ def loss_service_handler(servicer: LossServicer) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
 
+def bind_error(host: str, port: int) -> str | None:
+    """Why the OS refuses a listening socket on host:port ("Address already in use"), or None
+    when a plain socket binds it: gRPC's own error only points at GRPC_VERBOSITY."""
+    try:
+        family, *_, addr = socket.getaddrinfo(
+            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        socket.create_server(addr[:2], family=family).close()
+    except OSError as e:
+        if isinstance(e, socket.gaierror) or not e.errno:  # (create_server's strerror names the address)
+            return e.strerror or str(e)
+        return os.strerror(e.errno)
+    return None
+
+
 class GrpcServer:
     """The gRPC side of `softgate serve` (usable on its own in tests)."""
 
@@ -154,9 +171,9 @@ class GrpcServer:
         try:
             port = server.add_secure_port(bind, creds) if creds else server.add_insecure_port(bind)
         except RuntimeError as e:
-            raise OSError(f"cannot bind gRPC on {bind}: {e}") from e
+            raise OSError(f"cannot bind gRPC on {bind}: {bind_error(host, s.grpc_port) or e}") from e
         if not port:
-            raise OSError(f"cannot bind gRPC on {bind} (address in use?)")
+            raise OSError(f"cannot bind gRPC on {bind}: {bind_error(host, s.grpc_port) or 'address in use?'}")
         await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self.server, self.port = server, port
