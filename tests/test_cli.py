@@ -294,9 +294,16 @@ def test_port_in_use_exits_nonzero(serve: Any) -> None:
         sock.listen()
         busy = sock.getsockname()[1]
         s = serve(
-            "--grpc-port", str(busy), "--grpc-host", "127.0.0.1", "--admin-port", "-1", "--device", "cpu"
-        )
-        assert s.proc.wait(30) != 0
+            "--grpc-port", str(busy), "--grpc-host", "127.0.0.1", "--admin-port", "-1", "--device", "cpu",
+            "--no-warmup", "--log-format", "json",
+        )  # fmt: skip
+        assert s.proc.wait(30) == 1
+    # every line JSON, gRPC C-core's own line too; the error says why (gRPC's only names
+    # GRPC_VERBOSITY)
+    events = [json.loads(line) for line in s.log_path.read_text().splitlines()]
+    (failed,) = [e for e in events if e["event"] == "startup_failed"]
+    assert failed["error"] == f"cannot bind gRPC on 127.0.0.1:{busy}: Address already in use", events
+    assert any(e["event"] == "native_log" and "Address already in use" in e["message"] for e in events)
 
 
 @pytest.mark.parametrize("where", ["port in use", "host that does not resolve"])

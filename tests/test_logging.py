@@ -57,3 +57,50 @@ def test_json_logs_are_one_object_per_line(restore_handlers) -> None:
     ]
     assert docs[0]["address"] == "127.0.0.1:50051" and docs[0]["tls"] is False
     assert docs[1]["rpc"] == "ComputeLoss" and "ValueError: first line\nsecond line" in docs[1]["exc"]
+
+
+_NATIVE_SCRIPT = r"""
+import os, subprocess, sys
+from softgate.logging import NativeStderr, configure, get_logger
+configure("json", "INFO")
+native = NativeStderr()
+get_logger("test").info("before")
+os.write(2, b"E1202 13:27:17.572915   28819 add_port.cc:83] Failed to add port: Address already in use\n")
+os.write(2, b"[W1202 13:27:18.000001 28819 Module.cpp:9] Warning: a torch warning\n")
+os.write(2, b"I1202 13:27:19.000001 28819 ssl_transport_security.cc:2563] Handshake failed\n")
+print("Traceback (most recent call last):", file=sys.stderr)
+subprocess.run([sys.executable, "-c", "import sys; print('from a child', file=sys.stderr)"], check=True)
+get_logger("test").info("after")
+native.stop()
+os.write(2, b"raw again\n")
+"""
+
+
+def test_native_stderr_lines_become_json_events_in_order() -> None:
+    """What native code and child processes write to fd 2 (gRPC C-core's absl lines, torch's
+    C++ warnings, anything else) comes out as JSON events of softgate.native, in order, and
+    stop() gives fd 2 back after writing out what the pipe held."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _NATIVE_SCRIPT], capture_output=True, text=True, timeout=60, check=True
+    )
+    lines = out.stderr.splitlines()
+    assert lines[-1] == "raw again", lines
+    docs = [json.loads(line) for line in lines[:-1]]
+    assert [d["event"] for d in docs if d["logger"] == "softgate.test"] == ["before", "after"]
+    docs = [d for d in docs if d["logger"] == "softgate.native"]  # (in order; the test's own
+    # events, written straight out, may overtake them)
+    assert [(d["level"], d["event"]) for d in docs] == [
+        ("error", "native_log"),
+        ("warning", "native_log"),
+        ("info", "native_log"),
+        ("warning", "stderr"),
+        ("warning", "stderr"),
+    ]
+    assert docs[0]["source"] == "add_port.cc:83"
+    assert docs[0]["message"] == "Failed to add port: Address already in use"
+    assert docs[1]["message"] == "Warning: a torch warning"
+    assert docs[3]["line"] == "Traceback (most recent call last):"
+    assert docs[4]["line"] == "from a child"

@@ -5,6 +5,7 @@ limits (tokens, sequences, groups, message size) refusing oversized work before 
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -57,7 +58,12 @@ def tls_server(certs: Certs, tmp_path_factory: pytest.TempPathFactory) -> Any:
     from conftest import ServerProcess
 
     sp = ServerProcess(
-        settings={"tls_cert": str(certs.server_cert), "tls_key": str(certs.server_key), "admin_port": "none"},
+        settings={
+            "tls_cert": str(certs.server_cert),
+            "tls_key": str(certs.server_key),
+            "admin_port": "none",
+            "log_format": "json",
+        },
         log_path=tmp_path_factory.mktemp("tls") / "server.log",
         health_creds={"root": certs.ca_pem},
     )
@@ -104,6 +110,16 @@ def test_tls_through_the_client(tls_server: Any, certs: Certs) -> None:
 def test_plaintext_client_to_tls_server_fails(tls_server: Any) -> None:
     with tls_server.channel() as ch:
         assert _code(lambda: _loss(ch, timeout=5)) == "UNAVAILABLE"
+    # gRPC C-core logs the failed handshake on stderr: with JSON logs it is a JSON event too
+    deadline = time.monotonic() + 10
+    while True:
+        text = tls_server.logs()
+        complete = text[: text.rfind("\n") + 1]  # (the server may be writing the last line)
+        events = [json.loads(line) for line in complete.splitlines()]
+        if any(e["event"] == "native_log" and "Handshake failed" in e["message"] for e in events):
+            break
+        assert time.monotonic() < deadline, tls_server.logs()[-3000:]
+        time.sleep(0.1)
 
 
 def test_tls_client_trusting_another_ca_fails(tls_server: Any, certs: Certs) -> None:

@@ -8,13 +8,21 @@
 prints `{"ts": "...", "level": "info", "logger": "softgate.grpc", "event": "grpc_listening",
 "address": "127.0.0.1:50051", "tls": false}`. uvicorn's loggers are routed through the same
 handler. Secrets are never passed to a log call (settings are logged via `redacted()`).
+
+With JSON logs `softgate serve` also turns what native code writes to file descriptor 2
+(gRPC's C-core: a failed bind, a failed TLS handshake; torch's C++ warnings; child processes)
+into events of the `softgate.native` logger (`NativeStderr`), so that every line is JSON.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
+import os
+import re
 import sys
+import threading
 import time
 from typing import Any, TextIO
 
@@ -110,3 +118,76 @@ def configure(log_format: str = "text", level: str = "INFO", stream: TextIO | No
     access.addHandler(handler)
     access.setLevel(max(lvl, logging.WARNING))
     access.propagate = False
+
+
+# absl's line prefix, as gRPC's C-core and torch's C++ write it: `Lmmdd hh:mm:ss.uuuuuu thread
+# file:line] message` (torch's in brackets: `[W1202 ... file.cpp:83] Warning: ...`)
+_NATIVE_LINE = re.compile(r"\[?([IWEF])\d{4} [\d:.]+ +\d+ ([^\]\s]+)\] ?(.*)")
+_END = b"\0softgate: end of native stderr\n"
+_NATIVE_LEVELS = {"I": logging.INFO, "W": logging.WARNING, "E": logging.ERROR, "F": logging.CRITICAL}
+
+
+class _QuietHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The native lines' handler: a failed write is dropped, not reported on stderr (which is
+    the pipe this handler's lines come from: a report would feed itself)."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
+class NativeStderr:
+    """File descriptor 2 as a pipe that a thread reads line by line, each line one event of the
+    `softgate.native` logger (`native_log` with the absl line's level, `source` and `message`;
+    any other line `stderr` at warning, with the `line`); the structured handler itself writes
+    to the original stderr. A line native code writes in the instant before the process aborts
+    may be lost: `--log-format text` leaves stderr alone."""
+
+    def __init__(self) -> None:
+        main = logging.getLogger("softgate")
+        handler = next((h for h in main.handlers if h.get_name() == _HANDLER_NAME), None)
+        if not isinstance(handler, logging.StreamHandler):
+            raise RuntimeError("softgate.logging.configure() first")
+        self._fd = os.dup(2)  # the original stderr: where every event is written
+        out = open(self._fd, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
+        handler.setStream(out)
+        if faulthandler.is_enabled():  # a crash's traceback must not wait in the pipe
+            faulthandler.enable(out)
+        quiet = _QuietHandler(out)
+        quiet.setFormatter(handler.formatter)
+        quiet.lock = handler.lock  # one writer at a time, so lines never interleave
+        self.logger = logging.getLogger("softgate.native")
+        self.logger.handlers[:] = [quiet]
+        self.logger.propagate = False
+        read, write = os.pipe()
+        sys.stderr.flush()
+        os.dup2(write, 2)  # (inheritable: child processes write into the pipe too)
+        os.close(write)
+        self._thread = threading.Thread(target=self._pump, args=(read,), name="native-stderr", daemon=True)
+        self._thread.start()
+
+    def _pump(self, fd: int) -> None:
+        with open(fd, "rb") as pipe:
+            for raw in pipe:
+                if raw == _END:
+                    return
+                line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+                if not line.strip():
+                    continue
+                m = _NATIVE_LINE.match(line)
+                if m:
+                    level, source, message = m.groups()
+                    self.logger.log(
+                        _NATIVE_LEVELS[level],
+                        "native_log",
+                        extra={"fields": {"source": source, "message": message}},
+                    )
+                else:
+                    self.logger.warning("stderr", extra={"fields": {"line": line}})
+
+    def stop(self, timeout: float = 1.0) -> None:
+        """Give file descriptor 2 back to the original stderr once what the pipe holds is written
+        out (waiting up to `timeout`)."""
+        sys.stderr.flush()
+        os.write(2, _END)  # every line before it is written out when the thread reaches it
+        os.dup2(self._fd, 2)  # closes this process's end of the pipe
+        self._thread.join(timeout)

@@ -30,7 +30,7 @@ from softgate import __version__
 from softgate.allocator import Decision, loaded_allocator, mapped_allocators
 from softgate.engine import Engine
 from softgate.grpc.server import GrpcServer
-from softgate.logging import configure, get_logger
+from softgate.logging import NativeStderr, configure, get_logger
 from softgate.settings import Settings
 from softgate.telemetry import Telemetry
 
@@ -244,21 +244,30 @@ def run(settings: Settings, *, allocator: Decision | None = None) -> int:
     """Configure logging and run `serve` in a fresh event loop (`allocator`: what the CLI
     decided about the malloc, logged)."""
     configure(settings.log_format, settings.log_level)
-    log_allocator(allocator)
-    # a server records no autograd graph: with grad off in the event loop's thread, where small
-    # calls run, the engine skips its own no_grad contexts (~6 us of a 4k call's ~170, hot)
-    grad = torch.is_grad_enabled()
-    torch.set_grad_enabled(False)
+    native = NativeStderr() if settings.log_format == "json" else None
     try:
-        code = asyncio.run(serve(settings))
-    except OSError as e:
-        log.error("startup_failed", error=str(e))
-        return 1
+        code = _run(settings, allocator)
     finally:
-        torch.set_grad_enabled(grad)  # (an embedding caller's thread, as it was)
+        if native is not None:
+            native.stop()
     if _exit_now["hard"]:  # a compile thread is still running: skip interpreter finalisation
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
     return code
+
+
+def _run(settings: Settings, allocator: Decision | None) -> int:
+    log_allocator(allocator)
+    # a server records no autograd graph: with grad off in the event loop's thread, where small
+    # calls run, the engine skips its own no_grad contexts (~6 us of a 4k call's ~170, hot)
+    grad = torch.is_grad_enabled()
+    torch.set_grad_enabled(False)
+    try:
+        return asyncio.run(serve(settings))
+    except OSError as e:
+        log.error("startup_failed", error=str(e))
+        return 1
+    finally:
+        torch.set_grad_enabled(grad)  # (an embedding caller's thread, as it was)
