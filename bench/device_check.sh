@@ -7,7 +7,8 @@
 # e2e-short (the same without the server-path rows), transfer (bench/transfer_bench.py), engine
 # (bench/engine_bench.py --device cuda), profile (bench/latency_profile.py --device cuda), ladder
 # (bench/latency_ladder.py --device cuda: a 4k call's gap to the echo, layer by layer), e2e-cpu
-# (the e2e bench with the engine on this host's CPU cores). DEADLINE (seconds, default 330)
+# (the e2e bench with the engine on this host's CPU cores), memory (bench/memory_bench.py
+# --device cuda: the host memory the GPU overlay's limit is sized by). DEADLINE (seconds, default 330)
 # bounds the whole run: a step gets what is left of it and is cut there.
 #
 # On a host without the project's packages but with torch (a bare GPU box that cannot reach a
@@ -62,6 +63,7 @@ print(\"grpc\", grpc.__version__, \"protobuf\", pb.__version__, \"numpy\", numpy
     ladder) step ladder $PY bench/latency_ladder.py --device cuda ;;
     transfer) step transfer $PY bench/transfer_bench.py ;;
     engine) step engine $PY bench/engine_bench.py --device cuda --no-memory ;;
+    memory) step memory $PY bench/memory_bench.py --device cuda ;;
     e2e-cpu) step e2e-cpu $PY bench/e2e_bench.py --device cpu --allocators tcmalloc --no-sweep --no-install ;;
     *) echo "unknown step $s" >&2 ;;
     esac

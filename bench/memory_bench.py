@@ -1,0 +1,144 @@
+"""What a `softgate serve` process holds in memory: resident set idle, and at its peak while
+`--workers` calls of `--tokens` tokens compute and the rest of `--admitted` wait. The
+Kubernetes overlays size their memory limits by this arithmetic (deploy/k8s/overlays/*,
+tests/test_deploy.py: idle + PER_TOKEN x tokens x workers + request bytes x tokens x waiting).
+
+    python bench/memory_bench.py                          # CPU, 16 Mi tokens, 8 admitted (~3 min)
+    python bench/memory_bench.py --device cuda            # bench/device_check.sh memory
+    python bench/memory_bench.py --compile true          # the compiled engine's steady state
+    python bench/memory_bench.py --full                   # every input, KL and mismatch on
+
+The server runs as deployed (`--compile auto`: on the CPU a configuration's first calls run
+eager while it compiles in the background; tcmalloc when installed, which keeps its peak);
+`--compile true` measures the compiled engine (the first call compiles). The batch is
+the end-to-end bench's (SAPO, three float32 inputs = 12 bytes a token, the gradient out), or
+with `--full` four log-prob tensors (16 bytes a token), rewards, KL and mismatch. The
+peak is the kernel's high-water mark (VmHWM), reset before each phase (/proc/PID/clear_refs).
+Prints each phase's peak over idle in bytes per token, and the measured peak over the
+formula with `--per-token` (default: the overlay's figure for the device, as in
+tests/test_deploy.py; a ratio above 1: the formula is short).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import e2e_bench as E  # noqa: E402
+
+
+def status_bytes(pid: int, key: str) -> int:
+    """A `/proc/PID/status` size (VmRSS, VmHWM) in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {key} for pid {pid}")
+
+
+def reset_peak(pid: int) -> None:
+    """VmHWM := VmRSS (Linux >= 4.0)."""
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--tokens", type=int, default=16 << 20)
+    ap.add_argument("--workers", type=int, default=2, help="the server's engine_workers")
+    ap.add_argument("--admitted", type=int, default=8, help="the server's max_concurrent_rpcs")
+    ap.add_argument("--compile", default="auto", choices=("auto", "true", "false"))
+    ap.add_argument(
+        "--full",
+        action="store_true",
+        help="every input (ref and rollout log-probs, rewards), KL and mismatch on",
+    )
+    ap.add_argument("--per-token", type=float, help="the formula's bytes per computing token")
+    args = ap.parse_args()
+    if args.per_token is None:  # the overlays' figures (tests/test_deploy.py, OVERLAY_MEMORY)
+        args.per_token = 210.0 if args.device == "cpu" else 80.0
+    import numpy as np
+    from softgate_client import SoftgateClient
+    from softgate_client.config import MismatchConfig
+
+    n, limit = args.tokens, 512 * E.MiB
+    port = E.free_port()
+    cmd = [
+        sys.executable, "-m", "softgate.cli", "serve", "--grpc-host", "127.0.0.1",
+        "--grpc-port", str(port), "--admin-port", "-1", "--device", args.device,
+        "--compile", args.compile, "--engine-workers", str(args.workers),
+        "--max-concurrent-rpcs", str(args.admitted), "--max-message-bytes", str(limit),
+        "--log-level", "WARNING",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    try:
+        E.wait_serving(port, proc)
+        client = SoftgateClient(f"127.0.0.1:{port}", max_message_bytes=limit, timeout=900, retries=1)
+        b = E.make_batch(n)
+        small = E.make_batch(4096)
+
+        def call(batch: dict[str, Any] = b) -> None:
+            if not args.full:
+                client.loss(
+                    batch["logp"], batch["old_logp"], lengths=batch["lengths"], advantages=batch["advantages"],
+                    objective="sapo", stream=False,
+                )  # fmt: skip
+                return
+            seqs = len(batch["lengths"])
+            client.loss(
+                batch["logp"], batch["old_logp"], lengths=batch["lengths"], ref_logp=batch["old_logp"] - 0.01,
+                rollout_logp=batch["old_logp"] * 1.01, rewards=np.arange(seqs) % 3, group_ids=np.arange(seqs) // 8,
+                objective="sapo", kl_beta=0.01, mismatch=MismatchConfig(), stream=False,
+            )  # fmt: skip
+
+        for _ in range(3):
+            call(small)
+        time.sleep(1.0)
+        idle = status_bytes(proc.pid, "VmRSS")
+        rows = []
+        request = 16 if args.full else 12  # bytes a token of the request: float32 tensors (+ the mask)
+
+        def phase(name: str, calls: int) -> None:
+            reset_peak(proc.pid)
+            t0 = time.perf_counter()
+            threads = [threading.Thread(target=call) for _ in range(calls)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            peak = status_bytes(proc.pid, "VmHWM")
+            waiting = max(calls - args.workers, 0)
+            formula = idle + args.per_token * n * min(calls, args.workers) + request * n * waiting
+            rows.append((name, calls, time.perf_counter() - t0, peak, (peak - idle) / n, peak / formula))
+
+        phase("first call", 1)
+        phase("second call", 1)
+        phase(f"{args.admitted} calls at once", args.admitted)
+        client.close()
+    finally:
+        E.stop([proc])
+    print(
+        f"device={args.device} tokens={n:,} workers={args.workers} admitted={args.admitted} "
+        f"compile={args.compile} inputs={'full' if args.full else 'e2e'}"
+    )
+    print(
+        f"idle RSS {idle / 1e9:.2f} GB; formula: idle + {args.per_token:g} B x tokens x computing "
+        f"+ {request} B x tokens x waiting\n"
+    )
+    print("| phase | calls | s | peak RSS GB | (peak - idle) / tokens, B | peak / formula |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, calls, s, peak, per_tok, ratio in rows:
+        print(f"| {name} | {calls} | {s:.1f} | {peak / 1e9:.2f} | {per_tok:.1f} | {ratio:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
