@@ -290,7 +290,7 @@ def _bytes(quantity: str) -> float:
 # What a replica holds (bench/memory_bench.py; docs/server.md, "Memory allocator"): idle bytes,
 # and bytes a token of each call computing, at its peak and kept by tcmalloc. CPU: measured,
 # 16 Mi tokens, every input with KL and mismatch, run eager as a configuration's first calls are
-# while it compiles in the background (187-197; compiled 71-72). GPU: assumed until measured
+# while it compiles in the background (151-165; compiled 71-72). GPU: assumed until measured
 # (`bench/device_check.sh OUT memory`): the compiled figure, the kernel's temporaries on the device
 # in place of the page-locked copies, and a CUDA context's few GB.
 OVERLAY_MEMORY = {"cpu": (0.45e9, 210), "gpu": (3e9, 80)}
