@@ -110,9 +110,9 @@ def bind_error(host: str, port: int) -> str | None:
         )[0]
         socket.create_server(addr[:2], family=family).close()
     except OSError as e:
-        if isinstance(e, socket.gaierror) or not e.errno:  # (create_server's strerror names the address)
+        if isinstance(e, socket.gaierror) or not e.errno:
             return e.strerror or str(e)
-        return os.strerror(e.errno)
+        return os.strerror(e.errno)  # (create_server's own strerror repeats the address)
     return None
 
 
