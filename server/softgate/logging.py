@@ -16,6 +16,7 @@ into events of the `softgate.native` logger (`NativeStderr`), so that every line
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import json
 import logging
@@ -166,28 +167,32 @@ class NativeStderr:
         self._thread.start()
 
     def _pump(self, fd: int) -> None:
-        with open(fd, "rb") as pipe:
-            for raw in pipe:
-                if raw == _END:
-                    return
-                line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
-                if not line.strip():
-                    continue
-                m = _NATIVE_LINE.match(line)
-                if m:
-                    level, source, message = m.groups()
-                    self.logger.log(
-                        _NATIVE_LEVELS[level],
-                        "native_log",
-                        extra={"fields": {"source": source, "message": message}},
-                    )
-                else:
-                    self.logger.warning("stderr", extra={"fields": {"line": line}})
+        try:
+            with open(fd, "rb") as pipe:
+                for raw in pipe:
+                    if raw == _END:
+                        return
+                    with contextlib.suppress(Exception):  # one odd line must not stop the pump
+                        self._emit(raw.decode("utf-8", errors="replace").rstrip("\r\n"))
+        finally:  # however it ends, nothing may block on a full pipe that nobody reads
+            os.dup2(self._fd, 2)
+
+    def _emit(self, line: str) -> None:
+        if not line.strip():
+            return
+        m = _NATIVE_LINE.match(line)
+        if m is None:
+            self.logger.warning("stderr", extra={"fields": {"line": line}})
+            return
+        level, source, message = m.groups()
+        fields = {"source": source, "message": message}
+        self.logger.log(_NATIVE_LEVELS[level], "native_log", extra={"fields": fields})
 
     def stop(self, timeout: float = 1.0) -> None:
         """Give file descriptor 2 back to the original stderr once what the pipe holds is written
         out (waiting up to `timeout`)."""
         sys.stderr.flush()
-        os.write(2, _END)  # every line before it is written out when the thread reaches it
-        os.dup2(self._fd, 2)  # closes this process's end of the pipe
+        with contextlib.suppress(OSError):  # (the pump may have ended and given fd 2 back)
+            os.write(2, _END)  # every line before it is written out when the thread reaches it
         self._thread.join(timeout)
+        os.dup2(self._fd, 2)
