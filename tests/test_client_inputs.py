@@ -132,3 +132,29 @@ def test_configuration_mistakes_are_invalid_argument_errors(client) -> None:
     )
     with pytest.raises(TypeError, match="unknown loss option"):  # a misspelt keyword stays a TypeError
         client.loss(lp, **kw, tau_post=1.0)
+
+
+def test_stream_violations_are_named_in_the_whole_batch() -> None:
+    """`_unchunked`: a chunk's per-token index counts from the chunk's first token, a per-sequence
+    one from its first sequence; what names no chunk element stays as the server sent it."""
+    from softgate_client.client import _unchunked
+    from softgate_client.errors import FieldViolation
+
+    packed = pack_batch(
+        -np.ones(10, np.float32), offsets=[0, 3, 5, 5, 10], rewards=np.ones(4), group_ids=[0, 0, 1, 1]
+    )
+    bounds = [(0, 2), (2, 4)]  # chunk 1 starts at sequence 2, token 5
+    sent = [
+        ("chunk[1].logp[2]", "batch.logp[7]"),
+        ("chunk[1].rewards[1]", "batch.rewards[3]"),
+        ("chunk[1].offsets[2]", "batch.offsets[4]"),
+        ("chunk.group_ids", "batch.group_ids"),
+        ("chunk[0].advantage_level", "batch.advantage_level"),
+        ("config.objective.sapo.tau_pos", "config.objective.sapo.tau_pos"),
+        ("chunk[7].logp[0]", "chunk[7].logp[0]"),  # not a chunk this client sent
+    ]
+    e = InvalidArgumentError("invalid input", violations=[FieldViolation(f, "r: why") for f, _ in sent])
+    out = _unchunked(e, packed, bounds)
+    assert [v.field for v in out.violations] == [want for _, want in sent]
+    assert out.violations[0].description == "r: why (in chunk[1].logp[2] of the stream)"
+    assert out.violations[-1].description == "r: why" and out.details == "invalid input"
