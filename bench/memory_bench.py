@@ -87,18 +87,17 @@ def main() -> None:
         small = E.make_batch(4096)
 
         def call(batch: dict[str, Any] = b) -> None:
-            if not args.full:
-                client.loss(
-                    batch["logp"], batch["old_logp"], lengths=batch["lengths"], advantages=batch["advantages"],
-                    objective="sapo", stream=False,
-                )  # fmt: skip
-                return
+            kw: dict[str, Any] = {"lengths": batch["lengths"], "objective": "sapo", "stream": False}
             seqs = len(batch["lengths"])
-            client.loss(
-                batch["logp"], batch["old_logp"], lengths=batch["lengths"], ref_logp=batch["old_logp"] - 0.01,
-                rollout_logp=batch["old_logp"] * 1.01, rewards=np.arange(seqs) % 3, group_ids=np.arange(seqs) // 8,
-                objective="sapo", kl_beta=0.01, mismatch=MismatchConfig(), stream=False,
-            )  # fmt: skip
+            if args.full:
+                kw.update(
+                    ref_logp=batch["old_logp"] - 0.01, rollout_logp=batch["old_logp"] * 1.01,
+                    rewards=np.arange(seqs) % 3, group_ids=np.arange(seqs) // 8, kl_beta=0.01,
+                    mismatch=MismatchConfig(),
+                )  # fmt: skip
+            else:
+                kw["advantages"] = batch["advantages"]
+            client.loss(batch["logp"], batch["old_logp"], **kw)
 
         for _ in range(3):
             call(small)

@@ -727,42 +727,53 @@ _TOKEN_FIELD = re.compile(r"batch\.(\w+)\[(\d+)\]")
 _CHUNK_FIELD = re.compile(r"chunk(?:\[(\d+)\])?\.(\w+)(?:\[(\d+)\])?")
 
 
+def _remapped(
+    e: InvalidArgumentError, remap: Callable[[FieldViolation], FieldViolation]
+) -> InvalidArgumentError:
+    """`e` with `remap` applied to each of its violations."""
+    out = [remap(v) for v in e.violations]
+    return type(e)(e.details, code=e.code, violations=out, debug_info=e.debug_info)
+
+
 def _unchunked(
     e: InvalidArgumentError, packed: _Packed, bounds: list[tuple[int, int]]
 ) -> InvalidArgumentError:
     """`e` of a stream this client cut into the sequence ranges `bounds`, each violation of a
     chunk (`chunk[2].logp[1]`, `chunk.group_ids`) named in the batch the caller passed
     (`batch.logp[5]`), as a unary call names it; the chunk's name stays in the description."""
-    out = []
-    for v in e.violations:
+
+    def remap(v: FieldViolation) -> FieldViolation:
         m = _CHUNK_FIELD.fullmatch(v.field)
-        if m is None or (m.group(3) is not None and (m.group(1) is None or int(m.group(1)) >= len(bounds))):
-            out.append(v)
-            continue
+        if m is None:
+            return v
         j, name, i = m.groups()
         field = f"batch.{name}"
         if i is not None:
+            if j is None or int(j) >= len(bounds):  # not a chunk this client sent
+                return v
             s0 = bounds[int(j)][0]
             start = s0 if name == "offsets" or name in packed.seq else int(packed.layout.offsets[s0])
             field += f"[{start + int(i)}]"
-        out.append(FieldViolation(field, f"{v.description} (in {v.field} of the stream)"))
-    return type(e)(e.details, code=e.code, violations=out, debug_info=e.debug_info)
+        return FieldViolation(field, f"{v.description} (in {v.field} of the stream)")
+
+    return _remapped(e, remap)
 
 
 def _with_padded_positions(e: InvalidArgumentError, packed: _Packed) -> InvalidArgumentError:
     """`e` with each per-token violation (`batch.logp[k]`, k a token of the ragged batch sent)
     of a padded batch also placed in the caller's [B, T] input: "(row i, column j ...)"."""
     off = packed.layout.offsets
-    out = []
-    for v in e.violations:
+
+    def remap(v: FieldViolation) -> FieldViolation:
         m = _TOKEN_FIELD.fullmatch(v.field)
-        if m and m.group(1) in packed.token and int(m.group(2)) < packed.layout.num_tokens:
-            k = int(m.group(2))
-            row = int(np.searchsorted(off, k, side="right")) - 1
-            where = f"row {row}, column {k - int(off[row])} of the padded input"
-            v = FieldViolation(v.field, f"{v.description} ({where})")
-        out.append(v)
-    return type(e)(e.details, code=e.code, violations=out, debug_info=e.debug_info)
+        if m is None or m.group(1) not in packed.token or int(m.group(2)) >= packed.layout.num_tokens:
+            return v
+        k = int(m.group(2))
+        row = int(np.searchsorted(off, k, side="right")) - 1
+        where = f"row {row}, column {k - int(off[row])} of the padded input"
+        return FieldViolation(v.field, f"{v.description} ({where})")
+
+    return _remapped(e, remap)
 
 
 def _parse_loss_response(data: bytes) -> tuple[pb.ComputeLossResponse, dict[str, np.ndarray]]:

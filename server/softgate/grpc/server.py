@@ -168,12 +168,13 @@ class GrpcServer:
             f"[{host}]:{s.grpc_port}" if ":" in host and not host.startswith("[") else f"{host}:{s.grpc_port}"
         )
         creds = server_credentials(s)
+        failure = "address in use?"
         try:
             port = server.add_secure_port(bind, creds) if creds else server.add_insecure_port(bind)
         except RuntimeError as e:
-            raise OSError(f"cannot bind gRPC on {bind}: {bind_error(host, s.grpc_port) or e}") from e
+            port, failure = 0, str(e)
         if not port:
-            raise OSError(f"cannot bind gRPC on {bind}: {bind_error(host, s.grpc_port) or 'address in use?'}")
+            raise OSError(f"cannot bind gRPC on {bind}: {bind_error(host, s.grpc_port) or failure}")
         await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self.server, self.port = server, port
