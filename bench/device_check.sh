@@ -5,7 +5,9 @@
 #
 # Steps: env (versions, GPU), tests (pytest -m cuda), e2e (bench/e2e_bench.py, engine on cuda),
 # e2e-short (the same without the server-path rows), transfer (bench/transfer_bench.py), engine
-# (bench/engine_bench.py --device cuda), profile (bench/latency_profile.py --device cuda), ladder
+# (bench/engine_bench.py --device cuda), profile (bench/latency_profile.py --device cuda: a 4k call
+# on the GPU, profiled), crossover (the same timed from 4k to 1M tokens on the GPU, then on this
+# host's CPU: where they meet is the right host_max_tokens), ladder
 # (bench/latency_ladder.py --device cuda: a 4k call's gap to the echo, layer by layer), e2e-cpu
 # (the e2e bench with the engine on this host's CPU cores), memory (bench/memory_bench.py
 # --device cuda: the host memory the GPU overlay's limit is sized by). DEADLINE (seconds, default 330)
@@ -59,7 +61,9 @@ print(\"grpc\", grpc.__version__, \"protobuf\", pb.__version__, \"numpy\", numpy
         --json "$OUTDIR/e2e.json" ;;
     e2e-short) step e2e-short $PY bench/e2e_bench.py --device cuda --allocators tcmalloc --no-sweep --no-install \
         --no-server-path ;;
-    profile) step profile $PY bench/latency_profile.py --device cuda ;;
+    profile) step profile $PY bench/latency_profile.py --device cuda --host-max-tokens 0 ;;
+    crossover) step crossover bash -c "for d in cuda cpu; do $PY bench/latency_profile.py --device \$d \
+        --host-max-tokens 0 --top 0 --reps 100 --tokens 4096,16384,65536,262144,1048576; done" ;;
     ladder) step ladder $PY bench/latency_ladder.py --device cuda ;;
     transfer) step transfer $PY bench/transfer_bench.py ;;
     engine) step engine $PY bench/engine_bench.py --device cuda --no-memory ;;

@@ -4,6 +4,8 @@ copied back to the host), timed, then one call under torch.profiler.
 
     python bench/latency_profile.py                   # 4096 tokens, CUDA when present
     python bench/latency_profile.py --device cpu --tokens 4096,65536
+    python bench/latency_profile.py --device cuda --host-max-tokens 0 --top 0 --tokens 4096,65536
+                                                      # every size on the GPU, no profiler table
 
 Prints the median per call and the profiler's operators by their own host time, with the
 CUDA runtime calls that block (synchronisations, copies) counted apart. Also the median of
@@ -60,25 +62,35 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--tokens", default="4096")
     ap.add_argument("--reps", type=int, default=300)
-    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--top", type=int, default=25, help="profiler rows (0: no profile)")
+    ap.add_argument(
+        "--host-max-tokens",
+        type=int,
+        default=None,
+        help="a CUDA engine's host_max_tokens (default: the engine's; 0: every size on the GPU)",
+    )
     ap.add_argument(
         "--idle-ms", type=float, default=1.0, help="the gap before each call of the idle rows (0: none)"
     )
     args = ap.parse_args()
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    eng = Engine(device=dev)
+    host = {} if args.host_max_tokens is None else {"host_max_tokens": args.host_max_tokens}
+    eng = Engine(device=dev, **host)
     cfg = LossConfig()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     print(f"device={dev} torch={torch.__version__} compile={eng.compile_mode}")
     for n in (int(s) for s in args.tokens.split(",")):
+        batch = engine_batch(n)
         # the server runs a small CPU call on one intra-op thread (servicer._inline), so does this
-        small = dev.type == "cpu" and n <= DEFAULT_INLINE_MAX_TOKENS
+        small = eng.device_for(batch).type == "cpu" and n <= DEFAULT_INLINE_MAX_TOKENS
         with one_thread() if small else contextlib.nullcontext():
-            profile_size(eng, cfg, n, args, acts)
+            profile_size(eng, cfg, batch, args, acts)
 
 
-def profile_size(eng: Engine, cfg: LossConfig, n: int, args: argparse.Namespace, acts: list[Any]) -> None:
-    batch = engine_batch(n)
+def profile_size(
+    eng: Engine, cfg: LossConfig, batch: Batch, args: argparse.Namespace, acts: list[Any]
+) -> None:
+    n = batch.logp.numel()
 
     def call(batch: Batch = batch) -> None:
         to_host([eng.loss(batch, cfg).grad])
@@ -87,7 +99,10 @@ def profile_size(eng: Engine, cfg: LossConfig, n: int, args: argparse.Namespace,
         call()
     eng.wait_compiled(600)
     ts = timed(call, args.reps)
-    print(f"\n{n} tokens: median {statistics.median(ts) * 1e6:.0f} us, min {min(ts) * 1e6:.0f} us per call")
+    where = eng.device_for(batch)
+    print(
+        f"\n{n} tokens on {where}: median {statistics.median(ts) * 1e6:.0f} us, min {min(ts) * 1e6:.0f} us per call"
+    )
     if args.idle_ms > 0:
         gap = args.idle_ms / 1e3
         asleep = statistics.median(timed(call, args.reps, functools.partial(time.sleep, gap))) * 1e6
@@ -95,6 +110,8 @@ def profile_size(eng: Engine, cfg: LossConfig, n: int, args: argparse.Namespace,
         print(
             f"after {args.idle_ms:g} ms asleep: median {asleep:.0f} us; after {args.idle_ms:g} ms busy: {busy:.0f} us"
         )
+    if args.top <= 0:
+        return
     with profile(activities=acts) as prof:
         for _ in range(10):
             call()

@@ -263,6 +263,57 @@ def test_a_batch_over_a_mebibyte_equals_the_engine_unary_and_streamed(client) ->
         assert_same_as_engine(res, ref)
 
 
+def test_a_cuda_server_answers_small_calls_from_the_host(inprocess_server, monkeypatch) -> None:
+    """A server whose engine is on CUDA computes calls up to host_max_tokens on the host: they
+    come back as a CPU engine computes them, to the bit, unary and streamed, and a large
+    gradient-only call is written straight into its response as on a CPU server. No GPU is
+    touched (this runs anywhere)."""
+    from softgate.grpc import servicer
+    from softgate.grpc.response_buffer import _MIN_TOKENS
+
+    real, written = servicer.gradient_response, []
+
+    def spy(*args):
+        out = real(*args)
+        written.append(out is not None)
+        return out
+
+    monkeypatch.setattr(servicer, "gradient_response", spy)
+    srv = inprocess_server(engine=Engine(device="cuda", compile=False, host_max_tokens=_MIN_TOKENS))
+    cpu = Engine(device="cpu", compile=False)
+    with SoftgateClient(srv.target, stream_chunk_bytes=700) as c:
+        for case in range(len(CASES)):
+            kw, ref_cfg = CASES[case]
+            p = padded_batch(seed=case)
+            r, valid = ragged_of(p)
+            ref = cpu.loss(engine_batch(r), ref_cfg)
+            args = {k: p[k] for k in ("old_logp", "mask", "rewards", "group_ids", "ref_logp", "rollout_logp")}
+            for stream in (False, True):
+                assert_same_as_engine(
+                    c.loss(p["logp"], **args, outputs=ALL_OUTPUTS, stream=stream, **kw), ref, valid
+                )
+        rng = np.random.default_rng(3)
+        n = _MIN_TOKENS
+        logp = (-rng.random(n) - 0.01).astype(np.float32)
+        old = np.minimum(logp + 0.05 * rng.standard_normal(n), -1e-4).astype(np.float32)
+        adv = rng.standard_normal(n).astype(np.float32)
+        offsets = np.arange(0, n + 1, 1024)
+        ref = cpu.loss(
+            Batch(
+                logp=torch.from_numpy(logp),
+                offsets=torch.from_numpy(offsets),
+                old_logp=torch.from_numpy(old),
+                advantages=torch.from_numpy(adv),
+            ),
+            LossConfig(),
+        )
+        written.clear()
+        res = c.loss(logp, offsets=offsets, old_logp=old, advantages=adv, stream=False)
+        assert written == [True]  # the engine wrote the gradient into the response's bytes
+        np.testing.assert_array_equal(res.grad, ref.grad.numpy())
+        assert res.loss == ref.loss
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("compile", [False, True])
@@ -274,7 +325,7 @@ def test_cuda_server_equals_cuda_engine_bit_for_bit(inprocess_server, monkeypatc
 
     if not compile:
         monkeypatch.setattr(transfer, "PIN_MIN_BYTES", 0)
-    eng = Engine(device="cuda", compile=compile)
+    eng = Engine(device="cuda", compile=compile, host_max_tokens=0)  # every batch on the GPU
     srv = inprocess_server(engine=eng, device="cuda")
     with SoftgateClient(srv.target, timeout=600, stream_chunk_bytes=700) as c:
         for case in [0] if compile else range(len(CASES)):

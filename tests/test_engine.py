@@ -3,6 +3,7 @@ validation, metrics."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -682,7 +683,7 @@ def test_compiled_kernel_matches_eager(dtype, name, kl, mm, clamp, agg, adv, sam
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("compile", [False, True])
 def test_cuda_matches_cpu(compile):
-    ec = Engine(device="cuda", compile=compile)
+    ec = Engine(device="cuda", compile=compile, host_max_tokens=0)  # small batches too on the GPU
     for name in OBJECTIVE_NAMES:
         b = random_batch(31, max_seqs=10, max_len=20)
         cfg = make_config(name, "seq_mean_token_mean", "k3", ("sequence", "mask"), variant=1)
@@ -695,6 +696,60 @@ def test_cuda_matches_cpu(compile):
             assert r_gpu.metrics[k] == pytest.approx(r_cpu.metrics[k], rel=1e-8, abs=1e-10), k
     # compiled, not quietly eager after a failed compile (logged, never raised)
     assert ec.kernel.compiled_calls == (len(OBJECTIVE_NAMES) if compile else 0)
+
+
+def test_a_cuda_engine_computes_a_small_host_batch_on_the_host():
+    """A GPU's launches, copies and synchronisations cost more than a small batch's compute on
+    the host: a CUDA engine computes a host batch of at most host_max_tokens tokens there, as a
+    CPU engine does; a larger one, or one with a tensor elsewhere, goes to its device. (Making a
+    CUDA engine touches no GPU, and neither does a host batch: this runs anywhere.)"""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    small = random_batch(8, max_seqs=6, max_len=10, advantages="rewards")
+    n = small.logp.numel()
+    eng = Engine(device="cuda", compile=False, host_max_tokens=n)
+    assert eng.device_for(small) == cpu
+    for name in OBJECTIVE_NAMES:
+        cfg = make_config(name, "seq_mean_token_mean", "k3", ("sequence", "mask"), variant=1)
+        got, want = eng.loss(small, cfg), E.loss(small, cfg)
+        assert got.grad.device == cpu
+        _assert_equal_results(got, want, rtol=0)
+    adv = eng.advantages(small.rewards, small.group_ids, AdvantageConfig())
+    assert torch.equal(
+        adv.advantages, E.advantages(small.rewards, small.group_ids, AdvantageConfig()).advantages
+    )
+
+    big = random_batch(9, max_seqs=6, max_len=10, num_seqs=6)
+    assert big.logp.numel() > n
+    assert eng.device_for(big) == cuda
+    assert Engine(device="cuda", host_max_tokens=0).device_for(small) == cuda
+    elsewhere = dataclasses.replace(small, ref_logp=small.ref_logp.to("meta"))
+    assert eng.device_for(elsewhere) == cuda
+    assert Engine(device="cpu").host_max_tokens == 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_engine_keeps_small_batches_on_the_host_and_large_ones_on_the_gpu():
+    """With the default host_max_tokens: a small host batch comes back on the host with the CPU
+    engine's bits; the same batch already on the GPU, or a large one, is computed there."""
+    eng = Engine(device="cuda")
+    small = random_batch(21, max_seqs=20, max_len=30)
+    cfg = make_config("sapo", "seq_mean_token_mean", "k3", ("sequence", "mask"))
+    got = eng.loss(small, cfg)
+    assert got.grad.device.type == "cpu"
+    _assert_equal_results(got, Engine(device="cpu").loss(small, cfg), rtol=0)
+    on_gpu = dataclasses.replace(
+        small,
+        **{
+            f.name: getattr(small, f.name).cuda()
+            for f in dataclasses.fields(small)
+            if getattr(small, f.name) is not None
+        },
+    )
+    assert eng.loss(on_gpu, cfg).grad.device.type == "cuda"
+    big = random_batch(22, max_seqs=300, max_len=600, num_seqs=300)
+    assert big.logp.numel() > eng.host_max_tokens
+    assert eng.loss(big, cfg).grad.device.type == "cuda"
 
 
 def test_transfers_on_the_cpu_are_plain():
@@ -834,7 +889,7 @@ def test_the_gpu_code_path_compiled_on_the_cpu_gives_the_cpu_results(monkeypatch
 def test_cuda_results_are_the_same_bits_on_every_call():
     """No atomic float adds on the path: GSPO's sequence ratio, the sequence mismatch weight and
     group advantages of float rewards, twice on one batch, give identical results."""
-    ec = Engine(device="cuda", compile=False)
+    ec = Engine(device="cuda", compile=False, host_max_tokens=0)
     b = random_batch(3, max_seqs=400, max_len=500, num_seqs=400)
     b.rewards = torch.randn(400, dtype=F64)
     cfg = make_config("gspo", "seq_mean_token_mean", "k3", ("sequence", "truncate"))

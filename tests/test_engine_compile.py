@@ -201,6 +201,35 @@ def test_compiled_kernels_are_parallel_whoever_compiles_them(mode: str, tmp_path
     assert any("#pragma omp parallel" in s and "omp_get_max_threads" in s for s in kernels)
 
 
+def test_a_cuda_engine_compiles_its_host_configurations_as_the_cpu_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A CUDA engine compiles before use (sync) on its device, but the small batches it
+    computes on the host follow the CPU's default: eager first, compiled in the background
+    (a sync compile there would hold a trainer's small call for seconds), unless told."""
+    monkeypatch.delenv("SOFTGATE_ENGINE_COMPILE", raising=False)
+    eng = Engine(device="cuda")
+    assert (eng.kernel.mode, eng.kernel.host_mode) == ("sync", "background")
+    assert (
+        Engine(device="cuda", compile=False).kernel.host_mode,
+        Engine(device="cuda", compile=True).kernel.host_mode,
+    ) == ("off", "sync")
+    compiled_in: list[str] = []
+
+    def fake_compile(example: Any) -> Any:
+        compiled_in.append(threading.current_thread().name)
+        return token_terms
+
+    eng.kernel._compile = fake_compile
+    batch = random_batch(7, max_seqs=8, max_len=20)
+    cfg = make_config("sapo", "seq_mean_token_mean", None, None)
+    assert eng.loss(batch, cfg).grad.device.type == "cpu"  # eager; queues the compile
+    assert eng.kernel.compiled_calls == 0
+    assert eng.wait_compiled(30)
+    eng.loss(batch, cfg)
+    assert compiled_in == ["softgate-compile"] and eng.kernel.compiled_calls == 1
+
+
 def test_background_compile_failure_stays_eager(caplog: pytest.LogCaptureFixture) -> None:
     eng = Engine(device="cpu", compile="background")
     calls = []

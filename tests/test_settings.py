@@ -18,6 +18,16 @@ def test_defaults_run_on_a_laptop() -> None:
     assert s.max_connection_age_s == 300.0 and s.grace_seconds > 0 and s.max_concurrent_rpcs >= 1
 
 
+def test_engine_defaults_are_the_engine_modules():
+    """settings.py imports no torch, so it repeats these defaults; they must not drift."""
+    from softgate.engine.engine import DEFAULT_HOST_MAX_TOKENS
+    from softgate.grpc.servicer import DEFAULT_INLINE_MAX_TOKENS
+
+    s = Settings.load({}, env={})
+    assert (s.host_max_tokens, s.inline_max_tokens) == (DEFAULT_HOST_MAX_TOKENS, DEFAULT_INLINE_MAX_TOKENS)
+    assert Settings.load({}, env={"SOFTGATE_HOST_MAX_TOKENS": "0"}).host_max_tokens == 0
+
+
 def test_precedence_flags_over_env_over_file_over_defaults(tmp_path: Path) -> None:
     cfg = tmp_path / "softgate.yaml"
     cfg.write_text("grpc_port: 6000\nadmin_port: 6001\nlog_format: json\nmax_runs: 5\ngrace-seconds: 7\n")
@@ -82,6 +92,7 @@ def test_environment_coercion(env: dict[str, str], field: str, value: object) ->
         ({"grace_seconds": "inf"}, "grace_seconds"),
         ({"max_message_bytes": str(1 << 33)}, "max_message_bytes: 8589934592 must be below 2 GiB"),
         ({"max_message_bytes": str(1 << 31)}, "max_message_bytes"),
+        ({"host_max_tokens": "-1"}, "host_max_tokens: -1 must be >= 0"),
     ],
 )
 def test_bad_values_are_refused_with_the_field_named(flags: dict[str, str], needle: str) -> None:

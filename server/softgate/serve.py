@@ -54,7 +54,7 @@ def make_telemetry(settings: Settings) -> Telemetry:
 
 def make_engine(settings: Settings) -> Engine:
     device = None if settings.device in ("", "auto") else settings.device
-    return Engine(device=device, compile=settings.compile)
+    return Engine(device=device, compile=settings.compile, host_max_tokens=settings.host_max_tokens)
 
 
 def _device_description(engine: Engine) -> dict[str, Any]:
@@ -63,6 +63,7 @@ def _device_description(engine: Engine) -> dict[str, Any]:
     if dev.type == "cuda":
         idx = dev.index if dev.index is not None else torch.cuda.current_device()
         out["device_name"] = torch.cuda.get_device_name(idx)
+        out["host_max_tokens"] = engine.host_max_tokens  # smaller batches run on the host
     else:
         out["threads"] = torch.get_num_threads()
     return out

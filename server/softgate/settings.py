@@ -71,6 +71,13 @@ class Settings:
             "when alone in flight and the engine has been fast (saves the thread hop); 0: never"
         },
     )
+    host_max_tokens: int = field(
+        default=65536,  # engine.DEFAULT_HOST_MAX_TOKENS (this module imports no torch)
+        metadata={
+            "help": "a CUDA engine computes calls of at most this many tokens on the host CPU, where "
+            "they cost less than the GPU's launches and copies; 0: every call on the GPU"
+        },
+    )
     allocator: str = field(
         default="auto",
         metadata={
@@ -149,6 +156,8 @@ class Settings:
             )
         if self.inline_max_tokens < 0:
             p.append(f"inline_max_tokens: {self.inline_max_tokens} must be >= 0 (0: never inline)")
+        if self.host_max_tokens < 0:
+            p.append(f"host_max_tokens: {self.host_max_tokens} must be >= 0 (0: every call on the device)")
         for name in ("max_tokens", "max_sequences", "max_groups"):
             if getattr(self, name) < 0:
                 p.append(f"{name}: {getattr(self, name)} must be >= 0 (0: no limit)")

@@ -258,11 +258,15 @@ def _contiguous(args: tuple[Any, ...]) -> tuple[Any, ...]:
 class CompiledKernel:
     """Callable with token_terms' signature that runs it compiled or eager per `mode`."""
 
-    def __init__(self, mode: str) -> None:
-        if mode not in COMPILE_MODES:
-            raise ValueError(f"compile mode {mode!r}; known: {COMPILE_MODES}")
+    def __init__(self, mode: str, host_mode: str | None = None) -> None:
+        """`host_mode`: the mode of configurations on the CPU, when it differs from `mode` (a
+        CUDA engine that computes small batches on the host)."""
+        for m in (mode, host_mode or mode):
+            if m not in COMPILE_MODES:
+                raise ValueError(f"compile mode {m!r}; known: {COMPILE_MODES}")
         self.mode = mode
-        self._enabled = mode != "off"
+        self.host_mode = host_mode or mode
+        self._enabled = mode != "off" or self.host_mode != "off"
         self._compile: Callable[[tuple[Any, ...]], Callable[..., Terms]] = compile_kernel
         self._fns: dict[tuple[Any, ...], Callable[..., Terms]] = {}  # configuration -> compiled
         self._lock = threading.Lock()  # dynamo: one compile or compiled call at a time
@@ -281,8 +285,11 @@ class CompiledKernel:
         `schedule=False` never queues a background compile."""
         if not self._enabled or not fits(args):
             return token_terms(*args)
+        mode = self.host_mode if args[0]["logp"].device.type == "cpu" else self.mode
+        if mode == "off":
+            return token_terms(*args)
         key = kernel_key(args)
-        if self.mode == "sync":
+        if mode == "sync":
             return self._sync(key, args)
         if key in self._ready and self._acquire():
             try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -29,13 +30,23 @@ from softgate.engine.validation import _INTS, reward_tensor
 log = logging.getLogger(__name__)
 
 _BATCH_FIELDS = tuple(f.name for f in dataclasses.fields(Batch))
+_HOST = torch.device("cpu")
+# A CUDA engine computes a batch of at most this many tokens whose tensors are all in host
+# memory (a server's always are) on the host: there a 4k-token SAPO call takes ~0.1-0.3 ms
+# and 64k ~0.4-0.6 ms on one core of the 2-core dev box, while on the H200 host a 4k call on
+# the GPU took ~0.9 ms of launches, copies and synchronisations (bench/RESULTS.md, fifth
+# session). `bench/device_check.sh OUT crossover` measures where the two meet on a GPU host.
+DEFAULT_HOST_MAX_TOKENS = 65536
 
 
 class Engine:
     """Computes advantages and losses on one device (CUDA when present, else CPU).
 
     Inputs may live on any device; they are moved to the engine's device and results stay
-    there (adapters bring what they send back with `transfer.to_host`).
+    there (adapters bring what they send back with `transfer.to_host`). Exception: a CUDA
+    engine computes a small batch whose tensors are all in host memory on the host (at most
+    `host_max_tokens` tokens, or rewards for `advantages`; 0: never), where it costs less than
+    the GPU's launches and copies; its results are then on the host (`device_for` says where).
 
     The per-token kernel (`kernel.token_terms`) can run through torch.compile(dynamic=True):
     one fused loop instead of ~60 separate passes over the tokens, the same code as the eager
@@ -50,19 +61,42 @@ class Engine:
     are serialised by a lock (see `compiled.CompiledKernel`).
     """
 
-    def __init__(self, device: str | torch.device | None = None, compile: bool | str | None = None) -> None:
+    def __init__(
+        self,
+        device: str | torch.device | None = None,
+        compile: bool | str | None = None,
+        host_max_tokens: int = DEFAULT_HOST_MAX_TOKENS,
+    ) -> None:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.compile_mode = compile_mode(compile, self.device)
         self.compile = self.compile_mode != "off"
-        self.kernel = CompiledKernel(self.compile_mode)
+        self.host_max_tokens = host_max_tokens if self.device.type != "cpu" else 0
+        # one kernel for both devices: dynamo compiles one configuration at a time (its lock);
+        # host configurations compile as the CPU's default does (background), or as asked
+        host_mode = compile_mode(compile, _HOST) if self.host_max_tokens else None
+        self.kernel = CompiledKernel(self.compile_mode, host_mode=host_mode)
 
-    def _to_device(self, batch: Batch) -> Batch:
+    def device_for(self, batch: Batch) -> torch.device:
+        """The device `loss` computes `batch` on: the host for a batch of at most
+        `host_max_tokens` tokens whose tensors are all in host memory, else the engine's."""
+        n = batch.logp.numel() if isinstance(batch.logp, Tensor) else 0
+        return self._device_for(n, (getattr(batch, name) for name in _BATCH_FIELDS))
+
+    def _device_for(self, n: int, tensors: Iterable[object]) -> torch.device:
+        if 0 < n <= self.host_max_tokens and all(
+            not isinstance(v, Tensor) or v.device.type == "cpu" for v in tensors
+        ):
+            return _HOST
+        return self.device
+
+    @staticmethod
+    def _to_device(batch: Batch, device: torch.device) -> Batch:
         moved = {
-            name: to_device(v, self.device)
+            name: to_device(v, device)
             for name in _BATCH_FIELDS
-            if isinstance(v := getattr(batch, name), Tensor) and v.device != self.device
+            if isinstance(v := getattr(batch, name), Tensor) and v.device != device
         }
         return dataclasses.replace(batch, **moved) if moved else batch  # type: ignore[arg-type]
 
@@ -78,18 +112,24 @@ class Engine:
         `sample_tokens`, `grad_out`: see `compute_loss` (a server passes the first when no
         ratio, gate weight or clip mask was asked for, the second to write the gradient
         straight into its response)."""
-        return self._loss(batch, config, self.kernel, sample_tokens, grad_out)
+        device = self.device_for(batch)
+        return self._loss(batch, config, self.kernel, device, sample_tokens, grad_out)
 
     def _loss(
         self,
         batch: Batch,
         config: LossConfig,
         kernel: TokenTerms,
+        device: torch.device,
         sample_tokens: int | None = None,
         grad_out: Tensor | None = None,
     ) -> LossResult:
         return compute_loss(
-            self._to_device(batch), config, kernel=kernel, sample_tokens=sample_tokens, grad_out=grad_out
+            self._to_device(batch, device),
+            config,
+            kernel=kernel,
+            sample_tokens=sample_tokens,
+            grad_out=grad_out,
         )
 
     def wait_compiled(self, timeout: float | None = None) -> bool:
@@ -114,7 +154,8 @@ class Engine:
         v += validate_config(LossConfig(advantages=config))
         if v:
             raise InputError(v)
-        ga = group_advantages(rewards.to(self.device), group_ids.to(self.device), config)
+        dev = self._device_for(rewards.numel(), (rewards, group_ids))
+        ga = group_advantages(rewards.to(dev), group_ids.to(dev), config)
         dt = torch.float64 if rewards.dtype == torch.float64 else torch.float32
         adv = ga.advantages.to(dt)
         if not bool(torch.isfinite(adv).all()):
@@ -126,7 +167,7 @@ class Engine:
                     )
                 ]
             )
-        r = rewards.to(self.device, torch.float64)
+        r = rewards.to(dev, torch.float64)
         metrics = {
             "num_groups": float(ga.num_groups),
             "degenerate_group_frac": float(ga.degenerate_group_frac),
@@ -159,6 +200,7 @@ class Engine:
             group_ids=torch.tensor([0, 0, 1, 1]),
         )
         modes = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm")
+        devices = (self.device, _HOST) if self.host_max_tokens else (self.device,)
         for i, cls in enumerate(OBJECTIVES.values()):
             cfg = LossConfig(
                 objective=cls(),
@@ -166,4 +208,5 @@ class Engine:
                 kl=KLConfig(beta=0.01),
                 mismatch=MismatchConfig(),
             )
-            self._loss(batch, cfg, eager_only)
+            for device in devices:
+                self._loss(batch, cfg, eager_only, device)

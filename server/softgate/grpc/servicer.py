@@ -407,7 +407,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         self._check(cancel)
         names = codec.selected_outputs(request.outputs if request.HasField("outputs") else None)
         # a large gradient-only response: the engine writes the gradient into its bytes
-        out = gradient_response(batch, names, self.engine.device) if wire is not None else None
+        out = gradient_response(batch, names, self.engine.device_for(batch)) if wire is not None else None
         try:
             result = self.engine.loss(
                 batch,
