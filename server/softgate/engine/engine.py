@@ -81,6 +81,8 @@ class Engine:
     def device_for(self, batch: Batch) -> torch.device:
         """The device `loss` computes `batch` on: the host for a batch of at most
         `host_max_tokens` tokens whose tensors are all in host memory, else the engine's."""
+        if not self.host_max_tokens:  # (a CPU engine: nothing to choose)
+            return self.device
         n = batch.logp.numel() if isinstance(batch.logp, Tensor) else 0
         return self._device_for(n, (getattr(batch, name) for name in _BATCH_FIELDS))
 
