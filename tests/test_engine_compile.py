@@ -230,6 +230,45 @@ def test_a_cuda_engine_compiles_its_host_configurations_as_the_cpu_does(
     assert compiled_in == ["softgate-compile"] and eng.kernel.compiled_calls == 1
 
 
+def _token_terms_args(device: str) -> tuple[Any, ...]:
+    """token_terms' arguments for a small SAPO batch, as compute_loss passes them, on `device`."""
+    seen: list[tuple[Any, ...]] = []
+    eng = Engine(device="cpu", compile=False)
+    eng.kernel = lambda *args, **_: seen.append(args) or token_terms(*args)  # type: ignore[assignment]
+    eng.loss(random_batch(7, max_seqs=8, max_len=20), make_config("sapo", "seq_mean_token_mean", None, None))
+    t, prm, *rest = seen[0]
+    return ({k: v.to(device) for k, v in t.items()}, {k: v.to(device) for k, v in prm.items()}, *rest)
+
+
+def test_a_compiled_device_call_runs_eager_while_a_host_compile_runs() -> None:
+    """A CUDA engine's device configurations compile before use, its host ones in the
+    background, under one lock (dynamo's compiler is not thread-safe). A device call whose
+    kernel is compiled must not wait the seconds a host compile takes: it runs eager
+    meanwhile. ("meta" tensors stand in for the GPU's: this needs none.)"""
+    kern = compiled.CompiledKernel("sync", host_mode="background")
+    release, host_compiling = threading.Event(), threading.Event()
+
+    def fake_compile(example: Any) -> Any:
+        if example[0]["logp"].device.type == "cpu":
+            host_compiling.set()
+            assert release.wait(30)
+        return lambda *args: "compiled"
+
+    kern._compile = fake_compile
+    device, host = _token_terms_args("meta"), _token_terms_args("cpu")
+    assert kern(*device) == "compiled"  # compiled before use
+    assert kern(*host) != "compiled"  # eager; its compile starts in the background
+    assert host_compiling.wait(30)
+    out: list[Any] = []
+    caller = threading.Thread(target=lambda: out.append(kern(*device)), daemon=True)
+    caller.start()
+    caller.join(10)
+    release.set()
+    assert out and out[0] != "compiled", "the device call waited for the host compile"
+    assert kern.wait(30)
+    assert kern(*device) == "compiled" and kern(*host) == "compiled"
+
+
 def test_background_compile_failure_stays_eager(caplog: pytest.LogCaptureFixture) -> None:
     eng = Engine(device="cpu", compile="background")
     calls = []

@@ -322,20 +322,28 @@ class CompiledKernel:
     # ---------------------------------------------------------------- internals
 
     def _sync(self, key: tuple[Any, ...], args: tuple[Any, ...]) -> Terms:
+        # a compiled configuration runs eager while a background compile (a CUDA engine's host
+        # configurations) holds the lock, rather than wait seconds for it; a new one must wait
+        if key in self._ready:
+            if not self._acquire():
+                return token_terms(*args)
+        else:
+            self._lock.acquire()
         try:
-            with self._lock:
-                fn = self._fns.get(key)
-                if fn is None:  # compiled on first use, for the synthetic batch of this configuration
-                    fn = self._fns[key] = self._compile(warmup_args(args))
-                out = fn(*_contiguous(args))
-                self.compiled_calls += 1
-                if key not in self._ready:
-                    with self._state:
-                        self._ready.add(key)
-                return out
+            fn = self._fns.get(key)
+            if fn is None:  # compiled on first use, for the synthetic batch of this configuration
+                fn = self._fns[key] = self._compile(warmup_args(args))
+            out = fn(*_contiguous(args))
+            self.compiled_calls += 1
+            if key not in self._ready:
+                with self._state:
+                    self._ready.add(key)
+            return out
         except Exception as exc:  # a compiler failure must not take the service down
             log.warning("compiled engine kernel failed (%s); falling back to eager", exc)
             self._enabled = False
+        finally:
+            self._lock.release()
         return token_terms(*args)
 
     def _acquire(self) -> bool:
