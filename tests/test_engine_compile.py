@@ -269,6 +269,39 @@ def test_a_compiled_device_call_runs_eager_while_a_host_compile_runs() -> None:
     assert kern(*device) == "compiled" and kern(*host) == "compiled"
 
 
+def test_a_compiled_call_runs_eager_while_another_configuration_compiles_before_use() -> None:
+    """The other way round: while a device configuration compiles before use (tens of seconds
+    for a GPU's), compiled host calls, and device ones of other configurations, run eager."""
+    kern = compiled.CompiledKernel("sync", host_mode="background")
+    release, device_compiling = threading.Event(), threading.Event()
+    slow = {"on": False}
+
+    def fake_compile(example: Any) -> Any:
+        if slow["on"]:
+            device_compiling.set()
+            assert release.wait(30)
+        return lambda *args: "compiled"
+
+    kern._compile = fake_compile
+    host, device = _token_terms_args("cpu"), _token_terms_args("meta")
+    kern(*host)
+    assert kern.wait(30) and kern(*host) == "compiled"
+    assert kern(*device) == "compiled"
+    slow["on"] = True
+    other = ({**device[0], "old": device[0]["old"].float()}, *device[1:])  # another configuration (dtype)
+    compiling = threading.Thread(target=kern, args=other, daemon=True)
+    compiling.start()
+    assert device_compiling.wait(30)
+    out: list[Any] = []
+    caller = threading.Thread(target=lambda: out.extend([kern(*host), kern(*device)]), daemon=True)
+    caller.start()
+    caller.join(10)
+    release.set()
+    compiling.join(30)
+    assert len(out) == 2 and "compiled" not in out, "a compiled call waited for a compile"
+    assert kern(*other) == kern(*host) == "compiled"
+
+
 def test_background_compile_failure_stays_eager(caplog: pytest.LogCaptureFixture) -> None:
     eng = Engine(device="cpu", compile="background")
     calls = []

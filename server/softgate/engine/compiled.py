@@ -22,8 +22,9 @@ configuration and sizes of at least 2 tokens, 2 sequences and 2 sampled tokens
 configuration that is not sampled goes through AOTInductor (`aoti_compile`: torch.export,
 then C++ for the wrapper around the fused loop as well; a 4k-token call 87 -> 57 us, ~14 s to
 compile on 2 cores against ~7); everything else through dynamo (`aot_compile`: fullgraph).
-Dynamo's compiler is not thread-safe: compiles and compiled calls hold one lock; a call that
-would wait for a running background compile runs eager instead.
+Dynamo's compiler is not thread-safe: compiles and compiled calls hold one lock; a compiled call
+that would wait for a running compile (background, or another configuration's before use) runs
+eager instead.
 """
 
 from __future__ import annotations
@@ -322,8 +323,8 @@ class CompiledKernel:
     # ---------------------------------------------------------------- internals
 
     def _sync(self, key: tuple[Any, ...], args: tuple[Any, ...]) -> Terms:
-        # a compiled configuration runs eager while a background compile (a CUDA engine's host
-        # configurations) holds the lock, rather than wait seconds for it; a new one must wait
+        # a compiled configuration runs eager while another one compiles (a CUDA engine's host
+        # configurations in the background) rather than wait seconds for it; a new one must wait
         if key in self._ready:
             if not self._acquire():
                 return token_terms(*args)
@@ -332,7 +333,11 @@ class CompiledKernel:
         try:
             fn = self._fns.get(key)
             if fn is None:  # compiled on first use, for the synthetic batch of this configuration
-                fn = self._fns[key] = self._compile(warmup_args(args))
+                self._compiling.set()  # (other configurations' compiled calls run eager meanwhile)
+                try:
+                    fn = self._fns[key] = self._compile(warmup_args(args))
+                finally:
+                    self._compiling.clear()
             out = fn(*_contiguous(args))
             self.compiled_calls += 1
             if key not in self._ready:
