@@ -30,6 +30,7 @@ from softgate.engine import (
     Sapo,
     transfer,
 )
+from softgate.engine.engine import DEFAULT_HOST_MAX_TOKENS
 from softgate.engine.kernel import token_terms
 from softgate.engine.loss import compute_loss
 from softgate.engine.validation import REASON_CODES
@@ -725,6 +726,19 @@ def test_a_cuda_engine_computes_a_small_host_batch_on_the_host():
     elsewhere = dataclasses.replace(small, ref_logp=small.ref_logp.to("meta"))
     assert eng.device_for(elsewhere) == cuda
     assert Engine(device="cpu").host_max_tokens == 0
+
+
+def test_a_cuda_engine_warms_up_both_devices(monkeypatch):
+    """Its first small call runs on the host, its first large one on the GPU: the warm-up
+    runs every objective on each (and on the GPU only when nothing goes to the host)."""
+    for host_max, want in ((DEFAULT_HOST_MAX_TOKENS, ["cuda", "cpu"]), (0, ["cuda"])):
+        eng = Engine(device="cuda", compile=False, host_max_tokens=host_max)
+        seen: list[str] = []
+        monkeypatch.setattr(
+            eng, "_loss", lambda batch, cfg, kernel, device, seen=seen: seen.append(device.type)
+        )
+        eng.warmup()
+        assert seen == want * len(OBJECTIVE_NAMES)
 
 
 @pytest.mark.cuda

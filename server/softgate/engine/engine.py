@@ -182,7 +182,8 @@ class Engine:
 
     def warmup(self) -> None:
         """Run one small batch through every objective (and the KL, mismatch and aggregation
-        paths) so the first request is fast. With compile=True this compiles those paths; in
+        paths), on the engine's device and, when it computes small batches there, the host,
+        so the first request is fast. With compile=True this compiles those paths; in
         background mode it queues no compiles (real traffic chooses what gets compiled)."""
 
         def eager_only(*args: Any) -> Any:
