@@ -752,13 +752,9 @@ def test_a_cuda_engine_keeps_small_batches_on_the_host_and_large_ones_on_the_gpu
     got = eng.loss(small, cfg)
     assert got.grad.device.type == "cpu"
     _assert_equal_results(got, Engine(device="cpu").loss(small, cfg), rtol=0)
+    fields = {f.name: getattr(small, f.name) for f in dataclasses.fields(small)}
     on_gpu = dataclasses.replace(
-        small,
-        **{
-            f.name: getattr(small, f.name).cuda()
-            for f in dataclasses.fields(small)
-            if getattr(small, f.name) is not None
-        },
+        small, **{k: v.cuda() for k, v in fields.items() if isinstance(v, torch.Tensor)}
     )
     assert eng.loss(on_gpu, cfg).grad.device.type == "cuda"
     big = random_batch(22, max_seqs=300, max_len=600, num_seqs=300)
