@@ -388,9 +388,9 @@ def test_dockerfile(path: Path) -> None:
     assert users[-1].split(":")[0].isdigit(), "numeric USER, so runAsNonRoot can verify it"
     final_runs = " ".join(a for i, a in final_instr if i == "RUN")
     # the compiler torch.compile needs at run time (inductor and AOTInductor build the engine's
-    # CPU kernel with g++; triton builds its CUDA launchers with gcc and Python's headers), and
-    # no other build tools
-    runtime_compiler = {"gcc", "python3-dev"} if path.name.endswith("cuda") else {"g++"}
+    # CPU kernel with g++, on a GPU image for the small calls computed on the host; triton builds
+    # its CUDA launchers with gcc and Python's headers), and no other build tools
+    runtime_compiler = {"gcc", "g++", "python3-dev"} if path.name.endswith("cuda") else {"g++"}
     installed = set(re.split(r"[\s;\"']+", final_runs))
     assert runtime_compiler <= installed, "without a compiler the engine never compiles: eager, 3-10x slower"
     assert not (BUILD_TOOLS - runtime_compiler) & installed, "no other build tools in the final stage"
