@@ -52,7 +52,7 @@ step() {  # step NAME COMMAND...: run it with what is left of the deadline, log 
 
 for s in $STEPS; do
     case $s in
-    env) step env bash -c "nvidia-smi; nproc; ldd /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4; $PY -c 'import torch, grpc, google.protobuf as pb, numpy
+    env) step env bash -c "nvidia-smi; nproc; command -v gcc g++ || echo 'no gcc / g++: compiles fail, eager'; ldd /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4; $PY -c 'import torch, grpc, google.protobuf as pb, numpy
 print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.is_available(),
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else \"-\")
 print(\"grpc\", grpc.__version__, \"protobuf\", pb.__version__, \"numpy\", numpy.__version__)'" ;;
