@@ -33,6 +33,7 @@ from softgate.grpc.server import GrpcServer
 from softgate.logging import NativeStderr, configure, get_logger
 from softgate.settings import Settings
 from softgate.telemetry import Telemetry
+from softgate.threads import cpu_quota, threads_for
 
 log = get_logger("serve")
 # on shutdown, how long to wait for a background torch.compile of the engine to finish: a
@@ -259,8 +260,19 @@ def run(settings: Settings, *, allocator: Decision | None = None) -> int:
     return code
 
 
+def fit_threads_to_cpu_quota() -> None:
+    """A container's CPU quota (`docker run --cpus`) caps torch's intra-op threads unless
+    OMP_NUM_THREADS says otherwise: OpenMP starts one per host core, and the quota throttles them."""
+    quota = cpu_quota()
+    n = threads_for(quota, torch.get_num_threads(), os.environ)
+    if n is not None:
+        torch.set_num_threads(n)
+        log.info("threads_fitted", cpu_quota=round(quota or 0, 2), threads=n)
+
+
 def _run(settings: Settings, allocator: Decision | None) -> int:
     log_allocator(allocator)
+    fit_threads_to_cpu_quota()
     # a server records no autograd graph: with grad off in the event loop's thread, where small
     # calls run, the engine skips its own no_grad contexts (~6 us of a 4k call's ~170, hot)
     grad = torch.is_grad_enabled()

@@ -14,7 +14,10 @@ initialisation (which would otherwise reset it), and leaves every other thread a
 from __future__ import annotations
 
 import ctypes
+import math
+import os
 import threading
+from collections.abc import Mapping
 from typing import Any
 
 _lib: Any = None
@@ -77,3 +80,82 @@ class one_thread:
     def __exit__(self, *exc: object) -> None:
         if self._lib is not None:
             self._lib.omp_set_num_threads(self._before)
+
+
+def cpu_quota(root: str = "/sys/fs/cgroup", cgroup_file: str = "/proc/self/cgroup") -> float | None:
+    """The CPUs this process's cgroup may use (CFS quota / period, the tightest from its own
+    group up to the mount's root), or None when unlimited or unreadable. cgroup v2 (`cpu.max`)
+    and v1 (`cpu.cfs_quota_us`, `cpu.cfs_period_us`). `docker run --cpus 4` sets one; OpenMP
+    does not read it and starts a thread per host core, which the quota then throttles."""
+    try:
+        with open(cgroup_file) as f:
+            lines = [line.rstrip("\n").split(":", 2) for line in f]
+    except OSError:
+        return None
+    found: list[float] = []
+    for parts in lines:
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":  # v2: one tree
+            mounts = [root, os.path.join(root, "unified")]
+            read = _v2_quota
+        elif "cpu" in controllers.split(","):  # v1: the cpu controller's tree
+            mounts = [os.path.join(root, name) for name in ("cpu", "cpu,cpuacct", "cpuacct,cpu")]
+            read = _v1_quota
+        else:
+            continue
+        for mount in mounts:
+            for group in _ancestors(mount, path):
+                q = read(group)
+                if q is not None:
+                    found.append(q)
+    return min(found) if found else None
+
+
+def _ancestors(mount: str, path: str) -> list[str]:
+    """`mount`/`path` and its parents up to `mount` (inside a container's cgroup namespace the
+    path may not exist there: then the mount itself)."""
+    parts = [p for p in path.split("/") if p]
+    return [os.path.join(mount, *parts[:k]) for k in range(len(parts), -1, -1)]
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _v2_quota(group: str) -> float | None:
+    raw = _read(os.path.join(group, "cpu.max"))  # "QUOTA PERIOD" or "max PERIOD"
+    if not raw:
+        return None
+    quota, _, period = raw.partition(" ")
+    return _ratio(quota, period or "100000")
+
+
+def _v1_quota(group: str) -> float | None:
+    quota, period = (
+        _read(os.path.join(group, "cpu.cfs_quota_us")),
+        _read(os.path.join(group, "cpu.cfs_period_us")),
+    )
+    return _ratio(quota, period) if quota and period else None
+
+
+def _ratio(quota: str, period: str) -> float | None:
+    try:
+        q, p = int(quota), int(period)
+    except ValueError:  # "max": no limit
+        return None
+    return q / p if q > 0 and p > 0 else None
+
+
+def threads_for(quota: float | None, current: int, env: Mapping[str, str]) -> int | None:
+    """The intra-op thread count to set for a CPU quota: ceil(quota) when that is below
+    `current` and the environment does not choose (OMP_NUM_THREADS), else None (leave it)."""
+    if quota is None or "OMP_NUM_THREADS" in env:
+        return None
+    n = max(1, math.ceil(quota))
+    return n if n < current else None
