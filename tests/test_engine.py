@@ -725,6 +725,8 @@ def test_a_cuda_engine_computes_a_small_host_batch_on_the_host():
     assert Engine(device="cuda", host_max_tokens=0).device_for(small) == cuda
     elsewhere = dataclasses.replace(small, ref_logp=small.ref_logp.to("meta"))
     assert eng.device_for(elsewhere) == cuda
+    assert eng.device_for(small, grad_out=torch.empty(n, device="meta")) == cuda  # written there
+    assert eng.device_for(small, grad_out=torch.empty(n, dtype=small.logp.dtype)) == cpu
     assert Engine(device="cpu").host_max_tokens == 0
 
 

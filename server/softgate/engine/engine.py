@@ -79,13 +79,14 @@ class Engine:
         host_mode = compile_mode(compile, _HOST) if self.host_max_tokens else None
         self.kernel = CompiledKernel(self.compile_mode, host_mode=host_mode)
 
-    def device_for(self, batch: Batch) -> torch.device:
+    def device_for(self, batch: Batch, grad_out: Tensor | None = None) -> torch.device:
         """The device `loss` computes `batch` on: the host for a batch of at most
-        `host_max_tokens` tokens whose tensors are all in host memory, else the engine's."""
+        `host_max_tokens` tokens whose tensors (and `grad_out`) are all in host memory, else
+        the engine's."""
         if not self.host_max_tokens:  # (a CPU engine: nothing to choose)
             return self.device
         n = batch.logp.numel() if isinstance(batch.logp, Tensor) else 0
-        return self._device_for(n, (getattr(batch, name) for name in _BATCH_FIELDS))
+        return self._device_for(n, (grad_out, *(getattr(batch, name) for name in _BATCH_FIELDS)))
 
     def _device_for(self, n: int, tensors: Iterable[object]) -> torch.device:
         if 0 < n <= self.host_max_tokens and all(
@@ -115,7 +116,7 @@ class Engine:
         `sample_tokens`, `grad_out`: see `compute_loss` (a server passes the first when no
         ratio, gate weight or clip mask was asked for, the second to write the gradient
         straight into its response)."""
-        device = self.device_for(batch)
+        device = self.device_for(batch, grad_out)
         return self._loss(batch, config, self.kernel, device, sample_tokens, grad_out)
 
     def _loss(
