@@ -65,8 +65,7 @@ def _device_description(engine: Engine) -> dict[str, Any]:
         idx = dev.index if dev.index is not None else torch.cuda.current_device()
         out["device_name"] = torch.cuda.get_device_name(idx)
         out["host_max_tokens"] = engine.host_max_tokens  # smaller batches run on the host
-    else:
-        out["threads"] = torch.get_num_threads()
+    out["threads"] = torch.get_num_threads()  # (the host's intra-op threads)
     return out
 
 

@@ -1,4 +1,4 @@
-"""Per-thread torch intra-op parallelism.
+"""torch intra-op parallelism: per thread, and the process's cap from a CPU quota (`cpu_quota`).
 
 `torch.set_num_threads` is process-wide: it also changes the thread count every thread
 created later starts with. The threads that run small work (small requests inline on the
