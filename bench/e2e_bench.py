@@ -683,8 +683,13 @@ def main() -> None:
         allocs = {k: v for k, v in allocs.items() if k in wanted}
     # the shipped default: softgate serve preloads tcmalloc when installed (softgate.allocator)
     shipped = "tcmalloc" if "tcmalloc" in allocs else "glibc"
+    from softgate.engine.engine import DEFAULT_HOST_MAX_TOKENS
+
+    # a CUDA server computes calls up to this on the host (its environment is the bench's)
+    host_max = int(os.environ.get("SOFTGATE_HOST_MAX_TOKENS", DEFAULT_HOST_MAX_TOKENS))
+    host = "" if args.device == "cpu" else f" (calls up to {host_max:,} tokens on the host CPU)"
     print(
-        f"# python {sys.version.split()[0]}, {os.cpu_count()} cores, engine on {args.device}; "
+        f"# python {sys.version.split()[0]}, {os.cpu_count()} cores, engine on {args.device}{host}; "
         f"allocators: {list(allocs)}",
         flush=True,
     )
