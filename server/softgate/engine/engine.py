@@ -32,11 +32,8 @@ log = logging.getLogger(__name__)
 _BATCH_FIELDS = tuple(f.name for f in dataclasses.fields(Batch))
 _HOST = torch.device("cpu")
 # A CUDA engine computes a batch of at most this many tokens whose tensors are all in host
-# memory (a server's always are) on the host: there a 4k-token SAPO call takes 0.1-0.3 ms on
-# one core of the 2-core dev box (64k: 0.4-1.7 ms on both), while on the H200 host a 4k call
-# on the GPU took ~0.9 ms of launches, copies and synchronisations (bench/RESULTS.md, fifth
-# and twenty-sixth sessions). `bench/device_check.sh OUT crossover` measures where the two
-# meet on a GPU host.
+# memory (a server's always are) on the host, where it costs less than the GPU's launches and
+# copies: the measurements behind it are in docs/engine.md ("Small batches on the host").
 DEFAULT_HOST_MAX_TOKENS = 65536
 
 
