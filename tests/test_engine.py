@@ -834,11 +834,11 @@ def test_segment_reduce_sums_equal_cpu_sums(monkeypatch, name):
 
 def _gpu_code_path(monkeypatch) -> None:
     """Make the engine run the device-generic code a GPU runs, here on the CPU: no host
-    shortcuts (numpy; per-sequence values expanded before the kernel: a gather in it instead),
-    segment_reduce sums, dynamo for compiles."""
-    from softgate.engine import advantages, aggregate, compiled, loss, segments, validation
+    shortcuts (numpy; per-sequence values expanded before the kernel: a gather in it instead;
+    the eager kernel in slices), segment_reduce sums, dynamo for compiles."""
+    from softgate.engine import advantages, aggregate, chunked, compiled, loss, segments, validation
 
-    for m in (segments, loss, aggregate, validation, compiled):
+    for m in (segments, loss, aggregate, validation, compiled, chunked):
         monkeypatch.setattr(m, "host_shortcuts", lambda device: False)
     for m in (segments, advantages):
         monkeypatch.setattr(m, "use_segment_reduce", lambda device: True)

@@ -39,7 +39,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from softgate.engine.kernel import EXPANDED, Terms, token_terms
+from softgate.engine.chunked import chunked_token_terms
+from softgate.engine.kernel import EXPANDED, Terms, token_keys, token_terms
 from softgate.engine.segments import host_shortcuts
 
 log = logging.getLogger(__name__)
@@ -73,8 +74,6 @@ COMPILE_OPTIONS: dict[str, str | int | bool | Callable[..., Any]] = {
 # (its ~28 reductions' 0-d results) live on the C++ stack instead of each being a tensor allocated
 # through torch's allocator on every call (4k tokens, SAPO: the kernel 59 -> 47 us; the same bits)
 AOTI_OPTIONS: dict[str, Any] = {**COMPILE_OPTIONS, "aot_inductor.allow_stack_allocation": True}
-# per-token entries of token_terms' tensor dict; the others are per sequence ([B])
-_PER_TOKEN = ("logp", "old", "m", "ids", "ref", "rollout", "grad_out")
 
 
 def compile_mode(compile: bool | str | None, device: torch.device) -> str:
@@ -117,11 +116,6 @@ def kernel_key(args: tuple[Any, ...]) -> tuple[Any, ...]:
     )
 
 
-def _token_keys(t: dict[str, Tensor], adv_per_token: bool) -> tuple[str, ...]:
-    """The per-token entries of token_terms' tensor dict (the others are per sequence or 0-d)."""
-    return tuple(k for k in t if k in _PER_TOKEN or k.endswith(EXPANDED) or (k == "adv" and adv_per_token))
-
-
 def warmup_args(args: tuple[Any, ...]) -> tuple[Any, ...]:
     """token_terms arguments of the same configuration for a small synthetic batch."""
     t, prm, *rest = args
@@ -156,7 +150,7 @@ def warmup_args(args: tuple[Any, ...]) -> tuple[Any, ...]:
         return torch.randn(b, generator=g, dtype=torch.float64) * (0.01 if k == "lvseq" else 1.0)
 
     out: dict[str, Tensor] = {}
-    tokens = _token_keys(t, adv_per_token)
+    tokens = token_keys(t, adv_per_token)
     for k, v in t.items():
         x = per_token(k) if k in tokens else per_seq(k)
         out[k] = x.to(device=dev, dtype=v.dtype)
@@ -195,7 +189,7 @@ def aoti_compile(example: tuple[Any, ...]) -> Callable[..., Terms]:
 
     t, prm, *rest = example
     adv_per_token = rest[2]
-    tokens = _token_keys(t, adv_per_token)
+    tokens = token_keys(t, adv_per_token)
     seqs = tuple(k for k in t if k not in tokens and t[k].dim())
     n_dim, b_dim = Dim("N", min=2), Dim("B", min=2)
     shapes = {k: {0: n_dim} if k in tokens else ({0: b_dim} if k in seqs else None) for k in t}
@@ -285,10 +279,10 @@ class CompiledKernel:
         """token_terms(*args), compiled when this configuration's kernel is available;
         `schedule=False` never queues a background compile."""
         if not self._enabled or not fits(args):
-            return token_terms(*args)
+            return chunked_token_terms(*args)
         mode = self.host_mode if args[0]["logp"].device.type == "cpu" else self.mode
         if mode == "off":
-            return token_terms(*args)
+            return chunked_token_terms(*args)
         key = kernel_key(args)
         if mode == "sync":
             return self._sync(key, args)
@@ -303,7 +297,7 @@ class CompiledKernel:
                 self._lock.release()
         elif schedule:
             self._schedule(key, args)
-        return token_terms(*args)
+        return chunked_token_terms(*args)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until no background compile is queued or running; False on timeout."""
@@ -327,7 +321,7 @@ class CompiledKernel:
         # configurations in the background) rather than wait seconds for it; a new one must wait
         if key in self._ready:
             if not self._acquire():
-                return token_terms(*args)
+                return chunked_token_terms(*args)
         else:
             self._lock.acquire()
         try:
@@ -349,7 +343,7 @@ class CompiledKernel:
             self._enabled = False
         finally:
             self._lock.release()
-        return token_terms(*args)
+        return chunked_token_terms(*args)
 
     def _acquire(self) -> bool:
         """Take the compile lock unless a background compile holds it (then run eager)."""

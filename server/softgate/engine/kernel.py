@@ -32,6 +32,9 @@ Terms = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 # the suffix of a per-sequence tensor of token_terms' dict expanded to its tokens (see per_token)
 EXPANDED = "_tok"
 
+# per-token entries of token_terms' tensor dict; the others are per sequence ([B]) or 0-d
+PER_TOKEN = ("logp", "old", "m", "ids", "ref", "rollout", "grad_out")
+
 # objective kinds whose gate weight is not a constant 0 / 1 pattern of the clip masks
 _SOFT_GATE = ("sapo", "gppo", "cispo")
 
@@ -328,6 +331,11 @@ def per_token(t: dict[str, Tensor], name: str, ids: Tensor | None) -> Tensor:
         return expanded
     assert ids is not None  # (None would index as newaxis)
     return t[name][ids]
+
+
+def token_keys(t: dict[str, Tensor], adv_per_token: bool) -> tuple[str, ...]:
+    """The per-token entries of token_terms' tensor dict `t` (the others are per sequence or 0-d)."""
+    return tuple(k for k in t if k in PER_TOKEN or k.endswith(EXPANDED) or (k == "adv" and adv_per_token))
 
 
 def _policy(

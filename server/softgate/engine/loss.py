@@ -29,9 +29,10 @@ from softgate.engine.advantages import group_advantages
 from softgate.engine.aggregate import sequence_weights
 from softgate.engine.batch import Batch
 from softgate.engine.buckets import BUCKET_SUMS
+from softgate.engine.chunked import chunked_token_terms
 from softgate.engine.config import Gspo, GspoToken, LossConfig
 from softgate.engine.errors import FieldViolation, InputError
-from softgate.engine.kernel import EXPANDED, Terms, derived_terms, kernel_layout, kernel_params, token_terms
+from softgate.engine.kernel import EXPANDED, Terms, derived_terms, kernel_layout, kernel_params
 from softgate.engine.metrics import METRIC_NAMES, to_floats
 from softgate.engine.mismatch import mismatch_log_weights
 from softgate.engine.objectives import OBJECTIVE_KIND
@@ -67,8 +68,9 @@ def compute_loss(
     values of logp, old_logp and per-token advantages are checked by the kernel, in its loop).
 
     All tensors of `batch` must be on one device; results are on that device, per-token
-    tensors in the compute dtype (validation.compute_dtype). `kernel` replaces `token_terms`
-    (the Engine passes its compiled version). Inputs that require grad are fine: nothing here
+    tensors in the compute dtype (validation.compute_dtype). `kernel` replaces the eager
+    `token_terms` (run in slices of a large batch on the host: chunked.py); the Engine passes
+    its compiled version. Inputs that require grad are fine: nothing here
     records an autograd graph, and `logp.backward(result.grad)` applies the gradient.
 
     `grad_out`: a contiguous [N] tensor of the compute dtype on the batch's device that the
@@ -204,7 +206,7 @@ def _compute_loss(
     if sample_tokens is not None and dev.type == "cpu" and n > sample_tokens:
         stride = -(-n // max(sample_tokens, 2))
     codes = sample_tokens is not None and -(-n // stride) <= max(sample_tokens, 2)
-    fn = kernel or token_terms
+    fn = kernel or chunked_token_terms
     grad, a, ratio, gate, clip, rcode, gcode, vals = fn(
         t,
         prm,

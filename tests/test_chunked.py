@@ -1,0 +1,144 @@
+"""The eager kernel in slices of tokens (engine/chunked.py) equals the whole kernel."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from softgate.engine import Engine, chunked, kernel
+from softgate.engine.buckets import BUCKET_SUMS
+from softgate.engine.chunked import chunked_token_terms
+from softgate.engine.kernel import kernel_layout, token_terms
+from softgate.engine.loss import compute_loss
+
+try:
+    from tests.reference_loss import OBJECTIVE_NAMES, make_config, random_batch
+except ImportError:  # tests/ is not a package from this rootdir
+    from reference_loss import OBJECTIVE_NAMES, make_config, random_batch  # type: ignore[no-redef]
+
+CONFIGS = [  # (KL, mismatch, advantages)
+    (None, None, "rewards"),
+    ("k3", ("token", "truncate"), "token"),
+    ("k1", ("sequence", "mask"), "sequence"),
+]
+
+
+def _kernel_args(batch: Any, cfg: Any, sample_tokens: int | None) -> tuple[Any, ...]:
+    """token_terms' arguments for `batch` as compute_loss builds them."""
+    seen: list[tuple[Any, ...]] = []
+
+    def capture(*args: Any) -> Any:
+        seen.append(args)
+        return token_terms(*args)
+
+    compute_loss(batch, cfg, kernel=capture, sample_tokens=sample_tokens)
+    return seen[0]
+
+
+def _assert_same_terms(got: tuple[Any, ...], want: tuple[Any, ...], args: tuple[Any, ...]) -> None:
+    """Per-token values equal up to their last bits, masks and codes and counts exactly, sums to
+    float64 rounding."""
+    for i, (g, w) in enumerate(zip(got[:7], want[:7], strict=True)):
+        assert g.dtype == w.dtype and g.shape == w.shape, i
+        if g.is_floating_point():
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-15)
+        else:
+            assert torch.equal(g, w), i
+    t, prm, kind, seq_ratio, adv_per_token, kl, mm, _, _, codes = args
+    sums, counts, seq = kernel_layout(
+        kind, seq_ratio, adv_per_token, kl is not None, mm is not None, "dual" in prm
+    )
+    g, w = got[7], want[7]
+    assert g.shape == w.shape
+    k = len(sums)
+    torch.testing.assert_close(g[:k], w[:k], rtol=1e-12, atol=1e-15, equal_nan=True)
+    end = k + len(counts) + len(seq)
+    assert torch.equal(g[k:end], w[k:end]), "counts and per-sequence terms"
+    nb = len(BUCKET_SUMS) if codes else 0
+    torch.testing.assert_close(g[end : end + nb], w[end : end + nb], rtol=1e-12, atol=1e-15)
+    assert not g[end + nb :].any() and g.numel() == end + nb + t["ylen"].numel()
+
+
+def _gpu_code_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The device-generic code a GPU runs (gathers by sequence id in the kernel), on the CPU."""
+    from softgate.engine import aggregate, loss, segments, validation
+
+    for m in (segments, loss, aggregate, validation, chunked):
+        monkeypatch.setattr(m, "host_shortcuts", lambda device: False)
+
+
+@pytest.mark.parametrize("name", OBJECTIVE_NAMES)
+@pytest.mark.parametrize("kl,mm,adv", CONFIGS)
+@pytest.mark.parametrize("sample_tokens", [None, 40], ids=["full", "sampled"])
+@pytest.mark.parametrize("path", ["host", "gpu"])
+def test_slices_equal_the_whole_kernel(
+    name: str,
+    kl: Any,
+    mm: Any,
+    adv: str,
+    sample_tokens: int | None,
+    path: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if name == "gspo" and adv == "token":
+        adv = "sequence"
+    if path == "gpu":
+        _gpu_code_path(monkeypatch)
+    batch = random_batch(3, max_seqs=30, max_len=40, advantages=adv, big_deltas=True)
+    cfg = make_config(name, "seq_mean_token_mean", kl, mm, variant=1)
+    args = _kernel_args(batch, cfg, sample_tokens)
+    n = args[0]["logp"].numel()
+    assert n > 300 and (args[8] > 1) == (sample_tokens is not None)
+    assert ("ids" in args[0]) == (path == "gpu")  # (a weight per sequence: gathered there)
+    want = token_terms(*args)
+    for chunk in (37, 128, n // 2):  # (37: not a multiple of the stride; n // 2: one slice, whole)
+        _assert_same_terms(chunked_token_terms(*args, chunk=chunk), want, args)
+    out = torch.full_like(args[0]["logp"], float("nan"))
+    got = chunked_token_terms({**args[0], "grad_out": out}, *args[1:], chunk=37)
+    assert got[0].data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out, want[0], rtol=1e-12, atol=1e-15)
+
+
+def test_the_host_slices_large_batches_and_a_gpu_runs_them_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+
+    def counted(t: dict[str, Any], *rest: Any) -> Any:
+        calls.append(t["logp"].numel())
+        return token_terms(t, *rest)
+
+    monkeypatch.setattr(chunked, "token_terms", counted)
+    monkeypatch.setattr(chunked, "CHUNK_TOKENS", 64)
+    batch = random_batch(5, max_seqs=30, max_len=40)
+    cfg = make_config("sapo", "token_mean", "k3", None)
+    n = batch.logp.numel()
+    got = Engine(device="cpu", compile=False).loss(batch, cfg)
+    assert calls == [64] * (n // 64) + [n % 64] * (n % 64 > 0)
+    calls.clear()
+    want = compute_loss(batch, cfg, kernel=token_terms)
+    assert not calls
+    torch.testing.assert_close(got.grad, want.grad, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(got.gate_weight, want.gate_weight, rtol=1e-12, atol=1e-15)
+    assert got.loss == pytest.approx(want.loss, rel=1e-12)
+    assert got.metrics == pytest.approx(want.metrics, rel=1e-12, abs=1e-15)
+    small = random_batch(5, max_seqs=2, max_len=40)  # at most 2 slices' worth: whole
+    compute_loss(small, cfg)
+    assert calls == [small.logp.numel()] and small.logp.numel() <= 128
+    calls.clear()
+    monkeypatch.setattr(chunked, "host_shortcuts", lambda device: False)  # a GPU's tensors
+    compute_loss(batch, cfg)
+    assert calls == [n]
+
+
+def test_token_keys_are_the_sliced_entries() -> None:
+    args = _kernel_args(
+        random_batch(4, max_seqs=9, max_len=9, advantages="sequence"),
+        make_config("gspo", "seq_mean_token_mean", "k3", ("sequence", "truncate")),
+        None,
+    )
+    t = args[0]
+    keys = kernel.token_keys(t, args[4])
+    n = t["logp"].numel()
+    assert all(t[k].numel() == n for k in keys)
+    assert {"logp", "old", "adv_tok", "w_tok", "sratio_tok", "lvseq_tok", "ref"} <= set(keys)
+    assert not {"ylen", "adv", "sratio", "sclamped"} & set(keys)
