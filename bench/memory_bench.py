@@ -15,8 +15,8 @@ the end-to-end bench's (SAPO, three float32 inputs = 12 bytes a token, the gradi
 with `--full` four log-prob tensors (16 bytes a token), rewards, KL and mismatch. The
 peak is the kernel's high-water mark (VmHWM), reset before each phase (/proc/PID/clear_refs).
 Prints each phase's peak over idle in bytes per token, and the measured peak over the
-formula with `--per-token` (default: the overlay's figure for the device, as in
-tests/test_deploy.py; a ratio above 1: the formula is short).
+formula with `--per-token` (default: the overlays' figure for the device, OVERLAY_MEMORY below;
+a ratio above 1: the formula is short).
 """
 
 from __future__ import annotations
@@ -33,6 +33,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import e2e_bench as E  # noqa: E402
+
+# What a replica holds, the figures the Kubernetes overlays are sized with (tests/test_deploy.py
+# checks each overlay's limit against them): idle bytes, and bytes a token of each call
+# computing, at its peak and kept by tcmalloc. CPU: measured here at 16 Mi tokens, 50-74 a
+# token, eager or compiled, every input with KL and mismatch the most (bench/RESULTS.md,
+# "Server memory"), with margin. GPU: assumed until measured (`bench/device_check.sh OUT
+# memory`): the compiled figure, the kernel's temporaries on the device in place of the
+# page-locked copies, and a CUDA context's few GB.
+OVERLAY_MEMORY = {"cpu": (0.45e9, 100), "gpu": (3e9, 80)}
+# a waiting call holds its request: at most 5 float32 tensors and the mask, 21 bytes a token
+REQUEST_BYTES_PER_TOKEN = 21
 
 
 def status_bytes(pid: int, key: str) -> int:
@@ -64,8 +75,8 @@ def main() -> None:
     )
     ap.add_argument("--per-token", type=float, help="the formula's bytes per computing token")
     args = ap.parse_args()
-    if args.per_token is None:  # the overlays' figures (tests/test_deploy.py, OVERLAY_MEMORY)
-        args.per_token = 210.0 if args.device == "cpu" else 80.0
+    if args.per_token is None:  # the overlays' figure
+        args.per_token = float(OVERLAY_MEMORY["cpu" if args.device == "cpu" else "gpu"][1])
     import numpy as np
     from softgate_client import SoftgateClient
     from softgate_client.config import MismatchConfig

@@ -101,22 +101,27 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
     )
 
 
-# ---------------------------------------------------------------- bench/load_bench.py
+# ---------------------------------------------------------------- bench/
+
+
+def bench_module(name: str) -> Any:
+    """bench/NAME.py as a module (harnesses and figures the tests share with the benchmarks)."""
+    import importlib.util
+
+    key = f"softgate_bench_{name}"
+    if key in sys.modules:
+        return sys.modules[key]
+    spec = importlib.util.spec_from_file_location(key, REPO / "bench" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[key] = mod
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def load_bench_module() -> Any:
     """bench/load_bench.py as a module (the load harness the tests share with the benchmark)."""
-    import importlib.util
-
-    name = "softgate_load_bench"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / "load_bench.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_module("load_bench")
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import bench_module
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy/k8s"
@@ -287,15 +288,9 @@ def _bytes(quantity: str) -> float:
     return float(quantity)
 
 
-# What a replica holds (bench/memory_bench.py; docs/server.md, "Memory allocator"): idle bytes,
-# and bytes a token of each call computing, at its peak and kept by tcmalloc. CPU: measured,
-# 16 Mi tokens, every input with KL and mismatch, run eager as a configuration's first calls are
-# while it compiles in the background (151-165; compiled 71-72). GPU: assumed until measured
-# (`bench/device_check.sh OUT memory`): the compiled figure, the kernel's temporaries on the device
-# in place of the page-locked copies, and a CUDA context's few GB.
-OVERLAY_MEMORY = {"cpu": (0.45e9, 210), "gpu": (3e9, 80)}
-# a waiting call holds its request: at most 5 float32 tensors and the mask, 21 bytes a token
-REQUEST_BYTES_PER_TOKEN = 21
+# what a replica holds, by the figures the overlays are sized with (bench/memory_bench.py)
+MEMORY = bench_module("memory_bench")
+OVERLAY_MEMORY, REQUEST_BYTES_PER_TOKEN = MEMORY.OVERLAY_MEMORY, MEMORY.REQUEST_BYTES_PER_TOKEN
 
 
 @pytest.mark.parametrize("overlay", sorted(OVERLAY_MEMORY))
