@@ -36,7 +36,7 @@ import e2e_bench as E  # noqa: E402
 
 # What a replica holds, the figures the Kubernetes overlays are sized with (tests/test_deploy.py
 # checks each overlay's limit against them): idle bytes, and bytes a token of each call
-# computing, at its peak and kept by tcmalloc. CPU: measured here at 16 Mi tokens, 50-74 a
+# computing, at its peak and kept by tcmalloc. CPU: measured here at 16 Mi tokens, 50-77 a
 # token, eager or compiled, every input with KL and mismatch the most (bench/RESULTS.md,
 # "Server memory"), with margin. GPU: assumed until measured (`bench/device_check.sh OUT
 # memory`): the compiled figure, the kernel's temporaries on the device in place of the

@@ -3,13 +3,14 @@
 Eager torch runs the kernel as ~60 separate passes over the tokens, each writing an [N]
 temporary: at 16M tokens each pass streams 64 MB through memory, and a call holds several of
 them at once. Over slices of CHUNK_TOKENS tokens the passes stay in cache and a call holds one
-slice's temporaries (16M tokens, SAPO, 2 cores: 2.1 s -> 0.4-0.45 s, the peak ~1 GB lower;
-bench/RESULTS.md, "Engine"). Compiled code fuses the passes into one loop and needs none of
-this; eager code runs a configuration's first calls while it compiles in the background, and
+slice's temporaries (16M tokens, SAPO, 2 cores: under glibc 2.1 s -> ~0.5 s, the peak ~1 GB
+lower; bench/RESULTS.md, "Engine"). Compiled code fuses the passes into one loop and needs
+none of this; eager code runs a configuration's first calls while it compiles in the background, and
 every call when compiling is off.
 
-Per-token outputs equal the unchunked kernel's to the bit (every per-token term is
-elementwise); a sum is the sum of its slices' sums, another float64 rounding of the same value.
+Per-token outputs equal the whole kernel's up to their last bit or two (every per-token term is
+elementwise, but ATen computes a pass's last few elements with scalar code, and slicing moves
+which elements those are); a sum is the sum of its slices' sums, another rounding of it.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ from softgate.engine.buckets import BUCKET_SUMS
 from softgate.engine.kernel import EXPANDED, Terms, kernel_layout, token_keys, token_terms
 from softgate.engine.segments import host_shortcuts
 
-# tokens per slice on the host: the few [CHUNK] float32 temporaries live at a time stay in
-# cache (16M tokens: 1M-token slices took 0.57 s, 256k 0.42-0.45, 128k 0.40, 16k 0.98, where
-# the Python per slice starts to count). A GPU streams its memory fast and pays ~60 launches a
-# slice, so there the kernel runs whole.
-CHUNK_TOKENS = 1 << 18
+# tokens per slice on the host. Each op of a slice is a call into torch that releases the GIL
+# and takes it back; while a background compile holds it, each taking waits (16M tokens,
+# SAPO, during compiles: whole 0.99 s, 4M-token slices 1.03, 1M 0.94, 256k 1.30). Without
+# that, from 128k to 1M the time is flat (0.40-0.57 s; 16k 0.98, where the Python per slice
+# starts to count). 1M: 16 slices of a 16M batch, ~60 MB of temporaries at a time. A GPU
+# streams its memory fast and pays ~60 launches a slice, so there the kernel runs whole.
+CHUNK_TOKENS = 1 << 20
 
 
 def chunked_token_terms(
