@@ -5,12 +5,12 @@ temporary: at 16M tokens each pass streams 64 MB through memory, and a call hold
 them at once. Over slices of CHUNK_TOKENS tokens the passes stay in cache and a call holds one
 slice's temporaries (16M tokens, SAPO, 2 cores: under glibc 2.1 s -> ~0.5 s, the peak ~1 GB
 lower; bench/RESULTS.md, "Engine"). Compiled code fuses the passes into one loop and needs
-none of this; eager code runs a configuration's first calls while it compiles in the background, and
-every call when compiling is off.
+none of this; eager code runs a configuration's first calls while it compiles in the
+background, and every call when compiling is off.
 
-Per-token outputs equal the whole kernel's up to their last bit or two (every per-token term is
-elementwise, but ATen computes a pass's last few elements with scalar code, and slicing moves
-which elements those are); a sum is the sum of its slices' sums, another rounding of it.
+Per-token outputs equal the whole kernel's up to their last bit or two (every per-token term
+is elementwise, but ATen computes a pass's last few elements with scalar code, and slicing
+moves which elements those are); a sum is the sum of its slices' sums, another rounding of it.
 """
 
 from __future__ import annotations

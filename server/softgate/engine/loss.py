@@ -70,8 +70,8 @@ def compute_loss(
     All tensors of `batch` must be on one device; results are on that device, per-token
     tensors in the compute dtype (validation.compute_dtype). `kernel` replaces the eager
     `token_terms` (run in slices of a large batch on the host: chunked.py); the Engine passes
-    its compiled version. Inputs that require grad are fine: nothing here
-    records an autograd graph, and `logp.backward(result.grad)` applies the gradient.
+    its compiled version. Inputs that require grad are fine: nothing here records an autograd
+    graph, and `logp.backward(result.grad)` applies the gradient.
 
     `grad_out`: a contiguous [N] tensor of the compute dtype on the batch's device that the
     gradient is written into (the kernel's loop stores it there: no [N] tensor of its own and
