@@ -129,6 +129,24 @@ def load_bench() -> Any:
     return load_bench_module()
 
 
+# ---------------------------------------------------------------- the engine's kernel
+
+
+def kernel_args(batch: Any, cfg: Any, sample_tokens: int | None = None) -> tuple[Any, ...]:
+    """kernel.token_terms' arguments for `batch` as compute_loss builds them."""
+    from softgate.engine.kernel import token_terms
+    from softgate.engine.loss import compute_loss
+
+    seen: list[tuple[Any, ...]] = []
+
+    def capture(*args: Any) -> Any:
+        seen.append(args)
+        return token_terms(*args)
+
+    compute_loss(batch, cfg, kernel=capture, sample_tokens=sample_tokens)
+    return seen[0]
+
+
 # ---------------------------------------------------------------- health
 
 

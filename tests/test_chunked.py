@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import kernel_args
 from softgate.engine import Engine, chunked, kernel
 from softgate.engine.buckets import BUCKET_SUMS
 from softgate.engine.chunked import chunked_token_terms
@@ -22,18 +23,6 @@ CONFIGS = [  # (KL, mismatch, advantages)
     ("k3", ("token", "truncate"), "token"),
     ("k1", ("sequence", "mask"), "sequence"),
 ]
-
-
-def _kernel_args(batch: Any, cfg: Any, sample_tokens: int | None) -> tuple[Any, ...]:
-    """token_terms' arguments for `batch` as compute_loss builds them."""
-    seen: list[tuple[Any, ...]] = []
-
-    def capture(*args: Any) -> Any:
-        seen.append(args)
-        return token_terms(*args)
-
-    compute_loss(batch, cfg, kernel=capture, sample_tokens=sample_tokens)
-    return seen[0]
 
 
 def _assert_same_terms(got: tuple[Any, ...], want: tuple[Any, ...], args: tuple[Any, ...]) -> None:
@@ -87,7 +76,7 @@ def test_slices_equal_the_whole_kernel(
         _gpu_code_path(monkeypatch)
     batch = random_batch(3, max_seqs=30, max_len=40, advantages=adv, big_deltas=True)
     cfg = make_config(name, "seq_mean_token_mean", kl, mm, variant=1)
-    args = _kernel_args(batch, cfg, sample_tokens)
+    args = kernel_args(batch, cfg, sample_tokens)
     n = args[0]["logp"].numel()
     assert n > 300 and (args[8] > 1) == (sample_tokens is not None)
     assert ("ids" in args[0]) == (path == "gpu")  # (a weight per sequence: gathered there)
@@ -131,7 +120,7 @@ def test_the_host_slices_large_batches_and_a_gpu_runs_them_whole(monkeypatch: py
 
 
 def test_token_keys_are_the_sliced_entries() -> None:
-    args = _kernel_args(
+    args = kernel_args(
         random_batch(4, max_seqs=9, max_len=9, advantages="sequence"),
         make_config("gspo", "seq_mean_token_mean", "k3", ("sequence", "truncate")),
         None,

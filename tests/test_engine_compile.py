@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import kernel_args
 from softgate.engine import METRIC_NAMES, Engine, compiled
 from softgate.engine.aggregate import sequence_weights
 from softgate.engine.buckets import bucket_codes, bucket_edges
@@ -61,7 +62,7 @@ def test_warmup_args_have_the_same_configuration(name: str, kl: Any, mm: Any, ad
     if name == "gspo" and adv == "token":
         adv = "sequence"
     batch = random_batch(5, max_seqs=9, max_len=11, advantages=adv)
-    args = _kernel_args(batch, make_config(name, "token_mean", kl, mm, variant=1))
+    args = kernel_args(batch, make_config(name, "token_mean", kl, mm, variant=1))
     warm = warmup_args(args)
     assert kernel_key(warm) == kernel_key(args)
     out = token_terms(*warm)  # a consistent batch: the eager kernel runs on it
@@ -74,7 +75,7 @@ def test_per_sequence_terms_reach_the_cpu_kernel_expanded_to_their_tokens() -> N
     # load in the kernel, not a gather): the values a gather by sequence id would read
     def t(agg: str, adv: str, name: str = "sapo", mm: Any = None) -> tuple[Any, dict[str, Any]]:
         b = random_batch(3, max_seqs=9, max_len=11, advantages=adv)
-        return b, _kernel_args(b, make_config(name, agg, None, mm))[0]
+        return b, kernel_args(b, make_config(name, agg, None, mm))[0]
 
     b, plain = t("token_mean", "token")
     assert plain["w"].dim() == 0 and not any(k == "ids" or k.endswith("_tok") for k in plain)
@@ -101,18 +102,18 @@ def test_per_sequence_terms_reach_the_cpu_kernel_expanded_to_their_tokens() -> N
 
 def test_configuration_keys_differ_by_structure_not_by_values() -> None:
     batch = random_batch(3, max_seqs=6, max_len=9)
-    key = kernel_key(_kernel_args(batch, make_config("grpo", "token_mean", "k3", None)))
+    key = kernel_key(kernel_args(batch, make_config("grpo", "token_mean", "k3", None)))
     same = kernel_key(
-        _kernel_args(
+        kernel_args(
             random_batch(4, max_seqs=12, max_len=40),
             make_config("grpo", "seq_mean_token_sum", "k3", None, variant=2),
         )
     )
     assert same == key
-    assert kernel_key(_kernel_args(batch, make_config("grpo", "token_mean", None, None))) != key
-    assert kernel_key(_kernel_args(batch, make_config("sapo", "token_mean", "k3", None))) != key
+    assert kernel_key(kernel_args(batch, make_config("grpo", "token_mean", None, None))) != key
+    assert kernel_key(kernel_args(batch, make_config("sapo", "token_mean", "k3", None))) != key
     dual = make_config("grpo", "token_mean", "k3", None, variant=1)  # dual clip on
-    assert kernel_key(_kernel_args(batch, dual)) != key
+    assert kernel_key(kernel_args(batch, dual)) != key
 
 
 @pytest.mark.parametrize("compile", [False, True])
@@ -374,18 +375,6 @@ def test_background_compile_switches_to_compiled_with_the_same_numbers() -> None
     assert eng.kernel.compiled_calls == len(compiled_calls) - 2  # all but the 2 warm-up runs
 
 
-def _kernel_args(batch: Any, cfg: Any, sample_tokens: int | None = None) -> tuple[Any, ...]:
-    """token_terms' arguments for `batch` as compute_loss builds them."""
-    seen: list[tuple[Any, ...]] = []
-
-    def capture(*args: Any) -> Any:
-        seen.append(args)
-        return token_terms(*args)
-
-    compute_loss(batch, cfg, kernel=capture, sample_tokens=sample_tokens)
-    return seen[0]
-
-
 def test_cpu_kernels_not_sampled_compile_with_aoti_the_rest_with_dynamo(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -396,8 +385,8 @@ def test_cpu_kernels_not_sampled_compile_with_aoti_the_rest_with_dynamo(
     monkeypatch.setattr(compiled, "aot_compile", lambda ex: calls.append("dynamo") or "dynamo")
     batch = random_batch(3, max_seqs=30, max_len=40)
     cfg = make_config("sapo", "seq_mean_token_mean", None, None)
-    full = warmup_args(_kernel_args(batch, cfg))
-    sampled = warmup_args(_kernel_args(batch, cfg, sample_tokens=8))
+    full = warmup_args(kernel_args(batch, cfg))
+    sampled = warmup_args(kernel_args(batch, cfg, sample_tokens=8))
     assert sampled[8] > 1 and full[8] == 1
     assert compile_kernel(full) == "aoti" and compile_kernel(sampled) == "dynamo"
 
@@ -416,11 +405,11 @@ def aoti_kernel(request: pytest.FixtureRequest) -> tuple[Any, tuple[Any, ...], A
     batch of that configuration, and a function giving another batch's arguments."""
     cfg = make_config("grpo", "seq_mean_token_mean", "k3", ("token", "truncate"), variant=1)
 
-    def kernel_args(batch: Any) -> tuple[Any, ...]:
-        return _kernel_args(batch, cfg, sample_tokens=request.param)
+    def args_of(batch: Any) -> tuple[Any, ...]:
+        return kernel_args(batch, cfg, sample_tokens=request.param)
 
-    args = kernel_args(random_batch(5, max_seqs=12, max_len=40, big_deltas=True))
-    return compiled.aoti_compile(warmup_args(args)), args, kernel_args
+    args = args_of(random_batch(5, max_seqs=12, max_len=40, big_deltas=True))
+    return compiled.aoti_compile(warmup_args(args)), args, args_of
 
 
 def test_aoti_kernel_equals_eager_at_other_sizes_and_refuses_inconsistent_lengths(
@@ -429,9 +418,9 @@ def test_aoti_kernel_equals_eager_at_other_sizes_and_refuses_inconsistent_length
     """Compiled on the 67-token warm-up batch, the AOTInductor kernel serves other sizes with
     the eager kernel's numbers, and a per-token or per-sequence input of the wrong length is
     an error, never a read past its end (AOTInductor's C++ wrapper checks no sizes)."""
-    fn, args, kernel_args = aoti_kernel
+    fn, args, args_of = aoti_kernel
     for seed, seqs in ((6, 3), (7, 40)):
-        a = kernel_args(random_batch(seed, max_seqs=seqs, max_len=90, big_deltas=True))
+        a = args_of(random_batch(seed, max_seqs=seqs, max_len=90, big_deltas=True))
         got, want = fn(*a), token_terms(*a)
         for g, w in zip(got, want, strict=True):
             assert g.shape == w.shape and g.dtype == w.dtype
@@ -469,7 +458,7 @@ def test_compiled_kernels_store_the_gradient_in_grad_out(sample_tokens: int | No
     """With grad_out in its dict, a compiled kernel (AOTInductor's, and dynamo's for a sampled
     configuration) returns that tensor as the gradient, filled, and everything else as eager."""
     batch = random_batch(11, max_seqs=30, max_len=40)
-    args = _kernel_args(batch, make_config("sapo", "seq_mean_token_mean", None, None), sample_tokens)
+    args = kernel_args(batch, make_config("sapo", "seq_mean_token_mean", None, None), sample_tokens)
     out = torch.full_like(args[0]["logp"], float("nan"))
     with_out = ({**args[0], "grad_out": out}, *args[1:])
     got, want = compile_kernel(warmup_args(with_out))(*with_out), token_terms(*args)
