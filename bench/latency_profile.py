@@ -12,6 +12,11 @@ CUDA runtime calls that block (synchronisations, copies) counted apart. Also the
 calls that each follow `--idle-ms` of sleep (the thread idle, as a server between requests)
 and of busy Python: on the 2-core VM a 4k call took about twice its back-to-back time after
 a sleep, which is most of why the engine costs more inside `softgate serve` than here.
+
+`--during-compiles K` (a background-compiling engine, the CPU's default) then makes K other
+configurations' first calls, which queue their compiles, and times the size's calls (each
+after the idle gap) until those compiles finish, against the same calls idle just before:
+what the server's background compiles cost the requests it serves meanwhile.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 from e2e_bench import engine_batch  # noqa: E402
-from softgate.engine import Batch, Engine, LossConfig  # noqa: E402
+from softgate.engine import Batch, Cispo, Engine, Gppo, Grpo, LossConfig, Reinforce  # noqa: E402
 from softgate.engine.transfer import to_host  # noqa: E402
 from softgate.grpc.servicer import DEFAULT_INLINE_MAX_TOKENS  # noqa: E402
 from softgate.threads import one_thread  # noqa: E402
@@ -71,6 +76,13 @@ def main() -> None:
     )
     ap.add_argument(
         "--idle-ms", type=float, default=1.0, help="the gap before each call of the idle rows (0: none)"
+    )
+    ap.add_argument(
+        "--during-compiles",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also time calls while K other configurations compile in the background (at most 4)",
     )
     args = ap.parse_args()
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -110,6 +122,8 @@ def profile_size(
         print(
             f"after {args.idle_ms:g} ms asleep: median {asleep:.0f} us; after {args.idle_ms:g} ms busy: {busy:.0f} us"
         )
+    if args.during_compiles > 0:
+        during_compiles(eng, call, args)
     if args.top <= 0:
         return
     with profile(activities=acts) as prof:
@@ -126,6 +140,27 @@ def profile_size(
         )
     )
     print(ka.table(sort_by="self_cpu_time_total", row_limit=args.top))
+
+
+def during_compiles(eng: Engine, call: Callable[[], None], args: argparse.Namespace) -> None:
+    """Median of `call` (each after the idle gap) idle, then while `--during-compiles` other
+    configurations compile in the engine's background thread, in one run."""
+    gap = functools.partial(time.sleep, max(args.idle_ms, 0.0) / 1e3)
+    idle = timed(call, args.reps, gap)
+    batch = engine_batch(4096)
+    for objective in (Grpo(), Cispo(), Gppo(), Reinforce())[: args.during_compiles]:
+        eng.loss(batch, LossConfig(objective=objective))  # eager; queues this configuration's compile
+    t0, busy = time.perf_counter(), []
+    while not eng.wait_compiled(0):
+        busy += timed(call, 10, gap)
+    wall = time.perf_counter() - t0
+    ms = [statistics.median(ts) * 1e6 for ts in (idle, busy)]
+    p90 = [statistics.quantiles(ts, n=10)[-1] * 1e6 for ts in (idle, busy)]
+    print(
+        f"idle: median {ms[0]:.0f} us (p90 {p90[0]:.0f}); during {args.during_compiles} background "
+        f"compiles ({wall:.1f} s, {len(busy)} calls): median {ms[1]:.0f} us (p90 {p90[1]:.0f}), "
+        f"x{ms[1] / ms[0]:.2f}"
+    )
 
 
 if __name__ == "__main__":

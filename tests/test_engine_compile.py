@@ -4,6 +4,7 @@ compile (first calls eager, then compiled, same numbers), failures staying eager
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Any
 
@@ -217,7 +218,7 @@ def test_a_cuda_engine_compiles_its_host_configurations_as_the_cpu_does(
     ) == ("off", "sync")
     compiled_in: list[str] = []
 
-    def fake_compile(example: Any) -> Any:
+    def fake_compile(example: Any, lock: Any) -> Any:
         compiled_in.append(threading.current_thread().name)
         return token_terms
 
@@ -243,16 +244,18 @@ def _token_terms_args(device: str) -> tuple[Any, ...]:
 
 def test_a_compiled_device_call_runs_eager_while_a_host_compile_runs() -> None:
     """A CUDA engine's device configurations compile before use, its host ones in the
-    background, under one lock (dynamo's compiler is not thread-safe). A device call whose
-    kernel is compiled must not wait the seconds a host compile takes: it runs eager
-    meanwhile. ("meta" tensors stand in for the GPU's: this needs none.)"""
+    background; compiles in this process (dynamo's) and compiled calls share one lock
+    (dynamo's compiler is not thread-safe). A device call whose kernel is compiled must not
+    wait the seconds such a host compile takes: it runs eager meanwhile. ("meta" tensors
+    stand in for the GPU's: this needs none.)"""
     kern = compiled.CompiledKernel("sync", host_mode="background")
     release, host_compiling = threading.Event(), threading.Event()
 
-    def fake_compile(example: Any) -> Any:
+    def fake_compile(example: Any, lock: Any) -> Any:
         if example[0]["logp"].device.type == "cpu":
-            host_compiling.set()
-            assert release.wait(30)
+            with lock:  # as compile_kernel holds it around a compile in this process
+                host_compiling.set()
+                assert release.wait(30)
         return lambda *args: "compiled"
 
     kern._compile = fake_compile
@@ -277,7 +280,7 @@ def test_a_compiled_call_runs_eager_while_another_configuration_compiles_before_
     release, device_compiling = threading.Event(), threading.Event()
     slow = {"on": False}
 
-    def fake_compile(example: Any) -> Any:
+    def fake_compile(example: Any, lock: Any) -> Any:
         if slow["on"]:
             device_compiling.set()
             assert release.wait(30)
@@ -311,7 +314,7 @@ def test_background_compile_failure_stays_eager(caplog: pytest.LogCaptureFixture
         calls.append(1)
         raise RuntimeError("inductor exploded")
 
-    eng.kernel._compile = lambda example: broken
+    eng.kernel._compile = lambda example, lock: broken
     batch = random_batch(7, max_seqs=8, max_len=20)
     cfg = make_config("sapo", "seq_mean_token_mean", None, None)
     want = Engine(device="cpu", compile=False).loss(batch, cfg)
@@ -332,8 +335,8 @@ def test_background_compile_switches_to_compiled_with_the_same_numbers() -> None
     eager = Engine(device="cpu", compile=False)
     compiled_calls = []
 
-    def counting_compile(example: Any) -> Any:
-        fn = compile_kernel(example)  # as the engine compiles: AOTInductor for this CPU configuration
+    def counting_compile(example: Any, lock: Any) -> Any:
+        fn = compile_kernel(example, lock)  # as the engine compiles: AOTInductor for this CPU configuration
 
         def counting(*args: Any) -> Any:
             compiled_calls.append(threading.current_thread().name)
@@ -396,6 +399,98 @@ def test_cpu_kernels_not_sampled_compile_with_aoti_the_rest_with_dynamo(
     monkeypatch.setattr(compiled, "aoti_compile", broken)
     assert compile_kernel(full) == "dynamo"
     assert calls == ["aoti", "dynamo", "dynamo"]
+
+
+def test_the_dynamo_lock_is_held_around_compiles_in_this_process_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """compile_kernel holds the lock it is given around dynamo's compile (in this process,
+    not thread-safe), never around AOTInductor's build (a child process's)."""
+    lock = threading.Lock()
+    monkeypatch.setattr(compiled, "aoti_compile", lambda ex: ("aoti", lock.locked()))
+    monkeypatch.setattr(compiled, "aot_compile", lambda ex: ("dynamo", lock.locked()))
+    batch = random_batch(3, max_seqs=30, max_len=40)
+    cfg = make_config("sapo", "seq_mean_token_mean", None, None)
+    full = warmup_args(kernel_args(batch, cfg))
+    sampled = warmup_args(kernel_args(batch, cfg, sample_tokens=8))
+    assert compile_kernel(full, lock) == ("aoti", False)
+    assert compile_kernel(sampled, lock) == ("dynamo", True)
+    assert not lock.locked()
+
+
+def test_compiled_calls_run_compiled_while_a_child_process_builds_another_configuration() -> None:
+    """A build in a child process (AOTInductor's) holds no lock: meanwhile a configuration
+    already compiled keeps running compiled, from any thread."""
+    kern = compiled.CompiledKernel("background")
+    release, building = threading.Event(), threading.Event()
+    slow = {"on": False}
+
+    def fake_compile(example: Any, lock: Any) -> Any:
+        if slow["on"]:  # a child's build: no lock
+            building.set()
+            assert release.wait(30)
+        return lambda *args: "compiled"
+
+    kern._compile = fake_compile
+    host = _token_terms_args("cpu")
+    kern(*host)
+    assert kern.wait(30) and kern(*host) == "compiled"
+    slow["on"] = True
+    other = ({**host[0], "old": host[0]["old"].float()}, *host[1:])  # another configuration (dtype)
+    assert kern(*other) != "compiled"  # eager; its build starts in the background
+    assert building.wait(30)
+    out: list[Any] = []
+    caller = threading.Thread(target=lambda: out.append(kern(*host)), daemon=True)
+    caller.start()
+    caller.join(10)
+    release.set()
+    assert out == ["compiled"], "a compiled call ran eager while a child process built"
+    assert kern.wait(30) and kern(*other) == "compiled"
+
+
+def test_an_aoti_build_that_fails_in_its_child_raises_with_the_childs_words() -> None:
+    """AOTInductor builds in a child process; when the child fails, the error carries its
+    exit status and its last lines (compile_kernel logs them and compiles with dynamo)."""
+    from softgate.engine import aoti
+
+    batch = random_batch(3, max_seqs=30, max_len=40)
+    example = warmup_args(kernel_args(batch, make_config("sapo", "seq_mean_token_mean", None, None)))
+    with pytest.raises(RuntimeError, match=r"exited 1: .*no_such_inductor_option"):
+        aoti.build(example, {"no_such_inductor_option": True})
+
+
+def test_an_aoti_build_child_exits_when_its_parent_does() -> None:
+    """A server that exits (or is killed) mid-build leaves no compile running: the child
+    watches its parent and exits when it is gone."""
+    import subprocess
+    import sys
+    import time
+
+    child = (
+        "import sys, time; from softgate.engine.aoti import exit_with_parent; "
+        "exit_with_parent(int(sys.argv[1])); print('watching', flush=True); time.sleep(120)"
+    )
+    parent = (
+        "import os, subprocess, sys; "
+        f"p = subprocess.Popen([sys.executable, '-c', {child!r}, str(os.getpid())], stdout=subprocess.PIPE); "
+        "assert p.stdout.readline() == b'watching\\n'; print(p.pid, flush=True)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", parent], capture_output=True, text=True, timeout=120, check=True
+    )
+    pid = int(out.stdout)  # the parent has exited: its child must follow within about a second
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break  # exited, not yet reaped by its new parent
+        except FileNotFoundError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, 9)
+        pytest.fail("the build child outlived its parent by 10 s")
 
 
 @pytest.fixture(scope="module", params=[None, 1 << 15], ids=["no-codes", "codes"])

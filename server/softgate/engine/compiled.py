@@ -21,24 +21,28 @@ configuration and sizes of at least 2 tokens, 2 sequences and 2 sampled tokens
 (torch.compile specialises sizes 0 and 1); smaller batches run eager. On the CPU a
 configuration that is not sampled goes through AOTInductor (`aoti_compile`: torch.export,
 then C++ for the wrapper around the fused loop as well; a 4k-token call 87 -> 57 us, ~14 s to
-compile on 2 cores against ~7); everything else through dynamo (`aot_compile`: fullgraph).
-Dynamo's compiler is not thread-safe: compiles and compiled calls hold one lock; a compiled call
-that would wait for a running compile (background, or another configuration's before use) runs
-eager instead.
+compile on 2 cores against ~7), built in a child process (aoti.py) so that the GIL stays with
+the calls served meanwhile; everything else through dynamo (`aot_compile`: fullgraph).
+Dynamo's compiler is not thread-safe: compiles in this process and compiled calls hold one
+lock; a compiled call that would wait for a running compile (background, or another
+configuration's before use) runs eager instead. A child's build holds no lock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from softgate.engine import aoti
 from softgate.engine.chunked import chunked_token_terms
 from softgate.engine.kernel import EXPANDED, Terms, token_keys, token_terms
 from softgate.engine.segments import host_shortcuts
@@ -180,58 +184,26 @@ def aot_compile(example: tuple[Any, ...]) -> Callable[..., Terms]:
 def aoti_compile(example: tuple[Any, ...]) -> Callable[..., Terms]:
     """token_terms compiled by AOTInductor for `example`'s configuration (CPU, not sampled):
     torch.export, then the wrapper that allocates the outputs and calls the fused loop is C++
-    too (4k tokens, SAPO: 87 -> 57 us a call). Generic in N and B (>= 2); the sampled kernel's
+    too (4k tokens, SAPO: 87 -> 57 us a call). Built in a child process (aoti.py), so the GIL
+    stays with the requests served meanwhile. Generic in N and B (>= 2); the sampled kernel's
     stride is a Python int export would bake in, so sampled configurations use `aot_compile`."""
-    import tempfile
-    import warnings
-
-    from torch.export import Dim, export
-
-    t, prm, *rest = example
-    adv_per_token = rest[2]
-    tokens = token_keys(t, adv_per_token)
-    seqs = tuple(k for k in t if k not in tokens and t[k].dim())
-    n_dim, b_dim = Dim("N", min=2), Dim("B", min=2)
-    shapes = {k: {0: n_dim} if k in tokens else ({0: b_dim} if k in seqs else None) for k in t}
-
-    class Kernel(torch.nn.Module):
-        def forward(self, t: dict[str, Tensor], prm: dict[str, Tensor]) -> Terms:
-            return token_terms(t, prm, *rest)
-
-    with (
-        torch.no_grad(),
-        tempfile.TemporaryDirectory(prefix="softgate-aoti-") as tmp,
-        warnings.catch_warnings(),
-    ):
-        warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations, not ours to act on
-        program = export(Kernel(), (t, prm), dynamic_shapes=(shapes, {k: None for k in prm}), strict=False)
-        path = torch._inductor.aoti_compile_and_package(
-            program, package_path=os.path.join(tmp, "kernel.pt2"), inductor_configs=AOTI_OPTIONS
-        )
-        run = torch._inductor.aoti_load_package(path).loader.run
-    tkeys, pkeys = tuple(t), tuple(prm)
-
-    def call(t: dict[str, Tensor], prm: dict[str, Tensor], *_: Any) -> Terms:
-        # the checks inductor's Python wrapper makes and AOTInductor's C++ one does not: the
-        # compiled loop reads N elements of every per-token input, B of every per-sequence one
-        n, b = t["logp"].numel(), t["ylen"].numel()
-        if any(t[k].numel() != n for k in tokens) or any(t[k].numel() != b for k in seqs):
-            raise ValueError("token_terms inputs of inconsistent lengths")
-        return tuple(run([t[k] for k in tkeys] + [prm[k] for k in pkeys]))  # type: ignore[return-value]
-
-    return call
+    return aoti.build(example, AOTI_OPTIONS)
 
 
-def compile_kernel(example: tuple[Any, ...]) -> Callable[..., Terms]:
+def compile_kernel(
+    example: tuple[Any, ...], dynamo_lock: AbstractContextManager[Any] | None = None
+) -> Callable[..., Terms]:
     """`aoti_compile` for a CPU configuration that is not sampled (falling back to
-    `aot_compile` if AOTInductor fails), else `aot_compile`."""
+    `aot_compile` if AOTInductor fails), else `aot_compile`. `dynamo_lock` is held around
+    the compiles that run in this process (dynamo's), not around a child's AOTInductor build."""
     stride = example[8] if len(example) > 8 else 1
     if host_shortcuts(example[0]["logp"].device) and stride == 1:
         try:
             return aoti_compile(example)
         except Exception as exc:  # e.g. a torch whose export cannot trace it: dynamo's compile
             log.warning("AOTInductor compile failed (%s); compiling with dynamo", exc)
-    return aot_compile(example)
+    with dynamo_lock or contextlib.nullcontext():
+        return aot_compile(example)
 
 
 def fits(args: tuple[Any, ...]) -> bool:
@@ -262,7 +234,10 @@ class CompiledKernel:
         self.mode = mode
         self.host_mode = host_mode or mode
         self._enabled = mode != "off" or self.host_mode != "off"
-        self._compile: Callable[[tuple[Any, ...]], Callable[..., Terms]] = compile_kernel
+        # (example, the lock to hold around a compile in this process) -> compiled kernel
+        self._compile: Callable[
+            [tuple[Any, ...], AbstractContextManager[Any] | None], Callable[..., Terms]
+        ] = compile_kernel
         self._fns: dict[tuple[Any, ...], Callable[..., Terms]] = {}  # configuration -> compiled
         self._lock = threading.Lock()  # dynamo: one compile or compiled call at a time
         self._state = threading.Lock()  # guards the sets below
@@ -329,7 +304,7 @@ class CompiledKernel:
             if fn is None:  # compiled on first use, for the synthetic batch of this configuration
                 self._compiling.set()  # (other configurations' compiled calls run eager meanwhile)
                 try:
-                    fn = self._fns[key] = self._compile(warmup_args(args))
+                    fn = self._fns[key] = self._compile(warmup_args(args), None)
                 finally:
                     self._compiling.clear()
             out = fn(*_contiguous(args))
@@ -344,6 +319,16 @@ class CompiledKernel:
         finally:
             self._lock.release()
         return chunked_token_terms(*args)
+
+    @contextlib.contextmanager
+    def _compile_lock(self) -> Iterator[None]:
+        """The lock, held for a compile in this process: compiled calls run eager meanwhile."""
+        with self._lock:
+            self._compiling.set()
+            try:
+                yield
+            finally:
+                self._compiling.clear()
 
     def _acquire(self) -> bool:
         """Take the compile lock unless a background compile holds it (then run eager)."""
@@ -378,13 +363,11 @@ class CompiledKernel:
         while True:
             key, args = self._jobs.get()
             try:
-                with self._lock, torch.no_grad():
-                    self._compiling.set()
-                    try:
-                        fn = self._fns[key] = self._compile(args)  # args: the warm-up batch
+                with torch.no_grad():
+                    fn = self._compile(args, self._compile_lock())  # args: the warm-up batch
+                    with self._lock:
                         fn(*args)  # one run before real calls use it
-                    finally:
-                        self._compiling.clear()
+                self._fns[key] = fn
                 with self._state:
                     self._ready.add(key)
                 log.info("compiled engine kernel ready for %s", key[:5])

@@ -1,0 +1,115 @@
+"""AOTInductor builds of `kernel.token_terms`, made in a child process.
+
+torch.export and inductor's lowering are Python that holds the GIL for most of the 14-20 s a
+CPU configuration takes to build on 2 cores: built in the server's own process, they made
+every request served meanwhile 2-3x slower. `build` runs `package` in a child process
+(`python -m softgate.engine.aoti`, niced, its example passed with torch.save) and loads the
+package it wrote: the server's process only waits on a pipe. The child exits when its parent
+does (it checks every second), so a server that exits leaves no compile behind.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from softgate.engine.kernel import Terms, token_keys, token_terms
+
+# a build's limit: ~20 s cold on 2 cores; past this the child is killed and the build fails
+BUILD_TIMEOUT_S = 900.0
+# the child's niceness: a build gives way to the requests the server is serving
+CHILD_NICE = 10
+
+
+def package(example: tuple[Any, ...], path: str, options: dict[str, Any]) -> None:
+    """Export token_terms for `example`'s configuration, generic in N and B (>= 2), and
+    AOTInductor-compile it into the package file `path` with inductor `options`."""
+    import warnings
+
+    from torch.export import Dim, export
+
+    t, prm, *rest = example
+    tokens = token_keys(t, rest[2])
+    seqs = tuple(k for k in t if k not in tokens and t[k].dim())
+    n_dim, b_dim = Dim("N", min=2), Dim("B", min=2)
+    shapes = {k: {0: n_dim} if k in tokens else ({0: b_dim} if k in seqs else None) for k in t}
+
+    class Kernel(torch.nn.Module):
+        def forward(self, t: dict[str, Tensor], prm: dict[str, Tensor]) -> Terms:
+            return token_terms(t, prm, *rest)
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations, not ours to act on
+        program = export(Kernel(), (t, prm), dynamic_shapes=(shapes, {k: None for k in prm}), strict=False)
+        torch._inductor.aoti_compile_and_package(program, package_path=path, inductor_configs=options)
+
+
+def load(path: str, example: tuple[Any, ...]) -> Callable[..., Terms]:
+    """The kernel in package `path` (built by `package` for `example`'s configuration) as a
+    callable with token_terms' signature that refuses inputs of inconsistent lengths."""
+    t, prm, *rest = example
+    tokens = token_keys(t, rest[2])
+    seqs = tuple(k for k in t if k not in tokens and t[k].dim())
+    run = torch._inductor.aoti_load_package(path).loader.run
+    tkeys, pkeys = tuple(t), tuple(prm)
+
+    def call(t: dict[str, Tensor], prm: dict[str, Tensor], *_: Any) -> Terms:
+        # the checks inductor's Python wrapper makes and AOTInductor's C++ one does not: the
+        # compiled loop reads N elements of every per-token input, B of every per-sequence one
+        n, b = t["logp"].numel(), t["ylen"].numel()
+        if any(t[k].numel() != n for k in tokens) or any(t[k].numel() != b for k in seqs):
+            raise ValueError("token_terms inputs of inconsistent lengths")
+        return tuple(run([t[k] for k in tkeys] + [prm[k] for k in pkeys]))  # type: ignore[return-value]
+
+    return call
+
+
+def build(example: tuple[Any, ...], options: dict[str, Any]) -> Callable[..., Terms]:
+    """`package` run in a child process, then `load`ed here. Raises RuntimeError with the
+    child's last output when it fails or runs past BUILD_TIMEOUT_S."""
+    with tempfile.TemporaryDirectory(prefix="softgate-aoti-") as tmp:
+        job, path = os.path.join(tmp, "example.pt"), os.path.join(tmp, "kernel.pt2")
+        torch.save((example, options), job)
+        cmd = [sys.executable, "-m", __name__, job, path, str(os.getpid())]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired as exc:
+            raise RuntimeError(f"the AOTInductor build ran past {BUILD_TIMEOUT_S:g} s") from exc
+        if done.returncode != 0 or not os.path.exists(path):
+            tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+            raise RuntimeError(f"the AOTInductor build exited {done.returncode}: " + " | ".join(tail))
+        return load(path, example)
+
+
+def exit_with_parent(parent: int) -> None:
+    """Exit this process (status 3) once process `parent` is no longer its parent: checked
+    every second by a daemon thread, at once when it already is not."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(3)
+
+    threading.Thread(target=watch, name="softgate-parent-watch", daemon=True).start()
+
+
+def main(argv: list[str]) -> None:
+    """The child: `python -m softgate.engine.aoti EXAMPLE PACKAGE PARENT_PID`."""
+    job, path, parent = argv
+    os.nice(CHILD_NICE)
+    exit_with_parent(int(parent))
+    example, options = torch.load(job)
+    package(example, path, options)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
