@@ -44,6 +44,9 @@ import e2e_bench as E  # noqa: E402
 OVERLAY_MEMORY = {"cpu": (0.45e9, 100), "gpu": (3e9, 80)}
 # a waiting call holds its request: at most 5 float32 tensors and the mask, 21 bytes a token
 REQUEST_BYTES_PER_TOKEN = 21
+# a background AOTInductor build runs in a child process (engine/aoti.py) that holds this much
+# while it builds (peak RSS of one build: 588 MB; bench/RESULTS.md, "Engine", twenty-eighth session)
+BUILD_CHILD_BYTES = 0.6e9
 
 
 def status_bytes(pid: int, key: str) -> int:
