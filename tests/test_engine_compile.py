@@ -242,6 +242,16 @@ def _token_terms_args(device: str) -> tuple[Any, ...]:
     return ({k: v.to(device) for k, v in t.items()}, {k: v.to(device) for k, v in prm.items()}, *rest)
 
 
+def _calls_in_a_thread(kern: Any, *calls: tuple[Any, ...]) -> list[Any]:
+    """What `kern` returned for each of `calls`, made in another thread (given 10 s: a call
+    that waits for a running compile returns nothing)."""
+    out: list[Any] = []
+    caller = threading.Thread(target=lambda: out.extend(kern(*args) for args in calls), daemon=True)
+    caller.start()
+    caller.join(10)
+    return out
+
+
 def test_a_compiled_device_call_runs_eager_while_a_host_compile_runs() -> None:
     """A CUDA engine's device configurations compile before use, its host ones in the
     background; compiles in this process (dynamo's) and compiled calls share one lock
@@ -263,10 +273,7 @@ def test_a_compiled_device_call_runs_eager_while_a_host_compile_runs() -> None:
     assert kern(*device) == "compiled"  # compiled before use
     assert kern(*host) != "compiled"  # eager; its compile starts in the background
     assert host_compiling.wait(30)
-    out: list[Any] = []
-    caller = threading.Thread(target=lambda: out.append(kern(*device)), daemon=True)
-    caller.start()
-    caller.join(10)
+    out = _calls_in_a_thread(kern, device)
     release.set()
     assert out and out[0] != "compiled", "the device call waited for the host compile"
     assert kern.wait(30)
@@ -296,10 +303,7 @@ def test_a_compiled_call_runs_eager_while_another_configuration_compiles_before_
     compiling = threading.Thread(target=kern, args=other, daemon=True)
     compiling.start()
     assert device_compiling.wait(30)
-    out: list[Any] = []
-    caller = threading.Thread(target=lambda: out.extend([kern(*host), kern(*device)]), daemon=True)
-    caller.start()
-    caller.join(10)
+    out = _calls_in_a_thread(kern, host, device)
     release.set()
     compiling.join(30)
     assert len(out) == 2 and "compiled" not in out, "a compiled call waited for a compile"
@@ -439,10 +443,7 @@ def test_compiled_calls_run_compiled_while_a_child_process_builds_another_config
     other = ({**host[0], "old": host[0]["old"].float()}, *host[1:])  # another configuration (dtype)
     assert kern(*other) != "compiled"  # eager; its build starts in the background
     assert building.wait(30)
-    out: list[Any] = []
-    caller = threading.Thread(target=lambda: out.append(kern(*host)), daemon=True)
-    caller.start()
-    caller.join(10)
+    out = _calls_in_a_thread(kern, host)
     release.set()
     assert out == ["compiled"], "a compiled call ran eager while a child process built"
     assert kern.wait(30) and kern(*other) == "compiled"
