@@ -30,6 +30,13 @@ BUILD_TIMEOUT_S = 900.0
 CHILD_NICE = 10
 
 
+def _keys(example: tuple[Any, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The per-token and the per-sequence ([B]) entries of `example`'s tensor dict."""
+    t, adv_per_token = example[0], example[4]
+    tokens = token_keys(t, adv_per_token)
+    return tokens, tuple(k for k in t if k not in tokens and t[k].dim())
+
+
 def package(example: tuple[Any, ...], path: str, options: dict[str, Any]) -> None:
     """Export token_terms for `example`'s configuration, generic in N and B (>= 2), and
     AOTInductor-compile it into the package file `path` with inductor `options`."""
@@ -38,8 +45,7 @@ def package(example: tuple[Any, ...], path: str, options: dict[str, Any]) -> Non
     from torch.export import Dim, export
 
     t, prm, *rest = example
-    tokens = token_keys(t, rest[2])
-    seqs = tuple(k for k in t if k not in tokens and t[k].dim())
+    tokens, seqs = _keys(example)
     n_dim, b_dim = Dim("N", min=2), Dim("B", min=2)
     shapes = {k: {0: n_dim} if k in tokens else ({0: b_dim} if k in seqs else None) for k in t}
 
@@ -56,9 +62,8 @@ def package(example: tuple[Any, ...], path: str, options: dict[str, Any]) -> Non
 def load(path: str, example: tuple[Any, ...]) -> Callable[..., Terms]:
     """The kernel in package `path` (built by `package` for `example`'s configuration) as a
     callable with token_terms' signature that refuses inputs of inconsistent lengths."""
-    t, prm, *rest = example
-    tokens = token_keys(t, rest[2])
-    seqs = tuple(k for k in t if k not in tokens and t[k].dim())
+    t, prm = example[:2]
+    tokens, seqs = _keys(example)
     run = torch._inductor.aoti_load_package(path).loader.run
     tkeys, pkeys = tuple(t), tuple(prm)
 
