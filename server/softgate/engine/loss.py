@@ -123,11 +123,11 @@ def _compute_loss(
     seg = Segments(_cast(batch.offsets, torch.int64, dev), n)
     if batch.mask is None:  # every token trained: a broadcast True, no [N] mask in memory
         m = torch.ones(1, dtype=torch.bool, device=dev).expand(n)
-        ylen = seg.lengths
+        ylen, counts = seg.lengths, seg.host_lengths  # (counts: in numpy, on the host)
     else:
         m = batch.mask.to(dev)
         m = m if m.dtype == torch.bool else m != 0
-        ylen = seg.count(m)
+        ylen, counts = seg.count(m), None
     clamp = float(config.log_ratio_clamp)
     obj = config.objective
     kind = OBJECTIVE_KIND[obj.name]
@@ -135,7 +135,7 @@ def _compute_loss(
     t: dict[str, Tensor] = {"logp": logp, "old": old}
     if batch.mask is not None:  # (token_terms: no "m", every token trained)
         t["m"] = m.view(torch.uint8)
-    t["w"] = sequence_weights(config.aggregation, ylen, dt)  # [B], or 0-d: the same for all
+    t["w"] = sequence_weights(config.aggregation, ylen if counts is None else counts, dt)  # [B] or 0-d
     t["ylen"] = ylen
     extra: dict[str, Tensor] = {}  # metric terms computed here, fetched with the kernel's
 
@@ -182,7 +182,8 @@ def _compute_loss(
         # expanded to their tokens here: a vector load in the kernel, not a gather, which
         # inductor's CPU code does lane by lane (16M tokens, SAPO, a weight per sequence: the
         # in-process engine 46 -> 42 ms)
-        lengths = seg.lengths.numpy()
+        lengths = seg.host_lengths
+        assert lengths is not None  # (a host batch's)
         for k in gathered:
             t[k + EXPANDED] = torch.from_numpy(t[k].detach().numpy().repeat(lengths))
             if k in ("w", "lvseq"):  # (the others' [B] values go into sequence_terms too)
@@ -224,11 +225,11 @@ def _compute_loss(
     names = _value_names(
         kind, seq_ratio, adv_per_token, config.kl is not None, mm is not None, "dual" in prm, codes
     )
-    vals = vals[: len(names)]  # (the kernel's values are followed by B zeros: see token_terms)
+    # (the kernel's values are followed by B zeros, see token_terms: sliced off in the list)
     if extra:
-        vals = torch.cat([vals, torch.stack(list(extra.values()))])
+        vals = torch.cat([vals[: len(names)], torch.stack(list(extra.values()))])
         names += tuple(extra)
-    got = vals.cpu().tolist()
+    got = vals.tolist()[: len(names)]
     s = derived_terms(dict(zip(names, got, strict=True)), kind, config.kl is not None, mm is not None)
     if not codes:  # the kernel's code outputs are placeholders
         rcode = gcode = _no_codes(dev)
