@@ -225,11 +225,11 @@ def _compute_loss(
     names = _value_names(
         kind, seq_ratio, adv_per_token, config.kl is not None, mm is not None, "dual" in prm, codes
     )
-    # (the kernel's values are followed by B zeros, see token_terms: sliced off in the list)
+    vals = vals[: len(names)]  # (the kernel's values are followed by B zeros: see token_terms)
     if extra:
-        vals = torch.cat([vals[: len(names)], torch.stack(list(extra.values()))])
+        vals = torch.cat([vals, torch.stack(list(extra.values()))])
         names += tuple(extra)
-    got = vals.tolist()[: len(names)]
+    got = vals.tolist()  # (one host sync on a GPU)
     s = derived_terms(dict(zip(names, got, strict=True)), kind, config.kl is not None, mm is not None)
     if not codes:  # the kernel's code outputs are placeholders
         rcode = gcode = _no_codes(dev)
