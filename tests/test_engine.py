@@ -561,9 +561,10 @@ def test_cpu_sequence_weights_are_the_torch_formula_bit_for_bit(mode: str) -> No
         c = AggregationConfig(mode=mode, **kw)  # type: ignore[arg-type]
         for dt in (torch.float32, torch.float64):
             want = torch.as_tensor(_weights(c, yl.to(torch.float64), torch)).to(dt)
-            got = sequence_weights(c, yl, dt)
-            assert got.dtype == dt and torch.equal(got, want), (given, dt)
-            assert got.dim() == (1 if mode == "seq_mean_token_mean" else 0)  # uniform: one weight
+            for counts in (yl, yl.numpy()):  # (compute_loss passes a host batch's counts in numpy)
+                got = sequence_weights(c, counts, dt)
+                assert got.dtype == dt and torch.equal(got, want), (given, dt, type(counts))
+                assert got.dim() == (1 if mode == "seq_mean_token_mean" else 0)  # uniform: one weight
 
 
 def test_a_valid_config_object_is_checked_once_and_an_equal_one_still_is() -> None:

@@ -20,12 +20,12 @@ from softgate.engine.segments import host_shortcuts
 
 
 def sequence_weights(cfg: AggregationConfig, ylen: Tensor | np.ndarray, dtype: torch.dtype) -> Tensor:
-    """w_i per sequence [B] from the trained-token counts `ylen` [B] (int64; a numpy array
-    when in host memory), on their device; one weight for every sequence (0-d) where the
-    mode's is the same for all (every mode but seq_mean_token_mean), so that the kernel needs
-    no per-token sequence id for it."""
-    if isinstance(ylen, np.ndarray) or host_shortcuts(ylen.device):  # numpy: these torch ops
-        # cost ~50 us a small call (cold)
+    """w_i per sequence [B] from the trained-token counts `ylen` [B] (int64, a tensor or, in
+    host memory, a numpy array), on their device; one weight for every sequence (0-d) where
+    the mode's is the same for all (every mode but seq_mean_token_mean), so that the kernel
+    needs no per-token sequence id for it."""
+    # on the host through numpy: these torch ops cost ~50 us a small call (cold)
+    if isinstance(ylen, np.ndarray) or host_shortcuts(ylen.device):
         w = _weights(cfg, ylen if isinstance(ylen, np.ndarray) else ylen.numpy(), np)
         return torch.from_numpy(np.asarray(w)).to(dtype)  # (past float32's range: inf, refused later)
     return torch.as_tensor(_weights(cfg, ylen.to(torch.float64), torch), device=ylen.device).to(dtype)

@@ -123,7 +123,7 @@ def _compute_loss(
     seg = Segments(_cast(batch.offsets, torch.int64, dev), n)
     if batch.mask is None:  # every token trained: a broadcast True, no [N] mask in memory
         m = torch.ones(1, dtype=torch.bool, device=dev).expand(n)
-        ylen, counts = seg.lengths, seg.host_lengths  # (counts: in numpy, on the host)
+        ylen, counts = seg.lengths, seg.host_lengths  # (counts: the same in numpy, or None)
     else:
         m = batch.mask.to(dev)
         m = m if m.dtype == torch.bool else m != 0
