@@ -302,11 +302,8 @@ class CompiledKernel:
         try:
             fn = self._fns.get(key)
             if fn is None:  # compiled on first use, for the synthetic batch of this configuration
-                self._compiling.set()  # (other configurations' compiled calls run eager meanwhile)
-                try:
+                with self._marked_compiling():  # (the lock is held already)
                     fn = self._fns[key] = self._compile(warmup_args(args), None)
-                finally:
-                    self._compiling.clear()
             out = fn(*_contiguous(args))
             self.compiled_calls += 1
             if key not in self._ready:
@@ -321,14 +318,20 @@ class CompiledKernel:
         return chunked_token_terms(*args)
 
     @contextlib.contextmanager
+    def _marked_compiling(self) -> Iterator[None]:
+        """A compile in this process runs: other configurations' compiled calls run eager
+        rather than wait for the lock it holds."""
+        self._compiling.set()
+        try:
+            yield
+        finally:
+            self._compiling.clear()
+
+    @contextlib.contextmanager
     def _compile_lock(self) -> Iterator[None]:
         """The lock, held for a compile in this process: compiled calls run eager meanwhile."""
-        with self._lock:
-            self._compiling.set()
-            try:
-                yield
-            finally:
-                self._compiling.clear()
+        with self._lock, self._marked_compiling():
+            yield
 
     def _acquire(self) -> bool:
         """Take the compile lock unless a background compile holds it (then run eager)."""
