@@ -41,7 +41,8 @@ from softgate.engine.errors import FieldViolation, InputError
 from softgate.engine.result import LossResult
 from softgate.engine.transfer import to_host
 
-# the largest element count any shape may claim (far above every limit; guards the products)
+# the largest element count any shape may claim (far above every limit; guards the products),
+# its 0 dimensions read as 1: [0, 2, 2**62] holds nothing, but its strides overflow int64
 ABSURD_ELEMENTS = 1 << 50
 
 DTYPES: dict[int, torch.dtype] = {
@@ -301,13 +302,14 @@ def element_count(t: pb.Tensor, name: str, v: list[FieldViolation], nbytes: int 
     if len(t.shape) > 8:
         v.append(FieldViolation(name, f"bad_shape: {len(t.shape)} dimensions; every tensor here is 1-D"))
         return None
-    claimed = 1
+    claimed = span = 1  # span: what torch's strides multiply (a 0 dimension counts as 1)
     for d in t.shape:
         if d < 0:
             v.append(FieldViolation(name, f"bad_shape: negative dimension {d} in shape {list(t.shape)}"))
             return None
         claimed *= d
-        if claimed > ABSURD_ELEMENTS:
+        span *= max(d, 1)
+        if span > ABSURD_ELEMENTS:
             v.append(
                 FieldViolation(name, f"bad_shape: shape {list(t.shape)} claims an absurd number of elements")
             )
