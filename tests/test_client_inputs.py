@@ -79,6 +79,26 @@ def test_a_mask_of_any_dtype_is_a_mask() -> None:
     assert "mask" in ragged.token and ragged.token["mask"].all()
 
 
+def test_what_is_not_an_array_a_mask_or_a_sum_is_refused_by_name() -> None:
+    """Found probing the client: numpy's own error for nested lists of unequal lengths, a
+    string mask taken as all ones, lengths whose int64 sum wraps blamed on logp."""
+    field, desc = refusal(lambda: pack_batch([[-0.1, -0.2], [-0.3]], lengths=[2, 1], advantages=[1, 2]))
+    assert field == "batch.logp" and desc.startswith("bad_shape: not an array")
+    strings = np.array([["a", "b"], ["c", "d"]])
+    assert refusal(lambda: pack_batch(-np.ones((2, 2), np.float32), mask=strings, advantages=[1, 2])) == (
+        "batch.mask",
+        "bad_dtype: <U1; expected bool or numbers (nonzero = trained)",
+    )
+    lp = -np.ones(3, np.float32)
+    assert refusal(lambda: pack_batch(lp, lengths=[2**62, 2**62], advantages=[1, 2])) == (
+        "batch.lengths",
+        "bad_sum: they sum to 9223372036854775808; logp has 3 tokens",
+    )
+    assert refusal(lambda: pack_batch(lp, lengths=[1, 1], advantages=[1, 2]))[1].startswith(
+        "bad_sum: they sum to 2;"
+    )
+
+
 def test_offsets_and_lengths_must_be_whole_numbers() -> None:
     lp = -np.ones(3, np.float32)
     assert refusal(lambda: pack_batch(lp, offsets=np.array([0, 1.7, 3]), advantages=[1, 2])) == (

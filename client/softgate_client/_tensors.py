@@ -52,7 +52,10 @@ def to_numpy(x: Any, name: str) -> np.ndarray:
             t = t.cpu()
         return t.numpy()
     else:
-        a = np.asarray(x)
+        try:
+            a = np.asarray(x)
+        except (ValueError, TypeError) as e:  # e.g. nested lists of unequal lengths
+            raise ArrayInputError(name, f"bad_shape: not an array ({e})") from None
     return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))  # big-endian: native
 
 
@@ -177,6 +180,11 @@ def make_layout(
             if ln.size and np.minimum.reduce(ln) < 0:  # (ln.min() goes through Python-level wrappers)
                 raise ArrayInputError("lengths", "negative", int(np.argmin(ln)))
             off = offsets_from_lengths(ln)
+            if off[-1] != logp.shape[0]:  # (exact in Python ints: int64 sums may wrap)
+                total = sum(int(x) for x in ln)
+                raise ArrayInputError(
+                    "lengths", f"bad_sum: they sum to {total}; logp has {logp.shape[0]} tokens"
+                )
         else:
             raise ArrayInputError("offsets", "missing: ragged (1-D) logp needs offsets or lengths")
         if off.ndim != 1 or off.shape[0] < 1:
@@ -234,4 +242,6 @@ def _bool_mask(mask: Any) -> np.ndarray:
     m = to_numpy(mask, "mask")
     if m.dtype == np.bool_:
         return m
+    if m.dtype.kind not in "biuf":
+        raise ArrayInputError("mask", f"bad_dtype: {m.dtype}; expected bool or numbers (nonzero = trained)")
     return m != 0
