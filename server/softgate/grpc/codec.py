@@ -310,9 +310,8 @@ def element_count(t: pb.Tensor, name: str, v: list[FieldViolation], nbytes: int 
         claimed *= d
         span *= max(d, 1)
         if span > ABSURD_ELEMENTS:
-            v.append(
-                FieldViolation(name, f"bad_shape: shape {list(t.shape)} claims an absurd number of elements")
-            )
+            why = f"bad_shape: shape {list(t.shape)} is absurd: its dimensions multiply past 2**50"
+            v.append(FieldViolation(name, why))
             return None
     if claimed != have:
         v.append(
