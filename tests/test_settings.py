@@ -72,7 +72,8 @@ def test_environment_coercion(env: dict[str, str], field: str, value: object) ->
     ("flags", "needle"),
     [
         ({"grpc_port": "70000"}, "grpc_port"),
-        ({"grpc_port": "fifty"}, "grpc_port"),
+        ({"grpc_port": "fifty"}, "grpc_port from flag --grpc-port: 'fifty' is not an integer"),
+        ({"grace_seconds": "soon"}, "grace_seconds from flag --grace-seconds: 'soon' is not a number"),
         ({"log_format": "xml"}, "log_format"),
         ({"tls_cert": "/x.pem"}, "tls_key"),
         ({"tls_client_ca": "/ca.pem"}, "tls_client_ca"),

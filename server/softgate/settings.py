@@ -327,14 +327,20 @@ def _coerce(name: str, value: Any, source: str) -> Any:
                 raise ValueError(f"{value!r} is not an integer")
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(f"{value!r} is not an integer")
-            iv = int(str(value).strip().replace("_", "")) if isinstance(value, str) else int(value)
+            try:
+                iv = int(str(value).strip().replace("_", "")) if isinstance(value, str) else int(value)
+            except (TypeError, ValueError):  # (int's own message: "invalid literal for int() ...")
+                raise ValueError(f"{value!r} is not an integer") from None
             if name == "admin_port" and iv == -1:
                 return None
             return iv
         if tp.startswith("float"):
             if isinstance(value, bool):
                 raise ValueError(f"{value!r} is not a number")
-            fv = float(value)
+            try:
+                fv = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{value!r} is not a number") from None
             if name == "max_connection_age_s" and fv <= 0:
                 return None
             return fv
