@@ -52,9 +52,22 @@ def test_parse_run():
         parse_run("sapo(tau_pos)")
 
 
-def test_bad_flags_exit_2(tmp_path, capsys):
-    assert main(["--prompts-per-step", "6", "--minibatches", "4", "--out", str(tmp_path)]) == 2
-    assert "multiple of --minibatches" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    "flags, why",
+    [
+        (["--prompts-per-step", "6", "--minibatches", "4"], "multiple of --minibatches"),
+        # these ran on (--steps -1: an empty report) or ended in a traceback (ZeroDivisionError,
+        # torch's 'Invalid learning rate', float()'s 'could not convert string to float')
+        (["--minibatches", "0"], "--minibatches must be at least 1, got 0"),
+        (["--steps", "-1"], "--steps must be at least 1, got -1"),
+        (["--lr", "nan"], "--lr must be a positive finite number, got nan"),
+        (["--seeds", "0"], "--seeds must be at least 1, got 0"),
+        (["--objectives", "sapo(tau_pos=x)"], "'x' is not a number"),
+    ],
+)
+def test_bad_flags_exit_2(tmp_path, capsys, flags, why):
+    assert main([*flags, "--out", str(tmp_path)]) == 2
+    assert why in capsys.readouterr().err
 
 
 def test_sapo_over_grpc_learns(tmp_path):

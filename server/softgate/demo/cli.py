@@ -84,7 +84,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"softgate demo: {e}", file=sys.stderr)
         return 2
-    torch.set_num_threads(max(1, args.threads))
     base = TrainConfig(
         steps=args.steps,
         prompts_per_step=args.prompts_per_step,
@@ -100,7 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"softgate demo: {e}", file=sys.stderr)
         return 2
-    seeds = [args.seed + i for i in range(max(1, args.seeds))]
+    for flag, value in (("seeds", args.seeds), ("threads", args.threads), ("last-k", args.last_k)):
+        if value < 1:
+            print(f"softgate demo: --{flag} must be at least 1, got {value}", file=sys.stderr)
+            return 2
+    seeds = [args.seed + i for i in range(args.seeds)]
+    torch.set_num_threads(args.threads)
 
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

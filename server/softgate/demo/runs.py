@@ -67,5 +67,10 @@ def parse_run(text: str) -> RunSpec:
             k, sep, v = item.partition("=")
             if not sep:
                 raise ValueError(f"cannot parse {item!r} in {text!r}: expected key=value")
-            params[k.strip()] = float(v)
+            try:
+                params[k.strip()] = float(v)
+            except ValueError:
+                raise ValueError(
+                    f"cannot parse {item!r} in {text!r}: {v.strip()!r} is not a number"
+                ) from None
     return RunSpec(name, params)

@@ -3,6 +3,7 @@ gradient from a softgate loss backend (``logp.backward(grad)``)."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +43,16 @@ class TrainConfig:
     task: DigitSumTask = field(default_factory=DigitSumTask)
 
     def check(self) -> None:
+        for flag, value in (
+            ("steps", self.steps),
+            ("prompts-per-step", self.prompts_per_step),
+            ("minibatches", self.minibatches),
+            ("hidden", self.hidden),
+        ):
+            if value < 1:
+                raise ValueError(f"--{flag} must be at least 1, got {value}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"--lr must be a positive finite number, got {self.lr}")
         if self.prompts_per_step % self.minibatches:
             raise ValueError(
                 f"--prompts-per-step ({self.prompts_per_step}) must be a multiple of --minibatches "
