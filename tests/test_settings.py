@@ -109,6 +109,15 @@ def test_bad_config_files(tmp_path: Path) -> None:
         Settings.load({"config": str(bad)}, env={})
     with pytest.raises(SettingsError, match="config file"):
         Settings.load({"config": str(tmp_path / "missing.yaml")}, env={})
+    huge = tmp_path / "huge.yaml"  # an int past float's range: OverflowError, a traceback, before
+    huge.write_text(f"grace_seconds: {10**400}\nmax_concurrent_rpcs: [4]\n")
+    with pytest.raises(SettingsError, match=r"grace_seconds from config file .*: 1000+ is not a number"):
+        Settings.load({"config": str(huge)}, env={})
+    huge.write_text("max_concurrent_rpcs: [4]\n")
+    with pytest.raises(
+        SettingsError, match=r"max_concurrent_rpcs from config file .*: \[4\] is not an integer"
+    ):
+        Settings.load({"config": str(huge)}, env={})
     ini = tmp_path / "x.ini"
     ini.write_text("a=1")
     with pytest.raises(SettingsError, match="format"):

@@ -339,7 +339,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
                 raise ValueError(f"{value!r} is not a number")
             try:
                 fv = float(value)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):  # (OverflowError: an int past 1e308)
                 raise ValueError(f"{value!r} is not a number") from None
             if name == "max_connection_age_s" and fv <= 0:
                 return None
