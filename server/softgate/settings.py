@@ -323,9 +323,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             given = repr(value) if s else "empty"
             raise ValueError(f"{given}; expected true or false" + (" or auto" if name == "compile" else ""))
         if tp.startswith("int"):
-            if isinstance(value, bool):
-                raise ValueError(f"{value!r} is not an integer")
-            if isinstance(value, float) and not value.is_integer():
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError(f"{value!r} is not an integer")
             try:
                 iv = int(str(value).strip().replace("_", "")) if isinstance(value, str) else int(value)

@@ -16,7 +16,7 @@ from softgate_client.errors import SoftgateError
 from softgate.demo.backends import LossBackend
 from softgate.demo.runs import DEFAULT_RUNS, RunSpec, parse_run
 from softgate.demo.task import DigitSumTask
-from softgate.demo.train import RunResult, TrainConfig, train
+from softgate.demo.train import RunResult, TrainConfig, check_counts, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,11 +79,6 @@ def _backend(args: argparse.Namespace) -> Iterator[tuple[LossBackend, str]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        specs = [parse_run(s) for s in args.objectives]
-    except ValueError as e:
-        print(f"softgate demo: {e}", file=sys.stderr)
-        return 2
     base = TrainConfig(
         steps=args.steps,
         prompts_per_step=args.prompts_per_step,
@@ -95,14 +90,12 @@ def main(argv: list[str] | None = None) -> int:
         task=DigitSumTask(),
     )
     try:
+        specs = [parse_run(s) for s in args.objectives]
         base.check()
+        check_counts({"seeds": args.seeds, "threads": args.threads, "last-k": args.last_k})
     except ValueError as e:
         print(f"softgate demo: {e}", file=sys.stderr)
         return 2
-    for flag, value in (("seeds", args.seeds), ("threads", args.threads), ("last-k", args.last_k)):
-        if value < 1:
-            print(f"softgate demo: --{flag} must be at least 1, got {value}", file=sys.stderr)
-            return 2
     seeds = [args.seed + i for i in range(args.seeds)]
     torch.set_num_threads(args.threads)
 

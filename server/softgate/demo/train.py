@@ -30,6 +30,13 @@ CURVES = (
 )
 
 
+def check_counts(counts: dict[str, int]) -> None:
+    """Refuse a count flag below 1, naming it (ValueError)."""
+    for flag, value in counts.items():
+        if value < 1:
+            raise ValueError(f"--{flag} must be at least 1, got {value}")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 150
@@ -43,14 +50,14 @@ class TrainConfig:
     task: DigitSumTask = field(default_factory=DigitSumTask)
 
     def check(self) -> None:
-        for flag, value in (
-            ("steps", self.steps),
-            ("prompts-per-step", self.prompts_per_step),
-            ("minibatches", self.minibatches),
-            ("hidden", self.hidden),
-        ):
-            if value < 1:
-                raise ValueError(f"--{flag} must be at least 1, got {value}")
+        check_counts(
+            {
+                "steps": self.steps,
+                "prompts-per-step": self.prompts_per_step,
+                "minibatches": self.minibatches,
+                "hidden": self.hidden,
+            }
+        )
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"--lr must be a positive finite number, got {self.lr}")
         if self.prompts_per_step % self.minibatches:
