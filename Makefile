@@ -1,7 +1,8 @@
 # softgate: the commands the README and CI use.
 PY ?= python3
+BUF ?= .tools/node_modules/.bin/buf
 
-.PHONY: install install-dev tools serve test lint proto proto-check bench
+.PHONY: install install-dev tools serve test lint proto proto-check proto-baseline bench
 install:
 	bash scripts/install.sh
 
@@ -21,6 +22,12 @@ proto:
 
 proto-check:
 	$(PY) scripts/gen_proto.py --check
+
+# The contract's compatibility baseline (tests/test_proto.py checks the proto against it):
+# refreshed after a change to proto/, and only when that change breaks no generated code.
+proto-baseline:
+	$(BUF) breaking proto --against proto/softgate-v1.binpb
+	$(BUF) build proto -o proto/softgate-v1.binpb
 
 lint:
 	$(PY) -m ruff check .

@@ -1,5 +1,6 @@
 """The proto contract: committed stubs are fresh, every element is documented, stubs import
-from the client package, and buf lint passes when buf is installed (scripts/tools/buf.sh)."""
+from the client package, and, when buf is installed (scripts/tools/buf.sh), buf lint passes
+and no change breaks code generated from the contract's baseline (proto/softgate-v1.binpb)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO = ROOT / "proto" / "softgate" / "v1" / "softgate.proto"
+BASELINE = ROOT / "proto" / "softgate-v1.binpb"  # `make proto-baseline` writes it
 
 
 def _descriptor_set():
@@ -144,9 +146,56 @@ def _buf() -> str | None:
     return shutil.which("buf")
 
 
-def test_buf_lint():
+def _run_buf(*args: str) -> subprocess.CompletedProcess[str]:
     buf = _buf()
     if buf is None:
         pytest.skip("buf not installed (bash scripts/tools/buf.sh)")
-    r = subprocess.run([buf, "lint", "proto"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run([buf, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_buf_lint():
+    r = _run_buf("lint", "proto")
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_contract_is_compatible_with_its_baseline(tmp_path):
+    """proto/ breaks no code generated from the baseline (buf's FILE rules: names, numbers,
+    types, json names, packages), and the baseline is the contract as it now is, comments
+    aside: so every change to proto/ goes through `make proto-baseline`, which refuses a
+    breaking one."""
+    r = _run_buf("breaking", "proto", "--against", str(BASELINE))
+    assert r.returncode == 0, "a breaking change to softgate.v1:\n" + r.stdout + r.stderr
+    images = []
+    for name, source in (("baseline", str(BASELINE)), ("now", "proto")):
+        out = tmp_path / f"{name}.binpb"
+        r = _run_buf("build", source, "--exclude-source-info", "-o", str(out))
+        assert r.returncode == 0, r.stdout + r.stderr
+        images.append(out.read_bytes())
+    assert images[0] == images[1], "proto/softgate-v1.binpb is stale: run `make proto-baseline`"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "complaint"),
+    [
+        ("optional double tau_neg = 2;", "optional double tau_negative = 2;", 'changed name from "tau_neg"'),
+        ("repeated int64 shape = 2;", "repeated int32 shape = 2;", 'changed type from "int64" to "int32"'),
+        ("bytes data = 3;", "bytes data = 7;", 'Previously present field "3" with name "data"'),
+        ("  DTYPE_BOOL = 5;\n", "", 'Previously present enum value "5" on enum "Dtype"'),
+        (
+            "  rpc ListAlgorithms(ListAlgorithmsRequest) returns (ListAlgorithmsResponse);\n",
+            "",
+            'Previously present RPC "ListAlgorithms"',
+        ),
+    ],
+    ids=["renamed", "retyped", "renumbered", "enum-value-removed", "rpc-removed"],
+)
+def test_the_baseline_refuses_breaking_changes(tmp_path, old, new, complaint):
+    """The check above can fail: each edit, made to a copy of proto/, is refused by name."""
+    copy = tmp_path / "proto"
+    shutil.copytree(ROOT / "proto", copy)
+    path = copy / PROTO.relative_to(ROOT / "proto")
+    text = path.read_text()
+    assert text.count(old) == 1, old
+    path.write_text(text.replace(old, new))
+    r = _run_buf("breaking", str(copy), "--against", str(BASELINE))
+    assert r.returncode != 0 and complaint in r.stdout, r.stdout + r.stderr
