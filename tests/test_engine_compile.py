@@ -531,6 +531,23 @@ def test_aoti_kernel_equals_eager_at_other_sizes_and_refuses_inconsistent_length
         fn(t, *args[1:])
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc")
+def test_a_loaded_aoti_kernel_leaves_nothing_on_disk(aoti_kernel: tuple[Any, tuple[Any, ...], Any]) -> None:
+    """The package's extracted `aotinductor_*` directory is gone once its library is mapped
+    (torch removed it only when the loader was destroyed, which a server's kernels never
+    are, so each start left them in /tmp for good), and the kernel still computes."""
+    from softgate.engine import aoti
+
+    fn, args, _ = aoti_kernel
+    with open("/proc/self/maps") as f:
+        mapped = {line.split(maxsplit=5)[5].strip() for line in f if "/aotinductor_" in line}
+    assert mapped and all(m.endswith(" (deleted)") for m in mapped), mapped
+    dirs = aoti._extracted_dirs()
+    assert dirs and not any(os.path.exists(d) for d in dirs), dirs
+    for g, w in zip(fn(*args), token_terms(*args), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+
+
 def test_aoti_kernel_outputs_are_fresh_tensors_on_every_call(
     aoti_kernel: tuple[Any, tuple[Any, ...], Any],
 ) -> None:

@@ -6,11 +6,18 @@ every request served meanwhile 2-3x slower. `build` runs `package` in a child pr
 (`python -m softgate.engine.aoti`, niced, its example passed with torch.save) and loads the
 package it wrote: the server's process only waits on a pipe. The child exits when its parent
 does (it checks every second), so a server that exits leaves no compile behind.
+
+Loading a package extracts it into a fresh `aotinductor_*` directory under the temp dir, which
+torch removes only when the loader is destroyed; a process rarely destroys its kernels before
+it exits, so every server start left ~2 MB a configuration behind, for good (in Kubernetes, in
+the pod's size-limited /tmp, across container restarts). `load` removes the directory once the
+kernel's library is mapped: the mapping outlives its file.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -64,7 +71,10 @@ def load(path: str, example: tuple[Any, ...]) -> Callable[..., Terms]:
     callable with token_terms' signature that refuses inputs of inconsistent lengths."""
     t, prm = example[:2]
     tokens, seqs = _keys(example)
+    extracted = _extracted_dirs()
     run = torch._inductor.aoti_load_package(path).loader.run
+    for d in _extracted_dirs() - extracted:  # this load's: mapped, so no longer needed on disk
+        shutil.rmtree(d, ignore_errors=True)
     tkeys, pkeys = tuple(t), tuple(prm)
 
     def call(t: dict[str, Tensor], prm: dict[str, Tensor], *_: Any) -> Terms:
@@ -76,6 +86,21 @@ def load(path: str, example: tuple[Any, ...]) -> Callable[..., Terms]:
         return tuple(run([t[k] for k in tkeys] + [prm[k] for k in pkeys]))  # type: ignore[return-value]
 
     return call
+
+
+def _extracted_dirs() -> set[str]:
+    """The `aotinductor_*` directories of the AOTInductor libraries this process has mapped
+    (from /proc/self/maps; none where there is no /proc)."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = [line.split(maxsplit=5)[5] for line in f if "/aotinductor_" in line]
+    except (OSError, IndexError):
+        return set()
+    out = set()
+    for path in paths:
+        head, _, rest = path.rstrip("\n").removesuffix(" (deleted)").partition("/aotinductor_")
+        out.add(f"{head}/aotinductor_{rest.split('/', 1)[0]}")
+    return out
 
 
 def build(example: tuple[Any, ...], options: dict[str, Any]) -> Callable[..., Terms]:
