@@ -310,6 +310,45 @@ def test_a_compiled_call_runs_eager_while_another_configuration_compiles_before_
     assert kern(*other) == kern(*host) == "compiled"
 
 
+@pytest.mark.parametrize("mode", ["sync", "background"])
+def test_past_max_configurations_new_configurations_run_eager(
+    mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two configurations compile under a limit of two; a third runs eager on every call
+    (logged once), with the eager kernel's numbers, while the first two stay compiled.
+    0 is no limit."""
+    with pytest.raises(ValueError, match="max_configurations"):
+        compiled.CompiledKernel(mode, max_configurations=-1)
+    kern = compiled.CompiledKernel(mode, max_configurations=2)
+    built: list[Any] = []
+
+    def fake_compile(example: Any, lock: Any) -> Any:
+        built.append(kernel_key(example))
+        return lambda *args: "compiled"
+
+    kern._compile = fake_compile
+    base = _token_terms_args("cpu")
+    t = base[0]
+    no_mask = {k: v for k, v in t.items() if k != "m"}  # every token trained
+    configs = [base, ({**t, "old": t["old"].float()}, *base[1:]), (no_mask, *base[1:])]
+    assert len({kernel_key(c) for c in configs}) == 3
+    with caplog.at_level(logging.WARNING, logger="softgate.engine.compiled"):
+        for _ in range(3):
+            for c in configs:
+                kern(*c)
+            assert kern.wait(30)
+        outs = [kern(*c) for c in configs]
+    assert outs[:2] == ["compiled", "compiled"] and built == [kernel_key(c) for c in configs[:2]]
+    for g, w in zip(outs[2], token_terms(*configs[2]), strict=True):
+        torch.testing.assert_close(g, w)
+    assert sum("the limit (max_compiled_kernels)" in r.getMessage() for r in caplog.records) == 1
+    unlimited = compiled.CompiledKernel(mode, max_configurations=0)
+    unlimited._compile = fake_compile
+    for c in configs:
+        unlimited(*c)
+    assert unlimited.wait(30) and [unlimited(*c) for c in configs] == ["compiled"] * 3
+
+
 def test_background_compile_failure_stays_eager(caplog: pytest.LogCaptureFixture) -> None:
     eng = Engine(device="cpu", compile="background")
     calls = []

@@ -20,12 +20,15 @@ def test_defaults_run_on_a_laptop() -> None:
 
 def test_engine_defaults_are_the_engine_modules():
     """settings.py imports no torch, so it repeats these defaults; they must not drift."""
+    from softgate.engine.compiled import DEFAULT_MAX_CONFIGURATIONS
     from softgate.engine.engine import DEFAULT_HOST_MAX_TOKENS
     from softgate.grpc.servicer import DEFAULT_INLINE_MAX_TOKENS
 
     s = Settings.load({}, env={})
     assert (s.host_max_tokens, s.inline_max_tokens) == (DEFAULT_HOST_MAX_TOKENS, DEFAULT_INLINE_MAX_TOKENS)
+    assert s.max_compiled_kernels == DEFAULT_MAX_CONFIGURATIONS
     assert Settings.load({}, env={"SOFTGATE_HOST_MAX_TOKENS": "0"}).host_max_tokens == 0
+    assert Settings.load({}, env={"SOFTGATE_MAX_COMPILED_KERNELS": "0"}).max_compiled_kernels == 0
 
 
 def test_precedence_flags_over_env_over_file_over_defaults(tmp_path: Path) -> None:
@@ -94,6 +97,7 @@ def test_environment_coercion(env: dict[str, str], field: str, value: object) ->
         ({"max_message_bytes": str(1 << 33)}, "max_message_bytes: 8589934592 must be below 2 GiB"),
         ({"max_message_bytes": str(1 << 31)}, "max_message_bytes"),
         ({"host_max_tokens": "-1"}, "host_max_tokens: -1 must be >= 0"),
+        ({"max_compiled_kernels": "-1"}, "max_compiled_kernels: -1 must be >= 0"),
     ],
 )
 def test_bad_values_are_refused_with_the_field_named(flags: dict[str, str], needle: str) -> None:

@@ -55,7 +55,12 @@ def make_telemetry(settings: Settings) -> Telemetry:
 
 def make_engine(settings: Settings) -> Engine:
     device = None if settings.device in ("", "auto") else settings.device
-    return Engine(device=device, compile=settings.compile, host_max_tokens=settings.host_max_tokens)
+    return Engine(
+        device=device,
+        compile=settings.compile,
+        host_max_tokens=settings.host_max_tokens,
+        max_compiled_kernels=settings.max_compiled_kernels,
+    )
 
 
 def _device_description(engine: Engine) -> dict[str, Any]:

@@ -78,6 +78,13 @@ class Settings:
             "they cost less than the GPU's launches and copies; 0: every call on the GPU"
         },
     )
+    max_compiled_kernels: int = field(
+        default=64,  # compiled.DEFAULT_MAX_CONFIGURATIONS (this module imports no torch)
+        metadata={
+            "help": "engine configurations compiled at most (each ~20 s of a core and ~2 MB of disk "
+            "cache); later new ones run eager; 0: no limit"
+        },
+    )
     allocator: str = field(
         default="auto",
         metadata={
@@ -156,6 +163,8 @@ class Settings:
             )
         if self.inline_max_tokens < 0:
             p.append(f"inline_max_tokens: {self.inline_max_tokens} must be >= 0 (0: never inline)")
+        if self.max_compiled_kernels < 0:
+            p.append(f"max_compiled_kernels: {self.max_compiled_kernels} must be >= 0 (0: no limit)")
         if self.host_max_tokens < 0:
             p.append(f"host_max_tokens: {self.host_max_tokens} must be >= 0 (0: every call on the device)")
         for name in ("max_tokens", "max_sequences", "max_groups"):

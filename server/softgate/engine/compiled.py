@@ -26,6 +26,12 @@ the calls served meanwhile; everything else through dynamo (`aot_compile`: fullg
 Dynamo's compiler is not thread-safe: compiles in this process and compiled calls hold one
 lock; a compiled call that would wait for a running compile (background, or another
 configuration's before use) runs eager instead. A child's build holds no lock.
+
+At most `max_configurations` configurations are compiled (DEFAULT_MAX_CONFIGURATIONS); later
+new ones run eager, with the same numbers. Each costs ~20 s of a core to build and ~2 MB of
+inductor cache on disk, and the key space runs to thousands (objective x advantage level x KL
+x mismatch x dtypes x ...): unbounded, a client sending many would keep a core compiling for
+hours and could fill a pod's size-limited /tmp.
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ from softgate.engine.segments import host_shortcuts
 log = logging.getLogger(__name__)
 
 COMPILE_MODES = ("off", "sync", "background")
+# configurations compiled at most; a server sees a few (its warm-up compiles 7 with compile=true)
+DEFAULT_MAX_CONFIGURATIONS = 64
 _TRUE = ("1", "true", "yes", "on", "sync")
 _FALSE = ("0", "false", "no", "off")
 
@@ -225,13 +233,20 @@ def _contiguous(args: tuple[Any, ...]) -> tuple[Any, ...]:
 class CompiledKernel:
     """Callable with token_terms' signature that runs it compiled or eager per `mode`."""
 
-    def __init__(self, mode: str, host_mode: str | None = None) -> None:
+    def __init__(
+        self, mode: str, host_mode: str | None = None, max_configurations: int = DEFAULT_MAX_CONFIGURATIONS
+    ) -> None:
         """`host_mode`: the mode of configurations on the CPU, when it differs from `mode` (a
-        CUDA engine that computes small batches on the host)."""
+        CUDA engine that computes small batches on the host). `max_configurations`: how many
+        configurations are compiled at most (0: no limit); later ones run eager."""
         for m in (mode, host_mode or mode):
             if m not in COMPILE_MODES:
                 raise ValueError(f"compile mode {m!r}; known: {COMPILE_MODES}")
+        if max_configurations < 0:
+            raise ValueError(f"max_configurations {max_configurations} must be >= 0 (0: no limit)")
         self.mode = mode
+        self.max_configurations = max_configurations
+        self._capped = False  # a configuration was left eager for the limit (logged once)
         self.host_mode = host_mode or mode
         self._enabled = mode != "off" or self.host_mode != "off"
         # (example, the lock to hold around a compile in this process) -> compiled kernel
@@ -301,15 +316,20 @@ class CompiledKernel:
             self._lock.acquire()
         try:
             fn = self._fns.get(key)
-            if fn is None:  # compiled on first use, for the synthetic batch of this configuration
+            # compiled on first use, for the synthetic batch of this configuration, unless past
+            # the limit (checked under the lock that sync compiles hold: exact)
+            if fn is None and self._full():
+                self._left_eager(key)
+            elif fn is None:
                 with self._marked_compiling():  # (the lock is held already)
                     fn = self._fns[key] = self._compile(warmup_args(args), None)
-            out = fn(*_contiguous(args))
-            self.compiled_calls += 1
-            if key not in self._ready:
-                with self._state:
-                    self._ready.add(key)
-            return out
+            if fn is not None:
+                out = fn(*_contiguous(args))
+                self.compiled_calls += 1
+                if key not in self._ready:
+                    with self._state:
+                        self._ready.add(key)
+                return out
         except Exception as exc:  # a compiler failure must not take the service down
             log.warning("compiled engine kernel failed (%s); falling back to eager", exc)
             self._enabled = False
@@ -352,14 +372,36 @@ class CompiledKernel:
                 "compiled engine kernel failed for %s (%s); this configuration stays eager", key[:5], exc
             )
 
+    def _full(self) -> bool:
+        """Whether `max_configurations` configurations are compiled, compiling or failed (hold
+        `_state`, or the lock for a sync compile)."""
+        known = len(self._ready) + len(self._queued) + len(self._failed)
+        return bool(self.max_configurations) and known >= self.max_configurations
+
+    def _left_eager(self, key: tuple[Any, ...]) -> None:
+        """Configuration `key` stays eager for the limit (the first such one is logged)."""
+        first, self._capped = not self._capped, True
+        if first:
+            log.warning(
+                "%d engine configurations are compiled, the limit (max_compiled_kernels): %s and "
+                "every further new configuration run eager",
+                self.max_configurations,
+                key[:5],
+            )
+
     def _schedule(self, key: tuple[Any, ...], args: tuple[Any, ...]) -> None:
         with self._state:
             if key in self._queued or key in self._failed or key in self._ready:
                 return
-            self._queued.add(key)
-            if self._worker is None:
-                self._worker = threading.Thread(target=self._work, name="softgate-compile", daemon=True)
-                self._worker.start()
+            full = self._full()
+            if not full:
+                self._queued.add(key)
+                if self._worker is None:
+                    self._worker = threading.Thread(target=self._work, name="softgate-compile", daemon=True)
+                    self._worker.start()
+        if full:
+            self._left_eager(key)
+            return
         self._jobs.put((key, warmup_args(args)))
 
     def _work(self) -> None:

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from softgate.engine.advantages import group_advantages
 from softgate.engine.batch import Batch
-from softgate.engine.compiled import CompiledKernel, compile_mode
+from softgate.engine.compiled import DEFAULT_MAX_CONFIGURATIONS, CompiledKernel, compile_mode
 from softgate.engine.config import (
     OBJECTIVES,
     AdvantageConfig,
@@ -55,8 +55,9 @@ class Engine:
     calls eager while one background thread compiles it, then switches to the compiled
     kernel; None (default) reads SOFTGATE_ENGINE_COMPILE (1 / 0 / background / auto) and
     otherwise means True on CUDA, "background" on CPU. Compile failures are logged and leave
-    the engine eager. Calls may run from several threads at once; compiles and compiled calls
-    are serialised by a lock (see `compiled.CompiledKernel`).
+    the engine eager. At most `max_compiled_kernels` configurations are compiled (0: no limit);
+    later new ones run eager. Calls may run from several threads at once; compiles and
+    compiled calls are serialised by a lock (see `compiled.CompiledKernel`).
     """
 
     def __init__(
@@ -64,6 +65,7 @@ class Engine:
         device: str | torch.device | None = None,
         compile: bool | str | None = None,
         host_max_tokens: int = DEFAULT_HOST_MAX_TOKENS,
+        max_compiled_kernels: int = DEFAULT_MAX_CONFIGURATIONS,
     ) -> None:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -74,7 +76,9 @@ class Engine:
         # one kernel for both devices: dynamo compiles one configuration at a time (its lock);
         # host configurations compile as the CPU's default does (background), or as asked
         host_mode = compile_mode(compile, _HOST) if self.host_max_tokens else None
-        self.kernel = CompiledKernel(self.compile_mode, host_mode=host_mode)
+        self.kernel = CompiledKernel(
+            self.compile_mode, host_mode=host_mode, max_configurations=max_compiled_kernels
+        )
 
     def device_for(self, batch: Batch, grad_out: Tensor | None = None) -> torch.device:
         """The device `loss` computes `batch` on: the host for a batch of at most
