@@ -383,8 +383,8 @@ class CompiledKernel:
         first, self._capped = not self._capped, True
         if first:
             log.warning(
-                "%d engine configurations are compiled, the limit (max_compiled_kernels): %s and "
-                "every further new configuration run eager",
+                "%d engine configurations compiled or compiling, the limit (max_compiled_kernels): "
+                "%s and every further new configuration run eager",
                 self.max_configurations,
                 key[:5],
             )
