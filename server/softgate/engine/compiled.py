@@ -316,13 +316,14 @@ class CompiledKernel:
             self._lock.acquire()
         try:
             fn = self._fns.get(key)
-            # compiled on first use, for the synthetic batch of this configuration, unless past
-            # the limit (checked under the lock that sync compiles hold: exact)
-            if fn is None and self._full():
-                self._left_eager(key)
-            elif fn is None:
-                with self._marked_compiling():  # (the lock is held already)
-                    fn = self._fns[key] = self._compile(warmup_args(args), None)
+            if fn is None:  # compiled on first use, for the synthetic batch of this configuration,
+                with self._state:  # unless past the limit (exact: sync compiles hold the lock)
+                    full = self._full()
+                if full:
+                    self._left_eager(key)
+                else:
+                    with self._marked_compiling():  # (the lock is held already)
+                        fn = self._fns[key] = self._compile(warmup_args(args), None)
             if fn is not None:
                 out = fn(*_contiguous(args))
                 self.compiled_calls += 1
@@ -373,9 +374,8 @@ class CompiledKernel:
             )
 
     def _full(self) -> bool:
-        """Whether `max_configurations` configurations are compiled, compiling or failed (hold
-        `_state`, or the lock for a sync compile)."""
-        known = len(self._ready) + len(self._queued) + len(self._failed)
+        """Whether `max_configurations` configurations are compiled, compiling or failed (hold `_state`)."""
+        known = len(self._ready | self._queued | self._failed)  # (a finishing compile is in two)
         return bool(self.max_configurations) and known >= self.max_configurations
 
     def _left_eager(self, key: tuple[Any, ...]) -> None:
