@@ -342,6 +342,7 @@ def test_past_max_configurations_new_configurations_run_eager(
     for g, w in zip(outs[2], token_terms(*configs[2]), strict=True):
         torch.testing.assert_close(g, w)
     assert sum("the limit (max_compiled_kernels)" in r.getMessage() for r in caplog.records) == 1
+    assert kern.states() == {"compiled": 2, "compiling": 0, "failed": 0, "over_limit": 1}
     unlimited = compiled.CompiledKernel(mode, max_configurations=0)
     unlimited._compile = fake_compile
     for c in configs:
@@ -367,6 +368,7 @@ def test_background_compile_failure_stays_eager(caplog: pytest.LogCaptureFixture
         for _ in range(3):
             assert_same_result(eng.loss(batch, cfg), want, 0)
     assert len(calls) == 1 and eng.kernel.ready == 0
+    assert eng.kernel.states() == {"compiled": 0, "compiling": 0, "failed": 1, "over_limit": 0}
     assert sum("stays eager" in r.getMessage() for r in caplog.records) == 1
 
 

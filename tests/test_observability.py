@@ -276,6 +276,7 @@ def test_exposition_follows_the_conventions() -> None:
         "softgate_in_flight_tokens",
         "softgate_rejected_inputs",
         "softgate_device_info",
+        "softgate_engine_configurations",
     }
     for name, _, _ in samples:
         assert name in known or any(name.startswith(p) for p in service), name
@@ -328,6 +329,22 @@ def test_sign_without_tokens_is_not_observed() -> None:
     assert sat == {"pos"}
     # no groups: no reward gauge (the engine's 0 means "undefined" there)
     assert not [1 for name, _, _ in samples if name == "softgate_reward_mean"]
+
+
+def test_engine_configurations_are_read_at_scrape_time() -> None:
+    """Every state is exported at 0 from start-up; once watched, each scrape reads the
+    engine's counts (CompiledKernel.states) as they are then."""
+    tel = PrometheusTelemetry(S())
+
+    def scraped() -> dict[str, float]:
+        return {lab["state"]: v for n, lab, v in _samples(tel) if n == "softgate_engine_configurations"}
+
+    assert scraped() == {"compiled": 0, "compiling": 0, "failed": 0, "over_limit": 0}
+    counts = {"compiled": 2, "compiling": 1, "failed": 0, "over_limit": 0}
+    tel.watch_engine(lambda: dict(counts))
+    assert scraped() == counts
+    counts.update(compiling=0, compiled=3, over_limit=5)
+    assert scraped() == counts
 
 
 def test_in_flight_gauges_return_to_zero() -> None:

@@ -160,6 +160,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
     telemetry = make_telemetry(settings)
     engine = make_engine(settings)
     log.info("engine_ready", **_device_description(engine), compile=engine.compile_mode)
+    telemetry.watch_engine(engine.kernel.states)
 
     grpc_server = GrpcServer(settings, engine, telemetry)
     await grpc_server.start()

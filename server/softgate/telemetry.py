@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 
@@ -37,6 +38,10 @@ class Telemetry:
 
     def observe_advantages(self, run: str, config: Any, result: Any) -> None:
         """Advantages were computed: `result` is the engine AdvantageResult."""
+
+    def watch_engine(self, states: Callable[[], dict[str, int]]) -> None:
+        """Report the engine's compiled configurations: `states()` counts them by state
+        (CompiledKernel.states), read whenever the metrics are."""
 
     def kick(self) -> None:
         """The RPC whose results were reported has ended: work deferred until then may start."""

@@ -246,7 +246,7 @@ class CompiledKernel:
             raise ValueError(f"max_configurations {max_configurations} must be >= 0 (0: no limit)")
         self.mode = mode
         self.max_configurations = max_configurations
-        self._capped = False  # a configuration was left eager for the limit (logged once)
+        self._over: set[tuple[Any, ...]] = set()  # configurations left eager for the limit
         self.host_mode = host_mode or mode
         self._enabled = mode != "off" or self.host_mode != "off"
         # (example, the lock to hold around a compile in this process) -> compiled kernel
@@ -303,6 +303,17 @@ class CompiledKernel:
     def ready(self) -> int:
         """Number of configurations whose compiled kernel is in use."""
         return len(self._ready)
+
+    def states(self) -> dict[str, int]:
+        """Configurations seen, by state: compiled, compiling (queued or building), failed (left
+        eager by a compile error), over_limit (left eager by `max_configurations`)."""
+        with self._state:
+            return {
+                "compiled": len(self._ready),
+                "compiling": len(self._queued - self._ready),
+                "failed": len(self._failed),
+                "over_limit": len(self._over),
+            }
 
     # ---------------------------------------------------------------- internals
 
@@ -380,7 +391,9 @@ class CompiledKernel:
 
     def _left_eager(self, key: tuple[Any, ...]) -> None:
         """Configuration `key` stays eager for the limit (the first such one is logged)."""
-        first, self._capped = not self._capped, True
+        with self._state:
+            first = not self._over
+            self._over.add(key)
         if first:
             log.warning(
                 "%d engine configurations compiled or compiling, the limit (max_compiled_kernels): "
