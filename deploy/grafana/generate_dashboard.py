@@ -352,6 +352,17 @@ def build() -> dict[str, Any]:
             kind="table",
         )
     )
+    y += 8
+    panels.append(
+        panel(
+            "Engine configurations",
+            [("sum by (state) (softgate_engine_configurations)", "{{state}}")],
+            0,
+            y,
+            description="Compiled kernels by state. failed or over_limit above 0: those configurations run "
+            "eager (the same numbers, slower); see the server log, or raise max_compiled_kernels.",
+        )
+    )
 
     return {
         "__inputs": [],
