@@ -163,11 +163,9 @@ class Settings:
             )
         if self.inline_max_tokens < 0:
             p.append(f"inline_max_tokens: {self.inline_max_tokens} must be >= 0 (0: never inline)")
-        if self.max_compiled_kernels < 0:
-            p.append(f"max_compiled_kernels: {self.max_compiled_kernels} must be >= 0 (0: no limit)")
         if self.host_max_tokens < 0:
             p.append(f"host_max_tokens: {self.host_max_tokens} must be >= 0 (0: every call on the device)")
-        for name in ("max_tokens", "max_sequences", "max_groups"):
+        for name in ("max_tokens", "max_sequences", "max_groups", "max_compiled_kernels"):
             if getattr(self, name) < 0:
                 p.append(f"{name}: {getattr(self, name)} must be >= 0 (0: no limit)")
         for name in (

@@ -323,6 +323,8 @@ class CompiledKernel:
         if key in self._ready:
             if not self._acquire():
                 return chunked_token_terms(*args)
+        elif key in self._over:  # left eager for the limit: nothing to wait for
+            return chunked_token_terms(*args)
         else:
             self._lock.acquire()
         try:
@@ -404,7 +406,7 @@ class CompiledKernel:
 
     def _schedule(self, key: tuple[Any, ...], args: tuple[Any, ...]) -> None:
         with self._state:
-            if key in self._queued or key in self._failed or key in self._ready:
+            if key in self._queued or key in self._failed or key in self._ready or key in self._over:
                 return
             full = self._full()
             if not full:
