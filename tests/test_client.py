@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -352,6 +353,31 @@ def test_automatic_streaming_above_threshold(server) -> None:
     assert auto.streamed and auto.chunks > 1 and not forced_unary.streamed
     assert auto.loss == forced_unary.loss
     np.testing.assert_array_equal(auto.grad, forced_unary.grad)
+
+
+def test_one_client_shared_by_threads_gives_each_call_its_own_result(server) -> None:
+    """A trainer overlaps calls with its own work from a thread pool on one client: unary and
+    streamed calls in flight together each get exactly the result of the same call made alone."""
+    batches = [padded_batch(seed=20 + i, b=8 + 4 * (i % 3), t=24 + 8 * i) for i in range(8)]
+    keys = ("old_logp", "mask", "rewards", "group_ids")
+    with SoftgateClient(
+        f"127.0.0.1:{server.port}", stream_threshold_bytes=3000, stream_chunk_bytes=1500, timeout=60
+    ) as c:
+        alone = [c.loss(p["logp"], **{k: p[k] for k in keys}, objective="sapo") for p in batches]
+        start = threading.Barrier(4)
+
+        def call(p: dict[str, np.ndarray], barrier: threading.Barrier | None = None):
+            if barrier is not None:  # four calls leave together
+                barrier.wait(timeout=30)
+            return c.loss(p["logp"], **{k: p[k] for k in keys}, objective="sapo")
+
+        with ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(lambda p: call(p, start), batches[:4]))
+            together += list(pool.map(call, batches[4:]))
+    assert {r.streamed for r in alone} == {True, False}
+    for a, t in zip(alone, together, strict=True):
+        assert (t.loss, t.streamed, t.metrics) == (a.loss, a.streamed, a.metrics)
+        np.testing.assert_array_equal(t.grad, a.grad)
 
 
 def test_float64_torch_inputs_and_lengths(client) -> None:
