@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import threading
 import time
@@ -804,6 +805,70 @@ def test_telemetry_hooks_get_the_run_from_metadata() -> None:
     assert ("advantages", "default") in ev
     assert ("rejected", "ComputeLoss", ("bad_dtype",)) in ev
     assert any(e[0] == "finished" and e[3] == "INVALID_ARGUMENT" for e in ev)
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.events: list[dict[str, Any]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage() == "rpc":
+            self.events.append(dict(record.fields))  # type: ignore[attr-defined]
+
+
+@pytest.fixture()
+def rpc_lines() -> Iterator[list[dict[str, Any]]]:
+    """The fields of every `rpc` log event of softgate.grpc while the test runs."""
+    logger = logging.getLogger("softgate.grpc")
+    handler, level = _Records(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield handler.events
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+@pytest.mark.parametrize("log_requests", [True, False])
+def test_log_requests_writes_one_line_per_finished_rpc(
+    rpc_lines: list[dict[str, Any]], log_requests: bool
+) -> None:
+    """`log_requests`: every ended RPC, served, refused or admitted and failed, is one INFO
+    line with what an operator looks for (who, how big, how long, which status and why)."""
+    with ServerThread(engine=SlowEngine(delay=0.5), max_concurrent_rpcs=1, log_requests=log_requests) as srv:
+        stub = srv.stub()
+        batch = make_batch(3, b=5)
+        run = [("softgate-run", "exp-7")]
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(stub.ComputeLoss, pb.ComputeLossRequest(batch=batch_msg(batch)), metadata=run)
+            deadline = time.monotonic() + 5
+            while (
+                srv.server is not None and srv.server.servicer.in_flight < 1 and time.monotonic() < deadline
+            ):
+                time.sleep(0.01)
+            with pytest.raises(grpc.RpcError):  # past max_concurrent_rpcs
+                stub.ComputeLoss(pb.ComputeLossRequest(batch=batch_msg(batch)), timeout=10)
+            first.result(timeout=10)
+        bad = batch_msg(batch)
+        bad.logp.dtype = pb.DTYPE_UNSPECIFIED
+        with pytest.raises(grpc.RpcError):
+            stub.ComputeLoss(pb.ComputeLossRequest(batch=bad), metadata=run, timeout=10)
+        stub.ListAlgorithms(pb.ListAlgorithmsRequest(), timeout=10)
+    if not log_requests:
+        assert rpc_lines == []
+        return
+    by_code = {(e["rpc"], e["code"]): e for e in rpc_lines}
+    assert len(rpc_lines) == len(by_code) == 4, rpc_lines
+    ok = by_code["ComputeLoss", "OK"]
+    assert (ok["run"], ok["tokens"], ok["sequences"], ok["error"]) == ("exp-7", batch.num_tokens, 5, None)
+    assert ok["seconds"] >= 0.5 and ok["bytes_in"] > 4 * batch.num_tokens and ok["bytes_out"] > 0
+    assert ok["peer"].startswith(("ipv4:127.0.0.1:", "ipv6:"))
+    busy = by_code["ComputeLoss", "RESOURCE_EXHAUSTED"]
+    assert busy["run"] == "default" and "max_concurrent_rpcs=1" in busy["error"]
+    invalid = by_code["ComputeLoss", "INVALID_ARGUMENT"]
+    assert invalid["run"] == "exp-7" and "batch.logp" in invalid["error"] and "bad_dtype" in invalid["error"]
+    listed = by_code["ListAlgorithms", "OK"]
+    assert listed["bytes_out"] > 0 and listed["error"] is None
 
 
 # ---------------------------------------------------------------- TLS

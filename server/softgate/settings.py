@@ -122,6 +122,10 @@ class Settings:
     # ---- logs and metrics
     log_format: str = field(default="text", metadata={"help": "text or json (one object per line)"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING, ERROR, CRITICAL"})
+    log_requests: bool = field(
+        default=False,
+        metadata={"help": "one INFO line per finished RPC: rpc, run, status, seconds, sizes, peer, error"},
+    )
     max_runs: int = field(
         default=20, metadata={"help": "distinct softgate-run labels in metrics; more fold into 'other'"}
     )

@@ -139,6 +139,7 @@ class GrpcServer:
             limits=Limits(settings.max_tokens, settings.max_sequences, settings.max_groups),
             max_message_bytes=settings.max_message_bytes,
             inline_max_tokens=settings.inline_max_tokens,
+            log_requests=settings.log_requests,
         )
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None

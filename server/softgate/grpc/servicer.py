@@ -50,6 +50,7 @@ MAX_RUN_CHARS = 128
 SERVICE_NAME = "softgate.v1.LossService"
 
 log = get_logger("grpc")
+SHUTTING_DOWN = "server shutting down; retry (another replica will answer)"
 T = TypeVar("T")
 
 
@@ -86,6 +87,7 @@ class _Call:
     bytes_in: int = 0
     bytes_out: int = 0
     started: bool = False
+    error: str | None = None  # the failure's message (log_requests)
 
 
 class _Guard:
@@ -125,6 +127,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         limits: codec.Limits | None = None,
         max_message_bytes: int = 512 << 20,
         inline_max_tokens: int = DEFAULT_INLINE_MAX_TOKENS,
+        log_requests: bool = False,
     ) -> None:
         self.engine = engine
         self.executor = executor
@@ -135,6 +138,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         self.in_flight = 0
         self._catalogue = catalogue.build(self.limits, max_message_bytes)
         self.inline_max_tokens = inline_max_tokens
+        self.log_requests = log_requests
         # consecutive small calls that took at most INLINE_BUDGET_S (see _run)
         self._fast_streak = 0
         self._loop_single_threaded: int | None = None
@@ -150,26 +154,54 @@ class LossServicer(pb_grpc.LossServiceServicer):
         except Exception:  # telemetry must never fail an RPC
             log.warning("telemetry_error", hook=name, exc_info=True)
 
-    async def _refuse_when_closing(self, rpc: str, run: str, context: Any) -> None:
-        if self.closing:
-            self._hook("request_finished", rpc, run, "UNAVAILABLE", 0.0, 0, 0, 0, 0)
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE, "server shutting down; retry (another replica will answer)"
-            )
+    async def _refuse(self, call: _Call, code: grpc.StatusCode, message: str, context: Any) -> None:
+        """Account for a call refused at admission, then abort it with `code`."""
+        call.code, call.error = code.name, message
+        self._account(call, 0.0, context)
+        await context.abort(code, message)
 
     async def _admit(self, rpc: str, context: Any) -> _Call:
         call = _Call(rpc, run_of(context))
-        await self._refuse_when_closing(rpc, call.run, context)
+        if self.closing:
+            await self._refuse(call, grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN, context)
         if self.in_flight >= self.max_concurrent_rpcs:
-            call.code = "RESOURCE_EXHAUSTED"
-            self._hook("request_finished", rpc, call.run, call.code, 0.0, 0, 0, 0, 0)
-            await context.abort(
+            await self._refuse(
+                call,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"server busy: {self.in_flight} RPCs in flight (max_concurrent_rpcs={self.max_concurrent_rpcs}); "
                 "retry with backoff",
+                context,
             )
         self.in_flight += 1
         return call
+
+    def _account(self, call: _Call, seconds: float, context: Any) -> None:
+        """Telemetry's request_finished for an ended call, and its log line (log_requests)."""
+        self._hook(
+            "request_finished",
+            call.rpc,
+            call.run,
+            call.code,
+            seconds,
+            call.bytes_in,
+            call.bytes_out,
+            call.tokens,
+            call.sequences,
+        )
+        if self.log_requests:
+            log.info(
+                "rpc",
+                rpc=call.rpc,
+                run=call.run,
+                code=call.code,
+                seconds=round(seconds, 6),
+                tokens=call.tokens,
+                sequences=call.sequences,
+                bytes_in=call.bytes_in,
+                bytes_out=call.bytes_out,
+                peer=context.peer(),
+                error=call.error,
+            )
 
     def _kick(self, call: _Call) -> None:
         """A call has ended (its response is out): let the telemetry record what it deferred,
@@ -258,7 +290,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
 
     async def _fail(self, call: _Call, exc: BaseException, context: Any) -> None:
         f = failure_for(exc)
-        call.code = f.code.name
+        call.code, call.error = f.code.name, f.message
         if f.reasons:
             self._hook("rejected", call.rpc, list(f.reasons))
         if f.log:
@@ -276,17 +308,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
             self._kick(call)
         if call.code == "OK" and context.cancelled():
             call.code = "CANCELLED"
-        self._hook(
-            "request_finished",
-            call.rpc,
-            call.run,
-            call.code,
-            time.perf_counter() - call.t0,
-            call.bytes_in,
-            call.bytes_out,
-            call.tokens,
-            call.sequences,
-        )
+        self._account(call, time.perf_counter() - call.t0, context)
 
     def _guard(self, rpc: str, context: Any) -> _Guard:
         """`async with` it: admit a call, map any failure to its status, always account for it."""
@@ -545,27 +567,18 @@ class LossServicer(pb_grpc.LossServiceServicer):
     async def ListAlgorithms(
         self, request: pb.ListAlgorithmsRequest, context: Any
     ) -> pb.ListAlgorithmsResponse:
-        run = run_of(context)
-        t0 = time.perf_counter()
-        await self._refuse_when_closing("ListAlgorithms", run, context)
+        call = _Call("ListAlgorithms", run_of(context))
+        if self.closing:
+            await self._refuse(call, grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN, context)
         if isinstance(request, codec.CorruptMessage):
-            call = _Call("ListAlgorithms", run)
             self._hook("rejected", call.rpc, ["bad_protobuf"])
-            self._hook("request_finished", call.rpc, run, "INVALID_ARGUMENT", 0.0, 0, 0, 0, 0)
             f = failure_for(InputError([request.violation("request")]))
+            call.code, call.error = f.code.name, f.message
+            self._account(call, 0.0, context)
             await context.abort(f.code, f.message, trailing_metadata=f.trailing_metadata)
         resp = self._catalogue
-        self._hook(
-            "request_finished",
-            "ListAlgorithms",
-            run,
-            "OK",
-            time.perf_counter() - t0,
-            0,
-            resp.ByteSize(),
-            0,
-            0,
-        )
+        call.bytes_out = resp.ByteSize()
+        self._account(call, time.perf_counter() - call.t0, context)
         return resp
 
 
