@@ -32,9 +32,18 @@ os.environ.setdefault("SOFTGATE_ENGINE_COMPILE", "0")
 
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct TCP ports free on 127.0.0.1 right now: all held open while the OS picks
+    them (two free_port() calls in a row can return the same port, which then serves as both
+    the gRPC and the admin port of one server, and its second bind fails)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
 
 
 @pytest.fixture
@@ -211,11 +220,12 @@ class ServerProcess:
         return env
 
     def start(self, timeout: float = 60.0) -> ServerProcess:
-        self.grpc_port = int(self.settings.setdefault("grpc_port", free_port()))
+        grpc_port, admin_port = free_ports(2)
+        self.grpc_port = int(self.settings.setdefault("grpc_port", grpc_port))
         self.settings.setdefault("grpc_host", "127.0.0.1")
         self.settings.setdefault("admin_host", "127.0.0.1")
         if "admin_port" not in self.settings:
-            self.settings["admin_port"] = free_port()
+            self.settings["admin_port"] = admin_port if admin_port != self.grpc_port else free_ports(2)[1]
         ap = self.settings["admin_port"]
         self.admin_port = None if ap in (None, -1, "none") else int(ap)
         self.settings.setdefault("device", "cpu")

@@ -114,7 +114,9 @@ class Softgate:
     """`softgate serve` in a subprocess on loopback ports, with an admin token."""
 
     def __init__(self, tmp: Path) -> None:
-        self.grpc_port, self.admin_port = free_port(), free_port()
+        self.grpc_port = self.admin_port = free_port()
+        while self.admin_port == self.grpc_port:  # (both unbound yet: the OS may give one twice)
+            self.admin_port = free_port()
         self.admin_url = f"http://127.0.0.1:{self.admin_port}"
         self.logfile = tmp / "softgate.log"
         self.log = self.logfile.open("wb")
