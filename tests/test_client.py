@@ -380,6 +380,21 @@ def test_one_client_shared_by_threads_gives_each_call_its_own_result(server) -> 
         np.testing.assert_array_equal(t.grad, a.grad)
 
 
+@pytest.mark.parametrize("shape", [(3, 0), (0, 5), (0, 0)])
+def test_an_empty_padded_batch_gives_loss_zero(client, shape: tuple[int, int]) -> None:
+    """No token at all ([B, 0], [0, T]), with a mask, with lengths or neither: loss 0 and a
+    gradient of the input's shape, as for an empty ragged batch (a mask of shape [B, 0] once
+    raised numpy's ValueError in the client instead of calling)."""
+    b = shape[0]
+    lp = np.zeros(shape, np.float32)
+    for layout in ({"mask": np.zeros(shape, bool)}, {"lengths": np.zeros(b, np.int64)}, {}):
+        r = client.loss(lp, lp, advantages=np.ones(b, np.float32), **layout)
+        assert (r.loss, r.grad.shape, r.metrics["num_tokens"]) == (0.0, shape, 0.0), layout
+        lt = torch.zeros(shape, requires_grad=True)
+        softgate_loss(lt, lt.detach(), client=client, advantages=np.ones(b, np.float32), **layout).backward()
+        assert lt.grad is not None and lt.grad.shape == shape
+
+
 def test_float64_torch_inputs_and_lengths(client) -> None:
     p = padded_batch(seed=3, dtype=np.float64)
     r, _ = ragged_of(p)

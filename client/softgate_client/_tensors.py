@@ -215,10 +215,9 @@ def make_layout(
         if b and (np.minimum.reduce(ln) < 0 or np.maximum.reduce(ln) > t):
             raise ArrayInputError("lengths", f"out_of_range: lengths must lie in [0, {t}]")
     elif m is not None:
-        # each row up to its last trained token
-        any_row = m.any(axis=1)
-        last = t - np.argmax(m[:, ::-1], axis=1)
-        ln = np.where(any_row, last, 0).astype(np.int64)
+        # each row up to its last trained token (T = 0: no token, and nothing for argmax)
+        last = t - np.argmax(m[:, ::-1], axis=1) if t else 0
+        ln = np.where(m.any(axis=1), last, 0).astype(np.int64)
     else:
         ln = None  # type: ignore[assignment]
     if ln is None or (b and np.minimum.reduce(ln) == t):
