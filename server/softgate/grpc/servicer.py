@@ -571,11 +571,10 @@ class LossServicer(pb_grpc.LossServiceServicer):
         if self.closing:
             await self._refuse(call, grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN, context)
         if isinstance(request, codec.CorruptMessage):
-            self._hook("rejected", call.rpc, ["bad_protobuf"])
-            f = failure_for(InputError([request.violation("request")]))
-            call.code, call.error = f.code.name, f.message
-            self._account(call, 0.0, context)
-            await context.abort(f.code, f.message, trailing_metadata=f.trailing_metadata)
+            try:
+                await self._fail(call, InputError([request.violation("request")]), context)  # aborts
+            finally:
+                self._account(call, 0.0, context)
         resp = self._catalogue
         call.bytes_out = resp.ByteSize()
         self._account(call, time.perf_counter() - call.t0, context)
