@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -501,20 +502,25 @@ def test_an_aoti_build_that_fails_in_its_child_raises_with_the_childs_words() ->
         aoti.build(example, {"no_such_inductor_option": True})
 
 
-def test_an_aoti_build_child_exits_when_its_parent_does() -> None:
-    """A server that exits (or is killed) mid-build leaves no compile running: the child
-    watches its parent and exits when it is gone."""
+def test_an_aoti_build_child_exits_when_its_parent_does(tmp_path: Path) -> None:
+    """A server that exits (or is killed) mid-build leaves no compile running and no job
+    directory: the child watches its parent, and when it is gone removes the build's
+    directory and exits."""
     import subprocess
     import sys
     import time
 
+    job = tmp_path / "softgate-aoti-job"
+    job.mkdir()
+    (job / "example.pt").write_bytes(b"x" * 100)
     child = (
         "import sys, time; from softgate.engine.aoti import exit_with_parent; "
-        "exit_with_parent(int(sys.argv[1])); print('watching', flush=True); time.sleep(120)"
+        "exit_with_parent(int(sys.argv[1]), sys.argv[2]); print('watching', flush=True); time.sleep(120)"
     )
     parent = (
         "import os, subprocess, sys; "
-        f"p = subprocess.Popen([sys.executable, '-c', {child!r}, str(os.getpid())], stdout=subprocess.PIPE); "
+        f"p = subprocess.Popen([sys.executable, '-c', {child!r}, str(os.getpid()), {str(job)!r}], "
+        "stdout=subprocess.PIPE); "
         "assert p.stdout.readline() == b'watching\\n'; print(p.pid, flush=True)"
     )
     out = subprocess.run(
@@ -533,6 +539,7 @@ def test_an_aoti_build_child_exits_when_its_parent_does() -> None:
     else:
         os.kill(pid, 9)
         pytest.fail("the build child outlived its parent by 10 s")
+    assert not job.exists()
 
 
 @pytest.fixture(scope="module", params=[None, 1 << 15], ids=["no-codes", "codes"])

@@ -5,7 +5,8 @@ CPU configuration takes to build on 2 cores: built in the server's own process, 
 every request served meanwhile 2-3x slower. `build` runs `package` in a child process
 (`python -m softgate.engine.aoti`, niced, its example passed with torch.save) and loads the
 package it wrote: the server's process only waits on a pipe. The child exits when its parent
-does (it checks every second), so a server that exits leaves no compile behind.
+does (it checks every second), so a server that exits leaves no compile behind, and removes
+the build's job directory first, which a server killed mid-build (SIGKILL, OOM) cannot.
 
 Loading a package extracts it into a fresh `aotinductor_*` directory under the temp dir, which
 torch removes only when the loader is destroyed; a process rarely destroys its kernels before
@@ -120,13 +121,16 @@ def build(example: tuple[Any, ...], options: dict[str, Any]) -> Callable[..., Te
         return load(path, example)
 
 
-def exit_with_parent(parent: int) -> None:
+def exit_with_parent(parent: int, leftover: str | None = None) -> None:
     """Exit this process (status 3) once process `parent` is no longer its parent: checked
-    every second by a daemon thread, at once when it already is not."""
+    every second by a daemon thread, at once when it already is not. The directory `leftover`
+    is removed first: the parent's job directory, which a killed parent cannot remove."""
 
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(1.0)
+        if leftover is not None:
+            shutil.rmtree(leftover, ignore_errors=True)
         os._exit(3)
 
     threading.Thread(target=watch, name="softgate-parent-watch", daemon=True).start()
@@ -136,7 +140,7 @@ def main(argv: list[str]) -> None:
     """The child: `python -m softgate.engine.aoti EXAMPLE PACKAGE PARENT_PID`."""
     job, path, parent = argv
     os.nice(CHILD_NICE)
-    exit_with_parent(int(parent))
+    exit_with_parent(int(parent), os.path.dirname(job))
     example, options = torch.load(job)
     package(example, path, options)
 
