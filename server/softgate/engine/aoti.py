@@ -6,7 +6,8 @@ every request served meanwhile 2-3x slower. `build` runs `package` in a child pr
 (`python -m softgate.engine.aoti`, niced, its example passed with torch.save) and loads the
 package it wrote: the server's process only waits on a pipe. The child exits when its parent
 does (it checks every second), so a server that exits leaves no compile behind, and removes
-the build's job directory first, which a server killed mid-build (SIGKILL, OOM) cannot.
+the build's job directory first, which a server that exits mid-build cannot (`softgate serve`
+stopped by SIGTERM during a background compile exits at once, with os._exit; SIGKILL; OOM).
 
 Loading a package extracts it into a fresh `aotinductor_*` directory under the temp dir, which
 torch removes only when the loader is destroyed; a process rarely destroys its kernels before
