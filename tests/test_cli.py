@@ -115,9 +115,9 @@ def test_help_shows_the_values_of_boolean_flags(capsys: pytest.CaptureFixture[st
 
 
 class Serve:
-    def __init__(self, tmp: Path, *args: str) -> None:
+    def __init__(self, tmp: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.log_path = tmp / "serve.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SOFTGATE_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SOFTGATE_")} | (env or {})
         env["PYTHONUNBUFFERED"] = "1"
         self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(
@@ -164,8 +164,8 @@ class Serve:
 def serve(tmp_path: Path) -> Iterator[Any]:
     started: list[Serve] = []
 
-    def start(*args: str) -> Serve:
-        s = Serve(tmp_path, *args)
+    def start(*args: str, env: dict[str, str] | None = None) -> Serve:
+        s = Serve(tmp_path, *args, env=env)
         started.append(s)
         return s
 
@@ -260,6 +260,43 @@ def test_sigterm_with_calls_in_flight_completes_them_and_exits_0(serve: Any) -> 
     assert s.proc.wait(30) == 0
     names = [e.get("event") for e in s.events()]
     assert "signal_received" in names and names[-1] == "stopped"
+
+
+def test_sigterm_during_a_background_compile_exits_0_and_leaves_no_build_directory(
+    serve: Any, tmp_path: Path
+) -> None:
+    # the CPU default compiles a new configuration in the background (an AOTInductor build in a
+    # child process, ~15-20 s); SIGTERM meanwhile exits 0 without waiting for it (os._exit,
+    # which skips the build's own cleanup), and the child removes the build's job directory
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    s = serve(
+        "--grpc-port", "0", "--grpc-host", "127.0.0.1", "--admin-port", "-1",
+        "--log-format", "json", "--device", "cpu", "--no-warmup",
+        env={"TMPDIR": str(tmp)},
+    )  # fmt: skip
+    port = int(s.wait_event("grpc_listening")["port"])
+    assert s.wait_event("engine_ready")["compile"] == "background"
+    target = f"127.0.0.1:{port}"
+    _wait_serving(target)
+    with grpc.insecure_channel(target) as ch:
+        pb_grpc.LossServiceStub(ch).ComputeLoss(pb.ComputeLossRequest(batch=_chunk(4, 5, 1)), timeout=30)
+
+    def builds() -> list[Path]:
+        return list(tmp.glob("softgate-aoti-*"))
+
+    deadline = time.monotonic() + 20
+    while not builds() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert builds(), "no build started"
+    s.proc.send_signal(signal.SIGTERM)
+    assert s.proc.wait(30) == 0
+    if "compile_in_progress" not in [e.get("event") for e in s.events()]:  # (2 cores: 15-20 s)
+        pytest.skip("the build finished within the server's 5 s wait: nothing was left to clean up")
+    deadline = time.monotonic() + 10  # the child notices within about a second
+    while builds() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not builds() and not list(tmp.glob("aotinductor_*"))
 
 
 def test_serve_with_admin_server_in_the_same_loop(serve: Any) -> None:
