@@ -125,7 +125,7 @@ def build(example: tuple[Any, ...], options: dict[str, Any]) -> Callable[..., Te
 def exit_with_parent(parent: int, leftover: str | None = None) -> None:
     """Exit this process (status 3) once process `parent` is no longer its parent: checked
     every second by a daemon thread, at once when it already is not. The directory `leftover`
-    is removed first: the parent's job directory, which a killed parent cannot remove."""
+    is removed first: the parent's job directory, which a parent gone mid-build cannot remove."""
 
     def watch() -> None:
         while os.getppid() == parent:
