@@ -26,6 +26,7 @@ import httpx
 import numpy as np
 import pytest
 import yaml
+from conftest import free_ports
 from softgate.admin.server import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -114,9 +115,7 @@ class Softgate:
     """`softgate serve` in a subprocess on loopback ports, with an admin token."""
 
     def __init__(self, tmp: Path) -> None:
-        self.grpc_port = self.admin_port = free_port()
-        while self.admin_port == self.grpc_port:  # (both unbound yet: the OS may give one twice)
-            self.admin_port = free_port()
+        self.grpc_port, self.admin_port = free_ports(2)  # distinct (conftest.free_ports)
         self.admin_url = f"http://127.0.0.1:{self.admin_port}"
         self.logfile = tmp / "softgate.log"
         self.log = self.logfile.open("wb")
