@@ -333,18 +333,27 @@ def test_sign_without_tokens_is_not_observed() -> None:
 
 def test_engine_configurations_are_read_at_scrape_time() -> None:
     """Every state is exported at 0 from start-up; once watched, each scrape reads the
-    engine's counts (CompiledKernel.states) as they are then."""
+    engine's counts (CompiledKernel.states) once, as they are then: one snapshot, so a
+    configuration moving from compiling to compiled is never counted twice or missed."""
     tel = PrometheusTelemetry(S())
+    reads = []
 
     def scraped() -> dict[str, float]:
         return {lab["state"]: v for n, lab, v in _samples(tel) if n == "softgate_engine_configurations"}
 
     assert scraped() == {"compiled": 0, "compiling": 0, "failed": 0, "over_limit": 0}
     counts = {"compiled": 2, "compiling": 1, "failed": 0, "over_limit": 0}
-    tel.watch_engine(lambda: dict(counts))
+
+    def states() -> dict[str, int]:
+        reads.append(1)
+        return dict(counts)
+
+    tel.watch_engine(states)
     assert scraped() == counts
+    assert len(reads) == 1
     counts.update(compiling=0, compiled=3, over_limit=5)
     assert scraped() == counts
+    assert len(reads) == 2
 
 
 def test_in_flight_gauges_return_to_zero() -> None:

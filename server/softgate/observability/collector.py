@@ -25,6 +25,8 @@ from softgate.observability.distributions import GATE_EDGES, RATIO_EDGES
 if TYPE_CHECKING:
     from softgate.observability.telemetry import PrometheusTelemetry
 
+# CompiledKernel.states' keys: each exported at 0 from start-up
+ENGINE_STATES = ("compiled", "compiling", "failed", "over_limit")
 FRACTION_EDGES = (0.001, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
 RO = ("run", "objective")
@@ -152,6 +154,7 @@ def exported_names() -> set[str]:
         out.add(GAUGE_EXPORT_NAME.get(n, n))
     out.add("softgate_runs_tracked")
     out.add("softgate_run_evictions_total")
+    out.add("softgate_engine_configurations")
     return out
 
 
@@ -168,6 +171,7 @@ class SoftgateCollector(Collector):
     def describe(self) -> Iterator[Any]:
         # Names only (the registry checks for duplicates); no samples.
         yield from self._families({})
+        yield self._engine_configurations({})
 
     def collect(self) -> Iterator[Any]:
         with self.t.lock:
@@ -184,6 +188,19 @@ class SoftgateCollector(Collector):
         )
         c.add_metric([], float(evictions))
         yield c
+        yield self._engine_configurations(self.t.engine_states())
+
+    @staticmethod
+    def _engine_configurations(counts: dict[str, int]) -> GaugeMetricFamily:
+        g = GaugeMetricFamily(
+            "softgate_engine_configurations",
+            "Engine configurations seen, by state: compiled, compiling, failed (eager after a compile "
+            "error), over_limit (eager past max_compiled_kernels).",
+            labels=["state"],
+        )
+        for state in ENGINE_STATES:
+            g.add_metric([state], float(counts.get(state, 0)))
+        return g
 
     def _families(self, runs: dict[str, Any]) -> Iterator[Any]:
         for name, (doc, labels) in COUNTERS.items():

@@ -47,8 +47,6 @@ TRANSPORT_REASONS = (
     "bad_protobuf", "bad_length", "shape_mismatch", "bad_bool", "too_large", "inconsistent", "unexpected",
 )  # fmt: skip
 REASONS = tuple(dict.fromkeys((*REASON_CODES, *TRANSPORT_REASONS)))
-# CompiledKernel.states' keys: each exported at 0 from start-up
-ENGINE_STATES = ("compiled", "compiling", "failed", "over_limit")
 DEFER_MAX_TOKENS = 1 << 16  # larger results: at most MAX_BIG_PENDING queued (PrometheusTelemetry._later)
 MAX_BIG_PENDING = 1
 # queued recordings that are recorded without waiting for a kick: a safety net above the
@@ -171,15 +169,8 @@ class PrometheusTelemetry(Telemetry):
             registry=r,
         )
         self.device_info = Info("softgate_device", "The device the engine computes on.", registry=r)
-        self.engine_configurations = Gauge(
-            "softgate_engine_configurations",
-            "Engine configurations seen, by state: compiled, compiling, failed (eager after a compile "
-            "error), over_limit (eager past max_compiled_kernels).",
-            ["state"],
-            registry=r,
-        )
-        for state in ENGINE_STATES:
-            self.engine_configurations.labels(state)
+        # softgate_engine_configurations, exported by the collector from one read a scrape
+        self.engine_states: Callable[[], dict[str, int]] = dict
         self.telemetry_errors = Counter(
             "softgate_telemetry_errors",
             "Engine results the telemetry failed to record (the RPC itself is unaffected).",
@@ -201,11 +192,8 @@ class PrometheusTelemetry(Telemetry):
 
     # ------------------------------------------------------------ service
     def watch_engine(self, states: Callable[[], dict[str, int]]) -> None:
-        def reader(state: str) -> Callable[[], float]:
-            return lambda: states().get(state, 0)
-
-        for state in ENGINE_STATES:
-            self.engine_configurations.labels(state).set_function(reader(state))
+        """Export the engine's configurations by state, read once per scrape (CompiledKernel.states)."""
+        self.engine_states = states
 
     def set_device(self, device: Any = None) -> None:
         import torch
