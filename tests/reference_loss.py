@@ -278,6 +278,7 @@ def make_config(
     scale: str | None = None,
     clamp: float = 20.0,
     global_norm: bool = False,
+    min_group_std: float = 0.0,
 ) -> LossConfig:
     from softgate.engine import (
         AdvantageConfig,
@@ -321,7 +322,7 @@ def make_config(
     )
     return LossConfig(
         objective=obj,
-        advantages=AdvantageConfig(estimator=estimator, scale=scale),  # type: ignore[arg-type]
+        advantages=AdvantageConfig(estimator=estimator, scale=scale, min_group_std=min_group_std),  # type: ignore[arg-type]
         aggregation=aggc,
         kl=klc,
         mismatch=mmc,

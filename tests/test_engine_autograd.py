@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from softgate.engine import Engine
+from softgate.engine import AdvantageConfig, Engine
 
 try:
     from tests.reference_loss import (
@@ -21,6 +21,7 @@ try:
         make_config,
         near_boundary,
         random_batch,
+        reference_advantages,
         reference_loss,
     )
 except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
@@ -32,6 +33,7 @@ except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.
         make_config,
         near_boundary,
         random_batch,
+        reference_advantages,
         reference_loss,
     )
 
@@ -86,6 +88,7 @@ def test_every_combination(objective, agg, kl, mismatch):
     big_deltas=st.booleans(),
     global_norm=st.booleans(),
     max_len=st.sampled_from([1, 4, 12]),
+    min_group_std=st.sampled_from([0.0, 0.4]),  # rewards 0, 0.5, 1: some groups fall below 0.4
 )
 def test_property_random(
     seed,
@@ -101,6 +104,7 @@ def test_property_random(
     big_deltas,
     global_norm,
     max_len,
+    min_group_std,
 ):
     if objective == "gspo" and advantages == "token":
         advantages = "sequence"
@@ -115,6 +119,7 @@ def test_property_random(
         scale=scale,
         clamp=clamp,
         global_norm=global_norm,
+        min_group_std=min_group_std,
     )
     assume(not near_boundary(batch, config))
     check_against_reference(batch, config)
@@ -138,6 +143,26 @@ def test_reinforce_pp_equal_weighted_advantages_whiten_to_zero():
         "sapo", "token_mean", None, None, variant=0, estimator="reinforce_pp_baseline", scale=None, clamp=20.0
     )
     check_against_reference(batch, config)
+
+
+def test_reinforce_pp_whitens_min_group_std_degenerate_members_as_zero():
+    """Found by an audit: a group degenerate by min_group_std alone (its rewards differ) fed
+    its non-zero R - mean_g into the batch whitening, shrinking every other advantage ~8%."""
+    r = torch.tensor([0.0, 0.6, 0.0, 1.0, 1.0, 0.0], dtype=torch.float64)  # group 0: std 0.42
+    g = torch.tensor([0, 0, 1, 1, 1, 1])
+    cfg = AdvantageConfig(estimator="reinforce_pp_baseline", min_group_std=0.5)
+    got = ENGINE.advantages(r, g, cfg).advantages
+    want, frac = reference_advantages(r.tolist(), g.tolist(), cfg)
+    assert frac == 0.5
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=RTOL, atol=1e-12)
+    assert got[2:].abs().tolist() == pytest.approx(
+        [0.5 / (0.2**0.5 + 1e-6)] * 4, rel=1e-12
+    )  # by hand: mean 0, var 1/5
+    batch = random_batch(10, advantages="rewards", max_len=12)  # a group degenerate by min_group_std alone
+    check_against_reference(
+        batch,
+        make_config("sapo", "token_mean", None, None, estimator="reinforce_pp_baseline", min_group_std=0.4),
+    )
 
 
 def test_float32_close_to_float64_reference():

@@ -71,7 +71,11 @@ def group_advantages(
     elif scale == "batch":
         bstd = r.std() if b > 1 else torch.zeros((), dtype=torch.float64, device=r.device)
         a = a / (bstd + cfg.eps)
+    degenerate = degenerate_g[inv]
     if cfg.estimator == "reinforce_pp_baseline":
+        # degenerate members enter the whitening statistics as the 0 they get (a group caught
+        # by min_group_std alone still has non-zero R - mean_g)
+        a = torch.where(degenerate, torch.zeros_like(a), a)
         w = torch.ones_like(a) if weights is None else weights.to(torch.float64)
         sw = w.sum()
         # shifted by one weighted sequence's value: when every weighted value is the same, mu
@@ -82,7 +86,6 @@ def group_advantages(
             sw > 1, (w * (a - mu) ** 2).sum() / (sw - 1).clamp(min=1e-300), torch.zeros_like(sw)
         )
         a = (a - mu) / (var.sqrt() + cfg.eps)
-    degenerate = degenerate_g[inv]
     a = torch.where(degenerate, torch.zeros_like(a), a)
     frac = (
         degenerate_g.to(torch.float64).mean()
