@@ -502,6 +502,10 @@ def test_validation_batch(monkeypatch, path):
     tok = Batch(logp=ok.logp, offsets=ok.offsets, advantages=torch.ones(5))
     assert ("advantages", "unsupported", None) in reasons(tok, LossConfig(objective=Gspo()))
     E.loss(tok, LossConfig(objective=GspoToken()))
+    # ... also when B == N (it was computed as gspo_token there, clipping per token)
+    tok_bn = Batch(logp=ok.logp[:2], offsets=torch.tensor([0, 0, 2]), advantages=adv, advantage_level="token")
+    assert ("advantages", "unsupported", None) in reasons(tok_bn, LossConfig(objective=Gspo()))
+    E.loss(tok_bn, LossConfig(objective=GspoToken()))
     # several violations at once, all reported
     many = reasons(
         Batch(logp=nan, offsets=ok.offsets, advantages=adv), LossConfig(objective=Sapo(tau_pos=0.0))

@@ -446,13 +446,7 @@ def validate_batch(
                 )
             if not token_values and lvl == "sequence":  # per-sequence values: the kernel does not read them
                 _float_tensor(v, "advantages", a, None)
-            if (
-                config is not None
-                and isinstance(config.objective, Gspo)
-                and lvl == "token"
-                and b is not None
-                and b != n
-            ):
+            if config is not None and isinstance(config.objective, Gspo) and lvl == "token":
                 v.append(
                     FieldViolation(
                         "advantages",
