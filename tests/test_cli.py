@@ -4,6 +4,7 @@ exits 0, the admin HTTP server shares the loop and the shutdown."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -297,6 +298,45 @@ def test_sigterm_during_a_background_compile_exits_0_and_leaves_no_build_directo
     while builds() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not builds() and not list(tmp.glob("aotinductor_*"))
+
+
+def test_log_requests_survives_streams_cancelled_mid_call(serve: Any) -> None:
+    """Found by an audit: with --log-requests, a StreamLoss cancelled after its first chunks
+    crashed the server (SIGSEGV in grpc: the log line read context.peer() of the cancelled
+    call); 1-5 tries did it. Each cancelled call is now one CANCELLED line with its peer."""
+    s = serve(
+        "--grpc-port", "0", "--grpc-host", "127.0.0.1", "--admin-port", "-1",
+        "--log-format", "json", "--device", "cpu", "--no-compile", "--log-requests",
+    )  # fmt: skip
+    target = f"127.0.0.1:{int(s.wait_event('grpc_listening')['port'])}"
+    _wait_serving(target)
+    tries = 12
+
+    async def cancel_streams() -> None:
+        async with grpc.aio.insecure_channel(target) as ch:
+            stub = pb_grpc.LossServiceStub(ch)
+            for i in range(tries):
+                call = stub.StreamLoss(timeout=30)
+                await call.write(pb.StreamLossRequest(chunk=_chunk(3, 4, 2 * i)))
+                await call.write(pb.StreamLossRequest(chunk=_chunk(3, 4, 2 * i + 1)))
+                await asyncio.sleep(0.2)
+                call.cancel()
+                await stub.ComputeLoss(pb.ComputeLossRequest(batch=_chunk(3, 4, 0)), timeout=30)
+
+    asyncio.run(cancel_streams())
+    assert s.proc.poll() is None
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        lines = [e for e in s.events() if e.get("event") == "rpc"]
+        if len(lines) >= 2 * tries:
+            break
+        time.sleep(0.1)
+    # (grpc ends a cancelled stream's reads as if the client had half-closed it; when the
+    # cancellation is not yet seen by the time the response is written, the line says OK)
+    streams = [e["code"] for e in lines if e["rpc"] == "StreamLoss"]
+    assert len(streams) == tries and set(streams) <= {"CANCELLED", "OK"}, streams
+    assert all(e["peer"].startswith("ipv4:127.0.0.1:") for e in lines)
+    assert [e["code"] for e in lines if e["rpc"] == "ComputeLoss"] == ["OK"] * tries
 
 
 def test_serve_with_admin_server_in_the_same_loop(serve: Any) -> None:

@@ -88,6 +88,9 @@ class _Call:
     bytes_out: int = 0
     started: bool = False
     error: str | None = None  # the failure's message (log_requests)
+    peer: str | None = (
+        None  # read at admission (log_requests): a cancelled call's context.peer() can crash grpc
+    )
 
 
 class _Guard:
@@ -157,11 +160,17 @@ class LossServicer(pb_grpc.LossServiceServicer):
     async def _refuse(self, call: _Call, code: grpc.StatusCode, message: str, context: Any) -> None:
         """Account for a call refused at admission, then abort it with `code`."""
         call.code, call.error = code.name, message
-        self._account(call, 0.0, context)
+        self._account(call, 0.0)
         await context.abort(code, message)
 
-    async def _admit(self, rpc: str, context: Any) -> _Call:
+    def _new_call(self, rpc: str, context: Any) -> _Call:
         call = _Call(rpc, run_of(context))
+        if self.log_requests:
+            call.peer = context.peer()
+        return call
+
+    async def _admit(self, rpc: str, context: Any) -> _Call:
+        call = self._new_call(rpc, context)
         if self.closing:
             await self._refuse(call, grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN, context)
         if self.in_flight >= self.max_concurrent_rpcs:
@@ -175,7 +184,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         self.in_flight += 1
         return call
 
-    def _account(self, call: _Call, seconds: float, context: Any) -> None:
+    def _account(self, call: _Call, seconds: float) -> None:
         """Telemetry's request_finished for an ended call, and its log line (log_requests)."""
         self._hook(
             "request_finished",
@@ -199,7 +208,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 sequences=call.sequences,
                 bytes_in=call.bytes_in,
                 bytes_out=call.bytes_out,
-                peer=context.peer(),
+                peer=call.peer,
                 error=call.error,
             )
 
@@ -308,7 +317,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
             self._kick(call)
         if call.code == "OK" and context.cancelled():
             call.code = "CANCELLED"
-        self._account(call, time.perf_counter() - call.t0, context)
+        self._account(call, time.perf_counter() - call.t0)
 
     def _guard(self, rpc: str, context: Any) -> _Guard:
         """`async with` it: admit a call, map any failure to its status, always account for it."""
@@ -567,17 +576,17 @@ class LossServicer(pb_grpc.LossServiceServicer):
     async def ListAlgorithms(
         self, request: pb.ListAlgorithmsRequest, context: Any
     ) -> pb.ListAlgorithmsResponse:
-        call = _Call("ListAlgorithms", run_of(context))
+        call = self._new_call("ListAlgorithms", context)
         if self.closing:
             await self._refuse(call, grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN, context)
         if isinstance(request, codec.CorruptMessage):
             try:
                 await self._fail(call, InputError([request.violation("request")]), context)  # aborts
             finally:
-                self._account(call, 0.0, context)
+                self._account(call, 0.0)
         resp = self._catalogue
         call.bytes_out = resp.ByteSize()
-        self._account(call, time.perf_counter() - call.t0, context)
+        self._account(call, time.perf_counter() - call.t0)
         return resp
 
 
