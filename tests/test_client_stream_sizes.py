@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from softgate_client import SoftgateClient, pack_batch
 from softgate_client.client import _CHUNK_HEAD_BYTES
+from softgate_client.errors import ResourceExhaustedError, UnavailableError
 from test_client_harness import ServerThread
 
 ALL_OUTPUTS = ("advantages", "ratio", "gate_weight", "clip_mask", "mask")
@@ -124,6 +125,31 @@ def test_calls_fit_the_server_limit_both_ways(server, small_server, tokens, outp
         unary = c.loss(logp, None, **args, stream=False)
     assert res.streamed == streamed
     assert_same(res, unary, outputs)
+
+
+def test_a_failed_ask_for_the_server_limit_is_asked_again(small_server, monkeypatch) -> None:
+    """Found by an audit: a client whose first large call found the server down remembered
+    "no limit known" for good, and every later large call to the 1 MiB server went unary and
+    was refused instead of streamed."""
+    logp, off, adv = ragged([100] * 5000, np.float32)  # a 2 MB request
+    with SoftgateClient(f"127.0.0.1:{small_server.port}", timeout=120) as c:
+        asks: list[int] = []
+        real = c.algorithms
+
+        def down_at_first(**kw):
+            asks.append(1)
+            if len(asks) == 1:
+                raise UnavailableError("connection refused")
+            return real(**kw)
+
+        monkeypatch.setattr(c, "algorithms", down_at_first)
+        with pytest.raises(ResourceExhaustedError):  # sent unary: over the server's limit
+            c.loss(logp, None, offsets=off, advantages=adv)
+        assert c._server_max_message_bytes is None
+        res = c.loss(logp, None, offsets=off, advantages=adv)
+        assert res.streamed and c._server_max_message_bytes == MiB and len(asks) == 2
+        c.loss(logp, None, offsets=off, advantages=adv)
+        assert len(asks) == 2  # a real answer is kept
 
 
 @pytest.mark.parametrize("chunk_bytes", [900_000, None])

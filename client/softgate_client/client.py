@@ -38,7 +38,7 @@ from softgate_client._tensors import (
     make_layout,
     to_numpy,
 )
-from softgate_client.errors import FieldViolation, InvalidArgumentError, invalid_argument
+from softgate_client.errors import FieldViolation, InvalidArgumentError, UnimplementedError, invalid_argument
 from softgate_client.proto.softgate.v1 import softgate_pb2 as pb
 from softgate_client.proto.softgate.v1 import softgate_pb2_grpc as pb_grpc
 
@@ -533,14 +533,16 @@ class SoftgateClient:
 
     def _threshold(self, nbytes: int) -> int:
         """The stream threshold, lowered to 90% of the server's own message limit: that limit
-        is asked once (ListAlgorithms) the first time a call's larger message (request or
-        response, `nbytes`) is over _LIMIT_PROBE_BYTES."""
+        is asked (ListAlgorithms) the first time a call's larger message (request or
+        response, `nbytes`) is over _LIMIT_PROBE_BYTES, and again after a failed ask."""
         if nbytes > _LIMIT_PROBE_BYTES and self._server_max_message_bytes is None:
             try:
                 limits = self.algorithms(timeout=10).limits
                 self._server_max_message_bytes = int(limits.max_message_bytes)
-            except Exception:  # an old or unreachable server: the call itself will tell
+            except UnimplementedError:  # not a softgate server: the call itself will tell
                 self._server_max_message_bytes = 0
+            except Exception:  # unreachable or busy now: the call itself will tell; ask next time
+                return self.stream_threshold_bytes
             if self._server_max_message_bytes > 0:
                 server_cap = int(self._server_max_message_bytes * 0.9)
                 self.stream_threshold_bytes = min(self.stream_threshold_bytes, server_cap)
