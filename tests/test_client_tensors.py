@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from softgate_client import config as cfg
 from softgate_client._tensors import ArrayInputError, from_le_bytes, le_bytes, make_layout, to_numpy
+from softgate_client.client import _loss_config
 
 
 def test_le_bytes_roundtrip_and_byteorder() -> None:
@@ -98,10 +99,15 @@ def test_build_loss_config_flat_keywords() -> None:
         cfg.build_loss_config(objective="reinforce", tau_pos=1.0)
     with pytest.raises(TypeError, match="unknown loss option"):
         cfg.build_loss_config(bogus=1)
+    # a flat keyword refines a section given whole, in either order (found by an audit: the
+    # order was the call's when an argument was unhashable, and kl_beta was then lost)
+    for kw in ({"kl_beta": 0.5, "kl": cfg.KLConfig("k3")}, {"kl": cfg.KLConfig("k3"), "kl_beta": 0.5}):
+        for outputs in (("ratio",), ["ratio"]):
+            assert _loss_config(None, {**kw, "outputs": outputs}).kl == cfg.KLConfig("k3", 0.5)
 
 
 def test_request_configurations_are_remembered_only_for_equal_arguments() -> None:
-    from softgate_client.client import _loss_config, _messages, loss_config_to_proto
+    from softgate_client.client import _messages, loss_config_to_proto
 
     a = _loss_config(None, {"objective": "sapo", "tau_pos": 2.0})
     assert _loss_config(None, {"tau_pos": 2.0, "objective": "sapo"}) is a  # remembered

@@ -164,7 +164,8 @@ def build_loss_config(config: LossConfig | None = None, **kw: Any) -> LossConfig
 
     `objective` may be a name or an `Objective`; objective parameters (`tau_pos`, `eps_low`, ...)
     are flat keywords; sections (`advantage_config=AdvantageConfig(...)`, `kl=KLConfig(...)`, ...)
-    may be given whole; `aggregation` may be a mode name or an `AggregationConfig`.
+    may be given whole, and flat keywords then change fields of them (`kl=KLConfig("k3"),
+    kl_beta=0.5`); `aggregation` may be a mode name or an `AggregationConfig`.
     """
     base = config or LossConfig()
     values: dict[str, Any] = {f.name: getattr(base, f.name) for f in fields(LossConfig)}
@@ -184,7 +185,9 @@ def build_loss_config(config: LossConfig | None = None, **kw: Any) -> LossConfig
         if str(val) != obj_name:
             obj_params = {}
         obj_name = str(val)
-    for key, val in kw.items():
+    # whole sections first, so a flat keyword refines a section given whole in any order
+    whole = tuple(_SECTIONS.values())
+    for key, val in sorted(kw.items(), key=lambda kv: not isinstance(kv[1], whole)):
         if val is None:
             continue
         if key == "advantage_config":  # `advantages=` of SoftgateClient.loss is the batch's own
