@@ -640,6 +640,18 @@ def test_compute_loss_writes_the_gradient_into_grad_out() -> None:
     for bad in (out[:-1], out.half(), torch.empty(2 * out.numel(), dtype=out.dtype)[::2]):
         with pytest.raises(ValueError, match="grad_out must be a contiguous"):
             compute_loss(batch, cfg, grad_out=bad)
+    # with and without grad_out: one compiled configuration (found by an audit: a server's
+    # unary call, which passes one, and its stream, which does not, were two; while one was
+    # compiled and the other eager, their metrics differed in the last bits)
+    keys = []
+
+    def spy(*args: Any) -> Any:
+        keys.append(kernel_key(args))
+        return token_terms(*args)
+
+    compute_loss(batch, cfg, kernel=spy)
+    compute_loss(batch, cfg, kernel=spy, grad_out=out)
+    assert keys[0] == keys[1]
 
 
 def test_compiled_kernel_runs_only_where_it_fits() -> None:

@@ -190,18 +190,19 @@ def _compute_loss(
                 del t[k]
     elif gathered:
         t["ids"] = seg.ids  # the sequence id of every token, for the gathers
-    if grad_out is not None:
-        if (
-            grad_out.shape != (n,)
-            or grad_out.dtype != dt
-            or grad_out.device != dev
-            or not grad_out.is_contiguous()
-        ):
-            raise ValueError(
-                f"grad_out must be a contiguous [{n}] {dt} tensor on {dev}; got {tuple(grad_out.shape)} "
-                f"{grad_out.dtype} on {grad_out.device}"
-            )
-        t["grad_out"] = grad_out
+    if grad_out is None:  # always one: a call with and one without are one compiled configuration
+        grad_out = torch.empty(n, dtype=dt, device=dev)
+    elif (
+        grad_out.shape != (n,)
+        or grad_out.dtype != dt
+        or grad_out.device != dev
+        or not grad_out.is_contiguous()
+    ):
+        raise ValueError(
+            f"grad_out must be a contiguous [{n}] {dt} tensor on {dev}; got {tuple(grad_out.shape)} "
+            f"{grad_out.dtype} on {grad_out.device}"
+        )
+    t["grad_out"] = grad_out
     prm = kernel_params(config, dt, dev)
     stride = 1
     if sample_tokens is not None and dev.type == "cpu" and n > sample_tokens:
