@@ -304,6 +304,8 @@ def test_extreme_log_ratios_are_clamped_and_counted():
                 math.exp(-20)
             )
         assert res.metrics["kl_clamped_tokens"] == 1  # ref - logp = 79
+        # the spec's masked mean of old - logp, unclamped (it read the clamped log-ratio's)
+        assert res.metrics["approx_kl"] == pytest.approx(float((old - logp).mean()), rel=1e-12)
     res32 = E.loss(
         Batch(
             logp=logp.float(),

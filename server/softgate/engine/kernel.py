@@ -246,7 +246,7 @@ def token_terms(
     # that writes grad instead of re-reading grad in a second pass
     total("grad_abs", alpha * gpol.abs())
     total("free_abs", alpha * gfree.abs())
-    total("d_sum", d)
+    total("d_sum", torch.where(m, logp - old, zero))  # approx_kl's: unclamped (the spec's old - logp)
     if kl is not None:
         k, dk, kcl = kl_terms(kl, torch.where(m, t["ref"] - logp, zero), clamp)
         total("kl_sum", alpha * k)

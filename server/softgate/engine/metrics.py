@@ -30,7 +30,7 @@ METRIC_NAMES: dict[str, str] = {
     "ratio_mean": "mean importance ratio r over tokens (sequence ratio s_i for gspo objectives); 1 if none",
     "ratio_min": "smallest ratio over tokens; 1 if none",
     "ratio_max": "largest ratio over tokens; 1 if none",
-    "approx_kl": "mean of (old - logp) over tokens, from the clamped log-ratio; 0 if none",
+    "approx_kl": "mean of (old - logp) over tokens, unclamped; 0 if none",
     "clamped_tokens": "tokens whose policy log-ratio (per-token or sequence) hit the log_ratio_clamp bound",
     # trust region
     "clip_low": "share of A<0 tokens with ratio < 1-eps_low; 0 if none or the objective has no eps",
