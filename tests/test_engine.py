@@ -285,6 +285,25 @@ def test_only_k3_clamps_the_kl_log_ratio(estimator, grad):
     assert res.metrics["kl_clamped_tokens"] == (estimator == "k3")
 
 
+@pytest.mark.parametrize("dtype,a", [(F64, 1e160), (torch.float32, 1e20)])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_metrics_whose_sums_overflow_are_taken_scaled_not_zeroed(dtype, a, level):
+    """Found by an audit: advantages of +-1e160 (float64) or +-1e20 (float32) overflowed the
+    sum of squares, and adv_std came back 0.0, silently."""
+    logp = -torch.rand(12, dtype=dtype, generator=torch.Generator().manual_seed(0)) - 0.1
+    adv = torch.tensor([a, -a] * (6 if level == "token" else 1), dtype=dtype)
+    b = Batch(logp=logp, offsets=torch.tensor([0, 6, 12]), old_logp=logp + 0.01, advantages=adv)
+    b.advantage_level = level
+    res = E.loss(b, LossConfig())
+    assert res.metrics["adv_std"] == pytest.approx(float(adv[0]), rel=1e-12)
+    assert res.metrics["adv_mean"] == 0.0
+    # approx_kl, unclamped, of log-probs near -float64's max
+    lp = torch.tensor([-1e308, -1e308, -0.5], dtype=F64)
+    b = Batch(logp=lp, offsets=torch.tensor([0, 3]), old_logp=torch.full((3,), -0.5, dtype=F64))
+    b.advantages = torch.tensor([1.0], dtype=F64)
+    assert E.loss(b, LossConfig()).metrics["approx_kl"] == pytest.approx(1e308 / 3 * 2, rel=1e-12)
+
+
 def test_extreme_log_ratios_are_clamped_and_counted():
     logp = torch.tensor([-1.0, -1.0, -80.0, -1.0], dtype=F64)
     old = torch.tensor([-60.0, -1.0, -1.0, -1.1], dtype=F64)

@@ -106,6 +106,16 @@ def _no_codes(device: torch.device) -> Tensor:
     return torch.empty(0, dtype=torch.uint8, device=device)
 
 
+def _scaled_mean_std(x: Tensor) -> tuple[float, float]:
+    """Mean and population std of finite values whose sums would overflow: taken of x / max|x|."""
+    if x.numel() == 0:
+        return 0.0, 0.0
+    x = x.to(torch.float64)
+    scale = x.abs().max().clamp(min=1e-300)
+    y = x / scale
+    return float(scale * y.mean()), float(scale * y.std(correction=0))
+
+
 def _compute_loss(
     batch: Batch,
     config: LossConfig,
@@ -295,6 +305,10 @@ def _compute_loss(
     mx["mismatch_weight_mean"] = share(s["v_sum"], cnt, 1.0) if mm is not None else 1.0
     mx["mismatch_clipped_frac"] = share(s["v_changed"], cnt)
 
+    if not math.isfinite(mx["adv_std"] + mx["adv_mean"]):  # a sum of squares past float64's range
+        mx["adv_mean"], mx["adv_std"] = _scaled_mean_std(a[m])
+    if not math.isfinite(mx["approx_kl"]):  # log-probs near -float64's max
+        mx["approx_kl"] = _scaled_mean_std((old - logp)[m])[0]
     metrics = {k: mx[k] for k in METRIC_NAMES}  # floats, each finite unless something overflowed
     if not all(map(math.isfinite, metrics.values())):
         metrics = to_floats(metrics)
