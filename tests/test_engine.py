@@ -247,6 +247,21 @@ def test_singleton_and_equal_groups_are_degenerate():
 
 
 @pytest.mark.parametrize("est", ["grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"])
+@pytest.mark.parametrize("scale", [None, "group", "batch"])
+def test_eps_0_gives_finite_advantages(est, scale):
+    """eps=0 is accepted: a zero denominator (an equal group, a batch of one weighted value)
+    whitens or scales to 0, not 0/0 (reinforce_pp_baseline with one trained sequence was
+    refused as an `overflow`; found by an audit)."""
+    b = simple_batch([0, 4], rewards=torch.tensor([0.0, 1.0]), group_ids=torch.tensor([0, 0]))  # one weighted
+    res = E.loss(b, LossConfig(advantages=AdvantageConfig(estimator=est, scale=scale, eps=0.0)))
+    assert torch.isfinite(res.advantages).all() and math.isfinite(res.loss)
+    adv = E.advantages(
+        torch.tensor([0.0, 1.0, 5.0, 5.0]), torch.tensor([0, 0, 1, 2]), AdvantageConfig(est, scale, eps=0.0)
+    ).advantages
+    assert torch.isfinite(adv).all() and adv[2:].tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("est", ["grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"])
 def test_estimators(est):
     r = torch.tensor([1.0, 0.0, 0.0, 2.0, 4.0], dtype=F64)
     g = torch.tensor([0, 0, 0, 1, 1])
