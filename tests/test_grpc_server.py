@@ -667,6 +667,15 @@ def test_stream_bad_input(stub: pb_grpc.LossServiceStub) -> None:
     )
     # no chunk at all
     expect_invalid(run([]), "chunk", "missing")
+    # B == N with sequences not one token each: ambiguous, as in a unary call
+    amb = Batch(
+        logp=torch.tensor([-1.0, -2.0]),
+        offsets=torch.tensor([0, 0, 2]),
+        old_logp=torch.tensor([-1.0, -2.0]),
+        advantages=torch.tensor([1.0, -1.0]),
+    )
+    expect_invalid(_loss_call(stub, batch_msg(amb)), "batch.advantage_level", "ambiguous")
+    expect_invalid(run([pb.StreamLossRequest(chunk=batch_msg(amb))]), "chunk[0].advantage_level", "ambiguous")
 
 
 # ---------------------------------------------------------------- concurrency, deadlines, error mapping

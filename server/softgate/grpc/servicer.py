@@ -733,7 +733,8 @@ def _concatenate(chunks: list[Batch], v: list[FieldViolation]) -> tuple[Batch | 
             v.append(
                 FieldViolation(
                     f"chunk[{i}].advantage_level",
-                    "missing: advantages have length B == N in this chunk; set advantage_level",
+                    "ambiguous: B == N in this chunk but its sequences are not one token each; "
+                    "set advantage_level to 'sequence' or 'token'",
                 )
             )
         elif lvl == "mismatch":
