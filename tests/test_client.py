@@ -395,6 +395,29 @@ def test_an_empty_padded_batch_gives_loss_zero(client, shape: tuple[int, int]) -
         assert lt.grad is not None and lt.grad.shape == shape
 
 
+def test_outputs_are_read_only_in_every_layout(client) -> None:
+    """Found by an audit: a padded batch with padding gave writable arrays, a full-length one,
+    a ragged one (views of the response's bytes) read-only ones, so `r.grad *= s` failed only
+    on the occasional all-truncated batch. Now every layout's outputs are read-only."""
+    rng = np.random.default_rng(3)
+    lp = -rng.random((4, 6)).astype(np.float32) - 0.1
+    adv = np.array([1.0, -1.0, 0.5, 0.0], np.float32)
+    lengths = np.array([6, 3, 6, 1])
+    layouts = {
+        "padded, padding": {"lengths": lengths},
+        "padded, full": {},
+        "ragged": {"offsets": np.arange(5) * 6},
+        "ragged, streamed": {"offsets": np.arange(5) * 6, "stream": True},
+    }
+    for name, layout in layouts.items():
+        x = lp.reshape(-1) if "offsets" in layout else lp
+        r = client.loss(x, x - 0.01, advantages=adv, outputs=("ratio", "clip_mask"), **layout)
+        for out in (r.grad, r.ratio, r.clip_mask):
+            assert out is not None and not out.flags.writeable, name
+        with pytest.raises(ValueError, match="read-only"):
+            r.grad *= 2
+
+
 def test_float64_torch_inputs_and_lengths(client) -> None:
     p = padded_batch(seed=3, dtype=np.float64)
     r, _ = ragged_of(p)

@@ -76,8 +76,9 @@ _TOKEN_OUTPUTS = ("gradient", *cfg.OUTPUTS)
 @dataclass
 class LossResult:
     """What one loss call returned. Per-token arrays have the caller's layout: [B, T] for a
-    padded batch (0 / False outside the sent tokens), [N] for a ragged one. Outputs that were
-    not asked for (`outputs=`) are None."""
+    padded batch (0 / False outside the sent tokens), [N] for a ragged one; they are read-only
+    (often views of the response's bytes): scale a copy, `r.grad * s`. Outputs that were not
+    asked for (`outputs=`) are None."""
 
     loss: float
     policy_loss: float
@@ -819,7 +820,9 @@ def _result(
         a = outs.get(name)
         if a is None:
             return None
-        return layout.unflatten(a, fill=False if a.dtype == np.bool_ else 0)
+        a = layout.unflatten(a, fill=False if a.dtype == np.bool_ else 0)
+        a.flags.writeable = False  # as the response's own bytes are, in every layout
+        return a
 
     grad = shaped("gradient")
     return LossResult(
