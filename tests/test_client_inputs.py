@@ -99,6 +99,15 @@ def test_what_is_not_an_array_a_mask_or_a_sum_is_refused_by_name() -> None:
     )
 
 
+def test_offsets_not_ending_at_the_token_count_are_named_as_the_engine_names_them() -> None:
+    # found by an audit: refused as `batch.logp: bad_shape`, naming the field that was right
+    lp = -np.ones(10, np.float32)
+    assert refusal(lambda: pack_batch(lp, offsets=[0, 4, 8], advantages=[1, 2])) == (
+        "batch.offsets[2]",
+        "bad_offsets: offsets[-1] = 8, must equal the number of tokens 10",
+    )
+
+
 def test_offsets_and_lengths_must_be_whole_numbers() -> None:
     lp = -np.ones(3, np.float32)
     assert refusal(lambda: pack_batch(lp, offsets=np.array([0, 1.7, 3]), advantages=[1, 2])) == (

@@ -189,6 +189,12 @@ def make_layout(
             raise ArrayInputError("offsets", "missing: ragged (1-D) logp needs offsets or lengths")
         if off.ndim != 1 or off.shape[0] < 1:
             raise ArrayInputError("offsets", f"bad_shape: {tuple(off.shape)}; expected (B + 1,)")
+        if off[-1] != logp.shape[0]:  # (named as the engine names it, not as logp's shape)
+            raise ArrayInputError(
+                "offsets",
+                f"bad_offsets: offsets[-1] = {int(off[-1])}, must equal the number of tokens {logp.shape[0]}",
+                off.shape[0] - 1,
+            )
         m = None
         if mask is not None:
             m = _bool_mask(mask)
