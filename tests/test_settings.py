@@ -92,6 +92,9 @@ def test_environment_coercion(env: dict[str, str], field: str, value: object) ->
         ({"keepalive_time_s": "1e12"}, "keepalive_time_s"),
         ({"keepalive_timeout_s": "nan"}, "keepalive_timeout_s"),
         ({"max_connection_age_s": "inf"}, "max_connection_age_s"),
+        # these turned connection aging off silently (found by an audit); none does that
+        ({"max_connection_age_s": "-300"}, "max_connection_age_s: -300.0 must be from 0 to 2147483"),
+        ({"max_connection_age_s": "0"}, "max_connection_age_s: 0 must be > 0 (or none)"),
         ({"max_connection_age_grace_s": "1e10"}, "max_connection_age_grace_s"),
         ({"grace_seconds": "inf"}, "grace_seconds"),
         ({"max_message_bytes": str(1 << 33)}, "max_message_bytes: 8589934592 must be below 2 GiB"),

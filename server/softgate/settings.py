@@ -317,8 +317,6 @@ def _coerce(name: str, value: Any, source: str) -> Any:
                 return None
             if name == "admin_port" and s == "-1":
                 return None
-            if name == "max_connection_age_s" and s in ("0", "-1"):
-                return None
         if value is None:
             if optional:
                 return None
@@ -350,8 +348,6 @@ def _coerce(name: str, value: Any, source: str) -> Any:
                 fv = float(value)
             except (TypeError, ValueError, OverflowError):  # (OverflowError: an int past 1e308)
                 raise ValueError(f"{value!r} is not a number") from None
-            if name == "max_connection_age_s" and fv <= 0:
-                return None
             return fv
         s = str(value)
         if name == "log_level":
