@@ -37,6 +37,7 @@ from softgate.engine import (
     Sapo,
 )
 from softgate.grpc.server import GrpcServer
+from softgate.observability import PrometheusTelemetry
 from softgate.settings import Settings
 from softgate.telemetry import Telemetry
 from softgate_client.proto.softgate.v1 import softgate_pb2 as pb
@@ -699,7 +700,8 @@ class SlowEngine(Engine):
 
 
 def test_resource_exhausted_past_the_concurrency_limit() -> None:
-    with ServerThread(engine=SlowEngine(delay=1.0), max_concurrent_rpcs=1) as srv:
+    tel = PrometheusTelemetry(None)
+    with ServerThread(engine=SlowEngine(delay=1.0), telemetry=tel, max_concurrent_rpcs=1) as srv:
         stub = srv.stub()
         req = pb.ComputeLossRequest(batch=_good())
         with ThreadPoolExecutor(1) as pool:
@@ -718,6 +720,12 @@ def test_resource_exhausted_past_the_concurrency_limit() -> None:
             assert first.result().outputs.HasField("gradient")
         # the slot is released: the next call succeeds
         assert stub.ComputeLoss(req, timeout=10).outputs.HasField("gradient")
+    # counted apart from a device out of memory (RESOURCE_EXHAUSTED too), for the SoftgateBusy alert
+    busy = tel.registry.get_sample_value("softgate_busy_refusals_total", {"rpc": "ComputeLoss"})
+    refused = tel.registry.get_sample_value(
+        "softgate_requests_total", {"rpc": "ComputeLoss", "code": "RESOURCE_EXHAUSTED"}
+    )
+    assert busy == refused == 1
 
 
 def test_deadline_exceeded() -> None:

@@ -275,6 +275,7 @@ def test_exposition_follows_the_conventions() -> None:
         "softgate_in_flight_requests",
         "softgate_in_flight_tokens",
         "softgate_rejected_inputs",
+        "softgate_busy_refusals",
         "softgate_device_info",
         "softgate_engine_configurations",
     }

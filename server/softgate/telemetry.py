@@ -33,6 +33,9 @@ class Telemetry:
     def rejected(self, rpc: str, reasons: list[str]) -> None:
         """A request was refused for bad input; `reasons` are short reason codes."""
 
+    def busy(self, rpc: str) -> None:
+        """A request was turned away RESOURCE_EXHAUSTED at max_concurrent_rpcs."""
+
     def observe_loss(self, run: str, config: Any, result: Any) -> None:
         """A loss was computed: `config` is the engine LossConfig, `result` its LossResult."""
 

@@ -174,6 +174,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         if self.closing:
             await self._refuse(call, grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN, context)
         if self.in_flight >= self.max_concurrent_rpcs:
+            self._hook("busy", rpc)
             await self._refuse(
                 call,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,

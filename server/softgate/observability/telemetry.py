@@ -168,6 +168,13 @@ class PrometheusTelemetry(Telemetry):
             ["rpc", "reason"],
             registry=r,
         )
+        self.busy_refusals = Counter(
+            "softgate_busy_refusals",
+            "Requests turned away RESOURCE_EXHAUSTED at max_concurrent_rpcs, by rpc (back-pressure "
+            "clients retry; also counted in softgate_requests_total, as is a device out of memory).",
+            ["rpc"],
+            registry=r,
+        )
         self.device_info = Info("softgate_device", "The device the engine computes on.", registry=r)
         # softgate_engine_configurations, exported by the collector from one read a scrape
         self.engine_states: Callable[[], dict[str, int]] = dict
@@ -186,6 +193,7 @@ class PrometheusTelemetry(Telemetry):
                 self._request_children[(rpc, code)] = self.requests.labels(rpc, code)
             for reason in REASONS:
                 self.rejected_inputs.labels(rpc, reason)
+            self.busy_refusals.labels(rpc)
         self._reasons.update(REASONS)
         self.collector = SoftgateCollector(self)
         r.register(self.collector)
@@ -337,6 +345,9 @@ class PrometheusTelemetry(Telemetry):
             _, st = self.runs.state(run)
             st.inc("softgate_processed_tokens_total", (rpc,), tokens)
             st.inc("softgate_processed_sequences_total", (rpc,), sequences)
+
+    def busy(self, rpc: str) -> None:
+        self.busy_refusals.labels(rpc).inc()
 
     def rejected(self, rpc: str, reasons: list[str]) -> None:
         labels = {_reason_label(x) for x in (reasons or ["unknown"])}
