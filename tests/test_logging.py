@@ -14,7 +14,7 @@ from softgate.logging import configure, get_logger
 def restore_handlers():
     """configure() rewires these loggers (handlers, level, propagation); put them back, or
     later tests' caplog, which listens at the root, hears nothing."""
-    names = ("softgate", "uvicorn", "uvicorn.error", "uvicorn.access")
+    names = ("", "softgate", "uvicorn", "uvicorn.error", "uvicorn.access")
     loggers = [logging.getLogger(n) for n in names]
     saved = [(list(lg.handlers), lg.level, lg.propagate) for lg in loggers]
     yield
@@ -57,6 +57,29 @@ def test_json_logs_are_one_object_per_line(restore_handlers) -> None:
     ]
     assert docs[0]["address"] == "127.0.0.1:50051" and docs[0]["tls"] is False
     assert docs[1]["rpc"] == "ComputeLoss" and "ValueError: first line\nsecond line" in docs[1]["exc"]
+
+
+def test_other_libraries_records_are_events_and_grpc_cancellations_are_not(restore_handlers) -> None:
+    """Found by an audit: a stream cut at the grace period's end left grpc's logging of the
+    cancellation on stderr as Python's last resort writes it, a traceback over three lines."""
+    import asyncio
+
+    out = io.StringIO()
+    configure("json", "INFO", stream=out)
+    try:
+        raise asyncio.CancelledError()
+    except asyncio.CancelledError as e:
+        logging.getLogger("grpc._cython.cygrpc").exception(e)  # as grpc's aio server does
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        logging.getLogger("asyncio").error("Task exception was never retrieved", exc_info=True)
+    logging.getLogger("torch._inductor").info("below the root's WARNING: not written")
+    docs = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [(d["logger"], d["level"], d["event"]) for d in docs] == [
+        ("asyncio", "error", "Task exception was never retrieved")
+    ]
+    assert docs[0]["exc"].endswith("ValueError: boom")
 
 
 _NATIVE_SCRIPT = r"""

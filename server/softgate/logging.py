@@ -16,6 +16,7 @@ into events of the `softgate.native` logger (`NativeStderr`), so that every line
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import faulthandler
 import json
@@ -98,13 +99,29 @@ def get_logger(name: str) -> EventLogger:
     return EventLogger(logging.getLogger(full), {})
 
 
+def _not_a_cancellation(record: logging.LogRecord) -> bool:
+    """grpc logs a call it cancels at the grace period's end as an exception: it is not one
+    (the server's own `grpc_stopping` / `grpc_stopped` events say that calls were cut)."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (record.name.startswith("grpc") and isinstance(exc, asyncio.CancelledError))
+
+
 def configure(log_format: str = "text", level: str = "INFO", stream: TextIO | None = None) -> None:
-    """Install the one handler on the `softgate` and uvicorn loggers (idempotent)."""
+    """Install the one handler on the `softgate` and uvicorn loggers, and on the root logger
+    for other libraries' warnings and errors (idempotent)."""
     fmt: logging.Formatter = JsonFormatter() if log_format == "json" else TextFormatter()
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.set_name(_HANDLER_NAME)
     handler.setFormatter(fmt)
+    handler.addFilter(_not_a_cancellation)
     lvl = getattr(logging, str(level).upper(), logging.INFO)
+    # grpc's, asyncio's, torch's records (the root's level, WARNING) as events too, not as
+    # Python's last-resort handler writes them: a bare message, a traceback over several lines
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if h.get_name() == _HANDLER_NAME:
+            root.removeHandler(h)
+    root.addHandler(handler)
     for name in ("softgate", "uvicorn", "uvicorn.error"):
         lg = logging.getLogger(name)
         for h in list(lg.handlers):
