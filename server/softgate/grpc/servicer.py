@@ -88,9 +88,8 @@ class _Call:
     bytes_out: int = 0
     started: bool = False
     error: str | None = None  # the failure's message (log_requests)
-    peer: str | None = (
-        None  # read at admission (log_requests): a cancelled call's context.peer() can crash grpc
-    )
+    # read at admission (log_requests): context.peer() of a cancelled call can crash grpc
+    peer: str | None = None
 
 
 class _Guard:
