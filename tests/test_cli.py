@@ -303,7 +303,7 @@ def test_sigterm_during_a_background_compile_exits_0_and_leaves_no_build_directo
 def test_log_requests_survives_streams_cancelled_mid_call(serve: Any) -> None:
     """Found by an audit: with --log-requests, a StreamLoss cancelled after its first chunks
     crashed the server (SIGSEGV in grpc: the log line read context.peer() of the cancelled
-    call); 1-5 tries did it. Each cancelled call is now one CANCELLED line with its peer."""
+    call); 1-5 tries did it. Now the server serves on, one line a call, each with its peer."""
     s = serve(
         "--grpc-port", "0", "--grpc-host", "127.0.0.1", "--admin-port", "-1",
         "--log-format", "json", "--device", "cpu", "--no-compile", "--log-requests",

@@ -155,9 +155,8 @@ def test_reinforce_pp_whitens_min_group_std_degenerate_members_as_zero():
     want, frac = reference_advantages(r.tolist(), g.tolist(), cfg)
     assert frac == 0.5
     torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=RTOL, atol=1e-12)
-    assert got[2:].abs().tolist() == pytest.approx(
-        [0.5 / (0.2**0.5 + 1e-6)] * 4, rel=1e-12
-    )  # by hand: mean 0, var 1/5
+    by_hand = 0.5 / (0.2**0.5 + 1e-6)  # group 1's R - mean_g is +-0.5, the whitening's mean 0, var 1/5
+    assert got[2:].abs().tolist() == pytest.approx([by_hand] * 4, rel=1e-12)
     batch = random_batch(10, advantages="rewards", max_len=12)  # a group degenerate by min_group_std alone
     check_against_reference(
         batch,
