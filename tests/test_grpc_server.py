@@ -679,6 +679,28 @@ def test_stream_bad_input(stub: pb_grpc.LossServiceStub) -> None:
     expect_invalid(run([pb.StreamLossRequest(chunk=batch_msg(amb))]), "chunk[0].advantage_level", "ambiguous")
 
 
+def test_stream_chunks_that_fit_either_advantage_level_take_the_others(stub: pb_grpc.LossServiceStub) -> None:
+    """Found by an audit: an empty chunk, or one of one-token sequences, was inferred as
+    per-sequence and refused `inconsistent` next to per-token chunks, where ComputeLoss on the
+    whole batch is fine. Such a chunk fits either level and takes the others'."""
+    logp = torch.tensor([-0.5, -1.0, -0.3, -0.2, -0.9])
+    adv = torch.tensor([1.0, -0.5, 0.3, 0.2, -1.0])  # per token
+
+    def chunk(lo: int, hi: int, offsets: list[int]) -> pb.StreamLossRequest:
+        b = Batch(logp=logp[lo:hi], offsets=torch.tensor(offsets), advantages=adv[lo:hi])
+        return pb.StreamLossRequest(chunk=batch_msg(b))
+
+    whole = Batch(logp=logp, offsets=torch.tensor([0, 1, 2, 5]), advantages=adv)
+    want = stub.ComputeLoss(pb.ComputeLossRequest(batch=batch_msg(whole)), timeout=10).loss
+    for chunks in (
+        [chunk(0, 2, [0, 1, 2]), chunk(2, 5, [0, 3])],  # one-token sequences first
+        [chunk(0, 0, [0]), chunk(0, 2, [0, 1, 2]), chunk(2, 5, [0, 3])],  # an empty chunk first
+        [chunk(0, 2, [0, 1, 2]), chunk(2, 5, [0, 3]), chunk(5, 5, [0])],  # and last
+    ):
+        got = list(stub.StreamLoss(iter(chunks), timeout=10))
+        assert got[-1].summary.loss == want
+
+
 # ---------------------------------------------------------------- concurrency, deadlines, error mapping
 
 

@@ -685,7 +685,8 @@ _STREAM_TENSORS = (
 
 
 def _level(b: Batch) -> str | None:
-    """The advantage level of a chunk: given, or inferred like the engine does."""
+    """The advantage level of a chunk: given, or inferred like the engine does; "either" for a
+    chunk that fits both (empty, or one-token sequences), which takes the other chunks' level."""
     if b.advantages is None:
         return None
     if b.advantage_level is not None:
@@ -697,7 +698,7 @@ def _level(b: Batch) -> str | None:
         return "token"
     if n_adv == bsz == n:
         lengths = b.offsets[1:] - b.offsets[:-1]
-        return "sequence" if bool((lengths == 1).all()) else "ambiguous"
+        return "either" if bool((lengths == 1).all()) else "ambiguous"
     return "mismatch"
 
 
@@ -709,6 +710,7 @@ def _concatenate(chunks: list[Batch], v: list[FieldViolation]) -> tuple[Batch | 
         seq_starts.append(seq_starts[-1] + b.num_seqs)
     ref = chunks[0]
     levels = [_level(b) for b in chunks]
+    first = next((i for i, lvl in enumerate(levels) if lvl in ("sequence", "token")), None)
     for i, b in enumerate(chunks):
         for name in _STREAM_TENSORS:
             x, x0 = getattr(b, name), getattr(ref, name)
@@ -745,11 +747,11 @@ def _concatenate(chunks: list[Batch], v: list[FieldViolation]) -> tuple[Batch | 
                     f"length_mismatch: length {b.advantages.numel()}, expected B = {b.num_seqs} or N = {b.num_tokens}",
                 )
             )
-        elif lvl is not None and levels[0] in ("sequence", "token") and lvl != levels[0]:
+        elif lvl in ("sequence", "token") and first is not None and lvl != levels[first]:
             v.append(
                 FieldViolation(
                     f"chunk[{i}].advantage_level",
-                    f"inconsistent: {lvl} advantages here, {levels[0]} in chunk 0",
+                    f"inconsistent: {lvl} advantages here, {levels[first]} in chunk {first}",
                 )
             )
     if v:
@@ -761,7 +763,8 @@ def _concatenate(chunks: list[Batch], v: list[FieldViolation]) -> tuple[Batch | 
     for name in _STREAM_TENSORS:
         parts = [getattr(b, name) for b in chunks]
         cat[name] = None if parts[0] is None else (parts[0] if len(parts) == 1 else torch.cat(parts))
-    level = levels[0] if len(chunks) > 1 else ref.advantage_level
+    # (every chunk "either": the engine infers the level of the whole, as for a unary call)
+    level = (levels[first] if first is not None else None) if len(chunks) > 1 else ref.advantage_level
     batch = Batch(
         offsets=offsets[0] if len(offsets) == 1 else torch.cat(offsets), advantage_level=level, **cat
     )
