@@ -300,6 +300,9 @@ def test_list_algorithms(stub: pb_grpc.LossServiceStub) -> None:
     }
     assert {k.name for k in r.kl_estimators} == {"k1", "k2", "k3"}
     assert {m.name for m in r.mismatch_modes} == {"truncate", "mask"}
+    # each list's default first, as the proto says (found by an audit: only objectives were)
+    firsts = [x[0].name for x in (r.advantage_estimators, r.aggregations, r.kl_estimators, r.mismatch_modes)]
+    assert firsts == ["grpo", "seq_mean_token_mean", "k3", "truncate"]
     assert {"grad_retained", "clip_low", "gate_mean_pos"} <= {m.name for m in r.metrics}
     assert r.limits.max_tokens == 100_000 and r.limits.max_message_bytes == 512 << 20
 

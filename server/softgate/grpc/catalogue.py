@@ -25,7 +25,7 @@ PARAM_HELP: dict[str, str] = {
     "eps": "added to the std before dividing, >= 0",
     "min_group_std": "groups with reward std below this get advantage 0, >= 0",
     "num_tokens": "global N_tok normaliser, > 0; unset: this request's trained tokens",
-    "num_seqs": "global N_seq normaliser, > 0; unset: this request's sequences",
+    "num_seqs": "global N_seq normaliser (sequences with a trained token), > 0; unset: this request's",
     "constant": "K of token_sum_norm, > 0 (required by that mode)",
     "beta": "KL coefficient, >= 0",
     "level": "token or sequence mismatch weight",
@@ -91,6 +91,12 @@ def _params(cls: type, skip: tuple[str, ...] = ("name",)) -> list[pb.ParameterIn
     return [_param(cls, f) for f in dataclasses.fields(cls) if f.name not in skip]
 
 
+def _default_first(cls: type, name: str) -> list[str]:
+    """`cls.name`'s choices with its default first (as objectives are listed)."""
+    default = getattr(cls(), name)
+    return sorted(_choices(cls, name), key=lambda x: x != default)
+
+
 def build(limits: Limits, max_message_bytes: int) -> pb.ListAlgorithmsResponse:
     r = pb.ListAlgorithmsResponse(server_version=__version__)
     default_obj = c.LossConfig().objective.name
@@ -99,17 +105,17 @@ def build(limits: Limits, max_message_bytes: int) -> pb.ListAlgorithmsResponse:
         cls = c.OBJECTIVES[name]
         r.objectives.add(name=name, description=_doc(cls), parameters=_params(cls))
     adv_params = _params(c.AdvantageConfig, skip=("estimator",))
-    for est in _choices(c.AdvantageConfig, "estimator"):
+    for est in _default_first(c.AdvantageConfig, "estimator"):
         r.advantage_estimators.add(name=est, description=ESTIMATOR_HELP.get(est, ""), parameters=adv_params)
     agg_params = _params(c.AggregationConfig, skip=("mode",))
-    for mode in _choices(c.AggregationConfig, "mode"):
+    for mode in _default_first(c.AggregationConfig, "mode"):
         r.aggregations.add(name=mode, description=AGGREGATION_HELP.get(mode, ""), parameters=agg_params)
     kl_params = _params(c.KLConfig, skip=("estimator",))
-    for est in _choices(c.KLConfig, "estimator"):
+    for est in _default_first(c.KLConfig, "estimator"):
         r.kl_estimators.add(name=est, description=KL_HELP.get(est, ""), parameters=kl_params)
     by_mode = {"truncate": ("level", "cap"), "mask": ("level", "lo", "hi")}
     fields = {f.name: f for f in dataclasses.fields(c.MismatchConfig)}
-    for mode in _choices(c.MismatchConfig, "mode"):
+    for mode in _default_first(c.MismatchConfig, "mode"):
         r.mismatch_modes.add(
             name=mode,
             description=MISMATCH_HELP.get(mode, ""),
