@@ -210,6 +210,36 @@ def test_old_runs_fold_into_other_and_totals_are_conserved() -> None:
     assert [r["run"] for r in tel.runs_overview()][:3] == ["run-9", "run-8", "run-7"]
 
 
+def test_run_windows_weigh_a_signs_statistic_by_that_signs_tokens() -> None:
+    """Found by an audit: a batch without A>0 tokens added its stand-in gate saturation 0 and
+    gate mean 1 to the A>0 window, weighted by all its tokens, so the API read a run as
+    healthier than Grafana did. Each sign's statistic is now weighed by that sign's tokens."""
+    tel = PrometheusTelemetry(S(sample=None))
+    e = Engine(device="cpu", compile=False)
+    g = torch.Generator().manual_seed(5)
+    results = []
+    for sign, n in ((1.0, 48), (-1.0, 16)):  # a batch of A>0 tokens only, then one of A<0 only
+        logp = -torch.rand(n, generator=g) - 0.1
+        old = (logp + torch.randn(n, generator=g)).clamp(max=0.0)  # ratios far from 1
+        batch = Batch(logp=logp, old_logp=old, offsets=torch.tensor([0, n]), advantages=torch.tensor([sign]))
+        results.append(e.loss(batch, LossConfig()))
+        tel.observe_loss("r", LossConfig(), results[-1])
+    tel.kick()
+    pos, neg = (r.metrics for r in results)
+    w = tel.run_summary("r")["windows"]["last_10_batches"]
+    # a trainer's own run name finds its run, as the label was made of it (found by the audit)
+    tel.observe_loss("x" * 70 + " #1", LossConfig(), results[0])
+    assert tel.run_summary("x" * 70 + " #1") == tel.run_summary("x" * 64)
+    for key, want in (
+        ("gate_saturation_pos", pos["gate_saturation_pos"]),
+        ("gate_mean_pos", pos["gate_mean_pos"]),
+        ("gate_saturation_neg", neg["gate_saturation_neg"]),
+        ("gate_mean_neg", neg["gate_mean_neg"]),
+    ):
+        assert w[key] == pytest.approx(want), key
+    assert pos["gate_saturation_pos"] > 0 and pos["gate_mean_pos"] < 1 and neg["gate_mean_neg"] < 1
+
+
 # ---------------------------------------------------------------- exposition
 
 

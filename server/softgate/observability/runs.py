@@ -198,8 +198,22 @@ WINDOW_KEYS = (
 )
 
 
+# a sign's statistic is a share (or mean) over that sign's tokens: weighted by them, and a
+# batch without any is left out (its 0 / 1 stands for "none")
+SIGN_WEIGHTS = {
+    "gate_saturation_pos": "tokens_pos",
+    "gate_mean_pos": "tokens_pos",
+    "clip_high": "tokens_pos",
+    "gate_saturation_neg": "tokens_neg",
+    "gate_mean_neg": "tokens_neg",
+    "clip_low": "tokens_neg",
+    "dual_clip": "tokens_neg",
+}
+
+
 def summarize(batches: list[BatchRecord]) -> dict[str, Any]:
-    """Mean of each per-batch statistic (tokens-weighted), the ratio range, KL max."""
+    """Mean of each per-batch statistic (weighted by the batch's tokens, or by its tokens of
+    the statistic's sign), the ratio range, KL max."""
     out: dict[str, Any] = {"batches": len(batches)}
     if not batches:
         return out
@@ -210,7 +224,13 @@ def summarize(batches: list[BatchRecord]) -> dict[str, Any]:
     objectives = sorted({b.objective for b in batches})
     out["objectives"] = objectives
     for key in WINDOW_KEYS:
-        vals = [(b.values[key], max(b.tokens, 1)) for b in batches if _finite(b.values.get(key))]
+        sign = SIGN_WEIGHTS.get(key)
+        vals = [
+            (b.values[key], b.values.get(sign, 0.0) if sign else max(b.tokens, 1))
+            for b in batches
+            if _finite(b.values.get(key))
+        ]
+        vals = [(v, n) for v, n in vals if n > 0]
         if vals:
             w = sum(n for _, n in vals)
             out[key] = sum(v * n for v, n in vals) / w

@@ -472,7 +472,11 @@ class PrometheusTelemetry(Telemetry):
                     objective=objective,
                     tokens=int(n_tok),
                     seqs=int(n_seq),
-                    values={k: v for k, v in values.items() if v is not None},
+                    values={
+                        **{k: v for k, v in values.items() if v is not None},
+                        "tokens_pos": tok["pos"],
+                        "tokens_neg": tok["neg"],
+                    },
                 )
             )
 
@@ -520,7 +524,9 @@ class PrometheusTelemetry(Telemetry):
         return generate_latest(self.registry)
 
     def run_summary(self, run: str) -> dict[str, Any] | None:
+        """One run's totals and windows, `run` as a trainer names it (sanitised as its label is)."""
         self.flush()
+        run = sanitize_run(run)
         with self.lock:
             st = self.runs.get(run)
             if st is None:
