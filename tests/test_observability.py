@@ -387,6 +387,22 @@ def test_engine_configurations_are_read_at_scrape_time() -> None:
     assert len(reads) == 2
 
 
+def test_in_flight_tokens_drop_by_the_finished_calls_own() -> None:
+    """Found by an audit: a finished call took off the tokens of its run's oldest call in
+    flight (a 100-token call ending before a 1M-token one left 100 in flight, not 1M)."""
+    tel = PrometheusTelemetry(S())
+
+    def tokens() -> float:
+        return next(v for n, _, v in _samples(tel) if n == "softgate_in_flight_tokens")
+
+    tel.request_started("ComputeLoss", "a", 1_000_000)
+    tel.request_started("ComputeLoss", "a", 100)
+    tel.request_finished("ComputeLoss", "a", "OK", 0.1, 1, 1, 100, 1)
+    assert tokens() == 1_000_000
+    tel.request_finished("ComputeLoss", "a", "OK", 0.1, 1, 1, 1_000_000, 1)
+    assert tokens() == 0
+
+
 def test_in_flight_gauges_return_to_zero() -> None:
     tel = PrometheusTelemetry(S())
     tel.request_started("Loss", "a", 100)

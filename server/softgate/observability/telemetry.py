@@ -319,7 +319,13 @@ class PrometheusTelemetry(Telemetry):
     ) -> None:
         with self.lock:
             q = self._in_flight.get((rpc, run or ""))
-            started = q.popleft() if q else None
+            started = None
+            if q:  # the call's own start (its token count), else the oldest of its run and rpc
+                try:
+                    q.remove(max(int(tokens or 0), 0))
+                    started = max(int(tokens or 0), 0)
+                except ValueError:
+                    started = q.popleft()
             if q is not None and not q:
                 del self._in_flight[(rpc, run or "")]
         if code == "OK":
