@@ -37,6 +37,7 @@ from softgate.engine import (
     Sapo,
 )
 from softgate.grpc.server import GrpcServer
+from softgate.grpc.servicer import _Call
 from softgate.observability import PrometheusTelemetry
 from softgate.settings import Settings
 from softgate.telemetry import Telemetry
@@ -768,6 +769,47 @@ def test_deadline_exceeded() -> None:
             h.Check(health_pb2.HealthCheckRequest(), timeout=1).status
             == health_pb2.HealthCheckResponse.SERVING
         )
+
+
+def test_calls_cut_at_their_deadline_count_as_such_and_record_no_batch() -> None:
+    """Found by an audit: a call grpc cut at its deadline was counted CANCELLED (which the
+    error-rate alert leaves out), and one whose engine finished after it still recorded its
+    batch in the run's metrics, a batch the trainer never received."""
+    tel = PrometheusTelemetry(None)
+    with ServerThread(engine=SlowEngine(delay=1.0), telemetry=tel) as srv:
+        stub = srv.stub()
+        with pytest.raises(grpc.RpcError) as ei:
+            stub.ComputeLoss(pb.ComputeLossRequest(batch=_good()), timeout=0.3)
+        assert ei.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+        def held_open() -> Iterator[pb.StreamLossRequest]:  # no half-close before the deadline
+            yield pb.StreamLossRequest(chunk=_good())
+            time.sleep(1.0)
+
+        with pytest.raises(grpc.RpcError) as ei:
+            list(stub.StreamLoss(held_open(), timeout=0.3))
+        assert ei.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        time.sleep(1.2)  # the engine's call ends after its deadline
+    tel.flush()
+    got = {
+        (s.labels["rpc"], s.labels["code"]): s.value
+        for fam in tel.registry.collect()
+        for s in fam.samples
+        if s.name == "softgate_requests_total" and s.value
+    }
+    assert got == {("ComputeLoss", "DEADLINE_EXCEEDED"): 1, ("StreamLoss", "DEADLINE_EXCEEDED"): 1}
+    batches = [
+        s for fam in tel.registry.collect() for s in fam.samples if s.name == "softgate_loss_batches_total"
+    ]
+    assert not any(s.value for s in batches)
+    # a call grpc cancels is accounted DEADLINE_EXCEEDED once its deadline has passed (grpc's
+    # cancel at the deadline can come before the server's own timer, as the audit saw)
+    call = _Call("ComputeLoss", "default")
+    assert call.cut() == "CANCELLED"  # no deadline
+    call.deadline = time.perf_counter() + 60
+    assert call.cut() == "CANCELLED"
+    call.deadline = time.perf_counter()
+    assert call.cut() == "DEADLINE_EXCEEDED"
 
 
 def test_unexpected_error_is_internal_and_generic(caplog: pytest.LogCaptureFixture) -> None:

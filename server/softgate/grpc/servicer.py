@@ -90,6 +90,12 @@ class _Call:
     error: str | None = None  # the failure's message (log_requests)
     # read at admission (log_requests): context.peer() of a cancelled call can crash grpc
     peer: str | None = None
+    deadline: float | None = None  # perf_counter time; a call cut past it is DEADLINE_EXCEEDED
+
+    def cut(self) -> str:
+        """The code of a call grpc cancelled: its deadline's, once that has passed."""
+        late = self.deadline is not None and time.perf_counter() >= self.deadline
+        return "DEADLINE_EXCEEDED" if late else "CANCELLED"
 
 
 class _Guard:
@@ -109,7 +115,7 @@ class _Guard:
         """(Returns None: an exception always propagates, or the abort's replaces it.)"""
         try:
             if isinstance(exc, asyncio.CancelledError):
-                self.call.code = "CANCELLED"
+                self.call.code = self.call.cut()
             elif isinstance(exc, Exception) and not isinstance(exc, grpc.aio.AbortError):
                 await self.servicer._fail(self.call, exc, self.context)  # aborts: raises AbortError
         finally:
@@ -166,6 +172,9 @@ class LossServicer(pb_grpc.LossServiceServicer):
         call = _Call(rpc, run_of(context))
         if self.log_requests:
             call.peer = context.peer()
+        remaining = context.time_remaining()
+        if remaining is not None:
+            call.deadline = call.t0 + remaining
         return call
 
     async def _admit(self, rpc: str, context: Any) -> _Call:
@@ -300,6 +309,8 @@ class LossServicer(pb_grpc.LossServiceServicer):
     async def _fail(self, call: _Call, exc: BaseException, context: Any) -> None:
         f = failure_for(exc)
         call.code, call.error = f.code.name, f.message
+        if isinstance(exc, Cancelled):  # (grpc cancels a call at its deadline too)
+            call.code = call.cut()
         if f.reasons:
             self._hook("rejected", call.rpc, list(f.reasons))
         if f.log:
@@ -316,7 +327,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         except Exception:  # a context without callbacks
             self._kick(call)
         if call.code == "OK" and context.cancelled():
-            call.code = "CANCELLED"
+            call.code = call.cut()
         self._account(call, time.perf_counter() - call.t0)
 
     def _guard(self, rpc: str, context: Any) -> _Guard:
@@ -386,8 +397,8 @@ class LossServicer(pb_grpc.LossServiceServicer):
             result = self.engine.advantages(rewards, group_ids, config)
         except InputError as e:
             raise codec.rename(e, _advantages_field) from None
-        self._hook("observe_advantages", run, config, result)
         self._check(cancel)
+        self._hook("observe_advantages", run, config, result)
         resp = pb.ComputeAdvantagesResponse()
         codec.encode_tensor(result.advantages, resp.advantages)
         resp.metrics.update(codec.metrics_map(result.metrics))
@@ -450,8 +461,8 @@ class LossServicer(pb_grpc.LossServiceServicer):
             raise codec.rename(
                 e, lambda f: FieldViolation(codec.request_field(f.field), f.reason, f.index)
             ) from None
+        self._check(cancel)  # (a call cut meanwhile records no batch: its trainer never got it)
         self._hook("observe_loss", run, config, result)
-        self._check(cancel)
         if out is not None:
             return out.encode(result)
         if wire is not None and codec.LITTLE_ENDIAN:
@@ -557,8 +568,8 @@ class LossServicer(pb_grpc.LossServiceServicer):
             result = self.engine.loss(batch, config, sample_tokens=self._sample_tokens(names))
         except InputError as e:
             raise codec.rename(e, lambda f: _chunk_field(f, batch, tok_starts, seq_starts)) from None
+        self._check(cancel)  # (a call cut meanwhile records no batch: its trainer never got it)
         self._hook("observe_loss", run, config, result)
-        self._check(cancel)
         host: LossResult = codec.host_result(result, names)
         if encoded:
             return _encode_stream(result, host, names, tok_starts, seq_starts)
