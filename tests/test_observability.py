@@ -238,6 +238,15 @@ def test_run_windows_weigh_a_signs_statistic_by_that_signs_tokens() -> None:
     ):
         assert w[key] == pytest.approx(want), key
     assert pos["gate_saturation_pos"] > 0 and pos["gate_mean_pos"] < 1 and neg["gate_mean_neg"] < 1
+    # likewise the dual clip's per-batch histogram (a share of A<0 tokens): one batch had them
+    tel.observe_loss("g", LossConfig(objective=Grpo(dual_clip=3.0)), results[0])  # A>0 only
+    tel.kick()
+    counts = [
+        v
+        for n, lab, v in _samples(tel)
+        if n == "softgate_batch_dual_clip_fraction_count" and lab["run"] == "g"
+    ]
+    assert counts in ([], [0.0])
 
 
 # ---------------------------------------------------------------- exposition

@@ -450,7 +450,8 @@ class PrometheusTelemetry(Telemetry):
             # per-batch histograms (a sign's fraction only when that sign has tokens)
             for name, key, sign in BATCH_HISTOGRAMS:
                 v = values.get(key)
-                if v is None or (sign is not None and tok.get(sign, 0.0) <= 0):
+                over = "neg" if key == "dual_clip" else sign  # (the dual clip's share is of A<0 tokens)
+                if v is None or (over is not None and tok.get(over, 0.0) <= 0):
                     continue
                 labels: tuple[str, ...] = (objective, sign) if sign else (objective,)
                 if name == "softgate_batch_degenerate_group_fraction":
