@@ -271,10 +271,10 @@ class LossServicer(pb_grpc.LossServiceServicer):
             and self._fast_streak >= INLINE_STREAK
         )
 
-    async def _run(self, context: Any, fn: Callable[[threading.Event], T], tokens: int | None = None) -> T:
+    async def _run(self, call: _Call, fn: Callable[[threading.Event], T], tokens: int | None = None) -> T:
         """Run `fn(cancel_event)` in the pool (or inline, see `_inline`), bounded by the call's
         deadline. `tokens`: the call's size, None for work that must never run inline."""
-        remaining = context.time_remaining()
+        remaining = None if call.deadline is None else call.deadline - time.perf_counter()
         if remaining is not None and remaining <= 0:
             raise DeadlineExceeded()
         small = tokens is not None and tokens <= self.inline_max_tokens
@@ -357,7 +357,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
             call.bytes_in = request.ByteSize()
             self._start(call)
             resp = await self._run(
-                context, lambda cancel: self._advantages(request, call.run, cancel), call.sequences
+                call, lambda cancel: self._advantages(request, call.run, cancel), call.sequences
             )
             call.bytes_out = resp.ByteSize()
             return resp
@@ -418,9 +418,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
             call.sequences = max(codec.claimed_elements(msg.batch.offsets) - 1, 0)
             call.bytes_in = wire.nbytes if wire is not None else msg.ByteSize()
             self._start(call)
-            resp = await self._run(
-                context, lambda cancel: self._loss(msg, call.run, cancel, wire), call.tokens
-            )
+            resp = await self._run(call, lambda cancel: self._loss(msg, call.run, cancel, wire), call.tokens)
             call.bytes_out = len(resp) if isinstance(resp, codec.Encoded) else resp.ByteSize()
             return resp
 
@@ -521,7 +519,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
                     call.sequences += s
                     views = wire.views if wire is not None else None
                     fn = functools.partial(_decode_chunk, msg.chunk, i, views)
-                    decoding.append(asyncio.ensure_future(self._run(context, fn, n)))
+                    decoding.append(asyncio.ensure_future(self._run(call, fn, n)))
                     del msg, item, wire, views, fn  # the decoded tensors are all that is kept
                     await asyncio.sleep(0)  # let the decode start (inline ones run here)
                 chunks = [await t for t in decoding]
@@ -536,7 +534,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
             self._start(call)
             config_msg = cfg_msg
             responses = await self._run(
-                context,
+                call,
                 lambda cancel: self._stream_loss(config_msg, out_msg, chunks, call.run, cancel, encoded),
                 call.tokens,
             )

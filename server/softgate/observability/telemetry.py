@@ -317,13 +317,14 @@ class PrometheusTelemetry(Telemetry):
         tokens: int,
         sequences: int,
     ) -> None:
+        own = max(int(tokens or 0), 0)
         with self.lock:
             q = self._in_flight.get((rpc, run or ""))
             started = None
             if q:  # the call's own start (its token count), else the oldest of its run and rpc
                 try:
-                    q.remove(max(int(tokens or 0), 0))
-                    started = max(int(tokens or 0), 0)
+                    q.remove(own)
+                    started = own
                 except ValueError:
                     started = q.popleft()
             if q is not None and not q:
