@@ -210,6 +210,22 @@ def test_old_runs_fold_into_other_and_totals_are_conserved() -> None:
     assert [r["run"] for r in tel.runs_overview()][:3] == ["run-9", "run-8", "run-7"]
 
 
+def test_a_call_without_work_takes_no_runs_slot() -> None:
+    """Found by an audit: a ListAlgorithms call (the client's own limit ask, under `default`)
+    registered its run, so three trainers' runs on a max_runs=3 server lost one to `other`."""
+    tel = PrometheusTelemetry(S(max_runs=3))
+    config, res = _engine_result()
+    for run in ("a", "b", "c"):
+        tel.observe_loss(run, config, res)
+        tel.request_finished("ComputeLoss", run, "OK", 0.01, 10, 20, 2048, 32)
+    tel.request_finished("ListAlgorithms", "default", "OK", 0.001, 0, 900, 0, 0)
+    tel.kick()
+    assert sorted(r["run"] for r in tel.runs_overview()) == ["a", "b", "c"]
+    samples = _samples(tel)
+    assert [v for name, _, v in samples if name == "softgate_run_evictions_total"] == [0]
+    assert not [lab for name, lab, _ in samples if lab.get("rpc") == "ListAlgorithms" and "run" in lab]
+
+
 def test_run_windows_weigh_a_signs_statistic_by_that_signs_tokens() -> None:
     """Found by an audit: a batch without A>0 tokens added its stand-in gate saturation 0 and
     gate mean 1 to the A>0 window, weighted by all its tokens, so the API read a run as

@@ -329,7 +329,8 @@ class PrometheusTelemetry(Telemetry):
                     started = q.popleft()
             if q is not None and not q:
                 del self._in_flight[(rpc, run or "")]
-        if code == "OK":
+        if code == "OK" and (tokens or sequences):  # (a call without work, ListAlgorithms say,
+            # names no run: it must not take a run's slot, nor evict one)
             self._later(self._processed, rpc, run, tokens, sequences)
         in_flight, latency, b_in, b_out = self._rpc(rpc)
         if started is not None:
