@@ -159,6 +159,8 @@ def test_routes_with_token(server) -> None:
         r = c.get("/v1/runs/missing-run")
         assert r.status_code == 404
         assert r.json()["error"]["code"] == 404 and "missing-run" in r.json()["error"]["message"]
+        r = c.get("/v1/runs/" + "x" * 20_000)  # (found by an audit: the name came back twice, whole)
+        assert r.status_code == 404 and len(r.content) < 400 and r.json()["error"]["run"] == "x" * 64 + "..."
         r = c.get("/no/such/route")
         assert r.status_code == 404 and r.json()["error"]["code"] == 404
 

@@ -226,6 +226,44 @@ def test_a_call_without_work_takes_no_runs_slot() -> None:
     assert not [lab for name, lab, _ in samples if lab.get("rpc") == "ListAlgorithms" and "run" in lab]
 
 
+def test_run_windows_summarise_compute_advantages_calls() -> None:
+    """Found by an audit: a trainer that asks ComputeAdvantages first, then the loss from its
+    advantages, saw no degenerate-group share or reward mean in /v1/runs, while Grafana (the
+    same run's histogram and gauges) had them. Each window now summarises those calls too."""
+    from softgate.engine import AdvantageConfig
+
+    tel = PrometheusTelemetry(S())
+    e = Engine(device="cpu", compile=False)
+    config, res = _engine_result()
+    results = []
+    for i, size in enumerate((8, 24)):  # one group of 4 degenerate in the first call only
+        rewards = torch.rand(size, generator=torch.Generator().manual_seed(i))
+        if i == 0:
+            rewards[:4] = 1.0
+        results.append(e.advantages(rewards, torch.arange(size) // 4, AdvantageConfig()))
+        tel.observe_advantages("r", AdvantageConfig(), results[-1])
+        tel.observe_loss("r", LossConfig(), res)
+    tel.kick()
+    summary = tel.run_summary("r")
+    assert summary["totals"]["advantage_calls"] == 2
+    w = summary["windows"]["last_10_batches"]
+    assert w["batches"] == 2  # the loss batches
+    a = w["advantages"]
+    assert a["calls"] == 2 and a["sequences"] == 32
+    m = [r.metrics for r in results]
+    assert a["degenerate_group_fraction"] == pytest.approx((8 * m[0]["degenerate_group_frac"]) / 32)
+    assert m[0]["degenerate_group_frac"] == 0.5 and m[1]["degenerate_group_frac"] == 0
+    assert a["reward_mean"] == pytest.approx((8 * m[0]["reward_mean"] + 24 * m[1]["reward_mean"]) / 32)
+    assert a["advantage_std"] == pytest.approx((8 * m[0]["adv_std"] + 24 * m[1]["adv_std"]) / 32)
+    hist = {n: v for n, lab, v in _samples(tel) if n.startswith("softgate_batch_degenerate_group_fraction_")}
+    assert hist["softgate_batch_degenerate_group_fraction_count"] == 2 + 2  # (the loss batches' too)
+    # a run that never asked for advantages has no such summary
+    tel.observe_loss("s", config, res)
+    tel.kick()
+    assert "advantages" not in tel.run_summary("s")["windows"]["last_10_batches"]
+    assert tel.run_summary("s")["totals"]["advantage_calls"] == 0
+
+
 def test_run_windows_weigh_a_signs_statistic_by_that_signs_tokens() -> None:
     """Found by an audit: a batch without A>0 tokens added its stand-in gate saturation 0 and
     gate mean 1 to the A>0 window, weighted by all its tokens, so the API read a run as

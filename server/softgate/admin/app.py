@@ -279,8 +279,9 @@ def create_app(
     async def run_detail(run: str) -> Any:
         summary = getattr(telemetry, "run_summary", None)
         data = summary(run) if callable(summary) else None
-        if data is None:
-            return _error(404, f"unknown run {run!r}", run=run)
+        if data is None:  # (the name as given, cut: run labels are at most 64 characters)
+            shown = run if len(run) <= 80 else run[:64] + "..."
+            return _error(404, f"unknown run {shown!r}", run=shown)
         return data
 
     if token:

@@ -48,7 +48,7 @@ class HistState:
 
 @dataclass
 class BatchRecord:
-    """One loss batch's summary, for the /v1/runs windows."""
+    """One loss batch's (or ComputeAdvantages call's) summary, for the /v1/runs windows."""
 
     t: float
     objective: str
@@ -63,6 +63,9 @@ class RunState:
     hists: dict[tuple[str, tuple[str, ...]], HistState] = field(default_factory=dict)
     gauges: dict[tuple[str, tuple[str, ...]], tuple[float, float]] = field(default_factory=dict)
     batches: deque[BatchRecord] = field(default_factory=lambda: deque(maxlen=RunRegistry.WINDOW_BATCHES))
+    advantage_calls: deque[BatchRecord] = field(
+        default_factory=lambda: deque(maxlen=RunRegistry.WINDOW_BATCHES)
+    )
     first_seen: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.time)
     folded_runs: int = 0
@@ -113,9 +116,10 @@ class RunState:
         for k, (v, t) in other.gauges.items():
             if k not in self.gauges or self.gauges[k][1] <= t:
                 self.gauges[k] = (v, t)
-        merged = sorted([*self.batches, *other.batches], key=lambda b: b.t)
-        self.batches.clear()
-        self.batches.extend(merged[-(self.batches.maxlen or len(merged)) :])
+        for mine, theirs in ((self.batches, other.batches), (self.advantage_calls, other.advantage_calls)):
+            merged = sorted([*mine, *theirs], key=lambda b: b.t)
+            mine.clear()
+            mine.extend(merged[-(mine.maxlen or len(merged)) :])
         self.first_seen = min(self.first_seen, other.first_seen)
         self.last_seen = max(self.last_seen, other.last_seen)
         self.folded_runs += 1 + other.folded_runs
@@ -244,16 +248,43 @@ def summarize(batches: list[BatchRecord]) -> dict[str, Any]:
     return out
 
 
+ADVANTAGE_KEYS = (
+    "degenerate_group_fraction",
+    "reward_mean",
+    "reward_std",
+    "advantage_mean",
+    "advantage_std",
+)
+
+
+def summarize_advantages(calls: list[BatchRecord]) -> dict[str, Any]:
+    """ComputeAdvantages calls: how many, their sequences, each statistic's mean weighted by
+    the call's sequences."""
+    out: dict[str, Any] = {"calls": len(calls), "sequences": int(sum(c.seqs for c in calls))}
+    for key in ADVANTAGE_KEYS:
+        vals = [(c.values[key], max(c.seqs, 1)) for c in calls if _finite(c.values.get(key))]
+        if vals:
+            out[key] = sum(v * n for v, n in vals) / sum(n for _, n in vals)
+    return out
+
+
 def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
 def windows(state: RunState, now: float | None = None) -> dict[str, Any]:
+    """The loss batches over four windows; each window also summarises, under `advantages`, the
+    run's ComputeAdvantages calls in the same window (when it had any: a trainer that computes
+    advantages first, then the loss from them, has its group statistics there)."""
     now = time.time() if now is None else now
-    bs = list(state.batches)
-    return {
-        "last_10_batches": summarize(bs[-10:]),
-        "last_100_batches": summarize(bs[-100:]),
-        "last_5m": summarize([b for b in bs if b.t >= now - 300]),
-        "last_1h": summarize([b for b in bs if b.t >= now - 3600]),
-    }
+    out = {}
+    for name, pick in (
+        ("last_10_batches", lambda r: r[-10:]),
+        ("last_100_batches", lambda r: r[-100:]),
+        ("last_5m", lambda r: [b for b in r if b.t >= now - 300]),
+        ("last_1h", lambda r: [b for b in r if b.t >= now - 3600]),
+    ):
+        out[name] = summarize(pick(list(state.batches)))
+        if calls := pick(list(state.advantage_calls)):
+            out[name]["advantages"] = summarize_advantages(calls)
+    return out

@@ -502,9 +502,13 @@ class PrometheusTelemetry(Telemetry):
             )
         }
         now = time.time()
+        adv = getattr(result, "advantages", None)
+        seqs = int(adv.numel()) if hasattr(adv, "numel") else 0
         with self.lock:
             _, st = self.runs.state(run, now)
             st.inc("softgate_advantage_batches_total", (), 1)
+            kept = {k: v for k, v in values.items() if v is not None}
+            st.advantage_calls.append(BatchRecord(t=now, objective="", tokens=0, seqs=seqs, values=kept))
             if values["degenerate_group_fraction"] is not None:
                 st.observe(
                     "softgate_batch_degenerate_group_fraction",
@@ -573,13 +577,19 @@ class PrometheusTelemetry(Telemetry):
 
 def _totals(st: Any) -> dict[str, Any]:
     tokens: dict[str, float] = {}
-    batches = 0.0
+    batches = advantage_calls = 0.0
     for (name, labels), v in st.counters.items():
         if name == "softgate_loss_tokens_total":
             tokens[labels[1]] = tokens.get(labels[1], 0.0) + v
         elif name == "softgate_loss_batches_total":
             batches += v
-    return {"loss_batches": int(batches), "loss_tokens": {k: int(v) for k, v in sorted(tokens.items())}}
+        elif name == "softgate_advantage_batches_total":
+            advantage_calls += v
+    return {
+        "loss_batches": int(batches),
+        "loss_tokens": {k: int(v) for k, v in sorted(tokens.items())},
+        "advantage_calls": int(advantage_calls),
+    }
 
 
 __all__ = ["PrometheusTelemetry", "sanitize_run"]
