@@ -116,10 +116,10 @@ class RunState:
         for k, (v, t) in other.gauges.items():
             if k not in self.gauges or self.gauges[k][1] <= t:
                 self.gauges[k] = (v, t)
-        for mine, theirs in ((self.batches, other.batches), (self.advantage_calls, other.advantage_calls)):
-            merged = sorted([*mine, *theirs], key=lambda b: b.t)
-            mine.clear()
-            mine.extend(merged[-(mine.maxlen or len(merged)) :])
+        for records, theirs in ((self.batches, other.batches), (self.advantage_calls, other.advantage_calls)):
+            merged = sorted([*records, *theirs], key=lambda b: b.t)
+            records.clear()
+            records.extend(merged[-(records.maxlen or len(merged)) :])
         self.first_seen = min(self.first_seen, other.first_seen)
         self.last_seen = max(self.last_seen, other.last_seen)
         self.folded_runs += 1 + other.folded_runs

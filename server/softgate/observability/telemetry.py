@@ -503,7 +503,7 @@ class PrometheusTelemetry(Telemetry):
         }
         now = time.time()
         adv = getattr(result, "advantages", None)
-        seqs = int(adv.numel()) if hasattr(adv, "numel") else 0
+        seqs = 0 if adv is None else int(adv.numel())
         with self.lock:
             _, st = self.runs.state(run, now)
             st.inc("softgate_advantage_batches_total", (), 1)
