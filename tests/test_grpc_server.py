@@ -386,6 +386,34 @@ def test_stream_loss_equals_unary(stub: pb_grpc.LossServiceStub, name: str) -> N
         assert cat == getattr(unary.outputs, out_name).data, out_name
 
 
+def test_a_response_over_the_message_limit_is_refused_before_the_work() -> None:
+    """Found by an audit: max_message_bytes bounds what the server sends too, and a response
+    over it failed as RESOURCE_EXHAUSTED ("retry") after the engine ran. It is now
+    INVALID_ARGUMENT naming `outputs` (a stream: the chunk whose response would not fit)."""
+    n, limit = 40_000, 512 * 1024
+    logp = -np.linspace(0.01, 2.0, n, dtype=np.float32)
+    big = pb.Batch(
+        logp=tensor(logp), offsets=tensor(np.array([0, n])), advantages=tensor(np.ones(1, np.float32))
+    )
+    small = pb.Batch(logp=tensor(logp[:100]), offsets=tensor(np.array([0, 100])), advantages=big.advantages)
+    every = pb.OutputSelection(advantages=True, ratio=True, gate_weight=True, clip_mask=True, mask=True)
+    with ServerThread(max_message_bytes=limit) as srv:
+        stub = srv.stub()
+        # 160 kB of request, 40,000 x (4 x 4 + 2) = 720,000 B of outputs
+        vs = expect_invalid(
+            lambda: stub.ComputeLoss(pb.ComputeLossRequest(batch=big, outputs=every), timeout=30),
+            "outputs",
+            "too_large: the response would hold 720000 bytes",
+        )
+        assert str(limit) in vs[0][1]
+        assert stub.ComputeLoss(pb.ComputeLossRequest(batch=big), timeout=30).outputs.gradient.data
+        msgs = [pb.StreamLossRequest(chunk=small, outputs=every), pb.StreamLossRequest(chunk=big)]
+        expect_invalid(
+            lambda: list(stub.StreamLoss(iter(msgs), timeout=30)), "chunk[1]", "too_large: its response"
+        )
+        assert stub.ComputeLoss(pb.ComputeLossRequest(batch=small), timeout=30).loss < 0  # still serving
+
+
 def test_stream_single_chunk_with_advantages(stub: pb_grpc.LossServiceStub) -> None:
     batch = make_batch(3)
     b = Batch(logp=batch.logp, offsets=batch.offsets, advantages=torch.linspace(-1, 1, batch.num_seqs))

@@ -78,6 +78,7 @@ BATCH_TENSORS = (
 OUTPUT_FIELDS = ("gradient", "advantages", "ratio", "gate_weight", "clip_mask", "mask")
 # the outputs an engine result holds whole only when asked (Engine.loss sample_tokens)
 TRUST_REGION_OUTPUTS = ("ratio", "gate_weight", "clip_mask")
+BOOL_OUTPUTS = ("clip_mask", "mask")  # one byte a token; the others are in the compute dtype
 # LossResult attribute of each output
 _RESULT_ATTR = {
     "gradient": "grad",

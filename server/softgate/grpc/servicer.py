@@ -28,6 +28,7 @@ from softgate.engine import Engine
 from softgate.engine.batch import Batch
 from softgate.engine.errors import FieldViolation, InputError
 from softgate.engine.result import LossResult
+from softgate.engine.validation import compute_dtype
 from softgate.grpc import catalogue, codec
 from softgate.grpc.errors import Cancelled, DeadlineExceeded, failure_for
 from softgate.grpc.response_buffer import gradient_response
@@ -346,6 +347,29 @@ class LossServicer(pb_grpc.LossServiceServicer):
         if cancel.is_set():
             raise Cancelled()
 
+    def _check_response_size(
+        self, batch: Batch, names: tuple[str, ...], parts: list[tuple[str, int]]
+    ) -> None:
+        """Refuse before any work a call whose response (a stream's: one per chunk, each named)
+        would hold more per-token output bytes than this server may send (max_message_bytes
+        bounds both directions): grpc would refuse it only after the engine ran, as
+        RESOURCE_EXHAUSTED, which reads as "retry"."""
+        size = compute_dtype(batch).itemsize
+        per_token = sum(1 if name in codec.BOOL_OUTPUTS else size for name in names)
+        limit = self.max_message_bytes
+        v = [
+            FieldViolation(
+                field,
+                f"too_large: {'the' if field == 'outputs' else 'its'} response would hold {n * per_token} bytes"
+                f" of per-token outputs ({', '.join(names)}), over this server's max_message_bytes {limit};"
+                " ask for fewer outputs or send fewer tokens a message (StreamLoss chunks)",
+            )
+            for field, n in parts
+            if n * per_token > limit
+        ]
+        if v:
+            raise InputError(v)
+
     # ------------------------------------------------------------ ComputeAdvantages
     async def ComputeAdvantages(
         self, request: pb.ComputeAdvantagesRequest, context: Any
@@ -446,6 +470,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         assert batch is not None
         self._check(cancel)
         names = codec.selected_outputs(request.outputs if request.HasField("outputs") else None)
+        self._check_response_size(batch, names, [("outputs", batch.logp.numel())])
         # a large gradient-only response: the engine writes the gradient into its bytes
         out = gradient_response(batch, names, self.engine.device_for(batch)) if wire is not None else None
         try:
@@ -562,6 +587,9 @@ class LossServicer(pb_grpc.LossServiceServicer):
         assert batch is not None
         self._check(cancel)
         names = codec.selected_outputs(out_msg)
+        self._check_response_size(
+            batch, names, [(f"chunk[{j}]", tok_starts[j + 1] - tok_starts[j]) for j in range(len(chunks))]
+        )
         try:
             result = self.engine.loss(batch, config, sample_tokens=self._sample_tokens(names))
         except InputError as e:

@@ -95,7 +95,8 @@ class LossServiceServicer:
         request chunk, in order, each holding that chunk's per-token outputs; the last
         response also carries the loss and metrics. Concatenating the responses' outputs
         gives the unary per-token outputs. The limits on tokens / sequences / groups apply
-        to the whole stream; each message must fit the server's maximum message size.
+        to the whole stream; each message, and each response, must fit the server's maximum
+        message size: size a chunk by its response too when it asks for several outputs.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
