@@ -688,6 +688,17 @@ def test_stream_bad_input(stub: pb_grpc.LossServiceStub) -> None:
         f"chunk[1].offsets[{off.numel() - 1}]",
         "bad_offsets",
     )
+    # a length wrong in one chunk names that chunk (found by an audit: `chunk.group_ids` before)
+    for name, cut in (("group_ids", 1), ("rewards", 1), ("old_logp", 3), ("mask", 2)):
+        m1 = batch_msg(c1)
+        x = getattr(c1, name) if name != "mask" else torch.ones(c1.logp.numel(), dtype=torch.bool)
+        getattr(m1, name).CopyFrom(tensor(x[:-cut]))
+        vs = expect_invalid(
+            run([pb.StreamLossRequest(chunk=batch_msg(c0)), pb.StreamLossRequest(chunk=m1)]),
+            f"chunk[1].{name}",
+            "length_mismatch",
+        )
+        assert len(vs) == 1, vs
     # a NaN in the second chunk is named with the chunk and its local index
     m1 = batch_msg(c1)
     lp = c1.logp.clone()

@@ -707,6 +707,25 @@ def _check_chunk(b: Batch, i: int, v: list[FieldViolation]) -> None:
                 off.numel() - 1,
             )
         )
+        return
+    # lengths are checked here, where the chunk at fault is known (on the concatenated batch
+    # the engine could only name `chunk.<field>`); group_ids as the engine does: without advantages
+    sizes = {name: ("token count", n) for name in ("old_logp", "ref_logp", "rollout_logp", "mask")}
+    sizes["rewards"] = sizes["group_ids"] = ("sequence count", off.numel() - 1)
+    for name, (what, want) in sizes.items():
+        x = getattr(b, name)
+        if x is None or (name == "group_ids" and b.advantages is not None):
+            continue
+        if x.dim() != 1:
+            v.append(
+                FieldViolation(p + name, f"bad_shape: expected a 1-D tensor, got shape {tuple(x.shape)}")
+            )
+        elif x.numel() != want:
+            v.append(
+                FieldViolation(
+                    p + name, f"length_mismatch: length {x.numel()}, expected {want}, the chunk's {what}"
+                )
+            )
 
 
 _STREAM_TENSORS = (

@@ -97,6 +97,10 @@ class LossServiceServicer:
         gives the unary per-token outputs. The limits on tokens / sequences / groups apply
         to the whole stream; each message, and each response, must fit the server's maximum
         message size: size a chunk by its response too when it asks for several outputs.
+        Field violations name the chunk at fault as `chunk[j].<field>` (the config's as
+        `config.<field>`), an element index counting from that chunk's first token (or
+        sequence, for per-sequence fields); what belongs to no one chunk (the stream's
+        groups as a whole, say) is named `chunk.<field>`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
