@@ -351,6 +351,48 @@ def test_past_max_configurations_new_configurations_run_eager(
     assert unlimited.wait(30) and [unlimited(*c) for c in configs] == ["compiled"] * 3
 
 
+@pytest.mark.parametrize("mode,where", [("sync", "call"), ("background", "call"), ("background", "warm-up")])
+def test_out_of_memory_in_a_compiled_call_is_raised_and_switches_nothing_off(mode: str, where: str) -> None:
+    """Found by an audit: a compiled call that ran out of device memory (a CUDA engine's
+    default is sync) switched compiling off for the whole process and ran the batch again
+    eager, which needs more memory; in the background, the configuration stayed eager for
+    good. It is now raised (the server answers RESOURCE_EXHAUSTED) and the kernel keeps
+    serving compiled; a background compile that ran out is asked again by a later call."""
+    eng = Engine(device="cpu", compile=mode)
+    batch = random_batch(7, max_seqs=8, max_len=20)
+    n = batch.logp.numel()
+    oom = [True]
+
+    def compiled_once_out_of_memory(example: Any, lock: Any) -> Any:
+        def fn(*args: Any) -> Any:
+            real = args[0]["logp"].numel() == n
+            if oom and real == (where == "call"):
+                oom.pop()
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return token_terms(*args)
+
+        return fn
+
+    eng.kernel._compile = compiled_once_out_of_memory
+    cfg = make_config("sapo", "seq_mean_token_mean", None, None)
+    want = Engine(device="cpu", compile=False).loss(batch, cfg)
+    if mode == "background":
+        eng.loss(batch, cfg)  # eager; queues the compile
+        assert eng.wait_compiled(30)
+    if where == "call":
+        with pytest.raises(torch.OutOfMemoryError):
+            eng.loss(batch, cfg)
+    else:  # the warm-up ran out: not failed; this call runs eager and asks for the compile again
+        assert eng.kernel.states()["failed"] == 0
+        assert_same_result(eng.loss(batch, cfg), want, 0)
+        assert eng.wait_compiled(30)
+    assert eng.kernel.enabled and not oom
+    calls = eng.kernel.compiled_calls
+    assert_same_result(eng.loss(batch, cfg), want, 0)
+    assert eng.kernel.compiled_calls == calls + 1
+    assert eng.kernel.states() == {"compiled": 1, "compiling": 0, "failed": 0, "over_limit": 0}
+
+
 def test_background_compile_failure_stays_eager(caplog: pytest.LogCaptureFixture) -> None:
     eng = Engine(device="cpu", compile="background")
     calls = []

@@ -50,6 +50,7 @@ from torch import Tensor
 
 from softgate.engine import aoti
 from softgate.engine.chunked import chunked_token_terms
+from softgate.engine.errors import is_out_of_memory
 from softgate.engine.kernel import EXPANDED, Terms, token_keys, token_terms
 from softgate.engine.segments import host_shortcuts
 
@@ -282,6 +283,8 @@ class CompiledKernel:
                 self.compiled_calls += 1
                 return out
             except Exception as exc:
+                if is_out_of_memory(exc):  # the batch's size, not the kernel: the caller's error
+                    raise
                 self._fail(key, exc)
             finally:
                 self._lock.release()
@@ -345,6 +348,8 @@ class CompiledKernel:
                         self._ready.add(key)
                 return out
         except Exception as exc:  # a compiler failure must not take the service down
+            if is_out_of_memory(exc):  # (nor does a batch too large for the device switch it off)
+                raise
             log.warning("compiled engine kernel failed (%s); falling back to eager", exc)
             self._enabled = False
         finally:
@@ -432,7 +437,10 @@ class CompiledKernel:
                     self._ready.add(key)
                 log.info("compiled engine kernel ready for %s", key[:5])
             except Exception as exc:
-                self._fail(key, exc)
+                if is_out_of_memory(exc):  # (a device full for the moment: a later call asks again)
+                    log.warning("compiling the engine kernel for %s ran out of memory (%s)", key[:5], exc)
+                else:
+                    self._fail(key, exc)
             finally:
                 with self._idle:
                     self._queued.discard(key)

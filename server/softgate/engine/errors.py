@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass(frozen=True)
 class FieldViolation:
@@ -36,3 +38,11 @@ class InputError(ValueError):
     def reasons(self) -> list[str]:
         """Short machine-readable reason codes, for the rejected-inputs metric."""
         return [v.code for v in self.violations]
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is the device (or host) out of memory: the batch is too large, nothing
+    is broken."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()

@@ -19,7 +19,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from softgate.engine.errors import FieldViolation, InputError
+from softgate.engine.errors import FieldViolation, InputError, is_out_of_memory
 
 MAX_VIOLATIONS = 100  # per response; the message says how many more there were
 MAX_MESSAGE_CHARS = 1000
@@ -80,15 +80,6 @@ def bad_request(err: InputError) -> Failure:
     )
 
 
-def is_oom(exc: BaseException) -> bool:
-    oom_type = getattr(__import__("torch"), "OutOfMemoryError", None)
-    if oom_type is not None and isinstance(exc, oom_type):
-        return True
-    if isinstance(exc, MemoryError):
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-
-
 def failure_for(exc: BaseException) -> Failure:
     if isinstance(exc, InputError):
         return bad_request(exc)
@@ -96,7 +87,7 @@ def failure_for(exc: BaseException) -> Failure:
         return Failure(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the loss was computed")
     if isinstance(exc, Cancelled):
         return Failure(grpc.StatusCode.CANCELLED, "cancelled")
-    if is_oom(exc):
+    if is_out_of_memory(exc):
         _free_device_cache()
         return Failure(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
