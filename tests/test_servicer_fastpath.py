@@ -61,6 +61,44 @@ def test_small_calls_go_inline_once_the_engine_is_fast(inprocess_server: Any, mo
     assert big.grad.shape == (40000,)
 
 
+def test_a_new_configuration_never_compiles_on_the_event_loop(
+    inprocess_server: Any, monkeypatch: Any
+) -> None:
+    """Found by an audit: a small call runs inline on the event loop, and in "sync" mode (CUDA's
+    default; `softgate serve --compile`) a configuration not compiled yet compiled right there:
+    seconds without health checks, admission or deadlines. It now runs eager on the loop and
+    compiles in the background; later calls of it run compiled."""
+    import softgate.grpc.servicer as servicer
+    from softgate.engine.compiled import CompiledKernel
+    from softgate.engine.kernel import token_terms
+
+    monkeypatch.setattr(servicer, "INLINE_BUDGET_S", 5.0)
+    eng = RecordingEngine()
+    eng.kernel = CompiledKernel("sync")
+    where: list[str] = []
+
+    def fake_compile(example: Any, lock: Any) -> Any:
+        where.append(threading.current_thread().name)
+        return token_terms
+
+    eng.kernel._compile = fake_compile
+    srv = inprocess_server(engine=eng)
+    with SoftgateClient(f"127.0.0.1:{srv.port}") as c:
+        first = [_call(c) for _ in range(6)]  # the pool, compiled there; then inline
+        assert where and where[0].startswith("softgate-engine"), where
+        grpo = [
+            c.loss(np.full(64, -0.5, np.float32), lengths=[32, 32], advantages=[1.0, -1.0], objective="grpo")
+        ]
+        assert eng.seen[-1][0] == "inprocess-grpc"  # inline, a configuration not compiled yet
+        assert eng.kernel.wait(30)
+        grpo.append(
+            c.loss(np.full(64, -0.5, np.float32), lengths=[32, 32], advantages=[1.0, -1.0], objective="grpo")
+        )
+    assert where[1:] == ["softgate-compile"], where
+    assert grpo[0].loss == grpo[1].loss and np.array_equal(grpo[0].grad, grpo[1].grad)
+    assert all(r.loss == first[0].loss for r in first)
+
+
 def test_slow_engine_stays_in_the_pool(inprocess_server: Any) -> None:
     eng = RecordingEngine(delay=0.02)  # over the inline budget (10 ms): a sleep never beats it
     srv = inprocess_server(engine=eng)

@@ -2,7 +2,9 @@
 
 Modes (`compile_mode`):
 - "off": always eager.
-- "sync": compile on first use of each configuration, in the calling thread (CUDA's default).
+- "sync": compile on first use of each configuration, in the calling thread (CUDA's default),
+  unless that thread never waits for a compile (`never_compile_here`: a server's event loop,
+  which runs small calls inline): there it runs eager and queues the compile as "background" does.
 - "background" (CPU's default): the first call of a configuration runs eager and queues a
   compile of that configuration on one background thread; once it is ready, later calls with
   that configuration run the compiled kernel. A compile failure is logged once and leaves that
@@ -87,6 +89,15 @@ COMPILE_OPTIONS: dict[str, str | int | bool | Callable[..., Any]] = {
 # (its ~28 reductions' 0-d results) live on the C++ stack instead of each being a tensor allocated
 # through torch's allocator on every call (4k tokens, SAPO: the kernel 59 -> 47 us; the same bits)
 AOTI_OPTIONS: dict[str, Any] = {**COMPILE_OPTIONS, "aot_inductor.allow_stack_allocation": True}
+
+
+_thread = threading.local()
+
+
+def never_compile_here() -> None:
+    """Mark the calling thread (a server's event loop) as one that never waits for a compile:
+    there, a "sync" configuration not compiled yet runs eager and compiles in the background."""
+    _thread.no_compile = True
 
 
 def compile_mode(compile: bool | str | None, device: torch.device) -> str:
@@ -327,6 +338,9 @@ class CompiledKernel:
             if not self._acquire():
                 return chunked_token_terms(*args)
         elif key in self._over:  # left eager for the limit: nothing to wait for
+            return chunked_token_terms(*args)
+        elif getattr(_thread, "no_compile", False) and key not in self._fns:
+            self._schedule(key, args)
             return chunked_token_terms(*args)
         else:
             self._lock.acquire()

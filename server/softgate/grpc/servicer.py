@@ -26,6 +26,7 @@ from softgate_client.proto.softgate.v1 import softgate_pb2_grpc as pb_grpc
 
 from softgate.engine import Engine
 from softgate.engine.batch import Batch
+from softgate.engine.compiled import never_compile_here
 from softgate.engine.errors import FieldViolation, InputError
 from softgate.engine.result import LossResult
 from softgate.engine.validation import compute_dtype
@@ -283,6 +284,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
             tid = threading.get_ident()
             if self._loop_single_threaded != tid:  # one intra-op thread for small work, this thread only
                 single_threaded_here()
+                never_compile_here()  # (a new "sync" configuration compiles in the background)
                 self._loop_single_threaded = tid
             t0 = time.perf_counter()
             try:
