@@ -1,5 +1,6 @@
 """A trainer in another language: Node.js (@grpc/grpc-js + @grpc/proto-loader) calls
-ComputeLoss on a real server and checks the loss and gradient of conformance vectors.
+ComputeLoss on a real server and checks the loss and gradient of conformance vectors, then
+StreamLoss, error details and defaults (contract_test.js).
 
 Needs node and `bash scripts/tools/node_grpc.sh` (run by `make tools` / `make test`). Skipped
 when either is missing, except in CI (CI set), where that is a failure.
@@ -62,3 +63,18 @@ def test_node_compute_loss_matches_conformance_vectors(node: str) -> None:
             assert f"{cases} passed, 0 failed" in out.stdout, out.stdout
             ran += 1
     assert ran > 0
+
+
+def test_node_stream_errors_and_defaults(node: str) -> None:
+    """The rest of the contract from Node.js (found missing by an audit): StreamLoss in two
+    chunks equals ComputeLoss bit for bit, a bad request's BadRequest decodes with messages
+    the script defines itself, and an unset objective is SAPO's defaults."""
+    with ServerThread() as server:
+        out = subprocess.run(
+            [node, str(NODE_DIR / "contract_test.js"), str(server.port), str(VECTORS / "sapo.json")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=REPO,
+        )
+    assert out.returncode == 0 and "7 passed, 0 failed" in out.stdout, f"{out.stdout}\n{out.stderr}"
