@@ -244,6 +244,7 @@ def serve_variant(port: int, max_message_bytes: int, variant: str, device: str =
     import asyncio
     import signal
 
+    import torch
     from softgate.engine import Engine
     from softgate.grpc import codec
     from softgate.grpc.server import GrpcServer
@@ -316,6 +317,7 @@ def serve_variant(port: int, max_message_bytes: int, variant: str, device: str =
         await stop_ev.wait()
         await server.stop(1)
 
+    torch.set_grad_enabled(False)  # as `softgate serve` runs its loop (serve._run)
     asyncio.run(run())
 
 
