@@ -453,3 +453,62 @@ def test_engine_oom_fails_that_request_alone(load_bench: Any, inprocess_server: 
     assert set(codes) == {"RESOURCE_EXHAUSTED"}, dict(codes)
     assert codes["RESOURCE_EXHAUSTED"] >= 2
     assert all("out of memory" in m and "80.00 GiB" not in m for m in messages), messages[:2]
+
+
+def test_calls_refused_at_the_limit_never_hold_their_requests(tmp_path: Any) -> None:
+    """Found by an audit: admission ran once gRPC had read a unary request whole, so calls
+    refused at max_concurrent_rpcs held their requests meanwhile (12 refused 201 MB calls:
+    +3.8 GB, each refusal seconds late), enough to OOM-kill a pod sized as deploy/ says. The
+    request is now read after admission; a refused one is never read."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import ServerProcess
+
+    sp = ServerProcess(
+        settings={"max_concurrent_rpcs": 1, "max_message_bytes": 64 << 20}, log_path=tmp_path / "log"
+    )
+    sp.start()
+    try:
+        with sp.channel(options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
+            n = 4 << 20  # 48 MB of request a call
+            logp = np.full(n, -0.5, np.float32)
+            batch = pb.Batch(
+                logp=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[n], data=logp.tobytes()),
+                old_logp=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[n], data=logp.tobytes()),
+                advantages=pb.Tensor(
+                    dtype=pb.DTYPE_FLOAT32, shape=[n], data=np.ones(n, np.float32).tobytes()
+                ),
+                offsets=pb.Tensor(dtype=pb.DTYPE_INT64, shape=[2], data=np.array([0, n]).tobytes()),
+            )
+            big = pb.ComputeLossRequest(batch=batch).SerializeToString()
+            unary = ch.unary_unary("/softgate.v1.LossService/ComputeLoss")
+            held = ch.stream_stream("/softgate.v1.LossService/StreamLoss")
+            gate = threading.Event()
+
+            def requests() -> Iterator[bytes]:  # one chunk, then the stream stays open: the slot is held
+                yield pb.StreamLossRequest(
+                    chunk=pb.Batch(logp=batch.logp, offsets=batch.offsets)
+                ).SerializeToString()
+                gate.wait(60)
+
+            stream = held(requests(), timeout=60)
+            time.sleep(1.0)
+            before = sp.rss()
+
+            def call(_: int) -> str:
+                try:
+                    unary(big, timeout=30)
+                    return "OK"
+                except grpc.RpcError as e:
+                    return e.code().name
+
+            with ThreadPoolExecutor(8) as pool:
+                codes = list(pool.map(call, range(8)))
+            grew = sp.rss() - before
+            gate.set()
+            with contextlib.suppress(grpc.RpcError):
+                list(stream)
+        assert codes == ["RESOURCE_EXHAUSTED"] * 8
+        assert grew < 100 << 20, f"8 refused 48 MB calls grew the server by {grew >> 20} MiB"
+    finally:
+        sp.stop()

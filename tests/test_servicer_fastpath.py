@@ -3,6 +3,7 @@ deferred telemetry: same answers, only when safe, and reads see every result."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from typing import Any
@@ -330,3 +331,35 @@ def test_telemetry_waits_while_a_call_is_in_flight(inprocess_server: Any, monkey
         slow.join()
         assert _soon(lambda: len(tel.kicks) == 1, within=1.0)  # once idle after the slow call
     assert len(tel.kicks) == 1 and not tel._queue
+
+
+def test_a_large_call_keeps_its_slot_until_its_response_is_out() -> None:
+    """Found by an audit: a unary call gave its max_concurrent_rpcs slot back when its handler
+    returned, before gRPC had sent the response, so paused clients' 200 MB requests and
+    responses piled up outside the limit. A large call now keeps it until the RPC is done; a
+    small one (the inline path's `in_flight == 1`) still frees it at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from softgate.grpc.servicer import LossServicer, _Call
+
+    class Context:
+        def __init__(self) -> None:
+            self.callbacks: list[Any] = []
+
+        def add_done_callback(self, fn: Any) -> None:
+            self.callbacks.append(fn)
+
+        def cancelled(self) -> bool:
+            return False
+
+    async def check(s: LossServicer) -> None:
+        for tokens, held in ((s.inline_max_tokens + 1, True), (s.inline_max_tokens, False)):
+            s.in_flight = 1
+            ctx = Context()
+            s._finish(_Call("ComputeLoss", "r", tokens=tokens), ctx)
+            assert s.in_flight == (1 if held else 0)
+            ctx.callbacks[0](ctx)  # the RPC is done: its response is out
+            assert s.in_flight == 0
+
+    with ThreadPoolExecutor(1) as pool:
+        asyncio.run(check(LossServicer(Engine(device="cpu", compile=False), pool)))

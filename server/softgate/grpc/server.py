@@ -81,7 +81,9 @@ def loss_service_handler(servicer: LossServicer) -> grpc.GenericRpcHandler:
             request_deserializer=de(pb.ComputeAdvantagesRequest),
             response_serializer=pb.ComputeAdvantagesResponse.SerializeToString,
         ),
-        "ComputeLoss": grpc.unary_unary_rpc_method_handler(
+        # read as a stream of one: the handler admits the call before its request is read, so
+        # a call refused at max_concurrent_rpcs never holds its (up to 512 MB) request in memory
+        "ComputeLoss": grpc.stream_unary_rpc_method_handler(
             servicer.ComputeLoss,
             request_deserializer=de(pb.ComputeLossRequest, batch_field=2),
             response_serializer=serializer(pb.ComputeLossResponse),

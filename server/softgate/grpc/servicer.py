@@ -223,6 +223,11 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 error=call.error,
             )
 
+    def _done(self, call: _Call, large: bool) -> None:
+        if large:
+            self.in_flight -= 1
+        self._kick(call)
+
     def _kick(self, call: _Call) -> None:
         """A call has ended (its response is out): let the telemetry record what it deferred,
         at once after a large call or a backlog, else once the server is idle (KICK_IDLE_S)."""
@@ -323,12 +328,16 @@ class LossServicer(pb_grpc.LossServiceServicer):
         await context.abort(f.code, f.message, trailing_metadata=f.trailing_metadata)
 
     def _finish(self, call: _Call, context: Any) -> None:
-        self.in_flight -= 1
+        # a large call keeps its slot until its response is out: a slow or paused client's
+        # response (and the request it was computed from) stays inside max_concurrent_rpcs
+        large = call.tokens > self.inline_max_tokens
+        if not large:
+            self.in_flight -= 1
         self.last_finished = time.monotonic()
         try:  # deferred telemetry starts once the response is out
-            context.add_done_callback(lambda _context: self._kick(call))
+            context.add_done_callback(lambda _context: self._done(call, large))
         except Exception:  # a context without callbacks
-            self._kick(call)
+            self._done(call, large)
         if call.code == "OK" and context.cancelled():
             call.code = call.cut()
         self._account(call, time.perf_counter() - call.t0)
@@ -432,11 +441,14 @@ class LossServicer(pb_grpc.LossServiceServicer):
 
     # ------------------------------------------------------------ ComputeLoss
     async def ComputeLoss(
-        self, request: pb.ComputeLossRequest | codec.Received, context: Any
+        self, request: pb.ComputeLossRequest | codec.Received | AsyncIterator[Any], context: Any
     ) -> pb.ComputeLossResponse | codec.Encoded:
-        """`request` is a Received when it came through `loss_service_handler` (the response is
-        then an Encoded), a plain message otherwise (e.g. the generated registration)."""
+        """`request` is a stream of one Received when it came through `loss_service_handler`
+        (read once the call is admitted; the response is then an Encoded), a plain message
+        otherwise (e.g. the generated registration)."""
         async with self._guard("ComputeLoss", context) as call:
+            if not isinstance(request, (pb.ComputeLossRequest, codec.Received, codec.CorruptMessage)):
+                request = await _first(request)
             if isinstance(request, codec.CorruptMessage):
                 raise InputError([request.violation("request")])
             msg, wire = codec.unwrap(request)
@@ -630,6 +642,13 @@ class LossServicer(pb_grpc.LossServiceServicer):
 
 
 # ---------------------------------------------------------------- helpers
+
+
+async def _first(requests: AsyncIterator[Any]) -> Any:
+    """The request of a unary call read as a stream (server.loss_service_handler)."""
+    async for r in requests:
+        return r
+    raise InputError([FieldViolation("request", "missing: the call carried no request message")])
 
 
 async def _settle(tasks: list[asyncio.Task[Batch]]) -> None:
