@@ -70,6 +70,12 @@ def test_other_libraries_records_are_events_and_grpc_cancellations_are_not(resto
         raise asyncio.CancelledError()
     except asyncio.CancelledError as e:
         logging.getLogger("grpc._cython.cygrpc").exception(e)  # as grpc's aio server does
+    # the status of a call grpc already ended (its deadline passed mid-compute; found by an audit)
+    batch_error = type("ExecuteBatchError", (Exception,), {})
+    try:
+        raise batch_error('Failed "execute_batch": (<SendStatusFromServerOperation object at 0x1>,)')
+    except Exception as e:
+        logging.getLogger("grpc._cython.cygrpc").exception(e)
     try:
         raise ValueError("boom")
     except ValueError:

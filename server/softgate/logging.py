@@ -101,9 +101,16 @@ def get_logger(name: str) -> EventLogger:
 
 def _not_a_cancellation(record: logging.LogRecord) -> bool:
     """grpc logs a call it cancels at the grace period's end as an exception: it is not one
-    (the server's own `grpc_stopping` / `grpc_stopped` events say that calls were cut)."""
+    (the server's own `grpc_stopping` / `grpc_stopped` events say that calls were cut). Nor is
+    a status that could not be sent because grpc had already ended the call (its deadline
+    passed while the engine computed; the client got DEADLINE_EXCEEDED, and the call is
+    accounted so)."""
     exc = record.exc_info[1] if record.exc_info else None
-    return not (record.name.startswith("grpc") and isinstance(exc, asyncio.CancelledError))
+    if not record.name.startswith("grpc") or exc is None:
+        return True
+    if isinstance(exc, asyncio.CancelledError):
+        return False
+    return not (type(exc).__name__ == "ExecuteBatchError" and "SendStatusFromServerOperation" in str(exc))
 
 
 def configure(log_format: str = "text", level: str = "INFO", stream: TextIO | None = None) -> None:

@@ -55,7 +55,10 @@ def curve_metrics(objective: str, m: dict[str, Any]) -> dict[str, float]:
 
     ``trust_region`` is the share of tokens with a nonzero advantage that the trust region acts
     on: for SAPO the gate saturation (gate weight w below 0.5), for the clip objectives the
-    clip fraction (A>0 tokens above 1+eps_high, A<0 tokens below 1-eps_low)."""
+    clip fraction (A>0 tokens above 1+eps_high, A<0 tokens below 1-eps_low). It and
+    ``grad_retained`` are NaN (left out of every average) for a mini-batch without such tokens:
+    there is no gradient to gate, and the engine's stand-ins (0 and 1) would read as a trust
+    region that let everything through."""
     if objective == "sapo":
         trust = _by_sign(m, "gate_saturation_pos", "gate_saturation_neg")
     else:
@@ -65,9 +68,10 @@ def curve_metrics(objective: str, m: dict[str, Any]) -> dict[str, float]:
         v = _f(m, key)
         return math.nan if v is None else v
 
+    signal = (_f(m, "tokens_pos") or 0.0) + (_f(m, "tokens_neg") or 0.0) > 0
     return {
-        "trust_region": trust,
-        "grad_retained": get("grad_retained"),
+        "trust_region": trust if signal else math.nan,
+        "grad_retained": get("grad_retained") if signal else math.nan,
         "approx_kl": get("approx_kl"),
         "ratio_max": get("ratio_max"),
         "degenerate_groups": get("degenerate_group_frac"),

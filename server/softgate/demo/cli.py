@@ -156,7 +156,14 @@ def _report(
     from softgate.demo import report
 
     rows = report.summarize(results, args.last_k)
-    meta = {"backend": where.split(" at ")[0], "seeds": seeds, "seconds_total": round(elapsed, 1)}
+    meta = {
+        "backend": where.split(" at ")[0],
+        "seeds": seeds,
+        "seconds_total": round(elapsed, 1),
+        # the trajectories are bit-exact for one torch build on one CPU instruction set only
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
     json_path, csv_path, png_path = (
         args.out / n for n in ("demo-results.json", "demo-results.csv", "demo.png")
     )

@@ -27,19 +27,28 @@ def _mean(xs: list[float]) -> float:
     return float(np.mean(xs)) if xs else math.nan
 
 
+def _standard_error(xs: list[float]) -> float:
+    """Standard error of the mean: the sample standard deviation (ddof 1) over sqrt(n)."""
+    return float(np.std(xs, ddof=1) / math.sqrt(len(xs))) if len(xs) > 1 else math.nan
+
+
 def summarize(results: list[RunResult], last_k: int) -> list[dict[str, Any]]:
-    """One row per run (means over seeds): eval reward before / after training, the rollout
-    reward of the last k steps, and the trust-region metrics averaged over the whole run."""
+    """One row per run (means over seeds): eval reward before / after training (with its
+    standard error and each seed's), the rollout reward of the last k steps, and the
+    trust-region metrics averaged over the whole run."""
     rows = []
     for key, rs in group_runs(results).items():
         k = max(1, min(last_k, len(rs[0].curves["reward"])))
+        after = [r.eval_after["reward"] for r in rs]
         rows.append(
             {
                 "run": key,
                 "label": rs[0].spec.label,
                 "seeds": len(rs),
                 "eval_reward_before": _mean([r.eval_before["reward"] for r in rs]),
-                "eval_reward_after": _mean([r.eval_after["reward"] for r in rs]),
+                "eval_reward_after": _mean(after),
+                "eval_reward_after_se": _standard_error(after),
+                "eval_reward_after_by_seed": {str(r.seed): round(r.eval_after["reward"], 4) for r in rs},
                 "eval_reward_after_min": min(r.eval_after["reward"] for r in rs),
                 "eval_reward_after_max": max(r.eval_after["reward"] for r in rs),
                 "eval_success_after": _mean([r.eval_after["success"] for r in rs]),
@@ -57,14 +66,15 @@ def summarize(results: list[RunResult], last_k: int) -> list[dict[str, Any]]:
 def format_table(rows: list[dict[str, Any]]) -> str:
     last = next(k for k in rows[0] if k.startswith("train_reward_last"))
     head = (
-        f"{'run':34} {'eval reward':>17} {'hit':>5} {last.replace('train_reward_', 'train '):>11} "
+        f"{'run':34} {'eval reward':>17} {'± se':>6} {'hit':>5} {last.replace('train_reward_', 'train '):>11} "
         f"{'sat/clip':>8} {'grad_ret':>8} {'approx_kl':>9} {'degen':>5} {'s/run':>6}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         ev = f"{r['eval_reward_before']:.3f} -> {r['eval_reward_after']:.3f}"
+        se = r["eval_reward_after_se"]
         lines.append(
-            f"{r['label']:34} {ev:>17} {r['eval_success_after']:5.2f} {r[last]:11.3f} "
+            f"{r['label']:34} {ev:>17} {se:6.3f} {r['eval_success_after']:5.2f} {r[last]:11.3f} "
             f"{r['trust_region_mean']:8.4f} {r['grad_retained_mean']:8.4f} {r['approx_kl_mean']:9.2e} "
             f"{r['degenerate_groups_mean']:5.2f} {r['seconds']:6.1f}"
         )
@@ -78,9 +88,11 @@ def _num(x: float) -> float | None:
 def write_json(
     path: Path, cfg: TrainConfig, meta: dict[str, Any], results: list[RunResult], rows: list[dict[str, Any]]
 ) -> None:
-    """Config, summary and every run's curves (one run per line, values to 4 significant digits)."""
+    """Config, summary and every run's curves (one run per line, values to 4 significant digits);
+    beside it, `demo-summary.json`: the same without the curves."""
     summary = [{k: _num(v) if isinstance(v, float) else v for k, v in row.items()} for row in rows]
     head = {"config": {k: v for k, v in asdict(cfg).items() if k != "seed"}, **meta, "summary": summary}
+    path.with_name("demo-summary.json").write_text(json.dumps(head, indent=1) + "\n")
     runs = [
         {
             "run": r.spec.key,
