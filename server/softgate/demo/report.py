@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import warnings
 from collections import OrderedDict
 from dataclasses import asdict
 from pathlib import Path
@@ -170,13 +171,13 @@ def write_figure(path: Path, results: list[RunResult], title: str, smooth: int =
     for ax, (metric, name) in zip(axes, panels, strict=False):
         for key, rs in groups.items():
             ys = np.array([r.curves[metric] for r in rs], dtype=float)
-            mean = _smooth(np.nanmean(ys, axis=0), smooth)
+            with warnings.catch_warnings():  # a step where no seed had a learning signal: a gap
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean, lo, hi = (_smooth(f(ys, axis=0), smooth) for f in (np.nanmean, np.nanmin, np.nanmax))
             x = np.arange(len(mean))
             color, ls = styles[key]
             ax.plot(x, mean, color=color, ls=ls, lw=1.6, label=rs[0].spec.label)
             if len(rs) > 1:
-                lo = _smooth(np.nanmin(ys, axis=0), smooth)
-                hi = _smooth(np.nanmax(ys, axis=0), smooth)
                 ax.fill_between(x, lo, hi, color=color, alpha=0.12, lw=0)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("step (rollout batch)", fontsize=8)
