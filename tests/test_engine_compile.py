@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -777,3 +778,38 @@ def test_kernel_value_checks_match_validation(compile: bool, adv: str) -> None:
             eng.loss(bad, cfg)
         assert ei.value.violations == want, (field, value, i)
     assert eng.kernel.compiled_calls == (1 + len(cases) if compile else 0)
+
+
+def test_a_sync_configuration_queued_from_the_event_loop_is_compiled_once() -> None:
+    """Found by a review: a configuration the event loop queued for the background was compiled
+    a second time by a pool thread's call meanwhile (an AOTInductor build holds no lock), and
+    with max_configurations 1 counted as both compiled and over the limit."""
+    from softgate.engine.compiled import never_compile_here
+
+    eng = Engine(device="cpu", compile="sync")
+    eng.kernel.max_configurations = 1
+    compiles: list[str] = []
+    building = threading.Event()
+
+    def slow_build(example: Any, lock: Any) -> Any:  # a child's build: no lock held
+        compiles.append(threading.current_thread().name)
+        building.set()
+        time.sleep(0.5)
+        return token_terms
+
+    eng.kernel._compile = slow_build
+    batch = random_batch(7, max_seqs=8, max_len=20)
+    cfg = make_config("sapo", "seq_mean_token_mean", None, None)
+
+    def on_the_loop() -> None:
+        never_compile_here()
+        eng.loss(batch, cfg)
+
+    t = threading.Thread(target=on_the_loop)
+    t.start()
+    t.join()
+    assert building.wait(10)
+    eng.loss(batch, cfg)  # a pool thread's call while the background build runs: eager
+    assert eng.wait_compiled(10)
+    assert compiles == ["softgate-compile"]
+    assert eng.kernel.states() == {"compiled": 1, "compiling": 0, "failed": 0, "over_limit": 0}

@@ -407,11 +407,57 @@ def test_a_response_over_the_message_limit_is_refused_before_the_work() -> None:
         )
         assert str(limit) in vs[0][1]
         assert stub.ComputeLoss(pb.ComputeLossRequest(batch=big), timeout=30).outputs.gradient.data
+        # outputs just under the limit, the response's metrics and headers over it (found by a review)
+        k = (limit - 100) // 16
+        edge = pb.Batch(logp=tensor(logp[:k]), offsets=tensor(np.array([0, k])), advantages=big.advantages)
+        four = pb.OutputSelection(advantages=True, ratio=True, gate_weight=True)
+        expect_invalid(
+            lambda: stub.ComputeLoss(pb.ComputeLossRequest(batch=edge, outputs=four), timeout=30),
+            "outputs",
+            "too_large",
+        )
         msgs = [pb.StreamLossRequest(chunk=small, outputs=every), pb.StreamLossRequest(chunk=big)]
         expect_invalid(
             lambda: list(stub.StreamLoss(iter(msgs), timeout=30)), "chunk[1]", "too_large: its response"
         )
         assert stub.ComputeLoss(pb.ComputeLossRequest(batch=small), timeout=30).loss < 0  # still serving
+
+
+def test_a_call_that_ends_before_its_request_arrives_is_not_bad_input() -> None:
+    """Found by a review: ComputeLoss reads its request after admission, and a call cut while
+    the request was still on its way (its deadline, a message over the size limit) was
+    recorded as INVALID_ARGUMENT "missing", a rejected input the client never saw."""
+    tel = PrometheusTelemetry(Settings())
+    with ServerThread(telemetry=tel, max_message_bytes=1 << 20) as srv:
+        ch = grpc.insecure_channel(srv.target, options=[("grpc.max_send_message_length", 64 << 20)])
+        gate = threading.Event()
+
+        def late() -> Iterator[bytes]:
+            gate.wait(30)
+            yield b""
+
+        with pytest.raises(grpc.RpcError) as e:
+            ch.stream_unary("/softgate.v1.LossService/ComputeLoss")(late(), timeout=1.0)
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        n = 1 << 19  # 2 MiB of logp: over the 1 MiB limit, refused by grpc itself
+        big = pb.Batch(logp=tensor(np.full(n, -0.5, np.float32)), offsets=tensor(np.array([0, n])))
+        with pytest.raises(grpc.RpcError) as e:
+            pb_grpc.LossServiceStub(ch).ComputeLoss(pb.ComputeLossRequest(batch=big), timeout=10)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        gate.set()
+        time.sleep(0.3)
+        ch.close()
+    codes = {
+        s.labels["code"]
+        for fam in tel.registry.collect()
+        for s in fam.samples
+        if s.name == "softgate_requests_total" and s.labels.get("rpc") == "ComputeLoss" and s.value
+    }
+    assert "INVALID_ARGUMENT" not in codes, codes
+    rejected = [
+        s for fam in tel.registry.collect() for s in fam.samples if s.name == "softgate_rejected_inputs_total"
+    ]
+    assert not [s for s in rejected if s.value], rejected
 
 
 def test_stream_single_chunk_with_advantages(stub: pb_grpc.LossServiceStub) -> None:

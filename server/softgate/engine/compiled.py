@@ -342,6 +342,8 @@ class CompiledKernel:
         elif getattr(_thread, "no_compile", False) and key not in self._fns:
             self._schedule(key, args)
             return chunked_token_terms(*args)
+        elif key in self._queued:  # compiling in the background (queued from the loop): not twice
+            return chunked_token_terms(*args)
         else:
             self._lock.acquire()
         try:

@@ -100,6 +100,11 @@ class _Call:
         return "DEADLINE_EXCEEDED" if late else "CANCELLED"
 
 
+# a response's bytes besides its per-token outputs: loss, metrics map (~850 B), tensor headers,
+# a stream's chunk fields and summary, a gradient's alignment padding (an upper bound)
+RESPONSE_OVERHEAD = 4096
+
+
 class _Guard:
     """LossServicer._guard's context manager (a class: contextlib's generator-based one cost
     ~10 us of a small call)."""
@@ -367,13 +372,14 @@ class LossServicer(pb_grpc.LossServiceServicer):
         RESOURCE_EXHAUSTED, which reads as "retry"."""
         size = compute_dtype(batch).itemsize
         per_token = sum(1 if name in codec.BOOL_OUTPUTS else size for name in names)
-        limit = self.max_message_bytes
+        limit = self.max_message_bytes - RESPONSE_OVERHEAD
         v = [
             FieldViolation(
                 field,
                 f"too_large: {'the' if field == 'outputs' else 'its'} response would hold {n * per_token} bytes"
-                f" of per-token outputs ({', '.join(names)}), over this server's max_message_bytes {limit};"
-                " ask for fewer outputs or send fewer tokens a message (StreamLoss chunks)",
+                f" of per-token outputs ({', '.join(names)}), over the {limit} this server's max_message_bytes"
+                f" {self.max_message_bytes} leaves them; ask for fewer outputs or send fewer tokens a message"
+                " (StreamLoss chunks)",
             )
             for field, n in parts
             if n * per_token > limit
@@ -645,10 +651,13 @@ class LossServicer(pb_grpc.LossServiceServicer):
 
 
 async def _first(requests: AsyncIterator[Any]) -> Any:
-    """The request of a unary call read as a stream (server.loss_service_handler)."""
+    """The request of a unary call read as a stream (server.loss_service_handler). When none
+    comes, the call ended before it arrived (its deadline, a cancel, a message over the size
+    limit that grpc refused itself; a unary client always sends one): accounted as cut, never
+    as a rejected input the client did not see."""
     async for r in requests:
         return r
-    raise InputError([FieldViolation("request", "missing: the call carried no request message")])
+    raise Cancelled()
 
 
 async def _settle(tasks: list[asyncio.Task[Batch]]) -> None:
