@@ -15,6 +15,7 @@ import math
 import re
 import time
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -234,10 +235,8 @@ def summarize(batches: list[BatchRecord]) -> dict[str, Any]:
             for b in batches
             if _finite(b.values.get(key))
         ]
-        vals = [(v, n) for v, n in vals if n > 0]
-        if vals:
-            w = sum(n for _, n in vals)
-            out[key] = sum(v * n for v, n in vals) / w
+        if (mean := _weighted_mean(vals)) is not None:
+            out[key] = mean
     kls = [b.values["approx_kl"] for b in batches if _finite(b.values.get("approx_kl"))]
     if kls:
         out["approx_kl_max"] = max(kls)
@@ -263,9 +262,15 @@ def summarize_advantages(calls: list[BatchRecord]) -> dict[str, Any]:
     out: dict[str, Any] = {"calls": len(calls), "sequences": int(sum(c.seqs for c in calls))}
     for key in ADVANTAGE_KEYS:
         vals = [(c.values[key], max(c.seqs, 1)) for c in calls if _finite(c.values.get(key))]
-        if vals:
-            out[key] = sum(v * n for v, n in vals) / sum(n for _, n in vals)
+        if (mean := _weighted_mean(vals)) is not None:
+            out[key] = mean
     return out
+
+
+def _weighted_mean(pairs: Sequence[tuple[float, float]]) -> float | None:
+    """Mean of (value, weight) pairs over those of positive weight; None when there are none."""
+    kept = [(v, n) for v, n in pairs if n > 0]
+    return sum(v * n for v, n in kept) / sum(n for _, n in kept) if kept else None
 
 
 def _finite(v: Any) -> bool:
@@ -277,6 +282,7 @@ def windows(state: RunState, now: float | None = None) -> dict[str, Any]:
     run's ComputeAdvantages calls in the same window (when it had any: a trainer that computes
     advantages first, then the loss from them, has its group statistics there)."""
     now = time.time() if now is None else now
+    batches, advantage_calls = list(state.batches), list(state.advantage_calls)
     out = {}
     for name, pick in (
         ("last_10_batches", lambda r: r[-10:]),
@@ -284,7 +290,7 @@ def windows(state: RunState, now: float | None = None) -> dict[str, Any]:
         ("last_5m", lambda r: [b for b in r if b.t >= now - 300]),
         ("last_1h", lambda r: [b for b in r if b.t >= now - 3600]),
     ):
-        out[name] = summarize(pick(list(state.batches)))
-        if calls := pick(list(state.advantage_calls)):
+        out[name] = summarize(pick(batches))
+        if calls := pick(advantage_calls):
             out[name]["advantages"] = summarize_advantages(calls)
     return out
