@@ -91,9 +91,14 @@ def test_health_and_readiness_need_no_token(server) -> None:
         assert r.status_code == 503
         assert r.headers["content-type"].startswith("application/json")
         assert r.json()["error"]["code"] == 503
+        assert c.head("/readyz").status_code == 503
         state["ready"] = True
         r = c.get("/readyz")
         assert r.status_code == 200 and r.json() == {"status": "ready"}
+        # HEAD too: some probes and load balancers send it (it was 405)
+        for path in ("/healthz", "/readyz"):
+            r = c.head(path)
+            assert r.status_code == 200 and r.content == b"", path
 
 
 @pytest.mark.parametrize(

@@ -219,12 +219,16 @@ def create_app(
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         return _error(500, f"internal error: {type(exc).__name__}")
 
-    @app.get("/healthz", tags=["health"], summary="Liveness: the process answers.")
+    # GET or HEAD: probes and load balancers use either.
+    @app.api_route(
+        "/healthz", methods=["GET", "HEAD"], tags=["health"], summary="Liveness: the process answers."
+    )
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get(
+    @app.api_route(
         "/readyz",
+        methods=["GET", "HEAD"],
         tags=["health"],
         summary="Readiness: 200 once the engine is warmed up and gRPC is serving, else 503.",
         responses={503: {"description": "not ready yet"}},
