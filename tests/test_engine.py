@@ -563,6 +563,10 @@ def test_validation_batch(monkeypatch, path):
         (LossConfig(mismatch=MismatchConfig(mode="mask", lo=2.0, hi=2.0)), "mismatch.lo"),
         (LossConfig(mismatch=MismatchConfig(mode="mask", hi=0.3)), "mismatch.hi"),  # lo left at 0.5
         (LossConfig(mismatch=MismatchConfig(level="batch")), "mismatch.level"),  # type: ignore[arg-type]
+        # the other mode's bounds too (they were not checked): a NaN is a bad request wherever it is
+        (LossConfig(mismatch=MismatchConfig(mode="mask", cap=float("nan"))), "mismatch.cap"),
+        (LossConfig(mismatch=MismatchConfig(mode="truncate", lo=-1.0)), "mismatch.lo"),
+        (LossConfig(mismatch=MismatchConfig(mode="truncate", hi=float("inf"))), "mismatch.hi"),
         (LossConfig(aggregation=AggregationConfig(num_tokens=0.0)), "aggregation.num_tokens"),
         (LossConfig(aggregation=AggregationConfig(num_seqs=-3.0)), "aggregation.num_seqs"),
         (LossConfig(aggregation=AggregationConfig(mode="token_sum_norm")), "aggregation.constant"),

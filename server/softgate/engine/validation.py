@@ -203,19 +203,16 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
                 "mismatch.mode",
                 f"unknown_name: {mm.mode!r}; known: ['truncate', 'mask']",
             )
-            if mm.mode == "truncate":
-                pos(mm.cap, "mismatch.cap")
-            else:
-                nonneg(mm.lo, "mismatch.lo")
-                pos(mm.hi, "mismatch.hi")
-                if _num_ok(mm.lo) and _num_ok(mm.hi) and not mm.lo < mm.hi:
-                    # named on the bound the caller moved: hi when lo is still its default
-                    moved = "hi" if mm.lo == MismatchConfig.lo and mm.hi != MismatchConfig.hi else "lo"
-                    v.append(
-                        FieldViolation(
-                            f"mismatch.{moved}", f"out_of_range: lo {mm.lo!r} must be < hi {mm.hi!r}"
-                        )
-                    )
+            # every bound is range-checked, the unused mode's too: a NaN there is still a bad request
+            pos(mm.cap, "mismatch.cap")
+            nonneg(mm.lo, "mismatch.lo")
+            pos(mm.hi, "mismatch.hi")
+            if mm.mode == "mask" and _num_ok(mm.lo) and _num_ok(mm.hi) and not mm.lo < mm.hi:
+                # named on the bound the caller moved: hi when lo is still its default
+                moved = "hi" if mm.lo == MismatchConfig.lo and mm.hi != MismatchConfig.hi else "lo"
+                v.append(
+                    FieldViolation(f"mismatch.{moved}", f"out_of_range: lo {mm.lo!r} must be < hi {mm.hi!r}")
+                )
 
     pos(config.log_ratio_clamp, "log_ratio_clamp")
     if _num_ok(config.log_ratio_clamp) and config.log_ratio_clamp > MAX_LOG_RATIO_CLAMP:
