@@ -182,6 +182,12 @@ def test_normalise_target() -> None:
     assert normalise_target("dns:///softgate.ns.svc:50051") == ("dns:///softgate.ns.svc:50051", True)
     assert normalise_target("softgate-headless:50051") == ("softgate-headless:50051", True)
     assert normalise_target("unix:/tmp/s.sock") == ("unix:/tmp/s.sock", False)
+    # a dns: target without a port gets softgate's, not the DNS resolver's 443
+    assert normalise_target("dns:///softgate.ns.svc") == ("dns:///softgate.ns.svc:50051", True)
+    assert normalise_target("dns:softgate") == ("dns:softgate:50051", True)
+    assert normalise_target("dns://10.0.0.10:53/softgate") == ("dns://10.0.0.10:53/softgate:50051", True)
+    assert normalise_target("dns:///[::1]") == ("dns:///[::1]:50051", True)
+    assert normalise_target("[::1]") == ("[::1]:50051", False)
 
 
 def test_run_metadata_and_round_robin_options() -> None:

@@ -50,19 +50,26 @@ def _read(x: bytes | str | os.PathLike[str] | None) -> bytes | None:
         return f.read()
 
 
+def _with_port(hostport: str) -> str:
+    """`host` or `[v6]` without a port gets the default port."""
+    if hostport.startswith("["):
+        return hostport if "]:" in hostport else f"{hostport}:{DEFAULT_PORT}"
+    return hostport if ":" in hostport else f"{hostport}:{DEFAULT_PORT}"
+
+
 def normalise_target(target: str) -> tuple[str, bool]:
-    """(target, is_dns_name): a bare `host` gets the default port; `dns:///host:port` or a host
-    name (not an IP literal, not `unix:`) is a name whose addresses round-robin spreads calls over."""
+    """(target, is_dns_name): a `host` or `dns:///host` without a port gets the default port
+    (gRPC's DNS resolver would pick 443); `dns:` targets and host names (not IP literals, not
+    `unix:`) are names whose addresses round-robin spreads calls over."""
     t = target.strip()
     if t.startswith(("unix:", "unix-abstract:", "ipv4:", "ipv6:")):
         return t, False
-    if t.startswith("dns:"):
-        return t, True
-    host = t
-    if host.startswith("["):  # [::1]:50051
-        return t if "]:" in t else f"{t}:{DEFAULT_PORT}", False
-    if ":" not in host:
-        t = f"{host}:{DEFAULT_PORT}"
+    if t.startswith("dns:"):  # dns:host, dns:///host or dns://authority/host
+        head, sep, host = t.rpartition("/") if "/" in t else ("dns", ":", t[4:])
+        return head + sep + _with_port(host), True
+    t = _with_port(t)
+    if t.startswith("["):  # [::1]:50051
+        return t, False
     hostname = t.rsplit(":", 1)[0]
     is_ip = hostname.replace(".", "").isdigit() or hostname in ("localhost",)
     return t, not is_ip
