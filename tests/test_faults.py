@@ -455,7 +455,8 @@ def test_engine_oom_fails_that_request_alone(load_bench: Any, inprocess_server: 
     assert all("out of memory" in m and "80.00 GiB" not in m for m in messages), messages[:2]
 
 
-def test_calls_refused_at_the_limit_never_hold_their_requests(tmp_path: Any) -> None:
+@pytest.mark.parametrize("rpc", ["ComputeLoss", "ComputeAdvantages"])
+def test_calls_refused_at_the_limit_never_hold_their_requests(tmp_path: Any, rpc: str) -> None:
     """Found by an audit: admission ran once gRPC had read a unary request whole, so calls
     refused at max_concurrent_rpcs held their requests meanwhile (12 refused 201 MB calls:
     +3.8 GB, each refusal seconds late), enough to OOM-kill a pod sized as deploy/ says. The
@@ -480,8 +481,16 @@ def test_calls_refused_at_the_limit_never_hold_their_requests(tmp_path: Any) -> 
                 ),
                 offsets=pb.Tensor(dtype=pb.DTYPE_INT64, shape=[2], data=np.array([0, n]).tobytes()),
             )
-            big = pb.ComputeLossRequest(batch=batch).SerializeToString()
-            unary = ch.unary_unary("/softgate.v1.LossService/ComputeLoss")
+            if rpc == "ComputeLoss":
+                big = pb.ComputeLossRequest(batch=batch).SerializeToString()
+            else:  # 4M rewards and group ids: 48 MB too
+                big = pb.ComputeAdvantagesRequest(
+                    rewards=batch.logp,
+                    group_ids=pb.Tensor(
+                        dtype=pb.DTYPE_INT64, shape=[n], data=np.zeros(n, np.int64).tobytes()
+                    ),
+                ).SerializeToString()
+            unary = ch.unary_unary(f"/softgate.v1.LossService/{rpc}")
             held = ch.stream_stream("/softgate.v1.LossService/StreamLoss")
             gate = threading.Event()
 
@@ -509,6 +518,6 @@ def test_calls_refused_at_the_limit_never_hold_their_requests(tmp_path: Any) -> 
             with contextlib.suppress(grpc.RpcError):
                 list(stream)
         assert codes == ["RESOURCE_EXHAUSTED"] * 8
-        assert grew < 100 << 20, f"8 refused 48 MB calls grew the server by {grew >> 20} MiB"
+        assert grew < 100 << 20, f"8 refused 48 MB {rpc} calls grew the server by {grew >> 20} MiB"
     finally:
         sp.stop()

@@ -76,13 +76,14 @@ def loss_service_handler(servicer: LossServicer) -> grpc.GenericRpcHandler:
     as `codec.Received` (wire size, zero-copy tensor views) and may answer `codec.Encoded` bytes."""
     de = safe_deserializer
     handlers = {
-        "ComputeAdvantages": grpc.unary_unary_rpc_method_handler(
+        # the unary calls that carry a batch are read as a stream of one: the handler admits the
+        # call before its request is read, so a call refused at max_concurrent_rpcs never holds
+        # its (up to 512 MB) request in memory
+        "ComputeAdvantages": grpc.stream_unary_rpc_method_handler(
             servicer.ComputeAdvantages,
             request_deserializer=de(pb.ComputeAdvantagesRequest),
             response_serializer=pb.ComputeAdvantagesResponse.SerializeToString,
         ),
-        # read as a stream of one: the handler admits the call before its request is read, so
-        # a call refused at max_concurrent_rpcs never holds its (up to 512 MB) request in memory
         "ComputeLoss": grpc.stream_unary_rpc_method_handler(
             servicer.ComputeLoss,
             request_deserializer=de(pb.ComputeLossRequest, batch_field=2),

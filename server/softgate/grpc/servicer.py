@@ -389,9 +389,13 @@ class LossServicer(pb_grpc.LossServiceServicer):
 
     # ------------------------------------------------------------ ComputeAdvantages
     async def ComputeAdvantages(
-        self, request: pb.ComputeAdvantagesRequest, context: Any
+        self, request: pb.ComputeAdvantagesRequest | AsyncIterator[Any], context: Any
     ) -> pb.ComputeAdvantagesResponse:
+        """`request` is a stream of one when it came through `loss_service_handler` (read once
+        the call is admitted), a plain message otherwise."""
         async with self._guard("ComputeAdvantages", context) as call:
+            if not isinstance(request, (pb.ComputeAdvantagesRequest, codec.CorruptMessage)):
+                request = await _first(request)
             if isinstance(request, codec.CorruptMessage):
                 raise InputError([request.violation("request")])
             call.sequences = codec.claimed_elements(request.rewards)
