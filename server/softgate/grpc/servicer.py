@@ -394,15 +394,17 @@ class LossServicer(pb_grpc.LossServiceServicer):
         """`request` is a stream of one when it came through `loss_service_handler` (read once
         the call is admitted), a plain message otherwise."""
         async with self._guard("ComputeAdvantages", context) as call:
-            if not isinstance(request, (pb.ComputeAdvantagesRequest, codec.CorruptMessage)):
-                request = await _first(request)
-            if isinstance(request, codec.CorruptMessage):
-                raise InputError([request.violation("request")])
-            call.sequences = codec.claimed_elements(request.rewards)
-            call.bytes_in = request.ByteSize()
+            msg = request
+            if not isinstance(msg, (pb.ComputeAdvantagesRequest, codec.CorruptMessage)):
+                msg = await _first(msg)
+            if isinstance(msg, codec.CorruptMessage):
+                raise InputError([msg.violation("request")])
+            assert isinstance(msg, pb.ComputeAdvantagesRequest)
+            call.sequences = codec.claimed_elements(msg.rewards)
+            call.bytes_in = msg.ByteSize()
             self._start(call)
             resp = await self._run(
-                call, lambda cancel: self._advantages(request, call.run, cancel), call.sequences
+                call, lambda cancel: self._advantages(msg, call.run, cancel), call.sequences
             )
             call.bytes_out = resp.ByteSize()
             return resp
