@@ -178,10 +178,7 @@ def reference_loss(batch: Batch, config: LossConfig) -> Reference:
         mm = config.mismatch
         if mm is not None:
             ro = rollout[sl][mi]
-            if mm.level == "token":
-                v = torch.exp(torch.clamp(o - ro, -C, C))
-            else:
-                v = torch.exp(torch.clamp((o - ro).sum(), -C, C)).repeat(counts[i])
+            v = torch.exp(o - ro) if mm.level == "token" else torch.exp((o - ro).sum()).repeat(counts[i])
             if mm.mode == "truncate":
                 v = torch.clamp(v, max=mm.cap)
             else:
@@ -191,7 +188,7 @@ def reference_loss(batch: Batch, config: LossConfig) -> Reference:
         if config.kl is not None:
             x = ref[sl][mi] - lp
             est = config.kl.estimator
-            xc = torch.clamp(x, -C, C)  # k3 only: exp(x) finite in float32
+            xc = torch.clamp(x, max=C)  # k3 only, from above: exp(x) finite in float32
             k = -x if est == "k1" else (x * x / 2 if est == "k2" else torch.exp(xc) - xc - 1)
             kl_terms.append(k)
         else:
@@ -362,14 +359,14 @@ def near_boundary(batch: Batch, config: LossConfig, tol: float = 1e-7) -> bool:
             vals.append(torch.exp(d.clamp(-C, C)))
         if batch.ref_logp is not None and config.kl is not None:
             x = (batch.ref_logp.to(f64) - logp)[off[i] : off[i + 1]][mi]
-            if bool(((x.abs() - C).abs() < tol).any()):
+            if bool(((x - C).abs() < tol).any()):  # k3's clamp, from above only
                 return True
         mm = config.mismatch
         if mm is not None and batch.rollout_logp is not None:
             lv = (old - batch.rollout_logp.to(f64))[off[i] : off[i + 1]][mi]
             if mm.level == "sequence":
                 lv = lv.sum().reshape(1)
-            v = torch.exp(lv.clamp(-C, C))
+            v = torch.exp(lv)
             for bd in [mm.cap] if mm.mode == "truncate" else [mm.lo, mm.hi]:
                 if bool(((v - bd).abs() < tol).any()):
                     return True

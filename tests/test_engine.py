@@ -282,22 +282,55 @@ def test_estimators(est):
     )
 
 
-@pytest.mark.parametrize("estimator,grad", [("k1", 1.0), ("k2", 30.0), ("k3", 0.0)])
-def test_only_k3_clamps_the_kl_log_ratio(estimator, grad):
+@pytest.mark.parametrize("x", [-30.0, 30.0])
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_only_k3_clamps_the_kl_log_ratio_and_only_from_above(estimator: str, x: float) -> None:
     """SPEC's k1 = -x and k2 = x^2/2 are finite for any finite x = ref - logp: beyond the clamp
-    they keep their gradient (1, -x), which pulls hardest where the policy drifted furthest;
-    k3 = exp(x) - x - 1 clamps x (float32's exp), so its gradient is 0 there."""
+    they keep their gradient (1, -x), which pulls hardest where the policy drifted furthest.
+    k3 = exp(x) - x - 1 clamps x above (float32's exp), so its gradient is 0 there; below, exp
+    only underflows, and a token far likelier than under the reference keeps its pull 1 - exp(x)
+    (an audit found it clamped both ways: a policy 30 nats above the reference got gradient 0)."""
     b = Batch(
         logp=torch.tensor([-31.0], dtype=F64),
         offsets=torch.tensor([0, 1]),
         advantages=torch.tensor([0.0], dtype=F64),
-        ref_logp=torch.tensor([-61.0], dtype=F64),  # x = -30, beyond the clamp of 20
+        ref_logp=torch.tensor([-31.0 + x], dtype=F64),  # |x| = 30, beyond the clamp of 20
     )
     res = E.loss(b, LossConfig(objective=Reinforce(), kl=KLConfig(estimator=estimator, beta=1.0)))
+    clamped = estimator == "k3" and x > 20
+    grad = {"k1": 1.0, "k2": -x, "k3": 0.0 if clamped else 1 - math.exp(x)}[estimator]
     assert res.grad.tolist() == [pytest.approx(grad, rel=1e-12)]
-    want = {"k1": 30.0, "k2": 450.0, "k3": math.exp(-20) + 20 - 1}[estimator]
+    xc = min(x, 20.0)
+    want = {"k1": -x, "k2": x * x / 2, "k3": math.exp(xc) - xc - 1}[estimator]
     assert res.kl_loss == pytest.approx(want, rel=1e-12)
-    assert res.metrics["kl_clamped_tokens"] == (estimator == "k3")
+    assert res.metrics["kl_clamped_tokens"] == clamped
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_the_mismatch_weight_is_the_spec_s_exact_v(dtype: torch.dtype) -> None:
+    """Found by an audit: log v = old - rollout was clamped at +-log_ratio_clamp before exp, so
+    IcePop kept a token whose v = e^29 lay above hi = 1e10 (weight e^20, gradient -2.4e8
+    instead of 0), and sequence-level TIS with log_ratio_clamp 3 weighted log v = -4 by e^-3.
+    v is now exact: an overflow is truncated to cap or zeroed outside [lo, hi]."""
+    old = torch.tensor([-1.0, -2.0, -3.0, -3.0], dtype=dtype)
+    b = Batch(
+        logp=old.clone(),
+        offsets=torch.tensor([0, 1, 2, 4]),
+        old_logp=old,
+        advantages=torch.tensor([1.0, 1.0, 1.0], dtype=dtype),
+        rollout_logp=torch.tensor([-30.0, -102.0, -1.0, -1.0], dtype=dtype),
+    )  # log v per token: 29, 100 (exp overflows float32), -2, -2; sequence 2's: -4
+    agg = AggregationConfig(mode="token_sum_norm", constant=1.0)  # gradient -A v on policy tokens
+    mask = LossConfig(objective=Reinforce(), aggregation=agg, mismatch=MismatchConfig(mode="mask", hi=1e10))
+    assert E.loss(b, mask).grad.tolist() == [0.0, 0.0, 0.0, 0.0]  # 29 and 100 above, -2 below lo
+    tis = dataclasses.replace(mask, mismatch=MismatchConfig(cap=1e30))
+    g = E.loss(b, tis).grad.double()
+    want = torch.tensor([-math.exp(29.0), -1e30, -math.exp(-2.0), -math.exp(-2.0)], dtype=F64)
+    torch.testing.assert_close(g, want, rtol=1e-6, atol=0.0)
+    seq = dataclasses.replace(tis, mismatch=MismatchConfig(level="sequence", cap=2.0), log_ratio_clamp=3.0)
+    g = E.loss(b, seq).grad.double()
+    want = torch.tensor([-2.0, -2.0, -math.exp(-4.0), -math.exp(-4.0)], dtype=F64)
+    torch.testing.assert_close(g, want, rtol=1e-6, atol=0.0)
 
 
 @pytest.mark.parametrize("dtype,a", [(F64, 1e160), (torch.float32, 1e20)])

@@ -231,10 +231,7 @@ def token_terms(
     lpol, gpol, gfree = pt.loss, pt.grad, pt.grad_free
     if mismatch is not None:
         level, mode = mismatch
-        if level == "sequence":
-            lv = per_token(t, "lvseq", ids)
-        else:
-            lv = torch.where(m, old - t["rollout"], zero).clamp(-clamp, clamp)
+        lv = per_token(t, "lvseq", ids) if level == "sequence" else torch.where(m, old - t["rollout"], zero)
         v, vch = mismatch_weights(mode, lv, prm)
         lpol, gpol, gfree = lpol * v, gpol * v, gfree * v
         total("v_sum", torch.where(m, v, zero))

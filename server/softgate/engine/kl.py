@@ -1,9 +1,10 @@
 """KL penalty to the reference policy per token, x = ref - logp (SPEC: k1, k2, k3).
 
 k1 = -x, k2 = x^2 / 2, k3 = exp(x) - x - 1; d k / d logp = 1, -x, 1 - exp(x). Only k3 clamps
-x (like the log-ratio, so exp(x) stays finite in float32; its gradient is 0 where it clamped,
-the clamp's derivative): k1 and k2 are finite for every finite x and keep their gradient where
-the policy drifted furthest from the reference (as TRL's and verl's k1 / k2 do).
+x, and only from above, at log_ratio_clamp (so exp(x) stays finite in float32; its gradient is
+0 where it clamped, the clamp's derivative). Below, exp(x) only underflows to 0: a token far
+more likely under the policy than under the reference keeps k3's full pull (gradient ~1), as
+k1 and k2 keep theirs for every finite x (as TRL's and verl's k1 / k2 do).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ def kl_terms(estimator: str, x_raw: Tensor, clamp: Tensor) -> tuple[Tensor, Tens
         return 0.5 * x_raw * x_raw, -x_raw, torch.zeros_like(x_raw, dtype=torch.bool)
     if estimator != "k3":
         raise ValueError(f"unknown KL estimator {estimator!r}")
-    x = torch.clamp(x_raw, -clamp, clamp)
-    clamped = x_raw.abs() > clamp
+    x = torch.clamp(x_raw, max=clamp)
+    clamped = x_raw > clamp
     ex = torch.exp(x)
     return ex - x - 1, torch.where(clamped, torch.zeros_like(ex), 1 - ex), clamped

@@ -177,7 +177,7 @@ def _compute_loss(
         rollout = _cast(batch.rollout_logp, dt)
         if mm.level == "sequence":
             lv_raw = torch.where(m, old - rollout, torch.zeros_like(logp))
-            t["lvseq"] = mismatch_log_weights("sequence", lv_raw, seg, clamp)
+            t["lvseq"] = mismatch_log_weights("sequence", lv_raw, seg)
         else:
             t["rollout"] = rollout
     if config.kl is not None:
