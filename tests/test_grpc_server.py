@@ -790,6 +790,33 @@ def test_stream_chunks_that_fit_either_advantage_level_take_the_others(stub: pb_
         assert got[-1].summary.loss == want
 
 
+def test_a_chunk_whose_level_is_ambiguous_takes_the_others(stub: pb_grpc.LossServiceStub) -> None:
+    """Found by an audit: a chunk with B == N but not of one-token sequences (lengths 0 and 2,
+    two advantages) was refused `ambiguous` although another chunk's made the level clear, and
+    ComputeLoss takes the whole batch (B = 5, N = 7: per sequence). Only a stream where no
+    chunk settles the level is ambiguous, as a unary call of it would be."""
+    logp = torch.tensor([-0.5, -1.0, -0.3, -0.2, -0.9, -0.4, -0.7])
+    adv = torch.tensor([1.0, -0.5, 0.3, 0.2, -1.0])  # per sequence
+
+    def chunk(t0: int, t1: int, s0: int, s1: int, offsets: list[int]) -> pb.StreamLossRequest:
+        b = Batch(logp=logp[t0:t1], offsets=torch.tensor(offsets), advantages=adv[s0:s1])
+        return pb.StreamLossRequest(chunk=batch_msg(b))
+
+    whole = Batch(logp=logp, offsets=torch.tensor([0, 1, 2, 2, 4, 7]), advantages=adv)
+    want = stub.ComputeLoss(pb.ComputeLossRequest(batch=batch_msg(whole)), timeout=10).loss
+    ones, ambiguous, settles = (
+        chunk(0, 2, 0, 2, [0, 1, 2]),
+        chunk(2, 4, 2, 4, [0, 0, 2]),
+        chunk(4, 7, 4, 5, [0, 3]),
+    )
+    got = list(stub.StreamLoss(iter([ones, ambiguous, settles]), timeout=10))
+    assert got[-1].summary.loss == want
+    with pytest.raises(grpc.RpcError) as ei:  # nothing settles it
+        list(stub.StreamLoss(iter([ones, ambiguous]), timeout=10))
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "chunk[1].advantage_level" in (ei.value.details() or "")
+
+
 # ---------------------------------------------------------------- concurrency, deadlines, error mapping
 
 
@@ -895,6 +922,82 @@ def test_calls_cut_at_their_deadline_count_as_such_and_record_no_batch() -> None
     assert call.cut() == "CANCELLED"
     call.deadline = time.perf_counter()
     assert call.cut() == "DEADLINE_EXCEEDED"
+
+
+def _f32_chunk(seqs: int, length: int, seed: int) -> pb.Batch:
+    rng = np.random.default_rng(seed)
+    n = seqs * length
+    logp = (-rng.random(n) - 0.5).astype(np.float32)
+    t = lambda a, dt: pb.Tensor(dtype=dt, shape=[a.size], data=a.tobytes())  # noqa: E731
+    return pb.Batch(
+        logp=t(logp, pb.DTYPE_FLOAT32),
+        old_logp=t(logp + np.float32(0.01), pb.DTYPE_FLOAT32),
+        advantages=t(rng.standard_normal(seqs).astype(np.float32), pb.DTYPE_FLOAT32),
+        offsets=t(np.arange(0, n + 1, length, dtype=np.int64), pb.DTYPE_INT64),
+    )
+
+
+def _nonzero(tel: PrometheusTelemetry, name: str) -> dict[tuple[str, ...], float]:
+    tel.flush()
+    return {
+        tuple(s.labels.values()): s.value
+        for fam in tel.registry.collect()
+        for s in fam.samples
+        if s.name == name and s.value
+    }
+
+
+def test_a_stream_its_client_cut_gives_its_slot_back_and_records_no_batch() -> None:
+    """Found by an audit: a large StreamLoss whose client went away while the server wrote its
+    responses kept its max_concurrent_rpcs slot for good (grpc closes such a handler after the
+    call has ended, where the slot's callback never ran): every later call was refused until a
+    restart. And grpc ends a cancelled stream's requests as a half-close does, so a stream cut
+    mid-upload had a loss computed and recorded in its run on the chunks sent so far; both were
+    counted OK."""
+    tel = PrometheusTelemetry(None)
+    with ServerThread(telemetry=tel, max_concurrent_rpcs=1, inline_max_tokens=64) as srv:
+        # no BDP probing: the client's receive window stays 64 KiB, so the server is still
+        # writing when the client cancels (a grown window took every response, and the call
+        # really was complete)
+        ch = grpc.insecure_channel(
+            srv.target, options=[("grpc.max_receive_message_length", -1), ("grpc.http2.bdp_probe", 0)]
+        )
+        call = ch.stream_stream(
+            "/softgate.v1.LossService/StreamLoss",
+            request_serializer=pb.StreamLossRequest.SerializeToString,
+            response_deserializer=pb.StreamLossResponse.FromString,
+        )
+        outputs = pb.OutputSelection(gradient=True, ratio=True, gate_weight=True, advantages=True)
+        # (1) four chunks of 512 KiB responses; the client reads one, stops reading, cancels
+        big = [pb.StreamLossRequest(chunk=_f32_chunk(32, 1024, i)) for i in range(4)]
+        big[0].outputs.CopyFrom(outputs)
+        for _ in range(2):
+            it = call(iter(big), timeout=60, metadata=(("softgate-run", "cut"),))
+            next(it)
+            time.sleep(0.3)
+            it.cancel()
+            time.sleep(0.5)
+        # (2) one chunk of three sent, then the stream cancelled without a half-close
+        gate = threading.Event()
+
+        def partial() -> Iterator[pb.StreamLossRequest]:
+            yield big[0]
+            gate.wait(10)
+
+        it = call(partial(), timeout=60, metadata=(("softgate-run", "cut"),))
+        time.sleep(0.5)
+        it.cancel()
+        gate.set()
+        # the slot is free: a call gets served, not refused
+        deadline = time.monotonic() + 10
+        while srv.server.servicer.in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        small = [pb.StreamLossRequest(chunk=_f32_chunk(2, 4, 9))]
+        assert len(list(call(iter(small), timeout=30))) == 1
+    codes = _nonzero(tel, "softgate_requests_total")
+    assert codes == {("StreamLoss", "CANCELLED"): 3, ("StreamLoss", "OK"): 1}, codes
+    batches = _nonzero(tel, "softgate_loss_batches_total")
+    assert batches == {("default", "sapo"): 1}, batches  # the served call's only
 
 
 def test_unexpected_error_is_internal_and_generic(caplog: pytest.LogCaptureFixture) -> None:

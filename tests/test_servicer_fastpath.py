@@ -340,7 +340,7 @@ def test_a_large_call_keeps_its_slot_until_its_response_is_out() -> None:
     small one (the inline path's `in_flight == 1`) still frees it at once."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from softgate.grpc.servicer import LossServicer, _Call
+    from softgate.grpc.servicer import LossServicer
 
     class Context:
         def __init__(self) -> None:
@@ -352,14 +352,31 @@ def test_a_large_call_keeps_its_slot_until_its_response_is_out() -> None:
         def cancelled(self) -> bool:
             return False
 
+        def invocation_metadata(self) -> tuple[()]:
+            return ()
+
+        def time_remaining(self) -> None:
+            return None
+
     async def check(s: LossServicer) -> None:
         for tokens, held in ((s.inline_max_tokens + 1, True), (s.inline_max_tokens, False)):
-            s.in_flight = 1
             ctx = Context()
-            s._finish(_Call("ComputeLoss", "r", tokens=tokens), ctx)
+            call = await s._admit("ComputeLoss", ctx)
+            assert s.in_flight == 1
+            call.tokens = tokens
+            s._finish(call, ctx)
             assert s.in_flight == (1 if held else 0)
             ctx.callbacks[0](ctx)  # the RPC is done: its response is out
             assert s.in_flight == 0
+        # grpc may end the call before the handler does (a StreamLoss cut while it wrote a
+        # response is closed later): the slot comes back at the call's end, once
+        ctx = Context()
+        call = await s._admit("StreamLoss", ctx)
+        call.tokens = s.inline_max_tokens + 1
+        ctx.callbacks[0](ctx)
+        assert s.in_flight == 0
+        s._finish(call, ctx)
+        assert s.in_flight == 0
 
     with ThreadPoolExecutor(1) as pool:
         asyncio.run(check(LossServicer(Engine(device="cpu", compile=False), pool)))

@@ -27,6 +27,7 @@ from softgate_client.proto.softgate.v1 import softgate_pb2_grpc as pb_grpc
 from softgate.engine import Engine
 from softgate.engine.batch import Batch
 from softgate.engine.compiled import never_compile_here
+from softgate.engine.config import LossConfig
 from softgate.engine.errors import FieldViolation, InputError
 from softgate.engine.result import LossResult
 from softgate.engine.validation import compute_dtype
@@ -93,6 +94,8 @@ class _Call:
     # read at admission (log_requests): context.peer() of a cancelled call can crash grpc
     peer: str | None = None
     deadline: float | None = None  # perf_counter time; a call cut past it is DEADLINE_EXCEEDED
+    released: bool = False  # its admission slot is given back (_release)
+    has_done_callback: bool = False  # grpc calls _done when the call ends
 
     def cut(self) -> str:
         """The code of a call grpc cancelled: its deadline's, once that has passed."""
@@ -121,7 +124,9 @@ class _Guard:
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         """(Returns None: an exception always propagates, or the abort's replaces it.)"""
         try:
-            if isinstance(exc, asyncio.CancelledError):
+            # GeneratorExit: a StreamLoss whose client went away while a response was written;
+            # grpc closes the handler's generator later, without a CancelledError
+            if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
                 self.call.code = self.call.cut()
             elif isinstance(exc, Exception) and not isinstance(exc, grpc.aio.AbortError):
                 await self.servicer._fail(self.call, exc, self.context)  # aborts: raises AbortError
@@ -198,7 +203,20 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 context,
             )
         self.in_flight += 1
+        # the slot is given back when grpc ends the call, whatever the handler is doing then (a
+        # StreamLoss cut while writing a response is closed after the call has ended: a callback
+        # added at that point never ran, and the slot stayed taken until a restart)
+        try:
+            context.add_done_callback(lambda _context: self._done(call))
+            call.has_done_callback = True
+        except Exception:  # a context without callbacks: _finish calls _done
+            pass
         return call
+
+    def _release(self, call: _Call) -> None:
+        if not call.released:
+            call.released = True
+            self.in_flight -= 1
 
     def _account(self, call: _Call, seconds: float) -> None:
         """Telemetry's request_finished for an ended call, and its log line (log_requests)."""
@@ -228,9 +246,8 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 error=call.error,
             )
 
-    def _done(self, call: _Call, large: bool) -> None:
-        if large:
-            self.in_flight -= 1
+    def _done(self, call: _Call) -> None:
+        self._release(call)
         self._kick(call)
 
     def _kick(self, call: _Call) -> None:
@@ -333,16 +350,14 @@ class LossServicer(pb_grpc.LossServiceServicer):
         await context.abort(f.code, f.message, trailing_metadata=f.trailing_metadata)
 
     def _finish(self, call: _Call, context: Any) -> None:
-        # a large call keeps its slot until its response is out: a slow or paused client's
-        # response (and the request it was computed from) stays inside max_concurrent_rpcs
-        large = call.tokens > self.inline_max_tokens
-        if not large:
-            self.in_flight -= 1
+        # a large call keeps its slot until its response is out (_done): a slow or paused
+        # client's response (and the request it was computed from) stays inside
+        # max_concurrent_rpcs; deferred telemetry starts once the response is out too
+        if call.tokens <= self.inline_max_tokens:
+            self._release(call)
         self.last_finished = time.monotonic()
-        try:  # deferred telemetry starts once the response is out
-            context.add_done_callback(lambda _context: self._done(call, large))
-        except Exception:  # a context without callbacks
-            self._done(call, large)
+        if not call.has_done_callback:
+            self._done(call)
         if call.code == "OK" and context.cancelled():
             call.code = call.cut()
         self._account(call, time.perf_counter() - call.t0)
@@ -584,25 +599,28 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 raise InputError([FieldViolation("chunk", "missing: the stream carried no chunk")])
             self._start(call)
             config_msg = cfg_msg
-            responses = await self._run(
+            config, result, responses = await self._run(
                 call,
-                lambda cancel: self._stream_loss(config_msg, out_msg, chunks, call.run, cancel, encoded),
+                lambda cancel: self._stream_loss(config_msg, out_msg, chunks, cancel, encoded),
                 call.tokens,
             )
             chunks.clear()
             for r in responses:
                 call.bytes_out += len(r) if isinstance(r, codec.Encoded) else r.ByteSize()
                 yield r
+            # recorded once every response is out: grpc ends a cancelled stream's requests as if
+            # the client had half-closed, so a trainer that went away mid-upload got a loss
+            # computed on the chunks it had sent, and its run recorded that partial batch
+            self._hook("observe_loss", call.run, config, result)
 
     def _stream_loss(
         self,
         cfg_msg: pb.LossConfig,
         out_msg: pb.OutputSelection | None,
         chunks: list[Batch],
-        run: str,
         cancel: threading.Event,
         encoded: bool = False,
-    ) -> list[pb.StreamLossResponse] | Iterator[codec.Encoded]:
+    ) -> tuple[LossConfig, LossResult, list[pb.StreamLossResponse] | Iterator[codec.Encoded]]:
         v: list[FieldViolation] = []
         config = codec.decode_loss_config(cfg_msg, v)
         batch, tok_starts, seq_starts = _concatenate(chunks, v)
@@ -620,11 +638,10 @@ class LossServicer(pb_grpc.LossServiceServicer):
             result = self.engine.loss(batch, config, sample_tokens=self._sample_tokens(names))
         except InputError as e:
             raise codec.rename(e, lambda f: _chunk_field(f, batch, tok_starts, seq_starts)) from None
-        self._check(cancel)  # (a call cut meanwhile records no batch: its trainer never got it)
-        self._hook("observe_loss", run, config, result)
+        self._check(cancel)
         host: LossResult = codec.host_result(result, names)
         if encoded:
-            return _encode_stream(result, host, names, tok_starts, seq_starts)
+            return config, result, _encode_stream(result, host, names, tok_starts, seq_starts)
         out: list[pb.StreamLossResponse] = []
         for j in range(len(chunks)):
             r = pb.StreamLossResponse(chunk_index=j, token_start=tok_starts[j], sequence_start=seq_starts[j])
@@ -633,7 +650,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         summary = out[-1].summary
         summary.loss, summary.policy_loss, summary.kl_loss = result.loss, result.policy_loss, result.kl_loss
         summary.metrics.update(codec.metrics_map(result.metrics))
-        return out
+        return config, result, out
 
     # ------------------------------------------------------------ ListAlgorithms
     async def ListAlgorithms(
@@ -823,7 +840,7 @@ def _concatenate(chunks: list[Batch], v: list[FieldViolation]) -> tuple[Batch | 
                     )
                 )
         lvl = levels[i]
-        if lvl == "ambiguous":
+        if lvl == "ambiguous" and first is None:  # (else another chunk gives the level)
             v.append(
                 FieldViolation(
                     f"chunk[{i}].advantage_level",

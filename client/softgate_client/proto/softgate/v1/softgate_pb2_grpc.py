@@ -100,7 +100,8 @@ class LossServiceServicer:
         Field violations name the chunk at fault as `chunk[j].<field>` (the config's as
         `config.<field>`), an element index counting from that chunk's first token (or
         sequence, for per-sequence fields); what belongs to no one chunk (the stream's
-        groups as a whole, say) is named `chunk.<field>`.
+        groups as a whole, say) is named `chunk.<field>`. A stream cancelled before all its
+        responses were sent is counted CANCELLED and records no batch in the run's statistics.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
