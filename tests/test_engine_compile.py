@@ -813,3 +813,80 @@ def test_a_sync_configuration_queued_from_the_event_loop_is_compiled_once() -> N
     assert eng.wait_compiled(10)
     assert compiles == ["softgate-compile"]
     assert eng.kernel.states() == {"compiled": 1, "compiling": 0, "failed": 0, "over_limit": 0}
+
+
+def test_a_sync_compile_in_a_pool_thread_is_not_queued_again_from_the_event_loop() -> None:
+    """Found by an audit: the reverse order of the test above. A pool thread compiling a "sync"
+    configuration for a call its client had given up on marked nothing, so the retry, inline on
+    the event loop, queued a second compile of the same configuration (two AOTInductor builds
+    at once on a 2-core box)."""
+    from softgate.engine.compiled import never_compile_here
+
+    eng = Engine(device="cpu", compile="sync")
+    compiles: list[str] = []
+    building, release = threading.Event(), threading.Event()
+
+    def slow_build(example: Any, lock: Any) -> Any:
+        compiles.append(threading.current_thread().name)
+        building.set()
+        assert release.wait(30)
+        return token_terms
+
+    eng.kernel._compile = slow_build
+    batch = random_batch(7, max_seqs=8, max_len=20)
+    cfg = make_config("sapo", "seq_mean_token_mean", None, None)
+    pool = threading.Thread(target=eng.loss, args=(batch, cfg), name="pool", daemon=True)
+    pool.start()
+    assert building.wait(30)
+    assert eng.kernel.states()["compiling"] == 1
+
+    def on_the_loop() -> None:
+        never_compile_here()
+        eng.loss(batch, cfg)  # eager, and nothing queued
+
+    loop = threading.Thread(target=on_the_loop, daemon=True)
+    loop.start()
+    loop.join(30)
+    assert not loop.is_alive(), "the event loop waited for a pool thread's compile"
+    release.set()
+    pool.join(30)
+    assert eng.wait_compiled(10)
+    assert compiles == ["pool"]
+    assert eng.kernel.states() == {"compiled": 1, "compiling": 0, "failed": 0, "over_limit": 0}
+
+
+@pytest.mark.parametrize("mode", ["sync", "background"])
+def test_the_event_loop_never_waits_for_another_threads_compiled_call(mode: str) -> None:
+    """Found by an audit: a compiled call inline on the event loop waited for the kernel lock
+    while a pool thread ran a compiled call (of a call already cut at its deadline, say): up to
+    a 16M kernel's 50-225 ms, with health checks stalled behind it. The loop runs eager then."""
+    from softgate.engine.compiled import never_compile_here
+
+    kern = compiled.CompiledKernel(mode, host_mode=mode)
+    inside, release = threading.Event(), threading.Event()
+
+    def slow_compiled(*args: Any) -> str:
+        if threading.current_thread().name == "pool":
+            inside.set()
+            assert release.wait(30)
+        return "compiled"
+
+    kern._compile = lambda example, lock: slow_compiled
+    args = _token_terms_args("cpu")
+    kern(*args)
+    assert kern.wait(30) and kern(*args) == "compiled"
+    pool = threading.Thread(target=kern, args=args, name="pool", daemon=True)
+    pool.start()
+    assert inside.wait(30)
+    out: list[Any] = []
+
+    def on_the_loop() -> None:
+        never_compile_here()
+        out.append(kern(*args))
+
+    loop = threading.Thread(target=on_the_loop, daemon=True)
+    loop.start()
+    loop.join(10)
+    release.set()
+    pool.join(30)
+    assert out and out[0] != "compiled", "the event loop waited for the pool thread's compiled call"

@@ -95,8 +95,9 @@ _thread = threading.local()
 
 
 def never_compile_here() -> None:
-    """Mark the calling thread (a server's event loop) as one that never waits for a compile:
-    there, a "sync" configuration not compiled yet runs eager and compiles in the background."""
+    """Mark the calling thread (a server's event loop) as one that never waits for a compile,
+    nor for another thread's compiled call: there, a "sync" configuration not compiled yet runs
+    eager and compiles in the background, and a compiled one whose lock is taken runs eager."""
     _thread.no_compile = True
 
 
@@ -334,6 +335,7 @@ class CompiledKernel:
     def _sync(self, key: tuple[Any, ...], args: tuple[Any, ...]) -> Terms:
         # a compiled configuration runs eager while another one compiles (a CUDA engine's host
         # configurations in the background) rather than wait seconds for it; a new one must wait
+        claimed = False
         if key in self._ready:
             if not self._acquire():
                 return chunked_token_terms(*args)
@@ -342,20 +344,27 @@ class CompiledKernel:
         elif getattr(_thread, "no_compile", False) and key not in self._fns:
             self._schedule(key, args)
             return chunked_token_terms(*args)
-        elif key in self._queued:  # compiling in the background (queued from the loop): not twice
-            return chunked_token_terms(*args)
         else:
+            # claimed in _queued before the lock is taken: a compile of `key` queued meanwhile
+            # from the loop (or a second pool thread) finds it there and runs eager, so the key
+            # is never compiled twice; `wait()` waits for this compile too
+            with self._state:
+                elsewhere = key in self._queued
+                full = not elsewhere and key not in self._fns and self._full()
+                claimed = not elsewhere and not full
+                if claimed:
+                    self._queued.add(key)
+            if elsewhere:  # compiling in another thread: not twice
+                return chunked_token_terms(*args)
+            if full:
+                self._left_eager(key)
+                return chunked_token_terms(*args)
             self._lock.acquire()
         try:
             fn = self._fns.get(key)
-            if fn is None:  # compiled on first use, for the synthetic batch of this configuration,
-                with self._state:  # unless past the limit (exact: sync compiles hold the lock)
-                    full = self._full()
-                if full:
-                    self._left_eager(key)
-                else:
-                    with self._marked_compiling():  # (the lock is held already)
-                        fn = self._fns[key] = self._compile(warmup_args(args), None)
+            if fn is None:  # compiled on first use, for the synthetic batch of this configuration
+                with self._marked_compiling():  # (the lock is held already)
+                    fn = self._fns[key] = self._compile(warmup_args(args), None)
             if fn is not None:
                 out = fn(*_contiguous(args))
                 self.compiled_calls += 1
@@ -370,7 +379,14 @@ class CompiledKernel:
             self._enabled = False
         finally:
             self._lock.release()
+            if claimed:
+                self._unqueue(key)
         return chunked_token_terms(*args)
+
+    def _unqueue(self, key: tuple[Any, ...]) -> None:
+        with self._idle:
+            self._queued.discard(key)
+            self._idle.notify_all()
 
     @contextlib.contextmanager
     def _marked_compiling(self) -> Iterator[None]:
@@ -389,9 +405,13 @@ class CompiledKernel:
             yield
 
     def _acquire(self) -> bool:
-        """Take the compile lock unless a background compile holds it (then run eager)."""
+        """Take the compile lock unless a compile holds it, or (on the event loop) anything
+        does: then run eager. (The loop waited for a pool thread's compiled call, up to a 16M
+        kernel's 50-225 ms, with health checks stalled behind it.)"""
         if self._lock.acquire(blocking=False):
             return True
+        if getattr(_thread, "no_compile", False):
+            return False
         while not self._compiling.is_set():  # another compiled call: it is short, wait
             if self._lock.acquire(timeout=0.05):
                 return True
@@ -458,6 +478,4 @@ class CompiledKernel:
                 else:
                     self._fail(key, exc)
             finally:
-                with self._idle:
-                    self._queued.discard(key)
-                    self._idle.notify_all()
+                self._unqueue(key)
