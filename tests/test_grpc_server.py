@@ -1041,6 +1041,7 @@ class RecordingTelemetry(Telemetry):
         bytes_out: int,
         tokens: int,
         sequences: int,
+        started: bool = True,
     ) -> None:
         self.events.append(("finished", rpc, run, code, tokens, sequences, bytes_in > 0))
 

@@ -466,6 +466,27 @@ def test_in_flight_tokens_drop_by_the_finished_calls_own() -> None:
     assert tokens() == 0
 
 
+def test_a_call_refused_before_it_started_leaves_the_in_flight_gauges_alone() -> None:
+    """Found by an audit: a call refused at admission (RESOURCE_EXHAUSTED at the limit: when
+    the gauges matter most) took the in-flight place of a running call of its run and rpc, so
+    the gauges read one call and its tokens short while that call ran."""
+    tel = PrometheusTelemetry(S())
+
+    def gauges() -> tuple[float, float]:
+        vals = {
+            n: v
+            for n, lab, v in _samples(tel)
+            if n.startswith("softgate_in_flight") and lab.get("rpc") in (None, "ComputeLoss")
+        }
+        return vals["softgate_in_flight_requests"], vals["softgate_in_flight_tokens"]
+
+    tel.request_started("ComputeLoss", "a", 4096)
+    tel.request_finished("ComputeLoss", "a", "RESOURCE_EXHAUSTED", 0.0, 0, 0, 0, 0, False)
+    assert gauges() == (1, 4096)
+    tel.request_finished("ComputeLoss", "a", "OK", 0.1, 1, 1, 4096, 1)
+    assert gauges() == (0, 0)
+
+
 def test_in_flight_gauges_return_to_zero() -> None:
     tel = PrometheusTelemetry(S())
     tel.request_started("Loss", "a", 100)

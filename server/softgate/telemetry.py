@@ -27,8 +27,10 @@ class Telemetry:
         bytes_out: int,
         tokens: int,
         sequences: int,
+        started: bool = True,
     ) -> None:
-        """A request left the server with a gRPC status code name (e.g. "OK")."""
+        """A request left the server with a gRPC status code name (e.g. "OK"); `started`:
+        whether request_started was called for it (a call refused at admission was not)."""
 
     def rejected(self, rpc: str, reasons: list[str]) -> None:
         """A request was refused for bad input; `reasons` are short reason codes."""

@@ -230,6 +230,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
             call.bytes_out,
             call.tokens,
             call.sequences,
+            call.started,
         )
         if self.log_requests:
             log.info(

@@ -316,26 +316,29 @@ class PrometheusTelemetry(Telemetry):
         bytes_out: int,
         tokens: int,
         sequences: int,
+        started: bool = True,
     ) -> None:
         own = max(int(tokens or 0), 0)
         with self.lock:
-            q = self._in_flight.get((rpc, run or ""))
-            started = None
+            q = self._in_flight.get((rpc, run or "")) if started else None
+            # (a call that never started took no place: the one of a concurrent call of its
+            # run and rpc, taken instead, dropped the in-flight gauges while it ran)
+            started_tokens = None
             if q:  # the call's own start (its token count), else the oldest of its run and rpc
                 try:
                     q.remove(own)
-                    started = own
+                    started_tokens = own
                 except ValueError:
-                    started = q.popleft()
+                    started_tokens = q.popleft()
             if q is not None and not q:
                 del self._in_flight[(rpc, run or "")]
         if code == "OK" and (tokens or sequences):  # (a call without work, ListAlgorithms say,
             # names no run: it must not take a run's slot, nor evict one)
             self._later(self._processed, rpc, run, tokens, sequences)
         in_flight, latency, b_in, b_out = self._rpc(rpc)
-        if started is not None:
+        if started_tokens is not None:
             in_flight.dec()
-            self.in_flight_tokens.dec(started)
+            self.in_flight_tokens.dec(started_tokens)
         key = (rpc, code or "UNKNOWN")
         counter = self._request_children.get(key)
         if counter is None:
