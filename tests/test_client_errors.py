@@ -233,3 +233,45 @@ def test_retryable_codes() -> None:
     assert not p.retryable(grpc.StatusCode.RESOURCE_EXHAUSTED, "Sent message larger than max (10 vs. 5)")
     assert not p.retryable(grpc.StatusCode.INVALID_ARGUMENT, "bad")
     assert p.backoff(1) == 0.1 and p.backoff(3) == 0.4 and p.backoff(100) == 5.0
+
+
+def test_a_non_conforming_servers_outputs_are_refused_not_misaligned() -> None:
+    """A server of another protocol version (or a broken proxy) that answers a gradient of the
+    wrong length, or fewer stream responses than chunks sent, gets InternalError: the client
+    handed a short gradient on as the batch's, misaligned with every token after it."""
+    import numpy as np
+    from softgate_client import SoftgateClient
+    from softgate_client.errors import InternalError
+    from softgate_client.proto.softgate.v1 import softgate_pb2 as pb
+    from softgate_client.proto.softgate.v1 import softgate_pb2_grpc as pb_grpc
+
+    def grad(n: int) -> pb.Tensor:
+        return pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[n], data=np.zeros(n, np.float32).tobytes())
+
+    class NonConforming(pb_grpc.LossServiceServicer):
+        def ComputeLoss(self, request, context):
+            r = pb.ComputeLossResponse(loss=1.0)
+            r.outputs.gradient.CopyFrom(grad(3))  # of 5 tokens
+            return r
+
+        def StreamLoss(self, request_iterator, context):
+            for i, m in enumerate(request_iterator):
+                if i == 0:  # one response, whatever the number of chunks
+                    r = pb.StreamLossResponse(chunk_index=0)
+                    r.outputs.gradient.CopyFrom(grad(int(m.chunk.logp.shape[0])))
+                    yield r
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    pb_grpc.add_LossServiceServicer_to_server(NonConforming(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    logp = -np.full(5, 0.5, np.float32)
+    kw = {"lengths": [2, 3], "advantages": np.array([1.0, -1.0], np.float32)}
+    try:
+        with SoftgateClient(f"127.0.0.1:{port}", retries=1, stream_chunk_bytes=40) as c:
+            with pytest.raises(InternalError, match="gradient has 3 values for the batch's 5 tokens"):
+                c.loss(logp, logp, stream=False, **kw)
+            with pytest.raises(InternalError, match="answered 1 chunk"):
+                c.loss(logp, logp, stream=True, **kw)
+    finally:
+        server.stop(None)

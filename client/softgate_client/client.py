@@ -38,7 +38,13 @@ from softgate_client._tensors import (
     make_layout,
     to_numpy,
 )
-from softgate_client.errors import FieldViolation, InvalidArgumentError, UnimplementedError, invalid_argument
+from softgate_client.errors import (
+    FieldViolation,
+    InternalError,
+    InvalidArgumentError,
+    UnimplementedError,
+    invalid_argument,
+)
 from softgate_client.proto.softgate.v1 import softgate_pb2 as pb
 from softgate_client.proto.softgate.v1 import softgate_pb2_grpc as pb_grpc
 
@@ -712,6 +718,11 @@ class SoftgateClient:
         except InvalidArgumentError as e:
             raise _unchunked(e, packed, bounds) from None
         responses.sort(key=lambda r: r[0].chunk_index)
+        if [r.chunk_index for r, _ in responses] != list(range(len(bounds))):
+            raise InternalError(
+                f"the stream answered {len(responses)} chunk(s) for the {len(bounds)} sent "
+                f"(chunk_index {[r.chunk_index for r, _ in responses][:8]}): a non-conforming server"
+            )
         outs: dict[str, np.ndarray] = {}
         for name in _requested(sel):
             parts = [o[name] for _, o in responses if name in o]
@@ -820,6 +831,11 @@ def _result(
         a = outs.get(name)
         if a is None:
             return None
+        if a.shape[0] != layout.num_tokens:  # (never handed on: it would misalign every token)
+            raise InternalError(
+                f"the response's {name} has {a.shape[0]} values for the batch's {layout.num_tokens} "
+                "tokens: a non-conforming server"
+            )
         a = layout.unflatten(a, fill=False if a.dtype == np.bool_ else 0)
         a.flags.writeable = False  # as the response's own bytes are, in every layout
         return a
