@@ -20,7 +20,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from google.rpc import error_details_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
@@ -998,6 +998,28 @@ def test_a_stream_its_client_cut_gives_its_slot_back_and_records_no_batch() -> N
     assert codes == {("StreamLoss", "CANCELLED"): 3, ("StreamLoss", "OK"): 1}, codes
     batches = _nonzero(tel, "softgate_loss_batches_total")
     assert batches == {("default", "sapo"): 1}, batches  # the served call's only
+
+
+def test_a_message_of_many_violations_says_how_many_it_leaves_out() -> None:
+    """Found by a mutation audit: the message listed the first 100 violations and then "; and
+    N more", cut at 1000 characters, so with realistic field names the count was always cut
+    off. The message lists what fits and always says how many more there are (BadRequest
+    carries the first 100)."""
+    from softgate.engine.errors import FieldViolation, InputError
+    from softgate.grpc.errors import MAX_MESSAGE_CHARS, MAX_VIOLATIONS, bad_request
+
+    vs = [FieldViolation(f"chunk[{i}].rollout_logp", "non_finite: value is NaN", i) for i in range(250)]
+    f = bad_request(InputError(vs))
+    assert len(f.message) <= MAX_MESSAGE_CHARS
+    listed = f.message.count("non_finite")
+    assert 0 < listed < 250 and f.message.endswith(f"; and {250 - listed} more"), f.message[-80:]
+    long = [FieldViolation("x" * 5000, "missing: required"), FieldViolation("y", "missing: required")]
+    f = bad_request(InputError(long))
+    assert len(f.message) <= MAX_MESSAGE_CHARS and f.message.endswith("...; and 1 more")
+    f = bad_request(InputError(vs))
+    st = status_pb2.Status.FromString(dict(f.trailing_metadata)["grpc-status-details-bin"])
+    detail = error_details_pb2.BadRequest()
+    assert st.details[0].Unpack(detail) and len(detail.field_violations) == MAX_VIOLATIONS
 
 
 def test_unexpected_error_is_internal_and_generic(caplog: pytest.LogCaptureFixture) -> None:

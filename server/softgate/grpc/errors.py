@@ -55,6 +55,24 @@ def violation_reason(v: FieldViolation) -> str:
     return v.code.upper()
 
 
+def _listed(vs: list[FieldViolation]) -> str:
+    """As many violations as fit MAX_MESSAGE_CHARS, then how many more there are (the count
+    was cut off with the rest: 100 violations of realistic names never fit)."""
+    budget = MAX_MESSAGE_CHARS - len("invalid input: ") - len("; and 99999 more")
+    parts: list[str] = []
+    size = 0
+    for v in vs:
+        s = str(v)
+        if size + len(s) > budget:
+            if not parts:  # one violation longer than the whole message
+                parts.append(s[: budget - 3] + "...")
+            break
+        parts.append(s)
+        size += len(s) + 2
+    more = f"; and {len(vs) - len(parts)} more" if len(parts) < len(vs) else ""
+    return "; ".join(parts) + more
+
+
 def bad_request(err: InputError) -> Failure:
     vs = err.violations
     shown = vs[:MAX_VIOLATIONS]
@@ -65,11 +83,7 @@ def bad_request(err: InputError) -> Failure:
         )
     any_detail = any_pb2.Any()
     any_detail.Pack(detail)
-    message = "invalid input: " + "; ".join(str(v) for v in shown)
-    if len(vs) > len(shown):
-        message += f"; and {len(vs) - len(shown)} more"
-    if len(message) > MAX_MESSAGE_CHARS:
-        message = message[: MAX_MESSAGE_CHARS - 3] + "..."
+    message = "invalid input: " + _listed(vs)
     status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=message, details=[any_detail])
     st = rpc_status.to_status(status)
     return Failure(
