@@ -164,3 +164,12 @@ def test_wire_encoding_parses_like_the_generated_classes() -> None:
         False,
     ]
     assert _wire.varint(300) == b"\xac\x02" and _wire.varint(-1) == b"\xff" * 9 + b"\x01"
+
+
+def test_a_client_mask_of_any_nonzero_value_marks_a_trained_token():
+    """make_layout's contract: mask 'nonzero = trained' (an int mask of 2, a float mask of 0.5)."""
+    logp = -np.ones((1, 4), dtype=np.float32)
+    for mask in (np.array([[2, 0, 1, 0]]), np.array([[0.5, 0.0, 1.0, 0.0]])):
+        lay = make_layout(logp, mask=mask)
+        assert lay.offsets.tolist() == [0, 3]  # up to the last trained token
+        assert lay.mask is not None and lay.mask.tolist() == [True, False, True]

@@ -262,8 +262,8 @@ def test_encoded_stream_responses_equal_protobuf() -> None:
         s = LossServicer(Engine(device="cpu"), pool)
         cfg = pb.LossConfig()
         sel = pb.OutputSelection(ratio=True, clip_mask=True)
-        plain = s._stream_loss(cfg, sel, list(chunks), "r", threading.Event(), False)
-        enc = list(s._stream_loss(cfg, sel, list(chunks), "r", threading.Event(), True))
+        plain = s._stream_loss(cfg, sel, list(chunks), threading.Event(), False)[2]
+        enc = list(s._stream_loss(cfg, sel, list(chunks), threading.Event(), True)[2])
     assert len(plain) == len(enc) == 3
     for p, e in zip(plain, enc, strict=True):
         assert isinstance(e, codec.Encoded)
@@ -372,3 +372,44 @@ def test_a_config_message_is_decoded_once_and_its_violations_every_time() -> Non
         found: list[FieldViolation] = []
         codec.decode_loss_config(bad, found)
         assert [f.field for f in found] == ["config.aggregation.mode"]
+
+
+# (found missing by a mutation-testing audit)
+
+
+@pytest.mark.parametrize("claimed", [2, 4])
+def test_a_shape_that_claims_fewer_or_more_elements_than_the_bytes_is_refused(claimed):
+    """3 float32 elements of data: a shape [2] must not silently drop the third (nor [4] read past)."""
+    t = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[claimed], data=np.arange(3, dtype=np.float32).tobytes())
+    v: list = []
+    assert codec.decode_tensor(t, "batch.logp", v) is None
+    assert [(x.field, x.code) for x in v] == [("batch.logp", "shape_mismatch")]
+
+
+def _limits_batch(tokens: int, seqs: int) -> pb.Batch:
+    off = np.linspace(0, tokens, seqs + 1).astype(np.int64)
+    return pb.Batch(
+        logp=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[tokens], data=bytes(4 * tokens)),
+        offsets=pb.Tensor(dtype=pb.DTYPE_INT64, shape=[seqs + 1], data=off.tobytes()),
+    )
+
+
+def test_limits_admit_a_batch_of_exactly_the_maximum():
+    lim = codec.Limits(max_tokens=8, max_sequences=4)
+    v: list = []
+    assert codec.check_batch_limits(_limits_batch(8, 4), "batch.", lim, v) == (8, 4)
+    assert v == []
+    codec.check_batch_limits(_limits_batch(9, 5), "batch.", lim, v)
+    assert [(x.field, x.code) for x in v] == [("batch.logp", "too_large"), ("batch.offsets", "too_large")]
+    # a stream's chunks count together: 6 + 2 tokens fit, 6 + 3 do not
+    v = []
+    codec.check_batch_limits(_limits_batch(2, 1), "chunk[1].", lim, v, tokens_before=6, seqs_before=3)
+    assert v == []
+
+
+def test_an_engine_violation_of_the_advantages_tensor_names_the_batch_field():
+    """'advantages' alone is the batch's tensor; 'advantages.<x>' the AdvantageConfig's field."""
+    assert codec.request_field("advantages") == "batch.advantages"
+    assert codec.request_field("advantages.min_group_std") == "config.advantages.min_group_std"
+    assert codec.request_field("objective.grpo.dual_clip") == "config.objective.grpo.dual_clip"
+    assert codec.request_field("logp") == "batch.logp"

@@ -609,3 +609,74 @@ def test_a_broken_result_never_breaks_the_rpc(caplog: pytest.LogCaptureFixture) 
     errors = {lab["hook"]: v for n, lab, v in _samples(tel) if n == "softgate_telemetry_errors_total"}
     assert errors == {"observe_loss": 1}
     assert "observe_loss failed" in caplog.text
+
+
+# ---------------------------------------------------------------- per-run token counters
+# (found missing by a mutation-testing audit: these series were only ever checked at 0)
+
+
+def _counters(tel: PrometheusTelemetry, run: str) -> dict[tuple[str, str], float]:
+    out = {}
+    for fam in text_string_to_metric_families(tel.exposition().decode()):
+        for s in fam.samples:
+            if s.name.endswith("_total") and s.labels.get("run") == run:
+                out[(s.name, s.labels.get("sign", ""))] = float(s.value)
+    return out
+
+
+def _ratio_batch(ratios: list[float], adv: list[float]) -> Batch:
+    old = torch.full((len(ratios),), -3.0, dtype=torch.float64)
+    logp = old + torch.log(torch.tensor(ratios, dtype=torch.float64))
+    return Batch(
+        logp=logp,
+        old_logp=old,
+        offsets=torch.tensor([0, len(ratios)]),
+        advantages=torch.tensor(adv, dtype=torch.float64),
+        advantage_level="token",
+    )
+
+
+def test_clipped_and_dual_clipped_token_counters_count_each_sign():
+    # A > 0: 1 of 2 above 1.2 (clip_high); A < 0: 1 of 4 below 0.8 (clip_low), 2 above c = 3 (dual)
+    b = _ratio_batch([1.5, 1.0, 0.5, 1.0, 4.0, 5.0], [1.0, 1.0, -1.0, -1.0, -1.0, -1.0])
+    cfg = LossConfig(objective=Grpo(dual_clip=3.0))
+    res = Engine(device="cpu", compile=False).loss(b, cfg)
+    assert (res.metrics["clip_high"], res.metrics["clip_low"], res.metrics["dual_clip"]) == (0.5, 0.25, 0.5)
+    tel = PrometheusTelemetry(S(sample=None))
+    tel.observe_loss("r", cfg, res)
+    c = _counters(tel, "r")
+    assert c[("softgate_clipped_tokens_total", "pos")] == 1
+    assert c[("softgate_clipped_tokens_total", "neg")] == 1
+    assert c[("softgate_dual_clipped_tokens_total", "")] == 2
+
+
+def test_gate_saturated_token_counters_count_each_sign():
+    # SAPO, tau 1: gate 4p(1-p) < 0.5 needs |r - 1| > 2.63; two A>0 tokens of 3 and one A<0 of 1
+    b = _ratio_batch([5.0, 6.0, 1.0, 5.0], [1.0, 1.0, 1.0, -1.0])
+    cfg = LossConfig(objective=Sapo(tau_pos=1.0, tau_neg=1.0))
+    res = Engine(device="cpu", compile=False).loss(b, cfg)
+    assert res.metrics["gate_saturation_pos"] == 2 / 3 and res.metrics["gate_saturation_neg"] == 1.0
+    tel = PrometheusTelemetry(S(sample=None))
+    tel.observe_loss("r", cfg, res)
+    c = _counters(tel, "r")
+    assert c[("softgate_gate_saturated_tokens_total", "pos")] == 2
+    assert c[("softgate_gate_saturated_tokens_total", "neg")] == 1
+
+
+def test_a_failed_call_processes_no_tokens_and_takes_no_run():
+    tel = PrometheusTelemetry(S(sample=None))
+    tel.request_started("ComputeLoss", "r", 100)
+    tel.request_finished("ComputeLoss", "r", "INVALID_ARGUMENT", 0.01, 10, 20, 100, 2)
+    assert _counters(tel, "r") == {}
+    assert tel.run_summary("r") is None
+
+
+def test_a_reason_given_twice_in_one_request_counts_once():
+    tel = PrometheusTelemetry(S(sample=None))
+    tel.rejected("ComputeLoss", ["non_finite", "non_finite", "missing"])
+    got = {}
+    for fam in text_string_to_metric_families(tel.exposition().decode()):
+        for s in fam.samples:
+            if s.name == "softgate_rejected_inputs_total" and s.labels["rpc"] == "ComputeLoss" and s.value:
+                got[s.labels["reason"]] = s.value
+    assert got == {"non_finite": 1.0, "missing": 1.0}
