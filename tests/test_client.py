@@ -571,6 +571,52 @@ def test_torch_adapter_refuses_a_second_derivative(client) -> None:
     assert torch.isfinite(g).all() and g.abs().sum() > 0
 
 
+def test_torch_compile_of_a_step_calling_softgate_loss_breaks_the_graph_there(client) -> None:
+    """Found by an audit: torch.compile of a training step that calls softgate_loss crashed
+    (dynamo stepped into the client and failed on the response's read-only buffers). The call
+    is a graph break now: compiled and eager give the same loss and gradient, and each compiled
+    call asks the service again."""
+    torch.manual_seed(0)
+    x, ids = torch.randn(4, 6, 5), torch.randint(0, 11, (4, 6))
+    adv, old = torch.tensor([1.0, -1.0, 0.5, 2.0]), torch.full((4, 6), -2.3)
+
+    def step(w: torch.Tensor) -> torch.Tensor:
+        logp = (x @ w).log_softmax(-1).gather(-1, ids[..., None]).squeeze(-1)
+        return softgate_loss(logp, old, client=client, advantages=adv)
+
+    w0 = torch.randn(5, 11)
+    compiled = torch.compile(step, backend="eager")
+    for scale in (1.0, 0.5):  # a second call with new weights computes anew
+        we, wc = (w0 * scale).requires_grad_(), (w0 * scale).requires_grad_()
+        eager, comp = step(we), compiled(wc)
+        eager.backward()
+        comp.backward()
+        assert comp.item() == eager.item() and comp.softgate_result.metrics == eager.softgate_result.metrics
+        assert torch.equal(wc.grad, we.grad)
+
+
+def test_a_tensor_option_is_read_at_every_call(client) -> None:
+    """Found by an audit: the client remembers the configurations it built, keyed by the
+    options, and a tensor option (a normaliser all_reduced in place each step) is keyed by
+    its identity: every later call reused its first value, a silently mis-scaled gradient."""
+    p = padded_batch(seed=5)
+    kw = {
+        "mask": p["mask"],
+        "rewards": p["rewards"],
+        "group_ids": p["group_ids"],
+        "aggregation": "token_mean",
+    }
+    n = torch.tensor(100.0)
+    first = client.loss(p["logp"], p["old_logp"], num_tokens=n, **kw).loss
+    n.fill_(200.0)
+    assert client.loss(p["logp"], p["old_logp"], num_tokens=n, **kw).loss == pytest.approx(
+        first / 2, rel=1e-6
+    )
+    assert client.loss(p["logp"], p["old_logp"], num_tokens=np.float64(50.0), **kw).loss == pytest.approx(
+        first * 2, rel=1e-6
+    )
+
+
 # ---------------------------------------------------------------- errors, retries, TLS
 
 

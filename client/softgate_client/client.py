@@ -217,7 +217,7 @@ _config_messages = functools.lru_cache(maxsize=64)(_build_messages)  # shared: n
 def _loss_config(config: cfg.LossConfig | None, options: dict[str, Any]) -> cfg.LossConfig:
     """cfg.build_loss_config(config, **options), remembered when the arguments are hashable."""
     try:
-        return _built_config(config, tuple(sorted(options.items())))
+        return _built_config(config, tuple(sorted((k, cfg.plain_value(v)) for k, v in options.items())))
     except TypeError:  # an unhashable value (e.g. outputs as a list), or a bad one: build it
         return cfg.build_loss_config(config, **options)
 

@@ -2,7 +2,8 @@
 
 Every field left at None takes the server's default (SPEC.md), so a request carries only what
 the caller chose. The same choices can be passed as keyword arguments to
-`SoftgateClient.loss` (see `build_loss_config`).
+`SoftgateClient.loss` (see `build_loss_config`). A number given as a one-element tensor or
+numpy scalar is read when the configuration is built (a keyword option: at every call).
 """
 
 from __future__ import annotations
@@ -22,6 +23,28 @@ OBJECTIVE_PARAMS: dict[str, tuple[str, ...]] = {
     "reinforce": (),
 }
 OUTPUTS = ("advantages", "ratio", "gate_weight", "clip_mask", "mask")
+_PLAIN = (str, int, float, bool, type(None), tuple, dict)
+
+
+def plain_value(v: Any) -> Any:
+    """A one-element tensor or numpy scalar as the Python number it holds now; anything else
+    as it is. (A configuration keeps values, not tensors: the client remembers configurations
+    it built, and a tensor updated in place, a normaliser after all_reduce say, kept its
+    first value in every later call.)"""
+    if isinstance(v, _PLAIN) or not hasattr(v, "item"):
+        return v
+    try:
+        return v.item()
+    except (ValueError, RuntimeError):  # not one element: left for validation to name
+        return v
+
+
+def _plain_fields(obj: Any) -> None:
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        p = plain_value(v)
+        if p is not v:
+            object.__setattr__(obj, f.name, p)
 
 
 @dataclass(frozen=True)
@@ -33,6 +56,7 @@ class Objective:
     params: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "params", {k: plain_value(v) for k, v in self.params.items()})
         if self.name not in OBJECTIVE_PARAMS:
             raise invalid_argument(
                 "config.objective", f"unknown_choice: {self.name!r}; one of {list(OBJECTIVE_PARAMS)}"
@@ -77,6 +101,9 @@ class AdvantageConfig:
     eps: float | None = None
     min_group_std: float | None = None
 
+    def __post_init__(self) -> None:
+        _plain_fields(self)
+
 
 @dataclass(frozen=True)
 class AggregationConfig:
@@ -88,6 +115,9 @@ class AggregationConfig:
     num_seqs: float | None = None
     constant: float | None = None
 
+    def __post_init__(self) -> None:
+        _plain_fields(self)
+
 
 @dataclass(frozen=True)
 class KLConfig:
@@ -95,6 +125,9 @@ class KLConfig:
 
     estimator: str | None = None
     beta: float | None = None
+
+    def __post_init__(self) -> None:
+        _plain_fields(self)
 
 
 @dataclass(frozen=True)
@@ -106,6 +139,9 @@ class MismatchConfig:
     cap: float | None = None
     lo: float | None = None
     hi: float | None = None
+
+    def __post_init__(self) -> None:
+        _plain_fields(self)
 
 
 @dataclass(frozen=True)
@@ -123,6 +159,7 @@ class LossConfig:
     outputs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        _plain_fields(self)
         bad = set(self.outputs) - set(OUTPUTS)
         if bad:
             raise invalid_argument("outputs", f"unknown_choice: {sorted(bad)}; one of {list(OUTPUTS)}")

@@ -63,6 +63,9 @@ class SoftgateLossFunction(torch.autograd.Function):
         return grad * grad_output, None, None
 
 
+# a remote call, never traced: torch.compile of a step that calls it breaks the graph here
+# (dynamo stepped into the client and failed on the response's read-only buffers)
+@torch.compiler.disable
 def softgate_loss(
     logp: torch.Tensor,
     old_logp: Any = None,
