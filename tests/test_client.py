@@ -617,6 +617,26 @@ def test_a_tensor_option_is_read_at_every_call(client) -> None:
     )
 
 
+def test_the_client_api_in_process_with_no_server_to_deploy() -> None:
+    """README: `in_process_server()` gives softgate_loss and SoftgateClient a server in the
+    trainer's own process; the gradient is the engine's."""
+    from softgate.grpc.in_process import in_process_server
+    from softgate_client import SoftgateClient
+
+    p = padded_batch(seed=11)
+    r, valid = ragged_of(p)
+    ref = engine().loss(engine_batch(r), LossConfig())
+    with in_process_server(engine()) as target, SoftgateClient(target) as c:
+        logp = torch.from_numpy(p["logp"]).requires_grad_()
+        loss = softgate_loss(
+            logp, p["old_logp"], client=c, mask=p["mask"], rewards=p["rewards"], group_ids=p["group_ids"]
+        )
+        loss.backward()
+    expect = np.zeros_like(p["logp"])
+    expect[valid] = ref.grad.numpy()
+    np.testing.assert_array_equal(logp.grad.numpy(), expect)
+
+
 # ---------------------------------------------------------------- errors, retries, TLS
 
 

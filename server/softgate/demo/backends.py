@@ -7,9 +7,7 @@ per-token gradient c = d loss / d logp to ``logp`` (``logp.backward(c)``)."""
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from typing import Any, Protocol
 
 import torch
@@ -140,36 +138,4 @@ class EngineBackend:
         pass
 
 
-@contextlib.contextmanager
-def local_server() -> Iterator[str]:
-    """softgate's gRPC server (the one `softgate serve` runs, engine on CPU) in this process,
-    on a free loopback port, its asyncio loop in a background thread; yields its target."""
-    import asyncio
-    import threading
-
-    from softgate.engine import Engine
-    from softgate.grpc.server import GrpcServer
-    from softgate.settings import Settings
-
-    settings = Settings(grpc_host="127.0.0.1", grpc_port=0, admin_port=None, device="cpu", engine_workers=1)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="softgate-demo-server", daemon=True)
-    thread.start()
-
-    def call(coro: Any, timeout: float = 30.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
-
-    server = GrpcServer(settings, Engine(device="cpu", compile=False))
-    try:
-        port = call(server.start())
-        call(server.set_serving(True))
-        yield f"127.0.0.1:{port}"
-    finally:
-        with contextlib.suppress(Exception):
-            call(server.stop(0.5))
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
-
-
-__all__ = ["EngineBackend", "GrpcBackend", "LossBackend", "curve_metrics", "local_server"]
+__all__ = ["EngineBackend", "GrpcBackend", "LossBackend", "curve_metrics"]

@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 @contextlib.contextmanager
 def _backend(args: argparse.Namespace) -> Iterator[tuple[LossBackend, str]]:
-    from softgate.demo.backends import EngineBackend, GrpcBackend, local_server
+    from softgate.demo.backends import EngineBackend, GrpcBackend
+    from softgate.grpc.in_process import in_process_server
 
     with contextlib.ExitStack() as stack:
         backend: LossBackend
@@ -70,7 +71,7 @@ def _backend(args: argparse.Namespace) -> Iterator[tuple[LossBackend, str]]:
             target = args.target
             where = f"softgate at {target}"
             if target is None:
-                target = stack.enter_context(local_server())
+                target = stack.enter_context(in_process_server(engine_workers=1))
                 where = f"in-process softgate gRPC server at {target}"
             backend = GrpcBackend(target)
         stack.callback(backend.close)
