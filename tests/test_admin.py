@@ -234,3 +234,17 @@ def test_run_names_with_a_slash_can_be_read_back() -> None:
         for path in ("/v1/runs/team", "/v1/runs/team/exp-1/x"):
             assert c.get(path).status_code == 404
         assert "/v1/runs/{run}" in c.get("/openapi.json").json()["paths"]
+
+
+def test_the_openapi_spec_has_unique_operation_ids() -> None:
+    """Found by a review: HEAD on /healthz and /readyz, added to the GET routes, gave both
+    methods one operationId, which client generators refuse; HEAD stays out of the schema."""
+    import warnings
+
+    app = create_app(FakeSettings(admin_token=TOKEN), PrometheusTelemetry(FakeSettings()), lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spec = app.openapi()
+    ids = [op["operationId"] for ops in spec["paths"].values() for op in ops.values() if isinstance(op, dict)]
+    assert len(ids) == len(set(ids)), ids
+    assert set(spec["paths"]["/healthz"]) == {"get"}

@@ -615,6 +615,10 @@ def test_a_tensor_option_is_read_at_every_call(client) -> None:
     assert client.loss(p["logp"], p["old_logp"], num_tokens=np.float64(50.0), **kw).loss == pytest.approx(
         first * 2, rel=1e-6
     )
+    # only numbers are read out: a one-string array stays what it was (it became "ratio", split)
+    from softgate_client import config as cfg
+
+    assert set(cfg.LossConfig(outputs=np.array(["ratio"])).outputs) == {"ratio"}
 
 
 def test_the_client_api_in_process_with_no_server_to_deploy() -> None:

@@ -405,6 +405,8 @@ def test_limits_admit_a_batch_of_exactly_the_maximum():
     v = []
     codec.check_batch_limits(_limits_batch(2, 1), "chunk[1].", lim, v, tokens_before=6, seqs_before=3)
     assert v == []
+    codec.check_batch_limits(_limits_batch(3, 1), "chunk[1].", lim, v, tokens_before=6, seqs_before=3)
+    assert [(x.field, x.code) for x in v] == [("chunk[1].logp", "too_large")]
 
 
 def test_an_engine_violation_of_the_advantages_tensor_names_the_batch_field():

@@ -323,6 +323,12 @@ def test_the_mismatch_weight_is_the_spec_s_exact_v(dtype: torch.dtype) -> None:
     agg = AggregationConfig(mode="token_sum_norm", constant=1.0)  # gradient -A v on policy tokens
     mask = LossConfig(objective=Reinforce(), aggregation=agg, mismatch=MismatchConfig(mode="mask", hi=1e10))
     assert E.loss(b, mask).grad.tolist() == [0.0, 0.0, 0.0, 0.0]  # 29 and 100 above, -2 below lo
+    # hi past float32's largest value (a review found e^100 = inf kept, then refused as overflow)
+    wide = dataclasses.replace(mask, mismatch=MismatchConfig(mode="mask", hi=1e39))
+    g = E.loss(b, wide).grad.double()
+    torch.testing.assert_close(
+        g, torch.tensor([-math.exp(29.0), 0.0, 0.0, 0.0], dtype=F64), rtol=1e-6, atol=0.0
+    )
     tis = dataclasses.replace(mask, mismatch=MismatchConfig(cap=1e30))
     g = E.loss(b, tis).grad.double()
     want = torch.tensor([-math.exp(29.0), -1e30, -math.exp(-2.0), -math.exp(-2.0)], dtype=F64)

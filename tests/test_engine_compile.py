@@ -890,3 +890,41 @@ def test_the_event_loop_never_waits_for_another_threads_compiled_call(mode: str)
     release.set()
     pool.join(30)
     assert out and out[0] != "compiled", "the event loop waited for the pool thread's compiled call"
+
+
+def test_the_event_loop_does_not_wait_for_the_lock_for_a_built_kernel_not_yet_ready() -> None:
+    """Found by a review: a "sync" configuration whose kernel is built but not ready (its first
+    compiled call ran out of memory, say) took the compile path on the event loop, and waited
+    there for the lock another thread's compiled call held."""
+    from softgate.engine.compiled import kernel_key, never_compile_here
+
+    kern = compiled.CompiledKernel("sync", host_mode="sync")
+    args = _token_terms_args("cpu")
+    kern._fns[kernel_key(args)] = lambda *a: "compiled"
+    out: list[Any] = []
+
+    def on_the_loop() -> None:
+        never_compile_here()
+        out.append(kern(*args))
+
+    with kern._lock:  # another thread's compiled call
+        loop = threading.Thread(target=on_the_loop, daemon=True)
+        loop.start()
+        loop.join(10)
+        assert out and out[0] != "compiled", "the event loop waited for the kernel lock"
+    assert kern.wait(1)  # and it left nothing claimed
+    assert kern(*args) == "compiled"
+
+
+def test_a_compile_whose_warm_up_batch_fails_is_not_left_queued(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by a review: a key was marked queued before its warm-up batch was made; when that
+    failed (out of device memory, say) it stayed queued for good and `wait()` never returned."""
+    kern = compiled.CompiledKernel("background", host_mode="background")
+
+    def no_memory(args: Any) -> Any:
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(compiled, "warmup_args", no_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        kern(*_token_terms_args("cpu"))
+    assert kern.wait(1) and kern.states()["compiling"] == 0

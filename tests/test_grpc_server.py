@@ -924,8 +924,11 @@ def test_calls_cut_at_their_deadline_count_as_such_and_record_no_batch() -> None
     assert call.cut() == "DEADLINE_EXCEEDED"
     # the client's own deadline cancels the call a transit earlier than the server's (under
     # load, tens of ms): counted CANCELLED, this test failed now and then
-    call.deadline = time.perf_counter() + 0.1
+    now = time.perf_counter()
+    call.t0, call.deadline = now - 10, now + 0.1
     assert call.cut() == "DEADLINE_EXCEEDED"
+    call.t0, call.deadline = now, now + 0.3  # a short deadline: its second half only
+    assert call.cut() == "CANCELLED"
 
 
 def _f32_chunk(seqs: int, length: int, seed: int) -> pb.Batch:

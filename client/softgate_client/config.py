@@ -34,9 +34,10 @@ def plain_value(v: Any) -> Any:
     if isinstance(v, _PLAIN) or not hasattr(v, "item"):
         return v
     try:
-        return v.item()
+        x = v.item()
     except (ValueError, RuntimeError):  # not one element: left for validation to name
         return v
+    return x if isinstance(x, (int, float)) else v  # (a one-string array stays an array)
 
 
 def _plain_fields(obj: Any) -> None:
@@ -56,7 +57,8 @@ class Objective:
     params: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "params", {k: plain_value(v) for k, v in self.params.items()})
+        if isinstance(self.params, dict):
+            object.__setattr__(self, "params", {k: plain_value(v) for k, v in self.params.items()})
         if self.name not in OBJECTIVE_PARAMS:
             raise invalid_argument(
                 "config.objective", f"unknown_choice: {self.name!r}; one of {list(OBJECTIVE_PARAMS)}"

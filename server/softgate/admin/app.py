@@ -219,16 +219,12 @@ def create_app(
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         return _error(500, f"internal error: {type(exc).__name__}")
 
-    # GET or HEAD: probes and load balancers use either.
-    @app.api_route(
-        "/healthz", methods=["GET", "HEAD"], tags=["health"], summary="Liveness: the process answers."
-    )
+    @app.get("/healthz", tags=["health"], summary="Liveness: the process answers.")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.api_route(
+    @app.get(
         "/readyz",
-        methods=["GET", "HEAD"],
         tags=["health"],
         summary="Readiness: 200 once the engine is warmed up and gRPC is serving, else 503.",
         responses={503: {"description": "not ready yet"}},
@@ -241,6 +237,10 @@ def create_app(
         if ok:
             return JSONResponse({"status": "ready"})
         return _error(503, "not ready: engine warming up or gRPC not serving yet", status="starting")
+
+    # HEAD too (probes and load balancers send either), out of the schema: the same operation
+    for path, probe in (("/healthz", healthz), ("/readyz", readyz)):
+        app.add_api_route(path, probe, methods=["HEAD"], include_in_schema=False)
 
     @app.get(
         "/metrics",

@@ -305,7 +305,8 @@ class CompiledKernel:
         return chunked_token_terms(*args)
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until no background compile is queued or running; False on timeout."""
+        """Block until no compile is queued or running (a background one, or a sync one a pool
+        thread runs); False on timeout."""
         with self._idle:
             return self._idle.wait_for(lambda: not self._queued, timeout)
 
@@ -359,7 +360,13 @@ class CompiledKernel:
             if full:
                 self._left_eager(key)
                 return chunked_token_terms(*args)
-            self._lock.acquire()
+            # (on the event loop, only here with a kernel already built: never wait for the lock)
+            if getattr(_thread, "no_compile", False):
+                if not self._lock.acquire(blocking=False):
+                    self._unqueue(key)
+                    return chunked_token_terms(*args)
+            else:
+                self._lock.acquire()
         try:
             fn = self._fns.get(key)
             if fn is None:  # compiled on first use, for the synthetic batch of this configuration
@@ -458,7 +465,11 @@ class CompiledKernel:
         if full:
             self._left_eager(key)
             return
-        self._jobs.put((key, warmup_args(args)))
+        try:
+            self._jobs.put((key, warmup_args(args)))
+        except BaseException:  # (the warm-up batch out of device memory, say): not queued after all
+            self._unqueue(key)
+            raise
 
     def _work(self) -> None:
         while True:

@@ -102,10 +102,13 @@ def _kernel_params(config: LossConfig, dtype: torch.dtype, device: torch.device)
         vals["beta"] = config.kl.beta
     mm = config.mismatch
     if mm is not None:
+        # a bound past the dtype's largest value is that value: an overflowing weight (inf) is
+        # still above it, and truncated or zeroed as the spec's v is (inf > inf is False)
+        big = torch.finfo(dtype).max
         if mm.mode == "truncate":
-            vals["cap"] = mm.cap
+            vals["cap"] = min(mm.cap, big)
         else:
-            vals["vlo"], vals["vhi"] = mm.lo, mm.hi
+            vals["vlo"], vals["vhi"] = min(mm.lo, big), min(mm.hi, big)
     prm.update({k: torch.tensor(float(v), dtype=dtype, device=device) for k, v in vals.items()})
     prm["ratio_edges"], prm["gate_edges"] = bucket_edges(dtype, device)
     return prm

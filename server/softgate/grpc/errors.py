@@ -21,7 +21,9 @@ from grpc_status import rpc_status
 
 from softgate.engine.errors import FieldViolation, InputError, is_out_of_memory
 
-MAX_VIOLATIONS = 100  # per response; the message says how many more there were
+MAX_VIOLATIONS = (
+    100  # in a response's BadRequest (its message lists those that fit, and the count of the rest)
+)
 MAX_MESSAGE_CHARS = 1000
 
 
@@ -58,7 +60,7 @@ def violation_reason(v: FieldViolation) -> str:
 def _listed(vs: list[FieldViolation]) -> str:
     """As many violations as fit MAX_MESSAGE_CHARS, then how many more there are (the count
     was cut off with the rest: 100 violations of realistic names never fit)."""
-    budget = MAX_MESSAGE_CHARS - len("invalid input: ") - len("; and 99999 more")
+    budget = MAX_MESSAGE_CHARS - len("invalid input: ") - len(f"; and {len(vs)} more")
     parts: list[str] = []
     size = 0
     for v in vs:

@@ -17,14 +17,23 @@ from typing import Any
 
 from softgate.engine import Engine
 from softgate.grpc.server import GrpcServer
+from softgate.serve import make_engine
 from softgate.settings import Settings
 
 
 @contextlib.contextmanager
 def in_process_server(engine: Engine | None = None, **settings: Any) -> Iterator[str]:
-    """Serve `engine` (default: a CPU engine, eager) on 127.0.0.1:<free port> until the block
-    ends; yields the target. `settings` are `Settings` fields (e.g. max_message_bytes)."""
-    settings = {"grpc_host": "127.0.0.1", "grpc_port": 0, "admin_port": None, "device": "cpu", **settings}
+    """Serve `engine` on 127.0.0.1:<free port> until the block ends; yields the target.
+    `settings` are `Settings` fields (e.g. max_message_bytes); without `engine`, the engine
+    `softgate serve` would build from them (default: CPU, eager)."""
+    settings = {
+        "grpc_host": "127.0.0.1",
+        "grpc_port": 0,
+        "admin_port": None,
+        "device": "cpu",
+        "compile": False,
+        **settings,
+    }
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="softgate-in-process", daemon=True)
     thread.start()
@@ -32,7 +41,8 @@ def in_process_server(engine: Engine | None = None, **settings: Any) -> Iterator
     def call(coro: Any, timeout: float = 30.0) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
 
-    server = GrpcServer(Settings(**settings), engine or Engine(device="cpu", compile=False))
+    s = Settings(**settings)
+    server = GrpcServer(s, engine or make_engine(s))
     try:
         port = call(server.start())
         call(server.set_serving(True))

@@ -79,7 +79,8 @@ def run_of(context: Any) -> str:
     return DEFAULT_RUN
 
 
-# a cancel this close to a call's deadline is the client's deadline (see _Call.cut)
+# a cancel this close to a call's deadline (at most half its time) is the client's deadline
+# (see _Call.cut)
 CUT_SLACK_S = 0.25
 
 
@@ -105,7 +106,10 @@ class _Call:
         """The code of a call grpc cancelled: its deadline's, once that has (nearly) passed. A
         client cancels at its own deadline, which is earlier than the server's by the request's
         transit (tens of ms on a loaded box): that cancel is a deadline too."""
-        late = self.deadline is not None and time.perf_counter() >= self.deadline - CUT_SLACK_S
+        if self.deadline is None:
+            return "CANCELLED"
+        slack = min(CUT_SLACK_S, (self.deadline - self.t0) / 2)  # (a short deadline: half of it)
+        late = time.perf_counter() >= self.deadline - slack
         return "DEADLINE_EXCEEDED" if late else "CANCELLED"
 
 
