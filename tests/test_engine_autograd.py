@@ -5,6 +5,7 @@ aggregation x KL x mismatch option, over random ragged batches."""
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
 import torch
@@ -73,7 +74,14 @@ def test_every_combination(objective, agg, kl, mismatch):
     check_against_reference(batch, config)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+# fresh examples on a developer's machine (they found a real case once), the same ones under CI:
+# a CI run fails for what changed, not for what it drew
+@settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.filter_too_much],
+    derandomize=bool(os.environ.get("CI")),
+)
 @given(
     seed=st.integers(0, 2**31 - 1),
     objective=st.sampled_from(OBJECTIVE_NAMES),

@@ -4,6 +4,7 @@ and no change breaks code generated from the contract's baseline (proto/softgate
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -48,6 +49,29 @@ def test_stubs_are_fresh():
         timeout=120,
     )
     assert r.returncode == 0, r.stderr + r.stdout
+
+
+def test_stubs_needing_a_newer_runtime_than_the_client_declares_are_stale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by an audit: --check ignored the stubs' version stamps, so stubs written by a newer
+    grpcio-tools passed it while `import softgate_client` failed on the declared minimum
+    grpcio / protobuf. The stamps may not be above client/pyproject.toml's floors."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen_proto", ROOT / "scripts" / "gen_proto.py")
+    assert spec and spec.loader
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assert gen.runtime_floor_problems() == []
+    v1 = tmp_path / "softgate" / "v1"
+    shutil.copytree(gen.OUT_ROOT / "softgate" / "v1", v1)
+    grpc_stub = v1 / "softgate_pb2_grpc.py"
+    text = grpc_stub.read_text()
+    grpc_stub.write_text(gen._GRPC_STAMP.sub("GRPC_GENERATED_VERSION = '99.0.0'", text))
+    monkeypatch.setattr(gen, "OUT_ROOT", tmp_path)
+    (problem,) = gen.runtime_floor_problems()
+    assert "needs grpcio >= 99.0.0" in problem
 
 
 def test_every_element_has_a_leading_comment():
@@ -149,6 +173,8 @@ def _buf() -> str | None:
 def _run_buf(*args: str) -> subprocess.CompletedProcess[str]:
     buf = _buf()
     if buf is None:
+        if os.environ.get("CI"):
+            pytest.fail("buf not installed: CI runs make tools (scripts/tools/buf.sh)")
         pytest.skip("buf not installed (bash scripts/tools/buf.sh)")
     return subprocess.run([buf, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
 
