@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from softgate.telemetry import Telemetry
 
 REPO = Path(__file__).resolve().parent.parent
 # engines built without an explicit `compile` stay eager in tests (CPU's default would queue
@@ -324,6 +325,102 @@ def serve_process(tmp_path: Path) -> Iterator[Any]:
     yield start
     for sp in started:
         sp.stop()
+
+
+# ---------------------------------------------------------------- a servicer without a server
+
+
+class StandInContext:
+    """What LossServicer reads of grpc's servicer context: metadata, deadline, cancel state,
+    done callbacks (run them to end the call), abort (raises Aborted)."""
+
+    class Aborted(Exception):
+        pass
+
+    def __init__(self, metadata: tuple[tuple[str, Any], ...] = (), remaining: float | None = None) -> None:
+        self.metadata = metadata
+        self.remaining = remaining
+        self.is_cancelled = False
+        self.callbacks: list[Any] = []
+        self.aborted: tuple[Any, str] | None = None
+
+    def invocation_metadata(self) -> tuple[tuple[str, Any], ...]:
+        return self.metadata
+
+    def time_remaining(self) -> float | None:
+        return self.remaining
+
+    def add_done_callback(self, fn: Any) -> None:
+        self.callbacks.append(fn)
+
+    def cancelled(self) -> bool:
+        return self.is_cancelled
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
+
+    async def abort(self, code: Any, message: str, trailing_metadata: Any = ()) -> None:
+        self.aborted = (code, message)
+        raise StandInContext.Aborted(code)
+
+
+class RecordingTelemetry(Telemetry):
+    """The servicer's telemetry hooks as events; `finished`: each call's (rpc, run, code,
+    bytes_out); `observed`: the run of each loss batch recorded."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+        self.finished: list[tuple[str, str, str, int]] = []
+        self.observed: list[str] = []
+
+    def request_started(self, rpc: str, run: str, tokens: int) -> None:
+        self.events.append(("started", rpc, run, tokens))
+
+    def request_finished(
+        self,
+        rpc: str,
+        run: str,
+        code: str,
+        seconds: float,
+        bytes_in: int,
+        bytes_out: int,
+        tokens: int,
+        sequences: int,
+        started: bool = True,
+    ) -> None:
+        self.events.append(("finished", rpc, run, code, tokens, sequences, bytes_in > 0))
+        self.finished.append((rpc, run, code, bytes_out))
+
+    def rejected(self, rpc: str, reasons: list[str]) -> None:
+        self.events.append(("rejected", rpc, tuple(reasons)))
+
+    def observe_loss(self, run: str, config: Any, result: Any) -> None:
+        self.events.append(("loss", run, type(result).__name__))
+        self.observed.append(run)
+
+    def observe_advantages(self, run: str, config: Any, result: Any) -> None:
+        self.events.append(("advantages", run))
+
+
+def f32_batch_msg(seqs: int, length: int, seed: int) -> Any:
+    """A `softgate.v1.Batch` of `seqs` float32 sequences of `length` tokens (logp, old_logp,
+    per-sequence advantages, offsets), random by `seed`."""
+    import numpy as np
+    from softgate_client.proto.softgate.v1 import softgate_pb2 as pb
+
+    rng = np.random.default_rng(seed)
+    n = seqs * length
+    logp = (-rng.random(n) - 0.5).astype(np.float32)
+
+    def t(a: Any, dtype: int) -> Any:
+        return pb.Tensor(dtype=dtype, shape=[a.size], data=a.tobytes())
+
+    return pb.Batch(
+        logp=t(logp, pb.DTYPE_FLOAT32),
+        old_logp=t(logp + np.float32(0.01), pb.DTYPE_FLOAT32),
+        advantages=t(rng.standard_normal(seqs).astype(np.float32), pb.DTYPE_FLOAT32),
+        offsets=t(np.arange(0, n + 1, length, dtype=np.int64), pb.DTYPE_INT64),
+    )
 
 
 # ---------------------------------------------------------------- a server in this process

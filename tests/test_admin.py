@@ -248,3 +248,26 @@ def test_the_openapi_spec_has_unique_operation_ids() -> None:
     ids = [op["operationId"] for ops in spec["paths"].values() for op in ops.values() if isinstance(op, dict)]
     assert len(ids) == len(set(ids)), ids
     assert set(spec["paths"]["/healthz"]) == {"get"}
+
+
+def test_the_openapi_spec_marks_only_protected_routes_as_needing_the_token() -> None:
+    """/healthz and /readyz are open: the spec gives them no security and no 401."""
+    app = create_app(Settings(admin_token=TOKEN), None, lambda: True)
+    spec = app.openapi()
+    for path, ops in spec["paths"].items():
+        for op in ops.values():
+            if path in ("/healthz", "/readyz"):
+                assert "security" not in op and "401" not in op.get("responses", {}), path
+            else:
+                assert op["security"] == [{"bearer": []}] and "401" in op["responses"], path
+
+
+def test_a_request_without_authorization_is_told_it_is_required() -> None:
+    """no header -> "authorization required"; a wrong one -> "missing or invalid"."""
+    app = create_app(Settings(admin_token=TOKEN), None, lambda: True)
+    with ThreadedAdminServer(app) as srv, httpx.Client(base_url=srv.url, timeout=5) as c:
+        none = c.get("/v1/config")
+        wrong = c.get("/v1/config", headers={"Authorization": "Bearer nope"})
+    assert none.status_code == wrong.status_code == 401
+    assert none.json()["error"]["message"] == "authorization required"
+    assert wrong.json()["error"]["message"] == "missing or invalid bearer token"

@@ -7,12 +7,14 @@ import dataclasses
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from softgate.engine import Batch, Engine, LossConfig
 from softgate.engine import config as ec
+from softgate.telemetry import Telemetry
 from softgate_client import (
     AdvantageConfig,
     InvalidArgumentError,
@@ -671,7 +673,10 @@ def test_violations_of_a_padded_batch_name_the_callers_row_and_column(client) ->
     old = logp.copy()
     old[0, 1] = np.inf  # token 1 of the ragged batch sent (rows cut at their last mask = 1)
     logp[2, 1] = np.nan  # token 3
+    first = -np.ones((3, 5), np.float32)
+    first[2, 0] = np.nan  # token 2: a row's first token, after an empty row (mutation testing)
     for lp, ol, field, where in [
+        (first, None, "batch.logp[2]", "(row 2, column 0 of the padded input)"),
         (-np.ones((3, 5), np.float32), old, "batch.old_logp[1]", "(row 0, column 1 of the padded input)"),
         (logp, None, "batch.logp[3]", "(row 2, column 1 of the padded input)"),
     ]:
@@ -844,3 +849,41 @@ def test_a_run_name_outside_printable_ascii_still_calls(server):
         c.loss(*args, **kw)
         c.loss(*args, run="team/exp:2 ✓", **kw)
         assert c._metadata(None) == (("softgate-run", "exp-__1"),)
+
+
+class Runs(Telemetry):
+    def __init__(self) -> None:
+        self.runs: list[str] = []
+
+    def request_started(self, rpc: str, run: str, tokens: int) -> None:
+        self.runs.append(run)
+
+
+def test_a_calls_run_overrides_the_clients(inprocess_server: Any) -> None:
+    """`run=` of a call labels that call; without it the client's run does."""
+    srv = inprocess_server()
+    tel = Runs()
+    srv.grpc_server.servicer.telemetry = tel
+    logp, off, adv = -np.ones(8), np.array([0, 4, 8]), np.array([1.0, -1.0])
+    with SoftgateClient(srv.target, run="client-run") as c:
+        c.loss(logp, offsets=off, advantages=adv, run="call-run")
+        c.loss(logp, offsets=off, advantages=adv)
+        c.advantages(np.array([1.0, 0.0]), np.array([0, 0]), run="adv-run")
+    assert tel.runs == ["call-run", "client-run", "adv-run"]
+
+
+def test_root_certificates_alone_mean_tls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """passing root_certificates (or a client certificate) turns TLS on without tls=True."""
+    import softgate_client._channel as chmod
+
+    made: list[str] = []
+    monkeypatch.setattr(chmod.grpc, "insecure_channel", lambda target, options=None: made.append("insecure"))
+    monkeypatch.setattr(
+        chmod.grpc, "secure_channel", lambda target, creds, options=None: made.append("secure")
+    )
+    monkeypatch.setattr(chmod.grpc, "ssl_channel_credentials", lambda **kw: kw)
+    pem = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+    base = {"tls": False, "root_certificates": None, "client_cert": None, "client_key": None}
+    for kw in ({"root_certificates": pem}, {"tls": True}, {}):
+        chmod.make_channel("127.0.0.1:1", max_message_bytes=1 << 20, **{**base, **kw})
+    assert made == ["secure", "secure", "insecure"]

@@ -275,3 +275,36 @@ def test_a_non_conforming_servers_outputs_are_refused_not_misaligned() -> None:
                 c.loss(logp, logp, stream=True, **kw)
     finally:
         server.stop(None)
+
+
+class _Unavailable(grpc.RpcError):
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "down"
+
+
+def test_no_retry_waits_past_the_calls_deadline() -> None:
+    """a backoff that would end past the call's deadline is not slept: the error is
+    raised at once (no sleep, no further attempt)."""
+    attempts: list[float | None] = []
+    sleeps: list[float] = []
+
+    def fn(t: float | None) -> None:
+        attempts.append(t)
+        raise _Unavailable()
+
+    class Top(random.Random):
+        def uniform(self, a: float, b: float) -> float:
+            return b
+
+    with pytest.raises(UnavailableError):
+        call_with_retries(
+            fn,
+            policy=RetryPolicy(max_attempts=5, initial_backoff=30.0, max_backoff=30.0),
+            timeout=5.0,
+            sleep=sleeps.append,
+            rng=Top(),
+        )
+    assert len(attempts) == 1 and sleeps == []

@@ -4,6 +4,8 @@ own message limit, asked before the first large call."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 from softgate_client import SoftgateClient, pack_batch
@@ -173,3 +175,56 @@ def assert_same(res, unary, outputs) -> None:
     np.testing.assert_equal(res.metrics, unary.metrics)
     for name in ("grad", *outputs):
         np.testing.assert_array_equal(getattr(res, name), getattr(unary, name), err_msg=name)
+
+
+def test_a_call_exactly_at_the_stream_threshold_stays_unary(inprocess_server: Any) -> None:
+    """only a call whose larger message is *over* stream_threshold_bytes streams."""
+    srv = inprocess_server()
+    logp, off, adv = ragged([16] * 8)
+    p = pack_batch(logp, None, offsets=off, advantages=adv)
+    nbytes = max(p.nbytes, p.layout.num_tokens * 8)  # the gradient: 8 B a token
+    assert nbytes < 64 * 1024  # (no ask for the server's limit)
+    for threshold, streamed in ((nbytes, False), (nbytes - 1, True)):
+        with SoftgateClient(srv.target, stream_threshold_bytes=threshold) as c:
+            r = c.loss(logp, offsets=off, advantages=adv)
+        assert r.streamed is streamed, threshold
+
+
+def test_the_server_limit_caps_the_threshold_at_90_percent(inprocess_server: Any) -> None:
+    """once the server's limit is known, calls over 90% of it stream (room for the
+    message's headers and config), and chunks are cut under 90% of it."""
+    srv = inprocess_server(max_message_bytes=MiB)
+    n = int(0.95 * MiB) // 8
+    logp = (-np.random.default_rng(1).random(n) - 0.01).astype(np.float64)
+    with SoftgateClient(srv.target) as c:
+        r = c.loss(logp, lengths=np.array([n // 2, n - n // 2]), advantages=np.array([1.0, -1.0]))
+        assert r.streamed and r.chunks == 2
+        assert c.stream_threshold_bytes == c.stream_chunk_bytes == int(0.9 * MiB)
+
+
+def test_streamed_chunks_fit_the_clients_own_message_limit(inprocess_server: Any) -> None:
+    """stream_chunk_bytes is cut to 90% of the client's max_message_bytes, so a streamed
+    call sends no message over the client's own limit (the server's is far larger here)."""
+    srv = inprocess_server()
+    with SoftgateClient(srv.target, max_message_bytes=MiB, stream_chunk_bytes=16 * MiB) as c:
+        logp, off, adv = ragged([6000] * 64)  # 3 MiB of float64 logp
+        r = c.loss(logp, offsets=off, advantages=adv)
+        assert r.streamed and r.chunks >= 4
+        assert c.stream_chunk_bytes == int(0.9 * MiB)
+
+
+def test_boolean_outputs_count_one_byte_a_token_when_chunking(inprocess_server: Any) -> None:
+    """the response's bytes per token count clip_mask and mask as 1 byte (BOOL), so
+    chunks are as long as the chunk size allows, not cut as if they were floats."""
+    srv = inprocess_server()
+    seqs, length = 100, 10
+    logp, off, adv = ragged([length] * seqs)
+    outputs = ("advantages", "ratio", "gate_weight", "clip_mask", "mask")  # (and the gradient)
+    per_tok = 4 * 8 + 2  # four float64 outputs, two BOOL ones (the request: 8 B a token)
+    per_seq = 8 + 8  # advantages and offsets
+    chunk = _CHUNK_HEAD_BYTES + 10 * (length * per_tok + per_seq)  # ten sequences a chunk
+    with SoftgateClient(srv.target, stream_chunk_bytes=chunk) as c:
+        r = c.loss(logp, offsets=off, advantages=adv, outputs=outputs, stream=True)
+        u = c.loss(logp, offsets=off, advantages=adv, outputs=outputs, stream=False)
+    assert r.chunks == 10
+    assert np.array_equal(r.grad, u.grad) and np.array_equal(r.clip_mask, u.clip_mask)

@@ -20,6 +20,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from conftest import f32_batch_msg
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -931,19 +932,6 @@ def test_calls_cut_at_their_deadline_count_as_such_and_record_no_batch() -> None
     assert call.cut() == "CANCELLED"
 
 
-def _f32_chunk(seqs: int, length: int, seed: int) -> pb.Batch:
-    rng = np.random.default_rng(seed)
-    n = seqs * length
-    logp = (-rng.random(n) - 0.5).astype(np.float32)
-    t = lambda a, dt: pb.Tensor(dtype=dt, shape=[a.size], data=a.tobytes())  # noqa: E731
-    return pb.Batch(
-        logp=t(logp, pb.DTYPE_FLOAT32),
-        old_logp=t(logp + np.float32(0.01), pb.DTYPE_FLOAT32),
-        advantages=t(rng.standard_normal(seqs).astype(np.float32), pb.DTYPE_FLOAT32),
-        offsets=t(np.arange(0, n + 1, length, dtype=np.int64), pb.DTYPE_INT64),
-    )
-
-
 def _nonzero(tel: PrometheusTelemetry, name: str) -> dict[tuple[str, ...], float]:
     tel.flush()
     return {
@@ -976,7 +964,7 @@ def test_a_stream_its_client_cut_gives_its_slot_back_and_records_no_batch() -> N
         )
         outputs = pb.OutputSelection(gradient=True, ratio=True, gate_weight=True, advantages=True)
         # (1) four chunks of 512 KiB responses; the client reads one, stops reading, cancels
-        big = [pb.StreamLossRequest(chunk=_f32_chunk(32, 1024, i)) for i in range(4)]
+        big = [pb.StreamLossRequest(chunk=f32_batch_msg(32, 1024, i)) for i in range(4)]
         big[0].outputs.CopyFrom(outputs)
         for _ in range(2):
             it = call(iter(big), timeout=60, metadata=(("softgate-run", "cut"),))
@@ -999,7 +987,7 @@ def test_a_stream_its_client_cut_gives_its_slot_back_and_records_no_batch() -> N
         deadline = time.monotonic() + 10
         while srv.server.servicer.in_flight and time.monotonic() < deadline:
             time.sleep(0.05)
-        small = [pb.StreamLossRequest(chunk=_f32_chunk(2, 4, 9))]
+        small = [pb.StreamLossRequest(chunk=f32_batch_msg(2, 4, 9))]
         assert len(list(call(iter(small), timeout=30))) == 1
     codes = _nonzero(tel, "softgate_requests_total")
     assert codes == {("StreamLoss", "CANCELLED"): 3, ("StreamLoss", "OK"): 1}, codes
@@ -1053,38 +1041,9 @@ def test_out_of_memory_is_resource_exhausted() -> None:
 # ---------------------------------------------------------------- telemetry
 
 
-class RecordingTelemetry(Telemetry):
-    def __init__(self) -> None:
-        self.events: list[tuple[Any, ...]] = []
-
-    def request_started(self, rpc: str, run: str, tokens: int) -> None:
-        self.events.append(("started", rpc, run, tokens))
-
-    def request_finished(
-        self,
-        rpc: str,
-        run: str,
-        code: str,
-        seconds: float,
-        bytes_in: int,
-        bytes_out: int,
-        tokens: int,
-        sequences: int,
-        started: bool = True,
-    ) -> None:
-        self.events.append(("finished", rpc, run, code, tokens, sequences, bytes_in > 0))
-
-    def rejected(self, rpc: str, reasons: list[str]) -> None:
-        self.events.append(("rejected", rpc, tuple(reasons)))
-
-    def observe_loss(self, run: str, config: Any, result: Any) -> None:
-        self.events.append(("loss", run, type(result).__name__))
-
-    def observe_advantages(self, run: str, config: Any, result: Any) -> None:
-        self.events.append(("advantages", run))
-
-
 def test_telemetry_hooks_get_the_run_from_metadata() -> None:
+    from conftest import RecordingTelemetry
+
     tel = RecordingTelemetry()
     with ServerThread(telemetry=tel) as srv:
         stub = srv.stub()

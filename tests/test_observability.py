@@ -23,6 +23,7 @@ from softgate.observability import (
     sanitize_run,
 )
 from softgate.observability.distributions import _counts_numpy, _counts_torch
+from softgate.observability.runs import BatchRecord, RunState, summarize, windows
 from softgate.observability.telemetry import CODES, MAX_REASONS, REASONS, RPCS, TRANSPORT_REASONS
 
 
@@ -680,3 +681,90 @@ def test_a_reason_given_twice_in_one_request_counts_once():
             if s.name == "softgate_rejected_inputs_total" and s.labels["rpc"] == "ComputeLoss" and s.value:
                 got[s.labels["reason"]] = s.value
     assert got == {"non_finite": 1.0, "missing": 1.0}
+
+
+def _rec(t: float, tokens: int = 10, **values: float) -> BatchRecord:
+    return BatchRecord(t=t, objective="sapo", tokens=tokens, seqs=1, values=dict(values))
+
+
+def test_a_value_on_a_bucket_edge_counts_in_that_bucket() -> None:
+    """Prometheus `le` buckets: a value equal to an edge belongs to that edge's bucket."""
+    edges = np.asarray([0.1, 0.5, 1.0])
+    st = RunState()
+    for v in (0.1, 0.5, 1.0, 0.3, 2.0):
+        st.observe("h", (), v, edges)
+    assert st.hists[("h", ())].counts.tolist() == [1.0, 2.0, 1.0, 1.0]
+
+
+def test_folding_keeps_the_newest_gauge() -> None:
+    """a folded run's last-batch gauge replaces other's when it is newer, not when older."""
+    other, newer, older = RunState(), RunState(), RunState()
+    other.set("g", (), 1.0, now=100.0)
+    newer.set("g", (), 2.0, now=200.0)
+    older.set("g", (), 3.0, now=50.0)
+    other.merge(newer)
+    assert other.gauges[("g", ())] == (2.0, 200.0)
+    other.merge(older)
+    assert other.gauges[("g", ())] == (2.0, 200.0)
+
+
+def test_folding_keeps_the_newest_batches_of_the_window() -> None:
+    """other's batch window keeps the newest WINDOW_BATCHES records of the two runs."""
+    n = RunRegistry.WINDOW_BATCHES
+    other, folded = RunState(), RunState()
+    other.batches.extend(_rec(float(t)) for t in range(600))
+    folded.batches.extend(_rec(float(t)) for t in range(600, 1200))
+    other.merge(folded)
+    ts = [r.t for r in other.batches]
+    assert len(ts) == n and ts == sorted(ts)
+    assert (ts[0], ts[-1]) == (1200.0 - n, 1199.0)
+
+
+def test_a_window_weighs_a_statistic_by_each_batchs_tokens() -> None:
+    """a statistic without a sign (grad_retained, approx_kl) is weighted by the batch's tokens."""
+    out = summarize([_rec(1.0, tokens=90, grad_retained=1.0), _rec(2.0, tokens=10, grad_retained=0.0)])
+    assert out["grad_retained"] == pytest.approx(0.9)
+    assert out["tokens"] == 100
+
+
+def test_time_windows_cover_five_minutes_and_one_hour() -> None:
+    """last_5m holds the batches of the last 300 s, last_1h those of the last 3600 s."""
+    st = RunState()
+    now = 10_000.0
+    st.batches.extend([_rec(now - 3000), _rec(now - 1000), _rec(now - 299), _rec(now - 1)])
+    w = windows(st, now=now)
+    assert w["last_5m"]["batches"] == 2
+    assert w["last_1h"]["batches"] == 4
+    assert w["last_10_batches"]["batches"] == 4
+
+
+def test_the_ratio_range_spans_every_batch() -> None:
+    """ratio_range is [smallest ratio_min, largest ratio_max] over the window."""
+    out = summarize(
+        [
+            _rec(1.0, ratio_min=0.5, ratio_max=1.5),
+            _rec(2.0, ratio_min=0.8, ratio_max=3.0),
+            _rec(3.0, ratio_min=0.2, ratio_max=1.1),
+        ]
+    )
+    assert out["ratio_range"] == [0.2, 3.0]
+
+
+def test_engine_codes_of_a_sampled_batch_are_not_used() -> None:
+    """the engine's codes and sums are of every token; when a CPU batch is sampled here
+    they are dropped and the sample bucketed, as without them."""
+    g = torch.Generator().manual_seed(0)
+    n = 1000
+    ratio = torch.exp(torch.randn(n, generator=g) * 0.2)
+    gate = torch.rand(n, generator=g)
+    adv = torch.randn(n, generator=g)
+    mask = torch.rand(n, generator=g) > 0.1
+    rcode, gcode, sums = bucket_codes(
+        ratio, gate, mask & (adv > 0), mask & (adv < 0), mask, bucket_edges(ratio.dtype, ratio.device)
+    )
+    b = Bucketer(cpu_sample_tokens=100)
+    want = b(ratio, gate, adv, mask)
+    got = b(ratio, gate, adv, mask, codes=(rcode, gcode, sums.tolist()))
+    assert want.stride == got.stride == 10
+    assert (got.ratio_counts == want.ratio_counts).all() and (got.gate_counts == want.gate_counts).all()
+    assert (got.ratio_sums == want.ratio_sums).all()

@@ -340,23 +340,8 @@ def test_a_large_call_keeps_its_slot_until_its_response_is_out() -> None:
     small one (the inline path's `in_flight == 1`) still frees it at once."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from conftest import StandInContext as Context
     from softgate.grpc.servicer import LossServicer
-
-    class Context:
-        def __init__(self) -> None:
-            self.callbacks: list[Any] = []
-
-        def add_done_callback(self, fn: Any) -> None:
-            self.callbacks.append(fn)
-
-        def cancelled(self) -> bool:
-            return False
-
-        def invocation_metadata(self) -> tuple[()]:
-            return ()
-
-        def time_remaining(self) -> None:
-            return None
 
     async def check(s: LossServicer) -> None:
         for tokens, held in ((s.inline_max_tokens + 1, True), (s.inline_max_tokens, False)):
@@ -380,3 +365,53 @@ def test_a_large_call_keeps_its_slot_until_its_response_is_out() -> None:
 
     with ThreadPoolExecutor(1) as pool:
         asyncio.run(check(LossServicer(Engine(device="cpu", compile=False), pool)))
+
+
+class NoGradOut(KwargsEngine):
+    """An engine that leaves `grad_out` alone (a test double, another device's engine)."""
+
+    def loss(self, batch: Batch, config: LossConfig, **kw: Any) -> Any:
+        kw = dict(kw)
+        grad_out = kw.pop("grad_out", None)
+        result = super().loss(batch, config, **kw)
+        self.kwargs[-1]["grad_out"] = grad_out
+        return result
+
+
+def _large(n: int = 1 << 18) -> tuple[np.ndarray, np.ndarray, dict[str, Any], Batch]:
+    rng = np.random.default_rng(3)
+    logp = (-rng.random(n) - 0.1).astype(np.float32)
+    old = logp + rng.normal(0, 0.01, n).astype(np.float32)
+    kw: dict[str, Any] = {"lengths": np.array([n // 4, 3 * n // 4]), "advantages": np.array([1.0, -1.0])}
+    batch = Batch(
+        logp=torch.from_numpy(logp),
+        old_logp=torch.from_numpy(old),
+        offsets=torch.tensor([0, n // 4, n]),
+        advantages=torch.tensor([1.0, -1.0]),
+    )
+    return logp, old, kw, batch
+
+
+def test_a_large_gradient_an_engine_did_not_write_in_place_is_copied_in(inprocess_server: Any) -> None:
+    """GradientResponse.encode copies the gradient in when the engine wrote its own tensor."""
+    eng = NoGradOut()
+    srv = inprocess_server(engine=eng)
+    logp, old, kw, batch = _large()
+    with SoftgateClient(f"127.0.0.1:{srv.port}") as c:
+        r = c.loss(logp, old, stream=False, **kw)
+    assert eng.kwargs[-1].get("grad_out") is not None  # the in-place path was offered
+    want = Engine(device="cpu", compile=False).loss(batch, LossConfig())
+    assert np.array_equal(r.grad, want.grad.numpy())
+
+
+def test_a_large_unary_call_gets_every_output_it_asked_for(inprocess_server: Any) -> None:
+    """only a gradient-only response is built in place; one of 2^18 tokens asking for
+    more outputs gets them all."""
+    srv = inprocess_server()
+    logp, old, kw, batch = _large()
+    with SoftgateClient(f"127.0.0.1:{srv.port}") as c:
+        r = c.loss(logp, old, stream=False, outputs=("ratio",), **kw)
+    want = Engine(device="cpu", compile=False).loss(batch, LossConfig())
+    assert not r.streamed
+    assert np.array_equal(r.grad, want.grad.numpy())
+    assert r.ratio is not None and np.array_equal(r.ratio, want.ratio.numpy())

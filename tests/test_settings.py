@@ -258,3 +258,67 @@ def test_good_tls_files_pass(tmp_path: Path, pems: dict[str, bytes]) -> None:
         env={},
     )
     assert s.tls and s.host_problems() == []
+
+
+def test_the_config_flag_names_the_file_over_softgate_config(tmp_path: Path) -> None:
+    """--config (a flag) chooses the file over the SOFTGATE_CONFIG variable."""
+    by_flag, by_env = tmp_path / "flag.yaml", tmp_path / "env.yaml"
+    by_flag.write_text("max_runs: 3\n")
+    by_env.write_text("max_runs: 7\n")
+    s = Settings.load({"config": str(by_flag)}, env={"SOFTGATE_CONFIG": str(by_env)})
+    assert s.max_runs == 3 and s.config == str(by_flag)
+    assert Settings.load({}, env={"SOFTGATE_CONFIG": str(by_env)}).max_runs == 7
+
+
+def test_port_65535_is_a_port_and_65536_is_not() -> None:
+    """the port range is 0..65535 inclusive, for both ports."""
+    s = Settings.load({"grpc_port": "65535", "admin_port": "65535"}, env={})
+    assert (s.grpc_port, s.admin_port) == (65535, 65535)
+    for name in ("grpc_port", "admin_port"):
+        with pytest.raises(SettingsError, match=name):
+            Settings.load({name: "65536"}, env={})
+
+
+def test_admin_port_minus_one_disables_it_from_any_source(tmp_path: Path) -> None:
+    """-1 disables the admin endpoint as an int too (a YAML file, a typed flag)."""
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("admin_port: -1\n")
+    assert Settings.load({}, env={}, config_file=cfg).admin_port is None
+    assert Settings.load({"admin_port": -1}, env={}).admin_port is None
+    assert Settings.load({}, env={"SOFTGATE_ADMIN_PORT": "-1"}).admin_port is None
+
+
+def test_a_fractional_value_of_an_integer_setting_is_refused(tmp_path: Path) -> None:
+    """1.5 for an integer setting is an error, never silently 1; 2.0 is 2."""
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("max_runs: 1.5\n")
+    with pytest.raises(SettingsError, match="max_runs"):
+        Settings.load({}, env={}, config_file=cfg)
+    cfg.write_text("max_runs: 2.0\n")
+    assert Settings.load({}, env={}, config_file=cfg).max_runs == 2
+
+
+def test_a_softgate_section_with_other_top_level_keys_is_refused(tmp_path: Path) -> None:
+    """a `softgate:` section is unwrapped only when it is the file's one key; beside
+    other keys it is an unknown setting, never a silent drop of those keys."""
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("softgate:\n  max_runs: 3\nmax_tokens: 10\n")
+    with pytest.raises(SettingsError, match="softgate"):
+        Settings.load({}, env={}, config_file=cfg)
+    cfg.write_text("softgate:\n  max_runs: 3\n")
+    assert Settings.load({}, env={}, config_file=cfg).max_runs == 3
+
+
+def test_inline_max_tokens_0_means_never_and_is_valid() -> None:
+    """0 turns the inline path off (documented), only negatives are refused."""
+    assert Settings.load({"inline_max_tokens": "0"}, env={}).inline_max_tokens == 0
+    with pytest.raises(SettingsError, match="inline_max_tokens"):
+        Settings.load({"inline_max_tokens": "-1"}, env={})
+
+
+def test_a_config_file_cannot_name_another_config_file(tmp_path: Path) -> None:
+    """`config` in a config file is an unknown setting (it would be silently ignored)."""
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(f"config: {tmp_path / 'other.yaml'}\n")
+    with pytest.raises(SettingsError, match="unknown setting 'config'"):
+        Settings.load({}, env={}, config_file=cfg)

@@ -60,6 +60,18 @@ T = TypeVar("T")
 _NEVER_CANCELLED = threading.Event()
 
 
+class _PastDeadline(threading.Event):
+    """The cancel event of work run inline: nothing can set it while the work holds the loop,
+    so it reads as set once the call's deadline has passed (a call that overran records nothing)."""
+
+    def __init__(self, deadline: float) -> None:
+        super().__init__()
+        self.deadline = deadline
+
+    def is_set(self) -> bool:
+        return time.perf_counter() >= self.deadline
+
+
 def _timed(fn: Callable[[threading.Event], T], note: Callable[[float], None], cancel: threading.Event) -> T:
     """A small call in a pool thread: one intra-op thread (see softgate.threads), timed."""
     t0 = time.perf_counter()
@@ -326,7 +338,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 self._loop_single_threaded = tid
             t0 = time.perf_counter()
             try:
-                return fn(_NEVER_CANCELLED)
+                return fn(_NEVER_CANCELLED if call.deadline is None else _PastDeadline(call.deadline))
             finally:
                 took = time.perf_counter() - t0
                 self._note_small(took)

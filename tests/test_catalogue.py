@@ -1,0 +1,41 @@
+"""ListAlgorithms' catalogue: the limits, default choices and loss-level parameters, each as the
+server's limits and the engine's config say."""
+
+from __future__ import annotations
+
+from softgate.engine import config as c
+from softgate.grpc import catalogue
+from softgate.grpc.codec import Limits
+
+
+def test_the_catalogue_reports_each_limit_as_configured() -> None:
+    """every limit in its own field (distinct values, so a swap shows)."""
+    r = catalogue.build(Limits(max_tokens=7001, max_sequences=503, max_groups=41), 12345)
+    assert (r.limits.max_tokens, r.limits.max_sequences, r.limits.max_groups, r.limits.max_message_bytes) == (
+        7001,
+        503,
+        41,
+        12345,
+    )
+
+
+def test_a_choice_parameter_names_its_default_choice() -> None:
+    """a parameter with choices and a default (the mismatch level) says which."""
+    r = catalogue.build(Limits(), 1 << 20)
+    for mode in r.mismatch_modes:
+        level = next(p for p in mode.parameters if p.name == "level")
+        assert list(level.choices) == ["token", "sequence"]
+        assert level.default_choice == c.MismatchConfig().level == "token"
+    # a choice parameter without a default (scale: the estimator's own) names none
+    scale = next(p for p in r.advantage_estimators[0].parameters if p.name == "scale")
+    assert set(scale.choices) == {"group", "batch", "none"} and scale.default_choice == ""
+
+
+def test_the_loss_level_parameters_are_listed_with_their_defaults() -> None:
+    """log_ratio_clamp and saturation_threshold, with LossConfig's defaults."""
+    r = catalogue.build(Limits(), 1 << 20)
+    got = {p.name: p.default_value for p in r.loss_parameters}
+    assert got == {
+        "log_ratio_clamp": c.LossConfig().log_ratio_clamp,
+        "saturation_threshold": c.LossConfig().saturation_threshold,
+    }

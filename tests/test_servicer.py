@@ -1,0 +1,287 @@
+"""LossServicer's own rules, driven directly (a stand-in grpc context) or on an in-process
+server: admission while closing, the inline path's guards and deadlines, how cut calls are
+counted, a stream's limits, byte counts and summary."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+import pytest
+import torch
+from conftest import RecordingTelemetry as Finished
+from conftest import StandInContext as Context
+from conftest import f32_batch_msg
+from softgate.engine import Batch, Engine, LossConfig
+from softgate.grpc.errors import Cancelled, DeadlineExceeded
+from softgate.grpc.servicer import LossServicer, _Call
+from softgate.telemetry import Telemetry
+from softgate_client.proto.softgate.v1 import softgate_pb2 as pb
+from softgate_client.proto.softgate.v1 import softgate_pb2_grpc as pb_grpc
+
+
+def _servicer(pool: ThreadPoolExecutor, telemetry: Telemetry | None = None, **kw: Any) -> LossServicer:
+    return LossServicer(Engine(device="cpu", compile=False), pool, telemetry, **kw)
+
+
+# ---------------------------------------------------------------- admission
+
+
+def test_a_closing_server_refuses_every_new_call_with_unavailable(inprocess_server: Any) -> None:
+    """`closing` (set by a graceful stop) refuses ComputeLoss, StreamLoss and
+    ListAlgorithms with UNAVAILABLE "server shutting down", so a client retries elsewhere."""
+    srv = inprocess_server()
+    stub = pb_grpc.LossServiceStub(srv.channel())
+    assert stub.ListAlgorithms(pb.ListAlgorithmsRequest(), timeout=10).limits.max_message_bytes > 0
+    srv.grpc_server.servicer.closing = True
+    calls = [
+        lambda: stub.ListAlgorithms(pb.ListAlgorithmsRequest(), timeout=10),
+        lambda: stub.ComputeLoss(pb.ComputeLossRequest(batch=f32_batch_msg(2, 4, 0)), timeout=10),
+        lambda: list(stub.StreamLoss(iter([pb.StreamLossRequest(chunk=f32_batch_msg(2, 4, 0))]), timeout=10)),
+    ]
+    for call in calls:
+        with pytest.raises(grpc.RpcError) as ei:
+            call()
+        assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in (ei.value.details() or "")
+    assert srv.grpc_server.servicer.in_flight == 0
+    srv.grpc_server.servicer.closing = False
+
+
+def test_an_empty_run_label_is_the_default_run() -> None:
+    """a `softgate-run` of only spaces is the run "default" in every hook (and log line)."""
+    tel = Finished()
+
+    async def go(s: LossServicer) -> None:
+        for md in ((("softgate-run", "   "),), (("softgate-run", b""),), ()):
+            ctx = Context(metadata=md)  # type: ignore[arg-type]
+            call = await s._admit("ComputeLoss", ctx)
+            assert call.run == "default", md
+            s._finish(call, ctx)
+
+    with ThreadPoolExecutor(1) as pool:
+        asyncio.run(go(_servicer(pool, tel)))
+    assert [f[1] for f in tel.finished] == ["default"] * 3
+
+
+# ---------------------------------------------------------------- the inline path
+
+
+def test_a_call_runs_inline_only_when_it_is_alone_in_flight() -> None:
+    """with a fast streak, a small call runs on the loop only when it is the one call in
+    flight; with another call in flight it goes to the pool (the loop must stay free)."""
+    from softgate.grpc import servicer as sv
+
+    with ThreadPoolExecutor(1) as pool:
+        s = _servicer(pool)
+        s._fast_streak = sv.INLINE_STREAK
+        s.in_flight = 1
+        assert s._inline(10)
+        for busy in (0, 2, 5):
+            s.in_flight = busy
+            assert not s._inline(10), busy
+        s.in_flight = 1
+        assert not s._inline(s.inline_max_tokens + 1)
+        assert not s._inline(None)
+
+
+def _inline_ready(s: LossServicer) -> None:
+    from softgate.grpc import servicer as sv
+
+    s._fast_streak = sv.INLINE_STREAK
+    s.in_flight = 1
+
+
+def test_an_expired_deadline_runs_no_work_even_inline() -> None:
+    """a call whose deadline has passed before its work starts raises DeadlineExceeded
+    and never runs the work, on the pool path and on the inline one."""
+    ran: list[str] = []
+
+    def work(cancel: threading.Event) -> str:
+        ran.append(threading.current_thread().name)
+        return "done"
+
+    async def go(s: LossServicer, inline: bool) -> None:
+        if inline:
+            _inline_ready(s)
+        call = _Call("ComputeLoss", "default")
+        call.deadline = time.perf_counter() - 0.01
+        with pytest.raises(DeadlineExceeded):
+            await s._run(call, work, 8)
+
+    with ThreadPoolExecutor(1) as pool:
+        for inline in (True, False):
+            asyncio.run(go(_servicer(pool), inline))
+        pool.submit(lambda: None).result()  # anything the pool was given has run
+    assert ran == []
+
+
+def test_an_inline_call_that_overruns_its_deadline_is_deadline_exceeded() -> None:
+    """work run inline cannot be cut; one that ends past the call's deadline is still
+    DEADLINE_EXCEEDED (the client has given up on it), as the pool path's is."""
+
+    def slow(cancel: threading.Event) -> str:
+        time.sleep(0.15)
+        return "late"
+
+    async def go(s: LossServicer) -> None:
+        _inline_ready(s)
+        call = _Call("ComputeLoss", "default")
+        call.deadline = time.perf_counter() + 0.05
+        with pytest.raises(DeadlineExceeded):
+            await s._run(call, slow, 8)
+        # and one within its deadline returns its result
+        call = _Call("ComputeLoss", "default")
+        call.deadline = time.perf_counter() + 30
+        assert await s._run(call, lambda c: "ok", 8) == "ok"
+
+    with ThreadPoolExecutor(1) as pool:
+        asyncio.run(go(_servicer(pool)))
+
+
+class SlowEngine(Engine):
+    def __init__(self, delay: float) -> None:
+        super().__init__(device="cpu", compile=False)
+        self.delay = delay
+
+    def loss(self, batch: Batch, config: LossConfig, **kw: Any) -> Any:
+        time.sleep(self.delay)
+        return super().loss(batch, config, **kw)
+
+
+def test_an_inline_call_that_overran_its_deadline_records_no_batch() -> None:
+    """Found by mutation testing: inline work got a cancel event nothing could set, so a call
+    that ended past its deadline (its trainer got DEADLINE_EXCEEDED) still put its batch in the
+    run's statistics. One within its deadline is recorded."""
+    tel = Finished()
+    request = pb.ComputeLossRequest(batch=f32_batch_msg(2, 4, 0))
+
+    async def go(s: LossServicer, budget: float) -> None:
+        _inline_ready(s)
+        call = _Call("ComputeLoss", "r")
+        call.deadline = time.perf_counter() + budget
+        await s._run(call, lambda cancel: s._loss(request, "r", cancel), 8)
+
+    with ThreadPoolExecutor(1) as pool:
+        s = LossServicer(SlowEngine(0.15), pool, tel)
+        with pytest.raises(DeadlineExceeded):
+            asyncio.run(go(s, 0.05))
+        assert tel.observed == []
+        asyncio.run(go(s, 30.0))
+        assert tel.observed == ["r"]
+
+
+# ---------------------------------------------------------------- accounting of cut calls
+
+
+def test_a_cancel_at_the_deadline_is_accounted_deadline_exceeded() -> None:
+    """a Cancelled failure (a unary call whose request never came: grpc cut it) of a
+    call at its deadline is counted DEADLINE_EXCEEDED, one with time left CANCELLED."""
+
+    async def go(s: LossServicer) -> list[str]:
+        codes = []
+        for remaining in (0.0, 60.0):
+            ctx = Context(remaining=remaining)
+            call = await s._admit("ComputeLoss", ctx)
+            with pytest.raises(Context.Aborted):
+                await s._fail(call, Cancelled(), ctx)
+            codes.append(call.code)
+            s._finish(call, ctx)
+        return codes
+
+    with ThreadPoolExecutor(1) as pool:
+        assert asyncio.run(go(_servicer(pool))) == ["DEADLINE_EXCEEDED", "CANCELLED"]
+
+
+def test_a_call_cancelled_after_its_handler_returned_is_not_counted_ok() -> None:
+    """a call whose handler returned but which grpc reports cancelled (the client went
+    away before the response was out) is counted as cut, not OK."""
+    tel = Finished()
+
+    async def go(s: LossServicer) -> None:
+        ctx = Context()
+        call = await s._admit("ComputeLoss", ctx)
+        ctx.is_cancelled = True
+        s._finish(call, ctx)
+        ctx = Context()
+        call = await s._admit("ComputeLoss", ctx)
+        s._finish(call, ctx)
+
+    with ThreadPoolExecutor(1) as pool:
+        asyncio.run(go(_servicer(pool, tel)))
+    assert [f[2] for f in tel.finished] == ["CANCELLED", "OK"]
+
+
+# ---------------------------------------------------------------- StreamLoss
+
+
+def test_stream_limits_count_the_whole_stream(inprocess_server: Any) -> None:
+    """max_tokens / max_sequences bound a stream's chunks together, not each chunk."""
+    srv = inprocess_server(max_tokens=100, max_sequences=20)
+    stub = pb_grpc.LossServiceStub(srv.channel())
+    ok = [pb.StreamLossRequest(chunk=f32_batch_msg(4, 10, i)) for i in range(2)]  # 80 tokens, 8 seqs
+    assert len(list(stub.StreamLoss(iter(ok), timeout=30))) == 2
+    for chunks, field in (
+        ([f32_batch_msg(4, 15, i) for i in range(2)], "chunk[1].logp"),  # 60 + 60 tokens
+        ([f32_batch_msg(12, 1, i) for i in range(2)], "chunk[1].offsets"),  # 12 + 12 sequences
+    ):
+        with pytest.raises(grpc.RpcError) as ei:
+            list(stub.StreamLoss(iter([pb.StreamLossRequest(chunk=c) for c in chunks]), timeout=30))
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in (ei.value.details() or ""), ei.value.details()
+        assert "too_large" in (ei.value.details() or "")
+
+
+def test_a_streams_bytes_out_are_all_its_responses(inprocess_server: Any) -> None:
+    """a stream's bytes_out (request_finished, the response-size metric) is the sum of
+    every response it sent, not the last one's."""
+    tel = Finished()
+    srv = inprocess_server()
+    srv.grpc_server.servicer.telemetry = tel
+    ch = srv.channel()
+    raw = ch.stream_stream(
+        "/softgate.v1.LossService/StreamLoss",
+        request_serializer=pb.StreamLossRequest.SerializeToString,
+        response_deserializer=lambda b: b,
+    )
+    reqs = [pb.StreamLossRequest(chunk=f32_batch_msg(3, 50, i)) for i in range(3)]
+    got = list(raw(iter(reqs), timeout=30))
+    assert len(got) == 3
+    deadline = time.monotonic() + 5
+    while not tel.finished and time.monotonic() < deadline:
+        time.sleep(0.01)
+    ((rpc, _, code, bytes_out),) = tel.finished
+    assert (rpc, code) == ("StreamLoss", "OK")
+    assert bytes_out == sum(len(b) for b in got)
+
+
+def test_a_non_wire_stream_puts_the_summary_in_its_last_response() -> None:
+    """the message path of StreamLoss (a big-endian host, or requests that are not wire
+    bytes) carries the loss summary in the last response only, as the wire path does."""
+    eng = Engine(device="cpu", compile=False)
+    g = torch.Generator().manual_seed(0)
+    chunks = [
+        Batch(
+            logp=-torch.rand(8, generator=g) - 0.1,
+            offsets=torch.tensor([0, 3, 8]),
+            advantages=torch.tensor([1.0, -1.0]),
+        )
+        for _ in range(3)
+    ]
+    whole = Batch(
+        logp=torch.cat([c.logp for c in chunks]),
+        offsets=torch.tensor([0, 3, 8, 11, 16, 19, 24]),
+        advantages=torch.tensor([1.0, -1.0] * 3),
+    )
+    want = eng.loss(whole, LossConfig())
+    with ThreadPoolExecutor(1) as pool:
+        s = LossServicer(eng, pool)
+        _, result, out = s._stream_loss(pb.LossConfig(), None, chunks, threading.Event(), encoded=False)
+    assert [r.chunk_index for r in out] == [0, 1, 2]
+    assert [r.HasField("summary") for r in out] == [False, False, True]
+    assert out[-1].summary.loss == pytest.approx(float(result.loss))
+    assert out[-1].summary.loss == pytest.approx(float(want.loss), rel=1e-6)
