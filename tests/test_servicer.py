@@ -94,6 +94,9 @@ def _inline_ready(s: LossServicer) -> None:
 
     s._fast_streak = sv.INLINE_STREAK
     s.in_flight = 1
+    # as if this thread were already set up for inline work: the setup (one intra-op thread,
+    # no compiles) is per thread and would stay on pytest's thread for every later test
+    s._loop_single_threaded = threading.get_ident()
 
 
 def test_an_expired_deadline_runs_no_work_even_inline() -> None:
