@@ -4,7 +4,8 @@ weight w_i is 1/N_tok (token_mean), 1/(|y_i| N_seq) (seq_mean_token_mean), 1/N_s
 
 N_tok defaults to this request's trained tokens, N_seq to its non-empty sequences (|y_i| > 0);
 a caller splitting a step into shards passes the global values so shard sums equal the whole.
-A zero default normaliser (fully masked batch) gives w = 0, so loss 0 and zero gradient.
+A zero default normaliser (fully masked batch) is taken as 1 (an empty sequence's
+seq_mean_token_mean weight is 0): every alpha is 0 there, so loss 0 and zero gradient.
 """
 
 from __future__ import annotations
