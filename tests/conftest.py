@@ -8,6 +8,7 @@ Other test files may add fixtures here; keep each one self-contained.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -168,6 +169,39 @@ def grpc_health(channel: Any, timeout: float = 2.0) -> str:
         health_pb2.HealthCheckRequest(service=""), timeout=timeout
     )
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
+
+
+# ---------------------------------------------------------------- log records
+
+
+class LogRecords(logging.Handler):
+    """Every record a logger hands it, kept in `records`."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def fields(self, event: str) -> list[dict[str, Any]]:
+        """The structured fields of each record of `event`, in order."""
+        return [dict(getattr(r, "fields", {})) for r in self.records if r.getMessage() == event]
+
+
+@contextlib.contextmanager
+def log_records(name: str, level: int = logging.DEBUG) -> Iterator[LogRecords]:
+    """The records of logger `name` at `level` and above while the block runs, whatever
+    softgate.logging.configure() did to propagation."""
+    logger = logging.getLogger(name)
+    handler, saved = LogRecords(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved)
 
 
 # ---------------------------------------------------------------- a server in a subprocess
@@ -400,6 +434,59 @@ class RecordingTelemetry(Telemetry):
 
     def observe_advantages(self, run: str, config: Any, result: Any) -> None:
         self.events.append(("advantages", run))
+
+
+def loss_result(n: int = 256, seed: int = 0, **metrics: float) -> Any:
+    """A `LossResult` of `n` random tokens with hand-set engine metrics (`metrics` overrides
+    them) and no bucket codes (telemetry buckets the tensors itself)."""
+    import torch
+    from softgate.engine import LossResult
+
+    g = torch.Generator().manual_seed(seed)
+    ratio = torch.exp(torch.randn(n, generator=g) * 0.1)
+    adv = torch.randn(n, generator=g)
+    p = torch.sigmoid(ratio - 1)
+    mask = torch.rand(n, generator=g) > 0.1
+    pos, neg = float((mask & (adv > 0)).sum()), float((mask & (adv < 0)).sum())
+    m = {
+        "num_tokens": float(mask.sum()),
+        "num_seqs": 8.0,
+        "num_groups": 2.0,
+        "tokens_pos": pos,
+        "tokens_neg": neg,
+        "tokens_zero": 0.0,
+        "clip_low": 0.1,
+        "clip_high": 0.05,
+        "dual_clip": 0.0,
+        "gate_mean_pos": 0.9,
+        "gate_mean_neg": 0.8,
+        "gate_saturation_pos": 0.02,
+        "gate_saturation_neg": 0.3,
+        "grad_retained": 0.85,
+        "approx_kl": 0.002,
+        "ratio_mean": float(ratio.mean()),
+        "ratio_min": float(ratio.min()),
+        "ratio_max": float(ratio.max()),
+        "clamped_tokens": 0.0,
+        "adv_mean": 0.0,
+        "adv_std": 1.0,
+        "degenerate_group_frac": 0.5,
+        "reward_mean": 0.4,
+        "reward_std": 0.2,
+    }
+    m.update(metrics)
+    return LossResult(
+        loss=0.0,
+        policy_loss=0.0,
+        kl_loss=0.0,
+        grad=torch.zeros(n),
+        advantages=adv,
+        ratio=ratio,
+        gate_weight=4 * p * (1 - p),
+        clip_mask=torch.zeros(n, dtype=torch.bool),
+        mask=mask,
+        metrics=m,
+    )
 
 
 def f32_batch_msg(seqs: int, length: int, seed: int) -> Any:

@@ -2,70 +2,26 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
-import torch
+from conftest import loss_result
 from prometheus_client.parser import text_string_to_metric_families
 from softgate.admin import create_app
 from softgate.admin.server import ThreadedAdminServer
-from softgate.engine import OBJECTIVES, LossConfig, LossResult
+from softgate.engine import OBJECTIVES, LossConfig
 from softgate.observability import PrometheusTelemetry
 from softgate.settings import Settings
+from softgate.telemetry import Telemetry
 
 TOKEN = "s3cret-token"
 
 
 def FakeSettings(admin_token: str | None = TOKEN) -> Settings:
     return Settings(admin_token=admin_token, max_runs=4, grpc_port=50051)
-
-
-def _result(n: int = 256, seed: int = 0) -> LossResult:
-    g = torch.Generator().manual_seed(seed)
-    ratio = torch.exp(torch.randn(n, generator=g) * 0.1)
-    adv = torch.randn(n, generator=g)
-    p = torch.sigmoid(ratio - 1)
-    mask = torch.rand(n, generator=g) > 0.1
-    pos, neg = float((mask & (adv > 0)).sum()), float((mask & (adv < 0)).sum())
-    metrics = {
-        "num_tokens": float(mask.sum()),
-        "num_seqs": 8.0,
-        "num_groups": 2.0,
-        "tokens_pos": pos,
-        "tokens_neg": neg,
-        "tokens_zero": 0.0,
-        "clip_low": 0.1,
-        "clip_high": 0.05,
-        "dual_clip": 0.0,
-        "gate_mean_pos": 0.9,
-        "gate_mean_neg": 0.8,
-        "gate_saturation_pos": 0.02,
-        "gate_saturation_neg": 0.3,
-        "grad_retained": 0.85,
-        "approx_kl": 0.002,
-        "ratio_mean": float(ratio.mean()),
-        "ratio_min": float(ratio.min()),
-        "ratio_max": float(ratio.max()),
-        "clamped_tokens": 0.0,
-        "adv_mean": 0.0,
-        "adv_std": 1.0,
-        "degenerate_group_frac": 0.5,
-        "reward_mean": 0.4,
-        "reward_std": 0.2,
-    }
-    return LossResult(
-        loss=0.0,
-        policy_loss=0.0,
-        kl_loss=0.0,
-        grad=torch.zeros(n),
-        advantages=adv,
-        ratio=ratio,
-        gate_weight=4 * p * (1 - p),
-        clip_mask=torch.zeros(n, dtype=torch.bool),
-        mask=mask,
-        metrics=metrics,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +46,7 @@ def test_health_and_readiness_need_no_token(server) -> None:
         r = c.get("/readyz")
         assert r.status_code == 503
         assert r.headers["content-type"].startswith("application/json")
-        assert r.json()["error"]["code"] == 503
+        assert r.json()["error"]["code"] == 503 and r.json()["error"]["status"] == "starting"
         assert c.head("/readyz").status_code == 503
         state["ready"] = True
         r = c.get("/readyz")
@@ -99,6 +55,10 @@ def test_health_and_readiness_need_no_token(server) -> None:
         for path in ("/healthz", "/readyz"):
             r = c.head(path)
             assert r.status_code == 200 and r.content == b"", path
+        # a wrong method: 405 in the JSON error format, with the HTTP error's Allow header
+        r = c.post("/healthz")
+        assert r.status_code == 405 and r.json()["error"]["code"] == 405
+        assert "GET" in r.headers["allow"]
 
 
 @pytest.mark.parametrize(
@@ -122,13 +82,13 @@ def test_every_other_route_requires_the_bearer_token(server, path: str, header: 
 
 def test_routes_with_token(server) -> None:
     srv, tel, _ = server
-    tel.observe_loss("run-a", LossConfig(), _result())
+    tel.observe_loss("run-a", LossConfig(), loss_result())
     tel.request_started("Loss", "run-a", 256)
     tel.request_finished("Loss", "run-a", "OK", 0.01, 1000, 2000, 256, 8)
     with httpx.Client(base_url=srv.url, headers=AUTH, timeout=5) as c:
         r = c.get("/metrics")
         assert r.status_code == 200
-        assert r.headers["content-type"].startswith("text/plain")
+        assert r.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
         names = {f.name for f in text_string_to_metric_families(r.text)}
         assert {"softgate_requests", "softgate_token_ratio", "softgate_batch_gate_saturation"} <= names
 
@@ -138,6 +98,7 @@ def test_routes_with_token(server) -> None:
 
         alg = c.get("/v1/algorithms").json()
         assert set(alg["objectives"]) == set(OBJECTIVES)
+        assert alg["default_objective"] == LossConfig().objective.name
         assert alg["objectives"]["sapo"]["defaults"] == {"tau_pos": 1.0, "tau_neg": 1.05}
         assert alg["objectives"]["grpo"]["defaults"]["eps_high"] == 0.2
         assert alg["objectives"]["gspo"]["defaults"] == {"eps_low": 3e-4, "eps_high": 4e-4}
@@ -148,7 +109,7 @@ def test_routes_with_token(server) -> None:
         assert alg["loss_defaults"]["saturation_threshold"] == 0.5
 
         runs = c.get("/v1/runs").json()
-        assert [r["run"] for r in runs["runs"]] == ["run-a"]
+        assert [r["run"] for r in runs["runs"]] == ["run-a"] and runs["max_runs"] == 4
         one = c.get("/v1/runs/run-a").json()
         w = one["windows"]["last_10_batches"]
         assert w["batches"] == 1
@@ -166,6 +127,9 @@ def test_routes_with_token(server) -> None:
         assert r.json()["error"]["code"] == 404 and "missing-run" in r.json()["error"]["message"]
         r = c.get("/v1/runs/" + "x" * 20_000)  # (found by an audit: the name came back twice, whole)
         assert r.status_code == 404 and len(r.content) < 400 and r.json()["error"]["run"] == "x" * 64 + "..."
+        # a name of up to 80 characters is given whole, a longer one cut
+        assert c.get("/v1/runs/" + "r" * 80).json()["error"]["run"] == "r" * 80
+        assert c.get("/v1/runs/" + "r" * 81).json()["error"]["run"] == "r" * 64 + "..."
         r = c.get("/no/such/route")
         assert r.status_code == 404 and r.json()["error"]["code"] == 404
 
@@ -206,16 +170,43 @@ def test_readiness_probe_exception_is_not_ready() -> None:
 
 
 def test_config_without_redacted_method_hides_secret_looking_fields() -> None:
+    """Without a `redacted` method, a set field whose name reads as a secret (token, secret,
+    password, key, credential) is redacted; inf and nan become strings (valid JSON)."""
+
     class Plain:
         def __init__(self) -> None:
             self.admin_token = None
             self.tls_key_password = "hunter2"
+            self.api_key = "abc"
             self.port = 1
+            self.timeout = math.inf
+            self.ratio = math.nan
 
     app = create_app(Plain(), None, None)
     with ThreadedAdminServer(app) as srv:
         cfg = httpx.get(srv.url + "/v1/config", timeout=5).json()
-        assert cfg == {"admin_token": None, "tls_key_password": "***", "port": 1}
+        assert cfg == {
+            "admin_token": None,
+            "tls_key_password": "***",
+            "api_key": "***",
+            "port": 1,
+            "timeout": "inf",
+            "ratio": "nan",
+        }
+
+
+def test_an_unexpected_error_is_a_json_500() -> None:
+    """A route that raises answers 500 with the JSON error body, naming only the exception type."""
+
+    class Broken(Telemetry):
+        def runs_overview(self) -> list[Any]:
+            raise RuntimeError("secret detail")
+
+    app = create_app(FakeSettings(admin_token=None), Broken(), lambda: True)
+    with ThreadedAdminServer(app) as srv:
+        r = httpx.get(srv.url + "/v1/runs", timeout=5)
+    assert r.status_code == 500
+    assert r.json() == {"error": {"code": 500, "message": "internal error: RuntimeError"}}
 
 
 def test_run_names_with_a_slash_can_be_read_back() -> None:
@@ -223,7 +214,7 @@ def test_run_names_with_a_slash_can_be_read_back() -> None:
     /v1/runs/team%2Fexp-1 gave 404."""
     settings = FakeSettings(admin_token=None)
     tel = PrometheusTelemetry(settings)
-    tel.observe_loss("team/exp-1", LossConfig(), _result())
+    tel.observe_loss("team/exp-1", LossConfig(), loss_result())
     app = create_app(settings, tel, lambda: True)
     with ThreadedAdminServer(app) as srv, httpx.Client(base_url=srv.url, timeout=5) as c:
         assert [r["run"] for r in c.get("/v1/runs").json()["runs"]] == ["team/exp-1"]

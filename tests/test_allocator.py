@@ -9,12 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import softgate.allocator as alloc
 from softgate.allocator import (
     REEXEC_MARK,
+    Decision,
     find_library,
     kind_of,
     loaded_allocator,
     mapped_allocators,
+    maybe_reexec,
     plan,
 )
 from softgate.settings import Settings, SettingsError
@@ -51,6 +54,7 @@ def test_plan_auto_prefers_tcmalloc(tmp_path: Path) -> None:
     assert own.env is not None and own.env["TCMALLOC_RELEASE_RATE"] == "2"  # the operator's value wins
     jem = plan("jemalloc", {}, loaded="glibc", dirs=dirs)
     assert jem.env is not None and "TCMALLOC_RELEASE_RATE" not in jem.env
+    assert plan(" tcmalloc ", {}, loaded="glibc", dirs=dirs).target == "tcmalloc"  # (read stripped)
 
 
 def test_plan_auto_falls_back(tmp_path: Path) -> None:
@@ -68,6 +72,9 @@ def test_plan_keeps_a_preloaded_allocator(tmp_path: Path) -> None:
         d = plan(req, {"LD_PRELOAD": "/x/libjemalloc.so.2"}, loaded="jemalloc", dirs=dirs)
         if req == "auto":
             assert d.env is None and d.target == "jemalloc"
+    # the allocator asked for, by name or by path, already loaded: no re-exec
+    assert plan("tcmalloc", {}, loaded="tcmalloc", dirs=dirs).env is None
+    assert plan(str(tmp_path / "libtcmalloc_minimal.so.4"), {}, loaded="tcmalloc", dirs=dirs).env is None
     d = plan("tcmalloc", {"LD_PRELOAD": "/x/libjemalloc.so.2 /x/libother.so"}, loaded="jemalloc", dirs=dirs)
     assert d.env is not None
     assert d.env["LD_PRELOAD"] == f"{tmp_path / 'libtcmalloc_minimal.so.4'} /x/libother.so"
@@ -82,6 +89,11 @@ def test_plan_system_removes_a_preloaded_allocator(tmp_path: Path) -> None:
     d = plan("system", {"LD_PRELOAD": "/usr/lib/libtcmalloc_minimal.so.4"}, loaded="tcmalloc")
     assert d.env is not None and "LD_PRELOAD" not in d.env
     assert plan("system", {}, loaded="glibc").env is None
+    # glibc is another name for system
+    dirs = _fake_libs(tmp_path, "libtcmalloc_minimal.so.4")
+    lib = str(tmp_path / "libtcmalloc_minimal.so.4")
+    d = plan("glibc", {"LD_PRELOAD": lib}, loaded="tcmalloc", dirs=dirs)
+    assert d.target == "glibc" and d.env is not None and "LD_PRELOAD" not in d.env
 
 
 def test_plan_never_loops_and_reports_missing(tmp_path: Path) -> None:
@@ -92,8 +104,22 @@ def test_plan_never_loops_and_reports_missing(tmp_path: Path) -> None:
     empty.mkdir()
     d = plan("tcmalloc", {}, loaded="glibc", dirs=[str(empty)])
     assert d.env is None and d.warning and "libtcmalloc-minimal4" in d.warning
+    d = plan("jemalloc", {}, loaded="glibc", dirs=[str(empty)])
+    assert d.env is None and d.warning and "libjemalloc2" in d.warning
     d = plan(str(tmp_path / "nope.so"), {}, loaded="glibc")
     assert d.env is None and d.warning and "does not exist" in d.warning
+    # system asked for, and the preloaded allocator still there after the re-exec: a warning
+    d = plan("system", {REEXEC_MARK: "1"}, loaded="tcmalloc", dirs=dirs)
+    assert d.env is None and d.warning and "still loaded" in d.warning
+
+
+def test_maybe_reexec_takes_the_mark_out_of_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The re-executed process reports reexecuted and drops the mark (its children must not
+    inherit it)."""
+    monkeypatch.setenv(REEXEC_MARK, "1")
+    monkeypatch.setattr(alloc, "plan", lambda req: Decision(req, "tcmalloc", "tcmalloc", None, None))
+    d = maybe_reexec("auto")
+    assert d.reexecuted is True and REEXEC_MARK not in os.environ
 
 
 def test_mapped_allocators_reads_maps(tmp_path: Path) -> None:
@@ -160,7 +186,6 @@ def test_serve_keeps_a_preloaded_tcmalloc(serve_process: Any) -> None:
 
 def test_embedded_main_never_reexecs(monkeypatch: pytest.MonkeyPatch) -> None:
     """`main([...])` inside another process (tests, embedding) must not exec over it."""
-    import softgate.allocator as alloc
     import softgate.serve as serve
     from softgate.cli import main
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,22 @@ REPO = Path(__file__).resolve().parent.parent
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["version"]) == 0
     assert __version__ in capsys.readouterr().out
+
+
+def test_no_command_prints_help_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    """`softgate` with no command is a usage error: help on stdout, exit 2."""
+    assert main([]) == 2
+    assert "serve" in capsys.readouterr().out
+
+
+def test_demo_is_handed_its_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`softgate demo ARGS` runs softgate.demo.main(ARGS) and exits with what it returns."""
+    seen: list[list[str]] = []
+    fake = types.ModuleType("softgate.demo")
+    fake.main = lambda argv: seen.append(list(argv)) or 3  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "softgate.demo", fake)
+    assert main(["demo", "--steps", "2"]) == 3
+    assert seen == [["--steps", "2"]]
 
 
 def test_serve_help_lists_every_setting(capsys: pytest.CaptureFixture[str]) -> None:
@@ -105,11 +122,16 @@ def test_boolean_flags_take_a_value_or_none(
 
 
 def test_help_shows_the_values_of_boolean_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    """The boolean flags' values, and defaults as settings spell them: true/false, compile's
+    None as auto."""
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
     out = capsys.readouterr().out
     assert "--compile [true|false|auto]" in out and "--no-compile" in out
     assert "--warmup [true|false]" in out and "--no-warmup" in out
+    words = " ".join(out.split())
+    assert "[default: true; env SOFTGATE_WARMUP]" in words
+    assert "[default: auto; env SOFTGATE_COMPILE]" in words
 
 
 # ---------------------------------------------------------------- a real subprocess
@@ -261,6 +283,46 @@ def test_sigterm_with_calls_in_flight_completes_them_and_exits_0(serve: Any) -> 
     assert s.proc.wait(30) == 0
     names = [e.get("event") for e in s.events()]
     assert "signal_received" in names and names[-1] == "stopped"
+
+
+def test_a_second_signal_cuts_the_grace_period_short(serve: Any) -> None:
+    """A second SIGTERM during the grace period cancels the calls in flight and exits 0 at once."""
+    s = serve(
+        "--grpc-port", "0", "--grpc-host", "127.0.0.1", "--admin-port", "-1",
+        "--log-format", "json", "--device", "cpu", "--no-warmup", "--no-compile", "--grace-seconds", "60",
+    )  # fmt: skip
+    target = f"127.0.0.1:{int(s.wait_event('grpc_listening')['port'])}"
+    _wait_serving(target)
+    release, sent = threading.Event(), threading.Event()
+    result: dict[str, Any] = {}
+
+    def requests() -> Iterator[pb.StreamLossRequest]:
+        yield pb.StreamLossRequest(config=pb.LossConfig(), chunk=_chunk(4, 5, 1))
+        sent.set()
+        release.wait(30)
+
+    def stream() -> None:
+        with grpc.insecure_channel(target) as ch:
+            try:
+                result["responses"] = list(pb_grpc.LossServiceStub(ch).StreamLoss(requests(), timeout=60))
+            except grpc.RpcError as e:
+                result["code"] = e.code()
+
+    t = threading.Thread(target=stream)
+    t.start()
+    try:
+        assert sent.wait(10)
+        time.sleep(0.3)  # the first chunk is in the server
+        s.proc.send_signal(signal.SIGTERM)
+        s.wait_event("grpc_stopping", timeout=10)
+        t0 = time.monotonic()
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(15) == 0
+        assert time.monotonic() - t0 < 15
+    finally:
+        release.set()
+        t.join(30)
+    assert "responses" not in result
 
 
 def test_sigterm_during_a_background_compile_exits_0_and_leaves_no_build_directory(

@@ -23,7 +23,10 @@ from softgate_client import (
     RetryPolicy,
     SoftgateClient,
     UnavailableError,
+    pack_batch,
 )
+from softgate_client import config as cfg
+from softgate_client.client import LossResult
 from softgate_client.torch import softgate_loss
 from test_client_harness import ServerThread, engine, free_port
 
@@ -397,6 +400,14 @@ def test_an_empty_padded_batch_gives_loss_zero(client, shape: tuple[int, int]) -
         assert lt.grad is not None and lt.grad.shape == shape
 
 
+def test_an_empty_ragged_batch_gives_loss_zero(client) -> None:
+    """offsets [0] (no sequence at all) is a valid ragged batch: packed, sent and answered."""
+    empty = np.zeros(0, np.float32)
+    assert pack_batch(empty, offsets=[0], advantages=empty).layout.offsets.tolist() == [0]
+    r = client.loss(empty, offsets=[0], advantages=empty)
+    assert r.loss == 0.0 and r.grad.shape == (0,)
+
+
 def test_outputs_are_read_only_in_every_layout(client) -> None:
     """Found by an audit: a padded batch with padding gave writable arrays, a full-length one,
     a ragged one (views of the response's bytes) read-only ones, so `r.grad *= s` failed only
@@ -461,6 +472,31 @@ def test_caller_advantages_per_sequence_and_per_token(client) -> None:
     np.testing.assert_array_equal(a.advantages[valid], tok_adv[valid])
 
 
+@pytest.mark.parametrize("level, grad", [("sequence", [-1.0, -1.0]), ("token", [-0.5, -1.0])])
+def test_an_explicit_advantage_level_reaches_the_server(client, level: str, grad: list[float]) -> None:
+    """advantage_level is sent, unary and streamed: with B == N and unequal lengths the server
+    cannot tell per-sequence from per-token advantages without it."""
+    lp = np.array([-0.5, -1.0], np.float32)
+    for stream in (False, True):
+        r = client.loss(
+            lp,
+            offsets=[0, 0, 2],
+            advantages=[1.0, 2.0],
+            advantage_level=level,
+            objective="reinforce",
+            stream=stream,
+        )
+        assert r.grad.tolist() == grad
+
+
+def test_an_empty_kl_section_sends_no_kl_term(client) -> None:
+    """kl=KLConfig() with nothing set is no KL term: no ref_logp needed, the loss as without it."""
+    assert cfg.build_loss_config(kl=KLConfig()).kl is None
+    lp = -np.ones((2, 3), np.float32)
+    r = client.loss(lp, lp - 0.1, advantages=[1.0, -1.0], kl=KLConfig())
+    assert r.kl_loss == 0.0 and r.loss == client.loss(lp, lp - 0.1, advantages=[1.0, -1.0]).loss
+
+
 def test_advantages_rpc_equals_engine(client) -> None:
     rng = np.random.default_rng(5)
     rewards = rng.random(24).astype(np.float32)
@@ -523,6 +559,47 @@ def test_torch_ragged_return_result_and_graph(client) -> None:
     loss.backward()
     expect = float((result.grad * r["logp"].astype(np.float64)).sum())
     assert w.grad is not None and w.grad.item() == pytest.approx(expect, rel=1e-12)
+
+
+def test_softgate_loss_is_the_total_loss_kl_included(client) -> None:
+    """The returned scalar is result.loss (policy + KL), not result.policy_loss, in logp's dtype."""
+    lp = -torch.rand(2, 3, dtype=torch.float64) - 0.1
+    loss = softgate_loss(lp, lp - 0.2, client=client, advantages=[1.0, -1.0], ref_logp=lp - 0.5, kl_beta=0.5)
+    r = loss.softgate_result
+    assert r.kl_loss != 0.0 and loss.item() == r.loss and loss.dtype == torch.float64
+
+
+class RecordingClient:
+    """Stands for a SoftgateClient: records the arguments of `loss` and answers a fixed result."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def loss(self, logp: Any, old_logp: Any = None, **kw: Any) -> LossResult:
+        self.calls.append((logp, old_logp, kw))
+        return LossResult(loss=1.5, policy_loss=1.0, kl_loss=0.5, grad=np.full(tuple(logp.shape), 2.0))
+
+
+def test_softgate_loss_hands_every_argument_on_to_the_client() -> None:
+    """lengths, ref_logp, rollout_logp, timeout and the loss options all reach client.loss."""
+    rec = RecordingClient()
+    lp = torch.zeros(4, requires_grad=True)
+    args = {"lengths": [1, 3], "ref_logp": "ref", "rollout_logp": "rollout", "advantages": "adv"}
+    loss = softgate_loss(lp, "old", client=rec, timeout=7.5, objective="grpo", **args)  # type: ignore[arg-type]
+    (got,) = rec.calls
+    assert got[1] == "old" and got[2]["timeout"] == 7.5 and got[2]["objective"] == "grpo"
+    assert {k: got[2][k] for k in args} == args
+    assert got[2]["mask"] is None and got[2]["offsets"] is None
+    loss.backward()
+    assert loss.item() == 1.5 and lp.grad is not None and lp.grad.tolist() == [2.0] * 4
+
+
+def test_softgate_loss_refuses_a_logp_that_is_not_a_tensor() -> None:
+    """A numpy logp is a TypeError naming the requirement, raised before any call."""
+    rec = RecordingClient()
+    with pytest.raises(TypeError, match=r"logp must be a torch\.Tensor"):
+        softgate_loss(np.zeros(3), client=rec, offsets=[0, 3], advantages=[1.0])  # type: ignore[arg-type]
+    assert rec.calls == []
 
 
 @pytest.mark.parametrize("objective", ["reinforce", "sapo"])
@@ -618,9 +695,16 @@ def test_a_tensor_option_is_read_at_every_call(client) -> None:
         first * 2, rel=1e-6
     )
     # only numbers are read out: a one-string array stays what it was (it became "ratio", split)
-    from softgate_client import config as cfg
-
     assert set(cfg.LossConfig(outputs=np.array(["ratio"])).outputs) == {"ratio"}
+    # an option object reads a one-element tensor when it is built: the Python float it held then
+    tau = torch.tensor(2.0)
+    obj = cfg.Objective("sapo", {"tau_pos": tau})
+    tau.fill_(5.0)
+    assert obj.params == {"tau_pos": 2.0} and type(obj.params["tau_pos"]) is float
+    eps = torch.tensor(1e-3, dtype=torch.float64)
+    adv = cfg.AdvantageConfig(eps=eps, min_group_std=np.float32(0.5))
+    eps.fill_(7.0)
+    assert (adv.eps, adv.min_group_std) == (1e-3, 0.5) and type(adv.eps) is float
 
 
 def test_the_client_api_in_process_with_no_server_to_deploy() -> None:

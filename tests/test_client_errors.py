@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import traceback
 from concurrent import futures
+from typing import Any
 
 import grpc
 import pytest
@@ -14,9 +15,14 @@ from grpc_status import rpc_status
 from softgate_client._channel import RetryPolicy, normalise_target
 from softgate_client._retry import call_with_retries
 from softgate_client.errors import (
+    STATUS_DETAILS_KEY,
+    CancelledError,
+    DeadlineExceededError,
+    FieldViolation,
     InvalidArgumentError,
     SoftgateError,
     UnavailableError,
+    error_class,
     from_rpc_error,
     parse_status,
 )
@@ -34,6 +40,24 @@ def _bad_request_status() -> status_pb2.Status:
     detail = any_pb2.Any()
     detail.Pack(br)
     return status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message="bad batch", details=[detail])
+
+
+class _FakeRpcError(grpc.RpcError):
+    """A failed call as grpc raises it: code, plain details and trailing metadata."""
+
+    def __init__(
+        self, code: grpc.StatusCode, details: str, trailing: tuple[tuple[str, Any], ...] = ()
+    ) -> None:
+        self._code, self._details, self._trailing = code, details, trailing
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def trailing_metadata(self) -> tuple[tuple[str, Any], ...]:
+        return self._trailing
 
 
 @pytest.fixture()
@@ -110,6 +134,7 @@ def test_status_parser_reads_what_protobuf_writes() -> None:
         (fv.field, fv.description) for fv in br.field_violations
     ]
     assert [v.reason for v in violations] == ["non_finite", "out_of_range", ""]
+    assert FieldViolation("batch.logp", " too_large : 9 tokens").reason == "too_large"  # spaces stripped
     assert debug == "a.py:1\nb.py:2"
     detail_only = status_pb2.Status(code=code_pb2.INTERNAL, details=[any_pb2.Any()])
     detail_only.details[0].Pack(error_details_pb2.DebugInfo(detail="boom", stack_entries=["x"]))
@@ -117,6 +142,34 @@ def test_status_parser_reads_what_protobuf_writes() -> None:
     assert parse_status(raw.SerializeToString(), grpc.StatusCode.INTERNAL) is None  # not the call's code
     with pytest.raises(ValueError):
         parse_status(b"\x1a\xff\x01", grpc.StatusCode.INVALID_ARGUMENT)  # a truncated detail
+
+
+def test_status_codes_with_a_class_of_their_own_map_to_it() -> None:
+    """CANCELLED is a CancelledError; DEADLINE_EXCEEDED a DeadlineExceededError and a TimeoutError."""
+    assert error_class(grpc.StatusCode.CANCELLED) is CancelledError
+    err = error_class(grpc.StatusCode.DEADLINE_EXCEEDED)("too slow")
+    assert isinstance(err, DeadlineExceededError) and isinstance(err, TimeoutError)
+
+
+def test_the_rich_status_message_is_preferred_over_the_plain_details() -> None:
+    """An error's details are the google.rpc.Status message when the call carries one, else grpc's."""
+    raw = status_pb2.Status(code=code_pb2.UNAVAILABLE, message="rich message").SerializeToString()
+    err = from_rpc_error(_FakeRpcError(grpc.StatusCode.UNAVAILABLE, "plain", ((STATUS_DETAILS_KEY, raw),)))
+    assert err.details == "rich message" and err.code is grpc.StatusCode.UNAVAILABLE
+    assert from_rpc_error(_FakeRpcError(grpc.StatusCode.UNAVAILABLE, "plain")).details == "plain"
+
+
+def test_a_code_without_its_own_class_is_kept_and_an_empty_debug_info_is_none() -> None:
+    """ABORTED gives a plain SoftgateError that keeps ABORTED as its code; a DebugInfo with
+    nothing in it gives debug_info None."""
+    err = from_rpc_error(_FakeRpcError(grpc.StatusCode.ABORTED, "aborted"))
+    assert type(err) is SoftgateError and err.code is grpc.StatusCode.ABORTED
+    assert str(err) == "ABORTED: aborted"
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.DebugInfo())
+    raw = status_pb2.Status(code=code_pb2.INTERNAL, message="m", details=[detail]).SerializeToString()
+    err = from_rpc_error(_FakeRpcError(grpc.StatusCode.INTERNAL, "m", ((STATUS_DETAILS_KEY, raw),)))
+    assert err.debug_info is None
 
 
 def test_retry_loop_retries_unavailable_then_succeeds(raw_server) -> None:
@@ -277,14 +330,6 @@ def test_a_non_conforming_servers_outputs_are_refused_not_misaligned() -> None:
         server.stop(None)
 
 
-class _Unavailable(grpc.RpcError):
-    def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.UNAVAILABLE
-
-    def details(self) -> str:
-        return "down"
-
-
 def test_no_retry_waits_past_the_calls_deadline() -> None:
     """a backoff that would end past the call's deadline is not slept: the error is
     raised at once (no sleep, no further attempt)."""
@@ -293,7 +338,7 @@ def test_no_retry_waits_past_the_calls_deadline() -> None:
 
     def fn(t: float | None) -> None:
         attempts.append(t)
-        raise _Unavailable()
+        raise _FakeRpcError(grpc.StatusCode.UNAVAILABLE, "down")
 
     class Top(random.Random):
         def uniform(self, a: float, b: float) -> float:

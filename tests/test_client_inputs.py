@@ -61,6 +61,13 @@ def test_half_precision_names_the_field_and_what_to_send() -> None:
     assert "log-prob" not in desc
     _, desc = refusal(lambda: pack_batch(torch.from_numpy(lp).bfloat16()))
     assert desc.startswith("half_precision: logp is bfloat16; send logp as float32") and "log-prob" in desc
+    # every field whose name ends in `logp` gets the note, not only logp itself
+    field, desc = refusal(lambda: pack_batch(lp, torch.ones(2, 3, dtype=torch.bfloat16), advantages=[1, 2]))
+    assert field == "batch.old_logp"
+    assert (
+        desc.startswith("half_precision: old_logp is bfloat16; send old_logp as float32")
+        and "log-prob" in desc
+    )
 
 
 def test_a_mask_of_any_dtype_is_a_mask() -> None:
@@ -108,6 +115,33 @@ def test_offsets_not_ending_at_the_token_count_are_named_as_the_engine_names_the
     )
 
 
+def test_a_ragged_per_token_input_must_have_logps_token_count() -> None:
+    """A ragged old_logp of 2 tokens for a logp of 3 is refused by the client, not sent."""
+    lp = -np.ones(3, np.float32)
+    assert refusal(lambda: pack_batch(lp, -np.ones(2, np.float32), offsets=[0, 1, 3], advantages=[1, 2])) == (
+        "batch.old_logp",
+        "bad_shape: (2,); expected (3,)",
+    )
+
+
+def test_a_scalar_ragged_mask_is_refused_by_shape() -> None:
+    """A 0-d mask for a ragged logp is a bad_shape refusal (not an IndexError)."""
+    lp = -np.ones(3, np.float32)
+    assert refusal(lambda: pack_batch(lp, offsets=[0, 3], mask=np.array(True), advantages=[1])) == (
+        "batch.mask",
+        "bad_shape: (); expected (3,)",
+    )
+
+
+def test_a_negative_ragged_length_is_refused_even_when_the_lengths_sum_to_the_tokens() -> None:
+    """Ragged lengths [-1, 3] sum to logp's 2 tokens but are refused as negative, not sent as offsets."""
+    lp = -np.ones(2, np.float32)
+    assert refusal(lambda: pack_batch(lp, lengths=[-1, 3], advantages=[1, 2])) == (
+        "batch.lengths[0]",
+        "negative",
+    )
+
+
 def test_offsets_and_lengths_must_be_whole_numbers() -> None:
     lp = -np.ones(3, np.float32)
     assert refusal(lambda: pack_batch(lp, offsets=np.array([0, 1.7, 3]), advantages=[1, 2])) == (
@@ -130,6 +164,9 @@ def test_offsets_and_lengths_must_be_whole_numbers() -> None:
     ]
     pad = pack_batch(-np.ones((2, 3), np.float32), lengths=torch.tensor([3.0, 1.0]), advantages=[1, 2])
     assert pad.layout.offsets.tolist() == [0, 3, 4] and pad.layout.offsets.dtype == np.int64
+    # bool lengths are integers too (0 / 1 token), not a bad_dtype
+    p = pack_batch(-np.ones(2, np.float32), lengths=np.array([True, False, True]), advantages=[1, 2, 3])
+    assert p.layout.offsets.tolist() == [0, 1, 1, 2]
 
 
 def test_big_endian_arrays_travel_like_little_endian_ones() -> None:
@@ -155,6 +192,11 @@ def test_configuration_mistakes_are_invalid_argument_errors(client) -> None:
     field, desc = refusal(lambda: client.loss(lp, **kw, objective="grpo", tau_pos=1.0))
     assert field == "config.objective.grpo.tau_pos" and desc.startswith("unexpected: grpo takes ['eps_low'")
     assert refusal(lambda: client.loss(lp, **kw, outputs=("ratio", "nope")))[0] == "outputs"
+    # a bad scale is named as the scale, not as the estimator beside it
+    assert refusal(lambda: client.loss(lp, **kw, estimator="grpo", scale="rows")) == (
+        "config.advantages.scale",
+        "unknown_choice: 'rows'; one of ['group', 'batch', 'none']",
+    )
     assert (
         refusal(lambda: cfg.Objective("reinforce", {"eps_low": 0.2}))[0]
         == "config.objective.reinforce.eps_low"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from softgate_client import config as cfg
 from softgate_client._tensors import ArrayInputError, from_le_bytes, le_bytes, make_layout, to_numpy
-from softgate_client.client import _loss_config
+from softgate_client.client import _loss_config, loss_config_to_proto, pack_batch
 
 
 def test_le_bytes_roundtrip_and_byteorder() -> None:
@@ -83,6 +83,12 @@ def test_torch_inputs_and_half_precision_refused() -> None:
         to_numpy(t.to(torch.bfloat16), "logp")
 
 
+def test_an_integer_logp_is_widened_to_float32() -> None:
+    """An integer logp travels as float32, not float64, and the batch's other floats with it."""
+    p = pack_batch([[-1, -2], [-3, -4]], advantages=[1.0, 2.0])
+    assert p.token["logp"].dtype == np.float32 and p.seq["advantages"].dtype == np.float32
+
+
 def test_build_loss_config_flat_keywords() -> None:
     c = cfg.build_loss_config(
         tau_pos=2.0, objective="sapo", aggregation="token_mean", num_tokens=100, kl_beta=0.1, outputs="ratio"
@@ -99,6 +105,11 @@ def test_build_loss_config_flat_keywords() -> None:
         cfg.build_loss_config(objective="reinforce", tau_pos=1.0)
     with pytest.raises(TypeError, match="unknown loss option"):
         cfg.build_loss_config(bogus=1)
+    # each flat alias fills the field it names
+    c3 = cfg.build_loss_config(adv_eps=1e-3, min_group_std=0.1, beta=0.25, mismatch_lo=0.4, mismatch_hi=3.0)
+    assert (c3.advantages.eps, c3.advantages.min_group_std) == (1e-3, 0.1)
+    assert c3.kl == cfg.KLConfig(beta=0.25)
+    assert c3.mismatch == cfg.MismatchConfig(lo=0.4, hi=3.0)
     # a flat keyword refines a section given whole, in either order (found by an audit: the
     # order was the call's when an argument was unhashable, and kl_beta was then lost)
     for kw in ({"kl_beta": 0.5, "kl": cfg.KLConfig("k3")}, {"kl": cfg.KLConfig("k3"), "kl_beta": 0.5}):
@@ -106,8 +117,26 @@ def test_build_loss_config_flat_keywords() -> None:
             assert _loss_config(None, {**kw, "outputs": outputs}).kl == cfg.KLConfig("k3", 0.5)
 
 
+def test_another_objective_by_name_starts_from_no_parameters() -> None:
+    """objective="grpo" over a sapo base drops sapo's parameters; the base's own name keeps them."""
+    base = cfg.LossConfig(objective=cfg.sapo(tau_pos=2.0))
+    assert cfg.build_loss_config(base, objective="grpo", eps_high=0.3).objective == cfg.grpo(eps_high=0.3)
+    assert cfg.build_loss_config(base, objective="sapo", tau_neg=1.5).objective == cfg.sapo(2.0, 1.5)
+
+
+def test_the_objective_helpers_keep_each_parameter_in_its_place_zeros_included() -> None:
+    """cfg.sapo / cfg.grpo do not swap their parameters, and a 0.0 is a value set, not None."""
+    assert cfg.sapo(tau_pos=1.0, tau_neg=2.0).params == {"tau_pos": 1.0, "tau_neg": 2.0}
+    assert cfg.grpo(eps_low=0.0, eps_high=0.3, dual_clip=0.0).params == {
+        "eps_low": 0.0,
+        "eps_high": 0.3,
+        "dual_clip": 0.0,
+    }
+    assert cfg.sapo(tau_neg=0.0).params == {"tau_neg": 0.0}
+
+
 def test_request_configurations_are_remembered_only_for_equal_arguments() -> None:
-    from softgate_client.client import _messages, loss_config_to_proto
+    from softgate_client.client import _messages
 
     a = _loss_config(None, {"objective": "sapo", "tau_pos": 2.0})
     assert _loss_config(None, {"tau_pos": 2.0, "objective": "sapo"}) is a  # remembered
@@ -123,9 +152,25 @@ def test_request_configurations_are_remembered_only_for_equal_arguments() -> Non
         _loss_config(None, {"bogus": 1})
 
 
+def test_each_configuration_field_lands_in_its_own_proto_field() -> None:
+    """eps / min_group_std and log_ratio_clamp / saturation_threshold are not swapped, and an
+    advantages section with only min_group_std set is sent."""
+    c = cfg.LossConfig(
+        advantages=cfg.AdvantageConfig(eps=1e-3, min_group_std=0.25),
+        log_ratio_clamp=15.0,
+        saturation_threshold=0.75,
+    )
+    m = loss_config_to_proto(c)
+    assert (m.advantages.eps, m.advantages.min_group_std) == (1e-3, 0.25)
+    assert (m.log_ratio_clamp, m.saturation_threshold) == (15.0, 0.75)
+    only = loss_config_to_proto(cfg.LossConfig(advantages=cfg.AdvantageConfig(min_group_std=0.25)))
+    assert only.HasField("advantages") and only.advantages.HasField("min_group_std")
+    assert only.advantages.min_group_std == 0.25 and not only.advantages.HasField("eps")
+
+
 def test_wire_encoding_parses_like_the_generated_classes() -> None:
     from softgate_client import _wire
-    from softgate_client.client import loss_config_to_proto, output_selection, pack_batch
+    from softgate_client.client import output_selection
     from softgate_client.proto.softgate.v1 import softgate_pb2 as pb
 
     rng = np.random.default_rng(0)
@@ -167,9 +212,9 @@ def test_wire_encoding_parses_like_the_generated_classes() -> None:
 
 
 def test_a_client_mask_of_any_nonzero_value_marks_a_trained_token():
-    """make_layout's contract: mask 'nonzero = trained' (an int mask of 2, a float mask of 0.5)."""
+    """make_layout's contract: mask 'nonzero = trained' (an int mask of 2 or -1, a float mask of 0.5)."""
     logp = -np.ones((1, 4), dtype=np.float32)
-    for mask in (np.array([[2, 0, 1, 0]]), np.array([[0.5, 0.0, 1.0, 0.0]])):
+    for mask in (np.array([[2, 0, 1, 0]]), np.array([[0.5, 0.0, 1.0, 0.0]]), np.array([[-1, 0, 1, 0]])):
         lay = make_layout(logp, mask=mask)
         assert lay.offsets.tolist() == [0, 3]  # up to the last trained token
         assert lay.mask is not None and lay.mask.tolist() == [True, False, True]

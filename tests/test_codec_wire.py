@@ -368,10 +368,29 @@ def test_a_config_message_is_decoded_once_and_its_violations_every_time() -> Non
     assert codec.decode_loss_config(msg, v).objective == Sapo(tau_pos=3.0)
     bad = pb.LossConfig()
     bad.aggregation.mode = 99  # an enum value this server does not know
-    for _ in range(2):
+    for prefix in ("config.", "chunk[1].config.", "config."):  # remembered per prefix: each its own
         found: list[FieldViolation] = []
-        codec.decode_loss_config(bad, found)
-        assert [f.field for f in found] == ["config.aggregation.mode"]
+        codec.decode_loss_config(bad, found, prefix)
+        assert [f.field for f in found] == [prefix + "aggregation.mode"]
+
+
+def test_every_configuration_field_sent_is_decoded() -> None:
+    """mismatch mode (mask, truncate) / hi, min_group_std and saturation_threshold arrive as sent."""
+    msg = pb.LossConfig(
+        advantages=pb.AdvantageConfig(estimator=pb.ADVANTAGE_ESTIMATOR_RLOO, min_group_std=0.125),
+        mismatch=pb.MismatchConfig(mode=pb.MISMATCH_MODE_MASK, lo=0.25, hi=3.5),
+        saturation_threshold=0.625,
+    )
+    v: list[FieldViolation] = []
+    c = codec.decode_loss_config(msg, v)
+    assert v == []
+    assert (c.advantages.estimator, c.advantages.min_group_std) == ("rloo", 0.125)
+    assert c.mismatch is not None and (c.mismatch.mode, c.mismatch.lo, c.mismatch.hi) == ("mask", 0.25, 3.5)
+    assert c.saturation_threshold == 0.625
+    trunc = codec.decode_loss_config(
+        pb.LossConfig(mismatch=pb.MismatchConfig(mode=pb.MISMATCH_MODE_TRUNCATE)), v
+    )
+    assert trunc.mismatch is not None and trunc.mismatch.mode == "truncate"
 
 
 # (found missing by a mutation-testing audit)
@@ -384,6 +403,29 @@ def test_a_shape_that_claims_fewer_or_more_elements_than_the_bytes_is_refused(cl
     v: list = []
     assert codec.decode_tensor(t, "batch.logp", v) is None
     assert [(x.field, x.code) for x in v] == [("batch.logp", "shape_mismatch")]
+
+
+def test_a_tensor_keeps_the_shape_it_claims() -> None:
+    """No shape means all the bytes' elements; a 2-D claim stays 2-D (for the engine to refuse),
+    it is not flattened; encode_tensor writes the tensor's own shape."""
+    v: list[FieldViolation] = []
+    data = np.arange(4, dtype=np.float32).tobytes()
+    flat = codec.decode_tensor(pb.Tensor(dtype=pb.DTYPE_FLOAT32, data=data), "t", v)
+    grid = codec.decode_tensor(pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[2, 2], data=data), "t", v)
+    assert v == [] and flat is not None and grid is not None
+    assert flat.tolist() == [0.0, 1.0, 2.0, 3.0] and grid.shape == (2, 2)
+    assert list(codec.encode_tensor(torch.zeros(2, 3)).shape) == [2, 3]
+
+
+def test_int8_and_uint8_tensors_are_decoded_and_encoded_as_themselves() -> None:
+    """INT8 bytes are signed, UINT8 unsigned, and each encodes back to its own dtype."""
+    v: list[FieldViolation] = []
+    i8 = codec.decode_tensor(pb.Tensor(dtype=pb.DTYPE_INT8, shape=[2], data=b"\xff\x01"), "t", v)
+    u8 = codec.decode_tensor(pb.Tensor(dtype=pb.DTYPE_UINT8, shape=[2], data=b"\xff\x01"), "t", v)
+    assert v == [] and i8 is not None and u8 is not None
+    assert (i8.dtype, i8.tolist(), u8.dtype, u8.tolist()) == (torch.int8, [-1, 1], torch.uint8, [255, 1])
+    assert codec.encode_tensor(torch.tensor([-1], dtype=torch.int8)).dtype == pb.DTYPE_INT8
+    assert codec.encode_tensor(torch.tensor([255], dtype=torch.uint8)).dtype == pb.DTYPE_UINT8
 
 
 def _limits_batch(tokens: int, seqs: int) -> pb.Batch:
@@ -409,8 +451,11 @@ def test_limits_admit_a_batch_of_exactly_the_maximum():
     assert [(x.field, x.code) for x in v] == [("chunk[1].logp", "too_large")]
 
 
-def test_an_engine_violation_of_the_advantages_tensor_names_the_batch_field():
-    """'advantages' alone is the batch's tensor; 'advantages.<x>' the AdvantageConfig's field."""
+def test_an_engine_violation_names_the_request_field_it_lies_in():
+    """'advantages' alone is the batch's tensor; 'advantages.<x>' the AdvantageConfig's field;
+    'batch' (the batch as a whole: its loss overflowed) is `batch` (a stream chunk's: ``)."""
+    assert codec.request_field("batch") == "batch"
+    assert codec.request_field("batch", batch_prefix="") == ""
     assert codec.request_field("advantages") == "batch.advantages"
     assert codec.request_field("advantages.min_group_std") == "config.advantages.min_group_std"
     assert codec.request_field("objective.grpo.dual_clip") == "config.objective.grpo.dual_clip"

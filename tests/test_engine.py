@@ -33,6 +33,7 @@ from softgate.engine import (
 from softgate.engine.engine import DEFAULT_HOST_MAX_TOKENS
 from softgate.engine.kernel import token_terms
 from softgate.engine.loss import compute_loss
+from softgate.engine.metrics import to_floats
 from softgate.engine.validation import REASON_CODES
 
 try:
@@ -212,6 +213,8 @@ def test_fully_masked_and_empty(obj, mode):
     assert res.loss == 0.0 and torch.all(res.grad == 0)
     assert all(math.isfinite(v) for v in res.metrics.values())
     assert set(res.metrics) == set(METRIC_NAMES)
+    # no trained token: ratio_min and ratio_max are 1 (not an infinite min over no token)
+    assert (res.metrics["ratio_min"], res.metrics["ratio_mean"], res.metrics["ratio_max"]) == (1.0, 1.0, 1.0)
     # no token at all, no sequence at all
     for lengths in ([0, 0], []):
         e = Batch(
@@ -225,6 +228,7 @@ def test_fully_masked_and_empty(obj, mode):
         assert r.loss == 0.0 and r.grad.numel() == 0
         assert all(math.isfinite(v) for v in r.metrics.values())
         assert r.metrics["ratio_mean"] == 1.0 and r.metrics["grad_retained"] == 1.0
+        assert r.metrics["ratio_min"] == 1.0 and r.metrics["ratio_max"] == 1.0
 
 
 def test_singleton_and_equal_groups_are_degenerate():
@@ -267,6 +271,9 @@ def test_estimators(est):
     g = torch.tensor([0, 0, 0, 1, 1])
     res = E.advantages(r, g, AdvantageConfig(estimator=est))
     a = res.advantages
+    # adv_std and reward_std are population stds, as METRIC_NAMES says
+    assert res.metrics["adv_std"] == pytest.approx(float(a.std(correction=0)), rel=1e-12)
+    assert res.metrics["reward_std"] == pytest.approx(float(r.std(correction=0)), rel=1e-12)
     if est == "grpo":
         s0 = r[:3].std()
         torch.testing.assert_close(a[:3], (r[:3] - 1 / 3) / (s0 + 1e-6))
@@ -282,19 +289,20 @@ def test_estimators(est):
     )
 
 
-@pytest.mark.parametrize("x", [-30.0, 30.0])
+@pytest.mark.parametrize("x", [-30.0, 20.0, 30.0])
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
 def test_only_k3_clamps_the_kl_log_ratio_and_only_from_above(estimator: str, x: float) -> None:
     """SPEC's k1 = -x and k2 = x^2/2 are finite for any finite x = ref - logp: beyond the clamp
     they keep their gradient (1, -x), which pulls hardest where the policy drifted furthest.
     k3 = exp(x) - x - 1 clamps x above (float32's exp), so its gradient is 0 there; below, exp
     only underflows, and a token far likelier than under the reference keeps its pull 1 - exp(x)
-    (an audit found it clamped both ways: a policy 30 nats above the reference got gradient 0)."""
+    (an audit found it clamped both ways: a policy 30 nats above the reference got gradient 0).
+    x exactly at the clamp is not clamped: k3 keeps its gradient 1 - exp(x) there."""
     b = Batch(
         logp=torch.tensor([-31.0], dtype=F64),
         offsets=torch.tensor([0, 1]),
         advantages=torch.tensor([0.0], dtype=F64),
-        ref_logp=torch.tensor([-31.0 + x], dtype=F64),  # |x| = 30, beyond the clamp of 20
+        ref_logp=torch.tensor([-31.0 + x], dtype=F64),  # |x| = 30 beyond the clamp of 20, or 20 on it
     )
     res = E.loss(b, LossConfig(objective=Reinforce(), kl=KLConfig(estimator=estimator, beta=1.0)))
     clamped = estimator == "k3" and x > 20
@@ -333,6 +341,13 @@ def test_the_mismatch_weight_is_the_spec_s_exact_v(dtype: torch.dtype) -> None:
     g = E.loss(b, tis).grad.double()
     want = torch.tensor([-math.exp(29.0), -1e30, -math.exp(-2.0), -math.exp(-2.0)], dtype=F64)
     torch.testing.assert_close(g, want, rtol=1e-6, atol=0.0)
+    # a cap past float32's largest value is that value: e^100 (inf in float32) is truncated to
+    # it and counted, not kept as inf and refused as an overflow
+    res = E.loss(b, dataclasses.replace(mask, mismatch=MismatchConfig(cap=1e39)))
+    assert res.metrics["mismatch_clipped_frac"] == 0.25
+    cap = 1e39 if dtype == F64 else float(torch.finfo(torch.float32).max)
+    want = torch.tensor([-math.exp(29.0), -cap, -math.exp(-2.0), -math.exp(-2.0)], dtype=F64)
+    torch.testing.assert_close(res.grad.double(), want, rtol=1e-6, atol=0.0)
     seq = dataclasses.replace(tis, mismatch=MismatchConfig(level="sequence", cap=2.0), log_ratio_clamp=3.0)
     g = E.loss(b, seq).grad.double()
     want = torch.tensor([-2.0, -2.0, -math.exp(-4.0), -math.exp(-4.0)], dtype=F64)
@@ -431,6 +446,45 @@ def test_masked_garbage_advantages_have_no_effect(name, mismatch, dtype):
     assert torch.equal(r2.advantages, adv)  # the output still carries what was given
 
 
+@pytest.mark.parametrize("mode", ["truncate", "mask"])
+def test_sequence_mismatch_weight_sums_trained_tokens_only(mode: str) -> None:
+    """SPEC: the sequence-level log-weight is the masked sum of old - rollout; masked tokens'
+    values (any finite garbage, here old != rollout) never enter it."""
+    logp = torch.tensor([-1.0, -1.0, -1.0], dtype=F64)
+    b = Batch(
+        logp=logp,
+        offsets=torch.tensor([0, 3]),
+        old_logp=logp.clone(),
+        mask=torch.tensor([True, True, False]),
+        advantages=torch.tensor([1.0], dtype=F64),
+        rollout_logp=torch.tensor([-1.5, -1.0, -5.0], dtype=F64),  # trained: log v = 0.5; masked: 4
+    )
+    agg = AggregationConfig(mode="token_sum_norm", constant=1.0)  # gradient -A v on policy tokens
+    mm = MismatchConfig(level="sequence", mode=mode, cap=2.0, lo=0.5, hi=2.0)  # type: ignore[arg-type]
+    res = E.loss(b, LossConfig(objective=Reinforce(), aggregation=agg, mismatch=mm))
+    v = math.exp(0.5)
+    assert res.grad.tolist() == [pytest.approx(-v, rel=1e-12), pytest.approx(-v, rel=1e-12), 0.0]
+    assert res.metrics["mismatch_clipped_frac"] == 0.0
+    assert res.metrics["mismatch_weight_mean"] == pytest.approx(v, rel=1e-12)
+
+
+def test_cispo_ignores_huge_garbage_log_probs_on_masked_tokens() -> None:
+    """cispo's loss reads logp itself: a masked token's finite garbage (-3e38, times A in
+    float32 past the range) must not reach the loss (0 * inf = NaN, refused as an overflow)."""
+    b = Batch(
+        logp=torch.tensor([-1.0, -3.0e38, -1.2]),
+        offsets=torch.tensor([0, 3]),
+        old_logp=torch.tensor([-1.1, -1.0, -1.2]),
+        mask=torch.tensor([True, False, True]),
+        advantages=torch.tensor([10.0]),
+    )
+    agg = AggregationConfig(mode="token_sum_norm", constant=1.0)
+    res = E.loss(b, LossConfig(objective=Cispo(), aggregation=agg))
+    assert math.isfinite(res.loss) and torch.isfinite(res.grad).all()
+    assert res.grad[1].item() == 0.0
+    assert res.loss == pytest.approx(-10.0 * (math.exp(0.1) * -1.0 + 1.0 * -1.2), rel=1e-6)
+
+
 @pytest.mark.parametrize(
     "d,a,expected", [(19.9, 1.0, -1.2), (25.0, 1.0, -1.2), (-19.9, -1.0, 0.8), (-25.0, -1.0, 0.8)]
 )
@@ -462,6 +516,14 @@ def test_dtype_rule_promotes_mixed_to_float64():
     b.old_logp = b.old_logp.float()
     b.advantages = b.advantages.double()
     assert E.loss(b, LossConfig()).grad.dtype == torch.float64
+    # float64 reference or rollout log-probs choose float64 too
+    b.advantages = b.advantages.float()
+    for name, cfg in (
+        ("ref_logp", LossConfig(kl=KLConfig(beta=0.1))),
+        ("rollout_logp", LossConfig(mismatch=MismatchConfig())),
+    ):
+        res = E.loss(dataclasses.replace(b, **{name: (b.logp - 0.2).double()}), cfg)
+        assert res.grad.dtype == torch.float64 and res.ratio.dtype == torch.float64, name
     # rewards' dtype does not choose the compute dtype (they are reduced in float64 anyway)
     b2 = simple_batch(
         [3, 2], dtype=torch.float32, rewards=torch.tensor([1, 0]), group_ids=torch.tensor([0, 0])
@@ -563,6 +625,18 @@ def test_validation_batch(monkeypatch, path):
     )
     assert ("ref_logp", "missing", None) in reasons(ok, LossConfig(kl=KLConfig(beta=0.1)))
     assert ("rollout_logp", "missing", None) in reasons(ok, LossConfig(mismatch=MismatchConfig()))
+    # ref_logp and rollout_logp values are checked too (the kernel's checks read only logp,
+    # old_logp and per-token advantages), each with its own field and index
+    both = LossConfig(kl=KLConfig(beta=0.1), mismatch=MismatchConfig())
+    for name, value, code in (
+        ("ref_logp", 0.5, "positive_logp"),
+        ("ref_logp", float("nan"), "non_finite"),
+        ("rollout_logp", float("inf"), "non_finite"),
+    ):
+        bad = ok.logp - 0.1
+        bad[1] = value
+        fields = {"ref_logp": ok.logp - 0.1, "rollout_logp": ok.logp - 0.1, name: bad}
+        assert reasons(dataclasses.replace(ok, **fields), both) == {(name, code, 1)}
     assert ("logp", "bad_shape", None) in reasons(
         Batch(logp=ok.logp.reshape(5, 1), offsets=ok.offsets, advantages=adv)
     )
@@ -573,6 +647,13 @@ def test_validation_batch(monkeypatch, path):
     amb = Batch(logp=ok.logp[:2], offsets=torch.tensor([0, 0, 2]), advantages=adv)
     assert ("advantage_level", "ambiguous", None) in reasons(amb)
     amb.advantage_level = "sequence"
+    E.loss(amb, LossConfig())
+    # ... and unless every sequence is one token long (lengths 0, 2, 1 have one such sequence)
+    amb = Batch(
+        logp=ok.logp[:3], offsets=torch.tensor([0, 0, 2, 3]), advantages=torch.tensor([1.0, -1.0, 0.5])
+    )
+    assert ("advantage_level", "ambiguous", None) in reasons(amb)
+    amb.advantage_level = "token"
     E.loss(amb, LossConfig())
     tok = Batch(logp=ok.logp, offsets=ok.offsets, advantages=torch.ones(5))
     assert ("advantages", "unsupported", None) in reasons(tok, LossConfig(objective=Gspo()))
@@ -660,6 +741,28 @@ def test_a_valid_config_object_is_checked_once_and_an_equal_one_still_is() -> No
     assert [v.field for v in validate_config(bad)] == ["objective.sapo.tau_pos"]
 
 
+def test_engine_advantages_refuses_group_ids_of_another_length() -> None:
+    """Engine.advantages: group_ids must have one id per reward (length_mismatch, an InputError)."""
+    with pytest.raises(InputError) as err:
+        E.advantages(torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0, 0]), AdvantageConfig())
+    assert [(v.field, v.reason.split(":")[0]) for v in err.value.violations] == [
+        ("group_ids", "length_mismatch")
+    ]
+
+
+def test_engine_advantages_validates_its_configuration() -> None:
+    """Engine.advantages refuses an unknown estimator or a negative eps with an InputError
+    naming the field (not a KeyError from inside the computation)."""
+    with pytest.raises(InputError) as err:
+        E.advantages(
+            torch.tensor([1.0, 0.0]),
+            torch.tensor([0, 0]),
+            AdvantageConfig(estimator="nope", eps=-1.0),  # type: ignore[arg-type]
+        )
+    fields = [(v.field, v.reason.split(":")[0]) for v in err.value.violations]
+    assert fields == [("advantages.estimator", "unknown_name"), ("advantages.eps", "out_of_range")]
+
+
 # ---------------------------------------------------------------- metrics
 
 
@@ -709,6 +812,28 @@ def test_grad_retained_definition():
     assert E.loss(b, make_config("reinforce", "token_mean", None, None)).metrics[
         "grad_retained"
     ] == pytest.approx(1.0)
+
+
+def test_reward_metrics_are_reported_when_advantages_are_given_too() -> None:
+    """reward_mean / reward_std describe the rewards given, whether or not the caller also gave
+    the advantages (then no group statistics are computed)."""
+    logp = torch.tensor([-1.0, -2.0, -0.5], dtype=F64)
+    b = Batch(
+        logp=logp,
+        offsets=torch.tensor([0, 1, 3]),
+        old_logp=logp.clone(),
+        advantages=torch.tensor([0.5, -0.5], dtype=F64),
+        rewards=torch.tensor([1.0, 0.0], dtype=F64),
+    )
+    m = E.loss(b, LossConfig()).metrics
+    assert m["reward_mean"] == 0.5 and m["reward_std"] == 0.5  # population std
+    assert m["num_groups"] == 0.0
+
+
+def test_to_floats_turns_non_finite_values_into_0() -> None:
+    """metrics.to_floats: a non-finite metric value (never expected) becomes 0.0, others stay."""
+    got = to_floats({"a": math.inf, "b": math.nan, "c": -math.inf, "d": 2.5})
+    assert got == {"a": 0.0, "b": 0.0, "c": 0.0, "d": 2.5}
 
 
 # ---------------------------------------------------------------- compiled kernel
@@ -853,6 +978,13 @@ def test_transfers_on_the_cpu_are_plain():
     assert transfer.to_device(x, torch.device("cpu")) is x
     (h,) = transfer.to_host([x * 2])
     assert not h.requires_grad and torch.equal(h, (x * 2).detach())
+
+
+def test_tensors_of_at_least_1_mib_travel_pinned() -> None:
+    """transfer: a tensor of exactly PIN_MIN_BYTES (1 MiB) goes through pinned memory, one byte
+    less does not."""
+    assert transfer._pinned(torch.empty(transfer.PIN_MIN_BYTES, dtype=torch.uint8))
+    assert not transfer._pinned(torch.empty(transfer.PIN_MIN_BYTES - 1, dtype=torch.uint8))
 
 
 @pytest.mark.cuda
@@ -1043,6 +1175,26 @@ def test_overflowing_results_are_refused():
     E.loss(ok, LossConfig(log_ratio_clamp=80.0))
     with pytest.raises(InputError, match="overflow"):
         E.advantages(torch.tensor([3e38, -3e38]), torch.tensor([0, 0]), AdvantageConfig(estimator="rloo"))
+    # the KL term's gradient and value are checked too, not only the policy part: k2's gradient
+    # -x = -10 times beta 1e38 (the loss, summed in float64, stays finite), and k2 = x^2 / 2 of
+    # x = 1e20 (the policy part and the gradient stay finite; never a loss that reads 0)
+    agg = AggregationConfig(mode="token_sum_norm", constant=1.0)
+    kl_grad = Batch(
+        logp=torch.tensor([-11.0]),
+        offsets=torch.tensor([0, 1]),
+        advantages=torch.tensor([0.0]),  # policy gradient 0
+        ref_logp=torch.tensor([-1.0]),
+    )
+    cfg = LossConfig(objective=Reinforce(), aggregation=agg, kl=KLConfig(estimator="k2", beta=1e38))
+    assert {c for _, c, _ in reasons(kl_grad, cfg)} == {"overflow"}
+    kl_value = Batch(
+        logp=torch.tensor([-1e20, -1.0]),
+        offsets=torch.tensor([0, 2]),
+        advantages=torch.tensor([1.0]),
+        ref_logp=torch.tensor([-1.0, -1.0]),
+    )
+    cfg = LossConfig(objective=Reinforce(), aggregation=agg, kl=KLConfig(estimator="k2", beta=1e-3))
+    assert {c for _, c, _ in reasons(kl_value, cfg)} == {"overflow"}
 
 
 @pytest.mark.parametrize("words", [False, True])

@@ -4,10 +4,14 @@ pins down a behaviour that a one-token change to the engine altered with no othe
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import pytest
 import torch
 from softgate.engine import (
     AdvantageConfig,
+    AggregationConfig,
     Batch,
     Engine,
     Grpo,
@@ -18,6 +22,7 @@ from softgate.engine import (
     MismatchConfig,
     Sapo,
 )
+from softgate.engine.aggregate import sequence_weights
 
 E = Engine(device="cpu", compile=False)
 F64 = torch.float64
@@ -109,18 +114,43 @@ def test_min_group_std_is_a_strict_lower_bound():
     torch.testing.assert_close(r.advantages, torch.tensor([-1.0, 0.0, 1.0], dtype=F64))
 
 
-def test_fully_masked_batch_with_mismatch_has_neutral_weight_mean():
-    """metrics: mismatch_weight_mean is 1 where there is no trained token (nothing reweighted)."""
+def test_fully_masked_batch_with_mismatch_has_neutral_mismatch_metrics():
+    """metrics: mismatch_weight_mean is 1 and mismatch_clipped_frac, a share, 0 where there is
+    no trained token (nothing reweighted, nothing truncated)."""
     b = _on_policy(
         [1.0, -1.0], rollout_logp=torch.tensor([-0.9, -0.9], dtype=F64), mask=torch.tensor([False, False])
     )
     r = E.loss(b, LossConfig(objective=Grpo(), mismatch=MismatchConfig()))
     assert r.metrics["num_tokens"] == 0.0
     assert r.metrics["mismatch_weight_mean"] == 1.0
+    assert r.metrics["mismatch_clipped_frac"] == 0.0
+
+
+@pytest.mark.parametrize("host", [True, False])
+def test_token_mean_weight_of_a_fully_masked_batch_is_finite(host, monkeypatch):
+    """token_mean's default N_tok is at least 1: no trained token gives a finite weight, not
+    1/0 (inf, with numpy's divide-by-zero warning in every such call)."""
+    from softgate.engine import aggregate
+
+    monkeypatch.setattr(aggregate, "host_shortcuts", lambda device: host)  # False: a GPU's torch path
+    counts = torch.zeros(3, dtype=torch.int64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        w = sequence_weights(AggregationConfig(mode="token_mean"), counts, F64)
+    assert math.isfinite(float(w))
+
+
+def test_an_empty_batch_with_sample_tokens_0_computes():
+    """sample_tokens 0 samples nothing more than the batch has: an empty batch computes (no
+    stride of 0)."""
+    b = Batch(logp=torch.zeros(0, dtype=F64), offsets=torch.tensor([0]), advantages=torch.zeros(0, dtype=F64))
+    r = E.loss(b, LossConfig(), sample_tokens=0)
+    assert r.loss == 0.0 and r.sample_stride == 1
 
 
 def test_gspo_sequence_clamp_counts_only_beyond_the_bound():
-    """clamped_tokens: a sequence whose mean log-ratio equals the clamp bound exactly is not clamped."""
+    """clamped_tokens: a sequence whose mean log-ratio equals the clamp bound exactly is not clamped;
+    one beyond it, below as above, is clamped and counts each of its trained tokens."""
     lp = torch.tensor([-1.0, -1.0], dtype=F64)
     b = Batch(
         logp=lp,
@@ -131,6 +161,16 @@ def test_gspo_sequence_clamp_counts_only_beyond_the_bound():
     )
     r = E.loss(b, LossConfig(objective=Gspo(), log_ratio_clamp=0.5))
     assert r.metrics["clamped_tokens"] == 0.0
+    # log s_i is clamped like d on both sides: a mean log-ratio of -25 is clamped to -20
+    b = Batch(
+        logp=torch.full((3,), -30.0, dtype=F64),
+        offsets=torch.tensor([0, 3]),
+        old_logp=torch.full((3,), -5.0, dtype=F64),
+        advantages=torch.tensor([-1.0], dtype=F64),
+    )
+    r = E.loss(b, LossConfig(objective=Gspo()))
+    assert r.metrics["clamped_tokens"] == 3
+    assert r.metrics["ratio_min"] == pytest.approx(math.exp(-20.0), rel=1e-12)
 
 
 def test_kl_beta_zero_is_valid_and_still_reports_the_kl():

@@ -20,7 +20,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from conftest import f32_batch_msg
+from conftest import LogRecords, f32_batch_msg, log_records
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -282,6 +282,42 @@ def test_health_and_reflection(server: ServerThread) -> None:
         )
     )
     assert resp.file_descriptor_response.file_descriptor_proto
+
+
+def test_the_whole_server_health_follows_set_serving_and_stop() -> None:
+    """Health "" is NOT_SERVING until set_serving(True) (during warm-up), SERVING after; stop
+    clears `serving` and shuts the engine's executor down."""
+
+    async def status(port: int) -> str:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            r = await health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=5
+            )
+            return str(health_pb2.HealthCheckResponse.ServingStatus.Name(r.status))
+
+    async def go() -> None:
+        settings = Settings(grpc_host="127.0.0.1", grpc_port=0, admin_port=None)
+        srv = GrpcServer(settings, Engine(device="cpu", compile=False))
+        port = await srv.start()
+        try:
+            assert await status(port) == "NOT_SERVING"
+            await srv.set_serving(True)
+            assert await status(port) == "SERVING"
+        finally:
+            await srv.stop(0)
+        assert srv.serving is False and srv.executor._shutdown
+
+    asyncio.run(go())
+
+
+def test_an_ipv6_address_is_bracketed() -> None:
+    """GrpcServer.address puts an IPv6 host in brackets (host:port would be ambiguous)."""
+    srv = GrpcServer(Settings(grpc_host="::1", admin_port=None), Engine(device="cpu", compile=False))
+    try:
+        srv.port = 5
+        assert srv.address == "[::1]:5"
+    finally:
+        srv.executor.shutdown(wait=False)
 
 
 def test_list_algorithms(stub: pb_grpc.LossServiceStub) -> None:
@@ -999,7 +1035,7 @@ def test_a_message_of_many_violations_says_how_many_it_leaves_out() -> None:
     """Found by a mutation audit: the message listed the first 100 violations and then "; and
     N more", cut at 1000 characters, so with realistic field names the count was always cut
     off. The message lists what fits and always says how many more there are (BadRequest
-    carries the first 100)."""
+    carries the first 100); one whose violations all fit lists them all, with no count."""
     from softgate.engine.errors import FieldViolation, InputError
     from softgate.grpc.errors import MAX_MESSAGE_CHARS, MAX_VIOLATIONS, bad_request
 
@@ -1015,6 +1051,13 @@ def test_a_message_of_many_violations_says_how_many_it_leaves_out() -> None:
     st = status_pb2.Status.FromString(dict(f.trailing_metadata)["grpc-status-details-bin"])
     detail = error_details_pb2.BadRequest()
     assert st.details[0].Unpack(detail) and len(detail.field_violations) == MAX_VIOLATIONS
+    # all listed: no "; and 0 more", and one violation that exactly fills the budget is whole
+    v = FieldViolation("batch.logp", "missing: required")
+    assert bad_request(InputError([v])).message == f"invalid input: {v}"
+    budget = MAX_MESSAGE_CHARS - len("invalid input: ") - len("; and 1 more")
+    exact = FieldViolation("f" * (budget - len(": missing: required")), "missing: required")
+    assert len(str(exact)) == budget
+    assert bad_request(InputError([exact])).message == f"invalid input: {exact}"
 
 
 def test_unexpected_error_is_internal_and_generic(caplog: pytest.LogCaptureFixture) -> None:
@@ -1036,6 +1079,24 @@ def test_out_of_memory_is_resource_exhausted() -> None:
         with pytest.raises(grpc.RpcError) as ei:
             srv.stub().ComputeLoss(pb.ComputeLossRequest(batch=_good()), timeout=10)
         assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_cancelled_out_of_memory_and_unexpected_failures(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cancelled is CANCELLED (not an internal error); out of memory frees the device cache; an
+    unexpected error is logged with the id its message gives."""
+    from softgate.grpc.errors import Cancelled, failure_for
+
+    f = failure_for(Cancelled())
+    assert f.code == grpc.StatusCode.CANCELLED and not f.log
+    emptied: list[bool] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    assert (
+        failure_for(torch.OutOfMemoryError("CUDA out of memory")).code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    )
+    assert emptied == [True]
+    f = failure_for(RuntimeError("boom"))
+    assert f.code == grpc.StatusCode.INTERNAL and f.log and f.error_id and f.error_id in f.message
 
 
 # ---------------------------------------------------------------- telemetry
@@ -1068,32 +1129,15 @@ def test_telemetry_hooks_get_the_run_from_metadata() -> None:
     assert any(e[0] == "finished" and e[3] == "INVALID_ARGUMENT" for e in ev)
 
 
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.events: list[dict[str, Any]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.getMessage() == "rpc":
-            self.events.append(dict(record.fields))  # type: ignore[attr-defined]
-
-
 @pytest.fixture()
-def rpc_lines() -> Iterator[list[dict[str, Any]]]:
-    """The fields of every `rpc` log event of softgate.grpc while the test runs."""
-    logger = logging.getLogger("softgate.grpc")
-    handler, level = _Records(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield handler.events
-    logger.removeHandler(handler)
-    logger.setLevel(level)
+def grpc_log() -> Iterator[LogRecords]:
+    """The INFO and above records of softgate.grpc while the test runs."""
+    with log_records("softgate.grpc", logging.INFO) as records:
+        yield records
 
 
 @pytest.mark.parametrize("log_requests", [True, False])
-def test_log_requests_writes_one_line_per_finished_rpc(
-    rpc_lines: list[dict[str, Any]], log_requests: bool
-) -> None:
+def test_log_requests_writes_one_line_per_finished_rpc(grpc_log: LogRecords, log_requests: bool) -> None:
     """`log_requests`: every ended RPC, served, refused or admitted and failed, is one INFO
     line with what an operator looks for (who, how big, how long, which status and why)."""
     with ServerThread(engine=SlowEngine(delay=0.5), max_concurrent_rpcs=1, log_requests=log_requests) as srv:
@@ -1115,6 +1159,7 @@ def test_log_requests_writes_one_line_per_finished_rpc(
         with pytest.raises(grpc.RpcError):
             stub.ComputeLoss(pb.ComputeLossRequest(batch=bad), metadata=run, timeout=10)
         stub.ListAlgorithms(pb.ListAlgorithmsRequest(), timeout=10)
+    rpc_lines = grpc_log.fields("rpc")
     if not log_requests:
         assert rpc_lines == []
         return
@@ -1217,8 +1262,9 @@ def test_corrupt_protobuf_is_invalid_argument(server: ServerThread, method: str)
 
 
 def test_keepalive_and_message_size_reach_the_grpc_server(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`softgate serve --keepalive-time-s ... --keepalive-timeout-s ... --max-message-bytes ...`
-    become the options the grpc.aio server is built with."""
+    """`softgate serve --keepalive-time-s ... --keepalive-timeout-s ... --max-message-bytes ...
+    --max-connection-age-s ... --max-connection-age-grace-s ...` become the options the
+    grpc.aio server is built with."""
     seen: dict[str, Any] = {}
     real = grpc.aio.server
 
@@ -1231,6 +1277,7 @@ def test_keepalive_and_message_size_reach_the_grpc_server(monkeypatch: pytest.Mo
 
     argv = ["serve", "--grpc-host", "127.0.0.1", "--grpc-port", "0", "--admin-port", "-1"]
     argv += ["--keepalive-time-s", "7.5", "--keepalive-timeout-s", "2", "--max-message-bytes", "12345678"]
+    argv += ["--max-connection-age-s", "60", "--max-connection-age-grace-s", "5"]
     settings = load_settings(build_parser().parse_args(argv))
 
     async def start_stop() -> None:
@@ -1242,3 +1289,5 @@ def test_keepalive_and_message_size_reach_the_grpc_server(monkeypatch: pytest.Mo
     assert seen["grpc.keepalive_time_ms"] == 7500
     assert seen["grpc.keepalive_timeout_ms"] == 2000
     assert seen["grpc.max_receive_message_length"] == seen["grpc.max_send_message_length"] == 12345678
+    assert seen["grpc.max_connection_age_ms"] == 60_000
+    assert seen["grpc.max_connection_age_grace_ms"] == 5_000

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
+import re
+from typing import Any
 
 import pytest
-from softgate.logging import configure, get_logger
+from conftest import log_records
+from softgate.logging import NativeStderr, configure, get_logger
 
 
 @pytest.fixture()
@@ -24,11 +28,16 @@ def restore_handlers():
         lg.propagate = propagate
 
 
+def _json_lines(out: io.StringIO) -> list[dict[str, Any]]:
+    """The objects of a JSON log, one a line."""
+    return [json.loads(line) for line in out.getvalue().splitlines()]
+
+
 def _events(fmt: str) -> list[str]:
     out = io.StringIO()
     configure(fmt, "INFO", stream=out)
     log = get_logger("test")
-    log.info("grpc_listening", address="127.0.0.1:50051", tls=False, note="two words")
+    log.info("grpc_listening", address="127.0.0.1:50051", tls=False, note="two words", query="a=b")
     try:
         raise ValueError("first line\nsecond line")
     except ValueError:
@@ -41,7 +50,8 @@ def test_text_logs_are_one_line_per_event(restore_handlers) -> None:
     lines = _events("text")
     assert len(lines) == 3, lines
     assert lines[0].split()[1:4] == ["INFO", "softgate.test", "grpc_listening"]
-    assert 'address=127.0.0.1:50051 tls=false note="two words"' in lines[0]
+    # a value with a space or an "=" is quoted, so that the line splits back unambiguously
+    assert 'address=127.0.0.1:50051 tls=false note="two words" query="a=b"' in lines[0]
     assert " rpc=ComputeLoss exc=" in lines[1]
     exc = json.loads(lines[1].split(" exc=", 1)[1])  # the traceback, escaped and quoted
     assert exc.startswith("Traceback") and exc.endswith("ValueError: first line\nsecond line")
@@ -57,13 +67,32 @@ def test_json_logs_are_one_object_per_line(restore_handlers) -> None:
     ]
     assert docs[0]["address"] == "127.0.0.1:50051" and docs[0]["tls"] is False
     assert docs[1]["rpc"] == "ComputeLoss" and "ValueError: first line\nsecond line" in docs[1]["exc"]
+    # ts: ISO 8601 UTC to the millisecond, with a Z
+    for d in docs:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", d["ts"]), d["ts"]
+
+
+def test_fields_never_override_the_envelope(restore_handlers) -> None:
+    """An event's own `ts` or `logger` field does not replace the record's."""
+    out = io.StringIO()
+    configure("json", "INFO", stream=out)
+    get_logger("test").info("evt", ts="fake", logger="fake")
+    (doc,) = _json_lines(out)
+    assert (doc["ts"] != "fake", doc["logger"], doc["event"]) == (True, "softgate.test", "evt")
+
+
+def test_level_names_are_case_insensitive(restore_handlers) -> None:
+    """configure(level="debug") is DEBUG."""
+    out = io.StringIO()
+    configure("json", "debug", stream=out)
+    get_logger("test").debug("evt")
+    assert [d["event"] for d in _json_lines(out)] == ["evt"]
 
 
 def test_other_libraries_records_are_events_and_grpc_cancellations_are_not(restore_handlers) -> None:
     """Found by an audit: a stream cut at the grace period's end left grpc's logging of the
-    cancellation on stderr as Python's last resort writes it, a traceback over three lines."""
-    import asyncio
-
+    cancellation on stderr as Python's last resort writes it, a traceback over three lines.
+    Only grpc's cancellations are left out: another library's is still an event."""
     out = io.StringIO()
     configure("json", "INFO", stream=out)
     try:
@@ -80,12 +109,31 @@ def test_other_libraries_records_are_events_and_grpc_cancellations_are_not(resto
         raise ValueError("boom")
     except ValueError:
         logging.getLogger("asyncio").error("Task exception was never retrieved", exc_info=True)
+    logging.getLogger("asyncio").error("task cancelled", exc_info=asyncio.CancelledError())
     logging.getLogger("torch._inductor").info("below the root's WARNING: not written")
-    docs = [json.loads(line) for line in out.getvalue().splitlines()]
+    docs = _json_lines(out)
     assert [(d["logger"], d["level"], d["event"]) for d in docs] == [
-        ("asyncio", "error", "Task exception was never retrieved")
+        ("asyncio", "error", "Task exception was never retrieved"),
+        ("asyncio", "error", "task cancelled"),
     ]
     assert docs[0]["exc"].endswith("ValueError: boom")
+
+
+def test_uvicorn_color_message_is_not_a_field(restore_handlers) -> None:
+    """uvicorn's ANSI-coloured copy of a message is left out of the event."""
+    out = io.StringIO()
+    configure("json", "INFO", stream=out)
+    logging.getLogger("uvicorn.error").info("Started", extra={"color_message": "\x1b[32mStarted\x1b[0m"})
+    (doc,) = _json_lines(out)
+    assert doc["event"] == "Started" and "color_message" not in doc
+
+
+def test_access_lines_stay_below_warning(restore_handlers) -> None:
+    """uvicorn's access lines are not written at INFO (nor at DEBUG)."""
+    out = io.StringIO()
+    configure("json", "DEBUG", stream=out)
+    logging.getLogger("uvicorn.access").info("GET /metrics 200")
+    assert out.getvalue() == ""
 
 
 _NATIVE_SCRIPT = r"""
@@ -133,3 +181,13 @@ def test_native_stderr_lines_become_json_events_in_order() -> None:
     assert docs[1]["message"] == "Warning: a torch warning"
     assert docs[3]["line"] == "Traceback (most recent call last):"
     assert docs[4]["line"] == "from a child"
+
+
+def test_native_lines_blank_ones_dropped_and_fatal_is_critical() -> None:
+    """NativeStderr: a blank line is no event; an absl F line is critical."""
+    native = object.__new__(NativeStderr)  # (no fd 2 redirection: its line parsing only)
+    native.logger = logging.getLogger("softgate.native.test")
+    with log_records(native.logger.name) as h:
+        native._emit("   ")
+        native._emit("F1202 13:27:17.572915   28819 server.cc:1] fatal")
+    assert [(r.levelno, r.getMessage()) for r in h.records] == [(logging.CRITICAL, "native_log")]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import types
 
 import numpy as np
 import pytest
 import torch
+from conftest import loss_result
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from softgate.engine import Batch, Engine, Grpo, LossConfig, LossResult, Sapo
@@ -24,7 +26,14 @@ from softgate.observability import (
 )
 from softgate.observability.distributions import _counts_numpy, _counts_torch
 from softgate.observability.runs import BatchRecord, RunState, summarize, windows
-from softgate.observability.telemetry import CODES, MAX_REASONS, REASONS, RPCS, TRANSPORT_REASONS
+from softgate.observability.telemetry import (
+    CODES,
+    MAX_QUEUED,
+    MAX_REASONS,
+    REASONS,
+    RPCS,
+    TRANSPORT_REASONS,
+)
 
 
 class S:
@@ -39,6 +48,14 @@ def _samples(tel: PrometheusTelemetry) -> list[tuple[str, dict[str, str], float]
         for s in fam.samples:
             out.append((s.name, dict(s.labels), float(s.value)))
     return out
+
+
+def _value(tel: PrometheusTelemetry, name: str, **labels: str) -> float | None:
+    """The first exported sample `name` whose labels include `labels`; None if there is none."""
+    for n, lab, v in _samples(tel):
+        if n == name and all(lab.get(k) == x for k, x in labels.items()):
+            return v
+    return None
 
 
 def _engine_result(n_seqs: int = 32, length: int = 64, seed: int = 0, config: LossConfig | None = None):
@@ -112,15 +129,17 @@ def test_bucketing_matches_a_reference_exactly(dtype: torch.dtype, codes: str) -
 
 
 def test_large_cpu_batches_are_sampled_and_scaled() -> None:
+    """A sampled CPU batch scales its counts and its ratio and gate weight sums by the stride."""
     n = 100_000
     ratio = torch.full((n,), 1.0)
     adv = torch.ones(n)
     adv[n // 2 :] = -1
-    b = Bucketer(cpu_sample_tokens=10_000)(ratio, torch.ones(n), adv, torch.ones(n, dtype=torch.bool))
+    b = Bucketer(cpu_sample_tokens=10_000)(ratio, torch.full((n,), 0.5), adv, torch.ones(n, dtype=torch.bool))
     assert b.stride == 10
     assert b.ratio_counts.sum() == n
     assert b.ratio_counts[0].sum() == n // 2 and b.ratio_counts[1].sum() == n // 2
     assert b.ratio_sums[0] == pytest.approx(n / 2)
+    assert b.gate_sums[0] == pytest.approx(n / 4) and b.gate_sums[1] == pytest.approx(n / 4)
 
 
 def test_a_result_the_engine_sampled_gives_the_same_histograms() -> None:
@@ -162,6 +181,29 @@ def test_run_registry_keeps_the_most_recent_runs() -> None:
     assert reg.evictions == 1
     reg.state(OTHER)  # "other" never counts against the bound
     assert reg.names() == ["a", "c", OTHER]
+
+
+def test_a_run_registry_keeps_at_least_one_run() -> None:
+    """max_runs below 1 is 1: the run just seen keeps its own state."""
+    reg = RunRegistry(max_runs=0)
+    name, st = reg.state("a")
+    assert reg.max_runs == 1 and reg.get(name) is st
+
+
+def test_naming_the_other_run_marks_it_active() -> None:
+    """A call tagged `other` moves other's last_seen (runs_overview sorts by it)."""
+    reg = RunRegistry(max_runs=1)
+    reg.state("a", now=1.0)
+    reg.state("b", now=2.0)  # folds a into other
+    other = reg.get(OTHER)
+    assert other is not None and other.last_seen == 1.0
+    reg.state(OTHER, now=10.0)
+    assert other.last_seen == 10.0
+
+
+def test_max_runs_defaults_to_32() -> None:
+    """Without settings the run label keeps 32 runs (the documented default)."""
+    assert PrometheusTelemetry(None).max_runs == 32
 
 
 @pytest.mark.parametrize(
@@ -422,8 +464,62 @@ def test_sign_without_tokens_is_not_observed() -> None:
     samples = _samples(tel)
     sat = {lab["sign"] for name, lab, _ in samples if name == "softgate_batch_gate_saturation_count"}
     assert sat == {"pos"}
+    # the per-token histograms too get a series only for a sign with tokens in the batch
+    for hist in ("softgate_token_ratio_count", "softgate_token_gate_weight_count"):
+        assert {lab["sign"] for name, lab, _ in samples if name == hist} == {"pos"}, hist
     # no groups: no reward gauge (the engine's 0 means "undefined" there)
     assert not [1 for name, _, _ in samples if name == "softgate_reward_mean"]
+
+
+def test_non_finite_engine_metrics_are_left_out_not_failed() -> None:
+    """A NaN or inf metric is skipped (no gauge, no counter step); the batch is still recorded
+    and the hook does not fail."""
+    tel = PrometheusTelemetry(S())
+    tel.observe_loss("r", LossConfig(), loss_result(clip_high=math.nan, approx_kl=math.inf))
+    errors = [v for n, _, v in _samples(tel) if n == "softgate_telemetry_errors_total" and v]
+    assert errors == []
+    assert _value(tel, "softgate_loss_batches_total", run="r") == 1
+    assert _value(tel, "softgate_batch_approx_kl_last", run="r") is None
+    assert _value(tel, "softgate_clipped_tokens_total", run="r", sign="pos") is None
+    assert _value(tel, "softgate_clipped_tokens_total", run="r", sign="neg") is not None
+
+
+def test_the_zero_sign_token_count_is_never_negative() -> None:
+    """Without tokens_zero, the zero sign's tokens are num_tokens - pos - neg, at least 0."""
+    res = loss_result()
+    m = res.metrics
+    del m["tokens_zero"]
+    m["num_tokens"] = m["tokens_pos"] + m["tokens_neg"] - 5
+    tel = PrometheusTelemetry(S())
+    tel.observe_loss("r", LossConfig(), res)
+    assert _value(tel, "softgate_loss_tokens_total", run="r", sign="zero") == 0
+
+
+def test_loss_token_totals_are_keyed_by_sign() -> None:
+    """run_summary totals.loss_tokens maps each sign to its tokens."""
+    res = loss_result()
+    tel = PrometheusTelemetry(S())
+    tel.observe_loss("r", LossConfig(), res)
+    summary = tel.run_summary("r")
+    assert summary is not None
+    assert summary["totals"]["loss_tokens"] == {
+        "neg": int(res.metrics["tokens_neg"]),
+        "pos": int(res.metrics["tokens_pos"]),
+        "zero": 0,
+    }
+
+
+def test_per_batch_histograms_and_the_kl_summary_carry_each_batchs_values() -> None:
+    """gate_mean_pos / gate_mean_neg land under their own sign; approx_kl is a summary whose
+    _count and _sum are the batches' count and sum."""
+    tel = PrometheusTelemetry(S())
+    tel.observe_loss("r", LossConfig(), loss_result(approx_kl=0.25))
+    tel.observe_loss("r", LossConfig(), loss_result(seed=1, approx_kl=0.5))
+    name = "softgate_batch_gate_weight_mean_sum"
+    assert _value(tel, name, run="r", sign="pos") == pytest.approx(1.8)
+    assert _value(tel, name, run="r", sign="neg") == pytest.approx(1.6)
+    assert _value(tel, "softgate_batch_approx_kl_count", run="r") == 2
+    assert _value(tel, "softgate_batch_approx_kl_sum", run="r") == pytest.approx(0.75)
 
 
 def test_engine_configurations_are_read_at_scrape_time() -> None:
@@ -509,6 +605,44 @@ def test_in_flight_gauges_return_to_zero() -> None:
     assert codes == {"OK": 3, "INVALID_ARGUMENT": 1}
 
 
+def test_in_flight_bookkeeping_is_clamped_and_emptied() -> None:
+    """A negative token count starts at 0 in flight; finished calls leave no per-run entry behind
+    (one per run name ever seen would grow without bound)."""
+    tel = PrometheusTelemetry(S())
+    tel.request_started("ComputeLoss", "a", -5)
+    assert _value(tel, "softgate_in_flight_tokens") == 0
+    tel.request_finished("ComputeLoss", "a", "OK", 0.01, 1, 1, 0, 0)
+    for i in range(5):
+        tel.request_started("ComputeLoss", f"run-{i}", 10)
+        tel.request_finished("ComputeLoss", f"run-{i}", "OK", 0.01, 1, 1, 10, 1)
+    assert not tel._in_flight
+
+
+def test_request_and_response_bytes_count_under_their_own_metric() -> None:
+    """softgate_request_bytes counts what came in, softgate_response_bytes what went out."""
+    tel = PrometheusTelemetry(S())
+    tel.request_started("ComputeLoss", "a", 10)
+    tel.request_finished("ComputeLoss", "a", "OK", 0.01, 1000, 20, 10, 1)
+    assert _value(tel, "softgate_request_bytes_total", rpc="ComputeLoss") == 1000
+    assert _value(tel, "softgate_response_bytes_total", rpc="ComputeLoss") == 20
+
+
+def test_processed_sequences_count_sequences_not_tokens() -> None:
+    """softgate_processed_sequences_total adds the call's sequences, the tokens counter its tokens."""
+    tel = PrometheusTelemetry(S())
+    tel.request_started("ComputeLoss", "r", 100)
+    tel.request_finished("ComputeLoss", "r", "OK", 0.01, 1, 1, 100, 3)
+    assert _value(tel, "softgate_processed_sequences_total", run="r", rpc="ComputeLoss") == 3
+    assert _value(tel, "softgate_processed_tokens_total", run="r", rpc="ComputeLoss") == 100
+
+
+def test_a_zero_second_call_is_observed_in_the_latency_histogram() -> None:
+    """A call timed at 0 s (a coarse clock) still counts in the latency histogram."""
+    tel = PrometheusTelemetry(S())
+    tel.request_finished("ListAlgorithms", "", "OK", 0.0, 0, 0, 0, 0, False)
+    assert _value(tel, "softgate_request_duration_seconds_count", rpc="ListAlgorithms") == 1
+
+
 def test_rejected_reasons_are_sanitized_and_bounded() -> None:
     tel = PrometheusTelemetry(S())
     tel.rejected("Loss", ["non_finite", "Half Precision!", ""])
@@ -517,6 +651,13 @@ def test_rejected_reasons_are_sanitized_and_bounded() -> None:
     reasons = {lab["reason"] for n, lab, _ in _samples(tel) if n == "softgate_rejected_inputs_total"}
     assert {"non_finite", "half_precision", "unknown", "other"} <= reasons
     assert len(reasons) <= MAX_REASONS + 1
+
+
+def test_a_rejection_without_reasons_counts_as_unknown() -> None:
+    """rejected(rpc, []) is still one rejected request, under reason="unknown"."""
+    tel = PrometheusTelemetry(S())
+    tel.rejected("ComputeLoss", [])
+    assert _value(tel, "softgate_rejected_inputs_total", rpc="ComputeLoss", reason="unknown") == 1
 
 
 def test_service_series_are_exported_at_0_from_start_up() -> None:
@@ -604,12 +745,28 @@ def test_signs_constant() -> None:
 
 
 def test_a_broken_result_never_breaks_the_rpc(caplog: pytest.LogCaptureFixture) -> None:
+    """A hook that fails on a broken result is logged and counted under its own name."""
     tel = PrometheusTelemetry(S())
+
+    def errors() -> dict[str, float]:
+        return {lab["hook"]: v for n, lab, v in _samples(tel) if n == "softgate_telemetry_errors_total"}
+
     tel.observe_loss("r", LossConfig(), object())  # no tensors at all
     tel.observe_advantages("r", None, None)
-    errors = {lab["hook"]: v for n, lab, v in _samples(tel) if n == "softgate_telemetry_errors_total"}
-    assert errors == {"observe_loss": 1}
+    assert errors() == {"observe_loss": 1}
     assert "observe_loss failed" in caplog.text
+    tel.observe_advantages("r", None, types.SimpleNamespace(metrics=None, advantages="not a tensor"))
+    assert errors() == {"observe_loss": 1, "observe_advantages": 1}
+
+
+def test_deferred_recordings_are_recorded_once_the_queue_is_full() -> None:
+    """Deferred mode: with nobody kicking, MAX_QUEUED waiting recordings are recorded at once."""
+    tel = PrometheusTelemetry(S(), defer=True)
+    seen: list[int] = []
+    for i in range(MAX_QUEUED):
+        tel._later(seen.append, i)
+    assert seen == list(range(MAX_QUEUED)) and not tel._queue
+    tel.close()
 
 
 # ---------------------------------------------------------------- per-run token counters
@@ -708,6 +865,16 @@ def test_folding_keeps_the_newest_gauge() -> None:
     assert other.gauges[("g", ())] == (2.0, 200.0)
 
 
+def test_run_state_ignores_non_finite_counter_and_gauge_values() -> None:
+    """RunState.inc and .set drop NaN and inf (a counter or gauge stuck at NaN never recovers)."""
+    st = RunState()
+    st.inc("c", (), math.nan)
+    st.inc("c", (), math.inf)
+    st.set("g", (), math.nan, 1.0)
+    st.set("g", (), -math.inf, 1.0)
+    assert st.counters == {} and st.gauges == {}
+
+
 def test_folding_keeps_the_newest_batches_of_the_window() -> None:
     """other's batch window keeps the newest WINDOW_BATCHES records of the two runs."""
     n = RunRegistry.WINDOW_BATCHES
@@ -725,6 +892,19 @@ def test_a_window_weighs_a_statistic_by_each_batchs_tokens() -> None:
     out = summarize([_rec(1.0, tokens=90, grad_retained=1.0), _rec(2.0, tokens=10, grad_retained=0.0)])
     assert out["grad_retained"] == pytest.approx(0.9)
     assert out["tokens"] == 100
+
+
+def test_a_window_sums_sequences_and_spans_its_batches() -> None:
+    """A window's sequences, from/to, objectives and approx_kl_max cover every batch of it."""
+    recs = [
+        BatchRecord(t=1.0, objective="sapo", tokens=10, seqs=2, values={"approx_kl": 0.3}),
+        BatchRecord(t=2.0, objective="grpo", tokens=30, seqs=5, values={"approx_kl": 0.1}),
+    ]
+    out = summarize(recs)
+    assert out["sequences"] == 7 and out["tokens"] == 40
+    assert (out["from"], out["to"]) == (1.0, 2.0)
+    assert out["objectives"] == ["grpo", "sapo"]
+    assert out["approx_kl_max"] == 0.3
 
 
 def test_time_windows_cover_five_minutes_and_one_hour() -> None:

@@ -1,19 +1,179 @@
-"""`softgate serve` shutdown with the engine's background torch.compile still running."""
+"""`softgate serve` in this process: start-up (the engine and telemetry it makes, warm-up
+before SERVING, the admin and allocator events) and shutdown (a stop during warm-up, signal
+handlers given back, the engine's background torch.compile still running)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
 import pytest
+import softgate.serve as serve
+import torch
+from conftest import LogRecords, log_records
+from softgate.allocator import Decision
+from softgate.engine import Engine
+from softgate.observability import PrometheusTelemetry
 from softgate.settings import Settings
+
+
+def _settings(**kw: Any) -> Settings:
+    """Settings of a server on a free loopback port, on the CPU, without admin or warm-up."""
+    base: dict[str, Any] = dict(grpc_host="127.0.0.1", grpc_port=0, admin_port=None, device="cpu")
+    base.update(warmup=False, compile=False)
+    base.update(kw)
+    return Settings(**base)
+
+
+@pytest.fixture()
+def serve_log() -> Iterator[LogRecords]:
+    """The records of the softgate.serve logger while the test runs."""
+    with log_records("softgate.serve") as records:
+        yield records
+
+
+# ---------------------------------------------------------------- start-up
+
+
+def test_make_engine_resolves_auto_and_passes_engine_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """device auto (the default) and "" pick the engine's default device; host_max_tokens and
+    max_compiled_kernels reach the engine."""
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    for device in ("auto", ""):
+        assert serve.make_engine(_settings(device=device)).device.type == want
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(serve, "Engine", lambda **kw: seen.update(kw))
+    serve.make_engine(_settings(host_max_tokens=123, max_compiled_kernels=7))
+    assert seen["host_max_tokens"] == 123 and seen["max_compiled_kernels"] == 7
+
+
+def test_serve_telemetry_is_deferred() -> None:
+    """`softgate serve` records a result's per-run statistics after its response (defer=True)."""
+    tel = serve.make_telemetry(_settings())
+    assert isinstance(tel, PrometheusTelemetry) and tel.defer is True
+
+
+class _Warming(Engine):
+    """A CPU engine whose warm-up is only recorded in `calls` (then runs `on_warmup`)."""
+
+    def __init__(self, calls: list[Any], on_warmup: Any = None) -> None:
+        super().__init__(device="cpu", compile=False)
+        self.calls, self.on_warmup = calls, on_warmup
+
+    def warmup(self, *a: Any, **kw: Any) -> None:
+        self.calls.append("warmup")
+        if self.on_warmup is not None:
+            self.on_warmup()
+
+
+def _recording_grpc_server(calls: list[Any]) -> type:
+    """serve's GrpcServer, recording each set_serving(serving) in `calls`."""
+
+    class Recording(serve.GrpcServer):  # type: ignore[misc, name-defined]
+        async def set_serving(self, serving: bool) -> None:
+            calls.append(("serving", serving))
+            await super().set_serving(serving)
+
+    return Recording
+
+
+def test_warmup_runs_before_serving(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With warmup on, the engine warms up before health turns SERVING."""
+    calls: list[Any] = []
+    monkeypatch.setattr(serve, "make_engine", lambda s: _Warming(calls))
+    monkeypatch.setattr(serve, "GrpcServer", _recording_grpc_server(calls))
+
+    async def go() -> int:
+        stop = asyncio.Event()
+        task = asyncio.create_task(serve.serve(_settings(warmup=True), stop=stop))
+        for _ in range(1000):
+            if ("serving", True) in calls or task.done():
+                break
+            await asyncio.sleep(0.01)
+        stop.set()
+        return await task
+
+    assert asyncio.run(go()) == 0
+    assert calls[:2] == ["warmup", ("serving", True)]
+
+
+def test_admin_listening_says_whether_a_token_is_required(serve_log: LogRecords) -> None:
+    """The admin_listening event's auth field is whether admin_token is set."""
+
+    async def go(token: str | None) -> int:
+        stop = asyncio.Event()
+        stop.set()
+        s = _settings(admin_host="127.0.0.1", admin_port=0, admin_token=token)
+        return await serve.serve(s, stop=stop)
+
+    assert asyncio.run(go("t0ken")) == 0
+    assert asyncio.run(go(None)) == 0
+    assert [f["auth"] for f in serve_log.fields("admin_listening")] == [True, False]
+
+
+def test_an_unavailable_allocator_is_logged_as_a_warning(serve_log: LogRecords) -> None:
+    """log_allocator: a Decision with a warning gives an allocator_unavailable warning event."""
+    serve.log_allocator(Decision("tcmalloc", "glibc", "glibc", None, None, "tcmalloc is not installed"))
+    (rec,) = [r for r in serve_log.records if r.getMessage() == "allocator_unavailable"]
+    assert rec.levelno == logging.WARNING
+    assert rec.fields["requested"] == "tcmalloc" and rec.fields["reason"] == "tcmalloc is not installed"  # type: ignore[attr-defined]
+
+
+def test_an_admin_port_in_use_fails_start_up_with_exit_code_1() -> None:
+    """uvicorn ends a failed bind with sys.exit(3) in its task, which escaped asyncio.run; serve
+    binds the admin socket itself and reports the failure like the gRPC port's."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        settings = _settings(admin_host="127.0.0.1", admin_port=sock.getsockname()[1])
+        assert asyncio.run(serve.serve(settings)) == 1
+
+
+# ---------------------------------------------------------------- shutdown
+
+
+def test_a_stop_during_warmup_never_turns_serving(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A signal while the engine warms up: the server shuts down without ever being SERVING."""
+    calls: list[Any] = []
+    box: dict[str, Any] = {}
+
+    def signal_now() -> None:
+        box["loop"].call_soon_threadsafe(box["stop"].set)
+        time.sleep(0.05)  # (the event loop sets it before warmup returns)
+
+    monkeypatch.setattr(serve, "make_engine", lambda s: _Warming(calls, signal_now))
+    monkeypatch.setattr(serve, "GrpcServer", _recording_grpc_server(calls))
+
+    async def go() -> int:
+        box["loop"], box["stop"] = asyncio.get_running_loop(), asyncio.Event()
+        return await serve.serve(_settings(warmup=True), stop=box["stop"])
+
+    assert asyncio.run(go()) == 0
+    assert "warmup" in calls and ("serving", True) not in calls
+
+
+def test_serve_gives_the_signal_handlers_back() -> None:
+    """Once serve returns, SIGTERM has the handler it had before (an embedding caller's)."""
+
+    async def go() -> tuple[Any, Any]:
+        before = signal.getsignal(signal.SIGTERM)  # (asyncio.run has its own SIGINT handler)
+        stop = asyncio.Event()
+        stop.set()
+        assert await serve.serve(_settings(), stop=stop) == 0
+        return before, signal.getsignal(signal.SIGTERM)
+
+    before, after = asyncio.run(go())
+    assert after == before
 
 
 def test_exit_does_not_wait_forever_for_a_background_compile(monkeypatch: pytest.MonkeyPatch) -> None:
     """A compile thread still running at interpreter exit aborts the process (std::terminate):
     serve waits a bounded time for it, then asks run() for an immediate exit."""
-    import asyncio
-
-    import softgate.serve as serve
-    from softgate.engine import Engine
-
     waited: list[float | None] = []
 
     class Compiling(Engine):
@@ -23,12 +183,11 @@ def test_exit_does_not_wait_forever_for_a_background_compile(monkeypatch: pytest
 
     monkeypatch.setattr(serve, "make_engine", lambda s: Compiling(device="cpu", compile=False))
     monkeypatch.setitem(serve._exit_now, "hard", False)
-    settings = Settings(grpc_host="127.0.0.1", grpc_port=0, admin_port=None, device="cpu", warmup=False)
 
     async def go() -> int:
         stop = asyncio.Event()
         stop.set()
-        return await serve.serve(settings, stop=stop)
+        return await serve.serve(_settings(), stop=stop)
 
     assert asyncio.run(go()) == 0
     assert waited == [serve.COMPILE_EXIT_WAIT_S] and serve._exit_now["hard"] is True
@@ -37,9 +196,6 @@ def test_exit_does_not_wait_forever_for_a_background_compile(monkeypatch: pytest
 def test_run_serves_with_grad_off_and_restores_it(monkeypatch: pytest.MonkeyPatch) -> None:
     """`run` serves with autograd off in its thread (the engine then skips its no_grad
     contexts) and leaves an embedding caller's grad mode as it found it."""
-    import softgate.serve as serve
-    import torch
-
     seen: list[bool] = []
 
     async def fake_serve(settings: Settings) -> int:
@@ -48,32 +204,8 @@ def test_run_serves_with_grad_off_and_restores_it(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(serve, "serve", fake_serve)
     monkeypatch.setattr(serve, "configure", lambda *a: None)  # (the test process's logging stays)
-    settings = Settings(grpc_host="127.0.0.1", grpc_port=0, admin_port=None, device="cpu", warmup=False)
     for grad in (True, False):
         with torch.set_grad_enabled(grad):
-            assert serve.run(settings) == 0
+            assert serve.run(_settings()) == 0
             assert torch.is_grad_enabled() is grad
     assert seen == [False, False]
-
-
-def test_an_admin_port_in_use_fails_start_up_with_exit_code_1() -> None:
-    """uvicorn ends a failed bind with sys.exit(3) in its task, which escaped asyncio.run; serve
-    binds the admin socket itself and reports the failure like the gRPC port's."""
-    import asyncio
-    import socket
-
-    import softgate.serve as serve
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen()
-        settings = Settings(
-            grpc_host="127.0.0.1",
-            grpc_port=0,
-            admin_host="127.0.0.1",
-            admin_port=sock.getsockname()[1],
-            device="cpu",
-            compile=False,
-            warmup=False,
-        )
-        assert asyncio.run(serve.serve(settings)) == 1

@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from softgate.threads import cpu_quota, threads_for
+import softgate.threads as threads
+import torch
+from softgate.threads import _openmp, cpu_quota, one_thread, threads_for
 
 
 def _tree(tmp_path: Path, cgroup: str, files: dict[str, str]) -> tuple[str, str]:
@@ -30,6 +32,7 @@ def _tree(tmp_path: Path, cgroup: str, files: dict[str, str]) -> tuple[str, str]
         ("0::/\n", {"cpu.max": "400000 100000\n"}, 4.0),
         ("0::/\n", {"cpu.max": "max 100000\n"}, None),
         ("0::/\n", {"cpu.max": "150000 100000\n"}, 1.5),
+        ("0::/\n", {"cpu.max": "200000\n"}, 2.0),  # no period: the default 100000 us
         # v2, a systemd service: the tightest of the group and its parents
         (
             "0::/system.slice/softgate.service\n",
@@ -74,8 +77,30 @@ def test_threads_for_a_quota() -> None:
     assert threads_for(1.5, 64, {}) == 2  # a fraction of a CPU still gets a thread
     assert threads_for(0.2, 64, {}) == 1
     assert threads_for(8.0, 4, {}) is None  # the quota is above what torch would use anyway
+    assert threads_for(4.0, 4, {}) is None  # or equal to it
     assert threads_for(None, 64, {}) is None
     assert threads_for(4.0, 64, {"OMP_NUM_THREADS": "16"}) is None  # the operator chose
+
+
+def test_one_thread_restores_the_threads_count() -> None:
+    """`with one_thread():` is one intra-op thread inside and the previous count after."""
+    if _openmp() is None:
+        pytest.skip("no OpenMP runtime mapped")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with one_thread():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_single_threaded_here_needs_no_runtime_when_already_single(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A thread already at one intra-op thread is single-threaded without an OpenMP runtime."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    monkeypatch.setattr(threads, "_openmp", lambda: None)
+    assert threads.single_threaded_here() is True
 
 
 def test_serve_fits_torch_threads_to_the_quota() -> None:
