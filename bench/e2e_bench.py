@@ -274,7 +274,9 @@ def serve_variant(port: int, max_message_bytes: int, variant: str, device: str =
         def __getattr__(self, name: str) -> Any:
             return getattr(self.servicer, name)
 
-        async def ComputeLoss(self, request: Any, context: Any) -> Any:
+        async def ComputeLoss(self, requests: Any, context: Any) -> Any:
+            # the unary call's one request, read as a stream (server.loss_service_handler)
+            request = await anext(aiter(requests))
             size = request.nbytes
             if size not in self.answers:
                 self.answers[size] = await self.servicer.ComputeLoss(request, context)
