@@ -20,11 +20,12 @@ Each configuration is compiled ahead of time, on a small synthetic batch of that
 (`compile_kernel`), and called without dynamo's per-call guard check (~50-70 us of a 4k-token
 call's ~290 on the CPU): `kernel_key` and `fits` check what those guards did, namely the
 configuration and sizes of at least 2 tokens, 2 sequences and 2 sampled tokens
-(torch.compile specialises sizes 0 and 1); smaller batches run eager. On the CPU a
-configuration that is not sampled goes through AOTInductor (`aoti_compile`: torch.export,
-then C++ for the wrapper around the fused loop as well; a 4k-token call 87 -> 57 us, ~14 s to
-compile on 2 cores against ~7), built in a child process (aoti.py) so that the GIL stays with
-the calls served meanwhile; everything else through dynamo (`aot_compile`: fullgraph).
+(torch.compile specialises sizes 0 and 1); smaller batches run eager. On the CPU, with torch
+2.13 or newer (aoti.MIN_TORCH), a configuration that is not sampled goes through AOTInductor
+(`aoti_compile`: torch.export, then C++ for the wrapper around the fused loop as well; a
+4k-token call 87 -> 57 us, ~14 s to compile on 2 cores against ~7), built in a child process
+(aoti.py) so that the GIL stays with the calls served meanwhile; everything else through
+dynamo (`aot_compile`: fullgraph).
 Dynamo's compiler is not thread-safe: compiles in this process and compiled calls hold one
 lock; a compiled call that would wait for a running compile (background, or another
 configuration's before use) runs eager instead. A child's build holds no lock.
@@ -187,17 +188,26 @@ def warmup_args(args: tuple[Any, ...]) -> tuple[Any, ...]:
 def aot_compile(example: tuple[Any, ...]) -> Callable[..., Terms]:
     """token_terms compiled for `example`'s configuration, generic in sizes, called without
     dynamo's guard check (see the module docstring). Raises when the torch in use cannot."""
+    from torch._dynamo import config as dynamo_config
     from torch._dynamo.exc import TensorifyScalarRestartAnalysis
 
-    fn: Any = torch.compile(token_terms, dynamic=True, fullgraph=True, options=COMPILE_OPTIONS)
-    for attempt in range(_ANALYSES):
-        try:
-            with torch.no_grad():  # as compute_loss calls it
-                compiled = fn.aot_compile((example, {}))
-            break
-        except TensorifyScalarRestartAnalysis:  # dynamo's own compile restarts here; so do we
-            if attempt == _ANALYSES - 1:
-                raise
+    # some releases have the API behind a flag that is off by default (2.11's; 2.13's is on)
+    with (
+        dynamo_config.patch(enable_aot_compile=True)
+        if hasattr(dynamo_config, "enable_aot_compile")
+        else contextlib.nullcontext()
+    ):
+        fn: Any = torch.compile(token_terms, dynamic=True, fullgraph=True, options=COMPILE_OPTIONS)
+        if not hasattr(fn, "aot_compile"):
+            raise RuntimeError(f"torch {torch.__version__} has no torch.compile(...).aot_compile")
+        for attempt in range(_ANALYSES):
+            try:
+                with torch.no_grad():  # as compute_loss calls it
+                    compiled = fn.aot_compile((example, {}))
+                break
+            except TensorifyScalarRestartAnalysis:  # dynamo's own compile restarts here; so do we
+                if attempt == _ANALYSES - 1:
+                    raise
     compiled.disable_guard_check()
     return compiled  # type: ignore[no-any-return]
 
@@ -214,11 +224,11 @@ def aoti_compile(example: tuple[Any, ...]) -> Callable[..., Terms]:
 def compile_kernel(
     example: tuple[Any, ...], dynamo_lock: AbstractContextManager[Any] | None = None
 ) -> Callable[..., Terms]:
-    """`aoti_compile` for a CPU configuration that is not sampled (falling back to
-    `aot_compile` if AOTInductor fails), else `aot_compile`. `dynamo_lock` is held around
+    """`aoti_compile` for a CPU configuration that is not sampled, on a torch AOTInductor was
+    tested with (falling back to `aot_compile` if AOTInductor fails), else `aot_compile`. `dynamo_lock` is held around
     the compiles that run in this process (dynamo's), not around a child's AOTInductor build."""
     stride = example[8] if len(example) > 8 else 1
-    if host_shortcuts(example[0]["logp"].device) and stride == 1:
+    if host_shortcuts(example[0]["logp"].device) and stride == 1 and aoti.supported():
         try:
             return aoti_compile(example)
         except Exception as exc:  # e.g. a torch whose export cannot trace it: dynamo's compile
