@@ -928,3 +928,40 @@ def test_a_compile_whose_warm_up_batch_fails_is_not_left_queued(monkeypatch: pyt
     with pytest.raises(RuntimeError, match="out of memory"):
         kern(*_token_terms_args("cpu"))
     assert kern.wait(1) and kern.states()["compiling"] == 0
+
+
+def test_a_cpu_configuration_compiles_with_dynamo_on_a_torch_older_than_aotis_floor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """AOTInductor builds only on a torch it was tested with (aoti.MIN_TORCH: CI's torch is at
+    or past it); on an older one (a GPU host's 2.11 crashed once a build was ready) a CPU
+    configuration compiles with dynamo."""
+    from softgate.engine import aoti
+
+    assert aoti.supported()
+    monkeypatch.setattr(compiled, "aoti_compile", lambda example: "aoti")
+    monkeypatch.setattr(compiled, "aot_compile", lambda example: "dynamo")
+    example = warmup_args(_token_terms_args("cpu"))
+    assert compiled.compile_kernel(example) == "aoti"
+    monkeypatch.setattr(aoti, "MIN_TORCH", "99.0")
+    assert not aoti.supported()
+    assert compiled.compile_kernel(example) == "dynamo"
+
+
+def test_an_aoti_build_is_checked_against_eager_in_its_child() -> None:
+    """The child runs the package it built on its example before the server loads it: wrong
+    numbers, a wrong dtype or a missing output fail the build (the server then compiles with
+    dynamo) rather than reaching a request."""
+    from softgate.engine import aoti
+
+    example = warmup_args(_token_terms_args("cpu"))
+    aoti.check(token_terms, example)  # the eager kernel passes its own check
+    right = token_terms(*example)
+    wrong = [
+        (right[0] * (1 + 1e-3), *right[1:]),
+        (right[0].float() if right[0].dtype == torch.float64 else right[0].double(), *right[1:]),
+        right[:-1],
+    ]
+    for out in wrong:
+        with pytest.raises(RuntimeError, match="AOTInductor kernel"):
+            aoti.check(lambda *a, out=out: out, example)

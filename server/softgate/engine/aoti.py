@@ -4,10 +4,12 @@ torch.export and inductor's lowering are Python that holds the GIL for most of t
 CPU configuration takes to build on 2 cores: built in the server's own process, they made
 every request served meanwhile 2-3x slower. `build` runs `package` in a child process
 (`python -m softgate.engine.aoti`, niced, its example passed with torch.save) and loads the
-package it wrote: the server's process only waits on a pipe. The child exits when its parent
-does (it checks every second), so a server that exits leaves no compile behind, and removes
-the build's job directory first, which a server that exits mid-build cannot (`softgate serve`
-stopped by SIGTERM during a background compile exits at once, with os._exit; SIGKILL; OOM).
+package it wrote: the server's process only waits on a pipe. The child loads and runs the
+package on the example first (`check`), so a build that would crash or compute wrong numbers
+fails there, not in the server. The child exits when its parent does (it checks every
+second), so a server that exits leaves no compile behind, and removes the build's job
+directory first, which a server that exits mid-build cannot (`softgate serve` stopped by
+SIGTERM during a background compile exits at once, with os._exit; SIGKILL; OOM).
 
 Loading a package extracts it into a fresh `aotinductor_*` directory under the temp dir, which
 torch removes only when the loader is destroyed; a process rarely destroys its kernels before
@@ -33,10 +35,36 @@ from torch import Tensor
 
 from softgate.engine.kernel import Terms, token_keys, token_terms
 
+# the first torch whose AOTInductor builds of this kernel were tested (CI's). On a GPU host's
+# torch 2.11 a CPU server crashed (SIGSEGV) once its background build was ready, while dynamo's
+# compile of the same configuration matched eager there: an older torch compiles with dynamo.
+MIN_TORCH = "2.13"
 # a build's limit: ~20 s cold on 2 cores; past this the child is killed and the build fails
 BUILD_TIMEOUT_S = 900.0
 # the child's niceness: a build gives way to the requests the server is serving
 CHILD_NICE = 10
+
+
+def supported() -> bool:
+    """Whether this process's torch builds kernels with AOTInductor (MIN_TORCH or newer)."""
+    return torch.__version__ >= MIN_TORCH  # a TorchVersion: compared as a version, not text
+
+
+def check(kernel: Callable[..., Terms], example: tuple[Any, ...]) -> None:
+    """Raise unless `kernel` gives token_terms' outputs on `example`, to float rounding. The
+    child runs it on the package it built, so a torch whose AOTInductor crashes or miscompiles
+    fails the build (and the server compiles with dynamo) instead of taking the server down."""
+    with torch.no_grad():
+        got, want = kernel(*example), token_terms(*example)
+    if len(got) != len(want):
+        raise RuntimeError(f"the AOTInductor kernel returned {len(got)} outputs, token_terms {len(want)}")
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        if (
+            g.shape != w.shape
+            or g.dtype != w.dtype
+            or not torch.allclose(g, w, rtol=1e-5, atol=1e-7, equal_nan=True)
+        ):
+            raise RuntimeError(f"the AOTInductor kernel's output {i} differs from token_terms'")
 
 
 def _keys(example: tuple[Any, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -144,6 +172,7 @@ def main(argv: list[str]) -> None:
     exit_with_parent(int(parent), os.path.dirname(job))
     example, options = torch.load(job)
     package(example, path, options)
+    check(load(path, example), example)
 
 
 if __name__ == "__main__":
