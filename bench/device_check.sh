@@ -14,8 +14,8 @@
 # bounds the whole run: a step gets what is left of it and is cut there.
 #
 # On a host without the project's packages but with torch (a bare GPU box that cannot reach a
-# registry), carry the wheels in .whl/ (and allocator libraries in .whl/lib/): they are installed
-# into /tmp/site and the project runs from its source tree.
+# registry), carry the wheels in .whl/ (and allocator libraries in .whl/lib/; bench/device_wheels.sh
+# fills both here): they are installed into /tmp/site and the project runs from its source tree.
 set -u
 OUTDIR=${1:?usage: device_check.sh OUTDIR [STEP ...]}
 shift
