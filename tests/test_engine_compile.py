@@ -943,9 +943,11 @@ def test_a_cpu_configuration_compiles_with_dynamo_on_a_torch_older_than_aotis_fl
     monkeypatch.setattr(compiled, "aot_compile", lambda example: "dynamo")
     example = warmup_args(_token_terms_args("cpu"))
     assert compiled.compile_kernel(example) == "aoti"
-    monkeypatch.setattr(aoti, "MIN_TORCH", "99.0")
+    monkeypatch.setattr(torch, "__version__", "2.9.1")  # a plain string: compared as a version
     assert not aoti.supported()
     assert compiled.compile_kernel(example) == "dynamo"
+    monkeypatch.setattr(torch, "__version__", "2.13.0+cu130")
+    assert aoti.supported()
 
 
 def test_an_aoti_build_is_checked_against_eager_in_its_child() -> None:

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.torch_version import TorchVersion
 
 from softgate.engine.kernel import Terms, token_keys, token_terms
 
@@ -48,7 +49,7 @@ CHILD_NICE = 10
 
 def supported() -> bool:
     """Whether this process's torch builds kernels with AOTInductor (MIN_TORCH or newer)."""
-    return torch.__version__ >= MIN_TORCH  # a TorchVersion: compared as a version, not text
+    return TorchVersion(torch.__version__) >= MIN_TORCH  # as versions: "2.9" < "2.13"
 
 
 def check(kernel: Callable[..., Terms], example: tuple[Any, ...]) -> None:
