@@ -22,11 +22,10 @@ LIMIT = 64 << 20
 def test_every_cached_bench_server_answers_what_the_engine_computes() -> None:
     e2e = bench_module("e2e_bench")
     b = e2e.make_batch(4096)
-    offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(b["lengths"])]))
     want = Engine(device="cpu", compile=False).loss(
         Batch(
             logp=torch.from_numpy(b["logp"]),
-            offsets=offsets,
+            offsets=Batch.offsets_from_lengths(torch.from_numpy(b["lengths"])),
             old_logp=torch.from_numpy(b["old_logp"]),
             advantages=torch.from_numpy(b["advantages"]),
         ),
