@@ -16,7 +16,7 @@ names (e.g. dual clip on / off), the inputs present with their dtypes and ranks 
 mask, a 0-d weight), whether ratio and gate are sampled, whether bucket codes are written.
 Numbers travel as 0-d tensors and sizes are dynamic, so neither recompiles.
 
-Each configuration is compiled ahead of time, on a small synthetic batch of that configuration
+Each configuration is compiled ahead of time, on a synthetic batch of that configuration
 (`compile_kernel`), and called without dynamo's per-call guard check (~50-70 us of a 4k-token
 call's ~290 on the CPU): `kernel_key` and `fits` check what those guards did, namely the
 configuration and sizes of at least 2 tokens, 2 sequences and 2 sampled tokens
@@ -68,6 +68,11 @@ _FALSE = ("0", "false", "no", "off")
 # tokens per sequence of the synthetic warm-up batch (5 sequences, 67 tokens): sizes >= 2,
 # not round and unequal, so the compiled code is generic in N and B
 _WARM_LENGTHS = (13, 14, 13, 14, 13)
+# ... and on a GPU, ~1M tokens (the same 5 sequences, each x 15,651). Inductor sizes a CUDA
+# kernel's reductions by the example's sizes: compiled on 67 tokens, the kernel's ~20 sums
+# ran unsplit at any N, 25x slower than eager at 16M tokens (H200: 130 ms against 5.1; 1.7 ms
+# compiled on this example, 0.96 at 64k). The CPU loop is sized at run time (dynamic_threads).
+_GPU_WARM_SCALE = 15_651
 # aot_compile attempts: a trace that has to specialise a float scalar raises
 # TensorifyScalarRestartAnalysis (SAPO with KL k3 in float64 does, once), which dynamo's
 # per-call compile catches to trace again; aot_compile leaves that to its caller
@@ -143,12 +148,13 @@ def kernel_key(args: tuple[Any, ...]) -> tuple[Any, ...]:
 
 
 def warmup_args(args: tuple[Any, ...]) -> tuple[Any, ...]:
-    """token_terms arguments of the same configuration for a small synthetic batch."""
+    """token_terms arguments of the same configuration for a synthetic batch: 67 tokens on the
+    CPU, ~1M on a GPU (see _GPU_WARM_SCALE)."""
     t, prm, *rest = args
     adv_per_token = rest[2]
     dev = t["logp"].device
     g = torch.Generator().manual_seed(0)
-    lengths = torch.tensor(_WARM_LENGTHS)
+    lengths = torch.tensor(_WARM_LENGTHS) * (1 if dev.type == "cpu" else _GPU_WARM_SCALE)
     n, b = int(lengths.sum()), lengths.numel()
     logp = -torch.rand(n, generator=g, dtype=torch.float64) - 0.5
 
