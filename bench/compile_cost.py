@@ -4,6 +4,8 @@ disk (the inductor cache, and anything AOTInductor leaves in the temp dir). The 
 
     python bench/compile_cost.py              # 6 configurations (~2 min on 2 cores)
     python bench/compile_cost.py --count 12
+    python bench/compile_cost.py --count 0 --dynamo --phases   # one dynamo build, where its time goes
+    python bench/compile_cost.py --device cuda --count 2 --phases
 
 An in-process `Engine(device="cpu")` (background compiles, as `softgate serve` runs) gets a
 4k-token SAPO call, then one call of each further configuration (objectives, with and without
@@ -40,12 +42,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--count", type=int, default=6, help="configurations compiled after the first")
     ap.add_argument("--fresh-cache", action="store_true", help="start from an empty inductor cache")
+    ap.add_argument("--device", default="cpu", help="the engine's device (cpu, cuda)")
+    ap.add_argument("--dynamo", action="store_true", help="CPU: dynamo's build, not AOTInductor's")
+    ap.add_argument(
+        "--phases",
+        action="store_true",
+        help="print dynamo's compile phases (not a child's AOTInductor build)",
+    )
     args = ap.parse_args()
     if args.fresh_cache:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="softgate-inductor-")
 
     import torch
-    from softgate.engine import OBJECTIVES, Batch, Engine, KLConfig, LossConfig, MismatchConfig
+    from softgate.engine import OBJECTIVES, Batch, Engine, KLConfig, LossConfig, MismatchConfig, aoti
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
     tmp = tempfile.gettempdir()
@@ -66,7 +75,10 @@ def main() -> None:
         offsets=torch.arange(0, n + 1, n // seqs),
         advantages=torch.randn(seqs, generator=g),
     )
-    engine = Engine(device="cpu", compile="background")
+    if args.dynamo:
+        aoti.supported = lambda: False  # type: ignore[assignment]
+    print(f"torch {torch.__version__}, inductor compile_threads {torch._inductor.config.compile_threads}")
+    engine = Engine(device=args.device, compile="background", host_max_tokens=0)  # 4k on the device
     left_before = set(glob.glob(os.path.join(tmp, "aotinductor_*")))
     times, rss, space = [], [], []
     for i, config in enumerate(configs):
@@ -86,6 +98,10 @@ def main() -> None:
             times.append(took)
             rss.append(r1 - r0)
             space.append(d1 - d0)
+    if args.phases:
+        print(torch._dynamo.utils.compile_times(repr="str", aggregate=True))
+    if not times:
+        return
     print(
         f"\nper configuration (median of {len(times)}): build {statistics.median(times):.1f} s, "
         f"rss {statistics.median(rss):+.2f} MB, disk {statistics.median(space):+.2f} MB; "

@@ -4,7 +4,12 @@
 #   bash bench/device_check.sh OUTDIR [STEP ...]     (default steps: env tests e2e transfer)
 #
 # Steps: env (versions, GPU), tests (pytest -m cuda), e2e (bench/e2e_bench.py, engine on cuda),
-# e2e-short (the same without the server-path rows), transfer (bench/transfer_bench.py), engine
+# e2e-short (the same without the server-path rows), e2e-device (e2e-short with every call on
+# the GPU, SOFTGATE_HOST_MAX_TOKENS=0: no host compiles to wait for), compile
+# (bench/compile_cost.py: one CPU build with dynamo and where its time goes, again with one
+# inductor compile thread, and two CUDA builds, all at once), cuda-example
+# (bench/cuda_compile_example.py: the compiled CUDA kernel built on its GPU example, on the
+# CPU's 67 tokens, and eager), transfer (bench/transfer_bench.py), engine
 # (bench/engine_bench.py --device cuda), profile (bench/latency_profile.py --device cuda: a 4k call
 # on the GPU, profiled), crossover (the same timed from 4k to 1M tokens on the GPU, then on this
 # host's CPU: where they meet is the right host_max_tokens), ladder
@@ -61,6 +66,14 @@ print(\"grpc\", grpc.__version__, \"protobuf\", pb.__version__, \"numpy\", numpy
         --json "$OUTDIR/e2e.json" ;;
     e2e-short) step e2e-short $PY bench/e2e_bench.py --device cuda --allocators tcmalloc --no-sweep --no-install \
         --no-server-path ;;
+    e2e-device) step e2e-device env SOFTGATE_HOST_MAX_TOKENS=0 $PY bench/e2e_bench.py --device cuda \
+        --allocators tcmalloc --no-sweep --no-install --no-server-path ;;
+    compile) step compile bash -c "cc='timeout -k 5 200 $PY bench/compile_cost.py --fresh-cache --phases'
+        \$cc --count 0 --dynamo >$OUTDIR/compile-cpu.log 2>&1 &
+        TORCHINDUCTOR_COMPILE_THREADS=1 \$cc --count 0 --dynamo >$OUTDIR/compile-cpu-1thread.log 2>&1 &
+        \$cc --device cuda --count 1 >$OUTDIR/compile-cuda.log 2>&1; wait
+        grep -E 'compile_threads|rss|^(fullgraph_capture|compile_file|async_compile.wait|PyCodeCache.load_by_key_path|GraphLowering.codegen|Scheduler.codegen)[ ,]' $OUTDIR/compile-*.log" ;;
+    cuda-example) step cuda-example $PY bench/cuda_compile_example.py ;;
     profile) step profile $PY bench/latency_profile.py --device cuda --host-max-tokens 0 ;;
     crossover) step crossover bash -c "for d in cuda cpu; do $PY bench/latency_profile.py --device \$d \
         --host-max-tokens 0 --top 0 --reps 100 --tokens 4096,16384,65536,262144,1048576; done" ;;
