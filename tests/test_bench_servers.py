@@ -9,9 +9,8 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from conftest import REPO, bench_module
-from softgate.engine import Batch, Engine, LossConfig
+from softgate.engine import Engine, LossConfig
 from softgate_client import SoftgateClient
 
 # every variant that runs the eager engine ("notelemetry" compiles it: the same path as serve)
@@ -22,15 +21,7 @@ LIMIT = 64 << 20
 def test_every_cached_bench_server_answers_what_the_engine_computes() -> None:
     e2e = bench_module("e2e_bench")
     b = e2e.make_batch(4096)
-    want = Engine(device="cpu", compile=False).loss(
-        Batch(
-            logp=torch.from_numpy(b["logp"]),
-            offsets=Batch.offsets_from_lengths(torch.from_numpy(b["lengths"])),
-            old_logp=torch.from_numpy(b["old_logp"]),
-            advantages=torch.from_numpy(b["advantages"]),
-        ),
-        LossConfig(),
-    )
+    want = Engine(device="cpu", compile=False).loss(e2e.engine_batch(4096), LossConfig())
     procs: dict[str, tuple[int, subprocess.Popen[bytes]]] = {}
     try:
         for variant in VARIANTS:  # all at once: each spends seconds importing torch

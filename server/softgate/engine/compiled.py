@@ -231,8 +231,9 @@ def compile_kernel(
     example: tuple[Any, ...], dynamo_lock: AbstractContextManager[Any] | None = None
 ) -> Callable[..., Terms]:
     """`aoti_compile` for a CPU configuration that is not sampled, on a torch AOTInductor was
-    tested with (falling back to `aot_compile` if AOTInductor fails), else `aot_compile`. `dynamo_lock` is held around
-    the compiles that run in this process (dynamo's), not around a child's AOTInductor build."""
+    tested with (falling back to `aot_compile` if AOTInductor fails), else `aot_compile`.
+    `dynamo_lock` is held around the compiles that run in this process (dynamo's), not around
+    a child's AOTInductor build."""
     stride = example[8] if len(example) > 8 else 1
     if host_shortcuts(example[0]["logp"].device) and stride == 1 and aoti.supported():
         try:
