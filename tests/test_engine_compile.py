@@ -983,18 +983,21 @@ def test_an_aoti_build_is_checked_against_eager_in_its_child() -> None:
             aoti.check(lambda *a, out=out: out, example)
 
 
-def test_dynamos_compile_works_where_its_aot_compile_flag_is_off_by_default(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_dynamos_compile_works_where_its_aot_compile_flag_is_off_by_default() -> None:
     """torch 2.11 has `torch.compile(...).aot_compile` behind `enable_aot_compile`, off by
     default (2.13's is on): without setting it every compile failed on that GPU host and every
     configuration ran eager. Here the flag is turned off as 2.11 ships it."""
     from torch._dynamo import config as dynamo_config
 
-    monkeypatch.setattr(dynamo_config, "enable_aot_compile", False)
-    args = _token_terms_args("cpu")
-    kernel = compiled.aot_compile(warmup_args(args))
-    assert not dynamo_config.enable_aot_compile  # set for the compile only
+    # torch's own patch, not pytest's monkeypatch: since pytest 9.2 its undo deletes an
+    # attribute that is not in the module's __dict__, and a deleted torch config reads as
+    # missing for the rest of the process (every later torch.compile failed)
+    before = dynamo_config.enable_aot_compile
+    with dynamo_config.patch(enable_aot_compile=False):
+        args = _token_terms_args("cpu")
+        kernel = compiled.aot_compile(warmup_args(args))
+        assert not dynamo_config.enable_aot_compile  # set for the compile only
+    assert dynamo_config.enable_aot_compile == before  # and the process's flag restored
     with torch.no_grad():
         for g, w in zip(kernel(*args), token_terms(*args), strict=True):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
