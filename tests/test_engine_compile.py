@@ -1001,3 +1001,15 @@ def test_dynamos_compile_works_where_its_aot_compile_flag_is_off_by_default() ->
     with torch.no_grad():
         for g, w in zip(kernel(*args), token_terms(*args), strict=True):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+
+
+def test_a_torch_without_aot_compile_is_named_in_the_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch 2.4 (pyproject's floor) has neither `torch.compile(...).aot_compile` nor the
+    exception dynamo's compile restarts on: the engine runs eager, logging why in words."""
+    import torch._dynamo.exc
+
+    monkeypatch.delattr(torch._dynamo.exc, "TensorifyScalarRestartAnalysis")
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    monkeypatch.setattr(torch, "__version__", "2.4.1")
+    with pytest.raises(RuntimeError, match=r"torch 2\.4\.1 has no torch\.compile\(\.\.\.\)\.aot_compile"):
+        compiled.aot_compile(warmup_args(_token_terms_args("cpu")))

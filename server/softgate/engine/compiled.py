@@ -195,7 +195,6 @@ def aot_compile(example: tuple[Any, ...]) -> Callable[..., Terms]:
     """token_terms compiled for `example`'s configuration, generic in sizes, called without
     dynamo's guard check (see the module docstring). Raises when the torch in use cannot."""
     from torch._dynamo import config as dynamo_config
-    from torch._dynamo.exc import TensorifyScalarRestartAnalysis
 
     # some releases have the API behind a flag that is off by default (2.11's; 2.13's is on)
     with (
@@ -206,6 +205,8 @@ def aot_compile(example: tuple[Any, ...]) -> Callable[..., Terms]:
         fn: Any = torch.compile(token_terms, dynamic=True, fullgraph=True, options=COMPILE_OPTIONS)
         if not hasattr(fn, "aot_compile"):
             raise RuntimeError(f"torch {torch.__version__} has no torch.compile(...).aot_compile")
+        from torch._dynamo.exc import TensorifyScalarRestartAnalysis  # (not in older releases)
+
         for attempt in range(_ANALYSES):
             try:
                 with torch.no_grad():  # as compute_loss calls it
