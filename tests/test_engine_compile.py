@@ -52,6 +52,21 @@ def test_compile_mode(monkeypatch: pytest.MonkeyPatch) -> None:
     assert Engine(device="cpu", compile=False).compile is False
 
 
+def test_auto_runs_eager_on_a_torch_that_cannot_compile_ahead_of_time(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """torch 2.4 to 2.10 cannot (pyproject's floor is 2.4): the default runs eager from the
+    start, saying why, instead of failing each configuration's compile in turn."""
+    assert compiled.compiles_ahead_of_time()  # the torch CI runs
+    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
+    assert compiled.compiles_ahead_of_time()
+    monkeypatch.setattr(torch, "__version__", "2.10.0+cu128")
+    with caplog.at_level(logging.WARNING, logger="softgate.engine.compiled"):
+        assert (compile_mode(None, CPU), compile_mode("auto", CUDA)) == ("off", "off")
+    assert "cannot compile the kernel ahead of time (needs 2.11 or newer)" in caplog.text
+    assert compile_mode(True, CPU) == "sync"  # asked for: tried, and a failure logged (below)
+
+
 @pytest.mark.parametrize("name", OBJECTIVE_NAMES)
 @pytest.mark.parametrize(
     "kl,mm,adv",
@@ -1008,7 +1023,7 @@ def test_a_torch_without_aot_compile_is_named_in_the_error(monkeypatch: pytest.M
     exception dynamo's compile restarts on: the engine runs eager, logging why in words."""
     import torch._dynamo.exc
 
-    monkeypatch.delattr(torch._dynamo.exc, "TensorifyScalarRestartAnalysis")
+    monkeypatch.delattr(torch._dynamo.exc, "TensorifyScalarRestartAnalysis", raising=False)
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
     monkeypatch.setattr(torch, "__version__", "2.4.1")
     with pytest.raises(RuntimeError, match=r"torch 2\.4\.1 has no torch\.compile\(\.\.\.\)\.aot_compile"):

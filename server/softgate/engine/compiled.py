@@ -50,6 +50,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.torch_version import TorchVersion
 
 from softgate.engine import aoti
 from softgate.engine.chunked import chunked_token_terms
@@ -62,6 +63,11 @@ log = logging.getLogger(__name__)
 COMPILE_MODES = ("off", "sync", "background")
 # configurations compiled at most; a server sees a few (its warm-up compiles 7 with compile=true)
 DEFAULT_MAX_CONFIGURATIONS = 64
+# the first torch whose ahead-of-time compile of this kernel is generic in sizes: 2.9 has
+# no `disable_guard_check`, 2.10's kernel is specialised to the example's sizes (it raises on
+# any other), 2.8 and older (pyproject's floor is 2.4) have no `torch.compile(...).aot_compile`.
+# An older torch runs eager by default (compile_mode). Measured: 2.11 (a GPU host), 2.13, 2.14.1.
+MIN_TORCH = "2.11"
 _TRUE = ("1", "true", "yes", "on", "sync")
 _FALSE = ("0", "false", "no", "off")
 
@@ -124,7 +130,19 @@ def compile_mode(compile: bool | str | None, device: torch.device) -> str:
         return "background"
     if s not in ("", "auto", "none"):
         raise ValueError(f"compile must be one of {COMPILE_MODES}, a bool or 'auto'; got {raw!r}")
+    if not compiles_ahead_of_time():
+        log.warning(
+            "torch %s cannot compile the kernel ahead of time (needs %s or newer); the engine runs eager",
+            torch.__version__,
+            MIN_TORCH,
+        )
+        return "off"
     return "sync" if device.type == "cuda" else "background"
+
+
+def compiles_ahead_of_time() -> bool:
+    """Whether this torch compiles the kernel ahead of time, generic in sizes (MIN_TORCH)."""
+    return TorchVersion(torch.__version__) >= MIN_TORCH
 
 
 def kernel_key(args: tuple[Any, ...]) -> tuple[Any, ...]:
