@@ -21,12 +21,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from softgate.engine.compiled import MIN_TORCH, compiles_ahead_of_time
 from softgate.telemetry import Telemetry
 
 REPO = Path(__file__).resolve().parent.parent
 # engines built without an explicit `compile` stay eager in tests (CPU's default would queue
 # background compiles); tests of compilation pass compile= themselves
 os.environ.setdefault("SOFTGATE_ENGINE_COMPILE", "0")
+# tests of the compiled kernels: pyproject admits torch 2.4, which runs the engine eager
+needs_compile = pytest.mark.skipif(
+    not compiles_ahead_of_time(), reason=f"the compiled kernels need torch >= {MIN_TORCH}"
+)
 
 
 # ---------------------------------------------------------------- ports

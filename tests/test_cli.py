@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from conftest import needs_compile
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from softgate import __version__
 from softgate.cli import main
@@ -325,6 +326,7 @@ def test_a_second_signal_cuts_the_grace_period_short(serve: Any) -> None:
     assert "responses" not in result
 
 
+@needs_compile
 def test_sigterm_during_a_background_compile_exits_0_and_leaves_no_build_directory(
     serve: Any, tmp_path: Path
 ) -> None:

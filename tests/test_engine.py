@@ -11,6 +11,7 @@ import re
 
 import pytest
 import torch
+from conftest import needs_compile
 from softgate.engine import (
     METRIC_NAMES,
     AdvantageConfig,
@@ -845,6 +846,7 @@ EC = None
 CODES = 1 << 15  # sample_tokens above the batch's size: ratio and gate whole, with their bucket codes
 
 
+@needs_compile
 @pytest.mark.parametrize(
     "dtype,name,kl,mm,clamp,agg,adv,sample",
     [
@@ -1096,6 +1098,7 @@ def test_the_gpu_code_path_on_the_cpu_gives_the_cpu_results(monkeypatch, name, a
     _assert_equal_results(got, want)
 
 
+@needs_compile
 def test_the_gpu_code_path_compiled_on_the_cpu_gives_the_cpu_results(monkeypatch):
     """The same, compiled as CUDA compiles (dynamo, the gathers in the graph)."""
     from softgate.engine import compiled

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import kernel_args
+from conftest import kernel_args, needs_compile
 from softgate.engine import METRIC_NAMES, Engine, compiled
 from softgate.engine.aggregate import sequence_weights
 from softgate.engine.buckets import bucket_codes, bucket_edges
@@ -27,6 +27,7 @@ try:
 except ImportError:  # tests/ is not a package from this rootdir
     from reference_loss import OBJECTIVE_NAMES, assert_same_result, make_config, random_batch  # type: ignore[no-redef]
 
+pytestmark = needs_compile
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
