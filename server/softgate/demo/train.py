@@ -140,8 +140,10 @@ def train(
         }
         for k in CURVES[2:]:
             vals = [m[k] for m in step_metrics if k in m and np.isfinite(m[k])]
-            reduce = np.max if k == "ratio_max" else np.mean
-            row[k] = float(reduce(vals)) if vals else float("nan")
+            if not vals:
+                row[k] = float("nan")
+            else:
+                row[k] = float(np.max(vals) if k == "ratio_max" else np.mean(vals))
         for k in CURVES:
             curves[k].append(row[k])
         if on_step is not None:
