@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 from softgate.engine.compiled import MIN_TORCH, compiles_ahead_of_time
@@ -32,6 +32,14 @@ os.environ.setdefault("SOFTGATE_ENGINE_COMPILE", "0")
 needs_compile = pytest.mark.skipif(
     not compiles_ahead_of_time(), reason=f"the compiled kernels need torch >= {MIN_TORCH}"
 )
+
+
+def missing_tool(why: str) -> NoReturn:
+    """A test's external tool (scripts/tools/*.sh, run by `make tools`) is missing: skip here,
+    fail under CI (CI set), which ran `make tools`."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{why} (CI runs make tools)")
+    pytest.skip(why)
 
 
 # ---------------------------------------------------------------- ports

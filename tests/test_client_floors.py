@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import missing_tool
 from test_client_harness import ServerThread
 
 REPO = Path(__file__).resolve().parent.parent
@@ -88,10 +89,7 @@ def _inputs(path: Path) -> None:
 
 def test_the_client_at_its_dependency_floors_gets_what_this_client_gets(tmp_path: Path) -> None:
     if not (VENV / "pins").is_file():
-        why = "no .tools/client-floors: run bash scripts/tools/client_floors.sh"
-        if os.environ.get("CI"):
-            pytest.fail(f"{why} (CI must run the client at its floors: make tools)")
-        pytest.skip(why)
+        missing_tool("no .tools/client-floors: run bash scripts/tools/client_floors.sh")
     script = tmp_path / "calls.py"
     script.write_text(CALLS)
     _inputs(tmp_path / "inputs.npz")

@@ -9,12 +9,12 @@ when either is missing, except in CI (CI set), where that is a failure.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import missing_tool
 from test_client_harness import ServerThread
 
 REPO = Path(__file__).resolve().parent.parent
@@ -22,12 +22,6 @@ NODE_DIR = REPO / "tests" / "node"
 VECTORS = REPO / "tests" / "vectors"
 
 pytestmark = pytest.mark.integration
-
-
-def _missing(why: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"{why} (CI must run the Node.js test: make tools)")
-    pytest.skip(why)
 
 
 def _vectors() -> list[Path]:
@@ -38,16 +32,16 @@ def _vectors() -> list[Path]:
 def node() -> str:
     exe = shutil.which("node")
     if exe is None:
-        _missing("node is not installed")
+        missing_tool("node is not installed")
     if not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
-        _missing("tests/node/node_modules missing: run bash scripts/tools/node_grpc.sh")
+        missing_tool("tests/node/node_modules missing: run bash scripts/tools/node_grpc.sh")
     return str(exe)
 
 
 def test_node_compute_loss_matches_conformance_vectors(node: str) -> None:
     vectors = _vectors()
     if not vectors:
-        _missing("no conformance vectors in tests/vectors")
+        missing_tool("no conformance vectors in tests/vectors")
     with ServerThread() as server:
         ran = 0
         for vec in vectors:

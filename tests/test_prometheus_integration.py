@@ -26,7 +26,7 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from conftest import free_ports
+from conftest import free_ports, missing_tool
 from softgate.admin.server import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -44,9 +44,7 @@ DEADLINE_S = 60.0
 def _prometheus() -> str:
     exe = shutil.which("prometheus")
     if exe is None:
-        if os.environ.get("CI"):
-            pytest.fail("prometheus missing: `make tools` (scripts/tools/prometheus.sh) installs it")
-        pytest.skip("prometheus not installed (bash scripts/tools/prometheus.sh)")
+        missing_tool("prometheus not installed (bash scripts/tools/prometheus.sh)")
     return exe
 
 

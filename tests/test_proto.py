@@ -4,7 +4,6 @@ and no change breaks code generated from the contract's baseline (proto/softgate
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import missing_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO = ROOT / "proto" / "softgate" / "v1" / "softgate.proto"
@@ -173,9 +173,7 @@ def _buf() -> str | None:
 def _run_buf(*args: str) -> subprocess.CompletedProcess[str]:
     buf = _buf()
     if buf is None:
-        if os.environ.get("CI"):
-            pytest.fail("buf not installed: CI runs make tools (scripts/tools/buf.sh)")
-        pytest.skip("buf not installed (bash scripts/tools/buf.sh)")
+        missing_tool("buf not installed (bash scripts/tools/buf.sh)")
     return subprocess.run([buf, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 

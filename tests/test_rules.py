@@ -6,7 +6,6 @@ promtool comes from Debian's `prometheus` package (scripts/tools/prometheus.sh, 
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -14,9 +13,9 @@ import sys
 from pathlib import Path
 
 import httpx
-import pytest
 import torch
 import yaml
+from conftest import missing_tool
 from prometheus_client.parser import text_string_to_metric_families
 from softgate.admin import create_app
 from softgate.admin.server import ThreadedAdminServer
@@ -32,9 +31,7 @@ RULE_TESTS = PROM / "softgate-rules.test.yaml"
 def promtool() -> str:
     exe = shutil.which("promtool")
     if exe is None:
-        if os.environ.get("CI"):
-            pytest.fail("promtool missing: `make tools` (scripts/tools/prometheus.sh) installs it")
-        pytest.skip("promtool not installed (bash scripts/tools/prometheus.sh)")
+        missing_tool("promtool not installed (bash scripts/tools/prometheus.sh)")
     return exe
 
 
