@@ -2,7 +2,7 @@
 # Fill .whl/ with what bench/device_check.sh needs on a GPU host that has torch and numpy but
 # cannot reach a registry (the H200 image: Python 3.12, torch 2.11, no fastapi, no
 # grpcio-health-checking, no allocator libraries): wheels for Python 3.12 at
-# the versions installed here (the ones the tests passed with), and the allocator libraries
+# the versions of constraints/py3.12.txt (what install.sh installs there), and the allocator libraries
 # into .whl/lib/. .whl/ is git-ignored through .git/info/exclude; carry it to the host.
 #
 #   bash bench/device_wheels.sh && <run on the host, carrying .whl>: bash bench/device_check.sh OUT ...
@@ -13,8 +13,12 @@ grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >>.git/info/exc
 PKGS="grpcio grpcio-health-checking grpcio-reflection grpcio-status googleapis-common-protos protobuf
       fastapi starlette pydantic pydantic-core annotated-types annotated-doc typing-inspection
       typing-extensions anyio uvicorn h11 prometheus-client opentelemetry-api"
-pins=$($PY -c 'import sys; from importlib.metadata import version
-print(" ".join(f"{n}=={version(n)}" for n in sys.argv[1:]))' $PKGS)
+# the versions of the Python 3.12 lock (scripts/lock.py), else the ones installed here
+pins=$($PY -c 'import re, sys; from importlib.metadata import version
+norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()
+lock = dict(ln.split("==") for ln in open("constraints/py3.12.txt").read().split() if "==" in ln)
+lock = {norm(n): v for n, v in lock.items()}
+print(" ".join(f"{n}=={lock.get(norm(n)) or version(n)}" for n in sys.argv[1:]))' $PKGS)
 rm -rf .whl && mkdir -p .whl/lib
 $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
