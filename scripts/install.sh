@@ -37,12 +37,13 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && ! have_tcmalloc; 
   } >/dev/null 2>&1 || echo "install.sh: could not install $pkg (optional: softgate serve then uses glibc malloc)" >&2
 fi
 # Everything else at the versions of the lock file for this Python (scripts/lock.py, `make lock`):
-# a clean CI machine or image build gets what the last `make test` passed with. SOFTGATE_UNLOCKED=1,
-# or a Python with no lock file, takes the newest releases the pyproject files admit instead.
+# a clean CI machine or image build gets what the last `make test` passed with.
+# SOFTGATE_INSTALL_UNLOCKED=1, or a Python with no lock file, takes the newest releases the
+# pyproject files admit instead.
 py=$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 lock=()
-if [ "${SOFTGATE_UNLOCKED:-0}" = 1 ]; then
-  echo "install.sh: SOFTGATE_UNLOCKED=1: the newest releases pyproject admits, not constraints/py$py.txt" >&2
+if [ "${SOFTGATE_INSTALL_UNLOCKED:-0}" = 1 ]; then
+  echo "install.sh: SOFTGATE_INSTALL_UNLOCKED=1: the newest releases pyproject admits, not constraints/py$py.txt" >&2
 elif [ -f "constraints/py$py.txt" ]; then
   lock=(-c "constraints/py$py.txt")
 else

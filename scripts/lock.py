@@ -8,7 +8,8 @@ Each interpreter gets a fresh venv with the newest releases the two pyproject fi
 client's and the server's dependencies with the `dev` and `demo` extras), and `pip freeze` of it
 becomes `constraints/pyMAJOR.MINOR.txt`. scripts/install.sh installs with the file of the running
 Python as a pip constraint (`-c`), so a clean CI machine and a container build get the versions
-the last `make test` passed with, not whatever was released since; SOFTGATE_UNLOCKED=1 skips it.
+the last `make test` passed with, not whatever was released since (SOFTGATE_INSTALL_UNLOCKED=1
+skips it).
 torch is left out: TORCH_SPEC chooses it (a CPU or a CUDA build, of any release the range admits)
 and pip picks what torch itself needs.
 """
