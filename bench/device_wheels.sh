@@ -14,11 +14,10 @@ PKGS="grpcio grpcio-health-checking grpcio-reflection grpcio-status googleapis-c
       fastapi starlette pydantic pydantic-core annotated-types annotated-doc typing-inspection
       typing-extensions anyio uvicorn h11 prometheus-client opentelemetry-api"
 # the versions of the Python 3.12 lock (scripts/lock.py), else the ones installed here
-pins=$($PY -c 'import re, sys; from importlib.metadata import version
-norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()
-lock = dict(ln.split("==") for ln in open("constraints/py3.12.txt").read().split() if "==" in ln)
-lock = {norm(n): v for n, v in lock.items()}
-print(" ".join(f"{n}=={lock.get(norm(n)) or version(n)}" for n in sys.argv[1:]))' $PKGS)
+pins=$($PY -c 'import sys; from importlib.metadata import version; from pathlib import Path
+sys.path.insert(0, "scripts"); import lock
+pins = lock.read(Path("constraints/py3.12.txt"))
+print(" ".join(f"{n}=={pins.get(lock.normalise(n)) or version(n)}" for n in sys.argv[1:]))' $PKGS)
 rm -rf .whl && mkdir -p .whl/lib
 $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import re
 import subprocess
 import sys
 import tempfile
@@ -50,12 +51,22 @@ def requirements() -> list[str]:
     return out
 
 
+def normalise(name: str) -> str:
+    """A distribution name as PEP 503 compares them: `PyYAML`, `pyyaml` -> `pyyaml`."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 def _name(req: str) -> str:
-    """A requirement's distribution name, normalised (PEP 503)."""
-    name = req.split(";")[0]
-    for sep in "<>=!~[ @":
-        name = name.split(sep)[0]
-    return name.strip().lower().replace("_", "-").replace(".", "-")
+    """A requirement's distribution name, normalised."""
+    match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", req)
+    assert match, f"not a requirement: {req!r}"
+    return normalise(match[1])
+
+
+def read(path: Path) -> dict[str, str]:
+    """A lock file's pins: version by normalised name."""
+    lines = (ln for ln in path.read_text().splitlines() if ln and not ln.startswith("#"))
+    return {normalise(name): version for name, version in (ln.split("==") for ln in lines)}
 
 
 def lock(python: str) -> Path:

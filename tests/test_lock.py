@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -21,22 +20,8 @@ LOCKS = sorted(lock.LOCK_DIR.glob("py*.txt"))
 THIS_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 
 
-def _norm(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def pins(path: Path) -> dict[str, str]:
-    """A lock file's `name==version` lines, by normalised name."""
-    out = {}
-    for line in path.read_text().splitlines():
-        if line and not line.startswith("#"):
-            name, version = line.split("==")
-            out[_norm(name)] = version
-    return out
-
-
 def test_the_requirements_are_both_pyprojects_without_torch() -> None:
-    names = {_norm(Requirement(r).name) for r in lock.requirements()}
+    names = {lock.normalise(Requirement(r).name) for r in lock.requirements()}
     assert {
         "grpcio",
         "protobuf",
@@ -59,11 +44,11 @@ def test_there_is_a_lock_for_ci_and_the_images() -> None:
 def test_a_lock_pins_every_requirement_within_its_range(path: Path) -> None:
     version = path.name[2:-4]
     env = {"python_version": version, "python_full_version": version + ".0"}
-    pinned = pins(path)
+    pinned = lock.read(path)
     for req in map(Requirement, lock.requirements()):
         if req.marker is not None and not req.marker.evaluate(env):
             continue
-        name = _norm(req.name)
+        name = lock.normalise(req.name)
         assert name in pinned, f"{path.name} does not pin {req}"
         assert req.specifier.contains(pinned[name], prereleases=True), (
             f"{path.name} pins {name}=={pinned[name]}, outside {req}"
@@ -80,7 +65,7 @@ def test_this_environment_is_the_lock_of_its_python() -> None:
     if not path.exists() or os.environ.get("SOFTGATE_INSTALL_UNLOCKED") == "1":
         pytest.skip(f"no lock in use for Python {THIS_PYTHON}")
     wrong = []
-    for name, version in pins(path).items():
+    for name, version in lock.read(path).items():
         try:
             have = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
