@@ -51,6 +51,21 @@ def requirements() -> list[str]:
     return out
 
 
+def floors(pyproject: Path) -> list[str]:
+    """`name==version` of each `>=` floor among a pyproject's dependencies that apply to the
+    running Python (scripts/tools/client_floors.sh installs the client's)."""
+    from packaging.requirements import Requirement
+
+    reqs = map(Requirement, tomllib.loads(pyproject.read_text())["project"]["dependencies"])
+    return [
+        f"{r.name}=={s.version}"
+        for r in reqs
+        if r.marker is None or r.marker.evaluate()
+        for s in r.specifier
+        if s.operator == ">="
+    ]
+
+
 def normalise(name: str) -> str:
     """A distribution name as PEP 503 compares them: `PyYAML`, `pyyaml` -> `pyyaml`."""
     return re.sub(r"[-_.]+", "-", name).lower()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,8 @@ from test_client_harness import ServerThread
 
 REPO = Path(__file__).resolve().parent.parent
 VENV = REPO / ".tools" / "client-floors"
+sys.path.insert(0, str(REPO / "scripts"))
+import lock  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -90,6 +93,9 @@ def _inputs(path: Path) -> None:
 def test_the_client_at_its_dependency_floors_gets_what_this_client_gets(tmp_path: Path) -> None:
     if not (VENV / "pins").is_file():
         missing_tool("no .tools/client-floors: run bash scripts/tools/client_floors.sh")
+    assert _floors() == dict(p.split("==") for p in lock.floors(lock.PYPROJECTS[0])), (
+        "the venv holds other floors than client/pyproject.toml gives this Python: run make tools"
+    )
     script = tmp_path / "calls.py"
     script.write_text(CALLS)
     _inputs(tmp_path / "inputs.npz")

@@ -6,19 +6,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 venv=.tools/client-floors
-pins=$(python3 -c '
-import re
-deps = re.search(r"^dependencies\s*=\s*\[(.*?)\]", open("client/pyproject.toml").read(), re.M | re.S)[1]
-print(" ".join(f"{n}=={v}" for n, v in re.findall(r"\"([\w.-]+)>=([\w.]+)\"", deps)))
-')
+pins=$(python3 -c 'import sys; sys.path.insert(0, "scripts"); import lock
+print(" ".join(lock.floors(lock.PYPROJECTS[0])))')
 if [ -x "$venv/bin/python" ] && [ "$(cat "$venv/pins" 2>/dev/null)" = "$pins" ]; then
   echo "client_floors: up to date ($pins)"
   exit 0
 fi
 rm -rf "$venv"
 python3 -m venv "$venv"
-# wheels only. A floor with no wheel for this Python (numpy 1.24 on 3.12+) leaves no venv: the
-# test then skips, saying so, and fails under CI (CI set), whose Python has the wheels.
+# wheels only (client/pyproject.toml gives numpy's floor per Python: the first release with
+# wheels for it). A floor with no wheel for this Python leaves no venv: the test then skips,
+# saying so, and fails under CI (CI set).
 if ! timeout 300 "$venv/bin/python" -m pip install -q --disable-pip-version-check --only-binary=:all: $pins; then
   rm -rf "$venv"
   echo "client_floors: could not install $pins on $(python3 --version); tests/test_client_floors.py skips" >&2
