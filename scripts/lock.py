@@ -11,7 +11,8 @@ Python as a pip constraint (`-c`), so a clean CI machine and a container build g
 the last `make test` passed with, not whatever was released since (SOFTGATE_INSTALL_UNLOCKED=1
 skips it).
 torch is left out: TORCH_SPEC chooses it (a CPU or a CUDA build, of any release the range admits)
-and pip picks what torch itself needs.
+and pip picks what torch itself needs. `floors` reads the other end of the ranges: the lowest
+versions a pyproject admits on the running Python (scripts/tools/client_floors.sh).
 """
 
 from __future__ import annotations
