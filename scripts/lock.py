@@ -118,9 +118,7 @@ def main() -> None:
     ap.add_argument("--python", nargs="+", default=["python3"], help="interpreters to lock for")
     for python in ap.parse_args().python:
         path = lock(python)
-        print(
-            f"{path.relative_to(ROOT)}: {sum(1 for ln in path.read_text().splitlines() if '==' in ln)} pins"
-        )
+        print(f"{path.relative_to(ROOT)}: {len(read(path))} pins")
 
 
 if __name__ == "__main__":
