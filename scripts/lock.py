@@ -24,6 +24,9 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
+
+from packaging.requirements import Requirement
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -42,12 +45,12 @@ def requirements() -> list[str]:
     dependencies and the `dev` and `demo` extras, without torch and the project's own client."""
     out: list[str] = []
     for path in PYPROJECTS:
-        project = tomllib.loads(path.read_text())["project"]
+        project = _project(path)
         reqs = list(project.get("dependencies", []))
         for extra in EXTRAS:
             reqs += project.get("optional-dependencies", {}).get(extra, [])
         for r in reqs:
-            if _name(r) not in UNLOCKED and r not in out:
+            if normalise(Requirement(r).name) not in UNLOCKED and r not in out:
                 out.append(r)
     return out
 
@@ -55,9 +58,7 @@ def requirements() -> list[str]:
 def floors(pyproject: Path) -> list[str]:
     """`name==version` of each `>=` floor among a pyproject's dependencies that apply to the
     running Python (scripts/tools/client_floors.sh installs the client's)."""
-    from packaging.requirements import Requirement
-
-    reqs = map(Requirement, tomllib.loads(pyproject.read_text())["project"]["dependencies"])
+    reqs = map(Requirement, _project(pyproject)["dependencies"])
     return [
         f"{r.name}=={s.version}"
         for r in reqs
@@ -72,11 +73,9 @@ def normalise(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def _name(req: str) -> str:
-    """A requirement's distribution name, normalised."""
-    match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", req)
-    assert match, f"not a requirement: {req!r}"
-    return normalise(match[1])
+def _project(pyproject: Path) -> dict[str, Any]:
+    """A pyproject file's [project] table."""
+    return tomllib.loads(pyproject.read_text())["project"]
 
 
 def read(path: Path) -> dict[str, str]:
