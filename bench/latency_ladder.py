@@ -12,7 +12,11 @@ the echo's median.
 
 Rows (the same SAPO call through SoftgateClient as bench/e2e_bench.py, tcmalloc preloaded
 when installed, as `softgate serve` runs):
-- replay: ComputeLoss answers with bytes it answered before: the client and the message sizes.
+- raw: the replay server below, sent the bytes SoftgateClient sends (built once), with its
+  metadata and timeout, and its response left as bytes: softgate's message sizes and metadata
+  without the client's Python.
+- replay: ComputeLoss answers with bytes it answered before, called through SoftgateClient:
+  + the client's Python (packing, encoding, parsing, the result).
 - admission: + the servicer's ComputeLoss around a `_loss` that answers what it answered
   before: admission, the deadline, the inline run, the accounting (no decoding).
 - decode: + decoding the batch and configuration (the engine returns a result it computed
@@ -44,7 +48,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import e2e_bench as E  # noqa: E402
 
-RUNGS = ("replay", "admission", "decode", "cached-notelemetry", "notelemetry", "serve")
+RUNGS = ("raw", "replay", "admission", "decode", "cached-notelemetry", "notelemetry", "serve")
 BLOCK = 25
 
 
@@ -77,6 +81,8 @@ def main() -> None:
         E.wait_port(echo_port, procs[-1])
         ports = {}
         for rung in rungs:
+            if rung == "raw":  # a client of the replay server (started for it when not a row)
+                continue
             ports[rung] = port = E.free_port()
             if rung == "serve":
                 procs.append(E._softgate_serve(port, limit, "true", args.device, env))
@@ -96,6 +102,14 @@ def main() -> None:
         b = E.make_batch(args.tokens)
         echo = E.EchoClient(echo_port, limit, limit, limit)
         calls: dict[str, Any] = {"echo": lambda: echo.call(b)}
+        if "raw" in rungs:
+            port = ports.get("replay") or E.free_port()
+            if "replay" not in ports:
+                cmd = [sys.executable, E.__file__, "--serve-variant", f"{port}:{limit}:replay:{args.device}"]
+                procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL))
+                E.wait_port(port, procs[-1])
+                E.wait_serving(port, procs[-1])
+            calls["raw"] = raw_call(port, limit, b)
         for rung, port in ports.items():
             sg = SoftgateClient(f"127.0.0.1:{port}", run="ladder", timeout=600, max_message_bytes=limit)
             calls[rung] = lambda sg=sg: sg.loss(
@@ -131,6 +145,34 @@ def main() -> None:
         ms = statistics.median(ts) * 1e3
         print(f"| {name} | {ms:.3f} | {ms - echo_ms:+.3f} | {ms - prev:+.3f} |")
         prev = ms
+
+
+def raw_call(port: int, limit: int, b: dict[str, Any]) -> Any:
+    """A call of the replay server at `port` with the bytes, metadata and timeout SoftgateClient
+    sends for batch `b` (encoded once, here), the response left as bytes."""
+    import grpc
+    from softgate_client import SoftgateClient, client
+
+    sg = SoftgateClient(f"127.0.0.1:{port}", run="ladder", timeout=600, max_message_bytes=limit)
+    sent: list[bytes] = []
+
+    def encode(pieces: Any) -> bytes:
+        sent.append(pieces.join())
+        return sent[-1]
+
+    sg._compute_loss = sg._channel.unary_unary(  # (one call, to capture its request bytes)
+        f"/{client.SERVICE}/ComputeLoss",
+        request_serializer=encode,
+        response_deserializer=client._parse_loss_response,
+    )
+    sg.loss(b["logp"], b["old_logp"], lengths=b["lengths"], advantages=b["advantages"], objective="sapo")
+    channel = grpc.insecure_channel(
+        f"127.0.0.1:{port}",
+        options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)],
+    )
+    call = channel.unary_unary(f"/{client.SERVICE}/ComputeLoss")
+    request, metadata = sent[0], sg._metadata(None)
+    return lambda: call(request, timeout=600, metadata=metadata)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The benchmarks' stand-in servers (bench/e2e_bench.py `serve_variant`: the latency ladder's
-rungs and e2e's "server path alone" rows) answer a real client with what the engine computes.
+rungs and e2e's "server path alone" rows) answer a real client with what the engine computes
+(and the replay server the ladder's bare "raw" call too).
 A rung that errors stops the ladder before it measures anything, and nothing else calls them."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import REPO, bench_module
 from softgate.engine import Engine, LossConfig
-from softgate_client import SoftgateClient
+from softgate_client import SoftgateClient, client
 
 # every variant that runs the eager engine ("notelemetry" compiles it: the same path as serve)
 VARIANTS = ("replay", "admission", "decode", "cached", "cached-notelemetry")
@@ -46,6 +47,12 @@ def test_every_cached_bench_server_answers_what_the_engine_computes() -> None:
                     )
                     assert r.loss == want.loss, (variant, call)
                     np.testing.assert_array_equal(r.grad, want.grad.numpy(), err_msg=f"{variant}, {call}")
+            if variant == "replay":  # the ladder's "raw" row: the client's bytes, sent bare
+                resp, outs = client._parse_loss_response(
+                    bench_module("latency_ladder").raw_call(port, LIMIT, b)()
+                )
+                assert resp.loss == want.loss
+                np.testing.assert_array_equal(outs["gradient"], want.grad.numpy())
     finally:
         for _, proc in procs.values():
             proc.terminate()
