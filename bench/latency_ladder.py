@@ -149,7 +149,7 @@ def main() -> None:
 
 def raw_call(port: int, limit: int, b: dict[str, Any]) -> Any:
     """A call of the replay server at `port` with the bytes, metadata and timeout SoftgateClient
-    sends for batch `b` (encoded once, here), the response left as bytes."""
+    sends for batch `b` in a unary call (encoded once, here), the response left as bytes."""
     import grpc
     from softgate_client import SoftgateClient, client
 
@@ -165,13 +165,21 @@ def raw_call(port: int, limit: int, b: dict[str, Any]) -> Any:
         request_serializer=encode,
         response_deserializer=client._parse_loss_response,
     )
-    sg.loss(b["logp"], b["old_logp"], lengths=b["lengths"], advantages=b["advantages"], objective="sapo")
+    sg.loss(
+        b["logp"],
+        b["old_logp"],
+        lengths=b["lengths"],
+        advantages=b["advantages"],
+        objective="sapo",
+        stream=False,
+    )
+    request, metadata = sent[0], sg._metadata(None)
+    sg.close()
     channel = grpc.insecure_channel(
         f"127.0.0.1:{port}",
         options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)],
     )
     call = channel.unary_unary(f"/{client.SERVICE}/ComputeLoss")
-    request, metadata = sent[0], sg._metadata(None)
     return lambda: call(request, timeout=600, metadata=metadata)
 
 

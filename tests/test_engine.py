@@ -8,6 +8,7 @@ import itertools
 import logging
 import math
 import re
+import warnings
 
 import pytest
 import torch
@@ -721,13 +722,16 @@ def test_cpu_sequence_weights_are_the_torch_formula_bit_for_bit(mode: str) -> No
     from softgate.engine.aggregate import _weights, sequence_weights
 
     yl = torch.tensor([0, 3, 7, 1, 0, 12, 5])
-    for given in ({}, {"num_tokens": 33.0, "num_seqs": 5.0}):
-        kw = {"constant": 7.0} if mode == "token_sum_norm" else given
+    # (tiny normalisers: weights past float32's range, inf there, refused later; no warning)
+    for given in ({}, {"num_tokens": 33.0, "num_seqs": 5.0}, {"num_tokens": 1e-300, "num_seqs": 1e-300}):
+        kw = {"constant": given.get("num_tokens", 7.0)} if mode == "token_sum_norm" else given
         c = AggregationConfig(mode=mode, **kw)  # type: ignore[arg-type]
         for dt in (torch.float32, torch.float64):
             want = torch.as_tensor(_weights(c, yl.to(torch.float64), torch)).to(dt)
             for counts in (yl, yl.numpy()):  # (compute_loss passes a host batch's counts in numpy)
-                got = sequence_weights(c, counts, dt)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error")
+                    got = sequence_weights(c, counts, dt)
                 assert got.dtype == dt and torch.equal(got, want), (given, dt, type(counts))
                 assert got.dim() == (1 if mode == "seq_mean_token_mean" else 0)  # uniform: one weight
 
