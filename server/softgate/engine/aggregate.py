@@ -25,15 +25,15 @@ def sequence_weights(cfg: AggregationConfig, ylen: Tensor | np.ndarray, dtype: t
     host memory, a numpy array), on their device; one weight for every sequence (0-d) where
     the mode's is the same for all (every mode but seq_mean_token_mean), so that the kernel
     needs no per-token sequence id for it."""
-    # on the host through numpy: these torch ops cost ~50 us a small call (cold); the cast too
-    # (torch's `.to`: ~17 us of a served 4k call's engine in a loop, numpy's the same rounding)
+    # on the host through numpy: these torch ops cost ~50 us a small call (cold), and the cast
+    # too (torch's `.to`: ~15 us of a 4k call's engine in a loop; numpy's, the same rounding)
     if isinstance(ylen, np.ndarray) or host_shortcuts(ylen.device):
         w = _weights(cfg, ylen if isinstance(ylen, np.ndarray) else ylen.numpy(), np)
         np_dtype = _NP_FLOATS.get(dtype)
         if np_dtype is None:
             return torch.from_numpy(np.asarray(w)).to(dtype)
-        if np_dtype is np.float32 and _given_normaliser(cfg):  # a weight may be past float32's range
-            with np.errstate(over="ignore"):  # (inf, refused later)
+        if _given_normaliser(cfg):  # a weight may lie past float32's range: inf, refused later
+            with np.errstate(over="ignore"):
                 return torch.from_numpy(np.asarray(w, dtype=np_dtype))
         return torch.from_numpy(np.asarray(w, dtype=np_dtype))
     return torch.as_tensor(_weights(cfg, ylen.to(torch.float64), torch), device=ylen.device).to(dtype)
