@@ -349,6 +349,14 @@ def make_batch(n: int, seed: int = 0) -> dict[str, np.ndarray]:
     return {"logp": logp, "old_logp": old, "advantages": adv, "lengths": lengths}
 
 
+def sapo_loss(sg: Any, b: dict[str, np.ndarray], **kw: Any) -> Any:
+    """The benchmarks' call: SAPO loss and gradient of `make_batch`'s batch `b` through
+    SoftgateClient `sg` (`kw`: more of `SoftgateClient.loss`'s arguments)."""
+    return sg.loss(
+        b["logp"], b["old_logp"], lengths=b["lengths"], advantages=b["advantages"], objective="sapo", **kw
+    )
+
+
 class EchoClient:
     """Sends the same bytes as the softgate request (12 N) and receives 4 N bytes back,
     chunked like StreamLoss when the batch is above the stream threshold."""
@@ -417,14 +425,7 @@ def worker(args: argparse.Namespace) -> None:
         b = make_batch(n)
 
         def sg_call(b: dict[str, np.ndarray] = b) -> Any:
-            return sg.loss(
-                b["logp"],
-                b["old_logp"],
-                lengths=b["lengths"],
-                advantages=b["advantages"],
-                objective="sapo",
-                stream=stream,
-            )
+            return sapo_loss(sg, b, stream=stream)
 
         def echo_call(b: dict[str, np.ndarray] = b) -> Any:
             return echo.call(b)

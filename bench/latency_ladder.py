@@ -112,9 +112,7 @@ def main() -> None:
             calls["raw"] = raw_call(port, limit, b)
         for rung, port in ports.items():
             sg = SoftgateClient(f"127.0.0.1:{port}", run="ladder", timeout=600, max_message_bytes=limit)
-            calls[rung] = lambda sg=sg: sg.loss(
-                b["logp"], b["old_logp"], lengths=b["lengths"], advantages=b["advantages"], objective="sapo"
-            )
+            calls[rung] = lambda sg=sg: E.sapo_loss(sg, b)
         for call in calls.values():  # first touches, the inline path's streak, compiles
             for _ in range(200 if args.tokens <= 1 << 16 else 3):
                 call()
@@ -165,14 +163,7 @@ def raw_call(port: int, limit: int, b: dict[str, Any]) -> Any:
         request_serializer=encode,
         response_deserializer=client._parse_loss_response,
     )
-    sg.loss(
-        b["logp"],
-        b["old_logp"],
-        lengths=b["lengths"],
-        advantages=b["advantages"],
-        objective="sapo",
-        stream=False,
-    )
+    E.sapo_loss(sg, b, stream=False)
     request, metadata = sent[0], sg._metadata(None)
     sg.close()
     channel = grpc.insecure_channel(

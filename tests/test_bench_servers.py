@@ -38,13 +38,7 @@ def test_every_cached_bench_server_answers_what_the_engine_computes() -> None:
             e2e.wait_serving(port, proc, timeout=120)
             with SoftgateClient(f"127.0.0.1:{port}", timeout=60, max_message_bytes=LIMIT) as sg:
                 for call in ("computed", "answered again"):
-                    r = sg.loss(
-                        b["logp"],
-                        b["old_logp"],
-                        lengths=b["lengths"],
-                        advantages=b["advantages"],
-                        objective="sapo",
-                    )
+                    r = e2e.sapo_loss(sg, b)
                     assert r.loss == want.loss, (variant, call)
                     np.testing.assert_array_equal(r.grad, want.grad.numpy(), err_msg=f"{variant}, {call}")
             if variant == "replay":  # the ladder's "raw" row: the client's bytes, sent bare
