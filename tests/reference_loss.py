@@ -63,7 +63,10 @@ def reference_advantages(
             c = vals[0]
             mu = c + math.fsum(x - c for x in vals) / len(vals)
             var = math.fsum((x - mu) ** 2 for x in vals) / (len(vals) - 1) if len(vals) > 1 else 0.0
-            adv = [(a - mu) / (math.sqrt(var) + cfg.eps) for a in adv]
+            # no spread: every sequence whitens to 0, the untrained ones too (not (a - mu) / eps)
+            adv = [(a - mu) / (math.sqrt(var) + cfg.eps) if var > 0 else 0.0 for a in adv]
+        else:
+            adv = [0.0] * len(adv)
         adv = [0.0 if degenerate_seq[i] else a for i, a in enumerate(adv)]
     share = n_degenerate / len(members) if members else 0.0
     return adv, share

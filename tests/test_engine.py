@@ -267,6 +267,29 @@ def test_eps_0_gives_finite_advantages(est, scale):
     assert torch.isfinite(adv).all() and adv[2:].tolist() == [0.0, 0.0]
 
 
+@pytest.mark.parametrize("mask", [[1, 1, 1, 0, 0, 0], [0] * 6])
+def test_reinforce_pp_baseline_without_spread_whitens_untrained_sequences_to_0(mask):
+    """When the trained tokens carry one value (here: one trained sequence, or none), nothing
+    is whitened: every advantage is 0, a fully masked sequence's too (it was (a - mu) / eps,
+    -1e6, in the advantages output; found by an audit)."""
+    b = simple_batch(
+        [3, 3],
+        mask=torch.tensor(mask, dtype=torch.bool),
+        rewards=torch.tensor([1.0, 0.0]),
+        group_ids=torch.tensor([0, 0]),
+    )
+    res = E.loss(b, LossConfig(advantages=AdvantageConfig(estimator="reinforce_pp_baseline")))
+    assert res.advantages.tolist() == [0.0] * 6 and res.loss == 0.0
+    spread = simple_batch(
+        [3, 3, 2],
+        mask=torch.tensor([1, 1, 1, 0, 0, 0, 1, 1], dtype=torch.bool),
+        rewards=torch.tensor([1.0, 0.0, 0.5]),
+        group_ids=torch.tensor([0, 0, 0]),
+    )
+    a = E.loss(spread, LossConfig(advantages=AdvantageConfig(estimator="reinforce_pp_baseline"))).advantages
+    assert 0 < float(a.abs().max()) < 10  # with spread, the untrained sequence is whitened too
+
+
 @pytest.mark.parametrize("est", ["grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"])
 def test_estimators(est):
     r = torch.tensor([1.0, 0.0, 0.0, 2.0, 4.0], dtype=F64)

@@ -85,8 +85,9 @@ def group_advantages(
         var = torch.where(
             sw > 1, (w * (a - mu) ** 2).sum() / (sw - 1).clamp(min=1e-300), torch.zeros_like(sw)
         )
-        den = var.sqrt() + cfg.eps  # 0 only with eps=0 and all weighted values equal: whitened to 0
-        a = torch.where(den > 0, (a - mu) / den, torch.zeros_like(a))
+        # no spread among the weighted values (all equal, or none weighted): they whiten to 0,
+        # and so do the sequences without trained tokens, not to (a - mu) / eps
+        a = torch.where(var > 0, (a - mu) / (var.sqrt() + cfg.eps), torch.zeros_like(a))
     a = torch.where(degenerate, torch.zeros_like(a), a)
     frac = (
         degenerate_g.to(torch.float64).mean()
