@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import random
+import socket
+import threading
+import time
 import traceback
 from concurrent import futures
 from typing import Any
@@ -353,3 +356,29 @@ def test_no_retry_waits_past_the_calls_deadline() -> None:
             rng=Top(),
         )
     assert len(attempts) == 1 and sleeps == []
+
+
+@pytest.mark.parametrize("tokens", [1_000, 100_000])  # under and over the size that asks the server's limit
+def test_a_call_to_a_server_that_never_answers_ends_at_its_timeout(tokens: int) -> None:
+    """a large call's first ask of the server's message limit counts against the call's own
+    timeout: it took its own 10 s (and retries) on top, on every large call (an audit)."""
+    import numpy as np
+    from softgate_client import SoftgateClient
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    accepted: list[Any] = []  # a wedged server: connections accepted, never answered
+    threading.Thread(
+        target=lambda: [accepted.append(listener.accept()) for _ in iter(int, 1)], daemon=True
+    ).start()
+    logp = np.full(tokens, -0.5, dtype=np.float32)
+    try:
+        with SoftgateClient(f"127.0.0.1:{listener.getsockname()[1]}", timeout=1.0) as c:
+            for timeout in (None, 0.3):  # the client's, then the call's
+                t0 = time.monotonic()
+                with pytest.raises(DeadlineExceededError):
+                    c.loss(logp, offsets=[0, tokens], advantages=[1.0], timeout=timeout)
+                assert time.monotonic() - t0 < (timeout or 1.0) + 0.5
+    finally:
+        listener.close()

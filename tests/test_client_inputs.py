@@ -124,6 +124,38 @@ def test_a_ragged_per_token_input_must_have_logps_token_count() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    "level, adv, expected",
+    [
+        ("token", np.ones(3), "bad_shape: (3,); expected (3, 4) per token (advantage_level='token')"),
+        (
+            "sequence",
+            np.ones((3, 4)),
+            "bad_shape: (3, 4); expected (3,) per sequence (advantage_level='sequence')",
+        ),
+        (None, np.ones(5), "bad_shape: (5,); expected (3,) per sequence or (3, 4) per token"),
+    ],
+)
+def test_a_padded_batchs_advantages_refusal_says_what_the_level_asks(level, adv, expected) -> None:
+    """With advantage_level given, the refusal names the shape that level needs (it named the
+    shape given as the one expected, or a flat (N,) a padded batch never takes; an audit)."""
+    lp = -np.ones((3, 4), np.float32)
+    assert refusal(lambda: pack_batch(lp, advantages=adv, advantage_level=level)) == (
+        "batch.advantages",
+        expected,
+    )
+
+
+@pytest.mark.parametrize("half", [np.float16, torch.float16, torch.bfloat16])
+def test_half_precision_lengths_are_refused_from_numpy_as_from_torch(half) -> None:
+    """A half mask's row sums round past 256 / 2048: refused as integers are asked for, from
+    numpy as from torch (numpy's float16 was taken as it came; an audit)."""
+    lp = -np.ones(6, np.float32)
+    lengths = np.array([2, 4], half) if isinstance(half, type) else torch.tensor([2, 4], dtype=half)
+    field, why = refusal(lambda: pack_batch(lp, lengths=lengths, advantages=[1, 2]))
+    assert field == "batch.lengths" and why.startswith("half_precision") and "as integers" in why
+
+
 def test_a_scalar_ragged_mask_is_refused_by_shape() -> None:
     """A 0-d mask for a ragged logp is a bad_shape refusal (not an IndexError)."""
     lp = -np.ones(3, np.float32)

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 from softgate_client import SoftgateClient, pack_batch
 from softgate_client.client import _CHUNK_HEAD_BYTES
-from softgate_client.errors import ResourceExhaustedError, UnavailableError
+from softgate_client.errors import ResourceExhaustedError
 from test_client_harness import ServerThread
 
 ALL_OUTPUTS = ("advantages", "ratio", "gate_weight", "clip_mask", "mask")
@@ -136,15 +137,19 @@ def test_a_failed_ask_for_the_server_limit_is_asked_again(small_server, monkeypa
     logp, off, adv = ragged([100] * 5000, np.float32)  # a 2 MB request
     with SoftgateClient(f"127.0.0.1:{small_server.port}", timeout=120) as c:
         asks: list[int] = []
-        real = c.algorithms
+        real = c._stub.ListAlgorithms
 
-        def down_at_first(**kw):
+        class Down(grpc.RpcError):
+            def code(self) -> grpc.StatusCode:
+                return grpc.StatusCode.UNAVAILABLE
+
+        def down_at_first(request, **kw):
             asks.append(1)
             if len(asks) == 1:
-                raise UnavailableError("connection refused")
-            return real(**kw)
+                raise Down()
+            return real(request, **kw)
 
-        monkeypatch.setattr(c, "algorithms", down_at_first)
+        monkeypatch.setattr(c._stub, "ListAlgorithms", down_at_first)
         with pytest.raises(ResourceExhaustedError):  # sent unary: over the server's limit
             c.loss(logp, None, offsets=off, advantages=adv)
         assert c._server_max_message_bytes is None

@@ -81,6 +81,8 @@ def test_torch_inputs_and_half_precision_refused() -> None:
     assert a.dtype == np.float32 and a.tolist() == [0, 1, 2, 3]
     with pytest.raises(ArrayInputError, match="half_precision"):
         to_numpy(t.to(torch.bfloat16), "logp")
+    with pytest.raises(ArrayInputError, match="mask: bad_device: a meta tensor"):  # (not torch's
+        to_numpy(torch.ones(3, device="meta"), "mask")  # NotImplementedError; an audit)
 
 
 def test_an_integer_logp_is_widened_to_float32() -> None:

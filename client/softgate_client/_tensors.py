@@ -17,6 +17,11 @@ FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 def half_reason(name: str, dtype: str) -> str:
     """The refusal of a float16 / bfloat16 input: names the field and what to send instead."""
+    if name in ("offsets", "lengths"):  # (e.g. a half mask's row sums, already rounded past 256 / 2048)
+        return (
+            f"half_precision: {name} is {dtype}, whose whole numbers are not exact past 256 (bfloat16) "
+            f"or 2048 (float16); send {name} as integers (e.g. `mask.sum(-1, dtype=torch.int64)`)"
+        )
     why = ""
     if name.endswith("logp"):
         why = " (bf16 log-probs carry ~3% ratio noise per token at logp = -10, more than GSPO's clip band)"
@@ -48,6 +53,8 @@ def to_numpy(x: Any, name: str) -> np.ndarray:
         t = x.detach()
         if t.dtype.is_floating_point and t.element_size() == 2:  # bf16 / fp16
             raise ArrayInputError(name, half_reason(name, str(t.dtype).replace("torch.", "")))
+        if t.device.type == "meta":  # (shapes only: torch's own NotImplementedError otherwise)
+            raise ArrayInputError(name, "bad_device: a meta tensor has no data to send")
         if t.device.type != "cpu":
             t = t.cpu()
         return t.numpy()
@@ -64,6 +71,8 @@ def int_array(x: Any, name: str) -> np.ndarray:
     a = to_numpy(x, name)
     if a.dtype.kind in "biu":
         return a.astype(np.int64, copy=False)
+    if a.dtype == np.float16:  # (as a torch half tensor is, in to_numpy)
+        raise ArrayInputError(name, half_reason(name, "float16"))
     if a.dtype.kind != "f":
         raise ArrayInputError(name, f"bad_dtype: {a.dtype}; expected integers")
     with np.errstate(invalid="ignore"):  # nan / inf: refused below

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import re
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,7 +43,6 @@ from softgate_client.errors import (
     FieldViolation,
     InternalError,
     InvalidArgumentError,
-    UnimplementedError,
     invalid_argument,
 )
 from softgate_client.proto.softgate.v1 import softgate_pb2 as pb
@@ -56,6 +56,7 @@ DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024  # bench/RESULTS.md "End-to-end": the chu
 # a message over this asks the server's own limit first (once): the smallest limit a server is
 # expected to be set to (a message under it is sent as the client's own limit allows)
 _LIMIT_PROBE_BYTES = 64 * 1024
+_LIMIT_PROBE_S = 10.0  # the longest the ask of the server's limit waits (within the call's timeout)
 # a chunk's headers: 48 bytes for each of at most 9 tensors (tag, length, dtype, shape, data
 # tag and length, alignment padding; the offsets' extra element); the config in the first
 # message fits in the 10% left under the message limit
@@ -396,13 +397,20 @@ def _place_advantages(
     """Put caller advantages in the per-sequence or per-token arrays; return the level sent."""
     b, n = layout.num_seqs, layout.num_tokens
     seq_level, tok_level = pb.ADVANTAGE_LEVEL_SEQUENCE, pb.ADVANTAGE_LEVEL_TOKEN
+    per_seq = f"({b},) per sequence"
+    per_tok = f"{layout.padded} per token" if layout.padded else f"({n},) per token"
+    want = {
+        seq_level: f"{per_seq} (advantage_level='sequence')",
+        tok_level: f"{per_tok} (advantage_level='token')",
+    }
+    bad_shape = f"bad_shape: {tuple(adv.shape)}; expected " + want.get(level, f"{per_seq} or {per_tok}")
     if adv.ndim == 2:
         if layout.padded is None or level == seq_level:
-            raise ArrayInputError("advantages", f"bad_shape: {tuple(adv.shape)}; expected ({b},) or ({n},)")
+            raise ArrayInputError("advantages", bad_shape)
         token["advantages"] = layout.flatten(adv, "advantages")
         return tok_level
     if adv.ndim != 1:
-        raise ArrayInputError("advantages", f"bad_shape: {tuple(adv.shape)}; expected 1-D or like logp")
+        raise ArrayInputError("advantages", bad_shape)
     fits_seq = adv.shape[0] == b
     fits_tok = layout.padded is None and adv.shape[0] == n
     if level == pb.ADVANTAGE_LEVEL_UNSPECIFIED:
@@ -422,10 +430,7 @@ def _place_advantages(
     elif level == tok_level and fits_tok:
         token["advantages"] = adv
     else:
-        want = f"({b},) per sequence or " + (
-            f"{layout.padded} per token" if layout.padded else f"({n},) per token"
-        )
-        raise ArrayInputError("advantages", f"bad_shape: {tuple(adv.shape)}; expected {want}")
+        raise ArrayInputError("advantages", bad_shape)
     return level
 
 
@@ -449,7 +454,8 @@ def _per_seq(a: np.ndarray, name: str, b: int | None) -> np.ndarray:
 
 class SoftgateClient:
     """A client of one softgate service (a host:port, or a DNS name whose addresses calls
-    are spread over, e.g. `dns:///softgate-headless.ns.svc:50051`).
+    are spread over, e.g. `dns:///softgate.softgate.svc.cluster.local:50051`: the headless
+    Service of deploy/k8s).
 
     target: `host:port`, `dns:///name:port`, `unix:/path`.
     tls / root_certificates / client_cert / client_key: TLS (root CA PEM bytes or a path;
@@ -538,23 +544,25 @@ class SoftgateClient:
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
 
-    def _threshold(self, nbytes: int) -> int:
-        """The stream threshold, lowered to 90% of the server's own message limit: that limit
-        is asked (ListAlgorithms) the first time a call's larger message (request or
-        response, `nbytes`) is over _LIMIT_PROBE_BYTES, and again after a failed ask."""
-        if nbytes > _LIMIT_PROBE_BYTES and self._server_max_message_bytes is None:
-            try:
-                limits = self.algorithms(timeout=10).limits
-                self._server_max_message_bytes = int(limits.max_message_bytes)
-            except UnimplementedError:  # not a softgate server: the call itself will tell
+    def _ask_limit(self, timeout: float | None) -> float | None:
+        """Ask the server's message limit (ListAlgorithms, one attempt of at most
+        _LIMIT_PROBE_S, within the call's `timeout`) and lower the stream threshold and chunk
+        to 90% of it; returns what is left of `timeout`. A failed ask leaves them as they are
+        and is asked again by the next large call."""
+        start = time.monotonic()
+        wait = _LIMIT_PROBE_S if timeout is None else min(_LIMIT_PROBE_S, timeout)
+        try:
+            request = pb.ListAlgorithmsRequest()
+            limits = self._stub.ListAlgorithms(request, timeout=wait, metadata=self._metadata(None)).limits
+            self._server_max_message_bytes = int(limits.max_message_bytes)
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.UNIMPLEMENTED:  # not a softgate server: the call will tell
                 self._server_max_message_bytes = 0
-            except Exception:  # unreachable or busy now: the call itself will tell; ask next time
-                return self.stream_threshold_bytes
-            if self._server_max_message_bytes > 0:
-                server_cap = int(self._server_max_message_bytes * 0.9)
-                self.stream_threshold_bytes = min(self.stream_threshold_bytes, server_cap)
-                self.stream_chunk_bytes = min(self.stream_chunk_bytes, server_cap)
-        return self.stream_threshold_bytes
+        if self._server_max_message_bytes:
+            server_cap = int(self._server_max_message_bytes * 0.9)
+            self.stream_threshold_bytes = min(self.stream_threshold_bytes, server_cap)
+            self.stream_chunk_bytes = min(self.stream_chunk_bytes, server_cap)
+        return None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
 
     # -------------------------------------------------------- RPCs
 
@@ -675,10 +683,13 @@ class SoftgateClient:
         """`loss` for an already packed batch (see `pack_batch`)."""
         proto_cfg, sel, fields = _messages(c)
         out_per_token = _out_bytes_per_token(packed, sel)
+        timeout = self._timeout(timeout)
         if stream is not False:  # the call's larger message, request or response (asking the
-            # server's limit when it is large: that limit bounds the streamed chunks too)
+            # server's limit the first time it is large: that limit bounds the streamed chunks too)
             nbytes = max(packed.nbytes, packed.layout.num_tokens * out_per_token)
-            stream = nbytes > self._threshold(nbytes) or stream is True
+            if nbytes > _LIMIT_PROBE_BYTES and self._server_max_message_bytes is None:
+                timeout = self._ask_limit(timeout)
+            stream = nbytes > self.stream_threshold_bytes or stream is True
         md = self._metadata(run)
         if stream:
             result = self._stream_loss(packed, proto_cfg, sel, out_per_token, md, timeout)
@@ -687,7 +698,7 @@ class SoftgateClient:
             resp, outs = call_with_retries(
                 lambda t: self._compute_loss(req, timeout=t, metadata=md),
                 policy=self.retry_policy,
-                timeout=self._timeout(timeout),
+                timeout=timeout,
             )
             result = _result(resp.loss, resp.policy_loss, resp.kl_loss, resp.metrics, outs, packed.layout)
         self.last_result = result
@@ -714,7 +725,7 @@ class SoftgateClient:
             return list(self._stream_loss_rpc(requests(), timeout=t, metadata=md))
 
         try:
-            responses = call_with_retries(call, policy=self.retry_policy, timeout=self._timeout(timeout))
+            responses = call_with_retries(call, policy=self.retry_policy, timeout=timeout)
         except InvalidArgumentError as e:
             raise _unchunked(e, packed, bounds) from None
         responses.sort(key=lambda r: r[0].chunk_index)
