@@ -399,11 +399,12 @@ def _place_advantages(
     seq_level, tok_level = pb.ADVANTAGE_LEVEL_SEQUENCE, pb.ADVANTAGE_LEVEL_TOKEN
     per_seq = f"({b},) per sequence"
     per_tok = f"{layout.padded} per token" if layout.padded else f"({n},) per token"
-    want = {
-        seq_level: f"{per_seq} (advantage_level='sequence')",
-        tok_level: f"{per_tok} (advantage_level='token')",
-    }
-    bad_shape = f"bad_shape: {tuple(adv.shape)}; expected " + want.get(level, f"{per_seq} or {per_tok}")
+    want = f"{per_seq} or {per_tok}"
+    if level == seq_level:
+        want = f"{per_seq} (advantage_level='sequence')"
+    elif level == tok_level:
+        want = f"{per_tok} (advantage_level='token')"
+    bad_shape = f"bad_shape: {tuple(adv.shape)}; expected {want}"
     if adv.ndim == 2:
         if layout.padded is None or level == seq_level:
             raise ArrayInputError("advantages", bad_shape)
