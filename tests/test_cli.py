@@ -468,3 +468,45 @@ def test_admin_bind_failure_exits_1_with_one_line(serve: Any, where: str) -> Non
     assert "Traceback" not in log, log
     failed = [e for e in s.events() if e.get("event") == "startup_failed"]
     assert len(failed) == 1 and failed[0]["error"].startswith("cannot bind admin on "), log
+
+
+@pytest.mark.parametrize("admin", [True, False])
+def test_health_follows_the_ports_the_server_bound_and_fails_once_it_exits(
+    serve: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str], admin: bool
+) -> None:
+    """`softgate health` reads the status file the server wrote (ports picked by flags, here
+    0, which no environment variable tells), asks /healthz or, with the admin server off,
+    connects to the gRPC port; after exit the file is gone and the check fails. The images'
+    HEALTHCHECK polled SOFTGATE_ADMIN_PORT only: a port set by flag or config file, or
+    `--admin-port none`, read as unhealthy (an audit)."""
+    status = tmp_path / "status.json"
+    assert main(["health", "--status-file", str(status)]) == 1  # not started
+    assert "no status file" in capsys.readouterr().err
+    s = serve(
+        "--grpc-port", "0", "--grpc-host", "127.0.0.1", "--admin-port", "0" if admin else "none",
+        "--admin-host", "127.0.0.1", "--log-format", "json", "--device", "cpu", "--no-warmup",
+        "--status-file", str(status),
+    )  # fmt: skip
+    port = int(s.wait_event("grpc_listening")["port"])
+    _wait_serving(f"127.0.0.1:{port}")
+    written = json.loads(status.read_text())
+    assert written["grpc"] == ["127.0.0.1", port] and (written["admin"] is not None) == admin
+    assert main(["health", "--status-file", str(status)]) == 0
+    s.proc.send_signal(signal.SIGTERM)
+    assert s.proc.wait(30) == 0
+    assert not status.exists()
+    assert main(["health", "--status-file", str(status)]) == 1
+
+
+def test_health_refuses_a_status_file_whose_server_is_gone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file left by a server killed with SIGKILL names a pid no longer running: unhealthy,
+    even when something else took its port; without a file given at all: exit 2."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    status = tmp_path / "status.json"
+    status.write_text(json.dumps({"pid": int(gone.stdout), "grpc": ["127.0.0.1", 1], "admin": None}))
+    assert main(["health", "--status-file", str(status)]) == 1
+    assert "is gone" in capsys.readouterr().err
+    monkeypatch.delenv("SOFTGATE_STATUS_FILE", raising=False)
+    assert main(["health"]) == 2

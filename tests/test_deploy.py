@@ -423,6 +423,9 @@ def test_dockerfile(path: Path) -> None:
         assert var.removeprefix("SOFTGATE_").lower() in field_names(), var
     exposed = {int(p) for i, a in final_instr if i == "EXPOSE" for p in a.split()}
     assert exposed == {GRPC_PORT, ADMIN_PORT}
+    # the health check follows the ports the server bound (flags, config file), not an env var
+    (health,) = [a for i, a in final_instr if i == "HEALTHCHECK"]
+    assert health.endswith('CMD ["softgate", "health"]') and "SOFTGATE_STATUS_FILE=/tmp/" in envs
 
     torch_index = next(a for i, a in build["instructions"] if i == "ARG" and a.startswith("TORCH_INDEX_URL="))
     if path.name.endswith("cuda"):

@@ -2,6 +2,7 @@
 
     softgate serve [--grpc-port 50051] [--admin-port 8080] [--config server.yaml] ...
     softgate demo ...      # the end-to-end RL example (softgate.demo)
+    softgate health [--status-file F]   # exit 0 when the server of that status file answers
     softgate version
 
 Every setting of `softgate.settings.Settings` is a `serve` flag (`--max-concurrent-rpcs 8`);
@@ -11,6 +12,7 @@ flags override `SOFTGATE_*` environment variables, which override the config fil
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import fields
 
@@ -50,9 +52,24 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> a
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="softgate", description="softgate: a gRPC loss service for LLM RL.")
     ap.add_argument("--version", action="version", version=f"softgate {__version__}")
-    sub = ap.add_subparsers(dest="command", metavar="{serve,demo,version}")
+    sub = ap.add_subparsers(dest="command", metavar="{serve,demo,health,version}")
     _serve_parser(sub)
     sub.add_parser("demo", help="end-to-end RL demo (softgate demo --help)", add_help=False)
+    health = sub.add_parser(
+        "health",
+        help="exit 0 when the server of a status file is alive (a container's health check)",
+        description="Read the status file a `softgate serve --status-file F` writes, then ask its "
+        "admin /healthz (with the admin server off: connect to its gRPC port). Exit 0 when it "
+        "answers, else 1 with the reason.",
+    )
+    health.add_argument(
+        "--status-file",
+        default=os.environ.get("SOFTGATE_STATUS_FILE"),
+        help="the server's status file [env SOFTGATE_STATUS_FILE]",
+    )
+    health.add_argument(
+        "--timeout", type=float, default=2.0, help="seconds to wait for an answer [default: 2]"
+    )
     sub.add_parser("version", help="print the version")
     return ap
 
@@ -76,6 +93,16 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.command == "version":
         print(f"softgate {__version__}")
+        return 0
+    if args.command == "health":
+        if not args.status_file:
+            print("softgate health: no status file (--status-file, or SOFTGATE_STATUS_FILE)", file=sys.stderr)
+            return 2
+        from softgate.status import check
+
+        if (problem := check(args.status_file, args.timeout)) is not None:
+            print(f"softgate health: {problem}", file=sys.stderr)
+            return 1
         return 0
     if args.command != "serve":
         ap.print_help()

@@ -32,6 +32,7 @@ from softgate.engine import Engine
 from softgate.grpc.server import GrpcServer
 from softgate.logging import NativeStderr, configure, get_logger
 from softgate.settings import Settings
+from softgate.status import remove_status, write_status
 from softgate.telemetry import Telemetry
 from softgate.threads import cpu_quota, threads_for
 
@@ -129,13 +130,13 @@ def _admin_socket(settings: Settings) -> socket.socket:
     return sock
 
 
-def _bound_admin_address(server: Any, settings: Settings) -> str:
+def _bound_admin_address(server: Any, settings: Settings) -> tuple[str, int]:
     try:
         sock = server.servers[0].sockets[0]
         host, port = sock.getsockname()[:2]
-        return f"{host}:{port}"
+        return str(host), int(port)
     except Exception:
-        return f"{settings.admin_host}:{settings.admin_port}"
+        return settings.admin_host, int(settings.admin_port or 0)
 
 
 async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int:
@@ -179,6 +180,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
 
     admin = _make_admin_server(settings, telemetry, is_ready)
     admin_task: asyncio.Task[Any] | None = None
+    admin_address: tuple[str, int] | None = None
     code = 0
     try:
         if admin is not None:
@@ -190,11 +192,16 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
                         f"admin server failed to start on {settings.admin_host}:{settings.admin_port}: {exc!r}"
                     )
                 await asyncio.sleep(0.01)
-            log.info(
-                "admin_listening",
-                address=_bound_admin_address(admin, settings),
-                auth=bool(settings.admin_token),
-            )
+            admin_address = _bound_admin_address(admin, settings)
+            host, port = admin_address
+            log.info("admin_listening", address=f"{host}:{port}", auth=bool(settings.admin_token))
+        if settings.status_file:
+            try:
+                write_status(
+                    settings.status_file, (settings.grpc_host, int(grpc_server.port or 0)), admin_address
+                )
+            except OSError as e:  # the health check then says so; the service itself is fine
+                log.warning("status_file_not_written", path=settings.status_file, error=str(e))
 
         if settings.warmup and not stop.is_set():
             t0 = loop.time()
@@ -227,6 +234,8 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
                 close()
         for sig in installed:
             loop.remove_signal_handler(sig)
+        if settings.status_file:
+            remove_status(settings.status_file)
         log.info("stopped", exit_code=code)
     return code
 

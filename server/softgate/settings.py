@@ -139,6 +139,13 @@ class Settings:
     max_groups: int = field(
         default=1 * MiB, metadata={"help": "distinct groups per request (per stream), 0: no limit"}
     )
+    status_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "write the bound gRPC and admin addresses here (JSON) once listening, removed at "
+            "exit; `softgate health` reads it (the container images set /tmp/softgate-status.json)"
+        },
+    )
     # ---- where these came from
     config: str | None = field(default=None, metadata={"help": "YAML or TOML config file"})
 
