@@ -503,7 +503,9 @@ def test_health_refuses_a_status_file_whose_server_is_gone(
 ) -> None:
     """A file left by a server killed with SIGKILL names a pid no longer running: unhealthy,
     even when something else took its port; without a file given at all: exit 2."""
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     status = tmp_path / "status.json"
     status.write_text(json.dumps({"pid": int(gone.stdout), "grpc": ["127.0.0.1", 1], "admin": None}))
     assert main(["health", "--status-file", str(status)]) == 1
