@@ -460,3 +460,16 @@ def test_an_engine_violation_names_the_request_field_it_lies_in():
     assert codec.request_field("advantages.min_group_std") == "config.advantages.min_group_std"
     assert codec.request_field("objective.grpo.dual_clip") == "config.objective.grpo.dual_clip"
     assert codec.request_field("logp") == "batch.logp"
+
+
+def test_a_varint_longer_than_protobufs_ten_bytes_is_refused_at_once() -> None:
+    """A run of bytes >= 0x80 is no varint past 10 bytes: refused there, not read on into an
+    ever larger int (a 1 MiB request of 0xff bytes held the server's event loop for ~30 s, the
+    cost growing with the square of its size; an audit). Such a request is corrupt."""
+    from softgate_client._wire import read_varint
+
+    assert read_varint(memoryview(b"\xff" * 9 + b"\x01"), 0) == (2**64 - 1, 10)
+    with pytest.raises(ValueError, match="longer than 10 bytes"):
+        read_varint(memoryview(b"\xff" * 64), 0)
+    for cls, field in ((pb.ComputeLossRequest, 2), (pb.StreamLossRequest, 3)):
+        assert isinstance(codec.safe_deserializer(cls, field)(b"\xff" * (1 << 20)), codec.CorruptMessage)
