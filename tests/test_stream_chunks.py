@@ -54,3 +54,20 @@ def test_chunks_of_different_dtypes_are_refused_not_promoted():
         ("chunk[1].logp", "inconsistent"),
         ("chunk[1].advantages", "inconsistent"),
     }
+
+
+def test_a_chunk_tensor_that_is_not_1d_is_refused_by_name_not_joined():
+    """Every tensor of a chunk is 1-D, logp and advantages (and group_ids next to advantages)
+    too: a [1, 2] logp beside a [3] one reached torch.cat and came back INTERNAL (an audit)."""
+    ones = torch.ones
+
+    def refused(**kw):
+        v: list = []
+        _check_chunk(Batch(offsets=torch.tensor([0, 2]), **kw), 1, v)
+        return [(x.field, x.code) for x in v]
+
+    assert refused(logp=-ones(1, 2), advantages=ones(1)) == [("chunk[1].logp", "bad_shape")]
+    assert refused(logp=-ones(2), advantages=ones(1, 1)) == [("chunk[1].advantages", "bad_shape")]
+    got = refused(logp=-ones(2), advantages=ones(1), group_ids=torch.zeros(1, 1, dtype=torch.int64))
+    assert got == [("chunk[1].group_ids", "bad_shape")]
+    assert refused(logp=-ones(2), advantages=ones(1), group_ids=torch.zeros(1, dtype=torch.int64)) == []

@@ -754,8 +754,19 @@ def _decode_chunk(
 
 
 def _check_chunk(b: Batch, i: int, v: list[FieldViolation]) -> None:
-    """A chunk must be whole sequences: its own offsets from 0 to its token count."""
+    """A chunk must be whole sequences: its own offsets from 0 to its token count; its tensors
+    1-D (they are concatenated with the other chunks')."""
     p = f"chunk[{i}]."
+    flat = True
+    for name in _STREAM_TENSORS:
+        x = getattr(b, name)
+        if x is not None and x.dim() != 1:
+            v.append(
+                FieldViolation(p + name, f"bad_shape: expected a 1-D tensor, got shape {tuple(x.shape)}")
+            )
+            flat = False
+    if not flat:
+        return
     off, n = b.offsets, b.logp.numel()
     if off.dtype.is_floating_point or off.dtype is torch.bool or off.dim() != 1 or off.numel() < 1:
         v.append(
@@ -792,11 +803,7 @@ def _check_chunk(b: Batch, i: int, v: list[FieldViolation]) -> None:
         x = getattr(b, name)
         if x is None or (name == "group_ids" and b.advantages is not None):
             continue
-        if x.dim() != 1:
-            v.append(
-                FieldViolation(p + name, f"bad_shape: expected a 1-D tensor, got shape {tuple(x.shape)}")
-            )
-        elif x.numel() != want:
+        if x.numel() != want:
             v.append(
                 FieldViolation(
                     p + name, f"length_mismatch: length {x.numel()}, expected {want}, the chunk's {what}"
