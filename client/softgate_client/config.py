@@ -1,6 +1,6 @@
 """Small dataclasses mirroring the proto's configuration messages.
 
-Every field left at None takes the server's default (SPEC.md), so a request carries only what
+Every field left at None takes the server's default (docs/spec.md), so a request carries only what
 the caller chose. The same choices can be passed as keyword arguments to
 `SoftgateClient.loss` (see `build_loss_config`). A number given as a one-element tensor or
 numpy scalar is read when the configuration is built (a keyword option: at every call).

@@ -1,6 +1,6 @@
 """Errors the client raises: one `SoftgateError` subclass per gRPC status code, carrying the
 code, the server's message and the `google.rpc.BadRequest` field violations of the trailing
-status, so that a bad batch reads like `logp[17]: non_finite: ...`.
+status, so that a bad batch reads like `batch.logp[17]: non_finite: ...`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from softgate_client import _wire
 
 @dataclass(frozen=True)
 class FieldViolation:
-    """One bad field as the server reported it: `field` (e.g. `logp[17]`,
-    `objective.sapo.tau_pos`) and `description` (`reason_code: human text`)."""
+    """One bad field as the server reported it: `field`, its path in the request (e.g.
+    `batch.logp[17]`, `config.objective.sapo.tau_pos`), and `description` (`reason_code: human
+    text`)."""
 
     field: str
     description: str
