@@ -314,6 +314,25 @@ def test_estimators(est):
     )
 
 
+@pytest.mark.parametrize("dtype, rel", [(torch.float32, 1e-5), (F64, 1e-12)])
+def test_k3_near_zero_is_accurate_and_never_negative(dtype: torch.dtype, rel: float) -> None:
+    """k3 = exp(x) - x - 1 of a policy close to its reference (|x| ~ 1e-4 at the start of a
+    run): evaluated as written it cancelled, float32 read -2.3e-10 for 4.95e-9 and kl_loss came
+    out negative (an audit). Its value (against its series summed in float64) and gradient."""
+    from softgate.engine.kl import kl_terms
+
+    xs = [1e-6, -1e-6, 1e-4, -1e-4, 1e-3, -0.03, 0.0999, -0.0999, 0.1001, -0.5, 2.0, -7.0]
+    k, dk, _ = kl_terms("k3", torch.tensor(xs, dtype=dtype), torch.tensor(20.0, dtype=dtype))
+    for x, got, g in zip(torch.tensor(xs, dtype=dtype).tolist(), k.tolist(), dk.tolist(), strict=True):
+        exact = math.fsum(x**n / math.factorial(n) for n in range(2, 40)) if abs(x) < 1 else math.expm1(x) - x
+        assert got == pytest.approx(exact, rel=rel, abs=0) and got > 0, x
+        assert g == pytest.approx(-math.expm1(x), rel=max(rel, 1e-7), abs=0), x
+    b = simple_batch([50, 30], dtype=dtype, advantages=torch.tensor([1.0, -1.0], dtype=dtype))
+    near = dataclasses.replace(b, ref_logp=b.logp + 1e-4 * torch.randn(80, dtype=F64).to(dtype))
+    res = E.loss(near, LossConfig(kl=KLConfig(beta=1.0)))  # k3 is the default estimator
+    assert res.metrics["kl_mean"] > 0 and res.kl_loss > 0
+
+
 @pytest.mark.parametrize("x", [-30.0, 20.0, 30.0])
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
 def test_only_k3_clamps_the_kl_log_ratio_and_only_from_above(estimator: str, x: float) -> None:

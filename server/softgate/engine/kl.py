@@ -9,8 +9,13 @@ k1 and k2 keep theirs for every finite x (as TRL's and verl's k1 / k2 do).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
+
+K3_SERIES_BELOW = 0.1  # |x| under which k3 is its series
+_K3_SERIES = tuple(1 / math.factorial(n) for n in range(2, 9))  # exp(x) - 1 - x = sum x^n / n!
 
 
 def kl_terms(estimator: str, x_raw: Tensor, clamp: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -23,5 +28,11 @@ def kl_terms(estimator: str, x_raw: Tensor, clamp: Tensor) -> tuple[Tensor, Tens
         raise ValueError(f"unknown KL estimator {estimator!r}")
     x = torch.clamp(x_raw, max=clamp)
     clamped = x_raw > clamp
-    ex = torch.exp(x)
-    return ex - x - 1, torch.where(clamped, torch.zeros_like(ex), 1 - ex), clamped
+    # near 0 (a policy close to its reference), exp(x) - x - 1 cancels: float32 gave k3 of
+    # x = 1e-4 as -2e-10 instead of 5e-9. There its Taylor series (to x^8: 6e-13 relative at
+    # |x| = 0.1), not expm1, which inductor's CPU code computes as exp(x) - 1.
+    p = x * _K3_SERIES[-1] + _K3_SERIES[-2]
+    for c in reversed(_K3_SERIES[:-2]):  # (Horner, over the 7 coefficients: no loop over tokens)
+        p = p * x + c
+    k = torch.where(x.abs() < K3_SERIES_BELOW, x * x * p, torch.exp(x) - x - 1)
+    return k, torch.where(clamped, torch.zeros_like(k), -(x + k)), clamped  # 1 - exp(x) = -(x + k)
