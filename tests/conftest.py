@@ -379,7 +379,8 @@ def serve_process(tmp_path: Path) -> Iterator[Any]:
 
 class StandInContext:
     """What LossServicer reads of grpc's servicer context: metadata, deadline, cancel state,
-    done callbacks (run them to end the call), abort (raises Aborted)."""
+    done callbacks (run them to end the call), a failure's status (`code`, `details`), abort
+    (a refusal at admission: raises Aborted)."""
 
     class Aborted(Exception):
         pass
@@ -390,6 +391,9 @@ class StandInContext:
         self.is_cancelled = False
         self.callbacks: list[Any] = []
         self.aborted: tuple[Any, str] | None = None
+        self.code: Any = None
+        self.details: str | None = None
+        self.trailing_metadata: Any = ()
 
     def invocation_metadata(self) -> tuple[tuple[str, Any], ...]:
         return self.metadata
@@ -405,6 +409,15 @@ class StandInContext:
 
     def peer(self) -> str:
         return "ipv4:127.0.0.1:1"
+
+    def set_code(self, code: Any) -> None:
+        self.code = code
+
+    def set_details(self, details: str) -> None:
+        self.details = details
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        self.trailing_metadata = metadata
 
     async def abort(self, code: Any, message: str, trailing_metadata: Any = ()) -> None:
         self.aborted = (code, message)

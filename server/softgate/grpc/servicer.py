@@ -14,6 +14,7 @@ import asyncio
 import functools
 import threading
 import time
+import traceback
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -125,6 +126,17 @@ class _Call:
         return "DEADLINE_EXCEEDED" if late else "CANCELLED"
 
 
+def _clear_frames(exc: BaseException | None) -> None:
+    """Drop the locals of the finished frames a failure's traceback (and its context's) holds:
+    the request and its batch, which a cycle through them (a frame holding the future that holds
+    the exception raised in it) kept until a full garbage collection (an audit)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)  # (frames still running are left as they are)
+        exc = exc.__cause__ or exc.__context__
+
+
 # a response's bytes besides its per-token outputs: loss, metrics map (~850 B), tensor headers,
 # a stream's chunk fields and summary, a gradient's alignment padding (an upper bound)
 RESPONSE_OVERHEAD = 4096
@@ -143,15 +155,19 @@ class _Guard:
         self.call = await self.servicer._admit(self.rpc, self.context)
         return self.call
 
-    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
-        """(Returns None: an exception always propagates, or the abort's replaces it.)"""
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
+        """True (the failure is answered: its status is set on the context, and the handler
+        returns, without a response) for an Exception; else False (it propagates)."""
         try:
             # GeneratorExit: a StreamLoss whose client went away while a response was written;
             # grpc closes the handler's generator later, without a CancelledError
             if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
                 self.call.code = self.call.cut()
             elif isinstance(exc, Exception) and not isinstance(exc, grpc.aio.AbortError):
-                await self.servicer._fail(self.call, exc, self.context)  # aborts: raises AbortError
+                self.servicer._fail(self.call, exc, self.context)
+                _clear_frames(exc)
+                return True
+            return False
         finally:
             self.servicer._finish(self.call, self.context)
 
@@ -359,7 +375,11 @@ class LossServicer(pb_grpc.LossServiceServicer):
             cancel.set()
             raise
 
-    async def _fail(self, call: _Call, exc: BaseException, context: Any) -> None:
+    def _fail(self, call: _Call, exc: BaseException, context: Any) -> None:
+        """Set the status of failure `exc` on the call; its handler then returns no response.
+        Not context.abort: grpc keeps the AbortError it raises in a reference cycle with the
+        call's state, and with it every frame it passed through and their locals, the request
+        among them, until a full garbage collection (~400 MB a failed 210 MB request; an audit)."""
         f = failure_for(exc)
         call.code, call.error = f.code.name, f.message
         if isinstance(exc, Cancelled):  # (grpc cancels a call at its deadline too)
@@ -370,7 +390,10 @@ class LossServicer(pb_grpc.LossServiceServicer):
             log.error("rpc_internal_error", rpc=call.rpc, run=call.run, error_id=f.error_id, exc_info=exc)
         else:
             log.debug("rpc_failed", rpc=call.rpc, run=call.run, code=call.code, message=f.message)
-        await context.abort(f.code, f.message, trailing_metadata=f.trailing_metadata)
+        context.set_code(f.code)
+        context.set_details(f.message)
+        if f.trailing_metadata:
+            context.set_trailing_metadata(f.trailing_metadata)
 
     def _finish(self, call: _Call, context: Any) -> None:
         # a large call keeps its slot until its response is out (_done): a slow or paused
@@ -428,9 +451,9 @@ class LossServicer(pb_grpc.LossServiceServicer):
     # ------------------------------------------------------------ ComputeAdvantages
     async def ComputeAdvantages(
         self, request: pb.ComputeAdvantagesRequest | AsyncIterator[Any], context: Any
-    ) -> pb.ComputeAdvantagesResponse:
+    ) -> pb.ComputeAdvantagesResponse | None:
         """`request` is a stream of one when it came through `loss_service_handler` (read once
-        the call is admitted), a plain message otherwise."""
+        the call is admitted), a plain message otherwise. None: failed, the status says why."""
         async with self._guard("ComputeAdvantages", context) as call:
             msg = request
             if not isinstance(msg, (pb.ComputeAdvantagesRequest, codec.CorruptMessage)):
@@ -446,6 +469,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
             )
             call.bytes_out = resp.ByteSize()
             return resp
+        return None  # (the guard answered a failure)
 
     def _advantages(
         self, request: pb.ComputeAdvantagesRequest, run: str, cancel: threading.Event
@@ -492,10 +516,10 @@ class LossServicer(pb_grpc.LossServiceServicer):
     # ------------------------------------------------------------ ComputeLoss
     async def ComputeLoss(
         self, request: pb.ComputeLossRequest | codec.Received | AsyncIterator[Any], context: Any
-    ) -> pb.ComputeLossResponse | codec.Encoded:
+    ) -> pb.ComputeLossResponse | codec.Encoded | None:
         """`request` is a stream of one Received when it came through `loss_service_handler`
         (read once the call is admitted; the response is then an Encoded), a plain message
-        otherwise (e.g. the generated registration)."""
+        otherwise (e.g. the generated registration). None: failed, the status says why."""
         async with self._guard("ComputeLoss", context) as call:
             if not isinstance(request, (pb.ComputeLossRequest, codec.Received, codec.CorruptMessage)):
                 request = await _first(request)
@@ -509,6 +533,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
             resp = await self._run(call, lambda cancel: self._loss(msg, call.run, cancel, wire), call.tokens)
             call.bytes_out = len(resp) if isinstance(resp, codec.Encoded) else resp.ByteSize()
             return resp
+        return None  # (the guard answered a failure)
 
     def _loss(
         self,
@@ -618,6 +643,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
                         t.exception()  # retrieved: no "never retrieved" warning
                     t.cancel()
                 decoding.clear()
+                await _close(request_iterator)  # (a failed chunk: the stream is read no further)
             if cfg_msg is None:
                 raise InputError([FieldViolation("chunk", "missing: the stream carried no chunk")])
             self._start(call)
@@ -683,10 +709,9 @@ class LossServicer(pb_grpc.LossServiceServicer):
         if self.closing:
             await self._refuse(call, grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN, context)
         if isinstance(request, codec.CorruptMessage):
-            try:
-                await self._fail(call, InputError([request.violation("request")]), context)  # aborts
-            finally:
-                self._account(call, 0.0)
+            self._fail(call, InputError([request.violation("request")]), context)
+            self._account(call, 0.0)
+            return None  # type: ignore[return-value]  # (failed: no response, the status says why)
         resp = self._catalogue
         call.bytes_out = resp.ByteSize()
         self._account(call, time.perf_counter() - call.t0)
@@ -701,9 +726,21 @@ async def _first(requests: AsyncIterator[Any]) -> Any:
     comes, the call ended before it arrived (its deadline, a cancel, a message over the size
     limit that grpc refused itself; a unary client always sends one): accounted as cut, never
     as a rejected input the client did not see."""
-    async for r in requests:
-        return r
+    try:
+        async for r in requests:
+            return r
+    finally:
+        await _close(requests)
     raise Cancelled()
+
+
+async def _close(requests: AsyncIterator[Any]) -> None:
+    """Close a request stream read no further: grpc's receiver is a generator in a reference
+    cycle with its owner, suspended holding the request it yielded last, which only a full
+    garbage collection would free (a closed or finished one holds nothing)."""
+    close = getattr(aiter(requests), "aclose", None)
+    if close is not None:
+        await close()
 
 
 async def _settle(tasks: list[asyncio.Task[Batch]]) -> None:
