@@ -473,3 +473,29 @@ def test_a_varint_longer_than_protobufs_ten_bytes_is_refused_at_once() -> None:
         read_varint(memoryview(b"\xff" * 64), 0)
     for cls, field in ((pb.ComputeLossRequest, 2), (pb.StreamLossRequest, 3)):
         assert isinstance(codec.safe_deserializer(cls, field)(b"\xff" * (1 << 20)), codec.CorruptMessage)
+
+
+def test_a_request_of_too_many_fields_or_dimensions_is_refused_before_it_is_parsed() -> None:
+    """No softgate.v1 message has more than a handful of fields at a level, nor a tensor more
+    than a few dimensions: 64 MiB of empty config fields was walked in Python on the event loop
+    (20 s), and a packed shape of 64 Mi one-byte dimensions became 512 MB of int64 in protobuf
+    (an audit). Both are CORRUPT at once; a 2-D tensor of a large request is not."""
+    for cls, field in (
+        (pb.ComputeLossRequest, 2),
+        (pb.StreamLossRequest, 3),
+        (pb.ComputeAdvantagesRequest, None),
+    ):
+        got = codec.safe_deserializer(cls, field)(b"\x0a\x00" * (1 << 16))  # (field 1, empty)
+        assert isinstance(got, codec.CorruptMessage) and "more than 64 fields" in got.error
+    shape = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[1] * (1 << 17))
+    for msg, cls, field in (
+        (pb.ComputeLossRequest(batch=pb.Batch(logp=shape)), pb.ComputeLossRequest, 2),
+        (pb.StreamLossRequest(chunk=pb.Batch(mask=shape)), pb.StreamLossRequest, 3),
+        (pb.ComputeAdvantagesRequest(rewards=shape), pb.ComputeAdvantagesRequest, None),
+    ):
+        got = codec.safe_deserializer(cls, field)(msg.SerializeToString())
+        assert isinstance(got, codec.CorruptMessage) and "more than 16 dimensions" in got.error
+    n = 1 << 16
+    flat = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[2, n // 2], data=np.zeros(n, np.float32).tobytes())
+    ok = pb.ComputeLossRequest(batch=pb.Batch(logp=flat)).SerializeToString()
+    assert not isinstance(codec.safe_deserializer(pb.ComputeLossRequest, 2)(ok), codec.CorruptMessage)

@@ -132,6 +132,8 @@ def safe_deserializer(cls: Any, batch_field: int | None = None) -> Any:
 
     def deserialize(data: bytes) -> Any:
         views: dict[str, memoryview] = {}
+        if len(data) >= SCAN_MIN_BYTES and (problem := _oversized(memoryview(data), cls.DESCRIPTOR)):
+            return CorruptMessage(cls.DESCRIPTOR.full_name, problem)
         if batch_field is not None and len(data) >= VIEW_MIN_BYTES:
             views, stripped = _batch_views(data, batch_field)
             if stripped is not None:
@@ -199,12 +201,56 @@ def serializer(cls: Any) -> Any:
 _BATCH_NAMES = {num: name for name, num in _wire.BATCH_FIELDS.items()}
 
 
+# A request is walked here (in Python, on the event loop) before protobuf parses it: a message
+# of softgate.v1 has a handful of fields at each level, so one of more is not a client's, and
+# is refused rather than walked field by field (64 MiB of empty fields took 20 s; an audit).
+MAX_FIELDS = 64
+# A tensor's packed shape: 16 dimensions of the longest varint. protobuf expands each byte of a
+# packed shape into an int64 (64 MiB of one-byte dimensions: +1.2 GB; an audit).
+MAX_SHAPE_BYTES = 160
+SCAN_MIN_BYTES = 1 << 16  # (a smaller message expands to at most 8x its size: no scan)
+
+
+class _TooManyFields(ValueError):
+    pass
+
+
+def _fields(buf: memoryview, start: int, end: int) -> Iterable[tuple[int, int, int, int, int]]:
+    """_wire.fields, raising _TooManyFields past MAX_FIELDS."""
+    for k, field in enumerate(_wire.fields(buf, start, end)):
+        if k == MAX_FIELDS:
+            raise _TooManyFields(f"more than {MAX_FIELDS} fields in one message")
+        yield field
+
+
 def _once(buf: memoryview, start: int, end: int) -> dict[int, tuple[int, int, int] | None]:
     """field number -> (wire type, value start, value end), None when it occurs more than once."""
     seen: dict[int, tuple[int, int, int] | None] = {}
-    for num, wire, _, a, b in _wire.fields(buf, start, end):
+    for num, wire, _, a, b in _fields(buf, start, end):
         seen[num] = None if num in seen else (wire, a, b)
     return seen
+
+
+def _oversized(buf: memoryview, desc: Any, start: int = 0, end: int | None = None) -> str | None:
+    """Why a request of message type `desc` in `buf[start:end]` is refused before protobuf
+    parses it (too many fields at a level, a tensor's shape of too many dimensions), or None.
+    Walks the request, its Batch and their Tensors; a malformed wire is protobuf's to report."""
+    try:
+        for num, wire, _, a, b in _fields(buf, start, len(buf) if end is None else end):
+            f = desc.fields_by_number.get(num)
+            kind = f.message_type if f is not None else None
+            if kind is pb.Batch.DESCRIPTOR and wire == _wire.LEN:
+                if problem := _oversized(buf, kind, a, b):
+                    return problem
+            elif kind is pb.Tensor.DESCRIPTOR and wire == _wire.LEN:
+                shape = sum(e - d for n, _, _, d, e in _fields(buf, a, b) if n == 2)
+                if shape > MAX_SHAPE_BYTES:
+                    return f"tensor {f.name}: a shape of more than 16 dimensions ({shape} bytes)"
+    except _TooManyFields as e:
+        return str(e)
+    except ValueError:  # malformed: protobuf says how
+        return None
+    return None
 
 
 def _batch_views(data: bytes, batch_field: int) -> tuple[dict[str, memoryview], bytes | None]:
