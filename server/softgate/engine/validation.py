@@ -54,7 +54,7 @@ REASON_CODES: dict[str, str] = {
     "overflow": "finite inputs whose loss or gradient is not finite in the compute dtype",
 }
 
-# exp(80) = 5.5e34 stays finite in float32 with room for the advantage and weights
+# exp(80) = 5.5e34 stays finite in float32 (times an advantage above ~6e3 it does not: `overflow`)
 MAX_LOG_RATIO_CLAMP = 80.0
 
 LOGP_TOLERANCE = 1e-4
