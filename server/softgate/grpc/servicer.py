@@ -11,6 +11,7 @@ from the `softgate-run` metadata key.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import threading
 import time
@@ -740,7 +741,8 @@ async def _close(requests: AsyncIterator[Any]) -> None:
     garbage collection would free (a closed or finished one holds nothing)."""
     close = getattr(aiter(requests), "aclose", None)
     if close is not None:
-        await close()
+        with contextlib.suppress(RuntimeError):  # (one being iterated elsewhere: left to grpc)
+            await close()
 
 
 async def _settle(tasks: list[asyncio.Task[Batch]]) -> None:
