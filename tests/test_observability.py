@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import types
 
@@ -471,6 +472,26 @@ def test_sign_without_tokens_is_not_observed() -> None:
     assert not [1 for name, _, _ in samples if name == "softgate_reward_mean"]
 
 
+def test_a_batch_without_a_policy_gradient_leaves_grad_retained_unobserved() -> None:
+    """A batch of zero advantages has no gradient to retain (the engine's grad_retained 1 means
+    "none"), and a fully masked one no KL: neither enters those histograms, so one batch of
+    everything clipped next to one of zero advantages reads 0 retained, not 0.5 (which the
+    SoftgateGradRetainedCollapse alert, < 0.5, did not see; an audit)."""
+    tel = PrometheusTelemetry(S())
+    E = Engine(device="cpu", compile=False)
+    n = 8
+    logp = torch.full((n,), -1.0)
+    clipped = Batch(logp=logp, old_logp=logp - 1.0, offsets=torch.tensor([0, n]), advantages=torch.ones(1))
+    zero = dataclasses.replace(clipped, advantages=torch.zeros(1))
+    masked = dataclasses.replace(clipped, mask=torch.zeros(n, dtype=torch.bool))
+    config = LossConfig(objective=Grpo())
+    for b in (clipped, zero, masked):
+        tel.observe_loss("r", config, E.loss(b, config))
+    assert _value(tel, "softgate_batch_grad_retained_count") == 1
+    assert _value(tel, "softgate_batch_grad_retained_sum") == 0.0
+    assert _value(tel, "softgate_batch_approx_kl_count") == 2  # (the zero-advantage batch has a KL)
+
+
 def test_non_finite_engine_metrics_are_left_out_not_failed() -> None:
     """A NaN or inf metric is skipped (no gauge, no counter step); the batch is still recorded
     and the hook does not fail."""
@@ -887,11 +908,25 @@ def test_folding_keeps_the_newest_batches_of_the_window() -> None:
     assert (ts[0], ts[-1]) == (1200.0 - n, 1199.0)
 
 
-def test_a_window_weighs_a_statistic_by_each_batchs_tokens() -> None:
-    """a statistic without a sign (grad_retained, approx_kl) is weighted by the batch's tokens."""
-    out = summarize([_rec(1.0, tokens=90, grad_retained=1.0), _rec(2.0, tokens=10, grad_retained=0.0)])
+def test_a_window_weighs_grad_retained_by_the_tokens_with_a_gradient() -> None:
+    """grad_retained is weighted by a batch's tokens of A != 0, approx_kl by its trained tokens,
+    and a batch without any is left out: a batch of zero advantages (grad_retained 1) read as
+    "all retained", and hid a collapse from the window and the alert (an audit)."""
+
+    def rec(pos: int, neg: int, zero: int, **v: float) -> BatchRecord:
+        return _rec(1.0, tokens=pos + neg + zero, tokens_pos=pos, tokens_neg=neg, tokens_zero=zero, **v)
+
+    out = summarize(
+        [
+            rec(60, 30, 0, grad_retained=1.0, approx_kl=0.1),
+            rec(5, 5, 0, grad_retained=0.0, approx_kl=0.2),
+            rec(0, 0, 50, grad_retained=1.0, approx_kl=0.0),  # zero advantages: no gradient
+            rec(0, 0, 0, grad_retained=1.0, approx_kl=0.0),  # fully masked
+        ]
+    )
     assert out["grad_retained"] == pytest.approx(0.9)
-    assert out["tokens"] == 100
+    assert out["approx_kl"] == pytest.approx((90 * 0.1 + 10 * 0.2) / 150)
+    assert out["tokens"] == 150
 
 
 def test_a_window_sums_sequences_and_spans_its_batches() -> None:

@@ -105,7 +105,8 @@ HISTOGRAMS: dict[str, tuple[str, tuple[str, ...], tuple[float, ...]]] = {
         RATIO_EDGES,
     ),
     "softgate_token_gate_weight": (
-        "Per-token gate weight w (SAPO 4p(1-p); 1 unclipped / 0 clipped for hard clips), by advantage sign.",
+        "Per-token gate weight w (SAPO 4p(1-p); 1 unclipped / 0 clipped for hard clips; CISPO, GPPO: "
+        "bound / r when clipped, above 1 for A<0), by advantage sign.",
         ROS,
         GATE_EDGES,
     ),

@@ -203,16 +203,19 @@ WINDOW_KEYS = (
 )
 
 
-# a sign's statistic is a share (or mean) over that sign's tokens: weighted by them, and a
-# batch without any is left out (its 0 / 1 stands for "none")
-SIGN_WEIGHTS = {
-    "gate_saturation_pos": "tokens_pos",
-    "gate_mean_pos": "tokens_pos",
-    "clip_high": "tokens_pos",
-    "gate_saturation_neg": "tokens_neg",
-    "gate_mean_neg": "tokens_neg",
-    "clip_low": "tokens_neg",
-    "dual_clip": "tokens_neg",
+# a statistic over some of a batch's tokens (a sign's, those with a policy gradient, the
+# trained ones) is weighted by them, and a batch without any is left out (its 0 / 1 stands
+# for "none"); the others are weighted by the batch's trained tokens (at least 1)
+TOKEN_WEIGHTS: dict[str, tuple[str, ...]] = {
+    "gate_saturation_pos": ("tokens_pos",),
+    "gate_mean_pos": ("tokens_pos",),
+    "clip_high": ("tokens_pos",),
+    "gate_saturation_neg": ("tokens_neg",),
+    "gate_mean_neg": ("tokens_neg",),
+    "clip_low": ("tokens_neg",),
+    "dual_clip": ("tokens_neg",),
+    "grad_retained": ("tokens_pos", "tokens_neg"),
+    "approx_kl": ("tokens_pos", "tokens_neg", "tokens_zero"),
 }
 
 
@@ -229,9 +232,9 @@ def summarize(batches: list[BatchRecord]) -> dict[str, Any]:
     objectives = sorted({b.objective for b in batches})
     out["objectives"] = objectives
     for key in WINDOW_KEYS:
-        sign = SIGN_WEIGHTS.get(key)
+        over = TOKEN_WEIGHTS.get(key)
         vals = [
-            (b.values[key], b.values.get(sign, 0.0) if sign else max(b.tokens, 1))
+            (b.values[key], sum(b.values.get(k, 0.0) for k in over) if over else max(b.tokens, 1))
             for b in batches
             if _finite(b.values.get(key))
         ]

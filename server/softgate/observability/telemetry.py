@@ -27,7 +27,14 @@ from softgate.observability.collector import (
     SoftgateCollector,
 )
 from softgate.observability.distributions import GATE_EDGES, RATIO_EDGES, SIGNS, Bucketer
-from softgate.observability.runs import OTHER, BatchRecord, RunRegistry, sanitize_run, windows
+from softgate.observability.runs import (
+    OTHER,
+    TOKEN_WEIGHTS,
+    BatchRecord,
+    RunRegistry,
+    sanitize_run,
+    windows,
+)
 from softgate.telemetry import Telemetry
 from softgate.threads import one_thread
 
@@ -452,11 +459,14 @@ class PrometheusTelemetry(Telemetry):
             clamped = _f(m, "clamped_tokens")
             if clamped is not None:
                 st.inc("softgate_clamped_tokens_total", o, clamped)
-            # per-batch histograms (a sign's fraction only when that sign has tokens)
+            # per-batch histograms, of batches with the tokens a statistic is over (runs.
+            # TOKEN_WEIGHTS): a sign's fraction when that sign has tokens, grad_retained when a
+            # token carries a policy gradient (A != 0), approx_kl when one is trained (their 1 / 0
+            # stands for "none": read as "all retained", batches of zero advantages hid a collapse)
             for name, key, sign in BATCH_HISTOGRAMS:
                 v = values.get(key)
-                over = "neg" if key == "dual_clip" else sign  # (the dual clip's share is of A<0 tokens)
-                if v is None or (over is not None and tok.get(over, 0.0) <= 0):
+                over = TOKEN_WEIGHTS.get(key, ())
+                if v is None or (over and sum(tok.get(k.removeprefix("tokens_"), 0.0) for k in over) <= 0):
                     continue
                 labels: tuple[str, ...] = (objective, sign) if sign else (objective,)
                 if name == "softgate_batch_degenerate_group_fraction":
@@ -488,6 +498,7 @@ class PrometheusTelemetry(Telemetry):
                         **{k: v for k, v in values.items() if v is not None},
                         "tokens_pos": tok["pos"],
                         "tokens_neg": tok["neg"],
+                        "tokens_zero": tok["zero"],
                     },
                 )
             )
