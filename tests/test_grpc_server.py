@@ -1031,6 +1031,48 @@ def test_a_stream_its_client_cut_gives_its_slot_back_and_records_no_batch() -> N
     assert batches == {("default", "sapo"): 1}, batches  # the served call's only
 
 
+def test_a_stream_cut_before_its_first_chunk_is_counted_cut_not_bad_input() -> None:
+    """grpc ends a cut stream's requests as a half-close: a StreamLoss past its deadline, or
+    cancelled, before its first chunk was counted INVALID_ARGUMENT with a rejected input
+    (reason missing) while its client saw DEADLINE_EXCEEDED / CANCELLED (an audit). A stream
+    its client half-closes empty is still INVALID_ARGUMENT."""
+    tel = PrometheusTelemetry(None)
+    with ServerThread(telemetry=tel) as srv, grpc.insecure_channel(srv.target) as ch:
+        call = ch.stream_stream(
+            "/softgate.v1.LossService/StreamLoss",
+            request_serializer=pb.StreamLossRequest.SerializeToString,
+            response_deserializer=pb.StreamLossResponse.FromString,
+        )
+        chunk = pb.StreamLossRequest(chunk=f32_batch_msg(2, 4, 9))
+        gate = threading.Event()
+
+        def late() -> Iterator[pb.StreamLossRequest]:
+            gate.wait(5)
+            yield chunk
+
+        with pytest.raises(grpc.RpcError) as err:
+            list(call(late(), timeout=0.2))
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        it = call(late(), timeout=30)
+        time.sleep(0.2)
+        it.cancel()
+        gate.set()
+        with pytest.raises(grpc.RpcError) as err:
+            list(call(iter([]), timeout=30))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        deadline = time.monotonic() + 10
+        while srv.server.servicer.in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
+    codes = _nonzero(tel, "softgate_requests_total")
+    expected = {
+        ("StreamLoss", "DEADLINE_EXCEEDED"): 1,
+        ("StreamLoss", "CANCELLED"): 1,
+        ("StreamLoss", "INVALID_ARGUMENT"): 1,
+    }
+    assert codes == expected, codes
+    assert _nonzero(tel, "softgate_rejected_inputs_total") == {("StreamLoss", "missing"): 1}
+
+
 def test_a_message_of_many_violations_says_how_many_it_leaves_out() -> None:
     """Found by a mutation audit: the message listed the first 100 violations and then "; and
     N more", cut at 1000 characters, so with realistic field names the count was always cut

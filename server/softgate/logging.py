@@ -102,15 +102,16 @@ def get_logger(name: str) -> EventLogger:
 def _not_a_cancellation(record: logging.LogRecord) -> bool:
     """grpc logs a call it cancels at the grace period's end as an exception: it is not one
     (the server's own `grpc_stopping` / `grpc_stopped` events say that calls were cut). Nor is
-    a status that could not be sent because grpc had already ended the call (its deadline
-    passed while the engine computed; the client got DEADLINE_EXCEEDED, and the call is
-    accounted so)."""
+    a status or response that could not be sent because grpc had already ended the call (its
+    deadline passed while the engine computed, its client cancelled while a stream's responses
+    were written; the client got DEADLINE_EXCEEDED / CANCELLED, and the call is accounted so)."""
     exc = record.exc_info[1] if record.exc_info else None
     if not record.name.startswith("grpc") or exc is None:
         return True
     if isinstance(exc, asyncio.CancelledError):
         return False
-    return not (type(exc).__name__ == "ExecuteBatchError" and "SendStatusFromServerOperation" in str(exc))
+    text = str(exc)  # (a batch of send operations only: nothing was lost but what nobody reads)
+    return not (type(exc).__name__ == "ExecuteBatchError" and "Send" in text and "Receive" not in text)
 
 
 def configure(log_format: str = "text", level: str = "INFO", stream: TextIO | None = None) -> None:

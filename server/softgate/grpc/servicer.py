@@ -96,6 +96,7 @@ def run_of(context: Any) -> str:
 # a cancel this close to a call's deadline (at most half its time) is the client's deadline
 # (see _Call.cut)
 CUT_SLACK_S = 0.25
+CUT_WAIT_S = 0.01  # how long an empty StreamLoss waits for grpc to say it was cancelled
 
 
 @dataclass
@@ -646,6 +647,12 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 decoding.clear()
                 await _close(request_iterator)  # (a failed chunk: the stream is read no further)
             if cfg_msg is None:
+                # grpc ends a cut stream's requests as a half-close: a stream past its deadline,
+                # or one whose cancel grpc delivers a moment later (a CancelledError here), was
+                # cut, not sent empty (both were counted bad input, reason missing; an audit)
+                if call.deadline is not None and time.perf_counter() >= call.deadline:
+                    raise Cancelled()
+                await asyncio.sleep(CUT_WAIT_S)
                 raise InputError([FieldViolation("chunk", "missing: the stream carried no chunk")])
             self._start(call)
             config_msg = cfg_msg
