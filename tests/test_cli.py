@@ -512,3 +512,21 @@ def test_health_refuses_a_status_file_whose_server_is_gone(
     assert "is gone" in capsys.readouterr().err
     monkeypatch.delenv("SOFTGATE_STATUS_FILE", raising=False)
     assert main(["health"]) == 2
+
+
+def test_health_reaches_a_wildcard_ipv6_listener_over_ipv4_loopback_too(tmp_path: Path) -> None:
+    """A server bound to `::` is asked on ::1 and then on 127.0.0.1, which a dual-stack
+    listener answers where IPv6 is off in the container (the images' check used 127.0.0.1; a
+    review). Here only 127.0.0.1 listens, and the check still passes."""
+    import socket
+
+    from softgate.status import check
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        status = tmp_path / "status.json"
+        status.write_text(
+            json.dumps({"pid": os.getpid(), "grpc": ["::", sock.getsockname()[1]], "admin": None})
+        )
+        assert check(str(status), timeout=2) is None

@@ -321,7 +321,21 @@ def test_k3_near_zero_is_accurate_and_never_negative(dtype: torch.dtype, rel: fl
     out negative (an audit). Its value (against its series summed in float64) and gradient."""
     from softgate.engine.kl import kl_terms
 
-    xs = [1e-6, -1e-6, 1e-4, -1e-4, 1e-3, -0.03, 0.0999, -0.0999, 0.1001, -0.5, 2.0, -7.0]
+    xs = [
+        1e-6,
+        -1e-6,
+        1e-4,
+        -1e-4,
+        1e-3,
+        -0.03,
+        0.0999,
+        -0.0999,
+        0.1001,
+        -0.5,
+        2.0,
+        -7.0,
+        -3e7,
+    ]  # (-3e7: x + k = 0)
     k, dk, _ = kl_terms("k3", torch.tensor(xs, dtype=dtype), torch.tensor(20.0, dtype=dtype))
     for x, got, g in zip(torch.tensor(xs, dtype=dtype).tolist(), k.tolist(), dk.tolist(), strict=True):
         exact = math.fsum(x**n / math.factorial(n) for n in range(2, 40)) if abs(x) < 1 else math.expm1(x) - x

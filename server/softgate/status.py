@@ -34,9 +34,13 @@ def remove_status(path: str) -> None:
             os.remove(path)
 
 
-def _local(host: str) -> str:
-    """A host to reach a listener bound to `host` from this machine (wildcards: loopback)."""
-    return _WILDCARDS.get(host.strip("[]"), host.strip("[]"))
+def _local(host: str) -> list[str]:
+    """Hosts to reach a listener bound to `host` from this machine: loopback for a wildcard
+    (for `::`, ::1 and then 127.0.0.1, which a dual-stack listener answers where IPv6 is off)."""
+    host = host.strip("[]")
+    if host == "::":
+        return ["::1", "127.0.0.1"]
+    return [_WILDCARDS.get(host, host)]
 
 
 def check(path: str, timeout: float = 2.0) -> str | None:
@@ -53,18 +57,24 @@ def check(path: str, timeout: float = 2.0) -> str | None:
         return f"the server that wrote {path} (pid {status['pid']}) is gone"
     except PermissionError:  # alive, another user's
         pass
+    problem = ""
     if status.get("admin"):
         host, port = status["admin"]
-        host = _local(host)
-        url = f"http://{f'[{host}]' if ':' in host else host}:{port}/healthz"
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as r:
-                return None if r.status == 200 else f"{url} answered {r.status}"
-        except OSError as e:  # (URLError and HTTPError among them)
-            return f"{url}: {e}"
+        for h in _local(host):
+            url = f"http://{f'[{h}]' if ':' in h else h}:{port}/healthz"
+            try:
+                with urllib.request.urlopen(url, timeout=timeout) as r:
+                    if r.status == 200:
+                        return None
+                    problem = f"{url} answered {r.status}"
+            except OSError as e:  # (URLError and HTTPError among them)
+                problem = f"{url}: {e}"
+        return problem
     host, port = status["grpc"]
-    try:
-        socket.create_connection((_local(host), int(port)), timeout=timeout).close()
-    except OSError as e:
-        return f"gRPC {host}:{port} (admin off): {e}"
-    return None
+    for h in _local(host):
+        try:
+            socket.create_connection((h, int(port)), timeout=timeout).close()
+            return None
+        except OSError as e:
+            problem = f"gRPC {h}:{port} (admin off): {e}"
+    return problem

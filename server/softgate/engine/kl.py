@@ -34,5 +34,8 @@ def kl_terms(estimator: str, x_raw: Tensor, clamp: Tensor) -> tuple[Tensor, Tens
     p = x * _K3_SERIES[-1] + _K3_SERIES[-2]
     for c in reversed(_K3_SERIES[:-2]):  # (Horner, over the 7 coefficients: no loop over tokens)
         p = p * x + c
-    k = torch.where(x.abs() < K3_SERIES_BELOW, x * x * p, torch.exp(x) - x - 1)
-    return k, torch.where(clamped, torch.zeros_like(k), -(x + k)), clamped  # 1 - exp(x) = -(x + k)
+    small = x.abs() < K3_SERIES_BELOW
+    ex = torch.exp(x)
+    k = torch.where(small, x * x * p, ex - x - 1)
+    dk = torch.where(small, -(x + k), 1 - ex)  # (1 - exp(x) = -(x + k): exact near 0 only)
+    return k, torch.where(clamped, torch.zeros_like(k), dk), clamped

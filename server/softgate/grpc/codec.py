@@ -248,7 +248,7 @@ def _oversized(buf: memoryview, desc: Any, start: int = 0, end: int | None = Non
                     return f"tensor {f.name}: a shape of more than 16 dimensions ({shape} bytes)"
     except _TooManyFields as e:
         return str(e)
-    except ValueError:  # malformed: protobuf says how
+    except (ValueError, IndexError):  # malformed (a varint cut off at the end): protobuf says how
         return None
     return None
 
