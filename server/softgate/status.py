@@ -16,7 +16,9 @@ import socket
 import urllib.request
 from pathlib import Path
 
-_WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
+# loopback for a wildcard address: for `::`, ::1 and then 127.0.0.1, which a dual-stack
+# listener answers where IPv6 is off in the container
+_WILDCARDS = {"0.0.0.0": ["127.0.0.1"], "": ["127.0.0.1"], "::": ["::1", "127.0.0.1"]}
 
 
 def write_status(path: str, grpc: tuple[str, int], admin: tuple[str, int] | None) -> None:
@@ -35,12 +37,28 @@ def remove_status(path: str) -> None:
 
 
 def _local(host: str) -> list[str]:
-    """Hosts to reach a listener bound to `host` from this machine: loopback for a wildcard
-    (for `::`, ::1 and then 127.0.0.1, which a dual-stack listener answers where IPv6 is off)."""
+    """Hosts to reach a listener bound to `host` from this machine, in order."""
     host = host.strip("[]")
-    if host == "::":
-        return ["::1", "127.0.0.1"]
-    return [_WILDCARDS.get(host, host)]
+    return _WILDCARDS.get(host, [host])
+
+
+def _healthz(host: str, port: int, timeout: float) -> str | None:
+    """None when the admin server at host:port answers /healthz with 200, else why not."""
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return None if r.status == 200 else f"{url} answered {r.status}"
+    except OSError as e:  # (URLError and HTTPError among them)
+        return f"{url}: {e}"
+
+
+def _accepts(host: str, port: int, timeout: float) -> str | None:
+    """None when host:port accepts a TCP connection (the gRPC port, admin off), else why not."""
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return None
+    except OSError as e:
+        return f"gRPC {host}:{port} (admin off): {e}"
 
 
 def check(path: str, timeout: float = 2.0) -> str | None:
@@ -57,24 +75,9 @@ def check(path: str, timeout: float = 2.0) -> str | None:
         return f"the server that wrote {path} (pid {status['pid']}) is gone"
     except PermissionError:  # alive, another user's
         pass
-    problem = ""
-    if status.get("admin"):
-        host, port = status["admin"]
-        for h in _local(host):
-            url = f"http://{f'[{h}]' if ':' in h else h}:{port}/healthz"
-            try:
-                with urllib.request.urlopen(url, timeout=timeout) as r:
-                    if r.status == 200:
-                        return None
-                    problem = f"{url} answered {r.status}"
-            except OSError as e:  # (URLError and HTTPError among them)
-                problem = f"{url}: {e}"
-        return problem
-    host, port = status["grpc"]
+    probe, (host, port) = (_healthz, status["admin"]) if status.get("admin") else (_accepts, status["grpc"])
+    problem = None
     for h in _local(host):
-        try:
-            socket.create_connection((h, int(port)), timeout=timeout).close()
+        if (problem := probe(h, int(port), timeout)) is None:
             return None
-        except OSError as e:
-            problem = f"gRPC {h}:{port} (admin off): {e}"
     return problem
