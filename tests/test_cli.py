@@ -510,6 +510,10 @@ def test_health_refuses_a_status_file_whose_server_is_gone(
     status.write_text(json.dumps({"pid": int(gone.stdout), "grpc": ["127.0.0.1", 1], "admin": None}))
     assert main(["health", "--status-file", str(status)]) == 1
     assert "is gone" in capsys.readouterr().err
+    for bad in ("not json", "{}", '{"pid": 1, "grpc": 5, "admin": null}'):  # unreadable: 1, no traceback
+        status.write_text(bad)
+        assert main(["health", "--status-file", str(status)]) == 1
+        assert "unreadable status file" in capsys.readouterr().err
     monkeypatch.delenv("SOFTGATE_STATUS_FILE", raising=False)
     assert main(["health"]) == 2
 

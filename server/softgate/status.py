@@ -65,17 +65,20 @@ def check(path: str, timeout: float = 2.0) -> str | None:
     """None when the server of status file `path` is alive and answering, else why not."""
     try:
         status = json.loads(Path(path).read_text())
+        pid = int(status["pid"])
+        probe, (host, port) = (
+            (_healthz, status["admin"]) if status.get("admin") else (_accepts, status["grpc"])
+        )
     except FileNotFoundError:
         return f"no status file {path}: the server has not bound its ports yet, or has exited"
-    except (OSError, ValueError) as e:
-        return f"unreadable status file {path}: {e}"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"unreadable status file {path}: {e!r}"
     try:
-        os.kill(int(status["pid"]), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
-        return f"the server that wrote {path} (pid {status['pid']}) is gone"
+        return f"the server that wrote {path} (pid {pid}) is gone"
     except PermissionError:  # alive, another user's
         pass
-    probe, (host, port) = (_healthz, status["admin"]) if status.get("admin") else (_accepts, status["grpc"])
     problem = None
     for h in _local(host):
         if (problem := probe(h, int(port), timeout)) is None:
