@@ -492,6 +492,37 @@ def test_a_batch_without_a_policy_gradient_leaves_grad_retained_unobserved() -> 
     assert _value(tel, "softgate_batch_approx_kl_count") == 2  # (the zero-advantage batch has a KL)
 
 
+def test_last_batch_gauges_keep_the_last_batch_that_had_their_tokens() -> None:
+    """The `_last` gauges follow the histograms: after a batch of zero advantages,
+    grad_retained_last still reads the last batch with a gradient (not the engine's 1 for
+    "none"), and after a fully masked batch the ratio and KL gauges keep the last trained one's."""
+    tel = PrometheusTelemetry(S())
+    E = Engine(device="cpu", compile=False)
+    n = 8
+    logp = torch.full((n,), -1.0)
+    clipped = Batch(logp=logp, old_logp=logp - 1.0, offsets=torch.tensor([0, n]), advantages=torch.ones(1))
+    config = LossConfig(objective=Grpo())
+    tel.observe_loss("r", config, E.loss(clipped, config))
+    before = {
+        k: _value(tel, k, run="r")
+        for k in (
+            "softgate_batch_grad_retained_last",
+            "softgate_batch_approx_kl_last",
+            "softgate_batch_ratio_mean",
+            "softgate_batch_ratio_min",
+            "softgate_batch_ratio_max",
+        )
+    }
+    assert before["softgate_batch_grad_retained_last"] == 0.0
+    assert before["softgate_batch_ratio_max"] == pytest.approx(math.e)
+    tel.observe_loss("r", config, E.loss(dataclasses.replace(clipped, advantages=torch.zeros(1)), config))
+    assert _value(tel, "softgate_batch_grad_retained_last", run="r") == 0.0
+    tel.observe_loss(
+        "r", config, E.loss(dataclasses.replace(clipped, mask=torch.zeros(n, dtype=torch.bool)), config)
+    )
+    assert {k: _value(tel, k, run="r") for k in before} == before
+
+
 def test_non_finite_engine_metrics_are_left_out_not_failed() -> None:
     """A NaN or inf metric is skipped (no gauge, no counter step); the batch is still recorded
     and the hook does not fail."""
@@ -929,11 +960,28 @@ def test_a_window_weighs_grad_retained_by_the_tokens_with_a_gradient() -> None:
     assert out["tokens"] == 150
 
 
+def test_a_window_leaves_fully_masked_batches_out_of_the_ratio_range_and_kl_max() -> None:
+    """A batch without trained tokens reports ratio 1 and approx_kl 0 for "none": they are not
+    values of the run's ratio range (all ratios above 1 read as [1, max]) nor its KL max."""
+
+    def rec(n: int, **v: float) -> BatchRecord:
+        return _rec(1.0, tokens=n, tokens_pos=n, tokens_neg=0, tokens_zero=0, **v)
+
+    out = summarize(
+        [
+            rec(10, ratio_min=1.1, ratio_max=1.3, approx_kl=-0.05),
+            rec(0, ratio_min=1.0, ratio_max=1.0, approx_kl=0.0),  # fully masked
+        ]
+    )
+    assert out["ratio_range"] == [1.1, 1.3]
+    assert out["approx_kl_max"] == -0.05
+
+
 def test_a_window_sums_sequences_and_spans_its_batches() -> None:
     """A window's sequences, from/to, objectives and approx_kl_max cover every batch of it."""
     recs = [
-        BatchRecord(t=1.0, objective="sapo", tokens=10, seqs=2, values={"approx_kl": 0.3}),
-        BatchRecord(t=2.0, objective="grpo", tokens=30, seqs=5, values={"approx_kl": 0.1}),
+        BatchRecord(t=1.0, objective="sapo", tokens=10, seqs=2, values={"approx_kl": 0.3, "tokens_pos": 10}),
+        BatchRecord(t=2.0, objective="grpo", tokens=30, seqs=5, values={"approx_kl": 0.1, "tokens_neg": 30}),
     ]
     out = summarize(recs)
     assert out["sequences"] == 7 and out["tokens"] == 40
@@ -954,12 +1002,12 @@ def test_time_windows_cover_five_minutes_and_one_hour() -> None:
 
 
 def test_the_ratio_range_spans_every_batch() -> None:
-    """ratio_range is [smallest ratio_min, largest ratio_max] over the window."""
+    """ratio_range is [smallest ratio_min, largest ratio_max] over the window's trained batches."""
     out = summarize(
         [
-            _rec(1.0, ratio_min=0.5, ratio_max=1.5),
-            _rec(2.0, ratio_min=0.8, ratio_max=3.0),
-            _rec(3.0, ratio_min=0.2, ratio_max=1.1),
+            _rec(1.0, ratio_min=0.5, ratio_max=1.5, tokens_pos=10),
+            _rec(2.0, ratio_min=0.8, ratio_max=3.0, tokens_neg=10),
+            _rec(3.0, ratio_min=0.2, ratio_max=1.1, tokens_zero=10),
         ]
     )
     assert out["ratio_range"] == [0.2, 3.0]

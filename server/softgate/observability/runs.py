@@ -206,6 +206,7 @@ WINDOW_KEYS = (
 # a statistic over some of a batch's tokens (a sign's, those with a policy gradient, the
 # trained ones) is weighted by them, and a batch without any is left out (its 0 / 1 stands
 # for "none"); the others are weighted by the batch's trained tokens (at least 1)
+_TRAINED = ("tokens_pos", "tokens_neg", "tokens_zero")
 TOKEN_WEIGHTS: dict[str, tuple[str, ...]] = {
     "gate_saturation_pos": ("tokens_pos",),
     "gate_mean_pos": ("tokens_pos",),
@@ -215,8 +216,18 @@ TOKEN_WEIGHTS: dict[str, tuple[str, ...]] = {
     "clip_low": ("tokens_neg",),
     "dual_clip": ("tokens_neg",),
     "grad_retained": ("tokens_pos", "tokens_neg"),
-    "approx_kl": ("tokens_pos", "tokens_neg", "tokens_zero"),
+    "approx_kl": _TRAINED,
+    "ratio_mean": _TRAINED,
+    "ratio_min": _TRAINED,
+    "ratio_max": _TRAINED,
 }
+
+
+def has_tokens(key: str, tokens: dict[str, float]) -> bool:
+    """Whether a batch of these token counts (`tokens_pos`, ...) has the tokens statistic
+    `key` is over (TOKEN_WEIGHTS; a statistic over all of a batch always has)."""
+    over = TOKEN_WEIGHTS.get(key)
+    return not over or sum(tokens.get(k, 0.0) for k in over) > 0
 
 
 def summarize(batches: list[BatchRecord]) -> dict[str, Any]:
@@ -240,11 +251,12 @@ def summarize(batches: list[BatchRecord]) -> dict[str, Any]:
         ]
         if (mean := _weighted_mean(vals)) is not None:
             out[key] = mean
-    kls = [b.values["approx_kl"] for b in batches if _finite(b.values.get("approx_kl"))]
+    trained = [b for b in batches if has_tokens("approx_kl", b.values)]  # a masked batch's 0 / 1: "none"
+    kls = [b.values["approx_kl"] for b in trained if _finite(b.values.get("approx_kl"))]
     if kls:
         out["approx_kl_max"] = max(kls)
-    rmin = [b.values["ratio_min"] for b in batches if _finite(b.values.get("ratio_min"))]
-    rmax = [b.values["ratio_max"] for b in batches if _finite(b.values.get("ratio_max"))]
+    rmin = [b.values["ratio_min"] for b in trained if _finite(b.values.get("ratio_min"))]
+    rmax = [b.values["ratio_max"] for b in trained if _finite(b.values.get("ratio_max"))]
     if rmin and rmax:
         out["ratio_range"] = [min(rmin), max(rmax)]
     return out

@@ -29,9 +29,9 @@ from softgate.observability.collector import (
 from softgate.observability.distributions import GATE_EDGES, RATIO_EDGES, SIGNS, Bucketer
 from softgate.observability.runs import (
     OTHER,
-    TOKEN_WEIGHTS,
     BatchRecord,
     RunRegistry,
+    has_tokens,
     sanitize_run,
     windows,
 )
@@ -459,14 +459,15 @@ class PrometheusTelemetry(Telemetry):
             clamped = _f(m, "clamped_tokens")
             if clamped is not None:
                 st.inc("softgate_clamped_tokens_total", o, clamped)
-            # per-batch histograms, of batches with the tokens a statistic is over (runs.
-            # TOKEN_WEIGHTS): a sign's fraction when that sign has tokens, grad_retained when a
-            # token carries a policy gradient (A != 0), approx_kl when one is trained (their 1 / 0
-            # stands for "none": read as "all retained", batches of zero advantages hid a collapse)
+            # per-batch histograms and last-batch gauges, of batches with the tokens a statistic
+            # is over (runs.TOKEN_WEIGHTS): a sign's fraction when that sign has tokens,
+            # grad_retained when a token carries a policy gradient (A != 0), approx_kl and the
+            # ratio's when one is trained (their 1 / 0 stands for "none": read as "all
+            # retained", batches of zero advantages hid a collapse)
+            counts = {f"tokens_{s}": n for s, n in tok.items()}
             for name, key, sign in BATCH_HISTOGRAMS:
                 v = values.get(key)
-                over = TOKEN_WEIGHTS.get(key, ())
-                if v is None or (over and sum(tok.get(k.removeprefix("tokens_"), 0.0) for k in over) <= 0):
+                if v is None or not has_tokens(key, counts):
                     continue
                 labels: tuple[str, ...] = (objective, sign) if sign else (objective,)
                 if name == "softgate_batch_degenerate_group_fraction":
@@ -474,7 +475,7 @@ class PrometheusTelemetry(Telemetry):
                 st.observe(name, labels, v, self.collector.edges[name])
             for key in ("ratio_mean", "ratio_min", "ratio_max", "approx_kl", "grad_retained"):
                 gv = values[key]
-                if gv is not None:
+                if gv is not None and has_tokens(key, counts):
                     st.set(f"softgate_batch_{key}", o, gv, now)
             self._set_reward_gauges(st, values, now)
             for i, s in enumerate(SIGNS):
