@@ -287,3 +287,62 @@ def test_a_non_wire_stream_puts_the_summary_in_its_last_response() -> None:
     assert [r.HasField("summary") for r in out] == [False, False, True]
     assert out[-1].summary.loss == pytest.approx(float(result.loss))
     assert out[-1].summary.loss == pytest.approx(float(want.loss), rel=1e-6)
+
+
+# ---------------------------------------------------------------- a newer client's fields
+
+
+def _with_unknown(msg: Any, number: int) -> Any:
+    """`msg` plus an empty length-delimited field `number` (one its type does not have)."""
+    return type(msg).FromString(msg.SerializeToString() + bytes([number << 3 | 2, 0]))
+
+
+def test_a_field_this_server_does_not_know_is_refused_by_name_not_ignored(inprocess_server: Any) -> None:
+    """A client built from a newer softgate.v1 that sets a field this server lacks (a new
+    objective kind, a new parameter, a new tensor, a new output) gets INVALID_ARGUMENT
+    naming where, never a loss computed without it: an Objective of an unknown kind read as
+    unset, i.e. SAPO with defaults, bit for bit (an audit)."""
+    srv = inprocess_server()
+    stub = pb_grpc.LossServiceStub(srv.channel())
+    batch = f32_batch_msg(2, 4, 0)
+    grpo = pb.LossConfig(objective=pb.Objective(grpo=pb.GrpoParams(eps_low=0.1)))
+    assert stub.ComputeLoss(pb.ComputeLossRequest(config=grpo, batch=batch), timeout=30).HasField("outputs")
+
+    def with_objective(objective: Any) -> Any:
+        config = pb.LossConfig()
+        config.objective.CopyFrom(objective)
+        return config
+
+    new_kind = with_objective(_with_unknown(pb.Objective(), 8))
+    new_param = with_objective(pb.Objective(grpo=_with_unknown(pb.GrpoParams(eps_low=0.1), 4)))
+    new_output = _with_unknown(pb.OutputSelection(ratio=True), 7)
+    loss_cases = [
+        (pb.ComputeLossRequest(config=new_kind, batch=batch), "config.objective", "softgate.v1.Objective"),
+        (pb.ComputeLossRequest(config=new_param, batch=batch), "config.objective.grpo", "GrpoParams"),
+        (_with_unknown(pb.ComputeLossRequest(batch=batch), 4), "request", "ComputeLossRequest"),
+        (pb.ComputeLossRequest(batch=_with_unknown(batch, 11)), "batch", "softgate.v1.Batch"),
+        (pb.ComputeLossRequest(batch=batch, outputs=new_output), "outputs", "OutputSelection"),
+    ]
+    stream_cases = [
+        ([pb.StreamLossRequest(config=new_kind, chunk=batch)], "config.objective"),
+        (
+            [pb.StreamLossRequest(chunk=batch), pb.StreamLossRequest(chunk=_with_unknown(batch, 11))],
+            "chunk[1]",
+        ),
+        ([_with_unknown(pb.StreamLossRequest(chunk=batch), 4)], "chunk[0]"),
+        ([pb.StreamLossRequest(chunk=batch, outputs=new_output)], "outputs"),
+    ]
+    adv = pb.ComputeAdvantagesRequest(
+        rewards=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[2], data=bytes(8)),
+        group_ids=pb.Tensor(dtype=pb.DTYPE_INT64, shape=[2], data=bytes(16)),
+        config=_with_unknown(pb.AdvantageConfig(), 5),
+    )
+    calls = [(lambda r=r: stub.ComputeLoss(r, timeout=30), field, name) for r, field, name in loss_cases]
+    calls += [(lambda c=c: list(stub.StreamLoss(iter(c), timeout=30)), f, "not in") for c, f in stream_cases]
+    calls.append((lambda: stub.ComputeAdvantages(adv, timeout=30), "config", "AdvantageConfig"))
+    for call, field, name in calls:
+        with pytest.raises(grpc.RpcError) as ei:
+            call()
+        details = ei.value.details() or ""
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT, details
+        assert f"{field}: unknown_name: field number" in details and name in details, details

@@ -99,6 +99,8 @@ def test_environment_coercion(env: dict[str, str], field: str, value: object) ->
         ({"grace_seconds": "inf"}, "grace_seconds"),
         ({"max_message_bytes": str(1 << 33)}, "max_message_bytes: 8589934592 must be below 2 GiB"),
         ({"max_message_bytes": str(1 << 31)}, "max_message_bytes"),
+        # ListAlgorithms failed RESOURCE_EXHAUSTED under ~8 KB (an audit)
+        ({"max_message_bytes": "4196"}, "max_message_bytes: 4196 must be >= 65536"),
         ({"host_max_tokens": "-1"}, "host_max_tokens: -1 must be >= 0"),
         ({"max_compiled_kernels": "-1"}, "max_compiled_kernels: -1 must be >= 0"),
     ],

@@ -26,6 +26,7 @@ _TRUE = {"1", "true", "yes", "on", "y", "t"}
 _FALSE = {"0", "false", "no", "off", "n", "f"}
 # gRPC takes its time and size settings as 32-bit ints (milliseconds, bytes)
 INT32_MAX = (1 << 31) - 1
+MIN_MESSAGE_BYTES = 64 << 10  # every response that is not a batch's fits
 MAX_SECONDS = INT32_MAX // 1000  # 2,147,483 s, about 24.8 days
 
 
@@ -94,7 +95,8 @@ class Settings:
     )
     # ---- transport
     max_message_bytes: int = field(
-        default=512 * MiB, metadata={"help": "largest message received or sent, bytes (below 2 GiB)"}
+        default=512 * MiB,
+        metadata={"help": "largest message received or sent, bytes (64 KiB to below 2 GiB)"},
     )
     max_concurrent_rpcs: int = field(
         default=32, metadata={"help": "RPCs in progress at once; past it RESOURCE_EXHAUSTED at once"}
@@ -165,9 +167,14 @@ class Settings:
             p.append(f"log_format: {self.log_format!r}; one of {list(LOG_FORMATS)}")
         if self.log_level.upper() not in LOG_LEVELS:
             p.append(f"log_level: {self.log_level!r}; one of {list(LOG_LEVELS)}")
-        for name in ("max_message_bytes", "max_concurrent_rpcs", "engine_workers", "max_runs"):
+        for name in ("max_concurrent_rpcs", "engine_workers", "max_runs"):
             if getattr(self, name) < 1:
                 p.append(f"{name}: {getattr(self, name)} must be >= 1")
+        if self.max_message_bytes < MIN_MESSAGE_BYTES:
+            p.append(
+                f"max_message_bytes: {self.max_message_bytes} must be >= {MIN_MESSAGE_BYTES} "
+                "(ListAlgorithms' catalogue alone is ~8 KB)"
+            )
         if self.max_message_bytes > INT32_MAX:
             p.append(
                 f"max_message_bytes: {self.max_message_bytes} must be below 2 GiB ({INT32_MAX + 1}), gRPC's limit"

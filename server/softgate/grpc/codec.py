@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from google.protobuf.unknown_fields import UnknownFieldSet
 from softgate_client import _wire
 from softgate_client.proto.softgate.v1 import softgate_pb2 as pb
 from torch import Tensor
@@ -559,6 +560,28 @@ def check_groups(batch: Batch, limits: Limits, field: str, v: list[FieldViolatio
             )
 
 
+# ---------------------------------------------------------------- unknown fields
+
+
+def unknown_fields(msg: Any, prefix: str, v: list[FieldViolation], *, deep: bool = True) -> None:
+    """A violation for each field of `msg` that this server's softgate.v1 does not know (a
+    client built from a newer contract asked for something): refused, never silently ignored,
+    since ignoring a new objective or option would compute another loss. `deep`: also in
+    `msg`'s set message fields (not Tensors: their bytes are checked against their shape)."""
+    for f in UnknownFieldSet(msg):
+        v.append(
+            FieldViolation(
+                prefix.rstrip(".") or "request",
+                f"unknown_name: field number {f.field_number} of {msg.DESCRIPTOR.full_name} is not in "
+                "this server's softgate.v1 (a newer client's?); upgrade the server or leave it unset",
+            )
+        )
+    if deep:
+        for fd, value in msg.ListFields():
+            if fd.message_type is not None and fd.message_type is not pb.Tensor.DESCRIPTOR:
+                unknown_fields(value, f"{prefix}{fd.name}.", v)
+
+
 # ---------------------------------------------------------------- configs
 
 
@@ -637,6 +660,7 @@ def decode_loss_config(msg: pb.LossConfig, v: list[FieldViolation], prefix: str 
 
 
 def _decode_loss_config(msg: pb.LossConfig, v: list[FieldViolation], prefix: str) -> LossConfig:
+    unknown_fields(msg, prefix, v)  # (an Objective of a newer kind: else read as unset, SAPO)
     kind = msg.objective.WhichOneof("kind") if msg.HasField("objective") else None
     if kind is None:
         objective: Any = Sapo()

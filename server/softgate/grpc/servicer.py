@@ -496,6 +496,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         if not request.HasField("group_ids"):
             v.append(FieldViolation("group_ids", "missing: group_ids are required"))
         config = codec.decode_advantage_config(request.config, "config.", v)
+        codec.unknown_fields(request, "", v)
         if v:
             raise InputError(v)
         assert rewards is not None and group_ids is not None
@@ -547,6 +548,10 @@ class LossServicer(pb_grpc.LossServiceServicer):
         v: list[FieldViolation] = []
         if not request.HasField("batch"):
             raise InputError([FieldViolation("batch", "missing: the batch is required")])
+        codec.unknown_fields(request, "", v, deep=False)  # (the config's: decode_loss_config)
+        codec.unknown_fields(request.batch, "batch.", v, deep=False)
+        if request.HasField("outputs"):
+            codec.unknown_fields(request.outputs, "outputs.", v)
         codec.check_batch_limits(request.batch, "batch.", self.limits, v)
         if v:
             raise InputError(v)
@@ -610,10 +615,13 @@ class LossServicer(pb_grpc.LossServiceServicer):
                     encoded = encoded and wire is not None
                     call.bytes_in += wire.nbytes if wire is not None else msg.ByteSize()
                     v: list[FieldViolation] = []
+                    codec.unknown_fields(msg, f"chunk[{i}]", v, deep=False)
+                    codec.unknown_fields(msg.chunk, f"chunk[{i}]", v, deep=False)
                     if cfg_msg is None:
                         cfg_msg = pb.LossConfig()
-                        cfg_msg.CopyFrom(msg.config)
+                        cfg_msg.CopyFrom(msg.config)  # (its unknown fields: decode_loss_config)
                         if msg.HasField("outputs"):
+                            codec.unknown_fields(msg.outputs, "outputs.", v)
                             out_msg = pb.OutputSelection()
                             out_msg.CopyFrom(msg.outputs)
                     elif msg.HasField("config") or msg.HasField("outputs"):
