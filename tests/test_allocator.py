@@ -107,7 +107,10 @@ def test_plan_never_loops_and_reports_missing(tmp_path: Path) -> None:
     d = plan("jemalloc", {}, loaded="glibc", dirs=[str(empty)])
     assert d.env is None and d.warning and "libjemalloc2" in d.warning
     d = plan(str(tmp_path / "nope.so"), {}, loaded="glibc")
-    assert d.env is None and d.warning and "does not exist" in d.warning
+    assert d.env is None and d.warning == f"allocator: library {tmp_path / 'nope.so'} does not exist"
+    # a directory passed the check and went into LD_PRELOAD, which ignored it (an audit)
+    d = plan(str(tmp_path), {}, loaded="glibc")
+    assert d.env is None and d.warning == f"allocator: library {tmp_path} is not a file"
     # system asked for, and the preloaded allocator still there after the re-exec: a warning
     d = plan("system", {REEXEC_MARK: "1"}, loaded="tcmalloc", dirs=dirs)
     assert d.env is None and d.warning and "still loaded" in d.warning

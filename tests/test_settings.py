@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 from softgate.settings import Settings, SettingsError
@@ -103,6 +104,18 @@ def test_environment_coercion(env: dict[str, str], field: str, value: object) ->
         ({"max_message_bytes": "4196"}, "max_message_bytes: 4196 must be >= 65536"),
         ({"host_max_tokens": "-1"}, "host_max_tokens: -1 must be >= 0"),
         ({"max_compiled_kernels": "-1"}, "max_compiled_kernels: -1 must be >= 0"),
+        # rounded to 0 ms by gRPC: every call then failed UNAVAILABLE "max connection age" (an audit)
+        ({"max_connection_age_s": "0.0001"}, "max_connection_age_s: 0.0001 rounds to 0 ms"),
+        ({"keepalive_time_s": "0.0009"}, "keepalive_time_s: 0.0009 rounds to 0 ms"),
+        ({"keepalive_timeout_s": "1e-6"}, "keepalive_timeout_s: 1e-06 rounds to 0 ms"),
+        ({"max_connection_age_grace_s": "0.0005"}, "max_connection_age_grace_s: 0.0005 rounds to 0 ms"),
+        # start-up ended in a traceback past int64 (ListAlgorithms' limits; an audit)
+        ({"max_tokens": str(1 << 63)}, f"max_tokens: {1 << 63} must be at most {(1 << 63) - 1}"),
+        ({"max_sequences": str(1 << 64)}, "max_sequences"),
+        ({"max_groups": str(1 << 63)}, "max_groups"),
+        # gRPC could not bind "" (exit 1) while an empty admin_host meant every interface (an audit)
+        ({"grpc_host": ""}, "grpc_host: empty; give an address (0.0.0.0 or :: for every interface)"),
+        ({"admin_host": " "}, "admin_host: empty"),
     ],
 )
 def test_bad_values_are_refused_with_the_field_named(flags: dict[str, str], needle: str) -> None:
@@ -161,7 +174,9 @@ def test_a_device_this_host_lacks_is_a_host_problem() -> None:
 def test_a_device_in_a_config_file_that_is_not_a_name(tmp_path: Path) -> None:
     cfg = tmp_path / "s.yaml"
     cfg.write_text("device: {a: 1}\n")
-    with pytest.raises(SettingsError, match=r"device: .* is not a device"):
+    with pytest.raises(
+        SettingsError, match=r"device from config file .*: expected a string, the value is a mapping"
+    ):
         Settings.load({"config": str(cfg)}, env={})
 
 
@@ -270,6 +285,7 @@ def test_the_config_flag_names_the_file_over_softgate_config(tmp_path: Path) -> 
     s = Settings.load({"config": str(by_flag)}, env={"SOFTGATE_CONFIG": str(by_env)})
     assert s.max_runs == 3 and s.config == str(by_flag)
     assert Settings.load({}, env={"SOFTGATE_CONFIG": str(by_env)}).max_runs == 7
+    assert Settings.load({"config": by_flag}, env={}).config == str(by_flag)  # a Path is a path
 
 
 def test_port_65535_is_a_port_and_65536_is_not() -> None:
@@ -324,3 +340,197 @@ def test_a_config_file_cannot_name_another_config_file(tmp_path: Path) -> None:
     cfg.write_text(f"config: {tmp_path / 'other.yaml'}\n")
     with pytest.raises(SettingsError, match="unknown setting 'config'"):
         Settings.load({}, env={}, config_file=cfg)
+
+
+def test_the_smallest_times_grpc_takes_are_accepted() -> None:
+    """1 ms is gRPC's resolution; 0 still means 0 where it is allowed (grace, keepalive)."""
+    s = Settings.load(
+        {
+            "max_connection_age_s": "0.001",
+            "keepalive_time_s": "0",
+            "keepalive_timeout_s": "0.001",
+            "max_connection_age_grace_s": "0",
+            "grace_seconds": "0.0001",  # (Python's own timer, not gRPC's milliseconds)
+        },
+        env={},
+    )
+    assert (s.max_connection_age_s, s.keepalive_time_s, s.max_connection_age_grace_s) == (0.001, 0, 0)
+    big = str((1 << 63) - 1)
+    s = Settings.load({"max_tokens": big, "max_sequences": big, "max_groups": big}, env={})
+    assert s.max_tokens == s.max_sequences == s.max_groups == (1 << 63) - 1
+
+
+# ---------------------------------------------------------------- admin_token
+
+
+@pytest.mark.parametrize("raw", ["s3cret\n", "  s3cret", "s3cret \r\n", "\ts3cret\t"])
+def test_the_admin_token_is_stripped(raw: str) -> None:
+    """A Secret made with `kubectl create secret --from-file` ends in a newline: the server
+    started, and no client could ever authenticate (an audit)."""
+    assert Settings.load({}, env={"SOFTGATE_ADMIN_TOKEN": raw}).admin_token == "s3cret"
+    assert Settings.load({"admin_token": raw}, env={}).admin_token == "s3cret"
+
+
+@pytest.mark.parametrize("token", ["p\u00e4sswort", "a b", "tab\there", "nul\x00", "\u20ac"])
+def test_an_admin_token_no_client_can_send_is_refused(token: str) -> None:
+    """A header is decoded as Latin-1 and compared to the token's UTF-8: a non-ASCII token
+    never matched (an audit); a space or a control character is no bearer token either."""
+    with pytest.raises(SettingsError, match="admin_token: has a space, a control or a non-ASCII") as e:
+        Settings.load({}, env={"SOFTGATE_ADMIN_TOKEN": token})
+    assert token not in str(e.value)
+    with pytest.raises(SettingsError, match="admin_token"):
+        Settings(admin_token=token)
+
+
+def test_every_visible_ascii_character_is_a_token() -> None:
+    token = "".join(chr(c) for c in range(0x21, 0x7F))
+    assert Settings.load({}, env={"SOFTGATE_ADMIN_TOKEN": token}).admin_token == token
+
+
+@pytest.mark.parametrize("word", ["none", "off", "null", "disabled", "None", " OFF\n"])
+def test_no_word_turns_the_admin_token_off(word: str, tmp_path: Path) -> None:
+    """SOFTGATE_ADMIN_TOKEN=off turned authentication off, silently (an audit)."""
+    needle = "looks like a placeholder; leave it unset for no token"
+    with pytest.raises(
+        SettingsError, match=f"admin_token from environment variable SOFTGATE_ADMIN_TOKEN: .*{needle}"
+    ):
+        Settings.load({}, env={"SOFTGATE_ADMIN_TOKEN": word})
+    with pytest.raises(SettingsError, match=f"admin_token from flag --admin-token: .*{needle}"):
+        Settings.load({"admin_token": word}, env={})
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(f'admin_token: "{word.strip()}"\n')  # (quoted: YAML reads off as false)
+    with pytest.raises(SettingsError, match=needle):
+        Settings.load({}, env={}, config_file=cfg)
+
+
+def test_an_empty_admin_token_is_no_token() -> None:
+    """As for every optional setting, an empty variable is unset (the admin_listening event
+    then says auth=false)."""
+    assert Settings.load({}, env={"SOFTGATE_ADMIN_TOKEN": ""}).admin_token is None
+    assert Settings.load({}, env={"SOFTGATE_ADMIN_TOKEN": "\n"}).admin_token is None
+
+
+# ---------------------------------------------------------------- config file values
+
+
+@pytest.mark.parametrize(
+    ("line", "needle"),
+    [
+        # YAML 1.1 reads these as a boolean, an octal number, a float: the token was "False" (an audit)
+        (
+            "admin_token: no",
+            r"admin_token from config file .*: expected a string, the value is a boolean \(YAML",
+        ),
+        (
+            "admin_token: 0123",
+            r"admin_token from config file .*: expected a string, the value is a number; quote it$",
+        ),
+        (
+            "grpc_host: 0123",
+            r"grpc_host from config file .*: expected a string, the value is a number 83; quote",
+        ),
+        ("device: 1.5", r"device from config file .*: expected a string, the value is a number 1.5"),
+        (
+            "tls_cert: [a, b]",
+            r"tls_cert from config file .*: expected a string, the value is a list \['a', 'b'\]",
+        ),
+        ("log_format: yes", "log_format from config file .*: expected a string, the value is a boolean True"),
+        # `off` was "False is not a number"
+        (
+            "max_connection_age_s: off",
+            r"max_connection_age_s from config file .*: False is not a number \(YAML reads "
+            r"yes, no, on and off as true and false\); none disables it",
+        ),
+        ("grace_seconds: no", r"grace_seconds from config file .*: False is not a number \(YAML .*\)$"),
+        ("max_runs: on", r"max_runs from config file .*: True is not an integer \(YAML"),
+    ],
+)
+def test_a_config_value_of_another_type_is_never_made_a_string(
+    tmp_path: Path, line: str, needle: str
+) -> None:
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(line + "\n")
+    with pytest.raises(SettingsError, match=needle):
+        Settings.load({}, env={}, config_file=cfg)
+
+
+def test_a_toml_table_is_not_a_host(tmp_path: Path) -> None:
+    cfg = tmp_path / "s.toml"
+    cfg.write_text("[grpc_host]\na = 1\n")
+    with pytest.raises(
+        SettingsError,
+        match=r"grpc_host from config file .*: expected a string, the value is a mapping \{'a': 1\}",
+    ):
+        Settings.load({}, env={}, config_file=cfg)
+    cfg.write_text('grpc_host = "127.0.0.1"\nmax_connection_age_s = "none"\n')
+    s = Settings.load({}, env={}, config_file=cfg)
+    assert (s.grpc_host, s.max_connection_age_s) == ("127.0.0.1", None)
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".toml"])
+def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path: Path, suffix: str) -> None:
+    """UnicodeDecodeError ended `softgate serve` with a traceback, exit 1 (an audit)."""
+    cfg = tmp_path / f"s{suffix}"
+    cfg.write_bytes(b"grpc_port = 1 # \xff\n")
+    with pytest.raises(SettingsError, match=rf"^config file {re.escape(str(cfg))}: not UTF-8 text$"):
+        Settings.load({}, env={}, config_file=cfg)
+    cfg.write_bytes(
+        "max_runs = 3 # caf\u00e9\n".encode() if suffix == ".toml" else "max_runs: 3 # caf\u00e9\n".encode()
+    )
+    assert Settings.load({}, env={}, config_file=cfg).max_runs == 3
+
+
+def _self_signed(tmp_path: Path, key: Any) -> dict[str, str]:
+    """A self-signed certificate of `key` (a `cryptography` private key) and the key, as files."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed448, ed25519
+    from cryptography.hazmat.primitives.hashes import SHA256
+    from cryptography.x509.oid import NameOID
+
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, None if isinstance(key, (ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)) else SHA256())
+    )
+    paths = {"tls_cert": str(tmp_path / "cert.pem"), "tls_key": str(tmp_path / "key.pem")}
+    Path(paths["tls_cert"]).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    Path(paths["tls_key"]).write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return paths
+
+
+@pytest.mark.parametrize("kind", ["Ed25519", "Ed448"])
+def test_an_edwards_curve_key_is_refused(tmp_path: Path, kind: str) -> None:
+    """gRPC's TLS has no Ed25519 / Ed448 signatures: such a pair passed the checks and every
+    handshake then failed NO_COMMON_SIGNATURE_ALGORITHMS (an audit)."""
+    pytest.importorskip("cryptography")
+    from cryptography.hazmat.primitives.asymmetric import ed448, ed25519
+
+    key = (ed25519.Ed25519PrivateKey if kind == "Ed25519" else ed448.Ed448PrivateKey).generate()
+    flags = _self_signed(tmp_path, key)
+    [problem] = Settings.load(flags, env={}).host_problems()
+    assert problem == (
+        f"tls_key: {flags['tls_key']} is an {kind} key, which gRPC's TLS cannot sign handshakes with "
+        "(every one failed NO_COMMON_SIGNATURE_ALGORITHMS); use an ECDSA or RSA key"
+    )
+
+
+def test_rsa_and_ecdsa_keys_pass(tmp_path: Path) -> None:
+    pytest.importorskip("cryptography")
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    for key in (rsa.generate_private_key(65537, 2048), ec.generate_private_key(ec.SECP256R1())):
+        assert Settings.load(_self_signed(tmp_path, key), env={}).host_problems() == []

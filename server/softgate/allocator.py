@@ -174,8 +174,9 @@ def plan(
     else:  # a path
         lib = req
         target = kind_of(lib) if kind_of(lib) != "other" else lib
-        if not os.path.exists(lib):
-            return Decision(req, loaded, loaded, None, None, f"allocator library {lib} does not exist")
+        if not os.path.isfile(lib):  # a directory was preloaded, and ignored (an audit)
+            why = "is not a file" if os.path.exists(lib) else "does not exist"
+            return Decision(req, loaded, loaded, None, None, f"allocator: library {lib} {why}")
         if loaded == target:
             return Decision(req, loaded, target, lib, None)
     if again:

@@ -9,6 +9,7 @@ under a top-level `softgate:` / `[softgate]` section).
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import os
 import re
@@ -24,6 +25,11 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 ALLOCATORS = ("auto", "system", "glibc", "tcmalloc", "jemalloc")
 _TRUE = {"1", "true", "yes", "on", "y", "t"}
 _FALSE = {"0", "false", "no", "off", "n", "f"}
+_NONE_WORDS = ("none", "null", "off", "disabled")  # an optional setting's "unset"
+# what a client can send after "Bearer ": visible ASCII, no space (RFC 6750's b64token is a
+# subset); Starlette decodes a header as Latin-1 and the token compares as UTF-8 (an audit)
+_TOKEN = re.compile(r"[\x21-\x7e]+")
+INT64_MAX = (1 << 63) - 1  # the request limits become protobuf int64 fields (ListAlgorithms)
 # gRPC takes its time and size settings as 32-bit ints (milliseconds, bytes)
 INT32_MAX = (1 << 31) - 1
 MIN_MESSAGE_BYTES = 64 << 10  # every response that is not a batch's fits
@@ -186,6 +192,9 @@ class Settings:
         for name in ("max_tokens", "max_sequences", "max_groups", "max_compiled_kernels"):
             if getattr(self, name) < 0:
                 p.append(f"{name}: {getattr(self, name)} must be >= 0 (0: no limit)")
+        for name in ("max_tokens", "max_sequences", "max_groups"):
+            if getattr(self, name) > INT64_MAX:  # failed start-up with a traceback (an audit)
+                p.append(f"{name}: {getattr(self, name)} must be at most {INT64_MAX} (a 64-bit integer)")
         for name in (
             "keepalive_time_s",
             "keepalive_timeout_s",
@@ -196,8 +205,23 @@ class Settings:
             v = getattr(self, name)
             if v is not None and not 0 <= v <= MAX_SECONDS:  # (NaN fails too)
                 p.append(f"{name}: {v} must be from 0 to {MAX_SECONDS} seconds (gRPC's 32-bit milliseconds)")
+            elif name != "grace_seconds" and v is not None and 0 < v < 0.001:
+                # gRPC takes whole milliseconds: 0.0001 was 0, and an age of 0 closed every
+                # connection before its first call (an audit)
+                least = (
+                    "at least 0.001, or none" if name == "max_connection_age_s" else "0, or at least 0.001"
+                )
+                p.append(f"{name}: {v} rounds to 0 ms; gRPC takes whole milliseconds ({least})")
         if self.max_connection_age_s == 0:
             p.append("max_connection_age_s: 0 must be > 0 (or none)")
+        for name in ("grpc_host", "admin_host"):
+            if not getattr(self, name).strip():  # gRPC could not bind "", uvicorn took all interfaces
+                p.append(f"{name}: empty; give an address (0.0.0.0 or :: for every interface)")
+        if self.admin_token and not _TOKEN.fullmatch(self.admin_token):
+            p.append(
+                "admin_token: has a space, a control or a non-ASCII character; no client could send it "
+                "(visible ASCII only)"
+            )
         device = _device_problem(self.device, on_this_host=False)
         if device:
             p.append(f"device: {self.device!r} {device}")
@@ -282,9 +306,11 @@ _FIELDS = {f.name: f for f in fields(Settings)}
 
 def _read_config_file(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except OSError as e:
         raise SettingsError(f"config file {path}: {e.strerror or e}") from e
+    except UnicodeDecodeError:  # (a traceback, before: an audit)
+        raise SettingsError(f"config file {path}: not UTF-8 text") from None
     suffix = path.suffix.lower()
     try:
         if suffix == ".toml":
@@ -318,14 +344,24 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     return out
 
 
+_BOOL_HINT = " (YAML reads yes, no, on and off as true and false)"
+_TYPE_NAMES = {bool: "boolean", int: "number", float: "number", list: "list", dict: "mapping"}
+
+
 def _coerce(name: str, value: Any, source: str) -> Any:
     """`value` (a string from the environment, or a typed value) as the field's type."""
     tp = str(_FIELDS[name].type)
     optional = "None" in tp
     try:
+        if name == "admin_token" and isinstance(value, str):
+            # a Secret made with `kubectl create secret --from-file` ends in a newline, which no
+            # client sends (an audit); and no word may turn a secret off
+            value = value.strip()
+            if value.lower() in _NONE_WORDS:
+                raise ValueError(f"{value!r} looks like a placeholder; leave it unset for no token")
         if isinstance(value, str):
             s = value.strip()
-            if optional and s.lower() in ("none", "null", "off", "disabled") and name != "compile":
+            if optional and s.lower() in _NONE_WORDS and name != "compile":
                 return None
             if name == "compile" and s.lower() in ("auto", "none", "null"):
                 return None
@@ -347,7 +383,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             raise ValueError(f"{given}; expected true or false" + (" or auto" if name == "compile" else ""))
         if tp.startswith("int"):
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError(f"{value!r} is not an integer")
+                hint = _BOOL_HINT if isinstance(value, bool) else ""
+                raise ValueError(f"{value!r} is not an integer{hint}")
             try:
                 iv = int(str(value).strip().replace("_", "")) if isinstance(value, str) else int(value)
             except (TypeError, ValueError):  # (int's own message: "invalid literal for int() ...")
@@ -357,13 +394,23 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             return iv
         if tp.startswith("float"):
             if isinstance(value, bool):
-                raise ValueError(f"{value!r} is not a number")
+                disables = "; none disables it" if optional else ""
+                raise ValueError(f"{value!r} is not a number{_BOOL_HINT}{disables}")
             try:
                 fv = float(value)
             except (TypeError, ValueError, OverflowError):  # (OverflowError: an int past 1e308)
                 raise ValueError(f"{value!r} is not a number") from None
             return fv
-        s = str(value)
+        if isinstance(value, os.PathLike):  # a typed flag: Settings.load({"config": Path(...)})
+            value = os.fspath(value)
+        if not isinstance(value, str):
+            # YAML and TOML read `no` as False, `0123` as 83, a list as a list: never str() them
+            # into a setting (an audit); a secret's value is not repeated
+            kind = _TYPE_NAMES.get(type(value), type(value).__name__)
+            shown = "" if name in SECRET_FIELDS else f" {value!r}"
+            hint = _BOOL_HINT if isinstance(value, bool) else ""
+            raise ValueError(f"expected a string, the value is a {kind}{shown}{hint}; quote it")
+        s = value
         if name == "log_level":
             s = s.upper()
         if optional and s == "":
@@ -441,6 +488,13 @@ def _tls_problems(cert: str, key: str, client_ca: str | None) -> list[str]:
         else:
             why = f" ({e.reason})" if e.reason else ""
             p.append(f"tls_cert and tls_key: {cert}, {key}: not a valid certificate and unencrypted key{why}")
+    else:
+        edwards = _edwards_key(key)
+        if edwards:
+            p.append(
+                f"tls_key: {key} is an {edwards} key, which gRPC's TLS cannot sign handshakes with "
+                "(every one failed NO_COMMON_SIGNATURE_ALGORITHMS); use an ECDSA or RSA key"
+            )
     if client_ca is not None:
         try:
             ctx.load_verify_locations(client_ca)
@@ -448,6 +502,24 @@ def _tls_problems(cert: str, key: str, client_ca: str | None) -> list[str]:
             why = f" ({e.reason})" if e.reason else ""
             p.append(f"tls_client_ca: {client_ca}: not valid PEM certificates{why}")
     return p
+
+
+# the DER object identifiers of Ed25519 (1.3.101.112) and Ed448 (1.3.101.113)
+_EDWARDS_OIDS = {b"\x06\x03\x2b\x65\x70": "Ed25519", b"\x06\x03\x2b\x65\x71": "Ed448"}
+_PKCS8 = re.compile(r"-----BEGIN PRIVATE KEY-----(.*?)-----END PRIVATE KEY-----", re.S)
+
+
+def _edwards_key(path: str) -> str | None:
+    """The algorithm of the key file's PKCS#8 key when it is Ed25519 or Ed448 (its identifier
+    opens the DER), else None: no dependency on `cryptography` for this one check."""
+    m = _PKCS8.search(Path(path).read_text(errors="replace"))
+    if m is None:
+        return None
+    try:
+        head = base64.b64decode("".join(m.group(1).split()))[:16]
+    except ValueError:  # (binascii.Error)
+        return None
+    return next((kind for oid, kind in _EDWARDS_OIDS.items() if oid in head), None)
 
 
 def field_help(name: str) -> str:
