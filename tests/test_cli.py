@@ -122,6 +122,50 @@ def test_boolean_flags_take_a_value_or_none(
     assert (s.compile, s.warmup) == (compile, warmup)
 
 
+def test_ctrl_c_during_start_up_exits_130_without_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C before serve's handlers are in (torch imports for seconds) printed a
+    KeyboardInterrupt traceback (an audit): one line now, exit 130 as for any interrupted
+    command (nothing was serving yet)."""
+
+    def interrupted(args: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("softgate.cli.load_settings", interrupted)
+    try:
+        code = main(["serve"])
+    except KeyboardInterrupt:  # (not raised at pytest, which would end the whole run)
+        pytest.fail("KeyboardInterrupt escaped softgate serve")
+    assert code == 130
+    assert capsys.readouterr().err == "softgate serve: interrupted\n"
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan", "inf", "soon"])
+def test_health_refuses_a_timeout_that_is_not_positive_seconds(
+    timeout: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """-1, nan and inf ended in a traceback, and 0 read a healthy server as unhealthy (an
+    audit): a usage error (exit 2) naming the flag."""
+    with pytest.raises(SystemExit) as ei:
+        main(["health", "--status-file", str(tmp_path / "status.json"), f"--timeout={timeout}"])
+    assert ei.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --timeout" in err and "seconds above 0" in err and "Traceback" not in err
+    assert main(["health", "--status-file", str(tmp_path / "status.json"), "--timeout", "0.5"]) == 1
+
+
+def test_a_status_file_that_cannot_be_written_leaves_no_temporary_file(tmp_path: Path) -> None:
+    """A directory at the status file's path: the error, and no `<name>.<pid>.tmp` beside it
+    (one was left behind; an audit)."""
+    from softgate.status import write_status
+
+    (tmp_path / "status").mkdir()
+    with pytest.raises(OSError):
+        write_status(str(tmp_path / "status"), ("127.0.0.1", 1), None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["status"]
+
+
 def test_help_shows_the_values_of_boolean_flags(capsys: pytest.CaptureFixture[str]) -> None:
     """The boolean flags' values, and defaults as settings spell them: true/false, compile's
     None as auto."""
@@ -139,7 +183,7 @@ def test_help_shows_the_values_of_boolean_flags(capsys: pytest.CaptureFixture[st
 
 
 class Serve:
-    def __init__(self, tmp: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, tmp: Path, *args: str, env: dict[str, str] | None = None, prelude: str = "") -> None:
         self.log_path = tmp / "serve.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("SOFTGATE_")} | (env or {})
         env["PYTHONUNBUFFERED"] = "1"
@@ -148,7 +192,7 @@ class Serve:
             [
                 sys.executable,
                 "-c",
-                "import sys; from softgate.cli import main; sys.exit(main())",
+                prelude + "import sys; from softgate.cli import main; sys.exit(main())",
                 "serve",
                 *args,
             ],
@@ -188,8 +232,8 @@ class Serve:
 def serve(tmp_path: Path) -> Iterator[Any]:
     started: list[Serve] = []
 
-    def start(*args: str, env: dict[str, str] | None = None) -> Serve:
-        s = Serve(tmp_path, *args, env=env)
+    def start(*args: str, env: dict[str, str] | None = None, prelude: str = "") -> Serve:
+        s = Serve(tmp_path, *args, env=env, prelude=prelude)
         started.append(s)
         return s
 
@@ -287,12 +331,15 @@ def test_sigterm_with_calls_in_flight_completes_them_and_exits_0(serve: Any) -> 
 
 
 def test_a_second_signal_cuts_the_grace_period_short(serve: Any) -> None:
-    """A second SIGTERM during the grace period cancels the calls in flight and exits 0 at once."""
+    """A second SIGTERM during the grace period cancels the calls in flight and exits 0 at once.
+    Meanwhile /readyz says the server is stopping (it said "engine warming up"; an audit)."""
+    httpx = pytest.importorskip("httpx")
     s = serve(
-        "--grpc-port", "0", "--grpc-host", "127.0.0.1", "--admin-port", "-1",
+        "--grpc-port", "0", "--grpc-host", "127.0.0.1", "--admin-port", "0", "--admin-host", "127.0.0.1",
         "--log-format", "json", "--device", "cpu", "--no-warmup", "--no-compile", "--grace-seconds", "60",
     )  # fmt: skip
     target = f"127.0.0.1:{int(s.wait_event('grpc_listening')['port'])}"
+    admin = s.wait_event("admin_listening")["address"]
     _wait_serving(target)
     release, sent = threading.Event(), threading.Event()
     result: dict[str, Any] = {}
@@ -316,6 +363,8 @@ def test_a_second_signal_cuts_the_grace_period_short(serve: Any) -> None:
         time.sleep(0.3)  # the first chunk is in the server
         s.proc.send_signal(signal.SIGTERM)
         s.wait_event("grpc_stopping", timeout=10)
+        r = httpx.get(f"http://{admin}/readyz", timeout=5)
+        assert r.status_code == 503 and r.json()["error"]["status"] == "stopping", r.text
         t0 = time.monotonic()
         s.proc.send_signal(signal.SIGTERM)
         assert s.proc.wait(15) == 0
@@ -324,6 +373,44 @@ def test_a_second_signal_cuts_the_grace_period_short(serve: Any) -> None:
         release.set()
         t.join(30)
     assert "responses" not in result
+
+
+def test_sighup_drains_like_sigterm_and_later_signals_are_ignored(serve: Any, tmp_path: Path) -> None:
+    """SIGHUP killed the server (exit -1, nothing logged, its status file left behind), and a
+    second signal while it tore down killed it by that signal just after `stopped
+    exit_code=0` (an audit): SIGHUP shuts down like SIGTERM, later signals are ignored, exit 0."""
+    status = tmp_path / "status.json"
+    s = serve(
+        "--grpc-port", "0", "--grpc-host", "127.0.0.1", "--admin-port", "-1", "--log-format", "json",
+        "--device", "cpu", "--no-warmup", "--no-compile", "--status-file", str(status),
+    )  # fmt: skip
+    _wait_serving(f"127.0.0.1:{int(s.wait_event('grpc_listening')['port'])}")
+    s.proc.send_signal(signal.SIGHUP)
+    s.wait_event("stopped")
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # while the process tears down
+        s.proc.send_signal(sig)
+    assert s.proc.wait(30) == 0
+    assert next(e["signal"] for e in s.events() if e.get("event") == "signal_received") == "SIGHUP"
+    assert not status.exists() and "Traceback" not in s.log_path.read_text()
+
+
+def test_a_server_started_with_sighup_ignored_keeps_serving_after_one(serve: Any) -> None:
+    """`nohup softgate serve`: SIGHUP ignored by the parent stays ignored (a closed terminal
+    must not stop the server); SIGTERM still shuts it down."""
+    s = serve(
+        "--grpc-port", "0", "--grpc-host", "127.0.0.1", "--admin-port", "-1", "--log-format", "json",
+        "--device", "cpu", "--no-warmup", "--no-compile",
+        prelude="import signal; signal.signal(signal.SIGHUP, signal.SIG_IGN); ",
+    )  # fmt: skip
+    target = f"127.0.0.1:{int(s.wait_event('grpc_listening')['port'])}"
+    _wait_serving(target)
+    s.proc.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    assert s.proc.poll() is None
+    _wait_serving(target)
+    assert not [e for e in s.events() if e.get("event") == "signal_received"]
+    s.proc.send_signal(signal.SIGTERM)
+    assert s.proc.wait(30) == 0
 
 
 @needs_compile

@@ -1029,3 +1029,29 @@ def test_a_torch_without_aot_compile_is_named_in_the_error(monkeypatch: pytest.M
     monkeypatch.setattr(torch, "__version__", "2.4.1")
     with pytest.raises(RuntimeError, match=r"torch 2\.4\.1 has no torch\.compile\(\.\.\.\)\.aot_compile"):
         compiled.aot_compile(warmup_args(_token_terms_args("cpu")))
+
+
+def test_a_small_cpu_batch_gives_the_same_bits_whatever_the_callers_thread_count() -> None:
+    """A compiled kernel's float64 sums are split by the calling thread's intra-op thread
+    count: a server computes small calls on one thread, so the same batch in-process (on the
+    caller's threads) differed from the served one in the last bit of the loss and metrics (an
+    audit). The engine computes batches of up to ONE_THREAD_MAX_TOKENS on one thread itself."""
+    from softgate.engine.engine import ONE_THREAD_MAX_TOKENS
+    from softgate.threads import one_thread
+
+    batch = random_batch(8, max_seqs=64, max_len=120, num_seqs=64)
+    assert 2000 < batch.logp.numel() <= ONE_THREAD_MAX_TOKENS
+    config = make_config("gppo", "token_mean", "k2", None, scale="batch")
+    engine = Engine(device="cpu", compile=True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(before, 4))  # (the split needs a team of more than one thread)
+    try:
+        many = engine.loss(batch, config)
+        with one_thread():
+            one = engine.loss(batch, config)
+    finally:
+        torch.set_num_threads(before)
+    assert engine.kernel.compiled_calls >= 2
+    assert (many.loss, many.policy_loss, many.kl_loss) == (one.loss, one.policy_loss, one.kl_loss)
+    assert many.metrics == one.metrics
+    assert torch.equal(many.grad, one.grad)

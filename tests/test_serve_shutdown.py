@@ -1,6 +1,7 @@
 """`softgate serve` in this process: start-up (the engine and telemetry it makes, warm-up
 before SERVING, the admin and allocator events) and shutdown (a stop during warm-up, signal
-handlers given back, the engine's background torch.compile still running)."""
+handlers given back, the engine's background torch.compile still running, /readyz while
+draining)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import asyncio
 import logging
 import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -18,6 +20,7 @@ import torch
 from conftest import LogRecords, log_records
 from softgate.allocator import Decision
 from softgate.engine import Engine
+from softgate.engine.config import OBJECTIVES
 from softgate.observability import PrometheusTelemetry
 from softgate.settings import Settings
 
@@ -134,6 +137,31 @@ def test_an_admin_port_in_use_fails_start_up_with_exit_code_1() -> None:
         assert asyncio.run(serve.serve(settings)) == 1
 
 
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+def test_an_ipv6_admin_host_in_brackets_binds_and_is_logged_in_brackets(serve_log: LogRecords) -> None:
+    """admin_host `[::1]`, as grpc_host takes it, failed start-up ("Name or service not
+    known"), and `::1` was logged as `::1:8080` (an audit): both now as grpc_listening does."""
+
+    async def go(host: str) -> int:
+        stop = asyncio.Event()
+        stop.set()
+        return await serve.serve(_settings(admin_host=host, admin_port=0), stop=stop)
+
+    assert asyncio.run(go("[::1]")) == 0
+    assert asyncio.run(go("::1")) == 0
+    addresses = [f["address"] for f in serve_log.fields("admin_listening")]
+    assert len(addresses) == 2 and all(a.startswith("[::1]:") for a in addresses), addresses
+
+
 # ---------------------------------------------------------------- shutdown
 
 
@@ -157,6 +185,68 @@ def test_a_stop_during_warmup_never_turns_serving(monkeypatch: pytest.MonkeyPatc
     assert "warmup" in calls and ("serving", True) not in calls
 
 
+def test_the_engine_warmup_stops_between_configurations_once_halted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Engine.warmup(halt) checks `halt` before each configuration it runs."""
+    engine = Engine(device="cpu", compile=False, host_max_tokens=0)
+    halt = threading.Event()
+    runs: list[Any] = []
+
+    def one_run(*args: Any) -> None:
+        runs.append(args)
+        halt.set()
+
+    monkeypatch.setattr(engine, "_loss", one_run)
+    engine.warmup(halt)
+    assert len(runs) == 1
+    halt.clear()
+    engine.warmup()
+    assert len(runs) == 1 + len(OBJECTIVES)
+
+
+class _Halting(Engine):
+    """A CPU engine whose warm-up stops the server, then runs until halted (or, ignoring the
+    halt, until `release` is set); `halted` says whether it saw the halt."""
+
+    def __init__(self, box: dict[str, Any], obey: bool) -> None:
+        super().__init__(device="cpu", compile=False)
+        self.box, self.obey = box, obey
+        self.release, self.halted = threading.Event(), False
+
+    def warmup(self, halt: threading.Event | None = None) -> None:
+        self.box["loop"].call_soon_threadsafe(self.box["stop"].set)
+        if self.obey and halt is not None:
+            self.halted = halt.wait(10)
+        else:
+            self.release.wait(10)
+
+
+@pytest.mark.parametrize("obey", [True, False])
+def test_a_stop_during_a_long_warmup_halts_it_or_exits_without_it(
+    monkeypatch: pytest.MonkeyPatch, serve_log: LogRecords, obey: bool
+) -> None:
+    """A compile warm-up (minutes) answered SIGTERM only once it ended (an audit): a stop now
+    halts it between configurations; one still compiling after COMPILE_EXIT_WAIT_S asks run()
+    for an immediate exit, as a background compile does. Exit code 0 either way."""
+    box: dict[str, Any] = {}
+    engine = _Halting(box, obey)
+    monkeypatch.setattr(serve, "make_engine", lambda s: engine)
+    monkeypatch.setattr(serve, "COMPILE_EXIT_WAIT_S", 0.2)
+    monkeypatch.setitem(serve._exit_now, "hard", False)
+
+    async def go() -> int:
+        box["loop"], box["stop"] = asyncio.get_running_loop(), asyncio.Event()
+        return await serve.serve(_settings(warmup=True), stop=box["stop"])
+
+    try:
+        assert asyncio.run(go()) == 0
+    finally:
+        engine.release.set()
+    events = [r.getMessage() for r in serve_log.records]
+    assert "warmup_interrupted" in events and "serving" not in events
+    assert engine.halted is obey and serve._exit_now["hard"] is not obey
+    assert ("compile_in_progress" in events) is not obey
+
+
 def test_serve_gives_the_signal_handlers_back() -> None:
     """Once serve returns, SIGTERM has the handler it had before (an embedding caller's)."""
 
@@ -169,6 +259,42 @@ def test_serve_gives_the_signal_handlers_back() -> None:
 
     before, after = asyncio.run(go())
     assert after == before
+
+
+def test_the_cli_server_ignores_signals_once_stopped() -> None:
+    """With ignore_signals_after (run's), SIGTERM, SIGINT and SIGHUP are ignored once serve
+    returns: a second signal while the process tore down killed it by that signal, right after
+    its `stopped exit_code=0` (an audit)."""
+
+    async def go() -> list[Any]:
+        stop = asyncio.Event()
+        stop.set()
+        assert await serve.serve(_settings(), stop=stop, ignore_signals_after=True) == 0
+        return [signal.getsignal(sig) for sig in serve.SIGNALS]
+
+    saved = {sig: signal.getsignal(sig) for sig in serve.SIGNALS}
+    try:
+        assert asyncio.run(go()) == [signal.SIG_IGN] * len(serve.SIGNALS)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def test_readyz_says_stopping_while_the_server_drains() -> None:
+    """/readyz during a shutdown read "engine warming up or gRPC not serving yet", status
+    "starting" (an audit): the admin app serve makes says "stopping" once a stop is set."""
+    import httpx
+    from softgate.admin.server import ThreadedAdminServer
+
+    stop = asyncio.Event()
+    settings = _settings(admin_host="127.0.0.1", admin_port=0)
+    server = serve._make_admin_server(settings, serve.make_telemetry(settings), lambda: False, stop.is_set)
+    with ThreadedAdminServer(server.config.app) as srv, httpx.Client(base_url=srv.url, timeout=5) as c:
+        assert c.get("/readyz").json()["error"]["status"] == "starting"
+        stop.set()
+        r = c.get("/readyz")
+    assert r.status_code == 503 and r.json()["error"]["status"] == "stopping", r.json()
+    assert "shutting down" in r.json()["error"]["message"]
 
 
 def test_exit_does_not_wait_forever_for_a_background_compile(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -198,7 +324,7 @@ def test_run_serves_with_grad_off_and_restores_it(monkeypatch: pytest.MonkeyPatc
     contexts) and leaves an embedding caller's grad mode as it found it."""
     seen: list[bool] = []
 
-    async def fake_serve(settings: Settings) -> int:
+    async def fake_serve(settings: Settings, **kw: Any) -> int:
         seen.append(torch.is_grad_enabled())
         return 0
 

@@ -12,6 +12,7 @@ flags override `SOFTGATE_*` environment variables, which override the config fil
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from dataclasses import fields
@@ -49,6 +50,18 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> a
     return p
 
 
+def _seconds(text: str) -> float:
+    """A health check's --timeout: a finite number of seconds above 0 (0 timed out at once, a
+    healthy server read as unhealthy; -1, nan and inf ended in a traceback; an audit)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number of seconds above 0")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="softgate", description="softgate: a gRPC loss service for LLM RL.")
     ap.add_argument("--version", action="version", version=f"softgate {__version__}")
@@ -68,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the server's status file [env SOFTGATE_STATUS_FILE]",
     )
     health.add_argument(
-        "--timeout", type=float, default=2.0, help="seconds to wait for an answer [default: 2]"
+        "--timeout", type=_seconds, default=2.0, help="seconds to wait for an answer [default: 2]"
     )
     sub.add_parser("version", help="print the version")
     return ap
@@ -107,6 +120,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "serve":
         ap.print_help()
         return 2
+    try:
+        return _serve(args, argv_given)
+    except KeyboardInterrupt:  # Ctrl-C before serve's handlers are in (torch imports: seconds)
+        print("softgate serve: interrupted", file=sys.stderr)
+        return 130
+
+
+def _serve(args: argparse.Namespace, argv_given: bool) -> int:
+    """`softgate serve`: settings, the allocator, the host checks, then the server."""
     try:
         settings = load_settings(args)
     except SettingsError as e:

@@ -6,10 +6,10 @@ else the no-op `Telemetry`), the engine on its device, gRPC bound (health NOT_SE
 admin app under uvicorn (when `admin_port` is set and `softgate.admin` is importable), engine
 warm-up in a worker thread, then health SERVING and readiness true.
 
-Shutdown on SIGTERM or SIGINT: readiness false and health NOT_SERVING for every service, new
-RPCs refused, in-flight RPCs get `grace_seconds` to finish, then the admin server stops and the
-process exits 0. A second signal during the grace period cuts it short (in-flight RPCs are
-cancelled) and still exits 0. uvicorn's own signal handlers are disabled.
+Shutdown on SIGTERM, SIGINT or SIGHUP: readiness false and health NOT_SERVING for every
+service, new RPCs refused, in-flight RPCs get `grace_seconds` to finish, then the admin server
+stops and the process exits 0. A second signal during the grace period cuts it short (in-flight
+RPCs are cancelled) and still exits 0. uvicorn's own signal handlers are disabled.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Generator
 from typing import Any
 
@@ -42,6 +43,10 @@ log = get_logger("serve")
 # exit status -6 instead of 0); past this wait the process exits at once instead (os._exit)
 COMPILE_EXIT_WAIT_S = 5.0
 _exit_now = {"hard": False}
+# the signals that shut the server down gracefully: SIGHUP too (a closed terminal, or a
+# supervisor's reload signal), which killed the process without a word and left its status
+# file behind (an audit)
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def make_telemetry(settings: Settings) -> Telemetry:
@@ -75,7 +80,9 @@ def _device_description(engine: Engine) -> dict[str, Any]:
     return out
 
 
-def _make_admin_server(settings: Settings, telemetry: Telemetry, is_ready: Any) -> Any | None:
+def _make_admin_server(
+    settings: Settings, telemetry: Telemetry, is_ready: Any, is_stopping: Any
+) -> Any | None:
     """A uvicorn.Server for `softgate.admin.create_app`, or None (disabled / not importable)."""
     if settings.admin_port is None:
         return None
@@ -97,7 +104,7 @@ def _make_admin_server(settings: Settings, telemetry: Telemetry, is_ready: Any) 
         def capture_signals(self) -> Generator[None, None, None]:  # uvicorn >= 0.29
             yield
 
-    app = create_app(settings, telemetry, is_ready)
+    app = create_app(settings, telemetry, is_ready, is_stopping)
     config = uvicorn.Config(
         app,
         host=settings.admin_host,
@@ -110,13 +117,20 @@ def _make_admin_server(settings: Settings, telemetry: Telemetry, is_ready: Any) 
     return _Server(config)
 
 
+def _host_port(host: str, port: int | None) -> str:
+    """host:port, an IPv6 host in brackets ([::1]:8080), as grpc_listening writes it."""
+    host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    return f"{host}:{port}"
+
+
 def _admin_socket(settings: Settings) -> socket.socket:
     """The admin port, bound here rather than by uvicorn: uvicorn reports a bind failure with
     sys.exit(3) inside its task, which escapes the event loop with two tracebacks."""
     host, port = settings.admin_host, settings.admin_port
     try:
+        # without brackets: getaddrinfo knows no "[::1]", which grpc_host accepts (an audit)
         family, kind, proto, _, address = socket.getaddrinfo(
-            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
         sock = socket.socket(family, kind, proto)
         try:
@@ -126,7 +140,7 @@ def _admin_socket(settings: Settings) -> socket.socket:
             sock.close()
             raise
     except OSError as e:
-        raise OSError(f"cannot bind admin on {host}:{port}: {e.strerror or e}") from e
+        raise OSError(f"cannot bind admin on {_host_port(host, port)}: {e.strerror or e}") from e
     return sock
 
 
@@ -139,24 +153,111 @@ def _bound_admin_address(server: Any, settings: Settings) -> tuple[str, int]:
         return settings.admin_host, int(settings.admin_port or 0)
 
 
-async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int:
-    """Run until SIGTERM / SIGINT (or until `stop` is set); returns the exit code."""
+def _start_warmup(engine: Engine, halt: threading.Event) -> asyncio.Future[None]:
+    """`engine.warmup(halt)` on a daemon thread, done when it returns. Not the loop's executor
+    (asyncio.to_thread): asyncio.run's exit waits for that executor's threads, so a warm-up
+    still compiling would hold the process however soon serve returned."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle(error: BaseException | None) -> None:
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
+
+    def work() -> None:
+        error: BaseException | None = None
+        try:
+            engine.warmup(halt)
+        except BaseException as e:  # (re-raised in the loop, as asyncio.to_thread would)
+            error = e
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+            loop.call_soon_threadsafe(settle, error)
+
+    threading.Thread(target=work, name="softgate-warmup", daemon=True).start()
+    return done
+
+
+async def _warm_up(engine: Engine, stop: asyncio.Event) -> None:
+    """Warm the engine up unless `stop` is set meanwhile: then halt it between configurations,
+    wait up to COMPILE_EXIT_WAIT_S for the one compiling, and past that ask run() for an
+    immediate exit (a compile warm-up ignored SIGTERM until it ended, minutes; an audit)."""
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    halt = threading.Event()
+    warm = _start_warmup(engine, halt)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait((warm, stopped), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    if warm.done():
+        warm.result()
+        log.info("engine_warmed_up", seconds=round(loop.time() - t0, 3))
+        return
+    halt.set()
+    log.info("warmup_interrupted", seconds=round(loop.time() - t0, 3))
+    done, _ = await asyncio.wait((warm,), timeout=COMPILE_EXIT_WAIT_S)
+    if not done:
+        log.warning("compile_in_progress", action="exiting without waiting for the warm-up")
+        _exit_now["hard"] = True
+    else:
+        warm.exception()  # (retrieved: one that failed as it halted; the server stops anyway)
+
+
+async def serve(
+    settings: Settings, *, stop: asyncio.Event | None = None, ignore_signals_after: bool = False
+) -> int:
+    """Run until SIGTERM / SIGINT / SIGHUP (or until `stop` is set); returns the exit code.
+    The signals' handlers are the caller's again when it returns, or ignored with
+    `ignore_signals_after` (a process that exits next)."""
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     signals_seen = 0
     background: set[asyncio.Task[Any]] = set()
+    started: list[GrpcServer] = []  # (the one _serve starts)
 
     def on_signal(sig: signal.Signals) -> None:
         nonlocal signals_seen
         signals_seen += 1
         log.info("signal_received", signal=sig.name, count=signals_seen)
         stop.set()
-        if signals_seen > 1 and grpc_server.server is not None:
-            # a second signal: cut the grace period short
-            task = loop.create_task(grpc_server.server.stop(0))
-            background.add(task)
-            task.add_done_callback(background.discard)
+        for grpc_server in started if signals_seen > 1 else ():
+            if grpc_server.server is not None:  # a second signal: cut the grace period short
+                task = loop.create_task(grpc_server.server.stop(0))
+                background.add(task)
+                task.add_done_callback(background.discard)
 
+    # before anything starts: a signal while the engine is made (CUDA's start-up takes
+    # seconds) stops the server as soon as it has started, rather than killing it
+    installed: dict[signal.Signals, Any] = {}
+    for sig in SIGNALS:
+        previous = signal.getsignal(sig)
+        if sig == signal.SIGHUP and previous == signal.SIG_IGN:
+            continue  # `nohup softgate serve`: a closed terminal must not stop it
+        try:
+            loop.add_signal_handler(sig, on_signal, sig)
+            installed[sig] = previous
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread / platform
+            pass
+    try:
+        return await _serve(settings, stop, started)
+    finally:
+        for sig, previous in installed.items():
+            loop.remove_signal_handler(sig)  # (which sets SIG_DFL: the caller's handler, again)
+            if ignore_signals_after:
+                # a second signal while the process tears down (asyncio.run's exit, the
+                # interpreter's) killed it by that signal after its `stopped exit_code=0`: the
+                # default action (an audit)
+                signal.signal(sig, signal.SIG_IGN)
+            elif previous is not None:  # (None: one not set from Python, which SIG_DFL now is)
+                signal.signal(sig, previous)
+
+
+async def _serve(settings: Settings, stop: asyncio.Event, started: list[GrpcServer]) -> int:
+    """serve's body: start everything, run until `stop` is set, stop everything (the gRPC
+    server made is appended to `started`, for a second signal to hurry)."""
     log.info("starting", version=__version__, settings=settings.redacted())
     telemetry = make_telemetry(settings)
     engine = make_engine(settings)
@@ -164,21 +265,14 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
     telemetry.watch_engine(engine.kernel.states)
 
     grpc_server = GrpcServer(settings, engine, telemetry)
+    started.append(grpc_server)
     await grpc_server.start()
     ready = False
 
     def is_ready() -> bool:
         return ready and grpc_server.serving
 
-    installed: list[signal.Signals] = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, on_signal, sig)
-            installed.append(sig)
-        except (NotImplementedError, RuntimeError):  # not the main thread / platform
-            pass
-
-    admin = _make_admin_server(settings, telemetry, is_ready)
+    admin = _make_admin_server(settings, telemetry, is_ready, stop.is_set)
     admin_task: asyncio.Task[Any] | None = None
     admin_address: tuple[str, int] | None = None
     code = 0
@@ -188,13 +282,12 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
             while not admin.started:
                 if admin_task.done():
                     exc = admin_task.exception() if not admin_task.cancelled() else None
-                    raise OSError(
-                        f"admin server failed to start on {settings.admin_host}:{settings.admin_port}: {exc!r}"
-                    )
+                    where = _host_port(settings.admin_host, settings.admin_port)
+                    raise OSError(f"admin server failed to start on {where}: {exc!r}")
                 await asyncio.sleep(0.01)
             admin_address = _bound_admin_address(admin, settings)
             host, port = admin_address
-            log.info("admin_listening", address=f"{host}:{port}", auth=bool(settings.admin_token))
+            log.info("admin_listening", address=_host_port(host, port), auth=bool(settings.admin_token))
         if settings.status_file:
             try:
                 write_status(
@@ -204,9 +297,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
                 log.warning("status_file_not_written", path=settings.status_file, error=str(e))
 
         if settings.warmup and not stop.is_set():
-            t0 = loop.time()
-            await asyncio.to_thread(engine.warmup)
-            log.info("engine_warmed_up", seconds=round(loop.time() - t0, 3))
+            await _warm_up(engine, stop)
         if not stop.is_set():
             await grpc_server.set_serving(True)
             ready = True
@@ -223,7 +314,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
             with contextlib.suppress(Exception, SystemExit, asyncio.CancelledError):
                 await asyncio.wait_for(admin_task, timeout=max(settings.grace_seconds, 1.0) + 5)
         waiter = getattr(engine, "wait_compiled", None)
-        if callable(waiter):
+        if callable(waiter) and not _exit_now["hard"]:
             with contextlib.suppress(Exception):
                 if not await asyncio.to_thread(waiter, COMPILE_EXIT_WAIT_S):
                     log.warning("compile_in_progress", action="exiting without waiting for it")
@@ -232,8 +323,6 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
         if callable(close):
             with contextlib.suppress(Exception):
                 close()
-        for sig in installed:
-            loop.remove_signal_handler(sig)
         if settings.status_file:
             remove_status(settings.status_file)
         log.info("stopped", exit_code=code)
@@ -258,7 +347,8 @@ def log_allocator(decision: Decision | None) -> None:
 
 def run(settings: Settings, *, allocator: Decision | None = None) -> int:
     """Configure logging and run `serve` in a fresh event loop (`allocator`: what the CLI
-    decided about the malloc, logged)."""
+    decided about the malloc, logged). SIGTERM, SIGINT and SIGHUP are ignored once serve has
+    returned: the process is on its way out."""
     configure(settings.log_format, settings.log_level)
     native = NativeStderr() if settings.log_format == "json" else None
     try:
@@ -292,7 +382,7 @@ def _run(settings: Settings, allocator: Decision | None) -> int:
     grad = torch.is_grad_enabled()
     torch.set_grad_enabled(False)
     try:
-        return asyncio.run(serve(settings))
+        return asyncio.run(serve(settings, ignore_signals_after=True))
     except OSError as e:
         log.error("startup_failed", error=str(e))
         return 1

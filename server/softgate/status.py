@@ -26,7 +26,12 @@ def write_status(path: str, grpc: tuple[str, int], admin: tuple[str, int] | None
     tmp = f"{path}.{os.getpid()}.tmp"
     body = {"pid": os.getpid(), "grpc": list(grpc), "admin": list(admin) if admin else None}
     Path(tmp).write_text(json.dumps(body))
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except OSError:  # (a directory at `path`: the temporary file was left behind; an audit)
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def remove_status(path: str) -> None:

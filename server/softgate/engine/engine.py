@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from collections.abc import Iterable
 from typing import Any
 
@@ -26,6 +27,7 @@ from softgate.engine.loss import TokenTerms, compute_loss
 from softgate.engine.result import AdvantageResult, LossResult
 from softgate.engine.transfer import to_device
 from softgate.engine.validation import _INTS, reward_tensor
+from softgate.threads import one_thread
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,11 @@ _HOST = torch.device("cpu")
 # memory (a server's always are) on the host, where it costs less than the GPU's launches and
 # copies: the measurements behind it are in docs/engine.md ("Small batches on the host").
 DEFAULT_HOST_MAX_TOKENS = 65536
+# A CPU batch of at most this many tokens is computed on ONE intra-op thread, whoever calls:
+# a compiled kernel's float64 sums are split by the calling thread's thread count, so a batch
+# served (a server runs calls this small on one thread, for speed: softgate.threads) and the
+# same batch in-process differed in the last bit of the loss and metrics (an audit).
+ONE_THREAD_MAX_TOKENS = 32768
 
 
 class Engine:
@@ -129,13 +136,14 @@ class Engine:
         sample_tokens: int | None = None,
         grad_out: Tensor | None = None,
     ) -> LossResult:
-        return compute_loss(
-            self._to_device(batch, device),
-            config,
-            kernel=kernel,
-            sample_tokens=sample_tokens,
-            grad_out=grad_out,
-        )
+        batch = self._to_device(batch, device)
+        n = batch.logp.numel() if isinstance(batch.logp, Tensor) else 0
+        if device.type == "cpu" and n <= ONE_THREAD_MAX_TOKENS:
+            with one_thread():
+                return compute_loss(
+                    batch, config, kernel=kernel, sample_tokens=sample_tokens, grad_out=grad_out
+                )
+        return compute_loss(batch, config, kernel=kernel, sample_tokens=sample_tokens, grad_out=grad_out)
 
     def wait_compiled(self, timeout: float | None = None) -> bool:
         """Block until no background compile is queued or running (tests, benchmarks)."""
@@ -183,11 +191,13 @@ class Engine:
         }
         return AdvantageResult(adv, metrics)
 
-    def warmup(self) -> None:
+    def warmup(self, halt: threading.Event | None = None) -> None:
         """Run one small batch through every objective (and the KL, mismatch and aggregation
         paths), on the engine's device and, when it computes small batches there, the host,
         so the first request is fast. With compile=True this compiles those paths; in
-        background mode it queues no compiles (real traffic chooses what gets compiled)."""
+        background mode it queues no compiles (real traffic chooses what gets compiled).
+        Returns early once `halt` is set: it is checked before each configuration (a compile
+        warm-up takes minutes, and a SIGTERM meanwhile went unanswered until it ended; an audit)."""
 
         def eager_only(*args: Any) -> Any:
             return self.kernel(*args, schedule=False)
@@ -215,4 +225,6 @@ class Engine:
                 mismatch=MismatchConfig(),
             )
             for device in devices:
+                if halt is not None and halt.is_set():
+                    return
                 self._loss(batch, cfg, eager_only, device)
