@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import sys
 import types
 
 import numpy as np
@@ -26,7 +28,7 @@ from softgate.observability import (
     sanitize_run,
 )
 from softgate.observability.distributions import _counts_numpy, _counts_torch
-from softgate.observability.runs import BatchRecord, RunState, summarize, windows
+from softgate.observability.runs import BatchRecord, RunState, summarize, summarize_advantages, windows
 from softgate.observability.telemetry import (
     CODES,
     MAX_QUEUED,
@@ -995,7 +997,7 @@ def test_time_windows_cover_five_minutes_and_one_hour() -> None:
     st = RunState()
     now = 10_000.0
     st.batches.extend([_rec(now - 3000), _rec(now - 1000), _rec(now - 299), _rec(now - 1)])
-    w = windows(st, now=now)
+    w = windows(list(st.batches), [], now=now)
     assert w["last_5m"]["batches"] == 2
     assert w["last_1h"]["batches"] == 4
     assert w["last_10_batches"]["batches"] == 4
@@ -1031,3 +1033,49 @@ def test_engine_codes_of_a_sampled_batch_are_not_used() -> None:
     assert want.stride == got.stride == 10
     assert (got.ratio_counts == want.ratio_counts).all() and (got.gate_counts == want.gate_counts).all()
     assert (got.ratio_sums == want.ratio_sums).all()
+
+
+def test_the_runs_overview_summarises_only_the_last_10_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by an audit: /v1/runs summarised all four windows of every run (up to 1000 batches
+    each) and returned only last_10_batches, holding the event loop 0.4 s at 20 runs."""
+    from softgate.engine import AdvantageConfig
+    from softgate.observability import runs
+
+    tel = PrometheusTelemetry(S())
+    adv = Engine(device="cpu", compile=False).advantages(
+        torch.rand(8), torch.arange(8) // 4, AdvantageConfig()
+    )
+    for run in ("a", "b"):
+        for _ in range(30):
+            tel.observe_loss(run, LossConfig(), loss_result(16))
+            tel.observe_advantages(run, AdvantageConfig(), adv)
+    seen: list[tuple[str, int]] = []
+    for name in ("summarize", "summarize_advantages"):
+        real = getattr(runs, name)
+        monkeypatch.setattr(
+            runs, name, lambda r, real=real, name=name: seen.append((name, len(r))) or real(r)
+        )
+    overview = tel.runs_overview()
+    assert sorted(seen) == [("summarize", 10)] * 2 + [("summarize_advantages", 10)] * 2
+    assert [r["last_10_batches"]["batches"] for r in overview] == [10, 10]
+    assert [r["last_10_batches"]["advantages"]["calls"] for r in overview] == [10, 10]
+    assert overview[0]["last_10_batches"] == tel.run_summary(overview[0]["run"])["windows"]["last_10_batches"]
+
+
+def test_a_window_mean_of_huge_values_does_not_overflow() -> None:
+    """Found by an audit: the weighted mean summed value x tokens, inf for advantages of 1e300
+    and up, which the JSON read as null (the gauge read 5e307). A mean that is still not
+    finite (values at the float64 maximum) is left out, as a non-finite value is."""
+    tel = PrometheusTelemetry(S())
+    for _ in range(3):
+        tel.observe_loss("r", LossConfig(), loss_result(64, adv_mean=5e307, reward_mean=-1e300))
+    summary = tel.run_summary("r")
+    json.dumps(summary, allow_nan=False)  # no inf or NaN anywhere
+    for w in summary["windows"].values():
+        assert w["advantage_mean"] == pytest.approx(5e307) and w["reward_mean"] == pytest.approx(-1e300)
+    calls = [
+        BatchRecord(t=1.0, objective="", tokens=0, seqs=n, values={"advantage_mean": 1e307}) for n in (8, 24)
+    ]
+    assert summarize_advantages(calls)["advantage_mean"] == pytest.approx(1e307)
+    top = [_rec(float(i), tokens=10, reward_mean=sys.float_info.max) for i in range(11)]
+    assert "reward_mean" not in summarize(top)  # (eleven equal weights round past the maximum)

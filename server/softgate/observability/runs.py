@@ -15,8 +15,9 @@ import math
 import re
 import time
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -283,29 +284,54 @@ def summarize_advantages(calls: list[BatchRecord]) -> dict[str, Any]:
 
 
 def _weighted_mean(pairs: Sequence[tuple[float, float]]) -> float | None:
-    """Mean of (value, weight) pairs over those of positive weight; None when there are none."""
+    """Mean of (value, weight) pairs over those of positive weight; None when there are none,
+    or when the mean is not finite (its key is then left out, as a non-finite value is)."""
     kept = [(v, n) for v, n in pairs if n > 0]
-    return sum(v * n for v, n in kept) / sum(n for _, n in kept) if kept else None
+    if not kept:
+        return None
+    total = sum(n for _, n in kept)
+    mean = sum(v * n for v, n in kept) / total
+    if not math.isfinite(mean):  # huge finite values: v * n overflowed (advantages of 1e300 x
+        # their token counts read null in the JSON, an audit); normalised weights do not, though
+        # a mean of values near the float64 maximum can still round past it
+        mean = sum(v * (n / total) for v, n in kept)
+    return mean if math.isfinite(mean) else None
 
 
 def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
-def windows(state: RunState, now: float | None = None) -> dict[str, Any]:
-    """The loss batches over four windows; each window also summarises, under `advantages`, the
-    run's ComputeAdvantages calls in the same window (when it had any: a trainer that computes
+# the windows of /v1/runs/{run}: name -> its records (oldest first) of a run's, at time `now`
+WINDOWS: dict[str, Callable[[list[BatchRecord], float], list[BatchRecord]]] = {
+    "last_10_batches": lambda r, now: r[-10:],
+    "last_100_batches": lambda r, now: r[-100:],
+    "last_5m": lambda r, now: [b for b in r if b.t >= now - 300],
+    "last_1h": lambda r, now: [b for b in r if b.t >= now - 3600],
+}
+
+
+def last(records: deque[BatchRecord], n: int) -> list[BatchRecord]:
+    """The newest `n` records, oldest first (without copying the others)."""
+    return list(islice(reversed(records), n))[::-1]
+
+
+def window(
+    name: str, batches: list[BatchRecord], advantage_calls: list[BatchRecord], now: float
+) -> dict[str, Any]:
+    """One of WINDOWS over the loss batches; it also summarises, under `advantages`, the run's
+    ComputeAdvantages calls in the same window (when it had any: a trainer that computes
     advantages first, then the loss from them, has its group statistics there)."""
-    now = time.time() if now is None else now
-    batches, advantage_calls = list(state.batches), list(state.advantage_calls)
-    out = {}
-    for name, pick in (
-        ("last_10_batches", lambda r: r[-10:]),
-        ("last_100_batches", lambda r: r[-100:]),
-        ("last_5m", lambda r: [b for b in r if b.t >= now - 300]),
-        ("last_1h", lambda r: [b for b in r if b.t >= now - 3600]),
-    ):
-        out[name] = summarize(pick(batches))
-        if calls := pick(advantage_calls):
-            out[name]["advantages"] = summarize_advantages(calls)
+    pick = WINDOWS[name]
+    out = summarize(pick(batches, now))
+    if calls := pick(advantage_calls, now):
+        out["advantages"] = summarize_advantages(calls)
     return out
+
+
+def windows(
+    batches: list[BatchRecord], advantage_calls: list[BatchRecord], now: float | None = None
+) -> dict[str, Any]:
+    """Every one of WINDOWS (a run's records, oldest first: RunState.batches, .advantage_calls)."""
+    now = time.time() if now is None else now
+    return {name: window(name, batches, advantage_calls, now) for name in WINDOWS}

@@ -32,7 +32,9 @@ from softgate.observability.runs import (
     BatchRecord,
     RunRegistry,
     has_tokens,
+    last,
     sanitize_run,
+    window,
     windows,
 )
 from softgate.telemetry import Telemetry
@@ -555,6 +557,8 @@ class PrometheusTelemetry(Telemetry):
         """One run's totals and windows, `run` as a trainer names it (sanitised as its label is)."""
         self.flush()
         run = sanitize_run(run)
+        # copy under the lock, summarise after: the event loop takes it for every RPC and
+        # recording, and summarising 1000 batches over four windows takes milliseconds
         with self.lock:
             st = self.runs.get(run)
             if st is None:
@@ -564,30 +568,32 @@ class PrometheusTelemetry(Telemetry):
                 "first_seen": st.first_seen,
                 "last_seen": st.last_seen,
                 "batches_recorded": len(st.batches),
-                "windows": windows(st),
                 "totals": _totals(st),
             }
             if run == OTHER:
                 out["folded_runs"] = st.folded_runs
-            return out
+            batches, advantage_calls = list(st.batches), list(st.advantage_calls)
+        return {**out, "windows": windows(batches, advantage_calls)}
 
     def runs_overview(self) -> list[dict[str, Any]]:
+        """Every run, most recent first, with its last 10 batches summarised: only those (all
+        four windows of 20 runs held the event loop 0.4 s for nothing, an audit)."""
         self.flush()
-        with self.lock:
-            items = self.runs.items()
-            out = []
-            for name, st in sorted(items, key=lambda x: -x[1].last_seen):
-                w = windows(st)
-                out.append(
-                    {
-                        "run": name,
-                        "first_seen": st.first_seen,
-                        "last_seen": st.last_seen,
-                        "last_10_batches": w["last_10_batches"],
-                        "totals": _totals(st),
-                    }
+        with self.lock:  # copy under the lock, summarise after (see run_summary)
+            rows = [
+                (
+                    {"run": name, "first_seen": st.first_seen, "last_seen": st.last_seen},
+                    last(st.batches, 10),
+                    last(st.advantage_calls, 10),
+                    _totals(st),
                 )
-            return out
+                for name, st in sorted(self.runs.items(), key=lambda x: -x[1].last_seen)
+            ]
+        now = time.time()
+        return [
+            {**row, "last_10_batches": window("last_10_batches", batches, calls, now), "totals": totals}
+            for row, batches, calls, totals in rows
+        ]
 
 
 def _totals(st: Any) -> dict[str, Any]:
