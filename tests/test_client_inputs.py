@@ -3,6 +3,8 @@ each refusal is an InvalidArgumentError naming the field, the same for `loss` an
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -261,3 +263,158 @@ def test_stream_violations_are_named_in_the_whole_batch() -> None:
     assert [v.field for v in out.violations] == [want for _, want in sent]
     assert out.violations[0].description == "r: why (in chunk[1].logp[2] of the stream)"
     assert out.violations[-1].description == "r: why" and out.details == "invalid input"
+
+
+def test_a_float_that_overflows_logps_dtype_is_refused_not_sent_as_infinity() -> None:
+    """Every float travels in logp's dtype: a finite float64 1e39 with a float32 logp went as
+    inf, refused as `non_finite` though given finite, after numpy's overflow warning (an audit)."""
+    lp = -np.ones(2, np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no numpy RuntimeWarning on the way
+        assert refusal(lambda: pack_batch(lp, lengths=[1, 1], advantages=np.array([1e39, 1.0]))) == (
+            "batch.advantages[0]",
+            "overflow: 1e+39 does not fit in float32, logp's dtype",
+        )
+        old = np.full((2, 3), -1.0)
+        old[1, 2] = -1e39
+        field, why = refusal(lambda: pack_batch(-np.ones((2, 3), np.float32), old, advantages=[1, 2]))
+        assert field == "batch.old_logp[5]" and why.endswith("(row 1, column 2 of the padded input)")
+        # what does not travel (padding past the last mask = 1) is not checked; an infinity given
+        # is the server's to refuse (non_finite); float64 logp keeps float64 inputs as they are
+        mask = np.array([[1, 1, 1], [1, 0, 0]])
+        assert pack_batch(-np.ones((2, 3), np.float32), old, mask=mask, advantages=[1, 2])
+        assert pack_batch(lp, np.array([-np.inf, -1.0]), lengths=[1, 1], advantages=[1, 2])
+        p = pack_batch(lp.astype(np.float64), lp, lengths=[2], advantages=np.array([1e39]))
+        assert p.token["old_logp"].dtype == p.seq["advantages"].dtype == np.float64
+
+
+def test_masked_arrays_and_sparse_tensors_are_refused_by_name() -> None:
+    """A masked array's mask was dropped and its `.data` crashed the wire encoder
+    (AttributeError); a sparse tensor raised torch's own TypeError (an audit)."""
+    lp = -np.ones(2, np.float32)
+    masked = np.ma.masked_array(lp, mask=[0, 1])
+    field, why = refusal(lambda: pack_batch(masked, lengths=[2], advantages=[1.0]))
+    assert field == "batch.logp" and why.startswith("bad_type: a numpy masked array") and "filled" in why
+    assert refusal(lambda: pack_batch(lp, masked, lengths=[2], advantages=[1.0]))[0] == "batch.old_logp"
+    sparse = torch.from_numpy(lp).to_sparse()
+    assert refusal(lambda: pack_batch(sparse, lengths=[2], advantages=[1.0])) == (
+        "batch.logp",
+        "bad_type: a torch.sparse_coo tensor; pass a dense one (`.to_dense()`)",
+    )
+
+
+@pytest.mark.parametrize(
+    "kw, field",
+    [
+        ({"tau_pos": "abc"}, "config.objective.sapo.tau_pos"),
+        ({"num_tokens": "abc"}, "config.aggregation.num_tokens"),
+        ({"num_tokens": torch.tensor([1.0, 2.0])}, "config.aggregation.num_tokens"),
+        ({"kl_beta": [0.1]}, "config.kl.beta"),
+        ({"log_ratio_clamp": object()}, "config.log_ratio_clamp"),
+        ({"outputs": 1}, "outputs"),
+        ({"config": {"objective": "grpo"}}, "config"),
+        ({"kl": 0.1}, "config.kl"),
+    ],
+)
+def test_a_wrong_typed_option_is_refused_by_its_name(client, kw, field) -> None:
+    """These raised Python's own ValueError / TypeError / AttributeError, naming no option (an audit)."""
+    got, why = refusal(lambda: client.loss(-np.ones(1, np.float32), lengths=[1], advantages=[1.0], **kw))
+    assert got == field and why.startswith("bad_type: expected"), why
+
+
+def test_wrong_typed_configuration_objects_are_refused_by_name(client) -> None:
+    assert refusal(lambda: cfg.sapo(tau_pos="x"))[0] == "config.objective.sapo.tau_pos"
+    assert refusal(lambda: cfg.LossConfig(aggregation="token_mean"))[0] == "config.aggregation"
+    assert refusal(lambda: client.advantages([1.0, 0.0], [0, 0], config={"estimator": "rloo"}))[0] == "config"
+    # numbers given as strings (PyYAML reads `1e-3` as one) are still read as numbers
+    assert cfg.build_loss_config(tau_pos="1.5", num_tokens="1e3").aggregation.num_tokens == 1000.0
+
+
+def test_unsigned_integers_past_int64_are_refused_not_wrapped(client) -> None:
+    """uint64 rewards >= 2**63 went as negative int64 (the advantages' signs flipped) and a
+    uint64 length of 2**64 - 1 was refused as `negative` (an audit)."""
+    big = np.array([2**63 + 10, 0], np.uint64)
+    assert refusal(lambda: client.advantages(big, [0, 0])) == (
+        "rewards[0]",
+        "out_of_range: 9223372036854775818 does not fit in int64",
+    )
+    lp = -np.ones(2, np.float32)
+    assert (
+        refusal(lambda: pack_batch(lp, lengths=[1, 1], rewards=[1, 0], group_ids=big))[0]
+        == "batch.group_ids[0]"
+    )
+    huge = np.array([2**64 - 1, 3], np.uint64)
+    assert refusal(lambda: pack_batch(lp, lengths=huge, advantages=[1, 2])) == (
+        "batch.lengths[0]",
+        "out_of_range: 18446744073709551615 does not fit in int64",
+    )
+    assert refusal(lambda: pack_batch(lp, offsets=np.array([0, 2**63, 2], np.uint64), advantages=[1, 2]))[
+        0
+    ] == ("batch.offsets[1]")
+    # a whole float past int64 is out of range, not `not_integer`
+    assert refusal(lambda: pack_batch(lp, offsets=[0.0, 1e30, 2.0], advantages=[1, 2])) == (
+        "batch.offsets[1]",
+        "out_of_range: 1e+30 does not fit in int64",
+    )
+    p = pack_batch(
+        lp, lengths=np.array([1, 1], np.uint64), rewards=np.array([3, 0], np.uint64), group_ids=[0, 0]
+    )
+    assert p.seq["rewards"].tolist() == [3, 0] and p.layout.offsets.tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch", "bfloat16"])
+def test_a_nan_in_a_float_mask_is_refused_as_the_engine_refuses_it(kind) -> None:
+    """NaN != 0 made a NaN mask value a trained token; the engine refuses it (`bad_mask`; an audit)."""
+
+    def mask(m: np.ndarray):
+        if kind == "numpy":
+            return m
+        return torch.from_numpy(m).to(torch.float32 if kind == "torch" else torch.bfloat16)
+
+    lp = -np.ones(2, np.float32)
+    ragged = mask(np.array([1.0, np.nan], np.float32))
+    assert refusal(lambda: pack_batch(lp, lengths=[2], mask=ragged, advantages=[1.0])) == (
+        "batch.mask[1]",
+        "bad_mask: NaN; a mask value is 0 (not trained) or nonzero (trained)",
+    )
+    padded = mask(np.array([[1.0, 1.0], [np.nan, 0.0]], np.float32))
+    field, why = refusal(lambda: pack_batch(-np.ones((2, 2), np.float32), mask=padded, advantages=[1, 2]))
+    assert (field, why.split(":")[0]) == ("batch.mask", "bad_mask") and why.endswith(
+        "(row 1, column 0 of the padded input)"
+    )
+    # +inf and -inf (a NaN sum) are nonzero: trained, as the client's masks have always been
+    infs = mask(np.array([np.inf, -np.inf], np.float32))
+    assert pack_batch(lp, lengths=[2], mask=infs, advantages=[1.0]).token["mask"].tolist() == [True, True]
+
+
+def test_offsets_and_lengths_together_are_refused() -> None:
+    """Both given: lengths were silently ignored, even when they disagreed (an audit); one is enough."""
+    lp = -np.ones(6, np.float32)
+    for lengths in ([5, 1], [2, 4]):
+        assert refusal(lambda: pack_batch(lp, offsets=[0, 2, 6], lengths=lengths, advantages=[1, 2])) == (  # noqa: B023
+            "batch.lengths",
+            "unexpected: ragged logp takes offsets or lengths, not both",
+        )
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_bad_offsets_are_refused_before_the_level_is_inferred_or_the_stream_cut(client, stream) -> None:
+    """Decreasing offsets with B == N were blamed on the advantages (`ambiguous`), and a streamed
+    call reported a second violation, an artifact of cutting the invalid batch into chunks;
+    the engine's reasons, in its order, for either RPC (an audit)."""
+    lp = -np.ones(3, np.float32)
+    adv = np.array([1.0, -1.0, 0.5], np.float32)
+    assert refusal(lambda: client.loss(lp, offsets=[0, 3, 2, 3], advantages=adv, stream=stream)) == (
+        "batch.offsets[2]",
+        "bad_offsets: offsets must be non-decreasing",
+    )
+    six = -np.ones(6, np.float32)
+    assert refusal(
+        lambda: client.loss(
+            six, offsets=[0, 4, 3, 6], advantages=adv, advantage_level="sequence", stream=stream
+        )
+    ) == ("batch.offsets[2]", "bad_offsets: offsets must be non-decreasing")
+    assert refusal(lambda: client.loss(lp, offsets=[1, 2, 3], advantages=[1, 2], stream=stream)) == (
+        "batch.offsets[0]",
+        "bad_offsets: offsets[0] = 1, must be 0",
+    )

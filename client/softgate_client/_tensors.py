@@ -7,12 +7,14 @@ into a numpy array through `.detach().cpu().numpy()`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_INT64_MAX = np.uint64(np.iinfo(np.int64).max)
 
 
 def half_reason(name: str, dtype: str) -> str:
@@ -48,9 +50,17 @@ def is_torch(x: Any) -> bool:
 def to_numpy(x: Any, name: str) -> np.ndarray:
     """A numpy view (or, for a device tensor, a host copy) of a numpy array, torch tensor or list."""
     if isinstance(x, np.ndarray):
+        # a masked array's mask would be dropped (and its .data is no buffer; an audit)
+        if type(x) is not np.ndarray and isinstance(x, np.ma.MaskedArray):
+            raise ArrayInputError(
+                name,
+                "bad_type: a numpy masked array; pass plain values (`x.filled(0)`) and the mask as `mask=`",
+            )
         a = x
     elif is_torch(x):
         t = x.detach()
+        if str(t.layout) != "torch.strided":  # (torch's own TypeError otherwise)
+            raise ArrayInputError(name, f"bad_type: a {t.layout} tensor; pass a dense one (`.to_dense()`)")
         if t.dtype.is_floating_point and t.element_size() == 2:  # bf16 / fp16
             raise ArrayInputError(name, half_reason(name, str(t.dtype).replace("torch.", "")))
         if t.device.type == "meta":  # (shapes only: torch's own NotImplementedError otherwise)
@@ -70,6 +80,14 @@ def int_array(x: Any, name: str) -> np.ndarray:
     """An int64 array of integers; floats are accepted when every value is a whole number."""
     a = to_numpy(x, name)
     if a.dtype.kind in "biu":
+        if (
+            a.dtype.kind == "u"
+            and a.itemsize == 8
+            and a.size
+            and np.maximum.reduce(a, axis=None) > _INT64_MAX
+        ):
+            k = int(np.argmax(a.reshape(-1) > _INT64_MAX))  # (it wrapped to a negative int64; an audit)
+            raise ArrayInputError(name, f"out_of_range: {a.reshape(-1)[k]} does not fit in int64", k)
         return a.astype(np.int64, copy=False)
     if a.dtype == np.float16:  # (as a torch half tensor is, in to_numpy)
         raise ArrayInputError(name, half_reason(name, "float16"))
@@ -79,7 +97,10 @@ def int_array(x: Any, name: str) -> np.ndarray:
         i = a.astype(np.int64)
     bad = np.flatnonzero(i != a)
     if bad.size:
-        raise ArrayInputError(name, f"not_integer: {a.reshape(-1)[bad[0]]}", int(bad[0]))
+        x = a.reshape(-1)[bad[0]]
+        if np.isfinite(x) and x == np.floor(x):  # a whole number past int64 (it wrapped)
+            raise ArrayInputError(name, f"out_of_range: {x} does not fit in int64", int(bad[0]))
+        raise ArrayInputError(name, f"not_integer: {x}", int(bad[0]))
     return i
 
 
@@ -180,8 +201,10 @@ def make_layout(
       `lengths` may also be given to cut rows explicitly. Interior zeros travel as the loss mask.
     """
     if logp.ndim == 1:
+        if offsets is not None and lengths is not None:  # (lengths were silently ignored; an audit)
+            raise ArrayInputError("lengths", "unexpected: ragged logp takes offsets or lengths, not both")
         if offsets is not None:
-            off = int_array(offsets, "offsets")
+            off = _checked_offsets(int_array(offsets, "offsets"))
         elif lengths is not None:
             ln = int_array(lengths, "lengths")
             if ln.ndim != 1:
@@ -196,8 +219,6 @@ def make_layout(
                 )
         else:
             raise ArrayInputError("offsets", "missing: ragged (1-D) logp needs offsets or lengths")
-        if off.ndim != 1 or off.shape[0] < 1:
-            raise ArrayInputError("offsets", f"bad_shape: {tuple(off.shape)}; expected (B + 1,)")
         if off[-1] != logp.shape[0]:  # (named as the engine names it, not as logp's shape)
             raise ArrayInputError(
                 "offsets",
@@ -249,13 +270,48 @@ def make_layout(
     return layout
 
 
+def _checked_offsets(off: np.ndarray) -> np.ndarray:
+    """The caller's offsets, refused as the engine refuses them (its reasons, its order) before
+    anything uses them: they picked the advantages' level and cut the stream's chunks (an audit)."""
+    if off.ndim != 1 or off.shape[0] < 1:
+        raise ArrayInputError("offsets", f"bad_shape: {tuple(off.shape)}; expected (B + 1,)")
+    if off[0] != 0:
+        raise ArrayInputError("offsets", f"bad_offsets: offsets[0] = {int(off[0])}, must be 0", 0)
+    down = off[1:] < off[:-1]
+    if np.logical_or.reduce(down):  # (.any() goes through Python-level wrappers)
+        raise ArrayInputError(
+            "offsets", "bad_offsets: offsets must be non-decreasing", int(np.argmax(down)) + 1
+        )
+    return off
+
+
 def _bool_mask(mask: Any) -> np.ndarray:
-    """The mask as bool (any dtype; nonzero = trained), torch half masks included."""
+    """The mask as bool (any dtype; nonzero = trained), torch half masks included; NaN, which
+    is neither, is refused (it was taken as trained; the engine refuses it too: an audit)."""
     if is_torch(mask) and mask.dtype.is_floating_point:
-        mask = mask.detach() != 0
+        t = mask.detach()
+        if t.device.type == "cpu" and t.element_size() > 2:
+            mask = t  # a host float32/64 mask: read below, as the numpy view it is
+        else:  # a half one (numpy has no bfloat16), or one on a device (its bools are what is copied)
+            # (one pass: the minimum is NaN if a value is; a meta tensor is refused by to_numpy)
+            if t.numel() and t.device.type != "meta" and math.isnan(float(t.amin())):
+                _refuse_nan(to_numpy(t.isnan(), "mask"))
+            mask = t != 0
     m = to_numpy(mask, "mask")
     if m.dtype == np.bool_:
         return m
     if m.dtype.kind not in "biuf":
         raise ArrayInputError("mask", f"bad_dtype: {m.dtype}; expected bool or numbers (nonzero = trained)")
+    if m.dtype.kind == "f" and m.size and np.isnan(np.minimum.reduce(m, axis=None)):
+        _refuse_nan(np.isnan(m))
     return m != 0
+
+
+def _refuse_nan(nan: np.ndarray) -> NoReturn:
+    """Refuse a mask whose NaN positions are `nan`, naming the first."""
+    i = int(np.argmax(nan.reshape(-1)))
+    why = "bad_mask: NaN; a mask value is 0 (not trained) or nonzero (trained)"
+    if nan.ndim != 2:
+        raise ArrayInputError("mask", why, i)
+    t = nan.shape[1]
+    raise ArrayInputError("mask", f"{why} (row {i // t}, column {i % t} of the padded input)")

@@ -35,6 +35,7 @@ from softgate_client._tensors import (
     Layout,
     float_array,
     from_le_bytes,
+    int_array,
     le_bytes,
     make_layout,
     to_numpy,
@@ -342,27 +343,50 @@ def pack_batch(
     try:
         lp = float_array(logp, "logp")
         layout = make_layout(lp, mask=mask, offsets=offsets, lengths=lengths)
-        fdt = lp.dtype
         token: dict[str, np.ndarray] = {"logp": layout.flatten(lp, "logp")}
         for name, x in (("old_logp", old_logp), ("ref_logp", ref_logp), ("rollout_logp", rollout_logp)):
-            if x is not None:
-                token[name] = layout.flatten(float_array(x, name, fdt if _is_float(x) else None), name)
-                if token[name].dtype != fdt:
-                    token[name] = token[name].astype(fdt)
+            if x is not None:  # (every float travels in logp's dtype: the wire has one per batch)
+                token[name] = _in_dtype(layout.flatten(x, name), lp.dtype, name, layout)
         if layout.mask is not None:
             token["mask"] = layout.mask
         seq: dict[str, np.ndarray] = {}
         level = _advantage_level(advantage_level)
-        b = layout.num_seqs
         if advantages is not None:
-            adv = float_array(advantages, "advantages")
-            if adv.dtype != fdt:
-                adv = adv.astype(fdt)
-            level = _place_advantages(adv, layout, level, token, seq)
-        seq.update(_rewards_and_groups(rewards, group_ids, b))
+            level = _place_advantages(float_array(advantages, "advantages"), layout, level, token, seq)
+            if level == pb.ADVANTAGE_LEVEL_TOKEN:
+                token["advantages"] = _in_dtype(token["advantages"], lp.dtype, "advantages", layout)
+            else:
+                seq["advantages"] = _in_dtype(seq["advantages"], lp.dtype, "advantages", None)
+        seq.update(_rewards_and_groups(rewards, group_ids, layout.num_seqs))
     except ArrayInputError as e:
         raise _refusal(e, "batch.") from None
     return _Packed(layout=layout, token=token, seq=seq, advantage_level=level)
+
+
+def _in_dtype(a: np.ndarray, dtype: np.dtype, name: str, layout: Layout | None) -> np.ndarray:
+    """`a` cast to the batch's float dtype; a finite value that overflows it is refused (it went
+    as infinity, refused as `non_finite` though given finite; an audit). `layout`: a per-token `a`'s."""
+    if a.dtype == dtype:
+        return a
+    if a.dtype.itemsize <= dtype.itemsize:
+        return a.astype(dtype)
+    with np.errstate(over="ignore"):
+        out = a.astype(dtype)
+    if np.isinf(out).any():  # (the one extra pass, and only when a cast narrows)
+        bad = np.isinf(out) & np.isfinite(a)
+        if bad.any():
+            i = int(np.argmax(bad))
+            why = f"overflow: {float(a[i]):g} does not fit in {dtype}, logp's dtype"
+            if layout is not None and layout.padded is not None:
+                why += f" ({_padded_place(layout.offsets, i)})"
+            raise ArrayInputError(name, why, i)
+    return out
+
+
+def _padded_place(offsets: np.ndarray, k: int) -> str:
+    """Where token `k` of the ragged batch sent lies in the caller's padded [B, T] input."""
+    row = int(np.searchsorted(offsets, k, side="right")) - 1
+    return f"row {row}, column {k - int(offsets[row])} of the padded input"
 
 
 def _rewards_and_groups(rewards: Any, group_ids: Any, b: int | None) -> dict[str, np.ndarray]:
@@ -372,7 +396,7 @@ def _rewards_and_groups(rewards: Any, group_ids: Any, b: int | None) -> dict[str
     if rewards is not None:
         r = to_numpy(rewards, "rewards")
         if r.dtype.kind in "biu":
-            r = r.astype(np.int64)
+            r = int_array(r, "rewards")
         elif r.dtype not in (np.float32, np.float64):
             r = float_array(r, "rewards")
         out["rewards"] = _per_seq(r, "rewards", b)
@@ -381,7 +405,7 @@ def _rewards_and_groups(rewards: Any, group_ids: Any, b: int | None) -> dict[str
         g = to_numpy(group_ids, "group_ids")
         if g.dtype.kind not in "biu":
             raise ArrayInputError("group_ids", f"bad_dtype: {g.dtype}; expected integers")
-        out["group_ids"] = _per_seq(g.astype(np.int64, copy=False), "group_ids", b)
+        out["group_ids"] = _per_seq(int_array(g, "group_ids"), "group_ids", b)
     return out
 
 
@@ -433,14 +457,6 @@ def _place_advantages(
     else:
         raise ArrayInputError("advantages", bad_shape)
     return level
-
-
-def _is_float(x: Any) -> bool:
-    a = x if isinstance(x, np.ndarray) else None
-    if a is None:
-        dt = getattr(x, "dtype", None)
-        return bool(getattr(dt, "is_floating_point", False)) and getattr(x, "element_size", lambda: 4)() > 2
-    return a.dtype.kind == "f" and a.dtype.itemsize > 2
 
 
 def _per_seq(a: np.ndarray, name: str, b: int | None) -> np.ndarray:
@@ -592,6 +608,10 @@ class SoftgateClient:
         run: str | None = None,
     ) -> AdvantagesResult:
         """Per-sequence advantages from per-sequence rewards and group ids."""
+        if config is not None and not isinstance(config, cfg.AdvantageConfig):
+            raise invalid_argument(
+                "config", f"bad_type: expected an AdvantageConfig, got {type(config).__name__}"
+            )
         c = config or cfg.AdvantageConfig()
         c = cfg.AdvantageConfig(
             estimator=estimator if estimator is not None else c.estimator,
@@ -794,10 +814,7 @@ def _with_padded_positions(e: InvalidArgumentError, packed: _Packed) -> InvalidA
         m = _TOKEN_FIELD.fullmatch(v.field)
         if m is None or m.group(1) not in packed.token or int(m.group(2)) >= packed.layout.num_tokens:
             return v
-        k = int(m.group(2))
-        row = int(np.searchsorted(off, k, side="right")) - 1
-        where = f"row {row}, column {k - int(off[row])} of the padded input"
-        return FieldViolation(v.field, f"{v.description} ({where})")
+        return FieldViolation(v.field, f"{v.description} ({_padded_place(off, int(m.group(2)))})")
 
     return _remapped(e, remap)
 

@@ -40,10 +40,23 @@ def plain_value(v: Any) -> Any:
     return x if isinstance(x, (int, float)) else v  # (a one-string array stays an array)
 
 
-def _plain_fields(obj: Any) -> None:
+def _number(path: str, v: Any) -> float:
+    """The option at `path` as a float, or refused naming it (`float("abc")`'s bare ValueError
+    named nothing; an audit)."""
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise invalid_argument(path, f"bad_type: expected a number, got {v!r:.80}") from None
+
+
+def _plain_fields(obj: Any, path: str) -> None:
+    """Read one-element tensors and numpy scalars; the number fields (`float | None`) as
+    floats, a value that is none refused by its path (`config.aggregation.num_tokens`)."""
     for f in fields(obj):
         v = getattr(obj, f.name)
         p = plain_value(v)
+        if p is not None and f.type == "float | None":
+            p = _number(f"{path}.{f.name}", p)
         if p is not v:
             object.__setattr__(obj, f.name, p)
 
@@ -70,6 +83,8 @@ class Objective:
                 f"config.objective.{self.name}.{bad[0]}",
                 f"unexpected: {self.name} takes {list(takes)}, not {', '.join(bad)}",
             )
+        path = f"config.objective.{self.name}"
+        object.__setattr__(self, "params", {k: _number(f"{path}.{k}", v) for k, v in self.params.items()})
 
     def __hash__(self) -> int:  # so LossConfig hashes (the client remembers built requests)
         return hash((self.name, tuple(sorted(self.params.items()))))
@@ -90,7 +105,7 @@ def gspo(eps_low: float | None = None, eps_high: float | None = None) -> Objecti
 
 
 def _given(**kw: float | None) -> dict[str, float]:
-    return {k: float(v) for k, v in kw.items() if v is not None}
+    return {k: v for k, v in kw.items() if v is not None}  # (Objective reads them as floats)
 
 
 @dataclass(frozen=True)
@@ -104,7 +119,7 @@ class AdvantageConfig:
     min_group_std: float | None = None
 
     def __post_init__(self) -> None:
-        _plain_fields(self)
+        _plain_fields(self, "config.advantages")
 
 
 @dataclass(frozen=True)
@@ -118,7 +133,7 @@ class AggregationConfig:
     constant: float | None = None
 
     def __post_init__(self) -> None:
-        _plain_fields(self)
+        _plain_fields(self, "config.aggregation")
 
 
 @dataclass(frozen=True)
@@ -129,7 +144,7 @@ class KLConfig:
     beta: float | None = None
 
     def __post_init__(self) -> None:
-        _plain_fields(self)
+        _plain_fields(self, "config.kl")
 
 
 @dataclass(frozen=True)
@@ -143,7 +158,7 @@ class MismatchConfig:
     hi: float | None = None
 
     def __post_init__(self) -> None:
-        _plain_fields(self)
+        _plain_fields(self, "config.mismatch")
 
 
 @dataclass(frozen=True)
@@ -161,10 +176,29 @@ class LossConfig:
     outputs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        _plain_fields(self)
-        bad = set(self.outputs) - set(OUTPUTS)
+        _plain_fields(self, "config")
+        for name, cls in (("objective", Objective), *_SECTIONS.items()):
+            v = getattr(self, name)
+            if not isinstance(v, cls) and not (v is None and name in ("kl", "mismatch")):
+                raise _not_a(f"config.{name}", cls, v)
+        outputs = (self.outputs,) if isinstance(self.outputs, str) else self.outputs
+        try:
+            outputs = tuple(outputs)
+        except TypeError:
+            raise invalid_argument(
+                "outputs", f"bad_type: expected output names, got {outputs!r:.80}"
+            ) from None
+        object.__setattr__(self, "outputs", outputs)
+        bad = set(outputs) - set(OUTPUTS)
         if bad:
-            raise invalid_argument("outputs", f"unknown_choice: {sorted(bad)}; one of {list(OUTPUTS)}")
+            raise invalid_argument(
+                "outputs", f"unknown_choice: {sorted(bad, key=str)}; one of {list(OUTPUTS)}"
+            )
+
+
+def _not_a(path: str, cls: type, v: Any) -> Exception:
+    """The refusal of a section (or config) that is not a `cls` (an AttributeError later; an audit)."""
+    return invalid_argument(path, f"bad_type: expected a {cls.__name__}, got {type(v).__name__}")
 
 
 _FLAT_ALIASES = {
@@ -206,6 +240,8 @@ def build_loss_config(config: LossConfig | None = None, **kw: Any) -> LossConfig
     may be given whole, and flat keywords then change fields of them (`kl=KLConfig("k3"),
     kl_beta=0.5`); `aggregation` may be a mode name or an `AggregationConfig`.
     """
+    if config is not None and not isinstance(config, LossConfig):
+        raise _not_a("config", LossConfig, config)
     base = config or LossConfig()
     values: dict[str, Any] = {f.name: getattr(base, f.name) for f in fields(LossConfig)}
     obj = values["objective"]
@@ -232,20 +268,18 @@ def build_loss_config(config: LossConfig | None = None, **kw: Any) -> LossConfig
         if key == "advantage_config":  # `advantages=` of SoftgateClient.loss is the batch's own
             key = "advantages"
         if key in all_params:
-            obj_params[key] = float(val)
+            obj_params[key] = val
         elif key in _SECTIONS and not (key == "aggregation" and isinstance(val, str)):
             if not isinstance(val, _SECTIONS[key]):
-                raise TypeError(f"{key}: expected {_SECTIONS[key].__name__}, got {type(val).__name__}")
+                raise _not_a(f"config.{key}", _SECTIONS[key], val)
             sections[key] = {f.name: getattr(val, f.name) for f in fields(_SECTIONS[key])}
             touched.add(key)
         elif key in _FLAT_ALIASES:
             s, f = _FLAT_ALIASES[key]
             sections[s][f] = val
             touched.add(s)
-        elif key == "outputs":
-            values["outputs"] = (val,) if isinstance(val, str) else tuple(val)
-        elif key in ("log_ratio_clamp", "saturation_threshold"):
-            values[key] = float(val)
+        elif key in ("outputs", "log_ratio_clamp", "saturation_threshold"):
+            values[key] = val  # (LossConfig checks them)
         else:
             raise TypeError(f"unknown loss option {key!r}")
     values["objective"] = Objective(obj_name, obj_params)
