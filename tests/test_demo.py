@@ -15,6 +15,7 @@ pytest.importorskip("matplotlib")
 from softgate.demo import main
 from softgate.demo.runs import parse_run
 from softgate.demo.task import EOS, DigitSumTask
+from softgate.engine.config import OBJECTIVES
 
 
 @pytest.fixture(autouse=True)
@@ -50,6 +51,18 @@ def test_parse_run():
     assert parse_run("grpo(eps_high=0.28)").params == {"eps_low": 0.2, "eps_high": 0.28}
     with pytest.raises(ValueError):
         parse_run("sapo(tau_pos)")
+    cispo = parse_run("cispo")  # no demo default: the engine's
+    assert cispo.params == {"eps_low": 1.0, "eps_high": 0.28}
+    assert (cispo.label, cispo.key) == ("cispo eps=1/0.28", "cispo_el1_eh0.28")
+    assert parse_run("grpo(dual_clip=3)").label == "grpo eps=0.2/0.27 dual_clip=3"
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_every_engine_objective_has_a_label(name):
+    """Found by an audit: cispo, gppo and gspo_token had no demo defaults, and their label read
+    eps_low: a KeyError after every run had trained. Their parameters are the engine's defaults."""
+    spec = parse_run(name)
+    assert spec.label.startswith(name) and spec.key.startswith(name)
 
 
 @pytest.mark.parametrize(
@@ -63,11 +76,41 @@ def test_parse_run():
         (["--lr", "nan"], "--lr must be a positive finite number, got nan"),
         (["--seeds", "0"], "--seeds must be at least 1, got 0"),
         (["--objectives", "sapo(tau_pos=x)"], "'x' is not a number"),
+        # found by an audit: tracebacks (TypeError from the client or the engine, KeyError,
+        # InputError), some only after the other runs had trained, and the seed's OverflowError
+        (["--objectives", "sapo(tau=1)"], "sapo has no parameter 'tau'"),
+        (["--in-process", "--objectives", "sapo", "foo"], "unknown objective 'foo'"),
+        (["--in-process", "--objectives", "sapo(tau_pos=-1)"], "tau_pos: out_of_range: -1.0 must be > 0"),
+        (["--objectives", "grpo(dual_clip=1)"], "dual_clip: out_of_range: 1.0 must be > 1"),
+        (["--seed", "99999999999999999999999"], "--seed must be between 0 and 4294967295"),
+        (["--seed", "4294967295", "--seeds", "2"], "--seed must be between 0 and 4294967295"),
     ],
 )
 def test_bad_flags_exit_2(tmp_path, capsys, flags, why):
-    assert main([*flags, "--out", str(tmp_path)]) == 2
+    out = tmp_path / "out"
+    assert main([*flags, "--out", str(out)]) == 2
     assert why in capsys.readouterr().err
+    assert not out.exists()  # refused before anything was written
+
+
+def test_out_naming_a_file_exits_2(tmp_path, capsys):
+    """Found by an audit: a FileExistsError traceback."""
+    (tmp_path / "f").touch()
+    assert main(["--out", str(tmp_path / "f")]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path / "f" / "sub")]) == 2
+    assert "cannot create --out" in capsys.readouterr().err
+
+
+def test_cispo_runs_and_one_seed_prints_no_nan(tmp_path, capsys):
+    """Found by an audit: --objectives cispo crashed in the report (its label), after training;
+    with one seed the table printed the standard error as nan."""
+    argv = ["--objectives", "cispo", "--steps", "2", "--prompts-per-step", "4", "--minibatches", "2"]
+    assert main([*argv, "--seeds", "1", "--in-process", "--no-progress", "--out", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert "cispo eps=1/0.28" in table and "nan" not in table
+    data = json.loads((tmp_path / "demo-results.json").read_text())
+    assert data["runs"][0]["run"] == "cispo_el1_eh0.28" and data["cpu"]
 
 
 def test_sapo_over_grpc_learns(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import platform
 import sys
 import time
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from softgate_client.errors import SoftgateError
 from softgate.demo.backends import LossBackend
 from softgate.demo.runs import DEFAULT_RUNS, RunSpec, parse_run
 from softgate.demo.task import DigitSumTask
-from softgate.demo.train import RunResult, TrainConfig, check_counts, train
+from softgate.demo.train import RunResult, TrainConfig, check_counts, check_seeds, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,16 +92,23 @@ def main(argv: list[str] | None = None) -> int:
         task=DigitSumTask(),
     )
     try:
-        specs = [parse_run(s) for s in args.objectives]
+        specs = [parse_run(s) for s in args.objectives]  # checked as the engine checks them
         base.check()
         check_counts({"seeds": args.seeds, "threads": args.threads, "last-k": args.last_k})
+        check_seeds(args.seed, args.seeds)
+        if args.out.exists() and not args.out.is_dir():
+            raise ValueError(f"--out {args.out} is a file, not a folder")
     except ValueError as e:
         print(f"softgate demo: {e}", file=sys.stderr)
+        return 2
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a parent that is a file, no permission, ...
+        print(f"softgate demo: cannot create --out {args.out}: {e.strerror or e}", file=sys.stderr)
         return 2
     seeds = [args.seed + i for i in range(args.seeds)]
     torch.set_num_threads(args.threads)
 
-    args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     try:
         results, where = _train_all(args, specs, seeds, base)
@@ -146,6 +154,15 @@ def _train_all(
     return results, where
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what `platform` knows."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def _report(
     args: argparse.Namespace,
     base: TrainConfig,
@@ -161,9 +178,11 @@ def _report(
         "backend": where.split(" at ")[0],
         "seeds": seeds,
         "seconds_total": round(elapsed, 1),
-        # the trajectories are bit-exact for one torch build on one CPU instruction set only
+        # the trajectories are bit-exact for one torch build on one CPU model only: two CPUs
+        # with the same capability string gave different curves (an audit)
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu": _cpu_model(),
     }
     json_path, csv_path, png_path = (
         args.out / n for n in ("demo-results.json", "demo-results.csv", "demo.png")

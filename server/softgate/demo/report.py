@@ -74,8 +74,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         ev = f"{r['eval_reward_before']:.3f} -> {r['eval_reward_after']:.3f}"
         se = r["eval_reward_after_se"]
+        se_text = f"{se:.3f}" if math.isfinite(se) else "-"  # one seed: no standard error
         lines.append(
-            f"{r['label']:34} {ev:>17} {se:6.3f} {r['eval_success_after']:5.2f} {r[last]:11.3f} "
+            f"{r['label']:34} {ev:>17} {se_text:>6} {r['eval_success_after']:5.2f} {r[last]:11.3f} "
             f"{r['trust_region_mean']:8.4f} {r['grad_retained_mean']:8.4f} {r['approx_kl_mean']:9.2e} "
             f"{r['degenerate_groups_mean']:5.2f} {r['seconds']:6.1f}"
         )

@@ -5,11 +5,15 @@ A run is written ``name`` or ``name(key=value,...)``, e.g. ``sapo(tau_pos=1.05,t
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 
+from softgate.engine.config import OBJECTIVES, LossConfig
+from softgate.engine.validation import validate_config
+
 # The paper's settings (SAPO arXiv 2511.20347): GRPO eps 0.2 / 0.27, GSPO 3e-4 / 4e-4,
-# SAPO tau_pos 1.0 / tau_neg 1.05.
+# SAPO tau_pos 1.0 / tau_neg 1.05. Every other parameter takes the engine's default.
 DEFAULT_PARAMS: dict[str, dict[str, float]] = {
     "sapo": {"tau_pos": 1.0, "tau_neg": 1.05},
     "grpo": {"eps_low": 0.2, "eps_high": 0.27},
@@ -37,40 +41,58 @@ class RunSpec:
     objective: str
     params: dict[str, float] = field(default_factory=dict)
 
+    def _parts(self, tau: tuple[str, str], eps: tuple[str, str], sep: str) -> list[str]:
+        p = dict(self.params)
+        parts = [self.objective]
+        # any objective's parameters (an audit: cispo's label read eps_low it did not have)
+        if "tau_pos" in p and "tau_neg" in p:
+            parts += [f"{tau[0]}{p.pop('tau_pos'):g}", f"{tau[1]}{p.pop('tau_neg'):g}"]
+        if "eps_low" in p and "eps_high" in p:
+            parts += [f"{eps[0]}{p.pop('eps_low'):g}{eps[1]}{p.pop('eps_high'):g}"]
+        return parts + [f"{k}{sep}{v:g}" for k, v in sorted(p.items())]
+
     @property
     def label(self) -> str:
-        if self.objective == "sapo":
-            return f"sapo tau+={self.params['tau_pos']:g} tau-={self.params['tau_neg']:g}"
-        if self.objective in ("grpo", "gspo", "gspo_token", "cispo", "gppo"):
-            return f"{self.objective} eps={self.params['eps_low']:g}/{self.params['eps_high']:g}"
-        extra = ",".join(f"{k}={v:g}" for k, v in sorted(self.params.items()))
-        return f"{self.objective}({extra})" if extra else self.objective
+        """For tables and legends, e.g. ``sapo tau+=1 tau-=1.05``, ``grpo eps=0.2/0.27``."""
+        return " ".join(self._parts(("tau+=", "tau-="), ("eps=", "/"), "="))
 
     @property
     def key(self) -> str:
-        """A file- and column-safe id, e.g. ``sapo_tp1_tn1.05``."""
-        if self.objective == "sapo":
-            return f"sapo_tp{self.params['tau_pos']:g}_tn{self.params['tau_neg']:g}"
-        if set(self.params) == {"eps_low", "eps_high"}:
-            return f"{self.objective}_el{self.params['eps_low']:g}_eh{self.params['eps_high']:g}"
-        return "_".join([self.objective] + [f"{k}{v:g}" for k, v in sorted(self.params.items())])
+        """A file- and column-safe id, e.g. ``sapo_tp1_tn1.05``, ``grpo_el0.2_eh0.27``."""
+        return "_".join(self._parts(("tp", "tn"), ("el", "_eh"), ""))
 
 
 def parse_run(text: str) -> RunSpec:
+    """A run from its text, checked as the engine checks its configuration (ValueError: the
+    unknown name or parameter, the value out of range), so a bad run stops before training."""
     m = _RUN.match(text)
     if not m:
         raise ValueError(f"cannot parse run {text!r}: expected name or name(key=value,...)")
     name, args = m.group(1), m.group(2)
-    params = dict(DEFAULT_PARAMS.get(name, {}))
+    cls = OBJECTIVES.get(name)
+    if cls is None:
+        raise ValueError(f"unknown objective {name!r} in {text!r}; known: {', '.join(sorted(OBJECTIVES))}")
+    fields = [f for f in dataclasses.fields(cls) if f.name != "name"]
+    names = [f.name for f in fields]
+    params = {f.name: f.default for f in fields if isinstance(f.default, float)}
+    params.update(DEFAULT_PARAMS.get(name, {}))
     if args and args.strip():
         for item in args.split(","):
             k, sep, v = item.partition("=")
             if not sep:
                 raise ValueError(f"cannot parse {item!r} in {text!r}: expected key=value")
+            if k.strip() not in names:
+                known = ", ".join(names) or "none"
+                raise ValueError(
+                    f"{name} has no parameter {k.strip()!r} (in {text!r}); its parameters: {known}"
+                )
             try:
                 params[k.strip()] = float(v)
             except ValueError:
                 raise ValueError(
                     f"cannot parse {item!r} in {text!r}: {v.strip()!r} is not a number"
                 ) from None
+    violations = validate_config(LossConfig(objective=cls(**params)))
+    if violations:
+        raise ValueError(f"invalid run {text!r}: " + "; ".join(str(v) for v in violations))
     return RunSpec(name, params)

@@ -30,11 +30,25 @@ CURVES = (
 )
 
 
+# The largest seed: torch's generators take seeds below 2**64 (an audit: a larger --seed was a
+# traceback), and a run also seeds seed + 1 and 10_000 + seed.
+MAX_SEED = 2**32 - 1
+
+
 def check_counts(counts: dict[str, int]) -> None:
     """Refuse a count flag below 1, naming it (ValueError)."""
     for flag, value in counts.items():
         if value < 1:
             raise ValueError(f"--{flag} must be at least 1, got {value}")
+
+
+def check_seeds(first: int, count: int) -> None:
+    """Refuse seeds first .. first + count - 1 outside 0 .. MAX_SEED (ValueError naming --seed)."""
+    if not 0 <= first <= first + count - 1 <= MAX_SEED:
+        raise ValueError(
+            f"--seed must be between 0 and {MAX_SEED}, and so must the last seed "
+            f"(--seed + --seeds - 1), got --seed {first}"
+        )
 
 
 @dataclass(frozen=True)
@@ -66,6 +80,7 @@ class TrainConfig:
                 f"({self.minibatches}): each mini-batch holds whole groups, so that the service "
                 "normalises every group's rewards over all its members"
             )
+        check_seeds(self.seed, 1)
         if self.group_size < 2:
             raise ValueError("--group-size must be at least 2 (a group of one has no baseline)")
 
