@@ -17,8 +17,10 @@ empty directory first.
 from __future__ import annotations
 
 import argparse
+import atexit
 import glob
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -38,6 +40,14 @@ def disk_mb(*patterns: str) -> float:
     return total / 1e6
 
 
+def fresh_cache_dir() -> str:
+    """An empty directory for the inductor cache, removed when this process exits (each run
+    left one behind in the temp dir: an audit)."""
+    path = tempfile.mkdtemp(prefix="softgate-inductor-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--count", type=int, default=6, help="configurations compiled after the first")
@@ -51,7 +61,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     if args.fresh_cache:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="softgate-inductor-")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = fresh_cache_dir()
 
     import torch
     from softgate.engine import OBJECTIVES, Batch, Engine, KLConfig, LossConfig, MismatchConfig, aoti

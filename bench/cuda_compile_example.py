@@ -4,10 +4,14 @@ then compiled on the engine's ~1M-token GPU example, then on the CPU's 67 tokens
 compiled variant in a fresh inductor cache: the cache does not key on the example's sizes.
 
     python bench/cuda_compile_example.py           # ~1 min on an H200 host (two ~15 s compiles)
+
+Each variant runs in a child process (`cuda_compile_example.py VARIANT`, with its own
+TORCHINDUCTOR_CACHE_DIR, a temporary directory removed after it).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import subprocess
@@ -53,12 +57,18 @@ def run(name: str) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) > 1:
-        run(sys.argv[1])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("variant", nargs="?", choices=list(VARIANTS), help="time this variant alone, here")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        ap.error("needs a CUDA device: torch.cuda.is_available() is False")
+    if args.variant:
+        run(args.variant)
         return
-    for name in VARIANTS:
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="softgate-inductor-")}
-        subprocess.run([sys.executable, __file__, name], env=env, check=True)
+    for name in VARIANTS:  # (the caches were left in the temp dir: an audit)
+        with tempfile.TemporaryDirectory(prefix="softgate-inductor-", ignore_cleanup_errors=True) as cache:
+            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+            subprocess.run([sys.executable, __file__, name], env=env, check=True)
 
 
 if __name__ == "__main__":

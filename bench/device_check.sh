@@ -16,12 +16,66 @@
 # (bench/latency_ladder.py --device cuda: a 4k call's gap to the echo, layer by layer), e2e-cpu
 # (the e2e bench with the engine on this host's CPU cores), memory (bench/memory_bench.py
 # --device cuda: the host memory the GPU overlay's limit is sized by). DEADLINE (seconds, default 330)
-# bounds the whole run: a step gets what is left of it and is cut there.
+# bounds the whole run: a step gets what is left of it and is cut there. Each step runs in a
+# session of its own; what it leaves running (a server still compiling) is killed when it ends.
 #
 # On a host without the project's packages but with torch (a bare GPU box that cannot reach a
 # registry), carry the wheels in .whl/ (and allocator libraries in .whl/lib/; bench/device_wheels.sh
 # fills both here): they are installed into /tmp/site and the project runs from its source tree.
 set -u
+
+session_pids() {  # session_pids SID: the live processes of session SID, from /proc (a bare box may lack ps)
+    local f line fields
+    for f in /proc/[0-9]*/stat; do
+        { read -r line <"$f"; } 2>/dev/null || continue
+        read -r -a fields <<<"${line##*) }"  # after the command name: state ppid pgrp session ...
+        if [ "${fields[3]:-}" = "$1" ] && [ "${fields[0]:-}" != Z ]; then
+            f=${f#/proc/}
+            echo "${f%/stat}"
+        fi
+    done
+}
+
+kill_session() {  # kill_session SID: TERM what is left of session SID, KILL what is still there 5 s later
+    local pids tries=10
+    pids=$(session_pids "$1")
+    [ -n "$pids" ] || return 0
+    echo "== killing $(echo $pids | wc -w) process(es) left in the step's session" | tee -a "$OUTDIR/summary.log"
+    kill -TERM $pids 2>/dev/null
+    while [ -n "$pids" ] && [ $((tries -= 1)) -ge 0 ]; do
+        sleep 0.5
+        pids=$(session_pids "$1")
+    done
+    [ -z "$pids" ] || kill -KILL $pids 2>/dev/null
+    return 0
+}
+
+STEP_SID=
+step() {  # step NAME COMMAND...: run it with what is left of the deadline, log to OUTDIR/NAME.log
+    local name=$1 left=$((DEADLINE - SECONDS))
+    shift
+    if [ "$left" -lt 20 ]; then
+        echo "== $name: skipped, ${left}s left of ${DEADLINE}s" | tee -a "$OUTDIR/summary.log"
+        return
+    fi
+    local t0=$SECONDS
+    # in a session of its own, emptied when it ends: `timeout` stops its own process group, and
+    # not even that once its child has exited, so a compiling `softgate serve` a step started ran
+    # on into the next steps (an audit). A background job of this shell (no job control) is no
+    # group leader, so setsid runs in place and $! is the session's id.
+    setsid timeout -k 5 "$left" "$@" >"$OUTDIR/$name.log" 2>&1 </dev/null &
+    STEP_SID=$!
+    wait "$STEP_SID"
+    local rc=$?
+    kill_session "$STEP_SID"
+    STEP_SID=
+    echo "== $name: rc=$rc in $((SECONDS - t0))s" | tee -a "$OUTDIR/summary.log"
+    tail -n 40 "$OUTDIR/$name.log"
+}
+
+# sourced (tests/test_bench_scripts.py): the functions above only
+[ "${BASH_SOURCE[0]}" = "$0" ] || return 0
+
 OUTDIR=${1:?usage: device_check.sh OUTDIR [STEP ...]}
 shift
 STEPS=${*:-env tests e2e transfer}
@@ -41,19 +95,9 @@ if compgen -G ".whl/lib/*.so*" >/dev/null && [ -w /usr/lib/x86_64-linux-gnu ]; t
 fi
 $PY -c "import softgate" 2>/dev/null || export PYTHONPATH=$PWD/server:$PWD/client${PYTHONPATH:+:$PYTHONPATH}
 
-step() {  # step NAME COMMAND...: run it with what is left of the deadline, log to OUTDIR/NAME.log
-    local name=$1 left=$((DEADLINE - SECONDS))
-    shift
-    if [ "$left" -lt 20 ]; then
-        echo "== $name: skipped, ${left}s left of ${DEADLINE}s" | tee -a "$OUTDIR/summary.log"
-        return
-    fi
-    local t0=$SECONDS
-    timeout -k 5 "$left" "$@" >"$OUTDIR/$name.log" 2>&1
-    local rc=$?
-    echo "== $name: rc=$rc in $((SECONDS - t0))s" | tee -a "$OUTDIR/summary.log"
-    tail -n 40 "$OUTDIR/$name.log"
-}
+# Ctrl-C or a TERM: stop the running step's session too (it is outside this shell's group)
+trap '[ -z "$STEP_SID" ] || kill_session "$STEP_SID"; exit 130' INT
+trap '[ -z "$STEP_SID" ] || kill_session "$STEP_SID"; exit 143' TERM
 
 for s in $STEPS; do
     case $s in

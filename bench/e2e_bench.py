@@ -28,6 +28,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -110,6 +111,12 @@ def ensure_allocators(install: bool) -> dict[str, str | None]:
     return out
 
 
+def exit_on_sigterm() -> None:
+    """Make SIGTERM raise SystemExit, so that the `finally` blocks stop the servers and workers
+    a bench started (its default action ended the bench alone, and they ran on: an audit)."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -171,31 +178,22 @@ def start_servers(
 ) -> tuple[list[subprocess.Popen[bytes]], int, int]:
     env = env_with(preload)
     sg_port, echo_port = free_port(), free_port()
-    if compile in SERVER_VARIANTS:  # softgate's gRPC server with one part changed (serve_variant)
-        variant = f"{sg_port}:{max_message_bytes}:{compile}:{device}"
-        sg = subprocess.Popen(
-            [sys.executable, __file__, "--serve-variant", variant], env=env, stdout=subprocess.DEVNULL
-        )
-    else:
-        sg = _softgate_serve(sg_port, max_message_bytes, compile, device, env)
-    echo = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "echo_server.py"),
-            "--port",
-            str(echo_port),
-            "--max-message-bytes",
-            str(max_message_bytes),
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-    )
-    procs = [sg, echo]
+    procs: list[subprocess.Popen[bytes]] = []
     try:
+        if compile in SERVER_VARIANTS:  # softgate's gRPC server with one part changed (serve_variant)
+            variant = f"{sg_port}:{max_message_bytes}:{compile}:{device}"
+            cmd = [sys.executable, __file__, "--serve-variant", variant]
+            procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL))
+        else:
+            procs.append(_softgate_serve(sg_port, max_message_bytes, compile, device, env))
+        echo_cmd = [sys.executable, str(ROOT / "bench" / "echo_server.py"), "--port", str(echo_port)]
+        cmd = [*echo_cmd, "--max-message-bytes", str(max_message_bytes)]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL))
+        sg, echo = procs
         wait_port(echo_port, echo)
         wait_port(sg_port, sg)
         wait_serving(sg_port, sg)
-    except Exception:
+    except BaseException:  # Ctrl-C or SIGTERM (exit_on_sigterm) too: never leave them listening
         stop(procs)
         raise
     return procs, sg_port, echo_port
@@ -242,7 +240,6 @@ def serve_variant(port: int, max_message_bytes: int, variant: str, device: str =
     decoding; "decode", cached-notelemetry whose response is the first one encoded for the
     size, so no encoding."""
     import asyncio
-    import signal
 
     import torch
     from softgate.engine import Engine
@@ -657,13 +654,17 @@ def main() -> None:
         "--stream-mode", default="auto", choices=["auto", "unary", "stream"], help=argparse.SUPPRESS
     )
     args = p.parse_args()
+    exit_on_sigterm()
     if args.serve_variant:
         port_s, limit_s, variant, device = args.serve_variant.split(":", 3)
         serve_variant(int(port_s), int(limit_s), variant, device)
         return
-    if args.engine_only:
-        n_s, k_s, mode, device = args.engine_only.split(":", 3)
-        print(f"RESULT {engine_only(int(n_s), int(k_s), mode, device)}", flush=True)
+    if args.engine_only:  # TOKENS:REPS:COMPILE[:DEVICE] (bench/RESULTS.md quotes it without the device)
+        fields = args.engine_only.split(":", 3)
+        if len(fields) < 3 or not (fields[0].isdigit() and fields[1].isdigit()):
+            p.error(f"--engine-only {args.engine_only!r}: expected TOKENS:REPS:COMPILE[:DEVICE]")
+        device = fields[3] if len(fields) == 4 else "cpu"
+        print(f"RESULT {engine_only(int(fields[0]), int(fields[1]), fields[2], device)}", flush=True)
         return
     if args.worker:
         worker(args)

@@ -246,15 +246,17 @@ def peak_bytes(impl: str, objective: str, n: int, device: torch.device) -> int |
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="1M tokens only")
+    ap.add_argument("--quick", action="store_true", help="1M tokens only, 2 repeats (unless given)")
     ap.add_argument("--sizes", default=None, help="comma-separated token counts (default 1e6,16e6)")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3; 2 with --quick)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--allocator", choices=("tcmalloc", "system"), default="tcmalloc")
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled and default engines")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--probe", nargs=3, metavar=("IMPL", "OBJECTIVE", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.repeats is not None and args.repeats < 1:
+        ap.error(f"--repeats {args.repeats}: expected at least 1 timed round")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.probe:
         _probe(args.probe[0], args.probe[1], int(args.probe[2]), device)
@@ -262,7 +264,7 @@ def main() -> None:
     if args.allocator == "tcmalloc" and device.type == "cpu":
         _reexec_with_tcmalloc()
     sizes = [int(float(s)) for s in (args.sizes or ("1e6" if args.quick else "1e6,16e6")).split(",")]
-    repeats = 2 if args.quick else args.repeats
+    repeats = args.repeats or (2 if args.quick else 3)  # (--quick overrode --repeats: an audit)
     impls = [i for i in IMPLS if not (args.no_compile and i in ("compiled", *BACKGROUND))]
     engines = {i: _engine(i, device) for i in impls if i != "autograd"}
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

@@ -63,7 +63,11 @@ def main() -> None:
     )
     ap.add_argument("--block", type=int, default=BLOCK, help="calls of a row in a row (default 25)")
     args = ap.parse_args()
+    unknown = sorted(set(args.rungs.split(",")) - set(RUNGS))
+    if unknown:  # (a misspelt one measured the echo alone: an audit)
+        ap.error(f"--rungs: unknown {', '.join(map(repr, unknown))}; the rows are {', '.join(RUNGS)}")
     rungs = [r for r in RUNGS if r in args.rungs.split(",")]
+    E.exit_on_sigterm()
     from softgate_client import SoftgateClient
 
     limit = 512 * E.MiB

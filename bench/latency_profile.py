@@ -154,6 +154,11 @@ def during_compiles(eng: Engine, call: Callable[[], None], args: argparse.Namesp
     while not eng.wait_compiled(0):
         busy += timed(call, 10, gap)
     wall = time.perf_counter() - t0
+    if not busy:  # an eager engine (torch < 2.11, compile off) queues none (an audit: it crashed)
+        print(
+            f"no compile was queued (engine compile mode {eng.compile_mode}): nothing to time during compiles"
+        )
+        return
     ms = [statistics.median(ts) * 1e6 for ts in (idle, busy)]
     p90 = [statistics.quantiles(ts, n=10)[-1] * 1e6 for ts in (idle, busy)]
     print(

@@ -1,6 +1,6 @@
 """Load harness and benchmark: many concurrent gRPC clients against one softgate server.
 
-    python3 bench/load_bench.py                        # starts `softgate serve` on loopback
+    python3 bench/load_bench.py                        # starts `softgate serve` on loopback (eager)
     python3 bench/load_bench.py --target host:50051    # an already running server
     python3 bench/load_bench.py --clients 1,4,16,64 --seconds 10 --mix small
 
@@ -11,6 +11,11 @@ gradient the in-process engine computes for the same request (decoded by the ser
 codec), so a reply that belongs to another request, or a corrupted one, counts as wrong.
 The report has requests/s and tokens/s, latency percentiles, status codes, and (for a local
 server) the server's RSS over time from /proc/<pid>/status.
+
+The server it starts (`start_server`) runs the eager engine (SOFTGATE_ENGINE_COMPILE=0 unless
+the environment sets it; `--setting compile=true` compiles) with `max_concurrent_rpcs=256`, and
+logs to a temporary file that is removed after a clean run and kept, its path printed, after a
+failed one.
 
 `run_load` is also what tests/test_load.py runs (shorter, with assertions).
 """
@@ -25,6 +30,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -60,6 +66,9 @@ class Workload:
 
 
 OBJECTIVES = ("sapo", "grpo", "gspo", "cispo")
+# the kinds of request each size of `build_workloads` comes in (small ones are unary only)
+KINDS = {"small": frozenset({"unary"}), "large": frozenset({"unary", "stream"})}
+KINDS["all"] = KINDS["small"] | KINDS["large"]
 
 
 def _tensor(pb: Any, a: np.ndarray) -> Any:
@@ -410,25 +419,31 @@ def start_server(settings: dict[str, Any], log_path: Path) -> tuple[subprocess.P
     for k, v in {**base, **settings}.items():
         env["SOFTGATE_" + k.upper()] = str(v)
     env.setdefault("SOFTGATE_ENGINE_COMPILE", "0")
-    logf = open(log_path, "wb")  # noqa: SIM115 - the child keeps it
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "softgate.cli", "serve"], env=env, stdout=logf, stderr=subprocess.STDOUT
-    )
     target = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited {proc.returncode}: {log_path.read_text()[-2000:]}")
-        try:
-            with grpc.insecure_channel(target) as ch:
-                st = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                if st == health_pb2.HealthCheckResponse.SERVING:
-                    return proc, target
-        except grpc.RpcError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise TimeoutError("server did not start")
+    proc = None
+    try:
+        with open(log_path, "wb") as logf:  # (the child writes to its own copy of the descriptor)
+            cmd = [sys.executable, "-m", "softgate.cli", "serve"]
+            proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited {proc.returncode}: {log_path.read_text()[-2000:]}")
+            try:
+                with grpc.insecure_channel(target) as ch:
+                    stub = health_pb2_grpc.HealthStub(ch)
+                    st = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    if st == health_pb2.HealthCheckResponse.SERVING:
+                        return proc, target
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError("server did not start")
+    except BaseException:  # Ctrl-C and SIGTERM too: never leave it running (an audit)
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+        raise
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -441,42 +456,61 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--json", help="write the reports here")
     ap.add_argument("--setting", action="append", default=[], help="k=v server setting (SOFTGATE_K)")
     args = ap.parse_args(argv)
+    kinds = frozenset(args.kinds.split(","))
+    if not kinds <= KINDS["all"]:
+        ap.error(f"--kinds {args.kinds}: expected a comma-separated subset of unary,stream")
+    mixes = [m for m in ("small", "large") if args.mix in (m, "all") and kinds & KINDS[m]]
+    if not mixes:  # (a bare AssertionError from run_load, after the server had started: an audit)
+        ap.error(f"--mix {args.mix} --kinds {args.kinds}: the small requests are unary only")
+    if args.mix == "all" and mixes != ["small", "large"]:
+        print(f"--kinds {args.kinds}: the small requests are unary only; large only", file=sys.stderr)
+    # SIGTERM raises SystemExit, so that the `finally` below stops the server (an audit)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
     print("building workloads and expected replies ...", file=sys.stderr)
     work = build_workloads(0)
-    mixes = {"small": ["small"], "large": ["large"], "all": ["small", "large"]}[args.mix]
-    proc = None
-    if args.target:
-        target = args.target
-    else:
-        settings = {"max_concurrent_rpcs": 256}
-        settings.update(dict(s.split("=", 1) for s in args.setting))
-        log_path = Path(os.environ.get("TMPDIR", "/tmp")) / "softgate-load-bench.log"
-        proc, target = start_server(settings, log_path)
-        print(f"server pid {proc.pid} on {target}, settings {settings}, log {log_path}", file=sys.stderr)
-    kinds = frozenset(args.kinds.split(","))
+    proc, log_path, failed = None, None, True
     rows = []
     try:
+        if args.target:
+            target = args.target
+        else:
+            settings = {"max_concurrent_rpcs": 256}
+            settings.update(dict(s.split("=", 1) for s in args.setting))
+            # one file a run (a fixed name was overwritten by concurrent runs: an audit)
+            fd, name = tempfile.mkstemp(prefix="softgate-load-bench-", suffix=".log")
+            os.close(fd)
+            log_path = Path(name)
+            proc, target = start_server(settings, log_path)
+            print(f"server pid {proc.pid} on {target}, settings {settings}, log {log_path}", file=sys.stderr)
         for mix in mixes:
             pool = [w for w in work if w.name.startswith(mix)]
             for c in (int(x) for x in args.clients.split(",")):
-                ks = kinds & {w.kind for w in pool}
                 rep = run_load(
                     target,
                     pool,
                     clients=c,
                     seconds=args.seconds,
                     server_pid=proc.pid if proc else None,
-                    kinds=ks,
+                    kinds=kinds,
                 )
                 s = rep.summary()
                 s["mix"] = mix
                 rows.append(s)
                 print(json.dumps(s), file=sys.stderr)
+        failed = any(s["wrong"] or s["errors"] for s in rows)
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if log_path is not None and failed:
+            print(f"server log kept: {log_path}", file=sys.stderr)
+        elif log_path is not None:
+            log_path.unlink(missing_ok=True)
     print()
     print(
         "| mix | clients | req/s | tokens/s | p50 ms | p99 ms | codes | wrong | server RSS MiB (start..end) |"
@@ -492,8 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
-    bad = sum(s["wrong"] for s in rows) + sum(len(s["errors"]) for s in rows)
-    return 1 if bad else 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """What a `softgate serve` process holds in memory: resident set idle, and at its peak while
 `--workers` calls of `--tokens` tokens compute and the rest of `--admitted` wait. The
-Kubernetes overlays size their memory limits by this arithmetic (deploy/k8s/overlays/*,
-tests/test_deploy.py: idle + PER_TOKEN x tokens x workers + request bytes x tokens x waiting).
+Kubernetes overlays' memory limits are sized by these figures (deploy/k8s/overlays/*,
+tests/test_deploy.py: idle + BUILD_CHILD_BYTES + PER_TOKEN x tokens x workers +
+REQUEST_BYTES_PER_TOKEN (21) x tokens x waiting); the formula here leaves out the build child
+and counts a waiting call at its batch's own bytes (12 or 16 a token), so it is the stricter
+one: a peak within it (ratio <= 1 below) is within the overlays' figure too.
 
     python bench/memory_bench.py                          # CPU, 16 Mi tokens, 8 admitted (~3 min)
     python bench/memory_bench.py --device cuda            # bench/device_check.sh memory
@@ -78,6 +81,7 @@ def main() -> None:
     )
     ap.add_argument("--per-token", type=float, help="the formula's bytes per computing token")
     args = ap.parse_args()
+    E.exit_on_sigterm()
     if args.per_token is None:  # the overlays' figure
         args.per_token = float(OVERLAY_MEMORY["cpu" if args.device == "cpu" else "gpu"][1])
     import numpy as np
@@ -93,8 +97,9 @@ def main() -> None:
         "--max-concurrent-rpcs", str(args.admitted), "--max-message-bytes", str(limit),
         "--log-level", "WARNING",
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    procs: list[subprocess.Popen[bytes]] = []
     try:
+        procs.append(proc := subprocess.Popen(cmd, stdout=subprocess.DEVNULL))
         E.wait_serving(port, proc)
         client = SoftgateClient(f"127.0.0.1:{port}", max_message_bytes=limit, timeout=900, retries=1)
         b = E.make_batch(n)
@@ -138,7 +143,7 @@ def main() -> None:
         phase(f"{args.admitted} calls at once", args.admitted)
         client.close()
     finally:
-        E.stop([proc])
+        E.stop(procs)
     print(
         f"device={args.device} tokens={n:,} workers={args.workers} admitted={args.admitted} "
         f"compile={args.compile} inputs={'full' if args.full else 'e2e'}"
