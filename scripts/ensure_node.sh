@@ -5,6 +5,11 @@ set -euo pipefail
 if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then
   exit 0
 fi
+# (an audit: without apt-get this failed with only `timeout: failed to run command 'apt-get'`)
+if ! command -v apt-get >/dev/null 2>&1; then
+  echo "ensure_node.sh: node/npm missing and no apt-get; install Node.js >= 18 with npm by hand" >&2
+  exit 1
+fi
 SUDO=""
 if [ "$(id -u)" != "0" ]; then
   if command -v sudo >/dev/null 2>&1; then SUDO="sudo -n"; else

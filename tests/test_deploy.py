@@ -9,10 +9,12 @@ from __future__ import annotations
 import fnmatch
 import importlib.util
 import json
+import os
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -442,11 +444,152 @@ def test_install_script_modes() -> None:
     text = script.read_text()
     modes = dict(re.findall(r"^\s*(--\w+|\*)\)\s*(.+?)\s*;;", text, flags=re.M))
     assert set(modes) == {"--dev", "--image", "*"}
-    image = shlex.split(modes["--image"].replace("$pip", "pip"))
+    image = shlex.split(modes["--image"])
     assert "-e" not in image and "--editable" not in image, "the image installs non-editable"
     assert "./client" in image and any(a == "." or a.startswith(".[") for a in image)
     assert "TORCH_INDEX_URL" in text and "TORCH_SPEC" in text
     assert all('${lock[@]+"${lock[@]}"}' in m for m in modes.values()), "every mode installs from the lock"
+    # an image's build stage is thrown away and its final stage installs the allocator (an audit:
+    # the build ran apt-get update + install, up to 420 s and network, for nothing)
+    apt = next(line for line in text.splitlines() if line.startswith("if ") and "have_tcmalloc" in line)
+    assert '[ "$mode" != --image ]' in apt
+
+
+def _install(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> tuple[str, list[str]]:
+    """Runs scripts/install.sh, copied with what it reads into tmp_path/repo (its stamps land
+    there), with PYTHON this Python behind a wrapper whose pip only logs its arguments: its
+    stderr+stdout and the pip calls. PATH's python3, apt-get and apt-cache fail."""
+    repo, bin_, log = tmp_path / "repo", tmp_path / "bin", tmp_path / "pip.log"
+    if not repo.exists():
+        for f in ["scripts/install.sh", "pyproject.toml", "client/pyproject.toml",
+                  *(str(p.relative_to(ROOT)) for p in (ROOT / "constraints").glob("*.txt"))]:  # fmt: skip
+            (repo / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ROOT / f, repo / f)
+        bin_.mkdir()
+        (bin_ / "python").write_text(
+            f'#!/bin/sh\nif [ "$1 $2" = "-m pip" ]; then shift 2; echo "$*" >> {log}; exit 0; fi\n'
+            f'exec {shlex.quote(sys.executable)} "$@"\n'
+        )
+        for name in ("python3", "apt-get", "apt-cache"):
+            (bin_ / name).write_text(f"#!/bin/sh\necho {name} called >&2\nexit 3\n")
+        for f in bin_.iterdir():
+            f.chmod(0o755)
+    log.write_text("")
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("SOFTGATE_INSTALL_UNLOCKED", "TORCH_SPEC", "TORCH_INDEX_URL")
+    }
+    out = subprocess.run(
+        ["bash", str(repo / "scripts/install.sh"), *args],
+        env={**base, "PATH": f"{bin_}:{os.environ['PATH']}", "PYTHON": str(bin_ / "python"), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout + out.stderr, log.read_text().splitlines()
+
+
+def _fake_torch(tmp_path: Path, version: str) -> dict[str, str]:
+    """The environment in which this Python's torch distribution reads as `version`."""
+    site = tmp_path / f"torch-{version}"
+    (site / f"torch-{version}.dist-info").mkdir(parents=True, exist_ok=True)
+    (site / f"torch-{version}.dist-info" / "METADATA").write_text(f"Name: torch\nVersion: {version}\n")
+    return {"PYTHONPATH": str(site)}
+
+
+def test_install_replaces_a_torch_below_the_range_with_torch_spec(tmp_path: Path) -> None:
+    """torch 2.3 imports, but pip would upgrade it to PyPI's default (CUDA, GBs) build: install.sh
+    installs TORCH_SPEC's instead (an audit); a torch within the range is kept."""
+    _, calls = _install(tmp_path, env=_fake_torch(tmp_path, "2.3.0"))
+    assert calls[0] == "install torch==2.13.0"
+    _, calls = _install(tmp_path, env={**_fake_torch(tmp_path, "2.4.0"), "TORCH_SPEC": "torch==9"})
+    assert not any("torch==" in c for c in calls)
+
+
+def test_install_is_skipped_when_nothing_changed(tmp_path: Path) -> None:
+    """`make serve` starts at once the second time (an audit: 16-28 s of reinstalling, failing
+    offline); a changed input or another mode installs again."""
+    out, calls = _install(tmp_path)
+    assert len(calls) == 1 and "-c constraints/py" in calls[0], out
+    out, calls = _install(tmp_path)
+    assert not calls and "up to date" in out
+    out, calls = _install(tmp_path, "--dev")
+    assert calls and ".[dev]" in calls[-1]
+    out, calls = _install(tmp_path)  # the --dev install holds the plain one's packages
+    assert not calls
+    with (tmp_path / "repo/pyproject.toml").open("a") as f:
+        f.write("\n")
+    out, calls = _install(tmp_path, "--dev")
+    assert calls
+    out, calls = _install(tmp_path, "--image")
+    assert calls, "an image always installs"
+    assert not (tmp_path / "repo/.tools/install-image.stamp").exists()
+
+
+def test_unlocked_install_upgrades_all_but_torch(tmp_path: Path) -> None:
+    """SOFTGATE_INSTALL_UNLOCKED=1 upgrades an existing environment (an audit: without --upgrade
+    pip kept every installed version), torch pinned to the installed one."""
+    for _ in range(2):  # never skipped
+        _, calls = _install(
+            tmp_path, env={**_fake_torch(tmp_path, "2.5.1"), "SOFTGATE_INSTALL_UNLOCKED": "1"}
+        )
+        (call,) = calls
+        assert call.startswith("install --upgrade --upgrade-strategy eager torch==2.5.1 ")
+        assert "-c " not in call
+
+
+def test_make_runs_everything_with_its_python() -> None:
+    """`make PY=...` installs into, serves with and builds the tools for that Python (an audit:
+    install.sh and client_floors.sh used PATH's python3, `make serve` PATH's softgate)."""
+    py = "/opt/venv/bin/python"
+    dry = subprocess.run(["make", "-n", "-C", str(ROOT), f"PY={py}", "serve", "test", "lock"],
+                         capture_output=True, text=True, check=True, timeout=60).stdout  # fmt: skip
+    installs = [line for line in dry.splitlines() if "scripts/install.sh" in line or "scripts/tools/" in line]
+    assert len(installs) == 3 and all(f'PYTHON="{py}" bash' in line for line in installs), installs
+    assert f"{py} -m softgate.cli serve" in dry
+    baseline = subprocess.run(["make", "-n", "-C", str(ROOT), "proto-baseline"],
+                              capture_output=True, text=True, check=True, timeout=60).stdout  # fmt: skip
+    assert "scripts/tools/buf.sh" in baseline and "scripts/tools/*.sh" not in baseline, "buf only"
+
+
+def test_client_floors_uses_the_given_python(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    for f in ("scripts/tools/client_floors.sh", "scripts/lock.py", "pyproject.toml", "client/pyproject.toml"):
+        (repo / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / f, repo / f)
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import lock
+
+    venv = repo / ".tools/client-floors"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin/python").symlink_to(sys.executable)
+    (venv / "pins").write_text(" ".join(lock.floors(lock.PYPROJECTS[0])) + "\n")
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "python3").write_text("#!/bin/sh\nexit 3\n")
+    (bin_ / "python3").chmod(0o755)
+    out = subprocess.run(
+        ["bash", str(repo / "scripts/tools/client_floors.sh")],
+        env={**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0 and "up to date" in out.stdout, out.stderr
+
+
+@pytest.mark.parametrize("script", ["scripts/ensure_node.sh", "scripts/tools/prometheus.sh"])
+def test_apt_tools_without_apt_get_say_so(tmp_path: Path, script: str) -> None:
+    """Without node/prometheus and apt-get: a hint, not `timeout: failed to run command` (an audit)."""
+    for tool in ("id", "timeout"):
+        (tmp_path / tool).symlink_to(shutil.which(tool) or f"/usr/bin/{tool}")
+    out = subprocess.run(["/bin/bash", str(ROOT / script)], env={"PATH": str(tmp_path)},
+                         capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert out.returncode == 1 and "no apt-get" in out.stderr, out.stderr
 
 
 def test_dockerignore_keeps_what_the_install_needs() -> None:

@@ -7,6 +7,11 @@ if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1;
   echo "prometheus: $(prometheus --version 2>&1 | head -n1)"
   exit 0
 fi
+# (an audit: without apt-get this failed with only `timeout: failed to run command 'apt-get'`)
+if ! command -v apt-get >/dev/null 2>&1; then
+  echo "prometheus.sh: prometheus/promtool missing and no apt-get; install Prometheus by hand (both on PATH)" >&2
+  exit 1
+fi
 SUDO=""
 if [ "$(id -u)" != "0" ]; then
   if command -v sudo >/dev/null 2>&1; then SUDO="sudo -n"; else
