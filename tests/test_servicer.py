@@ -346,3 +346,19 @@ def test_a_field_this_server_does_not_know_is_refused_by_name_not_ignored(inproc
         details = ei.value.details() or ""
         assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT, details
         assert f"{field}: unknown_name: field number" in details and name in details, details
+
+
+def test_the_unknown_field_walk_reads_lists_and_maps_of_messages() -> None:
+    """No softgate.v1 request has a repeated message field yet; the walk must name an unknown
+    field inside one, not fail on the container (a review)."""
+    from google.protobuf import struct_pb2
+    from softgate.engine.errors import FieldViolation
+    from softgate.grpc.codec import unknown_fields
+
+    inner = struct_pb2.Struct.FromString(bytes([15 << 3 | 2, 0]))
+    outer = struct_pb2.Struct()
+    outer.fields["a"].struct_value.CopyFrom(inner)
+    outer.fields["b"].list_value.values.add().struct_value.CopyFrom(inner)
+    found: list[FieldViolation] = []
+    unknown_fields(outer, "config.", found)
+    assert len(found) == 2 and all("field number 15" in f.reason for f in found), found

@@ -244,15 +244,21 @@ async def serve(
     try:
         return await _serve(settings, stop, started)
     finally:
+        # a second signal while the process tears down (asyncio.run's exit, the interpreter's)
+        # killed it by that signal after its `stopped exit_code=0`, the default action (an
+        # audit): with ignore_signals_after they are ignored, and blocked meanwhile, since
+        # remove_signal_handler sets that default action before SIG_IGN replaces it
+        block = ignore_signals_after and bool(installed)
+        if block:
+            signal.pthread_sigmask(signal.SIG_BLOCK, installed)
         for sig, previous in installed.items():
             loop.remove_signal_handler(sig)  # (which sets SIG_DFL: the caller's handler, again)
             if ignore_signals_after:
-                # a second signal while the process tears down (asyncio.run's exit, the
-                # interpreter's) killed it by that signal after its `stopped exit_code=0`: the
-                # default action (an audit)
                 signal.signal(sig, signal.SIG_IGN)
             elif previous is not None:  # (None: one not set from Python, which SIG_DFL now is)
                 signal.signal(sig, previous)
+        if block:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, installed)  # (one pending is ignored)
 
 
 async def _serve(settings: Settings, stop: asyncio.Event, started: list[GrpcServer]) -> int:

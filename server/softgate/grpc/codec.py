@@ -578,7 +578,13 @@ def unknown_fields(msg: Any, prefix: str, v: list[FieldViolation], *, deep: bool
         )
     if deep:
         for fd, value in msg.ListFields():
-            if fd.message_type is not None and fd.message_type is not pb.Tensor.DESCRIPTOR:
+            if fd.message_type is None or fd.message_type is pb.Tensor.DESCRIPTOR:
+                continue
+            if fd.is_repeated:  # (a list or map: no softgate.v1 request has one)
+                for i, item in enumerate(value.values() if isinstance(value, Mapping) else value):
+                    if not isinstance(item, (bool, int, float, str, bytes)):
+                        unknown_fields(item, f"{prefix}{fd.name}[{i}].", v)
+            else:
                 unknown_fields(value, f"{prefix}{fd.name}.", v)
 
 

@@ -30,6 +30,7 @@ from softgate.engine import Engine
 from softgate.engine.batch import Batch
 from softgate.engine.compiled import never_compile_here
 from softgate.engine.config import LossConfig
+from softgate.engine.engine import ONE_THREAD_MAX_TOKENS
 from softgate.engine.errors import FieldViolation, InputError
 from softgate.engine.result import LossResult
 from softgate.engine.validation import compute_dtype
@@ -40,7 +41,7 @@ from softgate.logging import get_logger
 from softgate.telemetry import Telemetry
 from softgate.threads import one_thread, single_threaded_here
 
-DEFAULT_INLINE_MAX_TOKENS = 32768
+DEFAULT_INLINE_MAX_TOKENS = ONE_THREAD_MAX_TOKENS  # (equal: see engine.ONE_THREAD_MAX_TOKENS)
 INLINE_BUDGET_S = 0.01
 INLINE_STREAK = 3
 # Deferred telemetry after a small call waits until no RPC has run for KICK_IDLE_S (a trainer's
