@@ -49,12 +49,14 @@ function stream(client, messages) {
   });
 }
 
-// the case's batch as two chunks, cut after sequence k: offsets rebased, per-token tensors cut
-// at offsets[k], per-sequence ones at k, group ids global to the stream
-function chunks(inputs, k) {
+// the case's batch as two chunks, cut after the first sequence k that leaves tokens on both
+// sides: offsets rebased, per-token tensors cut at offsets[k], per-sequence ones at k, group
+// ids global to the stream
+function chunks(inputs) {
   const off = inputs.offsets.map(Number);
   const b = off.length - 1;
-  const cut = off[k];
+  const k = off.findIndex((t) => t > 0 && t < off[b]);
+  if (k < 0) throw new Error('the case has no cut with tokens on both sides');
   const parts = [];
   for (const [s0, s1] of [[0, k], [k, b]]) {
     const t0 = off[s0];
@@ -67,7 +69,6 @@ function chunks(inputs, k) {
     if (inputs.advantage_level) part.advantage_level = inputs.advantage_level;
     parts.push(part);
   }
-  if (cut <= 0 || cut >= off[b]) throw new Error('pick a cut with tokens on both sides');
   return parts;
 }
 
@@ -94,7 +95,7 @@ async function main() {
   // 1. StreamLoss in two chunks == ComputeLoss, bit for bit
   const kase = file.cases.find((c) => c.inputs.offsets.length >= 4 && c.inputs.rewards && c.outputs.loss !== 0);
   const unary = await call(client, 'ComputeLoss', caseRequest(kase));
-  const parts = chunks(kase.inputs, 2);
+  const parts = chunks(kase.inputs);
   const msgs = parts.map((p, j) => {
     const req = caseRequest({ config: kase.config, inputs: p });
     return j === 0 ? req : { chunk: req.batch };
@@ -135,8 +136,12 @@ async function main() {
   const unset = { ...plain, config: { ...plain.config } };
   delete unset.config.objective;
   const sapo = { ...plain, config: { ...plain.config, objective: { sapo: {} } } };
-  const [a, b] = [await call(client, 'ComputeLoss', unset), await call(client, 'ComputeLoss', sapo)];
-  check('unset objective: SAPO defaults', Object.is(a.loss, b.loss) && same(readTensor(a.outputs.gradient), readTensor(b.outputs.gradient)), `${a.loss} != ${b.loss}`);
+  // ... and SAPO's defaults are the proto's documented ones (not merely the server's own)
+  const given = { ...plain, config: { ...plain.config, objective: { sapo: { tau_pos: 1.0, tau_neg: 1.05 } } } };
+  const [a, b, c] = [unset, sapo, given].map((r) => call(client, 'ComputeLoss', r));
+  const [ra, rb, rc] = [await a, await b, await c];
+  const alike = (x, y) => Object.is(x.loss, y.loss) && same(readTensor(x.outputs.gradient), readTensor(y.outputs.gradient));
+  check('unset objective: SAPO with tau_pos 1, tau_neg 1.05', alike(ra, rb) && alike(rb, rc), `${ra.loss}, ${rb.loss}, ${rc.loss}`);
 
   client.close();
   for (const f of failures) console.error(`FAIL ${f}`);

@@ -151,6 +151,13 @@ def _case(name: str, batch: Batch, cfg: LossConfig, engine: Engine) -> dict[str,
     }
 
 
+def _informative(batch: Batch, cfg: LossConfig, engine: Engine) -> bool:
+    """A case whose policy loss and gradient are not all 0: singleton and equal-reward groups
+    made 8 of 64 vectors that a server computing nothing passed (an audit)."""
+    r = engine.loss(batch, cfg)
+    return r.policy_loss != 0 and bool(r.grad.ne(0).any())
+
+
 def build_cases(objective: str, engine: Engine | None = None) -> list[dict[str, Any]]:
     engine = engine or Engine(device="cpu", compile=False)
     cases = []
@@ -182,7 +189,11 @@ def build_cases(objective: str, engine: Engine | None = None) -> list[dict[str, 
                     advantages=adv,
                     big_deltas=big,
                 )
-                if batch.logp.numel() >= 4 and not near_boundary(batch, cfg, tol=1e-6):
+                if (
+                    batch.logp.numel() >= 4
+                    and not near_boundary(batch, cfg, tol=1e-6)
+                    and _informative(batch, cfg, engine)
+                ):
                     break
             parts = [objective, mode, adv if adv != "rewards" else est, f"kl_{kl}" if kl else "no_kl"]
             parts.append(f"mm_{mm[0]}_{mm[1]}" if mm else "no_mismatch")
