@@ -383,6 +383,9 @@ def test_sighup_drains_like_sigterm_and_later_signals_are_ignored(serve: Any, tm
     s = serve(
         "--grpc-port", "0", "--grpc-host", "127.0.0.1", "--admin-port", "-1", "--log-format", "json",
         "--device", "cpu", "--no-warmup", "--no-compile", "--status-file", str(status),
+        # (SIGHUP's default action, whatever this test inherits: under `nohup` it is ignored,
+        # and so the server leaves it)
+        prelude="import signal; signal.signal(signal.SIGHUP, signal.SIG_DFL); ",
     )  # fmt: skip
     _wait_serving(f"127.0.0.1:{int(s.wait_event('grpc_listening')['port'])}")
     s.proc.send_signal(signal.SIGHUP)
