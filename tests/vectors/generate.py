@@ -204,7 +204,38 @@ def build_cases(objective: str, engine: Engine | None = None) -> list[dict[str, 
         b.old_logp = b.logp.clone()
         cfg = make_config("sapo", "seq_mean_token_mean", None, None, variant=1)
         cases.append(_case("sapo/on_policy_r_equals_1", b, cfg, engine))
+        cases += _default_cases(engine)
     return cases
+
+
+def _default_cases(engine: Engine) -> list[dict[str, Any]]:
+    """What the generated variants never hold (an audit): every parameter at its default, with
+    old_logp, the mask and the advantage level unset; RLOO at its default (group) scale; and
+    k3 KL clamped from above on one trained token."""
+    out = []
+    b = random_batch(5151, max_seqs=5, max_len=5, advantages="rewards", with_mask=False, num_seqs=5)
+    b.rewards = torch.tensor([0.0, 1.0, 0.5, 1.0, 0.0], dtype=torch.float64)
+    b.group_ids = torch.tensor([3, 3, 8, 8, 3])
+    b.old_logp, b.mask, b.ref_logp, b.rollout_logp = None, None, None, None
+    out.append(_case("sapo/all_defaults_no_old_logp_no_mask", b, LossConfig(), engine))
+    b = random_batch(5252, max_seqs=5, max_len=5, advantages="sequence", num_seqs=4)
+    b.advantage_level = None  # (B != N: inferred from the length)
+    assert b.advantages is not None and b.advantages.numel() != b.logp.numel()
+    out.append(_case("sapo/advantage_level_inferred", b, LossConfig(), engine))
+    b = random_batch(5353, max_seqs=5, max_len=5, advantages="rewards", num_seqs=5)
+    b.rewards = torch.tensor([0.0, 1.0, 0.5, 1.0, 0.25], dtype=torch.float64)
+    b.group_ids = torch.tensor([1, 1, 1, 2, 2])
+    assert b.ref_logp is not None and b.mask is not None
+    t = int(torch.nonzero(b.mask)[0])
+    b.logp[t] = b.ref_logp[t] - 4.0  # x = ref - logp = 4 > the clamp 3: k3 clamps it
+    cfg = LossConfig(
+        advantages=AdvantageConfig(estimator="rloo"),
+        kl=KLConfig(estimator="k3", beta=0.2),
+        log_ratio_clamp=3.0,
+    )
+    out.append(_case("sapo/rloo_group_scale_kl_k3_clamped", b, cfg, engine))
+    assert out[-1]["outputs"]["metrics"]["kl_clamped_tokens"] > 0
+    return out
 
 
 def dump(cases: list[dict[str, Any]], objective: str) -> str:
