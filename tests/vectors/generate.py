@@ -210,8 +210,9 @@ def build_cases(objective: str, engine: Engine | None = None) -> list[dict[str, 
 
 def _default_cases(engine: Engine) -> list[dict[str, Any]]:
     """What the generated variants never hold (an audit): every parameter at its default, with
-    old_logp, the mask and the advantage level unset; RLOO at its default (group) scale; and
-    k3 KL clamped from above on one trained token."""
+    old_logp, the mask and the advantage level unset; RLOO at its default (group) scale; k3 KL
+    clamped from above on one trained token; and eps, min_group_std, beta, the mismatch bounds
+    and the saturation threshold at values of their own."""
     out = []
     b = random_batch(5151, max_seqs=5, max_len=5, advantages="rewards", with_mask=False, num_seqs=5)
     b.rewards = torch.tensor([0.0, 1.0, 0.5, 1.0, 0.0], dtype=torch.float64)
@@ -235,6 +236,20 @@ def _default_cases(engine: Engine) -> list[dict[str, Any]]:
     )
     out.append(_case("sapo/rloo_group_scale_kl_k3_clamped", b, cfg, engine))
     assert out[-1]["outputs"]["metrics"]["kl_clamped_tokens"] > 0
+    # the parameters every other case leaves at one value, at others
+    b = random_batch(5454, max_seqs=6, max_len=5, advantages="rewards", num_seqs=6, big_deltas=True)
+    b.rewards = torch.tensor([0.0, 1.0, 0.2, 0.3, 1.0, 0.5], dtype=torch.float64)
+    b.group_ids = torch.tensor([4, 4, 9, 9, 0, 0])
+    cfg = LossConfig(
+        advantages=AdvantageConfig(estimator="grpo", eps=1e-3, min_group_std=0.15),
+        kl=KLConfig(estimator="k2", beta=0.5),
+        mismatch=MismatchConfig(level="token", mode="mask", lo=0.9, hi=1.1),
+        saturation_threshold=0.8,
+    )
+    out.append(_case("sapo/other_eps_min_group_std_beta_bounds_saturation", b, cfg, engine))
+    m = out[-1]["outputs"]["metrics"]
+    assert 0 < m["degenerate_group_frac"] < 1 and m["mismatch_clipped_frac"] > 0, m
+    assert m["gate_saturation_pos"] + m["gate_saturation_neg"] > 0, m
     return out
 
 
