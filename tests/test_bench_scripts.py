@@ -132,30 +132,29 @@ def _step(tmp_path: Path, deadline: int, command: str) -> int:
     return int((tmp_path / "gc.pid").read_text())
 
 
+def _step_leaves_no_process(tmp_path: Path, deadline: int, command: str, rc: int) -> None:
+    """`_step`'s grandchild is gone once the step has ended with `rc`."""
+    grandchild = _step(tmp_path, deadline, command)
+    try:
+        assert not alive(grandchild)
+        assert f"== dummy: rc={rc}" in (tmp_path / "summary.log").read_text()
+    finally:
+        if alive(grandchild):
+            os.kill(grandchild, signal.SIGKILL)
+
+
 @pytest.mark.skipif(shutil.which("setsid") is None, reason="no setsid (util-linux)")
 def test_a_device_check_step_leaves_no_process_behind(tmp_path: Path) -> None:
     """A step's grandchild (a `softgate serve` still compiling) ran on into the next steps (an
     audit): each step runs in its own session, emptied when the step ends."""
-    grandchild = _step(tmp_path, 300, "exit 3")
-    try:
-        assert not alive(grandchild)
-        assert "== dummy: rc=3" in (tmp_path / "summary.log").read_text()
-    finally:
-        if alive(grandchild):
-            os.kill(grandchild, signal.SIGKILL)
+    _step_leaves_no_process(tmp_path, 300, "exit 3", 3)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("setsid") is None, reason="no setsid (util-linux)")
 def test_a_device_check_step_cut_by_its_deadline_leaves_no_process_behind(tmp_path: Path) -> None:
     """The same for a step cut by `timeout` (about 21 s: a step gets at least 20)."""
-    grandchild = _step(tmp_path, 21, "sleep 300")
-    try:
-        assert not alive(grandchild)
-        assert "== dummy: rc=124" in (tmp_path / "summary.log").read_text()
-    finally:
-        if alive(grandchild):
-            os.kill(grandchild, signal.SIGKILL)
+    _step_leaves_no_process(tmp_path, 21, "sleep 300", 124)
 
 
 def test_device_check_sh_parses() -> None:

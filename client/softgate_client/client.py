@@ -372,8 +372,9 @@ def _in_dtype(a: np.ndarray, dtype: np.dtype, name: str, layout: Layout | None) 
         return a.astype(dtype)
     with np.errstate(over="ignore"):
         out = a.astype(dtype)
-    if np.isinf(out).any():  # (the one extra pass, and only when a cast narrows)
-        bad = np.isinf(out) & np.isfinite(a)
+    inf = np.isinf(out)  # (the one extra pass, and only when a cast narrows)
+    if inf.any():
+        bad = inf & np.isfinite(a)
         if bad.any():
             i = int(np.argmax(bad))
             why = f"overflow: {float(a[i]):g} does not fit in {dtype}, logp's dtype"

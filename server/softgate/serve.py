@@ -32,7 +32,7 @@ from softgate.allocator import Decision, loaded_allocator, mapped_allocators
 from softgate.engine import Engine
 from softgate.grpc.server import GrpcServer
 from softgate.logging import NativeStderr, configure, get_logger
-from softgate.settings import Settings
+from softgate.settings import Settings, host_port
 from softgate.status import remove_status, write_status
 from softgate.telemetry import Telemetry
 from softgate.threads import cpu_quota, threads_for
@@ -117,12 +117,6 @@ def _make_admin_server(
     return _Server(config)
 
 
-def _host_port(host: str, port: int | None) -> str:
-    """host:port, an IPv6 host in brackets ([::1]:8080), as grpc_listening writes it."""
-    host = f"[{host}]" if ":" in host and not host.startswith("[") else host
-    return f"{host}:{port}"
-
-
 def _admin_socket(settings: Settings) -> socket.socket:
     """The admin port, bound here rather than by uvicorn: uvicorn reports a bind failure with
     sys.exit(3) inside its task, which escapes the event loop with two tracebacks."""
@@ -140,7 +134,7 @@ def _admin_socket(settings: Settings) -> socket.socket:
             sock.close()
             raise
     except OSError as e:
-        raise OSError(f"cannot bind admin on {_host_port(host, port)}: {e.strerror or e}") from e
+        raise OSError(f"cannot bind admin on {host_port(host, port)}: {e.strerror or e}") from e
     return sock
 
 
@@ -288,12 +282,12 @@ async def _serve(settings: Settings, stop: asyncio.Event, started: list[GrpcServ
             while not admin.started:
                 if admin_task.done():
                     exc = admin_task.exception() if not admin_task.cancelled() else None
-                    where = _host_port(settings.admin_host, settings.admin_port)
+                    where = host_port(settings.admin_host, settings.admin_port)
                     raise OSError(f"admin server failed to start on {where}: {exc!r}")
                 await asyncio.sleep(0.01)
             admin_address = _bound_admin_address(admin, settings)
             host, port = admin_address
-            log.info("admin_listening", address=_host_port(host, port), auth=bool(settings.admin_token))
+            log.info("admin_listening", address=host_port(host, port), auth=bool(settings.admin_token))
         if settings.status_file:
             try:
                 write_status(

@@ -522,6 +522,12 @@ def _edwards_key(path: str) -> str | None:
     return next((kind for oid, kind in _EDWARDS_OIDS.items() if oid in head), None)
 
 
+def host_port(host: str, port: int | None) -> str:
+    """host:port as gRPC targets, URLs and the logs write it: an IPv6 host in brackets
+    ([::1]:8080), given with or without them."""
+    return f"[{host.strip('[]')}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def field_help(name: str) -> str:
     return str(_FIELDS[name].metadata.get("help", ""))
 

@@ -16,6 +16,8 @@ import socket
 import urllib.request
 from pathlib import Path
 
+from softgate.settings import host_port
+
 # loopback for a wildcard address: for `::`, ::1 and then 127.0.0.1, which a dual-stack
 # listener answers where IPv6 is off in the container
 _WILDCARDS = {"0.0.0.0": ["127.0.0.1"], "": ["127.0.0.1"], "::": ["::1", "127.0.0.1"]}
@@ -49,7 +51,7 @@ def _local(host: str) -> list[str]:
 
 def _healthz(host: str, port: int, timeout: float) -> str | None:
     """None when the admin server at host:port answers /healthz with 200, else why not."""
-    url = f"http://{f'[{host}]' if ':' in host else host}:{port}/healthz"
+    url = f"http://{host_port(host, port)}/healthz"
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
             return None if r.status == 200 else f"{url} answered {r.status}"

@@ -27,7 +27,7 @@ from softgate.engine import Engine
 from softgate.grpc.codec import Limits, safe_deserializer, serializer
 from softgate.grpc.servicer import SERVICE_NAME, LossServicer
 from softgate.logging import get_logger
-from softgate.settings import Settings
+from softgate.settings import Settings, host_port
 from softgate.telemetry import Telemetry
 
 log = get_logger("grpc")
@@ -151,9 +151,7 @@ class GrpcServer:
 
     @property
     def address(self) -> str:
-        host = self.settings.grpc_host
-        host = f"[{host}]" if ":" in host and not host.startswith("[") else host
-        return f"{host}:{self.port}"
+        return host_port(self.settings.grpc_host, self.port)
 
     async def start(self) -> int:
         """Bind and start; health is NOT_SERVING until `set_serving(True)`. Returns the port."""
@@ -167,10 +165,7 @@ class GrpcServer:
             reflection.SERVICE_NAME,
         )
         reflection.enable_server_reflection(names, server)
-        host = s.grpc_host
-        bind = (
-            f"[{host}]:{s.grpc_port}" if ":" in host and not host.startswith("[") else f"{host}:{s.grpc_port}"
-        )
+        bind = host_port(s.grpc_host, s.grpc_port)
         creds = server_credentials(s)
         failure = "address in use?"
         try:
@@ -178,7 +173,7 @@ class GrpcServer:
         except RuntimeError as e:
             port, failure = 0, str(e)
         if not port:
-            raise OSError(f"cannot bind gRPC on {bind}: {bind_error(host, s.grpc_port) or failure}")
+            raise OSError(f"cannot bind gRPC on {bind}: {bind_error(s.grpc_host, s.grpc_port) or failure}")
         await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self.server, self.port = server, port
