@@ -96,7 +96,7 @@ def test_what_is_not_an_array_a_mask_or_a_sum_is_refused_by_name() -> None:
     strings = np.array([["a", "b"], ["c", "d"]])
     assert refusal(lambda: pack_batch(-np.ones((2, 2), np.float32), mask=strings, advantages=[1, 2])) == (
         "batch.mask",
-        "bad_dtype: <U1; expected bool or numbers (nonzero = trained)",
+        "bad_dtype: <U1; expected bool or numbers 0 and 1",
     )
     lp = -np.ones(3, np.float32)
     assert refusal(lambda: pack_batch(lp, lengths=[2**62, 2**62], advantages=[1, 2])) == (
@@ -375,16 +375,19 @@ def test_a_nan_in_a_float_mask_is_refused_as_the_engine_refuses_it(kind) -> None
     ragged = mask(np.array([1.0, np.nan], np.float32))
     assert refusal(lambda: pack_batch(lp, lengths=[2], mask=ragged, advantages=[1.0])) == (
         "batch.mask[1]",
-        "bad_mask: NaN; a mask value is 0 (not trained) or nonzero (trained)",
+        "bad_mask: nan; a mask value is 0 (not trained) or 1 (trained)",
     )
     padded = mask(np.array([[1.0, 1.0], [np.nan, 0.0]], np.float32))
     field, why = refusal(lambda: pack_batch(-np.ones((2, 2), np.float32), mask=padded, advantages=[1, 2]))
     assert (field, why.split(":")[0]) == ("batch.mask", "bad_mask") and why.endswith(
         "(row 1, column 0 of the padded input)"
     )
-    # +inf and -inf (a NaN sum) are nonzero: trained, as the client's masks have always been
-    infs = mask(np.array([np.inf, -np.inf], np.float32))
-    assert pack_batch(lp, lengths=[2], mask=infs, advantages=[1.0]).token["mask"].tolist() == [True, True]
+    # +inf and -inf are neither 0 nor 1 either
+    infs = mask(np.array([1.0, -np.inf], np.float32))
+    assert refusal(lambda: pack_batch(lp, lengths=[2], mask=infs, advantages=[1.0])) == (
+        "batch.mask[1]",
+        "bad_mask: -inf; a mask value is 0 (not trained) or 1 (trained)",
+    )
 
 
 def test_offsets_and_lengths_together_are_refused() -> None:

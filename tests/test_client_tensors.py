@@ -213,10 +213,19 @@ def test_wire_encoding_parses_like_the_generated_classes() -> None:
     assert _wire.varint(300) == b"\xac\x02" and _wire.varint(-1) == b"\xff" * 9 + b"\x01"
 
 
-def test_a_client_mask_of_any_nonzero_value_marks_a_trained_token():
-    """make_layout's contract: mask 'nonzero = trained' (an int mask of 2 or -1, a float mask of 0.5)."""
+def test_a_client_mask_of_a_value_other_than_0_and_1_is_refused_as_the_engine_refuses_it():
+    """make_layout took mask 'nonzero = trained': a soft weight of 0.5 trained at full weight, a
+    silently wrong gradient, where the engine refuses it (`bad_mask`; an audit)."""
     logp = -np.ones((1, 4), dtype=np.float32)
-    for mask in (np.array([[2, 0, 1, 0]]), np.array([[0.5, 0.0, 1.0, 0.0]]), np.array([[-1, 0, 1, 0]])):
+    for mask, value in ((np.array([[2, 0, 1, 0]]), "2"), (np.array([[1.0, 0.0, 0.5, 0.0]]), "0.5")):
+        with pytest.raises(ArrayInputError) as e:
+            make_layout(logp, mask=mask)
+        assert e.value.field == "mask" and str(e.value).startswith(f"mask: bad_mask: {value}; ")
+    for mask in (
+        np.array([[1, 0, 1, 0]], np.int8),
+        np.array([[1.0, 0.0, 1.0, 0.0]]),
+        np.array([[True, False, True, False]]),
+    ):
         lay = make_layout(logp, mask=mask)
         assert lay.offsets.tolist() == [0, 3]  # up to the last trained token
         assert lay.mask is not None and lay.mask.tolist() == [True, False, True]

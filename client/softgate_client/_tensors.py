@@ -7,7 +7,6 @@ into a numpy array through `.detach().cpu().numpy()`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -286,32 +285,35 @@ def _checked_offsets(off: np.ndarray) -> np.ndarray:
 
 
 def _bool_mask(mask: Any) -> np.ndarray:
-    """The mask as bool (any dtype; nonzero = trained), torch half masks included; NaN, which
-    is neither, is refused (it was taken as trained; the engine refuses it too: an audit)."""
+    """The mask as bool, from any numeric dtype (torch half masks included). A value other than
+    0 and 1 (NaN, 0.5, 2, -1) is refused, as the engine refuses it: a soft weight read as
+    "trained" gave a silently wrong gradient (an audit)."""
     if is_torch(mask) and mask.dtype.is_floating_point:
         t = mask.detach()
-        if t.device.type == "cpu" and t.element_size() > 2:
+        if (t.device.type == "cpu" and t.element_size() > 2) or str(t.layout) != "torch.strided":
             mask = t  # a host float32/64 mask: read below, as the numpy view it is
         else:  # a half one (numpy has no bfloat16), or one on a device (its bools are what is copied)
-            # (one pass: the minimum is NaN if a value is; a meta tensor is refused by to_numpy)
-            if t.numel() and t.device.type != "meta" and math.isnan(float(t.amin())):
-                _refuse_nan(to_numpy(t.isnan(), "mask"))
-            mask = t != 0
+            trained = t != 0  # (a meta tensor is refused by to_numpy)
+            if t.numel() and t.device.type != "meta" and bool((trained & (t != 1)).any()):
+                _refuse_values(to_numpy(t.float(), "mask"))
+            mask = trained
     m = to_numpy(mask, "mask")
     if m.dtype == np.bool_:
         return m
     if m.dtype.kind not in "biuf":
-        raise ArrayInputError("mask", f"bad_dtype: {m.dtype}; expected bool or numbers (nonzero = trained)")
-    if m.dtype.kind == "f" and m.size and np.isnan(np.minimum.reduce(m, axis=None)):
-        _refuse_nan(np.isnan(m))
-    return m != 0
+        raise ArrayInputError("mask", f"bad_dtype: {m.dtype}; expected bool or numbers 0 and 1")
+    trained = m != 0
+    if np.logical_or.reduce(trained & (m != 1), axis=None):  # (NaN is neither)
+        _refuse_values(m)
+    return trained
 
 
-def _refuse_nan(nan: np.ndarray) -> NoReturn:
-    """Refuse a mask whose NaN positions are `nan`, naming the first."""
-    i = int(np.argmax(nan.reshape(-1)))
-    why = "bad_mask: NaN; a mask value is 0 (not trained) or nonzero (trained)"
-    if nan.ndim != 2:
+def _refuse_values(m: np.ndarray) -> NoReturn:
+    """Refuse a mask holding a value other than 0 and 1, naming the first."""
+    bad = ((m != 0) & (m != 1)).reshape(-1)
+    i = int(np.argmax(bad))
+    why = f"bad_mask: {m.reshape(-1)[i].item()!r}; a mask value is 0 (not trained) or 1 (trained)"
+    if m.ndim != 2:
         raise ArrayInputError("mask", why, i)
-    t = nan.shape[1]
+    t = m.shape[1]
     raise ArrayInputError("mask", f"{why} (row {i // t}, column {i % t} of the padded input)")
