@@ -5,7 +5,7 @@ Asserted: every reply equals what the in-process engine computes for the same re
 wrong results); no status code but OK below the concurrency limit, and only OK or
 RESOURCE_EXHAUSTED past it; the health check answers SERVING throughout; the server's RSS is
 flat after warm-up. The harness is bench/load_bench.py's `run_load` (the benchmark runs the
-same loop). `-m slow` runs a 60 s version.
+same loop). `-m slow` runs a 90 s version (30 s, then 60 s).
 """
 
 from __future__ import annotations

@@ -234,7 +234,7 @@ def _default_cases(engine: Engine) -> list[dict[str, Any]]:
         kl=KLConfig(estimator="k3", beta=0.2),
         log_ratio_clamp=3.0,
     )
-    out.append(_case("sapo/rloo_group_scale_kl_k3_clamped", b, cfg, engine))
+    out.append(_case("sapo/rloo_default_scale_kl_k3_clamped", b, cfg, engine))
     assert out[-1]["outputs"]["metrics"]["kl_clamped_tokens"] > 0
     # the parameters every other case leaves at one value, at others
     b = random_batch(5454, max_seqs=6, max_len=5, advantages="rewards", num_seqs=6, big_deltas=True)
