@@ -148,6 +148,25 @@ def test_routes_with_token(server) -> None:
         assert c.get("/docs").status_code == 200
 
 
+def test_an_evicted_run_leaves_the_runs_api() -> None:
+    """Past max_runs the least recently active run is dropped, not folded into a run `other`
+    (whose sudden history spiked every rate, an audit): /v1/runs lists the max_runs most recent
+    runs, the evicted one is 404, and no run `other` appears."""
+    settings = Settings(admin_token=None, max_runs=2, grpc_port=50051)
+    tel = PrometheusTelemetry(settings)
+    for run in ("a", "b", "c"):
+        tel.observe_loss(run, LossConfig(), loss_result())
+    app = create_app(settings, tel, lambda: True)
+    with ThreadedAdminServer(app) as srv, httpx.Client(base_url=srv.url, timeout=5) as c:
+        runs = c.get("/v1/runs").json()
+        assert sorted(r["run"] for r in runs["runs"]) == ["b", "c"] and runs["max_runs"] == 2
+        assert c.get("/v1/runs/a").status_code == 404
+        assert c.get("/v1/runs/other").status_code == 404
+        assert set(c.get("/v1/runs/c").json()) == {
+            "run", "first_seen", "last_seen", "batches_recorded", "totals", "windows",
+        }  # fmt: skip
+
+
 def test_no_token_configured_means_open() -> None:
     settings = FakeSettings(admin_token=None)
     app = create_app(settings, PrometheusTelemetry(settings), lambda: True)

@@ -1,4 +1,4 @@
-"""PrometheusTelemetry: device-side bucketing, run-label folding, exposition conventions."""
+"""PrometheusTelemetry: device-side bucketing, run-label eviction, exposition conventions."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from softgate.engine import Batch, Engine, Grpo, LossConfig, LossResult, Sapo
 from softgate.engine.buckets import bucket_codes, bucket_edges
 from softgate.observability import (
     GATE_EDGES,
-    OTHER,
     RATIO_EDGES,
     SIGNS,
     Bucketer,
@@ -180,10 +179,8 @@ def test_run_registry_keeps_the_most_recent_runs() -> None:
     reg = RunRegistry(max_runs=2)
     for name in ["a", "b", "a", "c"]:  # b is the least recently active when c arrives
         reg.state(name)
-    assert reg.names() == ["a", "c", OTHER]
-    assert reg.evictions == 1
-    reg.state(OTHER)  # "other" never counts against the bound
-    assert reg.names() == ["a", "c", OTHER]
+    assert reg.names() == ["a", "c"]
+    assert reg.evictions == 1 and reg.get("b") is None
 
 
 def test_a_run_registry_keeps_at_least_one_run() -> None:
@@ -193,15 +190,15 @@ def test_a_run_registry_keeps_at_least_one_run() -> None:
     assert reg.max_runs == 1 and reg.get(name) is st
 
 
-def test_naming_the_other_run_marks_it_active() -> None:
-    """A call tagged `other` moves other's last_seen (runs_overview sorts by it)."""
-    reg = RunRegistry(max_runs=1)
+def test_other_is_a_run_name_like_any_other() -> None:
+    """Nothing is folded into `other` any more: a run may be named so, and it takes a slot."""
+    reg = RunRegistry(max_runs=2)
     reg.state("a", now=1.0)
-    reg.state("b", now=2.0)  # folds a into other
-    other = reg.get(OTHER)
-    assert other is not None and other.last_seen == 1.0
-    reg.state(OTHER, now=10.0)
-    assert other.last_seen == 10.0
+    reg.state("other", now=2.0)
+    reg.state("b", now=3.0)  # evicts a, the least recently active
+    assert reg.names() == ["other", "b"] and reg.evictions == 1
+    reg.state("c", now=4.0)  # evicts other like any run
+    assert reg.names() == ["b", "c"] and reg.evictions == 2
 
 
 def test_max_runs_defaults_to_32() -> None:
@@ -223,7 +220,9 @@ def test_run_names_are_sanitized(raw: str | None, clean: str) -> None:
     assert sanitize_run(raw) == clean
 
 
-def test_old_runs_fold_into_other_and_totals_are_conserved() -> None:
+def test_old_runs_are_dropped_and_counted() -> None:
+    """Past max_runs the least recently active run is dropped: its series leave the exposition,
+    /v1/runs forgets it, softgate_run_evictions_total counts it, and no run `other` appears."""
     tel = PrometheusTelemetry(S(max_runs=3))
     config, res = _engine_result()
     n_runs, per_run = 10, 2
@@ -235,25 +234,47 @@ def test_old_runs_fold_into_other_and_totals_are_conserved() -> None:
             tel.request_finished("Loss", run, "OK", 0.01, 10, 20, 2048, 32)
     samples = _samples(tel)
     runs = {lab["run"] for name, lab, _ in samples if "run" in lab}
-    assert runs == {"run-7", "run-8", "run-9", OTHER}
-    expected_tokens = n_runs * per_run * res.metrics["num_tokens"]
-    got = sum(v for name, lab, v in samples if name == "softgate_loss_tokens_total")
-    assert got == pytest.approx(expected_tokens)
+    assert runs == {"run-7", "run-8", "run-9"}
     batches = {lab["run"]: v for name, lab, v in samples if name == "softgate_loss_batches_total"}
-    assert batches == {"run-7": 2, "run-8": 2, "run-9": 2, OTHER: 14}
+    assert batches == {"run-7": 2, "run-8": 2, "run-9": 2}
     processed = sum(v for name, _, v in samples if name == "softgate_processed_tokens_total")
-    assert processed == n_runs * per_run * 2048
-    # token histogram counts are conserved too
-    ratio_count = sum(v for name, _, v in samples if name == "softgate_token_ratio_count")
-    assert ratio_count == pytest.approx(expected_tokens)
-    tracked = [v for name, _, v in samples if name == "softgate_runs_tracked"]
-    assert tracked == [4]
+    assert processed == 3 * per_run * 2048
+    assert [v for name, _, v in samples if name == "softgate_runs_tracked"] == [3]
     assert [v for name, _, v in samples if name == "softgate_run_evictions_total"] == [7]
-    other = tel.run_summary(OTHER)
-    assert other is not None and other["folded_runs"] == 7
-    assert other["windows"]["last_100_batches"]["batches"] == 14
-    assert tel.run_summary("run-0") is None
-    assert [r["run"] for r in tel.runs_overview()][:3] == ["run-9", "run-8", "run-7"]
+    assert tel.run_summary("run-0") is None and tel.run_summary("other") is None
+    assert [r["run"] for r in tel.runs_overview()] == ["run-9", "run-8", "run-7"]
+    assert "folded_runs" not in tel.run_summary("run-9")
+
+
+def test_an_eviction_adds_nothing_to_the_series_that_remain() -> None:
+    """Found by an audit: the evicted run's lifetime totals were added to run="other" in one
+    scrape, so sum(rate(...)) over all runs spiked by its whole history. Now every series of
+    the scrape after an eviction is either the new run's or unchanged, and the evicted run's
+    are gone; a run that comes back starts afresh."""
+    tel = PrometheusTelemetry(S(max_runs=2))
+    config, res = _engine_result()
+    for run, n in (("big", 5), ("a", 1)):
+        for _ in range(n):
+            tel.observe_loss(run, config, res)
+            tel.request_finished("ComputeLoss", run, "OK", 0.01, 10, 20, 2048, 32)
+
+    def run_series() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {(n, tuple(sorted(lab.items()))): v for n, lab, v in _samples(tel) if "run" in lab}
+
+    before = run_series()
+    tel.observe_loss("b", config, res)  # evicts big
+    tel.request_finished("ComputeLoss", "b", "OK", 0.01, 10, 20, 2048, 32)
+    after = run_series()
+    assert not [k for k in after if ("run", "big") in k[1]]
+    assert {dict(k[1])["run"] for k in after} == {"a", "b"}
+    for key, v in after.items():
+        if dict(key[1])["run"] == "a":
+            assert before[key] == v, key  # untouched: no history added to it
+    tokens = sum(v for (n, _), v in after.items() if n == "softgate_processed_tokens_total")
+    assert tokens == 2 * 2048  # a's and b's own, not big's
+    tel.observe_loss("big", config, res)  # back: starts afresh
+    assert _value(tel, "softgate_loss_batches_total", run="big") == 1
+    assert tel.runs.evictions == 2  # (a left for it)
 
 
 def test_a_call_without_work_takes_no_runs_slot() -> None:
@@ -399,7 +420,9 @@ def test_exposition_follows_the_conventions() -> None:
         assert n in names, n
     samples = _samples(tel)
     signs = {lab["sign"] for name, lab, _ in samples if name == "softgate_token_ratio_count"}
-    assert signs == {"pos", "neg", "zero"}  # the degenerate group has A = 0
+    assert signs == {"pos", "neg"}  # A = 0 tokens carry no gradient: no distribution of theirs
+    zero = _value(tel, "softgate_loss_tokens_total", run="r", objective="grpo", sign="zero")
+    assert zero is not None and zero > 0  # (the degenerate group has A = 0: counted there)
     objectives = {lab["objective"] for name, lab, _ in samples if name == "softgate_loss_batches_total"}
     assert objectives == {"sapo", "grpo"}
     deg = [v for name, lab, v in samples if name == "softgate_degenerate_group_fraction"]
@@ -417,6 +440,7 @@ def test_exposition_follows_the_conventions() -> None:
         "softgate_busy_refusals",
         "softgate_device_info",
         "softgate_engine_configurations",
+        "softgate_telemetry_errors",
     }
     for name, _, _ in samples:
         assert name in known or any(name.startswith(p) for p in service), name
@@ -576,6 +600,62 @@ def test_per_batch_histograms_and_the_kl_summary_carry_each_batchs_values() -> N
     assert _value(tel, "softgate_batch_approx_kl_sum", run="r") == pytest.approx(0.75)
 
 
+BATCH_STATS = (
+    "softgate_batch_clip_fraction",
+    "softgate_batch_dual_clip_fraction",
+    "softgate_batch_gate_saturation",
+    "softgate_batch_gate_weight_mean",
+    "softgate_batch_grad_retained",
+    "softgate_batch_degenerate_group_fraction",
+    "softgate_batch_approx_kl",
+)
+
+
+def test_per_batch_statistics_are_exported_without_buckets() -> None:
+    """Found by an audit: the per-batch statistics' buckets were never queried (every panel and
+    rule divides _sum by _count), piled into one bucket, and were 44% of a run's series. Each is
+    a count and a sum now."""
+    tel = PrometheusTelemetry(S())
+    config, res = _engine_result(config=LossConfig(objective=Grpo(dual_clip=3.0)))
+    tel.observe_loss("r", config, res)
+    fams = {f.name: f for f in text_string_to_metric_families(tel.exposition().decode())}
+    for name in BATCH_STATS:
+        assert fams[name].type == "summary", name
+        got = {s.name for s in fams[name].samples}
+        assert got == {name + "_count", name + "_sum"}, (name, got)
+    assert _value(tel, "softgate_batch_grad_retained_count", run="r") == 1
+    assert _value(tel, "softgate_batch_grad_retained_sum", run="r") == pytest.approx(
+        res.metrics["grad_retained"]
+    )
+
+
+def test_the_series_of_a_run_are_as_documented() -> None:
+    """docs/observability.md ("Run label") says how many series one (run, objective) exports
+    and how many more the run itself: a batch with every sign, clip and gauge, and a
+    ComputeAdvantages call, export exactly those."""
+    import re
+    from pathlib import Path
+
+    from softgate.engine import AdvantageConfig
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "observability.md").read_text()
+    m = re.search(r"(\d+) series per \(run, objective\) and (\d+) per run", doc)
+    assert m, "docs/observability.md no longer states the series per run"
+    per_objective, per_run = int(m.group(1)), int(m.group(2))
+    tel = PrometheusTelemetry(S())
+    config, res = _engine_result(config=LossConfig(objective=Grpo(dual_clip=3.0)))
+    tel.observe_loss("r", config, res)
+    tel.request_finished("ComputeLoss", "r", "OK", 0.01, 10, 20, 2048, 32)
+    adv = Engine(device="cpu", compile=False).advantages(
+        torch.rand(8), torch.arange(8) // 4, AdvantageConfig()
+    )
+    tel.observe_advantages("r", AdvantageConfig(), adv)
+    tel.request_finished("ComputeAdvantages", "r", "OK", 0.01, 10, 20, 0, 8)
+    samples = [(n, lab) for n, lab, _ in _samples(tel) if lab.get("run") == "r"]
+    assert len([1 for _, lab in samples if "objective" in lab]) == per_objective
+    assert len([1 for _, lab in samples if "objective" not in lab]) == per_run
+
+
 def test_engine_configurations_are_read_at_scrape_time() -> None:
     """Every state is exported at 0 from start-up; once watched, each scrape reads the
     engine's counts (CompiledKernel.states) once, as they are then: one snapshot, so a
@@ -697,6 +777,43 @@ def test_a_zero_second_call_is_observed_in_the_latency_histogram() -> None:
     assert _value(tel, "softgate_request_duration_seconds_count", rpc="ListAlgorithms") == 1
 
 
+def test_an_untimed_call_is_counted_but_not_observed() -> None:
+    """request_finished with seconds None (a call refused at admission) counts the call and
+    leaves the latency histogram alone."""
+    tel = PrometheusTelemetry(S())
+    tel.request_finished("ComputeLoss", "r", "RESOURCE_EXHAUSTED", None, 0, 0, 0, 0, False)
+    assert _value(tel, "softgate_requests_total", rpc="ComputeLoss", code="RESOURCE_EXHAUSTED") == 1
+    assert _value(tel, "softgate_request_duration_seconds_count", rpc="ComputeLoss") == 0
+
+
+def test_calls_refused_at_admission_are_not_timed() -> None:
+    """Found by an audit: busy and shutting-down refusals were observed as 0 s latencies, so the
+    latency percentiles fell toward 0 exactly when the server was saturated. They are counted
+    (requests_total, busy_refusals_total), not timed."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import StandInContext
+    from softgate.grpc.servicer import LossServicer
+
+    tel = PrometheusTelemetry(S())
+
+    async def go(s: LossServicer) -> None:
+        s.in_flight = s.max_concurrent_rpcs  # busy
+        with pytest.raises(StandInContext.Aborted):
+            await s._admit("ComputeLoss", StandInContext())
+        s.closing = True  # shutting down
+        with pytest.raises(StandInContext.Aborted):
+            await s._admit("ComputeLoss", StandInContext())
+
+    with ThreadPoolExecutor(1) as pool:
+        asyncio.run(go(LossServicer(Engine(device="cpu", compile=False), pool, tel, max_concurrent_rpcs=1)))
+    assert _value(tel, "softgate_requests_total", rpc="ComputeLoss", code="RESOURCE_EXHAUSTED") == 1
+    assert _value(tel, "softgate_requests_total", rpc="ComputeLoss", code="UNAVAILABLE") == 1
+    assert _value(tel, "softgate_busy_refusals_total", rpc="ComputeLoss") == 1
+    assert _value(tel, "softgate_request_duration_seconds_count", rpc="ComputeLoss") == 0
+
+
 def test_rejected_reasons_are_sanitized_and_bounded() -> None:
     tel = PrometheusTelemetry(S())
     tel.rejected("Loss", ["non_finite", "Half Precision!", ""])
@@ -732,6 +849,8 @@ def test_service_series_are_exported_at_0_from_start_up() -> None:
     assert rejected == {(rpc, reason): 0.0 for rpc in RPCS for reason in REASONS}
     assert requests == {(rpc, code): 0.0 for rpc in RPCS for code in CODES}
     assert latency == dict.fromkeys(RPCS, 0.0)
+    errors = {lab["hook"]: v for n, lab, v in samples if n == "softgate_telemetry_errors_total"}
+    assert errors == {"observe_loss": 0.0, "observe_advantages": 0.0}
     tel.rejected("ComputeLoss", ["non_finite"])
     tel.request_finished("ComputeLoss", "r", "INVALID_ARGUMENT", 0.01, 10, 0, 0, 0)
     samples = _samples(tel)
@@ -807,7 +926,7 @@ def test_a_broken_result_never_breaks_the_rpc(caplog: pytest.LogCaptureFixture) 
 
     tel.observe_loss("r", LossConfig(), object())  # no tensors at all
     tel.observe_advantages("r", None, None)
-    assert errors() == {"observe_loss": 1}
+    assert errors() == {"observe_loss": 1, "observe_advantages": 0}
     assert "observe_loss failed" in caplog.text
     tel.observe_advantages("r", None, types.SimpleNamespace(metrics=None, advantages="not a tensor"))
     assert errors() == {"observe_loss": 1, "observe_advantages": 1}
@@ -907,38 +1026,14 @@ def test_a_value_on_a_bucket_edge_counts_in_that_bucket() -> None:
     assert st.hists[("h", ())].counts.tolist() == [1.0, 2.0, 1.0, 1.0]
 
 
-def test_folding_keeps_the_newest_gauge() -> None:
-    """a folded run's last-batch gauge replaces other's when it is newer, not when older."""
-    other, newer, older = RunState(), RunState(), RunState()
-    other.set("g", (), 1.0, now=100.0)
-    newer.set("g", (), 2.0, now=200.0)
-    older.set("g", (), 3.0, now=50.0)
-    other.merge(newer)
-    assert other.gauges[("g", ())] == (2.0, 200.0)
-    other.merge(older)
-    assert other.gauges[("g", ())] == (2.0, 200.0)
-
-
 def test_run_state_ignores_non_finite_counter_and_gauge_values() -> None:
     """RunState.inc and .set drop NaN and inf (a counter or gauge stuck at NaN never recovers)."""
     st = RunState()
     st.inc("c", (), math.nan)
     st.inc("c", (), math.inf)
-    st.set("g", (), math.nan, 1.0)
-    st.set("g", (), -math.inf, 1.0)
+    st.set("g", (), math.nan)
+    st.set("g", (), -math.inf)
     assert st.counters == {} and st.gauges == {}
-
-
-def test_folding_keeps_the_newest_batches_of_the_window() -> None:
-    """other's batch window keeps the newest WINDOW_BATCHES records of the two runs."""
-    n = RunRegistry.WINDOW_BATCHES
-    other, folded = RunState(), RunState()
-    other.batches.extend(_rec(float(t)) for t in range(600))
-    folded.batches.extend(_rec(float(t)) for t in range(600, 1200))
-    other.merge(folded)
-    ts = [r.t for r in other.batches]
-    assert len(ts) == n and ts == sorted(ts)
-    assert (ts[0], ts[-1]) == (1200.0 - n, 1199.0)
 
 
 def test_a_window_weighs_grad_retained_by_the_tokens_with_a_gradient() -> None:

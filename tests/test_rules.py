@@ -6,6 +6,7 @@ promtool comes from Debian's `prometheus` package (scripts/tools/prometheus.sh, 
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -26,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROM = ROOT / "deploy" / "prometheus"
 RULES = PROM / "softgate-rules.yaml"
 RULE_TESTS = PROM / "softgate-rules.test.yaml"
+DASHBOARD = ROOT / "deploy" / "grafana" / "softgate-dashboard.json"
 
 
 def promtool() -> str:
@@ -60,6 +62,8 @@ def test_every_alert_is_tripped_by_a_unit_test() -> None:
                 fired.add(a["alertname"])
     assert alerts == fired
     assert len(alerts) >= 7
+    # a target gone from service discovery, failed telemetry recordings (found by an audit)
+    assert {"SoftgateAbsent", "SoftgateTelemetryErrors"} <= alerts
 
 
 def _series(text: str) -> tuple[str, dict[str, str]]:
@@ -73,11 +77,9 @@ def test_rule_unit_tests_feed_the_series_the_server_exports() -> None:
     event when its series appeared at 1. So the input series are the server's: every service
     series is one a server exports at 0 from start-up (real rpc names and codes, `le` as written
     there), every run-labelled one a name the collector exports, and each starts at 0."""
-    fresh = {
-        (s.name, frozenset(s.labels.items()))
-        for fam in PrometheusTelemetry(None).registry.collect()
-        for s in fam.samples
-    }
+    tel = PrometheusTelemetry(None)
+    tel.watch_server(lambda: 0, lambda: 1.0)  # (as serve does: the server's gauges, TLS on)
+    fresh = {(s.name, frozenset(s.labels.items())) for fam in tel.registry.collect() for s in fam.samples}
     known = exported_names()
     seen = 0
     for t in yaml.safe_load(RULE_TESTS.read_text())["tests"]:
@@ -92,6 +94,8 @@ def test_rule_unit_tests_feed_the_series_the_server_exports() -> None:
                 assert name in known, given["series"]
             else:
                 assert (name, frozenset(labels.items())) in fresh, given["series"]
+            if not name.endswith(("_total", "_count", "_sum", "_bucket")):
+                continue  # a gauge: any value (the counters are what must start at 0)
             first = next(v for v in given["values"].split() if not v.startswith("_"))
             # (a histogram's _sum falls with negative observations: approx KL may be negative)
             step = r"[-+x]" if name.endswith("_sum") else r"[+x]"
@@ -153,3 +157,48 @@ def test_dashboard_json_is_generated_from_its_script() -> None:
         check=False,
     )
     assert p.returncode == 0, p.stderr.decode()
+
+
+def _panels() -> dict[str, dict]:
+    return {p["title"]: p for p in json.loads(DASHBOARD.read_text())["panels"] if p["type"] != "row"}
+
+
+def _axis(panel: dict, legend: str) -> tuple[str, str]:
+    """(unit, placement) of the series of `legend`: an override's that matches it, else the panel's."""
+    unit, placement = panel["fieldConfig"]["defaults"]["unit"], "auto"
+    for o in panel["fieldConfig"]["overrides"]:
+        if o["matcher"]["id"] == "byRegexp" and re.search(o["matcher"]["options"], legend):
+            props = {x["id"]: x["value"] for x in o["properties"]}
+            unit, placement = props.get("unit", unit), props.get("custom.axisPlacement", placement)
+    return unit, placement
+
+
+def test_dashboard_axes_fit_their_values() -> None:
+    """Found by an audit: GPPO and CISPO put mean gate weight and grad_retained above 1, off a
+    0-1 axis; requests in flight, tokens in flight and bytes/s shared one axis, as did token
+    ratios and clamped tokens/s; p99 latency mixed every RPC."""
+    panels = _panels()
+    for title in ("Mean gate weight by advantage sign", "Gradient retained by the trust region"):
+        defaults = panels[title]["fieldConfig"]["defaults"]
+        assert defaults.get("min") == 0 and "max" not in defaults, title
+        assert "GPPO and CISPO" in panels[title]["description"] and "clip_low" in panels[title]["description"]
+    for panel in panels.values():
+        legends = [t["legendFormat"] for t in panel["targets"]]
+        for legend in legends:  # bytes only on a bytes axis, and nothing else there
+            assert ("bytes" in legend) == (_axis(panel, legend)[0] == "Bps"), (panel["title"], legend)
+    ratio = panels["Token ratio range (last batch)"]
+    assert _axis(ratio, "clamped tokens/s {{objective}}")[1] == "right"
+    assert _axis(ratio, "min {{objective}}")[1] != "right"
+    flight = panels["In flight"]
+    assert (
+        _axis(flight, "tokens in flight")[1] == "right" and _axis(flight, "requests in flight")[1] != "right"
+    )
+    p99 = [t for t in panels["Latency percentiles"]["targets"] if "0.99" in t["expr"]]
+    assert len(p99) == 1 and "rpc" in p99[0]["expr"] and "{{rpc}}" in p99[0]["legendFormat"]
+
+
+def test_dashboard_shows_telemetry_errors() -> None:
+    """Found by an audit: a failing telemetry hook silenced every trust-region metric, and no
+    panel (nor alert) read softgate_telemetry_errors_total."""
+    exprs = [t["expr"] for t in _panels()["Errors and rejected inputs"]["targets"]]
+    assert any("softgate_telemetry_errors_total" in e for e in exprs), exprs

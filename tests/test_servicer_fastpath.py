@@ -151,7 +151,8 @@ def test_deferred_telemetry_is_seen_by_every_read() -> None:
         tel.observe_loss(run, LossConfig(), res)
         tel.request_finished("ComputeLoss", run, "OK", 0.01, 10, 20, 256, 1)
     text = tel.exposition().decode()  # waits for what is pending
-    assert 'softgate_loss_batches_total{objective="sapo",run="other"} 3.0' in text, text
+    assert 'softgate_loss_batches_total{objective="sapo",run="run-3"} 1.0' in text, text
+    assert 'run="run-2"' not in text, text  # evicted: dropped, in order
     assert [r["run"] for r in tel.runs_overview()][:2] == ["run-5", "run-4"]
     summary = tel.run_summary("run-5")
     assert summary is not None and summary["totals"]["loss_batches"] == 1

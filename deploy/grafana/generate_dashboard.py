@@ -15,6 +15,9 @@ from typing import Any
 OUT = Path(__file__).with_name("softgate-dashboard.json")
 DS = {"type": "prometheus", "uid": "${datasource}"}
 R = 'run=~"$run"'
+LATENCY = "softgate_request_duration_seconds"
+# every run with a successful RPC has it (a run that only calls ComputeAdvantages has no loss batch)
+RUN_VALUES = "label_values(softgate_processed_sequences_total, run)"
 
 
 def avg(metric: str, by: str, extra: str = "") -> str:
@@ -40,6 +43,7 @@ def panel(
     description: str = "",
     kind: str = "timeseries",
     minmax: tuple[float | None, float | None] = (None, None),
+    overrides: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     global _next_id
     _next_id += 1
@@ -55,7 +59,7 @@ def panel(
         "description": description,
         "datasource": DS,
         "gridPos": {"h": h, "w": w, "x": x, "y": y},
-        "fieldConfig": {"defaults": defaults, "overrides": []},
+        "fieldConfig": {"defaults": defaults, "overrides": overrides or []},
         "targets": [
             {"refId": chr(65 + i), "datasource": DS, "expr": expr, "legendFormat": legend, "range": True}
             for i, (expr, legend) in enumerate(targets)
@@ -66,6 +70,18 @@ def panel(
             "legend": {"displayMode": "table", "placement": "bottom", "calcs": ["lastNotNull", "max"]}
         }
     return p
+
+
+def right_axis(legend_regex: str, unit: str, label: str) -> dict[str, Any]:
+    """A field override: the series whose legend matches go on a right axis of their own unit."""
+    return {
+        "matcher": {"id": "byRegexp", "options": legend_regex},
+        "properties": [
+            {"id": "unit", "value": unit},
+            {"id": "custom.axisPlacement", "value": "right"},
+            {"id": "custom.axisLabel", "value": label},
+        ],
+    }
 
 
 def heatmap(title: str, metric: str, sign: str, x: int, y: int, description: str) -> dict[str, Any]:
@@ -128,8 +144,10 @@ def build() -> dict[str, Any]:
             12,
             y,
             unit="percentunit",
-            minmax=(0, 1),
-            description="Mean SAPO gate weight w = 4p(1-p) per sign (1 = unclipped, 0 = clipped for hard clips).",
+            minmax=(0, None),  # GPPO and CISPO go above 1
+            description="Mean SAPO gate weight w = 4p(1-p) per sign (1 = unclipped, 0 = clipped for hard clips). "
+            "GPPO and CISPO (eps_low below 1) can exceed 1 for A<0: their clipped tokens carry bound / r, "
+            "and their clipping shows in clip_low.",
         )
     )
     y += 8
@@ -155,9 +173,10 @@ def build() -> dict[str, Any]:
             12,
             y,
             unit="percentunit",
-            minmax=(0, 1),
+            minmax=(0, None),  # GPPO and CISPO go above 1
             description="sum|c| / sum|c without trust region|: 1 = nothing suppressed. Comparable across "
-            "SAPO, GRPO and GSPO.",
+            "SAPO, GRPO and GSPO. GPPO and CISPO (eps_low below 1) keep a clipped A<0 token's gradient "
+            "scaled by bound / r > 1, so theirs can exceed 1: their clipping shows in clip_low.",
         )
     )
     y += 8
@@ -187,8 +206,9 @@ def build() -> dict[str, Any]:
             ],
             12,
             y,
-            description="Smallest, mean and largest token ratio of the last batch, and the rate of tokens "
-            "whose log-ratio hit the clamp.",
+            description="Smallest, mean and largest token ratio of the last batch (left axis), and the rate "
+            "of tokens whose log-ratio hit the clamp (right axis).",
+            overrides=[right_axis("^clamped tokens/s .*", "short", "clamped tokens/s")],
         )
     )
     y += 8
@@ -293,15 +313,25 @@ def build() -> dict[str, Any]:
         panel(
             "Latency percentiles",
             [
+                *(
+                    (
+                        f"histogram_quantile({q}, sum by (le) (rate({LATENCY}_bucket[$__rate_interval])))",
+                        f"p{int(q * 100)} all RPCs",
+                    )
+                    for q in (0.5, 0.9)
+                ),
                 (
-                    f"histogram_quantile({q}, sum by (le) (rate(softgate_request_duration_seconds_bucket[$__rate_interval])))",
-                    f"p{int(q * 100)}",
-                )
-                for q in (0.5, 0.9, 0.99)
+                    # per RPC, those with calls in the window (an idle one's quantile is NaN)
+                    f"histogram_quantile(0.99, sum by (le, rpc) (rate({LATENCY}_bucket[$__rate_interval]))"
+                    f" and on (rpc) sum by (rpc) (rate({LATENCY}_count[$__rate_interval])) > 0)",
+                    "p99 {{rpc}}",
+                ),
             ],
             12,
             y,
             unit="s",
+            description="Time from receiving an RPC to sending its response; calls refused at admission "
+            "(busy, shutting down) are not timed. p99 per RPC: StreamLoss includes the client's upload.",
         )
     )
     y += 8
@@ -314,23 +344,29 @@ def build() -> dict[str, Any]:
                     "sum by (reason) (rate(softgate_rejected_inputs_total[$__rate_interval]))",
                     "rejected: {{reason}}",
                 ),
+                (
+                    "sum by (hook) (rate(softgate_telemetry_errors_total[$__rate_interval]))",
+                    "telemetry errors: {{hook}}",
+                ),
             ],
             0,
             y,
             unit="reqps",
+            description="RPCs that did not end OK, by code; inputs refused, by reason; engine results the "
+            "telemetry failed to record, by hook (their trust-region metrics are missing; see the log).",
         )
     )
     panels.append(
         panel(
-            "In flight and bytes",
+            "In flight",
             [
                 ("sum(softgate_in_flight_requests)", "requests in flight"),
                 ("sum(softgate_in_flight_tokens)", "tokens in flight"),
-                ("sum(rate(softgate_request_bytes_total[$__rate_interval]))", "bytes in/s"),
-                ("sum(rate(softgate_response_bytes_total[$__rate_interval]))", "bytes out/s"),
             ],
             12,
             y,
+            description="RPCs being processed (left axis) and their tokens (right axis).",
+            overrides=[right_axis("^tokens in flight$", "short", "tokens")],
         )
     )
     y += 8
@@ -345,11 +381,15 @@ def build() -> dict[str, Any]:
     )
     panels.append(
         panel(
-            "Device",
-            [("softgate_device_info", "{{device}} {{name}} torch {{torch_version}} softgate {{version}}")],
+            "Request and response bytes",
+            [
+                ("sum(rate(softgate_request_bytes_total[$__rate_interval]))", "bytes in/s"),
+                ("sum(rate(softgate_response_bytes_total[$__rate_interval]))", "bytes out/s"),
+            ],
             12,
             y,
-            kind="table",
+            unit="Bps",
+            description="Serialized request and response bytes per second.",
         )
     )
     y += 8
@@ -361,6 +401,15 @@ def build() -> dict[str, Any]:
             y,
             description="Compiled kernels by state. failed or over_limit above 0: those configurations run "
             "eager (the same numbers, slower); see the server log, or raise max_compiled_kernels.",
+        )
+    )
+    panels.append(
+        panel(
+            "Device",
+            [("softgate_device_info", "{{device}} {{name}} torch {{torch_version}} softgate {{version}}")],
+            12,
+            y,
+            kind="table",
         )
     )
 
@@ -389,8 +438,8 @@ def build() -> dict[str, Any]:
                     "label": "Run",
                     "type": "query",
                     "datasource": DS,
-                    "definition": "label_values(softgate_loss_batches_total, run)",
-                    "query": {"query": "label_values(softgate_loss_batches_total, run)", "refId": "run"},
+                    "definition": RUN_VALUES,
+                    "query": {"query": RUN_VALUES, "refId": "run"},
                     "refresh": 2,
                     "includeAll": True,
                     "multi": True,

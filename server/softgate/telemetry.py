@@ -22,15 +22,16 @@ class Telemetry:
         rpc: str,
         run: str,
         code: str,
-        seconds: float,
+        seconds: float | None,
         bytes_in: int,
         bytes_out: int,
         tokens: int,
         sequences: int,
         started: bool = True,
     ) -> None:
-        """A request left the server with a gRPC status code name (e.g. "OK"); `started`:
-        whether request_started was called for it (a call refused at admission was not)."""
+        """A request left the server with a gRPC status code name (e.g. "OK"); `seconds`: None
+        for a call refused at admission (not timed); `started`: whether request_started was
+        called for it (a call refused at admission was not)."""
 
     def rejected(self, rpc: str, reasons: list[str]) -> None:
         """A request was refused for bad input; `reasons` are short reason codes."""
@@ -47,6 +48,11 @@ class Telemetry:
     def watch_engine(self, states: Callable[[], dict[str, int]]) -> None:
         """Report the engine's compiled configurations: `states()` counts them by state
         (CompiledKernel.states), read whenever the metrics are."""
+
+    def watch_server(self, admitted: Callable[[], int], tls_not_after: Callable[[], float | None]) -> None:
+        """Report the gRPC server's state, read whenever the metrics are: `admitted()` counts
+        the calls holding a max_concurrent_rpcs slot, `tls_not_after()` is when the served
+        certificate expires (Unix seconds; None without TLS)."""
 
     def kick(self) -> None:
         """The RPC whose results were reported has ended: work deferred until then may start."""

@@ -8,12 +8,11 @@ run / objective / advantage sign, and per-token distributions bucketed on the de
 
 from softgate.observability.collector import exported_names
 from softgate.observability.distributions import GATE_EDGES, RATIO_EDGES, SIGNS, Bucketer
-from softgate.observability.runs import OTHER, RunRegistry, sanitize_run
+from softgate.observability.runs import RunRegistry, sanitize_run
 from softgate.observability.telemetry import PrometheusTelemetry
 
 __all__ = [
     "GATE_EDGES",
-    "OTHER",
     "RATIO_EDGES",
     "SIGNS",
     "Bucketer",

@@ -1,6 +1,6 @@
 """The custom collector that exports every run-labelled series from the RunRegistry.
 
-Counters, per-batch histograms, last-batch gauges and the per-token distributions
+Counters, per-batch summaries, last-batch gauges and the per-token distributions
 (cumulative `HistogramMetricFamily` buckets built from the device-side counts) are all
 produced at scrape time from plain numpy arrays: nothing is stored per token.
 """
@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 
 # CompiledKernel.states' keys: each exported at 0 from start-up
 ENGINE_STATES = ("compiled", "compiling", "failed", "over_limit")
-FRACTION_EDGES = (0.001, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
 RO = ("run", "objective")
 ROS = ("run", "objective", "sign")
@@ -55,7 +54,7 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 # (metric name, key in the batch values, sign or None)
-BATCH_HISTOGRAMS: tuple[tuple[str, str, str | None], ...] = (
+BATCH_SUMMARIES: tuple[tuple[str, str, str | None], ...] = (
     ("softgate_batch_clip_fraction", "clip_high", "pos"),
     ("softgate_batch_clip_fraction", "clip_low", "neg"),
     ("softgate_batch_dual_clip_fraction", "dual_clip", None),
@@ -68,53 +67,48 @@ BATCH_HISTOGRAMS: tuple[tuple[str, str, str | None], ...] = (
     ("softgate_batch_degenerate_group_fraction", "degenerate_group_fraction", None),
 )
 
+# The per-token distributions, bucketed on the device (sign pos and neg only: A = 0 tokens
+# carry no gradient).
 HISTOGRAMS: dict[str, tuple[str, tuple[str, ...], tuple[float, ...]]] = {
-    "softgate_batch_clip_fraction": (
-        "Per batch: share of tokens clipped, sign=pos clip_high (A>0, r>1+eps_high), sign=neg clip_low (A<0, r<1-eps_low).",
-        ROS,
-        FRACTION_EDGES,
-    ),
-    "softgate_batch_dual_clip_fraction": (
-        "Per batch: share of A<0 tokens caught by the dual clip.",
-        RO,
-        FRACTION_EDGES,
-    ),
-    "softgate_batch_gate_saturation": (
-        "Per batch: share of the sign's tokens whose gate weight is below the saturation threshold.",
-        ROS,
-        FRACTION_EDGES,
-    ),
-    "softgate_batch_gate_weight_mean": (
-        "Per batch: mean gate weight w of the sign's tokens.",
-        ROS,
-        FRACTION_EDGES,
-    ),
-    "softgate_batch_grad_retained": (
-        "Per batch: sum|grad| / sum|grad without trust region|, the share of policy-gradient mass let through.",
-        RO,
-        FRACTION_EDGES,
-    ),
-    "softgate_batch_degenerate_group_fraction": (
-        "Per batch: share of groups with zero reward variance (advantage 0).",
-        ("run",),
-        FRACTION_EDGES,
-    ),
     "softgate_token_ratio": (
-        "Per-token importance ratio r (sequence ratio for gspo) of masked tokens, by advantage sign.",
+        "Per-token importance ratio r (sequence ratio for gspo) of masked tokens, by advantage sign (pos, neg).",
         ROS,
         RATIO_EDGES,
     ),
     "softgate_token_gate_weight": (
         "Per-token gate weight w (SAPO 4p(1-p); 1 unclipped / 0 clipped for hard clips; CISPO, GPPO: "
-        "bound / r when clipped, above 1 for A<0), by advantage sign.",
+        "bound / r when clipped, above 1 for A<0), by advantage sign (pos, neg).",
         ROS,
         GATE_EDGES,
     ),
 }
 
-# Per-batch statistics that can be negative: a histogram with a negative sum would lose its
-# _sum and _count in the exposition, so these are summaries (count and sum, no quantiles).
+# Per-batch statistics: a count and a sum each, no buckets. Every query is a mean,
+# rate(_sum) / rate(_count): their buckets, 153 of the 351 series of a (run, objective), were
+# never read (an audit). And approx KL may be negative, which a histogram's _sum cannot be.
 SUMMARIES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "softgate_batch_clip_fraction": (
+        "Per batch: share of tokens clipped, sign=pos clip_high (A>0, r>1+eps_high), sign=neg clip_low (A<0, r<1-eps_low).",
+        ROS,
+    ),
+    "softgate_batch_dual_clip_fraction": ("Per batch: share of A<0 tokens caught by the dual clip.", RO),
+    "softgate_batch_gate_saturation": (
+        "Per batch: share of the sign's tokens whose gate weight is below the saturation threshold.",
+        ROS,
+    ),
+    "softgate_batch_gate_weight_mean": (
+        "Per batch: mean gate weight w of the sign's tokens (above 1 for GPPO and CISPO's clipped A<0 tokens).",
+        ROS,
+    ),
+    "softgate_batch_grad_retained": (
+        "Per batch: sum|grad| / sum|grad without trust region| (above 1 where GPPO or CISPO keep a clipped "
+        "A<0 token's gradient).",
+        RO,
+    ),
+    "softgate_batch_degenerate_group_fraction": (
+        "Per batch: share of groups with zero reward variance (advantage 0).",
+        ("run",),
+    ),
     "softgate_batch_approx_kl": (
         "Per batch: approx KL, masked mean of (old - logp); mean = rate(_sum) / rate(_count).",
         RO,
@@ -133,7 +127,7 @@ GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "softgate_advantage_std": ("Last batch: advantage standard deviation.", ("run",)),
     "softgate_degenerate_group_fraction": ("Last batch: share of zero-variance groups.", ("run",)),
 }
-# The last-batch gauges of approx_kl and grad_retained share their names with histograms:
+# The last-batch gauges of approx_kl and grad_retained share their names with summaries:
 # a gauge gets the suffix `_last`.
 GAUGE_EXPORT_NAME = {
     "softgate_batch_approx_kl": "softgate_batch_approx_kl_last",
@@ -156,6 +150,9 @@ def exported_names() -> set[str]:
     out.add("softgate_runs_tracked")
     out.add("softgate_run_evictions_total")
     out.add("softgate_engine_configurations")
+    out.update(
+        ("softgate_admitted_rpcs", "softgate_max_concurrent_rpcs", "softgate_tls_cert_not_after_seconds")
+    )
     return out
 
 
@@ -180,16 +177,44 @@ class SoftgateCollector(Collector):
             evictions = self.t.runs.evictions
         yield from self._families(dict(items))
         g = GaugeMetricFamily(
-            "softgate_runs_tracked", "Run label values currently exported (at most max_runs + 1)."
+            "softgate_runs_tracked", "Run label values currently exported (at most max_runs)."
         )
         g.add_metric([], float(len(items)))
         yield g
         c = CounterMetricFamily(
-            "softgate_run_evictions", 'Runs folded into run="other" to bound label cardinality.'
+            "softgate_run_evictions",
+            "Runs dropped (their series removed) to bound label cardinality at max_runs.",
         )
         c.add_metric([], float(evictions))
         yield c
         yield self._engine_configurations(self.t.engine_states())
+        yield from self._server_state()
+
+    def _server_state(self) -> Iterator[GaugeMetricFamily]:
+        """The slots taken of max_concurrent_rpcs (a call holds one from admission on, before it
+        has sent anything: the in-flight gauges count only work started) and the certificate's
+        expiry; each only once the gRPC server reports it."""
+        limit = getattr(self.t.settings, "max_concurrent_rpcs", None)
+        if self.t.admitted is not None:
+            g = GaugeMetricFamily(
+                "softgate_admitted_rpcs",
+                "Calls holding a max_concurrent_rpcs slot now, from admission on (whether or not "
+                "they have sent their request yet).",
+            )
+            g.add_metric([], float(self.t.admitted()))
+            yield g
+            if limit:
+                g = GaugeMetricFamily("softgate_max_concurrent_rpcs", "The max_concurrent_rpcs setting.")
+                g.add_metric([], float(limit))
+                yield g
+        not_after = self.t.tls_not_after()
+        if not_after is not None:
+            g = GaugeMetricFamily(
+                "softgate_tls_cert_not_after_seconds",
+                "When the served TLS certificate expires (its notAfter), Unix seconds; follows rotations.",
+            )
+            g.add_metric([], not_after)
+            yield g
 
     @staticmethod
     def _engine_configurations(counts: dict[str, int]) -> GaugeMetricFamily:
@@ -244,5 +269,5 @@ def _snapshot(st: Any) -> tuple[dict[Any, float], dict[Any, tuple[np.ndarray, fl
     return (
         dict(st.counters),
         {k: (h.counts.copy(), h.total) for k, h in st.hists.items()},
-        {k: v for k, (v, _) in st.gauges.items()},
+        dict(st.gauges),
     )

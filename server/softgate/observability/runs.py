@@ -1,11 +1,11 @@
 """Run-labelled state with bounded cardinality.
 
 Trainers tag requests with a run name (gRPC metadata `softgate-run`). Every run-labelled
-series lives here rather than in prometheus_client's own metric objects, so that a run
-can be *folded*: when more than `max_runs` runs have been seen, the least recently
-active one is removed and everything it had accumulated (counters, histogram buckets,
-the recent batch windows) is added to the run `"other"`. Totals summed over runs are thus
-conserved while the number of label values stays at most `max_runs + 1`.
+series lives here rather than in prometheus_client's own metric objects, so that a run can
+be dropped: when more than `max_runs` runs have been seen, the least recently active one is
+removed with everything it had accumulated, and its series leave the exposition. (Its
+history is not added to another series: Prometheus would read that as a real increase, and
+every rate summed over runs would spike by it.) A run that comes back starts afresh.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 
-OTHER = "other"
 DEFAULT_RUN = "default"
 MAX_RUN_NAME = 64
 _BAD = re.compile(r"[^A-Za-z0-9_.:/-]")
@@ -43,10 +42,6 @@ class HistState:
     counts: np.ndarray
     total: float = 0.0
 
-    def merge(self, other: HistState) -> None:
-        self.counts += other.counts
-        self.total += other.total
-
 
 @dataclass
 class BatchRecord:
@@ -63,14 +58,13 @@ class BatchRecord:
 class RunState:
     counters: dict[tuple[str, tuple[str, ...]], float] = field(default_factory=dict)
     hists: dict[tuple[str, tuple[str, ...]], HistState] = field(default_factory=dict)
-    gauges: dict[tuple[str, tuple[str, ...]], tuple[float, float]] = field(default_factory=dict)
+    gauges: dict[tuple[str, tuple[str, ...]], float] = field(default_factory=dict)
     batches: deque[BatchRecord] = field(default_factory=lambda: deque(maxlen=RunRegistry.WINDOW_BATCHES))
     advantage_calls: deque[BatchRecord] = field(
         default_factory=lambda: deque(maxlen=RunRegistry.WINDOW_BATCHES)
     )
     first_seen: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.time)
-    folded_runs: int = 0
 
     # ------------------------------------------------------------ updates
     def inc(self, name: str, labels: tuple[str, ...], value: float) -> None:
@@ -101,38 +95,16 @@ class RunState:
         h.counts += counts
         h.total += total
 
-    def set(self, name: str, labels: tuple[str, ...], value: float, now: float) -> None:
+    def set(self, name: str, labels: tuple[str, ...], value: float) -> None:
         if value is not None and math.isfinite(value):
-            self.gauges[(name, labels)] = (float(value), now)
-
-    def merge(self, other: RunState) -> None:
-        """Fold `other` into this state (counters and buckets add, newest gauge wins)."""
-        for k, v in other.counters.items():
-            self.counters[k] = self.counters.get(k, 0.0) + v
-        for k, h in other.hists.items():
-            mine = self.hists.get(k)
-            if mine is None:
-                self.hists[k] = HistState(h.counts.copy(), h.total)
-            else:
-                mine.merge(h)
-        for k, (v, t) in other.gauges.items():
-            if k not in self.gauges or self.gauges[k][1] <= t:
-                self.gauges[k] = (v, t)
-        for records, theirs in ((self.batches, other.batches), (self.advantage_calls, other.advantage_calls)):
-            merged = sorted([*records, *theirs], key=lambda b: b.t)
-            records.clear()
-            records.extend(merged[-(records.maxlen or len(merged)) :])
-        self.first_seen = min(self.first_seen, other.first_seen)
-        self.last_seen = max(self.last_seen, other.last_seen)
-        self.folded_runs += 1 + other.folded_runs
+            self.gauges[(name, labels)] = float(value)
 
 
 class RunRegistry:
-    """The `max_runs` most recently active runs, each with its own state, plus `other`.
+    """The `max_runs` most recently active runs, each with its own state.
 
-    `state(run)` marks the run as the most recent; a new run beyond the bound evicts the
-    least recently active one into `other`. The name `other` itself is always accepted
-    and never counts against the bound. Not thread-safe: the caller holds a lock.
+    `state(run)` marks the run as the most recent; a new run beyond the bound drops the least
+    recently active one (`evictions` counts them). Not thread-safe: the caller holds a lock.
     """
 
     WINDOW_BATCHES = 1000
@@ -140,50 +112,30 @@ class RunRegistry:
     def __init__(self, max_runs: int = 32) -> None:
         self.max_runs = max(1, int(max_runs))
         self._runs: OrderedDict[str, RunState] = OrderedDict()
-        self._other: RunState | None = None
         self.evictions = 0
 
     def state(self, run: str | None, now: float | None = None) -> tuple[str, RunState]:
         name = sanitize_run(run)
         now = time.time() if now is None else now
-        if name == OTHER:
-            if self._other is None:
-                self._other = RunState(first_seen=now, last_seen=now)
-            self._other.last_seen = now
-            return OTHER, self._other
         st = self._runs.get(name)
         if st is None:
             st = self._runs[name] = RunState(first_seen=now, last_seen=now)
             while len(self._runs) > self.max_runs:
-                _, old = self._runs.popitem(last=False)
-                self._fold(old)
+                self._runs.popitem(last=False)
+                self.evictions += 1
         else:
             self._runs.move_to_end(name)
         st.last_seen = now
         return name, st
 
-    def _fold(self, old: RunState) -> None:
-        if self._other is None:
-            self._other = RunState(first_seen=old.first_seen, last_seen=old.last_seen)
-            self._other.merge(old)
-            self._other.folded_runs = 1 + old.folded_runs
-        else:
-            self._other.merge(old)
-        self.evictions += 1
-
     def get(self, run: str) -> RunState | None:
-        if run == OTHER:
-            return self._other
         return self._runs.get(run)
 
     def items(self) -> list[tuple[str, RunState]]:
-        out = list(self._runs.items())
-        if self._other is not None:
-            out.append((OTHER, self._other))
-        return out
+        return list(self._runs.items())
 
     def names(self) -> list[str]:
-        return [n for n, _ in self.items()]
+        return list(self._runs)
 
 
 # ---------------------------------------------------------------- windows for /v1/runs

@@ -3,7 +3,8 @@
 Each instance owns a private `CollectorRegistry` (never the process-global one), so
 several servers or tests in one process do not share series. Service metrics use
 prometheus_client's own types; everything labelled by run lives in a `RunRegistry`
-(bounded cardinality, folding into `other`) and is exported by `SoftgateCollector`.
+(bounded cardinality: the least recently active run is dropped) and is exported by
+`SoftgateCollector`.
 """
 
 from __future__ import annotations
@@ -22,13 +23,9 @@ from softgate_client.proto.softgate.v1 import softgate_pb2 as pb
 
 from softgate import __version__
 from softgate.engine.validation import REASON_CODES
-from softgate.observability.collector import (
-    BATCH_HISTOGRAMS,
-    SoftgateCollector,
-)
+from softgate.observability.collector import BATCH_SUMMARIES, SoftgateCollector
 from softgate.observability.distributions import GATE_EDGES, RATIO_EDGES, SIGNS, Bucketer
 from softgate.observability.runs import (
-    OTHER,
     BatchRecord,
     RunRegistry,
     has_tokens,
@@ -154,7 +151,8 @@ class PrometheusTelemetry(Telemetry):
         )
         self.latency = Histogram(
             "softgate_request_duration_seconds",
-            "Time from receiving an RPC to sending its response.",
+            "Time from receiving an RPC to sending its response (calls refused at admission, busy "
+            "or shutting down, are counted in softgate_requests_total but not observed here).",
             ["rpc"],
             buckets=LATENCY_BUCKETS,
             registry=r,
@@ -187,6 +185,9 @@ class PrometheusTelemetry(Telemetry):
         self.device_info = Info("softgate_device", "The device the engine computes on.", registry=r)
         # softgate_engine_configurations, exported by the collector from one read a scrape
         self.engine_states: Callable[[], dict[str, int]] = dict
+        # softgate_admitted_rpcs and softgate_tls_cert_not_after_seconds, read a scrape
+        self.admitted: Callable[[], int] | None = None
+        self.tls_not_after: Callable[[], float | None] = lambda: None
         self.telemetry_errors = Counter(
             "softgate_telemetry_errors",
             "Engine results the telemetry failed to record (the RPC itself is unaffected).",
@@ -203,6 +204,8 @@ class PrometheusTelemetry(Telemetry):
             for reason in REASONS:
                 self.rejected_inputs.labels(rpc, reason)
             self.busy_refusals.labels(rpc)
+        for hook in ("observe_loss", "observe_advantages"):
+            self.telemetry_errors.labels(hook)
         self._reasons.update(REASONS)
         self.collector = SoftgateCollector(self)
         r.register(self.collector)
@@ -211,6 +214,10 @@ class PrometheusTelemetry(Telemetry):
     def watch_engine(self, states: Callable[[], dict[str, int]]) -> None:
         """Export the engine's configurations by state, read once per scrape (CompiledKernel.states)."""
         self.engine_states = states
+
+    def watch_server(self, admitted: Callable[[], int], tls_not_after: Callable[[], float | None]) -> None:
+        """Export the calls holding a slot and the served certificate's expiry, read a scrape."""
+        self.admitted, self.tls_not_after = admitted, tls_not_after
 
     def set_device(self, device: Any = None) -> None:
         import torch
@@ -320,7 +327,7 @@ class PrometheusTelemetry(Telemetry):
         rpc: str,
         run: str,
         code: str,
-        seconds: float,
+        seconds: float | None,
         bytes_in: int,
         bytes_out: int,
         tokens: int,
@@ -461,13 +468,13 @@ class PrometheusTelemetry(Telemetry):
             clamped = _f(m, "clamped_tokens")
             if clamped is not None:
                 st.inc("softgate_clamped_tokens_total", o, clamped)
-            # per-batch histograms and last-batch gauges, of batches with the tokens a statistic
+            # per-batch summaries and last-batch gauges, of batches with the tokens a statistic
             # is over (runs.TOKEN_WEIGHTS): a sign's fraction when that sign has tokens,
             # grad_retained when a token carries a policy gradient (A != 0), approx_kl and the
             # ratio's when one is trained (their 1 / 0 stands for "none": read as "all
             # retained", batches of zero advantages hid a collapse)
             counts = {f"tokens_{s}": n for s, n in tok.items()}
-            for name, key, sign in BATCH_HISTOGRAMS:
+            for name, key, sign in BATCH_SUMMARIES:
                 v = values.get(key)
                 if v is None or not has_tokens(key, counts):
                     continue
@@ -478,9 +485,11 @@ class PrometheusTelemetry(Telemetry):
             for key in ("ratio_mean", "ratio_min", "ratio_max", "approx_kl", "grad_retained"):
                 gv = values[key]
                 if gv is not None and has_tokens(key, counts):
-                    st.set(f"softgate_batch_{key}", o, gv, now)
-            self._set_reward_gauges(st, values, now)
+                    st.set(f"softgate_batch_{key}", o, gv)
+            self._set_reward_gauges(st, values)
             for i, s in enumerate(SIGNS):
+                if s == "zero":  # A = 0 tokens carry no gradient: their ratio and gate are not read
+                    continue
                 if r_tok[i] > 0:
                     st.add_hist(
                         "softgate_token_ratio", (objective, s), b.ratio_counts[i], float(b.ratio_sums[i]),
@@ -533,10 +542,10 @@ class PrometheusTelemetry(Telemetry):
                     values["degenerate_group_fraction"],
                     self.collector.edges["softgate_batch_degenerate_group_fraction"],
                 )
-            self._set_reward_gauges(st, values, now)
+            self._set_reward_gauges(st, values)
 
     @staticmethod
-    def _set_reward_gauges(st: Any, values: dict[str, float | None], now: float) -> None:
+    def _set_reward_gauges(st: Any, values: dict[str, float | None]) -> None:
         for key in (
             "reward_mean",
             "reward_std",
@@ -546,7 +555,7 @@ class PrometheusTelemetry(Telemetry):
         ):
             v = values.get(key)
             if v is not None:
-                st.set(f"softgate_{key}", (), v, now)
+                st.set(f"softgate_{key}", (), v)
 
     # ------------------------------------------------------------ reading back
     def exposition(self) -> bytes:
@@ -570,8 +579,6 @@ class PrometheusTelemetry(Telemetry):
                 "batches_recorded": len(st.batches),
                 "totals": _totals(st),
             }
-            if run == OTHER:
-                out["folded_runs"] = st.folded_runs
             batches, advantage_calls = list(st.batches), list(st.advantage_calls)
         return {**out, "windows": windows(batches, advantage_calls)}
 
