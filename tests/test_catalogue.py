@@ -10,13 +10,12 @@ from softgate.grpc.codec import Limits
 
 def test_the_catalogue_reports_each_limit_as_configured() -> None:
     """every limit in its own field (distinct values, so a swap shows)."""
-    r = catalogue.build(Limits(max_tokens=7001, max_sequences=503, max_groups=41), 12345)
-    assert (r.limits.max_tokens, r.limits.max_sequences, r.limits.max_groups, r.limits.max_message_bytes) == (
-        7001,
-        503,
-        41,
-        12345,
+    r = catalogue.build(
+        Limits(max_tokens=7001, max_sequences=503, max_groups=41, max_stream_chunks=29), 12345
     )
+    lim = r.limits
+    got = (lim.max_tokens, lim.max_sequences, lim.max_groups, lim.max_message_bytes, lim.max_stream_chunks)
+    assert got == (7001, 503, 41, 12345, 29)
 
 
 def test_a_choice_parameter_names_its_default_choice() -> None:

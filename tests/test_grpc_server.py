@@ -1073,6 +1073,79 @@ def test_a_stream_cut_before_its_first_chunk_is_counted_cut_not_bad_input() -> N
     assert _nonzero(tel, "softgate_rejected_inputs_total") == {("StreamLoss", "missing"): 1}
 
 
+def _silent(gate: threading.Event) -> Iterator[bytes]:
+    """A request stream that sends nothing, then ends once `gate` is set."""
+    gate.wait(30)
+    yield from ()
+
+
+def test_calls_that_send_nothing_give_their_slots_back_after_stream_idle_timeout_s() -> None:
+    """Found by an audit: a StreamLoss that never sent, or a ComputeLoss / ComputeAdvantages
+    opened as a stream that never sent its one message, held its max_concurrent_rpcs slot until
+    its connection's max age + grace (6 minutes in deploy/k8s): that many such calls, on one
+    connection, refused every other call. Each now ends DEADLINE_EXCEEDED once it has sent
+    nothing for stream_idle_timeout_s, its slot given back, counted, with no traceback logged."""
+    tel = PrometheusTelemetry(None)
+    gate = threading.Event()
+    with (
+        log_records("softgate", logging.WARNING) as ours,
+        log_records("asyncio", logging.WARNING) as loop_log,
+        ServerThread(telemetry=tel, max_concurrent_rpcs=3, stream_idle_timeout_s=0.5) as srv,
+        grpc.insecure_channel(srv.target) as ch,
+        ThreadPoolExecutor(3) as pool,
+    ):
+        stream = ch.stream_stream("/softgate.v1.LossService/StreamLoss")
+        loss = ch.stream_unary("/softgate.v1.LossService/ComputeLoss")
+        adv = ch.stream_unary("/softgate.v1.LossService/ComputeAdvantages")
+        t0 = time.monotonic()
+        calls = [
+            pool.submit(lambda: list(stream(_silent(gate), timeout=30))),
+            pool.submit(loss, _silent(gate), timeout=30),
+            pool.submit(adv, _silent(gate), timeout=30),
+        ]
+        for call in calls:
+            with pytest.raises(grpc.RpcError) as ei:
+                call.result(timeout=10)
+            assert ei.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert ei.value.details() == "no request message for 0.5 s (stream_idle_timeout_s)"
+        assert time.monotonic() - t0 < 5
+        deadline = time.monotonic() + 5
+        while srv.server.servicer.in_flight and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert srv.server.servicer.in_flight == 0
+        assert srv.stub().ComputeLoss(pb.ComputeLossRequest(batch=_good()), timeout=10).HasField("outputs")
+        gate.set()
+    codes = _nonzero(tel, "softgate_requests_total")
+    assert codes == {
+        ("StreamLoss", "DEADLINE_EXCEEDED"): 1,
+        ("ComputeLoss", "DEADLINE_EXCEEDED"): 1,
+        ("ComputeAdvantages", "DEADLINE_EXCEEDED"): 1,
+        ("ComputeLoss", "OK"): 1,
+    }, codes
+    assert ours.records == loop_log.records == []
+
+
+def test_a_slow_but_live_call_is_not_cut_by_stream_idle_timeout_s() -> None:
+    """The idle limit bounds the wait for each message, not the call: a stream whose chunks come
+    0.3 s apart, 1.2 s in all, and a unary request sent 0.3 s late are served under a 0.5 s limit."""
+    with ServerThread(stream_idle_timeout_s=0.5) as srv, grpc.insecure_channel(srv.target) as ch:
+
+        def slow() -> Iterator[pb.StreamLossRequest]:
+            for i in range(4):
+                time.sleep(0.3)
+                yield pb.StreamLossRequest(chunk=f32_batch_msg(2, 4, i))
+
+        out = list(pb_grpc.LossServiceStub(ch).StreamLoss(slow(), timeout=30))
+        assert [r.chunk_index for r in out] == [0, 1, 2, 3] and out[-1].HasField("summary")
+
+        def late() -> Iterator[bytes]:
+            time.sleep(0.3)
+            yield pb.ComputeLossRequest(batch=_good()).SerializeToString()
+
+        got = ch.stream_unary("/softgate.v1.LossService/ComputeLoss")(late(), timeout=30)
+        assert pb.ComputeLossResponse.FromString(got).HasField("outputs")
+
+
 def test_a_message_of_many_violations_says_how_many_it_leaves_out() -> None:
     """Found by a mutation audit: the message listed the first 100 violations and then "; and
     N more", cut at 1000 characters, so with realistic field names the count was always cut
@@ -1333,6 +1406,28 @@ def test_keepalive_and_message_size_reach_the_grpc_server(monkeypatch: pytest.Mo
     assert seen["grpc.max_receive_message_length"] == seen["grpc.max_send_message_length"] == 12345678
     assert seen["grpc.max_connection_age_ms"] == 60_000
     assert seen["grpc.max_connection_age_grace_ms"] == 5_000
+
+
+def test_the_ping_policy_is_grpcs_own_and_the_client_keeps_within_it() -> None:
+    """Found by an audit: the server set `grpc.http2.min_recv_ping_interval_without_data_ms`,
+    which is no gRPC channel argument (ignored), and `max_ping_strikes` 0 (no limit): any ping
+    rate was accepted. Every option the server sets is now one grpc knows (its name is in grpc's
+    core library), clients may ping every 10 s, the third ping too soon closes the connection,
+    and the softgate client's keepalive (with calls in flight or not) stays within that."""
+    from pathlib import Path
+
+    from softgate.grpc.server import channel_options
+    from softgate_client._channel import channel_options as client_options
+
+    opts = dict(channel_options(Settings(admin_port=None)))
+    core = Path(grpc._cython.cygrpc.__file__).read_bytes()
+    assert [k for k in opts if k.encode() + b"\0" not in core] == []
+    assert opts["grpc.http2.min_ping_interval_without_data_ms"] == 10_000
+    assert opts["grpc.http2.max_ping_strikes"] == 2
+    assert opts["grpc.keepalive_permit_without_calls"] == 1  # (an idle client's pings: the same 10 s)
+    for round_robin in (False, True):
+        client = dict(client_options(max_message_bytes=1 << 20, round_robin=round_robin))
+        assert client["grpc.keepalive_time_ms"] >= opts["grpc.http2.min_ping_interval_without_data_ms"]
 
 
 @pytest.mark.parametrize("fault", ["bad_offsets", "non_finite"])

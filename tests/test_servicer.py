@@ -289,6 +289,78 @@ def test_a_non_wire_stream_puts_the_summary_in_its_last_response() -> None:
     assert out[-1].summary.loss == pytest.approx(float(want.loss), rel=1e-6)
 
 
+def _chunks(n: int, read: list[int] | None = None) -> Any:
+    """A request stream of `n` one-token chunks; `read`: the index of each one taken."""
+
+    async def gen() -> Any:
+        for i in range(n):
+            if read is not None:
+                read.append(i)
+            yield pb.StreamLossRequest(chunk=f32_batch_msg(1, 1, i))
+
+    return gen()
+
+
+def test_a_stream_of_many_chunks_never_joins_them_on_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by an audit: a StreamLoss's half-close work (joining the chunks, the loss, the
+    responses) ran inline whenever its tokens were few, whatever its chunk count: 30,000 empty
+    chunks held the event loop, and the health checks, for 0.6 s. Past INLINE_MAX_CHUNKS
+    chunks it runs in the pool, as other never-inline work does."""
+    from softgate.grpc import servicer as sv
+
+    monkeypatch.setattr(sv, "INLINE_BUDGET_S", 60.0)  # (a slow decode on a busy box: still a streak)
+
+    async def go(s: LossServicer, n: int) -> list[bool]:
+        on_loop: list[bool] = []
+        real = s._stream_loss
+        loop_thread = threading.get_ident()
+
+        def spy(*args: Any, **kw: Any) -> Any:
+            on_loop.append(threading.get_ident() == loop_thread)
+            return real(*args, **kw)
+
+        s._stream_loss = spy  # type: ignore[method-assign]
+        s._fast_streak = sv.INLINE_STREAK
+        s._loop_single_threaded = loop_thread  # (see _inline_ready)
+        ctx = Context()
+        out = [r async for r in s.StreamLoss(_chunks(n), ctx)]
+        assert (len(out), ctx.code) == (n, None), ctx.details
+        return on_loop
+
+    with ThreadPoolExecutor(1) as pool:
+        s = _servicer(pool)
+        assert asyncio.run(go(s, sv.INLINE_MAX_CHUNKS)) == [True]
+        assert asyncio.run(go(s, sv.INLINE_MAX_CHUNKS + 1)) == [False]
+
+
+def test_a_stream_of_more_chunks_than_max_stream_chunks_is_refused_at_the_first_past_it() -> None:
+    """Found by an audit: nothing bounded a stream's chunk count (an empty chunk adds no tokens
+    and costs the server ~4 KB and ~1 ms): 100,000 empty chunks held a slot for 66 s and
+    400 MB. The chunk past max_stream_chunks is refused by name and the rest is not read;
+    a stream of exactly max_stream_chunks is served."""
+    from softgate.grpc.codec import Limits
+
+    async def go(s: LossServicer, n: int, read: list[int]) -> tuple[int, Context]:
+        ctx = Context()
+        out = [r async for r in s.StreamLoss(_chunks(n, read), ctx)]
+        return len(out), ctx
+
+    with ThreadPoolExecutor(1) as pool:
+        s = _servicer(pool, limits=Limits(max_stream_chunks=4))
+        read: list[int] = []
+        n, ctx = asyncio.run(go(s, 4, read))
+        assert (n, ctx.code) == (4, None), ctx.details
+        read.clear()
+        n, ctx = asyncio.run(go(s, 10, read))
+        assert (n, ctx.code) == (0, grpc.StatusCode.INVALID_ARGUMENT)
+        assert ctx.details == (
+            "invalid input: chunk[4]: too_large: more than 4 chunks in one stream (max_stream_chunks); "
+            "send fewer, larger chunks"
+        )
+        assert read == [0, 1, 2, 3, 4]
+        assert s.in_flight == 0
+
+
 # ---------------------------------------------------------------- a newer client's fields
 
 

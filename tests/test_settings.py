@@ -124,6 +124,33 @@ def test_bad_values_are_refused_with_the_field_named(flags: dict[str, str], need
     assert "\n" not in str(e.value)
 
 
+def test_the_stream_bounds_load_from_every_source_and_are_checked() -> None:
+    """stream_idle_timeout_s and max_stream_chunks (an audit: a call that never sent held its
+    slot for minutes; 100k empty chunks held one for 65 s and 400 MB): their defaults, off with
+    0 (or none), from the environment and flags, and refused like the other times and counts."""
+    from softgate.cli import build_parser, load_settings
+
+    s = Settings.load({}, env={})
+    assert (s.stream_idle_timeout_s, s.max_stream_chunks) == (30.0, 16384)
+    env = {"SOFTGATE_STREAM_IDLE_TIMEOUT_S": "none", "SOFTGATE_MAX_STREAM_CHUNKS": "0"}
+    s = Settings.load({}, env=env)
+    assert (s.stream_idle_timeout_s, s.max_stream_chunks) == (None, 0)
+    assert Settings.load({}, env={"SOFTGATE_STREAM_IDLE_TIMEOUT_S": "0"}).stream_idle_timeout_s == 0
+    args = build_parser().parse_args(["serve", "--stream-idle-timeout-s", "0.5", "--max-stream-chunks", "8"])
+    s = load_settings(args)
+    assert (s.stream_idle_timeout_s, s.max_stream_chunks) == (0.5, 8)
+    for flags, needle in (
+        ({"stream_idle_timeout_s": "-1"}, "stream_idle_timeout_s: -1.0 must be from 0 to 2147483"),
+        ({"stream_idle_timeout_s": "nan"}, "stream_idle_timeout_s: nan must be from 0"),
+        ({"stream_idle_timeout_s": "inf"}, "stream_idle_timeout_s: inf must be from 0"),
+        ({"stream_idle_timeout_s": "0.0005"}, "stream_idle_timeout_s: 0.0005 rounds to 0 ms"),
+        ({"max_stream_chunks": "-1"}, "max_stream_chunks: -1 must be >= 0 (0: no limit)"),
+        ({"max_stream_chunks": str(1 << 63)}, f"max_stream_chunks: {1 << 63} must be at most"),
+    ):
+        with pytest.raises(SettingsError, match=re.escape(needle)):
+            Settings.load(flags, env={})
+
+
 def test_bad_config_files(tmp_path: Path) -> None:
     bad = tmp_path / "x.yaml"
     bad.write_text("grpc_prot: 1\n")
@@ -233,10 +260,10 @@ def pems() -> dict[str, bytes]:
 @pytest.mark.parametrize(
     ("cert", "key", "ca", "needle"),
     [
-        ("garbage", "key", None, "tls_cert: .*cert.pem holds no PEM CERTIFICATE block"),
-        ("cert", "garbage", None, "tls_key: .*key.pem holds no PEM PRIVATE KEY block"),
+        ("garbage", "key", None, "tls_cert: '.*cert.pem' holds no PEM CERTIFICATE block"),
+        ("cert", "garbage", None, "tls_key: '.*key.pem' holds no PEM PRIVATE KEY block"),
         ("key", "cert", None, "tls_cert: .* no PEM CERTIFICATE block; tls_key: .* no PEM PRIVATE KEY"),
-        ("missing", "key", None, "tls_cert: cannot read .*missing.pem: No such file"),
+        ("missing", "key", None, "tls_cert: cannot read '.*missing.pem': No such file"),
         ("cert", "missing", None, "tls_key: cannot read"),
         ("cert", "key", "missing", "tls_client_ca: cannot read"),
         ("cert", "key", "garbage", "tls_client_ca: .* holds no PEM CERTIFICATE block"),
@@ -262,6 +289,37 @@ def test_tls_files_are_checked_and_named(
         flags["tls_client_ca"] = path("ca", ca)
     problems = "; ".join(Settings.load(flags, env={}).host_problems())
     assert re.search(needle, problems) and "\n" not in problems, problems
+
+
+PATH_FIELDS = ("tls_cert", "tls_key", "tls_client_ca", "status_file")
+
+
+@pytest.mark.parametrize("raw", ["{}\n", " {}", "{} \r\n", "\t{}\t"])
+def test_paths_are_stripped(tmp_path: Path, pems: dict[str, bytes], raw: str) -> None:
+    """A ConfigMap made with `--from-file`, or an `echo`, ends in a newline: it became part of
+    the path, "cannot read /x/server.pem<newline>: No such file" over two lines (an audit)."""
+    paths = {}
+    for name, what in zip(PATH_FIELDS, ("cert", "key", "ca", None), strict=True):
+        paths[name] = str(tmp_path / f"{name}.pem")
+        if what:
+            Path(paths[name]).write_bytes(pems[what])
+    env = {f"SOFTGATE_{k.upper()}": raw.format(v) for k, v in paths.items()}
+    for s in (
+        Settings.load({}, env=env),
+        Settings.load({k: raw.format(v) for k, v in paths.items()}, env={}),
+    ):
+        assert {k: getattr(s, k) for k in PATH_FIELDS} == paths
+        assert s.host_problems() == []
+
+
+def test_tls_paths_are_quoted_in_messages(tmp_path: Path) -> None:
+    """A path's odd characters show (repr), rather than break the line."""
+    cert, key = str(tmp_path / "cert\n.pem"), str(tmp_path / "key .pem")
+    problems = Settings(tls_cert=cert, tls_key=key).host_problems()
+    assert problems == [
+        f"tls_cert: cannot read {cert!r}: No such file or directory",
+        f"tls_key: cannot read {key!r}: No such file or directory",
+    ]
 
 
 def test_good_tls_files_pass(tmp_path: Path, pems: dict[str, bytes]) -> None:
@@ -480,8 +538,16 @@ def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path: Path, suffix: str)
     assert Settings.load({}, env={}, config_file=cfg).max_runs == 3
 
 
-def _self_signed(tmp_path: Path, key: Any) -> dict[str, str]:
-    """A self-signed certificate of `key` (a `cryptography` private key) and the key, as files."""
+def _self_signed(
+    tmp_path: Path,
+    key: Any,
+    *,
+    days: tuple[float, float] = (0, 1),
+    key_format: str = "PKCS8",
+    password: bytes | None = None,
+) -> dict[str, str]:
+    """A self-signed certificate of `key` (a `cryptography` private key), valid from `days[0]`
+    to `days[1]` days from now, and the key (`key_format`, encrypted with `password`), as files."""
     import datetime
 
     from cryptography import x509
@@ -498,39 +564,135 @@ def _self_signed(tmp_path: Path, key: Any) -> dict[str, str]:
         .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
+        .not_valid_before(now + datetime.timedelta(days=days[0]))
+        .not_valid_after(now + datetime.timedelta(days=days[1]))
         .sign(key, None if isinstance(key, (ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)) else SHA256())
     )
     paths = {"tls_cert": str(tmp_path / "cert.pem"), "tls_key": str(tmp_path / "key.pem")}
     Path(paths["tls_cert"]).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     Path(paths["tls_key"]).write_bytes(
         key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            serialization.Encoding.PEM,
+            getattr(serialization.PrivateFormat, key_format),
+            serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption(),
         )
     )
     return paths
 
 
-@pytest.mark.parametrize("kind", ["Ed25519", "Ed448"])
-def test_an_edwards_curve_key_is_refused(tmp_path: Path, kind: str) -> None:
-    """gRPC's TLS has no Ed25519 / Ed448 signatures: such a pair passed the checks and every
-    handshake then failed NO_COMMON_SIGNATURE_ALGORITHMS (an audit)."""
-    pytest.importorskip("cryptography")
-    from cryptography.hazmat.primitives.asymmetric import ed448, ed25519
+SUPPORTED = "supported: RSA of at least 2048 bits, or ECDSA on P-256, P-384 or P-521"
 
-    key = (ed25519.Ed25519PrivateKey if kind == "Ed25519" else ed448.Ed448PrivateKey).generate()
-    flags = _self_signed(tmp_path, key)
+
+def _key(kind: str) -> Any:
+    """A fresh private key of `kind` (cryptography's)."""
+    from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+
+    makers = {
+        "Ed25519": ed25519.Ed25519PrivateKey.generate,
+        "Ed448": ed448.Ed448PrivateKey.generate,
+        "DSA": lambda: dsa.generate_private_key(2048),
+        "ECDSA secp256k1": lambda: ec.generate_private_key(ec.SECP256K1()),
+        "ECDSA brainpoolP256r1": lambda: ec.generate_private_key(ec.BrainpoolP256R1()),
+        "RSA-1024": lambda: rsa.generate_private_key(65537, 1024),
+        "RSA-2048": lambda: rsa.generate_private_key(65537, 2048),
+        "RSA-4096": lambda: rsa.generate_private_key(65537, 4096),
+        "P-256": lambda: ec.generate_private_key(ec.SECP256R1()),
+        "P-384": lambda: ec.generate_private_key(ec.SECP384R1()),
+        "P-521": lambda: ec.generate_private_key(ec.SECP521R1()),
+    }
+    return makers[kind]()
+
+
+@pytest.mark.parametrize("kind", ["Ed25519", "Ed448", "DSA", "ECDSA secp256k1", "ECDSA brainpoolP256r1"])
+def test_a_key_grpc_cannot_use_is_refused(tmp_path: Path, kind: str) -> None:
+    """gRPC's TLS (BoringSSL) cannot use these: Ed25519 / Ed448 failed every handshake
+    (NO_COMMON_SIGNATURE_ALGORITHMS), DSA and the other curves failed the bind with "cannot bind
+    gRPC on ..." and exit 1 (audits)."""
+    pytest.importorskip("cryptography")
+    flags = _self_signed(tmp_path, _key(kind))
+    [problem] = Settings.load(flags, env={}).host_problems()
+    assert problem == f"tls_key: {flags['tls_key']!r}: gRPC's TLS cannot use {kind} keys ({SUPPORTED})"
+
+
+def test_an_rsa_pss_key_is_refused(tmp_path: Path) -> None:
+    """An RSA-PSS key (its own algorithm, not rsaEncryption) failed gRPC's bind (an audit)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl command to make an RSA-PSS key")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa-pss", "-pkeyopt", "rsa_keygen_bits:2048", "-nodes"),
+            *("-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    [problem] = Settings.load({"tls_cert": str(cert), "tls_key": str(key)}, env={}).host_problems()
+    assert problem == f"tls_key: {str(key)!r}: gRPC's TLS cannot use RSA-PSS keys ({SUPPORTED})"
+
+
+def test_a_small_rsa_key_is_too_small(tmp_path: Path) -> None:
+    """RSA-1024 was "not a valid certificate ... (EE_KEY_TOO_SMALL)", from the host's OpenSSL
+    security level rather than from gRPC (an audit)."""
+    pytest.importorskip("cryptography")
+    flags = _self_signed(tmp_path, _key("RSA-1024"))
     [problem] = Settings.load(flags, env={}).host_problems()
     assert problem == (
-        f"tls_key: {flags['tls_key']} is an {kind} key, which gRPC's TLS cannot sign handshakes with "
-        "(every one failed NO_COMMON_SIGNATURE_ALGORITHMS); use an ECDSA or RSA key"
+        f"tls_key: {flags['tls_key']!r} is an RSA key of 1024 bits: key too small (RSA >= 2048 or ECDSA)"
+    )
+
+
+@pytest.mark.parametrize(("days", "needle"), [((-10, -1), "expired on"), ((1, 10), "is not valid before")])
+def test_an_expired_or_not_yet_valid_certificate_is_refused(
+    tmp_path: Path, days: tuple[float, float], needle: str
+) -> None:
+    """Such a certificate started without a word, and every client was refused (an audit)."""
+    pytest.importorskip("cryptography")
+    from cryptography import x509
+
+    flags = _self_signed(tmp_path, _key("P-256"), days=days)
+    cert = x509.load_pem_x509_certificate(Path(flags["tls_cert"]).read_bytes())
+    when = cert.not_valid_after_utc if days[1] < 0 else cert.not_valid_before_utc
+    field = "notAfter" if days[1] < 0 else "notBefore"
+    [problem] = Settings.load(flags, env={}).host_problems()
+    assert problem == (
+        f"tls_cert: {flags['tls_cert']!r}: the certificate {needle} {when:%Y-%m-%d %H:%M:%S} UTC ({field})"
+    )
+
+
+@pytest.mark.parametrize("key_format", ["PKCS8", "TraditionalOpenSSL"])
+def test_an_encrypted_key_says_so(tmp_path: Path, key_format: str) -> None:
+    """An encrypted key was "not a valid certificate and unencrypted key", no reason (an audit)."""
+    pytest.importorskip("cryptography")
+    flags = _self_signed(tmp_path, _key("P-256"), key_format=key_format, password=b"secret")
+    key = flags["tls_key"]
+    [problem] = Settings.load(flags, env={}).host_problems()
+    assert problem == (
+        f"tls_key: {key!r} is encrypted; gRPC needs an unencrypted key "
+        f"(openssl pkey -in {key} -out {key}.plain)"
+    )
+
+
+def test_a_chain_in_the_wrong_order_hints_the_leaf_comes_first(tmp_path: Path) -> None:
+    """An intermediate first gave "tls_key: ... is not the private key of tls_cert ...", true
+    only of the first certificate (an audit)."""
+    trustme = pytest.importorskip("trustme")
+    leaf = trustme.CA().create_child_ca().issue_cert("localhost")
+    cert, key = tmp_path / "chain.pem", tmp_path / "leaf.key"
+    cert.write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems[:2][::-1]))
+    key.write_bytes(leaf.private_key_pem.bytes())
+    [problem] = Settings.load({"tls_cert": str(cert), "tls_key": str(key)}, env={}).host_problems()
+    assert problem == (
+        f"tls_key: {str(key)!r} is not the private key of tls_cert {str(cert)!r} (the first "
+        "certificate in tls_cert must be the server's own, followed by its intermediates)"
     )
 
 
 def test_rsa_and_ecdsa_keys_pass(tmp_path: Path) -> None:
     pytest.importorskip("cryptography")
-    from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-    for key in (rsa.generate_private_key(65537, 2048), ec.generate_private_key(ec.SECP256R1())):
-        assert Settings.load(_self_signed(tmp_path, key), env={}).host_problems() == []
+    for kind in ("RSA-2048", "RSA-4096", "P-256", "P-384", "P-521"):
+        assert Settings.load(_self_signed(tmp_path, _key(kind)), env={}).host_problems() == [], kind

@@ -30,7 +30,7 @@ import torch
 from softgate import __version__
 from softgate.allocator import Decision, loaded_allocator, mapped_allocators
 from softgate.engine import Engine
-from softgate.grpc.server import GrpcServer
+from softgate.grpc.server import GrpcServer, TlsFilesError
 from softgate.logging import NativeStderr, configure, get_logger
 from softgate.settings import Settings, host_port
 from softgate.status import remove_status, write_status
@@ -266,6 +266,7 @@ async def _serve(settings: Settings, stop: asyncio.Event, started: list[GrpcServ
 
     grpc_server = GrpcServer(settings, engine, telemetry)
     started.append(grpc_server)
+    telemetry.watch_server(lambda: grpc_server.servicer.in_flight, lambda: grpc_server.tls_not_after)
     await grpc_server.start()
     ready = False
 
@@ -385,6 +386,6 @@ def _run(settings: Settings, allocator: Decision | None) -> int:
         return asyncio.run(serve(settings, ignore_signals_after=True))
     except OSError as e:
         log.error("startup_failed", error=str(e))
-        return 1
+        return 2 if isinstance(e, TlsFilesError) else 1  # (2: a setting, as the start-up checks)
     finally:
         torch.set_grad_enabled(grad)  # (an embedding caller's thread, as it was)

@@ -10,9 +10,12 @@ under a top-level `softgate:` / `[softgate]` section).
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
+import datetime
 import os
 import re
+import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -107,6 +110,13 @@ class Settings:
     max_concurrent_rpcs: int = field(
         default=32, metadata={"help": "RPCs in progress at once; past it RESOURCE_EXHAUSTED at once"}
     )
+    stream_idle_timeout_s: float | None = field(
+        default=30.0,
+        metadata={
+            "help": "a call that sends no request message for this long (its first included, each "
+            "whole) ends DEADLINE_EXCEEDED and frees its slot, s; 0 or none: never"
+        },
+    )
     keepalive_time_s: float = field(default=60.0, metadata={"help": "server keepalive ping interval, s"})
     keepalive_timeout_s: float = field(default=20.0, metadata={"help": "keepalive ping ack timeout, s"})
     max_connection_age_s: float | None = field(
@@ -135,7 +145,10 @@ class Settings:
         metadata={"help": "one INFO line per finished RPC: rpc, run, status, seconds, sizes, peer, error"},
     )
     max_runs: int = field(
-        default=20, metadata={"help": "distinct softgate-run labels in metrics; more fold into 'other'"}
+        default=20,
+        metadata={
+            "help": "distinct softgate-run labels in metrics; past it the least recently active run is dropped"
+        },
     )
     # ---- request limits (0: no limit)
     max_tokens: int = field(
@@ -146,6 +159,9 @@ class Settings:
     )
     max_groups: int = field(
         default=1 * MiB, metadata={"help": "distinct groups per request (per stream), 0: no limit"}
+    )
+    max_stream_chunks: int = field(
+        default=16384, metadata={"help": "messages (chunks) in one StreamLoss stream, 0: no limit"}
     )
     status_file: str | None = field(
         default=None,
@@ -189,10 +205,16 @@ class Settings:
             p.append(f"inline_max_tokens: {self.inline_max_tokens} must be >= 0 (0: never inline)")
         if self.host_max_tokens < 0:
             p.append(f"host_max_tokens: {self.host_max_tokens} must be >= 0 (0: every call on the device)")
-        for name in ("max_tokens", "max_sequences", "max_groups", "max_compiled_kernels"):
+        for name in (
+            "max_tokens",
+            "max_sequences",
+            "max_groups",
+            "max_stream_chunks",
+            "max_compiled_kernels",
+        ):
             if getattr(self, name) < 0:
                 p.append(f"{name}: {getattr(self, name)} must be >= 0 (0: no limit)")
-        for name in ("max_tokens", "max_sequences", "max_groups"):
+        for name in ("max_tokens", "max_sequences", "max_groups", "max_stream_chunks"):
             if getattr(self, name) > INT64_MAX:  # failed start-up with a traceback (an audit)
                 p.append(f"{name}: {getattr(self, name)} must be at most {INT64_MAX} (a 64-bit integer)")
         for name in (
@@ -201,6 +223,7 @@ class Settings:
             "max_connection_age_s",
             "max_connection_age_grace_s",
             "grace_seconds",
+            "stream_idle_timeout_s",
         ):
             v = getattr(self, name)
             if v is not None and not 0 <= v <= MAX_SECONDS:  # (NaN fails too)
@@ -242,7 +265,7 @@ class Settings:
         if device:
             p.append(f"device: {self.device!r} {device}")
         if self.tls_cert is not None and self.tls_key is not None:
-            p += _tls_problems(self.tls_cert, self.tls_key, self.tls_client_ca)
+            p += tls_problems(self.tls_cert, self.tls_key, self.tls_client_ca)
         return p
 
     # ------------------------------------------------------------ views
@@ -344,6 +367,7 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     return out
 
 
+_PATH_FIELDS = frozenset({"tls_cert", "tls_key", "tls_client_ca", "status_file"})
 _BOOL_HINT = " (YAML reads yes, no, on and off as true and false)"
 _TYPE_NAMES = {bool: "boolean", int: "number", float: "number", list: "list", dict: "mapping"}
 
@@ -359,6 +383,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             value = value.strip()
             if value.lower() in _NONE_WORDS:
                 raise ValueError(f"{value!r} looks like a placeholder; leave it unset for no token")
+        if name in _PATH_FIELDS and isinstance(value, str):
+            value = value.strip()  # (a ConfigMap made with --from-file, or `echo`, ends in a newline)
         if isinstance(value, str):
             s = value.strip()
             if optional and s.lower() in _NONE_WORDS and name != "compile":
@@ -449,6 +475,22 @@ def _device_problem(device: str, *, on_this_host: bool) -> str | None:
 
 
 _PEM_BEGIN = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----")
+_PEM_CERT = re.compile(r"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", re.S)
+# what gRPC's TLS (BoringSSL) signs handshakes with; the other keys OpenSSL loads (Ed25519,
+# DSA, RSA-PSS, secp256k1, brainpool) passed this check, then failed the bind or every handshake
+SUPPORTED_KEYS = "supported: RSA of at least 2048 bits, or ECDSA on P-256, P-384 or P-521"
+_RSA, _EC = "1.2.840.113549.1.1.1", "1.2.840.10045.2.1"
+_CURVES = {"1.2.840.10045.3.1.7": "P-256", "1.3.132.0.34": "P-384", "1.3.132.0.35": "P-521"}
+_KEY_NAMES = {
+    "1.2.840.113549.1.1.10": "RSA-PSS",
+    "1.2.840.10040.4.1": "DSA",
+    "1.3.101.112": "Ed25519",
+    "1.3.101.113": "Ed448",
+    "1.3.132.0.10": "secp256k1",
+    "1.3.36.3.3.2.8.1.1.7": "brainpoolP256r1",
+    "1.3.36.3.3.2.8.1.1.11": "brainpoolP384r1",
+    "1.3.36.3.3.2.8.1.1.13": "brainpoolP512r1",
+}
 
 
 def _pem_problem(name: str, path: str, kind: str) -> str | None:
@@ -457,15 +499,16 @@ def _pem_problem(name: str, path: str, kind: str) -> str | None:
     try:
         text = Path(path).read_text(errors="replace")
     except OSError as e:
-        return f"{name}: cannot read {path}: {e.strerror or e}"
+        return f"{name}: cannot read {path!r}: {e.strerror or e}"
     if not any(label == kind or label.endswith(" " + kind) for label in _PEM_BEGIN.findall(text)):
-        return f"{name}: {path} holds no PEM {kind} block"
+        return f"{name}: {path!r} holds no PEM {kind} block"
     return None
 
 
-def _tls_problems(cert: str, key: str, client_ca: str | None) -> list[str]:
-    """The TLS files: readable, PEM of the right kind, and a key that parses and belongs to the
-    certificate (checked by the standard library's OpenSSL; gRPC would only fail to bind)."""
+def tls_problems(cert: str, key: str, client_ca: str | None) -> list[str]:
+    """The TLS files: readable, PEM of the right kind, an unencrypted key of an algorithm gRPC
+    can use, that belongs to a certificate valid now (the first in `cert`), and a client CA
+    that parses. Checked at start and on every reload; [] when all is well."""
     import ssl
 
     p = [
@@ -479,47 +522,141 @@ def _tls_problems(cert: str, key: str, client_ca: str | None) -> list[str]:
     ]
     if p:
         return p
+    key_text = Path(key).read_text(errors="replace")
+    if "-----BEGIN ENCRYPTED PRIVATE KEY-----" in key_text or "Proc-Type: 4,ENCRYPTED" in key_text:
+        plain = shlex.quote(key + ".plain")
+        return [
+            f"tls_key: {key!r} is encrypted; gRPC needs an unencrypted key "
+            f"(openssl pkey -in {shlex.quote(key)} -out {plain})"
+        ]
+    leaf = _leaf_certificate(Path(cert).read_text(errors="replace"))
+    if leaf is not None:  # (one that does not parse: OpenSSL's load below says so)
+        p += _validity_problems(cert, *leaf[:2])
+        p += _key_problems(key, *leaf[2:])
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    # BoringSSL has no security levels: without this, the host's openssl.cnf decided (RSA-1024
+    # was EE_KEY_TOO_SMALL here, fine on another host); the key check above decides instead
+    with contextlib.suppress(ssl.SSLError):
+        ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
     try:
-        ctx.load_cert_chain(cert, key, password=lambda: b"")  # an encrypted key fails, no prompt
+        ctx.load_cert_chain(cert, key, password=lambda: b"")  # (no prompt)
     except ssl.SSLError as e:
         if e.reason == "KEY_VALUES_MISMATCH":
-            p.append(f"tls_key: {key} is not the private key of tls_cert {cert}")
-        else:
-            why = f" ({e.reason})" if e.reason else ""
-            p.append(f"tls_cert and tls_key: {cert}, {key}: not a valid certificate and unencrypted key{why}")
-    else:
-        edwards = _edwards_key(key)
-        if edwards:
             p.append(
-                f"tls_key: {key} is an {edwards} key, which gRPC's TLS cannot sign handshakes with "
-                "(every one failed NO_COMMON_SIGNATURE_ALGORITHMS); use an ECDSA or RSA key"
+                f"tls_key: {key!r} is not the private key of tls_cert {cert!r} (the first certificate "
+                "in tls_cert must be the server's own, followed by its intermediates)"
             )
+        elif not p:
+            why = f" ({e.reason})" if e.reason else ""
+            p.append(f"tls_cert and tls_key: {cert!r}, {key!r}: not a valid certificate and key{why}")
     if client_ca is not None:
         try:
             ctx.load_verify_locations(client_ca)
         except ssl.SSLError as e:
             why = f" ({e.reason})" if e.reason else ""
-            p.append(f"tls_client_ca: {client_ca}: not valid PEM certificates{why}")
+            p.append(f"tls_client_ca: {client_ca!r}: not valid PEM certificates{why}")
     return p
 
 
-# the DER object identifiers of Ed25519 (1.3.101.112) and Ed448 (1.3.101.113)
-_EDWARDS_OIDS = {b"\x06\x03\x2b\x65\x70": "Ed25519", b"\x06\x03\x2b\x65\x71": "Ed448"}
-_PKCS8 = re.compile(r"-----BEGIN PRIVATE KEY-----(.*?)-----END PRIVATE KEY-----", re.S)
+def cert_not_after(pem: str) -> datetime.datetime | None:
+    """The notAfter of the first certificate of a PEM chain, None when it does not parse."""
+    leaf = _leaf_certificate(pem)
+    return leaf[1] if leaf is not None else None
 
 
-def _edwards_key(path: str) -> str | None:
-    """The algorithm of the key file's PKCS#8 key when it is Ed25519 or Ed448 (its identifier
-    opens the DER), else None: no dependency on `cryptography` for this one check."""
-    m = _PKCS8.search(Path(path).read_text(errors="replace"))
+def _validity_problems(cert: str, not_before: datetime.datetime, not_after: datetime.datetime) -> list[str]:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    if not_after < now:
+        return [
+            f"tls_cert: {cert!r}: the certificate expired on {not_after:%Y-%m-%d %H:%M:%S} UTC (notAfter)"
+        ]
+    if not_before > now:
+        return [
+            f"tls_cert: {cert!r}: the certificate is not valid before {not_before:%Y-%m-%d %H:%M:%S} UTC "
+            "(notBefore)"
+        ]
+    return []
+
+
+def _key_problems(key: str, algorithm: str, detail: str | int) -> list[str]:
+    """Why gRPC cannot use a certificate's key (its algorithm OID, and the curve OID of an EC
+    key or the bits of an RSA one); the key file holds that key, or load_cert_chain says not."""
+    if algorithm == _RSA:
+        if int(detail) < 2048:
+            return [f"tls_key: {key!r} is an RSA key of {detail} bits: key too small (RSA >= 2048 or ECDSA)"]
+        return []
+    if algorithm == _EC:
+        if detail in _CURVES:
+            return []
+        name = "ECDSA " + _KEY_NAMES.get(str(detail), str(detail) or "(explicit curve parameters)")
+    else:
+        name = _KEY_NAMES.get(algorithm, f"OID {algorithm}")
+    return [f"tls_key: {key!r}: gRPC's TLS cannot use {name} keys ({SUPPORTED_KEYS})"]
+
+
+# A few lines of DER rather than a dependency on `cryptography`: an X.509 certificate is
+# SEQUENCE { tbsCertificate SEQUENCE { [0] version, serial, signature, issuer, validity
+# SEQUENCE { notBefore, notAfter }, subject, subjectPublicKeyInfo SEQUENCE { algorithm
+# SEQUENCE { OID, parameters }, BIT STRING }, ... }, ... } (RFC 5280)
+def _leaf_certificate(pem: str) -> tuple[datetime.datetime, datetime.datetime, str, str | int] | None:
+    """(notBefore, notAfter, key algorithm OID, its curve OID (EC) or modulus bits (RSA)) of the
+    first certificate of a PEM chain, or None when it does not parse."""
+    m = _PEM_CERT.search(pem)
     if m is None:
         return None
     try:
-        head = base64.b64decode("".join(m.group(1).split()))[:16]
-    except ValueError:  # (binascii.Error)
+        der = base64.b64decode("".join(m.group(1).split()), validate=True)
+        tbs = _elements(der, *_elements(der, 0, len(der))[0][1:])[0]
+        items = _elements(der, tbs[1], tbs[2])
+        items = items[1:] if items[0][0] == 0xA0 else items  # (the optional version)
+        not_before, not_after = (_time(der, *t) for t in _elements(der, *items[3][1:]))
+        algorithm_id, public_key = _elements(der, *items[5][1:])
+        oid, *params = _elements(der, *algorithm_id[1:])
+        algorithm = _oid(der[oid[1] : oid[2]])
+        detail: str | int = ""
+        if algorithm == _EC and params and params[0][0] == 0x06:  # a named curve
+            detail = _oid(der[params[0][1] : params[0][2]])
+        elif algorithm == _RSA:  # BIT STRING (past its unused-bits byte) of RSAPublicKey { n, e }
+            rsa_key = _elements(der, public_key[1] + 1, public_key[2])[0]
+            modulus = _elements(der, *rsa_key[1:])[0]
+            detail = int.from_bytes(der[modulus[1] : modulus[2]], "big").bit_length()
+        return not_before, not_after, algorithm, detail
+    except (IndexError, ValueError):  # (binascii.Error, a short or malformed DER)
         return None
-    return next((kind for oid, kind in _EDWARDS_OIDS.items() if oid in head), None)
+
+
+def _elements(der: bytes, start: int, end: int) -> list[tuple[int, int, int]]:
+    """The DER elements in der[start:end]: (tag, start, end of their contents)."""
+    out = []
+    while start < end:
+        tag, n, i = der[start], der[start + 1], start + 2
+        if n & 0x80:  # long form: the next n & 0x7f bytes hold the length
+            n, i = int.from_bytes(der[i : i + (n & 0x7F)], "big"), i + (n & 0x7F)
+        if i + n > end:
+            raise ValueError("truncated DER")
+        out.append((tag, i, i + n))
+        start = i + n
+    return out
+
+
+def _time(der: bytes, tag: int, start: int, end: int) -> datetime.datetime:
+    """A UTCTime (0x17, YYMMDDHHMMSSZ, 1950-2049) or GeneralizedTime (YYYYMMDDHHMMSSZ)."""
+    text = der[start:end].decode("ascii")
+    if tag == 0x17:
+        text = ("19" if text[:2] >= "50" else "20") + text
+    return datetime.datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(tzinfo=datetime.timezone.utc)
+
+
+def _oid(body: bytes) -> str:
+    """An OBJECT IDENTIFIER's contents, dotted: base-128 numbers, the first holding two."""
+    numbers, n = [], 0
+    for byte in body:
+        n = n << 7 | byte & 0x7F
+        if not byte & 0x80:
+            numbers.append(n)
+            n = 0
+    first = min(numbers[0] // 40, 2)
+    return ".".join(map(str, [first, numbers[0] - 40 * first, *numbers[1:]]))
 
 
 def host_port(host: str, port: int | None) -> str:

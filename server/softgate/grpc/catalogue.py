@@ -132,4 +132,5 @@ def build(limits: Limits, max_message_bytes: int) -> pb.ListAlgorithmsResponse:
     r.limits.max_sequences = limits.max_sequences
     r.limits.max_groups = limits.max_groups
     r.limits.max_message_bytes = max_message_bytes
+    r.limits.max_stream_chunks = limits.max_stream_chunks
     return r

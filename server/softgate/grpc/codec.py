@@ -107,6 +107,7 @@ class Limits:
     max_tokens: int = 0
     max_sequences: int = 0
     max_groups: int = 0
+    max_stream_chunks: int = 0  # messages in one StreamLoss stream
 
 
 # ---------------------------------------------------------------- wire

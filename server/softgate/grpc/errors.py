@@ -28,7 +28,8 @@ MAX_MESSAGE_CHARS = 1000
 
 
 class DeadlineExceeded(Exception):
-    """The call's deadline passed before its work finished."""
+    """The call's deadline passed before its work finished; with a message, another time limit
+    did (the message says which)."""
 
 
 class Cancelled(Exception):
@@ -100,7 +101,9 @@ def failure_for(exc: BaseException) -> Failure:
     if isinstance(exc, InputError):
         return bad_request(exc)
     if isinstance(exc, DeadlineExceeded):
-        return Failure(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the loss was computed")
+        return Failure(
+            grpc.StatusCode.DEADLINE_EXCEEDED, str(exc) or "deadline exceeded before the loss was computed"
+        )
     if isinstance(exc, Cancelled):
         return Failure(grpc.StatusCode.CANCELLED, "cancelled")
     if is_out_of_memory(exc):

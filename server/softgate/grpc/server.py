@@ -11,8 +11,10 @@ message size, keepalive, max connection age, TLS / mutual TLS, graceful stop.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import os
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,7 +29,7 @@ from softgate.engine import Engine
 from softgate.grpc.codec import Limits, safe_deserializer, serializer
 from softgate.grpc.servicer import SERVICE_NAME, LossServicer
 from softgate.logging import get_logger
-from softgate.settings import Settings, host_port
+from softgate.settings import SUPPORTED_KEYS, Settings, cert_not_after, host_port, tls_problems
 from softgate.telemetry import Telemetry
 
 log = get_logger("grpc")
@@ -44,9 +46,11 @@ def channel_options(settings: Settings) -> list[tuple[str, Any]]:
         ("grpc.keepalive_time_ms", int(settings.keepalive_time_s * 1000)),
         ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_s * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
-        # accept client keepalive pings as often as every 10 s without calling them abuse
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
-        ("grpc.http2.max_ping_strikes", 0),
+        # clients may ping every 10 s, with calls in flight or not (keepalive_permit_without_calls
+        # above); the third ping sooner, with no data sent between, closes the connection (GOAWAY
+        # ENHANCE_YOUR_CALM "too_many_pings"); the softgate client pings every 30 s
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 2),
         ("grpc.so_reuseport", 0),
     ]
     if settings.max_connection_age_s is not None:
@@ -57,16 +61,88 @@ def channel_options(settings: Settings) -> list[tuple[str, Any]]:
     return opts
 
 
-def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
-    if not settings.tls:
-        return None
-    assert settings.tls_cert is not None and settings.tls_key is not None
-    cert = Path(settings.tls_cert).read_bytes()
-    key = Path(settings.tls_key).read_bytes()
-    ca = Path(settings.tls_client_ca).read_bytes() if settings.tls_client_ca else None
-    return grpc.ssl_server_credentials(
-        [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
-    )
+# a set of TLS files refused on reload is checked again after this long though unchanged: a
+# renewed certificate a little ahead of this host's clock (notBefore) is taken once it is valid
+TLS_RETRY_S = 60.0
+
+
+class TlsFilesError(OSError):
+    """gRPC's TLS refused the certificate and key that the start-up check let through."""
+
+
+def _iso(t: datetime.datetime | None) -> str | None:
+    return None if t is None else t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class TlsFiles:
+    """The server's certificate, key and client CA, re-read when one of the files changes:
+    gRPC asks `fetch` before every TLS handshake (grpc.dynamic_ssl_server_credentials), so a
+    rotated Secret is served from the next new connection on, without a restart."""
+
+    def __init__(self, cert: str, key: str, client_ca: str | None) -> None:
+        self.cert, self.key, self.client_ca = cert, key, client_ca
+        self._lock = threading.Lock()
+        self._stamp = self._stat()
+        self._refused: Any = None  # the stamp of a set refused on reload, and when
+        self._refused_at = 0.0
+        self.config, self.not_after = self._read()
+
+    @property
+    def not_after_timestamp(self) -> float | None:
+        """When the certificate served now expires (its notAfter), in Unix seconds; None when
+        it does not parse (gRPC then refused it at start)."""
+        return None if self.not_after is None else self.not_after.timestamp()
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.dynamic_ssl_server_credentials(
+            self.config, self.fetch, require_client_authentication=self.client_ca is not None
+        )
+
+    def _paths(self) -> tuple[str, ...]:
+        return (self.cert, self.key) + ((self.client_ca,) if self.client_ca else ())
+
+    def _stat(self) -> tuple[tuple[int, int, int], ...]:
+        """Each file's (inode, mtime, size), symlinks followed: a Kubernetes Secret volume swaps
+        its files by re-pointing the ..data symlink, so the inode changes."""
+        return tuple((s.st_ino, s.st_mtime_ns, s.st_size) for s in map(os.stat, self._paths()))
+
+    def _read(self) -> tuple[grpc.ServerCertificateConfiguration, datetime.datetime | None]:
+        cert, key = Path(self.cert).read_bytes(), Path(self.key).read_bytes()
+        ca = Path(self.client_ca).read_bytes() if self.client_ca else None
+        config = grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+        return config, cert_not_after(cert.decode(errors="replace"))
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """The new configuration when the files changed and pass the start-up checks, else None
+        (gRPC keeps the current one). A refused set is logged once, and checked again after
+        TLS_RETRY_S."""
+        with self._lock:
+            try:
+                stamp = self._stat()
+                if stamp == self._stamp:
+                    return None
+                refused = stamp == self._refused
+                if refused and time.monotonic() - self._refused_at < TLS_RETRY_S:
+                    return None
+                problems = tls_problems(self.cert, self.key, self.client_ca)
+                new = None if problems else self._read()
+                if self._stat() != stamp:
+                    return None  # changed while read: the next handshake reads it again
+            except OSError:  # a swap half done, a file gone: keep serving what we have
+                return None
+            if new is None:
+                if not refused:
+                    log.warning(
+                        "tls_reload_failed",
+                        error="; ".join(problems),
+                        action="serving the previous certificate",
+                    )
+                self._refused, self._refused_at = stamp, time.monotonic()
+                return None
+            self._stamp, self._refused = stamp, None
+            self.config, self.not_after = new
+            log.info("tls_reloaded", not_after=_iso(self.not_after), cert=self.cert)
+            return self.config
 
 
 def loss_service_handler(servicer: LossServicer) -> grpc.GenericRpcHandler:
@@ -139,8 +215,11 @@ class GrpcServer:
             self.executor,
             self.telemetry,
             max_concurrent_rpcs=settings.max_concurrent_rpcs,
-            limits=Limits(settings.max_tokens, settings.max_sequences, settings.max_groups),
+            limits=Limits(
+                settings.max_tokens, settings.max_sequences, settings.max_groups, settings.max_stream_chunks
+            ),
             max_message_bytes=settings.max_message_bytes,
+            stream_idle_timeout_s=settings.stream_idle_timeout_s,
             inline_max_tokens=settings.inline_max_tokens,
             log_requests=settings.log_requests,
         )
@@ -148,6 +227,13 @@ class GrpcServer:
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
         self.serving = False
+        self.tls: TlsFiles | None = None  # (set by start, with TLS on)
+
+    @property
+    def tls_not_after(self) -> float | None:
+        """When the certificate served now expires (notAfter), Unix seconds; None without TLS.
+        Follows rotations."""
+        return self.tls.not_after_timestamp if self.tls is not None else None
 
     @property
     def address(self) -> str:
@@ -166,23 +252,35 @@ class GrpcServer:
         )
         reflection.enable_server_reflection(names, server)
         bind = host_port(s.grpc_host, s.grpc_port)
-        creds = server_credentials(s)
+        if s.tls_cert is not None and s.tls_key is not None:
+            self.tls = TlsFiles(s.tls_cert, s.tls_key, s.tls_client_ca)
         failure = "address in use?"
         try:
-            port = server.add_secure_port(bind, creds) if creds else server.add_insecure_port(bind)
+            if self.tls is not None:
+                port = server.add_secure_port(bind, self.tls.credentials())
+            else:
+                port = server.add_insecure_port(bind)
         except RuntimeError as e:
             port, failure = 0, str(e)
         if not port:
-            raise OSError(f"cannot bind gRPC on {bind}: {bind_error(s.grpc_host, s.grpc_port) or failure}")
+            in_use = bind_error(s.grpc_host, s.grpc_port)
+            if self.tls is not None and in_use is None:  # (the address is free: the files are the cause)
+                raise TlsFilesError(
+                    f"tls_cert / tls_key: gRPC's TLS cannot use {s.tls_cert!r} and {s.tls_key!r} "
+                    f"({SUPPORTED_KEYS})"
+                )
+            raise OSError(f"cannot bind gRPC on {bind}: {in_use or failure}")
         await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self.server, self.port = server, port
+        tls_fields: dict[str, Any] = {} if self.tls is None else {"not_after": _iso(self.tls.not_after)}
         log.info(
             "grpc_listening",
             address=self.address,
             port=port,
             tls=s.tls,
             mutual_tls=s.tls_client_ca is not None,
+            **tls_fields,
             max_message_bytes=s.max_message_bytes,
             max_concurrent_rpcs=s.max_concurrent_rpcs,
         )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import sys
 import threading
 import time
 import traceback
@@ -44,6 +45,10 @@ from softgate.threads import one_thread, single_threaded_here
 DEFAULT_INLINE_MAX_TOKENS = ONE_THREAD_MAX_TOKENS  # (equal: see engine.ONE_THREAD_MAX_TOKENS)
 INLINE_BUDGET_S = 0.01
 INLINE_STREAK = 3
+# a StreamLoss of more chunks joins them in the pool whatever its tokens: joining costs per
+# chunk (30,000 empty chunks held the loop 0.6 s; an audit)
+INLINE_MAX_CHUNKS = 64
+DEFAULT_STREAM_IDLE_TIMEOUT_S = 30.0  # settings.Settings.stream_idle_timeout_s
 # Deferred telemetry after a small call waits until no RPC has run for KICK_IDLE_S (a trainer's
 # next back-to-back call then does not queue behind the last one's recording), or until
 # KICK_BACKLOG calls wait; after a large call (more than inline_max_tokens) it starts at once.
@@ -189,6 +194,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         max_message_bytes: int = 512 << 20,
         inline_max_tokens: int = DEFAULT_INLINE_MAX_TOKENS,
         log_requests: bool = False,
+        stream_idle_timeout_s: float | None = DEFAULT_STREAM_IDLE_TIMEOUT_S,
     ) -> None:
         self.engine = engine
         self.executor = executor
@@ -200,6 +206,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         self._catalogue = catalogue.build(self.limits, max_message_bytes)
         self.inline_max_tokens = inline_max_tokens
         self.log_requests = log_requests
+        self.stream_idle_timeout_s = stream_idle_timeout_s or None  # (0: no limit)
         # consecutive small calls that took at most INLINE_BUDGET_S (see _run)
         self._fast_streak = 0
         self._loop_single_threaded: int | None = None
@@ -216,9 +223,11 @@ class LossServicer(pb_grpc.LossServiceServicer):
             log.warning("telemetry_error", hook=name, exc_info=True)
 
     async def _refuse(self, call: _Call, code: grpc.StatusCode, message: str, context: Any) -> None:
-        """Account for a call refused at admission, then abort it with `code`."""
+        """Account for a call refused at admission, then abort it with `code`. It is counted but
+        not timed: busy refusals observed as 0 s dragged the latency percentiles toward 0 exactly
+        when the server was saturated."""
         call.code, call.error = code.name, message
-        self._account(call, 0.0)
+        self._account(call, None)
         await context.abort(code, message)
 
     def _new_call(self, rpc: str, context: Any) -> _Call:
@@ -259,8 +268,9 @@ class LossServicer(pb_grpc.LossServiceServicer):
             call.released = True
             self.in_flight -= 1
 
-    def _account(self, call: _Call, seconds: float) -> None:
-        """Telemetry's request_finished for an ended call, and its log line (log_requests)."""
+    def _account(self, call: _Call, seconds: float | None) -> None:
+        """Telemetry's request_finished for an ended call, and its log line (log_requests);
+        `seconds` None: a call refused at admission, not timed (its log line reads 0)."""
         self._hook(
             "request_finished",
             call.rpc,
@@ -279,7 +289,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 rpc=call.rpc,
                 run=call.run,
                 code=call.code,
-                seconds=round(seconds, 6),
+                seconds=round(seconds or 0.0, 6),
                 tokens=call.tokens,
                 sequences=call.sequences,
                 bytes_in=call.bytes_in,
@@ -460,7 +470,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         async with self._guard("ComputeAdvantages", context) as call:
             msg = request
             if not isinstance(msg, (pb.ComputeAdvantagesRequest, codec.CorruptMessage)):
-                msg = await _first(msg)
+                msg = await _first(msg, self.stream_idle_timeout_s)
             if isinstance(msg, codec.CorruptMessage):
                 raise InputError([msg.violation("request")])
             assert isinstance(msg, pb.ComputeAdvantagesRequest)
@@ -526,7 +536,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         otherwise (e.g. the generated registration). None: failed, the status says why."""
         async with self._guard("ComputeLoss", context) as call:
             if not isinstance(request, (pb.ComputeLossRequest, codec.Received, codec.CorruptMessage)):
-                request = await _first(request)
+                request = await _first(request, self.stream_idle_timeout_s)
             if isinstance(request, codec.CorruptMessage):
                 raise InputError([request.violation("request")])
             msg, wire = codec.unwrap(request)
@@ -599,6 +609,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         self, request_iterator: AsyncIterator[pb.StreamLossRequest | codec.Received], context: Any
     ) -> AsyncIterator[pb.StreamLossResponse | codec.Encoded]:
         async with self._guard("StreamLoss", context) as call:
+            request_iterator = _idle_bounded(request_iterator, self.stream_idle_timeout_s)
             cfg_msg: pb.LossConfig | None = None
             out_msg: pb.OutputSelection | None = None
             # each chunk is decoded (in the pool) while the next one arrives; a failure is
@@ -609,6 +620,13 @@ class LossServicer(pb_grpc.LossServiceServicer):
             try:
                 async for item in request_iterator:
                     i = len(decoding)
+                    most = self.limits.max_stream_chunks
+                    if most and i >= most:  # (each chunk costs ~4 KB and ~1 ms, however small)
+                        await _settle(decoding)
+                        too_many = f"too_large: more than {most} chunks in one stream (max_stream_chunks)"
+                        raise InputError(
+                            [FieldViolation(f"chunk[{i}]", f"{too_many}; send fewer, larger chunks")]
+                        )
                     if isinstance(item, codec.CorruptMessage):
                         await _settle(decoding)
                         raise InputError([item.violation(f"chunk[{i}]")])
@@ -668,7 +686,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
             config, result, responses = await self._run(
                 call,
                 lambda cancel: self._stream_loss(config_msg, out_msg, chunks, cancel, encoded),
-                call.tokens,
+                call.tokens if len(chunks) <= INLINE_MAX_CHUNKS else None,
             )
             chunks.clear()
             for r in responses:
@@ -738,17 +756,49 @@ class LossServicer(pb_grpc.LossServiceServicer):
 # ---------------------------------------------------------------- helpers
 
 
-async def _first(requests: AsyncIterator[Any]) -> Any:
-    """The request of a unary call read as a stream (server.loss_service_handler). When none
-    comes, the call ended before it arrived (its deadline, a cancel, a message over the size
-    limit that grpc refused itself; a unary client always sends one): accounted as cut, never
-    as a rejected input the client did not see."""
+async def _first(requests: AsyncIterator[Any], idle_s: float | None) -> Any:
+    """The request of a unary call read as a stream (server.loss_service_handler), waited for
+    at most `idle_s` (see `_next_request`). When none comes, the call ended before it arrived
+    (its deadline, a cancel, a message over the size limit that grpc refused itself; a unary
+    client always sends one): accounted as cut, never as a rejected input the client did not see."""
     try:
-        async for r in requests:
-            return r
+        return await _next_request(aiter(requests), idle_s)
+    except StopAsyncIteration:
+        raise Cancelled() from None
     finally:
         await _close(requests)
-    raise Cancelled()
+
+
+async def _next_request(requests: AsyncIterator[T], idle_s: float | None) -> T:
+    """The next message of a request stream (StopAsyncIteration at its end), waited for at most
+    `idle_s` seconds (None: no limit), else DeadlineExceeded: a call that sends nothing must give
+    its max_concurrent_rpcs slot back (it held it until its connection's max age; an audit)."""
+    if idle_s is None:
+        return await anext(requests)
+    try:
+        if sys.version_info >= (3, 11):  # (no task a message: ~2 us, where wait_for's cost ~25 us)
+            async with asyncio.timeout(idle_s):
+                return await anext(requests)
+        return await asyncio.wait_for(anext(requests), idle_s)
+    except asyncio.TimeoutError:
+        raise DeadlineExceeded(f"no request message for {idle_s:g} s (stream_idle_timeout_s)") from None
+
+
+def _idle_bounded(requests: AsyncIterator[T], idle_s: float | None) -> AsyncIterator[T]:
+    """`requests`, each next message waited for at most `idle_s` (see `_next_request`)."""
+    return requests if idle_s is None else _each_within(aiter(requests), idle_s)
+
+
+async def _each_within(requests: AsyncIterator[T], idle_s: float) -> AsyncIterator[T]:
+    try:
+        while True:
+            try:
+                item = await _next_request(requests, idle_s)
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        await _close(requests)
 
 
 async def _close(requests: AsyncIterator[Any]) -> None:

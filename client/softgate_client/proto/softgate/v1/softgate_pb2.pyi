@@ -447,16 +447,18 @@ class MetricInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ...) -> None: ...
 
 class ServerLimits(_message.Message):
-    __slots__ = ("max_tokens", "max_sequences", "max_groups", "max_message_bytes")
+    __slots__ = ("max_tokens", "max_sequences", "max_groups", "max_message_bytes", "max_stream_chunks")
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     MAX_GROUPS_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_STREAM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     max_tokens: int
     max_sequences: int
     max_groups: int
     max_message_bytes: int
-    def __init__(self, max_tokens: _Optional[int] = ..., max_sequences: _Optional[int] = ..., max_groups: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+    max_stream_chunks: int
+    def __init__(self, max_tokens: _Optional[int] = ..., max_sequences: _Optional[int] = ..., max_groups: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_stream_chunks: _Optional[int] = ...) -> None: ...
 
 class ListAlgorithmsResponse(_message.Message):
     __slots__ = ("objectives", "advantage_estimators", "aggregations", "kl_estimators", "mismatch_modes", "loss_parameters", "metrics", "limits", "server_version")

@@ -102,6 +102,11 @@ class LossServiceServicer:
         sequence, for per-sequence fields); what belongs to no one chunk (the stream's
         groups as a whole, say) is named `chunk.<field>`. A stream cancelled before all its
         responses were sent is counted CANCELLED and records no batch in the run's statistics.
+        A stream holds at most `limits.max_stream_chunks` chunks (16384 by default): the first
+        past it is refused with INVALID_ARGUMENT TOO_LARGE on `chunk[j]`. Each next message must
+        arrive within the server's `stream_idle_timeout_s` (30 s by default; the half-close
+        too), else the stream ends DEADLINE_EXCEEDED "no request message for 30 s"; the work
+        after the half-close is bounded by the call's deadline only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
