@@ -956,7 +956,7 @@ def test_a_calls_run_overrides_the_clients(inprocess_server: Any) -> None:
     assert tel.runs == ["call-run", "client-run", "adv-run"]
 
 
-def test_root_certificates_alone_mean_tls(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_root_certificates_alone_mean_tls(monkeypatch: pytest.MonkeyPatch, certs: Any) -> None:
     """passing root_certificates (or a client certificate) turns TLS on without tls=True."""
     import softgate_client._channel as chmod
 
@@ -966,7 +966,7 @@ def test_root_certificates_alone_mean_tls(monkeypatch: pytest.MonkeyPatch) -> No
         chmod.grpc, "secure_channel", lambda target, creds, options=None: made.append("secure")
     )
     monkeypatch.setattr(chmod.grpc, "ssl_channel_credentials", lambda **kw: kw)
-    pem = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+    pem = certs.ca_pem
     base = {"tls": False, "root_certificates": None, "client_cert": None, "client_key": None}
     for kw in ({"root_certificates": pem}, {"tls": True}, {}):
         chmod.make_channel("127.0.0.1:1", max_message_bytes=1 << 20, **{**base, **kw})

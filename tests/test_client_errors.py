@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import pickle
 import random
+import re
 import socket
 import threading
 import time
@@ -11,10 +14,12 @@ from concurrent import futures
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+from softgate_client import SoftgateClient
 from softgate_client._channel import RetryPolicy, normalise_target
 from softgate_client._retry import call_with_retries
 from softgate_client.errors import (
@@ -23,12 +28,15 @@ from softgate_client.errors import (
     DeadlineExceededError,
     FieldViolation,
     InvalidArgumentError,
+    ResourceExhaustedError,
     SoftgateError,
     UnavailableError,
     error_class,
     from_rpc_error,
     parse_status,
 )
+from softgate_client.proto.softgate.v1 import softgate_pb2 as pb
+from softgate_client.proto.softgate.v1 import softgate_pb2_grpc as pb_grpc
 
 
 def _bad_request_status() -> status_pb2.Status:
@@ -244,6 +252,10 @@ def test_normalise_target() -> None:
     assert normalise_target("dns://10.0.0.10:53/softgate") == ("dns://10.0.0.10:53/softgate:50051", True)
     assert normalise_target("dns:///[::1]") == ("dns:///[::1]:50051", True)
     assert normalise_target("[::1]") == ("[::1]:50051", False)
+    # a bare IPv6 literal (an audit: it went to 443, the ":" read as a port's)
+    assert normalise_target("::1") == ("[::1]:50051", False)
+    assert normalise_target("fd00::5") == ("[fd00::5]:50051", False)
+    assert normalise_target("dns:///::1") == ("dns:///[::1]:50051", True)
 
 
 def test_run_metadata_and_round_robin_options() -> None:
@@ -382,3 +394,178 @@ def test_a_call_to_a_server_that_never_answers_ends_at_its_timeout(tokens: int) 
                 assert time.monotonic() - t0 < (timeout or 1.0) + 0.5
     finally:
         listener.close()
+
+
+class _Flaky(pb_grpc.LossServiceServicer):
+    """ListAlgorithms fails with `code` and `details` until `until` (time.monotonic), then
+    answers; records each call's metadata."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, until: float = math.inf) -> None:
+        self.code, self.details, self.until = code, details, until
+        self.calls: list[dict[str, Any]] = []
+
+    def ListAlgorithms(self, request, context):
+        self.calls.append(dict(context.invocation_metadata()))
+        if time.monotonic() < self.until:
+            context.abort(self.code, self.details)
+        return pb.ListAlgorithmsResponse(server_version="test")
+
+
+@pytest.fixture()
+def fake_server():
+    """start(servicer) -> target: a LossService on a free loopback port, stopped afterwards."""
+    servers: list[grpc.Server] = []
+
+    def start(servicer: pb_grpc.LossServiceServicer) -> str:
+        server = grpc.server(futures.ThreadPoolExecutor(4))
+        pb_grpc.add_LossServiceServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        servers.append(server)
+        return f"127.0.0.1:{port}"
+
+    yield start
+    for s in servers:
+        s.stop(None)
+
+
+def test_the_default_client_rides_out_a_server_unavailable_for_seconds(fake_server) -> None:
+    """Found by an audit: the default 5 attempts gave up after at most 1.5 s (0.75 s on average),
+    so every call during a server restart failed; retries now go on for a time budget."""
+    srv = _Flaky(grpc.StatusCode.UNAVAILABLE, "starting", until=time.monotonic() + 2.0)
+    with SoftgateClient(fake_server(srv)) as c:
+        assert c.algorithms().server_version == "test"
+    assert len(srv.calls) > 2
+
+
+def test_the_final_error_says_how_long_the_client_retried(fake_server) -> None:
+    srv = _Flaky(grpc.StatusCode.UNAVAILABLE, "draining")
+    t0 = time.monotonic()
+    with SoftgateClient(fake_server(srv), retry_budget=0.6) as c, pytest.raises(UnavailableError) as ei:
+        c.algorithms()
+    assert time.monotonic() - t0 < 0.6 + 0.5
+    m = re.fullmatch(r"draining \(after (\d+) attempts over (0\.\d)s\)", ei.value.details)
+    assert m is not None, ei.value.details
+    assert int(m.group(1)) == len(srv.calls) >= 3
+    assert str(ei.value) == f"UNAVAILABLE: {ei.value.details}"
+
+
+def test_retries_caps_the_attempts_within_the_budget(fake_server) -> None:
+    srv = _Flaky(grpc.StatusCode.UNAVAILABLE, "draining")
+    with (
+        SoftgateClient(fake_server(srv), retries=2) as c,
+        pytest.raises(UnavailableError, match="after 2 attempts"),
+    ):
+        c.algorithms()
+    assert len(srv.calls) == 2
+
+
+@pytest.mark.parametrize(
+    "details, attempts",
+    [
+        ("server busy: 32 RPCs in flight (max_concurrent_rpcs=32); retry with backoff", None),
+        ("out of memory computing this batch; send smaller batches", 2),
+        ("received metadata size exceeds hard limit", 2),
+    ],
+)
+def test_only_a_busy_server_is_retried_for_the_whole_budget(details: str, attempts: int | None) -> None:
+    """A RESOURCE_EXHAUSTED other than a busy server's (out of memory is far more often a batch
+    too large than a transient) gets one retry, not a minute of them."""
+    seen: list[float | None] = []
+
+    def fn(t: float | None) -> None:
+        seen.append(t)
+        raise _FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, details)
+
+    policy = RetryPolicy(initial_backoff=0.001, max_backoff=0.01, budget=0.3)
+    with pytest.raises(ResourceExhaustedError) as ei:
+        call_with_retries(fn, policy=policy, timeout=None)
+    assert len(seen) == (attempts or len(seen)) and len(seen) >= (attempts or 5)
+    assert ei.value.details.startswith(details) and f"after {len(seen)} attempts" in ei.value.details
+
+
+def test_a_tls_setup_gRPC_could_not_use_is_not_retried() -> None:
+    seen: list[float | None] = []
+    details = "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: Failed to create security handshaker."
+
+    def fn(t: float | None) -> None:
+        seen.append(t)
+        raise _FakeRpcError(grpc.StatusCode.UNAVAILABLE, details)
+
+    with pytest.raises(UnavailableError):
+        call_with_retries(fn, policy=RetryPolicy(), timeout=10)
+    assert len(seen) == 1
+
+
+@pytest.mark.parametrize("timeout", [math.inf, 1e12])
+def test_an_infinite_timeout_means_no_deadline(fake_server, timeout: float) -> None:
+    """Found by an audit: gRPC takes math.inf (or 1e12 s) as already expired, so such a timeout
+    failed every call at once with DEADLINE_EXCEEDED."""
+    target = fake_server(_Flaky(grpc.StatusCode.OK, "", until=0.0))
+    with SoftgateClient(target, timeout=timeout) as c:
+        assert c.timeout is None
+        assert c.algorithms().server_version == "test"
+    with SoftgateClient(target, timeout=5) as c:
+        assert c.algorithms(timeout=timeout).server_version == "test"
+
+
+@pytest.mark.parametrize("bad", [math.nan, -1.0, "soon"])
+def test_a_timeout_that_is_not_seconds_is_refused_by_name(fake_server, bad: Any) -> None:
+    target = fake_server(_Flaky(grpc.StatusCode.OK, "", until=0.0))
+    with pytest.raises(ValueError, match=r"^timeout: .* must be a number of seconds >= 0"):
+        SoftgateClient(target, timeout=bad)
+    with pytest.raises(ValueError, match=r"^retry_budget: .* must be a number of seconds >= 0"):
+        SoftgateClient(target, retry_budget=bad)
+    with SoftgateClient(target) as c, pytest.raises(ValueError, match=r"^timeout: "):
+        c.algorithms(timeout=bad)
+
+
+def test_a_long_run_name_is_cut_as_the_server_cuts_it(fake_server) -> None:
+    """Found by an audit: a run name over gRPC's 16 KiB metadata limit failed every call
+    (RESOURCE_EXHAUSTED, retried); the server keeps 64 characters of it anyway."""
+    srv = _Flaky(grpc.StatusCode.OK, "", until=0.0)
+    with SoftgateClient(fake_server(srv), run="r" * 20000 + "s") as c:
+        c.algorithms()
+    assert srv.calls[0]["softgate-run"] == "r" * 64
+
+
+def test_a_closed_client_says_so(fake_server) -> None:
+    """Found by an audit: gRPC's own `Cannot invoke RPC on closed channel!` (`Channel closed!`
+    for a stream)."""
+    c = SoftgateClient(fake_server(_Flaky(grpc.StatusCode.OK, "", until=0.0)))
+    c.algorithms()
+    c.close()
+    logp = np.full(8, -1.0, np.float32)
+    for call in (
+        c.algorithms,
+        lambda: c.advantages([1.0, 0.0], [0, 0]),
+        lambda: c.loss(logp, lengths=[4, 4], advantages=[1.0, -1.0]),
+        lambda: c.loss(logp, lengths=[4, 4], advantages=[1.0, -1.0], stream=True),
+    ):
+        with pytest.raises(ValueError, match=r"^SoftgateClient is closed$"):
+            call()
+    c.close()  # twice: fine
+
+
+@pytest.mark.parametrize(
+    "err",
+    [
+        InvalidArgumentError(
+            "invalid input", violations=[FieldViolation("batch.rewards", "bad_shape: (3,)")], debug_info="x"
+        ),
+        SoftgateError("aborted", code=grpc.StatusCode.ABORTED),
+        DeadlineExceededError("Deadline Exceeded"),
+        ResourceExhaustedError("busy (after 3 attempts over 1.2s)"),
+    ],
+)
+def test_errors_survive_pickle_as_they_were(err: SoftgateError) -> None:
+    """Found by an audit: a multiprocessing worker's error came back as
+    `INVALID_ARGUMENT: INVALID_ARGUMENT: ...` (`UNKNOWN: ABORTED: ...` for a code without a class)."""
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is type(err) and str(back) == str(err)
+    assert (back.code, back.details, back.violations, back.debug_info) == (
+        err.code,
+        err.details,
+        err.violations,
+        err.debug_info,
+    )

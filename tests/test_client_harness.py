@@ -104,6 +104,7 @@ class ServerThread:
         if self._thread is not None:
             self._thread.join(30)
         self._executor.shutdown(wait=False)
+        self._loop = None  # (a second stop does nothing)
 
     def __enter__(self) -> ServerThread:
         return self.start()

@@ -303,6 +303,25 @@ def test_masked_arrays_and_sparse_tensors_are_refused_by_name() -> None:
     )
 
 
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_ndarray_subclasses_pack_as_plain_arrays(tmp_path) -> None:
+    """Found by an audit: an np.matrix logp indexed to a [1, K] matrix, sent with shape [1]
+    (the server's `shape_mismatch`); a memmap still travels without a copy."""
+    rng = np.random.default_rng(0)
+    lp = -rng.random((3, 5)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 1, 0, 0]], bool)
+    kw = {"mask": mask, "rewards": [1.0, 0.0, 1.0], "group_ids": [0, 0, 0]}
+    want = pack_batch(lp, lp, **kw)
+    got = pack_batch(np.matrix(lp), np.matrix(lp), **kw)
+    for name in ("logp", "old_logp", "mask"):
+        assert type(got.token[name]) is np.ndarray and got.token[name].shape == want.token[name].shape
+        np.testing.assert_array_equal(got.token[name], want.token[name])
+    mm = np.lib.format.open_memmap(tmp_path / "lp.npy", mode="w+", dtype=np.float32, shape=(15,))
+    mm[:] = lp.ravel()
+    p = pack_batch(mm, lengths=[15], advantages=[1.0])
+    assert type(p.token["logp"]) is np.ndarray and np.shares_memory(p.token["logp"], mm)
+
+
 @pytest.mark.parametrize(
     "kw, field",
     [

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from softgate_client import SoftgateClient, pack_batch
 from softgate_client.client import _CHUNK_HEAD_BYTES
-from softgate_client.errors import ResourceExhaustedError
+from softgate_client.errors import InvalidArgumentError, ResourceExhaustedError
 from test_client_harness import ServerThread
 
 ALL_OUTPUTS = ("advantages", "ratio", "gate_weight", "clip_mask", "mask")
@@ -150,9 +150,7 @@ def test_a_failed_ask_for_the_server_limit_is_asked_again(small_server, monkeypa
             return real(request, **kw)
 
         monkeypatch.setattr(c._stub, "ListAlgorithms", down_at_first)
-        with pytest.raises(ResourceExhaustedError):  # sent unary: over the server's limit
-            c.loss(logp, None, offsets=off, advantages=adv)
-        assert c._server_max_message_bytes is None
+        # sent unary (no limit known), refused as over the server's limit: asked again, streamed
         res = c.loss(logp, None, offsets=off, advantages=adv)
         assert res.streamed and c._server_max_message_bytes == MiB and len(asks) == 2
         c.loss(logp, None, offsets=off, advantages=adv)
@@ -233,3 +231,54 @@ def test_boolean_outputs_count_one_byte_a_token_when_chunking(inprocess_server: 
         u = c.loss(logp, offsets=off, advantages=adv, outputs=outputs, stream=False)
     assert r.chunks == 10
     assert np.array_equal(r.grad, u.grad) and np.array_equal(r.clip_mask, u.clip_mask)
+
+
+def test_a_server_restarted_with_a_smaller_limit_gets_the_call_streamed() -> None:
+    """Found by an audit: the limit asked once was kept for good, so after a restart with a
+    smaller one (a config rollout; pods with mixed limits) every large call went unary and was
+    refused. A call refused as too large asks the limit again, once, and is planned anew."""
+    logp, off, adv = ragged([100] * 5000, np.float32)  # a 2 MB request
+    first = ServerThread().start()
+    try:
+        with SoftgateClient(f"127.0.0.1:{first.port}", timeout=60) as c:
+            assert not c.loss(logp, None, offsets=off, advantages=adv).streamed
+            assert c._server_max_message_bytes == 512 * MiB
+            first.stop()
+            with ServerThread(port=first.port, max_message_bytes=MiB):
+                res = c.loss(logp, None, offsets=off, advantages=adv)
+                assert res.streamed and c._server_max_message_bytes == MiB
+                with pytest.raises(ResourceExhaustedError, match="larger than max"):  # as forced
+                    c.loss(logp, None, offsets=off, advantages=adv, stream=False)
+    finally:
+        first.stop()
+
+
+@pytest.mark.parametrize("own_limit", [False, True])
+def test_a_sequence_too_large_for_one_message_is_refused_by_name(server, small_server, own_limit) -> None:
+    """Found by an audit: one sequence larger than the limit even alone got gRPC's bare
+    `Received message larger than max (1600086 vs. 1048576)`, naming neither the sequence nor
+    the limit, though the client knew both."""
+    logp, off, adv = ragged([10, 300_000, 10], np.float32)  # sequence 1: 1.2 MB
+    target, kw = (server.port, {"max_message_bytes": MiB}) if own_limit else (small_server.port, {})
+    with (
+        SoftgateClient(f"127.0.0.1:{target}", timeout=60, **kw) as c,
+        pytest.raises(InvalidArgumentError) as ei,
+    ):
+        c.loss(logp, None, offsets=off, advantages=adv)
+    (v,) = ei.value.violations
+    whose = "this client's" if own_limit else "the server's"
+    assert v.field == "batch.offsets[1]" and v.reason == "too_large"
+    assert (
+        f"sequence 1 has 300000 tokens, 1200012 bytes in one message, over {whose} max_message_bytes 1048576"
+        in (v.description)
+    )
+
+
+def test_a_request_just_under_the_smallest_server_limit_asks_it(inprocess_server: Any) -> None:
+    """Found by an audit: the limit was asked only for more than 64 KiB of data, so a request
+    of 65,520 data bytes went unary to a 64 KiB server and was refused with its headers."""
+    srv = inprocess_server(max_message_bytes=64 * 1024)
+    logp, off, adv = ragged([8185, 8185], np.float32)
+    with SoftgateClient(srv.target, timeout=60) as c:
+        r = c.loss(logp, None, offsets=off, advantages=adv)
+        assert r.streamed and r.chunks == 2 and c._server_max_message_bytes == 64 * 1024

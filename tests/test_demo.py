@@ -84,6 +84,8 @@ def test_every_engine_objective_has_a_label(name):
         (["--objectives", "grpo(dual_clip=1)"], "dual_clip: out_of_range: 1.0 must be > 1"),
         (["--seed", "99999999999999999999999"], "--seed must be between 0 and 4294967295"),
         (["--seed", "4294967295", "--seeds", "2"], "--seed must be between 0 and 4294967295"),
+        (["--tls"], "--server-name-override need --target"),
+        (["--client-cert", "c.pem", "--in-process", "--target", "h:1"], "need --target"),
     ],
 )
 def test_bad_flags_exit_2(tmp_path, capsys, flags, why):
@@ -188,3 +190,30 @@ def test_grpc_and_in_process_engine_agree(tmp_path):
             assert [x is None for x in a[key]] == [x is None for x in b[key]], key
             got, want = ([x for x in c[key] if x is not None] for c in (a, b))
             assert got == pytest.approx(want, rel=1e-5, abs=1e-7), key
+
+
+def test_demo_reaches_a_mutual_tls_target(tmp_path, capsys, certs):
+    """Found by an audit: the demo had no TLS flags, so a TLS server refused it (`Socket closed`)."""
+    import grpc
+    from test_client_harness import ServerThread
+
+    key = tmp_path / "client.key"
+    cert = tmp_path / "client.pem"
+    key.write_bytes(certs.client_key_pem)
+    cert.write_bytes(certs.client_cert_pem)
+    creds = grpc.ssl_server_credentials(
+        [(certs.server_key_pem, certs.server_cert_pem)],
+        root_certificates=certs.ca_pem,
+        require_client_auth=True,
+    )
+    argv = ["--objectives", "sapo", "--steps", "1", "--prompts-per-step", "4", "--minibatches", "2"]
+    argv += ["--seeds", "1", "--no-progress", "--root-certificates", str(certs.ca_file)]
+    with ServerThread(server_credentials=creds) as s:
+        mtls = ["--target", f"localhost:{s.port}", "--client-cert", str(cert), "--client-key", str(key)]
+        assert main([*argv, *mtls, "--out", str(tmp_path / "ok")]) == 0
+        data = json.loads((tmp_path / "ok" / "demo-results.json").read_text())
+        assert data["backend"] == "softgate" and len(data["runs"][0]["curves"]["reward"]) == 1
+        # a key that is not the certificate's: refused by name before any call, exit 2
+        key.write_bytes(certs.other_client_key_pem)
+        assert main([*argv, *mtls, "--out", str(tmp_path / "bad")]) == 2
+        assert "softgate demo: client_key: not the private key of client_cert" in capsys.readouterr().err

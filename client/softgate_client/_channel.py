@@ -1,10 +1,15 @@
 """Channel construction: message limits, round-robin over every address a DNS name resolves
-to (a headless Kubernetes service), TLS / mTLS, keepalive."""
+to (a headless Kubernetes service), TLS / mTLS (the caller's PEM checked first), keepalive."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
+import ssl
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,27 +21,51 @@ DEFAULT_MAX_MESSAGE_BYTES = 512 * 1024 * 1024  # the server default
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Retries of UNAVAILABLE (and, optionally, other codes) with exponential backoff and full
-    jitter: attempt k (k >= 1) waits uniform(0, min(max_backoff, initial_backoff * multiplier**(k-1))),
-    all within the call's overall timeout. A loss call is a pure function of its request, so
-    retrying it is always safe."""
+    """Retries of UNAVAILABLE and RESOURCE_EXHAUSTED with capped exponential backoff and full
+    jitter: retry k (k >= 1) waits uniform(0, min(max_backoff, initial_backoff * multiplier**(k-1))).
+    A call is retried until `budget` seconds after it started or its own deadline, whichever
+    comes first (a restarting server takes seconds to come back), and at most `max_attempts`
+    attempts in all when that is set (None: the budget alone decides); a RESOURCE_EXHAUSTED
+    other than a busy server's at most `exhausted_attempts`. A loss call is a pure function of
+    its request, so retrying it is always safe."""
 
-    max_attempts: int = 5
+    max_attempts: int | None = None
     initial_backoff: float = 0.1
     max_backoff: float = 5.0
     multiplier: float = 2.0
     # RESOURCE_EXHAUSTED: a server at its concurrency limit (or out of device memory) says so at
     # once; a message over a size limit is never retried (see `retryable`)
     retry_on: tuple[grpc.StatusCode, ...] = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+    budget: float = 60.0
+    # a RESOURCE_EXHAUSTED other than a busy server's (out of memory: far more often a batch
+    # too large for the device than a transient) gets one retry, not a minute of them
+    exhausted_attempts: int = 2
+
+    def __post_init__(self) -> None:
+        if self.max_attempts is not None and self.max_attempts < 1:
+            raise ValueError(f"max_attempts: {self.max_attempts} must be at least 1, or None")
+        if not self.budget >= 0:  # (NaN too)
+            raise ValueError(f"budget: {self.budget} must be a number of seconds >= 0")
 
     def retryable(self, code: grpc.StatusCode | None, details: str | None) -> bool:
         if code not in self.retry_on:
             return False
-        return not (code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (details or ""))
+        d = details or ""
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in d:
+            return False
+        # this client's own TLS material could not be used: no attempt will differ
+        return "Failed to create security handshaker" not in d
+
+    def attempts(self, code: grpc.StatusCode | None, details: str | None) -> float:
+        """The most attempts in all for a call failing with `code` (math.inf: no cap)."""
+        cap = math.inf if self.max_attempts is None else self.max_attempts
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "server busy" not in (details or ""):
+            return min(cap, self.exhausted_attempts)
+        return cap
 
     def backoff(self, attempt: int) -> float:
         """The upper bound of the wait before retry number `attempt` (1-based)."""
-        return float(min(self.max_backoff, self.initial_backoff * self.multiplier ** (attempt - 1)))
+        return float(min(self.max_backoff, self.initial_backoff * self.multiplier ** min(attempt - 1, 64)))
 
 
 def _read(x: bytes | str | os.PathLike[str] | None) -> bytes | None:
@@ -51,9 +80,11 @@ def _read(x: bytes | str | os.PathLike[str] | None) -> bytes | None:
 
 
 def _with_port(hostport: str) -> str:
-    """`host` or `[v6]` without a port gets the default port."""
+    """`host`, `[v6]` or a bare v6 literal (`::1`) without a port gets the default port."""
     if hostport.startswith("["):
         return hostport if "]:" in hostport else f"{hostport}:{DEFAULT_PORT}"
+    if hostport.count(":") >= 2:  # an IPv6 literal (a port is only ever given after `[v6]`)
+        return f"[{hostport}]:{DEFAULT_PORT}"
     return hostport if ":" in hostport else f"{hostport}:{DEFAULT_PORT}"
 
 
@@ -103,6 +134,77 @@ def channel_options(
     return list(opts.items())
 
 
+def uses_tls(tls: bool, root_certificates: object, client_cert: object) -> bool:
+    """Whether a channel with these arguments speaks TLS (root certificates or a client
+    certificate alone turn it on)."""
+    return tls or root_certificates is not None or client_cert is not None
+
+
+def os_root_certificates() -> bytes | None:
+    """The CA bundle `tls=True` trusts without `root_certificates`: none of ours when gRPC is
+    pointed at a file (GRPC_DEFAULT_SSL_ROOTS_FILE_PATH); else the first file that exists of
+    SSL_CERT_FILE, Python's default cafile and OpenSSL's; None (gRPC's bundled public roots,
+    which know no private CA) when there is none."""
+    if os.environ.get("GRPC_DEFAULT_SSL_ROOTS_FILE_PATH"):
+        return None
+    paths = ssl.get_default_verify_paths()
+    for f in (os.environ.get("SSL_CERT_FILE"), paths.cafile, paths.openssl_cafile):
+        if f and os.path.isfile(f):
+            with open(f, "rb") as fh:
+                return fh.read()
+    return None
+
+
+_ENCRYPTED_KEY = (b"-----BEGIN ENCRYPTED PRIVATE KEY-----", b"Proc-Type: 4,ENCRYPTED")
+
+
+def _tls_context() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    # only whether the PEM parses and matches: this host's OpenSSL security level (a key size,
+    # a digest) is not gRPC's, which does its own checks in the handshake
+    ctx.set_ciphers("ALL:@SECLEVEL=0")
+    return ctx
+
+
+@contextlib.contextmanager
+def _pem_files(*blobs: bytes) -> Iterator[list[str]]:
+    """Paths to `blobs` (OpenSSL loads a key pair from files only), in a private temporary
+    folder (mode 0700) removed on exit."""
+    with tempfile.TemporaryDirectory(prefix="softgate-tls-") as d:
+        paths = []
+        for i, blob in enumerate(blobs):
+            path = os.path.join(d, f"{i}.pem")
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+                f.write(blob)
+            paths.append(path)
+        yield paths
+
+
+def check_tls_material(roots: bytes | None, cert: bytes | None, key: bytes | None) -> None:
+    """Refuse, naming the argument, TLS material gRPC cannot use: it would fail every call
+    with an opaque `Failed to create security handshaker`."""
+    if roots is not None:
+        try:
+            _tls_context().load_verify_locations(cadata=roots.decode("ascii"))
+        except (ssl.SSLError, UnicodeDecodeError, ValueError) as e:
+            raise ValueError(f"root_certificates: not PEM certificates ({e})") from None
+    if cert is None or key is None:
+        return
+    if any(mark in key for mark in _ENCRYPTED_KEY):
+        raise ValueError(
+            "client_key: encrypted; gRPC needs an unencrypted key (openssl pkey -in KEY -out KEY.plain)"
+        )
+    with _pem_files(cert, key) as (cert_path, key_path):
+        try:  # (a password callback: an encrypted key the check above missed never prompts)
+            _tls_context().load_cert_chain(cert_path, key_path, password=lambda: b"")
+        except ssl.SSLError as e:
+            if "KEY_VALUES_MISMATCH" in str(e):
+                raise ValueError("client_key: not the private key of client_cert") from None
+            raise ValueError(
+                f"client_cert / client_key: not a PEM certificate and its unencrypted private key ({e})"
+            ) from None
+
+
 def make_channel(
     target: str,
     *,
@@ -122,12 +224,13 @@ def make_channel(
     if server_name_override:
         extra["grpc.ssl_target_name_override"] = server_name_override
     opts = channel_options(max_message_bytes=max_message_bytes, round_robin=is_name, extra=extra)
-    use_tls = tls or root_certificates is not None or client_cert is not None
-    if not use_tls:
+    if not uses_tls(tls, root_certificates, client_cert):
         return grpc.insecure_channel(target, options=opts)
+    roots, cert, key = _read(root_certificates), _read(client_cert), _read(client_key)
+    check_tls_material(roots, cert, key)
     creds = grpc.ssl_channel_credentials(
-        root_certificates=_read(root_certificates),
-        private_key=_read(client_key),
-        certificate_chain=_read(client_cert),
+        root_certificates=roots if roots is not None else os_root_certificates(),
+        private_key=key,
+        certificate_chain=cert,
     )
     return grpc.secure_channel(target, creds, options=opts)

@@ -55,7 +55,9 @@ def to_numpy(x: Any, name: str) -> np.ndarray:
                 name,
                 "bad_type: a numpy masked array; pass plain values (`x.filled(0)`) and the mask as `mask=`",
             )
-        a = x
+        # a subclass as a plain ndarray: np.matrix indexes to 2-d (a [1, K] "ragged" row); a
+        # memmap stays a zero-copy view
+        a = x if type(x) is np.ndarray else np.asarray(x)
     elif is_torch(x):
         t = x.detach()
         if str(t.layout) != "torch.strided":  # (torch's own TypeError otherwise)

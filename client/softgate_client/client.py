@@ -16,19 +16,23 @@ equal the unary ones bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
+import os
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 
 from softgate_client import _wire
 from softgate_client import config as cfg
-from softgate_client._channel import DEFAULT_MAX_MESSAGE_BYTES, RetryPolicy, make_channel
+from softgate_client._channel import DEFAULT_MAX_MESSAGE_BYTES, RetryPolicy, make_channel, uses_tls
+from softgate_client._fork import in_flight, keep_inherited
 from softgate_client._retry import call_with_retries
 from softgate_client._tensors import (
     ArrayInputError,
@@ -44,6 +48,8 @@ from softgate_client.errors import (
     FieldViolation,
     InternalError,
     InvalidArgumentError,
+    ResourceExhaustedError,
+    UnavailableError,
     invalid_argument,
 )
 from softgate_client.proto.softgate.v1 import softgate_pb2 as pb
@@ -51,17 +57,22 @@ from softgate_client.proto.softgate.v1 import softgate_pb2_grpc as pb_grpc
 
 RUN_METADATA_KEY = "softgate-run"
 _RUN_BAD = re.compile(r"[^A-Za-z0-9_.:/-]")  # what the server makes `_` of (its runs.py)
+MAX_RUN_NAME = 64  # the server's cut (its runs.py); a longer value only risks gRPC's metadata limit
 SERVICE = "softgate.v1.LossService"
 DEFAULT_TIMEOUT = 300.0
+# a timeout over this (3 years) is no deadline: gRPC takes math.inf or 1e12 s as already expired
+_NO_DEADLINE_S = 1e8
 DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024  # bench/RESULTS.md "End-to-end": the chunk sweep
-# a message over this asks the server's own limit first (once): the smallest limit a server is
-# expected to be set to (a message under it is sent as the client's own limit allows)
-_LIMIT_PROBE_BYTES = 64 * 1024
-_LIMIT_PROBE_S = 10.0  # the longest the ask of the server's limit waits (within the call's timeout)
 # a chunk's headers: 48 bytes for each of at most 9 tensors (tag, length, dtype, shape, data
 # tag and length, alignment padding; the offsets' extra element); the config in the first
 # message fits in the 10% left under the message limit
 _CHUNK_HEAD_BYTES = 48 * len(_wire.BATCH_FIELDS)
+# the smallest limit a server may be set to: a call whose request could be over 90% of it (its
+# data, plus headers) asks the server's own limit first (once), as the threshold keeps 10% free
+_LIMIT_PROBE_BYTES = 64 * 1024
+_LIMIT_PROBE_ABOVE = int(0.9 * _LIMIT_PROBE_BYTES) - _CHUNK_HEAD_BYTES
+_LIMIT_PROBE_S = 10.0  # the longest the ask of the server's limit waits (within the call's timeout)
+T = TypeVar("T")
 
 _NP_TO_DTYPE: dict[np.dtype, int] = {
     np.dtype(np.float32): pb.DTYPE_FLOAT32,
@@ -114,9 +125,31 @@ class AdvantagesResult:
 
 @functools.lru_cache(maxsize=64)
 def _run_label(run: str) -> str:
-    """The run name as the server labels it (other characters become `_`): gRPC refuses
-    metadata values that are not printable ASCII before they leave the client."""
-    return _RUN_BAD.sub("_", run.strip())
+    """The run name as the server labels it (other characters become `_`, cut at 64): gRPC
+    refuses metadata values that are not printable ASCII before they leave the client, and
+    ones over 16 KiB at the server."""
+    return _RUN_BAD.sub("_", run.strip())[:MAX_RUN_NAME]
+
+
+def timeout_seconds(timeout: float | None, name: str = "timeout") -> float | None:
+    """`timeout` as the client uses it: None for no deadline (math.inf, or over 1e8 s, which
+    gRPC would take as already expired); NaN or negative: ValueError naming `name`."""
+    if timeout is None:
+        return None
+    try:
+        t = float(timeout)
+    except (TypeError, ValueError):
+        t = math.nan
+    if not t >= 0:
+        raise ValueError(
+            f"{name}: {timeout!r} must be a number of seconds >= 0, or None / math.inf (no deadline)"
+        )
+    return None if t > _NO_DEADLINE_S else t
+
+
+def _left(deadline: float | None) -> float | None:
+    """The seconds left until `deadline` (time.monotonic), never below 0; None: no deadline."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 def _fill(t: pb.Tensor, a: np.ndarray) -> pb.Tensor:
@@ -475,16 +508,28 @@ class SoftgateClient:
     are spread over, e.g. `dns:///softgate.softgate.svc.cluster.local:50051`: the headless
     Service of deploy/k8s).
 
-    target: `host:port`, `dns:///name:port`, `unix:/path`.
-    tls / root_certificates / client_cert / client_key: TLS (root CA PEM bytes or a path;
-    None: the system roots) and mTLS (client certificate chain and key).
-    retries: attempts in all for UNAVAILABLE (an int) or a RetryPolicy.
-    timeout: seconds per call including retries (None: none).
+    target: `host:port`, `dns:///name:port`, `unix:/path` (no port: 50051).
+    tls / root_certificates / client_cert / client_key: TLS (root CA PEM bytes or a path; None:
+    the OS's CA bundle, see docs/client.md) and mTLS (client certificate chain and key), checked
+    at construction (ValueError naming the argument). server_name_override: the host name the
+    server's certificate is checked against instead of the target's (a certificate for
+    `softgate.internal` reached through an IP or a tunnel).
+    retries: None (default): retried until `retry_budget`; an int: also at most that many
+    attempts in all; or a RetryPolicy. retry_budget: seconds a call keeps retrying UNAVAILABLE
+    and a busy server (default 60, within `timeout`).
+    timeout: seconds per call including retries (None or math.inf: no deadline).
     run: the training run's name, sent as metadata `softgate-run` (labels the server's metrics).
     max_message_bytes: the channel's message size limit (both ways).
     stream_threshold_bytes: calls whose request or response is larger than this go over
     StreamLoss (default 90% of max_message_bytes); stream_chunk_bytes: the largest streamed
     chunk, request and response (a sequence larger than that travels alone).
+    channel_options: extra gRPC channel arguments (`{"grpc.default_compression_algorithm": 2}`),
+    over the client's own. channel: a channel of the caller's (an intercepted one, say), used
+    as is instead of one built from the arguments above.
+
+    A client may be shared by threads, and by processes forked after it was made (a
+    DataLoader's workers): a child's first call builds its own channel, and a fork waits for
+    the calls in flight (see _fork). close() it when done; a closed client raises ValueError.
     """
 
     def __init__(
@@ -495,7 +540,8 @@ class SoftgateClient:
         root_certificates: bytes | str | None = None,
         client_cert: bytes | str | None = None,
         client_key: bytes | str | None = None,
-        retries: int | RetryPolicy = 5,
+        retries: int | RetryPolicy | None = None,
+        retry_budget: float | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
         run: str | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
@@ -506,29 +552,49 @@ class SoftgateClient:
         channel: grpc.Channel | None = None,
     ) -> None:
         self.target = target
-        self.retry_policy = (
-            retries if isinstance(retries, RetryPolicy) else RetryPolicy(max_attempts=max(1, int(retries)))
+        policy = (
+            retries
+            if isinstance(retries, RetryPolicy)
+            else RetryPolicy(max_attempts=None if retries is None else max(1, int(retries)))
         )
-        self.timeout = timeout
+        if retry_budget is not None:
+            budget = timeout_seconds(retry_budget, "retry_budget")
+            policy = dataclasses.replace(policy, budget=math.inf if budget is None else budget)
+        self.retry_policy = policy
+        self.timeout = timeout_seconds(timeout)
         self.run = run
         self.max_message_bytes = int(max_message_bytes)
-        self.stream_threshold_bytes = (
+        self._threshold_bytes = (
             int(stream_threshold_bytes)
             if stream_threshold_bytes is not None
             else int(self.max_message_bytes * 0.9)
         )
         # each streamed message must fit the limit; the threshold only says when to stream
-        self.stream_chunk_bytes = int(min(stream_chunk_bytes, self.max_message_bytes * 0.9))
-        self._channel = channel or make_channel(
-            target,
-            tls=tls,
-            root_certificates=root_certificates,
-            client_cert=client_cert,
-            client_key=client_key,
-            max_message_bytes=self.max_message_bytes,
-            server_name_override=server_name_override,
-            options=channel_options,
-        )
+        self._chunk_bytes = int(min(stream_chunk_bytes, self.max_message_bytes * 0.9))
+        self._channel_args: dict[str, Any] = {
+            "tls": tls,
+            "root_certificates": root_certificates,
+            "client_cert": client_cert,
+            "client_key": client_key,
+            "max_message_bytes": self.max_message_bytes,
+            "server_name_override": server_name_override,
+            "options": channel_options,
+        }
+        # what a connection the server closed before answering hints at (None: the caller's channel)
+        self._transport = None
+        if channel is None:
+            self._transport = "plaintext"
+            if uses_tls(tls, root_certificates, client_cert):
+                self._transport = "mtls" if client_cert is not None else "tls"
+        self._own_channel = channel is None
+        self._closed = False
+        self.last_result: LossResult | None = None
+        self._connect(channel)
+
+    def _connect(self, channel: grpc.Channel | None = None) -> None:
+        """(Re)build the channel, its RPCs and what was learnt from the server over it."""
+        self._pid = os.getpid()
+        self._channel = channel or make_channel(self.target, **self._channel_args)
         self._stub = pb_grpc.LossServiceStub(self._channel)
         # the loss RPCs with hand-built request bytes and zero-copy response arrays (see _wire)
         self._compute_loss = self._channel.unary_unary(
@@ -541,13 +607,38 @@ class SoftgateClient:
             request_serializer=_wire.Pieces.join,
             response_deserializer=_parse_stream_response,
         )
-        self.last_result: LossResult | None = None
+        self._answered = False  # a call over this channel has succeeded
+        self._forget_limit()
+
+    def _forget_limit(self) -> None:
+        """Forget the server's message limit (asked again by the next large call)."""
         self._server_max_message_bytes: int | None = None
+        self._server_max_stream_chunks = 0  # (0: none known)
+        self.stream_threshold_bytes = self._threshold_bytes
+        self.stream_chunk_bytes = self._chunk_bytes
+
+    def _live(self) -> None:
+        """Check the client can call: not closed, and in a forked child on a channel of its own
+        (the inherited one's calls can hang past their deadline: its threads stayed in the parent)."""
+        if self._closed:
+            raise ValueError("SoftgateClient is closed")
+        if os.getpid() == self._pid:
+            return
+        if not self._own_channel:
+            raise RuntimeError(
+                "a SoftgateClient built with channel= cannot be used after fork(): build one in the child process"
+            )
+        keep_inherited(self._channel)
+        self._connect()
 
     # -------------------------------------------------------- plumbing
 
     def close(self) -> None:
-        self._channel.close()
+        """Close the channel; later calls raise ValueError. (In a forked child that never
+        called, the channel is the parent's and is left alone.)"""
+        self._closed = True
+        if os.getpid() == self._pid:
+            self._channel.close()
 
     def __enter__(self) -> SoftgateClient:
         return self
@@ -559,20 +650,53 @@ class SoftgateClient:
         r = run if run is not None else self.run
         return ((RUN_METADATA_KEY, _run_label(r)),) if r else ()
 
-    def _timeout(self, timeout: float | None) -> float | None:
-        return self.timeout if timeout is None else timeout
+    def _deadline(self, timeout: float | None) -> float | None:
+        """The call's deadline (time.monotonic): `timeout` None is the client's."""
+        t = self.timeout if timeout is None else timeout_seconds(timeout)
+        return None if t is None else time.monotonic() + t
 
-    def _ask_limit(self, timeout: float | None) -> float | None:
-        """Ask the server's message limit (ListAlgorithms, one attempt of at most
-        _LIMIT_PROBE_S, within the call's `timeout`) and lower the stream threshold and chunk
-        to 90% of it; returns what is left of `timeout`. A failed ask leaves them as they are
-        and is asked again by the next large call."""
-        start = time.monotonic()
-        wait = _LIMIT_PROBE_S if timeout is None else min(_LIMIT_PROBE_S, timeout)
+    def _call(self, fn: Callable[[float | None], T], deadline: float | None) -> T:
+        """`fn(timeout)` with the client's retries, until `deadline`."""
+
+        def attempt(t: float | None) -> T:
+            with in_flight():  # (a fork waits for it: see _fork)
+                return fn(t)
+
+        try:
+            out = call_with_retries(attempt, policy=self.retry_policy, timeout=_left(deadline))
+        except UnavailableError as e:
+            raise self._hinted(e) from None
+        self._answered = True
+        return out
+
+    def _hinted(self, e: UnavailableError) -> UnavailableError:
+        """`e` with the likely cause when the server closed the connection before this channel
+        got any answer: a TLS mismatch (gRPC says only `Socket closed`)."""
+        if self._answered or self._transport is None or "Socket closed" not in e.details:
+            return e
+        hint = {
+            "plaintext": "(the server may speak TLS: pass tls=True / root_certificates)",
+            "tls": "(the server may require a client certificate: mutual TLS)",
+            "mtls": "(the server may not trust client_cert: mutual TLS)",
+        }[self._transport]
+        details = e.details.replace("Socket closed", f"Socket closed {hint}", 1)
+        return type(e)(details, code=e.code, violations=e.violations, debug_info=e.debug_info)
+
+    def _ask_limit(self, deadline: float | None) -> None:
+        """Ask the server's message limit and stream chunk count limit (ListAlgorithms, one
+        attempt of at most _LIMIT_PROBE_S, within the call's `deadline`) and lower the stream
+        threshold and chunk to 90% of the message limit. A failed ask leaves them as they are and is asked again by the next
+        large call."""
+        left = _left(deadline)
+        wait = _LIMIT_PROBE_S if left is None else min(_LIMIT_PROBE_S, left)
         try:
             request = pb.ListAlgorithmsRequest()
-            limits = self._stub.ListAlgorithms(request, timeout=wait, metadata=self._metadata(None)).limits
+            with in_flight():
+                limits = self._stub.ListAlgorithms(
+                    request, timeout=wait, metadata=self._metadata(None)
+                ).limits
             self._server_max_message_bytes = int(limits.max_message_bytes)
+            self._server_max_stream_chunks = int(limits.max_stream_chunks)
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.UNIMPLEMENTED:  # not a softgate server: the call will tell
                 self._server_max_message_bytes = 0
@@ -580,19 +704,18 @@ class SoftgateClient:
             server_cap = int(self._server_max_message_bytes * 0.9)
             self.stream_threshold_bytes = min(self.stream_threshold_bytes, server_cap)
             self.stream_chunk_bytes = min(self.stream_chunk_bytes, server_cap)
-        return None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
 
     # -------------------------------------------------------- RPCs
 
     def algorithms(self, *, timeout: float | None = None) -> pb.ListAlgorithmsResponse:
         """The server's catalogue: objectives, estimators, aggregations with parameters and
         defaults, metric names and the server's limits (a proto message)."""
-        return call_with_retries(
+        self._live()
+        return self._call(
             lambda t: self._stub.ListAlgorithms(
                 pb.ListAlgorithmsRequest(), timeout=t, metadata=self._metadata(None)
             ),
-            policy=self.retry_policy,
-            timeout=self._timeout(timeout),
+            self._deadline(timeout),
         )
 
     def advantages(
@@ -609,6 +732,7 @@ class SoftgateClient:
         run: str | None = None,
     ) -> AdvantagesResult:
         """Per-sequence advantages from per-sequence rewards and group ids."""
+        self._live()
         if config is not None and not isinstance(config, cfg.AdvantageConfig):
             raise invalid_argument(
                 "config", f"bad_type: expected an AdvantageConfig, got {type(config).__name__}"
@@ -628,10 +752,9 @@ class SoftgateClient:
         for name, a in seq.items():  # a missing one: the server says so
             _fill(getattr(req, name), a)
         req.config.CopyFrom(loss_config_to_proto(cfg.LossConfig(advantages=c)).advantages)
-        resp = call_with_retries(
+        resp = self._call(
             lambda t: self._stub.ComputeAdvantages(req, timeout=t, metadata=self._metadata(run)),
-            policy=self.retry_policy,
-            timeout=self._timeout(timeout),
+            self._deadline(timeout),
         )
         return AdvantagesResult(advantages=_array(resp.advantages), metrics=_metrics(resp.metrics))
 
@@ -703,28 +826,46 @@ class SoftgateClient:
         run: str | None = None,
     ) -> LossResult:
         """`loss` for an already packed batch (see `pack_batch`)."""
+        self._live()
         proto_cfg, sel, fields = _messages(c)
         out_per_token = _out_bytes_per_token(packed, sel)
-        timeout = self._timeout(timeout)
+        deadline = self._deadline(timeout)
+        md = self._metadata(run)
+        try:
+            result = self._loss_call(packed, proto_cfg, sel, fields, out_per_token, stream, md, deadline)
+        except ResourceExhaustedError as e:
+            if stream is False or "larger than max" not in e.details:
+                raise
+            # the server's limit is not the one asked (a restart with another limit, pods with
+            # mixed limits): ask it again, once, and plan the call anew in the time left
+            self._forget_limit()
+            result = self._loss_call(packed, proto_cfg, sel, fields, out_per_token, stream, md, deadline)
+        self.last_result = result
+        return result
+
+    def _loss_call(
+        self,
+        packed: _Packed,
+        proto_cfg: pb.LossConfig,
+        sel: pb.OutputSelection,
+        fields: dict[int, bytes],
+        out_per_token: int,
+        stream: bool | None,
+        md: tuple[tuple[str, str], ...],
+        deadline: float | None,
+    ) -> LossResult:
+        """One loss call, unary or streamed (`stream` None: as large as it is)."""
         if stream is not False:  # the call's larger message, request or response (asking the
             # server's limit the first time it is large: that limit bounds the streamed chunks too)
             nbytes = max(packed.nbytes, packed.layout.num_tokens * out_per_token)
-            if nbytes > _LIMIT_PROBE_BYTES and self._server_max_message_bytes is None:
-                timeout = self._ask_limit(timeout)
+            if nbytes > _LIMIT_PROBE_ABOVE and self._server_max_message_bytes is None:
+                self._ask_limit(deadline)
             stream = nbytes > self.stream_threshold_bytes or stream is True
-        md = self._metadata(run)
         if stream:
-            result = self._stream_loss(packed, proto_cfg, sel, out_per_token, md, timeout)
-        else:
-            req = _wire.message(fields, {2: packed.placed()})
-            resp, outs = call_with_retries(
-                lambda t: self._compute_loss(req, timeout=t, metadata=md),
-                policy=self.retry_policy,
-                timeout=timeout,
-            )
-            result = _result(resp.loss, resp.policy_loss, resp.kl_loss, resp.metrics, outs, packed.layout)
-        self.last_result = result
-        return result
+            return self._stream_loss(packed, proto_cfg, sel, out_per_token, md, deadline)
+        req = _wire.message(fields, {2: packed.placed()})
+        resp, outs = self._call(lambda t: self._compute_loss(req, timeout=t, metadata=md), deadline)
+        return _result(resp.loss, resp.policy_loss, resp.kl_loss, resp.metrics, outs, packed.layout)
 
     def _stream_loss(
         self,
@@ -733,10 +874,15 @@ class SoftgateClient:
         sel: pb.OutputSelection,
         out_per_token: int,
         md: tuple[tuple[str, str], ...],
-        timeout: float | None,
+        deadline: float | None,
     ) -> LossResult:
         """`out_per_token`: the response's bytes per token (_out_bytes_per_token)."""
         bounds = packed.chunk_bounds(self.stream_chunk_bytes, out_per_token)
+        most = self._server_max_stream_chunks
+        if most and len(bounds) > most:  # the server refuses more: the largest chunks a message holds
+            largest = min(self.max_message_bytes, self._server_max_message_bytes or self.max_message_bytes)
+            bounds = packed.chunk_bounds(int(largest * 0.9), out_per_token)
+        self._refuse_oversized(packed, bounds, out_per_token)
 
         def requests() -> Iterator[_wire.Pieces]:
             for k, (s0, s1) in enumerate(bounds):
@@ -747,7 +893,7 @@ class SoftgateClient:
             return list(self._stream_loss_rpc(requests(), timeout=t, metadata=md))
 
         try:
-            responses = call_with_retries(call, policy=self.retry_policy, timeout=timeout)
+            responses = self._call(call, deadline)
         except InvalidArgumentError as e:
             raise _unchunked(e, packed, bounds) from None
         responses.sort(key=lambda r: r[0].chunk_index)
@@ -768,6 +914,26 @@ class SoftgateClient:
         result.streamed = True
         result.chunks = len(bounds)
         return result
+
+    def _refuse_oversized(self, packed: _Packed, bounds: list[tuple[int, int]], out_per_token: int) -> None:
+        """Refuse, naming it, a sequence that travels alone and still cannot fit a message (the
+        server's limit or this client's): gRPC would only say `larger than max (1600086 vs. 1048576)`."""
+        limit, whose = self.max_message_bytes, "this client's"
+        if 0 < (self._server_max_message_bytes or 0) < limit:
+            limit, whose = int(self._server_max_message_bytes or 0), "the server's"
+        off = packed.layout.offsets
+        per_seq = sum(a.dtype.itemsize for a in packed.seq.values()) + off.dtype.itemsize
+        for s0, s1 in bounds:
+            if s1 - s0 != 1:
+                continue
+            n = int(off[s1]) - int(off[s0])
+            size = max(n * packed.bytes_per_token + per_seq, n * out_per_token)  # its data alone
+            if size > limit:
+                raise invalid_argument(
+                    f"batch.offsets[{s0}]",
+                    f"too_large: sequence {s0} has {n} tokens, {size} bytes in one message, over "
+                    f"{whose} max_message_bytes {limit}; split the sequence or raise that limit",
+                )
 
 
 _TOKEN_FIELD = re.compile(r"batch\.(\w+)\[(\d+)\]")

@@ -63,6 +63,21 @@ class SoftgateError(Exception):
     def reasons(self) -> list[str]:
         return [v.reason for v in self.violations]
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # (pickle, e.g. from a multiprocessing worker: the default rebuilds the error from `args`,
+        # the rendered text, which then gets a second code prefix)
+        return (_rebuild, (type(self), self.details, self.code, self.violations, self.debug_info))
+
+
+def _rebuild(
+    cls: type[SoftgateError],
+    details: str,
+    code: grpc.StatusCode,
+    violations: list[FieldViolation],
+    debug_info: str | None,
+) -> SoftgateError:
+    return cls(details, code=code, violations=violations, debug_info=debug_info)
+
 
 class InvalidArgumentError(SoftgateError, ValueError):
     """The batch or the configuration was refused (see `violations`)."""

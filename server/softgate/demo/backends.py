@@ -77,12 +77,13 @@ def curve_metrics(objective: str, m: dict[str, Any]) -> dict[str, float]:
 
 
 class GrpcBackend:
-    """Losses from a softgate server, through the client's torch adapter."""
+    """Losses from a softgate server, through the client's torch adapter; `client_options`:
+    SoftgateClient's keywords (TLS)."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, **client_options: Any) -> None:
         from softgate_client import SoftgateClient
 
-        self.client = SoftgateClient(target, run="softgate-demo")
+        self.client = SoftgateClient(target, run="softgate-demo", **client_options)
 
     def loss(self, spec, *, logp, old_logp, mask, rewards, group_ids):
         from softgate_client.torch import softgate_loss

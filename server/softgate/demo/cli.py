@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from softgate_client.errors import SoftgateError
@@ -52,11 +53,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder (default ./demo-out)")
     p.add_argument("--target", help="host:port of a running softgate (default: start one in-process)")
+    tls = p.add_argument_group("TLS to --target")
+    tls.add_argument(
+        "--tls",
+        action="store_true",
+        help="speak TLS (trusting the OS's CA bundle unless --root-certificates)",
+    )
+    tls.add_argument(
+        "--root-certificates", metavar="PEM", help="CA certificates to trust (a PEM file); implies --tls"
+    )
+    tls.add_argument(
+        "--client-cert", metavar="PEM", help="mutual TLS: the client's certificate chain (a PEM file)"
+    )
+    tls.add_argument(
+        "--client-key", metavar="PEM", help="mutual TLS: its unencrypted private key (a PEM file)"
+    )
+    tls.add_argument(
+        "--server-name-override",
+        metavar="NAME",
+        help="check the server's certificate against NAME, not the target's host",
+    )
     p.add_argument("--in-process", action="store_true", help="call the engine directly, no gRPC")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--last-k", type=int, default=20, help="steps averaged for the summary (default 20)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+_TLS_FLAGS = ("tls", "root_certificates", "client_cert", "client_key", "server_name_override")
+
+
+class _BadFlag(Exception):
+    """A flag's value found unusable only when used (a TLS file the client refuses)."""
+
+
+def _tls_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The SoftgateClient keywords of the TLS flags given (a ValueError without --target)."""
+    given = {name: getattr(args, name) for name in _TLS_FLAGS if getattr(args, name)}
+    if given and (args.target is None or args.in_process):
+        raise ValueError(
+            "--tls, --root-certificates, --client-cert, --client-key and --server-name-override need --target"
+        )
+    return given
 
 
 @contextlib.contextmanager
@@ -74,7 +112,10 @@ def _backend(args: argparse.Namespace) -> Iterator[tuple[LossBackend, str]]:
             if target is None:
                 target = stack.enter_context(in_process_server(engine_workers=1))
                 where = f"in-process softgate gRPC server at {target}"
-            backend = GrpcBackend(target)
+            try:
+                backend = GrpcBackend(target, **_tls_options(args))
+            except (ValueError, OSError) as e:  # a TLS file missing, or refused by the client
+                raise _BadFlag(str(e)) from None
         stack.callback(backend.close)
         yield backend, where
 
@@ -96,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         base.check()
         check_counts({"seeds": args.seeds, "threads": args.threads, "last-k": args.last_k})
         check_seeds(args.seed, args.seeds)
+        _tls_options(args)
         if args.out.exists() and not args.out.is_dir():
             raise ValueError(f"--out {args.out} is a file, not a folder")
     except ValueError as e:
@@ -112,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         results, where = _train_all(args, specs, seeds, base)
+    except _BadFlag as e:
+        print(f"softgate demo: {e}", file=sys.stderr)
+        return 2
     except SoftgateError as e:  # unreachable --target, a refused request, ...
         print(f"softgate demo: the loss service failed: {e}", file=sys.stderr)
         return 1

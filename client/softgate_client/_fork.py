@@ -1,0 +1,73 @@
+"""Forks: a child keeps the channels it inherited untouched, and a fork() waits (up to
+FORK_WAIT_S) for this process's softgate calls in flight to end while new calls wait for it.
+With a call in flight, gRPC skips its own fork handlers ("Other threads are currently calling
+into gRPC") and the child inherits gRPC's state mid-call: a worker forked then (a DataLoader's,
+while a thread of the trainer calls) could hang or crash even on a channel of its own (an
+audit; a few forks in a hundred)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
+
+FORK_WAIT_S = 10.0  # the longest a fork waits for the calls in flight (then it goes on)
+
+
+class _Gate:
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.calls = 0  # calls in flight
+        self.forks = 0  # forks waiting or under way
+
+
+_gate = _Gate()
+# channels a forked child inherited: kept referenced, never closed nor collected there, since
+# either would act on the parent's gRPC state (its sockets, its locks)
+_inherited: list[object] = []
+
+
+def keep_inherited(channel: object) -> None:
+    """Keep a channel this child inherited from its parent, unused and untouched."""
+    _inherited.append(channel)
+
+
+@contextlib.contextmanager
+def in_flight() -> Iterator[None]:
+    """Count one attempt of a call as in flight for its duration (after any fork under way)."""
+    gate = _gate
+    with gate.cond:
+        gate.cond.wait_for(lambda: gate.forks == 0)
+        gate.calls += 1
+    try:
+        yield
+    finally:
+        with gate.cond:
+            gate.calls -= 1
+            gate.cond.notify_all()
+
+
+def _before_fork() -> None:
+    gate = _gate
+    with gate.cond:
+        gate.forks += 1
+        gate.cond.wait_for(lambda: gate.calls == 0, timeout=FORK_WAIT_S)
+
+
+def _after_fork_in_parent() -> None:
+    gate = _gate
+    with gate.cond:
+        gate.forks -= 1
+        gate.cond.notify_all()
+
+
+def _after_fork_in_child() -> None:
+    global _gate
+    _gate = _Gate()  # the parent's calls are not in the child (nor any lock its threads held)
+
+
+if hasattr(os, "register_at_fork"):  # (not on Windows, which has no fork)
+    os.register_at_fork(
+        before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child
+    )
