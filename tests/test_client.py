@@ -635,8 +635,9 @@ def test_torch_adapter_matches_autograd_of_the_loss(client, objective) -> None:
 
 
 def test_torch_adapter_refuses_a_second_derivative(client) -> None:
-    """The service gives d loss / d logp only: a gradient penalty through softgate_loss (or any
-    backward with create_graph=True) raises instead of silently dropping the second-order terms."""
+    """The service gives d loss / d logp only: a gradient penalty through softgate_loss (any
+    derivative of its gradient) raises instead of silently dropping the second-order terms.
+    A backward with create_graph=True alone gives the first derivative, as without it."""
     torch.manual_seed(0)
     w = torch.randn(5, 11, requires_grad=True)
     x, ids = torch.randn(4, 7, 5), torch.randint(0, 11, (4, 7))
@@ -644,10 +645,11 @@ def test_torch_adapter_refuses_a_second_derivative(client) -> None:
     loss = softgate_loss(
         logp, logp.detach() - 0.3, client=client, advantages=torch.tensor([1.0, -1.0, 2.0, -2.0])
     )
+    (penalised,) = torch.autograd.grad(loss, w, create_graph=True, retain_graph=True)
     with pytest.raises(RuntimeError, match="no second derivative"):
-        torch.autograd.grad(loss, w, create_graph=True)
+        penalised.pow(2).sum().backward()
     (g,) = torch.autograd.grad(loss, w)  # first order: as before
-    assert torch.isfinite(g).all() and g.abs().sum() > 0
+    assert torch.isfinite(g).all() and g.abs().sum() > 0 and torch.equal(g, penalised.detach())
 
 
 def test_torch_compile_of_a_step_calling_softgate_loss_breaks_the_graph_there(client) -> None:
@@ -802,6 +804,8 @@ def test_violations_of_a_streamed_batch_name_the_batch_not_the_chunk(server) -> 
                 field,
                 f"{description} (row {row}, column {col} of the padded input)",
             )
+            # the first line says what the violations below it say (it named the chunk's place)
+            assert str(ei.value).splitlines()[0] == f"INVALID_ARGUMENT: invalid input: {v}"
         ragged = -np.ones(9, np.float32)
         with pytest.raises(InvalidArgumentError) as ei:  # per-sequence fields count sequences
             c.loss(ragged, offsets=[0, 2, 2, 6, 9], rewards=rewards, group_ids=[0, 0, 1, 1], stream=True)

@@ -265,6 +265,27 @@ def test_stream_violations_are_named_in_the_whole_batch() -> None:
     assert out.violations[-1].description == "r: why" and out.details == "invalid input"
 
 
+def test_a_streamed_batchs_message_lists_the_violations_as_renamed() -> None:
+    """The message line (`str(err)`'s first) named the chunk's place (`chunk[1].logp[2]`) while
+    the violations below it named the batch's (`batch.logp[7]`); a violation the server's message
+    limit cut off stays as it is."""
+    from softgate_client.client import _unchunked
+    from softgate_client.errors import FieldViolation
+
+    packed = pack_batch(-np.ones(10, np.float32), offsets=[0, 3, 5, 5, 10], advantages=np.ones(4))
+    vs = [
+        FieldViolation("chunk[1].logp[2]", "non_finite: value is NaN"),
+        FieldViolation("chunk[1].logp[3]", "x"),
+    ]
+    e = InvalidArgumentError(
+        "invalid input: chunk[1].logp[2]: non_finite: value is NaN; chunk[1].lo...", violations=vs
+    )
+    out = _unchunked(e, packed, [(0, 2), (2, 4)])
+    head = "invalid input: batch.logp[7]: non_finite: value is NaN (in chunk[1].logp[2] of the stream)"
+    assert out.details == f"{head}; chunk[1].lo..."
+    assert str(out).splitlines()[0] == f"INVALID_ARGUMENT: {out.details}"
+
+
 def test_a_float_that_overflows_logps_dtype_is_refused_not_sent_as_infinity() -> None:
     """Every float travels in logp's dtype: a finite float64 1e39 with a float32 logp went as
     inf, refused as `non_finite` though given finite, after numpy's overflow warning (an audit)."""

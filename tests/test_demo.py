@@ -113,6 +113,11 @@ def test_cispo_runs_and_one_seed_prints_no_nan(tmp_path, capsys):
     assert "cispo eps=1/0.28" in table and "nan" not in table
     data = json.loads((tmp_path / "demo-results.json").read_text())
     assert data["runs"][0]["run"] == "cispo_el1_eh0.28" and data["cpu"]
+    # the closing line names every file written (demo-summary.json was left out; an audit)
+    wrote = table.strip().splitlines()[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        n.rstrip(",").rsplit("/", 1)[-1] for n in wrote.partition("wrote ")[2].split()
+    )
 
 
 def test_sapo_over_grpc_learns(tmp_path):

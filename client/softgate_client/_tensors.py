@@ -7,6 +7,7 @@ into a numpy array through `.detach().cpu().numpy()`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -16,16 +17,32 @@ FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _INT64_MAX = np.uint64(np.iinfo(np.int64).max)
 
 
+# fraction bits of the floats narrower than float32 (half an ulp at |logp| in [8, 16): 2^(2 - bits))
+_FRACTION_BITS = {
+    "bfloat16": 7,
+    "float16": 10,
+    "float8_e4m3fn": 3,
+    "float8_e4m3fnuz": 3,
+    "float8_e5m2": 2,
+    "float8_e5m2fnuz": 2,
+}
+
+
 def half_reason(name: str, dtype: str) -> str:
-    """The refusal of a float16 / bfloat16 input: names the field and what to send instead."""
+    """The refusal of a float16 / bfloat16 / float8 input: names the field and what to send instead."""
     if name in ("offsets", "lengths"):  # (e.g. a half mask's row sums, already rounded past 256 / 2048)
         return (
             f"half_precision: {name} is {dtype}, whose whole numbers are not exact past 256 (bfloat16) "
             f"or 2048 (float16); send {name} as integers (e.g. `mask.sum(-1, dtype=torch.int64)`)"
         )
     why = ""
-    if name.endswith("logp"):
-        why = " (bf16 log-probs carry ~3% ratio noise per token at logp = -10, more than GSPO's clip band)"
+    bits = _FRACTION_BITS.get(dtype)
+    if name.endswith("logp") and bits is not None:  # (each dtype's own figure: fp16 had bf16's; an audit)
+        noise = math.expm1(2.0 ** (2 - bits))
+        why = (
+            f" ({dtype} log-probs carry up to {noise:.1%} ratio noise per token at logp = -10, "
+            "more than GSPO's clip band)"
+        )
     return f"half_precision: {name} is {dtype}; send {name} as float32 or float64 (e.g. `.float()`){why}"
 
 
@@ -46,6 +63,14 @@ def is_torch(x: Any) -> bool:
     return t.__module__.startswith("torch") and hasattr(x, "detach")
 
 
+def _is_dtensor(t: Any) -> bool:
+    """True for a torch.distributed DTensor, without importing torch.distributed."""
+    cls = type(t)
+    return "distributed.tensor" in cls.__module__ or (
+        hasattr(t, "full_tensor") and (cls.__module__, cls.__name__) != ("torch", "Tensor")
+    )
+
+
 def to_numpy(x: Any, name: str) -> np.ndarray:
     """A numpy view (or, for a device tensor, a host copy) of a numpy array, torch tensor or list."""
     if isinstance(x, np.ndarray):
@@ -60,15 +85,28 @@ def to_numpy(x: Any, name: str) -> np.ndarray:
         a = x if type(x) is np.ndarray else np.asarray(x)
     elif is_torch(x):
         t = x.detach()
+        if t.is_nested:  # (strided: torch's "Internal error"; jagged: has no `.to_dense()`)
+            raise ArrayInputError(
+                name,
+                "bad_type: a nested tensor; pass nt.values() with offsets=nt.offsets() (jagged), "
+                "or torch.cat(nt.unbind()) with lengths=",
+            )
+        if _is_dtensor(t):  # (torch's ".numpy() is not supported for tensor subclasses")
+            raise ArrayInputError(name, "bad_type: a DTensor; pass x.full_tensor() (differentiable)")
         if str(t.layout) != "torch.strided":  # (torch's own TypeError otherwise)
             raise ArrayInputError(name, f"bad_type: a {t.layout} tensor; pass a dense one (`.to_dense()`)")
-        if t.dtype.is_floating_point and t.element_size() == 2:  # bf16 / fp16
+        if t.is_quantized:
+            raise ArrayInputError(name, f"bad_dtype: {t.dtype}; pass x.dequantize()")
+        if t.dtype.is_floating_point and t.element_size() < 4:  # bf16 / fp16 / float8
             raise ArrayInputError(name, half_reason(name, str(t.dtype).replace("torch.", "")))
         if t.device.type == "meta":  # (shapes only: torch's own NotImplementedError otherwise)
             raise ArrayInputError(name, "bad_device: a meta tensor has no data to send")
         if t.device.type != "cpu":
             t = t.cpu()
-        return t.numpy()
+        try:
+            return t.numpy()
+        except (TypeError, RuntimeError) as e:  # a dtype numpy lacks (complex32, ...), a subclass
+            raise ArrayInputError(name, f"bad_dtype: {t.dtype} ({e})") from None
     else:
         try:
             a = np.asarray(x)

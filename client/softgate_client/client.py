@@ -943,9 +943,23 @@ _CHUNK_FIELD = re.compile(r"chunk(?:\[(\d+)\])?\.(\w+)(?:\[(\d+)\])?")
 def _remapped(
     e: InvalidArgumentError, remap: Callable[[FieldViolation], FieldViolation]
 ) -> InvalidArgumentError:
-    """`e` with `remap` applied to each of its violations."""
+    """`e` with `remap` applied to each of its violations, in its message too."""
     out = [remap(v) for v in e.violations]
-    return type(e)(e.details, code=e.code, violations=out, debug_info=e.debug_info)
+    return type(e)(
+        _relisted(e.details, e.violations, out), code=e.code, violations=out, debug_info=e.debug_info
+    )
+
+
+def _relisted(message: str, old: list[FieldViolation], new: list[FieldViolation]) -> str:
+    """The server's message (`invalid input: v1; v2 ...`, the violations in order, as many as fit)
+    with each of `old` it lists replaced by `new`'s: a streamed batch's first line named the chunk."""
+    parts, pos = [], 0
+    for o, n in zip(old, new, strict=True):
+        i = message.find(str(o), pos)
+        if i >= 0:  # (not there: cut off by the server's message limit)
+            parts += [message[pos:i], str(n)]
+            pos = i + len(str(o))
+    return "".join(parts) + message[pos:]
 
 
 def _unchunked(

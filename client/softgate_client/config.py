@@ -198,7 +198,8 @@ class LossConfig:
 
 def _not_a(path: str, cls: type, v: Any) -> Exception:
     """The refusal of a section (or config) that is not a `cls` (an AttributeError later; an audit)."""
-    return invalid_argument(path, f"bad_type: expected a {cls.__name__}, got {type(v).__name__}")
+    article = "an" if cls.__name__[0] in "AEIOU" else "a"  # (an Objective, an AdvantageConfig)
+    return invalid_argument(path, f"bad_type: expected {article} {cls.__name__}, got {type(v).__name__}")
 
 
 _FLAT_ALIASES = {

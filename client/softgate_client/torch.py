@@ -7,12 +7,14 @@
     logp = model_token_logprobs(batch)                      # [B, T], requires grad
     loss = softgate_loss(logp, old_logp, client=client, mask=response_mask,
                          rewards=rewards, group_ids=group_ids, objective="sapo")
-    loss.backward()                                         # logp.grad = the service's exact gradient
+    loss.backward()                                         # the policy's parameters get the service's gradient
     print(loss.softgate_result.metrics["clip_high"])
 
 The forward pass sends the batch (detached, on the host) and gets back the loss and the exact
 per-token gradient c = d loss / d logp; the backward pass hands `grad_output * c` to logp, so
-the model's parameters receive exactly the gradient of the service's loss.
+the model's parameters receive exactly the gradient of the service's loss (logp, the policy's
+output, keeps no `.grad` of its own: call `logp.retain_grad()` first to see c there).
+`torch.func.grad` / `vjp` work too; `vmap` and forward-mode transforms do not.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+from softgate_client.errors import invalid_argument
 
 if TYPE_CHECKING:
     from softgate_client.client import LossResult, SoftgateClient
@@ -37,30 +41,62 @@ def _as_tensor(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     return t.to(device=like.device, dtype=like.dtype)
 
 
+class _FirstOrderOnly(torch.autograd.Function):
+    """`c` as a function of logp whose derivative raises: the service returns d loss / d logp
+    only, so a second derivative through softgate_loss would silently drop its terms."""
+
+    @staticmethod
+    def forward(c: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return c.clone()  # (a new tensor: an input returned as it is would be marked as aliased)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, _: torch.Tensor) -> Any:  # type: ignore[override]
+        raise RuntimeError(
+            "softgate_loss has no second derivative: the service returns d loss / d logp only, "
+            "so differentiating its gradient again (a gradient penalty, Hessian-vector products) "
+            "would silently drop its terms"
+        )
+
+
 class SoftgateLossFunction(torch.autograd.Function):
-    """loss = service(logp); d loss / d logp = the service's per-token gradient."""
+    """loss = service(logp); d loss / d logp = the service's per-token gradient.
+
+    `apply(logp, compute)` returns (loss, gradient): the gradient is an output, not a tensor made
+    in `forward` and saved there, so that torch.func.grad / vjp can save it (setup_context style).
+    `compute` keeps the LossResult itself: torch.func copies a dict passed to `apply`."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, logp: torch.Tensor, compute: Callable[[torch.Tensor], LossResult], box: dict[str, Any]
-    ) -> torch.Tensor:
+        logp: torch.Tensor, compute: Callable[[torch.Tensor], LossResult]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         result = compute(logp.detach())
-        box["result"] = result
-        ctx.save_for_backward(_as_tensor(result.grad, logp))
-        return torch.tensor(result.loss, dtype=logp.dtype, device=logp.device)
+        loss = torch.tensor(result.loss, dtype=logp.dtype, device=logp.device)
+        return loss, _as_tensor(result.grad, logp)
 
     @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:  # type: ignore[override]
-        if torch.is_grad_enabled():  # create_graph=True: a second derivative was asked for
-            raise RuntimeError(
-                "softgate_loss has no second derivative: the service returns d loss / d logp only, "
-                "so backward with create_graph=True (a gradient penalty, Hessian-vector products) "
-                "would silently drop its terms"
-            )
-        (grad,) = ctx.saved_tensors
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(output[1], inputs[0])
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor, _: Any) -> tuple[torch.Tensor | None, None]:  # type: ignore[override]
+        grad, logp = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
-            return None, None, None
-        return grad * grad_output, None, None
+            return None, None
+        if torch.is_grad_enabled():  # create_graph=True, torch.func.grad: this backward is itself
+            grad = _FirstOrderOnly.apply(grad, logp)  # a graph, differentiable in grad_output only
+        return grad * grad_output, None
+
+    @staticmethod
+    def vmap(info: Any, in_dims: Any, *args: Any) -> Any:  # (torch's own message names its internals)
+        raise RuntimeError(
+            "softgate_loss does not support torch.func.vmap: call it once with the whole batch "
+            "(the service batches the sequences itself)"
+        )
 
 
 # a remote call, never traced: torch.compile of a step that calls it breaks the graph here
@@ -93,9 +129,17 @@ def softgate_loss(
     """
     if not isinstance(logp, torch.Tensor):
         raise TypeError("softgate_loss: logp must be a torch.Tensor")
+    if not logp.is_floating_point():  # (the loss, in logp's dtype, was truncated: tensor(-1) for -1.27)
+        raise invalid_argument(
+            "batch.logp",
+            f"bad_dtype: {logp.dtype}; logp must be a floating-point tensor to be differentiated "
+            "(float32 or float64)",
+        )
+
+    results: list[LossResult] = []
 
     def compute(lp: torch.Tensor) -> LossResult:
-        return client.loss(
+        r = client.loss(
             lp,
             old_logp,
             mask=mask,
@@ -109,10 +153,11 @@ def softgate_loss(
             timeout=timeout,
             **config,
         )
+        results.append(r)
+        return r
 
-    box: dict[str, Any] = {}
-    loss = SoftgateLossFunction.apply(logp, compute, box)
-    result = box["result"]
+    loss, _ = SoftgateLossFunction.apply(logp, compute)
+    result = results[-1]
     loss.softgate_result = result  # type: ignore[attr-defined]
     if return_result:
         return loss, result

@@ -241,4 +241,5 @@ def _report(
     )
     report.write_figure(png_path, results, title)
     print(report.format_table(rows))
-    print(f"\n{elapsed:.0f} s; wrote {png_path}, {json_path}, {csv_path}")
+    summary_path = json_path.with_name("demo-summary.json")  # (written beside the results)
+    print(f"\n{elapsed:.0f} s; wrote {png_path}, {json_path}, {summary_path}, {csv_path}")

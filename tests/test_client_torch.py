@@ -1,0 +1,181 @@
+"""The torch adapter and the client's torch inputs outside plain float tensors (no server
+needed): nested tensors, DTensors, float8 / quantized / other unsupported dtypes, an integer
+logp, torch.func transforms (found by an audit of the torch adapter)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from softgate_client import InvalidArgumentError, pack_batch
+from softgate_client import config as cfg
+from softgate_client._tensors import half_reason
+from softgate_client.client import LossResult
+from softgate_client.torch import softgate_loss
+
+
+def refusal(fn: Any) -> tuple[str, str]:
+    """(field, description) of the one violation `fn()` is refused with."""
+    with pytest.raises(InvalidArgumentError) as ei:
+        fn()
+    (v,) = ei.value.violations
+    return v.field, v.description
+
+
+class GradClient:
+    """Stands for a SoftgateClient: loss = sum(logp^2) / 2 with the gradient logp, from the
+    packed batch."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def loss(self, logp: Any, old_logp: Any = None, *, timeout: Any = None, **kw: Any) -> LossResult:
+        self.calls += 1
+        packed = pack_batch(logp, old_logp, **kw)  # the client's checks of its inputs
+        a = packed.layout.unflatten(packed.token["logp"])
+        return LossResult(loss=float((a * a).sum() / 2), policy_loss=0.0, kl_loss=0.0, grad=a.copy())
+
+
+NESTED_HINT = (
+    "bad_type: a nested tensor; pass nt.values() with offsets=nt.offsets() (jagged), "
+    "or torch.cat(nt.unbind()) with lengths="
+)
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
+@pytest.mark.parametrize("layout", [torch.strided, torch.jagged], ids=["strided", "jagged"])
+def test_a_nested_tensor_is_refused_with_a_hint_that_works(layout) -> None:
+    """A strided nested tensor raised torch's "Internal error ... Please file an issue"; a jagged
+    one was told to use `.to_dense()`, which torch does not support for jagged tensors."""
+    seqs = [-torch.rand(3, dtype=torch.float64) - 0.01, -torch.rand(1, dtype=torch.float64) - 0.01]
+    nt = torch.nested.as_nested_tensor(seqs, layout=layout)
+    assert refusal(lambda: pack_batch(nt, advantages=[1.0, -1.0])) == ("batch.logp", NESTED_HINT)
+    flat = torch.cat(seqs)
+    got = refusal(lambda: pack_batch(flat, nt, lengths=[3, 1], advantages=[1.0, -1.0]))
+    assert got == ("batch.old_logp", NESTED_HINT)
+    # the hint's own recipes work
+    if layout is torch.jagged:
+        p = pack_batch(nt.values(), offsets=nt.offsets(), advantages=[1.0, -1.0])
+    else:
+        p = pack_batch(torch.cat(nt.unbind()), lengths=[t.shape[0] for t in nt.unbind()], advantages=[1, -1])
+    assert p.layout.offsets.tolist() == [0, 3, 4]
+
+
+def test_a_dtensor_is_refused_with_full_tensor_as_the_hint() -> None:
+    """A DTensor (tensor-parallel log-probs) raised torch's ".numpy() is not supported for tensor
+    subclasses", naming no field."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        d = distribute_tensor(-torch.rand(2, 3) - 0.01, mesh, [Shard(0)]).requires_grad_()
+        why = "bad_type: a DTensor; pass x.full_tensor() (differentiable)"
+        assert refusal(lambda: pack_batch(d, advantages=[1.0, -1.0])) == ("batch.logp", why)
+        rec = GradClient()
+        assert refusal(lambda: softgate_loss(d, client=rec, advantages=[1.0, -1.0])) == ("batch.logp", why)
+        loss = softgate_loss(d.full_tensor(), client=rec, advantages=[1.0, -1.0])  # the hint works
+        loss.backward()
+        assert torch.equal(d.grad.full_tensor(), d.detach().full_tensor())
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float8_is_refused_as_half_precision(dtype) -> None:
+    """float8 raised torch's "Got unsupported ScalarType Float8_e4m3fn", naming no field."""
+    lp = -torch.rand(2, 3) - 0.01
+    name = str(dtype).removeprefix("torch.")
+    field, why = refusal(lambda: pack_batch(lp.to(dtype), advantages=[1.0, -1.0]))
+    assert field == "batch.logp" and why.startswith(f"half_precision: logp is {name}; send logp as float32")
+    field, why = refusal(lambda: pack_batch(lp, advantages=torch.ones(2).to(dtype)))
+    assert field == "batch.advantages" and why.startswith(f"half_precision: advantages is {name}")
+
+
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental:UserWarning")
+def test_quantized_and_other_dtypes_numpy_lacks_are_refused_by_name() -> None:
+    """A quantized tensor (and any dtype numpy cannot hold, e.g. complex32) raised torch's own
+    TypeError "Got unsupported ScalarType ...", naming no field."""
+    lp = -torch.rand(2, 3) - 0.01
+    q = torch.quantize_per_tensor(lp, 0.1, 0, torch.qint8)
+    field, why = refusal(lambda: pack_batch(q, advantages=[1.0, -1.0]))
+    assert field == "batch.logp" and why.startswith("bad_dtype: torch.qint8") and "dequantize()" in why
+    field, why = refusal(lambda: pack_batch(lp.to(torch.complex32), advantages=[1.0, -1.0]))
+    assert field == "batch.logp" and why.startswith("bad_dtype: torch.complex32 (") and "ComplexHalf" in why
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+def test_an_integer_or_bool_logp_is_refused_by_softgate_loss(dtype) -> None:
+    """The loss came back cast to logp's dtype: tensor(-1) for a true loss of -1.27, tensor(True)
+    for -1.67, with no error. logp is differentiated, so it must be a float tensor (docs)."""
+    rec = GradClient()
+    with pytest.raises(InvalidArgumentError) as ei:
+        softgate_loss(torch.zeros(2, 3, dtype=dtype), client=rec, advantages=[1.0, -1.0])
+    (v,) = ei.value.violations
+    assert v.field == "batch.logp" and v.reason == "bad_dtype"
+    assert "must be a floating-point tensor to be differentiated" in v.description
+    assert rec.calls == 0
+
+
+def _step(client: Any) -> Any:
+    torch.manual_seed(0)
+    x, ids = torch.randn(4, 6, 5, dtype=torch.float64), torch.randint(0, 11, (4, 6))
+
+    def step(w: torch.Tensor) -> torch.Tensor:
+        logp = (x @ w).log_softmax(-1).gather(-1, ids[..., None]).squeeze(-1)
+        return softgate_loss(logp, client=client, advantages=[1.0, -1.0, 0.5, 2.0])
+
+    return step
+
+
+def test_torch_func_grad_and_vjp_give_the_backward_gradient() -> None:
+    """torch.func.grad / vjp raised torch's "it must override the setup_context staticmethod"."""
+    rec = GradClient()
+    step = _step(rec)
+    w0 = torch.randn(5, 11, dtype=torch.float64)
+    w = w0.clone().requires_grad_()
+    loss = step(w)
+    loss.backward()
+    assert loss.softgate_result.loss == loss.item()
+    g = torch.func.grad(step)(w0.clone())
+    assert torch.allclose(g, w.grad, rtol=1e-12, atol=0)
+    out, vjp = torch.func.vjp(step, w0.clone())
+    assert out.item() == loss.item()
+    assert torch.allclose(vjp(torch.tensor(2.0, dtype=torch.float64))[0], 2 * w.grad, rtol=1e-12, atol=0)
+
+
+def test_torch_func_vmap_and_a_second_derivative_are_refused_clearly() -> None:
+    """vmap raised torch's message about softgate's internals (setup_context)."""
+    rec = GradClient()
+    step = _step(rec)
+    w0 = torch.randn(5, 11, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"softgate_loss does not support torch\.func\.vmap"):
+        torch.func.vmap(step)(torch.stack([w0, w0]))
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.func.grad(lambda w: torch.func.grad(step)(w).sum())(w0.clone())
+    # create_graph=True: the first derivative as without it; only a second one raises
+    w = w0.clone().requires_grad_()
+    (g,) = torch.autograd.grad(step(w), w, create_graph=True)
+    assert torch.allclose(g, torch.func.grad(step)(w0.clone()), rtol=1e-12, atol=0)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        g.pow(2).sum().backward()
+
+
+def test_the_precision_note_is_each_dtypes_own() -> None:
+    """A float16 logp was refused with bf16's figure (~3% ratio noise; float16's is ~0.4%)."""
+    bf16, fp16 = half_reason("logp", "bfloat16"), half_reason("logp", "float16")
+    assert "bfloat16 log-probs carry up to 3.2% ratio noise" in bf16
+    assert "float16 log-probs carry up to 0.4% ratio noise" in fp16 and "bf" not in fp16
+    assert "float8_e4m3fn log-probs carry up to 64.9%" in half_reason("old_logp", "float8_e4m3fn")
+    assert "log-probs" not in half_reason("advantages", "float16")
+
+
+def test_a_config_section_of_the_wrong_type_reads_as_english() -> None:
+    field, why = refusal(lambda: cfg.LossConfig(objective="grpo"))  # type: ignore[arg-type]
+    assert (field, why) == ("config.objective", "bad_type: expected an Objective, got str")
+    field, why = refusal(lambda: cfg.LossConfig(kl="k3"))  # type: ignore[arg-type]
+    assert (field, why) == ("config.kl", "bad_type: expected a KLConfig, got str")
