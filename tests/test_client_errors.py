@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import pickle
 import random
@@ -19,7 +20,7 @@ import pytest
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
-from softgate_client import SoftgateClient
+from softgate_client import SoftgateClient, _retry
 from softgate_client._channel import RetryPolicy, normalise_target
 from softgate_client._retry import call_with_retries
 from softgate_client.errors import (
@@ -514,8 +515,9 @@ def test_a_timeout_that_is_not_seconds_is_refused_by_name(fake_server, bad: Any)
     target = fake_server(_Flaky(grpc.StatusCode.OK, "", until=0.0))
     with pytest.raises(ValueError, match=r"^timeout: .* must be a number of seconds >= 0"):
         SoftgateClient(target, timeout=bad)
-    with pytest.raises(ValueError, match=r"^retry_budget: .* must be a number of seconds >= 0"):
+    with pytest.raises(ValueError, match=r"^retry_budget: .* must be a number of seconds >= 0") as ei:
         SoftgateClient(target, retry_budget=bad)
+    assert "deadline" not in str(ei.value)  # (a review: it said None meant "no deadline")
     with SoftgateClient(target) as c, pytest.raises(ValueError, match=r"^timeout: "):
         c.algorithms(timeout=bad)
 
@@ -569,3 +571,109 @@ def test_errors_survive_pickle_as_they_were(err: SoftgateError) -> None:
         err.violations,
         err.debug_info,
     )
+
+
+class _Clock:
+    """A fake time.monotonic that only sleep() moves on."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, s: float) -> None:
+        self.now += s
+
+
+class _Top(random.Random):
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+def _unavailable(seen: list[float], clock: _Clock) -> Any:
+    def fn(t: float | None) -> None:
+        seen.append(clock.now)
+        raise _FakeRpcError(grpc.StatusCode.UNAVAILABLE, "down")
+
+    return fn
+
+
+def test_the_last_wait_is_cut_to_the_budget_so_attempts_go_on_to_it(monkeypatch) -> None:
+    """Found by a review: a wait that would end past the budget ended the retries, up to one
+    backoff (5 s) before `retry_budget`."""
+    clock, seen = _Clock(), []
+    monkeypatch.setattr(_retry, "time", clock)
+    policy = RetryPolicy(initial_backoff=0.4, max_backoff=0.4, budget=1.0)
+    with pytest.raises(UnavailableError) as ei:
+        call_with_retries(
+            _unavailable(seen, clock), policy=policy, timeout=None, sleep=clock.sleep, rng=_Top()
+        )
+    assert [round(t - 100.0, 6) for t in seen] == [0.0, 0.4, 0.8, 1.0]
+    assert ei.value.details == "down (after 4 attempts over 1.0s)"
+    seen.clear()  # the call's deadline first: no wait is cut (an attempt with no time left)
+    with pytest.raises(UnavailableError):
+        call_with_retries(
+            _unavailable(seen, clock), policy=policy, timeout=0.9, sleep=clock.sleep, rng=_Top()
+        )
+    assert len(seen) == 3
+
+
+@pytest.mark.parametrize(
+    "policy, details",
+    [
+        (RetryPolicy(max_attempts=1), "down"),
+        (RetryPolicy(max_attempts=2, initial_backoff=0.1), "down (after 2 attempts over 0.1s)"),
+        (RetryPolicy(budget=0.0), "down (after 1 attempt over 0.0s)"),
+    ],
+)
+def test_the_error_says_how_long_the_client_tried_only_when_it_retried_or_ran_out(
+    monkeypatch, policy: RetryPolicy, details: str
+) -> None:
+    """Found by a review: `retries=1` (no retry) appended "(after 1 attempt over 0.0s)"."""
+    clock, seen = _Clock(), []
+    monkeypatch.setattr(_retry, "time", clock)
+    with pytest.raises(UnavailableError) as ei:
+        call_with_retries(
+            _unavailable(seen, clock), policy=policy, timeout=None, sleep=clock.sleep, rng=_Top()
+        )
+    assert ei.value.details == details
+
+
+def test_a_call_retrying_for_seconds_says_so_once(monkeypatch, caplog) -> None:
+    """Found by a review: a wrong address fails only after `retry_budget` (60 s), silently: a
+    call still retrying after WARN_AFTER_S (5 s) logs one warning."""
+    monkeypatch.setattr(_retry, "WARN_AFTER_S", 0.3)
+    with socket.socket() as s:  # a closed port: connection refused
+        s.bind(("127.0.0.1", 0))
+        target = f"127.0.0.1:{s.getsockname()[1]}"
+    caplog.set_level(logging.WARNING, logger="softgate_client")
+    policy = RetryPolicy(initial_backoff=0.05, max_backoff=0.1, budget=1.0)
+    with SoftgateClient(target, retries=policy) as c, pytest.raises(UnavailableError) as ei:
+        t0 = time.monotonic()
+        c.algorithms()
+    assert 1.0 <= time.monotonic() - t0 < 3.0
+    assert re.search(r"\(after \d+ attempts over 1\.\ds\)$", ei.value.details), ei.value.details
+    [record] = [r for r in caplog.records if r.name == "softgate_client"]
+    assert record.levelno == logging.WARNING
+    assert re.fullmatch(
+        rf"still retrying UNAVAILABLE to {target} after 0\.[3-9]s: .*Connection refused.*; "
+        r"giving up after 1s \(retry_budget\)",
+        record.getMessage(),
+    ), record.getMessage()
+
+
+def test_the_warning_names_the_timeout_when_it_ends_the_retries_first(monkeypatch, caplog) -> None:
+    clock, seen = _Clock(), []
+    monkeypatch.setattr(_retry, "time", clock)
+    monkeypatch.setattr(_retry, "WARN_AFTER_S", 0.3)
+    caplog.set_level(logging.WARNING, logger="softgate_client")
+    policy = RetryPolicy(initial_backoff=0.4, max_backoff=0.4)
+    with pytest.raises(UnavailableError):
+        call_with_retries(
+            _unavailable(seen, clock), policy=policy, timeout=2.0, sleep=clock.sleep, rng=_Top()
+        )
+    assert len(seen) == 5
+    assert [r.getMessage() for r in caplog.records] == [
+        "still retrying UNAVAILABLE to the server after 0.4s: down; giving up after 2s (timeout)"
+    ]

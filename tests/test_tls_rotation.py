@@ -14,12 +14,14 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
 import pytest
 from conftest import log_records
 from softgate import serve
+from softgate import settings as settings_module
 from softgate.engine import Engine
 from softgate.grpc import server as grpc_server
 from softgate.grpc.server import GrpcServer, TlsFilesError
@@ -198,11 +200,23 @@ def test_a_bad_rotation_keeps_the_old_certificate_and_logs_once(tmp_path: Path, 
 def test_a_certificate_not_yet_valid_is_taken_once_it_is(
     tmp_path: Path, ca: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A renewed certificate a few seconds ahead of this host's clock is refused, then taken
-    once valid, though its files do not change again."""
+    """A renewed certificate ahead of this host's clock is refused, then taken once valid,
+    though its files do not change again. (The server's clock is set back a minute, then put
+    right, so that no margin of a loaded machine's seconds is raced: the client's is real.)"""
     monkeypatch.setattr(grpc_server, "TLS_RETRY_S", 0.2)
+
+    class Clock(datetime.datetime):
+        behind = datetime.timedelta(minutes=1)
+
+        @classmethod
+        def now(cls, tz: datetime.tzinfo | None = None) -> Any:
+            return datetime.datetime.now(tz) - cls.behind
+
+    monkeypatch.setattr(
+        settings_module, "datetime", SimpleNamespace(datetime=Clock, timezone=datetime.timezone)
+    )
     (c1, k1) = _pair(ca)
-    c2, k2 = _pair(ca, days=(3 / 86400, 10))  # valid in 3 s
+    c2, k2 = _pair(ca, days=(-30 / 86400, 10))  # valid 30 s ago: in a minute on the server's clock
     vol = SecretVolume(tmp_path, {"tls.crt": c1, "tls.key": k1})
 
     async def body(server: GrpcServer) -> None:
@@ -210,10 +224,11 @@ def test_a_certificate_not_yet_valid_is_taken_once_it_is(
         vol.update({"tls.crt": c2, "tls.key": k2})
         assert await asyncio.to_thread(_served, server.port, ca) == _der(c1)
         assert await asyncio.to_thread(_served, server.port, ca) == _der(c1)
-        end = time.monotonic() + 10
+        Clock.behind = datetime.timedelta(0)
+        end = time.monotonic() + 30
         while await asyncio.to_thread(_served, server.port, ca) != _der(c2):
             assert time.monotonic() < end, "the certificate was never taken"
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.1)
 
     with log_records("softgate.grpc") as logs:
         _run(_settings(vol), body)

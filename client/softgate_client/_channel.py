@@ -3,13 +3,12 @@ to (a headless Kubernetes service), TLS / mTLS (the caller's PEM checked first),
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
+import re
 import ssl
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,26 +165,43 @@ def _tls_context() -> ssl.SSLContext:
     return ctx
 
 
-@contextlib.contextmanager
-def _pem_files(*blobs: bytes) -> Iterator[list[str]]:
-    """Paths to `blobs` (OpenSSL loads a key pair from files only), in a private temporary
-    folder (mode 0700) removed on exit."""
-    with tempfile.TemporaryDirectory(prefix="softgate-tls-") as d:
-        paths = []
-        for i, blob in enumerate(blobs):
-            path = os.path.join(d, f"{i}.pem")
-            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
-                f.write(blob)
-            paths.append(path)
-        yield paths
+_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", re.S)
+
+
+def _key_pair_problem(cert: bytes, key: bytes) -> str | None:
+    """Why OpenSSL refuses `cert` + `key` as a pair, or None: also when it cannot be asked
+    (it loads a pair from files only, written to a private temporary folder removed after:
+    none is writable on a read-only file system, and gRPC still refuses a bad pair itself)."""
+    try:
+        folder = tempfile.TemporaryDirectory(prefix="softgate-tls-")  # (mode 0700)
+    except OSError:
+        return None
+    with folder as d:
+        paths = [os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")]
+        try:
+            for path, blob in zip(paths, (cert, key), strict=True):
+                with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+                    f.write(blob)
+        except OSError:  # (a full disk)
+            return None
+        try:  # (a password callback: an encrypted key the caller's check missed never prompts)
+            _tls_context().load_cert_chain(paths[0], paths[1], password=lambda: b"")
+        except ssl.SSLError as e:
+            return str(e)
+    return None
 
 
 def check_tls_material(roots: bytes | None, cert: bytes | None, key: bytes | None) -> None:
     """Refuse, naming the argument, TLS material gRPC cannot use: it would fail every call
     with an opaque `Failed to create security handshaker`."""
     if roots is not None:
+        # the certificate blocks only, as gRPC reads them: a bundle's label and comment lines
+        # around them may be in any encoding (`# Label: "... Főtanúsítvány"`)
+        blocks = b"\n".join(_PEM_CERTIFICATE.findall(roots))
         try:
-            _tls_context().load_verify_locations(cadata=roots.decode("ascii"))
+            if not blocks:
+                raise ValueError("no -----BEGIN CERTIFICATE----- block")
+            _tls_context().load_verify_locations(cadata=blocks.decode("ascii"))
         except (ssl.SSLError, UnicodeDecodeError, ValueError) as e:
             raise ValueError(f"root_certificates: not PEM certificates ({e})") from None
     if cert is None or key is None:
@@ -194,15 +210,14 @@ def check_tls_material(roots: bytes | None, cert: bytes | None, key: bytes | Non
         raise ValueError(
             "client_key: encrypted; gRPC needs an unencrypted key (openssl pkey -in KEY -out KEY.plain)"
         )
-    with _pem_files(cert, key) as (cert_path, key_path):
-        try:  # (a password callback: an encrypted key the check above missed never prompts)
-            _tls_context().load_cert_chain(cert_path, key_path, password=lambda: b"")
-        except ssl.SSLError as e:
-            if "KEY_VALUES_MISMATCH" in str(e):
-                raise ValueError("client_key: not the private key of client_cert") from None
-            raise ValueError(
-                f"client_cert / client_key: not a PEM certificate and its unencrypted private key ({e})"
-            ) from None
+    problem = _key_pair_problem(cert, key)
+    if problem is None:
+        return
+    if "KEY_VALUES_MISMATCH" in problem:
+        raise ValueError("client_key: not the private key of client_cert")
+    raise ValueError(
+        f"client_cert / client_key: not a PEM certificate and its unencrypted private key ({problem})"
+    )
 
 
 def make_channel(

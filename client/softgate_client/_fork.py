@@ -1,5 +1,6 @@
 """Forks: a child keeps the channels it inherited untouched, and a fork() waits (up to
-FORK_WAIT_S) for this process's softgate calls in flight to end while new calls wait for it.
+FORK_WAIT_S) for this process's softgate calls in flight to end while new calls wait for it
+(each within its own timeout).
 With a call in flight, gRPC skips its own fork handlers ("Other threads are currently calling
 into gRPC") and the child inherits gRPC's state mid-call: a worker forked then (a DataLoader's,
 while a thread of the trainer calls) could hang or crash even on a channel of its own (an
@@ -20,6 +21,7 @@ class _Gate:
         self.cond = threading.Condition()
         self.calls = 0  # calls in flight
         self.forks = 0  # forks waiting or under way
+        self.rebuild = threading.Lock()  # a forked child's clients rebuild their channels under it
 
 
 _gate = _Gate()
@@ -33,12 +35,19 @@ def keep_inherited(channel: object) -> None:
     _inherited.append(channel)
 
 
+def rebuild_lock() -> threading.Lock:
+    """The lock a forked child's clients rebuild their channels under (a new one in each child:
+    a thread of the parent may have held the parent's at the fork)."""
+    return _gate.rebuild
+
+
 @contextlib.contextmanager
-def in_flight() -> Iterator[None]:
-    """Count one attempt of a call as in flight for its duration (after any fork under way)."""
+def in_flight(timeout: float | None = None) -> Iterator[None]:
+    """Count one attempt of a call as in flight for its duration, after any fork under way
+    (waited for at most `timeout` seconds, the call's time left: then it goes on)."""
     gate = _gate
     with gate.cond:
-        gate.cond.wait_for(lambda: gate.forks == 0)
+        gate.cond.wait_for(lambda: gate.forks == 0, timeout=timeout)
         gate.calls += 1
     try:
         yield

@@ -3,6 +3,8 @@ and one overall deadline."""
 
 from __future__ import annotations
 
+import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -14,6 +16,10 @@ from softgate_client._channel import RetryPolicy
 from softgate_client.errors import SoftgateError, from_rpc_error
 
 T = TypeVar("T")
+# a call still retrying after this long logs one warning: a wrong address fails only after the
+# whole retry budget (60 s), which would otherwise look like a hang
+WARN_AFTER_S = 5.0
+_log = logging.getLogger("softgate_client")
 
 
 def call_with_retries(
@@ -21,36 +27,62 @@ def call_with_retries(
     *,
     policy: RetryPolicy,
     timeout: float | None,
+    target: str = "the server",
     sleep: Callable[[float], None] = time.sleep,
     rng: random.Random | None = None,
 ) -> T:
     """Run `fn(remaining_timeout)`; retry the codes `policy` retries until `policy.budget`
-    seconds from now (and at most `policy.attempts(...)` attempts), never past `timeout`
-    seconds from now. Every grpc.RpcError that ends the loop is raised as the matching
-    SoftgateError; one that was retried says so: "(after 7 attempts over 12.3s)"."""
+    seconds from now (the last wait cut to end there; at most `policy.attempts(...)` attempts),
+    never past `timeout` seconds from now. Every grpc.RpcError that ends the loop is raised as
+    the matching SoftgateError; one that was retried, or ran out of budget, says so: "(after 7
+    attempts over 12.3s)". A call still retrying after WARN_AFTER_S logs a warning, once."""
     rnd = rng or random
     start = time.monotonic()
     deadline = None if timeout is None else start + timeout
-    stop = start + policy.budget if deadline is None else min(deadline, start + policy.budget)
+    budget_end = start + policy.budget
+    warned = False
     attempt = 0
     while True:
         attempt += 1
-        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
-            return fn(remaining)
+            return fn(None if deadline is None else max(0.0, deadline - time.monotonic()))
         except grpc.RpcError as err:
             code = err.code() if hasattr(err, "code") else None
             details = err.details() if hasattr(err, "details") else None
             retryable = policy.retryable(code, details)
-            if retryable and attempt < policy.attempts(code, details):
-                wait = rnd.uniform(0.0, policy.backoff(attempt))
-                if time.monotonic() + wait < stop:  # (a wait past it would leave no attempt)
+            now = time.monotonic()
+            spent = now >= budget_end
+            if retryable and not spent and attempt < policy.attempts(code, details):
+                wait = min(rnd.uniform(0.0, policy.backoff(attempt)), budget_end - now)
+                if deadline is None or now + wait < deadline:  # (else no time left to try)
+                    if not warned and now - start >= WARN_AFTER_S:
+                        warned = True
+                        _log.warning(_still_retrying(code, details, target, now - start, policy, timeout))
                     sleep(wait)
                     continue
             error = from_rpc_error(err)
-            if retryable or attempt > 1:
-                error = _retried(error, attempt, time.monotonic() - start)
+            if attempt > 1 or (retryable and spent):
+                error = _retried(error, attempt, now - start)
             raise error from None
+
+
+def _still_retrying(
+    code: grpc.StatusCode | None,
+    details: str | None,
+    target: str,
+    seconds: float,
+    policy: RetryPolicy,
+    timeout: float | None,
+) -> str:
+    """The warning of a call still retrying `seconds` after it started."""
+    name = code.name if code is not None else "an error"
+    limit, why = policy.budget, "retry_budget"
+    if timeout is not None and timeout < limit:
+        limit, why = timeout, "timeout"
+    end = f"giving up after {round(limit, 1):g}s ({why})"
+    if not math.isfinite(limit):
+        end = "retrying until it answers (no retry_budget, no timeout)"
+    return f"still retrying {name} to {target} after {seconds:.1f}s: {details}; {end}"
 
 
 def _retried(e: SoftgateError, attempts: int, seconds: float) -> SoftgateError:

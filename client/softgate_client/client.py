@@ -32,7 +32,7 @@ import numpy as np
 from softgate_client import _wire
 from softgate_client import config as cfg
 from softgate_client._channel import DEFAULT_MAX_MESSAGE_BYTES, RetryPolicy, make_channel, uses_tls
-from softgate_client._fork import in_flight, keep_inherited
+from softgate_client._fork import in_flight, keep_inherited, rebuild_lock
 from softgate_client._retry import call_with_retries
 from softgate_client._tensors import (
     ArrayInputError,
@@ -131,19 +131,24 @@ def _run_label(run: str) -> str:
     return _RUN_BAD.sub("_", run.strip())[:MAX_RUN_NAME]
 
 
-def timeout_seconds(timeout: float | None, name: str = "timeout") -> float | None:
-    """`timeout` as the client uses it: None for no deadline (math.inf, or over 1e8 s, which
-    gRPC would take as already expired); NaN or negative: ValueError naming `name`."""
-    if timeout is None:
-        return None
+def _seconds(value: Any, name: str, also: str) -> float:
+    """`value` as a number of seconds >= 0 (math.inf too); else ValueError naming `name`,
+    `also` saying what else it may be."""
     try:
-        t = float(timeout)
+        t = float(value)
     except (TypeError, ValueError):
         t = math.nan
     if not t >= 0:
-        raise ValueError(
-            f"{name}: {timeout!r} must be a number of seconds >= 0, or None / math.inf (no deadline)"
-        )
+        raise ValueError(f"{name}: {value!r} must be a number of seconds >= 0{also}")
+    return t
+
+
+def timeout_seconds(timeout: float | None) -> float | None:
+    """`timeout` as the client uses it: None for no deadline (math.inf, or over 1e8 s, which
+    gRPC would take as already expired); NaN or negative: ValueError naming it."""
+    if timeout is None:
+        return None
+    t = _seconds(timeout, "timeout", ", or None / math.inf (no deadline)")
     return None if t > _NO_DEADLINE_S else t
 
 
@@ -516,7 +521,8 @@ class SoftgateClient:
     `softgate.internal` reached through an IP or a tunnel).
     retries: None (default): retried until `retry_budget`; an int: also at most that many
     attempts in all; or a RetryPolicy. retry_budget: seconds a call keeps retrying UNAVAILABLE
-    and a busy server (default 60, within `timeout`).
+    and a busy server (default 60, within `timeout`; a wrong address fails only then: a call
+    still retrying after 5 s logs a warning on the `softgate_client` logger).
     timeout: seconds per call including retries (None or math.inf: no deadline).
     run: the training run's name, sent as metadata `softgate-run` (labels the server's metrics).
     max_message_bytes: the channel's message size limit (both ways).
@@ -558,8 +564,8 @@ class SoftgateClient:
             else RetryPolicy(max_attempts=None if retries is None else max(1, int(retries)))
         )
         if retry_budget is not None:
-            budget = timeout_seconds(retry_budget, "retry_budget")
-            policy = dataclasses.replace(policy, budget=math.inf if budget is None else budget)
+            budget = _seconds(retry_budget, "retry_budget", " (math.inf: until timeout)")
+            policy = dataclasses.replace(policy, budget=budget)
         self.retry_policy = policy
         self.timeout = timeout_seconds(timeout)
         self.run = run
@@ -592,23 +598,27 @@ class SoftgateClient:
         self._connect(channel)
 
     def _connect(self, channel: grpc.Channel | None = None) -> None:
-        """(Re)build the channel, its RPCs and what was learnt from the server over it."""
-        self._pid = os.getpid()
-        self._channel = channel or make_channel(self.target, **self._channel_args)
-        self._stub = pb_grpc.LossServiceStub(self._channel)
+        """(Re)build the channel, its RPCs and what was learnt from the server over it. The
+        process is recorded last: a forked child's failed rebuild is tried again by its next
+        call, never left on the inherited channel."""
+        ch = channel or make_channel(self.target, **self._channel_args)
+        stub = pb_grpc.LossServiceStub(ch)
         # the loss RPCs with hand-built request bytes and zero-copy response arrays (see _wire)
-        self._compute_loss = self._channel.unary_unary(
+        compute_loss = ch.unary_unary(
             f"/{SERVICE}/ComputeLoss",
             request_serializer=_wire.Pieces.join,
             response_deserializer=_parse_loss_response,
         )
-        self._stream_loss_rpc = self._channel.stream_stream(
+        stream_loss = ch.stream_stream(
             f"/{SERVICE}/StreamLoss",
             request_serializer=_wire.Pieces.join,
             response_deserializer=_parse_stream_response,
         )
+        self._channel, self._stub = ch, stub
+        self._compute_loss, self._stream_loss_rpc = compute_loss, stream_loss
         self._answered = False  # a call over this channel has succeeded
         self._forget_limit()
+        self._pid = os.getpid()
 
     def _forget_limit(self) -> None:
         """Forget the server's message limit (asked again by the next large call)."""
@@ -628,8 +638,11 @@ class SoftgateClient:
             raise RuntimeError(
                 "a SoftgateClient built with channel= cannot be used after fork(): build one in the child process"
             )
-        keep_inherited(self._channel)
-        self._connect()
+        with rebuild_lock():  # one rebuild, which a child's other first calls wait for
+            if os.getpid() != self._pid:
+                inherited = self._channel
+                self._connect()
+                keep_inherited(inherited)
 
     # -------------------------------------------------------- plumbing
 
@@ -659,11 +672,13 @@ class SoftgateClient:
         """`fn(timeout)` with the client's retries, until `deadline`."""
 
         def attempt(t: float | None) -> T:
-            with in_flight():  # (a fork waits for it: see _fork)
-                return fn(t)
+            with in_flight(t):  # (a fork waits for it, and it for a fork, within t: see _fork)
+                return fn(_left(deadline))
 
         try:
-            out = call_with_retries(attempt, policy=self.retry_policy, timeout=_left(deadline))
+            out = call_with_retries(
+                attempt, policy=self.retry_policy, timeout=_left(deadline), target=self.target
+            )
         except UnavailableError as e:
             raise self._hinted(e) from None
         self._answered = True
@@ -687,13 +702,13 @@ class SoftgateClient:
         attempt of at most _LIMIT_PROBE_S, within the call's `deadline`) and lower the stream
         threshold and chunk to 90% of the message limit. A failed ask leaves them as they are and is asked again by the next
         large call."""
-        left = _left(deadline)
-        wait = _LIMIT_PROBE_S if left is None else min(_LIMIT_PROBE_S, left)
+        end = time.monotonic() + _LIMIT_PROBE_S
+        deadline = end if deadline is None else min(deadline, end)
         try:
             request = pb.ListAlgorithmsRequest()
-            with in_flight():
+            with in_flight(_left(deadline)):
                 limits = self._stub.ListAlgorithms(
-                    request, timeout=wait, metadata=self._metadata(None)
+                    request, timeout=_left(deadline), metadata=self._metadata(None)
                 ).limits
             self._server_max_message_bytes = int(limits.max_message_bytes)
             self._server_max_stream_chunks = int(limits.max_stream_chunks)

@@ -36,6 +36,7 @@ INT64_MAX = (1 << 63) - 1  # the request limits become protobuf int64 fields (Li
 # gRPC takes its time and size settings as 32-bit ints (milliseconds, bytes)
 INT32_MAX = (1 << 31) - 1
 MIN_MESSAGE_BYTES = 64 << 10  # every response that is not a batch's fits
+DEFAULT_STREAM_IDLE_TIMEOUT_S = 30.0  # a silent call's slot is freed after it (also the servicer's default)
 MAX_SECONDS = INT32_MAX // 1000  # 2,147,483 s, about 24.8 days
 
 
@@ -111,7 +112,7 @@ class Settings:
         default=32, metadata={"help": "RPCs in progress at once; past it RESOURCE_EXHAUSTED at once"}
     )
     stream_idle_timeout_s: float | None = field(
-        default=30.0,
+        default=DEFAULT_STREAM_IDLE_TIMEOUT_S,
         metadata={
             "help": "a call that sends no request message for this long (its first included, each "
             "whole) ends DEADLINE_EXCEEDED and frees its slot, s; 0 or none: never"

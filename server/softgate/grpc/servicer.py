@@ -39,6 +39,7 @@ from softgate.grpc import catalogue, codec
 from softgate.grpc.errors import Cancelled, DeadlineExceeded, failure_for
 from softgate.grpc.response_buffer import gradient_response
 from softgate.logging import get_logger
+from softgate.settings import DEFAULT_STREAM_IDLE_TIMEOUT_S
 from softgate.telemetry import Telemetry
 from softgate.threads import one_thread, single_threaded_here
 
@@ -48,7 +49,6 @@ INLINE_STREAK = 3
 # a StreamLoss of more chunks joins them in the pool whatever its tokens: joining costs per
 # chunk (30,000 empty chunks held the loop 0.6 s; an audit)
 INLINE_MAX_CHUNKS = 64
-DEFAULT_STREAM_IDLE_TIMEOUT_S = 30.0  # settings.Settings.stream_idle_timeout_s
 # Deferred telemetry after a small call waits until no RPC has run for KICK_IDLE_S (a trainer's
 # next back-to-back call then does not queue behind the last one's recording), or until
 # KICK_BACKLOG calls wait; after a large call (more than inline_max_tokens) it starts at once.
