@@ -87,7 +87,10 @@ def group_advantages(
         )
         # no spread among the weighted values (all equal, or none weighted): they whiten to 0,
         # and so do the sequences without trained tokens, not to (a - mu) / eps
-        a = torch.where(var > 0, (a - mu) / (var.sqrt() + cfg.eps), torch.zeros_like(a))
+        white = torch.where(var > 0, (a - mu) / (var.sqrt() + cfg.eps), torch.zeros_like(a))
+        # an inf advantage (a spread that underflows, eps = 0) makes mu and var NaN: kept, so
+        # that it is refused as `overflow` as the other estimators' are, not whitened to 0
+        a = torch.where(torch.isfinite(var), white, a)
     a = torch.where(degenerate, torch.zeros_like(a), a)
     frac = (
         degenerate_g.to(torch.float64).mean()

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from softgate.engine.buckets import bucket_codes, bucket_edges
 from softgate.engine.config import LossConfig
+from softgate.engine.errors import FieldViolation, InputError
 from softgate.engine.kl import kl_terms
 from softgate.engine.mismatch import mismatch_weights
 from softgate.engine.objectives import PolicyTerms, objective_params, policy_terms
@@ -83,7 +84,8 @@ def kernel_params(config: LossConfig, dtype: torch.dtype, device: torch.device) 
     the histogram edges (`ratio_edges`, `gate_edges`, 1-d; buckets.bucket_edges). Passed
     as tensors, no value is baked into a compiled kernel (a float argument was: inductor's
     cache served a kernel compiled for one clamp to a process using another). Shared, read-only
-    tensors per configuration."""
+    tensors per configuration. Raises InputError (`out_of_range`, naming the field) for a
+    number `dtype` cannot hold (`unrepresentable`)."""
     try:
         return _kernel_params(config, dtype, device)
     except TypeError:  # an unhashable configuration (not expected after validation)
@@ -92,26 +94,47 @@ def kernel_params(config: LossConfig, dtype: torch.dtype, device: torch.device) 
 
 @functools.lru_cache(maxsize=256)
 def _kernel_params(config: LossConfig, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
-    prm = objective_params(config.objective, dtype, device)
-    vals = {
-        "clamp": config.log_ratio_clamp,
-        "threshold": config.saturation_threshold,
-        "logp_tol": LOGP_TOLERANCE,
-    }
+    vals = objective_params(config.objective)
+    vals["clamp"] = (config.log_ratio_clamp, "log_ratio_clamp")
+    vals["threshold"] = (config.saturation_threshold, "saturation_threshold")
+    vals["logp_tol"] = (LOGP_TOLERANCE, "logp_tol")
     if config.kl is not None:
-        vals["beta"] = config.kl.beta
+        vals["beta"] = (config.kl.beta, "kl.beta")
     mm = config.mismatch
     if mm is not None:
         # a bound past the dtype's largest value is that value: an overflowing weight (inf) is
         # still above it, and truncated or zeroed as the spec's v is (inf > inf is False)
         big = torch.finfo(dtype).max
         if mm.mode == "truncate":
-            vals["cap"] = min(mm.cap, big)
+            vals["cap"] = (min(mm.cap, big), "mismatch.cap")
         else:
-            vals["vlo"], vals["vhi"] = min(mm.lo, big), min(mm.hi, big)
-    prm.update({k: torch.tensor(float(v), dtype=dtype, device=device) for k, v in vals.items()})
+            vals["vlo"], vals["vhi"] = (min(mm.lo, big), "mismatch.lo"), (min(mm.hi, big), "mismatch.hi")
+    bad = unrepresentable(vals, dtype)
+    if bad:
+        name = str(dtype).replace("torch.", "")
+        send = "send float64 or a value in range" if dtype != torch.float64 else "send a value in range"
+        raise InputError(
+            [FieldViolation(f, f"out_of_range: not representable in {name}; {send}") for f in bad]
+        )
+    prm = {k: torch.tensor(float(v), dtype=dtype, device=device) for k, (v, _) in vals.items()}
     prm["ratio_edges"], prm["gate_edges"] = bucket_edges(dtype, device)
     return prm
+
+
+def unrepresentable(vals: dict[str, tuple[float, str]], dtype: torch.dtype) -> list[str]:
+    """The fields of the numbers in `vals` (kernel name: (value, field)) that `dtype` turns
+    into an infinity, or into 0 from a non-zero value, and of SAPO temperatures whose 4 / tau
+    it cannot hold: the kernel would compute with another number (a float32 tau of 1e-40 was
+    refused as `batch: overflow`, a beta of 1e-50 taken as 0)."""
+    bad = []
+    for k, (v, field) in vals.items():
+        x = torch.tensor(float(v), dtype=dtype)
+        held = bool(torch.isfinite(x)) and (v == 0 or bool(x != 0))
+        if k in ("tau_pos", "tau_neg"):  # the loss's 4 / tau too
+            held = held and bool(torch.isfinite(4 / x))
+        if not held:
+            bad.append(field)
+    return bad
 
 
 def derived_terms(s: dict[str, float], kind: str, kl: bool, mismatch: bool) -> dict[str, float]:

@@ -269,8 +269,20 @@ def _compute_loss(
     cnt, npos, nneg = s["cnt"], s["npos"], s["nneg"]
     policy_loss = s["policy_loss"]
     kl_loss = config.kl.beta * s["kl_sum"] if config.kl is not None else 0.0
+    loss = policy_loss + kl_loss
+    if not math.isfinite(loss):  # beta * KL, or the parts' sum, past float64's range
+        kl_ok = math.isfinite(kl_loss)
+        why = "the policy and KL parts together are" if kl_ok else "beta times the KL term is"
+        raise InputError(
+            [
+                FieldViolation(
+                    "batch" if kl_ok else "kl.beta",
+                    f"overflow: the loss is not finite in float64; {why} too large in magnitude",
+                )
+            ]
+        )
     mx: dict[str, float] = {}
-    mx["loss"] = policy_loss + kl_loss
+    mx["loss"] = loss
     mx["policy_loss"] = policy_loss
     mx["kl_loss"] = kl_loss
     mx["num_tokens"] = cnt
@@ -278,9 +290,12 @@ def _compute_loss(
     mx["tokens_pos"] = npos
     mx["tokens_neg"] = nneg
     mx["tokens_zero"] = cnt - npos - nneg
-    mx["ratio_mean"] = 1.0 + share(s["ratio_excess"], cnt)
     mx["ratio_min"] = s["ratio_min"] if cnt else 1.0
     mx["ratio_max"] = s["ratio_max"] if cnt else 1.0
+    # 1 + mean(r - 1) has the absolute precision of 1 (float32's expm1 rounds a ratio of
+    # e^-20 to -1, so the mean read 0): kept within min and max, each one exp of a log-ratio
+    mean = 1.0 + share(s["ratio_excess"], cnt)
+    mx["ratio_mean"] = min(max(mean, mx["ratio_min"]), mx["ratio_max"])
     mx["approx_kl"] = share(-s["d_sum"], cnt)
     mx["clamped_tokens"] = s["clamped"]
     mx["clip_low"] = share(s["clip_low"], nneg)

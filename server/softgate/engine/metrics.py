@@ -56,6 +56,15 @@ METRIC_NAMES: dict[str, str] = {
 }
 
 
+# compute_loss refuses a batch whose loss is not finite (`overflow`): one reaching to_floats is a bug
+LOSS_NAMES = ("loss", "policy_loss", "kl_loss")
+
+
 def to_floats(metrics: dict[str, float]) -> dict[str, float]:
-    """Metric values as Python floats, in the order given; a non-finite value (never expected) becomes 0."""
-    return {k: v if math.isfinite(v := float(x)) else 0.0 for k, x in metrics.items()}
+    """Metric values as Python floats, in the order given; a non-finite value (never expected)
+    becomes 0, except in LOSS_NAMES: AssertionError there (an INTERNAL error, never a 0 loss)."""
+    out = {k: float(x) for k, x in metrics.items()}
+    for k in LOSS_NAMES:
+        if k in out and not math.isfinite(out[k]):
+            raise AssertionError(f"{k} is {out[k]}: compute_loss should have refused the batch (overflow)")
+    return {k: v if math.isfinite(v) else 0.0 for k, v in out.items()}

@@ -5,9 +5,10 @@ objectives), `dratio` = d rho / d logp (r where the log-ratio was not clamped, 0
 s_i for gspo objectives, whose s_{i,t} = sg[s_i] exp(logp - sg[logp])), advantage `a`, `logp`.
 
 `grad_free` is the gradient of the same algorithm with the trust region removed (nothing
-clipped, gate weight 1): -A d rho / d logp, and -A r for cispo. `gate` = grad / grad_free, the
-factor by which the trust region scales each token's gradient (SAPO: 4p(1-p); hard clips: 1 or
-0; gppo: bound / r on clipped tokens; cispo: clip(r) / r).
+clipped, gate weight 1): -A d rho / d logp, and -A r for cispo and on gppo's clipped tokens
+(whose gradient ignores the clamp too). `gate` = grad / grad_free, the factor by which the
+trust region scales each token's gradient (SAPO: 4p(1-p); hard clips: 1 or 0; gppo: bound / r
+on clipped tokens; cispo: clip(r) / r).
 """
 
 from __future__ import annotations
@@ -43,34 +44,36 @@ OBJECTIVE_KIND = {
 }
 
 
-def objective_params(obj: Objective, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
-    """The objective's numbers as 0-d tensors (so a compiled kernel is not specialised on them).
-    A grpo without dual clip has no "dual" entry (so the kernel does not compute that mask)."""
-    vals: dict[str, float] = {}
+def objective_params(obj: Objective) -> dict[str, tuple[float, str]]:
+    """The objective's numbers by the kernel's names, each with the field it comes from (the
+    kernel reads them as 0-d tensors: kernel.kernel_params). A grpo without dual clip has no
+    "dual" entry (so the kernel does not compute that mask)."""
+    p = f"objective.{obj.name}"
     if isinstance(obj, Sapo):
-        vals = {"tau_pos": obj.tau_pos, "tau_neg": obj.tau_neg}
-    elif isinstance(obj, (Grpo, Gppo, Gspo, GspoToken, Cispo)):
-        vals = {"lo": 1 - obj.eps_low, "hi": 1 + obj.eps_high}
+        return {"tau_pos": (obj.tau_pos, f"{p}.tau_pos"), "tau_neg": (obj.tau_neg, f"{p}.tau_neg")}
+    if isinstance(obj, (Grpo, Gppo, Gspo, GspoToken, Cispo)):
+        vals = {"lo": (1 - obj.eps_low, f"{p}.eps_low"), "hi": (1 + obj.eps_high, f"{p}.eps_high")}
         if isinstance(obj, Grpo) and obj.dual_clip is not None:
-            vals["dual"] = obj.dual_clip
-    else:
-        assert isinstance(obj, Reinforce)
-    return {k: torch.tensor(v, dtype=dtype, device=device) for k, v in vals.items()}
+            vals["dual"] = (obj.dual_clip, f"{p}.dual_clip")
+        return vals
+    assert isinstance(obj, Reinforce)
+    return {}
 
 
 def policy_terms(
     kind: str, ratio: Tensor, dratio: Tensor, a: Tensor, logp: Tensor, prm: dict[str, Tensor]
 ) -> PolicyTerms:
-    """`kind` is OBJECTIVE_KIND[name]; `prm` comes from objective_params."""
+    """`kind` is OBJECTIVE_KIND[name]; `prm` holds objective_params' numbers as 0-d tensors."""
     one = torch.ones_like(ratio)
     no = torch.zeros_like(ratio, dtype=torch.bool)
-    free = -a * dratio
     if kind == "sapo":
+        free = -a * dratio
         tau = torch.where(a > 0, prm["tau_pos"], prm["tau_neg"])
         p = torch.sigmoid(tau * (ratio - 1))
         w = 4 * p * (1 - p)
         return PolicyTerms(-(4 / tau) * p * a, w * free, free, w, no, None, None, None)
     if kind == "reinforce":
+        free = -a * dratio
         return PolicyTerms(-ratio * a, free, free, one, no, None, None, None)
     lo, hi = prm["lo"], prm["hi"]
     high = (a > 0) & (ratio > hi)
@@ -90,10 +93,14 @@ def policy_terms(
         clip = clip | dual
     if kind == "gppo":
         # clipped tokens keep the gradient of their bound, -bound A, by definition (SPEC): also
-        # where the log-ratio was clamped, so not d/dlogp of r * sg[bound / r] with r clamped
+        # where the log-ratio was clamped, so not d/dlogp of r * sg[bound / r] with r clamped.
+        # Their free gradient is -A r likewise (cispo's), not the clamp's 0: gate = bound / r
+        # is then grad / grad_free, and grad_retained does not jump at the clamp
+        free = -a * torch.where(clip, ratio, dratio)
         grad = torch.where(clip, -a * bound, free)
         gate = torch.where(clip, bound / ratio, one)
     else:
+        free = -a * dratio
         grad = torch.where(clip, torch.zeros_like(free), free)
         gate = torch.where(clip, torch.zeros_like(one), one)
     return PolicyTerms(loss, grad, free, gate, clip, low, high, dual)
