@@ -95,6 +95,30 @@ def test_settings_that_ended_in_a_traceback_exit_2_with_one_line(
     assert err.startswith(f"softgate serve: {setting}") and err.count("\n") == 1, err
 
 
+def test_a_cuda_device_on_a_host_without_cuda_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    """`softgate serve --device cuda` on a host without CUDA: one line naming the device, exit
+    2. A server started without the CLI (serve.serve) is refused by the engine itself, which
+    names the device too: exit 2, not a traceback (a CUDA engine without CUDA was made, then
+    failed on its first large batch; an audit)."""
+    import torch
+    from softgate import serve
+    from softgate.settings import Settings
+
+    if torch.cuda.is_available():
+        pytest.skip("a host without CUDA")
+    assert main(["serve", "--grpc-port", "0", "--admin-port", "-1", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("softgate serve: device: 'cuda' is not available") and err.count("\n") == 1, err
+    settings = Settings.load({"device": "cuda", "grpc_port": 0, "admin_port": -1, "warmup": False}, env={})
+
+    async def start_and_stop() -> int:
+        stop = asyncio.Event()
+        stop.set()  # (a server that started stops at once, exit 0)
+        return await serve.serve(settings, stop=stop)
+
+    assert asyncio.run(start_and_stop()) == 2
+
+
 @pytest.mark.parametrize(
     ("args", "compile", "warmup"),
     [

@@ -285,6 +285,7 @@ def test_a_cuda_server_answers_small_calls_from_the_host(inprocess_server, monke
         return out
 
     monkeypatch.setattr(servicer, "gradient_response", spy)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # (Engine refuses a CUDA it lacks)
     srv = inprocess_server(engine=Engine(device="cuda", compile=False, host_max_tokens=_MIN_TOKENS))
     cpu = Engine(device="cpu", compile=False)
     with SoftgateClient(srv.target, stream_chunk_bytes=700) as c:

@@ -140,11 +140,11 @@ def test_token_mean_weight_of_a_fully_masked_batch_is_finite(host, monkeypatch):
     assert math.isfinite(float(w))
 
 
-def test_an_empty_batch_with_sample_tokens_0_computes():
-    """sample_tokens 0 samples nothing more than the batch has: an empty batch computes (no
-    stride of 0)."""
+def test_an_empty_batch_with_sample_tokens_1_computes():
+    """sample_tokens 1 samples nothing more than the batch has: an empty batch computes (no
+    stride of 0). (0 is refused: tests/test_engine_library.py.)"""
     b = Batch(logp=torch.zeros(0, dtype=F64), offsets=torch.tensor([0]), advantages=torch.zeros(0, dtype=F64))
-    r = E.loss(b, LossConfig(), sample_tokens=0)
+    r = E.loss(b, LossConfig(), sample_tokens=1)
     assert r.loss == 0.0 and r.sample_stride == 1
 
 

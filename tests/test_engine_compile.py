@@ -242,6 +242,7 @@ def test_a_cuda_engine_compiles_its_host_configurations_as_the_cpu_does(
     computes on the host follow the CPU's default: eager first, compiled in the background
     (a sync compile there would hold a trainer's small call for seconds), unless told."""
     monkeypatch.delenv("SOFTGATE_ENGINE_COMPILE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # (host batches only: no GPU needed)
     eng = Engine(device="cuda")
     assert (eng.kernel.mode, eng.kernel.host_mode) == ("sync", "background")
     assert (
@@ -1055,3 +1056,100 @@ def test_a_small_cpu_batch_gives_the_same_bits_whatever_the_callers_thread_count
     assert (many.loss, many.policy_loss, many.kl_loss) == (one.loss, one.policy_loss, one.kl_loss)
     assert many.metrics == one.metrics
     assert torch.equal(many.grad, one.grad)
+
+
+def _two_configurations() -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    base = _token_terms_args("cpu")
+    return base, ({**base[0], "old": base[0]["old"].float()}, *base[1:])
+
+
+def test_at_exit_the_compile_running_in_this_process_is_stopped_and_waited_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found by an audit: a library process that ended while the background thread compiled
+    in it (dynamo: a sampled configuration, or every CPU one on torch < 2.13) aborted, exit
+    status 134. At exit (an atexit hook, registered when the thread starts) that compile is
+    interrupted and waited for, and queued ones never start."""
+    registered: list[Any] = []
+    monkeypatch.setattr(compiled.atexit, "register", registered.append)
+    kern = compiled.CompiledKernel("background")
+    compiling, ended = threading.Event(), threading.Event()
+    built: list[Any] = []
+
+    def fake_compile(example: Any, lock: Any) -> Any:
+        built.append(kernel_key(example))
+        with lock:  # as compile_kernel holds it around a compile in this process
+            compiling.set()
+            try:
+                while True:  # Python code, as dynamo's: the interrupt stops it
+                    time.sleep(0.01)
+            finally:
+                ended.set()
+
+    kern._compile = fake_compile
+    first, second = _two_configurations()
+    kern(*first)
+    kern(*second)  # queued behind the first
+    assert compiling.wait(30)
+    assert registered == [kern._drain_at_exit]
+    t0 = time.monotonic()
+    kern._drain_at_exit()
+    assert time.monotonic() - t0 < 2 and ended.is_set()
+    assert kern._worker is not None and not kern._worker.is_alive()
+    assert built == [kernel_key(first)]
+
+
+def test_at_exit_a_child_process_build_is_not_waited_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An AOTInductor build runs in a child process (which exits with this one) and holds no
+    lock: exit does not wait for it, and nothing runs here after it."""
+    monkeypatch.setattr(compiled.atexit, "register", lambda hook: None)
+    kern = compiled.CompiledKernel("background")
+    building, release = threading.Event(), threading.Event()
+    ran: list[Any] = []
+
+    def fake_compile(example: Any, lock: Any) -> Any:
+        building.set()
+        assert release.wait(30)  # (a child's build: this thread waits on a pipe)
+        return lambda *args: ran.append(args)
+
+    kern._compile = fake_compile
+    kern(*_two_configurations()[0])
+    assert building.wait(30)
+    t0 = time.monotonic()
+    kern._drain_at_exit()
+    assert time.monotonic() - t0 < 1
+    release.set()
+    time.sleep(0.2)
+    assert ran == [] and kern.ready == 0  # no warm-up run once exiting: the thread parks
+
+
+_EXIT_DURING_COMPILE = """
+import sys, time
+import torch
+from softgate.engine import Batch, Engine, Grpo, LossConfig
+
+engine = Engine(device="cpu", compile="background")
+batch = Batch(logp=-torch.rand(4096) - 0.01, offsets=Batch.offsets_from_lengths(torch.full((32,), 128)),
+              advantages=torch.randn(32))
+engine.loss(batch, LossConfig(objective=Grpo()), sample_tokens=100)  # sampled: dynamo, in this process
+assert engine.kernel.states()["compiling"] == 1
+time.sleep(float(sys.argv[1]))
+"""
+
+
+def test_a_process_that_exits_during_a_background_compile_exits_0() -> None:
+    """The audit's case end to end: a script whose sampled call queued a background dynamo
+    compile ends 0.5-2.5 s later, mid-compile (without the hook 5 of 7 such runs aborted)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "SOFTGATE_ENGINE_COMPILE"}
+    for delay in ("0.5", "1.5", "2.5"):
+        out = subprocess.run(
+            [sys.executable, "-c", _EXIT_DURING_COMPILE, delay],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0 and "terminate called" not in out.stderr, (delay, out.stderr[-2000:])

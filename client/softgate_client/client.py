@@ -40,6 +40,7 @@ from softgate_client._tensors import (
     float_array,
     from_le_bytes,
     int_array,
+    is_torch,
     le_bytes,
     make_layout,
     to_numpy,
@@ -433,7 +434,11 @@ def _rewards_and_groups(rewards: Any, group_ids: Any, b: int | None) -> dict[str
     B is the rewards' length); the one check of both `loss` and `advantages`."""
     out: dict[str, np.ndarray] = {}
     if rewards is not None:
-        r = to_numpy(rewards, "rewards")
+        if is_torch(rewards) and rewards.dtype.is_floating_point and rewards.element_size() < 4:
+            rewards = rewards.detach().float()  # a reward model's bf16 / fp16: exact in float32,
+        r = to_numpy(rewards, "rewards")  # and the engine takes them too (reduced in float64)
+        if r.dtype == np.float16:
+            r = r.astype(np.float32)
         if r.dtype.kind in "biu":
             r = int_array(r, "rewards")
         elif r.dtype not in (np.float32, np.float64):

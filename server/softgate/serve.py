@@ -30,6 +30,7 @@ import torch
 from softgate import __version__
 from softgate.allocator import Decision, loaded_allocator, mapped_allocators
 from softgate.engine import Engine
+from softgate.engine.compiled import COMPILE_EXIT_WAIT_S
 from softgate.grpc.server import GrpcServer, TlsFilesError
 from softgate.logging import NativeStderr, configure, get_logger
 from softgate.settings import Settings, host_port
@@ -38,10 +39,10 @@ from softgate.telemetry import Telemetry
 from softgate.threads import cpu_quota, threads_for
 
 log = get_logger("serve")
-# on shutdown, how long to wait for a background torch.compile of the engine to finish: a
-# thread still compiling when the interpreter finalises aborts the process (std::terminate,
-# exit status -6 instead of 0); past this wait the process exits at once instead (os._exit)
-COMPILE_EXIT_WAIT_S = 5.0
+# on shutdown serve waits up to COMPILE_EXIT_WAIT_S (the engine's own wait at exit) for a
+# torch.compile of the engine to finish: a thread still compiling when the interpreter
+# finalises aborts the process (std::terminate, exit status -6 instead of 0); past that wait
+# the process exits at once instead (os._exit)
 _exit_now = {"hard": False}
 # the signals that shut the server down gracefully: SIGHUP too (a closed terminal, or a
 # supervisor's reload signal), which killed the process without a word and left its status
@@ -260,7 +261,11 @@ async def _serve(settings: Settings, stop: asyncio.Event, started: list[GrpcServ
     server made is appended to `started`, for a second signal to hurry)."""
     log.info("starting", version=__version__, settings=settings.redacted())
     telemetry = make_telemetry(settings)
-    engine = make_engine(settings)
+    try:
+        engine = make_engine(settings)
+    except ValueError as e:  # a device this host lacks (the CLI checks it first): a setting, 2
+        log.error("startup_failed", error=str(e))
+        return 2
     log.info("engine_ready", **_device_description(engine), compile=engine.compile_mode)
     telemetry.watch_engine(engine.kernel.states)
 

@@ -13,7 +13,7 @@ class Batch:
     """A batch of B sequences holding N response tokens in total.
 
     Token tensors are 1-D of length N (float32 or float64); sequence i owns tokens
-    `offsets[i]:offsets[i+1]` (`offsets` is int64 of length B+1, offsets[0] = 0,
+    `offsets[i]:offsets[i+1]` (`offsets`: any integer dtype, length B+1, offsets[0] = 0,
     non-decreasing, offsets[B] = N). Either `rewards` + `group_ids` (per sequence) or
     `advantages` (length B per sequence, or N per token) must be given.
     """
@@ -25,7 +25,7 @@ class Batch:
     ref_logp: Tensor | None = None  # needed when a KL term is configured
     rollout_logp: Tensor | None = None  # needed when a mismatch correction is configured
     rewards: Tensor | None = None  # [B]
-    group_ids: Tensor | None = None  # [B] int64, groups need not be contiguous
+    group_ids: Tensor | None = None  # [B] any integer dtype, groups need not be contiguous
     advantages: Tensor | None = None  # [B] or [N], given by the caller
     # "sequence" or "token"; None infers it from the length of `advantages` ([B] or [N]).
     # Needed only when B == N and some sequence is not exactly one token long.

@@ -30,6 +30,10 @@ Dynamo's compiler is not thread-safe: compiles in this process and compiled call
 lock; a compiled call that would wait for a running compile (background, or another
 configuration's before use) runs eager instead. A child's build holds no lock.
 
+At exit (atexit, once the background thread has started) queued compiles are dropped and a
+compile running in this process is stopped (`_drain_at_exit`): a thread still compiling in
+torch when the interpreter finalises aborts the process (exit status 134).
+
 At most `max_configurations` configurations are compiled (DEFAULT_MAX_CONFIGURATIONS); later
 new ones run eager, with the same numbers. Each costs ~20 s of a core to build and ~2 MB of
 inductor cache on disk, and the key space runs to thousands (objective x advantage level x KL
@@ -39,7 +43,9 @@ hours and could fill a pod's size-limited /tmp.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import ctypes
 import logging
 import os
 import queue
@@ -61,6 +67,12 @@ from softgate.engine.segments import host_shortcuts
 log = logging.getLogger(__name__)
 
 COMPILE_MODES = ("off", "sync", "background")
+# at exit, how long to wait for the background thread's compile in this process to stop (it is
+# interrupted: it stops within a second, unless it waits for inductor's C++ build) or for a
+# call holding the compile lock: a thread still in a torch op when the interpreter finalises
+# aborts the process (std::terminate, exit status 134 / -6 instead of 0). `softgate serve`
+# waits as long for its compiles on shutdown, then exits at once (os._exit).
+COMPILE_EXIT_WAIT_S = 5.0
 # configurations compiled at most; a server sees a few (its warm-up compiles 7 with compile=true)
 DEFAULT_MAX_CONFIGURATIONS = 64
 # the first torch whose ahead-of-time compile of this kernel is generic in sizes: 2.9 has
@@ -279,6 +291,17 @@ def _contiguous(args: tuple[Any, ...]) -> tuple[Any, ...]:
     return ({k: v.contiguous() for k, v in t.items()}, *args[1:])
 
 
+class _Exiting(BaseException):
+    """Raised in the background thread's compile at exit (`CompiledKernel._drain_at_exit`): a
+    BaseException, so that no `except Exception` of torch's compiler carries on compiling."""
+
+
+def _park() -> None:
+    """Block this thread for good. At exit the background thread waits here rather than end:
+    ending frees its tensors, and a tensor freed while the interpreter finalises aborts it."""
+    threading.Event().wait()
+
+
 class CompiledKernel:
     """Callable with token_terms' signature that runs it compiled or eager per `mode`."""
 
@@ -311,6 +334,8 @@ class CompiledKernel:
         self.compiled_calls = 0  # calls that ran a compiled kernel
         self._jobs: queue.Queue[tuple[tuple[Any, ...], tuple[Any, ...]]] = queue.Queue()
         self._worker: threading.Thread | None = None
+        self._exiting = False  # the interpreter exits: compile nothing more (_drain_at_exit)
+        self._building = False  # the background thread compiles in this process (dynamo's)
         self._compiling = threading.Event()
         self._idle = threading.Condition(self._state)
 
@@ -443,9 +468,22 @@ class CompiledKernel:
 
     @contextlib.contextmanager
     def _compile_lock(self) -> Iterator[None]:
-        """The lock, held for a compile in this process: compiled calls run eager meanwhile."""
-        with self._lock, self._marked_compiling():
-            yield
+        """The lock, held for the background thread's compile in this process: compiled calls
+        run eager meanwhile. Once the interpreter exits, no compile starts: the thread parks."""
+        self._lock.acquire()
+        with self._state:
+            exiting = self._exiting
+            self._building = not exiting
+        if exiting:
+            self._lock.release()
+            _park()
+        try:
+            with self._marked_compiling():
+                yield
+        finally:
+            with self._state:
+                self._building = False
+            self._lock.release()
 
     def _acquire(self) -> bool:
         """Take the compile lock unless a compile holds it, or (on the event loop) anything
@@ -498,6 +536,7 @@ class CompiledKernel:
                 if self._worker is None:
                     self._worker = threading.Thread(target=self._work, name="softgate-compile", daemon=True)
                     self._worker.start()
+                    atexit.register(self._drain_at_exit)
         if full:
             self._left_eager(key)
             return
@@ -507,22 +546,53 @@ class CompiledKernel:
             self._unqueue(key)
             raise
 
+    def _drain_at_exit(self) -> None:
+        """atexit: compile nothing more, and stop the background thread's compile running in
+        this process (`_Exiting`), waiting up to COMPILE_EXIT_WAIT_S for the thread to end; wait
+        as long for a compiled call or warm-up run that holds the lock. A child's AOTInductor
+        build is not waited for: its child exits with this process."""
+        with self._state:
+            self._exiting = True
+            building = self._building
+        worker = self._worker
+        if building and worker is not None and worker.ident is not None:
+            # (a thread compiling in torch when the interpreter finalises aborts the process)
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                ctypes.c_ulong(worker.ident), ctypes.py_object(_Exiting)
+            )
+            worker.join(COMPILE_EXIT_WAIT_S)
+            if worker.is_alive():
+                log.warning("an engine kernel was still compiling at exit; the process may abort")
+        elif self._lock.acquire(timeout=COMPILE_EXIT_WAIT_S):
+            self._lock.release()
+
     def _work(self) -> None:
-        while True:
-            key, args = self._jobs.get()
-            try:
-                with torch.no_grad():
-                    fn = self._compile(args, self._compile_lock())  # args: the warm-up batch
-                    with self._lock:
+        with contextlib.suppress(_Exiting):  # (ends the thread at exit; its compile is useless)
+            while True:
+                key, args = self._jobs.get()
+                if self._exiting:
+                    _park()
+                self._build(key, args)
+
+    def _build(self, key: tuple[Any, ...], args: tuple[Any, ...]) -> None:
+        """Compile configuration `key` on its warm-up batch `args` (the background thread)."""
+        try:
+            with torch.no_grad():
+                fn = self._compile(args, self._compile_lock())  # args: the warm-up batch
+                with self._lock:
+                    exiting = self._exiting
+                    if not exiting:
                         fn(*args)  # one run before real calls use it
-                self._fns[key] = fn
-                with self._state:
-                    self._ready.add(key)
-                log.info("compiled engine kernel ready for %s", key[:5])
-            except Exception as exc:
-                if is_out_of_memory(exc):  # (a device full for the moment: a later call asks again)
-                    log.warning("compiling the engine kernel for %s ran out of memory (%s)", key[:5], exc)
-                else:
-                    self._fail(key, exc)
-            finally:
-                self._unqueue(key)
+                if exiting:
+                    _park()
+            self._fns[key] = fn
+            with self._state:
+                self._ready.add(key)
+            log.info("compiled engine kernel ready for %s", key[:5])
+        except Exception as exc:
+            if is_out_of_memory(exc):  # (a device full for the moment: a later call asks again)
+                log.warning("compiling the engine kernel for %s ran out of memory (%s)", key[:5], exc)
+            else:
+                self._fail(key, exc)
+        finally:
+            self._unqueue(key)

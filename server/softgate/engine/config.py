@@ -1,13 +1,32 @@
 """Typed configuration of one loss computation: objective, advantages, KL, mismatch, aggregation.
 
 Every parameter's default is the one in SPEC.md. Objects are frozen and validated by
-`validate_config` (see `validation.py`); adapters build them from their wire formats.
+`validate_config` (see `validation.py`); adapters build them from their wire formats. A number
+given as a one-element tensor or a numpy scalar is kept as the Python number it holds.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+
+def _plain_numbers(config: Any) -> None:
+    """Replace each field of the frozen dataclass `config` that holds a one-element tensor or a
+    numpy scalar (`mask.sum()`, a normaliser after all_reduce, `np.float32(1.0)`) with the
+    Python number it holds: a configuration holds values, equal and hashed by them (the
+    kernel's parameters are cached by configuration). Anything else is left for validation."""
+    for f in fields(config):
+        v = getattr(config, f.name)
+        if v is None or type(v) in (int, float, str) or not hasattr(v, "item"):
+            continue
+        try:
+            x = v.item()
+        except (ValueError, RuntimeError, TypeError):  # not one element (or no data): refused later
+            continue
+        if isinstance(x, (int, float)):
+            object.__setattr__(config, f.name, x)
+
 
 # ---------------------------------------------------------------- objectives
 
@@ -20,6 +39,9 @@ class Sapo:
     tau_neg: float = 1.05
     name: Literal["sapo"] = "sapo"
 
+    def __post_init__(self) -> None:
+        _plain_numbers(self)
+
 
 @dataclass(frozen=True)
 class Grpo:
@@ -30,6 +52,9 @@ class Grpo:
     dual_clip: float | None = None
     name: Literal["grpo"] = "grpo"
 
+    def __post_init__(self) -> None:
+        _plain_numbers(self)
+
 
 @dataclass(frozen=True)
 class Gspo:
@@ -38,6 +63,9 @@ class Gspo:
     eps_low: float = 3e-4
     eps_high: float = 4e-4
     name: Literal["gspo"] = "gspo"
+
+    def __post_init__(self) -> None:
+        _plain_numbers(self)
 
 
 @dataclass(frozen=True)
@@ -48,6 +76,9 @@ class GspoToken:
     eps_high: float = 4e-4
     name: Literal["gspo_token"] = "gspo_token"
 
+    def __post_init__(self) -> None:
+        _plain_numbers(self)
+
 
 @dataclass(frozen=True)
 class Cispo:
@@ -57,6 +88,9 @@ class Cispo:
     eps_high: float = 0.28
     name: Literal["cispo"] = "cispo"
 
+    def __post_init__(self) -> None:
+        _plain_numbers(self)
+
 
 @dataclass(frozen=True)
 class Gppo:
@@ -65,6 +99,9 @@ class Gppo:
     eps_low: float = 0.2
     eps_high: float = 0.2
     name: Literal["gppo"] = "gppo"
+
+    def __post_init__(self) -> None:
+        _plain_numbers(self)
 
 
 @dataclass(frozen=True)
@@ -97,6 +134,9 @@ class AdvantageConfig:
     eps: float = 1e-6
     min_group_std: float = 0.0
 
+    def __post_init__(self) -> None:
+        _plain_numbers(self)
+
 
 @dataclass(frozen=True)
 class KLConfig:
@@ -104,6 +144,9 @@ class KLConfig:
 
     estimator: Literal["k1", "k2", "k3"] = "k3"
     beta: float = 0.0
+
+    def __post_init__(self) -> None:
+        _plain_numbers(self)
 
 
 @dataclass(frozen=True)
@@ -117,6 +160,9 @@ class MismatchConfig:
     lo: float = 0.5
     hi: float = 2.0
 
+    def __post_init__(self) -> None:
+        _plain_numbers(self)
+
 
 @dataclass(frozen=True)
 class AggregationConfig:
@@ -128,6 +174,9 @@ class AggregationConfig:
     num_tokens: float | None = None
     num_seqs: float | None = None
     constant: float | None = None
+
+    def __post_init__(self) -> None:
+        _plain_numbers(self)
 
 
 @dataclass(frozen=True)
@@ -141,3 +190,6 @@ class LossConfig:
     mismatch: MismatchConfig | None = None
     log_ratio_clamp: float = 20.0
     saturation_threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        _plain_numbers(self)

@@ -26,7 +26,7 @@ from softgate.engine.errors import FieldViolation, InputError
 from softgate.engine.loss import TokenTerms, compute_loss
 from softgate.engine.result import AdvantageResult, LossResult
 from softgate.engine.transfer import to_device
-from softgate.engine.validation import _INTS, reward_tensor
+from softgate.engine.validation import _INTS, check_arguments, check_devices, reward_tensor
 from softgate.threads import one_thread
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,54 @@ DEFAULT_HOST_MAX_TOKENS = 65536
 ONE_THREAD_MAX_TOKENS = 32768
 
 
+def engine_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device: the CPU or a CUDA device this host has, else ValueError
+    naming it (a CUDA engine without CUDA ran small batches on the host, then failed with a
+    bare AssertionError on the first large one; an audit)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {str(device)!r} is not a device: cpu, cuda or cuda:N ({e})") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise ValueError(f"device {str(device)!r}: the engine runs on cpu or cuda, not {dev.type}")
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"device {str(device)!r}: CUDA is not available (no CUDA in this torch, or no device)"
+        )
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise ValueError(
+            f"device {str(device)!r}: this host has {count} CUDA device(s), cuda:0..cuda:{count - 1}"
+        )
+    return dev
+
+
+def _check_grad_out(batch: Batch, grad_out: Tensor) -> None:
+    """ValueError unless `grad_out` is a tensor whose memory no 1-D input of `batch` shares
+    (others are refused before anything is written): the gradient written into it would
+    overwrite that input (`grad_out=logp` was accepted; an audit)."""
+    if not isinstance(grad_out, Tensor):
+        raise ValueError(f"grad_out must be a torch.Tensor, got {type(grad_out).__name__}")
+    storage = grad_out.untyped_storage().data_ptr()
+    if not storage:  # no memory: empty, or on the meta device (refused with its other checks)
+        return
+    for name in _BATCH_FIELDS:
+        x = getattr(batch, name)
+        if isinstance(x, Tensor) and x.untyped_storage().data_ptr() == storage and _overlap(x, grad_out):
+            raise ValueError(f"grad_out shares memory with batch.{name}: the gradient would overwrite it")
+
+
+def _overlap(x: Tensor, out: Tensor) -> bool:
+    """Whether 1-D `x` and contiguous `out` (views of one storage) have a byte in common."""
+    if x.dim() != 1 or not x.numel() or not out.numel():
+        return False
+    start, lo = x.data_ptr(), out.data_ptr()
+    end = start + ((x.numel() - 1) * x.stride(0) + 1) * x.element_size()
+    return start < lo + out.numel() * out.element_size() and lo < end
+
+
 class Engine:
     """Computes advantages and losses on one device (CUDA when present, else CPU).
 
@@ -58,13 +106,15 @@ class Engine:
     path, equal numbers up to float rounding (several times faster than eager on CPU at 16M
     tokens, see bench/RESULTS.md). `compile`: True compiles each configuration (objective
     kind, KL / mismatch on or off, advantage level, dtype) on first use in the calling thread
-    (0.3-45 s on 2 CPU cores); False never compiles; "background" runs a configuration's first
-    calls eager while one background thread compiles it, then switches to the compiled
-    kernel; None (default) reads SOFTGATE_ENGINE_COMPILE (1 / 0 / background / auto) and
-    otherwise means True on CUDA, "background" on CPU. Compile failures are logged and leave
-    the engine eager. At most `max_compiled_kernels` configurations are compiled (0: no limit);
-    later new ones run eager. Calls may run from several threads at once; compiles and
-    compiled calls are serialised by a lock (see `compiled.CompiledKernel`).
+    (about 2-30 s each on 2 CPU cores, docs/engine.md); False never compiles; "background"
+    runs a configuration's first calls eager while one background thread compiles it, then
+    switches to the compiled kernel; None (default) reads SOFTGATE_ENGINE_COMPILE (1 / 0 /
+    background / auto) and otherwise means True on CUDA, "background" on CPU. Compile failures
+    are logged and leave the engine eager. At most `max_compiled_kernels` configurations are
+    compiled (0: no limit); later new ones run eager. Calls may run from several threads at
+    once; compiles and compiled calls are serialised by a lock (see `compiled.CompiledKernel`).
+    At exit a process may wait up to `compiled.COMPILE_EXIT_WAIT_S` for a compile running in it.
+    `device`: "cpu" or a CUDA device this host has (else ValueError).
     """
 
     def __init__(
@@ -76,7 +126,7 @@ class Engine:
     ) -> None:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = engine_device(device)
         self.compile_mode = compile_mode(compile, self.device)
         self.compile = self.compile_mode != "off"
         self.host_max_tokens = host_max_tokens if self.device.type != "cpu" else 0
@@ -105,12 +155,16 @@ class Engine:
 
     @staticmethod
     def _to_device(batch: Batch, device: torch.device) -> Batch:
-        moved = {
-            name: to_device(v, device)
+        moving = {
+            name: v
             for name in _BATCH_FIELDS
             if isinstance(v := getattr(batch, name), Tensor) and v.device != device
         }
-        return dataclasses.replace(batch, **moved) if moved else batch  # type: ignore[arg-type]
+        if not moving:
+            return batch
+        check_devices(moving)  # (a tensor already on `device` is not on the meta device)
+        moved = {name: to_device(v, device) for name, v in moving.items()}
+        return dataclasses.replace(batch, **moved)  # type: ignore[arg-type]
 
     def loss(
         self,
@@ -123,7 +177,11 @@ class Engine:
         """Validate, move to the device, compute loss + exact per-token gradient + metrics.
         `sample_tokens`, `grad_out`: see `compute_loss` (a server passes the first when no
         ratio, gate weight or clip mask was asked for, the second to write the gradient
-        straight into its response)."""
+        straight into its response). InputError for a bad batch, config or `sample_tokens`;
+        ValueError for a `grad_out` that is not a buffer of its own."""
+        check_arguments(batch, config, sample_tokens)
+        if grad_out is not None:
+            _check_grad_out(batch, grad_out)
         device = self.device_for(batch, grad_out)
         return self._loss(batch, config, self.kernel, device, sample_tokens, grad_out)
 
@@ -151,7 +209,16 @@ class Engine:
 
     def advantages(self, rewards: Tensor, group_ids: Tensor, config: AdvantageConfig) -> AdvantageResult:
         """Per-sequence advantages from rewards and group ids (reinforce_pp_baseline whitens
-        over sequences here, each weighing 1; in `loss` it whitens over trained tokens)."""
+        over sequences here, each weighing 1; in `loss` it whitens over trained tokens). Records
+        no autograd graph, as `loss` does not."""
+        with torch.no_grad():
+            return self._advantages(rewards, group_ids, config)
+
+    def _advantages(self, rewards: Tensor, group_ids: Tensor, config: AdvantageConfig) -> AdvantageResult:
+        if not isinstance(config, AdvantageConfig):
+            why = f"bad_type: expected a softgate.engine.AdvantageConfig, got {type(config).__name__}"
+            raise InputError([FieldViolation("config", why)])
+        check_devices({"rewards": rewards, "group_ids": group_ids})
         v: list[FieldViolation] = []
         ok = reward_tensor(v, rewards, None)
         if not isinstance(group_ids, Tensor) or group_ids.dtype not in _INTS or group_ids.dim() != 1:

@@ -34,6 +34,11 @@ class InputError(ValueError):
         self.violations = list(violations)
         super().__init__("; ".join(str(v) for v in self.violations))
 
+    def __reduce__(self) -> tuple[type[InputError], tuple[list[FieldViolation]]]:
+        """Rebuilt from its violations (pickle, copy: a worker process's error), not from its
+        message, which __init__ would read as violations, one per character."""
+        return (type(self), (self.violations,))
+
     @property
     def reasons(self) -> list[str]:
         """Short machine-readable reason codes, for the rejected-inputs metric."""

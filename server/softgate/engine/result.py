@@ -12,7 +12,7 @@ from torch import Tensor
 class AdvantageResult:
     """Per-sequence advantages from rewards, and their metrics."""
 
-    advantages: Tensor  # [B], the input dtype
+    advantages: Tensor  # [B]: float64 for float64 rewards, else float32 (integer and half rewards too)
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -31,7 +31,9 @@ class LossResult:
     policy_loss: float
     kl_loss: float
     grad: Tensor  # [N]
-    advantages: Tensor  # [N] per-token advantage A_{i,t}
+    # [N] per-token advantage A_{i,t}; advantages given per token, on the device and in the
+    # compute dtype, come back as the caller's tensor itself, as `mask` does (not a copy)
+    advantages: Tensor
     # [N] r (token ratio; the sequence ratio s_i for gspo objectives); 1 on masked tokens
     ratio: Tensor
     # [N] the factor by which the trust region scales the token's gradient, grad / grad with

@@ -5,7 +5,8 @@ Reasons are "<code>: <text>"; the codes (REASON_CODES) are stable and feed the
 rejected-inputs metric. Dtype rule for float inputs: float32 and float64 are accepted and may
 be mixed; the computation runs in float64 when any log-prob tensor or the caller's advantages
 are float64, else in float32 (`compute_dtype`). Rewards are reduced in float64 whatever their
-dtype. Half precisions (float16, bfloat16) are refused.
+dtype (integers and half precisions too). Half-precision (float16, bfloat16) log-probs and
+advantages are refused.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import contextlib
 import functools
 import math
 import weakref
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
@@ -40,8 +42,10 @@ from softgate.engine.segments import host_shortcuts
 REASON_CODES: dict[str, str] = {
     "non_finite": "a NaN or infinite value",
     "positive_logp": "a log-probability above 0 (beyond LOGP_TOLERANCE) on a trained token",
-    "half_precision": "a float16/bfloat16 tensor (ratio noise larger than the clip band)",
+    "half_precision": "a float16/bfloat16 log-prob or advantage tensor (ratio noise larger than the clip band)",
     "bad_dtype": "a tensor of the wrong dtype (e.g. integer log-probs, float group ids)",
+    "bad_device": "a tensor on the meta device (no data)",
+    "bad_type": "an argument of the wrong type (a batch that is not a Batch, a config not a LossConfig)",
     "bad_shape": "a tensor that is not 1-D",
     "length_mismatch": "a tensor whose length does not match the batch",
     "bad_offsets": "offsets not starting at 0, not ending at N, or decreasing",
@@ -60,10 +64,8 @@ MAX_LOG_RATIO_CLAMP = 80.0
 LOGP_TOLERANCE = 1e-4
 # rewards beyond this overflow the group statistics' float64 sums of squares (silent zeros)
 MAX_ABS_REWARD = 1e100
-HALF_REASON = (
-    "half_precision: {dt} refused: bf16 log-probs carry about 3% ratio noise per token at "
-    "logp = -10, more than GSPO's whole clip band; send float32 or float64"
-)
+# fraction bits of the half precisions: half an ulp at |logp| in [8, 16) is 2^(2 - bits)
+_FRACTION_BITS = {torch.float16: 10, torch.bfloat16: 7}
 
 _FLOATS = (torch.float32, torch.float64)
 _HALVES = (torch.float16, torch.bfloat16)
@@ -72,6 +74,17 @@ _INTS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 _ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
 _SCALES = ("group", "batch", "none")
 _AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm")
+
+
+def half_reason(name: str, dtype: torch.dtype) -> str:
+    """The refusal of a half-precision input `name`; a log-prob's with its dtype's own ratio
+    noise (float16 quoted bfloat16's ~3%; an audit)."""
+    dt = str(dtype).removeprefix("torch.")
+    why = ""
+    if name.endswith("logp"):
+        noise = math.expm1(2.0 ** (2 - _FRACTION_BITS[dtype]))
+        why = f" ({dt} log-probs carry up to {noise:.1%} ratio noise per token at logp = -10, more than GSPO's clip band)"
+    return f"half_precision: {name} is {dt}; send {name} as float32 or float64{why}"
 
 
 def _num_ok(x: object) -> bool:
@@ -244,6 +257,7 @@ def _float_tensor(
     n: int | None,
     *,
     allow_int: bool = False,
+    allow_half: bool = False,
     maxima: dict[str, float] | None = None,
     values: bool = True,
 ) -> bool:
@@ -252,10 +266,10 @@ def _float_tensor(
     if not isinstance(x, Tensor):
         v.append(FieldViolation(name, f"bad_dtype: expected a torch.Tensor, got {type(x).__name__}"))
         return False
-    if x.dtype in _HALVES:
-        v.append(FieldViolation(name, HALF_REASON.format(dt=str(x.dtype).replace("torch.", ""))))
+    if x.dtype in _HALVES and not allow_half:
+        v.append(FieldViolation(name, half_reason(name, x.dtype)))
         return False
-    if x.dtype not in _FLOATS and not (allow_int and x.dtype in _INTS):
+    if not (x.dtype in _FLOATS or (allow_int and x.dtype in _INTS) or (allow_half and x.dtype in _HALVES)):
         v.append(FieldViolation(name, f"bad_dtype: {x.dtype} given, float32 or float64 expected"))
         return False
     if x.dim() != 1:
@@ -264,7 +278,7 @@ def _float_tensor(
     if n is not None and x.numel() != n:
         v.append(FieldViolation(name, f"length_mismatch: length {x.numel()}, expected {n}"))
         return False
-    if values and x.dtype in _FLOATS and x.numel() > 0:
+    if values and x.dtype.is_floating_point and x.numel() > 0:
         lo, hi = torch.stack(torch.aminmax(x)).tolist()  # one pass, one sync; NaN propagates to both
         if maxima is not None:
             maxima[name] = hi
@@ -293,8 +307,9 @@ def advantage_level(batch: Batch) -> str:
 
 
 def reward_tensor(v: list[FieldViolation], rewards: object, n: int | None) -> bool:
-    """`_float_tensor` for rewards (integers allowed), and every |reward| <= MAX_ABS_REWARD."""
-    if not _float_tensor(v, "rewards", rewards, n, allow_int=True):
+    """`_float_tensor` for rewards (integers and half precisions allowed: they are reduced in
+    float64), and every |reward| <= MAX_ABS_REWARD."""
+    if not _float_tensor(v, "rewards", rewards, n, allow_int=True, allow_half=True):
         return False
     assert isinstance(rewards, Tensor)
     if rewards.dtype in _FLOATS and rewards.numel() > 0:
@@ -483,5 +498,43 @@ def _check(batch: Batch, config: LossConfig, token_values: bool) -> None:
     if (v or vb) and not token_values:  # list the token values' violations too
         vb = validate_batch(batch, config)
     v += vb
+    if v:
+        raise InputError(v)
+
+
+def check_arguments(batch: object, config: object, sample_tokens: object = None) -> None:
+    """Raise InputError unless `batch` is a Batch, `config` a LossConfig and `sample_tokens`
+    None or an int >= 1: Engine.loss's arguments, before it reads the batch."""
+    v: list[FieldViolation] = []
+    if not isinstance(batch, Batch):
+        v.append(
+            FieldViolation("batch", f"bad_type: expected a softgate.engine.Batch, got {type(batch).__name__}")
+        )
+    if not isinstance(config, LossConfig):
+        v.append(
+            FieldViolation(
+                "config", f"bad_type: expected a softgate.engine.LossConfig, got {type(config).__name__}"
+            )
+        )
+    if sample_tokens is not None and (
+        not isinstance(sample_tokens, int) or isinstance(sample_tokens, bool) or sample_tokens < 1
+    ):
+        v.append(
+            FieldViolation(
+                "sample_tokens", f"out_of_range: {sample_tokens!r} must be an int >= 1 (None: all)"
+            )
+        )
+    if v:
+        raise InputError(v)
+
+
+def check_devices(tensors: Mapping[str, object]) -> None:
+    """Raise InputError naming each tensor of `tensors` on the meta device: it has a shape and
+    no data, nothing to compute on or copy (torch's own NotImplementedError otherwise)."""
+    v = [
+        FieldViolation(name, "bad_device: a meta tensor holds no data; give it on the CPU or a CUDA device")
+        for name, x in tensors.items()
+        if isinstance(x, Tensor) and x.is_meta
+    ]
     if v:
         raise InputError(v)
