@@ -612,3 +612,45 @@ def inprocess_server() -> Iterator[Any]:
     yield start
     for srv in started:
         srv.stop()
+
+
+def self_signed(
+    tmp_path: Path,
+    key: Any,
+    *,
+    days: tuple[float, float] = (0, 1),
+    key_format: str = "PKCS8",
+    password: bytes | None = None,
+) -> dict[str, str]:
+    """A self-signed certificate of `key` (a `cryptography` private key), valid from `days[0]`
+    to `days[1]` days from now, and the key (`key_format`, encrypted with `password`), as files."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed448, ed25519
+    from cryptography.hazmat.primitives.hashes import SHA256
+    from cryptography.x509.oid import NameOID
+
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now + datetime.timedelta(days=days[0]))
+        .not_valid_after(now + datetime.timedelta(days=days[1]))
+        .sign(key, None if isinstance(key, (ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)) else SHA256())
+    )
+    paths = {"tls_cert": str(tmp_path / "cert.pem"), "tls_key": str(tmp_path / "key.pem")}
+    Path(paths["tls_cert"]).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    Path(paths["tls_key"]).write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            getattr(serialization.PrivateFormat, key_format),
+            serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption(),
+        )
+    )
+    return paths

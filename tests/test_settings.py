@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import self_signed
 from softgate.settings import Settings, SettingsError
 
 
@@ -538,48 +539,6 @@ def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path: Path, suffix: str)
     assert Settings.load({}, env={}, config_file=cfg).max_runs == 3
 
 
-def _self_signed(
-    tmp_path: Path,
-    key: Any,
-    *,
-    days: tuple[float, float] = (0, 1),
-    key_format: str = "PKCS8",
-    password: bytes | None = None,
-) -> dict[str, str]:
-    """A self-signed certificate of `key` (a `cryptography` private key), valid from `days[0]`
-    to `days[1]` days from now, and the key (`key_format`, encrypted with `password`), as files."""
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ed448, ed25519
-    from cryptography.hazmat.primitives.hashes import SHA256
-    from cryptography.x509.oid import NameOID
-
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now + datetime.timedelta(days=days[0]))
-        .not_valid_after(now + datetime.timedelta(days=days[1]))
-        .sign(key, None if isinstance(key, (ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)) else SHA256())
-    )
-    paths = {"tls_cert": str(tmp_path / "cert.pem"), "tls_key": str(tmp_path / "key.pem")}
-    Path(paths["tls_cert"]).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    Path(paths["tls_key"]).write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            getattr(serialization.PrivateFormat, key_format),
-            serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption(),
-        )
-    )
-    return paths
-
-
 SUPPORTED = "supported: RSA of at least 2048 bits, or ECDSA on P-256, P-384 or P-521"
 
 
@@ -609,7 +568,7 @@ def test_a_key_grpc_cannot_use_is_refused(tmp_path: Path, kind: str) -> None:
     (NO_COMMON_SIGNATURE_ALGORITHMS), DSA and the other curves failed the bind with "cannot bind
     gRPC on ..." and exit 1 (audits)."""
     pytest.importorskip("cryptography")
-    flags = _self_signed(tmp_path, _key(kind))
+    flags = self_signed(tmp_path, _key(kind))
     [problem] = Settings.load(flags, env={}).host_problems()
     assert problem == f"tls_key: {flags['tls_key']!r}: gRPC's TLS cannot use {kind} keys ({SUPPORTED})"
 
@@ -638,7 +597,7 @@ def test_a_small_rsa_key_is_too_small(tmp_path: Path) -> None:
     """RSA-1024 was "not a valid certificate ... (EE_KEY_TOO_SMALL)", from the host's OpenSSL
     security level rather than from gRPC (an audit)."""
     pytest.importorskip("cryptography")
-    flags = _self_signed(tmp_path, _key("RSA-1024"))
+    flags = self_signed(tmp_path, _key("RSA-1024"))
     [problem] = Settings.load(flags, env={}).host_problems()
     assert problem == (
         f"tls_key: {flags['tls_key']!r} is an RSA key of 1024 bits: key too small (RSA >= 2048 or ECDSA)"
@@ -653,7 +612,7 @@ def test_an_expired_or_not_yet_valid_certificate_is_refused(
     pytest.importorskip("cryptography")
     from cryptography import x509
 
-    flags = _self_signed(tmp_path, _key("P-256"), days=days)
+    flags = self_signed(tmp_path, _key("P-256"), days=days)
     cert = x509.load_pem_x509_certificate(Path(flags["tls_cert"]).read_bytes())
     when = cert.not_valid_after_utc if days[1] < 0 else cert.not_valid_before_utc
     field = "notAfter" if days[1] < 0 else "notBefore"
@@ -667,7 +626,7 @@ def test_an_expired_or_not_yet_valid_certificate_is_refused(
 def test_an_encrypted_key_says_so(tmp_path: Path, key_format: str) -> None:
     """An encrypted key was "not a valid certificate and unencrypted key", no reason (an audit)."""
     pytest.importorskip("cryptography")
-    flags = _self_signed(tmp_path, _key("P-256"), key_format=key_format, password=b"secret")
+    flags = self_signed(tmp_path, _key("P-256"), key_format=key_format, password=b"secret")
     key = flags["tls_key"]
     [problem] = Settings.load(flags, env={}).host_problems()
     assert problem == (
@@ -695,4 +654,4 @@ def test_rsa_and_ecdsa_keys_pass(tmp_path: Path) -> None:
     pytest.importorskip("cryptography")
 
     for kind in ("RSA-2048", "RSA-4096", "P-256", "P-384", "P-521"):
-        assert Settings.load(_self_signed(tmp_path, _key(kind)), env={}).host_problems() == [], kind
+        assert Settings.load(self_signed(tmp_path, _key(kind)), env={}).host_problems() == [], kind

@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import log_records
+from conftest import log_records, self_signed
 from softgate import serve
 from softgate import settings as settings_module
 from softgate.engine import Engine
@@ -91,10 +91,14 @@ class SecretVolume:
         return str(self.root / name)
 
 
-def _served(port: int, ca: Any) -> bytes:
-    """The DER of the certificate a new TLS connection to 127.0.0.1:port is given."""
+def _served(port: int, ca: Any, client: Any = None) -> bytes:
+    """The DER of the certificate a new TLS connection to 127.0.0.1:port is given (presenting
+    `client`'s certificate, a trustme LeafCert, when given)."""
     ctx = ssl.create_default_context(cadata=ca.cert_pem.bytes().decode())
     ctx.set_alpn_protocols(["h2"])
+    if client is not None:
+        with client.cert_chain_pems[0].tempfile() as cert, client.private_key_pem.tempfile() as key:
+            ctx.load_cert_chain(cert, key)
     with (
         socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
         ctx.wrap_socket(raw, server_hostname="localhost") as tls,
@@ -260,58 +264,19 @@ def test_mutual_tls_stays_required_after_a_rotation(tmp_path: Path, ca: Any) -> 
         assert server.port is not None
         vol.update({"tls.crt": c2, "tls.key": k2, "ca.crt": ca.cert_pem.bytes()})
         assert await asyncio.to_thread(call, server.port, True) == "OK"
-        assert await asyncio.to_thread(_served_with_client_cert, server.port, ca, client) == _der(c2)
+        assert await asyncio.to_thread(_served, server.port, ca, client) == _der(c2)
         assert await asyncio.to_thread(call, server.port, False) == "UNAVAILABLE"
 
     _run(_settings(vol, tls_client_ca=vol.path("ca.crt")), body)
 
 
-def _served_with_client_cert(port: int, ca: Any, client: Any) -> bytes:
-    ctx = ssl.create_default_context(cadata=ca.cert_pem.bytes().decode())
-    ctx.set_alpn_protocols(["h2"])
-    with client.cert_chain_pems[0].tempfile() as cert, client.private_key_pem.tempfile() as key:
-        ctx.load_cert_chain(cert, key)
-    with (
-        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
-        ctx.wrap_socket(raw, server_hostname="localhost") as tls,
-    ):
-        der = tls.getpeercert(binary_form=True)
-    assert der is not None
-    return der
-
-
 def test_a_pair_grpc_refuses_names_the_tls_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A key the start-up check let through (then: DSA, RSA-PSS, secp256k1) failed the bind with
     "cannot bind gRPC on 127.0.0.1:0: Failed to bind ..." (an audit)."""
-    from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import dsa
 
-    key = dsa.generate_private_key(2048)
-    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    (tmp_path / "c.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "k.pem").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    s = Settings(
-        grpc_host="127.0.0.1",
-        grpc_port=0,
-        admin_port=None,
-        tls_cert=str(tmp_path / "c.pem"),
-        tls_key=str(tmp_path / "k.pem"),
-    )
+    files = self_signed(tmp_path, dsa.generate_private_key(2048))
+    s = Settings(grpc_host="127.0.0.1", grpc_port=0, admin_port=None, **files)
     with pytest.raises(TlsFilesError) as e:
         _run(s, lambda server: asyncio.sleep(0))
     assert str(e.value).startswith("tls_cert / tls_key: gRPC's TLS cannot use ")
