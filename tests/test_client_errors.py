@@ -346,29 +346,20 @@ def test_a_non_conforming_servers_outputs_are_refused_not_misaligned() -> None:
         server.stop(None)
 
 
-def test_no_retry_waits_past_the_calls_deadline() -> None:
-    """a backoff that would end past the call's deadline is not slept: the error is
-    raised at once (no sleep, no further attempt)."""
-    attempts: list[float | None] = []
-    sleeps: list[float] = []
-
-    def fn(t: float | None) -> None:
-        attempts.append(t)
-        raise _FakeRpcError(grpc.StatusCode.UNAVAILABLE, "down")
-
-    class Top(random.Random):
-        def uniform(self, a: float, b: float) -> float:
-            return b
-
+def test_no_retry_waits_past_the_calls_deadline(monkeypatch) -> None:
+    """A backoff that would end past the call's deadline is cut to end LAST_ATTEMPT_S before
+    it, for one last attempt with that time; none is slept past it."""
+    clock, seen = _Clock(), []
+    monkeypatch.setattr(_retry, "time", clock)
     with pytest.raises(UnavailableError):
         call_with_retries(
-            fn,
+            _unavailable(seen, clock),
             policy=RetryPolicy(max_attempts=5, initial_backoff=30.0, max_backoff=30.0),
             timeout=5.0,
-            sleep=sleeps.append,
-            rng=Top(),
+            sleep=clock.sleep,
+            rng=_Top(),
         )
-    assert len(attempts) == 1 and sleeps == []
+    assert [round(t - 100.0, 6) for t in seen] == [0.0, 5.0 - _retry.LAST_ATTEMPT_S]
 
 
 @pytest.mark.parametrize("tokens", [1_000, 100_000])  # under and over the size that asks the server's limit
@@ -611,12 +602,39 @@ def test_the_last_wait_is_cut_to_the_budget_so_attempts_go_on_to_it(monkeypatch)
         )
     assert [round(t - 100.0, 6) for t in seen] == [0.0, 0.4, 0.8, 1.0]
     assert ei.value.details == "down (after 4 attempts over 1.0s)"
-    seen.clear()  # the call's deadline first: no wait is cut (an attempt with no time left)
+
+
+def test_the_last_wait_is_cut_to_the_deadline_so_attempts_go_on_to_it(monkeypatch, caplog) -> None:
+    """Found by a review: with `timeout` before the budget, a wait that would end past the
+    deadline ended the retries up to one backoff early, while the warning said "giving up after
+    2s (timeout)". The last wait now ends LAST_ATTEMPT_S before the deadline, for one more
+    attempt with that time."""
+    clock, seen = _Clock(), []
+    monkeypatch.setattr(_retry, "time", clock)
+    monkeypatch.setattr(_retry, "WARN_AFTER_S", 0.3)
+    caplog.set_level(logging.WARNING, logger="softgate_client")
+    policy = RetryPolicy(initial_backoff=0.4, max_backoff=0.4, budget=60.0)
+    timeouts: list[float | None] = []
+
+    def fn(t: float | None) -> None:
+        timeouts.append(t)
+        _unavailable(seen, clock)(t)
+
+    with pytest.raises(UnavailableError) as ei:
+        call_with_retries(fn, policy=policy, timeout=2.0, sleep=clock.sleep, rng=_Top())
+    last = 2.0 - _retry.LAST_ATTEMPT_S
+    assert [round(t - 100.0, 6) for t in seen] == [0.0, 0.4, 0.8, 1.2, 1.6, last]
+    assert round(timeouts[-1], 6) == _retry.LAST_ATTEMPT_S
+    assert ei.value.details == f"down (after 6 attempts over {last:.1f}s)"
+    assert [r.getMessage() for r in caplog.records] == [
+        "still retrying UNAVAILABLE to the server after 0.4s: down; giving up after 2s (timeout)"
+    ]
+    seen.clear()  # less than LAST_ATTEMPT_S left: no retry (an attempt with no time left)
     with pytest.raises(UnavailableError):
         call_with_retries(
-            _unavailable(seen, clock), policy=policy, timeout=0.9, sleep=clock.sleep, rng=_Top()
+            _unavailable(seen, clock), policy=policy, timeout=0.05, sleep=clock.sleep, rng=_Top()
         )
-    assert len(seen) == 3
+    assert len(seen) == 1
 
 
 @pytest.mark.parametrize(
@@ -661,19 +679,3 @@ def test_a_call_retrying_for_seconds_says_so_once(monkeypatch, caplog) -> None:
         r"giving up after 1s \(retry_budget\)",
         record.getMessage(),
     ), record.getMessage()
-
-
-def test_the_warning_names_the_timeout_when_it_ends_the_retries_first(monkeypatch, caplog) -> None:
-    clock, seen = _Clock(), []
-    monkeypatch.setattr(_retry, "time", clock)
-    monkeypatch.setattr(_retry, "WARN_AFTER_S", 0.3)
-    caplog.set_level(logging.WARNING, logger="softgate_client")
-    policy = RetryPolicy(initial_backoff=0.4, max_backoff=0.4)
-    with pytest.raises(UnavailableError):
-        call_with_retries(
-            _unavailable(seen, clock), policy=policy, timeout=2.0, sleep=clock.sleep, rng=_Top()
-        )
-    assert len(seen) == 5
-    assert [r.getMessage() for r in caplog.records] == [
-        "still retrying UNAVAILABLE to the server after 0.4s: down; giving up after 2s (timeout)"
-    ]

@@ -244,24 +244,26 @@ def test_threads_first_calling_in_a_child_build_one_channel_and_wait_for_it(monk
         assert _in_child(child) == ([str(512 << 20)] * 2, 1)
 
 
-def test_a_call_waits_for_a_fork_under_way_no_longer_than_its_timeout() -> None:
+def test_a_call_waits_for_a_fork_under_way_no_longer_than_its_timeout(monkeypatch) -> None:
     """Found by a review: a call waited for a fork under way (up to FORK_WAIT_S) on top of its
-    own timeout; it now waits within it, then goes on with the time left (none: gRPC may still
-    answer at once on a connected channel, or say DEADLINE_EXCEEDED)."""
+    own timeout; it now waits within it. Found by the next review: when that wait ran out, the
+    call still entered gRPC with the fork under way; it now fails locally, DEADLINE_EXCEEDED."""
     with ServerThread() as s, SoftgateClient(f"127.0.0.1:{s.port}", timeout=10) as c:
         c.algorithms()
+        entered: list[int] = []
+        real = c._stub.ListAlgorithms
+        monkeypatch.setattr(c._stub, "ListAlgorithms", lambda *a, **k: entered.append(1) or real(*a, **k))
         gate = _fork._gate
         with gate.cond:
             gate.forks += 1  # a fork under way that does not end
-        out: list[str] = []
+        out: list[BaseException] = []
         t0 = time.monotonic()
 
         def call() -> None:
             try:
                 c.algorithms(timeout=0.3)
-                out.append("answered")
-            except DeadlineExceededError:
-                out.append("DEADLINE_EXCEEDED")
+            except BaseException as e:
+                out.append(e)
 
         th = threading.Thread(target=call)
         th.start()
@@ -272,5 +274,27 @@ def test_a_call_waits_for_a_fork_under_way_no_longer_than_its_timeout() -> None:
             gate.cond.notify_all()
         th.join(10)
         assert 0.3 <= took < 5, took
-        assert out in (["answered"], ["DEADLINE_EXCEEDED"]), out
+        [err] = out
+        assert isinstance(err, DeadlineExceededError), err
+        assert "fork in progress" in err.details, err.details
+        assert entered == []  # never entered gRPC while the fork was under way
         assert c.algorithms(timeout=5).limits.max_message_bytes > 0
+        assert entered == [1]
+
+
+def test_the_limit_ask_outlasted_by_a_fork_is_skipped_not_raised() -> None:
+    """The limit ask has a cap of its own: a fork under way past it leaves the limits as they
+    are (asked again by the next large call) rather than failing the call."""
+    with ServerThread() as s, SoftgateClient(f"127.0.0.1:{s.port}", timeout=10) as c:
+        gate = _fork._gate
+        with gate.cond:
+            gate.forks += 1
+        try:
+            c._ask_limit(time.monotonic() + 0.1)
+        finally:
+            with gate.cond:
+                gate.forks -= 1
+                gate.cond.notify_all()
+        assert c._server_max_message_bytes is None  # not asked: asked again next time
+        c._ask_limit(time.monotonic() + 5)
+        assert c._server_max_message_bytes > 0

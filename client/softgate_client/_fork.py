@@ -1,6 +1,6 @@
 """Forks: a child keeps the channels it inherited untouched, and a fork() waits (up to
 FORK_WAIT_S) for this process's softgate calls in flight to end while new calls wait for it
-(each within its own timeout).
+(each within its own timeout: then DEADLINE_EXCEEDED, raised here).
 With a call in flight, gRPC skips its own fork handlers ("Other threads are currently calling
 into gRPC") and the child inherits gRPC's state mid-call: a worker forked then (a DataLoader's,
 while a thread of the trainer calls) could hang or crash even on a channel of its own (an
@@ -12,6 +12,8 @@ import contextlib
 import os
 import threading
 from collections.abc import Iterator
+
+from softgate_client.errors import DeadlineExceededError
 
 FORK_WAIT_S = 10.0  # the longest a fork waits for the calls in flight (then it goes on)
 
@@ -44,10 +46,12 @@ def rebuild_lock() -> threading.Lock:
 @contextlib.contextmanager
 def in_flight(timeout: float | None = None) -> Iterator[None]:
     """Count one attempt of a call as in flight for its duration, after any fork under way
-    (waited for at most `timeout` seconds, the call's time left: then it goes on)."""
+    (waited for at most `timeout` seconds, the call's time left: then DeadlineExceededError)."""
     gate = _gate
     with gate.cond:
-        gate.cond.wait_for(lambda: gate.forks == 0, timeout=timeout)
+        # entering gRPC with the fork still under way is what the wait is for: fail here
+        if not gate.cond.wait_for(lambda: gate.forks == 0, timeout=timeout):
+            raise DeadlineExceededError(f"waited {timeout:.1f}s for a fork in progress (os.fork)")
         gate.calls += 1
     try:
         yield

@@ -19,6 +19,9 @@ T = TypeVar("T")
 # a call still retrying after this long logs one warning: a wrong address fails only after the
 # whole retry budget (60 s), which would otherwise look like a hang
 WARN_AFTER_S = 5.0
+# the time the last attempt keeps when the call's deadline cuts the last wait (one with none
+# could only time out)
+LAST_ATTEMPT_S = 0.1
 _log = logging.getLogger("softgate_client")
 
 
@@ -32,14 +35,15 @@ def call_with_retries(
     rng: random.Random | None = None,
 ) -> T:
     """Run `fn(remaining_timeout)`; retry the codes `policy` retries until `policy.budget`
-    seconds from now (the last wait cut to end there; at most `policy.attempts(...)` attempts),
-    never past `timeout` seconds from now. Every grpc.RpcError that ends the loop is raised as
+    seconds from now, or LAST_ATTEMPT_S before `timeout` seconds from now if that is earlier
+    (the last wait cut to end there; at most `policy.attempts(...)` attempts). Every grpc.RpcError that ends the loop is raised as
     the matching SoftgateError; one that was retried, or ran out of budget, says so: "(after 7
     attempts over 12.3s)". A call still retrying after WARN_AFTER_S logs a warning, once."""
     rnd = rng or random
     start = time.monotonic()
     deadline = None if timeout is None else start + timeout
     budget_end = start + policy.budget
+    end = budget_end if deadline is None else min(budget_end, deadline - LAST_ATTEMPT_S)
     warned = False
     attempt = 0
     while True:
@@ -51,17 +55,15 @@ def call_with_retries(
             details = err.details() if hasattr(err, "details") else None
             retryable = policy.retryable(code, details)
             now = time.monotonic()
-            spent = now >= budget_end
-            if retryable and not spent and attempt < policy.attempts(code, details):
-                wait = min(rnd.uniform(0.0, policy.backoff(attempt)), budget_end - now)
-                if deadline is None or now + wait < deadline:  # (else no time left to try)
-                    if not warned and now - start >= WARN_AFTER_S:
-                        warned = True
-                        _log.warning(_still_retrying(code, details, target, now - start, policy, timeout))
-                    sleep(wait)
-                    continue
+            if retryable and now < end and attempt < policy.attempts(code, details):
+                wait = min(rnd.uniform(0.0, policy.backoff(attempt)), end - now)
+                if not warned and now - start >= WARN_AFTER_S:
+                    warned = True
+                    _log.warning(_still_retrying(code, details, target, now - start, policy, timeout))
+                sleep(wait)
+                continue
             error = from_rpc_error(err)
-            if attempt > 1 or (retryable and spent):
+            if attempt > 1 or (retryable and now >= budget_end):
                 error = _retried(error, attempt, now - start)
             raise error from None
 

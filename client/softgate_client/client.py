@@ -46,6 +46,7 @@ from softgate_client._tensors import (
     to_numpy,
 )
 from softgate_client.errors import (
+    DeadlineExceededError,
     FieldViolation,
     InternalError,
     InvalidArgumentError,
@@ -720,6 +721,8 @@ class SoftgateClient:
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.UNIMPLEMENTED:  # not a softgate server: the call will tell
                 self._server_max_message_bytes = 0
+        except DeadlineExceededError:  # a fork under way outlasted the ask: the call waits in turn
+            pass
         if self._server_max_message_bytes:
             server_cap = int(self._server_max_message_bytes * 0.9)
             self.stream_threshold_bytes = min(self.stream_threshold_bytes, server_cap)
