@@ -1097,6 +1097,18 @@ def test_at_exit_the_compile_running_in_this_process_is_stopped_and_waited_for(
     assert time.monotonic() - t0 < 2 and ended.is_set()
     assert kern._worker is not None and not kern._worker.is_alive()
     assert built == [kernel_key(first)]
+    _assert_nothing_left_compiling(kern)  # (the second configuration was queued)
+
+
+def _assert_nothing_left_compiling(kern: compiled.CompiledKernel) -> None:
+    """After the exit hook nothing counts as compiling, and wait() with no timeout returns at
+    once (False): an atexit handler calling it hung the interpreter's exit (a review)."""
+    assert kern.states()["compiling"] == 0
+    done: list[bool] = []
+    waiter = threading.Thread(target=lambda: done.append(kern.wait()), daemon=True)
+    waiter.start()
+    waiter.join(5)
+    assert done == [False]
 
 
 def test_at_exit_a_child_process_build_is_not_waited_for(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1121,6 +1133,7 @@ def test_at_exit_a_child_process_build_is_not_waited_for(monkeypatch: pytest.Mon
     release.set()
     time.sleep(0.2)
     assert ran == [] and kern.ready == 0  # no warm-up run once exiting: the thread parks
+    _assert_nothing_left_compiling(kern)
 
 
 _EXIT_DURING_COMPILE = """

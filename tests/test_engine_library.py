@@ -184,6 +184,23 @@ def test_a_grad_out_that_shares_an_inputs_memory_is_refused() -> None:
         E.loss(batch, LossConfig(), grad_out=[0.0] * n)  # type: ignore[arg-type]
 
 
+def test_a_grad_out_over_the_same_bytes_as_an_input_in_another_storage_is_refused() -> None:
+    """Two views of one buffer (numpy slices, frombuffer at two offsets) are two storages:
+    the check compares their bytes, not their storages (a review)."""
+    batch = _batch()
+    n, size = batch.logp.numel(), batch.logp.element_size()
+    raw = bytearray(2 * n * size)
+    logp = torch.frombuffer(raw, dtype=torch.float64, count=n).copy_(batch.logp)
+    overlapping = torch.frombuffer(raw, dtype=torch.float64, count=n, offset=(n // 2) * size)
+    assert logp.untyped_storage().data_ptr() != overlapping.untyped_storage().data_ptr()
+    shared = _batch(logp=logp)
+    with pytest.raises(ValueError, match=r"grad_out shares memory with batch\.logp"):
+        E.loss(shared, LossConfig(), grad_out=overlapping)
+    assert torch.equal(logp, batch.logp)
+    apart = torch.frombuffer(raw, dtype=torch.float64, count=n, offset=n * size)
+    assert torch.equal(E.loss(shared, LossConfig(), grad_out=apart).grad, E.loss(batch, LossConfig()).grad)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_rewards_are_accepted(dtype: torch.dtype) -> None:
     """Rewards are reduced in float64 whatever their dtype (docs/engine.md): half ones were

@@ -367,9 +367,10 @@ class CompiledKernel:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until no compile is queued or running (a background one, or a sync one a pool
-        thread runs); False on timeout."""
+        thread runs); False on timeout, and at once once the interpreter exits (none will end)."""
         with self._idle:
-            return self._idle.wait_for(lambda: not self._queued, timeout)
+            self._idle.wait_for(lambda: not self._queued or self._exiting, timeout)
+            return not self._queued and not self._exiting
 
     @property
     def enabled(self) -> bool:
@@ -481,9 +482,12 @@ class CompiledKernel:
             with self._marked_compiling():
                 yield
         finally:
-            with self._state:
-                self._building = False
-            self._lock.release()
+            # the lock first: an exit's async exception landing here must not leak it
+            try:
+                self._lock.release()
+            finally:
+                with self._state:
+                    self._building = False
 
     def _acquire(self) -> bool:
         """Take the compile lock unless a compile holds it, or (on the event loop) anything
@@ -528,7 +532,13 @@ class CompiledKernel:
 
     def _schedule(self, key: tuple[Any, ...], args: tuple[Any, ...]) -> None:
         with self._state:
-            if key in self._queued or key in self._failed or key in self._ready or key in self._over:
+            if (
+                self._exiting
+                or key in self._queued
+                or key in self._failed
+                or key in self._ready
+                or key in self._over
+            ):
                 return
             full = self._full()
             if not full:
@@ -551,9 +561,14 @@ class CompiledKernel:
         this process (`_Exiting`), waiting up to COMPILE_EXIT_WAIT_S for the thread to end; wait
         as long for a compiled call or warm-up run that holds the lock. A child's AOTInductor
         build is not waited for: its child exits with this process."""
-        with self._state:
+        with self._idle:  # (`_state`): waiters return, and what is queued never compiles
             self._exiting = True
             building = self._building
+            self._queued.clear()
+            self._idle.notify_all()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._jobs.get_nowait()
         worker = self._worker
         if building and worker is not None and worker.ident is not None:
             # (a thread compiling in torch when the interpreter finalises aborts the process)
@@ -571,6 +586,7 @@ class CompiledKernel:
             while True:
                 key, args = self._jobs.get()
                 if self._exiting:
+                    self._unqueue(key)
                     _park()
                 self._build(key, args)
 
@@ -584,6 +600,10 @@ class CompiledKernel:
                     if not exiting:
                         fn(*args)  # one run before real calls use it
                 if exiting:
+                    self._unqueue(key)
+                    # an exit's async exception raised after the compile ended would be
+                    # pending here, never delivered while parked: cancel it
+                    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(threading.get_ident()), None)
                     _park()
             self._fns[key] = fn
             with self._state:

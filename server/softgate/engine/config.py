@@ -7,7 +7,7 @@ given as a one-element tensor or a numpy scalar is kept as the Python number it 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 
@@ -16,16 +16,21 @@ def _plain_numbers(config: Any) -> None:
     numpy scalar (`mask.sum()`, a normaliser after all_reduce, `np.float32(1.0)`) with the
     Python number it holds: a configuration holds values, equal and hashed by them (the
     kernel's parameters are cached by configuration). Anything else is left for validation."""
-    for f in fields(config):
-        v = getattr(config, f.name)
-        if v is None or type(v) in (int, float, str) or not hasattr(v, "item"):
+    numbers = {}
+    for name, v in vars(config).items():  # (its fields: faster than fields(), run per config built)
+        if type(v) in _PLAIN or not hasattr(v, "item"):
             continue
         try:
             x = v.item()
         except (ValueError, RuntimeError, TypeError):  # not one element (or no data): refused later
             continue
         if isinstance(x, (int, float)):
-            object.__setattr__(config, f.name, x)
+            numbers[name] = x
+    for name, x in numbers.items():
+        object.__setattr__(config, name, x)
+
+
+_PLAIN = (int, float, bool, str, type(None))
 
 
 # ---------------------------------------------------------------- objectives

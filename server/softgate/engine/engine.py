@@ -69,27 +69,29 @@ def engine_device(device: str | torch.device) -> torch.device:
 
 
 def _check_grad_out(batch: Batch, grad_out: Tensor) -> None:
-    """ValueError unless `grad_out` is a tensor whose memory no 1-D input of `batch` shares
+    """ValueError unless `grad_out` is a tensor whose bytes no input of `batch` shares
     (others are refused before anything is written): the gradient written into it would
-    overwrite that input (`grad_out=logp` was accepted; an audit)."""
+    overwrite that input (`grad_out=logp` was accepted; an audit). Byte ranges are compared,
+    whatever the storages: two numpy views of one array come as two storages (a review)."""
     if not isinstance(grad_out, Tensor):
         raise ValueError(f"grad_out must be a torch.Tensor, got {type(grad_out).__name__}")
-    storage = grad_out.untyped_storage().data_ptr()
-    if not storage:  # no memory: empty, or on the meta device (refused with its other checks)
+    lo = grad_out.data_ptr()
+    if not lo or not grad_out.numel():  # no memory: empty, or meta (refused with its other checks)
         return
+    last = sum((n - 1) * st for n, st in zip(grad_out.shape, grad_out.stride(), strict=True))
+    hi = lo + (last + 1) * grad_out.element_size()
     for name in _BATCH_FIELDS:
         x = getattr(batch, name)
-        if isinstance(x, Tensor) and x.untyped_storage().data_ptr() == storage and _overlap(x, grad_out):
+        if not isinstance(x, Tensor):
+            continue
+        start = x.data_ptr()  # (inputs are 1-D: check_arguments; the cheap test first)
+        if start >= hi or not x.numel():
+            continue
+        if (
+            lo < start + ((x.numel() - 1) * x.stride(0) + 1) * x.element_size()
+            and x.device == grad_out.device
+        ):
             raise ValueError(f"grad_out shares memory with batch.{name}: the gradient would overwrite it")
-
-
-def _overlap(x: Tensor, out: Tensor) -> bool:
-    """Whether 1-D `x` and contiguous `out` (views of one storage) have a byte in common."""
-    if x.dim() != 1 or not x.numel() or not out.numel():
-        return False
-    start, lo = x.data_ptr(), out.data_ptr()
-    end = start + ((x.numel() - 1) * x.stride(0) + 1) * x.element_size()
-    return start < lo + out.numel() * out.element_size() and lo < end
 
 
 class Engine:

@@ -94,7 +94,15 @@ def kernel_params(config: LossConfig, dtype: torch.dtype, device: torch.device) 
 
 @functools.lru_cache(maxsize=256)
 def _kernel_params(config: LossConfig, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
+    # a clip bound past the dtype's range is its largest value, as the mismatch bounds below:
+    # an infinite bound means no clip (1e300 is how a caller asks for none)
+    big = torch.finfo(dtype).max
     vals = objective_params(config.objective)
+    for k in ("hi", "dual"):
+        if k in vals:
+            vals[k] = (min(vals[k][0], big), vals[k][1])
+    if "lo" in vals:
+        vals["lo"] = (max(vals["lo"][0], -big), vals["lo"][1])
     vals["clamp"] = (config.log_ratio_clamp, "log_ratio_clamp")
     vals["threshold"] = (config.saturation_threshold, "saturation_threshold")
     vals["logp_tol"] = (LOGP_TOLERANCE, "logp_tol")
@@ -104,7 +112,6 @@ def _kernel_params(config: LossConfig, dtype: torch.dtype, device: torch.device)
     if mm is not None:
         # a bound past the dtype's largest value is that value: an overflowing weight (inf) is
         # still above it, and truncated or zeroed as the spec's v is (inf > inf is False)
-        big = torch.finfo(dtype).max
         if mm.mode == "truncate":
             vals["cap"] = (min(mm.cap, big), "mismatch.cap")
         else:
