@@ -347,6 +347,9 @@ def test_a_stream_of_more_chunks_than_max_stream_chunks_is_refused_at_the_first_
 
     with ThreadPoolExecutor(1) as pool:
         s = _servicer(pool, limits=Limits(max_stream_chunks=4))
+        # (small streams may run inline on pytest's thread: its one-intra-op-thread setup would
+        # stay for every later test; see _inline_ready)
+        s._loop_single_threaded = threading.get_ident()
         read: list[int] = []
         n, ctx = asyncio.run(go(s, 4, read))
         assert (n, ctx.code) == (4, None), ctx.details
