@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from conftest import self_signed
-from softgate.settings import Settings, SettingsError
+from softgate.settings import CLOCK_SKEW_S, Settings, SettingsError
 
 
 def test_defaults_run_on_a_laptop() -> None:
@@ -323,6 +323,38 @@ def test_tls_paths_are_quoted_in_messages(tmp_path: Path) -> None:
     ]
 
 
+def test_paths_in_a_config_file_are_relative_to_its_directory(
+    tmp_path: Path, pems: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """They were relative to the working directory: `tls_cert: certs/server.pem` next to the
+    config file failed to start anywhere else (an audit). Flags and variables keep the working
+    directory, as in Prometheus and nginx."""
+    conf = tmp_path / "conf"
+    (conf / "certs").mkdir(parents=True)
+    for name, what in (("cert", "cert"), ("key", "key"), ("ca", "ca")):
+        (conf / "certs" / f"{name}.pem").write_bytes(pems[what])
+    cfg = conf / "softgate.yaml"
+    cfg.write_text(
+        "tls_cert: certs/cert.pem\ntls_key: ./certs/key.pem\n"
+        f"tls_client_ca: {conf / 'certs' / 'ca.pem'}\nstatus_file: run/status.json\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    for config in (cfg, Path("conf/softgate.yaml")):  # (a relative config path: relative results)
+        s = Settings.load({}, env={}, config_file=config)
+        assert {k: getattr(s, k) for k in PATH_FIELDS} == {
+            "tls_cert": str(config.parent / "certs/cert.pem"),
+            "tls_key": str(config.parent / "certs/key.pem"),
+            "tls_client_ca": str(conf / "certs" / "ca.pem"),  # absolute: as given
+            "status_file": str(config.parent / "run/status.json"),
+        }
+        assert s.host_problems() == []
+    # a flag or a variable over the file: relative to the working directory
+    env = {"SOFTGATE_CONFIG": str(cfg), "SOFTGATE_TLS_KEY": "certs/key.pem"}
+    s = Settings.load({"tls_cert": "certs/cert.pem", "tls_client_ca": "none"}, env=env)
+    assert (s.tls_cert, s.tls_key, s.tls_client_ca) == ("certs/cert.pem", "certs/key.pem", None)
+    assert s.status_file == str(conf / "run/status.json")
+
+
 def test_good_tls_files_pass(tmp_path: Path, pems: dict[str, bytes]) -> None:
     for name in ("cert", "key", "ca"):
         (tmp_path / f"{name}.pem").write_bytes(pems[name])
@@ -604,7 +636,14 @@ def test_a_small_rsa_key_is_too_small(tmp_path: Path) -> None:
     )
 
 
-@pytest.mark.parametrize(("days", "needle"), [((-10, -1), "expired on"), ((1, 10), "is not valid before")])
+@pytest.mark.parametrize(
+    ("days", "needle"),
+    [
+        ((-10, -1), "expired on {:%Y-%m-%d %H:%M:%S} UTC (notAfter)"),
+        ((1, 10), "is not valid before {:%Y-%m-%d %H:%M:%S} UTC (notBefore; 300 s of clock skew allowed)"),
+        (((CLOCK_SKEW_S + 60) / 86400, 10), "is not valid before {:%Y-%m-%d %H:%M:%S} UTC (notBefore; 300"),
+    ],
+)
 def test_an_expired_or_not_yet_valid_certificate_is_refused(
     tmp_path: Path, days: tuple[float, float], needle: str
 ) -> None:
@@ -615,11 +654,19 @@ def test_an_expired_or_not_yet_valid_certificate_is_refused(
     flags = self_signed(tmp_path, _key("P-256"), days=days)
     cert = x509.load_pem_x509_certificate(Path(flags["tls_cert"]).read_bytes())
     when = cert.not_valid_after_utc if days[1] < 0 else cert.not_valid_before_utc
-    field = "notAfter" if days[1] < 0 else "notBefore"
     [problem] = Settings.load(flags, env={}).host_problems()
-    assert problem == (
-        f"tls_cert: {flags['tls_cert']!r}: the certificate {needle} {when:%Y-%m-%d %H:%M:%S} UTC ({field})"
+    assert problem.startswith(f"tls_cert: {flags['tls_cert']!r}: the certificate {needle.format(when)}"), (
+        problem
     )
+
+
+def test_a_certificate_a_little_ahead_of_this_clock_passes(tmp_path: Path) -> None:
+    """Some issuers set notBefore to the issue time: a node whose clock was a second behind
+    refused the certificate, and the pod exited 2, a bad setting (a review)."""
+    pytest.importorskip("cryptography")
+    for ahead in (1.0, 60.0, CLOCK_SKEW_S - 60):
+        flags = self_signed(tmp_path, _key("P-256"), days=(ahead / 86400, 10))
+        assert Settings.load(flags, env={}).host_problems() == [], ahead
 
 
 @pytest.mark.parametrize("key_format", ["PKCS8", "TraditionalOpenSSL"])

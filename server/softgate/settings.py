@@ -38,6 +38,10 @@ INT32_MAX = (1 << 31) - 1
 MIN_MESSAGE_BYTES = 64 << 10  # every response that is not a batch's fits
 DEFAULT_STREAM_IDLE_TIMEOUT_S = 30.0  # a silent call's slot is freed after it (also the servicer's default)
 MAX_SECONDS = INT32_MAX // 1000  # 2,147,483 s, about 24.8 days
+# a certificate up to this far ahead of this host's clock (its notBefore) is served, with a
+# warning: some issuers set notBefore to the issue time, and a node's clock a second behind
+# theirs refused it and exited 2, a bad setting that supervisors do not retry (a review)
+CLOCK_SKEW_S = 300.0
 
 
 class SettingsError(ValueError):
@@ -299,7 +303,8 @@ class Settings:
     ) -> Settings:
         """Merge the sources: `flags` (already parsed; None values mean "not given") over
         `SOFTGATE_*` variables of `env` (default os.environ) over the config file (from
-        `config_file`, else flags["config"], else SOFTGATE_CONFIG) over the defaults."""
+        `config_file`, else flags["config"], else SOFTGATE_CONFIG) over the defaults. A relative
+        file path is relative to the config file's directory in it, else to the working one."""
         env = os.environ if env is None else env
         flags = {k: v for k, v in (flags or {}).items() if v is not None}
         unknown = set(flags) - _FIELDS.keys()
@@ -309,7 +314,12 @@ class Settings:
         values: dict[str, Any] = {}
         if path:
             for k, v in _read_config_file(Path(path)).items():
-                values[k] = _coerce(k, v, f"config file {path}")
+                value = _coerce(k, v, f"config file {path}")
+                if k in _PATH_FIELDS and value:
+                    # relative to the config file, as in Prometheus and nginx: certs/tls.crt
+                    # beside it was looked for in the working directory (an audit)
+                    value = str(Path(path).parent / value)
+                values[k] = value
             values["config"] = str(path)
         for k in _FIELDS:
             var = "SOFTGATE_" + k.upper()
@@ -565,16 +575,25 @@ def cert_not_after(pem: str) -> datetime.datetime | None:
     return leaf[1] if leaf is not None else None
 
 
+def cert_early_s(pem: str) -> float:
+    """How far the first certificate of a PEM chain is ahead of this host's clock (its notBefore
+    less now), seconds; 0 when it is valid now or does not parse."""
+    leaf = _leaf_certificate(pem)
+    if leaf is None:
+        return 0.0
+    return max((leaf[0] - datetime.datetime.now(datetime.timezone.utc)).total_seconds(), 0.0)
+
+
 def _validity_problems(cert: str, not_before: datetime.datetime, not_after: datetime.datetime) -> list[str]:
     now = datetime.datetime.now(datetime.timezone.utc)
     if not_after < now:
         return [
             f"tls_cert: {cert!r}: the certificate expired on {not_after:%Y-%m-%d %H:%M:%S} UTC (notAfter)"
         ]
-    if not_before > now:
+    if (not_before - now).total_seconds() > CLOCK_SKEW_S:
         return [
             f"tls_cert: {cert!r}: the certificate is not valid before {not_before:%Y-%m-%d %H:%M:%S} UTC "
-            "(notBefore)"
+            f"(notBefore; {CLOCK_SKEW_S:g} s of clock skew allowed)"
         ]
     return []
 

@@ -29,7 +29,15 @@ from softgate.engine import Engine
 from softgate.grpc.codec import Limits, safe_deserializer, serializer
 from softgate.grpc.servicer import SERVICE_NAME, LossServicer
 from softgate.logging import get_logger
-from softgate.settings import SUPPORTED_KEYS, Settings, cert_not_after, host_port, tls_problems
+from softgate.settings import (
+    CLOCK_SKEW_S,
+    SUPPORTED_KEYS,
+    Settings,
+    cert_early_s,
+    cert_not_after,
+    host_port,
+    tls_problems,
+)
 from softgate.telemetry import Telemetry
 
 log = get_logger("grpc")
@@ -62,7 +70,8 @@ def channel_options(settings: Settings) -> list[tuple[str, Any]]:
 
 
 # a set of TLS files refused on reload is checked again after this long though unchanged: a
-# renewed certificate a little ahead of this host's clock (notBefore) is taken once it is valid
+# renewed certificate further ahead of this host's clock (notBefore) than CLOCK_SKEW_S is
+# taken once within it
 TLS_RETRY_S = 60.0
 
 
@@ -79,13 +88,16 @@ class TlsFiles:
     gRPC asks `fetch` before every TLS handshake (grpc.dynamic_ssl_server_credentials), so a
     rotated Secret is served from the next new connection on, without a restart."""
 
+    config: grpc.ServerCertificateConfiguration
+    not_after: datetime.datetime | None
+
     def __init__(self, cert: str, key: str, client_ca: str | None) -> None:
         self.cert, self.key, self.client_ca = cert, key, client_ca
         self._lock = threading.Lock()
         self._stamp = self._stat()
         self._refused: Any = None  # the stamp of a set refused on reload, and when
         self._refused_at = 0.0
-        self.config, self.not_after = self._read()
+        self._use(self._read())
 
     @property
     def not_after_timestamp(self) -> float | None:
@@ -106,11 +118,24 @@ class TlsFiles:
         its files by re-pointing the ..data symlink, so the inode changes."""
         return tuple((s.st_ino, s.st_mtime_ns, s.st_size) for s in map(os.stat, self._paths()))
 
-    def _read(self) -> tuple[grpc.ServerCertificateConfiguration, datetime.datetime | None]:
+    def _read(self) -> tuple[grpc.ServerCertificateConfiguration, datetime.datetime | None, float]:
+        """The configuration, the certificate's notAfter, and how far it is ahead of this clock."""
         cert, key = Path(self.cert).read_bytes(), Path(self.key).read_bytes()
         ca = Path(self.client_ca).read_bytes() if self.client_ca else None
         config = grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
-        return config, cert_not_after(cert.decode(errors="replace"))
+        pem = cert.decode(errors="replace")
+        return config, cert_not_after(pem), cert_early_s(pem)
+
+    def _use(self, new: tuple[grpc.ServerCertificateConfiguration, datetime.datetime | None, float]) -> None:
+        """Serve `new` (from `_read`), with a warning when its certificate is not valid yet."""
+        self.config, self.not_after, early = new
+        if early:  # (tls_problems refused it past CLOCK_SKEW_S)
+            log.warning(
+                "tls_not_yet_valid",
+                cert=self.cert,
+                seconds=round(early, 1),
+                action=f"serving it: within the {CLOCK_SKEW_S:g} s of clock skew allowed",
+            )
 
     def fetch(self) -> grpc.ServerCertificateConfiguration | None:
         """The new configuration when the files changed and pass the start-up checks, else None
@@ -140,7 +165,7 @@ class TlsFiles:
                 self._refused, self._refused_at = stamp, time.monotonic()
                 return None
             self._stamp, self._refused = stamp, None
-            self.config, self.not_after = new
+            self._use(new)
             log.info("tls_reloaded", not_after=_iso(self.not_after), cert=self.cert)
             return self.config
 
