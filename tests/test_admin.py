@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-from conftest import loss_result
+from conftest import log_records, loss_result
 from prometheus_client.parser import text_string_to_metric_families
 from softgate.admin import create_app
 from softgate.admin.server import ThreadedAdminServer
@@ -324,3 +325,159 @@ def test_an_empty_run_name_is_not_found() -> None:
             assert r.status_code == 404, path
             assert r.json()["error"]["code"] == 404 and "no run name" in r.json()["error"]["message"]
         assert c.get("/v1/runs/default").json()["run"] == "default"
+
+
+def test_metrics_are_gzipped_when_the_scraper_asks(server) -> None:
+    """An audit: /metrics never compressed (1.8 MB a scrape at the documented cardinality,
+    17x smaller gzipped) though Prometheus sends `Accept-Encoding: gzip` on every scrape."""
+    srv, tel, _ = server
+    for run in ("gz-a", "gz-b"):
+        tel.observe_loss(run, LossConfig(), loss_result())
+    with httpx.Client(base_url=srv.url, headers=AUTH, timeout=5) as c:
+        plain = c.get("/metrics", headers={"Accept-Encoding": "identity"})
+        packed = c.get("/metrics", headers={"Accept-Encoding": "gzip"})
+    assert plain.status_code == packed.status_code == 200
+    assert "content-encoding" not in plain.headers
+    assert packed.headers["content-encoding"] == "gzip"
+    for r in (plain, packed):  # (a cache must not hand one encoding to a client of the other)
+        assert r.headers["vary"] == "Accept-Encoding"
+        assert r.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    assert packed.num_bytes_downloaded * 4 < plain.num_bytes_downloaded
+    names = {f.name for f in text_string_to_metric_families(packed.text)}  # (httpx decompresses)
+    assert names == {f.name for f in text_string_to_metric_families(plain.text)}
+    assert "softgate_token_ratio" in names
+
+
+def test_metrics_are_compressed_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gzip runs in the exposition's worker thread, not on the loop gRPC shares."""
+    import gzip
+
+    threads: list[int] = []
+    compress = gzip.compress
+
+    def recording(data: bytes, compresslevel: int = 9, **kw: Any) -> bytes:
+        threads.append(threading.get_ident())
+        return compress(data, compresslevel, **kw)
+
+    class Text(Telemetry):
+        def exposition(self) -> bytes:
+            threads.append(threading.get_ident())
+            return b"# TYPE x counter\nx_total 1.0\n" * 100
+
+    monkeypatch.setattr(gzip, "compress", recording)
+    app = create_app(FakeSettings(admin_token=None), Text(), lambda: True)
+    with ThreadedAdminServer(app) as srv:
+        r = httpx.get(srv.url + "/metrics", headers={"Accept-Encoding": "gzip"}, timeout=5)
+        loop_thread = srv.thread.ident
+    assert r.headers["content-encoding"] == "gzip" and r.text.startswith("# TYPE x counter")
+    assert len(threads) == 2 and threads[0] == threads[1] and loop_thread not in threads
+
+
+@pytest.mark.parametrize("token", [None, TOKEN])
+def test_every_error_in_the_openapi_document_is_the_error_envelope(token: str | None) -> None:
+    """An audit: /v1/runs/{run} declared FastAPI's 422 `{"detail": [...]}`, which never happens,
+    and the errors that do (401, 404, 503) had no schema. Every non-2xx response now references
+    ErrorBody, and the bodies the server sends validate against it."""
+    from softgate.admin.app import ErrorBody
+
+    ready = {"ok": False}
+    app = create_app(Settings(admin_token=token), None, lambda: ready["ok"])
+    auth = {"Authorization": f"Bearer {token}"} if token else {}
+    with ThreadedAdminServer(app) as srv, httpx.Client(base_url=srv.url, timeout=5) as c:
+        spec = c.get("/openapi.json", headers=auth).json()
+        sent = [c.get("/v1/runs/nope", headers=auth), c.get("/readyz"), c.post("/healthz")]
+        if token:
+            sent.append(c.get("/v1/config"))
+    errors = {
+        (path, status): response
+        for path, ops in spec["paths"].items()
+        for op in ops.values()
+        for status, response in op["responses"].items()
+        if not status.startswith("2")
+    }
+    for where, response in errors.items():
+        schema = response["content"]["application/json"]["schema"]
+        assert schema == {"$ref": "#/components/schemas/ErrorBody"}, where
+    declared = {(path, int(status)) for path, status in errors}
+    assert {("/v1/runs/{run}", 404), ("/readyz", 503)} <= declared
+    protected = {path for path in spec["paths"] if path not in ("/healthz", "/readyz")}
+    assert (
+        {(path, 401) for path in protected} <= declared if token else not any(s == 401 for _, s in declared)
+    )
+    assert not any(s == 422 for _, s in declared)
+    assert not {"HTTPValidationError", "ValidationError"} & set(spec["components"]["schemas"])
+    assert [r.status_code for r in sent] == [404, 503, 405] + ([401] if token else [])
+    for r in sent:
+        ErrorBody.model_validate(r.json())  # (strict: a field it does not declare fails)
+
+
+def test_head_is_answered_wherever_get_is_and_405_names_both(server) -> None:
+    """An audit: POST /healthz said `Allow: GET` though HEAD is served there, and HEAD was 200
+    on the probes and the docs but 405 on /metrics and /v1. HEAD now answers as GET does,
+    without the body, on every route, and a 405's Allow lists GET and HEAD."""
+    srv, tel, state = server
+    state["ready"] = True
+    tel.observe_loss("head-run", LossConfig(), loss_result())
+    paths = ["/healthz", "/readyz", "/metrics", "/v1/config", "/v1/algorithms", "/v1/runs"]
+    paths += ["/v1/runs/head-run", "/v1/runs/nope", "/openapi.json", "/docs"]
+    with httpx.Client(base_url=srv.url, headers=AUTH, timeout=5) as c:
+        for path in paths:
+            get, head = c.get(path), c.head(path)
+            assert head.status_code == get.status_code and head.content == b"", path
+            for method in ("POST", "PUT", "DELETE", "OPTIONS"):
+                r = c.request(method, path)
+                assert r.status_code == 405 and r.json()["error"]["code"] == 405, (method, path)
+                assert r.headers["allow"] == "GET, HEAD", (method, path)
+        assert c.head("/metrics", headers={"Authorization": "Bearer nope"}).status_code == 401
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="this host has no IPv6 loopback")
+@pytest.mark.parametrize("host", ["::1", "[::1]"])
+def test_the_threaded_server_runs_on_ipv6(host: str) -> None:
+    """An audit: ThreadedAdminServer(app, host="::1") raised (its port was picked on an IPv4
+    socket), and its url read http://::1:PORT, which no client parses."""
+    app = create_app(FakeSettings(admin_token=None), None, lambda: True)
+    srv = ThreadedAdminServer(app, host=host)
+    assert srv.port > 0 and srv.url == f"http://[::1]:{srv.port}"
+    with srv:
+        assert httpx.get(srv.url + "/healthz", timeout=5).json() == {"status": "ok"}
+
+
+def test_the_threaded_server_holds_its_port_from_construction() -> None:
+    """port=0 picked a free port, let it go and bound it again at start: two servers starting
+    at once could be handed the same port. The socket is now bound once, when it is made."""
+    app = create_app(FakeSettings(admin_token=None), None, lambda: True)
+    srv = ThreadedAdminServer(app)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as other, pytest.raises(OSError):
+        other.bind(("127.0.0.1", srv.port))
+    with srv:
+        assert httpx.get(srv.url + "/healthz", timeout=5).status_code == 200
+
+
+def test_the_threaded_server_logs_upgrade_and_invalid_requests_at_debug() -> None:
+    """As `softgate serve` does (tests/test_logging.py): uvicorn's warnings about a client's
+    Upgrade header or invalid HTTP are DEBUG records."""
+    import logging
+
+    logging.getLogger("uvicorn.error").filters.clear()  # (one an earlier server added)
+    app = create_app(FakeSettings(admin_token=None), None, lambda: True)
+    with ThreadedAdminServer(app) as srv, log_records("uvicorn.error") as records:
+        for request in (
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n",
+            b"GET /a b HTTP/1.1\r\nHost: x\r\n\r\n",
+        ):
+            with socket.create_connection((srv.host, srv.port), timeout=5) as s:
+                s.sendall(request)
+                assert s.recv(100).startswith(b"HTTP/1.1 ")
+    levels = {r.getMessage(): r.levelname for r in records.records}
+    assert levels["Unsupported upgrade request."] == levels["Invalid HTTP request received."] == "DEBUG"
+    assert "WARNING" not in levels.values(), levels

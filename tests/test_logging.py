@@ -20,10 +20,11 @@ def restore_handlers():
     later tests' caplog, which listens at the root, hears nothing."""
     names = ("", "softgate", "uvicorn", "uvicorn.error", "uvicorn.access")
     loggers = [logging.getLogger(n) for n in names]
-    saved = [(list(lg.handlers), lg.level, lg.propagate) for lg in loggers]
+    saved = [(list(lg.handlers), list(lg.filters), lg.level, lg.propagate) for lg in loggers]
     yield
-    for lg, (handlers, level, propagate) in zip(loggers, saved, strict=True):
+    for lg, (handlers, filters, level, propagate) in zip(loggers, saved, strict=True):
         lg.handlers[:] = handlers
+        lg.filters[:] = filters
         lg.setLevel(level)
         lg.propagate = propagate
 
@@ -196,3 +197,51 @@ def test_native_lines_blank_ones_dropped_and_fatal_is_critical() -> None:
         native._emit("   ")
         native._emit("F1202 13:27:17.572915   28819 server.cc:1] fatal")
     assert [(r.levelno, r.getMessage()) for r in h.records] == [(logging.CRITICAL, "native_log")]
+
+
+def test_upgrade_and_invalid_requests_write_no_warnings(restore_handlers) -> None:
+    """An audit: every admin request with an `Upgrade:` header (websocket, curl --http2's h2c)
+    wrote two uvicorn WARNING lines, one advising `pip install 'uvicorn[standard]'`, and every
+    request that is not valid HTTP one more, token or not: anyone who reaches the port could
+    flood the log. They are DEBUG lines now; the requests get their usual answers."""
+    import socket
+    import threading
+
+    from softgate import serve
+    from softgate.settings import Settings
+    from softgate.telemetry import Telemetry
+
+    logging.getLogger("uvicorn.error").filters.clear()  # (one an earlier test's server added)
+    out = io.StringIO()
+    configure("json", "DEBUG", stream=out)
+    settings = Settings(admin_host="127.0.0.1", admin_port=0, admin_token="tok", log_level="DEBUG")
+    server = serve._make_admin_server(settings, Telemetry(), lambda: True, lambda: False)
+    sock = serve._admin_socket(settings)
+    port = sock.getsockname()[1]
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    requests = (
+        b"GET /v1/config HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+        b"GET /a b HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    answers = []
+    try:
+        for _ in range(150):
+            if server.started:
+                break
+            threading.Event().wait(0.02)
+        for i in range(50):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(requests[i % 2])
+                answers.append(s.recv(100).split(b"\r\n")[0])
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    assert set(answers) == {b"HTTP/1.1 401 Unauthorized", b"HTTP/1.1 400 Bad Request"}
+    lines = _json_lines(out)
+    assert not [x for x in lines if x["level"] == "warning"], [x for x in lines if x["level"] == "warning"][
+        :3
+    ]
+    events = [x["event"] for x in lines if x["level"] == "debug" and x["logger"] == "uvicorn.error"]
+    assert events.count("Unsupported upgrade request.") == 25
+    assert events.count("Invalid HTTP request received.") == 25

@@ -114,6 +114,32 @@ def _not_a_cancellation(record: logging.LogRecord) -> bool:
     return not (type(exc).__name__ == "ExecuteBatchError" and "Send" in text and "Receive" not in text)
 
 
+# uvicorn warns of every request with an Upgrade header (websocket; curl --http2's h2c), advising
+# a WebSocket library the admin API does not need, and of every request that is not valid HTTP:
+# whoever reaches the port, token or not, could flood the log (an audit: 600 lines for 400 requests)
+_UVICORN_NOISE = (
+    "Unsupported upgrade request",
+    "No supported WebSocket library",
+    "Invalid HTTP request received",
+)
+
+
+def _demote_uvicorn_noise(record: logging.LogRecord) -> bool:
+    """uvicorn's warnings about a client's request (`_UVICORN_NOISE`) as DEBUG records, kept
+    only where its logger logs DEBUG."""
+    if record.levelno != logging.WARNING or not str(record.msg).startswith(_UVICORN_NOISE):
+        return True
+    record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+    return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+def quiet_uvicorn_noise() -> None:
+    """Log uvicorn's warnings about malformed or Upgrade requests at DEBUG (idempotent)."""
+    logger = logging.getLogger("uvicorn.error")
+    if _demote_uvicorn_noise not in logger.filters:
+        logger.addFilter(_demote_uvicorn_noise)
+
+
 def configure(log_format: str = "text", level: str = "INFO", stream: TextIO | None = None) -> None:
     """Install the one handler on the `softgate` and uvicorn loggers, and on the root logger
     for other libraries' warnings and errors (idempotent)."""

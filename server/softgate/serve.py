@@ -32,7 +32,7 @@ from softgate.allocator import Decision, loaded_allocator, mapped_allocators
 from softgate.engine import Engine
 from softgate.engine.compiled import COMPILE_EXIT_WAIT_S
 from softgate.grpc.server import GrpcServer, TlsFilesError
-from softgate.logging import NativeStderr, configure, get_logger
+from softgate.logging import NativeStderr, configure, get_logger, quiet_uvicorn_noise
 from softgate.settings import Settings, host_port
 from softgate.status import remove_status, write_status
 from softgate.telemetry import Telemetry
@@ -115,6 +115,7 @@ def _make_admin_server(
         log_config=None,  # our handler (softgate.logging.configure) formats uvicorn's records
         log_level=settings.log_level.lower(),
     )
+    quiet_uvicorn_noise()
     return _Server(config)
 
 

@@ -11,28 +11,58 @@ from typing import Any
 
 import uvicorn
 
+from softgate.logging import quiet_uvicorn_noise
+from softgate.settings import host_port
+
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` (IPv4) a moment ago: another process may take it before the
+    caller binds it (ThreadedAdminServer binds port 0 itself instead)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
+def _bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (IPv4 or IPv6, "[::1]" as "::1"; port 0: a free one)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[
+            0
+        ]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+        except OSError:
+            sock.close()
+            raise
+    except OSError as e:
+        raise OSError(f"cannot bind the admin server on {host_port(host, port)}: {e.strerror or e}") from e
+    return sock
+
+
 class ThreadedAdminServer:
-    """`with ThreadedAdminServer(app) as srv: httpx.get(srv.url + "/healthz")`."""
+    """`with ThreadedAdminServer(app) as srv: httpx.get(srv.url + "/healthz")`. The port is
+    bound when the server is made (port 0: a free one, read back as `.port`)."""
 
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
+        # bound once, here: picking a free port and binding it again in uvicorn left a race
+        # between two servers starting at once, and knew IPv4 only (an audit)
+        self.socket = _bind(host, port)
         self.host = host
-        self.port = port or free_port(host)
+        self.port = int(self.socket.getsockname()[1])
         config = uvicorn.Config(
             app, host=host, port=self.port, log_level=log_level, lifespan="off", access_log=False
         )
+        quiet_uvicorn_noise()  # (after Config, which sets up uvicorn's loggers)
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name="softgate-admin", daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.socket]}, name="softgate-admin", daemon=True
+        )
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"http://{host_port(self.host, self.port)}"
 
     def start(self, timeout: float = 10.0) -> ThreadedAdminServer:
         self.thread.start()
@@ -45,10 +75,12 @@ class ThreadedAdminServer:
 
     def stop(self, timeout: float = 10.0) -> None:
         self.server.should_exit = True
-        self.thread.join(timeout)
+        if self.thread.is_alive():
+            self.thread.join(timeout)
         if self.thread.is_alive():
             self.server.force_exit = True
             self.thread.join(timeout)
+        self.socket.close()  # (uvicorn closes it when it ran; a server never started holds it)
 
     def __enter__(self) -> ThreadedAdminServer:
         return self.start()
