@@ -14,7 +14,7 @@ from conftest import log_records, loss_result
 from prometheus_client.parser import text_string_to_metric_families
 from softgate.admin import create_app
 from softgate.admin.server import ThreadedAdminServer
-from softgate.engine import OBJECTIVES, LossConfig
+from softgate.engine import OBJECTIVES, Grpo, LossConfig
 from softgate.observability import PrometheusTelemetry
 from softgate.settings import Settings
 from softgate.telemetry import Telemetry
@@ -84,7 +84,8 @@ def test_every_other_route_requires_the_bearer_token(server, path: str, header: 
 
 def test_routes_with_token(server) -> None:
     srv, tel, _ = server
-    tel.observe_loss("run-a", LossConfig(), loss_result())
+    # (an objective with a clip: SAPO, the default, records no clip_low / clip_high)
+    tel.observe_loss("run-a", LossConfig(objective=Grpo()), loss_result())
     tel.request_started("Loss", "run-a", 256)
     tel.request_finished("Loss", "run-a", "OK", 0.01, 1000, 2000, 256, 8)
     with httpx.Client(base_url=srv.url, headers=AUTH, timeout=5) as c:

@@ -199,6 +199,29 @@ def test_grpo_sign_aware_clip_fractions():
     assert g[3] == pytest.approx(0.8 / 2 / 3)
 
 
+@pytest.mark.parametrize("obj", [Cispo(eps_low=0.2, eps_high=0.28), Grpo(), Gppo()], ids=lambda o: o.name)
+def test_a_token_without_advantage_is_never_clipped(obj):
+    """Found by an audit: CISPO counted A = 0 tokens (degenerate groups, no gradient) in
+    clip_mask and clip_fraction, which grpo / gppo / gspo never do."""
+    r = torch.tensor([0.5, 2.0, 1.0, 0.5, 2.0, 0.5, 2.0], dtype=F64)
+    a = torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, -1.0, -1.0], dtype=F64)
+    logp = torch.full((7,), -2.0, dtype=F64)
+    b = Batch(
+        logp=logp,
+        offsets=torch.tensor([0, 7]),
+        old_logp=logp - r.log(),
+        advantages=a,
+        advantage_level="token",
+    )
+    res = E.loss(b, LossConfig(objective=obj))
+    assert res.clip_mask[:3].tolist() == [False, False, False]
+    # of the 7 trained tokens only A != 0 ones outside the bounds: grpo / gppo 2 (r = 2 at A>0,
+    # r = 0.5 at A<0), cispo all 4 (its IS weight is clipped on both sides whatever A's sign)
+    want = [False, True, True, False] if obj.name != "cispo" else [True, True, True, True]
+    assert res.clip_mask[3:].tolist() == want
+    assert res.metrics["clip_fraction"] == pytest.approx(sum(want) / 7)
+
+
 # ---------------------------------------------------------------- edge cases
 
 

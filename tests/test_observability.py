@@ -14,7 +14,17 @@ import torch
 from conftest import loss_result
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
-from softgate.engine import Batch, Engine, Grpo, LossConfig, LossResult, Sapo
+from softgate.engine import (
+    AdvantageConfig,
+    Batch,
+    Cispo,
+    Engine,
+    Grpo,
+    LossConfig,
+    LossResult,
+    Reinforce,
+    Sapo,
+)
 from softgate.engine.buckets import bucket_codes, bucket_edges
 from softgate.observability import (
     GATE_EDGES,
@@ -553,7 +563,8 @@ def test_non_finite_engine_metrics_are_left_out_not_failed() -> None:
     """A NaN or inf metric is skipped (no gauge, no counter step); the batch is still recorded
     and the hook does not fail."""
     tel = PrometheusTelemetry(S())
-    tel.observe_loss("r", LossConfig(), loss_result(clip_high=math.nan, approx_kl=math.inf))
+    cfg = LossConfig(objective=Grpo())  # (an objective with a clip: SAPO records none)
+    tel.observe_loss("r", cfg, loss_result(clip_high=math.nan, approx_kl=math.inf))
     errors = [v for n, _, v in _samples(tel) if n == "softgate_telemetry_errors_total" and v]
     assert errors == []
     assert _value(tel, "softgate_loss_batches_total", run="r") == 1
@@ -1174,3 +1185,136 @@ def test_a_window_mean_of_huge_values_does_not_overflow() -> None:
     assert summarize_advantages(calls)["advantage_mean"] == pytest.approx(1e307)
     top = [_rec(float(i), tokens=10, reward_mean=sys.float_info.max) for i in range(11)]
     assert "reward_mean" not in summarize(top)  # (eleven equal weights round past the maximum)
+
+
+# ---------------------------------------------------------------- what each series holds
+# (found by an audit of the trust-region statistics: /tmp/audit4/metrics.md)
+
+
+def _series(tel: PrometheusTelemetry, run: str, prefix: str) -> set[tuple[str, str, str]]:
+    """(name, objective, sign) of the run's samples whose name starts with `prefix`."""
+    return {
+        (n, lab.get("objective", ""), lab.get("sign", ""))
+        for n, lab, _ in _samples(tel)
+        if lab.get("run") == run and n.startswith(prefix)
+    }
+
+
+def test_objectives_without_a_clip_record_no_clip_fraction() -> None:
+    """SAPO and REINFORCE have no clip: their clip_low = clip_high = 0 stand for "not
+    applicable", and recorded as 0 they halved a GRPO run's clip fraction on the dashboard
+    (summed over runs by sign). Likewise a dual-clip share is recorded only where the objective
+    has a dual clip. Their gate saturation is a real 0 or more, and stays."""
+    e = Engine(device="cpu", compile=False)
+    b = _ratio_batch([0.5, 1.5, 0.5, 4.0], [1.0, 1.0, -1.0, -1.0])
+    tel = PrometheusTelemetry(S(sample=None))
+    configs = {
+        "sapo": LossConfig(objective=Sapo()),
+        "reinforce": LossConfig(objective=Reinforce()),
+        "grpo": LossConfig(objective=Grpo()),
+        "dual": LossConfig(objective=Grpo(dual_clip=3.0)),
+        "cispo": LossConfig(objective=Cispo()),
+    }
+    for run, cfg in configs.items():
+        tel.observe_loss(run, cfg, e.loss(b, cfg))
+    clip = ("softgate_clipped_tokens_total", "softgate_batch_clip_fraction_count")
+    dual = ("softgate_dual_clipped_tokens_total", "softgate_batch_dual_clip_fraction_count")
+    for run in configs:
+        got = {n for n, _, _ in _series(tel, run, "softgate_")}
+        assert "softgate_gate_saturated_tokens_total" in got and "softgate_batch_gate_saturation_count" in got
+        assert all((n in got) == (run not in ("sapo", "reinforce")) for n in clip), (run, got)
+        assert all((n in got) == (run == "dual") for n in dual), (run, got)
+    assert _value(tel, "softgate_dual_clipped_tokens_total", run="dual") == 1
+    assert _value(tel, "softgate_clipped_tokens_total", run="grpo", sign="pos") == 1
+
+
+def _help(tel: PrometheusTelemetry, name: str) -> str:
+    fams = {f.name: f for f in text_string_to_metric_families(tel.exposition().decode())}
+    return fams[name].documentation
+
+
+def test_the_help_texts_say_what_cispo_s_clip_counters_leave_out() -> None:
+    """CISPO clips its IS weight on both sides whatever A's sign: its A>0 tokens below
+    1-eps_low and A<0 tokens above 1+eps_high are in neither clip_low nor clip_high (only in
+    ComputeLoss's clip_fraction), and its gate weight goes above 1 for either sign. The help
+    texts said its clipping "shows in clip_low" and that only A<0 tokens went above 1."""
+    cfg = LossConfig(objective=Cispo(eps_low=0.2, eps_high=0.28))
+    b = _ratio_batch([0.5] * 4 + [2.0] * 4, [1.0] * 4 + [-1.0] * 4)  # every token's weight clipped
+    res = Engine(device="cpu", compile=False).loss(b, cfg)
+    assert res.metrics["clip_fraction"] == 1.0 and res.metrics["gate_mean_pos"] > 1
+    tel = PrometheusTelemetry(S(sample=None))
+    tel.observe_loss("c", cfg, res)
+    assert _value(tel, "softgate_clipped_tokens_total", run="c", sign="pos") == 0
+    assert _value(tel, "softgate_clipped_tokens_total", run="c", sign="neg") == 0
+    for name in ("softgate_clipped_tokens", "softgate_batch_clip_fraction"):
+        doc = _help(tel, name)
+        assert "CISPO" in doc and "clip_fraction" in doc, (name, doc)
+    for name in (
+        "softgate_batch_gate_weight_mean",
+        "softgate_batch_grad_retained",
+        "softgate_token_gate_weight",
+    ):
+        doc = _help(tel, name)
+        assert "either sign" in doc, (name, doc)
+
+
+def test_a_window_weighs_rewards_by_sequences_and_the_degenerate_share_by_groups() -> None:
+    """reward_mean is a mean over sequences and degenerate_group_fraction a share of groups:
+    weighted by trained tokens, a batch of long responses outweighed one of short ones (0.257
+    for a mean reward of 0.625 over the 8 sequences, an audit)."""
+    e = Engine(device="cpu", compile=False)
+    cfg = LossConfig(objective=Grpo())
+
+    def batch(length: int, rewards: list[float]) -> Batch:
+        n = 4 * length
+        return Batch(
+            logp=torch.full((n,), -1.0, dtype=torch.float64),
+            offsets=Batch.offsets_from_lengths(torch.full((4,), length)),
+            rewards=torch.tensor(rewards, dtype=torch.float64),
+            group_ids=torch.tensor([0, 0, 1, 1]),
+        )
+
+    tel = PrometheusTelemetry(S(sample=None))
+    results = [e.loss(batch(1, [1.0] * 4), cfg), e.loss(batch(100, [0.0, 0.0, 0.0, 1.0]), cfg)]
+    for res in results:
+        tel.observe_loss("r", cfg, res)
+    assert [r.metrics["degenerate_group_frac"] for r in results] == [1.0, 0.5]
+    w = tel.run_summary("r")["windows"]["last_10_batches"]
+    assert w["reward_mean"] == pytest.approx((4 * 1.0 + 1.0) / 8)
+    assert w["degenerate_group_fraction"] == pytest.approx((2 + 1) / 4)
+    # ComputeAdvantages calls: the degenerate share by groups too (3 groups, then 1)
+    adv = [e.advantages(torch.tensor(r), torch.tensor(g), AdvantageConfig()) for r, g in (
+        ([1.0, 1.0, 0.0, 1.0, 2.0, 2.0], [0, 0, 1, 1, 2, 2]),
+        ([0.0, 1.0], [0, 0]),
+    )]  # fmt: skip
+    for res in adv:
+        tel.observe_advantages("r", AdvantageConfig(), res)
+    a = tel.run_summary("r")["windows"]["last_10_batches"]["advantages"]
+    assert a["degenerate_group_fraction"] == pytest.approx(2 / 4)  # (by sequences: 4 / 8)
+    assert a["reward_mean"] == pytest.approx(8 / 8)
+
+
+def test_the_advantage_gauges_say_what_they_hold_after_each_call() -> None:
+    """softgate_advantage_mean / _std hold the last call's: a mean over sequences after
+    ComputeAdvantages, over trained tokens after ComputeLoss. The help said "over masked tokens"
+    for both (an audit)."""
+    e = Engine(device="cpu", compile=False)
+    rewards, groups = torch.tensor([0.0, 1.0, 0.0, 0.0], dtype=torch.float64), torch.tensor([0, 0, 1, 1])
+    acfg = AdvantageConfig(estimator="dr_grpo")
+    tel = PrometheusTelemetry(S(sample=None))
+    tel.observe_advantages("g", acfg, e.advantages(rewards, groups, acfg))
+    assert _value(tel, "softgate_advantage_mean", run="g") == 0.0  # (-0.5 + 0.5 + 0 + 0) / 4 sequences
+    b = Batch(
+        logp=torch.full((13,), -1.0, dtype=torch.float64),
+        offsets=Batch.offsets_from_lengths(torch.tensor([10, 1, 1, 1])),
+        rewards=rewards,
+        group_ids=groups,
+    )
+    cfg = LossConfig(objective=Grpo(), advantages=acfg)
+    tel.observe_loss("g", cfg, e.loss(b, cfg))
+    assert _value(tel, "softgate_advantage_mean", run="g") == pytest.approx((-0.5 * 10 + 0.5) / 13)
+    for name in ("softgate_advantage_mean", "softgate_advantage_std"):
+        doc = _help(tel, name)
+        assert (
+            "per sequence after ComputeAdvantages" in doc and "per trained token after ComputeLoss" in doc
+        ), doc

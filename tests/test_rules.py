@@ -181,7 +181,7 @@ def test_dashboard_axes_fit_their_values() -> None:
     for title in ("Mean gate weight by advantage sign", "Gradient retained by the trust region"):
         defaults = panels[title]["fieldConfig"]["defaults"]
         assert defaults.get("min") == 0 and "max" not in defaults, title
-        assert "GPPO and CISPO" in panels[title]["description"] and "clip_low" in panels[title]["description"]
+        assert all(w in panels[title]["description"] for w in ("GPPO", "CISPO", "clip_low")), title
     for panel in panels.values():
         legends = [t["legendFormat"] for t in panel["targets"]]
         for legend in legends:  # bytes only on a bytes axis, and nothing else there
@@ -202,3 +202,84 @@ def test_dashboard_shows_telemetry_errors() -> None:
     panel (nor alert) read softgate_telemetry_errors_total."""
     exprs = [t["expr"] for t in _panels()["Errors and rejected inputs"]["targets"]]
     assert any("softgate_telemetry_errors_total" in e for e in exprs), exprs
+
+
+def test_panels_of_per_batch_means_say_so() -> None:
+    """Found by an audit: a panel averaging per-batch values (rate(_sum) / rate(_count)) reads
+    as a share of tokens unless it says otherwise; with micro-batches of uneven size the two
+    differ (0.5 against 0.002)."""
+    for title, panel in _panels().items():
+        if any(re.search(r"_sum\{", t["expr"]) for t in panel["targets"]):
+            assert "mean of per-batch values" in panel["description"].lower(), title
+
+
+def _target(title: str, legend_start: str) -> str:
+    """The expression of a dashboard target, with every run selected ("All") and a 5m interval."""
+    exprs = [t["expr"] for t in _panels()[title]["targets"] if t["legendFormat"].startswith(legend_start)]
+    assert len(exprs) == 1, (title, legend_start, exprs)
+    return exprs[0].replace("$run", ".*").replace("$__rate_interval", "5m")
+
+
+def test_dashboard_clip_and_saturation_panels_are_shares_of_tokens(tmp_path: Path) -> None:
+    """Found by an audit: "Clip fractions" and "Gate saturation" averaged per-batch fractions,
+    so a GRPO step split into micro-batches of 3 and 1097 tokens read clip_low 0.5 for 2 clipped
+    tokens of 1000, and a SAPO run (no clip, its clip_low 0 = "not applicable") or a GRPO run
+    without dual clip beside it diluted the lines further. promtool evaluates the panels' queries
+    on the series a server exports for such traffic, counted from 0 (one scrape before, one after)."""
+    exe = promtool()
+    engine = Engine(device="cpu", compile=False)
+
+    def batch(ratios: list[float], adv: list[float]) -> Batch:
+        old = torch.full((len(ratios),), -3.0, dtype=torch.float64)
+        logp = old + torch.tensor(ratios, dtype=torch.float64).log()
+        a = torch.tensor(adv, dtype=torch.float64)
+        return Batch(logp=logp, old_logp=old, offsets=torch.tensor([0, len(ratios)]), advantages=a,
+                     advantage_level="token")  # fmt: skip
+
+    grpo, dual, sapo = (LossConfig(objective=o) for o in (Grpo(), Grpo(dual_clip=3.0), Sapo()))
+    tel = PrometheusTelemetry(None, cpu_sample_tokens=None)
+    for run, cfg, b in (
+        # GRPO, two micro-batches: 2 A<0 tokens clipped low and 1 A>0 clipped high, then 998 A<0
+        # and 99 A>0 tokens none clipped
+        ("g", grpo, batch([0.5, 0.5, 1.5], [-1.0, -1.0, 1.0])),
+        ("g", grpo, batch([1.0] * 1097, [-1.0] * 998 + [1.0] * 99)),
+        # GRPO with dual clip c = 3: 4 A<0 tokens caught by it, then 396 not
+        ("d", dual, batch([4.0] * 4, [-1.0] * 4)),
+        ("d", dual, batch([1.0] * 396, [-1.0] * 396)),
+        # SAPO: 1000 A<0 tokens far from 1 (not saturated at tau 1.05: w = 0.93)
+        ("s", sapo, batch([0.5] * 1000, [-1.0] * 1000)),
+    ):
+        tel.observe_loss(run, cfg, engine.loss(b, cfg))
+    series = []
+    for fam in text_string_to_metric_families(tel.exposition().decode()):
+        for smp in fam.samples:
+            if "run" in smp.labels and smp.name.endswith(("_total", "_sum", "_count")):
+                labels = ", ".join(f'{k}="{v}"' for k, v in {**smp.labels, "job": "softgate"}.items())
+                series.append({"series": f"{smp.name}{{{labels}}}", "values": f"0 {smp.value!r}"})
+
+    def sample(label: str, value: float) -> dict[str, object]:
+        return {"labels": "{" + label + "}", "value": value}
+
+    checks = [
+        # clip_low: 2 of the 1400 A<0 tokens of the clipped objectives (not SAPO's 1000); clip_high: 1 of 100
+        (_target("Clip fractions", "clip "), [sample('sign="neg"', 2 / 1400), sample('sign="pos"', 1 / 100)]),
+        # dual clip: 4 of the 400 A<0 tokens of the run with a dual clip (not g's 1000)
+        (_target("Clip fractions", "dual clip"), [sample('objective="grpo"', 4 / 400)]),
+        # saturated (gate 0 for GRPO's clipped tokens): 2 + 4 of 2400 A<0 tokens, 1 of 100 A>0 (every objective)
+        (_target("Gate saturation by advantage sign", "A "), [sample('sign="neg"', 6 / 2400), sample('sign="pos"', 1 / 100)]),
+    ]  # fmt: skip
+    test = {
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": series,
+                "promql_expr_test": [{"expr": e, "eval_time": "1m", "exp_samples": exp} for e, exp in checks],
+            }
+        ],
+    }
+    path = tmp_path / "dashboard.test.yaml"
+    path.write_text(yaml.safe_dump(test))
+    p = subprocess.run([exe, "test", "rules", str(path)], capture_output=True, timeout=60, check=False)
+    assert p.returncode == 0, p.stdout.decode() + p.stderr.decode()

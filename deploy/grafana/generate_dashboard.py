@@ -21,13 +21,34 @@ RUN_VALUES = "label_values(softgate_processed_sequences_total, run)"
 
 
 def avg(metric: str, by: str, extra: str = "") -> str:
-    """Mean of a per-batch histogram's observations over the rate interval."""
+    """Mean of a per-batch summary's values over the rate interval: each batch counts once,
+    however many tokens it has."""
     sel = "{" + R + (", " + extra if extra else "") + "}"
     return (
         f"sum by ({by}) (rate({metric}_sum{sel}[$__rate_interval]))"
         f" / sum by ({by}) (rate({metric}_count{sel}[$__rate_interval]))"
     )
 
+
+def share(counter: str, by: str, tokens: str = "", ignoring: str = "") -> str:
+    """Share of trained tokens over the rate interval: the rate of `counter` over that of
+    softgate_loss_tokens_total (`tokens` narrows it), of the series that have `counter` only
+    (`ignoring` the labels it lacks): an objective without the quantity exports none (SAPO and
+    REINFORCE no clip counters), and its tokens are left out instead of counting as unclipped."""
+    sel = "{" + R + (", " + tokens if tokens else "") + "}"
+    match = f" ignoring ({ignoring})" if ignoring else ""
+    return (
+        f"sum by ({by}) (rate({counter}{{{R}}}[$__rate_interval]))"
+        f" / sum by ({by}) (rate(softgate_loss_tokens_total{sel}[$__rate_interval]) and{match} {counter})"
+    )
+
+
+# what a CISPO clip leaves out of clip_low and clip_high (its IS weight is clipped whatever A's sign)
+CISPO_CLIP = (
+    "CISPO: A>0 tokens below 1-eps_low and A<0 tokens above 1+eps_high are in neither clip_low nor "
+    "clip_high (ComputeLoss's clip_fraction counts them)."
+)
+PER_BATCH = "Mean of per-batch values (each batch counts once, whatever its size)."
 
 _next_id = 0
 
@@ -128,13 +149,14 @@ def build() -> dict[str, Any]:
     panels.append(
         panel(
             "Gate saturation by advantage sign",
-            [(avg("softgate_batch_gate_saturation", "sign"), "A {{sign}}")],
+            [(share("softgate_gate_saturated_tokens_total", "sign"), "A {{sign}}")],
             0,
             y,
             unit="percentunit",
             minmax=(0, 1),
-            description="Share of the sign's tokens whose gate weight w is below the saturation threshold "
-            "(0.5 by default). Rising A<0 saturation is an early sign of instability.",
+            description="Share of the sign's trained tokens whose gate weight w is below the saturation "
+            "threshold (0.5 by default), over the interval. Rising A<0 saturation is an early sign of "
+            "instability.",
         )
     )
     panels.append(
@@ -145,9 +167,9 @@ def build() -> dict[str, Any]:
             y,
             unit="percentunit",
             minmax=(0, None),  # GPPO and CISPO go above 1
-            description="Mean SAPO gate weight w = 4p(1-p) per sign (1 = unclipped, 0 = clipped for hard clips). "
-            "GPPO and CISPO (eps_low below 1) can exceed 1 for A<0: their clipped tokens carry bound / r, "
-            "and their clipping shows in clip_low.",
+            description="Mean gate weight w per sign: SAPO 4p(1-p), hard clips 1 unclipped / 0 clipped. "
+            f"{PER_BATCH} GPPO's clipped A<0 tokens and CISPO's tokens of either sign below 1-eps_low "
+            "(eps_low below 1) carry bound / r, above 1: GPPO's show in clip_low. " + CISPO_CLIP,
         )
     )
     y += 8
@@ -155,15 +177,23 @@ def build() -> dict[str, Any]:
         panel(
             "Clip fractions",
             [
-                (avg("softgate_batch_clip_fraction", "sign"), "clip {{sign}} (pos=clip_high, neg=clip_low)"),
-                (avg("softgate_batch_dual_clip_fraction", "objective"), "dual clip {{objective}}"),
+                (
+                    share("softgate_clipped_tokens_total", "sign"),
+                    "clip {{sign}} (pos=clip_high, neg=clip_low)",
+                ),
+                (
+                    share("softgate_dual_clipped_tokens_total", "objective", 'sign="neg"', "sign"),
+                    "dual clip {{objective}}",
+                ),
             ],
             0,
             y,
             unit="percentunit",
             minmax=(0, None),
-            description="clip_high: share of A>0 tokens with r > 1+eps_high; clip_low: share of A<0 tokens "
-            "with r < 1-eps_low; dual clip: A<0 tokens with r > c.",
+            description="Shares of trained tokens over the interval: clip_high = A>0 tokens with r > "
+            "1+eps_high, clip_low = A<0 tokens with r < 1-eps_low, of the objectives with a clip (SAPO "
+            "and REINFORCE have none and are left out); dual clip = A<0 tokens with r > c, of the runs "
+            "with a dual clip. " + CISPO_CLIP,
         )
     )
     panels.append(
@@ -175,8 +205,9 @@ def build() -> dict[str, Any]:
             unit="percentunit",
             minmax=(0, None),  # GPPO and CISPO go above 1
             description="sum|c| / sum|c without trust region|: 1 = nothing suppressed. Comparable across "
-            "SAPO, GRPO and GSPO. GPPO and CISPO (eps_low below 1) keep a clipped A<0 token's gradient "
-            "scaled by bound / r > 1, so theirs can exceed 1: their clipping shows in clip_low.",
+            f"SAPO, GRPO and GSPO. {PER_BATCH} GPPO's clipped A<0 tokens and CISPO's tokens of either "
+            "sign below 1-eps_low (eps_low below 1) keep their gradient scaled by bound / r > 1, so theirs "
+            "can exceed 1: GPPO's clipping shows in clip_low. " + CISPO_CLIP,
         )
     )
     y += 8
@@ -189,7 +220,7 @@ def build() -> dict[str, Any]:
             ],
             0,
             y,
-            description="Masked mean of (old - logp) per batch.",
+            description=f"Masked mean of (old - logp) per batch. {PER_BATCH}",
         )
     )
     panels.append(
@@ -267,7 +298,8 @@ def build() -> dict[str, Any]:
             y,
             unit="percentunit",
             minmax=(0, 1),
-            description="Share of groups whose rewards are all equal: the part of the batch that teaches nothing.",
+            description="Share of groups whose rewards are all equal: the part of the batch that teaches "
+            f"nothing. {PER_BATCH}",
         )
     )
     panels.append(
@@ -281,6 +313,8 @@ def build() -> dict[str, Any]:
             ],
             12,
             y,
+            description="The last call's: rewards per sequence; advantages per sequence after "
+            "ComputeAdvantages, per trained token after ComputeLoss.",
         )
     )
     y += 8

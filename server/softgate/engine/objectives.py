@@ -80,7 +80,9 @@ def policy_terms(
     low = (a < 0) & (ratio < lo)
     if kind == "cispo":
         wgt = torch.minimum(torch.maximum(ratio, lo), hi)
-        clip = (ratio < lo) | (ratio > hi)
+        # either side whatever A's sign, but not where A = 0: such a token has no gradient to
+        # clip, and grpo / gppo / gspo never count it either
+        clip = ((ratio < lo) | (ratio > hi)) & (a != 0)
         return PolicyTerms(-wgt * a * logp, -wgt * a, -ratio * a, wgt / ratio, clip, low, high, None)
     clip = high | low
     bound = torch.where(high, hi, lo)

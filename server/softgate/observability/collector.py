@@ -41,10 +41,15 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
         ROS,
     ),
     "softgate_clipped_tokens_total": (
-        "Tokens whose gradient the hard clip removed: sign=pos r>1+eps_high, sign=neg r<1-eps_low.",
+        "Tokens past their sign's clip bound: sign=pos A>0 with r>1+eps_high, sign=neg A<0 with "
+        "r<1-eps_low (objectives with a clip only, not SAPO or REINFORCE). CISPO's A>0 tokens below "
+        "1-eps_low and A<0 tokens above 1+eps_high are in neither (ComputeLoss's clip_fraction has them).",
         ROS,
     ),
-    "softgate_dual_clipped_tokens_total": ("A<0 tokens caught by the dual clip (r > c).", RO),
+    "softgate_dual_clipped_tokens_total": (
+        "A<0 tokens caught by the dual clip (r > c); GRPO with a dual clip only.",
+        RO,
+    ),
     "softgate_gate_saturated_tokens_total": (
         "Tokens whose gate weight w is below the saturation threshold (0.5 by default).",
         ROS,
@@ -77,7 +82,8 @@ HISTOGRAMS: dict[str, tuple[str, tuple[str, ...], tuple[float, ...]]] = {
     ),
     "softgate_token_gate_weight": (
         "Per-token gate weight w (SAPO 4p(1-p); 1 unclipped / 0 clipped for hard clips; CISPO, GPPO: "
-        "bound / r when clipped, above 1 for A<0), by advantage sign (pos, neg).",
+        "bound / r when clipped, above 1 for GPPO's A<0 tokens and CISPO's of either sign below "
+        "1-eps_low), by advantage sign (pos, neg).",
         ROS,
         GATE_EDGES,
     ),
@@ -88,21 +94,27 @@ HISTOGRAMS: dict[str, tuple[str, tuple[str, ...], tuple[float, ...]]] = {
 # never read (an audit). And approx KL may be negative, which a histogram's _sum cannot be.
 SUMMARIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "softgate_batch_clip_fraction": (
-        "Per batch: share of tokens clipped, sign=pos clip_high (A>0, r>1+eps_high), sign=neg clip_low (A<0, r<1-eps_low).",
+        "Per batch: share of the sign's tokens clipped, sign=pos clip_high (A>0, r>1+eps_high), sign=neg "
+        "clip_low (A<0, r<1-eps_low); objectives with a clip only. CISPO's A>0 tokens below 1-eps_low "
+        "and A<0 tokens above 1+eps_high are in neither (ComputeLoss's clip_fraction has them).",
         ROS,
     ),
-    "softgate_batch_dual_clip_fraction": ("Per batch: share of A<0 tokens caught by the dual clip.", RO),
+    "softgate_batch_dual_clip_fraction": (
+        "Per batch: share of A<0 tokens caught by the dual clip; GRPO with a dual clip only.",
+        RO,
+    ),
     "softgate_batch_gate_saturation": (
         "Per batch: share of the sign's tokens whose gate weight is below the saturation threshold.",
         ROS,
     ),
     "softgate_batch_gate_weight_mean": (
-        "Per batch: mean gate weight w of the sign's tokens (above 1 for GPPO and CISPO's clipped A<0 tokens).",
+        "Per batch: mean gate weight w of the sign's tokens (above 1 for GPPO's clipped A<0 tokens and "
+        "CISPO's tokens of either sign below 1-eps_low).",
         ROS,
     ),
     "softgate_batch_grad_retained": (
-        "Per batch: sum|grad| / sum|grad without trust region| (above 1 where GPPO or CISPO keep a clipped "
-        "A<0 token's gradient).",
+        "Per batch: sum|grad| / sum|grad without trust region| (above 1 where GPPO keeps a clipped A<0 "
+        "token's gradient at bound / r, or CISPO raises the weight of a token of either sign below 1-eps_low).",
         RO,
     ),
     "softgate_batch_degenerate_group_fraction": (
@@ -123,8 +135,15 @@ GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "softgate_batch_grad_retained": ("Last batch: share of policy-gradient mass let through.", RO),
     "softgate_reward_mean": ("Last batch: mean reward.", ("run",)),
     "softgate_reward_std": ("Last batch: reward standard deviation.", ("run",)),
-    "softgate_advantage_mean": ("Last batch: mean advantage over masked tokens.", ("run",)),
-    "softgate_advantage_std": ("Last batch: advantage standard deviation.", ("run",)),
+    "softgate_advantage_mean": (
+        "Last call: mean advantage, per sequence after ComputeAdvantages, per trained token after ComputeLoss.",
+        ("run",),
+    ),
+    "softgate_advantage_std": (
+        "Last call: advantage standard deviation, per sequence after ComputeAdvantages, per trained token "
+        "after ComputeLoss.",
+        ("run",),
+    ),
     "softgate_degenerate_group_fraction": ("Last batch: share of zero-variance groups.", ("run",)),
 }
 # The last-batch gauges of approx_kl and grad_retained share their names with summaries:

@@ -52,6 +52,7 @@ class BatchRecord:
     tokens: int
     seqs: int
     values: dict[str, float]
+    groups: int = 0  # distinct group ids (0 when the caller gave advantages)
 
 
 @dataclass
@@ -158,7 +159,8 @@ WINDOW_KEYS = (
 
 # a statistic over some of a batch's tokens (a sign's, those with a policy gradient, the
 # trained ones) is weighted by them, and a batch without any is left out (its 0 / 1 stands
-# for "none"); the others are weighted by the batch's trained tokens (at least 1)
+# for "none"); rewards and the degenerate share are weighted by sequences and groups
+# (`weight`), the others by the batch's trained tokens (at least 1)
 _TRAINED = ("tokens_pos", "tokens_neg", "tokens_zero")
 TOKEN_WEIGHTS: dict[str, tuple[str, ...]] = {
     "gate_saturation_pos": ("tokens_pos",),
@@ -176,6 +178,17 @@ TOKEN_WEIGHTS: dict[str, tuple[str, ...]] = {
 }
 
 
+def weight(b: BatchRecord, key: str) -> float:
+    """A loss batch's weight in a window's mean of statistic `key`: how many of what the
+    statistic is over it has (sequences, groups, the tokens of TOKEN_WEIGHTS, trained tokens)."""
+    if key == "reward_mean":
+        return b.seqs
+    if key == "degenerate_group_fraction":
+        return b.groups
+    over = TOKEN_WEIGHTS.get(key)
+    return sum(b.values.get(k, 0.0) for k in over) if over else max(b.tokens, 1)
+
+
 def has_tokens(key: str, tokens: dict[str, float]) -> bool:
     """Whether a batch of these token counts (`tokens_pos`, ...) has the tokens statistic
     `key` is over (TOKEN_WEIGHTS; a statistic over all of a batch always has)."""
@@ -184,8 +197,8 @@ def has_tokens(key: str, tokens: dict[str, float]) -> bool:
 
 
 def summarize(batches: list[BatchRecord]) -> dict[str, Any]:
-    """Mean of each per-batch statistic (weighted by the batch's tokens, or by its tokens of
-    the statistic's sign), the ratio range, KL max."""
+    """Mean of each per-batch statistic (weighted by what it is over: `weight`), the ratio
+    range, KL max."""
     out: dict[str, Any] = {"batches": len(batches)}
     if not batches:
         return out
@@ -196,12 +209,7 @@ def summarize(batches: list[BatchRecord]) -> dict[str, Any]:
     objectives = sorted({b.objective for b in batches})
     out["objectives"] = objectives
     for key in WINDOW_KEYS:
-        over = TOKEN_WEIGHTS.get(key)
-        vals = [
-            (b.values[key], sum(b.values.get(k, 0.0) for k in over) if over else max(b.tokens, 1))
-            for b in batches
-            if _finite(b.values.get(key))
-        ]
+        vals = [(b.values[key], weight(b, key)) for b in batches if _finite(b.values.get(key))]
         if (mean := _weighted_mean(vals)) is not None:
             out[key] = mean
     trained = [b for b in batches if has_tokens("approx_kl", b.values)]  # a masked batch's 0 / 1: "none"
@@ -226,10 +234,14 @@ ADVANTAGE_KEYS = (
 
 def summarize_advantages(calls: list[BatchRecord]) -> dict[str, Any]:
     """ComputeAdvantages calls: how many, their sequences, each statistic's mean weighted by
-    the call's sequences."""
+    the call's sequences (the degenerate share by its groups)."""
     out: dict[str, Any] = {"calls": len(calls), "sequences": int(sum(c.seqs for c in calls))}
     for key in ADVANTAGE_KEYS:
-        vals = [(c.values[key], max(c.seqs, 1)) for c in calls if _finite(c.values.get(key))]
+        vals = [
+            (c.values[key], c.groups if key == "degenerate_group_fraction" else max(c.seqs, 1))
+            for c in calls
+            if _finite(c.values.get(key))
+        ]
         if (mean := _weighted_mean(vals)) is not None:
             out[key] = mean
     return out

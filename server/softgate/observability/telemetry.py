@@ -450,6 +450,13 @@ class PrometheusTelemetry(Telemetry):
             "advantage_mean": _f(m, "advantage_mean"),
             "advantage_std": _f(m, "advantage_std"),
         }
+        # the engine's 0 for a clip the objective does not have means "not applicable": left
+        # out, or it dilutes the other objectives' fractions wherever they are summed or averaged
+        obj = getattr(config, "objective", None)
+        if getattr(obj, "eps_low", None) is None:  # sapo, reinforce: no clip
+            values["clip_high"] = values["clip_low"] = None
+        if getattr(obj, "dual_clip", None) is None:  # only grpo has one, when configured
+            values["dual_clip"] = None
         with self.lock:
             _, st = self.runs.state(run, now)
             o = (objective,)
@@ -506,6 +513,7 @@ class PrometheusTelemetry(Telemetry):
                     objective=objective,
                     tokens=int(n_tok),
                     seqs=int(n_seq),
+                    groups=int(_f(m, "num_groups") or 0),
                     values={
                         **{k: v for k, v in values.items() if v is not None},
                         "tokens_pos": tok["pos"],
@@ -534,7 +542,10 @@ class PrometheusTelemetry(Telemetry):
             _, st = self.runs.state(run, now)
             st.inc("softgate_advantage_batches_total", (), 1)
             kept = {k: v for k, v in values.items() if v is not None}
-            st.advantage_calls.append(BatchRecord(t=now, objective="", tokens=0, seqs=seqs, values=kept))
+            groups = int(_f(m, "num_groups") or 0)
+            st.advantage_calls.append(
+                BatchRecord(t=now, objective="", tokens=0, seqs=seqs, groups=groups, values=kept)
+            )
             if values["degenerate_group_fraction"] is not None:
                 st.observe(
                     "softgate_batch_degenerate_group_fraction",
