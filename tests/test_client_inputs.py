@@ -481,3 +481,79 @@ def test_bad_offsets_are_refused_before_the_level_is_inferred_or_the_stream_cut(
         "batch.offsets[0]",
         "bad_offsets: offsets[0] = 1, must be 0",
     )
+
+
+@pytest.mark.parametrize("name", ["logp", "old_logp", "ref_logp", "rollout_logp"])
+def test_half_precision_log_probs_are_sent_for_from_float32_logits(name) -> None:
+    """The refusal of bf16 log-probs advised `.float()`, which passes the check and keeps the
+    bf16 rounding (a 7e-2 ratio error; on-policy GSPO then clipped every token; an audit). The
+    advice is float32 logits, or float32 logprobs from the sampler for old / rollout ones."""
+    lp = -np.ones((2, 3), np.float32)
+    half = torch.full((2, 3), -1.0, dtype=torch.bfloat16)
+    kw = {"advantages": [1.0, -1.0], **({} if name == "logp" else {name: half})}
+    field, why = refusal(lambda: pack_batch(half if name == "logp" else lp, **kw))
+    assert field == f"batch.{name}"
+    assert why.startswith(f"half_precision: {name} is bfloat16; send {name} as float32 or float64"), why
+    assert "`logits.float().log_softmax(-1)`" in why
+    assert "`.float()` on bfloat16 log-probs keeps their rounding" in why
+    assert ("ask the sampler for float32 logprobs" in why) == (name in ("old_logp", "rollout_logp"))
+    # advantages and rewards are values, not rounded log-probs: `.float()` is the right advice there
+    _, why = refusal(lambda: pack_batch(lp, advantages=torch.ones(2, dtype=torch.bfloat16)))
+    assert (
+        why
+        == "half_precision: advantages is bfloat16; send advantages as float32 or float64 (e.g. `.float()`)"
+    )
+
+
+def test_padded_lengths_that_cut_trained_tokens_are_refused() -> None:
+    """`lengths=mask.sum(-1)` beside a mask with a tool-output gap cut each such row short: its
+    last trained tokens went unsent, with zero gradient and a smaller N_tok (an audit). lengths
+    is where a row ends, not a count of trained tokens."""
+    lp = -np.ones((3, 8), np.float32)
+    mask = np.zeros((3, 8), bool)
+    mask[0, :3] = True
+    mask[1, [0, 1, 5, 6, 7]] = True  # tool output masked at columns 2..4
+    mask[2, :6] = True
+    field, why = refusal(lambda: pack_batch(lp, mask=mask, lengths=mask.sum(-1), advantages=[1, 2, 3]))
+    assert (field, why) == (
+        "batch.lengths",
+        "cuts_trained_tokens: row 1 has mask = 1 at column 5 >= lengths[1] = 5 "
+        "(lengths is where a row ends, not how many tokens are trained)",
+    )
+    # lengths at or past each row's last trained token: the tokens the mask alone sends
+    ends = np.array([3, 8, 7])
+    p = pack_batch(lp, mask=mask, lengths=ends, advantages=[1, 2, 3])
+    assert p.layout.offsets.tolist() == [0, 3, 11, 18]
+    assert int(p.token["mask"].sum()) == int(mask.sum())
+
+
+def test_a_kl_estimator_without_beta_is_refused(client) -> None:
+    """`kl_estimator="k2"` with ref_logp and no kl_beta computed no KL term at all (beta
+    defaults to 0): kl_loss 0.0 without a word (an audit)."""
+    lp = -np.ones((2, 3), np.float32)
+    why = (
+        "missing: a KL estimator ('k2') was set without beta, which defaults to 0 (no KL term); pass kl_beta"
+    )
+    kw = {"advantages": [1.0, -1.0], "ref_logp": lp}
+    assert refusal(lambda: client.loss(lp, kl_estimator="k2", **kw)) == ("config.kl.beta", why)
+    assert refusal(lambda: client.loss(lp, kl=cfg.KLConfig("k2"), **kw)) == ("config.kl.beta", why)
+    assert refusal(lambda: cfg.LossConfig(kl=cfg.KLConfig("k2"))) == ("config.kl.beta", why)
+    # a beta given, 0 included (a KL term scheduled off), or a section whole then its beta: fine
+    assert cfg.build_loss_config(kl_estimator="k2", kl_beta=0.0).kl == cfg.KLConfig("k2", 0.0)
+    assert cfg.build_loss_config(kl=cfg.KLConfig("k2"), kl_beta=0.5).kl == cfg.KLConfig("k2", 0.5)
+    assert cfg.build_loss_config(kl=cfg.KLConfig()).kl is None
+
+
+def test_per_sequence_advantages_as_a_column_are_told_to_squeeze() -> None:
+    """advantages [B, 1] (TRL's `advantages.unsqueeze(1)`) got a message naming the per-token
+    shape only (an audit): it names both shapes, and the squeeze."""
+    lp = -np.ones((3, 4), np.float32)
+    assert refusal(lambda: pack_batch(lp, advantages=np.ones((3, 1)))) == (
+        "batch.advantages",
+        "bad_shape: (3, 1); expected (3,) per sequence or (3, 4) per token "
+        "(pass advantages.squeeze(-1) for one per sequence)",
+    )
+    assert refusal(lambda: pack_batch(lp, advantages=np.ones((3, 5)))) == (
+        "batch.advantages",
+        "bad_shape: (3, 5); expected (3,) per sequence or (3, 4) per token",
+    )

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from softgate.engine import Batch, Engine, LossConfig, Sapo
-from softgate.engine.errors import FieldViolation
+from softgate.engine.errors import FieldViolation, InputError
 from softgate.grpc import codec
 from softgate.grpc.servicer import LossServicer
 from softgate_client.proto.softgate.v1 import softgate_pb2 as pb
@@ -501,3 +501,44 @@ def test_a_request_of_too_many_fields_or_dimensions_is_refused_before_it_is_pars
     assert not isinstance(codec.safe_deserializer(pb.ComputeLossRequest, 2)(ok), codec.CorruptMessage)
     # a varint cut off at the end is protobuf's to refuse (the scan raised IndexError: INTERNAL)
     assert isinstance(codec.safe_deserializer(pb.ComputeLossRequest, 2)(ok + b"\x80"), codec.CorruptMessage)
+
+
+def test_an_unknown_field_inside_a_tensor_is_refused_on_the_view_path_too() -> None:
+    """Found by an audit: a Tensor's fields the server does not have (a newer contract's byte
+    order, strides, scale: what changes how `data` reads) were dropped, the bytes read as if
+    they were not there. decode_tensor refuses one as unknown_name, on the parsed message of a
+    small request and on the stripped one whose bytes are a view (a large request) alike."""
+    for n in (5, 1 << 18):
+        request = _request(n)
+        old = request.batch.old_logp
+        old.CopyFrom(pb.Tensor.FromString(old.SerializeToString() + bytes([4 << 3 | 0, 1])))  # field 4 = 1
+        got = codec.safe_deserializer(pb.ComputeLossRequest, batch_field=2)(request.SerializeToString())
+        assert isinstance(got, codec.Received)
+        assert bool(got.views) == (n > 5)  # the large one is read through views
+        v: list[FieldViolation] = []
+        assert codec.decode_batch(got.message.batch, "batch.", v, got.views) is None
+        assert [(x.field, x.code) for x in v] == [("batch.old_logp", "unknown_name")], v
+        assert "field number 4 of softgate.v1.Tensor" in v[0].reason
+    # `padding` (15) is a field of Tensor, not an unknown one
+    v = []
+    padded = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[1], data=bytes(4), padding=b"\0" * 3)
+    assert codec.decode_tensor(padded, "batch.logp", v) is not None and v == []
+
+
+def test_engine_violations_name_dtypes_as_the_contract_does() -> None:
+    """Found by an audit: engine reasons passed on as they were named torch dtypes
+    ("torch.float16"), which mean nothing to a trainer in Go or C++; the gRPC adapter names
+    them as softgate.v1's Dtype does. A name the contract lacks stays as it is."""
+    err = InputError(
+        [
+            FieldViolation("mask", "bad_dtype: torch.float16; bool or 0/1 expected"),
+            FieldViolation("rewards", "bad_dtype: torch.bool given, a float or integer dtype expected", 2),
+            FieldViolation("x", "bad_dtype: torch.complex64 given"),
+        ]
+    )
+    got = codec.rename(err, lambda f: f).violations
+    assert [(f.field, f.reason, f.index) for f in got] == [
+        ("mask", "bad_dtype: DTYPE_FLOAT16; bool or 0/1 expected", None),
+        ("rewards", "bad_dtype: DTYPE_BOOL given, a float or integer dtype expected", 2),
+        ("x", "bad_dtype: torch.complex64 given", None),
+    ]

@@ -197,3 +197,50 @@ def test_non_finite_per_sequence_advantages_are_named():
     with pytest.raises(InputError) as ei:
         E.loss(b, LossConfig(objective=Grpo()))
     assert [(v.field, v.index, v.code) for v in ei.value.violations] == [("advantages", 1, "non_finite")]
+
+
+def test_group_ids_beside_advantages_are_checked_whenever_given():
+    """Found by an audit: with advantages, group_ids go unused and were not checked at all
+    (float ones, or of the wrong length, passed), where the server counted them; bad input gets
+    a clear error whatever else the batch holds. Valid ones are still unused (num_groups 0)."""
+    lp = torch.tensor([-0.5, -0.6, -0.7], dtype=F64)
+
+    def batch(group_ids: torch.Tensor, **kw) -> Batch:
+        adv = torch.tensor([1.0, -1.0], dtype=F64)
+        return Batch(logp=lp, offsets=torch.tensor([0, 1, 3]), advantages=adv, group_ids=group_ids, **kw)
+
+    assert E.loss(batch(torch.tensor([0, 1])), LossConfig()).metrics["num_groups"] == 0.0
+    rewards = torch.tensor([1.0, 0.0])
+    for group_ids, code in (
+        (torch.tensor([0.0, 1.0]), "bad_dtype"),
+        (torch.tensor([True, False]), "bad_dtype"),
+        (torch.tensor([[0, 1]]), "bad_shape"),
+        (torch.tensor([0, 1, 2]), "length_mismatch"),
+    ):
+        for kw in ({}, {"rewards": rewards}):
+            with pytest.raises(InputError) as ei:
+                E.loss(batch(group_ids, **kw), LossConfig())
+            assert [(v.field, v.code) for v in ei.value.violations] == [("group_ids", code)], kw
+    # rewards alone still need group ids; advantages do not
+    with pytest.raises(InputError) as ei:
+        E.loss(Batch(logp=lp, offsets=torch.tensor([0, 1, 3]), rewards=rewards), LossConfig())
+    assert [(v.field, v.code) for v in ei.value.violations] == [("group_ids", "missing")]
+
+
+def test_a_refused_reward_dtype_names_what_rewards_accept():
+    """Found by an audit: boolean rewards were refused with "float32 or float64 expected",
+    though integer (and half-precision) rewards are accepted."""
+    lp = torch.tensor([-0.5, -0.6], dtype=F64)
+    b = Batch(
+        logp=lp,
+        offsets=torch.tensor([0, 1, 2]),
+        rewards=torch.tensor([True, False]),
+        group_ids=torch.tensor([0, 0]),
+    )
+    with pytest.raises(InputError) as ei:
+        E.loss(b, LossConfig())
+    ((v,),) = [ei.value.violations]
+    assert (v.field, v.reason) == (
+        "rewards",
+        "bad_dtype: torch.bool given, a float or integer dtype expected",
+    )

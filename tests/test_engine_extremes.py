@@ -108,6 +108,51 @@ def test_non_finite_advantages_are_refused_by_every_estimator(estimator: str, sc
     assert err.value.reasons == ["overflow"] and err.value.violations[0].field == "rewards"
 
 
+@pytest.mark.parametrize("eps", [5e-324, 1e-200, 9.9e-101])
+@pytest.mark.parametrize("scale", ["group", "batch"])
+@pytest.mark.parametrize("estimator", ["grpo", "reinforce_pp_baseline"])
+def test_an_eps_below_its_floor_is_refused_naming_advantages_eps(
+    estimator: str, scale: str, eps: float
+) -> None:
+    """A review: rewards 1e-163 apart have a std whose squares underflow float64 to 0, and the
+    division by eps alone gave advantages of 1e160 (eps 5e-324) or 1e37 (1e-200) where the
+    spread is worth about 1. eps is 0 or at least MIN_ADVANTAGE_EPS (1e-100)."""
+    rewards = torch.tensor([0.0, 1e-163, 0.0, 2e-163], dtype=F64)
+    groups = torch.tensor([0, 0, 1, 1])
+    adv = AdvantageConfig(estimator=estimator, scale=scale, eps=eps)  # type: ignore[arg-type]
+    with pytest.raises(InputError) as err:
+        E.advantages(rewards, groups, adv)
+    ((v,),) = [err.value.violations]
+    assert v.field == "advantages.eps" and v.reason.startswith("out_of_range: ")
+    assert "must be 0 or >= 1e-100" in v.reason
+    b = Batch(
+        logp=torch.full((4,), -1.0, dtype=F64),
+        offsets=torch.arange(5),
+        rewards=rewards,
+        group_ids=groups,
+    )
+    assert _refusal(b, LossConfig(advantages=adv)) == [(v.field, v.reason)]
+
+
+@pytest.mark.parametrize("scale", ["group", "batch"])
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo"])
+def test_at_the_eps_floor_a_spread_that_underflows_gives_the_exact_advantages(
+    estimator: str, scale: str
+) -> None:
+    """At eps = 1e-100 the std that underflowed to 0 (~1e-163) is negligible next to eps: the
+    advantages are those of the rewards and eps scaled by 2^500, where nothing underflows."""
+    rewards, groups = torch.tensor([0.0, 1e-163, 0.0, 2e-163], dtype=F64), torch.tensor([0, 0, 1, 1])
+    s = 2.0**500  # (exact: a power of two)
+
+    def advantages(scaled: float) -> torch.Tensor:
+        adv = AdvantageConfig(estimator=estimator, scale=scale, eps=1e-100 * scaled)  # type: ignore[arg-type]
+        return E.advantages(rewards * scaled, groups, adv).advantages
+
+    a = advantages(1.0)
+    assert bool(a.abs().max() > 0)
+    torch.testing.assert_close(a, advantages(s), rtol=1e-12, atol=0)
+
+
 # ---------------------------------------------------------------- GPPO across the clamp
 
 

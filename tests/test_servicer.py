@@ -437,3 +437,157 @@ def test_the_unknown_field_walk_reads_lists_and_maps_of_messages() -> None:
     found: list[FieldViolation] = []
     unknown_fields(outer, "config.", found)
     assert len(found) == 2 and all("field number 15" in f.reason for f in found), found
+
+
+def _tensor(values: Any, dtype: Any) -> Any:
+    """A softgate.v1 Tensor of `values` as numpy `dtype` (its Dtype by name)."""
+    import numpy as np
+
+    a = np.asarray(values, dtype=dtype)
+    name = {"bool": "BOOL", "float16": "FLOAT16"}.get(a.dtype.name, a.dtype.name.upper())
+    return pb.Tensor(dtype=pb.Dtype.Value(f"DTYPE_{name}"), shape=[a.size], data=a.tobytes())
+
+
+def _refusal(call: Any) -> list[tuple[str, str, str]]:
+    """(field, reason, description) of each violation of the INVALID_ARGUMENT `call()` raised."""
+    from google.rpc import error_details_pb2, status_pb2
+
+    with pytest.raises(grpc.RpcError) as ei:
+        call()
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT, ei.value.details()
+    out = []
+    for key, value in ei.value.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            for detail in status_pb2.Status.FromString(value).details:
+                br = error_details_pb2.BadRequest()
+                detail.Unpack(br)
+                out += [(f.field, f.reason, f.description) for f in br.field_violations]
+    return out
+
+
+def test_an_unknown_field_inside_a_tensor_or_a_list_algorithms_request_is_refused(
+    inprocess_server: Any,
+) -> None:
+    """Found by an audit: the "never ignored" rule skipped Tensors (a newer contract's byte
+    order or scale there would have been dropped and the bytes misread) and
+    ListAlgorithmsRequest. Each is refused as unknown_name on the tensor that holds it, in
+    every RPC, and on a large request read through views as on a small one."""
+    srv = inprocess_server()
+    stub = pb_grpc.LossServiceStub(srv.channel())
+    big = f32_batch_msg(4, 1 << 16, 0)  # 1 MiB of logp: read through views
+    small = f32_batch_msg(2, 4, 0)
+    for batch in (small, big):
+        batch.logp.CopyFrom(_with_unknown(batch.logp, 4))
+    adv = pb.ComputeAdvantagesRequest(
+        rewards=_with_unknown(_tensor([1.0, 0.0], "float32"), 4), group_ids=_tensor([0, 0], "int64")
+    )
+    cases = [
+        (lambda: stub.ComputeLoss(pb.ComputeLossRequest(batch=small), timeout=30), "batch.logp"),
+        (lambda: stub.ComputeLoss(pb.ComputeLossRequest(batch=big), timeout=60), "batch.logp"),
+        (
+            lambda: list(stub.StreamLoss(iter([pb.StreamLossRequest(chunk=small)]), timeout=30)),
+            "chunk[0].logp",
+        ),
+        (lambda: stub.ComputeAdvantages(adv, timeout=30), "rewards"),
+    ]
+    for call, field in cases:
+        ((name, reason, description),) = _refusal(call)
+        assert (name, reason) == (field, "UNKNOWN_NAME"), description
+        assert "field number 4 of softgate.v1.Tensor" in description
+    ((name, reason, description),) = _refusal(
+        lambda: stub.ListAlgorithms(_with_unknown(pb.ListAlgorithmsRequest(), 1), timeout=30)
+    )
+    assert (name, reason) == ("request", "UNKNOWN_NAME") and "ListAlgorithmsRequest" in description
+    assert stub.ListAlgorithms(pb.ListAlgorithmsRequest(), timeout=30).metrics
+
+
+def test_group_ids_beside_advantages_are_checked_but_not_counted(inprocess_server: Any) -> None:
+    """Found by an audit: group ids sent beside advantages were not checked (float ones, or
+    of the wrong length, passed) yet their distinct values counted against max_groups. They
+    play no part then: any number of groups passes, a malformed tensor is refused by name,
+    in ComputeLoss and in a StreamLoss chunk."""
+    srv = inprocess_server(max_groups=3)
+    stub = pb_grpc.LossServiceStub(srv.channel())
+
+    def loss(group_ids: Any) -> Any:
+        batch = f32_batch_msg(4, 3, 0)
+        batch.group_ids.CopyFrom(group_ids)
+        return stub.ComputeLoss(pb.ComputeLossRequest(batch=batch), timeout=30)
+
+    def stream(*group_ids: Any) -> Any:
+        chunks = [f32_batch_msg(4, 3, i) for i in range(2)]
+        for c, g in zip(chunks, group_ids, strict=True):
+            c.group_ids.CopyFrom(g)
+        return list(stub.StreamLoss(iter([pb.StreamLossRequest(chunk=c) for c in chunks]), timeout=30))
+
+    assert loss(_tensor([0, 1, 2, 3], "int64")).metrics["num_groups"] == 0.0
+    assert len(stream(_tensor([0, 1, 2, 3], "int64"), _tensor([4, 5, 6, 7], "int64"))) == 2
+    floats = _tensor([0.0, 1.0, 2.0, 3.0], "float32")
+    short = _tensor([0, 1, 2], "int64")
+    for group_ids, reason in ((floats, "BAD_DTYPE"), (short, "LENGTH_MISMATCH")):
+        got = _refusal(lambda g=group_ids: loss(g))
+        assert [(f, r) for f, r, _ in got] == [("batch.group_ids", reason)], got
+    got = _refusal(lambda: stream(floats, floats))
+    assert [(f, r) for f, r, _ in got] == [("chunk.group_ids", "BAD_DTYPE")], got
+    got = _refusal(lambda: stream(_tensor([0, 1, 2, 3], "int64"), short))
+    assert [(f, r) for f, r, _ in got] == [("chunk[1].group_ids", "LENGTH_MISMATCH")], got
+
+
+def test_dtypes_in_error_descriptions_are_the_contracts_names(inprocess_server: Any) -> None:
+    """Found by an audit: some descriptions named torch dtypes ("torch.float16", a stream's
+    "dtype float32 differs from chunk 0's float64"), which mean nothing to a trainer in another
+    language; they use softgate.v1's Dtype names. Integer rewards are accepted, and the
+    refusal of boolean ones says so."""
+    srv = inprocess_server()
+    stub = pb_grpc.LossServiceStub(srv.channel())
+
+    def loss(**tensors: Any) -> Any:
+        batch = f32_batch_msg(2, 3, 0)
+        for name, t in tensors.items():
+            getattr(batch, name).CopyFrom(t)
+        return stub.ComputeLoss(pb.ComputeLossRequest(batch=batch), timeout=30)
+
+    f64 = f32_batch_msg(2, 3, 1)
+    for name in ("logp", "old_logp", "advantages"):
+        t = getattr(f64, name)
+        a = torch.frombuffer(bytearray(t.data), dtype=torch.float32).double()
+        t.CopyFrom(_tensor(a.numpy(), "float64"))
+    stream = [pb.StreamLossRequest(chunk=f64), pb.StreamLossRequest(chunk=f32_batch_msg(2, 3, 2))]
+    adv_free = f32_batch_msg(2, 3, 0)
+    adv_free.ClearField("advantages")
+    adv_free.group_ids.CopyFrom(_tensor([0, 0], "int64"))
+    adv_free.rewards.CopyFrom(_tensor([True, False], "bool"))
+    cases = [
+        (lambda: loss(mask=_tensor([1] * 6, "float16")), "batch.mask", "DTYPE_FLOAT16; bool or 0/1 expected"),
+        (lambda: loss(ref_logp=_tensor([-1] * 6, "int64")), "batch.ref_logp", "DTYPE_INT64 given, "),
+        (lambda: loss(advantages=_tensor([1, -1], "int64")), "batch.advantages", "DTYPE_INT64 given, "),
+        (
+            lambda: stub.ComputeLoss(pb.ComputeLossRequest(batch=adv_free), timeout=30),
+            "batch.rewards",
+            "DTYPE_BOOL given, a float or integer dtype expected",
+        ),
+        (
+            lambda: list(stub.StreamLoss(iter(stream), timeout=30)),
+            "chunk[1].logp",
+            "dtype DTYPE_FLOAT32 differs from chunk 0's DTYPE_FLOAT64",
+        ),
+    ]
+    for call, field, text in cases:
+        got = _refusal(call)
+        assert got and got[0][0] == field and text in got[0][2], got
+        assert not any("torch." in d or "float32 differs" in d for _, _, d in got), got
+
+
+def test_the_catalogue_says_what_the_metrics_of_compute_advantages_mean() -> None:
+    """Found by an audit: ListAlgorithms described adv_mean and adv_std "over tokens", as
+    ComputeLoss computes them; ComputeAdvantages returns the same names over sequences. A
+    description that speaks of tokens says what the name means there too."""
+    from softgate.engine import AdvantageConfig
+    from softgate.grpc import catalogue, codec
+
+    got = Engine(device="cpu", compile=False).advantages(
+        torch.tensor([1.0, 0.0]), torch.tensor([0, 0]), AdvantageConfig()
+    )
+    described = {m.name: m.description for m in catalogue.build(codec.Limits(), 1 << 20).metrics}
+    vague = [n for n in got.metrics if "token" in described[n] and "ComputeAdvantages" not in described[n]]
+    assert not vague, {n: described[n] for n in vague}

@@ -35,15 +35,23 @@ def half_reason(name: str, dtype: str) -> str:
             f"half_precision: {name} is {dtype}, whose whole numbers are not exact past 256 (bfloat16) "
             f"or 2048 (float16); send {name} as integers (e.g. `mask.sum(-1, dtype=torch.int64)`)"
         )
-    why = ""
+    send = f"half_precision: {name} is {dtype}; send {name} as float32 or float64"
+    if not name.endswith("logp"):
+        return f"{send} (e.g. `.float()`)"
+    # `.float()` on half log-probs passes this check and keeps their rounding: the advice is
+    # where float32 log-probs come from (on-policy GSPO clipped every token; an audit)
+    src = "compute the log-probs in float32 from the logits (`logits.float().log_softmax(-1)`)"
+    if name in ("old_logp", "rollout_logp"):
+        src += ", or ask the sampler for float32 logprobs"
+    why = f"`.float()` on {dtype} log-probs keeps their rounding"
     bits = _FRACTION_BITS.get(dtype)
-    if name.endswith("logp") and bits is not None:  # (each dtype's own figure: fp16 had bf16's; an audit)
+    if bits is not None:  # (each dtype's own figure: fp16 had bf16's; an audit)
         noise = math.expm1(2.0 ** (2 - bits))
-        why = (
+        why += (
             f" ({dtype} log-probs carry up to {noise:.1%} ratio noise per token at logp = -10, "
             "more than GSPO's clip band)"
         )
-    return f"half_precision: {name} is {dtype}; send {name} as float32 or float64 (e.g. `.float()`){why}"
+    return f"{send}: {src}; {why}"
 
 
 class ArrayInputError(ValueError):
@@ -236,8 +244,9 @@ def make_layout(
 
     - 1-D logp (ragged): `offsets` [B + 1] or `lengths` [B] are required; `mask` is sent as is.
     - 2-D logp [B, T] (padded): `mask` [B, T] (optional, default all ones) marks the trained
-      tokens; each row travels up to its last mask = 1 (trailing padding is dropped), so
-      `lengths` may also be given to cut rows explicitly. Interior zeros travel as the loss mask.
+      tokens; each row travels up to its last mask = 1 (trailing padding is dropped), or up to
+      `lengths`, where each row ends (not a count of trained tokens: a mask = 1 past it is
+      refused). Interior zeros travel as the loss mask.
     """
     if logp.ndim == 1:
         if offsets is not None and lengths is not None:  # (lengths were silently ignored; an audit)
@@ -289,6 +298,15 @@ def make_layout(
             raise ArrayInputError("lengths", f"bad_shape: {tuple(ln.shape)}; expected ({b},)")
         if b and (np.minimum.reduce(ln) < 0 or np.maximum.reduce(ln) > t):
             raise ArrayInputError("lengths", f"out_of_range: lengths must lie in [0, {t}]")
+        if m is not None:  # (`lengths=mask.sum(-1)` cut rows with a tool-output gap short; an audit)
+            cut = m & (np.arange(t, dtype=np.int64)[None, :] >= ln[:, None])
+            if cut.any():
+                i, j = (int(k) for k in np.argwhere(cut)[0])
+                raise ArrayInputError(
+                    "lengths",
+                    f"cuts_trained_tokens: row {i} has mask = 1 at column {j} >= lengths[{i}] = {int(ln[i])} "
+                    "(lengths is where a row ends, not how many tokens are trained)",
+                )
     elif m is not None:
         # each row up to its last trained token (T = 0: no token, and nothing for argmax)
         last = t - np.argmax(m[:, ::-1], axis=1) if t else 0

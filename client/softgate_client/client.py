@@ -475,7 +475,9 @@ def _place_advantages(
         want = f"{per_tok} (advantage_level='token')"
     bad_shape = f"bad_shape: {tuple(adv.shape)}; expected {want}"
     if adv.ndim == 2:
-        if layout.padded is None or level == seq_level:
+        if adv.shape == (b, 1) and layout.padded != (b, 1):  # (TRL's `advantages.unsqueeze(1)`)
+            bad_shape += " (pass advantages.squeeze(-1) for one per sequence)"
+        if layout.padded is None or level == seq_level or adv.shape != layout.padded:
             raise ArrayInputError("advantages", bad_shape)
         token["advantages"] = layout.flatten(adv, "advantages")
         return tok_level

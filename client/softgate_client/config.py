@@ -125,7 +125,9 @@ class AdvantageConfig:
 @dataclass(frozen=True)
 class AggregationConfig:
     """`token_mean`, `seq_mean_token_mean`, `seq_mean_token_sum`, `token_sum_norm`; the global
-    normalisers of a micro-batch or shard (`num_tokens`, `num_seqs`), `constant` = K."""
+    normalisers of a micro-batch or shard (`num_tokens`, `num_seqs`), `constant` = K. Each mode
+    reads one (token_mean num_tokens, seq_mean_* num_seqs, token_sum_norm constant): the server
+    refuses one given alone that the mode would ignore."""
 
     mode: str | None = None
     num_tokens: float | None = None
@@ -138,7 +140,8 @@ class AggregationConfig:
 
 @dataclass(frozen=True)
 class KLConfig:
-    """KL penalty to the reference policy: estimator `k1` / `k2` / `k3`, coefficient `beta`."""
+    """KL penalty to the reference policy: estimator `k1` / `k2` / `k3`, coefficient `beta`
+    (needed with an estimator: the server's default 0 is no KL term)."""
 
     estimator: str | None = None
     beta: float | None = None
@@ -181,6 +184,13 @@ class LossConfig:
             v = getattr(self, name)
             if not isinstance(v, cls) and not (v is None and name in ("kl", "mismatch")):
                 raise _not_a(f"config.{name}", cls, v)
+        if self.kl is not None and self.kl.estimator is not None and self.kl.beta is None:
+            # (beta's default, 0, made such a KL term silently nothing: kl_loss 0.0; an audit)
+            raise invalid_argument(
+                "config.kl.beta",
+                f"missing: a KL estimator ({self.kl.estimator!r}) was set without beta, "
+                "which defaults to 0 (no KL term); pass kl_beta",
+            )
         outputs = (self.outputs,) if isinstance(self.outputs, str) else self.outputs
         try:
             outputs = tuple(outputs)

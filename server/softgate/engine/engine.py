@@ -289,7 +289,11 @@ class Engine:
         for i, cls in enumerate(OBJECTIVES.values()):
             cfg = LossConfig(
                 objective=cls(),
-                aggregation=AggregationConfig(mode=modes[i % 4], constant=8.0),  # type: ignore[arg-type]
+                # (constant with token_sum_norm only: the other modes refuse it)
+                aggregation=AggregationConfig(
+                    mode=modes[i % 4],  # type: ignore[arg-type]
+                    constant=8.0 if modes[i % 4] == "token_sum_norm" else None,
+                ),
                 kl=KLConfig(beta=0.01),
                 mismatch=MismatchConfig(),
             )

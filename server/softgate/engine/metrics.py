@@ -22,7 +22,7 @@ METRIC_NAMES: dict[str, str] = {
     # sizes
     "num_tokens": "trained tokens in the batch (sum of the loss mask)",
     "num_seqs": "sequences in the batch, empty ones included",
-    "num_groups": "distinct group ids (0 when the caller gave advantages)",
+    "num_groups": "distinct group ids (ComputeLoss: 0 when the caller gave advantages)",
     "tokens_pos": "trained tokens with advantage > 0",
     "tokens_neg": "trained tokens with advantage < 0",
     "tokens_zero": "trained tokens with advantage exactly 0",
@@ -43,8 +43,8 @@ METRIC_NAMES: dict[str, str] = {
     "gate_saturation_neg": "share of A<0 tokens whose gate weight < saturation_threshold; 0 if none",
     "grad_retained": "sum|c_policy| / sum|c_policy with nothing clipped and w=1|; 1 if the denominator is 0",
     # advantages and rewards
-    "adv_mean": "mean advantage over tokens; 0 if none",
-    "adv_std": "population std of the advantage over tokens; 0 if none",
+    "adv_mean": "mean advantage over tokens (ComputeAdvantages: over sequences); 0 if none",
+    "adv_std": "population std of the advantage over tokens (ComputeAdvantages: over sequences); 0 if none",
     "degenerate_group_frac": "share of groups with no learning signal (singleton, all-equal rewards or std < min_group_std); 0 without groups",
     "reward_mean": "mean reward over sequences; 0 without rewards",
     "reward_std": "population std of rewards over sequences; 0 without rewards",

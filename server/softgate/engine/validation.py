@@ -52,9 +52,9 @@ REASON_CODES: dict[str, str] = {
     "bad_mask": "a loss mask with values other than 0 and 1",
     "missing": "a required input is absent",
     "ambiguous": "the advantages' level cannot be inferred from their length",
-    "out_of_range": "a parameter outside its valid range",
+    "out_of_range": "a parameter outside its valid range, or a reward beyond MAX_ABS_REWARD",
     "unknown_name": "an unknown objective, estimator, mode or level name",
-    "unsupported": "a combination the objective does not define",
+    "unsupported": "a combination not defined (gspo's per-token advantages, constant without token_sum_norm)",
     "overflow": "finite inputs whose loss or gradient is not finite in the compute dtype",
 }
 
@@ -64,6 +64,10 @@ MAX_LOG_RATIO_CLAMP = 80.0
 LOGP_TOLERANCE = 1e-4
 # rewards beyond this overflow the group statistics' float64 sums of squares (silent zeros)
 MAX_ABS_REWARD = 1e100
+# advantages.eps is 0 or at least this. A reward spread under ~1e-154 has squares that underflow
+# float64 (its std reads 0 under ~1e-162): a smaller eps would be the whole divisor (rewards
+# 1e-163 apart got advantages of 1e160 at eps 5e-324). From here up, eps dwarfs such a std.
+MIN_ADVANTAGE_EPS = 1e-100
 # fraction bits of the half precisions: half an ulp at |logp| in [8, 16) is 2^(2 - bits)
 _FRACTION_BITS = {torch.float16: 10, torch.bfloat16: 7}
 
@@ -74,17 +78,29 @@ _INTS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 _ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
 _SCALES = ("group", "batch", "none")
 _AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm")
+# the normaliser each aggregation mode reads (the others it ignores)
+_NORMALISER = {
+    "token_mean": "num_tokens",
+    "seq_mean_token_mean": "num_seqs",
+    "seq_mean_token_sum": "num_seqs",
+}
 
 
 def half_reason(name: str, dtype: torch.dtype) -> str:
     """The refusal of a half-precision input `name`; a log-prob's with its dtype's own ratio
     noise (float16 quoted bfloat16's ~3%; an audit)."""
     dt = str(dtype).removeprefix("torch.")
-    why = ""
-    if name.endswith("logp"):
-        noise = math.expm1(2.0 ** (2 - _FRACTION_BITS[dtype]))
-        why = f" ({dt} log-probs carry up to {noise:.1%} ratio noise per token at logp = -10, more than GSPO's clip band)"
-    return f"half_precision: {name} is {dt}; send {name} as float32 or float64{why}"
+    send = f"half_precision: {name} is {dt}; send {name} as float32 or float64"
+    if not name.endswith("logp"):
+        return send
+    # `.float()` on half log-probs passes this check and keeps their rounding (on-policy GSPO
+    # clipped every token; an audit): the advice is where float32 log-probs come from
+    src = "compute the log-probs in float32 from the logits (`logits.float().log_softmax(-1)`)"
+    if name in ("old_logp", "rollout_logp"):
+        src += ", or ask the sampler for float32 logprobs"
+    noise = math.expm1(2.0 ** (2 - _FRACTION_BITS[dtype]))
+    why = f"{dt} log-probs carry up to {noise:.1%} ratio noise per token at logp = -10, more than GSPO's clip band"
+    return f"{send}: {src}; `.float()` on {dt} log-probs keeps their rounding ({why})"
 
 
 def _num_ok(x: object) -> bool:
@@ -171,6 +187,14 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
             f"unknown_name: {adv.scale!r}; known: {list(_SCALES)}",
         )
         nonneg(adv.eps, "advantages.eps")
+        if _num_ok(adv.eps) and 0 < adv.eps < MIN_ADVANTAGE_EPS:
+            why = "a std that underflows float64 would leave eps alone as the divisor"
+            v.append(
+                FieldViolation(
+                    "advantages.eps",
+                    f"out_of_range: {adv.eps!r} must be 0 or >= {MIN_ADVANTAGE_EPS:g} ({why})",
+                )
+            )
         nonneg(adv.min_group_std, "advantages.min_group_std")
 
     agg = config.aggregation
@@ -188,6 +212,18 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
                 pos(x, f"aggregation.{f}", "must be > 0 (a global normaliser)")
         if agg.mode == "token_sum_norm" and agg.constant is None:
             v.append(FieldViolation("aggregation.constant", "missing: token_sum_norm needs the constant K"))
+        # a normaliser the mode ignores was silently dropped: a micro-batching trainer's global
+        # num_tokens beside the default mode left each micro-batch its own N_seq (an audit).
+        # Both num_tokens and num_seqs together stay accepted (common, and harmless).
+        own = _NORMALISER.get(agg.mode) if agg.mode in _AGG_MODES else None  # (a list: unhashable)
+        if own is not None:
+            other = "num_seqs" if own == "num_tokens" else "num_tokens"
+            if getattr(agg, own) is None and getattr(agg, other) is not None:
+                why = f"missing: {agg.mode} normalises by {own}; {other} is not used by this mode"
+                v.append(FieldViolation(f"aggregation.{own}", why))
+            if agg.constant is not None:
+                why = f"unsupported: only token_sum_norm reads constant; {agg.mode} normalises by {own}"
+                v.append(FieldViolation("aggregation.constant", why))
 
     kl = config.kl
     if kl is not None:
@@ -270,7 +306,8 @@ def _float_tensor(
         v.append(FieldViolation(name, half_reason(name, x.dtype)))
         return False
     if not (x.dtype in _FLOATS or (allow_int and x.dtype in _INTS) or (allow_half and x.dtype in _HALVES)):
-        v.append(FieldViolation(name, f"bad_dtype: {x.dtype} given, float32 or float64 expected"))
+        want = "a float or integer dtype" if allow_int else "float32 or float64"
+        v.append(FieldViolation(name, f"bad_dtype: {x.dtype} given, {want} expected"))
         return False
     if x.dim() != 1:
         v.append(FieldViolation(name, f"bad_shape: expected a 1-D tensor, got shape {tuple(x.shape)}"))
@@ -469,16 +506,16 @@ def validate_batch(
         v.append(FieldViolation("rewards", "missing: give rewards and group_ids, or advantages"))
     if batch.rewards is not None and b is not None:
         reward_tensor(v, batch.rewards, b)
-        if batch.advantages is None:
-            g = batch.group_ids
-            if g is None:
-                v.append(FieldViolation("group_ids", "missing: rewards need group_ids"))
-            elif not isinstance(g, Tensor) or g.dtype not in _INTS:
-                v.append(FieldViolation("group_ids", "bad_dtype: group_ids must be an integer tensor"))
-            elif g.dim() != 1:
-                v.append(FieldViolation("group_ids", f"bad_shape: expected 1-D, got shape {tuple(g.shape)}"))
-            elif g.numel() != b:
-                v.append(FieldViolation("group_ids", f"length_mismatch: length {g.numel()}, expected {b}"))
+        if batch.advantages is None and batch.group_ids is None:
+            v.append(FieldViolation("group_ids", "missing: rewards need group_ids"))
+    g = batch.group_ids
+    if g is not None and b is not None:  # beside advantages too, where they go unused: bad input is refused
+        if not isinstance(g, Tensor) or g.dtype not in _INTS:
+            v.append(FieldViolation("group_ids", "bad_dtype: group_ids must be an integer tensor"))
+        elif g.dim() != 1:
+            v.append(FieldViolation("group_ids", f"bad_shape: expected 1-D, got shape {tuple(g.shape)}"))
+        elif g.numel() != b:
+            v.append(FieldViolation("group_ids", f"length_mismatch: length {g.numel()}, expected {b}"))
     return v
 
 

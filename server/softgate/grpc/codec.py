@@ -9,6 +9,7 @@ actually received and the server's limits BEFORE anything is allocated.
 
 from __future__ import annotations
 
+import re
 import struct
 import sys
 import warnings
@@ -379,6 +380,9 @@ def decode_tensor(
 ) -> Tensor | None:
     """A CPU torch tensor holding the message's elements (`data`: the tensor's bytes when the
     caller has a view of them, see `Received`): one copy, or none (`_tensor_over`)."""
+    if UnknownFieldSet(t):  # (a newer contract's field may change how `data` reads: refused)
+        unknown_fields(t, name, v, deep=False)
+        return None
     if data is None:
         data = t.data  # (a copy with upb: read once)
     n = element_count(t, name, v, len(data))
@@ -548,7 +552,12 @@ def decode_batch(
 
 
 def check_groups(batch: Batch, limits: Limits, field: str, v: list[FieldViolation]) -> None:
+    """A too_large violation when the batch's group ids hold more than `limits.max_groups`
+    distinct values. Group ids beside advantages are unused, so not counted (the engine checks
+    their dtype and length)."""
     g = batch.group_ids
+    if batch.advantages is not None:
+        return
     if limits.max_groups and g is not None and g.numel() > limits.max_groups and g.dim() == 1:
         if g.dtype.is_floating_point or g.dtype is torch.bool:
             return  # the engine refuses the dtype
@@ -568,7 +577,7 @@ def unknown_fields(msg: Any, prefix: str, v: list[FieldViolation], *, deep: bool
     """A violation for each field of `msg` that this server's softgate.v1 does not know (a
     client built from a newer contract asked for something): refused, never silently ignored,
     since ignoring a new objective or option would compute another loss. `deep`: also in
-    `msg`'s set message fields (not Tensors: their bytes are checked against their shape)."""
+    `msg`'s set message fields (not Tensors: `decode_tensor` checks each one it reads)."""
     for f in UnknownFieldSet(msg):
         v.append(
             FieldViolation(
@@ -817,5 +826,20 @@ def request_field(engine_field: str, *, batch_prefix: str = "batch.", config_pre
 
 
 def rename(err: InputError, fn: Any) -> InputError:
-    """The same violations with `fn(FieldViolation) -> FieldViolation` applied."""
-    return InputError([fn(x) for x in err.violations])
+    """The same violations with `fn(FieldViolation) -> FieldViolation` applied, and the torch
+    dtype names of their reasons in softgate.v1's (`contract_dtypes`)."""
+    out = []
+    for x in err.violations:
+        f = fn(x)
+        out.append(FieldViolation(f.field, contract_dtypes(f.reason), f.index) if "torch." in f.reason else f)
+    return InputError(out)
+
+
+# "torch.float16" -> "DTYPE_FLOAT16": the engine's reasons name torch dtypes, a client knows the Dtype enum
+_DTYPE_NAMES = {str(t): pb.Dtype.Name(k) for k, t in DTYPES.items()}
+_TORCH_DTYPE = re.compile(r"torch\.\w+")
+
+
+def contract_dtypes(reason: str) -> str:
+    """`reason` with each torch dtype name replaced by softgate.v1's (a name it lacks stays)."""
+    return _TORCH_DTYPE.sub(lambda m: _DTYPE_NAMES.get(m.group(0), m.group(0)), reason)

@@ -743,8 +743,13 @@ class LossServicer(pb_grpc.LossServiceServicer):
         call = self._new_call("ListAlgorithms", context)
         if self.closing:
             await self._refuse(call, grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN, context)
+        v: list[FieldViolation] = []
         if isinstance(request, codec.CorruptMessage):
-            self._fail(call, InputError([request.violation("request")]), context)
+            v.append(request.violation("request"))
+        else:
+            codec.unknown_fields(request, "", v)  # (it has no field: any is a newer client's)
+        if v:
+            self._fail(call, InputError(v), context)
             self._account(call, 0.0)
             return None  # type: ignore[return-value]  # (failed: no response, the status says why)
         resp = self._catalogue
@@ -901,12 +906,12 @@ def _check_chunk(b: Batch, i: int, v: list[FieldViolation]) -> None:
         )
         return
     # lengths are checked here, where the chunk at fault is known (on the concatenated batch
-    # the engine could only name `chunk.<field>`); group_ids as the engine does: without advantages
+    # the engine could only name `chunk.<field>`)
     sizes = {name: ("token count", n) for name in ("old_logp", "ref_logp", "rollout_logp", "mask")}
     sizes["rewards"] = sizes["group_ids"] = ("sequence count", off.numel() - 1)
     for name, (what, want) in sizes.items():
         x = getattr(b, name)
-        if x is None or (name == "group_ids" and b.advantages is not None):
+        if x is None:
             continue
         if x.numel() != want:
             v.append(
@@ -970,8 +975,8 @@ def _concatenate(chunks: list[Batch], v: list[FieldViolation]) -> tuple[Batch | 
                 v.append(
                     FieldViolation(
                         f"chunk[{i}].{name}",
-                        f"inconsistent: dtype {str(x.dtype).replace('torch.', '')} differs from chunk 0's "
-                        f"{str(x0.dtype).replace('torch.', '')}",
+                        f"inconsistent: dtype {pb.Dtype.Name(codec.TORCH_TO_PB[x.dtype])} differs from "
+                        f"chunk 0's {pb.Dtype.Name(codec.TORCH_TO_PB[x0.dtype])}",
                     )
                 )
         lvl = levels[i]
