@@ -1166,3 +1166,72 @@ def test_a_process_that_exits_during_a_background_compile_exits_0() -> None:
             timeout=120,
         )
         assert out.returncode == 0 and "terminate called" not in out.stderr, (delay, out.stderr[-2000:])
+
+
+_FORK_WHILE_A_CALL_HOLDS_THE_LOCK = """
+import atexit, os, sys, threading, time
+import torch
+from softgate.engine import Batch, Engine, LossConfig
+from softgate.engine.chunked import chunked_token_terms
+
+hooks = []  # atexit runs hooks last in, first out: these two bracket the engine's exit hook
+atexit.register(lambda: print("hook", round(time.monotonic() - hooks[0], 2), flush=True))
+engine = Engine(device="cpu", compile="background")
+kern = engine.kernel
+kern._compile = lambda example, lock: chunked_token_terms  # (a fake compile: the exit hook is real)
+batch = Batch(logp=-torch.rand(64) - 0.01, offsets=Batch.offsets_from_lengths(torch.full((4,), 16)),
+              advantages=torch.randn(4))
+engine.loss(batch, LossConfig())  # queues the compile: the exit hook is registered
+assert engine.wait_compiled(30) and kern.ready == 1
+held = threading.Event()
+
+def compiled_call():  # holds the lock as a compiled call in progress does
+    with kern._lock:
+        held.set()
+        time.sleep(60)
+
+threading.Thread(target=compiled_call, daemon=True).start()
+assert held.wait(10)
+pid = os.fork()
+if pid == 0:  # the child's copy of the lock is held, by a thread it does not have
+    calls = kern.compiled_calls
+    if sys.argv[1] == "call":
+        engine.loss(batch, LossConfig())
+        calls += 1
+    atexit.register(lambda: hooks.append(time.monotonic()))
+    sys.exit(0 if kern.compiled_calls == calls else 3)  # (sys.exit: atexit hooks run)
+t0 = time.monotonic()
+while time.monotonic() - t0 < 30:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        print("child", os.waitstatus_to_exitcode(status), flush=True)
+        os._exit(0)
+    time.sleep(0.01)
+os.kill(pid, 9)
+print("child hung", flush=True)
+os._exit(0)
+"""
+
+
+@pytest.mark.parametrize("child", ["exit", "call"])
+def test_a_child_forked_while_another_thread_holds_the_lock_calls_compiled_and_exits_at_once(
+    child: str,
+) -> None:
+    """A review: a child made by os.fork() while another thread held the compile lock has a
+    copy of it that nobody releases. Its exit hook waited COMPILE_EXIT_WAIT_S for the lock,
+    and its first compiled call spun for good. Each kernel's locks are new in the child."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "SOFTGATE_ENGINE_COMPILE"}
+    out = subprocess.run(
+        [sys.executable, "-W", "ignore::DeprecationWarning", "-c", _FORK_WHILE_A_CALL_HOLDS_THE_LOCK, child],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    hook, exited = out.stdout.splitlines()  # the child's exit hook's time, then its exit status
+    assert exited == "child 0", out.stdout
+    assert float(hook.removeprefix("hook ")) < 1, out.stdout  # (was COMPILE_EXIT_WAIT_S, 5 s)

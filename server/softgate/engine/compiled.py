@@ -32,7 +32,9 @@ configuration's before use) runs eager instead. A child's build holds no lock.
 
 At exit (atexit, once the background thread has started) queued compiles are dropped and a
 compile running in this process is stopped (`_drain_at_exit`): a thread still compiling in
-torch when the interpreter finalises aborts the process (exit status 134).
+torch when the interpreter finalises aborts the process (exit status 134). A child made by
+os.fork() starts each kernel afresh (`_after_fork_in_child`): new locks (its copy of one another
+thread held would never be released), nothing queued or compiling, the compiled kernels kept.
 
 At most `max_configurations` configurations are compiled (DEFAULT_MAX_CONFIGURATIONS); later
 new ones run eager, with the same numbers. Each costs ~20 s of a core to build and ~2 MB of
@@ -50,6 +52,7 @@ import logging
 import os
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
@@ -302,6 +305,22 @@ def _park() -> None:
     threading.Event().wait()
 
 
+# every CompiledKernel alive, for `_after_fork_in_child`
+_KERNELS: weakref.WeakSet[CompiledKernel] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A child made by os.fork() has only the forking thread: a lock another thread held
+    stays held in its copy, released by no one (its first compiled call spun for good, its exit
+    hook waited COMPILE_EXIT_WAIT_S), and no background thread. Each kernel starts afresh."""
+    for kern in list(_KERNELS):
+        kern._forked()
+
+
+if hasattr(os, "register_at_fork"):  # (not on Windows, which has no fork)
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class CompiledKernel:
     """Callable with token_terms' signature that runs it compiled or eager per `mode`."""
 
@@ -338,6 +357,8 @@ class CompiledKernel:
         self._building = False  # the background thread compiles in this process (dynamo's)
         self._compiling = threading.Event()
         self._idle = threading.Condition(self._state)
+        self._hooked = False  # the exit hook is registered (a forked child inherits it)
+        _KERNELS.add(self)
 
     def __call__(self, *args: Any, schedule: bool = True) -> Terms:
         """token_terms(*args), compiled when this configuration's kernel is available;
@@ -452,6 +473,18 @@ class CompiledKernel:
                 self._unqueue(key)
         return chunked_token_terms(*args)
 
+    def _forked(self) -> None:
+        """In a forked child: new locks, nothing queued or compiling (the parent's compiles
+        run in threads the child does not have); the compiled kernels stay in use."""
+        self._lock = threading.Lock()
+        self._state = threading.Lock()
+        self._idle = threading.Condition(self._state)
+        self._compiling = threading.Event()
+        self._jobs = queue.Queue()
+        self._queued = set()
+        self._worker = None
+        self._building = False
+
     def _unqueue(self, key: tuple[Any, ...]) -> None:
         with self._idle:
             self._queued.discard(key)
@@ -546,7 +579,9 @@ class CompiledKernel:
                 if self._worker is None:
                     self._worker = threading.Thread(target=self._work, name="softgate-compile", daemon=True)
                     self._worker.start()
-                    atexit.register(self._drain_at_exit)
+                    if not self._hooked:
+                        atexit.register(self._drain_at_exit)
+                        self._hooked = True
         if full:
             self._left_eager(key)
             return
