@@ -482,3 +482,12 @@ def test_the_threaded_server_logs_upgrade_and_invalid_requests_at_debug() -> Non
     levels = {r.getMessage(): r.levelname for r in records.records}
     assert levels["Unsupported upgrade request."] == levels["Invalid HTTP request received."] == "DEBUG"
     assert "WARNING" not in levels.values(), levels
+
+
+def test_the_threaded_server_on_an_empty_host_serves_every_address() -> None:
+    """A review: host="" had served every address; binding the socket itself made it an
+    OSError (getaddrinfo("") without AI_PASSIVE)."""
+    app = create_app(FakeSettings(admin_token=None), None, lambda: True)
+    with ThreadedAdminServer(app, host="") as srv:
+        assert srv.url == f"http://127.0.0.1:{srv.port}"
+        assert httpx.get(srv.url + "/healthz", timeout=5).json() == {"status": "ok"}

@@ -44,6 +44,18 @@ REFUSED = [
         "aggregation.constant",
         "unsupported: only token_sum_norm reads constant; seq_mean_token_mean normalises by num_seqs",
     ),
+    (  # a review: token_sum_norm dropped a lone num_tokens / num_seqs without a word
+        "token_sum_norm",
+        {"constant": 160.0, "num_tokens": 94.0},
+        "aggregation.num_tokens",
+        "unsupported: token_sum_norm normalises by constant; num_tokens is not used by this mode",
+    ),
+    (
+        "token_sum_norm",
+        {"constant": 160.0, "num_seqs": 19.0},
+        "aggregation.num_seqs",
+        "unsupported: token_sum_norm normalises by constant; num_seqs is not used by this mode",
+    ),
 ]
 
 

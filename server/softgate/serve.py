@@ -33,7 +33,7 @@ from softgate.engine import Engine
 from softgate.engine.compiled import COMPILE_EXIT_WAIT_S
 from softgate.grpc.server import GrpcServer, TlsFilesError
 from softgate.logging import NativeStderr, configure, get_logger, quiet_uvicorn_noise
-from softgate.settings import Settings, host_port
+from softgate.settings import Settings, bind_tcp, host_port
 from softgate.status import remove_status, write_status
 from softgate.telemetry import Telemetry
 from softgate.threads import cpu_quota, threads_for
@@ -122,22 +122,8 @@ def _make_admin_server(
 def _admin_socket(settings: Settings) -> socket.socket:
     """The admin port, bound here rather than by uvicorn: uvicorn reports a bind failure with
     sys.exit(3) inside its task, which escapes the event loop with two tracebacks."""
-    host, port = settings.admin_host, settings.admin_port
-    try:
-        # without brackets: getaddrinfo knows no "[::1]", which grpc_host accepts (an audit)
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(address)
-        except OSError:
-            sock.close()
-            raise
-    except OSError as e:
-        raise OSError(f"cannot bind admin on {host_port(host, port)}: {e.strerror or e}") from e
-    return sock
+    assert settings.admin_port is not None  # (only called with the admin port on)
+    return bind_tcp(settings.admin_host, settings.admin_port, "admin")
 
 
 def _bound_admin_address(server: Any, settings: Settings) -> tuple[str, int]:

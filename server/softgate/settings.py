@@ -16,6 +16,7 @@ import datetime
 import os
 import re
 import shlex
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -683,6 +684,26 @@ def host_port(host: str, port: int | None) -> str:
     """host:port as gRPC targets, URLs and the logs write it: an IPv6 host in brackets
     ([::1]:8080), given with or without them."""
     return f"[{host.strip('[]')}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def bind_tcp(host: str, port: int, what: str) -> socket.socket:
+    """A TCP socket bound to host:port (IPv4 or IPv6, "[::1]" as "::1", "" as every address;
+    port 0: a free one), or an OSError "cannot bind <what> on host:port: reason"."""
+    try:
+        # without brackets: getaddrinfo knows no "[::1]", which grpc_host accepts (an audit)
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+        except OSError:
+            sock.close()
+            raise
+    except OSError as e:
+        raise OSError(f"cannot bind {what} on {host_port(host, port)}: {e.strerror or e}") from e
+    return sock
 
 
 def field_help(name: str) -> str:

@@ -43,7 +43,9 @@ class ErrorDetail(BaseModel):
     code: int = Field(description="the HTTP status")
     message: str
     status: Literal["starting", "stopping"] | None = Field(None, description="/readyz: why not ready")
-    run: str | None = Field(None, description="/v1/runs/{run}: the name asked for, cut to 64 characters")
+    run: str | None = Field(
+        None, description='/v1/runs/{run}: the name asked for (one over 80 characters cut to 64 and "...")'
+    )
     details: list[Any] | None = Field(None, description="a request that failed validation: why")
 
 

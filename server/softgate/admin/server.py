@@ -12,7 +12,7 @@ from typing import Any
 import uvicorn
 
 from softgate.logging import quiet_uvicorn_noise
-from softgate.settings import host_port
+from softgate.settings import bind_tcp, host_port
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -23,24 +23,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to host:port (IPv4 or IPv6, "[::1]" as "::1"; port 0: a free one)."""
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[
-            0
-        ]
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(address)
-        except OSError:
-            sock.close()
-            raise
-    except OSError as e:
-        raise OSError(f"cannot bind the admin server on {host_port(host, port)}: {e.strerror or e}") from e
-    return sock
-
-
 class ThreadedAdminServer:
     """`with ThreadedAdminServer(app) as srv: httpx.get(srv.url + "/healthz")`. The port is
     bound when the server is made (port 0: a free one, read back as `.port`)."""
@@ -48,7 +30,7 @@ class ThreadedAdminServer:
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
         # bound once, here: picking a free port and binding it again in uvicorn left a race
         # between two servers starting at once, and knew IPv4 only (an audit)
-        self.socket = _bind(host, port)
+        self.socket = bind_tcp(host, port, "the admin server")
         self.host = host
         self.port = int(self.socket.getsockname()[1])
         config = uvicorn.Config(
@@ -62,7 +44,7 @@ class ThreadedAdminServer:
 
     @property
     def url(self) -> str:
-        return f"http://{host_port(self.host, self.port)}"
+        return f"http://{host_port(self.host or '127.0.0.1', self.port)}"  # "": every address
 
     def start(self, timeout: float = 10.0) -> ThreadedAdminServer:
         self.thread.start()

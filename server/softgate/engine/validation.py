@@ -224,6 +224,10 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
             if agg.constant is not None:
                 why = f"unsupported: only token_sum_norm reads constant; {agg.mode} normalises by {own}"
                 v.append(FieldViolation("aggregation.constant", why))
+        elif agg.mode == "token_sum_norm" and (agg.num_tokens is None) != (agg.num_seqs is None):
+            given = "num_tokens" if agg.num_seqs is None else "num_seqs"
+            why = f"unsupported: token_sum_norm normalises by constant; {given} is not used by this mode"
+            v.append(FieldViolation(f"aggregation.{given}", why))
 
     kl = config.kl
     if kl is not None:
