@@ -3,6 +3,7 @@ compile (first calls eager, then compiled, same numbers), failures staying eager
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -173,6 +174,13 @@ def test_sampled_trust_region_outputs(compile: bool) -> None:
         assert s.metrics[name] == pytest.approx(whole.metrics[name], rel=1e-12, abs=1e-15), name
     full = eng.loss(batch, cfg, sample_tokens=n)
     assert full.sample_stride == 1  # nothing to sample
+    # ... but histogram codes to write: compiled, a configuration of its own (a served gradient-
+    # only call's), whose sums round differently: the same numbers but the last bits (an audit;
+    # docs/engine.md)
+    torch.testing.assert_close(full.grad, whole.grad, rtol=1e-14, atol=1e-18)
+    assert full.loss == pytest.approx(whole.loss, rel=1e-14, abs=1e-15)
+    for name in METRIC_NAMES:
+        assert full.metrics[name] == pytest.approx(whole.metrics[name], rel=1e-12, abs=1e-15), name
     # histogram codes: for a ratio of at most sample_tokens tokens only, those of its values
     assert whole.ratio_bucket.numel() == whole.gate_bucket.numel() == 0
     for res, adv in ((s, whole.advantages[::k]), (full, whole.advantages)):
@@ -884,6 +892,53 @@ def test_a_sync_compile_in_a_pool_thread_is_not_queued_again_from_the_event_loop
     assert eng.wait_compiled(10)
     assert compiles == ["pool"]
     assert eng.kernel.states() == {"compiled": 1, "compiling": 0, "failed": 0, "over_limit": 0}
+
+
+def test_new_sync_configurations_compile_one_at_a_time_and_leave_the_pool_free() -> None:
+    """Found by an audit: with compile before use, the first call of a new configuration waited
+    in its pool thread for the compile lock another configuration's compile held (a minute a
+    compile on a loaded box): two such calls held both of a server's workers, and every other
+    call (ComputeAdvantages, refusals) waited behind them past its deadline. A new configuration
+    whose compile would wait runs eager and compiles in the background; each compiles once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from softgate.engine.config import AdvantageConfig
+
+    eng = Engine(device="cpu", compile="sync")
+    compiles: list[tuple[Any, ...]] = []
+    compiling, release = threading.Event(), threading.Event()
+
+    def slow_build(example: Any, lock: Any) -> Any:  # dynamo's: the lock held around it
+        with lock or contextlib.nullcontext():
+            compiles.append(kernel_key(example))
+            compiling.set()
+            assert release.wait(60)
+        return token_terms
+
+    eng.kernel._compile = slow_build
+    batch = random_batch(7, max_seqs=8, max_len=20)
+    configs = [make_config(o, "seq_mean_token_mean", None, None) for o in ("sapo", "grpo", "cispo")]
+    pool = ThreadPoolExecutor(2)  # a server's default engine_workers
+    try:
+        first = [pool.submit(eng.loss, batch, cfg) for cfg in configs]
+        assert compiling.wait(30)
+        rewards, gids = torch.tensor([1.0, 0.0, 0.5, 0.2]), torch.tensor([0, 0, 1, 1])
+        other = pool.submit(eng.advantages, rewards, gids, AdvantageConfig())
+        other.result(timeout=10)  # (before: waited for the compile, and then for another)
+        assert sum(f.done() for f in first) == 2, "a first call that would wait for a compile ran eager"
+        release.set()
+        for f in first:
+            f.result(timeout=30)
+        assert eng.wait_compiled(30)
+    finally:
+        release.set()
+        pool.shutdown(wait=True)
+    assert len(set(compiles)) == len(compiles) == 3, "a configuration compiled twice"
+    assert eng.kernel.states() == {"compiled": 3, "compiling": 0, "failed": 0, "over_limit": 0}
+    calls = eng.kernel.compiled_calls
+    for cfg in configs:
+        eng.loss(batch, cfg)
+    assert eng.kernel.compiled_calls == calls + 3
 
 
 @pytest.mark.parametrize("mode", ["sync", "background"])

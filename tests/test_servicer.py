@@ -18,7 +18,7 @@ from conftest import StandInContext as Context
 from conftest import f32_batch_msg
 from softgate.engine import Batch, Engine, LossConfig
 from softgate.grpc.errors import Cancelled, DeadlineExceeded
-from softgate.grpc.servicer import LossServicer, _Call
+from softgate.grpc.servicer import RUN_METADATA_KEY, LossServicer, _Call
 from softgate.telemetry import Telemetry
 from softgate_client.proto.softgate.v1 import softgate_pb2 as pb
 from softgate_client.proto.softgate.v1 import softgate_pb2_grpc as pb_grpc
@@ -165,17 +165,59 @@ def test_an_inline_call_that_overran_its_deadline_records_no_batch() -> None:
 
     async def go(s: LossServicer, budget: float) -> None:
         _inline_ready(s)
-        call = _Call("ComputeLoss", "r")
-        call.deadline = time.perf_counter() + budget
-        await s._run(call, lambda cancel: s._loss(request, "r", cancel), 8)
+        s.in_flight = 0  # (the call's admission takes the one slot in flight)
+        await s.ComputeLoss(request, Context(((RUN_METADATA_KEY, "r"),), budget))
 
     with ThreadPoolExecutor(1) as pool:
         s = LossServicer(SlowEngine(0.15), pool, tel)
-        with pytest.raises(DeadlineExceeded):
-            asyncio.run(go(s, 0.05))
+        asyncio.run(go(s, 0.05))
         assert tel.observed == []
         asyncio.run(go(s, 30.0))
         assert tel.observed == ["r"]
+    assert [f[2] for f in tel.finished] == ["DEADLINE_EXCEEDED", "OK"]
+
+
+@pytest.mark.parametrize("how", ["ok", "pool", "inline", "cancelled", "stream_cancelled"])
+def test_only_a_call_answered_ok_records_its_batch(how: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by an audit: the batch was recorded in the worker, before its response was
+    encoded, so a call whose deadline passed (pool or inline) or whose client went away after
+    that was counted DEADLINE_EXCEEDED / CANCELLED with its batch in the run's metrics (a
+    trainer's retry counted it twice). Each case holds the work after its last cancel check."""
+    from softgate.grpc import codec
+    from softgate.grpc import servicer as sv
+
+    tel = Finished()
+    release = threading.Event()
+    ctx = Context(((sv.RUN_METADATA_KEY, "r"),), {"pool": 0.2, "inline": 0.5}.get(how))
+    host_result = codec.host_result
+
+    def late(*args: Any) -> Any:  # (the response's encoding, after the worker's last check)
+        if how == "pool":
+            assert release.wait(30)  # the call's deadline fires on the loop meanwhile
+        elif how == "inline":
+            time.sleep(0.8)
+        elif how != "ok":
+            ctx.is_cancelled = True  # the client goes away
+        return host_result(*args)
+
+    monkeypatch.setattr(codec, "host_result", late)
+
+    async def go(s: LossServicer) -> None:
+        if how == "inline":
+            s._fast_streak = sv.INLINE_STREAK
+            s._loop_single_threaded = threading.get_ident()  # (see _inline_ready)
+        if how == "stream_cancelled":
+            assert len([r async for r in s.StreamLoss(_chunks(2), ctx)]) == 2
+        else:
+            await s.ComputeLoss(pb.ComputeLossRequest(batch=f32_batch_msg(2, 4, 0)), ctx)
+
+    with ThreadPoolExecutor(1) as pool:
+        s = _servicer(pool, tel)
+        asyncio.run(go(s))
+        release.set()
+    code = {"ok": "OK", "pool": "DEADLINE_EXCEEDED", "inline": "DEADLINE_EXCEEDED"}.get(how, "CANCELLED")
+    assert [f[2] for f in tel.finished] == [code]
+    assert tel.observed == (["r"] if how == "ok" else [])
 
 
 # ---------------------------------------------------------------- accounting of cut calls

@@ -4,7 +4,8 @@ Modes (`compile_mode`):
 - "off": always eager.
 - "sync": compile on first use of each configuration, in the calling thread (CUDA's default),
   unless that thread never waits for a compile (`never_compile_here`: a server's event loop,
-  which runs small calls inline): there it runs eager and queues the compile as "background" does.
+  which runs small calls inline) or another compile holds the lock (so that one server pool
+  thread at most compiles): there it runs eager and queues the compile as "background" does.
 - "background" (CPU's default): the first call of a configuration runs eager and queues a
   compile of that configuration on one background thread; once it is ready, later calls with
   that configuration run the compiled kernel. A compile failure is logged once and leaves that
@@ -417,8 +418,9 @@ class CompiledKernel:
     # ---------------------------------------------------------------- internals
 
     def _sync(self, key: tuple[Any, ...], args: tuple[Any, ...]) -> Terms:
-        # a compiled configuration runs eager while another one compiles (a CUDA engine's host
-        # configurations in the background) rather than wait seconds for it; a new one must wait
+        # a configuration runs eager while another one compiles (a CUDA engine's host
+        # configurations in the background, or another's before use) rather than wait for it; a
+        # new one then compiles in the background: one caller's thread at most compiles
         claimed = False
         if key in self._ready:
             if not self._acquire():
@@ -443,13 +445,15 @@ class CompiledKernel:
             if full:
                 self._left_eager(key)
                 return chunked_token_terms(*args)
-            # (on the event loop, only here with a kernel already built: never wait for the lock)
-            if getattr(_thread, "no_compile", False):
-                if not self._lock.acquire(blocking=False):
+            # another compile holds the lock (or, on the event loop, anything does): run eager
+            # rather than hold a server's pool thread for it (a minute a compile on a loaded box;
+            # two such calls stalled every other call), and compile in the background
+            if not self._acquire():
+                if key in self._fns:  # built, not ready (its first call ran out of memory): not twice
                     self._unqueue(key)
-                    return chunked_token_terms(*args)
-            else:
-                self._lock.acquire()
+                else:
+                    self._enqueue(key, args)
+                return chunked_token_terms(*args)
         try:
             fn = self._fns.get(key)
             if fn is None:  # compiled on first use, for the synthetic batch of this configuration
@@ -576,15 +580,22 @@ class CompiledKernel:
             full = self._full()
             if not full:
                 self._queued.add(key)
-                if self._worker is None:
-                    self._worker = threading.Thread(target=self._work, name="softgate-compile", daemon=True)
-                    self._worker.start()
-                    if not self._hooked:
-                        atexit.register(self._drain_at_exit)
-                        self._hooked = True
         if full:
             self._left_eager(key)
             return
+        self._enqueue(key, args)
+
+    def _enqueue(self, key: tuple[Any, ...], args: tuple[Any, ...]) -> None:
+        """Hand configuration `key`, claimed in `_queued`, to the background thread."""
+        with self._state:
+            if self._exiting:  # (its claim was dropped with the rest: nothing more compiles)
+                return
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._work, name="softgate-compile", daemon=True)
+                self._worker.start()
+                if not self._hooked:
+                    atexit.register(self._drain_at_exit)
+                    self._hooked = True
         try:
             self._jobs.put((key, warmup_args(args)))
         except BaseException:  # (the warm-up batch out of device memory, say): not queued after all

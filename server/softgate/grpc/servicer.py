@@ -5,7 +5,7 @@ RESOURCE_EXHAUSTED at once, never a queue that hangs); decoding, the engine call
 run together in a thread pool so the event loop stays responsive (health checks, other calls,
 cancellation). Deadlines are checked before work starts and bound the wait for it; a cancelled
 or expired call stops its thread at the next phase boundary. Telemetry hooks get the run label
-from the `softgate-run` metadata key.
+from the `softgate-run` metadata key; a call's batch is recorded only once it ends OK.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from softgate_client.proto.softgate.v1 import softgate_pb2_grpc as pb_grpc
 from softgate.engine import Engine
 from softgate.engine.batch import Batch
 from softgate.engine.compiled import never_compile_here
-from softgate.engine.config import LossConfig
+from softgate.engine.config import AdvantageConfig, LossConfig
 from softgate.engine.engine import ONE_THREAD_MAX_TOKENS
 from softgate.engine.errors import FieldViolation, InputError
-from softgate.engine.result import LossResult
+from softgate.engine.result import AdvantageResult, LossResult
 from softgate.engine.validation import compute_dtype
 from softgate.grpc import catalogue, codec
 from softgate.grpc.errors import Cancelled, DeadlineExceeded, failure_for
@@ -122,6 +122,9 @@ class _Call:
     deadline: float | None = None  # perf_counter time; a call cut past it is DEADLINE_EXCEEDED
     released: bool = False  # its admission slot is given back (_release)
     has_done_callback: bool = False  # grpc calls _done when the call ends
+    # (telemetry hook, config, result): recorded by _finish once the call ends OK, never from
+    # the worker (a call cut after its work recorded a batch its trainer never got; an audit)
+    observed: tuple[str, Any, Any] | None = None
 
     def cut(self) -> str:
         """The code of a call grpc cancelled: its deadline's, once that has (nearly) passed. A
@@ -409,6 +412,11 @@ class LossServicer(pb_grpc.LossServiceServicer):
             context.set_trailing_metadata(f.trailing_metadata)
 
     def _finish(self, call: _Call, context: Any) -> None:
+        if call.code == "OK" and context.cancelled():
+            call.code = call.cut()
+        if call.code == "OK" and call.observed is not None:  # (deferred: queued, cheap here)
+            self._hook(call.observed[0], call.run, *call.observed[1:])
+        call.observed = None
         # a large call keeps its slot until its response is out (_done): a slow or paused
         # client's response (and the request it was computed from) stays inside
         # max_concurrent_rpcs; deferred telemetry starts once the response is out too
@@ -417,8 +425,6 @@ class LossServicer(pb_grpc.LossServiceServicer):
         self.last_finished = time.monotonic()
         if not call.has_done_callback:
             self._done(call)
-        if call.code == "OK" and context.cancelled():
-            call.code = call.cut()
         self._account(call, time.perf_counter() - call.t0)
 
     def _guard(self, rpc: str, context: Any) -> _Guard:
@@ -477,16 +483,17 @@ class LossServicer(pb_grpc.LossServiceServicer):
             call.sequences = codec.claimed_elements(msg.rewards)
             call.bytes_in = msg.ByteSize()
             self._start(call)
-            resp = await self._run(
-                call, lambda cancel: self._advantages(msg, call.run, cancel), call.sequences
+            config, result, resp = await self._run(
+                call, lambda cancel: self._advantages(msg, cancel), call.sequences
             )
+            call.observed = ("observe_advantages", config, result)
             call.bytes_out = resp.ByteSize()
             return resp
         return None  # (the guard answered a failure)
 
     def _advantages(
-        self, request: pb.ComputeAdvantagesRequest, run: str, cancel: threading.Event
-    ) -> pb.ComputeAdvantagesResponse:
+        self, request: pb.ComputeAdvantagesRequest, cancel: threading.Event
+    ) -> tuple[AdvantageConfig, AdvantageResult, pb.ComputeAdvantagesResponse]:
         v: list[FieldViolation] = []
         n = codec.claimed_elements(request.rewards)
         lim = self.limits
@@ -521,11 +528,10 @@ class LossServicer(pb_grpc.LossServiceServicer):
         except InputError as e:
             raise codec.rename(e, _advantages_field) from None
         self._check(cancel)
-        self._hook("observe_advantages", run, config, result)
         resp = pb.ComputeAdvantagesResponse()
         codec.encode_tensor(result.advantages, resp.advantages)
         resp.metrics.update(codec.metrics_map(result.metrics))
-        return resp
+        return config, result, resp
 
     # ------------------------------------------------------------ ComputeLoss
     async def ComputeLoss(
@@ -544,7 +550,10 @@ class LossServicer(pb_grpc.LossServiceServicer):
             call.sequences = max(codec.claimed_elements(msg.batch.offsets) - 1, 0)
             call.bytes_in = wire.nbytes if wire is not None else msg.ByteSize()
             self._start(call)
-            resp = await self._run(call, lambda cancel: self._loss(msg, call.run, cancel, wire), call.tokens)
+            config, result, resp = await self._run(
+                call, lambda cancel: self._loss(msg, cancel, wire), call.tokens
+            )
+            call.observed = ("observe_loss", config, result)
             call.bytes_out = len(resp) if isinstance(resp, codec.Encoded) else resp.ByteSize()
             return resp
         return None  # (the guard answered a failure)
@@ -552,10 +561,9 @@ class LossServicer(pb_grpc.LossServiceServicer):
     def _loss(
         self,
         request: pb.ComputeLossRequest,
-        run: str,
         cancel: threading.Event,
         wire: codec.Received | None = None,
-    ) -> pb.ComputeLossResponse | codec.Encoded:
+    ) -> tuple[LossConfig, LossResult, pb.ComputeLossResponse | codec.Encoded]:
         v: list[FieldViolation] = []
         if not request.HasField("batch"):
             raise InputError([FieldViolation("batch", "missing: the batch is required")])
@@ -591,18 +599,17 @@ class LossServicer(pb_grpc.LossServiceServicer):
             raise codec.rename(
                 e, lambda f: FieldViolation(codec.request_field(f.field), f.reason, f.index)
             ) from None
-        self._check(cancel)  # (a call cut meanwhile records no batch: its trainer never got it)
-        self._hook("observe_loss", run, config, result)
+        self._check(cancel)  # (a call cut meanwhile stops here: nothing more to encode)
         if out is not None:
-            return out.encode(result)
+            return config, result, out.encode(result)
         if wire is not None and codec.LITTLE_ENDIAN:
-            return codec.encode_loss_response(result, codec.host_result(result, names), names)
+            return config, result, codec.encode_loss_response(result, codec.host_result(result, names), names)
         resp = pb.ComputeLossResponse(
             loss=result.loss, policy_loss=result.policy_loss, kl_loss=result.kl_loss
         )
         resp.metrics.update(codec.metrics_map(result.metrics))
         codec.fill_outputs(resp.outputs, codec.host_result(result, names), names)
-        return resp
+        return config, result, resp
 
     # ------------------------------------------------------------ StreamLoss
     async def StreamLoss(
@@ -692,10 +699,11 @@ class LossServicer(pb_grpc.LossServiceServicer):
             for r in responses:
                 call.bytes_out += len(r) if isinstance(r, codec.Encoded) else r.ByteSize()
                 yield r
-            # recorded once every response is out: grpc ends a cancelled stream's requests as if
-            # the client had half-closed, so a trainer that went away mid-upload got a loss
-            # computed on the chunks it had sent, and its run recorded that partial batch
-            self._hook("observe_loss", call.run, config, result)
+            # recorded once every response is out and the call ends OK (_finish): grpc ends a
+            # cancelled stream's requests as if the client had half-closed, so a trainer that
+            # went away mid-upload got a loss computed on the chunks it had sent, and its run
+            # recorded that partial batch
+            call.observed = ("observe_loss", config, result)
 
     def _stream_loss(
         self,
