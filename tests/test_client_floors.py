@@ -124,3 +124,15 @@ def test_the_client_at_its_dependency_floors_gets_what_this_client_gets(tmp_path
     assert sorted(a.files) == sorted(b.files)
     for key in a.files:
         assert a[key].dtype == b[key].dtype and np.array_equal(a[key], b[key]), key
+
+
+def test_the_client_installs_beside_the_previous_protobuf_major() -> None:
+    """Found by an audit: the client's floors were the stub generator's stamps (protobuf 7.35.1,
+    grpcio 1.85.1), so a trainer pinned to protobuf 6 could not install it. The client's protobuf
+    floor stays below the previous major of the locked (newest tested) protobuf."""
+    from packaging.requirements import Requirement
+
+    (floor,) = (p.split("==")[1] for p in lock.floors(lock.PYPROJECTS[0]) if p.startswith("protobuf=="))
+    locked = lock.read(lock.LOCK_DIR / f"py{sys.version_info.major}.{sys.version_info.minor}.txt")["protobuf"]
+    previous_major = f"{int(locked.split('.')[0]) - 1}.0"
+    assert Requirement(f"protobuf>={floor}").specifier.contains(previous_major), (floor, locked)

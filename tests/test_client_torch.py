@@ -179,3 +179,22 @@ def test_a_config_section_of_the_wrong_type_reads_as_english() -> None:
     assert (field, why) == ("config.objective", "bad_type: expected an Objective, got str")
     field, why = refusal(lambda: cfg.LossConfig(kl="k3"))  # type: ignore[arg-type]
     assert (field, why) == ("config.kl", "bad_type: expected a KLConfig, got str")
+
+
+def test_the_adapter_without_torch_says_what_to_install() -> None:
+    """Found by an audit: a bare `No module named 'torch'`. The rest of the client imports fine."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import softgate_client\n"
+        "try:\n"
+        "    import softgate_client.torch\n"
+        "except ImportError as e:\n"
+        "    print(type(e).__name__, e, '|', type(e.__cause__).__name__)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "pip install torch" in r.stdout and "softgate-client[torch]" in r.stdout, r.stdout
+    assert r.stdout.strip().endswith("| ModuleNotFoundError"), r.stdout

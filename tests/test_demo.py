@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -102,6 +103,23 @@ def test_out_naming_a_file_exits_2(tmp_path, capsys):
     assert "--out" in capsys.readouterr().err
     assert main(["--out", str(tmp_path / "f" / "sub")]) == 2
     assert "cannot create --out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("missing", "flags"),
+    [(("matplotlib",), ["--no-progress"]), (("tqdm",), []), (("matplotlib", "tqdm"), [])],
+    ids=["matplotlib", "tqdm", "both"],
+)
+def test_without_the_demo_extra_exits_2_before_training(tmp_path, capsys, monkeypatch, missing, flags):
+    """Found by an audit: without the [demo] extra the demo died on tqdm's import, or with
+    --no-progress trained every run and then died on matplotlib's, with a traceback each time."""
+    for name in missing:
+        monkeypatch.setitem(sys.modules, name, None)  # find_spec and import then see no module
+    out = tmp_path / "out"
+    assert main(["--in-process", "--steps", "1", "--seeds", "1", *flags, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"needs {' and '.join(missing)}" in err and "pip install '.[demo]'" in err, err
+    assert not out.exists()
 
 
 def test_cispo_runs_and_one_seed_prints_no_nan(tmp_path, capsys):

@@ -18,30 +18,43 @@ PROTO = ROOT / "proto" / "softgate" / "v1" / "softgate.proto"
 BASELINE = ROOT / "proto" / "softgate-v1.binpb"  # `make proto-baseline` writes it
 
 
-def _descriptor_set():
-    grpc_tools = pytest.importorskip("grpc_tools")
-    from google.protobuf import descriptor_pb2
-    from grpc_tools import protoc
+def _gen_proto():
+    """scripts/gen_proto.py as a module."""
+    import importlib.util
 
+    spec = importlib.util.spec_from_file_location("gen_proto", ROOT / "scripts" / "gen_proto.py")
+    assert spec and spec.loader
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    return gen
+
+
+def _descriptor_set():
+    from google.protobuf import descriptor_pb2
+
+    gen = _gen_proto()
+    if problem := gen.generator_problem():
+        missing_tool(problem)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "set.pb"
-        rc = protoc.main(
-            [
-                "grpc_tools.protoc",
-                f"-I{ROOT / 'proto'}",
-                f"-I{Path(grpc_tools.__file__).parent / '_proto'}",
-                "--include_source_info",
-                f"--descriptor_set_out={out}",
-                "softgate/v1/softgate.proto",
-            ]
+        args = [f"-I{ROOT / 'proto'}", "--include_source_info", f"--descriptor_set_out={out}"]
+        r = subprocess.run(
+            [*gen.protoc_command(), *args, "softgate/v1/softgate.proto"],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
-        assert rc == 0
+        assert r.returncode == 0, r.stderr
         fds = descriptor_pb2.FileDescriptorSet()
         fds.ParseFromString(out.read_bytes())
     return fds.file[0]
 
 
 def test_stubs_are_fresh():
+    """The committed stubs are what the pinned generator writes from proto/, version stamps
+    included (stubs written by grpcio-tools 1.85.1 needed protobuf 7.35.1 and grpcio 1.85.1)."""
+    if problem := _gen_proto().generator_problem():
+        missing_tool(problem)
     r = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "gen_proto.py"), "--check"],
         capture_output=True,
@@ -51,18 +64,28 @@ def test_stubs_are_fresh():
     assert r.returncode == 0, r.stderr + r.stdout
 
 
+def test_a_generator_venv_of_another_release_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stubs' stamps are the client's floors: only the pinned grpcio-tools may write them."""
+    gen = _gen_proto()
+    monkeypatch.setattr(gen, "GENERATOR_VENV", tmp_path / "protoc")
+    (tmp_path / "protoc").mkdir()
+    (tmp_path / "protoc" / "version").write_text("1.85.1\n")
+    monkeypatch.setattr(gen, "ROOT", tmp_path)
+    problem = gen.generator_problem()
+    assert problem and f"grpcio-tools {gen.GRPCIO_TOOLS} is not in protoc (grpcio-tools 1.85.1)" in problem
+    with pytest.raises(SystemExit, match=r"scripts/tools/protoc\.sh"):
+        gen.generate(tmp_path / "out")
+
+
 def test_stubs_needing_a_newer_runtime_than_the_client_declares_are_stale(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Found by an audit: --check ignored the stubs' version stamps, so stubs written by a newer
     grpcio-tools passed it while `import softgate_client` failed on the declared minimum
     grpcio / protobuf. The stamps may not be above client/pyproject.toml's floors."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("gen_proto", ROOT / "scripts" / "gen_proto.py")
-    assert spec and spec.loader
-    gen = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gen)
+    gen = _gen_proto()
     assert gen.runtime_floor_problems() == []
     v1 = tmp_path / "softgate" / "v1"
     shutil.copytree(gen.OUT_ROOT / "softgate" / "v1", v1)

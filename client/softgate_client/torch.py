@@ -24,9 +24,16 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from softgate_client.errors import invalid_argument
+
+try:
+    import torch
+except ImportError as e:  # torch is optional: only this module needs it
+    raise ImportError(
+        "softgate_client.torch needs PyTorch: pip install torch (or the client's extra, "
+        "softgate-client[torch]); the rest of softgate_client works without it"
+    ) from e
 
 if TYPE_CHECKING:
     from softgate_client.client import LossResult, SoftgateClient

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import platform
 import sys
 import time
@@ -120,8 +121,22 @@ def _backend(args: argparse.Namespace) -> Iterator[tuple[LossBackend, str]]:
         yield backend, where
 
 
+def _missing_extras(progress: bool) -> list[str]:
+    """The [demo] extra's packages this run needs and cannot import (tqdm only for the progress bar)."""
+    needed = ["matplotlib", "tqdm"] if progress else ["matplotlib"]
+    return [name for name in needed if importlib.util.find_spec(name) is None]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # checked first: matplotlib is imported only for the figure, after every run has trained
+    if missing := _missing_extras(not args.no_progress):
+        print(
+            f"softgate demo: needs {' and '.join(missing)} (the demo extra): "
+            "pip install '.[demo]' in the softgate checkout",
+            file=sys.stderr,
+        )
+        return 2
     base = TrainConfig(
         steps=args.steps,
         prompts_per_step=args.prompts_per_step,

@@ -2,8 +2,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -293,7 +292,7 @@ class OutputSelection(_message.Message):
     gate_weight: bool
     clip_mask: bool
     mask: bool
-    def __init__(self, gradient: _Optional[bool] = ..., advantages: _Optional[bool] = ..., ratio: _Optional[bool] = ..., gate_weight: _Optional[bool] = ..., clip_mask: _Optional[bool] = ..., mask: _Optional[bool] = ...) -> None: ...
+    def __init__(self, gradient: bool = ..., advantages: bool = ..., ratio: bool = ..., gate_weight: bool = ..., clip_mask: bool = ..., mask: bool = ...) -> None: ...
 
 class TokenOutputs(_message.Message):
     __slots__ = ("gradient", "advantages", "ratio", "gate_weight", "clip_mask", "mask")

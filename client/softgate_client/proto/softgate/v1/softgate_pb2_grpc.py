@@ -5,7 +5,7 @@ import warnings
 
 from . import softgate_pb2 as softgate_dot_v1_dot_softgate__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.66.2'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in softgate/v1/softgate_pb2_grpc.py depends on'
+        + f' but the generated code in softgate/v1/softgate_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class LossServiceStub:
+class LossServiceStub(object):
     """The loss service: advantages from rewards, loss and gradient of a batch (unary or
     streamed), and the catalogue of algorithms with their defaults.
     """
@@ -58,7 +58,7 @@ class LossServiceStub:
                 _registered_method=True)
 
 
-class LossServiceServicer:
+class LossServiceServicer(object):
     """The loss service: advantages from rewards, loss and gradient of a batch (unary or
     streamed), and the catalogue of algorithms with their defaults.
     """
@@ -152,7 +152,7 @@ def add_LossServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class LossService:
+class LossService(object):
     """The loss service: advantages from rewards, loss and gradient of a batch (unary or
     streamed), and the catalogue of algorithms with their defaults.
     """
