@@ -6,7 +6,12 @@ advantages: 12 N bytes), the float32 gradient out (4 N bytes). The echo server g
 12 N bytes and sends back 4 N bytes (bench/echo_server.py: no protobuf, no compute). Both are
 called through the same client-side path (numpy -> little-endian bytes -> gRPC), interleaved
 (call by call from 1M tokens on, in blocks of 25 calls below), and batches above the stream
-threshold are chunked the same way for both.
+threshold are chunked the same way for both. The pairs of blocks alternate their order (ABBA:
+softgate-echo, echo-softgate, ...), and every block starts after a 20 ms pause, from 1M tokens
+on too: a server is still busy after its response (freeing the request, its deferred
+telemetry, its threads winding down), and a random order with no pause there made the echo
+follow softgate 3 times in 4 and absorb most of that work (an audit: it biased the ratio
+toward softgate).
 
 Also measured: the memory allocator of all three processes (glibc malloc vs jemalloc vs
 tcmalloc through LD_PRELOAD; Debian packages libjemalloc2 and libtcmalloc-minimal4, installed
@@ -24,6 +29,7 @@ Targets (issue 3): 16M-token throughput >= 80% of echo; 4k median latency <= 0.5
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -47,8 +53,8 @@ SEQ_LEN = 1024
 # requests below SMALL_MAX_TOKENS are timed in alternating blocks of SMALL_BLOCK calls (see worker)
 SMALL_MAX_TOKENS = 1 << 20
 SMALL_BLOCK = 25
-# a pause after each block of small calls: work a server defers until it is idle (softgate's
-# telemetry after small calls, servicer.KICK_IDLE_S) runs there, not in the next block's calls
+# a pause before each block: work a server defers until it is idle (softgate's telemetry after
+# small calls, servicer.KICK_IDLE_S) or does after a response runs there, not in the block's calls
 SETTLE_S = 0.02
 SERVER_VARIANTS = (
     "cached",
@@ -227,11 +233,40 @@ def _softgate_serve(
     )
 
 
+def first_answer(fn: Any, size: Any) -> Any:
+    """`fn`, answering every call after the first of a size with that first call's answer."""
+    answers: dict[Any, Any] = {}
+
+    def answer(*args: Any, **kw: Any) -> Any:
+        key = size(*args)
+        if key not in answers:
+            answers[key] = fn(*args, **kw)
+        return answers[key]
+
+    return answer
+
+
+def cached_loss(loss: Any) -> Any:
+    """Engine.loss `loss`, computing each batch size once and answering with that result after.
+    A later call's `grad_out` (a large response's gradient bytes) becomes its result's gradient,
+    left unwritten: a real engine writes it there and the response copies nothing, which this
+    result's gradient would make it do (4 MB at 1M tokens). Only the first response of a size
+    holds the gradient then."""
+    first = first_answer(loss, lambda b, *_: (b.num_tokens, b.num_seqs))
+
+    def answer(*args: Any, grad_out: Any = None, **kw: Any) -> Any:
+        r = first(*args, grad_out=grad_out, **kw)
+        return r if grad_out is None else dataclasses.replace(r, grad=grad_out)
+
+    return answer
+
+
 def serve_variant(port: int, max_message_bytes: int, variant: str, device: str = "cpu") -> None:
     """softgate's gRPC server (servicer, codec, telemetry: what `softgate serve` runs) with one
     part changed. "cached": an engine that computes each batch size once and then returns that
-    result, so the rows show what the server path costs on top of the transport. "notelemetry":
-    the compiled engine with no telemetry, so the rows show what recording the metrics costs.
+    result (`cached_loss`), so the rows show what the server path costs on top of the
+    transport. "notelemetry": the compiled engine with no telemetry, so the rows show what
+    recording the metrics costs.
     "cached-notelemetry": both. "replay": no servicer at all, ComputeLoss answers a request of
     a size it has seen with the bytes it answered then (bench/latency_ladder.py: what the
     client and the message sizes cost over the echo). Between replay and cached-notelemetry
@@ -249,18 +284,6 @@ def serve_variant(port: int, max_message_bytes: int, variant: str, device: str =
     from softgate.serve import make_telemetry
     from softgate.settings import Settings
     from softgate.telemetry import Telemetry
-
-    def first_answer(fn: Any, size: Any) -> Any:
-        """`fn`, answering every call after the first of a size with that first call's answer."""
-        answers: dict[Any, Any] = {}
-
-        def answer(*args: Any, **kw: Any) -> Any:
-            key = size(*args)
-            if key not in answers:
-                answers[key] = fn(*args, **kw)
-            return answers[key]
-
-        return answer
 
     class Replay:
         """ComputeLoss through the servicer once per request size, then the same bytes back."""
@@ -291,7 +314,7 @@ def serve_variant(port: int, max_message_bytes: int, variant: str, device: str =
         cached = variant.startswith("cached") or variant in ("replay", "admission", "decode")
         engine = Engine(device=device, compile=not cached)
         if cached:  # each batch size computed once, then that result again
-            engine.loss = first_answer(engine.loss, lambda b, *_: (b.num_tokens, b.num_seqs))  # type: ignore[method-assign]
+            engine.loss = cached_loss(engine.loss)  # type: ignore[method-assign]
         if variant == "cached":
             telemetry = make_telemetry(settings)
         else:  # nothing recorded, but the engine asked for what serve's telemetry reads (the
@@ -397,6 +420,14 @@ class EchoClient:
         self.ch.close()
 
 
+def abba(pairs: int, seed: int) -> list[bool]:
+    """Whose turn each of `pairs` pairs of blocks is (True: softgate), the pairs' orders alternating
+    from a seeded random first one: each arm is first in half the pairs and follows each arm alike.
+    (A fixed order made the later of two identical servers 0.12 ms slower: bench/latency_ladder.py.)"""
+    first = random.Random(seed).random() < 0.5
+    return [turn for i in range(pairs) for turn in (first ^ (i % 2 == 1), first ^ (i % 2 == 0))]
+
+
 def worker(args: argparse.Namespace) -> None:
     from softgate_client import SoftgateClient
 
@@ -443,22 +474,18 @@ def worker(args: argparse.Namespace) -> None:
         # calls, not one call each: softgate's server records telemetry after each response (up
         # to ~0.4 ms of work at 4k tokens on 2 cores), which a single echo call right after ran
         # against; one call each made the echo ~0.2 ms slower and softgate look that much better.
-        # Each pair of blocks runs in a random (seeded) order: a fixed rotation made the later
-        # of two identical servers 0.12 ms slower (bench/latency_ladder.py)
+        # A pause before every block lets that work end; the ABBA order shares what is left alike
         block = SMALL_BLOCK if n < SMALL_MAX_TOKENS else 1
-        rng = random.Random(n)
-        for _ in range(-(-k // block)):
-            for sg_turn in rng.sample((True, False), 2):
-                for _ in range(block):
-                    t0 = time.perf_counter()
-                    if sg_turn:
-                        r = sg_call()
-                        t_sg.append(time.perf_counter() - t0)
-                    else:
-                        g = echo_call()
-                        t_echo.append(time.perf_counter() - t0)
-                if block > 1:
-                    time.sleep(SETTLE_S)
+        for sg_turn in abba(-(-k // block), seed=n):
+            time.sleep(SETTLE_S)
+            for _ in range(block):
+                t0 = time.perf_counter()
+                if sg_turn:
+                    r = sg_call()
+                    t_sg.append(time.perf_counter() - t0)
+                else:
+                    g = echo_call()
+                    t_echo.append(time.perf_counter() - t0)
         assert (
             r is not None
             and g is not None
@@ -654,6 +681,11 @@ def main() -> None:
         "--stream-mode", default="auto", choices=["auto", "unary", "stream"], help=argparse.SUPPRESS
     )
     args = p.parse_args()
+    unknown = sorted(set(args.allocators.split(",")) - set(ALLOCATORS)) if args.allocators else []
+    if unknown:  # (a misspelt one measured glibc: an audit)
+        p.error(
+            f"--allocators: unknown {', '.join(map(repr, unknown))}; expected a subset of {', '.join(ALLOCATORS)}"
+        )
     exit_on_sigterm()
     if args.serve_variant:
         port_s, limit_s, variant, device = args.serve_variant.split(":", 3)
@@ -691,8 +723,10 @@ def main() -> None:
         if missing:  # (a GPU host without tcmalloc: measure on glibc rather than nothing)
             print(f"# allocators not installed here: {missing}", flush=True)
             allocs = allocs or {"glibc": None}
-    # the shipped default: softgate serve preloads tcmalloc when installed (softgate.allocator)
-    shipped = "tcmalloc" if "tcmalloc" in allocs else "glibc"
+    # the shipped default: softgate serve preloads tcmalloc when installed (softgate.allocator),
+    # else glibc's malloc; a subset with neither is summarised on the allocator it has
+    shipped = next(a for a in ("tcmalloc", "glibc", *allocs) if a in allocs)
+    default = " (the default)" if shipped != "jemalloc" else ""
     from softgate.engine.engine import DEFAULT_HOST_MAX_TOKENS
 
     # a CUDA server computes calls up to this on the host (its environment is the bench's)
@@ -764,7 +798,7 @@ def main() -> None:
     best4k = min((r for r in rows if r["tokens"] == k4), key=lambda r: r["latency_diff_ms"])
     print()
     print(
-        f"16M tokens, {shipped} (the default), {'stream' if base16['streamed'] else 'unary'}: softgate {base16['softgate_mtok_s']:.2f} Mtok/s, "
+        f"16M tokens, {shipped}{default}, {'stream' if base16['streamed'] else 'unary'}: softgate {base16['softgate_mtok_s']:.2f} Mtok/s, "
         f"echo {base16['echo_mtok_s']:.2f} Mtok/s -> {base16['throughput_ratio'] * 100:.1f}% of echo (target >= 80%)"
     )
     print(
