@@ -941,6 +941,49 @@ def test_new_sync_configurations_compile_one_at_a_time_and_leave_the_pool_free()
     assert eng.kernel.compiled_calls == calls + 3
 
 
+def test_a_configuration_that_failed_in_the_background_is_not_compiled_again_before_use() -> None:
+    """A review: a first call handed to the background thread (another compile held the lock)
+    whose compile failed there was compiled again in its next caller's thread, and that second
+    failure switched every compiled kernel off, those already built included."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    eng = Engine(device="cpu", compile="sync")
+    compiles: list[str] = []
+    compiling, release = threading.Event(), threading.Event()
+
+    def build(example: Any, lock: Any) -> Any:
+        with lock or contextlib.nullcontext():
+            compiles.append(threading.current_thread().name)
+            if len(compiles) == 1:
+                compiling.set()
+                assert release.wait(60)
+            if len(compiles) > 1:
+                raise RuntimeError("inductor failed")
+        return token_terms
+
+    eng.kernel._compile = build
+    batch = random_batch(7, max_seqs=8, max_len=20)
+    a, b = (make_config(o, "seq_mean_token_mean", None, None) for o in ("sapo", "grpo"))
+    pool = ThreadPoolExecutor(2)
+    try:
+        first = pool.submit(eng.loss, batch, a)
+        assert compiling.wait(30)
+        pool.submit(eng.loss, batch, b).result(timeout=30)  # eager; b compiles in the background
+        release.set()
+        first.result(timeout=30)
+        assert eng.wait_compiled(30)
+        assert eng.kernel.states()["failed"] == 1
+        pool.submit(eng.loss, batch, b).result(timeout=30)
+    finally:
+        release.set()
+        pool.shutdown(wait=True)
+    assert len(compiles) == 2, compiles
+    assert eng.kernel.enabled
+    calls = eng.kernel.compiled_calls
+    eng.loss(batch, a)
+    assert eng.kernel.compiled_calls == calls + 1
+
+
 @pytest.mark.parametrize("mode", ["sync", "background"])
 def test_the_event_loop_never_waits_for_another_threads_compiled_call(mode: str) -> None:
     """Found by an audit: a compiled call inline on the event loop waited for the kernel lock

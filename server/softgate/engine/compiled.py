@@ -427,6 +427,8 @@ class CompiledKernel:
                 return chunked_token_terms(*args)
         elif key in self._over:  # left eager for the limit: nothing to wait for
             return chunked_token_terms(*args)
+        elif key in self._failed:  # (in the background): compiled again here, a second failure
+            return chunked_token_terms(*args)  # switched every compiled kernel off (a review)
         elif getattr(_thread, "no_compile", False) and key not in self._fns:
             self._schedule(key, args)
             return chunked_token_terms(*args)
@@ -588,7 +590,8 @@ class CompiledKernel:
     def _enqueue(self, key: tuple[Any, ...], args: tuple[Any, ...]) -> None:
         """Hand configuration `key`, claimed in `_queued`, to the background thread."""
         with self._state:
-            if self._exiting:  # (its claim was dropped with the rest: nothing more compiles)
+            if self._exiting:  # nothing more compiles; a claim made after the exit hook
+                self._queued.discard(key)  # cleared the rest is dropped too (a review)
                 return
             if self._worker is None:
                 self._worker = threading.Thread(target=self._work, name="softgate-compile", daemon=True)
