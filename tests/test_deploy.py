@@ -548,7 +548,9 @@ def test_make_runs_everything_with_its_python() -> None:
     dry = subprocess.run(["make", "-n", "-C", str(ROOT), f"PY={py}", "serve", "test", "lock"],
                          capture_output=True, text=True, check=True, timeout=60).stdout  # fmt: skip
     installs = [line for line in dry.splitlines() if "scripts/install.sh" in line or "scripts/tools/" in line]
-    assert len(installs) == 3 and all(f'PYTHON="{py}" bash' in line for line in installs), installs
+    # install, install --dev, the tools loop, and proto-check's own protoc.sh (the stub generator)
+    assert len(installs) == 4 and all(f'PYTHON="{py}" bash' in line for line in installs), installs
+    assert any("scripts/tools/protoc.sh" in line for line in installs), installs
     assert f"{py} -m softgate.cli serve" in dry
     baseline = subprocess.run(["make", "-n", "-C", str(ROOT), "proto-baseline"],
                               capture_output=True, text=True, check=True, timeout=60).stdout  # fmt: skip
