@@ -26,8 +26,7 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from conftest import free_ports, missing_tool
-from softgate.admin.server import free_port
+from conftest import free_port, free_ports, missing_tool
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

@@ -4,7 +4,6 @@ itself runs the app in its own event loop instead."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from typing import Any
@@ -13,14 +12,6 @@ import uvicorn
 
 from softgate.logging import quiet_uvicorn_noise
 from softgate.settings import bind_tcp, host_port
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on `host` (IPv4) a moment ago: another process may take it before the
-    caller binds it (ThreadedAdminServer binds port 0 itself instead)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 class ThreadedAdminServer:
