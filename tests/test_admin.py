@@ -349,6 +349,36 @@ def test_metrics_are_gzipped_when_the_scraper_asks(server) -> None:
     assert "softgate_token_ratio" in names
 
 
+@pytest.mark.parametrize(
+    ("header", "gzipped"),
+    [
+        ("gzip", True),
+        ("gzip, deflate, br", True),
+        ("br;q=1.0, GZIP;q=0.5", True),
+        ("x-gzip", True),
+        ("*", True),
+        ("", False),
+        ("identity", False),
+        ("gzip;q=0", False),  # "gzip" in the header, refused: prometheus_client's test gzipped it
+        ("gzip; q=0.000", False),
+        ("*;q=0.1, gzip;q=0", False),
+        ("deflate, *;q=0", False),
+        ("gzip;q=nonsense", False),
+    ],
+)
+def test_gzip_follows_the_accept_encoding_q_values(header: str, gzipped: bool) -> None:
+    from softgate.admin.app import accepts_gzip
+
+    assert accepts_gzip(header) is gzipped
+
+
+def test_a_scraper_that_refuses_gzip_gets_plain_text(server) -> None:
+    srv, _, _ = server
+    with httpx.Client(base_url=srv.url, headers=AUTH, timeout=5) as c:
+        r = c.get("/metrics", headers={"Accept-Encoding": "gzip;q=0, identity"})
+    assert r.status_code == 200 and "content-encoding" not in r.headers
+
+
 def test_metrics_are_compressed_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     """gzip runs in the exposition's worker thread, not on the loop gRPC shares."""
     import gzip
