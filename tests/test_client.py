@@ -508,6 +508,51 @@ def test_advantages_rpc_equals_engine(client) -> None:
     assert res.metrics["num_groups"] == 6
 
 
+def test_micro_batches_with_rpc_advantages_equal_the_whole_batch(client) -> None:
+    """reinforce_pp_baseline: advantages from ComputeAdvantages with each sequence's trained
+    tokens, sent with two micro-batches under global normalisers, give the whole batch's loss
+    and gradient (without token_counts the whitening weighed sequences, not tokens)."""
+    rng = np.random.default_rng(7)
+    lengths = np.array([4, 6, 3, 5, 2, 7, 4, 3])
+    n = int(lengths.sum())
+    lp = -rng.random(n).astype(np.float32)
+    old = (lp - 0.05 * rng.random(n)).astype(np.float32)
+    mask = rng.random(n) > 0.25
+    rewards = rng.random(8).astype(np.float32)
+    gids = np.repeat(np.arange(2), 4)
+    ylen = np.add.reduceat(mask.astype(np.int64), np.r_[0, np.cumsum(lengths)[:-1]])
+    adv = client.advantages(rewards, gids, estimator="reinforce_pp_baseline", token_counts=ylen).advantages
+    whole = client.loss(
+        lp,
+        old,
+        mask=mask,
+        lengths=lengths,
+        rewards=rewards,
+        group_ids=gids,
+        estimator="reinforce_pp_baseline",
+        aggregation="token_mean",
+    )
+    cut = int(lengths[:4].sum())
+    parts = [
+        client.loss(
+            lp[s:e],
+            old[s:e],
+            mask=mask[s:e],
+            lengths=ls,
+            advantages=a,
+            aggregation="token_mean",
+            num_tokens=int(mask.sum()),
+        )
+        for s, e, ls, a in ((0, cut, lengths[:4], adv[:4]), (cut, n, lengths[4:], adv[4:]))
+    ]
+    np.testing.assert_allclose(parts[0].loss + parts[1].loss, whole.loss, rtol=1e-6)
+    np.testing.assert_allclose(np.concatenate([p.grad for p in parts]), whole.grad, rtol=1e-6, atol=0)
+    with pytest.raises(InvalidArgumentError, match="token_counts"):
+        client.advantages(rewards, gids, token_counts=ylen[:3])
+    with pytest.raises(InvalidArgumentError, match=r"token_counts\[0\]: out_of_range"):
+        client.advantages(rewards, gids, token_counts=-ylen)  # (the server's check)
+
+
 def test_algorithms(client) -> None:
     cat = client.algorithms()
     names = [o.name for o in cat.objectives]

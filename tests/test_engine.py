@@ -337,6 +337,57 @@ def test_estimators(est):
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_advantages_with_token_counts_equal_the_loss_whitening(dtype):
+    """reinforce_pp_baseline whitens over trained tokens inside `loss`; `advantages` without
+    token counts whitens over sequences, so a trainer that computed advantages once and sent
+    micro-batches with them trained on other values (micro-batching was not exact). With each
+    sequence's trained tokens as `token_counts` the two agree bit for bit: a degenerate group,
+    an empty sequence and a fully masked one included."""
+    gen = torch.Generator().manual_seed(3)
+    lengths = torch.tensor([5, 0, 7, 3, 6, 2, 4, 8, 1, 5, 3, 6])
+    n = int(lengths.sum())
+    mask = torch.rand(n, generator=gen) > 0.3
+    mask[5:12] = False  # the third sequence (7 tokens) fully masked
+    rewards = torch.randn(12, generator=gen, dtype=dtype)
+    rewards[4:8] = 1.0  # a degenerate group
+    groups = torch.arange(12) // 4
+    b = Batch(
+        logp=-torch.rand(n, generator=gen, dtype=dtype),
+        offsets=Batch.offsets_from_lengths(lengths),
+        mask=mask,
+        rewards=rewards,
+        group_ids=groups,
+    )
+    cfg = AdvantageConfig(estimator="reinforce_pp_baseline")
+    per_token = E.loss(b, LossConfig(advantages=cfg)).advantages
+    counts = torch.stack([m.sum() for m in mask.split(lengths.tolist())])
+    counted = E.advantages(rewards, groups, cfg, token_counts=counts).advantages
+    assert torch.equal(counted.repeat_interleave(lengths), per_token)
+    unweighted = E.advantages(rewards, groups, cfg).advantages
+    assert not torch.equal(unweighted.repeat_interleave(lengths), per_token)  # (what the test guards)
+    # the other estimators do not read them
+    for est in ("grpo", "dr_grpo", "rloo"):
+        c = AdvantageConfig(estimator=est)
+        assert torch.equal(
+            E.advantages(rewards, groups, c, counts).advantages, E.advantages(rewards, groups, c).advantages
+        )
+
+
+@pytest.mark.parametrize(
+    ("counts", "reason"),
+    [
+        (torch.tensor([1.0, 2.0, 3.0]), "token_counts: bad_dtype"),
+        (torch.tensor([[1, 2, 3]]), "token_counts: bad_dtype"),
+        (torch.tensor([1, 2]), "token_counts: length_mismatch: length 2, expected 3"),
+        (torch.tensor([1, -2, 3]), "token_counts[1]: out_of_range: -2 < 0"),
+    ],
+)
+def test_bad_token_counts_are_refused_by_name(counts, reason):
+    with pytest.raises(InputError, match=re.escape(reason)):
+        E.advantages(torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0, 0, 0]), AdvantageConfig(), counts)
+
+
 @pytest.mark.parametrize("dtype, rel", [(torch.float32, 1e-5), (F64, 1e-12)])
 def test_k3_near_zero_is_accurate_and_never_negative(dtype: torch.dtype, rel: float) -> None:
     """k3 = exp(x) - x - 1 of a policy close to its reference (|x| ~ 1e-4 at the start of a

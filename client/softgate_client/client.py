@@ -753,10 +753,14 @@ class SoftgateClient:
         eps: float | None = None,
         min_group_std: float | None = None,
         config: cfg.AdvantageConfig | None = None,
+        token_counts: Any = None,
         timeout: float | None = None,
         run: str | None = None,
     ) -> AdvantagesResult:
-        """Per-sequence advantages from per-sequence rewards and group ids."""
+        """Per-sequence advantages from per-sequence rewards and group ids. `token_counts`
+        ([B] integers, each sequence's trained tokens): reinforce_pp_baseline's whitening
+        weights, as `loss` weighs the sequences, so that micro-batches sent with these
+        advantages train on `loss`'s own values; None: every sequence weighs 1."""
         self._live()
         if config is not None and not isinstance(config, cfg.AdvantageConfig):
             raise invalid_argument(
@@ -771,6 +775,12 @@ class SoftgateClient:
         )
         try:
             seq = _rewards_and_groups(rewards, group_ids, None)
+            if token_counts is not None:
+                counts = to_numpy(token_counts, "token_counts")
+                if counts.dtype.kind not in "biu":
+                    raise ArrayInputError("token_counts", f"bad_dtype: {counts.dtype}; expected integers")
+                b = seq["rewards"].shape[0] if "rewards" in seq else None
+                seq["token_counts"] = _per_seq(int_array(counts, "token_counts"), "token_counts", b)
         except ArrayInputError as e:
             raise _refusal(e, "") from None
         req = pb.ComputeAdvantagesRequest()

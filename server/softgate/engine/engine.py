@@ -209,35 +209,45 @@ class Engine:
         """Block until no background compile is queued or running (tests, benchmarks)."""
         return self.kernel.wait(timeout)
 
-    def advantages(self, rewards: Tensor, group_ids: Tensor, config: AdvantageConfig) -> AdvantageResult:
-        """Per-sequence advantages from rewards and group ids (reinforce_pp_baseline whitens
-        over sequences here, each weighing 1; in `loss` it whitens over trained tokens). Records
-        no autograd graph, as `loss` does not."""
+    def advantages(
+        self, rewards: Tensor, group_ids: Tensor, config: AdvantageConfig, token_counts: Tensor | None = None
+    ) -> AdvantageResult:
+        """Per-sequence advantages from rewards and group ids. reinforce_pp_baseline whitens over
+        trained tokens in `loss`; here each sequence weighs its `token_counts` entry (its trained
+        tokens: then the advantages equal `loss`'s bit for bit), or 1 without them. Records no
+        autograd graph, as `loss` does not."""
         with torch.no_grad():
-            return self._advantages(rewards, group_ids, config)
+            return self._advantages(rewards, group_ids, config, token_counts)
 
-    def _advantages(self, rewards: Tensor, group_ids: Tensor, config: AdvantageConfig) -> AdvantageResult:
+    def _advantages(
+        self, rewards: Tensor, group_ids: Tensor, config: AdvantageConfig, token_counts: Tensor | None
+    ) -> AdvantageResult:
         if not isinstance(config, AdvantageConfig):
             why = f"bad_type: expected a softgate.engine.AdvantageConfig, got {type(config).__name__}"
             raise InputError([FieldViolation("config", why)])
-        check_devices({"rewards": rewards, "group_ids": group_ids})
+        check_devices({"rewards": rewards, "group_ids": group_ids, "token_counts": token_counts})
         v: list[FieldViolation] = []
         ok = reward_tensor(v, rewards, None)
-        if not isinstance(group_ids, Tensor) or group_ids.dtype not in _INTS or group_ids.dim() != 1:
-            v.append(FieldViolation("group_ids", "bad_dtype: group_ids must be a 1-D integer tensor"))
-        elif ok and group_ids.numel() != rewards.numel():
-            v.append(
-                FieldViolation(
-                    "group_ids", f"length_mismatch: length {group_ids.numel()}, expected {rewards.numel()}"
+        for name, x in (("group_ids", group_ids), ("token_counts", token_counts)):
+            if x is None and name == "token_counts":
+                continue
+            if not isinstance(x, Tensor) or x.dtype not in _INTS or x.dim() != 1:
+                v.append(FieldViolation(name, f"bad_dtype: {name} must be a 1-D integer tensor"))
+            elif ok and x.numel() != rewards.numel():
+                v.append(
+                    FieldViolation(name, f"length_mismatch: length {x.numel()}, expected {rewards.numel()}")
                 )
-            )
+            elif name == "token_counts" and x.numel() and bool((x < 0).any()):
+                i = int(torch.nonzero(x < 0)[0, 0])
+                v.append(FieldViolation(name, f"out_of_range: {int(x[i])} < 0 trained tokens", i))
         from softgate.engine.validation import validate_config
 
         v += validate_config(LossConfig(advantages=config))
         if v:
             raise InputError(v)
         dev = self._device_for(rewards.numel(), (rewards, group_ids))
-        ga = group_advantages(rewards.to(dev), group_ids.to(dev), config)
+        weights = token_counts.to(dev) if token_counts is not None else None
+        ga = group_advantages(rewards.to(dev), group_ids.to(dev), config, weights=weights)
         dt = torch.float64 if rewards.dtype == torch.float64 else torch.float32
         adv = ga.advantages.to(dt)
         if not bool(torch.isfinite(adv).all()):

@@ -509,6 +509,11 @@ class LossServicer(pb_grpc.LossServiceServicer):
         group_ids = (
             codec.decode_tensor(request.group_ids, "group_ids", v) if request.HasField("group_ids") else None
         )
+        token_counts = (
+            codec.decode_tensor(request.token_counts, "token_counts", v)
+            if request.HasField("token_counts")
+            else None
+        )
         if not request.HasField("rewards"):
             v.append(FieldViolation("rewards", "missing: rewards are required"))
         if not request.HasField("group_ids"):
@@ -524,7 +529,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
             raise InputError(v)
         self._check(cancel)
         try:
-            result = self.engine.advantages(rewards, group_ids, config)
+            result = self.engine.advantages(rewards, group_ids, config, token_counts)
         except InputError as e:
             raise codec.rename(e, _advantages_field) from None
         self._check(cancel)

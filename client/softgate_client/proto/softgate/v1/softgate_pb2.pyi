@@ -311,14 +311,16 @@ class TokenOutputs(_message.Message):
     def __init__(self, gradient: _Optional[_Union[Tensor, _Mapping]] = ..., advantages: _Optional[_Union[Tensor, _Mapping]] = ..., ratio: _Optional[_Union[Tensor, _Mapping]] = ..., gate_weight: _Optional[_Union[Tensor, _Mapping]] = ..., clip_mask: _Optional[_Union[Tensor, _Mapping]] = ..., mask: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ComputeAdvantagesRequest(_message.Message):
-    __slots__ = ("config", "rewards", "group_ids")
+    __slots__ = ("config", "rewards", "group_ids", "token_counts")
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     REWARDS_FIELD_NUMBER: _ClassVar[int]
     GROUP_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_COUNTS_FIELD_NUMBER: _ClassVar[int]
     config: AdvantageConfig
     rewards: Tensor
     group_ids: Tensor
-    def __init__(self, config: _Optional[_Union[AdvantageConfig, _Mapping]] = ..., rewards: _Optional[_Union[Tensor, _Mapping]] = ..., group_ids: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    token_counts: Tensor
+    def __init__(self, config: _Optional[_Union[AdvantageConfig, _Mapping]] = ..., rewards: _Optional[_Union[Tensor, _Mapping]] = ..., group_ids: _Optional[_Union[Tensor, _Mapping]] = ..., token_counts: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ComputeAdvantagesResponse(_message.Message):
     __slots__ = ("advantages", "metrics")
