@@ -168,6 +168,37 @@ def test_a_padded_batchs_advantages_refusal_says_what_the_level_asks(level, adv,
     )
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float8_e4m3fn", "float8_e5m2"])
+def test_jax_half_dtypes_get_what_torch_half_tensors_get(inprocess_server, dtype) -> None:
+    """JAX's arrays carry ml_dtypes' bfloat16 and float8 (numpy kind "V", not "f"): they were a
+    bare `bad_dtype` where torch's get `half_precision` and its advice, and a JAX trainer's bf16
+    rewards and 0 / 1 mask were refused though they are exact in float32 (an audit)."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    half = np.dtype(getattr(ml_dtypes, dtype))
+    lp = -np.ones((2, 3), np.float32)
+    for name in ("logp", "old_logp", "advantages"):
+        adv = np.array([1.0, -1.0]).astype(half) if name == "advantages" else [1.0, -1.0]
+        args = [lp.astype(half) if name == "logp" else lp, lp.astype(half) if name == "old_logp" else lp]
+        field, why = refusal(lambda args=args, adv=adv: pack_batch(*args, advantages=adv))
+        assert field == f"batch.{name}", (field, why)
+        assert why.startswith(f"half_precision: {name} is {dtype}; send {name} as float32 or float64"), why
+    field, why = refusal(
+        lambda: pack_batch(lp.reshape(-1), lengths=np.array([2, 4]).astype(half), advantages=[1, 2])
+    )
+    assert field == "batch.lengths" and why.startswith("half_precision") and "as integers" in why
+    m = np.array([[1, 0, 1], [1, 1, 0]])
+    got = pack_batch(lp, mask=m.astype(half), advantages=[1.0, -1.0])
+    assert got.layout.offsets.tolist() == [0, 3, 5]
+    assert got.token["mask"].tolist() == [True, False, True, True, True]
+    client = SoftgateClient(inprocess_server().target)
+    r, gids = [1.0, 0.0, 0.5, 0.25], [0, 0, 1, 1]  # (exact in every half type)
+    got, exact = (
+        client.advantages(np.array(r).astype(half), gids),
+        client.advantages(np.array(r, np.float32), gids),
+    )
+    assert got.advantages.tolist() == exact.advantages.tolist()
+
+
 @pytest.mark.parametrize("half", [np.float16, torch.float16, torch.bfloat16])
 def test_half_precision_lengths_are_refused_from_numpy_as_from_torch(half) -> None:
     """A half mask's row sums round past 256 / 2048: refused as integers are asked for, from

@@ -28,6 +28,12 @@ _FRACTION_BITS = {
 }
 
 
+def is_half(a: np.ndarray) -> bool:
+    """A float narrower than float32: numpy's float16, or the bfloat16 / float8 types JAX's
+    arrays carry (ml_dtypes; numpy sees them as kind "V", not "f")."""
+    return a.dtype.name in _FRACTION_BITS
+
+
 def half_reason(name: str, dtype: str) -> str:
     """The refusal of a float16 / bfloat16 / float8 input: names the field and what to send instead."""
     if name in ("offsets", "lengths"):  # (e.g. a half mask's row sums, already rounded past 256 / 2048)
@@ -136,8 +142,8 @@ def int_array(x: Any, name: str) -> np.ndarray:
             k = int(np.argmax(a.reshape(-1) > _INT64_MAX))  # (it wrapped to a negative int64; an audit)
             raise ArrayInputError(name, f"out_of_range: {a.reshape(-1)[k]} does not fit in int64", k)
         return a.astype(np.int64, copy=False)
-    if a.dtype == np.float16:  # (as a torch half tensor is, in to_numpy)
-        raise ArrayInputError(name, half_reason(name, "float16"))
+    if is_half(a):  # (as a torch half tensor is, in to_numpy)
+        raise ArrayInputError(name, half_reason(name, a.dtype.name))
     if a.dtype.kind != "f":
         raise ArrayInputError(name, f"bad_dtype: {a.dtype}; expected integers")
     with np.errstate(invalid="ignore"):  # nan / inf: refused below
@@ -154,8 +160,8 @@ def int_array(x: Any, name: str) -> np.ndarray:
 def float_array(x: Any, name: str, dtype: np.dtype | None = None) -> np.ndarray:
     """A float32/float64 array; integers and bools are widened to float32 (or to `dtype`)."""
     a = to_numpy(x, name)
-    if a.dtype == np.float16:
-        raise ArrayInputError(name, half_reason(name, "float16"))
+    if is_half(a):
+        raise ArrayInputError(name, half_reason(name, a.dtype.name))
     if dtype is not None:
         return a.astype(dtype, copy=False)
     if a.dtype not in FLOAT_DTYPES:
@@ -358,6 +364,8 @@ def _bool_mask(mask: Any) -> np.ndarray:
     m = to_numpy(mask, "mask")
     if m.dtype == np.bool_:
         return m
+    if is_half(m):  # (JAX's bfloat16 0 / 1: exact in float32)
+        m = m.astype(np.float32)
     if m.dtype.kind not in "biuf":
         raise ArrayInputError("mask", f"bad_dtype: {m.dtype}; expected bool or numbers 0 and 1")
     trained = m != 0

@@ -40,6 +40,7 @@ from softgate_client._tensors import (
     float_array,
     from_le_bytes,
     int_array,
+    is_half,
     is_torch,
     le_bytes,
     make_layout,
@@ -438,7 +439,7 @@ def _rewards_and_groups(rewards: Any, group_ids: Any, b: int | None) -> dict[str
         if is_torch(rewards) and rewards.dtype.is_floating_point and rewards.element_size() < 4:
             rewards = rewards.detach().float()  # a reward model's bf16 / fp16: exact in float32,
         r = to_numpy(rewards, "rewards")  # and the engine takes them too (reduced in float64)
-        if r.dtype == np.float16:
+        if is_half(r):  # (numpy's float16, JAX's bfloat16 / float8: exact in float32)
             r = r.astype(np.float32)
         if r.dtype.kind in "biu":
             r = int_array(r, "rewards")
