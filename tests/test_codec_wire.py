@@ -503,6 +503,37 @@ def test_a_request_of_too_many_fields_or_dimensions_is_refused_before_it_is_pars
     assert isinstance(codec.safe_deserializer(pb.ComputeLossRequest, 2)(ok + b"\x80"), codec.CorruptMessage)
 
 
+def test_a_known_field_sent_with_another_wire_type_is_named() -> None:
+    """Found by an audit (a hand encoder in C++): a double written as a float (wire type 5), or
+    an enum as fixed32, was refused as an unknown field of a newer contract ("upgrade the
+    server"), the field unnamed; protobuf keeps such a field among the unknown ones. Now it is
+    `bad_protobuf` naming the field and both wire types, in a config and in a tensor (on the
+    view path of a large request too)."""
+    import struct
+
+    for n in (5, 1 << 18):
+        request = _request(n)
+        eps_as_float = bytes([1 << 3 | 5]) + struct.pack("<f", 0.2)  # GrpoParams.eps_low = 1 (double)
+        request.config.objective.grpo.MergeFromString(eps_as_float)
+        old = request.batch.old_logp
+        old.CopyFrom(pb.Tensor.FromString(old.SerializeToString() + bytes([1 << 3 | 5, 1, 0, 0, 0])))
+        got = codec.safe_deserializer(pb.ComputeLossRequest, batch_field=2)(request.SerializeToString())
+        assert isinstance(got, codec.Received)
+        v: list[FieldViolation] = []
+        codec.decode_loss_config(got.message.config, v)
+        assert codec.decode_batch(got.message.batch, "batch.", v, got.views) is None
+        assert [(x.field, x.code) for x in v] == [
+            ("config.objective.grpo.eps_low", "bad_protobuf"),
+            ("batch.old_logp.dtype", "bad_protobuf"),
+        ], v
+        assert v[0].reason.endswith("field 1 (eps_low) is double, read from wire type 1; got wire type 5")
+        assert v[1].reason.endswith("field 1 (dtype) is Dtype, read from wire type 0; got wire type 5")
+    v = []
+    shape = pb.Tensor.FromString(bytes([2 << 3 | 1]) + bytes(8))  # shape (repeated int64) as fixed64
+    codec.unknown_fields(shape, "batch.logp", v, deep=False)
+    assert [x.field for x in v] == ["batch.logp.shape"] and "wire type 0 or 2 (packed)" in v[0].reason
+
+
 def test_an_unknown_field_inside_a_tensor_is_refused_on_the_view_path_too() -> None:
     """Found by an audit: a Tensor's fields the server does not have (a newer contract's byte
     order, strides, scale: what changes how `data` reads) were dropped, the bytes read as if

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.unknown_fields import UnknownFieldSet
 from softgate_client import _wire
 from softgate_client.proto.softgate.v1 import softgate_pb2 as pb
@@ -579,6 +580,16 @@ def unknown_fields(msg: Any, prefix: str, v: list[FieldViolation], *, deep: bool
     since ignoring a new objective or option would compute another loss. `deep`: also in
     `msg`'s set message fields (not Tensors: `decode_tensor` checks each one it reads)."""
     for f in UnknownFieldSet(msg):
+        known = msg.DESCRIPTOR.fields_by_number.get(f.field_number)
+        if known is not None:  # protobuf keeps a known field sent with another wire type unknown
+            v.append(
+                FieldViolation(
+                    f"{prefix}{known.name}" if prefix.endswith(".") or not prefix else f"{prefix}.{known.name}",
+                    f"bad_protobuf: field {f.field_number} ({known.name}) is {_type_name(known)}, "
+                    f"read from wire type {_wire_types(known)}; got wire type {f.wire_type}",
+                )
+            )
+            continue
         v.append(
             FieldViolation(
                 prefix.rstrip(".") or "request",
@@ -596,6 +607,26 @@ def unknown_fields(msg: Any, prefix: str, v: list[FieldViolation], *, deep: bool
                         unknown_fields(item, f"{prefix}{fd.name}[{i}].", v)
             else:
                 unknown_fields(value, f"{prefix}{fd.name}.", v)
+
+
+def _type_name(fd: Any) -> str:
+    """A field's proto type as the .proto spells it (double, int64, Tensor, ...)."""
+    if fd.message_type is not None:
+        return str(fd.message_type.name)
+    if fd.enum_type is not None:
+        return str(fd.enum_type.name)
+    names = {v: k[len("TYPE_") :].lower() for k, v in vars(FieldDescriptor).items() if k.startswith("TYPE_")}
+    return names.get(fd.type, "?")
+
+
+def _wire_types(fd: Any) -> str:
+    """The protobuf wire type(s) a field is read from: 0 varint, 1 64-bit, 2 length-delimited,
+    5 32-bit (a repeated scalar also packed, 2)."""
+    fixed64 = (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64)
+    fixed32 = (FieldDescriptor.TYPE_FLOAT, FieldDescriptor.TYPE_FIXED32, FieldDescriptor.TYPE_SFIXED32)
+    delimited = (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES, FieldDescriptor.TYPE_MESSAGE)
+    wire = 1 if fd.type in fixed64 else 5 if fd.type in fixed32 else 2 if fd.type in delimited else 0
+    return f"{wire} or 2 (packed)" if fd.is_repeated and wire != 2 else str(wire)
 
 
 # ---------------------------------------------------------------- configs
