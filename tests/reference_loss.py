@@ -183,7 +183,7 @@ def reference_loss(batch: Batch, config: LossConfig) -> Reference:
             ro = rollout[sl][mi]
             v = torch.exp(o - ro) if mm.level == "token" else torch.exp((o - ro).sum()).repeat(counts[i])
             if mm.mode == "truncate":
-                v = torch.clamp(v, max=mm.cap)
+                v = torch.clamp(v, min=mm.floor, max=mm.cap)
             else:
                 v = torch.where((v >= mm.lo) & (v <= mm.hi), v, torch.zeros_like(v))
             loss_t = loss_t * v.detach()
@@ -279,6 +279,7 @@ def make_config(
     clamp: float = 20.0,
     global_norm: bool = False,
     min_group_std: float = 0.0,
+    floor: float = 0.0,
 ) -> LossConfig:
     from softgate.engine import (
         AdvantageConfig,
@@ -316,7 +317,14 @@ def make_config(
     )
     klc = KLConfig(estimator=kl, beta=0.07) if kl else None  # type: ignore[arg-type]
     mmc = (
-        MismatchConfig(level=mismatch[0], mode=mismatch[1], cap=1.3, lo=0.8, hi=1.25)  # type: ignore[arg-type]
+        MismatchConfig(
+            level=mismatch[0],  # type: ignore[arg-type]
+            mode=mismatch[1],  # type: ignore[arg-type]
+            cap=1.3,
+            lo=0.8,
+            hi=1.25,
+            floor=floor,
+        )
         if mismatch
         else None
     )
@@ -370,7 +378,7 @@ def near_boundary(batch: Batch, config: LossConfig, tol: float = 1e-7) -> bool:
             if mm.level == "sequence":
                 lv = lv.sum().reshape(1)
             v = torch.exp(lv)
-            for bd in [mm.cap] if mm.mode == "truncate" else [mm.lo, mm.hi]:
+            for bd in [mm.cap, mm.floor] if mm.mode == "truncate" else [mm.lo, mm.hi]:
                 if bool(((v - bd).abs() < tol).any()):
                     return True
     if vals and bounds:

@@ -819,6 +819,9 @@ def test_validation_batch(monkeypatch, path):
         (LossConfig(mismatch=MismatchConfig(mode="mask", cap=float("nan"))), "mismatch.cap"),
         (LossConfig(mismatch=MismatchConfig(mode="truncate", lo=-1.0)), "mismatch.lo"),
         (LossConfig(mismatch=MismatchConfig(mode="truncate", hi=float("inf"))), "mismatch.hi"),
+        (LossConfig(mismatch=MismatchConfig(floor=-0.1)), "mismatch.floor"),
+        (LossConfig(mismatch=MismatchConfig(floor=2.0)), "mismatch.floor"),  # not below cap 2
+        (LossConfig(mismatch=MismatchConfig(mode="mask", floor=0.5)), "mismatch.floor"),  # mask's: lo
         (LossConfig(aggregation=AggregationConfig(num_tokens=0.0)), "aggregation.num_tokens"),
         (LossConfig(aggregation=AggregationConfig(num_seqs=-3.0)), "aggregation.num_seqs"),
         (LossConfig(aggregation=AggregationConfig(mode="token_sum_norm")), "aggregation.constant"),

@@ -229,7 +229,7 @@ def loss_config_to_proto(c: cfg.LossConfig) -> pb.LossConfig:
         mm.SetInParent()
         mm.level = _enum(pb.MismatchLevel, "MISMATCH_LEVEL", m.level, "config.mismatch.level")
         mm.mode = _enum(pb.MismatchMode, "MISMATCH_MODE", m.mode, "config.mismatch.mode")
-        _set_optional(mm, cap=m.cap, lo=m.lo, hi=m.hi)
+        _set_optional(mm, cap=m.cap, lo=m.lo, hi=m.hi, floor=m.floor)
     _set_optional(out, log_ratio_clamp=c.log_ratio_clamp, saturation_threshold=c.saturation_threshold)
     return out
 

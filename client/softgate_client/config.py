@@ -159,6 +159,7 @@ class MismatchConfig:
     cap: float | None = None
     lo: float | None = None
     hi: float | None = None
+    floor: float | None = None
 
     def __post_init__(self) -> None:
         _plain_fields(self, "config.mismatch")
@@ -230,6 +231,7 @@ _FLAT_ALIASES = {
     "mismatch_cap": ("mismatch", "cap"),
     "mismatch_lo": ("mismatch", "lo"),
     "mismatch_hi": ("mismatch", "hi"),
+    "mismatch_floor": ("mismatch", "floor"),
 }
 _SECTIONS: dict[str, type] = {
     "advantages": AdvantageConfig,

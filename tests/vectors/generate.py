@@ -56,6 +56,8 @@ TOKEN_FIELDS = ("logp", "old_logp", "ref_logp", "rollout_logp")
 
 def config_to_json(cfg: LossConfig) -> dict[str, Any]:
     d = dataclasses.asdict(cfg)
+    if d.get("mismatch") and not d["mismatch"]["floor"]:  # (the default, as before it existed)
+        del d["mismatch"]["floor"]
     obj = d.pop("objective")
     d["objective"] = {"name": obj.pop("name"), **obj}
     return d

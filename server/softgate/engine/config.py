@@ -157,13 +157,15 @@ class KLConfig:
 @dataclass(frozen=True)
 class MismatchConfig:
     """Train/inference mismatch weight v = exp(old - rollout), token or sequence level,
-    truncated at `cap` (TIS) or zeroed outside [lo, hi] (mask, "IcePop")."""
+    truncated at `cap` (TIS; weights below `floor` raised to it, 0: none) or zeroed outside
+    [lo, hi] (mask, "IcePop")."""
 
     level: Literal["token", "sequence"] = "token"
     mode: Literal["truncate", "mask"] = "truncate"
     cap: float = 2.0
     lo: float = 0.5
     hi: float = 2.0
+    floor: float = 0.0
 
     def __post_init__(self) -> None:
         _plain_numbers(self)

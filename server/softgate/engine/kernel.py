@@ -114,6 +114,7 @@ def _kernel_params(config: LossConfig, dtype: torch.dtype, device: torch.device)
         # still above it, and truncated or zeroed as the spec's v is (inf > inf is False)
         if mm.mode == "truncate":
             vals["cap"] = (min(mm.cap, big), "mismatch.cap")
+            vals["floor"] = (mm.floor, "mismatch.floor")
         else:
             vals["vlo"], vals["vhi"] = (min(mm.lo, big), "mismatch.lo"), (min(mm.hi, big), "mismatch.hi")
     bad = unrepresentable(vals, dtype)

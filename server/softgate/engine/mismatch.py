@@ -1,5 +1,6 @@
 """Train/inference mismatch weights v = exp(old - rollout) (stop-gradient), per token or per
-sequence (exp of the masked sum), truncated at `cap` (TIS) or zeroed outside [lo, hi] ("IcePop").
+sequence (exp of the masked sum), clamped to [floor, cap] (TIS; floor 0 by default) or zeroed
+outside [lo, hi] ("IcePop").
 
 The log-weight is not clamped: exp may overflow to inf, which the truncation (min with cap) or
 the window (inf > hi: zeroed) turns into the spec's finite weight, and a very negative one
@@ -23,11 +24,12 @@ def mismatch_log_weights(level: str, lv_raw: Tensor, seg: Segments) -> Tensor:
 
 def mismatch_weights(mode: str, lv: Tensor, prm: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     """(v, changed) per token from the log-weight; `changed` marks tokens whose weight was
-    truncated at prm["cap"] ('truncate') or zeroed outside [prm["vlo"], prm["vhi"]] ('mask')."""
+    clamped to [prm["floor"], prm["cap"]] ('truncate') or zeroed outside [prm["vlo"],
+    prm["vhi"]] ('mask')."""
     v = torch.exp(lv)
     if mode == "truncate":
-        cap = prm["cap"]
-        changed = v > cap
-        return torch.clamp(v, max=cap), changed
+        floor, cap = prm["floor"], prm["cap"]
+        changed = (v > cap) | (v < floor)
+        return torch.clamp(v, min=floor, max=cap), changed
     changed = (v < prm["vlo"]) | (v > prm["vhi"])
     return torch.where(changed, torch.zeros_like(v), v), changed

@@ -258,8 +258,21 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
             )
             # every bound is range-checked, the unused mode's too: a NaN there is still a bad request
             pos(mm.cap, "mismatch.cap")
+            nonneg(mm.floor, "mismatch.floor")
             nonneg(mm.lo, "mismatch.lo")
             pos(mm.hi, "mismatch.hi")
+            if mm.floor and _num_ok(mm.floor) and mm.mode == "mask":  # (a bound the mode never reads)
+                v.append(
+                    FieldViolation(
+                        "mismatch.floor", "unsupported: floor is the truncate mode's; mask uses lo and hi"
+                    )
+                )
+            elif mm.floor and _num_ok(mm.floor) and _num_ok(mm.cap) and not mm.floor < mm.cap:
+                v.append(
+                    FieldViolation(
+                        "mismatch.floor", f"out_of_range: floor {mm.floor!r} must be < cap {mm.cap!r}"
+                    )
+                )
             if mm.mode == "mask" and _num_ok(mm.lo) and _num_ok(mm.hi) and not mm.lo < mm.hi:
                 # named on the bound the caller moved: hi when lo is still its default
                 moved = "hi" if mm.lo == MismatchConfig.lo and mm.hi != MismatchConfig.hi else "lo"

@@ -32,6 +32,7 @@ PARAM_HELP: dict[str, str] = {
     "cap": "truncation cap C of the mismatch weight (truncate mode), > 0",
     "lo": "lower bound of the masking window (mask mode), >= 0",
     "hi": "upper bound of the masking window (mask mode), > lo",
+    "floor": "weights below it raised to it (truncate mode), >= 0 and < cap; 0: none",
     "log_ratio_clamp": "bound on |logp - old_logp| before exponentiation, in (0, 80]",
     "saturation_threshold": "gate weight below which a token counts as saturated, in (0, 1]",
 }
@@ -50,7 +51,7 @@ AGGREGATION_HELP = {
 }
 KL_HELP = {"k1": "k1 = -x, x = ref - logp", "k2": "k2 = x^2 / 2", "k3": "k3 = exp(x) - x - 1"}
 MISMATCH_HELP = {
-    "truncate": "truncated importance sampling: v = min(exp(old - rollout), cap)",
+    "truncate": "truncated importance sampling: v = clamp(exp(old - rollout), floor, cap)",
     "mask": "masking (IcePop): v = 0 outside [lo, hi]",
 }
 
@@ -113,7 +114,7 @@ def build(limits: Limits, max_message_bytes: int) -> pb.ListAlgorithmsResponse:
     kl_params = _params(c.KLConfig, skip=("estimator",))
     for est in _default_first(c.KLConfig, "estimator"):
         r.kl_estimators.add(name=est, description=KL_HELP.get(est, ""), parameters=kl_params)
-    by_mode = {"truncate": ("level", "cap"), "mask": ("level", "lo", "hi")}
+    by_mode = {"truncate": ("level", "cap", "floor"), "mask": ("level", "lo", "hi")}
     fields = {f.name: f for f in dataclasses.fields(c.MismatchConfig)}
     for mode in _default_first(c.MismatchConfig, "mode"):
         r.mismatch_modes.add(

@@ -584,7 +584,9 @@ def unknown_fields(msg: Any, prefix: str, v: list[FieldViolation], *, deep: bool
         if known is not None:  # protobuf keeps a known field sent with another wire type unknown
             v.append(
                 FieldViolation(
-                    f"{prefix}{known.name}" if prefix.endswith(".") or not prefix else f"{prefix}.{known.name}",
+                    f"{prefix}{known.name}"
+                    if prefix.endswith(".") or not prefix
+                    else f"{prefix}.{known.name}",
                     f"bad_protobuf: field {f.field_number} ({known.name}) is {_type_name(known)}, "
                     f"read from wire type {_wire_types(known)}; got wire type {f.wire_type}",
                 )
@@ -724,7 +726,7 @@ def _decode_loss_config(msg: pb.LossConfig, v: list[FieldViolation], prefix: str
         kl = KLConfig(**kl_kw)
     mm = None
     if msg.HasField("mismatch"):
-        mm_kw = _set_fields(msg.mismatch, ("cap", "lo", "hi"))
+        mm_kw = _set_fields(msg.mismatch, ("cap", "lo", "hi", "floor"))
         _enum(msg.mismatch.level, _MM_LEVELS, prefix + "mismatch.level", v, mm_kw, "level")
         _enum(msg.mismatch.mode, _MM_MODES, prefix + "mismatch.mode", v, mm_kw, "mode")
         mm = MismatchConfig(**mm_kw)

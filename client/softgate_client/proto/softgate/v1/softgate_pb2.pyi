@@ -247,18 +247,20 @@ class KlConfig(_message.Message):
     def __init__(self, estimator: _Optional[_Union[KlEstimator, str]] = ..., beta: _Optional[float] = ...) -> None: ...
 
 class MismatchConfig(_message.Message):
-    __slots__ = ("level", "mode", "cap", "lo", "hi")
+    __slots__ = ("level", "mode", "cap", "lo", "hi", "floor")
     LEVEL_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     CAP_FIELD_NUMBER: _ClassVar[int]
     LO_FIELD_NUMBER: _ClassVar[int]
     HI_FIELD_NUMBER: _ClassVar[int]
+    FLOOR_FIELD_NUMBER: _ClassVar[int]
     level: MismatchLevel
     mode: MismatchMode
     cap: float
     lo: float
     hi: float
-    def __init__(self, level: _Optional[_Union[MismatchLevel, str]] = ..., mode: _Optional[_Union[MismatchMode, str]] = ..., cap: _Optional[float] = ..., lo: _Optional[float] = ..., hi: _Optional[float] = ...) -> None: ...
+    floor: float
+    def __init__(self, level: _Optional[_Union[MismatchLevel, str]] = ..., mode: _Optional[_Union[MismatchMode, str]] = ..., cap: _Optional[float] = ..., lo: _Optional[float] = ..., hi: _Optional[float] = ..., floor: _Optional[float] = ...) -> None: ...
 
 class LossConfig(_message.Message):
     __slots__ = ("objective", "advantages", "aggregation", "kl", "mismatch", "log_ratio_clamp", "saturation_threshold")
