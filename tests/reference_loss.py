@@ -145,16 +145,16 @@ def reference_loss(batch: Batch, config: LossConfig) -> Reference:
     n_tok = agg.num_tokens if agg.num_tokens else sum(counts)
     n_seq = agg.num_seqs if agg.num_seqs else sum(1 for c in counts if c > 0)
 
-    def aggregate(per_seq_terms: list[Tensor | None]) -> Tensor:
+    def aggregate(per_seq_terms: list[Tensor | None], mode: str = agg.mode) -> Tensor:
         total = torch.zeros((), dtype=f64)
         for i, t in enumerate(per_seq_terms):
             if t is None or counts[i] == 0:
                 continue
-            if agg.mode == "token_mean":
+            if mode == "token_mean":
                 total = total + t.sum() / n_tok
-            elif agg.mode == "seq_mean_token_mean":
+            elif mode == "seq_mean_token_mean":
                 total = total + t.sum() / counts[i] / n_seq
-            elif agg.mode == "seq_mean_token_sum":
+            elif mode == "seq_mean_token_sum":
                 total = total + t.sum() / n_seq
             else:
                 total = total + t.sum() / agg.constant
@@ -197,7 +197,10 @@ def reference_loss(batch: Batch, config: LossConfig) -> Reference:
         else:
             kl_terms.append(None)
     policy = aggregate(policy_terms)
-    kl = config.kl.beta * aggregate(kl_terms) if config.kl is not None else torch.zeros((), dtype=f64)
+    if config.kl is not None:
+        kl = config.kl.beta * aggregate(kl_terms, config.kl.aggregation or agg.mode)
+    else:
+        kl = torch.zeros((), dtype=f64)
     return Reference(policy + kl, policy, kl, logp, tok_adv)
 
 

@@ -100,6 +100,10 @@ def engine_batch(r: dict[str, np.ndarray]) -> Batch:
 CASES = [
     # (client keywords, engine LossConfig)
     ({"objective": "sapo"}, LossConfig()),
+    (  # verl's SAPO with a KL loss: the policy term per sequence, the KL term per token
+        {"objective": "sapo", "kl_beta": 0.05, "kl_aggregation": "token_mean"},
+        LossConfig(kl=ec.KLConfig("k3", 0.05, aggregation="token_mean")),
+    ),
     (  # a TIS window [floor, cap] that binds on both sides (weights exp(+-0.05) here)
         {"objective": "grpo", "mismatch_cap": 1.02, "mismatch_floor": 0.98},
         LossConfig(objective=ec.Grpo(), mismatch=ec.MismatchConfig(cap=1.02, floor=0.98)),

@@ -1361,3 +1361,32 @@ def test_segment_counts_are_exact(monkeypatch, words):
             0, torch.repeat_interleave(torch.arange(b), lengths), m.long()
         )
         assert torch.equal(segments.Segments(off, n).count(m), want), (n, b, shift)
+
+
+def test_the_kl_terms_own_mode_reads_its_normaliser_too() -> None:
+    """KLConfig(aggregation=...) adds the KL term's mode to the policy term's: the normalisers
+    either reads are used (num_seqs and num_tokens beside SAPO + token_mean KL), one of them
+    given without the other is refused as before, and constant is read when either mode is
+    token_sum_norm."""
+    b = simple_batch([3, 2, 4], advantages=torch.tensor([1.0, -1.0, 0.5], dtype=F64))
+    b = dataclasses.replace(b, ref_logp=b.logp - 0.05 * torch.arange(9, dtype=F64))  # (k varies)
+
+    def cfg(mode: str = "seq_mean_token_mean", kl: str | None = "token_mean", **agg: float) -> LossConfig:
+        return LossConfig(
+            aggregation=AggregationConfig(mode=mode, **agg),  # type: ignore[arg-type]
+            kl=KLConfig("k3", 0.1, aggregation=kl),  # type: ignore[arg-type]
+        )
+
+    E.loss(b, cfg(num_seqs=3.0, num_tokens=9.0))  # both read: accepted
+    assert reasons(b, cfg(num_seqs=3.0)) == {("aggregation.num_tokens", "missing", None)}
+    assert reasons(b, cfg(num_tokens=9.0)) == {("aggregation.num_seqs", "missing", None)}
+    assert reasons(b, cfg(kl="token_sum_norm")) == {("aggregation.constant", "missing", None)}
+    E.loss(b, cfg(kl="token_sum_norm", constant=64.0))
+    E.loss(b, cfg(mode="token_sum_norm", kl="token_mean", constant=64.0, num_tokens=9.0))
+    assert reasons(b, cfg(kl="tokens")) == {("kl.aggregation", "unknown_name", None)}
+    with pytest.raises(InputError, match="the KL term's token_mean"):
+        E.loss(b, cfg(num_seqs=3.0))
+    # the default (None) and the policy's own mode are the policy term's aggregation, bit for bit
+    plain = E.loss(b, cfg(kl=None))
+    assert plain.loss == E.loss(b, cfg(kl="seq_mean_token_mean")).loss
+    assert plain.loss != E.loss(b, cfg(kl="token_mean")).loss

@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+from conftest import needs_compile
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from softgate.engine import AdvantageConfig, Engine
@@ -43,8 +44,8 @@ ENGINE = Engine(device="cpu", compile=False)
 RTOL = 1e-9
 
 
-def check_against_reference(batch, config) -> None:
-    res = ENGINE.loss(batch, config)
+def check_against_reference(batch, config, engine: Engine | None = None) -> None:
+    res = (engine or ENGINE).loss(batch, config)
     ref = reference_loss(batch, config)
     g_ref = ref.grad()
     scale = max(1.0, float(g_ref.abs().max()) if g_ref.numel() else 1.0)
@@ -207,3 +208,49 @@ def test_float32_close_to_float64_reference():
         torch.testing.assert_close(res.grad.double(), ref.grad(), rtol=1e-4, atol=1e-6)
         want = float(ref.loss.detach())
         assert abs(res.loss - want) <= 1e-4 * abs(want) + 1e-6
+
+
+@pytest.mark.parametrize("policy_mode", AGG_MODES)
+@pytest.mark.parametrize("kl_mode", AGG_MODES)
+def test_the_kl_term_aggregated_with_its_own_mode(policy_mode, kl_mode):
+    """verl aggregates SAPO's and GSPO's policy term seq_mean_token_mean and the KL term with
+    its loss_agg_mode (token_mean by default), OpenRLHF the KL over tokens beside a
+    sequence-level policy loss: one call with KLConfig(aggregation=...) gives the reference's
+    loss and gradient (an audit found no way but two calls), global normalisers included."""
+    _check_kl_modes(policy_mode, kl_mode, ENGINE)
+
+
+@needs_compile
+@pytest.mark.parametrize(
+    ("policy_mode", "kl_mode"), [("seq_mean_token_mean", "token_mean"), ("token_mean", "seq_mean_token_mean")]
+)
+def test_the_kl_terms_own_mode_compiled(policy_mode, kl_mode):
+    """The same through the compiled kernel: a 0-d KL weight, and one per sequence expanded on
+    the host."""
+    _check_kl_modes(policy_mode, kl_mode, Engine(device="cpu", compile=True))
+
+
+def _check_kl_modes(policy_mode: str, kl_mode: str, engine: Engine) -> None:
+    checked = 0
+    for seed in range(20):
+        batch = random_batch(seed * 31 + 5)
+        base = make_config("sapo", policy_mode, "k3", None, variant=seed, global_norm=seed % 2 == 1)
+        assert base.kl is not None
+        agg = base.aggregation
+        if "token_sum_norm" in (policy_mode, kl_mode) and agg.constant is None:
+            agg = dataclasses.replace(agg, constant=37.0)
+        if agg.mode == "token_sum_norm" and kl_mode == "token_sum_norm":
+            agg = dataclasses.replace(agg, num_tokens=None, num_seqs=None)  # (no mode reads them)
+        config = dataclasses.replace(
+            base, aggregation=agg, kl=dataclasses.replace(base.kl, aggregation=kl_mode)
+        )
+        if near_boundary(batch, config):
+            continue
+        check_against_reference(batch, config, engine)
+        if kl_mode == policy_mode:  # the policy term's own mode: the same kernel, the same bits
+            same = dataclasses.replace(config, kl=dataclasses.replace(base.kl, aggregation=None))
+            assert engine.loss(batch, config).loss == engine.loss(batch, same).loss
+        checked += 1
+        if checked == 3:
+            return
+    raise AssertionError(f"only {checked} batches away from a boundary")

@@ -222,6 +222,9 @@ def loss_config_to_proto(c: cfg.LossConfig) -> pb.LossConfig:
         kl: Any = out.kl
         kl.SetInParent()
         kl.estimator = _enum(pb.KlEstimator, "KL_ESTIMATOR", c.kl.estimator, "config.kl.estimator")
+        kl.aggregation = _enum(
+            pb.AggregationMode, "AGGREGATION_MODE", c.kl.aggregation, "config.kl.aggregation"
+        )
         _set_optional(kl, beta=c.kl.beta)
     if c.mismatch is not None:
         m = c.mismatch

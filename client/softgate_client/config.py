@@ -145,6 +145,7 @@ class KLConfig:
 
     estimator: str | None = None
     beta: float | None = None
+    aggregation: str | None = None  # the KL term's own mode; None: the policy term's
 
     def __post_init__(self) -> None:
         _plain_fields(self, "config.kl")
@@ -185,11 +186,13 @@ class LossConfig:
             v = getattr(self, name)
             if not isinstance(v, cls) and not (v is None and name in ("kl", "mismatch")):
                 raise _not_a(f"config.{name}", cls, v)
-        if self.kl is not None and self.kl.estimator is not None and self.kl.beta is None:
+        kl = self.kl
+        if kl is not None and kl.beta is None and (kl.estimator is not None or kl.aggregation is not None):
             # (beta's default, 0, made such a KL term silently nothing: kl_loss 0.0; an audit)
+            what = "estimator" if kl.estimator is not None else "aggregation"
             raise invalid_argument(
                 "config.kl.beta",
-                f"missing: a KL estimator ({self.kl.estimator!r}) was set without beta, "
+                f"missing: a KL {what} ({getattr(kl, what)!r}) was set without beta, "
                 "which defaults to 0 (no KL term); pass kl_beta",
             )
         outputs = (self.outputs,) if isinstance(self.outputs, str) else self.outputs
@@ -225,6 +228,7 @@ _FLAT_ALIASES = {
     "constant": ("aggregation", "constant"),
     "kl_estimator": ("kl", "estimator"),
     "kl_beta": ("kl", "beta"),
+    "kl_aggregation": ("kl", "aggregation"),
     "beta": ("kl", "beta"),
     "mismatch_level": ("mismatch", "level"),
     "mismatch_mode": ("mismatch", "mode"),
@@ -299,6 +303,7 @@ def build_loss_config(config: LossConfig | None = None, **kw: Any) -> LossConfig
     for s, cls in _SECTIONS.items():
         if s in touched:
             values[s] = cls(**sections[s])
-    if values["kl"] is not None and values["kl"].beta is None and values["kl"].estimator is None:
+    kl = values["kl"]
+    if kl is not None and kl.beta is None and kl.estimator is None and kl.aggregation is None:
         values["kl"] = None
     return LossConfig(**values)

@@ -56,8 +56,11 @@ TOKEN_FIELDS = ("logp", "old_logp", "ref_logp", "rollout_logp")
 
 def config_to_json(cfg: LossConfig) -> dict[str, Any]:
     d = dataclasses.asdict(cfg)
-    if d.get("mismatch") and not d["mismatch"]["floor"]:  # (the default, as before it existed)
+    # fields added since the vectors were written, at their defaults: left out, as before
+    if d.get("mismatch") and not d["mismatch"]["floor"]:
         del d["mismatch"]["floor"]
+    if d.get("kl") and d["kl"]["aggregation"] is None:
+        del d["kl"]["aggregation"]
     obj = d.pop("objective")
     d["objective"] = {"name": obj.pop("name"), **obj}
     return d

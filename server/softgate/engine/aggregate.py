@@ -6,18 +6,29 @@ N_tok defaults to this request's trained tokens, N_seq to its non-empty sequence
 a caller splitting a step into shards passes the global values so shard sums equal the whole.
 A zero default normaliser (fully masked batch) is taken as 1 (an empty sequence's
 seq_mean_token_mean weight is 0): every alpha is 0 there, so loss 0 and zero gradient.
+The KL term may have a mode of its own (KLConfig.aggregation), with the same normalisers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from softgate.engine.config import AggregationConfig
+from softgate.engine.config import AggregationConfig, LossConfig
 from softgate.engine.segments import host_shortcuts
+
+
+def kl_aggregation(config: LossConfig) -> AggregationConfig | None:
+    """The KL term's aggregation where it has a mode of its own (KLConfig.aggregation, not the
+    policy term's), with the policy term's normalisers; None: the policy term's."""
+    kl = config.kl
+    if kl is None or kl.aggregation is None or kl.aggregation == config.aggregation.mode:
+        return None
+    return dataclasses.replace(config.aggregation, mode=kl.aggregation)
 
 
 def sequence_weights(cfg: AggregationConfig, ylen: Tensor | np.ndarray, dtype: torch.dtype) -> Tensor:

@@ -208,7 +208,7 @@ def warmup_args(args: tuple[Any, ...]) -> tuple[Any, ...]:
             return lengths - 1
         if k == "sclamped":
             return torch.rand(b, generator=g) < 0.2
-        if k == "w":  # [B], or 0-d: one weight for all (kernel_key tells them apart)
+        if k in ("w", "wkl"):  # [B], or 0-d: one weight for all (kernel_key tells them apart)
             w = torch.rand(b, generator=g, dtype=torch.float64) / n
             return w if k not in t or t[k].dim() else w[0]
         if k == "sratio":

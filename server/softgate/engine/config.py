@@ -145,10 +145,14 @@ class AdvantageConfig:
 
 @dataclass(frozen=True)
 class KLConfig:
-    """KL penalty to the reference policy, x = ref - logp, added as beta * k per token."""
+    """KL penalty to the reference policy, x = ref - logp, added as beta * k per token.
+    `aggregation`: the KL term's own aggregation mode (verl aggregates SAPO's and GSPO's policy
+    term seq_mean_token_mean and the KL term token_mean), with LossConfig.aggregation's
+    normalisers; None: the policy term's mode."""
 
     estimator: Literal["k1", "k2", "k3"] = "k3"
     beta: float = 0.0
+    aggregation: AggregationMode | None = None
 
     def __post_init__(self) -> None:
         _plain_numbers(self)

@@ -212,9 +212,9 @@ def token_terms(
     mismatch (level, mode) (None: no correction). `t` holds logp, old, m (the mask, uint8
     0 / 1; absent: every token trained), w (aggregation weight per sequence [B], or 0-d: one
     for all), adv ([N] or [B]), ylen ([B] trained tokens), ids (sequence id per token; only where something is per
-    sequence: adv, w, sratio or lvseq), and as configured sratio ([B], gspo), ref (KL),
-    rollout or lvseq (mismatch, token or sequence level). A per-sequence w, adv, sratio or
-    lvseq may come expanded to its tokens instead, as w_tok, adv_tok, ... (per_token; then
+    sequence: adv, w, sratio or lvseq), and as configured sratio ([B], gspo), ref (KL), wkl
+    (the KL term's own aggregation weight, like w; absent: w), rollout or lvseq (mismatch,
+    token or sequence level). A per-sequence w, wkl, adv, sratio or lvseq may come expanded to its tokens instead, as w_tok, adv_tok, ... (per_token; then
     there is no ids): the CPU engine expands them on the host, since inductor's CPU code
     gathers lane by lane. With grad_out ([N], compute_loss's) the gradient is stored there
     and returned as it: compiled, by the fused loop itself (16M tokens: ~10 ms less than the
@@ -280,9 +280,15 @@ def token_terms(
     total("d_sum", torch.where(m, logp - old, zero))  # approx_kl's: unclamped (the spec's old - logp)
     if kl is not None:
         k, dk, kcl = kl_terms(kl, torch.where(m, t["ref"] - logp, zero), clamp)
-        total("kl_sum", alpha * k)
+        akl = alpha  # the KL term's aggregation weight: the policy term's, or its own (wkl)
+        if "wkl" in t or "wkl" + EXPANDED in t:
+            wkl = t.get("wkl")
+            akl = torch.where(
+                m, wkl if wkl is not None and wkl.dim() == 0 else per_token(t, "wkl", ids), zero
+            )
+        total("kl_sum", akl * k)
         total("k_sum", torch.where(m, k, zero))
-        grad = grad + (prm["beta"] * alpha) * dk
+        grad = grad + (prm["beta"] * akl) * dk
         total("grad_total_abs", grad.abs())  # not finite iff some gradient is not (overflow check)
         count("kl_clamped", kcl & m)
     pos = m & (a > 0)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from softgate.engine.advantages import group_advantages
-from softgate.engine.aggregate import sequence_weights
+from softgate.engine.aggregate import kl_aggregation, sequence_weights
 from softgate.engine.batch import Batch
 from softgate.engine.buckets import BUCKET_SUMS
 from softgate.engine.chunked import chunked_token_terms
@@ -146,6 +146,9 @@ def _compute_loss(
     if batch.mask is not None:  # (token_terms: no "m", every token trained)
         t["m"] = m.view(torch.uint8)
     t["w"] = sequence_weights(config.aggregation, ylen if counts is None else counts, dt)  # [B] or 0-d
+    kl_agg = kl_aggregation(config)
+    if kl_agg is not None:  # the KL term's own weights
+        t["wkl"] = sequence_weights(kl_agg, ylen if counts is None else counts, dt)
     t["ylen"] = ylen
     extra: dict[str, Tensor] = {}  # metric terms computed here, fetched with the kernel's
 
@@ -186,7 +189,7 @@ def _compute_loss(
 
     # what is per sequence reaches the tokens: advantages, the weight, GSPO's ratio, a
     # sequence-level mismatch weight (token_terms reads nothing per sequence otherwise)
-    gathered: list[str] = [k for k in ("w", "sratio", "lvseq") if k in t and t[k].dim()]
+    gathered: list[str] = [k for k in ("w", "wkl", "sratio", "lvseq") if k in t and t[k].dim()]
     gathered += [] if adv_per_token else ["adv"]
     if gathered and host_shortcuts(dev):
         # expanded to their tokens here: a vector load in the kernel, not a gather, which
@@ -196,7 +199,7 @@ def _compute_loss(
         assert lengths is not None  # (a host batch's)
         for k in gathered:
             t[k + EXPANDED] = torch.from_numpy(t[k].detach().numpy().repeat(lengths))
-            if k in ("w", "lvseq"):  # (the others' [B] values go into sequence_terms too)
+            if k in ("w", "wkl", "lvseq"):  # (the others' [B] values go into sequence_terms too)
                 del t[k]
     elif gathered:
         t["ids"] = seg.ids  # the sequence id of every token, for the gathers

@@ -86,6 +86,32 @@ _NORMALISER = {
 }
 
 
+def _unread_normalisers(agg: AggregationConfig, kl_mode: str | None, v: list[FieldViolation]) -> None:
+    """Refuse a normaliser no term's mode reads, and a global one missing beside another given.
+    A normaliser the mode ignores was silently dropped: a micro-batching trainer's global
+    num_tokens beside the default mode left each micro-batch its own N_seq (an audit). Both
+    num_tokens and num_seqs together stay accepted (common, and harmless). `kl_mode`: the KL
+    term's own mode, if it has one."""
+    if agg.mode not in _AGG_MODES:  # (refused by the caller; a list is unhashable)
+        return
+    modes = [agg.mode] + ([kl_mode] if kl_mode is not None and kl_mode != agg.mode else [])
+    reads = {_NORMALISER[m]: m for m in reversed(modes) if m in _NORMALISER}  # (the policy's first)
+    given = [f for f in ("num_tokens", "num_seqs") if getattr(agg, f) is not None]
+    for own, mode in reads.items():
+        if getattr(agg, own) is None and given:
+            term = f"{mode}" if mode == agg.mode else f"the KL term's {mode} (kl.aggregation)"
+            unused = [g for g in given if g not in reads]
+            tail = f"; {unused[0]} is not used by this mode" if unused else ""
+            v.append(FieldViolation(f"aggregation.{own}", f"missing: {term} normalises by {own}{tail}"))
+    if agg.constant is not None and "token_sum_norm" not in modes:
+        own = _NORMALISER[agg.mode]
+        why = f"unsupported: only token_sum_norm reads constant; {agg.mode} normalises by {own}"
+        v.append(FieldViolation("aggregation.constant", why))
+    if not reads and len(given) == 1:
+        why = f"unsupported: token_sum_norm normalises by constant; {given[0]} is not used by this mode"
+        v.append(FieldViolation(f"aggregation.{given[0]}", why))
+
+
 def half_reason(name: str, dtype: torch.dtype) -> str:
     """The refusal of a half-precision input `name`; a log-prob's with its dtype's own ratio
     noise (float16 quoted bfloat16's ~3%; an audit)."""
@@ -212,22 +238,13 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
                 pos(x, f"aggregation.{f}", "must be > 0 (a global normaliser)")
         if agg.mode == "token_sum_norm" and agg.constant is None:
             v.append(FieldViolation("aggregation.constant", "missing: token_sum_norm needs the constant K"))
-        # a normaliser the mode ignores was silently dropped: a micro-batching trainer's global
-        # num_tokens beside the default mode left each micro-batch its own N_seq (an audit).
-        # Both num_tokens and num_seqs together stay accepted (common, and harmless).
-        own = _NORMALISER.get(agg.mode) if agg.mode in _AGG_MODES else None  # (a list: unhashable)
-        if own is not None:
-            other = "num_seqs" if own == "num_tokens" else "num_tokens"
-            if getattr(agg, own) is None and getattr(agg, other) is not None:
-                why = f"missing: {agg.mode} normalises by {own}; {other} is not used by this mode"
-                v.append(FieldViolation(f"aggregation.{own}", why))
-            if agg.constant is not None:
-                why = f"unsupported: only token_sum_norm reads constant; {agg.mode} normalises by {own}"
-                v.append(FieldViolation("aggregation.constant", why))
-        elif agg.mode == "token_sum_norm" and (agg.num_tokens is None) != (agg.num_seqs is None):
-            given = "num_tokens" if agg.num_seqs is None else "num_seqs"
-            why = f"unsupported: token_sum_norm normalises by constant; {given} is not used by this mode"
-            v.append(FieldViolation(f"aggregation.{given}", why))
+        kl_mode = config.kl.aggregation if isinstance(config.kl, KLConfig) else None
+        if kl_mode is not None and kl_mode not in _AGG_MODES:  # (a list: unhashable)
+            kl_mode = None  # (refused below)
+        if kl_mode == "token_sum_norm" and agg.constant is None and agg.mode != kl_mode:
+            why = "missing: the KL term's token_sum_norm (kl.aggregation) needs the constant K"
+            v.append(FieldViolation("aggregation.constant", why))
+        _unread_normalisers(agg, kl_mode, v)
 
     kl = config.kl
     if kl is not None:
@@ -240,6 +257,11 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
                 f"unknown_name: {kl.estimator!r}; known: ['k1', 'k2', 'k3']",
             )
             nonneg(kl.beta, "kl.beta")
+            need(
+                kl.aggregation is None or kl.aggregation in _AGG_MODES,
+                "kl.aggregation",
+                f"unknown_name: {kl.aggregation!r}; known: {list(_AGG_MODES)}",
+            )
 
     mm = config.mismatch
     if mm is not None:

@@ -28,6 +28,7 @@ PARAM_HELP: dict[str, str] = {
     "num_seqs": "global N_seq normaliser (sequences with a trained token), > 0; unset: this request's",
     "constant": "K of token_sum_norm, > 0 (required by that mode)",
     "beta": "KL coefficient, >= 0",
+    "aggregation": "the KL term's own aggregation mode, with the loss's normalisers; unset: the policy term's",
     "level": "token or sequence mismatch weight",
     "cap": "truncation cap C of the mismatch weight (truncate mode), > 0",
     "lo": "lower bound of the masking window (mask mode), >= 0",

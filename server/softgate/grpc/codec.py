@@ -723,6 +723,7 @@ def _decode_loss_config(msg: pb.LossConfig, v: list[FieldViolation], prefix: str
     if msg.HasField("kl"):
         kl_kw = _set_fields(msg.kl, ("beta",))
         _enum(msg.kl.estimator, _KL, prefix + "kl.estimator", v, kl_kw, "estimator")
+        _enum(msg.kl.aggregation, _AGG_MODES, prefix + "kl.aggregation", v, kl_kw, "aggregation")
         kl = KLConfig(**kl_kw)
     mm = None
     if msg.HasField("mismatch"):

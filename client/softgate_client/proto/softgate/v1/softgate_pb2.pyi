@@ -239,12 +239,14 @@ class AggregationConfig(_message.Message):
     def __init__(self, mode: _Optional[_Union[AggregationMode, str]] = ..., num_tokens: _Optional[float] = ..., num_seqs: _Optional[float] = ..., constant: _Optional[float] = ...) -> None: ...
 
 class KlConfig(_message.Message):
-    __slots__ = ("estimator", "beta")
+    __slots__ = ("estimator", "beta", "aggregation")
     ESTIMATOR_FIELD_NUMBER: _ClassVar[int]
     BETA_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     estimator: KlEstimator
     beta: float
-    def __init__(self, estimator: _Optional[_Union[KlEstimator, str]] = ..., beta: _Optional[float] = ...) -> None: ...
+    aggregation: AggregationMode
+    def __init__(self, estimator: _Optional[_Union[KlEstimator, str]] = ..., beta: _Optional[float] = ..., aggregation: _Optional[_Union[AggregationMode, str]] = ...) -> None: ...
 
 class MismatchConfig(_message.Message):
     __slots__ = ("level", "mode", "cap", "lo", "hi", "floor")
