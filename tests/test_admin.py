@@ -364,6 +364,8 @@ def test_metrics_are_gzipped_when_the_scraper_asks(server) -> None:
         ("*;q=0.1, gzip;q=0", False),
         ("deflate, *;q=0", False),
         ("gzip;q=nonsense", False),
+        ("gzip;q=5", False),
+        ("gzip;q=nan", False),
     ],
 )
 def test_gzip_follows_the_accept_encoding_q_values(header: str, gzipped: bool) -> None:

@@ -530,6 +530,10 @@ def test_micro_batches_with_rpc_advantages_equal_the_whole_batch(client) -> None
     gids = np.repeat(np.arange(2), 4)
     ylen = np.add.reduceat(mask.astype(np.int64), np.r_[0, np.cumsum(lengths)[:-1]])
     adv = client.advantages(rewards, gids, estimator="reinforce_pp_baseline", token_counts=ylen).advantages
+    counted_as_floats = client.advantages(  # (a float mask's mask.sum(-1))
+        rewards, gids, estimator="reinforce_pp_baseline", token_counts=ylen.astype(np.float32)
+    )
+    np.testing.assert_array_equal(counted_as_floats.advantages, adv)
     whole = client.loss(
         lp,
         old,

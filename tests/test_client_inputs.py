@@ -168,7 +168,9 @@ def test_a_padded_batchs_advantages_refusal_says_what_the_level_asks(level, adv,
     )
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float8_e4m3fn", "float8_e5m2"])
+@pytest.mark.parametrize(
+    "dtype", ["bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3", "float6_e2m3fn", "float4_e2m1fn"]
+)
 def test_jax_half_dtypes_get_what_torch_half_tensors_get(inprocess_server, dtype) -> None:
     """JAX's arrays carry ml_dtypes' bfloat16 and float8 (numpy kind "V", not "f"): they were a
     bare `bad_dtype` where torch's get `half_precision` and its advice, and a JAX trainer's bf16
@@ -191,7 +193,7 @@ def test_jax_half_dtypes_get_what_torch_half_tensors_get(inprocess_server, dtype
     assert got.layout.offsets.tolist() == [0, 3, 5]
     assert got.token["mask"].tolist() == [True, False, True, True, True]
     client = SoftgateClient(inprocess_server().target)
-    r, gids = [1.0, 0.0, 0.5, 0.25], [0, 0, 1, 1]  # (exact in every half type)
+    r, gids = [1.0, 0.0, 0.5, 1.5], [0, 0, 1, 1]  # (exact in every half type)
     got, exact = (
         client.advantages(np.array(r).astype(half), gids),
         client.advantages(np.array(r, np.float32), gids),

@@ -20,17 +20,19 @@ DOCS = sorted(
     if p.is_file()
 )
 LINK = re.compile(r"\]\(([^)\s]+)\)")
-CODE = re.compile(r"```.*?```|`[^`\n]*`", re.S)
+FENCED = re.compile(r"```.*?```", re.S)
+CODE = re.compile(r"```.*?```|`[^`\n]*`", re.S)  # (a link inside code is not a link)
 
 
 def slug(heading: str) -> str:
-    """GitHub's anchor of a Markdown heading."""
-    text = re.sub(r"[`*_]|\[([^\]]*)\]\([^)]*\)", r"\1", heading.strip().lower())
+    """GitHub's anchor of a Markdown heading: lower case, link text for links, then every
+    character but letters, digits, `_`, `-` and spaces dropped, spaces as `-`."""
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading.strip().lower())
     return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
 
 
 def anchors(path: Path) -> set[str]:
-    body = CODE.sub("", path.read_text())
+    body = FENCED.sub("", path.read_text())  # (a `# comment` in a code block is no heading)
     return {slug(m.group(1)) for m in re.finditer(r"^#{1,6} +(.+)$", body, re.M)}
 
 
@@ -55,3 +57,5 @@ def test_the_slug_is_githubs() -> None:
     )
     assert slug("Contract details beyond spec.md") == "contract-details-beyond-specmd"
     assert slug("Devices and compilation") == "devices-and-compilation"
+    assert slug("PyTorch: `softgate_loss` in a training loop") == "pytorch-softgate_loss-in-a-training-loop"
+    assert slug("Load (tests/test_load.py, bench/load_bench.py)") == "load-teststest_loadpy-benchload_benchpy"

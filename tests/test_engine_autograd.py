@@ -227,7 +227,10 @@ def test_the_kl_term_aggregated_with_its_own_mode(policy_mode, kl_mode):
 def test_the_kl_terms_own_mode_compiled(policy_mode, kl_mode):
     """The same through the compiled kernel: a 0-d KL weight, and one per sequence expanded on
     the host."""
-    _check_kl_modes(policy_mode, kl_mode, Engine(device="cpu", compile=True))
+    engine = Engine(device="cpu", compile=True)
+    _check_kl_modes(policy_mode, kl_mode, engine)
+    assert engine.kernel is not None and engine.kernel.states()["compiled"] >= 1, engine.kernel.states()
+    assert engine.kernel.states()["failed"] == 0
 
 
 def _check_kl_modes(policy_mode: str, kl_mode: str, engine: Engine) -> None:

@@ -29,9 +29,12 @@ _FRACTION_BITS = {
 
 
 def is_half(a: np.ndarray) -> bool:
-    """A float narrower than float32: numpy's float16, or the bfloat16 / float8 types JAX's
-    arrays carry (ml_dtypes; numpy sees them as kind "V", not "f")."""
-    return a.dtype.name in _FRACTION_BITS
+    """A float narrower than float32: numpy's float16, or the bfloat16 / float8 / float6 /
+    float4 types JAX's arrays carry (ml_dtypes; numpy sees them as kind "V", not "f")."""
+    dt = a.dtype
+    return dt.name in _FRACTION_BITS or (
+        dt.kind == "V" and dt.itemsize < 4 and dt.name.startswith(("float", "bfloat"))
+    )
 
 
 def half_reason(name: str, dtype: str) -> str:

@@ -779,12 +779,9 @@ class SoftgateClient:
         )
         try:
             seq = _rewards_and_groups(rewards, group_ids, None)
-            if token_counts is not None:
-                counts = to_numpy(token_counts, "token_counts")
-                if counts.dtype.kind not in "biu":
-                    raise ArrayInputError("token_counts", f"bad_dtype: {counts.dtype}; expected integers")
+            if token_counts is not None:  # (whole-number floats too: a float mask's mask.sum(-1))
                 b = seq["rewards"].shape[0] if "rewards" in seq else None
-                seq["token_counts"] = _per_seq(int_array(counts, "token_counts"), "token_counts", b)
+                seq["token_counts"] = _per_seq(int_array(token_counts, "token_counts"), "token_counts", b)
         except ArrayInputError as e:
             raise _refusal(e, "") from None
         req = pb.ComputeAdvantagesRequest()

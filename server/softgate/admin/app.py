@@ -86,6 +86,8 @@ def accepts_gzip(accept_encoding: str) -> bool:
                     weight = float(value)
                 except ValueError:
                     weight = 0.0  # (unreadable: not an acceptance)
+                if not 0.0 <= weight <= 1.0:  # (a qvalue is in [0, 1]: q=5, inf, nan are not one)
+                    weight = 0.0
         if coding:
             q[coding] = weight
     for coding in ("gzip", "x-gzip", "*"):
