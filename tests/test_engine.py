@@ -422,7 +422,7 @@ def test_k3_near_zero_is_accurate_and_never_negative(dtype: torch.dtype, rel: fl
 
 
 @pytest.mark.parametrize("x", [-30.0, 20.0, 30.0])
-@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3", "k1_st", "k3_st"])
 def test_only_k3_clamps_the_kl_log_ratio_and_only_from_above(estimator: str, x: float) -> None:
     """SPEC's k1 = -x and k2 = x^2/2 are finite for any finite x = ref - logp: beyond the clamp
     they keep their gradient (1, -x), which pulls hardest where the policy drifted furthest.
@@ -437,11 +437,11 @@ def test_only_k3_clamps_the_kl_log_ratio_and_only_from_above(estimator: str, x: 
         ref_logp=torch.tensor([-31.0 + x], dtype=F64),  # |x| = 30 beyond the clamp of 20, or 20 on it
     )
     res = E.loss(b, LossConfig(objective=Reinforce(), kl=KLConfig(estimator=estimator, beta=1.0)))
-    clamped = estimator == "k3" and x > 20
-    grad = {"k1": 1.0, "k2": -x, "k3": 0.0 if clamped else 1 - math.exp(x)}[estimator]
+    clamped = estimator.startswith("k3") and x > 20  # (k3_st: k3's value, clamped alike)
+    grad = {"k1": 1.0, "k2": -x, "k3": 0.0 if clamped else 1 - math.exp(x)}.get(estimator, -x)  # _st: k2's
     assert res.grad.tolist() == [pytest.approx(grad, rel=1e-12)]
     xc = min(x, 20.0)
-    want = {"k1": -x, "k2": x * x / 2, "k3": math.exp(xc) - xc - 1}[estimator]
+    want = {"k1": -x, "k2": x * x / 2, "k3": math.exp(xc) - xc - 1}[estimator.removesuffix("_st")]
     assert res.kl_loss == pytest.approx(want, rel=1e-12)
     assert res.metrics["kl_clamped_tokens"] == clamped
 

@@ -257,3 +257,25 @@ def _check_kl_modes(policy_mode: str, kl_mode: str, engine: Engine) -> None:
         if checked == 3:
             return
     raise AssertionError(f"only {checked} batches away from a boundary")
+
+
+@pytest.mark.parametrize("estimator", ["k1_st", "k3_st"])
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_straight_through_kl_estimators(estimator, agg):
+    """verl's "k1+" / "k3+": k1's or k3's value with k2's gradient, against the reference's
+    straight-through (`k2 - sg[k2] + sg[k]`), the value equal to the plain estimator's."""
+    import dataclasses
+
+    checked = 0
+    for seed in range(20):
+        batch = random_batch(seed * 13 + 3, big_deltas=seed % 2 == 1)
+        config = make_config("grpo", agg, estimator, None, variant=seed)
+        if near_boundary(batch, config):
+            continue
+        check_against_reference(batch, config)
+        plain = dataclasses.replace(config, kl=dataclasses.replace(config.kl, estimator=estimator[:2]))
+        assert ENGINE.loss(batch, config).kl_loss == ENGINE.loss(batch, plain).kl_loss
+        checked += 1
+        if checked == 3:
+            return
+    raise AssertionError(f"only {checked} batches away from a boundary")

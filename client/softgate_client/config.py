@@ -140,7 +140,8 @@ class AggregationConfig:
 
 @dataclass(frozen=True)
 class KLConfig:
-    """KL penalty to the reference policy: estimator `k1` / `k2` / `k3`, coefficient `beta`
+    """KL penalty to the reference policy: estimator `k1` / `k2` / `k3` / `k1_st` / `k3_st`
+    (straight-through: k1's or k3's value, k2's gradient), coefficient `beta`
     (needed with an estimator: the server's default 0 is no KL term)."""
 
     estimator: str | None = None

@@ -1,5 +1,9 @@
 """KL penalty to the reference policy per token, x = ref - logp (SPEC: k1, k2, k3).
 
+k1_st and k3_st are straight-through (verl's "k1+", "k3+"): k1's or k3's value, k2's gradient
+-x, the gradient whose expectation is the KL's (k1's and k3's values are unbiased estimates of
+the KL, their gradients are not; J. Schulman, "Approximating KL divergence").
+
 k1 = -x, k2 = x^2 / 2, k3 = exp(x) - x - 1; d k / d logp = 1, -x, 1 - exp(x). Only k3 clamps
 x, and only from above, at log_ratio_clamp (so exp(x) stays finite in float32; its gradient is
 0 where it clamped, the clamp's derivative). Below, exp(x) only underflows to 0: a token far
@@ -20,6 +24,9 @@ _K3_SERIES = tuple(1 / math.factorial(n) for n in range(2, 9))  # exp(x) - 1 - x
 
 def kl_terms(estimator: str, x_raw: Tensor, clamp: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(k, d k / d logp, clamped) per token from x_raw = ref - logp (0 on masked tokens)."""
+    if estimator.endswith("_st"):  # the value of k1 / k3, the gradient of k2 (never clamped)
+        k, _, clamped = kl_terms(estimator.removesuffix("_st"), x_raw, clamp)
+        return k, -x_raw, clamped
     if estimator == "k1":
         return -x_raw, torch.ones_like(x_raw), torch.zeros_like(x_raw, dtype=torch.bool)
     if estimator == "k2":

@@ -78,6 +78,7 @@ _INTS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 _ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
 _SCALES = ("group", "batch", "none")
 _AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm")
+_KL_ESTIMATORS = ("k1", "k2", "k3", "k1_st", "k3_st")
 # the normaliser each aggregation mode reads (the others it ignores)
 _NORMALISER = {
     "token_mean": "num_tokens",
@@ -252,9 +253,9 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
             v.append(FieldViolation("kl", "unknown_name: not a KLConfig"))
         else:
             need(
-                kl.estimator in ("k1", "k2", "k3"),
+                kl.estimator in _KL_ESTIMATORS,
                 "kl.estimator",
-                f"unknown_name: {kl.estimator!r}; known: ['k1', 'k2', 'k3']",
+                f"unknown_name: {kl.estimator!r}; known: {list(_KL_ESTIMATORS)}",
             )
             nonneg(kl.beta, "kl.beta")
             need(

@@ -50,7 +50,13 @@ AGGREGATION_HELP = {
     "seq_mean_token_sum": "(1/N_seq) sum_i sum_t m l",
     "token_sum_norm": "sum m l / K with a constant K (Dr. GRPO)",
 }
-KL_HELP = {"k1": "k1 = -x, x = ref - logp", "k2": "k2 = x^2 / 2", "k3": "k3 = exp(x) - x - 1"}
+KL_HELP = {
+    "k1": "k1 = -x, x = ref - logp",
+    "k2": "k2 = x^2 / 2",
+    "k3": "k3 = exp(x) - x - 1",
+    "k1_st": "k1's value with k2's gradient -x (straight-through; verl's k1+)",
+    "k3_st": "k3's value with k2's gradient -x (straight-through; verl's k3+)",
+}
 MISMATCH_HELP = {
     "truncate": "truncated importance sampling: v = clamp(exp(old - rollout), floor, cap)",
     "mask": "masking (IcePop): v = 0 outside [lo, hi]",

@@ -664,7 +664,13 @@ _AGG_MODES = {
     pb.AGGREGATION_MODE_SEQ_MEAN_TOKEN_SUM: "seq_mean_token_sum",
     pb.AGGREGATION_MODE_TOKEN_SUM_NORM: "token_sum_norm",
 }
-_KL = {pb.KL_ESTIMATOR_K1: "k1", pb.KL_ESTIMATOR_K2: "k2", pb.KL_ESTIMATOR_K3: "k3"}
+_KL = {
+    pb.KL_ESTIMATOR_K1: "k1",
+    pb.KL_ESTIMATOR_K2: "k2",
+    pb.KL_ESTIMATOR_K3: "k3",
+    pb.KL_ESTIMATOR_K1_ST: "k1_st",
+    pb.KL_ESTIMATOR_K3_ST: "k3_st",
+}
 _MM_LEVELS = {pb.MISMATCH_LEVEL_TOKEN: "token", pb.MISMATCH_LEVEL_SEQUENCE: "sequence"}
 _MM_MODES = {pb.MISMATCH_MODE_TRUNCATE: "truncate", pb.MISMATCH_MODE_MASK: "mask"}
 

@@ -55,6 +55,8 @@ class KlEstimator(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     KL_ESTIMATOR_K1: _ClassVar[KlEstimator]
     KL_ESTIMATOR_K2: _ClassVar[KlEstimator]
     KL_ESTIMATOR_K3: _ClassVar[KlEstimator]
+    KL_ESTIMATOR_K1_ST: _ClassVar[KlEstimator]
+    KL_ESTIMATOR_K3_ST: _ClassVar[KlEstimator]
 
 class MismatchLevel(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -99,6 +101,8 @@ KL_ESTIMATOR_UNSPECIFIED: KlEstimator
 KL_ESTIMATOR_K1: KlEstimator
 KL_ESTIMATOR_K2: KlEstimator
 KL_ESTIMATOR_K3: KlEstimator
+KL_ESTIMATOR_K1_ST: KlEstimator
+KL_ESTIMATOR_K3_ST: KlEstimator
 MISMATCH_LEVEL_UNSPECIFIED: MismatchLevel
 MISMATCH_LEVEL_TOKEN: MismatchLevel
 MISMATCH_LEVEL_SEQUENCE: MismatchLevel
