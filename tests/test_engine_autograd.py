@@ -279,3 +279,29 @@ def test_straight_through_kl_estimators(estimator, agg):
         if checked == 3:
             return
     raise AssertionError(f"only {checked} batches away from a boundary")
+
+
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=needs_compile)])
+def test_straight_through_kl_past_the_clamp_with_its_own_mode(compile):
+    """k3_st beyond the clamp (x = ref - logp of 25 and 30): k3's clamped value, k2's gradient
+    -x unclamped, with the KL term aggregated per token beside SAPO's per-sequence policy
+    term; eager and compiled alike, against the reference."""
+    import dataclasses
+
+    engine = Engine(device="cpu", compile=True) if compile else ENGINE
+    batch = random_batch(17, max_seqs=4, max_len=5)
+    n = batch.logp.numel()
+    assert n >= 3
+    logp, old, ref = batch.logp.clone(), batch.old_logp.clone(), batch.logp.clone()
+    logp[:2] = old[:2] = -40.0
+    ref[:2] = torch.tensor([-15.0, -10.0], dtype=torch.float64)  # x = 25 and 30
+    mask = torch.ones(n, dtype=torch.bool)
+    batch = dataclasses.replace(batch, logp=logp, old_logp=old, ref_logp=ref, mask=mask)
+    config = make_config("sapo", "seq_mean_token_mean", "k3_st", None)
+    assert config.kl is not None
+    config = dataclasses.replace(config, kl=dataclasses.replace(config.kl, aggregation="token_mean"))
+    check_against_reference(batch, config, engine)
+    res = engine.loss(batch, config)
+    assert res.metrics["kl_clamped_tokens"] == 2
+    if compile:
+        assert engine.kernel is not None and engine.kernel.states()["compiled"] >= 1

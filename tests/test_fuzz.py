@@ -327,7 +327,7 @@ def loss_configs(draw: Any) -> pb.LossConfig:
                 setattr(c.aggregation, f, draw(weird_floats))
     if draw(st.booleans()):
         c.kl.SetInParent()
-        c.kl.estimator = draw(st.integers(0, 4))
+        c.kl.estimator = draw(st.integers(0, 6))  # (6: one past the last, K3_ST)
         if draw(st.booleans()):
             c.kl.beta = draw(weird_floats)
     if draw(st.booleans()):
