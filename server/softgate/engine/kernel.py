@@ -214,7 +214,8 @@ def token_terms(
     for all), adv ([N] or [B]), ylen ([B] trained tokens), ids (sequence id per token; only where something is per
     sequence: adv, w, sratio or lvseq), and as configured sratio ([B], gspo), ref (KL), wkl
     (the KL term's own aggregation weight, like w; absent: w), rollout or lvseq (mismatch,
-    token or sequence level). A per-sequence w, wkl, adv, sratio or lvseq may come expanded to its tokens instead, as w_tok, adv_tok, ... (per_token; then
+    token or sequence level). A per-sequence w, wkl, adv, sratio or lvseq may come expanded
+    to its tokens instead, as w_tok, adv_tok, ... (per_token; then
     there is no ids): the CPU engine expands them on the host, since inductor's CPU code
     gathers lane by lane. With grad_out ([N], compute_loss's) the gradient is stored there
     and returned as it: compiled, by the fused loop itself (16M tokens: ~10 ms less than the
@@ -231,8 +232,7 @@ def token_terms(
         m = t["m"].view(torch.bool)
     clamp = prm["clamp"]
     zero = torch.zeros_like(logp)
-    w = t.get("w")
-    alpha = torch.where(m, w if w is not None and w.dim() == 0 else per_token(t, "w", ids), zero)
+    alpha = _weight(t, "w", m, ids, zero)
     a = t["adv"] if adv_per_token else per_token(t, "adv", ids)
     # a masked token's own advantage may be any finite value: 0 in every term (a garbage 3e38
     # times a ratio overflowed), as given in the output
@@ -280,12 +280,8 @@ def token_terms(
     total("d_sum", torch.where(m, logp - old, zero))  # approx_kl's: unclamped (the spec's old - logp)
     if kl is not None:
         k, dk, kcl = kl_terms(kl, torch.where(m, t["ref"] - logp, zero), clamp)
-        akl = alpha  # the KL term's aggregation weight: the policy term's, or its own (wkl)
-        if "wkl" in t or "wkl" + EXPANDED in t:
-            wkl = t.get("wkl")
-            akl = torch.where(
-                m, wkl if wkl is not None and wkl.dim() == 0 else per_token(t, "wkl", ids), zero
-            )
+        # the KL term's aggregation weight: its own (wkl), or the policy term's
+        akl = _weight(t, "wkl", m, ids, zero) if "wkl" in t or "wkl" + EXPANDED in t else alpha
         total("kl_sum", akl * k)
         total("k_sum", torch.where(m, k, zero))
         grad = grad + (prm["beta"] * akl) * dk
@@ -368,6 +364,13 @@ def per_token(t: dict[str, Tensor], name: str, ids: Tensor | None) -> Tensor:
         return expanded
     assert ids is not None  # (None would index as newaxis)
     return t[name][ids]
+
+
+def _weight(t: dict[str, Tensor], name: str, m: Tensor, ids: Tensor | None, zero: Tensor) -> Tensor:
+    """An aggregation weight (w or wkl: 0-d, one for all, or per sequence) at every token, 0 on
+    masked ones."""
+    w = t.get(name)
+    return torch.where(m, w if w is not None and w.dim() == 0 else per_token(t, name, ids), zero)
 
 
 def token_keys(t: dict[str, Tensor], adv_per_token: bool) -> tuple[str, ...]:

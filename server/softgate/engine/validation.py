@@ -96,6 +96,9 @@ def _unread_normalisers(agg: AggregationConfig, kl_mode: str | None, v: list[Fie
     if agg.mode not in _AGG_MODES:  # (refused by the caller; a list is unhashable)
         return
     modes = [agg.mode] + ([kl_mode] if kl_mode is not None and kl_mode != agg.mode else [])
+    if modes[1:] == ["token_sum_norm"] and agg.constant is None:  # (the policy's: the caller's check)
+        why = "missing: the KL term's token_sum_norm (kl.aggregation) needs the constant K"
+        v.append(FieldViolation("aggregation.constant", why))
     reads = {_NORMALISER[m]: m for m in reversed(modes) if m in _NORMALISER}  # (the policy's first)
     given = [f for f in ("num_tokens", "num_seqs") if getattr(agg, f) is not None]
     for own, mode in reads.items():
@@ -242,9 +245,6 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
         kl_mode = config.kl.aggregation if isinstance(config.kl, KLConfig) else None
         if kl_mode is not None and kl_mode not in _AGG_MODES:  # (a list: unhashable)
             kl_mode = None  # (refused below)
-        if kl_mode == "token_sum_norm" and agg.constant is None and agg.mode != kl_mode:
-            why = "missing: the KL term's token_sum_norm (kl.aggregation) needs the constant K"
-            v.append(FieldViolation("aggregation.constant", why))
         _unread_normalisers(agg, kl_mode, v)
 
     kl = config.kl
