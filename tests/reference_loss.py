@@ -177,7 +177,20 @@ def reference_loss(batch: Batch, config: LossConfig) -> Reference:
             r = torch.exp(logs) * torch.exp(lp - lp.detach())
         else:
             r = torch.exp(torch.clamp(lp - o, -C, C))
-        loss_t = _objective(name, config.objective, r, a, lp)
+        if name == "gmpo":
+            # each token's clamped log-ratio clipped on the side A's sign picks, then the
+            # sequence's geometric mean s; token t carries -A sg[s] exp(c_t - sg[c_t]), as
+            # gspo's tokens do (summed over the sequence's tokens, the gradient of -A s)
+            c = torch.clamp(lp - o, -C, C)
+            obj = config.objective
+            if float(a[0]) > 0:
+                c = torch.clamp(c, max=obj.eps_high)
+            elif float(a[0]) < 0:
+                c = torch.clamp(c, min=-obj.eps_low)
+            s = torch.exp(c.detach().sum() / counts[i])
+            loss_t = -a * s * torch.exp(c - c.detach())
+        else:
+            loss_t = _objective(name, config.objective, r, a, lp)
         mm = config.mismatch
         if mm is not None:
             ro = rollout[sl][mi]
@@ -209,7 +222,7 @@ def reference_loss(batch: Batch, config: LossConfig) -> Reference:
 
 # ---------------------------------------------------------------- random batches and configs
 
-OBJECTIVE_NAMES = ("sapo", "grpo", "gspo", "gspo_token", "cispo", "gppo", "reinforce")
+OBJECTIVE_NAMES = ("sapo", "grpo", "gspo", "gspo_token", "cispo", "gppo", "reinforce", "gmpo")
 AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm")
 KL_OPTIONS = (None, "k1", "k2", "k3")
 MISMATCH_OPTIONS = (
@@ -291,6 +304,7 @@ def make_config(
         AdvantageConfig,
         AggregationConfig,
         Cispo,
+        Gmpo,
         Gppo,
         Grpo,
         Gspo,
@@ -312,6 +326,7 @@ def make_config(
         ],
         "cispo": [Cispo(), Cispo(eps_low=0.2, eps_high=0.2), Cispo(eps_low=0.5, eps_high=0.1)],
         "gppo": [Gppo(), Gppo(eps_low=0.1, eps_high=0.28), Gppo(eps_low=0.3, eps_high=0.05)],
+        "gmpo": [Gmpo(), Gmpo(eps_low=0.1, eps_high=0.2), Gmpo(eps_low=0.3, eps_high=0.05)],
         "reinforce": [Reinforce()],
     }[objective]
     obj = objs[variant % len(objs)]

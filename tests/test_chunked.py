@@ -70,7 +70,7 @@ def test_slices_equal_the_whole_kernel(
     path: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    if name == "gspo" and adv == "token":
+    if name in ("gspo", "gmpo") and adv == "token":
         adv = "sequence"
     if path == "gpu":
         _gpu_code_path(monkeypatch)

@@ -164,6 +164,13 @@ CASES = [
         ),
     ),
     (
+        {"objective": "gmpo", "eps_low": 0.3, "eps_high": 0.5, "aggregation": "token_mean"},
+        LossConfig(
+            objective=ec.Gmpo(eps_low=0.3, eps_high=0.5),
+            aggregation=ec.AggregationConfig(mode="token_mean"),
+        ),
+    ),
+    (
         {"objective": "reinforce", "estimator": "reinforce_pp_baseline"},
         LossConfig(objective=ec.Reinforce(), advantages=ec.AdvantageConfig("reinforce_pp_baseline")),
     ),

@@ -132,11 +132,13 @@ def test_aligned_tensors_of_a_large_request_are_read_in_place() -> None:
         assert (t.data_ptr() == _address(raw)) == shared and t.data_ptr() % codec.SHARE_ALIGN == 0
 
 
-@pytest.mark.parametrize("objective", ["sapo", "grpo", "gspo", "gspo_token", "cispo", "gppo", "reinforce"])
+@pytest.mark.parametrize(
+    "objective", ["sapo", "grpo", "gspo", "gspo_token", "cispo", "gppo", "gmpo", "reinforce"]
+)
 def test_the_engine_never_writes_into_a_request(objective: str) -> None:
     # a request's tensors may be its received bytes (above): every input must stay as it came
     for adv, kl, mm in (("rewards", "k3", ("token", "truncate")), ("token", None, ("sequence", "mask"))):
-        if objective == "gspo" and adv == "token":
+        if objective in ("gspo", "gmpo") and adv == "token":
             adv = "sequence"
         batch = random_batch(3, max_seqs=9, max_len=17, advantages=adv)
         frozen = {}

@@ -20,6 +20,7 @@ from softgate.engine import (
     Batch,
     Cispo,
     Engine,
+    Gmpo,
     Gppo,
     Grpo,
     Gspo,
@@ -51,7 +52,17 @@ except ImportError:  # tests/ is not a package
 
 E = Engine(device="cpu", compile=False)
 F64 = torch.float64
-ALL_OBJECTIVES = [Sapo(), Grpo(), Grpo(dual_clip=3.0), Gspo(), GspoToken(), Cispo(), Gppo(), Reinforce()]
+ALL_OBJECTIVES = [
+    Sapo(),
+    Grpo(),
+    Grpo(dual_clip=3.0),
+    Gspo(),
+    GspoToken(),
+    Cispo(),
+    Gppo(),
+    Gmpo(),
+    Reinforce(),
+]
 
 
 def simple_batch(lengths, *, seed=0, dtype=F64, **kw) -> Batch:
@@ -1227,7 +1238,7 @@ def test_the_gpu_code_path_on_the_cpu_gives_the_cpu_results(monkeypatch, name, a
     """The code CUDA runs (sequence ids gathered in the kernel, torch for the layout, weights
     and sums) differs from the CPU's shortcuts; run here on the CPU, it gives their results,
     so the path a GPU takes is tested on every CI run, not only when a GPU is at hand."""
-    if name == "gspo" and adv == "token":
+    if name in ("gspo", "gmpo") and adv == "token":
         adv = "sequence"  # (gspo takes one advantage per sequence)
     b = random_batch(11, max_seqs=12, max_len=15, advantages=adv)
     cfg = make_config(name, agg, kl, mm, variant=1)
@@ -1390,3 +1401,69 @@ def test_the_kl_terms_own_mode_reads_its_normaliser_too() -> None:
     plain = E.loss(b, cfg(kl=None))
     assert plain.loss == E.loss(b, cfg(kl="seq_mean_token_mean")).loss
     assert plain.loss != E.loss(b, cfg(kl="token_mean")).loss
+
+
+def test_gmpo_is_verls_geo_mean_loss() -> None:
+    """GMPO against verl's `geo_mean` written out (its core_algos, autograd through the whole
+    sequence ratio, no token trick): with the default aggregation and num_seqs = B, loss and
+    gradient agree; the clip counts are the active side's only (verl's pg_clipfrac counts an
+    A>0 token below -eps_low too)."""
+    g = torch.Generator().manual_seed(5)
+    lengths = [5, 1, 7, 3, 6, 2]
+    n, b = sum(lengths), len(lengths)
+    logp = -torch.rand(n, generator=g, dtype=F64) - 0.2
+    old = (logp - 0.5 * torch.randn(n, generator=g, dtype=F64)).clamp(max=-1e-3)  # |d| > 0.4: ~40%
+    mask = torch.rand(n, generator=g) < 0.8
+    mask[torch.tensor(lengths).cumsum(0) - 1] = True  # every sequence trained
+    adv = torch.tensor([1.0, -0.5, -1.5, 0.7, 0.0, -0.2], dtype=F64)
+    lo, hi = 0.3, 0.45
+    cfg = LossConfig(objective=Gmpo(eps_low=lo, eps_high=hi))
+    batch = Batch(
+        logp=logp,
+        offsets=Batch.offsets_from_lengths(torch.tensor(lengths)),
+        old_logp=old,
+        mask=mask,
+        advantages=adv,
+        advantage_level="sequence",
+    )
+    res = E.loss(batch, cfg)
+
+    x = logp.clone().requires_grad_(True)
+    losses, free, n_high, n_low = [], 0.0, 0, 0
+    for i, (s, e) in enumerate(itertools.pairwise([0, *torch.tensor(lengths).cumsum(0).tolist()])):
+        m = mask[s:e].to(F64)
+        d = x[s:e] - old[s:e]
+        sgn = torch.sign(adv[i])
+        dmin = sgn * torch.min(sgn * d, sgn * torch.clamp(d, -lo, hi))
+        ratio = torch.exp((dmin * m).sum() / m.sum())
+        losses.append(-adv[i] * ratio)
+        free += float(abs(adv[i]) * ratio) / b  # every trained token's unclipped |gradient|: |A| s / (|y| B)
+        n_high += int(((d > hi) & mask[s:e]).sum()) if adv[i] > 0 else 0
+        n_low += int(((d < -lo) & mask[s:e]).sum()) if adv[i] < 0 else 0
+    want = torch.stack(losses).mean()
+    (grad,) = torch.autograd.grad(want, x)
+    assert res.loss == pytest.approx(float(want), rel=1e-13)
+    torch.testing.assert_close(res.grad, grad, rtol=1e-12, atol=1e-15)
+    assert n_high > 0 and n_low > 0  # (the batch clips on both sides)
+    assert res.metrics["clip_high"] * res.metrics["tokens_pos"] == pytest.approx(n_high)
+    assert res.metrics["clip_low"] * res.metrics["tokens_neg"] == pytest.approx(n_low)
+    assert res.metrics["clip_fraction"] * res.metrics["num_tokens"] == pytest.approx(n_high + n_low)
+    # the clipped tokens are exactly those without gradient (gate 0); A = 0's sequence has none
+    clipped = res.clip_mask & mask
+    assert torch.equal(clipped, (res.gate_weight == 0) & mask & (res.advantages != 0))
+    assert bool((res.grad[clipped] == 0).all()) and bool(
+        (res.grad[~clipped & mask & (res.advantages != 0)] != 0).all()
+    )
+    assert res.metrics["grad_retained"] == pytest.approx(float(res.grad.abs().sum()) / free, rel=1e-12)
+    assert 0 < res.metrics["grad_retained"] < 1
+
+
+def test_gmpo_refuses_per_token_advantages_and_negative_bounds() -> None:
+    b = simple_batch([3, 2], advantages=torch.tensor([1.0, -1.0, 0.5, 0.5, 2.0], dtype=F64))
+    assert reasons(b, LossConfig(objective=Gmpo())) == {("advantages", "unsupported", None)}
+    with pytest.raises(InputError, match="gmpo uses one advantage per sequence"):
+        E.loss(b, LossConfig(objective=Gmpo()))
+    s = simple_batch([3, 2], advantages=torch.tensor([1.0, -1.0], dtype=F64))
+    assert reasons(s, LossConfig(objective=Gmpo(eps_low=-0.1))) == {
+        ("objective.gmpo.eps_low", "out_of_range", None)
+    }

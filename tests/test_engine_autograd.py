@@ -137,7 +137,7 @@ def test_property_random(
     max_len,
     min_group_std,
 ):
-    if objective == "gspo" and advantages == "token":
+    if objective in ("gspo", "gmpo") and advantages == "token":
         advantages = "sequence"
     batch = random_batch(seed, advantages=advantages, big_deltas=big_deltas, max_len=max_len)
     config = make_config(

@@ -79,7 +79,7 @@ def test_auto_runs_eager_on_a_torch_that_cannot_compile_ahead_of_time(
     ],
 )
 def test_warmup_args_have_the_same_configuration(name: str, kl: Any, mm: Any, adv: Any) -> None:
-    if name == "gspo" and adv == "token":
+    if name in ("gspo", "gmpo") and adv == "token":
         adv = "sequence"
     batch = random_batch(5, max_seqs=9, max_len=11, advantages=adv)
     args = kernel_args(batch, make_config(name, "token_mean", kl, mm, variant=1))

@@ -306,7 +306,9 @@ def stream_chunks(draw: Any) -> list[pb.Batch]:
 @st.composite
 def loss_configs(draw: Any) -> pb.LossConfig:
     c = pb.LossConfig()
-    kind = draw(st.sampled_from([None, "sapo", "grpo", "gspo", "gspo_token", "cispo", "gppo", "reinforce"]))
+    kind = draw(
+        st.sampled_from([None, "sapo", "grpo", "gspo", "gspo_token", "cispo", "gppo", "gmpo", "reinforce"])
+    )
     if kind is not None:
         obj = getattr(c.objective, kind)
         obj.SetInParent()

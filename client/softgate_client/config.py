@@ -20,6 +20,7 @@ OBJECTIVE_PARAMS: dict[str, tuple[str, ...]] = {
     "gspo_token": ("eps_low", "eps_high"),
     "cispo": ("eps_low", "eps_high"),
     "gppo": ("eps_low", "eps_high"),
+    "gmpo": ("eps_low", "eps_high"),
     "reinforce": (),
 }
 OUTPUTS = ("advantages", "ratio", "gate_weight", "clip_mask", "mask")
@@ -63,7 +64,7 @@ def _plain_fields(obj: Any, path: str) -> None:
 
 @dataclass(frozen=True)
 class Objective:
-    """An objective by name (`sapo`, `grpo`, `gspo`, `gspo_token`, `cispo`, `gppo`, `reinforce`)
+    """An objective by name (`sapo`, `grpo`, `gspo`, `gspo_token`, `cispo`, `gppo`, `gmpo`, `reinforce`)
     and its parameters (`tau_pos`, `tau_neg`, `eps_low`, `eps_high`, `dual_clip`)."""
 
     name: str = "sapo"

@@ -172,7 +172,7 @@ def build_cases(objective: str, engine: Engine | None = None) -> list[dict[str, 
             (0, 1, 2) if mode == "seq_mean_token_mean" else (k % len(VARIANTS), (k + 3) % len(VARIANTS))
         ):
             adv, est, scale, kl, mm, clamp, big = VARIANTS[vi]
-            if objective == "gspo" and adv == "token":
+            if objective in ("gspo", "gmpo") and adv == "token":
                 adv = "sequence"
             k += 1
             cfg = make_config(

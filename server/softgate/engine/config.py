@@ -110,16 +110,29 @@ class Gppo:
 
 
 @dataclass(frozen=True)
+class Gmpo:
+    """GMPO: the sequence ratio is the geometric mean of its token ratios, each clipped in log
+    space on the side A's sign picks (bounds on the log-ratio); one advantage per sequence."""
+
+    eps_low: float = 0.4
+    eps_high: float = 0.4
+    name: Literal["gmpo"] = "gmpo"
+
+    def __post_init__(self) -> None:
+        _plain_numbers(self)
+
+
+@dataclass(frozen=True)
 class Reinforce:
     """Plain importance sampling, no trust region: l = -r A."""
 
     name: Literal["reinforce"] = "reinforce"
 
 
-Objective = Sapo | Grpo | Gspo | GspoToken | Cispo | Gppo | Reinforce
+Objective = Sapo | Grpo | Gspo | GspoToken | Cispo | Gppo | Gmpo | Reinforce
 OBJECTIVES: dict[str, type] = {
     cls.name: cls
-    for cls in (Sapo, Grpo, Gspo, GspoToken, Cispo, Gppo, Reinforce)  # type: ignore[attr-defined]
+    for cls in (Sapo, Grpo, Gspo, GspoToken, Cispo, Gppo, Gmpo, Reinforce)  # type: ignore[attr-defined]
 }
 
 # ---------------------------------------------------------------- the other choices

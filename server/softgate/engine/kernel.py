@@ -3,7 +3,7 @@
 It reduces over tokens only what cannot be had more cheaply: `kernel_layout` names the values
 a configuration needs, and `derived_terms` fills in the rest from them. With per-sequence
 advantages the token counts and advantage sums are `|y_i|`-weighted sums over the B sequences
-(`sequence_terms`, in the same compiled graph); for hard clips (grpo, gspo) the gate is 0 / 1,
+(`sequence_terms`, in the same compiled graph); for hard clips (grpo, gspo, gmpo) the gate is 0 / 1,
 so gate sums, saturation counts and the clip count follow from the clip counts; without a KL
 term the gradient is the policy gradient, so its absolute sum is `grad_abs`. Each reduction
 left in the fused loop costs about as much as a pass over one input, so fewer reductions is
@@ -23,7 +23,7 @@ from softgate.engine.config import LossConfig
 from softgate.engine.errors import FieldViolation, InputError
 from softgate.engine.kl import kl_terms
 from softgate.engine.mismatch import mismatch_weights
-from softgate.engine.objectives import PolicyTerms, objective_params, policy_terms
+from softgate.engine.objectives import PolicyTerms, gmpo_terms, objective_params, policy_terms
 from softgate.engine.validation import LOGP_TOLERANCE
 
 # token_terms' result: grad, advantages, ratio, gate, clip mask (uint8), the ratio's and the
@@ -55,7 +55,7 @@ def kernel_layout(
     if kind in _SOFT_GATE:
         sums += ["gate_pos", "gate_neg"]
         counts += ["sat_pos", "sat_neg"]
-    if kind in ("clip", "gppo", "cispo"):
+    if kind in ("clip", "gppo", "cispo", "gmpo"):
         counts += ["clip_low", "clip_high"]
     if dual:
         counts.append("dual")
@@ -153,7 +153,7 @@ def derived_terms(s: dict[str, float], kind: str, kl: bool, mismatch: bool) -> d
     if kind == "reinforce":
         out["free_abs"] = s["grad_abs"]
     if kind not in _SOFT_GATE:
-        if kind == "clip":
+        if kind in ("clip", "gmpo"):
             low = s["clip_low"] + s.get("dual", 0.0)  # A < 0 tokens clipped (low and dual are disjoint)
             high = s["clip_high"]
         else:  # reinforce
@@ -212,7 +212,7 @@ def token_terms(
     mismatch (level, mode) (None: no correction). `t` holds logp, old, m (the mask, uint8
     0 / 1; absent: every token trained), w (aggregation weight per sequence [B], or 0-d: one
     for all), adv ([N] or [B]), ylen ([B] trained tokens), ids (sequence id per token; only where something is per
-    sequence: adv, w, sratio or lvseq), and as configured sratio ([B], gspo), ref (KL), wkl
+    sequence: adv, w, sratio or lvseq), and as configured sratio ([B], gspo, gmpo), ref (KL), wkl
     (the KL term's own aggregation weight, like w; absent: w), rollout or lvseq (mismatch,
     token or sequence level). A per-sequence w, wkl, adv, sratio or lvseq may come expanded
     to its tokens instead, as w_tok, adv_tok, ... (per_token; then
@@ -237,7 +237,7 @@ def token_terms(
     # a masked token's own advantage may be any finite value: 0 in every term (a garbage 3e38
     # times a ratio overflowed), as given in the output
     ap = torch.where(m, a, zero) if adv_per_token else a
-    sr = per_token(t, "sratio", ids) if seq_ratio else None
+    sr = per_token(t, "sratio", ids) if seq_ratio or kind == "gmpo" else None
     d, clamped, ratio, pt = _policy(prm, kind, m, logp, old, sr, ap)
     # sums and counts over tokens, each reduced as soon as its term exists: eager code then
     # holds a few [N] temporaries at a time instead of ~20 (compiled code fuses them all anyway)
@@ -389,12 +389,17 @@ def _policy(
 ) -> tuple[Tensor, Tensor | None, Tensor, PolicyTerms]:
     """(clamped log-ratio, clamp bits (None for gspo: its ratio and clamp are per sequence),
     ratio, policy terms) of the tokens given: all of them, or token_terms' sample. `sratio`:
-    GSPO's sequence ratio at these tokens (None: the ratio is per token)."""
+    the sequence ratio at these tokens, GSPO's (the ratio) or GMPO's (read by its loss beside
+    the token's own ratio); None: the ratio is per token."""
     clamp = prm["clamp"]
     zero = torch.zeros_like(logp)
     raw = torch.where(m, logp - old, zero)
     d = raw.clamp(-clamp, clamp)
     clamped = None
+    if kind == "gmpo":
+        assert sratio is not None
+        clamped = raw.abs() > clamp
+        return d, clamped, torch.exp(d), gmpo_terms(d, clamped, sratio, a, prm)
     if sratio is not None:
         ratio = sratio
         dratio = ratio  # s_{i,t} = sg[s_i] exp(logp - sg[logp]): d s_{i,t} / d logp = s_i

@@ -30,7 +30,7 @@ from softgate.engine.aggregate import kl_aggregation, sequence_weights
 from softgate.engine.batch import Batch
 from softgate.engine.buckets import BUCKET_SUMS
 from softgate.engine.chunked import chunked_token_terms
-from softgate.engine.config import Gspo, GspoToken, LossConfig
+from softgate.engine.config import Gmpo, Gspo, GspoToken, LossConfig
 from softgate.engine.errors import FieldViolation, InputError
 from softgate.engine.kernel import EXPANDED, Terms, derived_terms, kernel_layout, kernel_params
 from softgate.engine.metrics import METRIC_NAMES, to_floats
@@ -170,10 +170,18 @@ def _compute_loss(
 
     # ---- sequence-level pieces
     seq_ratio = isinstance(obj, (Gspo, GspoToken))
+    prm = kernel_params(config, dt, dev)
     if seq_ratio:
         logs = seg.sum(torch.where(m, logp - old, torch.zeros_like(logp))) / ylen.clamp(min=1).to(dt)
         t["sratio"] = torch.exp(logs.clamp(-clamp, clamp))
         t["sclamped"] = logs.abs() > clamp
+    elif isinstance(obj, Gmpo):  # the geometric mean of the clamped log-ratios, clipped by A's sign
+        d = torch.where(m, logp - old, torch.zeros_like(logp)).clamp(-clamp, clamp)
+        sign = t["adv"].sign()[seg.ids]  # (one advantage per sequence: validation)
+        d = torch.where(
+            sign > 0, torch.minimum(d, prm["hi"]), torch.where(sign < 0, torch.maximum(d, prm["lo"]), d)
+        )
+        t["sratio"] = torch.exp(seg.sum(d) / ylen.clamp(min=1).to(dt))
     mm = config.mismatch
     if mm is not None:
         assert batch.rollout_logp is not None
@@ -216,7 +224,6 @@ def _compute_loss(
             f"{grad_out.dtype} on {grad_out.device}"
         )
     t["grad_out"] = grad_out
-    prm = kernel_params(config, dt, dev)
     stride = 1
     if sample_tokens is not None and dev.type == "cpu" and n > sample_tokens:
         stride = -(-n // max(sample_tokens, 2))

@@ -4,6 +4,9 @@ Inputs per token: `ratio` rho (r = exp(clamp(logp - old)), or the sequence ratio
 objectives), `dratio` = d rho / d logp (r where the log-ratio was not clamped, 0 where it was;
 s_i for gspo objectives, whose s_{i,t} = sg[s_i] exp(logp - sg[logp])), advantage `a`, `logp`.
 
+gmpo reads the sequence's geometric-mean ratio s_i beside the token's own log-ratio d
+(gmpo_terms): its loss is -A s_i at every token, and a token whose d is clipped gets no gradient.
+
 `grad_free` is the gradient of the same algorithm with the trust region removed (nothing
 clipped, gate weight 1): -A d rho / d logp, and -A r for cispo and on gppo's clipped tokens
 (whose gradient ignores the clamp too). `gate` = grad / grad_free, the factor by which the
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from softgate.engine.config import Cispo, Gppo, Grpo, Gspo, GspoToken, Objective, Reinforce, Sapo
+from softgate.engine.config import Cispo, Gmpo, Gppo, Grpo, Gspo, GspoToken, Objective, Reinforce, Sapo
 
 
 @dataclass
@@ -40,6 +43,7 @@ OBJECTIVE_KIND = {
     "gspo_token": "clip",
     "gppo": "gppo",
     "cispo": "cispo",
+    "gmpo": "gmpo",
     "reinforce": "reinforce",
 }
 
@@ -47,8 +51,10 @@ OBJECTIVE_KIND = {
 def objective_params(obj: Objective) -> dict[str, tuple[float, str]]:
     """The objective's numbers by the kernel's names, each with the field it comes from (the
     kernel reads them as 0-d tensors: kernel.kernel_params). A grpo without dual clip has no
-    "dual" entry (so the kernel does not compute that mask)."""
+    "dual" entry (so the kernel does not compute that mask). gmpo's bounds are on the log-ratio."""
     p = f"objective.{obj.name}"
+    if isinstance(obj, Gmpo):
+        return {"lo": (-obj.eps_low, f"{p}.eps_low"), "hi": (obj.eps_high, f"{p}.eps_high")}
     if isinstance(obj, Sapo):
         return {"tau_pos": (obj.tau_pos, f"{p}.tau_pos"), "tau_neg": (obj.tau_neg, f"{p}.tau_neg")}
     if isinstance(obj, (Grpo, Gppo, Gspo, GspoToken, Cispo)):
@@ -106,3 +112,19 @@ def policy_terms(
         grad = torch.where(clip, torch.zeros_like(free), free)
         gate = torch.where(clip, torch.zeros_like(one), one)
     return PolicyTerms(loss, grad, free, gate, clip, low, high, dual)
+
+
+def gmpo_terms(d: Tensor, clamped: Tensor, sratio: Tensor, a: Tensor, prm: dict[str, Tensor]) -> PolicyTerms:
+    """GMPO's terms: `d` the token's clamped log-ratio (`clamped` where the clamp cut it),
+    `sratio` its sequence's s_i = exp(mean_t clip_i(d)), clip_i(d) = min(d, eps_high) where A > 0,
+    max(d, -eps_low) where A < 0 (prm's "hi" and "lo"). Each of the sequence's |y_i| tokens
+    carries the loss -A s_i, and d s_i / d logp_t = s_i / |y_i| where the token is neither clipped
+    nor clamped (else 0): its gradient is -A s_i times its aggregation weight, as gspo's.
+    grad_free is the gradient at the same s_i with no token clipped."""
+    high = (a > 0) & (d > prm["hi"])
+    low = (a < 0) & (d < prm["lo"])
+    clip = high | low
+    free = -a * torch.where(clamped, torch.zeros_like(sratio), sratio)
+    grad = torch.where(clip, torch.zeros_like(free), free)
+    gate = torch.where(clip, torch.zeros_like(free), torch.ones_like(free))
+    return PolicyTerms(-a * sratio, grad, free, gate, clip, low, high, None)

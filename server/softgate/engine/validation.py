@@ -26,6 +26,7 @@ from softgate.engine.config import (
     AdvantageConfig,
     AggregationConfig,
     Cispo,
+    Gmpo,
     Gppo,
     Grpo,
     Gspo,
@@ -191,7 +192,7 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
         if isinstance(obj, Sapo):
             pos(obj.tau_pos, f"{p}.tau_pos")
             pos(obj.tau_neg, f"{p}.tau_neg")
-        elif isinstance(obj, (Grpo, Gspo, GspoToken, Cispo, Gppo)):
+        elif isinstance(obj, (Grpo, Gspo, GspoToken, Cispo, Gppo, Gmpo)):
             nonneg(obj.eps_low, f"{p}.eps_low")
             nonneg(obj.eps_high, f"{p}.eps_high")
             if isinstance(obj, Grpo) and obj.dual_clip is not None:
@@ -535,11 +536,12 @@ def validate_batch(
                 )
             if not token_values and lvl == "sequence":  # per-sequence values: the kernel does not read them
                 _float_tensor(v, "advantages", a, None)
-            if config is not None and isinstance(config.objective, Gspo) and lvl == "token":
+            if config is not None and isinstance(config.objective, (Gspo, Gmpo)) and lvl == "token":
+                name = config.objective.name
+                instead = "; use gspo_token for per-token advantages" if name == "gspo" else ""
                 v.append(
                     FieldViolation(
-                        "advantages",
-                        "unsupported: gspo uses one advantage per sequence; use gspo_token for per-token advantages",
+                        "advantages", f"unsupported: {name} uses one advantage per sequence{instead}"
                     )
                 )
     elif batch.rewards is None:

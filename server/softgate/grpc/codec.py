@@ -30,6 +30,7 @@ from softgate.engine.config import (
     AdvantageConfig,
     AggregationConfig,
     Cispo,
+    Gmpo,
     Gppo,
     Grpo,
     Gspo,
@@ -645,6 +646,7 @@ _OBJECTIVES: dict[str, tuple[type, tuple[str, ...]]] = {
     "gspo_token": (GspoToken, ("eps_low", "eps_high")),
     "cispo": (Cispo, ("eps_low", "eps_high")),
     "gppo": (Gppo, ("eps_low", "eps_high")),
+    "gmpo": (Gmpo, ("eps_low", "eps_high")),
     "reinforce": (Reinforce, ()),
 }
 _ESTIMATORS = {

@@ -196,18 +196,27 @@ class GppoParams(_message.Message):
     eps_high: float
     def __init__(self, eps_low: _Optional[float] = ..., eps_high: _Optional[float] = ...) -> None: ...
 
+class GmpoParams(_message.Message):
+    __slots__ = ("eps_low", "eps_high")
+    EPS_LOW_FIELD_NUMBER: _ClassVar[int]
+    EPS_HIGH_FIELD_NUMBER: _ClassVar[int]
+    eps_low: float
+    eps_high: float
+    def __init__(self, eps_low: _Optional[float] = ..., eps_high: _Optional[float] = ...) -> None: ...
+
 class ReinforceParams(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class Objective(_message.Message):
-    __slots__ = ("sapo", "grpo", "gspo", "gspo_token", "cispo", "gppo", "reinforce")
+    __slots__ = ("sapo", "grpo", "gspo", "gspo_token", "cispo", "gppo", "gmpo", "reinforce")
     SAPO_FIELD_NUMBER: _ClassVar[int]
     GRPO_FIELD_NUMBER: _ClassVar[int]
     GSPO_FIELD_NUMBER: _ClassVar[int]
     GSPO_TOKEN_FIELD_NUMBER: _ClassVar[int]
     CISPO_FIELD_NUMBER: _ClassVar[int]
     GPPO_FIELD_NUMBER: _ClassVar[int]
+    GMPO_FIELD_NUMBER: _ClassVar[int]
     REINFORCE_FIELD_NUMBER: _ClassVar[int]
     sapo: SapoParams
     grpo: GrpoParams
@@ -215,8 +224,9 @@ class Objective(_message.Message):
     gspo_token: GspoTokenParams
     cispo: CispoParams
     gppo: GppoParams
+    gmpo: GmpoParams
     reinforce: ReinforceParams
-    def __init__(self, sapo: _Optional[_Union[SapoParams, _Mapping]] = ..., grpo: _Optional[_Union[GrpoParams, _Mapping]] = ..., gspo: _Optional[_Union[GspoParams, _Mapping]] = ..., gspo_token: _Optional[_Union[GspoTokenParams, _Mapping]] = ..., cispo: _Optional[_Union[CispoParams, _Mapping]] = ..., gppo: _Optional[_Union[GppoParams, _Mapping]] = ..., reinforce: _Optional[_Union[ReinforceParams, _Mapping]] = ...) -> None: ...
+    def __init__(self, sapo: _Optional[_Union[SapoParams, _Mapping]] = ..., grpo: _Optional[_Union[GrpoParams, _Mapping]] = ..., gspo: _Optional[_Union[GspoParams, _Mapping]] = ..., gspo_token: _Optional[_Union[GspoTokenParams, _Mapping]] = ..., cispo: _Optional[_Union[CispoParams, _Mapping]] = ..., gppo: _Optional[_Union[GppoParams, _Mapping]] = ..., gmpo: _Optional[_Union[GmpoParams, _Mapping]] = ..., reinforce: _Optional[_Union[ReinforceParams, _Mapping]] = ...) -> None: ...
 
 class AdvantageConfig(_message.Message):
     __slots__ = ("estimator", "scale", "eps", "min_group_std")
