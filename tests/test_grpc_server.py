@@ -324,7 +324,7 @@ def test_list_algorithms(stub: pb_grpc.LossServiceStub) -> None:
     r = stub.ListAlgorithms(pb.ListAlgorithmsRequest(), timeout=5)
     names = [o.name for o in r.objectives]
     assert names[0] == "sapo"
-    assert set(names) == {"sapo", "grpo", "gspo", "gspo_token", "cispo", "gppo", "reinforce"}
+    assert set(names) == {"sapo", "grpo", "gspo", "gspo_token", "cispo", "gppo", "gmpo", "reinforce"}
     sapo = {p.name: p for p in r.objectives[0].parameters}
     assert sapo["tau_pos"].default_value == 1.0 and sapo["tau_neg"].default_value == 1.05
     grpo = {p.name: p for p in next(o for o in r.objectives if o.name == "grpo").parameters}
@@ -892,6 +892,7 @@ def test_resource_exhausted_past_the_concurrency_limit() -> None:
             assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert time.monotonic() - t0 < 0.5  # at once, not after the first call
             assert "max_concurrent_rpcs" in (ei.value.details() or "")
+            assert _error_info(ei.value) == ("SERVER_BUSY", "softgate")  # for clients in any language
             assert first.result().outputs.HasField("gradient")
         # the slot is released: the next call succeeds
         assert stub.ComputeLoss(req, timeout=10).outputs.HasField("gradient")
@@ -1185,16 +1186,34 @@ def test_unexpected_error_is_internal_and_generic(caplog: pytest.LogCaptureFixtu
         assert "internal error" in (ei.value.details() or "")
 
 
+def _error_info(err: grpc.RpcError) -> tuple[str, str] | None:
+    """(reason, domain) of the google.rpc.ErrorInfo in a failed call's status details."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    for d in status.details if status is not None else ():
+        info = error_details_pb2.ErrorInfo()
+        if d.Unpack(info):
+            return info.reason, info.domain
+    return None
+
+
 def test_out_of_memory_is_resource_exhausted() -> None:
+    """Found by an audit (a Go trainer): a busy server and a batch too large for the device were
+    both RESOURCE_EXHAUSTED with empty details, told apart only by the message's words; each
+    now carries an ErrorInfo reason (SERVER_BUSY above, OUT_OF_MEMORY here)."""
     oom = getattr(torch, "OutOfMemoryError", RuntimeError)("CUDA out of memory. Tried to allocate 80 GiB")
     with ServerThread(engine=SlowEngine(exc=oom)) as srv:
         with pytest.raises(grpc.RpcError) as ei:
             srv.stub().ComputeLoss(pb.ComputeLossRequest(batch=_good()), timeout=10)
         assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert _error_info(ei.value) == ("OUT_OF_MEMORY", "softgate")
     with ServerThread(engine=SlowEngine(exc=RuntimeError("CUDA error: out of memory"))) as srv:
         with pytest.raises(grpc.RpcError) as ei:
             srv.stub().ComputeLoss(pb.ComputeLossRequest(batch=_good()), timeout=10)
         assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert _error_info(ei.value) == ("OUT_OF_MEMORY", "softgate")
 
 
 def test_cancelled_out_of_memory_and_unexpected_failures(monkeypatch: pytest.MonkeyPatch) -> None:

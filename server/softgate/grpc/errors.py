@@ -3,7 +3,9 @@
 - `InputError` -> INVALID_ARGUMENT with a `google.rpc.BadRequest` (one field violation per
   problem: field "batch.logp[3]", reason "NON_FINITE", description "non_finite: value is nan")
   in the status details;
-- torch out-of-memory (and host MemoryError) -> RESOURCE_EXHAUSTED;
+- torch out-of-memory (and host MemoryError) -> RESOURCE_EXHAUSTED with a `google.rpc.ErrorInfo`
+  (domain "softgate", reason OUT_OF_MEMORY; a server at its concurrency limit: SERVER_BUSY), so
+  that a client in any language can tell the two apart without reading the message;
 - `DeadlineExceeded` (the server saw the deadline pass) -> DEADLINE_EXCEEDED;
 - anything else -> INTERNAL with a generic message and an error id; the traceback is logged
   server-side only.
@@ -97,6 +99,22 @@ def bad_request(err: InputError) -> Failure:
     )
 
 
+ERROR_DOMAIN = "softgate"
+SERVER_BUSY = "SERVER_BUSY"  # at max_concurrent_rpcs: retry with backoff
+OUT_OF_MEMORY = "OUT_OF_MEMORY"  # the batch did not fit the device: split it (one retry at most)
+
+
+def exhausted(message: str, reason: str) -> Failure:
+    """RESOURCE_EXHAUSTED with a google.rpc.ErrorInfo naming why (SERVER_BUSY or OUT_OF_MEMORY):
+    the message is for people, the reason for code (a request over gRPC's own size limit is
+    refused by gRPC before softgate sees it, without one)."""
+    info = any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN))
+    status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=message, details=[info])
+    trailing = tuple(rpc_status.to_status(status).trailing_metadata)
+    return Failure(grpc.StatusCode.RESOURCE_EXHAUSTED, message, trailing_metadata=trailing)
+
+
 def failure_for(exc: BaseException) -> Failure:
     if isinstance(exc, InputError):
         return bad_request(exc)
@@ -108,9 +126,9 @@ def failure_for(exc: BaseException) -> Failure:
         return Failure(grpc.StatusCode.CANCELLED, "cancelled")
     if is_out_of_memory(exc):
         _free_device_cache()
-        return Failure(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        return exhausted(
             "out of memory computing this batch; send smaller batches (or StreamLoss chunks of a smaller batch)",
+            OUT_OF_MEMORY,
         )
     error_id = uuid.uuid4().hex[:12]
     return Failure(

@@ -36,7 +36,7 @@ from softgate.engine.errors import FieldViolation, InputError
 from softgate.engine.result import AdvantageResult, LossResult
 from softgate.engine.validation import compute_dtype
 from softgate.grpc import catalogue, codec
-from softgate.grpc.errors import Cancelled, DeadlineExceeded, failure_for
+from softgate.grpc.errors import SERVER_BUSY, Cancelled, DeadlineExceeded, exhausted, failure_for
 from softgate.grpc.response_buffer import gradient_response
 from softgate.logging import get_logger
 from softgate.settings import DEFAULT_STREAM_IDLE_TIMEOUT_S
@@ -225,12 +225,16 @@ class LossServicer(pb_grpc.LossServiceServicer):
         except Exception:  # telemetry must never fail an RPC
             log.warning("telemetry_error", hook=name, exc_info=True)
 
-    async def _refuse(self, call: _Call, code: grpc.StatusCode, message: str, context: Any) -> None:
-        """Account for a call refused at admission, then abort it with `code`. It is counted but
-        not timed: busy refusals observed as 0 s dragged the latency percentiles toward 0 exactly
-        when the server was saturated."""
+    async def _refuse(
+        self, call: _Call, code: grpc.StatusCode, message: str, context: Any, trailing: Any = ()
+    ) -> None:
+        """Account for a call refused at admission, then abort it with `code` (and `trailing`
+        metadata: a status's details). It is counted but not timed: busy refusals observed as
+        0 s dragged the latency percentiles toward 0 exactly when the server was saturated."""
         call.code, call.error = code.name, message
         self._account(call, None)
+        if trailing:
+            context.set_trailing_metadata(trailing)
         await context.abort(code, message)
 
     def _new_call(self, rpc: str, context: Any) -> _Call:
@@ -248,13 +252,12 @@ class LossServicer(pb_grpc.LossServiceServicer):
             await self._refuse(call, grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN, context)
         if self.in_flight >= self.max_concurrent_rpcs:
             self._hook("busy", rpc)
-            await self._refuse(
-                call,
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            busy = exhausted(
                 f"server busy: {self.in_flight} RPCs in flight (max_concurrent_rpcs={self.max_concurrent_rpcs}); "
                 "retry with backoff",
-                context,
+                SERVER_BUSY,
             )
+            await self._refuse(call, busy.code, busy.message, context, busy.trailing_metadata)
         self.in_flight += 1
         # the slot is given back when grpc ends the call, whatever the handler is doing then (a
         # StreamLoss cut while writing a response is closed after the call has ended: a callback
