@@ -38,3 +38,14 @@ def test_the_loss_level_parameters_are_listed_with_their_defaults() -> None:
         "log_ratio_clamp": c.LossConfig().log_ratio_clamp,
         "saturation_threshold": c.LossConfig().saturation_threshold,
     }
+
+
+def test_gmpo_says_its_bounds_are_on_the_log_ratio() -> None:
+    """A review: gmpo's eps_low / eps_high read as the other objectives' (1 - eps_low, a ratio)
+    while they bound the log-ratio; every other objective keeps the shared text."""
+    r = catalogue.build(Limits(), 1 << 20)
+    by_name = {o.name: {p.name: p for p in o.parameters} for o in r.objectives}
+    gmpo = by_name["gmpo"]
+    assert "log-ratio" in gmpo["eps_low"].description and "exp(-eps_low)" in gmpo["eps_low"].description
+    assert "log-ratio" in gmpo["eps_high"].description and gmpo["eps_high"].default_value == 0.4
+    assert by_name["grpo"]["eps_low"].description == catalogue.PARAM_HELP["eps_low"]

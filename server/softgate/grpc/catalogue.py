@@ -20,6 +20,8 @@ PARAM_HELP: dict[str, str] = {
     "tau_neg": "gate temperature for tokens with non-positive advantage, > 0",
     "eps_low": "lower clip bound: the ratio is clipped below 1 - eps_low, >= 0",
     "eps_high": "upper clip bound: the ratio is clipped above 1 + eps_high, >= 0",
+    "gmpo.eps_low": "lower clip bound on the token log-ratio where A < 0 (the ratio below exp(-eps_low)), >= 0",
+    "gmpo.eps_high": "upper clip bound on the token log-ratio where A > 0 (the ratio above exp(eps_high)), >= 0",
     "dual_clip": "dual clip c > 1 for negative advantages; unset: none",
     "scale": "which std divides the centred rewards; unset: the estimator's own default",
     "eps": "added to the std before dividing, >= 0",
@@ -83,7 +85,8 @@ def _choices(cls: type, name: str) -> list[str]:
 
 
 def _param(cls: type, f: dataclasses.Field[Any]) -> pb.ParameterInfo:
-    p = pb.ParameterInfo(name=f.name, description=PARAM_HELP.get(f.name, ""))
+    own = f"{getattr(cls, 'name', '')}.{f.name}"  # an objective's own help ("gmpo.eps_low") first
+    p = pb.ParameterInfo(name=f.name, description=PARAM_HELP.get(own, PARAM_HELP.get(f.name, "")))
     default = f.default
     if isinstance(default, (int, float)) and not isinstance(default, bool) and math.isfinite(default):
         p.default_value = float(default)
