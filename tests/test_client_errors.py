@@ -476,6 +476,30 @@ def test_only_a_busy_server_is_retried_for_the_whole_budget(details: str, attemp
     assert ei.value.details.startswith(details) and f"after {len(seen)} attempts" in ei.value.details
 
 
+@pytest.mark.parametrize("reason, attempts", [("SERVER_BUSY", None), ("OUT_OF_MEMORY", 2)])
+def test_the_servers_error_info_decides_not_its_words(reason: str, attempts: int | None) -> None:
+    """A review: RESOURCE_EXHAUSTED carries an ErrorInfo reason (the server's own `exhausted`
+    builds it here), and the client branches on it as other languages are told to: a busy
+    server worded otherwise is still retried for the whole budget, an out-of-memory once."""
+    from softgate.grpc.errors import exhausted
+
+    f = exhausted("resources ran out", reason)
+    seen: list[float | None] = []
+
+    def fn(t: float | None) -> None:
+        seen.append(t)
+        raise _FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, f.message, f.trailing_metadata)
+
+    policy = RetryPolicy(initial_backoff=0.001, max_backoff=0.01, budget=0.3)
+    with pytest.raises(ResourceExhaustedError) as ei:
+        call_with_retries(fn, policy=policy, timeout=None)
+    assert len(seen) == (attempts or len(seen)) and len(seen) >= (attempts or 5)
+    assert ei.value.error_reason == reason
+    assert pickle.loads(pickle.dumps(ei.value)).error_reason == reason
+    plain = _FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "Received message larger than max")
+    assert from_rpc_error(plain).error_reason is None
+
+
 def test_a_tls_setup_gRPC_could_not_use_is_not_retried() -> None:
     seen: list[float | None] = []
     details = "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: Failed to create security handshaker."

@@ -55,10 +55,13 @@ class RetryPolicy:
         # this client's own TLS material could not be used: no attempt will differ
         return "Failed to create security handshaker" not in d
 
-    def attempts(self, code: grpc.StatusCode | None, details: str | None) -> float:
-        """The most attempts in all for a call failing with `code` (math.inf: no cap)."""
+    def attempts(self, code: grpc.StatusCode | None, details: str | None, reason: str | None = None) -> float:
+        """The most attempts in all for a call failing with `code` (math.inf: no cap); `reason`
+        the status's ErrorInfo reason (SERVER_BUSY: a busy server; a server without ErrorInfo
+        says "server busy" in its message)."""
         cap = math.inf if self.max_attempts is None else self.max_attempts
-        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "server busy" not in (details or ""):
+        busy = reason == "SERVER_BUSY" or (reason is None and "server busy" in (details or ""))
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and not busy:
             return min(cap, self.exhausted_attempts)
         return cap
 

@@ -13,7 +13,7 @@ from typing import TypeVar
 import grpc
 
 from softgate_client._channel import RetryPolicy
-from softgate_client.errors import SoftgateError, from_rpc_error
+from softgate_client.errors import SoftgateError, error_reason, from_rpc_error
 
 T = TypeVar("T")
 # a call still retrying after this long logs one warning: a wrong address fails only after the
@@ -55,7 +55,7 @@ def call_with_retries(
             details = err.details() if hasattr(err, "details") else None
             retryable = policy.retryable(code, details)
             now = time.monotonic()
-            if retryable and now < end and attempt < policy.attempts(code, details):
+            if retryable and now < end and attempt < policy.attempts(code, details, error_reason(err)):
                 wait = min(rnd.uniform(0.0, policy.backoff(attempt)), end - now)
                 if not warned and now - start >= WARN_AFTER_S:
                     warned = True
@@ -91,4 +91,4 @@ def _retried(e: SoftgateError, attempts: int, seconds: float) -> SoftgateError:
     """`e` with how long the client tried appended to its details."""
     tried = f"(after {attempts} attempt{'s' if attempts != 1 else ''} over {seconds:.1f}s)"
     details = f"{e.details} {tried}" if e.details else tried
-    return type(e)(details, code=e.code, violations=e.violations, debug_info=e.debug_info)
+    return e.replaced(details)

@@ -707,7 +707,7 @@ class SoftgateClient:
             "mtls": "(the server may not trust client_cert: mutual TLS)",
         }[self._transport]
         details = e.details.replace("Socket closed", f"Socket closed {hint}", 1)
-        return type(e)(details, code=e.code, violations=e.violations, debug_info=e.debug_info)
+        return e.replaced(details)
 
     def _ask_limit(self, deadline: float | None) -> None:
         """Ask the server's message limit and stream chunk count limit (ListAlgorithms, one
@@ -981,9 +981,7 @@ def _remapped(
 ) -> InvalidArgumentError:
     """`e` with `remap` applied to each of its violations, in its message too."""
     out = [remap(v) for v in e.violations]
-    return type(e)(
-        _relisted(e.details, e.violations, out), code=e.code, violations=out, debug_info=e.debug_info
-    )
+    return e.replaced(_relisted(e.details, e.violations, out), out)
 
 
 def _relisted(message: str, old: list[FieldViolation], new: list[FieldViolation]) -> str:

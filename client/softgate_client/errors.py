@@ -6,7 +6,7 @@ status, so that a bad batch reads like `batch.logp[17]: non_finite: ...`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -31,9 +31,14 @@ class FieldViolation:
         return f"{self.field}: {self.description}"
 
 
+_E = TypeVar("_E", bound="SoftgateError")
+
+
 class SoftgateError(Exception):
     """Any failed softgate call. `code` is the grpc.StatusCode, `details` the server's message,
-    `violations` the BadRequest field violations (empty when there are none)."""
+    `violations` the BadRequest field violations (empty when there are none), `error_reason`
+    the reason of a google.rpc.ErrorInfo of domain "softgate" (RESOURCE_EXHAUSTED's
+    SERVER_BUSY or OUT_OF_MEMORY), else None."""
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
 
@@ -44,12 +49,14 @@ class SoftgateError(Exception):
         code: grpc.StatusCode | None = None,
         violations: list[FieldViolation] | None = None,
         debug_info: str | None = None,
+        error_reason: str | None = None,
     ) -> None:
         if code is not None:
             self.code = code
         self.details = details
         self.violations = list(violations or [])
         self.debug_info = debug_info
+        self.error_reason = error_reason
         super().__init__(self._render())
 
     def _render(self) -> str:
@@ -63,10 +70,23 @@ class SoftgateError(Exception):
     def reasons(self) -> list[str]:
         return [v.reason for v in self.violations]
 
+    def replaced(self: _E, details: str, violations: list[FieldViolation] | None = None) -> _E:
+        """This error with other details (and violations), everything else kept."""
+        return type(self)(
+            details,
+            code=self.code,
+            violations=self.violations if violations is None else violations,
+            debug_info=self.debug_info,
+            error_reason=self.error_reason,
+        )
+
     def __reduce__(self) -> tuple[Any, ...]:
         # (pickle, e.g. from a multiprocessing worker: the default rebuilds the error from `args`,
         # the rendered text, which then gets a second code prefix)
-        return (_rebuild, (type(self), self.details, self.code, self.violations, self.debug_info))
+        return (
+            _rebuild,
+            (type(self), self.details, self.code, self.violations, self.debug_info, self.error_reason),
+        )
 
 
 def _rebuild(
@@ -75,8 +95,9 @@ def _rebuild(
     code: grpc.StatusCode,
     violations: list[FieldViolation],
     debug_info: str | None,
+    error_reason: str | None = None,
 ) -> SoftgateError:
-    return cls(details, code=code, violations=violations, debug_info=debug_info)
+    return cls(details, code=code, violations=violations, debug_info=debug_info, error_reason=error_reason)
 
 
 class InvalidArgumentError(SoftgateError, ValueError):
@@ -165,12 +186,35 @@ def from_rpc_error(err: grpc.RpcError) -> SoftgateError:
         message, violations, debug_info = status
         details = message or details
     cls = error_class(code)
-    return cls(details or "", code=code, violations=violations, debug_info=debug_info)
+    return cls(
+        details or "", code=code, violations=violations, debug_info=debug_info, error_reason=error_reason(err)
+    )
 
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 _BAD_REQUEST = "type.googleapis.com/google.rpc.BadRequest"
 _DEBUG_INFO = "type.googleapis.com/google.rpc.DebugInfo"
+_ERROR_INFO = "type.googleapis.com/google.rpc.ErrorInfo"
+ERROR_DOMAIN = "softgate"
+
+
+def error_reason(err: Any) -> str | None:
+    """The reason of the google.rpc.ErrorInfo of domain "softgate" in a failed call's status
+    details (SERVER_BUSY, OUT_OF_MEMORY), or None: there is none (an older server, gRPC's own
+    refusals), or it does not parse."""
+    try:
+        raw = next((v for k, v in err.trailing_metadata() or () if k == STATUS_DETAILS_KEY), None)
+        if not isinstance(raw, bytes):
+            return None
+        for any_msg in _strings(raw).get(3, []):  # Status.details: Any {type_url = 1, value = 2}
+            fields = _strings(any_msg)
+            if _text(fields.get(1, [b""])[0]) == _ERROR_INFO:
+                info = _strings(bytes(fields.get(2, [b""])[0]))  # ErrorInfo {reason = 1, domain = 2}
+                if _text(info.get(2, [b""])[0]) == ERROR_DOMAIN:
+                    return _text(info.get(1, [b""])[0]) or None
+    except Exception:  # a malformed status detail: no reason
+        return None
+    return None
 
 
 def _rich_status(err: Any, code: grpc.StatusCode) -> tuple[str, list[FieldViolation], str | None] | None:
