@@ -23,7 +23,7 @@ from softgate.engine.config import LossConfig
 from softgate.engine.errors import FieldViolation, InputError
 from softgate.engine.kl import kl_terms
 from softgate.engine.mismatch import mismatch_weights
-from softgate.engine.objectives import PolicyTerms, gmpo_terms, objective_params, policy_terms
+from softgate.engine.objectives import PolicyTerms, objective_params, policy_terms
 from softgate.engine.validation import LOGP_TOLERANCE
 
 # token_terms' result: grad, advantages, ratio, gate, clip mask (uint8), the ratio's and the
@@ -399,7 +399,9 @@ def _policy(
     if kind == "gmpo":
         assert sratio is not None
         clamped = raw.abs() > clamp
-        return d, clamped, torch.exp(d), gmpo_terms(d, clamped, sratio, a, prm)
+        ratio = torch.exp(d)
+        dratio = torch.where(clamped, zero, sratio)
+        return d, clamped, ratio, policy_terms(kind, ratio, dratio, a, logp, prm, value=sratio)
     if sratio is not None:
         ratio = sratio
         dratio = ratio  # s_{i,t} = sg[s_i] exp(logp - sg[logp]): d s_{i,t} / d logp = s_i

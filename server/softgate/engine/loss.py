@@ -170,17 +170,25 @@ def _compute_loss(
 
     # ---- sequence-level pieces
     seq_ratio = isinstance(obj, (Gspo, GspoToken))
-    prm = kernel_params(config, dt, dev)
     if seq_ratio:
         logs = seg.sum(torch.where(m, logp - old, torch.zeros_like(logp))) / ylen.clamp(min=1).to(dt)
         t["sratio"] = torch.exp(logs.clamp(-clamp, clamp))
         t["sclamped"] = logs.abs() > clamp
-    elif isinstance(obj, Gmpo):  # the geometric mean of the clamped log-ratios, clipped by A's sign
-        d = torch.where(m, logp - old, torch.zeros_like(logp)).clamp(-clamp, clamp)
-        sign = t["adv"].sign()[seg.ids]  # (one advantage per sequence: validation)
-        d = torch.where(
-            sign > 0, torch.minimum(d, prm["hi"]), torch.where(sign < 0, torch.maximum(d, prm["lo"]), d)
-        )
+    elif isinstance(obj, Gmpo):
+        # the geometric mean of the log-ratios, each clamped and clipped on the side its
+        # sequence's A picks (one advantage per sequence: validation): one clamp with bounds
+        # per sequence, min(clamp(d), eps_high) = clamp(d, -C, min(eps_high, C)) and alike
+        # below. (The kernel tells the clipped tokens by their ratio, r > exp(eps_high): the
+        # two agree but within a rounding of the bound, where either side is the kink.)
+        adv = t["adv"]
+        c = torch.tensor(clamp, dtype=dt, device=dev)
+        lo = torch.tensor(-min(obj.eps_low, clamp), dtype=dt, device=dev)
+        hi = torch.tensor(min(obj.eps_high, clamp), dtype=dt, device=dev)
+        lo = seg.expand(torch.where(adv < 0, lo, -c))
+        hi = seg.expand(torch.where(adv > 0, hi, c))
+        d = torch.clamp(logp - old, lo, hi)
+        if batch.mask is not None:
+            d = torch.where(m, d, torch.zeros_like(d))
         t["sratio"] = torch.exp(seg.sum(d) / ylen.clamp(min=1).to(dt))
     mm = config.mismatch
     if mm is not None:
@@ -203,10 +211,8 @@ def _compute_loss(
         # expanded to their tokens here: a vector load in the kernel, not a gather, which
         # inductor's CPU code does lane by lane (16M tokens, SAPO, a weight per sequence: the
         # in-process engine 46 -> 42 ms)
-        lengths = seg.host_lengths
-        assert lengths is not None  # (a host batch's)
         for k in gathered:
-            t[k + EXPANDED] = torch.from_numpy(t[k].detach().numpy().repeat(lengths))
+            t[k + EXPANDED] = seg.expand(t[k])
             if k in ("w", "wkl", "lvseq"):  # (the others' [B] values go into sequence_terms too)
                 del t[k]
     elif gathered:
@@ -224,6 +230,7 @@ def _compute_loss(
             f"{grad_out.dtype} on {grad_out.device}"
         )
     t["grad_out"] = grad_out
+    prm = kernel_params(config, dt, dev)
     stride = 1
     if sample_tokens is not None and dev.type == "cpu" and n > sample_tokens:
         stride = -(-n // max(sample_tokens, 2))

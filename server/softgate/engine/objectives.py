@@ -4,8 +4,11 @@ Inputs per token: `ratio` rho (r = exp(clamp(logp - old)), or the sequence ratio
 objectives), `dratio` = d rho / d logp (r where the log-ratio was not clamped, 0 where it was;
 s_i for gspo objectives, whose s_{i,t} = sg[s_i] exp(logp - sg[logp])), advantage `a`, `logp`.
 
-gmpo reads the sequence's geometric-mean ratio s_i beside the token's own log-ratio d
-(gmpo_terms): its loss is -A s_i at every token, and a token whose d is clipped gets no gradient.
+gmpo clips as grpo does, on the token's own ratio r (its bounds exp(-eps_low), exp(eps_high):
+objective_params), but its loss is -A s_i at every token (`value`, the sequence's geometric-mean
+ratio) and `dratio` is s_i where r was not clamped: each of the |y_i| tokens carries -A s_i and
+d s_i / d logp_t = s_i / |y_i|, so a token's gradient is -A s_i times its aggregation weight
+(gspo's form), 0 where clipped. Its free gradient is the same at the same s_i.
 
 `grad_free` is the gradient of the same algorithm with the trust region removed (nothing
 clipped, gate weight 1): -A d rho / d logp, and -A r for cispo and on gppo's clipped tokens
@@ -16,6 +19,7 @@ on clipped tokens; cispo: clip(r) / r).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -51,10 +55,13 @@ OBJECTIVE_KIND = {
 def objective_params(obj: Objective) -> dict[str, tuple[float, str]]:
     """The objective's numbers by the kernel's names, each with the field it comes from (the
     kernel reads them as 0-d tensors: kernel.kernel_params). A grpo without dual clip has no
-    "dual" entry (so the kernel does not compute that mask). gmpo's bounds are on the log-ratio."""
+    "dual" entry (so the kernel does not compute that mask). gmpo's eps bound the log-ratio: its
+    ratio bounds are exp(-eps_low) and exp(eps_high)."""
     p = f"objective.{obj.name}"
     if isinstance(obj, Gmpo):
-        return {"lo": (-obj.eps_low, f"{p}.eps_low"), "hi": (obj.eps_high, f"{p}.eps_high")}
+        # (exp past float64's range is its largest value: the kernel caps a bound at the dtype's)
+        high = math.exp(min(obj.eps_high, 709.0))
+        return {"lo": (math.exp(-obj.eps_low), f"{p}.eps_low"), "hi": (high, f"{p}.eps_high")}
     if isinstance(obj, Sapo):
         return {"tau_pos": (obj.tau_pos, f"{p}.tau_pos"), "tau_neg": (obj.tau_neg, f"{p}.tau_neg")}
     if isinstance(obj, (Grpo, Gppo, Gspo, GspoToken, Cispo)):
@@ -67,9 +74,16 @@ def objective_params(obj: Objective) -> dict[str, tuple[float, str]]:
 
 
 def policy_terms(
-    kind: str, ratio: Tensor, dratio: Tensor, a: Tensor, logp: Tensor, prm: dict[str, Tensor]
+    kind: str,
+    ratio: Tensor,
+    dratio: Tensor,
+    a: Tensor,
+    logp: Tensor,
+    prm: dict[str, Tensor],
+    value: Tensor | None = None,
 ) -> PolicyTerms:
-    """`kind` is OBJECTIVE_KIND[name]; `prm` holds objective_params' numbers as 0-d tensors."""
+    """`kind` is OBJECTIVE_KIND[name]; `prm` holds objective_params' numbers as 0-d tensors;
+    `value` gmpo's sequence ratio s_i at each token."""
     one = torch.ones_like(ratio)
     no = torch.zeros_like(ratio, dtype=torch.bool)
     if kind == "sapo":
@@ -92,7 +106,11 @@ def policy_terms(
         return PolicyTerms(-wgt * a * logp, -wgt * a, -ratio * a, wgt / ratio, clip, low, high, None)
     clip = high | low
     bound = torch.where(high, hi, lo)
-    loss = -a * torch.where(clip, bound, ratio)
+    if kind == "gmpo":
+        assert value is not None
+        loss = -a * value
+    else:
+        loss = -a * torch.where(clip, bound, ratio)
     dual = None
     if "dual" in prm:
         c = prm["dual"]
@@ -112,19 +130,3 @@ def policy_terms(
         grad = torch.where(clip, torch.zeros_like(free), free)
         gate = torch.where(clip, torch.zeros_like(one), one)
     return PolicyTerms(loss, grad, free, gate, clip, low, high, dual)
-
-
-def gmpo_terms(d: Tensor, clamped: Tensor, sratio: Tensor, a: Tensor, prm: dict[str, Tensor]) -> PolicyTerms:
-    """GMPO's terms: `d` the token's clamped log-ratio (`clamped` where the clamp cut it),
-    `sratio` its sequence's s_i = exp(mean_t clip_i(d)), clip_i(d) = min(d, eps_high) where A > 0,
-    max(d, -eps_low) where A < 0 (prm's "hi" and "lo"). Each of the sequence's |y_i| tokens
-    carries the loss -A s_i, and d s_i / d logp_t = s_i / |y_i| where the token is neither clipped
-    nor clamped (else 0): its gradient is -A s_i times its aggregation weight, as gspo's.
-    grad_free is the gradient at the same s_i with no token clipped."""
-    high = (a > 0) & (d > prm["hi"])
-    low = (a < 0) & (d < prm["lo"])
-    clip = high | low
-    free = -a * torch.where(clamped, torch.zeros_like(sratio), sratio)
-    grad = torch.where(clip, torch.zeros_like(free), free)
-    gate = torch.where(clip, torch.zeros_like(free), torch.ones_like(free))
-    return PolicyTerms(-a * sratio, grad, free, gate, clip, low, high, None)

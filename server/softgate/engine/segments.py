@@ -45,6 +45,13 @@ class Segments:
         per-sequence values instead, see compute_loss). Built on first use: 64 MB at 16M tokens."""
         return torch.repeat_interleave(self.lengths.to(torch.int32), output_size=self.num_tokens)
 
+    def expand(self, x: Tensor) -> Tensor:
+        """A per-sequence tensor at every token ([B] -> [N]): numpy's repeat on the host, a
+        gather by sequence id elsewhere."""
+        if self.host_lengths is not None:
+            return torch.from_numpy(x.detach().numpy().repeat(self.host_lengths))
+        return x[self.ids]
+
     def sum(self, x: Tensor) -> Tensor:
         """Per-sequence sum of a per-token tensor ([N] -> [B]); 0 for empty sequences."""
         if use_segment_reduce(x.device):
