@@ -1467,3 +1467,25 @@ def test_gmpo_refuses_per_token_advantages_and_negative_bounds() -> None:
     assert reasons(s, LossConfig(objective=Gmpo(eps_low=-0.1))) == {
         ("objective.gmpo.eps_low", "out_of_range", None)
     }
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-50, 0.3, 80.0, 100.0, 1e300])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_gmpo_takes_every_bound_in_either_dtype(eps: float, dtype: torch.dtype) -> None:
+    """A review: a GMPO bound of 1e-50 was refused in float32 (-1e-50 is a float32 0), and
+    then, once the kernel compared ratios, one past ~103 was (exp(-103) is). A bound past the
+    log-ratio clamp clips nothing; any bound gives the float64 reference's loss and gradient."""
+    try:
+        from tests.reference_loss import reference_loss
+    except ImportError:
+        from reference_loss import reference_loss  # type: ignore[no-redef]
+
+    b = random_batch(8, advantages="sequence", big_deltas=True, dtype=dtype)
+    cfg = LossConfig(objective=Gmpo(eps_low=eps, eps_high=eps))
+    res = E.loss(b, cfg)
+    ref = reference_loss(b, cfg)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert res.loss == pytest.approx(float(ref.loss), rel=tol, abs=tol)
+    torch.testing.assert_close(res.grad.to(F64), ref.grad(), rtol=tol, atol=tol)
+    if eps >= 80:
+        assert res.metrics["clip_fraction"] == 0.0

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from softgate.engine.config import Cispo, Gmpo, Gppo, Grpo, Gspo, GspoToken, Objective, Reinforce, Sapo
+from softgate.engine.validation import MAX_LOG_RATIO_CLAMP
 
 
 @dataclass
@@ -59,9 +60,10 @@ def objective_params(obj: Objective) -> dict[str, tuple[float, str]]:
     ratio bounds are exp(-eps_low) and exp(eps_high)."""
     p = f"objective.{obj.name}"
     if isinstance(obj, Gmpo):
-        # (exp past float64's range is its largest value: the kernel caps a bound at the dtype's)
-        high = math.exp(min(obj.eps_high, 709.0))
-        return {"lo": (math.exp(-obj.eps_low), f"{p}.eps_low"), "hi": (high, f"{p}.eps_high")}
+        # a log-ratio bound past the clamp (at most MAX_LOG_RATIO_CLAMP) clips nothing: taken at
+        # it, exp of either bound fits float32 (exp(-100) would be a float32 0)
+        lo, hi = (min(e, MAX_LOG_RATIO_CLAMP) for e in (obj.eps_low, obj.eps_high))
+        return {"lo": (math.exp(-lo), f"{p}.eps_low"), "hi": (math.exp(hi), f"{p}.eps_high")}
     if isinstance(obj, Sapo):
         return {"tau_pos": (obj.tau_pos, f"{p}.tau_pos"), "tau_neg": (obj.tau_neg, f"{p}.tau_neg")}
     if isinstance(obj, (Grpo, Gppo, Gspo, GspoToken, Cispo)):
