@@ -1489,3 +1489,26 @@ def test_gmpo_takes_every_bound_in_either_dtype(eps: float, dtype: torch.dtype) 
     torch.testing.assert_close(res.grad.to(F64), ref.grad(), rtol=tol, atol=tol)
     if eps >= 80:
         assert res.metrics["clip_fraction"] == 0.0
+
+
+def test_gmpo_clips_on_the_log_ratio_as_its_value_does() -> None:
+    """A review: compared on the ratio, a float32 bound of 0 let tokens with log-ratios up to
+    6e-8 (a ratio of 1.0 in float32) keep their whole gradient while their value was clipped.
+    Host and kernel now clip at the same log-ratio bound, and a bound past the clamp counts no
+    clamped token as clipped."""
+    old = torch.tensor([-1e-3, -1e-3, -1e-3], dtype=torch.float32)
+    logp = old + torch.tensor([4.7e-9, 2.8e-8, -0.1], dtype=torch.float32)
+    b = Batch(logp=logp, offsets=torch.tensor([0, 3]), old_logp=old, advantages=torch.tensor([1.0]))
+    res = E.loss(b, LossConfig(objective=Gmpo(eps_low=0.0, eps_high=0.0)))
+    assert res.grad[:2].tolist() == [0.0, 0.0] and res.grad[2] < 0
+    assert res.metrics["clip_high"] == pytest.approx(2 / 3)
+    far = Batch(
+        logp=torch.tensor([-1.0, -1.0]),
+        offsets=torch.tensor([0, 2]),
+        old_logp=torch.tensor([-86.0, -1.1]),
+        advantages=torch.tensor([1.0]),
+    )
+    cfg = LossConfig(objective=Gmpo(eps_low=100.0, eps_high=100.0), log_ratio_clamp=80.0)
+    res = E.loss(far, cfg)
+    assert res.metrics["clamped_tokens"] == 1 and res.metrics["clip_fraction"] == 0.0
+    assert res.grad[0] == 0 and res.grad[1] != 0

@@ -35,7 +35,7 @@ from softgate.engine.errors import FieldViolation, InputError
 from softgate.engine.kernel import EXPANDED, Terms, derived_terms, kernel_layout, kernel_params
 from softgate.engine.metrics import METRIC_NAMES, to_floats
 from softgate.engine.mismatch import mismatch_log_weights
-from softgate.engine.objectives import OBJECTIVE_KIND
+from softgate.engine.objectives import OBJECTIVE_KIND, gmpo_bounds
 from softgate.engine.result import LossResult
 from softgate.engine.segments import Segments, host_shortcuts
 from softgate.engine.validation import advantage_level, check, compute_dtype
@@ -178,12 +178,12 @@ def _compute_loss(
         # the geometric mean of the log-ratios, each clamped and clipped on the side its
         # sequence's A picks (one advantage per sequence: validation): one clamp with bounds
         # per sequence, min(clamp(d), eps_high) = clamp(d, -C, min(eps_high, C)) and alike
-        # below. (The kernel tells the clipped tokens by their ratio, r > exp(eps_high): the
-        # two agree but within a rounding of the bound, where either side is the kink.)
+        # below (the kernel clips at the same bounds: gmpo_bounds)
         adv = t["adv"]
+        lo_d, hi_d = gmpo_bounds(obj)
         c = torch.tensor(clamp, dtype=dt, device=dev)
-        lo = torch.tensor(-min(obj.eps_low, clamp), dtype=dt, device=dev)
-        hi = torch.tensor(min(obj.eps_high, clamp), dtype=dt, device=dev)
+        lo = torch.tensor(max(lo_d, -clamp), dtype=dt, device=dev)
+        hi = torch.tensor(min(hi_d, clamp), dtype=dt, device=dev)
         lo = seg.expand(torch.where(adv < 0, lo, -c))
         hi = seg.expand(torch.where(adv > 0, hi, c))
         d = torch.clamp(logp - old, lo, hi)

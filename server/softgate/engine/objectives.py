@@ -4,9 +4,9 @@ Inputs per token: `ratio` rho (r = exp(clamp(logp - old)), or the sequence ratio
 objectives), `dratio` = d rho / d logp (r where the log-ratio was not clamped, 0 where it was;
 s_i for gspo objectives, whose s_{i,t} = sg[s_i] exp(logp - sg[logp])), advantage `a`, `logp`.
 
-gmpo clips as grpo does, on the token's own ratio r (its bounds exp(-eps_low), exp(eps_high):
-objective_params), but its loss is -A s_i at every token (`value`, the sequence's geometric-mean
-ratio) and `dratio` is s_i where r was not clamped: each of the |y_i| tokens carries -A s_i and
+gmpo clips as grpo does, but on the token's own log-ratio before the clamp (passed as `ratio`;
+its bounds -eps_low and eps_high: gmpo_bounds), with the loss -A s_i at every token (`value`, the
+sequence's geometric-mean ratio) and `dratio` s_i where d was not clamped: each of the |y_i| tokens carries -A s_i and
 d s_i / d logp_t = s_i / |y_i|, so a token's gradient is -A s_i times its aggregation weight
 (gspo's form), 0 where clipped. Its free gradient is the same at the same s_i.
 
@@ -19,14 +19,12 @@ on clipped tokens; cispo: clip(r) / r).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from softgate.engine.config import Cispo, Gmpo, Gppo, Grpo, Gspo, GspoToken, Objective, Reinforce, Sapo
-from softgate.engine.validation import MAX_LOG_RATIO_CLAMP
 
 
 @dataclass
@@ -56,14 +54,12 @@ OBJECTIVE_KIND = {
 def objective_params(obj: Objective) -> dict[str, tuple[float, str]]:
     """The objective's numbers by the kernel's names, each with the field it comes from (the
     kernel reads them as 0-d tensors: kernel.kernel_params). A grpo without dual clip has no
-    "dual" entry (so the kernel does not compute that mask). gmpo's eps bound the log-ratio: its
-    ratio bounds are exp(-eps_low) and exp(eps_high)."""
+    "dual" entry (so the kernel does not compute that mask). gmpo's bound the log-ratio
+    (gmpo_bounds)."""
     p = f"objective.{obj.name}"
     if isinstance(obj, Gmpo):
-        # a log-ratio bound past the clamp (at most MAX_LOG_RATIO_CLAMP) clips nothing: taken at
-        # it, exp of either bound fits float32 (exp(-100) would be a float32 0)
-        lo, hi = (min(e, MAX_LOG_RATIO_CLAMP) for e in (obj.eps_low, obj.eps_high))
-        return {"lo": (math.exp(-lo), f"{p}.eps_low"), "hi": (math.exp(hi), f"{p}.eps_high")}
+        lo, hi = gmpo_bounds(obj)
+        return {"lo": (lo, f"{p}.eps_low"), "hi": (hi, f"{p}.eps_high")}
     if isinstance(obj, Sapo):
         return {"tau_pos": (obj.tau_pos, f"{p}.tau_pos"), "tau_neg": (obj.tau_neg, f"{p}.tau_neg")}
     if isinstance(obj, (Grpo, Gppo, Gspo, GspoToken, Cispo)):
@@ -73,6 +69,14 @@ def objective_params(obj: Objective) -> dict[str, tuple[float, str]]:
         return vals
     assert isinstance(obj, Reinforce)
     return {}
+
+
+def gmpo_bounds(obj: Gmpo) -> tuple[float, float]:
+    """GMPO's bounds on the log-ratio, (-eps_low, eps_high), an eps below 1e-30 taken as 0: float32
+    holds every bound then (-1e-50 would be refused as not representable), and host and kernel
+    clip at the same numbers."""
+    lo, hi = (e if e >= 1e-30 else 0.0 for e in (obj.eps_low, obj.eps_high))
+    return -lo, hi
 
 
 def policy_terms(
