@@ -203,10 +203,10 @@ def error_reason(err: Any) -> str | None:
     details (SERVER_BUSY, OUT_OF_MEMORY), or None: there is none (an older server, gRPC's own
     refusals), or it does not parse."""
     try:
-        raw = next((v for k, v in err.trailing_metadata() or () if k == STATUS_DETAILS_KEY), None)
-        if not isinstance(raw, bytes):
-            return None
-        for any_msg in _strings(raw).get(3, []):  # Status.details: Any {type_url = 1, value = 2}
+        raw = _status_bytes(err)
+        for any_msg in (
+            _strings(raw).get(3, []) if raw is not None else ()
+        ):  # Status.details: Any {type_url = 1, value = 2}
             fields = _strings(any_msg)
             if _text(fields.get(1, [b""])[0]) == _ERROR_INFO:
                 info = _strings(bytes(fields.get(2, [b""])[0]))  # ErrorInfo {reason = 1, domain = 2}
@@ -217,14 +217,18 @@ def error_reason(err: Any) -> str | None:
     return None
 
 
+def _status_bytes(err: Any) -> bytes | None:
+    """The serialized google.rpc.Status in a failed call's trailing metadata, or None."""
+    raw = next((v for k, v in err.trailing_metadata() or () if k == STATUS_DETAILS_KEY), None)
+    return raw if isinstance(raw, bytes) else None
+
+
 def _rich_status(err: Any, code: grpc.StatusCode) -> tuple[str, list[FieldViolation], str | None] | None:
     """(message, field violations, debug info) of the google.rpc.Status in the call's trailing
     metadata, or None when there is none, it does not parse, or its code is not the call's."""
     try:
-        raw = next((v for k, v in err.trailing_metadata() or () if k == STATUS_DETAILS_KEY), None)
-        if not isinstance(raw, bytes):
-            return None
-        return parse_status(raw, code)
+        raw = _status_bytes(err)
+        return None if raw is None else parse_status(raw, code)
     except Exception:  # a malformed status detail: keep the plain message
         return None
 

@@ -211,8 +211,9 @@ def token_terms(
     `prm` is kernel_params(config); `kl` the KL estimator (None: no KL term), `mismatch` the
     mismatch (level, mode) (None: no correction). `t` holds logp, old, m (the mask, uint8
     0 / 1; absent: every token trained), w (aggregation weight per sequence [B], or 0-d: one
-    for all), adv ([N] or [B]), ylen ([B] trained tokens), ids (sequence id per token; only where something is per
-    sequence: adv, w, sratio or lvseq), and as configured sratio ([B], gspo, gmpo), ref (KL), wkl
+    for all), adv ([N] or [B]), ylen ([B] trained tokens), ids (sequence id per token; only
+    where something is per sequence: adv, w, sratio or lvseq), and as configured sratio ([B],
+    gspo, gmpo), ref (KL), wkl
     (the KL term's own aggregation weight, like w; absent: w), rollout or lvseq (mismatch,
     token or sequence level). A per-sequence w, wkl, adv, sratio or lvseq may come expanded
     to its tokens instead, as w_tok, adv_tok, ... (per_token; then

@@ -180,13 +180,11 @@ def _compute_loss(
         # per sequence, min(clamp(d), eps_high) = clamp(d, -C, min(eps_high, C)) and alike
         # below (the kernel clips at the same bounds: gmpo_bounds)
         adv = t["adv"]
-        lo_d, hi_d = gmpo_bounds(obj)
-        c = torch.tensor(clamp, dtype=dt, device=dev)
-        lo = torch.tensor(max(lo_d, -clamp), dtype=dt, device=dev)
-        hi = torch.tensor(min(hi_d, clamp), dtype=dt, device=dev)
-        lo = seg.expand(torch.where(adv < 0, lo, -c))
-        hi = seg.expand(torch.where(adv > 0, hi, c))
-        d = torch.clamp(logp - old, lo, hi)
+        lo, hi = gmpo_bounds(obj)
+        bound = torch.tensor([max(lo, -clamp), min(hi, clamp), clamp], dtype=dt, device=dev)
+        below = seg.expand(torch.where(adv < 0, bound[0], -bound[2]))  # per token
+        above = seg.expand(torch.where(adv > 0, bound[1], bound[2]))
+        d = torch.clamp(logp - old, below, above)
         if batch.mask is not None:
             d = torch.where(m, d, torch.zeros_like(d))
         t["sratio"] = torch.exp(seg.sum(d) / ylen.clamp(min=1).to(dt))

@@ -5,10 +5,11 @@ objectives), `dratio` = d rho / d logp (r where the log-ratio was not clamped, 0
 s_i for gspo objectives, whose s_{i,t} = sg[s_i] exp(logp - sg[logp])), advantage `a`, `logp`.
 
 gmpo clips as grpo does, but on the token's own log-ratio before the clamp (passed as `ratio`;
-its bounds -eps_low and eps_high: gmpo_bounds), with the loss -A s_i at every token (`value`, the
-sequence's geometric-mean ratio) and `dratio` s_i where d was not clamped: each of the |y_i| tokens carries -A s_i and
-d s_i / d logp_t = s_i / |y_i|, so a token's gradient is -A s_i times its aggregation weight
-(gspo's form), 0 where clipped. Its free gradient is the same at the same s_i.
+its bounds -eps_low and eps_high: gmpo_bounds), with the loss -A s_i at every token (`value`,
+the sequence's geometric-mean ratio) and `dratio` s_i where d was not clamped: each of the
+|y_i| tokens carries -A s_i and d s_i / d logp_t = s_i / |y_i|, so a token's gradient is -A s_i
+times its aggregation weight (gspo's form), 0 where clipped. Its free gradient is the same at
+the same s_i.
 
 `grad_free` is the gradient of the same algorithm with the trust region removed (nothing
 clipped, gate weight 1): -A d rho / d logp, and -A r for cispo and on gppo's clipped tokens
@@ -72,8 +73,8 @@ def objective_params(obj: Objective) -> dict[str, tuple[float, str]]:
 
 
 def gmpo_bounds(obj: Gmpo) -> tuple[float, float]:
-    """GMPO's bounds on the log-ratio, (-eps_low, eps_high), an eps below 1e-30 taken as 0: float32
-    holds every bound then (-1e-50 would be refused as not representable), and host and kernel
+    """GMPO's bounds on the log-ratio, (-eps_low, eps_high), an eps below 1e-30 taken as 0:
+    float32 holds every bound then (-1e-50 would be refused as not representable), and host and kernel
     clip at the same numbers."""
     lo, hi = (e if e >= 1e-30 else 0.0 for e in (obj.eps_low, obj.eps_high))
     return -lo, hi
