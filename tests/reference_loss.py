@@ -112,6 +112,21 @@ def _objective(name: str, obj, r: Tensor, a: Tensor, logp: Tensor) -> Tensor:
     return loss
 
 
+def _dppo(name: str, obj, r: Tensor, a: Tensor, logp: Tensor, old: Tensor) -> Tensor:
+    """DPPO's per-token loss as the paper (and verl) write it: -A sg[min(r, C)] logp, dropped
+    where the probability moved past the sign's bound (the binary KL in verl's form, 1 - p
+    computed as 1 - exp(logp), clamped at 0 for a log-prob within the tolerance above 0)."""
+    p, q = torch.exp(logp.detach()), torch.exp(old)
+    if name == "dppo_tv":
+        drop = torch.where(a > 0, p - q > obj.eps_high, q - p > obj.eps_low)
+    else:
+        one_q, one_p = (1 - q).clamp(min=0), (1 - p).clamp(min=0)
+        kl = q * (old - logp.detach()) + one_q * torch.log((one_q + 1e-8) / (one_p + 1e-8))
+        drop = torch.where(a > 0, (kl > obj.eps_high) & (p > q), (kl > obj.eps_low) & (p < q))
+    w = r.detach() if obj.ratio_cap is None else torch.clamp(r.detach(), max=obj.ratio_cap)
+    return torch.where(drop & (a != 0), torch.zeros_like(w), w) * -a * logp
+
+
 def reference_loss(batch: Batch, config: LossConfig) -> Reference:
     f64 = torch.float64
     logp = batch.logp.detach().to(f64).clone().requires_grad_(True)
@@ -189,6 +204,8 @@ def reference_loss(batch: Batch, config: LossConfig) -> Reference:
                 c = torch.clamp(c, min=-obj.eps_low)
             s = torch.exp(c.detach().sum() / counts[i])
             loss_t = -a * s * torch.exp(c - c.detach())
+        elif name in ("dppo_tv", "dppo_kl"):
+            loss_t = _dppo(name, config.objective, r, a, lp, o)
         else:
             loss_t = _objective(name, config.objective, r, a, lp)
         mm = config.mismatch
@@ -222,7 +239,18 @@ def reference_loss(batch: Batch, config: LossConfig) -> Reference:
 
 # ---------------------------------------------------------------- random batches and configs
 
-OBJECTIVE_NAMES = ("sapo", "grpo", "gspo", "gspo_token", "cispo", "gppo", "reinforce", "gmpo")
+OBJECTIVE_NAMES = (
+    "sapo",
+    "grpo",
+    "gspo",
+    "gspo_token",
+    "cispo",
+    "gppo",
+    "reinforce",
+    "gmpo",
+    "dppo_tv",
+    "dppo_kl",
+)
 AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm")
 KL_OPTIONS = (None, "k1", "k2", "k3")
 MISMATCH_OPTIONS = (
@@ -304,6 +332,8 @@ def make_config(
         AdvantageConfig,
         AggregationConfig,
         Cispo,
+        DppoKl,
+        DppoTv,
         Gmpo,
         Gppo,
         Grpo,
@@ -327,6 +357,16 @@ def make_config(
         "cispo": [Cispo(), Cispo(eps_low=0.2, eps_high=0.2), Cispo(eps_low=0.5, eps_high=0.1)],
         "gppo": [Gppo(), Gppo(eps_low=0.1, eps_high=0.28), Gppo(eps_low=0.3, eps_high=0.05)],
         "gmpo": [Gmpo(), Gmpo(eps_low=0.1, eps_high=0.2), Gmpo(eps_low=0.3, eps_high=0.05)],
+        "dppo_tv": [
+            DppoTv(),
+            DppoTv(eps_low=0.05, eps_high=0.1, ratio_cap=1.2),
+            DppoTv(eps_low=0.2, eps_high=0.02),
+        ],
+        "dppo_kl": [
+            DppoKl(),
+            DppoKl(eps_low=0.01, eps_high=0.02, ratio_cap=1.2),
+            DppoKl(eps_low=0.1, eps_high=0.005),
+        ],
         "reinforce": [Reinforce()],
     }[objective]
     obj = objs[variant % len(objs)]
@@ -370,10 +410,24 @@ def near_boundary(batch: Batch, config: LossConfig, tol: float = 1e-7) -> bool:
     C = config.log_ratio_clamp
     obj = config.objective
     bounds: list[float] = []
-    if hasattr(obj, "eps_low"):
+    dppo = obj.name in ("dppo_tv", "dppo_kl")
+    if hasattr(obj, "eps_low") and not dppo:
         bounds += [1 - obj.eps_low, 1 + obj.eps_high]
     if getattr(obj, "dual_clip", None):
         bounds.append(obj.dual_clip)
+    if getattr(obj, "ratio_cap", None):
+        bounds.append(obj.ratio_cap)
+    if dppo:  # its bounds are on the divergence (either sign's, for either token: a superset)
+        p, q = torch.exp(logp), torch.exp(old)
+        div = (
+            p - q
+            if obj.name == "dppo_tv"
+            else q * (old - logp) + (1 - q) * torch.log((1 - q + 1e-8) / (1 - p + 1e-8))
+        )
+        for bd in (obj.eps_low, obj.eps_high):
+            x = div.abs() if obj.name == "dppo_tv" else div
+            if bool((((x - bd).abs() < tol) & mask).any()):
+                return True
     vals: list[Tensor] = []
     for i in range(len(off) - 1):
         mi = mask[off[i] : off[i + 1]]

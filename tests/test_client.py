@@ -171,6 +171,13 @@ CASES = [
         ),
     ),
     (
+        {"objective": "dppo_kl", "eps_high": 0.1, "ratio_cap": 3.0, "aggregation": "token_mean"},
+        LossConfig(
+            objective=ec.DppoKl(eps_high=0.1, ratio_cap=3.0),
+            aggregation=ec.AggregationConfig(mode="token_mean"),
+        ),
+    ),
+    (
         {"objective": "reinforce", "estimator": "reinforce_pp_baseline"},
         LossConfig(objective=ec.Reinforce(), advantages=ec.AdvantageConfig("reinforce_pp_baseline")),
     ),

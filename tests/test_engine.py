@@ -19,6 +19,8 @@ from softgate.engine import (
     AggregationConfig,
     Batch,
     Cispo,
+    DppoKl,
+    DppoTv,
     Engine,
     Gmpo,
     Gppo,
@@ -61,6 +63,8 @@ ALL_OBJECTIVES = [
     Cispo(),
     Gppo(),
     Gmpo(),
+    DppoTv(),
+    DppoKl(ratio_cap=2.0),
     Reinforce(),
 ]
 
@@ -1513,3 +1517,109 @@ def test_gmpo_clips_on_the_log_ratio_as_its_value_does() -> None:
     res = E.loss(far, cfg)
     assert res.metrics["clamped_tokens"] == 1 and res.metrics["clip_fraction"] == 0.0
     assert res.grad[0] == 0 and res.grad[1] != 0
+
+
+def _verl_dppo(kind, logp, old, adv, mask, lo, hi, cap):
+    """verl's dppo_tv / dppo_kl (core_algos) written out on padded [B, T] tensors, token-mean:
+    (loss, valid mask, truncated tokens)."""
+    ratio = torch.exp(torch.clamp(logp - old, -20.0, 20.0))
+    weight = torch.clamp(ratio, max=cap).detach()
+    p, q = torch.exp(logp), torch.exp(old)
+    if kind == "dppo_tv":
+        pos_ok, neg_ok = (p - q) <= hi, (p - q) >= -lo
+    else:
+        kl = q * (old - logp) + (1 - q) * torch.log((1.0 - q + 1e-8) / (1.0 - p + 1e-8))
+        pos_ok, neg_ok = (kl <= hi) | (p <= q), (kl <= lo) | (p >= q)
+    valid = torch.where(adv > 0, pos_ok, neg_ok).detach().to(F64)
+    losses = -adv * weight * logp * valid
+    return (losses * mask).sum() / mask.sum(), valid.bool(), (ratio > cap) & valid.bool()
+
+
+@pytest.mark.parametrize("kind", ["dppo_tv", "dppo_kl"])
+@pytest.mark.parametrize("cap", [None, 1.1])
+def test_dppo_is_verls_loss(kind: str, cap: float | None) -> None:
+    """DPPO against verl's `dppo_tv` / `dppo_kl` written out (padded, autograd): loss and
+    gradient agree to rounding; the dropped tokens are verl's invalid ones with A != 0, per
+    sign in clip_low / clip_high, with gate 0 and no gradient; a truncated token's gate is
+    cap / r; grad_retained is sum |grad| / sum |A r|."""
+    g = torch.Generator().manual_seed(11)
+    lengths = torch.tensor([9, 5, 1, 0, 7, 3, 8])
+    b, t = len(lengths), int(lengths.max())
+    pad = torch.arange(t)[None, :] < lengths[:, None]
+    holes = torch.rand(b, t, generator=g) < 0.85
+    mask = pad & holes
+    logp = -torch.rand(b, t, generator=g, dtype=F64) * 2 - 1e-3
+    old = (logp + 0.4 * torch.randn(b, t, generator=g, dtype=F64)).clamp(max=-1e-4)
+    adv = torch.tensor([1.0, -0.5, 2.0, 0.3, -1.5, 0.0, 0.8], dtype=F64)
+    lo, hi = (0.1, 0.12) if kind == "dppo_tv" else (0.02, 0.03)
+    x = logp.clone().requires_grad_(True)
+    want, valid, truncated = _verl_dppo(
+        kind, x, old, adv[:, None].expand(b, t), mask.to(F64), lo, hi, cap or 1e300
+    )
+    (grad,) = torch.autograd.grad(want, x)
+    cls = DppoTv if kind == "dppo_tv" else DppoKl
+    cfg = LossConfig(
+        objective=cls(eps_low=lo, eps_high=hi, ratio_cap=cap),
+        aggregation=AggregationConfig(mode="token_mean"),
+    )
+    batch = Batch(
+        logp=logp[pad],
+        offsets=Batch.offsets_from_lengths(lengths),
+        old_logp=old[pad],
+        mask=mask[pad],
+        advantages=adv,
+    )
+    res = E.loss(batch, cfg)
+    assert res.loss == pytest.approx(float(want.detach()), rel=1e-13)
+    torch.testing.assert_close(res.grad, grad[pad], rtol=1e-12, atol=1e-15)
+    a = adv[:, None].expand(b, t)
+    dropped = (~valid & mask & (a != 0))[pad]
+    assert torch.equal(res.clip_mask & batch.mask, dropped)
+    pos, neg = ((a > 0) & mask)[pad], ((a < 0) & mask)[pad]
+    assert int(dropped[pos].sum()) > 0 and int(dropped[neg].sum()) > 0  # (both sides drop)
+    assert res.metrics["clip_high"] * res.metrics["tokens_pos"] == pytest.approx(int(dropped[pos].sum()))
+    assert res.metrics["clip_low"] * res.metrics["tokens_neg"] == pytest.approx(int(dropped[neg].sum()))
+    assert res.metrics["clip_fraction"] * res.metrics["num_tokens"] == pytest.approx(int(dropped.sum()))
+    assert bool((res.gate_weight[dropped] == 0).all()) and bool((res.grad[dropped] == 0).all())
+    r = torch.exp(logp - old)[pad]
+    cut = (truncated & mask & (a != 0))[pad]
+    assert bool(cut.any()) == (cap is not None)
+    torch.testing.assert_close(res.gate_weight[cut], cap / r[cut] if cap else r[cut])
+    free = (a.abs()[pad] * r)[batch.mask].sum() / mask.sum()
+    assert res.metrics["grad_retained"] == pytest.approx(float(res.grad.abs().sum() / free), rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("kind", [DppoTv, DppoKl])
+def test_dppo_edge_values(kind: type, dtype: torch.dtype) -> None:
+    """Bounds of 0, past every divergence (1e300: nothing dropped) and a cap past the dtype's
+    range give the float64 reference's loss and gradient; a log-prob within the tolerance above
+    0 (p > 1) and probabilities of exactly 0 and 1 stay finite; a bad cap is refused by name."""
+    try:
+        from tests.reference_loss import reference_loss
+    except ImportError:
+        from reference_loss import reference_loss  # type: ignore[no-redef]
+
+    b = random_batch(8, advantages="sequence", big_deltas=True, dtype=dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for obj in (kind(eps_low=0.0, eps_high=0.0), kind(eps_low=1e300, eps_high=1e300, ratio_cap=1e300)):
+        cfg = LossConfig(objective=obj)
+        res = E.loss(b, cfg)
+        ref = reference_loss(b, cfg)
+        assert res.loss == pytest.approx(float(ref.loss.detach()), rel=tol, abs=tol)
+        torch.testing.assert_close(res.grad.to(F64), ref.grad(), rtol=tol, atol=tol)
+    assert res.metrics["clip_fraction"] == 0.0
+    edge = Batch(
+        logp=torch.tensor([5e-5, -200.0, -200.0, 0.0], dtype=dtype),
+        offsets=torch.tensor([0, 2, 4]),
+        old_logp=torch.tensor([-200.0, 5e-5, 0.0, -1e-9], dtype=dtype),
+        advantages=torch.tensor([1.0, -1.0], dtype=dtype),
+    )
+    res = E.loss(edge, LossConfig(objective=kind()))
+    assert math.isfinite(res.loss) and bool(torch.isfinite(res.grad).all())
+    # dropped: p 0 -> 1 where A > 0, 1 -> 0 where A < 0; kept: the moves A asks for
+    assert res.clip_mask.tolist() == [True, False, True, False]
+    for cap in (0.0, -1.0, float("inf"), float("nan")):
+        assert reasons(b, LossConfig(objective=kind(ratio_cap=cap))) == {
+            (f"objective.{kind.name}.ratio_cap", "out_of_range", None)
+        }

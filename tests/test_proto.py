@@ -162,7 +162,18 @@ def test_contract_shape():
     tensor = {f.name: f for f in msgs["Tensor"].field}
     assert tensor["data"].type == tensor["data"].TYPE_BYTES
     objective_fields = [f.name for f in msgs["Objective"].field]
-    assert objective_fields == ["sapo", "grpo", "gspo", "gspo_token", "cispo", "gppo", "gmpo", "reinforce"]
+    assert objective_fields == [
+        "sapo",
+        "grpo",
+        "gspo",
+        "gspo_token",
+        "cispo",
+        "gppo",
+        "gmpo",
+        "dppo_tv",
+        "dppo_kl",
+        "reinforce",
+    ]
     # proto3 optional parameters: unset means the engine default
     for f in msgs["SapoParams"].field:
         assert f.proto3_optional

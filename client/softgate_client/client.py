@@ -822,8 +822,9 @@ class SoftgateClient:
         `advantages` ([B] per sequence, or per token like logp).
 
         Configuration: a `config=LossConfig(...)` and/or flat keywords: `objective`
-        ("sapo", "grpo", "gspo", "gspo_token", "cispo", "gppo", "gmpo", "reinforce" or an Objective),
-        its parameters (`tau_pos`, `tau_neg`, `eps_low`, `eps_high`, `dual_clip`),
+        ("sapo", "grpo", "gspo", "gspo_token", "cispo", "gppo", "gmpo", "dppo_tv", "dppo_kl",
+        "reinforce" or an Objective), its parameters (`tau_pos`, `tau_neg`, `eps_low`,
+        `eps_high`, `dual_clip`, `ratio_cap`),
         `estimator`, `scale`, `aggregation` (mode name), `num_tokens`, `num_seqs`, `constant`,
         `kl_beta`, `kl_estimator`, `mismatch=MismatchConfig(...)`, `log_ratio_clamp`,
         `saturation_threshold`, and `outputs=("ratio", "gate_weight", ...)`.

@@ -21,6 +21,8 @@ OBJECTIVE_PARAMS: dict[str, tuple[str, ...]] = {
     "cispo": ("eps_low", "eps_high"),
     "gppo": ("eps_low", "eps_high"),
     "gmpo": ("eps_low", "eps_high"),
+    "dppo_tv": ("eps_low", "eps_high", "ratio_cap"),
+    "dppo_kl": ("eps_low", "eps_high", "ratio_cap"),
     "reinforce": (),
 }
 OUTPUTS = ("advantages", "ratio", "gate_weight", "clip_mask", "mask")
@@ -64,8 +66,9 @@ def _plain_fields(obj: Any, path: str) -> None:
 
 @dataclass(frozen=True)
 class Objective:
-    """An objective by name (`sapo`, `grpo`, `gspo`, `gspo_token`, `cispo`, `gppo`, `gmpo`, `reinforce`)
-    and its parameters (`tau_pos`, `tau_neg`, `eps_low`, `eps_high`, `dual_clip`)."""
+    """An objective by name (`sapo`, `grpo`, `gspo`, `gspo_token`, `cispo`, `gppo`, `gmpo`,
+    `dppo_tv`, `dppo_kl`, `reinforce`) and its parameters (`tau_pos`, `tau_neg`, `eps_low`,
+    `eps_high`, `dual_clip`, `ratio_cap`)."""
 
     name: str = "sapo"
     params: dict[str, float] = field(default_factory=dict)

@@ -191,7 +191,8 @@ def build() -> dict[str, Any]:
             unit="percentunit",
             minmax=(0, None),
             description="Shares of trained tokens over the interval: clip_high = A>0 tokens with r > "
-            "1+eps_high, clip_low = A<0 tokens with r < 1-eps_low (GMPO: exp(eps_high), exp(-eps_low)), "
+            "1+eps_high, clip_low = A<0 tokens with r < 1-eps_low (GMPO: exp(eps_high), exp(-eps_low); DPPO: "
+            "the tokens its divergence bound drops), "
             "of the objectives with a clip (SAPO "
             "and REINFORCE have none and are left out); dual clip = A<0 tokens with r > c, of the runs "
             "with a dual clip. " + CISPO_CLIP,
@@ -206,7 +207,7 @@ def build() -> dict[str, Any]:
             unit="percentunit",
             minmax=(0, None),  # GPPO and CISPO go above 1
             description="sum|c| / sum|c without trust region|: 1 = nothing suppressed. Comparable across "
-            f"SAPO, GRPO, GSPO and GMPO. {PER_BATCH} GPPO's clipped A<0 tokens and CISPO's tokens of either "
+            f"SAPO, GRPO, GSPO, GMPO and DPPO. {PER_BATCH} GPPO's clipped A<0 tokens and CISPO's tokens of either "
             "sign below 1-eps_low (eps_low below 1) keep their gradient scaled by bound / r > 1, so theirs "
             "can exceed 1: GPPO's clipping shows in clip_low. " + CISPO_CLIP,
         )

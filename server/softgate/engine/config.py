@@ -123,16 +123,44 @@ class Gmpo:
 
 
 @dataclass(frozen=True)
+class DppoTv:
+    """DPPO-Binary-TV: l = -sg[min(r, ratio_cap)] A logp, masked where the token's probability
+    moved past its sign's bound: p - p_old > eps_high (A > 0), p_old - p > eps_low (A < 0)."""
+
+    eps_low: float = 0.15
+    eps_high: float = 0.15
+    ratio_cap: float | None = None
+    name: Literal["dppo_tv"] = "dppo_tv"
+
+    def __post_init__(self) -> None:
+        _plain_numbers(self)
+
+
+@dataclass(frozen=True)
+class DppoKl:
+    """DPPO-Binary-KL: as DppoTv, masked where the binary KL KL(Bern(p_old) || Bern(p)) passes
+    its sign's bound with p moving the way A pushes it."""
+
+    eps_low: float = 0.05
+    eps_high: float = 0.05
+    ratio_cap: float | None = None
+    name: Literal["dppo_kl"] = "dppo_kl"
+
+    def __post_init__(self) -> None:
+        _plain_numbers(self)
+
+
+@dataclass(frozen=True)
 class Reinforce:
     """Plain importance sampling, no trust region: l = -r A."""
 
     name: Literal["reinforce"] = "reinforce"
 
 
-Objective = Sapo | Grpo | Gspo | GspoToken | Cispo | Gppo | Gmpo | Reinforce
+Objective = Sapo | Grpo | Gspo | GspoToken | Cispo | Gppo | Gmpo | DppoTv | DppoKl | Reinforce
 OBJECTIVES: dict[str, type] = {
-    cls.name: cls
-    for cls in (Sapo, Grpo, Gspo, GspoToken, Cispo, Gppo, Gmpo, Reinforce)  # type: ignore[attr-defined]
+    cls.name: cls  # type: ignore[attr-defined]
+    for cls in (Sapo, Grpo, Gspo, GspoToken, Cispo, Gppo, Gmpo, DppoTv, DppoKl, Reinforce)
 }
 
 # ---------------------------------------------------------------- the other choices

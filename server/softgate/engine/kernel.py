@@ -23,7 +23,7 @@ from softgate.engine.config import LossConfig
 from softgate.engine.errors import FieldViolation, InputError
 from softgate.engine.kl import kl_terms
 from softgate.engine.mismatch import mismatch_weights
-from softgate.engine.objectives import PolicyTerms, objective_params, policy_terms
+from softgate.engine.objectives import READS_LOGP, PolicyTerms, objective_params, policy_terms
 from softgate.engine.validation import LOGP_TOLERANCE
 
 # token_terms' result: grad, advantages, ratio, gate, clip mask (uint8), the ratio's and the
@@ -37,7 +37,10 @@ EXPANDED = "_tok"
 PER_TOKEN = ("logp", "old", "m", "ids", "ref", "rollout", "grad_out")
 
 # objective kinds whose gate weight is not a constant 0 / 1 pattern of the clip masks
-_SOFT_GATE = ("sapo", "gppo", "cispo")
+_SOFT_GATE = ("sapo", "gppo", "cispo", "dppo_tv", "dppo_kl")
+
+# objective kinds that count the tokens their clip drops or bounds per sign of A
+_SIGNED_CLIP = ("clip", "gppo", "cispo", "gmpo", "dppo_tv", "dppo_kl")
 
 
 def kernel_layout(
@@ -55,7 +58,7 @@ def kernel_layout(
     if kind in _SOFT_GATE:
         sums += ["gate_pos", "gate_neg"]
         counts += ["sat_pos", "sat_neg"]
-    if kind in ("clip", "gppo", "cispo", "gmpo"):
+    if kind in _SIGNED_CLIP:
         counts += ["clip_low", "clip_high"]
     if dual:
         counts.append("dual")
@@ -98,11 +101,9 @@ def _kernel_params(config: LossConfig, dtype: torch.dtype, device: torch.device)
     # an infinite bound means no clip (1e300 is how a caller asks for none)
     big = torch.finfo(dtype).max
     vals = objective_params(config.objective)
-    for k in ("hi", "dual"):
+    for k in ("lo", "hi", "dual", "trunc"):
         if k in vals:
-            vals[k] = (min(vals[k][0], big), vals[k][1])
-    if "lo" in vals:
-        vals["lo"] = (max(vals["lo"][0], -big), vals["lo"][1])
+            vals[k] = (min(max(vals[k][0], -big), big), vals[k][1])
     vals["clamp"] = (config.log_ratio_clamp, "log_ratio_clamp")
     vals["threshold"] = (config.saturation_threshold, "saturation_threshold")
     vals["logp_tol"] = (LOGP_TOLERANCE, "logp_tol")
@@ -161,7 +162,7 @@ def derived_terms(s: dict[str, float], kind: str, kl: bool, mismatch: bool) -> d
         out["gate_pos"], out["gate_neg"] = npos - high, nneg - low  # gate 1 unclipped, 0 clipped
         out["sat_pos"], out["sat_neg"] = high, low  # 0 < threshold <= 1
         out["clip"] = high + low
-    elif kind == "gppo":
+    elif kind != "cispo" and kind in _SIGNED_CLIP:  # gppo, dppo: a clip is on A's own side
         out["clip"] = s["clip_low"] + s["clip_high"]
     elif kind == "sapo":
         out["clip"] = 0.0
@@ -412,8 +413,10 @@ def _policy(
         clamped = raw.abs() > clamp
         ratio = torch.exp(d)
         dratio = torch.where(clamped, zero, ratio)
-    lp = torch.where(m, logp, zero) if kind == "cispo" else logp  # only cispo's loss reads logp
-    return d, clamped, ratio, policy_terms(kind, ratio, dratio, a, lp, prm)
+    if kind not in READS_LOGP:
+        return d, clamped, ratio, policy_terms(kind, ratio, dratio, a, logp, prm)
+    lp, lo = torch.where(m, logp, zero), torch.where(m, old, zero)  # (any finite value where masked)
+    return d, clamped, ratio, policy_terms(kind, ratio, dratio, a, lp, prm, old=lo)
 
 
 def sequence_terms(

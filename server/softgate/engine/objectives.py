@@ -11,11 +11,16 @@ the sequence's geometric-mean ratio) and `dratio` s_i where d was not clamped: e
 times its aggregation weight (gspo's form), 0 where clipped. Its free gradient is the same at
 the same s_i.
 
+dppo_tv and dppo_kl weigh each token like cispo, by sg[min(r, ratio_cap)], and drop the tokens
+whose probability p = exp(logp) moved too far from p_old = exp(old) the way A pushes it
+(`old`: the old log-probs, 0 on masked tokens like `logp`): by p - p_old (dppo_tv) or the binary
+KL of Bernoulli(p_old) to Bernoulli(p) (dppo_kl) past the sign's bound, eps_high or eps_low.
+
 `grad_free` is the gradient of the same algorithm with the trust region removed (nothing
 clipped, gate weight 1): -A d rho / d logp, and -A r for cispo and on gppo's clipped tokens
-(whose gradient ignores the clamp too). `gate` = grad / grad_free, the factor by which the
-trust region scales each token's gradient (SAPO: 4p(1-p); hard clips: 1 or 0; gppo: bound / r
-on clipped tokens; cispo: clip(r) / r).
+(whose gradient ignores the clamp too) and dppo. `gate` = grad / grad_free, the factor by which
+the trust region scales each token's gradient (SAPO: 4p(1-p); hard clips: 1 or 0; gppo: bound / r
+on clipped tokens; cispo: clip(r) / r; dppo: min(r, ratio_cap) / r, 0 where dropped).
 """
 
 from __future__ import annotations
@@ -25,7 +30,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from softgate.engine.config import Cispo, Gmpo, Gppo, Grpo, Gspo, GspoToken, Objective, Reinforce, Sapo
+from softgate.engine.config import (
+    Cispo,
+    DppoKl,
+    DppoTv,
+    Gmpo,
+    Gppo,
+    Grpo,
+    Gspo,
+    GspoToken,
+    Objective,
+    Reinforce,
+    Sapo,
+)
 
 
 @dataclass
@@ -48,16 +65,26 @@ OBJECTIVE_KIND = {
     "gppo": "gppo",
     "cispo": "cispo",
     "gmpo": "gmpo",
+    "dppo_tv": "dppo_tv",
+    "dppo_kl": "dppo_kl",
     "reinforce": "reinforce",
 }
+
+# kinds whose loss reads logp itself (0 on masked tokens), and dppo's the old log-probs too
+READS_LOGP = ("cispo", "dppo_tv", "dppo_kl")
 
 
 def objective_params(obj: Objective) -> dict[str, tuple[float, str]]:
     """The objective's numbers by the kernel's names, each with the field it comes from (the
     kernel reads them as 0-d tensors: kernel.kernel_params). A grpo without dual clip has no
     "dual" entry (so the kernel does not compute that mask). gmpo's bound the log-ratio
-    (gmpo_bounds)."""
+    (gmpo_bounds), dppo's the divergence ("trunc": its ratio_cap, when given)."""
     p = f"objective.{obj.name}"
+    if isinstance(obj, (DppoTv, DppoKl)):
+        vals = {"lo": (obj.eps_low, f"{p}.eps_low"), "hi": (obj.eps_high, f"{p}.eps_high")}
+        if obj.ratio_cap is not None:
+            vals["trunc"] = (obj.ratio_cap, f"{p}.ratio_cap")
+        return vals
     if isinstance(obj, Gmpo):
         lo, hi = gmpo_bounds(obj)
         return {"lo": (lo, f"{p}.eps_low"), "hi": (hi, f"{p}.eps_high")}
@@ -88,9 +115,10 @@ def policy_terms(
     logp: Tensor,
     prm: dict[str, Tensor],
     value: Tensor | None = None,
+    old: Tensor | None = None,
 ) -> PolicyTerms:
     """`kind` is OBJECTIVE_KIND[name]; `prm` holds objective_params' numbers as 0-d tensors;
-    `value` gmpo's sequence ratio s_i at each token."""
+    `value` gmpo's sequence ratio s_i at each token, `old` dppo's old log-probs."""
     one = torch.ones_like(ratio)
     no = torch.zeros_like(ratio, dtype=torch.bool)
     if kind == "sapo":
@@ -103,6 +131,20 @@ def policy_terms(
         free = -a * dratio
         return PolicyTerms(-ratio * a, free, free, one, no, None, None, None)
     lo, hi = prm["lo"], prm["hi"]
+    if kind in ("dppo_tv", "dppo_kl"):
+        assert old is not None
+        p, q = torch.exp(logp), torch.exp(old)
+        if kind == "dppo_tv":
+            high = (a > 0) & (p - q > hi)
+            low = (a < 0) & (q - p > lo)
+        else:
+            div = binary_kl(old, logp, q)
+            high = (a > 0) & (p > q) & (div > hi)
+            low = (a < 0) & (p < q) & (div > lo)
+        clip = high | low
+        wgt = torch.minimum(ratio, prm["trunc"]) if "trunc" in prm else ratio
+        wgt = torch.where(clip, torch.zeros_like(wgt), wgt)
+        return PolicyTerms(-wgt * a * logp, -wgt * a, -ratio * a, wgt / ratio, clip, low, high, None)
     high = (a > 0) & (ratio > hi)
     low = (a < 0) & (ratio < lo)
     if kind == "cispo":
@@ -137,3 +179,13 @@ def policy_terms(
         grad = torch.where(clip, torch.zeros_like(free), free)
         gate = torch.where(clip, torch.zeros_like(one), one)
     return PolicyTerms(loss, grad, free, gate, clip, low, high, dual)
+
+
+def binary_kl(old: Tensor, logp: Tensor, q: Tensor) -> Tensor:
+    """KL(Bernoulli(q) || Bernoulli(p)) of the old and new probabilities q = exp(old) and
+    p = exp(logp), with DPPO's (and verl's) 1e-8 beside 1 - q and 1 - p: q (old - logp) +
+    (1 - q) log((1 - q + 1e-8) / (1 - p + 1e-8)). 1 - p as -expm1(logp), exact near p = 1,
+    and 0 for a log-prob within the tolerance above 0 (whose 1 - exp(logp) is negative)."""
+    one_q = (-torch.expm1(old)).clamp(min=0)
+    one_p = (-torch.expm1(logp)).clamp(min=0)
+    return q * (old - logp) + one_q * (torch.log(one_q + 1e-8) - torch.log(one_p + 1e-8))

@@ -26,6 +26,8 @@ from softgate.engine.config import (
     AdvantageConfig,
     AggregationConfig,
     Cispo,
+    DppoKl,
+    DppoTv,
     Gmpo,
     Gppo,
     Grpo,
@@ -192,9 +194,11 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
         if isinstance(obj, Sapo):
             pos(obj.tau_pos, f"{p}.tau_pos")
             pos(obj.tau_neg, f"{p}.tau_neg")
-        elif isinstance(obj, (Grpo, Gspo, GspoToken, Cispo, Gppo, Gmpo)):
+        elif isinstance(obj, (Grpo, Gspo, GspoToken, Cispo, Gppo, Gmpo, DppoTv, DppoKl)):
             nonneg(obj.eps_low, f"{p}.eps_low")
             nonneg(obj.eps_high, f"{p}.eps_high")
+            if isinstance(obj, (DppoTv, DppoKl)) and obj.ratio_cap is not None:
+                pos(obj.ratio_cap, f"{p}.ratio_cap")
             if isinstance(obj, Grpo) and obj.dual_clip is not None:
                 if not _num_ok(obj.dual_clip):
                     v.append(FieldViolation(f"{p}.dual_clip", "out_of_range: not a finite number"))

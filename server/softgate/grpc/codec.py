@@ -30,6 +30,8 @@ from softgate.engine.config import (
     AdvantageConfig,
     AggregationConfig,
     Cispo,
+    DppoKl,
+    DppoTv,
     Gmpo,
     Gppo,
     Grpo,
@@ -647,6 +649,8 @@ _OBJECTIVES: dict[str, tuple[type, tuple[str, ...]]] = {
     "cispo": (Cispo, ("eps_low", "eps_high")),
     "gppo": (Gppo, ("eps_low", "eps_high")),
     "gmpo": (Gmpo, ("eps_low", "eps_high")),
+    "dppo_tv": (DppoTv, ("eps_low", "eps_high", "ratio_cap")),
+    "dppo_kl": (DppoKl, ("eps_low", "eps_high", "ratio_cap")),
     "reinforce": (Reinforce, ()),
 }
 _ESTIMATORS = {

@@ -204,12 +204,32 @@ class GmpoParams(_message.Message):
     eps_high: float
     def __init__(self, eps_low: _Optional[float] = ..., eps_high: _Optional[float] = ...) -> None: ...
 
+class DppoTvParams(_message.Message):
+    __slots__ = ("eps_low", "eps_high", "ratio_cap")
+    EPS_LOW_FIELD_NUMBER: _ClassVar[int]
+    EPS_HIGH_FIELD_NUMBER: _ClassVar[int]
+    RATIO_CAP_FIELD_NUMBER: _ClassVar[int]
+    eps_low: float
+    eps_high: float
+    ratio_cap: float
+    def __init__(self, eps_low: _Optional[float] = ..., eps_high: _Optional[float] = ..., ratio_cap: _Optional[float] = ...) -> None: ...
+
+class DppoKlParams(_message.Message):
+    __slots__ = ("eps_low", "eps_high", "ratio_cap")
+    EPS_LOW_FIELD_NUMBER: _ClassVar[int]
+    EPS_HIGH_FIELD_NUMBER: _ClassVar[int]
+    RATIO_CAP_FIELD_NUMBER: _ClassVar[int]
+    eps_low: float
+    eps_high: float
+    ratio_cap: float
+    def __init__(self, eps_low: _Optional[float] = ..., eps_high: _Optional[float] = ..., ratio_cap: _Optional[float] = ...) -> None: ...
+
 class ReinforceParams(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class Objective(_message.Message):
-    __slots__ = ("sapo", "grpo", "gspo", "gspo_token", "cispo", "gppo", "gmpo", "reinforce")
+    __slots__ = ("sapo", "grpo", "gspo", "gspo_token", "cispo", "gppo", "gmpo", "dppo_tv", "dppo_kl", "reinforce")
     SAPO_FIELD_NUMBER: _ClassVar[int]
     GRPO_FIELD_NUMBER: _ClassVar[int]
     GSPO_FIELD_NUMBER: _ClassVar[int]
@@ -217,6 +237,8 @@ class Objective(_message.Message):
     CISPO_FIELD_NUMBER: _ClassVar[int]
     GPPO_FIELD_NUMBER: _ClassVar[int]
     GMPO_FIELD_NUMBER: _ClassVar[int]
+    DPPO_TV_FIELD_NUMBER: _ClassVar[int]
+    DPPO_KL_FIELD_NUMBER: _ClassVar[int]
     REINFORCE_FIELD_NUMBER: _ClassVar[int]
     sapo: SapoParams
     grpo: GrpoParams
@@ -225,8 +247,10 @@ class Objective(_message.Message):
     cispo: CispoParams
     gppo: GppoParams
     gmpo: GmpoParams
+    dppo_tv: DppoTvParams
+    dppo_kl: DppoKlParams
     reinforce: ReinforceParams
-    def __init__(self, sapo: _Optional[_Union[SapoParams, _Mapping]] = ..., grpo: _Optional[_Union[GrpoParams, _Mapping]] = ..., gspo: _Optional[_Union[GspoParams, _Mapping]] = ..., gspo_token: _Optional[_Union[GspoTokenParams, _Mapping]] = ..., cispo: _Optional[_Union[CispoParams, _Mapping]] = ..., gppo: _Optional[_Union[GppoParams, _Mapping]] = ..., gmpo: _Optional[_Union[GmpoParams, _Mapping]] = ..., reinforce: _Optional[_Union[ReinforceParams, _Mapping]] = ...) -> None: ...
+    def __init__(self, sapo: _Optional[_Union[SapoParams, _Mapping]] = ..., grpo: _Optional[_Union[GrpoParams, _Mapping]] = ..., gspo: _Optional[_Union[GspoParams, _Mapping]] = ..., gspo_token: _Optional[_Union[GspoTokenParams, _Mapping]] = ..., cispo: _Optional[_Union[CispoParams, _Mapping]] = ..., gppo: _Optional[_Union[GppoParams, _Mapping]] = ..., gmpo: _Optional[_Union[GmpoParams, _Mapping]] = ..., dppo_tv: _Optional[_Union[DppoTvParams, _Mapping]] = ..., dppo_kl: _Optional[_Union[DppoKlParams, _Mapping]] = ..., reinforce: _Optional[_Union[ReinforceParams, _Mapping]] = ...) -> None: ...
 
 class AdvantageConfig(_message.Message):
     __slots__ = ("estimator", "scale", "eps", "min_group_std")
