@@ -49,3 +49,13 @@ def test_gmpo_says_its_bounds_are_on_the_log_ratio() -> None:
     assert "log-ratio" in gmpo["eps_low"].description and "exp(-eps_low)" in gmpo["eps_low"].description
     assert "log-ratio" in gmpo["eps_high"].description and gmpo["eps_high"].default_value == 0.4
     assert by_name["grpo"]["eps_low"].description == catalogue.PARAM_HELP["eps_low"]
+
+
+def test_dppo_says_its_bounds_are_on_the_divergence() -> None:
+    """DPPO's eps bound how far a probability moved (TV) or its binary KL, not the ratio."""
+    r = catalogue.build(Limits(), 1 << 20)
+    by_name = {o.name: {p.name: p for p in o.parameters} for o in r.objectives}
+    tv, kl = by_name["dppo_tv"], by_name["dppo_kl"]
+    assert "p_old - p" in tv["eps_low"].description and tv["eps_high"].default_value == 0.15
+    assert "binary KL" in kl["eps_high"].description and kl["eps_low"].default_value == 0.05
+    assert not tv["ratio_cap"].HasField("default_value") and "unset: none" in kl["ratio_cap"].description

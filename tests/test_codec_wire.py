@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from softgate.engine import Batch, Engine, LossConfig, Sapo
+from softgate.engine import OBJECTIVES, Batch, Engine, LossConfig, Sapo
 from softgate.engine.errors import FieldViolation, InputError
 from softgate.grpc import codec
 from softgate.grpc.servicer import LossServicer
@@ -132,9 +132,7 @@ def test_aligned_tensors_of_a_large_request_are_read_in_place() -> None:
         assert (t.data_ptr() == _address(raw)) == shared and t.data_ptr() % codec.SHARE_ALIGN == 0
 
 
-@pytest.mark.parametrize(
-    "objective", ["sapo", "grpo", "gspo", "gspo_token", "cispo", "gppo", "gmpo", "reinforce"]
-)
+@pytest.mark.parametrize("objective", sorted(OBJECTIVES))
 def test_the_engine_never_writes_into_a_request(objective: str) -> None:
     # a request's tensors may be its received bytes (above): every input must stay as it came
     for adv, kl, mm in (("rewards", "k3", ("token", "truncate")), ("token", None, ("sequence", "mask"))):

@@ -1022,6 +1022,8 @@ CODES = 1 << 15  # sample_tokens above the batch's size: ratio and gate whole, w
         # the clamp's 0) compiled as eagerly, whatever inductor's cache holds
         (F64, "gppo", None, ("token", "mask"), 3.0, "seq_mean_token_mean", "sequence", CODES),
         (torch.float32, "cispo", None, None, 20.0, "token_mean", "token", CODES),
+        (torch.float32, "dppo_kl", None, None, 20.0, "token_mean", "token", CODES),
+        (F64, "dppo_tv", "k3", ("token", "truncate"), 20.0, "seq_mean_token_mean", "rewards", CODES),
         (torch.float32, "reinforce", "k3", None, 20.0, "seq_mean_token_mean", "rewards", CODES),
     ],
 )
@@ -1540,8 +1542,9 @@ def _verl_dppo(kind, logp, old, adv, mask, lo, hi, cap):
 def test_dppo_is_verls_loss(kind: str, cap: float | None) -> None:
     """DPPO against verl's `dppo_tv` / `dppo_kl` written out (padded, autograd): loss and
     gradient agree to rounding; the dropped tokens are verl's invalid ones with A != 0, per
-    sign in clip_low / clip_high, with gate 0 and no gradient; a truncated token's gate is
-    cap / r; grad_retained is sum |grad| / sum |A r|."""
+    sign in clip_low / clip_high, with gate 0 and no gradient (an A = 0 token verl finds invalid
+    is not dropped); a truncated token's gate is cap / r, a kept one's else 1; grad_retained is
+    sum |grad| / sum |A r|."""
     g = torch.Generator().manual_seed(11)
     lengths = torch.tensor([9, 5, 1, 0, 7, 3, 8])
     b, t = len(lengths), int(lengths.max())
@@ -1551,6 +1554,7 @@ def test_dppo_is_verls_loss(kind: str, cap: float | None) -> None:
     logp = -torch.rand(b, t, generator=g, dtype=F64) * 2 - 1e-3
     old = (logp + 0.4 * torch.randn(b, t, generator=g, dtype=F64)).clamp(max=-1e-4)
     adv = torch.tensor([1.0, -0.5, 2.0, 0.3, -1.5, 0.0, 0.8], dtype=F64)
+    logp[5, 0], old[5, 0], mask[5, 0] = -1.5, -1e-3, True  # A = 0, its probability fell 0.78
     lo, hi = (0.1, 0.12) if kind == "dppo_tv" else (0.02, 0.03)
     x = logp.clone().requires_grad_(True)
     want, valid, truncated = _verl_dppo(
@@ -1575,6 +1579,7 @@ def test_dppo_is_verls_loss(kind: str, cap: float | None) -> None:
     a = adv[:, None].expand(b, t)
     dropped = (~valid & mask & (a != 0))[pad]
     assert torch.equal(res.clip_mask & batch.mask, dropped)
+    assert not valid[5, 0] and not res.clip_mask[int(lengths[:5].sum())]  # (verl: invalid)
     pos, neg = ((a > 0) & mask)[pad], ((a < 0) & mask)[pad]
     assert int(dropped[pos].sum()) > 0 and int(dropped[neg].sum()) > 0  # (both sides drop)
     assert res.metrics["clip_high"] * res.metrics["tokens_pos"] == pytest.approx(int(dropped[pos].sum()))
@@ -1584,7 +1589,10 @@ def test_dppo_is_verls_loss(kind: str, cap: float | None) -> None:
     r = torch.exp(logp - old)[pad]
     cut = (truncated & mask & (a != 0))[pad]
     assert bool(cut.any()) == (cap is not None)
-    torch.testing.assert_close(res.gate_weight[cut], cap / r[cut] if cap else r[cut])
+    if cap is not None:
+        torch.testing.assert_close(res.gate_weight[cut], cap / r[cut])
+    kept = batch.mask & ~dropped & ~cut & (a != 0)[pad]
+    assert bool((res.gate_weight[kept] == 1).all())
     free = (a.abs()[pad] * r)[batch.mask].sum() / mask.sum()
     assert res.metrics["grad_retained"] == pytest.approx(float(res.grad.abs().sum() / free), rel=1e-12)
 
@@ -1601,10 +1609,13 @@ def test_dppo_edge_values(kind: type, dtype: torch.dtype) -> None:
         from reference_loss import reference_loss  # type: ignore[no-redef]
 
     b = random_batch(8, advantages="sequence", big_deltas=True, dtype=dtype)
+    b = dataclasses.replace(b, advantages=b.advantages.to(dtype))  # (float64 ones would compute in it)
     tol = 1e-5 if dtype == torch.float32 else 1e-12
-    for obj in (kind(eps_low=0.0, eps_high=0.0), kind(eps_low=1e300, eps_high=1e300, ratio_cap=1e300)):
-        cfg = LossConfig(objective=obj)
+    bounds = (0.0, 1e-50, 1e300)  # 1e-50: 0 in float32, taken as 0 (not refused), as gmpo's
+    for eps in bounds:
+        cfg = LossConfig(objective=kind(eps_low=eps, eps_high=eps, ratio_cap=1e300 if eps > 1 else None))
         res = E.loss(b, cfg)
+        assert res.grad.dtype == dtype
         ref = reference_loss(b, cfg)
         assert res.loss == pytest.approx(float(ref.loss.detach()), rel=tol, abs=tol)
         torch.testing.assert_close(res.grad.to(F64), ref.grad(), rtol=tol, atol=tol)
@@ -1623,3 +1634,55 @@ def test_dppo_edge_values(kind: type, dtype: torch.dtype) -> None:
         assert reasons(b, LossConfig(objective=kind(ratio_cap=cap))) == {
             (f"objective.{kind.name}.ratio_cap", "out_of_range", None)
         }
+
+
+@pytest.mark.parametrize("kind", [DppoTv, DppoKl])
+def test_dppo_on_policy_drops_nothing_even_at_bound_zero(kind: type) -> None:
+    """On policy (p = p_old) no probability moved: with both bounds 0 nothing is past them
+    (strictly), every trained token's gate is 1 and its gradient -A times its weight."""
+    b = simple_batch([4, 1, 3], advantages=torch.tensor([1.0, -2.0, 0.5], dtype=F64))
+    b = dataclasses.replace(b, old_logp=b.logp.clone())
+    res = E.loss(
+        b, LossConfig(objective=kind(eps_low=0.0, eps_high=0.0), aggregation=AggregationConfig("token_mean"))
+    )
+    assert res.metrics["clip_fraction"] == 0.0 and bool((res.gate_weight == 1).all())
+    torch.testing.assert_close(res.grad, -res.advantages / 8)
+
+
+@pytest.mark.parametrize("kind", [DppoTv, DppoKl])
+def test_dppo_ignores_a_masked_token_s_values(kind: type) -> None:
+    """A masked token's logp and old_logp may hold any finite value: 1e30 or -1e30 there (whose
+    probabilities overflow to inf or 0) change nothing."""
+    b = simple_batch([4, 3], advantages=torch.tensor([1.0, -2.0], dtype=F64))
+    b = dataclasses.replace(
+        b, old_logp=b.logp - 0.3, mask=torch.tensor([1, 0, 1, 1, 0, 1, 1], dtype=torch.bool)
+    )
+    cfg = LossConfig(objective=kind(eps_low=0.05, eps_high=0.05))
+    want = E.loss(b, cfg)
+    for lp, old in ((1e30, -1e30), (-1e30, 1e30), (5.0, 5.0)):
+        logp, old_logp = b.logp.clone(), b.old_logp.clone()
+        logp[[1, 4]], old_logp[[1, 4]] = lp, old
+        res = E.loss(dataclasses.replace(b, logp=logp, old_logp=old_logp), cfg)
+        assert res.loss == want.loss and torch.equal(res.grad, want.grad)
+
+
+def test_dppo_kl_reads_the_binary_kl_with_1e_8() -> None:
+    """DPPO's binary KL adds 1e-8 beside 1 - p_old and 1 - p (verl, the paper's code): with
+    p_old within 1e-7 of 1 that constant moves the KL by 2e-7. A bound between the KL with 1e-8
+    and with 1e-6 drops the token by the first."""
+    old, logp = -1e-7, -1.0
+    q, p = math.exp(old), math.exp(logp)
+
+    def kl(c: float) -> float:
+        return q * (old - logp) + (1 - q) * math.log((1 - q + c) / (1 - p + c))
+
+    bound = (kl(1e-8) + kl(1e-6)) / 2
+    assert kl(1e-8) < bound < kl(1e-6)
+    b = Batch(
+        logp=torch.tensor([logp], dtype=F64),
+        offsets=torch.tensor([0, 1]),
+        old_logp=torch.tensor([old], dtype=F64),
+        advantages=torch.tensor([-1.0], dtype=F64),
+    )
+    assert E.loss(b, LossConfig(objective=DppoKl(eps_low=bound))).clip_mask.tolist() == [False]
+    assert E.loss(b, LossConfig(objective=DppoKl(eps_low=kl(1e-8) * (1 - 1e-9)))).clip_mask.tolist() == [True]

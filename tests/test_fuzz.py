@@ -24,6 +24,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from softgate.engine import OBJECTIVES
 from softgate_client.proto.softgate.v1 import softgate_pb2 as pb
 
 LIMITS = {"max_tokens": 1 << 14, "max_sequences": 1024, "max_groups": 256, "max_message_bytes": 1 << 20}
@@ -306,9 +307,7 @@ def stream_chunks(draw: Any) -> list[pb.Batch]:
 @st.composite
 def loss_configs(draw: Any) -> pb.LossConfig:
     c = pb.LossConfig()
-    kind = draw(
-        st.sampled_from([None, "sapo", "grpo", "gspo", "gspo_token", "cispo", "gppo", "gmpo", "reinforce"])
-    )
+    kind = draw(st.sampled_from([None, *OBJECTIVES]))
     if kind is not None:
         obj = getattr(c.objective, kind)
         obj.SetInParent()

@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 from softgate.engine import (
+    OBJECTIVES,
     AdvantageConfig,
     AggregationConfig,
     Batch,
@@ -324,7 +325,7 @@ def test_list_algorithms(stub: pb_grpc.LossServiceStub) -> None:
     r = stub.ListAlgorithms(pb.ListAlgorithmsRequest(), timeout=5)
     names = [o.name for o in r.objectives]
     assert names[0] == "sapo"
-    assert set(names) == {"sapo", "grpo", "gspo", "gspo_token", "cispo", "gppo", "gmpo", "reinforce"}
+    assert set(names) == set(OBJECTIVES)
     sapo = {p.name: p for p in r.objectives[0].parameters}
     assert sapo["tau_pos"].default_value == 1.0 and sapo["tau_neg"].default_value == 1.05
     grpo = {p.name: p for p in next(o for o in r.objectives if o.name == "grpo").parameters}

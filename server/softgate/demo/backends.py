@@ -53,7 +53,8 @@ def curve_metrics(objective: str, m: dict[str, Any]) -> dict[str, float]:
 
     ``trust_region`` is the share of tokens with a nonzero advantage that the trust region acts
     on: for SAPO the gate saturation (gate weight w below 0.5), for the clip objectives the
-    clip fraction (A>0 tokens above 1+eps_high, A<0 tokens below 1-eps_low). It and
+    clip fraction (A>0 tokens above 1+eps_high, A<0 tokens below 1-eps_low; GMPO and DPPO by
+    their own bounds). It and
     ``grad_retained`` are NaN (left out of every average) for a mini-batch without such tokens:
     there is no gradient to gate, and the engine's stand-ins (0 and 1) would read as a trust
     region that let everything through."""

@@ -138,8 +138,8 @@ class DppoTv:
 
 @dataclass(frozen=True)
 class DppoKl:
-    """DPPO-Binary-KL: as DppoTv, masked where the binary KL KL(Bern(p_old) || Bern(p)) passes
-    its sign's bound with p moving the way A pushes it."""
+    """DPPO-Binary-KL: as dppo_tv, masked where the binary KL KL(Bern(p_old) || Bern(p))
+    passes its sign's bound with p moving the way A pushes it."""
 
     eps_low: float = 0.05
     eps_high: float = 0.05

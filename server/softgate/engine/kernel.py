@@ -23,7 +23,7 @@ from softgate.engine.config import LossConfig
 from softgate.engine.errors import FieldViolation, InputError
 from softgate.engine.kl import kl_terms
 from softgate.engine.mismatch import mismatch_weights
-from softgate.engine.objectives import READS_LOGP, PolicyTerms, objective_params, policy_terms
+from softgate.engine.objectives import DPPO_KINDS, READS_LOGP, PolicyTerms, objective_params, policy_terms
 from softgate.engine.validation import LOGP_TOLERANCE
 
 # token_terms' result: grad, advantages, ratio, gate, clip mask (uint8), the ratio's and the
@@ -37,10 +37,10 @@ EXPANDED = "_tok"
 PER_TOKEN = ("logp", "old", "m", "ids", "ref", "rollout", "grad_out")
 
 # objective kinds whose gate weight is not a constant 0 / 1 pattern of the clip masks
-_SOFT_GATE = ("sapo", "gppo", "cispo", "dppo_tv", "dppo_kl")
+_SOFT_GATE = ("sapo", "gppo", "cispo", *DPPO_KINDS)
 
 # objective kinds that count the tokens their clip drops or bounds per sign of A
-_SIGNED_CLIP = ("clip", "gppo", "cispo", "gmpo", "dppo_tv", "dppo_kl")
+_SIGNED_CLIP = ("clip", "gppo", "cispo", "gmpo", *DPPO_KINDS)
 
 
 def kernel_layout(
@@ -162,7 +162,7 @@ def derived_terms(s: dict[str, float], kind: str, kl: bool, mismatch: bool) -> d
         out["gate_pos"], out["gate_neg"] = npos - high, nneg - low  # gate 1 unclipped, 0 clipped
         out["sat_pos"], out["sat_neg"] = high, low  # 0 < threshold <= 1
         out["clip"] = high + low
-    elif kind != "cispo" and kind in _SIGNED_CLIP:  # gppo, dppo: a clip is on A's own side
+    elif kind in ("gppo", *DPPO_KINDS):  # a clip on A's own side only
         out["clip"] = s["clip_low"] + s["clip_high"]
     elif kind == "sapo":
         out["clip"] = 0.0
@@ -415,8 +415,10 @@ def _policy(
         dratio = torch.where(clamped, zero, ratio)
     if kind not in READS_LOGP:
         return d, clamped, ratio, policy_terms(kind, ratio, dratio, a, logp, prm)
-    lp, lo = torch.where(m, logp, zero), torch.where(m, old, zero)  # (any finite value where masked)
-    return d, clamped, ratio, policy_terms(kind, ratio, dratio, a, lp, prm, old=lo)
+    # a masked token's logp may be any finite value, 0 here (its loss is -w A logp); its old
+    # too, but dppo's drop tests read it as given: an old of 1e30 makes them +-inf, never NaN
+    lp = torch.where(m, logp, zero)
+    return d, clamped, ratio, policy_terms(kind, ratio, dratio, a, lp, prm, old=old)
 
 
 def sequence_terms(

@@ -33,10 +33,10 @@ METRIC_NAMES: dict[str, str] = {
     "approx_kl": "mean of (old - logp) over tokens, unclamped; 0 if none",
     "clamped_tokens": "tokens whose policy log-ratio (per-token or sequence) hit the log_ratio_clamp bound",
     # trust region
-    "clip_low": "share of A<0 tokens with ratio < 1-eps_low (gmpo: exp(-eps_low); dppo: probability fallen past "
-    "its divergence bound eps_low); 0 if none or the objective has no eps",
-    "clip_high": "share of A>0 tokens with ratio > 1+eps_high (gmpo: exp(eps_high); dppo: probability risen past "
-    "its divergence bound eps_high); 0 if none or the objective has no eps",
+    "clip_low": "share of A<0 tokens with ratio < 1-eps_low (gmpo: exp(-eps_low); dppo: dropped, the probability "
+    "fallen with p_old - p or the binary KL past eps_low); 0 if none or the objective has no eps",
+    "clip_high": "share of A>0 tokens with ratio > 1+eps_high (gmpo: exp(eps_high); dppo: dropped, the probability "
+    "risen with p - p_old or the binary KL past eps_high); 0 if none or the objective has no eps",
     "dual_clip": "share of A<0 tokens with ratio > c (grpo dual clip); 0 if none or no dual clip",
     "clip_fraction": "share of tokens whose trust-region clip is active (clip_mask); 0 if none",
     "gate_mean_pos": "mean gate weight over A>0 tokens (SAPO 4p(1-p); hard clips 0/1); 1 if none",

@@ -52,8 +52,8 @@ class PolicyTerms:
     grad_free: Tensor
     gate: Tensor
     clip: Tensor  # bool: the trust-region clip is active for this token
-    clip_low: Tensor | None  # bool: A < 0 and rho < 1 - eps_low
-    clip_high: Tensor | None  # bool: A > 0 and rho > 1 + eps_high
+    clip_low: Tensor | None  # bool: A < 0 and past the low-side bound (rho < 1 - eps_low; above)
+    clip_high: Tensor | None  # bool: A > 0 and past the high-side bound (rho > 1 + eps_high)
     dual: Tensor | None  # bool: A < 0 and rho > c
 
 
@@ -70,8 +70,9 @@ OBJECTIVE_KIND = {
     "reinforce": "reinforce",
 }
 
+DPPO_KINDS = ("dppo_tv", "dppo_kl")
 # kinds whose loss reads logp itself (0 on masked tokens), and dppo's the old log-probs too
-READS_LOGP = ("cispo", "dppo_tv", "dppo_kl")
+READS_LOGP = ("cispo", *DPPO_KINDS)
 
 
 def objective_params(obj: Objective) -> dict[str, tuple[float, str]]:
@@ -81,7 +82,8 @@ def objective_params(obj: Objective) -> dict[str, tuple[float, str]]:
     (gmpo_bounds), dppo's the divergence ("trunc": its ratio_cap, when given)."""
     p = f"objective.{obj.name}"
     if isinstance(obj, (DppoTv, DppoKl)):
-        vals = {"lo": (obj.eps_low, f"{p}.eps_low"), "hi": (obj.eps_high, f"{p}.eps_high")}
+        lo, hi = _tiny_as_zero(obj.eps_low), _tiny_as_zero(obj.eps_high)
+        vals = {"lo": (lo, f"{p}.eps_low"), "hi": (hi, f"{p}.eps_high")}
         if obj.ratio_cap is not None:
             vals["trunc"] = (obj.ratio_cap, f"{p}.ratio_cap")
         return vals
@@ -100,11 +102,15 @@ def objective_params(obj: Objective) -> dict[str, tuple[float, str]]:
 
 
 def gmpo_bounds(obj: Gmpo) -> tuple[float, float]:
-    """GMPO's bounds on the log-ratio, (-eps_low, eps_high), an eps below 1e-30 taken as 0:
-    float32 holds every bound then (-1e-50 would be refused as not representable), and host and kernel
-    clip at the same numbers."""
-    lo, hi = (e if e >= 1e-30 else 0.0 for e in (obj.eps_low, obj.eps_high))
-    return -lo, hi
+    """GMPO's bounds on the log-ratio, (-eps_low, eps_high), each _tiny_as_zero (host and
+    kernel clip at the same numbers)."""
+    return -_tiny_as_zero(obj.eps_low), _tiny_as_zero(obj.eps_high)
+
+
+def _tiny_as_zero(eps: float) -> float:
+    """A bound eps below 1e-30 as 0, so that float32 holds it (1e-50 would be refused as not
+    representable in float32, though any eps >= 0 is valid)."""
+    return eps if eps >= 1e-30 else 0.0
 
 
 def policy_terms(
@@ -131,28 +137,26 @@ def policy_terms(
         free = -a * dratio
         return PolicyTerms(-ratio * a, free, free, one, no, None, None, None)
     lo, hi = prm["lo"], prm["hi"]
-    if kind in ("dppo_tv", "dppo_kl"):
+    if kind in DPPO_KINDS:
         assert old is not None
         p, q = torch.exp(logp), torch.exp(old)
         if kind == "dppo_tv":
             high = (a > 0) & (p - q > hi)
             low = (a < 0) & (q - p > lo)
         else:
-            div = binary_kl(old, logp, q)
+            div = binary_kl(old, logp)
             high = (a > 0) & (p > q) & (div > hi)
             low = (a < 0) & (p < q) & (div > lo)
         clip = high | low
         wgt = torch.minimum(ratio, prm["trunc"]) if "trunc" in prm else ratio
-        wgt = torch.where(clip, torch.zeros_like(wgt), wgt)
-        return PolicyTerms(-wgt * a * logp, -wgt * a, -ratio * a, wgt / ratio, clip, low, high, None)
+        return _weighted(torch.where(clip, torch.zeros_like(wgt), wgt), ratio, a, logp, clip, low, high)
     high = (a > 0) & (ratio > hi)
     low = (a < 0) & (ratio < lo)
     if kind == "cispo":
-        wgt = torch.minimum(torch.maximum(ratio, lo), hi)
         # either side whatever A's sign, but not where A = 0: such a token has no gradient to
         # clip, and grpo / gppo / gspo never count it either
         clip = ((ratio < lo) | (ratio > hi)) & (a != 0)
-        return PolicyTerms(-wgt * a * logp, -wgt * a, -ratio * a, wgt / ratio, clip, low, high, None)
+        return _weighted(torch.minimum(torch.maximum(ratio, lo), hi), ratio, a, logp, clip, low, high)
     clip = high | low
     bound = torch.where(high, hi, lo)
     if kind == "gmpo":
@@ -181,11 +185,19 @@ def policy_terms(
     return PolicyTerms(loss, grad, free, gate, clip, low, high, dual)
 
 
-def binary_kl(old: Tensor, logp: Tensor, q: Tensor) -> Tensor:
+def _weighted(
+    wgt: Tensor, ratio: Tensor, a: Tensor, logp: Tensor, clip: Tensor, low: Tensor, high: Tensor
+) -> PolicyTerms:
+    """The terms of a stop-gradient IS weight `wgt` (cispo, dppo): l = -wgt A logp, gradient
+    -wgt A, free gradient -A r."""
+    return PolicyTerms(-wgt * a * logp, -wgt * a, -ratio * a, wgt / ratio, clip, low, high, None)
+
+
+def binary_kl(old: Tensor, logp: Tensor) -> Tensor:
     """KL(Bernoulli(q) || Bernoulli(p)) of the old and new probabilities q = exp(old) and
     p = exp(logp), with DPPO's (and verl's) 1e-8 beside 1 - q and 1 - p: q (old - logp) +
     (1 - q) log((1 - q + 1e-8) / (1 - p + 1e-8)). 1 - p as -expm1(logp), exact near p = 1,
     and 0 for a log-prob within the tolerance above 0 (whose 1 - exp(logp) is negative)."""
     one_q = (-torch.expm1(old)).clamp(min=0)
     one_p = (-torch.expm1(logp)).clamp(min=0)
-    return q * (old - logp) + one_q * (torch.log(one_q + 1e-8) - torch.log(one_p + 1e-8))
+    return torch.exp(old) * (old - logp) + one_q * (torch.log(one_q + 1e-8) - torch.log(one_p + 1e-8))

@@ -97,7 +97,7 @@ HISTOGRAMS: dict[str, tuple[str, tuple[str, ...], tuple[float, ...]]] = {
 SUMMARIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "softgate_batch_clip_fraction": (
         "Per batch: share of the sign's tokens clipped, sign=pos clip_high (A>0, r>1+eps_high), sign=neg "
-        "clip_low (A<0, r<1-eps_low; GMPO's bounds exp(eps_high), exp(-eps_low); DPPO's its divergence "
+        "clip_low (A<0, r<1-eps_low; GMPO's bounds exp(eps_high), exp(-eps_low); DPPO: its divergence "
         "bound); objectives with a "
         "clip only. CISPO's A>0 tokens below 1-eps_low "
         "and A<0 tokens above 1+eps_high are in neither (ComputeLoss's clip_fraction has them).",
