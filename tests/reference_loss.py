@@ -220,12 +220,15 @@ def reference_loss(batch: Batch, config: LossConfig) -> Reference:
         policy_terms.append(loss_t)
         if config.kl is not None:
             x = ref[sl][mi] - lp
-            est = config.kl.estimator.removesuffix("_st")
+            est = config.kl.estimator.removesuffix("_st").removesuffix("_is")
             xc = torch.clamp(x, max=C)  # k3 only, from above: exp(x) finite in float32
             k = -x if est == "k1" else (x * x / 2 if est == "k2" else torch.exp(xc) - xc - 1)
             if config.kl.estimator.endswith("_st"):  # straight-through: k's value, k2's gradient
                 k2 = x * x / 2
                 k = k2 - k2.detach() + k.detach()
+            if config.kl.estimator == "k3_is":  # r k3, gradient -x r (r k3's where unclamped)
+                r_tok = torch.exp(torch.clamp(lp - o, -C, C)).detach()
+                k = k.detach() * r_tok + (lp - lp.detach()) * (-x * r_tok).detach()
             kl_terms.append(k)
         else:
             kl_terms.append(None)

@@ -437,7 +437,7 @@ def test_k3_near_zero_is_accurate_and_never_negative(dtype: torch.dtype, rel: fl
 
 
 @pytest.mark.parametrize("x", [-30.0, 20.0, 30.0])
-@pytest.mark.parametrize("estimator", ["k1", "k2", "k3", "k1_st", "k3_st"])
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3", "k1_st", "k3_st", "k3_is"])
 def test_only_k3_clamps_the_kl_log_ratio_and_only_from_above(estimator: str, x: float) -> None:
     """SPEC's k1 = -x and k2 = x^2/2 are finite for any finite x = ref - logp: beyond the clamp
     they keep their gradient (1, -x), which pulls hardest where the policy drifted furthest.
@@ -452,11 +452,12 @@ def test_only_k3_clamps_the_kl_log_ratio_and_only_from_above(estimator: str, x: 
         ref_logp=torch.tensor([-31.0 + x], dtype=F64),  # |x| = 30 beyond the clamp of 20, or 20 on it
     )
     res = E.loss(b, LossConfig(objective=Reinforce(), kl=KLConfig(estimator=estimator, beta=1.0)))
-    clamped = estimator.startswith("k3") and x > 20  # (k3_st: k3's value, clamped alike)
-    grad = {"k1": 1.0, "k2": -x, "k3": 0.0 if clamped else 1 - math.exp(x)}.get(estimator, -x)  # _st: k2's
+    clamped = estimator.startswith("k3") and x > 20  # (k3_st, k3_is: k3's value, clamped alike)
+    # _st: k2's gradient; k3_is: k2's times r = 1 (on-policy)
+    grad = {"k1": 1.0, "k2": -x, "k3": 0.0 if clamped else 1 - math.exp(x)}.get(estimator, -x)
     assert res.grad.tolist() == [pytest.approx(grad, rel=1e-12)]
     xc = min(x, 20.0)
-    want = {"k1": -x, "k2": x * x / 2, "k3": math.exp(xc) - xc - 1}[estimator.removesuffix("_st")]
+    want = {"k1": -x, "k2": x * x / 2, "k3": math.exp(xc) - xc - 1}[estimator[:2]]
     assert res.kl_loss == pytest.approx(want, rel=1e-12)
     assert res.metrics["kl_clamped_tokens"] == clamped
 
@@ -1686,3 +1687,40 @@ def test_dppo_kl_reads_the_binary_kl_with_1e_8() -> None:
     )
     assert E.loss(b, LossConfig(objective=DppoKl(eps_low=bound))).clip_mask.tolist() == [False]
     assert E.loss(b, LossConfig(objective=DppoKl(eps_low=kl(1e-8) * (1 - 1e-9)))).clip_mask.tolist() == [True]
+
+
+@pytest.mark.parametrize("objective", [Grpo(), Gspo(eps_low=0.2, eps_high=0.2), Gmpo()])
+def test_k3_is_is_trls_bias_corrected_kl(objective) -> None:
+    """k3_is against TRL's `use_bias_correction_kl` written out (per_token_kl * coef_1, coef_1
+    = exp(logp - old) with its gradient, at token level) with the KL term aggregated per token:
+    loss and gradient of the KL part agree, whatever the objective (the ratio is the token's
+    own also under gspo, whose TRL counterpart weighs by the sequence ratio instead)."""
+    g = torch.Generator().manual_seed(3)
+    lengths = [4, 1, 6, 3]
+    n = sum(lengths)
+    logp = -torch.rand(n, generator=g, dtype=F64) * 2 - 0.1
+    old = (logp + 0.3 * torch.randn(n, generator=g, dtype=F64)).clamp(max=-1e-3)
+    ref = (logp + 0.5 * torch.randn(n, generator=g, dtype=F64)).clamp(max=-1e-3)
+    mask = torch.rand(n, generator=g) < 0.8
+    beta = 0.3
+    batch = Batch(
+        logp=logp,
+        offsets=Batch.offsets_from_lengths(torch.tensor(lengths)),
+        old_logp=old,
+        ref_logp=ref,
+        mask=mask,
+        advantages=torch.tensor([1.0, -0.5, 0.7, -1.2], dtype=F64),
+    )
+    agg = AggregationConfig(mode="seq_mean_token_mean")
+    with_kl = E.loss(
+        batch, LossConfig(objective=objective, aggregation=agg, kl=KLConfig("k3_is", beta, "token_mean"))
+    )
+    without = E.loss(batch, LossConfig(objective=objective, aggregation=agg))
+    x = logp.clone().requires_grad_(True)
+    coef_1 = torch.exp(x - old)
+    per_token_kl = (torch.exp(ref - x) - (ref - x) - 1) * coef_1
+    want = beta * per_token_kl[mask].sum() / mask.sum()
+    (grad,) = torch.autograd.grad(want, x)
+    assert with_kl.kl_loss == pytest.approx(float(want.detach()), rel=1e-13)
+    torch.testing.assert_close(with_kl.grad - without.grad, grad, rtol=1e-12, atol=1e-15)
+    assert with_kl.metrics["kl_mean"] == pytest.approx(float(per_token_kl[mask].mean().detach()), rel=1e-13)

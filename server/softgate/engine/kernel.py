@@ -281,7 +281,9 @@ def token_terms(
     total("free_abs", alpha * gfree.abs())
     total("d_sum", torch.where(m, logp - old, zero))  # approx_kl's: unclamped (the spec's old - logp)
     if kl is not None:
-        k, dk, kcl = kl_terms(kl, torch.where(m, t["ref"] - logp, zero), clamp)
+        # k3_is: the token's own ratio, also where the policy's is its sequence's (d: clamped)
+        rt = torch.exp(d) if kl == "k3_is" else None
+        k, dk, kcl = kl_terms(kl, torch.where(m, t["ref"] - logp, zero), clamp, rt)
         # the KL term's aggregation weight: its own (wkl), or the policy term's
         akl = _weight(t, "wkl", m, ids, zero) if "wkl" in t or "wkl" + EXPANDED in t else alpha
         total("kl_sum", akl * k)

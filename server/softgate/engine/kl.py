@@ -4,6 +4,12 @@ k1_st and k3_st are straight-through (verl's "k1+", "k3+"): k1's or k3's value, 
 -x, the gradient whose expectation is the KL's (k1's and k3's values are unbiased estimates of
 the KL, their gradients are not; J. Schulman, "Approximating KL divergence").
 
+k3_is is k3 weighted by the token's policy ratio r = exp(logp - old) (clamped like the
+policy's), r's gradient included: DeepSeek-V3.2's unbiased KL estimate for tokens sampled from
+the old policy, TRL's `use_bias_correction_kl`. Its gradient r (k3 + d k3 / d logp) = -x r is
+k2's weighted by r: k3_st's terms times r (its value clamped as k3's, its gradient never; the
+exact derivative of a clamped r k3 was e^20 - 21 past the clamp, pushing logp further away).
+
 k1 = -x, k2 = x^2 / 2, k3 = exp(x) - x - 1; d k / d logp = 1, -x, 1 - exp(x). Only k3 clamps
 x (k3_st's value too, not its gradient -x), and only from above, at log_ratio_clamp (so exp(x)
 stays finite in float32; its gradient is 0 where it clamped, the clamp's derivative). Below,
@@ -23,8 +29,15 @@ K3_SERIES_BELOW = 0.1  # |x| under which k3 is its series
 _K3_SERIES = tuple(1 / math.factorial(n) for n in range(2, 9))  # exp(x) - 1 - x = sum x^n / n!
 
 
-def kl_terms(estimator: str, x_raw: Tensor, clamp: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(k, d k / d logp, clamped) per token from x_raw = ref - logp (0 on masked tokens)."""
+def kl_terms(
+    estimator: str, x_raw: Tensor, clamp: Tensor, ratio: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(k, d k / d logp, clamped) per token from x_raw = ref - logp (0 on masked tokens);
+    `ratio`: k3_is's policy ratio r per token."""
+    if estimator == "k3_is":
+        assert ratio is not None
+        k, dk, clamped = kl_terms("k3_st", x_raw, clamp)
+        return ratio * k, ratio * dk, clamped
     if estimator.endswith("_st"):  # the value of k1 / k3, the gradient of k2 (never clamped)
         k, _, clamped = kl_terms(estimator.removesuffix("_st"), x_raw, clamp)
         return k, -x_raw, clamped

@@ -57,6 +57,7 @@ class KlEstimator(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     KL_ESTIMATOR_K3: _ClassVar[KlEstimator]
     KL_ESTIMATOR_K1_ST: _ClassVar[KlEstimator]
     KL_ESTIMATOR_K3_ST: _ClassVar[KlEstimator]
+    KL_ESTIMATOR_K3_IS: _ClassVar[KlEstimator]
 
 class MismatchLevel(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -103,6 +104,7 @@ KL_ESTIMATOR_K2: KlEstimator
 KL_ESTIMATOR_K3: KlEstimator
 KL_ESTIMATOR_K1_ST: KlEstimator
 KL_ESTIMATOR_K3_ST: KlEstimator
+KL_ESTIMATOR_K3_IS: KlEstimator
 MISMATCH_LEVEL_UNSPECIFIED: MismatchLevel
 MISMATCH_LEVEL_TOKEN: MismatchLevel
 MISMATCH_LEVEL_SEQUENCE: MismatchLevel
