@@ -87,7 +87,13 @@ function lossConfig(c) {
       constant: g.constant,
     });
   }
-  if (c.kl) out.kl = drop({ estimator: enumName('KL_ESTIMATOR', c.kl.estimator), beta: c.kl.beta });
+  if (c.kl) {
+    out.kl = drop({
+      estimator: enumName('KL_ESTIMATOR', c.kl.estimator),
+      beta: c.kl.beta,
+      aggregation: enumName('AGGREGATION_MODE', c.kl.aggregation),
+    });
+  }
   if (c.mismatch) {
     const m = c.mismatch;
     out.mismatch = drop({
@@ -96,6 +102,7 @@ function lossConfig(c) {
       cap: m.cap,
       lo: m.lo,
       hi: m.hi,
+      floor: m.floor,
     });
   }
   if (c.log_ratio_clamp !== null && c.log_ratio_clamp !== undefined) out.log_ratio_clamp = c.log_ratio_clamp;

@@ -216,8 +216,8 @@ def build_cases(objective: str, engine: Engine | None = None) -> list[dict[str, 
 def _default_cases(engine: Engine) -> list[dict[str, Any]]:
     """What the generated variants never hold (an audit): every parameter at its default, with
     old_logp, the mask and the advantage level unset; RLOO at its default (group) scale; k3 KL
-    clamped from above on one trained token; and eps, min_group_std, beta, the mismatch bounds
-    and the saturation threshold at values of their own."""
+    clamped from above on one trained token; eps, min_group_std, beta, the mismatch bounds
+    and the saturation threshold at values of their own; the k3_is KL estimator."""
     out = []
     b = random_batch(5151, max_seqs=5, max_len=5, advantages="rewards", with_mask=False, num_seqs=5)
     b.rewards = torch.tensor([0.0, 1.0, 0.5, 1.0, 0.0], dtype=torch.float64)
@@ -255,6 +255,10 @@ def _default_cases(engine: Engine) -> list[dict[str, Any]]:
     m = out[-1]["outputs"]["metrics"]
     assert 0 < m["degenerate_group_frac"] < 1 and m["mismatch_clipped_frac"] > 0, m
     assert m["gate_saturation_pos"] + m["gate_saturation_neg"] > 0, m
+    # k3_is: k3 weighted by the token's ratio, gradient -x r (TRL's use_bias_correction_kl)
+    b = random_batch(5555, max_seqs=5, max_len=5, advantages="sequence", num_seqs=5, big_deltas=True)
+    cfg = LossConfig(kl=KLConfig(estimator="k3_is", beta=0.3, aggregation="token_mean"))
+    out.append(_case("sapo/kl_k3_is_token_mean", b, cfg, engine))
     return out
 
 
