@@ -255,7 +255,7 @@ OBJECTIVE_NAMES = (
     "dppo_kl",
 )
 AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm")
-KL_OPTIONS = (None, "k1", "k2", "k3")
+KL_OPTIONS = (None, "k1", "k2", "k3", "k3_is")
 MISMATCH_OPTIONS = (
     None,
     ("token", "truncate"),

@@ -286,10 +286,12 @@ def test_straight_through_kl_estimators(estimator, agg):
 
 
 @pytest.mark.parametrize("compile", [False, pytest.param(True, marks=needs_compile)])
-def test_straight_through_kl_past_the_clamp_with_its_own_mode(compile):
-    """k3_st beyond the clamp (x = ref - logp of 25 and 30): k3's clamped value, k2's gradient
-    -x unclamped, with the KL term aggregated per token beside SAPO's per-sequence policy
-    term; eager and compiled alike, against the reference."""
+@pytest.mark.parametrize("estimator", ["k3_st", "k3_is"])
+def test_straight_through_kl_past_the_clamp_with_its_own_mode(compile, estimator):
+    """k3_st and k3_is beyond the clamp (x = ref - logp of 25 and 30): k3's clamped value, k2's
+    gradient -x unclamped (k3_is: times r, and a third token's r past the log-ratio clamp), with
+    the KL term aggregated per token beside SAPO's per-sequence policy term; eager and compiled
+    alike, against the reference."""
     import dataclasses
 
     engine = Engine(device="cpu", compile=True) if compile else ENGINE
@@ -299,9 +301,10 @@ def test_straight_through_kl_past_the_clamp_with_its_own_mode(compile):
     logp, old, ref = batch.logp.clone(), batch.old_logp.clone(), batch.logp.clone()
     logp[:2] = old[:2] = -40.0
     ref[:2] = torch.tensor([-15.0, -10.0], dtype=torch.float64)  # x = 25 and 30
+    old[2] = logp[2] - 25.0  # a ratio of e^25, clamped to e^20
     mask = torch.ones(n, dtype=torch.bool)
     batch = dataclasses.replace(batch, logp=logp, old_logp=old, ref_logp=ref, mask=mask)
-    config = make_config("sapo", "seq_mean_token_mean", "k3_st", None)
+    config = make_config("sapo", "seq_mean_token_mean", estimator, None)
     assert config.kl is not None
     config = dataclasses.replace(config, kl=dataclasses.replace(config.kl, aggregation="token_mean"))
     check_against_reference(batch, config, engine)

@@ -4,14 +4,15 @@ k1_st and k3_st are straight-through (verl's "k1+", "k3+"): k1's or k3's value, 
 -x, the gradient whose expectation is the KL's (k1's and k3's values are unbiased estimates of
 the KL, their gradients are not; J. Schulman, "Approximating KL divergence").
 
-k3_is is k3 weighted by the token's policy ratio r = exp(logp - old) (clamped like the
-policy's), r's gradient included: DeepSeek-V3.2's unbiased KL estimate for tokens sampled from
-the old policy, TRL's `use_bias_correction_kl`. Its gradient r (k3 + d k3 / d logp) = -x r is
-k2's weighted by r: k3_st's terms times r (its value clamped as k3's, its gradient never; the
-exact derivative of a clamped r k3 was e^20 - 21 past the clamp, pushing logp further away).
+k3_is is k3 weighted by the token's own ratio r = exp(clamp(logp - old, +-log_ratio_clamp)),
+r's gradient included: DeepSeek-V3.2's unbiased KL estimate for tokens sampled from the old
+policy, TRL's `use_bias_correction_kl`. Its gradient r (k3 + d k3 / d logp) = -x r is k2's
+weighted by r: k3_st's terms times r (its value clamped as k3's, its gradient not by x; the
+exact derivative of a clamped r k3 is r k3 itself past the clamp, e^20 - 21 at r = 1, a push
+of logp further away).
 
 k1 = -x, k2 = x^2 / 2, k3 = exp(x) - x - 1; d k / d logp = 1, -x, 1 - exp(x). Only k3 clamps
-x (k3_st's value too, not its gradient -x), and only from above, at log_ratio_clamp (so exp(x)
+x (k3_st's and k3_is's values too, not their gradients), and only from above, at log_ratio_clamp (so exp(x)
 stays finite in float32; its gradient is 0 where it clamped, the clamp's derivative). Below,
 exp(x) only underflows to 0: a token far more likely under the policy than under the reference
 keeps k3's full pull (gradient ~1), as k1 and k2 keep theirs for every finite x (as TRL's and
