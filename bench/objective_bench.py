@@ -1,0 +1,76 @@
+"""Each objective's cost in process: the compiled engine as `softgate serve` calls it for a
+request that wants the gradient alone (ratio and gate for a 32K-token sample), on one batch of
+per-sequence advantages, every objective at its defaults, and GRPO with a k3 or k3_is KL term.
+
+    python bench/objective_bench.py            # 1024 sequences of 1024 tokens (about 2 minutes)
+    python bench/objective_bench.py --quick    # 256 x 256, 5 rounds
+
+Prints the median (and minimum) ms of each configuration over the timed rounds, after untimed
+calls that compile it, and its ratio to SAPO's median in the same run. The configurations run
+round-robin within each round, so that load from other processes hits them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from softgate.engine import OBJECTIVES, Batch, Engine, Grpo, KLConfig, LossConfig
+
+
+def configs() -> dict[str, LossConfig]:
+    """Every objective at its defaults, then GRPO with each importance-weighted or plain k3."""
+    out = {name: LossConfig(objective=cls()) for name, cls in OBJECTIVES.items()}
+    for est in ("k3", "k3_is"):
+        out[f"grpo + {est}"] = LossConfig(objective=Grpo(), kl=KLConfig(est, 0.01))
+    return out
+
+
+def batch(n_seq: int, length: int) -> Batch:
+    """float32 log-probs near the old and reference ones, one advantage per sequence."""
+    g = torch.Generator().manual_seed(0)
+    n = n_seq * length
+    logp = -torch.rand(n, generator=g) - 0.1
+    return Batch(
+        logp=logp,
+        offsets=Batch.offsets_from_lengths(torch.full((n_seq,), length)),
+        old_logp=(logp + 0.05 * torch.randn(n, generator=g)).clamp(max=-1e-3),
+        ref_logp=(logp + 0.05 * torch.randn(n, generator=g)).clamp(max=-1e-3),
+        advantages=torch.randn(n_seq, generator=g),
+        advantage_level="sequence",
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="256 x 256 tokens, 5 rounds")
+    ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default 15, --quick 5)")
+    args = ap.parse_args(argv)
+    side = 256 if args.quick else 1024
+    rounds = args.rounds or (5 if args.quick else 15)
+    b = batch(side, side)
+    engine = Engine(device="cpu", compile="sync")
+    cfgs = configs()
+    for cfg in cfgs.values():
+        for _ in range(3):
+            engine.loss(b, cfg, sample_tokens=32768)
+    times: dict[str, list[float]] = {name: [] for name in cfgs}
+    for _ in range(rounds):
+        for name, cfg in cfgs.items():
+            t = time.perf_counter()
+            engine.loss(b, cfg, sample_tokens=32768)
+            times[name].append(time.perf_counter() - t)
+    base = statistics.median(times["sapo"])
+    print(
+        f"{side * side:,} tokens, {rounds} rounds, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    print(f"{'configuration':16s} {'median ms':>10s} {'min ms':>8s} {'/ sapo':>7s}")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"{name:16s} {med * 1e3:10.2f} {min(ts) * 1e3:8.2f} {med / base:7.2f}")
+
+
+if __name__ == "__main__":
+    main()
