@@ -1,6 +1,8 @@
-"""Each objective's cost in process: the compiled engine as `softgate serve` calls it for a
-request that wants the gradient alone (ratio and gate for a 32K-token sample), on one batch of
-per-sequence advantages, every objective at its defaults, and GRPO with a k3 or k3_is KL term.
+"""Each objective's cost in process, on the CPU: the compiled engine as `softgate serve` calls it
+for a request that wants the gradient alone (ratio and gate for a 32K-token sample), on one
+batch of per-sequence advantages, every objective at its defaults, and GRPO with a k3 or k3_is
+KL term. It runs under the process's allocator (bench/engine_bench.py preloads tcmalloc, as the
+service ships; `LD_PRELOAD=libtcmalloc_minimal.so.4` for the same here).
 
     python bench/objective_bench.py            # 1024 sequences of 1024 tokens (about 2 minutes)
     python bench/objective_bench.py --quick    # 256 x 256, 5 rounds
@@ -46,8 +48,10 @@ def batch(n_seq: int, length: int) -> Batch:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="256 x 256 tokens, 5 rounds")
-    ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default 15, --quick 5)")
+    ap.add_argument("--rounds", type=int, default=None, help="timed rounds, >= 1 (default 15, --quick 5)")
     args = ap.parse_args(argv)
+    if args.rounds is not None and args.rounds < 1:
+        ap.error("--rounds must be at least 1")
     side = 256 if args.quick else 1024
     rounds = args.rounds or (5 if args.quick else 15)
     b = batch(side, side)
@@ -56,6 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     for cfg in cfgs.values():
         for _ in range(3):
             engine.loss(b, cfg, sample_tokens=32768)
+    if engine.kernel is None or not engine.kernel.enabled:  # (an old torch: eager code, not this bench's)
+        raise SystemExit("the engine did not compile (see its log): nothing to time")
     times: dict[str, list[float]] = {name: [] for name in cfgs}
     for _ in range(rounds):
         for name, cfg in cfgs.items():

@@ -1640,7 +1640,8 @@ def test_dppo_edge_values(kind: type, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("kind", [DppoTv, DppoKl])
 def test_dppo_on_policy_drops_nothing_even_at_bound_zero(kind: type) -> None:
     """On policy (p = p_old) no probability moved: with both bounds 0 nothing is past them
-    (strictly), every trained token's gate is 1 and its gradient -A times its weight."""
+    (strictly), every trained token's gate is 1 and its gradient -A times its weight. (For
+    dppo_kl the direction test p > p_old already fails here: this pins TV's comparisons.)"""
     b = simple_batch([4, 1, 3], advantages=torch.tensor([1.0, -2.0, 0.5], dtype=F64))
     b = dataclasses.replace(b, old_logp=b.logp.clone())
     res = E.loss(
@@ -1735,11 +1736,12 @@ def test_k3_is_is_trls_bias_corrected_kl(objective, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 def test_k3_is_past_both_clamps_and_with_masked_garbage(dtype: torch.dtype) -> None:
     """k3_is's r is exp of the clamped log-ratio, its gradient -x r: a token 25 nats above its
-    old log-prob weighs e^20, one 25 below e^-20; its value r k3 with k3's x clamped. A masked
-    token's log-probs may hold any finite values (here 0 and -1e30: an unmasked ratio overflowed)."""
-    logp = torch.tensor([-1.0, -30.0, -2.0, 0.0], dtype=dtype)
-    old = torch.tensor([-26.0, -5.0, -2.5, -1e30], dtype=dtype)
-    ref = torch.tensor([-1.5, -29.0, -1.5, -1.0], dtype=dtype)
+    old log-prob weighs e^20, one 25 below e^-20. Its value is r k3 with k3's x clamped (the
+    first token's x = 21 counts as 20), its gradient -x r with x as it is. A masked token's
+    log-probs may hold any finite values (here 0 and -1e30, a log-ratio of 1e30)."""
+    logp = torch.tensor([-30.0, -30.0, -2.0, 0.0], dtype=dtype)
+    old = torch.tensor([-55.0, -5.0, -2.5, -1e30], dtype=dtype)
+    ref = torch.tensor([-9.0, -29.0, -1.5, -1.0], dtype=dtype)
     b = Batch(
         logp=logp,
         offsets=torch.tensor([0, 4]),
@@ -1754,9 +1756,10 @@ def test_k3_is_past_both_clamps_and_with_masked_garbage(dtype: torch.dtype) -> N
         aggregation=AggregationConfig("token_sum_norm", constant=1.0),
     )
     res = E.loss(b, cfg)
-    x = [-0.5, 1.0, 0.5]
+    x = [21.0, 1.0, 0.5]
     r = [math.exp(20.0), math.exp(-20.0), math.exp(0.5)]
     want_grad = [-xi * ri for xi, ri in zip(x, r, strict=True)] + [0.0]
     torch.testing.assert_close(res.grad.to(F64), torch.tensor(want_grad, dtype=F64), rtol=1e-6, atol=0)
-    want = sum(ri * (math.exp(xi) - xi - 1) for xi, ri in zip(x, r, strict=True))
+    want = sum(ri * (math.exp(min(xi, 20.0)) - min(xi, 20.0) - 1) for xi, ri in zip(x, r, strict=True))
     assert res.kl_loss == pytest.approx(want, rel=1e-6)
+    assert res.metrics["kl_clamped_tokens"] == 1

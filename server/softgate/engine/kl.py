@@ -12,8 +12,9 @@ exact derivative of a clamped r k3 is r k3 itself past the clamp, e^20 - 21 at r
 of logp further away).
 
 k1 = -x, k2 = x^2 / 2, k3 = exp(x) - x - 1; d k / d logp = 1, -x, 1 - exp(x). Only k3 clamps
-x (k3_st's and k3_is's values too, not their gradients), and only from above, at log_ratio_clamp (so exp(x)
-stays finite in float32; its gradient is 0 where it clamped, the clamp's derivative). Below,
+x (k3_st's and k3_is's values too, not their gradients), and only from above, at
+log_ratio_clamp (so exp(x) stays finite in float32; its gradient is 0 where it clamped, the
+clamp's derivative). Below,
 exp(x) only underflows to 0: a token far more likely under the policy than under the reference
 keeps k3's full pull (gradient ~1), as k1 and k2 keep theirs for every finite x (as TRL's and
 verl's k1 / k2 do).
