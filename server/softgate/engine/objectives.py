@@ -13,7 +13,7 @@ the same s_i.
 
 dppo_tv and dppo_kl weigh each token like cispo, by sg[min(r, ratio_cap)], and drop the tokens
 whose probability p = exp(logp) moved too far from p_old = exp(old) the way A pushes it
-(`old`: the old log-probs, 0 on masked tokens like `logp`): by p - p_old (dppo_tv) or the binary
+(`old`: the old log-probs as given, any finite value on masked tokens): by p - p_old (dppo_tv) or the binary
 KL of Bernoulli(p_old) to Bernoulli(p) (dppo_kl) past the sign's bound, eps_high or eps_low.
 
 `grad_free` is the gradient of the same algorithm with the trust region removed (nothing
