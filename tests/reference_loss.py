@@ -223,6 +223,8 @@ def reference_loss(batch: Batch, config: LossConfig) -> Reference:
             est = config.kl.estimator.removesuffix("_st").removesuffix("_is")
             xc = torch.clamp(x, max=C)  # k3 only, from above: exp(x) finite in float32
             k = -x if est == "k1" else (x * x / 2 if est == "k2" else torch.exp(xc) - xc - 1)
+            if est == "abs":  # (autograd's gradient of |x| at 0 is 0)
+                k = x.abs()
             if config.kl.estimator.endswith("_st"):  # straight-through: k's value, k2's gradient
                 k2 = x * x / 2
                 k = k2 - k2.detach() + k.detach()

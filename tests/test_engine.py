@@ -437,7 +437,7 @@ def test_k3_near_zero_is_accurate_and_never_negative(dtype: torch.dtype, rel: fl
 
 
 @pytest.mark.parametrize("x", [-30.0, 20.0, 30.0])
-@pytest.mark.parametrize("estimator", ["k1", "k2", "k3", "k1_st", "k3_st", "k3_is"])
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3", "k1_st", "k3_st", "k3_is", "abs", "abs_st"])
 def test_only_k3_clamps_the_kl_log_ratio_and_only_from_above(estimator: str, x: float) -> None:
     """SPEC's k1 = -x and k2 = x^2/2 are finite for any finite x = ref - logp: beyond the clamp
     they keep their gradient (1, -x), which pulls hardest where the policy drifted furthest.
@@ -454,10 +454,11 @@ def test_only_k3_clamps_the_kl_log_ratio_and_only_from_above(estimator: str, x: 
     res = E.loss(b, LossConfig(objective=Reinforce(), kl=KLConfig(estimator=estimator, beta=1.0)))
     clamped = estimator.startswith("k3") and x > 20  # (k3_st, k3_is: k3's value, clamped alike)
     # _st: k2's gradient; k3_is: k2's times r = 1 (on-policy)
-    grad = {"k1": 1.0, "k2": -x, "k3": 0.0 if clamped else 1 - math.exp(x)}.get(estimator, -x)
+    grad = {"k1": 1.0, "k2": -x, "k3": 0.0 if clamped else 1 - math.exp(x), "abs": -math.copysign(1, x)}
+    grad = grad.get(estimator, -x)
     assert res.grad.tolist() == [pytest.approx(grad, rel=1e-12)]
     xc = min(x, 20.0)
-    want = {"k1": -x, "k2": x * x / 2, "k3": math.exp(xc) - xc - 1}[estimator[:2]]
+    want = {"k1": -x, "k2": x * x / 2, "k3": math.exp(xc) - xc - 1, "ab": abs(x)}[estimator[:2]]
     assert res.kl_loss == pytest.approx(want, rel=1e-12)
     assert res.metrics["kl_clamped_tokens"] == clamped
 

@@ -261,12 +261,13 @@ def _check_kl_modes(policy_mode: str, kl_mode: str, engine: Engine) -> None:
     raise AssertionError(f"only {checked} batches away from a boundary")
 
 
-@pytest.mark.parametrize("estimator", ["k1_st", "k3_st", "k3_is"])
+@pytest.mark.parametrize("estimator", ["k1_st", "k3_st", "k3_is", "abs", "abs_st"])
 @pytest.mark.parametrize("agg", AGG_MODES)
 def test_straight_through_kl_estimators(estimator, agg):
-    """verl's "k1+" / "k3+": k1's or k3's value with k2's gradient, against the reference's
-    straight-through (`k2 - sg[k2] + sg[k]`), the value equal to the plain estimator's; k3_is
-    (r k3, gradient -x r) against the reference's (TRL's formula: tests/test_engine.py)."""
+    """verl's "k1+" / "k3+" / "abs+": k1's, k3's or |x|'s value with k2's gradient, against the
+    reference's straight-through (`k2 - sg[k2] + sg[k]`), the value equal to the plain
+    estimator's; k3_is (r k3, gradient -x r) against the reference's (TRL's formula:
+    tests/test_engine.py); verl's abs (|x|, gradient -sign(x)) against autograd's."""
     import dataclasses
 
     checked = 0
@@ -277,7 +278,9 @@ def test_straight_through_kl_estimators(estimator, agg):
             continue
         check_against_reference(batch, config)
         if estimator.endswith("_st"):
-            plain = dataclasses.replace(config, kl=dataclasses.replace(config.kl, estimator=estimator[:2]))
+            plain = dataclasses.replace(
+                config, kl=dataclasses.replace(config.kl, estimator=estimator.removesuffix("_st"))
+            )
             assert ENGINE.loss(batch, config).kl_loss == ENGINE.loss(batch, plain).kl_loss
         checked += 1
         if checked == 3:

@@ -328,7 +328,7 @@ def loss_configs(draw: Any) -> pb.LossConfig:
                 setattr(c.aggregation, f, draw(weird_floats))
     if draw(st.booleans()):
         c.kl.SetInParent()
-        c.kl.estimator = draw(st.integers(0, 7))  # (7: one past the last, K3_IS)
+        c.kl.estimator = draw(st.integers(0, 9))  # (9: one past the last, ABS_ST)
         if draw(st.booleans()):
             c.kl.beta = draw(weird_floats)
     if draw(st.booleans()):

@@ -1,8 +1,9 @@
 """KL penalty to the reference policy per token, x = ref - logp (SPEC: k1, k2, k3).
 
-k1_st and k3_st are straight-through (verl's "k1+", "k3+"): k1's or k3's value, k2's gradient
--x, the gradient whose expectation is the KL's (k1's and k3's values are unbiased estimates of
-the KL, their gradients are not; J. Schulman, "Approximating KL divergence").
+k1_st, k3_st and abs_st are straight-through (verl's "k1+", "k3+", "abs+"): k1's, k3's or
+abs's value, k2's gradient -x, the gradient whose expectation is the KL's (k1's and k3's values
+are unbiased estimates of the KL, their gradients are not; J. Schulman, "Approximating KL
+divergence").
 
 k3_is is k3 weighted by the token's own ratio r = exp(clamp(logp - old, +-log_ratio_clamp)),
 r's gradient included: DeepSeek-V3.2's unbiased KL estimate for tokens sampled from the old
@@ -11,8 +12,9 @@ weighted by r: k3_st's terms times r (its value clamped as k3's, its gradient no
 exact derivative of a clamped r k3 is r k3 itself past the clamp, e^20 - 21 at r = 1, a push
 of logp further away).
 
-k1 = -x, k2 = x^2 / 2, k3 = exp(x) - x - 1; d k / d logp = 1, -x, 1 - exp(x). Only k3 clamps
-x (k3_st's and k3_is's values too, not their gradients), and only from above, at
+k1 = -x, k2 = x^2 / 2, k3 = exp(x) - x - 1, abs = |x| (verl's); d k / d logp = 1, -x,
+1 - exp(x), -sign(x) (0 at x = 0, autograd's choice). Only k3 clamps x (k3_st's and k3_is's
+values too, not their gradients), and only from above, at
 log_ratio_clamp (so exp(x) stays finite in float32; its gradient is 0 where it clamped, the
 clamp's derivative). Below,
 exp(x) only underflows to 0: a token far more likely under the policy than under the reference
@@ -40,13 +42,15 @@ def kl_terms(
         assert ratio is not None
         k, dk, clamped = kl_terms("k3_st", x_raw, clamp)
         return ratio * k, ratio * dk, clamped
-    if estimator.endswith("_st"):  # the value of k1 / k3, the gradient of k2 (never clamped)
+    if estimator.endswith("_st"):  # the value of k1 / k3 / abs, the gradient of k2 (never clamped)
         k, _, clamped = kl_terms(estimator.removesuffix("_st"), x_raw, clamp)
         return k, -x_raw, clamped
     if estimator == "k1":
         return -x_raw, torch.ones_like(x_raw), torch.zeros_like(x_raw, dtype=torch.bool)
     if estimator == "k2":
         return 0.5 * x_raw * x_raw, -x_raw, torch.zeros_like(x_raw, dtype=torch.bool)
+    if estimator == "abs":  # (sign(0) = 0: autograd's subgradient of |x| at 0)
+        return x_raw.abs(), -torch.sign(x_raw), torch.zeros_like(x_raw, dtype=torch.bool)
     if estimator != "k3":
         raise ValueError(f"unknown KL estimator {estimator!r}")
     x = torch.clamp(x_raw, max=clamp)

@@ -81,7 +81,7 @@ _INTS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 _ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
 _SCALES = ("group", "batch", "none")
 _AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm")
-_KL_ESTIMATORS = ("k1", "k2", "k3", "k1_st", "k3_st", "k3_is")
+_KL_ESTIMATORS = ("k1", "k2", "k3", "k1_st", "k3_st", "k3_is", "abs", "abs_st")
 # the normaliser each aggregation mode reads (the others it ignores)
 _NORMALISER = {
     "token_mean": "num_tokens",

@@ -65,6 +65,8 @@ KL_HELP = {
     "k3_st": "k3's value with k2's gradient -x (straight-through; verl's k3+)",
     "k3_is": "r k3, r = exp(clamp(logp - old)) the token's own ratio, with its gradient: gradient -x r "
     "(DeepSeek-V3.2's unbiased KL; TRL's use_bias_correction_kl)",
+    "abs": "|x|, gradient -sign(x) (verl's abs)",
+    "abs_st": "|x|'s value with k2's gradient -x (straight-through; verl's abs+)",
 }
 MISMATCH_HELP = {
     "truncate": "truncated importance sampling: v = clamp(exp(old - rollout), floor, cap)",

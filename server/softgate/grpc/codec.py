@@ -677,6 +677,8 @@ _KL = {
     pb.KL_ESTIMATOR_K1_ST: "k1_st",
     pb.KL_ESTIMATOR_K3_ST: "k3_st",
     pb.KL_ESTIMATOR_K3_IS: "k3_is",
+    pb.KL_ESTIMATOR_ABS: "abs",
+    pb.KL_ESTIMATOR_ABS_ST: "abs_st",
 }
 _MM_LEVELS = {pb.MISMATCH_LEVEL_TOKEN: "token", pb.MISMATCH_LEVEL_SEQUENCE: "sequence"}
 _MM_MODES = {pb.MISMATCH_MODE_TRUNCATE: "truncate", pb.MISMATCH_MODE_MASK: "mask"}
