@@ -107,7 +107,7 @@ def _objective(name: str, obj, r: Tensor, a: Tensor, logp: Tensor) -> Tensor:
         # value -bound A (grpo's clipped value), gradient -bound A even where d was clamped
         return torch.where(active, -a * bound * (1 + logp - logp.detach()), unclipped)
     loss = torch.maximum(unclipped, clipped)
-    if name == "grpo" and obj.dual_clip is not None:
+    if name == "grpo" and getattr(obj, "dual_clip", None) is not None:
         loss = torch.where(a < 0, torch.minimum(loss, -obj.dual_clip * a), loss)
     return loss
 
@@ -125,6 +125,45 @@ def _dppo(name: str, obj, r: Tensor, a: Tensor, logp: Tensor, old: Tensor) -> Te
         drop = torch.where(a > 0, (kl > obj.eps_high) & (p > q), (kl > obj.eps_low) & (p < q))
     w = r.detach() if obj.ratio_cap is None else torch.clamp(r.detach(), max=obj.ratio_cap)
     return torch.where(drop & (a != 0), torch.zeros_like(w), w) * -a * logp
+
+
+def splitmix64(seed: int, i: int) -> int:
+    """splitmix64's i-th output (0-based) of the stream `seed`, as a signed 64-bit integer."""
+    z = (seed + (i + 1) * 0x9E3779B97F4A7C15) % 2**64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    z ^= z >> 31
+    return z - 2**64 if z >= 2**63 else z
+
+
+def reference_selection(obj, logp: Tensor, old: Tensor, adv: Tensor, mask: Tensor, clamp: float) -> Tensor:
+    """Clip-Cov's or KL-Cov's selected tokens (bool [N]) by plain loops: the covariance
+    (A - mean A)(logp - mean logp) over the trained tokens; kl_cov the k largest, clip_cov k of
+    those the clip left alone in the window, by the largest splitmix64(seed, index); ties to
+    the lower index."""
+    idx = [i for i in range(logp.numel()) if bool(mask[i])]
+    n = len(idx)
+    k = max(1, int(obj.fraction * n))
+    a = [float(adv[i]) for i in idx]
+    lp = [float(logp[i]) for i in idx]
+    # the means shifted by the first value (as the engine): equal values centre to exactly 0
+    ma = a[0] + math.fsum(x - a[0] for x in a) / n if n else 0.0
+    ml = lp[0] + math.fsum(x - lp[0] for x in lp) / n if n else 0.0
+    cov = {i: (a[j] - ma) * (lp[j] - ml) for j, i in enumerate(idx)}
+    if obj.name == "kl_cov":
+        order = sorted(idx, key=lambda i: (-cov[i], i))
+    else:
+        lo, hi = 1 - obj.eps_low, 1 + obj.eps_high
+
+        def clipped(i: int) -> bool:
+            r = math.exp(min(max(float(logp[i]) - float(old[i]), -clamp), clamp))
+            return (float(adv[i]) > 0 and r > hi) or (float(adv[i]) < 0 and r < lo)
+
+        ok = [i for i in idx if obj.cov_low < cov[i] < obj.cov_high and not clipped(i)]
+        order = sorted(ok, key=lambda i: (-splitmix64(obj.seed, i), i))
+    sel = torch.zeros(logp.numel(), dtype=torch.bool)
+    sel[order[:k]] = True
+    return sel
 
 
 def reference_loss(batch: Batch, config: LossConfig) -> Reference:
@@ -155,6 +194,11 @@ def reference_loss(batch: Batch, config: LossConfig) -> Reference:
         )
         for i in range(b):
             tok_adv.append(torch.full((off[i + 1] - off[i],), seq_adv[i], dtype=f64))
+
+    sel = None
+    if name in ("clip_cov", "kl_cov"):
+        o_all = old if old is not None else logp.detach()
+        sel = reference_selection(config.objective, logp.detach(), o_all, torch.cat(tok_adv), mask, C)
 
     agg = config.aggregation
     n_tok = agg.num_tokens if agg.num_tokens else sum(counts)
@@ -206,6 +250,15 @@ def reference_loss(batch: Batch, config: LossConfig) -> Reference:
             loss_t = -a * s * torch.exp(c - c.detach())
         elif name in ("dppo_tv", "dppo_kl"):
             loss_t = _dppo(name, config.objective, r, a, lp, o)
+        elif name == "kl_cov":  # -r A, and coef |logp - old| (unclamped) on the selected tokens
+            assert sel is not None
+            s = sel[sl][mi]
+            pen = config.objective.coef * (lp - o).abs()
+            loss_t = -r * a + torch.where(s, pen, torch.zeros_like(pen))
+        elif name == "clip_cov":  # grpo's clip, the selected tokens dropped
+            assert sel is not None
+            clip = _objective("grpo", config.objective, r, a, lp)
+            loss_t = torch.where(sel[sl][mi], torch.zeros_like(clip), clip)
         else:
             loss_t = _objective(name, config.objective, r, a, lp)
         mm = config.mismatch
@@ -255,6 +308,8 @@ OBJECTIVE_NAMES = (
     "gmpo",
     "dppo_tv",
     "dppo_kl",
+    "clip_cov",
+    "kl_cov",
 )
 AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm")
 KL_OPTIONS = (None, "k1", "k2", "k3", "k3_is")
@@ -337,6 +392,7 @@ def make_config(
         AdvantageConfig,
         AggregationConfig,
         Cispo,
+        ClipCov,
         DppoKl,
         DppoTv,
         Gmpo,
@@ -345,6 +401,7 @@ def make_config(
         Gspo,
         GspoToken,
         KLConfig,
+        KlCov,
         MismatchConfig,
         Reinforce,
         Sapo,
@@ -372,6 +429,13 @@ def make_config(
             DppoKl(eps_low=0.01, eps_high=0.02, ratio_cap=1.2),
             DppoKl(eps_low=0.1, eps_high=0.005),
         ],
+        # (fractions and windows that select several of a small batch's tokens)
+        "clip_cov": [
+            ClipCov(fraction=0.2, cov_low=-0.5, cov_high=5.0),
+            ClipCov(eps_low=0.1, eps_high=0.28, fraction=0.1, cov_low=0.0, cov_high=2.0, seed=7),
+            ClipCov(fraction=0.5, cov_low=-10.0, cov_high=10.0, seed=2**52 + 3),  # (JSON: exact in a double)
+        ],
+        "kl_cov": [KlCov(fraction=0.2), KlCov(fraction=0.05, coef=0.3), KlCov(fraction=1.0, coef=2.0)],
         "reinforce": [Reinforce()],
     }[objective]
     obj = objs[variant % len(objs)]

@@ -178,6 +178,16 @@ CASES = [
         ),
     ),
     (
+        {"objective": "clip_cov", "fraction": 0.01, "cov_high": 3.0, "seed": 2**64 - 1},
+        LossConfig(objective=ec.ClipCov(fraction=0.01, cov_high=3.0, seed=2**64 - 1)),
+    ),
+    (
+        {"objective": "kl_cov", "fraction": 0.5, "coef": 0.1, "aggregation": "token_mean"},
+        LossConfig(
+            objective=ec.KlCov(fraction=0.5, coef=0.1), aggregation=ec.AggregationConfig(mode="token_mean")
+        ),
+    ),
+    (
         {"objective": "reinforce", "estimator": "reinforce_pp_baseline"},
         LossConfig(objective=ec.Reinforce(), advantages=ec.AdvantageConfig("reinforce_pp_baseline")),
     ),

@@ -313,7 +313,8 @@ def loss_configs(draw: Any) -> pb.LossConfig:
         obj.SetInParent()
         for f in obj.DESCRIPTOR.fields:
             if draw(st.booleans()):
-                setattr(obj, f.name, draw(weird_floats))
+                uint64 = f.type == f.TYPE_UINT64  # (clip_cov's seed)
+                setattr(obj, f.name, draw(st.integers(0, 2**64 - 1) if uint64 else weird_floats))
     if draw(st.booleans()):
         c.advantages.estimator = draw(st.integers(0, 5))
         c.advantages.scale = draw(st.integers(0, 4))

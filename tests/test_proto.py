@@ -172,6 +172,8 @@ def test_contract_shape():
         "gmpo",
         "dppo_tv",
         "dppo_kl",
+        "clip_cov",
+        "kl_cov",
         "reinforce",
     ]
     # proto3 optional parameters: unset means the engine default

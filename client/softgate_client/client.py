@@ -196,7 +196,7 @@ def _enum(enum: Any, prefix: str, value: str | None, field_name: str) -> int:
 def _set_optional(msg: Any, **values: float | None) -> None:
     for k, v in values.items():
         if v is not None:
-            setattr(msg, k, float(v))
+            setattr(msg, k, v if k in cfg.INTEGER_PARAMS else float(v))
 
 
 def loss_config_to_proto(c: cfg.LossConfig) -> pb.LossConfig:
@@ -823,8 +823,9 @@ class SoftgateClient:
 
         Configuration: a `config=LossConfig(...)` and/or flat keywords: `objective`
         ("sapo", "grpo", "gspo", "gspo_token", "cispo", "gppo", "gmpo", "dppo_tv", "dppo_kl",
-        "reinforce" or an Objective), its parameters (`tau_pos`, `tau_neg`, `eps_low`,
-        `eps_high`, `dual_clip`, `ratio_cap`),
+        "clip_cov", "kl_cov", "reinforce" or an Objective), its parameters (`tau_pos`, `tau_neg`,
+        `eps_low`, `eps_high`, `dual_clip`, `ratio_cap`, `fraction`, `cov_low`, `cov_high`,
+        `seed`, `coef`),
         `estimator`, `scale`, `aggregation` (mode name), `num_tokens`, `num_seqs`, `constant`,
         `kl_beta`, `kl_estimator`, `mismatch=MismatchConfig(...)`, `log_ratio_clamp`,
         `saturation_threshold`, and `outputs=("ratio", "gate_weight", ...)`.

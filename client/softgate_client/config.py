@@ -23,8 +23,11 @@ OBJECTIVE_PARAMS: dict[str, tuple[str, ...]] = {
     "gmpo": ("eps_low", "eps_high"),
     "dppo_tv": ("eps_low", "eps_high", "ratio_cap"),
     "dppo_kl": ("eps_low", "eps_high", "ratio_cap"),
+    "clip_cov": ("eps_low", "eps_high", "fraction", "cov_low", "cov_high", "seed"),
+    "kl_cov": ("fraction", "coef"),
     "reinforce": (),
 }
+INTEGER_PARAMS = ("seed",)  # a uint64 on the wire; the others are doubles
 OUTPUTS = ("advantages", "ratio", "gate_weight", "clip_mask", "mask")
 _PLAIN = (str, int, float, bool, type(None), tuple, dict)
 
@@ -52,6 +55,17 @@ def _number(path: str, v: Any) -> float:
         raise invalid_argument(path, f"bad_type: expected a number, got {v!r:.80}") from None
 
 
+def _uint64(path: str, v: Any) -> int:
+    """The option at `path` as an integer in [0, 2^64), or refused naming it."""
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise invalid_argument(path, f"bad_type: expected an integer, got {v!r:.80}")
+    if not 0 <= v < 2**64:
+        raise invalid_argument(path, f"out_of_range: {v} must be in [0, 2^64)")
+    return v
+
+
 def _plain_fields(obj: Any, path: str) -> None:
     """Read one-element tensors and numpy scalars; the number fields (`float | None`) as
     floats, a value that is none refused by its path (`config.aggregation.num_tokens`)."""
@@ -67,8 +81,9 @@ def _plain_fields(obj: Any, path: str) -> None:
 @dataclass(frozen=True)
 class Objective:
     """An objective by name (`sapo`, `grpo`, `gspo`, `gspo_token`, `cispo`, `gppo`, `gmpo`,
-    `dppo_tv`, `dppo_kl`, `reinforce`) and its parameters (`tau_pos`, `tau_neg`, `eps_low`,
-    `eps_high`, `dual_clip`, `ratio_cap`)."""
+    `dppo_tv`, `dppo_kl`, `clip_cov`, `kl_cov`, `reinforce`) and its parameters (`tau_pos`,
+    `tau_neg`, `eps_low`, `eps_high`, `dual_clip`, `ratio_cap`, `fraction`, `cov_low`,
+    `cov_high`, `seed` (an integer), `coef`)."""
 
     name: str = "sapo"
     params: dict[str, float] = field(default_factory=dict)
@@ -88,7 +103,10 @@ class Objective:
                 f"unexpected: {self.name} takes {list(takes)}, not {', '.join(bad)}",
             )
         path = f"config.objective.{self.name}"
-        object.__setattr__(self, "params", {k: _number(f"{path}.{k}", v) for k, v in self.params.items()})
+        params = {
+            k: (_uint64 if k in INTEGER_PARAMS else _number)(f"{path}.{k}", v) for k, v in self.params.items()
+        }
+        object.__setattr__(self, "params", params)
 
     def __hash__(self) -> int:  # so LossConfig hashes (the client remembers built requests)
         return hash((self.name, tuple(sorted(self.params.items()))))

@@ -195,6 +195,8 @@ def warmup_args(args: tuple[Any, ...]) -> tuple[Any, ...]:
     def per_token(k: str) -> Tensor:
         if k == "m":
             return torch.rand(n, generator=g) < 0.9
+        if k == "sel":  # (a covariance selection)
+            return torch.rand(n, generator=g) < 0.05
         if k == "ids":
             return torch.repeat_interleave(torch.arange(b, dtype=torch.int32), lengths)
         if k == "logp":

@@ -151,16 +151,49 @@ class DppoKl:
 
 
 @dataclass(frozen=True)
+class ClipCov:
+    """Clip-Cov: GRPO's clip, and no gradient for a seeded random `fraction` of the trained
+    tokens (at least one) among those the clip left alone whose covariance
+    (A - mean A)(logp - mean logp) lies in (cov_low, cov_high)."""
+
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    fraction: float = 2e-4
+    cov_low: float = 1.0
+    cov_high: float = 5.0
+    seed: int = 0
+    name: Literal["clip_cov"] = "clip_cov"
+
+    def __post_init__(self) -> None:
+        _plain_numbers(self)
+
+
+@dataclass(frozen=True)
+class KlCov:
+    """KL-Cov: l = -r A, plus coef |logp - old| on the `fraction` of the trained tokens (at
+    least one) of largest covariance (A - mean A)(logp - mean logp)."""
+
+    fraction: float = 2e-4
+    coef: float = 1.0
+    name: Literal["kl_cov"] = "kl_cov"
+
+    def __post_init__(self) -> None:
+        _plain_numbers(self)
+
+
+@dataclass(frozen=True)
 class Reinforce:
     """Plain importance sampling, no trust region: l = -r A."""
 
     name: Literal["reinforce"] = "reinforce"
 
 
-Objective = Sapo | Grpo | Gspo | GspoToken | Cispo | Gppo | Gmpo | DppoTv | DppoKl | Reinforce
+Objective = (
+    Sapo | Grpo | Gspo | GspoToken | Cispo | Gppo | Gmpo | DppoTv | DppoKl | ClipCov | KlCov | Reinforce
+)
 OBJECTIVES: dict[str, type] = {
     cls.name: cls  # type: ignore[attr-defined]
-    for cls in (Sapo, Grpo, Gspo, GspoToken, Cispo, Gppo, Gmpo, DppoTv, DppoKl, Reinforce)
+    for cls in (Sapo, Grpo, Gspo, GspoToken, Cispo, Gppo, Gmpo, DppoTv, DppoKl, ClipCov, KlCov, Reinforce)
 }
 
 # ---------------------------------------------------------------- the other choices

@@ -23,7 +23,14 @@ from softgate.engine.config import LossConfig
 from softgate.engine.errors import FieldViolation, InputError
 from softgate.engine.kl import kl_terms
 from softgate.engine.mismatch import mismatch_weights
-from softgate.engine.objectives import DPPO_KINDS, READS_LOGP, PolicyTerms, objective_params, policy_terms
+from softgate.engine.objectives import (
+    COV_KINDS,
+    DPPO_KINDS,
+    READS_LOGP,
+    PolicyTerms,
+    objective_params,
+    policy_terms,
+)
 from softgate.engine.validation import LOGP_TOLERANCE
 
 # token_terms' result: grad, advantages, ratio, gate, clip mask (uint8), the ratio's and the
@@ -34,13 +41,13 @@ Terms = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 EXPANDED = "_tok"
 
 # per-token entries of token_terms' tensor dict; the others are per sequence ([B]) or 0-d
-PER_TOKEN = ("logp", "old", "m", "ids", "ref", "rollout", "grad_out")
+PER_TOKEN = ("logp", "old", "m", "sel", "ids", "ref", "rollout", "grad_out")
 
 # objective kinds whose gate weight is not a constant 0 / 1 pattern of the clip masks
 _SOFT_GATE = ("sapo", "gppo", "cispo", *DPPO_KINDS)
 
 # objective kinds that count the tokens their clip drops or bounds per sign of A
-_SIGNED_CLIP = ("clip", "gppo", "cispo", "gmpo", *DPPO_KINDS)
+_SIGNED_CLIP = ("clip", "gppo", "cispo", "gmpo", *DPPO_KINDS, *COV_KINDS)
 
 
 def kernel_layout(
@@ -62,7 +69,7 @@ def kernel_layout(
         counts += ["clip_low", "clip_high"]
     if dual:
         counts.append("dual")
-    if kind == "cispo":  # cispo's clip is either side whatever the sign of A
+    if kind in ("cispo", *COV_KINDS):  # a clip whatever the sign of A (cov: A = 0 too)
         counts.append("clip")
     if adv_per_token:
         sums += ["a_sum", "a_sq"]
@@ -154,14 +161,14 @@ def derived_terms(s: dict[str, float], kind: str, kl: bool, mismatch: bool) -> d
     if kind == "reinforce":
         out["free_abs"] = s["grad_abs"]
     if kind not in _SOFT_GATE:
-        if kind in ("clip", "gmpo"):
+        if kind in ("clip", "gmpo", "clip_cov"):
             low = s["clip_low"] + s.get("dual", 0.0)  # A < 0 tokens clipped (low and dual are disjoint)
             high = s["clip_high"]
-        else:  # reinforce
+        else:  # reinforce, kl_cov: gate 1 everywhere
             low = high = 0.0
         out["gate_pos"], out["gate_neg"] = npos - high, nneg - low  # gate 1 unclipped, 0 clipped
         out["sat_pos"], out["sat_neg"] = high, low  # 0 < threshold <= 1
-        out["clip"] = high + low
+        out.setdefault("clip", high + low)  # (the cov kinds count theirs)
     elif kind in ("gppo", *DPPO_KINDS):  # a clip on A's own side only
         out["clip"] = s["clip_low"] + s["clip_high"]
     elif kind == "sapo":
@@ -214,9 +221,9 @@ def token_terms(
     0 / 1; absent: every token trained), w (aggregation weight per sequence [B], or 0-d: one
     for all), adv ([N] or [B]), ylen ([B] trained tokens), ids (sequence id per token; only
     where something is per sequence: adv, w, sratio or lvseq), and as configured sratio ([B],
-    gspo, gmpo), ref (KL), wkl
-    (the KL term's own aggregation weight, like w; absent: w), rollout or lvseq (mismatch,
-    token or sequence level). A per-sequence w, wkl, adv, sratio or lvseq may come expanded
+    gspo, gmpo), sel (clip_cov, kl_cov: the covariance selection, uint8 0 / 1 like m), ref
+    (KL), wkl (the KL term's own aggregation weight, like w; absent: w), rollout or lvseq
+    (mismatch, token or sequence level). A per-sequence w, wkl, adv, sratio or lvseq may come expanded
     to its tokens instead, as w_tok, adv_tok, ... (per_token; then
     there is no ids): the CPU engine expands them on the host, since inductor's CPU code
     gathers lane by lane. With grad_out ([N], compute_loss's) the gradient is stored there
@@ -226,12 +233,9 @@ def token_terms(
         kind, seq_ratio, adv_per_token, kl is not None, mismatch is not None, "dual" in prm
     )
     logp, old, ids = t["logp"], t["old"], t.get("ids")
-    if "m" not in t:  # every token trained: a constant in compiled code (no 16 MB read at 16M)
-        m = torch.ones_like(logp, dtype=torch.bool)
-    elif torch.compiler.is_compiling():
-        m = t["m"].to(logp.dtype) > 0.5
-    else:
-        m = t["m"].view(torch.bool)
+    # every token trained without "m": a constant in compiled code (no 16 MB read at 16M)
+    m = _bits(t["m"], logp) if "m" in t else torch.ones_like(logp, dtype=torch.bool)
+    sel = _bits(t["sel"], logp) if "sel" in t else None
     clamp = prm["clamp"]
     zero = torch.zeros_like(logp)
     alpha = _weight(t, "w", m, ids, zero)
@@ -240,7 +244,7 @@ def token_terms(
     # times a ratio overflowed), as given in the output
     ap = torch.where(m, a, zero) if adv_per_token else a
     sr = per_token(t, "sratio", ids) if seq_ratio or kind == "gmpo" else None
-    d, clamped, ratio, pt = _policy(prm, kind, m, logp, old, sr, ap)
+    d, clamped, ratio, pt = _policy(prm, kind, m, logp, old, sr, ap, sel)
     # sums and counts over tokens, each reduced as soon as its term exists: eager code then
     # holds a few [N] temporaries at a time instead of ~20 (compiled code fuses them all anyway)
     S: dict[str, Tensor] = {}
@@ -338,7 +342,8 @@ def token_terms(
         every = slice(None, None, stride)
         m, a_s = m[every], ap[every]
         sr_s = sr[every] if sr is not None else None
-        _, _, ratio, pt_s = _policy(prm, kind, m, logp[every], old[every], sr_s, a_s)
+        sel_s = sel[every] if sel is not None else None
+        _, _, ratio, pt_s = _policy(prm, kind, m, logp[every], old[every], sr_s, a_s, sel_s)
         gate, pos, neg, zero = pt_s.gate, m & (a_s > 0), m & (a_s < 0), torch.zeros_like(ratio)
         clip = clip[:0]
     ratio, gate, clip8 = torch.where(m, ratio, zero + 1), torch.where(m, gate, zero), clip.to(torch.uint8)
@@ -358,6 +363,12 @@ def token_terms(
         return grad, a, ratio, gate, clip8, none, none.clone(), torch.cat([values, pad])
     rcode, gcode, bsums = bucket_codes(ratio, gate, pos, neg, m, (prm["ratio_edges"], prm["gate_edges"]))
     return grad, a, ratio, gate, clip8, rcode, gcode, torch.cat([values, bsums, pad])
+
+
+def _bits(x: Tensor, like: Tensor) -> Tensor:
+    """A uint8 0 / 1 tensor as bool: compiled, through a float compare (vectorised; see m in
+    token_terms), eager as a view."""
+    return x.to(like.dtype) > 0.5 if torch.compiler.is_compiling() else x.view(torch.bool)
 
 
 def per_token(t: dict[str, Tensor], name: str, ids: Tensor | None) -> Tensor:
@@ -390,11 +401,13 @@ def _policy(
     old: Tensor,
     sratio: Tensor | None,
     a: Tensor,
+    sel: Tensor | None,
 ) -> tuple[Tensor, Tensor | None, Tensor, PolicyTerms]:
     """(clamped log-ratio, clamp bits (None for gspo: its ratio and clamp are per sequence),
     ratio, policy terms) of the tokens given: all of them, or token_terms' sample. `sratio`:
     the sequence ratio at these tokens, GSPO's (the ratio) or GMPO's (read by its loss beside
-    the token's own ratio); None: the ratio is per token."""
+    the token's own ratio); None: the ratio is per token. `sel`: the covariance selection
+    (clip_cov, kl_cov)."""
     clamp = prm["clamp"]
     zero = torch.zeros_like(logp)
     raw = torch.where(m, logp - old, zero)
@@ -416,7 +429,7 @@ def _policy(
         ratio = torch.exp(d)
         dratio = torch.where(clamped, zero, ratio)
     if kind not in READS_LOGP:
-        return d, clamped, ratio, policy_terms(kind, ratio, dratio, a, logp, prm)
+        return d, clamped, ratio, policy_terms(kind, ratio, dratio, a, logp, prm, old=old, sel=sel)
     # a masked token's logp may be any finite value, 0 here (its loss is -w A logp); its old
     # too, but dppo's drop tests read it as given: an old of 1e30 makes them +-inf, never NaN
     lp = torch.where(m, logp, zero)

@@ -30,7 +30,8 @@ from softgate.engine.aggregate import kl_aggregation, sequence_weights
 from softgate.engine.batch import Batch
 from softgate.engine.buckets import BUCKET_SUMS
 from softgate.engine.chunked import chunked_token_terms
-from softgate.engine.config import Gmpo, Gspo, GspoToken, LossConfig
+from softgate.engine.config import ClipCov, Gmpo, Gspo, GspoToken, KlCov, LossConfig
+from softgate.engine.covariance import covariance_selection
 from softgate.engine.errors import FieldViolation, InputError
 from softgate.engine.kernel import EXPANDED, Terms, derived_terms, kernel_layout, kernel_params
 from softgate.engine.metrics import METRIC_NAMES, to_floats
@@ -200,6 +201,10 @@ def _compute_loss(
     if config.kl is not None:
         assert batch.ref_logp is not None
         t["ref"] = _cast(batch.ref_logp, dt)
+
+    if isinstance(obj, (ClipCov, KlCov)):  # the tokens they clip or penalise (covariance.py)
+        a_tok = t["adv"] if adv_per_token else seg.expand(t["adv"])
+        t["sel"] = covariance_selection(obj, logp, old, a_tok, m, kernel_params(config, dt, dev))
 
     # what is per sequence reaches the tokens: advantages, the weight, GSPO's ratio, a
     # sequence-level mismatch weight (token_terms reads nothing per sequence otherwise)

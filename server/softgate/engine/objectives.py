@@ -16,6 +16,14 @@ whose probability p = exp(logp) moved too far from p_old = exp(old) the way A pu
 (`old`: the old log-probs as given, any finite value on masked tokens): by p - p_old (dppo_tv) or the binary
 KL of Bernoulli(p_old) to Bernoulli(p) (dppo_kl) past the sign's bound, eps_high or eps_low.
 
+clip_cov and kl_cov read `sel`, the tokens the host's covariance selection picked
+(covariance.py). clip_cov is grpo's clip (no dual clip) with the selected tokens' loss and
+gradient 0 (gate 0, clipped); kl_cov is reinforce's -A r with coef |logp - old| added on the
+selected tokens (gradient + coef sign(logp - old), the log-ratio unclamped): its gate is 1
+(the policy term is not scaled; the penalty is added), so its grad_retained can pass 1. Both
+count the selected tokens as clipped, on A's side (`clip_low` A < 0, `clip_high` A > 0), and
+every one of them in `clip`, an A = 0 token too.
+
 `grad_free` is the gradient of the same algorithm with the trust region removed (nothing
 clipped, gate weight 1): -A d rho / d logp, and -A r for cispo and on gppo's clipped tokens
 (whose gradient ignores the clamp too) and dppo. `gate` = grad / grad_free, the factor by which
@@ -32,6 +40,7 @@ from torch import Tensor
 
 from softgate.engine.config import (
     Cispo,
+    ClipCov,
     DppoKl,
     DppoTv,
     Gmpo,
@@ -39,6 +48,7 @@ from softgate.engine.config import (
     Grpo,
     Gspo,
     GspoToken,
+    KlCov,
     Objective,
     Reinforce,
     Sapo,
@@ -67,10 +77,14 @@ OBJECTIVE_KIND = {
     "gmpo": "gmpo",
     "dppo_tv": "dppo_tv",
     "dppo_kl": "dppo_kl",
+    "clip_cov": "clip_cov",
+    "kl_cov": "kl_cov",
     "reinforce": "reinforce",
 }
 
 DPPO_KINDS = ("dppo_tv", "dppo_kl")
+# kinds that read the host's covariance selection (covariance.py)
+COV_KINDS = ("clip_cov", "kl_cov")
 # kinds whose loss reads logp itself (0 on masked tokens), and dppo's the old log-probs too
 READS_LOGP = ("cispo", *DPPO_KINDS)
 
@@ -92,7 +106,9 @@ def objective_params(obj: Objective) -> dict[str, tuple[float, str]]:
         return {"lo": (lo, f"{p}.eps_low"), "hi": (hi, f"{p}.eps_high")}
     if isinstance(obj, Sapo):
         return {"tau_pos": (obj.tau_pos, f"{p}.tau_pos"), "tau_neg": (obj.tau_neg, f"{p}.tau_neg")}
-    if isinstance(obj, (Grpo, Gppo, Gspo, GspoToken, Cispo)):
+    if isinstance(obj, KlCov):
+        return {"coef": (obj.coef, f"{p}.coef")}
+    if isinstance(obj, (Grpo, Gppo, Gspo, GspoToken, Cispo, ClipCov)):
         vals = {"lo": (1 - obj.eps_low, f"{p}.eps_low"), "hi": (1 + obj.eps_high, f"{p}.eps_high")}
         if isinstance(obj, Grpo) and obj.dual_clip is not None:
             vals["dual"] = (obj.dual_clip, f"{p}.dual_clip")
@@ -122,9 +138,11 @@ def policy_terms(
     prm: dict[str, Tensor],
     value: Tensor | None = None,
     old: Tensor | None = None,
+    sel: Tensor | None = None,
 ) -> PolicyTerms:
     """`kind` is OBJECTIVE_KIND[name]; `prm` holds objective_params' numbers as 0-d tensors;
-    `value` gmpo's sequence ratio s_i at each token, `old` dppo's old log-probs."""
+    `value` gmpo's sequence ratio s_i at each token, `old` the old log-probs (read by dppo and
+    kl_cov), `sel` the covariance selection (bool, clip_cov and kl_cov)."""
     one = torch.ones_like(ratio)
     no = torch.zeros_like(ratio, dtype=torch.bool)
     if kind == "sapo":
@@ -136,6 +154,16 @@ def policy_terms(
     if kind == "reinforce":
         free = -a * dratio
         return PolicyTerms(-ratio * a, free, free, one, no, None, None, None)
+    if kind == "kl_cov":
+        assert old is not None and sel is not None
+        # a masked token is never selected, so its logp - old (any finite values) is never read
+        x = torch.where(sel, logp - old, torch.zeros_like(logp))
+        free = -a * dratio
+        coef = prm["coef"]
+        loss = -ratio * a + coef * x.abs()
+        return PolicyTerms(
+            loss, free + coef * torch.sign(x), free, one, sel, sel & (a < 0), sel & (a > 0), None
+        )
     lo, hi = prm["lo"], prm["hi"]
     if kind in DPPO_KINDS:
         assert old is not None
@@ -182,6 +210,15 @@ def policy_terms(
         free = -a * dratio
         grad = torch.where(clip, torch.zeros_like(free), free)
         gate = torch.where(clip, torch.zeros_like(one), one)
+    if kind == "clip_cov":  # the selected tokens drop out (the host left out those clipped above)
+        assert sel is not None
+        zero = torch.zeros_like(free)
+        loss, grad, gate = (
+            torch.where(sel, zero, loss),
+            torch.where(sel, zero, grad),
+            torch.where(sel, zero, gate),
+        )
+        clip, low, high = clip | sel, low | (sel & (a < 0)), high | (sel & (a > 0))
     return PolicyTerms(loss, grad, free, gate, clip, low, high, dual)
 
 

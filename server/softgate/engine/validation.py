@@ -26,6 +26,7 @@ from softgate.engine.config import (
     AdvantageConfig,
     AggregationConfig,
     Cispo,
+    ClipCov,
     DppoKl,
     DppoTv,
     Gmpo,
@@ -34,6 +35,7 @@ from softgate.engine.config import (
     Gspo,
     GspoToken,
     KLConfig,
+    KlCov,
     LossConfig,
     MismatchConfig,
     Reinforce,
@@ -140,6 +142,27 @@ def _num_ok(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _fraction(x: object, fld: str, v: list[FieldViolation]) -> None:
+    """A covariance objective's share of the trained tokens: in (0, 1]."""
+    if not _num_ok(x):
+        v.append(FieldViolation(fld, f"out_of_range: {x!r} is not a finite number"))
+    elif not 0 < x <= 1:  # type: ignore[operator]
+        v.append(FieldViolation(fld, f"out_of_range: {x!r} must be in (0, 1]"))
+
+
+def _cov_window(obj: ClipCov, p: str, v: list[FieldViolation]) -> None:
+    """Clip-Cov's covariance window cov_low < cov_high (finite) and its seed, a uint64."""
+    for fld in ("cov_low", "cov_high"):
+        x = getattr(obj, fld)
+        if not _num_ok(x):
+            v.append(FieldViolation(f"{p}.{fld}", f"out_of_range: {x!r} is not a finite number"))
+    if _num_ok(obj.cov_low) and _num_ok(obj.cov_high) and not obj.cov_low < obj.cov_high:
+        v.append(FieldViolation(f"{p}.cov_high", f"out_of_range: {obj.cov_high!r} must be > cov_low"))
+    seed = obj.seed
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
+        v.append(FieldViolation(f"{p}.seed", f"out_of_range: {seed!r} must be an integer in [0, 2^64)"))
+
+
 # configuration objects found valid, by id (the server passes the same object for the same
 # request bytes, see grpc.codec.decode_loss_config). By identity, not equality: a config equal
 # to a valid one may still hold a bool where a number belongs (True == 1.0).
@@ -194,11 +217,17 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
         if isinstance(obj, Sapo):
             pos(obj.tau_pos, f"{p}.tau_pos")
             pos(obj.tau_neg, f"{p}.tau_neg")
-        elif isinstance(obj, (Grpo, Gspo, GspoToken, Cispo, Gppo, Gmpo, DppoTv, DppoKl)):
+        elif isinstance(obj, KlCov):
+            _fraction(obj.fraction, f"{p}.fraction", v)
+            nonneg(obj.coef, f"{p}.coef")
+        elif isinstance(obj, (Grpo, Gspo, GspoToken, Cispo, Gppo, Gmpo, DppoTv, DppoKl, ClipCov)):
             nonneg(obj.eps_low, f"{p}.eps_low")
             nonneg(obj.eps_high, f"{p}.eps_high")
             if isinstance(obj, (DppoTv, DppoKl)) and obj.ratio_cap is not None:
                 pos(obj.ratio_cap, f"{p}.ratio_cap")
+            if isinstance(obj, ClipCov):
+                _fraction(obj.fraction, f"{p}.fraction", v)
+                _cov_window(obj, p, v)
             if isinstance(obj, Grpo) and obj.dual_clip is not None:
                 if not _num_ok(obj.dual_clip):
                     v.append(FieldViolation(f"{p}.dual_clip", "out_of_range: not a finite number"))

@@ -30,6 +30,7 @@ from softgate.engine.config import (
     AdvantageConfig,
     AggregationConfig,
     Cispo,
+    ClipCov,
     DppoKl,
     DppoTv,
     Gmpo,
@@ -38,6 +39,7 @@ from softgate.engine.config import (
     Gspo,
     GspoToken,
     KLConfig,
+    KlCov,
     LossConfig,
     MismatchConfig,
     Reinforce,
@@ -651,6 +653,8 @@ _OBJECTIVES: dict[str, tuple[type, tuple[str, ...]]] = {
     "gmpo": (Gmpo, ("eps_low", "eps_high")),
     "dppo_tv": (DppoTv, ("eps_low", "eps_high", "ratio_cap")),
     "dppo_kl": (DppoKl, ("eps_low", "eps_high", "ratio_cap")),
+    "clip_cov": (ClipCov, ("eps_low", "eps_high", "fraction", "cov_low", "cov_high", "seed")),
+    "kl_cov": (KlCov, ("fraction", "coef")),
     "reinforce": (Reinforce, ()),
 }
 _ESTIMATORS = {

@@ -230,12 +230,36 @@ class DppoKlParams(_message.Message):
     ratio_cap: float
     def __init__(self, eps_low: _Optional[float] = ..., eps_high: _Optional[float] = ..., ratio_cap: _Optional[float] = ...) -> None: ...
 
+class ClipCovParams(_message.Message):
+    __slots__ = ("eps_low", "eps_high", "fraction", "cov_low", "cov_high", "seed")
+    EPS_LOW_FIELD_NUMBER: _ClassVar[int]
+    EPS_HIGH_FIELD_NUMBER: _ClassVar[int]
+    FRACTION_FIELD_NUMBER: _ClassVar[int]
+    COV_LOW_FIELD_NUMBER: _ClassVar[int]
+    COV_HIGH_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    eps_low: float
+    eps_high: float
+    fraction: float
+    cov_low: float
+    cov_high: float
+    seed: int
+    def __init__(self, eps_low: _Optional[float] = ..., eps_high: _Optional[float] = ..., fraction: _Optional[float] = ..., cov_low: _Optional[float] = ..., cov_high: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class KlCovParams(_message.Message):
+    __slots__ = ("fraction", "coef")
+    FRACTION_FIELD_NUMBER: _ClassVar[int]
+    COEF_FIELD_NUMBER: _ClassVar[int]
+    fraction: float
+    coef: float
+    def __init__(self, fraction: _Optional[float] = ..., coef: _Optional[float] = ...) -> None: ...
+
 class ReinforceParams(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class Objective(_message.Message):
-    __slots__ = ("sapo", "grpo", "gspo", "gspo_token", "cispo", "gppo", "gmpo", "dppo_tv", "dppo_kl", "reinforce")
+    __slots__ = ("sapo", "grpo", "gspo", "gspo_token", "cispo", "gppo", "gmpo", "dppo_tv", "dppo_kl", "clip_cov", "kl_cov", "reinforce")
     SAPO_FIELD_NUMBER: _ClassVar[int]
     GRPO_FIELD_NUMBER: _ClassVar[int]
     GSPO_FIELD_NUMBER: _ClassVar[int]
@@ -245,6 +269,8 @@ class Objective(_message.Message):
     GMPO_FIELD_NUMBER: _ClassVar[int]
     DPPO_TV_FIELD_NUMBER: _ClassVar[int]
     DPPO_KL_FIELD_NUMBER: _ClassVar[int]
+    CLIP_COV_FIELD_NUMBER: _ClassVar[int]
+    KL_COV_FIELD_NUMBER: _ClassVar[int]
     REINFORCE_FIELD_NUMBER: _ClassVar[int]
     sapo: SapoParams
     grpo: GrpoParams
@@ -255,8 +281,10 @@ class Objective(_message.Message):
     gmpo: GmpoParams
     dppo_tv: DppoTvParams
     dppo_kl: DppoKlParams
+    clip_cov: ClipCovParams
+    kl_cov: KlCovParams
     reinforce: ReinforceParams
-    def __init__(self, sapo: _Optional[_Union[SapoParams, _Mapping]] = ..., grpo: _Optional[_Union[GrpoParams, _Mapping]] = ..., gspo: _Optional[_Union[GspoParams, _Mapping]] = ..., gspo_token: _Optional[_Union[GspoTokenParams, _Mapping]] = ..., cispo: _Optional[_Union[CispoParams, _Mapping]] = ..., gppo: _Optional[_Union[GppoParams, _Mapping]] = ..., gmpo: _Optional[_Union[GmpoParams, _Mapping]] = ..., dppo_tv: _Optional[_Union[DppoTvParams, _Mapping]] = ..., dppo_kl: _Optional[_Union[DppoKlParams, _Mapping]] = ..., reinforce: _Optional[_Union[ReinforceParams, _Mapping]] = ...) -> None: ...
+    def __init__(self, sapo: _Optional[_Union[SapoParams, _Mapping]] = ..., grpo: _Optional[_Union[GrpoParams, _Mapping]] = ..., gspo: _Optional[_Union[GspoParams, _Mapping]] = ..., gspo_token: _Optional[_Union[GspoTokenParams, _Mapping]] = ..., cispo: _Optional[_Union[CispoParams, _Mapping]] = ..., gppo: _Optional[_Union[GppoParams, _Mapping]] = ..., gmpo: _Optional[_Union[GmpoParams, _Mapping]] = ..., dppo_tv: _Optional[_Union[DppoTvParams, _Mapping]] = ..., dppo_kl: _Optional[_Union[DppoKlParams, _Mapping]] = ..., clip_cov: _Optional[_Union[ClipCovParams, _Mapping]] = ..., kl_cov: _Optional[_Union[KlCovParams, _Mapping]] = ..., reinforce: _Optional[_Union[ReinforceParams, _Mapping]] = ...) -> None: ...
 
 class AdvantageConfig(_message.Message):
     __slots__ = ("estimator", "scale", "eps", "min_group_std")
