@@ -136,20 +136,26 @@ def splitmix64(seed: int, i: int) -> int:
     return z - 2**64 if z >= 2**63 else z
 
 
+def reference_covariances(logp: Tensor, adv: Tensor, mask: Tensor) -> dict[int, float]:
+    """(A - mean A)(logp - mean logp) of every trained token, by index; the means over the
+    trained tokens, shifted by the first value (as the engine's: equal values centre to 0)."""
+    idx = [i for i in range(logp.numel()) if bool(mask[i])]
+    n = len(idx)
+    a = [float(adv[i]) for i in idx]
+    lp = [float(logp[i]) for i in idx]
+    ma = a[0] + math.fsum(x - a[0] for x in a) / n if n else 0.0
+    ml = lp[0] + math.fsum(x - lp[0] for x in lp) / n if n else 0.0
+    return {i: (a[j] - ma) * (lp[j] - ml) for j, i in enumerate(idx)}
+
+
 def reference_selection(obj, logp: Tensor, old: Tensor, adv: Tensor, mask: Tensor, clamp: float) -> Tensor:
     """Clip-Cov's or KL-Cov's selected tokens (bool [N]) by plain loops: the covariance
     (A - mean A)(logp - mean logp) over the trained tokens; kl_cov the k largest, clip_cov k of
     those the clip left alone in the window, by the largest splitmix64(seed, index); ties to
     the lower index."""
-    idx = [i for i in range(logp.numel()) if bool(mask[i])]
-    n = len(idx)
-    k = max(1, int(obj.fraction * n))
-    a = [float(adv[i]) for i in idx]
-    lp = [float(logp[i]) for i in idx]
-    # the means shifted by the first value (as the engine): equal values centre to exactly 0
-    ma = a[0] + math.fsum(x - a[0] for x in a) / n if n else 0.0
-    ml = lp[0] + math.fsum(x - lp[0] for x in lp) / n if n else 0.0
-    cov = {i: (a[j] - ma) * (lp[j] - ml) for j, i in enumerate(idx)}
+    cov = reference_covariances(logp, adv, mask)
+    idx = list(cov)
+    k = max(1, int(obj.fraction * len(idx)))
     if obj.name == "kl_cov":
         order = sorted(idx, key=lambda i: (-cov[i], i))
     else:
@@ -166,6 +172,26 @@ def reference_selection(obj, logp: Tensor, old: Tensor, adv: Tensor, mask: Tenso
     return sel
 
 
+def _token_advantages(batch: Batch, config: LossConfig, counts: list[int]) -> list[Tensor]:
+    """Each sequence's advantages at each of its tokens (float64), given or from the rewards."""
+    off = [int(x) for x in batch.offsets]
+    b = len(off) - 1
+    tok_adv: list[Tensor] = []
+    if batch.advantages is not None:
+        adv = batch.advantages.to(torch.float64)
+        per_token = batch.advantage_level == "token" if batch.advantage_level else (adv.numel() != b)
+        for i in range(b):
+            L = off[i + 1] - off[i]
+            tok_adv.append(adv[off[i] : off[i + 1]] if per_token else adv[i].repeat(L))
+    else:
+        seq_adv, _ = reference_advantages(
+            [float(x) for x in batch.rewards], [int(g) for g in batch.group_ids], config.advantages, counts
+        )
+        for i in range(b):
+            tok_adv.append(torch.full((off[i + 1] - off[i],), seq_adv[i], dtype=torch.float64))
+    return tok_adv
+
+
 def reference_loss(batch: Batch, config: LossConfig) -> Reference:
     f64 = torch.float64
     logp = batch.logp.detach().to(f64).clone().requires_grad_(True)
@@ -180,20 +206,7 @@ def reference_loss(batch: Batch, config: LossConfig) -> Reference:
     name = config.objective.name
     counts = [int(mask[off[i] : off[i + 1]].sum()) for i in range(b)]
 
-    # advantages per sequence or per token
-    tok_adv: list[Tensor] = []
-    if batch.advantages is not None:
-        adv = batch.advantages.to(f64)
-        per_token = batch.advantage_level == "token" if batch.advantage_level else (adv.numel() != b)
-        for i in range(b):
-            L = off[i + 1] - off[i]
-            tok_adv.append(adv[off[i] : off[i + 1]] if per_token else adv[i].repeat(L))
-    else:
-        seq_adv, _ = reference_advantages(
-            [float(x) for x in batch.rewards], [int(g) for g in batch.group_ids], config.advantages, counts
-        )
-        for i in range(b):
-            tok_adv.append(torch.full((off[i + 1] - off[i],), seq_adv[i], dtype=f64))
+    tok_adv = _token_advantages(batch, config, counts)
 
     sel = None
     if name in ("clip_cov", "kl_cov"):
@@ -470,7 +483,9 @@ def make_config(
 
 def near_boundary(batch: Batch, config: LossConfig, tol: float = 1e-7) -> bool:
     """True when some trained token sits (numerically) on a discontinuity of the loss or its
-    gradient: clip bounds, dual clip, clamp bounds, mismatch cap / lo / hi."""
+    gradient: clip bounds, dual clip, clamp bounds, mismatch cap / lo / hi; for kl_cov the
+    k-th and (k+1)-th covariances tied (two trained tokens always are), for clip_cov a
+    covariance on its window's ends."""
     f64 = torch.float64
     off = [int(x) for x in batch.offsets]
     mask = torch.ones(batch.logp.numel(), dtype=torch.bool) if batch.mask is None else batch.mask.bool()
@@ -479,6 +494,16 @@ def near_boundary(batch: Batch, config: LossConfig, tol: float = 1e-7) -> bool:
     C = config.log_ratio_clamp
     obj = config.objective
     bounds: list[float] = []
+    if obj.name in ("clip_cov", "kl_cov"):
+        counts = [int(mask[off[i] : off[i + 1]].sum()) for i in range(len(off) - 1)]
+        adv = torch.cat([torch.zeros(0, dtype=f64), *_token_advantages(batch, config, counts)])
+        covs = sorted(reference_covariances(logp, adv, mask).values(), reverse=True)
+        k = max(1, int(obj.fraction * len(covs)))
+        near = [(covs[k - 1], covs[k])] if obj.name == "kl_cov" and k < len(covs) else []
+        if obj.name == "clip_cov":
+            near = [(c, end) for c in covs for end in (obj.cov_low, obj.cov_high)]
+        if any(abs(x - y) <= tol * max(1.0, abs(x)) for x, y in near):
+            return True
     dppo = obj.name in ("dppo_tv", "dppo_kl")
     if hasattr(obj, "eps_low") and not dppo:
         bounds += [1 - obj.eps_low, 1 + obj.eps_high]

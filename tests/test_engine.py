@@ -19,6 +19,7 @@ from softgate.engine import (
     AggregationConfig,
     Batch,
     Cispo,
+    ClipCov,
     DppoKl,
     DppoTv,
     Engine,
@@ -29,12 +30,14 @@ from softgate.engine import (
     GspoToken,
     InputError,
     KLConfig,
+    KlCov,
     LossConfig,
     MismatchConfig,
     Reinforce,
     Sapo,
     transfer,
 )
+from softgate.engine.covariance import top_k, uniform_keys
 from softgate.engine.engine import DEFAULT_HOST_MAX_TOKENS
 from softgate.engine.kernel import token_terms
 from softgate.engine.loss import compute_loss
@@ -65,6 +68,8 @@ ALL_OBJECTIVES = [
     Gmpo(),
     DppoTv(),
     DppoKl(ratio_cap=2.0),
+    ClipCov(fraction=0.5, cov_low=-10.0, cov_high=10.0),
+    KlCov(fraction=0.5),
     Reinforce(),
 ]
 
@@ -1765,3 +1770,478 @@ def test_k3_is_past_both_clamps_and_with_masked_garbage(dtype: torch.dtype) -> N
     want = sum(ri * (math.exp(min(xi, 20.0)) - min(xi, 20.0) - 1) for xi, ri in zip(x, r, strict=True))
     assert res.kl_loss == pytest.approx(want, rel=1e-6)
     assert res.metrics["kl_clamped_tokens"] == 1
+
+
+# ---------------------------------------------------------------- clip_cov and kl_cov (verl's)
+
+
+def _masked_mean(x, m):
+    """verl's masked_mean (verl.utils.torch_functional): sum(x m) / (sum(m) + 1e-8)."""
+    return (x * m).sum() / (m.sum() + 1e-8)
+
+
+def _verl_clip_cov(old, logp, adv, mask, lo, hi, fraction, cov_lb, cov_ub, pick=None):
+    """verl's compute_policy_loss_clip_cov (core_algos) written out on padded [B, T] tensors,
+    token-mean: (loss, pg_clipfrac, eligible [B, T], clip_num, clip_by_origin). Its random
+    draw (a randperm of the eligible tokens) is replaced by `pick` ([B, T] bool) when given;
+    verl's own draw otherwise."""
+    ratio = torch.exp(logp - old)
+    pg_losses1 = -adv * ratio
+    corr = torch.ones_like(adv)
+    pg_losses2 = -adv * torch.clamp(ratio, 1 - lo, 1 + hi)
+    clip_by_origin = (pg_losses2 > pg_losses1) & (mask > 0)
+    cov_all = (adv - _masked_mean(adv, mask)) * (logp - _masked_mean(logp.detach(), mask))
+    cov_all[mask == 0] = -torch.inf
+    cov_all[clip_by_origin] = -torch.inf
+    clip_num = max(int(fraction * mask.sum().item()), 1)
+    eligible = (cov_all < cov_ub) & (cov_all > cov_lb) & (mask > 0)
+    top_k_idx = torch.nonzero(eligible)
+    if pick is not None:
+        top_k_idx = torch.nonzero(pick)
+    elif len(top_k_idx) > 0:
+        perm = torch.randperm(len(top_k_idx))
+        top_k_idx = top_k_idx[perm[: min(clip_num, len(top_k_idx))]]
+    corr[top_k_idx[:, 0], top_k_idx[:, 1]] = 0
+    pg_clipfrac = _masked_mean((corr == 0).float(), mask)
+    pg_losses = torch.maximum(pg_losses1, pg_losses2) * corr
+    return (
+        (pg_losses * mask).sum() / mask.sum(),
+        float(pg_clipfrac),
+        eligible.detach(),
+        clip_num,
+        clip_by_origin,
+    )
+
+
+def _verl_kl_cov(old, logp, adv, mask, fraction, coef):
+    """verl's compute_policy_loss_kl_cov (core_algos) written out on padded [B, T] tensors,
+    token-mean: (loss, the penalised tokens [B, T])."""
+    negative_approx_kl = logp - old
+    abs_kl = negative_approx_kl.abs()
+    ratio = torch.exp(negative_approx_kl)
+    pg_losses1 = -adv * ratio
+    pg_losses_kl = -adv * ratio + coef * abs_kl
+    pg_losses = pg_losses1
+    all_valid = mask > 0
+    all_valid_idx = torch.nonzero(all_valid.reshape(-1), as_tuple=True)[0]
+    all_valid_adv = adv[all_valid].detach().reshape(-1).cpu()
+    all_valid_logp = logp[all_valid].detach().reshape(-1).cpu()
+    cov_lst_all = (all_valid_adv - all_valid_adv.mean()) * (all_valid_logp - all_valid_logp.mean())
+    k_percent_nums = max(1, int(len(cov_lst_all) * fraction))
+    large_cov_idxs = torch.topk(cov_lst_all, k_percent_nums, largest=True).indices
+    large_cov_idxs = all_valid_idx[large_cov_idxs]
+    rows, cols = large_cov_idxs // adv.shape[1], large_cov_idxs % adv.shape[1]
+    pg_losses[rows, cols] = pg_losses_kl[rows, cols]
+    penalised = torch.zeros(adv.shape, dtype=torch.bool)
+    penalised[rows, cols] = True
+    return (pg_losses * mask).sum() / mask.sum(), penalised
+
+
+def _padded_cov_batch(seed: int, spread: float = 0.4):
+    """Padded [B, T] float64 log-probs, old log-probs, per-token advantages (continuous: no
+    ties in the covariance) and a mask with holes; and the packed Batch of the same values."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([9, 5, 1, 0, 7, 3, 8, 12, 6, 4])
+    b, t = len(lengths), int(lengths.max())
+    pad = torch.arange(t)[None, :] < lengths[:, None]
+    mask = pad & (torch.rand(b, t, generator=g) < 0.85)
+    logp = -torch.rand(b, t, generator=g, dtype=F64) * 3 - 1e-3
+    old = (logp + spread * torch.randn(b, t, generator=g, dtype=F64)).clamp(max=-1e-4)
+    adv = 1.5 * torch.randn(b, t, generator=g, dtype=F64)
+    batch = Batch(
+        logp=logp[pad],
+        offsets=Batch.offsets_from_lengths(lengths),
+        old_logp=old[pad],
+        mask=mask[pad],
+        advantages=adv[pad],
+        advantage_level="token",
+    )
+    return logp, old, adv, mask, pad, batch
+
+
+TOKEN_MEAN = AggregationConfig(mode="token_mean")
+
+
+@pytest.mark.parametrize("fraction,coef", [(0.13, 1.0), (2e-4, 0.3), (0.5, 2.0), (1.0, 1.0)])
+def test_kl_cov_is_verls_loss(fraction: float, coef: float) -> None:
+    """KL-Cov against verl's `kl_cov` written out (padded, autograd): the penalised tokens are
+    verl's k = max(1, floor(fraction n)) of largest covariance (fraction n not an integer at
+    0.13: floor, not round or ceil), loss and gradient agree to rounding; the penalised tokens
+    are the clip mask, counted per A's sign; the gate weight is 1 on every trained token."""
+    logp, old, adv, mask, pad, batch = _padded_cov_batch(2)
+    x = logp.clone().requires_grad_(True)
+    want, penalised = _verl_kl_cov(old, x, adv, mask.to(F64), fraction, coef)
+    (grad,) = torch.autograd.grad(want, x)
+    res = E.loss(batch, LossConfig(objective=KlCov(fraction=fraction, coef=coef), aggregation=TOKEN_MEAN))
+    n = int(mask.sum())
+    k = max(1, math.floor(fraction * n))
+    assert int(penalised.sum()) == k and (fraction != 0.13 or fraction * n != k)
+    assert torch.equal(res.clip_mask, penalised[pad])
+    assert res.loss == pytest.approx(float(want.detach()), rel=1e-13)
+    torch.testing.assert_close(res.grad, grad[pad], rtol=1e-12, atol=1e-15)
+    assert res.metrics["clip_fraction"] == pytest.approx(k / n, rel=1e-12)
+    a = adv[pad]
+    assert res.metrics["clip_low"] * res.metrics["tokens_neg"] == pytest.approx(
+        int((penalised[pad] & (a < 0)).sum())
+    )
+    assert res.metrics["clip_high"] * res.metrics["tokens_pos"] == pytest.approx(
+        int((penalised[pad] & (a > 0)).sum())
+    )
+    assert bool((res.gate_weight[batch.mask] == 1).all()) and bool((res.gate_weight[~batch.mask] == 0).all())
+
+
+@pytest.mark.parametrize(
+    "fraction,cov_low,cov_high,seed,regime",
+    [
+        (0.1, -0.5, 2.0, 3, "draw"),  # k < eligible: the draw picks
+        (0.9, -10.0, 10.0, 2**64 - 1, "all"),  # k >= eligible: every eligible token, none clipped
+        (2e-4, 1.0, 5.0, 0, "draw"),  # verl's defaults: k = 1
+    ],
+)
+def test_clip_cov_is_verls_loss(
+    fraction: float, cov_low: float, cov_high: float, seed: int, regime: str
+) -> None:
+    """Clip-Cov against verl's `clip_cov` written out (padded, autograd). verl's draw is
+    random: softgate's selection (the clip mask less GRPO's own clip) is min(clip_num,
+    eligible) tokens, every one eligible by verl's test (trained, not clipped by the origin,
+    covariance strictly inside the window); verl's loss with `corr` built from that
+    selection is softgate's loss, and its autograd gradient softgate's. softgate's
+    clip_fraction counts the origin clip too (verl's pg_clipfrac only the dropped tokens)."""
+    lo, hi = 0.2, 0.25
+    logp, old, adv, mask, pad, batch = _padded_cov_batch(4)
+    obj = ClipCov(eps_low=lo, eps_high=hi, fraction=fraction, cov_low=cov_low, cov_high=cov_high, seed=seed)
+    res = E.loss(batch, LossConfig(objective=obj, aggregation=TOKEN_MEAN))
+    m = mask.to(F64)
+    _, _, eligible, clip_num, origin = _verl_clip_cov(old, logp, adv, m, lo, hi, fraction, cov_low, cov_high)
+    clip = torch.zeros_like(mask)
+    clip[pad] = res.clip_mask
+    picked = clip & ~origin
+    n_eligible = int(eligible.sum())
+    assert (clip_num < n_eligible) == (regime == "draw") and int(origin.sum()) > 0
+    assert int(picked.sum()) == min(clip_num, n_eligible) and bool((picked <= eligible).all())
+    if regime == "all":  # (a clipped token in the window: dropping `~clipped` would pick it)
+        covw = (adv - _masked_mean(adv, m)) * (logp - _masked_mean(logp, m))
+        assert bool((origin & (covw > cov_low) & (covw < cov_high)).any())
+    assert torch.equal(clip & mask, (origin | picked) & mask)
+    x = logp.clone().requires_grad_(True)
+    want, clipfrac, *_ = _verl_clip_cov(old, x, adv, m, lo, hi, fraction, cov_low, cov_high, pick=picked)
+    (grad,) = torch.autograd.grad(want, x)
+    assert res.loss == pytest.approx(float(want.detach()), rel=1e-13)
+    torch.testing.assert_close(res.grad, grad[pad], rtol=1e-12, atol=1e-15)
+    n = int(mask.sum())
+    assert clipfrac == pytest.approx(int(picked.sum()) / n, rel=1e-9)
+    assert res.metrics["clip_fraction"] == pytest.approx(int((origin | picked).sum()) / n, rel=1e-12)
+    pos, neg = (origin | picked) & mask & (adv > 0), (origin | picked) & mask & (adv < 0)
+    if regime == "all":  # (dropped tokens on both sides: swapped sides would show)
+        assert int((picked & (adv > 0)).sum()) > 0 and int((picked & (adv < 0)).sum()) > 0
+    assert res.metrics["clip_high"] * res.metrics["tokens_pos"] == pytest.approx(int(pos.sum()))
+    assert res.metrics["clip_low"] * res.metrics["tokens_neg"] == pytest.approx(int(neg.sum()))
+    sel = picked[pad]
+    assert bool((res.grad[sel] == 0).all()) and bool((res.gate_weight[sel] == 0).all())
+    # verl's own (random) draw drops as many tokens
+    _, verl_frac, *_ = _verl_clip_cov(old, logp, adv, m, lo, hi, fraction, cov_low, cov_high)
+    assert verl_frac == pytest.approx(clipfrac, rel=1e-12)
+
+
+def test_cov_objectives_past_the_log_ratio_clamp() -> None:
+    """softgate clamps the log-ratio at +-20 (log_ratio_clamp) where verl does not: a token 25
+    nats above its old log-prob weighs e^20 in -A r and has no ratio gradient (clamped), where
+    verl's weighs e^25 (so loss and gradient differ from verl's there, by design). KL-Cov's
+    penalty reads the unclamped |logp - old| (25, not 20), its gradient coef sign(logp - old)
+    on a clamped token too: where A = 0 softgate and verl agree."""
+    logp = torch.tensor([-1.0, -1.5, -1.2, -0.8, -30.0], dtype=F64)
+    old = torch.tensor([-26.0, -26.5, -1.5, -0.6, -5.0], dtype=F64)
+    adv = torch.tensor([0.5, -1.0, 2.0, -0.5, 0.0], dtype=F64)
+    b = Batch(logp=logp, offsets=torch.tensor([0, 5]), old_logp=old, advantages=adv, advantage_level="token")
+    ones = torch.ones(1, 5, dtype=F64)
+    coef = 0.7
+    res = E.loss(b, LossConfig(objective=KlCov(fraction=1.0, coef=coef), aggregation=TOKEN_MEAN))
+    x = logp - old
+    r = torch.exp(x.clamp(-20.0, 20.0))
+    clamped = x.abs() > 20
+    assert res.metrics["clamped_tokens"] == 3 and bool(res.clip_mask.all())
+    assert res.loss == pytest.approx(float((-adv * r + coef * x.abs()).mean()), rel=1e-13)
+    want_grad = torch.where(clamped, torch.zeros_like(x), -adv * r) + coef * torch.sign(x)
+    torch.testing.assert_close(res.grad, want_grad / 5, rtol=1e-13, atol=0)
+    xv = logp.clone().requires_grad_(True)
+    verl, penalised = _verl_kl_cov(old[None], xv[None], adv[None], ones, 1.0, coef)
+    (verl_grad,) = torch.autograd.grad(verl, xv)
+    assert bool(penalised.all()) and float(verl.detach()) > res.loss + 1e9  # e^25 / 2 against e^20 / 2
+    assert res.grad[0] == pytest.approx(coef / 5) and verl_grad[0] < -1e9
+    assert res.grad[4] == pytest.approx(-coef / 5) and verl_grad[4] == pytest.approx(-coef / 5)  # A = 0
+    # clip_cov (a window nothing falls in: GRPO's clip): the A > 0 token 25 above is clipped by
+    # both; the A < 0 one is not, its value -A e^20 here (no gradient), -A e^25 in verl
+    cc = ClipCov(fraction=2e-4, cov_low=-1e9, cov_high=-1e8)
+    res = E.loss(b, LossConfig(objective=cc, aggregation=TOKEN_MEAN))
+    assert res.clip_mask.tolist() == [True, False, True, False, False]
+    vals = torch.maximum(-adv * r, -adv * r.clamp(0.8, 1.2))
+    assert res.loss == pytest.approx(float(vals.mean()), rel=1e-13)
+    assert res.grad[0] == 0 and res.grad[1] == 0 and res.grad[4] == 0  # clipped; clamped; A = 0
+    xv = logp.clone().requires_grad_(True)
+    verl, *_ = _verl_clip_cov(old[None], xv[None], adv[None], ones, 0.2, 0.2, 2e-4, -1e9, -1e8)
+    (verl_grad,) = torch.autograd.grad(verl, xv)
+    assert float(verl.detach()) > res.loss + 1e9 and verl_grad[1] > 1e9
+    # elsewhere (no clamp) the two agree
+    torch.testing.assert_close(res.grad[[2, 3]], verl_grad[[2, 3]], rtol=1e-13, atol=0)
+
+
+def _token_batch(logp, old, adv, mask=None) -> Batch:
+    return Batch(
+        logp=logp,
+        offsets=torch.tensor([0, logp.numel()]),
+        old_logp=old,
+        mask=mask,
+        advantages=adv,
+        advantage_level="token",
+    )
+
+
+def test_kl_cov_with_fraction_1_penalises_every_trained_token() -> None:
+    """fraction 1: every trained token is penalised (an A = 0 one too: counted in clip_fraction,
+    in neither clip_low nor clip_high), no masked one; loss mean(-A r + coef |logp - old|)."""
+    logp = torch.tensor([-1.0, -0.5, -2.0, -0.3, -1.7, -0.9], dtype=F64)
+    old = torch.tensor([-1.1, -0.2, -2.5, -0.3, -1.0, -0.8], dtype=F64)
+    adv = torch.tensor([1.0, -2.0, 0.0, 0.5, -0.4, 3.0], dtype=F64)
+    mask = torch.tensor([True, True, True, False, True, True])
+    res = E.loss(
+        _token_batch(logp, old, adv, mask),
+        LossConfig(objective=KlCov(fraction=1.0, coef=0.4), aggregation=TOKEN_MEAN),
+    )
+    assert torch.equal(res.clip_mask, mask)
+    x = (logp - old)[mask]
+    assert res.loss == pytest.approx(float((-adv[mask] * x.exp() + 0.4 * x.abs()).mean()), rel=1e-14)
+    assert res.metrics["clip_fraction"] == 1.0
+    assert res.metrics["clip_low"] == 1.0 and res.metrics["clip_high"] == 1.0  # 2 of 2 and 2 of 2
+    assert res.metrics["tokens_pos"] + res.metrics["tokens_neg"] == 4  # (the A = 0 token in neither)
+
+
+def test_equal_advantages_have_covariance_exactly_0() -> None:
+    """Equal advantages centre to exactly 0 (the mean shifted by the first value): every
+    covariance is 0, KL-Cov's top k are the first k trained tokens (ties to the lower index),
+    and Clip-Cov's open window (0, 1) or (-1, 0) holds none of them: GRPO's result."""
+    g = torch.Generator().manual_seed(8)
+    logp = -torch.rand(12, generator=g, dtype=F64) * 3 - 0.01
+    old = (logp + 0.05 * torch.randn(12, generator=g, dtype=F64)).clamp(max=-1e-4)
+    # seven 0.1s: their plain mean sum / 7 is not 0.1 (x - mean would be +-1.4e-17, not 0)
+    adv = torch.full((12,), 0.1, dtype=F64)
+    mask = torch.ones(12, dtype=torch.bool)
+    mask[[0, 2, 5, 8, 11]] = False
+    assert float(adv[mask].sum() / 7) != 0.1
+    b = _token_batch(logp, old, adv, mask)
+    res = E.loss(b, LossConfig(objective=KlCov(fraction=0.3)))  # k = 2 of 7
+    assert res.clip_mask.nonzero().flatten().tolist() == [1, 3]
+    grpo = E.loss(b, LossConfig(objective=Grpo()))
+    for lo, hi in ((0.0, 1.0), (-1.0, 0.0)):
+        cc = E.loss(b, LossConfig(objective=ClipCov(fraction=1.0, cov_low=lo, cov_high=hi)))
+        assert cc.loss == grpo.loss and torch.equal(cc.grad, grpo.grad)
+        assert torch.equal(cc.clip_mask, grpo.clip_mask)
+    cc = E.loss(b, LossConfig(objective=ClipCov(fraction=1.0, cov_low=-1.0, cov_high=1.0)))
+    assert torch.equal(cc.clip_mask, mask)  # (every unclipped token in (-1, 1), all dropped)
+
+
+def test_clip_cov_window_is_open_at_both_ends() -> None:
+    """Covariances exactly at the window's ends are out: A = (1, -1), logp = (-1, -3) have
+    covariance exactly 1, 1 (verl's default window (1, 5) takes neither); a window (0.5, 1)
+    neither; (0.5, 5) both, of which k = 1 is dropped."""
+    logp = torch.tensor([-1.0, -3.0], dtype=F64)
+    adv = torch.tensor([1.0, -1.0], dtype=F64)
+    b = _token_batch(logp, logp.clone(), adv)  # on policy: nothing clipped by the origin
+    grpo = E.loss(b, LossConfig(objective=Grpo()))
+    for lo, hi in ((1.0, 5.0), (0.5, 1.0)):
+        res = E.loss(b, LossConfig(objective=ClipCov(cov_low=lo, cov_high=hi)))
+        assert res.clip_mask.tolist() == [False, False]
+        assert res.loss == grpo.loss and torch.equal(res.grad, grpo.grad)
+    res = E.loss(b, LossConfig(objective=ClipCov(cov_low=0.5, cov_high=5.0)))
+    assert int(res.clip_mask.sum()) == 1 and res.metrics["clip_fraction"] == 0.5
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [ClipCov(fraction=0.3, cov_low=-3.0, cov_high=3.0, seed=5), KlCov(fraction=0.3)],
+    ids=lambda o: o.name,
+)
+def test_cov_selection_ignores_masked_garbage(obj) -> None:
+    """A masked token's log-probs and its own advantage may hold any finite values (7.5,
+    -3e4, 1e30): the means, the covariance and so the selection read trained tokens only."""
+    *_, b = _padded_cov_batch(6)
+    m = b.mask
+    hole = (~m).nonzero().flatten()
+    assert len(hole) >= 4
+    cfg = LossConfig(objective=obj)
+    results = []
+    for lp, o, a in ((7.5, -3.0e4, 1e30), (-3.0e4, 7.5, -1e30), (-1.0, -1.0, 0.0)):
+        alt = b.logp.clone(), b.old_logp.clone(), b.advantages.clone()
+        alt[0][hole], alt[1][hole], alt[2][hole] = lp, o, a
+        results.append(E.loss(dataclasses.replace(b, logp=alt[0], old_logp=alt[1], advantages=alt[2]), cfg))
+    first = results[0]
+    assert int(first.clip_mask.sum()) > 0
+    for r in results[1:]:
+        assert r.loss == first.loss and torch.equal(r.grad, first.grad)
+        assert torch.equal(r.clip_mask, first.clip_mask) and r.metrics == first.metrics
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [ClipCov(fraction=0.2, cov_low=-0.5, cov_high=2.0, seed=9), KlCov(fraction=0.2)],
+    ids=lambda o: o.name,
+)
+def test_cov_objectives_float32_agree_with_float64(obj) -> None:
+    *_, b64 = _padded_cov_batch(7)
+    b32 = dataclasses.replace(b64, **{f: getattr(b64, f).float() for f in ("logp", "old_logp", "advantages")})
+    cfg = LossConfig(objective=obj, aggregation=TOKEN_MEAN)
+    r64, r32 = E.loss(b64, cfg), E.loss(b32, cfg)
+    assert r32.grad.dtype == torch.float32
+    assert torch.equal(r32.clip_mask, r64.clip_mask) and int(r64.clip_mask.sum()) > 0
+    assert r32.loss == pytest.approx(r64.loss, rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(r32.grad.double(), r64.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_clip_cov_seed_fixes_the_draw() -> None:
+    """The same seed drops the same tokens on every call; other seeds (0, 1, 2^63 - 1, 2^63,
+    2^64 - 1) other tokens; each the eligible tokens of largest splitmix64(seed, index) (the
+    plain-loop reference's selection)."""
+    try:
+        from tests.reference_loss import reference_selection
+    except ImportError:
+        from reference_loss import reference_selection  # type: ignore[no-redef]
+
+    g = torch.Generator().manual_seed(10)
+    n = 400
+    logp = -torch.rand(n, generator=g, dtype=F64) * 3 - 0.01
+    old = (logp + 0.1 * torch.randn(n, generator=g, dtype=F64)).clamp(max=-1e-4)
+    adv = torch.randn(n, generator=g, dtype=F64)
+    mask = torch.rand(n, generator=g) < 0.9
+    b = _token_batch(logp, old, adv, mask)
+    masks = []
+    for seed in (0, 1, 2**63 - 1, 2**63, 2**64 - 1):
+        obj = ClipCov(fraction=0.05, cov_low=-5.0, cov_high=5.0, seed=seed)
+        cfg = LossConfig(objective=obj)
+        grpo = E.loss(b, LossConfig(objective=Grpo()))
+        r1, r2 = E.loss(b, cfg), E.loss(b, cfg)
+        assert (
+            r1.loss == r2.loss and torch.equal(r1.clip_mask, r2.clip_mask) and torch.equal(r1.grad, r2.grad)
+        )
+        sel = r1.clip_mask & ~grpo.clip_mask
+        assert int(sel.sum()) == int(0.05 * int(mask.sum()))
+        assert torch.equal(sel, reference_selection(obj, logp, old, adv, mask, 20.0))
+        masks.append(sel)
+    for a, c in itertools.combinations(masks, 2):
+        assert not torch.equal(a, c)
+    # a narrow window: fewer than N / 8 eligible, more than k (the draw keys those alone)
+    for seed in (0, 2**64 - 1):
+        obj = ClipCov(fraction=0.01, cov_low=0.3, cov_high=0.6, seed=seed)
+        want = reference_selection(obj, logp, old, adv, mask, 20.0)
+        cov = (adv - adv[mask].mean()) * (logp - logp[mask].mean())
+        eligible = int((mask & (cov > 0.3) & (cov < 0.6)).sum())
+        assert int(want.sum()) == int(0.01 * int(mask.sum())) < eligible < n // 8
+        sel = E.loss(b, LossConfig(objective=obj)).clip_mask & ~grpo.clip_mask
+        assert torch.equal(sel, want)
+
+
+def test_uniform_keys_are_splitmix64() -> None:
+    """The draw's keys: splitmix64 of the stream `seed` (its published first outputs for seed
+    0), as signed 64-bit integers, for seeds at every edge of the uint64 range."""
+    try:
+        from tests.reference_loss import splitmix64
+    except ImportError:
+        from reference_loss import splitmix64  # type: ignore[no-redef]
+
+    cpu = torch.device("cpu")
+    first = [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F]
+    assert uniform_keys(0, torch.arange(3), cpu).tolist() == [x - 2**64 if x >= 2**63 else x for x in first]
+    for seed in (0, 1, 2**63 - 1, 2**63, 2**64 - 1):
+        keys = uniform_keys(seed, torch.arange(64), cpu)
+        assert keys.dtype == torch.int64
+        assert keys.tolist() == [splitmix64(seed, i) for i in range(64)]
+        # a token's key is its index's, whichever others are drawn beside it (the few-eligible path)
+        some = torch.tensor([63, 5, 17])
+        assert uniform_keys(seed, some, cpu).tolist() == [splitmix64(seed, i) for i in (63, 5, 17)]
+    assert uniform_keys(5, torch.arange(0), cpu).numel() == 0
+
+
+def test_top_k_ties_go_to_the_lower_index() -> None:
+    every = torch.ones(6, dtype=torch.bool)
+    f = torch.tensor([1.0, 3.0, 2.0, 3.0, 3.0, 0.5], dtype=F64)
+    assert top_k(f, every, 2).nonzero().flatten().tolist() == [1, 3]
+    assert top_k(f, every, 4).nonzero().flatten().tolist() == [1, 2, 3, 4]
+    assert top_k(f, every, 9).tolist() == every.tolist()  # fewer than k: all
+    some = torch.tensor([False, False, True, False, True, True])
+    assert top_k(f, some, 1).nonzero().flatten().tolist() == [4]
+    assert not top_k(f, torch.zeros(6, dtype=torch.bool), 3).any()
+    i = torch.tensor([7, -(2**63), 7, 2**63 - 1, -(2**63), 7], dtype=torch.int64)
+    assert top_k(i, every, 3).nonzero().flatten().tolist() == [0, 2, 3]
+    assert top_k(i, every, 5).nonzero().flatten().tolist() == [0, 1, 2, 3, 5]
+    # an eligible key at the lowest value (-inf, int64's minimum) beside ineligible ones there
+    inf = torch.tensor([-math.inf, -math.inf, 5.0, -math.inf, -math.inf], dtype=F64)
+    el = torch.tensor([False, True, True, False, True])
+    assert top_k(inf, el, 2).nonzero().flatten().tolist() == [1, 2]
+    assert top_k(inf, el, 3).nonzero().flatten().tolist() == [1, 2, 4]
+    low = torch.tensor([-(2**63), -(2**63), 3, -(2**63)], dtype=torch.int64)
+    el = torch.tensor([False, False, True, True])
+    assert top_k(low, el, 2).nonzero().flatten().tolist() == [2, 3]
+
+
+def test_kl_cov_without_penalty_is_reinforce_and_clip_cov_without_window_is_grpo() -> None:
+    """KL-Cov with coef 0 is REINFORCE, Clip-Cov with a window nothing falls in GRPO with the
+    same bounds, bit for bit (loss, gradient, ratio, gate weight)."""
+    b = random_batch(12, max_seqs=8, max_len=9, advantages="token", big_deltas=True)
+    for cov, plain in (
+        (KlCov(fraction=0.5, coef=0.0), Reinforce()),
+        (
+            ClipCov(eps_low=0.1, eps_high=0.3, fraction=1.0, cov_low=1e6, cov_high=1e7),
+            Grpo(eps_low=0.1, eps_high=0.3),
+        ),
+    ):
+        for agg in ("token_mean", "seq_mean_token_mean"):
+            got = E.loss(b, LossConfig(objective=cov, aggregation=AggregationConfig(mode=agg)))
+            want = E.loss(b, LossConfig(objective=plain, aggregation=AggregationConfig(mode=agg)))
+            assert got.loss == want.loss and torch.equal(got.grad, want.grad)
+            assert torch.equal(got.ratio, want.ratio) and torch.equal(got.gate_weight, want.gate_weight)
+            if cov.name == "clip_cov":
+                assert torch.equal(got.clip_mask, want.clip_mask)
+                assert got.metrics["clip_fraction"] == want.metrics["clip_fraction"]
+
+
+@pytest.mark.parametrize(
+    "obj,field",
+    [
+        (KlCov(fraction=0.0), "objective.kl_cov.fraction"),
+        (KlCov(fraction=1.5), "objective.kl_cov.fraction"),
+        (KlCov(fraction=math.nan), "objective.kl_cov.fraction"),
+        (KlCov(coef=-0.1), "objective.kl_cov.coef"),
+        (ClipCov(fraction=0.0), "objective.clip_cov.fraction"),
+        (ClipCov(fraction=1.5), "objective.clip_cov.fraction"),
+        (ClipCov(fraction=math.nan), "objective.clip_cov.fraction"),
+        (ClipCov(cov_low=5.0, cov_high=5.0), "objective.clip_cov.cov_high"),
+        (ClipCov(cov_low=6.0, cov_high=5.0), "objective.clip_cov.cov_high"),
+        (ClipCov(cov_low=math.inf), "objective.clip_cov.cov_low"),
+        (ClipCov(cov_high=math.nan), "objective.clip_cov.cov_high"),
+        (ClipCov(eps_low=-0.1), "objective.clip_cov.eps_low"),
+        (ClipCov(seed=-1), "objective.clip_cov.seed"),
+        (ClipCov(seed=True), "objective.clip_cov.seed"),
+        (ClipCov(seed=2**64), "objective.clip_cov.seed"),
+        (ClipCov(seed=1.5), "objective.clip_cov.seed"),  # type: ignore[arg-type]
+    ],
+    ids=lambda x: x if isinstance(x, str) else repr(x).split("(")[1].split(",")[0],
+)
+def test_cov_objectives_validation(obj, field: str) -> None:
+    b = simple_batch([3, 2], advantages=torch.tensor([1.0, -1.0]))
+    assert reasons(b, LossConfig(objective=obj)) == {(field, "out_of_range", None)}
+
+
+def test_clip_cov_leaves_out_the_tokens_grpo_s_clip_of_the_clamped_ratio_clips() -> None:
+    """Clip-Cov's draw leaves out the tokens GRPO's clip clips as the kernel computes it, on the
+    clamped ratio: with log_ratio_clamp 0.1 a log-ratio of +-0.3 reads exp(+-0.1), inside
+    (0.8, 1.2), so no token is clipped and, with fraction 1 and a window holding all, every
+    trained token is dropped (on the unclamped ratio two would be left with neither)."""
+    logp = torch.tensor([-1.0, -1.2, -0.7, -2.0, -0.4], dtype=F64)
+    d = torch.tensor([0.3, -0.3, 0.05, 0.15, 0.0], dtype=F64)
+    adv = torch.tensor([1.0, -1.0, 1.0, 1.0, -0.5], dtype=F64)
+    mask = torch.tensor([True, True, True, True, False])
+    b = _token_batch(logp, logp - d, adv, mask)
+    grpo = E.loss(b, LossConfig(objective=Grpo(), log_ratio_clamp=0.1))
+    assert not grpo.clip_mask.any()
+    obj = ClipCov(fraction=1.0, cov_low=-1e9, cov_high=1e9)
+    res = E.loss(b, LossConfig(objective=obj, log_ratio_clamp=0.1))
+    assert torch.equal(res.clip_mask, mask) and res.loss == 0.0 and not res.grad.any()
+    assert res.metrics["clip_fraction"] == 1.0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import re
 import threading
@@ -30,10 +31,12 @@ from softgate.engine import (
     AdvantageConfig,
     AggregationConfig,
     Batch,
+    ClipCov,
     Engine,
     Grpo,
     Gspo,
     KLConfig,
+    KlCov,
     LossConfig,
     MismatchConfig,
     Sapo,
@@ -152,6 +155,30 @@ CONFIGS: dict[str, tuple[LossConfig, pb.LossConfig]] = {
             objective=pb.Objective(sapo=pb.SapoParams(tau_pos=2.0, tau_neg=3.0)),
             advantages=pb.AdvantageConfig(estimator=pb.ADVANTAGE_ESTIMATOR_REINFORCE_PP_BASELINE),
             aggregation=pb.AggregationConfig(mode=pb.AGGREGATION_MODE_TOKEN_SUM_NORM, constant=64.0),
+        ),
+    ),
+    # the selection is over the request (a stream's whole batch); the seed a uint64 at its maximum
+    "clip_cov-max-seed-token-mean": (
+        LossConfig(
+            objective=ClipCov(
+                eps_low=0.2, eps_high=0.28, fraction=0.1, cov_low=-1.0, cov_high=3.0, seed=2**64 - 1
+            ),
+            aggregation=AggregationConfig(mode="token_mean"),
+        ),
+        pb.LossConfig(
+            objective=pb.Objective(
+                clip_cov=pb.ClipCovParams(
+                    eps_low=0.2, eps_high=0.28, fraction=0.1, cov_low=-1.0, cov_high=3.0, seed=2**64 - 1
+                )
+            ),
+            aggregation=pb.AggregationConfig(mode=pb.AGGREGATION_MODE_TOKEN_MEAN),
+        ),
+    ),
+    "kl_cov-kl": (
+        LossConfig(objective=KlCov(fraction=0.1, coef=0.5), kl=KLConfig(estimator="k3", beta=0.01)),
+        pb.LossConfig(
+            objective=pb.Objective(kl_cov=pb.KlCovParams(fraction=0.1, coef=0.5)),
+            kl=pb.KlConfig(estimator=pb.KL_ESTIMATOR_K3, beta=0.01),
         ),
     ),
 }
@@ -393,7 +420,14 @@ def test_given_advantages_per_sequence_and_per_token(stub: pb_grpc.LossServiceSt
 
 
 @pytest.mark.parametrize(
-    "name", ["default-sapo", "grpo-dual-kl-mismatch-token-mean", "gspo-rloo-global-normalisers"]
+    "name",
+    [
+        "default-sapo",
+        "grpo-dual-kl-mismatch-token-mean",
+        "gspo-rloo-global-normalisers",
+        "clip_cov-max-seed-token-mean",
+        "kl_cov-kl",
+    ],
 )
 def test_stream_loss_equals_unary(stub: pb_grpc.LossServiceStub, name: str) -> None:
     """Chunks split on sequence boundaries, groups spanning chunks, an empty chunk: the
@@ -496,6 +530,43 @@ def test_a_call_that_ends_before_its_request_arrives_is_not_bad_input() -> None:
         s for fam in tel.registry.collect() for s in fam.samples if s.name == "softgate_rejected_inputs_total"
     ]
     assert not [s for s in rejected if s.value], rejected
+
+
+def test_clip_cov_seed_travels_as_a_uint64(stub: pb_grpc.LossServiceStub) -> None:
+    """Clip-Cov's seed is a uint64 on the wire: 2^64 - 1, 2^63 (not an int64, nor exact in a
+    double's neighbours) and the others reach the engine as sent, each giving the in-process
+    engine's result with that seed bit for bit; the seeds drop different tokens (a seed lost
+    or wrapped on the way would show), KL-Cov's penalised tokens are the same over the wire."""
+    batch = make_batch(seed=11, b=40, dtype=torch.float64)
+    grpo = Engine(device="cpu").loss(batch, LossConfig(objective=Grpo(eps_low=0.2, eps_high=0.2)))
+    drops = []
+    for seed in (2**64 - 1, 2**64 - 2, 2**63, 2**63 - 1, 0):
+        obj = ClipCov(fraction=0.05, cov_low=-3.0, cov_high=3.0, seed=seed)
+        msg = pb.LossConfig(
+            objective=pb.Objective(
+                clip_cov=pb.ClipCovParams(fraction=0.05, cov_low=-3.0, cov_high=3.0, seed=seed)
+            )
+        )
+        want = Engine(device="cpu").loss(batch, LossConfig(objective=obj))
+        got = stub.ComputeLoss(
+            pb.ComputeLossRequest(config=msg, batch=batch_msg(batch), outputs=ALL_OUTPUTS), timeout=30
+        )
+        assert got.loss == want.loss and dict(got.metrics) == {k: float(v) for k, v in want.metrics.items()}
+        assert same(array(got.outputs.gradient), want.grad) and same(
+            array(got.outputs.clip_mask), want.clip_mask
+        )
+        drop = want.clip_mask & ~grpo.clip_mask
+        assert int(drop.sum()) == max(1, int(0.05 * int(batch.mask.sum())))
+        drops.append(drop)
+    for a, c in itertools.combinations(drops, 2):
+        assert not torch.equal(a, c)
+    want = Engine(device="cpu").loss(batch, LossConfig(objective=KlCov(fraction=0.05, coef=0.3)))
+    msg = pb.LossConfig(objective=pb.Objective(kl_cov=pb.KlCovParams(fraction=0.05, coef=0.3)))
+    got = stub.ComputeLoss(
+        pb.ComputeLossRequest(config=msg, batch=batch_msg(batch), outputs=ALL_OUTPUTS), timeout=30
+    )
+    assert got.loss == want.loss and same(array(got.outputs.clip_mask), want.clip_mask)
+    assert same(array(got.outputs.gradient), want.grad) and bool(want.clip_mask.any())
 
 
 def test_stream_single_chunk_with_advantages(stub: pb_grpc.LossServiceStub) -> None:
@@ -615,6 +686,18 @@ def test_nan_is_named_with_its_index(stub: pb_grpc.LossServiceStub) -> None:
         ),
         (pb.LossConfig(aggregation=pb.AggregationConfig(mode=77)), "config.aggregation.mode"),
         (pb.LossConfig(advantages=pb.AdvantageConfig(eps=float("nan"))), "config.advantages.eps"),
+        (
+            pb.LossConfig(objective=pb.Objective(clip_cov=pb.ClipCovParams(fraction=0.0))),
+            "config.objective.clip_cov.fraction",
+        ),
+        (
+            pb.LossConfig(objective=pb.Objective(clip_cov=pb.ClipCovParams(cov_low=5.0))),
+            "config.objective.clip_cov.cov_high",
+        ),
+        (
+            pb.LossConfig(objective=pb.Objective(kl_cov=pb.KlCovParams(fraction=2.0))),
+            "config.objective.kl_cov.fraction",
+        ),
     ],
 )
 def test_bad_parameters(stub: pb_grpc.LossServiceStub, config: pb.LossConfig, field: str) -> None:

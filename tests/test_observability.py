@@ -20,6 +20,7 @@ from softgate.engine import (
     Cispo,
     Engine,
     Grpo,
+    KlCov,
     LossConfig,
     LossResult,
     Reinforce,
@@ -1204,7 +1205,8 @@ def test_objectives_without_a_clip_record_no_clip_fraction() -> None:
     """SAPO and REINFORCE have no clip: their clip_low = clip_high = 0 stand for "not
     applicable", and recorded as 0 they halved a GRPO run's clip fraction on the dashboard
     (summed over runs by sign). Likewise a dual-clip share is recorded only where the objective
-    has a dual clip. Their gate saturation is a real 0 or more, and stays."""
+    has a dual clip. Their gate saturation is a real 0 or more, and stays. KL-Cov has no eps
+    but counts its penalised tokens as clipped: recorded (it was left out as clip-less)."""
     e = Engine(device="cpu", compile=False)
     b = _ratio_batch([0.5, 1.5, 0.5, 4.0], [1.0, 1.0, -1.0, -1.0])
     tel = PrometheusTelemetry(S(sample=None))
@@ -1214,6 +1216,7 @@ def test_objectives_without_a_clip_record_no_clip_fraction() -> None:
         "grpo": LossConfig(objective=Grpo()),
         "dual": LossConfig(objective=Grpo(dual_clip=3.0)),
         "cispo": LossConfig(objective=Cispo()),
+        "kl_cov": LossConfig(objective=KlCov(fraction=0.5)),
     }
     for run, cfg in configs.items():
         tel.observe_loss(run, cfg, e.loss(b, cfg))
@@ -1226,6 +1229,8 @@ def test_objectives_without_a_clip_record_no_clip_fraction() -> None:
         assert all((n in got) == (run == "dual") for n in dual), (run, got)
     assert _value(tel, "softgate_dual_clipped_tokens_total", run="dual") == 1
     assert _value(tel, "softgate_clipped_tokens_total", run="grpo", sign="pos") == 1
+    kl_cov = [_value(tel, "softgate_clipped_tokens_total", run="kl_cov", sign=s) for s in ("pos", "neg")]
+    assert sum(kl_cov) == 2  # (two of the four tokens penalised)
 
 
 def _help(tel: PrometheusTelemetry, name: str) -> str:

@@ -86,11 +86,12 @@ def parse_run(text: str) -> RunSpec:
                 raise ValueError(
                     f"{name} has no parameter {k.strip()!r} (in {text!r}); its parameters: {known}"
                 )
+            integer = k.strip() == "seed"  # (clip_cov's, a uint64)
             try:
-                params[k.strip()] = float(v)
+                params[k.strip()] = int(v) if integer else float(v)
             except ValueError:
                 raise ValueError(
-                    f"cannot parse {item!r} in {text!r}: {v.strip()!r} is not a number"
+                    f"cannot parse {item!r} in {text!r}: {v.strip()!r} is not {'an integer' if integer else 'a number'}"
                 ) from None
     violations = validate_config(LossConfig(objective=cls(**params)))
     if violations:

@@ -174,7 +174,7 @@ class KlCov:
     least one) of largest covariance (A - mean A)(logp - mean logp)."""
 
     fraction: float = 2e-4
-    coef: float = 1.0
+    coef: float = 0.1
     name: Literal["kl_cov"] = "kl_cov"
 
     def __post_init__(self) -> None:

@@ -32,62 +32,82 @@ _MIX2 = 0x94D049BB133111EB - 2**64
 
 
 def covariance_selection(
-    obj: ClipCov | KlCov, logp: Tensor, old: Tensor, a: Tensor, m: Tensor, prm: dict[str, Tensor]
+    obj: ClipCov | KlCov, logp: Tensor, old: Tensor, a: Tensor, mask: Tensor | None, prm: dict[str, Tensor]
 ) -> Tensor:
     """The selected tokens, uint8 0 / 1 [N] (the kernel's `sel`). `a`: the advantages per
-    token, `m` the mask (bool [N]), `prm` the kernel's parameters (clip_cov's bounds lo, hi and
-    the clamp: the clip it leaves out is the kernel's)."""
-    n = int(m.sum())
+    token, `mask` bool [N] (None: every token trained), `prm` the kernel's parameters
+    (clip_cov's bounds lo, hi and the clamp: the clip it leaves out is the kernel's)."""
+    every = mask is None
+    m = torch.ones(1, dtype=torch.bool, device=logp.device).expand(logp.numel()) if mask is None else mask
+    n = m.numel() if every else int(m.sum())
+    if n == 0:
+        return torch.zeros_like(logp, dtype=torch.uint8)
     k = max(1, int(obj.fraction * n))
-    cov = torch.nan_to_num(_centred(a, m, n) * _centred(logp, m, n), nan=0.0)  # (inf times an exact 0)
+    first = 0 if every else int(torch.argmax(m.view(torch.uint8)))
+    cov = _centred(a, m, n, first, every) * _centred(logp, m, n, first, every)
+    cov = torch.nan_to_num(cov, nan=0.0)  # (an infinity times an exact 0)
     if isinstance(obj, KlCov):
         return top_k(cov, m, k).view(torch.uint8)
     d = torch.where(m, logp - old, 0.0).clamp(-prm["clamp"], prm["clamp"])
     ratio = torch.exp(d)
     clipped = ((a > 0) & (ratio > prm["hi"])) | ((a < 0) & (ratio < prm["lo"]))
     eligible = m & ~clipped & (cov > obj.cov_low) & (cov < obj.cov_high)
-    return top_k(uniform_keys(obj.seed, logp.numel(), logp.device), eligible, k).view(torch.uint8)
+    count = int(eligible.sum())
+    if count <= k:  # every one of them: no draw
+        return eligible.view(torch.uint8)
+    if count * 8 < eligible.numel():  # a few: keys for those alone
+        idx = torch.nonzero(eligible).squeeze(1)
+        keys = uniform_keys(obj.seed, idx, logp.device)
+        sel = torch.zeros_like(eligible)
+        sel[idx[top_k(keys, torch.ones_like(idx, dtype=torch.bool), k)]] = True
+        return sel.view(torch.uint8)
+    keys = uniform_keys(obj.seed, torch.arange(logp.numel(), device=logp.device), logp.device)
+    return top_k(keys, eligible, k).view(torch.uint8)
 
 
-def _centred(x: Tensor, m: Tensor, n: int) -> Tensor:
-    """x - its mean over the n trained tokens, in float64, 0 on the others. The mean is shifted
-    by the first trained value c (c + mean(x - c)): equal values centre to exactly 0. Values
-    whose differences would overflow float64 are centred as x / max |x|, then scaled back."""
-    if n == 0:
-        return torch.zeros_like(x, dtype=F64)
+def _centred(x: Tensor, m: Tensor, n: int, first: int, every: bool) -> Tensor:
+    """x - its mean over the n trained tokens, in float64 (any value on the others). The mean
+    is shifted by the first trained value c (c + mean(x - c)): equal values centre to exactly
+    0. Values whose differences would overflow float64 are centred as x / max |x|, then
+    scaled back."""
     x = x.to(F64)
-    c = x[torch.argmax(m.to(torch.uint8))]
-    y = torch.where(m, x - c, 0.0)
-    total = y.sum()
+    y = x - x[first]
+    total = (y if every else torch.where(m, y, 0.0)).sum()
     if bool(torch.isfinite(total)):
-        return torch.where(m, y - total / n, 0.0)
-    scale = torch.where(m, x.abs(), 0.0).max()
+        return y - total / n
+    scale = (x.abs() if every else torch.where(m, x.abs(), 0.0)).max()
     if not bool(torch.isfinite(scale)):  # a value not finite: the kernel refuses the batch
         return torch.zeros_like(x)
-    return scale * _centred(x / scale, m, n)
+    return scale * _centred(x / scale, m, n, first, every)
 
 
 def top_k(key: Tensor, eligible: Tensor, k: int) -> Tensor:
     """bool [N]: the k eligible entries of largest `key` (all of them when fewer), ties to the
     lower index."""
-    k = min(k, int(eligible.sum()))
-    if k == 0:
-        return torch.zeros_like(eligible)
+    count = int(eligible.sum())
+    if k >= count:
+        return eligible.clone()
     # the others at the lowest key (an eligible one there too: `tie` below tells them apart)
     low = -float("inf") if key.dtype.is_floating_point else INT64_MIN
     key = torch.where(eligible, key, torch.full_like(key, low))
-    kth = torch.topk(key, k, sorted=False).values.min()
+    vals, idx = torch.topk(key, k + 1)
+    sel = torch.zeros_like(eligible)
+    if bool(vals[k] < vals[k - 1]):  # no tie across the k-th: these k, whatever topk's order
+        sel[idx[:k]] = True
+        return sel
+    kth = vals[k - 1]
     above = eligible & (key > kth)
     tie = eligible & (key == kth)
     need = k - int(above.sum())
     return above | (tie & (torch.cumsum(tie, 0, dtype=torch.int64) <= need))
 
 
-def uniform_keys(seed: int, n: int, device: torch.device) -> Tensor:
-    """int64 [n]: splitmix64 of the stream `seed` at positions 0..n-1 (seed + (i + 1) gamma,
-    mixed), uniform over the 64-bit integers and the same on every device."""
+def uniform_keys(seed: int, index: Tensor, device: torch.device) -> Tensor:
+    """int64, one per index: splitmix64's outputs of the stream `seed` at these positions
+    (seed + (i + 1) gamma, mixed), uniform over the 64-bit integers and the same on every
+    device."""
     s = seed - 2**64 if seed >= 2**63 else seed
-    z = torch.arange(1, n + 1, dtype=torch.int64, device=device) * _GAMMA + s
+    z = (index.to(device=device, dtype=torch.int64) + 1) * _GAMMA + s
     z = (z ^ _shr(z, 30)) * _MIX1
     z = (z ^ _shr(z, 27)) * _MIX2
     return z ^ _shr(z, 31)

@@ -204,7 +204,8 @@ def _compute_loss(
 
     if isinstance(obj, (ClipCov, KlCov)):  # the tokens they clip or penalise (covariance.py)
         a_tok = t["adv"] if adv_per_token else seg.expand(t["adv"])
-        t["sel"] = covariance_selection(obj, logp, old, a_tok, m, kernel_params(config, dt, dev))
+        mask = None if batch.mask is None else m
+        t["sel"] = covariance_selection(obj, logp, old, a_tok, mask, kernel_params(config, dt, dev))
 
     # what is per sequence reaches the tokens: advantages, the weight, GSPO's ratio, a
     # sequence-level mismatch weight (token_terms reads nothing per sequence otherwise)

@@ -38,12 +38,14 @@ class LossResult:
     # own); 1 on masked tokens
     ratio: Tensor
     # [N] the factor by which the trust region scales the token's gradient, grad / grad with
-    # nothing clipped: SAPO's w = 4p(1-p); 1 unclipped / 0 clipped for grpo, gspo, gmpo; bound / r on
-    # clipped gppo tokens; clip(r) / r for cispo; min(r, ratio_cap) / r for dppo (0 dropped);
-    # 1 for reinforce; 0 on masked tokens
+    # nothing clipped: SAPO's w = 4p(1-p); 1 unclipped / 0 clipped for grpo, gspo, gmpo, clip_cov
+    # (0 on its drawn tokens too); bound / r on clipped gppo tokens; clip(r) / r for cispo;
+    # min(r, ratio_cap) / r for dppo (0 dropped); 1 for reinforce and kl_cov (its penalty is
+    # added, not a scaling); 0 on masked tokens
     gate_weight: Tensor
     # [N] bool, True where the trust region's clip is active (gradient removed, dppo's dropped
-    # tokens too, or for gppo / cispo replaced by the bound's); False on masked tokens
+    # and clip_cov's drawn tokens too, or for gppo / cispo replaced by the bound's; kl_cov's
+    # penalised tokens); False on masked tokens
     clip_mask: Tensor
     mask: Tensor  # [N] bool, the loss mask as given (no mask given: a read-only broadcast True)
     metrics: dict[str, float] = field(default_factory=dict)

@@ -453,7 +453,7 @@ class PrometheusTelemetry(Telemetry):
         # the engine's 0 for a clip the objective does not have means "not applicable": left
         # out, or it dilutes the other objectives' fractions wherever they are summed or averaged
         obj = getattr(config, "objective", None)
-        if getattr(obj, "eps_low", None) is None:  # sapo, reinforce: no clip
+        if getattr(obj, "name", None) in ("sapo", "reinforce"):  # no clip (kl_cov's: its penalised tokens)
             values["clip_high"] = values["clip_low"] = None
         if getattr(obj, "dual_clip", None) is None:  # only grpo has one, when configured
             values["dual_clip"] = None
