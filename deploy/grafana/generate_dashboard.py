@@ -167,7 +167,8 @@ def build() -> dict[str, Any]:
             y,
             unit="percentunit",
             minmax=(0, None),  # GPPO and CISPO go above 1
-            description="Mean gate weight w per sign: SAPO 4p(1-p), hard clips 1 unclipped / 0 clipped. "
+            description="Mean gate weight w per sign: SAPO 4p(1-p), hard clips 1 unclipped / 0 clipped "
+            "(Clip-Cov's drawn tokens 0; KL-Cov 1 everywhere). "
             f"{PER_BATCH} GPPO's clipped A<0 tokens and CISPO's tokens of either sign below 1-eps_low "
             "(eps_low below 1) carry bound / r, above 1: GPPO's show in clip_low. " + CISPO_CLIP,
         )
@@ -192,9 +193,9 @@ def build() -> dict[str, Any]:
             minmax=(0, None),
             description="Shares of trained tokens over the interval: clip_high = A>0 tokens with r > "
             "1+eps_high, clip_low = A<0 tokens with r < 1-eps_low (GMPO: exp(eps_high), exp(-eps_low); DPPO: "
-            "the tokens its divergence bound drops), "
-            "of the objectives with a clip (SAPO "
-            "and REINFORCE have none and are left out); dual clip = A<0 tokens with r > c, of the runs "
+            "the tokens its divergence bound drops; Clip-Cov: its randomly drawn tokens too; KL-Cov: its "
+            "penalised tokens), of the objectives with a clip (SAPO and REINFORCE have none and are left "
+            "out); dual clip = A<0 tokens with r > c, of the runs "
             "with a dual clip. " + CISPO_CLIP,
         )
     )
@@ -205,11 +206,13 @@ def build() -> dict[str, Any]:
             12,
             y,
             unit="percentunit",
-            minmax=(0, None),  # GPPO and CISPO go above 1
+            minmax=(0, None),  # GPPO, CISPO and KL-Cov go above 1
             description="sum|c| / sum|c without trust region|: 1 = nothing suppressed. Comparable across "
-            f"SAPO, GRPO, GSPO, GMPO and DPPO. {PER_BATCH} GPPO's clipped A<0 tokens and CISPO's tokens of either "
-            "sign below 1-eps_low (eps_low below 1) keep their gradient scaled by bound / r > 1, so theirs "
-            "can exceed 1: GPPO's clipping shows in clip_low. " + CISPO_CLIP,
+            f"SAPO, GRPO, GSPO, GMPO, DPPO and Clip-Cov. {PER_BATCH} GPPO's clipped A<0 tokens and CISPO's tokens "
+            "of either sign below 1-eps_low (eps_low below 1) keep their gradient scaled by bound / r > 1, so "
+            "theirs can exceed 1: GPPO's clipping shows in clip_low. KL-Cov scales no gradient but adds its "
+            "penalty's on the tokens it penalises, so its value can pass 1, or fall below it where the "
+            "penalty pulls against -r A. " + CISPO_CLIP,
         )
     )
     y += 8
