@@ -56,6 +56,15 @@ def test_parse_run():
     assert cispo.params == {"eps_low": 1.0, "eps_high": 0.28}
     assert (cispo.label, cispo.key) == ("cispo eps=1/0.28", "cispo_el1_eh0.28")
     assert parse_run("grpo(dual_clip=3)").label == "grpo eps=0.2/0.27 dual_clip=3"
+    # clip_cov's seed: an integer (as a float, 12345678 and 12345679 shared one key), a new one
+    # each call (the same seed drops the same positions of every batch of one layout)
+    a, b = parse_run("clip_cov(seed=12345678)"), parse_run("clip_cov(seed=12345679)")
+    assert a.params["seed"] == 12345678 and a.key != b.key and a.key.endswith("seed12345678")
+    assert [a.call_params(i)["seed"] for i in range(3)] == [12345678, 12345679, 12345680]
+    assert parse_run(f"clip_cov(seed={2**64 - 1})").call_params(1)["seed"] == 0
+    assert parse_run("sapo").call_params(5) == parse_run("sapo").params
+    with pytest.raises(ValueError, match="not an integer"):
+        parse_run("clip_cov(seed=1.5)")
 
 
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))

@@ -1033,6 +1033,9 @@ CODES = 1 << 15  # sample_tokens above the batch's size: ratio and gate whole, w
         (torch.float32, "dppo_kl", None, None, 20.0, "token_mean", "token", CODES),
         (F64, "dppo_tv", "k3", ("token", "truncate"), 20.0, "seq_mean_token_mean", "rewards", CODES),
         (torch.float32, "reinforce", "k3", None, 20.0, "seq_mean_token_mean", "rewards", CODES),
+        # the covariance selection as a kernel input (sel), read in the loop
+        (torch.float32, "clip_cov", None, ("token", "truncate"), 20.0, "token_mean", "token", CODES),
+        (F64, "kl_cov", "k3", None, 20.0, "seq_mean_token_mean", "rewards", None),
     ],
 )
 def test_compiled_kernel_matches_eager(dtype, name, kl, mm, clamp, agg, adv, sample, caplog):
@@ -2218,15 +2221,17 @@ def test_kl_cov_without_penalty_is_reinforce_and_clip_cov_without_window_is_grpo
         (ClipCov(cov_high=math.nan), "objective.clip_cov.cov_high"),
         (ClipCov(eps_low=-0.1), "objective.clip_cov.eps_low"),
         (ClipCov(seed=-1), "objective.clip_cov.seed"),
-        (ClipCov(seed=True), "objective.clip_cov.seed"),
         (ClipCov(seed=2**64), "objective.clip_cov.seed"),
-        (ClipCov(seed=1.5), "objective.clip_cov.seed"),  # type: ignore[arg-type]
+        # not an integer: bad_type, as the Python client says
+        (ClipCov(seed=True), "objective.clip_cov.seed bad_type"),
+        (ClipCov(seed=1.5), "objective.clip_cov.seed bad_type"),  # type: ignore[arg-type]
     ],
     ids=lambda x: x if isinstance(x, str) else repr(x).split("(")[1].split(",")[0],
 )
 def test_cov_objectives_validation(obj, field: str) -> None:
     b = simple_batch([3, 2], advantages=torch.tensor([1.0, -1.0]))
-    assert reasons(b, LossConfig(objective=obj)) == {(field, "out_of_range", None)}
+    field, _, code = field.partition(" ")
+    assert reasons(b, LossConfig(objective=obj)) == {(field, code or "out_of_range", None)}
 
 
 def test_clip_cov_leaves_out_the_tokens_grpo_s_clip_of_the_clamped_ratio_clips() -> None:
@@ -2245,3 +2250,65 @@ def test_clip_cov_leaves_out_the_tokens_grpo_s_clip_of_the_clamped_ratio_clips()
     res = E.loss(b, LossConfig(objective=obj, log_ratio_clamp=0.1))
     assert torch.equal(res.clip_mask, mask) and res.loss == 0.0 and not res.grad.any()
     assert res.metrics["clip_fraction"] == 1.0
+
+
+def test_clip_cov_s_sampled_gate_reads_its_draw() -> None:
+    """A sampled call (ratio and gate for every stride-th token, as a server asks) reads the
+    draw at those tokens: a drawn token shows gate 0 there too (a review: the sample's own
+    policy pass could ignore the selection and no test noticed)."""
+    batch = random_batch(3, max_seqs=30, max_len=40, advantages="token")
+    obj = ClipCov(fraction=0.2, cov_low=-5.0, cov_high=5.0, seed=3)
+    whole = E.loss(batch, LossConfig(objective=obj))
+    n = whole.grad.numel()
+    s = E.loss(batch, LossConfig(objective=obj), sample_tokens=n // 4)
+    k = s.sample_stride
+    assert k > 1 and torch.equal(s.grad, whole.grad)
+    assert torch.equal(s.gate_weight, whole.gate_weight[::k]) and torch.equal(s.ratio, whole.ratio[::k])
+    drawn = whole.clip_mask & ~E.loss(batch, LossConfig(objective=Grpo())).clip_mask
+    assert bool(drawn[::k].any())  # (the sample holds drawn tokens)
+
+
+@pytest.mark.parametrize(
+    "obj", [ClipCov(fraction=0.2, cov_low=-5.0, cov_high=5.0, seed=9), KlCov(fraction=0.2, coef=0.5)]
+)
+def test_cov_objectives_gate_and_clip_metrics_read_their_outputs(obj) -> None:
+    """The gate means, saturations and clip shares are those of the per-token outputs (clip_cov's
+    drawn tokens at gate 0, kl_cov's gate 1 everywhere), by A's sign; clip_fraction counts
+    every clipped token, an A = 0 one too (a review: clip_cov counted as clip-less passed)."""
+    batch = random_batch(21, max_seqs=20, max_len=30, advantages="token")
+    batch.advantages[::7] = 0.0  # (some A = 0 tokens, which either may select)
+    res = E.loss(batch, LossConfig(objective=obj))
+    m, a, gate, clip = res.mask, res.advantages, res.gate_weight.double(), res.clip_mask
+    pos, neg = m & (a > 0), m & (a < 0)
+    mx = res.metrics
+    assert int(clip.sum()) > 0 and mx["clip_fraction"] == pytest.approx(int(clip.sum()) / int(m.sum()))
+    for side, sel, name in ((pos, "pos", "clip_high"), (neg, "neg", "clip_low")):
+        assert mx[f"gate_mean_{sel}"] == pytest.approx(float(gate[side].mean()), rel=1e-12)
+        assert mx[f"gate_saturation_{sel}"] == pytest.approx(float((gate[side] < 0.5).double().mean()))
+        assert mx[name] == pytest.approx(int((clip & side).sum()) / int(side.sum()))
+    if isinstance(obj, KlCov):
+        assert bool((gate[m] == 1).all()) and mx["gate_saturation_pos"] == mx["gate_saturation_neg"] == 0
+    else:
+        assert bool((gate[clip] == 0).all())
+
+
+def test_clip_cov_s_origin_clip_is_strict() -> None:
+    """verl's clip_by_origin is pg_losses2 > pg_losses1, strict: on policy (r = 1 exactly) with
+    eps 0, no token is clipped, and every one may be drawn (a `>=` survived the tests)."""
+    logp = torch.tensor([-1.0, -3.0, -0.5, -2.5], dtype=F64)
+    adv = torch.tensor([1.0, -1.0, 2.0, -2.0], dtype=F64)
+    obj = ClipCov(eps_low=0.0, eps_high=0.0, fraction=0.5, cov_low=-10.0, cov_high=10.0, seed=1)
+    b = _token_batch(logp, logp.clone(), adv)
+    assert int(E.loss(b, LossConfig(objective=Grpo(eps_low=0.0, eps_high=0.0))).clip_mask.sum()) == 0
+    res = E.loss(b, LossConfig(objective=obj))
+    assert res.clip_mask.tolist() == [False, False, True, True]  # the 2 largest splitmix64(1, t)
+
+
+def test_cov_selection_centres_values_whose_differences_overflow() -> None:
+    """float64 advantages of +-1e308: x - c overflows, so the covariances are centred on
+    x / max |x| and scaled back; token 3's is the largest (1.375e308). Centred as 0 (a review's
+    mutant), every covariance ties and token 0 would be picked."""
+    logp = torch.tensor([-1.0, -0.5, -2.0, -3.0], dtype=F64)
+    adv = torch.tensor([1e308, -1e308, 1e308, -1e308], dtype=F64)
+    res = E.loss(_token_batch(logp, logp - 0.01, adv), LossConfig(objective=KlCov(fraction=0.25, coef=0.0)))
+    assert res.clip_mask.tolist() == [False, False, False, True]

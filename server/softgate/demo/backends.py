@@ -85,9 +85,12 @@ class GrpcBackend:
         from softgate_client import SoftgateClient
 
         self.client = SoftgateClient(target, run="softgate-demo", **client_options)
+        self.calls: dict[str, int] = {}  # loss calls per run (clip_cov's seed: RunSpec.call_params)
 
     def loss(self, spec, *, logp, old_logp, mask, rewards, group_ids):
         from softgate_client.torch import softgate_loss
+
+        call = self.calls[spec.key] = self.calls.get(spec.key, -1) + 1
 
         loss, result = softgate_loss(
             logp,
@@ -98,7 +101,7 @@ class GrpcBackend:
             group_ids=group_ids,
             objective=spec.objective,
             return_result=True,
-            **spec.params,
+            **spec.call_params(call),
         )
         return loss, curve_metrics(spec.objective, dict(result.metrics))
 
@@ -115,10 +118,12 @@ class EngineBackend:
         from softgate.engine import Engine
 
         self.engine = Engine(device="cpu", compile=False)
+        self.calls: dict[str, int] = {}  # loss calls per run (clip_cov's seed: RunSpec.call_params)
 
     def loss(self, spec, *, logp, old_logp, mask, rewards, group_ids):
         from softgate.engine import OBJECTIVES, Batch, LossConfig
 
+        call = self.calls[spec.key] = self.calls.get(spec.key, -1) + 1
         mask = mask.bool()
         lengths = mask.sum(dim=1)
         batch = Batch(
@@ -128,7 +133,7 @@ class EngineBackend:
             rewards=rewards,
             group_ids=group_ids.to(torch.int64),
         )
-        config = LossConfig(objective=OBJECTIVES[spec.objective](**spec.params))
+        config = LossConfig(objective=OBJECTIVES[spec.objective](**spec.call_params(call)))
         result = self.engine.loss(batch, config)
         grad = torch.zeros_like(logp)
         grad[mask] = result.grad.to(device=logp.device, dtype=logp.dtype)

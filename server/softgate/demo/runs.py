@@ -49,7 +49,18 @@ class RunSpec:
             parts += [f"{tau[0]}{p.pop('tau_pos'):g}", f"{tau[1]}{p.pop('tau_neg'):g}"]
         if "eps_low" in p and "eps_high" in p:
             parts += [f"{eps[0]}{p.pop('eps_low'):g}{eps[1]}{p.pop('eps_high'):g}"]
-        return parts + [f"{k}{sep}{v:g}" for k, v in sorted(p.items())]
+        # (an integer as it is: a seed of 12345678 read 1.23457e+07, as 12345679 did)
+        return parts + [
+            f"{k}{sep}{v if isinstance(v, int) else format(v, 'g')}" for k, v in sorted(p.items())
+        ]
+
+    def call_params(self, call: int) -> dict[str, float]:
+        """The parameters of the run's `call`-th loss call (from 0): clip_cov's seed advanced by
+        the call, a new draw each call (the same seed would drop the same positions of every
+        batch of one layout)."""
+        if self.objective != "clip_cov":
+            return self.params
+        return {**self.params, "seed": (int(self.params.get("seed", 0)) + call) % 2**64}
 
     @property
     def label(self) -> str:

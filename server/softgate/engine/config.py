@@ -152,9 +152,9 @@ class DppoKl:
 
 @dataclass(frozen=True)
 class ClipCov:
-    """Clip-Cov: GRPO's clip, and no gradient for a seeded random `fraction` of the trained
-    tokens (at least one) among those the clip left alone whose covariance
-    (A - mean A)(logp - mean logp) lies in (cov_low, cov_high)."""
+    """Clip-Cov: GRPO's clip, and no gradient for max(1, floor(fraction n)) of the n trained
+    tokens (all of them when fewer qualify), drawn at random by `seed` among those the clip left
+    alone whose covariance (A - mean A)(logp - mean logp) lies in (cov_low, cov_high)."""
 
     eps_low: float = 0.2
     eps_high: float = 0.2
@@ -170,8 +170,8 @@ class ClipCov:
 
 @dataclass(frozen=True)
 class KlCov:
-    """KL-Cov: l = -r A, plus coef |logp - old| on the `fraction` of the trained tokens (at
-    least one) of largest covariance (A - mean A)(logp - mean logp)."""
+    """KL-Cov: l = -r A, plus coef |logp - old| on the max(1, floor(fraction n)) of the n
+    trained tokens of largest covariance (A - mean A)(logp - mean logp)."""
 
     fraction: float = 2e-4
     coef: float = 0.1

@@ -45,9 +45,10 @@ def covariance_selection(
     k = max(1, int(obj.fraction * n))
     first = 0 if every else int(torch.argmax(m.view(torch.uint8)))
     cov = _centred(a, m, n, first, every) * _centred(logp, m, n, first, every)
-    cov = torch.nan_to_num(cov, nan=0.0)  # (an infinity times an exact 0)
+    if logp.dtype == F64 or a.dtype == F64:  # (float32 values' products are finite in float64)
+        cov = torch.nan_to_num(cov, nan=0.0)  # an infinity times an exact 0
     if isinstance(obj, KlCov):
-        return top_k(cov, m, k).view(torch.uint8)
+        return top_k(cov, m, k, n).view(torch.uint8)
     d = torch.where(m, logp - old, 0.0).clamp(-prm["clamp"], prm["clamp"])
     ratio = torch.exp(d)
     clipped = ((a > 0) & (ratio > prm["hi"])) | ((a < 0) & (ratio < prm["lo"]))
@@ -55,14 +56,14 @@ def covariance_selection(
     count = int(eligible.sum())
     if count <= k:  # every one of them: no draw
         return eligible.view(torch.uint8)
-    if count * 8 < eligible.numel():  # a few: keys for those alone
+    if count * 2 < eligible.numel():  # keys for those alone (hashing costs more than nonzero)
         idx = torch.nonzero(eligible).squeeze(1)
         keys = uniform_keys(obj.seed, idx, logp.device)
         sel = torch.zeros_like(eligible)
-        sel[idx[top_k(keys, torch.ones_like(idx, dtype=torch.bool), k)]] = True
+        sel[idx[top_k(keys, torch.ones_like(idx, dtype=torch.bool), k, count)]] = True
         return sel.view(torch.uint8)
     keys = uniform_keys(obj.seed, torch.arange(logp.numel(), device=logp.device), logp.device)
-    return top_k(keys, eligible, k).view(torch.uint8)
+    return top_k(keys, eligible, k, count).view(torch.uint8)
 
 
 def _centred(x: Tensor, m: Tensor, n: int, first: int, every: bool) -> Tensor:
@@ -81,15 +82,16 @@ def _centred(x: Tensor, m: Tensor, n: int, first: int, every: bool) -> Tensor:
     return scale * _centred(x / scale, m, n, first, every)
 
 
-def top_k(key: Tensor, eligible: Tensor, k: int) -> Tensor:
+def top_k(key: Tensor, eligible: Tensor, k: int, count: int | None = None) -> Tensor:
     """bool [N]: the k eligible entries of largest `key` (all of them when fewer), ties to the
-    lower index."""
-    count = int(eligible.sum())
+    lower index; `count`: the eligible entries, when the caller knows it."""
+    count = int(eligible.sum()) if count is None else count
     if k >= count:
         return eligible.clone()
-    # the others at the lowest key (an eligible one there too: `tie` below tells them apart)
-    low = -float("inf") if key.dtype.is_floating_point else INT64_MIN
-    key = torch.where(eligible, key, torch.full_like(key, low))
+    if count < key.numel():
+        # the others at the lowest key (an eligible one there too: `tie` below tells them apart)
+        low = -float("inf") if key.dtype.is_floating_point else INT64_MIN
+        key = torch.where(eligible, key, torch.full_like(key, low))
     vals, idx = torch.topk(key, k + 1)
     sel = torch.zeros_like(eligible)
     if bool(vals[k] < vals[k - 1]):  # no tie across the k-th: these k, whatever topk's order

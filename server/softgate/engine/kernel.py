@@ -13,13 +13,14 @@ float64 vector (one host sync).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
 from torch import Tensor
 
 from softgate.engine.buckets import bucket_codes, bucket_edges
-from softgate.engine.config import LossConfig
+from softgate.engine.config import ClipCov, LossConfig
 from softgate.engine.errors import FieldViolation, InputError
 from softgate.engine.kl import kl_terms
 from softgate.engine.mismatch import mismatch_weights
@@ -96,6 +97,9 @@ def kernel_params(config: LossConfig, dtype: torch.dtype, device: torch.device) 
     cache served a kernel compiled for one clamp to a process using another). Shared, read-only
     tensors per configuration. Raises InputError (`out_of_range`, naming the field) for a
     number `dtype` cannot hold (`unrepresentable`)."""
+    obj = config.objective
+    if isinstance(obj, ClipCov) and obj.seed:  # (not read here: a new seed each call, no new entry)
+        config = dataclasses.replace(config, objective=dataclasses.replace(obj, seed=0))
     try:
         return _kernel_params(config, dtype, device)
     except TypeError:  # an unhashable configuration (not expected after validation)

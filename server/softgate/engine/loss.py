@@ -9,8 +9,9 @@ never changes a result.
 The work is split in two: per-sequence preparation (segment ids, counts, advantages, the
 sequence-level ratio and mismatch weight, aggregation weights, and every metric term that
 follows from per-sequence values, e.g. token counts and advantage sums when advantages are per
-sequence; eager) and `kernel.token_terms`, one pure function over the N tokens that returns
-every per-token output and the remaining token sums. `Engine(compile=True)` runs
+sequence; eager; for clip_cov and kl_cov also their token selection, a few host-side passes
+over the tokens: covariance.py) and `kernel.token_terms`, one pure function over the N tokens
+that returns every per-token output and the remaining token sums. `Engine(compile=True)` runs
 `token_terms` through torch.compile (one fused loop); eager and compiled runs execute the same
 code. Float32 token sums are accumulated in float32 (cascade summation); per-sequence terms
 in float64.

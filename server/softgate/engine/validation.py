@@ -159,8 +159,10 @@ def _cov_window(obj: ClipCov, p: str, v: list[FieldViolation]) -> None:
     if _num_ok(obj.cov_low) and _num_ok(obj.cov_high) and not obj.cov_low < obj.cov_high:
         v.append(FieldViolation(f"{p}.cov_high", f"out_of_range: {obj.cov_high!r} must be > cov_low"))
     seed = obj.seed
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
-        v.append(FieldViolation(f"{p}.seed", f"out_of_range: {seed!r} must be an integer in [0, 2^64)"))
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        v.append(FieldViolation(f"{p}.seed", f"bad_type: {seed!r} is not an integer"))
+    elif not 0 <= seed < 2**64:
+        v.append(FieldViolation(f"{p}.seed", f"out_of_range: {seed!r} must be in [0, 2^64)"))
 
 
 # configuration objects found valid, by id (the server passes the same object for the same
