@@ -2290,6 +2290,9 @@ def test_cov_objectives_gate_and_clip_metrics_read_their_outputs(obj) -> None:
         assert bool((gate[m] == 1).all()) and mx["gate_saturation_pos"] == mx["gate_saturation_neg"] == 0
     else:
         assert bool((gate[clip] == 0).all())
+        # a drawn A = 0 token has no gradient to drop: not clipped, as cispo's (counting it, the
+        # kernel reduced the clip count in a pass of its own: 5.2 -> 1.9 ms at 1M tokens)
+        assert not bool((clip & m & (a == 0)).any())
 
 
 def test_clip_cov_s_origin_clip_is_strict() -> None:

@@ -555,8 +555,11 @@ def test_clip_cov_seed_travels_as_a_uint64(stub: pb_grpc.LossServiceStub) -> Non
         assert same(array(got.outputs.gradient), want.grad) and same(
             array(got.outputs.clip_mask), want.clip_mask
         )
-        drop = want.clip_mask & ~grpo.clip_mask
+        # the drawn tokens: gate 0 where grpo's clip left the token alone (an A = 0 one too,
+        # which has no gradient to drop and so is not in clip_mask)
+        drop = want.mask & (want.gate_weight == 0) & ~grpo.clip_mask
         assert int(drop.sum()) == max(1, int(0.05 * int(batch.mask.sum())))
+        assert torch.equal(want.clip_mask & ~grpo.clip_mask, drop & (want.advantages != 0))
         drops.append(drop)
     for a, c in itertools.combinations(drops, 2):
         assert not torch.equal(a, c)

@@ -40,8 +40,8 @@ METRIC_NAMES: dict[str, str] = {
     "risen with p - p_old or the binary KL past eps_high; clip_cov: and its drawn tokens; kl_cov: its penalised "
     "tokens); 0 if none or the objective has no clip (sapo, reinforce)",
     "dual_clip": "share of A<0 tokens with ratio > c (grpo dual clip); 0 if none or no dual clip",
-    "clip_fraction": "share of tokens whose trust-region clip is active (clip_mask; clip_cov, kl_cov: and every "
-    "token they select, A = 0 too); 0 if none",
+    "clip_fraction": "share of tokens whose trust-region clip is active (clip_mask; clip_cov: and its drawn "
+    "tokens with A != 0; kl_cov: every token it penalises, A = 0 too); 0 if none",
     "gate_mean_pos": "mean gate weight over A>0 tokens (SAPO 4p(1-p); hard clips 0/1); 1 if none",
     "gate_mean_neg": "mean gate weight over A<0 tokens; 1 if none",
     "gate_saturation_pos": "share of A>0 tokens whose gate weight < saturation_threshold; 0 if none",

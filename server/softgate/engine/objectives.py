@@ -21,8 +21,10 @@ clip_cov and kl_cov read `sel`, the tokens the host's covariance selection picke
 gradient 0 (gate 0, clipped); kl_cov is reinforce's -A r with coef |logp - old| added on the
 selected tokens (gradient + coef sign(logp - old), the log-ratio unclamped): its gate is 1
 (the policy term is not scaled; the penalty is added), so its grad_retained can pass 1. Both
-count the selected tokens as clipped, on A's side (`clip_low` A < 0, `clip_high` A > 0), and
-every one of them in `clip`, an A = 0 token too.
+count the selected tokens as clipped, on A's side (`clip_low` A < 0, `clip_high` A > 0);
+kl_cov every one of them in `clip`, an A = 0 token too (its penalty still acts), clip_cov not
+a drawn A = 0 token (no gradient to drop, as cispo's; counting it, inductor reduced the count
+in a pass of its own: its kernel 5.2 -> 1.9 ms at 1M tokens).
 
 `grad_free` is the gradient of the same algorithm with the trust region removed (nothing
 clipped, gate weight 1): -A d rho / d logp, and -A r for cispo and on gppo's clipped tokens
@@ -218,7 +220,8 @@ def policy_terms(
             torch.where(sel, zero, grad),
             torch.where(sel, zero, gate),
         )
-        clip, low, high = clip | sel, low | (sel & (a < 0)), high | (sel & (a > 0))
+        low, high = low | (sel & (a < 0)), high | (sel & (a > 0))
+        clip = clip | low | high
     return PolicyTerms(loss, grad, free, gate, clip, low, high, dual)
 
 
