@@ -10,7 +10,9 @@ k = max(1, floor(fraction n)) of the n trained tokens (fewer when fewer qualify)
   covariance lies in (cov_low, cov_high).
 The draw gives every token the key splitmix64(seed, index) and takes the largest keys. Ties go
 to the lower index. The same batch and seed select the same tokens on every run, unary or
-streamed (a stream is selected over its whole batch).
+streamed (a stream is selected over its whole batch). The keys are the same on every device;
+the covariances are float64 sums whose order a device picks, so a covariance within rounding
+of a tie or of the window's ends may fall the other way on another device.
 
 The selection is one pass of host-side torch over the batch (no compiled kernel): the means,
 a top-k, and for ties a cumulative sum. The means and covariances are in float64.
