@@ -172,7 +172,7 @@ def derived_terms(s: dict[str, float], kind: str, kl: bool, mismatch: bool) -> d
             low = high = 0.0
         out["gate_pos"], out["gate_neg"] = npos - high, nneg - low  # gate 1 unclipped, 0 clipped
         out["sat_pos"], out["sat_neg"] = high, low  # 0 < threshold <= 1
-        out.setdefault("clip", high + low)  # (the cov kinds count theirs)
+        out.setdefault("clip", high + low)  # (kl_cov counts its own: A = 0 tokens too)
     elif kind in ("gppo", *DPPO_KINDS):  # a clip on A's own side only
         out["clip"] = s["clip_low"] + s["clip_high"]
     elif kind == "sapo":

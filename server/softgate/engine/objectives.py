@@ -18,7 +18,7 @@ KL of Bernoulli(p_old) to Bernoulli(p) (dppo_kl) past the sign's bound, eps_high
 
 clip_cov and kl_cov read `sel`, the tokens the host's covariance selection picked
 (covariance.py). clip_cov is grpo's clip (no dual clip) with the selected tokens' loss and
-gradient 0 (gate 0, clipped); kl_cov is reinforce's -A r with coef |logp - old| added on the
+gradient 0 (gate 0; clipped where A != 0); kl_cov is reinforce's -A r with coef |logp - old| added on the
 selected tokens (gradient + coef sign(logp - old), the log-ratio unclamped): its gate is 1
 (the policy term is not scaled; the penalty is added), so its grad_retained can pass 1. Both
 count the selected tokens as clipped, on A's side (`clip_low` A < 0, `clip_high` A > 0);

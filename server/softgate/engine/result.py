@@ -44,8 +44,8 @@ class LossResult:
     # added, not a scaling); 0 on masked tokens
     gate_weight: Tensor
     # [N] bool, True where the trust region's clip is active (gradient removed, dppo's dropped
-    # and clip_cov's drawn tokens too, or for gppo / cispo replaced by the bound's; kl_cov's
-    # penalised tokens); False on masked tokens
+    # and clip_cov's drawn tokens with A != 0 too, or for gppo / cispo replaced by the bound's;
+    # kl_cov's penalised tokens, any A); False on masked tokens
     clip_mask: Tensor
     mask: Tensor  # [N] bool, the loss mask as given (no mask given: a read-only broadcast True)
     metrics: dict[str, float] = field(default_factory=dict)
