@@ -70,7 +70,7 @@ def kernel_layout(
         counts += ["clip_low", "clip_high"]
     if dual:
         counts.append("dual")
-    if kind in ("cispo", "kl_cov"):  # a clip whatever the sign of A (cov: A = 0 too)
+    if kind in ("cispo", "kl_cov"):  # a clip whatever the sign of A (kl_cov: A = 0 too)
         counts.append("clip")
     if adv_per_token:
         sums += ["a_sum", "a_sq"]

@@ -203,10 +203,11 @@ def _compute_loss(
         assert batch.ref_logp is not None
         t["ref"] = _cast(batch.ref_logp, dt)
 
+    prm = kernel_params(config, dt, dev)
     if isinstance(obj, (ClipCov, KlCov)):  # the tokens they clip or penalise (covariance.py)
         a_tok = t["adv"] if adv_per_token else seg.expand(t["adv"])
         mask = None if batch.mask is None else m
-        t["sel"] = covariance_selection(obj, logp, old, a_tok, mask, kernel_params(config, dt, dev))
+        t["sel"] = covariance_selection(obj, logp, old, a_tok, mask, prm)
 
     # what is per sequence reaches the tokens: advantages, the weight, GSPO's ratio, a
     # sequence-level mismatch weight (token_terms reads nothing per sequence otherwise)
@@ -235,7 +236,6 @@ def _compute_loss(
             f"{grad_out.dtype} on {grad_out.device}"
         )
     t["grad_out"] = grad_out
-    prm = kernel_params(config, dt, dev)
     stride = 1
     if sample_tokens is not None and dev.type == "cpu" and n > sample_tokens:
         stride = -(-n // max(sample_tokens, 2))
