@@ -17,7 +17,14 @@ import torch
 from softgate.engine import METRIC_NAMES, Batch, LossConfig
 from torch import Tensor
 
-EPS_DEFAULT_SCALE = {"grpo": "group", "dr_grpo": "none", "rloo": "none", "reinforce_pp_baseline": "none"}
+EPS_DEFAULT_SCALE = {
+    "grpo": "group",
+    "dr_grpo": "none",
+    "rloo": "none",
+    "reinforce_pp_baseline": "none",
+    "opo": "none",
+    "gpg": "none",
+}
 
 
 def reference_advantages(
@@ -32,6 +39,9 @@ def reference_advantages(
     n_degenerate = 0
     scale = cfg.scale or EPS_DEFAULT_SCALE[cfg.estimator]
     batch_std = statistics.stdev(rewards) if len(rewards) > 1 else 0.0
+    weights = token_counts if token_counts is not None else [1] * len(rewards)
+    # gpg: B / the rewards that are not 0
+    alpha = len(rewards) / max(1, sum(1 for x in rewards if x != 0))
     for idx in members.values():
         rs = [rewards[i] for i in idx]
         n = len(rs)
@@ -42,10 +52,17 @@ def reference_advantages(
             for i in idx:
                 degenerate_seq[i] = True
             continue
+        # opo: the mean weighted by trained tokens (the plain mean where they sum to 0)
+        ws = [weights[i] for i in idx]
+        baseline = math.fsum(w * x for w, x in zip(ws, rs, strict=True)) / sum(ws) if sum(ws) > 0 else mean
         for i in idx:
             a = rewards[i] - mean
             if cfg.estimator == "rloo":
                 a = a * n / (n - 1)
+            elif cfg.estimator == "opo":
+                a = rewards[i] - baseline
+            elif cfg.estimator == "gpg":
+                a = a * alpha
             if scale == "group":
                 a = a / (std + cfg.eps)
             elif scale == "batch":
@@ -53,9 +70,8 @@ def reference_advantages(
             adv[i] = a
     if cfg.estimator == "reinforce_pp_baseline":
         # whiten over all trained tokens of the batch (degenerate members count with value 0)
-        counts = token_counts if token_counts is not None else [1] * len(rewards)
         vals: list[float] = []
-        for i, c in enumerate(counts):
+        for i, c in enumerate(weights):
             vals += [adv[i]] * c
         if len(vals) > 0:
             # the mean shifted by the first value, as the engine computes it: equal values give

@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import needs_compile
 from softgate.engine import (
+    ESTIMATORS,
     METRIC_NAMES,
     AdvantageConfig,
     AggregationConfig,
@@ -296,7 +297,7 @@ def test_singleton_and_equal_groups_are_degenerate():
     assert res2.metrics["degenerate_group_frac"] == 1.0 and torch.all(res2.advantages == 0)
 
 
-@pytest.mark.parametrize("est", ["grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"])
+@pytest.mark.parametrize("est", ESTIMATORS)
 @pytest.mark.parametrize("scale", [None, "group", "batch"])
 def test_eps_0_gives_finite_advantages(est, scale):
     """eps=0 is accepted: a zero denominator (an equal group, a batch of one weighted value)
@@ -334,7 +335,7 @@ def test_reinforce_pp_baseline_without_spread_whitens_untrained_sequences_to_0(m
     assert 0 < float(a.abs().max()) < 10  # with spread, the untrained sequence is whitened too
 
 
-@pytest.mark.parametrize("est", ["grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"])
+@pytest.mark.parametrize("est", ESTIMATORS)
 def test_estimators(est):
     r = torch.tensor([1.0, 0.0, 0.0, 2.0, 4.0], dtype=F64)
     g = torch.tensor([0, 0, 0, 1, 1])
@@ -350,12 +351,64 @@ def test_estimators(est):
         torch.testing.assert_close(a, torch.tensor([2 / 3, -1 / 3, -1 / 3, -1.0, 1.0], dtype=F64))
     elif est == "rloo":
         torch.testing.assert_close(a, torch.tensor([1.0, -0.5, -0.5, -2.0, 2.0], dtype=F64))
+    elif est == "opo":  # every sequence weighs 1 without token counts: dr_grpo's
+        torch.testing.assert_close(a, torch.tensor([2 / 3, -1 / 3, -1 / 3, -1.0, 1.0], dtype=F64))
+    elif est == "gpg":  # dr_grpo's times B / #(R != 0) = 5 / 3
+        torch.testing.assert_close(a, torch.tensor([10 / 9, -5 / 9, -5 / 9, -5 / 3, 5 / 3], dtype=F64))
     else:
         assert abs(float(a.mean())) < 1e-12 and float(a.std()) == pytest.approx(1.0, rel=1e-5)
     batch_scaled = E.advantages(r, g, AdvantageConfig(estimator="dr_grpo", scale="batch")).advantages
     torch.testing.assert_close(
         batch_scaled, (r - torch.tensor([1 / 3] * 3 + [3.0] * 2, dtype=F64)) / (r.std() + 1e-6)
     )
+
+
+def _verl_opo_and_gpg(
+    scores: list[float], lengths: list[int], index: list[int]
+) -> tuple[list[float], list[float]]:
+    """verl's compute_opo_outcome_advantage and compute_gpg_outcome_advantage (f_norm 1), their
+    loops written out over floats."""
+    groups: dict[int, list[int]] = {}
+    for i, g in enumerate(index):
+        groups.setdefault(g, []).append(i)
+    opo, gpg = list(scores), list(scores)
+    alpha = len(scores) / max(1, sum(1 for x in scores if x != 0))
+    for idx in groups.values():
+        if len(idx) == 1:
+            bsl = mean = 0.0
+        else:
+            bsl = sum(lengths[i] * scores[i] for i in idx) / sum(lengths[i] for i in idx)
+            mean = sum(scores[i] for i in idx) / len(idx)
+        for i in idx:
+            opo[i] = scores[i] - bsl
+            gpg[i] = alpha * (scores[i] - mean)
+    return opo, gpg
+
+
+def test_opo_and_gpg_are_verls():
+    """OPO (R minus the group's length-weighted mean) and GPG (B / #(R != 0) times R minus the
+    group mean) against verl's loops, through `loss` (the weights: each sequence's trained
+    tokens) and `advantages` (token_counts). A group of one gets 0 here, as every estimator's
+    does; verl gives it R (opo) or alpha R (gpg)."""
+    gen = torch.Generator().manual_seed(5)
+    lengths = torch.randint(1, 9, (13,), generator=gen)
+    rewards = torch.randint(0, 3, (13,), generator=gen).to(F64) / 2  # some 0, some groups all equal
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 3, 4])  # 3 and 4 alone
+    b = Batch(
+        logp=-torch.rand(int(lengths.sum()), generator=gen, dtype=F64),
+        offsets=Batch.offsets_from_lengths(lengths),
+        rewards=rewards,
+        group_ids=groups,
+    )
+    opo, gpg = _verl_opo_and_gpg(rewards.tolist(), lengths.tolist(), groups.tolist())
+    for est, want in (("opo", opo), ("gpg", gpg)):
+        cfg = AdvantageConfig(estimator=est)
+        got = E.advantages(rewards, groups, cfg, token_counts=lengths).advantages
+        assert got[:11].tolist() == pytest.approx(want[:11], rel=1e-12, abs=1e-12)
+        assert got[11:].tolist() == [0.0, 0.0] and want[11:] != [0.0, 0.0]
+        per_token = E.loss(b, LossConfig(advantages=cfg)).advantages
+        assert torch.equal(per_token, got.repeat_interleave(lengths))
+    assert any(x != y for x, y in zip(opo[:11], gpg[:11], strict=True))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
@@ -387,8 +440,13 @@ def test_advantages_with_token_counts_equal_the_loss_whitening(dtype):
     assert torch.equal(counted.repeat_interleave(lengths), per_token)
     unweighted = E.advantages(rewards, groups, cfg).advantages
     assert not torch.equal(unweighted.repeat_interleave(lengths), per_token)  # (what the test guards)
+    # ... and opo's baseline weighs them: the same agreement
+    opo = AdvantageConfig(estimator="opo")
+    weighted = E.advantages(rewards, groups, opo, token_counts=counts).advantages
+    assert torch.equal(weighted.repeat_interleave(lengths), E.loss(b, LossConfig(advantages=opo)).advantages)
+    assert not torch.equal(weighted, E.advantages(rewards, groups, opo).advantages)
     # the other estimators do not read them
-    for est in ("grpo", "dr_grpo", "rloo"):
+    for est in ("grpo", "dr_grpo", "rloo", "gpg"):
         c = AdvantageConfig(estimator=est)
         assert torch.equal(
             E.advantages(rewards, groups, c, counts).advantages, E.advantages(rewards, groups, c).advantages

@@ -13,7 +13,7 @@ import torch
 from conftest import needs_compile
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from softgate.engine import AdvantageConfig, Engine
+from softgate.engine import ESTIMATORS, AdvantageConfig, Engine
 
 try:
     from tests.reference_loss import (
@@ -113,7 +113,7 @@ def test_truncate_with_a_floor(objective, level):
     mismatch=st.sampled_from(MISMATCH_OPTIONS),
     variant=st.integers(0, 2),
     advantages=st.sampled_from(["rewards", "sequence", "token"]),
-    estimator=st.sampled_from(["grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"]),
+    estimator=st.sampled_from(ESTIMATORS),
     scale=st.sampled_from([None, "group", "batch", "none"]),
     clamp=st.sampled_from([20.0, 3.0]),
     big_deltas=st.booleans(),

@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 from softgate.engine import (
+    ESTIMATORS,
     AdvantageConfig,
     AggregationConfig,
     Batch,
@@ -87,7 +88,7 @@ def test_to_floats_never_turns_a_non_finite_loss_into_0(key: str, value: float) 
 
 
 @pytest.mark.parametrize("scale", ["group", "batch"])
-@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"])
+@pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_non_finite_advantages_are_refused_by_every_estimator(estimator: str, scale: str) -> None:
     """With eps = 0 a reward spread whose squares underflow divides by a std of 0: inf.
     reinforce_pp_baseline's whitening turned those into 0 for every sequence (loss 0, no

@@ -31,6 +31,7 @@ from softgate.engine import (
     AdvantageConfig,
     AggregationConfig,
     Batch,
+    Cispo,
     ClipCov,
     Engine,
     Grpo,
@@ -179,6 +180,19 @@ CONFIGS: dict[str, tuple[LossConfig, pb.LossConfig]] = {
         pb.LossConfig(
             objective=pb.Objective(kl_cov=pb.KlCovParams(fraction=0.1, coef=0.5)),
             kl=pb.KlConfig(estimator=pb.KL_ESTIMATOR_K3, beta=0.01),
+        ),
+    ),
+    "grpo-opo": (
+        LossConfig(advantages=AdvantageConfig(estimator="opo")),
+        pb.LossConfig(advantages=pb.AdvantageConfig(estimator=pb.ADVANTAGE_ESTIMATOR_OPO)),
+    ),
+    "cispo-gpg-group-scale": (
+        LossConfig(objective=Cispo(), advantages=AdvantageConfig(estimator="gpg", scale="group")),
+        pb.LossConfig(
+            objective=pb.Objective(cispo=pb.CispoParams()),
+            advantages=pb.AdvantageConfig(
+                estimator=pb.ADVANTAGE_ESTIMATOR_GPG, scale=pb.ADVANTAGE_SCALE_GROUP
+            ),
         ),
     ),
 }
@@ -357,7 +371,14 @@ def test_list_algorithms(stub: pb_grpc.LossServiceStub) -> None:
     assert sapo["tau_pos"].default_value == 1.0 and sapo["tau_neg"].default_value == 1.05
     grpo = {p.name: p for p in next(o for o in r.objectives if o.name == "grpo").parameters}
     assert not grpo["dual_clip"].HasField("default_value")
-    assert {e.name for e in r.advantage_estimators} == {"grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"}
+    assert {e.name for e in r.advantage_estimators} == {
+        "grpo",
+        "dr_grpo",
+        "rloo",
+        "reinforce_pp_baseline",
+        "opo",
+        "gpg",
+    }
     assert {a.name for a in r.aggregations} == {
         "token_mean",
         "seq_mean_token_mean",

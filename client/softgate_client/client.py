@@ -763,7 +763,7 @@ class SoftgateClient:
     ) -> AdvantagesResult:
         """Per-sequence advantages from per-sequence rewards and group ids. `token_counts`
         ([B] integers, each sequence's trained tokens): reinforce_pp_baseline's whitening
-        weights, as `loss` weighs the sequences, so that micro-batches sent with these
+        weights and opo's baseline weights, as `loss` weighs the sequences, so that micro-batches sent with these
         advantages train on `loss`'s own values; None: every sequence weighs 1."""
         self._live()
         if config is not None and not isinstance(config, cfg.AdvantageConfig):

@@ -10,6 +10,7 @@ See docs/engine.md for the contract details (dtype rule, undefined metrics, peer
 
 from softgate.engine.batch import Batch
 from softgate.engine.config import (
+    ESTIMATORS,
     OBJECTIVES,
     AdvantageConfig,
     AggregationConfig,
@@ -37,6 +38,7 @@ from softgate.engine.metrics import METRIC_NAMES
 from softgate.engine.result import AdvantageResult, LossResult
 
 __all__ = [
+    "ESTIMATORS",
     "METRIC_NAMES",
     "OBJECTIVES",
     "AdvantageConfig",

@@ -1,4 +1,5 @@
-"""Outcome-reward advantage estimators over groups (grpo, dr_grpo, rloo, reinforce_pp_baseline).
+"""Outcome-reward advantage estimators over groups (grpo, dr_grpo, rloo, reinforce_pp_baseline,
+opo, gpg).
 
 All group statistics are computed in float64 whatever the reward dtype. Groups are found with
 torch.unique(return_inverse=True) and reduced with index_add_/scatter_reduce, so they need not
@@ -18,7 +19,14 @@ from torch import Tensor
 from softgate.engine.config import AdvantageConfig
 from softgate.engine.segments import segment_sum, use_segment_reduce
 
-DEFAULT_SCALE = {"grpo": "group", "dr_grpo": "none", "rloo": "none", "reinforce_pp_baseline": "none"}
+DEFAULT_SCALE = {
+    "grpo": "group",
+    "dr_grpo": "none",
+    "rloo": "none",
+    "reinforce_pp_baseline": "none",
+    "opo": "none",
+    "gpg": "none",
+}
 
 
 @dataclass
@@ -37,7 +45,8 @@ def group_advantages(
     rewards: Tensor, group_ids: Tensor, cfg: AdvantageConfig, weights: Tensor | None = None
 ) -> GroupAdvantages:
     """Per-sequence advantages. `weights` (per sequence, e.g. trained-token counts) are the
-    whitening weights of reinforce_pp_baseline; None weighs every sequence equally."""
+    whitening weights of reinforce_pp_baseline and opo's baseline weights; None weighs every
+    sequence equally."""
     r = rewards.to(torch.float64)
     b = r.numel()
     uniq, inv, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
@@ -65,6 +74,15 @@ def group_advantages(
     a = dev
     if cfg.estimator == "rloo":
         a = a * (cnt / (cnt - 1).clamp(min=1))[inv]
+    elif cfg.estimator == "opo":
+        # the baseline is the group's mean weighted by trained tokens, mean_g + sum_g w (R - mean_g)
+        # / sum_g w (a group without weight: the plain mean)
+        w = torch.ones_like(r) if weights is None else weights.to(torch.float64)
+        sw = group_sum(w)
+        a = a - torch.where(sw > 0, group_sum(w * dev) / sw.clamp(min=1e-300), 0.0)[inv]
+    elif cfg.estimator == "gpg":
+        # GPG's alpha = B / #(R != 0) over the batch
+        a = a * (b / torch.count_nonzero(r).clamp(min=1).to(torch.float64))
     scale = cfg.scale or DEFAULT_SCALE[cfg.estimator]
     if scale == "group":
         a = a / (std_g[inv] + cfg.eps)

@@ -8,7 +8,7 @@ given as a one-element tensor or a numpy scalar is kept as the Python number it 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 
 def _plain_numbers(config: Any) -> None:
@@ -198,7 +198,8 @@ OBJECTIVES: dict[str, type] = {
 
 # ---------------------------------------------------------------- the other choices
 
-Estimator = Literal["grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"]
+Estimator = Literal["grpo", "dr_grpo", "rloo", "reinforce_pp_baseline", "opo", "gpg"]
+ESTIMATORS: tuple[str, ...] = get_args(Estimator)
 Scale = Literal["group", "batch", "none"]
 AggregationMode = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm"]
 

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from softgate.engine.batch import Batch
 from softgate.engine.config import (
+    ESTIMATORS,
     OBJECTIVES,
     AdvantageConfig,
     AggregationConfig,
@@ -80,7 +81,6 @@ _FLOATS = (torch.float32, torch.float64)
 _HALVES = (torch.float16, torch.bfloat16)
 _INTS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
-_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
 _SCALES = ("group", "batch", "none")
 _AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm")
 _KL_ESTIMATORS = ("k1", "k2", "k3", "k1_st", "k3_st", "k3_is", "abs", "abs_st")
@@ -243,9 +243,9 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
         v.append(FieldViolation("advantages", "unknown_name: not an AdvantageConfig"))
     else:
         need(
-            adv.estimator in _ESTIMATORS,
+            adv.estimator in ESTIMATORS,
             "advantages.estimator",
-            f"unknown_name: {adv.estimator!r}; known: {list(_ESTIMATORS)}",
+            f"unknown_name: {adv.estimator!r}; known: {list(ESTIMATORS)}",
         )
         need(
             adv.scale is None or adv.scale in _SCALES,

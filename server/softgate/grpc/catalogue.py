@@ -56,6 +56,8 @@ ESTIMATOR_HELP = {
     "dr_grpo": "Dr. GRPO: R - group mean, no std division",
     "rloo": "RLOO: n/(n-1) (R - group mean), the leave-one-out baseline",
     "reinforce_pp_baseline": "REINFORCE++ baseline: R - group mean, whitened over the batch's trained tokens",
+    "opo": "OPO: R - the group's mean weighted by each sequence's trained tokens",
+    "gpg": "GPG: B / #(R != 0) x (R - group mean), over the batch's B sequences",
 }
 AGGREGATION_HELP = {
     "token_mean": "sum m l / N_tok",

@@ -662,6 +662,8 @@ _ESTIMATORS = {
     pb.ADVANTAGE_ESTIMATOR_DR_GRPO: "dr_grpo",
     pb.ADVANTAGE_ESTIMATOR_RLOO: "rloo",
     pb.ADVANTAGE_ESTIMATOR_REINFORCE_PP_BASELINE: "reinforce_pp_baseline",
+    pb.ADVANTAGE_ESTIMATOR_OPO: "opo",
+    pb.ADVANTAGE_ESTIMATOR_GPG: "gpg",
 }
 _SCALES = {
     pb.ADVANTAGE_SCALE_GROUP: "group",

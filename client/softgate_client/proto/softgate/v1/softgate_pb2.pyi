@@ -33,6 +33,8 @@ class AdvantageEstimator(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ADVANTAGE_ESTIMATOR_DR_GRPO: _ClassVar[AdvantageEstimator]
     ADVANTAGE_ESTIMATOR_RLOO: _ClassVar[AdvantageEstimator]
     ADVANTAGE_ESTIMATOR_REINFORCE_PP_BASELINE: _ClassVar[AdvantageEstimator]
+    ADVANTAGE_ESTIMATOR_OPO: _ClassVar[AdvantageEstimator]
+    ADVANTAGE_ESTIMATOR_GPG: _ClassVar[AdvantageEstimator]
 
 class AdvantageScale(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -91,6 +93,8 @@ ADVANTAGE_ESTIMATOR_GRPO: AdvantageEstimator
 ADVANTAGE_ESTIMATOR_DR_GRPO: AdvantageEstimator
 ADVANTAGE_ESTIMATOR_RLOO: AdvantageEstimator
 ADVANTAGE_ESTIMATOR_REINFORCE_PP_BASELINE: AdvantageEstimator
+ADVANTAGE_ESTIMATOR_OPO: AdvantageEstimator
+ADVANTAGE_ESTIMATOR_GPG: AdvantageEstimator
 ADVANTAGE_SCALE_UNSPECIFIED: AdvantageScale
 ADVANTAGE_SCALE_GROUP: AdvantageScale
 ADVANTAGE_SCALE_BATCH: AdvantageScale
