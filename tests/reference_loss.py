@@ -105,7 +105,7 @@ class Reference:
 
 def _objective(name: str, obj, r: Tensor, a: Tensor, logp: Tensor) -> Tensor:
     """Per-token policy loss l of SPEC for one sequence's trained tokens."""
-    if name == "sapo":
+    if name in ("sapo", "sapo_seq"):  # (sapo_seq: r is the sequence's ratio)
         tau = torch.where(a > 0, torch.full_like(a, obj.tau_pos), torch.full_like(a, obj.tau_neg))
         p = torch.sigmoid(tau * (r - 1))
         return -(4 / tau) * p * a
@@ -260,7 +260,7 @@ def reference_loss(batch: Batch, config: LossConfig) -> Reference:
         lp = logp[sl][mi]
         o = old[sl][mi] if old is not None else lp.detach()
         a = tok_adv[i][mi]
-        if name in ("gspo", "gspo_token"):
+        if name in SEQUENCE_RATIO:
             logs = torch.clamp((lp.detach() - o).sum() / counts[i], -C, C)
             r = torch.exp(logs) * torch.exp(lp - lp.detach())
         else:
@@ -326,6 +326,10 @@ def reference_loss(batch: Batch, config: LossConfig) -> Reference:
 
 # ---------------------------------------------------------------- random batches and configs
 
+# objectives whose ratio is the sequence's (GSPO's s_i), and those that need one advantage per
+# sequence (per-token advantages are refused)
+SEQUENCE_RATIO = ("gspo", "gspo_token", "sapo_seq")
+PER_SEQUENCE_ADVANTAGES = ("gspo", "gmpo", "sapo_seq")
 OBJECTIVE_NAMES = (
     "sapo",
     "grpo",
@@ -339,6 +343,7 @@ OBJECTIVE_NAMES = (
     "dppo_kl",
     "clip_cov",
     "kl_cov",
+    "sapo_seq",
 )
 AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm")
 KL_OPTIONS = (None, "k1", "k2", "k3", "k3_is")
@@ -434,6 +439,7 @@ def make_config(
         MismatchConfig,
         Reinforce,
         Sapo,
+        SapoSeq,
     )
 
     objs = {
@@ -466,6 +472,7 @@ def make_config(
         ],
         "kl_cov": [KlCov(fraction=0.2), KlCov(fraction=0.05, coef=0.3), KlCov(fraction=1.0, coef=2.0)],
         "reinforce": [Reinforce()],
+        "sapo_seq": [SapoSeq(), SapoSeq(tau_pos=0.5, tau_neg=3.0), SapoSeq(tau_pos=2.0, tau_neg=0.7)],
     }[objective]
     obj = objs[variant % len(objs)]
     aggc = AggregationConfig(
@@ -544,7 +551,7 @@ def near_boundary(batch: Batch, config: LossConfig, tol: float = 1e-7) -> bool:
         if not bool(mi.any()):
             continue
         d = (logp - old)[off[i] : off[i + 1]][mi]
-        if obj.name in ("gspo", "gspo_token"):
+        if obj.name in SEQUENCE_RATIO:
             ls = d.sum() / mi.sum()
             if abs(abs(float(ls)) - C) < tol:
                 return True

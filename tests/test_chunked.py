@@ -14,9 +14,9 @@ from softgate.engine.kernel import kernel_layout, token_terms
 from softgate.engine.loss import compute_loss
 
 try:
-    from tests.reference_loss import OBJECTIVE_NAMES, make_config, random_batch
+    from tests.reference_loss import OBJECTIVE_NAMES, PER_SEQUENCE_ADVANTAGES, make_config, random_batch
 except ImportError:  # tests/ is not a package from this rootdir
-    from reference_loss import OBJECTIVE_NAMES, make_config, random_batch  # type: ignore[no-redef]
+    from reference_loss import OBJECTIVE_NAMES, PER_SEQUENCE_ADVANTAGES, make_config, random_batch  # type: ignore[no-redef]
 
 CONFIGS = [  # (KL, mismatch, advantages)
     (None, None, "rewards"),
@@ -70,7 +70,7 @@ def test_slices_equal_the_whole_kernel(
     path: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    if name in ("gspo", "gmpo") and adv == "token":
+    if name in PER_SEQUENCE_ADVANTAGES and adv == "token":
         adv = "sequence"
     if path == "gpu":
         _gpu_code_path(monkeypatch)

@@ -18,9 +18,9 @@ from softgate.grpc.servicer import LossServicer
 from softgate_client.proto.softgate.v1 import softgate_pb2 as pb
 
 try:
-    from tests.reference_loss import make_config, random_batch
+    from tests.reference_loss import PER_SEQUENCE_ADVANTAGES, make_config, random_batch
 except ImportError:  # tests/ is not a package from this rootdir
-    from reference_loss import make_config, random_batch  # type: ignore[no-redef]
+    from reference_loss import PER_SEQUENCE_ADVANTAGES, make_config, random_batch  # type: ignore[no-redef]
 
 
 def _tensor(a: np.ndarray, dtype: int) -> pb.Tensor:
@@ -136,7 +136,7 @@ def test_aligned_tensors_of_a_large_request_are_read_in_place() -> None:
 def test_the_engine_never_writes_into_a_request(objective: str) -> None:
     # a request's tensors may be its received bytes (above): every input must stay as it came
     for adv, kl, mm in (("rewards", "k3", ("token", "truncate")), ("token", None, ("sequence", "mask"))):
-        if objective in ("gspo", "gmpo") and adv == "token":
+        if objective in PER_SEQUENCE_ADVANTAGES and adv == "token":
             adv = "sequence"
         batch = random_batch(3, max_seqs=9, max_len=17, advantages=adv)
         frozen = {}

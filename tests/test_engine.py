@@ -36,6 +36,7 @@ from softgate.engine import (
     MismatchConfig,
     Reinforce,
     Sapo,
+    SapoSeq,
     transfer,
 )
 from softgate.engine.covariance import top_k, uniform_keys
@@ -46,11 +47,21 @@ from softgate.engine.metrics import to_floats
 from softgate.engine.validation import REASON_CODES
 
 try:
-    from tests.reference_loss import AGG_MODES, OBJECTIVE_NAMES, assert_same_result, make_config, random_batch
+    from tests.reference_loss import (
+        AGG_MODES,
+        OBJECTIVE_NAMES,
+        PER_SEQUENCE_ADVANTAGES,
+        SEQUENCE_RATIO,
+        assert_same_result,
+        make_config,
+        random_batch,
+    )
 except ImportError:  # tests/ is not a package
     from reference_loss import (  # type: ignore[no-redef]
         AGG_MODES,
         OBJECTIVE_NAMES,
+        PER_SEQUENCE_ADVANTAGES,
+        SEQUENCE_RATIO,
         assert_same_result,
         make_config,
         random_batch,
@@ -597,7 +608,7 @@ def test_extreme_log_ratios_are_clamped_and_counted():
         res = E.loss(b, LossConfig(objective=obj, kl=KLConfig(beta=0.1)))
         assert all(math.isfinite(v) for v in res.metrics.values())
         assert torch.isfinite(res.grad).all()
-        if obj.name in ("gspo", "gspo_token"):
+        if obj.name in SEQUENCE_RATIO:
             assert res.metrics["clamped_tokens"] == 0  # mean log-ratio (59 - 79 + 0.1)/4 is inside
         else:
             assert res.metrics["clamped_tokens"] == 2
@@ -1094,6 +1105,8 @@ CODES = 1 << 15  # sample_tokens above the batch's size: ratio and gate whole, w
         # the covariance selection as a kernel input (sel), read in the loop
         (torch.float32, "clip_cov", None, ("token", "truncate"), 20.0, "token_mean", "token", CODES),
         (F64, "kl_cov", "k3", None, 20.0, "seq_mean_token_mean", "rewards", None),
+        # sapo's gate on the sequence ratio
+        (F64, "sapo_seq", "k3", ("token", "truncate"), 20.0, "seq_mean_token_mean", "rewards", CODES),
     ],
 )
 def test_compiled_kernel_matches_eager(dtype, name, kl, mm, clamp, agg, adv, sample, caplog):
@@ -1313,7 +1326,7 @@ def test_the_gpu_code_path_on_the_cpu_gives_the_cpu_results(monkeypatch, name, a
     """The code CUDA runs (sequence ids gathered in the kernel, torch for the layout, weights
     and sums) differs from the CPU's shortcuts; run here on the CPU, it gives their results,
     so the path a GPU takes is tested on every CI run, not only when a GPU is at hand."""
-    if name in ("gspo", "gmpo") and adv == "token":
+    if name in PER_SEQUENCE_ADVANTAGES and adv == "token":
         adv = "sequence"  # (gspo takes one advantage per sequence)
     b = random_batch(11, max_seqs=12, max_len=15, advantages=adv)
     cfg = make_config(name, agg, kl, mm, variant=1)
@@ -1756,6 +1769,80 @@ def test_dppo_kl_reads_the_binary_kl_with_1e_8() -> None:
     )
     assert E.loss(b, LossConfig(objective=DppoKl(eps_low=bound))).clip_mask.tolist() == [False]
     assert E.loss(b, LossConfig(objective=DppoKl(eps_low=kl(1e-8) * (1 - 1e-9)))).clip_mask.tolist() == [True]
+
+
+def _trl_padded(lengths: list[int], seed: int):
+    """A padded [B, T] batch (logp, old, mask with trailing and inner zeros) and its ragged twin."""
+    g = torch.Generator().manual_seed(seed)
+    b, t = len(lengths), max(lengths)
+    logp = -torch.rand(b, t, generator=g, dtype=F64) * 2 - 0.1
+    old = (logp + 0.4 * torch.randn(b, t, generator=g, dtype=F64)).clamp(max=-1e-3)
+    mask = (torch.arange(t) < torch.tensor(lengths)[:, None]) & (torch.rand(b, t, generator=g) < 0.85)
+    mask[:, 0] = True  # every row trains a token (TRL's seq-mean divides by every row)
+    keep = torch.arange(t) < torch.tensor(lengths)[:, None]
+    return logp, old, mask, keep
+
+
+@pytest.mark.parametrize(
+    "agg",
+    ["seq_mean_token_mean", "token_mean", "token_sum_norm"],  # TRL's sapo / grpo, bnpo, dr_grpo
+)
+def test_sapo_seq_is_trls_sequence_level_sapo(agg: str) -> None:
+    """sapo_seq against TRL's loss_type="sapo" with importance_sampling_level="sequence" written
+    out on padded tensors: coef_1 = exp(the masked mean log-ratio), with its gradient through
+    the mean; per_token_loss = -sigmoid(tau (coef_1 - 1)) 4 / tau A on every token of the row;
+    TRL's aggregation of it. Loss and gradient agree (softgate's per-token form, s_i with
+    gradient s_i at each token, has the same gradient with one advantage per sequence)."""
+    lengths = [5, 3, 7, 1, 6]
+    logp, old, mask, keep = _trl_padded(lengths, 11)
+    adv = torch.tensor([1.3, -0.6, 0.4, -1.1, 0.0], dtype=F64)
+    tau_pos, tau_neg = 1.0, 1.05
+    x = logp.clone().requires_grad_(True)
+    m = mask.to(F64)
+    coef_1 = torch.exp(((x - old) * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0))
+    a = adv[:, None]
+    tau = torch.where(a > 0, torch.tensor(tau_pos, dtype=F64), torch.tensor(tau_neg, dtype=F64))
+    per_token_loss = -torch.sigmoid(tau * (coef_1 - 1)) * 4 / tau * a
+    b, t = logp.shape
+    if agg == "seq_mean_token_mean":
+        want = ((per_token_loss * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+    elif agg == "token_mean":
+        want = (per_token_loss * m).sum() / m.sum().clamp(min=1.0)
+    else:
+        want = (per_token_loss * m).sum() / (b * t)
+    (grad,) = torch.autograd.grad(want, x)
+    batch = Batch(
+        logp=logp[keep],
+        offsets=Batch.offsets_from_lengths(torch.tensor(lengths)),
+        old_logp=old[keep],
+        mask=mask[keep],
+        advantages=adv,
+    )
+    cfg = AggregationConfig(mode=agg, constant=float(b * t) if agg == "token_sum_norm" else None)
+    res = E.loss(batch, LossConfig(objective=SapoSeq(tau_pos=tau_pos, tau_neg=tau_neg), aggregation=cfg))
+    assert res.loss == pytest.approx(float(want.detach()), rel=1e-13)
+    torch.testing.assert_close(res.grad, grad[keep], rtol=1e-12, atol=1e-15)
+    # every token of a sequence carries its s_i and its gate 4 p (1 - p)
+    s = coef_1.detach()[:, 0]
+    torch.testing.assert_close(res.ratio[batch.mask], s.repeat_interleave(torch.tensor(lengths))[batch.mask])
+    p = torch.sigmoid(tau[:, 0] * (s - 1))
+    gate = (4 * p * (1 - p)).repeat_interleave(torch.tensor(lengths))
+    torch.testing.assert_close(res.gate_weight[batch.mask], gate[batch.mask])
+    # ... which is not token-level SAPO's
+    tok = E.loss(batch, LossConfig(objective=Sapo(tau_pos=tau_pos, tau_neg=tau_neg), aggregation=cfg))
+    assert not torch.allclose(tok.grad, res.grad)
+
+
+def test_sapo_seq_refuses_per_token_advantages_and_bad_temperatures() -> None:
+    b = simple_batch([2, 3], advantages=torch.linspace(-1, 1, 5, dtype=F64), advantage_level="token")
+    with pytest.raises(InputError) as e:
+        E.loss(b, LossConfig(objective=SapoSeq()))
+    assert "unsupported: sapo_seq uses one advantage per sequence" in str(e.value)
+    b = simple_batch([2, 3], advantages=torch.tensor([1.0, -1.0], dtype=F64))
+    for bad in ({"tau_pos": 0.0}, {"tau_neg": -1.0}, {"tau_pos": math.inf}):
+        with pytest.raises(InputError) as e:
+            E.loss(b, LossConfig(objective=SapoSeq(**bad)))
+        assert f"objective.sapo_seq.{next(iter(bad))}" in str(e.value)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])

@@ -21,6 +21,7 @@ try:
         KL_OPTIONS,
         MISMATCH_OPTIONS,
         OBJECTIVE_NAMES,
+        PER_SEQUENCE_ADVANTAGES,
         make_config,
         near_boundary,
         random_batch,
@@ -33,6 +34,7 @@ except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.
         KL_OPTIONS,
         MISMATCH_OPTIONS,
         OBJECTIVE_NAMES,
+        PER_SEQUENCE_ADVANTAGES,
         make_config,
         near_boundary,
         random_batch,
@@ -137,7 +139,7 @@ def test_property_random(
     max_len,
     min_group_std,
 ):
-    if objective in ("gspo", "gmpo") and advantages == "token":
+    if objective in PER_SEQUENCE_ADVANTAGES and advantages == "token":
         advantages = "sequence"
     batch = random_batch(seed, advantages=advantages, big_deltas=big_deltas, max_len=max_len)
     config = make_config(

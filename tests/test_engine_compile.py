@@ -24,9 +24,21 @@ from softgate.engine.loss import compute_loss
 from softgate.engine.segments import Segments
 
 try:
-    from tests.reference_loss import OBJECTIVE_NAMES, assert_same_result, make_config, random_batch
+    from tests.reference_loss import (
+        OBJECTIVE_NAMES,
+        PER_SEQUENCE_ADVANTAGES,
+        assert_same_result,
+        make_config,
+        random_batch,
+    )
 except ImportError:  # tests/ is not a package from this rootdir
-    from reference_loss import OBJECTIVE_NAMES, assert_same_result, make_config, random_batch  # type: ignore[no-redef]
+    from reference_loss import (  # type: ignore[no-redef]
+        OBJECTIVE_NAMES,
+        PER_SEQUENCE_ADVANTAGES,
+        assert_same_result,
+        make_config,
+        random_batch,
+    )
 
 pytestmark = needs_compile
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -79,7 +91,7 @@ def test_auto_runs_eager_on_a_torch_that_cannot_compile_ahead_of_time(
     ],
 )
 def test_warmup_args_have_the_same_configuration(name: str, kl: Any, mm: Any, adv: Any) -> None:
-    if name in ("gspo", "gmpo") and adv == "token":
+    if name in PER_SEQUENCE_ADVANTAGES and adv == "token":
         adv = "sequence"
     batch = random_batch(5, max_seqs=9, max_len=11, advantages=adv)
     args = kernel_args(batch, make_config(name, "token_mean", kl, mm, variant=1))

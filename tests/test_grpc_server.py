@@ -41,6 +41,7 @@ from softgate.engine import (
     LossConfig,
     MismatchConfig,
     Sapo,
+    SapoSeq,
 )
 from softgate.grpc.server import GrpcServer
 from softgate.grpc.servicer import _Call
@@ -180,6 +181,15 @@ CONFIGS: dict[str, tuple[LossConfig, pb.LossConfig]] = {
         pb.LossConfig(
             objective=pb.Objective(kl_cov=pb.KlCovParams(fraction=0.1, coef=0.5)),
             kl=pb.KlConfig(estimator=pb.KL_ESTIMATOR_K3, beta=0.01),
+        ),
+    ),
+    "sapo_seq-token-mean": (
+        LossConfig(
+            objective=SapoSeq(tau_pos=0.8, tau_neg=1.2), aggregation=AggregationConfig(mode="token_mean")
+        ),
+        pb.LossConfig(
+            objective=pb.Objective(sapo_seq=pb.SapoSeqParams(tau_pos=0.8, tau_neg=1.2)),
+            aggregation=pb.AggregationConfig(mode=pb.AGGREGATION_MODE_TOKEN_MEAN),
         ),
     ),
     "grpo-opo": (

@@ -25,6 +25,7 @@ from softgate.engine import (
     LossResult,
     Reinforce,
     Sapo,
+    SapoSeq,
 )
 from softgate.engine.buckets import bucket_codes, bucket_edges
 from softgate.observability import (
@@ -1212,20 +1213,26 @@ def test_objectives_without_a_clip_record_no_clip_fraction() -> None:
     tel = PrometheusTelemetry(S(sample=None))
     configs = {
         "sapo": LossConfig(objective=Sapo()),
+        "sapo_seq": LossConfig(objective=SapoSeq()),
         "reinforce": LossConfig(objective=Reinforce()),
         "grpo": LossConfig(objective=Grpo()),
         "dual": LossConfig(objective=Grpo(dual_clip=3.0)),
         "cispo": LossConfig(objective=Cispo()),
         "kl_cov": LossConfig(objective=KlCov(fraction=0.5)),
     }
+    # (sapo_seq: one advantage per sequence)
+    adv = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    b_seq = dataclasses.replace(
+        b, offsets=torch.tensor([0, 2, 4]), advantages=adv, advantage_level="sequence"
+    )
     for run, cfg in configs.items():
-        tel.observe_loss(run, cfg, e.loss(b, cfg))
+        tel.observe_loss(run, cfg, e.loss(b_seq if run == "sapo_seq" else b, cfg))
     clip = ("softgate_clipped_tokens_total", "softgate_batch_clip_fraction_count")
     dual = ("softgate_dual_clipped_tokens_total", "softgate_batch_dual_clip_fraction_count")
     for run in configs:
         got = {n for n, _, _ in _series(tel, run, "softgate_")}
         assert "softgate_gate_saturated_tokens_total" in got and "softgate_batch_gate_saturation_count" in got
-        assert all((n in got) == (run not in ("sapo", "reinforce")) for n in clip), (run, got)
+        assert all((n in got) == (run not in ("sapo", "sapo_seq", "reinforce")) for n in clip), (run, got)
         assert all((n in got) == (run == "dual") for n in dual), (run, got)
     assert _value(tel, "softgate_dual_clipped_tokens_total", run="dual") == 1
     assert _value(tel, "softgate_clipped_tokens_total", run="grpo", sign="pos") == 1

@@ -175,6 +175,7 @@ def test_contract_shape():
         "clip_cov",
         "kl_cov",
         "reinforce",
+        "sapo_seq",
     ]
     # proto3 optional parameters: unset means the engine default
     for f in msgs["SapoParams"].field:
@@ -237,7 +238,11 @@ def test_contract_is_compatible_with_its_baseline(tmp_path):
 @pytest.mark.parametrize(
     ("old", "new", "complaint"),
     [
-        ("optional double tau_neg = 2;", "optional double tau_negative = 2;", 'changed name from "tau_neg"'),
+        (
+            "tokens with non-positive advantage, > 0. Default 1.05.\n  optional double tau_neg = 2;",
+            "tokens with non-positive advantage, > 0. Default 1.05.\n  optional double tau_negative = 2;",
+            'changed name from "tau_neg"',
+        ),
         ("repeated int64 shape = 2;", "repeated int32 shape = 2;", 'changed type from "int64" to "int32"'),
         ("bytes data = 3;", "bytes data = 7;", 'Previously present field "3" with name "data"'),
         ("  DTYPE_BOOL = 5;\n", "", 'Previously present enum value "5" on enum "Dtype"'),

@@ -40,6 +40,7 @@ from softgate.engine import (  # noqa: E402
 from tests.reference_loss import (  # noqa: E402
     AGG_MODES,
     OBJECTIVE_NAMES,
+    PER_SEQUENCE_ADVANTAGES,
     make_config,
     near_boundary,
     random_batch,
@@ -172,7 +173,7 @@ def build_cases(objective: str, engine: Engine | None = None) -> list[dict[str, 
             (0, 1, 2) if mode == "seq_mean_token_mean" else (k % len(VARIANTS), (k + 3) % len(VARIANTS))
         ):
             adv, est, scale, kl, mm, clamp, big = VARIANTS[vi]
-            if objective in ("gspo", "gmpo") and adv == "token":
+            if objective in PER_SEQUENCE_ADVANTAGES and adv == "token":
                 adv = "sequence"
             k += 1
             cfg = make_config(

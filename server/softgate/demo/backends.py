@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import torch
 
 from softgate.demo.runs import RunSpec
+from softgate.engine.objectives import OBJECTIVE_KIND
 
 
 class LossBackend(Protocol):
@@ -58,7 +59,7 @@ def curve_metrics(objective: str, m: dict[str, Any]) -> dict[str, float]:
     ``grad_retained`` are NaN (left out of every average) for a mini-batch without such tokens:
     there is no gradient to gate, and the engine's stand-ins (0 and 1) would read as a trust
     region that let everything through."""
-    if objective == "sapo":
+    if OBJECTIVE_KIND.get(objective) == "sapo":  # (sapo_seq too)
         trust = _by_sign(m, "gate_saturation_pos", "gate_saturation_neg")
     else:
         trust = _by_sign(m, "clip_high", "clip_low")

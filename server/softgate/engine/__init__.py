@@ -30,6 +30,7 @@ from softgate.engine.config import (
     Objective,
     Reinforce,
     Sapo,
+    SapoSeq,
 )
 from softgate.engine.engine import Engine
 from softgate.engine.errors import FieldViolation, InputError
@@ -65,5 +66,6 @@ __all__ = [
     "Objective",
     "Reinforce",
     "Sapo",
+    "SapoSeq",
     "compute_loss",
 ]

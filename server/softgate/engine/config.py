@@ -49,6 +49,19 @@ class Sapo:
 
 
 @dataclass(frozen=True)
+class SapoSeq:
+    """SAPO's gate on GSPO's sequence ratio s_i (TRL's SAPO at importance_sampling_level
+    "sequence"): l = -(4/tau) sigmoid(tau (s_i - 1)) A, one advantage per sequence."""
+
+    tau_pos: float = 1.0
+    tau_neg: float = 1.05
+    name: Literal["sapo_seq"] = "sapo_seq"
+
+    def __post_init__(self) -> None:
+        _plain_numbers(self)
+
+
+@dataclass(frozen=True)
 class Grpo:
     """PPO/GRPO clip with asymmetric bounds and optional dual clip c > 1."""
 
@@ -189,11 +202,37 @@ class Reinforce:
 
 
 Objective = (
-    Sapo | Grpo | Gspo | GspoToken | Cispo | Gppo | Gmpo | DppoTv | DppoKl | ClipCov | KlCov | Reinforce
+    Sapo
+    | Grpo
+    | Gspo
+    | GspoToken
+    | Cispo
+    | Gppo
+    | Gmpo
+    | DppoTv
+    | DppoKl
+    | ClipCov
+    | KlCov
+    | Reinforce
+    | SapoSeq
 )
 OBJECTIVES: dict[str, type] = {
     cls.name: cls  # type: ignore[attr-defined]
-    for cls in (Sapo, Grpo, Gspo, GspoToken, Cispo, Gppo, Gmpo, DppoTv, DppoKl, ClipCov, KlCov, Reinforce)
+    for cls in (
+        Sapo,
+        Grpo,
+        Gspo,
+        GspoToken,
+        Cispo,
+        Gppo,
+        Gmpo,
+        DppoTv,
+        DppoKl,
+        ClipCov,
+        KlCov,
+        Reinforce,
+        SapoSeq,
+    )
 }
 
 # ---------------------------------------------------------------- the other choices

@@ -54,6 +54,7 @@ from softgate.engine.config import (
     Objective,
     Reinforce,
     Sapo,
+    SapoSeq,
 )
 
 
@@ -71,6 +72,7 @@ class PolicyTerms:
 
 OBJECTIVE_KIND = {
     "sapo": "sapo",
+    "sapo_seq": "sapo",
     "grpo": "clip",
     "gspo": "clip",
     "gspo_token": "clip",
@@ -106,7 +108,7 @@ def objective_params(obj: Objective) -> dict[str, tuple[float, str]]:
     if isinstance(obj, Gmpo):
         lo, hi = gmpo_bounds(obj)
         return {"lo": (lo, f"{p}.eps_low"), "hi": (hi, f"{p}.eps_high")}
-    if isinstance(obj, Sapo):
+    if isinstance(obj, (Sapo, SapoSeq)):
         return {"tau_pos": (obj.tau_pos, f"{p}.tau_pos"), "tau_neg": (obj.tau_neg, f"{p}.tau_neg")}
     if isinstance(obj, KlCov):
         return {"coef": (obj.coef, f"{p}.coef")}

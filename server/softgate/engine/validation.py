@@ -41,6 +41,7 @@ from softgate.engine.config import (
     MismatchConfig,
     Reinforce,
     Sapo,
+    SapoSeq,
 )
 from softgate.engine.errors import FieldViolation, InputError
 from softgate.engine.segments import host_shortcuts
@@ -216,7 +217,7 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
         )
     else:
         p = f"objective.{name}"
-        if isinstance(obj, Sapo):
+        if isinstance(obj, (Sapo, SapoSeq)):
             pos(obj.tau_pos, f"{p}.tau_pos")
             pos(obj.tau_neg, f"{p}.tau_neg")
         elif isinstance(obj, KlCov):
@@ -571,7 +572,7 @@ def validate_batch(
                 )
             if not token_values and lvl == "sequence":  # per-sequence values: the kernel does not read them
                 _float_tensor(v, "advantages", a, None)
-            if config is not None and isinstance(config.objective, (Gspo, Gmpo)) and lvl == "token":
+            if config is not None and isinstance(config.objective, (Gspo, Gmpo, SapoSeq)) and lvl == "token":
                 name = config.objective.name
                 instead = "; use gspo_token for per-token advantages" if name == "gspo" else ""
                 v.append(

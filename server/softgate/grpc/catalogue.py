@@ -18,6 +18,8 @@ from softgate.grpc.codec import Limits
 PARAM_HELP: dict[str, str] = {
     "tau_pos": "gate temperature for tokens with positive advantage, > 0",
     "tau_neg": "gate temperature for tokens with non-positive advantage, > 0",
+    "sapo_seq.tau_pos": "gate temperature for sequences with positive advantage, > 0",
+    "sapo_seq.tau_neg": "gate temperature for sequences with non-positive advantage, > 0",
     "eps_low": "lower clip bound: the ratio is clipped below 1 - eps_low, >= 0",
     "eps_high": "upper clip bound: the ratio is clipped above 1 + eps_high, >= 0",
     "gmpo.eps_low": "lower clip bound on the token log-ratio where A < 0 (the ratio below exp(-eps_low)), >= 0",

@@ -44,6 +44,7 @@ from softgate.engine.config import (
     MismatchConfig,
     Reinforce,
     Sapo,
+    SapoSeq,
 )
 from softgate.engine.errors import FieldViolation, InputError
 from softgate.engine.result import LossResult
@@ -656,6 +657,7 @@ _OBJECTIVES: dict[str, tuple[type, tuple[str, ...]]] = {
     "clip_cov": (ClipCov, ("eps_low", "eps_high", "fraction", "cov_low", "cov_high", "seed")),
     "kl_cov": (KlCov, ("fraction", "coef")),
     "reinforce": (Reinforce, ()),
+    "sapo_seq": (SapoSeq, ("tau_pos", "tau_neg")),
 }
 _ESTIMATORS = {
     pb.ADVANTAGE_ESTIMATOR_GRPO: "grpo",

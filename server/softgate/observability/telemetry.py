@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from softgate_client.proto.softgate.v1 import softgate_pb2 as pb
 
 from softgate import __version__
+from softgate.engine.objectives import OBJECTIVE_KIND
 from softgate.engine.validation import REASON_CODES
 from softgate.observability.collector import BATCH_SUMMARIES, SoftgateCollector
 from softgate.observability.distributions import GATE_EDGES, RATIO_EDGES, SIGNS, Bucketer
@@ -453,7 +454,8 @@ class PrometheusTelemetry(Telemetry):
         # the engine's 0 for a clip the objective does not have means "not applicable": left
         # out, or it dilutes the other objectives' fractions wherever they are summed or averaged
         obj = getattr(config, "objective", None)
-        if getattr(obj, "name", None) in ("sapo", "reinforce"):  # no clip (kl_cov's: its penalised tokens)
+        # no clip for sapo, sapo_seq and reinforce (kl_cov's: its penalised tokens)
+        if OBJECTIVE_KIND.get(getattr(obj, "name", None) or "") in ("sapo", "reinforce"):
             values["clip_high"] = values["clip_low"] = None
         if getattr(obj, "dual_clip", None) is None:  # only grpo has one, when configured
             values["dual_clip"] = None

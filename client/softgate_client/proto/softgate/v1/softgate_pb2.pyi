@@ -164,6 +164,14 @@ class SapoParams(_message.Message):
     tau_neg: float
     def __init__(self, tau_pos: _Optional[float] = ..., tau_neg: _Optional[float] = ...) -> None: ...
 
+class SapoSeqParams(_message.Message):
+    __slots__ = ("tau_pos", "tau_neg")
+    TAU_POS_FIELD_NUMBER: _ClassVar[int]
+    TAU_NEG_FIELD_NUMBER: _ClassVar[int]
+    tau_pos: float
+    tau_neg: float
+    def __init__(self, tau_pos: _Optional[float] = ..., tau_neg: _Optional[float] = ...) -> None: ...
+
 class GrpoParams(_message.Message):
     __slots__ = ("eps_low", "eps_high", "dual_clip")
     EPS_LOW_FIELD_NUMBER: _ClassVar[int]
@@ -263,7 +271,7 @@ class ReinforceParams(_message.Message):
     def __init__(self) -> None: ...
 
 class Objective(_message.Message):
-    __slots__ = ("sapo", "grpo", "gspo", "gspo_token", "cispo", "gppo", "gmpo", "dppo_tv", "dppo_kl", "clip_cov", "kl_cov", "reinforce")
+    __slots__ = ("sapo", "grpo", "gspo", "gspo_token", "cispo", "gppo", "gmpo", "dppo_tv", "dppo_kl", "clip_cov", "kl_cov", "reinforce", "sapo_seq")
     SAPO_FIELD_NUMBER: _ClassVar[int]
     GRPO_FIELD_NUMBER: _ClassVar[int]
     GSPO_FIELD_NUMBER: _ClassVar[int]
@@ -276,6 +284,7 @@ class Objective(_message.Message):
     CLIP_COV_FIELD_NUMBER: _ClassVar[int]
     KL_COV_FIELD_NUMBER: _ClassVar[int]
     REINFORCE_FIELD_NUMBER: _ClassVar[int]
+    SAPO_SEQ_FIELD_NUMBER: _ClassVar[int]
     sapo: SapoParams
     grpo: GrpoParams
     gspo: GspoParams
@@ -288,7 +297,8 @@ class Objective(_message.Message):
     clip_cov: ClipCovParams
     kl_cov: KlCovParams
     reinforce: ReinforceParams
-    def __init__(self, sapo: _Optional[_Union[SapoParams, _Mapping]] = ..., grpo: _Optional[_Union[GrpoParams, _Mapping]] = ..., gspo: _Optional[_Union[GspoParams, _Mapping]] = ..., gspo_token: _Optional[_Union[GspoTokenParams, _Mapping]] = ..., cispo: _Optional[_Union[CispoParams, _Mapping]] = ..., gppo: _Optional[_Union[GppoParams, _Mapping]] = ..., gmpo: _Optional[_Union[GmpoParams, _Mapping]] = ..., dppo_tv: _Optional[_Union[DppoTvParams, _Mapping]] = ..., dppo_kl: _Optional[_Union[DppoKlParams, _Mapping]] = ..., clip_cov: _Optional[_Union[ClipCovParams, _Mapping]] = ..., kl_cov: _Optional[_Union[KlCovParams, _Mapping]] = ..., reinforce: _Optional[_Union[ReinforceParams, _Mapping]] = ...) -> None: ...
+    sapo_seq: SapoSeqParams
+    def __init__(self, sapo: _Optional[_Union[SapoParams, _Mapping]] = ..., grpo: _Optional[_Union[GrpoParams, _Mapping]] = ..., gspo: _Optional[_Union[GspoParams, _Mapping]] = ..., gspo_token: _Optional[_Union[GspoTokenParams, _Mapping]] = ..., cispo: _Optional[_Union[CispoParams, _Mapping]] = ..., gppo: _Optional[_Union[GppoParams, _Mapping]] = ..., gmpo: _Optional[_Union[GmpoParams, _Mapping]] = ..., dppo_tv: _Optional[_Union[DppoTvParams, _Mapping]] = ..., dppo_kl: _Optional[_Union[DppoKlParams, _Mapping]] = ..., clip_cov: _Optional[_Union[ClipCovParams, _Mapping]] = ..., kl_cov: _Optional[_Union[KlCovParams, _Mapping]] = ..., reinforce: _Optional[_Union[ReinforceParams, _Mapping]] = ..., sapo_seq: _Optional[_Union[SapoSeqParams, _Mapping]] = ...) -> None: ...
 
 class AdvantageConfig(_message.Message):
     __slots__ = ("estimator", "scale", "eps", "min_group_std")
