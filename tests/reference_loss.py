@@ -112,7 +112,7 @@ def _objective(name: str, obj, r: Tensor, a: Tensor, logp: Tensor) -> Tensor:
     if name == "reinforce":
         return -r * a
     lo, hi = 1 - obj.eps_low, 1 + obj.eps_high
-    if name == "cispo":
+    if name in ("cispo", "cispo_seq"):  # (cispo_seq: r is the sequence's ratio)
         return -torch.clamp(r.detach(), lo, hi) * a * logp
     unclipped = -a * r
     clipped = -a * torch.clamp(r, lo, hi)
@@ -328,7 +328,7 @@ def reference_loss(batch: Batch, config: LossConfig) -> Reference:
 
 # objectives whose ratio is the sequence's (GSPO's s_i), and those that need one advantage per
 # sequence (per-token advantages are refused)
-SEQUENCE_RATIO = ("gspo", "gspo_token", "sapo_seq")
+SEQUENCE_RATIO = ("gspo", "gspo_token", "sapo_seq", "cispo_seq")
 PER_SEQUENCE_ADVANTAGES = ("gspo", "gmpo", "sapo_seq")
 OBJECTIVE_NAMES = (
     "sapo",
@@ -344,6 +344,7 @@ OBJECTIVE_NAMES = (
     "clip_cov",
     "kl_cov",
     "sapo_seq",
+    "cispo_seq",
 )
 AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm")
 KL_OPTIONS = (None, "k1", "k2", "k3", "k3_is")
@@ -426,6 +427,7 @@ def make_config(
         AdvantageConfig,
         AggregationConfig,
         Cispo,
+        CispoSeq,
         ClipCov,
         DppoKl,
         DppoTv,
@@ -473,6 +475,7 @@ def make_config(
         "kl_cov": [KlCov(fraction=0.2), KlCov(fraction=0.05, coef=0.3), KlCov(fraction=1.0, coef=2.0)],
         "reinforce": [Reinforce()],
         "sapo_seq": [SapoSeq(), SapoSeq(tau_pos=0.5, tau_neg=3.0), SapoSeq(tau_pos=2.0, tau_neg=0.7)],
+        "cispo_seq": [CispoSeq(), CispoSeq(eps_low=0.2, eps_high=0.2), CispoSeq(eps_low=0.5, eps_high=0.1)],
     }[objective]
     obj = objs[variant % len(objs)]
     aggc = AggregationConfig(

@@ -20,6 +20,7 @@ from softgate.engine import (
     AggregationConfig,
     Batch,
     Cispo,
+    CispoSeq,
     ClipCov,
     DppoKl,
     DppoTv,
@@ -1107,6 +1108,7 @@ CODES = 1 << 15  # sample_tokens above the batch's size: ratio and gate whole, w
         (F64, "kl_cov", "k3", None, 20.0, "seq_mean_token_mean", "rewards", None),
         # sapo's gate on the sequence ratio
         (F64, "sapo_seq", "k3", ("token", "truncate"), 20.0, "seq_mean_token_mean", "rewards", CODES),
+        (torch.float32, "cispo_seq", None, None, 20.0, "token_mean", "token", CODES),
     ],
 )
 def test_compiled_kernel_matches_eager(dtype, name, kl, mm, clamp, agg, adv, sample, caplog):
@@ -1831,6 +1833,44 @@ def test_sapo_seq_is_trls_sequence_level_sapo(agg: str) -> None:
     # ... which is not token-level SAPO's
     tok = E.loss(batch, LossConfig(objective=Sapo(tau_pos=tau_pos, tau_neg=tau_neg), aggregation=cfg))
     assert not torch.allclose(tok.grad, res.grad)
+
+
+@pytest.mark.parametrize("agg", ["seq_mean_token_mean", "token_mean"])
+def test_cispo_seq_is_trls_sequence_level_cispo(agg: str) -> None:
+    """cispo_seq against TRL's loss_type="cispo" with importance_sampling_level="sequence"
+    written out: per_token_loss = -clamp(coef_1, max=epsilon_high).detach() A logp with coef_1
+    the sequence's exp(mean log-ratio); TRL's absolute cap E is eps_low = 1, eps_high = E - 1.
+    Per-token advantages too: the weight is a constant of the gradient."""
+    lengths = [5, 3, 7, 1, 6]
+    logp, old, mask, keep = _trl_padded(lengths, 12)
+    b, t = logp.shape
+    adv = torch.randn(b, t, generator=torch.Generator().manual_seed(4), dtype=F64)
+    cap = 1.1
+    x = logp.clone().requires_grad_(True)
+    m = mask.to(F64)
+    coef_1 = torch.exp(((x - old) * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0))
+    assert bool((coef_1 > cap).any() and (coef_1 < cap).any())  # some sequences capped, some not
+    per_token_loss = -torch.clamp(coef_1, max=cap).detach() * adv * x
+    if agg == "seq_mean_token_mean":
+        want = ((per_token_loss * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+    else:
+        want = (per_token_loss * m).sum() / m.sum().clamp(min=1.0)
+    (grad,) = torch.autograd.grad(want, x)
+    batch = Batch(
+        logp=logp[keep],
+        offsets=Batch.offsets_from_lengths(torch.tensor(lengths)),
+        old_logp=old[keep],
+        mask=mask[keep],
+        advantages=adv[keep],
+        advantage_level="token",
+    )
+    obj = CispoSeq(eps_low=1.0, eps_high=cap - 1)
+    res = E.loss(batch, LossConfig(objective=obj, aggregation=AggregationConfig(mode=agg)))
+    assert res.loss == pytest.approx(float(want.detach()), rel=1e-12)
+    torch.testing.assert_close(res.grad, grad[keep], rtol=1e-12, atol=1e-15)
+    # the weight of each sequence's tokens: clip(s_i) / s_i, the same on all of them
+    s = coef_1.detach()[:, 0].repeat_interleave(torch.tensor(lengths))
+    torch.testing.assert_close(res.gate_weight[batch.mask], (s.clamp(max=cap) / s)[batch.mask])
 
 
 def test_sapo_seq_refuses_per_token_advantages_and_bad_temperatures() -> None:

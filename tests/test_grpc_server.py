@@ -32,6 +32,7 @@ from softgate.engine import (
     AggregationConfig,
     Batch,
     Cispo,
+    CispoSeq,
     ClipCov,
     Engine,
     Grpo,
@@ -191,6 +192,10 @@ CONFIGS: dict[str, tuple[LossConfig, pb.LossConfig]] = {
             objective=pb.Objective(sapo_seq=pb.SapoSeqParams(tau_pos=0.8, tau_neg=1.2)),
             aggregation=pb.AggregationConfig(mode=pb.AGGREGATION_MODE_TOKEN_MEAN),
         ),
+    ),
+    "cispo_seq-token-advantages": (
+        LossConfig(objective=CispoSeq(eps_low=0.2, eps_high=0.1)),
+        pb.LossConfig(objective=pb.Objective(cispo_seq=pb.CispoSeqParams(eps_low=0.2, eps_high=0.1))),
     ),
     "grpo-opo": (
         LossConfig(advantages=AdvantageConfig(estimator="opo")),

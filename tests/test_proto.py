@@ -176,6 +176,7 @@ def test_contract_shape():
         "kl_cov",
         "reinforce",
         "sapo_seq",
+        "cispo_seq",
     ]
     # proto3 optional parameters: unset means the engine default
     for f in msgs["SapoParams"].field:

@@ -430,7 +430,7 @@ def test_a_field_this_server_does_not_know_is_refused_by_name_not_ignored(inproc
         config.objective.CopyFrom(objective)
         return config
 
-    new_kind = with_objective(_with_unknown(pb.Objective(), 14))
+    new_kind = with_objective(_with_unknown(pb.Objective(), 15))
     new_param = with_objective(pb.Objective(grpo=_with_unknown(pb.GrpoParams(eps_low=0.1), 4)))
     new_output = _with_unknown(pb.OutputSelection(ratio=True), 7)
     loss_cases = [

@@ -27,6 +27,7 @@ OBJECTIVE_PARAMS: dict[str, tuple[str, ...]] = {
     "kl_cov": ("fraction", "coef"),
     "reinforce": (),
     "sapo_seq": ("tau_pos", "tau_neg"),
+    "cispo_seq": ("eps_low", "eps_high"),
 }
 INTEGER_PARAMS = ("seed",)  # a uint64 on the wire; the others are doubles
 OUTPUTS = ("advantages", "ratio", "gate_weight", "clip_mask", "mask")
@@ -82,7 +83,7 @@ def _plain_fields(obj: Any, path: str) -> None:
 @dataclass(frozen=True)
 class Objective:
     """An objective by name (`sapo`, `grpo`, `gspo`, `gspo_token`, `cispo`, `gppo`, `gmpo`,
-    `dppo_tv`, `dppo_kl`, `clip_cov`, `kl_cov`, `reinforce`, `sapo_seq`) and its parameters (`tau_pos`,
+    `dppo_tv`, `dppo_kl`, `clip_cov`, `kl_cov`, `reinforce`, `sapo_seq`, `cispo_seq`) and its parameters (`tau_pos`,
     `tau_neg`, `eps_low`, `eps_high`, `dual_clip`, `ratio_cap`, `fraction`, `cov_low`,
     `cov_high`, `seed` (an integer), `coef`)."""
 

@@ -77,7 +77,7 @@ COMPILE_MODES = ("off", "sync", "background")
 # aborts the process (std::terminate, exit status 134 / -6 instead of 0). `softgate serve`
 # waits as long for its compiles on shutdown, then exits at once (os._exit).
 COMPILE_EXIT_WAIT_S = 5.0
-# configurations compiled at most; a server sees a few (its warm-up compiles 13, one per
+# configurations compiled at most; a server sees a few (its warm-up compiles 14, one per
 # objective, with compile=true)
 DEFAULT_MAX_CONFIGURATIONS = 64
 # the first torch whose ahead-of-time compile of this kernel is generic in sizes: 2.9 has

@@ -111,6 +111,19 @@ class Cispo:
 
 
 @dataclass(frozen=True)
+class CispoSeq:
+    """CISPO's stop-gradient clipped weight on GSPO's sequence ratio s_i (TRL's CISPO at
+    importance_sampling_level "sequence"): l = -sg[clip(s_i)] A logp."""
+
+    eps_low: float = 1.0
+    eps_high: float = 0.28
+    name: Literal["cispo_seq"] = "cispo_seq"
+
+    def __post_init__(self) -> None:
+        _plain_numbers(self)
+
+
+@dataclass(frozen=True)
 class Gppo:
     """GPPO: GRPO's loss value, clipped tokens keep the gradient of their bound."""
 
@@ -215,6 +228,7 @@ Objective = (
     | KlCov
     | Reinforce
     | SapoSeq
+    | CispoSeq
 )
 OBJECTIVES: dict[str, type] = {
     cls.name: cls  # type: ignore[attr-defined]
@@ -232,6 +246,7 @@ OBJECTIVES: dict[str, type] = {
         KlCov,
         Reinforce,
         SapoSeq,
+        CispoSeq,
     )
 }
 

@@ -31,7 +31,7 @@ from softgate.engine.aggregate import kl_aggregation, sequence_weights
 from softgate.engine.batch import Batch
 from softgate.engine.buckets import BUCKET_SUMS
 from softgate.engine.chunked import chunked_token_terms
-from softgate.engine.config import ClipCov, Gmpo, Gspo, GspoToken, KlCov, LossConfig, SapoSeq
+from softgate.engine.config import CispoSeq, ClipCov, Gmpo, Gspo, GspoToken, KlCov, LossConfig, SapoSeq
 from softgate.engine.covariance import covariance_selection
 from softgate.engine.errors import FieldViolation, InputError
 from softgate.engine.kernel import EXPANDED, Terms, derived_terms, kernel_layout, kernel_params
@@ -171,7 +171,7 @@ def _compute_loss(
         extra["reward_std"], extra["reward_mean"] = torch.std_mean(rw, correction=0)
 
     # ---- sequence-level pieces
-    seq_ratio = isinstance(obj, (Gspo, GspoToken, SapoSeq))
+    seq_ratio = isinstance(obj, (Gspo, GspoToken, SapoSeq, CispoSeq))
     if seq_ratio:
         logs = seg.sum(torch.where(m, logp - old, torch.zeros_like(logp))) / ylen.clamp(min=1).to(dt)
         t["sratio"] = torch.exp(logs.clamp(-clamp, clamp))

@@ -42,6 +42,7 @@ from torch import Tensor
 
 from softgate.engine.config import (
     Cispo,
+    CispoSeq,
     ClipCov,
     DppoKl,
     DppoTv,
@@ -73,6 +74,7 @@ class PolicyTerms:
 OBJECTIVE_KIND = {
     "sapo": "sapo",
     "sapo_seq": "sapo",
+    "cispo_seq": "cispo",
     "grpo": "clip",
     "gspo": "clip",
     "gspo_token": "clip",
@@ -112,7 +114,7 @@ def objective_params(obj: Objective) -> dict[str, tuple[float, str]]:
         return {"tau_pos": (obj.tau_pos, f"{p}.tau_pos"), "tau_neg": (obj.tau_neg, f"{p}.tau_neg")}
     if isinstance(obj, KlCov):
         return {"coef": (obj.coef, f"{p}.coef")}
-    if isinstance(obj, (Grpo, Gppo, Gspo, GspoToken, Cispo, ClipCov)):
+    if isinstance(obj, (Grpo, Gppo, Gspo, GspoToken, Cispo, CispoSeq, ClipCov)):
         vals = {"lo": (1 - obj.eps_low, f"{p}.eps_low"), "hi": (1 + obj.eps_high, f"{p}.eps_high")}
         if isinstance(obj, Grpo) and obj.dual_clip is not None:
             vals["dual"] = (obj.dual_clip, f"{p}.dual_clip")

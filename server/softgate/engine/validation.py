@@ -27,6 +27,7 @@ from softgate.engine.config import (
     AdvantageConfig,
     AggregationConfig,
     Cispo,
+    CispoSeq,
     ClipCov,
     DppoKl,
     DppoTv,
@@ -223,7 +224,7 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
         elif isinstance(obj, KlCov):
             _fraction(obj.fraction, f"{p}.fraction", v)
             nonneg(obj.coef, f"{p}.coef")
-        elif isinstance(obj, (Grpo, Gspo, GspoToken, Cispo, Gppo, Gmpo, DppoTv, DppoKl, ClipCov)):
+        elif isinstance(obj, (Grpo, Gspo, GspoToken, Cispo, CispoSeq, Gppo, Gmpo, DppoTv, DppoKl, ClipCov)):
             nonneg(obj.eps_low, f"{p}.eps_low")
             nonneg(obj.eps_high, f"{p}.eps_high")
             if isinstance(obj, (DppoTv, DppoKl)) and obj.ratio_cap is not None:

@@ -30,6 +30,7 @@ from softgate.engine.config import (
     AdvantageConfig,
     AggregationConfig,
     Cispo,
+    CispoSeq,
     ClipCov,
     DppoKl,
     DppoTv,
@@ -658,6 +659,7 @@ _OBJECTIVES: dict[str, tuple[type, tuple[str, ...]]] = {
     "kl_cov": (KlCov, ("fraction", "coef")),
     "reinforce": (Reinforce, ()),
     "sapo_seq": (SapoSeq, ("tau_pos", "tau_neg")),
+    "cispo_seq": (CispoSeq, ("eps_low", "eps_high")),
 }
 _ESTIMATORS = {
     pb.ADVANTAGE_ESTIMATOR_GRPO: "grpo",

@@ -206,6 +206,14 @@ class CispoParams(_message.Message):
     eps_high: float
     def __init__(self, eps_low: _Optional[float] = ..., eps_high: _Optional[float] = ...) -> None: ...
 
+class CispoSeqParams(_message.Message):
+    __slots__ = ("eps_low", "eps_high")
+    EPS_LOW_FIELD_NUMBER: _ClassVar[int]
+    EPS_HIGH_FIELD_NUMBER: _ClassVar[int]
+    eps_low: float
+    eps_high: float
+    def __init__(self, eps_low: _Optional[float] = ..., eps_high: _Optional[float] = ...) -> None: ...
+
 class GppoParams(_message.Message):
     __slots__ = ("eps_low", "eps_high")
     EPS_LOW_FIELD_NUMBER: _ClassVar[int]
@@ -271,7 +279,7 @@ class ReinforceParams(_message.Message):
     def __init__(self) -> None: ...
 
 class Objective(_message.Message):
-    __slots__ = ("sapo", "grpo", "gspo", "gspo_token", "cispo", "gppo", "gmpo", "dppo_tv", "dppo_kl", "clip_cov", "kl_cov", "reinforce", "sapo_seq")
+    __slots__ = ("sapo", "grpo", "gspo", "gspo_token", "cispo", "gppo", "gmpo", "dppo_tv", "dppo_kl", "clip_cov", "kl_cov", "reinforce", "sapo_seq", "cispo_seq")
     SAPO_FIELD_NUMBER: _ClassVar[int]
     GRPO_FIELD_NUMBER: _ClassVar[int]
     GSPO_FIELD_NUMBER: _ClassVar[int]
@@ -285,6 +293,7 @@ class Objective(_message.Message):
     KL_COV_FIELD_NUMBER: _ClassVar[int]
     REINFORCE_FIELD_NUMBER: _ClassVar[int]
     SAPO_SEQ_FIELD_NUMBER: _ClassVar[int]
+    CISPO_SEQ_FIELD_NUMBER: _ClassVar[int]
     sapo: SapoParams
     grpo: GrpoParams
     gspo: GspoParams
@@ -298,7 +307,8 @@ class Objective(_message.Message):
     kl_cov: KlCovParams
     reinforce: ReinforceParams
     sapo_seq: SapoSeqParams
-    def __init__(self, sapo: _Optional[_Union[SapoParams, _Mapping]] = ..., grpo: _Optional[_Union[GrpoParams, _Mapping]] = ..., gspo: _Optional[_Union[GspoParams, _Mapping]] = ..., gspo_token: _Optional[_Union[GspoTokenParams, _Mapping]] = ..., cispo: _Optional[_Union[CispoParams, _Mapping]] = ..., gppo: _Optional[_Union[GppoParams, _Mapping]] = ..., gmpo: _Optional[_Union[GmpoParams, _Mapping]] = ..., dppo_tv: _Optional[_Union[DppoTvParams, _Mapping]] = ..., dppo_kl: _Optional[_Union[DppoKlParams, _Mapping]] = ..., clip_cov: _Optional[_Union[ClipCovParams, _Mapping]] = ..., kl_cov: _Optional[_Union[KlCovParams, _Mapping]] = ..., reinforce: _Optional[_Union[ReinforceParams, _Mapping]] = ..., sapo_seq: _Optional[_Union[SapoSeqParams, _Mapping]] = ...) -> None: ...
+    cispo_seq: CispoSeqParams
+    def __init__(self, sapo: _Optional[_Union[SapoParams, _Mapping]] = ..., grpo: _Optional[_Union[GrpoParams, _Mapping]] = ..., gspo: _Optional[_Union[GspoParams, _Mapping]] = ..., gspo_token: _Optional[_Union[GspoTokenParams, _Mapping]] = ..., cispo: _Optional[_Union[CispoParams, _Mapping]] = ..., gppo: _Optional[_Union[GppoParams, _Mapping]] = ..., gmpo: _Optional[_Union[GmpoParams, _Mapping]] = ..., dppo_tv: _Optional[_Union[DppoTvParams, _Mapping]] = ..., dppo_kl: _Optional[_Union[DppoKlParams, _Mapping]] = ..., clip_cov: _Optional[_Union[ClipCovParams, _Mapping]] = ..., kl_cov: _Optional[_Union[KlCovParams, _Mapping]] = ..., reinforce: _Optional[_Union[ReinforceParams, _Mapping]] = ..., sapo_seq: _Optional[_Union[SapoSeqParams, _Mapping]] = ..., cispo_seq: _Optional[_Union[CispoSeqParams, _Mapping]] = ...) -> None: ...
 
 class AdvantageConfig(_message.Message):
     __slots__ = ("estimator", "scale", "eps", "min_group_std")
