@@ -14,17 +14,11 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from softgate.engine import METRIC_NAMES, Batch, LossConfig
+from softgate.engine import ESTIMATORS, METRIC_NAMES, Batch, LossConfig
 from torch import Tensor
 
-EPS_DEFAULT_SCALE = {
-    "grpo": "group",
-    "dr_grpo": "none",
-    "rloo": "none",
-    "reinforce_pp_baseline": "none",
-    "opo": "none",
-    "gpg": "none",
-}
+# SPEC: only grpo divides by the group std unless `scale` says otherwise
+EPS_DEFAULT_SCALE = {e: "group" if e == "grpo" else "none" for e in ESTIMATORS}
 
 
 def reference_advantages(

@@ -13,6 +13,18 @@ import warnings
 import pytest
 import torch
 from conftest import needs_compile
+from reference_loss import (
+    AGG_MODES,
+    OBJECTIVE_NAMES,
+    PER_SEQUENCE_ADVANTAGES,
+    SEQUENCE_RATIO,
+    assert_same_result,
+    make_config,
+    random_batch,
+    reference_loss,
+    reference_selection,
+    splitmix64,
+)
 from softgate.engine import (
     ESTIMATORS,
     METRIC_NAMES,
@@ -46,27 +58,6 @@ from softgate.engine.kernel import token_terms
 from softgate.engine.loss import compute_loss
 from softgate.engine.metrics import to_floats
 from softgate.engine.validation import REASON_CODES
-
-try:
-    from tests.reference_loss import (
-        AGG_MODES,
-        OBJECTIVE_NAMES,
-        PER_SEQUENCE_ADVANTAGES,
-        SEQUENCE_RATIO,
-        assert_same_result,
-        make_config,
-        random_batch,
-    )
-except ImportError:  # tests/ is not a package
-    from reference_loss import (  # type: ignore[no-redef]
-        AGG_MODES,
-        OBJECTIVE_NAMES,
-        PER_SEQUENCE_ADVANTAGES,
-        SEQUENCE_RATIO,
-        assert_same_result,
-        make_config,
-        random_batch,
-    )
 
 E = Engine(device="cpu", compile=False)
 F64 = torch.float64
@@ -1566,10 +1557,6 @@ def test_gmpo_takes_every_bound_in_either_dtype(eps: float, dtype: torch.dtype) 
     """A review: a GMPO bound of 1e-50 was refused in float32 (-1e-50 is a float32 0), and
     then, once the kernel compared ratios, one past ~103 was (exp(-103) is). A bound past the
     log-ratio clamp clips nothing; any bound gives the float64 reference's loss and gradient."""
-    try:
-        from tests.reference_loss import reference_loss
-    except ImportError:
-        from reference_loss import reference_loss  # type: ignore[no-redef]
 
     b = random_batch(8, advantages="sequence", big_deltas=True, dtype=dtype)
     cfg = LossConfig(objective=Gmpo(eps_low=eps, eps_high=eps))
@@ -1687,10 +1674,6 @@ def test_dppo_edge_values(kind: type, dtype: torch.dtype) -> None:
     """Bounds of 0, past every divergence (1e300: nothing dropped) and a cap past the dtype's
     range give the float64 reference's loss and gradient; a log-prob within the tolerance above
     0 (p > 1) and probabilities of exactly 0 and 1 stay finite; a bad cap is refused by name."""
-    try:
-        from tests.reference_loss import reference_loss
-    except ImportError:
-        from reference_loss import reference_loss  # type: ignore[no-redef]
 
     b = random_batch(8, advantages="sequence", big_deltas=True, dtype=dtype)
     b = dataclasses.replace(b, advantages=b.advantages.to(dtype))  # (float64 ones would compute in it)
@@ -1877,7 +1860,7 @@ def test_sapo_seq_refuses_per_token_advantages_and_bad_temperatures() -> None:
     b = simple_batch([2, 3], advantages=torch.linspace(-1, 1, 5, dtype=F64), advantage_level="token")
     with pytest.raises(InputError) as e:
         E.loss(b, LossConfig(objective=SapoSeq()))
-    assert "unsupported: sapo_seq uses one advantage per sequence" in str(e.value)
+    assert "unsupported: sapo_seq uses one advantage per sequence; use sapo or cispo_seq" in str(e.value)
     b = simple_batch([2, 3], advantages=torch.tensor([1.0, -1.0], dtype=F64))
     for bad in ({"tau_pos": 0.0}, {"tau_neg": -1.0}, {"tau_pos": math.inf}):
         with pytest.raises(InputError) as e:
@@ -2288,10 +2271,6 @@ def test_clip_cov_seed_fixes_the_draw() -> None:
     """The same seed drops the same tokens on every call; other seeds (0, 1, 2^63 - 1, 2^63,
     2^64 - 1) other tokens; each the eligible tokens of largest splitmix64(seed, index) (the
     plain-loop reference's selection)."""
-    try:
-        from tests.reference_loss import reference_selection
-    except ImportError:
-        from reference_loss import reference_selection  # type: ignore[no-redef]
 
     g = torch.Generator().manual_seed(10)
     n = 400
@@ -2329,10 +2308,6 @@ def test_clip_cov_seed_fixes_the_draw() -> None:
 def test_uniform_keys_are_splitmix64() -> None:
     """The draw's keys: splitmix64 of the stream `seed` (its published first outputs for seed
     0), as signed 64-bit integers, for seeds at every edge of the uint64 range."""
-    try:
-        from tests.reference_loss import splitmix64
-    except ImportError:
-        from reference_loss import splitmix64  # type: ignore[no-redef]
 
     cpu = torch.device("cpu")
     first = [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F]

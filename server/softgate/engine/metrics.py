@@ -27,7 +27,7 @@ METRIC_NAMES: dict[str, str] = {
     "tokens_neg": "trained tokens with advantage < 0",
     "tokens_zero": "trained tokens with advantage exactly 0",
     # ratio
-    "ratio_mean": "mean importance ratio r over tokens (sequence ratio s_i for gspo objectives); 1 if none",
+    "ratio_mean": "mean importance ratio r over tokens (sequence ratio s_i for gspo, gspo_token, sapo_seq, cispo_seq); 1 if none",
     "ratio_min": "smallest ratio over tokens; 1 if none",
     "ratio_max": "largest ratio over tokens; 1 if none",
     "approx_kl": "mean of (old - logp) over tokens, unclamped; 0 if none",
@@ -35,10 +35,10 @@ METRIC_NAMES: dict[str, str] = {
     # trust region
     "clip_low": "share of A<0 tokens with ratio < 1-eps_low (gmpo: exp(-eps_low); dppo: dropped, the probability "
     "fallen with p_old - p or the binary KL past eps_low; clip_cov: and its drawn tokens; kl_cov: its penalised "
-    "tokens); 0 if none or the objective has no clip (sapo, reinforce)",
+    "tokens); 0 if none or the objective has no clip (sapo, sapo_seq, reinforce)",
     "clip_high": "share of A>0 tokens with ratio > 1+eps_high (gmpo: exp(eps_high); dppo: dropped, the probability "
     "risen with p - p_old or the binary KL past eps_high; clip_cov: and its drawn tokens; kl_cov: its penalised "
-    "tokens); 0 if none or the objective has no clip (sapo, reinforce)",
+    "tokens); 0 if none or the objective has no clip (sapo, sapo_seq, reinforce)",
     "dual_clip": "share of A<0 tokens with ratio > c (grpo dual clip); 0 if none or no dual clip",
     "clip_fraction": "share of tokens whose trust-region clip is active (clip_mask; clip_cov: and its drawn "
     "tokens with A != 0; kl_cov: every token it penalises, A = 0 too); 0 if none",

@@ -34,7 +34,7 @@ class LossResult:
     # [N] per-token advantage A_{i,t}; advantages given per token, on the device and in the
     # compute dtype, come back as the caller's tensor itself, as `mask` does (not a copy)
     advantages: Tensor
-    # [N] r (token ratio; the sequence ratio s_i for gspo objectives, gmpo's the token's
+    # [N] r (token ratio; the sequence ratio s_i for gspo, gspo_token, sapo_seq and cispo_seq; gmpo's the token's
     # own); 1 on masked tokens
     ratio: Tensor
     # [N] the factor by which the trust region scales the token's gradient, grad / grad with

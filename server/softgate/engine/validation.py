@@ -62,7 +62,8 @@ REASON_CODES: dict[str, str] = {
     "ambiguous": "the advantages' level cannot be inferred from their length",
     "out_of_range": "a parameter outside its valid range, or a reward beyond MAX_ABS_REWARD",
     "unknown_name": "an unknown objective, estimator, mode or level name",
-    "unsupported": "a combination not defined (gspo's per-token advantages, constant without token_sum_norm)",
+    "unsupported": "a combination not defined (per-token advantages with gspo, gmpo or sapo_seq, constant without "
+    "token_sum_norm)",
     "overflow": "finite inputs whose loss or gradient is not finite in the compute dtype",
 }
 
@@ -575,7 +576,8 @@ def validate_batch(
                 _float_tensor(v, "advantages", a, None)
             if config is not None and isinstance(config.objective, (Gspo, Gmpo, SapoSeq)) and lvl == "token":
                 name = config.objective.name
-                instead = "; use gspo_token for per-token advantages" if name == "gspo" else ""
+                instead = {"gspo": "gspo_token", "sapo_seq": "sapo or cispo_seq"}.get(name)
+                instead = f"; use {instead} for per-token advantages" if instead else ""
                 v.append(
                     FieldViolation(
                         "advantages", f"unsupported: {name} uses one advantage per sequence{instead}"
