@@ -1,8 +1,10 @@
 """Policy objectives: per-token loss l, closed-form d l / d logp, gate weight, clip masks.
 
-Inputs per token: `ratio` rho (r = exp(clamp(logp - old)), or the sequence ratio s_i for gspo
-objectives), `dratio` = d rho / d logp (r where the log-ratio was not clamped, 0 where it was;
-s_i for gspo objectives, whose s_{i,t} = sg[s_i] exp(logp - sg[logp])), advantage `a`, `logp`.
+Inputs per token: `ratio` rho (r = exp(clamp(logp - old)), or the sequence ratio s_i for the
+sequence-ratio objectives gspo, gspo_token, sapo_seq and cispo_seq), `dratio` = d rho / d logp
+(r where the log-ratio was not clamped, 0 where it was; s_i for the sequence-ratio objectives,
+whose s_{i,t} = sg[s_i] exp(logp - sg[logp])), advantage `a`, `logp`. sapo_seq and cispo_seq
+are the sapo and cispo kinds on that ratio.
 
 gmpo clips as grpo does, but on the token's own log-ratio before the clamp (passed as `ratio`;
 its bounds -eps_low and eps_high: gmpo_bounds), with the loss -A s_i at every token (`value`,

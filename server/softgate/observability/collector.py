@@ -77,7 +77,8 @@ BATCH_SUMMARIES: tuple[tuple[str, str, str | None], ...] = (
 # carry no gradient).
 HISTOGRAMS: dict[str, tuple[str, tuple[str, ...], tuple[float, ...]]] = {
     "softgate_token_ratio": (
-        "Per-token importance ratio r (sequence ratio for gspo) of masked tokens, by advantage sign (pos, neg).",
+        "Per-token importance ratio r (the sequence ratio for gspo, gspo_token, sapo_seq, cispo_seq) "
+        "of masked tokens, by advantage sign (pos, neg).",
         ROS,
         RATIO_EDGES,
     ),
