@@ -1757,7 +1757,8 @@ def test_dppo_kl_reads_the_binary_kl_with_1e_8() -> None:
 
 
 def _trl_padded(lengths: list[int], seed: int):
-    """A padded [B, T] batch (logp, old, mask with trailing and inner zeros) and its ragged twin."""
+    """A padded [B, T] batch (logp, old, mask with trailing and inner zeros), where its rows' tokens
+    are (`keep`), and its ragged twin without advantages."""
     g = torch.Generator().manual_seed(seed)
     b, t = len(lengths), max(lengths)
     logp = -torch.rand(b, t, generator=g, dtype=F64) * 2 - 0.1
@@ -1765,7 +1766,28 @@ def _trl_padded(lengths: list[int], seed: int):
     mask = (torch.arange(t) < torch.tensor(lengths)[:, None]) & (torch.rand(b, t, generator=g) < 0.85)
     mask[:, 0] = True  # every row trains a token (TRL's seq-mean divides by every row)
     keep = torch.arange(t) < torch.tensor(lengths)[:, None]
-    return logp, old, mask, keep
+    ragged = Batch(
+        logp=logp[keep],
+        offsets=Batch.offsets_from_lengths(torch.tensor(lengths)),
+        old_logp=old[keep],
+        mask=mask[keep],
+    )
+    return logp, old, mask, keep, ragged
+
+
+def _trl_sequence_ratio(x: torch.Tensor, old: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """TRL's coef_1 at importance_sampling_level="sequence": exp of the row's masked mean log-ratio, [B, 1]."""
+    return torch.exp(((x - old) * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0))
+
+
+def _trl_aggregate(per_token_loss: torch.Tensor, m: torch.Tensor, agg: str) -> torch.Tensor:
+    """TRL's loss of a [B, T] per-token loss: grpo / sapo (rows' token means, averaged over every
+    row), bnpo (token mean) and dr_grpo (sum / (B T)), by softgate's mode names."""
+    if agg == "seq_mean_token_mean":
+        return ((per_token_loss * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+    if agg == "token_mean":
+        return (per_token_loss * m).sum() / m.sum().clamp(min=1.0)
+    return (per_token_loss * m).sum() / m.numel()
 
 
 @pytest.mark.parametrize(
@@ -1779,31 +1801,19 @@ def test_sapo_seq_is_trls_sequence_level_sapo(agg: str) -> None:
     TRL's aggregation of it. Loss and gradient agree (softgate's per-token form, s_i with
     gradient s_i at each token, has the same gradient with one advantage per sequence)."""
     lengths = [5, 3, 7, 1, 6]
-    logp, old, mask, keep = _trl_padded(lengths, 11)
+    logp, old, mask, keep, ragged = _trl_padded(lengths, 11)
     adv = torch.tensor([1.3, -0.6, 0.4, -1.1, 0.0], dtype=F64)
     tau_pos, tau_neg = 1.0, 1.05
     x = logp.clone().requires_grad_(True)
     m = mask.to(F64)
-    coef_1 = torch.exp(((x - old) * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0))
+    coef_1 = _trl_sequence_ratio(x, old, m)
     a = adv[:, None]
     tau = torch.where(a > 0, torch.tensor(tau_pos, dtype=F64), torch.tensor(tau_neg, dtype=F64))
     per_token_loss = -torch.sigmoid(tau * (coef_1 - 1)) * 4 / tau * a
-    b, t = logp.shape
-    if agg == "seq_mean_token_mean":
-        want = ((per_token_loss * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
-    elif agg == "token_mean":
-        want = (per_token_loss * m).sum() / m.sum().clamp(min=1.0)
-    else:
-        want = (per_token_loss * m).sum() / (b * t)
+    want = _trl_aggregate(per_token_loss, m, agg)
     (grad,) = torch.autograd.grad(want, x)
-    batch = Batch(
-        logp=logp[keep],
-        offsets=Batch.offsets_from_lengths(torch.tensor(lengths)),
-        old_logp=old[keep],
-        mask=mask[keep],
-        advantages=adv,
-    )
-    cfg = AggregationConfig(mode=agg, constant=float(b * t) if agg == "token_sum_norm" else None)
+    batch = dataclasses.replace(ragged, advantages=adv)
+    cfg = AggregationConfig(mode=agg, constant=float(m.numel()) if agg == "token_sum_norm" else None)
     res = E.loss(batch, LossConfig(objective=SapoSeq(tau_pos=tau_pos, tau_neg=tau_neg), aggregation=cfg))
     assert res.loss == pytest.approx(float(want.detach()), rel=1e-13)
     torch.testing.assert_close(res.grad, grad[keep], rtol=1e-12, atol=1e-15)
@@ -1825,28 +1835,18 @@ def test_cispo_seq_is_trls_sequence_level_cispo(agg: str) -> None:
     the sequence's exp(mean log-ratio); TRL's absolute cap E is eps_low = 1, eps_high = E - 1.
     Per-token advantages too: the weight is a constant of the gradient."""
     lengths = [5, 3, 7, 1, 6]
-    logp, old, mask, keep = _trl_padded(lengths, 12)
+    logp, old, mask, keep, ragged = _trl_padded(lengths, 12)
     b, t = logp.shape
     adv = torch.randn(b, t, generator=torch.Generator().manual_seed(4), dtype=F64)
     cap = 1.1
     x = logp.clone().requires_grad_(True)
     m = mask.to(F64)
-    coef_1 = torch.exp(((x - old) * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0))
+    coef_1 = _trl_sequence_ratio(x, old, m)
     assert bool((coef_1 > cap).any() and (coef_1 < cap).any())  # some sequences capped, some not
     per_token_loss = -torch.clamp(coef_1, max=cap).detach() * adv * x
-    if agg == "seq_mean_token_mean":
-        want = ((per_token_loss * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
-    else:
-        want = (per_token_loss * m).sum() / m.sum().clamp(min=1.0)
+    want = _trl_aggregate(per_token_loss, m, agg)
     (grad,) = torch.autograd.grad(want, x)
-    batch = Batch(
-        logp=logp[keep],
-        offsets=Batch.offsets_from_lengths(torch.tensor(lengths)),
-        old_logp=old[keep],
-        mask=mask[keep],
-        advantages=adv[keep],
-        advantage_level="token",
-    )
+    batch = dataclasses.replace(ragged, advantages=adv[keep], advantage_level="token")
     obj = CispoSeq(eps_low=1.0, eps_high=cap - 1)
     res = E.loss(batch, LossConfig(objective=obj, aggregation=AggregationConfig(mode=agg)))
     assert res.loss == pytest.approx(float(want.detach()), rel=1e-12)
