@@ -17,8 +17,8 @@ import torch
 from softgate.engine import ESTIMATORS, METRIC_NAMES, Batch, LossConfig
 from torch import Tensor
 
-# SPEC: only grpo divides by the group std unless `scale` says otherwise
-EPS_DEFAULT_SCALE = {e: "group" if e == "grpo" else "none" for e in ESTIMATORS}
+# SPEC: only grpo and grpo_passk divide by the group std unless `scale` says otherwise
+EPS_DEFAULT_SCALE = {e: "group" if e in ("grpo", "grpo_passk") else "none" for e in ESTIMATORS}
 
 
 def reference_advantages(
@@ -57,6 +57,10 @@ def reference_advantages(
                 a = rewards[i] - baseline
             elif cfg.estimator == "gpg":
                 a = a * alpha
+            elif cfg.estimator == "grpo_passk":  # the best alone: R_max - R_second, 0 if it is shared
+                best = max(rs)
+                alone = rs.count(best) == 1
+                a = best - max(x for x in rs if x != best) if alone and rewards[i] == best else 0.0
             if scale == "group":
                 a = a / (std + cfg.eps)
             elif scale == "batch":

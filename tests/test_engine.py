@@ -358,6 +358,9 @@ def test_estimators(est):
         torch.testing.assert_close(a, torch.tensor([2 / 3, -1 / 3, -1 / 3, -1.0, 1.0], dtype=F64))
     elif est == "gpg":  # dr_grpo's times B / #(R != 0) = 5 / 3
         torch.testing.assert_close(a, torch.tensor([10 / 9, -5 / 9, -5 / 9, -5 / 3, 5 / 3], dtype=F64))
+    elif est == "grpo_passk":  # each group's best alone: (R_max - R_second) / (std_g + eps)
+        s0, s1 = r[:3].std(), r[3:].std()
+        torch.testing.assert_close(a, torch.tensor([1 / (s0 + 1e-6), 0, 0, 0, 2 / (s1 + 1e-6)], dtype=F64))
     else:
         assert abs(float(a.mean())) < 1e-12 and float(a.std()) == pytest.approx(1.0, rel=1e-5)
     batch_scaled = E.advantages(r, g, AdvantageConfig(estimator="dr_grpo", scale="batch")).advantages
@@ -388,11 +391,28 @@ def _verl_opo_and_gpg(
     return opo, gpg
 
 
-def test_opo_and_gpg_are_verls():
-    """OPO (R minus the group's length-weighted mean) and GPG (B / #(R != 0) times R minus the
-    group mean) against verl's loops, through `loss` (the weights: each sequence's trained
-    tokens) and `advantages` (token_counts). A group of one gets 0 here, as every estimator's
-    does; verl gives it R (opo) or alpha R (gpg)."""
+def _verl_grpo_passk(scores: list[float], index: list[int], eps: float = 1e-6) -> dict[int, float]:
+    """verl's compute_grpo_passk_outcome_advantage (norm_adv_by_std_in_grpo) over the groups of
+    two or more (verl refuses a group of one): {sequence: advantage}."""
+    r = torch.tensor(scores, dtype=F64)
+    out: dict[int, float] = {}
+    for g in sorted(set(index)):
+        idx = [i for i, x in enumerate(index) if x == g]
+        if len(idx) < 2:
+            continue
+        rewards = r[idx]
+        topk, topk_idx = torch.topk(rewards, 2)
+        out.update(dict.fromkeys(idx, 0.0))
+        out[idx[int(topk_idx[0])]] = float((topk[0] - topk[1]) / (torch.std(rewards) + eps))
+    return out
+
+
+def test_opo_gpg_and_grpo_passk_are_verls():
+    """OPO (R minus the group's length-weighted mean), GPG (B / #(R != 0) times R minus the
+    group mean) and Pass@k (the best alone gets R_max - R_second over std + eps) against verl's
+    loops, through `loss` (the weights: each sequence's trained tokens) and `advantages`
+    (token_counts). A group of one gets 0 here, as every estimator's does; verl gives it R
+    (opo) or alpha R (gpg), and refuses it (grpo_passk)."""
     gen = torch.Generator().manual_seed(5)
     lengths = torch.randint(1, 9, (13,), generator=gen)
     rewards = torch.randint(0, 3, (13,), generator=gen).to(F64) / 2  # some 0, some groups all equal
@@ -412,6 +432,12 @@ def test_opo_and_gpg_are_verls():
         per_token = E.loss(b, LossConfig(advantages=cfg)).advantages
         assert torch.equal(per_token, got.repeat_interleave(lengths))
     assert any(x != y for x, y in zip(opo[:11], gpg[:11], strict=True))
+    # grpo_passk: group 0's best is alone (1 over 0.5), group 2's top is shared (0 for all)
+    rewards[0], rewards[8], rewards[9] = 1.0, 1.0, 1.0
+    passk = _verl_grpo_passk(rewards.tolist(), groups.tolist())
+    got = E.advantages(rewards, groups, AdvantageConfig(estimator="grpo_passk")).advantages
+    assert got[:11].tolist() == pytest.approx([passk[i] for i in range(11)], rel=1e-12, abs=1e-12)
+    assert got[:4].count_nonzero() == 1 and got[7:11].count_nonzero() == 0 and got[11:].tolist() == [0.0, 0.0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])

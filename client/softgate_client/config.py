@@ -134,7 +134,8 @@ def _given(**kw: float | None) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class AdvantageConfig:
-    """Outcome-reward estimator: `grpo`, `dr_grpo`, `rloo`, `reinforce_pp_baseline`, `opo`, `gpg`;
+    """Outcome-reward estimator: `grpo`, `dr_grpo`, `rloo`, `reinforce_pp_baseline`, `opo`, `gpg`,
+    `grpo_passk`;
     scale `group`, `batch`, `none` (None: the estimator's own default)."""
 
     estimator: str | None = None

@@ -218,8 +218,8 @@ def _default_cases(engine: Engine) -> list[dict[str, Any]]:
     """What the generated variants never hold (an audit): every parameter at its default, with
     old_logp, the mask and the advantage level unset; RLOO at its default (group) scale; k3 KL
     clamped from above on one trained token; eps, min_group_std, beta, the mismatch bounds
-    and the saturation threshold at values of their own; the k3_is KL estimator; the opo and
-    gpg estimators."""
+    and the saturation threshold at values of their own; the k3_is KL estimator; the opo,
+    gpg and grpo_passk estimators."""
     out = []
     b = random_batch(5151, max_seqs=5, max_len=5, advantages="rewards", with_mask=False, num_seqs=5)
     b.rewards = torch.tensor([0.0, 1.0, 0.5, 1.0, 0.0], dtype=torch.float64)
@@ -261,11 +261,12 @@ def _default_cases(engine: Engine) -> list[dict[str, Any]]:
     b = random_batch(5555, max_seqs=5, max_len=5, advantages="sequence", num_seqs=5, big_deltas=True)
     cfg = LossConfig(kl=KLConfig(estimator="k3_is", beta=0.3, aggregation="token_mean"))
     out.append(_case("sapo/kl_k3_is_token_mean", b, cfg, engine))
-    # opo: the baseline weighs each sequence by its trained tokens; gpg: alpha = B / #(R != 0)
+    # opo: the baseline weighs each sequence by its trained tokens; gpg: alpha = B / #(R != 0);
+    # grpo_passk: each group's best alone
     b = random_batch(5656, max_seqs=6, max_len=5, advantages="rewards", num_seqs=6)
     b.rewards = torch.tensor([0.0, 1.0, 0.5, 1.0, 0.0, 0.25], dtype=torch.float64)
     b.group_ids = torch.tensor([2, 2, 2, 5, 5, 5])
-    for est in ("opo", "gpg"):
+    for est in ("opo", "gpg", "grpo_passk"):
         cfg = LossConfig(advantages=AdvantageConfig(estimator=est))
         out.append(_case(f"sapo/{est}_estimator", b, cfg, engine))
     return out

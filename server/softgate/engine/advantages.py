@@ -1,5 +1,5 @@
 """Outcome-reward advantage estimators over groups (grpo, dr_grpo, rloo, reinforce_pp_baseline,
-opo, gpg).
+opo, gpg, grpo_passk).
 
 All group statistics are computed in float64 whatever the reward dtype. Groups are found with
 torch.unique(return_inverse=True) and reduced with index_add_/scatter_reduce, so they need not
@@ -26,6 +26,7 @@ DEFAULT_SCALE = {
     "reinforce_pp_baseline": "none",
     "opo": "none",
     "gpg": "none",
+    "grpo_passk": "group",
 }
 
 
@@ -83,6 +84,12 @@ def group_advantages(
     elif cfg.estimator == "gpg":
         # GPG's alpha = B / #(R != 0) over the batch
         a = a * (b / torch.count_nonzero(r).clamp(min=1).to(torch.float64))
+    elif cfg.estimator == "grpo_passk":
+        # Pass@k: the group's best member alone gets R_max - R_second (a tie at the top: 0 for all)
+        top = r == gmax[inv]
+        alone = group_sum(top.to(torch.float64))[inv] == 1
+        second = z.clone().scatter_reduce_(0, inv, r.masked_fill(top, -torch.inf), "amax", include_self=False)
+        a = torch.where(top & alone, (gmax - second)[inv], torch.zeros_like(r))
     scale = cfg.scale or DEFAULT_SCALE[cfg.estimator]
     if scale == "group":
         a = a / (std_g[inv] + cfg.eps)

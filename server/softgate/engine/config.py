@@ -252,7 +252,7 @@ OBJECTIVES: dict[str, type] = {
 
 # ---------------------------------------------------------------- the other choices
 
-Estimator = Literal["grpo", "dr_grpo", "rloo", "reinforce_pp_baseline", "opo", "gpg"]
+Estimator = Literal["grpo", "dr_grpo", "rloo", "reinforce_pp_baseline", "opo", "gpg", "grpo_passk"]
 ESTIMATORS: tuple[str, ...] = get_args(Estimator)
 Scale = Literal["group", "batch", "none"]
 AggregationMode = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm"]
@@ -261,7 +261,7 @@ AggregationMode = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_s
 @dataclass(frozen=True)
 class AdvantageConfig:
     """Outcome-reward advantage estimator; `scale=None` takes the estimator's own default
-    (group std for `grpo`, none for the others)."""
+    (group std for `grpo` and `grpo_passk`, none for the others)."""
 
     estimator: Estimator = "grpo"
     scale: Scale | None = None

@@ -60,6 +60,7 @@ ESTIMATOR_HELP = {
     "reinforce_pp_baseline": "REINFORCE++ baseline: R - group mean, whitened over the batch's trained tokens",
     "opo": "OPO: R - the group's mean weighted by each sequence's trained tokens",
     "gpg": "GPG: B / #(R != 0) x (R - group mean), over the batch's B sequences",
+    "grpo_passk": "Pass@k: the group's best alone gets (R_max - R_second) / (group std + eps), the others 0",
 }
 AGGREGATION_HELP = {
     "token_mean": "sum m l / N_tok",

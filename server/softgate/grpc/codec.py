@@ -668,6 +668,7 @@ _ESTIMATORS = {
     pb.ADVANTAGE_ESTIMATOR_REINFORCE_PP_BASELINE: "reinforce_pp_baseline",
     pb.ADVANTAGE_ESTIMATOR_OPO: "opo",
     pb.ADVANTAGE_ESTIMATOR_GPG: "gpg",
+    pb.ADVANTAGE_ESTIMATOR_GRPO_PASSK: "grpo_passk",
 }
 _SCALES = {
     pb.ADVANTAGE_SCALE_GROUP: "group",

@@ -35,6 +35,7 @@ class AdvantageEstimator(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ADVANTAGE_ESTIMATOR_REINFORCE_PP_BASELINE: _ClassVar[AdvantageEstimator]
     ADVANTAGE_ESTIMATOR_OPO: _ClassVar[AdvantageEstimator]
     ADVANTAGE_ESTIMATOR_GPG: _ClassVar[AdvantageEstimator]
+    ADVANTAGE_ESTIMATOR_GRPO_PASSK: _ClassVar[AdvantageEstimator]
 
 class AdvantageScale(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -95,6 +96,7 @@ ADVANTAGE_ESTIMATOR_RLOO: AdvantageEstimator
 ADVANTAGE_ESTIMATOR_REINFORCE_PP_BASELINE: AdvantageEstimator
 ADVANTAGE_ESTIMATOR_OPO: AdvantageEstimator
 ADVANTAGE_ESTIMATOR_GPG: AdvantageEstimator
+ADVANTAGE_ESTIMATOR_GRPO_PASSK: AdvantageEstimator
 ADVANTAGE_SCALE_UNSPECIFIED: AdvantageScale
 ADVANTAGE_SCALE_GROUP: AdvantageScale
 ADVANTAGE_SCALE_BATCH: AdvantageScale
