@@ -763,8 +763,9 @@ class SoftgateClient:
     ) -> AdvantagesResult:
         """Per-sequence advantages from per-sequence rewards and group ids. `token_counts`
         ([B] integers, each sequence's trained tokens): reinforce_pp_baseline's whitening
-        weights and opo's baseline weights, as `loss` weighs the sequences, so that micro-batches sent with these
-        advantages train on `loss`'s own values; None: every sequence weighs 1."""
+        weights and opo's baseline weights, as `loss` weighs the sequences, so that
+        micro-batches sent with these advantages train on `loss`'s own values; None: every
+        sequence weighs 1."""
         self._live()
         if config is not None and not isinstance(config, cfg.AdvantageConfig):
             raise invalid_argument(
@@ -823,9 +824,9 @@ class SoftgateClient:
 
         Configuration: a `config=LossConfig(...)` and/or flat keywords: `objective`
         ("sapo", "grpo", "gspo", "gspo_token", "cispo", "gppo", "gmpo", "dppo_tv", "dppo_kl",
-        "clip_cov", "kl_cov", "reinforce", "sapo_seq", "cispo_seq" or an Objective), its parameters (`tau_pos`, `tau_neg`,
-        `eps_low`, `eps_high`, `dual_clip`, `ratio_cap`, `fraction`, `cov_low`, `cov_high`,
-        `seed`, `coef`),
+        "clip_cov", "kl_cov", "reinforce", "sapo_seq", "cispo_seq" or an Objective), its
+        parameters (`tau_pos`, `tau_neg`, `eps_low`, `eps_high`, `dual_clip`, `ratio_cap`,
+        `fraction`, `cov_low`, `cov_high`, `seed`, `coef`),
         `estimator`, `scale`, `aggregation` (mode name), `num_tokens`, `num_seqs`, `constant`,
         `kl_beta`, `kl_estimator`, `mismatch=MismatchConfig(...)`, `log_ratio_clamp`,
         `saturation_threshold`, and `outputs=("ratio", "gate_weight", ...)`.

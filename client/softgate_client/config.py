@@ -83,9 +83,9 @@ def _plain_fields(obj: Any, path: str) -> None:
 @dataclass(frozen=True)
 class Objective:
     """An objective by name (`sapo`, `grpo`, `gspo`, `gspo_token`, `cispo`, `gppo`, `gmpo`,
-    `dppo_tv`, `dppo_kl`, `clip_cov`, `kl_cov`, `reinforce`, `sapo_seq`, `cispo_seq`) and its parameters (`tau_pos`,
-    `tau_neg`, `eps_low`, `eps_high`, `dual_clip`, `ratio_cap`, `fraction`, `cov_low`,
-    `cov_high`, `seed` (an integer), `coef`)."""
+    `dppo_tv`, `dppo_kl`, `clip_cov`, `kl_cov`, `reinforce`, `sapo_seq`, `cispo_seq`) and its
+    parameters (`tau_pos`, `tau_neg`, `eps_low`, `eps_high`, `dual_clip`, `ratio_cap`,
+    `fraction`, `cov_low`, `cov_high`, `seed` (an integer), `coef`)."""
 
     name: str = "sapo"
     params: dict[str, float] = field(default_factory=dict)

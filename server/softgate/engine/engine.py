@@ -215,8 +215,7 @@ class Engine:
         """Per-sequence advantages from rewards and group ids. reinforce_pp_baseline whitens over
         trained tokens in `loss` (opo's baseline weighs by them); here each sequence weighs its
         `token_counts` entry (its trained tokens: then the advantages equal `loss`'s bit for
-        bit), or 1 without them. Records no
-        autograd graph, as `loss` does not."""
+        bit), or 1 without them. Records no autograd graph, as `loss` does not."""
         with torch.no_grad():
             return self._advantages(rewards, group_ids, config, token_counts)
 

@@ -27,7 +27,8 @@ METRIC_NAMES: dict[str, str] = {
     "tokens_neg": "trained tokens with advantage < 0",
     "tokens_zero": "trained tokens with advantage exactly 0",
     # ratio
-    "ratio_mean": "mean importance ratio r over tokens (sequence ratio s_i for gspo, gspo_token, sapo_seq, cispo_seq); 1 if none",
+    "ratio_mean": "mean importance ratio r over tokens (sequence ratio s_i for gspo, gspo_token, sapo_seq, "
+    "cispo_seq); 1 if none",
     "ratio_min": "smallest ratio over tokens; 1 if none",
     "ratio_max": "largest ratio over tokens; 1 if none",
     "approx_kl": "mean of (old - logp) over tokens, unclamped; 0 if none",

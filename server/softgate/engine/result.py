@@ -34,8 +34,8 @@ class LossResult:
     # [N] per-token advantage A_{i,t}; advantages given per token, on the device and in the
     # compute dtype, come back as the caller's tensor itself, as `mask` does (not a copy)
     advantages: Tensor
-    # [N] r (token ratio; the sequence ratio s_i for gspo, gspo_token, sapo_seq and cispo_seq; gmpo's the token's
-    # own); 1 on masked tokens
+    # [N] r (token ratio; the sequence ratio s_i for gspo, gspo_token, sapo_seq and cispo_seq;
+    # gmpo's the token's own); 1 on masked tokens
     ratio: Tensor
     # [N] the factor by which the trust region scales the token's gradient, grad / grad with
     # nothing clipped: SAPO's w = 4p(1-p); 1 unclipped / 0 clipped for grpo, gspo, gmpo, clip_cov
