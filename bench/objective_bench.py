@@ -1,7 +1,8 @@
 """Each objective's cost in process, on the CPU: the compiled engine as `softgate serve` calls it
 for a request that wants the gradient alone (ratio and gate for a 32K-token sample), on one
-batch of per-sequence advantages, every objective at its defaults, and GRPO with a k3 or k3_is
-KL term. It runs under the process's allocator (bench/engine_bench.py preloads tcmalloc, as the
+batch of per-sequence advantages, every objective at its defaults, GRPO with a k3 or k3_is
+KL term, and GRPO with a token-level TIS or seq_mask (seq-mask-tis) mismatch correction (the
+same batch with rollout log-probs). It runs under the process's allocator (bench/engine_bench.py preloads tcmalloc, as the
 service ships; `LD_PRELOAD=libtcmalloc_minimal.so.4` for the same here).
 
     python bench/objective_bench.py            # 1024 sequences of 1024 tokens (about 2 minutes)
@@ -15,18 +16,24 @@ round-robin within each round, so that load from other processes hits them alike
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
 import torch
-from softgate.engine import OBJECTIVES, Batch, Engine, Grpo, KLConfig, LossConfig
+from softgate.engine import OBJECTIVES, Batch, Engine, Grpo, KLConfig, LossConfig, MismatchConfig
 
 
 def configs() -> dict[str, LossConfig]:
-    """Every objective at its defaults, then GRPO with each importance-weighted or plain k3."""
+    """Every objective at its defaults, then GRPO with each importance-weighted or plain k3, and
+    with each mismatch mode that weighs tokens by their own ratio."""
     out = {name: LossConfig(objective=cls()) for name, cls in OBJECTIVES.items()}
     for est in ("k3", "k3_is"):
         out[f"grpo + {est}"] = LossConfig(objective=Grpo(), kl=KLConfig(est, 0.01))
+    for mode in ("truncate", "seq_mask"):
+        out[f"grpo + {mode}"] = LossConfig(
+            objective=Grpo(), mismatch=MismatchConfig(mode=mode, lo=0.998, hi=1.002)
+        )
     return out
 
 
@@ -54,19 +61,23 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("--rounds must be at least 1")
     side = 256 if args.quick else 1024
     rounds = args.rounds or (5 if args.quick else 15)
-    b = batch(side, side)
+    plain = batch(side, side)
+    g = torch.Generator().manual_seed(1)
+    rollout = (plain.old_logp + 0.05 * torch.randn(side * side, generator=g)).clamp(max=-1e-3)
+    with_rollout = dataclasses.replace(plain, rollout_logp=rollout)
     engine = Engine(device="cpu", compile="sync")
     cfgs = configs()
-    for cfg in cfgs.values():
+    batches = {name: with_rollout if cfg.mismatch else plain for name, cfg in cfgs.items()}
+    for name, cfg in cfgs.items():
         for _ in range(3):
-            engine.loss(b, cfg, sample_tokens=32768)
+            engine.loss(batches[name], cfg, sample_tokens=32768)
     if engine.kernel is None or not engine.kernel.enabled:  # (an old torch: eager code, not this bench's)
         raise SystemExit("the engine did not compile (see its log): nothing to time")
     times: dict[str, list[float]] = {name: [] for name in cfgs}
     for _ in range(rounds):
         for name, cfg in cfgs.items():
             t = time.perf_counter()
-            engine.loss(b, cfg, sample_tokens=32768)
+            engine.loss(batches[name], cfg, sample_tokens=32768)
             times[name].append(time.perf_counter() - t)
     base = statistics.median(times["sapo"])
     print(

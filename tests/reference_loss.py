@@ -43,15 +43,18 @@ def reference_advantages(
         std = math.sqrt(math.fsum((x - mean) ** 2 for x in rs) / (n - 1)) if n > 1 else 0.0
         if n == 1 or max(rs) == min(rs) or std < cfg.min_group_std:
             n_degenerate += 1
-            for i in idx:
-                degenerate_seq[i] = True
-            continue
+            if cfg.estimator != "reinforce_pp":  # (no group baseline: its members keep their R)
+                for i in idx:
+                    degenerate_seq[i] = True
+                continue
         # opo: the mean weighted by trained tokens (the plain mean where they sum to 0)
         ws = [weights[i] for i in idx]
         baseline = math.fsum(w * x for w, x in zip(ws, rs, strict=True)) / sum(ws) if sum(ws) > 0 else mean
         for i in idx:
             a = rewards[i] - mean
-            if cfg.estimator == "rloo":
+            if cfg.estimator == "reinforce_pp":
+                a = rewards[i]
+            elif cfg.estimator == "rloo":
                 a = a * n / (n - 1)
             elif cfg.estimator == "opo":
                 a = rewards[i] - baseline
@@ -66,7 +69,7 @@ def reference_advantages(
             elif scale == "batch":
                 a = a / (batch_std + cfg.eps)
             adv[i] = a
-    if cfg.estimator == "reinforce_pp_baseline":
+    if cfg.estimator in ("reinforce_pp_baseline", "reinforce_pp"):
         # whiten over all trained tokens of the batch (degenerate members count with value 0)
         vals: list[float] = []
         for i, c in enumerate(weights):
@@ -294,6 +297,9 @@ def reference_loss(batch: Batch, config: LossConfig) -> Reference:
             v = torch.exp(o - ro) if mm.level == "token" else torch.exp((o - ro).sum()).repeat(counts[i])
             if mm.mode == "truncate":
                 v = torch.clamp(v, min=mm.floor, max=mm.cap)
+            elif mm.mode == "seq_mask":  # each token's own v; the sequence's geometric mean filters
+                geo = float(torch.exp((o - ro).mean())) if counts[i] > 0 else 1.0
+                v = v if mm.lo <= geo <= mm.hi else torch.zeros_like(v)
             else:
                 v = torch.where((v >= mm.lo) & (v <= mm.hi), v, torch.zeros_like(v))
             loss_t = loss_t * v.detach()
@@ -352,6 +358,7 @@ MISMATCH_OPTIONS = (
     ("token", "mask"),
     ("sequence", "truncate"),
     ("sequence", "mask"),
+    ("token", "seq_mask"),
 )
 
 
@@ -570,6 +577,8 @@ def near_boundary(batch: Batch, config: LossConfig, tol: float = 1e-7) -> bool:
             lv = (old - batch.rollout_logp.to(f64))[off[i] : off[i + 1]][mi]
             if mm.level == "sequence":
                 lv = lv.sum().reshape(1)
+            elif mm.mode == "seq_mask" and lv.numel() > 0:  # (its filter: the geometric mean)
+                lv = lv.mean().reshape(1)
             v = torch.exp(lv)
             for bd in [mm.cap, mm.floor] if mm.mode == "truncate" else [mm.lo, mm.hi]:
                 if bool(((v - bd).abs() < tol).any()):

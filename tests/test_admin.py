@@ -108,7 +108,7 @@ def test_routes_with_token(server) -> None:
         assert set(alg["advantages"]["estimators"]) == set(ESTIMATORS)
         assert "seq_mean_token_mean" in alg["aggregations"]["modes"]
         assert alg["kl"]["estimators"] == ["k1", "k2", "k3", "k1_st", "k3_st", "k3_is", "abs", "abs_st"]
-        assert set(alg["mismatch"]["modes"]) == {"truncate", "mask"}
+        assert set(alg["mismatch"]["modes"]) == {"truncate", "mask", "seq_mask"}
         assert alg["loss_defaults"]["saturation_threshold"] == 0.5
 
         runs = c.get("/v1/runs").json()

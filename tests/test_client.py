@@ -191,6 +191,13 @@ CASES = [
         {"objective": "reinforce", "estimator": "reinforce_pp_baseline"},
         LossConfig(objective=ec.Reinforce(), advantages=ec.AdvantageConfig("reinforce_pp_baseline")),
     ),
+    (
+        {"estimator": "reinforce_pp", "mismatch_mode": "seq_mask", "mismatch_lo": 0.95, "mismatch_hi": 1.05},
+        LossConfig(
+            advantages=ec.AdvantageConfig("reinforce_pp"),
+            mismatch=ec.MismatchConfig(mode="seq_mask", lo=0.95, hi=1.05),
+        ),
+    ),
 ]
 
 

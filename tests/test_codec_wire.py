@@ -391,6 +391,10 @@ def test_every_configuration_field_sent_is_decoded() -> None:
         pb.LossConfig(mismatch=pb.MismatchConfig(mode=pb.MISMATCH_MODE_TRUNCATE)), v
     )
     assert trunc.mismatch is not None and trunc.mismatch.mode == "truncate"
+    seq = codec.decode_loss_config(
+        pb.LossConfig(mismatch=pb.MismatchConfig(mode=pb.MISMATCH_MODE_SEQ_MASK)), v
+    )
+    assert seq.mismatch is not None and seq.mismatch.mode == "seq_mask"
 
 
 # (found missing by a mutation-testing audit)

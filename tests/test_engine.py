@@ -58,6 +58,7 @@ from softgate.engine.kernel import token_terms
 from softgate.engine.loss import compute_loss
 from softgate.engine.metrics import to_floats
 from softgate.engine.validation import REASON_CODES
+from torch import Tensor
 
 E = Engine(device="cpu", compile=False)
 F64 = torch.float64
@@ -300,8 +301,11 @@ def test_singleton_and_equal_groups_are_degenerate():
     assert res2.metrics["degenerate_group_frac"] == 1.0 and torch.all(res2.advantages == 0)
 
 
-@pytest.mark.parametrize("est", ESTIMATORS)
-@pytest.mark.parametrize("scale", [None, "group", "batch"])
+@pytest.mark.parametrize(
+    ("est", "scale"),
+    # (reinforce_pp's group scale is refused: test_reinforce_pp_refuses_the_group_scale)
+    [(e, s) for e in ESTIMATORS for s in (None, "group", "batch") if (e, s) != ("reinforce_pp", "group")],
+)
 def test_eps_0_gives_finite_advantages(est, scale):
     """eps=0 is accepted: a zero denominator (an equal group, a batch of one weighted value)
     whitens or scales to 0, not 0/0 (reinforce_pp_baseline with one trained sequence was
@@ -312,7 +316,11 @@ def test_eps_0_gives_finite_advantages(est, scale):
     adv = E.advantages(
         torch.tensor([0.0, 1.0, 5.0, 5.0]), torch.tensor([0, 0, 1, 2]), AdvantageConfig(est, scale, eps=0.0)
     ).advantages
-    assert torch.isfinite(adv).all() and adv[2:].tolist() == [0.0, 0.0]
+    # (reinforce_pp has no group baseline: groups of one keep their R)
+    assert torch.isfinite(adv).all() and (adv[2:].tolist() == [0.0, 0.0]) == (est != "reinforce_pp")
+    # one reward value in the whole batch (R / a batch std of 0 for reinforce_pp): 0 for all
+    same = E.advantages(torch.full((3,), 2.0), torch.tensor([0, 1, 1]), AdvantageConfig(est, scale, eps=0.0))
+    assert same.advantages.tolist() == [0.0] * 3
 
 
 @pytest.mark.parametrize("mask", [[1, 1, 1, 0, 0, 0], [0] * 6])
@@ -361,6 +369,8 @@ def test_estimators(est):
     elif est == "grpo_passk":  # each group's best alone: (R_max - R_second) / (std_g + eps)
         s0, s1 = r[:3].std(), r[3:].std()
         torch.testing.assert_close(a, torch.tensor([1 / (s0 + 1e-6), 0, 0, 0, 2 / (s1 + 1e-6)], dtype=F64))
+    elif est == "reinforce_pp":  # R with no baseline, whitened over the sequences (each weighs 1)
+        torch.testing.assert_close(a, (r - 1.4) / (r.std() + 1e-6))
     else:
         assert abs(float(a.mean())) < 1e-12 and float(a.std()) == pytest.approx(1.0, rel=1e-5)
     batch_scaled = E.advantages(r, g, AdvantageConfig(estimator="dr_grpo", scale="batch")).advantages
@@ -440,6 +450,80 @@ def test_opo_gpg_and_grpo_passk_are_verls():
     assert got[:4].count_nonzero() == 1 and got[7:11].count_nonzero() == 0 and got[11:].tolist() == [0.0, 0.0]
 
 
+def _verl_reinforce_plus_plus(
+    token_level_rewards: Tensor, response_mask: Tensor, gamma: float = 1.0
+) -> Tensor:
+    """verl's compute_reinforce_plus_plus_outcome_advantage with its masked_whiten (mean and
+    unbiased variance over the mask's tokens, (x - mean) * rsqrt(var + 1e-8)), written out."""
+    returns = torch.zeros_like(token_level_rewards)
+    running = torch.zeros(token_level_rewards.shape[0], dtype=F64)
+    for t in reversed(range(token_level_rewards.shape[1])):
+        running = token_level_rewards[:, t] + gamma * running
+        returns[:, t] = running
+        running = running * response_mask[:, t]  # "Reset after EOS"
+    m = response_mask.to(F64)
+    mean = (returns * m).sum() / m.sum()
+    var = ((returns - mean) ** 2 * m).sum() / m.sum() * (m.sum() / (m.sum() - 1))
+    return (returns - mean) * torch.rsqrt(var + 1e-8) * m
+
+
+def _openrlhf_reinforce(token_level_rewards: Tensor, action_mask: Tensor, gamma: float = 1.0) -> Tensor:
+    """OpenRLHF's `reinforce` estimator: get_cumulative_returns, then the experience maker's
+    normalisation over every action token (population variance, rsqrt(var.clamp(1e-8)))."""
+    rewards = token_level_rewards * action_mask
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros(rewards.shape[0], dtype=F64)
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + gamma * running
+        returns[:, t] = running
+    m = action_mask.to(F64)
+    mean = (returns * m).sum() / m.sum()
+    var = ((returns - mean) ** 2 * m).sum() / m.sum()
+    return (returns - mean) * var.clamp(min=1e-8).rsqrt() * m
+
+
+def test_reinforce_pp_is_verls_reinforce_plus_plus_and_openrlhfs_reinforce():
+    """REINFORCE++ at gamma 1 (both peers' default): the outcome reward at each response's last
+    token, its return R on every token, whitened over the batch's tokens with no baseline.
+    Padded [B, T] with the reward at the last response token, as both peers place it; groups
+    are not read (an all-equal group and a group of one keep their R)."""
+    gen = torch.Generator().manual_seed(11)
+    lengths = torch.tensor([3, 7, 1, 5, 4, 6, 2, 8])
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.5, 0.5, 0.0, 2.0], dtype=F64)
+    groups = torch.tensor([0, 0, 1, 1, 2, 2, 3, 4])  # groups 1, 2 all equal; 3 and 4 alone
+    t_max = int(lengths.max())
+    mask = torch.arange(t_max)[None, :] < lengths[:, None]
+    token_rewards = torch.zeros(len(lengths), t_max, dtype=F64)
+    token_rewards[torch.arange(len(lengths)), lengths - 1] = rewards
+    b = Batch(
+        logp=-torch.rand(int(lengths.sum()), generator=gen, dtype=F64),
+        offsets=Batch.offsets_from_lengths(lengths),
+        rewards=rewards,
+        group_ids=groups,
+    )
+    cfg = AdvantageConfig(estimator="reinforce_pp", eps=0.0)
+    got = E.loss(b, LossConfig(advantages=cfg)).advantages
+    verl = _verl_reinforce_plus_plus(token_rewards, mask)[mask]
+    torch.testing.assert_close(got, verl, rtol=1e-7, atol=0)  # (verl's + 1e-8 under the rsqrt)
+    # OpenRLHF's population variance: a factor sqrt(N / (N - 1)) from softgate's
+    n = int(lengths.sum())
+    torch.testing.assert_close(got * math.sqrt(n / (n - 1)), _openrlhf_reinforce(token_rewards, mask)[mask])
+    seq = E.advantages(rewards, groups, cfg, token_counts=lengths)
+    assert seq.advantages.count_nonzero() == len(lengths) and seq.metrics["degenerate_group_frac"] == 0.8
+    # unlike reinforce_pp_baseline, which zeroes the degenerate groups' members
+    base = E.advantages(rewards, groups, AdvantageConfig("reinforce_pp_baseline"), token_counts=lengths)
+    assert base.advantages[2:].count_nonzero() == 0
+
+
+def test_reinforce_pp_refuses_the_group_scale():
+    """reinforce_pp reads no groups: R over a group of one's std (0) + eps would be R / eps."""
+    cfg = AdvantageConfig(estimator="reinforce_pp", scale="group")
+    with pytest.raises(InputError) as err:
+        E.advantages(torch.tensor([1.0, 0.0]), torch.tensor([0, 1]), cfg)
+    ((v,),) = [err.value.violations]
+    assert v.field == "advantages.scale" and v.reason.startswith("unsupported: reinforce_pp reads no groups")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 def test_advantages_with_token_counts_equal_the_loss_whitening(dtype):
     """reinforce_pp_baseline whitens over trained tokens inside `loss`; `advantages` without
@@ -462,13 +546,14 @@ def test_advantages_with_token_counts_equal_the_loss_whitening(dtype):
         rewards=rewards,
         group_ids=groups,
     )
-    cfg = AdvantageConfig(estimator="reinforce_pp_baseline")
-    per_token = E.loss(b, LossConfig(advantages=cfg)).advantages
     counts = torch.stack([m.sum() for m in mask.split(lengths.tolist())])
-    counted = E.advantages(rewards, groups, cfg, token_counts=counts).advantages
-    assert torch.equal(counted.repeat_interleave(lengths), per_token)
-    unweighted = E.advantages(rewards, groups, cfg).advantages
-    assert not torch.equal(unweighted.repeat_interleave(lengths), per_token)  # (what the test guards)
+    for est in ("reinforce_pp_baseline", "reinforce_pp"):
+        cfg = AdvantageConfig(estimator=est)
+        per_token = E.loss(b, LossConfig(advantages=cfg)).advantages
+        counted = E.advantages(rewards, groups, cfg, token_counts=counts).advantages
+        assert torch.equal(counted.repeat_interleave(lengths), per_token)
+        unweighted = E.advantages(rewards, groups, cfg).advantages
+        assert not torch.equal(unweighted.repeat_interleave(lengths), per_token)  # (what the test guards)
     # ... and opo's baseline weighs them: the same agreement
     opo = AdvantageConfig(estimator="opo")
     weighted = E.advantages(rewards, groups, opo, token_counts=counts).advantages
@@ -1093,6 +1178,82 @@ EC = None
 CODES = 1 << 15  # sample_tokens above the batch's size: ratio and gate whole, with their bucket codes
 
 
+def _openrlhf_seq_mask_tis(
+    logp: Tensor, old: Tensor, rollout: Tensor, adv: Tensor, mask: Tensor, lo: float, hi: float
+) -> Tensor:
+    """OpenRLHF's PolicyLoss (ppo, clip 0.2, token_level_loss) with vllm_is_correction_type
+    "seq-mask-tis", written out on padded [B, T] tensors: the loss."""
+    m = mask.to(F64)
+    ratio = (logp - old).exp()
+    surr1, surr2 = ratio * adv, ratio.clamp(0.8, 1.2) * adv
+    loss = -torch.min(surr1, surr2)
+    log_ratio = old - rollout
+    seq_is = torch.exp((log_ratio * m).sum(-1) / m.sum(-1))  # masked_mean(..., dim=-1)
+    seq_mask = (seq_is >= lo) & (seq_is <= hi)
+    loss = seq_mask.unsqueeze(-1) * torch.exp(log_ratio).detach() * loss
+    return (loss * m).sum() / m.sum()
+
+
+def test_seq_mask_is_openrlhfs_seq_mask_tis():
+    """mismatch mode seq_mask: each token weighs its own exp(old - rollout), not truncated, and
+    a sequence whose geometric-mean weight is outside [lo, hi] drops out (its tokens stay in
+    the normalisers), as OpenRLHF's seq-mask-tis; NeMo-RL's is the same formula. Loss and
+    gradient against autograd of the peer's code, with holes in the mask."""
+    gen = torch.Generator().manual_seed(23)
+    lengths = torch.tensor([4, 1, 6, 3, 5, 2])
+    bsz, t_max = len(lengths), int(lengths.max())
+    pad = torch.arange(t_max)[None, :] < lengths[:, None]
+    mask = pad & (torch.rand(bsz, t_max, generator=gen) > 0.2)
+    mask[:, 0] = True
+    old = -torch.rand(bsz, t_max, generator=gen, dtype=F64) - 1.5
+    logp = old + 0.15 * torch.randn(bsz, t_max, generator=gen, dtype=F64)
+    rollout = old + 0.4 * torch.randn(bsz, t_max, generator=gen, dtype=F64)
+    adv = torch.tensor([1.0, -0.5, 0.7, -1.2, 0.3, 2.0], dtype=F64)
+    lo, hi = 0.85, 1.15
+    geo = torch.exp(((old - rollout) * mask).sum(-1) / mask.sum(-1))
+    kept = (geo >= lo) & (geo <= hi)
+    assert 0 < int(kept.sum()) < bsz  # (both kinds in the batch)
+    leaf = logp.clone().requires_grad_(True)
+    want = _openrlhf_seq_mask_tis(leaf, old, rollout, adv[:, None], mask, lo, hi)
+    (want_grad,) = torch.autograd.grad(want, leaf)
+    b = Batch(
+        logp=logp[pad],
+        old_logp=old[pad],
+        rollout_logp=rollout[pad],
+        mask=mask[pad],
+        offsets=Batch.offsets_from_lengths(lengths),
+        advantages=adv,
+    )
+    cfg = LossConfig(
+        objective=Grpo(eps_low=0.2, eps_high=0.2),
+        aggregation=AggregationConfig(mode="token_mean"),
+        mismatch=MismatchConfig(mode="seq_mask", lo=lo, hi=hi),
+    )
+    res = E.loss(b, cfg)
+    assert res.loss == pytest.approx(float(want.detach()), rel=1e-12)
+    torch.testing.assert_close(res.grad, want_grad[pad], rtol=1e-12, atol=1e-15)
+    # the dropped sequences' trained tokens count as changed; a kept one's weights are its own
+    dropped = (~kept[:, None] & mask)[pad]
+    assert res.metrics["mismatch_clipped_frac"] == pytest.approx(int(dropped.sum()) / int(mask.sum()))
+    assert float(torch.exp(old - rollout)[mask & kept[:, None]].max()) > hi  # (untruncated)
+
+
+def test_seq_mask_refuses_the_sequence_level_and_a_floor():
+    """seq_mask weighs each token by its own weight: the sequence level is refused, and so is
+    a floor (a truncate bound it never reads), each naming its field."""
+    b = random_batch(3, max_seqs=3, max_len=4)
+    for mm, field in (
+        (MismatchConfig(level="sequence", mode="seq_mask"), "mismatch.level"),
+        (MismatchConfig(mode="seq_mask", floor=0.5), "mismatch.floor"),
+        (MismatchConfig(mode="seq_mask", lo=1.5, hi=1.2), "mismatch.lo"),
+    ):
+        with pytest.raises(InputError) as err:
+            E.loss(b, LossConfig(mismatch=mm))
+        ((v,),) = [err.value.violations]
+        assert v.field == field, v
+        assert v.reason.split(":")[0] in ("unsupported", "out_of_range"), v
+
+
 @needs_compile
 @pytest.mark.parametrize(
     "dtype,name,kl,mm,clamp,agg,adv,sample",
@@ -1126,6 +1287,8 @@ CODES = 1 << 15  # sample_tokens above the batch's size: ratio and gate whole, w
         # sapo's gate on the sequence ratio
         (F64, "sapo_seq", "k3", ("token", "truncate"), 20.0, "seq_mean_token_mean", "rewards", CODES),
         (torch.float32, "cispo_seq", None, None, 20.0, "token_mean", "token", CODES),
+        # each token's own mismatch weight, filtered by its sequence's geometric mean
+        (torch.float32, "grpo", None, ("token", "seq_mask"), 20.0, "token_mean", "sequence", CODES),
     ],
 )
 def test_compiled_kernel_matches_eager(dtype, name, kl, mm, clamp, agg, adv, sample, caplog):
@@ -1133,7 +1296,10 @@ def test_compiled_kernel_matches_eager(dtype, name, kl, mm, clamp, agg, adv, sam
     EC = EC or Engine(device="cpu", compile=True)
     b = random_batch(17, max_seqs=12, max_len=30, dtype=dtype, big_deltas=True, advantages=adv)
     cfg = make_config(name, agg, kl, mm, variant=1, clamp=clamp)
+    if mm == ("token", "seq_mask"):  # a window that drops some sequences (a quarter) and keeps others
+        cfg = dataclasses.replace(cfg, mismatch=dataclasses.replace(cfg.mismatch, lo=0.9, hi=1.1))
     r_e = E.loss(b, cfg, sample_tokens=sample)
+    assert mm != ("token", "seq_mask") or 0 < r_e.metrics["mismatch_clipped_frac"] < 1
     with caplog.at_level(logging.WARNING, logger="softgate.engine.compiled"):
         r_c = EC.loss(b, cfg, sample_tokens=sample)
     assert EC.kernel.enabled, "compilation fell back to eager"

@@ -87,8 +87,11 @@ def test_to_floats_never_turns_a_non_finite_loss_into_0(key: str, value: float) 
 # ---------------------------------------------------------------- non-finite advantages
 
 
-@pytest.mark.parametrize("scale", ["group", "batch"])
-@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize(
+    ("estimator", "scale"),
+    # (reinforce_pp's group scale is refused as unsupported: it reads no groups)
+    [(e, s) for e in ESTIMATORS for s in ("group", "batch") if (e, s) != ("reinforce_pp", "group")],
+)
 def test_non_finite_advantages_are_refused_by_every_estimator(estimator: str, scale: str) -> None:
     """With eps = 0 a reward spread whose squares underflow divides by a std of 0: inf.
     reinforce_pp_baseline's whitening turned those into 0 for every sequence (loss 0, no

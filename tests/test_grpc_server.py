@@ -211,6 +211,20 @@ CONFIGS: dict[str, tuple[LossConfig, pb.LossConfig]] = {
             ),
         ),
     ),
+    "grpo-reinforce_pp-seq_mask": (
+        LossConfig(
+            objective=Grpo(),
+            advantages=AdvantageConfig(estimator="reinforce_pp", scale="batch"),
+            mismatch=MismatchConfig(mode="seq_mask", lo=0.997, hi=1.003),
+        ),
+        pb.LossConfig(
+            objective=pb.Objective(grpo=pb.GrpoParams()),
+            advantages=pb.AdvantageConfig(
+                estimator=pb.ADVANTAGE_ESTIMATOR_REINFORCE_PP, scale=pb.ADVANTAGE_SCALE_BATCH
+            ),
+            mismatch=pb.MismatchConfig(mode=pb.MISMATCH_MODE_SEQ_MASK, lo=0.997, hi=1.003),
+        ),
+    ),
 }
 ALL_OUTPUTS = pb.OutputSelection(advantages=True, ratio=True, gate_weight=True, clip_mask=True, mask=True)
 RESULT_ATTR = {
@@ -395,7 +409,7 @@ def test_list_algorithms(stub: pb_grpc.LossServiceStub) -> None:
         "token_sum_norm",
     }
     assert {k.name for k in r.kl_estimators} == {"k1", "k2", "k3", "k1_st", "k3_st", "k3_is", "abs", "abs_st"}
-    assert {m.name for m in r.mismatch_modes} == {"truncate", "mask"}
+    assert {m.name for m in r.mismatch_modes} == {"truncate", "mask", "seq_mask"}
     # each list's default first, as the proto says (found by an audit: only objectives were)
     firsts = [x[0].name for x in (r.advantage_estimators, r.aggregations, r.kl_estimators, r.mismatch_modes)]
     assert firsts == ["grpo", "seq_mean_token_mean", "k3", "truncate"]
@@ -459,6 +473,7 @@ def test_given_advantages_per_sequence_and_per_token(stub: pb_grpc.LossServiceSt
         "kl_cov-kl",
         "sapo_seq-token-mean",
         "grpo-opo",  # its baseline weighs trained tokens of groups that span chunks
+        "grpo-reinforce_pp-seq_mask",  # whitened over every chunk's tokens
     ],
 )
 def test_stream_loss_equals_unary(stub: pb_grpc.LossServiceStub, name: str) -> None:

@@ -762,7 +762,7 @@ class SoftgateClient:
         run: str | None = None,
     ) -> AdvantagesResult:
         """Per-sequence advantages from per-sequence rewards and group ids. `token_counts`
-        ([B] integers, each sequence's trained tokens): reinforce_pp_baseline's whitening
+        ([B] integers, each sequence's trained tokens): the reinforce_pp(_baseline) whitening
         weights and opo's baseline weights, as `loss` weighs the sequences, so that
         micro-batches sent with these advantages train on `loss`'s own values; None: every
         sequence weighs 1."""

@@ -135,7 +135,7 @@ def _given(**kw: float | None) -> dict[str, float]:
 @dataclass(frozen=True)
 class AdvantageConfig:
     """Outcome-reward estimator: `grpo`, `dr_grpo`, `rloo`, `reinforce_pp_baseline`, `opo`, `gpg`,
-    `grpo_passk`;
+    `grpo_passk`, `reinforce_pp`;
     scale `group`, `batch`, `none` (None: the estimator's own default)."""
 
     estimator: str | None = None
@@ -181,7 +181,8 @@ class KLConfig:
 
 @dataclass(frozen=True)
 class MismatchConfig:
-    """Train/inference mismatch weight: level `token` / `sequence`, mode `truncate` / `mask`."""
+    """Train/inference mismatch weight: level `token` / `sequence`, mode `truncate` / `mask` /
+    `seq_mask` (token level: OpenRLHF's seq-mask-tis)."""
 
     level: str | None = None
     mode: str | None = None

@@ -218,8 +218,8 @@ def _default_cases(engine: Engine) -> list[dict[str, Any]]:
     """What the generated variants never hold (an audit): every parameter at its default, with
     old_logp, the mask and the advantage level unset; RLOO at its default (group) scale; k3 KL
     clamped from above on one trained token; eps, min_group_std, beta, the mismatch bounds
-    and the saturation threshold at values of their own; the k3_is KL estimator; the opo,
-    gpg and grpo_passk estimators."""
+    and the saturation threshold at values of their own; the seq_mask mismatch mode; the
+    k3_is KL estimator; the opo, gpg, grpo_passk and reinforce_pp estimators."""
     out = []
     b = random_batch(5151, max_seqs=5, max_len=5, advantages="rewards", with_mask=False, num_seqs=5)
     b.rewards = torch.tensor([0.0, 1.0, 0.5, 1.0, 0.0], dtype=torch.float64)
@@ -257,18 +257,26 @@ def _default_cases(engine: Engine) -> list[dict[str, Any]]:
     m = out[-1]["outputs"]["metrics"]
     assert 0 < m["degenerate_group_frac"] < 1 and m["mismatch_clipped_frac"] > 0, m
     assert m["gate_saturation_pos"] + m["gate_saturation_neg"] > 0, m
+    # seq_mask (seq-mask-tis): each token's own weight, a sequence dropped by its geometric mean
+    cfg = LossConfig(mismatch=MismatchConfig(mode="seq_mask", lo=0.9, hi=1.1))
+    out.append(_case("sapo/mismatch_seq_mask", b, cfg, engine))
+    assert 0 < out[-1]["outputs"]["metrics"]["mismatch_clipped_frac"] < 1
     # k3_is: k3 weighted by the token's ratio, gradient -x r (TRL's use_bias_correction_kl)
     b = random_batch(5555, max_seqs=5, max_len=5, advantages="sequence", num_seqs=5, big_deltas=True)
     cfg = LossConfig(kl=KLConfig(estimator="k3_is", beta=0.3, aggregation="token_mean"))
     out.append(_case("sapo/kl_k3_is_token_mean", b, cfg, engine))
     # opo: the baseline weighs each sequence by its trained tokens; gpg: alpha = B / #(R != 0);
-    # grpo_passk: each group's best alone
+    # grpo_passk: each group's best alone; reinforce_pp: R whitened, no baseline
     b = random_batch(5656, max_seqs=6, max_len=5, advantages="rewards", num_seqs=6)
     b.rewards = torch.tensor([0.0, 1.0, 0.5, 1.0, 0.0, 0.25], dtype=torch.float64)
     b.group_ids = torch.tensor([2, 2, 2, 5, 5, 5])
-    for est in ("opo", "gpg", "grpo_passk"):
+    for est in ("opo", "gpg", "grpo_passk", "reinforce_pp"):
         cfg = LossConfig(advantages=AdvantageConfig(estimator=est))
         out.append(_case(f"sapo/{est}_estimator", b, cfg, engine))
+    # reinforce_pp reads no groups: an all-equal group's members keep their R
+    b.rewards = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.5, 0.0], dtype=torch.float64)
+    cfg = LossConfig(advantages=AdvantageConfig(estimator="reinforce_pp"))
+    out.append(_case("sapo/reinforce_pp_equal_group", b, cfg, engine))
     return out
 
 

@@ -1,12 +1,13 @@
 """Outcome-reward advantage estimators over groups (grpo, dr_grpo, rloo, reinforce_pp_baseline,
-opo, gpg, grpo_passk).
+opo, gpg, grpo_passk), and REINFORCE++ (reinforce_pp), which reads no groups.
 
 All group statistics are computed in float64 whatever the reward dtype. Groups are found with
 torch.unique(return_inverse=True) and reduced with index_add_/scatter_reduce, so they need not
 be contiguous; on CUDA the sums go through the rewards sorted by group and a segmented
 reduction instead, which gives the same bits on every call (see segments.py). A group is
 degenerate when it has one member, all its rewards are equal, or its unbiased std is below
-`min_group_std`; every member of a degenerate group gets advantage 0.
+`min_group_std`; every member of a degenerate group gets advantage 0, but under reinforce_pp,
+which has no group baseline (its degenerate groups are still counted).
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ DEFAULT_SCALE = {
     "opo": "none",
     "gpg": "none",
     "grpo_passk": "group",
+    "reinforce_pp": "none",
 }
+# whitened over the batch's trained tokens after the estimator (and its scale)
+WHITENED = ("reinforce_pp_baseline", "reinforce_pp")
 
 
 @dataclass
@@ -72,7 +76,7 @@ def group_advantages(
     gmin = z.clone().scatter_reduce_(0, inv, r, "amin", include_self=False)
     degenerate_g = (cnt <= 1) | (gmax == gmin) | (std_g < cfg.min_group_std)
 
-    a = dev
+    a = r if cfg.estimator == "reinforce_pp" else dev
     if cfg.estimator == "rloo":
         a = a * (cnt / (cnt - 1).clamp(min=1))[inv]
     elif cfg.estimator == "opo":
@@ -95,31 +99,38 @@ def group_advantages(
         a = a / (std_g[inv] + cfg.eps)
     elif scale == "batch":
         bstd = r.std() if b > 1 else torch.zeros((), dtype=torch.float64, device=r.device)
-        a = a / (bstd + cfg.eps)
+        # a batch of one reward value: every group is degenerate (0), and reinforce_pp's R
+        # whitens to 0 (not R / 0 at eps 0)
+        same = gmax.amax() == gmin.amin() if g > 0 else torch.ones((), dtype=torch.bool, device=r.device)
+        a = torch.where(same, a, a / (bstd + cfg.eps))
     degenerate = degenerate_g[inv]
-    if cfg.estimator == "reinforce_pp_baseline":
-        # degenerate members enter the whitening statistics as the 0 they get (a group caught
-        # by min_group_std alone still has non-zero R - mean_g)
-        a = torch.where(degenerate, torch.zeros_like(a), a)
-        w = torch.ones_like(a) if weights is None else weights.to(torch.float64)
-        sw = w.sum()
-        # shifted by one weighted sequence's value: when every weighted value is the same, mu
-        # is exactly that value and the whitened advantages exactly 0 (not rounding noise / eps)
-        c = a[torch.argmax((w > 0).to(torch.int8))] if b > 0 else torch.zeros_like(sw)
-        mu = c + (w * (a - c)).sum() / sw.clamp(min=1e-300)
-        var = torch.where(
-            sw > 1, (w * (a - mu) ** 2).sum() / (sw - 1).clamp(min=1e-300), torch.zeros_like(sw)
-        )
-        # no spread among the weighted values (all equal, or none weighted): they whiten to 0,
-        # and so do the sequences without trained tokens, not to (a - mu) / eps
-        white = torch.where(var > 0, (a - mu) / (var.sqrt() + cfg.eps), torch.zeros_like(a))
-        # an inf advantage (a spread that underflows, eps = 0) makes mu and var NaN: kept, so
-        # that it is refused as `overflow` as the other estimators' are, not whitened to 0
-        a = torch.where(torch.isfinite(var), white, a)
-    a = torch.where(degenerate, torch.zeros_like(a), a)
+    # reinforce_pp has no baseline: a member of an all-equal group still has its R to whiten
+    zeroed = torch.zeros_like(degenerate) if cfg.estimator == "reinforce_pp" else degenerate
+    if cfg.estimator in WHITENED:
+        a = _whiten(torch.where(zeroed, torch.zeros_like(a), a), weights, cfg.eps)
+    a = torch.where(zeroed, torch.zeros_like(a), a)
     frac = (
         degenerate_g.to(torch.float64).mean()
         if g > 0
         else torch.zeros((), dtype=torch.float64, device=r.device)
     )
     return GroupAdvantages(a, degenerate, g, frac)
+
+
+def _whiten(a: Tensor, weights: Tensor | None, eps: float) -> Tensor:
+    """(a - mu) / (std + eps), mu and the unbiased std over the trained tokens (each sequence
+    weighing `weights`, its trained tokens; None: 1). Degenerate members enter with the 0 they
+    get (a group caught by min_group_std alone still has non-zero R - mean_g)."""
+    w = torch.ones_like(a) if weights is None else weights.to(torch.float64)
+    sw = w.sum()
+    # shifted by one weighted sequence's value: when every weighted value is the same, mu
+    # is exactly that value and the whitened advantages exactly 0 (not rounding noise / eps)
+    c = a[torch.argmax((w > 0).to(torch.int8))] if a.numel() > 0 else torch.zeros_like(sw)
+    mu = c + (w * (a - c)).sum() / sw.clamp(min=1e-300)
+    var = torch.where(sw > 1, (w * (a - mu) ** 2).sum() / (sw - 1).clamp(min=1e-300), torch.zeros_like(sw))
+    # no spread among the weighted values (all equal, or none weighted): they whiten to 0,
+    # and so do the sequences without trained tokens, not to (a - mu) / eps
+    white = torch.where(var > 0, (a - mu) / (var.sqrt() + eps), torch.zeros_like(a))
+    # an inf advantage (a spread that underflows, eps = 0) makes mu and var NaN: kept, so
+    # that it is refused as `overflow` as the other estimators' are, not whitened to 0
+    return torch.where(torch.isfinite(var), white, a)

@@ -252,7 +252,9 @@ OBJECTIVES: dict[str, type] = {
 
 # ---------------------------------------------------------------- the other choices
 
-Estimator = Literal["grpo", "dr_grpo", "rloo", "reinforce_pp_baseline", "opo", "gpg", "grpo_passk"]
+Estimator = Literal[
+    "grpo", "dr_grpo", "rloo", "reinforce_pp_baseline", "opo", "gpg", "grpo_passk", "reinforce_pp"
+]
 ESTIMATORS: tuple[str, ...] = get_args(Estimator)
 Scale = Literal["group", "batch", "none"]
 AggregationMode = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm"]
@@ -291,10 +293,11 @@ class KLConfig:
 class MismatchConfig:
     """Train/inference mismatch weight v = exp(old - rollout), token or sequence level,
     truncated at `cap` (TIS; weights below `floor` raised to it, 0: none) or zeroed outside
-    [lo, hi] (mask, "IcePop")."""
+    [lo, hi] (mask, "IcePop"); seq_mask (token level, OpenRLHF's seq-mask-tis): each token's
+    own v, zeroed in a sequence whose geometric-mean weight is outside [lo, hi]."""
 
     level: Literal["token", "sequence"] = "token"
-    mode: Literal["truncate", "mask"] = "truncate"
+    mode: Literal["truncate", "mask", "seq_mask"] = "truncate"
     cap: float = 2.0
     lo: float = 0.5
     hi: float = 2.0

@@ -212,7 +212,7 @@ class Engine:
     def advantages(
         self, rewards: Tensor, group_ids: Tensor, config: AdvantageConfig, token_counts: Tensor | None = None
     ) -> AdvantageResult:
-        """Per-sequence advantages from rewards and group ids. reinforce_pp_baseline whitens over
+        """Per-sequence advantages from rewards and group ids. reinforce_pp(_baseline) whiten over
         trained tokens in `loss` (opo's baseline weighs by them); here each sequence weighs its
         `token_counts` entry (its trained tokens: then the advantages equal `loss`'s bit for
         bit), or 1 without them. Records no autograd graph, as `loss` does not."""

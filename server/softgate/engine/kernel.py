@@ -227,7 +227,7 @@ def token_terms(
     where something is per sequence: adv, w, sratio or lvseq), and as configured sratio ([B],
     gspo, gmpo), sel (clip_cov, kl_cov: the covariance selection, uint8 0 / 1 like m), ref
     (KL), wkl (the KL term's own aggregation weight, like w; absent: w), rollout or lvseq
-    (mismatch, token or sequence level). A per-sequence w, wkl, adv, sratio or lvseq may come expanded
+    (mismatch, token or sequence level; seq_mask both, lvseq its [B] mean log-weight). A per-sequence w, wkl, adv, sratio or lvseq may come expanded
     to its tokens instead, as w_tok, adv_tok, ... (per_token; then
     there is no ids): the CPU engine expands them on the host, since inductor's CPU code
     gathers lane by lane. With grad_out ([N], compute_loss's) the gradient is stored there
@@ -275,8 +275,12 @@ def token_terms(
     lpol, gpol, gfree = pt.loss, pt.grad, pt.grad_free
     if mismatch is not None:
         level, mode = mismatch
-        lv = per_token(t, "lvseq", ids) if level == "sequence" else torch.where(m, old - t["rollout"], zero)
-        v, vch = mismatch_weights(mode, lv, prm)
+        if level == "sequence":
+            lv, lgeo = per_token(t, "lvseq", ids), None
+        else:  # (seq_mask: each token's own weight, its sequence's mean log-weight as the filter)
+            lv = torch.where(m, old - t["rollout"], zero)
+            lgeo = per_token(t, "lvseq", ids) if mode == "seq_mask" else None
+        v, vch = mismatch_weights(mode, lv, prm, lgeo)
         lpol, gpol, gfree = lpol * v, gpol * v, gfree * v
         total("v_sum", torch.where(m, v, zero))
         count("v_changed", vch & m)

@@ -36,7 +36,7 @@ from softgate.engine.covariance import covariance_selection
 from softgate.engine.errors import FieldViolation, InputError
 from softgate.engine.kernel import EXPANDED, Terms, derived_terms, kernel_layout, kernel_params
 from softgate.engine.metrics import METRIC_NAMES, to_floats
-from softgate.engine.mismatch import mismatch_log_weights
+from softgate.engine.mismatch import sequence_log_weights
 from softgate.engine.objectives import OBJECTIVE_KIND, gmpo_bounds
 from softgate.engine.result import LossResult
 from softgate.engine.segments import Segments, host_shortcuts
@@ -194,10 +194,10 @@ def _compute_loss(
     if mm is not None:
         assert batch.rollout_logp is not None
         rollout = _cast(batch.rollout_logp, dt)
-        if mm.level == "sequence":
+        if mm.level == "sequence" or mm.mode == "seq_mask":  # (seq_mask: the mean, its filter)
             lv_raw = torch.where(m, old - rollout, torch.zeros_like(logp))
-            t["lvseq"] = mismatch_log_weights("sequence", lv_raw, seg)
-        else:
+            t["lvseq"] = sequence_log_weights(lv_raw, seg, ylen, mean=mm.level == "token")
+        if mm.level == "token":
             t["rollout"] = rollout
     if config.kl is not None:
         assert batch.ref_logp is not None

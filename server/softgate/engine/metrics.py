@@ -52,7 +52,8 @@ METRIC_NAMES: dict[str, str] = {
     # advantages and rewards
     "adv_mean": "mean advantage over tokens (ComputeAdvantages: over sequences); 0 if none",
     "adv_std": "population std of the advantage over tokens (ComputeAdvantages: over sequences); 0 if none",
-    "degenerate_group_frac": "share of groups with no learning signal (singleton, all-equal rewards or std < min_group_std); 0 without groups",
+    "degenerate_group_frac": "share of groups with no learning signal (singleton, all-equal rewards or std < min_group_std; "
+    "reinforce_pp, which reads no groups, counts them too); 0 without groups",
     "reward_mean": "mean reward over sequences; 0 without rewards",
     "reward_std": "population std of rewards over sequences; 0 without rewards",
     # KL and mismatch
@@ -60,7 +61,8 @@ METRIC_NAMES: dict[str, str] = {
     "kl_clamped_tokens": "tokens whose k3 (k3_st, k3_is) KL log-ratio ref - logp was above log_ratio_clamp "
     "(k1, k2, k1_st, abs, abs_st: 0)",
     "mismatch_weight_mean": "mean train/inference mismatch weight v over tokens; 1 without correction",
-    "mismatch_clipped_frac": "share of tokens whose v was clamped to [floor, cap] or zeroed outside [lo, hi]; 0 without correction",
+    "mismatch_clipped_frac": "share of tokens whose v was clamped to [floor, cap] or zeroed outside [lo, hi] "
+    "(seq_mask: the tokens of the sequences it dropped); 0 without correction",
 }
 
 

@@ -1,6 +1,7 @@
 """Train/inference mismatch weights v = exp(old - rollout) (stop-gradient), per token or per
 sequence (exp of the masked sum), clamped to [floor, cap] (TIS; floor 0 by default) or zeroed
-outside [lo, hi] ("IcePop").
+outside [lo, hi] ("IcePop"), or per token and zeroed in the sequences whose geometric-mean
+weight (exp of the masked mean) is outside [lo, hi] (seq_mask: OpenRLHF's seq-mask-tis).
 
 The log-weight is not clamped: exp may overflow to inf, which the truncation (min with cap) or
 the window (inf > hi: zeroed) turns into the spec's finite weight, and a very negative one
@@ -16,20 +17,26 @@ from torch import Tensor
 from softgate.engine.segments import Segments
 
 
-def mismatch_log_weights(level: str, lv_raw: Tensor, seg: Segments) -> Tensor:
-    """log v: per token, lv_raw = old - rollout (0 on masked tokens), or per sequence ([B],
-    the masked sum) when level is 'sequence'."""
-    return seg.sum(lv_raw) if level == "sequence" else lv_raw
+def sequence_log_weights(lv_raw: Tensor, seg: Segments, trained: Tensor, mean: bool) -> Tensor:
+    """Per sequence ([B]) from lv_raw = old - rollout (0 on masked tokens): the masked sum (log v
+    at sequence level), or with `mean` the masked mean over its `trained` tokens (seq_mask's
+    filter; 0 for a sequence without any)."""
+    s = seg.sum(lv_raw)
+    return s / trained.clamp(min=1).to(lv_raw.dtype) if mean else s
 
 
-def mismatch_weights(mode: str, lv: Tensor, prm: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+def mismatch_weights(
+    mode: str, lv: Tensor, prm: dict[str, Tensor], lgeo: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """(v, changed) per token from the log-weight; `changed` marks tokens whose weight was
     clamped to [prm["floor"], prm["cap"]] ('truncate') or zeroed outside [prm["vlo"],
-    prm["vhi"]] ('mask')."""
+    prm["vhi"]] ('mask'), or zeroed because their sequence's geometric-mean weight exp(lgeo)
+    (per token) is outside that window ('seq_mask')."""
     v = torch.exp(lv)
     if mode == "truncate":
         floor, cap = prm["floor"], prm["cap"]
         changed = (v > cap) | (v < floor)
         return torch.clamp(v, min=floor, max=cap), changed
-    changed = (v < prm["vlo"]) | (v > prm["vhi"])
+    w = v if lgeo is None else torch.exp(lgeo)
+    changed = (w < prm["vlo"]) | (w > prm["vhi"])
     return torch.where(changed, torch.zeros_like(v), v), changed

@@ -62,8 +62,8 @@ REASON_CODES: dict[str, str] = {
     "ambiguous": "the advantages' level cannot be inferred from their length",
     "out_of_range": "a parameter outside its valid range, or a reward beyond MAX_ABS_REWARD",
     "unknown_name": "an unknown objective, estimator, mode or level name",
-    "unsupported": "a combination not defined (per-token advantages with gspo, gmpo or sapo_seq, constant without "
-    "token_sum_norm)",
+    "unsupported": "a combination not defined (per-token advantages with gspo, gmpo or sapo_seq, group scale "
+    "with reinforce_pp, constant without token_sum_norm)",
     "overflow": "finite inputs whose loss or gradient is not finite in the compute dtype",
 }
 
@@ -85,6 +85,7 @@ _HALVES = (torch.float16, torch.bfloat16)
 _INTS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 _SCALES = ("group", "batch", "none")
+_MISMATCH_MODES = ("truncate", "mask", "seq_mask")
 _AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm")
 _KL_ESTIMATORS = ("k1", "k2", "k3", "k1_st", "k3_st", "k3_is", "abs", "abs_st")
 # the normaliser each aggregation mode reads (the others it ignores)
@@ -255,6 +256,12 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
             "advantages.scale",
             f"unknown_name: {adv.scale!r}; known: {list(_SCALES)}",
         )
+        need(
+            not (adv.estimator == "reinforce_pp" and adv.scale == "group"),
+            "advantages.scale",
+            "unsupported: reinforce_pp reads no groups (a group of one would be divided by eps); "
+            "use batch or none",
+        )
         nonneg(adv.eps, "advantages.eps")
         if _num_ok(adv.eps) and 0 < adv.eps < MIN_ADVANTAGE_EPS:
             why = "a std that underflows float64 would leave eps alone as the divisor"
@@ -314,19 +321,26 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
                 f"unknown_name: {mm.level!r}; known: ['token', 'sequence']",
             )
             need(
-                mm.mode in ("truncate", "mask"),
+                mm.mode in _MISMATCH_MODES,
                 "mismatch.mode",
-                f"unknown_name: {mm.mode!r}; known: ['truncate', 'mask']",
+                f"unknown_name: {mm.mode!r}; known: {list(_MISMATCH_MODES)}",
+            )
+            need(
+                not (mm.mode == "seq_mask" and mm.level == "sequence"),
+                "mismatch.level",
+                "unsupported: seq_mask weighs each token by its own weight (level token); its "
+                "sequences are filtered by their geometric mean",
             )
             # every bound is range-checked, the unused mode's too: a NaN there is still a bad request
             pos(mm.cap, "mismatch.cap")
             nonneg(mm.floor, "mismatch.floor")
             nonneg(mm.lo, "mismatch.lo")
             pos(mm.hi, "mismatch.hi")
-            if mm.floor and _num_ok(mm.floor) and mm.mode == "mask":  # (a bound the mode never reads)
+            if mm.floor and _num_ok(mm.floor) and mm.mode != "truncate":  # (a bound the mode never reads)
                 v.append(
                     FieldViolation(
-                        "mismatch.floor", "unsupported: floor is the truncate mode's; mask uses lo and hi"
+                        "mismatch.floor",
+                        f"unsupported: floor is the truncate mode's; {mm.mode} uses lo and hi",
                     )
                 )
             elif mm.floor and _num_ok(mm.floor) and _num_ok(mm.cap) and not mm.floor < mm.cap:
@@ -335,7 +349,7 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
                         "mismatch.floor", f"out_of_range: floor {mm.floor!r} must be < cap {mm.cap!r}"
                     )
                 )
-            if mm.mode == "mask" and _num_ok(mm.lo) and _num_ok(mm.hi) and not mm.lo < mm.hi:
+            if mm.mode != "truncate" and _num_ok(mm.lo) and _num_ok(mm.hi) and not mm.lo < mm.hi:
                 # named on the bound the caller moved: hi when lo is still its default
                 moved = "hi" if mm.lo == MismatchConfig.lo and mm.hi != MismatchConfig.hi else "lo"
                 v.append(

@@ -61,6 +61,7 @@ ESTIMATOR_HELP = {
     "opo": "OPO: R - the group's mean weighted by each sequence's trained tokens",
     "gpg": "GPG: B / #(R != 0) x (R - group mean), over the batch's B sequences",
     "grpo_passk": "Pass@k: the group's best alone gets (R_max - R_second) / (group std + eps), the others 0",
+    "reinforce_pp": "REINFORCE++: R (no group baseline), whitened over the batch's trained tokens",
 }
 AGGREGATION_HELP = {
     "token_mean": "sum m l / N_tok",
@@ -82,6 +83,8 @@ KL_HELP = {
 MISMATCH_HELP = {
     "truncate": "truncated importance sampling: v = clamp(exp(old - rollout), floor, cap)",
     "mask": "masking (IcePop): v = 0 outside [lo, hi]",
+    "seq_mask": "sequence masking (seq-mask-tis): each token's own v, 0 for every token of a sequence whose "
+    "geometric-mean weight is outside [lo, hi]; token level only",
 }
 
 
@@ -144,7 +147,7 @@ def build(limits: Limits, max_message_bytes: int) -> pb.ListAlgorithmsResponse:
     kl_params = _params(c.KLConfig, skip=("estimator",))
     for est in _default_first(c.KLConfig, "estimator"):
         r.kl_estimators.add(name=est, description=KL_HELP.get(est, ""), parameters=kl_params)
-    by_mode = {"truncate": ("level", "cap", "floor"), "mask": ("level", "lo", "hi")}
+    by_mode = {"truncate": ("level", "cap", "floor"), "mask": ("level", "lo", "hi"), "seq_mask": ("lo", "hi")}
     fields = {f.name: f for f in dataclasses.fields(c.MismatchConfig)}
     for mode in _default_first(c.MismatchConfig, "mode"):
         r.mismatch_modes.add(

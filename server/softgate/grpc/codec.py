@@ -669,6 +669,7 @@ _ESTIMATORS = {
     pb.ADVANTAGE_ESTIMATOR_OPO: "opo",
     pb.ADVANTAGE_ESTIMATOR_GPG: "gpg",
     pb.ADVANTAGE_ESTIMATOR_GRPO_PASSK: "grpo_passk",
+    pb.ADVANTAGE_ESTIMATOR_REINFORCE_PP: "reinforce_pp",
 }
 _SCALES = {
     pb.ADVANTAGE_SCALE_GROUP: "group",
@@ -692,7 +693,11 @@ _KL = {
     pb.KL_ESTIMATOR_ABS_ST: "abs_st",
 }
 _MM_LEVELS = {pb.MISMATCH_LEVEL_TOKEN: "token", pb.MISMATCH_LEVEL_SEQUENCE: "sequence"}
-_MM_MODES = {pb.MISMATCH_MODE_TRUNCATE: "truncate", pb.MISMATCH_MODE_MASK: "mask"}
+_MM_MODES = {
+    pb.MISMATCH_MODE_TRUNCATE: "truncate",
+    pb.MISMATCH_MODE_MASK: "mask",
+    pb.MISMATCH_MODE_SEQ_MASK: "seq_mask",
+}
 
 
 def _enum(

@@ -36,6 +36,7 @@ class AdvantageEstimator(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ADVANTAGE_ESTIMATOR_OPO: _ClassVar[AdvantageEstimator]
     ADVANTAGE_ESTIMATOR_GPG: _ClassVar[AdvantageEstimator]
     ADVANTAGE_ESTIMATOR_GRPO_PASSK: _ClassVar[AdvantageEstimator]
+    ADVANTAGE_ESTIMATOR_REINFORCE_PP: _ClassVar[AdvantageEstimator]
 
 class AdvantageScale(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -75,6 +76,7 @@ class MismatchMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MISMATCH_MODE_UNSPECIFIED: _ClassVar[MismatchMode]
     MISMATCH_MODE_TRUNCATE: _ClassVar[MismatchMode]
     MISMATCH_MODE_MASK: _ClassVar[MismatchMode]
+    MISMATCH_MODE_SEQ_MASK: _ClassVar[MismatchMode]
 DTYPE_UNSPECIFIED: Dtype
 DTYPE_FLOAT32: Dtype
 DTYPE_FLOAT64: Dtype
@@ -97,6 +99,7 @@ ADVANTAGE_ESTIMATOR_REINFORCE_PP_BASELINE: AdvantageEstimator
 ADVANTAGE_ESTIMATOR_OPO: AdvantageEstimator
 ADVANTAGE_ESTIMATOR_GPG: AdvantageEstimator
 ADVANTAGE_ESTIMATOR_GRPO_PASSK: AdvantageEstimator
+ADVANTAGE_ESTIMATOR_REINFORCE_PP: AdvantageEstimator
 ADVANTAGE_SCALE_UNSPECIFIED: AdvantageScale
 ADVANTAGE_SCALE_GROUP: AdvantageScale
 ADVANTAGE_SCALE_BATCH: AdvantageScale
@@ -121,6 +124,7 @@ MISMATCH_LEVEL_SEQUENCE: MismatchLevel
 MISMATCH_MODE_UNSPECIFIED: MismatchMode
 MISMATCH_MODE_TRUNCATE: MismatchMode
 MISMATCH_MODE_MASK: MismatchMode
+MISMATCH_MODE_SEQ_MASK: MismatchMode
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data", "padding")
