@@ -1,9 +1,10 @@
 """Each objective's cost in process, on the CPU: the compiled engine as `softgate serve` calls it
 for a request that wants the gradient alone (ratio and gate for a 32K-token sample), on one
-batch of per-sequence advantages, every objective at its defaults, GRPO with a k3 or k3_is
-KL term, and GRPO with a token-level TIS or seq_mask (seq-mask-tis) mismatch correction (the
-same batch with rollout log-probs). It runs under the process's allocator (bench/engine_bench.py preloads tcmalloc, as the
-service ships; `LD_PRELOAD=libtcmalloc_minimal.so.4` for the same here).
+batch of per-sequence advantages, every objective at its defaults, GRPO with a k3, k3_is or k3_is_seq KL
+term, and GRPO with a token-level TIS or seq_mask (seq-mask-tis) mismatch correction (the same
+batch with rollout log-probs). It runs under the process's allocator (bench/engine_bench.py
+preloads tcmalloc, as the service ships; `LD_PRELOAD=libtcmalloc_minimal.so.4` for the same
+here).
 
     python bench/objective_bench.py            # 1024 sequences of 1024 tokens (about 2 minutes)
     python bench/objective_bench.py --quick    # 256 x 256, 5 rounds
@@ -28,7 +29,7 @@ def configs() -> dict[str, LossConfig]:
     """Every objective at its defaults, then GRPO with each importance-weighted or plain k3, and
     with each mismatch mode that weighs tokens by their own ratio."""
     out = {name: LossConfig(objective=cls()) for name, cls in OBJECTIVES.items()}
-    for est in ("k3", "k3_is"):
+    for est in ("k3", "k3_is", "k3_is_seq"):
         out[f"grpo + {est}"] = LossConfig(objective=Grpo(), kl=KLConfig(est, 0.01))
     for mode in ("truncate", "seq_mask"):
         out[f"grpo + {mode}"] = LossConfig(

@@ -306,7 +306,7 @@ def reference_loss(batch: Batch, config: LossConfig) -> Reference:
         policy_terms.append(loss_t)
         if config.kl is not None:
             x = ref[sl][mi] - lp
-            est = config.kl.estimator.removesuffix("_st").removesuffix("_is")
+            est = config.kl.estimator.removesuffix("_st").removesuffix("_seq").removesuffix("_is")
             xc = torch.clamp(x, max=C)  # k3 only, from above: exp(x) finite in float32
             k = -x if est == "k1" else (x * x / 2 if est == "k2" else torch.exp(xc) - xc - 1)
             if est == "abs":  # (autograd's gradient of |x| at 0 is 0)
@@ -317,6 +317,13 @@ def reference_loss(batch: Batch, config: LossConfig) -> Reference:
             if config.kl.estimator == "k3_is":  # r k3, gradient -x r (r k3's where unclamped)
                 r_tok = torch.exp(torch.clamp(lp - o, -C, C)).detach()
                 k = k.detach() * r_tok + (lp - lp.detach()) * (-x * r_tok).detach()
+            if config.kl.estimator == "k3_is_seq" and lp.numel() > 0:
+                # s_i k3, s_i = exp(clamp(mean(lp - o))) with the derivative s_i past the clamp
+                # too; k3 at x clamped from above with its derivative there (straight through)
+                xs = x - (x - xc).detach()
+                ls = (lp - o).mean()
+                s = torch.exp(torch.clamp(ls.detach(), -C, C)) * torch.exp(ls - ls.detach())
+                k = (torch.exp(xs) - xs - 1) * s
             kl_terms.append(k)
         else:
             kl_terms.append(None)
@@ -351,7 +358,7 @@ OBJECTIVE_NAMES = (
     "cispo_seq",
 )
 AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm")
-KL_OPTIONS = (None, "k1", "k2", "k3", "k3_is")
+KL_OPTIONS = (None, "k1", "k2", "k3", "k3_is", "k3_is_seq")
 MISMATCH_OPTIONS = (
     None,
     ("token", "truncate"),

@@ -107,7 +107,17 @@ def test_routes_with_token(server) -> None:
         assert alg["objectives"]["gspo"]["defaults"] == {"eps_low": 3e-4, "eps_high": 4e-4}
         assert set(alg["advantages"]["estimators"]) == set(ESTIMATORS)
         assert "seq_mean_token_mean" in alg["aggregations"]["modes"]
-        assert alg["kl"]["estimators"] == ["k1", "k2", "k3", "k1_st", "k3_st", "k3_is", "abs", "abs_st"]
+        assert alg["kl"]["estimators"] == [
+            "k1",
+            "k2",
+            "k3",
+            "k1_st",
+            "k3_st",
+            "k3_is",
+            "abs",
+            "abs_st",
+            "k3_is_seq",
+        ]
         assert set(alg["mismatch"]["modes"]) == {"truncate", "mask", "seq_mask"}
         assert alg["loss_defaults"]["saturation_threshold"] == 0.5
 

@@ -22,6 +22,7 @@ CONFIGS = [  # (KL, mismatch, advantages)
     (None, None, "rewards"),
     ("k3", ("token", "truncate"), "token"),
     ("k1", ("sequence", "mask"), "sequence"),
+    ("k3_is_seq", ("token", "seq_mask"), "rewards"),
 ]
 
 

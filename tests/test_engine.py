@@ -303,7 +303,7 @@ def test_singleton_and_equal_groups_are_degenerate():
 
 @pytest.mark.parametrize(
     ("est", "scale"),
-    # (reinforce_pp's group scale is refused: test_reinforce_pp_refuses_the_group_scale)
+    # (reinforce_pp's group scale is refused: test_reinforce_pp_refuses_the_group_scale_and_...)
     [(e, s) for e in ESTIMATORS for s in (None, "group", "batch") if (e, s) != ("reinforce_pp", "group")],
 )
 def test_eps_0_gives_finite_advantages(est, scale):
@@ -515,13 +515,17 @@ def test_reinforce_pp_is_verls_reinforce_plus_plus_and_openrlhfs_reinforce():
     assert base.advantages[2:].count_nonzero() == 0
 
 
-def test_reinforce_pp_refuses_the_group_scale():
-    """reinforce_pp reads no groups: R over a group of one's std (0) + eps would be R / eps."""
-    cfg = AdvantageConfig(estimator="reinforce_pp", scale="group")
-    with pytest.raises(InputError) as err:
-        E.advantages(torch.tensor([1.0, 0.0]), torch.tensor([0, 1]), cfg)
-    ((v,),) = [err.value.violations]
-    assert v.field == "advantages.scale" and v.reason.startswith("unsupported: reinforce_pp reads no groups")
+def test_reinforce_pp_refuses_the_group_scale_and_min_group_std():
+    """reinforce_pp reads no groups: R over a group of one's std (0) + eps would be R / eps,
+    and min_group_std would zero nothing (a setting silently ignored)."""
+    for cfg, field in (
+        (AdvantageConfig(estimator="reinforce_pp", scale="group"), "advantages.scale"),
+        (AdvantageConfig(estimator="reinforce_pp", min_group_std=0.1), "advantages.min_group_std"),
+    ):
+        with pytest.raises(InputError) as err:
+            E.advantages(torch.tensor([1.0, 0.0]), torch.tensor([0, 1]), cfg)
+        ((v,),) = [err.value.violations]
+        assert v.field == field and v.reason.startswith("unsupported: reinforce_pp reads no groups")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
@@ -615,7 +619,9 @@ def test_k3_near_zero_is_accurate_and_never_negative(dtype: torch.dtype, rel: fl
 
 
 @pytest.mark.parametrize("x", [-30.0, 20.0, 30.0])
-@pytest.mark.parametrize("estimator", ["k1", "k2", "k3", "k1_st", "k3_st", "k3_is", "abs", "abs_st"])
+@pytest.mark.parametrize(
+    "estimator", ["k1", "k2", "k3", "k1_st", "k3_st", "k3_is", "abs", "abs_st", "k3_is_seq"]
+)
 def test_only_k3_clamps_the_kl_log_ratio_and_only_from_above(estimator: str, x: float) -> None:
     """SPEC's k1 = -x and k2 = x^2/2 are finite for any finite x = ref - logp: beyond the clamp
     they keep their gradient (1, -x), which pulls hardest where the policy drifted furthest.
@@ -631,8 +637,10 @@ def test_only_k3_clamps_the_kl_log_ratio_and_only_from_above(estimator: str, x: 
     )
     res = E.loss(b, LossConfig(objective=Reinforce(), kl=KLConfig(estimator=estimator, beta=1.0)))
     clamped = estimator.startswith("k3") and x > 20  # (k3_st, k3_is: k3's value, clamped alike)
-    # _st: k2's gradient; k3_is: k2's times r = 1 (on-policy)
+    # _st: k2's gradient; k3_is: k2's times r = 1 (on-policy); k3_is_seq, one token: k3's own
+    # (at the clamped x) plus s_i's share k3, -min(x, 20)
     grad = {"k1": 1.0, "k2": -x, "k3": 0.0 if clamped else 1 - math.exp(x), "abs": -math.copysign(1, x)}
+    grad["k3_is_seq"] = -min(x, 20.0)
     grad = grad.get(estimator, -x)
     assert res.grad.tolist() == [pytest.approx(grad, rel=1e-12)]
     xc = min(x, 20.0)
@@ -1289,6 +1297,8 @@ def test_seq_mask_refuses_the_sequence_level_and_a_floor():
         (torch.float32, "cispo_seq", None, None, 20.0, "token_mean", "token", CODES),
         # each token's own mismatch weight, filtered by its sequence's geometric mean
         (torch.float32, "grpo", None, ("token", "seq_mask"), 20.0, "token_mean", "sequence", CODES),
+        # the sequence ratio's KL weight and its gradient's share, two per-sequence inputs
+        (torch.float32, "grpo", "k3_is_seq", None, 20.0, "seq_mean_token_mean", "rewards", CODES),
     ],
 )
 def test_compiled_kernel_matches_eager(dtype, name, kl, mm, clamp, agg, adv, sample, caplog):
@@ -1505,6 +1515,8 @@ def _assert_equal_results(got, want, rtol: float = 1e-12) -> None:
         ("seq_mean_token_mean", "k3", ("sequence", "truncate"), "rewards"),
         ("token_mean", None, ("token", "mask"), "sequence"),
         ("seq_mean_token_sum", "k1", ("sequence", "mask"), "token"),
+        # the rollout per token beside its sequence's mean log-weight; the KL's two [B] inputs
+        ("token_mean", "k3_is_seq", ("token", "seq_mask"), "rewards"),
     ],
 )
 def test_the_gpu_code_path_on_the_cpu_gives_the_cpu_results(monkeypatch, name, agg, kl, mm, adv):
@@ -2101,6 +2113,92 @@ def test_k3_is_is_trls_bias_corrected_kl(objective, dtype: torch.dtype) -> None:
     assert with_kl.kl_loss == pytest.approx(float(want.detach()), rel=tol)
     torch.testing.assert_close((with_kl.grad - without.grad).double(), grad, rtol=tol * 10, atol=tol / 100)
     assert with_kl.metrics["kl_mean"] == pytest.approx(float(per_token_kl[mask].mean().detach()), rel=tol)
+
+
+@pytest.mark.parametrize("kl_agg", [None, "token_mean"])
+@pytest.mark.parametrize("objective", ["gspo", "sapo_seq"])
+def test_k3_is_seq_is_trls_sequence_level_bias_corrected_kl(objective: str, kl_agg: str | None) -> None:
+    """k3_is_seq against TRL's `use_bias_correction_kl` with importance_sampling_level="sequence"
+    written out on padded tensors: per_token_kl = k3 * coef_1, coef_1 the row's exp(masked mean
+    log-ratio) with its gradient spread over the row, added to GSPO's (loss_type "grpo") or
+    sequence-level SAPO's per-token loss before TRL's row-mean aggregation; and with the KL
+    term on its own token mean. Loss, gradient and the kl metric agree."""
+    lengths = [5, 3, 7, 1, 6]
+    logp, old, mask, keep, ragged = _trl_padded(lengths, 13)
+    ref = (logp + 0.5 * torch.randn(logp.shape, generator=torch.Generator().manual_seed(2), dtype=F64)).clamp(
+        max=-1e-3
+    )
+    adv = torch.tensor([1.3, -0.6, 0.4, -1.1, 0.8], dtype=F64)
+    beta, eps = 0.2, 0.05
+    x = logp.clone().requires_grad_(True)
+    m = mask.to(F64)
+    coef_1 = _trl_sequence_ratio(x, old, m)
+    a = adv[:, None]
+    if objective == "gspo":
+        per_token_loss = -torch.min(coef_1 * a, torch.clamp(coef_1, 1 - eps, 1 + eps) * a)
+        obj = Gspo(eps_low=eps, eps_high=eps)
+    else:
+        per_token_loss = -torch.sigmoid(coef_1 - 1) * 4 * a  # (tau 1 on both sides)
+        obj = SapoSeq(tau_pos=1.0, tau_neg=1.0)
+    per_token_kl = (torch.exp(ref - x) - (ref - x) - 1) * coef_1
+    if kl_agg is None:
+        want = _trl_aggregate(per_token_loss + beta * per_token_kl, m, "seq_mean_token_mean")
+    else:
+        want = _trl_aggregate(per_token_loss, m, "seq_mean_token_mean") + beta * _trl_aggregate(
+            per_token_kl, m, kl_agg
+        )
+    (grad,) = torch.autograd.grad(want, x)
+    batch = dataclasses.replace(ragged, advantages=adv, ref_logp=ref[keep])
+    res = E.loss(batch, LossConfig(objective=obj, kl=KLConfig("k3_is_seq", beta, kl_agg)))
+    assert res.loss == pytest.approx(float(want.detach()), rel=1e-13)
+    torch.testing.assert_close(res.grad, grad[keep], rtol=1e-12, atol=1e-15)
+    assert res.metrics["kl_mean"] == pytest.approx(float(per_token_kl.detach()[mask].mean()), rel=1e-13)
+    # ... which k3_is, the token's own ratio, is not (the review's 0.144 against TRL's 0.156)
+    tok = E.loss(batch, LossConfig(objective=obj, kl=KLConfig("k3_is", beta, kl_agg)))
+    assert abs(tok.metrics["kl_mean"] - res.metrics["kl_mean"]) > 1e-3
+
+
+def test_k3_is_seq_past_the_clamps_and_with_masked_garbage() -> None:
+    """k3_is_seq's s_i is exp of the clamped mean log-ratio (the derivative s_i past it, as
+    GSPO's), k3's x is clamped from above with gradient 0 there: a sequence 25 nats above its
+    old log-probs on average weighs e^20, and a token 21 nats below its reference counts as 20
+    in the value and k3's gradient at 20 (not the clamp's 0, which would leave s_i's share alone
+    to push it further from the reference). Masked tokens hold
+    garbage that changes nothing; an empty sequence and a fully masked one contribute 0."""
+    lengths = [2, 0, 3, 2]
+    logp = torch.tensor([-30.0, -30.0, -1.0, -2.0, -1.5, -5.0, -6.0], dtype=F64)
+    old = torch.tensor([-55.0, -55.0, -1.2, -1.9, -1.4, -1.0, -1.0], dtype=F64)
+    ref = torch.tensor([-9.0, -30.5, -1.1, -2.5, -1.5, -5.0, -6.0], dtype=F64)
+    mask = torch.tensor([True, True, True, True, False, False, False])
+    garbage = dict(logp=logp.clone(), old=old.clone(), ref=ref.clone())
+    garbage["logp"][4], garbage["old"][4], garbage["ref"][4] = -1e4, -7.0, -3e3
+    cfg = LossConfig(
+        objective=Grpo(), kl=KLConfig("k3_is_seq", 1.0), aggregation=AggregationConfig("token_mean")
+    )
+    res = []
+    for v in (dict(logp=logp, old=old, ref=ref), garbage):
+        b = Batch(
+            logp=v["logp"],
+            old_logp=v["old"],
+            ref_logp=v["ref"],
+            mask=mask,
+            offsets=Batch.offsets_from_lengths(torch.tensor(lengths)),
+            advantages=torch.tensor([0.0, 0.0, 0.0, 0.0], dtype=F64),
+        )
+        res.append(E.loss(b, cfg))
+    assert res[0].loss == res[1].loss and torch.equal(res[0].grad, res[1].grad)
+    r = res[0]
+    s0, s2 = math.exp(20.0), math.exp((0.2 - 0.1) / 2)
+    k3 = lambda x: math.exp(x) - x - 1  # noqa: E731
+    want = (s0 * (k3(20.0) + k3(-0.5)) + s2 * (k3(-0.1) + k3(-0.5))) / 4
+    assert r.kl_loss == pytest.approx(want, rel=1e-12)
+    # token 0: x = 21 clamped, its own gradient k3's at 20, 1 - e^20 (times s_0 / 4), and
+    # s_0's share s_0 / 2 (k3(20) + k3(-0.5)) / 4 at both tokens
+    share = s0 / 2 * (k3(20.0) + k3(-0.5)) / 4
+    assert float(r.grad[0]) == pytest.approx(share + s0 * (1 - math.exp(20.0)) / 4, rel=1e-12)
+    assert float(r.grad[0]) < 0  # (the pull towards the reference wins, as without the clamp)
+    assert float(r.grad[1]) == pytest.approx(share + s0 * (1 - math.exp(-0.5)) / 4, rel=1e-12)
+    assert r.grad[4:].tolist() == [0.0, 0.0, 0.0] and r.metrics["kl_clamped_tokens"] == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])

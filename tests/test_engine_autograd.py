@@ -141,8 +141,8 @@ def test_property_random(
 ):
     if objective in PER_SEQUENCE_ADVANTAGES and advantages == "token":
         advantages = "sequence"
-    if estimator == "reinforce_pp" and scale == "group":  # (refused: it reads no groups)
-        scale = "batch"
+    if estimator == "reinforce_pp":  # (refused: it reads no groups)
+        scale, min_group_std = "batch" if scale == "group" else scale, 0.0
     batch = random_batch(seed, advantages=advantages, big_deltas=big_deltas, max_len=max_len)
     config = make_config(
         objective,
@@ -265,7 +265,7 @@ def _check_kl_modes(policy_mode: str, kl_mode: str, engine: Engine) -> None:
     raise AssertionError(f"only {checked} batches away from a boundary")
 
 
-@pytest.mark.parametrize("estimator", ["k1_st", "k3_st", "k3_is", "abs", "abs_st"])
+@pytest.mark.parametrize("estimator", ["k1_st", "k3_st", "k3_is", "abs", "abs_st", "k3_is_seq"])
 @pytest.mark.parametrize("agg", AGG_MODES)
 def test_straight_through_kl_estimators(estimator, agg):
     """verl's "k1+" / "k3+" / "abs+": k1's, k3's or |x|'s value with k2's gradient, against the

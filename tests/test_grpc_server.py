@@ -211,6 +211,15 @@ CONFIGS: dict[str, tuple[LossConfig, pb.LossConfig]] = {
             ),
         ),
     ),
+    "gspo-k3_is_seq-token-mean-kl": (
+        LossConfig(objective=Gspo(), kl=KLConfig(estimator="k3_is_seq", beta=0.05, aggregation="token_mean")),
+        pb.LossConfig(
+            objective=pb.Objective(gspo=pb.GspoParams()),
+            kl=pb.KlConfig(
+                estimator=pb.KL_ESTIMATOR_K3_IS_SEQ, beta=0.05, aggregation=pb.AGGREGATION_MODE_TOKEN_MEAN
+            ),
+        ),
+    ),
     "grpo-reinforce_pp-seq_mask": (
         LossConfig(
             objective=Grpo(),
@@ -408,7 +417,17 @@ def test_list_algorithms(stub: pb_grpc.LossServiceStub) -> None:
         "seq_mean_token_sum",
         "token_sum_norm",
     }
-    assert {k.name for k in r.kl_estimators} == {"k1", "k2", "k3", "k1_st", "k3_st", "k3_is", "abs", "abs_st"}
+    assert {k.name for k in r.kl_estimators} == {
+        "k1",
+        "k2",
+        "k3",
+        "k1_st",
+        "k3_st",
+        "k3_is",
+        "abs",
+        "abs_st",
+        "k3_is_seq",
+    }
     assert {m.name for m in r.mismatch_modes} == {"truncate", "mask", "seq_mask"}
     # each list's default first, as the proto says (found by an audit: only objectives were)
     firsts = [x[0].name for x in (r.advantage_estimators, r.aggregations, r.kl_estimators, r.mismatch_modes)]
@@ -474,6 +493,7 @@ def test_given_advantages_per_sequence_and_per_token(stub: pb_grpc.LossServiceSt
         "sapo_seq-token-mean",
         "grpo-opo",  # its baseline weighs trained tokens of groups that span chunks
         "grpo-reinforce_pp-seq_mask",  # whitened over every chunk's tokens
+        "gspo-k3_is_seq-token-mean-kl",  # each sequence's KL sum, its ratio's gradient
     ],
 )
 def test_stream_loss_equals_unary(stub: pb_grpc.LossServiceStub, name: str) -> None:

@@ -167,7 +167,8 @@ class AggregationConfig:
 class KLConfig:
     """KL penalty to the reference policy: estimator `k1` / `k2` / `k3` / `k1_st` / `k3_st`
     (straight-through: k1's or k3's value, k2's gradient) / `k3_is` (k3 weighted by the
-    policy ratio, TRL's use_bias_correction_kl) / `abs` / `abs_st` (|x|, verl's abs and abs+),
+    policy ratio, TRL's use_bias_correction_kl) / `abs` / `abs_st` (|x|, verl's abs and abs+) /
+    `k3_is_seq` (k3 weighted by the sequence ratio: TRL's at sequence level),
     coefficient `beta`
     (needed with an estimator: the server's default 0 is no KL term)."""
 

@@ -219,7 +219,7 @@ def _default_cases(engine: Engine) -> list[dict[str, Any]]:
     old_logp, the mask and the advantage level unset; RLOO at its default (group) scale; k3 KL
     clamped from above on one trained token; eps, min_group_std, beta, the mismatch bounds
     and the saturation threshold at values of their own; the seq_mask mismatch mode; the
-    k3_is KL estimator; the opo, gpg, grpo_passk and reinforce_pp estimators."""
+    k3_is and k3_is_seq KL estimators; the opo, gpg, grpo_passk and reinforce_pp estimators."""
     out = []
     b = random_batch(5151, max_seqs=5, max_len=5, advantages="rewards", with_mask=False, num_seqs=5)
     b.rewards = torch.tensor([0.0, 1.0, 0.5, 1.0, 0.0], dtype=torch.float64)
@@ -265,6 +265,9 @@ def _default_cases(engine: Engine) -> list[dict[str, Any]]:
     b = random_batch(5555, max_seqs=5, max_len=5, advantages="sequence", num_seqs=5, big_deltas=True)
     cfg = LossConfig(kl=KLConfig(estimator="k3_is", beta=0.3, aggregation="token_mean"))
     out.append(_case("sapo/kl_k3_is_token_mean", b, cfg, engine))
+    # k3_is_seq: k3 weighted by the sequence ratio, whose gradient spreads over the sequence
+    cfg = LossConfig(kl=KLConfig(estimator="k3_is_seq", beta=0.3, aggregation="token_mean"))
+    out.append(_case("sapo/kl_k3_is_seq_token_mean", b, cfg, engine))
     # opo: the baseline weighs each sequence by its trained tokens; gpg: alpha = B / #(R != 0);
     # grpo_passk: each group's best alone; reinforce_pp: R whitened, no baseline
     b = random_batch(5656, max_seqs=6, max_len=5, advantages="rewards", num_seqs=6)

@@ -50,8 +50,8 @@ def group_advantages(
     rewards: Tensor, group_ids: Tensor, cfg: AdvantageConfig, weights: Tensor | None = None
 ) -> GroupAdvantages:
     """Per-sequence advantages. `weights` (per sequence, e.g. trained-token counts) are the
-    whitening weights of reinforce_pp_baseline and opo's baseline weights; None weighs every
-    sequence equally."""
+    whitening weights of reinforce_pp_baseline and reinforce_pp and opo's baseline weights;
+    None weighs every sequence equally."""
     r = rewards.to(torch.float64)
     b = r.numel()
     uniq, inv, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)

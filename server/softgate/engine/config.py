@@ -281,7 +281,7 @@ class KLConfig:
     term seq_mean_token_mean and the KL term token_mean), with LossConfig.aggregation's
     normalisers; None: the policy term's mode."""
 
-    estimator: Literal["k1", "k2", "k3", "k1_st", "k3_st", "k3_is", "abs", "abs_st"] = "k3"
+    estimator: Literal["k1", "k2", "k3", "k1_st", "k3_st", "k3_is", "abs", "abs_st", "k3_is_seq"] = "k3"
     beta: float = 0.0
     aggregation: AggregationMode | None = None
 

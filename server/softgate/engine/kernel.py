@@ -221,18 +221,19 @@ def token_terms(
     tokens, SAPO: 48 -> 41 ms); eager code views it as bool.
 
     `prm` is kernel_params(config); `kl` the KL estimator (None: no KL term), `mismatch` the
-    mismatch (level, mode) (None: no correction). `t` holds logp, old, m (the mask, uint8
-    0 / 1; absent: every token trained), w (aggregation weight per sequence [B], or 0-d: one
-    for all), adv ([N] or [B]), ylen ([B] trained tokens), ids (sequence id per token; only
-    where something is per sequence: adv, w, sratio or lvseq), and as configured sratio ([B],
+    mismatch (level, mode) (None: no correction). `t` holds logp, old, m (the mask, uint8 0 /
+    1; absent: every token trained), w (aggregation weight per sequence [B], or 0-d: one for
+    all), adv ([N] or [B]), ylen ([B] trained tokens), ids (sequence id per token; only where
+    something is per sequence: adv, w, sratio, lvseq, kls, klc), and as configured sratio ([B],
     gspo, gmpo), sel (clip_cov, kl_cov: the covariance selection, uint8 0 / 1 like m), ref
     (KL), wkl (the KL term's own aggregation weight, like w; absent: w), rollout or lvseq
-    (mismatch, token or sequence level; seq_mask both, lvseq its [B] mean log-weight). A per-sequence w, wkl, adv, sratio or lvseq may come expanded
-    to its tokens instead, as w_tok, adv_tok, ... (per_token; then
-    there is no ids): the CPU engine expands them on the host, since inductor's CPU code
-    gathers lane by lane. With grad_out ([N], compute_loss's) the gradient is stored there
-    and returned as it: compiled, by the fused loop itself (16M tokens: ~10 ms less than the
-    kernel's own [N] gradient and a copy of it into a server's response)."""
+    (mismatch, token or sequence level; seq_mask both, lvseq its [B] mean log-weight), kls and
+    klc (k3_is_seq: [B], kl.sequence_kl). Any of those per-sequence values may come expanded to
+    its tokens instead, as w_tok, adv_tok, ... (per_token; then there is no ids): the CPU
+    engine expands them on the host, since inductor's CPU code gathers lane by lane. With
+    grad_out ([N], compute_loss's) the gradient is stored there and returned as it: compiled,
+    by the fused loop itself (16M tokens: ~10 ms less than the kernel's own [N] gradient and a
+    copy of it into a server's response)."""
     sum_names, count_names, seq_names = kernel_layout(
         kind, seq_ratio, adv_per_token, kl is not None, mismatch is not None, "dual" in prm
     )
@@ -293,14 +294,17 @@ def token_terms(
     total("free_abs", alpha * gfree.abs())
     total("d_sum", torch.where(m, logp - old, zero))  # approx_kl's: unclamped (the spec's old - logp)
     if kl is not None:
-        # k3_is: the token's own ratio, also where the policy's is its sequence's (d: clamped)
-        rt = torch.exp(d) if kl == "k3_is" else None
+        # k3_is: the token's own ratio, also where the policy's is its sequence's (d: clamped);
+        # k3_is_seq: its sequence's, s_i
+        rt = torch.exp(d) if kl == "k3_is" else (per_token(t, "kls", ids) if kl == "k3_is_seq" else None)
         k, dk, kcl = kl_terms(kl, torch.where(m, t["ref"] - logp, zero), clamp, rt)
         # the KL term's aggregation weight: its own (wkl), or the policy term's
         akl = _weight(t, "wkl", m, ids, zero) if "wkl" in t or "wkl" + EXPANDED in t else alpha
         total("kl_sum", akl * k)
         total("k_sum", torch.where(m, k, zero))
         grad = grad + (prm["beta"] * akl) * dk
+        if kl == "k3_is_seq":  # s_i's own gradient, s_i / |y_i| sum_u w_u k3_u (kl.sequence_kl)
+            grad = grad + prm["beta"] * torch.where(m, per_token(t, "klc", ids), zero)
         total("grad_total_abs", grad.abs())  # not finite iff some gradient is not (overflow check)
         count("kl_clamped", kcl & m)
     pos = m & (a > 0)

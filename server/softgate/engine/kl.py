@@ -12,6 +12,14 @@ weighted by r: k3_st's terms times r (its value clamped as k3's, its gradient no
 exact derivative of a clamped r k3 is r k3 itself past the clamp, e^20 - 21 at r = 1, a push
 of logp further away).
 
+k3_is_seq is k3 weighted by its sequence's ratio s_i = exp(clamp(the mean over the sequence's
+trained tokens of logp - old)), s_i's gradient included (TRL's `use_bias_correction_kl` with
+importance_sampling_level="sequence"): per token s_i k3 with gradient s_i d k3 / d logp, plus
+s_i's own, which spreads over the sequence, beta s_i / |y_i| sum_u w_u k3_u at each trained
+token (w the KL term's aggregation weight); the kernel adds that one from the sequence's sum,
+computed before it (sequence_kl). Past the clamp s_i keeps the derivative s_i, as GSPO's does,
+and k3's x (clamped from above, as k3's) keeps k3's derivative there, 1 - exp(clamp).
+
 k1 = -x, k2 = x^2 / 2, k3 = exp(x) - x - 1, abs = |x| (verl's); d k / d logp = 1, -x,
 1 - exp(x), -sign(x) (0 at x = 0, autograd's choice). Only k3 clamps x (k3_st's and k3_is's
 values too, not their gradients), and only from above, at
@@ -29,6 +37,8 @@ import math
 import torch
 from torch import Tensor
 
+from softgate.engine.segments import Segments
+
 K3_SERIES_BELOW = 0.1  # |x| under which k3 is its series
 _K3_SERIES = tuple(1 / math.factorial(n) for n in range(2, 9))  # exp(x) - 1 - x = sum x^n / n!
 
@@ -37,7 +47,16 @@ def kl_terms(
     estimator: str, x_raw: Tensor, clamp: Tensor, ratio: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(k, d k / d logp, clamped) per token from x_raw = ref - logp (0 on masked tokens);
-    `ratio`: k3_is's policy ratio r per token."""
+    `ratio`: k3_is's policy ratio r per token, k3_is_seq's sequence ratio s_i at each token
+    (d k / d logp: the token's own part, without s_i's gradient)."""
+    if estimator == "k3_is_seq":
+        assert ratio is not None
+        k, dk, clamped = kl_terms("k3", x_raw, clamp)
+        # past the clamp k3's derivative at the clamped x, not the clamp's 0: it still offsets
+        # s_i's share (a one-token sequence: -min(x, clamp) s_i, where 0 would leave +k3 s_i,
+        # a push further from the reference)
+        dk = torch.where(clamped, 1 - torch.exp(clamp), dk)
+        return ratio * k, ratio * dk, clamped
     if estimator == "k3_is":
         assert ratio is not None
         k, dk, clamped = kl_terms("k3_st", x_raw, clamp)
@@ -66,3 +85,27 @@ def kl_terms(
     k = torch.where(small, x * x * p, ex - x - 1)
     dk = torch.where(small, -(x + k), 1 - ex)  # (1 - exp(x) = -(x + k): exact near 0 only)
     return k, torch.where(clamped, torch.zeros_like(k), dk), clamped
+
+
+def sequence_kl(
+    x_raw: Tensor,
+    d_raw: Tensor,
+    m: Tensor | None,
+    seg: Segments,
+    trained: Tensor,
+    weight: Tensor,
+    clamp: float,
+) -> tuple[Tensor, Tensor]:
+    """k3_is_seq's per-sequence inputs ([B] each): s_i = exp(clamp(mean over the trained tokens
+    of d_raw = logp - old)), and the gradient s_i's own derivative adds at each trained token,
+    s_i / |y_i| sum_u w_u k3_u (`weight`: the KL term's aggregation weight, [B] or 0-d; `m`
+    the mask, None: every token trained). k3's sum is expm1(x) - x in float64 (x clamped from
+    above as k3's): one pass, where the kernel's series (eager, a pass per term) took 3x longer."""
+    if m is not None:
+        x_raw, d_raw = torch.where(m, x_raw, 0.0), torch.where(m, d_raw, 0.0)
+    n = trained.clamp(min=1).to(torch.float64)
+    s = torch.exp((seg.sum(d_raw.to(torch.float64)) / n).clamp(-clamp, clamp))
+    x = x_raw.to(torch.float64).clamp(max=clamp)
+    k_sum = seg.sum(torch.expm1(x) - x)
+    dt = x_raw.dtype
+    return s.to(dt), (s * weight.to(torch.float64) * k_sum / n).to(dt)

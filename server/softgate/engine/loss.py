@@ -35,6 +35,7 @@ from softgate.engine.config import CispoSeq, ClipCov, Gmpo, Gspo, GspoToken, KlC
 from softgate.engine.covariance import covariance_selection
 from softgate.engine.errors import FieldViolation, InputError
 from softgate.engine.kernel import EXPANDED, Terms, derived_terms, kernel_layout, kernel_params
+from softgate.engine.kl import sequence_kl
 from softgate.engine.metrics import METRIC_NAMES, to_floats
 from softgate.engine.mismatch import sequence_log_weights
 from softgate.engine.objectives import OBJECTIVE_KIND, gmpo_bounds
@@ -202,6 +203,10 @@ def _compute_loss(
     if config.kl is not None:
         assert batch.ref_logp is not None
         t["ref"] = _cast(batch.ref_logp, dt)
+        if config.kl.estimator == "k3_is_seq":  # its sequence ratio, and that ratio's gradient
+            wkl = t["wkl"] if "wkl" in t else t["w"]
+            mk = m if batch.mask is not None else None
+            t["kls"], t["klc"] = sequence_kl(t["ref"] - logp, logp - old, mk, seg, ylen, wkl, clamp)
 
     prm = kernel_params(config, dt, dev)
     if isinstance(obj, (ClipCov, KlCov)):  # the tokens they clip or penalise (covariance.py)
@@ -211,7 +216,7 @@ def _compute_loss(
 
     # what is per sequence reaches the tokens: advantages, the weight, GSPO's ratio, a
     # sequence-level mismatch weight (token_terms reads nothing per sequence otherwise)
-    gathered: list[str] = [k for k in ("w", "wkl", "sratio", "lvseq") if k in t and t[k].dim()]
+    gathered: list[str] = [k for k in ("w", "wkl", "sratio", "lvseq", "kls", "klc") if k in t and t[k].dim()]
     gathered += [] if adv_per_token else ["adv"]
     if gathered and host_shortcuts(dev):
         # expanded to their tokens here: a vector load in the kernel, not a gather, which
@@ -219,7 +224,13 @@ def _compute_loss(
         # in-process engine 46 -> 42 ms)
         for k in gathered:
             t[k + EXPANDED] = seg.expand(t[k])
-            if k in ("w", "wkl", "lvseq"):  # (the others' [B] values go into sequence_terms too)
+            if k in (
+                "w",
+                "wkl",
+                "lvseq",
+                "kls",
+                "klc",
+            ):  # (the others' [B] values go into sequence_terms too)
                 del t[k]
     elif gathered:
         t["ids"] = seg.ids  # the sequence id of every token, for the gathers
@@ -283,7 +294,8 @@ def _compute_loss(
                 FieldViolation(
                     "logp" if idx is not None else "batch",  # the token, or the batch as a whole
                     f"overflow: {where} not finite in {str(dt).replace('torch.', '')}; advantages, "
-                    "rewards, normalisers, temperatures or log-ratios are too large in magnitude",
+                    "rewards, normalisers, temperatures, log-ratios or mismatch weights are too large in "
+                    "magnitude",
                     idx,
                 )
             ]

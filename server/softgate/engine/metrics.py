@@ -58,7 +58,7 @@ METRIC_NAMES: dict[str, str] = {
     "reward_std": "population std of rewards over sequences; 0 without rewards",
     # KL and mismatch
     "kl_mean": "mean of the KL estimator (before beta) over tokens; 0 without a KL term",
-    "kl_clamped_tokens": "tokens whose k3 (k3_st, k3_is) KL log-ratio ref - logp was above log_ratio_clamp "
+    "kl_clamped_tokens": "tokens whose k3 (k3_st, k3_is, k3_is_seq) KL log-ratio ref - logp was above log_ratio_clamp "
     "(k1, k2, k1_st, abs, abs_st: 0)",
     "mismatch_weight_mean": "mean train/inference mismatch weight v over tokens; 1 without correction",
     "mismatch_clipped_frac": "share of tokens whose v was clamped to [floor, cap] or zeroed outside [lo, hi] "

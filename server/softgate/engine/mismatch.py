@@ -5,8 +5,10 @@ weight (exp of the masked mean) is outside [lo, hi] (seq_mask: OpenRLHF's seq-ma
 
 The log-weight is not clamped: exp may overflow to inf, which the truncation (min with cap) or
 the window (inf > hi: zeroed) turns into the spec's finite weight, and a very negative one
-underflows to 0, as exp does. v multiplies the policy objective's per-token loss (and so its
-gradient); the KL term is not weighted.
+underflows to 0, as exp does. seq_mask bounds only its sequences' means: a kept token's own
+weight is unbounded, and one that overflows makes the loss refused as an `overflow`. v
+multiplies the policy objective's per-token loss (and so its gradient); the KL term is not
+weighted.
 """
 
 from __future__ import annotations

@@ -63,7 +63,8 @@ REASON_CODES: dict[str, str] = {
     "out_of_range": "a parameter outside its valid range, or a reward beyond MAX_ABS_REWARD",
     "unknown_name": "an unknown objective, estimator, mode or level name",
     "unsupported": "a combination not defined (per-token advantages with gspo, gmpo or sapo_seq, group scale "
-    "with reinforce_pp, constant without token_sum_norm)",
+    "or min_group_std with reinforce_pp, seq_mask at sequence level, a floor without truncate, constant "
+    "without token_sum_norm)",
     "overflow": "finite inputs whose loss or gradient is not finite in the compute dtype",
 }
 
@@ -87,7 +88,7 @@ _INTS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 _SCALES = ("group", "batch", "none")
 _MISMATCH_MODES = ("truncate", "mask", "seq_mask")
 _AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm")
-_KL_ESTIMATORS = ("k1", "k2", "k3", "k1_st", "k3_st", "k3_is", "abs", "abs_st")
+_KL_ESTIMATORS = ("k1", "k2", "k3", "k1_st", "k3_st", "k3_is", "abs", "abs_st", "k3_is_seq")
 # the normaliser each aggregation mode reads (the others it ignores)
 _NORMALISER = {
     "token_mean": "num_tokens",
@@ -262,6 +263,11 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
             "unsupported: reinforce_pp reads no groups (a group of one would be divided by eps); "
             "use batch or none",
         )
+        need(
+            not (adv.estimator == "reinforce_pp" and _num_ok(adv.min_group_std) and adv.min_group_std > 0),
+            "advantages.min_group_std",
+            "unsupported: reinforce_pp reads no groups, so it zeroes none",
+        )
         nonneg(adv.eps, "advantages.eps")
         if _num_ok(adv.eps) and 0 < adv.eps < MIN_ADVANTAGE_EPS:
             why = "a std that underflows float64 would leave eps alone as the divisor"
@@ -336,7 +342,7 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
             nonneg(mm.floor, "mismatch.floor")
             nonneg(mm.lo, "mismatch.lo")
             pos(mm.hi, "mismatch.hi")
-            if mm.floor and _num_ok(mm.floor) and mm.mode != "truncate":  # (a bound the mode never reads)
+            if mm.floor and _num_ok(mm.floor) and mm.mode in ("mask", "seq_mask"):  # (a bound it never reads)
                 v.append(
                     FieldViolation(
                         "mismatch.floor",
@@ -349,7 +355,7 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
                         "mismatch.floor", f"out_of_range: floor {mm.floor!r} must be < cap {mm.cap!r}"
                     )
                 )
-            if mm.mode != "truncate" and _num_ok(mm.lo) and _num_ok(mm.hi) and not mm.lo < mm.hi:
+            if mm.mode in ("mask", "seq_mask") and _num_ok(mm.lo) and _num_ok(mm.hi) and not mm.lo < mm.hi:
                 # named on the bound the caller moved: hi when lo is still its default
                 moved = "hi" if mm.lo == MismatchConfig.lo and mm.hi != MismatchConfig.hi else "lo"
                 v.append(

@@ -38,7 +38,7 @@ PARAM_HELP: dict[str, str] = {
     "dual_clip": "dual clip c > 1 for negative advantages; unset: none",
     "scale": "which std divides the centred rewards; unset: the estimator's own default",
     "eps": "added to the std before dividing, >= 0",
-    "min_group_std": "groups with reward std below this get advantage 0, >= 0",
+    "min_group_std": "groups with reward std below this get advantage 0, >= 0 (reinforce_pp: 0 only)",
     "num_tokens": "global N_tok normaliser, > 0; unset: this request's trained tokens",
     "num_seqs": "global N_seq normaliser (sequences with a trained token), > 0; unset: this request's",
     "constant": "K of token_sum_norm, > 0 (required by that mode)",
@@ -46,8 +46,8 @@ PARAM_HELP: dict[str, str] = {
     "aggregation": "the KL term's own aggregation mode, with the loss's normalisers; unset: the policy term's",
     "level": "token or sequence mismatch weight",
     "cap": "truncation cap C of the mismatch weight (truncate mode), > 0",
-    "lo": "lower bound of the masking window (mask mode), >= 0",
-    "hi": "upper bound of the masking window (mask mode), > lo",
+    "lo": "lower bound of the masking window (mask and seq_mask modes), >= 0",
+    "hi": "upper bound of the masking window (mask and seq_mask modes), > lo",
     "floor": "weights below it raised to it (truncate mode), >= 0 and < cap; 0: none",
     "log_ratio_clamp": "bound on |logp - old_logp| before exponentiation, in (0, 80]",
     "saturation_threshold": "gate weight below which a token counts as saturated, in (0, 1]",
@@ -79,6 +79,8 @@ KL_HELP = {
     "(DeepSeek-V3.2's unbiased KL; TRL's use_bias_correction_kl)",
     "abs": "|x|, gradient -sign(x) (verl's abs)",
     "abs_st": "|x|'s value with k2's gradient -x (straight-through; verl's abs+)",
+    "k3_is_seq": "s k3, s = exp(clamp(mean logp - old)) the sequence's ratio, with its gradient "
+    "(TRL's use_bias_correction_kl at importance_sampling_level=sequence)",
 }
 MISMATCH_HELP = {
     "truncate": "truncated importance sampling: v = clamp(exp(old - rollout), floor, cap)",

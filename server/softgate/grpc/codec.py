@@ -689,6 +689,7 @@ _KL = {
     pb.KL_ESTIMATOR_K1_ST: "k1_st",
     pb.KL_ESTIMATOR_K3_ST: "k3_st",
     pb.KL_ESTIMATOR_K3_IS: "k3_is",
+    pb.KL_ESTIMATOR_K3_IS_SEQ: "k3_is_seq",
     pb.KL_ESTIMATOR_ABS: "abs",
     pb.KL_ESTIMATOR_ABS_ST: "abs_st",
 }

@@ -64,6 +64,7 @@ class KlEstimator(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     KL_ESTIMATOR_K3_IS: _ClassVar[KlEstimator]
     KL_ESTIMATOR_ABS: _ClassVar[KlEstimator]
     KL_ESTIMATOR_ABS_ST: _ClassVar[KlEstimator]
+    KL_ESTIMATOR_K3_IS_SEQ: _ClassVar[KlEstimator]
 
 class MismatchLevel(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -118,6 +119,7 @@ KL_ESTIMATOR_K3_ST: KlEstimator
 KL_ESTIMATOR_K3_IS: KlEstimator
 KL_ESTIMATOR_ABS: KlEstimator
 KL_ESTIMATOR_ABS_ST: KlEstimator
+KL_ESTIMATOR_K3_IS_SEQ: KlEstimator
 MISMATCH_LEVEL_UNSPECIFIED: MismatchLevel
 MISMATCH_LEVEL_TOKEN: MismatchLevel
 MISMATCH_LEVEL_SEQUENCE: MismatchLevel
