@@ -17,8 +17,10 @@ import torch
 from softgate.engine import ESTIMATORS, METRIC_NAMES, Batch, LossConfig
 from torch import Tensor
 
-# SPEC: only grpo and grpo_passk divide by the group std unless `scale` says otherwise
-EPS_DEFAULT_SCALE = {e: "group" if e in ("grpo", "grpo_passk") else "none" for e in ESTIMATORS}
+# refused as unsupported: reinforce_pp reads no groups; gdpo's batch normalisation is its whitening
+REFUSED_SCALES = {("reinforce_pp", "group"), ("gdpo", "batch")}
+# SPEC: only grpo, grpo_passk and gdpo divide by the group std unless `scale` says otherwise
+EPS_DEFAULT_SCALE = {e: "group" if e in ("grpo", "grpo_passk", "gdpo") else "none" for e in ESTIMATORS}
 
 
 def reference_advantages(
@@ -69,7 +71,7 @@ def reference_advantages(
             elif scale == "batch":
                 a = a / (batch_std + cfg.eps)
             adv[i] = a
-    if cfg.estimator in ("reinforce_pp_baseline", "reinforce_pp"):
+    if cfg.estimator in ("reinforce_pp_baseline", "reinforce_pp", "gdpo"):  # (gdpo: one component here)
         # whiten over all trained tokens of the batch (degenerate members count with value 0)
         vals: list[float] = []
         for i, c in enumerate(weights):

@@ -547,6 +547,29 @@ def test_advantages_rpc_equals_engine(client) -> None:
     assert res.metrics["num_groups"] == 6
 
 
+def test_advantages_of_reward_components(client) -> None:
+    """[B, K] rewards (numpy, or a torch tensor) with reward_weights (a list, an array): GDPO
+    as the engine computes it; a weight count that does not match is the server's refusal."""
+    rng = np.random.default_rng(6)
+    rewards = rng.integers(0, 3, (24, 3)).astype(np.float32) / 2
+    gids = np.repeat(np.arange(6), 4)
+    counts = rng.integers(1, 9, 24)
+    ref = engine().advantages(
+        torch.from_numpy(rewards),
+        torch.from_numpy(gids),
+        ec.AdvantageConfig("gdpo", reward_weights=(1.0, 0.5, 2.0)),
+        torch.from_numpy(counts),
+    )
+    for w in ([1.0, 0.5, 2.0], np.array([1.0, 0.5, 2.0])):
+        res = client.advantages(rewards, gids, estimator="gdpo", reward_weights=w, token_counts=counts)
+        np.testing.assert_array_equal(res.advantages, ref.advantages.numpy())
+    res = client.advantages(torch.from_numpy(rewards), gids, estimator="gdpo", reward_weights=[1.0, 0.5, 2.0])
+    assert res.advantages.shape == (24,)
+    with pytest.raises(InvalidArgumentError) as err:
+        client.advantages(rewards, gids, estimator="gdpo", reward_weights=[1.0])
+    assert "config.reward_weights" in str(err.value) and "length_mismatch" in str(err.value)
+
+
 def test_micro_batches_with_rpc_advantages_equal_the_whole_batch(client) -> None:
     """reinforce_pp_baseline: advantages from ComputeAdvantages with each sequence's trained
     tokens, sent with two micro-batches under global normalisers, give the whole batch's loss

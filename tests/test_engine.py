@@ -17,6 +17,7 @@ from reference_loss import (
     AGG_MODES,
     OBJECTIVE_NAMES,
     PER_SEQUENCE_ADVANTAGES,
+    REFUSED_SCALES,
     SEQUENCE_RATIO,
     assert_same_result,
     make_config,
@@ -303,8 +304,8 @@ def test_singleton_and_equal_groups_are_degenerate():
 
 @pytest.mark.parametrize(
     ("est", "scale"),
-    # (reinforce_pp's group scale is refused: test_reinforce_pp_refuses_the_group_scale_and_...)
-    [(e, s) for e in ESTIMATORS for s in (None, "group", "batch") if (e, s) != ("reinforce_pp", "group")],
+    # (reinforce_pp's group scale and gdpo's batch scale are refused: their own tests)
+    [(e, s) for e in ESTIMATORS for s in (None, "group", "batch") if (e, s) not in REFUSED_SCALES],
 )
 def test_eps_0_gives_finite_advantages(est, scale):
     """eps=0 is accepted: a zero denominator (an equal group, a batch of one weighted value)
@@ -515,7 +516,7 @@ def test_reinforce_pp_is_verls_reinforce_plus_plus_and_openrlhfs_reinforce():
     assert base.advantages[2:].count_nonzero() == 0
 
 
-def test_reinforce_pp_refuses_the_group_scale_and_min_group_std():
+def test_reinforce_pp_refuses_the_group_scale_and_min_group_std():  # (and gdpo the batch scale: below)
     """reinforce_pp reads no groups: R over a group of one's std (0) + eps would be R / eps,
     and min_group_std would zero nothing (a setting silently ignored)."""
     for cfg, field in (
@@ -526,6 +527,163 @@ def test_reinforce_pp_refuses_the_group_scale_and_min_group_std():
             E.advantages(torch.tensor([1.0, 0.0]), torch.tensor([0, 1]), cfg)
         ((v,),) = [err.value.violations]
         assert v.field == field and v.reason.startswith("unsupported: reinforce_pp reads no groups")
+
+
+def _trl_normalize_then_sum(rewards_per_func: Tensor, num_generations: int, weights: list[float]) -> Tensor:
+    """TRL's multi_objective_aggregation="normalize_then_sum" (GDPO), written out: each
+    component over its group's mean and unbiased std + 1e-4, their weighted sum, that over the
+    batch's mean and std + 1e-4 (groups of num_generations consecutive rows)."""
+    k = rewards_per_func.shape[1]
+    grouped = rewards_per_func.view(-1, num_generations, k)
+    mean_k = grouped.mean(dim=1, keepdim=True)
+    std_k = grouped.std(dim=1, keepdim=True)
+    reward_k = ((grouped - mean_k) / (std_k + 1e-4)).view(-1, k)
+    rewards = (reward_k * torch.tensor(weights, dtype=F64)).sum(dim=1)
+    return (rewards - rewards.mean()) / (rewards.std() + 1e-4)
+
+
+def _verl_gdpo(scores: Tensor, index: list[int], weights: list[float], lengths: Tensor) -> Tensor:
+    """verl's compute_gdpo_outcome_advantage written out: each component through its GRPO
+    (group mean and unbiased std + 1e-6, groups of two or more), the weighted sum on every
+    token of the response, masked_whiten over those tokens ((x - mean) * rsqrt(var + 1e-8),
+    unbiased var): per sequence."""
+    total = torch.zeros(scores.shape[0], dtype=F64)
+    for k, w in enumerate(weights):
+        s = scores[:, k]
+        a = torch.zeros_like(s)
+        for g in set(index):
+            idx = [i for i, x in enumerate(index) if x == g]
+            a[idx] = (s[idx] - s[idx].mean()) / (s[idx].std() + 1e-6)
+        total = total + w * a
+    tok = total.repeat_interleave(lengths)
+    var = tok.var()  # (unbiased, over every response token)
+    return (total - tok.mean()) * torch.rsqrt(var + 1e-8)
+
+
+def test_gdpo_is_trls_normalize_then_sum_and_verls_gdpo():
+    """GDPO over [B, K] rewards: each component normalised within its group, the weighted sum
+    whitened. Against TRL's normalize_then_sum (whitened over sequences: `advantages` without
+    token counts, eps 1e-4) and verl's gdpo (over tokens: token_counts, and its eps 1e-6 in the
+    groups but 1e-8 under the whitening's rsqrt, hence 1e-5). A component constant within a
+    group adds 0 there; groups of one are left out (verl gives them mean 0, std 1; TRL needs 2+)."""
+    gen = torch.Generator().manual_seed(21)
+    rewards = torch.randint(0, 4, (12, 3), generator=gen).to(F64) / 3
+    rewards[0:4, 1] = 0.5  # component 1 constant in group 0
+    ids = torch.arange(12) // 4
+    weights = [0.2, 0.5, 0.3]
+    got = E.advantages(rewards, ids, AdvantageConfig("gdpo", eps=1e-4, reward_weights=weights))
+    torch.testing.assert_close(
+        got.advantages, _trl_normalize_then_sum(rewards, 4, weights), rtol=0, atol=1e-13
+    )
+    lengths = torch.randint(1, 9, (12,), generator=gen)
+    got = E.advantages(rewards, ids, AdvantageConfig("gdpo", reward_weights=weights), token_counts=lengths)
+    torch.testing.assert_close(
+        got.advantages, _verl_gdpo(rewards, ids.tolist(), weights, lengths), rtol=1e-5, atol=0
+    )
+    # the metrics read the weighted sum of the components
+    summed = rewards @ torch.tensor(weights, dtype=F64)
+    assert got.metrics["reward_mean"] == pytest.approx(float(summed.mean()), rel=1e-14)
+    assert got.metrics["degenerate_group_frac"] == 0.0
+
+
+def test_gdpo_degenerate_groups_and_the_other_estimators_weighted_sum():
+    """A group constant in every component (or of one member) gives 0 to its members and counts
+    as degenerate; the other estimators take the components' weighted sum (TRL's
+    sum_then_normalize), equal to sending that sum as [B] rewards; [B] rewards with one weight
+    scale by it; gdpo of [B] rewards is one component's."""
+    rewards = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [0.5, 0.5], [2.0, 3.0]], dtype=F64)
+    ids = torch.tensor([0, 0, 1, 1, 2])
+    res = E.advantages(rewards, ids, AdvantageConfig("gdpo", reward_weights=(1.0, 2.0)))
+    assert res.advantages[2:].tolist() == [0.0, 0.0, 0.0] and res.advantages[:2].count_nonzero() == 2
+    assert res.metrics["degenerate_group_frac"] == pytest.approx(2 / 3)
+    w = torch.tensor([0.25, -1.5], dtype=F64)
+    for est in ("grpo", "rloo", "reinforce_pp_baseline", "opo"):
+        multi = E.advantages(rewards, ids, AdvantageConfig(est, reward_weights=tuple(w.tolist()))).advantages
+        assert torch.equal(multi, E.advantages(rewards @ w, ids, AdvantageConfig(est)).advantages), est
+    r = rewards[:, 0]
+    scaled = E.advantages(r, ids, AdvantageConfig("dr_grpo", reward_weights=(3.0,))).advantages
+    assert torch.equal(scaled, E.advantages(3.0 * r, ids, AdvantageConfig("dr_grpo")).advantages)
+    one = E.advantages(r, ids, AdvantageConfig("gdpo")).advantages
+    assert torch.equal(one, E.advantages(r[:, None], ids, AdvantageConfig("gdpo")).advantages)
+
+
+@pytest.mark.parametrize(
+    ("rewards", "cfg", "field", "reason"),
+    [
+        (
+            torch.ones(4, 3),
+            AdvantageConfig("gdpo", reward_weights=(1.0, 2.0)),
+            "advantages.reward_weights",
+            "length_mismatch: 2 weights; rewards have 3 components",
+        ),
+        (
+            torch.ones(4),
+            AdvantageConfig("grpo", reward_weights=(1.0, 2.0)),
+            "advantages.reward_weights",
+            "length_mismatch: 2 weights; [B] rewards are one component",
+        ),
+        (
+            torch.ones(4, 2),
+            AdvantageConfig("gdpo", reward_weights=(math.inf, 1.0)),
+            "advantages.reward_weights",
+            "out_of_range: inf is not a finite number",
+        ),
+        (
+            torch.ones(4, 2),
+            AdvantageConfig("gdpo", reward_weights=()),
+            "advantages.reward_weights",
+            "bad_dtype: expected a non-empty sequence of numbers",
+        ),
+        (
+            torch.ones(4, 2),
+            AdvantageConfig("gdpo", scale="batch"),
+            "advantages.scale",
+            "unsupported: gdpo divides",
+        ),
+        (
+            torch.ones(4, 2, 1),
+            AdvantageConfig("gdpo"),
+            "rewards",
+            "bad_shape: shape (4, 2, 1); [B] or [B, K]",
+        ),
+        (
+            torch.ones(4, 0),
+            AdvantageConfig("gdpo"),
+            "rewards",
+            "bad_shape: (4, 0); 1 to 64 reward components",
+        ),
+        (
+            torch.ones(4, 65),
+            AdvantageConfig("gdpo"),
+            "rewards",
+            "bad_shape: (4, 65); 1 to 64 reward components",
+        ),
+        (
+            torch.full((4, 2), 1e99, dtype=F64),
+            AdvantageConfig("grpo", reward_weights=(20.0, 1.0)),
+            "rewards",
+            "out_of_range: the weighted reward 2.1e+100 exceeds 1e+100",
+        ),
+    ],
+)
+def test_reward_components_refused_by_name(rewards, cfg, field, reason):
+    with pytest.raises(InputError) as err:
+        E.advantages(rewards, torch.tensor([0, 0, 1, 1]), cfg)
+    assert any(v.field == field and v.reason.startswith(reason) for v in err.value.violations), err.value
+
+
+def test_reward_components_in_loss_are_refused_with_the_way_to_send_them():
+    """`loss` (ComputeLoss) takes [B] rewards: [B, K] ones are refused as unsupported, naming
+    advantages() (ComputeAdvantages), which takes them."""
+    b = simple_batch([2, 3], rewards=torch.ones(2, 2), group_ids=torch.tensor([0, 0]))
+    with pytest.raises(InputError) as err:
+        E.loss(b, LossConfig(advantages=AdvantageConfig("gdpo")))
+    ((v,),) = [err.value.violations]
+    assert (
+        v.field == "rewards"
+        and v.reason.startswith("unsupported: [B, K] rewards")
+        and "ComputeAdvantages" in v.reason
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])

@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from reference_loss import REFUSED_SCALES
 from softgate.engine import (
     ESTIMATORS,
     AdvantageConfig,
@@ -89,8 +90,8 @@ def test_to_floats_never_turns_a_non_finite_loss_into_0(key: str, value: float) 
 
 @pytest.mark.parametrize(
     ("estimator", "scale"),
-    # (reinforce_pp's group scale is refused as unsupported: it reads no groups)
-    [(e, s) for e in ESTIMATORS for s in ("group", "batch") if (e, s) != ("reinforce_pp", "group")],
+    # (reinforce_pp's group scale and gdpo's batch scale are refused as unsupported)
+    [(e, s) for e in ESTIMATORS for s in ("group", "batch") if (e, s) not in REFUSED_SCALES],
 )
 def test_non_finite_advantages_are_refused_by_every_estimator(estimator: str, scale: str) -> None:
     """With eps = 0 a reward spread whose squares underflow divides by a std of 0: inf.

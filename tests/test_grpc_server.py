@@ -667,6 +667,40 @@ def test_compute_advantages_equals_engine(stub: pb_grpc.LossServiceStub) -> None
     assert dict(got.metrics) == want.metrics
 
 
+def test_compute_advantages_of_reward_components_equals_engine(stub: pb_grpc.LossServiceStub) -> None:
+    """[B, K] rewards (row-major) with reward_weights: GDPO and a weighted sum, as the engine;
+    ComputeLoss and a StreamLoss chunk refuse them by name (ComputeAdvantages takes them)."""
+    g = torch.Generator().manual_seed(4)
+    rewards = torch.randint(0, 3, (16, 3), generator=g).double() / 2
+    groups = torch.arange(16) // 4
+    counts = torch.randint(0, 9, (16,), generator=g)
+    for est, pb_est in (("gdpo", pb.ADVANTAGE_ESTIMATOR_GDPO), ("rloo", pb.ADVANTAGE_ESTIMATOR_RLOO)):
+        cfg = AdvantageConfig(estimator=est, reward_weights=(0.5, 1.0, -2.0))
+        want = Engine(device="cpu").advantages(rewards, groups, cfg, counts)
+        got = stub.ComputeAdvantages(
+            pb.ComputeAdvantagesRequest(
+                config=pb.AdvantageConfig(estimator=pb_est, reward_weights=[0.5, 1.0, -2.0]),
+                rewards=tensor(rewards),
+                group_ids=tensor(groups),
+                token_counts=tensor(counts),
+            ),
+            timeout=10,
+        )
+        assert same(array(got.advantages), want.advantages) and dict(got.metrics) == want.metrics
+    bad = pb.ComputeAdvantagesRequest(
+        config=pb.AdvantageConfig(estimator=pb.ADVANTAGE_ESTIMATOR_GDPO, reward_weights=[1.0]),
+        rewards=tensor(rewards),
+        group_ids=tensor(groups),
+    )
+    expect_invalid(lambda: stub.ComputeAdvantages(bad, timeout=5), "config.reward_weights", "length_mismatch")
+    m = _good()
+    b = len(array(m.rewards))
+    m.rewards.CopyFrom(tensor(torch.ones(b, 2)))
+    expect_invalid(_loss_call(stub, m), "batch.rewards", "unsupported: [B, K] rewards")
+    chunk = pb.StreamLossRequest(chunk=m)
+    expect_invalid(lambda: list(stub.StreamLoss(iter([chunk]), timeout=5)), "chunk[0].rewards", "bad_shape")
+
+
 # ---------------------------------------------------------------- bad input
 
 

@@ -153,9 +153,13 @@ def test_contract_shape():
     assert set(methods) == {"ComputeAdvantages", "ComputeLoss", "StreamLoss", "ListAlgorithms"}
     assert methods["StreamLoss"].client_streaming and methods["StreamLoss"].server_streaming
     msgs = {m.name: m for m in fd.message_type}
-    # tensors are raw bytes, never repeated floats
+    # tensors are raw bytes, never repeated floats; a repeated double is a configuration's few
+    # numbers (one weight per reward component), never per sequence or per token
+    config_lists = {"AdvantageConfig.reward_weights"}
     for m in msgs.values():
         for f in m.field:
+            if f"{m.name}.{f.name}" in config_lists:
+                continue
             assert not (f.label == f.LABEL_REPEATED and f.type in (f.TYPE_FLOAT, f.TYPE_DOUBLE)), (
                 f"{m.name}.{f.name} is a repeated float"
             )

@@ -452,7 +452,7 @@ def test_a_field_this_server_does_not_know_is_refused_by_name_not_ignored(inproc
     adv = pb.ComputeAdvantagesRequest(
         rewards=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[2], data=bytes(8)),
         group_ids=pb.Tensor(dtype=pb.DTYPE_INT64, shape=[2], data=bytes(16)),
-        config=_with_unknown(pb.AdvantageConfig(), 5),
+        config=_with_unknown(pb.AdvantageConfig(), 6),
     )
     calls = [(lambda r=r: stub.ComputeLoss(r, timeout=30), field, name) for r, field, name in loss_cases]
     calls += [(lambda c=c: list(stub.StreamLoss(iter(c), timeout=30)), f, "not in") for c, f in stream_cases]

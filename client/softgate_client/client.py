@@ -166,7 +166,7 @@ def _fill(t: pb.Tensor, a: np.ndarray) -> pb.Tensor:
     if dt is None:
         raise TypeError(f"unsupported dtype {a.dtype}")
     t.dtype = dt  # type: ignore[assignment]
-    t.shape.append(int(a.shape[0]))
+    t.shape.extend(int(d) for d in a.shape)  # ([B], or rewards [B, K])
     t.data = le_bytes(a)
     return t
 
@@ -206,13 +206,15 @@ def loss_config_to_proto(c: cfg.LossConfig) -> pb.LossConfig:
     obj.SetInParent()
     _set_optional(obj, **c.objective.params)
     a = c.advantages
-    if any(v is not None for v in (a.estimator, a.scale, a.eps, a.min_group_std)):
+    if any(v is not None for v in (a.estimator, a.scale, a.eps, a.min_group_std, a.reward_weights)):
         adv: Any = out.advantages
         adv.estimator = _enum(
             pb.AdvantageEstimator, "ADVANTAGE_ESTIMATOR", a.estimator, "config.advantages.estimator"
         )
         adv.scale = _enum(pb.AdvantageScale, "ADVANTAGE_SCALE", a.scale, "config.advantages.scale")
         _set_optional(adv, eps=a.eps, min_group_std=a.min_group_std)
+        if a.reward_weights is not None:
+            adv.reward_weights.extend(a.reward_weights)
     g = c.aggregation
     if any(v is not None for v in (g.mode, g.num_tokens, g.num_seqs, g.constant)):
         agg: Any = out.aggregation
@@ -434,9 +436,12 @@ def _padded_place(offsets: np.ndarray, k: int) -> str:
     return f"row {row}, column {k - int(offsets[row])} of the padded input"
 
 
-def _rewards_and_groups(rewards: Any, group_ids: Any, b: int | None) -> dict[str, np.ndarray]:
+def _rewards_and_groups(
+    rewards: Any, group_ids: Any, b: int | None, components: bool = False
+) -> dict[str, np.ndarray]:
     """Rewards (int64, float32 or float64) and int64 group ids as sent, [B] each (`b` None:
-    B is the rewards' length); the one check of both `loss` and `advantages`."""
+    B is the rewards' length; `components`: rewards [B, K] too, `advantages`'); the one check
+    of both `loss` and `advantages`."""
     out: dict[str, np.ndarray] = {}
     if rewards is not None:
         if is_torch(rewards) and rewards.dtype.is_floating_point and rewards.element_size() < 4:
@@ -448,7 +453,10 @@ def _rewards_and_groups(rewards: Any, group_ids: Any, b: int | None) -> dict[str
             r = int_array(r, "rewards")
         elif r.dtype not in (np.float32, np.float64):
             r = float_array(r, "rewards")
-        out["rewards"] = _per_seq(r, "rewards", b)
+        if components and r.ndim == 2:
+            out["rewards"] = np.ascontiguousarray(r)  # (K components a sequence, row-major)
+        else:
+            out["rewards"] = _per_seq(r, "rewards", b)
         b = r.shape[0]
     if group_ids is not None:
         g = to_numpy(group_ids, "group_ids")
@@ -756,16 +764,18 @@ class SoftgateClient:
         scale: str | None = None,
         eps: float | None = None,
         min_group_std: float | None = None,
+        reward_weights: Any = None,
         config: cfg.AdvantageConfig | None = None,
         token_counts: Any = None,
         timeout: float | None = None,
         run: str | None = None,
     ) -> AdvantagesResult:
-        """Per-sequence advantages from per-sequence rewards and group ids. `token_counts`
-        ([B] integers, each sequence's trained tokens): the reinforce_pp(_baseline) whitening
-        weights and opo's baseline weights, as `loss` weighs the sequences, so that
-        micro-batches sent with these advantages train on `loss`'s own values; None: every
-        sequence weighs 1."""
+        """Per-sequence advantages from per-sequence rewards ([B], or [B, K]: K reward
+        components, for `estimator="gdpo"` or their sum weighted by `reward_weights`) and group
+        ids. `token_counts` ([B] integers, each sequence's trained tokens): the
+        reinforce_pp(_baseline) and gdpo whitening weights and opo's baseline weights, as `loss`
+        weighs the sequences, so that micro-batches sent with these advantages train on
+        `loss`'s own values; None: every sequence weighs 1."""
         self._live()
         if config is not None and not isinstance(config, cfg.AdvantageConfig):
             raise invalid_argument(
@@ -777,9 +787,10 @@ class SoftgateClient:
             scale=scale if scale is not None else c.scale,
             eps=eps if eps is not None else c.eps,
             min_group_std=min_group_std if min_group_std is not None else c.min_group_std,
+            reward_weights=reward_weights if reward_weights is not None else c.reward_weights,
         )
         try:
-            seq = _rewards_and_groups(rewards, group_ids, None)
+            seq = _rewards_and_groups(rewards, group_ids, None, components=True)
             if token_counts is not None:  # (whole-number floats too: a float mask's mask.sum(-1))
                 b = seq["rewards"].shape[0] if "rewards" in seq else None
                 seq["token_counts"] = _per_seq(int_array(token_counts, "token_counts"), "token_counts", b)

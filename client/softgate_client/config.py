@@ -135,16 +135,27 @@ def _given(**kw: float | None) -> dict[str, float]:
 @dataclass(frozen=True)
 class AdvantageConfig:
     """Outcome-reward estimator: `grpo`, `dr_grpo`, `rloo`, `reinforce_pp_baseline`, `opo`, `gpg`,
-    `grpo_passk`, `reinforce_pp`;
+    `grpo_passk`, `reinforce_pp`, `gdpo`; `reward_weights` for rewards of K components;
     scale `group`, `batch`, `none` (None: the estimator's own default)."""
 
     estimator: str | None = None
     scale: str | None = None
     eps: float | None = None
     min_group_std: float | None = None
+    reward_weights: tuple[float, ...] | None = None  # one per reward component; None: 1 each
 
     def __post_init__(self) -> None:
         _plain_fields(self, "config.advantages")
+        w = self.reward_weights
+        if w is not None:  # (a list, an array, a tensor: a tuple of floats, hashable)
+            path = "config.advantages.reward_weights"
+            if isinstance(w, (str, bytes, bool)) or not (
+                isinstance(w, (int, float)) or hasattr(w, "__iter__")
+            ):
+                raise invalid_argument(path, f"bad_type: expected a sequence of numbers, got {w!r:.60}")
+            # (a one-element array arrives as its number: _plain_fields)
+            items = [w] if isinstance(w, (int, float)) else (w.tolist() if hasattr(w, "tolist") else list(w))
+            object.__setattr__(self, "reward_weights", tuple(_number(path, x) for x in items))
 
 
 @dataclass(frozen=True)
@@ -252,6 +263,7 @@ _FLAT_ALIASES = {
     "scale": ("advantages", "scale"),
     "adv_eps": ("advantages", "eps"),
     "min_group_std": ("advantages", "min_group_std"),
+    "reward_weights": ("advantages", "reward_weights"),
     "aggregation": ("aggregation", "mode"),
     "num_tokens": ("aggregation", "num_tokens"),
     "num_seqs": ("aggregation", "num_seqs"),

@@ -62,6 +62,8 @@ def config_to_json(cfg: LossConfig) -> dict[str, Any]:
         del d["mismatch"]["floor"]
     if d.get("kl") and d["kl"]["aggregation"] is None:
         del d["kl"]["aggregation"]
+    if d["advantages"]["reward_weights"] is None:  # (a loss case's rewards are one component)
+        del d["advantages"]["reward_weights"]
     obj = d.pop("objective")
     d["objective"] = {"name": obj.pop("name"), **obj}
     return d
@@ -219,7 +221,7 @@ def _default_cases(engine: Engine) -> list[dict[str, Any]]:
     old_logp, the mask and the advantage level unset; RLOO at its default (group) scale; k3 KL
     clamped from above on one trained token; eps, min_group_std, beta, the mismatch bounds
     and the saturation threshold at values of their own; the seq_mask mismatch mode; the
-    k3_is and k3_is_seq KL estimators; the opo, gpg, grpo_passk and reinforce_pp estimators."""
+    k3_is and k3_is_seq KL estimators; the opo, gpg, grpo_passk, reinforce_pp and gdpo estimators."""
     out = []
     b = random_batch(5151, max_seqs=5, max_len=5, advantages="rewards", with_mask=False, num_seqs=5)
     b.rewards = torch.tensor([0.0, 1.0, 0.5, 1.0, 0.0], dtype=torch.float64)
@@ -269,11 +271,11 @@ def _default_cases(engine: Engine) -> list[dict[str, Any]]:
     cfg = LossConfig(kl=KLConfig(estimator="k3_is_seq", beta=0.3, aggregation="token_mean"))
     out.append(_case("sapo/kl_k3_is_seq_token_mean", b, cfg, engine))
     # opo: the baseline weighs each sequence by its trained tokens; gpg: alpha = B / #(R != 0);
-    # grpo_passk: each group's best alone; reinforce_pp: R whitened, no baseline
+    # grpo_passk: each group's best alone; reinforce_pp: R whitened, no baseline; gdpo (one component)
     b = random_batch(5656, max_seqs=6, max_len=5, advantages="rewards", num_seqs=6)
     b.rewards = torch.tensor([0.0, 1.0, 0.5, 1.0, 0.0, 0.25], dtype=torch.float64)
     b.group_ids = torch.tensor([2, 2, 2, 5, 5, 5])
-    for est in ("opo", "gpg", "grpo_passk", "reinforce_pp"):
+    for est in ("opo", "gpg", "grpo_passk", "reinforce_pp", "gdpo"):
         cfg = LossConfig(advantages=AdvantageConfig(estimator=est))
         out.append(_case(f"sapo/{est}_estimator", b, cfg, engine))
     # reinforce_pp reads no groups: an all-equal group's members keep their R

@@ -1,5 +1,10 @@
 """Outcome-reward advantage estimators over groups (grpo, dr_grpo, rloo, reinforce_pp_baseline,
-opo, gpg, grpo_passk), and REINFORCE++ (reinforce_pp), which reads no groups.
+opo, gpg, grpo_passk, gdpo), and REINFORCE++ (reinforce_pp), which reads no groups.
+
+Rewards are [B], or [B, K]: K reward components per sequence. gdpo normalises each component
+within its group, sums them weighted by `reward_weights` and whitens the sum (GDPO's
+group-decoupled normalisation, TRL's normalize_then_sum); the others take the weighted sum
+first (TRL's sum_then_normalize).
 
 All group statistics are computed in float64 whatever the reward dtype. Groups are found with
 torch.unique(return_inverse=True) and reduced with index_add_/scatter_reduce, so they need not
@@ -13,6 +18,7 @@ which has no group baseline (its degenerate groups are still counted).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -29,9 +35,10 @@ DEFAULT_SCALE = {
     "gpg": "none",
     "grpo_passk": "group",
     "reinforce_pp": "none",
+    "gdpo": "group",
 }
 # whitened over the batch's trained tokens after the estimator (and its scale)
-WHITENED = ("reinforce_pp_baseline", "reinforce_pp")
+WHITENED = ("reinforce_pp_baseline", "reinforce_pp", "gdpo")
 
 
 @dataclass
@@ -40,6 +47,7 @@ class GroupAdvantages:
     degenerate: Tensor  # [B] bool, member of a degenerate group
     num_groups: int
     degenerate_group_frac: Tensor  # scalar float64
+    rewards: Tensor  # [B] float64, the components' weighted sum (the rewards as given for [B])
 
 
 def _unbiased_std(cnt: Tensor, dev_sq_sum: Tensor) -> Tensor:
@@ -49,10 +57,17 @@ def _unbiased_std(cnt: Tensor, dev_sq_sum: Tensor) -> Tensor:
 def group_advantages(
     rewards: Tensor, group_ids: Tensor, cfg: AdvantageConfig, weights: Tensor | None = None
 ) -> GroupAdvantages:
-    """Per-sequence advantages. `weights` (per sequence, e.g. trained-token counts) are the
-    whitening weights of reinforce_pp_baseline and reinforce_pp and opo's baseline weights;
-    None weighs every sequence equally."""
-    r = rewards.to(torch.float64)
+    """Per-sequence advantages from rewards [B] or [B, K]. `weights` (per sequence, e.g.
+    trained-token counts) are the whitening weights of reinforce_pp_baseline, reinforce_pp and
+    gdpo and opo's baseline weights; None weighs every sequence equally."""
+    parts = rewards.to(torch.float64)
+    parts = parts[:, None] if parts.dim() == 1 else parts
+    wk = cfg.reward_weights
+    if wk is None and parts.shape[1] == 1:
+        r = parts[:, 0]
+    else:  # the weighted sum (1 each by default)
+        w_k = torch.tensor(wk if wk is not None else [1.0] * parts.shape[1], dtype=torch.float64)
+        r = parts @ w_k.to(parts.device)
     b = r.numel()
     uniq, inv, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
     g = uniq.numel()
@@ -69,12 +84,19 @@ def group_advantages(
         def group_sum(x: Tensor) -> Tensor:
             return z.clone().index_add_(0, inv, x)
 
-    mean = group_sum(r) / cnt.clamp(min=1)
-    dev = r - mean[inv]
-    std_g = _unbiased_std(cnt, group_sum(dev * dev))
-    gmax = z.clone().scatter_reduce_(0, inv, r, "amax", include_self=False)
-    gmin = z.clone().scatter_reduce_(0, inv, r, "amin", include_self=False)
-    degenerate_g = (cnt <= 1) | (gmax == gmin) | (std_g < cfg.min_group_std)
+    def stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """x - its group's mean, each group's unbiased std, max and min, and whether it is degenerate."""
+        dev = x - (group_sum(x) / cnt.clamp(min=1))[inv]
+        std = _unbiased_std(cnt, group_sum(dev * dev))
+        gmax = z.clone().scatter_reduce_(0, inv, x, "amax", include_self=False)
+        gmin = z.clone().scatter_reduce_(0, inv, x, "amin", include_self=False)
+        return dev, std, gmax, gmin, (cnt <= 1) | (gmax == gmin) | (std < cfg.min_group_std)
+
+    if cfg.estimator == "gdpo":
+        a, degenerate_g = _gdpo(parts, wk, inv, stats, cfg, weights)
+        frac = degenerate_g.to(torch.float64).mean() if g > 0 else torch.zeros((), dtype=torch.float64)
+        return GroupAdvantages(a, degenerate_g[inv], g, frac.to(r.device), r)
+    dev, std_g, gmax, gmin, degenerate_g = stats(r)
 
     a = r if cfg.estimator == "reinforce_pp" else dev
     if cfg.estimator == "rloo":
@@ -114,7 +136,33 @@ def group_advantages(
         if g > 0
         else torch.zeros((), dtype=torch.float64, device=r.device)
     )
-    return GroupAdvantages(a, degenerate, g, frac)
+    return GroupAdvantages(a, degenerate, g, frac, r)
+
+
+def _gdpo(
+    parts: Tensor,
+    wk: tuple[float, ...] | None,
+    inv: Tensor,
+    stats: Any,
+    cfg: AdvantageConfig,
+    weights: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """GDPO: each component centred in its group (and divided by its group std + eps: scale
+    group, the default), 0 in a group where it is degenerate, weighted and summed, then
+    whitened; a group degenerate in every component gives 0 to its members. Returns the
+    advantages and the degenerate groups."""
+    a = torch.zeros(parts.shape[0], dtype=torch.float64, device=parts.device)
+    degenerate_g: Tensor | None = None
+    for k in range(parts.shape[1]):  # (the few reward components, not the sequences)
+        dev, std, _, _, deg = stats(parts[:, k])
+        ak = dev / (std[inv] + cfg.eps) if (cfg.scale or "group") == "group" else dev
+        ak = torch.where(deg[inv], torch.zeros_like(ak), ak)
+        a = a + (ak if wk is None else wk[k] * ak)
+        degenerate_g = deg if degenerate_g is None else degenerate_g & deg
+    assert degenerate_g is not None
+    zeroed = degenerate_g[inv]
+    a = _whiten(torch.where(zeroed, torch.zeros_like(a), a), weights, cfg.eps)
+    return torch.where(zeroed, torch.zeros_like(a), a), degenerate_g
 
 
 def _whiten(a: Tensor, weights: Tensor | None, eps: float) -> Tensor:

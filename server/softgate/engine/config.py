@@ -7,6 +7,7 @@ given as a one-element tensor or a numpy scalar is kept as the Python number it 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
@@ -253,7 +254,7 @@ OBJECTIVES: dict[str, type] = {
 # ---------------------------------------------------------------- the other choices
 
 Estimator = Literal[
-    "grpo", "dr_grpo", "rloo", "reinforce_pp_baseline", "opo", "gpg", "grpo_passk", "reinforce_pp"
+    "grpo", "dr_grpo", "rloo", "reinforce_pp_baseline", "opo", "gpg", "grpo_passk", "reinforce_pp", "gdpo"
 ]
 ESTIMATORS: tuple[str, ...] = get_args(Estimator)
 Scale = Literal["group", "batch", "none"]
@@ -263,15 +264,22 @@ AggregationMode = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_s
 @dataclass(frozen=True)
 class AdvantageConfig:
     """Outcome-reward advantage estimator; `scale=None` takes the estimator's own default
-    (group std for `grpo` and `grpo_passk`, none for the others)."""
+    (group std for `grpo`, `grpo_passk` and `gdpo`, none for the others). `reward_weights`:
+    one weight per reward component of [B, K] rewards (None: 1 each), for gdpo's weighted sum
+    of its normalised components and the others' of the raw ones."""
 
     estimator: Estimator = "grpo"
     scale: Scale | None = None
     eps: float = 1e-6
     min_group_std: float = 0.0
+    reward_weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         _plain_numbers(self)
+        w = self.reward_weights
+        if w is not None and not isinstance(w, (tuple, str)):  # a list, an array: a tuple (hashable)
+            with contextlib.suppress(TypeError, ValueError):  # (else refused by validation)
+                object.__setattr__(self, "reward_weights", tuple(float(x) for x in w))
 
 
 @dataclass(frozen=True)

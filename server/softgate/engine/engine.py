@@ -212,7 +212,9 @@ class Engine:
     def advantages(
         self, rewards: Tensor, group_ids: Tensor, config: AdvantageConfig, token_counts: Tensor | None = None
     ) -> AdvantageResult:
-        """Per-sequence advantages from rewards and group ids. reinforce_pp(_baseline) whiten over
+        """Per-sequence advantages from rewards ([B], or [B, K]: K reward components, gdpo's
+        input; the other estimators take their sum weighted by `config.reward_weights`) and
+        group ids. reinforce_pp(_baseline) and gdpo whiten over
         trained tokens in `loss` (opo's baseline weighs by them); here each sequence weighs its
         `token_counts` entry (its trained tokens: then the advantages equal `loss`'s bit for
         bit), or 1 without them. Records no autograd graph, as `loss` does not."""
@@ -227,16 +229,15 @@ class Engine:
             raise InputError([FieldViolation("config", why)])
         check_devices({"rewards": rewards, "group_ids": group_ids, "token_counts": token_counts})
         v: list[FieldViolation] = []
-        ok = reward_tensor(v, rewards, None)
+        ok = reward_tensor(v, rewards, None, config.reward_weights, components=True)
+        b = rewards.shape[0] if ok else 0  # ([B] or [B, K])
         for name, x in (("group_ids", group_ids), ("token_counts", token_counts)):
             if x is None and name == "token_counts":
                 continue
             if not isinstance(x, Tensor) or x.dtype not in _INTS or x.dim() != 1:
                 v.append(FieldViolation(name, f"bad_dtype: {name} must be a 1-D integer tensor"))
-            elif ok and x.numel() != rewards.numel():
-                v.append(
-                    FieldViolation(name, f"length_mismatch: length {x.numel()}, expected {rewards.numel()}")
-                )
+            elif ok and x.numel() != b:
+                v.append(FieldViolation(name, f"length_mismatch: length {x.numel()}, expected {b}"))
             elif name == "token_counts" and x.numel() and bool((x < 0).any()):
                 i = int(torch.nonzero(x < 0)[0, 0])
                 v.append(FieldViolation(name, f"out_of_range: {int(x[i])} < 0 trained tokens", i))
@@ -245,7 +246,7 @@ class Engine:
         v += validate_config(LossConfig(advantages=config))
         if v:
             raise InputError(v)
-        dev = self._device_for(rewards.numel(), (rewards, group_ids))
+        dev = self._device_for(b, (rewards, group_ids))
         weights = token_counts.to(dev) if token_counts is not None else None
         ga = group_advantages(rewards.to(dev), group_ids.to(dev), config, weights=weights)
         dt = torch.float64 if rewards.dtype == torch.float64 else torch.float32
@@ -259,7 +260,7 @@ class Engine:
                     )
                 ]
             )
-        r = rewards.to(dev, torch.float64)
+        r = ga.rewards  # (the components' weighted sum)
         metrics = {
             "num_groups": float(ga.num_groups),
             "degenerate_group_frac": float(ga.degenerate_group_frac),

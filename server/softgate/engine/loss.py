@@ -158,6 +158,7 @@ def _compute_loss(
     # ---- advantages (per sequence unless the caller gave them per token)
     adv_per_token = False
     num_groups = 0
+    weighted: Tensor | None = None
     if batch.advantages is not None:
         t["adv"] = _cast(batch.advantages, dt, dev)
         adv_per_token = advantage_level(batch) == "token"
@@ -167,8 +168,9 @@ def _compute_loss(
         t["adv"] = ga.advantages.to(dt)
         num_groups = ga.num_groups
         extra["degenerate_group_frac"] = ga.degenerate_group_frac
+        weighted = ga.rewards  # (times reward_weights, when given)
     if batch.rewards is not None and batch.rewards.numel() > 0:
-        rw = batch.rewards.to(dev, F64)
+        rw = weighted if weighted is not None else batch.rewards.to(dev, F64)
         extra["reward_std"], extra["reward_mean"] = torch.std_mean(rw, correction=0)
 
     # ---- sequence-level pieces

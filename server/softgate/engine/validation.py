@@ -74,6 +74,9 @@ MAX_LOG_RATIO_CLAMP = 80.0
 LOGP_TOLERANCE = 1e-4
 # rewards beyond this overflow the group statistics' float64 sums of squares (silent zeros)
 MAX_ABS_REWARD = 1e100
+# reward components of [B, K] rewards: gdpo reduces each over the groups in turn (a loop over
+# K), and a reward of a million components in one small message must not hold a slot for long
+MAX_REWARD_COMPONENTS = 64
 # advantages.eps is 0 or at least this. A reward spread under ~1e-154 has squares that underflow
 # float64 (its std reads 0 under ~1e-162): a smaller eps would be the whole divisor (rewards
 # 1e-163 apart got advantages of 1e160 at eps 5e-324). From here up, eps dwarfs such a std.
@@ -268,6 +271,13 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
             "advantages.min_group_std",
             "unsupported: reinforce_pp reads no groups, so it zeroes none",
         )
+        need(
+            not (adv.estimator == "gdpo" and adv.scale == "batch"),
+            "advantages.scale",
+            "unsupported: gdpo divides each component by its group's std (group) or not (none); "
+            "its batch normalisation is the whitening of their sum",
+        )
+        _reward_weights(adv.reward_weights, v)
         nonneg(adv.eps, "advantages.eps")
         if _num_ok(adv.eps) and 0 < adv.eps < MIN_ADVANTAGE_EPS:
             why = "a std that underflows float64 would leave eps alone as the divisor"
@@ -442,25 +452,81 @@ def advantage_level(batch: Batch) -> str:
     return "sequence" if batch.advantages.numel() == batch.num_seqs else "token"
 
 
-def reward_tensor(v: list[FieldViolation], rewards: object, n: int | None) -> bool:
+def _reward_weights(w: object, v: list[FieldViolation]) -> None:
+    """AdvantageConfig.reward_weights: None, or a non-empty tuple of finite numbers of magnitude
+    at most MAX_ABS_REWARD (a weighted sum must stay within float64's squares as rewards do)."""
+    name = "advantages.reward_weights"
+    if w is None:
+        return
+    if not isinstance(w, tuple) or not w or not all(isinstance(x, (int, float)) for x in w):
+        v.append(FieldViolation(name, "bad_dtype: expected a non-empty sequence of numbers"))
+        return
+    for i, x in enumerate(w):
+        if not math.isfinite(x) or abs(x) > MAX_ABS_REWARD:
+            v.append(
+                FieldViolation(name, f"out_of_range: {x!r} is not a finite number of magnitude <= 1e100", i)
+            )
+            return
+
+
+def reward_tensor(
+    v: list[FieldViolation], rewards: object, n: int | None, weights: object = None, components: bool = False
+) -> bool:
     """`_float_tensor` for rewards (integers and half precisions allowed: they are reduced in
-    float64), and every |reward| <= MAX_ABS_REWARD."""
-    if not _float_tensor(v, "rewards", rewards, n, allow_int=True, allow_half=True):
+    float64), and every |reward| <= MAX_ABS_REWARD. `components`: [B, K] rewards (K reward
+    components) allowed too, violations indexed by sequence. `weights` (reward_weights, when
+    valid): one per component (1 for [B] rewards), their weighted sum within MAX_ABS_REWARD."""
+    k = 1
+    if components and isinstance(rewards, Tensor) and rewards.dim() == 2:
+        k = rewards.shape[1]
+        if not 0 < k <= MAX_REWARD_COMPONENTS:
+            why = f"bad_shape: {tuple(rewards.shape)}; 1 to {MAX_REWARD_COMPONENTS} reward components"
+            v.append(FieldViolation("rewards", why))
+            return False
+        flat: list[FieldViolation] = []
+        ok = _float_tensor(flat, "rewards", rewards.reshape(-1), None, allow_int=True, allow_half=True)
+        v += [FieldViolation(f.field, f.reason, None if f.index is None else f.index // k) for f in flat]
+        if not ok:
+            return False
+        if n is not None and rewards.shape[0] != n:
+            v.append(FieldViolation("rewards", f"length_mismatch: length {rewards.shape[0]}, expected {n}"))
+            return False
+    elif not _float_tensor(v, "rewards", rewards, n, allow_int=True, allow_half=True):
+        if components and isinstance(rewards, Tensor) and rewards.dim() > 2:
+            v[-1] = FieldViolation(
+                "rewards", f"bad_shape: shape {tuple(rewards.shape)}; [B] or [B, K] expected"
+            )
         return False
     assert isinstance(rewards, Tensor)
     if rewards.dtype in _FLOATS and rewards.numel() > 0:
         big = rewards.abs() > MAX_ABS_REWARD
         if bool(big.any()):
-            i = _first(big)
+            i = _first(big.reshape(-1))
             v.append(
                 FieldViolation(
                     "rewards",
-                    f"out_of_range: |reward| {float(rewards[i]):.3g} exceeds {MAX_ABS_REWARD:.0e}; "
+                    f"out_of_range: |reward| {float(rewards.reshape(-1)[i]):.3g} exceeds {MAX_ABS_REWARD:.0e}; "
                     "the group statistics would overflow float64",
-                    i,
+                    i // k,
                 )
             )
             return False
+    if isinstance(weights, tuple) and all(isinstance(x, (int, float)) and math.isfinite(x) for x in weights):
+        if len(weights) != k:
+            where = f"rewards have {k} components" if k > 1 else "[B] rewards are one component"
+            v.append(
+                FieldViolation(
+                    "advantages.reward_weights", f"length_mismatch: {len(weights)} weights; {where}"
+                )
+            )
+            return False
+        if rewards.numel() > 0:
+            s = (rewards.to(torch.float64).reshape(-1, k) @ torch.tensor(weights, dtype=torch.float64)).abs()
+            if bool((s > MAX_ABS_REWARD).any()):
+                i = _first(s > MAX_ABS_REWARD)
+                why = f"out_of_range: the weighted reward {float(s[i]):.3g} exceeds {MAX_ABS_REWARD:.0e}"
+                v.append(FieldViolation("rewards", why, i))
+                return False
     return True
 
 
@@ -606,7 +672,15 @@ def validate_batch(
     elif batch.rewards is None:
         v.append(FieldViolation("rewards", "missing: give rewards and group_ids, or advantages"))
     if batch.rewards is not None and b is not None:
-        reward_tensor(v, batch.rewards, b)
+        if isinstance(batch.rewards, Tensor) and batch.rewards.dim() == 2:
+            why = (
+                "unsupported: [B, K] rewards (K reward components) are ComputeAdvantages' input "
+                "(Engine.advantages); send its advantages, or the components' weighted sum as [B] rewards"
+            )
+            v.append(FieldViolation("rewards", why))
+        else:
+            weights = getattr(getattr(config, "advantages", None), "reward_weights", None)
+            reward_tensor(v, batch.rewards, b, weights)
         if batch.advantages is None and batch.group_ids is None:
             v.append(FieldViolation("group_ids", "missing: rewards need group_ids"))
     g = batch.group_ids

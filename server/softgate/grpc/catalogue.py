@@ -39,6 +39,7 @@ PARAM_HELP: dict[str, str] = {
     "scale": "which std divides the centred rewards; unset: the estimator's own default",
     "eps": "added to the std before dividing, >= 0",
     "min_group_std": "groups with reward std below this get advantage 0, >= 0 (reinforce_pp: 0 only)",
+    "reward_weights": "one weight per component of [B, K] rewards (ComputeAdvantages); unset: 1 each",
     "num_tokens": "global N_tok normaliser, > 0; unset: this request's trained tokens",
     "num_seqs": "global N_seq normaliser (sequences with a trained token), > 0; unset: this request's",
     "constant": "K of token_sum_norm, > 0 (required by that mode)",
@@ -62,6 +63,8 @@ ESTIMATOR_HELP = {
     "gpg": "GPG: B / #(R != 0) x (R - group mean), over the batch's B sequences",
     "grpo_passk": "Pass@k: the group's best alone gets (R_max - R_second) / (group std + eps), the others 0",
     "reinforce_pp": "REINFORCE++: R (no group baseline), whitened over the batch's trained tokens",
+    "gdpo": "GDPO: each reward component of [B, K] rewards normalised in its group, their weighted sum "
+    "whitened over the batch's trained tokens",
 }
 AGGREGATION_HELP = {
     "token_mean": "sum m l / N_tok",

@@ -463,6 +463,11 @@ def encode_tensor(x: Tensor, out: pb.Tensor | None = None) -> pb.Tensor:
     return msg
 
 
+def claimed_rows(t: pb.Tensor) -> int:
+    """Best-effort length of the first dimension (rewards [B, K]: B), for accounting and limits."""
+    return max(int(t.shape[0]), 0) if len(t.shape) > 1 else claimed_elements(t)
+
+
 def claimed_elements(t: pb.Tensor) -> int:
     """Best-effort element count for accounting and limits (0 if malformed)."""
     itemsize = _ITEMSIZE.get(t.dtype)
@@ -670,6 +675,7 @@ _ESTIMATORS = {
     pb.ADVANTAGE_ESTIMATOR_GPG: "gpg",
     pb.ADVANTAGE_ESTIMATOR_GRPO_PASSK: "grpo_passk",
     pb.ADVANTAGE_ESTIMATOR_REINFORCE_PP: "reinforce_pp",
+    pb.ADVANTAGE_ESTIMATOR_GDPO: "gdpo",
 }
 _SCALES = {
     pb.ADVANTAGE_SCALE_GROUP: "group",
@@ -713,7 +719,9 @@ def _enum(
 
 
 def decode_advantage_config(msg: pb.AdvantageConfig, prefix: str, v: list[FieldViolation]) -> AdvantageConfig:
-    kw = _set_fields(msg, ("eps", "min_group_std"))
+    kw: dict[str, Any] = _set_fields(msg, ("eps", "min_group_std"))
+    if len(msg.reward_weights):  # (empty: unset, 1 each)
+        kw["reward_weights"] = tuple(msg.reward_weights)
     _enum(msg.estimator, _ESTIMATORS, prefix + "estimator", v, kw, "estimator")
     _enum(msg.scale, _SCALES, prefix + "scale", v, kw, "scale")
     return AdvantageConfig(**kw)

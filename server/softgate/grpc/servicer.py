@@ -483,7 +483,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
             if isinstance(msg, codec.CorruptMessage):
                 raise InputError([msg.violation("request")])
             assert isinstance(msg, pb.ComputeAdvantagesRequest)
-            call.sequences = codec.claimed_elements(msg.rewards)
+            call.sequences = codec.claimed_rows(msg.rewards)
             call.bytes_in = msg.ByteSize()
             self._start(call)
             config, result, resp = await self._run(
@@ -498,7 +498,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         self, request: pb.ComputeAdvantagesRequest, cancel: threading.Event
     ) -> tuple[AdvantageConfig, AdvantageResult, pb.ComputeAdvantagesResponse]:
         v: list[FieldViolation] = []
-        n = codec.claimed_elements(request.rewards)
+        n = codec.claimed_rows(request.rewards)  # ([B] or [B, K])
         lim = self.limits
         if lim.max_sequences and n > lim.max_sequences:
             v.append(
@@ -929,7 +929,11 @@ def _check_chunk(b: Batch, i: int, v: list[FieldViolation]) -> None:
         x = getattr(b, name)
         if x is None:
             continue
-        if x.numel() != want:
+        if x.dim() != 1:  # (rewards [B, K] are ComputeAdvantages' input)
+            v.append(
+                FieldViolation(p + name, f"bad_shape: shape {tuple(x.shape)}; a chunk's tensors are 1-D")
+            )
+        elif x.numel() != want:
             v.append(
                 FieldViolation(
                     p + name, f"length_mismatch: length {x.numel()}, expected {want}, the chunk's {what}"
