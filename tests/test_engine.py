@@ -584,6 +584,15 @@ def test_gdpo_is_trls_normalize_then_sum_and_verls_gdpo():
     summed = rewards @ torch.tensor(weights, dtype=F64)
     assert got.metrics["reward_mean"] == pytest.approx(float(summed.mean()), rel=1e-14)
     assert got.metrics["degenerate_group_frac"] == 0.0
+    # a group constant in every component: 0 here, where verl whitens its 0 sum to -mean / std;
+    # the others as verl's (its whitening statistics hold the group's tokens at 0 too)
+    rewards[4:8] = torch.tensor([1.0, 0.0, 2.0], dtype=F64)
+    got = E.advantages(rewards, ids, AdvantageConfig("gdpo", reward_weights=weights), token_counts=lengths)
+    verl = _verl_gdpo(rewards, ids.tolist(), weights, lengths)
+    assert got.advantages[4:8].tolist() == [0.0] * 4 and bool((verl[4:8] != 0).all())
+    keep = torch.tensor([True] * 4 + [False] * 4 + [True] * 4)
+    torch.testing.assert_close(got.advantages[keep], verl[keep], rtol=1e-5, atol=0)
+    assert got.metrics["degenerate_group_frac"] == pytest.approx(1 / 3)
 
 
 def test_gdpo_degenerate_groups_and_the_other_estimators_weighted_sum():
@@ -603,8 +612,12 @@ def test_gdpo_degenerate_groups_and_the_other_estimators_weighted_sum():
     r = rewards[:, 0]
     scaled = E.advantages(r, ids, AdvantageConfig("dr_grpo", reward_weights=(3.0,))).advantages
     assert torch.equal(scaled, E.advantages(3.0 * r, ids, AdvantageConfig("dr_grpo")).advantages)
+    # gdpo of one component: grpo's advantages (degenerate groups 0), whitened over sequences
     one = E.advantages(r, ids, AdvantageConfig("gdpo")).advantages
-    assert torch.equal(one, E.advantages(r[:, None], ids, AdvantageConfig("gdpo")).advantages)
+    a = E.advantages(r, ids, AdvantageConfig("grpo")).advantages
+    white = (a - a.mean()) / (a.std() + 1e-6)
+    torch.testing.assert_close(one, torch.where(a == 0, 0.0, white), rtol=1e-14, atol=0)
+    assert one[2:].tolist() == [0.0] * 3 and bool((one[:2] != 0).all())
 
 
 @pytest.mark.parametrize(
@@ -659,6 +672,18 @@ def test_gdpo_degenerate_groups_and_the_other_estimators_weighted_sum():
             "bad_shape: (4, 65); 1 to 64 reward components",
         ),
         (
+            torch.ones(4, 2),
+            AdvantageConfig("gdpo", reward_weights=(1.0,) * 65),
+            "advantages.reward_weights",
+            "out_of_range: 65 weights; at most 64",
+        ),
+        (
+            torch.ones(4, 2),
+            AdvantageConfig("gdpo", reward_weights=(True, 1.0)),
+            "advantages.reward_weights",
+            "bad_dtype: expected a non-empty sequence of numbers",
+        ),
+        (
             torch.full((4, 2), 1e99, dtype=F64),
             AdvantageConfig("grpo", reward_weights=(20.0, 1.0)),
             "rewards",
@@ -670,6 +695,22 @@ def test_reward_components_refused_by_name(rewards, cfg, field, reason):
     with pytest.raises(InputError) as err:
         E.advantages(rewards, torch.tensor([0, 0, 1, 1]), cfg)
     assert any(v.field == field and v.reason.startswith(reason) for v in err.value.violations), err.value
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_reward_components_on_cuda_equal_the_cpu():
+    """[B, K] rewards and their weights on the GPU (the weighted-sum check builds its weights
+    on the rewards' device), GDPO and a weighted sum, as on the CPU."""
+    gen = torch.Generator().manual_seed(8)
+    rewards = torch.randint(0, 3, (64, 3), generator=gen).to(F64)
+    ids, counts = torch.arange(64) // 8, torch.randint(1, 30, (64,), generator=gen)
+    ec = Engine(device="cuda", host_max_tokens=0)
+    for est in ("gdpo", "grpo"):
+        cfg = AdvantageConfig(est, reward_weights=(0.5, 1.0, 2.0))
+        want = E.advantages(rewards, ids, cfg, counts).advantages
+        got = ec.advantages(rewards.cuda(), ids.cuda(), cfg, counts.cuda()).advantages
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-12, atol=1e-15)
 
 
 def test_reward_components_in_loss_are_refused_with_the_way_to_send_them():
@@ -2318,7 +2359,7 @@ def test_k3_is_seq_is_trls_sequence_level_bias_corrected_kl(objective: str, kl_a
 
 def test_k3_is_seq_past_the_clamps_and_with_masked_garbage() -> None:
     """k3_is_seq's s_i is exp of the clamped mean log-ratio (the derivative s_i past it, as
-    GSPO's), k3's x is clamped from above with gradient 0 there: a sequence 25 nats above its
+    GSPO's), k3's x is clamped from above: a sequence 25 nats above its
     old log-probs on average weighs e^20, and a token 21 nats below its reference counts as 20
     in the value and k3's gradient at 20 (not the clamp's 0, which would leave s_i's share alone
     to push it further from the reference). Masked tokens hold

@@ -693,6 +693,10 @@ def test_compute_advantages_of_reward_components_equals_engine(stub: pb_grpc.Los
         group_ids=tensor(groups),
     )
     expect_invalid(lambda: stub.ComputeAdvantages(bad, timeout=5), "config.reward_weights", "length_mismatch")
+    bad.config.reward_weights[:] = [1.0] * 100_000  # (refused before a tuple of them is made)
+    expect_invalid(
+        lambda: stub.ComputeAdvantages(bad, timeout=5), "config.reward_weights", "out_of_range: 100000"
+    )
     m = _good()
     b = len(array(m.rewards))
     m.rewards.CopyFrom(tensor(torch.ones(b, 2)))

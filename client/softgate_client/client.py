@@ -455,6 +455,10 @@ def _rewards_and_groups(
             r = float_array(r, "rewards")
         if components and r.ndim == 2:
             out["rewards"] = np.ascontiguousarray(r)  # (K components a sequence, row-major)
+        elif components and r.ndim > 2:
+            raise ArrayInputError(
+                "rewards", f"bad_shape: {tuple(r.shape)}; expected (B,) or (B, K) reward components"
+            )
         else:
             out["rewards"] = _per_seq(r, "rewards", b)
         b = r.shape[0]

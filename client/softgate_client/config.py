@@ -155,6 +155,9 @@ class AdvantageConfig:
                 raise invalid_argument(path, f"bad_type: expected a sequence of numbers, got {w!r:.60}")
             # (a one-element array arrives as its number: _plain_fields)
             items = [w] if isinstance(w, (int, float)) else (w.tolist() if hasattr(w, "tolist") else list(w))
+            for x in items:
+                if isinstance(x, (str, bytes, bool)):
+                    raise invalid_argument(path, f"bad_type: expected a number, got {x!r:.60}")
             object.__setattr__(self, "reward_weights", tuple(_number(path, x) for x in items))
 
 

@@ -7,7 +7,6 @@ given as a one-element tensor or a numpy scalar is kept as the Python number it 
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
@@ -32,6 +31,23 @@ def _plain_numbers(config: Any) -> None:
 
 
 _PLAIN = (int, float, bool, str, type(None))
+
+
+def _number_tuple(w: Any) -> Any:
+    """A sequence of numbers (a list, a tuple, an array, a tensor, numpy scalars inside) as a
+    tuple of Python floats and ints; anything else as given, for validation to refuse."""
+    if isinstance(w, (str, bytes)):
+        return w
+    items = w.tolist() if hasattr(w, "tolist") else w
+    if not isinstance(items, (list, tuple)):
+        return w  # (a scalar: refused)
+    out = []
+    for x in items:
+        x = x.item() if hasattr(x, "item") and not isinstance(x, (int, float)) else x
+        if not isinstance(x, (int, float)) or isinstance(x, bool):
+            return w
+        out.append(x)
+    return tuple(out)
 
 
 # ---------------------------------------------------------------- objectives
@@ -275,11 +291,10 @@ class AdvantageConfig:
     reward_weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
-        _plain_numbers(self)
         w = self.reward_weights
-        if w is not None and not isinstance(w, (tuple, str)):  # a list, an array: a tuple (hashable)
-            with contextlib.suppress(TypeError, ValueError):  # (else refused by validation)
-                object.__setattr__(self, "reward_weights", tuple(float(x) for x in w))
+        if w is not None:  # a list, an array, a tensor: a tuple of Python numbers (hashable)
+            object.__setattr__(self, "reward_weights", _number_tuple(w))
+        _plain_numbers(self)
 
 
 @dataclass(frozen=True)

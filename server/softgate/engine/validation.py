@@ -54,7 +54,7 @@ REASON_CODES: dict[str, str] = {
     "bad_dtype": "a tensor of the wrong dtype (e.g. integer log-probs, float group ids)",
     "bad_device": "a tensor on the meta device (no data)",
     "bad_type": "an argument of the wrong type (a batch that is not a Batch, a config not a LossConfig)",
-    "bad_shape": "a tensor that is not 1-D",
+    "bad_shape": "a tensor that is not 1-D (rewards to advantages(): not [B] or [B, K], 1 <= K <= 64)",
     "length_mismatch": "a tensor whose length does not match the batch",
     "bad_offsets": "offsets not starting at 0, not ending at N, or decreasing",
     "bad_mask": "a loss mask with values other than 0 and 1",
@@ -63,8 +63,8 @@ REASON_CODES: dict[str, str] = {
     "out_of_range": "a parameter outside its valid range, or a reward beyond MAX_ABS_REWARD",
     "unknown_name": "an unknown objective, estimator, mode or level name",
     "unsupported": "a combination not defined (per-token advantages with gspo, gmpo or sapo_seq, group scale "
-    "or min_group_std with reinforce_pp, seq_mask at sequence level, a floor without truncate, constant "
-    "without token_sum_norm)",
+    "or min_group_std with reinforce_pp, batch scale with gdpo, [B, K] rewards to loss(), seq_mask at "
+    "sequence level, a floor without truncate, constant without token_sum_norm)",
     "overflow": "finite inputs whose loss or gradient is not finite in the compute dtype",
 }
 
@@ -458,8 +458,19 @@ def _reward_weights(w: object, v: list[FieldViolation]) -> None:
     name = "advantages.reward_weights"
     if w is None:
         return
-    if not isinstance(w, tuple) or not w or not all(isinstance(x, (int, float)) for x in w):
+    if (
+        not isinstance(w, tuple)
+        or not w
+        or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in w)
+    ):
         v.append(FieldViolation(name, "bad_dtype: expected a non-empty sequence of numbers"))
+        return
+    if len(w) > MAX_REWARD_COMPONENTS:
+        v.append(
+            FieldViolation(
+                name, f"out_of_range: {len(w)} weights; at most {MAX_REWARD_COMPONENTS} components"
+            )
+        )
         return
     for i, x in enumerate(w):
         if not math.isfinite(x) or abs(x) > MAX_ABS_REWARD:
@@ -511,7 +522,11 @@ def reward_tensor(
                 )
             )
             return False
-    if isinstance(weights, tuple) and all(isinstance(x, (int, float)) and math.isfinite(x) for x in weights):
+    if (
+        isinstance(weights, tuple)
+        and 0 < len(weights) <= MAX_REWARD_COMPONENTS
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in weights)
+    ):
         if len(weights) != k:
             where = f"rewards have {k} components" if k > 1 else "[B] rewards are one component"
             v.append(
@@ -521,7 +536,8 @@ def reward_tensor(
             )
             return False
         if rewards.numel() > 0:
-            s = (rewards.to(torch.float64).reshape(-1, k) @ torch.tensor(weights, dtype=torch.float64)).abs()
+            w = torch.tensor(weights, dtype=torch.float64, device=rewards.device)
+            s = (rewards.to(torch.float64).reshape(-1, k) @ w).abs()
             if bool((s > MAX_ABS_REWARD).any()):
                 i = _first(s > MAX_ABS_REWARD)
                 why = f"out_of_range: the weighted reward {float(s[i]):.3g} exceeds {MAX_ABS_REWARD:.0e}"

@@ -50,6 +50,7 @@ from softgate.engine.config import (
 from softgate.engine.errors import FieldViolation, InputError
 from softgate.engine.result import LossResult
 from softgate.engine.transfer import to_host
+from softgate.engine.validation import MAX_REWARD_COMPONENTS
 
 # the largest element count any shape may claim (far above every limit; guards the products),
 # its 0 dimensions read as 1: [0, 2, 2**62] holds nothing, but its strides overflow int64
@@ -720,7 +721,11 @@ def _enum(
 
 def decode_advantage_config(msg: pb.AdvantageConfig, prefix: str, v: list[FieldViolation]) -> AdvantageConfig:
     kw: dict[str, Any] = _set_fields(msg, ("eps", "min_group_std"))
-    if len(msg.reward_weights):  # (empty: unset, 1 each)
+    n = len(msg.reward_weights)
+    if n > MAX_REWARD_COMPONENTS:  # (before a tuple of them: a config is cached by its bytes)
+        why = f"out_of_range: {n} weights; at most {MAX_REWARD_COMPONENTS} components"
+        v.append(FieldViolation(prefix + "reward_weights", why))
+    elif n:  # (empty: unset, 1 each)
         kw["reward_weights"] = tuple(msg.reward_weights)
     _enum(msg.estimator, _ESTIMATORS, prefix + "estimator", v, kw, "estimator")
     _enum(msg.scale, _SCALES, prefix + "scale", v, kw, "scale")
