@@ -14,7 +14,7 @@ from conftest import log_records, loss_result
 from prometheus_client.parser import text_string_to_metric_families
 from softgate.admin import create_app
 from softgate.admin.server import ThreadedAdminServer
-from softgate.engine import ESTIMATORS, OBJECTIVES, Grpo, LossConfig
+from softgate.engine import ESTIMATORS, KL_ESTIMATORS, OBJECTIVES, Grpo, LossConfig
 from softgate.observability import PrometheusTelemetry
 from softgate.settings import Settings
 from softgate.telemetry import Telemetry
@@ -107,17 +107,7 @@ def test_routes_with_token(server) -> None:
         assert alg["objectives"]["gspo"]["defaults"] == {"eps_low": 3e-4, "eps_high": 4e-4}
         assert set(alg["advantages"]["estimators"]) == set(ESTIMATORS)
         assert "seq_mean_token_mean" in alg["aggregations"]["modes"]
-        assert alg["kl"]["estimators"] == [
-            "k1",
-            "k2",
-            "k3",
-            "k1_st",
-            "k3_st",
-            "k3_is",
-            "abs",
-            "abs_st",
-            "k3_is_seq",
-        ]
+        assert alg["kl"]["estimators"] == list(KL_ESTIMATORS)
         assert set(alg["mismatch"]["modes"]) == {"truncate", "mask", "seq_mask"}
         assert alg["loss_defaults"]["saturation_threshold"] == 0.5
 

@@ -11,6 +11,7 @@ See docs/engine.md for the contract details (dtype rule, undefined metrics, peer
 from softgate.engine.batch import Batch
 from softgate.engine.config import (
     ESTIMATORS,
+    KL_ESTIMATORS,
     OBJECTIVES,
     AdvantageConfig,
     AggregationConfig,
@@ -41,6 +42,7 @@ from softgate.engine.result import AdvantageResult, LossResult
 
 __all__ = [
     "ESTIMATORS",
+    "KL_ESTIMATORS",
     "METRIC_NAMES",
     "OBJECTIVES",
     "AdvantageConfig",

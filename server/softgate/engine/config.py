@@ -273,6 +273,8 @@ Estimator = Literal[
     "grpo", "dr_grpo", "rloo", "reinforce_pp_baseline", "opo", "gpg", "grpo_passk", "reinforce_pp", "gdpo"
 ]
 ESTIMATORS: tuple[str, ...] = get_args(Estimator)
+KlEstimator = Literal["k1", "k2", "k3", "k1_st", "k3_st", "k3_is", "abs", "abs_st", "k3_is_seq"]
+KL_ESTIMATORS: tuple[str, ...] = get_args(KlEstimator)
 Scale = Literal["group", "batch", "none"]
 AggregationMode = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm"]
 
@@ -304,7 +306,7 @@ class KLConfig:
     term seq_mean_token_mean and the KL term token_mean), with LossConfig.aggregation's
     normalisers; None: the policy term's mode."""
 
-    estimator: Literal["k1", "k2", "k3", "k1_st", "k3_st", "k3_is", "abs", "abs_st", "k3_is_seq"] = "k3"
+    estimator: KlEstimator = "k3"
     beta: float = 0.0
     aggregation: AggregationMode | None = None
 

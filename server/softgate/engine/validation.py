@@ -23,6 +23,7 @@ from torch import Tensor
 from softgate.engine.batch import Batch
 from softgate.engine.config import (
     ESTIMATORS,
+    KL_ESTIMATORS,
     OBJECTIVES,
     AdvantageConfig,
     AggregationConfig,
@@ -91,7 +92,6 @@ _INTS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 _SCALES = ("group", "batch", "none")
 _MISMATCH_MODES = ("truncate", "mask", "seq_mask")
 _AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm")
-_KL_ESTIMATORS = ("k1", "k2", "k3", "k1_st", "k3_st", "k3_is", "abs", "abs_st", "k3_is_seq")
 # the normaliser each aggregation mode reads (the others it ignores)
 _NORMALISER = {
     "token_mean": "num_tokens",
@@ -315,9 +315,9 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
             v.append(FieldViolation("kl", "unknown_name: not a KLConfig"))
         else:
             need(
-                kl.estimator in _KL_ESTIMATORS,
+                kl.estimator in KL_ESTIMATORS,
                 "kl.estimator",
-                f"unknown_name: {kl.estimator!r}; known: {list(_KL_ESTIMATORS)}",
+                f"unknown_name: {kl.estimator!r}; known: {list(KL_ESTIMATORS)}",
             )
             nonneg(kl.beta, "kl.beta")
             need(
