@@ -568,6 +568,9 @@ def test_advantages_of_reward_components(client) -> None:
     with pytest.raises(InvalidArgumentError) as err:
         client.advantages(rewards, gids, estimator="gdpo", reward_weights=[1.0])
     assert "config.reward_weights" in str(err.value) and "length_mismatch" in str(err.value)
+    lp = -np.ones((24, 3), np.float32)
+    with pytest.raises(InvalidArgumentError, match="K reward components go to advantages"):
+        client.loss(lp, lp, rewards=rewards, group_ids=gids)
 
 
 def test_micro_batches_with_rpc_advantages_equal_the_whole_batch(client) -> None:

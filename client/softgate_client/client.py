@@ -459,6 +459,9 @@ def _rewards_and_groups(
             raise ArrayInputError(
                 "rewards", f"bad_shape: {tuple(r.shape)}; expected (B,) or (B, K) reward components"
             )
+        elif r.ndim == 2 and not components:
+            why = "loss() takes one reward a sequence: K reward components go to advantages(), its advantages here"
+            raise ArrayInputError("rewards", f"bad_shape: {tuple(r.shape)}; {why}")
         else:
             out["rewards"] = _per_seq(r, "rewards", b)
         b = r.shape[0]
