@@ -93,9 +93,8 @@ def group_advantages(
         return dev, std, gmax, gmin, (cnt <= 1) | (gmax == gmin) | (std < cfg.min_group_std)
 
     if cfg.estimator == "gdpo":
-        a, degenerate_g = _gdpo(parts, wk, inv, stats, cfg, weights)
-        frac = degenerate_g.to(torch.float64).mean() if g > 0 else torch.zeros((), dtype=torch.float64)
-        return GroupAdvantages(a, degenerate_g[inv], g, frac.to(r.device), r)
+        a, degenerate_g = _gdpo_sum(parts, wk, inv, stats, cfg)
+        return _finish(a, degenerate_g, inv, r, cfg, weights)
     dev, std_g, gmax, gmin, degenerate_g = stats(r)
 
     a = r if cfg.estimator == "reinforce_pp" else dev
@@ -125,12 +124,21 @@ def group_advantages(
         # whitens to 0 (not R / 0 at eps 0)
         same = gmax.amax() == gmin.amin() if g > 0 else torch.ones((), dtype=torch.bool, device=r.device)
         a = torch.where(same, a, a / (bstd + cfg.eps))
+    return _finish(a, degenerate_g, inv, r, cfg, weights)
+
+
+def _finish(
+    a: Tensor, degenerate_g: Tensor, inv: Tensor, r: Tensor, cfg: AdvantageConfig, weights: Tensor | None
+) -> GroupAdvantages:
+    """The estimator's advantages `a` whitened when it whitens, and 0 for the members of its
+    degenerate groups (`degenerate_g`, per group), whose share is a metric."""
     degenerate = degenerate_g[inv]
     # reinforce_pp has no baseline: a member of an all-equal group still has its R to whiten
     zeroed = torch.zeros_like(degenerate) if cfg.estimator == "reinforce_pp" else degenerate
     if cfg.estimator in WHITENED:
         a = _whiten(torch.where(zeroed, torch.zeros_like(a), a), weights, cfg.eps)
     a = torch.where(zeroed, torch.zeros_like(a), a)
+    g = degenerate_g.numel()
     frac = (
         degenerate_g.to(torch.float64).mean()
         if g > 0
@@ -139,18 +147,12 @@ def group_advantages(
     return GroupAdvantages(a, degenerate, g, frac, r)
 
 
-def _gdpo(
-    parts: Tensor,
-    wk: tuple[float, ...] | None,
-    inv: Tensor,
-    stats: Any,
-    cfg: AdvantageConfig,
-    weights: Tensor | None,
+def _gdpo_sum(
+    parts: Tensor, wk: tuple[float, ...] | None, inv: Tensor, stats: Any, cfg: AdvantageConfig
 ) -> tuple[Tensor, Tensor]:
-    """GDPO: each component centred in its group (and divided by its group std + eps: scale
-    group, the default), 0 in a group where it is degenerate, weighted and summed, then
-    whitened; a group degenerate in every component gives 0 to its members. Returns the
-    advantages and the degenerate groups."""
+    """GDPO before its whitening: each component centred in its group (and divided by its
+    group std + eps: scale group, the default), 0 in a group where it is degenerate, weighted
+    and summed; and the groups degenerate in every component."""
     a = torch.zeros(parts.shape[0], dtype=torch.float64, device=parts.device)
     degenerate_g: Tensor | None = None
     for k in range(parts.shape[1]):  # (the few reward components, not the sequences)
@@ -160,9 +162,7 @@ def _gdpo(
         a = a + (ak if wk is None else wk[k] * ak)
         degenerate_g = deg if degenerate_g is None else degenerate_g & deg
     assert degenerate_g is not None
-    zeroed = degenerate_g[inv]
-    a = _whiten(torch.where(zeroed, torch.zeros_like(a), a), weights, cfg.eps)
-    return torch.where(zeroed, torch.zeros_like(a), a), degenerate_g
+    return a, degenerate_g
 
 
 def _whiten(a: Tensor, weights: Tensor | None, eps: float) -> Tensor:

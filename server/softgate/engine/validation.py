@@ -16,6 +16,7 @@ import functools
 import math
 import weakref
 from collections.abc import Mapping
+from typing import TypeGuard
 
 import torch
 from torch import Tensor
@@ -452,17 +453,22 @@ def advantage_level(batch: Batch) -> str:
     return "sequence" if batch.advantages.numel() == batch.num_seqs else "token"
 
 
+def _numbers(w: object) -> TypeGuard[tuple[float, ...]]:
+    """A non-empty tuple of Python numbers (bools aside): reward_weights as the config makes them."""
+    return (
+        isinstance(w, tuple)
+        and bool(w)
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in w)
+    )
+
+
 def _reward_weights(w: object, v: list[FieldViolation]) -> None:
     """AdvantageConfig.reward_weights: None, or a non-empty tuple of finite numbers of magnitude
     at most MAX_ABS_REWARD (a weighted sum must stay within float64's squares as rewards do)."""
     name = "advantages.reward_weights"
     if w is None:
         return
-    if (
-        not isinstance(w, tuple)
-        or not w
-        or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in w)
-    ):
+    if not _numbers(w):
         v.append(FieldViolation(name, "bad_dtype: expected a non-empty sequence of numbers"))
         return
     if len(w) > MAX_REWARD_COMPONENTS:
@@ -523,10 +529,8 @@ def reward_tensor(
             )
             return False
     if (
-        isinstance(weights, tuple)
-        and 0 < len(weights) <= MAX_REWARD_COMPONENTS
-        and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in weights)
-    ):
+        _numbers(weights) and len(weights) <= MAX_REWARD_COMPONENTS and all(map(math.isfinite, weights))
+    ):  # (else refused)
         if len(weights) != k:
             where = f"rewards have {k} components" if k > 1 else "[B] rewards are one component"
             v.append(
