@@ -126,7 +126,7 @@ def _objective(name: str, obj, r: Tensor, a: Tensor, logp: Tensor) -> Tensor:
         # value -bound A (grpo's clipped value), gradient -bound A even where d was clamped
         return torch.where(active, -a * bound * (1 + logp - logp.detach()), unclipped)
     loss = torch.maximum(unclipped, clipped)
-    if name == "grpo" and getattr(obj, "dual_clip", None) is not None:
+    if name in ("grpo", "gspo") and getattr(obj, "dual_clip", None) is not None:
         loss = torch.where(a < 0, torch.minimum(loss, -obj.dual_clip * a), loss)
     return loss
 
@@ -461,7 +461,7 @@ def make_config(
     objs = {
         "sapo": [Sapo(), Sapo(tau_pos=0.5, tau_neg=3.0), Sapo(tau_pos=2.0, tau_neg=0.7)],
         "grpo": [Grpo(), Grpo(eps_low=0.2, eps_high=0.28, dual_clip=1.15), Grpo(eps_low=0.1, eps_high=0.3)],
-        "gspo": [Gspo(), Gspo(eps_low=0.1, eps_high=0.15), Gspo(eps_low=0.05, eps_high=0.3)],
+        "gspo": [Gspo(), Gspo(eps_low=0.1, eps_high=0.15, dual_clip=1.2), Gspo(eps_low=0.05, eps_high=0.3)],
         "gspo_token": [
             GspoToken(),
             GspoToken(eps_low=0.1, eps_high=0.15),

@@ -128,11 +128,12 @@ CASES = [
     (
         {
             "objective": "gspo",
+            "dual_clip": 1.5,
             "kl": KLConfig("k3", 0.05),
             "mismatch": MismatchConfig(level="sequence", mode="mask", lo=0.2, hi=5.0),
         },
         LossConfig(
-            objective=ec.Gspo(),
+            objective=ec.Gspo(dual_clip=1.5),
             kl=ec.KLConfig("k3", 0.05),
             mismatch=ec.MismatchConfig(level="sequence", mode="mask", lo=0.2, hi=5.0),
         ),

@@ -2259,6 +2259,58 @@ def test_cispo_seq_is_trls_sequence_level_cispo(agg: str) -> None:
     torch.testing.assert_close(res.gate_weight[batch.mask], (s.clamp(max=cap) / s)[batch.mask])
 
 
+@pytest.mark.parametrize("agg", ["seq_mean_token_mean", "token_mean", "token_sum_norm"])
+def test_gspo_dual_clip_is_trls_sequence_level_delta(agg: str) -> None:
+    """gspo with dual_clip against TRL's two-sided clip at importance_sampling_level="sequence"
+    written out: coef_2 = clamp(coef_1, 1 - epsilon, 1 + epsilon_high), then coef_1 clamped
+    at max=delta, per_token_loss = -min(coef_1 A, coef_2 A). A sequence with A < 0 and s_i past
+    delta keeps -delta A and loses its gradient; one between 1 + epsilon_high and delta keeps
+    its gradient; A > 0 past delta is the ordinary upper clip."""
+    lengths = [5, 3, 7, 1, 6, 4]
+    logp, old, mask, keep, ragged = _trl_padded(lengths, 13)
+    adv = torch.tensor([-0.5, 0.6, 0.4, -1.1, 0.9, -0.8], dtype=F64)
+    eps, delta = 0.05, 1.2
+    x = logp.clone().requires_grad_(True)
+    m = mask.to(F64)
+    coef_1 = _trl_sequence_ratio(x, old, m)
+    s = coef_1.detach()[:, 0]
+    neg = adv < 0
+    assert bool((neg & (s > delta)).any() and (neg & (s > 1 + eps) & (s < delta)).any())
+    assert bool((~neg & (s > 1 + eps)).any() and (neg & (s < 1 - eps)).any())
+    a = adv[:, None]
+    coef_2 = torch.clamp(coef_1, 1 - eps, 1 + eps)
+    per_token_loss = -torch.min(torch.clamp(coef_1, max=delta) * a, coef_2 * a)
+    want = _trl_aggregate(per_token_loss, m, agg)
+    (grad,) = torch.autograd.grad(want, x)
+    batch = dataclasses.replace(ragged, advantages=adv)
+    cfg = AggregationConfig(mode=agg, constant=float(m.numel()) if agg == "token_sum_norm" else None)
+    res = E.loss(
+        batch, LossConfig(objective=Gspo(eps_low=eps, eps_high=eps, dual_clip=delta), aggregation=cfg)
+    )
+    assert res.loss == pytest.approx(float(want.detach()), rel=1e-13)
+    torch.testing.assert_close(res.grad, grad[keep], rtol=1e-12, atol=1e-15)
+    # the dual-clipped sequence's tokens: clipped, no gradient; dual_clip is their share of A < 0 tokens
+    dual = (neg & (s > delta)).repeat_interleave(torch.tensor(lengths)) & batch.mask
+    assert bool(res.clip_mask[dual].all()) and bool((res.grad[dual] == 0).all())
+    tok_neg = neg.repeat_interleave(torch.tensor(lengths)) & batch.mask
+    assert res.metrics["dual_clip"] == pytest.approx(int(dual.sum()) / int(tok_neg.sum()))
+    # ... which plain gspo does not do
+    plain = E.loss(batch, LossConfig(objective=Gspo(eps_low=eps, eps_high=eps), aggregation=cfg))
+    assert plain.metrics["dual_clip"] == 0 and not torch.allclose(plain.grad, res.grad)
+
+
+def test_gspo_refuses_a_dual_clip_not_above_1() -> None:
+    b = simple_batch([2, 3], advantages=torch.tensor([1.0, -1.0], dtype=F64))
+    for bad, why in (
+        (1.0, "must be > 1"),
+        (math.nan, "not a finite number"),
+        (math.inf, "not a finite number"),
+    ):
+        with pytest.raises(InputError) as e:
+            E.loss(b, LossConfig(objective=Gspo(dual_clip=bad)))
+        assert "objective.gspo.dual_clip" in str(e.value) and why in str(e.value)
+
+
 def test_sapo_seq_refuses_per_token_advantages_and_bad_temperatures() -> None:
     b = simple_batch([2, 3], advantages=torch.linspace(-1, 1, 5, dtype=F64), advantage_level="token")
     with pytest.raises(InputError) as e:

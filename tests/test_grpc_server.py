@@ -138,12 +138,12 @@ CONFIGS: dict[str, tuple[LossConfig, pb.LossConfig]] = {
     ),
     "gspo-rloo-global-normalisers": (
         LossConfig(
-            objective=Gspo(),
+            objective=Gspo(dual_clip=1.001),
             advantages=AdvantageConfig(estimator="rloo", scale="batch"),
             aggregation=AggregationConfig(mode="seq_mean_token_sum", num_seqs=40.0),
         ),
         pb.LossConfig(
-            objective=pb.Objective(gspo=pb.GspoParams()),
+            objective=pb.Objective(gspo=pb.GspoParams(dual_clip=1.001)),
             advantages=pb.AdvantageConfig(
                 estimator=pb.ADVANTAGE_ESTIMATOR_RLOO, scale=pb.ADVANTAGE_SCALE_BATCH
             ),

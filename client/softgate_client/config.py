@@ -16,7 +16,7 @@ from softgate_client.errors import invalid_argument
 OBJECTIVE_PARAMS: dict[str, tuple[str, ...]] = {
     "sapo": ("tau_pos", "tau_neg"),
     "grpo": ("eps_low", "eps_high", "dual_clip"),
-    "gspo": ("eps_low", "eps_high"),
+    "gspo": ("eps_low", "eps_high", "dual_clip"),
     "gspo_token": ("eps_low", "eps_high"),
     "cispo": ("eps_low", "eps_high"),
     "gppo": ("eps_low", "eps_high"),
@@ -124,8 +124,10 @@ def grpo(
     return Objective("grpo", _given(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip))
 
 
-def gspo(eps_low: float | None = None, eps_high: float | None = None) -> Objective:
-    return Objective("gspo", _given(eps_low=eps_low, eps_high=eps_high))
+def gspo(
+    eps_low: float | None = None, eps_high: float | None = None, dual_clip: float | None = None
+) -> Objective:
+    return Objective("gspo", _given(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip))
 
 
 def _given(**kw: float | None) -> dict[str, float]:

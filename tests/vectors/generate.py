@@ -65,6 +65,8 @@ def config_to_json(cfg: LossConfig) -> dict[str, Any]:
     if d["advantages"]["reward_weights"] is None:  # (a loss case's rewards are one component)
         del d["advantages"]["reward_weights"]
     obj = d.pop("objective")
+    if obj["name"] == "gspo" and obj["dual_clip"] is None:  # (grpo's vectors always had theirs)
+        del obj["dual_clip"]
     d["objective"] = {"name": obj.pop("name"), **obj}
     return d
 

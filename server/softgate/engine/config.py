@@ -93,10 +93,12 @@ class Grpo:
 
 @dataclass(frozen=True)
 class Gspo:
-    """GSPO: sequence-level geometric-mean ratio, whole sequence clipped together."""
+    """GSPO: sequence-level geometric-mean ratio, whole sequence clipped together; optional
+    dual clip c > 1 on it for negative advantages (TRL's `delta` at sequence level)."""
 
     eps_low: float = 3e-4
     eps_high: float = 4e-4
+    dual_clip: float | None = None
     name: Literal["gspo"] = "gspo"
 
     def __post_init__(self) -> None:

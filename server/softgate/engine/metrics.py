@@ -40,7 +40,7 @@ METRIC_NAMES: dict[str, str] = {
     "clip_high": "share of A>0 tokens with ratio > 1+eps_high (gmpo: exp(eps_high); dppo: dropped, the probability "
     "risen with p - p_old or the binary KL past eps_high; clip_cov: and its drawn tokens; kl_cov: its penalised "
     "tokens); 0 if none or the objective has no clip (sapo, sapo_seq, reinforce)",
-    "dual_clip": "share of A<0 tokens with ratio > c (grpo dual clip); 0 if none or no dual clip",
+    "dual_clip": "share of A<0 tokens with ratio > c (grpo or gspo dual clip); 0 if none or no dual clip",
     "clip_fraction": "share of tokens whose trust-region clip is active (clip_mask; clip_cov: and its drawn "
     "tokens with A != 0; kl_cov: every token it penalises, A = 0 too); 0 if none",
     "gate_mean_pos": "mean gate weight over A>0 tokens (SAPO 4p(1-p); hard clips 0/1); 1 if none",

@@ -99,7 +99,7 @@ READS_LOGP = ("cispo", *DPPO_KINDS)
 
 def objective_params(obj: Objective) -> dict[str, tuple[float, str]]:
     """The objective's numbers by the kernel's names, each with the field it comes from (the
-    kernel reads them as 0-d tensors: kernel.kernel_params). A grpo without dual clip has no
+    kernel reads them as 0-d tensors: kernel.kernel_params). A grpo or gspo without dual clip has no
     "dual" entry (so the kernel does not compute that mask). gmpo's bound the log-ratio
     (gmpo_bounds), dppo's the divergence ("trunc": its ratio_cap, when given)."""
     p = f"objective.{obj.name}"
@@ -118,7 +118,7 @@ def objective_params(obj: Objective) -> dict[str, tuple[float, str]]:
         return {"coef": (obj.coef, f"{p}.coef")}
     if isinstance(obj, (Grpo, Gppo, Gspo, GspoToken, Cispo, CispoSeq, ClipCov)):
         vals = {"lo": (1 - obj.eps_low, f"{p}.eps_low"), "hi": (1 + obj.eps_high, f"{p}.eps_high")}
-        if isinstance(obj, Grpo) and obj.dual_clip is not None:
+        if isinstance(obj, (Grpo, Gspo)) and obj.dual_clip is not None:
             vals["dual"] = (obj.dual_clip, f"{p}.dual_clip")
         return vals
     assert isinstance(obj, Reinforce)

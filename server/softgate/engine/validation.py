@@ -239,7 +239,7 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
             if isinstance(obj, ClipCov):
                 _fraction(obj.fraction, f"{p}.fraction", v)
                 _cov_window(obj, p, v)
-            if isinstance(obj, Grpo) and obj.dual_clip is not None:
+            if isinstance(obj, (Grpo, Gspo)) and obj.dual_clip is not None:
                 if not _num_ok(obj.dual_clip):
                     v.append(FieldViolation(f"{p}.dual_clip", "out_of_range: not a finite number"))
                 elif not obj.dual_clip > 1:

@@ -654,7 +654,7 @@ def _set_fields(msg: Any, names: Iterable[str]) -> dict[str, Any]:
 _OBJECTIVES: dict[str, tuple[type, tuple[str, ...]]] = {
     "sapo": (Sapo, ("tau_pos", "tau_neg")),
     "grpo": (Grpo, ("eps_low", "eps_high", "dual_clip")),
-    "gspo": (Gspo, ("eps_low", "eps_high")),
+    "gspo": (Gspo, ("eps_low", "eps_high", "dual_clip")),
     "gspo_token": (GspoToken, ("eps_low", "eps_high")),
     "cispo": (Cispo, ("eps_low", "eps_high")),
     "gppo": (Gppo, ("eps_low", "eps_high")),

@@ -48,7 +48,7 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
         ROS,
     ),
     "softgate_dual_clipped_tokens_total": (
-        "A<0 tokens caught by the dual clip (r > c); GRPO with a dual clip only.",
+        "A<0 tokens caught by the dual clip (r > c); GRPO or GSPO with a dual clip only.",
         RO,
     ),
     "softgate_gate_saturated_tokens_total": (
@@ -104,7 +104,7 @@ SUMMARIES: dict[str, tuple[str, tuple[str, ...]]] = {
         ROS,
     ),
     "softgate_batch_dual_clip_fraction": (
-        "Per batch: share of A<0 tokens caught by the dual clip; GRPO with a dual clip only.",
+        "Per batch: share of A<0 tokens caught by the dual clip; GRPO or GSPO with a dual clip only.",
         RO,
     ),
     "softgate_batch_gate_saturation": (

@@ -457,7 +457,7 @@ class PrometheusTelemetry(Telemetry):
         # no clip for sapo, sapo_seq and reinforce (kl_cov's: its penalised tokens)
         if OBJECTIVE_KIND.get(getattr(obj, "name", None) or "") in ("sapo", "reinforce"):
             values["clip_high"] = values["clip_low"] = None
-        if getattr(obj, "dual_clip", None) is None:  # only grpo has one, when configured
+        if getattr(obj, "dual_clip", None) is None:  # only grpo and gspo have one, when configured
             values["dual_clip"] = None
         with self.lock:
             _, st = self.runs.state(run, now)

@@ -193,12 +193,14 @@ class GrpoParams(_message.Message):
     def __init__(self, eps_low: _Optional[float] = ..., eps_high: _Optional[float] = ..., dual_clip: _Optional[float] = ...) -> None: ...
 
 class GspoParams(_message.Message):
-    __slots__ = ("eps_low", "eps_high")
+    __slots__ = ("eps_low", "eps_high", "dual_clip")
     EPS_LOW_FIELD_NUMBER: _ClassVar[int]
     EPS_HIGH_FIELD_NUMBER: _ClassVar[int]
+    DUAL_CLIP_FIELD_NUMBER: _ClassVar[int]
     eps_low: float
     eps_high: float
-    def __init__(self, eps_low: _Optional[float] = ..., eps_high: _Optional[float] = ...) -> None: ...
+    dual_clip: float
+    def __init__(self, eps_low: _Optional[float] = ..., eps_high: _Optional[float] = ..., dual_clip: _Optional[float] = ...) -> None: ...
 
 class GspoTokenParams(_message.Message):
     __slots__ = ("eps_low", "eps_high")
