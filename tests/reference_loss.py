@@ -287,6 +287,8 @@ def reference_loss(batch: Batch, config: LossConfig) -> Reference:
             s = sel[sl][mi]
             pen = config.objective.coef * (lp - o).abs()
             loss_t = -r * a + torch.where(s, pen, torch.zeros_like(pen))
+        elif name == "dro":  # Tinker's: -A logp + (coef / 2)(logp - old)^2, unclamped
+            loss_t = -a * lp + config.objective.coef / 2 * (lp - o) ** 2
         elif name == "clip_cov":  # grpo's clip, the selected tokens dropped
             assert sel is not None
             clip = _objective("grpo", config.objective, r, a, lp)
@@ -358,6 +360,7 @@ OBJECTIVE_NAMES = (
     "kl_cov",
     "sapo_seq",
     "cispo_seq",
+    "dro",
 )
 AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm")
 KL_OPTIONS = (None, "k1", "k2", "k3", "k3_is", "k3_is_seq")
@@ -445,6 +448,7 @@ def make_config(
         ClipCov,
         DppoKl,
         DppoTv,
+        Dro,
         Gmpo,
         Gppo,
         Grpo,
@@ -490,6 +494,7 @@ def make_config(
         "reinforce": [Reinforce()],
         "sapo_seq": [SapoSeq(), SapoSeq(tau_pos=0.5, tau_neg=3.0), SapoSeq(tau_pos=2.0, tau_neg=0.7)],
         "cispo_seq": [CispoSeq(), CispoSeq(eps_low=0.2, eps_high=0.2), CispoSeq(eps_low=0.5, eps_high=0.1)],
+        "dro": [Dro(), Dro(coef=0.3), Dro(coef=0.0)],
     }[objective]
     obj = objs[variant % len(objs)]
     aggc = AggregationConfig(

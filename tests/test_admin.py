@@ -104,7 +104,8 @@ def test_routes_with_token(server) -> None:
         assert alg["default_objective"] == LossConfig().objective.name
         assert alg["objectives"]["sapo"]["defaults"] == {"tau_pos": 1.0, "tau_neg": 1.05}
         assert alg["objectives"]["grpo"]["defaults"]["eps_high"] == 0.2
-        assert alg["objectives"]["gspo"]["defaults"] == {"eps_low": 3e-4, "eps_high": 4e-4}
+        assert alg["objectives"]["gspo"]["defaults"] == {"eps_low": 3e-4, "eps_high": 4e-4, "dual_clip": None}
+        assert alg["objectives"]["dro"]["defaults"] == {"coef": 0.05}
         assert set(alg["advantages"]["estimators"]) == set(ESTIMATORS)
         assert "seq_mean_token_mean" in alg["aggregations"]["modes"]
         assert alg["kl"]["estimators"] == list(KL_ESTIMATORS)

@@ -139,6 +139,12 @@ CASES = [
         ),
     ),
     (
+        {"objective": "dro", "coef": 0.2, "aggregation": "token_sum_norm", "constant": 1.0},
+        LossConfig(
+            objective=ec.Dro(coef=0.2), aggregation=ec.AggregationConfig(mode="token_sum_norm", constant=1.0)
+        ),
+    ),
+    (
         {
             "objective": "cispo",
             "advantage_config": AdvantageConfig("dr_grpo", "batch"),

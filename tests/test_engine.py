@@ -37,6 +37,7 @@ from softgate.engine import (
     ClipCov,
     DppoKl,
     DppoTv,
+    Dro,
     Engine,
     Gmpo,
     Gppo,
@@ -1498,6 +1499,10 @@ def test_seq_mask_refuses_the_sequence_level_and_a_floor():
         (torch.float32, "grpo", None, ("token", "seq_mask"), 20.0, "token_mean", "sequence", CODES),
         # the sequence ratio's KL weight and its gradient's share, two per-sequence inputs
         (torch.float32, "grpo", "k3_is_seq", None, 20.0, "seq_mean_token_mean", "rewards", CODES),
+        # dro's penalty reads logp and old, both zeroed on masked tokens (gspo's rows above:
+        # variant 1, with a dual clip)
+        (torch.float32, "dro", "k3", ("token", "truncate"), 20.0, "token_sum_norm", "token", CODES),
+        (F64, "dro", None, None, 3.0, "seq_mean_token_mean", "rewards", None),
     ],
 )
 def test_compiled_kernel_matches_eager(dtype, name, kl, mm, clamp, agg, adv, sample, caplog):
@@ -2309,6 +2314,94 @@ def test_gspo_refuses_a_dual_clip_not_above_1() -> None:
         with pytest.raises(InputError) as e:
             E.loss(b, LossConfig(objective=Gspo(dual_clip=bad)))
         assert "objective.gspo.dual_clip" in str(e.value) and why in str(e.value)
+
+
+def _tinker_loss(
+    loss_fn: str, target: Tensor, sampling: Tensor, adv: Tensor, cfg: dict[str, float]
+) -> Tensor:
+    """Tinker's built-in RL losses as its docs write them (tinker-cookbook docs/losses.mdx): a
+    plain sum over the positions of every datum, the sampler's log-probs as the reference."""
+    prob_ratio = torch.exp(target - sampling)
+    if loss_fn == "importance_sampling":
+        return -(prob_ratio * adv).sum()
+    if loss_fn == "dro":
+        quadratic_term = (target - sampling) ** 2
+        return -(target * adv - 0.5 * cfg["beta"] * quadratic_term).sum()
+    clipped_ratio = torch.clamp(prob_ratio, cfg["clip_low_threshold"], cfg["clip_high_threshold"])
+    if loss_fn == "cispo":
+        return -(clipped_ratio.detach() * target * adv).sum()
+    return -torch.min(prob_ratio * adv, clipped_ratio * adv).sum()
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "cfg", "objective"),
+    [
+        ("importance_sampling", {}, Reinforce()),
+        ("ppo", {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1}, Grpo(eps_low=0.1, eps_high=0.1)),
+        ("cispo", {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}, Cispo(eps_low=0.2, eps_high=0.2)),
+        ("dro", {"beta": 0.05}, Dro(coef=0.05)),
+    ],
+)
+def test_tinkers_rl_losses_with_the_cookbooks_advantages(loss_fn: str, cfg: dict, objective) -> None:
+    """Each of Tinker's RL loss functions against softgate's objective with
+    aggregation token_sum_norm, constant 1 (a sum), the sampler's log-probs as old_logp, and
+    the cookbook's advantages (tinker_cookbook/rl/data_processing.py: (R - mean_g) G / (G - 1)
+    on every action token, 0 on the prompt's) computed by softgate's rloo from rewards and
+    groups. Tinker's datum holds the prompt too (advantage 0, sampled log-prob 0); softgate's
+    mask leaves it out, where the first three losses have nothing and dro would penalise
+    logp - 0 (so the comparison sums over the action tokens)."""
+    g = torch.Generator().manual_seed(21)
+    prompt, actions = [3, 2, 4, 3, 2, 5], [4, 6, 1, 5, 3, 2]
+    rewards = torch.tensor([1.0, 0.0, 0.5, 1.0, 1.0, 0.0], dtype=F64)
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    lengths = torch.tensor(prompt) + torch.tensor(actions)
+    n = int(lengths.sum())
+    target = -torch.rand(n, generator=g, dtype=F64) * 2 - 0.05
+    action = torch.cat([torch.arange(p + a) >= p for p, a in zip(prompt, actions, strict=True)])
+    sampling = torch.where(
+        action, (target + 0.3 * torch.randn(n, generator=g, dtype=F64)).clamp(max=-1e-3), 0.0
+    )
+    # the cookbook's advantages: each group's centred rewards times G / (G - 1), on the action tokens
+    traj_adv = torch.cat([(r - r.mean()) * 3 / 2 for r in rewards.split(3)])
+    adv = torch.where(action, traj_adv.repeat_interleave(lengths), 0.0)
+    x = target.clone().requires_grad_(True)
+    want = _tinker_loss(loss_fn, x[action], sampling[action], adv[action], cfg)
+    (grad,) = torch.autograd.grad(want, x)
+    batch = Batch(
+        logp=target,
+        offsets=Batch.offsets_from_lengths(lengths),
+        old_logp=sampling,
+        mask=action,
+        rewards=rewards,
+        group_ids=groups,
+    )
+    config = LossConfig(
+        objective=objective,
+        advantages=AdvantageConfig(estimator="rloo"),
+        aggregation=AggregationConfig(mode="token_sum_norm", constant=1.0),
+    )
+    res = E.loss(batch, config)
+    assert res.loss == pytest.approx(float(want.detach()), rel=1e-13)
+    torch.testing.assert_close(res.grad, grad, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(res.advantages[action], adv[action])
+    if loss_fn == "ppo":  # (the clip acts somewhere: not the importance-sampling loss)
+        assert res.metrics["clip_fraction"] > 0
+    if loss_fn == "dro":  # no clip; grad_retained: |-A + coef (logp - old)| against |-A|
+        assert res.metrics["clip_fraction"] == 0 and bool((res.gate_weight[action] == 1).all())
+        free = adv[action].abs().sum()
+        assert res.metrics["grad_retained"] == pytest.approx(float(res.grad.abs().sum() / free), rel=1e-12)
+
+
+def test_dro_refuses_a_negative_or_non_finite_coef() -> None:
+    b = simple_batch([2, 3], advantages=torch.tensor([1.0, -1.0], dtype=F64))
+    for bad, why in (
+        (-0.1, "must be >= 0"),
+        (math.nan, "not a finite number"),
+        (math.inf, "not a finite number"),
+    ):
+        with pytest.raises(InputError) as e:
+            E.loss(b, LossConfig(objective=Dro(coef=bad)))
+        assert "objective.dro.coef" in str(e.value) and why in str(e.value)
 
 
 def test_sapo_seq_refuses_per_token_advantages_and_bad_temperatures() -> None:

@@ -36,6 +36,7 @@ from softgate.engine import (
     Cispo,
     CispoSeq,
     ClipCov,
+    Dro,
     Engine,
     Grpo,
     Gspo,
@@ -193,6 +194,15 @@ CONFIGS: dict[str, tuple[LossConfig, pb.LossConfig]] = {
         pb.LossConfig(
             objective=pb.Objective(sapo_seq=pb.SapoSeqParams(tau_pos=0.8, tau_neg=1.2)),
             aggregation=pb.AggregationConfig(mode=pb.AGGREGATION_MODE_TOKEN_MEAN),
+        ),
+    ),
+    "dro-token-sum": (
+        LossConfig(
+            objective=Dro(coef=0.2), aggregation=AggregationConfig(mode="token_sum_norm", constant=1.0)
+        ),
+        pb.LossConfig(
+            objective=pb.Objective(dro=pb.DroParams(coef=0.2)),
+            aggregation=pb.AggregationConfig(mode=pb.AGGREGATION_MODE_TOKEN_SUM_NORM, constant=1.0),
         ),
     ),
     "cispo_seq": (

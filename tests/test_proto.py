@@ -181,6 +181,7 @@ def test_contract_shape():
         "reinforce",
         "sapo_seq",
         "cispo_seq",
+        "dro",
     ]
     # proto3 optional parameters: unset means the engine default
     for f in msgs["SapoParams"].field:

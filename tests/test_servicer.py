@@ -411,7 +411,12 @@ def test_a_stream_of_more_chunks_than_max_stream_chunks_is_refused_at_the_first_
 
 def _with_unknown(msg: Any, number: int) -> Any:
     """`msg` plus an empty length-delimited field `number` (one its type does not have)."""
-    return type(msg).FromString(msg.SerializeToString() + bytes([number << 3 | 2, 0]))
+    tag, key = number << 3 | 2, bytearray()
+    while tag > 0x7F:  # the key is a varint: past field 15 it takes two bytes
+        key.append(tag & 0x7F | 0x80)
+        tag >>= 7
+    key.append(tag)
+    return type(msg).FromString(msg.SerializeToString() + bytes(key) + b"\0")
 
 
 def test_a_field_this_server_does_not_know_is_refused_by_name_not_ignored(inprocess_server: Any) -> None:
@@ -430,7 +435,7 @@ def test_a_field_this_server_does_not_know_is_refused_by_name_not_ignored(inproc
         config.objective.CopyFrom(objective)
         return config
 
-    new_kind = with_objective(_with_unknown(pb.Objective(), 15))
+    new_kind = with_objective(_with_unknown(pb.Objective(), 16))
     new_param = with_objective(pb.Objective(grpo=_with_unknown(pb.GrpoParams(eps_low=0.1), 4)))
     new_output = _with_unknown(pb.OutputSelection(ratio=True), 7)
     loss_cases = [

@@ -842,7 +842,7 @@ class SoftgateClient:
 
         Configuration: a `config=LossConfig(...)` and/or flat keywords: `objective`
         ("sapo", "grpo", "gspo", "gspo_token", "cispo", "gppo", "gmpo", "dppo_tv", "dppo_kl",
-        "clip_cov", "kl_cov", "reinforce", "sapo_seq", "cispo_seq" or an Objective), its
+        "clip_cov", "kl_cov", "reinforce", "sapo_seq", "cispo_seq", "dro" or an Objective), its
         parameters (`tau_pos`, `tau_neg`, `eps_low`, `eps_high`, `dual_clip`, `ratio_cap`,
         `fraction`, `cov_low`, `cov_high`, `seed`, `coef`),
         `estimator`, `scale`, `aggregation` (mode name), `num_tokens`, `num_seqs`, `constant`,

@@ -28,6 +28,7 @@ OBJECTIVE_PARAMS: dict[str, tuple[str, ...]] = {
     "reinforce": (),
     "sapo_seq": ("tau_pos", "tau_neg"),
     "cispo_seq": ("eps_low", "eps_high"),
+    "dro": ("coef",),
 }
 INTEGER_PARAMS = ("seed",)  # a uint64 on the wire; the others are doubles
 OUTPUTS = ("advantages", "ratio", "gate_weight", "clip_mask", "mask")
@@ -83,7 +84,7 @@ def _plain_fields(obj: Any, path: str) -> None:
 @dataclass(frozen=True)
 class Objective:
     """An objective by name (`sapo`, `grpo`, `gspo`, `gspo_token`, `cispo`, `gppo`, `gmpo`,
-    `dppo_tv`, `dppo_kl`, `clip_cov`, `kl_cov`, `reinforce`, `sapo_seq`, `cispo_seq`) and its
+    `dppo_tv`, `dppo_kl`, `clip_cov`, `kl_cov`, `reinforce`, `sapo_seq`, `cispo_seq`, `dro`) and its
     parameters (`tau_pos`, `tau_neg`, `eps_low`, `eps_high`, `dual_clip`, `ratio_cap`,
     `fraction`, `cov_low`, `cov_high`, `seed` (an integer), `coef`)."""
 

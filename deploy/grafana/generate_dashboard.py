@@ -194,7 +194,7 @@ def build() -> dict[str, Any]:
             description="Shares of trained tokens over the interval: clip_high = A>0 tokens with r > "
             "1+eps_high, clip_low = A<0 tokens with r < 1-eps_low (GMPO: exp(eps_high), exp(-eps_low); DPPO: "
             "the tokens its divergence bound drops; Clip-Cov: its randomly drawn tokens too; KL-Cov: its "
-            "penalised tokens), of the objectives with a clip (SAPO, sapo_seq and REINFORCE have none and are left "
+            "penalised tokens), of the objectives with a clip (SAPO, sapo_seq, REINFORCE and DRO have none and are left "
             "out); dual clip = A<0 tokens with r > c, of the runs "
             "with a dual clip. " + CISPO_CLIP,
         )

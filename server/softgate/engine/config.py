@@ -227,6 +227,19 @@ class KlCov:
 
 
 @dataclass(frozen=True)
+class Dro:
+    """DRO as Tinker runs it (its loss_fn "dro", after Richemond et al. 2024 and Kimi k1.5):
+    l = -A logp + (coef / 2) (logp - old)^2, the log-ratio unclamped. No clip: the quadratic
+    penalty is the trust region."""
+
+    coef: float = 0.05
+    name: Literal["dro"] = "dro"
+
+    def __post_init__(self) -> None:
+        _plain_numbers(self)
+
+
+@dataclass(frozen=True)
 class Reinforce:
     """Plain importance sampling, no trust region: l = -r A."""
 
@@ -248,6 +261,7 @@ Objective = (
     | Reinforce
     | SapoSeq
     | CispoSeq
+    | Dro
 )
 OBJECTIVES: dict[str, type] = {
     cls.name: cls  # type: ignore[attr-defined]
@@ -266,6 +280,7 @@ OBJECTIVES: dict[str, type] = {
         Reinforce,
         SapoSeq,
         CispoSeq,
+        Dro,
     )
 }
 

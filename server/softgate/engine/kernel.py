@@ -168,7 +168,7 @@ def derived_terms(s: dict[str, float], kind: str, kl: bool, mismatch: bool) -> d
         if kind in ("clip", "gmpo", "clip_cov"):
             low = s["clip_low"] + s.get("dual", 0.0)  # A < 0 tokens clipped (low and dual are disjoint)
             high = s["clip_high"]
-        else:  # reinforce, kl_cov: gate 1 everywhere
+        else:  # reinforce, kl_cov, dro: gate 1 everywhere
             low = high = 0.0
         out["gate_pos"], out["gate_neg"] = npos - high, nneg - low  # gate 1 unclipped, 0 clipped
         out["sat_pos"], out["sat_neg"] = high, low  # 0 < threshold <= 1
@@ -443,9 +443,11 @@ def _policy(
     if kind not in READS_LOGP:
         return d, clamped, ratio, policy_terms(kind, ratio, dratio, a, logp, prm, old=old, sel=sel)
     # a masked token's logp may be any finite value, 0 here (its loss is -w A logp); its old
-    # too, but dppo's drop tests read it as given: an old of 1e30 makes them +-inf, never NaN
+    # too, but dppo's drop tests read it as given: an old of 1e30 makes them +-inf, never NaN.
+    # dro's penalty reads logp - old: 0 there too (1e30 squared would be inf, times w = 0 NaN)
     lp = torch.where(m, logp, zero)
-    return d, clamped, ratio, policy_terms(kind, ratio, dratio, a, lp, prm, old=old)
+    ol = torch.where(m, old, zero) if kind == "dro" else old
+    return d, clamped, ratio, policy_terms(kind, ratio, dratio, a, lp, prm, old=ol)
 
 
 def sequence_terms(

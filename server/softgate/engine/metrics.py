@@ -36,10 +36,10 @@ METRIC_NAMES: dict[str, str] = {
     # trust region
     "clip_low": "share of A<0 tokens with ratio < 1-eps_low (gmpo: exp(-eps_low); dppo: dropped, the probability "
     "fallen with p_old - p or the binary KL past eps_low; clip_cov: and its drawn tokens; kl_cov: its penalised "
-    "tokens); 0 if none or the objective has no clip (sapo, sapo_seq, reinforce)",
+    "tokens); 0 if none or the objective has no clip (sapo, sapo_seq, reinforce, dro)",
     "clip_high": "share of A>0 tokens with ratio > 1+eps_high (gmpo: exp(eps_high); dppo: dropped, the probability "
     "risen with p - p_old or the binary KL past eps_high; clip_cov: and its drawn tokens; kl_cov: its penalised "
-    "tokens); 0 if none or the objective has no clip (sapo, sapo_seq, reinforce)",
+    "tokens); 0 if none or the objective has no clip (sapo, sapo_seq, reinforce, dro)",
     "dual_clip": "share of A<0 tokens with ratio > c (grpo or gspo dual clip); 0 if none or no dual clip",
     "clip_fraction": "share of tokens whose trust-region clip is active (clip_mask; clip_cov: and its drawn "
     "tokens with A != 0; kl_cov: every token it penalises, A = 0 too); 0 if none",
@@ -47,8 +47,8 @@ METRIC_NAMES: dict[str, str] = {
     "gate_mean_neg": "mean gate weight over A<0 tokens; 1 if none",
     "gate_saturation_pos": "share of A>0 tokens whose gate weight < saturation_threshold; 0 if none",
     "gate_saturation_neg": "share of A<0 tokens whose gate weight < saturation_threshold; 0 if none",
-    "grad_retained": "sum|c_policy| / sum|c_policy with nothing clipped and w=1| (kl_cov: its penalty's gradient "
-    "in the numerator only, so it may pass 1); 1 if the denominator is 0",
+    "grad_retained": "sum|c_policy| / sum|c_policy with nothing clipped and w=1| (kl_cov, dro: their penalty's "
+    "gradient in the numerator only, so it may pass 1); 1 if the denominator is 0",
     # advantages and rewards
     "adv_mean": "mean advantage over tokens (ComputeAdvantages: over sequences); 0 if none",
     "adv_std": "population std of the advantage over tokens (ComputeAdvantages: over sequences); 0 if none",

@@ -28,6 +28,11 @@ kl_cov every one of them in `clip`, an A = 0 token too (its penalty still acts),
 a drawn A = 0 token (no gradient to drop, as cispo's; counting it, inductor reduced the count
 in a pass of its own: its kernel 5.2 -> 1.9 ms at 1M tokens).
 
+dro (Tinker's) is -A logp plus (coef / 2)(logp - old)^2 on every trained token, the
+log-ratio unclamped (`old` 0 on masked tokens, as logp): gradient -A + coef (logp - old).
+As kl_cov's, its gate is 1 (the penalty is added, not a scaling) and its free gradient -A (coef
+0), so grad_retained shows how far the penalty moved the gradient; it clips nothing.
+
 `grad_free` is the gradient of the same algorithm with the trust region removed (nothing
 clipped, gate weight 1): -A d rho / d logp, and -A r for cispo and on gppo's clipped tokens
 (whose gradient ignores the clamp too) and dppo. `gate` = grad / grad_free, the factor by which
@@ -48,6 +53,7 @@ from softgate.engine.config import (
     ClipCov,
     DppoKl,
     DppoTv,
+    Dro,
     Gmpo,
     Gppo,
     Grpo,
@@ -88,13 +94,15 @@ OBJECTIVE_KIND = {
     "clip_cov": "clip_cov",
     "kl_cov": "kl_cov",
     "reinforce": "reinforce",
+    "dro": "dro",
 }
 
 DPPO_KINDS = ("dppo_tv", "dppo_kl")
 # kinds that read the host's covariance selection (covariance.py)
 COV_KINDS = ("clip_cov", "kl_cov")
-# kinds whose loss reads logp itself (0 on masked tokens), and dppo's the old log-probs too
-READS_LOGP = ("cispo", *DPPO_KINDS)
+# kinds whose loss reads logp itself (0 on masked tokens), and dppo's and dro's the old
+# log-probs too (dro's also 0 on masked tokens: its penalty reads logp - old there)
+READS_LOGP = ("cispo", *DPPO_KINDS, "dro")
 
 
 def objective_params(obj: Objective) -> dict[str, tuple[float, str]]:
@@ -114,7 +122,7 @@ def objective_params(obj: Objective) -> dict[str, tuple[float, str]]:
         return {"lo": (lo, f"{p}.eps_low"), "hi": (hi, f"{p}.eps_high")}
     if isinstance(obj, (Sapo, SapoSeq)):
         return {"tau_pos": (obj.tau_pos, f"{p}.tau_pos"), "tau_neg": (obj.tau_neg, f"{p}.tau_neg")}
-    if isinstance(obj, KlCov):
+    if isinstance(obj, (KlCov, Dro)):
         return {"coef": (obj.coef, f"{p}.coef")}
     if isinstance(obj, (Grpo, Gppo, Gspo, GspoToken, Cispo, CispoSeq, ClipCov)):
         vals = {"lo": (1 - obj.eps_low, f"{p}.eps_low"), "hi": (1 + obj.eps_high, f"{p}.eps_high")}
@@ -162,6 +170,14 @@ def policy_terms(
     if kind == "reinforce":
         free = -a * dratio
         return PolicyTerms(-ratio * a, free, free, one, no, None, None, None)
+    if kind == "dro":
+        assert old is not None
+        # the log-ratio unclamped (no exp of it is taken); 0 on masked tokens, whose logp and
+        # old both come in as 0
+        x = logp - old
+        coef = prm["coef"]
+        free = -a * one
+        return PolicyTerms(-a * logp + (coef / 2) * x * x, free + coef * x, free, one, no, None, None, None)
     if kind == "kl_cov":
         assert old is not None and sel is not None
         # a masked token is never selected, so its logp - old (any finite values) is never read

@@ -40,8 +40,8 @@ class LossResult:
     # [N] the factor by which the trust region scales the token's gradient, grad / grad with
     # nothing clipped: SAPO's w = 4p(1-p); 1 unclipped / 0 clipped for grpo, gspo, gmpo, clip_cov
     # (0 on its drawn tokens too); bound / r on clipped gppo tokens; clip(r) / r for cispo;
-    # min(r, ratio_cap) / r for dppo (0 dropped); 1 for reinforce and kl_cov (its penalty is
-    # added, not a scaling); 0 on masked tokens
+    # min(r, ratio_cap) / r for dppo (0 dropped); 1 for reinforce, kl_cov and dro (their
+    # penalty is added, not a scaling); 0 on masked tokens
     gate_weight: Tensor
     # [N] bool, True where the trust region's clip is active (gradient removed, dppo's dropped
     # and clip_cov's drawn tokens with A != 0 too, or for gppo / cispo replaced by the bound's;

@@ -33,6 +33,7 @@ from softgate.engine.config import (
     ClipCov,
     DppoKl,
     DppoTv,
+    Dro,
     Gmpo,
     Gppo,
     Grpo,
@@ -228,6 +229,8 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
         if isinstance(obj, (Sapo, SapoSeq)):
             pos(obj.tau_pos, f"{p}.tau_pos")
             pos(obj.tau_neg, f"{p}.tau_neg")
+        elif isinstance(obj, Dro):
+            nonneg(obj.coef, f"{p}.coef")
         elif isinstance(obj, KlCov):
             _fraction(obj.fraction, f"{p}.fraction", v)
             nonneg(obj.coef, f"{p}.coef")

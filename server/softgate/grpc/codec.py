@@ -34,6 +34,7 @@ from softgate.engine.config import (
     ClipCov,
     DppoKl,
     DppoTv,
+    Dro,
     Gmpo,
     Gppo,
     Grpo,
@@ -666,6 +667,7 @@ _OBJECTIVES: dict[str, tuple[type, tuple[str, ...]]] = {
     "reinforce": (Reinforce, ()),
     "sapo_seq": (SapoSeq, ("tau_pos", "tau_neg")),
     "cispo_seq": (CispoSeq, ("eps_low", "eps_high")),
+    "dro": (Dro, ("coef",)),
 }
 _ESTIMATORS = {
     pb.ADVANTAGE_ESTIMATOR_GRPO: "grpo",

@@ -454,8 +454,8 @@ class PrometheusTelemetry(Telemetry):
         # the engine's 0 for a clip the objective does not have means "not applicable": left
         # out, or it dilutes the other objectives' fractions wherever they are summed or averaged
         obj = getattr(config, "objective", None)
-        # no clip for sapo, sapo_seq and reinforce (kl_cov's: its penalised tokens)
-        if OBJECTIVE_KIND.get(getattr(obj, "name", None) or "") in ("sapo", "reinforce"):
+        # no clip for sapo, sapo_seq, reinforce and dro (kl_cov's: its penalised tokens)
+        if OBJECTIVE_KIND.get(getattr(obj, "name", None) or "") in ("sapo", "reinforce", "dro"):
             values["clip_high"] = values["clip_low"] = None
         if getattr(obj, "dual_clip", None) is None:  # only grpo and gspo have one, when configured
             values["dual_clip"] = None

@@ -290,8 +290,14 @@ class ReinforceParams(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class DroParams(_message.Message):
+    __slots__ = ("coef",)
+    COEF_FIELD_NUMBER: _ClassVar[int]
+    coef: float
+    def __init__(self, coef: _Optional[float] = ...) -> None: ...
+
 class Objective(_message.Message):
-    __slots__ = ("sapo", "grpo", "gspo", "gspo_token", "cispo", "gppo", "gmpo", "dppo_tv", "dppo_kl", "clip_cov", "kl_cov", "reinforce", "sapo_seq", "cispo_seq")
+    __slots__ = ("sapo", "grpo", "gspo", "gspo_token", "cispo", "gppo", "gmpo", "dppo_tv", "dppo_kl", "clip_cov", "kl_cov", "reinforce", "sapo_seq", "cispo_seq", "dro")
     SAPO_FIELD_NUMBER: _ClassVar[int]
     GRPO_FIELD_NUMBER: _ClassVar[int]
     GSPO_FIELD_NUMBER: _ClassVar[int]
@@ -306,6 +312,7 @@ class Objective(_message.Message):
     REINFORCE_FIELD_NUMBER: _ClassVar[int]
     SAPO_SEQ_FIELD_NUMBER: _ClassVar[int]
     CISPO_SEQ_FIELD_NUMBER: _ClassVar[int]
+    DRO_FIELD_NUMBER: _ClassVar[int]
     sapo: SapoParams
     grpo: GrpoParams
     gspo: GspoParams
@@ -320,7 +327,8 @@ class Objective(_message.Message):
     reinforce: ReinforceParams
     sapo_seq: SapoSeqParams
     cispo_seq: CispoSeqParams
-    def __init__(self, sapo: _Optional[_Union[SapoParams, _Mapping]] = ..., grpo: _Optional[_Union[GrpoParams, _Mapping]] = ..., gspo: _Optional[_Union[GspoParams, _Mapping]] = ..., gspo_token: _Optional[_Union[GspoTokenParams, _Mapping]] = ..., cispo: _Optional[_Union[CispoParams, _Mapping]] = ..., gppo: _Optional[_Union[GppoParams, _Mapping]] = ..., gmpo: _Optional[_Union[GmpoParams, _Mapping]] = ..., dppo_tv: _Optional[_Union[DppoTvParams, _Mapping]] = ..., dppo_kl: _Optional[_Union[DppoKlParams, _Mapping]] = ..., clip_cov: _Optional[_Union[ClipCovParams, _Mapping]] = ..., kl_cov: _Optional[_Union[KlCovParams, _Mapping]] = ..., reinforce: _Optional[_Union[ReinforceParams, _Mapping]] = ..., sapo_seq: _Optional[_Union[SapoSeqParams, _Mapping]] = ..., cispo_seq: _Optional[_Union[CispoSeqParams, _Mapping]] = ...) -> None: ...
+    dro: DroParams
+    def __init__(self, sapo: _Optional[_Union[SapoParams, _Mapping]] = ..., grpo: _Optional[_Union[GrpoParams, _Mapping]] = ..., gspo: _Optional[_Union[GspoParams, _Mapping]] = ..., gspo_token: _Optional[_Union[GspoTokenParams, _Mapping]] = ..., cispo: _Optional[_Union[CispoParams, _Mapping]] = ..., gppo: _Optional[_Union[GppoParams, _Mapping]] = ..., gmpo: _Optional[_Union[GmpoParams, _Mapping]] = ..., dppo_tv: _Optional[_Union[DppoTvParams, _Mapping]] = ..., dppo_kl: _Optional[_Union[DppoKlParams, _Mapping]] = ..., clip_cov: _Optional[_Union[ClipCovParams, _Mapping]] = ..., kl_cov: _Optional[_Union[KlCovParams, _Mapping]] = ..., reinforce: _Optional[_Union[ReinforceParams, _Mapping]] = ..., sapo_seq: _Optional[_Union[SapoSeqParams, _Mapping]] = ..., cispo_seq: _Optional[_Union[CispoSeqParams, _Mapping]] = ..., dro: _Optional[_Union[DroParams, _Mapping]] = ...) -> None: ...
 
 class AdvantageConfig(_message.Message):
     __slots__ = ("estimator", "scale", "eps", "min_group_std", "reward_weights")
