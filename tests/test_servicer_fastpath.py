@@ -19,7 +19,8 @@ from softgate_client import SoftgateClient
 
 
 class RecordingEngine(Engine):
-    """The real engine; records the thread and intra-op thread count of each loss call."""
+    """The real engine; records the thread and intra-op thread count of each loss and
+    advantages call."""
 
     def __init__(self, delay: float = 0.0) -> None:
         super().__init__(device="cpu", compile=False)
@@ -31,6 +32,10 @@ class RecordingEngine(Engine):
         if self.delay:
             time.sleep(self.delay)
         return super().loss(batch, config, **kw)
+
+    def advantages(self, *args: Any, **kw: Any) -> Any:
+        self.seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return super().advantages(*args, **kw)
 
 
 def _call(client: SoftgateClient, n: int = 64) -> Any:
@@ -60,6 +65,27 @@ def test_small_calls_go_inline_once_the_engine_is_fast(inprocess_server: Any, mo
     for r in results[1:]:  # identical answers either way
         assert r.loss == results[0].loss and np.array_equal(r.grad, results[0].grad)
     assert big.grad.shape == (40000,)
+
+
+def test_advantages_are_sized_by_their_reward_values_not_their_rows(
+    inprocess_server: Any, monkeypatch: Any
+) -> None:
+    """[B, K] rewards are K values a row: 1024 rows of 64 components (65,536 values, over
+    inline_max_tokens) go to the pool where 1024 rows of one went inline."""
+    import softgate.grpc.servicer as servicer
+
+    monkeypatch.setattr(servicer, "INLINE_BUDGET_S", 5.0)  # the policy, not this host's speed
+    eng = RecordingEngine()
+    srv = inprocess_server(engine=eng)
+    rng = np.random.default_rng(0)
+    ids = np.arange(1024) // 8
+    with SoftgateClient(f"127.0.0.1:{srv.port}") as c:
+        for _ in range(8):
+            c.advantages(rng.random(1024), ids)
+        c.advantages(rng.random((1024, 64)), ids, estimator="gdpo")
+    names = [name for name, _ in eng.seen]
+    assert all(n == "inprocess-grpc" for n in names[4:8]), names  # the rows alone: inline
+    assert names[8].startswith("softgate-engine"), names
 
 
 def test_a_new_configuration_never_compiles_on_the_event_loop(

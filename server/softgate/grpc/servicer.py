@@ -486,8 +486,9 @@ class LossServicer(pb_grpc.LossServiceServicer):
             call.sequences = codec.claimed_rows(msg.rewards)
             call.bytes_in = msg.ByteSize()
             self._start(call)
+            # sized by its reward values, not its rows: [B, K] rewards are K times the work of B
             config, result, resp = await self._run(
-                call, lambda cancel: self._advantages(msg, cancel), call.sequences
+                call, lambda cancel: self._advantages(msg, cancel), codec.claimed_elements(msg.rewards)
             )
             call.observed = ("observe_advantages", config, result)
             call.bytes_out = resp.ByteSize()
