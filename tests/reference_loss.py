@@ -307,6 +307,10 @@ def reference_loss(batch: Batch, config: LossConfig) -> Reference:
             else:
                 v = torch.where((v >= mm.lo) & (v <= mm.hi), v, torch.zeros_like(v))
             loss_t = loss_t * v.detach()
+        if config.off_policy_mask_threshold is not None:  # OPSM, as TRL's get_off_policy_mask
+            s = (rollout if rollout is not None else old if old is not None else logp.detach())[sl][mi]
+            if float((s - lp.detach()).mean()) > config.off_policy_mask_threshold:
+                loss_t = torch.where(a < 0, torch.zeros_like(loss_t), loss_t)
         policy_terms.append(loss_t)
         if config.kl is not None:
             x = ref[sl][mi] - lp
@@ -439,6 +443,7 @@ def make_config(
     global_norm: bool = False,
     min_group_std: float = 0.0,
     floor: float = 0.0,
+    opsm: float | None = None,
 ) -> LossConfig:
     from softgate.engine import (
         AdvantageConfig,
@@ -523,6 +528,7 @@ def make_config(
         kl=klc,
         mismatch=mmc,
         log_ratio_clamp=clamp,
+        off_policy_mask_threshold=opsm,
     )
 
 
@@ -597,6 +603,12 @@ def near_boundary(batch: Batch, config: LossConfig, tol: float = 1e-7) -> bool:
             for bd in [mm.cap, mm.floor] if mm.mode == "truncate" else [mm.lo, mm.hi]:
                 if bool(((v - bd).abs() < tol).any()):
                     return True
+        delta = config.off_policy_mask_threshold
+        if delta is not None and bool(mi.any()):  # OPSM's sequence mean on its threshold
+            src = batch.rollout_logp if batch.rollout_logp is not None else batch.old_logp
+            s = src.to(f64) if src is not None else logp
+            if abs(float((s - logp)[off[i] : off[i + 1]][mi].mean()) - delta) < tol:
+                return True
     if vals and bounds:
         r = torch.cat(vals)
         for bd in bounds:

@@ -139,9 +139,17 @@ CASES = [
         ),
     ),
     (
-        {"objective": "dro", "coef": 0.2, "aggregation": "token_sum_norm", "constant": 1.0},
+        {
+            "objective": "dro",
+            "coef": 0.2,
+            "aggregation": "token_sum_norm",
+            "constant": 1.0,
+            "off_policy_mask_threshold": 0.5,
+        },
         LossConfig(
-            objective=ec.Dro(coef=0.2), aggregation=ec.AggregationConfig(mode="token_sum_norm", constant=1.0)
+            objective=ec.Dro(coef=0.2),
+            aggregation=ec.AggregationConfig(mode="token_sum_norm", constant=1.0),
+            off_policy_mask_threshold=0.5,
         ),
     ),
     (

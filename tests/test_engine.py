@@ -1529,6 +1529,23 @@ def test_compiled_kernel_matches_eager(dtype, name, kl, mm, clamp, agg, adv, sam
         assert r_c.bucket_sums == pytest.approx(r_e.bucket_sums, rel=1e-6, abs=1e-9)
 
 
+@needs_compile
+@pytest.mark.parametrize("name", ["grpo", "sapo_seq", "dro"])
+def test_compiled_kernel_with_off_policy_masking_matches_eager(name):
+    """OPSM's per-sequence mean KL and its threshold as kernel inputs, with a token-level
+    mismatch correction (its rollout log-probs are OPSM's sampler) and sampled bucket codes."""
+    global EC
+    EC = EC or Engine(device="cpu", compile=True)
+    adv = "sequence" if name in PER_SEQUENCE_ADVANTAGES else "token"
+    b = random_batch(29, max_seqs=12, max_len=30, dtype=torch.float32, big_deltas=True, advantages=adv)
+    cfg = make_config(name, "seq_mean_token_mean", "k3", ("token", "truncate"), variant=1, opsm=0.0)
+    r_e = E.loss(b, cfg, sample_tokens=CODES)
+    assert 0 < r_e.metrics["off_policy_masked_frac"] < 1
+    r_c = EC.loss(b, cfg, sample_tokens=CODES)
+    assert EC.kernel.enabled, "compilation fell back to eager"
+    assert_same_result(r_c, r_e, 1e-5)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("compile", [False, True])
@@ -1714,24 +1731,27 @@ def _assert_equal_results(got, want, rtol: float = 1e-12) -> None:
 
 @pytest.mark.parametrize("name", OBJECTIVE_NAMES)
 @pytest.mark.parametrize(
-    "agg,kl,mm,adv",
+    "agg,kl,mm,adv,opsm",
     [
-        ("seq_mean_token_mean", "k3", ("sequence", "truncate"), "rewards"),
-        ("token_mean", None, ("token", "mask"), "sequence"),
-        ("seq_mean_token_sum", "k1", ("sequence", "mask"), "token"),
+        ("seq_mean_token_mean", "k3", ("sequence", "truncate"), "rewards", None),
+        ("token_mean", None, ("token", "mask"), "sequence", None),
+        ("seq_mean_token_sum", "k1", ("sequence", "mask"), "token", None),
         # the rollout per token beside its sequence's mean log-weight; the KL's two [B] inputs
-        ("token_mean", "k3_is_seq", ("token", "seq_mask"), "rewards"),
+        ("token_mean", "k3_is_seq", ("token", "seq_mask"), "rewards", None),
+        # OPSM's per-sequence mean KL from the sampler
+        ("token_sum_norm", "k3", ("token", "truncate"), "token", 0.0),
     ],
 )
-def test_the_gpu_code_path_on_the_cpu_gives_the_cpu_results(monkeypatch, name, agg, kl, mm, adv):
+def test_the_gpu_code_path_on_the_cpu_gives_the_cpu_results(monkeypatch, name, agg, kl, mm, adv, opsm):
     """The code CUDA runs (sequence ids gathered in the kernel, torch for the layout, weights
     and sums) differs from the CPU's shortcuts; run here on the CPU, it gives their results,
     so the path a GPU takes is tested on every CI run, not only when a GPU is at hand."""
     if name in PER_SEQUENCE_ADVANTAGES and adv == "token":
         adv = "sequence"  # (gspo takes one advantage per sequence)
     b = random_batch(11, max_seqs=12, max_len=15, advantages=adv)
-    cfg = make_config(name, agg, kl, mm, variant=1)
+    cfg = make_config(name, agg, kl, mm, variant=1, opsm=opsm)
     want = E.loss(b, cfg)
+    assert opsm is None or 0 < want.metrics["off_policy_masked_frac"] < 1
     _gpu_code_path(monkeypatch)
     seen: list[dict] = []
     got = compute_loss(b, cfg, kernel=lambda t, *a: seen.append(dict(t)) or token_terms(t, *a))
@@ -2314,6 +2334,63 @@ def test_gspo_refuses_a_dual_clip_not_above_1() -> None:
         with pytest.raises(InputError) as e:
             E.loss(b, LossConfig(objective=Gspo(dual_clip=bad)))
         assert "objective.gspo.dual_clip" in str(e.value) and why in str(e.value)
+
+
+@pytest.mark.parametrize("vllm", [False, True])
+def test_off_policy_sequence_masking_is_trls(vllm: bool) -> None:
+    """off_policy_mask_threshold against TRL's get_off_policy_mask and its use written out:
+    kl = sampler - logp.detach() (the sampler: vLLM's log-probs, else old), its masked row
+    mean; keep = (A >= 0) | (mean <= delta); the per-token policy loss times keep, then
+    times the vLLM IS weight (token, truncated at its cap), plus beta k3; TRL's grpo
+    aggregation. Without vLLM the mask reads the old log-probs."""
+    lengths = [5, 3, 7, 1, 6, 4]
+    logp, old, mask, keep, ragged = _trl_padded(lengths, 17)
+    g = torch.Generator().manual_seed(3)
+    sampling = (old + 0.3 * torch.randn(old.shape, generator=g, dtype=F64)).clamp(max=-1e-3)
+    ref = (logp + 0.2 * torch.randn(old.shape, generator=g, dtype=F64)).clamp(max=-1e-3)
+    adv = torch.tensor([-0.5, 0.6, -0.4, -1.1, 0.9, -0.8], dtype=F64)
+    delta, eps, beta, cap = 0.1, 0.2, 0.04, 2.0
+    x = logp.clone().requires_grad_(True)
+    m = mask.to(F64)
+    src = sampling if vllm else old
+    seq_kl = ((src - x.detach()) * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+    a = adv[:, None]
+    off_policy_mask = ((a >= 0) | (seq_kl <= delta)).to(F64)
+    dropped = (a < 0) & (seq_kl > delta)
+    assert bool(dropped.any()) and bool(((a < 0) & ~dropped).any())  # some A < 0 rows kept
+    coef_1 = torch.exp(x - old)
+    coef_2 = torch.clamp(coef_1, 1 - eps, 1 + eps)
+    per_token_loss = -torch.min(coef_1 * a, coef_2 * a) * off_policy_mask
+    if vllm:
+        per_token_loss = per_token_loss * torch.clamp(torch.exp(old - sampling), max=cap)
+    per_token_kl = torch.exp(ref - x) - (ref - x) - 1
+    per_token_loss = per_token_loss + beta * per_token_kl
+    want = _trl_aggregate(per_token_loss, m, "seq_mean_token_mean")
+    (grad,) = torch.autograd.grad(want, x)
+    batch = dataclasses.replace(
+        ragged, advantages=adv, ref_logp=ref[keep], rollout_logp=sampling[keep] if vllm else None
+    )
+    config = LossConfig(
+        objective=Grpo(eps_low=eps, eps_high=eps),
+        kl=KLConfig("k3", beta),
+        mismatch=MismatchConfig(level="token", mode="truncate", cap=cap) if vllm else None,
+        off_policy_mask_threshold=delta,
+    )
+    res = E.loss(batch, config)
+    assert res.loss == pytest.approx(float(want.detach()), rel=1e-13)
+    torch.testing.assert_close(res.grad, grad[keep], rtol=1e-12, atol=1e-15)
+    tokens = dropped[:, 0].repeat_interleave(torch.tensor(lengths))[batch.mask]
+    assert res.metrics["off_policy_masked_frac"] == pytest.approx(float(tokens.float().mean()))
+
+
+def test_off_policy_mask_threshold_must_be_finite() -> None:
+    b = simple_batch([2, 3], advantages=torch.tensor([1.0, -1.0], dtype=F64))
+    for bad in (math.nan, math.inf, -math.inf):
+        with pytest.raises(InputError) as e:
+            E.loss(b, LossConfig(off_policy_mask_threshold=bad))
+        assert "off_policy_mask_threshold: out_of_range" in str(e.value) and "not a finite number" in str(
+            e.value
+        )
 
 
 def _tinker_loss(

@@ -78,6 +78,29 @@ def test_every_combination(objective, agg, kl, mismatch):
     check_against_reference(batch, config)
 
 
+@pytest.mark.parametrize("mismatch", [None, ("token", "truncate")])
+@pytest.mark.parametrize("objective", OBJECTIVE_NAMES)
+def test_off_policy_sequence_masking(objective, mismatch):
+    """OPSM against the reference on batches where it drops some tokens and keeps others (the
+    sampler's log-probs: rollout_logp with a mismatch correction, old_logp without)."""
+    checked = 0
+    for seed in range(60):
+        batch = random_batch(seed * 7907 + 5, big_deltas=seed % 2 == 1)
+        config = make_config(objective, AGG_MODES[seed % 4], "k3", mismatch, variant=seed, opsm=0.05)
+        if near_boundary(batch, config):
+            continue
+        res = ENGINE.loss(batch, config)
+        if not 0 < res.metrics["off_policy_masked_frac"] < 0.6:
+            continue
+        check_against_reference(batch, config)
+        plain = ENGINE.loss(batch, dataclasses.replace(config, off_policy_mask_threshold=None))
+        assert res.policy_loss != plain.policy_loss and res.kl_loss == plain.kl_loss
+        checked += 1
+        if checked == 3:
+            return
+    raise AssertionError(f"only {checked} batches with some tokens masked")
+
+
 @pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("objective", OBJECTIVE_NAMES)
 def test_truncate_with_a_floor(objective, level):

@@ -196,6 +196,20 @@ CONFIGS: dict[str, tuple[LossConfig, pb.LossConfig]] = {
             aggregation=pb.AggregationConfig(mode=pb.AGGREGATION_MODE_TOKEN_MEAN),
         ),
     ),
+    "grpo-opsm-truncate": (
+        LossConfig(
+            objective=Grpo(),
+            mismatch=MismatchConfig(level="token", mode="truncate", cap=2.0),
+            off_policy_mask_threshold=-0.01,
+        ),
+        pb.LossConfig(
+            objective=pb.Objective(grpo=pb.GrpoParams()),
+            mismatch=pb.MismatchConfig(
+                level=pb.MISMATCH_LEVEL_TOKEN, mode=pb.MISMATCH_MODE_TRUNCATE, cap=2.0
+            ),
+            off_policy_mask_threshold=-0.01,
+        ),
+    ),
     "dro-token-sum": (
         LossConfig(
             objective=Dro(coef=0.2), aggregation=AggregationConfig(mode="token_sum_norm", constant=1.0)
@@ -495,6 +509,7 @@ def test_given_advantages_per_sequence_and_per_token(stub: pb_grpc.LossServiceSt
         "grpo-opo",  # its baseline weighs trained tokens of groups that span chunks
         "grpo-reinforce_pp-seq_mask",  # whitened over every chunk's tokens
         "gspo-k3_is_seq-token-mean-kl",  # each sequence's KL sum, its ratio's gradient
+        "grpo-opsm-truncate",  # each sequence's mean KL from the sampler, over every chunk
     ],
 )
 def test_stream_loss_equals_unary(stub: pb_grpc.LossServiceStub, name: str) -> None:

@@ -235,7 +235,12 @@ def loss_config_to_proto(c: cfg.LossConfig) -> pb.LossConfig:
         mm.level = _enum(pb.MismatchLevel, "MISMATCH_LEVEL", m.level, "config.mismatch.level")
         mm.mode = _enum(pb.MismatchMode, "MISMATCH_MODE", m.mode, "config.mismatch.mode")
         _set_optional(mm, cap=m.cap, lo=m.lo, hi=m.hi, floor=m.floor)
-    _set_optional(out, log_ratio_clamp=c.log_ratio_clamp, saturation_threshold=c.saturation_threshold)
+    _set_optional(
+        out,
+        log_ratio_clamp=c.log_ratio_clamp,
+        saturation_threshold=c.saturation_threshold,
+        off_policy_mask_threshold=c.off_policy_mask_threshold,
+    )
     return out
 
 
@@ -847,6 +852,7 @@ class SoftgateClient:
         `fraction`, `cov_low`, `cov_high`, `seed`, `coef`),
         `estimator`, `scale`, `aggregation` (mode name), `num_tokens`, `num_seqs`, `constant`,
         `kl_beta`, `kl_estimator`, `mismatch=MismatchConfig(...)`, `log_ratio_clamp`,
+        `off_policy_mask_threshold`,
         `saturation_threshold`, and `outputs=("ratio", "gate_weight", ...)`.
 
         `stream` forces (True) or forbids (False) the StreamLoss RPC; None picks it when the

@@ -225,6 +225,7 @@ class LossConfig:
     mismatch: MismatchConfig | None = None
     log_ratio_clamp: float | None = None
     saturation_threshold: float | None = None
+    off_policy_mask_threshold: float | None = None
     outputs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -343,7 +344,7 @@ def build_loss_config(config: LossConfig | None = None, **kw: Any) -> LossConfig
             s, f = _FLAT_ALIASES[key]
             sections[s][f] = val
             touched.add(s)
-        elif key in ("outputs", "log_ratio_clamp", "saturation_threshold"):
+        elif key in ("outputs", "log_ratio_clamp", "saturation_threshold", "off_policy_mask_threshold"):
             values[key] = val  # (LossConfig checks them)
         else:
             raise TypeError(f"unknown loss option {key!r}")

@@ -109,6 +109,9 @@ function lossConfig(c) {
   if (c.saturation_threshold !== null && c.saturation_threshold !== undefined) {
     out.saturation_threshold = c.saturation_threshold;
   }
+  if (c.off_policy_mask_threshold !== null && c.off_policy_mask_threshold !== undefined) {
+    out.off_policy_mask_threshold = c.off_policy_mask_threshold;
+  }
   return out;
 }
 

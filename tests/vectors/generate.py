@@ -64,6 +64,8 @@ def config_to_json(cfg: LossConfig) -> dict[str, Any]:
         del d["kl"]["aggregation"]
     if d["advantages"]["reward_weights"] is None:  # (a loss case's rewards are one component)
         del d["advantages"]["reward_weights"]
+    if d["off_policy_mask_threshold"] is None:
+        del d["off_policy_mask_threshold"]
     obj = d.pop("objective")
     if obj["name"] == "gspo" and obj["dual_clip"] is None:  # (grpo's vectors always had theirs)
         del obj["dual_clip"]
@@ -82,6 +84,7 @@ def config_from_json(d: dict[str, Any]) -> LossConfig:
         mismatch=MismatchConfig(**d["mismatch"]) if d.get("mismatch") else None,
         log_ratio_clamp=d["log_ratio_clamp"],
         saturation_threshold=d["saturation_threshold"],
+        off_policy_mask_threshold=d.get("off_policy_mask_threshold"),
     )
 
 
@@ -222,7 +225,7 @@ def _default_cases(engine: Engine) -> list[dict[str, Any]]:
     """What the generated variants never hold (an audit): every parameter at its default, with
     old_logp, the mask and the advantage level unset; RLOO at its default (group) scale; k3 KL
     clamped from above on one trained token; eps, min_group_std, beta, the mismatch bounds
-    and the saturation threshold at values of their own; the seq_mask mismatch mode; the
+    and the saturation threshold at values of their own; the seq_mask mismatch mode; OPSM; the
     k3_is and k3_is_seq KL estimators; the opo, gpg, grpo_passk, reinforce_pp and gdpo estimators."""
     out = []
     b = random_batch(5151, max_seqs=5, max_len=5, advantages="rewards", with_mask=False, num_seqs=5)
@@ -265,6 +268,12 @@ def _default_cases(engine: Engine) -> list[dict[str, Any]]:
     cfg = LossConfig(mismatch=MismatchConfig(mode="seq_mask", lo=0.9, hi=1.1))
     out.append(_case("sapo/mismatch_seq_mask", b, cfg, engine))
     assert 0 < out[-1]["outputs"]["metrics"]["mismatch_clipped_frac"] < 1
+    # OPSM: A < 0 tokens of sequences whose mean (rollout - logp) passes the threshold drop out
+    cfg = LossConfig(
+        mismatch=MismatchConfig(level="token", mode="truncate", cap=2.0), off_policy_mask_threshold=-0.5
+    )
+    out.append(_case("sapo/off_policy_mask_threshold", b, cfg, engine))
+    assert 0 < out[-1]["outputs"]["metrics"]["off_policy_masked_frac"] < 1
     # k3_is: k3 weighted by the token's ratio, gradient -x r (TRL's use_bias_correction_kl)
     b = random_batch(5555, max_seqs=5, max_len=5, advantages="sequence", num_seqs=5, big_deltas=True)
     cfg = LossConfig(kl=KLConfig(estimator="k3_is", beta=0.3, aggregation="token_mean"))

@@ -86,7 +86,9 @@ def chunked_token_terms(
         a = torch.cat(gathered)
     values = _combine(
         vals,
-        kernel_layout(kind, seq_ratio, adv_per_token, kl is not None, mismatch is not None, "dual" in prm),
+        kernel_layout(
+            kind, seq_ratio, adv_per_token, kl is not None, mismatch is not None, "dual" in prm, "opsm" in prm
+        ),
         codes,
     )
     pad = torch.zeros_like(t["ylen"], dtype=torch.float64)  # (token_terms' B zeros)

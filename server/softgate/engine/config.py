@@ -366,7 +366,11 @@ class AggregationConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Everything that chooses how a batch's loss and gradient are computed."""
+    """Everything that chooses how a batch's loss and gradient are computed.
+    `off_policy_mask_threshold` delta: off-policy sequence masking (OPSM, DeepSeek-V3.2; TRL's
+    off_policy_mask_threshold): a token with A < 0 whose sequence's mean of (sampler log-prob -
+    logp) over its trained tokens exceeds delta loses its policy term (the KL term stays); the
+    sampler's log-probs are rollout_logp when the batch has them, else old_logp. None: off."""
 
     objective: Objective = field(default_factory=Sapo)
     advantages: AdvantageConfig = field(default_factory=AdvantageConfig)
@@ -375,6 +379,7 @@ class LossConfig:
     mismatch: MismatchConfig | None = None
     log_ratio_clamp: float = 20.0
     saturation_threshold: float = 0.5
+    off_policy_mask_threshold: float | None = None
 
     def __post_init__(self) -> None:
         _plain_numbers(self)

@@ -52,10 +52,10 @@ _SIGNED_CLIP = ("clip", "gppo", "cispo", "gmpo", *DPPO_KINDS, *COV_KINDS)
 
 
 def kernel_layout(
-    kind: str, seq_ratio: bool, adv_per_token: bool, kl: bool, mismatch: bool, dual: bool
+    kind: str, seq_ratio: bool, adv_per_token: bool, kl: bool, mismatch: bool, dual: bool, opsm: bool = False
 ) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
     """Names of token_terms' values, in order: float sums and integer counts over tokens, then
-    the terms it reduces over sequences."""
+    the terms it reduces over sequences. `opsm`: off-policy sequence masking is on."""
     sums = ["policy_loss", "d_sum", "grad_abs"]
     counts = ["bad"]  # tokens with a bad input value (see token_terms)
     if not seq_ratio:  # gspo's ratio and clamp are per sequence
@@ -81,6 +81,8 @@ def kernel_layout(
     if mismatch:
         sums.append("v_sum")
         counts.append("v_changed")
+    if opsm:
+        counts.append("opsm")  # tokens whose policy term OPSM dropped
     seq = ["cnt"]  # per-sequence terms, |y_i|-weighted sums over the B sequences
     if not adv_per_token:
         seq += ["npos", "nneg", "a_sum", "a_sq", "a_var"]
@@ -120,6 +122,8 @@ def _kernel_params(config: LossConfig, dtype: torch.dtype, device: torch.device)
     vals["logp_tol"] = (LOGP_TOLERANCE, "logp_tol")
     if config.kl is not None:
         vals["beta"] = (config.kl.beta, "kl.beta")
+    if config.off_policy_mask_threshold is not None:
+        vals["opsm"] = (config.off_policy_mask_threshold, "off_policy_mask_threshold")
     mm = config.mismatch
     if mm is not None:
         # a bound past the dtype's largest value is that value: an overflowing weight (inf) is
@@ -177,7 +181,7 @@ def derived_terms(s: dict[str, float], kind: str, kl: bool, mismatch: bool) -> d
         out["clip"] = s["clip_low"] + s["clip_high"]
     elif kind == "sapo":
         out["clip"] = 0.0
-    for k in ("clip_low", "clip_high", "dual"):
+    for k in ("clip_low", "clip_high", "dual", "opsm"):
         out.setdefault(k, 0.0)
     if not kl:
         out.update(kl_sum=0.0, k_sum=0.0, kl_clamped=0.0, grad_total_abs=out["grad_abs"])
@@ -228,14 +232,15 @@ def token_terms(
     gspo, gmpo), sel (clip_cov, kl_cov: the covariance selection, uint8 0 / 1 like m), ref
     (KL), wkl (the KL term's own aggregation weight, like w; absent: w), rollout or lvseq
     (mismatch, token or sequence level; seq_mask both, lvseq its [B] mean log-weight), kls and
-    klc (k3_is_seq: [B], kl.sequence_kl). Any of those per-sequence values may come expanded to
+    klc (k3_is_seq: [B], kl.sequence_kl), okl (OPSM: [B], each sequence's mean of sampler
+    log-prob - logp over its trained tokens; prm "opsm" the threshold). Any of those per-sequence values may come expanded to
     its tokens instead, as w_tok, adv_tok, ... (per_token; then there is no ids): the CPU
     engine expands them on the host, since inductor's CPU code gathers lane by lane. With
     grad_out ([N], compute_loss's) the gradient is stored there and returned as it: compiled,
     by the fused loop itself (16M tokens: ~10 ms less than the kernel's own [N] gradient and a
     copy of it into a server's response)."""
     sum_names, count_names, seq_names = kernel_layout(
-        kind, seq_ratio, adv_per_token, kl is not None, mismatch is not None, "dual" in prm
+        kind, seq_ratio, adv_per_token, kl is not None, mismatch is not None, "dual" in prm, "opsm" in prm
     )
     logp, old, ids = t["logp"], t["old"], t.get("ids")
     # every token trained without "m": a constant in compiled code (no 16 MB read at 16M)
@@ -285,6 +290,14 @@ def token_terms(
         lpol, gpol, gfree = lpol * v, gpol * v, gfree * v
         total("v_sum", torch.where(m, v, zero))
         count("v_changed", vch & m)
+    if "opsm" in prm:  # OPSM: an A < 0 token of a sequence too far off the sampler drops out
+        drop = m & (ap < 0) & (per_token(t, "okl", ids) > prm["opsm"])
+        lpol, gpol, gfree = (
+            torch.where(drop, zero, lpol),
+            torch.where(drop, zero, gpol),
+            torch.where(drop, zero, gfree),
+        )
+        count("opsm", drop)
     # every per-token term is finite on masked tokens (their log-ratios are 0), and alpha is 0 there
     total("policy_loss", alpha * lpol)
     grad = alpha * gpol

@@ -88,10 +88,17 @@ def compute_loss(
 
 @functools.lru_cache(maxsize=256)
 def _value_names(
-    kind: str, seq_ratio: bool, adv_per_token: bool, kl: bool, mismatch: bool, dual: bool, codes: bool
+    kind: str,
+    seq_ratio: bool,
+    adv_per_token: bool,
+    kl: bool,
+    mismatch: bool,
+    dual: bool,
+    opsm: bool,
+    codes: bool,
 ) -> tuple[str, ...]:
     """The names of token_terms' values, in order (kernel_layout, then the bucket sums)."""
-    layout = kernel_layout(kind, seq_ratio, adv_per_token, kl, mismatch, dual)
+    layout = kernel_layout(kind, seq_ratio, adv_per_token, kl, mismatch, dual, opsm)
     return (*layout[0], *layout[1], *layout[2], *(BUCKET_SUMS if codes else ()))
 
 
@@ -210,6 +217,11 @@ def _compute_loss(
             mk = m if batch.mask is not None else None
             t["kls"], t["klc"] = sequence_kl(t["ref"] - logp, logp - old, mk, seg, ylen, wkl, clamp)
 
+    if config.off_policy_mask_threshold is not None:  # OPSM: each sequence's mean KL from the sampler
+        sampler = old if batch.rollout_logp is None else _cast(batch.rollout_logp, dt)
+        okl = seg.sum(torch.where(m, sampler - logp, torch.zeros_like(logp)))
+        t["okl"] = okl / ylen.clamp(min=1).to(dt)
+
     prm = kernel_params(config, dt, dev)
     if isinstance(obj, (ClipCov, KlCov)):  # the tokens they clip or penalise (covariance.py)
         a_tok = t["adv"] if adv_per_token else seg.expand(t["adv"])
@@ -218,7 +230,9 @@ def _compute_loss(
 
     # what is per sequence reaches the tokens: advantages, the weight, GSPO's ratio, a
     # sequence-level mismatch weight (token_terms reads nothing per sequence otherwise)
-    gathered: list[str] = [k for k in ("w", "wkl", "sratio", "lvseq", "kls", "klc") if k in t and t[k].dim()]
+    gathered: list[str] = [
+        k for k in ("w", "wkl", "sratio", "lvseq", "kls", "klc", "okl") if k in t and t[k].dim()
+    ]
     gathered += [] if adv_per_token else ["adv"]
     if gathered and host_shortcuts(dev):
         # expanded to their tokens here: a vector load in the kernel, not a gather, which
@@ -232,6 +246,7 @@ def _compute_loss(
                 "lvseq",
                 "kls",
                 "klc",
+                "okl",
             ):  # (the others' [B] values go into sequence_terms too)
                 del t[k]
     elif gathered:
@@ -269,7 +284,14 @@ def _compute_loss(
 
     # ---- metrics (one host sync)
     names = _value_names(
-        kind, seq_ratio, adv_per_token, config.kl is not None, mm is not None, "dual" in prm, codes
+        kind,
+        seq_ratio,
+        adv_per_token,
+        config.kl is not None,
+        mm is not None,
+        "dual" in prm,
+        "opsm" in prm,
+        codes,
     )
     vals = vals[: len(names)]  # (the kernel's values are followed by B zeros: see token_terms)
     if extra:
@@ -355,6 +377,7 @@ def _compute_loss(
     mx["kl_clamped_tokens"] = s["kl_clamped"]
     mx["mismatch_weight_mean"] = share(s["v_sum"], cnt, 1.0) if mm is not None else 1.0
     mx["mismatch_clipped_frac"] = share(s["v_changed"], cnt)
+    mx["off_policy_masked_frac"] = share(s["opsm"], cnt)
 
     if not math.isfinite(mx["adv_std"] + mx["adv_mean"]):  # a sum of squares past float64's range
         mx["adv_mean"], mx["adv_std"] = _scaled_mean_std(a[m])

@@ -65,6 +65,8 @@ METRIC_NAMES: dict[str, str] = {
     "mismatch_weight_mean": "mean train/inference mismatch weight v over tokens; 1 without correction",
     "mismatch_clipped_frac": "share of tokens whose v was clamped to [floor, cap] or zeroed outside [lo, hi] "
     "(seq_mask: the tokens of the sequences it dropped); 0 without correction",
+    "off_policy_masked_frac": "share of tokens whose policy term off-policy sequence masking dropped (A < 0, "
+    "their sequence's mean sampler - current log-prob above off_policy_mask_threshold); 0 without it",
 }
 
 

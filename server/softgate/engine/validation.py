@@ -385,6 +385,11 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
                 "(exp of the bound must stay finite in float32)",
             )
         )
+    opsm = config.off_policy_mask_threshold
+    if opsm is not None and not _num_ok(opsm):
+        v.append(
+            FieldViolation("off_policy_mask_threshold", f"out_of_range: {opsm!r} is not a finite number")
+        )
     if not _num_ok(config.saturation_threshold) or not 0 < config.saturation_threshold <= 1:
         v.append(
             FieldViolation(

@@ -108,6 +108,7 @@ CONFIG_ROOTS = (
     "mismatch",
     "log_ratio_clamp",
     "saturation_threshold",
+    "off_policy_mask_threshold",
 )
 
 
@@ -778,7 +779,7 @@ def _decode_loss_config(msg: pb.LossConfig, v: list[FieldViolation], prefix: str
         _enum(msg.mismatch.level, _MM_LEVELS, prefix + "mismatch.level", v, mm_kw, "level")
         _enum(msg.mismatch.mode, _MM_MODES, prefix + "mismatch.mode", v, mm_kw, "mode")
         mm = MismatchConfig(**mm_kw)
-    top = _set_fields(msg, ("log_ratio_clamp", "saturation_threshold"))
+    top = _set_fields(msg, ("log_ratio_clamp", "saturation_threshold", "off_policy_mask_threshold"))
     return LossConfig(
         objective=objective,
         advantages=adv,

@@ -383,7 +383,7 @@ class MismatchConfig(_message.Message):
     def __init__(self, level: _Optional[_Union[MismatchLevel, str]] = ..., mode: _Optional[_Union[MismatchMode, str]] = ..., cap: _Optional[float] = ..., lo: _Optional[float] = ..., hi: _Optional[float] = ..., floor: _Optional[float] = ...) -> None: ...
 
 class LossConfig(_message.Message):
-    __slots__ = ("objective", "advantages", "aggregation", "kl", "mismatch", "log_ratio_clamp", "saturation_threshold")
+    __slots__ = ("objective", "advantages", "aggregation", "kl", "mismatch", "log_ratio_clamp", "saturation_threshold", "off_policy_mask_threshold")
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     ADVANTAGES_FIELD_NUMBER: _ClassVar[int]
     AGGREGATION_FIELD_NUMBER: _ClassVar[int]
@@ -391,6 +391,7 @@ class LossConfig(_message.Message):
     MISMATCH_FIELD_NUMBER: _ClassVar[int]
     LOG_RATIO_CLAMP_FIELD_NUMBER: _ClassVar[int]
     SATURATION_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    OFF_POLICY_MASK_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     objective: Objective
     advantages: AdvantageConfig
     aggregation: AggregationConfig
@@ -398,7 +399,8 @@ class LossConfig(_message.Message):
     mismatch: MismatchConfig
     log_ratio_clamp: float
     saturation_threshold: float
-    def __init__(self, objective: _Optional[_Union[Objective, _Mapping]] = ..., advantages: _Optional[_Union[AdvantageConfig, _Mapping]] = ..., aggregation: _Optional[_Union[AggregationConfig, _Mapping]] = ..., kl: _Optional[_Union[KlConfig, _Mapping]] = ..., mismatch: _Optional[_Union[MismatchConfig, _Mapping]] = ..., log_ratio_clamp: _Optional[float] = ..., saturation_threshold: _Optional[float] = ...) -> None: ...
+    off_policy_mask_threshold: float
+    def __init__(self, objective: _Optional[_Union[Objective, _Mapping]] = ..., advantages: _Optional[_Union[AdvantageConfig, _Mapping]] = ..., aggregation: _Optional[_Union[AggregationConfig, _Mapping]] = ..., kl: _Optional[_Union[KlConfig, _Mapping]] = ..., mismatch: _Optional[_Union[MismatchConfig, _Mapping]] = ..., log_ratio_clamp: _Optional[float] = ..., saturation_threshold: _Optional[float] = ..., off_policy_mask_threshold: _Optional[float] = ...) -> None: ...
 
 class OutputSelection(_message.Message):
     __slots__ = ("gradient", "advantages", "ratio", "gate_weight", "clip_mask", "mask")
