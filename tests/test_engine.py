@@ -78,6 +78,8 @@ ALL_OBJECTIVES = [
     ClipCov(fraction=0.5, cov_low=-10.0, cov_high=10.0),
     KlCov(fraction=0.5),
     Reinforce(),
+    Dro(),
+    Gspo(dual_clip=1.001),
 ]
 
 
@@ -1018,6 +1020,34 @@ def test_cispo_ignores_huge_garbage_log_probs_on_masked_tokens() -> None:
     assert math.isfinite(res.loss) and torch.isfinite(res.grad).all()
     assert res.grad[1].item() == 0.0
     assert res.loss == pytest.approx(-10.0 * (math.exp(0.1) * -1.0 + 1.0 * -1.2), rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=needs_compile)])
+def test_dro_and_opsm_ignore_huge_garbage_on_masked_tokens(dtype: torch.dtype, compile: bool) -> None:
+    """dro's penalty reads logp - old, and OPSM's mean q - logp: a masked token's finite garbage
+    (logp -3e38, old and rollout +-3e38, whose differences overflow) must not reach either."""
+    b = Batch(
+        logp=torch.tensor([-1.0, -3.0e38, -1.2, -3.0e38], dtype=dtype),
+        offsets=torch.tensor([0, 3, 4]),
+        old_logp=torch.tensor([-1.1, -1.0, -1.0, 3.0e38], dtype=dtype),
+        rollout_logp=torch.tensor([-1.3, -3.0e38, -1.1, -1.0], dtype=dtype),
+        mask=torch.tensor([True, False, True, False]),
+        advantages=torch.tensor([-2.0, 1.0], dtype=dtype),
+    )
+    eng = Engine(device="cpu", compile="sync") if compile else E
+    agg = AggregationConfig(mode="token_sum_norm", constant=1.0)
+    cfg = LossConfig(objective=Dro(coef=0.5), aggregation=agg, off_policy_mask_threshold=0.15)
+    res = eng.loss(b, cfg)
+    assert res.grad[1].item() == res.grad[3].item() == 0.0
+    # sequence 0 (A < 0): mean(q - logp) over its trained tokens = (-0.3 + 0.1) / 2 = -0.1: kept
+    x = torch.tensor([-1.0 + 1.1, -1.2 + 1.0], dtype=F64)
+    want = float((2.0 * torch.tensor([-1.0, -1.2], dtype=F64) + 0.25 * x * x).sum())
+    assert res.loss == pytest.approx(want, rel=1e-6) and res.metrics["off_policy_masked_frac"] == 0.0
+    torch.testing.assert_close(res.grad[[0, 2]].to(F64), 2.0 + 0.5 * x, rtol=1e-6, atol=0)
+    # a threshold below -0.1 drops sequence 0's policy term: its tokens' gradients are 0
+    res = eng.loss(b, dataclasses.replace(cfg, off_policy_mask_threshold=-0.2))
+    assert res.grad.tolist() == [0.0] * 4 and res.metrics["off_policy_masked_frac"] == 1.0
 
 
 @pytest.mark.parametrize(
@@ -2292,8 +2322,8 @@ def test_gspo_dual_clip_is_trls_sequence_level_delta(agg: str) -> None:
     delta keeps -delta A and loses its gradient; one between 1 + epsilon_high and delta keeps
     its gradient; A > 0 past delta is the ordinary upper clip."""
     lengths = [5, 3, 7, 1, 6, 4]
-    logp, old, mask, keep, ragged = _trl_padded(lengths, 13)
-    adv = torch.tensor([-0.5, 0.6, 0.4, -1.1, 0.9, -0.8], dtype=F64)
+    logp, old, mask, keep, ragged = _trl_padded(lengths, 14)
+    adv = torch.tensor([-0.5, 0.6, -0.4, -1.1, 0.9, -0.8], dtype=F64)
     eps, delta = 0.05, 1.2
     x = logp.clone().requires_grad_(True)
     m = mask.to(F64)
@@ -2301,7 +2331,7 @@ def test_gspo_dual_clip_is_trls_sequence_level_delta(agg: str) -> None:
     s = coef_1.detach()[:, 0]
     neg = adv < 0
     assert bool((neg & (s > delta)).any() and (neg & (s > 1 + eps) & (s < delta)).any())
-    assert bool((~neg & (s > 1 + eps)).any() and (neg & (s < 1 - eps)).any())
+    assert bool((~neg & (s > delta)).any() and (neg & (s < 1 - eps)).any())
     a = adv[:, None]
     coef_2 = torch.clamp(coef_1, 1 - eps, 1 + eps)
     per_token_loss = -torch.min(torch.clamp(coef_1, max=delta) * a, coef_2 * a)
@@ -2424,13 +2454,15 @@ def test_tinkers_rl_losses_with_the_cookbooks_advantages(loss_fn: str, cfg: dict
     aggregation token_sum_norm, constant 1 (a sum), the sampler's log-probs as old_logp, and
     the cookbook's advantages (tinker_cookbook/rl/data_processing.py: (R - mean_g) G / (G - 1)
     on every action token, 0 on the prompt's) computed by softgate's rloo from rewards and
-    groups. Tinker's datum holds the prompt too (advantage 0, sampled log-prob 0); softgate's
-    mask leaves it out, where the first three losses have nothing and dro would penalise
-    logp - 0 (so the comparison sums over the action tokens)."""
+    groups (the third group's rewards all equal: advantage 0, where dro's penalty still acts).
+    Tinker's datum holds the prompt too (advantage 0, sampled log-prob 0); softgate's mask
+    leaves it out, where the first three losses have nothing and dro would penalise logp - 0.
+    Then the whole datum, as peers.md says to send it for Tinker's dro: every position
+    trained, old_logp 0 and advantage 0 on the prompt's."""
     g = torch.Generator().manual_seed(21)
-    prompt, actions = [3, 2, 4, 3, 2, 5], [4, 6, 1, 5, 3, 2]
-    rewards = torch.tensor([1.0, 0.0, 0.5, 1.0, 1.0, 0.0], dtype=F64)
-    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    prompt, actions = [3, 2, 4, 3, 2, 5, 2, 3, 1], [4, 6, 1, 5, 3, 2, 3, 2, 4]
+    rewards = torch.tensor([1.0, 0.0, 0.5, 1.0, 1.0, 0.0, 0.5, 0.5, 0.5], dtype=F64)
+    groups = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
     lengths = torch.tensor(prompt) + torch.tensor(actions)
     n = int(lengths.sum())
     target = -torch.rand(n, generator=g, dtype=F64) * 2 - 0.05
@@ -2467,6 +2499,20 @@ def test_tinkers_rl_losses_with_the_cookbooks_advantages(loss_fn: str, cfg: dict
         assert res.metrics["clip_fraction"] == 0 and bool((res.gate_weight[action] == 1).all())
         free = adv[action].abs().sum()
         assert res.metrics["grad_retained"] == pytest.approx(float(res.grad.abs().sum() / free), rel=1e-12)
+        assert bool((res.grad[action & (adv == 0)] != 0).any())  # the equal group: pulled toward old
+    # the whole datum: Tinker's documented sum over every position, the prompt's included
+    want = _tinker_loss(loss_fn, x, sampling, adv, cfg)
+    (grad,) = torch.autograd.grad(want, x)
+    whole = Batch(
+        logp=target,
+        offsets=Batch.offsets_from_lengths(lengths),
+        old_logp=sampling,
+        advantages=adv,
+        advantage_level="token",
+    )
+    res = E.loss(whole, config)
+    assert res.loss == pytest.approx(float(want.detach()), rel=1e-13)
+    torch.testing.assert_close(res.grad, grad, rtol=1e-12, atol=1e-15)
 
 
 def test_dro_refuses_a_negative_or_non_finite_coef() -> None:

@@ -18,8 +18,10 @@ from softgate.engine import (
     AdvantageConfig,
     Batch,
     Cispo,
+    Dro,
     Engine,
     Grpo,
+    Gspo,
     KlCov,
     LossConfig,
     LossResult,
@@ -1203,7 +1205,7 @@ def _series(tel: PrometheusTelemetry, run: str, prefix: str) -> set[tuple[str, s
 
 
 def test_objectives_without_a_clip_record_no_clip_fraction() -> None:
-    """SAPO and REINFORCE have no clip: their clip_low = clip_high = 0 stand for "not
+    """SAPO, REINFORCE and DRO have no clip: their clip_low = clip_high = 0 stand for "not
     applicable", and recorded as 0 they halved a GRPO run's clip fraction on the dashboard
     (summed over runs by sign). Likewise a dual-clip share is recorded only where the objective
     has a dual clip. Their gate saturation is a real 0 or more, and stays. KL-Cov has no eps
@@ -1217,24 +1219,31 @@ def test_objectives_without_a_clip_record_no_clip_fraction() -> None:
         "reinforce": LossConfig(objective=Reinforce()),
         "grpo": LossConfig(objective=Grpo()),
         "dual": LossConfig(objective=Grpo(dual_clip=3.0)),
+        "gspo_dual": LossConfig(objective=Gspo(dual_clip=1.1)),
         "cispo": LossConfig(objective=Cispo()),
         "kl_cov": LossConfig(objective=KlCov(fraction=0.5)),
+        "dro": LossConfig(objective=Dro()),
     }
-    # (sapo_seq: one advantage per sequence)
+    # (sapo_seq, gspo: one advantage per sequence)
     adv = torch.tensor([1.0, -1.0], dtype=torch.float64)
     b_seq = dataclasses.replace(
         b, offsets=torch.tensor([0, 2, 4]), advantages=adv, advantage_level="sequence"
     )
     for run, cfg in configs.items():
-        tel.observe_loss(run, cfg, e.loss(b_seq if run == "sapo_seq" else b, cfg))
+        tel.observe_loss(run, cfg, e.loss(b_seq if run in ("sapo_seq", "gspo_dual") else b, cfg))
     clip = ("softgate_clipped_tokens_total", "softgate_batch_clip_fraction_count")
     dual = ("softgate_dual_clipped_tokens_total", "softgate_batch_dual_clip_fraction_count")
     for run in configs:
         got = {n for n, _, _ in _series(tel, run, "softgate_")}
         assert "softgate_gate_saturated_tokens_total" in got and "softgate_batch_gate_saturation_count" in got
-        assert all((n in got) == (run not in ("sapo", "sapo_seq", "reinforce")) for n in clip), (run, got)
-        assert all((n in got) == (run == "dual") for n in dual), (run, got)
+        assert all((n in got) == (run not in ("sapo", "sapo_seq", "reinforce", "dro")) for n in clip), (
+            run,
+            got,
+        )
+        assert all((n in got) == (run in ("dual", "gspo_dual")) for n in dual), (run, got)
     assert _value(tel, "softgate_dual_clipped_tokens_total", run="dual") == 1
+    # gspo's second sequence (A < 0): s = sqrt(0.5 * 4) = 1.41 > 1.1, both its tokens dual-clipped
+    assert _value(tel, "softgate_dual_clipped_tokens_total", run="gspo_dual") == 2
     assert _value(tel, "softgate_clipped_tokens_total", run="grpo", sign="pos") == 1
     kl_cov = [_value(tel, "softgate_clipped_tokens_total", run="kl_cov", sign=s) for s in ("pos", "neg")]
     assert sum(kl_cov) == 2  # (two of the four tokens penalised)

@@ -33,8 +33,8 @@ def avg(metric: str, by: str, extra: str = "") -> str:
 def share(counter: str, by: str, tokens: str = "", ignoring: str = "") -> str:
     """Share of trained tokens over the rate interval: the rate of `counter` over that of
     softgate_loss_tokens_total (`tokens` narrows it), of the series that have `counter` only
-    (`ignoring` the labels it lacks): an objective without the quantity exports none (SAPO and
-    REINFORCE no clip counters), and its tokens are left out instead of counting as unclipped."""
+    (`ignoring` the labels it lacks): an objective without the quantity exports none (SAPO,
+    REINFORCE and DRO no clip counters), and its tokens are left out instead of counting as unclipped."""
     sel = "{" + R + (", " + tokens if tokens else "") + "}"
     match = f" ignoring ({ignoring})" if ignoring else ""
     return (
@@ -168,7 +168,7 @@ def build() -> dict[str, Any]:
             unit="percentunit",
             minmax=(0, None),  # GPPO and CISPO go above 1
             description="Mean gate weight w per sign: SAPO 4p(1-p), hard clips 1 unclipped / 0 clipped "
-            "(Clip-Cov's drawn tokens 0; KL-Cov 1 everywhere). "
+            "(Clip-Cov's drawn tokens 0; KL-Cov and DRO 1 everywhere). "
             f"{PER_BATCH} GPPO's clipped A<0 tokens and CISPO's tokens of either sign below 1-eps_low "
             "(eps_low below 1) carry bound / r, above 1: GPPO's show in clip_low. " + CISPO_CLIP,
         )
@@ -206,13 +206,14 @@ def build() -> dict[str, Any]:
             12,
             y,
             unit="percentunit",
-            minmax=(0, None),  # GPPO, CISPO and KL-Cov go above 1
+            minmax=(0, None),  # GPPO, CISPO, KL-Cov and DRO go above 1
             description="sum|c| / sum|c without trust region|: 1 = nothing suppressed. Comparable across "
             f"SAPO, GRPO, GSPO, GMPO, DPPO and Clip-Cov. {PER_BATCH} GPPO's clipped A<0 tokens and CISPO's tokens "
             "of either sign below 1-eps_low (eps_low below 1) keep their gradient scaled by bound / r > 1, so "
             "theirs can exceed 1: GPPO's clipping shows in clip_low. KL-Cov scales no gradient but adds its "
             "penalty's on the tokens it penalises, so its value can pass 1, or fall below it where the "
-            "penalty pulls against -r A. " + CISPO_CLIP,
+            "penalty pulls against -r A; DRO's quadratic penalty likewise, and its value falls toward 0 as "
+            "logp - old nears A / coef, where its penalty cancels the policy gradient. " + CISPO_CLIP,
         )
     )
     y += 8

@@ -318,8 +318,8 @@ def _compute_loss(
                 FieldViolation(
                     "logp" if idx is not None else "batch",  # the token, or the batch as a whole
                     f"overflow: {where} not finite in {str(dt).replace('torch.', '')}; advantages, "
-                    "rewards, normalisers, temperatures, log-ratios or mismatch weights are too large in "
-                    "magnitude",
+                    "rewards, normalisers, temperatures, penalty coefficients, log-ratios or mismatch weights "
+                    "are too large in magnitude",
                     idx,
                 )
             ]

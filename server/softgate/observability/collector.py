@@ -43,7 +43,7 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "softgate_clipped_tokens_total": (
         "Tokens past their sign's clip bound: sign=pos A>0 with r>1+eps_high, sign=neg A<0 with "
         "r<1-eps_low (GMPO: exp(eps_high), exp(-eps_low); DPPO: its divergence bound; Clip-Cov: its drawn "
-        "tokens too; KL-Cov: its penalised tokens; not SAPO or REINFORCE). CISPO's A>0 tokens below "
+        "tokens too; KL-Cov: its penalised tokens; not SAPO, REINFORCE or DRO). CISPO's A>0 tokens below "
         "1-eps_low and A<0 tokens above 1+eps_high are in neither (ComputeLoss's clip_fraction has them).",
         ROS,
     ),
@@ -98,7 +98,7 @@ SUMMARIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "softgate_batch_clip_fraction": (
         "Per batch: share of the sign's tokens clipped, sign=pos clip_high (A>0, r>1+eps_high), sign=neg "
         "clip_low (A<0, r<1-eps_low; GMPO's bounds exp(eps_high), exp(-eps_low); DPPO: its divergence "
-        "bound; Clip-Cov: its drawn tokens too; KL-Cov: its penalised tokens); not SAPO or REINFORCE. "
+        "bound; Clip-Cov: its drawn tokens too; KL-Cov: its penalised tokens); not SAPO, REINFORCE or DRO. "
         "CISPO's A>0 tokens below 1-eps_low "
         "and A<0 tokens above 1+eps_high are in neither (ComputeLoss's clip_fraction has them).",
         ROS,
@@ -119,7 +119,8 @@ SUMMARIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "softgate_batch_grad_retained": (
         "Per batch: sum|grad| / sum|grad without trust region| (above 1 where GPPO keeps a clipped A<0 "
         "token's gradient at bound / r, or CISPO raises the weight of a token of either sign below 1-eps_low; "
-        "KL-Cov's, whose penalty adds to the gradient, can pass 1).",
+        "KL-Cov's and DRO's, whose penalty adds to the gradient, can pass 1; DRO's falls toward 0 as logp - old "
+        "approaches A / coef, its penalty's fixed point).",
         RO,
     ),
     "softgate_batch_degenerate_group_fraction": (
