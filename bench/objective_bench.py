@@ -1,8 +1,9 @@
 """Each objective's cost in process, on the CPU: the compiled engine as `softgate serve` calls it
 for a request that wants the gradient alone (ratio and gate for a 32K-token sample), on one
 batch of per-sequence advantages, every objective at its defaults, GRPO with a k3, k3_is or k3_is_seq KL
-term, and GRPO with a token-level TIS or seq_mask (seq-mask-tis) mismatch correction (the same
-batch with rollout log-probs). It runs under the process's allocator (bench/engine_bench.py
+term, GRPO with a token-level TIS or seq_mask (seq-mask-tis) mismatch correction (the same
+batch with rollout log-probs), and GRPO with off-policy sequence masking (OPSM) and GSPO with a
+dual clip. It runs under the process's allocator (bench/engine_bench.py
 preloads tcmalloc, as the service ships; `LD_PRELOAD=libtcmalloc_minimal.so.4` for the same
 here).
 
@@ -22,12 +23,12 @@ import statistics
 import time
 
 import torch
-from softgate.engine import OBJECTIVES, Batch, Engine, Grpo, KLConfig, LossConfig, MismatchConfig
+from softgate.engine import OBJECTIVES, Batch, Engine, Grpo, Gspo, KLConfig, LossConfig, MismatchConfig
 
 
 def configs() -> dict[str, LossConfig]:
     """Every objective at its defaults, then GRPO with each importance-weighted or plain k3, and
-    with each mismatch mode that weighs tokens by their own ratio."""
+    with each mismatch mode that weighs tokens by their own ratio; OPSM, and a GSPO dual clip."""
     out = {name: LossConfig(objective=cls()) for name, cls in OBJECTIVES.items()}
     for est in ("k3", "k3_is", "k3_is_seq"):
         out[f"grpo + {est}"] = LossConfig(objective=Grpo(), kl=KLConfig(est, 0.01))
@@ -35,6 +36,8 @@ def configs() -> dict[str, LossConfig]:
         out[f"grpo + {mode}"] = LossConfig(
             objective=Grpo(), mismatch=MismatchConfig(mode=mode, lo=0.998, hi=1.002)
         )
+    out["grpo + opsm"] = LossConfig(objective=Grpo(), off_policy_mask_threshold=0.0)
+    out["gspo + dual_clip"] = LossConfig(objective=Gspo(dual_clip=1.0005))
     return out
 
 
