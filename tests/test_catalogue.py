@@ -3,6 +3,8 @@ server's limits and the engine's config say."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from softgate.engine import config as c
 from softgate.grpc import catalogue
 from softgate.grpc.codec import Limits
@@ -34,13 +36,19 @@ def test_a_choice_parameter_names_its_default_choice() -> None:
 
 
 def test_the_loss_level_parameters_are_listed_with_their_defaults() -> None:
-    """log_ratio_clamp and saturation_threshold, with LossConfig's defaults."""
+    """log_ratio_clamp and saturation_threshold, with LossConfig's defaults, and
+    off_policy_mask_threshold, off by default (no default value); every LossConfig field that
+    is a number."""
     r = catalogue.build(Limits(), 1 << 20)
-    got = {p.name: p.default_value for p in r.loss_parameters}
+    got = {p.name: (p.default_value if p.HasField("default_value") else None) for p in r.loss_parameters}
     assert got == {
         "log_ratio_clamp": c.LossConfig().log_ratio_clamp,
         "saturation_threshold": c.LossConfig().saturation_threshold,
+        "off_policy_mask_threshold": None,
     }
+    sections = {"objective", "advantages", "aggregation", "kl", "mismatch"}
+    assert set(got) == {f.name for f in dataclasses.fields(c.LossConfig)} - sections
+    assert "OPSM" in next(p.description for p in r.loss_parameters if p.name == "off_policy_mask_threshold")
 
 
 def test_gmpo_says_its_bounds_are_on_the_log_ratio() -> None:

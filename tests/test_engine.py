@@ -1022,32 +1022,41 @@ def test_cispo_ignores_huge_garbage_log_probs_on_masked_tokens() -> None:
     assert res.loss == pytest.approx(-10.0 * (math.exp(0.1) * -1.0 + 1.0 * -1.2), rel=1e-6)
 
 
+@pytest.mark.parametrize("sampler", ["rollout", "old"])
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 @pytest.mark.parametrize("compile", [False, pytest.param(True, marks=needs_compile)])
-def test_dro_and_opsm_ignore_huge_garbage_on_masked_tokens(dtype: torch.dtype, compile: bool) -> None:
-    """dro's penalty reads logp - old, and OPSM's mean q - logp: a masked token's finite garbage
-    (logp -3e38, old and rollout +-3e38, whose differences overflow) must not reach either."""
+def test_dro_and_opsm_ignore_huge_garbage_on_masked_tokens(
+    dtype: torch.dtype, compile: bool, sampler: str
+) -> None:
+    """dro's penalty reads logp - old, and OPSM's mean q - logp (q: rollout_logp when sent,
+    else old_logp) over the sequence's trained tokens: a masked token's finite garbage (logp
+    -3e38, old and rollout +3e38, whose differences overflow float32) must reach neither, and
+    the mean divides by the trained tokens, not all of the sequence's."""
     b = Batch(
         logp=torch.tensor([-1.0, -3.0e38, -1.2, -3.0e38], dtype=dtype),
         offsets=torch.tensor([0, 3, 4]),
-        old_logp=torch.tensor([-1.1, -1.0, -1.0, 3.0e38], dtype=dtype),
-        rollout_logp=torch.tensor([-1.3, -3.0e38, -1.1, -1.0], dtype=dtype),
+        old_logp=torch.tensor([-1.1, 3.0e38, -1.0, 3.0e38], dtype=dtype),
+        rollout_logp=torch.tensor([-1.3, 3.0e38, -1.1, -1.0], dtype=dtype) if sampler == "rollout" else None,
         mask=torch.tensor([True, False, True, False]),
         advantages=torch.tensor([-2.0, 1.0], dtype=dtype),
     )
     eng = Engine(device="cpu", compile="sync") if compile else E
     agg = AggregationConfig(mode="token_sum_norm", constant=1.0)
     cfg = LossConfig(objective=Dro(coef=0.5), aggregation=agg, off_policy_mask_threshold=0.15)
+    # sequence 0 (A < 0): mean(q - logp) over its 2 trained tokens: rollout (-0.3 + 0.1) / 2 =
+    # -0.1, old (-0.1 + 0.2) / 2 = 0.05; over all 3 of its tokens it would be -0.067 / 0.033
+    mean = -0.1 if sampler == "rollout" else 0.05
     res = eng.loss(b, cfg)
     assert res.grad[1].item() == res.grad[3].item() == 0.0
-    # sequence 0 (A < 0): mean(q - logp) over its trained tokens = (-0.3 + 0.1) / 2 = -0.1: kept
     x = torch.tensor([-1.0 + 1.1, -1.2 + 1.0], dtype=F64)
     want = float((2.0 * torch.tensor([-1.0, -1.2], dtype=F64) + 0.25 * x * x).sum())
     assert res.loss == pytest.approx(want, rel=1e-6) and res.metrics["off_policy_masked_frac"] == 0.0
     torch.testing.assert_close(res.grad[[0, 2]].to(F64), 2.0 + 0.5 * x, rtol=1e-6, atol=0)
-    # a threshold below -0.1 drops sequence 0's policy term: its tokens' gradients are 0
-    res = eng.loss(b, dataclasses.replace(cfg, off_policy_mask_threshold=-0.2))
-    assert res.grad.tolist() == [0.0] * 4 and res.metrics["off_policy_masked_frac"] == 1.0
+    # between the two means (5/6 of the trained one): the wrong divisor decides the other way
+    for delta, dropped in ((mean - 0.02, True), (mean + 0.02, False), (mean * 5 / 6, mean > 0)):
+        res = eng.loss(b, dataclasses.replace(cfg, off_policy_mask_threshold=delta))
+        assert res.metrics["off_policy_masked_frac"] == (1.0 if dropped else 0.0), delta
+        assert (res.grad.tolist() == [0.0] * 4) == dropped, delta
 
 
 @pytest.mark.parametrize(

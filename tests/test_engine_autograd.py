@@ -82,10 +82,13 @@ def test_every_combination(objective, agg, kl, mismatch):
 @pytest.mark.parametrize("objective", OBJECTIVE_NAMES)
 def test_off_policy_sequence_masking(objective, mismatch):
     """OPSM against the reference on batches where it drops some tokens and keeps others (the
-    sampler's log-probs: rollout_logp with a mismatch correction, old_logp without)."""
+    sampler's log-probs: rollout_logp with a mismatch correction, old_logp in batches without
+    rollout log-probs)."""
     checked = 0
     for seed in range(60):
         batch = random_batch(seed * 7907 + 5, big_deltas=seed % 2 == 1)
+        if mismatch is None:
+            batch = dataclasses.replace(batch, rollout_logp=None)
         config = make_config(objective, AGG_MODES[seed % 4], "k3", mismatch, variant=seed, opsm=0.05)
         if near_boundary(batch, config):
             continue

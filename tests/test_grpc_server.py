@@ -800,6 +800,12 @@ def test_nan_is_named_with_its_index(stub: pb_grpc.LossServiceStub) -> None:
             pb.LossConfig(objective=pb.Objective(sapo=pb.SapoParams(tau_neg=-1.0))),
             "config.objective.sapo.tau_neg",
         ),
+        (pb.LossConfig(off_policy_mask_threshold=float("nan")), "config.off_policy_mask_threshold"),
+        (
+            pb.LossConfig(objective=pb.Objective(gspo=pb.GspoParams(dual_clip=1.0))),
+            "config.objective.gspo.dual_clip",
+        ),
+        (pb.LossConfig(objective=pb.Objective(dro=pb.DroParams(coef=-0.1))), "config.objective.dro.coef"),
         (
             pb.LossConfig(objective=pb.Objective(grpo=pb.GrpoParams(dual_clip=0.5))),
             "config.objective.grpo.dual_clip",

@@ -8,6 +8,7 @@ import threading
 import time
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import torch
@@ -16,6 +17,8 @@ from softgate.observability import PrometheusTelemetry
 from softgate.settings import Settings
 from softgate.threads import single_threaded_here
 from softgate_client import SoftgateClient
+from softgate_client.proto.softgate.v1 import softgate_pb2 as pb
+from softgate_client.proto.softgate.v1 import softgate_pb2_grpc as pb_grpc
 
 
 class RecordingEngine(Engine):
@@ -86,6 +89,38 @@ def test_advantages_are_sized_by_their_reward_values_not_their_rows(
     names = [name for name, _ in eng.seen]
     assert all(n == "inprocess-grpc" for n in names[4:8]), names  # the rows alone: inline
     assert names[8].startswith("softgate-engine"), names
+
+
+def test_a_malformed_advantages_call_is_sized_by_the_values_it_carries(
+    inprocess_server: Any, monkeypatch: Any
+) -> None:
+    """One reward beside 40,000 group ids (a review: read whole by torch.unique before their
+    length is refused, 0.3 s on the event loop at 8M) runs in the pool, and is refused."""
+    import softgate.grpc.servicer as servicer
+
+    monkeypatch.setattr(servicer, "INLINE_BUDGET_S", 5.0)
+    seen: list[str] = []
+    work = servicer.LossServicer._advantages
+
+    def spy(self: Any, request: Any, cancel: Any) -> Any:
+        seen.append(threading.current_thread().name)
+        return work(self, request, cancel)
+
+    monkeypatch.setattr(servicer.LossServicer, "_advantages", spy)
+    srv = inprocess_server(engine=RecordingEngine())
+    rng = np.random.default_rng(0)
+    with SoftgateClient(f"127.0.0.1:{srv.port}") as c:
+        for _ in range(8):
+            c.advantages(rng.random(64), np.arange(64) // 8)
+    request = pb.ComputeAdvantagesRequest(
+        rewards=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[1], data=bytes(4)),
+        group_ids=pb.Tensor(dtype=pb.DTYPE_INT64, shape=[40000], data=bytes(8 * 40000)),
+    )
+    with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch, pytest.raises(grpc.RpcError) as e:
+        pb_grpc.LossServiceStub(ch).ComputeAdvantages(request, timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "group_ids" in (e.value.details() or "")
+    assert all(n == "inprocess-grpc" for n in seen[4:8]), seen
+    assert seen[8].startswith("softgate-engine"), seen
 
 
 def test_a_new_configuration_never_compiles_on_the_event_loop(

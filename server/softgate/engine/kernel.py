@@ -93,8 +93,8 @@ def kernel_layout(
 
 def kernel_params(config: LossConfig, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
     """Every number token_terms reads, as 0-d tensors: the objective's (objective_params), the
-    log-ratio clamp, the saturation threshold, the KL beta, the mismatch cap or bounds, and
-    the histogram edges (`ratio_edges`, `gate_edges`, 1-d; buckets.bucket_edges). Passed
+    log-ratio clamp, the saturation threshold, the KL beta, OPSM's threshold, the mismatch cap
+    or bounds, and the histogram edges (`ratio_edges`, `gate_edges`, 1-d; buckets.bucket_edges). Passed
     as tensors, no value is baked into a compiled kernel (a float argument was: inductor's
     cache served a kernel compiled for one clamp to a process using another). Shared, read-only
     tensors per configuration. Raises InputError (`out_of_range`, naming the field) for a
@@ -123,7 +123,11 @@ def _kernel_params(config: LossConfig, dtype: torch.dtype, device: torch.device)
     if config.kl is not None:
         vals["beta"] = (config.kl.beta, "kl.beta")
     if config.off_policy_mask_threshold is not None:
-        vals["opsm"] = (config.off_policy_mask_threshold, "off_policy_mask_threshold")
+        # any finite threshold: one past the dtype's range is its largest value, one too small
+        # for it 0 (a mean of q - logp compares the same with either)
+        delta = min(max(config.off_policy_mask_threshold, -big), big)
+        delta = delta if abs(delta) >= torch.finfo(dtype).tiny else 0.0
+        vals["opsm"] = (delta, "off_policy_mask_threshold")
     mm = config.mismatch
     if mm is not None:
         # a bound past the dtype's largest value is that value: an overflowing weight (inf) is
@@ -228,7 +232,7 @@ def token_terms(
     mismatch (level, mode) (None: no correction). `t` holds logp, old, m (the mask, uint8 0 /
     1; absent: every token trained), w (aggregation weight per sequence [B], or 0-d: one for
     all), adv ([N] or [B]), ylen ([B] trained tokens), ids (sequence id per token; only where
-    something is per sequence: adv, w, sratio, lvseq, kls, klc), and as configured sratio ([B],
+    something is per sequence: adv, w, sratio, lvseq, kls, klc, okl), and as configured sratio ([B],
     gspo, gmpo), sel (clip_cov, kl_cov: the covariance selection, uint8 0 / 1 like m), ref
     (KL), wkl (the KL term's own aggregation weight, like w; absent: w), rollout or lvseq
     (mismatch, token or sequence level; seq_mask both, lvseq its [B] mean log-weight), kls and

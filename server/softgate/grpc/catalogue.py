@@ -53,6 +53,8 @@ PARAM_HELP: dict[str, str] = {
     "floor": "weights below it raised to it (truncate mode), >= 0 and < cap; 0: none",
     "log_ratio_clamp": "bound on |logp - old_logp| before exponentiation, in (0, 80]",
     "saturation_threshold": "gate weight below which a token counts as saturated, in (0, 1]",
+    "off_policy_mask_threshold": "OPSM: A < 0 tokens of a sequence whose mean (sampler - current log-prob) "
+    "exceeds it lose their policy term; unset: off",
 }
 
 ESTIMATOR_HELP = {
@@ -164,7 +166,7 @@ def build(limits: Limits, max_message_bytes: int) -> pb.ListAlgorithmsResponse:
     r.loss_parameters.extend(
         _param(c.LossConfig, f)
         for f in dataclasses.fields(c.LossConfig)
-        if f.name in ("log_ratio_clamp", "saturation_threshold")
+        if f.name in ("log_ratio_clamp", "saturation_threshold", "off_policy_mask_threshold")
     )
     for name, desc in METRIC_NAMES.items():
         r.metrics.add(name=name, description=desc)

@@ -471,6 +471,12 @@ def claimed_rows(t: pb.Tensor) -> int:
     return max(int(t.shape[0]), 0) if len(t.shape) > 1 else claimed_elements(t)
 
 
+def stored_elements(t: pb.Tensor) -> int:
+    """The elements a tensor's bytes hold, whatever its shape claims (0 for an unknown dtype)."""
+    itemsize = _ITEMSIZE.get(t.dtype)
+    return len(t.data) // itemsize if itemsize else 0
+
+
 def claimed_elements(t: pb.Tensor) -> int:
     """Best-effort element count for accounting and limits (0 if malformed)."""
     itemsize = _ITEMSIZE.get(t.dtype)

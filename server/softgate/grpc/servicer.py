@@ -486,10 +486,11 @@ class LossServicer(pb_grpc.LossServiceServicer):
             call.sequences = codec.claimed_rows(msg.rewards)
             call.bytes_in = msg.ByteSize()
             self._start(call)
-            # sized by its reward values, not its rows: [B, K] rewards are K times the work of B
-            config, result, resp = await self._run(
-                call, lambda cancel: self._advantages(msg, cancel), codec.claimed_elements(msg.rewards)
-            )
+            # sized by the values its tensors hold, not the rows claimed: [B, K] rewards are K
+            # times the work of B, and group ids (or token counts) longer than the rewards are
+            # read whole (torch.unique) before their length is refused
+            size = max(codec.stored_elements(x) for x in (msg.rewards, msg.group_ids, msg.token_counts))
+            config, result, resp = await self._run(call, lambda cancel: self._advantages(msg, cancel), size)
             call.observed = ("observe_advantages", config, result)
             call.bytes_out = resp.ByteSize()
             return resp
