@@ -2430,6 +2430,19 @@ def test_off_policy_mask_threshold_must_be_finite() -> None:
         assert "off_policy_mask_threshold: out_of_range" in str(e.value) and "not a finite number" in str(
             e.value
         )
+    # any finite threshold, also past float32's range or below its smallest normal (one sequence
+    # with A < 0 and mean(old - logp) > 0 over its tokens)
+    b = Batch(
+        logp=torch.tensor([-1.0, -1.2]),
+        offsets=torch.tensor([0, 2]),
+        old_logp=torch.tensor([-1.1, -1.0]),
+        advantages=torch.tensor([-1.0]),
+    )
+    for delta, dropped in ((1e39, 0.0), (-1e39, 1.0), (1e-50, 1.0), (-1e300, 1.0)):
+        assert (
+            E.loss(b, LossConfig(off_policy_mask_threshold=delta)).metrics["off_policy_masked_frac"]
+            == dropped
+        )
 
 
 def _tinker_loss(
