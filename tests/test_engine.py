@@ -48,6 +48,7 @@ from softgate.engine import (
     KLConfig,
     KlCov,
     LossConfig,
+    LossResult,
     MismatchConfig,
     Reinforce,
     Sapo,
@@ -2496,24 +2497,28 @@ def test_tinkers_rl_losses_with_the_cookbooks_advantages(loss_fn: str, cfg: dict
     traj_adv = torch.cat([(r - r.mean()) * 3 / 2 for r in rewards.split(3)])
     adv = torch.where(action, traj_adv.repeat_interleave(lengths), 0.0)
     x = target.clone().requires_grad_(True)
-    want = _tinker_loss(loss_fn, x[action], sampling[action], adv[action], cfg)
-    (grad,) = torch.autograd.grad(want, x)
-    batch = Batch(
-        logp=target,
-        offsets=Batch.offsets_from_lengths(lengths),
-        old_logp=sampling,
-        mask=action,
-        rewards=rewards,
-        group_ids=groups,
-    )
     config = LossConfig(
         objective=objective,
         advantages=AdvantageConfig(estimator="rloo"),
         aggregation=AggregationConfig(mode="token_sum_norm", constant=1.0),
     )
-    res = E.loss(batch, config)
-    assert res.loss == pytest.approx(float(want.detach()), rel=1e-13)
-    torch.testing.assert_close(res.grad, grad, rtol=1e-12, atol=1e-15)
+
+    def agrees(summed: Tensor | slice, batch: Batch) -> LossResult:
+        """softgate's result for `batch`, once its loss and gradient are Tinker's summed over `summed`."""
+        want = _tinker_loss(loss_fn, x[summed], sampling[summed], adv[summed], cfg)
+        (grad,) = torch.autograd.grad(want, x)
+        res = E.loss(batch, config)
+        assert res.loss == pytest.approx(float(want.detach()), rel=1e-13)
+        torch.testing.assert_close(res.grad, grad, rtol=1e-12, atol=1e-15)
+        return res
+
+    offsets = Batch.offsets_from_lengths(lengths)
+    res = agrees(
+        action,
+        Batch(
+            logp=target, offsets=offsets, old_logp=sampling, mask=action, rewards=rewards, group_ids=groups
+        ),
+    )
     torch.testing.assert_close(res.advantages[action], adv[action])
     if loss_fn == "ppo":  # (the clip acts somewhere: not the importance-sampling loss)
         assert res.metrics["clip_fraction"] > 0
@@ -2523,18 +2528,10 @@ def test_tinkers_rl_losses_with_the_cookbooks_advantages(loss_fn: str, cfg: dict
         assert res.metrics["grad_retained"] == pytest.approx(float(res.grad.abs().sum() / free), rel=1e-12)
         assert bool((res.grad[action & (adv == 0)] != 0).any())  # the equal group: pulled toward old
     # the whole datum: Tinker's documented sum over every position, the prompt's included
-    want = _tinker_loss(loss_fn, x, sampling, adv, cfg)
-    (grad,) = torch.autograd.grad(want, x)
-    whole = Batch(
-        logp=target,
-        offsets=Batch.offsets_from_lengths(lengths),
-        old_logp=sampling,
-        advantages=adv,
-        advantage_level="token",
+    agrees(
+        slice(None),
+        Batch(logp=target, offsets=offsets, old_logp=sampling, advantages=adv, advantage_level="token"),
     )
-    res = E.loss(whole, config)
-    assert res.loss == pytest.approx(float(want.detach()), rel=1e-13)
-    torch.testing.assert_close(res.grad, grad, rtol=1e-12, atol=1e-15)
 
 
 def test_dro_refuses_a_negative_or_non_finite_coef() -> None:
