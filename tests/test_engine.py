@@ -1591,10 +1591,14 @@ def test_compiled_kernel_with_off_policy_masking_matches_eager(name):
 @pytest.mark.parametrize("compile", [False, True])
 def test_cuda_matches_cpu(compile):
     ec = Engine(device="cuda", compile=compile, host_max_tokens=0)  # small batches too on the GPU
-    for name in OBJECTIVE_NAMES:
+    for i, name in enumerate(OBJECTIVE_NAMES):
         b = random_batch(31, max_seqs=10, max_len=20)
-        cfg = make_config(name, "seq_mean_token_mean", "k3", ("sequence", "mask"), variant=1)
+        # every other objective with OPSM (its per-sequence mean gathered on the device; -0.15
+        # drops about a fifth of this batch's tokens)
+        opsm = -0.15 if i % 2 else None
+        cfg = make_config(name, "seq_mean_token_mean", "k3", ("sequence", "mask"), variant=1, opsm=opsm)
         r_cpu = E.loss(b, cfg)
+        assert opsm is None or r_cpu.metrics["off_policy_masked_frac"] > 0
         r_gpu = ec.loss(b, cfg)
         assert r_gpu.grad.device.type == "cuda"
         assert r_gpu.loss == pytest.approx(r_cpu.loss, rel=1e-10, abs=1e-12)
