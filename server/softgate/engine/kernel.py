@@ -114,7 +114,12 @@ def _kernel_params(config: LossConfig, dtype: torch.dtype, device: torch.device)
     # an infinite bound means no clip (1e300 is how a caller asks for none)
     big = torch.finfo(dtype).max
     vals = objective_params(config.objective)
-    for k in ("lo", "hi", "dual", "trunc"):
+    if config.off_policy_mask_threshold is not None:
+        # any finite threshold: one too small for the dtype as 0 (a mean of q - logp compares
+        # the same), one past its range as its largest value (below)
+        delta = config.off_policy_mask_threshold
+        vals["opsm"] = (delta if abs(delta) >= torch.finfo(dtype).tiny else 0.0, "off_policy_mask_threshold")
+    for k in ("lo", "hi", "dual", "trunc", "opsm"):
         if k in vals:
             vals[k] = (min(max(vals[k][0], -big), big), vals[k][1])
     vals["clamp"] = (config.log_ratio_clamp, "log_ratio_clamp")
@@ -122,12 +127,6 @@ def _kernel_params(config: LossConfig, dtype: torch.dtype, device: torch.device)
     vals["logp_tol"] = (LOGP_TOLERANCE, "logp_tol")
     if config.kl is not None:
         vals["beta"] = (config.kl.beta, "kl.beta")
-    if config.off_policy_mask_threshold is not None:
-        # any finite threshold: one past the dtype's range is its largest value, one too small
-        # for it 0 (a mean of q - logp compares the same with either)
-        delta = min(max(config.off_policy_mask_threshold, -big), big)
-        delta = delta if abs(delta) >= torch.finfo(dtype).tiny else 0.0
-        vals["opsm"] = (delta, "off_policy_mask_threshold")
     mm = config.mismatch
     if mm is not None:
         # a bound past the dtype's largest value is that value: an overflowing weight (inf) is

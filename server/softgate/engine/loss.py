@@ -183,7 +183,7 @@ def _compute_loss(
     # ---- sequence-level pieces
     seq_ratio = isinstance(obj, (Gspo, GspoToken, SapoSeq, CispoSeq))
     if seq_ratio:
-        logs = seg.sum(torch.where(m, logp - old, torch.zeros_like(logp))) / ylen.clamp(min=1).to(dt)
+        logs = seg.mean(torch.where(m, logp - old, torch.zeros_like(logp)), ylen)
         t["sratio"] = torch.exp(logs.clamp(-clamp, clamp))
         t["sclamped"] = logs.abs() > clamp
     elif isinstance(obj, Gmpo):
@@ -199,7 +199,7 @@ def _compute_loss(
         d = torch.clamp(logp - old, below, above)
         if batch.mask is not None:
             d = torch.where(m, d, torch.zeros_like(d))
-        t["sratio"] = torch.exp(seg.sum(d) / ylen.clamp(min=1).to(dt))
+        t["sratio"] = torch.exp(seg.mean(d, ylen))
     mm = config.mismatch
     if mm is not None:
         assert batch.rollout_logp is not None
@@ -219,8 +219,7 @@ def _compute_loss(
 
     if config.off_policy_mask_threshold is not None:  # OPSM: each sequence's mean KL from the sampler
         sampler = old if batch.rollout_logp is None else _cast(batch.rollout_logp, dt)
-        okl = seg.sum(torch.where(m, sampler - logp, torch.zeros_like(logp)))
-        t["okl"] = okl / ylen.clamp(min=1).to(dt)
+        t["okl"] = seg.mean(torch.where(m, sampler - logp, torch.zeros_like(logp)), ylen)
 
     prm = kernel_params(config, dt, dev)
     if isinstance(obj, (ClipCov, KlCov)):  # the tokens they clip or penalise (covariance.py)

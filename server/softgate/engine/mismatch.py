@@ -23,8 +23,7 @@ def sequence_log_weights(lv_raw: Tensor, seg: Segments, trained: Tensor, mean: b
     """Per sequence ([B]) from lv_raw = old - rollout (0 on masked tokens): the masked sum (log v
     at sequence level), or with `mean` the masked mean over its `trained` tokens (seq_mask's
     filter; 0 for a sequence without any)."""
-    s = seg.sum(lv_raw)
-    return s / trained.clamp(min=1).to(lv_raw.dtype) if mean else s
+    return seg.mean(lv_raw, trained) if mean else seg.sum(lv_raw)
 
 
 def mismatch_weights(

@@ -60,6 +60,11 @@ class Segments:
             return torch.from_numpy(_reduceat(x.detach().contiguous().numpy(), self.offsets.numpy()))
         return torch.zeros(self.num_seqs, dtype=x.dtype, device=x.device).index_add_(0, self.ids, x)
 
+    def mean(self, x: Tensor, trained: Tensor) -> Tensor:
+        """Per-sequence mean of a per-token tensor over each sequence's `trained` tokens ([N] ->
+        [B]; `x` 0 on the others); 0 for a sequence without any."""
+        return self.sum(x) / trained.clamp(min=1).to(x.dtype)
+
     def count(self, m: Tensor) -> Tensor:
         """Per-sequence number of True values of a bool tensor ([N] -> [B], int64), exact."""
         if self.num_tokens == 0:
