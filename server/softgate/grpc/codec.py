@@ -479,12 +479,9 @@ def stored_elements(t: pb.Tensor) -> int:
 
 def claimed_elements(t: pb.Tensor) -> int:
     """Best-effort element count for accounting and limits (0 if malformed)."""
-    itemsize = _ITEMSIZE.get(t.dtype)
-    if not itemsize:
-        return 0
-    if len(t.shape) == 1:
+    if len(t.shape) == 1 and t.dtype in _ITEMSIZE:
         return max(int(t.shape[0]), 0)
-    return len(t.data) // itemsize
+    return stored_elements(t)
 
 
 # ---------------------------------------------------------------- batches
