@@ -22,9 +22,11 @@ from softgate.engine import (
     Engine,
     Grpo,
     Gspo,
+    KLConfig,
     KlCov,
     LossConfig,
     LossResult,
+    MismatchConfig,
     Reinforce,
     Sapo,
     SapoSeq,
@@ -74,7 +76,15 @@ def _value(tel: PrometheusTelemetry, name: str, **labels: str) -> float | None:
     return None
 
 
-def _engine_result(n_seqs: int = 32, length: int = 64, seed: int = 0, config: LossConfig | None = None):
+def _engine_result(
+    n_seqs: int = 32,
+    length: int = 64,
+    seed: int = 0,
+    config: LossConfig | None = None,
+    corrections: bool = False,
+):
+    """A loss result of random data; `corrections`: the batch has reference and sampler
+    log-probs too (for a KL term, a mismatch correction and off-policy masking)."""
     g = torch.Generator().manual_seed(seed)
     n = n_seqs * length
     logp = -torch.rand(n, generator=g) * 3
@@ -89,6 +99,13 @@ def _engine_result(n_seqs: int = 32, length: int = 64, seed: int = 0, config: Lo
         rewards=rewards,
         group_ids=torch.arange(n_seqs) // 4,
     )
+    if corrections:  # a sampler half the sequences of which are far off (mean q - logp ~ 0.5)
+        far = (torch.arange(n) // length % 2 == 0).to(logp.dtype) * 0.5
+        batch = dataclasses.replace(
+            batch,
+            ref_logp=(logp + torch.randn(n, generator=g) * 0.2).clamp(max=0.0),
+            rollout_logp=(old + far + torch.randn(n, generator=g) * 0.3).clamp(max=0.0),
+        )
     config = config or LossConfig(objective=Sapo())
     return config, Engine(device="cpu", compile=False).loss(batch, config)
 
@@ -644,6 +661,54 @@ def test_per_batch_statistics_are_exported_without_buckets() -> None:
     )
 
 
+CORRECTIONS = LossConfig(
+    objective=Grpo(),
+    kl=KLConfig("k3", beta=0.1),
+    mismatch=MismatchConfig(mode="mask", lo=0.7, hi=1.3),
+    off_policy_mask_threshold=0.2,
+)
+CORRECTION_SERIES = {
+    "softgate_mismatch_clipped_tokens_total": ("mismatch_clipped_frac", "count"),
+    "softgate_off_policy_masked_tokens_total": ("off_policy_masked_frac", "count"),
+    "softgate_batch_kl_mean_sum": ("kl_mean", "value"),
+    "softgate_batch_mismatch_weight_mean_sum": ("mismatch_weight_mean", "value"),
+}
+
+
+def test_off_policy_corrections_are_exported_for_the_batches_that_have_them() -> None:
+    """A KL term, a mismatch correction and off-policy masking each export what they did (the
+    tokens they changed as counters, their mean weight and KL as per-batch summaries) and show
+    in the run's windows; a batch without them exports none of those series, so its neutral
+    0 / 1 never dilutes the others'."""
+    tel = PrometheusTelemetry(S())
+    config, res = _engine_result(config=CORRECTIONS, corrections=True)
+    m, n_tok = res.metrics, res.metrics["num_tokens"]
+    assert 0 < m["mismatch_clipped_frac"] < 1 and 0 < m["off_policy_masked_frac"] < 1 and m["kl_mean"] > 0
+    assert m["mismatch_weight_mean"] != 1.0
+    tel.observe_loss("r", config, res)
+    for name, (key, kind) in CORRECTION_SERIES.items():
+        want = round(m[key] * n_tok) if kind == "count" else m[key]
+        assert _value(tel, name, run="r", objective="grpo") == pytest.approx(want), name
+    assert _value(tel, "softgate_batch_kl_mean_count", run="r", objective="grpo") == 1
+    summary = tel.run_summary("r")
+    assert summary is not None
+    window = summary["windows"]["last_10_batches"]
+    for key in ("kl_mean", "mismatch_weight_mean", "mismatch_clipped_frac", "off_policy_masked_frac"):
+        assert window[key] == pytest.approx(m[key]), key
+
+    # without them: no series, no window keys, whatever the engine's neutral values
+    plain = PrometheusTelemetry(S())
+    config, res = _engine_result(config=LossConfig(objective=Grpo()), corrections=True)
+    plain.observe_loss("p", config, res)
+    names = {n for n, lab, _ in _samples(plain) if lab.get("run") == "p"}
+    assert not names & {*CORRECTION_SERIES, "softgate_batch_kl_mean_count"}
+    summary = plain.run_summary("p")
+    assert summary is not None
+    assert not {"kl_mean", "mismatch_weight_mean", "off_policy_masked_frac"} & set(
+        summary["windows"]["last_10_batches"]
+    )
+
+
 def test_the_series_of_a_run_are_as_documented() -> None:
     """docs/observability.md ("Run label") says how many series one (run, objective) exports
     and how many more the run itself: a batch with every sign, clip and gauge, and a
@@ -669,6 +734,24 @@ def test_the_series_of_a_run_are_as_documented() -> None:
     samples = [(n, lab) for n, lab, _ in _samples(tel) if lab.get("run") == "r"]
     assert len([1 for _, lab in samples if "objective" in lab]) == per_objective
     assert len([1 for _, lab in samples if "objective" not in lab]) == per_run
+
+    m = re.search(
+        r"A KL term adds (\d+) series, a mismatch\s+correction (\d+) and off-policy sequence masking (\d+)",
+        doc,
+    )
+    assert m, "docs/observability.md no longer states the series of the corrections"
+    for extra, part in zip(
+        map(int, m.groups()),
+        (dict(kl=KLConfig()), dict(mismatch=MismatchConfig()), dict(off_policy_mask_threshold=0.1)),
+        strict=True,
+    ):
+        tel = PrometheusTelemetry(S())
+        config, res = _engine_result(
+            config=LossConfig(objective=Grpo(dual_clip=3.0), **part), corrections=True
+        )
+        tel.observe_loss("r", config, res)
+        got = [1 for _, lab, _ in _samples(tel) if lab.get("run") == "r" and "objective" in lab]
+        assert len(got) == per_objective + extra, part
 
 
 def test_engine_configurations_are_read_at_scrape_time() -> None:

@@ -50,7 +50,8 @@ def _prometheus() -> str:
 
 class Traffic:
     """A trainer: sends loss batches to the running server over gRPC (tagged with the run
-    name) until stopped, cycling SAPO, GRPO with dual clip and GSPO; every 7th batch
+    name) until stopped, cycling SAPO, GRPO with dual clip and every off-policy correction (a
+    KL term, a mismatch mask, off-policy sequence masking), and GSPO; every 7th batch
     carries a NaN, which the server refuses (INVALID_ARGUMENT, reason non_finite). Beside
     it, a second run (ADV_RUN) only asks for advantages."""
 
@@ -63,12 +64,17 @@ class Traffic:
         self.error: BaseException | None = None
 
     def _loop(self) -> None:
-        from softgate_client import InvalidArgumentError, SoftgateClient
+        from softgate_client import InvalidArgumentError, MismatchConfig, SoftgateClient
 
         rng = np.random.default_rng(0)
+        corrections = {
+            "kl_beta": 0.05,
+            "mismatch": MismatchConfig(mode="mask"),
+            "off_policy_mask_threshold": 0.0,
+        }
         options = [
             {"objective": "sapo"},
-            {"objective": "grpo", "dual_clip": 3.0},
+            {"objective": "grpo", "dual_clip": 3.0, **corrections},
             {"objective": "gspo"},
         ]
         n_seqs, length = 16, 64
@@ -82,6 +88,9 @@ class Traffic:
                     old[:3] = logp[:3] - 25.0  # log-ratio beyond the clamp: counted in clamped_tokens
                     rewards = rng.random(n_seqs).astype(np.float32)
                     rewards[:4] = 1.0  # one degenerate group
+                    # the reference and the sampler: a little and a lot off (some mismatch weights masked)
+                    ref = np.minimum(logp + rng.normal(0, 0.1, n).astype(np.float32), 0.0)
+                    rollout = np.minimum(old + rng.normal(0, 0.5, n).astype(np.float32), 0.0)
                     if i % 7 == 6:
                         logp[5] = np.nan
                     try:
@@ -91,6 +100,8 @@ class Traffic:
                             lengths=np.full(n_seqs, length),
                             rewards=rewards,
                             group_ids=np.arange(n_seqs) // 4,
+                            ref_logp=ref,
+                            rollout_logp=rollout,
                             **options[i % len(options)],
                         )
                         self.batches += 1
@@ -306,6 +317,8 @@ def test_dashboard_queries_return_data_from_a_real_prometheus(stack) -> None:
     last = detail["windows"]["last_100_batches"]
     assert last["batches"] > 0 and set(last["objectives"]) == {"sapo", "grpo", "gspo"}
     assert 0.0 <= last["grad_retained"] <= 1.0 and "gate_saturation_neg" in last
+    assert 0.0 < last["mismatch_clipped_frac"] < 1.0 and 0.0 < last["off_policy_masked_frac"] < 1.0
+    assert last["kl_mean"] > 0.0 and 0.0 < last["mismatch_weight_mean"] < 2.0
 
     # the recording and alerting rules evaluate without errors on real data
     rules = httpx.get(prom.url + "/api/v1/rules", timeout=5).json()

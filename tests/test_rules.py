@@ -20,7 +20,7 @@ from conftest import missing_tool
 from prometheus_client.parser import text_string_to_metric_families
 from softgate.admin import create_app
 from softgate.admin.server import ThreadedAdminServer
-from softgate.engine import Batch, Engine, Grpo, Gspo, LossConfig, Sapo
+from softgate.engine import Batch, Engine, Grpo, Gspo, LossConfig, MismatchConfig, Sapo
 from softgate.observability import PrometheusTelemetry, exported_names
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -220,54 +220,39 @@ def _target(title: str, legend_start: str) -> str:
     return exprs[0].replace("$run", ".*").replace("$__rate_interval", "5m")
 
 
-def test_dashboard_clip_and_saturation_panels_are_shares_of_tokens(tmp_path: Path) -> None:
-    """Found by an audit: "Clip fractions" and "Gate saturation" averaged per-batch fractions,
-    so a GRPO step split into micro-batches of 3 and 1097 tokens read clip_low 0.5 for 2 clipped
-    tokens of 1000, and a SAPO run (no clip, its clip_low 0 = "not applicable") or a GRPO run
-    without dual clip beside it diluted the lines further. promtool evaluates the panels' queries
-    on the series a server exports for such traffic, counted from 0 (one scrape before, one after)."""
+def _batch(ratios: list[float], adv: list[float], v: list[float] | None = None) -> Batch:
+    """One sequence of per-token advantages `adv` and ratios `ratios`; `v`: mismatch weights
+    exp(old - rollout) (no rollout log-probs without)."""
+    old = torch.full((len(ratios),), -3.0, dtype=torch.float64)
+    logp = old + torch.tensor(ratios, dtype=torch.float64).log()
+    a = torch.tensor(adv, dtype=torch.float64)
+    rollout = None if v is None else old - torch.tensor(v, dtype=torch.float64).log()
+    return Batch(logp=logp, old_logp=old, offsets=torch.tensor([0, len(ratios)]), advantages=a,
+                 advantage_level="token", rollout_logp=rollout)  # fmt: skip
+
+
+def _sample(label: str, value: float) -> dict[str, object]:
+    return {"labels": "{" + label + "}", "value": value}
+
+
+def _check_panels(
+    tmp_path: Path,
+    batches: list[tuple[str, LossConfig, Batch]],
+    checks: list[tuple[str, list[dict[str, object]]]],
+) -> None:
+    """promtool evaluates dashboard expressions `checks` on the series a server exports after
+    `batches` (run, config, batch), counted from 0 (one scrape before, one after)."""
     exe = promtool()
     engine = Engine(device="cpu", compile=False)
-
-    def batch(ratios: list[float], adv: list[float]) -> Batch:
-        old = torch.full((len(ratios),), -3.0, dtype=torch.float64)
-        logp = old + torch.tensor(ratios, dtype=torch.float64).log()
-        a = torch.tensor(adv, dtype=torch.float64)
-        return Batch(logp=logp, old_logp=old, offsets=torch.tensor([0, len(ratios)]), advantages=a,
-                     advantage_level="token")  # fmt: skip
-
-    grpo, dual, sapo = (LossConfig(objective=o) for o in (Grpo(), Grpo(dual_clip=3.0), Sapo()))
     tel = PrometheusTelemetry(None, cpu_sample_tokens=None)
-    for run, cfg, b in (
-        # GRPO, two micro-batches: 2 A<0 tokens clipped low and 1 A>0 clipped high, then 998 A<0
-        # and 99 A>0 tokens none clipped
-        ("g", grpo, batch([0.5, 0.5, 1.5], [-1.0, -1.0, 1.0])),
-        ("g", grpo, batch([1.0] * 1097, [-1.0] * 998 + [1.0] * 99)),
-        # GRPO with dual clip c = 3: 4 A<0 tokens caught by it, then 396 not
-        ("d", dual, batch([4.0] * 4, [-1.0] * 4)),
-        ("d", dual, batch([1.0] * 396, [-1.0] * 396)),
-        # SAPO: 1000 A<0 tokens far from 1 (not saturated at tau 1.05: w = 0.93)
-        ("s", sapo, batch([0.5] * 1000, [-1.0] * 1000)),
-    ):
-        tel.observe_loss(run, cfg, engine.loss(b, cfg))
+    for run_name, cfg, b in batches:
+        tel.observe_loss(run_name, cfg, engine.loss(b, cfg))
     series = []
     for fam in text_string_to_metric_families(tel.exposition().decode()):
         for smp in fam.samples:
             if "run" in smp.labels and smp.name.endswith(("_total", "_sum", "_count")):
                 labels = ", ".join(f'{k}="{v}"' for k, v in {**smp.labels, "job": "softgate"}.items())
                 series.append({"series": f"{smp.name}{{{labels}}}", "values": f"0 {smp.value!r}"})
-
-    def sample(label: str, value: float) -> dict[str, object]:
-        return {"labels": "{" + label + "}", "value": value}
-
-    checks = [
-        # clip_low: 2 of the 1400 A<0 tokens of the clipped objectives (not SAPO's 1000); clip_high: 1 of 100
-        (_target("Clip fractions", "clip "), [sample('sign="neg"', 2 / 1400), sample('sign="pos"', 1 / 100)]),
-        # dual clip: 4 of the 400 A<0 tokens of the run with a dual clip (not g's 1000)
-        (_target("Clip fractions", "dual clip"), [sample('objective="grpo"', 4 / 400)]),
-        # saturated (gate 0 for GRPO's clipped tokens): 2 + 4 of 2400 A<0 tokens, 1 of 100 A>0 (every objective)
-        (_target("Gate saturation by advantage sign", "A "), [sample('sign="neg"', 6 / 2400), sample('sign="pos"', 1 / 100)]),
-    ]  # fmt: skip
     test = {
         "rule_files": [],
         "evaluation_interval": "1m",
@@ -283,3 +268,60 @@ def test_dashboard_clip_and_saturation_panels_are_shares_of_tokens(tmp_path: Pat
     path.write_text(yaml.safe_dump(test))
     p = subprocess.run([exe, "test", "rules", str(path)], capture_output=True, timeout=60, check=False)
     assert p.returncode == 0, p.stdout.decode() + p.stderr.decode()
+
+
+def test_dashboard_clip_and_saturation_panels_are_shares_of_tokens(tmp_path: Path) -> None:
+    """Found by an audit: "Clip fractions" and "Gate saturation" averaged per-batch fractions,
+    so a GRPO step split into micro-batches of 3 and 1097 tokens read clip_low 0.5 for 2 clipped
+    tokens of 1000, and a SAPO run (no clip, its clip_low 0 = "not applicable") or a GRPO run
+    without dual clip beside it diluted the lines further."""
+    grpo, dual, sapo = (LossConfig(objective=o) for o in (Grpo(), Grpo(dual_clip=3.0), Sapo()))
+    batches = [
+        # GRPO, two micro-batches: 2 A<0 tokens clipped low and 1 A>0 clipped high, then 998 A<0
+        # and 99 A>0 tokens none clipped
+        ("g", grpo, _batch([0.5, 0.5, 1.5], [-1.0, -1.0, 1.0])),
+        ("g", grpo, _batch([1.0] * 1097, [-1.0] * 998 + [1.0] * 99)),
+        # GRPO with dual clip c = 3: 4 A<0 tokens caught by it, then 396 not
+        ("d", dual, _batch([4.0] * 4, [-1.0] * 4)),
+        ("d", dual, _batch([1.0] * 396, [-1.0] * 396)),
+        # SAPO: 1000 A<0 tokens far from 1 (not saturated at tau 1.05: w = 0.93)
+        ("s", sapo, _batch([0.5] * 1000, [-1.0] * 1000)),
+    ]
+    checks = [
+        # clip_low: 2 of the 1400 A<0 tokens of the clipped objectives (not SAPO's 1000); clip_high: 1 of 100
+        (_target("Clip fractions", "clip "), [_sample('sign="neg"', 2 / 1400), _sample('sign="pos"', 1 / 100)]),
+        # dual clip: 4 of the 400 A<0 tokens of the run with a dual clip (not g's 1000)
+        (_target("Clip fractions", "dual clip"), [_sample('objective="grpo"', 4 / 400)]),
+        # saturated (gate 0 for GRPO's clipped tokens): 2 + 4 of 2400 A<0 tokens, 1 of 100 A>0 (every objective)
+        (_target("Gate saturation by advantage sign", "A "), [_sample('sign="neg"', 6 / 2400), _sample('sign="pos"', 1 / 100)]),
+    ]  # fmt: skip
+    _check_panels(tmp_path, batches, checks)
+
+
+def test_dashboard_correction_panels_are_shares_of_the_corrected_runs_tokens(tmp_path: Path) -> None:
+    """The mismatch and off-policy masking panels are shares of the trained tokens of the runs
+    that have the correction: a run without one (its engine 0 means "not applicable") beside
+    them leaves them as they are, and micro-batches of uneven size count by their tokens."""
+    masked = LossConfig(objective=Grpo(), mismatch=MismatchConfig(mode="mask", lo=0.5, hi=2.0))
+    opsm = LossConfig(objective=Grpo(), off_policy_mask_threshold=0.5)
+    batches = [
+        # mismatch mask: 2 of 4 tokens' weights outside [0.5, 2], then 96 inside
+        ("m", masked, _batch([1.0] * 4, [1.0, -1.0, 1.0, 1.0], v=[4.0, 0.2, 1.0, 1.0])),
+        ("m", masked, _batch([1.0] * 96, [1.0] * 96, v=[1.0] * 96)),
+        # OPSM at 0.5: a sequence whose mean old - logp is log 4 loses its 3 A<0 tokens' policy
+        # term (not its A>0 token's), then 396 tokens on-policy
+        ("o", opsm, _batch([0.25] * 4, [-1.0, -1.0, -1.0, 1.0])),
+        ("o", opsm, _batch([1.0] * 396, [-1.0] * 396)),
+        # neither: 1000 tokens
+        ("g", LossConfig(objective=Grpo()), _batch([1.0] * 1000, [-1.0] * 1000)),
+    ]
+    checks = [
+        (_target("Train/inference mismatch", "corrected"), [_sample('objective="grpo"', 2 / 100)]),
+        # mean weight, each batch once: (mean(0, 0, 1, 1) + 1) / 2
+        (
+            _target("Train/inference mismatch", "mean weight"),
+            [_sample('objective="grpo"', 0.75)],
+        ),
+        (_target("Off-policy masked tokens", ""), [_sample('objective="grpo"', 3 / 400)]),
+    ]
+    _check_panels(tmp_path, batches, checks)

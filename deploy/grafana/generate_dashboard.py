@@ -291,6 +291,60 @@ def build() -> dict[str, Any]:
         )
     )
     y += 8
+    panels.append(row("Off-policy corrections", y))
+    y += 1
+    panels.append(
+        panel(
+            "Train/inference mismatch",
+            [
+                (avg("softgate_batch_mismatch_weight_mean", "objective"), "mean weight {{objective}}"),
+                (
+                    share("softgate_mismatch_clipped_tokens_total", "objective", ignoring="sign"),
+                    "corrected {{objective}}",
+                ),
+            ],
+            0,
+            y,
+            w=8,
+            minmax=(0, None),
+            description="Runs with a mismatch correction only. Left: mean weight v = exp(old - rollout) as "
+            f"applied, 1 where sampler and trainer agree ({PER_BATCH}). Right: share of trained tokens whose "
+            "v was truncated or masked (seq_mask: the tokens of its dropped sequences). A climbing share means "
+            "the sampler and the trainer compute different probabilities for the same tokens.",
+            overrides=[right_axis("^corrected .*", "percentunit", "corrected tokens")],
+        )
+    )
+    panels.append(
+        panel(
+            "Off-policy masked tokens",
+            [
+                (
+                    share("softgate_off_policy_masked_tokens_total", "objective", ignoring="sign"),
+                    "{{objective}}",
+                )
+            ],
+            8,
+            y,
+            w=8,
+            unit="percentunit",
+            minmax=(0, 1),
+            description="Runs with off_policy_mask_threshold only: share of trained tokens whose policy term "
+            "off-policy sequence masking dropped (A<0 in a sequence whose mean sampler - current log-prob "
+            "is above the threshold), over the interval.",
+        )
+    )
+    panels.append(
+        panel(
+            "KL to the reference",
+            [(avg("softgate_batch_kl_mean", "objective"), "{{objective}}")],
+            16,
+            y,
+            w=8,
+            description="Runs with a KL term only: mean over trained tokens of the KL estimator (before beta) "
+            f"of the reference policy. {PER_BATCH}",
+        )
+    )
+    y += 8
     panels.append(row("Rewards and advantages", y))
     y += 1
     panels.append(

@@ -56,6 +56,17 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
         ROS,
     ),
     "softgate_clamped_tokens_total": ("Tokens whose log-ratio hit the clamp bound.", RO),
+    "softgate_mismatch_clipped_tokens_total": (
+        "Trained tokens whose train/inference mismatch weight v = exp(old - rollout) was clamped to "
+        "[floor, cap] or zeroed outside [lo, hi] (seq_mask: the tokens of the sequences it dropped); "
+        "batches with a mismatch correction only.",
+        RO,
+    ),
+    "softgate_off_policy_masked_tokens_total": (
+        "Trained tokens whose policy term off-policy sequence masking dropped (A<0, their sequence's mean "
+        "of sampler - current log-prob above off_policy_mask_threshold); batches with the threshold only.",
+        RO,
+    ),
     "softgate_advantage_batches_total": ("ComputeAdvantages batches.", ("run",)),
 }
 
@@ -71,6 +82,8 @@ BATCH_SUMMARIES: tuple[tuple[str, str, str | None], ...] = (
     ("softgate_batch_grad_retained", "grad_retained", None),
     ("softgate_batch_approx_kl", "approx_kl", None),
     ("softgate_batch_degenerate_group_fraction", "degenerate_group_fraction", None),
+    ("softgate_batch_kl_mean", "kl_mean", None),
+    ("softgate_batch_mismatch_weight_mean", "mismatch_weight_mean", None),
 )
 
 # The per-token distributions, bucketed on the device (sign pos and neg only: A = 0 tokens
@@ -129,6 +142,16 @@ SUMMARIES: dict[str, tuple[str, tuple[str, ...]]] = {
     ),
     "softgate_batch_approx_kl": (
         "Per batch: approx KL, masked mean of (old - logp); mean = rate(_sum) / rate(_count).",
+        RO,
+    ),
+    "softgate_batch_kl_mean": (
+        "Per batch: mean over trained tokens of the KL penalty's estimator (before beta) of the "
+        "reference policy; batches with a KL term only.",
+        RO,
+    ),
+    "softgate_batch_mismatch_weight_mean": (
+        "Per batch: mean over trained tokens of the train/inference mismatch weight v = exp(old - rollout) "
+        "as applied (after its clamp or mask); batches with a mismatch correction only.",
         RO,
     ),
 }

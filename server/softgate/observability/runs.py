@@ -154,6 +154,10 @@ WINDOW_KEYS = (
     "degenerate_group_fraction",
     "reward_mean",
     "advantage_mean",
+    "kl_mean",
+    "mismatch_weight_mean",
+    "mismatch_clipped_frac",
+    "off_policy_masked_frac",
 )
 
 
@@ -175,6 +179,10 @@ TOKEN_WEIGHTS: dict[str, tuple[str, ...]] = {
     "ratio_mean": _TRAINED,
     "ratio_min": _TRAINED,
     "ratio_max": _TRAINED,
+    "kl_mean": _TRAINED,
+    "mismatch_weight_mean": _TRAINED,
+    "mismatch_clipped_frac": _TRAINED,
+    "off_policy_masked_frac": _TRAINED,
 }
 
 

@@ -450,6 +450,10 @@ class PrometheusTelemetry(Telemetry):
             "reward_std": _f(m, "reward_std"),
             "advantage_mean": _f(m, "advantage_mean"),
             "advantage_std": _f(m, "advantage_std"),
+            "kl_mean": _f(m, "kl_mean"),
+            "mismatch_weight_mean": _f(m, "mismatch_weight_mean"),
+            "mismatch_clipped_frac": _f(m, "mismatch_clipped_frac"),
+            "off_policy_masked_frac": _f(m, "off_policy_masked_frac"),
         }
         # the engine's 0 for a clip the objective does not have means "not applicable": left
         # out, or it dilutes the other objectives' fractions wherever they are summed or averaged
@@ -459,6 +463,13 @@ class PrometheusTelemetry(Telemetry):
             values["clip_high"] = values["clip_low"] = None
         if getattr(obj, "dual_clip", None) is None:  # only grpo and gspo have one, when configured
             values["dual_clip"] = None
+        # the corrections a batch was not configured with: their neutral 0 / 1 read "not applicable"
+        if getattr(config, "kl", None) is None:
+            values["kl_mean"] = None
+        if getattr(config, "mismatch", None) is None:
+            values["mismatch_weight_mean"] = values["mismatch_clipped_frac"] = None
+        if getattr(config, "off_policy_mask_threshold", None) is None:
+            values["off_policy_masked_frac"] = None
         with self.lock:
             _, st = self.runs.state(run, now)
             o = (objective,)
@@ -474,6 +485,12 @@ class PrometheusTelemetry(Telemetry):
                 sat = values[f"gate_saturation_{s}"]
                 if sat is not None:
                     st.inc("softgate_gate_saturated_tokens_total", (objective, s), round(sat * tok[s]))
+            for key, counter in (
+                ("mismatch_clipped_frac", "softgate_mismatch_clipped_tokens_total"),
+                ("off_policy_masked_frac", "softgate_off_policy_masked_tokens_total"),
+            ):
+                if (frac := values[key]) is not None:
+                    st.inc(counter, o, round(frac * n_tok))
             clamped = _f(m, "clamped_tokens")
             if clamped is not None:
                 st.inc("softgate_clamped_tokens_total", o, clamped)
