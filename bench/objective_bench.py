@@ -2,8 +2,8 @@
 for a request that wants the gradient alone (ratio and gate for a 32K-token sample), on one
 batch of per-sequence advantages, every objective at its defaults, GRPO with a k3, k3_is or k3_is_seq KL
 term, GRPO with a token-level TIS or seq_mask (seq-mask-tis) mismatch correction (the same
-batch with rollout log-probs), and GRPO with off-policy sequence masking (OPSM) and GSPO with a
-dual clip. It runs under the process's allocator (bench/engine_bench.py
+batch with rollout log-probs), GRPO with off-policy sequence masking (OPSM) and with rollout
+rejection (the same rollout log-probs), and GSPO with a dual clip. It runs under the process's allocator (bench/engine_bench.py
 preloads tcmalloc, as the service ships; `LD_PRELOAD=libtcmalloc_minimal.so.4` for the same
 here).
 
@@ -23,7 +23,17 @@ import statistics
 import time
 
 import torch
-from softgate.engine import OBJECTIVES, Batch, Engine, Grpo, Gspo, KLConfig, LossConfig, MismatchConfig
+from softgate.engine import (
+    OBJECTIVES,
+    Batch,
+    Engine,
+    Grpo,
+    Gspo,
+    KLConfig,
+    LossConfig,
+    MismatchConfig,
+    RejectionCriterion,
+)
 
 
 def configs() -> dict[str, LossConfig]:
@@ -37,6 +47,11 @@ def configs() -> dict[str, LossConfig]:
             objective=Grpo(), mismatch=MismatchConfig(mode=mode, lo=0.998, hi=1.002)
         )
     out["grpo + opsm"] = LossConfig(objective=Grpo(), off_policy_mask_threshold=0.0)
+    # rollout rejection: a k1 window per token, sequences by their mean k3 (verl's decoupled_geo_rs-like)
+    out["grpo + rejection"] = LossConfig(
+        objective=Grpo(),
+        rejection=(RejectionCriterion(1.1, "k1", "token", 0.9), RejectionCriterion(0.002, "k3", "seq_mean")),
+    )
     out["gspo + dual_clip"] = LossConfig(objective=Gspo(dual_clip=1.0005))
     return out
 
@@ -71,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     with_rollout = dataclasses.replace(plain, rollout_logp=rollout)
     engine = Engine(device="cpu", compile="sync")
     cfgs = configs()
-    batches = {name: with_rollout if cfg.mismatch else plain for name, cfg in cfgs.items()}
+    batches = {name: with_rollout if cfg.mismatch or cfg.rejection else plain for name, cfg in cfgs.items()}
     for name, cfg in cfgs.items():
         for _ in range(3):
             engine.loss(batches[name], cfg, sample_tokens=32768)

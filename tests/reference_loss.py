@@ -211,6 +211,45 @@ def _token_advantages(batch: Batch, config: LossConfig, counts: list[int]) -> li
     return tok_adv
 
 
+def reference_rejection_keep(batch: Batch, config: LossConfig, mask: Tensor) -> Tensor:
+    """Rollout rejection (verl's rollout_rs), sequence by sequence: True where every criterion
+    keeps the token (its sequence's trained tokens' statistics only)."""
+    f64 = torch.float64
+    old = (batch.old_logp if batch.old_logp is not None else batch.logp).detach().to(f64)
+    rollout = batch.rollout_logp.to(f64)
+    off = [int(x) for x in batch.offsets]
+    keep = torch.ones(old.numel(), dtype=torch.bool)
+    for c in config.rejection:
+        for i in range(len(off) - 1):
+            sl = slice(off[i], off[i + 1])
+            mi = mask[sl]
+            o, q = old[sl][mi], rollout[sl][mi]
+            d = torch.clamp(o - q, -config.log_ratio_clamp, config.log_ratio_clamp)
+            if c.statistic == "k1":
+                stat = -d
+            elif c.statistic == "k2":
+                stat = d * d / 2
+            elif c.statistic == "k3":
+                stat = torch.exp(d) - 1 - d
+            else:  # binary_kl
+                p, r = torch.exp(o).clamp(1e-6, 1 - 1e-6), torch.exp(q).clamp(1e-6, 1 - 1e-6)
+                kl = lambda a, z: a * torch.log(a / z) + (1 - a) * torch.log((1 - a) / (1 - z))  # noqa: E731
+                stat = torch.maximum(kl(p, r), kl(r, p))
+            if c.level != "token":
+                if stat.numel() == 0:
+                    continue
+                agg = {"seq_sum": stat.sum(), "seq_mean": stat.mean(), "seq_max": stat.max()}[c.level]
+                stat = agg.expand(stat.shape)
+            if c.statistic == "k1":
+                lower = c.lower if c.lower is not None else 1 / c.upper
+                bad = (stat < math.log(lower)) | (stat > math.log(c.upper))
+            else:
+                bad = stat > c.upper
+            idx = torch.arange(off[i], off[i + 1])[mi]
+            keep[idx[bad]] = False
+    return keep
+
+
 def reference_loss(batch: Batch, config: LossConfig) -> Reference:
     f64 = torch.float64
     logp = batch.logp.detach().to(f64).clone().requires_grad_(True)
@@ -223,6 +262,8 @@ def reference_loss(batch: Batch, config: LossConfig) -> Reference:
     rollout = batch.rollout_logp.to(f64) if batch.rollout_logp is not None else None
     C = config.log_ratio_clamp
     name = config.objective.name
+    if config.rejection:  # rollout rejection: its tokens leave the mask first
+        mask = mask & reference_rejection_keep(batch, config, mask)
     counts = [int(mask[off[i] : off[i + 1]].sum()) for i in range(b)]
 
     tok_adv = _token_advantages(batch, config, counts)
@@ -444,6 +485,7 @@ def make_config(
     min_group_std: float = 0.0,
     floor: float = 0.0,
     opsm: float | None = None,
+    rejection: tuple = (),
 ) -> LossConfig:
     from softgate.engine import (
         AdvantageConfig,
@@ -529,6 +571,7 @@ def make_config(
         mismatch=mmc,
         log_ratio_clamp=clamp,
         off_policy_mask_threshold=opsm,
+        rejection=rejection,
     )
 
 

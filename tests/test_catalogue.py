@@ -46,7 +46,7 @@ def test_the_loss_level_parameters_are_listed_with_their_defaults() -> None:
         "saturation_threshold": c.LossConfig().saturation_threshold,
         "off_policy_mask_threshold": None,
     }
-    sections = {"objective", "advantages", "aggregation", "kl", "mismatch"}
+    sections = {"objective", "advantages", "aggregation", "kl", "mismatch", "rejection"}
     assert set(got) == {f.name for f in dataclasses.fields(c.LossConfig)} - sections
     assert "OPSM" in next(p.description for p in r.loss_parameters if p.name == "off_policy_mask_threshold")
 
@@ -70,3 +70,16 @@ def test_dppo_says_its_bounds_are_on_the_divergence() -> None:
     assert "p_old - p" in tv["eps_low"].description and tv["eps_high"].default_value == 0.15
     assert "binary KL" in kl["eps_high"].description and kl["eps_low"].default_value == 0.05
     assert not tv["ratio_cap"].HasField("default_value") and "unset: none" in kl["ratio_cap"].description
+
+
+def test_rejection_statistics_are_listed_with_their_parameters() -> None:
+    """LossConfig.rejection's statistics, the default (k1) first, each with upper, lower and the
+    level choices; the level's help is rejection's own, not the mismatch weight's."""
+    r = catalogue.build(Limits(), 1 << 20)
+    assert [a.name for a in r.rejection_statistics] == ["k1", "k2", "k3", "binary_kl"]
+    for a in r.rejection_statistics:
+        params = {p.name: p for p in a.parameters}
+        assert set(params) == {"upper", "lower", "level"} and a.description
+        assert list(params["level"].choices) == ["token", "seq_sum", "seq_mean", "seq_max"]
+        assert params["level"].default_choice == "token" and "sequence" in params["level"].description
+        assert "mismatch" not in params["level"].description

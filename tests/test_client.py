@@ -20,6 +20,7 @@ from softgate_client import (
     InvalidArgumentError,
     KLConfig,
     MismatchConfig,
+    RejectionCriterion,
     RetryPolicy,
     SoftgateClient,
     UnavailableError,
@@ -205,6 +206,26 @@ CASES = [
     (
         {"objective": "reinforce", "estimator": "reinforce_pp_baseline"},
         LossConfig(objective=ec.Reinforce(), advantages=ec.AdvantageConfig("reinforce_pp_baseline")),
+    ),
+    (  # verl's rollout_rs keywords: tokens past a k1 window, sequences past a mean k3
+        {
+            "objective": "grpo",
+            "rollout_rs": "token_k1,seq_mean_k3",
+            "rollout_rs_threshold": "0.95_1.05,0.00125",
+        },
+        LossConfig(
+            objective=ec.Grpo(),
+            rejection=(
+                ec.RejectionCriterion(1.05, "k1", "token", 0.95),
+                ec.RejectionCriterion(0.00125, "k3", "seq_mean"),
+            ),
+        ),
+    ),
+    (  # the same as criteria; a max over the sequence
+        {"rejection": [RejectionCriterion(0.005, "k2", "seq_max"), RejectionCriterion(1.06, lower=0.9)]},
+        LossConfig(
+            rejection=(ec.RejectionCriterion(0.005, "k2", "seq_max"), ec.RejectionCriterion(1.06, lower=0.9))
+        ),
     ),
     (
         {"estimator": "reinforce_pp", "mismatch_mode": "seq_mask", "mismatch_lo": 0.95, "mismatch_hi": 1.05},

@@ -51,6 +51,7 @@ from softgate.engine import (
     LossResult,
     MismatchConfig,
     Reinforce,
+    RejectionCriterion,
     Sapo,
     SapoSeq,
     transfer,
@@ -1569,6 +1570,30 @@ def test_compiled_kernel_matches_eager(dtype, name, kl, mm, clamp, agg, adv, sam
         assert r_c.bucket_sums == pytest.approx(r_e.bucket_sums, rel=1e-6, abs=1e-9)
 
 
+# rollout rejection criteria that take out part of random_batch's tokens: a k1 window per
+# token, sequences by their mean k3 and their largest k2
+REJECTION = (
+    RejectionCriterion(1.3, "k1", "token", 0.7),
+    RejectionCriterion(0.05, "k3", "seq_mean"),
+    RejectionCriterion(0.5, "k2", "seq_max"),
+)
+
+
+@needs_compile
+@pytest.mark.parametrize("name", ["grpo", "gspo", "cispo"])
+def test_compiled_kernel_with_rollout_rejection_matches_eager(name):
+    """The mask rejection leaves is the compiled kernel's, with a KL term and a mismatch weight."""
+    global EC
+    EC = EC or Engine(device="cpu", compile=True)
+    b = random_batch(31, max_seqs=12, max_len=30, dtype=torch.float32, advantages="rewards")
+    cfg = make_config(name, "token_mean", "k3", ("token", "truncate"), variant=1, rejection=REJECTION)
+    r_e = E.loss(b, cfg, sample_tokens=CODES)
+    assert 0 < r_e.metrics["rejected_tokens"] < int(b.mask.sum())
+    r_c = EC.loss(b, cfg, sample_tokens=CODES)
+    assert EC.kernel.enabled, "compilation fell back to eager"
+    assert_same_result(r_c, r_e, 1e-5)
+
+
 @needs_compile
 @pytest.mark.parametrize("name", ["grpo", "sapo_seq", "dro"])
 def test_compiled_kernel_with_off_policy_masking_matches_eager(name):
@@ -1596,9 +1621,13 @@ def test_cuda_matches_cpu(compile):
         # every other objective with OPSM (its per-sequence mean gathered on the device; -0.15
         # drops about a fifth of this batch's tokens)
         opsm = -0.15 if i % 2 else None
-        cfg = make_config(name, "seq_mean_token_mean", "k3", ("sequence", "mask"), variant=1, opsm=opsm)
+        rejection = REJECTION if i % 3 == 0 else ()  # (its per-sequence sums and maxima on the device)
+        cfg = make_config(
+            name, "seq_mean_token_mean", "k3", ("sequence", "mask"), variant=1, opsm=opsm, rejection=rejection
+        )
         r_cpu = E.loss(b, cfg)
         assert opsm is None or r_cpu.metrics["off_policy_masked_frac"] > 0
+        assert not rejection or r_cpu.metrics["rejected_tokens"] > 0
         r_gpu = ec.loss(b, cfg)
         assert r_gpu.grad.device.type == "cuda"
         assert r_gpu.loss == pytest.approx(r_cpu.loss, rel=1e-10, abs=1e-12)
@@ -1784,6 +1813,8 @@ def _assert_equal_results(got, want, rtol: float = 1e-12) -> None:
         ("token_mean", "k3_is_seq", ("token", "seq_mask"), "rewards", None),
         # OPSM's per-sequence mean KL from the sampler
         ("token_sum_norm", "k3", ("token", "truncate"), "token", 0.0),
+        # rollout rejection: its per-sequence sum, mean and max statistics (opsm: None)
+        ("seq_mean_token_mean", None, ("token", "truncate"), "rewards", "rejection"),
     ],
 )
 def test_the_gpu_code_path_on_the_cpu_gives_the_cpu_results(monkeypatch, name, agg, kl, mm, adv, opsm):
@@ -1793,9 +1824,12 @@ def test_the_gpu_code_path_on_the_cpu_gives_the_cpu_results(monkeypatch, name, a
     if name in PER_SEQUENCE_ADVANTAGES and adv == "token":
         adv = "sequence"  # (gspo takes one advantage per sequence)
     b = random_batch(11, max_seqs=12, max_len=15, advantages=adv)
-    cfg = make_config(name, agg, kl, mm, variant=1, opsm=opsm)
+    rejection = REJECTION if opsm == "rejection" else ()
+    opsm = None if opsm == "rejection" else opsm
+    cfg = make_config(name, agg, kl, mm, variant=1, opsm=opsm, rejection=rejection)
     want = E.loss(b, cfg)
     assert opsm is None or 0 < want.metrics["off_policy_masked_frac"] < 1
+    assert not rejection or 0 < want.metrics["rejected_tokens"] < int(b.mask.sum())
     _gpu_code_path(monkeypatch)
     seen: list[dict] = []
     got = compute_loss(b, cfg, kernel=lambda t, *a: seen.append(dict(t)) or token_terms(t, *a))

@@ -44,6 +44,7 @@ from softgate.engine import (
     KlCov,
     LossConfig,
     MismatchConfig,
+    RejectionCriterion,
     Sapo,
     SapoSeq,
 )
@@ -208,6 +209,25 @@ CONFIGS: dict[str, tuple[LossConfig, pb.LossConfig]] = {
                 level=pb.MISMATCH_LEVEL_TOKEN, mode=pb.MISMATCH_MODE_TRUNCATE, cap=2.0
             ),
             off_policy_mask_threshold=-0.01,
+        ),
+    ),
+    # rollout rejection: tokens past a k1 window and sequences past a mean k3 leave the mask
+    "grpo-rejection": (
+        LossConfig(
+            objective=Grpo(),
+            rejection=(
+                RejectionCriterion(1.01, "k1", "token", 0.99),
+                RejectionCriterion(5e-5, "k3", "seq_mean"),
+            ),
+        ),
+        pb.LossConfig(
+            objective=pb.Objective(grpo=pb.GrpoParams()),
+            rejection=[
+                pb.RejectionCriterion(upper=1.01, lower=0.99),
+                pb.RejectionCriterion(
+                    upper=5e-5, statistic=pb.REJECTION_STATISTIC_K3, level=pb.REJECTION_LEVEL_SEQ_MEAN
+                ),
+            ],
         ),
     ),
     "dro-token-sum": (
@@ -510,6 +530,7 @@ def test_given_advantages_per_sequence_and_per_token(stub: pb_grpc.LossServiceSt
         "grpo-reinforce_pp-seq_mask",  # whitened over every chunk's tokens
         "gspo-k3_is_seq-token-mean-kl",  # each sequence's KL sum, its ratio's gradient
         "grpo-opsm-truncate",  # each sequence's mean KL from the sampler, over every chunk
+        "grpo-rejection",  # the tokens left in the mask normalise the loss
     ],
 )
 def test_stream_loss_equals_unary(stub: pb_grpc.LossServiceStub, name: str) -> None:
@@ -801,6 +822,21 @@ def test_nan_is_named_with_its_index(stub: pb_grpc.LossServiceStub) -> None:
             "config.objective.sapo.tau_neg",
         ),
         (pb.LossConfig(off_policy_mask_threshold=float("nan")), "config.off_policy_mask_threshold"),
+        (
+            pb.LossConfig(rejection=[pb.RejectionCriterion(upper=1.0), pb.RejectionCriterion()]),
+            "config.rejection[1].upper",
+        ),
+        (
+            pb.LossConfig(rejection=[pb.RejectionCriterion(upper=1.0, statistic=9)]),
+            "config.rejection[0].statistic",
+        ),
+        (
+            pb.LossConfig(
+                rejection=[pb.RejectionCriterion(upper=1.0, statistic=pb.REJECTION_STATISTIC_K2, lower=0.5)]
+            ),
+            "config.rejection[0].lower",
+        ),
+        (pb.LossConfig(rejection=[pb.RejectionCriterion(upper=1.0)] * 17), "config.rejection"),
         (
             pb.LossConfig(objective=pb.Objective(gspo=pb.GspoParams(dual_clip=1.0))),
             "config.objective.gspo.dual_clip",

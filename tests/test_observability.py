@@ -28,6 +28,7 @@ from softgate.engine import (
     LossResult,
     MismatchConfig,
     Reinforce,
+    RejectionCriterion,
     Sapo,
     SapoSeq,
 )
@@ -666,8 +667,10 @@ CORRECTIONS = LossConfig(
     kl=KLConfig("k3", beta=0.1),
     mismatch=MismatchConfig(mode="mask", lo=0.7, hi=1.3),
     off_policy_mask_threshold=0.2,
+    rejection=(RejectionCriterion(1.5),),
 )
 CORRECTION_SERIES = {
+    "softgate_rollout_rejected_tokens_total": ("rejected_tokens", "value"),
     "softgate_mismatch_clipped_tokens_total": ("mismatch_clipped_frac", "count"),
     "softgate_off_policy_masked_tokens_total": ("off_policy_masked_frac", "count"),
     "softgate_batch_kl_mean_sum": ("kl_mean", "value"),
@@ -695,6 +698,8 @@ def test_off_policy_corrections_are_exported_for_the_batches_that_have_them() ->
     window = summary["windows"]["last_10_batches"]
     for key in ("kl_mean", "mismatch_weight_mean", "mismatch_clipped_frac", "off_policy_masked_frac"):
         assert window[key] == pytest.approx(m[key]), key
+    assert m["rejected_tokens"] > 0
+    assert window["rejected_frac"] == pytest.approx(m["rejected_tokens"] / (n_tok + m["rejected_tokens"]))
 
     # without them: no series, no window keys, whatever the engine's neutral values
     plain = PrometheusTelemetry(S())
@@ -704,9 +709,8 @@ def test_off_policy_corrections_are_exported_for_the_batches_that_have_them() ->
     assert not names & {*CORRECTION_SERIES, "softgate_batch_kl_mean_count"}
     summary = plain.run_summary("p")
     assert summary is not None
-    assert not {"kl_mean", "mismatch_weight_mean", "off_policy_masked_frac"} & set(
-        summary["windows"]["last_10_batches"]
-    )
+    window_keys = {"kl_mean", "mismatch_weight_mean", "off_policy_masked_frac", "rejected_frac"}
+    assert not window_keys & set(summary["windows"]["last_10_batches"])
 
 
 def test_the_series_of_a_run_are_as_documented() -> None:
@@ -736,13 +740,19 @@ def test_the_series_of_a_run_are_as_documented() -> None:
     assert len([1 for _, lab in samples if "objective" not in lab]) == per_run
 
     m = re.search(
-        r"A KL term adds (\d+) series, a mismatch\s+correction (\d+) and off-policy sequence masking (\d+)",
+        r"A KL term adds (\d+) series, a mismatch\s+correction (\d+), off-policy sequence masking (\d+) and"
+        r"\s+rollout rejection (\d+)",
         doc,
     )
     assert m, "docs/observability.md no longer states the series of the corrections"
     for extra, part in zip(
         map(int, m.groups()),
-        (dict(kl=KLConfig()), dict(mismatch=MismatchConfig()), dict(off_policy_mask_threshold=0.1)),
+        (
+            dict(kl=KLConfig()),
+            dict(mismatch=MismatchConfig()),
+            dict(off_policy_mask_threshold=0.1),
+            dict(rejection=(RejectionCriterion(1.5),)),
+        ),
         strict=True,
     ):
         tel = PrometheusTelemetry(S())

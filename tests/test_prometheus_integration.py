@@ -51,7 +51,7 @@ def _prometheus() -> str:
 class Traffic:
     """A trainer: sends loss batches to the running server over gRPC (tagged with the run
     name) until stopped, cycling SAPO, GRPO with dual clip and every off-policy correction (a
-    KL term, a mismatch mask, off-policy sequence masking), and GSPO; every 7th batch
+    KL term, a mismatch mask, off-policy sequence masking, rollout rejection), and GSPO; every 7th batch
     carries a NaN, which the server refuses (INVALID_ARGUMENT, reason non_finite). Beside
     it, a second run (ADV_RUN) only asks for advantages."""
 
@@ -71,6 +71,8 @@ class Traffic:
             "kl_beta": 0.05,
             "mismatch": MismatchConfig(mode="mask"),
             "off_policy_mask_threshold": 0.0,
+            "rollout_rs": "token_k1",
+            "rollout_rs_threshold": "0.3_3.0",  # (wider than the mask: both act)
         }
         options = [
             {"objective": "sapo"},
@@ -318,7 +320,11 @@ def test_dashboard_queries_return_data_from_a_real_prometheus(stack) -> None:
     assert last["batches"] > 0 and set(last["objectives"]) == {"sapo", "grpo", "gspo"}
     assert 0.0 <= last["grad_retained"] <= 1.0 and "gate_saturation_neg" in last
     assert 0.0 < last["mismatch_clipped_frac"] < 1.0 and 0.0 < last["off_policy_masked_frac"] < 1.0
-    assert last["kl_mean"] > 0.0 and 0.0 < last["mismatch_weight_mean"] < 2.0
+    assert (
+        last["kl_mean"] > 0.0
+        and 0.0 < last["mismatch_weight_mean"] < 2.0
+        and 0.0 < last["rejected_frac"] < 1.0
+    )
 
     # the recording and alerting rules evaluate without errors on real data
     rules = httpx.get(prom.url + "/api/v1/rules", timeout=5).json()

@@ -20,7 +20,7 @@ from conftest import missing_tool
 from prometheus_client.parser import text_string_to_metric_families
 from softgate.admin import create_app
 from softgate.admin.server import ThreadedAdminServer
-from softgate.engine import Batch, Engine, Grpo, Gspo, LossConfig, MismatchConfig, Sapo
+from softgate.engine import Batch, Engine, Grpo, Gspo, LossConfig, MismatchConfig, RejectionCriterion, Sapo
 from softgate.observability import PrometheusTelemetry, exported_names
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -304,6 +304,7 @@ def test_dashboard_correction_panels_are_shares_of_the_corrected_runs_tokens(tmp
     them leaves them as they are, and micro-batches of uneven size count by their tokens."""
     masked = LossConfig(objective=Grpo(), mismatch=MismatchConfig(mode="mask", lo=0.5, hi=2.0))
     opsm = LossConfig(objective=Grpo(), off_policy_mask_threshold=0.5)
+    rs = LossConfig(objective=Grpo(), rejection=(RejectionCriterion(2.0),))  # ratio window [0.5, 2]
     batches = [
         # mismatch mask: 2 of 4 tokens' weights outside [0.5, 2], then 96 inside
         ("m", masked, _batch([1.0] * 4, [1.0, -1.0, 1.0, 1.0], v=[4.0, 0.2, 1.0, 1.0])),
@@ -312,6 +313,9 @@ def test_dashboard_correction_panels_are_shares_of_the_corrected_runs_tokens(tmp
         # term (not its A>0 token's), then 396 tokens on-policy
         ("o", opsm, _batch([0.25] * 4, [-1.0, -1.0, -1.0, 1.0])),
         ("o", opsm, _batch([1.0] * 396, [-1.0] * 396)),
+        # rollout rejection: 3 of 8 tokens out (exp(k1) = 1 / v of 4, 0.2 and 3), then 92 kept
+        ("r", rs, _batch([1.0] * 8, [1.0] * 8, v=[0.25, 5.0, 1 / 3, 1.0, 1.0, 1.0, 1.0, 1.0])),
+        ("r", rs, _batch([1.0] * 92, [-1.0] * 92, v=[1.0] * 92)),
         # neither: 1000 tokens
         ("g", LossConfig(objective=Grpo()), _batch([1.0] * 1000, [-1.0] * 1000)),
     ]
@@ -322,6 +326,11 @@ def test_dashboard_correction_panels_are_shares_of_the_corrected_runs_tokens(tmp
             _target("Train/inference mismatch", "mean weight"),
             [_sample('objective="grpo"', 0.75)],
         ),
-        (_target("Off-policy masked tokens", ""), [_sample('objective="grpo"', 3 / 400)]),
+        (_target("Off-policy masked and rejected tokens", "masked"), [_sample('objective="grpo"', 3 / 400)]),
+        # rejected: 3 of the 100 tokens the rejecting run sent (97 trained)
+        (
+            _target("Off-policy masked and rejected tokens", "rejected"),
+            [_sample('objective="grpo"', 3 / 100)],
+        ),
     ]
     _check_panels(tmp_path, batches, checks)

@@ -19,7 +19,9 @@ from softgate_client.config import (
     LossConfig,
     MismatchConfig,
     Objective,
+    RejectionCriterion,
     build_loss_config,
+    rejection_from_verl,
 )
 from softgate_client.errors import (
     DeadlineExceededError,
@@ -45,6 +47,7 @@ __all__ = [
     "LossResult",
     "MismatchConfig",
     "Objective",
+    "RejectionCriterion",
     "ResourceExhaustedError",
     "RetryPolicy",
     "SoftgateClient",
@@ -52,4 +55,5 @@ __all__ = [
     "UnavailableError",
     "build_loss_config",
     "pack_batch",
+    "rejection_from_verl",
 ]

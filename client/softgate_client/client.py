@@ -235,6 +235,13 @@ def loss_config_to_proto(c: cfg.LossConfig) -> pb.LossConfig:
         mm.level = _enum(pb.MismatchLevel, "MISMATCH_LEVEL", m.level, "config.mismatch.level")
         mm.mode = _enum(pb.MismatchMode, "MISMATCH_MODE", m.mode, "config.mismatch.mode")
         _set_optional(mm, cap=m.cap, lo=m.lo, hi=m.hi, floor=m.floor)
+    for i, r in enumerate(c.rejection):
+        rc: Any = out.rejection.add()
+        rc.statistic = _enum(
+            pb.RejectionStatistic, "REJECTION_STATISTIC", r.statistic, f"config.rejection[{i}].statistic"
+        )
+        rc.level = _enum(pb.RejectionLevel, "REJECTION_LEVEL", r.level, f"config.rejection[{i}].level")
+        _set_optional(rc, upper=r.upper, lower=r.lower)
     _set_optional(
         out,
         log_ratio_clamp=c.log_ratio_clamp,
@@ -852,7 +859,8 @@ class SoftgateClient:
         `fraction`, `cov_low`, `cov_high`, `seed`, `coef`),
         `estimator`, `scale`, `aggregation` (mode name), `num_tokens`, `num_seqs`, `constant`,
         `kl_beta`, `kl_estimator`, `mismatch=MismatchConfig(...)`, `log_ratio_clamp`,
-        `off_policy_mask_threshold`,
+        `off_policy_mask_threshold`, `rejection=(RejectionCriterion(...), ...)` or verl's
+        `rollout_rs=` with `rollout_rs_threshold=`,
         `saturation_threshold`, and `outputs=("ratio", "gate_weight", ...)`.
 
         `stream` forces (True) or forbids (False) the StreamLoss RPC; None picks it when the

@@ -214,9 +214,51 @@ class MismatchConfig:
 
 
 @dataclass(frozen=True)
+class RejectionCriterion:
+    """One rollout rejection filter (verl's rollout_rs option `{level}_{statistic}`):
+    `statistic` `k1` / `k2` / `k3` / `binary_kl` of old_logp - rollout_logp, per `level`
+    `token` / `seq_sum` / `seq_mean` / `seq_max`; a token or sequence past `upper` (k1: outside
+    [lower, upper] on exp(k1), `lower` default 1 / upper) leaves the loss mask."""
+
+    upper: float | None = None
+    statistic: str | None = None
+    level: str | None = None
+    lower: float | None = None
+
+    def __post_init__(self) -> None:
+        _plain_fields(self, "config.rejection")
+
+
+def rejection_from_verl(rollout_rs: str, rollout_rs_threshold: str | float) -> tuple[RejectionCriterion, ...]:
+    """verl's `rollout_rs` ("token_k1,seq_mean_k3", "binary_kl", ...) and
+    `rollout_rs_threshold` (one per option or one for all, comma separated; k1's "lower_upper"
+    or its upper alone) as criteria."""
+    options = [o.strip() for o in str(rollout_rs).split(",") if o.strip()]
+    specs = [t.strip() for t in str(rollout_rs_threshold).split(",") if t.strip()]
+    if not options or len(specs) not in (1, len(options)):
+        raise invalid_argument(
+            "rollout_rs_threshold",
+            f"bad_value: {len(specs)} thresholds for {len(options)} rollout_rs options",
+        )
+    out = []
+    for opt, spec in zip(options, specs * len(options) if len(specs) == 1 else specs, strict=True):
+        level, _, stat = ("token", "", "binary_kl") if opt == "binary_kl" else opt.rpartition("_")
+        lower, _, upper = spec.rpartition("_")
+        try:
+            out.append(RejectionCriterion(float(upper), stat, level, float(lower) if lower else None))
+        except ValueError:
+            raise invalid_argument(
+                "rollout_rs_threshold", f"bad_value: {spec!r} is not a threshold"
+            ) from None
+    return tuple(out)
+
+
+@dataclass(frozen=True)
 class LossConfig:
     """Everything that chooses how a batch's loss and gradient are computed, plus which
-    per-token outputs to send back (any of `OUTPUTS`; the gradient always comes back)."""
+    per-token outputs to send back (any of `OUTPUTS`; the gradient always comes back).
+    `rejection`: rollout rejection criteria (RejectionCriterion), all of which a token must
+    pass to stay trained."""
 
     objective: Objective = field(default_factory=Objective)
     advantages: AdvantageConfig = field(default_factory=AdvantageConfig)
@@ -226,10 +268,17 @@ class LossConfig:
     log_ratio_clamp: float | None = None
     saturation_threshold: float | None = None
     off_policy_mask_threshold: float | None = None
+    rejection: tuple[RejectionCriterion, ...] = ()
     outputs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _plain_fields(self, "config")
+        rejection = (self.rejection,) if isinstance(self.rejection, RejectionCriterion) else self.rejection
+        if not isinstance(rejection, (tuple, list)) or not all(
+            isinstance(c, RejectionCriterion) for c in rejection
+        ):
+            raise _not_a("config.rejection", RejectionCriterion, rejection)
+        object.__setattr__(self, "rejection", tuple(rejection))
         for name, cls in (("objective", Objective), *_SECTIONS.items()):
             v = getattr(self, name)
             if not isinstance(v, cls) and not (v is None and name in ("kl", "mismatch")):
@@ -344,8 +393,19 @@ def build_loss_config(config: LossConfig | None = None, **kw: Any) -> LossConfig
             s, f = _FLAT_ALIASES[key]
             sections[s][f] = val
             touched.add(s)
-        elif key in ("outputs", "log_ratio_clamp", "saturation_threshold", "off_policy_mask_threshold"):
+        elif key in (
+            "outputs",
+            "log_ratio_clamp",
+            "saturation_threshold",
+            "off_policy_mask_threshold",
+            "rejection",
+        ):
             values[key] = val  # (LossConfig checks them)
+        elif key in ("rollout_rs", "rollout_rs_threshold"):
+            if "rollout_rs" not in kw or "rollout_rs_threshold" not in kw:
+                missing = "rollout_rs_threshold" if key == "rollout_rs" else "rollout_rs"
+                raise invalid_argument(missing, f"missing: {key} is given, so {missing} is required")
+            values["rejection"] = rejection_from_verl(kw["rollout_rs"], kw["rollout_rs_threshold"])
         else:
             raise TypeError(f"unknown loss option {key!r}")
     values["objective"] = Objective(obj_name, obj_params)

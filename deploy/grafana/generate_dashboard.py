@@ -314,23 +314,30 @@ def build() -> dict[str, Any]:
             overrides=[right_axis("^corrected .*", "percentunit", "corrected tokens")],
         )
     )
+    rejected = f"sum by (objective) (rate(softgate_rollout_rejected_tokens_total{{{R}}}[$__rate_interval]))"
     panels.append(
         panel(
-            "Off-policy masked tokens",
+            "Off-policy masked and rejected tokens",
             [
                 (
                     share("softgate_off_policy_masked_tokens_total", "objective", ignoring="sign"),
-                    "{{objective}}",
-                )
+                    "masked {{objective}}",
+                ),
+                (
+                    f"{rejected} / ({rejected} + sum by (objective) (rate(softgate_loss_tokens_total{{{R}}}"
+                    "[$__rate_interval]) and ignoring (sign) softgate_rollout_rejected_tokens_total))",
+                    "rejected {{objective}}",
+                ),
             ],
             8,
             y,
             w=8,
             unit="percentunit",
             minmax=(0, 1),
-            description="Runs with off_policy_mask_threshold only: share of trained tokens whose policy term "
-            "off-policy sequence masking dropped (A<0 in a sequence whose mean sampler - current log-prob "
-            "is above the threshold), over the interval.",
+            description="Shares over the interval. Masked (runs with off_policy_mask_threshold): trained tokens "
+            "whose policy term off-policy sequence masking dropped (A<0 in a sequence whose mean sampler - "
+            "current log-prob is above the threshold). Rejected (runs with rejection criteria, verl's "
+            "rollout_rs): tokens of the masks as sent that rollout rejection took out.",
         )
     )
     panels.append(

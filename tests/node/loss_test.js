@@ -112,6 +112,14 @@ function lossConfig(c) {
   if (c.off_policy_mask_threshold !== null && c.off_policy_mask_threshold !== undefined) {
     out.off_policy_mask_threshold = c.off_policy_mask_threshold;
   }
+  if (c.rejection) {
+    out.rejection = c.rejection.map((r) => drop({
+      statistic: enumName('REJECTION_STATISTIC', r.statistic),
+      level: enumName('REJECTION_LEVEL', r.level),
+      upper: r.upper,
+      lower: r.lower,
+    }));
+  }
   return out;
 }
 

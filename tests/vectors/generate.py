@@ -35,6 +35,7 @@ from softgate.engine import (  # noqa: E402
     LossConfig,
     LossResult,
     MismatchConfig,
+    RejectionCriterion,
 )
 
 from tests.reference_loss import (  # noqa: E402
@@ -66,6 +67,10 @@ def config_to_json(cfg: LossConfig) -> dict[str, Any]:
         del d["advantages"]["reward_weights"]
     if d["off_policy_mask_threshold"] is None:
         del d["off_policy_mask_threshold"]
+    if not d["rejection"]:
+        del d["rejection"]
+    else:  # each criterion without its unset lower bound
+        d["rejection"] = [{k: v for k, v in c.items() if v is not None} for c in d["rejection"]]
     obj = d.pop("objective")
     if obj["name"] == "gspo" and obj["dual_clip"] is None:  # (grpo's vectors always had theirs)
         del obj["dual_clip"]
@@ -85,6 +90,7 @@ def config_from_json(d: dict[str, Any]) -> LossConfig:
         log_ratio_clamp=d["log_ratio_clamp"],
         saturation_threshold=d["saturation_threshold"],
         off_policy_mask_threshold=d.get("off_policy_mask_threshold"),
+        rejection=tuple(RejectionCriterion(**c) for c in d.get("rejection", ())),
     )
 
 
@@ -274,6 +280,20 @@ def _default_cases(engine: Engine) -> list[dict[str, Any]]:
     )
     out.append(_case("sapo/off_policy_mask_threshold", b, cfg, engine))
     assert 0 < out[-1]["outputs"]["metrics"]["off_policy_masked_frac"] < 1
+    # rollout rejection (verl's rollout_rs): tokens past a k1 window, sequences past a mean k3 or
+    # a max k2 leave the mask, and the normalisers with it
+    for name, crit in (
+        ("token_k1", (RejectionCriterion(1.2, "k1", "token", 0.9),)),
+        (
+            "seq_mean_k3_seq_max_k2",
+            (RejectionCriterion(0.02, "k3", "seq_mean"), RejectionCriterion(0.3, "k2", "seq_max")),
+        ),
+        ("binary_kl", (RejectionCriterion(0.005, "binary_kl"),)),
+    ):
+        cfg = LossConfig(aggregation=AggregationConfig(mode="token_mean"), rejection=crit)
+        out.append(_case(f"sapo/rejection_{name}", b, cfg, engine))
+        m = out[-1]["outputs"]["metrics"]
+        assert m["rejected_tokens"] > 0 and m["num_tokens"] > 0, (name, m)
     # k3_is: k3 weighted by the token's ratio, gradient -x r (TRL's use_bias_correction_kl)
     b = random_batch(5555, max_seqs=5, max_len=5, advantages="sequence", num_seqs=5, big_deltas=True)
     cfg = LossConfig(kl=KLConfig(estimator="k3_is", beta=0.3, aggregation="token_mean"))

@@ -32,6 +32,7 @@ from softgate.engine.config import (
     MismatchConfig,
     Objective,
     Reinforce,
+    RejectionCriterion,
     Sapo,
     SapoSeq,
 )
@@ -71,6 +72,7 @@ __all__ = [
     "MismatchConfig",
     "Objective",
     "Reinforce",
+    "RejectionCriterion",
     "Sapo",
     "SapoSeq",
     "compute_loss",

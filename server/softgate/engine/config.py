@@ -349,6 +349,31 @@ class MismatchConfig:
         _plain_numbers(self)
 
 
+RejectionStatistic = Literal["k1", "k2", "k3", "binary_kl"]
+REJECTION_STATISTICS: tuple[str, ...] = get_args(RejectionStatistic)
+RejectionLevel = Literal["token", "seq_sum", "seq_mean", "seq_max"]
+REJECTION_LEVELS: tuple[str, ...] = get_args(RejectionLevel)
+
+
+@dataclass(frozen=True)
+class RejectionCriterion:
+    """One rollout rejection filter (verl's `rollout_rs` option `{level}_{statistic}`, e.g.
+    seq_mean_k3): a statistic of d = old - rollout per token (k1 = -d, k2 = d^2 / 2, k3 =
+    exp(d) - 1 - d, d clamped at log_ratio_clamp; binary_kl: KPop's larger Bernoulli KL of the
+    two probabilities), taken per token or summed, averaged or maxed over each sequence's
+    trained tokens. Kept: k1 in [log lower, log upper] (`lower` None: 1 / upper), the others
+    <= upper. A rejected token leaves the loss mask: no loss, no gradient, not in the
+    normalisers."""
+
+    upper: float | None = None
+    statistic: RejectionStatistic = "k1"
+    level: RejectionLevel = "token"
+    lower: float | None = None
+
+    def __post_init__(self) -> None:
+        _plain_numbers(self)
+
+
 @dataclass(frozen=True)
 class AggregationConfig:
     """How per-token losses become one scalar. `num_tokens` / `num_seqs` are the global
@@ -370,7 +395,9 @@ class LossConfig:
     `off_policy_mask_threshold` delta: off-policy sequence masking (OPSM, DeepSeek-V3.2; TRL's
     off_policy_mask_threshold): a token with A < 0 whose sequence's mean of (sampler log-prob -
     logp) over its trained tokens exceeds delta loses its policy term (the KL term stays); the
-    sampler's log-probs are rollout_logp when the batch has them, else old_logp. None: off."""
+    sampler's log-probs are rollout_logp when the batch has them, else old_logp. None: off.
+    `rejection`: rollout rejection sampling (verl's rollout_rs), criteria that must all hold
+    for a token to stay trained (RejectionCriterion); needs rollout_logp. Empty: off."""
 
     objective: Objective = field(default_factory=Sapo)
     advantages: AdvantageConfig = field(default_factory=AdvantageConfig)
@@ -380,6 +407,9 @@ class LossConfig:
     log_ratio_clamp: float = 20.0
     saturation_threshold: float = 0.5
     off_policy_mask_threshold: float | None = None
+    rejection: tuple[RejectionCriterion, ...] = ()
 
     def __post_init__(self) -> None:
         _plain_numbers(self)
+        if isinstance(self.rejection, list):  # a list of criteria is kept as a tuple (hashable)
+            object.__setattr__(self, "rejection", tuple(self.rejection))

@@ -39,6 +39,7 @@ from softgate.engine.kl import sequence_kl
 from softgate.engine.metrics import METRIC_NAMES, to_floats
 from softgate.engine.mismatch import sequence_log_weights
 from softgate.engine.objectives import OBJECTIVE_KIND, gmpo_bounds
+from softgate.engine.rejection import apply_rejection
 from softgate.engine.result import LossResult
 from softgate.engine.segments import Segments, host_shortcuts
 from softgate.engine.validation import advantage_level, check, compute_dtype
@@ -136,6 +137,9 @@ def _compute_loss(
 ) -> LossResult:
     if validate:
         check(batch, config, token_values=False)  # the kernel checks the token values
+    n_rejected = None
+    if config.rejection:  # rollout rejection: its tokens leave the mask before anything reads it
+        batch, n_rejected = apply_rejection(batch, config)
     dt = compute_dtype(batch)
     dev = batch.logp.device
     logp = _cast(batch.logp, dt)
@@ -161,6 +165,8 @@ def _compute_loss(
         t["wkl"] = sequence_weights(kl_agg, ylen if counts is None else counts, dt)
     t["ylen"] = ylen
     extra: dict[str, Tensor] = {}  # metric terms computed here, fetched with the kernel's
+    if n_rejected is not None:
+        extra["rejected_tokens"] = n_rejected
 
     # ---- advantages (per sequence unless the caller gave them per token)
     adv_per_token = False
@@ -377,6 +383,7 @@ def _compute_loss(
     mx["mismatch_weight_mean"] = share(s["v_sum"], cnt, 1.0) if mm is not None else 1.0
     mx["mismatch_clipped_frac"] = share(s["v_changed"], cnt)
     mx["off_policy_masked_frac"] = share(s["opsm"], cnt)
+    mx["rejected_tokens"] = s.get("rejected_tokens", 0.0)
 
     if not math.isfinite(mx["adv_std"] + mx["adv_mean"]):  # a sum of squares past float64's range
         mx["adv_mean"], mx["adv_std"] = _scaled_mean_std(a[m])

@@ -67,6 +67,8 @@ METRIC_NAMES: dict[str, str] = {
     "(seq_mask: the tokens of the sequences it dropped); 0 without correction",
     "off_policy_masked_frac": "share of tokens whose policy term off-policy sequence masking dropped (A < 0, "
     "their sequence's mean sampler - current log-prob above off_policy_mask_threshold); 0 without it",
+    "rejected_tokens": "tokens of the loss mask as given that rollout rejection took out of it (`rejection`); "
+    "0 without it. num_tokens and every other metric count the tokens left",
 }
 
 

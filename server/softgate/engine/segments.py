@@ -11,6 +11,7 @@ H200), so there each run of consecutive values is summed by a segmented reductio
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 import torch
@@ -64,6 +65,10 @@ class Segments:
         """Per-sequence mean of a per-token tensor over each sequence's `trained` tokens ([N] ->
         [B]; `x` 0 on the others); 0 for a sequence without any."""
         return self.sum(x) / trained.clamp(min=1).to(x.dtype)
+
+    def max(self, x: Tensor) -> Tensor:
+        """Per-sequence maximum of a per-token tensor ([N] -> [B]); -inf for empty sequences."""
+        return torch.segment_reduce(x, "max", offsets=self.offsets, initial=-math.inf)
 
     def count(self, m: Tensor) -> Tensor:
         """Per-sequence number of True values of a bool tensor ([N] -> [B], int64), exact."""

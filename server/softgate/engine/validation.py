@@ -26,6 +26,8 @@ from softgate.engine.config import (
     ESTIMATORS,
     KL_ESTIMATORS,
     OBJECTIVES,
+    REJECTION_LEVELS,
+    REJECTION_STATISTICS,
     AdvantageConfig,
     AggregationConfig,
     Cispo,
@@ -44,6 +46,7 @@ from softgate.engine.config import (
     LossConfig,
     MismatchConfig,
     Reinforce,
+    RejectionCriterion,
     Sapo,
     SapoSeq,
 )
@@ -80,6 +83,7 @@ MAX_ABS_REWARD = 1e100
 # reward components of [B, K] rewards: gdpo reduces each over the groups in turn (a loop over
 # K), and a reward of a million components in one small message must not hold a slot for long
 MAX_REWARD_COMPONENTS = 64
+MAX_REJECTION_CRITERIA = 16  # verl has 12 distinct rollout_rs options
 # advantages.eps is 0 or at least this. A reward spread under ~1e-154 has squares that underflow
 # float64 (its std reads 0 under ~1e-162): a smaller eps would be the whole divisor (rewards
 # 1e-163 apart got advantages of 1e160 at eps 5e-324). From here up, eps dwarfs such a std.
@@ -129,6 +133,59 @@ def _unread_normalisers(agg: AggregationConfig, kl_mode: str | None, v: list[Fie
     if not reads and len(given) == 1:
         why = f"unsupported: token_sum_norm normalises by constant; {given[0]} is not used by this mode"
         v.append(FieldViolation(f"aggregation.{given[0]}", why))
+
+
+def _rejection(criteria: object, v: list[FieldViolation]) -> None:
+    """Rollout rejection's criteria: known statistics and levels, the combinations verl has,
+    an upper bound > 0 and k1's lower bound in (0, upper]."""
+    if not isinstance(criteria, tuple):
+        v.append(FieldViolation("rejection", "bad_type: expected a tuple of RejectionCriterion"))
+        return
+    if len(criteria) > MAX_REJECTION_CRITERIA:
+        why = f"out_of_range: {len(criteria)} criteria; at most {MAX_REJECTION_CRITERIA}"
+        v.append(FieldViolation("rejection", why))
+        return
+    for i, c in enumerate(criteria):
+        p = f"rejection[{i}]"
+        if not isinstance(c, RejectionCriterion):
+            v.append(FieldViolation(p, "bad_type: not a RejectionCriterion"))
+            continue
+        if c.statistic not in REJECTION_STATISTICS:
+            v.append(
+                FieldViolation(
+                    f"{p}.statistic", f"unknown_name: {c.statistic!r}; known: {list(REJECTION_STATISTICS)}"
+                )
+            )
+        if c.level not in REJECTION_LEVELS:
+            v.append(
+                FieldViolation(f"{p}.level", f"unknown_name: {c.level!r}; known: {list(REJECTION_LEVELS)}")
+            )
+        elif c.statistic == "binary_kl" and c.level != "token":
+            v.append(FieldViolation(f"{p}.level", "unsupported: binary_kl is a token-level statistic"))
+        elif c.statistic == "k1" and c.level == "seq_max":
+            v.append(FieldViolation(f"{p}.level", "unsupported: seq_max bounds k2, k3 (k1 has a sign)"))
+        if c.upper is None:
+            v.append(FieldViolation(f"{p}.upper", "missing: a rejection criterion needs its upper bound"))
+        elif not _num_ok(c.upper):
+            v.append(FieldViolation(f"{p}.upper", f"out_of_range: {c.upper!r} is not a finite number"))
+        elif not c.upper > 0:
+            v.append(FieldViolation(f"{p}.upper", f"out_of_range: {c.upper!r} must be > 0"))
+        if c.lower is None:
+            continue
+        if c.statistic != "k1":
+            v.append(
+                FieldViolation(
+                    f"{p}.lower", f"unsupported: only k1 has a lower bound; {c.statistic} has upper"
+                )
+            )
+        elif not _num_ok(c.lower):
+            v.append(FieldViolation(f"{p}.lower", f"out_of_range: {c.lower!r} is not a finite number"))
+        elif not c.lower > 0:
+            v.append(FieldViolation(f"{p}.lower", f"out_of_range: {c.lower!r} must be > 0"))
+        elif _num_ok(c.upper) and c.lower > c.upper:  # type: ignore[operator]
+            v.append(
+                FieldViolation(f"{p}.lower", f"out_of_range: lower {c.lower!r} must be <= upper {c.upper!r}")
+            )
 
 
 def half_reason(name: str, dtype: torch.dtype) -> str:
@@ -376,6 +433,7 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
                     FieldViolation(f"mismatch.{moved}", f"out_of_range: lo {mm.lo!r} must be < hi {mm.hi!r}")
                 )
 
+    _rejection(config.rejection, v)
     pos(config.log_ratio_clamp, "log_ratio_clamp")
     if _num_ok(config.log_ratio_clamp) and config.log_ratio_clamp > MAX_LOG_RATIO_CLAMP:
         v.append(
@@ -647,6 +705,12 @@ def validate_batch(
             v.append(
                 FieldViolation(
                     "rollout_logp", "missing: a mismatch correction is configured, rollout_logp is required"
+                )
+            )
+        elif config.rejection and batch.rollout_logp is None:
+            v.append(
+                FieldViolation(
+                    "rollout_logp", "missing: rollout rejection is configured, rollout_logp is required"
                 )
             )
 

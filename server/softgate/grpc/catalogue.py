@@ -53,8 +53,20 @@ PARAM_HELP: dict[str, str] = {
     "floor": "weights below it raised to it (truncate mode), >= 0 and < cap; 0: none",
     "log_ratio_clamp": "bound on |logp - old_logp| before exponentiation, in (0, 80]",
     "saturation_threshold": "gate weight below which a token counts as saturated, in (0, 1]",
+    "RejectionCriterion.upper": "required, > 0: k1's bound on exp(k1), the others' on the statistic",
+    "RejectionCriterion.lower": "k1 only, in (0, upper]: its lower bound on exp(k1); unset: 1 / upper",
+    "RejectionCriterion.level": "token, or the sum, mean or max (k2, k3) over the sequence's trained tokens: "
+    "the whole sequence rejected or kept",
     "off_policy_mask_threshold": "OPSM: A < 0 tokens of a sequence whose mean (sampler - current log-prob) "
     "exceeds it lose their policy term; unset: off",
+}
+
+REJECTION_HELP = {
+    "k1": "rollout_logp - old_logp per token (clamped), kept within [log lower, log upper]",
+    "k2": "(old_logp - rollout_logp)^2 / 2 per token, kept at most upper",
+    "k3": "exp(d) - 1 - d of d = old_logp - rollout_logp per token, kept at most upper",
+    "binary_kl": "KPop: the larger Bernoulli KL between exp(old_logp) and exp(rollout_logp) per token (token "
+    "level only), kept at most upper",
 }
 
 ESTIMATOR_HELP = {
@@ -116,7 +128,8 @@ def _choices(cls: type, name: str) -> list[str]:
 
 
 def _param(cls: type, f: dataclasses.Field[Any]) -> pb.ParameterInfo:
-    own = f"{getattr(cls, 'name', '')}.{f.name}"  # an objective's own help ("gmpo.eps_low") first
+    # an objective's own help ("gmpo.eps_low") or a class's ("RejectionCriterion.level") first
+    own = f"{getattr(cls, 'name', cls.__name__)}.{f.name}"
     p = pb.ParameterInfo(name=f.name, description=PARAM_HELP.get(own, PARAM_HELP.get(f.name, "")))
     default = f.default
     if isinstance(default, (int, float)) and not isinstance(default, bool) and math.isfinite(default):
@@ -168,6 +181,9 @@ def build(limits: Limits, max_message_bytes: int) -> pb.ListAlgorithmsResponse:
         for f in dataclasses.fields(c.LossConfig)
         if f.name in ("log_ratio_clamp", "saturation_threshold", "off_policy_mask_threshold")
     )
+    rs_params = _params(c.RejectionCriterion, skip=("statistic",))
+    for stat in _default_first(c.RejectionCriterion, "statistic"):
+        r.rejection_statistics.add(name=stat, description=REJECTION_HELP[stat], parameters=rs_params)
     for name, desc in METRIC_NAMES.items():
         r.metrics.add(name=name, description=desc)
     r.limits.max_tokens = limits.max_tokens

@@ -45,13 +45,14 @@ from softgate.engine.config import (
     LossConfig,
     MismatchConfig,
     Reinforce,
+    RejectionCriterion,
     Sapo,
     SapoSeq,
 )
 from softgate.engine.errors import FieldViolation, InputError
 from softgate.engine.result import LossResult
 from softgate.engine.transfer import to_host
-from softgate.engine.validation import MAX_REWARD_COMPONENTS
+from softgate.engine.validation import MAX_REJECTION_CRITERIA, MAX_REWARD_COMPONENTS
 
 # the largest element count any shape may claim (far above every limit; guards the products),
 # its 0 dimensions read as 1: [0, 2, 2**62] holds nothing, but its strides overflow int64
@@ -109,6 +110,7 @@ CONFIG_ROOTS = (
     "log_ratio_clamp",
     "saturation_threshold",
     "off_policy_mask_threshold",
+    "rejection",
 )
 
 
@@ -712,6 +714,18 @@ _MM_MODES = {
     pb.MISMATCH_MODE_MASK: "mask",
     pb.MISMATCH_MODE_SEQ_MASK: "seq_mask",
 }
+_RS_STATISTICS = {
+    pb.REJECTION_STATISTIC_K1: "k1",
+    pb.REJECTION_STATISTIC_K2: "k2",
+    pb.REJECTION_STATISTIC_K3: "k3",
+    pb.REJECTION_STATISTIC_BINARY_KL: "binary_kl",
+}
+_RS_LEVELS = {
+    pb.REJECTION_LEVEL_TOKEN: "token",
+    pb.REJECTION_LEVEL_SEQ_SUM: "seq_sum",
+    pb.REJECTION_LEVEL_SEQ_MEAN: "seq_mean",
+    pb.REJECTION_LEVEL_SEQ_MAX: "seq_max",
+}
 
 
 def _enum(
@@ -789,8 +803,27 @@ def _decode_loss_config(msg: pb.LossConfig, v: list[FieldViolation], prefix: str
         aggregation=AggregationConfig(**agg_kw),
         kl=kl,
         mismatch=mm,
+        rejection=_rejection(msg, prefix + "rejection", v),
         **top,
     )
+
+
+def _rejection(msg: pb.LossConfig, field: str, v: list[FieldViolation]) -> tuple[RejectionCriterion, ...]:
+    """LossConfig.rejection's criteria (refused past MAX_REJECTION_CRITERIA before any is built)."""
+    if len(msg.rejection) > MAX_REJECTION_CRITERIA:
+        v.append(
+            FieldViolation(
+                field, f"out_of_range: {len(msg.rejection)} criteria; at most {MAX_REJECTION_CRITERIA}"
+            )
+        )
+        return ()
+    out = []
+    for i, c in enumerate(msg.rejection):
+        kw = _set_fields(c, ("upper", "lower"))
+        _enum(c.statistic, _RS_STATISTICS, f"{field}[{i}].statistic", v, kw, "statistic")
+        _enum(c.level, _RS_LEVELS, f"{field}[{i}].level", v, kw, "level")
+        out.append(RejectionCriterion(**kw))
+    return tuple(out)
 
 
 def selected_outputs(sel: pb.OutputSelection | None) -> tuple[str, ...]:

@@ -67,6 +67,11 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
         "of sampler - current log-prob above off_policy_mask_threshold); batches with the threshold only.",
         RO,
     ),
+    "softgate_rollout_rejected_tokens_total": (
+        "Tokens rollout rejection (LossConfig.rejection, verl's rollout_rs) took out of the loss mask: "
+        "not in softgate_loss_tokens_total; batches with rejection criteria only.",
+        RO,
+    ),
     "softgate_advantage_batches_total": ("ComputeAdvantages batches.", ("run",)),
 }
 

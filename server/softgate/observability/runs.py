@@ -158,6 +158,7 @@ WINDOW_KEYS = (
     "mismatch_weight_mean",
     "mismatch_clipped_frac",
     "off_policy_masked_frac",
+    "rejected_frac",
 )
 
 
@@ -183,6 +184,7 @@ TOKEN_WEIGHTS: dict[str, tuple[str, ...]] = {
     "mismatch_weight_mean": _TRAINED,
     "mismatch_clipped_frac": _TRAINED,
     "off_policy_masked_frac": _TRAINED,
+    "rejected_frac": _TRAINED,
 }
 
 

@@ -454,6 +454,7 @@ class PrometheusTelemetry(Telemetry):
             "mismatch_weight_mean": _f(m, "mismatch_weight_mean"),
             "mismatch_clipped_frac": _f(m, "mismatch_clipped_frac"),
             "off_policy_masked_frac": _f(m, "off_policy_masked_frac"),
+            "rejected_frac": None,  # (below: of the tokens the batch had before rollout rejection)
         }
         # the engine's 0 for a clip the objective does not have means "not applicable": left
         # out, or it dilutes the other objectives' fractions wherever they are summed or averaged
@@ -470,6 +471,9 @@ class PrometheusTelemetry(Telemetry):
             values["mismatch_weight_mean"] = values["mismatch_clipped_frac"] = None
         if getattr(config, "off_policy_mask_threshold", None) is None:
             values["off_policy_masked_frac"] = None
+        rejected = _f(m, "rejected_tokens") if getattr(config, "rejection", ()) else None
+        if rejected is not None:
+            values["rejected_frac"] = rejected / (n_tok + rejected) if n_tok + rejected > 0 else 0.0
         with self.lock:
             _, st = self.runs.state(run, now)
             o = (objective,)
@@ -491,6 +495,8 @@ class PrometheusTelemetry(Telemetry):
             ):
                 if (frac := values[key]) is not None:
                     st.inc(counter, o, round(frac * n_tok))
+            if rejected is not None:
+                st.inc("softgate_rollout_rejected_tokens_total", o, rejected)
             clamped = _f(m, "clamped_tokens")
             if clamped is not None:
                 st.inc("softgate_clamped_tokens_total", o, clamped)

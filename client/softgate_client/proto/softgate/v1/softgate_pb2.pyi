@@ -79,6 +79,22 @@ class MismatchMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MISMATCH_MODE_TRUNCATE: _ClassVar[MismatchMode]
     MISMATCH_MODE_MASK: _ClassVar[MismatchMode]
     MISMATCH_MODE_SEQ_MASK: _ClassVar[MismatchMode]
+
+class RejectionStatistic(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REJECTION_STATISTIC_UNSPECIFIED: _ClassVar[RejectionStatistic]
+    REJECTION_STATISTIC_K1: _ClassVar[RejectionStatistic]
+    REJECTION_STATISTIC_K2: _ClassVar[RejectionStatistic]
+    REJECTION_STATISTIC_K3: _ClassVar[RejectionStatistic]
+    REJECTION_STATISTIC_BINARY_KL: _ClassVar[RejectionStatistic]
+
+class RejectionLevel(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REJECTION_LEVEL_UNSPECIFIED: _ClassVar[RejectionLevel]
+    REJECTION_LEVEL_TOKEN: _ClassVar[RejectionLevel]
+    REJECTION_LEVEL_SEQ_SUM: _ClassVar[RejectionLevel]
+    REJECTION_LEVEL_SEQ_MEAN: _ClassVar[RejectionLevel]
+    REJECTION_LEVEL_SEQ_MAX: _ClassVar[RejectionLevel]
 DTYPE_UNSPECIFIED: Dtype
 DTYPE_FLOAT32: Dtype
 DTYPE_FLOAT64: Dtype
@@ -129,6 +145,16 @@ MISMATCH_MODE_UNSPECIFIED: MismatchMode
 MISMATCH_MODE_TRUNCATE: MismatchMode
 MISMATCH_MODE_MASK: MismatchMode
 MISMATCH_MODE_SEQ_MASK: MismatchMode
+REJECTION_STATISTIC_UNSPECIFIED: RejectionStatistic
+REJECTION_STATISTIC_K1: RejectionStatistic
+REJECTION_STATISTIC_K2: RejectionStatistic
+REJECTION_STATISTIC_K3: RejectionStatistic
+REJECTION_STATISTIC_BINARY_KL: RejectionStatistic
+REJECTION_LEVEL_UNSPECIFIED: RejectionLevel
+REJECTION_LEVEL_TOKEN: RejectionLevel
+REJECTION_LEVEL_SEQ_SUM: RejectionLevel
+REJECTION_LEVEL_SEQ_MEAN: RejectionLevel
+REJECTION_LEVEL_SEQ_MAX: RejectionLevel
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data", "padding")
@@ -382,8 +408,20 @@ class MismatchConfig(_message.Message):
     floor: float
     def __init__(self, level: _Optional[_Union[MismatchLevel, str]] = ..., mode: _Optional[_Union[MismatchMode, str]] = ..., cap: _Optional[float] = ..., lo: _Optional[float] = ..., hi: _Optional[float] = ..., floor: _Optional[float] = ...) -> None: ...
 
+class RejectionCriterion(_message.Message):
+    __slots__ = ("statistic", "level", "upper", "lower")
+    STATISTIC_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    UPPER_FIELD_NUMBER: _ClassVar[int]
+    LOWER_FIELD_NUMBER: _ClassVar[int]
+    statistic: RejectionStatistic
+    level: RejectionLevel
+    upper: float
+    lower: float
+    def __init__(self, statistic: _Optional[_Union[RejectionStatistic, str]] = ..., level: _Optional[_Union[RejectionLevel, str]] = ..., upper: _Optional[float] = ..., lower: _Optional[float] = ...) -> None: ...
+
 class LossConfig(_message.Message):
-    __slots__ = ("objective", "advantages", "aggregation", "kl", "mismatch", "log_ratio_clamp", "saturation_threshold", "off_policy_mask_threshold")
+    __slots__ = ("objective", "advantages", "aggregation", "kl", "mismatch", "log_ratio_clamp", "saturation_threshold", "off_policy_mask_threshold", "rejection")
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     ADVANTAGES_FIELD_NUMBER: _ClassVar[int]
     AGGREGATION_FIELD_NUMBER: _ClassVar[int]
@@ -392,6 +430,7 @@ class LossConfig(_message.Message):
     LOG_RATIO_CLAMP_FIELD_NUMBER: _ClassVar[int]
     SATURATION_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     OFF_POLICY_MASK_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    REJECTION_FIELD_NUMBER: _ClassVar[int]
     objective: Objective
     advantages: AdvantageConfig
     aggregation: AggregationConfig
@@ -400,7 +439,8 @@ class LossConfig(_message.Message):
     log_ratio_clamp: float
     saturation_threshold: float
     off_policy_mask_threshold: float
-    def __init__(self, objective: _Optional[_Union[Objective, _Mapping]] = ..., advantages: _Optional[_Union[AdvantageConfig, _Mapping]] = ..., aggregation: _Optional[_Union[AggregationConfig, _Mapping]] = ..., kl: _Optional[_Union[KlConfig, _Mapping]] = ..., mismatch: _Optional[_Union[MismatchConfig, _Mapping]] = ..., log_ratio_clamp: _Optional[float] = ..., saturation_threshold: _Optional[float] = ..., off_policy_mask_threshold: _Optional[float] = ...) -> None: ...
+    rejection: _containers.RepeatedCompositeFieldContainer[RejectionCriterion]
+    def __init__(self, objective: _Optional[_Union[Objective, _Mapping]] = ..., advantages: _Optional[_Union[AdvantageConfig, _Mapping]] = ..., aggregation: _Optional[_Union[AggregationConfig, _Mapping]] = ..., kl: _Optional[_Union[KlConfig, _Mapping]] = ..., mismatch: _Optional[_Union[MismatchConfig, _Mapping]] = ..., log_ratio_clamp: _Optional[float] = ..., saturation_threshold: _Optional[float] = ..., off_policy_mask_threshold: _Optional[float] = ..., rejection: _Optional[_Iterable[_Union[RejectionCriterion, _Mapping]]] = ...) -> None: ...
 
 class OutputSelection(_message.Message):
     __slots__ = ("gradient", "advantages", "ratio", "gate_weight", "clip_mask", "mask")
@@ -586,7 +626,7 @@ class ServerLimits(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., max_sequences: _Optional[int] = ..., max_groups: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_stream_chunks: _Optional[int] = ...) -> None: ...
 
 class ListAlgorithmsResponse(_message.Message):
-    __slots__ = ("objectives", "advantage_estimators", "aggregations", "kl_estimators", "mismatch_modes", "loss_parameters", "metrics", "limits", "server_version")
+    __slots__ = ("objectives", "advantage_estimators", "aggregations", "kl_estimators", "mismatch_modes", "loss_parameters", "metrics", "limits", "server_version", "rejection_statistics")
     OBJECTIVES_FIELD_NUMBER: _ClassVar[int]
     ADVANTAGE_ESTIMATORS_FIELD_NUMBER: _ClassVar[int]
     AGGREGATIONS_FIELD_NUMBER: _ClassVar[int]
@@ -596,6 +636,7 @@ class ListAlgorithmsResponse(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REJECTION_STATISTICS_FIELD_NUMBER: _ClassVar[int]
     objectives: _containers.RepeatedCompositeFieldContainer[AlgorithmInfo]
     advantage_estimators: _containers.RepeatedCompositeFieldContainer[AlgorithmInfo]
     aggregations: _containers.RepeatedCompositeFieldContainer[AlgorithmInfo]
@@ -605,4 +646,5 @@ class ListAlgorithmsResponse(_message.Message):
     metrics: _containers.RepeatedCompositeFieldContainer[MetricInfo]
     limits: ServerLimits
     server_version: str
-    def __init__(self, objectives: _Optional[_Iterable[_Union[AlgorithmInfo, _Mapping]]] = ..., advantage_estimators: _Optional[_Iterable[_Union[AlgorithmInfo, _Mapping]]] = ..., aggregations: _Optional[_Iterable[_Union[AlgorithmInfo, _Mapping]]] = ..., kl_estimators: _Optional[_Iterable[_Union[AlgorithmInfo, _Mapping]]] = ..., mismatch_modes: _Optional[_Iterable[_Union[AlgorithmInfo, _Mapping]]] = ..., loss_parameters: _Optional[_Iterable[_Union[ParameterInfo, _Mapping]]] = ..., metrics: _Optional[_Iterable[_Union[MetricInfo, _Mapping]]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., server_version: _Optional[str] = ...) -> None: ...
+    rejection_statistics: _containers.RepeatedCompositeFieldContainer[AlgorithmInfo]
+    def __init__(self, objectives: _Optional[_Iterable[_Union[AlgorithmInfo, _Mapping]]] = ..., advantage_estimators: _Optional[_Iterable[_Union[AlgorithmInfo, _Mapping]]] = ..., aggregations: _Optional[_Iterable[_Union[AlgorithmInfo, _Mapping]]] = ..., kl_estimators: _Optional[_Iterable[_Union[AlgorithmInfo, _Mapping]]] = ..., mismatch_modes: _Optional[_Iterable[_Union[AlgorithmInfo, _Mapping]]] = ..., loss_parameters: _Optional[_Iterable[_Union[ParameterInfo, _Mapping]]] = ..., metrics: _Optional[_Iterable[_Union[MetricInfo, _Mapping]]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., server_version: _Optional[str] = ..., rejection_statistics: _Optional[_Iterable[_Union[AlgorithmInfo, _Mapping]]] = ...) -> None: ...

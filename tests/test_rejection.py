@@ -1,0 +1,284 @@
+"""Rollout rejection sampling (LossConfig.rejection): verl's `rollout_rs` written out below,
+padded [B, T] as verl computes it, against the engine's ragged version; and what a rejected
+token is (out of the mask: the same loss and gradient as the caller's mask without it)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from softgate.engine import Batch, Engine, Grpo, InputError, KLConfig, LossConfig, RejectionCriterion, Sapo
+
+ENGINE = Engine(device="cpu", compile=False)
+F64 = torch.float64
+
+
+# ---------------------------------------------------------------- verl's rollout_rs, written out
+
+
+def verl_rejection_mask(
+    old: torch.Tensor, rollout: torch.Tensor, mask: torch.Tensor, options: str, thresholds: str
+):
+    """verl's compute_rollout_rejection_mask (verl-project/verl rollout_corr_helper.py @ 20c30bf8)
+    on padded [B, T] tensors: the modified response mask."""
+    log_ratio = (old - rollout).clamp(-20.0, 20.0)
+    k1, k2, k3 = -log_ratio, 0.5 * log_ratio**2, torch.exp(log_ratio) - 1.0 - log_ratio
+    specs = [s.strip() for s in thresholds.split(",")]
+    opts = [o.strip() for o in options.split(",")]
+    specs = specs * len(opts) if len(specs) == 1 else specs
+    combined = torch.ones_like(mask)
+    mf = mask.to(old.dtype)
+
+    def masked_mean(x: torch.Tensor) -> torch.Tensor:  # verl_F.masked_mean(x, mask, axis=-1)
+        return (x * mf).sum(-1) / (mf.sum(-1) + 1e-8)
+
+    for opt, spec in zip(opts, specs, strict=True):
+        if opt.endswith("k1"):
+            lo, hi = (float(x) for x in spec.split("_")) if "_" in spec else (1 / float(spec), float(spec))
+            lo_log, hi_log = math.log(lo), math.log(hi)
+        else:
+            upper = float(spec)
+        if opt == "binary_kl":
+            eps = 1e-6
+            p = torch.exp(old.float()).clamp(eps, 1 - eps)
+            q = torch.exp(rollout.float()).clamp(eps, 1 - eps)
+            fwd = p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q))
+            rev = q * torch.log(q / p) + (1 - q) * torch.log((1 - q) / (1 - p))
+            keep = torch.maximum(fwd, rev).to(old.dtype) <= upper
+        elif opt.startswith("token"):
+            stat = {"k1": k1, "k2": k2, "k3": k3}[opt[-2:]]
+            keep = (stat >= lo_log) & (stat <= hi_log) if opt.endswith("k1") else stat <= upper
+        else:
+            stat = {"k1": k1, "k2": k2, "k3": k3}[opt[-2:]]
+            if opt.startswith("seq_sum"):
+                seq = (stat * mf).sum(-1)
+            elif opt.startswith("seq_mean"):
+                seq = masked_mean(stat)
+            else:  # seq_max
+                seq = stat.masked_fill(~mask.bool(), float("-inf")).max(-1).values
+            keep = ((seq >= lo_log) & (seq <= hi_log) if opt.endswith("k1") else seq <= upper)[
+                :, None
+            ].expand_as(mask)
+        combined = combined * keep.to(mask.dtype)
+    return mask * combined
+
+
+def criteria(options: str, thresholds: str) -> tuple[RejectionCriterion, ...]:
+    """The same options as softgate's criteria."""
+    specs = [s.strip() for s in thresholds.split(",")]
+    opts = [o.strip() for o in options.split(",")]
+    specs = specs * len(opts) if len(specs) == 1 else specs
+    out = []
+    for opt, spec in zip(opts, specs, strict=True):
+        level, stat = ("token", "binary_kl") if opt == "binary_kl" else (opt[:-3], opt[-2:])
+        lo, hi = (float(x) for x in spec.split("_")) if "_" in spec else (None, float(spec))
+        out.append(RejectionCriterion(upper=hi, statistic=stat, level=level, lower=lo))
+    return tuple(out)
+
+
+def padded_batch(
+    seed: int = 0, dtype: torch.dtype = F64
+) -> tuple[Batch, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A ragged batch of 12 sequences (one empty, one fully masked) with holes in its mask, and
+    the same as padded [B, T] old, rollout and mask (0 past each length)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([5, 9, 0, 3, 12, 7, 1, 8, 10, 4, 6, 11])
+    b, t = len(lengths), int(lengths.max())
+    pad = torch.arange(t)[None, :] < lengths[:, None]
+    logp = -torch.rand(b, t, generator=g, dtype=F64) * 2 - 0.05
+    old = (logp + torch.randn(b, t, generator=g, dtype=F64) * 0.2).clamp(max=-1e-3)
+    # sequences off by a little, by a lot, and one token far off in an otherwise close sequence
+    spread = torch.tensor([0.05, 0.4, 0.1, 0.8, 0.05, 0.3, 1.0, 0.02, 0.6, 0.1, 0.2, 0.05], dtype=F64)
+    rollout = (old + torch.randn(b, t, generator=g, dtype=F64) * spread[:, None]).clamp(max=-1e-3)
+    rollout[7, 3] = old[7, 3] - 3.0
+    mask = pad & (torch.rand(b, t, generator=g) > 0.15)
+    mask[5] = False  # a sequence with no trained token
+    flat = pad.flatten()
+    batch = Batch(
+        logp=logp.flatten()[flat].to(dtype),
+        old_logp=old.flatten()[flat].to(dtype),
+        rollout_logp=rollout.flatten()[flat].to(dtype),
+        mask=mask.flatten()[flat],
+        offsets=Batch.offsets_from_lengths(lengths),
+        advantages=torch.linspace(-1, 1, b, dtype=dtype),
+    )
+    return batch, old.to(dtype).to(F64), rollout.to(dtype).to(F64), mask.to(F64)
+
+
+OPTIONS = [
+    ("token_k1", "0.6_1.5"),
+    ("token_k1", "1.5"),
+    ("token_k2", "0.02"),
+    ("token_k3", "0.02"),
+    ("seq_sum_k1", "0.5_1.6"),
+    ("seq_sum_k2", "0.1"),
+    ("seq_sum_k3", "0.1"),
+    ("seq_mean_k1", "0.95_1.05"),
+    ("seq_mean_k2", "0.01"),
+    ("seq_mean_k3", "0.01"),
+    ("seq_max_k2", "0.2"),
+    ("seq_max_k3", "0.2"),
+    ("binary_kl", "0.01"),
+    ("token_k1,seq_mean_k3", "0.5_2.0,0.01"),
+    ("token_k3,seq_max_k2,binary_kl", "0.05"),
+]
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize(("options", "thresholds"), OPTIONS)
+def test_rejection_is_verl_rollout_rs(options: str, thresholds: str, dtype: torch.dtype) -> None:
+    """Every rollout_rs option of verl, alone and chained: the tokens left trained are verl's
+    modified response mask, and the loss and gradient are those of the batch sent with that mask
+    (no rejection): a rejected token is out of the loss, the gradient and the normalisers."""
+    batch, old, rollout, mask = padded_batch(dtype=dtype)
+    want = verl_rejection_mask(old, rollout, mask, options, thresholds)
+    pad = torch.arange(old.shape[1])[None, :] < (batch.offsets[1:] - batch.offsets[:-1])[:, None]
+    want_flat = want.flatten()[pad.flatten()].bool()
+    for objective in (Grpo(), Sapo()):
+        config = LossConfig(objective=objective, aggregation=dataclasses.replace(LossConfig().aggregation, mode="token_mean"),
+                            rejection=criteria(options, thresholds))  # fmt: skip
+        got = ENGINE.loss(batch, config)
+        assert torch.equal(got.mask, want_flat), (options, objective)
+        n_rejected = int((batch.mask & ~want_flat).sum())
+        assert got.metrics["rejected_tokens"] == n_rejected
+        plain = ENGINE.loss(
+            dataclasses.replace(batch, mask=want_flat), dataclasses.replace(config, rejection=())
+        )
+        assert got.loss == plain.loss and torch.equal(got.grad, plain.grad)
+        assert got.metrics["num_tokens"] == plain.metrics["num_tokens"] == int(want_flat.sum())
+    if options not in ("seq_max_k2", "seq_max_k3"):  # (the batch's maxima are all below 0.2 there)
+        assert 0 < n_rejected < int(batch.mask.sum()), (options, "the batch should test something")
+
+
+def test_rejection_without_a_mask_and_with_a_kl_term() -> None:
+    """Without a mask every token is trained until rejected; a rejected token's KL term goes too."""
+    batch, *_ = padded_batch()
+    batch = dataclasses.replace(batch, mask=None, ref_logp=batch.logp - 0.1)
+    config = LossConfig(
+        objective=Grpo(), kl=KLConfig("k3", beta=0.1), rejection=criteria("seq_mean_k3", "0.01")
+    )
+    got = ENGINE.loss(batch, config)
+    assert 0 < got.metrics["rejected_tokens"] < batch.logp.numel()
+    plain = ENGINE.loss(dataclasses.replace(batch, mask=got.mask), dataclasses.replace(config, rejection=()))
+    assert got.loss == plain.loss and got.kl_loss == plain.kl_loss and torch.equal(got.grad, plain.grad)
+    assert torch.all(got.grad[~got.mask] == 0)
+
+
+def test_rejection_on_policy_reads_logp() -> None:
+    """Without old_logp (on-policy) the statistic is of logp - rollout (verl's bypass mode)."""
+    batch, *_ = padded_batch()
+    on_policy = dataclasses.replace(batch, old_logp=None)
+    config = LossConfig(objective=Grpo(), rejection=criteria("token_k1", "0.6_1.5"))
+    got = ENGINE.loss(on_policy, config)
+    as_old = ENGINE.loss(dataclasses.replace(batch, old_logp=batch.logp), config)
+    assert torch.equal(got.mask, as_old.mask) and got.metrics["rejected_tokens"] > 0
+
+
+@pytest.mark.parametrize("garbage", [-1e300, 1e300, 50.0])
+def test_rejection_ignores_garbage_on_masked_tokens(garbage: float) -> None:
+    """Finite garbage on masked tokens (non-finite values are refused wherever they are) changes
+    nothing: not the statistics of the sequences, not the loss."""
+    batch, *_ = padded_batch()
+    config = LossConfig(
+        objective=Grpo(), rejection=criteria("token_k3,seq_sum_k1,seq_max_k2,binary_kl", "0.5")
+    )
+    clean = ENGINE.loss(batch, config)
+    dirty = batch
+    for name in ("logp", "old_logp", "rollout_logp"):
+        x = getattr(batch, name).clone()
+        x[~batch.mask] = garbage
+        dirty = dataclasses.replace(dirty, **{name: x})
+    got = ENGINE.loss(dirty, config)
+    assert got.loss == clean.loss and torch.equal(got.grad, clean.grad) and torch.equal(got.mask, clean.mask)
+
+
+@pytest.mark.parametrize(("field", "value", "reason"), [("old_logp", float("nan"), "non_finite"),
+                                                         ("old_logp", 3.0, "positive_logp"),
+                                                         ("logp", float("nan"), "non_finite")])  # fmt: skip
+def test_a_bad_value_is_refused_not_rejected(field: str, value: float, reason: str) -> None:
+    """A NaN or positive log-prob on a trained token is refused, naming it, even where rejection
+    would have taken the token out (the kernel, which checks them otherwise, never sees it)."""
+    batch, *_ = padded_batch()
+    i = int(torch.nonzero(batch.mask)[3, 0])
+    x = getattr(batch, field).clone()
+    x[i] = value
+    batch = dataclasses.replace(batch, **{field: x})
+    with pytest.raises(InputError) as e:
+        ENGINE.loss(batch, LossConfig(objective=Grpo(), rejection=criteria("token_k1", "1.01")))
+    assert any(v.field == field and v.reason.startswith(reason) and v.index == i for v in e.value.violations)
+
+
+@pytest.mark.parametrize(
+    ("criterion", "field", "reason"),
+    [
+        (RejectionCriterion(), "rejection[0].upper", "missing"),
+        (RejectionCriterion(upper=-1.0), "rejection[0].upper", "out_of_range"),
+        (RejectionCriterion(upper=float("nan")), "rejection[0].upper", "out_of_range"),
+        (RejectionCriterion(upper=2.0, lower=3.0), "rejection[0].lower", "out_of_range"),
+        (RejectionCriterion(upper=2.0, lower=0.0), "rejection[0].lower", "out_of_range"),
+        (RejectionCriterion(upper=2.0, statistic="k3", lower=0.5), "rejection[0].lower", "unsupported"),
+        (
+            RejectionCriterion(upper=2.0, statistic="binary_kl", level="seq_mean"),
+            "rejection[0].level",
+            "unsupported",
+        ),
+        (RejectionCriterion(upper=2.0, level="seq_max"), "rejection[0].level", "unsupported"),
+        (RejectionCriterion(upper=2.0, statistic="k4"), "rejection[0].statistic", "unknown_name"),  # type: ignore[arg-type]
+        (RejectionCriterion(upper=2.0, level="seq"), "rejection[0].level", "unknown_name"),  # type: ignore[arg-type]
+    ],
+)
+def test_bad_criteria_are_refused(criterion: RejectionCriterion, field: str, reason: str) -> None:
+    batch, *_ = padded_batch()
+    with pytest.raises(InputError) as e:
+        ENGINE.loss(batch, LossConfig(rejection=(RejectionCriterion(upper=2.0), criterion)[1:]))
+    assert [(v.field, v.reason.split(":")[0]) for v in e.value.violations] == [(field, reason)]
+
+
+def test_rejection_needs_rollout_logp() -> None:
+    batch, *_ = padded_batch()
+    with pytest.raises(InputError) as e:
+        ENGINE.loss(
+            dataclasses.replace(batch, rollout_logp=None), LossConfig(rejection=criteria("token_k1", "2"))
+        )
+    assert [v.field for v in e.value.violations] == ["rollout_logp"]
+
+
+# ---------------------------------------------------------------- the client's keywords
+
+
+def test_client_maps_verl_keywords_to_criteria() -> None:
+    from softgate_client import RejectionCriterion as C
+    from softgate_client import build_loss_config, rejection_from_verl
+
+    assert rejection_from_verl("token_k1,seq_max_k3, binary_kl", "0.5_2.0,0.1,0.02") == (
+        C(2.0, "k1", "token", 0.5),
+        C(0.1, "k3", "seq_max"),
+        C(0.02, "binary_kl", "token"),
+    )
+    assert rejection_from_verl("seq_sum_k1,seq_mean_k2", 1.5) == (
+        C(1.5, "k1", "seq_sum"),
+        C(1.5, "k2", "seq_mean"),
+    )
+    c = build_loss_config(objective="grpo", rollout_rs="token_k2", rollout_rs_threshold="0.1")
+    assert c.rejection == (C(0.1, "k2", "token"),)
+    assert build_loss_config(rejection=C(2.0)).rejection == (C(2.0),)
+
+
+@pytest.mark.parametrize(
+    ("kw", "field"),
+    [
+        ({"rollout_rs": "token_k1"}, "rollout_rs_threshold"),
+        ({"rollout_rs_threshold": 2.0}, "rollout_rs"),
+        ({"rollout_rs": "token_k1,seq_mean_k3", "rollout_rs_threshold": "1,2,3"}, "rollout_rs_threshold"),
+        ({"rollout_rs": "token_k1", "rollout_rs_threshold": "high"}, "rollout_rs_threshold"),
+        ({"rejection": ["token_k1"]}, "config.rejection"),
+    ],
+)
+def test_client_refuses_bad_rejection_keywords(kw: dict, field: str) -> None:
+    from softgate_client import InvalidArgumentError, build_loss_config
+
+    with pytest.raises(InvalidArgumentError) as e:
+        build_loss_config(**kw)
+    assert [v.field for v in e.value.violations] == [field]
