@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from softgate.engine import config as c
+from softgate.engine.validation import validate_config
 from softgate.grpc import catalogue
 from softgate.grpc.codec import Limits
 
@@ -77,9 +78,20 @@ def test_rejection_statistics_are_listed_with_their_parameters() -> None:
     level choices; the level's help is rejection's own, not the mismatch weight's."""
     r = catalogue.build(Limits(), 1 << 20)
     assert [a.name for a in r.rejection_statistics] == ["k1", "k2", "k3", "binary_kl"]
+    levels = {
+        "k1": ["token", "seq_sum", "seq_mean"],
+        "k2": ["token", "seq_sum", "seq_mean", "seq_max"],
+        "k3": ["token", "seq_sum", "seq_mean", "seq_max"],
+        "binary_kl": ["token"],
+    }
     for a in r.rejection_statistics:
         params = {p.name: p for p in a.parameters}
-        assert set(params) == {"upper", "lower", "level"} and a.description
-        assert list(params["level"].choices) == ["token", "seq_sum", "seq_mean", "seq_max"]
+        assert set(params) == ({"upper", "lower", "level"} if a.name == "k1" else {"upper", "level"})
+        assert a.description and list(params["level"].choices) == levels[a.name], a.name
         assert params["level"].default_choice == "token" and "sequence" in params["level"].description
         assert "mismatch" not in params["level"].description
+        # every combination listed is accepted, every other one refused
+        for level in c.REJECTION_LEVELS:
+            crit = c.RejectionCriterion(upper=2.0, statistic=a.name, level=level)
+            refused = validate_config(c.LossConfig(rejection=(crit,)))
+            assert bool(refused) == (level not in levels[a.name]), (a.name, level, refused)

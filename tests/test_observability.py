@@ -701,6 +701,19 @@ def test_off_policy_corrections_are_exported_for_the_batches_that_have_them() ->
     assert m["rejected_tokens"] > 0
     assert window["rejected_frac"] == pytest.approx(m["rejected_tokens"] / (n_tok + m["rejected_tokens"]))
 
+    # a window's rejected share is over the tokens sent: a batch rejecting everything counts
+    # fully, not as a batch of no trained tokens (a review: two 100-token batches rejecting 90
+    # and 10 read 0.18)
+    from softgate.observability.runs import BatchRecord, summarize
+
+    def rec(trained: float, rejected: float) -> BatchRecord:
+        values = {"tokens_pos": trained, "tokens_neg": 0.0, "tokens_zero": 0.0, "tokens_rejected": rejected,
+                  "rejected_frac": rejected / (trained + rejected)}  # fmt: skip
+        return BatchRecord(t=0.0, objective="grpo", tokens=int(trained), seqs=1, groups=0, values=values)
+
+    assert summarize([rec(10, 90), rec(90, 10)])["rejected_frac"] == pytest.approx(0.5)
+    assert summarize([rec(0, 100)])["rejected_frac"] == 1.0
+
     # without them: no series, no window keys, whatever the engine's neutral values
     plain = PrometheusTelemetry(S())
     config, res = _engine_result(config=LossConfig(objective=Grpo()), corrections=True)

@@ -9,7 +9,17 @@ import math
 
 import pytest
 import torch
-from softgate.engine import Batch, Engine, Grpo, InputError, KLConfig, LossConfig, RejectionCriterion, Sapo
+from softgate.engine import (
+    Batch,
+    Engine,
+    Grpo,
+    InputError,
+    KLConfig,
+    LossConfig,
+    MismatchConfig,
+    RejectionCriterion,
+    Sapo,
+)
 
 ENGINE = Engine(device="cpu", compile=False)
 F64 = torch.float64
@@ -182,7 +192,8 @@ def test_rejection_ignores_garbage_on_masked_tokens(garbage: float) -> None:
     nothing: not the statistics of the sequences, not the loss."""
     batch, *_ = padded_batch()
     config = LossConfig(
-        objective=Grpo(), rejection=criteria("token_k3,seq_sum_k1,seq_max_k2,binary_kl", "0.5")
+        objective=Grpo(),
+        rejection=criteria("token_k3,seq_sum_k1,seq_max_k2,binary_kl", "0.5,0.5_2.0,0.5,0.5"),
     )
     clean = ENGINE.loss(batch, config)
     dirty = batch
@@ -196,7 +207,8 @@ def test_rejection_ignores_garbage_on_masked_tokens(garbage: float) -> None:
 
 @pytest.mark.parametrize(("field", "value", "reason"), [("old_logp", float("nan"), "non_finite"),
                                                          ("old_logp", 3.0, "positive_logp"),
-                                                         ("logp", float("nan"), "non_finite")])  # fmt: skip
+                                                         ("logp", float("nan"), "non_finite"),
+                                                         ("logp", 3.0, "positive_logp")])  # fmt: skip
 def test_a_bad_value_is_refused_not_rejected(field: str, value: float, reason: str) -> None:
     """A NaN or positive log-prob on a trained token is refused, naming it, even where rejection
     would have taken the token out (the kernel, which checks them otherwise, never sees it)."""
@@ -217,6 +229,7 @@ def test_a_bad_value_is_refused_not_rejected(field: str, value: float, reason: s
         (RejectionCriterion(upper=-1.0), "rejection[0].upper", "out_of_range"),
         (RejectionCriterion(upper=float("nan")), "rejection[0].upper", "out_of_range"),
         (RejectionCriterion(upper=2.0, lower=3.0), "rejection[0].lower", "out_of_range"),
+        (RejectionCriterion(upper=0.5), "rejection[0].upper", "out_of_range"),  # [2, 0.5]: empty
         (RejectionCriterion(upper=2.0, lower=0.0), "rejection[0].lower", "out_of_range"),
         (RejectionCriterion(upper=2.0, statistic="k3", lower=0.5), "rejection[0].lower", "unsupported"),
         (
@@ -234,6 +247,53 @@ def test_bad_criteria_are_refused(criterion: RejectionCriterion, field: str, rea
     with pytest.raises(InputError) as e:
         ENGINE.loss(batch, LossConfig(rejection=(RejectionCriterion(upper=2.0), criterion)[1:]))
     assert [(v.field, v.reason.split(":")[0]) for v in e.value.violations] == [(field, reason)]
+
+
+def test_a_sequence_mismatch_weight_is_the_sampled_sequence_s() -> None:
+    """A sequence-level mismatch weight (verl's rollout_is: sequence) sums old - rollout over the
+    mask as sent, rejected tokens included, as verl computes its IS weights before and apart from
+    rejection (a review: one rejected token made the weight 1 where verl's is e): the loss of a
+    batch sent with the kept mask and each sequence's rejected log-weight moved onto one of its
+    kept tokens."""
+    batch, *_ = padded_batch()
+    config = LossConfig(
+        objective=Grpo(),
+        mismatch=MismatchConfig(level="sequence", mode="truncate", cap=5.0),
+        rejection=criteria("token_k1", "0.7_1.4"),
+    )
+    got = ENGINE.loss(batch, config)
+    kept, sent = got.mask, batch.mask
+    lv = torch.where(sent, batch.old_logp - batch.rollout_logp, torch.zeros_like(batch.logp))
+    rollout, moved = batch.rollout_logp.clone(), 0
+    for i in range(batch.num_seqs):
+        lo, hi = int(batch.offsets[i]), int(batch.offsets[i + 1])
+        rejected, kept_idx = sent[lo:hi] & ~kept[lo:hi], torch.nonzero(kept[lo:hi])
+        if rejected.any() and len(kept_idx):
+            rollout[lo + int(kept_idx[0, 0])] -= lv[lo:hi][rejected].sum()
+            moved += 1
+    assert moved >= 3
+    plain = ENGINE.loss(
+        dataclasses.replace(batch, mask=kept, rollout_logp=rollout), dataclasses.replace(config, rejection=())
+    )
+    assert got.loss == pytest.approx(plain.loss, rel=1e-12)
+    torch.testing.assert_close(got.grad, plain.grad, rtol=1e-12, atol=1e-15)
+    # and not the weight of the kept tokens alone
+    alone = ENGINE.loss(dataclasses.replace(batch, mask=kept), dataclasses.replace(config, rejection=()))
+    assert alone.loss != pytest.approx(got.loss, rel=1e-6)
+
+
+def test_an_empty_batch_and_empty_sequences() -> None:
+    config = LossConfig(
+        objective=Grpo(), rejection=criteria("seq_max_k2,seq_mean_k1,token_k3", "0.1,0.9_1.1,0.1")
+    )
+    empty = Batch(logp=torch.zeros(0, dtype=F64), old_logp=torch.zeros(0, dtype=F64), rollout_logp=torch.zeros(0, dtype=F64),
+                  offsets=torch.tensor([0, 0, 0]), advantages=torch.zeros(2, dtype=F64))  # fmt: skip
+    for b in (
+        empty,
+        dataclasses.replace(empty, offsets=torch.tensor([0]), advantages=torch.zeros(0, dtype=F64)),
+    ):
+        r = ENGINE.loss(b, config)
+        assert r.loss == 0.0 and r.metrics["rejected_tokens"] == 0.0
 
 
 def test_rejection_needs_rollout_logp() -> None:
@@ -264,13 +324,22 @@ def test_client_maps_verl_keywords_to_criteria() -> None:
     c = build_loss_config(objective="grpo", rollout_rs="token_k2", rollout_rs_threshold="0.1")
     assert c.rejection == (C(0.1, "k2", "token"),)
     assert build_loss_config(rejection=C(2.0)).rejection == (C(2.0),)
+    # verl's "off": rollout_rs null beside its threshold's default
+    assert build_loss_config(rollout_rs=None, rollout_rs_threshold=2.0).rejection == ()
+    assert build_loss_config(rollout_rs_threshold=2.0).rejection == ()
 
 
 @pytest.mark.parametrize(
     ("kw", "field"),
     [
         ({"rollout_rs": "token_k1"}, "rollout_rs_threshold"),
-        ({"rollout_rs_threshold": 2.0}, "rollout_rs"),
+        ({"rollout_rs": "seqmean_k3", "rollout_rs_threshold": 2.0}, "rollout_rs"),
+        ({"rollout_rs": "token_k4", "rollout_rs_threshold": 2.0}, "rollout_rs"),
+        ({"rollout_rs": "seq_max_k1", "rollout_rs_threshold": 2.0}, "rollout_rs"),
+        (
+            {"rollout_rs": "token_k2", "rollout_rs_threshold": 2.0, "rejection": [RejectionCriterion(1.0)]},
+            "rollout_rs",
+        ),
         ({"rollout_rs": "token_k1,seq_mean_k3", "rollout_rs_threshold": "1,2,3"}, "rollout_rs_threshold"),
         ({"rollout_rs": "token_k1", "rollout_rs_threshold": "high"}, "rollout_rs_threshold"),
         ({"rejection": ["token_k1"]}, "config.rejection"),
@@ -282,3 +351,21 @@ def test_client_refuses_bad_rejection_keywords(kw: dict, field: str) -> None:
     with pytest.raises(InvalidArgumentError) as e:
         build_loss_config(**kw)
     assert [v.field for v in e.value.violations] == [field]
+
+
+def test_many_criteria_are_refused_without_reading_each() -> None:
+    """A review: 200k criteria, each with an unknown field, made 200k violations (0.8 s) and the
+    decode cache kept every such request's (~157 MB each). Now a repeated field's first items are
+    scanned, the count refused, and a refused decode not cached."""
+    from softgate.grpc import codec
+    from softgate_client.proto.softgate.v1 import softgate_pb2 as pb
+
+    one = pb.RejectionCriterion(upper=1.0).SerializeToString() + b"\x48\x01"  # + unknown field 9
+    raw = (b"\x4a" + bytes([len(one)]) + one) * 5000  # LossConfig.rejection (field 9) x 5000
+    msg = pb.LossConfig.FromString(raw)
+    assert len(msg.rejection) == 5000
+    v: list = []
+    codec.decode_loss_config(msg, v)
+    assert any(x.field == "config.rejection" and x.reason.startswith("out_of_range") for x in v)
+    assert len(v) <= codec.MAX_REPEATED_SCANNED + 1
+    assert not any(key[0] == msg.SerializeToString(deterministic=True) for key in codec._CONFIGS)

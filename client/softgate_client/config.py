@@ -229,11 +229,26 @@ class RejectionCriterion:
         _plain_fields(self, "config.rejection")
 
 
+# verl's rollout_rs options (rollout_corr_helper.SUPPORTED_ROLLOUT_RS_OPTIONS)
+VERL_ROLLOUT_RS = (
+    *(f"token_{k}" for k in ("k1", "k2", "k3")),
+    *(f"seq_{a}_{k}" for a in ("sum", "mean") for k in ("k1", "k2", "k3")),
+    "seq_max_k2",
+    "seq_max_k3",
+    "binary_kl",
+)
+
+
 def rejection_from_verl(rollout_rs: str, rollout_rs_threshold: str | float) -> tuple[RejectionCriterion, ...]:
     """verl's `rollout_rs` ("token_k1,seq_mean_k3", "binary_kl", ...) and
     `rollout_rs_threshold` (one per option or one for all, comma separated; k1's "lower_upper"
     or its upper alone) as criteria."""
     options = [o.strip() for o in str(rollout_rs).split(",") if o.strip()]
+    unknown = [o for o in options if o not in VERL_ROLLOUT_RS]
+    if unknown or not options:
+        raise invalid_argument(
+            "rollout_rs", f"unknown_choice: {unknown or rollout_rs!r}; one of {list(VERL_ROLLOUT_RS)}"
+        )
     specs = [t.strip() for t in str(rollout_rs_threshold).split(",") if t.strip()]
     if not options or len(specs) not in (1, len(options)):
         raise invalid_argument(
@@ -401,11 +416,16 @@ def build_loss_config(config: LossConfig | None = None, **kw: Any) -> LossConfig
             "rejection",
         ):
             values[key] = val  # (LossConfig checks them)
-        elif key in ("rollout_rs", "rollout_rs_threshold"):
-            if "rollout_rs" not in kw or "rollout_rs_threshold" not in kw:
-                missing = "rollout_rs_threshold" if key == "rollout_rs" else "rollout_rs"
-                raise invalid_argument(missing, f"missing: {key} is given, so {missing} is required")
-            values["rejection"] = rejection_from_verl(kw["rollout_rs"], kw["rollout_rs_threshold"])
+        elif key == "rollout_rs":  # (its threshold alone, or with rollout_rs None, is verl's "off")
+            if kw.get("rollout_rs_threshold") is None:
+                raise invalid_argument(
+                    "rollout_rs_threshold", "missing: rollout_rs is given, so is its threshold"
+                )
+            if kw.get("rejection"):
+                raise invalid_argument("rollout_rs", "conflict: give rejection= or rollout_rs=, not both")
+            values["rejection"] = rejection_from_verl(val, kw["rollout_rs_threshold"])
+        elif key == "rollout_rs_threshold":
+            continue
         else:
             raise TypeError(f"unknown loss option {key!r}")
     values["objective"] = Objective(obj_name, obj_params)

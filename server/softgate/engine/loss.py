@@ -137,9 +137,9 @@ def _compute_loss(
 ) -> LossResult:
     if validate:
         check(batch, config, token_values=False)  # the kernel checks the token values
-    n_rejected = None
+    n_rejected = sent = None
     if config.rejection:  # rollout rejection: its tokens leave the mask before anything reads it
-        batch, n_rejected = apply_rejection(batch, config)
+        batch, n_rejected, sent = apply_rejection(batch, config)
     dt = compute_dtype(batch)
     dev = batch.logp.device
     logp = _cast(batch.logp, dt)
@@ -211,8 +211,12 @@ def _compute_loss(
         assert batch.rollout_logp is not None
         rollout = _cast(batch.rollout_logp, dt)
         if mm.level == "sequence" or mm.mode == "seq_mask":  # (seq_mask: the mean, its filter)
-            lv_raw = torch.where(m, old - rollout, torch.zeros_like(logp))
-            t["lvseq"] = sequence_log_weights(lv_raw, seg, ylen, mean=mm.level == "token")
+            # the sampled sequence's weight: over the mask as sent, rejected tokens included (verl's)
+            ms = m if sent is None else sent
+            lv_raw = torch.where(ms, old - rollout, torch.zeros_like(logp))
+            t["lvseq"] = sequence_log_weights(
+                lv_raw, seg, ylen if sent is None else seg.count(ms), mean=mm.level == "token"
+            )
         if mm.level == "token":
             t["rollout"] = rollout
     if config.kl is not None:

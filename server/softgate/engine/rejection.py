@@ -8,8 +8,8 @@ log_ratio_clamp (k1 = -d, k2 = d^2 / 2, k3 = exp(d) - 1 - d; binary_kl: KPop's l
 KL of p_old and p_rollout, each probability clamped to [1e-6, 1 - 1e-6]), per token or summed,
 averaged or maxed over the sequence's trained tokens, and bounds it: k1 within [log lower,
 log upper], the others at most upper. A token stays trained when every criterion keeps it. A
-token whose old_logp (logp, on-policy) is not a valid log-prob stays too, for the loss
-kernel's check to refuse it, as it would without rejection.
+token whose logp or old_logp is positive stays too, for the loss kernel's check to refuse
+it, as it would without rejection.
 """
 
 from __future__ import annotations
@@ -43,53 +43,73 @@ def token_statistic(statistic: str, d: Tensor, old: Tensor, rollout: Tensor) -> 
     return torch.maximum(fwd, rev)
 
 
-def rejected(c: RejectionCriterion, stat: Tensor) -> Tensor:
-    """Where criterion `c` rejects (bool, per token): k1 outside [log lower, log upper], the
-    others above upper."""
+def rejected(c: RejectionCriterion, stat: Tensor, k1_of_d: bool = False) -> Tensor:
+    """Where criterion `c` rejects (bool, per token or per sequence): k1 outside [log lower,
+    log upper], the others above upper. `k1_of_d`: `stat` is d itself, k1's negation (one
+    pass less: the bounds are negated instead)."""
     assert c.upper is not None  # (validated)
     if c.statistic == "k1":
         lower = c.lower if c.lower is not None else 1.0 / c.upper
-        return (stat < math.log(lower)) | (stat > math.log(c.upper))
+        lo, hi = math.log(lower), math.log(c.upper)
+        if k1_of_d:
+            return (stat > -lo) | (stat < -hi)
+        return (stat < lo) | (stat > hi)
     return stat > c.upper
 
 
-def keep_mask(old: Tensor, rollout: Tensor, m: Tensor, seg: Segments, config: LossConfig) -> Tensor:
-    """The tokens every criterion of `config.rejection` keeps (bool [N]; the masked ones
-    too: the caller ANDs it with its mask). `m`: the loss mask as given."""
-    zero = torch.zeros((), dtype=old.dtype, device=old.device)
+def keep_mask(
+    old: Tensor, rollout: Tensor, m: Tensor, seg: Segments, config: LossConfig, logp: Tensor | None = None
+) -> Tensor:
+    """The tokens every criterion of `config.rejection` keeps (bool [N]; masked ones may be
+    either: the caller ANDs it with its mask). `m`: the loss mask as given; `logp`: checked as
+    old is (below), when old is not logp itself."""
     clamp = float(config.log_ratio_clamp)
-    d = torch.where(m, old - rollout, zero).clamp(-clamp, clamp)
-    trained = seg.count(m)
-    keep = torch.ones(d.shape, dtype=torch.bool, device=d.device)
+    # masked tokens may hold garbage: a token-level statistic of theirs is ANDed away, a
+    # sequence's reads its trained tokens only
+    d = (old - rollout).clamp_(-clamp, clamp)
+    trained: Tensor | None = None
+    keep: Tensor | None = None
     for c in config.rejection:  # (a few criteria: the loop is over them, not over tokens)
-        stat = token_statistic(c.statistic, d, old, rollout)
-        if c.level == "seq_sum":
-            stat = seg.expand(seg.sum(torch.where(m, stat, zero)))
-        elif c.level == "seq_mean":
-            stat = seg.expand(seg.mean(torch.where(m, stat, zero), trained))
-        elif c.level == "seq_max":
-            stat = seg.expand(seg.max(torch.where(m, stat, zero - math.inf)))
-        keep &= ~rejected(c, stat)
-    # a trained token whose old_logp is NaN, infinite or positive stays, for the kernel's check
-    # to refuse it (as it would without rejection) rather than rejection to drop it unseen
-    return keep | ~torch.isfinite(old) | (old > LOGP_TOLERANCE)
+        if c.level == "token":
+            k1 = c.statistic == "k1"
+            bad = rejected(c, d if k1 else token_statistic(c.statistic, d, old, rollout), k1_of_d=k1)
+        else:  # decided per sequence, then its bool expanded to the tokens
+            stat = token_statistic(c.statistic, d, old, rollout)
+            if c.level == "seq_max":
+                per_seq = seg.max(torch.where(m, stat, -math.inf))
+            else:
+                per_seq = seg.sum(torch.where(m, stat, 0.0))
+                if c.level == "seq_mean":
+                    trained = seg.count(m) if trained is None else trained
+                    per_seq = per_seq / trained.clamp(min=1).to(per_seq.dtype)
+            bad = seg.expand(rejected(c, per_seq))
+        keep = ~bad if keep is None else keep.logical_and_(~bad)
+    assert keep is not None  # (apply_rejection runs with criteria only)
+    # a trained token whose logp or old_logp is positive (or NaN) stays, for the kernel's check
+    # to refuse it by name, as it would without rejection, rather than rejection to drop it
+    # unseen (the kernel refuses a non-finite log-prob on any token, masked or not)
+    for x in (old,) if logp is None else (old, logp):
+        if x.numel() and not float(x.max()) <= LOGP_TOLERANCE:  # (one pass and a sync each)
+            keep |= ~(x <= LOGP_TOLERANCE)
+    return keep
 
 
-def apply_rejection(batch: Batch, config: LossConfig) -> tuple[Batch, Tensor]:
-    """`batch` with the tokens rollout rejection rejects out of its mask, and how many trained
-    tokens that took out (a float64 0-d tensor on the batch's device). Needs rollout_logp."""
+def apply_rejection(batch: Batch, config: LossConfig) -> tuple[Batch, Tensor, Tensor]:
+    """`batch` with the tokens rollout rejection rejects out of its mask, how many trained
+    tokens that took out (a float64 0-d tensor on the batch's device), and the mask as sent
+    (bool). Needs rollout_logp."""
     assert batch.rollout_logp is not None  # (validated)
     dt = compute_dtype(batch)
     dev = batch.logp.device
-    logp = batch.logp.to(dt)
-    old = logp if batch.old_logp is None else batch.old_logp.to(dt)
-    n = logp.numel()
+    old = (batch.logp if batch.old_logp is None else batch.old_logp).to(dt)
+    n = old.numel()
     seg = Segments(batch.offsets.to(device=dev, dtype=torch.int64), n)
     if batch.mask is None:
         m = torch.ones(n, dtype=torch.bool, device=dev)
     else:
         m = batch.mask.to(dev)
         m = m if m.dtype == torch.bool else m != 0
-    kept = m & keep_mask(old, batch.rollout_logp.to(dt), m, seg, config)
+    logp = batch.logp.to(dt) if batch.old_logp is not None else old
+    kept = m & keep_mask(old, batch.rollout_logp.to(dt), m, seg, config, logp)
     out = (m.sum() - kept.sum()).to(torch.float64)
-    return dataclasses.replace(batch, mask=kept), out
+    return dataclasses.replace(batch, mask=kept), out, m

@@ -68,6 +68,8 @@ class Segments:
 
     def max(self, x: Tensor) -> Tensor:
         """Per-sequence maximum of a per-token tensor ([N] -> [B]); -inf for empty sequences."""
+        if self.num_tokens == 0 or self.num_seqs == 0:  # (no zero-size launch on CUDA)
+            return torch.full((self.num_seqs,), -math.inf, dtype=x.dtype, device=x.device)
         return torch.segment_reduce(x, "max", offsets=self.offsets, initial=-math.inf)
 
     def count(self, m: Tensor) -> Tensor:

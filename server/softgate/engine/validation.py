@@ -170,6 +170,11 @@ def _rejection(criteria: object, v: list[FieldViolation]) -> None:
             v.append(FieldViolation(f"{p}.upper", f"out_of_range: {c.upper!r} is not a finite number"))
         elif not c.upper > 0:
             v.append(FieldViolation(f"{p}.upper", f"out_of_range: {c.upper!r} must be > 0"))
+        elif (
+            c.statistic == "k1" and c.lower is None and c.upper < 1
+        ):  # (its window [1 / upper, upper] is empty)
+            why = f"out_of_range: k1's upper {c.upper!r} < 1 with lower unset (1 / upper) keeps no token; give lower"
+            v.append(FieldViolation(f"{p}.upper", why))
         if c.lower is None:
             continue
         if c.statistic != "k1":

@@ -69,6 +69,9 @@ REJECTION_HELP = {
     "level only), kept at most upper",
 }
 
+# the levels each statistic has where not all (validation refuses the others: unsupported)
+REJECTION_LEVELS = {"k1": ("token", "seq_sum", "seq_mean"), "binary_kl": ("token",)}
+
 ESTIMATOR_HELP = {
     "grpo": "GRPO: (R - group mean) / (group std + eps)",
     "dr_grpo": "Dr. GRPO: R - group mean, no std division",
@@ -181,9 +184,13 @@ def build(limits: Limits, max_message_bytes: int) -> pb.ListAlgorithmsResponse:
         for f in dataclasses.fields(c.LossConfig)
         if f.name in ("log_ratio_clamp", "saturation_threshold", "off_policy_mask_threshold")
     )
-    rs_params = _params(c.RejectionCriterion, skip=("statistic",))
+    rs_fields = {f.name: f for f in dataclasses.fields(c.RejectionCriterion)}
     for stat in _default_first(c.RejectionCriterion, "statistic"):
-        r.rejection_statistics.add(name=stat, description=REJECTION_HELP[stat], parameters=rs_params)
+        own = ("upper", "level", "lower") if stat == "k1" else ("upper", "level")  # (k1's lower bound)
+        params = [_param(c.RejectionCriterion, rs_fields[n]) for n in own]
+        levels = params[1].choices
+        levels[:] = [lv for lv in levels if lv in REJECTION_LEVELS.get(stat, levels)]
+        r.rejection_statistics.add(name=stat, description=REJECTION_HELP[stat], parameters=params)
     for name, desc in METRIC_NAMES.items():
         r.metrics.add(name=name, description=desc)
     r.limits.max_tokens = limits.max_tokens

@@ -9,6 +9,7 @@ actually received and the server's limits BEFORE anything is allocated.
 
 from __future__ import annotations
 
+import itertools
 import re
 import struct
 import sys
@@ -623,8 +624,9 @@ def unknown_fields(msg: Any, prefix: str, v: list[FieldViolation], *, deep: bool
         for fd, value in msg.ListFields():
             if fd.message_type is None or fd.message_type is pb.Tensor.DESCRIPTOR:
                 continue
-            if fd.is_repeated:  # (a list or map: no softgate.v1 request has one)
-                for i, item in enumerate(value.values() if isinstance(value, Mapping) else value):
+            if fd.is_repeated:  # (LossConfig.rejection; the first items only: more are refused by count)
+                items = value.values() if isinstance(value, Mapping) else value
+                for i, item in enumerate(itertools.islice(items, MAX_REPEATED_SCANNED)):
                     if not isinstance(item, (bool, int, float, str, bytes)):
                         unknown_fields(item, f"{prefix}{fd.name}[{i}].", v)
             else:
@@ -755,6 +757,8 @@ def decode_advantage_config(msg: pb.AdvantageConfig, prefix: str, v: list[FieldV
 # decoded configurations by their bytes: a trainer sends the same one with every request
 _CONFIGS: dict[tuple[bytes, str], tuple[LossConfig, tuple[FieldViolation, ...]]] = {}
 _CONFIGS_MAX = 256
+_CONFIG_CACHED_BYTES = 4096  # a LossConfig with every field set is ~300 bytes
+MAX_REPEATED_SCANNED = 64  # items of a repeated message field read for unknown fields
 
 
 def decode_loss_config(msg: pb.LossConfig, v: list[FieldViolation], prefix: str = "config.") -> LossConfig:
@@ -766,9 +770,11 @@ def decode_loss_config(msg: pb.LossConfig, v: list[FieldViolation], prefix: str 
     if hit is None:
         found: list[FieldViolation] = []
         hit = (_decode_loss_config(msg, found, prefix), tuple(found))
-        if len(_CONFIGS) >= _CONFIGS_MAX:
-            _CONFIGS.clear()
-        _CONFIGS[key] = hit
+        # a refused or outsized one is not kept: 256 of them held megabytes each (an audit)
+        if not found and len(key[0]) <= _CONFIG_CACHED_BYTES:
+            if len(_CONFIGS) >= _CONFIGS_MAX:
+                _CONFIGS.clear()
+            _CONFIGS[key] = hit
     v.extend(hit[1])
     return hit[0]
 

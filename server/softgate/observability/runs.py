@@ -184,7 +184,7 @@ TOKEN_WEIGHTS: dict[str, tuple[str, ...]] = {
     "mismatch_weight_mean": _TRAINED,
     "mismatch_clipped_frac": _TRAINED,
     "off_policy_masked_frac": _TRAINED,
-    "rejected_frac": _TRAINED,
+    "rejected_frac": (*_TRAINED, "tokens_rejected"),  # a share of the tokens sent
 }
 
 

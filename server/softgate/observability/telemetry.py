@@ -544,6 +544,8 @@ class PrometheusTelemetry(Telemetry):
                         "tokens_pos": tok["pos"],
                         "tokens_neg": tok["neg"],
                         "tokens_zero": tok["zero"],
+                        # (rejected_frac's weight: the tokens sent, those rejected included)
+                        **({"tokens_rejected": rejected} if rejected is not None else {}),
                     },
                 )
             )
