@@ -291,7 +291,8 @@ def test_a_batch_without_mask_equals_the_engine_unary_and_streamed(client) -> No
     r, _ = ragged_of(padded_batch(seed=5))
     r = {k: (-np.abs(v) if k.endswith("logp") else v) for k, v in r.items() if k != "mask"}
     batch = engine_batch({**r, "mask": np.ones(len(r["logp"]), bool)})
-    ref = engine().loss(dataclasses.replace(batch, mask=None), LossConfig())
+    # (what is sent: no reference or sampler log-probs)
+    ref = engine().loss(dataclasses.replace(batch, mask=None, ref_logp=None, rollout_logp=None), LossConfig())
     assert ref.mask.all() and ref.mask.numel() == len(r["logp"])
     args = {k: r[k] for k in ("old_logp", "rewards", "group_ids", "offsets")}
     for stream in (False, True):
@@ -511,7 +512,7 @@ def test_float64_torch_inputs_and_lengths(client) -> None:
     p = padded_batch(seed=3, dtype=np.float64)
     r, _ = ragged_of(p)
     lengths = np.diff(r["offsets"])
-    ref = engine().loss(engine_batch(r), LossConfig())
+    ref = engine().loss(dataclasses.replace(engine_batch(r), ref_logp=None, rollout_logp=None), LossConfig())
     tp = {k: torch.from_numpy(v) for k, v in r.items()}
     res = client.loss(
         tp["logp"],

@@ -675,6 +675,8 @@ CORRECTION_SERIES = {
     "softgate_off_policy_masked_tokens_total": ("off_policy_masked_frac", "count"),
     "softgate_batch_kl_mean_sum": ("kl_mean", "value"),
     "softgate_batch_mismatch_weight_mean_sum": ("mismatch_weight_mean", "value"),
+    "softgate_batch_rollout_kl_sum": ("rollout_kl", "value"),
+    "softgate_batch_rollout_k3_kl_sum": ("rollout_k3_kl", "value"),
 }
 
 
@@ -698,6 +700,8 @@ def test_off_policy_corrections_are_exported_for_the_batches_that_have_them() ->
     window = summary["windows"]["last_10_batches"]
     for key in ("kl_mean", "mismatch_weight_mean", "mismatch_clipped_frac", "off_policy_masked_frac"):
         assert window[key] == pytest.approx(m[key]), key
+    assert window["rollout_kl"] == pytest.approx(m["rollout_kl"]) and m["rollout_k3_kl"] > 0
+    assert window["rollout_k3_kl"] == pytest.approx(m["rollout_k3_kl"])
     assert m["rejected_tokens"] > 0
     assert window["rejected_frac"] == pytest.approx(m["rejected_tokens"] / (n_tok + m["rejected_tokens"]))
 
@@ -714,16 +718,25 @@ def test_off_policy_corrections_are_exported_for_the_batches_that_have_them() ->
     assert summarize([rec(10, 90), rec(90, 10)])["rejected_frac"] == pytest.approx(0.5)
     assert summarize([rec(0, 100)])["rejected_frac"] == 1.0
 
-    # without them: no series, no window keys, whatever the engine's neutral values
+    # without them (and without rollout_logp): no series, no window keys, whatever the engine's
+    # neutral values
     plain = PrometheusTelemetry(S())
-    config, res = _engine_result(config=LossConfig(objective=Grpo()), corrections=True)
+    config, res = _engine_result(config=LossConfig(objective=Grpo()))
     plain.observe_loss("p", config, res)
     names = {n for n, lab, _ in _samples(plain) if lab.get("run") == "p"}
     assert not names & {*CORRECTION_SERIES, "softgate_batch_kl_mean_count"}
     summary = plain.run_summary("p")
     assert summary is not None
-    window_keys = {"kl_mean", "mismatch_weight_mean", "off_policy_masked_frac", "rejected_frac"}
+    window_keys = {"kl_mean", "mismatch_weight_mean", "off_policy_masked_frac", "rejected_frac", "rollout_kl"}
     assert not window_keys & set(summary["windows"]["last_10_batches"])
+    # rollout_logp alone: the sampler's KL, nothing else
+    config, res = _engine_result(config=LossConfig(objective=Grpo()), corrections=True)
+    plain.observe_loss("q", config, res)
+    names = {n for n, lab, _ in _samples(plain) if lab.get("run") == "q"}
+    assert {n for n in CORRECTION_SERIES if n in names} == {
+        "softgate_batch_rollout_kl_sum",
+        "softgate_batch_rollout_k3_kl_sum",
+    }
 
 
 def test_the_series_of_a_run_are_as_documented() -> None:
@@ -753,14 +766,16 @@ def test_the_series_of_a_run_are_as_documented() -> None:
     assert len([1 for _, lab in samples if "objective" not in lab]) == per_run
 
     m = re.search(
-        r"A KL term adds (\d+) series, a mismatch\s+correction (\d+), off-policy sequence masking (\d+) and"
-        r"\s+rollout rejection (\d+)",
-        doc,
+        r"A batch with rollout_logp adds (\d+) series, a KL term (\d+), a mismatch correction (\d+), "
+        r"off-policy sequence masking (\d+) and rollout rejection (\d+)",
+        re.sub(r"\s+", " ", doc),
     )
     assert m, "docs/observability.md no longer states the series of the corrections"
+    rollout, *extras = map(int, m.groups())
     for extra, part in zip(
-        map(int, m.groups()),
+        [0, *(rollout + e for e in extras)],  # (the batch below has rollout_logp)
         (
+            {},
             dict(kl=KLConfig()),
             dict(mismatch=MismatchConfig()),
             dict(off_policy_mask_threshold=0.1),
@@ -774,7 +789,7 @@ def test_the_series_of_a_run_are_as_documented() -> None:
         )
         tel.observe_loss("r", config, res)
         got = [1 for _, lab, _ in _samples(tel) if lab.get("run") == "r" and "objective" in lab]
-        assert len(got) == per_objective + extra, part
+        assert len(got) == per_objective + (rollout if not part else extra), part
 
 
 def test_engine_configurations_are_read_at_scrape_time() -> None:

@@ -369,3 +369,37 @@ def test_many_criteria_are_refused_without_reading_each() -> None:
     assert any(x.field == "config.rejection" and x.reason.startswith("out_of_range") for x in v)
     assert len(v) <= codec.MAX_REPEATED_SCANNED + 1
     assert not any(key[0] == msg.SerializeToString(deterministic=True) for key in codec._CONFIGS)
+
+
+# ---------------------------------------------------------------- the sampler's divergence
+
+
+def verl_offpolicy_kl(old: torch.Tensor, rollout: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+    """verl's compute_offpolicy_metrics' `kl` and `k3_kl` (rollout_corr_helper.py @ 20c30bf8)."""
+    mf = mask.to(old.dtype)
+    kl = ((rollout - old) * mf).sum() / (mf.sum() + 1e-8)
+    log_ratio = old - rollout
+    k3 = ((torch.exp(log_ratio) - log_ratio - 1) * mf).sum() / (mf.sum() + 1e-8)
+    return float(kl), float(k3)
+
+
+def test_rollout_divergence_is_verl_s_offpolicy_kl() -> None:
+    """rollout_kl and rollout_k3_kl are verl's rollout_corr/kl and k3_kl over the mask as sent,
+    with or without rejection (it would hide the mismatch it removes); 0 without rollout_logp;
+    on-policy, of logp."""
+    batch, old, rollout, mask = padded_batch()
+    kl, k3 = verl_offpolicy_kl(old, rollout, mask)
+    n = int(mask.sum())
+    for rejection in ((), criteria("token_k1", "0.7_1.4")):
+        got = ENGINE.loss(batch, LossConfig(objective=Grpo(), rejection=rejection)).metrics
+        assert got["rollout_tokens"] == n
+        assert got["rollout_kl"] == pytest.approx(kl * (n + 1e-8) / n, rel=1e-12)
+        assert got["rollout_k3_kl"] == pytest.approx(k3 * (n + 1e-8) / n, rel=1e-12)
+    assert kl < 0 < k3
+    none = ENGINE.loss(dataclasses.replace(batch, rollout_logp=None), LossConfig(objective=Grpo())).metrics
+    assert none["rollout_tokens"] == none["rollout_kl"] == none["rollout_k3_kl"] == 0.0
+    on = ENGINE.loss(dataclasses.replace(batch, old_logp=None), LossConfig(objective=Grpo())).metrics
+    as_old = ENGINE.loss(
+        dataclasses.replace(batch, old_logp=batch.logp), LossConfig(objective=Grpo())
+    ).metrics
+    assert on["rollout_kl"] == as_old["rollout_kl"] != got["rollout_kl"]

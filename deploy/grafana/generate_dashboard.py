@@ -295,6 +295,22 @@ def build() -> dict[str, Any]:
     y += 1
     panels.append(
         panel(
+            "Sampler vs trainer KL",
+            [
+                (avg("softgate_batch_rollout_k3_kl", "objective"), "k3 {{objective}}"),
+                (avg("softgate_batch_rollout_kl", "objective"), "k1 {{objective}}"),
+            ],
+            0,
+            y,
+            description="Batches sent with rollout_logp (with or without a correction): KL(sampler || trainer) "
+            "over their trained tokens, the k3 estimate (>= 0, low variance) and k1, the mean of rollout - "
+            "old_logp (may be negative): verl's rollout_corr/k3_kl and kl. A KL that climbs means the "
+            "sampler (vLLM, SGLang) and the trainer disagree more and more on the same tokens' probabilities, "
+            f"which precedes many collapses. {PER_BATCH}",
+        )
+    )
+    panels.append(
+        panel(
             "Train/inference mismatch",
             [
                 (avg("softgate_batch_mismatch_weight_mean", "objective"), "mean weight {{objective}}"),
@@ -303,9 +319,8 @@ def build() -> dict[str, Any]:
                     "corrected {{objective}}",
                 ),
             ],
-            0,
+            12,
             y,
-            w=8,
             minmax=(0, None),
             description="Runs with a mismatch correction only. Left: mean weight v = exp(old - rollout) as "
             f"applied, 1 where sampler and trainer agree ({PER_BATCH}). Right: share of trained tokens whose "
@@ -314,6 +329,7 @@ def build() -> dict[str, Any]:
             overrides=[right_axis("^corrected .*", "percentunit", "corrected tokens")],
         )
     )
+    y += 8
     rejected = f"sum by (objective) (rate(softgate_rollout_rejected_tokens_total{{{R}}}[$__rate_interval]))"
     panels.append(
         panel(
@@ -329,9 +345,8 @@ def build() -> dict[str, Any]:
                     "rejected {{objective}}",
                 ),
             ],
-            8,
+            0,
             y,
-            w=8,
             unit="percentunit",
             minmax=(0, 1),
             description="Shares over the interval. Masked (runs with off_policy_mask_threshold): trained tokens "
@@ -344,9 +359,8 @@ def build() -> dict[str, Any]:
         panel(
             "KL to the reference",
             [(avg("softgate_batch_kl_mean", "objective"), "{{objective}}")],
-            16,
+            12,
             y,
-            w=8,
             description="Runs with a KL term only: mean over trained tokens of the KL estimator (before beta) "
             f"of the reference policy. {PER_BATCH}",
         )

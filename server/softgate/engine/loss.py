@@ -37,7 +37,7 @@ from softgate.engine.errors import FieldViolation, InputError
 from softgate.engine.kernel import EXPANDED, Terms, derived_terms, kernel_layout, kernel_params
 from softgate.engine.kl import sequence_kl
 from softgate.engine.metrics import METRIC_NAMES, to_floats
-from softgate.engine.mismatch import sequence_log_weights
+from softgate.engine.mismatch import rollout_divergence, sequence_log_weights
 from softgate.engine.objectives import OBJECTIVE_KIND, gmpo_bounds
 from softgate.engine.rejection import apply_rejection
 from softgate.engine.result import LossResult
@@ -219,6 +219,10 @@ def _compute_loss(
             )
         if mm.level == "token":
             t["rollout"] = rollout
+    if batch.rollout_logp is not None:  # the sampler's distance from old_logp, over the tokens as sent
+        extra.update(
+            rollout_divergence(old, _cast(batch.rollout_logp, dt), m if sent is None else sent, clamp)
+        )
     if config.kl is not None:
         assert batch.ref_logp is not None
         t["ref"] = _cast(batch.ref_logp, dt)
@@ -388,6 +392,9 @@ def _compute_loss(
     mx["mismatch_clipped_frac"] = share(s["v_changed"], cnt)
     mx["off_policy_masked_frac"] = share(s["opsm"], cnt)
     mx["rejected_tokens"] = s.get("rejected_tokens", 0.0)
+    mx["rollout_tokens"] = s.get("rollout_tokens", 0.0)
+    mx["rollout_kl"] = share(s.get("rollout_k1", 0.0), mx["rollout_tokens"])
+    mx["rollout_k3_kl"] = share(s.get("rollout_k3", 0.0), mx["rollout_tokens"])
 
     if not math.isfinite(mx["adv_std"] + mx["adv_mean"]):  # a sum of squares past float64's range
         mx["adv_mean"], mx["adv_std"] = _scaled_mean_std(a[m])

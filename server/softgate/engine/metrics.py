@@ -68,7 +68,13 @@ METRIC_NAMES: dict[str, str] = {
     "off_policy_masked_frac": "share of tokens whose policy term off-policy sequence masking dropped (A < 0, "
     "their sequence's mean sampler - current log-prob above off_policy_mask_threshold); 0 without it",
     "rejected_tokens": "tokens of the loss mask as given that rollout rejection took out of it (`rejection`); "
-    "0 without it. num_tokens and every other metric count the tokens left",
+    "0 without it. num_tokens and every other metric but the rollout_* ones count the tokens left",
+    "rollout_tokens": "trained tokens of the mask as sent (rejected ones included) the rollout_* metrics are over; "
+    "0 without rollout_logp",
+    "rollout_kl": "mean of rollout_logp - old_logp (logp on-policy) over rollout_tokens: KL(sampler || trainer), "
+    "verl's rollout_corr/kl; may be negative; 0 without rollout_logp",
+    "rollout_k3_kl": "mean of exp(d) - 1 - d, d = old_logp - rollout_logp clamped at log_ratio_clamp, over "
+    "rollout_tokens: the k3 estimate of KL(sampler || trainer), >= 0, verl's k3_kl; 0 without rollout_logp",
 }
 
 

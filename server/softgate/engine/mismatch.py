@@ -8,7 +8,8 @@ the window (inf > hi: zeroed) turns into the spec's finite weight, and a very ne
 underflows to 0, as exp does. seq_mask bounds only its sequences' means: a kept token's own
 weight is unbounded, and one that overflows makes the loss refused as an `overflow`. v
 multiplies the policy objective's per-token loss (and so its gradient); the KL term is not
-weighted.
+weighted. Whenever rollout_logp is sent, `rollout_divergence` also measures how far the sampler
+is from the trainer (the rollout_kl and rollout_k3_kl metrics), correction or not.
 """
 
 from __future__ import annotations
@@ -41,3 +42,14 @@ def mismatch_weights(
     w = v if lgeo is None else torch.exp(lgeo)
     changed = (w < prm["vlo"]) | (w > prm["vhi"])
     return torch.where(changed, torch.zeros_like(v), v), changed
+
+
+def rollout_divergence(old: Tensor, rollout: Tensor, m: Tensor, clamp: float) -> dict[str, Tensor]:
+    """The sampler's distance from the trainer over the trained tokens `m` (verl's
+    rollout_corr/kl and k3_kl): float64 sums of k1 = rollout - old and k3 = exp(d) - 1 - d of
+    d = old - rollout clamped at `clamp`, and the tokens they are over."""
+    d = torch.where(m, old - rollout, torch.zeros((), dtype=old.dtype, device=old.device))
+    k1 = -d.sum(dtype=torch.float64)
+    d = d.clamp_(-clamp, clamp)
+    k3 = (torch.expm1(d) - d).sum(dtype=torch.float64)
+    return {"rollout_k1": k1, "rollout_k3": k3, "rollout_tokens": m.sum(dtype=torch.float64)}

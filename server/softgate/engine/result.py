@@ -47,7 +47,9 @@ class LossResult:
     # and clip_cov's drawn tokens with A != 0 too, or for gppo / cispo replaced by the bound's;
     # kl_cov's penalised tokens, any A); False on masked tokens
     clip_mask: Tensor
-    mask: Tensor  # [N] bool, the loss mask as given (no mask given: a read-only broadcast True)
+    # [N] bool, the loss mask as given (no mask given: a read-only broadcast True), less the
+    # tokens rollout rejection took out (LossConfig.rejection)
+    mask: Tensor
     metrics: dict[str, float] = field(default_factory=dict)
     # 1: every per-token tensor is whole; k > 1: ratio, gate_weight sampled, clip_mask empty
     sample_stride: int = 1

@@ -89,6 +89,8 @@ BATCH_SUMMARIES: tuple[tuple[str, str, str | None], ...] = (
     ("softgate_batch_degenerate_group_fraction", "degenerate_group_fraction", None),
     ("softgate_batch_kl_mean", "kl_mean", None),
     ("softgate_batch_mismatch_weight_mean", "mismatch_weight_mean", None),
+    ("softgate_batch_rollout_kl", "rollout_kl", None),
+    ("softgate_batch_rollout_k3_kl", "rollout_k3_kl", None),
 )
 
 # The per-token distributions, bucketed on the device (sign pos and neg only: A = 0 tokens
@@ -152,6 +154,16 @@ SUMMARIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "softgate_batch_kl_mean": (
         "Per batch: mean over trained tokens of the KL penalty's estimator (before beta) of the "
         "reference policy; batches with a KL term only.",
+        RO,
+    ),
+    "softgate_batch_rollout_kl": (
+        "Per batch: mean of rollout_logp - old_logp (logp on-policy) over the trained tokens as sent, "
+        "KL(sampler || trainer) (verl's rollout_corr/kl); may be negative; batches with rollout_logp only.",
+        RO,
+    ),
+    "softgate_batch_rollout_k3_kl": (
+        "Per batch: the k3 estimate of KL(sampler || trainer), mean of exp(d) - 1 - d, d = old_logp - "
+        "rollout_logp, over the trained tokens as sent (verl's k3_kl); batches with rollout_logp only.",
         RO,
     ),
     "softgate_batch_mismatch_weight_mean": (

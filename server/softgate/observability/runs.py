@@ -159,6 +159,8 @@ WINDOW_KEYS = (
     "mismatch_clipped_frac",
     "off_policy_masked_frac",
     "rejected_frac",
+    "rollout_kl",
+    "rollout_k3_kl",
 )
 
 
@@ -185,6 +187,8 @@ TOKEN_WEIGHTS: dict[str, tuple[str, ...]] = {
     "mismatch_clipped_frac": _TRAINED,
     "off_policy_masked_frac": _TRAINED,
     "rejected_frac": (*_TRAINED, "tokens_rejected"),  # a share of the tokens sent
+    "rollout_kl": ("rollout_tokens",),  # over the tokens as sent
+    "rollout_k3_kl": ("rollout_tokens",),
 }
 
 

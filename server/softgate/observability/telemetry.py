@@ -455,6 +455,8 @@ class PrometheusTelemetry(Telemetry):
             "mismatch_clipped_frac": _f(m, "mismatch_clipped_frac"),
             "off_policy_masked_frac": _f(m, "off_policy_masked_frac"),
             "rejected_frac": None,  # (below: of the tokens the batch had before rollout rejection)
+            "rollout_kl": _f(m, "rollout_kl"),
+            "rollout_k3_kl": _f(m, "rollout_k3_kl"),
         }
         # the engine's 0 for a clip the objective does not have means "not applicable": left
         # out, or it dilutes the other objectives' fractions wherever they are summed or averaged
@@ -471,6 +473,9 @@ class PrometheusTelemetry(Telemetry):
             values["mismatch_weight_mean"] = values["mismatch_clipped_frac"] = None
         if getattr(config, "off_policy_mask_threshold", None) is None:
             values["off_policy_masked_frac"] = None
+        rollout_tokens = _f(m, "rollout_tokens") or 0.0
+        if not rollout_tokens:  # (no rollout_logp, or no trained token: the sampler's KL is none)
+            values["rollout_kl"] = values["rollout_k3_kl"] = None
         rejected = _f(m, "rejected_tokens") if getattr(config, "rejection", ()) else None
         if rejected is not None:
             values["rejected_frac"] = rejected / (n_tok + rejected) if n_tok + rejected > 0 else 0.0
@@ -506,6 +511,7 @@ class PrometheusTelemetry(Telemetry):
             # ratio's when one is trained (their 1 / 0 stands for "none": read as "all
             # retained", batches of zero advantages hid a collapse)
             counts = {f"tokens_{s}": n for s, n in tok.items()}
+            counts["rollout_tokens"] = rollout_tokens
             for name, key, sign in BATCH_SUMMARIES:
                 v = values.get(key)
                 if v is None or not has_tokens(key, counts):
@@ -546,6 +552,7 @@ class PrometheusTelemetry(Telemetry):
                         "tokens_zero": tok["zero"],
                         # (rejected_frac's weight: the tokens sent, those rejected included)
                         **({"tokens_rejected": rejected} if rejected is not None else {}),
+                        **({"rollout_tokens": rollout_tokens} if rollout_tokens else {}),
                     },
                 )
             )
