@@ -186,11 +186,15 @@ def test_rejection_on_policy_reads_logp() -> None:
     assert torch.equal(got.mask, as_old.mask) and got.metrics["rejected_tokens"] > 0
 
 
-@pytest.mark.parametrize("garbage", [-1e300, 1e300, 50.0])
-def test_rejection_ignores_garbage_on_masked_tokens(garbage: float) -> None:
+@pytest.mark.parametrize(
+    ("garbage", "dtype"),
+    [(-1e300, F64), (1e300, F64), (50.0, F64), (3e38, torch.float32), (-3e38, torch.float32)],
+)
+def test_rejection_ignores_garbage_on_masked_tokens(garbage: float, dtype: torch.dtype) -> None:
     """Finite garbage on masked tokens (non-finite values are refused wherever they are) changes
-    nothing: not the statistics of the sequences, not the loss."""
-    batch, *_ = padded_batch()
+    nothing: not the statistics of the sequences, not the loss, not a metric (the sampler's KL
+    of float32 garbage of opposite signs overflows before its mask zeroes it: clamped first)."""
+    batch, *_ = padded_batch(dtype=dtype)
     config = LossConfig(
         objective=Grpo(),
         rejection=criteria("token_k3,seq_sum_k1,seq_max_k2,binary_kl", "0.5,0.5_2.0,0.5,0.5"),
@@ -199,10 +203,11 @@ def test_rejection_ignores_garbage_on_masked_tokens(garbage: float) -> None:
     dirty = batch
     for name in ("logp", "old_logp", "rollout_logp"):
         x = getattr(batch, name).clone()
-        x[~batch.mask] = garbage
+        x[~batch.mask] = garbage if name != "rollout_logp" else -garbage
         dirty = dataclasses.replace(dirty, **{name: x})
     got = ENGINE.loss(dirty, config)
     assert got.loss == clean.loss and torch.equal(got.grad, clean.grad) and torch.equal(got.mask, clean.mask)
+    assert got.metrics == clean.metrics and clean.metrics["rollout_k3_kl"] > 0
 
 
 @pytest.mark.parametrize(("field", "value", "reason"), [("old_logp", float("nan"), "non_finite"),

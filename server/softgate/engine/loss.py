@@ -220,9 +220,8 @@ def _compute_loss(
         if mm.level == "token":
             t["rollout"] = rollout
     if batch.rollout_logp is not None:  # the sampler's distance from old_logp, over the tokens as sent
-        extra.update(
-            rollout_divergence(old, _cast(batch.rollout_logp, dt), m if sent is None else sent, clamp)
-        )
+        ms, trained = (m, ylen.sum()) if sent is None else (sent, sent.sum())
+        extra.update(rollout_divergence(old, _cast(batch.rollout_logp, dt), ms, clamp, trained))
     if config.kl is not None:
         assert batch.ref_logp is not None
         t["ref"] = _cast(batch.ref_logp, dt)

@@ -44,12 +44,16 @@ def mismatch_weights(
     return torch.where(changed, torch.zeros_like(v), v), changed
 
 
-def rollout_divergence(old: Tensor, rollout: Tensor, m: Tensor, clamp: float) -> dict[str, Tensor]:
-    """The sampler's distance from the trainer over the trained tokens `m` (verl's
-    rollout_corr/kl and k3_kl): float64 sums of k1 = rollout - old and k3 = exp(d) - 1 - d of
-    d = old - rollout clamped at `clamp`, and the tokens they are over."""
-    d = torch.where(m, old - rollout, torch.zeros((), dtype=old.dtype, device=old.device))
+def rollout_divergence(
+    old: Tensor, rollout: Tensor, m: Tensor, clamp: float, trained: Tensor
+) -> dict[str, Tensor]:
+    """The sampler's distance from the trainer over the trained tokens `m` (`trained` of them,
+    a 0-d tensor; verl's rollout_corr/kl and k3_kl): float64 sums of k1 = rollout - old and
+    k3 = exp(d) - 1 - d of d = old - rollout, clamped at `clamp` (a masked token's garbage
+    stays finite, and is then zeroed: multiplied by the mask, ~2x cheaper than a select)."""
+    d = torch.sub(old, rollout).clamp_(-clamp, clamp)
+    if m.stride(0) != 0:  # (a broadcast True: every token trained, nothing to zero)
+        d.mul_(m)
     k1 = -d.sum(dtype=torch.float64)
-    d = d.clamp_(-clamp, clamp)
-    k3 = (torch.expm1(d) - d).sum(dtype=torch.float64)
-    return {"rollout_k1": k1, "rollout_k3": k3, "rollout_tokens": m.sum(dtype=torch.float64)}
+    k3 = torch.expm1(d).sub_(d).sum(dtype=torch.float64)  # (0 where d is)
+    return {"rollout_k1": k1, "rollout_k3": k3, "rollout_tokens": trained.to(torch.float64)}
