@@ -444,7 +444,8 @@ def test_exposition_follows_the_conventions() -> None:
         "softgate_batch_gate_saturation",
         "softgate_batch_clip_fraction",
         "softgate_batch_grad_retained",
-        "softgate_batch_approx_kl",
+        "softgate_batch_approx_kl_positive",
+        "softgate_batch_approx_kl_negative",
         "softgate_batch_degenerate_group_fraction",
         "softgate_request_duration_seconds",
         "softgate_device_info",
@@ -547,7 +548,7 @@ def test_a_batch_without_a_policy_gradient_leaves_grad_retained_unobserved() -> 
         tel.observe_loss("r", config, E.loss(b, config))
     assert _value(tel, "softgate_batch_grad_retained_count") == 1
     assert _value(tel, "softgate_batch_grad_retained_sum") == 0.0
-    assert _value(tel, "softgate_batch_approx_kl_count") == 2  # (the zero-advantage batch has a KL)
+    assert _value(tel, "softgate_batch_approx_kl_positive_count") == 2  # (the zero-advantage batch has a KL)
 
 
 def test_last_batch_gauges_keep_the_last_batch_that_had_their_tokens() -> None:
@@ -629,8 +630,14 @@ def test_per_batch_histograms_and_the_kl_summary_carry_each_batchs_values() -> N
     name = "softgate_batch_gate_weight_mean_sum"
     assert _value(tel, name, run="r", sign="pos") == pytest.approx(1.8)
     assert _value(tel, name, run="r", sign="neg") == pytest.approx(1.6)
-    assert _value(tel, "softgate_batch_approx_kl_count", run="r") == 2
-    assert _value(tel, "softgate_batch_approx_kl_sum", run="r") == pytest.approx(0.75)
+    assert _value(tel, "softgate_batch_approx_kl_positive_count", run="r") == 2
+    assert _value(tel, "softgate_batch_approx_kl_positive_sum", run="r") == pytest.approx(0.75)
+    # a negative approx KL goes to its negative part: each part's _sum only grows, so rate() reads
+    # it (a review: a _sum that went down read as a counter reset, a mean of 0.0005 as 6.0)
+    tel.observe_loss("r", LossConfig(), loss_result(seed=2, approx_kl=-0.125))
+    assert _value(tel, "softgate_batch_approx_kl_positive_sum", run="r") == pytest.approx(0.75)
+    assert _value(tel, "softgate_batch_approx_kl_negative_sum", run="r") == pytest.approx(0.125)
+    assert _value(tel, "softgate_batch_approx_kl_negative_count", run="r") == 3
 
 
 BATCH_STATS = (
@@ -640,7 +647,8 @@ BATCH_STATS = (
     "softgate_batch_gate_weight_mean",
     "softgate_batch_grad_retained",
     "softgate_batch_degenerate_group_fraction",
-    "softgate_batch_approx_kl",
+    "softgate_batch_approx_kl_positive",
+    "softgate_batch_approx_kl_negative",
 )
 
 
@@ -675,7 +683,7 @@ CORRECTION_SERIES = {
     "softgate_off_policy_masked_tokens_total": ("off_policy_masked_frac", "count"),
     "softgate_batch_kl_mean_sum": ("kl_mean", "value"),
     "softgate_batch_mismatch_weight_mean_sum": ("mismatch_weight_mean", "value"),
-    "softgate_batch_rollout_kl_sum": ("rollout_kl", "value"),
+    "softgate_batch_rollout_kl_positive_sum": ("rollout_kl", "value"),
     "softgate_batch_rollout_k3_kl_sum": ("rollout_k3_kl", "value"),
 }
 
@@ -734,7 +742,7 @@ def test_off_policy_corrections_are_exported_for_the_batches_that_have_them() ->
     plain.observe_loss("q", config, res)
     names = {n for n, lab, _ in _samples(plain) if lab.get("run") == "q"}
     assert {n for n in CORRECTION_SERIES if n in names} == {
-        "softgate_batch_rollout_kl_sum",
+        "softgate_batch_rollout_kl_positive_sum",
         "softgate_batch_rollout_k3_kl_sum",
     }
 

@@ -401,6 +401,14 @@ def test_rollout_divergence_is_verl_s_offpolicy_kl() -> None:
         assert got["rollout_kl"] == pytest.approx(kl * (n + 1e-8) / n, rel=1e-12)
         assert got["rollout_k3_kl"] == pytest.approx(k3 * (n + 1e-8) / n, rel=1e-12)
     assert kl < 0 < k3
+    # k1 unclamped, as verl's (a review: one token 30 nats off read 5.0 where verl's is 7.475)
+    far = dataclasses.replace(batch, old_logp=batch.old_logp.clone())
+    far.old_logp[int(torch.nonzero(batch.mask)[0, 0])] = (
+        far.rollout_logp[int(torch.nonzero(batch.mask)[0, 0])] - 30.0
+    )
+    want = float((far.rollout_logp - far.old_logp)[far.mask].mean())
+    got = ENGINE.loss(far, LossConfig(objective=Grpo())).metrics
+    assert got["rollout_kl"] == pytest.approx(want, rel=1e-12) and want > kl + 29 / n
     none = ENGINE.loss(dataclasses.replace(batch, rollout_logp=None), LossConfig(objective=Grpo())).metrics
     assert none["rollout_tokens"] == none["rollout_kl"] == none["rollout_k3_kl"] == 0.0
     on = ENGINE.loss(dataclasses.replace(batch, old_logp=None), LossConfig(objective=Grpo())).metrics

@@ -30,6 +30,17 @@ def avg(metric: str, by: str, extra: str = "") -> str:
     )
 
 
+def signed_avg(metric: str, by: str) -> str:
+    """avg() of a statistic that may be negative, exported as its positive and negative parts
+    (a summary's _sum that goes down reads as a counter reset to rate())."""
+    sel = "{" + R + "}"
+    return (
+        f"(sum by ({by}) (rate({metric}_positive_sum{sel}[$__rate_interval]))"
+        f" - sum by ({by}) (rate({metric}_negative_sum{sel}[$__rate_interval])))"
+        f" / sum by ({by}) (rate({metric}_positive_count{sel}[$__rate_interval]))"
+    )
+
+
 def share(counter: str, by: str, tokens: str = "", ignoring: str = "") -> str:
     """Share of trained tokens over the rate interval: the rate of `counter` over that of
     softgate_loss_tokens_total (`tokens` narrows it), of the series that have `counter` only
@@ -221,7 +232,7 @@ def build() -> dict[str, Any]:
         panel(
             "Approx KL (old || new)",
             [
-                (avg("softgate_batch_approx_kl", "objective"), "mean {{objective}}"),
+                (signed_avg("softgate_batch_approx_kl", "objective"), "mean {{objective}}"),
                 (f"max by (objective) (softgate_batch_approx_kl_last{{{R}}})", "last batch {{objective}}"),
             ],
             0,
@@ -298,7 +309,7 @@ def build() -> dict[str, Any]:
             "Sampler vs trainer KL",
             [
                 (avg("softgate_batch_rollout_k3_kl", "objective"), "k3 {{objective}}"),
-                (avg("softgate_batch_rollout_kl", "objective"), "k1 {{objective}}"),
+                (signed_avg("softgate_batch_rollout_kl", "objective"), "k1 {{objective}}"),
             ],
             0,
             y,

@@ -48,12 +48,15 @@ def rollout_divergence(
     old: Tensor, rollout: Tensor, m: Tensor, clamp: float, trained: Tensor
 ) -> dict[str, Tensor]:
     """The sampler's distance from the trainer over the trained tokens `m` (`trained` of them,
-    a 0-d tensor; verl's rollout_corr/kl and k3_kl): float64 sums of k1 = rollout - old and
-    k3 = exp(d) - 1 - d of d = old - rollout, clamped at `clamp` (a masked token's garbage
-    stays finite, and is then zeroed: multiplied by the mask, ~2x cheaper than a select)."""
-    d = torch.sub(old, rollout).clamp_(-clamp, clamp)
+    a 0-d tensor; verl's rollout_corr/kl and k3_kl): float64 sums of k1 = rollout - old,
+    unclamped as verl's, and of k3 = exp(d) - 1 - d of d = old - rollout clamped at `clamp`.
+    Masked tokens are zeroed by multiplying by the mask (~2x cheaper than a select), after
+    their garbage's difference is kept finite (float32 3e38 - (-3e38) is inf, and inf * 0 NaN)."""
+    big = torch.finfo(old.dtype).max
+    d = torch.sub(old, rollout).clamp_(-big, big)
     if m.stride(0) != 0:  # (a broadcast True: every token trained, nothing to zero)
         d.mul_(m)
     k1 = -d.sum(dtype=torch.float64)
+    d.clamp_(-clamp, clamp)
     k3 = torch.expm1(d).sub_(d).sum(dtype=torch.float64)  # (0 where d is)
     return {"rollout_k1": k1, "rollout_k3": k3, "rollout_tokens": trained.to(torch.float64)}

@@ -75,6 +75,9 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "softgate_advantage_batches_total": ("ComputeAdvantages batches.", ("run",)),
 }
 
+# statistics that may be negative: exported as NAME_positive and NAME_negative (SUMMARIES)
+SIGNED = ("approx_kl", "rollout_kl")
+
 # (metric name, key in the batch values, sign or None)
 BATCH_SUMMARIES: tuple[tuple[str, str, str | None], ...] = (
     ("softgate_batch_clip_fraction", "clip_high", "pos"),
@@ -147,20 +150,27 @@ SUMMARIES: dict[str, tuple[str, tuple[str, ...]]] = {
         "Per batch: share of groups with zero reward variance (advantage 0).",
         ("run",),
     ),
-    "softgate_batch_approx_kl": (
-        "Per batch: approx KL, masked mean of (old - logp); mean = rate(_sum) / rate(_count).",
+    # a signed statistic as its positive and negative parts, each observed for every batch: a
+    # summary's _sum that goes down reads as a counter reset to rate() (a review: a 5-minute mean
+    # of 0.0005 read 6.0)
+    "softgate_batch_approx_kl_positive": (
+        "Per batch: max(approx KL, 0), approx KL the masked mean of (old - logp); the mean approx KL is "
+        "(rate(_positive_sum) - rate(softgate_batch_approx_kl_negative_sum)) / rate(_positive_count).",
         RO,
     ),
+    "softgate_batch_approx_kl_negative": ("Per batch: max(-approx KL, 0) (see _positive).", RO),
     "softgate_batch_kl_mean": (
         "Per batch: mean over trained tokens of the KL penalty's estimator (before beta) of the "
         "reference policy; batches with a KL term only.",
         RO,
     ),
-    "softgate_batch_rollout_kl": (
-        "Per batch: mean of rollout_logp - old_logp (logp on-policy) over the trained tokens as sent, "
-        "KL(sampler || trainer) (verl's rollout_corr/kl); may be negative; batches with rollout_logp only.",
+    "softgate_batch_rollout_kl_positive": (
+        "Per batch: max(k1, 0), k1 the mean of rollout_logp - old_logp (logp on-policy) over the trained "
+        "tokens as sent, KL(sampler || trainer) (verl's rollout_corr/kl); the mean is (rate(_positive_sum) - "
+        "rate(softgate_batch_rollout_kl_negative_sum)) / rate(_positive_count); batches with rollout_logp only.",
         RO,
     ),
+    "softgate_batch_rollout_kl_negative": ("Per batch: max(-k1, 0) (see _positive).", RO),
     "softgate_batch_rollout_k3_kl": (
         "Per batch: the k3 estimate of KL(sampler || trainer), mean of exp(d) - 1 - d, d = old_logp - "
         "rollout_logp, over the trained tokens as sent (verl's k3_kl); batches with rollout_logp only.",

@@ -24,7 +24,7 @@ from softgate_client.proto.softgate.v1 import softgate_pb2 as pb
 from softgate import __version__
 from softgate.engine.objectives import OBJECTIVE_KIND
 from softgate.engine.validation import REASON_CODES
-from softgate.observability.collector import BATCH_SUMMARIES, SoftgateCollector
+from softgate.observability.collector import BATCH_SUMMARIES, SIGNED, SoftgateCollector
 from softgate.observability.distributions import GATE_EDGES, RATIO_EDGES, SIGNS, Bucketer
 from softgate.observability.runs import (
     BatchRecord,
@@ -519,7 +519,11 @@ class PrometheusTelemetry(Telemetry):
                 labels: tuple[str, ...] = (objective, sign) if sign else (objective,)
                 if name == "softgate_batch_degenerate_group_fraction":
                     labels = ()
-                st.observe(name, labels, v, self.collector.edges[name])
+                if key in SIGNED:  # its two parts, sums that only grow (collector.SIGNED)
+                    for part, x in (("_positive", max(v, 0.0)), ("_negative", max(-v, 0.0))):
+                        st.observe(name + part, labels, x, self.collector.edges[name + part])
+                else:
+                    st.observe(name, labels, v, self.collector.edges[name])
             for key in ("ratio_mean", "ratio_min", "ratio_max", "approx_kl", "grad_retained"):
                 gv = values[key]
                 if gv is not None and has_tokens(key, counts):
