@@ -109,7 +109,7 @@ def apply_rejection(batch: Batch, config: LossConfig) -> tuple[Batch, Tensor, Te
     else:
         m = batch.mask.to(dev)
         m = m if m.dtype == torch.bool else m != 0
-    logp = batch.logp.to(dt) if batch.old_logp is not None else old
+    logp = batch.logp.to(dt) if batch.old_logp is not None else None  # (None: old is logp)
     kept = m & keep_mask(old, batch.rollout_logp.to(dt), m, seg, config, logp)
     out = (m.sum() - kept.sum()).to(torch.float64)
     return dataclasses.replace(batch, mask=kept), out, m
