@@ -250,7 +250,7 @@ def rejection_from_verl(rollout_rs: str, rollout_rs_threshold: str | float) -> t
             "rollout_rs", f"unknown_choice: {unknown or rollout_rs!r}; one of {list(VERL_ROLLOUT_RS)}"
         )
     specs = [t.strip() for t in str(rollout_rs_threshold).split(",") if t.strip()]
-    if not options or len(specs) not in (1, len(options)):
+    if len(specs) not in (1, len(options)):
         raise invalid_argument(
             "rollout_rs_threshold",
             f"bad_value: {len(specs)} thresholds for {len(options)} rollout_rs options",
