@@ -19,6 +19,7 @@ in float64.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -39,7 +40,7 @@ from softgate.engine.kl import sequence_kl
 from softgate.engine.metrics import METRIC_NAMES, to_floats
 from softgate.engine.mismatch import rollout_divergence, sequence_log_weights
 from softgate.engine.objectives import OBJECTIVE_KIND, gmpo_bounds
-from softgate.engine.rejection import apply_rejection
+from softgate.engine.rejection import keep_mask
 from softgate.engine.result import LossResult
 from softgate.engine.segments import Segments, host_shortcuts
 from softgate.engine.validation import advantage_level, check, compute_dtype
@@ -137,25 +138,35 @@ def _compute_loss(
 ) -> LossResult:
     if validate:
         check(batch, config, token_values=False)  # the kernel checks the token values
-    n_rejected = sent = None
-    if config.rejection:  # rollout rejection: its tokens leave the mask before anything reads it
-        batch, n_rejected, sent = apply_rejection(batch, config)
     dt = compute_dtype(batch)
     dev = batch.logp.device
     logp = _cast(batch.logp, dt)
+    old = _cast(batch.old_logp, dt) if batch.old_logp is not None else logp
     n = logp.numel()
     seg = Segments(_cast(batch.offsets, torch.int64, dev), n)
-    if batch.mask is None:  # every token trained: a broadcast True, no [N] mask in memory
+    if batch.mask is None and not config.rejection:  # every token trained: a broadcast True
         m = torch.ones(1, dtype=torch.bool, device=dev).expand(n)
-        ylen, counts = seg.lengths, seg.host_lengths  # (counts: the same in numpy, or None)
+    elif batch.mask is None:  # (rejection makes a mask of it: a real one is counted by words, fast)
+        m = torch.ones(n, dtype=torch.bool, device=dev)
     else:
         m = batch.mask.to(dev)
         m = m if m.dtype == torch.bool else m != 0
+    # rollout rejection: its tokens leave the mask before anything reads it; the mask as sent
+    # and its counts (ms, ms_counts) are what sequence mismatch weights and the sampler's KL read
+    sent = None
+    if config.rejection:
+        assert batch.rollout_logp is not None  # (validated)
+        checked = None if batch.old_logp is None else logp  # (on-policy, old is logp)
+        sent, m = m, m & keep_mask(old, _cast(batch.rollout_logp, dt), m, seg, config, checked)
+        batch = dataclasses.replace(batch, mask=m)
+    if batch.mask is None:
+        ylen, counts = seg.lengths, seg.host_lengths  # (counts: the same in numpy, or None)
+    else:
         ylen, counts = seg.count(m), None
+    ms, ms_counts = (m, ylen) if sent is None else (sent, seg.count(sent))
     clamp = float(config.log_ratio_clamp)
     obj = config.objective
     kind = OBJECTIVE_KIND[obj.name]
-    old = _cast(batch.old_logp, dt) if batch.old_logp is not None else logp
     t: dict[str, Tensor] = {"logp": logp, "old": old}
     if batch.mask is not None:  # (token_terms: no "m", every token trained)
         t["m"] = m.view(torch.uint8)
@@ -165,8 +176,8 @@ def _compute_loss(
         t["wkl"] = sequence_weights(kl_agg, ylen if counts is None else counts, dt)
     t["ylen"] = ylen
     extra: dict[str, Tensor] = {}  # metric terms computed here, fetched with the kernel's
-    if n_rejected is not None:
-        extra["rejected_tokens"] = n_rejected
+    if sent is not None:
+        extra["rejected_tokens"] = (ms_counts.sum() - ylen.sum()).to(F64)
 
     # ---- advantages (per sequence unless the caller gave them per token)
     adv_per_token = False
@@ -212,16 +223,12 @@ def _compute_loss(
         rollout = _cast(batch.rollout_logp, dt)
         if mm.level == "sequence" or mm.mode == "seq_mask":  # (seq_mask: the mean, its filter)
             # the sampled sequence's weight: over the mask as sent, rejected tokens included (verl's)
-            ms = m if sent is None else sent
             lv_raw = torch.where(ms, old - rollout, torch.zeros_like(logp))
-            t["lvseq"] = sequence_log_weights(
-                lv_raw, seg, ylen if sent is None else seg.count(ms), mean=mm.level == "token"
-            )
+            t["lvseq"] = sequence_log_weights(lv_raw, seg, ms_counts, mean=mm.level == "token")
         if mm.level == "token":
             t["rollout"] = rollout
     if batch.rollout_logp is not None:  # the sampler's distance from old_logp, over the tokens as sent
-        ms, trained = (m, ylen.sum()) if sent is None else (sent, sent.sum())
-        extra.update(rollout_divergence(old, _cast(batch.rollout_logp, dt), ms, clamp, trained))
+        extra.update(rollout_divergence(old, _cast(batch.rollout_logp, dt), ms, clamp, ms_counts.sum()))
     if config.kl is not None:
         assert batch.ref_logp is not None
         t["ref"] = _cast(batch.ref_logp, dt)

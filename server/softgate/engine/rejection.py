@@ -14,16 +14,14 @@ it, as it would without rejection.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
 from torch import Tensor
 
-from softgate.engine.batch import Batch
 from softgate.engine.config import LossConfig, RejectionCriterion
 from softgate.engine.segments import Segments
-from softgate.engine.validation import LOGP_TOLERANCE, compute_dtype
+from softgate.engine.validation import LOGP_TOLERANCE
 
 BINARY_KL_EPS = 1e-6  # verl's clamp of both probabilities
 
@@ -78,10 +76,12 @@ def keep_mask(
             if c.level == "seq_max":
                 per_seq = seg.max(torch.where(m, stat, -math.inf))
             else:
-                per_seq = seg.sum(torch.where(m, stat, 0.0))
+                stat = torch.where(m, stat, 0.0)
                 if c.level == "seq_mean":
                     trained = seg.count(m) if trained is None else trained
-                    per_seq = per_seq / trained.clamp(min=1).to(per_seq.dtype)
+                    per_seq = seg.mean(stat, trained)
+                else:
+                    per_seq = seg.sum(stat)
             bad = seg.expand(rejected(c, per_seq))
         keep = ~bad if keep is None else keep.logical_and_(~bad)
     assert keep is not None  # (apply_rejection runs with criteria only)
@@ -92,24 +92,3 @@ def keep_mask(
         if x.numel() and not float(x.max()) <= LOGP_TOLERANCE:  # (one pass and a sync each)
             keep |= ~(x <= LOGP_TOLERANCE)
     return keep
-
-
-def apply_rejection(batch: Batch, config: LossConfig) -> tuple[Batch, Tensor, Tensor]:
-    """`batch` with the tokens rollout rejection rejects out of its mask, how many trained
-    tokens that took out (a float64 0-d tensor on the batch's device), and the mask as sent
-    (bool). Needs rollout_logp."""
-    assert batch.rollout_logp is not None  # (validated)
-    dt = compute_dtype(batch)
-    dev = batch.logp.device
-    old = (batch.logp if batch.old_logp is None else batch.old_logp).to(dt)
-    n = old.numel()
-    seg = Segments(batch.offsets.to(device=dev, dtype=torch.int64), n)
-    if batch.mask is None:
-        m = torch.ones(n, dtype=torch.bool, device=dev)
-    else:
-        m = batch.mask.to(dev)
-        m = m if m.dtype == torch.bool else m != 0
-    logp = batch.logp.to(dt) if batch.old_logp is not None else None  # (None: old is logp)
-    kept = m & keep_mask(old, batch.rollout_logp.to(dt), m, seg, config, logp)
-    out = (m.sum() - kept.sum()).to(torch.float64)
-    return dataclasses.replace(batch, mask=kept), out, m
