@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from softgate.engine import ESTIMATORS, METRIC_NAMES, Batch, LossConfig
+from softgate.engine import ESTIMATORS, METRIC_NAMES, Batch, LossConfig, MismatchConfig
 from torch import Tensor
 
 # refused as unsupported: reinforce_pp reads no groups; gdpo's batch normalisation is its whitening
@@ -250,6 +250,20 @@ def reference_rejection_keep(batch: Batch, config: LossConfig, mask: Tensor) -> 
     return keep
 
 
+def _reference_weights(mm: MismatchConfig, o: Tensor, ro: Tensor, o_sent: Tensor, ro_sent: Tensor) -> Tensor:
+    """A sequence's mismatch weights v on its trained tokens (`o` old, `ro` rollout) as the spec
+    defines them; a sequence-level weight (repeated on every token) and seq_mask's geometric
+    mean are taken over its tokens as sent (`o_sent`, `ro_sent`: rejected ones included, as
+    verl's weights are computed apart from rejection)."""
+    v = torch.exp(o - ro) if mm.level == "token" else torch.exp((o_sent - ro_sent).sum()).repeat(len(o))
+    if mm.mode == "truncate":
+        return torch.clamp(v, min=mm.floor, max=mm.cap)
+    if mm.mode == "seq_mask":  # each token's own v; the sequence's geometric mean filters
+        geo = float(torch.exp((o_sent - ro_sent).mean())) if len(o_sent) > 0 else 1.0
+        return v if mm.lo <= geo <= mm.hi else torch.zeros_like(v)
+    return torch.where((v >= mm.lo) & (v <= mm.hi), v, torch.zeros_like(v))
+
+
 def reference_loss(batch: Batch, config: LossConfig) -> Reference:
     f64 = torch.float64
     logp = batch.logp.detach().to(f64).clone().requires_grad_(True)
@@ -262,6 +276,7 @@ def reference_loss(batch: Batch, config: LossConfig) -> Reference:
     rollout = batch.rollout_logp.to(f64) if batch.rollout_logp is not None else None
     C = config.log_ratio_clamp
     name = config.objective.name
+    sent = mask
     if config.rejection:  # rollout rejection: its tokens leave the mask first
         mask = mask & reference_rejection_keep(batch, config, mask)
     counts = [int(mask[off[i] : off[i + 1]].sum()) for i in range(b)]
@@ -291,6 +306,24 @@ def reference_loss(batch: Batch, config: LossConfig) -> Reference:
             else:
                 total = total + t.sum() / agg.constant
         return total
+
+    norm = 1.0  # verl's rollout_is_batch_normalize: the mean weight over the batch as sent
+    if config.mismatch is not None and config.mismatch.batch_normalize:
+        total, count = 0.0, 0
+        for i in range(b):
+            si = sent[off[i] : off[i + 1]]
+            if not bool(si.any()):
+                continue
+            o_s = (old if old is not None else logp.detach())[off[i] : off[i + 1]][si]
+            ro_s = rollout[off[i] : off[i + 1]][si]
+            v = _reference_weights(config.mismatch, o_s, ro_s, o_s, ro_s)
+            level = config.mismatch.level
+            total, count = (
+                total + float(v.sum() if level == "token" else v[0]),
+                count + (len(v) if level == "token" else 1),
+            )
+        mean = total / max(count, 1)
+        norm = mean if mean > 1e-8 else 1.0
 
     policy_terms: list[Tensor | None] = []
     kl_terms: list[Tensor | None] = []
@@ -338,16 +371,10 @@ def reference_loss(batch: Batch, config: LossConfig) -> Reference:
             loss_t = _objective(name, config.objective, r, a, lp)
         mm = config.mismatch
         if mm is not None:
-            ro = rollout[sl][mi]
-            v = torch.exp(o - ro) if mm.level == "token" else torch.exp((o - ro).sum()).repeat(counts[i])
-            if mm.mode == "truncate":
-                v = torch.clamp(v, min=mm.floor, max=mm.cap)
-            elif mm.mode == "seq_mask":  # each token's own v; the sequence's geometric mean filters
-                geo = float(torch.exp((o - ro).mean())) if counts[i] > 0 else 1.0
-                v = v if mm.lo <= geo <= mm.hi else torch.zeros_like(v)
-            else:
-                v = torch.where((v >= mm.lo) & (v <= mm.hi), v, torch.zeros_like(v))
-            loss_t = loss_t * v.detach()
+            si = sent[sl]
+            o_s = (old if old is not None else logp.detach())[sl][si]
+            v = _reference_weights(mm, o, rollout[sl][mi], o_s, rollout[sl][si])
+            loss_t = loss_t * (v / norm).detach()
         if config.off_policy_mask_threshold is not None:  # OPSM, as TRL's get_off_policy_mask
             s = (rollout if rollout is not None else old if old is not None else logp.detach())[sl][mi]
             if float((s - lp.detach()).mean()) > config.off_policy_mask_threshold:

@@ -26,7 +26,7 @@ def test_a_choice_parameter_names_its_default_choice() -> None:
     r = catalogue.build(Limits(), 1 << 20)
     for mode in r.mismatch_modes:
         if mode.name == "seq_mask":  # (token level only: no choice)
-            assert [p.name for p in mode.parameters] == ["lo", "hi"]
+            assert [p.name for p in mode.parameters] == ["lo", "hi", "batch_normalize"]
             continue
         level = next(p for p in mode.parameters if p.name == "level")
         assert list(level.choices) == ["token", "sequence"]

@@ -105,6 +105,10 @@ CASES = [
         {"objective": "sapo", "kl_beta": 0.05, "kl_aggregation": "token_mean"},
         LossConfig(kl=ec.KLConfig("k3", 0.05, aggregation="token_mean")),
     ),
+    (  # verl's rollout_is_batch_normalize on sequence-level TIS weights
+        {"objective": "grpo", "mismatch_level": "sequence", "mismatch_batch_normalize": True},
+        LossConfig(objective=ec.Grpo(), mismatch=ec.MismatchConfig(level="sequence", batch_normalize=True)),
+    ),
     (  # a TIS window [floor, cap] that binds on both sides (weights exp(+-0.05) here)
         {"objective": "grpo", "mismatch_cap": 1.02, "mismatch_floor": 0.98},
         LossConfig(objective=ec.Grpo(), mismatch=ec.MismatchConfig(cap=1.02, floor=0.98)),

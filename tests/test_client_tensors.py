@@ -112,6 +112,17 @@ def test_build_loss_config_flat_keywords() -> None:
     assert (c3.advantages.eps, c3.advantages.min_group_std) == (1e-3, 0.1)
     assert c3.kl == cfg.KLConfig(beta=0.25)
     assert c3.mismatch == cfg.MismatchConfig(lo=0.4, hi=3.0)
+    # batch_normalize: True asks for it (a TIS correction at its defaults); False alone asks for
+    # no correction, and leaves a correction given as it was; numpy's bool is a bool, 1 is not
+    assert cfg.build_loss_config(mismatch_batch_normalize=True).mismatch == cfg.MismatchConfig(
+        batch_normalize=True
+    )
+    assert cfg.build_loss_config(mismatch_batch_normalize=False).mismatch is None
+    c4 = cfg.build_loss_config(mismatch_cap=3.0, mismatch_batch_normalize=False)
+    assert c4.mismatch == cfg.MismatchConfig(cap=3.0)
+    assert cfg.MismatchConfig(batch_normalize=np.bool_(True)).batch_normalize is True
+    with pytest.raises(ValueError, match=r"config\.mismatch\.batch_normalize: bad_type"):
+        cfg.MismatchConfig(batch_normalize=1)  # type: ignore[arg-type]
     # a flat keyword refines a section given whole, in either order (found by an audit: the
     # order was the call's when an argument was unhashable, and kl_beta was then lost)
     for kw in ({"kl_beta": 0.5, "kl": cfg.KLConfig("k3")}, {"kl": cfg.KLConfig("k3"), "kl_beta": 0.5}):

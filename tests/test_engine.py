@@ -1266,6 +1266,7 @@ def test_validation_batch(monkeypatch, path):
         (LossConfig(mismatch=MismatchConfig(floor=-0.1)), "mismatch.floor"),
         (LossConfig(mismatch=MismatchConfig(floor=2.0)), "mismatch.floor"),  # not below cap 2
         (LossConfig(mismatch=MismatchConfig(mode="mask", floor=0.5)), "mismatch.floor"),  # mask's: lo
+        (LossConfig(mismatch=MismatchConfig(batch_normalize=1)), "mismatch.batch_normalize"),  # type: ignore[arg-type]
         (LossConfig(aggregation=AggregationConfig(num_tokens=0.0)), "aggregation.num_tokens"),
         (LossConfig(aggregation=AggregationConfig(num_seqs=-3.0)), "aggregation.num_seqs"),
         (LossConfig(aggregation=AggregationConfig(mode="token_sum_norm")), "aggregation.constant"),

@@ -125,6 +125,46 @@ def test_truncate_with_a_floor(objective, level):
     assert changed == 3, (checked, changed)
 
 
+@pytest.mark.parametrize("mismatch", [m for m in MISMATCH_OPTIONS if m is not None])
+@pytest.mark.parametrize("objective", ["grpo", "sapo", "gspo", "cispo"])
+def test_mismatch_batch_normalize(objective, mismatch):
+    """verl's rollout_is_batch_normalize: every weight divided by their mean over the batch as
+    sent (tokens, or sequences with any), against the reference, with and without a KL term
+    and rollout rejection (which leaves the mean as it was: verl's weights are computed apart
+    from it); the policy part is the plain one over the factor, the KL part unchanged."""
+    from softgate.engine import RejectionCriterion
+
+    checked = 0
+    for seed in range(80):
+        batch = random_batch(seed * 6007 + 11, advantages="sequence" if objective == "gspo" else "rewards")
+        kl = "k3" if seed % 2 else None
+        rejection = (RejectionCriterion(upper=0.02, statistic="k2"),) if seed % 3 == 0 else ()
+        config = make_config(
+            objective, "seq_mean_token_mean", kl, mismatch, variant=seed, rejection=rejection
+        )
+        if config.mismatch is None or near_boundary(batch, config):
+            continue
+        config = dataclasses.replace(
+            config, mismatch=dataclasses.replace(config.mismatch, batch_normalize=True)
+        )
+        plain = dataclasses.replace(
+            config, mismatch=dataclasses.replace(config.mismatch, batch_normalize=False)
+        )
+        res, res0 = ENGINE.loss(batch, config), ENGINE.loss(batch, plain)
+        norm = res.metrics["mismatch_norm_factor"]
+        if not 0.2 < norm < 5 or norm == 1.0 or res0.policy_loss == 0:
+            continue
+        check_against_reference(batch, config)
+        assert res.policy_loss == pytest.approx(res0.policy_loss / norm, rel=1e-9)
+        assert res.kl_loss == res0.kl_loss
+        assert res.metrics["mismatch_weight_mean"] == res0.metrics["mismatch_weight_mean"]  # (before it)
+        assert res0.metrics["mismatch_norm_factor"] == 1.0
+        checked += 1
+        if checked == 4:
+            return
+    raise AssertionError(f"only {checked} batches")
+
+
 # fresh examples on a developer's machine (they found a real case once), the same ones under CI:
 # a CI run fails for what changed, not for what it drew
 @settings(

@@ -235,6 +235,7 @@ def loss_config_to_proto(c: cfg.LossConfig) -> pb.LossConfig:
         mm.level = _enum(pb.MismatchLevel, "MISMATCH_LEVEL", m.level, "config.mismatch.level")
         mm.mode = _enum(pb.MismatchMode, "MISMATCH_MODE", m.mode, "config.mismatch.mode")
         _set_optional(mm, cap=m.cap, lo=m.lo, hi=m.hi, floor=m.floor)
+        mm.batch_normalize = m.batch_normalize
     for i, r in enumerate(c.rejection):
         rc: Any = out.rejection.add()
         rc.statistic = _enum(

@@ -200,7 +200,8 @@ class KLConfig:
 @dataclass(frozen=True)
 class MismatchConfig:
     """Train/inference mismatch weight: level `token` / `sequence`, mode `truncate` / `mask` /
-    `seq_mask` (token level: OpenRLHF's seq-mask-tis)."""
+    `seq_mask` (token level: OpenRLHF's seq-mask-tis); `batch_normalize` divides the weights by
+    their batch mean (verl's rollout_is_batch_normalize)."""
 
     level: str | None = None
     mode: str | None = None
@@ -208,9 +209,13 @@ class MismatchConfig:
     lo: float | None = None
     hi: float | None = None
     floor: float | None = None
+    batch_normalize: bool = False
 
     def __post_init__(self) -> None:
         _plain_fields(self, "config.mismatch")
+        if not isinstance(self.batch_normalize, bool):  # (numpy's bool_ was read as bool; 0 / 1 are not)
+            why = f"bad_type: {self.batch_normalize!r}; true or false"
+            raise invalid_argument("config.mismatch.batch_normalize", why)
 
 
 @dataclass(frozen=True)
@@ -349,6 +354,7 @@ _FLAT_ALIASES = {
     "mismatch_lo": ("mismatch", "lo"),
     "mismatch_hi": ("mismatch", "hi"),
     "mismatch_floor": ("mismatch", "floor"),
+    "mismatch_batch_normalize": ("mismatch", "batch_normalize"),
 }
 _SECTIONS: dict[str, type] = {
     "advantages": AdvantageConfig,
@@ -406,6 +412,8 @@ def build_loss_config(config: LossConfig | None = None, **kw: Any) -> LossConfig
             touched.add(key)
         elif key in _FLAT_ALIASES:
             s, f = _FLAT_ALIASES[key]
+            if val is False and s not in touched:  # (off: asks for no correction)
+                continue
             sections[s][f] = val
             touched.add(s)
         elif key in (

@@ -103,6 +103,7 @@ function lossConfig(c) {
       lo: m.lo,
       hi: m.hi,
       floor: m.floor,
+      batch_normalize: m.batch_normalize,
     });
   }
   if (c.log_ratio_clamp !== null && c.log_ratio_clamp !== undefined) out.log_ratio_clamp = c.log_ratio_clamp;

@@ -61,6 +61,8 @@ def config_to_json(cfg: LossConfig) -> dict[str, Any]:
     # fields added since the vectors were written, at their defaults: left out, as before
     if d.get("mismatch") and not d["mismatch"]["floor"]:
         del d["mismatch"]["floor"]
+    if d.get("mismatch") and not d["mismatch"]["batch_normalize"]:
+        del d["mismatch"]["batch_normalize"]
     if d.get("kl") and d["kl"]["aggregation"] is None:
         del d["kl"]["aggregation"]
     if d["advantages"]["reward_weights"] is None:  # (a loss case's rewards are one component)
@@ -294,6 +296,14 @@ def _default_cases(engine: Engine) -> list[dict[str, Any]]:
         out.append(_case(f"sapo/rejection_{name}", b, cfg, engine))
         m = out[-1]["outputs"]["metrics"]
         assert m["rejected_tokens"] > 0 and m["num_tokens"] > 0, (name, m)
+    # verl's rollout_is_batch_normalize: sequence-level TIS weights divided by their batch mean,
+    # beside a KL term it leaves as it was
+    cfg = LossConfig(
+        mismatch=MismatchConfig(level="sequence", mode="truncate", cap=1.5, batch_normalize=True),
+        kl=KLConfig(estimator="k3", beta=0.1),
+    )
+    out.append(_case("sapo/mismatch_batch_normalize", b, cfg, engine))
+    assert out[-1]["outputs"]["metrics"]["mismatch_norm_factor"] not in (0.0, 1.0)
     # k3_is: k3 weighted by the token's ratio, gradient -x r (TRL's use_bias_correction_kl)
     b = random_batch(5555, max_seqs=5, max_len=5, advantages="sequence", num_seqs=5, big_deltas=True)
     cfg = LossConfig(kl=KLConfig(estimator="k3_is", beta=0.3, aggregation="token_mean"))

@@ -336,7 +336,10 @@ class MismatchConfig:
     """Train/inference mismatch weight v = exp(old - rollout), token or sequence level,
     truncated at `cap` (TIS; weights below `floor` raised to it, 0: none) or zeroed outside
     [lo, hi] (mask, "IcePop"); seq_mask (token level, OpenRLHF's seq-mask-tis): each token's
-    own v, zeroed in a sequence whose geometric-mean weight is outside [lo, hi]."""
+    own v, zeroed in a sequence whose geometric-mean weight is outside [lo, hi].
+    `batch_normalize` (verl's rollout_is_batch_normalize): the weights are divided by their
+    mean over the batch as sent (its trained tokens at token level, its sequences with any at
+    sequence level), so they average 1; the factor is the `mismatch_norm_factor` metric."""
 
     level: Literal["token", "sequence"] = "token"
     mode: Literal["truncate", "mask", "seq_mask"] = "truncate"
@@ -344,6 +347,7 @@ class MismatchConfig:
     lo: float = 0.5
     hi: float = 2.0
     floor: float = 0.0
+    batch_normalize: bool = False
 
     def __post_init__(self) -> None:
         _plain_numbers(self)

@@ -38,7 +38,7 @@ from softgate.engine.errors import FieldViolation, InputError
 from softgate.engine.kernel import EXPANDED, Terms, derived_terms, kernel_layout, kernel_params
 from softgate.engine.kl import sequence_kl
 from softgate.engine.metrics import METRIC_NAMES, to_floats
-from softgate.engine.mismatch import rollout_divergence, sequence_log_weights
+from softgate.engine.mismatch import batch_norm_factor, rollout_divergence, sequence_log_weights
 from softgate.engine.objectives import OBJECTIVE_KIND, gmpo_bounds
 from softgate.engine.rejection import keep_mask
 from softgate.engine.result import LossResult
@@ -217,6 +217,7 @@ def _compute_loss(
         if batch.mask is not None:
             d = torch.where(m, d, torch.zeros_like(d))
         t["sratio"] = torch.exp(seg.mean(d, ylen))
+    prm = kernel_params(config, dt, dev)
     mm = config.mismatch
     if mm is not None:
         assert batch.rollout_logp is not None
@@ -227,6 +228,12 @@ def _compute_loss(
             t["lvseq"] = sequence_log_weights(lv_raw, seg, ms_counts, mean=mm.level == "token")
         if mm.level == "token":
             t["rollout"] = rollout
+        if mm.batch_normalize:  # verl's: v divided by its mean over the batch as sent, through w
+            norm = batch_norm_factor(mm.level, mm.mode, old, rollout, ms, seg, ms_counts, t.get("lvseq"), prm)
+            extra["mismatch_norm_factor"] = norm
+            if config.kl is not None and "wkl" not in t:  # (the KL term keeps the weights it had)
+                t["wkl"] = t["w"]
+            t["w"] = (t["w"].to(F64) / norm).to(dt)  # v multiplies only the policy term, as w does
     if batch.rollout_logp is not None:  # the sampler's distance from old_logp, over the tokens as sent
         extra.update(rollout_divergence(old, _cast(batch.rollout_logp, dt), ms, clamp, ms_counts.sum()))
     if config.kl is not None:
@@ -241,7 +248,6 @@ def _compute_loss(
         sampler = old if batch.rollout_logp is None else _cast(batch.rollout_logp, dt)
         t["okl"] = seg.mean(torch.where(m, sampler - logp, torch.zeros_like(logp)), ylen)
 
-    prm = kernel_params(config, dt, dev)
     if isinstance(obj, (ClipCov, KlCov)):  # the tokens they clip or penalise (covariance.py)
         a_tok = t["adv"] if adv_per_token else seg.expand(t["adv"])
         mask = None if batch.mask is None else m
@@ -396,6 +402,7 @@ def _compute_loss(
     mx["kl_clamped_tokens"] = s["kl_clamped"]
     mx["mismatch_weight_mean"] = share(s["v_sum"], cnt, 1.0) if mm is not None else 1.0
     mx["mismatch_clipped_frac"] = share(s["v_changed"], cnt)
+    mx["mismatch_norm_factor"] = s.get("mismatch_norm_factor", 1.0)
     mx["off_policy_masked_frac"] = share(s["opsm"], cnt)
     mx["rejected_tokens"] = s.get("rejected_tokens", 0.0)
     mx["rollout_tokens"] = s.get("rollout_tokens", 0.0)

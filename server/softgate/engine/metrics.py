@@ -62,9 +62,11 @@ METRIC_NAMES: dict[str, str] = {
     "kl_mean": "mean of the KL estimator (before beta) over tokens; 0 without a KL term",
     "kl_clamped_tokens": "tokens whose k3 (k3_st, k3_is, k3_is_seq) KL log-ratio ref - logp was above log_ratio_clamp "
     "(k1, k2, k1_st, abs, abs_st: 0)",
-    "mismatch_weight_mean": "mean train/inference mismatch weight v over tokens; 1 without correction",
+    "mismatch_weight_mean": "mean train/inference mismatch weight v over tokens (before batch_normalize); 1 without correction",
     "mismatch_clipped_frac": "share of tokens whose v was clamped to [floor, cap] or zeroed outside [lo, hi] "
     "(seq_mask: the tokens of the sequences it dropped); 0 without correction",
+    "mismatch_norm_factor": "the mean of v over the batch as sent that mismatch.batch_normalize divided the weights "
+    "by (verl's rollout_is_batch_norm_factor; mismatch_weight_mean is before it); 1 without it",
     "off_policy_masked_frac": "share of tokens whose policy term off-policy sequence masking dropped (A < 0, "
     "their sequence's mean sampler - current log-prob above off_policy_mask_threshold); 0 without it",
     "rejected_tokens": "tokens of the loss mask as given that rollout rejection took out of it (`rejection`); "

@@ -8,7 +8,7 @@ the window (inf > hi: zeroed) turns into the spec's finite weight, and a very ne
 underflows to 0, as exp does. seq_mask bounds only its sequences' means: a kept token's own
 weight is unbounded, and one that overflows makes the loss refused as an `overflow`. v
 multiplies the policy objective's per-token loss (and so its gradient); the KL term is not
-weighted. Whenever rollout_logp is sent, `rollout_divergence` also measures how far the sampler
+weighted. `batch_norm_factor` gives verl's rollout_is_batch_normalize its mean. Whenever rollout_logp is sent, `rollout_divergence` also measures how far the sampler
 is from the trainer (the rollout_kl and rollout_k3_kl metrics), correction or not.
 """
 
@@ -42,6 +42,37 @@ def mismatch_weights(
     w = v if lgeo is None else torch.exp(lgeo)
     changed = (w < prm["vlo"]) | (w > prm["vhi"])
     return torch.where(changed, torch.zeros_like(v), v), changed
+
+
+def batch_norm_factor(
+    level: str,
+    mode: str,
+    old: Tensor,
+    rollout: Tensor,
+    sent: Tensor,
+    seg: Segments,
+    sent_counts: Tensor,
+    lvseq: Tensor | None,
+    prm: dict[str, Tensor],
+) -> Tensor:
+    """verl's rollout_is_batch_normalize: the mean of the weights v (as the kernel makes them,
+    mismatch_weights) over the trained tokens `sent` of the batch as sent (token level) or over
+    its sequences with any (sequence level), as a float64 0-d tensor; 1 when that mean is at
+    most 1e-8 (verl's) or nothing is trained. `lvseq` is the [B] log-weight of a sequence
+    level or seq_mask correction (compute_loss's)."""
+    f64 = torch.float64
+    if level == "sequence":
+        assert lvseq is not None
+        v, _ = mismatch_weights(mode, lvseq, prm)
+        some = sent_counts > 0
+        total, count = torch.where(some, v, torch.zeros_like(v)).sum(dtype=f64), some.sum()
+    else:
+        lv = torch.where(sent, old - rollout, torch.zeros_like(old))
+        lgeo = seg.expand(lvseq) if lvseq is not None else None
+        v, _ = mismatch_weights(mode, lv, prm, lgeo)
+        total, count = torch.where(sent, v, torch.zeros_like(v)).sum(dtype=f64), sent_counts.sum()
+    mean = total / count.clamp(min=1)
+    return torch.where(mean > 1e-8, mean, torch.ones_like(mean))
 
 
 def rollout_divergence(

@@ -413,6 +413,11 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
                 "unsupported: seq_mask weighs each token by its own weight (level token); its "
                 "sequences are filtered by their geometric mean",
             )
+            need(
+                isinstance(mm.batch_normalize, bool),
+                "mismatch.batch_normalize",
+                f"bad_type: {mm.batch_normalize!r}; true or false",
+            )
             # every bound is range-checked, the unused mode's too: a NaN there is still a bad request
             pos(mm.cap, "mismatch.cap")
             nonneg(mm.floor, "mismatch.floor")

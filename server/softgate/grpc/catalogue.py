@@ -51,6 +51,8 @@ PARAM_HELP: dict[str, str] = {
     "lo": "lower bound of the masking window (mask and seq_mask modes), >= 0",
     "hi": "upper bound of the masking window (mask and seq_mask modes), > lo",
     "floor": "weights below it raised to it (truncate mode), >= 0 and < cap; 0: none",
+    "batch_normalize": "true: the weights divided by their mean over the batch as sent (verl's "
+    "rollout_is_batch_normalize; the mismatch_norm_factor metric); default false",
     "log_ratio_clamp": "bound on |logp - old_logp| before exponentiation, in (0, 80]",
     "saturation_threshold": "gate weight below which a token counts as saturated, in (0, 1]",
     "RejectionCriterion.upper": "required, > 0: k1's bound on exp(k1), the others' on the statistic",
@@ -171,7 +173,11 @@ def build(limits: Limits, max_message_bytes: int) -> pb.ListAlgorithmsResponse:
     kl_params = _params(c.KLConfig, skip=("estimator",))
     for est in _default_first(c.KLConfig, "estimator"):
         r.kl_estimators.add(name=est, description=KL_HELP.get(est, ""), parameters=kl_params)
-    by_mode = {"truncate": ("level", "cap", "floor"), "mask": ("level", "lo", "hi"), "seq_mask": ("lo", "hi")}
+    by_mode = {
+        "truncate": ("level", "cap", "floor", "batch_normalize"),
+        "mask": ("level", "lo", "hi", "batch_normalize"),
+        "seq_mask": ("lo", "hi", "batch_normalize"),
+    }
     fields = {f.name: f for f in dataclasses.fields(c.MismatchConfig)}
     for mode in _default_first(c.MismatchConfig, "mode"):
         r.mismatch_modes.add(

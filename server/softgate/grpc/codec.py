@@ -801,7 +801,7 @@ def _decode_loss_config(msg: pb.LossConfig, v: list[FieldViolation], prefix: str
         mm_kw = _set_fields(msg.mismatch, ("cap", "lo", "hi", "floor"))
         _enum(msg.mismatch.level, _MM_LEVELS, prefix + "mismatch.level", v, mm_kw, "level")
         _enum(msg.mismatch.mode, _MM_MODES, prefix + "mismatch.mode", v, mm_kw, "mode")
-        mm = MismatchConfig(**mm_kw)
+        mm = MismatchConfig(**mm_kw, batch_normalize=msg.mismatch.batch_normalize)
     top = _set_fields(msg, ("log_ratio_clamp", "saturation_threshold", "off_policy_mask_threshold"))
     return LossConfig(
         objective=objective,

@@ -393,20 +393,22 @@ class KlConfig(_message.Message):
     def __init__(self, estimator: _Optional[_Union[KlEstimator, str]] = ..., beta: _Optional[float] = ..., aggregation: _Optional[_Union[AggregationMode, str]] = ...) -> None: ...
 
 class MismatchConfig(_message.Message):
-    __slots__ = ("level", "mode", "cap", "lo", "hi", "floor")
+    __slots__ = ("level", "mode", "cap", "lo", "hi", "floor", "batch_normalize")
     LEVEL_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     CAP_FIELD_NUMBER: _ClassVar[int]
     LO_FIELD_NUMBER: _ClassVar[int]
     HI_FIELD_NUMBER: _ClassVar[int]
     FLOOR_FIELD_NUMBER: _ClassVar[int]
+    BATCH_NORMALIZE_FIELD_NUMBER: _ClassVar[int]
     level: MismatchLevel
     mode: MismatchMode
     cap: float
     lo: float
     hi: float
     floor: float
-    def __init__(self, level: _Optional[_Union[MismatchLevel, str]] = ..., mode: _Optional[_Union[MismatchMode, str]] = ..., cap: _Optional[float] = ..., lo: _Optional[float] = ..., hi: _Optional[float] = ..., floor: _Optional[float] = ...) -> None: ...
+    batch_normalize: bool
+    def __init__(self, level: _Optional[_Union[MismatchLevel, str]] = ..., mode: _Optional[_Union[MismatchMode, str]] = ..., cap: _Optional[float] = ..., lo: _Optional[float] = ..., hi: _Optional[float] = ..., floor: _Optional[float] = ..., batch_normalize: bool = ...) -> None: ...
 
 class RejectionCriterion(_message.Message):
     __slots__ = ("statistic", "level", "upper", "lower")
