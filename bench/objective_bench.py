@@ -2,7 +2,7 @@
 for a request that wants the gradient alone (ratio and gate for a 32K-token sample), on one
 batch of per-sequence advantages, every objective at its defaults, GRPO with a k3, k3_is or k3_is_seq KL
 term, GRPO with a token-level TIS or seq_mask (seq-mask-tis) mismatch correction (the same
-batch with rollout log-probs), GRPO with off-policy sequence masking (OPSM) and with rollout
+batch with rollout log-probs; TIS also with batch_normalize), GRPO with off-policy sequence masking (OPSM) and with rollout
 rejection (the same rollout log-probs), and GSPO with a dual clip. It runs under the process's allocator (bench/engine_bench.py
 preloads tcmalloc, as the service ships; `LD_PRELOAD=libtcmalloc_minimal.so.4` for the same
 here).
@@ -46,6 +46,10 @@ def configs() -> dict[str, LossConfig]:
         out[f"grpo + {mode}"] = LossConfig(
             objective=Grpo(), mismatch=MismatchConfig(mode=mode, lo=0.998, hi=1.002)
         )
+    # verl's rollout_is_batch_normalize: the TIS weights' batch mean, an eager pass first
+    out["grpo + truncate + batch_normalize"] = LossConfig(
+        objective=Grpo(), mismatch=MismatchConfig(mode="truncate", batch_normalize=True)
+    )
     out["grpo + opsm"] = LossConfig(objective=Grpo(), off_policy_mask_threshold=0.0)
     # rollout rejection: a k1 window per token, sequences by their mean k3 (verl's decoupled_geo_rs-like)
     out["grpo + rejection"] = LossConfig(

@@ -117,7 +117,12 @@ def test_build_loss_config_flat_keywords() -> None:
     assert cfg.build_loss_config(mismatch_batch_normalize=True).mismatch == cfg.MismatchConfig(
         batch_normalize=True
     )
-    assert cfg.build_loss_config(mismatch_batch_normalize=False).mismatch is None
+    torch = pytest.importorskip("torch")
+    for off in (False, np.bool_(False), torch.tensor(False)):
+        assert cfg.build_loss_config(mismatch_batch_normalize=off).mismatch is None
+    # (only that keyword: another False is a value, in either order)
+    for kw in ({"kl_estimator": "k3", "kl_beta": False}, {"kl_beta": False, "kl_estimator": "k3"}):
+        assert cfg.build_loss_config(**kw).kl == cfg.KLConfig("k3", False)
     c4 = cfg.build_loss_config(mismatch_cap=3.0, mismatch_batch_normalize=False)
     assert c4.mismatch == cfg.MismatchConfig(cap=3.0)
     assert cfg.MismatchConfig(batch_normalize=np.bool_(True)).batch_normalize is True

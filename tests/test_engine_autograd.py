@@ -165,6 +165,33 @@ def test_mismatch_batch_normalize(objective, mismatch):
     raise AssertionError(f"only {checked} batches")
 
 
+def test_mismatch_batch_normalize_refuses_an_infinite_mean() -> None:
+    """seq_mask leaves a token's own weight unbounded: a rejected token's exp(90) (float32 inf)
+    still counts in the batch mean, which is then infinite; refused as `overflow`, not a silent
+    loss of 0 (w / inf; a review). Without batch_normalize the same batch trains."""
+    from softgate.engine import Batch, InputError, MismatchConfig, RejectionCriterion
+    from softgate.engine.config import Grpo, LossConfig
+
+    old, rollout = torch.full((10,), -1.0), torch.full((10,), -1.0)
+    rollout[0], old[1] = -91.0, -90.0  # token 0 rejected by k1 (exp(90) > 2); token 1 kept
+    batch = Batch(
+        logp=old.clone(),
+        old_logp=old,
+        rollout_logp=rollout,
+        advantages=torch.ones(10),
+        offsets=torch.tensor([0, 5, 10]),
+    )
+    config = LossConfig(
+        objective=Grpo(),
+        mismatch=MismatchConfig(mode="seq_mask", batch_normalize=True),
+        rejection=(RejectionCriterion(upper=2.0, statistic="k1"),),
+    )
+    with pytest.raises(InputError, match="overflow"):
+        ENGINE.loss(batch, config)
+    plain = dataclasses.replace(config, mismatch=MismatchConfig(mode="seq_mask"))
+    assert ENGINE.loss(batch, plain).policy_loss != 0
+
+
 # fresh examples on a developer's machine (they found a real case once), the same ones under CI:
 # a CI run fails for what changed, not for what it drew
 @settings(

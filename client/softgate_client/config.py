@@ -412,8 +412,8 @@ def build_loss_config(config: LossConfig | None = None, **kw: Any) -> LossConfig
             touched.add(key)
         elif key in _FLAT_ALIASES:
             s, f = _FLAT_ALIASES[key]
-            if val is False and s not in touched:  # (off: asks for no correction)
-                continue
+            if key == "mismatch_batch_normalize" and plain_value(val) is False and s not in touched:
+                continue  # (off asks for no correction; numpy's and torch's False too)
             sections[s][f] = val
             touched.add(s)
         elif key in (

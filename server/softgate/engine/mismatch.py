@@ -14,6 +14,8 @@ is from the trainer (the rollout_kl and rollout_k3_kl metrics), correction or no
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -72,7 +74,10 @@ def batch_norm_factor(
         v, _ = mismatch_weights(mode, lv, prm, lgeo)
         total, count = torch.where(sent, v, torch.zeros_like(v)).sum(dtype=f64), sent_counts.sum()
     mean = total / count.clamp(min=1)
-    return torch.where(mean > 1e-8, mean, torch.ones_like(mean))
+    # an infinite mean (seq_mask's unbounded weight on a rejected token) is NaN: the loss is then
+    # refused as `overflow`, never silently 0 (w / inf)
+    factor = torch.where(mean > 1e-8, mean, torch.ones_like(mean))
+    return torch.where(torch.isfinite(mean), factor, torch.full_like(mean, math.nan))
 
 
 def rollout_divergence(
