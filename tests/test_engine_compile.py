@@ -768,10 +768,10 @@ def test_compiled_kernel_runs_only_where_it_fits() -> None:
     one = dataclasses.replace(
         batch, offsets=torch.tensor([0, n]), advantages=batch.advantages, advantage_level="token"
     )
-    assert_same_result(eng.loss(one, cfg), eager.loss(one, cfg))  # one sequence: eager
-    assert eng.kernel.compiled_calls == 2
+    assert_same_result(eng.loss(one, cfg), eager.loss(one, cfg))  # one sequence: as two, compiled
+    assert eng.kernel.compiled_calls == 3
     few = eng.loss(batch, cfg, sample_tokens=1)  # samples 2 tokens, not 1: compiled
-    assert few.ratio.numel() == 2 and eng.kernel.compiled_calls == 3
+    assert few.ratio.numel() == 2 and eng.kernel.compiled_calls == 4
     assert_same_result(few, eager.loss(batch, cfg, sample_tokens=1))
 
 
@@ -780,7 +780,41 @@ def test_fits() -> None:
     args = (t, {}, "sapo", False, True, None, None, torch.int32)
     assert fits((*args, 1)) and fits((*args, 5)) and not fits((*args, 10))
     assert not fits(({"logp": torch.zeros(1), "ylen": torch.zeros(3)}, *args[1:], 1))
-    assert not fits(({"logp": torch.zeros(10), "ylen": torch.zeros(1)}, *args[1:], 1))
+    assert fits(({"logp": torch.zeros(10), "ylen": torch.zeros(1)}, *args[1:], 1))  # (as two)
+    assert not fits(({"logp": torch.zeros(10), "ylen": torch.zeros(0)}, *args[1:], 1))
+
+
+@pytest.mark.parametrize("sample_tokens", [None, 16], ids=["aoti", "dynamo"])
+def test_a_one_sequence_batch_runs_compiled_with_an_empty_second_sequence(sample_tokens: int | None) -> None:
+    """A trainer's micro-batch of one long sequence ran eager (a compiled kernel serves B >= 2)
+    at 4-5x the compiled time: it now runs compiled with an empty second sequence, which
+    changes nothing. Checked against eager where every per-sequence input is read: GSPO's
+    sequence ratio (its min / max over live sequences), per-sequence advantages, a sequence
+    level mismatch weight, k3_is_seq's sequence KL, OPSM and rollout rejection."""
+    import dataclasses
+
+    from softgate.engine import KLConfig, MismatchConfig, RejectionCriterion
+    from softgate.engine.config import Gspo, LossConfig
+
+    eng, eager = Engine(device="cpu", compile="sync"), Engine(device="cpu", compile=False)
+    batch = random_batch(11, max_seqs=1, max_len=200, advantages="sequence", dtype=torch.float32, num_seqs=1)
+    g = torch.Generator().manual_seed(3)
+    n = batch.logp.numel()
+    rollout = (batch.old_logp + 0.02 * torch.randn(n, generator=g)).clamp(max=-1e-3)
+    batch = dataclasses.replace(batch, rollout_logp=rollout, ref_logp=batch.logp - 0.01)
+    assert batch.offsets.numel() == 2 and n >= 20
+    cfg = LossConfig(
+        objective=Gspo(),
+        kl=KLConfig("k3_is_seq", 0.1),
+        mismatch=MismatchConfig(level="sequence", cap=1.5),
+        off_policy_mask_threshold=0.5,
+        rejection=(RejectionCriterion(upper=0.5, statistic="k2"),),
+    )
+    got = eng.loss(batch, cfg, sample_tokens=sample_tokens)
+    assert eng.kernel.compiled_calls == 1
+    want = eager.loss(batch, cfg, sample_tokens=sample_tokens)
+    assert_same_result(got, want)
+    assert got.metrics["num_seqs"] == 1 and got.metrics["ratio_min"] == want.metrics["ratio_min"] != 1.0
 
 
 def test_background_warmup_queues_no_compiles() -> None:

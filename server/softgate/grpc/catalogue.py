@@ -51,7 +51,7 @@ PARAM_HELP: dict[str, str] = {
     "lo": "lower bound of the masking window (mask and seq_mask modes), >= 0",
     "hi": "upper bound of the masking window (mask and seq_mask modes), > lo",
     "floor": "weights below it raised to it (truncate mode), >= 0 and < cap; 0: none",
-    "batch_normalize": "true: the weights divided by their mean over the batch as sent (verl's "
+    "batch_normalize": "if set, the weights are divided by their mean over the batch as sent (verl's "
     "rollout_is_batch_normalize; the mismatch_norm_factor metric); default false",
     "log_ratio_clamp": "bound on |logp - old_logp| before exponentiation, in (0, 80]",
     "saturation_threshold": "gate weight below which a token counts as saturated, in (0, 1]",
