@@ -784,18 +784,35 @@ def test_fits() -> None:
     assert not fits(({"logp": torch.zeros(10), "ylen": torch.zeros(0)}, *args[1:], 1))
 
 
-@pytest.mark.parametrize("sample_tokens", [None, 16], ids=["aoti", "dynamo"])
-def test_a_one_sequence_batch_runs_compiled_with_an_empty_second_sequence(sample_tokens: int | None) -> None:
+@pytest.mark.parametrize(
+    "sample_tokens,gather", [(None, False), (16, False), (None, True)], ids=["aoti", "dynamo", "gather"]
+)
+def test_a_one_sequence_batch_runs_compiled_with_an_empty_second_sequence(
+    sample_tokens: int | None, gather: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A trainer's micro-batch of one long sequence ran eager (a compiled kernel serves B >= 2)
     at 4-5x the compiled time: it now runs compiled with an empty second sequence, which
     changes nothing. Checked against eager where every per-sequence input is read: GSPO's
     sequence ratio (its min / max over live sequences), per-sequence advantages, a sequence
-    level mismatch weight, k3_is_seq's sequence KL, OPSM and rollout rejection."""
+    level mismatch weight, k3_is_seq's sequence KL, OPSM and rollout rejection; also with the
+    [B] inputs gathered in the kernel by sequence id, as on a GPU."""
     import dataclasses
 
-    from softgate.engine import KLConfig, MismatchConfig, RejectionCriterion
+    from softgate.engine import (
+        KLConfig,
+        MismatchConfig,
+        RejectionCriterion,
+        aggregate,
+        chunked,
+        loss,
+        segments,
+        validation,
+    )
     from softgate.engine.config import Gspo, LossConfig
 
+    if gather:  # a GPU's code on the CPU: [B] inputs gathered by sequence id in the kernel, the pad too
+        for m in (segments, loss, aggregate, validation, compiled, chunked):
+            monkeypatch.setattr(m, "host_shortcuts", lambda device: False)
     eng, eager = Engine(device="cpu", compile="sync"), Engine(device="cpu", compile=False)
     batch = random_batch(11, max_seqs=1, max_len=200, advantages="sequence", dtype=torch.float32, num_seqs=1)
     g = torch.Generator().manual_seed(3)

@@ -297,7 +297,7 @@ def two_sequences(args: tuple[Any, ...]) -> tuple[Any, ...]:
     input gets a 0 (ylen 0), which no token reads (no token has its id) and which every
     sequence term weighs by its length 0 or leaves out (`kernel.sequence_terms`). A compiled
     kernel serves B >= 2 (export specialises sizes 0 and 1); a long sequence alone (a trainer's
-    micro-batch of one) ran eager at 4-5x the compiled time. The outputs are the same, but
+    micro-batch of one) ran eager at 4-7x the compiled time. The outputs are the same, but
     for one more trailing zero after the values, which compute_loss drops with the others."""
     t, *rest = args
     if t["ylen"].numel() != 1:

@@ -470,7 +470,9 @@ def sequence_terms(
     t: dict[str, Tensor], names: tuple[str, ...], adv_per_token: bool, seq_ratio: bool
 ) -> list[Tensor]:
     """The per-sequence metric terms (float64 0-d tensors) named in `names`: token counts and
-    advantage sums with per-sequence advantages, GSPO's ratio statistics."""
+    advantage sums with per-sequence advantages, GSPO's ratio statistics. Every term weighs a
+    sequence by its length or leaves out the empty ones: a one-sequence batch is compiled with
+    an empty second sequence (compiled.two_sequences) that must add nothing."""
     yl = t["ylen"].to(torch.float64)
     out = {"cnt": yl.sum()}
     if not adv_per_token:
