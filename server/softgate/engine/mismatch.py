@@ -8,8 +8,9 @@ the window (inf > hi: zeroed) turns into the spec's finite weight, and a very ne
 underflows to 0, as exp does. seq_mask bounds only its sequences' means: a kept token's own
 weight is unbounded, and one that overflows makes the loss refused as an `overflow`. v
 multiplies the policy objective's per-token loss (and so its gradient); the KL term is not
-weighted. `batch_norm_factor` gives verl's rollout_is_batch_normalize its mean. Whenever rollout_logp is sent, `rollout_divergence` also measures how far the sampler
-is from the trainer (the rollout_kl and rollout_k3_kl metrics), correction or not.
+weighted. `batch_norm_factor` is the mean that verl's rollout_is_batch_normalize divides the
+weights by. Whenever rollout_logp is sent, `rollout_divergence` also measures how far the
+sampler is from the trainer (the rollout_kl and rollout_k3_kl metrics), correction or not.
 """
 
 from __future__ import annotations
