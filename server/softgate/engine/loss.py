@@ -142,6 +142,7 @@ def _compute_loss(
     dev = batch.logp.device
     logp = _cast(batch.logp, dt)
     old = _cast(batch.old_logp, dt) if batch.old_logp is not None else logp
+    rollout = _cast(batch.rollout_logp, dt) if batch.rollout_logp is not None else None  # (cast once)
     n = logp.numel()
     seg = Segments(_cast(batch.offsets, torch.int64, dev), n)
     if batch.mask is None and not config.rejection:  # every token trained: a broadcast True
@@ -155,9 +156,9 @@ def _compute_loss(
     # and its counts (ms, ms_counts) are what sequence mismatch weights and the sampler's KL read
     sent = None
     if config.rejection:
-        assert batch.rollout_logp is not None  # (validated)
+        assert rollout is not None  # (validated)
         checked = None if batch.old_logp is None else logp  # (on-policy, old is logp)
-        sent, m = m, m & keep_mask(old, _cast(batch.rollout_logp, dt), m, seg, config, checked)
+        sent, m = m, m & keep_mask(old, rollout, m, seg, config, checked)
         batch = dataclasses.replace(batch, mask=m)
     if batch.mask is None:
         ylen, counts = seg.lengths, seg.host_lengths  # (counts: the same in numpy, or None)
@@ -220,22 +221,24 @@ def _compute_loss(
     prm = kernel_params(config, dt, dev)
     mm = config.mismatch
     if mm is not None:
-        assert batch.rollout_logp is not None
-        rollout = _cast(batch.rollout_logp, dt)
-        if mm.level == "sequence" or mm.mode == "seq_mask":  # (seq_mask: the mean, its filter)
-            # the sampled sequence's weight: over the mask as sent, rejected tokens included (verl's)
-            lv_raw = torch.where(ms, old - rollout, torch.zeros_like(logp))
-            t["lvseq"] = sequence_log_weights(lv_raw, seg, ms_counts, mean=mm.level == "token")
+        assert rollout is not None
         if mm.level == "token":
             t["rollout"] = rollout
-        if mm.batch_normalize:  # verl's: v divided by its mean over the batch as sent, through w
-            norm = batch_norm_factor(mm.level, mm.mode, old, rollout, ms, seg, ms_counts, t.get("lvseq"), prm)
-            extra["mismatch_norm_factor"] = norm
-            if config.kl is not None and "wkl" not in t:  # (the KL term keeps the weights it had)
-                t["wkl"] = t["w"]
-            t["w"] = (t["w"].to(F64) / norm).to(dt)  # v multiplies only the policy term, as w does
-    if batch.rollout_logp is not None:  # the sampler's distance from old_logp, over the tokens as sent
-        extra.update(rollout_divergence(old, _cast(batch.rollout_logp, dt), ms, clamp, ms_counts.sum()))
+        seq_weight = mm.level == "sequence" or mm.mode == "seq_mask"  # (seq_mask: the mean, its filter)
+        if seq_weight or mm.batch_normalize:
+            # the log-weights over the mask as sent, rejected tokens included (verl's): a
+            # sequence's weight and batch_normalize's mean read them
+            lv_sent = torch.where(ms, old - rollout, torch.zeros_like(logp))
+            if seq_weight:
+                t["lvseq"] = sequence_log_weights(lv_sent, seg, ms_counts, mean=mm.level == "token")
+            if mm.batch_normalize:  # verl's: v divided by its mean over the batch as sent, through w
+                norm = batch_norm_factor(mm.level, mm.mode, lv_sent, ms, seg, ms_counts, t.get("lvseq"), prm)
+                extra["mismatch_norm_factor"] = norm
+                if config.kl is not None and "wkl" not in t:  # (the KL term keeps the weights it had)
+                    t["wkl"] = t["w"]
+                t["w"] = (t["w"].to(F64) / norm).to(dt)  # v multiplies only the policy term, as w does
+    if rollout is not None:  # the sampler's distance from old_logp, over the tokens as sent
+        extra.update(rollout_divergence(old, rollout, ms, clamp, ms_counts.sum()))
     if config.kl is not None:
         assert batch.ref_logp is not None
         t["ref"] = _cast(batch.ref_logp, dt)
@@ -245,7 +248,7 @@ def _compute_loss(
             t["kls"], t["klc"] = sequence_kl(t["ref"] - logp, logp - old, mk, seg, ylen, wkl, clamp)
 
     if config.off_policy_mask_threshold is not None:  # OPSM: each sequence's mean KL from the sampler
-        sampler = old if batch.rollout_logp is None else _cast(batch.rollout_logp, dt)
+        sampler = old if rollout is None else rollout
         t["okl"] = seg.mean(torch.where(m, sampler - logp, torch.zeros_like(logp)), ylen)
 
     if isinstance(obj, (ClipCov, KlCov)):  # the tokens they clip or penalise (covariance.py)

@@ -50,8 +50,7 @@ def mismatch_weights(
 def batch_norm_factor(
     level: str,
     mode: str,
-    old: Tensor,
-    rollout: Tensor,
+    lv_sent: Tensor,
     sent: Tensor,
     seg: Segments,
     sent_counts: Tensor,
@@ -61,8 +60,8 @@ def batch_norm_factor(
     """verl's rollout_is_batch_normalize: the mean of the weights v (as the kernel makes them,
     mismatch_weights) over the trained tokens `sent` of the batch as sent (token level) or over
     its sequences with any (sequence level), as a float64 0-d tensor; 1 when that mean is at
-    most 1e-8 (verl's) or nothing is trained. `lvseq` is the [B] log-weight of a sequence
-    level or seq_mask correction (compute_loss's)."""
+    most 1e-8 (verl's) or nothing is trained. `lv_sent` is old - rollout on `sent` (0 off it),
+    `lvseq` the [B] log-weight of a sequence level or seq_mask correction (compute_loss's)."""
     f64 = torch.float64
     if level == "sequence":
         assert lvseq is not None
@@ -70,9 +69,8 @@ def batch_norm_factor(
         some = sent_counts > 0
         total, count = torch.where(some, v, torch.zeros_like(v)).sum(dtype=f64), some.sum()
     else:
-        lv = torch.where(sent, old - rollout, torch.zeros_like(old))
         lgeo = seg.expand(lvseq) if lvseq is not None else None
-        v, _ = mismatch_weights(mode, lv, prm, lgeo)
+        v, _ = mismatch_weights(mode, lv_sent, prm, lgeo)
         total, count = torch.where(sent, v, torch.zeros_like(v)).sum(dtype=f64), sent_counts.sum()
     mean = total / count.clamp(min=1)
     # an infinite mean (seq_mask's unbounded weight on a rejected token) is NaN: the loss is then
