@@ -353,6 +353,16 @@ def close(a: Any, b: Any, path: str = "") -> list[str]:
     return [] if a == b else [f"{path}: {a!r} != {b!r}"]
 
 
+def keep_stored(new: Any, old: Any) -> Any:
+    """`new` with every number that is `close` to the stored one at its place replaced by it:
+    regenerating on another CPU (its exp, its vector width) leaves the files' last digits."""
+    if isinstance(new, dict) and isinstance(old, dict):
+        return {k: keep_stored(v, old[k]) if k in old else v for k, v in new.items()}
+    if isinstance(new, list) and isinstance(old, list) and len(new) == len(old):
+        return [keep_stored(x, y) for x, y in zip(new, old, strict=True)]
+    return old if not close(new, old) else new
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="compare with the stored files, write nothing")
@@ -369,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
                 bad += 1
                 print(f"{path.name}: {len(diffs)} differences, first: {diffs[:3]}")
         else:
+            if path.exists():
+                stored = {c["name"]: c for c in json.loads(path.read_text())["cases"]}
+                cases = [keep_stored(c, stored[c["name"]]) if c["name"] in stored else c for c in cases]
             path.write_text(dump(cases, obj))
             print(f"wrote {path.relative_to(HERE.parents[1])}: {len(cases)} cases")
     return 1 if bad else 0
