@@ -24,9 +24,10 @@ EPS_DEFAULT_SCALE = {e: "group" if e in ("grpo", "grpo_passk", "gdpo") else "non
 
 
 def reference_advantages(
-    rewards: list[float], groups: list[int], cfg, token_counts: list[int] | None = None
+    rewards: list[float], groups: list[int], cfg, token_counts: list[int] | None = None, whiten: bool = True
 ) -> tuple[list[float], float]:
-    """Per-sequence advantages and the degenerate-group share, by plain loops."""
+    """Per-sequence advantages and the degenerate-group share, by plain loops (`whiten=False`:
+    before the whitening estimators' whitening)."""
     members: dict[int, list[int]] = {}
     for i, g in enumerate(groups):
         members.setdefault(g, []).append(i)
@@ -71,7 +72,7 @@ def reference_advantages(
             elif scale == "batch":
                 a = a / (batch_std + cfg.eps)
             adv[i] = a
-    if cfg.estimator in ("reinforce_pp_baseline", "reinforce_pp", "gdpo"):  # (gdpo: one component here)
+    if whiten and cfg.estimator in WHITENING:  # (gdpo: one component here)
         # whiten over all trained tokens of the batch (degenerate members count with value 0)
         vals: list[float] = []
         for i, c in enumerate(weights):
@@ -191,11 +192,69 @@ def reference_selection(obj, logp: Tensor, old: Tensor, adv: Tensor, mask: Tenso
     return sel
 
 
-def _token_advantages(batch: Batch, config: LossConfig, counts: list[int]) -> list[Tensor]:
-    """Each sequence's advantages at each of its tokens (float64), given or from the rewards."""
+WHITENING = ("reinforce_pp_baseline", "reinforce_pp", "gdpo")
+
+
+def reference_reward_kl(batch: Batch, config: LossConfig) -> list[list[float]]:
+    """reward_kl's estimate k per token of each sequence, by plain loops (0 off the mask as sent)."""
+    rk = config.reward_kl
+    off = [int(x) for x in batch.offsets]
+    old = batch.old_logp if batch.old_logp is not None else batch.logp
+    out: list[list[float]] = []
+    for i in range(len(off) - 1):
+        ks = []
+        for t in range(off[i], off[i + 1]):
+            x = float(batch.ref_logp[t]) - float(old[t])
+            if batch.mask is not None and not bool(batch.mask[t]):
+                ks.append(0.0)
+            elif rk.estimator == "k1":
+                ks.append(-x)
+            elif rk.estimator == "k2":
+                ks.append(x * x / 2)
+            elif rk.estimator == "abs":
+                ks.append(abs(x))
+            else:  # k3, x clamped from above at log_ratio_clamp
+                xc = min(x, config.log_ratio_clamp)
+                ks.append(math.expm1(xc) - xc)
+        out.append(ks)
+    return out
+
+
+def _token_advantages(
+    batch: Batch, config: LossConfig, counts: list[int], mask: Tensor | None = None
+) -> list[Tensor]:
+    """Each sequence's advantages at each of its tokens (float64), given or from the rewards
+    (`mask`: the trained tokens, for reward_kl's whitening over tokens)."""
     off = [int(x) for x in batch.offsets]
     b = len(off) - 1
     tok_adv: list[Tensor] = []
+    rk = getattr(config, "reward_kl", None)
+    if rk is not None and batch.advantages is None:
+        ks = reference_reward_kl(batch, config)
+        rewards = [float(x) for x in batch.rewards]
+        if rk.level == "sequence":
+            rewards = [r - rk.beta * math.fsum(k) for r, k in zip(rewards, ks, strict=True)]
+        token = rk.level == "token"
+        seq_adv, _ = reference_advantages(
+            rewards, [int(g) for g in batch.group_ids], config.advantages, counts, whiten=not token
+        )
+        vals = [
+            [seq_adv[i] - (rk.beta * math.fsum(ks[i][j:]) if token else 0.0) for j in range(len(ks[i]))]
+            for i in range(b)
+        ]
+        if token and config.advantages.estimator in WHITENING:  # over the trained tokens
+            m = mask if mask is not None else torch.ones(off[-1], dtype=torch.bool)
+            flat = [a for row in vals for a in row]
+            tr = [a for a, keep in zip(flat, m.tolist(), strict=True) if keep]
+            if tr:
+                c = tr[0]
+                mu = c + math.fsum(x - c for x in tr) / len(tr)
+                var = math.fsum((x - mu) ** 2 for x in tr) / (len(tr) - 1) if len(tr) > 1 else 0.0
+            else:
+                mu = var = 0.0
+            eps = config.advantages.eps
+            vals = [[(a - mu) / (math.sqrt(var) + eps) if var > 0 else 0.0 for a in row] for row in vals]
+        return [torch.tensor(row, dtype=torch.float64) for row in vals]
     if batch.advantages is not None:
         adv = batch.advantages.to(torch.float64)
         per_token = batch.advantage_level == "token" if batch.advantage_level else (adv.numel() != b)
@@ -281,7 +340,7 @@ def reference_loss(batch: Batch, config: LossConfig) -> Reference:
         mask = mask & reference_rejection_keep(batch, config, mask)
     counts = [int(mask[off[i] : off[i + 1]].sum()) for i in range(b)]
 
-    tok_adv = _token_advantages(batch, config, counts)
+    tok_adv = _token_advantages(batch, config, counts, mask)
 
     sel = None
     if name in ("clip_cov", "kl_cov"):
@@ -617,7 +676,7 @@ def near_boundary(batch: Batch, config: LossConfig, tol: float = 1e-7) -> bool:
     bounds: list[float] = []
     if obj.name in ("clip_cov", "kl_cov"):
         counts = [int(mask[off[i] : off[i + 1]].sum()) for i in range(len(off) - 1)]
-        adv = torch.cat([torch.zeros(0, dtype=f64), *_token_advantages(batch, config, counts)])
+        adv = torch.cat([torch.zeros(0, dtype=f64), *_token_advantages(batch, config, counts, mask)])
         covs = sorted(reference_covariances(logp, adv, mask).values(), reverse=True)
         k = max(1, int(obj.fraction * len(covs)))
         near = [(covs[k - 1], covs[k])] if obj.name == "kl_cov" and k < len(covs) else []

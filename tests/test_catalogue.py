@@ -47,9 +47,22 @@ def test_the_loss_level_parameters_are_listed_with_their_defaults() -> None:
         "saturation_threshold": c.LossConfig().saturation_threshold,
         "off_policy_mask_threshold": None,
     }
-    sections = {"objective", "advantages", "aggregation", "kl", "mismatch", "rejection"}
+    sections = {"objective", "advantages", "aggregation", "kl", "mismatch", "rejection", "reward_kl"}
     assert set(got) == {f.name for f in dataclasses.fields(c.LossConfig)} - sections
     assert "OPSM" in next(p.description for p in r.loss_parameters if p.name == "off_policy_mask_threshold")
+
+
+def test_reward_kl_estimators_are_listed_with_beta_and_level() -> None:
+    """A KL in the reward: k1 (its default) first, then k2, k3, abs, each with beta (default 0)
+    and level (token, the default, or sequence), each named after the engine's own."""
+    r = catalogue.build(Limits(), 1 << 20)
+    assert [e.name for e in r.reward_kl_estimators] == ["k1", "k2", "k3", "abs"]
+    for e in r.reward_kl_estimators:
+        params = {p.name: p for p in e.parameters}
+        assert set(params) == {"beta", "level"} and params["beta"].default_value == 0.0
+        assert list(params["level"].choices) == ["token", "sequence"]
+        assert params["level"].default_choice == "token" and "REINFORCE++" in params["level"].description
+        assert "reward" in e.description
 
 
 def test_gmpo_says_its_bounds_are_on_the_log_ratio() -> None:

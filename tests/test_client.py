@@ -109,6 +109,18 @@ CASES = [
         {"objective": "grpo", "mismatch_level": "sequence", "mismatch_batch_normalize": True},
         LossConfig(objective=ec.Grpo(), mismatch=ec.MismatchConfig(level="sequence", batch_normalize=True)),
     ),
+    (  # OpenRLHF's REINFORCE++: a k1 KL in each token's reward, the return whitened over tokens
+        {"objective": "grpo", "estimator": "reinforce_pp", "reward_kl_beta": 0.05},
+        LossConfig(
+            objective=ec.Grpo(),
+            advantages=ec.AdvantageConfig("reinforce_pp"),
+            reward_kl=ec.RewardKLConfig(beta=0.05),
+        ),
+    ),
+    (  # verl's grpo with use_kl_in_reward (low_var_kl): the KL summed into each reward
+        {"objective": "grpo", "reward_kl_beta": 0.1, "reward_kl_estimator": "k3", "reward_kl_level": "sequence"},
+        LossConfig(objective=ec.Grpo(), reward_kl=ec.RewardKLConfig(beta=0.1, estimator="k3", level="sequence")),
+    ),
     (  # a TIS window [floor, cap] that binds on both sides (weights exp(+-0.05) here)
         {"objective": "grpo", "mismatch_cap": 1.02, "mismatch_floor": 0.98},
         LossConfig(objective=ec.Grpo(), mismatch=ec.MismatchConfig(cap=1.02, floor=0.98)),

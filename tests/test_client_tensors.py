@@ -125,6 +125,13 @@ def test_build_loss_config_flat_keywords() -> None:
         assert cfg.build_loss_config(**kw).kl == cfg.KLConfig("k3", False)
     c4 = cfg.build_loss_config(mismatch_cap=3.0, mismatch_batch_normalize=False)
     assert c4.mismatch == cfg.MismatchConfig(cap=3.0)
+    # a KL in the reward: its flat keywords fill RewardKLConfig; an estimator or level without
+    # beta (the server's 0: none) is refused, as a KL term's is
+    c5 = cfg.build_loss_config(reward_kl_beta=0.1, reward_kl_level="sequence")
+    assert c5.reward_kl == cfg.RewardKLConfig(beta=0.1, level="sequence") and c5.kl is None
+    assert cfg.build_loss_config().reward_kl is None
+    with pytest.raises(ValueError, match=r"config\.reward_kl\.beta: missing"):
+        cfg.build_loss_config(reward_kl_estimator="k3")
     assert cfg.MismatchConfig(batch_normalize=np.bool_(True)).batch_normalize is True
     with pytest.raises(ValueError, match=r"config\.mismatch\.batch_normalize: bad_type"):
         cfg.MismatchConfig(batch_normalize=1)  # type: ignore[arg-type]

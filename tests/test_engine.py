@@ -52,6 +52,7 @@ from softgate.engine import (
     MismatchConfig,
     Reinforce,
     RejectionCriterion,
+    RewardKLConfig,
     Sapo,
     SapoSeq,
     transfer,
@@ -1267,6 +1268,18 @@ def test_validation_batch(monkeypatch, path):
         (LossConfig(mismatch=MismatchConfig(floor=2.0)), "mismatch.floor"),  # not below cap 2
         (LossConfig(mismatch=MismatchConfig(mode="mask", floor=0.5)), "mismatch.floor"),  # mask's: lo
         (LossConfig(mismatch=MismatchConfig(batch_normalize=1)), "mismatch.batch_normalize"),  # type: ignore[arg-type]
+        (LossConfig(reward_kl=RewardKLConfig(beta=-0.1)), "reward_kl.beta"),
+        (LossConfig(reward_kl=RewardKLConfig(beta=float("nan"))), "reward_kl.beta"),
+        (LossConfig(reward_kl=RewardKLConfig(estimator="k3_is")), "reward_kl.estimator"),  # type: ignore[arg-type]
+        (LossConfig(reward_kl=RewardKLConfig(level="seq")), "reward_kl.level"),  # type: ignore[arg-type]
+        (LossConfig(objective=Gspo(), reward_kl=RewardKLConfig()), "reward_kl.level"),  # one A per sequence
+        (
+            LossConfig(
+                advantages=AdvantageConfig(estimator="gdpo"), reward_kl=RewardKLConfig(level="sequence")
+            ),
+            "reward_kl.level",
+        ),
+        (LossConfig(reward_kl=KLConfig()), "reward_kl"),  # type: ignore[arg-type]
         (LossConfig(aggregation=AggregationConfig(num_tokens=0.0)), "aggregation.num_tokens"),
         (LossConfig(aggregation=AggregationConfig(num_seqs=-3.0)), "aggregation.num_seqs"),
         (LossConfig(aggregation=AggregationConfig(mode="token_sum_norm")), "aggregation.constant"),
@@ -1290,6 +1303,22 @@ def test_validation_config(cfg, field):
         E.loss(b, cfg)
     assert field in {v.field for v in ei.value.violations}
     assert all(c in REASON_CODES for c in ei.value.reasons)
+
+
+def test_reward_kl_batch_refusals() -> None:
+    """A KL in the reward needs ref_logp and rewards (it changes advantages computed here), and
+    it reads old_logp before the kernel, so a bad old_logp is named there, not as advantages."""
+    rk = LossConfig(advantages=AdvantageConfig(estimator="reinforce_pp"), reward_kl=RewardKLConfig(beta=0.1))
+    kw = {"rewards": torch.tensor([1.0, 0.0]), "group_ids": torch.tensor([0, 0])}
+    assert ("ref_logp", "missing", None) in reasons(simple_batch([3, 2], **kw), rk)
+    ref = torch.full((5,), -1.0, dtype=F64)
+    sent = simple_batch([3, 2], ref_logp=ref, advantages=torch.tensor([1.0, -1.0]))
+    assert ("reward_kl", "unsupported", None) in reasons(sent, rk)
+    bad = simple_batch([3, 2], ref_logp=ref, **kw)
+    old = bad.old_logp.clone()
+    old[2] = float("nan")
+    assert reasons(dataclasses.replace(bad, old_logp=old), rk) == {("old_logp", "non_finite", 2)}
+    E.loss(bad, rk)
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from softgate_client.config import (
     MismatchConfig,
     Objective,
     RejectionCriterion,
+    RewardKLConfig,
     build_loss_config,
     rejection_from_verl,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "RejectionCriterion",
     "ResourceExhaustedError",
     "RetryPolicy",
+    "RewardKLConfig",
     "SoftgateClient",
     "SoftgateError",
     "UnavailableError",

@@ -236,6 +236,14 @@ def loss_config_to_proto(c: cfg.LossConfig) -> pb.LossConfig:
         mm.mode = _enum(pb.MismatchMode, "MISMATCH_MODE", m.mode, "config.mismatch.mode")
         _set_optional(mm, cap=m.cap, lo=m.lo, hi=m.hi, floor=m.floor)
         mm.batch_normalize = m.batch_normalize
+    if c.reward_kl is not None:
+        rk: Any = out.reward_kl
+        rk.SetInParent()
+        rk.estimator = _enum(
+            pb.KlEstimator, "KL_ESTIMATOR", c.reward_kl.estimator, "config.reward_kl.estimator"
+        )
+        rk.level = _enum(pb.RewardKlLevel, "REWARD_KL_LEVEL", c.reward_kl.level, "config.reward_kl.level")
+        _set_optional(rk, beta=c.reward_kl.beta)
     for i, r in enumerate(c.rejection):
         rc: Any = out.rejection.add()
         rc.statistic = _enum(

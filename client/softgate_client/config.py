@@ -198,6 +198,23 @@ class KLConfig:
 
 
 @dataclass(frozen=True)
+class RewardKLConfig:
+    """A KL penalty in the reward instead of a loss term (verl's use_kl_in_reward, OpenRLHF's
+    init_kl_coef): coefficient `beta` (needed: the server's default 0 is none), estimator
+    `k1` (the default) / `k2` / `k3` / `abs` of ref_logp - old_logp, `level` `token` (each
+    token's advantage less beta times the KL to its sequence's end: REINFORCE++) or
+    `sequence` (each reward less beta times its sequence's KL: verl's GRPO). Needs rewards
+    and ref_logp."""
+
+    beta: float | None = None
+    estimator: str | None = None
+    level: str | None = None
+
+    def __post_init__(self) -> None:
+        _plain_fields(self, "config.reward_kl")
+
+
+@dataclass(frozen=True)
 class MismatchConfig:
     """Train/inference mismatch weight: level `token` / `sequence`, mode `truncate` / `mask` /
     `seq_mask` (token level: OpenRLHF's seq-mask-tis); `batch_normalize` divides the weights by
@@ -290,6 +307,7 @@ class LossConfig:
     off_policy_mask_threshold: float | None = None
     rejection: tuple[RejectionCriterion, ...] = ()
     outputs: tuple[str, ...] = ()
+    reward_kl: RewardKLConfig | None = None
 
     def __post_init__(self) -> None:
         _plain_fields(self, "config")
@@ -301,17 +319,22 @@ class LossConfig:
         object.__setattr__(self, "rejection", tuple(rejection))
         for name, cls in (("objective", Objective), *_SECTIONS.items()):
             v = getattr(self, name)
-            if not isinstance(v, cls) and not (v is None and name in ("kl", "mismatch")):
+            if not isinstance(v, cls) and not (v is None and name in ("kl", "mismatch", "reward_kl")):
                 raise _not_a(f"config.{name}", cls, v)
-        kl = self.kl
-        if kl is not None and kl.beta is None and (kl.estimator is not None or kl.aggregation is not None):
-            # (beta's default, 0, made such a KL term silently nothing: kl_loss 0.0; an audit)
-            what = "estimator" if kl.estimator is not None else "aggregation"
-            raise invalid_argument(
-                "config.kl.beta",
-                f"missing: a KL {what} ({getattr(kl, what)!r}) was set without beta, "
-                "which defaults to 0 (no KL term); pass kl_beta",
-            )
+        for name, other in (("kl", "aggregation"), ("reward_kl", "level")):
+            kl = getattr(self, name)
+            if (
+                kl is not None
+                and kl.beta is None
+                and (kl.estimator is not None or getattr(kl, other) is not None)
+            ):
+                # (beta's default, 0, made such a KL term silently nothing: kl_loss 0.0; an audit)
+                what = "estimator" if kl.estimator is not None else other
+                raise invalid_argument(
+                    f"config.{name}.beta",
+                    f"missing: a KL {what} ({getattr(kl, what)!r}) was set without beta, "
+                    f"which defaults to 0 (no KL); pass {name}_beta",
+                )
         outputs = (self.outputs,) if isinstance(self.outputs, str) else self.outputs
         try:
             outputs = tuple(outputs)
@@ -355,12 +378,16 @@ _FLAT_ALIASES = {
     "mismatch_hi": ("mismatch", "hi"),
     "mismatch_floor": ("mismatch", "floor"),
     "mismatch_batch_normalize": ("mismatch", "batch_normalize"),
+    "reward_kl_beta": ("reward_kl", "beta"),
+    "reward_kl_estimator": ("reward_kl", "estimator"),
+    "reward_kl_level": ("reward_kl", "level"),
 }
 _SECTIONS: dict[str, type] = {
     "advantages": AdvantageConfig,
     "aggregation": AggregationConfig,
     "kl": KLConfig,
     "mismatch": MismatchConfig,
+    "reward_kl": RewardKLConfig,
 }
 
 
@@ -443,4 +470,7 @@ def build_loss_config(config: LossConfig | None = None, **kw: Any) -> LossConfig
     kl = values["kl"]
     if kl is not None and kl.beta is None and kl.estimator is None and kl.aggregation is None:
         values["kl"] = None
+    rk = values["reward_kl"]
+    if rk is not None and rk.beta is None and rk.estimator is None and rk.level is None:
+        values["reward_kl"] = None
     return LossConfig(**values)

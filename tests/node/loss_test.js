@@ -106,6 +106,13 @@ function lossConfig(c) {
       batch_normalize: m.batch_normalize,
     });
   }
+  if (c.reward_kl) {
+    out.reward_kl = drop({
+      beta: c.reward_kl.beta,
+      estimator: enumName('KL_ESTIMATOR', c.reward_kl.estimator),
+      level: enumName('REWARD_KL_LEVEL', c.reward_kl.level),
+    });
+  }
   if (c.log_ratio_clamp !== null && c.log_ratio_clamp !== undefined) out.log_ratio_clamp = c.log_ratio_clamp;
   if (c.saturation_threshold !== null && c.saturation_threshold !== undefined) {
     out.saturation_threshold = c.saturation_threshold;

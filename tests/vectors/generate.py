@@ -36,6 +36,7 @@ from softgate.engine import (  # noqa: E402
     LossResult,
     MismatchConfig,
     RejectionCriterion,
+    RewardKLConfig,
 )
 
 from tests.reference_loss import (  # noqa: E402
@@ -69,6 +70,8 @@ def config_to_json(cfg: LossConfig) -> dict[str, Any]:
         del d["advantages"]["reward_weights"]
     if d["off_policy_mask_threshold"] is None:
         del d["off_policy_mask_threshold"]
+    if d["reward_kl"] is None:
+        del d["reward_kl"]
     if not d["rejection"]:
         del d["rejection"]
     else:  # each criterion without its unset lower bound
@@ -93,6 +96,7 @@ def config_from_json(d: dict[str, Any]) -> LossConfig:
         saturation_threshold=d["saturation_threshold"],
         off_policy_mask_threshold=d.get("off_policy_mask_threshold"),
         rejection=tuple(RejectionCriterion(**c) for c in d.get("rejection", ())),
+        reward_kl=RewardKLConfig(**d["reward_kl"]) if d.get("reward_kl") else None,
     )
 
 
@@ -323,6 +327,17 @@ def _default_cases(engine: Engine) -> list[dict[str, Any]]:
     b.rewards = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.5, 0.0], dtype=torch.float64)
     cfg = LossConfig(advantages=AdvantageConfig(estimator="reinforce_pp"))
     out.append(_case("sapo/reinforce_pp_equal_group", b, cfg, engine))
+    # a KL in the reward: REINFORCE++'s per-token return (OpenRLHF's default), whitened over
+    # the tokens, and verl's grpo with the KL summed into each reward
+    b = random_batch(5757, max_seqs=6, max_len=6, advantages="rewards", num_seqs=6)
+    cfg = LossConfig(
+        advantages=AdvantageConfig(estimator="reinforce_pp"),
+        reward_kl=RewardKLConfig(beta=0.1, estimator="k1", level="token"),
+    )
+    out.append(_case("sapo/reward_kl_token_reinforce_pp", b, cfg, engine))
+    cfg = LossConfig(reward_kl=RewardKLConfig(beta=0.2, estimator="k3", level="sequence"))
+    out.append(_case("sapo/reward_kl_sequence_grpo", b, cfg, engine))
+    assert out[-1]["outputs"]["metrics"]["reward_kl_mean"] > 0
     return out
 
 

@@ -33,6 +33,7 @@ from softgate.engine.config import (
     Objective,
     Reinforce,
     RejectionCriterion,
+    RewardKLConfig,
     Sapo,
     SapoSeq,
 )
@@ -73,6 +74,7 @@ __all__ = [
     "Objective",
     "Reinforce",
     "RejectionCriterion",
+    "RewardKLConfig",
     "Sapo",
     "SapoSeq",
     "compute_loss",

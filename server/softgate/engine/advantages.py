@@ -55,11 +55,19 @@ def _unbiased_std(cnt: Tensor, dev_sq_sum: Tensor) -> Tensor:
 
 
 def group_advantages(
-    rewards: Tensor, group_ids: Tensor, cfg: AdvantageConfig, weights: Tensor | None = None
+    rewards: Tensor,
+    group_ids: Tensor,
+    cfg: AdvantageConfig,
+    weights: Tensor | None = None,
+    *,
+    penalty: Tensor | None = None,
+    whiten: bool = True,
 ) -> GroupAdvantages:
     """Per-sequence advantages from rewards [B] or [B, K]. `weights` (per sequence, e.g.
     trained-token counts) are the whitening weights of reinforce_pp_baseline, reinforce_pp and
-    gdpo and opo's baseline weights; None weighs every sequence equally."""
+    gdpo and opo's baseline weights; None weighs every sequence equally. `penalty` ([B]
+    float64, not with gdpo) is subtracted from the (weighted) rewards before the estimator;
+    `whiten=False` leaves the whitening to the caller (`whiten_tokens`)."""
     parts = rewards.to(torch.float64)
     parts = parts[:, None] if parts.dim() == 1 else parts
     wk = cfg.reward_weights
@@ -93,8 +101,12 @@ def group_advantages(
         return dev, std, gmax, gmin, (cnt <= 1) | (gmax == gmin) | (std < cfg.min_group_std)
 
     if cfg.estimator == "gdpo":
+        assert penalty is None
         a, degenerate_g = _gdpo_sum(parts, wk, inv, stats, cfg)
-        return _finish(a, degenerate_g, inv, r, cfg, weights)
+        return _finish(a, degenerate_g, inv, r, cfg, weights, whiten)
+    given = r  # (the rewards metrics report)
+    if penalty is not None:
+        r = r - penalty
     dev, std_g, gmax, gmin, degenerate_g = stats(r)
 
     a = r if cfg.estimator == "reinforce_pp" else dev
@@ -124,18 +136,24 @@ def group_advantages(
         # whitens to 0 (not R / 0 at eps 0)
         same = gmax.amax() == gmin.amin() if g > 0 else torch.ones((), dtype=torch.bool, device=r.device)
         a = torch.where(same, a, a / (bstd + cfg.eps))
-    return _finish(a, degenerate_g, inv, r, cfg, weights)
+    return _finish(a, degenerate_g, inv, given, cfg, weights, whiten)
 
 
 def _finish(
-    a: Tensor, degenerate_g: Tensor, inv: Tensor, r: Tensor, cfg: AdvantageConfig, weights: Tensor | None
+    a: Tensor,
+    degenerate_g: Tensor,
+    inv: Tensor,
+    r: Tensor,
+    cfg: AdvantageConfig,
+    weights: Tensor | None,
+    whiten: bool = True,
 ) -> GroupAdvantages:
-    """The estimator's advantages `a` whitened when it whitens, and 0 for the members of its
-    degenerate groups (`degenerate_g`, per group), whose share is a metric."""
+    """The estimator's advantages `a` whitened when it whitens (and `whiten`), and 0 for the
+    members of its degenerate groups (`degenerate_g`, per group), whose share is a metric."""
     degenerate = degenerate_g[inv]
     # reinforce_pp has no baseline: a member of an all-equal group still has its R to whiten
     zeroed = torch.zeros_like(degenerate) if cfg.estimator == "reinforce_pp" else degenerate
-    if cfg.estimator in WHITENED:
+    if cfg.estimator in WHITENED and whiten:
         a = _whiten(torch.where(zeroed, torch.zeros_like(a), a), weights, cfg.eps)
     a = torch.where(zeroed, torch.zeros_like(a), a)
     g = degenerate_g.numel()
@@ -163,6 +181,12 @@ def _gdpo_sum(
         degenerate_g = deg if degenerate_g is None else degenerate_g & deg
     assert degenerate_g is not None
     return a, degenerate_g
+
+
+def whiten_tokens(a: Tensor, trained: Tensor, eps: float) -> Tensor:
+    """Per-token advantages [N] whitened over the `trained` tokens ([N] bool), as the
+    whitening estimators whiten per-sequence ones weighted by their trained tokens."""
+    return _whiten(a, trained.to(torch.float64), eps)
 
 
 def _whiten(a: Tensor, weights: Tensor | None, eps: float) -> Tensor:

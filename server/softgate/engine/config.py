@@ -292,6 +292,9 @@ Estimator = Literal[
 ESTIMATORS: tuple[str, ...] = get_args(Estimator)
 KlEstimator = Literal["k1", "k2", "k3", "k1_st", "k3_st", "k3_is", "abs", "abs_st", "k3_is_seq"]
 KL_ESTIMATORS: tuple[str, ...] = get_args(KlEstimator)
+RewardKlEstimator = Literal["k1", "k2", "k3", "abs"]
+REWARD_KL_ESTIMATORS: tuple[str, ...] = get_args(RewardKlEstimator)
+RewardKlLevel = Literal["token", "sequence"]
 Scale = Literal["group", "batch", "none"]
 AggregationMode = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm"]
 
@@ -353,6 +356,23 @@ class MismatchConfig:
         _plain_numbers(self)
 
 
+@dataclass(frozen=True)
+class RewardKLConfig:
+    """The KL to the reference policy as a penalty in the reward instead of a loss term
+    (verl's use_kl_in_reward, OpenRLHF's init_kl_coef): beta * k per token of the mask as
+    sent, k the estimator (kl.py's, without a gradient) of x = ref - old (logp on-policy).
+    `level` token: each token's advantage less beta times the KL from that token to its
+    sequence's end (REINFORCE++'s return), before the estimator's whitening; sequence: each
+    reward less beta times its sequence's KL sum, before the estimator (verl's grpo, rloo)."""
+
+    beta: float = 0.0
+    estimator: RewardKlEstimator = "k1"
+    level: RewardKlLevel = "token"
+
+    def __post_init__(self) -> None:
+        _plain_numbers(self)
+
+
 RejectionStatistic = Literal["k1", "k2", "k3", "binary_kl"]
 REJECTION_STATISTICS: tuple[str, ...] = get_args(RejectionStatistic)
 RejectionLevel = Literal["token", "seq_sum", "seq_mean", "seq_max"]
@@ -401,7 +421,8 @@ class LossConfig:
     logp) over its trained tokens exceeds delta loses its policy term (the KL term stays); the
     sampler's log-probs are rollout_logp when the batch has them, else old_logp. None: off.
     `rejection`: rollout rejection sampling (verl's rollout_rs), criteria that must all hold
-    for a token to stay trained (RejectionCriterion); needs rollout_logp. Empty: off."""
+    for a token to stay trained (RejectionCriterion); needs rollout_logp. Empty: off.
+    `reward_kl`: a KL penalty in the reward (RewardKLConfig); needs rewards and ref_logp."""
 
     objective: Objective = field(default_factory=Sapo)
     advantages: AdvantageConfig = field(default_factory=AdvantageConfig)
@@ -412,6 +433,7 @@ class LossConfig:
     saturation_threshold: float = 0.5
     off_policy_mask_threshold: float | None = None
     rejection: tuple[RejectionCriterion, ...] = ()
+    reward_kl: RewardKLConfig | None = None
 
     def __post_init__(self) -> None:
         _plain_numbers(self)

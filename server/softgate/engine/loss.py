@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from softgate.engine.advantages import group_advantages
+from softgate.engine.advantages import WHITENED, group_advantages, whiten_tokens
 from softgate.engine.aggregate import kl_aggregation, sequence_weights
 from softgate.engine.batch import Batch
 from softgate.engine.buckets import BUCKET_SUMS
@@ -42,6 +42,7 @@ from softgate.engine.mismatch import batch_norm_factor, rollout_divergence, sequ
 from softgate.engine.objectives import OBJECTIVE_KIND, gmpo_bounds
 from softgate.engine.rejection import keep_mask
 from softgate.engine.result import LossResult
+from softgate.engine.reward_kl import returns_to_go, sequence_kl_mean, token_kl
 from softgate.engine.segments import Segments, host_shortcuts
 from softgate.engine.validation import advantage_level, check, compute_dtype
 
@@ -189,8 +190,31 @@ def _compute_loss(
         adv_per_token = advantage_level(batch) == "token"
     else:
         assert batch.rewards is not None and batch.group_ids is not None
-        ga = group_advantages(batch.rewards.to(dev), batch.group_ids.to(dev), config.advantages, weights=ylen)
-        t["adv"] = ga.advantages.to(dt)
+        rk = config.reward_kl
+        kr = penalty = None
+        if rk is not None:  # a KL penalty in the reward (reward_kl.py), over the mask as sent
+            assert batch.ref_logp is not None
+            kr = token_kl(rk, old, batch.ref_logp.to(dev), ms, clamp)
+            extra["reward_kl_mean"] = sequence_kl_mean(kr, seg, ms_counts)
+            penalty = rk.beta * seg.sum(kr) if rk.level == "sequence" else None
+        per_token = rk is not None and rk.level == "token"
+        ga = group_advantages(
+            batch.rewards.to(dev),
+            batch.group_ids.to(dev),
+            config.advantages,
+            weights=ylen,
+            penalty=penalty,
+            whiten=not per_token,
+        )
+        if per_token:
+            assert rk is not None and kr is not None
+            a_tok = seg.expand(ga.advantages) - rk.beta * returns_to_go(kr, seg)
+            if config.advantages.estimator in WHITENED:
+                a_tok = whiten_tokens(a_tok, m, config.advantages.eps)
+            t["adv"] = a_tok.to(dt)
+            adv_per_token = True
+        else:
+            t["adv"] = ga.advantages.to(dt)
         num_groups = ga.num_groups
         extra["degenerate_group_frac"] = ga.degenerate_group_frac
         weighted = ga.rewards  # (times reward_weights, when given)
@@ -411,6 +435,7 @@ def _compute_loss(
     mx["rollout_tokens"] = s.get("rollout_tokens", 0.0)
     mx["rollout_kl"] = share(s.get("rollout_k1", 0.0), mx["rollout_tokens"])
     mx["rollout_k3_kl"] = share(s.get("rollout_k3", 0.0), mx["rollout_tokens"])
+    mx["reward_kl_mean"] = s.get("reward_kl_mean", 0.0)
 
     if not math.isfinite(mx["adv_std"] + mx["adv_mean"]):  # a sum of squares past float64's range
         mx["adv_mean"], mx["adv_std"] = _scaled_mean_std(a[m])

@@ -77,6 +77,9 @@ METRIC_NAMES: dict[str, str] = {
     "verl's rollout_corr/kl; may be negative; 0 without rollout_logp",
     "rollout_k3_kl": "mean of exp(d) - 1 - d, d = old_logp - rollout_logp clamped at log_ratio_clamp, over "
     "rollout_tokens: the k3 estimate of KL(sampler || trainer), >= 0, verl's k3_kl; 0 without rollout_logp",
+    "reward_kl_mean": "mean over sequences of each one's mean reward_kl estimate (before beta) over its tokens as "
+    "sent, 0 for one without any: verl's actor/reward_kl_penalty, what an adaptive KL controller reads; 0 without "
+    "reward_kl",
 }
 
 

@@ -28,6 +28,7 @@ from softgate.engine.config import (
     OBJECTIVES,
     REJECTION_LEVELS,
     REJECTION_STATISTICS,
+    REWARD_KL_ESTIMATORS,
     AdvantageConfig,
     AggregationConfig,
     Cispo,
@@ -47,6 +48,7 @@ from softgate.engine.config import (
     MismatchConfig,
     Reinforce,
     RejectionCriterion,
+    RewardKLConfig,
     Sapo,
     SapoSeq,
 )
@@ -443,6 +445,7 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
                     FieldViolation(f"mismatch.{moved}", f"out_of_range: lo {mm.lo!r} must be < hi {mm.hi!r}")
                 )
 
+    _reward_kl(config, v)
     _rejection(config.rejection, v)
     pos(config.log_ratio_clamp, "log_ratio_clamp")
     if _num_ok(config.log_ratio_clamp) and config.log_ratio_clamp > MAX_LOG_RATIO_CLAMP:
@@ -626,6 +629,36 @@ def reward_tensor(
     return True
 
 
+def _reward_kl(config: LossConfig, v: list[FieldViolation]) -> None:
+    """The violations of config.reward_kl, a KL penalty in the reward, appended to `v`."""
+    rk = config.reward_kl
+    if rk is None:
+        return
+    if not isinstance(rk, RewardKLConfig):
+        v.append(FieldViolation("reward_kl", "unknown_name: not a RewardKLConfig"))
+        return
+    if rk.estimator in KL_ESTIMATORS and rk.estimator not in REWARD_KL_ESTIMATORS:
+        why = f"unsupported: {rk.estimator} shapes a loss term's gradient; a reward takes {list(REWARD_KL_ESTIMATORS)}"
+        v.append(FieldViolation("reward_kl.estimator", why))
+    elif rk.estimator not in REWARD_KL_ESTIMATORS:
+        why = f"unknown_name: {rk.estimator!r}; known: {list(REWARD_KL_ESTIMATORS)}"
+        v.append(FieldViolation("reward_kl.estimator", why))
+    if rk.level not in ("token", "sequence"):
+        v.append(
+            FieldViolation("reward_kl.level", f"unknown_name: {rk.level!r}; known: ['token', 'sequence']")
+        )
+    elif rk.level == "token" and isinstance(config.objective, (Gspo, Gmpo, SapoSeq)):
+        why = f"unsupported: {config.objective.name} uses one advantage per sequence; level sequence puts the KL there"
+        v.append(FieldViolation("reward_kl.level", why))
+    elif rk.level == "sequence" and getattr(config.advantages, "estimator", None) == "gdpo":
+        why = "unsupported: gdpo normalises each reward component apart; level token adds the KL after it"
+        v.append(FieldViolation("reward_kl.level", why))
+    if not _num_ok(rk.beta):
+        v.append(FieldViolation("reward_kl.beta", f"out_of_range: {rk.beta!r} is not a finite number"))
+    elif rk.beta < 0:
+        v.append(FieldViolation("reward_kl.beta", f"out_of_range: {rk.beta!r} must be >= 0"))
+
+
 def validate_batch(
     batch: Batch, config: LossConfig | None = None, *, token_values: bool = True
 ) -> list[FieldViolation]:
@@ -702,15 +735,23 @@ def validate_batch(
 
     if token_values:
         logp_range("logp", batch.logp)
+    in_reward = config is not None and config.reward_kl is not None  # (old_logp read before the kernel)
     for name in ("old_logp", "ref_logp", "rollout_logp"):
         x = getattr(batch, name)
-        values = token_values or name != "old_logp"
+        values = token_values or name != "old_logp" or in_reward
         if x is not None and _float_tensor(v, name, x, n, maxima=maxima, values=values) and values:
             logp_range(name, x)
 
     if config is not None:
         if config.kl is not None and batch.ref_logp is None:
             v.append(FieldViolation("ref_logp", "missing: a KL term is configured, ref_logp is required"))
+        if config.reward_kl is not None and batch.ref_logp is None:
+            v.append(
+                FieldViolation("ref_logp", "missing: a KL in the reward is configured, ref_logp is required")
+            )
+        if config.reward_kl is not None and batch.advantages is not None:
+            why = "unsupported: a KL in the reward changes advantages computed from rewards; the batch carries advantages"
+            v.append(FieldViolation("reward_kl", why))
         if config.mismatch is not None and batch.rollout_logp is None:
             v.append(
                 FieldViolation(

@@ -47,6 +47,10 @@ PARAM_HELP: dict[str, str] = {
     "beta": "KL coefficient, >= 0",
     "aggregation": "the KL term's own aggregation mode, with the loss's normalisers; unset: the policy term's",
     "level": "token or sequence mismatch weight",
+    "RewardKLConfig.beta": "coefficient of the KL in the reward, >= 0",
+    "RewardKLConfig.level": "at token level each token's advantage less beta times the KL to its sequence's "
+    "end (REINFORCE++), before whitening; at sequence level each reward less beta times its sequence's KL "
+    "(verl's grpo)",
     "cap": "truncation cap C of the mismatch weight (truncate mode), > 0",
     "lo": "lower bound of the masking window (mask and seq_mask modes), >= 0",
     "hi": "upper bound of the masking window (mask and seq_mask modes), > lo",
@@ -104,6 +108,12 @@ KL_HELP = {
     "abs_st": "|x|'s value with k2's gradient -x (straight-through; verl's abs+)",
     "k3_is_seq": "s k3, s = exp(clamp(mean logp - old)) the sequence's ratio, with its gradient "
     "(TRL's use_bias_correction_kl at importance_sampling_level=sequence)",
+}
+REWARD_KL_HELP = {
+    "k1": "k1 = -x, x = ref - old (verl's kl, OpenRLHF's k1), in each token's reward",
+    "k2": "k2 = x^2 / 2 (verl's mse), in each token's reward",
+    "k3": "k3 = exp(x) - x - 1, x clamped from above at log_ratio_clamp (verl's low_var_kl), in each token's reward",
+    "abs": "|x| (verl's abs), in each token's reward",
 }
 MISMATCH_HELP = {
     "truncate": "truncated importance sampling: v = clamp(exp(old - rollout), floor, cap)",
@@ -173,6 +183,9 @@ def build(limits: Limits, max_message_bytes: int) -> pb.ListAlgorithmsResponse:
     kl_params = _params(c.KLConfig, skip=("estimator",))
     for est in _default_first(c.KLConfig, "estimator"):
         r.kl_estimators.add(name=est, description=KL_HELP.get(est, ""), parameters=kl_params)
+    rk_params = _params(c.RewardKLConfig, skip=("estimator",))
+    for est in _default_first(c.RewardKLConfig, "estimator"):
+        r.reward_kl_estimators.add(name=est, description=REWARD_KL_HELP[est], parameters=rk_params)
     by_mode = {
         "truncate": ("level", "cap", "floor", "batch_normalize"),
         "mask": ("level", "lo", "hi", "batch_normalize"),

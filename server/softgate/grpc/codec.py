@@ -47,6 +47,7 @@ from softgate.engine.config import (
     MismatchConfig,
     Reinforce,
     RejectionCriterion,
+    RewardKLConfig,
     Sapo,
     SapoSeq,
 )
@@ -711,6 +712,7 @@ _KL = {
     pb.KL_ESTIMATOR_ABS_ST: "abs_st",
 }
 _MM_LEVELS = {pb.MISMATCH_LEVEL_TOKEN: "token", pb.MISMATCH_LEVEL_SEQUENCE: "sequence"}
+_RK_LEVELS = {pb.REWARD_KL_LEVEL_TOKEN: "token", pb.REWARD_KL_LEVEL_SEQUENCE: "sequence"}
 _MM_MODES = {
     pb.MISMATCH_MODE_TRUNCATE: "truncate",
     pb.MISMATCH_MODE_MASK: "mask",
@@ -802,6 +804,12 @@ def _decode_loss_config(msg: pb.LossConfig, v: list[FieldViolation], prefix: str
         _enum(msg.mismatch.level, _MM_LEVELS, prefix + "mismatch.level", v, mm_kw, "level")
         _enum(msg.mismatch.mode, _MM_MODES, prefix + "mismatch.mode", v, mm_kw, "mode")
         mm = MismatchConfig(**mm_kw, batch_normalize=msg.mismatch.batch_normalize)
+    rk = None
+    if msg.HasField("reward_kl"):
+        rk_kw = _set_fields(msg.reward_kl, ("beta",))
+        _enum(msg.reward_kl.estimator, _KL, prefix + "reward_kl.estimator", v, rk_kw, "estimator")
+        _enum(msg.reward_kl.level, _RK_LEVELS, prefix + "reward_kl.level", v, rk_kw, "level")
+        rk = RewardKLConfig(**rk_kw)
     top = _set_fields(msg, ("log_ratio_clamp", "saturation_threshold", "off_policy_mask_threshold"))
     return LossConfig(
         objective=objective,
@@ -810,6 +818,7 @@ def _decode_loss_config(msg: pb.LossConfig, v: list[FieldViolation], prefix: str
         kl=kl,
         mismatch=mm,
         rejection=_rejection(msg, prefix + "rejection", v),
+        reward_kl=rk,
         **top,
     )
 

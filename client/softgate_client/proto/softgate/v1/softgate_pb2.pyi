@@ -67,6 +67,12 @@ class KlEstimator(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     KL_ESTIMATOR_ABS_ST: _ClassVar[KlEstimator]
     KL_ESTIMATOR_K3_IS_SEQ: _ClassVar[KlEstimator]
 
+class RewardKlLevel(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REWARD_KL_LEVEL_UNSPECIFIED: _ClassVar[RewardKlLevel]
+    REWARD_KL_LEVEL_TOKEN: _ClassVar[RewardKlLevel]
+    REWARD_KL_LEVEL_SEQUENCE: _ClassVar[RewardKlLevel]
+
 class MismatchLevel(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     MISMATCH_LEVEL_UNSPECIFIED: _ClassVar[MismatchLevel]
@@ -138,6 +144,9 @@ KL_ESTIMATOR_K3_IS: KlEstimator
 KL_ESTIMATOR_ABS: KlEstimator
 KL_ESTIMATOR_ABS_ST: KlEstimator
 KL_ESTIMATOR_K3_IS_SEQ: KlEstimator
+REWARD_KL_LEVEL_UNSPECIFIED: RewardKlLevel
+REWARD_KL_LEVEL_TOKEN: RewardKlLevel
+REWARD_KL_LEVEL_SEQUENCE: RewardKlLevel
 MISMATCH_LEVEL_UNSPECIFIED: MismatchLevel
 MISMATCH_LEVEL_TOKEN: MismatchLevel
 MISMATCH_LEVEL_SEQUENCE: MismatchLevel
@@ -392,6 +401,16 @@ class KlConfig(_message.Message):
     aggregation: AggregationMode
     def __init__(self, estimator: _Optional[_Union[KlEstimator, str]] = ..., beta: _Optional[float] = ..., aggregation: _Optional[_Union[AggregationMode, str]] = ...) -> None: ...
 
+class RewardKlConfig(_message.Message):
+    __slots__ = ("beta", "estimator", "level")
+    BETA_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATOR_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    beta: float
+    estimator: KlEstimator
+    level: RewardKlLevel
+    def __init__(self, beta: _Optional[float] = ..., estimator: _Optional[_Union[KlEstimator, str]] = ..., level: _Optional[_Union[RewardKlLevel, str]] = ...) -> None: ...
+
 class MismatchConfig(_message.Message):
     __slots__ = ("level", "mode", "cap", "lo", "hi", "floor", "batch_normalize")
     LEVEL_FIELD_NUMBER: _ClassVar[int]
@@ -423,7 +442,7 @@ class RejectionCriterion(_message.Message):
     def __init__(self, statistic: _Optional[_Union[RejectionStatistic, str]] = ..., level: _Optional[_Union[RejectionLevel, str]] = ..., upper: _Optional[float] = ..., lower: _Optional[float] = ...) -> None: ...
 
 class LossConfig(_message.Message):
-    __slots__ = ("objective", "advantages", "aggregation", "kl", "mismatch", "log_ratio_clamp", "saturation_threshold", "off_policy_mask_threshold", "rejection")
+    __slots__ = ("objective", "advantages", "aggregation", "kl", "mismatch", "log_ratio_clamp", "saturation_threshold", "off_policy_mask_threshold", "rejection", "reward_kl")
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     ADVANTAGES_FIELD_NUMBER: _ClassVar[int]
     AGGREGATION_FIELD_NUMBER: _ClassVar[int]
@@ -433,6 +452,7 @@ class LossConfig(_message.Message):
     SATURATION_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     OFF_POLICY_MASK_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     REJECTION_FIELD_NUMBER: _ClassVar[int]
+    REWARD_KL_FIELD_NUMBER: _ClassVar[int]
     objective: Objective
     advantages: AdvantageConfig
     aggregation: AggregationConfig
@@ -442,7 +462,8 @@ class LossConfig(_message.Message):
     saturation_threshold: float
     off_policy_mask_threshold: float
     rejection: _containers.RepeatedCompositeFieldContainer[RejectionCriterion]
-    def __init__(self, objective: _Optional[_Union[Objective, _Mapping]] = ..., advantages: _Optional[_Union[AdvantageConfig, _Mapping]] = ..., aggregation: _Optional[_Union[AggregationConfig, _Mapping]] = ..., kl: _Optional[_Union[KlConfig, _Mapping]] = ..., mismatch: _Optional[_Union[MismatchConfig, _Mapping]] = ..., log_ratio_clamp: _Optional[float] = ..., saturation_threshold: _Optional[float] = ..., off_policy_mask_threshold: _Optional[float] = ..., rejection: _Optional[_Iterable[_Union[RejectionCriterion, _Mapping]]] = ...) -> None: ...
+    reward_kl: RewardKlConfig
+    def __init__(self, objective: _Optional[_Union[Objective, _Mapping]] = ..., advantages: _Optional[_Union[AdvantageConfig, _Mapping]] = ..., aggregation: _Optional[_Union[AggregationConfig, _Mapping]] = ..., kl: _Optional[_Union[KlConfig, _Mapping]] = ..., mismatch: _Optional[_Union[MismatchConfig, _Mapping]] = ..., log_ratio_clamp: _Optional[float] = ..., saturation_threshold: _Optional[float] = ..., off_policy_mask_threshold: _Optional[float] = ..., rejection: _Optional[_Iterable[_Union[RejectionCriterion, _Mapping]]] = ..., reward_kl: _Optional[_Union[RewardKlConfig, _Mapping]] = ...) -> None: ...
 
 class OutputSelection(_message.Message):
     __slots__ = ("gradient", "advantages", "ratio", "gate_weight", "clip_mask", "mask")
@@ -628,7 +649,7 @@ class ServerLimits(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., max_sequences: _Optional[int] = ..., max_groups: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_stream_chunks: _Optional[int] = ...) -> None: ...
 
 class ListAlgorithmsResponse(_message.Message):
-    __slots__ = ("objectives", "advantage_estimators", "aggregations", "kl_estimators", "mismatch_modes", "loss_parameters", "metrics", "limits", "server_version", "rejection_statistics")
+    __slots__ = ("objectives", "advantage_estimators", "aggregations", "kl_estimators", "mismatch_modes", "loss_parameters", "metrics", "limits", "server_version", "rejection_statistics", "reward_kl_estimators")
     OBJECTIVES_FIELD_NUMBER: _ClassVar[int]
     ADVANTAGE_ESTIMATORS_FIELD_NUMBER: _ClassVar[int]
     AGGREGATIONS_FIELD_NUMBER: _ClassVar[int]
@@ -639,6 +660,7 @@ class ListAlgorithmsResponse(_message.Message):
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     REJECTION_STATISTICS_FIELD_NUMBER: _ClassVar[int]
+    REWARD_KL_ESTIMATORS_FIELD_NUMBER: _ClassVar[int]
     objectives: _containers.RepeatedCompositeFieldContainer[AlgorithmInfo]
     advantage_estimators: _containers.RepeatedCompositeFieldContainer[AlgorithmInfo]
     aggregations: _containers.RepeatedCompositeFieldContainer[AlgorithmInfo]
@@ -649,4 +671,5 @@ class ListAlgorithmsResponse(_message.Message):
     limits: ServerLimits
     server_version: str
     rejection_statistics: _containers.RepeatedCompositeFieldContainer[AlgorithmInfo]
-    def __init__(self, objectives: _Optional[_Iterable[_Union[AlgorithmInfo, _Mapping]]] = ..., advantage_estimators: _Optional[_Iterable[_Union[AlgorithmInfo, _Mapping]]] = ..., aggregations: _Optional[_Iterable[_Union[AlgorithmInfo, _Mapping]]] = ..., kl_estimators: _Optional[_Iterable[_Union[AlgorithmInfo, _Mapping]]] = ..., mismatch_modes: _Optional[_Iterable[_Union[AlgorithmInfo, _Mapping]]] = ..., loss_parameters: _Optional[_Iterable[_Union[ParameterInfo, _Mapping]]] = ..., metrics: _Optional[_Iterable[_Union[MetricInfo, _Mapping]]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., server_version: _Optional[str] = ..., rejection_statistics: _Optional[_Iterable[_Union[AlgorithmInfo, _Mapping]]] = ...) -> None: ...
+    reward_kl_estimators: _containers.RepeatedCompositeFieldContainer[AlgorithmInfo]
+    def __init__(self, objectives: _Optional[_Iterable[_Union[AlgorithmInfo, _Mapping]]] = ..., advantage_estimators: _Optional[_Iterable[_Union[AlgorithmInfo, _Mapping]]] = ..., aggregations: _Optional[_Iterable[_Union[AlgorithmInfo, _Mapping]]] = ..., kl_estimators: _Optional[_Iterable[_Union[AlgorithmInfo, _Mapping]]] = ..., mismatch_modes: _Optional[_Iterable[_Union[AlgorithmInfo, _Mapping]]] = ..., loss_parameters: _Optional[_Iterable[_Union[ParameterInfo, _Mapping]]] = ..., metrics: _Optional[_Iterable[_Union[MetricInfo, _Mapping]]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., server_version: _Optional[str] = ..., rejection_statistics: _Optional[_Iterable[_Union[AlgorithmInfo, _Mapping]]] = ..., reward_kl_estimators: _Optional[_Iterable[_Union[AlgorithmInfo, _Mapping]]] = ...) -> None: ...
