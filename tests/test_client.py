@@ -118,8 +118,15 @@ CASES = [
         ),
     ),
     (  # verl's grpo with use_kl_in_reward (low_var_kl): the KL summed into each reward
-        {"objective": "grpo", "reward_kl_beta": 0.1, "reward_kl_estimator": "k3", "reward_kl_level": "sequence"},
-        LossConfig(objective=ec.Grpo(), reward_kl=ec.RewardKLConfig(beta=0.1, estimator="k3", level="sequence")),
+        {
+            "objective": "grpo",
+            "reward_kl_beta": 0.1,
+            "reward_kl_estimator": "k3",
+            "reward_kl_level": "sequence",
+        },
+        LossConfig(
+            objective=ec.Grpo(), reward_kl=ec.RewardKLConfig(beta=0.1, estimator="k3", level="sequence")
+        ),
     ),
     (  # a TIS window [floor, cap] that binds on both sides (weights exp(+-0.05) here)
         {"objective": "grpo", "mismatch_cap": 1.02, "mismatch_floor": 0.98},

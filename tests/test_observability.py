@@ -29,6 +29,7 @@ from softgate.engine import (
     MismatchConfig,
     Reinforce,
     RejectionCriterion,
+    RewardKLConfig,
     Sapo,
     SapoSeq,
 )
@@ -676,12 +677,14 @@ CORRECTIONS = LossConfig(
     mismatch=MismatchConfig(mode="mask", lo=0.7, hi=1.3),
     off_policy_mask_threshold=0.2,
     rejection=(RejectionCriterion(1.5),),
+    reward_kl=RewardKLConfig(beta=0.05, estimator="k3", level="sequence"),
 )
 CORRECTION_SERIES = {
     "softgate_rollout_rejected_tokens_total": ("rejected_tokens", "value"),
     "softgate_mismatch_clipped_tokens_total": ("mismatch_clipped_frac", "count"),
     "softgate_off_policy_masked_tokens_total": ("off_policy_masked_frac", "count"),
-    "softgate_batch_kl_mean_sum": ("kl_mean", "value"),
+    "softgate_batch_kl_mean_positive_sum": ("kl_mean", "value"),  # (k3's, >= 0)
+    "softgate_batch_reward_kl_positive_sum": ("reward_kl_mean", "value"),
     "softgate_batch_mismatch_weight_mean_sum": ("mismatch_weight_mean", "value"),
     "softgate_batch_rollout_kl_positive_sum": ("rollout_kl", "value"),
     "softgate_batch_rollout_k3_kl_sum": ("rollout_k3_kl", "value"),
@@ -697,16 +700,23 @@ def test_off_policy_corrections_are_exported_for_the_batches_that_have_them() ->
     config, res = _engine_result(config=CORRECTIONS, corrections=True)
     m, n_tok = res.metrics, res.metrics["num_tokens"]
     assert 0 < m["mismatch_clipped_frac"] < 1 and 0 < m["off_policy_masked_frac"] < 1 and m["kl_mean"] > 0
+    assert m["reward_kl_mean"] > 0
     assert m["mismatch_weight_mean"] != 1.0
     tel.observe_loss("r", config, res)
     for name, (key, kind) in CORRECTION_SERIES.items():
         want = round(m[key] * n_tok) if kind == "count" else m[key]
         assert _value(tel, name, run="r", objective="grpo") == pytest.approx(want), name
-    assert _value(tel, "softgate_batch_kl_mean_count", run="r", objective="grpo") == 1
+    assert _value(tel, "softgate_batch_kl_mean_positive_count", run="r", objective="grpo") == 1
     summary = tel.run_summary("r")
     assert summary is not None
     window = summary["windows"]["last_10_batches"]
-    for key in ("kl_mean", "mismatch_weight_mean", "mismatch_clipped_frac", "off_policy_masked_frac"):
+    for key in (
+        "kl_mean",
+        "reward_kl_mean",
+        "mismatch_weight_mean",
+        "mismatch_clipped_frac",
+        "off_policy_masked_frac",
+    ):
         assert window[key] == pytest.approx(m[key]), key
     assert window["rollout_kl"] == pytest.approx(m["rollout_kl"]) and m["rollout_k3_kl"] > 0
     assert window["rollout_k3_kl"] == pytest.approx(m["rollout_k3_kl"])
@@ -732,10 +742,11 @@ def test_off_policy_corrections_are_exported_for_the_batches_that_have_them() ->
     config, res = _engine_result(config=LossConfig(objective=Grpo()))
     plain.observe_loss("p", config, res)
     names = {n for n, lab, _ in _samples(plain) if lab.get("run") == "p"}
-    assert not names & {*CORRECTION_SERIES, "softgate_batch_kl_mean_count"}
+    assert not names & {*CORRECTION_SERIES, "softgate_batch_kl_mean_positive_count"}
     summary = plain.run_summary("p")
     assert summary is not None
-    window_keys = {"kl_mean", "mismatch_weight_mean", "off_policy_masked_frac", "rejected_frac", "rollout_kl"}
+    window_keys = {"kl_mean", "reward_kl_mean", "mismatch_weight_mean", "off_policy_masked_frac"}
+    window_keys |= {"rejected_frac", "rollout_kl"}
     assert not window_keys & set(summary["windows"]["last_10_batches"])
     # rollout_logp alone: the sampler's KL, nothing else
     config, res = _engine_result(config=LossConfig(objective=Grpo()), corrections=True)
@@ -744,6 +755,35 @@ def test_off_policy_corrections_are_exported_for_the_batches_that_have_them() ->
     assert {n for n in CORRECTION_SERIES if n in names} == {
         "softgate_batch_rollout_kl_positive_sum",
         "softgate_batch_rollout_k3_kl_sum",
+    }
+
+
+def test_a_kl_that_may_be_negative_comes_as_its_two_parts() -> None:
+    """k1's mean KL, of a KL term or in the reward, may be negative: exported as _positive and
+    _negative parts, sums that only grow (a summary's _sum that went down read as a counter
+    reset to rate(), as approx KL's once did), each batch counted once in _positive_count."""
+    tel = PrometheusTelemetry(S())
+    cfg = LossConfig(
+        objective=Grpo(), kl=KLConfig("k1", beta=0.1), reward_kl=RewardKLConfig(beta=0.1, level="sequence")
+    )
+    config, res = _engine_result(config=cfg, corrections=True)
+    res = dataclasses.replace(res, metrics={**res.metrics, "kl_mean": -0.25, "reward_kl_mean": 0.5})
+    tel.observe_loss("r", config, res)
+    got = {
+        f"{base}_{part}_{stat}": _value(tel, f"{base}_{part}_{stat}", run="r", objective="grpo")
+        for base in ("softgate_batch_kl_mean", "softgate_batch_reward_kl")
+        for part in ("positive", "negative")
+        for stat in ("sum", "count")
+    }
+    assert got == {
+        "softgate_batch_kl_mean_positive_sum": 0.0,
+        "softgate_batch_kl_mean_positive_count": 1,
+        "softgate_batch_kl_mean_negative_sum": 0.25,
+        "softgate_batch_kl_mean_negative_count": 1,
+        "softgate_batch_reward_kl_positive_sum": 0.5,
+        "softgate_batch_reward_kl_positive_count": 1,
+        "softgate_batch_reward_kl_negative_sum": 0.0,
+        "softgate_batch_reward_kl_negative_count": 1,
     }
 
 
@@ -774,7 +814,8 @@ def test_the_series_of_a_run_are_as_documented() -> None:
     assert len([1 for _, lab in samples if "objective" not in lab]) == per_run
 
     m = re.search(
-        r"A batch with rollout_logp adds (\d+) series, a KL term (\d+), a mismatch correction (\d+), "
+        r"A batch with rollout_logp adds (\d+) series, a KL term (\d+), a KL in the reward (\d+), "
+        r"a mismatch correction (\d+), "
         r"off-policy sequence masking (\d+) and rollout rejection (\d+)",
         re.sub(r"\s+", " ", doc),
     )
@@ -785,6 +826,7 @@ def test_the_series_of_a_run_are_as_documented() -> None:
         (
             {},
             dict(kl=KLConfig()),
+            dict(reward_kl=RewardKLConfig(beta=0.1)),
             dict(mismatch=MismatchConfig()),
             dict(off_policy_mask_threshold=0.1),
             dict(rejection=(RejectionCriterion(1.5),)),

@@ -369,11 +369,15 @@ def build() -> dict[str, Any]:
     panels.append(
         panel(
             "KL to the reference",
-            [(avg("softgate_batch_kl_mean", "objective"), "{{objective}}")],
+            [
+                (signed_avg("softgate_batch_kl_mean", "objective"), "{{objective}}"),
+                (signed_avg("softgate_batch_reward_kl", "objective"), "{{objective}} in the reward"),
+            ],
             12,
             y,
-            description="Runs with a KL term only: mean over trained tokens of the KL estimator (before beta) "
-            f"of the reference policy. {PER_BATCH}",
+            description="Runs with a KL term: mean over trained tokens of the KL estimator (before beta) "
+            "of the reference policy. Runs with a KL in the reward (reward_kl): the mean over sequences of "
+            f"each one's mean KL, verl's reward_kl_penalty. {PER_BATCH}",
         )
     )
     y += 8

@@ -76,7 +76,8 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 # statistics that may be negative: exported as NAME_positive and NAME_negative (SUMMARIES)
-SIGNED = ("approx_kl", "rollout_kl")
+# (k1's KL, of a KL term or in the reward, may be negative too)
+SIGNED = ("approx_kl", "rollout_kl", "kl_mean", "reward_kl_mean")
 
 # (metric name, key in the batch values, sign or None)
 BATCH_SUMMARIES: tuple[tuple[str, str, str | None], ...] = (
@@ -91,6 +92,7 @@ BATCH_SUMMARIES: tuple[tuple[str, str, str | None], ...] = (
     ("softgate_batch_approx_kl", "approx_kl", None),
     ("softgate_batch_degenerate_group_fraction", "degenerate_group_fraction", None),
     ("softgate_batch_kl_mean", "kl_mean", None),
+    ("softgate_batch_reward_kl", "reward_kl_mean", None),
     ("softgate_batch_mismatch_weight_mean", "mismatch_weight_mean", None),
     ("softgate_batch_rollout_kl", "rollout_kl", None),
     ("softgate_batch_rollout_k3_kl", "rollout_k3_kl", None),
@@ -159,11 +161,20 @@ SUMMARIES: dict[str, tuple[str, tuple[str, ...]]] = {
         RO,
     ),
     "softgate_batch_approx_kl_negative": ("Per batch: max(-approx KL, 0) (see _positive).", RO),
-    "softgate_batch_kl_mean": (
-        "Per batch: mean over trained tokens of the KL penalty's estimator (before beta) of the "
-        "reference policy; batches with a KL term only.",
+    "softgate_batch_kl_mean_positive": (
+        "Per batch: max(m, 0), m the mean over trained tokens of the KL penalty's estimator (before beta) of "
+        "the reference policy (k1's may be negative); the mean is (rate(_positive_sum) - "
+        "rate(softgate_batch_kl_mean_negative_sum)) / rate(_positive_count); batches with a KL term only.",
         RO,
     ),
+    "softgate_batch_kl_mean_negative": ("Per batch: max(-m, 0) (see _positive).", RO),
+    "softgate_batch_reward_kl_positive": (
+        "Per batch: max(m, 0), m the mean over sequences of each one's mean, over its tokens as sent, of the "
+        "estimator (before beta) of the KL penalty in the reward (verl's actor/reward_kl_penalty; k1's may be "
+        "negative); the mean as for softgate_batch_kl_mean; batches with reward_kl only.",
+        RO,
+    ),
+    "softgate_batch_reward_kl_negative": ("Per batch: max(-m, 0) (see _positive).", RO),
     "softgate_batch_rollout_kl_positive": (
         "Per batch: max(k1, 0), k1 the mean of rollout_logp - old_logp (logp on-policy) over the trained "
         "tokens as sent, KL(sampler || trainer) (verl's rollout_corr/kl); the mean is (rate(_positive_sum) - "

@@ -155,6 +155,7 @@ WINDOW_KEYS = (
     "reward_mean",
     "advantage_mean",
     "kl_mean",
+    "reward_kl_mean",
     "mismatch_weight_mean",
     "mismatch_clipped_frac",
     "off_policy_masked_frac",
@@ -195,7 +196,7 @@ TOKEN_WEIGHTS: dict[str, tuple[str, ...]] = {
 def weight(b: BatchRecord, key: str) -> float:
     """A loss batch's weight in a window's mean of statistic `key`: how many of what the
     statistic is over it has (sequences, groups, the tokens of TOKEN_WEIGHTS, trained tokens)."""
-    if key == "reward_mean":
+    if key in ("reward_mean", "reward_kl_mean"):  # (means over sequences)
         return b.seqs
     if key == "degenerate_group_fraction":
         return b.groups

@@ -451,6 +451,7 @@ class PrometheusTelemetry(Telemetry):
             "advantage_mean": _f(m, "advantage_mean"),
             "advantage_std": _f(m, "advantage_std"),
             "kl_mean": _f(m, "kl_mean"),
+            "reward_kl_mean": _f(m, "reward_kl_mean"),
             "mismatch_weight_mean": _f(m, "mismatch_weight_mean"),
             "mismatch_clipped_frac": _f(m, "mismatch_clipped_frac"),
             "off_policy_masked_frac": _f(m, "off_policy_masked_frac"),
@@ -469,6 +470,8 @@ class PrometheusTelemetry(Telemetry):
         # the corrections a batch was not configured with: their neutral 0 / 1 read "not applicable"
         if getattr(config, "kl", None) is None:
             values["kl_mean"] = None
+        if getattr(config, "reward_kl", None) is None:
+            values["reward_kl_mean"] = None
         if getattr(config, "mismatch", None) is None:
             values["mismatch_weight_mean"] = values["mismatch_clipped_frac"] = None
         if getattr(config, "off_policy_mask_threshold", None) is None:
