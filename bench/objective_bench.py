@@ -3,7 +3,9 @@ for a request that wants the gradient alone (ratio and gate for a 32K-token samp
 batch of per-sequence advantages, every objective at its defaults, GRPO with a k3, k3_is or k3_is_seq KL
 term, GRPO with a token-level TIS or seq_mask (seq-mask-tis) mismatch correction (the same
 batch with rollout log-probs; TIS also with batch_normalize), GRPO with off-policy sequence masking (OPSM) and with rollout
-rejection (the same rollout log-probs), and GSPO with a dual clip. It runs under the process's allocator (bench/engine_bench.py
+rejection (the same rollout log-probs), GSPO with a dual clip, and advantages from rewards in the
+call: GRPO's, and with a KL in the reward (REINFORCE++'s per-token return, verl's per-sequence
+sum; the same batch with rewards and group ids in place of advantages). It runs under the process's allocator (bench/engine_bench.py
 preloads tcmalloc, as the service ships; `LD_PRELOAD=libtcmalloc_minimal.so.4` for the same
 here).
 
@@ -25,6 +27,7 @@ import time
 import torch
 from softgate.engine import (
     OBJECTIVES,
+    AdvantageConfig,
     Batch,
     Engine,
     Grpo,
@@ -33,6 +36,7 @@ from softgate.engine import (
     LossConfig,
     MismatchConfig,
     RejectionCriterion,
+    RewardKLConfig,
 )
 
 
@@ -57,6 +61,14 @@ def configs() -> dict[str, LossConfig]:
         rejection=(RejectionCriterion(1.1, "k1", "token", 0.9), RejectionCriterion(0.002, "k3", "seq_mean")),
     )
     out["gspo + dual_clip"] = LossConfig(objective=Gspo(dual_clip=1.0005))
+    # advantages from rewards in the call; a KL in the reward, per token and per sequence
+    out["grpo + rewards"] = LossConfig(objective=Grpo())
+    out["grpo + reward_kl token (reinforce_pp)"] = LossConfig(
+        objective=Grpo(), advantages=AdvantageConfig("reinforce_pp"), reward_kl=RewardKLConfig(0.01)
+    )
+    out["grpo + reward_kl sequence"] = LossConfig(
+        objective=Grpo(), reward_kl=RewardKLConfig(0.01, level="sequence")
+    )
     return out
 
 
@@ -88,9 +100,20 @@ def main(argv: list[str] | None = None) -> None:
     g = torch.Generator().manual_seed(1)
     rollout = (plain.old_logp + 0.05 * torch.randn(side * side, generator=g)).clamp(max=-1e-3)
     with_rollout = dataclasses.replace(plain, rollout_logp=rollout)
+    rewards = torch.randint(0, 2, (side,), generator=g).to(torch.float32)
+    with_rewards = dataclasses.replace(
+        plain, advantages=None, advantage_level=None, rewards=rewards, group_ids=torch.arange(side) // 16
+    )
     engine = Engine(device="cpu", compile="sync")
     cfgs = configs()
-    batches = {name: with_rollout if cfg.mismatch or cfg.rejection else plain for name, cfg in cfgs.items()}
+    batches = {
+        name: with_rollout
+        if cfg.mismatch or cfg.rejection
+        else with_rewards
+        if "rewards" in name or cfg.reward_kl
+        else plain
+        for name, cfg in cfgs.items()
+    }
     for name, cfg in cfgs.items():
         for _ in range(3):
             engine.loss(batches[name], cfg, sample_tokens=32768)
@@ -106,10 +129,10 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"{side * side:,} tokens, {rounds} rounds, torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
-    print(f"{'configuration':16s} {'median ms':>10s} {'min ms':>8s} {'/ sapo':>7s}")
+    print(f"{'configuration':38s} {'median ms':>10s} {'min ms':>8s} {'/ sapo':>7s}")
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"{name:16s} {med * 1e3:10.2f} {min(ts) * 1e3:8.2f} {med / base:7.2f}")
+        print(f"{name:38s} {med * 1e3:10.2f} {min(ts) * 1e3:8.2f} {med / base:7.2f}")
 
 
 if __name__ == "__main__":
