@@ -1810,6 +1810,23 @@ def test_segment_reduce_sums_equal_cpu_sums(monkeypatch, name):
     assert_same_result(E.loss(b, cfg), want, 1e-12)
 
 
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_reward_kl_on_the_gpu_code_path(monkeypatch, level) -> None:
+    """A KL in the reward through the code a GPU runs (segment sums, gathers, the doubling scan
+    of the returns to go) gives the CPU's loss, gradient, advantages and metrics."""
+    b = random_batch(11, max_seqs=40, max_len=30)
+    cfg = make_config("sapo", "token_mean", "k3", None, estimator="reinforce_pp")
+    cfg = dataclasses.replace(cfg, reward_kl=RewardKLConfig(beta=0.1, estimator="k3", level=level))
+    want = E.loss(b, cfg)
+    _gpu_code_path(monkeypatch)
+    from softgate.engine import reward_kl
+
+    monkeypatch.setattr(reward_kl, "host_shortcuts", lambda device: False)
+    got = E.loss(b, cfg)
+    _assert_equal_results(got, want)
+    assert got.metrics["reward_kl_mean"] == pytest.approx(want.metrics["reward_kl_mean"], rel=1e-12)
+
+
 def _gpu_code_path(monkeypatch) -> None:
     """Make the engine run the device-generic code a GPU runs, here on the CPU: no host
     shortcuts (numpy; per-sequence values expanded before the kernel: a gather in it instead;

@@ -238,10 +238,82 @@ def test_reward_kl(objective, estimator, level):
         a0 = a0 if a0.numel() == m.numel() else torch.repeat_interleave(a0, batch.offsets.diff())
         az = az if az.numel() == m.numel() else torch.repeat_interleave(az, batch.offsets.diff())
         torch.testing.assert_close(az[m], a0[m], rtol=1e-9, atol=1e-12)
+        r0 = ENGINE.loss(batch, off).metrics  # the rewards as sent, not as penalised
+        assert (res.metrics["reward_mean"], res.metrics["reward_std"]) == (
+            r0["reward_mean"],
+            r0["reward_std"],
+        )
         checked += 1
         if checked == 5:
             return
     raise AssertionError(f"only {checked} batches")
+
+
+@pytest.mark.parametrize(
+    "dtype,far,beta,estimator,level,adv",
+    [
+        (torch.float64, -1e200, 1.0, "k2", "token", "grpo"),  # k2 1e400: inf in float64
+        (torch.float64, -1e160, 1.0, "k1", "sequence", "grpo"),  # a reward moved past 1e100: silent zeros
+        (
+            torch.float64,
+            -1e160,
+            1.0,
+            "k1",
+            "token",
+            "reinforce_pp",
+        ),  # REINFORCE++'s whitening of such returns
+        (torch.float64, -2.0, 1e300, "abs", "sequence", "grpo"),  # ordinary log-probs, an absurd beta
+        (torch.float32, -3e38, 1.0, "k2", "token", "grpo"),  # 4.5e76: finite in float64, not in float32
+    ],
+)
+def test_reward_kl_refuses_a_penalty_that_overflows(dtype, far, beta, estimator, level, adv) -> None:
+    """A KL in the reward too large for a reward, or for the compute dtype, is refused as
+    overflow on reward_kl.beta, never an internal error or silently zero or unwhitened
+    advantages (a review found all three); the same batch trains with a sane beta."""
+    from softgate.engine import AdvantageConfig, Batch, InputError, LossConfig, RewardKLConfig
+    from softgate.engine.config import Grpo
+
+    ref = torch.tensor([far, -1.0, -1.0, -1.0], dtype=dtype)
+    batch = Batch(
+        logp=torch.full((4,), -1.0, dtype=dtype),
+        old_logp=torch.full((4,), -1.0, dtype=dtype),
+        ref_logp=ref,
+        offsets=torch.tensor([0, 2, 4]),
+        rewards=torch.tensor([1.0, 0.0]),
+        group_ids=torch.tensor([0, 0]),
+    )
+    cfg = LossConfig(
+        objective=Grpo(),
+        advantages=AdvantageConfig(estimator=adv),
+        reward_kl=RewardKLConfig(beta=beta, estimator=estimator, level=level),
+    )
+    with pytest.raises(InputError) as ei:
+        ENGINE.loss(batch, cfg)
+    got = [(v.field, v.reason.split(":")[0]) for v in ei.value.violations]
+    assert got == [("reward_kl.beta", "overflow")]
+    sane = dataclasses.replace(batch, ref_logp=torch.full((4,), -1.5, dtype=dtype))
+    sane_cfg = cfg if beta < 1e10 else dataclasses.replace(cfg, reward_kl=RewardKLConfig(0.1))
+    assert float(ENGINE.loss(sane, sane_cfg).grad.abs().sum()) > 0
+
+
+def test_reward_kl_returns_on_the_gpu_code_path(monkeypatch) -> None:
+    """A GPU sums the returns to go by a doubling scan within each sequence (its float cumsum
+    is not bitwise reproducible): the same returns as the host's prefix sum, on ragged
+    batches with empty sequences (through the engine: test_engine's gpu-path tests)."""
+    from softgate.engine import reward_kl, segments
+    from softgate.engine.segments import Segments
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([0, 1, 7, 0, 64, 3, 33, 2])
+    offsets = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
+    k = torch.randn(int(lengths.sum()), generator=g, dtype=torch.float64)
+    host = reward_kl.returns_to_go(k, Segments(offsets, k.numel()))
+    monkeypatch.setattr(reward_kl, "host_shortcuts", lambda device: False)
+    monkeypatch.setattr(segments, "host_shortcuts", lambda device: False)
+    scan = reward_kl.returns_to_go(k, Segments(offsets, k.numel()))
+    want = torch.cat([k[a:b].flip(0).cumsum(0).flip(0) for a, b in itertools.pairwise(offsets)])
+    torch.testing.assert_close(scan, want, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(host, want, rtol=1e-13, atol=1e-13)
 
 
 def test_reward_kl_on_policy_reads_logp() -> None:

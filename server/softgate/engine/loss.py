@@ -42,7 +42,7 @@ from softgate.engine.mismatch import batch_norm_factor, rollout_divergence, sequ
 from softgate.engine.objectives import OBJECTIVE_KIND, gmpo_bounds
 from softgate.engine.rejection import keep_mask
 from softgate.engine.result import LossResult
-from softgate.engine.reward_kl import returns_to_go, sequence_kl_mean, token_kl
+from softgate.engine.reward_kl import check_bounded, returns_to_go, sequence_kl_mean, token_kl
 from softgate.engine.segments import Segments, host_shortcuts
 from softgate.engine.validation import advantage_level, check, compute_dtype
 
@@ -195,6 +195,7 @@ def _compute_loss(
         if rk is not None:  # a KL penalty in the reward (reward_kl.py), over the mask as sent
             assert batch.ref_logp is not None
             kr = token_kl(rk, old, batch.ref_logp.to(dev), ms, clamp)
+            check_bounded(rk, kr, seg)
             extra["reward_kl_mean"] = sequence_kl_mean(kr, seg, ms_counts)
             penalty = rk.beta * seg.sum(kr) if rk.level == "sequence" else None
         per_token = rk is not None and rk.level == "token"
@@ -212,6 +213,10 @@ def _compute_loss(
             if config.advantages.estimator in WHITENED:
                 a_tok = whiten_tokens(a_tok, m, config.advantages.eps)
             t["adv"] = a_tok.to(dt)
+            if dt != F64 and n and not bool(torch.isfinite(t["adv"]).all()):  # (past float32's range)
+                where = str(dt).replace("torch.", "")
+                why = f"overflow: a token's advantage with the KL in the reward is not finite in {where}"
+                raise InputError([FieldViolation("reward_kl.beta", why)])
             adv_per_token = True
         else:
             t["adv"] = ga.advantages.to(dt)
