@@ -864,6 +864,13 @@ def test_nan_is_named_with_its_index(stub: pb_grpc.LossServiceStub) -> None:
             pb.LossConfig(objective=pb.Objective(kl_cov=pb.KlCovParams(fraction=2.0))),
             "config.objective.kl_cov.fraction",
         ),
+        (pb.LossConfig(reward_kl=pb.RewardKlConfig(beta=-1.0)), "config.reward_kl.beta"),
+        (
+            pb.LossConfig(reward_kl=pb.RewardKlConfig(beta=0.1, estimator=pb.KL_ESTIMATOR_K3_IS)),
+            "config.reward_kl.estimator",
+        ),
+        (pb.LossConfig(reward_kl=pb.RewardKlConfig(beta=0.1, level=9)), "config.reward_kl.level"),
+        (pb.LossConfig(reward_kl=pb.RewardKlConfig(beta=1e300)), "config.reward_kl.beta"),  # overflow
     ],
 )
 def test_bad_parameters(stub: pb_grpc.LossServiceStub, config: pb.LossConfig, field: str) -> None:

@@ -16,6 +16,7 @@ import sys
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from dataclasses import fields as dataclass_fields
 from typing import Any
 
 import numpy as np
@@ -103,17 +104,9 @@ _RESULT_ATTR = {
     "clip_mask": "clip_mask",
     "mask": "mask",
 }
-CONFIG_ROOTS = (
-    "objective",
-    "advantages",
-    "aggregation",
-    "kl",
-    "mismatch",
-    "log_ratio_clamp",
-    "saturation_threshold",
-    "off_policy_mask_threshold",
-    "rejection",
-)
+# the engine's config field names (its violations are named config.*; a field left out here
+# was named batch.reward_kl.* once)
+CONFIG_ROOTS = tuple(f.name for f in dataclass_fields(LossConfig))
 
 
 @dataclass(frozen=True)
