@@ -298,8 +298,9 @@ def test_reward_kl_refuses_a_penalty_that_overflows(dtype, far, beta, estimator,
 
 def test_reward_kl_returns_on_the_gpu_code_path(monkeypatch) -> None:
     """A GPU sums the returns to go by a doubling scan within each sequence (its float cumsum
-    is not bitwise reproducible): the same returns as the host's prefix sum, on ragged
-    batches with empty sequences (through the engine: test_engine's gpu-path tests)."""
+    is not bitwise reproducible), the host from one prefix sum: both give A_i - beta times the
+    KL from each token to its sequence's end, on a ragged batch with empty sequences (through
+    the engine: test_engine's gpu-path tests)."""
     from softgate.engine import reward_kl, segments
     from softgate.engine.segments import Segments
 
@@ -307,13 +308,16 @@ def test_reward_kl_returns_on_the_gpu_code_path(monkeypatch) -> None:
     lengths = torch.tensor([0, 1, 7, 0, 64, 3, 33, 2])
     offsets = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
     k = torch.randn(int(lengths.sum()), generator=g, dtype=torch.float64)
-    host = reward_kl.returns_to_go(k, Segments(offsets, k.numel()))
+    a_seq = torch.randn(lengths.numel(), generator=g, dtype=torch.float64)
+    rtg = torch.cat([k[a:b].flip(0).cumsum(0).flip(0) for a, b in itertools.pairwise(offsets)])
+    want = torch.repeat_interleave(a_seq, lengths) - 0.3 * rtg
+    host = reward_kl.token_advantages(a_seq, k, 0.3, Segments(offsets, k.numel()))
     monkeypatch.setattr(reward_kl, "host_shortcuts", lambda device: False)
     monkeypatch.setattr(segments, "host_shortcuts", lambda device: False)
-    scan = reward_kl.returns_to_go(k, Segments(offsets, k.numel()))
-    want = torch.cat([k[a:b].flip(0).cumsum(0).flip(0) for a, b in itertools.pairwise(offsets)])
+    scan = reward_kl.token_advantages(a_seq, k, 0.3, Segments(offsets, k.numel()))
     torch.testing.assert_close(scan, want, rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(host, want, rtol=1e-13, atol=1e-13)
+    assert reward_kl.token_advantages(a_seq[:1], k[:0], 0.3, Segments(torch.tensor([0, 0]), 0)).numel() == 0
 
 
 def test_reward_kl_on_policy_reads_logp() -> None:

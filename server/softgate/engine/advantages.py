@@ -17,6 +17,7 @@ which has no group baseline (its degenerate groups are still counted).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -183,10 +184,23 @@ def _gdpo_sum(
     return a, degenerate_g
 
 
-def whiten_tokens(a: Tensor, trained: Tensor, eps: float) -> Tensor:
-    """Per-token advantages [N] whitened over the `trained` tokens ([N] bool), as the
-    whitening estimators whiten per-sequence ones weighted by their trained tokens."""
-    return _whiten(a, trained.to(torch.float64), eps)
+def whiten_tokens(a: Tensor, trained: Tensor | None, eps: float) -> Tensor:
+    """Per-token float64 advantages [N] whitened over the `trained` tokens ([N] bool; None:
+    all), in place, as `_whiten` whitens per-sequence ones weighted by their trained tokens:
+    the unbiased std, the mean taken about the first trained value (equal values whiten to 0
+    exactly), 0 for all without spread, `a` as it was when the spread overflows."""
+    sel = a if trained is None else a[trained]
+    if sel.numel() < 2:
+        return torch.zeros_like(a)
+    c = sel[0]
+    d = sel - c
+    var_t, mu_t = d.var(), d.mean()  # (torch.var_mean: 5x slower on the CPU, 1M tokens)
+    var = float(var_t)  # (one host sync)
+    if not math.isfinite(var):  # (refused as overflow after, as _whiten leaves it)
+        return a
+    if var <= 0:
+        return torch.zeros_like(a)
+    return a.sub_(c + mu_t).div_(math.sqrt(var) + eps)
 
 
 def _whiten(a: Tensor, weights: Tensor | None, eps: float) -> Tensor:

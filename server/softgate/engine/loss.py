@@ -42,7 +42,13 @@ from softgate.engine.mismatch import batch_norm_factor, rollout_divergence, sequ
 from softgate.engine.objectives import OBJECTIVE_KIND, gmpo_bounds
 from softgate.engine.rejection import keep_mask
 from softgate.engine.result import LossResult
-from softgate.engine.reward_kl import check_bounded, returns_to_go, sequence_kl_mean, token_kl
+from softgate.engine.reward_kl import (
+    check_bounded,
+    sequence_kl_mean,
+    sequence_sums,
+    token_advantages,
+    token_kl,
+)
 from softgate.engine.segments import Segments, host_shortcuts
 from softgate.engine.validation import advantage_level, check, compute_dtype
 
@@ -194,10 +200,12 @@ def _compute_loss(
         kr = penalty = None
         if rk is not None:  # a KL penalty in the reward (reward_kl.py), over the mask as sent
             assert batch.ref_logp is not None
-            kr = token_kl(rk, old, batch.ref_logp.to(dev), ms, clamp)
-            check_bounded(rk, kr, seg)
-            extra["reward_kl_mean"] = sequence_kl_mean(kr, seg, ms_counts)
-            penalty = rk.beta * seg.sum(kr) if rk.level == "sequence" else None
+            unmasked = batch.mask is None  # (after rejection it holds the mask left)
+            kr = token_kl(rk, old, batch.ref_logp.to(dev), None if unmasked else ms, clamp)
+            sums, abs_sums = sequence_sums(rk, kr, seg)
+            check_bounded(rk.beta, abs_sums)
+            extra["reward_kl_mean"] = sequence_kl_mean(sums, ms_counts)
+            penalty = rk.beta * sums if rk.level == "sequence" else None
         per_token = rk is not None and rk.level == "token"
         ga = group_advantages(
             batch.rewards.to(dev),
@@ -209,14 +217,14 @@ def _compute_loss(
         )
         if per_token:
             assert rk is not None and kr is not None
-            a_tok = seg.expand(ga.advantages) - rk.beta * returns_to_go(kr, seg)
+            a_tok = token_advantages(ga.advantages, kr, rk.beta, seg)
             if config.advantages.estimator in WHITENED:
-                a_tok = whiten_tokens(a_tok, m, config.advantages.eps)
-            t["adv"] = a_tok.to(dt)
-            if dt != F64 and n and not bool(torch.isfinite(t["adv"]).all()):  # (past float32's range)
+                a_tok = whiten_tokens(a_tok, None if batch.mask is None else m, config.advantages.eps)
+            if dt != F64 and n and max(map(abs, torch.aminmax(a_tok))) > torch.finfo(dt).max:  # (one pass)
                 where = str(dt).replace("torch.", "")
                 why = f"overflow: a token's advantage with the KL in the reward is not finite in {where}"
                 raise InputError([FieldViolation("reward_kl.beta", why)])
+            t["adv"] = a_tok.to(dt)
             adv_per_token = True
         else:
             t["adv"] = ga.advantages.to(dt)

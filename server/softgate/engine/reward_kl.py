@@ -33,19 +33,32 @@ from softgate.engine.validation import MAX_ABS_REWARD
 F64 = torch.float64
 
 
-def token_kl(rk: RewardKLConfig, old: Tensor, ref: Tensor, sent: Tensor, clamp: float) -> Tensor:
-    """k per token [N] float64, 0 off the mask as sent (`sent`, [N] bool)."""
-    x = torch.where(sent, ref.to(F64) - old.to(F64), torch.zeros((), dtype=F64, device=old.device))
-    k, _, _ = kl_terms(rk.estimator, x, torch.tensor(clamp, dtype=F64, device=old.device))
-    return torch.where(sent, k, torch.zeros_like(k))
+def token_kl(rk: RewardKLConfig, old: Tensor, ref: Tensor, sent: Tensor | None, clamp: float) -> Tensor:
+    """k per token [N] float64, 0 off the mask as sent (`sent`, [N] bool; None: every token)."""
+    x = ref.to(F64) - old  # (old promoted in the same pass)
+    if rk.estimator == "k1":
+        k = x.neg_()
+    elif rk.estimator == "k2":
+        k = x.square_().mul_(0.5)
+    elif rk.estimator == "abs":
+        k = x.abs_()
+    else:  # k3, its series near 0 and its clamp: kl.py's
+        k, _, _ = kl_terms(rk.estimator, x, torch.tensor(clamp, dtype=F64, device=x.device))
+    return k if sent is None else k.masked_fill_(~sent, 0.0)  # (a masked token's garbage, NaN too)
 
 
-def check_bounded(rk: RewardKLConfig, k: Tensor, seg: Segments) -> None:
+def sequence_sums(rk: RewardKLConfig, k: Tensor, seg: Segments) -> tuple[Tensor, Tensor]:
+    """Each sequence's sum of k, and of |k| (the same sums for the estimators >= 0: all but k1)."""
+    total = seg.sum(k)
+    return total, seg.sum(k.abs()) if rk.estimator == "k1" else total
+
+
+def check_bounded(beta: float, abs_sums: Tensor) -> None:
     """InputError (`overflow`, on reward_kl.beta) when beta times some sequence's summed |k|, the
     most its reward or a token's return can move, is not finite or beyond MAX_ABS_REWARD."""
-    if seg.num_seqs == 0:
+    if abs_sums.numel() == 0:
         return
-    moved = rk.beta * seg.sum(k.abs())
+    moved = beta * abs_sums
     worst = float(moved.max())  # (one host sync; NaN: 0 x an infinite k, never from finite inputs)
     if worst <= MAX_ABS_REWARD:
         return
@@ -57,14 +70,24 @@ def check_bounded(rk: RewardKLConfig, k: Tensor, seg: Segments) -> None:
     raise InputError([FieldViolation("reward_kl.beta", why)])
 
 
+def token_advantages(a_seq: Tensor, k: Tensor, beta: float, seg: Segments) -> Tensor:
+    """A_i - beta sum_{u >= t} k_u at every token t of sequence i ([B], [N] -> [N] float64). On
+    the host from one prefix sum c (sequential, so the same bits on every call): A_i - beta E_i
+    + beta (c_t - k_t), E_i the prefix sum at the sequence's end; elsewhere a doubling scan of
+    elementwise adds within each sequence, as a GPU's float cumsum is not bitwise reproducible."""
+    if not host_shortcuts(k.device):
+        return seg.expand(a_seq) - beta * returns_to_go(k, seg)
+    if k.numel() == 0:
+        return k.clone()
+    c = torch.cumsum(k, 0)
+    last = seg.offsets[1:] - 1  # each sequence's last token (an empty one's value is never read)
+    out = seg.expand(a_seq - beta * c[last.clamp(min=0)])
+    return out.add_(c.sub_(k), alpha=beta)
+
+
 def returns_to_go(k: Tensor, seg: Segments) -> Tensor:
-    """sum_{u >= t} k_u within each token's sequence ([N] -> [N]). On the host one prefix sum
-    (sequential, so the same bits on every call); elsewhere a doubling scan of elementwise adds
-    within each sequence, as a GPU's float cumsum is not bitwise reproducible."""
-    if host_shortcuts(k.device):
-        before = torch.nn.functional.pad(torch.cumsum(k, 0), (1, 0))  # before[t]: sum of k_u, u < t
-        end = before[seg.offsets[1:]]  # each sequence's prefix sum at its end
-        return seg.expand(end) - before[:-1]
+    """sum_{u >= t} k_u within each token's sequence ([N] -> [N]) by a doubling scan: log2 of
+    the longest sequence passes of elementwise adds (a GPU's; the host's: token_advantages)."""
     ids = seg.ids
     longest = int(seg.lengths.max()) if seg.num_seqs else 0  # (one host sync)
     out, d = k, 1
@@ -75,9 +98,9 @@ def returns_to_go(k: Tensor, seg: Segments) -> Tensor:
     return out
 
 
-def sequence_kl_mean(k: Tensor, seg: Segments, sent_counts: Tensor) -> Tensor:
+def sequence_kl_mean(sums: Tensor, sent_counts: Tensor) -> Tensor:
     """verl's actor/reward_kl_penalty: the mean over sequences of each one's mean k over its
     tokens as sent (0 for one without any); 0 for no sequence."""
-    if seg.num_seqs == 0:
-        return torch.zeros((), dtype=F64, device=k.device)
-    return (seg.sum(k) / sent_counts.clamp(min=1).to(F64)).mean()
+    if sums.numel() == 0:
+        return torch.zeros((), dtype=F64, device=sums.device)
+    return (sums / sent_counts.clamp(min=1).to(F64)).mean()
