@@ -785,35 +785,43 @@ def _decode_loss_config(msg: pb.LossConfig, v: list[FieldViolation], prefix: str
     adv = decode_advantage_config(msg.advantages, prefix + "advantages.", v)
     agg_kw = _set_fields(msg.aggregation, ("num_tokens", "num_seqs", "constant"))
     _enum(msg.aggregation.mode, _AGG_MODES, prefix + "aggregation.mode", v, agg_kw, "mode")
-    kl = None
-    if msg.HasField("kl"):
-        kl_kw = _set_fields(msg.kl, ("beta",))
-        _enum(msg.kl.estimator, _KL, prefix + "kl.estimator", v, kl_kw, "estimator")
-        _enum(msg.kl.aggregation, _AGG_MODES, prefix + "kl.aggregation", v, kl_kw, "aggregation")
-        kl = KLConfig(**kl_kw)
-    mm = None
-    if msg.HasField("mismatch"):
-        mm_kw = _set_fields(msg.mismatch, ("cap", "lo", "hi", "floor"))
-        _enum(msg.mismatch.level, _MM_LEVELS, prefix + "mismatch.level", v, mm_kw, "level")
-        _enum(msg.mismatch.mode, _MM_MODES, prefix + "mismatch.mode", v, mm_kw, "mode")
-        mm = MismatchConfig(**mm_kw, batch_normalize=msg.mismatch.batch_normalize)
-    rk = None
-    if msg.HasField("reward_kl"):
-        rk_kw = _set_fields(msg.reward_kl, ("beta",))
-        _enum(msg.reward_kl.estimator, _KL, prefix + "reward_kl.estimator", v, rk_kw, "estimator")
-        _enum(msg.reward_kl.level, _RK_LEVELS, prefix + "reward_kl.level", v, rk_kw, "level")
-        rk = RewardKLConfig(**rk_kw)
+    kl = _section(msg, "kl", ("beta",), {"estimator": _KL, "aggregation": _AGG_MODES}, prefix, v)
+    mm = _section(
+        msg, "mismatch", ("cap", "lo", "hi", "floor"), {"level": _MM_LEVELS, "mode": _MM_MODES}, prefix, v
+    )
+    if mm is not None:
+        mm["batch_normalize"] = msg.mismatch.batch_normalize
+    rk = _section(msg, "reward_kl", ("beta",), {"estimator": _KL, "level": _RK_LEVELS}, prefix, v)
     top = _set_fields(msg, ("log_ratio_clamp", "saturation_threshold", "off_policy_mask_threshold"))
     return LossConfig(
         objective=objective,
         advantages=adv,
         aggregation=AggregationConfig(**agg_kw),
-        kl=kl,
-        mismatch=mm,
+        kl=None if kl is None else KLConfig(**kl),
+        mismatch=None if mm is None else MismatchConfig(**mm),
         rejection=_rejection(msg, prefix + "rejection", v),
-        reward_kl=rk,
+        reward_kl=None if rk is None else RewardKLConfig(**rk),
         **top,
     )
+
+
+def _section(
+    msg: pb.LossConfig,
+    name: str,
+    numbers: tuple[str, ...],
+    enums: Mapping[str, Mapping[Any, str]],
+    prefix: str,
+    v: list[FieldViolation],
+) -> dict[str, Any] | None:
+    """The keyword arguments of LossConfig's sub-message `name` (None when unset): its numbers
+    that are set and its enums that are not UNSPECIFIED (an unknown value appended to `v`)."""
+    if not msg.HasField(name):
+        return None
+    sub = getattr(msg, name)
+    kw = _set_fields(sub, numbers)
+    for field, table in enums.items():
+        _enum(getattr(sub, field), table, f"{prefix}{name}.{field}", v, kw, field)
+    return kw
 
 
 def _rejection(msg: pb.LossConfig, field: str, v: list[FieldViolation]) -> tuple[RejectionCriterion, ...]:
