@@ -51,7 +51,7 @@ def _prometheus() -> str:
 class Traffic:
     """A trainer: sends loss batches to the running server over gRPC (tagged with the run
     name) until stopped, cycling SAPO, GRPO with dual clip and every off-policy correction (a
-    KL term, a mismatch mask, off-policy sequence masking, rollout rejection), and GSPO; every 7th batch
+    KL term, a KL in the reward, a mismatch mask, off-policy sequence masking, rollout rejection), and GSPO; every 7th batch
     carries a NaN, which the server refuses (INVALID_ARGUMENT, reason non_finite). Beside
     it, a second run (ADV_RUN) only asks for advantages."""
 
@@ -73,6 +73,8 @@ class Traffic:
             "off_policy_mask_threshold": 0.0,
             "rollout_rs": "token_k1",
             "rollout_rs_threshold": "0.3_3.0",  # (wider than the mask: both act)
+            "reward_kl_beta": 0.05,  # (and a KL in the reward, verl's, per sequence)
+            "reward_kl_level": "sequence",
         }
         options = [
             {"objective": "sapo"},

@@ -321,7 +321,10 @@ class LossConfig:
             v = getattr(self, name)
             if not isinstance(v, cls) and not (v is None and name in ("kl", "mismatch", "reward_kl")):
                 raise _not_a(f"config.{name}", cls, v)
-        for name, other in (("kl", "aggregation"), ("reward_kl", "level")):
+        for name, other, what_kl in (
+            ("kl", "aggregation", "KL term"),
+            ("reward_kl", "level", "KL in the reward"),
+        ):
             kl = getattr(self, name)
             if (
                 kl is not None
@@ -333,7 +336,7 @@ class LossConfig:
                 raise invalid_argument(
                     f"config.{name}.beta",
                     f"missing: a KL {what} ({getattr(kl, what)!r}) was set without beta, "
-                    f"which defaults to 0 (no KL); pass {name}_beta",
+                    f"which defaults to 0 (no {what_kl}); pass {name}_beta",
                 )
         outputs = (self.outputs,) if isinstance(self.outputs, str) else self.outputs
         try:
