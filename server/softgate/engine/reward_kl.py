@@ -36,13 +36,15 @@ F64 = torch.float64
 def token_kl(rk: RewardKLConfig, old: Tensor, ref: Tensor, sent: Tensor | None, clamp: float) -> Tensor:
     """k per token [N] float64, 0 off the mask as sent (`sent`, [N] bool; None: every token)."""
     x = ref.to(F64) - old  # (old promoted in the same pass)
+    # k1, k2, abs: kl_terms' values written in place here, without the gradient and clamp flags
+    # it also builds (3.9 -> 1.6 ms per 1M tokens); k3 keeps its series and clamp from there
     if rk.estimator == "k1":
         k = x.neg_()
     elif rk.estimator == "k2":
         k = x.square_().mul_(0.5)
     elif rk.estimator == "abs":
         k = x.abs_()
-    else:  # k3, its series near 0 and its clamp: kl.py's
+    else:
         k, _, _ = kl_terms(rk.estimator, x, torch.tensor(clamp, dtype=F64, device=x.device))
     return k if sent is None else k.masked_fill_(~sent, 0.0)  # (a masked token's garbage, NaN too)
 
