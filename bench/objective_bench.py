@@ -5,7 +5,8 @@ term, GRPO with a token-level TIS or seq_mask (seq-mask-tis) mismatch correction
 batch with rollout log-probs; TIS also with batch_normalize), GRPO with off-policy sequence masking (OPSM) and with rollout
 rejection (the same rollout log-probs), GSPO with a dual clip, and advantages from rewards in the
 call: GRPO's, and with a KL in the reward (REINFORCE++'s per-token return, verl's per-sequence
-sum; the same batch with rewards and group ids in place of advantages). It runs under the process's allocator (bench/engine_bench.py
+sum), REINFORCE++ discounted with and without it (the same batch with rewards and group ids in
+place of advantages). It runs under the process's allocator (bench/engine_bench.py
 preloads tcmalloc, as the service ships; `LD_PRELOAD=libtcmalloc_minimal.so.4` for the same
 here).
 
@@ -69,6 +70,12 @@ def configs() -> dict[str, LossConfig]:
     out["grpo + reward_kl sequence"] = LossConfig(
         objective=Grpo(), reward_kl=RewardKLConfig(0.01, level="sequence")
     )
+    # REINFORCE++ discounted (gamma < 1: the doubling scan on the host too), with and without the KL
+    discounted = AdvantageConfig("reinforce_pp", gamma=0.99)
+    out["grpo + reinforce_pp gamma 0.99"] = LossConfig(objective=Grpo(), advantages=discounted)
+    out["grpo + reward_kl token gamma 0.99"] = LossConfig(
+        objective=Grpo(), advantages=discounted, reward_kl=RewardKLConfig(0.01)
+    )
     return out
 
 
@@ -110,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         name: with_rollout
         if cfg.mismatch or cfg.rejection
         else with_rewards
-        if "rewards" in name or cfg.reward_kl
+        if "rewards" in name or cfg.reward_kl or cfg.advantages.gamma != 1.0
         else plain
         for name, cfg in cfgs.items()
     }

@@ -229,19 +229,33 @@ def _token_advantages(
     b = len(off) - 1
     tok_adv: list[Tensor] = []
     rk = getattr(config, "reward_kl", None)
-    if rk is not None and batch.advantages is None:
-        ks = reference_reward_kl(batch, config)
+    gamma = config.advantages.gamma
+    if (rk is not None or gamma != 1.0) and batch.advantages is None:
+        ks = (
+            reference_reward_kl(batch, config)
+            if rk is not None
+            else [[0.0] * (off[i + 1] - off[i]) for i in range(b)]
+        )
         rewards = [float(x) for x in batch.rewards]
-        if rk.level == "sequence":
+        if rk is not None and rk.level == "sequence":
             rewards = [r - rk.beta * math.fsum(k) for r, k in zip(rewards, ks, strict=True)]
-        token = rk.level == "token"
+        beta = rk.beta if rk is not None and rk.level == "token" else 0.0
+        token = (rk is not None and rk.level == "token") or gamma != 1.0
         seq_adv, _ = reference_advantages(
             rewards, [int(g) for g in batch.group_ids], config.advantages, counts, whiten=not token
         )
-        vals = [
-            [seq_adv[i] - (rk.beta * math.fsum(ks[i][j:]) if token else 0.0) for j in range(len(ks[i]))]
-            for i in range(b)
-        ]
+        vals = []
+        for i in range(b):  # OpenRLHF's recurrence G_j = r_j + gamma G_{j+1}, the outcome at T_i
+            sent = [
+                j for j in range(off[i + 1] - off[i]) if batch.mask is None or bool(batch.mask[off[i] + j])
+            ]
+            last = sent[-1] if sent else -1
+            row, g_ret = [], 0.0
+            for j in reversed(range(len(ks[i]))):
+                g_ret = -beta * ks[i][j] + (seq_adv[i] if j == last else 0.0) + gamma * g_ret
+                # past T_i (untrained): A_i undiscounted, less the KL's return (0 off the mask)
+                row.append(g_ret if j <= last else seq_adv[i] + g_ret)
+            vals.append(row[::-1])
         if token and config.advantages.estimator in WHITENING:  # over the trained tokens
             m = mask if mask is not None else torch.ones(off[-1], dtype=torch.bool)
             flat = [a for row in vals for a in row]

@@ -65,6 +65,18 @@ def test_reward_kl_estimators_are_listed_with_beta_and_level() -> None:
         assert "reward" in e.description
 
 
+def test_gamma_is_reinforce_pp_s_alone() -> None:
+    """REINFORCE++ lists its discount (default 1, no discount); the estimators that give one
+    advantage per sequence, which refuse any other gamma, do not list it."""
+    r = catalogue.build(Limits(), 1 << 20)
+    for e in r.advantage_estimators:
+        params = {p.name: p for p in e.parameters}
+        assert ("gamma" in params) == (e.name == "reinforce_pp"), e.name
+        if e.name == "reinforce_pp":
+            assert params["gamma"].default_value == c.AdvantageConfig().gamma == 1.0
+            assert "[0, 1]" in params["gamma"].description
+
+
 def test_gmpo_says_its_bounds_are_on_the_log_ratio() -> None:
     """A review: gmpo's eps_low / eps_high read as the other objectives' (1 - eps_low, a ratio)
     while they bound the log-ratio; every other objective keeps the shared text."""

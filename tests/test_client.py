@@ -117,6 +117,14 @@ CASES = [
             reward_kl=ec.RewardKLConfig(beta=0.05),
         ),
     ),
+    (  # REINFORCE++ with OpenRLHF's --gamma: each token's return discounted to its sequence's end
+        {"objective": "grpo", "estimator": "reinforce_pp", "gamma": 0.9, "reward_kl_beta": 0.05},
+        LossConfig(
+            objective=ec.Grpo(),
+            advantages=ec.AdvantageConfig("reinforce_pp", gamma=0.9),
+            reward_kl=ec.RewardKLConfig(beta=0.05),
+        ),
+    ),
     (  # verl's grpo with use_kl_in_reward (low_var_kl): the KL summed into each reward
         {
             "objective": "grpo",

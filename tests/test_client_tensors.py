@@ -191,6 +191,10 @@ def test_each_configuration_field_lands_in_its_own_proto_field() -> None:
     only = loss_config_to_proto(cfg.LossConfig(advantages=cfg.AdvantageConfig(min_group_std=0.25)))
     assert only.HasField("advantages") and only.advantages.HasField("min_group_std")
     assert only.advantages.min_group_std == 0.25 and not only.advantages.HasField("eps")
+    # gamma 0 (the outcome at the last token alone) is sent, not read as unset (1)
+    zero = loss_config_to_proto(cfg.build_loss_config(estimator="reinforce_pp", gamma=0))
+    assert zero.advantages.HasField("gamma") and zero.advantages.gamma == 0.0
+    assert not loss_config_to_proto(cfg.LossConfig()).advantages.HasField("gamma")
 
 
 def test_wire_encoding_parses_like_the_generated_classes() -> None:

@@ -1287,6 +1287,16 @@ def test_validation_batch(monkeypatch, path):
         (LossConfig(advantages=AdvantageConfig(estimator="ppo")), "advantages.estimator"),  # type: ignore[arg-type]
         (LossConfig(advantages=AdvantageConfig(scale="seq")), "advantages.scale"),  # type: ignore[arg-type]
         (LossConfig(advantages=AdvantageConfig(min_group_std=-1.0)), "advantages.min_group_std"),
+        (LossConfig(advantages=AdvantageConfig(estimator="reinforce_pp", gamma=1.5)), "advantages.gamma"),
+        (
+            LossConfig(advantages=AdvantageConfig(estimator="reinforce_pp", gamma=math.nan)),
+            "advantages.gamma",
+        ),
+        (LossConfig(advantages=AdvantageConfig(gamma=0.9)), "advantages.gamma"),  # grpo: per sequence
+        (
+            LossConfig(objective=Gspo(), advantages=AdvantageConfig(estimator="reinforce_pp", gamma=0.9)),
+            "advantages.gamma",
+        ),
         (LossConfig(log_ratio_clamp=0.0), "log_ratio_clamp"),
         (LossConfig(saturation_threshold=1.5), "saturation_threshold"),
         (LossConfig(objective="sapo"), "objective"),  # type: ignore[arg-type]
@@ -1319,6 +1329,27 @@ def test_reward_kl_batch_refusals() -> None:
     old[2] = float("nan")
     assert reasons(dataclasses.replace(bad, old_logp=old), rk) == {("old_logp", "non_finite", 2)}
     E.loss(bad, rk)
+
+
+def test_gamma_refusals() -> None:
+    """gamma discounts returns computed here from rewards, per token: refused with advantages
+    sent, and by advantages(), which returns one per sequence; gamma 1 is accepted anywhere."""
+    cfg = AdvantageConfig(estimator="reinforce_pp", gamma=0.9)
+    sent = simple_batch([3, 2], advantages=torch.tensor([1.0, -1.0]))
+    assert reasons(sent, LossConfig(advantages=cfg)) == {("advantages.gamma", "unsupported", None)}
+    E.loss(sent, LossConfig(advantages=dataclasses.replace(cfg, gamma=1.0)))
+    rewards, groups = torch.tensor([1.0, 0.0]), torch.tensor([0, 0])
+    with pytest.raises(InputError) as ei:
+        E.advantages(rewards, groups, cfg)
+    assert [(v.field, v.reason.split(":")[0]) for v in ei.value.violations] == [
+        ("advantages.gamma", "unsupported")
+    ]
+    with pytest.raises(InputError) as ei:
+        E.advantages(rewards, groups, dataclasses.replace(cfg, gamma=-0.5))
+    assert [(v.field, v.reason.split(":")[0]) for v in ei.value.violations] == [
+        ("advantages.gamma", "out_of_range")
+    ]
+    E.advantages(rewards, groups, dataclasses.replace(cfg, gamma=1.0))
 
 
 @pytest.mark.parametrize(
@@ -1810,30 +1841,30 @@ def test_segment_reduce_sums_equal_cpu_sums(monkeypatch, name):
     assert_same_result(E.loss(b, cfg), want, 1e-12)
 
 
-@pytest.mark.parametrize("level", ["token", "sequence"])
-def test_reward_kl_on_the_gpu_code_path(monkeypatch, level) -> None:
-    """A KL in the reward through the code a GPU runs (segment sums, gathers, the doubling scan
-    of the returns to go) gives the CPU's loss, gradient, advantages and metrics."""
+@pytest.mark.parametrize(("level", "gamma"), [("token", 1.0), ("sequence", 1.0), ("token", 0.9), (None, 0.5)])
+def test_reward_kl_on_the_gpu_code_path(monkeypatch, level, gamma) -> None:
+    """A KL in the reward and a discount through the code a GPU runs (segment sums, gathers,
+    the doubling scan of the returns) give the CPU's loss, gradient, advantages and metrics."""
     b = random_batch(11, max_seqs=40, max_len=30)
     cfg = make_config("sapo", "token_mean", "k3", None, estimator="reinforce_pp")
-    cfg = dataclasses.replace(cfg, reward_kl=RewardKLConfig(beta=0.1, estimator="k3", level=level))
+    rk = RewardKLConfig(beta=0.1, estimator="k3", level=level) if level else None
+    adv = dataclasses.replace(cfg.advantages, gamma=gamma)
+    cfg = dataclasses.replace(cfg, reward_kl=rk, advantages=adv)
     want = E.loss(b, cfg)
     _gpu_code_path(monkeypatch)
-    from softgate.engine import reward_kl
-
-    monkeypatch.setattr(reward_kl, "host_shortcuts", lambda device: False)
     got = E.loss(b, cfg)
     _assert_equal_results(got, want)
-    assert got.metrics["reward_kl_mean"] == pytest.approx(want.metrics["reward_kl_mean"], rel=1e-12)
+    if level:
+        assert got.metrics["reward_kl_mean"] == pytest.approx(want.metrics["reward_kl_mean"], rel=1e-12)
 
 
 def _gpu_code_path(monkeypatch) -> None:
     """Make the engine run the device-generic code a GPU runs, here on the CPU: no host
     shortcuts (numpy; per-sequence values expanded before the kernel: a gather in it instead;
     the eager kernel in slices), segment_reduce sums, dynamo for compiles."""
-    from softgate.engine import advantages, aggregate, chunked, compiled, loss, segments, validation
+    from softgate.engine import advantages, aggregate, chunked, compiled, loss, returns, segments, validation
 
-    for m in (segments, loss, aggregate, validation, compiled, chunked):
+    for m in (segments, loss, aggregate, validation, compiled, chunked, returns):
         monkeypatch.setattr(m, "host_shortcuts", lambda device: False)
     for m in (segments, advantages):
         monkeypatch.setattr(m, "use_segment_reduce", lambda device: True)

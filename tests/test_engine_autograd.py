@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import os
 
 import pytest
@@ -249,6 +250,41 @@ def test_reward_kl(objective, estimator, level):
     raise AssertionError(f"only {checked} batches")
 
 
+@pytest.mark.parametrize("level", [None, "token", "sequence"])
+@pytest.mark.parametrize("objective", ["grpo", "sapo", "cispo", "gspo_token"])
+def test_reinforce_pp_gamma(objective, level):
+    """REINFORCE++'s discounted return (AdvantageConfig.gamma): each token's advantage is
+    gamma^(steps to its sequence's last sent token) times the sequence's, less the discounted
+    KL in the reward, then whitened over the trained tokens; against the reference's
+    recurrence (OpenRLHF's get_cumulative_returns), with and without rollout rejection, for
+    gamma 0 (the outcome at the last token alone), 0.5 and 0.97; gamma 1 is the default's bits."""
+    from softgate.engine import RejectionCriterion, RewardKLConfig
+
+    checked = 0
+    for seed in range(40):
+        batch = random_batch(seed * 7919 + 11)
+        rejection = (RejectionCriterion(upper=0.02, statistic="k2"),) if seed % 3 == 0 else ()
+        config = make_config(
+            objective, "seq_mean_token_mean", None, None, variant=seed, estimator="reinforce_pp"
+        )
+        rk = RewardKLConfig(beta=0.1, estimator=("k1", "k3")[seed % 2], level=level) if level else None
+        config = dataclasses.replace(config, rejection=rejection, reward_kl=rk)
+        one = ENGINE.loss(batch, config)
+        gamma = (0.0, 0.5, 0.97)[seed % 3]
+        config = dataclasses.replace(config, advantages=dataclasses.replace(config.advantages, gamma=gamma))
+        if near_boundary(batch, config):
+            continue
+        check_against_reference(batch, config)
+        same = dataclasses.replace(config, advantages=dataclasses.replace(config.advantages, gamma=1.0))
+        again = ENGINE.loss(batch, same)
+        assert again.loss == one.loss and torch.equal(again.grad, one.grad)
+        assert torch.equal(again.advantages, one.advantages)
+        checked += 1
+        if checked == 5:
+            return
+    raise AssertionError(f"only {checked} batches")
+
+
 @pytest.mark.parametrize(
     "dtype,far,beta,estimator,level,adv",
     [
@@ -296,28 +332,38 @@ def test_reward_kl_refuses_a_penalty_that_overflows(dtype, far, beta, estimator,
     assert float(ENGINE.loss(sane, sane_cfg).grad.abs().sum()) > 0
 
 
-def test_reward_kl_returns_on_the_gpu_code_path(monkeypatch) -> None:
-    """A GPU sums the returns to go by a doubling scan within each sequence (its float cumsum
-    is not bitwise reproducible), the host from one prefix sum: both give A_i - beta times the
-    KL from each token to its sequence's end, on a ragged batch with empty sequences (through
-    the engine: test_engine's gpu-path tests)."""
-    from softgate.engine import reward_kl, segments
+@pytest.mark.parametrize("gamma", [1.0, 0.9, 0.0])
+def test_token_returns_on_the_gpu_code_path(monkeypatch, gamma) -> None:
+    """A GPU sums the returns by a doubling scan within each sequence (its float cumsum is not
+    bitwise reproducible), the host undiscounted ones from one prefix sum: both give gamma^(T_i
+    - t) A_i - beta times the discounted KL from each token to its sequence's end, T_i its last
+    sent token, on a ragged batch with empty sequences and masked tails (through the engine:
+    test_engine's gpu-path tests)."""
+    from softgate.engine import returns, segments
     from softgate.engine.segments import Segments
 
     g = torch.Generator().manual_seed(0)
     lengths = torch.tensor([0, 1, 7, 0, 64, 3, 33, 2])
     offsets = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
-    k = torch.randn(int(lengths.sum()), generator=g, dtype=torch.float64)
+    n = int(lengths.sum())
+    sent = torch.rand(n, generator=g) < 0.8
+    k = torch.randn(n, generator=g, dtype=torch.float64).masked_fill_(~sent, 0.0)
     a_seq = torch.randn(lengths.numel(), generator=g, dtype=torch.float64)
-    rtg = torch.cat([k[a:b].flip(0).cumsum(0).flip(0) for a, b in itertools.pairwise(offsets)])
-    want = torch.repeat_interleave(a_seq, lengths) - 0.3 * rtg
-    host = reward_kl.token_advantages(a_seq, k, 0.3, Segments(offsets, k.numel()))
-    monkeypatch.setattr(reward_kl, "host_shortcuts", lambda device: False)
+    want = []
+    for i, (a, b) in enumerate(itertools.pairwise(offsets.tolist())):
+        on = [t for t in range(a, b) if sent[t]]
+        last = on[-1] if on else a - 1
+        for t in range(a, b):
+            ret = math.fsum(gamma ** (u - t) * float(k[u]) for u in range(t, b))
+            want.append(float(a_seq[i]) * gamma ** max(last - t, 0) - 0.3 * ret)
+    want_t = torch.tensor(want, dtype=torch.float64)
+    host = returns.token_returns(a_seq, Segments(offsets, n), gamma, k, 0.3, sent)
+    monkeypatch.setattr(returns, "host_shortcuts", lambda device: False)
     monkeypatch.setattr(segments, "host_shortcuts", lambda device: False)
-    scan = reward_kl.token_advantages(a_seq, k, 0.3, Segments(offsets, k.numel()))
-    torch.testing.assert_close(scan, want, rtol=1e-13, atol=1e-13)
-    torch.testing.assert_close(host, want, rtol=1e-13, atol=1e-13)
-    assert reward_kl.token_advantages(a_seq[:1], k[:0], 0.3, Segments(torch.tensor([0, 0]), 0)).numel() == 0
+    scan = returns.token_returns(a_seq, Segments(offsets, n), gamma, k, 0.3, sent)
+    torch.testing.assert_close(scan, want_t, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(host, want_t, rtol=1e-13, atol=1e-13)
+    assert returns.token_returns(a_seq[:1], Segments(torch.tensor([0, 0]), 0), gamma, k[:0], 0.3).numel() == 0
 
 
 def test_reward_kl_on_policy_reads_logp() -> None:

@@ -852,6 +852,7 @@ def test_nan_is_named_with_its_index(stub: pb_grpc.LossServiceStub) -> None:
         ),
         (pb.LossConfig(aggregation=pb.AggregationConfig(mode=77)), "config.aggregation.mode"),
         (pb.LossConfig(advantages=pb.AdvantageConfig(eps=float("nan"))), "config.advantages.eps"),
+        (pb.LossConfig(advantages=pb.AdvantageConfig(gamma=0.9)), "config.advantages.gamma"),  # grpo
         (
             pb.LossConfig(objective=pb.Objective(clip_cov=pb.ClipCovParams(fraction=0.0))),
             "config.objective.clip_cov.fraction",
@@ -935,6 +936,18 @@ def test_compute_advantages_bad_input(stub: pb_grpc.LossServiceStub) -> None:
         ),
         "config.eps",
         "out_of_range",
+    )
+    expect_invalid(  # a discount makes an advantage per token: ComputeLoss computes those
+        lambda: call(
+            pb.ComputeAdvantagesRequest(
+                config=pb.AdvantageConfig(estimator=pb.ADVANTAGE_ESTIMATOR_REINFORCE_PP, gamma=0.9),
+                rewards=tensor(torch.zeros(4)),
+                group_ids=tensor(torch.arange(4)),
+            ),
+            timeout=5,
+        ),
+        "config.gamma",
+        "unsupported",
     )
 
 

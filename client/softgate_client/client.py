@@ -206,13 +206,13 @@ def loss_config_to_proto(c: cfg.LossConfig) -> pb.LossConfig:
     obj.SetInParent()
     _set_optional(obj, **c.objective.params)
     a = c.advantages
-    if any(v is not None for v in (a.estimator, a.scale, a.eps, a.min_group_std, a.reward_weights)):
+    if any(v is not None for v in (a.estimator, a.scale, a.eps, a.min_group_std, a.reward_weights, a.gamma)):
         adv: Any = out.advantages
         adv.estimator = _enum(
             pb.AdvantageEstimator, "ADVANTAGE_ESTIMATOR", a.estimator, "config.advantages.estimator"
         )
         adv.scale = _enum(pb.AdvantageScale, "ADVANTAGE_SCALE", a.scale, "config.advantages.scale")
-        _set_optional(adv, eps=a.eps, min_group_std=a.min_group_std)
+        _set_optional(adv, eps=a.eps, min_group_std=a.min_group_std, gamma=a.gamma)
         if a.reward_weights is not None:
             adv.reward_weights.extend(a.reward_weights)
     g = c.aggregation
@@ -816,6 +816,7 @@ class SoftgateClient:
             eps=eps if eps is not None else c.eps,
             min_group_std=min_group_std if min_group_std is not None else c.min_group_std,
             reward_weights=reward_weights if reward_weights is not None else c.reward_weights,
+            gamma=c.gamma,  # (refused by the server: one advantage per sequence here)
         )
         try:
             seq = _rewards_and_groups(rewards, group_ids, None, components=True)

@@ -139,13 +139,15 @@ def _given(**kw: float | None) -> dict[str, float]:
 class AdvantageConfig:
     """Outcome-reward estimator: `grpo`, `dr_grpo`, `rloo`, `reinforce_pp_baseline`, `opo`, `gpg`,
     `grpo_passk`, `reinforce_pp`, `gdpo`; `reward_weights` for rewards of K components;
-    scale `group`, `batch`, `none` (None: the estimator's own default)."""
+    scale `group`, `batch`, `none` (None: the estimator's own default); `gamma` in [0, 1],
+    reinforce_pp's discount of each token's return (None: 1, none)."""
 
     estimator: str | None = None
     scale: str | None = None
     eps: float | None = None
     min_group_std: float | None = None
     reward_weights: tuple[float, ...] | None = None  # one per reward component; None: 1 each
+    gamma: float | None = None
 
     def __post_init__(self) -> None:
         _plain_fields(self, "config.advantages")
@@ -366,6 +368,7 @@ _FLAT_ALIASES = {
     "adv_eps": ("advantages", "eps"),
     "min_group_std": ("advantages", "min_group_std"),
     "reward_weights": ("advantages", "reward_weights"),
+    "gamma": ("advantages", "gamma"),
     "aggregation": ("aggregation", "mode"),
     "num_tokens": ("aggregation", "num_tokens"),
     "num_seqs": ("aggregation", "num_seqs"),

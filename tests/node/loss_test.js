@@ -76,6 +76,7 @@ function lossConfig(c) {
       scale: enumName('ADVANTAGE_SCALE', a.scale),
       eps: a.eps,
       min_group_std: a.min_group_std,
+      gamma: a.gamma,
     });
   }
   if (c.aggregation) {

@@ -68,6 +68,8 @@ def config_to_json(cfg: LossConfig) -> dict[str, Any]:
         del d["kl"]["aggregation"]
     if d["advantages"]["reward_weights"] is None:  # (a loss case's rewards are one component)
         del d["advantages"]["reward_weights"]
+    if d["advantages"]["gamma"] == 1.0:
+        del d["advantages"]["gamma"]
     if d["off_policy_mask_threshold"] is None:
         del d["off_policy_mask_threshold"]
     if d["reward_kl"] is None:
@@ -335,6 +337,14 @@ def _default_cases(engine: Engine) -> list[dict[str, Any]]:
         reward_kl=RewardKLConfig(beta=0.1, estimator="k1", level="token"),
     )
     out.append(_case("sapo/reward_kl_token_reinforce_pp", b, cfg, engine))
+    # ... discounted (OpenRLHF's --gamma): the outcome at each sequence's last sent token
+    gamma = AdvantageConfig(estimator="reinforce_pp", gamma=0.8)
+    out.append(
+        _case(
+            "sapo/reward_kl_token_reinforce_pp_gamma", b, dataclasses.replace(cfg, advantages=gamma), engine
+        )
+    )
+    assert b.mask is not None and not bool(b.mask[b.offsets[1:] - 1].all())  # (a masked last token)
     cfg = LossConfig(reward_kl=RewardKLConfig(beta=0.2, estimator="k3", level="sequence"))
     out.append(_case("sapo/reward_kl_sequence_grpo", b, cfg, engine))
     assert out[-1]["outputs"]["metrics"]["reward_kl_mean"] > 0

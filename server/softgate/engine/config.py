@@ -304,13 +304,16 @@ class AdvantageConfig:
     """Outcome-reward advantage estimator; `scale=None` takes the estimator's own default
     (group std for `grpo`, `grpo_passk` and `gdpo`, none for the others). `reward_weights`:
     one weight per reward component of [B, K] rewards (None: 1 each), for gdpo's weighted sum
-    of its normalised components and the others' of the raw ones."""
+    of its normalised components and the others' of the raw ones. `gamma` in [0, 1]:
+    reinforce_pp's discount, each token's advantage gamma^(steps to its sequence's last
+    token) times the sequence's (returns.py; OpenRLHF's and verl's gamma), 1 for the others."""
 
     estimator: Estimator = "grpo"
     scale: Scale | None = None
     eps: float = 1e-6
     min_group_std: float = 0.0
     reward_weights: tuple[float, ...] | None = None
+    gamma: float = 1.0
 
     def __post_init__(self) -> None:
         w = self.reward_weights

@@ -244,6 +244,9 @@ class Engine:
         from softgate.engine.validation import validate_config
 
         v += validate_config(LossConfig(advantages=config))
+        if config.gamma != 1.0 and not any(f.field == "advantages.gamma" for f in v):
+            why = "unsupported: gamma makes an advantage per token, which needs the tokens: compute it in loss()"
+            v.append(FieldViolation("advantages.gamma", why))
         if v:
             raise InputError(v)
         dev = self._device_for(b, (rewards, group_ids))

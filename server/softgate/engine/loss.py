@@ -42,13 +42,8 @@ from softgate.engine.mismatch import batch_norm_factor, rollout_divergence, sequ
 from softgate.engine.objectives import OBJECTIVE_KIND, gmpo_bounds
 from softgate.engine.rejection import keep_mask
 from softgate.engine.result import LossResult
-from softgate.engine.reward_kl import (
-    check_bounded,
-    sequence_kl_mean,
-    sequence_sums,
-    token_advantages,
-    token_kl,
-)
+from softgate.engine.returns import token_returns
+from softgate.engine.reward_kl import check_bounded, sequence_kl_mean, sequence_sums, token_kl
 from softgate.engine.segments import Segments, host_shortcuts
 from softgate.engine.validation import advantage_level, check, compute_dtype
 
@@ -206,7 +201,9 @@ def _compute_loss(
             check_bounded(rk.beta, abs_sums)
             extra["reward_kl_mean"] = sequence_kl_mean(sums, ms_counts)
             penalty = rk.beta * sums if rk.level == "sequence" else None
-        per_token = rk is not None and rk.level == "token"
+        kl_per_token = rk is not None and rk.level == "token"
+        gamma = config.advantages.gamma
+        per_token = kl_per_token or gamma != 1.0  # (returns.py)
         ga = group_advantages(
             batch.rewards.to(dev),
             batch.group_ids.to(dev),
@@ -216,14 +213,17 @@ def _compute_loss(
             whiten=not per_token,
         )
         if per_token:
-            assert rk is not None and kr is not None
-            a_tok = token_advantages(ga.advantages, kr, rk.beta, seg)
+            beta = rk.beta if rk is not None and kl_per_token else 0.0
+            a_tok = token_returns(ga.advantages, seg, gamma, kr, beta, None if batch.mask is None else ms)
             if config.advantages.estimator in WHITENED:
                 a_tok = whiten_tokens(a_tok, None if batch.mask is None else m, config.advantages.eps)
             if dt != F64 and n and max(map(abs, torch.aminmax(a_tok))) > torch.finfo(dt).max:  # (one pass)
                 where = str(dt).replace("torch.", "")
-                why = f"overflow: a token's advantage with the KL in the reward is not finite in {where}"
-                raise InputError([FieldViolation("reward_kl.beta", why)])
+                fld, what = (
+                    ("reward_kl.beta", "with the KL in the reward ") if kl_per_token else ("rewards", "")
+                )
+                why = f"overflow: a token's advantage {what}is not finite in {where}"
+                raise InputError([FieldViolation(fld, why)])
             t["adv"] = a_tok.to(dt)
             adv_per_token = True
         else:

@@ -9,9 +9,8 @@ logp on-policy): a constant of the loss, so the gradient is the policy term's al
 - level sequence: each reward less beta times its sequence's KL sum, before the estimator
   (verl, whose outcome estimators sum the token-level rewards: R - beta sum_t k_t);
 - level token: each token's advantage less beta times the KL from that token to its
-  sequence's end, A_t = A_i - beta sum_{u >= t} k_u, before the estimator's whitening
-  (REINFORCE++'s return with gamma 1; OpenRLHF's for every estimator). Returns run through
-  masked tokens (their k is 0), as OpenRLHF's do; verl's REINFORCE++ restarts them there.
+  sequence's end, A_t = A_i - beta sum_{u >= t} gamma^(u - t) k_u (returns.py), before the
+  estimator's whitening (REINFORCE++'s return; OpenRLHF's for every estimator).
 
 beta times a sequence's summed |k| must stay within validation.MAX_ABS_REWARD, as rewards do
 (`check_bounded`): past it the group statistics' float64 squares overflow into silent zeros.
@@ -27,7 +26,7 @@ from torch import Tensor
 from softgate.engine.config import RewardKLConfig
 from softgate.engine.errors import FieldViolation, InputError
 from softgate.engine.kl import kl_terms
-from softgate.engine.segments import Segments, host_shortcuts
+from softgate.engine.segments import Segments
 from softgate.engine.validation import MAX_ABS_REWARD
 
 F64 = torch.float64
@@ -70,34 +69,6 @@ def check_bounded(beta: float, abs_sums: Tensor) -> None:
         "reward may not be); ref_logp is too far from old_logp for this beta"
     )
     raise InputError([FieldViolation("reward_kl.beta", why)])
-
-
-def token_advantages(a_seq: Tensor, k: Tensor, beta: float, seg: Segments) -> Tensor:
-    """A_i - beta sum_{u >= t} k_u at every token t of sequence i ([B], [N] -> [N] float64). On
-    the host from one prefix sum c (sequential, so the same bits on every call): A_i - beta E_i
-    + beta (c_t - k_t), E_i the prefix sum at the sequence's end; elsewhere a doubling scan of
-    elementwise adds within each sequence, as a GPU's float cumsum is not bitwise reproducible."""
-    if not host_shortcuts(k.device):
-        return seg.expand(a_seq) - beta * returns_to_go(k, seg)
-    if k.numel() == 0:
-        return k.clone()
-    c = torch.cumsum(k, 0)
-    last = seg.offsets[1:] - 1  # each sequence's last token (an empty one's value is never read)
-    out = seg.expand(a_seq - beta * c[last.clamp(min=0)])
-    return out.add_(c.sub_(k), alpha=beta)
-
-
-def returns_to_go(k: Tensor, seg: Segments) -> Tensor:
-    """sum_{u >= t} k_u within each token's sequence ([N] -> [N]) by a doubling scan: log2 of
-    the longest sequence passes of elementwise adds (a GPU's; the host's: token_advantages)."""
-    ids = seg.ids
-    longest = int(seg.lengths.max()) if seg.num_seqs else 0  # (one host sync)
-    out, d = k, 1
-    while d < longest:  # after it, out[t] sums k over [t, t + 2d) within t's sequence
-        same = ids[d:] == ids[:-d]
-        out = out + torch.nn.functional.pad(torch.where(same, out[d:], torch.zeros_like(out[d:])), (0, d))
-        d *= 2
-    return out
 
 
 def sequence_kl_mean(sums: Tensor, sent_counts: Tensor) -> Tensor:

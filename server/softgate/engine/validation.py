@@ -356,6 +356,7 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
                 )
             )
         nonneg(adv.min_group_std, "advantages.min_group_std")
+        _gamma(config, v)
 
     agg = config.aggregation
     if not isinstance(agg, AggregationConfig):
@@ -629,6 +630,24 @@ def reward_tensor(
     return True
 
 
+def _gamma(config: LossConfig, v: list[FieldViolation]) -> None:
+    """The violations of config.advantages.gamma, REINFORCE++'s discount, appended to `v`."""
+    gamma = config.advantages.gamma
+    if not _num_ok(gamma) or not 0.0 <= gamma <= 1.0:
+        v.append(FieldViolation("advantages.gamma", f"out_of_range: {gamma!r} must be in [0, 1]"))
+    elif gamma != 1.0 and config.advantages.estimator != "reinforce_pp":
+        why = (
+            f"unsupported: {config.advantages.estimator} gives one advantage per sequence; "
+            "gamma discounts reinforce_pp's per-token returns"
+        )
+        v.append(FieldViolation("advantages.gamma", why))
+    elif gamma != 1.0 and isinstance(config.objective, (Gspo, Gmpo, SapoSeq)):
+        why = (
+            f"unsupported: {config.objective.name} uses one advantage per sequence; gamma makes one per token"
+        )
+        v.append(FieldViolation("advantages.gamma", why))
+
+
 def _reward_kl(config: LossConfig, v: list[FieldViolation]) -> None:
     """The violations of config.reward_kl, a KL penalty in the reward, appended to `v`."""
     rk = config.reward_kl
@@ -752,6 +771,9 @@ def validate_batch(
         if config.reward_kl is not None and batch.advantages is not None:
             why = "unsupported: a KL in the reward changes advantages computed from rewards; the batch carries advantages"
             v.append(FieldViolation("reward_kl", why))
+        if getattr(config.advantages, "gamma", 1.0) != 1.0 and batch.advantages is not None:
+            why = "unsupported: gamma discounts the returns of advantages computed from rewards; the batch carries advantages"
+            v.append(FieldViolation("advantages.gamma", why))
         if config.mismatch is not None and batch.rollout_logp is None:
             v.append(
                 FieldViolation(

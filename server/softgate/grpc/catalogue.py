@@ -41,6 +41,8 @@ PARAM_HELP: dict[str, str] = {
     "eps": "added to the std before dividing, >= 0",
     "min_group_std": "groups with reward std below this get advantage 0, >= 0 (reinforce_pp: 0 only)",
     "reward_weights": "one weight per component of [B, K] rewards (ComputeAdvantages); unset: 1 each",
+    "gamma": "discount of REINFORCE++'s per-token return toward each sequence's last sent token, "
+    "in [0, 1]; 1: none",
     "num_tokens": "global N_tok normaliser, > 0; unset: this request's trained tokens",
     "num_seqs": "global N_seq normaliser (sequences with a trained token), > 0; unset: this request's",
     "constant": "K of token_sum_norm, > 0 (required by that mode)",
@@ -176,7 +178,8 @@ def build(limits: Limits, max_message_bytes: int) -> pb.ListAlgorithmsResponse:
         r.objectives.add(name=name, description=_doc(cls), parameters=_params(cls))
     adv_params = _params(c.AdvantageConfig, skip=("estimator",))
     for est in _default_first(c.AdvantageConfig, "estimator"):
-        r.advantage_estimators.add(name=est, description=ESTIMATOR_HELP.get(est, ""), parameters=adv_params)
+        adv_own = [p for p in adv_params if p.name != "gamma" or est == "reinforce_pp"]  # (the others: 1)
+        r.advantage_estimators.add(name=est, description=ESTIMATOR_HELP.get(est, ""), parameters=adv_own)
     agg_params = _params(c.AggregationConfig, skip=("mode",))
     for mode in _default_first(c.AggregationConfig, "mode"):
         r.aggregations.add(name=mode, description=AGGREGATION_HELP.get(mode, ""), parameters=agg_params)

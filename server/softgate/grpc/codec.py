@@ -737,7 +737,7 @@ def _enum(
 
 
 def decode_advantage_config(msg: pb.AdvantageConfig, prefix: str, v: list[FieldViolation]) -> AdvantageConfig:
-    kw: dict[str, Any] = _set_fields(msg, ("eps", "min_group_std"))
+    kw: dict[str, Any] = _set_fields(msg, ("eps", "min_group_std", "gamma"))
     n = len(msg.reward_weights)
     if n > MAX_REWARD_COMPONENTS:  # (before a tuple of them: a config is cached by its bytes)
         why = f"out_of_range: {n} weights; at most {MAX_REWARD_COMPONENTS} components"
