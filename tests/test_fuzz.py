@@ -316,12 +316,14 @@ def loss_configs(draw: Any) -> pb.LossConfig:
                 uint64 = f.type == f.TYPE_UINT64  # (clip_cov's seed)
                 setattr(obj, f.name, draw(st.integers(0, 2**64 - 1) if uint64 else weird_floats))
     if draw(st.booleans()):
-        c.advantages.estimator = draw(st.integers(0, 5))
+        c.advantages.estimator = draw(st.integers(0, 10))  # (10: one past the last, GDPO)
         c.advantages.scale = draw(st.integers(0, 4))
         if draw(st.booleans()):
             c.advantages.eps = draw(weird_floats)
         if draw(st.booleans()):
             c.advantages.min_group_std = draw(weird_floats)
+        if draw(st.booleans()):  # (REINFORCE_PP's discount: in [0, 1] half the time)
+            c.advantages.gamma = draw(st.one_of(st.floats(0.0, 1.0), weird_floats))
     if draw(st.booleans()):
         c.aggregation.mode = draw(st.integers(0, 5))
         for f in ("num_tokens", "num_seqs", "constant"):
