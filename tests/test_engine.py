@@ -10,6 +10,7 @@ import math
 import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from conftest import needs_compile
@@ -1329,6 +1330,30 @@ def test_reward_kl_batch_refusals() -> None:
     old[2] = float("nan")
     assert reasons(dataclasses.replace(bad, old_logp=old), rk) == {("old_logp", "non_finite", 2)}
     E.loss(bad, rk)
+
+
+@pytest.mark.parametrize(
+    ("adv", "objective", "why"),
+    [
+        (AdvantageConfig("reinforce_pp", gamma=1.5), Sapo(), "out_of_range: 1.5 must be in [0, 1]"),
+        (AdvantageConfig("reinforce_pp", gamma=-0.0001), Sapo(), "out_of_range: -0.0001 must be in [0, 1]"),
+        (AdvantageConfig("reinforce_pp", gamma=math.nan), Sapo(), "out_of_range: nan must be in [0, 1]"),
+        (AdvantageConfig("reinforce_pp", gamma=math.inf), Sapo(), "out_of_range: inf must be in [0, 1]"),
+        (AdvantageConfig("reinforce_pp", gamma=np.array([0.5, 0.5])), Sapo(), "out_of_range"),  # (an audit)
+        (AdvantageConfig("rloo", gamma=0.9), Sapo(), "unsupported: rloo gives one advantage per sequence"),
+        (AdvantageConfig("reinforce_pp", gamma=0.9), Gspo(), "unsupported: gspo uses one advantage"),
+        (AdvantageConfig("reinforce_pp", gamma=0.9), Gmpo(), "unsupported: gmpo uses one advantage"),
+        (AdvantageConfig("reinforce_pp", gamma=0.9), SapoSeq(), "unsupported: sapo_seq uses one advantage"),
+    ],
+)
+def test_gamma_config_refusals(adv, objective, why) -> None:
+    """Each refusal of a discount, alone and with its reason, on a batch of rewards."""
+    b = simple_batch([3, 2], rewards=torch.tensor([1.0, 0.0]), group_ids=torch.tensor([0, 0]))
+    with pytest.raises(InputError) as ei:
+        E.loss(b, LossConfig(objective=objective, advantages=adv))
+    assert [v.field for v in ei.value.violations] == ["advantages.gamma"]
+    assert ei.value.violations[0].reason.startswith(why)
+    E.loss(b, LossConfig(objective=objective, advantages=dataclasses.replace(adv, gamma=1.0)))
 
 
 def test_gamma_refusals() -> None:

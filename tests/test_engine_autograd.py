@@ -257,12 +257,15 @@ def test_reinforce_pp_gamma(objective, level):
     gamma^(steps to its sequence's last sent token) times the sequence's, less the discounted
     KL in the reward, then whitened over the trained tokens; against the reference's
     recurrence (OpenRLHF's get_cumulative_returns), with and without rollout rejection, for
-    gamma 0 (the outcome at the last token alone), 0.5 and 0.97; gamma 1 is the default's bits."""
+    gamma 0 (the outcome at the last token alone), 0.5 and 0.97, with and without a mask;
+    gamma 1 is the default's bits."""
     from softgate.engine import RejectionCriterion, RewardKLConfig
 
     checked = 0
     for seed in range(40):
-        batch = random_batch(seed * 7919 + 11)
+        batch = random_batch(seed * 7919 + 11, with_mask=seed % 4 != 1)
+        if seed % 4 == 1:  # no mask: T_i each sequence's last token
+            batch = dataclasses.replace(batch, mask=None)
         rejection = (RejectionCriterion(upper=0.02, statistic="k2"),) if seed % 3 == 0 else ()
         config = make_config(
             objective, "seq_mean_token_mean", None, None, variant=seed, estimator="reinforce_pp"
@@ -364,6 +367,28 @@ def test_token_returns_on_the_gpu_code_path(monkeypatch, gamma) -> None:
     torch.testing.assert_close(scan, want_t, rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(host, want_t, rtol=1e-13, atol=1e-13)
     assert returns.token_returns(a_seq[:1], Segments(torch.tensor([0, 0]), 0), gamma, k[:0], 0.3).numel() == 0
+
+
+def test_discounted_sums_of_every_length() -> None:
+    """The doubling scan's passes reach every token of sequences of each length 0 to 70 (one
+    past each power of 2 too), against a direct sum, discounted or not."""
+    from softgate.engine.returns import discounted_sums
+    from softgate.engine.segments import Segments
+
+    g = torch.Generator().manual_seed(3)
+    for longest in range(71):  # (the scan's passes are sized by the batch's longest sequence)
+        lengths = torch.tensor([longest, longest // 3, 0, longest])
+        offsets = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
+        n = int(lengths.sum())
+        x = torch.randn(n, generator=g, dtype=torch.float64)
+        for gamma in (1.0, 0.5):
+            got = discounted_sums(x, Segments(offsets, n), gamma)
+            want = [
+                math.fsum(gamma ** (u - t) * float(x[u]) for u in range(t, b))
+                for a, b in itertools.pairwise(offsets.tolist())
+                for t in range(a, b)
+            ]
+            torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-13, atol=1e-13)
 
 
 def test_reward_kl_on_policy_reads_logp() -> None:

@@ -305,8 +305,9 @@ class AdvantageConfig:
     (group std for `grpo`, `grpo_passk` and `gdpo`, none for the others). `reward_weights`:
     one weight per reward component of [B, K] rewards (None: 1 each), for gdpo's weighted sum
     of its normalised components and the others' of the raw ones. `gamma` in [0, 1]:
-    reinforce_pp's discount, each token's advantage gamma^(steps to its sequence's last
-    token) times the sequence's (returns.py; OpenRLHF's and verl's gamma), 1 for the others."""
+    reinforce_pp's discount, each token's advantage gamma^(steps to its sequence's last token
+    of the mask as sent) times the sequence's (returns.py; OpenRLHF's and verl's gamma), 1
+    for the others."""
 
     estimator: Estimator = "grpo"
     scale: Scale | None = None

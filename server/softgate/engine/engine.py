@@ -244,7 +244,7 @@ class Engine:
         from softgate.engine.validation import validate_config
 
         v += validate_config(LossConfig(advantages=config))
-        if config.gamma != 1.0 and not any(f.field == "advantages.gamma" for f in v):
+        if not any(f.field == "advantages.gamma" for f in v) and config.gamma != 1.0:  # (a number now)
             why = "unsupported: gamma makes an advantage per token, which needs the tokens: compute it in loss()"
             v.append(FieldViolation("advantages.gamma", why))
         if v:

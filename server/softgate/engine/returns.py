@@ -51,7 +51,7 @@ def token_returns(
     if not kl:
         return out
     assert k is not None
-    return out.sub_(discounted_sums(k, seg, gamma), alpha=beta)
+    return out.sub_(beta * discounted_sums(k, seg, gamma))
 
 
 def discounted_sums(x: Tensor, seg: Segments, gamma: float) -> Tensor:

@@ -771,7 +771,8 @@ def validate_batch(
         if config.reward_kl is not None and batch.advantages is not None:
             why = "unsupported: a KL in the reward changes advantages computed from rewards; the batch carries advantages"
             v.append(FieldViolation("reward_kl", why))
-        if getattr(config.advantages, "gamma", 1.0) != 1.0 and batch.advantages is not None:
+        gamma = getattr(config.advantages, "gamma", 1.0)
+        if _num_ok(gamma) and gamma != 1.0 and batch.advantages is not None:  # (else: validate_config's)
             why = "unsupported: gamma discounts the returns of advantages computed from rewards; the batch carries advantages"
             v.append(FieldViolation("advantages.gamma", why))
         if config.mismatch is not None and batch.rollout_logp is None:
