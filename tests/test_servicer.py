@@ -409,8 +409,12 @@ def test_a_stream_of_more_chunks_than_max_stream_chunks_is_refused_at_the_first_
 # ---------------------------------------------------------------- a newer client's fields
 
 
-def _with_unknown(msg: Any, number: int) -> Any:
-    """`msg` plus an empty length-delimited field `number` (one its type does not have)."""
+def _with_unknown(msg: Any, number: int | None = None) -> Any:
+    """`msg` plus an empty length-delimited field `number` (one its type does not have; None:
+    one past its highest)."""
+    known = {f.number for f in msg.DESCRIPTOR.fields}
+    number = max(known, default=0) + 1 if number is None else number
+    assert number not in known, f"{type(msg).__name__} has a field {number} now: pick another"
     tag, key = number << 3 | 2, bytearray()
     while tag > 0x7F:  # the key is a varint: past field 15 it takes two bytes
         key.append(tag & 0x7F | 0x80)
@@ -457,7 +461,7 @@ def test_a_field_this_server_does_not_know_is_refused_by_name_not_ignored(inproc
     adv = pb.ComputeAdvantagesRequest(
         rewards=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[2], data=bytes(8)),
         group_ids=pb.Tensor(dtype=pb.DTYPE_INT64, shape=[2], data=bytes(16)),
-        config=_with_unknown(pb.AdvantageConfig(), 6),
+        config=_with_unknown(pb.AdvantageConfig()),  # (6 until gamma took it)
     )
     calls = [(lambda r=r: stub.ComputeLoss(r, timeout=30), field, name) for r, field, name in loss_cases]
     calls += [(lambda c=c: list(stub.StreamLoss(iter(c), timeout=30)), f, "not in") for c, f in stream_cases]
