@@ -1158,3 +1158,10 @@ def test_root_certificates_alone_mean_tls(monkeypatch: pytest.MonkeyPatch, certs
     for kw in ({"root_certificates": pem}, {"tls": True}, {}):
         chmod.make_channel("127.0.0.1:1", max_message_bytes=1 << 20, **{**base, **kw})
     assert made == ["secure", "secure", "insecure"]
+
+
+def test_the_client_lists_the_engine_s_reward_kl_estimators() -> None:
+    """The client names a KL in the reward's estimators when it refuses an unknown one."""
+    from softgate_client.client import REWARD_KL_CHOICES
+
+    assert list(ec.REWARD_KL_ESTIMATORS) == REWARD_KL_CHOICES

@@ -132,6 +132,15 @@ def test_build_loss_config_flat_keywords() -> None:
     assert cfg.build_loss_config().reward_kl is None
     with pytest.raises(ValueError, match=r"config\.reward_kl\.beta: missing"):
         cfg.build_loss_config(reward_kl_estimator="k3")
+    # an unknown estimator is refused listing a reward's choices (test_client: the engine's);
+    # the loss term's k3_is and alike pass, for the server to refuse with its reason
+    with pytest.raises(
+        ValueError, match=r"estimator: unknown_choice: 'k9'; one of \['k1', 'k2', 'k3', 'abs'\]$"
+    ):
+        loss_config_to_proto(cfg.build_loss_config(reward_kl_beta=0.1, reward_kl_estimator="k9"))
+    assert loss_config_to_proto(
+        cfg.build_loss_config(reward_kl_beta=0.1, reward_kl_estimator="k3_is")
+    ).reward_kl.estimator
     assert cfg.MismatchConfig(batch_normalize=np.bool_(True)).batch_normalize is True
     with pytest.raises(ValueError, match=r"config\.mismatch\.batch_normalize: bad_type"):
         cfg.MismatchConfig(batch_normalize=1)  # type: ignore[arg-type]

@@ -178,14 +178,19 @@ def _array(t: pb.Tensor) -> np.ndarray:
     return from_le_bytes(t.data, dt)
 
 
-def _enum(enum: Any, prefix: str, value: str | None, field_name: str) -> int:
+# a KL in the reward takes these of KlEstimator (RewardKLConfig)
+REWARD_KL_CHOICES = ["k1", "k2", "k3", "abs"]
+
+
+def _enum(enum: Any, prefix: str, value: str | None, field_name: str, shown: list[str] | None = None) -> int:
+    """`value`'s number in `enum`; an unknown name refused, listing `shown` (None: every value)."""
     if value is None:
         return 0
     name = f"{prefix}_{str(value).upper()}"
     try:
         return int(enum.Value(name))
     except ValueError:
-        choices = [
+        choices = shown or [
             n[len(prefix) + 1 :].lower()
             for n in enum.DESCRIPTOR.values_by_name
             if not n.endswith("UNSPECIFIED")
@@ -239,8 +244,12 @@ def loss_config_to_proto(c: cfg.LossConfig) -> pb.LossConfig:
     if c.reward_kl is not None:
         rk: Any = out.reward_kl
         rk.SetInParent()
-        rk.estimator = _enum(
-            pb.KlEstimator, "KL_ESTIMATOR", c.reward_kl.estimator, "config.reward_kl.estimator"
+        rk.estimator = _enum(  # (the loss term's estimators are the server's to refuse, by reason)
+            pb.KlEstimator,
+            "KL_ESTIMATOR",
+            c.reward_kl.estimator,
+            "config.reward_kl.estimator",
+            REWARD_KL_CHOICES,
         )
         rk.level = _enum(pb.RewardKlLevel, "REWARD_KL_LEVEL", c.reward_kl.level, "config.reward_kl.level")
         _set_optional(rk, beta=c.reward_kl.beta)
