@@ -257,8 +257,7 @@ def test_reinforce_pp_gamma(objective, level):
     gamma^(steps to its sequence's last sent token) times the sequence's, less the discounted
     KL in the reward, then whitened over the trained tokens; against the reference's
     recurrence (OpenRLHF's get_cumulative_returns), with and without rollout rejection, for
-    gamma 0 (the outcome at the last token alone), 0.5 and 0.97, with and without a mask;
-    gamma 1 is the default's bits."""
+    gamma 0 (the outcome at the last token alone), 0.5 and 0.97, with and without a mask."""
     from softgate.engine import RejectionCriterion, RewardKLConfig
 
     checked = 0
@@ -272,16 +271,11 @@ def test_reinforce_pp_gamma(objective, level):
         )
         rk = RewardKLConfig(beta=0.1, estimator=("k1", "k3")[seed % 2], level=level) if level else None
         config = dataclasses.replace(config, rejection=rejection, reward_kl=rk)
-        one = ENGINE.loss(batch, config)
         gamma = (0.0, 0.5, 0.97)[seed % 3]
         config = dataclasses.replace(config, advantages=dataclasses.replace(config.advantages, gamma=gamma))
         if near_boundary(batch, config):
             continue
         check_against_reference(batch, config)
-        same = dataclasses.replace(config, advantages=dataclasses.replace(config.advantages, gamma=1.0))
-        again = ENGINE.loss(batch, same)
-        assert again.loss == one.loss and torch.equal(again.grad, one.grad)
-        assert torch.equal(again.advantages, one.advantages)
         checked += 1
         if checked == 5:
             return
