@@ -193,10 +193,10 @@ def _compute_loss(
         assert batch.rewards is not None and batch.group_ids is not None
         rk = config.reward_kl
         kr = penalty = None
+        sent_mask = None if batch.mask is None else ms  # (after rejection batch.mask is the mask left)
         if rk is not None:  # a KL penalty in the reward (reward_kl.py), over the mask as sent
             assert batch.ref_logp is not None
-            unmasked = batch.mask is None  # (after rejection it holds the mask left)
-            kr = token_kl(rk, old, batch.ref_logp.to(dev), None if unmasked else ms, clamp)
+            kr = token_kl(rk, old, batch.ref_logp.to(dev), sent_mask, clamp)
             sums, abs_sums = sequence_sums(rk, kr, seg)
             check_bounded(rk.beta, abs_sums)
             extra["reward_kl_mean"] = sequence_kl_mean(sums, ms_counts)
@@ -213,8 +213,8 @@ def _compute_loss(
             whiten=not per_token,
         )
         if per_token:
-            beta = rk.beta if rk is not None and kl_per_token else 0.0
-            a_tok = token_returns(ga.advantages, seg, gamma, kr, beta, None if batch.mask is None else ms)
+            beta = rk.beta if rk is not None and kl_per_token else 0.0  # (sequence level: in the rewards)
+            a_tok = token_returns(ga.advantages, seg, gamma, kr, beta, sent_mask)
             if config.advantages.estimator in WHITENED:
                 a_tok = whiten_tokens(a_tok, None if batch.mask is None else m, config.advantages.eps)
             if dt != F64 and n and max(map(abs, torch.aminmax(a_tok))) > torch.finfo(dt).max:  # (one pass)

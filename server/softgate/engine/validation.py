@@ -76,6 +76,9 @@ REASON_CODES: dict[str, str] = {
     "overflow": "finite inputs whose loss or gradient is not finite in the compute dtype",
 }
 
+# the objectives that take one advantage per sequence (per-token ones are refused)
+PER_SEQUENCE_ADVANTAGE = (Gspo, Gmpo, SapoSeq)
+
 # exp(80) = 5.5e34 stays finite in float32 (times an advantage above ~6e3 it does not: `overflow`)
 MAX_LOG_RATIO_CLAMP = 80.0
 
@@ -641,7 +644,7 @@ def _gamma(config: LossConfig, v: list[FieldViolation]) -> None:
             "gamma discounts reinforce_pp's per-token returns"
         )
         v.append(FieldViolation("advantages.gamma", why))
-    elif gamma != 1.0 and isinstance(config.objective, (Gspo, Gmpo, SapoSeq)):
+    elif gamma != 1.0 and isinstance(config.objective, PER_SEQUENCE_ADVANTAGE):
         why = (
             f"unsupported: {config.objective.name} uses one advantage per sequence; gamma makes one per token"
         )
@@ -666,7 +669,7 @@ def _reward_kl(config: LossConfig, v: list[FieldViolation]) -> None:
         v.append(
             FieldViolation("reward_kl.level", f"unknown_name: {rk.level!r}; known: ['token', 'sequence']")
         )
-    elif rk.level == "token" and isinstance(config.objective, (Gspo, Gmpo, SapoSeq)):
+    elif rk.level == "token" and isinstance(config.objective, PER_SEQUENCE_ADVANTAGE):
         why = f"unsupported: {config.objective.name} uses one advantage per sequence; level sequence puts the KL there"
         v.append(FieldViolation("reward_kl.level", why))
     elif rk.level == "sequence" and getattr(config.advantages, "estimator", None) == "gdpo":
@@ -826,7 +829,7 @@ def validate_batch(
                 )
             if not token_values and lvl == "sequence":  # per-sequence values: the kernel does not read them
                 _float_tensor(v, "advantages", a, None)
-            if config is not None and isinstance(config.objective, (Gspo, Gmpo, SapoSeq)) and lvl == "token":
+            if config is not None and isinstance(config.objective, PER_SEQUENCE_ADVANTAGE) and lvl == "token":
                 name = config.objective.name
                 instead = {"gspo": "gspo_token", "sapo_seq": "sapo or cispo_seq"}.get(name)
                 instead = f"; use {instead} for per-token advantages" if instead else ""
