@@ -77,6 +77,15 @@ def test_gamma_is_reinforce_pp_s_alone() -> None:
             assert "[0, 1]" in params["gamma"].description
 
 
+def test_skip_nan_components_is_every_estimator_s() -> None:
+    """Every estimator reads [B, K] rewards (gdpo normalises the components, the others sum
+    them), so each lists skip_nan_components with its help."""
+    r = catalogue.build(Limits(), 1 << 20)
+    for e in r.advantage_estimators:
+        p = next(p for p in e.parameters if p.name == "skip_nan_components")
+        assert "TRL's None" in p.description and not p.HasField("default_value"), e.name
+
+
 def test_gmpo_says_its_bounds_are_on_the_log_ratio() -> None:
     """A review: gmpo's eps_low / eps_high read as the other objectives' (1 - eps_low, a ratio)
     while they bound the log-ratio; every other objective keeps the shared text."""

@@ -639,6 +639,18 @@ def test_advantages_of_reward_components(client) -> None:
     lp = -np.ones((24, 3), np.float32)
     with pytest.raises(InvalidArgumentError, match="K reward components go to advantages"):
         client.loss(lp, lp, rewards=rewards, group_ids=gids)
+    # a reward function's None (NaN): skipped when asked, as the engine skips it
+    rewards[[1, 6, 13], [0, 2, 1]] = np.nan
+    skip = ec.AdvantageConfig("gdpo", skip_nan_components=True)
+    ref = engine().advantages(torch.from_numpy(rewards), torch.from_numpy(gids), skip)
+    res = client.advantages(rewards, gids, estimator="gdpo", skip_nan_components=True)
+    np.testing.assert_array_equal(res.advantages, ref.advantages.numpy())
+    res = client.advantages(rewards, gids, config=cfg.AdvantageConfig("gdpo", skip_nan_components=True))
+    np.testing.assert_array_equal(res.advantages, ref.advantages.numpy())
+    with pytest.raises(InvalidArgumentError, match=r"rewards\[1\]: non_finite: value is NaN; set skip_nan"):
+        client.advantages(rewards, gids, estimator="gdpo")
+    with pytest.raises(InvalidArgumentError, match=r"config\.advantages\.skip_nan_components: bad_type"):
+        cfg.AdvantageConfig("gdpo", skip_nan_components="yes")  # type: ignore[arg-type]
 
 
 def test_micro_batches_with_rpc_advantages_equal_the_whole_batch(client) -> None:

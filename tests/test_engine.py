@@ -536,17 +536,35 @@ def test_reinforce_pp_refuses_the_group_scale_and_min_group_std():  # (and gdpo 
         assert v.field == field and v.reason.startswith("unsupported: reinforce_pp reads no groups")
 
 
+def _trl_nanstd(x: Tensor, dim: int) -> Tensor:
+    """TRL's nanstd: the unbiased std of the values that are not NaN (NaN for one of them)."""
+    var = torch.nanmean((x - torch.nanmean(x, dim=dim, keepdim=True)) ** 2, dim=dim, keepdim=True)
+    count = torch.sum(~torch.isnan(x), dim=dim, keepdim=True)
+    return torch.sqrt(var * count / (count - 1))
+
+
 def _trl_normalize_then_sum(rewards_per_func: Tensor, num_generations: int, weights: list[float]) -> Tensor:
     """TRL's multi_objective_aggregation="normalize_then_sum" (GDPO), written out: each
     component over its group's mean and unbiased std + 1e-4, their weighted sum, that over the
-    batch's mean and std + 1e-4 (groups of num_generations consecutive rows)."""
+    batch's mean and std + 1e-4 (groups of num_generations consecutive rows). NaN components
+    (a reward function's None) are left out of the group statistics and of the sum."""
     k = rewards_per_func.shape[1]
     grouped = rewards_per_func.view(-1, num_generations, k)
-    mean_k = grouped.mean(dim=1, keepdim=True)
-    std_k = grouped.std(dim=1, keepdim=True)
+    mean_k = torch.nanmean(grouped, dim=1, keepdim=True)
+    std_k = _trl_nanstd(grouped, dim=1)
     reward_k = ((grouped - mean_k) / (std_k + 1e-4)).view(-1, k)
-    rewards = (reward_k * torch.tensor(weights, dtype=F64)).sum(dim=1)
+    rewards = (reward_k * torch.tensor(weights, dtype=F64)).nansum(dim=1)
     return (rewards - rewards.mean()) / (rewards.std() + 1e-4)
+
+
+def _trl_sum_then_normalize(rewards_per_func: Tensor, num_generations: int, weights: list[float]) -> Tensor:
+    """TRL's default multi_objective_aggregation="sum_then_normalize" (scale_rewards "group"):
+    the components' weighted nansum (a None is 0), over its group's mean and std + 1e-4."""
+    rewards = (rewards_per_func * torch.tensor(weights, dtype=F64)).nansum(dim=1)
+    grouped = rewards.view(-1, num_generations)
+    mean = grouped.mean(dim=1).repeat_interleave(num_generations)
+    std = _trl_nanstd(grouped, dim=1)[:, 0].repeat_interleave(num_generations)
+    return (rewards - mean) / (std + 1e-4)
 
 
 def _verl_gdpo(scores: Tensor, index: list[int], weights: list[float], lengths: Tensor) -> Tensor:
@@ -627,9 +645,105 @@ def test_gdpo_degenerate_groups_and_the_other_estimators_weighted_sum():
     assert one[2:].tolist() == [0.0] * 3 and bool((one[:2] != 0).all())
 
 
+def test_skip_nan_components_is_trls_none():
+    """skip_nan_components: a NaN component (a TRL reward function's None) does not apply. GDPO
+    leaves it out of its group's statistics (TRL's nanmean and nanstd) and the others' weighted
+    sum counts it 0 (TRL's nansum): TRL's normalize_then_sum and sum_then_normalize to 1e-13.
+    A group where a component applies to one member or none is degenerate in it (TRL: NaN,
+    dropped by its nansum); without NaN the setting changes no bit."""
+    gen = torch.Generator().manual_seed(5)
+    rewards = torch.randint(0, 4, (16, 3), generator=gen).to(F64) / 3
+    rewards[torch.rand(16, 3, generator=gen) < 0.3] = math.nan
+    rewards[4:8, 2] = torch.tensor([math.nan, 1.0, math.nan, math.nan])  # applies to one member
+    rewards[8:12, 1] = math.nan  # to none of group 2
+    rewards[rewards.isnan().all(1), 0] = 0.5
+    ids = torch.arange(16) // 4
+    w = [0.2, 0.5, 0.3]
+    nan = AdvantageConfig("gdpo", eps=1e-4, reward_weights=w, skip_nan_components=True)
+    got = E.advantages(rewards, ids, nan)
+    torch.testing.assert_close(got.advantages, _trl_normalize_then_sum(rewards, 4, w), rtol=0, atol=1e-13)
+    assert got.metrics["degenerate_group_frac"] == 0.0
+    # group 3 constant in each component where it applies: degenerate in all, 0 (TRL: -mean / std)
+    nan3 = torch.tensor(
+        [[1.0, math.nan, -2.0], [1.0, 1.0, math.nan], [math.nan, 1.0, -2.0], [1.0, math.nan, -2.0]]
+    )
+    three = torch.cat([rewards[:12], nan3.to(F64)])
+    got3 = E.advantages(three, ids, nan)
+    assert got3.advantages[12:].tolist() == [0.0] * 4 and got3.metrics["degenerate_group_frac"] == 0.25
+    trl = _trl_normalize_then_sum(three, 4, w)
+    assert bool((trl[12:] != 0).all())
+    torch.testing.assert_close(got3.advantages[:12], trl[:12], rtol=0, atol=1e-13)
+    summed = rewards.nan_to_num(0.0) @ torch.tensor(w, dtype=F64)
+    assert got.metrics["reward_mean"] == pytest.approx(float(summed.mean()), rel=1e-14)
+    # not 0 in GDPO's statistics: a 0 there moves every member's advantage
+    moved = rewards.clone()
+    moved[rewards.isnan()] = 0.0
+    assert not torch.allclose(E.advantages(moved, ids, nan).advantages, got.advantages)
+    got = E.advantages(rewards, ids, dataclasses.replace(nan, estimator="grpo"))
+    torch.testing.assert_close(got.advantages, _trl_sum_then_normalize(rewards, 4, w), rtol=0, atol=1e-13)
+    # without NaN: the bits of the setting unset, for every estimator and the token weights
+    full = rewards.nan_to_num(0.25)
+    counts = torch.randint(1, 9, (16,), generator=gen)
+    for est in ("gdpo", "grpo", "reinforce_pp_baseline", "opo"):
+        on, off = (AdvantageConfig(est, reward_weights=w, skip_nan_components=x) for x in (True, False))
+        assert torch.equal(
+            E.advantages(full, ids, on, counts).advantages, E.advantages(full, ids, off, counts).advantages
+        )
+    # half precisions are read as float64, NaN included
+    half = E.advantages(rewards.to(torch.bfloat16), ids, nan).advantages
+    torch.testing.assert_close(
+        half, E.advantages(rewards.to(torch.bfloat16).to(F64), ids, nan).advantages.float()
+    )
+    # loss() takes one reward a sequence: a NaN there is a sequence without one, refused so
+    b = random_batch(3, num_seqs=4)
+    assert b.rewards is not None
+    b.rewards[1] = math.nan
+    loss_cfg = LossConfig(advantages=AdvantageConfig(skip_nan_components=True))
+    with pytest.raises(InputError) as err:
+        E.loss(b, loss_cfg)
+    ((v,),) = [err.value.violations]
+    assert (v.field, v.index) == ("rewards", 1) and v.reason.startswith("missing: every reward component")
+
+
 @pytest.mark.parametrize(
     ("rewards", "cfg", "field", "reason"),
     [
+        (
+            torch.tensor([[1.0, math.nan], [0.0, 1.0], [1.0, 1.0], [0.0, 0.0]]),
+            AdvantageConfig("gdpo"),
+            "rewards[0]",
+            "non_finite: value is NaN; set skip_nan_components if NaN marks a component that does not apply",
+        ),
+        (
+            torch.tensor([[1.0, 0.0], [0.0, 1.0], [math.nan, math.nan], [0.0, math.nan]]),
+            AdvantageConfig("grpo", skip_nan_components=True),
+            "rewards[2]",
+            "missing: every reward component of this sequence is NaN",
+        ),
+        (
+            torch.tensor([[1.0, math.nan], [0.0, 1.0], [1.0, -math.inf], [0.0, 0.0]]),
+            AdvantageConfig("gdpo", skip_nan_components=True),
+            "rewards[2]",
+            "non_finite: value is infinite",
+        ),
+        (
+            torch.tensor([1.0, math.nan, 0.0, 1.0]),
+            AdvantageConfig("grpo", skip_nan_components=True),
+            "rewards[1]",
+            "missing: every reward component of this sequence is NaN",
+        ),
+        (
+            torch.ones(4, 2),
+            AdvantageConfig("gdpo", skip_nan_components=1),  # type: ignore[arg-type]
+            "advantages.skip_nan_components",
+            "bad_type: 1; true or false",
+        ),
+        (
+            torch.tensor([[1e99, math.nan], [0.0, 1.0], [1.0, 1.0], [0.0, 0.0]], dtype=F64),
+            AdvantageConfig("grpo", reward_weights=(20.0, 1.0), skip_nan_components=True),
+            "rewards[0]",
+            "out_of_range: the weighted reward 2e+100 exceeds 1e+100",
+        ),
         (
             torch.ones(4, 3),
             AdvantageConfig("gdpo", reward_weights=(1.0, 2.0)),
@@ -701,7 +815,10 @@ def test_gdpo_degenerate_groups_and_the_other_estimators_weighted_sum():
 def test_reward_components_refused_by_name(rewards, cfg, field, reason):
     with pytest.raises(InputError) as err:
         E.advantages(rewards, torch.tensor([0, 0, 1, 1]), cfg)
-    assert any(v.field == field and v.reason.startswith(reason) for v in err.value.violations), err.value
+    assert any(
+        field in (v.field, f"{v.field}[{v.index}]") and v.reason.startswith(reason)
+        for v in err.value.violations
+    ), err.value
 
 
 @pytest.mark.cuda
@@ -713,10 +830,14 @@ def test_reward_components_on_cuda_equal_the_cpu():
     rewards = torch.randint(0, 3, (64, 3), generator=gen).to(F64)
     ids, counts = torch.arange(64) // 8, torch.randint(1, 30, (64,), generator=gen)
     ec = Engine(device="cuda", host_max_tokens=0)
-    for est in ("gdpo", "grpo"):
-        cfg = AdvantageConfig(est, reward_weights=(0.5, 1.0, 2.0))
-        want = E.advantages(rewards, ids, cfg, counts).advantages
-        got = ec.advantages(rewards.cuda(), ids.cuda(), cfg, counts.cuda()).advantages
+    skipped = rewards.clone()
+    skipped[::5, 1] = math.nan  # (skip_nan_components: NaN components that do not apply)
+    for est, r, skip in itertools.product(("gdpo", "grpo"), (rewards, skipped), (False, True)):
+        if r is skipped and not skip:
+            continue
+        cfg = AdvantageConfig(est, reward_weights=(0.5, 1.0, 2.0), skip_nan_components=skip)
+        want = E.advantages(r, ids, cfg, counts).advantages
+        got = ec.advantages(r.cuda(), ids.cuda(), cfg, counts.cuda()).advantages
         torch.testing.assert_close(got.cpu(), want, rtol=1e-12, atol=1e-15)
 
 

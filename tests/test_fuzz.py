@@ -400,9 +400,11 @@ def test_fuzz_stream_loss(
     rewards=raw_tensors() | st.builds(lambda v: _values_tensor(v, 2), st.lists(weird_floats, max_size=20)),
     groups=raw_tensors()
     | st.builds(lambda v: _values_tensor(v, 3), st.lists(weird_ints | st.integers(0, 3), max_size=20)),
-    clean_rewards=st.lists(st.sampled_from([0.0, 1.0, 0.25]), min_size=6, max_size=6),
+    clean_rewards=st.lists(st.sampled_from([0.0, 1.0, 0.25, float("nan")]), min_size=6, max_size=6),
     clean_groups=st.lists(st.integers(0, 2), min_size=6, max_size=6),
-    estimator=st.integers(0, 4) | st.integers(0, 6),
+    components=st.sampled_from([1, 2, 3]),
+    skip_nan=st.booleans(),
+    estimator=st.integers(0, 4) | st.integers(0, 10),
     scale=st.integers(0, 3) | st.integers(0, 5),
     eps=st.none() | weird_floats,
 )
@@ -411,17 +413,22 @@ def test_fuzz_compute_advantages(
     clean: bool,
     clean_rewards: list[float],
     clean_groups: list[int],
+    components: int,
+    skip_nan: bool,
     rewards: pb.Tensor,
     groups: pb.Tensor,
     estimator: int,
     scale: int,
     eps: float | None,
 ) -> None:
-    if clean:  # well-formed tensors: only the configuration may be hostile
-        rewards, groups = _values_tensor(clean_rewards, 1), _values_tensor(clean_groups, 3)
+    if clean:  # well-formed tensors ([B] or [B, K], NaN among them): only the configuration may be hostile
+        b = 6 // components
+        rewards = _values_tensor(clean_rewards, 1, None if components == 1 else [b, components])
+        groups = _values_tensor(clean_groups[:b], 3)
     req = pb.ComputeAdvantagesRequest(rewards=rewards, group_ids=groups)
     req.config.estimator = estimator  # type: ignore[assignment]
     req.config.scale = scale  # type: ignore[assignment]
+    req.config.skip_nan_components = skip_nan
     if eps is not None:
         req.config.eps = eps
     send_advantages(channel, req)

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import re
 import threading
 import time
@@ -740,6 +741,27 @@ def test_compute_advantages_of_reward_components_equals_engine(stub: pb_grpc.Los
     expect_invalid(_loss_call(stub, m), "batch.rewards", "unsupported: [B, K] rewards")
     chunk = pb.StreamLossRequest(chunk=m)
     expect_invalid(lambda: list(stub.StreamLoss(iter([chunk]), timeout=5)), "chunk[0].rewards", "bad_shape")
+
+
+def test_compute_advantages_skips_nan_components_when_asked(stub: pb_grpc.LossServiceStub) -> None:
+    """config.skip_nan_components: NaN components (TRL's None) as the engine skips them; unset,
+    the same request is refused naming the sequence and the setting."""
+    rewards = torch.tensor([[1.0, math.nan], [0.0, 2.0], [math.nan, 1.0], [1.0, 0.0]] * 2)
+    groups = torch.arange(8) // 4
+    cfg = AdvantageConfig(estimator="gdpo", skip_nan_components=True)
+    want = Engine(device="cpu").advantages(rewards, groups, cfg)
+    req = pb.ComputeAdvantagesRequest(
+        config=pb.AdvantageConfig(estimator=pb.ADVANTAGE_ESTIMATOR_GDPO, skip_nan_components=True),
+        rewards=tensor(rewards),
+        group_ids=tensor(groups),
+    )
+    got = stub.ComputeAdvantages(req, timeout=10)
+    assert same(array(got.advantages), want.advantages) and dict(got.metrics) == want.metrics
+    assert bool(torch.isfinite(want.advantages).all()) and bool((want.advantages != 0).any())
+    req.config.skip_nan_components = False
+    expect_invalid(
+        lambda: stub.ComputeAdvantages(req, timeout=5), "rewards[0]", "non_finite: value is NaN; set skip_nan"
+    )
 
 
 # ---------------------------------------------------------------- bad input

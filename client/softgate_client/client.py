@@ -211,7 +211,9 @@ def loss_config_to_proto(c: cfg.LossConfig) -> pb.LossConfig:
     obj.SetInParent()
     _set_optional(obj, **c.objective.params)
     a = c.advantages
-    if any(v is not None for v in (a.estimator, a.scale, a.eps, a.min_group_std, a.reward_weights, a.gamma)):
+    if a.skip_nan_components or any(
+        v is not None for v in (a.estimator, a.scale, a.eps, a.min_group_std, a.reward_weights, a.gamma)
+    ):
         adv: Any = out.advantages
         adv.estimator = _enum(
             pb.AdvantageEstimator, "ADVANTAGE_ESTIMATOR", a.estimator, "config.advantages.estimator"
@@ -220,6 +222,7 @@ def loss_config_to_proto(c: cfg.LossConfig) -> pb.LossConfig:
         _set_optional(adv, eps=a.eps, min_group_std=a.min_group_std, gamma=a.gamma)
         if a.reward_weights is not None:
             adv.reward_weights.extend(a.reward_weights)
+        adv.skip_nan_components = a.skip_nan_components
     g = c.aggregation
     if any(v is not None for v in (g.mode, g.num_tokens, g.num_seqs, g.constant)):
         agg: Any = out.aggregation
@@ -802,6 +805,7 @@ class SoftgateClient:
         eps: float | None = None,
         min_group_std: float | None = None,
         reward_weights: Any = None,
+        skip_nan_components: bool | None = None,
         config: cfg.AdvantageConfig | None = None,
         token_counts: Any = None,
         timeout: float | None = None,
@@ -812,7 +816,8 @@ class SoftgateClient:
         ids. `token_counts` ([B] integers, each sequence's trained tokens): the
         reinforce_pp(_baseline) and gdpo whitening weights and opo's baseline weights, as `loss`
         weighs the sequences, so that micro-batches sent with these advantages train on
-        `loss`'s own values; None: every sequence weighs 1."""
+        `loss`'s own values; None: every sequence weighs 1. `skip_nan_components=True`: a NaN
+        component does not apply to its sequence (TRL's reward function returning None)."""
         self._live()
         if config is not None and not isinstance(config, cfg.AdvantageConfig):
             raise invalid_argument(
@@ -825,6 +830,9 @@ class SoftgateClient:
             eps=eps if eps is not None else c.eps,
             min_group_std=min_group_std if min_group_std is not None else c.min_group_std,
             reward_weights=reward_weights if reward_weights is not None else c.reward_weights,
+            skip_nan_components=(
+                skip_nan_components if skip_nan_components is not None else c.skip_nan_components
+            ),
             gamma=c.gamma,  # (refused by the server: one advantage per sequence here)
         )
         try:

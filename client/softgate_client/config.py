@@ -140,7 +140,8 @@ class AdvantageConfig:
     """Outcome-reward estimator: `grpo`, `dr_grpo`, `rloo`, `reinforce_pp_baseline`, `opo`, `gpg`,
     `grpo_passk`, `reinforce_pp`, `gdpo`; `reward_weights` for rewards of K components;
     scale `group`, `batch`, `none` (None: the estimator's own default); `gamma` in [0, 1],
-    reinforce_pp's discount of each token's return (None: 1, none)."""
+    reinforce_pp's discount of each token's return (None: 1, none); `skip_nan_components`:
+    a NaN reward component does not apply to its sequence (TRL's None)."""
 
     estimator: str | None = None
     scale: str | None = None
@@ -148,9 +149,13 @@ class AdvantageConfig:
     min_group_std: float | None = None
     reward_weights: tuple[float, ...] | None = None  # one per reward component; None: 1 each
     gamma: float | None = None
+    skip_nan_components: bool = False
 
     def __post_init__(self) -> None:
         _plain_fields(self, "config.advantages")
+        if not isinstance(self.skip_nan_components, bool):  # (numpy's bool_ was read as bool)
+            why = f"bad_type: {self.skip_nan_components!r}; true or false"
+            raise invalid_argument("config.advantages.skip_nan_components", why)
         w = self.reward_weights
         if w is not None:  # (a list, an array, a tensor: a tuple of floats, hashable)
             path = "config.advantages.reward_weights"

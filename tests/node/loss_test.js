@@ -77,6 +77,7 @@ function lossConfig(c) {
       eps: a.eps,
       min_group_std: a.min_group_std,
       gamma: a.gamma,
+      skip_nan_components: a.skip_nan_components,
     });
   }
   if (c.aggregation) {

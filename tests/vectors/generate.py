@@ -70,6 +70,8 @@ def config_to_json(cfg: LossConfig) -> dict[str, Any]:
         del d["advantages"]["reward_weights"]
     if d["advantages"]["gamma"] == 1.0:
         del d["advantages"]["gamma"]
+    if not d["advantages"]["skip_nan_components"]:  # (a loss case's rewards are one component)
+        del d["advantages"]["skip_nan_components"]
     if d["off_policy_mask_threshold"] is None:
         del d["off_policy_mask_threshold"]
     if d["reward_kl"] is None:

@@ -4,7 +4,8 @@ opo, gpg, grpo_passk, gdpo), and REINFORCE++ (reinforce_pp), which reads no grou
 Rewards are [B], or [B, K]: K reward components per sequence. gdpo normalises each component
 within its group, sums them weighted by `reward_weights` and whitens the sum (GDPO's
 group-decoupled normalisation, TRL's normalize_then_sum); the others take the weighted sum
-first (TRL's sum_then_normalize).
+first (TRL's sum_then_normalize). With `skip_nan_components` a NaN component does not apply
+to its sequence (TRL's nan-aware means): 0 in the sum, no member of its group's statistics.
 
 All group statistics are computed in float64 whatever the reward dtype. Groups are found with
 torch.unique(return_inverse=True) and reduced with index_add_/scatter_reduce, so they need not
@@ -71,6 +72,15 @@ def group_advantages(
     `whiten=False` leaves the whitening to the caller (`whiten_tokens`)."""
     parts = rewards.to(torch.float64)
     parts = parts[:, None] if parts.dim() == 1 else parts
+    # skip_nan_components: a NaN component does not apply (as 0 in the weighted sum, TRL's
+    # nansum; left out of gdpo's group statistics). Validation leaves each sequence one.
+    applies: Tensor | None = None
+    if cfg.skip_nan_components and parts.shape[1] > 1:
+        applies = ~torch.isnan(parts)
+        if bool(applies.all()):  # (one sync; none NaN: the same bits as without the setting)
+            applies = None
+        else:
+            parts = parts.masked_fill(~applies, 0.0)
     wk = cfg.reward_weights
     if wk is None and parts.shape[1] == 1:
         r = parts[:, 0]
@@ -93,17 +103,23 @@ def group_advantages(
         def group_sum(x: Tensor) -> Tensor:
             return z.clone().index_add_(0, inv, x)
 
-    def stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """x - its group's mean, each group's unbiased std, max and min, and whether it is degenerate."""
-        dev = x - (group_sum(x) / cnt.clamp(min=1))[inv]
-        std = _unbiased_std(cnt, group_sum(dev * dev))
-        gmax = z.clone().scatter_reduce_(0, inv, x, "amax", include_self=False)
-        gmin = z.clone().scatter_reduce_(0, inv, x, "amin", include_self=False)
-        return dev, std, gmax, gmin, (cnt <= 1) | (gmax == gmin) | (std < cfg.min_group_std)
+    def stats(x: Tensor, ok: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """x - its group's mean, each group's unbiased std, max and min, and whether it is
+        degenerate; over the members where `ok` (the others: 0 from the mean, no weight)."""
+        c = cnt if ok is None else group_sum(ok.to(torch.float64))
+        dev = x - (group_sum(x) / c.clamp(min=1))[inv]
+        if ok is not None:
+            dev = dev.masked_fill(~ok, 0.0)
+        std = _unbiased_std(c, group_sum(dev * dev))
+        hi = x if ok is None else x.masked_fill(~ok, -math.inf)
+        lo = x if ok is None else x.masked_fill(~ok, math.inf)
+        gmax = z.clone().scatter_reduce_(0, inv, hi, "amax", include_self=False)
+        gmin = z.clone().scatter_reduce_(0, inv, lo, "amin", include_self=False)
+        return dev, std, gmax, gmin, (c <= 1) | (gmax == gmin) | (std < cfg.min_group_std)
 
     if cfg.estimator == "gdpo":
         assert penalty is None
-        a, degenerate_g = _gdpo_sum(parts, wk, inv, stats, cfg)
+        a, degenerate_g = _gdpo_sum(parts, applies, wk, inv, stats, cfg)
         return _finish(a, degenerate_g, inv, r, cfg, weights, whiten)
     given = r  # (the rewards metrics report)
     if penalty is not None:
@@ -167,15 +183,21 @@ def _finish(
 
 
 def _gdpo_sum(
-    parts: Tensor, wk: tuple[float, ...] | None, inv: Tensor, stats: Any, cfg: AdvantageConfig
+    parts: Tensor,
+    applies: Tensor | None,
+    wk: tuple[float, ...] | None,
+    inv: Tensor,
+    stats: Any,
+    cfg: AdvantageConfig,
 ) -> tuple[Tensor, Tensor]:
     """GDPO before its whitening: each component centred in its group (and divided by its
-    group std + eps: scale group, the default), 0 in a group where it is degenerate, weighted
-    and summed; and the groups degenerate in every component."""
+    group std + eps: scale group, the default), 0 in a group where it is degenerate and where
+    it does not apply (`applies`, [B, K] bool; None: everywhere), weighted and summed; and
+    the groups degenerate in every component."""
     a = torch.zeros(parts.shape[0], dtype=torch.float64, device=parts.device)
     degenerate_g: Tensor | None = None
     for k in range(parts.shape[1]):  # (the few reward components, not the sequences)
-        dev, std, _, _, deg = stats(parts[:, k])
+        dev, std, _, _, deg = stats(parts[:, k], None if applies is None else applies[:, k])
         ak = dev / (std[inv] + cfg.eps) if (cfg.scale or "group") == "group" else dev
         ak = torch.where(deg[inv], torch.zeros_like(ak), ak)
         a = a + (ak if wk is None else wk[k] * ak)

@@ -307,7 +307,9 @@ class AdvantageConfig:
     of its normalised components and the others' of the raw ones. `gamma` in [0, 1]:
     reinforce_pp's discount, each token's advantage gamma^(steps to its sequence's last token
     of the mask as sent) times the sequence's (returns.py; OpenRLHF's and verl's gamma), 1
-    for the others."""
+    for the others. `skip_nan_components`: a NaN reward component does not apply to its
+    sequence (TRL's reward function returning None): left out of the weighted sum and of its
+    group's statistics; each sequence needs one component that applies."""
 
     estimator: Estimator = "grpo"
     scale: Scale | None = None
@@ -315,6 +317,7 @@ class AdvantageConfig:
     min_group_std: float = 0.0
     reward_weights: tuple[float, ...] | None = None
     gamma: float = 1.0
+    skip_nan_components: bool = False
 
     def __post_init__(self) -> None:
         w = self.reward_weights

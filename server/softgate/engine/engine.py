@@ -229,7 +229,8 @@ class Engine:
             raise InputError([FieldViolation("config", why)])
         check_devices({"rewards": rewards, "group_ids": group_ids, "token_counts": token_counts})
         v: list[FieldViolation] = []
-        ok = reward_tensor(v, rewards, None, config.reward_weights, components=True)
+        skip_nan = config.skip_nan_components is True
+        ok = reward_tensor(v, rewards, None, config.reward_weights, components=True, skip_nan=skip_nan)
         b = rewards.shape[0] if ok else 0  # ([B] or [B, K])
         for name, x in (("group_ids", group_ids), ("token_counts", token_counts)):
             if x is None and name == "token_counts":

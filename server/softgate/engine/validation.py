@@ -349,6 +349,11 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
             "its batch normalisation is the whitening of their sum",
         )
         _reward_weights(adv.reward_weights, v)
+        need(
+            isinstance(adv.skip_nan_components, bool),
+            "advantages.skip_nan_components",
+            f"bad_type: {adv.skip_nan_components!r}; true or false",
+        )
         nonneg(adv.eps, "advantages.eps")
         if _num_ok(adv.eps) and 0 < adv.eps < MIN_ADVANTAGE_EPS:
             why = "a std that underflows float64 would leave eps alone as the divisor"
@@ -570,12 +575,31 @@ def _reward_weights(w: object, v: list[FieldViolation]) -> None:
 
 
 def reward_tensor(
-    v: list[FieldViolation], rewards: object, n: int | None, weights: object = None, components: bool = False
+    v: list[FieldViolation],
+    rewards: object,
+    n: int | None,
+    weights: object = None,
+    components: bool = False,
+    skip_nan: bool = False,
 ) -> bool:
     """`_float_tensor` for rewards (integers and half precisions allowed: they are reduced in
     float64), and every |reward| <= MAX_ABS_REWARD. `components`: [B, K] rewards (K reward
     components) allowed too, violations indexed by sequence. `weights` (reward_weights, when
-    valid): one per component (1 for [B] rewards), their weighted sum within MAX_ABS_REWARD."""
+    valid): one per component (1 for [B] rewards), their weighted sum within MAX_ABS_REWARD.
+    `skip_nan` (skip_nan_components): a NaN component does not apply, and counts as 0 in
+    these checks; a sequence whose every component is NaN is refused."""
+    if skip_nan and isinstance(rewards, Tensor) and rewards.is_floating_point() and rewards.dim() in (1, 2):
+        nan = torch.isnan(rewards)
+        if rewards.numel() > 0 and bool(nan.any()):
+            whole = nan if nan.dim() == 1 else nan.all(1)
+            if bool(whole.any()):
+                why = (
+                    "missing: every reward component of this sequence is NaN (skip_nan_components: "
+                    "a NaN component does not apply, and at least one must)"
+                )
+                v.append(FieldViolation("rewards", why, _first(whole)))
+                return False
+            rewards = rewards.masked_fill(nan, 0.0)
     k = 1
     if components and isinstance(rewards, Tensor) and rewards.dim() == 2:
         k = rewards.shape[1]
@@ -585,7 +609,15 @@ def reward_tensor(
             return False
         flat: list[FieldViolation] = []
         ok = _float_tensor(flat, "rewards", rewards.reshape(-1), None, allow_int=True, allow_half=True)
-        v += [FieldViolation(f.field, f.reason, None if f.index is None else f.index // k) for f in flat]
+        hint = "; set skip_nan_components if NaN marks a component that does not apply (TRL's None)"
+        v += [
+            FieldViolation(
+                f.field,
+                f.reason + (hint if f.reason == "non_finite: value is NaN" else ""),
+                None if f.index is None else f.index // k,
+            )
+            for f in flat
+        ]
         if not ok:
             return False
         if n is not None and rewards.shape[0] != n:
@@ -848,8 +880,9 @@ def validate_batch(
             )
             v.append(FieldViolation("rewards", why))
         else:
-            weights = getattr(getattr(config, "advantages", None), "reward_weights", None)
-            reward_tensor(v, batch.rewards, b, weights)
+            adv = getattr(config, "advantages", None)
+            skip_nan = getattr(adv, "skip_nan_components", False) is True
+            reward_tensor(v, batch.rewards, b, getattr(adv, "reward_weights", None), skip_nan=skip_nan)
         if batch.advantages is None and batch.group_ids is None:
             v.append(FieldViolation("group_ids", "missing: rewards need group_ids"))
     g = batch.group_ids

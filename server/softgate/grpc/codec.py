@@ -744,6 +744,8 @@ def decode_advantage_config(msg: pb.AdvantageConfig, prefix: str, v: list[FieldV
         v.append(FieldViolation(prefix + "reward_weights", why))
     elif n:  # (empty: unset, 1 each)
         kw["reward_weights"] = tuple(msg.reward_weights)
+    if msg.skip_nan_components:
+        kw["skip_nan_components"] = True
     _enum(msg.estimator, _ESTIMATORS, prefix + "estimator", v, kw, "estimator")
     _enum(msg.scale, _SCALES, prefix + "scale", v, kw, "scale")
     return AdvantageConfig(**kw)

@@ -366,20 +366,22 @@ class Objective(_message.Message):
     def __init__(self, sapo: _Optional[_Union[SapoParams, _Mapping]] = ..., grpo: _Optional[_Union[GrpoParams, _Mapping]] = ..., gspo: _Optional[_Union[GspoParams, _Mapping]] = ..., gspo_token: _Optional[_Union[GspoTokenParams, _Mapping]] = ..., cispo: _Optional[_Union[CispoParams, _Mapping]] = ..., gppo: _Optional[_Union[GppoParams, _Mapping]] = ..., gmpo: _Optional[_Union[GmpoParams, _Mapping]] = ..., dppo_tv: _Optional[_Union[DppoTvParams, _Mapping]] = ..., dppo_kl: _Optional[_Union[DppoKlParams, _Mapping]] = ..., clip_cov: _Optional[_Union[ClipCovParams, _Mapping]] = ..., kl_cov: _Optional[_Union[KlCovParams, _Mapping]] = ..., reinforce: _Optional[_Union[ReinforceParams, _Mapping]] = ..., sapo_seq: _Optional[_Union[SapoSeqParams, _Mapping]] = ..., cispo_seq: _Optional[_Union[CispoSeqParams, _Mapping]] = ..., dro: _Optional[_Union[DroParams, _Mapping]] = ...) -> None: ...
 
 class AdvantageConfig(_message.Message):
-    __slots__ = ("estimator", "scale", "eps", "min_group_std", "reward_weights", "gamma")
+    __slots__ = ("estimator", "scale", "eps", "min_group_std", "reward_weights", "gamma", "skip_nan_components")
     ESTIMATOR_FIELD_NUMBER: _ClassVar[int]
     SCALE_FIELD_NUMBER: _ClassVar[int]
     EPS_FIELD_NUMBER: _ClassVar[int]
     MIN_GROUP_STD_FIELD_NUMBER: _ClassVar[int]
     REWARD_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     GAMMA_FIELD_NUMBER: _ClassVar[int]
+    SKIP_NAN_COMPONENTS_FIELD_NUMBER: _ClassVar[int]
     estimator: AdvantageEstimator
     scale: AdvantageScale
     eps: float
     min_group_std: float
     reward_weights: _containers.RepeatedScalarFieldContainer[float]
     gamma: float
-    def __init__(self, estimator: _Optional[_Union[AdvantageEstimator, str]] = ..., scale: _Optional[_Union[AdvantageScale, str]] = ..., eps: _Optional[float] = ..., min_group_std: _Optional[float] = ..., reward_weights: _Optional[_Iterable[float]] = ..., gamma: _Optional[float] = ...) -> None: ...
+    skip_nan_components: bool
+    def __init__(self, estimator: _Optional[_Union[AdvantageEstimator, str]] = ..., scale: _Optional[_Union[AdvantageScale, str]] = ..., eps: _Optional[float] = ..., min_group_std: _Optional[float] = ..., reward_weights: _Optional[_Iterable[float]] = ..., gamma: _Optional[float] = ..., skip_nan_components: bool = ...) -> None: ...
 
 class AggregationConfig(_message.Message):
     __slots__ = ("mode", "num_tokens", "num_seqs", "constant")
