@@ -647,10 +647,38 @@ def test_advantages_of_reward_components(client) -> None:
     np.testing.assert_array_equal(res.advantages, ref.advantages.numpy())
     res = client.advantages(rewards, gids, config=cfg.AdvantageConfig("gdpo", skip_nan_components=True))
     np.testing.assert_array_equal(res.advantages, ref.advantages.numpy())
+    ref = engine().advantages(
+        torch.from_numpy(rewards), torch.from_numpy(gids), ec.AdvantageConfig(skip_nan_components=True)
+    )
+    res = client.advantages(rewards, gids, skip_nan_components=True)  # (the one setting sent)
+    np.testing.assert_array_equal(res.advantages, ref.advantages.numpy())
     with pytest.raises(InvalidArgumentError, match=r"rewards\[1\]: non_finite: value is NaN; set skip_nan"):
         client.advantages(rewards, gids, estimator="gdpo")
     with pytest.raises(InvalidArgumentError, match=r"config\.advantages\.skip_nan_components: bad_type"):
         cfg.AdvantageConfig("gdpo", skip_nan_components="yes")  # type: ignore[arg-type]
+
+
+def test_loss_with_rewards_missing_equals_engine(client) -> None:
+    """loss(skip_nan_components=True): a NaN reward is a sequence without one (advantage 0,
+    out of its group's statistics), unary and streamed (the chunks' rewards are checked
+    before the configuration is known) as the engine computes it."""
+    p = padded_batch(seed=3)
+    p["rewards"][[1, 6]] = np.nan
+    r, valid = ragged_of(p)
+    ref_cfg = LossConfig(advantages=ec.AdvantageConfig(skip_nan_components=True))
+    ref = engine().loss(engine_batch(r), ref_cfg)
+    assert not ref.advantages[ref.mask].isnan().any() and ref.advantages[ref.mask].any()
+    args = {k: p[k] for k in ("old_logp", "mask", "rewards", "group_ids", "ref_logp", "rollout_logp")}
+    for stream in (False, True):
+        client.stream_chunk_bytes = 700 if stream else 4 << 20
+        try:
+            res = client.loss(p["logp"], **args, outputs=ALL_OUTPUTS, stream=stream, skip_nan_components=True)
+        finally:
+            client.stream_chunk_bytes = 4 << 20
+        assert res.streamed == stream and (not stream or res.chunks > 2)
+        assert_same_as_engine(res, ref, valid)
+    with pytest.raises(InvalidArgumentError, match=r"rewards\[1\]: non_finite: value is NaN; set skip_nan"):
+        client.loss(p["logp"], **args)
 
 
 def test_micro_batches_with_rpc_advantages_equal_the_whole_batch(client) -> None:

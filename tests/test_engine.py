@@ -536,8 +536,10 @@ def test_reinforce_pp_refuses_the_group_scale_and_min_group_std():  # (and gdpo 
         assert v.field == field and v.reason.startswith("unsupported: reinforce_pp reads no groups")
 
 
-def _trl_nanstd(x: Tensor, dim: int) -> Tensor:
+def _trl_nanstd(x: Tensor, dim: int | None = None) -> Tensor:
     """TRL's nanstd: the unbiased std of the values that are not NaN (NaN for one of them)."""
+    if dim is None:
+        return _trl_nanstd(x.reshape(-1), 0)[0]
     var = torch.nanmean((x - torch.nanmean(x, dim=dim, keepdim=True)) ** 2, dim=dim, keepdim=True)
     count = torch.sum(~torch.isnan(x), dim=dim, keepdim=True)
     return torch.sqrt(var * count / (count - 1))
@@ -547,24 +549,30 @@ def _trl_normalize_then_sum(rewards_per_func: Tensor, num_generations: int, weig
     """TRL's multi_objective_aggregation="normalize_then_sum" (GDPO), written out: each
     component over its group's mean and unbiased std + 1e-4, their weighted sum, that over the
     batch's mean and std + 1e-4 (groups of num_generations consecutive rows). NaN components
-    (a reward function's None) are left out of the group statistics and of the sum."""
+    (a reward function's None) are left out of the group statistics and of the sum; a row of
+    NaN (unscorable) out of the batch's statistics, with advantage 0."""
     k = rewards_per_func.shape[1]
+    unscorable = torch.isnan(rewards_per_func).all(dim=1)
     grouped = rewards_per_func.view(-1, num_generations, k)
     mean_k = torch.nanmean(grouped, dim=1, keepdim=True)
     std_k = _trl_nanstd(grouped, dim=1)
     reward_k = ((grouped - mean_k) / (std_k + 1e-4)).view(-1, k)
     rewards = (reward_k * torch.tensor(weights, dtype=F64)).nansum(dim=1)
-    return (rewards - rewards.mean()) / (rewards.std() + 1e-4)
+    rewards[unscorable] = torch.nan
+    advantages = (rewards - torch.nanmean(rewards)) / (_trl_nanstd(rewards) + 1e-4)
+    return torch.nan_to_num(advantages, nan=0.0)
 
 
 def _trl_sum_then_normalize(rewards_per_func: Tensor, num_generations: int, weights: list[float]) -> Tensor:
     """TRL's default multi_objective_aggregation="sum_then_normalize" (scale_rewards "group"):
-    the components' weighted nansum (a None is 0), over its group's mean and std + 1e-4."""
+    the components' weighted nansum (a None is 0; a row of them unscorable: out of its group's
+    mean and std, advantage 0), over its group's mean and std + 1e-4."""
     rewards = (rewards_per_func * torch.tensor(weights, dtype=F64)).nansum(dim=1)
+    rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan
     grouped = rewards.view(-1, num_generations)
-    mean = grouped.mean(dim=1).repeat_interleave(num_generations)
+    mean = torch.nanmean(grouped, dim=1).repeat_interleave(num_generations)
     std = _trl_nanstd(grouped, dim=1)[:, 0].repeat_interleave(num_generations)
-    return (rewards - mean) / (std + 1e-4)
+    return torch.nan_to_num((rewards - mean) / (std + 1e-4), nan=0.0)
 
 
 def _verl_gdpo(scores: Tensor, index: list[int], weights: list[float], lengths: Tensor) -> Tensor:
@@ -648,24 +656,27 @@ def test_gdpo_degenerate_groups_and_the_other_estimators_weighted_sum():
 def test_skip_nan_components_is_trls_none():
     """skip_nan_components: a NaN component (a TRL reward function's None) does not apply. GDPO
     leaves it out of its group's statistics (TRL's nanmean and nanstd) and the others' weighted
-    sum counts it 0 (TRL's nansum): TRL's normalize_then_sum and sum_then_normalize to 1e-13.
-    A group where a component applies to one member or none is degenerate in it (TRL: NaN,
-    dropped by its nansum); without NaN the setting changes no bit."""
+    sum counts it 0 (TRL's nansum); a sequence with no component that applies has no reward:
+    out of every statistic, advantage 0 (TRL's unscorable completions). TRL's
+    normalize_then_sum and sum_then_normalize to 1e-13. A group where a component applies to
+    one member or none is degenerate in it (TRL: NaN, dropped by its nansum); without NaN the
+    setting changes no bit."""
     gen = torch.Generator().manual_seed(5)
     rewards = torch.randint(0, 4, (16, 3), generator=gen).to(F64) / 3
     rewards[torch.rand(16, 3, generator=gen) < 0.3] = math.nan
     rewards[4:8, 2] = torch.tensor([math.nan, 1.0, math.nan, math.nan])  # applies to one member
     rewards[8:12, 1] = math.nan  # to none of group 2
-    rewards[rewards.isnan().all(1), 0] = 0.5
+    rewards[[2, 9]] = math.nan  # no reward at all
     ids = torch.arange(16) // 4
     w = [0.2, 0.5, 0.3]
     nan = AdvantageConfig("gdpo", eps=1e-4, reward_weights=w, skip_nan_components=True)
     got = E.advantages(rewards, ids, nan)
     torch.testing.assert_close(got.advantages, _trl_normalize_then_sum(rewards, 4, w), rtol=0, atol=1e-13)
     assert got.metrics["degenerate_group_frac"] == 0.0
-    # group 3 constant in each component where it applies: degenerate in all, 0 (TRL: -mean / std)
+    # group 3 constant in each component where it applies, and one applies to none: degenerate
+    # in all, 0 (TRL: -mean / std)
     nan3 = torch.tensor(
-        [[1.0, math.nan, -2.0], [1.0, 1.0, math.nan], [math.nan, 1.0, -2.0], [1.0, math.nan, -2.0]]
+        [[1.0, math.nan, -2.0], [1.0, math.nan, math.nan], [math.nan, math.nan, -2.0], [1.0, math.nan, -2.0]]
     )
     three = torch.cat([rewards[:12], nan3.to(F64)])
     got3 = E.advantages(three, ids, nan)
@@ -673,18 +684,34 @@ def test_skip_nan_components_is_trls_none():
     trl = _trl_normalize_then_sum(three, 4, w)
     assert bool((trl[12:] != 0).all())
     torch.testing.assert_close(got3.advantages[:12], trl[:12], rtol=0, atol=1e-13)
+    assert got.advantages[[2, 9]].tolist() == [0.0, 0.0]
     summed = rewards.nan_to_num(0.0) @ torch.tensor(w, dtype=F64)
-    assert got.metrics["reward_mean"] == pytest.approx(float(summed.mean()), rel=1e-14)
+    scored = ~rewards.isnan().all(1)
+    assert got.metrics["reward_mean"] == pytest.approx(float(summed[scored].mean()), rel=1e-14)
     # not 0 in GDPO's statistics: a 0 there moves every member's advantage
     moved = rewards.clone()
     moved[rewards.isnan()] = 0.0
     assert not torch.allclose(E.advantages(moved, ids, nan).advantages, got.advantages)
     got = E.advantages(rewards, ids, dataclasses.replace(nan, estimator="grpo"))
     torch.testing.assert_close(got.advantages, _trl_sum_then_normalize(rewards, 4, w), rtol=0, atol=1e-13)
+    # an unscored sequence weighs nothing: as if it were not sent, for every estimator
+    counts = torch.randint(1, 9, (16,), generator=gen)
+    for est, scale in itertools.product(ESTIMATORS, (None, "batch")):
+        if est == "gdpo" and scale == "batch":
+            continue
+        cfg = dataclasses.replace(nan, estimator=est, scale=scale)
+        got = E.advantages(rewards, ids, cfg, counts)
+        alone = E.advantages(rewards[scored], ids[scored], cfg, counts[scored])
+        torch.testing.assert_close(got.advantages[scored], alone.advantages, rtol=1e-13, atol=1e-15)
+        assert not bool(got.advantages[~scored].any()), est
+    # grpo_passk: an unscored member's 0 is neither the group's best nor its second
+    r = torch.tensor([0.0, math.nan, -1.0, -1.5, -1.0, -2.0, math.nan, -3.0], dtype=F64)
+    two = torch.arange(8) // 4
+    got = E.advantages(r, two, AdvantageConfig("grpo_passk", scale="none", skip_nan_components=True))
+    assert got.advantages.tolist() == [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]
     # without NaN: the bits of the setting unset, for every estimator and the token weights
     full = rewards.nan_to_num(0.25)
-    counts = torch.randint(1, 9, (16,), generator=gen)
-    for est in ("gdpo", "grpo", "reinforce_pp_baseline", "opo"):
+    for est in ESTIMATORS:
         on, off = (AdvantageConfig(est, reward_weights=w, skip_nan_components=x) for x in (True, False))
         assert torch.equal(
             E.advantages(full, ids, on, counts).advantages, E.advantages(full, ids, off, counts).advantages
@@ -694,15 +721,47 @@ def test_skip_nan_components_is_trls_none():
     torch.testing.assert_close(
         half, E.advantages(rewards.to(torch.bfloat16).to(F64), ids, nan).advantages.float()
     )
-    # loss() takes one reward a sequence: a NaN there is a sequence without one, refused so
-    b = random_batch(3, num_seqs=4)
-    assert b.rewards is not None
-    b.rewards[1] = math.nan
-    loss_cfg = LossConfig(advantages=AdvantageConfig(skip_nan_components=True))
-    with pytest.raises(InputError) as err:
-        E.loss(b, loss_cfg)
-    ((v,),) = [err.value.violations]
-    assert (v.field, v.index) == ("rewards", 1) and v.reason.startswith("missing: every reward component")
+
+
+@pytest.mark.parametrize(
+    "adv",
+    [
+        AdvantageConfig("grpo", skip_nan_components=True),
+        AdvantageConfig("reinforce_pp_baseline", skip_nan_components=True),
+        AdvantageConfig("reinforce_pp", gamma=0.9, skip_nan_components=True),
+    ],
+)
+def test_skip_nan_components_in_loss(adv: AdvantageConfig):
+    """loss()'s [B] rewards are one component: a NaN one is a sequence without a reward,
+    advantage 0 at every token (the KL in the reward too) and out of the group statistics and
+    the token whitening: the other tokens' advantages are those of the batch with that
+    sequence masked out (reinforce_pp), or as ComputeAdvantages gives them (per sequence)."""
+    b = random_batch(7, num_seqs=6, max_len=8)
+    assert b.rewards is not None and b.mask is not None
+    b.rewards[2] = math.nan
+    cfg = LossConfig(advantages=adv)
+    if adv.estimator == "reinforce_pp":
+        cfg = dataclasses.replace(cfg, reward_kl=RewardKLConfig(beta=0.1, estimator="k1"))
+        assert b.ref_logp is not None
+    got = E.loss(b, cfg)
+    seq = torch.repeat_interleave(torch.arange(6), b.offsets.diff())
+    assert bool(b.mask[seq == 2].any()) and bool(got.advantages[b.mask].any())
+    assert not bool(got.advantages[seq == 2].any())
+    assert math.isfinite(got.loss) and bool(torch.isfinite(got.grad).all())
+    if adv.estimator == "reinforce_pp":
+        masked = dataclasses.replace(b, mask=b.mask & (seq != 2), rewards=b.rewards.nan_to_num(5.0))
+        want = E.loss(
+            masked, dataclasses.replace(cfg, advantages=dataclasses.replace(adv, skip_nan_components=False))
+        )
+        keep = b.mask & (seq != 2)
+        torch.testing.assert_close(got.advantages[keep], want.advantages[keep], rtol=1e-12, atol=1e-12)
+    else:
+        counts = torch.zeros(6, dtype=torch.int64).index_add_(0, seq, b.mask.long())  # (trained tokens)
+        per_seq = E.advantages(b.rewards, b.group_ids, adv, counts)
+        want = per_seq.advantages.to(got.advantages.dtype)[seq]
+        torch.testing.assert_close(got.advantages[b.mask], want[b.mask], rtol=1e-12, atol=1e-12)
+    scored = b.rewards[~b.rewards.isnan()]
+    assert got.metrics["reward_mean"] == pytest.approx(float(scored.mean()), rel=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -712,13 +771,7 @@ def test_skip_nan_components_is_trls_none():
             torch.tensor([[1.0, math.nan], [0.0, 1.0], [1.0, 1.0], [0.0, 0.0]]),
             AdvantageConfig("gdpo"),
             "rewards[0]",
-            "non_finite: value is NaN; set skip_nan_components if NaN marks a component that does not apply",
-        ),
-        (
-            torch.tensor([[1.0, 0.0], [0.0, 1.0], [math.nan, math.nan], [0.0, math.nan]]),
-            AdvantageConfig("grpo", skip_nan_components=True),
-            "rewards[2]",
-            "missing: every reward component of this sequence is NaN",
+            "non_finite: value is NaN; set skip_nan_components if NaN marks a reward that does not apply",
         ),
         (
             torch.tensor([[1.0, math.nan], [0.0, 1.0], [1.0, -math.inf], [0.0, 0.0]]),
@@ -728,9 +781,9 @@ def test_skip_nan_components_is_trls_none():
         ),
         (
             torch.tensor([1.0, math.nan, 0.0, 1.0]),
-            AdvantageConfig("grpo", skip_nan_components=True),
+            AdvantageConfig("grpo"),
             "rewards[1]",
-            "missing: every reward component of this sequence is NaN",
+            "non_finite: value is NaN; set skip_nan_components if NaN marks a reward that does not apply",
         ),
         (
             torch.ones(4, 2),
@@ -832,6 +885,7 @@ def test_reward_components_on_cuda_equal_the_cpu():
     ec = Engine(device="cuda", host_max_tokens=0)
     skipped = rewards.clone()
     skipped[::5, 1] = math.nan  # (skip_nan_components: NaN components that do not apply)
+    skipped[[3, 17, 18]] = math.nan  # (sequences without a reward)
     for est, r, skip in itertools.product(("gdpo", "grpo"), (rewards, skipped), (False, True)):
         if r is skipped and not skip:
             continue

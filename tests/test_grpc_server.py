@@ -746,8 +746,8 @@ def test_compute_advantages_of_reward_components_equals_engine(stub: pb_grpc.Los
 def test_compute_advantages_skips_nan_components_when_asked(stub: pb_grpc.LossServiceStub) -> None:
     """config.skip_nan_components: NaN components (TRL's None) as the engine skips them; unset,
     the same request is refused naming the sequence and the setting."""
-    rewards = torch.tensor([[1.0, math.nan], [0.0, 2.0], [math.nan, 1.0], [1.0, 0.0]] * 2)
-    groups = torch.arange(8) // 4
+    rewards = torch.tensor([[1.0, math.nan], [0.0, 2.0], [math.nan, 1.0], [1.0, 0.0]] * 2 + [[math.nan] * 2])
+    groups = torch.arange(9) // 4  # (the last sequence has no reward: advantage 0)
     cfg = AdvantageConfig(estimator="gdpo", skip_nan_components=True)
     want = Engine(device="cpu").advantages(rewards, groups, cfg)
     req = pb.ComputeAdvantagesRequest(
@@ -758,6 +758,7 @@ def test_compute_advantages_skips_nan_components_when_asked(stub: pb_grpc.LossSe
     got = stub.ComputeAdvantages(req, timeout=10)
     assert same(array(got.advantages), want.advantages) and dict(got.metrics) == want.metrics
     assert bool(torch.isfinite(want.advantages).all()) and bool((want.advantages != 0).any())
+    assert want.advantages[8] == 0
     req.config.skip_nan_components = False
     expect_invalid(
         lambda: stub.ComputeAdvantages(req, timeout=5), "rewards[0]", "non_finite: value is NaN; set skip_nan"

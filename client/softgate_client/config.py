@@ -374,6 +374,7 @@ _FLAT_ALIASES = {
     "min_group_std": ("advantages", "min_group_std"),
     "reward_weights": ("advantages", "reward_weights"),
     "gamma": ("advantages", "gamma"),
+    "skip_nan_components": ("advantages", "skip_nan_components"),
     "aggregation": ("aggregation", "mode"),
     "num_tokens": ("aggregation", "num_tokens"),
     "num_seqs": ("aggregation", "num_seqs"),

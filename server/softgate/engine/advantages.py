@@ -5,7 +5,8 @@ Rewards are [B], or [B, K]: K reward components per sequence. gdpo normalises ea
 within its group, sums them weighted by `reward_weights` and whitens the sum (GDPO's
 group-decoupled normalisation, TRL's normalize_then_sum); the others take the weighted sum
 first (TRL's sum_then_normalize). With `skip_nan_components` a NaN component does not apply
-to its sequence (TRL's nan-aware means): 0 in the sum, no member of its group's statistics.
+to its sequence (TRL's nan-aware means): 0 in the sum, no member of its group's statistics;
+a sequence none applies to has no reward: out of every statistic, advantage 0.
 
 All group statistics are computed in float64 whatever the reward dtype. Groups are found with
 torch.unique(return_inverse=True) and reduced with index_add_/scatter_reduce, so they need not
@@ -50,6 +51,11 @@ class GroupAdvantages:
     num_groups: int
     degenerate_group_frac: Tensor  # scalar float64
     rewards: Tensor  # [B] float64, the components' weighted sum (the rewards as given for [B])
+    scored: Tensor | None = None  # [B] bool: has a reward (skip_nan_components; None: all have)
+
+    def scored_rewards(self) -> Tensor:
+        """The rewards of the sequences that have one (the reward metrics read these)."""
+        return self.rewards if self.scored is None else self.rewards[self.scored]
 
 
 def _unbiased_std(cnt: Tensor, dev_sq_sum: Tensor) -> Tensor:
@@ -73,14 +79,17 @@ def group_advantages(
     parts = rewards.to(torch.float64)
     parts = parts[:, None] if parts.dim() == 1 else parts
     # skip_nan_components: a NaN component does not apply (as 0 in the weighted sum, TRL's
-    # nansum; left out of gdpo's group statistics). Validation leaves each sequence one.
+    # nansum; left out of gdpo's group statistics); a sequence without any is unscored: left
+    # out of every statistic, advantage 0 (TRL's unscorable completions)
     applies: Tensor | None = None
-    if cfg.skip_nan_components and parts.shape[1] > 1:
+    scored: Tensor | None = None
+    if cfg.skip_nan_components:
         applies = ~torch.isnan(parts)
         if bool(applies.all()):  # (one sync; none NaN: the same bits as without the setting)
             applies = None
         else:
             parts = parts.masked_fill(~applies, 0.0)
+            scored = applies.any(1)
     wk = cfg.reward_weights
     if wk is None and parts.shape[1] == 1:
         r = parts[:, 0]
@@ -103,9 +112,9 @@ def group_advantages(
         def group_sum(x: Tensor) -> Tensor:
             return z.clone().index_add_(0, inv, x)
 
-    def stats(x: Tensor, ok: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """x - its group's mean, each group's unbiased std, max and min, and whether it is
-        degenerate; over the members where `ok` (the others: 0 from the mean, no weight)."""
+    def stats(x: Tensor, ok: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """x - its group's mean, each group's unbiased std, max and min, whether it is
+        degenerate, and its members; over the members where `ok` (the others: 0, no weight)."""
         c = cnt if ok is None else group_sum(ok.to(torch.float64))
         dev = x - (group_sum(x) / c.clamp(min=1))[inv]
         if ok is not None:
@@ -115,45 +124,51 @@ def group_advantages(
         lo = x if ok is None else x.masked_fill(~ok, math.inf)
         gmax = z.clone().scatter_reduce_(0, inv, hi, "amax", include_self=False)
         gmin = z.clone().scatter_reduce_(0, inv, lo, "amin", include_self=False)
-        return dev, std, gmax, gmin, (c <= 1) | (gmax == gmin) | (std < cfg.min_group_std)
+        return dev, std, gmax, gmin, (c <= 1) | (gmax == gmin) | (std < cfg.min_group_std), c
 
     if cfg.estimator == "gdpo":
         assert penalty is None
         a, degenerate_g = _gdpo_sum(parts, applies, wk, inv, stats, cfg)
-        return _finish(a, degenerate_g, inv, r, cfg, weights, whiten)
+        return _finish(a, degenerate_g, inv, r, cfg, weights, whiten, scored)
     given = r  # (the rewards metrics report)
     if penalty is not None:
         r = r - penalty
-    dev, std_g, gmax, gmin, degenerate_g = stats(r)
+    dev, std_g, gmax, gmin, degenerate_g, c = stats(r, scored)
 
     a = r if cfg.estimator == "reinforce_pp" else dev
     if cfg.estimator == "rloo":
-        a = a * (cnt / (cnt - 1).clamp(min=1))[inv]
+        a = a * (c / (c - 1).clamp(min=1))[inv]
     elif cfg.estimator == "opo":
         # the baseline is the group's mean weighted by trained tokens, mean_g + sum_g w (R - mean_g)
         # / sum_g w (a group without weight: the plain mean)
         w = torch.ones_like(r) if weights is None else weights.to(torch.float64)
+        w = w if scored is None else w * scored
         sw = group_sum(w)
         a = a - torch.where(sw > 0, group_sum(w * dev) / sw.clamp(min=1e-300), 0.0)[inv]
     elif cfg.estimator == "gpg":
-        # GPG's alpha = B / #(R != 0) over the batch
-        a = a * (b / torch.count_nonzero(r).clamp(min=1).to(torch.float64))
+        # GPG's alpha = B / #(R != 0) over the batch (an unscored sequence's R: 0, not counted)
+        n_scored = b if scored is None else scored.sum()
+        a = a * (n_scored / torch.count_nonzero(r).clamp(min=1).to(torch.float64))
     elif cfg.estimator == "grpo_passk":
         # Pass@k: the group's best member alone gets R_max - R_second (a tie at the top: 0 for all)
         top = r == gmax[inv]
+        top = top if scored is None else top & scored
         alone = group_sum(top.to(torch.float64))[inv] == 1
-        second = z.clone().scatter_reduce_(0, inv, r.masked_fill(top, -torch.inf), "amax", include_self=False)
+        rest = r.masked_fill(top, -torch.inf)
+        rest = rest if scored is None else rest.masked_fill(~scored, -torch.inf)
+        second = z.clone().scatter_reduce_(0, inv, rest, "amax", include_self=False)
         a = torch.where(top & alone, (gmax - second)[inv], torch.zeros_like(r))
     scale = cfg.scale or DEFAULT_SCALE[cfg.estimator]
     if scale == "group":
         a = a / (std_g[inv] + cfg.eps)
     elif scale == "batch":
-        bstd = r.std() if b > 1 else torch.zeros((), dtype=torch.float64, device=r.device)
+        rs = r if scored is None else r[scored]
+        bstd = rs.std() if rs.numel() > 1 else torch.zeros((), dtype=torch.float64, device=r.device)
         # a batch of one reward value: every group is degenerate (0), and reinforce_pp's R
         # whitens to 0 (not R / 0 at eps 0)
         same = gmax.amax() == gmin.amin() if g > 0 else torch.ones((), dtype=torch.bool, device=r.device)
         a = torch.where(same, a, a / (bstd + cfg.eps))
-    return _finish(a, degenerate_g, inv, given, cfg, weights, whiten)
+    return _finish(a, degenerate_g, inv, given, cfg, weights, whiten, scored)
 
 
 def _finish(
@@ -164,12 +179,17 @@ def _finish(
     cfg: AdvantageConfig,
     weights: Tensor | None,
     whiten: bool = True,
+    scored: Tensor | None = None,
 ) -> GroupAdvantages:
     """The estimator's advantages `a` whitened when it whitens (and `whiten`), and 0 for the
-    members of its degenerate groups (`degenerate_g`, per group), whose share is a metric."""
+    members of its degenerate groups (`degenerate_g`, per group), whose share is a metric,
+    and for the sequences without a reward (`scored` False: out of the whitening too)."""
     degenerate = degenerate_g[inv]
     # reinforce_pp has no baseline: a member of an all-equal group still has its R to whiten
     zeroed = torch.zeros_like(degenerate) if cfg.estimator == "reinforce_pp" else degenerate
+    if scored is not None:
+        zeroed = zeroed | ~scored
+        weights = (torch.ones_like(a) if weights is None else weights.to(torch.float64)) * scored
     if cfg.estimator in WHITENED and whiten:
         a = _whiten(torch.where(zeroed, torch.zeros_like(a), a), weights, cfg.eps)
     a = torch.where(zeroed, torch.zeros_like(a), a)
@@ -179,7 +199,7 @@ def _finish(
         if g > 0
         else torch.zeros((), dtype=torch.float64, device=r.device)
     )
-    return GroupAdvantages(a, degenerate, g, frac, r)
+    return GroupAdvantages(a, degenerate, g, frac, r, scored)
 
 
 def _gdpo_sum(
@@ -197,7 +217,7 @@ def _gdpo_sum(
     a = torch.zeros(parts.shape[0], dtype=torch.float64, device=parts.device)
     degenerate_g: Tensor | None = None
     for k in range(parts.shape[1]):  # (the few reward components, not the sequences)
-        dev, std, _, _, deg = stats(parts[:, k], None if applies is None else applies[:, k])
+        dev, std, _, _, deg, _ = stats(parts[:, k], None if applies is None else applies[:, k])
         ak = dev / (std[inv] + cfg.eps) if (cfg.scale or "group") == "group" else dev
         ak = torch.where(deg[inv], torch.zeros_like(ak), ak)
         a = a + (ak if wk is None else wk[k] * ak)

@@ -309,7 +309,7 @@ class AdvantageConfig:
     of the mask as sent) times the sequence's (returns.py; OpenRLHF's and verl's gamma), 1
     for the others. `skip_nan_components`: a NaN reward component does not apply to its
     sequence (TRL's reward function returning None): left out of the weighted sum and of its
-    group's statistics; each sequence needs one component that applies."""
+    group's statistics; a sequence none applies to has advantage 0 and no statistic reads it."""
 
     estimator: Estimator = "grpo"
     scale: Scale | None = None

@@ -264,12 +264,12 @@ class Engine:
                     )
                 ]
             )
-        r = ga.rewards  # (the components' weighted sum)
+        r = ga.scored_rewards()  # (the components' weighted sum, of the sequences with a reward)
         metrics = {
             "num_groups": float(ga.num_groups),
             "degenerate_group_frac": float(ga.degenerate_group_frac),
-            "adv_mean": float(ga.advantages.mean()) if r.numel() else 0.0,
-            "adv_std": float(ga.advantages.std(correction=0)) if r.numel() else 0.0,
+            "adv_mean": float(ga.advantages.mean()) if adv.numel() else 0.0,
+            "adv_std": float(ga.advantages.std(correction=0)) if adv.numel() else 0.0,
             "reward_mean": float(r.mean()) if r.numel() else 0.0,
             "reward_std": float(r.std(correction=0)) if r.numel() else 0.0,
         }

@@ -215,8 +215,14 @@ def _compute_loss(
         if per_token:
             beta = rk.beta if rk is not None and kl_per_token else 0.0  # (sequence level: in the rewards)
             a_tok = token_returns(ga.advantages, seg, gamma, kr, beta, sent_mask)
+            unscored = None if ga.scored is None else seg.expand(~ga.scored)  # (skip_nan_components)
             if config.advantages.estimator in WHITENED:
-                a_tok = whiten_tokens(a_tok, None if batch.mask is None else m, config.advantages.eps)
+                trained = None if batch.mask is None else m
+                if unscored is not None:
+                    trained = ~unscored if trained is None else trained & ~unscored
+                a_tok = whiten_tokens(a_tok, trained, config.advantages.eps)
+            if unscored is not None:  # no reward: 0 at every token, the KL in the reward too
+                a_tok = a_tok.masked_fill(unscored, 0.0)
             if dt != F64 and n and max(map(abs, torch.aminmax(a_tok))) > torch.finfo(dt).max:  # (one pass)
                 where = str(dt).replace("torch.", "")
                 fld, what = (
@@ -230,10 +236,11 @@ def _compute_loss(
             t["adv"] = ga.advantages.to(dt)
         num_groups = ga.num_groups
         extra["degenerate_group_frac"] = ga.degenerate_group_frac
-        weighted = ga.rewards  # (times reward_weights, when given)
-    if batch.rewards is not None and batch.rewards.numel() > 0:
+        weighted = ga.scored_rewards()  # (times reward_weights, when given)
+    if batch.rewards is not None:
         rw = weighted if weighted is not None else batch.rewards.to(dev, F64)
-        extra["reward_std"], extra["reward_mean"] = torch.std_mean(rw, correction=0)
+        if rw.numel() > 0:  # (the sequences with a reward)
+            extra["reward_std"], extra["reward_mean"] = torch.std_mean(rw, correction=0)
 
     # ---- sequence-level pieces
     seq_ratio = isinstance(obj, (Gspo, GspoToken, SapoSeq, CispoSeq))

@@ -55,9 +55,10 @@ METRIC_NAMES: dict[str, str] = {
     "degenerate_group_frac": "share of groups with no learning signal (singleton, all-equal rewards or std < min_group_std; "
     "reinforce_pp, which reads no groups, counts them too; gdpo: groups so in every reward component); "
     "0 without groups",
-    "reward_mean": "mean reward over sequences (of several components: their weighted sum); 0 without rewards",
-    "reward_std": "population std of rewards over sequences (of several components: their weighted sum); "
-    "0 without rewards",
+    "reward_mean": "mean reward over sequences (of several components: their weighted sum; skip_nan_components: "
+    "over the sequences with one); 0 without rewards",
+    "reward_std": "population std of rewards over sequences (of several components: their weighted sum; "
+    "skip_nan_components: over the sequences with one); 0 without rewards",
     # KL and mismatch
     "kl_mean": "mean of the KL estimator (before beta) over tokens; 0 without a KL term",
     "kl_clamped_tokens": "tokens whose k3 (k3_st, k3_is, k3_is_seq) KL log-ratio ref - logp was above log_ratio_clamp "

@@ -574,6 +574,13 @@ def _reward_weights(w: object, v: list[FieldViolation]) -> None:
             return
 
 
+def _nan_hint(reason: str) -> str:
+    """A NaN reward's refusal, with the setting that reads NaN as "no reward" named."""
+    if reason != "non_finite: value is NaN":
+        return reason
+    return reason + "; set skip_nan_components if NaN marks a reward that does not apply (TRL's None)"
+
+
 def reward_tensor(
     v: list[FieldViolation],
     rewards: object,
@@ -586,20 +593,10 @@ def reward_tensor(
     float64), and every |reward| <= MAX_ABS_REWARD. `components`: [B, K] rewards (K reward
     components) allowed too, violations indexed by sequence. `weights` (reward_weights, when
     valid): one per component (1 for [B] rewards), their weighted sum within MAX_ABS_REWARD.
-    `skip_nan` (skip_nan_components): a NaN component does not apply, and counts as 0 in
-    these checks; a sequence whose every component is NaN is refused."""
-    if skip_nan and isinstance(rewards, Tensor) and rewards.is_floating_point() and rewards.dim() in (1, 2):
-        nan = torch.isnan(rewards)
-        if rewards.numel() > 0 and bool(nan.any()):
-            whole = nan if nan.dim() == 1 else nan.all(1)
-            if bool(whole.any()):
-                why = (
-                    "missing: every reward component of this sequence is NaN (skip_nan_components: "
-                    "a NaN component does not apply, and at least one must)"
-                )
-                v.append(FieldViolation("rewards", why, _first(whole)))
-                return False
-            rewards = rewards.masked_fill(nan, 0.0)
+    `skip_nan` (skip_nan_components): a NaN component does not apply (a sequence none
+    applies to has no reward), and counts as 0 in these checks; else NaN is refused."""
+    if skip_nan and isinstance(rewards, Tensor) and rewards.is_floating_point():
+        rewards = rewards.nan_to_num(0.0, posinf=math.inf, neginf=-math.inf)
     k = 1
     if components and isinstance(rewards, Tensor) and rewards.dim() == 2:
         k = rewards.shape[1]
@@ -609,13 +606,8 @@ def reward_tensor(
             return False
         flat: list[FieldViolation] = []
         ok = _float_tensor(flat, "rewards", rewards.reshape(-1), None, allow_int=True, allow_half=True)
-        hint = "; set skip_nan_components if NaN marks a component that does not apply (TRL's None)"
         v += [
-            FieldViolation(
-                f.field,
-                f.reason + (hint if f.reason == "non_finite: value is NaN" else ""),
-                None if f.index is None else f.index // k,
-            )
+            FieldViolation(f.field, _nan_hint(f.reason), None if f.index is None else f.index // k)
             for f in flat
         ]
         if not ok:
@@ -628,6 +620,7 @@ def reward_tensor(
             v[-1] = FieldViolation(
                 "rewards", f"bad_shape: shape {tuple(rewards.shape)}; [B] or [B, K] expected"
             )
+        v[-1] = FieldViolation(v[-1].field, _nan_hint(v[-1].reason), v[-1].index)
         return False
     assert isinstance(rewards, Tensor)
     if rewards.dtype in _FLOATS and rewards.numel() > 0:

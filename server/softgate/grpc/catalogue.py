@@ -43,8 +43,9 @@ PARAM_HELP: dict[str, str] = {
     "reward_weights": "one weight per component of [B, K] rewards (ComputeAdvantages); unset: 1 each",
     "gamma": "discount of REINFORCE++'s per-token return toward each sequence's last sent token, "
     "in [0, 1]; 1: none",
-    "skip_nan_components": "if set, a NaN component of [B, K] rewards does not apply to its sequence "
-    "(TRL's None): 0 in the weighted sum, left out of gdpo's group statistics; default false",
+    "skip_nan_components": "if set, a NaN reward component does not apply to its sequence (TRL's None): "
+    "0 in the weighted sum, left out of gdpo's group statistics; a sequence with none that applies "
+    "has advantage 0 and is left out of every statistic; default false",
     "num_tokens": "global N_tok normaliser, > 0; unset: this request's trained tokens",
     "num_seqs": "global N_seq normaliser (sequences with a trained token), > 0; unset: this request's",
     "constant": "K of token_sum_norm, > 0 (required by that mode)",
