@@ -762,6 +762,10 @@ def test_skip_nan_components_in_loss(adv: AdvantageConfig):
         torch.testing.assert_close(got.advantages[b.mask], want[b.mask], rtol=1e-12, atol=1e-12)
     scored = b.rewards[~b.rewards.isnan()]
     assert got.metrics["reward_mean"] == pytest.approx(float(scored.mean()), rel=1e-12)
+    # beside advantages sent, the rewards are only reported: over the sequences with one
+    skip = LossConfig(advantages=AdvantageConfig(skip_nan_components=True))
+    sent = E.loss(dataclasses.replace(b, advantages=torch.ones(6, dtype=F64)), skip)
+    assert sent.metrics["reward_mean"] == pytest.approx(float(scored.mean()), rel=1e-12)
 
 
 @pytest.mark.parametrize(

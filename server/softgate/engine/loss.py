@@ -239,6 +239,8 @@ def _compute_loss(
         weighted = ga.scored_rewards()  # (times reward_weights, when given)
     if batch.rewards is not None:
         rw = weighted if weighted is not None else batch.rewards.to(dev, F64)
+        if weighted is None and config.advantages.skip_nan_components:  # (beside advantages sent)
+            rw = rw[~rw.isnan()]
         if rw.numel() > 0:  # (the sequences with a reward)
             extra["reward_std"], extra["reward_mean"] = torch.std_mean(rw, correction=0)
 
