@@ -90,6 +90,9 @@ def group_advantages(
         else:
             parts = parts.masked_fill(~applies, 0.0)
             scored = applies.any(1)
+            # (an unscored sequence weighs nothing: opo's baseline, the whitening)
+            w_all = torch.ones(parts.shape[0], dtype=torch.float64, device=parts.device)
+            weights = (w_all if weights is None else weights.to(torch.float64)) * scored
     wk = cfg.reward_weights
     if wk is None and parts.shape[1] == 1:
         r = parts[:, 0]
@@ -142,7 +145,6 @@ def group_advantages(
         # the baseline is the group's mean weighted by trained tokens, mean_g + sum_g w (R - mean_g)
         # / sum_g w (a group without weight: the plain mean)
         w = torch.ones_like(r) if weights is None else weights.to(torch.float64)
-        w = w if scored is None else w * scored
         sw = group_sum(w)
         a = a - torch.where(sw > 0, group_sum(w * dev) / sw.clamp(min=1e-300), 0.0)[inv]
     elif cfg.estimator == "gpg":
@@ -183,13 +185,12 @@ def _finish(
 ) -> GroupAdvantages:
     """The estimator's advantages `a` whitened when it whitens (and `whiten`), and 0 for the
     members of its degenerate groups (`degenerate_g`, per group), whose share is a metric,
-    and for the sequences without a reward (`scored` False: out of the whitening too)."""
+    and for the sequences without a reward (`scored` False; `weights` already weigh them 0)."""
     degenerate = degenerate_g[inv]
     # reinforce_pp has no baseline: a member of an all-equal group still has its R to whiten
     zeroed = torch.zeros_like(degenerate) if cfg.estimator == "reinforce_pp" else degenerate
     if scored is not None:
         zeroed = zeroed | ~scored
-        weights = (torch.ones_like(a) if weights is None else weights.to(torch.float64)) * scored
     if cfg.estimator in WHITENED and whiten:
         a = _whiten(torch.where(zeroed, torch.zeros_like(a), a), weights, cfg.eps)
     a = torch.where(zeroed, torch.zeros_like(a), a)

@@ -620,7 +620,8 @@ def reward_tensor(
             v[-1] = FieldViolation(
                 "rewards", f"bad_shape: shape {tuple(rewards.shape)}; [B] or [B, K] expected"
             )
-        v[-1] = FieldViolation(v[-1].field, _nan_hint(v[-1].reason), v[-1].index)
+        else:
+            v[-1] = FieldViolation(v[-1].field, _nan_hint(v[-1].reason), v[-1].index)
         return False
     assert isinstance(rewards, Tensor)
     if rewards.dtype in _FLOATS and rewards.numel() > 0:
