@@ -5,8 +5,8 @@ term, GRPO with a token-level TIS or seq_mask (seq-mask-tis) mismatch correction
 batch with rollout log-probs; TIS also with batch_normalize), GRPO with off-policy sequence masking (OPSM) and with rollout
 rejection (the same rollout log-probs), GSPO with a dual clip, and advantages from rewards in the
 call: GRPO's, and with a KL in the reward (REINFORCE++'s per-token return, verl's per-sequence
-sum), REINFORCE++ discounted with and without it (the same batch with rewards and group ids in
-place of advantages). It runs under the process's allocator (bench/engine_bench.py
+sum), REINFORCE++ discounted with and without it, and GRPO's with skip_nan_components (no NaN:
+the setting's cost alone) (the same batch with rewards and group ids in place of advantages). It runs under the process's allocator (bench/engine_bench.py
 preloads tcmalloc, as the service ships; `LD_PRELOAD=libtcmalloc_minimal.so.4` for the same
 here).
 
@@ -64,6 +64,10 @@ def configs() -> dict[str, LossConfig]:
     out["gspo + dual_clip"] = LossConfig(objective=Gspo(dual_clip=1.0005))
     # advantages from rewards in the call; a KL in the reward, per token and per sequence
     out["grpo + rewards"] = LossConfig(objective=Grpo())
+    # TRL's None rewards read as no reward (none here: the setting's cost alone)
+    out["grpo + rewards, skip_nan_components"] = LossConfig(
+        objective=Grpo(), advantages=AdvantageConfig(skip_nan_components=True)
+    )
     out["grpo + reward_kl token (reinforce_pp)"] = LossConfig(
         objective=Grpo(), advantages=AdvantageConfig("reinforce_pp"), reward_kl=RewardKLConfig(0.01)
     )
