@@ -301,6 +301,11 @@ def test_retryable_codes() -> None:
     assert p.retryable(grpc.StatusCode.RESOURCE_EXHAUSTED, "server at its concurrency limit (32)")
     assert not p.retryable(grpc.StatusCode.RESOURCE_EXHAUSTED, "Sent message larger than max (10 vs. 5)")
     assert not p.retryable(grpc.StatusCode.INVALID_ARGUMENT, "bad")
+    # a server's gRPC core cancels the calls arriving as it shuts down: retried; a call this
+    # process cancelled (or a server that aborted it in other words) is not
+    assert p.retryable(grpc.StatusCode.CANCELLED, "CANCELLED")
+    assert not p.retryable(grpc.StatusCode.CANCELLED, "Locally cancelled by application!")
+    assert not p.retryable(grpc.StatusCode.CANCELLED, "cancelled")
     assert p.backoff(1) == 0.1 and p.backoff(3) == 0.4 and p.backoff(100) == 5.0
 
 
@@ -428,6 +433,20 @@ def test_the_default_client_rides_out_a_server_unavailable_for_seconds(fake_serv
     with SoftgateClient(fake_server(srv)) as c:
         assert c.algorithms().server_version == "test"
     assert len(srv.calls) > 2
+
+
+def test_the_default_client_rides_out_the_cancel_of_a_server_shutting_down(fake_server) -> None:
+    """A call arriving in the instant a server's gRPC core shuts down gets CANCELLED with the
+    details "CANCELLED" (CI saw one: tests/test_faults.py::test_sigterm_under_load); the client
+    failed the trainer's step with CancelledError, though the call was never handled."""
+    srv = _Flaky(grpc.StatusCode.CANCELLED, "CANCELLED", until=time.monotonic() + 0.3)
+    with SoftgateClient(fake_server(srv)) as c:
+        assert c.algorithms().server_version == "test"
+    assert len(srv.calls) >= 2
+    srv = _Flaky(grpc.StatusCode.CANCELLED, "cancelled by the handler", until=time.monotonic() + 5)
+    with SoftgateClient(fake_server(srv)) as c, pytest.raises(CancelledError):
+        c.algorithms()
+    assert len(srv.calls) == 1
 
 
 def test_the_final_error_says_how_long_the_client_retried(fake_server) -> None:

@@ -24,6 +24,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import grpc_health
+from softgate.grpc.server import DRAIN_S
+from softgate_client._channel import SHUTDOWN_CANCELLED
 from softgate_client.proto.softgate.v1 import softgate_pb2 as pb
 
 LIMIT = 4
@@ -345,7 +347,7 @@ def test_sigterm_under_load(load_bench: Any, serve_process: Any, work: list[Any]
     t_sig = time.monotonic()
     srv.signal(signal.SIGTERM)
     # new calls after the signal: refused cleanly, never a wrong answer, never a hang
-    after: list[tuple[str, float]] = []
+    after: list[tuple[str, float, str]] = []
     health: list[tuple[str, float]] = []
     small = next(x for x in work if x.kind == "unary")
     while True:
@@ -356,9 +358,9 @@ def test_sigterm_under_load(load_bench: Any, serve_process: Any, work: list[Any]
                     load_bench.LOSS_METHOD, request_serializer=_ident, response_deserializer=_ident
                 )(small.payload, timeout=5)
                 assert load_bench.check_unary(small, reply) is None
-                after.append(("OK", t0 - t_sig))
+                after.append(("OK", t0 - t_sig, ""))
             except grpc.RpcError as e:
-                after.append((e.code().name, t0 - t_sig))
+                after.append((e.code().name, t0 - t_sig, e.details() or ""))
             try:
                 health.append((grpc_health(ch, timeout=5), time.monotonic() - t_sig))
             except grpc.RpcError as e:
@@ -373,18 +375,28 @@ def test_sigterm_under_load(load_bench: Any, serve_process: Any, work: list[Any]
     assert [r[0] for r in results] == ["OK"] * inflight_calls, [r for r in results if r[0] != "OK"]
     assert all(r[1] for r in results)
     assert max(r[2] for r in results) > t_sig, "every call finished before the signal: nothing was in flight"
-    codes = {c for c, _ in after}
+    codes = {c for c, _, _ in after}
     assert codes <= {"UNAVAILABLE", "OK", "CANCELLED"}, after
     assert "UNAVAILABLE" in codes, f"no refusal seen after SIGTERM: {after}"
-    # OK only in the instant before the server handled the signal; CANCELLED only for a call
-    # that raced the start of the shutdown (grpc-core cancels calls arriving as it begins)
-    late = [(c, round(dt, 3)) for c, dt in after if c in ("OK", "CANCELLED") and dt >= 0.2]
-    assert not late, f"answered or cancelled after the shutdown began: {late}; first: {after[:8]}"
+    # OK only in the instant before the server handled the signal. CANCELLED only for a call
+    # that raced the signal or the start of gRPC's own shutdown, DRAIN_S after the last call in
+    # flight finished (grpc-core cancels the calls arriving as it begins; CI saw one 1.98 s
+    # after the signal), and only with the details the client retries
+    last_done = max(r[2] for r in results) - t_sig
+    late = [
+        (c, round(dt, 3), d)
+        for c, dt, d in after
+        if (c == "OK" and dt >= 0.2)
+        or (
+            c == "CANCELLED"
+            and (d != SHUTDOWN_CANCELLED or (dt >= 0.2 and abs(dt - last_done - DRAIN_S) > 0.3))
+        )
+    ]
+    assert not late, f"answered or cancelled outside a shutdown's edges: {late}; first: {after[:8]}"
     # health leaves SERVING (NOT_SERVING, or the connection refused) while draining, and says
     # NOT_SERVING while calls are still in flight (what a Kubernetes gRPC probe then reads)
     serving = [round(dt, 3) for st_, dt in health if st_ == "SERVING" and dt >= 0.2]
     assert not serving, f"health SERVING this long after SIGTERM: {serving}; first: {health[:8]}"
-    last_done = max(r[2] for r in results) - t_sig
     assert any(st_ == "NOT_SERVING" and dt < last_done for st_, dt in health), (health, last_done)
     assert "Traceback" not in srv.logs()
 

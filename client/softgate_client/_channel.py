@@ -16,12 +16,15 @@ import grpc
 
 DEFAULT_PORT = 50051
 DEFAULT_MAX_MESSAGE_BYTES = 512 * 1024 * 1024  # the server default
+# the details of a call a server's gRPC core cancelled as the server shut down (the call was
+# never handled; any other CANCELLED, e.g. "Locally cancelled by application!", is not retried)
+SHUTDOWN_CANCELLED = "CANCELLED"
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Retries of UNAVAILABLE and RESOURCE_EXHAUSTED with capped exponential backoff and full
-    jitter: retry k (k >= 1) waits uniform(0, min(max_backoff, initial_backoff * multiplier**(k-1))).
+    """Retries of UNAVAILABLE, RESOURCE_EXHAUSTED and a server's shutdown CANCELLED (see
+    `retryable`) with capped exponential backoff and full jitter: retry k (k >= 1) waits uniform(0, min(max_backoff, initial_backoff * multiplier**(k-1))).
     A call is retried until `budget` seconds after it started or its own deadline, whichever
     comes first (a restarting server takes seconds to come back), and at most `max_attempts`
     attempts in all when that is set (None: the budget alone decides); a RESOURCE_EXHAUSTED
@@ -34,7 +37,12 @@ class RetryPolicy:
     multiplier: float = 2.0
     # RESOURCE_EXHAUSTED: a server at its concurrency limit (or out of device memory) says so at
     # once; a message over a size limit is never retried (see `retryable`)
-    retry_on: tuple[grpc.StatusCode, ...] = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+    # CANCELLED: only the one a server's gRPC core sends as it shuts down (see `retryable`)
+    retry_on: tuple[grpc.StatusCode, ...] = (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.CANCELLED,
+    )
     budget: float = 60.0
     # a RESOURCE_EXHAUSTED other than a busy server's (out of memory: far more often a batch
     # too large for the device than a transient) gets one retry, not a minute of them
@@ -51,6 +59,10 @@ class RetryPolicy:
             return False
         d = details or ""
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in d:
+            return False
+        # a server's gRPC core cancels the calls that arrive in the instant it shuts down (its
+        # details: "CANCELLED"); a call this process cancelled says so in other words
+        if code == grpc.StatusCode.CANCELLED and d != SHUTDOWN_CANCELLED:
             return False
         # this client's own TLS material could not be used: no attempt will differ
         return "Failed to create security handshaker" not in d
