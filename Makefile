@@ -3,7 +3,7 @@
 PY ?= python3
 BUF ?= .tools/node_modules/.bin/buf
 
-.PHONY: install install-dev lock tools serve test lint proto proto-check proto-baseline bench
+.PHONY: install install-dev lock tools serve test test-slow lint proto proto-check proto-baseline bench
 install:
 	PYTHON="$(PY)" bash scripts/install.sh
 
@@ -55,6 +55,11 @@ TEST_WORKERS ?= 2
 test: install-dev tools
 	$(MAKE) lint proto-check
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+
+# The tests marked slow, which `make test` leaves out: every objective through the compiler,
+# longer load and a background compile end to end.
+test-slow: install-dev tools
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m slow
 
 bench:
 	$(PY) bench/engine_bench.py

@@ -68,6 +68,7 @@ from torch import Tensor
 
 E = Engine(device="cpu", compile=False)
 F64 = torch.float64
+SLOW = pytest.mark.slow
 ALL_OBJECTIVES = [
     Sapo(),
     Grpo(),
@@ -1205,9 +1206,18 @@ def test_cispo_ignores_huge_garbage_log_probs_on_masked_tokens() -> None:
     assert res.loss == pytest.approx(-10.0 * (math.exp(0.1) * -1.0 + 1.0 * -1.2), rel=1e-6)
 
 
-@pytest.mark.parametrize("sampler", ["rollout", "old"])
-@pytest.mark.parametrize("dtype", [torch.float32, F64])
-@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=needs_compile)])
+@pytest.mark.parametrize(
+    "compile,dtype,sampler",
+    [
+        *((False, d, s) for d in (torch.float32, F64) for s in ("rollout", "old")),
+        # compiled: float32 with rollout log-probs (the overflow) by default, the rest slow
+        pytest.param(True, torch.float32, "rollout", marks=needs_compile),
+        *(
+            pytest.param(True, d, s, marks=(needs_compile, SLOW))
+            for d, s in ((torch.float32, "old"), (F64, "rollout"), (F64, "old"))
+        ),
+    ],
+)
 def test_dro_and_opsm_ignore_huge_garbage_on_masked_tokens(
     dtype: torch.dtype, compile: bool, sampler: str
 ) -> None:
@@ -1768,6 +1778,9 @@ def test_seq_mask_refuses_the_sequence_level_and_a_floor():
         assert v.reason.split(":")[0] in ("unsupported", "out_of_range"), v
 
 
+# Each row compiles a kernel of its own (~30 s on CI's 2 cores): the default run keeps one
+# of each kind (AOTInductor and dynamo, float64 and float32, the kernel inputs each feature
+# adds); the rows marked slow (`make test-slow`) take every objective through the compiler.
 @needs_compile
 @pytest.mark.parametrize(
     "dtype,name,kl,mm,clamp,agg,adv,sample",
@@ -1777,30 +1790,62 @@ def test_seq_mask_refuses_the_sequence_level_and_a_floor():
         # the same kernel, another clamp: numbers are kernel inputs, never baked in (a float
         # argument once was, and inductor's cache served the clamp-3 kernel to clamp 20)
         (F64, "grpo", "k3", ("token", "truncate"), 20.0, "seq_mean_token_mean", "rewards", None),
-        (torch.float32, "gspo", None, None, 3.0, "seq_mean_token_mean", "rewards", None),
+        pytest.param(
+            torch.float32, "gspo", None, None, 3.0, "seq_mean_token_mean", "rewards", None, marks=SLOW
+        ),
         # one weight for all and per-token advantages: a kernel without per-token sequence ids
         (torch.float32, "sapo", None, None, 20.0, "token_mean", "token", None),
-        (F64, "cispo", "k1", None, 20.0, "seq_mean_token_sum", "sequence", None),
+        pytest.param(F64, "cispo", "k1", None, 20.0, "seq_mean_token_sum", "sequence", None, marks=SLOW),
         # with bucket codes, as a server calls it: every objective's AOTInductor kernel (its
         # small buffers on the stack) once more
         (torch.float32, "sapo", "k3", ("token", "truncate"), 20.0, "seq_mean_token_mean", "token", CODES),
-        (F64, "grpo", "k2", ("sequence", "mask"), 20.0, "token_mean", "rewards", CODES),
+        pytest.param(
+            F64, "grpo", "k2", ("sequence", "mask"), 20.0, "token_mean", "rewards", CODES, marks=SLOW
+        ),
         (torch.float32, "gspo", None, None, 20.0, "seq_mean_token_sum", "sequence", CODES),
-        (torch.float32, "gspo_token", "k1", None, 20.0, "token_sum_norm", "token", CODES),
-        (F64, "gppo", None, ("token", "mask"), 20.0, "seq_mean_token_mean", "sequence", CODES),
+        pytest.param(
+            torch.float32, "gspo_token", "k1", None, 20.0, "token_sum_norm", "token", CODES, marks=SLOW
+        ),
+        pytest.param(
+            F64, "gppo", None, ("token", "mask"), 20.0, "seq_mean_token_mean", "sequence", CODES, marks=SLOW
+        ),
         # the same kernel with clamped, clipped gppo tokens: their free gradient is -A r (not
         # the clamp's 0) compiled as eagerly, whatever inductor's cache holds
-        (F64, "gppo", None, ("token", "mask"), 3.0, "seq_mean_token_mean", "sequence", CODES),
-        (torch.float32, "cispo", None, None, 20.0, "token_mean", "token", CODES),
-        (torch.float32, "dppo_kl", None, None, 20.0, "token_mean", "token", CODES),
-        (F64, "dppo_tv", "k3", ("token", "truncate"), 20.0, "seq_mean_token_mean", "rewards", CODES),
-        (torch.float32, "reinforce", "k3", None, 20.0, "seq_mean_token_mean", "rewards", CODES),
+        pytest.param(
+            F64, "gppo", None, ("token", "mask"), 3.0, "seq_mean_token_mean", "sequence", CODES, marks=SLOW
+        ),
+        pytest.param(torch.float32, "cispo", None, None, 20.0, "token_mean", "token", CODES, marks=SLOW),
+        pytest.param(torch.float32, "dppo_kl", None, None, 20.0, "token_mean", "token", CODES, marks=SLOW),
+        pytest.param(
+            F64,
+            "dppo_tv",
+            "k3",
+            ("token", "truncate"),
+            20.0,
+            "seq_mean_token_mean",
+            "rewards",
+            CODES,
+            marks=SLOW,
+        ),
+        pytest.param(
+            torch.float32, "reinforce", "k3", None, 20.0, "seq_mean_token_mean", "rewards", CODES, marks=SLOW
+        ),
         # the covariance selection as a kernel input (sel), read in the loop
         (torch.float32, "clip_cov", None, ("token", "truncate"), 20.0, "token_mean", "token", CODES),
-        (F64, "kl_cov", "k3", None, 20.0, "seq_mean_token_mean", "rewards", None),
+        pytest.param(F64, "kl_cov", "k3", None, 20.0, "seq_mean_token_mean", "rewards", None, marks=SLOW),
         # sapo's gate on the sequence ratio
-        (F64, "sapo_seq", "k3", ("token", "truncate"), 20.0, "seq_mean_token_mean", "rewards", CODES),
-        (torch.float32, "cispo_seq", None, None, 20.0, "token_mean", "token", CODES),
+        pytest.param(
+            F64,
+            "sapo_seq",
+            "k3",
+            ("token", "truncate"),
+            20.0,
+            "seq_mean_token_mean",
+            "rewards",
+            CODES,
+            marks=SLOW,
+        ),
+        pytest.param(torch.float32, "cispo_seq", None, None, 20.0, "token_mean", "token", CODES, marks=SLOW),
         # each token's own mismatch weight, filtered by its sequence's geometric mean
         (torch.float32, "grpo", None, ("token", "seq_mask"), 20.0, "token_mean", "sequence", CODES),
         # the sequence ratio's KL weight and its gradient's share, two per-sequence inputs
@@ -1808,7 +1853,7 @@ def test_seq_mask_refuses_the_sequence_level_and_a_floor():
         # dro's penalty reads logp and old, both zeroed on masked tokens (gspo's rows above:
         # variant 1, with a dual clip)
         (torch.float32, "dro", "k3", ("token", "truncate"), 20.0, "token_sum_norm", "token", CODES),
-        (F64, "dro", None, None, 3.0, "seq_mean_token_mean", "rewards", None),
+        pytest.param(F64, "dro", None, None, 3.0, "seq_mean_token_mean", "rewards", None, marks=SLOW),
     ],
 )
 def test_compiled_kernel_matches_eager(dtype, name, kl, mm, clamp, agg, adv, sample, caplog):
@@ -1845,7 +1890,9 @@ REJECTION = (
 
 
 @needs_compile
-@pytest.mark.parametrize("name", ["grpo", "gspo", "cispo"])
+@pytest.mark.parametrize(
+    "name", ["grpo", pytest.param("gspo", marks=SLOW), pytest.param("cispo", marks=SLOW)]
+)
 def test_compiled_kernel_with_rollout_rejection_matches_eager(name):
     """The mask rejection leaves is the compiled kernel's, with a KL term and a mismatch weight."""
     global EC
@@ -1860,7 +1907,9 @@ def test_compiled_kernel_with_rollout_rejection_matches_eager(name):
 
 
 @needs_compile
-@pytest.mark.parametrize("name", ["grpo", "sapo_seq", "dro"])
+@pytest.mark.parametrize(
+    "name", ["grpo", pytest.param("sapo_seq", marks=SLOW), pytest.param("dro", marks=SLOW)]
+)
 def test_compiled_kernel_with_off_policy_masking_matches_eager(name):
     """OPSM's per-sequence mean KL and its threshold as kernel inputs, with a token-level
     mismatch correction (its rollout log-probs are OPSM's sampler) and sampled bucket codes."""

@@ -537,7 +537,11 @@ def test_the_kl_term_aggregated_with_its_own_mode(policy_mode, kl_mode):
 
 @needs_compile
 @pytest.mark.parametrize(
-    ("policy_mode", "kl_mode"), [("seq_mean_token_mean", "token_mean"), ("token_mean", "seq_mean_token_mean")]
+    ("policy_mode", "kl_mode"),
+    [
+        ("seq_mean_token_mean", "token_mean"),
+        pytest.param("token_mean", "seq_mean_token_mean", marks=pytest.mark.slow),
+    ],
 )
 def test_the_kl_terms_own_mode_compiled(policy_mode, kl_mode):
     """The same through the compiled kernel: a 0-d KL weight, and one per sequence expanded on
@@ -601,8 +605,15 @@ def test_straight_through_kl_estimators(estimator, agg):
     raise AssertionError(f"only {checked} batches away from a boundary")
 
 
-@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=needs_compile)])
-@pytest.mark.parametrize("estimator", ["k3_st", "k3_is"])
+@pytest.mark.parametrize(
+    "compile,estimator",
+    [
+        (False, "k3_st"),
+        (False, "k3_is"),
+        pytest.param(True, "k3_is", marks=needs_compile),
+        pytest.param(True, "k3_st", marks=(needs_compile, pytest.mark.slow)),  # (a kernel of its own)
+    ],
+)
 def test_straight_through_kl_past_the_clamp_with_its_own_mode(compile, estimator):
     """k3_st and k3_is beyond the clamp (x = ref - logp of 25 and 30): k3's clamped value, k2's
     gradient -x unclamped (k3_is: times r, and a third token's r past the log-ratio clamp), with

@@ -230,7 +230,8 @@ assert eng.kernel.ready == 1
 """
 
 
-@pytest.mark.parametrize("mode", ["sync", "background"])
+# background: the compile that made a serial kernel; sync is slow (a fresh cache: ~30 s each)
+@pytest.mark.parametrize("mode", [pytest.param("sync", marks=pytest.mark.slow), "background"])
 def test_compiled_kernels_are_parallel_whoever_compiles_them(mode: str, tmp_path: Any) -> None:
     # inductor used to decide serial vs parallel at compile time, from the example batch's
     # size and the compiling thread's intra-op count: a background compile (a 67-token warm
