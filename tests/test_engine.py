@@ -689,6 +689,7 @@ def test_skip_nan_components_is_trls_none():
     summed = rewards.nan_to_num(0.0) @ torch.tensor(w, dtype=F64)
     scored = ~rewards.isnan().all(1)
     assert got.metrics["reward_mean"] == pytest.approx(float(summed[scored].mean()), rel=1e-14)
+    assert got.metrics["unscored_seqs"] == float((~scored).sum()) == 3.0  # (rows 2, 9 and one drawn)
     # not 0 in GDPO's statistics: a 0 there moves every member's advantage
     moved = rewards.clone()
     moved[rewards.isnan()] = 0.0
@@ -714,9 +715,9 @@ def test_skip_nan_components_is_trls_none():
     full = rewards.nan_to_num(0.25)
     for est in ESTIMATORS:
         on, off = (AdvantageConfig(est, reward_weights=w, skip_nan_components=x) for x in (True, False))
-        assert torch.equal(
-            E.advantages(full, ids, on, counts).advantages, E.advantages(full, ids, off, counts).advantages
-        )
+        got_on, got_off = E.advantages(full, ids, on, counts), E.advantages(full, ids, off, counts)
+        assert torch.equal(got_on.advantages, got_off.advantages)
+        assert got_on.metrics["unscored_seqs"] == got_off.metrics["unscored_seqs"] == 0.0
     # half precisions are read as float64, NaN included
     half = E.advantages(rewards.to(torch.bfloat16), ids, nan).advantages
     torch.testing.assert_close(
@@ -763,10 +764,15 @@ def test_skip_nan_components_in_loss(adv: AdvantageConfig):
         torch.testing.assert_close(got.advantages[b.mask], want[b.mask], rtol=1e-12, atol=1e-12)
     scored = b.rewards[~b.rewards.isnan()]
     assert got.metrics["reward_mean"] == pytest.approx(float(scored.mean()), rel=1e-12)
+    assert got.metrics["unscored_seqs"] == 1.0
     # beside advantages sent, the rewards are only reported: over the sequences with one
     skip = LossConfig(advantages=AdvantageConfig(skip_nan_components=True))
     sent = E.loss(dataclasses.replace(b, advantages=torch.ones(6, dtype=F64)), skip)
     assert sent.metrics["reward_mean"] == pytest.approx(float(scored.mean()), rel=1e-12)
+    assert sent.metrics["unscored_seqs"] == 1.0
+    # every reward there: none unscored
+    b.rewards[2] = 0.5
+    assert E.loss(b, cfg).metrics["unscored_seqs"] == 0.0
 
 
 @pytest.mark.parametrize(

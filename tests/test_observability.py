@@ -787,6 +787,56 @@ def test_a_kl_that_may_be_negative_comes_as_its_two_parts() -> None:
     }
 
 
+def test_unscored_sequences_are_counted_apart() -> None:
+    """softgate_reward_sequences_total: the sequences whose advantages came from rewards,
+    status="unscored" those with none that applied (skip_nan_components), from ComputeAdvantages
+    and ComputeLoss alike; a batch with the caller's advantages is not counted."""
+    from reference_loss import random_batch
+    from softgate.engine import AdvantageConfig
+
+    eng = Engine(device="cpu", compile=False)
+    tel = PrometheusTelemetry(S())
+    rewards = torch.rand(8, 2, dtype=torch.float64)
+    rewards[[1, 6]] = math.nan  # no component applies
+    rewards[3, 0] = math.nan  # one does
+    skip = AdvantageConfig("gdpo", skip_nan_components=True)
+    adv = eng.advantages(rewards, torch.arange(8) // 4, skip)
+    assert adv.metrics["unscored_seqs"] == 2.0
+    tel.observe_advantages("r", skip, adv)
+    tel.flush()
+    assert _value(tel, "softgate_reward_sequences_total", run="r", status="unscored") == 2.0
+    assert _value(tel, "softgate_reward_sequences_total", run="r", status="scored") == 6.0
+    config, res = _engine_result(n_seqs=8, length=4, config=LossConfig(advantages=skip))
+    tel.observe_loss("r", config, res)
+    tel.flush()
+    assert _value(tel, "softgate_reward_sequences_total", run="r", status="scored") == 14.0
+    # a loss batch with an unscored sequence
+    b = random_batch(3, num_seqs=6, max_len=5)
+    assert b.rewards is not None
+    b.rewards[4] = math.nan
+    cfg = LossConfig(advantages=AdvantageConfig(skip_nan_components=True))
+    res = eng.loss(b, cfg)
+    assert res.metrics["unscored_seqs"] == 1.0
+    tel.observe_loss("r", cfg, res)
+    tel.flush()
+    assert _value(tel, "softgate_reward_sequences_total", run="r", status="unscored") == 3.0
+    assert _value(tel, "softgate_reward_sequences_total", run="r", status="scored") == 19.0
+    # the caller's advantages (rewards only reported beside them): not counted
+    sent = eng.loss(dataclasses.replace(b, advantages=torch.ones(6)), cfg)
+    assert sent.metrics["unscored_seqs"] == 1.0
+    tel.observe_loss("r", cfg, sent)
+    tel.flush()
+    assert _value(tel, "softgate_reward_sequences_total", run="r", status="unscored") == 3.0
+    assert _value(tel, "softgate_reward_sequences_total", run="r", status="scored") == 19.0
+    # /v1/runs: the share, weighted by sequences (8 with none, 6 with one; the third batch's
+    # advantages were the caller's), and of the ComputeAdvantages call
+    summary = tel.run_summary("r")
+    assert summary is not None
+    window = summary["windows"]["last_10_batches"]
+    assert window["unscored_frac"] == pytest.approx(1 / 14)
+    assert window["advantages"]["unscored_frac"] == 0.25
+
+
 def test_the_series_of_a_run_are_as_documented() -> None:
     """docs/observability.md ("Run label") says how many series one (run, objective) exports
     and how many more the run itself: a batch with every sign, clip and gauge, and a

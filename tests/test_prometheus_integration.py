@@ -111,7 +111,9 @@ class Traffic:
                         self.batches += 1
                     except InvalidArgumentError:
                         self.rejected += 1
-                    sg.advantages(rewards, np.arange(n_seqs) // 4, run=ADV_RUN)
+                    # a reward function that returned None for one sequence (unscored)
+                    scored = np.where(np.arange(n_seqs) == 5, np.float32(np.nan), rewards)
+                    sg.advantages(scored, np.arange(n_seqs) // 4, run=ADV_RUN, skip_nan_components=True)
                     i += 1
                     self.stop_event.wait(0.05)
         except BaseException as e:  # surfaced by the test

@@ -383,19 +383,28 @@ def build() -> dict[str, Any]:
     y += 8
     panels.append(row("Rewards and advantages", y))
     y += 1
+    unscored = (
+        f'sum by (run) (rate(softgate_reward_sequences_total{{{R},status="unscored"}}[$__rate_interval]))'
+    )
     panels.append(
         panel(
-            "Degenerate-group share",
+            "Degenerate groups and unscored sequences",
             [
                 (avg("softgate_batch_degenerate_group_fraction", "run"), "mean {{run}}"),
                 (f"max by (run) (softgate_degenerate_group_fraction{{{R}}})", "last batch {{run}}"),
+                (
+                    f"{unscored} / sum by (run) (rate(softgate_reward_sequences_total{{{R}}}[$__rate_interval]))",
+                    "unscored {{run}}",
+                ),
             ],
             0,
             y,
             unit="percentunit",
             minmax=(0, 1),
             description="Share of groups whose rewards are all equal: the part of the batch that teaches "
-            f"nothing. {PER_BATCH}",
+            f"nothing ({PER_BATCH}). Unscored: share of the sequences over the interval whose rewards were "
+            "all NaN (skip_nan_components: a reward function returned None), advantage 0: a verifier or "
+            "sandbox down shows here.",
         )
     )
     panels.append(

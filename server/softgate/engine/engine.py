@@ -272,6 +272,7 @@ class Engine:
             "adv_std": float(ga.advantages.std(correction=0)) if adv.numel() else 0.0,
             "reward_mean": float(r.mean()) if r.numel() else 0.0,
             "reward_std": float(r.std(correction=0)) if r.numel() else 0.0,
+            "unscored_seqs": float(ga.rewards.shape[0] - r.numel()),
         }
         return AdvantageResult(adv, metrics)
 

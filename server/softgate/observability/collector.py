@@ -73,6 +73,12 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
         RO,
     ),
     "softgate_advantage_batches_total": ("ComputeAdvantages batches.", ("run",)),
+    "softgate_reward_sequences_total": (
+        "Sequences whose advantages the server computed from rewards (ComputeAdvantages, and ComputeLoss "
+        "without caller advantages), by status: unscored when no reward applied to it "
+        "(skip_nan_components: a NaN reward, or every component NaN; its advantage is 0), else scored.",
+        ("run", "status"),
+    ),
 }
 
 # statistics that may be negative: exported as NAME_positive and NAME_negative (SUMMARIES)

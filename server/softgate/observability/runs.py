@@ -160,6 +160,7 @@ WINDOW_KEYS = (
     "mismatch_clipped_frac",
     "off_policy_masked_frac",
     "rejected_frac",
+    "unscored_frac",
     "rollout_kl",
     "rollout_k3_kl",
 )
@@ -196,7 +197,7 @@ TOKEN_WEIGHTS: dict[str, tuple[str, ...]] = {
 def weight(b: BatchRecord, key: str) -> float:
     """A loss batch's weight in a window's mean of statistic `key`: how many of what the
     statistic is over it has (sequences, groups, the tokens of TOKEN_WEIGHTS, trained tokens)."""
-    if key in ("reward_mean", "reward_kl_mean"):  # (means over sequences)
+    if key in ("reward_mean", "reward_kl_mean", "unscored_frac"):  # (means over sequences)
         return b.seqs
     if key == "degenerate_group_fraction":
         return b.groups
@@ -244,6 +245,7 @@ ADVANTAGE_KEYS = (
     "reward_std",
     "advantage_mean",
     "advantage_std",
+    "unscored_frac",
 )
 
 

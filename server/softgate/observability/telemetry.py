@@ -97,6 +97,12 @@ def _normalize(metrics: dict[str, Any] | None) -> dict[str, Any]:
     return m
 
 
+def _count_rewarded(st: Any, sequences: float, unscored: float) -> None:
+    """softgate_reward_sequences_total: a batch's sequences, those without a reward apart."""
+    st.inc("softgate_reward_sequences_total", ("scored",), max(sequences - unscored, 0.0))
+    st.inc("softgate_reward_sequences_total", ("unscored",), unscored)
+
+
 def _f(metrics: dict[str, Any], key: str) -> float | None:
     v = metrics.get(key)
     if v is None:
@@ -456,6 +462,7 @@ class PrometheusTelemetry(Telemetry):
             "mismatch_clipped_frac": _f(m, "mismatch_clipped_frac"),
             "off_policy_masked_frac": _f(m, "off_policy_masked_frac"),
             "rejected_frac": None,  # (below: of the tokens the batch had before rollout rejection)
+            "unscored_frac": None,  # (below: of the sequences, when the advantages came from rewards)
             "rollout_kl": _f(m, "rollout_kl"),
             "rollout_k3_kl": _f(m, "rollout_k3_kl"),
         }
@@ -482,6 +489,10 @@ class PrometheusTelemetry(Telemetry):
         rejected = _f(m, "rejected_tokens") if getattr(config, "rejection", ()) else None
         if rejected is not None:
             values["rejected_frac"] = rejected / (n_tok + rejected) if n_tok + rejected > 0 else 0.0
+        unscored = _f(m, "unscored_seqs") or 0.0
+        from_rewards = bool(_f(m, "num_groups"))  # (a caller's own advantages are not counted)
+        if from_rewards and n_seq > 0:
+            values["unscored_frac"] = unscored / n_seq
         with self.lock:
             _, st = self.runs.state(run, now)
             o = (objective,)
@@ -505,6 +516,8 @@ class PrometheusTelemetry(Telemetry):
                     st.inc(counter, o, round(frac * n_tok))
             if rejected is not None:
                 st.inc("softgate_rollout_rejected_tokens_total", o, rejected)
+            if from_rewards:
+                _count_rewarded(st, n_seq, unscored)
             clamped = _f(m, "clamped_tokens")
             if clamped is not None:
                 st.inc("softgate_clamped_tokens_total", o, clamped)
@@ -579,9 +592,12 @@ class PrometheusTelemetry(Telemetry):
         now = time.time()
         adv = getattr(result, "advantages", None)
         seqs = 0 if adv is None else int(adv.numel())
+        unscored = _f(m, "unscored_seqs") or 0.0
+        values["unscored_frac"] = unscored / seqs if seqs else None
         with self.lock:
             _, st = self.runs.state(run, now)
             st.inc("softgate_advantage_batches_total", (), 1)
+            _count_rewarded(st, seqs, unscored)
             kept = {k: v for k, v in values.items() if v is not None}
             groups = int(_f(m, "num_groups") or 0)
             st.advantage_calls.append(
