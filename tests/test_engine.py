@@ -9,6 +9,7 @@ import logging
 import math
 import re
 import warnings
+from typing import Any
 
 import numpy as np
 import pytest
@@ -69,6 +70,13 @@ from torch import Tensor
 E = Engine(device="cpu", compile=False)
 F64 = torch.float64
 SLOW = pytest.mark.slow
+
+
+def slow(*values: object) -> Any:
+    """A parametrize row marked slow (`make test-slow`)."""
+    return pytest.param(*values, marks=SLOW)
+
+
 ALL_OBJECTIVES = [
     Sapo(),
     Grpo(),
@@ -1796,62 +1804,30 @@ def test_seq_mask_refuses_the_sequence_level_and_a_floor():
         # the same kernel, another clamp: numbers are kernel inputs, never baked in (a float
         # argument once was, and inductor's cache served the clamp-3 kernel to clamp 20)
         (F64, "grpo", "k3", ("token", "truncate"), 20.0, "seq_mean_token_mean", "rewards", None),
-        pytest.param(
-            torch.float32, "gspo", None, None, 3.0, "seq_mean_token_mean", "rewards", None, marks=SLOW
-        ),
+        slow(torch.float32, "gspo", None, None, 3.0, "seq_mean_token_mean", "rewards", None),
         # one weight for all and per-token advantages: a kernel without per-token sequence ids
         (torch.float32, "sapo", None, None, 20.0, "token_mean", "token", None),
-        pytest.param(F64, "cispo", "k1", None, 20.0, "seq_mean_token_sum", "sequence", None, marks=SLOW),
+        slow(F64, "cispo", "k1", None, 20.0, "seq_mean_token_sum", "sequence", None),
         # with bucket codes, as a server calls it: every objective's AOTInductor kernel (its
         # small buffers on the stack) once more
         (torch.float32, "sapo", "k3", ("token", "truncate"), 20.0, "seq_mean_token_mean", "token", CODES),
-        pytest.param(
-            F64, "grpo", "k2", ("sequence", "mask"), 20.0, "token_mean", "rewards", CODES, marks=SLOW
-        ),
+        slow(F64, "grpo", "k2", ("sequence", "mask"), 20.0, "token_mean", "rewards", CODES),
         (torch.float32, "gspo", None, None, 20.0, "seq_mean_token_sum", "sequence", CODES),
-        pytest.param(
-            torch.float32, "gspo_token", "k1", None, 20.0, "token_sum_norm", "token", CODES, marks=SLOW
-        ),
-        pytest.param(
-            F64, "gppo", None, ("token", "mask"), 20.0, "seq_mean_token_mean", "sequence", CODES, marks=SLOW
-        ),
+        slow(torch.float32, "gspo_token", "k1", None, 20.0, "token_sum_norm", "token", CODES),
+        slow(F64, "gppo", None, ("token", "mask"), 20.0, "seq_mean_token_mean", "sequence", CODES),
         # the same kernel with clamped, clipped gppo tokens: their free gradient is -A r (not
         # the clamp's 0) compiled as eagerly, whatever inductor's cache holds
-        pytest.param(
-            F64, "gppo", None, ("token", "mask"), 3.0, "seq_mean_token_mean", "sequence", CODES, marks=SLOW
-        ),
-        pytest.param(torch.float32, "cispo", None, None, 20.0, "token_mean", "token", CODES, marks=SLOW),
-        pytest.param(torch.float32, "dppo_kl", None, None, 20.0, "token_mean", "token", CODES, marks=SLOW),
-        pytest.param(
-            F64,
-            "dppo_tv",
-            "k3",
-            ("token", "truncate"),
-            20.0,
-            "seq_mean_token_mean",
-            "rewards",
-            CODES,
-            marks=SLOW,
-        ),
-        pytest.param(
-            torch.float32, "reinforce", "k3", None, 20.0, "seq_mean_token_mean", "rewards", CODES, marks=SLOW
-        ),
+        slow(F64, "gppo", None, ("token", "mask"), 3.0, "seq_mean_token_mean", "sequence", CODES),
+        slow(torch.float32, "cispo", None, None, 20.0, "token_mean", "token", CODES),
+        slow(torch.float32, "dppo_kl", None, None, 20.0, "token_mean", "token", CODES),
+        slow(F64, "dppo_tv", "k3", ("token", "truncate"), 20.0, "seq_mean_token_mean", "rewards", CODES),
+        slow(torch.float32, "reinforce", "k3", None, 20.0, "seq_mean_token_mean", "rewards", CODES),
         # the covariance selection as a kernel input (sel), read in the loop
         (torch.float32, "clip_cov", None, ("token", "truncate"), 20.0, "token_mean", "token", CODES),
-        pytest.param(F64, "kl_cov", "k3", None, 20.0, "seq_mean_token_mean", "rewards", None, marks=SLOW),
+        slow(F64, "kl_cov", "k3", None, 20.0, "seq_mean_token_mean", "rewards", None),
         # sapo's gate on the sequence ratio
-        pytest.param(
-            F64,
-            "sapo_seq",
-            "k3",
-            ("token", "truncate"),
-            20.0,
-            "seq_mean_token_mean",
-            "rewards",
-            CODES,
-            marks=SLOW,
-        ),
-        pytest.param(torch.float32, "cispo_seq", None, None, 20.0, "token_mean", "token", CODES, marks=SLOW),
+        slow(F64, "sapo_seq", "k3", ("token", "truncate"), 20.0, "seq_mean_token_mean", "rewards", CODES),
+        slow(torch.float32, "cispo_seq", None, None, 20.0, "token_mean", "token", CODES),
         # each token's own mismatch weight, filtered by its sequence's geometric mean
         (torch.float32, "grpo", None, ("token", "seq_mask"), 20.0, "token_mean", "sequence", CODES),
         # the sequence ratio's KL weight and its gradient's share, two per-sequence inputs
@@ -1859,7 +1835,7 @@ def test_seq_mask_refuses_the_sequence_level_and_a_floor():
         # dro's penalty reads logp and old, both zeroed on masked tokens (gspo's rows above:
         # variant 1, with a dual clip)
         (torch.float32, "dro", "k3", ("token", "truncate"), 20.0, "token_sum_norm", "token", CODES),
-        pytest.param(F64, "dro", None, None, 3.0, "seq_mean_token_mean", "rewards", None, marks=SLOW),
+        slow(F64, "dro", None, None, 3.0, "seq_mean_token_mean", "rewards", None),
     ],
 )
 def test_compiled_kernel_matches_eager(dtype, name, kl, mm, clamp, agg, adv, sample, caplog):
@@ -1896,9 +1872,7 @@ REJECTION = (
 
 
 @needs_compile
-@pytest.mark.parametrize(
-    "name", ["grpo", pytest.param("gspo", marks=SLOW), pytest.param("cispo", marks=SLOW)]
-)
+@pytest.mark.parametrize("name", ["grpo", slow("gspo"), slow("cispo")])
 def test_compiled_kernel_with_rollout_rejection_matches_eager(name):
     """The mask rejection leaves is the compiled kernel's, with a KL term and a mismatch weight."""
     global EC
@@ -1913,9 +1887,7 @@ def test_compiled_kernel_with_rollout_rejection_matches_eager(name):
 
 
 @needs_compile
-@pytest.mark.parametrize(
-    "name", ["grpo", pytest.param("sapo_seq", marks=SLOW), pytest.param("dro", marks=SLOW)]
-)
+@pytest.mark.parametrize("name", ["grpo", slow("sapo_seq"), slow("dro")])
 def test_compiled_kernel_with_off_policy_masking_matches_eager(name):
     """OPSM's per-sequence mean KL and its threshold as kernel inputs, with a token-level
     mismatch correction (its rollout log-probs are OPSM's sampler) and sampled bucket codes."""
