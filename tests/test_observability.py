@@ -837,6 +837,37 @@ def test_unscored_sequences_are_counted_apart() -> None:
     assert window["advantages"]["unscored_frac"] == 0.25
 
 
+def test_reward_statistics_read_the_scored_sequences_only() -> None:
+    """A batch whose rewards are all NaN (skip_nan_components) has no reward mean: the
+    engine's 0 is not recorded (a sandbox down showed as a reward crash), and reward_mean
+    weighs each batch by its scored sequences; the unscored share by all of them (the
+    advantages' too, by sequences, not groups)."""
+    from reference_loss import random_batch
+    from softgate.engine import AdvantageConfig
+
+    eng = Engine(device="cpu", compile=False)
+    tel = PrometheusTelemetry(S())
+    cfg = LossConfig(advantages=AdvantageConfig(skip_nan_components=True))
+    for unscored in (0, 8, 7):
+        b = random_batch(11, num_seqs=8, max_len=4)
+        assert b.rewards is not None
+        b.rewards[:] = 1.0
+        b.rewards[:unscored] = math.nan
+        tel.observe_loss("r", cfg, eng.loss(b, cfg))
+        tel.flush()
+        assert _value(tel, "softgate_reward_mean", run="r") == 1.0
+    window = tel.run_summary("r")["windows"]["last_10_batches"]  # type: ignore[index]
+    assert window["reward_mean"] == 1.0 and window["unscored_frac"] == pytest.approx(15 / 24)
+    skip = AdvantageConfig(skip_nan_components=True)
+    first = torch.tensor([2.0, math.nan, 1.0, 0.0, 2.0, 2.0, math.nan, 0.0], dtype=torch.float64)
+    tel.observe_advantages("r", skip, eng.advantages(first, torch.arange(8) // 4, skip))
+    second = torch.full((4,), 4.0, dtype=torch.float64)
+    tel.observe_advantages("r", skip, eng.advantages(second, torch.arange(4), skip))
+    advantages = tel.run_summary("r")["windows"]["last_10_batches"]["advantages"]  # type: ignore[index]
+    assert advantages["unscored_frac"] == pytest.approx(2 / 12)
+    assert advantages["reward_mean"] == pytest.approx((7.0 + 16.0) / 10)
+
+
 def test_the_series_of_a_run_are_as_documented() -> None:
     """docs/observability.md ("Run label") says how many series one (run, objective) exports
     and how many more the run itself: a batch with every sign, clip and gauge, and a

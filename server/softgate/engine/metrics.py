@@ -60,7 +60,8 @@ METRIC_NAMES: dict[str, str] = {
     "reward_std": "population std of rewards over sequences (of several components: their weighted sum; "
     "skip_nan_components: over the sequences with one); 0 without rewards",
     "unscored_seqs": "sequences with no reward that applies (skip_nan_components: a NaN reward, or every "
-    "component NaN): advantage 0, left out of every statistic; 0 without the setting",
+    "component NaN): advantage 0 and left out of every statistic when the advantages come from the rewards, "
+    "left out of reward_mean and reward_std beside the caller's advantages; 0 without the setting",
     # KL and mismatch
     "kl_mean": "mean of the KL estimator (before beta) over tokens; 0 without a KL term",
     "kl_clamped_tokens": "tokens whose k3 (k3_st, k3_is, k3_is_seq) KL log-ratio ref - logp was above log_ratio_clamp "

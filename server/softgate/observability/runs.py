@@ -197,7 +197,9 @@ TOKEN_WEIGHTS: dict[str, tuple[str, ...]] = {
 def weight(b: BatchRecord, key: str) -> float:
     """A loss batch's weight in a window's mean of statistic `key`: how many of what the
     statistic is over it has (sequences, groups, the tokens of TOKEN_WEIGHTS, trained tokens)."""
-    if key in ("reward_mean", "reward_kl_mean", "unscored_frac"):  # (means over sequences)
+    if key == "reward_mean":  # (over the sequences with a reward: skip_nan_components)
+        return b.values.get("seqs_scored", b.seqs)
+    if key in ("reward_kl_mean", "unscored_frac"):  # (means over sequences)
         return b.seqs
     if key == "degenerate_group_fraction":
         return b.groups
@@ -254,14 +256,20 @@ def summarize_advantages(calls: list[BatchRecord]) -> dict[str, Any]:
     the call's sequences (the degenerate share by its groups)."""
     out: dict[str, Any] = {"calls": len(calls), "sequences": int(sum(c.seqs for c in calls))}
     for key in ADVANTAGE_KEYS:
-        vals = [
-            (c.values[key], c.groups if key == "degenerate_group_fraction" else max(c.seqs, 1))
-            for c in calls
-            if _finite(c.values.get(key))
-        ]
+        vals = [(c.values[key], _advantage_weight(c, key)) for c in calls if _finite(c.values.get(key))]
         if (mean := _weighted_mean(vals)) is not None:
             out[key] = mean
     return out
+
+
+def _advantage_weight(c: BatchRecord, key: str) -> float:
+    """A ComputeAdvantages call's weight in a window's mean of `key`: its groups for the
+    degenerate share, its sequences with a reward for the reward statistics, else its sequences."""
+    if key == "degenerate_group_fraction":
+        return c.groups
+    if key in ("reward_mean", "reward_std"):
+        return c.values.get("seqs_scored", max(c.seqs, 1))
+    return max(c.seqs, 1)
 
 
 def _weighted_mean(pairs: Sequence[tuple[float, float]]) -> float | None:

@@ -97,6 +97,13 @@ def _normalize(metrics: dict[str, Any] | None) -> dict[str, Any]:
     return m
 
 
+def _no_reward_statistics(values: dict[str, float | None], none_scored: bool) -> None:
+    """A batch none of whose sequences had a reward that applied has no reward mean or std
+    (the engine's 0 stands for "none"): left out of the gauges and windows, not read as 0."""
+    if none_scored:
+        values["reward_mean"] = values["reward_std"] = None
+
+
 def _count_rewarded(st: Any, sequences: float, unscored: float) -> None:
     """softgate_reward_sequences_total: a batch's sequences, those without a reward apart."""
     st.inc("softgate_reward_sequences_total", ("scored",), max(sequences - unscored, 0.0))
@@ -493,6 +500,7 @@ class PrometheusTelemetry(Telemetry):
         from_rewards = bool(_f(m, "num_groups"))  # (a caller's own advantages are not counted)
         if from_rewards and n_seq > 0:
             values["unscored_frac"] = unscored / n_seq
+            _no_reward_statistics(values, unscored >= n_seq)
         with self.lock:
             _, st = self.runs.state(run, now)
             o = (objective,)
@@ -572,6 +580,7 @@ class PrometheusTelemetry(Telemetry):
                         "tokens_zero": tok["zero"],
                         # (rejected_frac's weight: the tokens sent, those rejected included)
                         **({"tokens_rejected": rejected} if rejected is not None else {}),
+                        **({"seqs_scored": n_seq - unscored} if unscored else {}),  # (reward_mean's weight)
                         **({"rollout_tokens": rollout_tokens} if rollout_tokens else {}),
                     },
                 )
@@ -594,6 +603,9 @@ class PrometheusTelemetry(Telemetry):
         seqs = 0 if adv is None else int(adv.numel())
         unscored = _f(m, "unscored_seqs") or 0.0
         values["unscored_frac"] = unscored / seqs if seqs else None
+        _no_reward_statistics(values, bool(seqs) and unscored >= seqs)
+        if unscored:
+            values["seqs_scored"] = seqs - unscored  # (the reward statistics' weight)
         with self.lock:
             _, st = self.runs.state(run, now)
             st.inc("softgate_advantage_batches_total", (), 1)
