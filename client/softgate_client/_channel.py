@@ -24,7 +24,8 @@ SHUTDOWN_CANCELLED = "CANCELLED"
 @dataclass(frozen=True)
 class RetryPolicy:
     """Retries of UNAVAILABLE, RESOURCE_EXHAUSTED and a server's shutdown CANCELLED (see
-    `retryable`) with capped exponential backoff and full jitter: retry k (k >= 1) waits uniform(0, min(max_backoff, initial_backoff * multiplier**(k-1))).
+    `retryable`) with capped exponential backoff and full jitter: retry k (k >= 1) waits
+    uniform(0, min(max_backoff, initial_backoff * multiplier**(k-1))).
     A call is retried until `budget` seconds after it started or its own deadline, whichever
     comes first (a restarting server takes seconds to come back), and at most `max_attempts`
     attempts in all when that is set (None: the budget alone decides); a RESOURCE_EXHAUSTED
