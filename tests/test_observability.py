@@ -674,7 +674,7 @@ def test_per_batch_statistics_are_exported_without_buckets() -> None:
 CORRECTIONS = LossConfig(
     objective=Grpo(),
     kl=KLConfig("k3", beta=0.1),
-    mismatch=MismatchConfig(mode="mask", lo=0.7, hi=1.3),
+    mismatch=MismatchConfig(mode="mask", lo=0.7, hi=1.3, batch_normalize=True),
     off_policy_mask_threshold=0.2,
     rejection=(RejectionCriterion(1.5),),
     reward_kl=RewardKLConfig(beta=0.05, estimator="k3", level="sequence"),
@@ -686,6 +686,7 @@ CORRECTION_SERIES = {
     "softgate_batch_kl_mean_positive_sum": ("kl_mean", "value"),  # (k3's, >= 0)
     "softgate_batch_reward_kl_positive_sum": ("reward_kl_mean", "value"),
     "softgate_batch_mismatch_weight_mean_sum": ("mismatch_weight_mean", "value"),
+    "softgate_batch_mismatch_norm_factor_sum": ("mismatch_norm_factor", "value"),
     "softgate_batch_rollout_kl_positive_sum": ("rollout_kl", "value"),
     "softgate_batch_rollout_k3_kl_sum": ("rollout_k3_kl", "value"),
 }
@@ -701,7 +702,7 @@ def test_off_policy_corrections_are_exported_for_the_batches_that_have_them() ->
     m, n_tok = res.metrics, res.metrics["num_tokens"]
     assert 0 < m["mismatch_clipped_frac"] < 1 and 0 < m["off_policy_masked_frac"] < 1 and m["kl_mean"] > 0
     assert m["reward_kl_mean"] > 0
-    assert m["mismatch_weight_mean"] != 1.0
+    assert m["mismatch_weight_mean"] != 1.0 and m["mismatch_norm_factor"] not in (0.0, 1.0)
     tel.observe_loss("r", config, res)
     for name, (key, kind) in CORRECTION_SERIES.items():
         want = round(m[key] * n_tok) if kind == "count" else m[key]
@@ -715,6 +716,7 @@ def test_off_policy_corrections_are_exported_for_the_batches_that_have_them() ->
         "reward_kl_mean",
         "mismatch_weight_mean",
         "mismatch_clipped_frac",
+        "mismatch_norm_factor",
         "off_policy_masked_frac",
     ):
         assert window[key] == pytest.approx(m[key]), key
@@ -745,7 +747,13 @@ def test_off_policy_corrections_are_exported_for_the_batches_that_have_them() ->
     assert not names & {*CORRECTION_SERIES, "softgate_batch_kl_mean_positive_count"}
     summary = plain.run_summary("p")
     assert summary is not None
-    window_keys = {"kl_mean", "reward_kl_mean", "mismatch_weight_mean", "off_policy_masked_frac"}
+    window_keys = {
+        "kl_mean",
+        "reward_kl_mean",
+        "mismatch_weight_mean",
+        "mismatch_norm_factor",
+        "off_policy_masked_frac",
+    }
     window_keys |= {"rejected_frac", "rollout_kl"}
     assert not window_keys & set(summary["windows"]["last_10_batches"])
     # rollout_logp alone: the sampler's KL, nothing else
@@ -921,6 +929,16 @@ def test_the_series_of_a_run_are_as_documented() -> None:
         tel.observe_loss("r", config, res)
         got = [1 for _, lab, _ in _samples(tel) if lab.get("run") == "r" and "objective" in lab]
         assert len(got) == per_objective + (rollout if not part else extra), part
+    normalized = re.search(r"`batch_normalize` (\d+) more", re.sub(r"\s+", " ", doc))
+    assert normalized, "docs/observability.md no longer states batch_normalize's series"
+    tel = PrometheusTelemetry(S())
+    cfg = LossConfig(objective=Grpo(dual_clip=3.0), mismatch=MismatchConfig(batch_normalize=True))
+    config, res = _engine_result(config=cfg, corrections=True)
+    tel.observe_loss("r", config, res)
+    got = [1 for _, lab, _ in _samples(tel) if lab.get("run") == "r" and "objective" in lab]
+    assert len(got) == per_objective + rollout + extras[2] + int(
+        normalized.group(1)
+    )  # (extras[2]: a mismatch)
 
 
 def test_engine_configurations_are_read_at_scrape_time() -> None:

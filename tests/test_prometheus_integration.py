@@ -69,7 +69,7 @@ class Traffic:
         rng = np.random.default_rng(0)
         corrections = {
             "kl_beta": 0.05,
-            "mismatch": MismatchConfig(mode="mask"),
+            "mismatch": MismatchConfig(mode="mask", batch_normalize=True),
             "off_policy_mask_threshold": 0.0,
             "rollout_rs": "token_k1",
             "rollout_rs_threshold": "0.3_3.0",  # (wider than the mask: both act)

@@ -325,6 +325,7 @@ def build() -> dict[str, Any]:
             "Train/inference mismatch",
             [
                 (avg("softgate_batch_mismatch_weight_mean", "objective"), "mean weight {{objective}}"),
+                (avg("softgate_batch_mismatch_norm_factor", "objective"), "batch norm factor {{objective}}"),
                 (
                     share("softgate_mismatch_clipped_tokens_total", "objective", ignoring="sign"),
                     "corrected {{objective}}",
@@ -336,7 +337,9 @@ def build() -> dict[str, Any]:
             description="Runs with a mismatch correction only. Left: mean weight v = exp(old - rollout) as "
             f"applied, 1 where sampler and trainer agree ({PER_BATCH}). Right: share of trained tokens whose "
             "v was truncated or masked (seq_mask: the tokens of its dropped sequences). A climbing share means "
-            "the sampler and the trainer compute different probabilities for the same tokens.",
+            "the sampler and the trainer compute different probabilities for the same tokens. Batch norm "
+            "factor (runs with batch_normalize, verl's rollout_is_batch_norm_factor): the mean weight of the "
+            "batch as sent that the weights were divided by.",
             overrides=[right_axis("^corrected .*", "percentunit", "corrected tokens")],
         )
     )

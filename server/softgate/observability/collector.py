@@ -100,6 +100,7 @@ BATCH_SUMMARIES: tuple[tuple[str, str, str | None], ...] = (
     ("softgate_batch_kl_mean", "kl_mean", None),
     ("softgate_batch_reward_kl", "reward_kl_mean", None),
     ("softgate_batch_mismatch_weight_mean", "mismatch_weight_mean", None),
+    ("softgate_batch_mismatch_norm_factor", "mismatch_norm_factor", None),
     ("softgate_batch_rollout_kl", "rollout_kl", None),
     ("softgate_batch_rollout_k3_kl", "rollout_k3_kl", None),
 )
@@ -196,6 +197,12 @@ SUMMARIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "softgate_batch_mismatch_weight_mean": (
         "Per batch: mean over trained tokens of the train/inference mismatch weight v = exp(old - rollout) "
         "as applied (after its clamp or mask); batches with a mismatch correction only.",
+        RO,
+    ),
+    "softgate_batch_mismatch_norm_factor": (
+        "Per batch: the mean of the mismatch weights over the batch as sent that batch_normalize divided "
+        "them by (verl's rollout_is_batch_norm_factor; softgate_batch_mismatch_weight_mean is before it); "
+        "batches with mismatch.batch_normalize only.",
         RO,
     ),
 }

@@ -158,6 +158,7 @@ WINDOW_KEYS = (
     "reward_kl_mean",
     "mismatch_weight_mean",
     "mismatch_clipped_frac",
+    "mismatch_norm_factor",
     "off_policy_masked_frac",
     "rejected_frac",
     "unscored_frac",
@@ -187,6 +188,7 @@ TOKEN_WEIGHTS: dict[str, tuple[str, ...]] = {
     "kl_mean": _TRAINED,
     "mismatch_weight_mean": _TRAINED,
     "mismatch_clipped_frac": _TRAINED,
+    "mismatch_norm_factor": _TRAINED,
     "off_policy_masked_frac": _TRAINED,
     "rejected_frac": (*_TRAINED, "tokens_rejected"),  # a share of the tokens sent
     "rollout_kl": ("rollout_tokens",),  # over the tokens as sent

@@ -467,6 +467,7 @@ class PrometheusTelemetry(Telemetry):
             "reward_kl_mean": _f(m, "reward_kl_mean"),
             "mismatch_weight_mean": _f(m, "mismatch_weight_mean"),
             "mismatch_clipped_frac": _f(m, "mismatch_clipped_frac"),
+            "mismatch_norm_factor": _f(m, "mismatch_norm_factor"),
             "off_policy_masked_frac": _f(m, "off_policy_masked_frac"),
             "rejected_frac": None,  # (below: of the tokens the batch had before rollout rejection)
             "unscored_frac": None,  # (below: of the sequences, when the advantages came from rewards)
@@ -488,6 +489,8 @@ class PrometheusTelemetry(Telemetry):
             values["reward_kl_mean"] = None
         if getattr(config, "mismatch", None) is None:
             values["mismatch_weight_mean"] = values["mismatch_clipped_frac"] = None
+        if not getattr(getattr(config, "mismatch", None), "batch_normalize", False):
+            values["mismatch_norm_factor"] = None
         if getattr(config, "off_policy_mask_threshold", None) is None:
             values["off_policy_masked_frac"] = None
         rollout_tokens = _f(m, "rollout_tokens") or 0.0
