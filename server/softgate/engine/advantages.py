@@ -91,8 +91,8 @@ def group_advantages(
             parts = parts.masked_fill(~applies, 0.0)
             scored = applies.any(1)
             # (an unscored sequence weighs nothing: opo's baseline, the whitening)
-            w_all = torch.ones(parts.shape[0], dtype=torch.float64, device=parts.device)
-            weights = (w_all if weights is None else weights.to(torch.float64)) * scored
+            w = scored.to(torch.float64)
+            weights = w if weights is None else weights.to(torch.float64) * w
     wk = cfg.reward_weights
     if wk is None and parts.shape[1] == 1:
         r = parts[:, 0]

@@ -184,7 +184,7 @@ def _compute_loss(
 
     # ---- advantages (per sequence unless the caller gave them per token)
     adv_per_token = False
-    num_groups = 0
+    num_groups = unscored_seqs = 0
     weighted: Tensor | None = None
     if batch.advantages is not None:
         t["adv"] = _cast(batch.advantages, dt, dev)
@@ -243,8 +243,7 @@ def _compute_loss(
             rw = rw[~rw.isnan()]
         if rw.numel() > 0:  # (the sequences with a reward)
             extra["reward_std"], extra["reward_mean"] = torch.std_mean(rw, correction=0)
-        if rw.numel() < batch.rewards.shape[0]:  # (skip_nan_components: the sequences without)
-            extra["unscored_seqs"] = torch.tensor(batch.rewards.shape[0] - rw.numel(), dtype=F64, device=dev)
+        unscored_seqs = batch.rewards.shape[0] - rw.numel()  # (skip_nan_components: those without)
 
     # ---- sequence-level pieces
     seq_ratio = isinstance(obj, (Gspo, GspoToken, SapoSeq, CispoSeq))
@@ -447,7 +446,7 @@ def _compute_loss(
     mx["adv_std"] = max(a_var, 0.0) ** 0.5
     mx["reward_mean"] = s.get("reward_mean", 0.0)
     mx["reward_std"] = s.get("reward_std", 0.0)
-    mx["unscored_seqs"] = s.get("unscored_seqs", 0.0)
+    mx["unscored_seqs"] = float(unscored_seqs)
     mx["num_groups"] = float(num_groups)
     mx["degenerate_group_frac"] = s.get("degenerate_group_frac", 0.0)
     mx["kl_mean"] = share(s["k_sum"], cnt)

@@ -97,13 +97,6 @@ def _normalize(metrics: dict[str, Any] | None) -> dict[str, Any]:
     return m
 
 
-def _no_reward_statistics(values: dict[str, float | None], none_scored: bool) -> None:
-    """A batch none of whose sequences had a reward that applied has no reward mean or std
-    (the engine's 0 stands for "none"): left out of the gauges and windows, not read as 0."""
-    if none_scored:
-        values["reward_mean"] = values["reward_std"] = None
-
-
 def _count_rewarded(st: Any, sequences: float, unscored: float) -> None:
     """softgate_reward_sequences_total: a batch's sequences, those without a reward apart."""
     st.inc("softgate_reward_sequences_total", ("scored",), max(sequences - unscored, 0.0))
@@ -503,7 +496,8 @@ class PrometheusTelemetry(Telemetry):
         from_rewards = bool(_f(m, "num_groups"))  # (a caller's own advantages are not counted)
         if from_rewards and n_seq > 0:
             values["unscored_frac"] = unscored / n_seq
-            _no_reward_statistics(values, unscored >= n_seq)
+            if unscored >= n_seq:  # no reward at all: the engine's 0 stands for "none", not a 0 reward
+                values["reward_mean"] = values["reward_std"] = None
         with self.lock:
             _, st = self.runs.state(run, now)
             o = (objective,)
@@ -606,7 +600,8 @@ class PrometheusTelemetry(Telemetry):
         seqs = 0 if adv is None else int(adv.numel())
         unscored = _f(m, "unscored_seqs") or 0.0
         values["unscored_frac"] = unscored / seqs if seqs else None
-        _no_reward_statistics(values, bool(seqs) and unscored >= seqs)
+        if seqs and unscored >= seqs:  # (no reward at all: as in _observe_loss)
+            values["reward_mean"] = values["reward_std"] = None
         if unscored:
             values["seqs_scored"] = seqs - unscored  # (the reward statistics' weight)
         with self.lock:
