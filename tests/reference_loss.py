@@ -216,6 +216,8 @@ def reference_reward_kl(batch: Batch, config: LossConfig) -> list[list[float]]:
             else:  # k3, x clamped from above at log_ratio_clamp
                 xc = min(x, config.log_ratio_clamp)
                 ks.append(math.expm1(xc) - xc)
+            if rk.value_clamp is not None:
+                ks[-1] = min(max(ks[-1], -rk.value_clamp), rk.value_clamp)
         out.append(ks)
     return out
 
@@ -460,6 +462,9 @@ def reference_loss(batch: Batch, config: LossConfig) -> Reference:
             k = -x if est == "k1" else (x * x / 2 if est == "k2" else torch.exp(xc) - xc - 1)
             if est == "abs":  # (autograd's gradient of |x| at 0 is 0)
                 k = x.abs()
+            cap = config.kl.value_clamp
+            if cap is not None:  # verl's torch.clamp(kld, -10, 10): the value and its gradient
+                k = torch.clamp(k, -cap, cap)
             if config.kl.estimator.endswith("_st"):  # straight-through: k's value, k2's gradient
                 k2 = x * x / 2
                 k = k2 - k2.detach() + k.detach()
@@ -735,6 +740,17 @@ def near_boundary(batch: Batch, config: LossConfig, tol: float = 1e-7) -> bool:
             x = (batch.ref_logp.to(f64) - logp)[off[i] : off[i + 1]][mi]
             if bool(((x - C).abs() < tol).any()):  # k3's clamp, from above only
                 return True
+            cap = config.kl.value_clamp
+            if cap is not None:  # the value bound's, |k| = cap (k3's value at x = C is far past it)
+                est = config.kl.estimator.removesuffix("_st")
+                xc = x.clamp(max=C)
+                k = (
+                    -x
+                    if est == "k1"
+                    else (x * x / 2 if est == "k2" else (x.abs() if est == "abs" else torch.expm1(xc) - xc))
+                )
+                if bool(((k.abs() - cap).abs() < tol * max(1.0, cap)).any()):
+                    return True
         mm = config.mismatch
         if mm is not None and batch.rollout_logp is not None:
             lv = (old - batch.rollout_logp.to(f64))[off[i] : off[i + 1]][mi]

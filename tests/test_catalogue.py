@@ -53,16 +53,28 @@ def test_the_loss_level_parameters_are_listed_with_their_defaults() -> None:
 
 
 def test_reward_kl_estimators_are_listed_with_beta_and_level() -> None:
-    """A KL in the reward: k1 (its default) first, then k2, k3, abs, each with beta (default 0)
-    and level (token, the default, or sequence), each named after the engine's own."""
+    """A KL in the reward: k1 (its default) first, then k2, k3, abs, each with beta (default 0),
+    level (token, the default, or sequence) and value_clamp (no default: none), each named
+    after the engine's own."""
     r = catalogue.build(Limits(), 1 << 20)
     assert [e.name for e in r.reward_kl_estimators] == ["k1", "k2", "k3", "abs"]
     for e in r.reward_kl_estimators:
         params = {p.name: p for p in e.parameters}
-        assert set(params) == {"beta", "level"} and params["beta"].default_value == 0.0
+        assert set(params) == {"beta", "level", "value_clamp"} and params["beta"].default_value == 0.0
+        assert not params["value_clamp"].HasField("default_value")
+        assert "in the reward" in params["value_clamp"].description
         assert list(params["level"].choices) == ["token", "sequence"]
         assert params["level"].default_choice == "token" and "REINFORCE++" in params["level"].description
         assert "reward" in e.description
+
+
+def test_kl_value_clamp_is_listed_where_it_is_accepted() -> None:
+    """Every KL estimator lists value_clamp but k3_is and k3_is_seq, which refuse it."""
+    r = catalogue.build(Limits(), 1 << 20)
+    listed = {e.name for e in r.kl_estimators if "value_clamp" in {p.name for p in e.parameters}}
+    assert listed == set(c.KL_ESTIMATORS) - {"k3_is", "k3_is_seq"}
+    k3 = next(e for e in r.kl_estimators if e.name == "k3")
+    assert "low_var_kl: 10" in next(p.description for p in k3.parameters if p.name == "value_clamp")
 
 
 def test_gamma_is_reinforce_pp_s_alone() -> None:

@@ -105,6 +105,10 @@ CASES = [
         {"objective": "sapo", "kl_beta": 0.05, "kl_aggregation": "token_mean"},
         LossConfig(kl=ec.KLConfig("k3", 0.05, aggregation="token_mean")),
     ),
+    (  # verl's low_var_kl loss, its value bounded (10 there; 0.01 here, so that tokens pass it)
+        {"objective": "grpo", "kl_beta": 0.05, "kl_estimator": "k3", "kl_value_clamp": 0.01},
+        LossConfig(objective=ec.Grpo(), kl=ec.KLConfig("k3", 0.05, value_clamp=0.01)),
+    ),
     (  # verl's rollout_is_batch_normalize on sequence-level TIS weights
         {"objective": "grpo", "mismatch_level": "sequence", "mismatch_batch_normalize": True},
         LossConfig(objective=ec.Grpo(), mismatch=ec.MismatchConfig(level="sequence", batch_normalize=True)),
@@ -134,6 +138,19 @@ CASES = [
         },
         LossConfig(
             objective=ec.Grpo(), reward_kl=ec.RewardKLConfig(beta=0.1, estimator="k3", level="sequence")
+        ),
+    ),
+    (  # ... with verl's bound on each token's k
+        {
+            "objective": "grpo",
+            "reward_kl_beta": 0.1,
+            "reward_kl_estimator": "k3",
+            "reward_kl_level": "sequence",
+            "reward_kl_value_clamp": 0.01,
+        },
+        LossConfig(
+            objective=ec.Grpo(),
+            reward_kl=ec.RewardKLConfig(beta=0.1, estimator="k3", level="sequence", value_clamp=0.01),
         ),
     ),
     (  # a TIS window [floor, cap] that binds on both sides (weights exp(+-0.05) here)

@@ -575,6 +575,14 @@ def test_a_kl_estimator_without_beta_is_refused(client) -> None:
     assert cfg.build_loss_config(kl_estimator="k2", kl_beta=0.0).kl == cfg.KLConfig("k2", 0.0)
     assert cfg.build_loss_config(kl=cfg.KLConfig("k2"), kl_beta=0.5).kl == cfg.KLConfig("k2", 0.5)
     assert cfg.build_loss_config(kl=cfg.KLConfig()).kl is None
+    # a bound alone was dropped with the empty section: no KL term and not a word
+    why = "missing: a KL value_clamp (10.0) was set without beta, which defaults to 0 (no KL term); pass kl_beta"
+    assert refusal(lambda: client.loss(lp, kl_value_clamp=10, **kw)) == ("config.kl.beta", why)
+    why = (
+        "missing: a KL value_clamp (10.0) was set without beta, which defaults to 0 (no KL in the reward); "
+        "pass reward_kl_beta"
+    )
+    assert refusal(lambda: cfg.build_loss_config(reward_kl_value_clamp=10)) == ("config.reward_kl.beta", why)
 
 
 def test_per_sequence_advantages_as_a_column_are_told_to_squeeze() -> None:

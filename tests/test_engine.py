@@ -1049,6 +1049,72 @@ def test_only_k3_clamps_the_kl_log_ratio_and_only_from_above(estimator: str, x: 
     assert res.metrics["kl_clamped_tokens"] == clamped
 
 
+def _verl_kl_penalty(logp: Tensor, ref: Tensor, kind: str) -> Tensor:
+    """verl's core_algos.kl_penalty written out: "kl" (k1), "mse" (k2), "low_var_kl" (k3, x
+    clamped to [-20, 20] and the value to [-10, 10]), "low_var_kl+" (its value, k2's gradient)."""
+    if kind == "kl":
+        return logp - ref
+    if kind == "mse":
+        return 0.5 * (logp - ref).square()
+    kl = torch.clamp(ref - logp, min=-20, max=20)
+    kld = torch.clamp(torch.exp(kl) - kl - 1, min=-10, max=10)
+    if kind == "low_var_kl":
+        return kld
+    k2 = 0.5 * (logp - ref).square()
+    return k2 - k2.detach() + kld.detach()
+
+
+@pytest.mark.parametrize(
+    "kind,estimator", [("low_var_kl", "k3"), ("low_var_kl+", "k3_st"), ("kl", "k1"), ("mse", "k2")]
+)
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_kl_value_clamp_10_is_verls_kl_loss(kind: str, estimator: str, dtype: torch.dtype) -> None:
+    """verl's use_kl_loss (kl_penalty, then agg_loss token-mean) against kl.value_clamp=10: the
+    same loss and gradient, with tokens past the bound on both sides of k3 (x = ref - logp
+    above 2.6 and below -11: verl's gradient 0 there, k3_st's k2's). verl's k1 and k2 are not
+    clamped: with value_clamp 10 they differ only where |k| > 10, here the k3 tokens, so the
+    bound is checked there against a clamped k1 / k2. kl_clamped_tokens counts the clamped."""
+    g = torch.Generator().manual_seed(5)
+    lengths = torch.tensor([6, 4, 7])
+    n = int(lengths.sum())
+    logp = -torch.rand(n, generator=g, dtype=F64) * 2 - 5.0
+    ref = logp + 0.5 * torch.randn(n, generator=g, dtype=F64)
+    ref[1], ref[7], ref[12] = logp[1] + 2.7, logp[7] + 4.0, logp[12] - 12.0  # k3 > 10 at all three
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[3] = False
+    x = logp.clone().requires_grad_(True)
+    k = _verl_kl_penalty(x, ref, kind)
+    if kind in ("kl", "mse"):
+        k = torch.clamp(k, -10, 10)
+    beta = 0.3
+    want = beta * k[mask].sum() / mask.sum()
+    (grad,) = torch.autograd.grad(want, x)
+    batch = Batch(
+        logp=logp.to(dtype),
+        offsets=Batch.offsets_from_lengths(lengths),
+        ref_logp=ref.to(dtype),
+        mask=mask,
+        advantages=torch.zeros(3, dtype=dtype),
+    )
+    cfg = LossConfig(
+        objective=Reinforce(),
+        aggregation=AggregationConfig(mode="token_mean"),
+        kl=KLConfig(estimator=estimator, beta=beta, value_clamp=10.0),  # type: ignore[arg-type]
+    )
+    res = E.loss(batch, cfg)
+    rel = 1e-12 if dtype == F64 else 2e-6
+    assert res.kl_loss == pytest.approx(float(want.detach()), rel=rel)
+    torch.testing.assert_close(res.grad.to(F64), grad * mask, rtol=rel, atol=1e-7 if dtype != F64 else 1e-15)
+    d = ref - logp
+    raw = {"k1": -d, "k2": d * d / 2}.get(estimator, torch.expm1(d) - d)
+    over = (raw.abs() > 10) & mask
+    assert res.metrics["kl_clamped_tokens"] == int(over.sum()) and int(over.sum()) >= 1
+    if estimator == "k3":  # the three tokens past 10: gradient 0, as verl's
+        assert res.grad[[1, 7, 12]].tolist() == [0.0, 0.0, 0.0]
+    unbounded = E.loss(batch, dataclasses.replace(cfg, kl=KLConfig(estimator=estimator, beta=beta)))  # type: ignore[arg-type]
+    assert unbounded.kl_loss > res.kl_loss
+
+
 @pytest.mark.parametrize("dtype", [F64, torch.float32])
 def test_the_mismatch_weight_is_the_spec_s_exact_v(dtype: torch.dtype) -> None:
     """Found by an audit: log v = old - rollout was clamped at +-log_ratio_clamp before exp, so
@@ -1460,6 +1526,11 @@ def test_validation_batch(monkeypatch, path):
         (LossConfig(objective=Grpo(dual_clip=1.0)), "objective.grpo.dual_clip"),
         (LossConfig(kl=KLConfig(beta=-0.1)), "kl.beta"),
         (LossConfig(kl=KLConfig(estimator="k4")), "kl.estimator"),  # type: ignore[arg-type]
+        (LossConfig(kl=KLConfig(value_clamp=0.0)), "kl.value_clamp"),  # (unset, not 0, is no bound)
+        (LossConfig(kl=KLConfig(value_clamp=-10.0)), "kl.value_clamp"),
+        (LossConfig(kl=KLConfig(value_clamp=math.inf)), "kl.value_clamp"),
+        (LossConfig(kl=KLConfig(estimator="k3_is", value_clamp=10.0)), "kl.value_clamp"),
+        (LossConfig(kl=KLConfig(estimator="k3_is_seq", value_clamp=10.0)), "kl.value_clamp"),
         (LossConfig(mismatch=MismatchConfig(cap=0.0)), "mismatch.cap"),
         (LossConfig(mismatch=MismatchConfig(mode="mask", lo=2.0, hi=2.0)), "mismatch.lo"),
         (LossConfig(mismatch=MismatchConfig(mode="mask", hi=0.3)), "mismatch.hi"),  # lo left at 0.5
@@ -1474,6 +1545,8 @@ def test_validation_batch(monkeypatch, path):
         (LossConfig(mismatch=MismatchConfig(batch_normalize=1)), "mismatch.batch_normalize"),  # type: ignore[arg-type]
         (LossConfig(reward_kl=RewardKLConfig(beta=-0.1)), "reward_kl.beta"),
         (LossConfig(reward_kl=RewardKLConfig(beta=float("nan"))), "reward_kl.beta"),
+        (LossConfig(reward_kl=RewardKLConfig(value_clamp=float("nan"))), "reward_kl.value_clamp"),
+        (LossConfig(reward_kl=RewardKLConfig(value_clamp=-1.0)), "reward_kl.value_clamp"),
         (LossConfig(reward_kl=RewardKLConfig(estimator="k3_is")), "reward_kl.estimator"),  # type: ignore[arg-type]
         (LossConfig(reward_kl=RewardKLConfig(level="seq")), "reward_kl.level"),  # type: ignore[arg-type]
         (LossConfig(objective=Gspo(), reward_kl=RewardKLConfig()), "reward_kl.level"),  # one A per sequence

@@ -218,7 +218,10 @@ def test_reward_kl(objective, estimator, level):
         config = make_config(objective, "seq_mean_token_mean", None, None, variant=seed, estimator=estimator)
         config = dataclasses.replace(config, rejection=rejection)
         rk = RewardKLConfig(
-            beta=0.05 * (1 + seed % 4), estimator=("k1", "k2", "k3", "abs")[seed % 4], level=level
+            beta=0.05 * (1 + seed % 4),
+            estimator=("k1", "k2", "k3", "abs")[seed % 4],
+            level=level,
+            value_clamp=(None, 0.02, 0.005)[seed % 3],  # (at 0.005 most tokens clamp)
         )
         config = dataclasses.replace(config, reward_kl=rk)
         if near_boundary(batch, config):
@@ -429,6 +432,7 @@ def test_reward_kl_on_policy_reads_logp() -> None:
     global_norm=st.booleans(),
     max_len=st.sampled_from([1, 4, 12]),
     min_group_std=st.sampled_from([0.0, 0.4]),  # rewards 0, 0.5, 1: some groups fall below 0.4
+    kl_cap=st.sampled_from([None, 0.05, 10.0]),
 )
 def test_property_random(
     seed,
@@ -445,6 +449,7 @@ def test_property_random(
     global_norm,
     max_len,
     min_group_std,
+    kl_cap,
 ):
     if objective in PER_SEQUENCE_ADVANTAGES and advantages == "token":
         advantages = "sequence"
@@ -465,6 +470,8 @@ def test_property_random(
         global_norm=global_norm,
         min_group_std=min_group_std,
     )
+    if kl_cap is not None and config.kl is not None and config.kl.estimator not in ("k3_is", "k3_is_seq"):
+        config = dataclasses.replace(config, kl=dataclasses.replace(config.kl, value_clamp=kl_cap))
     assume(not near_boundary(batch, config))
     check_against_reference(batch, config)
 
@@ -576,6 +583,48 @@ def _check_kl_modes(policy_mode: str, kl_mode: str, engine: Engine) -> None:
         if checked == 3:
             return
     raise AssertionError(f"only {checked} batches away from a boundary")
+
+
+@pytest.mark.parametrize(
+    "compile,estimator",
+    [
+        *((False, e) for e in ("k1", "k2", "k3", "abs", "k1_st", "k3_st", "abs_st")),
+        pytest.param(True, "k3", marks=needs_compile),
+        *(
+            pytest.param(True, e, marks=(needs_compile, pytest.mark.slow))
+            for e in ("k1", "k2", "abs", "k3_st")
+        ),
+    ],
+)
+def test_kl_value_clamp(compile, estimator):
+    """kl.value_clamp c (verl's low_var_kl: 10): k clamped to [-c, c] with gradient 0 past it
+    (the straight-through estimators: their value only), against the reference's torch.clamp,
+    eager and compiled, with bounds at which some tokens clamp and some do not; such tokens
+    count in kl_clamped_tokens, and a bound above every |k| changes nothing."""
+    engine = Engine(device="cpu", compile=True) if compile else ENGINE
+    checked = clamped = 0
+    for seed in range(12):
+        batch = random_batch(seed * 31 + 7, big_deltas=seed % 2 == 1)
+        agg = "token_mean" if compile else AGG_MODES[seed % len(AGG_MODES)]  # (compiled: one kernel)
+        base = make_config("grpo", agg, estimator, None, variant=0 if compile else seed)
+        assert base.kl is not None
+        config = dataclasses.replace(
+            base, kl=dataclasses.replace(base.kl, value_clamp=(0.01, 0.05)[seed % 2])
+        )
+        if near_boundary(batch, config):
+            continue
+        check_against_reference(batch, config, engine)
+        res, plain = engine.loss(batch, config), ENGINE.loss(batch, base)
+        clamped += res.metrics["kl_clamped_tokens"] > plain.metrics["kl_clamped_tokens"]
+        wide = dataclasses.replace(base, kl=dataclasses.replace(base.kl, value_clamp=1e6))
+        far = ENGINE.loss(batch, wide)
+        assert far.loss == plain.loss and torch.equal(far.grad, plain.grad)
+        checked += 1
+        if checked == 3:
+            break
+    assert checked == 3 and clamped >= 2, (checked, clamped)
+    if compile:
+        assert engine.kernel is not None and engine.kernel.states()["compiled"] >= 1
 
 
 @pytest.mark.parametrize("estimator", ["k1_st", "k3_st", "k3_is", "abs", "abs_st", "k3_is_seq"])

@@ -203,6 +203,7 @@ NOT_IN_F32 = "out_of_range: not representable in float32; send float64 or a valu
         (LossConfig(objective=Sapo(tau_neg=1e39)), ["objective.sapo.tau_neg"]),  # inf
         (LossConfig(kl=KLConfig(beta=1e39)), ["kl.beta"]),
         (LossConfig(kl=KLConfig(beta=1e-50)), ["kl.beta"]),  # a beta > 0 that would be 0
+        (LossConfig(kl=KLConfig(beta=0.1, value_clamp=1e-50)), ["kl.value_clamp"]),  # a bound of 0
         (LossConfig(saturation_threshold=1e-50), ["saturation_threshold"]),
         (LossConfig(mismatch=MismatchConfig(mode="mask", lo=1e-50)), ["mismatch.lo"]),
     ],

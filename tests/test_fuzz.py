@@ -334,6 +334,8 @@ def loss_configs(draw: Any) -> pb.LossConfig:
         c.kl.estimator = draw(st.integers(0, 9))  # (9: one past the last, ABS_ST)
         if draw(st.booleans()):
             c.kl.beta = draw(weird_floats)
+        if draw(st.booleans()):
+            c.kl.value_clamp = draw(weird_floats)
     if draw(st.booleans()):
         c.mismatch.SetInParent()
         c.mismatch.level = draw(st.integers(0, 3))

@@ -235,7 +235,7 @@ def loss_config_to_proto(c: cfg.LossConfig) -> pb.LossConfig:
         kl.aggregation = _enum(
             pb.AggregationMode, "AGGREGATION_MODE", c.kl.aggregation, "config.kl.aggregation"
         )
-        _set_optional(kl, beta=c.kl.beta)
+        _set_optional(kl, beta=c.kl.beta, value_clamp=c.kl.value_clamp)
     if c.mismatch is not None:
         m = c.mismatch
         mm: Any = out.mismatch
@@ -255,7 +255,7 @@ def loss_config_to_proto(c: cfg.LossConfig) -> pb.LossConfig:
             REWARD_KL_CHOICES,
         )
         rk.level = _enum(pb.RewardKlLevel, "REWARD_KL_LEVEL", c.reward_kl.level, "config.reward_kl.level")
-        _set_optional(rk, beta=c.reward_kl.beta)
+        _set_optional(rk, beta=c.reward_kl.beta, value_clamp=c.reward_kl.value_clamp)
     for i, r in enumerate(c.rejection):
         rc: Any = out.rejection.add()
         rc.statistic = _enum(

@@ -194,11 +194,13 @@ class KLConfig:
     policy ratio, TRL's use_bias_correction_kl) / `abs` / `abs_st` (|x|, verl's abs and abs+) /
     `k3_is_seq` (k3 weighted by the sequence ratio: TRL's at sequence level),
     coefficient `beta`
-    (needed with an estimator: the server's default 0 is no KL term)."""
+    (needed with an estimator: the server's default 0 is no KL term), `value_clamp` c (k
+    clamped to [-c, c], gradient 0 past it; verl's low_var_kl: 10)."""
 
     estimator: str | None = None
     beta: float | None = None
     aggregation: str | None = None  # the KL term's own mode; None: the policy term's
+    value_clamp: float | None = None
 
     def __post_init__(self) -> None:
         _plain_fields(self, "config.kl")
@@ -210,12 +212,13 @@ class RewardKLConfig:
     init_kl_coef): coefficient `beta` (needed: the server's default 0 is none), estimator
     `k1` (the default) / `k2` / `k3` / `abs` of ref_logp - old_logp, `level` `token` (each
     token's advantage less beta times the KL to its sequence's end: REINFORCE++) or
-    `sequence` (each reward less beta times its sequence's KL: verl's GRPO). Needs rewards
-    and ref_logp."""
+    `sequence` (each reward less beta times its sequence's KL: verl's GRPO), `value_clamp` c
+    (each k clamped to [-c, c]; verl's low_var_kl: 10). Needs rewards and ref_logp."""
 
     beta: float | None = None
     estimator: str | None = None
     level: str | None = None
+    value_clamp: float | None = None
 
     def __post_init__(self) -> None:
         _plain_fields(self, "config.reward_kl")
@@ -328,18 +331,15 @@ class LossConfig:
             v = getattr(self, name)
             if not isinstance(v, cls) and not (v is None and name in ("kl", "mismatch", "reward_kl")):
                 raise _not_a(f"config.{name}", cls, v)
-        for name, other, what_kl in (
-            ("kl", "aggregation", "KL term"),
-            ("reward_kl", "level", "KL in the reward"),
+        for name, others, what_kl in (
+            ("kl", ("estimator", "aggregation", "value_clamp"), "KL term"),
+            ("reward_kl", ("estimator", "level", "value_clamp"), "KL in the reward"),
         ):
             kl = getattr(self, name)
-            if (
-                kl is not None
-                and kl.beta is None
-                and (kl.estimator is not None or getattr(kl, other) is not None)
-            ):
+            given = [] if kl is None else [f for f in others if getattr(kl, f) is not None]
+            if kl is not None and kl.beta is None and given:
                 # (beta's default, 0, made such a KL term silently nothing: kl_loss 0.0; an audit)
-                what = "estimator" if kl.estimator is not None else other
+                what = given[0]
                 raise invalid_argument(
                     f"config.{name}.beta",
                     f"missing: a KL {what} ({getattr(kl, what)!r}) was set without beta, "
@@ -382,6 +382,7 @@ _FLAT_ALIASES = {
     "kl_estimator": ("kl", "estimator"),
     "kl_beta": ("kl", "beta"),
     "kl_aggregation": ("kl", "aggregation"),
+    "kl_value_clamp": ("kl", "value_clamp"),
     "beta": ("kl", "beta"),
     "mismatch_level": ("mismatch", "level"),
     "mismatch_mode": ("mismatch", "mode"),
@@ -393,6 +394,7 @@ _FLAT_ALIASES = {
     "reward_kl_beta": ("reward_kl", "beta"),
     "reward_kl_estimator": ("reward_kl", "estimator"),
     "reward_kl_level": ("reward_kl", "level"),
+    "reward_kl_value_clamp": ("reward_kl", "value_clamp"),
 }
 _SECTIONS: dict[str, type] = {
     "advantages": AdvantageConfig,
@@ -479,10 +481,7 @@ def build_loss_config(config: LossConfig | None = None, **kw: Any) -> LossConfig
     for s, cls in _SECTIONS.items():
         if s in touched:
             values[s] = cls(**sections[s])
-    kl = values["kl"]
-    if kl is not None and kl.beta is None and kl.estimator is None and kl.aggregation is None:
-        values["kl"] = None
-    rk = values["reward_kl"]
-    if rk is not None and rk.beta is None and rk.estimator is None and rk.level is None:
-        values["reward_kl"] = None
+    for s in ("kl", "reward_kl"):  # (a section whose fields are all unset is no section)
+        if values[s] is not None and all(getattr(values[s], f.name) is None for f in fields(_SECTIONS[s])):
+            values[s] = None
     return LossConfig(**values)

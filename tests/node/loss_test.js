@@ -94,6 +94,7 @@ function lossConfig(c) {
       estimator: enumName('KL_ESTIMATOR', c.kl.estimator),
       beta: c.kl.beta,
       aggregation: enumName('AGGREGATION_MODE', c.kl.aggregation),
+      value_clamp: c.kl.value_clamp,
     });
   }
   if (c.mismatch) {
@@ -113,6 +114,7 @@ function lossConfig(c) {
       beta: c.reward_kl.beta,
       estimator: enumName('KL_ESTIMATOR', c.reward_kl.estimator),
       level: enumName('REWARD_KL_LEVEL', c.reward_kl.level),
+      value_clamp: c.reward_kl.value_clamp,
     });
   }
   if (c.log_ratio_clamp !== null && c.log_ratio_clamp !== undefined) out.log_ratio_clamp = c.log_ratio_clamp;

@@ -66,6 +66,9 @@ def config_to_json(cfg: LossConfig) -> dict[str, Any]:
         del d["mismatch"]["batch_normalize"]
     if d.get("kl") and d["kl"]["aggregation"] is None:
         del d["kl"]["aggregation"]
+    for s in ("kl", "reward_kl"):
+        if d.get(s) and d[s]["value_clamp"] is None:
+            del d[s]["value_clamp"]
     if d["advantages"]["reward_weights"] is None:  # (a loss case's rewards are one component)
         del d["advantages"]["reward_weights"]
     if d["advantages"]["gamma"] == 1.0:
@@ -319,6 +322,11 @@ def _default_cases(engine: Engine) -> list[dict[str, Any]]:
     # k3_is_seq: k3 weighted by the sequence ratio, whose gradient spreads over the sequence
     cfg = LossConfig(kl=KLConfig(estimator="k3_is_seq", beta=0.3, aggregation="token_mean"))
     out.append(_case("sapo/kl_k3_is_seq_token_mean", b, cfg, engine))
+    # verl's low_var_kl bound on k (10 there; 0.05 here, so some tokens pass it and some do not)
+    cfg = LossConfig(kl=KLConfig(estimator="k3", beta=0.3, value_clamp=0.05))
+    out.append(_case("sapo/kl_k3_value_clamp", b, cfg, engine))
+    m = out[-1]["outputs"]["metrics"]
+    assert 0 < m["kl_clamped_tokens"] < m["num_tokens"], m
     # opo: the baseline weighs each sequence by its trained tokens; gpg: alpha = B / #(R != 0);
     # grpo_passk: each group's best alone; reinforce_pp: R whitened, no baseline; gdpo (one component)
     b = random_batch(5656, max_seqs=6, max_len=5, advantages="rewards", num_seqs=6)
@@ -350,6 +358,11 @@ def _default_cases(engine: Engine) -> list[dict[str, Any]]:
     cfg = LossConfig(reward_kl=RewardKLConfig(beta=0.2, estimator="k3", level="sequence"))
     out.append(_case("sapo/reward_kl_sequence_grpo", b, cfg, engine))
     assert out[-1]["outputs"]["metrics"]["reward_kl_mean"] > 0
+    clamped = dataclasses.replace(cfg, reward_kl=dataclasses.replace(cfg.reward_kl, value_clamp=0.02))
+    out.append(_case("sapo/reward_kl_sequence_grpo_value_clamp", b, clamped, engine))
+    assert (
+        0 < out[-1]["outputs"]["metrics"]["reward_kl_mean"] < out[-2]["outputs"]["metrics"]["reward_kl_mean"]
+    )
     return out
 
 

@@ -331,11 +331,13 @@ class KLConfig:
     """KL penalty to the reference policy, x = ref - logp, added as beta * k per token.
     `aggregation`: the KL term's own aggregation mode (verl aggregates SAPO's and GSPO's policy
     term seq_mean_token_mean and the KL term token_mean), with LossConfig.aggregation's
-    normalisers; None: the policy term's mode."""
+    normalisers; None: the policy term's mode. `value_clamp` c: k clamped to [-c, c], gradient 0
+    past it (straight-through estimators: the value only; verl's low_var_kl: 10); None: none."""
 
     estimator: KlEstimator = "k3"
     beta: float = 0.0
     aggregation: AggregationMode | None = None
+    value_clamp: float | None = None
 
     def __post_init__(self) -> None:
         _plain_numbers(self)
@@ -370,11 +372,13 @@ class RewardKLConfig:
     sent, k the estimator (kl.py's, without a gradient) of x = ref - old (logp on-policy).
     `level` token: each token's advantage less beta times the KL from that token to its
     sequence's end (REINFORCE++'s return), before the estimator's whitening; sequence: each
-    reward less beta times its sequence's KL sum, before the estimator (verl's grpo, rloo)."""
+    reward less beta times its sequence's KL sum, before the estimator (verl's grpo, rloo).
+    `value_clamp` c: each k clamped to [-c, c] (verl's low_var_kl: 10); None: none."""
 
     beta: float = 0.0
     estimator: RewardKlEstimator = "k1"
     level: RewardKlLevel = "token"
+    value_clamp: float | None = None
 
     def __post_init__(self) -> None:
         _plain_numbers(self)

@@ -93,7 +93,7 @@ def kernel_layout(
 
 def kernel_params(config: LossConfig, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
     """Every number token_terms reads, as 0-d tensors: the objective's (objective_params), the
-    log-ratio clamp, the saturation threshold, the KL beta, OPSM's threshold, the mismatch cap
+    log-ratio clamp, the saturation threshold, the KL beta (and value bound), OPSM's threshold, the mismatch cap
     or bounds, and the histogram edges (`ratio_edges`, `gate_edges`, 1-d; buckets.bucket_edges). Passed
     as tensors, no value is baked into a compiled kernel (a float argument was: inductor's
     cache served a kernel compiled for one clamp to a process using another). Shared, read-only
@@ -127,6 +127,8 @@ def _kernel_params(config: LossConfig, dtype: torch.dtype, device: torch.device)
     vals["logp_tol"] = (LOGP_TOLERANCE, "logp_tol")
     if config.kl is not None:
         vals["beta"] = (config.kl.beta, "kl.beta")
+        if config.kl.value_clamp is not None:  # (past the dtype's range: its largest value, no bound)
+            vals["kl_cap"] = (min(config.kl.value_clamp, big), "kl.value_clamp")
     mm = config.mismatch
     if mm is not None:
         # a bound past the dtype's largest value is that value: an overflowing weight (inf) is
@@ -313,7 +315,7 @@ def token_terms(
         # k3_is: the token's own ratio, also where the policy's is its sequence's (d: clamped);
         # k3_is_seq: its sequence's, s_i
         rt = torch.exp(d) if kl == "k3_is" else (per_token(t, "kls", ids) if kl == "k3_is_seq" else None)
-        k, dk, kcl = kl_terms(kl, torch.where(m, t["ref"] - logp, zero), clamp, rt)
+        k, dk, kcl = kl_terms(kl, torch.where(m, t["ref"] - logp, zero), clamp, rt, prm.get("kl_cap"))
         # the KL term's aggregation weight: its own (wkl), or the policy term's
         akl = _weight(t, "wkl", m, ids, zero) if "wkl" in t or "wkl" + EXPANDED in t else alpha
         total("kl_sum", akl * k)

@@ -28,6 +28,11 @@ clamp's derivative). Below,
 exp(x) only underflows to 0: a token far more likely under the policy than under the reference
 keeps k3's full pull (gradient ~1), as k1 and k2 keep theirs for every finite x (as TRL's and
 verl's k1 / k2 do).
+
+A value bound c (KLConfig.value_clamp; verl's low_var_kl clamps k3 to [-10, 10], OpenRLHF
+every estimator) clamps k to [-c, c] with gradient 0 where |k| > c (torch.clamp's: the bound
+itself keeps it); the straight-through estimators clamp their value only, their gradient stays
+k2's. Such a token counts as clamped.
 """
 
 from __future__ import annotations
@@ -44,11 +49,18 @@ _K3_SERIES = tuple(1 / math.factorial(n) for n in range(2, 9))  # exp(x) - 1 - x
 
 
 def kl_terms(
-    estimator: str, x_raw: Tensor, clamp: Tensor, ratio: Tensor | None = None
+    estimator: str, x_raw: Tensor, clamp: Tensor, ratio: Tensor | None = None, cap: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(k, d k / d logp, clamped) per token from x_raw = ref - logp (0 on masked tokens);
     `ratio`: k3_is's policy ratio r per token, k3_is_seq's sequence ratio s_i at each token
-    (d k / d logp: the token's own part, without s_i's gradient)."""
+    (d k / d logp: the token's own part, without s_i's gradient); `cap`: the value bound c
+    (not with k3_is, k3_is_seq)."""
+    if cap is not None:
+        k, dk, clamped = kl_terms(estimator, x_raw, clamp)
+        over = k.abs() > cap
+        if not estimator.endswith("_st"):
+            dk = torch.where(over, torch.zeros_like(dk), dk)
+        return k.clamp(-cap, cap), dk, clamped | over
     if estimator == "k3_is_seq":
         assert ratio is not None
         k, dk, clamped = kl_terms("k3", x_raw, clamp)

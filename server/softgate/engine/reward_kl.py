@@ -3,8 +3,9 @@ init_kl_coef (REINFORCE++'s default).
 
 Each token of the mask as sent carries the penalty beta * k, k an estimator of x = ref - old
 (kl.kl_terms' value: k1 = -x, k2 = x^2 / 2, k3 = exp(x) - 1 - x with x clamped from above
-at log_ratio_clamp, abs = |x|), computed in float64 from the policy that sampled (old_logp, or
-logp on-policy): a constant of the loss, so the gradient is the policy term's alone.
+at log_ratio_clamp, abs = |x|; then clamped to [-c, c], c = value_clamp, when it is set),
+computed in float64 from the policy that sampled (old_logp, or logp on-policy): a constant of
+the loss, so the gradient is the policy term's alone.
 
 - level sequence: each reward less beta times its sequence's KL sum, before the estimator
   (verl, whose outcome estimators sum the token-level rewards: R - beta sum_t k_t);
@@ -45,6 +46,8 @@ def token_kl(rk: RewardKLConfig, old: Tensor, ref: Tensor, sent: Tensor | None, 
         k = x.abs_()
     else:
         k, _, _ = kl_terms(rk.estimator, x, torch.tensor(clamp, dtype=F64, device=x.device))
+    if rk.value_clamp is not None:
+        k = k.clamp_(-rk.value_clamp, rk.value_clamp)
     return k if sent is None else k.masked_fill_(~sent, 0.0)  # (a masked token's garbage, NaN too)
 
 

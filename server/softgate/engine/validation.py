@@ -402,6 +402,13 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
                 "kl.aggregation",
                 f"unknown_name: {kl.aggregation!r}; known: {list(_AGG_MODES)}",
             )
+            _value_clamp(kl.value_clamp, "kl.value_clamp", v)
+            need(
+                kl.value_clamp is None or kl.estimator not in ("k3_is", "k3_is_seq"),
+                "kl.value_clamp",
+                f"unsupported: {kl.estimator} (k3 weighted by a ratio) has no value bound here, nor in any "
+                "peer; the bound is for k1, k2, k3, abs and their straight-through forms",
+            )
 
     mm = config.mismatch
     if mm is not None:
@@ -705,6 +712,17 @@ def _reward_kl(config: LossConfig, v: list[FieldViolation]) -> None:
         v.append(FieldViolation("reward_kl.beta", f"out_of_range: {rk.beta!r} is not a finite number"))
     elif rk.beta < 0:
         v.append(FieldViolation("reward_kl.beta", f"out_of_range: {rk.beta!r} must be >= 0"))
+    _value_clamp(rk.value_clamp, "reward_kl.value_clamp", v)
+
+
+def _value_clamp(c: object, fld: str, v: list[FieldViolation]) -> None:
+    """A KL value bound: unset (None) or a finite number > 0."""
+    if c is None:
+        return
+    if not _num_ok(c):
+        v.append(FieldViolation(fld, f"out_of_range: {c!r} is not a finite number"))
+    elif not c > 0:  # type: ignore[operator]
+        v.append(FieldViolation(fld, f"out_of_range: {c!r} must be > 0 (unset: no bound)"))
 
 
 def validate_batch(

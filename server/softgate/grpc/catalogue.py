@@ -51,6 +51,10 @@ PARAM_HELP: dict[str, str] = {
     "constant": "K of token_sum_norm, > 0 (required by that mode)",
     "beta": "KL coefficient, >= 0",
     "aggregation": "the KL term's own aggregation mode, with the loss's normalisers; unset: the policy term's",
+    "value_clamp": "bound c on each token's k, > 0: k clamped to [-c, c], its gradient 0 past it "
+    "(straight-through: the value only; verl's low_var_kl: 10); unset: none",
+    "RewardKLConfig.value_clamp": "bound c on each token's k, > 0: k clamped to [-c, c] in the reward "
+    "(verl's low_var_kl: 10); unset: none",
     "level": "token or sequence mismatch weight",
     "RewardKLConfig.beta": "coefficient of the KL in the reward, >= 0",
     "RewardKLConfig.level": "at token level each token's advantage less beta times the KL to its sequence's "
@@ -187,8 +191,10 @@ def build(limits: Limits, max_message_bytes: int) -> pb.ListAlgorithmsResponse:
     for mode in _default_first(c.AggregationConfig, "mode"):
         r.aggregations.add(name=mode, description=AGGREGATION_HELP.get(mode, ""), parameters=agg_params)
     kl_params = _params(c.KLConfig, skip=("estimator",))
+    unbounded = [p for p in kl_params if p.name != "value_clamp"]  # (refused with the ratio-weighted)
     for est in _default_first(c.KLConfig, "estimator"):
-        r.kl_estimators.add(name=est, description=KL_HELP.get(est, ""), parameters=kl_params)
+        ps = unbounded if est in ("k3_is", "k3_is_seq") else kl_params
+        r.kl_estimators.add(name=est, description=KL_HELP.get(est, ""), parameters=ps)
     rk_params = _params(c.RewardKLConfig, skip=("estimator",))
     for est in _default_first(c.RewardKLConfig, "estimator"):
         r.reward_kl_estimators.add(name=est, description=REWARD_KL_HELP[est], parameters=rk_params)

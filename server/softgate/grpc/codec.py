@@ -787,13 +787,17 @@ def _decode_loss_config(msg: pb.LossConfig, v: list[FieldViolation], prefix: str
     adv = decode_advantage_config(msg.advantages, prefix + "advantages.", v)
     agg_kw = _set_fields(msg.aggregation, ("num_tokens", "num_seqs", "constant"))
     _enum(msg.aggregation.mode, _AGG_MODES, prefix + "aggregation.mode", v, agg_kw, "mode")
-    kl = _section(msg, "kl", ("beta",), {"estimator": _KL, "aggregation": _AGG_MODES}, prefix, v)
+    kl = _section(
+        msg, "kl", ("beta", "value_clamp"), {"estimator": _KL, "aggregation": _AGG_MODES}, prefix, v
+    )
     mm = _section(
         msg, "mismatch", ("cap", "lo", "hi", "floor"), {"level": _MM_LEVELS, "mode": _MM_MODES}, prefix, v
     )
     if mm is not None:
         mm["batch_normalize"] = msg.mismatch.batch_normalize
-    rk = _section(msg, "reward_kl", ("beta",), {"estimator": _KL, "level": _RK_LEVELS}, prefix, v)
+    rk = _section(
+        msg, "reward_kl", ("beta", "value_clamp"), {"estimator": _KL, "level": _RK_LEVELS}, prefix, v
+    )
     top = _set_fields(msg, ("log_ratio_clamp", "saturation_threshold", "off_policy_mask_threshold"))
     return LossConfig(
         objective=objective,

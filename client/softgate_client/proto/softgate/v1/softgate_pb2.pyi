@@ -396,24 +396,28 @@ class AggregationConfig(_message.Message):
     def __init__(self, mode: _Optional[_Union[AggregationMode, str]] = ..., num_tokens: _Optional[float] = ..., num_seqs: _Optional[float] = ..., constant: _Optional[float] = ...) -> None: ...
 
 class KlConfig(_message.Message):
-    __slots__ = ("estimator", "beta", "aggregation")
+    __slots__ = ("estimator", "beta", "aggregation", "value_clamp")
     ESTIMATOR_FIELD_NUMBER: _ClassVar[int]
     BETA_FIELD_NUMBER: _ClassVar[int]
     AGGREGATION_FIELD_NUMBER: _ClassVar[int]
+    VALUE_CLAMP_FIELD_NUMBER: _ClassVar[int]
     estimator: KlEstimator
     beta: float
     aggregation: AggregationMode
-    def __init__(self, estimator: _Optional[_Union[KlEstimator, str]] = ..., beta: _Optional[float] = ..., aggregation: _Optional[_Union[AggregationMode, str]] = ...) -> None: ...
+    value_clamp: float
+    def __init__(self, estimator: _Optional[_Union[KlEstimator, str]] = ..., beta: _Optional[float] = ..., aggregation: _Optional[_Union[AggregationMode, str]] = ..., value_clamp: _Optional[float] = ...) -> None: ...
 
 class RewardKlConfig(_message.Message):
-    __slots__ = ("beta", "estimator", "level")
+    __slots__ = ("beta", "estimator", "level", "value_clamp")
     BETA_FIELD_NUMBER: _ClassVar[int]
     ESTIMATOR_FIELD_NUMBER: _ClassVar[int]
     LEVEL_FIELD_NUMBER: _ClassVar[int]
+    VALUE_CLAMP_FIELD_NUMBER: _ClassVar[int]
     beta: float
     estimator: KlEstimator
     level: RewardKlLevel
-    def __init__(self, beta: _Optional[float] = ..., estimator: _Optional[_Union[KlEstimator, str]] = ..., level: _Optional[_Union[RewardKlLevel, str]] = ...) -> None: ...
+    value_clamp: float
+    def __init__(self, beta: _Optional[float] = ..., estimator: _Optional[_Union[KlEstimator, str]] = ..., level: _Optional[_Union[RewardKlLevel, str]] = ..., value_clamp: _Optional[float] = ...) -> None: ...
 
 class MismatchConfig(_message.Message):
     __slots__ = ("level", "mode", "cap", "lo", "hi", "floor", "batch_normalize")
