@@ -673,7 +673,7 @@ def test_per_batch_statistics_are_exported_without_buckets() -> None:
 
 CORRECTIONS = LossConfig(
     objective=Grpo(),
-    kl=KLConfig("k3", beta=0.1),
+    kl=KLConfig("k3", beta=0.1, value_clamp=0.01),  # (x ~ 0.2: about half the tokens clamp)
     mismatch=MismatchConfig(mode="mask", lo=0.7, hi=1.3, batch_normalize=True),
     off_policy_mask_threshold=0.2,
     rejection=(RejectionCriterion(1.5),),
@@ -681,6 +681,7 @@ CORRECTIONS = LossConfig(
 )
 CORRECTION_SERIES = {
     "softgate_rollout_rejected_tokens_total": ("rejected_tokens", "value"),
+    "softgate_kl_clamped_tokens_total": ("kl_clamped_frac", "count"),
     "softgate_mismatch_clipped_tokens_total": ("mismatch_clipped_frac", "count"),
     "softgate_off_policy_masked_tokens_total": ("off_policy_masked_frac", "count"),
     "softgate_batch_kl_mean_positive_sum": ("kl_mean", "value"),  # (k3's, >= 0)
@@ -701,7 +702,8 @@ def test_off_policy_corrections_are_exported_for_the_batches_that_have_them() ->
     config, res = _engine_result(config=CORRECTIONS, corrections=True)
     m, n_tok = res.metrics, res.metrics["num_tokens"]
     assert 0 < m["mismatch_clipped_frac"] < 1 and 0 < m["off_policy_masked_frac"] < 1 and m["kl_mean"] > 0
-    assert m["reward_kl_mean"] > 0
+    assert m["reward_kl_mean"] > 0 and 0 < m["kl_clamped_tokens"] < n_tok
+    m = {**m, "kl_clamped_frac": m["kl_clamped_tokens"] / n_tok}
     assert m["mismatch_weight_mean"] != 1.0 and m["mismatch_norm_factor"] not in (0.0, 1.0)
     tel.observe_loss("r", config, res)
     for name, (key, kind) in CORRECTION_SERIES.items():
@@ -713,6 +715,7 @@ def test_off_policy_corrections_are_exported_for_the_batches_that_have_them() ->
     window = summary["windows"]["last_10_batches"]
     for key in (
         "kl_mean",
+        "kl_clamped_frac",
         "reward_kl_mean",
         "mismatch_weight_mean",
         "mismatch_clipped_frac",

@@ -69,6 +69,7 @@ class Traffic:
         rng = np.random.default_rng(0)
         corrections = {
             "kl_beta": 0.05,
+            "kl_value_clamp": 0.003,  # (ref ~ logp +- 0.1: some tokens' k3 past it, on the KL panel)
             "mismatch": MismatchConfig(mode="mask", batch_normalize=True),
             "off_policy_mask_threshold": 0.0,
             "rollout_rs": "token_k1",

@@ -375,12 +375,21 @@ def build() -> dict[str, Any]:
             [
                 (signed_avg("softgate_batch_kl_mean", "objective"), "{{objective}}"),
                 (signed_avg("softgate_batch_reward_kl", "objective"), "{{objective}} in the reward"),
+                (
+                    share("softgate_kl_clamped_tokens_total", "objective", ignoring="sign"),
+                    "clamped {{objective}}",
+                ),
             ],
             12,
             y,
             description="Runs with a KL term: mean over trained tokens of the KL estimator (before beta) "
             "of the reference policy. Runs with a KL in the reward (reward_kl): the mean over sequences of "
-            f"each one's mean KL, verl's reward_kl_penalty. {PER_BATCH}",
+            f"each one's mean KL, verl's reward_kl_penalty. {PER_BATCH} Right: share of trained tokens "
+            "whose KL term was clamped (k3's ref - logp past log_ratio_clamp, or the estimate past "
+            "kl.value_clamp, verl's 10): the KL term no longer pulls them back to the reference (but with "
+            "a straight-through estimator), so a climbing share means the policy has left the reference "
+            "on those tokens for good.",
+            overrides=[right_axis("^clamped .*", "percentunit", "clamped tokens")],
         )
     )
     y += 8

@@ -457,6 +457,7 @@ class PrometheusTelemetry(Telemetry):
             "advantage_mean": _f(m, "advantage_mean"),
             "advantage_std": _f(m, "advantage_std"),
             "kl_mean": _f(m, "kl_mean"),
+            "kl_clamped_frac": (_f(m, "kl_clamped_tokens") or 0.0) / n_tok if n_tok else 0.0,
             "reward_kl_mean": _f(m, "reward_kl_mean"),
             "mismatch_weight_mean": _f(m, "mismatch_weight_mean"),
             "mismatch_clipped_frac": _f(m, "mismatch_clipped_frac"),
@@ -477,7 +478,7 @@ class PrometheusTelemetry(Telemetry):
             values["dual_clip"] = None
         # the corrections a batch was not configured with: their neutral 0 / 1 read "not applicable"
         if getattr(config, "kl", None) is None:
-            values["kl_mean"] = None
+            values["kl_mean"] = values["kl_clamped_frac"] = None
         if getattr(config, "reward_kl", None) is None:
             values["reward_kl_mean"] = None
         if getattr(config, "mismatch", None) is None:
@@ -514,6 +515,7 @@ class PrometheusTelemetry(Telemetry):
                 if sat is not None:
                     st.inc("softgate_gate_saturated_tokens_total", (objective, s), round(sat * tok[s]))
             for key, counter in (
+                ("kl_clamped_frac", "softgate_kl_clamped_tokens_total"),
                 ("mismatch_clipped_frac", "softgate_mismatch_clipped_tokens_total"),
                 ("off_policy_masked_frac", "softgate_off_policy_masked_tokens_total"),
             ):
