@@ -2784,6 +2784,46 @@ def test_gspo_dual_clip_is_trls_sequence_level_delta(agg: str) -> None:
     assert plain.metrics["dual_clip"] == 0 and not torch.allclose(plain.grad, res.grad)
 
 
+@pytest.mark.parametrize("agg", ["seq_mean_token_mean", "token_mean"])  # TRL's grpo, bnpo
+def test_trls_top_entropy_quantile_is_per_token_advantages_times_its_mask(agg: str) -> None:
+    """TRL's top_entropy_quantile (GRPOTrainer.get_high_entropy_mask: the trained tokens whose
+    entropy is at least the quantile 1 - q of the batch's) written out, with a k3 KL term:
+    the entropy mask multiplies the clipped policy term only, the KL term and the normalisers
+    keep every trained token. softgate computes the same loss and gradient from per-token
+    advantages A_i times that mask (docs/peers.md), the mask unchanged."""
+    lengths = [6, 4, 7, 3, 5, 6]
+    logp, old, mask, keep, ragged = _trl_padded(lengths, 21)
+    g = torch.Generator().manual_seed(8)
+    entropy = torch.rand(logp.shape, generator=g, dtype=F64) * 3
+    ref = (logp + 0.3 * torch.randn(logp.shape, generator=g, dtype=F64)).clamp(max=-1e-3)
+    adv = torch.tensor([1.2, -0.7, 0.4, -1.3, 0.9, -0.2], dtype=F64)
+    q, eps, beta = 0.2, 0.2, 0.04
+    threshold = torch.quantile(entropy[mask], 1 - q)
+    entropy_mask = (entropy >= threshold) & mask
+    assert 0 < int(entropy_mask.sum()) < int(mask.sum())
+    x = logp.clone().requires_grad_(True)
+    coef_1 = torch.exp(x - old)
+    a = adv[:, None]
+    per_token_loss = -torch.min(coef_1 * a, torch.clamp(coef_1, 1 - eps, 1 + eps) * a) * entropy_mask
+    d = ref - x
+    per_token_loss = per_token_loss + beta * (torch.exp(d) - d - 1)
+    want = _trl_aggregate(per_token_loss, mask.to(F64), agg)
+    (grad,) = torch.autograd.grad(want, x)
+    tok_adv = (a * entropy_mask)[keep]  # what the trainer sends
+    batch = dataclasses.replace(ragged, ref_logp=ref[keep], advantages=tok_adv, advantage_level="token")
+    cfg = LossConfig(
+        objective=Grpo(eps_low=eps, eps_high=eps),
+        aggregation=AggregationConfig(mode=agg),
+        kl=KLConfig("k3", beta=beta),
+    )
+    res = E.loss(batch, cfg)
+    assert res.loss == pytest.approx(float(want.detach()), rel=1e-12)
+    torch.testing.assert_close(res.grad, grad[keep], rtol=1e-12, atol=1e-15)
+    # the mask is not the way: dropping those tokens from it drops their KL and normalisers too
+    cut = dataclasses.replace(batch, mask=entropy_mask[keep], advantages=adv, advantage_level=None)
+    assert E.loss(cut, cfg).loss != pytest.approx(float(want.detach()), rel=1e-6)
+
+
 def test_gspo_refuses_a_dual_clip_not_above_1() -> None:
     b = simple_batch([2, 3], advantages=torch.tensor([1.0, -1.0], dtype=F64))
     for bad, why in (
