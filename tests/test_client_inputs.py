@@ -403,6 +403,8 @@ def test_ndarray_subclasses_pack_as_plain_arrays(tmp_path) -> None:
         ({"num_tokens": "abc"}, "config.aggregation.num_tokens"),
         ({"num_tokens": torch.tensor([1.0, 2.0])}, "config.aggregation.num_tokens"),
         ({"kl_beta": [0.1]}, "config.kl.beta"),
+        ({"kl_beta": 0.1, "kl_value_clamp": True}, "config.kl.value_clamp"),  # (was sent as 1.0)
+        ({"mismatch_cap": False}, "config.mismatch.cap"),
         ({"log_ratio_clamp": object()}, "config.log_ratio_clamp"),
         ({"outputs": 1}, "outputs"),
         ({"config": {"objective": "grpo"}}, "config"),
@@ -413,6 +415,14 @@ def test_a_wrong_typed_option_is_refused_by_its_name(client, kw, field) -> None:
     """These raised Python's own ValueError / TypeError / AttributeError, naming no option (an audit)."""
     got, why = refusal(lambda: client.loss(-np.ones(1, np.float32), lengths=[1], advantages=[1.0], **kw))
     assert got == field and why.startswith("bad_type: expected"), why
+
+
+def test_an_int_past_float64s_range_is_refused_by_its_name(client) -> None:
+    """10**400 raised OverflowError from float() in the client (and from math.isfinite in the
+    engine): a traceback naming no option (a review)."""
+    lp = -np.ones(1, np.float32)
+    got = refusal(lambda: client.loss(lp, lengths=[1], advantages=[1.0], kl_beta=0.1, kl_value_clamp=10**400))
+    assert got[0] == "config.kl.value_clamp" and got[1].startswith("out_of_range:"), got
 
 
 def test_wrong_typed_configuration_objects_are_refused_by_name(client) -> None:

@@ -120,9 +120,11 @@ def test_build_loss_config_flat_keywords() -> None:
     torch = pytest.importorskip("torch")
     for off in (False, np.bool_(False), torch.tensor(False)):
         assert cfg.build_loss_config(mismatch_batch_normalize=off).mismatch is None
-    # (only that keyword: another False is a value, in either order)
+    # (only that keyword: another False is not "off" but a bool where a number goes, refused as
+    # the server refuses it, in either order; True was sent as 1.0)
     for kw in ({"kl_estimator": "k3", "kl_beta": False}, {"kl_beta": False, "kl_estimator": "k3"}):
-        assert cfg.build_loss_config(**kw).kl == cfg.KLConfig("k3", False)
+        with pytest.raises(ValueError, match=r"config\.kl\.beta: bad_type: expected a number, got False"):
+            cfg.build_loss_config(**kw)
     c4 = cfg.build_loss_config(mismatch_cap=3.0, mismatch_batch_normalize=False)
     assert c4.mismatch == cfg.MismatchConfig(cap=3.0)
     # a KL in the reward: its flat keywords fill RewardKLConfig; an estimator or level without

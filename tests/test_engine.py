@@ -1115,6 +1115,45 @@ def test_kl_value_clamp_10_is_verls_kl_loss(kind: str, estimator: str, dtype: to
     assert unbounded.kl_loss > res.kl_loss
 
 
+@pytest.mark.parametrize("estimator", ["k1", "k1_st"])
+def test_kl_value_clamp_on_both_sides_and_at_its_bound(estimator: str) -> None:
+    """k1 = -x with c = 10 at x = 15 (k = -15, below -c), -10 (k = c exactly), -12 and 0.5:
+    the value clamped to [-c, c] on both sides, the gradient 0 strictly past the bound (k1's 1
+    kept at |k| = c, torch.clamp's), k1_st's gradient -x everywhere; the two past it counted."""
+    logp = torch.tensor([-20.0, -1.0, -1.0, -1.0], dtype=F64)
+    ref = logp + torch.tensor([15.0, -10.0, -12.0, 0.5], dtype=F64)
+    b = Batch(logp=logp, offsets=torch.tensor([0, 4]), ref_logp=ref, advantages=torch.zeros(1, dtype=F64))
+    kl = KLConfig(estimator=estimator, beta=1.0, value_clamp=10.0)  # type: ignore[arg-type]
+    res = E.loss(b, LossConfig(objective=Reinforce(), aggregation=AggregationConfig("token_mean"), kl=kl))
+    assert res.kl_loss == pytest.approx((-10 + 10 + 10 - 0.5) / 4, rel=1e-15)
+    want = [0.0, 0.25, 0.0, 0.25] if estimator == "k1" else [-15 / 4, 10 / 4, 12 / 4, -0.5 / 4]
+    assert res.grad.tolist() == pytest.approx(want, rel=1e-15)
+    assert res.metrics["kl_clamped_tokens"] == 2
+
+
+def test_a_kl_value_clamp_past_float32s_range_is_no_bound_there() -> None:
+    """A k2 that overflows float32 (x = 1e20: 5e39) is refused as an overflow with or without a
+    bound past float32's range (1e300): the bound cannot be reached there, and read as float32's
+    largest value it took the overflow for a clamped token (gradient 0, loss 1.1e37). float64
+    holds that k, below the bound: computed, not clamped."""
+    kw = {"objective": Reinforce(), "aggregation": AggregationConfig("token_mean")}
+    for dtype in (torch.float32, F64):
+        logp = torch.tensor([-1.0, -2.0, -1.5], dtype=dtype)
+        ref = torch.tensor([-1e20, -2.1, -1.4], dtype=dtype)
+        b = Batch(
+            logp=logp, offsets=torch.tensor([0, 3]), ref_logp=ref, advantages=torch.zeros(1, dtype=dtype)
+        )
+        for cap in (None, 1e300):
+            cfg = LossConfig(kl=KLConfig(estimator="k2", beta=0.1, value_clamp=cap), **kw)
+            if dtype == torch.float32:
+                with pytest.raises(InputError, match="overflow"):
+                    E.loss(b, cfg)
+            else:
+                r = E.loss(b, cfg)
+                assert r.metrics["kl_clamped_tokens"] == 0 and r.grad[0] == pytest.approx(0.1 * 1e20 / 3)
+                assert r.kl_loss == pytest.approx(0.1 * 5e39 / 3, rel=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [F64, torch.float32])
 def test_the_mismatch_weight_is_the_spec_s_exact_v(dtype: torch.dtype) -> None:
     """Found by an audit: log v = old - rollout was clamped at +-log_ratio_clamp before exp, so
@@ -1529,6 +1568,8 @@ def test_validation_batch(monkeypatch, path):
         (LossConfig(kl=KLConfig(value_clamp=0.0)), "kl.value_clamp"),  # (unset, not 0, is no bound)
         (LossConfig(kl=KLConfig(value_clamp=-10.0)), "kl.value_clamp"),
         (LossConfig(kl=KLConfig(value_clamp=math.inf)), "kl.value_clamp"),
+        (LossConfig(kl=KLConfig(value_clamp=10**400)), "kl.value_clamp"),  # (an OverflowError once)
+        (LossConfig(kl=KLConfig(beta=10**400)), "kl.beta"),
         (LossConfig(kl=KLConfig(estimator="k3_is", value_clamp=10.0)), "kl.value_clamp"),
         (LossConfig(kl=KLConfig(estimator="k3_is_seq", value_clamp=10.0)), "kl.value_clamp"),
         (LossConfig(mismatch=MismatchConfig(cap=0.0)), "mismatch.cap"),

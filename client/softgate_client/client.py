@@ -885,8 +885,9 @@ class SoftgateClient:
         parameters (`tau_pos`, `tau_neg`, `eps_low`, `eps_high`, `dual_clip`, `ratio_cap`,
         `fraction`, `cov_low`, `cov_high`, `seed`, `coef`),
         `estimator`, `scale`, `aggregation` (mode name), `num_tokens`, `num_seqs`, `constant`,
-        `kl_beta`, `kl_estimator`, `mismatch=MismatchConfig(...)`, a KL in the reward
-        (`reward_kl_beta`, `reward_kl_estimator`, `reward_kl_level`), `log_ratio_clamp`,
+        `kl_beta`, `kl_estimator`, `kl_aggregation`, `kl_value_clamp`, `mismatch=MismatchConfig(...)`,
+        a KL in the reward (`reward_kl_beta`, `reward_kl_estimator`, `reward_kl_level`,
+        `reward_kl_value_clamp`), `log_ratio_clamp`,
         `off_policy_mask_threshold`, `rejection=(RejectionCriterion(...), ...)` or verl's
         `rollout_rs=` with `rollout_rs_threshold=`,
         `saturation_threshold`, and `outputs=("ratio", "gate_weight", ...)`.

@@ -52,10 +52,14 @@ def plain_value(v: Any) -> Any:
 def _number(path: str, v: Any) -> float:
     """The option at `path` as a float, or refused naming it (`float("abc")`'s bare ValueError
     named nothing; an audit)."""
+    if isinstance(v, bool):  # (True was sent as 1.0; the server refuses it in-process too)
+        raise invalid_argument(path, f"bad_type: expected a number, got {v!r}")
     try:
         return float(v)
     except (TypeError, ValueError):
         raise invalid_argument(path, f"bad_type: expected a number, got {v!r:.80}") from None
+    except OverflowError:  # an int past float64's range
+        raise invalid_argument(path, f"out_of_range: {v!r:.80} is past float64's range") from None
 
 
 def _uint64(path: str, v: Any) -> int:

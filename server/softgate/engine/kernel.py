@@ -127,8 +127,10 @@ def _kernel_params(config: LossConfig, dtype: torch.dtype, device: torch.device)
     vals["logp_tol"] = (LOGP_TOLERANCE, "logp_tol")
     if config.kl is not None:
         vals["beta"] = (config.kl.beta, "kl.beta")
-        if config.kl.value_clamp is not None:  # (past the dtype's range: its largest value, no bound)
-            vals["kl_cap"] = (min(config.kl.value_clamp, big), "kl.value_clamp")
+        # a bound past the dtype's range is none: a k that overflows to inf is past the range,
+        # not the bound, and refused as an overflow (as its largest value, inf read as clamped)
+        if config.kl.value_clamp is not None and config.kl.value_clamp <= big:
+            vals["kl_cap"] = (config.kl.value_clamp, "kl.value_clamp")
     mm = config.mismatch
     if mm is not None:
         # a bound past the dtype's largest value is that value: an overflowing weight (inf) is

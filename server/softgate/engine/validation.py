@@ -216,7 +216,12 @@ def half_reason(name: str, dtype: torch.dtype) -> str:
 
 
 def _num_ok(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int past float64's range (10**400)
+        return False
 
 
 def _fraction(x: object, fld: str, v: list[FieldViolation]) -> None:
