@@ -42,11 +42,14 @@ from softgate.engine import (
 
 
 def configs() -> dict[str, LossConfig]:
-    """Every objective at its defaults, then GRPO with each importance-weighted or plain k3, and
+    """Every objective at its defaults, then GRPO with each importance-weighted or plain k3 (and k3
+    bounded, verl's), and
     with each mismatch mode that weighs tokens by their own ratio; OPSM, and a GSPO dual clip."""
     out = {name: LossConfig(objective=cls()) for name, cls in OBJECTIVES.items()}
     for est in ("k3", "k3_is", "k3_is_seq"):
         out[f"grpo + {est}"] = LossConfig(objective=Grpo(), kl=KLConfig(est, 0.01))
+    # verl's low_var_kl: k3's value bounded at 10 (a clamp and a mask more in the kernel)
+    out["grpo + k3, value_clamp 10"] = LossConfig(objective=Grpo(), kl=KLConfig("k3", 0.01, value_clamp=10.0))
     for mode in ("truncate", "seq_mask"):
         out[f"grpo + {mode}"] = LossConfig(
             objective=Grpo(), mismatch=MismatchConfig(mode=mode, lo=0.998, hi=1.002)
