@@ -91,6 +91,44 @@ def test_an_integer_logp_is_widened_to_float32() -> None:
     assert p.token["logp"].dtype == np.float32 and p.seq["advantages"].dtype == np.float32
 
 
+@pytest.mark.parametrize(
+    "verl, estimator, bound",
+    [
+        ("kl", "k1", None),
+        ("k1", "k1", None),
+        ("abs", "abs", None),
+        ("mse", "k2", None),
+        ("k2+", "k2", None),  # (verl's k2+ is k2: its own gradient)
+        ("low_var_kl", "k3", 10.0),
+        ("k3", "k3", 10.0),
+        ("k1+", "k1_st", None),
+        ("abs+", "abs_st", None),
+        ("low_var_kl+", "k3_st", 10.0),
+    ],
+)
+def test_verl_kl_types_map_to_an_estimator_and_its_bound(
+    verl: str, estimator: str, bound: float | None
+) -> None:
+    """verl's kl_loss_type / kl_penalty names: the estimator, and low_var_kl's bound of 10 on
+    its value (the part a port forgets: tests/test_engine.py checks the bounded k3 against
+    verl's kl_penalty). In the reward a "+" type is its base (no gradient), its level token
+    under reinforce_plus_plus alone (verl's per-token return), else sequence."""
+    assert cfg.kl_from_verl(verl, 0.001) == cfg.KLConfig(estimator, 0.001, value_clamp=bound)
+    rk = cfg.reward_kl_from_verl(verl, 0.02, "grpo")
+    assert rk == cfg.RewardKLConfig(0.02, estimator.removesuffix("_st"), "sequence", value_clamp=bound)
+    assert cfg.reward_kl_from_verl(verl, 0.02, "reinforce_plus_plus").level == "token"
+    assert cfg.reward_kl_from_verl(verl, 0.02, "reinforce_plus_plus_baseline").level == "sequence"
+    proto = loss_config_to_proto(cfg.build_loss_config(kl=cfg.kl_from_verl(verl, 0.001)))
+    assert proto.kl.HasField("value_clamp") == (bound is not None)
+
+
+def test_an_unknown_verl_kl_type_is_refused_naming_verls_option() -> None:
+    with pytest.raises(ValueError, match=r"kl_loss_type: unknown_choice: 'full'; one of \['kl'"):
+        cfg.kl_from_verl("full", 0.1)
+    with pytest.raises(ValueError, match="kl_penalty: unknown_choice: 'k4'"):
+        cfg.reward_kl_from_verl("k4", 0.1, "grpo")
+
+
 def test_build_loss_config_flat_keywords() -> None:
     c = cfg.build_loss_config(
         tau_pos=2.0, objective="sapo", aggregation="token_mean", num_tokens=100, kl_beta=0.1, outputs="ratio"

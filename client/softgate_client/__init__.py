@@ -22,7 +22,9 @@ from softgate_client.config import (
     RejectionCriterion,
     RewardKLConfig,
     build_loss_config,
+    kl_from_verl,
     rejection_from_verl,
+    reward_kl_from_verl,
 )
 from softgate_client.errors import (
     DeadlineExceededError,
@@ -56,6 +58,8 @@ __all__ = [
     "SoftgateError",
     "UnavailableError",
     "build_loss_config",
+    "kl_from_verl",
     "pack_batch",
     "rejection_from_verl",
+    "reward_kl_from_verl",
 ]

@@ -265,6 +265,42 @@ class RejectionCriterion:
         _plain_fields(self, "config.rejection")
 
 
+# verl's KL types (core_algos.kl_penalty): softgate's estimator, and the bound verl puts on its
+# value (low_var_kl's clamp to [-10, 10]); "+": straight-through (the value, k2's gradient)
+VERL_KL_TYPES: dict[str, tuple[str, float | None]] = {
+    **dict.fromkeys(("kl", "k1"), ("k1", None)),
+    "abs": ("abs", None),
+    **dict.fromkeys(("mse", "k2", "mse+", "k2+"), ("k2", None)),  # (k2+ is k2: its own gradient)
+    **dict.fromkeys(("low_var_kl", "k3"), ("k3", 10.0)),
+    **dict.fromkeys(("kl+", "k1+"), ("k1_st", None)),
+    "abs+": ("abs_st", None),
+    **dict.fromkeys(("low_var_kl+", "k3+"), ("k3_st", 10.0)),
+}
+
+
+def _verl_kl_type(option: str, name: str) -> tuple[str, float | None]:
+    if name not in VERL_KL_TYPES:
+        raise invalid_argument(option, f"unknown_choice: {name!r}; one of {list(VERL_KL_TYPES)}")
+    return VERL_KL_TYPES[name]
+
+
+def kl_from_verl(kl_loss_type: str, kl_loss_coef: float) -> KLConfig:
+    """verl's KL loss (`use_kl_loss` with `kl_loss_type` and `kl_loss_coef`) as a KLConfig for
+    `kl=`: its estimator, and verl's bound of 10 on low_var_kl's value (`k3`, `k3+`: `value_clamp`)."""
+    estimator, bound = _verl_kl_type("kl_loss_type", str(kl_loss_type))
+    return KLConfig(estimator, kl_loss_coef, value_clamp=bound)
+
+
+def reward_kl_from_verl(kl_penalty: str, kl_coef: float, adv_estimator: str) -> RewardKLConfig:
+    """verl's KL in the reward (`use_kl_in_reward` with `kl_penalty` and `kl_ctrl.kl_coef`) as a
+    RewardKLConfig for `reward_kl=`: level token under its `reinforce_plus_plus` (the per-token
+    return), sequence under its other estimators (they sum the token-level rewards); low_var_kl
+    bounded at 10 as verl's. A "+" type's value is its base's (a reward takes no gradient)."""
+    estimator, bound = _verl_kl_type("kl_penalty", str(kl_penalty))
+    level = "token" if adv_estimator == "reinforce_plus_plus" else "sequence"
+    return RewardKLConfig(kl_coef, estimator.removesuffix("_st"), level, value_clamp=bound)
+
+
 # verl's rollout_rs options (rollout_corr_helper.SUPPORTED_ROLLOUT_RS_OPTIONS)
 VERL_ROLLOUT_RS = (
     *(f"token_{k}" for k in ("k1", "k2", "k3")),
