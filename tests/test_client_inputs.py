@@ -425,6 +425,23 @@ def test_an_int_past_float64s_range_is_refused_by_its_name(client) -> None:
     assert got[0] == "config.kl.value_clamp" and got[1].startswith("out_of_range:"), got
 
 
+def test_a_bool_where_a_number_goes_is_refused_whatever_came_before() -> None:
+    """The client refuses True for a number (the server does); a remembered configuration built
+    from 1.0 answered for True (True == 1.0, the same hash: a review), and numpy's and torch's
+    bools inside reward_weights went as 1.0 and 0.0."""
+    from softgate_client.client import _loss_config
+
+    assert _loss_config(None, {"kl_beta": 1.0, "kl_estimator": "k3"}).kl == cfg.KLConfig("k3", 1.0)
+    assert refusal(lambda: _loss_config(None, {"kl_beta": True, "kl_estimator": "k3"}))[0] == "config.kl.beta"
+    for w in ([np.bool_(True)], [torch.tensor(True)], [np.array(True)], [1.0, np.False_]):
+        got = refusal(lambda w=w: cfg.AdvantageConfig(reward_weights=w))
+        assert got[0] == "config.advantages.reward_weights" and "expected a number" in got[1], w
+    assert cfg.AdvantageConfig(reward_weights=[np.float32(0.5), torch.tensor(2.0)]).reward_weights == (
+        0.5,
+        2.0,
+    )
+
+
 def test_wrong_typed_configuration_objects_are_refused_by_name(client) -> None:
     assert refusal(lambda: cfg.sapo(tau_pos="x"))[0] == "config.objective.sapo.tau_pos"
     assert refusal(lambda: cfg.LossConfig(aggregation="token_mean"))[0] == "config.aggregation"

@@ -123,10 +123,17 @@ def test_verl_kl_types_map_to_an_estimator_and_its_bound(
 
 
 def test_an_unknown_verl_kl_type_is_refused_naming_verls_option() -> None:
+    """An unknown type, and an advantage estimator without a counterpart here (remax's and
+    gae's returns are per token, not the outcome estimators' sum; a typo or None went as
+    level sequence: a review), are refused naming verl's option."""
     with pytest.raises(ValueError, match=r"kl_loss_type: unknown_choice: 'full'; one of \['kl'"):
         cfg.kl_from_verl("full", 0.1)
     with pytest.raises(ValueError, match="kl_penalty: unknown_choice: 'k4'"):
         cfg.reward_kl_from_verl("k4", 0.1, "grpo")
+    for est in ("remax", "gae", "grpoo", None):
+        with pytest.raises(ValueError, match="adv_estimator: unknown_choice"):
+            cfg.reward_kl_from_verl("k3", 0.1, est)  # type: ignore[arg-type]
+    assert cfg.reward_kl_from_verl("k1", 0.1, "rloo_vectorized").level == "sequence"
 
 
 def test_build_loss_config_flat_keywords() -> None:

@@ -834,6 +834,12 @@ def test_skip_nan_components_in_loss(adv: AdvantageConfig):
             "advantages.reward_weights",
             "out_of_range: inf is not a finite number",
         ),
+        (  # (an OverflowError from math.isfinite once: a review)
+            torch.ones(4, 2),
+            AdvantageConfig("gdpo", reward_weights=(10**400, 1.0)),
+            "advantages.reward_weights",
+            "out_of_range: 1000000000",
+        ),
         (
             torch.ones(4, 2),
             AdvantageConfig("gdpo", reward_weights=()),
@@ -2863,6 +2869,46 @@ def test_trls_top_entropy_quantile_is_per_token_advantages_times_its_mask(agg: s
     # the mask is not the way: dropping those tokens from it drops their KL and normalisers too
     cut = dataclasses.replace(batch, mask=entropy_mask[keep], advantages=adv, advantage_level=None)
     assert E.loss(cut, cfg).loss != pytest.approx(float(want.detach()), rel=1e-6)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "sapo"])
+@pytest.mark.parametrize("agg", ["seq_mean_token_mean", "token_mean"])
+def test_trls_entropy_mask_at_sequence_level_is_a_scaled_sequence_advantage(loss_type: str, agg: str) -> None:
+    """TRL's entropy mask with importance_sampling_level="sequence": every token of a row has
+    the row's loss f(s_i, A_i), which is positively homogeneous in A_i, so the mask's kept
+    share of a row scales its advantage: gspo (TRL's grpo) and sapo_seq (TRL's sapo) with A_i
+    times (kept / trained tokens of row i) give TRL's loss and gradient, with a k3 KL term over
+    every trained token (docs/peers.md)."""
+    lengths = [6, 4, 7, 3, 5, 6]
+    logp, old, mask, keep, ragged = _trl_padded(lengths, 23)
+    g = torch.Generator().manual_seed(9)
+    entropy = torch.rand(logp.shape, generator=g, dtype=F64)
+    ref = (logp + 0.3 * torch.randn(logp.shape, generator=g, dtype=F64)).clamp(max=-1e-3)
+    adv = torch.tensor([1.2, -0.7, 0.4, -1.3, 0.9, -0.2], dtype=F64)
+    eps, beta, tau_pos, tau_neg = 0.05, 0.04, 1.0, 1.05
+    entropy_mask = (entropy >= torch.quantile(entropy[mask], 0.8)) & mask
+    x = logp.clone().requires_grad_(True)
+    m = mask.to(F64)
+    s = _trl_sequence_ratio(x, old, m)
+    a = adv[:, None]
+    if loss_type == "grpo":
+        per_token_loss = -torch.min(s * a, torch.clamp(s, 1 - eps, 1 + eps) * a)
+        obj: Any = Gspo(eps_low=eps, eps_high=eps)
+    else:
+        tau = torch.where(a > 0, torch.tensor(tau_pos, dtype=F64), torch.tensor(tau_neg, dtype=F64))
+        per_token_loss = -torch.sigmoid(tau * (s - 1)) * 4 / tau * a
+        obj = SapoSeq(tau_pos=tau_pos, tau_neg=tau_neg)
+    d = ref - x
+    per_token_loss = per_token_loss.expand_as(x) * entropy_mask + beta * (torch.exp(d) - d - 1)
+    want = _trl_aggregate(per_token_loss, m, agg)
+    (grad,) = torch.autograd.grad(want, x)
+    share = entropy_mask.sum(-1).to(F64) / mask.sum(-1).to(F64)
+    assert bool(((share > 0) & (share < 1)).any())
+    batch = dataclasses.replace(ragged, ref_logp=ref[keep], advantages=adv * share)
+    cfg = LossConfig(objective=obj, aggregation=AggregationConfig(mode=agg), kl=KLConfig("k3", beta=beta))
+    res = E.loss(batch, cfg)
+    assert res.loss == pytest.approx(float(want.detach()), rel=1e-12)
+    torch.testing.assert_close(res.grad, grad[keep], rtol=1e-12, atol=1e-15)
 
 
 def test_gspo_refuses_a_dual_clip_not_above_1() -> None:

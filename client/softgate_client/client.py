@@ -282,8 +282,10 @@ def output_selection(outputs: Sequence[str]) -> pb.OutputSelection:
 # A trainer sends the same configuration every step: building it and its proto cost ~17 us
 # of a 4k-token call's ~70 us of client Python, so both are remembered (for hashable arguments).
 @functools.lru_cache(maxsize=64)
-def _built_config(config: cfg.LossConfig | None, options: tuple[tuple[str, Any], ...]) -> cfg.LossConfig:
-    return cfg.build_loss_config(config, **dict(options))
+def _built_config(
+    config: cfg.LossConfig | None, options: tuple[tuple[str, type, Any], ...]
+) -> cfg.LossConfig:
+    return cfg.build_loss_config(config, **{k: v for k, _, v in options})
 
 
 def _build_messages(c: cfg.LossConfig) -> tuple[pb.LossConfig, pb.OutputSelection, dict[int, bytes]]:
@@ -298,7 +300,9 @@ _config_messages = functools.lru_cache(maxsize=64)(_build_messages)  # shared: n
 def _loss_config(config: cfg.LossConfig | None, options: dict[str, Any]) -> cfg.LossConfig:
     """cfg.build_loss_config(config, **options), remembered when the arguments are hashable."""
     try:
-        return _built_config(config, tuple(sorted((k, cfg.plain_value(v)) for k, v in options.items())))
+        # (each value's type in the key: True == 1.0, and a remembered 1.0 answered for a refused True)
+        key = ((k, type(p), p) for k, p in ((k, cfg.plain_value(v)) for k, v in options.items()))
+        return _built_config(config, tuple(sorted(key, key=lambda e: e[0])))
     except TypeError:  # an unhashable value (e.g. outputs as a list), or a bad one: build it
         return cfg.build_loss_config(config, **options)
 

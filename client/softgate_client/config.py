@@ -169,6 +169,7 @@ class AdvantageConfig:
                 raise invalid_argument(path, f"bad_type: expected a sequence of numbers, got {w!r:.60}")
             # (a one-element array arrives as its number: _plain_fields)
             items = [w] if isinstance(w, (int, float)) else (w.tolist() if hasattr(w, "tolist") else list(w))
+            items = [plain_value(x) for x in items]  # (numpy's and torch's scalars, bools among them)
             for x in items:
                 if isinstance(x, (str, bytes, bool)):
                     raise invalid_argument(path, f"bad_type: expected a number, got {x!r:.60}")
@@ -291,13 +292,32 @@ def kl_from_verl(kl_loss_type: str, kl_loss_coef: float) -> KLConfig:
     return KLConfig(estimator, kl_loss_coef, value_clamp=bound)
 
 
+# verl's advantage estimators with a softgate counterpart, by where a KL in the reward enters:
+# REINFORCE++'s per-token return, or the outcome estimators' sum of the token-level rewards
+VERL_REWARD_KL_LEVELS = {
+    "reinforce_plus_plus": "token",
+    **dict.fromkeys(
+        ("grpo", "grpo_vectorized", "rloo", "rloo_vectorized", "reinforce_plus_plus_baseline", "opo", "gpg",
+         "grpo_passk"),
+        "sequence",
+    ),
+}  # fmt: skip
+
+
 def reward_kl_from_verl(kl_penalty: str, kl_coef: float, adv_estimator: str) -> RewardKLConfig:
     """verl's KL in the reward (`use_kl_in_reward` with `kl_penalty` and `kl_ctrl.kl_coef`) as a
     RewardKLConfig for `reward_kl=`: level token under its `reinforce_plus_plus` (the per-token
-    return), sequence under its other estimators (they sum the token-level rewards); low_var_kl
+    return), sequence under its outcome estimators (VERL_REWARD_KL_LEVELS: they sum the
+    token-level rewards; remax, gae and the others have no counterpart here); low_var_kl
     bounded at 10 as verl's. A "+" type's value is its base's (a reward takes no gradient)."""
     estimator, bound = _verl_kl_type("kl_penalty", str(kl_penalty))
-    level = "token" if adv_estimator == "reinforce_plus_plus" else "sequence"
+    level = VERL_REWARD_KL_LEVELS.get(adv_estimator) if isinstance(adv_estimator, str) else None
+    if level is None:
+        raise invalid_argument(
+            "adv_estimator",
+            f"unknown_choice: {adv_estimator!r:.60}; one of {list(VERL_REWARD_KL_LEVELS)} "
+            "(verl's estimators with a softgate counterpart)",
+        )
     return RewardKLConfig(kl_coef, estimator.removesuffix("_st"), level, value_clamp=bound)
 
 

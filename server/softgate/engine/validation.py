@@ -579,9 +579,11 @@ def _reward_weights(w: object, v: list[FieldViolation]) -> None:
         )
         return
     for i, x in enumerate(w):
-        if not math.isfinite(x) or abs(x) > MAX_ABS_REWARD:
+        if not _num_ok(x) or abs(x) > MAX_ABS_REWARD:
             v.append(
-                FieldViolation(name, f"out_of_range: {x!r} is not a finite number of magnitude <= 1e100", i)
+                FieldViolation(
+                    name, f"out_of_range: {x!r:.40} is not a finite number of magnitude <= 1e100", i
+                )
             )
             return
 
@@ -650,7 +652,7 @@ def reward_tensor(
             )
             return False
     if (
-        _numbers(weights) and len(weights) <= MAX_REWARD_COMPONENTS and all(map(math.isfinite, weights))
+        _numbers(weights) and len(weights) <= MAX_REWARD_COMPONENTS and all(map(_num_ok, weights))
     ):  # (else refused)
         if len(weights) != k:
             where = f"rewards have {k} components" if k > 1 else "[B] rewards are one component"

@@ -58,8 +58,8 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "softgate_clamped_tokens_total": ("Tokens whose log-ratio hit the clamp bound.", RO),
     "softgate_kl_clamped_tokens_total": (
         "Trained tokens whose KL term was clamped: k3's ref - logp above log_ratio_clamp, or |k| above "
-        "kl.value_clamp (verl's low_var_kl: 10); its gradient is 0 there, but for the straight-through "
-        "estimators. Batches with a KL term only.",
+        "kl.value_clamp (verl's low_var_kl: 10); k1, k2, k3 and abs give it no KL gradient there (the "
+        "straight-through and ratio-weighted estimators keep one). Batches with a KL term only.",
         RO,
     ),
     "softgate_mismatch_clipped_tokens_total": (
