@@ -2715,6 +2715,17 @@ def _trl_sequence_ratio(x: torch.Tensor, old: torch.Tensor, m: torch.Tensor) -> 
     return torch.exp(((x - old) * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0))
 
 
+def _trl_clip(r: torch.Tensor, a: torch.Tensor, eps: float) -> torch.Tensor:
+    """TRL's per-token clipped loss -min(r A, clamp(r, 1 - eps, 1 + eps) A) (r a token's or its row's ratio)."""
+    return -torch.min(r * a, torch.clamp(r, 1 - eps, 1 + eps) * a)
+
+
+def _trl_sapo(r: torch.Tensor, a: torch.Tensor, tau_pos: float, tau_neg: float) -> torch.Tensor:
+    """TRL's loss_type="sapo" per-token loss -sigmoid(tau (r - 1)) 4 / tau A, tau by A's sign."""
+    tau = torch.where(a > 0, torch.tensor(tau_pos, dtype=r.dtype), torch.tensor(tau_neg, dtype=r.dtype))
+    return -torch.sigmoid(tau * (r - 1)) * 4 / tau * a
+
+
 def _trl_aggregate(per_token_loss: torch.Tensor, m: torch.Tensor, agg: str) -> torch.Tensor:
     """TRL's loss of a [B, T] per-token loss: grpo / sapo (rows' token means, averaged over every
     row), bnpo (token mean) and dr_grpo (sum / (B T)), by softgate's mode names."""
@@ -2851,7 +2862,7 @@ def test_trls_top_entropy_quantile_is_per_token_advantages_times_its_mask(agg: s
     x = logp.clone().requires_grad_(True)
     coef_1 = torch.exp(x - old)
     a = adv[:, None]
-    per_token_loss = -torch.min(coef_1 * a, torch.clamp(coef_1, 1 - eps, 1 + eps) * a) * entropy_mask
+    per_token_loss = _trl_clip(coef_1, a, eps) * entropy_mask
     d = ref - x
     per_token_loss = per_token_loss + beta * (torch.exp(d) - d - 1)
     want = _trl_aggregate(per_token_loss, mask.to(F64), agg)
@@ -2892,12 +2903,9 @@ def test_trls_entropy_mask_at_sequence_level_is_a_scaled_sequence_advantage(loss
     s = _trl_sequence_ratio(x, old, m)
     a = adv[:, None]
     if loss_type == "grpo":
-        per_token_loss = -torch.min(s * a, torch.clamp(s, 1 - eps, 1 + eps) * a)
-        obj: Any = Gspo(eps_low=eps, eps_high=eps)
+        per_token_loss, obj = _trl_clip(s, a, eps), Gspo(eps_low=eps, eps_high=eps)
     else:
-        tau = torch.where(a > 0, torch.tensor(tau_pos, dtype=F64), torch.tensor(tau_neg, dtype=F64))
-        per_token_loss = -torch.sigmoid(tau * (s - 1)) * 4 / tau * a
-        obj = SapoSeq(tau_pos=tau_pos, tau_neg=tau_neg)
+        per_token_loss, obj = _trl_sapo(s, a, tau_pos, tau_neg), SapoSeq(tau_pos=tau_pos, tau_neg=tau_neg)
     d = ref - x
     per_token_loss = per_token_loss.expand_as(x) * entropy_mask + beta * (torch.exp(d) - d - 1)
     want = _trl_aggregate(per_token_loss, m, agg)
@@ -3168,11 +3176,9 @@ def test_k3_is_seq_is_trls_sequence_level_bias_corrected_kl(objective: str, kl_a
     coef_1 = _trl_sequence_ratio(x, old, m)
     a = adv[:, None]
     if objective == "gspo":
-        per_token_loss = -torch.min(coef_1 * a, torch.clamp(coef_1, 1 - eps, 1 + eps) * a)
-        obj = Gspo(eps_low=eps, eps_high=eps)
+        per_token_loss, obj = _trl_clip(coef_1, a, eps), Gspo(eps_low=eps, eps_high=eps)
     else:
-        per_token_loss = -torch.sigmoid(coef_1 - 1) * 4 * a  # (tau 1 on both sides)
-        obj = SapoSeq(tau_pos=1.0, tau_neg=1.0)
+        per_token_loss, obj = _trl_sapo(coef_1, a, 1.0, 1.0), SapoSeq(tau_pos=1.0, tau_neg=1.0)
     per_token_kl = (torch.exp(ref - x) - (ref - x) - 1) * coef_1
     if kl_agg is None:
         want = _trl_aggregate(per_token_loss + beta * per_token_kl, m, "seq_mean_token_mean")

@@ -301,8 +301,8 @@ def _loss_config(config: cfg.LossConfig | None, options: dict[str, Any]) -> cfg.
     """cfg.build_loss_config(config, **options), remembered when the arguments are hashable."""
     try:
         # (each value's type in the key: True == 1.0, and a remembered 1.0 answered for a refused True)
-        key = ((k, type(p), p) for k, p in ((k, cfg.plain_value(v)) for k, v in options.items()))
-        return _built_config(config, tuple(sorted(key, key=lambda e: e[0])))
+        plain = {k: cfg.plain_value(v) for k, v in options.items()}
+        return _built_config(config, tuple(sorted((k, type(p), p) for k, p in plain.items())))
     except TypeError:  # an unhashable value (e.g. outputs as a list), or a bad one: build it
         return cfg.build_loss_config(config, **options)
 
