@@ -17,8 +17,11 @@ import torch
 from softgate.engine import ESTIMATORS, METRIC_NAMES, Batch, LossConfig, MismatchConfig
 from torch import Tensor
 
-# refused as unsupported: reinforce_pp reads no groups; gdpo's batch normalisation is its whitening
-REFUSED_SCALES = {("reinforce_pp", "group"), ("gdpo", "batch")}
+# refused as unsupported: reinforce_pp reads no groups; gdpo's batch normalisation is its whitening;
+# the leave-one-out std goes with rloo's leave-one-out baseline only
+REFUSED_SCALES = {("reinforce_pp", "group"), ("gdpo", "batch")} | {
+    (e, "leave_one_out") for e in ESTIMATORS if e != "rloo"
+}
 # SPEC: only grpo, grpo_passk and gdpo divide by the group std unless `scale` says otherwise
 EPS_DEFAULT_SCALE = {e: "group" if e in ("grpo", "grpo_passk", "gdpo") else "none" for e in ESTIMATORS}
 
@@ -71,6 +74,10 @@ def reference_advantages(
                 a = a / (std + cfg.eps)
             elif scale == "batch":
                 a = a / (batch_std + cfg.eps)
+            elif scale == "leave_one_out":  # the others' std, where it is above 0 (NeMo-RL's)
+                others = [rewards[j] for j in idx if j != i]
+                loo = statistics.stdev(others) if len(others) > 1 else 0.0
+                a = a / (loo + cfg.eps) if loo > 0 else a
             adv[i] = a
     if whiten and cfg.estimator in WHITENING:  # (gdpo: one component here)
         # whiten over all trained tokens of the batch (degenerate members count with value 0)

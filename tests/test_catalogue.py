@@ -34,6 +34,13 @@ def test_a_choice_parameter_names_its_default_choice() -> None:
     # a choice parameter without a default (scale: the estimator's own) names none
     scale = next(p for p in r.advantage_estimators[0].parameters if p.name == "scale")
     assert set(scale.choices) == {"group", "batch", "none"} and scale.default_choice == ""
+    # each estimator lists the scales it accepts: leave_one_out rloo's alone, group not reinforce_pp's
+    scales = {
+        e.name: set(next(p for p in e.parameters if p.name == "scale").choices)
+        for e in r.advantage_estimators
+    }
+    assert scales["rloo"] == {"group", "batch", "none", "leave_one_out"}
+    assert scales["reinforce_pp"] == {"batch", "none"} and scales["gdpo"] == {"group", "none"}
 
 
 def test_the_loss_level_parameters_are_listed_with_their_defaults() -> None:

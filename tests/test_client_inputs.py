@@ -282,7 +282,7 @@ def test_configuration_mistakes_are_invalid_argument_errors(client) -> None:
     # a bad scale is named as the scale, not as the estimator beside it
     assert refusal(lambda: client.loss(lp, **kw, estimator="grpo", scale="rows")) == (
         "config.advantages.scale",
-        "unknown_choice: 'rows'; one of ['group', 'batch', 'none']",
+        "unknown_choice: 'rows'; one of ['group', 'batch', 'none', 'leave_one_out']",
     )
     assert (
         refusal(lambda: cfg.Objective("reinforce", {"eps_low": 0.2}))[0]

@@ -24,6 +24,7 @@ from reference_loss import (
     assert_same_result,
     make_config,
     random_batch,
+    reference_advantages,
     reference_loss,
     reference_selection,
     splitmix64,
@@ -321,7 +322,12 @@ def test_singleton_and_equal_groups_are_degenerate():
 @pytest.mark.parametrize(
     ("est", "scale"),
     # (reinforce_pp's group scale and gdpo's batch scale are refused: their own tests)
-    [(e, s) for e in ESTIMATORS for s in (None, "group", "batch") if (e, s) not in REFUSED_SCALES],
+    [
+        (e, s)
+        for e in ESTIMATORS
+        for s in (None, "group", "batch", "leave_one_out")
+        if (e, s) not in REFUSED_SCALES
+    ],
 )
 def test_eps_0_gives_finite_advantages(est, scale):
     """eps=0 is accepted: a zero denominator (an equal group, a batch of one weighted value)
@@ -543,6 +549,86 @@ def test_reinforce_pp_refuses_the_group_scale_and_min_group_std():  # (and gdpo 
             E.advantages(torch.tensor([1.0, 0.0]), torch.tensor([0, 1]), cfg)
         ((v,),) = [err.value.violations]
         assert v.field == field and v.reason.startswith("unsupported: reinforce_pp reads no groups")
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("eps", [1e-6, 0.0])
+def test_rloo_leave_one_out_scale_is_the_reference(seed: int, eps: float) -> None:
+    """rloo with scale leave_one_out against the plain-loop reference: each member's
+    R - mean(others) over the others' unbiased std + eps where that std is above 0, on groups of
+    1 to 6 members with rewards from a few values (ties, lone outliers, equal groups); in
+    ComputeAdvantages and in a loss (float64 and float32 rewards)."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(1, 7, (12,), generator=g)
+    groups = torch.repeat_interleave(torch.arange(12), sizes)[torch.randperm(int(sizes.sum()), generator=g)]
+    values = torch.tensor([0.0, 1.0, 0.25, 0.7], dtype=torch.float64)
+    r = values[torch.randint(0, 4, (groups.numel(),), generator=g)]
+    cfg = AdvantageConfig(estimator="rloo", scale="leave_one_out", eps=eps)
+    want, frac = reference_advantages(r.tolist(), groups.tolist(), cfg)
+    got = E.advantages(r, groups, cfg)
+    torch.testing.assert_close(got.advantages, torch.tensor(want, dtype=F64), rtol=1e-12, atol=1e-14)
+    assert got.metrics["degenerate_group_frac"] == pytest.approx(frac)
+    got32 = E.advantages(r.float(), groups, cfg).advantages.double()
+    torch.testing.assert_close(got32, torch.tensor(want, dtype=F64), rtol=1e-6, atol=1e-6)
+    lengths = torch.randint(1, 4, (groups.numel(),), generator=g)
+    batch = Batch(
+        logp=-torch.rand(int(lengths.sum()), generator=g, dtype=F64) - 0.1,
+        offsets=Batch.offsets_from_lengths(lengths),
+        rewards=r,
+        group_ids=groups,
+    )
+    res = E.loss(batch, LossConfig(advantages=cfg))
+    torch.testing.assert_close(res.advantages, torch.tensor(want, dtype=F64).repeat_interleave(lengths))
+    # ... which plain rloo is not, wherever a member's others have a spread other than 1
+    plain = E.advantages(r, groups, AdvantageConfig(estimator="rloo", eps=eps)).advantages
+    assert not torch.allclose(plain, got.advantages)
+
+
+def test_rloo_leave_one_out_scale_by_hand() -> None:
+    """The cases NeMo-RL's rule decides: a lone correct answer among equal wrong ones keeps
+    R - mean(others) = 1 while its peers are divided by their others' std; a pair is never
+    divided (one other: no std); rewards 3, 1, 2, 2: each member over its others' std."""
+    r = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.2, 0.9, 3.0, 1.0, 2.0, 2.0], dtype=F64)
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2, 2, 2])
+    got = E.advantages(
+        r, groups, AdvantageConfig(estimator="rloo", scale="leave_one_out", eps=0.0)
+    ).advantages
+    peer = -1 / 3 / math.sqrt(1 / 3)  # others {1, 0, 0}: mean 1/3, unbiased variance 1/3
+    want = [1.0, peer, peer, peer, -0.7, 0.7]
+    want += [(3 - 5 / 3) / math.sqrt(1 / 3), (1 - 7 / 3) / math.sqrt(1 / 3), (2 - 2) / 1.0, 0.0]
+    assert got.tolist() == pytest.approx(want, rel=1e-12, abs=1e-15)
+    # others at 0.7, 0.7, 0.7: equal, though E[R^2] - mean^2 rounds to 1e-16 (NeMo-RL's std
+    # 1.6e-8 then divides, giving -6.4e5): undivided
+    r = torch.tensor([0.05, 0.7, 0.7, 0.7], dtype=F64)
+    got = E.advantages(
+        r, torch.zeros(4, dtype=torch.long), AdvantageConfig("rloo", "leave_one_out")
+    ).advantages
+    assert float(got[0]) == pytest.approx(-0.65, rel=1e-14)
+
+
+def test_rloo_leave_one_out_scale_with_skip_nan_components() -> None:
+    """An unscored member (its one reward NaN, skip_nan_components) is nobody's other: the
+    scored members get what they get without it, and it gets 0."""
+    r = torch.tensor([1.0, float("nan"), 0.0, 0.5, 0.25, 0.0, float("nan")], dtype=F64)
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 1])
+    cfg = AdvantageConfig(estimator="rloo", scale="leave_one_out", skip_nan_components=True)
+    got = E.advantages(r, groups, cfg).advantages
+    kept = ~torch.isnan(r)
+    alone = E.advantages(
+        r[kept], groups[kept], dataclasses.replace(cfg, skip_nan_components=False)
+    ).advantages
+    torch.testing.assert_close(got[kept], alone, rtol=1e-13, atol=0.0)
+    assert got[~kept].tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("est", [e for e in ESTIMATORS if e != "rloo"])
+def test_leave_one_out_scale_is_refused_but_with_rloo(est: str) -> None:
+    with pytest.raises(InputError) as err:
+        E.advantages(
+            torch.tensor([1.0, 0.0, 0.5]), torch.tensor([0, 0, 0]), AdvantageConfig(est, "leave_one_out")
+        )
+    ((v,),) = [err.value.violations]
+    assert v.field == "advantages.scale" and v.reason.startswith("unsupported: leave_one_out divides rloo's")
 
 
 def _trl_nanstd(x: Tensor, dim: int | None = None) -> Tensor:

@@ -414,35 +414,42 @@ REWARDS = torch.tensor([1, 0, 0.5, 0.2, 0.3, 0.3, 0.3, 0.7, 1, 0, 0, 0.2, 0.9, 0
 
 
 @pytest.mark.parametrize(
-    ("loo", "normalize", "estimator"),
-    [(False, True, "grpo"), (False, False, "dr_grpo"), (True, False, "rloo")],
+    ("loo", "normalize", "estimator", "scale"),
+    [
+        (False, True, "grpo", None),
+        (False, False, "dr_grpo", None),
+        (True, False, "rloo", None),
+        (True, True, "rloo", "leave_one_out"),  # NeMo-RL's default
+    ],
 )
-def test_grpo_advantage_estimator(loo: bool, normalize: bool, estimator: str) -> None:
+def test_grpo_advantage_estimator(loo: bool, normalize: bool, estimator: str, scale: str | None) -> None:
     """GRPOAdvantageEstimator [advantage_estimator.py @ 00925dd1]: A = R - baseline, divided by
     std + 1e-6 where std > 0 (normalize_rewards): use_leave_one_out_baseline false: grpo (unbiased
     group std, eps 1e-6; NeMo-RL versions without the epsilon: adv_eps=0) or dr_grpo;
-    leave-one-out without normalize_rewards: rloo. Singleton (group 2) and all-equal (group 1)
-    groups: 0 in both."""
+    leave-one-out without normalize_rewards: rloo; with it (the default): rloo with scale
+    leave_one_out, each member over the std of its others. Singleton (group 2) and all-equal
+    (group 1) groups: 0 in both."""
     base, std = _baseline_std(GIDS, REWARDS, loo)
     want = REWARDS - base
     if normalize:
         want = torch.where(std > 0, want / (std + 1e-6), want)
-    got = E.advantages(REWARDS, GIDS, AdvantageConfig(estimator=estimator)).advantages
+    got = E.advantages(REWARDS, GIDS, AdvantageConfig(estimator=estimator, scale=scale)).advantages
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
 
 
-def test_default_leave_one_out_normalized_advantages_are_not_an_estimator() -> None:
-    """NeMo-RL's default (use_leave_one_out_baseline and normalize_rewards true) divides each
-    member's leave-one-out advantage by the std of the other members: no softgate estimator; send
-    them as advantages=. Groups of two have no such std (0 / 0 -> 0): rloo's values there; a member
-    whose peers all agree keeps R - mean(peers) undivided (group 3's first member: 1), its peers
-    are divided (-0.5 / 0.707)."""
+def test_default_leave_one_out_normalized_advantages_by_hand() -> None:
+    """NeMo-RL's default divides each member's leave-one-out advantage by the std of the other
+    members. Groups of two have no such std (0 / 0 -> 0): rloo's values there; a member whose
+    peers all agree keeps R - mean(peers) undivided (group 3's first member: 1), its peers are
+    divided (-0.5 / 0.707); scale leave_one_out does the same, plain rloo does not."""
     base, std = _baseline_std(GIDS, REWARDS, True)
     nemo = torch.where(std > 0, (REWARDS - base) / (std + 1e-6), REWARDS - base)
     rloo = E.advantages(REWARDS, GIDS, AdvantageConfig(estimator="rloo")).advantages
+    loo = E.advantages(REWARDS, GIDS, AdvantageConfig(estimator="rloo", scale="leave_one_out")).advantages
     pair = GIDS == 4
     torch.testing.assert_close(nemo[pair], rloo[pair], rtol=1e-12, atol=0)
     assert float(nemo[8]) == 1.0 and float(nemo[9]) == pytest.approx(-0.5 / math.sqrt(0.5), rel=1e-5)
+    assert float(loo[8]) == 1.0 and float(loo[9]) == pytest.approx(-0.5 / math.sqrt(0.5), rel=1e-5)
     assert not torch.allclose(nemo[~pair], rloo[~pair])
 
 

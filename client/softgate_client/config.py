@@ -143,7 +143,8 @@ def _given(**kw: float | None) -> dict[str, float]:
 class AdvantageConfig:
     """Outcome-reward estimator: `grpo`, `dr_grpo`, `rloo`, `reinforce_pp_baseline`, `opo`, `gpg`,
     `grpo_passk`, `reinforce_pp`, `gdpo`; `reward_weights` for rewards of K components;
-    scale `group`, `batch`, `none` (None: the estimator's own default); `gamma` in [0, 1],
+    scale `group`, `batch`, `none`, `leave_one_out` (rloo over the others' std: NeMo-RL's
+    default; None: the estimator's own default); `gamma` in [0, 1],
     reinforce_pp's discount of each token's return (None: 1, none); `skip_nan_components`:
     a NaN reward component does not apply to its sequence (TRL's None)."""
 

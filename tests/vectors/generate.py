@@ -269,6 +269,13 @@ def _default_cases(engine: Engine) -> list[dict[str, Any]]:
     )
     out.append(_case("sapo/rloo_default_scale_kl_k3_clamped", b, cfg, engine))
     assert out[-1]["outputs"]["metrics"]["kl_clamped_tokens"] > 0
+    # NeMo-RL's default: rloo divided by the others' std; a lone correct answer (others all
+    # equal) and a pair stay undivided
+    b = random_batch(5355, max_seqs=9, max_len=5, advantages="rewards", num_seqs=9)
+    b.rewards = torch.tensor([0.0, 1.0, 0.0, 0.0, 0.2, 0.9, 0.1, 0.4, 0.75], dtype=torch.float64)
+    b.group_ids = torch.tensor([5, 5, 5, 5, 6, 6, 7, 7, 7])
+    cfg = LossConfig(advantages=AdvantageConfig(estimator="rloo", scale="leave_one_out"))
+    out.append(_case("sapo/rloo_leave_one_out_scale", b, cfg, engine))
     # the parameters every other case leaves at one value, at others
     b = random_batch(5454, max_seqs=6, max_len=5, advantages="rewards", num_seqs=6, big_deltas=True)
     b.rewards = torch.tensor([0.0, 1.0, 0.2, 0.3, 1.0, 0.5], dtype=torch.float64)

@@ -163,6 +163,9 @@ def group_advantages(
     scale = cfg.scale or DEFAULT_SCALE[cfg.estimator]
     if scale == "group":
         a = a / (std_g[inv] + cfg.eps)
+    elif scale == "leave_one_out":  # (rloo only)
+        loo = _leave_one_out_std(r, dev, c, gmax, gmin, inv, group_sum, scored)
+        a = torch.where(loo > 0, a / (loo + cfg.eps), a)
     elif scale == "batch":
         rs = r if scored is None else r[scored]
         bstd = rs.std() if rs.numel() > 1 else torch.zeros((), dtype=torch.float64, device=r.device)
@@ -171,6 +174,30 @@ def group_advantages(
         same = gmax.amax() == gmin.amin() if g > 0 else torch.ones((), dtype=torch.bool, device=r.device)
         a = torch.where(same, a, a / (bstd + cfg.eps))
     return _finish(a, degenerate_g, inv, given, cfg, weights, whiten, scored)
+
+
+def _leave_one_out_std(
+    r: Tensor,
+    dev: Tensor,
+    c: Tensor,
+    gmax: Tensor,
+    gmin: Tensor,
+    inv: Tensor,
+    group_sum: Any,
+    ok: Tensor | None,
+) -> Tensor:
+    """[B] the unbiased std of each member's others in its group (NeMo-RL's leave-one-out std),
+    over the members where `ok`: the group's squared deviations less the member's share,
+    S - dev^2 n / (n - 1), over n - 2; 0 with fewer than two others, and exactly 0 where the
+    others are all equal (the member alone at the group's max or min, the rest at the other)."""
+    sel = torch.ones_like(r, dtype=torch.bool) if ok is None else ok
+    n = c[inv]
+    rest = (group_sum(dev * dev)[inv] - dev * dev * n / (n - 1).clamp(min=1)).clamp(min=0)
+    std = torch.where(n > 2, rest / (n - 2).clamp(min=1), torch.zeros_like(r)).sqrt()
+    at_max, at_min = (r == gmax[inv]) & sel, (r == gmin[inv]) & sel
+    n_max, n_min = group_sum(at_max.to(torch.float64))[inv], group_sum(at_min.to(torch.float64))[inv]
+    others_equal = (at_max & (n_max == 1) & (n_min == n - 1)) | (at_min & (n_min == 1) & (n_max == n - 1))
+    return torch.where(others_equal | ~sel, torch.zeros_like(std), std)
 
 
 def _finish(

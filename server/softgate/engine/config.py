@@ -295,14 +295,15 @@ KL_ESTIMATORS: tuple[str, ...] = get_args(KlEstimator)
 RewardKlEstimator = Literal["k1", "k2", "k3", "abs"]
 REWARD_KL_ESTIMATORS: tuple[str, ...] = get_args(RewardKlEstimator)
 RewardKlLevel = Literal["token", "sequence"]
-Scale = Literal["group", "batch", "none"]
+Scale = Literal["group", "batch", "none", "leave_one_out"]
 AggregationMode = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm"]
 
 
 @dataclass(frozen=True)
 class AdvantageConfig:
     """Outcome-reward advantage estimator; `scale=None` takes the estimator's own default
-    (group std for `grpo`, `grpo_passk` and `gdpo`, none for the others). `reward_weights`:
+    (group std for `grpo`, `grpo_passk` and `gdpo`, none for the others); `leave_one_out`
+    (rloo only: NeMo-RL's default) divides by the std of the member's others. `reward_weights`:
     one weight per reward component of [B, K] rewards (None: 1 each), for gdpo's weighted sum
     of its normalised components and the others' of the raw ones. `gamma` in [0, 1]:
     reinforce_pp's discount, each token's advantage gamma^(steps to its sequence's last token

@@ -100,7 +100,7 @@ _FLOATS = (torch.float32, torch.float64)
 _HALVES = (torch.float16, torch.bfloat16)
 _INTS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
-_SCALES = ("group", "batch", "none")
+_SCALES = ("group", "batch", "none", "leave_one_out")
 _MISMATCH_MODES = ("truncate", "mask", "seq_mask")
 _AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm")
 # the normaliser each aggregation mode reads (the others it ignores)
@@ -346,6 +346,12 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
             not (adv.estimator == "reinforce_pp" and _num_ok(adv.min_group_std) and adv.min_group_std > 0),
             "advantages.min_group_std",
             "unsupported: reinforce_pp reads no groups, so it zeroes none",
+        )
+        need(
+            adv.scale != "leave_one_out" or adv.estimator == "rloo",
+            "advantages.scale",
+            f"unsupported: leave_one_out divides rloo's leave-one-out baseline by the others' std; "
+            f"not {adv.estimator!r}",
         )
         need(
             not (adv.estimator == "gdpo" and adv.scale == "batch"),

@@ -13,6 +13,7 @@ from softgate_client.proto.softgate.v1 import softgate_pb2 as pb
 from softgate import __version__
 from softgate.engine import config as c
 from softgate.engine.metrics import METRIC_NAMES
+from softgate.engine.validation import validate_config
 from softgate.grpc.codec import Limits
 
 PARAM_HELP: dict[str, str] = {
@@ -176,6 +177,21 @@ def _default_first(cls: type, name: str) -> list[str]:
     return sorted(_choices(cls, name), key=lambda x: x != default)
 
 
+def _own_scales(p: pb.ParameterInfo, est: str) -> pb.ParameterInfo:
+    """`scale` with the choices the engine accepts with `est` (validation decides); other
+    parameters as they are (gamma: the others take 1)."""
+    if p.name != "scale":
+        return p
+    own = pb.ParameterInfo()
+    own.CopyFrom(p)
+    del own.choices[:]
+    for s in p.choices:
+        cfg = c.LossConfig(advantages=c.AdvantageConfig(estimator=est, scale=s))  # type: ignore[arg-type]
+        if not any(v.field == "advantages.scale" for v in validate_config(cfg)):
+            own.choices.append(s)
+    return own
+
+
 def build(limits: Limits, max_message_bytes: int) -> pb.ListAlgorithmsResponse:
     r = pb.ListAlgorithmsResponse(server_version=__version__)
     default_obj = c.LossConfig().objective.name
@@ -185,7 +201,7 @@ def build(limits: Limits, max_message_bytes: int) -> pb.ListAlgorithmsResponse:
         r.objectives.add(name=name, description=_doc(cls), parameters=_params(cls))
     adv_params = _params(c.AdvantageConfig, skip=("estimator",))
     for est in _default_first(c.AdvantageConfig, "estimator"):
-        adv_own = [p for p in adv_params if p.name != "gamma" or est == "reinforce_pp"]  # (the others: 1)
+        adv_own = [_own_scales(p, est) for p in adv_params if p.name != "gamma" or est == "reinforce_pp"]
         r.advantage_estimators.add(name=est, description=ESTIMATOR_HELP.get(est, ""), parameters=adv_own)
     agg_params = _params(c.AggregationConfig, skip=("mode",))
     for mode in _default_first(c.AggregationConfig, "mode"):

@@ -686,6 +686,7 @@ _SCALES = {
     pb.ADVANTAGE_SCALE_GROUP: "group",
     pb.ADVANTAGE_SCALE_BATCH: "batch",
     pb.ADVANTAGE_SCALE_NONE: "none",
+    pb.ADVANTAGE_SCALE_LEAVE_ONE_OUT: "leave_one_out",
 }
 _AGG_MODES = {
     pb.AGGREGATION_MODE_TOKEN_MEAN: "token_mean",

@@ -45,6 +45,7 @@ class AdvantageScale(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ADVANTAGE_SCALE_GROUP: _ClassVar[AdvantageScale]
     ADVANTAGE_SCALE_BATCH: _ClassVar[AdvantageScale]
     ADVANTAGE_SCALE_NONE: _ClassVar[AdvantageScale]
+    ADVANTAGE_SCALE_LEAVE_ONE_OUT: _ClassVar[AdvantageScale]
 
 class AggregationMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -129,6 +130,7 @@ ADVANTAGE_SCALE_UNSPECIFIED: AdvantageScale
 ADVANTAGE_SCALE_GROUP: AdvantageScale
 ADVANTAGE_SCALE_BATCH: AdvantageScale
 ADVANTAGE_SCALE_NONE: AdvantageScale
+ADVANTAGE_SCALE_LEAVE_ONE_OUT: AdvantageScale
 AGGREGATION_MODE_UNSPECIFIED: AggregationMode
 AGGREGATION_MODE_TOKEN_MEAN: AggregationMode
 AGGREGATION_MODE_SEQ_MEAN_TOKEN_MEAN: AggregationMode
