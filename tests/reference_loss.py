@@ -249,7 +249,8 @@ def _token_advantages(
         if rk is not None and rk.level == "sequence":
             rewards = [r - rk.beta * math.fsum(k) for r, k in zip(rewards, ks, strict=True)]
         beta = rk.beta if rk is not None and rk.level == "token" else 0.0
-        token = (rk is not None and rk.level == "token") or gamma != 1.0
+        own = rk.beta if rk is not None and rk.level == "immediate" else 0.0  # each token's own KL
+        token = (rk is not None and rk.level != "sequence") or gamma != 1.0
         seq_adv, _ = reference_advantages(
             rewards, [int(g) for g in batch.group_ids], config.advantages, counts, whiten=not token
         )
@@ -263,7 +264,7 @@ def _token_advantages(
             for j in reversed(range(len(ks[i]))):
                 g_ret = -beta * ks[i][j] + (seq_adv[i] if j == last else 0.0) + gamma * g_ret
                 # past T_i (untrained): A_i undiscounted, less the KL's return (0 off the mask)
-                row.append(g_ret if j <= last else seq_adv[i] + g_ret)
+                row.append((g_ret if j <= last else seq_adv[i] + g_ret) - own * ks[i][j])
             vals.append(row[::-1])
         if token and config.advantages.estimator in WHITENING:  # over the trained tokens
             m = mask if mask is not None else torch.ones(off[-1], dtype=torch.bool)

@@ -61,7 +61,7 @@ def test_the_loss_level_parameters_are_listed_with_their_defaults() -> None:
 
 def test_reward_kl_estimators_are_listed_with_beta_and_level() -> None:
     """A KL in the reward: k1 (its default) first, then k2, k3, abs, each with beta (default 0),
-    level (token, the default, or sequence) and value_clamp (no default: none), each named
+    level (token, the default, sequence or immediate) and value_clamp (no default: none), each named
     after the engine's own."""
     r = catalogue.build(Limits(), 1 << 20)
     assert [e.name for e in r.reward_kl_estimators] == ["k1", "k2", "k3", "abs"]
@@ -70,7 +70,7 @@ def test_reward_kl_estimators_are_listed_with_beta_and_level() -> None:
         assert set(params) == {"beta", "level", "value_clamp"} and params["beta"].default_value == 0.0
         assert not params["value_clamp"].HasField("default_value")
         assert "in the reward" in params["value_clamp"].description
-        assert list(params["level"].choices) == ["token", "sequence"]
+        assert list(params["level"].choices) == ["token", "sequence", "immediate"]
         assert params["level"].default_choice == "token" and "REINFORCE++" in params["level"].description
         assert "reward" in e.description
 

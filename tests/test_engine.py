@@ -2278,7 +2278,9 @@ def test_segment_reduce_sums_equal_cpu_sums(monkeypatch, name):
     assert_same_result(E.loss(b, cfg), want, 1e-12)
 
 
-@pytest.mark.parametrize(("level", "gamma"), [("token", 1.0), ("sequence", 1.0), ("token", 0.9), (None, 0.5)])
+@pytest.mark.parametrize(
+    ("level", "gamma"), [("token", 1.0), ("sequence", 1.0), ("token", 0.9), ("immediate", 0.9), (None, 0.5)]
+)
 def test_reward_kl_on_the_gpu_code_path(monkeypatch, level, gamma) -> None:
     """A KL in the reward and a discount through the code a GPU runs (segment sums, gathers,
     the doubling scan of the returns) give the CPU's loss, gradient, advantages and metrics."""

@@ -195,7 +195,7 @@ def test_mismatch_batch_normalize_refuses_an_infinite_mean() -> None:
     assert ENGINE.loss(batch, plain).policy_loss != 0
 
 
-@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("level", ["token", "sequence", "immediate"])
 @pytest.mark.parametrize("estimator", ["reinforce_pp", "reinforce_pp_baseline", "grpo", "rloo", "gdpo"])
 @pytest.mark.parametrize("objective", ["grpo", "sapo", "gspo", "cispo"])
 def test_reward_kl(objective, estimator, level):
@@ -206,7 +206,7 @@ def test_reward_kl(objective, estimator, level):
     reward_kl_penalty, and beta 0 leaves the advantages as without it."""
     from softgate.engine import RejectionCriterion, RewardKLConfig
 
-    if (level == "token" and objective in PER_SEQUENCE_ADVANTAGES) or (level, estimator) == (
+    if (level != "sequence" and objective in PER_SEQUENCE_ADVANTAGES) or (level, estimator) == (
         "sequence",
         "gdpo",
     ):
@@ -253,7 +253,7 @@ def test_reward_kl(objective, estimator, level):
     raise AssertionError(f"only {checked} batches")
 
 
-@pytest.mark.parametrize("level", [None, "token", "sequence"])
+@pytest.mark.parametrize("level", [None, "token", "sequence", "immediate"])
 @pytest.mark.parametrize("objective", ["grpo", "sapo", "cispo", "gspo_token"])
 def test_reinforce_pp_gamma(objective, level):
     """REINFORCE++'s discounted return (AdvantageConfig.gamma): each token's advantage is
@@ -300,6 +300,7 @@ def test_reinforce_pp_gamma(objective, level):
         ),  # REINFORCE++'s whitening of such returns
         (torch.float64, -2.0, 1e300, "abs", "sequence", "grpo"),  # ordinary log-probs, an absurd beta
         (torch.float32, -3e38, 1.0, "k2", "token", "grpo"),  # 4.5e76: finite in float64, not in float32
+        (torch.float32, -3e38, 1.0, "k2", "immediate", "grpo"),  # (each token's own)
     ],
 )
 def test_reward_kl_refuses_a_penalty_that_overflows(dtype, far, beta, estimator, level, adv) -> None:

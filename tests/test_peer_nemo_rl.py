@@ -34,6 +34,7 @@ from softgate.engine import (
     KLConfig,
     LossConfig,
     MismatchConfig,
+    RewardKLConfig,
 )
 
 E = Engine(device="cpu", compile=False)
@@ -483,6 +484,45 @@ def test_reinforce_plus_plus(minus_baseline: bool, estimator: str) -> None:
     res = E.loss(batch, cfg)
     n = float(mask.sum())
     m = batch.mask
+    torch.testing.assert_close(
+        want[keep][m], res.advantages[m] * math.sqrt(n / (n - 1)), rtol=1e-12, atol=1e-15
+    )
+
+
+@pytest.mark.parametrize("kl_type", ["k1", "k3"])
+@pytest.mark.parametrize(
+    ("minus_baseline", "estimator"), [(True, "reinforce_pp_baseline"), (False, "reinforce_pp")]
+)
+def test_reinforce_plus_plus_use_kl_in_reward(minus_baseline: bool, estimator: str, kl_type: str) -> None:
+    """ReinforcePlusPlusAdvantageEstimator with use_kl_in_reward [00925dd1]: each token's
+    advantage less reference_policy_kl_penalty times its own calculate_kl (x = ref - prev clamped
+    at 20, k clamped at 10 by its defaults), then whitened with the population variance: reward_kl
+    at level immediate with value_clamp 10, the sqrt(N / (N - 1)) of the test above between them."""
+    gid = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2, 3, 3, 3])
+    r = torch.tensor([1, 0, 0.5, 0.3, 0.9, 0.1, 0, 0.2, 0.8, 1, 0, 0], dtype=F64)
+    lengths = torch.tensor([3, 5, 0, 2, 4, 1, 6, 3, 2, 4, 5, 3])
+    keep = torch.arange(int(lengths.max())) < lengths[:, None]
+    g = torch.Generator().manual_seed(0)
+    mask = (keep & (torch.rand(keep.shape, generator=g) < 0.8)).to(F64)
+    prev = -torch.rand(keep.shape, generator=g, dtype=F64) * 2 - 0.05
+    ref = (prev + 0.8 * torch.randn(keep.shape, generator=g, dtype=F64)).clamp(max=-1e-3)
+    prev[1, 0], ref[1, 0], mask[1, 0] = -3.5, -0.01, 1.0  # k3 = e^3.49 - 4.49 > 10: clamped
+    a = r - _baseline_std(gid, r, False)[0] if minus_baseline else r
+    a = a[:, None].expand(mask.shape) - 0.05 * _calc_kl(prev, ref, kl_type)
+    mu = (a * mask).sum() / mask.sum()
+    want = (a - mu) * (((a - mu).square() * mask).sum() / mask.sum()).clamp(min=1e-8).rsqrt()
+    batch = Batch(
+        logp=prev[keep],
+        offsets=Batch.offsets_from_lengths(lengths),
+        mask=mask[keep].bool(),
+        ref_logp=ref[keep],
+        rewards=r,
+        group_ids=gid,
+    )
+    rk = RewardKLConfig(beta=0.05, estimator=kl_type, level="immediate", value_clamp=10.0)
+    cfg = LossConfig(objective=Grpo(), advantages=AdvantageConfig(estimator=estimator, eps=0.0), reward_kl=rk)
+    res = E.loss(batch, cfg)
+    n, m = float(mask.sum()), batch.mask
     torch.testing.assert_close(
         want[keep][m], res.advantages[m] * math.sqrt(n / (n - 1)), rtol=1e-12, atol=1e-15
     )

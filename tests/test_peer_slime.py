@@ -17,6 +17,8 @@ No slime code is copied; docs/peers.md ("From slime") maps the options.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from softgate.engine import (
@@ -430,6 +432,33 @@ def test_reinforce_plus_plus(kl_loss_type: str, est: str, clamp: float | None, g
     got = E.loss(b, cfg).advantages[b.mask]
     torch.testing.assert_close(got, _whiten(torch.cat(rets), m)[b.mask], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(got, _whiten(torch.cat(rets), m, eps=0.0)[b.mask], rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize(("kl_loss_type", "est", "clamp"), [("k1", "k1", None), ("low_var_kl", "k3", 10.0)])
+def test_reinforce_plus_plus_baseline_with_kl_coef(kl_loss_type: str, est: str, clamp: float | None) -> None:
+    """--advantage-estimator reinforce_plus_plus_baseline --kl-coef b
+    (get_reinforce_plus_plus_baseline_advantages, ppo_utils @ 501dae9c): each token's R - mean less
+    b times its own k(old, ref), no sum to the end, then whitened over the masked tokens: estimator
+    reinforce_pp_baseline with reward_kl at level immediate, adv_eps=0 (slime's rsqrt(var + 1e-8)
+    set to 0). A degenerate group keeps its KL part in both; level token (the return) differs."""
+    s, b = _adv_batch()
+    s["ref"][4][1] = s["old"][4][1] - 4.0  # a token past low_var_kl's clamp
+    b.ref_logp = torch.cat(s["ref"])
+    centred = _group_norm(False).tolist()
+    adv = []
+    for a, o, rf, m in zip(centred, s["old"], s["ref"], s["mask"], strict=True):
+        d = o - rf
+        k = {"k1": d}.get(kl_loss_type, (torch.exp(-d) - 1 + d).clamp(-10, 10))
+        adv.append(a - 0.1 * k * m)
+    m = b.mask.to(F64)
+    rk = RewardKLConfig(beta=0.1, estimator=est, level="immediate", value_clamp=clamp)
+    cfg = LossConfig(
+        objective=Grpo(), advantages=AdvantageConfig(estimator="reinforce_pp_baseline", eps=0.0), reward_kl=rk
+    )
+    got = E.loss(b, cfg).advantages[b.mask]
+    torch.testing.assert_close(got, _whiten(torch.cat(adv), m, eps=0.0)[b.mask], rtol=1e-12, atol=1e-13)
+    ret = dataclasses.replace(cfg, reward_kl=dataclasses.replace(rk, level="token"))
+    assert not torch.allclose(E.loss(b, ret).advantages[b.mask], got)
 
 
 @pytest.mark.parametrize(("std", "estimator"), [(False, "reinforce_pp_baseline"), (True, "gdpo")])

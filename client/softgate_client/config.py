@@ -217,7 +217,8 @@ class RewardKLConfig:
     """A KL penalty in the reward instead of a loss term (verl's use_kl_in_reward, OpenRLHF's
     init_kl_coef): coefficient `beta` (needed: the server's default 0 is none), estimator
     `k1` (the default) / `k2` / `k3` / `abs` of ref_logp - old_logp, `level` `token` (each
-    token's advantage less beta times the KL to its sequence's end: REINFORCE++) or
+    token's advantage less beta times the KL to its sequence's end: REINFORCE++), `immediate`
+    (each token's own KL alone: NeMo-RL's REINFORCE++) or
     `sequence` (each reward less beta times its sequence's KL: verl's GRPO), `value_clamp` c
     (each k clamped to [-c, c]; verl's low_var_kl: 10). Needs rewards and ref_logp."""
 

@@ -362,6 +362,12 @@ def _default_cases(engine: Engine) -> list[dict[str, Any]]:
         )
     )
     assert b.mask is not None and not bool(b.mask[b.offsets[1:] - 1].all())  # (a masked last token)
+    # ... each token's own KL alone (NeMo-RL's REINFORCE++, slime's reinforce_plus_plus_baseline)
+    own = LossConfig(
+        advantages=AdvantageConfig(estimator="reinforce_pp_baseline"),
+        reward_kl=RewardKLConfig(beta=0.1, estimator="k3", level="immediate", value_clamp=10.0),
+    )
+    out.append(_case("sapo/reward_kl_immediate_reinforce_pp_baseline", b, own, engine))
     cfg = LossConfig(reward_kl=RewardKLConfig(beta=0.2, estimator="k3", level="sequence"))
     out.append(_case("sapo/reward_kl_sequence_grpo", b, cfg, engine))
     assert out[-1]["outputs"]["metrics"]["reward_kl_mean"] > 0

@@ -294,7 +294,8 @@ KlEstimator = Literal["k1", "k2", "k3", "k1_st", "k3_st", "k3_is", "abs", "abs_s
 KL_ESTIMATORS: tuple[str, ...] = get_args(KlEstimator)
 RewardKlEstimator = Literal["k1", "k2", "k3", "abs"]
 REWARD_KL_ESTIMATORS: tuple[str, ...] = get_args(RewardKlEstimator)
-RewardKlLevel = Literal["token", "sequence"]
+RewardKlLevel = Literal["token", "sequence", "immediate"]
+REWARD_KL_LEVELS: tuple[str, ...] = get_args(RewardKlLevel)
 Scale = Literal["group", "batch", "none", "leave_one_out"]
 AggregationMode = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm"]
 
@@ -373,8 +374,9 @@ class RewardKLConfig:
     sent, k the estimator (kl.py's, without a gradient) of x = ref - old (logp on-policy).
     `level` token: each token's advantage less beta times the KL from that token to its
     sequence's end (REINFORCE++'s return), before the estimator's whitening; sequence: each
-    reward less beta times its sequence's KL sum, before the estimator (verl's grpo, rloo).
-    `value_clamp` c: each k clamped to [-c, c] (verl's low_var_kl: 10); None: none."""
+    reward less beta times its sequence's KL sum, before the estimator (verl's grpo, rloo);
+    immediate: each token's advantage less beta times its own KL, before the whitening
+    (NeMo-RL's REINFORCE++, slime's reinforce_plus_plus_baseline). `value_clamp` c: each k clamped to [-c, c] (verl's low_var_kl: 10); None: none."""
 
     beta: float = 0.0
     estimator: RewardKlEstimator = "k1"

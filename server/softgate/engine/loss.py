@@ -201,7 +201,7 @@ def _compute_loss(
             check_bounded(rk.beta, abs_sums)
             extra["reward_kl_mean"] = sequence_kl_mean(sums, ms_counts)
             penalty = rk.beta * sums if rk.level == "sequence" else None
-        kl_per_token = rk is not None and rk.level == "token"
+        kl_per_token = rk is not None and rk.level != "sequence"
         gamma = config.advantages.gamma
         per_token = kl_per_token or gamma != 1.0  # (returns.py)
         ga = group_advantages(
@@ -214,7 +214,11 @@ def _compute_loss(
         )
         if per_token:
             beta = rk.beta if rk is not None and kl_per_token else 0.0  # (sequence level: in the rewards)
-            a_tok = token_returns(ga.advantages, seg, gamma, kr, beta, sent_mask)
+            if rk is not None and rk.level == "immediate":  # each token's own KL, not its return
+                assert kr is not None
+                a_tok = token_returns(ga.advantages, seg, gamma, sent=sent_mask).sub_(kr, alpha=beta)
+            else:
+                a_tok = token_returns(ga.advantages, seg, gamma, kr, beta, sent_mask)
             unscored = None if ga.scored is None else seg.expand(~ga.scored)  # (skip_nan_components)
             if config.advantages.estimator in WHITENED:
                 trained = None if batch.mask is None else m

@@ -11,7 +11,9 @@ the loss, so the gradient is the policy term's alone.
   (verl, whose outcome estimators sum the token-level rewards: R - beta sum_t k_t);
 - level token: each token's advantage less beta times the KL from that token to its
   sequence's end, A_t = A_i - beta sum_{u >= t} gamma^(u - t) k_u (returns.py), before the
-  estimator's whitening (REINFORCE++'s return; OpenRLHF's for every estimator).
+  estimator's whitening (REINFORCE++'s return; OpenRLHF's for every estimator);
+- level immediate: each token's advantage less beta times its own KL, A_t = A_i - beta k_t,
+  before the whitening (NeMo-RL's REINFORCE++, slime's reinforce_plus_plus_baseline).
 
 beta times a sequence's summed |k| must stay within validation.MAX_ABS_REWARD, as rewards do
 (`check_bounded`): past it the group statistics' float64 squares overflow into silent zeros.

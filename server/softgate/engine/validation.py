@@ -29,6 +29,7 @@ from softgate.engine.config import (
     REJECTION_LEVELS,
     REJECTION_STATISTICS,
     REWARD_KL_ESTIMATORS,
+    REWARD_KL_LEVELS,
     AdvantageConfig,
     AggregationConfig,
     Cispo,
@@ -711,15 +712,15 @@ def _reward_kl(config: LossConfig, v: list[FieldViolation]) -> None:
     elif rk.estimator not in REWARD_KL_ESTIMATORS:
         why = f"unknown_name: {rk.estimator!r}; known: {list(REWARD_KL_ESTIMATORS)}"
         v.append(FieldViolation("reward_kl.estimator", why))
-    if rk.level not in ("token", "sequence"):
+    if rk.level not in REWARD_KL_LEVELS:
         v.append(
-            FieldViolation("reward_kl.level", f"unknown_name: {rk.level!r}; known: ['token', 'sequence']")
+            FieldViolation("reward_kl.level", f"unknown_name: {rk.level!r}; known: {list(REWARD_KL_LEVELS)}")
         )
-    elif rk.level == "token" and isinstance(config.objective, PER_SEQUENCE_ADVANTAGE):
+    elif rk.level != "sequence" and isinstance(config.objective, PER_SEQUENCE_ADVANTAGE):
         why = f"unsupported: {config.objective.name} uses one advantage per sequence; level sequence puts the KL there"
         v.append(FieldViolation("reward_kl.level", why))
     elif rk.level == "sequence" and getattr(config.advantages, "estimator", None) == "gdpo":
-        why = "unsupported: gdpo normalises each reward component apart; level token adds the KL after it"
+        why = "unsupported: gdpo normalises each reward component apart; levels token and immediate add the KL after it"
         v.append(FieldViolation("reward_kl.level", why))
     if not _num_ok(rk.beta):
         v.append(FieldViolation("reward_kl.beta", f"out_of_range: {rk.beta!r} is not a finite number"))

@@ -59,8 +59,8 @@ PARAM_HELP: dict[str, str] = {
     "level": "token or sequence mismatch weight",
     "RewardKLConfig.beta": "coefficient of the KL in the reward, >= 0",
     "RewardKLConfig.level": "at token level each token's advantage less beta times the KL to its sequence's "
-    "end (REINFORCE++), before whitening; at sequence level each reward less beta times its sequence's KL "
-    "(verl's grpo)",
+    "end (REINFORCE++), before whitening; at immediate level less beta times its own KL (NeMo-RL's "
+    "REINFORCE++); at sequence level each reward less beta times its sequence's KL (verl's grpo)",
     "cap": "truncation cap C of the mismatch weight (truncate mode), > 0",
     "lo": "lower bound of the masking window (mask and seq_mask modes), >= 0",
     "hi": "upper bound of the masking window (mask and seq_mask modes), > lo",

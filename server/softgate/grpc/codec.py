@@ -706,7 +706,11 @@ _KL = {
     pb.KL_ESTIMATOR_ABS_ST: "abs_st",
 }
 _MM_LEVELS = {pb.MISMATCH_LEVEL_TOKEN: "token", pb.MISMATCH_LEVEL_SEQUENCE: "sequence"}
-_RK_LEVELS = {pb.REWARD_KL_LEVEL_TOKEN: "token", pb.REWARD_KL_LEVEL_SEQUENCE: "sequence"}
+_RK_LEVELS = {
+    pb.REWARD_KL_LEVEL_TOKEN: "token",
+    pb.REWARD_KL_LEVEL_SEQUENCE: "sequence",
+    pb.REWARD_KL_LEVEL_IMMEDIATE: "immediate",
+}
 _MM_MODES = {
     pb.MISMATCH_MODE_TRUNCATE: "truncate",
     pb.MISMATCH_MODE_MASK: "mask",

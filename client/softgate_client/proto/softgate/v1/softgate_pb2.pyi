@@ -73,6 +73,7 @@ class RewardKlLevel(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REWARD_KL_LEVEL_UNSPECIFIED: _ClassVar[RewardKlLevel]
     REWARD_KL_LEVEL_TOKEN: _ClassVar[RewardKlLevel]
     REWARD_KL_LEVEL_SEQUENCE: _ClassVar[RewardKlLevel]
+    REWARD_KL_LEVEL_IMMEDIATE: _ClassVar[RewardKlLevel]
 
 class MismatchLevel(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -149,6 +150,7 @@ KL_ESTIMATOR_K3_IS_SEQ: KlEstimator
 REWARD_KL_LEVEL_UNSPECIFIED: RewardKlLevel
 REWARD_KL_LEVEL_TOKEN: RewardKlLevel
 REWARD_KL_LEVEL_SEQUENCE: RewardKlLevel
+REWARD_KL_LEVEL_IMMEDIATE: RewardKlLevel
 MISMATCH_LEVEL_UNSPECIFIED: MismatchLevel
 MISMATCH_LEVEL_TOKEN: MismatchLevel
 MISMATCH_LEVEL_SEQUENCE: MismatchLevel
