@@ -621,6 +621,23 @@ def test_rloo_leave_one_out_scale_with_skip_nan_components() -> None:
     assert got[~kept].tolist() == [0.0, 0.0]
 
 
+@pytest.mark.parametrize("skip_nan", [False, True])
+def test_rloo_leave_one_out_scale_on_the_gpu_code_path(monkeypatch, skip_nan: bool) -> None:
+    """The segmented group sums a GPU runs (rewards sorted by group) give the CPU's bits."""
+    from softgate.engine import advantages
+
+    g = torch.Generator().manual_seed(3)
+    groups = torch.randint(0, 9, (60,), generator=g)
+    r = torch.tensor([0.0, 1.0, 0.3, 0.7], dtype=F64)[torch.randint(0, 4, (60,), generator=g)]
+    if skip_nan:
+        r[::7] = float("nan")
+    cfg = AdvantageConfig(estimator="rloo", scale="leave_one_out", skip_nan_components=skip_nan)
+    want = E.advantages(r, groups, cfg).advantages
+    monkeypatch.setattr(advantages, "use_segment_reduce", lambda device: True)
+    got = E.advantages(r, groups, cfg).advantages
+    assert torch.equal(got, want) and bool(want.ne(0).any())
+
+
 @pytest.mark.parametrize("est", [e for e in ESTIMATORS if e != "rloo"])
 def test_leave_one_out_scale_is_refused_but_with_rloo(est: str) -> None:
     with pytest.raises(InputError) as err:
