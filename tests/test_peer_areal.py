@@ -464,6 +464,28 @@ def test_adv_norm_batch_whitening() -> None:
     torch.testing.assert_close(res.advantages[batch.mask], want[keep][batch.mask], rtol=1e-12, atol=1e-14)
 
 
+def test_reward_norm_then_adv_norm_is_gdpo_on_one_component() -> None:
+    """reward_norm (group mean and unbiased std, eps 1e-5) and then adv_norm (batch whitening of
+    the trained tokens, eps 1e-5): estimator="gdpo" on the [B] rewards, adv_eps=1e-5, as slime's
+    --normalize-advantages (docs/peers.md). Where no group is degenerate; a degenerate group's
+    members stay 0 in softgate, AReaL whitens their 0 to -mean / (std + eps)."""
+    logp, prox, behave, mask, keep = _padded(8)
+    rewards = torch.tensor([1.0, 0.0, 2.0, -1.0, 0.5, 0.0, 1.0, 3.0], dtype=F64)
+    grouped = _areal_norm(rewards, 4, False, True, True, 1e-5)
+    a = torch.where(mask, grouped[:, None], 0.0)
+    n = mask.sum()
+    mean = a.sum() / n
+    sd = ((torch.where(mask, a - mean, 0.0) ** 2).sum() / (n - 1)).sqrt()
+    want = (a - mean) * mask / (sd + 1e-5)
+    batch = _ragged(logp, prox, behave, mask, keep, rewards=rewards, group_ids=torch.arange(8) // 4)
+    batch.rollout_logp = None
+    cfg = LossConfig(
+        objective=Grpo(), aggregation=TOKEN_MEAN, advantages=AdvantageConfig(estimator="gdpo", eps=1e-5)
+    )
+    res = E.loss(batch, cfg)
+    torch.testing.assert_close(res.advantages[batch.mask], want[keep][batch.mask], rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("kl_estimator", ["k1", "k2", "k3"])
 def test_kl_in_reward(kl_estimator: str) -> None:
     """compute_advantages (actor.py @ 5d10f4ee) with kl_ctl beta and kl_estimator: each
