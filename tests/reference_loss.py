@@ -77,7 +77,7 @@ def reference_advantages(
             elif scale == "leave_one_out":  # the others' std, where it is above 0 (NeMo-RL's)
                 others = [rewards[j] for j in idx if j != i]
                 loo = statistics.stdev(others) if len(others) > 1 else 0.0
-                a = a / (loo + cfg.eps) if loo > 0 else a
+                a = a / (loo + cfg.eps) if loo > 0 and loo >= cfg.min_group_std else a
             adv[i] = a
     if whiten and cfg.estimator in WHITENING:  # (gdpo: one component here)
         # whiten over all trained tokens of the batch (degenerate members count with value 0)

@@ -606,6 +606,48 @@ def test_rloo_leave_one_out_scale_by_hand() -> None:
     assert float(got[0]) == pytest.approx(-0.65, rel=1e-14)
 
 
+@pytest.mark.parametrize(
+    "values",
+    [
+        [0.0, 1e-7, 2e-7, 5e-8, 100.0],
+        [0.0, 1e-3, 2e-3, 5e-4, 1e6],
+        [1.0, 0.9, 0.9, 0.9001],
+        [5.0, 1.0, 1.0, 1.0 + 1e-9],
+    ],
+)
+def test_rloo_leave_one_out_scale_one_member_far_from_close_others(values: list[float]) -> None:
+    """One member's deviation holds nearly all of the group's squares (S - d^2 n / (n - 1)
+    keeps no digits: a review found 100 where 9.2e7 is right): its others' squares are summed
+    again, and every member matches exact rational arithmetic to 1e-9."""
+    from fractions import Fraction
+
+    r = torch.tensor(values, dtype=F64)
+    got = E.advantages(
+        r, torch.zeros(len(values), dtype=torch.long), AdvantageConfig("rloo", "leave_one_out", eps=0.0)
+    )
+    for i, a in enumerate(got.advantages.tolist()):
+        others = [Fraction(v) for j, v in enumerate(values) if j != i]
+        mean = sum(others) / len(others)
+        var = sum((x - mean) ** 2 for x in others) / (len(others) - 1)
+        want = (
+            float(Fraction(values[i]) - mean) / float(var) ** 0.5
+            if var
+            else float(Fraction(values[i]) - mean)
+        )
+        assert a == pytest.approx(want, rel=1e-9), i
+
+
+def test_rloo_leave_one_out_scale_with_min_group_std() -> None:
+    """min_group_std guards the others' std too: a member whose others' std is below it is not
+    divided (as one whose others are equal), where 1 / (5.8e-5 + eps) would multiply it by 1.7e4."""
+    r = torch.tensor([1.0, 0.9, 0.9, 0.9001], dtype=F64)
+    groups = torch.zeros(4, dtype=torch.long)
+    loose = E.advantages(r, groups, AdvantageConfig("rloo", "leave_one_out")).advantages
+    guarded = E.advantages(r, groups, AdvantageConfig("rloo", "leave_one_out", min_group_std=0.01)).advantages
+    assert float(loose[0]) > 1000 and float(guarded[0]) == pytest.approx(1.0 - 2.7001 / 3, rel=1e-12)
+    torch.testing.assert_close(guarded[1:], loose[1:], rtol=0, atol=0)  # (their others' std: 0.05)
+
+
 def test_rloo_leave_one_out_scale_with_skip_nan_components() -> None:
     """An unscored member (its one reward NaN, skip_nan_components) is nobody's other: the
     scored members get what they get without it, and it gets 0."""
@@ -1700,6 +1742,9 @@ def test_validation_batch(monkeypatch, path):
         (LossConfig(reward_kl=RewardKLConfig(estimator="k3_is")), "reward_kl.estimator"),  # type: ignore[arg-type]
         (LossConfig(reward_kl=RewardKLConfig(level="seq")), "reward_kl.level"),  # type: ignore[arg-type]
         (LossConfig(objective=Gspo(), reward_kl=RewardKLConfig()), "reward_kl.level"),  # one A per sequence
+        (LossConfig(objective=Gspo(), reward_kl=RewardKLConfig(level="immediate")), "reward_kl.level"),
+        (LossConfig(objective=Gmpo(), reward_kl=RewardKLConfig(level="immediate")), "reward_kl.level"),
+        (LossConfig(objective=SapoSeq(), reward_kl=RewardKLConfig(level="immediate")), "reward_kl.level"),
         (
             LossConfig(
                 advantages=AdvantageConfig(estimator="gdpo"), reward_kl=RewardKLConfig(level="sequence")

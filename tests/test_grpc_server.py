@@ -46,6 +46,7 @@ from softgate.engine import (
     LossConfig,
     MismatchConfig,
     RejectionCriterion,
+    RewardKLConfig,
     Sapo,
     SapoSeq,
 )
@@ -278,6 +279,22 @@ CONFIGS: dict[str, tuple[LossConfig, pb.LossConfig]] = {
                 estimator=pb.ADVANTAGE_ESTIMATOR_REINFORCE_PP, scale=pb.ADVANTAGE_SCALE_BATCH
             ),
             mismatch=pb.MismatchConfig(mode=pb.MISMATCH_MODE_SEQ_MASK, lo=0.997, hi=1.003),
+        ),
+    ),
+    "grpo-rloo-leave_one_out-reward_kl-immediate": (
+        LossConfig(
+            objective=Grpo(),
+            advantages=AdvantageConfig(estimator="rloo", scale="leave_one_out"),
+            reward_kl=RewardKLConfig(beta=0.5, estimator="k3", level="immediate"),
+        ),
+        pb.LossConfig(
+            objective=pb.Objective(grpo=pb.GrpoParams()),
+            advantages=pb.AdvantageConfig(
+                estimator=pb.ADVANTAGE_ESTIMATOR_RLOO, scale=pb.ADVANTAGE_SCALE_LEAVE_ONE_OUT
+            ),
+            reward_kl=pb.RewardKlConfig(
+                beta=0.5, estimator=pb.KL_ESTIMATOR_K3, level=pb.REWARD_KL_LEVEL_IMMEDIATE
+            ),
         ),
     ),
 }

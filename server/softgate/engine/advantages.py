@@ -164,8 +164,8 @@ def group_advantages(
     if scale == "group":
         a = a / (std_g[inv] + cfg.eps)
     elif scale == "leave_one_out":  # (rloo only)
-        loo = _leave_one_out_std(r, dev, c, gmax, gmin, inv, group_sum, scored)
-        a = torch.where(loo > 0, a / (loo + cfg.eps), a)
+        loo = _leave_one_out_std(r, dev, c, gmax, gmin, inv, counts, group_sum, scored)
+        a = torch.where((loo > 0) & (loo >= cfg.min_group_std), a / (loo + cfg.eps), a)
     elif scale == "batch":
         rs = r if scored is None else r[scored]
         bstd = rs.std() if rs.numel() > 1 else torch.zeros((), dtype=torch.float64, device=r.device)
@@ -183,21 +183,48 @@ def _leave_one_out_std(
     gmax: Tensor,
     gmin: Tensor,
     inv: Tensor,
+    counts: Tensor,
     group_sum: Any,
     ok: Tensor | None,
 ) -> Tensor:
     """[B] the unbiased std of each member's others in its group (NeMo-RL's leave-one-out std),
     over the members where `ok`: the group's squared deviations less the member's share,
     S - dev^2 n / (n - 1), over n - 2; 0 with fewer than two others, and exactly 0 where the
-    others are all equal (the member alone at the group's max or min, the rest at the other)."""
+    others are all equal (the member alone at the group's max or min, the rest at the other).
+    Where the member's share is nearly all of S (one member far from close others: the
+    difference loses its digits) the others' squares are summed again, pair by pair."""
     sel = torch.ones_like(r, dtype=torch.bool) if ok is None else ok
     n = c[inv]
-    rest = (group_sum(dev * dev)[inv] - dev * dev * n / (n - 1).clamp(min=1)).clamp(min=0)
+    total = group_sum(dev * dev)[inv]
+    rest = (total - dev * dev * n / (n - 1).clamp(min=1)).clamp(min=0)
+    # where the difference keeps fewer than ~13 of float64's digits (at most one member per
+    # group of 3 or more holds over 3/4 of S: the pairs are at most B)
+    lost = sel & (n > 2) & (rest <= 1e-3 * total) & (total > 0)
+    if bool(lost.any()):  # (one host sync, with this scale only)
+        rest = rest.index_put((lost.nonzero()[:, 0],), _others_squares(r, lost, inv, counts, sel))
     std = torch.where(n > 2, rest / (n - 2).clamp(min=1), torch.zeros_like(r)).sqrt()
     at_max, at_min = (r == gmax[inv]) & sel, (r == gmin[inv]) & sel
     n_max, n_min = group_sum(at_max.to(torch.float64))[inv], group_sum(at_min.to(torch.float64))[inv]
     others_equal = (at_max & (n_max == 1) & (n_min == n - 1)) | (at_min & (n_min == 1) & (n_max == n - 1))
     return torch.where(others_equal | ~sel, torch.zeros_like(std), std)
+
+
+def _others_squares(r: Tensor, which: Tensor, inv: Tensor, counts: Tensor, sel: Tensor) -> Tensor:
+    """For each member where `which`, the squared deviations of its group's other members
+    (where `sel`) from their own mean, summed over the pairs (member, other): [which.sum()]."""
+    who = which.nonzero()[:, 0]
+    order = torch.argsort(inv, stable=True)  # the members, group by group
+    starts = torch.nn.functional.pad(torch.cumsum(counts, 0), (1, 0))[inv[who]]
+    size = counts[inv[who]]
+    owner = torch.repeat_interleave(torch.arange(who.numel(), device=r.device), size)
+    first = torch.repeat_interleave(torch.cumsum(size, 0) - size, size)
+    other = order[starts[owner] + torch.arange(owner.numel(), device=r.device) - first]
+    keep = (other != who[owner]) & sel[other]
+    owner, other = owner[keep], other[keep]
+    z = torch.zeros(who.numel(), dtype=torch.float64, device=r.device)
+    k = z.clone().index_add_(0, owner, torch.ones_like(r[other]))
+    mean = z.clone().index_add_(0, owner, r[other]) / k.clamp(min=1)
+    return z.index_add_(0, owner, (r[other] - mean[owner]) ** 2)
 
 
 def _finish(
