@@ -671,8 +671,11 @@ def test_rloo_leave_one_out_scale_on_the_gpu_code_path(monkeypatch, skip_nan: bo
     g = torch.Generator().manual_seed(3)
     groups = torch.randint(0, 9, (60,), generator=g)
     r = torch.tensor([0.0, 1.0, 0.3, 0.7], dtype=F64)[torch.randint(0, 4, (60,), generator=g)]
+    # and a group whose far member's others' squares are summed again over pairs
+    groups = torch.cat([groups, torch.full((4,), 9)])
+    r = torch.cat([r, torch.tensor([0.0, 1e-7, 2e-7, 100.0], dtype=F64)])
     if skip_nan:
-        r[::7] = float("nan")
+        r[:60:7] = float("nan")
     cfg = AdvantageConfig(estimator="rloo", scale="leave_one_out", skip_nan_components=skip_nan)
     want = E.advantages(r, groups, cfg).advantages
     monkeypatch.setattr(advantages, "use_segment_reduce", lambda device: True)
