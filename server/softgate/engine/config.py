@@ -376,7 +376,8 @@ class RewardKLConfig:
     sequence's end (REINFORCE++'s return), before the estimator's whitening; sequence: each
     reward less beta times its sequence's KL sum, before the estimator (verl's grpo, rloo);
     immediate: each token's advantage less beta times its own KL, before the whitening
-    (NeMo-RL's REINFORCE++, slime's reinforce_plus_plus_baseline). `value_clamp` c: each k clamped to [-c, c] (verl's low_var_kl: 10); None: none."""
+    (NeMo-RL's REINFORCE++, slime's reinforce_plus_plus_baseline). `value_clamp` c: each k
+    clamped to [-c, c] (verl's low_var_kl: 10); None: none."""
 
     beta: float = 0.0
     estimator: RewardKlEstimator = "k1"
