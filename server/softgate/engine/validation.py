@@ -418,8 +418,8 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
             need(
                 kl.value_clamp is None or kl.estimator not in ("k3_is", "k3_is_seq"),
                 "kl.value_clamp",
-                f"unsupported: {kl.estimator} (k3 weighted by a ratio) has no value bound here, nor in any "
-                "peer; the bound is for k1, k2, k3, abs and their straight-through forms",
+                f"unsupported: {kl.estimator} (k3 weighted by a ratio) takes no value bound here; the bound "
+                "is for k1, k2, k3, abs and their straight-through forms",
             )
 
     mm = config.mismatch
