@@ -297,6 +297,7 @@ REWARD_KL_ESTIMATORS: tuple[str, ...] = get_args(RewardKlEstimator)
 RewardKlLevel = Literal["token", "sequence", "immediate"]
 REWARD_KL_LEVELS: tuple[str, ...] = get_args(RewardKlLevel)
 Scale = Literal["group", "batch", "none", "leave_one_out"]
+SCALES: tuple[str, ...] = get_args(Scale)
 AggregationMode = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm"]
 
 

@@ -30,6 +30,7 @@ from softgate.engine.config import (
     REJECTION_STATISTICS,
     REWARD_KL_ESTIMATORS,
     REWARD_KL_LEVELS,
+    SCALES,
     AdvantageConfig,
     AggregationConfig,
     Cispo,
@@ -101,7 +102,6 @@ _FLOATS = (torch.float32, torch.float64)
 _HALVES = (torch.float16, torch.bfloat16)
 _INTS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
-_SCALES = ("group", "batch", "none", "leave_one_out")
 _MISMATCH_MODES = ("truncate", "mask", "seq_mask")
 _AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm")
 # the normaliser each aggregation mode reads (the others it ignores)
@@ -333,9 +333,9 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
             f"unknown_name: {adv.estimator!r}; known: {list(ESTIMATORS)}",
         )
         need(
-            adv.scale is None or adv.scale in _SCALES,
+            adv.scale is None or adv.scale in SCALES,
             "advantages.scale",
-            f"unknown_name: {adv.scale!r}; known: {list(_SCALES)}",
+            f"unknown_name: {adv.scale!r}; known: {list(SCALES)}",
         )
         need(
             not (adv.estimator == "reinforce_pp" and adv.scale == "group"),
