@@ -77,6 +77,15 @@ def configs() -> dict[str, LossConfig]:
     out["grpo + reward_kl sequence"] = LossConfig(
         objective=Grpo(), reward_kl=RewardKLConfig(0.01, level="sequence")
     )
+    # NeMo-RL's default advantages, and its REINFORCE++ KL: each token's own
+    out["grpo + rloo leave_one_out"] = LossConfig(
+        objective=Grpo(), advantages=AdvantageConfig("rloo", "leave_one_out")
+    )
+    out["grpo + reward_kl immediate"] = LossConfig(
+        objective=Grpo(),
+        advantages=AdvantageConfig("reinforce_pp_baseline"),
+        reward_kl=RewardKLConfig(0.01, level="immediate"),
+    )
     # REINFORCE++ discounted (gamma < 1: the doubling scan on the host too), with and without the KL
     discounted = AdvantageConfig("reinforce_pp", gamma=0.99)
     out["grpo + reinforce_pp gamma 0.99"] = LossConfig(objective=Grpo(), advantages=discounted)
