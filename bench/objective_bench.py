@@ -58,6 +58,11 @@ def configs() -> dict[str, LossConfig]:
     out["grpo + truncate + batch_normalize"] = LossConfig(
         objective=Grpo(), mismatch=MismatchConfig(mode="truncate", batch_normalize=True)
     )
+    # a per-sequence weight: the product (sequence) and the geometric mean (AReaL's, verl's geometric)
+    for level in ("sequence", "geometric"):
+        out[f"grpo + {level} truncate"] = LossConfig(
+            objective=Grpo(), mismatch=MismatchConfig(level=level, mode="truncate", cap=1.001)
+        )
     out["grpo + opsm"] = LossConfig(objective=Grpo(), off_policy_mask_threshold=0.0)
     # rollout rejection: a k1 window per token, sequences by their mean k3 (verl's decoupled_geo_rs-like)
     out["grpo + rejection"] = LossConfig(

@@ -335,10 +335,14 @@ def reference_rejection_keep(batch: Batch, config: LossConfig, mask: Tensor) -> 
 
 def _reference_weights(mm: MismatchConfig, o: Tensor, ro: Tensor, o_sent: Tensor, ro_sent: Tensor) -> Tensor:
     """A sequence's mismatch weights v on its trained tokens (`o` old, `ro` rollout) as the spec
-    defines them; a sequence-level weight (repeated on every token) and seq_mask's geometric
-    mean are taken over its tokens as sent (`o_sent`, `ro_sent`: rejected ones included, as
+    defines them; a sequence-level or geometric weight (repeated on every token) and seq_mask's
+    geometric mean are taken over its tokens as sent (`o_sent`, `ro_sent`: rejected ones included, as
     verl's weights are computed apart from rejection)."""
-    v = torch.exp(o - ro) if mm.level == "token" else torch.exp((o_sent - ro_sent).sum()).repeat(len(o))
+    if mm.level == "token":
+        v = torch.exp(o - ro)
+    else:  # the product of the sequence's ratios, or (geometric) their geometric mean
+        lv = (o_sent - ro_sent).sum() if mm.level == "sequence" else (o_sent - ro_sent).mean()
+        v = torch.exp(lv).repeat(len(o))
     if mm.mode == "truncate":
         return torch.clamp(v, min=mm.floor, max=mm.cap)
     if mm.mode == "seq_mask":  # each token's own v; the sequence's geometric mean filters
@@ -529,6 +533,8 @@ MISMATCH_OPTIONS = (
     ("sequence", "truncate"),
     ("sequence", "mask"),
     ("token", "seq_mask"),
+    ("geometric", "truncate"),
+    ("geometric", "mask"),
 )
 
 
@@ -764,7 +770,7 @@ def near_boundary(batch: Batch, config: LossConfig, tol: float = 1e-7) -> bool:
             lv = (old - batch.rollout_logp.to(f64))[off[i] : off[i + 1]][mi]
             if mm.level == "sequence":
                 lv = lv.sum().reshape(1)
-            elif mm.mode == "seq_mask" and lv.numel() > 0:  # (its filter: the geometric mean)
+            elif (mm.level == "geometric" or mm.mode == "seq_mask") and lv.numel() > 0:  # (the mean)
                 lv = lv.mean().reshape(1)
             v = torch.exp(lv)
             for bd in [mm.cap, mm.floor] if mm.mode == "truncate" else [mm.lo, mm.hi]:

@@ -29,7 +29,7 @@ def test_a_choice_parameter_names_its_default_choice() -> None:
             assert [p.name for p in mode.parameters] == ["lo", "hi", "batch_normalize"]
             continue
         level = next(p for p in mode.parameters if p.name == "level")
-        assert list(level.choices) == ["token", "sequence"]
+        assert list(level.choices) == ["token", "sequence", "geometric"]
         assert level.default_choice == c.MismatchConfig().level == "token"
     # a choice parameter without a default (scale: the estimator's own) names none
     scale = next(p for p in r.advantage_estimators[0].parameters if p.name == "scale")

@@ -113,6 +113,10 @@ CASES = [
         {"objective": "grpo", "mismatch_level": "sequence", "mismatch_batch_normalize": True},
         LossConfig(objective=ec.Grpo(), mismatch=ec.MismatchConfig(level="sequence", batch_normalize=True)),
     ),
+    (  # AReaL's sequence-level ratio rejection (action clamp): the geometric-mean weight clamped
+        {"objective": "grpo", "mismatch_level": "geometric", "mismatch_floor": 0.8, "mismatch_cap": 1.25},
+        LossConfig(objective=ec.Grpo(), mismatch=ec.MismatchConfig(level="geometric", floor=0.8, cap=1.25)),
+    ),
     (  # OpenRLHF's REINFORCE++: a k1 KL in each token's reward, the return whitened over tokens
         {"objective": "grpo", "estimator": "reinforce_pp", "reward_kl_beta": 0.05},
         LossConfig(

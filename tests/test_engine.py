@@ -2053,6 +2053,7 @@ def test_seq_mask_refuses_the_sequence_level_and_a_floor():
     b = random_batch(3, max_seqs=3, max_len=4)
     for mm, field in (
         (MismatchConfig(level="sequence", mode="seq_mask"), "mismatch.level"),
+        (MismatchConfig(level="geometric", mode="seq_mask"), "mismatch.level"),
         (MismatchConfig(mode="seq_mask", floor=0.5), "mismatch.floor"),
         (MismatchConfig(mode="seq_mask", lo=1.5, hi=1.2), "mismatch.lo"),
     ):
@@ -2390,7 +2391,8 @@ def _assert_equal_results(got, want, rtol: float = 1e-12) -> None:
     [
         ("seq_mean_token_mean", "k3", ("sequence", "truncate"), "rewards", None),
         ("token_mean", None, ("token", "mask"), "sequence", None),
-        ("seq_mean_token_sum", "k1", ("sequence", "mask"), "token", None),
+        # (geometric: the sequence level's kernel, its log-weight a mean)
+        ("seq_mean_token_sum", "k1", ("geometric", "mask"), "token", None),
         # the rollout per token beside its sequence's mean log-weight; the KL's two [B] inputs
         ("token_mean", "k3_is_seq", ("token", "seq_mask"), "rewards", None),
         # OPSM's per-sequence mean KL from the sampler

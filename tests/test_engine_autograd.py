@@ -107,7 +107,7 @@ def test_off_policy_sequence_masking(objective, mismatch):
     raise AssertionError(f"only {checked} batches with some tokens masked")
 
 
-@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("level", ["token", "sequence", "geometric"])
 @pytest.mark.parametrize("objective", OBJECTIVE_NAMES)
 def test_truncate_with_a_floor(objective, level):
     """OpenRLHF's TIS window [floor, cap]: weights below the floor raised to it (an audit found

@@ -281,6 +281,22 @@ CONFIGS: dict[str, tuple[LossConfig, pb.LossConfig]] = {
             mismatch=pb.MismatchConfig(mode=pb.MISMATCH_MODE_SEQ_MASK, lo=0.997, hi=1.003),
         ),
     ),
+    "sapo-geometric-truncate-floor-batch_normalize": (
+        LossConfig(
+            mismatch=MismatchConfig(
+                level="geometric", mode="truncate", cap=1.006, floor=0.993, batch_normalize=True
+            )
+        ),
+        pb.LossConfig(
+            mismatch=pb.MismatchConfig(
+                level=pb.MISMATCH_LEVEL_GEOMETRIC,
+                mode=pb.MISMATCH_MODE_TRUNCATE,
+                cap=1.006,
+                floor=0.993,
+                batch_normalize=True,
+            ),
+        ),
+    ),
     "grpo-rloo-leave_one_out-reward_kl-immediate": (
         LossConfig(
             objective=Grpo(),

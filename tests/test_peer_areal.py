@@ -601,41 +601,43 @@ def test_m2po_mask_from_the_trainer() -> None:
     )
 
 
-@pytest.mark.parametrize("action", ["mask", "clamp"])
-def test_sequence_level_ratio_rejection_through_scaled_advantages(action: str) -> None:
+@pytest.mark.parametrize(
+    ("action", "lower"), [("mask", 0.8), ("mask", None), ("clamp", 0.8), ("clamp", None)]
+)
+def test_rejection_sampling_ratio_sequence(action: str, lower: float | None) -> None:
     """rejection_sampling with level="sequence", metric="ratio" weighs every token of a row by
     the row's geometric-mean weight exp(masked mean of prox - behave) ("mask": 0 outside
-    [lower, upper]; "clamp": clamped to it); softgate's sequence-level weight is the product
-    (exp of the sum), so no mismatch_* setting gives it. The clipped surrogate is positively
-    homogeneous in A, so the trainer can fold the weight into the advantages: per-sequence
-    advantages=A_i w_i, old_logp = prox, no rollout_logp, token_mean (the normaliser, the
-    whole mask, is AReaL's too)."""
+    [lower, upper], the row kept in the normaliser; "clamp": clamped to it; lower None: no
+    bound): mismatch_level="geometric" with mode "mask" (lo=lower or 0, hi=upper) or
+    "truncate" (floor=lower or 0, cap=upper); rs_filtered_fraction is mismatch_clipped_frac."""
     logp, prox, behave, mask, keep = _padded(12, spread=0.5)
     adv = _adv()
     x = logp.clone().requires_grad_(True)
     cnt = mask.sum(-1).clamp(min=1)
     w_seq = torch.exp(torch.where(mask, prox - behave, 0.0).sum(-1) / cnt)
-    lower, upper = 0.8, 1.25
+    lo, upper = (0.0 if lower is None else lower), 1.25
     if action == "mask":
-        ok = (w_seq >= lower) & (w_seq <= upper)
+        ok = (w_seq >= lo) & (w_seq <= upper)
         assert bool((~ok & (mask.sum(-1) > 0)).any()) and bool((ok & (mask.sum(-1) > 0)).any())
         w_seq = torch.where(ok, w_seq, 0.0)
         m2 = mask & ok[:, None]
+        changed = mask & ~ok[:, None]
+        mm = MismatchConfig(level="geometric", mode="mask", lo=lo, hi=upper)
     else:
-        w_seq = w_seq.clamp(lower, upper)
-        m2 = mask
+        clamped = w_seq.clamp(lo, upper)
+        changed = mask & (clamped != w_seq)[:, None]
+        w_seq, m2 = clamped, mask
+        mm = MismatchConfig(level="geometric", mode="truncate", floor=lo, cap=upper)
+    assert bool(changed.any())
     w = torch.where(m2, w_seq[:, None], 0.0)
     want, _, _ = _areal_ppo(x, prox, adv[:, None], m2, 0.2, 0.28, 3.0, w=w, count_mask=mask)
-    batch = _ragged(logp, prox, behave, mask, keep, advantages=adv * w_seq)
-    batch.rollout_logp = None
-    _check(
-        E.loss(
-            batch,
-            LossConfig(objective=Grpo(eps_low=0.2, eps_high=0.28, dual_clip=3.0), aggregation=TOKEN_MEAN),
-        ),
-        want,
-        x,
-        keep,
+    cfg = LossConfig(
+        objective=Grpo(eps_low=0.2, eps_high=0.28, dual_clip=3.0), aggregation=TOKEN_MEAN, mismatch=mm
+    )
+    res = E.loss(_ragged(logp, prox, behave, mask, keep, advantages=adv), cfg)
+    _check(res, want, x, keep)
+    assert res.metrics["mismatch_clipped_frac"] == pytest.approx(
+        changed.sum().item() / mask.sum().item(), abs=1e-15
     )
 
 

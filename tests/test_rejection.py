@@ -287,6 +287,63 @@ def test_a_sequence_mismatch_weight_is_the_sampled_sequence_s() -> None:
     assert alone.loss != pytest.approx(got.loss, rel=1e-6)
 
 
+def verl_geometric_is(old, rollout, mask, mode: str, upper: float, lower: float | None, eps: float = 1e-8):
+    """verl's compute_rollout_importance_weights at rollout_is_level="geometric" (volcengine/verl
+    verl/trainer/ppo/mismatch_helper.py @ 10350b61) on padded [B, T] tensors: (the weights,
+    the modified response mask). Each row's weight is exp of its masked mean of old - rollout
+    (clamped at +-20); truncate clamps it at upper, mask keeps it and drops the rows outside
+    [lower, upper] (lower None: 1 / upper) from the response mask. `eps`: masked_mean's."""
+    mf = mask.to(old.dtype)
+    count = mf.sum(-1, keepdim=True)
+    mean = ((old - rollout) * mf).sum(-1, keepdim=True) / (count + eps if eps else count.clamp(min=1))
+    w = torch.exp(mean.clamp(-20.0, 20.0)).expand_as(old)
+    lower = 1.0 / upper if lower is None else lower
+    if mode == "truncate":
+        return w.clamp(max=upper) * mf, mf
+    return w * mf, mf * ((w >= lower) & (w <= upper)).to(old.dtype)
+
+
+@pytest.mark.parametrize(("mode", "lower"), [("truncate", None), ("mask", None), ("mask", 0.98)])
+def test_verl_geometric_rollout_is(mode: str, lower: float | None) -> None:
+    """verl's rollout_is_level geometric with its vanilla PPO loss (dual clip 3, token-mean over
+    the modified mask): truncate is mismatch_level="geometric", mismatch_cap=upper; mask keeps
+    each kept row's raw weight and takes the rejected rows out of the normaliser, verl's
+    seq_mean_k1 rejection with the window inverted (k1 = -d): a "geometric" weight with a cap
+    above every weight and RejectionCriterion("k1", "seq_mean", lower=1 / upper, upper=1 / lower)."""
+    batch, old, rollout, mask = padded_batch(3)
+    b, t = mask.shape
+    upper = 1.3  # (the rows' weights: 0.96 to 1.57)
+    # verl's masked_mean adds 1e-8 to each row's count, a relative 1e-8 / |y_i| of its
+    # log-weight (the results then agree to ~1e-8): left out here, they agree to rounding
+    w, m2 = verl_geometric_is(old, rollout, mask, mode, upper, lower, eps=0.0)
+    pad = torch.arange(t)[None, :] < (batch.offsets[1:] - batch.offsets[:-1])[:, None]
+    logp = torch.zeros(b, t, dtype=F64)
+    logp[pad] = batch.logp
+    x = logp.clone().requires_grad_(True)
+    adv = batch.advantages[:, None].expand(b, t)
+    ratio = torch.exp(x - old)
+    l1 = torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.2))
+    pg = torch.where(adv < 0, torch.minimum(-adv * 3.0, l1), l1) * w
+    want = (pg * m2).sum() / m2.sum()
+    (grad,) = torch.autograd.grad(want, x)
+    if mode == "truncate":
+        mm, rejection = MismatchConfig(level="geometric", mode="truncate", cap=upper), ()
+        assert bool((w > upper - 1e-12).any())
+    else:
+        lo = 1.0 / upper if lower is None else lower
+        mm = MismatchConfig(level="geometric", mode="truncate", cap=1e300)
+        rejection = (RejectionCriterion(upper=1.0 / lo, statistic="k1", level="seq_mean", lower=1.0 / upper),)
+        assert 0 < int((mask - m2).sum()) < int(m2.sum())
+    cfg = LossConfig(
+        objective=Grpo(eps_low=0.2, eps_high=0.2, dual_clip=3.0), mismatch=mm, rejection=rejection
+    )
+    cfg = dataclasses.replace(cfg, aggregation=dataclasses.replace(cfg.aggregation, mode="token_mean"))
+    got = ENGINE.loss(batch, cfg)
+    assert got.loss == pytest.approx(float(want.detach()), rel=1e-12)
+    torch.testing.assert_close(got.grad, grad[pad], rtol=1e-12, atol=1e-15)
+    assert torch.equal(got.mask, m2[pad].bool())
+
+
 def test_an_empty_batch_and_empty_sequences() -> None:
     config = LossConfig(
         objective=Grpo(), rejection=criteria("seq_max_k2,seq_mean_k1,token_k3", "0.1,0.9_1.1,0.1")

@@ -233,9 +233,10 @@ class RewardKLConfig:
 
 @dataclass(frozen=True)
 class MismatchConfig:
-    """Train/inference mismatch weight: level `token` / `sequence`, mode `truncate` / `mask` /
-    `seq_mask` (token level: OpenRLHF's seq-mask-tis); `batch_normalize` divides the weights by
-    their batch mean (verl's rollout_is_batch_normalize)."""
+    """Train/inference mismatch weight: level `token` / `sequence` (the product) / `geometric`
+    (the geometric mean over the sequence), mode `truncate` / `mask` / `seq_mask` (token level:
+    OpenRLHF's seq-mask-tis); `batch_normalize` divides the weights by their batch mean (verl's
+    rollout_is_batch_normalize)."""
 
     level: str | None = None
     mode: str | None = None

@@ -244,8 +244,8 @@ def _default_cases(engine: Engine) -> list[dict[str, Any]]:
     """What the generated variants never hold (an audit): every parameter at its default, with
     old_logp, the mask and the advantage level unset; RLOO at its default (group) scale; k3 KL
     clamped from above on one trained token; eps, min_group_std, beta, the mismatch bounds
-    and the saturation threshold at values of their own; the seq_mask mismatch mode; OPSM; the
-    k3_is and k3_is_seq KL estimators; the opo, gpg, grpo_passk, reinforce_pp and gdpo estimators."""
+    and the saturation threshold at values of their own; the seq_mask mismatch mode and the
+    geometric level; OPSM; the k3_is and k3_is_seq KL estimators; the opo, gpg, grpo_passk, reinforce_pp and gdpo estimators."""
     out = []
     b = random_batch(5151, max_seqs=5, max_len=5, advantages="rewards", with_mask=False, num_seqs=5)
     b.rewards = torch.tensor([0.0, 1.0, 0.5, 1.0, 0.0], dtype=torch.float64)
@@ -293,6 +293,10 @@ def _default_cases(engine: Engine) -> list[dict[str, Any]]:
     # seq_mask (seq-mask-tis): each token's own weight, a sequence dropped by its geometric mean
     cfg = LossConfig(mismatch=MismatchConfig(mode="seq_mask", lo=0.9, hi=1.1))
     out.append(_case("sapo/mismatch_seq_mask", b, cfg, engine))
+    assert 0 < out[-1]["outputs"]["metrics"]["mismatch_clipped_frac"] < 1
+    # geometric: every token weighed by its sequence's geometric-mean weight, zeroed outside [lo, hi]
+    cfg = LossConfig(mismatch=MismatchConfig(level="geometric", mode="mask", lo=0.9, hi=1.1))
+    out.append(_case("sapo/mismatch_geometric_mask", b, cfg, engine))
     assert 0 < out[-1]["outputs"]["metrics"]["mismatch_clipped_frac"] < 1
     # OPSM: A < 0 tokens of sequences whose mean (rollout - logp) passes the threshold drop out
     cfg = LossConfig(

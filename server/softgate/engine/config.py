@@ -299,6 +299,11 @@ REWARD_KL_LEVELS: tuple[str, ...] = get_args(RewardKlLevel)
 Scale = Literal["group", "batch", "none", "leave_one_out"]
 SCALES: tuple[str, ...] = get_args(Scale)
 AggregationMode = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm"]
+AGGREGATION_MODES: tuple[str, ...] = get_args(AggregationMode)
+MismatchLevel = Literal["token", "sequence", "geometric"]
+MISMATCH_LEVELS: tuple[str, ...] = get_args(MismatchLevel)
+MismatchMode = Literal["truncate", "mask", "seq_mask"]
+MISMATCH_MODES: tuple[str, ...] = get_args(MismatchMode)
 
 
 @dataclass(frozen=True)
@@ -348,16 +353,18 @@ class KLConfig:
 
 @dataclass(frozen=True)
 class MismatchConfig:
-    """Train/inference mismatch weight v = exp(old - rollout), token or sequence level,
-    truncated at `cap` (TIS; weights below `floor` raised to it, 0: none) or zeroed outside
-    [lo, hi] (mask, "IcePop"); seq_mask (token level, OpenRLHF's seq-mask-tis): each token's
-    own v, zeroed in a sequence whose geometric-mean weight is outside [lo, hi].
-    `batch_normalize` (verl's rollout_is_batch_normalize): the weights are divided by their
-    mean over the batch as sent (its trained tokens at token level, its sequences with any at
-    sequence level), so they average 1; the factor is the `mismatch_norm_factor` metric."""
+    """Train/inference mismatch weight v = exp(old - rollout) per token, per sequence (exp of
+    the sum over its trained tokens) or `geometric` (exp of their mean, on every token of the
+    sequence: AReaL's sequence-level ratio, verl's rollout_is_level geometric), truncated at
+    `cap` (TIS; weights below `floor` raised to it, 0: none) or zeroed outside [lo, hi] (mask,
+    "IcePop"); seq_mask (token level, OpenRLHF's seq-mask-tis): each token's own v, zeroed in a
+    sequence whose geometric-mean weight is outside [lo, hi]. `batch_normalize` (verl's
+    rollout_is_batch_normalize): the weights are divided by their mean over the batch as sent
+    (its trained tokens at token level, its sequences with any at the other levels), so they
+    average 1; the factor is the `mismatch_norm_factor` metric."""
 
-    level: Literal["token", "sequence"] = "token"
-    mode: Literal["truncate", "mask", "seq_mask"] = "truncate"
+    level: MismatchLevel = "token"
+    mode: MismatchMode = "truncate"
     cap: float = 2.0
     lo: float = 0.5
     hi: float = 2.0

@@ -238,7 +238,8 @@ def token_terms(
     something is per sequence: adv, w, sratio, lvseq, kls, klc, okl), and as configured sratio ([B],
     gspo, gmpo), sel (clip_cov, kl_cov: the covariance selection, uint8 0 / 1 like m), ref
     (KL), wkl (the KL term's own aggregation weight, like w; absent: w), rollout or lvseq
-    (mismatch, token or sequence level; seq_mask both, lvseq its [B] mean log-weight), kls and
+    (mismatch, token or sequence level, the sequence one's lvseq a [B] sum or, for a geometric
+    correction, a mean; seq_mask both, lvseq its [B] mean log-weight), kls and
     klc (k3_is_seq: [B], kl.sequence_kl), okl (OPSM: [B], each sequence's mean of sampler
     log-prob - logp over its trained tokens; prm "opsm" the threshold). Any of those per-sequence values may come expanded to
     its tokens instead, as w_tok, adv_tok, ... (per_token; then there is no ids): the CPU

@@ -275,13 +275,13 @@ def _compute_loss(
         assert rollout is not None
         if mm.level == "token":
             t["rollout"] = rollout
-        seq_weight = mm.level == "sequence" or mm.mode == "seq_mask"  # (seq_mask: the mean, its filter)
+        seq_weight = mm.level != "token" or mm.mode == "seq_mask"  # (seq_mask: the mean, its filter)
         if seq_weight or mm.batch_normalize:
             # the log-weights over the mask as sent, rejected tokens included (verl's): a
             # sequence's weight and batch_normalize's mean read them
             lv_sent = torch.where(ms, old - rollout, torch.zeros_like(logp))
-            if seq_weight:
-                t["lvseq"] = sequence_log_weights(lv_sent, seg, ms_counts, mean=mm.level == "token")
+            if seq_weight:  # (geometric and seq_mask: the mean)
+                t["lvseq"] = sequence_log_weights(lv_sent, seg, ms_counts, mean=mm.level != "sequence")
             if mm.batch_normalize:  # verl's: v divided by its mean over the batch as sent, through w
                 norm = batch_norm_factor(mm.level, mm.mode, lv_sent, ms, seg, ms_counts, t.get("lvseq"), prm)
                 extra["mismatch_norm_factor"] = norm
@@ -355,7 +355,8 @@ def _compute_loss(
         seq_ratio,
         adv_per_token,
         config.kl.estimator if config.kl is not None else None,
-        (mm.level, mm.mode) if mm is not None else None,
+        # (geometric is the sequence level's kernel: either reads its weight from lvseq)
+        ("token" if mm.level == "token" else "sequence", mm.mode) if mm is not None else None,
         torch.int32 if n <= INT32_MAX else torch.int64,
         stride,
         codes,

@@ -1,7 +1,8 @@
 """Train/inference mismatch weights v = exp(old - rollout) (stop-gradient), per token or per
-sequence (exp of the masked sum), clamped to [floor, cap] (TIS; floor 0 by default) or zeroed
-outside [lo, hi] ("IcePop"), or per token and zeroed in the sequences whose geometric-mean
-weight (exp of the masked mean) is outside [lo, hi] (seq_mask: OpenRLHF's seq-mask-tis).
+sequence (exp of the masked sum, or at level geometric of the masked mean), clamped to [floor,
+cap] (TIS; floor 0 by default) or zeroed outside [lo, hi] ("IcePop"), or per token and zeroed in
+the sequences whose geometric-mean weight (exp of the masked mean) is outside [lo, hi]
+(seq_mask: OpenRLHF's seq-mask-tis).
 
 The log-weight is not clamped: exp may overflow to inf, which the truncation (min with cap) or
 the window (inf > hi: zeroed) turns into the spec's finite weight, and a very negative one
@@ -25,8 +26,8 @@ from softgate.engine.segments import Segments
 
 def sequence_log_weights(lv_raw: Tensor, seg: Segments, trained: Tensor, mean: bool) -> Tensor:
     """Per sequence ([B]) from lv_raw = old - rollout (0 on masked tokens): the masked sum (log v
-    at sequence level), or with `mean` the masked mean over its `trained` tokens (seq_mask's
-    filter; 0 for a sequence without any)."""
+    at sequence level), or with `mean` the masked mean over its `trained` tokens (log v at level
+    geometric, seq_mask's filter; 0 for a sequence without any)."""
     return seg.mean(lv_raw, trained) if mean else seg.sum(lv_raw)
 
 
@@ -59,11 +60,11 @@ def batch_norm_factor(
 ) -> Tensor:
     """verl's rollout_is_batch_normalize: the mean of the weights v (as the kernel makes them,
     mismatch_weights) over the trained tokens `sent` of the batch as sent (token level) or over
-    its sequences with any (sequence level), as a float64 0-d tensor; 1 when that mean is at
-    most 1e-8 (verl's) or nothing is trained. `lv_sent` is old - rollout on `sent` (0 off it),
-    `lvseq` the [B] log-weight of a sequence level or seq_mask correction (compute_loss's)."""
+    its sequences with any (sequence and geometric levels), as a float64 0-d tensor; 1 when that
+    mean is at most 1e-8 (verl's) or nothing is trained. `lv_sent` is old - rollout on `sent` (0
+    off it), `lvseq` the [B] log-weight of a sequence, geometric or seq_mask correction."""
     f64 = torch.float64
-    if level == "sequence":
+    if level != "token":
         assert lvseq is not None
         v, _ = mismatch_weights(mode, lvseq, prm)
         some = sent_counts > 0

@@ -23,8 +23,11 @@ from torch import Tensor
 
 from softgate.engine.batch import Batch
 from softgate.engine.config import (
+    AGGREGATION_MODES,
     ESTIMATORS,
     KL_ESTIMATORS,
+    MISMATCH_LEVELS,
+    MISMATCH_MODES,
     OBJECTIVES,
     REJECTION_LEVELS,
     REJECTION_STATISTICS,
@@ -102,8 +105,6 @@ _FLOATS = (torch.float32, torch.float64)
 _HALVES = (torch.float16, torch.bfloat16)
 _INTS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
-_MISMATCH_MODES = ("truncate", "mask", "seq_mask")
-_AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm")
 # the normaliser each aggregation mode reads (the others it ignores)
 _NORMALISER = {
     "token_mean": "num_tokens",
@@ -118,7 +119,7 @@ def _unread_normalisers(agg: AggregationConfig, kl_mode: str | None, v: list[Fie
     num_tokens beside the default mode left each micro-batch its own N_seq (an audit). Both
     num_tokens and num_seqs together stay accepted (common, and harmless). `kl_mode`: the KL
     term's own mode, if it has one."""
-    if agg.mode not in _AGG_MODES:  # (refused by the caller; a list is unhashable)
+    if agg.mode not in AGGREGATION_MODES:  # (refused by the caller; a list is unhashable)
         return
     modes = [agg.mode] + ([kl_mode] if kl_mode is not None and kl_mode != agg.mode else [])
     if modes[1:] == ["token_sum_norm"] and agg.constant is None:  # (the policy's: the caller's check)
@@ -383,9 +384,9 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
         v.append(FieldViolation("aggregation", "unknown_name: not an AggregationConfig"))
     else:
         need(
-            agg.mode in _AGG_MODES,
+            agg.mode in AGGREGATION_MODES,
             "aggregation.mode",
-            f"unknown_name: {agg.mode!r}; known: {list(_AGG_MODES)}",
+            f"unknown_name: {agg.mode!r}; known: {list(AGGREGATION_MODES)}",
         )
         for f in ("num_tokens", "num_seqs", "constant"):
             x = getattr(agg, f)
@@ -394,7 +395,7 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
         if agg.mode == "token_sum_norm" and agg.constant is None:
             v.append(FieldViolation("aggregation.constant", "missing: token_sum_norm needs the constant K"))
         kl_mode = config.kl.aggregation if isinstance(config.kl, KLConfig) else None
-        if kl_mode is not None and kl_mode not in _AGG_MODES:  # (a list: unhashable)
+        if kl_mode is not None and kl_mode not in AGGREGATION_MODES:  # (a list: unhashable)
             kl_mode = None  # (refused below)
         _unread_normalisers(agg, kl_mode, v)
 
@@ -410,9 +411,9 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
             )
             nonneg(kl.beta, "kl.beta")
             need(
-                kl.aggregation is None or kl.aggregation in _AGG_MODES,
+                kl.aggregation is None or kl.aggregation in AGGREGATION_MODES,
                 "kl.aggregation",
-                f"unknown_name: {kl.aggregation!r}; known: {list(_AGG_MODES)}",
+                f"unknown_name: {kl.aggregation!r}; known: {list(AGGREGATION_MODES)}",
             )
             _value_clamp(kl.value_clamp, "kl.value_clamp", v)
             need(
@@ -428,17 +429,17 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
             v.append(FieldViolation("mismatch", "unknown_name: not a MismatchConfig"))
         else:
             need(
-                mm.level in ("token", "sequence"),
+                mm.level in MISMATCH_LEVELS,
                 "mismatch.level",
-                f"unknown_name: {mm.level!r}; known: ['token', 'sequence']",
+                f"unknown_name: {mm.level!r}; known: {list(MISMATCH_LEVELS)}",
             )
             need(
-                mm.mode in _MISMATCH_MODES,
+                mm.mode in MISMATCH_MODES,
                 "mismatch.mode",
-                f"unknown_name: {mm.mode!r}; known: {list(_MISMATCH_MODES)}",
+                f"unknown_name: {mm.mode!r}; known: {list(MISMATCH_MODES)}",
             )
             need(
-                not (mm.mode == "seq_mask" and mm.level == "sequence"),
+                not (mm.mode == "seq_mask" and mm.level != "token"),
                 "mismatch.level",
                 "unsupported: seq_mask weighs each token by its own weight (level token); its "
                 "sequences are filtered by their geometric mean",

@@ -56,7 +56,7 @@ PARAM_HELP: dict[str, str] = {
     "(straight-through: the value only; verl's low_var_kl: 10); unset: none",
     "RewardKLConfig.value_clamp": "bound c on each token's k, > 0: k clamped to [-c, c] in the reward "
     "(verl's low_var_kl: 10); unset: none",
-    "level": "token or sequence mismatch weight",
+    "level": "token, sequence (product) or geometric (mean) mismatch weight",
     "RewardKLConfig.beta": "coefficient of the KL in the reward, >= 0",
     "RewardKLConfig.level": "at token level each token's advantage less beta times the KL to its sequence's "
     "end (REINFORCE++), before whitening; at immediate level less beta times its own KL (NeMo-RL's "

@@ -705,7 +705,11 @@ _KL = {
     pb.KL_ESTIMATOR_ABS: "abs",
     pb.KL_ESTIMATOR_ABS_ST: "abs_st",
 }
-_MM_LEVELS = {pb.MISMATCH_LEVEL_TOKEN: "token", pb.MISMATCH_LEVEL_SEQUENCE: "sequence"}
+_MM_LEVELS = {
+    pb.MISMATCH_LEVEL_TOKEN: "token",
+    pb.MISMATCH_LEVEL_SEQUENCE: "sequence",
+    pb.MISMATCH_LEVEL_GEOMETRIC: "geometric",
+}
 _RK_LEVELS = {
     pb.REWARD_KL_LEVEL_TOKEN: "token",
     pb.REWARD_KL_LEVEL_SEQUENCE: "sequence",

@@ -80,6 +80,7 @@ class MismatchLevel(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MISMATCH_LEVEL_UNSPECIFIED: _ClassVar[MismatchLevel]
     MISMATCH_LEVEL_TOKEN: _ClassVar[MismatchLevel]
     MISMATCH_LEVEL_SEQUENCE: _ClassVar[MismatchLevel]
+    MISMATCH_LEVEL_GEOMETRIC: _ClassVar[MismatchLevel]
 
 class MismatchMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -154,6 +155,7 @@ REWARD_KL_LEVEL_IMMEDIATE: RewardKlLevel
 MISMATCH_LEVEL_UNSPECIFIED: MismatchLevel
 MISMATCH_LEVEL_TOKEN: MismatchLevel
 MISMATCH_LEVEL_SEQUENCE: MismatchLevel
+MISMATCH_LEVEL_GEOMETRIC: MismatchLevel
 MISMATCH_MODE_UNSPECIFIED: MismatchMode
 MISMATCH_MODE_TRUNCATE: MismatchMode
 MISMATCH_MODE_MASK: MismatchMode
