@@ -37,7 +37,14 @@ def _assert_same_terms(got: tuple[Any, ...], want: tuple[Any, ...], args: tuple[
             assert torch.equal(g, w), i
     t, prm, kind, seq_ratio, adv_per_token, kl, mm, _, _, codes = args
     sums, counts, seq = kernel_layout(
-        kind, seq_ratio, adv_per_token, kl is not None, mm is not None, "dual" in prm
+        kind,
+        seq_ratio,
+        adv_per_token,
+        kl is not None,
+        mm is not None,
+        "dual" in prm,
+        "opsm" in prm,
+        "rollout" in t,
     )
     g, w = got[7], want[7]
     assert g.shape == w.shape
@@ -88,6 +95,34 @@ def test_slices_equal_the_whole_kernel(
     got = chunked_token_terms({**args[0], "grad_out": out}, *args[1:], chunk=37)
     assert got[0].data_ptr() == out.data_ptr()
     torch.testing.assert_close(out, want[0], rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("name", ["sapo", "grpo", "gspo"])
+@pytest.mark.parametrize("path", ["host", "gpu"])
+def test_the_sampler_kl_over_the_mask_as_sent(name: str, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With rollout rejection the kernel sums the sampler's KL over the mask as sent ("ms"),
+    not the mask left: slices add up to the whole kernel's sums, which are k1 = rollout - old
+    and k3 = exp(d) - 1 - d of d = old - rollout clamped, over the tokens sent."""
+    from softgate.engine import RejectionCriterion
+
+    if path == "gpu":
+        _gpu_code_path(monkeypatch)
+    batch = random_batch(7, max_seqs=30, max_len=40, advantages="rewards", big_deltas=True)
+    rejection = (RejectionCriterion(1.3, "k1", "token", 0.7), RejectionCriterion(0.05, "k3", "seq_mean"))
+    cfg = make_config(name, "token_mean", None, None, variant=1, rejection=rejection)
+    args = kernel_args(batch, cfg)
+    t = args[0]
+    sent, left = t["ms"].view(torch.bool), t["m"].view(torch.bool)
+    assert bool((sent & ~left).any()) and bool((left & ~sent).sum() == 0)
+    want = token_terms(*args)
+    for chunk in (37, 128):
+        _assert_same_terms(chunked_token_terms(*args, chunk=chunk), want, args)
+    sums = kernel_layout(*args[2:4], args[4], False, False, "dual" in args[1], False, True)[0]
+    d = (t["old"] - t["rollout"]).to(torch.float64)[sent]
+    dc = d.clamp(-cfg.log_ratio_clamp, cfg.log_ratio_clamp)
+    k1, k3 = want[7][sums.index("rollout_k1")], want[7][sums.index("rollout_k3")]
+    assert float(k1) == pytest.approx(float(-d.sum()), rel=1e-6)
+    assert float(k3) == pytest.approx(float((torch.expm1(dc) - dc).sum()), rel=1e-6)
 
 
 def test_the_host_slices_large_batches_and_a_gpu_runs_them_whole(monkeypatch: pytest.MonkeyPatch) -> None:

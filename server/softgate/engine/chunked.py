@@ -87,7 +87,14 @@ def chunked_token_terms(
     values = _combine(
         vals,
         kernel_layout(
-            kind, seq_ratio, adv_per_token, kl is not None, mismatch is not None, "dual" in prm, "opsm" in prm
+            kind,
+            seq_ratio,
+            adv_per_token,
+            kl is not None,
+            mismatch is not None,
+            "dual" in prm,
+            "opsm" in prm,
+            "rollout" in t,
         ),
         codes,
     )

@@ -195,7 +195,7 @@ def warmup_args(args: tuple[Any, ...]) -> tuple[Any, ...]:
     logp = -torch.rand(n, generator=g, dtype=torch.float64) - 0.5
 
     def per_token(k: str) -> Tensor:
-        if k == "m":
+        if k in ("m", "ms"):  # (ms: the mask as sent, with rejection)
             return torch.rand(n, generator=g) < 0.9
         if k == "sel":  # (a covariance selection)
             return torch.rand(n, generator=g) < 0.05

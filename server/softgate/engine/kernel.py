@@ -42,7 +42,7 @@ Terms = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 EXPANDED = "_tok"
 
 # per-token entries of token_terms' tensor dict; the others are per sequence ([B]) or 0-d
-PER_TOKEN = ("logp", "old", "m", "sel", "ids", "ref", "rollout", "grad_out")
+PER_TOKEN = ("logp", "old", "m", "ms", "sel", "ids", "ref", "rollout", "grad_out")
 
 # objective kinds whose gate weight is not a constant 0 / 1 pattern of the clip masks
 _SOFT_GATE = ("sapo", "gppo", "cispo", *DPPO_KINDS)
@@ -52,10 +52,18 @@ _SIGNED_CLIP = ("clip", "gppo", "cispo", "gmpo", *DPPO_KINDS, *COV_KINDS)
 
 
 def kernel_layout(
-    kind: str, seq_ratio: bool, adv_per_token: bool, kl: bool, mismatch: bool, dual: bool, opsm: bool = False
+    kind: str,
+    seq_ratio: bool,
+    adv_per_token: bool,
+    kl: bool,
+    mismatch: bool,
+    dual: bool,
+    opsm: bool = False,
+    rollout: bool = False,
 ) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
     """Names of token_terms' values, in order: float sums and integer counts over tokens, then
-    the terms it reduces over sequences. `opsm`: off-policy sequence masking is on."""
+    the terms it reduces over sequences. `opsm`: off-policy sequence masking is on; `rollout`:
+    the sampler's log-probs were sent (their KL from old_logp is summed)."""
     sums = ["policy_loss", "d_sum", "grad_abs"]
     counts = ["bad"]  # tokens with a bad input value (see token_terms)
     if not seq_ratio:  # gspo's ratio and clamp are per sequence
@@ -83,6 +91,8 @@ def kernel_layout(
         counts.append("v_changed")
     if opsm:
         counts.append("opsm")  # tokens whose policy term OPSM dropped
+    if rollout:
+        sums += ["rollout_k1", "rollout_k3"]
     seq = ["cnt"]  # per-sequence terms, |y_i|-weighted sums over the B sequences
     if not adv_per_token:
         seq += ["npos", "nneg", "a_sum", "a_sq", "a_var"]
@@ -237,9 +247,11 @@ def token_terms(
     all), adv ([N] or [B]), ylen ([B] trained tokens), ids (sequence id per token; only where
     something is per sequence: adv, w, sratio, lvseq, kls, klc, okl), and as configured sratio ([B],
     gspo, gmpo), sel (clip_cov, kl_cov: the covariance selection, uint8 0 / 1 like m), ref
-    (KL), wkl (the KL term's own aggregation weight, like w; absent: w), rollout or lvseq
-    (mismatch, token or sequence level, the sequence one's lvseq a [B] sum or, for a geometric
-    correction, a mean; seq_mask both, lvseq its [B] mean log-weight), kls and
+    (KL), wkl (the KL term's own aggregation weight, like w; absent: w), rollout (the
+    sampler's log-probs, whenever sent: their KL from old is summed over m, or over ms, the
+    mask as sent, uint8 like m, when rejection took tokens out of m; a token-level mismatch
+    weight reads them too), lvseq (mismatch at sequence level: a [B] sum or, for a geometric
+    correction, a mean; seq_mask: its [B] mean log-weight), kls and
     klc (k3_is_seq: [B], kl.sequence_kl), okl (OPSM: [B], each sequence's mean of sampler
     log-prob - logp over its trained tokens; prm "opsm" the threshold). Any of those per-sequence values may come expanded to
     its tokens instead, as w_tok, adv_tok, ... (per_token; then there is no ids): the CPU
@@ -248,7 +260,14 @@ def token_terms(
     by the fused loop itself (16M tokens: ~10 ms less than the kernel's own [N] gradient and a
     copy of it into a server's response)."""
     sum_names, count_names, seq_names = kernel_layout(
-        kind, seq_ratio, adv_per_token, kl is not None, mismatch is not None, "dual" in prm, "opsm" in prm
+        kind,
+        seq_ratio,
+        adv_per_token,
+        kl is not None,
+        mismatch is not None,
+        "dual" in prm,
+        "opsm" in prm,
+        "rollout" in t,
     )
     logp, old, ids = t["logp"], t["old"], t.get("ids")
     # every token trained without "m": a constant in compiled code (no 16 MB read at 16M)
@@ -287,6 +306,16 @@ def token_terms(
         count("clamped", clamped)
         total("ratio_excess", torch.where(m, torch.expm1(d), zero))  # sum of ratio - 1 (see ratio_min)
     lpol, gpol, gfree = pt.loss, pt.grad, pt.grad_free
+    if "rollout" in t:
+        # the sampler's KL from old over the tokens as sent ("ms" with rejection; verl's
+        # rollout_corr/kl and k3_kl): k1 = rollout - old unclamped, k3 = exp(d) - 1 - d of d =
+        # old - rollout clamped at the log-ratio clamp. A masked token's garbage is selected
+        # away (its difference may overflow), never multiplied by 0.
+        ms = _bits(t["ms"], logp) if "ms" in t else m
+        dr = torch.where(ms, old - t["rollout"], zero)
+        total("rollout_k1", -dr)
+        dc = torch.clamp(dr, -clamp, clamp)
+        total("rollout_k3", torch.expm1(dc) - dc)
     if mismatch is not None:
         level, mode = mismatch
         if level == "sequence":

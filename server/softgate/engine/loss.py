@@ -38,7 +38,7 @@ from softgate.engine.errors import FieldViolation, InputError
 from softgate.engine.kernel import EXPANDED, Terms, derived_terms, kernel_layout, kernel_params
 from softgate.engine.kl import sequence_kl
 from softgate.engine.metrics import METRIC_NAMES, to_floats
-from softgate.engine.mismatch import batch_norm_factor, rollout_divergence, sequence_log_weights
+from softgate.engine.mismatch import batch_norm_factor, sequence_log_weights
 from softgate.engine.objectives import OBJECTIVE_KIND, gmpo_bounds
 from softgate.engine.rejection import keep_mask
 from softgate.engine.result import LossResult
@@ -99,10 +99,11 @@ def _value_names(
     mismatch: bool,
     dual: bool,
     opsm: bool,
+    rollout: bool,
     codes: bool,
 ) -> tuple[str, ...]:
     """The names of token_terms' values, in order (kernel_layout, then the bucket sums)."""
-    layout = kernel_layout(kind, seq_ratio, adv_per_token, kl, mismatch, dual, opsm)
+    layout = kernel_layout(kind, seq_ratio, adv_per_token, kl, mismatch, dual, opsm, rollout)
     return (*layout[0], *layout[1], *layout[2], *(BUCKET_SUMS if codes else ()))
 
 
@@ -271,10 +272,13 @@ def _compute_loss(
         t["sratio"] = torch.exp(seg.mean(d, ylen))
     prm = kernel_params(config, dt, dev)
     mm = config.mismatch
+    if rollout is not None:  # the sampler's KL from old_logp, summed by the kernel over the tokens as sent
+        t["rollout"] = rollout
+        if sent is not None:
+            t["ms"] = sent.view(torch.uint8)
+        extra["rollout_tokens"] = ms_counts.sum().to(F64)
     if mm is not None:
         assert rollout is not None
-        if mm.level == "token":
-            t["rollout"] = rollout
         seq_weight = mm.level != "token" or mm.mode == "seq_mask"  # (seq_mask: the mean, its filter)
         if seq_weight or mm.batch_normalize:
             # the log-weights over the mask as sent, rejected tokens included (verl's): a
@@ -288,8 +292,6 @@ def _compute_loss(
                 if config.kl is not None and "wkl" not in t:  # (the KL term keeps the weights it had)
                     t["wkl"] = t["w"]
                 t["w"] = (t["w"].to(F64) / norm).to(dt)  # v multiplies only the policy term, as w does
-    if rollout is not None:  # the sampler's distance from old_logp, over the tokens as sent
-        extra.update(rollout_divergence(old, rollout, ms, clamp, ms_counts.sum()))
     if config.kl is not None:
         assert batch.ref_logp is not None
         t["ref"] = _cast(batch.ref_logp, dt)
@@ -371,6 +373,7 @@ def _compute_loss(
         mm is not None,
         "dual" in prm,
         "opsm" in prm,
+        rollout is not None,
         codes,
     )
     vals = vals[: len(names)]  # (the kernel's values are followed by B zeros: see token_terms)

@@ -10,8 +10,8 @@ underflows to 0, as exp does. seq_mask bounds only its sequences' means: a kept 
 weight is unbounded, and one that overflows makes the loss refused as an `overflow`. v
 multiplies the policy objective's per-token loss (and so its gradient); the KL term is not
 weighted. `batch_norm_factor` is the mean that verl's rollout_is_batch_normalize divides the
-weights by. Whenever rollout_logp is sent, `rollout_divergence` also measures how far the
-sampler is from the trainer (the rollout_kl and rollout_k3_kl metrics), correction or not.
+weights by. (How far the sampler is from the trainer, the rollout_kl and rollout_k3_kl metrics,
+the loss kernel sums whenever rollout_logp is sent, correction or not: kernel.token_terms.)
 """
 
 from __future__ import annotations
@@ -78,21 +78,3 @@ def batch_norm_factor(
     # refused as `overflow`, never silently 0 (w / inf)
     factor = torch.where(mean > 1e-8, mean, torch.ones_like(mean))
     return torch.where(torch.isfinite(mean), factor, torch.full_like(mean, math.nan))
-
-
-def rollout_divergence(
-    old: Tensor, rollout: Tensor, m: Tensor, clamp: float, trained: Tensor
-) -> dict[str, Tensor]:
-    """The sampler's distance from the trainer over the trained tokens `m` (`trained` of them,
-    a 0-d tensor; verl's rollout_corr/kl and k3_kl): float64 sums of k1 = rollout - old,
-    unclamped as verl's, and of k3 = exp(d) - 1 - d of d = old - rollout clamped at `clamp`.
-    Masked tokens are zeroed by multiplying by the mask (~2x cheaper than a select), after
-    their garbage's difference is kept finite (float32 3e38 - (-3e38) is inf, and inf * 0 NaN)."""
-    big = torch.finfo(old.dtype).max
-    d = torch.sub(old, rollout).clamp_(-big, big)
-    if m.stride(0) != 0:  # (a broadcast True: every token trained, nothing to zero)
-        d.mul_(m)
-    k1 = -d.sum(dtype=torch.float64)
-    d.clamp_(-clamp, clamp)
-    k3 = torch.expm1(d).sub_(d).sum(dtype=torch.float64)  # (0 where d is)
-    return {"rollout_k1": k1, "rollout_k3": k3, "rollout_tokens": trained.to(torch.float64)}
