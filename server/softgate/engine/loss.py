@@ -115,6 +115,17 @@ def _cast(x: Tensor, dtype: torch.dtype, device: torch.device | None = None) -> 
     return x.to(dtype=dtype, device=device)
 
 
+def _masked_difference(a: Tensor, b: Tensor, m: Tensor) -> Tensor:
+    """a - b on the tokens of the mask m, 0 off it. A masked token's garbage may overflow the
+    difference, so it is kept in the dtype's range, then zeroed by multiplying by the mask's
+    bytes: on the CPU ~2x faster than a select against 0 (which converts the bool mask), and
+    NaN-free, as validation refuses a non-finite log-prob on any token. A broadcast all-True
+    mask (no mask sent) multiplies nothing."""
+    big = torch.finfo(a.dtype).max
+    d = torch.sub(a, b).clamp_(-big, big)
+    return d if m.stride(0) == 0 else d.mul_(m.view(torch.uint8))
+
+
 @functools.lru_cache(maxsize=8)
 def _no_codes(device: torch.device) -> Tensor:
     """LossResult's bucket codes when the kernel wrote none: one empty tensor per device."""
@@ -253,7 +264,7 @@ def _compute_loss(
     # ---- sequence-level pieces
     seq_ratio = isinstance(obj, (Gspo, GspoToken, SapoSeq, CispoSeq))
     if seq_ratio:
-        logs = seg.mean(torch.where(m, logp - old, torch.zeros_like(logp)), ylen)
+        logs = seg.mean(_masked_difference(logp, old, m), ylen)
         t["sratio"] = torch.exp(logs.clamp(-clamp, clamp))
         t["sclamped"] = logs.abs() > clamp
     elif isinstance(obj, Gmpo):
@@ -268,7 +279,7 @@ def _compute_loss(
         above = seg.expand(torch.where(adv > 0, bound[1], bound[2]))
         d = torch.clamp(logp - old, below, above)
         if batch.mask is not None:
-            d = torch.where(m, d, torch.zeros_like(d))
+            d.mul_(m.view(torch.uint8))  # (clamped: finite; see _masked_difference)
         t["sratio"] = torch.exp(seg.mean(d, ylen))
     prm = kernel_params(config, dt, dev)
     mm = config.mismatch
@@ -283,7 +294,7 @@ def _compute_loss(
         if seq_weight or mm.batch_normalize:
             # the log-weights over the mask as sent, rejected tokens included (verl's): a
             # sequence's weight and batch_normalize's mean read them
-            lv_sent = torch.where(ms, old - rollout, torch.zeros_like(logp))
+            lv_sent = _masked_difference(old, rollout, ms)
             if seq_weight:  # (geometric and seq_mask: the mean)
                 t["lvseq"] = sequence_log_weights(lv_sent, seg, ms_counts, mean=mm.level != "sequence")
             if mm.batch_normalize:  # verl's: v divided by its mean over the batch as sent, through w
@@ -302,7 +313,7 @@ def _compute_loss(
 
     if config.off_policy_mask_threshold is not None:  # OPSM: each sequence's mean KL from the sampler
         sampler = old if rollout is None else rollout
-        t["okl"] = seg.mean(torch.where(m, sampler - logp, torch.zeros_like(logp)), ylen)
+        t["okl"] = seg.mean(_masked_difference(sampler, logp, m), ylen)
 
     if isinstance(obj, (ClipCov, KlCov)):  # the tokens they clip or penalise (covariance.py)
         a_tok = t["adv"] if adv_per_token else seg.expand(t["adv"])

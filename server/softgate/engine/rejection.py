@@ -33,7 +33,7 @@ def token_statistic(statistic: str, d: Tensor, old: Tensor, rollout: Tensor) -> 
     if statistic == "k2":
         return 0.5 * d * d
     if statistic == "k3":
-        return torch.expm1(d) - d
+        return torch.expm1(d).sub_(d)
     p = torch.exp(old).clamp(BINARY_KL_EPS, 1 - BINARY_KL_EPS)  # binary_kl
     q = torch.exp(rollout).clamp(BINARY_KL_EPS, 1 - BINARY_KL_EPS)
     fwd = p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q))
@@ -76,7 +76,10 @@ def keep_mask(
             if c.level == "seq_max":
                 per_seq = seg.max(torch.where(m, stat, -math.inf))
             else:
-                stat = torch.where(m, stat, 0.0)
+                # zeroed off the mask by multiplying by its bytes (on the CPU ~3x faster than a
+                # select against 0): every statistic is finite, d being clamped (binary_kl: its
+                # probabilities)
+                stat = stat.mul_(m.view(torch.uint8))
                 if c.level == "seq_mean":
                     trained = seg.count(m) if trained is None else trained
                     per_seq = seg.mean(stat, trained)
