@@ -10,7 +10,7 @@ from conftest import kernel_args
 from softgate.engine import Engine, chunked, kernel
 from softgate.engine.buckets import BUCKET_SUMS
 from softgate.engine.chunked import chunked_token_terms
-from softgate.engine.kernel import kernel_layout, token_terms
+from softgate.engine.kernel import terms_layout, token_terms
 from softgate.engine.loss import compute_loss
 
 try:
@@ -35,17 +35,8 @@ def _assert_same_terms(got: tuple[Any, ...], want: tuple[Any, ...], args: tuple[
             torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-15)
         else:
             assert torch.equal(g, w), i
-    t, prm, kind, seq_ratio, adv_per_token, kl, mm, _, _, codes = args
-    sums, counts, seq = kernel_layout(
-        kind,
-        seq_ratio,
-        adv_per_token,
-        kl is not None,
-        mm is not None,
-        "dual" in prm,
-        "opsm" in prm,
-        "rollout" in t,
-    )
+    t, codes = args[0], args[9]
+    sums, counts, seq = terms_layout(*args[:7])
     g, w = got[7], want[7]
     assert g.shape == w.shape
     k = len(sums)
@@ -117,7 +108,7 @@ def test_the_sampler_kl_over_the_mask_as_sent(name: str, path: str, monkeypatch:
     want = token_terms(*args)
     for chunk in (37, 128):
         _assert_same_terms(chunked_token_terms(*args, chunk=chunk), want, args)
-    sums = kernel_layout(*args[2:4], args[4], False, False, "dual" in args[1], False, True)[0]
+    sums = terms_layout(*args[:7])[0]
     d = (t["old"] - t["rollout"]).to(torch.float64)[sent]
     dc = d.clamp(-cfg.log_ratio_clamp, cfg.log_ratio_clamp)
     k1, k3 = want[7][sums.index("rollout_k1")], want[7][sums.index("rollout_k3")]

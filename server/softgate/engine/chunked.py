@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from softgate.engine.buckets import BUCKET_SUMS
-from softgate.engine.kernel import EXPANDED, Terms, kernel_layout, token_keys, token_terms
+from softgate.engine.kernel import EXPANDED, Terms, terms_layout, token_keys, token_terms
 from softgate.engine.segments import host_shortcuts
 
 # tokens per slice on the host. Each op of a slice is a call into torch that releases the GIL
@@ -84,20 +84,7 @@ def chunked_token_terms(
         a = t["adv" + EXPANDED]
     else:
         a = torch.cat(gathered)
-    values = _combine(
-        vals,
-        kernel_layout(
-            kind,
-            seq_ratio,
-            adv_per_token,
-            kl is not None,
-            mismatch is not None,
-            "dual" in prm,
-            "opsm" in prm,
-            "rollout" in t,
-        ),
-        codes,
-    )
+    values = _combine(vals, terms_layout(t, prm, kind, seq_ratio, adv_per_token, kl, mismatch), codes)
     pad = torch.zeros_like(t["ylen"], dtype=torch.float64)  # (token_terms' B zeros)
     return (grad, a, *outs, torch.cat([values, pad]))  # type: ignore[return-value]
 

@@ -101,6 +101,20 @@ def kernel_layout(
     return tuple(sums), tuple(counts), tuple(seq)
 
 
+def terms_layout(
+    t: dict[str, Tensor],
+    prm: dict[str, Tensor],
+    kind: str,
+    seq_ratio: bool,
+    adv_per_token: bool,
+    kl: str | None,
+    mismatch: tuple[str, str] | None,
+) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """kernel_layout for token_terms' own arguments."""
+    has = (kl is not None, mismatch is not None, "dual" in prm, "opsm" in prm, "rollout" in t)
+    return kernel_layout(kind, seq_ratio, adv_per_token, *has)
+
+
 def kernel_params(config: LossConfig, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
     """Every number token_terms reads, as 0-d tensors: the objective's (objective_params), the
     log-ratio clamp, the saturation threshold, the KL beta (and value bound), OPSM's threshold, the mismatch cap
@@ -259,16 +273,7 @@ def token_terms(
     grad_out ([N], compute_loss's) the gradient is stored there and returned as it: compiled,
     by the fused loop itself (16M tokens: ~10 ms less than the kernel's own [N] gradient and a
     copy of it into a server's response)."""
-    sum_names, count_names, seq_names = kernel_layout(
-        kind,
-        seq_ratio,
-        adv_per_token,
-        kl is not None,
-        mismatch is not None,
-        "dual" in prm,
-        "opsm" in prm,
-        "rollout" in t,
-    )
+    sum_names, count_names, seq_names = terms_layout(t, prm, kind, seq_ratio, adv_per_token, kl, mismatch)
     logp, old, ids = t["logp"], t["old"], t.get("ids")
     # every token trained without "m": a constant in compiled code (no 16 MB read at 16M)
     m = _bits(t["m"], logp) if "m" in t else torch.ones_like(logp, dtype=torch.bool)
