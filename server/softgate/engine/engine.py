@@ -15,6 +15,7 @@ from softgate.engine.advantages import group_advantages
 from softgate.engine.batch import Batch
 from softgate.engine.compiled import DEFAULT_MAX_CONFIGURATIONS, CompiledKernel, compile_mode
 from softgate.engine.config import (
+    AGGREGATION_MODES,
     OBJECTIVES,
     AdvantageConfig,
     AggregationConfig,
@@ -300,15 +301,15 @@ class Engine:
             rewards=torch.tensor([1.0, 0.0, 0.5, 1.0]),
             group_ids=torch.tensor([0, 0, 1, 1]),
         )
-        modes = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm")
+        modes = AGGREGATION_MODES
         devices = (self.device, _HOST) if self.host_max_tokens else (self.device,)
         for i, cls in enumerate(OBJECTIVES.values()):
             cfg = LossConfig(
                 objective=cls(),
                 # (constant with token_sum_norm only: the other modes refuse it)
                 aggregation=AggregationConfig(
-                    mode=modes[i % 4],  # type: ignore[arg-type]
-                    constant=8.0 if modes[i % 4] == "token_sum_norm" else None,
+                    mode=modes[i % len(modes)],  # type: ignore[arg-type]
+                    constant=8.0 if modes[i % len(modes)] == "token_sum_norm" else None,
                 ),
                 kl=KLConfig(beta=0.01),
                 mismatch=MismatchConfig(),
