@@ -321,7 +321,12 @@ def reference_rejection_keep(batch: Batch, config: LossConfig, mask: Tensor) -> 
             if c.level != "token":
                 if stat.numel() == 0:
                     continue
-                agg = {"seq_sum": stat.sum(), "seq_mean": stat.mean(), "seq_max": stat.max()}[c.level]
+                agg = {
+                    "seq_sum": stat.sum(),
+                    "seq_mean": stat.mean(),
+                    "seq_max": stat.max(),
+                    "seq_min": stat.min(),
+                }[c.level]
                 stat = agg.expand(stat.shape)
             if c.statistic == "k1":
                 lower = c.lower if c.lower is not None else 1 / c.upper

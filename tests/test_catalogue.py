@@ -132,9 +132,9 @@ def test_rejection_statistics_are_listed_with_their_parameters() -> None:
     r = catalogue.build(Limits(), 1 << 20)
     assert [a.name for a in r.rejection_statistics] == ["k1", "k2", "k3", "binary_kl"]
     levels = {
-        "k1": ["token", "seq_sum", "seq_mean"],
-        "k2": ["token", "seq_sum", "seq_mean", "seq_max"],
-        "k3": ["token", "seq_sum", "seq_mean", "seq_max"],
+        "k1": ["token", "seq_sum", "seq_mean", "seq_max", "seq_min"],
+        "k2": ["token", "seq_sum", "seq_mean", "seq_max", "seq_min"],
+        "k3": ["token", "seq_sum", "seq_mean", "seq_max", "seq_min"],
         "binary_kl": ["token"],
     }
     for a in r.rejection_statistics:

@@ -213,13 +213,15 @@ CONFIGS: dict[str, tuple[LossConfig, pb.LossConfig]] = {
             off_policy_mask_threshold=-0.01,
         ),
     ),
-    # rollout rejection: tokens past a k1 window and sequences past a mean k3 leave the mask
+    # rollout rejection: tokens past a k1 window, and sequences past a mean k3 or whose largest
+    # d = old - rollout passes -log 0.99 (seq_min of k1: AReaL's kl_k1 at agg max), leave the mask
     "grpo-rejection": (
         LossConfig(
             objective=Grpo(),
             rejection=(
                 RejectionCriterion(1.01, "k1", "token", 0.99),
                 RejectionCriterion(5e-5, "k3", "seq_mean"),
+                RejectionCriterion(1e300, "k1", "seq_min", 0.99),
             ),
         ),
         pb.LossConfig(
@@ -229,6 +231,7 @@ CONFIGS: dict[str, tuple[LossConfig, pb.LossConfig]] = {
                 pb.RejectionCriterion(
                     upper=5e-5, statistic=pb.REJECTION_STATISTIC_K3, level=pb.REJECTION_LEVEL_SEQ_MEAN
                 ),
+                pb.RejectionCriterion(upper=1e300, lower=0.99, level=pb.REJECTION_LEVEL_SEQ_MIN),
             ],
         ),
     ),

@@ -250,6 +250,8 @@ def _areal_reject(metric, level, agg, lower, upper, d, m):
         ("kl_k1", "token", "mean", None, 0.2),
         ("kl_k1", "sequence", "mean", -0.25, 0.35),
         ("kl_k1", "sequence", "sum", None, 0.2),
+        ("kl_k1", "sequence", "max", 0.2, 0.6),
+        ("kl_k1", "sequence", "max", None, 0.5),
     ],
 )
 def test_rejection_sampling_kl_mask(
@@ -262,7 +264,8 @@ def test_rejection_sampling_kl_mask(
     is (level token / seq_sum / seq_mean / seq_max for sequence with agg sum / mean / max).
     softgate's k1 is -d where AReaL's is d = prox - behave, and its bounds are ratios: AReaL's
     kl_k1 in [l, u] is statistic="k1", lower=exp(-u), upper=exp(-l) (l None: upper=NO_CAP), at
-    token, seq_sum or seq_mean level (not seq_max: max of -d is not -max of d)."""
+    level token, seq_sum or seq_mean, and seq_min for agg max (the largest d is minus the
+    smallest -d)."""
     logp, prox, behave, mask, keep = _padded(4, spread=0.35)
     adv = _adv()
     x = logp.clone().requires_grad_(True)
@@ -272,6 +275,7 @@ def test_rejection_sampling_kl_mask(
     w = torch.where(m2, torch.exp(d), 0.0)
     want, _, _ = _areal_ppo(x, prox, adv[:, None], m2, 0.2, 0.28, 3.0, w=w, count_mask=mask)
     lvl = "token" if level == "token" else {"sum": "seq_sum", "mean": "seq_mean", "max": "seq_max"}[agg]
+    lvl = "seq_min" if (metric, lvl) == ("kl_k1", "seq_max") else lvl
     if metric == "kl_k2":
         crit = RejectionCriterion(upper=upper, statistic="k2", level=lvl)
     else:

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from reference_loss import reference_rejection_keep
 from softgate.engine import (
     Batch,
     Engine,
@@ -197,7 +198,9 @@ def test_rejection_ignores_garbage_on_masked_tokens(garbage: float, dtype: torch
     batch, *_ = padded_batch(dtype=dtype)
     config = LossConfig(
         objective=Grpo(),
-        rejection=criteria("token_k3,seq_sum_k1,seq_max_k2,binary_kl", "0.5,0.5_2.0,0.5,0.5"),
+        rejection=criteria(
+            "token_k3,seq_sum_k1,seq_max_k2,binary_kl,seq_max_k1,seq_min_k1", "0.5,0.5_2.0,0.5,0.5,2.0,1.1"
+        ),
     )
     clean = ENGINE.loss(batch, config)
     dirty = batch
@@ -242,7 +245,11 @@ def test_a_bad_value_is_refused_not_rejected(field: str, value: float, reason: s
             "rejection[0].level",
             "unsupported",
         ),
-        (RejectionCriterion(upper=2.0, level="seq_max"), "rejection[0].level", "unsupported"),
+        (
+            RejectionCriterion(upper=2.0, statistic="binary_kl", level="seq_min"),
+            "rejection[0].level",
+            "unsupported",
+        ),
         (RejectionCriterion(upper=2.0, statistic="k4"), "rejection[0].statistic", "unknown_name"),  # type: ignore[arg-type]
         (RejectionCriterion(upper=2.0, level="seq"), "rejection[0].level", "unknown_name"),  # type: ignore[arg-type]
     ],
@@ -344,6 +351,50 @@ def test_verl_geometric_rollout_is(mode: str, lower: float | None) -> None:
     assert torch.equal(got.mask, m2[pad].bool())
 
 
+@pytest.mark.parametrize(
+    "criterion",
+    [
+        RejectionCriterion(1.5, "k1", "seq_max", 0.9),
+        RejectionCriterion(1.3, "k1", "seq_min", 0.5),
+        RejectionCriterion(1e300, "k1", "seq_min", 0.7),
+        RejectionCriterion(0.002, "k2", "seq_min"),
+        RejectionCriterion(0.005, "k3", "seq_min"),
+    ],
+)
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_the_largest_and_smallest_of_a_sequence(criterion: RejectionCriterion, dtype: torch.dtype) -> None:
+    """Levels seq_max and seq_min (k1 too: its window bounds the sequence's largest or smallest
+    -d) against the reference's, written sequence by sequence (tests/reference_loss.py)."""
+    batch, *_ = padded_batch(dtype=dtype)
+    config = LossConfig(objective=Grpo(), rejection=(criterion,))
+    got = ENGINE.loss(batch, config)
+    want = batch.mask & reference_rejection_keep(batch, config, batch.mask)
+    assert torch.equal(got.mask, want)
+    assert 0 < got.metrics["rejected_tokens"] < int(batch.mask.sum())
+
+
+def verl_veto_mask(old: torch.Tensor, rollout: torch.Tensor, mask: torch.Tensor, tau: float) -> torch.Tensor:
+    """verl's rollout_is_veto_threshold (volcengine/verl verl/trainer/ppo/mismatch_helper.py @
+    10350b61) on padded [B, T] tensors: a row holding one trained token with old - rollout
+    (unclamped) below log tau leaves the response mask, in either rollout_is_mode."""
+    catastrophic = ((old - rollout) < math.log(tau)) & mask.bool()
+    return mask * (~catastrophic.any(-1, keepdim=True)).to(mask.dtype)
+
+
+@pytest.mark.parametrize("tau", [0.8, 0.6])
+def test_verl_veto_is_k1_at_seq_max(tau: float) -> None:
+    """verl's veto is k1's largest over a sequence under log(1 / tau), with a lower bound below
+    every clamped k1: RejectionCriterion(1 / tau, "k1", "seq_max", 1e-300). (softgate clamps d
+    at log_ratio_clamp first: the two differ only for a tau below exp(-20).)"""
+    batch, old, rollout, mask = padded_batch()
+    pad = torch.arange(old.shape[1])[None, :] < (batch.offsets[1:] - batch.offsets[:-1])[:, None]
+    want = verl_veto_mask(old, rollout, mask, tau).flatten()[pad.flatten()].bool()
+    config = LossConfig(objective=Grpo(), rejection=(RejectionCriterion(1 / tau, "k1", "seq_max", 1e-300),))
+    got = ENGINE.loss(batch, config)
+    assert torch.equal(got.mask, want)
+    assert 0 < got.metrics["rejected_tokens"] < int(batch.mask.sum())
+
+
 def test_an_empty_batch_and_empty_sequences() -> None:
     config = LossConfig(
         objective=Grpo(), rejection=criteria("seq_max_k2,seq_mean_k1,token_k3", "0.1,0.9_1.1,0.1")
@@ -389,6 +440,65 @@ def test_client_maps_verl_keywords_to_criteria() -> None:
     # verl's "off": rollout_rs null beside its threshold's default
     assert build_loss_config(rollout_rs=None, rollout_rs_threshold=2.0).rejection == ()
     assert build_loss_config(rollout_rs_threshold=2.0).rejection == ()
+    # an earlier verl's levels bound the IS weight exp(-k1): the k1 window is [1 / upper, 1 / lower]
+    assert rejection_from_verl("geometric", 1.25, 0.5) == (C(2.0, "k1", "seq_mean", 0.8),)
+    assert rejection_from_verl("sequence", "2") == (C(2.0, "k1", "seq_sum", 0.5),)
+    # its veto joins the criteria given, or stands alone
+    veto = C(1e4, "k1", "seq_max", 1e-300)
+    assert build_loss_config(rollout_token_veto_threshold=1e-4).rejection == (veto,)
+    c = build_loss_config(rollout_rs="token_k2", rollout_rs_threshold=0.1, rollout_token_veto_threshold=1e-4)
+    assert c.rejection == (C(0.1, "k2", "token"), veto)
+    assert build_loss_config(rejection=C(2.0), rollout_token_veto_threshold=1e-4).rejection == (C(2.0), veto)
+
+
+def verl_earlier_rejection_mask(old, rollout, mask, rollout_rs, upper, lower, veto):
+    """An earlier verl's compute_rollout_correction_and_rejection_mask (volcengine/verl
+    verl/trainer/ppo/rollout_corr_helper.py @ 0b4e2a81) on padded [B, T] tensors: the IS weight
+    exp(d), exp(sum d) or exp(mean d) of d = old - rollout (clamped at +-20 after the sum) kept
+    in [lower, upper] (lower None: 1 / upper), then the veto (None: off): a row holding one
+    trained token with d below log veto leaves the mask. verl's masked_mean adds 1e-8 to a
+    row's count: left out here (no row sits within 1e-8 of a bound)."""
+    d = old - rollout
+    if rollout_rs == "token":
+        y = d
+    else:
+        y = (d * mask).sum(-1, keepdim=True)
+        y = y / mask.sum(-1, keepdim=True).clamp(min=1) if rollout_rs == "geometric" else y
+    w = torch.exp(y.clamp(-20.0, 20.0)).expand_as(d)
+    lower = 1.0 / upper if lower is None else lower
+    out = mask * ((w >= lower) & (w <= upper)).to(mask.dtype)
+    if veto is not None:
+        catastrophic = (d < math.log(veto)) & mask.bool()
+        out = out * (~catastrophic.any(-1, keepdim=True)).to(mask.dtype)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("rollout_rs", "upper", "lower", "veto"),
+    [
+        ("token", 1.5, None, None),
+        ("token", 1.3, 0.6, 0.7),
+        ("sequence", 1.4, 0.5, None),
+        ("geometric", 1.05, None, 0.6),
+        ("geometric", 1.1, 0.97, None),
+    ],
+)
+def test_client_keywords_of_an_earlier_verl(rollout_rs: str, upper: float, lower: float | None, veto) -> None:
+    """rollout_rs token / sequence / geometric with rollout_rs_threshold(_lower) and
+    rollout_token_veto_threshold, through the client's keywords: the tokens left trained are
+    that verl's modified response mask."""
+    from softgate_client import build_loss_config
+
+    batch, old, rollout, mask = padded_batch()
+    want = verl_earlier_rejection_mask(old, rollout, mask, rollout_rs, upper, lower, veto)
+    pad = torch.arange(old.shape[1])[None, :] < (batch.offsets[1:] - batch.offsets[:-1])[:, None]
+    want_flat = want.flatten()[pad.flatten()].bool()
+    kw = {"rollout_rs_threshold_lower": lower, "rollout_token_veto_threshold": veto}
+    client = build_loss_config(rollout_rs=rollout_rs, rollout_rs_threshold=upper, **kw)
+    rejection = tuple(RejectionCriterion(**dataclasses.asdict(c)) for c in client.rejection)
+    got = ENGINE.loss(batch, LossConfig(objective=Grpo(), rejection=rejection))
+    assert torch.equal(got.mask, want_flat)
+    assert 0 < got.metrics["rejected_tokens"] < int(batch.mask.sum())
 
 
 @pytest.mark.parametrize(
@@ -405,6 +515,19 @@ def test_client_maps_verl_keywords_to_criteria() -> None:
         ({"rollout_rs": "token_k1,seq_mean_k3", "rollout_rs_threshold": "1,2,3"}, "rollout_rs_threshold"),
         ({"rollout_rs": "token_k1", "rollout_rs_threshold": "high"}, "rollout_rs_threshold"),
         ({"rejection": ["token_k1"]}, "config.rejection"),
+        (
+            {"rollout_rs": "token_k1", "rollout_rs_threshold": 2.0, "rollout_rs_threshold_lower": 0.5},
+            "rollout_rs_threshold_lower",
+        ),
+        ({"rollout_rs": "geometric", "rollout_rs_threshold": "0.5_2.0"}, "rollout_rs_threshold"),
+        (
+            {"rollout_rs": "token", "rollout_rs_threshold": 2.0, "rollout_rs_threshold_lower": 0},
+            "rollout_rs_threshold_lower",
+        ),
+        ({"rollout_token_veto_threshold": 0.0}, "rollout_token_veto_threshold"),
+        ({"rollout_token_veto_threshold": "low"}, "rollout_token_veto_threshold"),
+        ({"rollout_token_veto_threshold": float("nan")}, "rollout_token_veto_threshold"),
+        ({"rollout_token_veto_threshold": 5e-324}, "rollout_token_veto_threshold"),  # (1 / tau: inf)
     ],
 )
 def test_client_refuses_bad_rejection_keywords(kw: dict, field: str) -> None:

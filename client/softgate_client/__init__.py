@@ -25,6 +25,7 @@ from softgate_client.config import (
     kl_from_verl,
     rejection_from_verl,
     reward_kl_from_verl,
+    veto_from_verl,
 )
 from softgate_client.errors import (
     DeadlineExceededError,
@@ -62,4 +63,5 @@ __all__ = [
     "pack_batch",
     "rejection_from_verl",
     "reward_kl_from_verl",
+    "veto_from_verl",
 ]

@@ -893,7 +893,8 @@ class SoftgateClient:
         a KL in the reward (`reward_kl_beta`, `reward_kl_estimator`, `reward_kl_level`,
         `reward_kl_value_clamp`), `log_ratio_clamp`,
         `off_policy_mask_threshold`, `rejection=(RejectionCriterion(...), ...)` or verl's
-        `rollout_rs=` with `rollout_rs_threshold=`,
+        `rollout_rs=` with `rollout_rs_threshold=` (and an earlier verl's
+        `rollout_rs_threshold_lower=`), verl's `rollout_token_veto_threshold=`,
         `saturation_threshold`, and `outputs=("ratio", "gate_weight", ...)`.
 
         `stream` forces (True) or forbids (False) the StreamLoss RPC; None picks it when the

@@ -8,6 +8,7 @@ numpy scalar is read when the configuration is built (a keyword option: at every
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -257,8 +258,9 @@ class MismatchConfig:
 class RejectionCriterion:
     """One rollout rejection filter (verl's rollout_rs option `{level}_{statistic}`):
     `statistic` `k1` / `k2` / `k3` / `binary_kl` of old_logp - rollout_logp, per `level`
-    `token` / `seq_sum` / `seq_mean` / `seq_max`; a token or sequence past `upper` (k1: outside
-    [lower, upper] on exp(k1), `lower` default 1 / upper) leaves the loss mask."""
+    `token` / `seq_sum` / `seq_mean` / `seq_max` / `seq_min`; a token or sequence past `upper`
+    (k1: outside [lower, upper] on exp(k1), `lower` default 1 / upper) leaves the loss mask.
+    verl's `rollout_is_veto_threshold=tau`: `RejectionCriterion(1 / tau, "k1", "seq_max", 1e-300)`."""
 
     upper: float | None = None
     statistic: str | None = None
@@ -334,15 +336,38 @@ VERL_ROLLOUT_RS = (
 )
 
 
-def rejection_from_verl(rollout_rs: str, rollout_rs_threshold: str | float) -> tuple[RejectionCriterion, ...]:
+# an earlier verl's rollout_rs levels (rollout_corr_helper with rollout_rs_threshold_lower):
+# the IS weight exp(d), exp(sum d) or exp(mean d) of d = old - rollout kept in [lower, upper]
+VERL_ROLLOUT_RS_LEVELS = {"token": "token", "sequence": "seq_sum", "geometric": "seq_mean"}
+
+
+def rejection_from_verl(
+    rollout_rs: str, rollout_rs_threshold: str | float, rollout_rs_threshold_lower: float | None = None
+) -> tuple[RejectionCriterion, ...]:
     """verl's `rollout_rs` ("token_k1,seq_mean_k3", "binary_kl", ...) and
     `rollout_rs_threshold` (one per option or one for all, comma separated; k1's "lower_upper"
-    or its upper alone) as criteria."""
+    or its upper alone) as criteria; or an earlier verl's `rollout_rs` "token", "sequence" or
+    "geometric" with its upper and `rollout_rs_threshold_lower` (unset: 1 / upper) on the IS
+    weight: k1 = -log weight, so the k1 window is [1 / upper, 1 / lower]."""
+    if str(rollout_rs).strip() in VERL_ROLLOUT_RS_LEVELS:
+        level = VERL_ROLLOUT_RS_LEVELS[str(rollout_rs).strip()]
+        hi = _threshold(rollout_rs_threshold, "rollout_rs_threshold")
+        lo = 1 / hi if rollout_rs_threshold_lower is None else rollout_rs_threshold_lower
+        lo = _threshold(lo, "rollout_rs_threshold_lower")
+        return (RejectionCriterion(1 / lo, "k1", level, 1 / hi),)
+    if rollout_rs_threshold_lower is not None:
+        raise invalid_argument(
+            "rollout_rs_threshold_lower",
+            f"unsupported: it goes with rollout_rs {list(VERL_ROLLOUT_RS_LEVELS)}; "
+            "k1 options take their bounds as 'lower_upper'",
+        )
     options = [o.strip() for o in str(rollout_rs).split(",") if o.strip()]
     unknown = [o for o in options if o not in VERL_ROLLOUT_RS]
     if unknown or not options:
         raise invalid_argument(
-            "rollout_rs", f"unknown_choice: {unknown or rollout_rs!r}; one of {list(VERL_ROLLOUT_RS)}"
+            "rollout_rs",
+            f"unknown_choice: {unknown or rollout_rs!r}; one of {list(VERL_ROLLOUT_RS)}, or one of "
+            f"{list(VERL_ROLLOUT_RS_LEVELS)}",
         )
     specs = [t.strip() for t in str(rollout_rs_threshold).split(",") if t.strip()]
     if len(specs) not in (1, len(options)):
@@ -361,6 +386,27 @@ def rejection_from_verl(rollout_rs: str, rollout_rs_threshold: str | float) -> t
                 "rollout_rs_threshold", f"bad_value: {spec!r} is not a threshold"
             ) from None
     return tuple(out)
+
+
+def veto_from_verl(rollout_token_veto_threshold: float) -> RejectionCriterion:
+    """verl's `rollout_token_veto_threshold` tau (a sequence holding one trained token whose
+    pi_old / pi_rollout is below tau is rejected) as a criterion: the sequence's largest k1 at
+    most log(1 / tau), with a lower bound below every k1."""
+    tau = _threshold(rollout_token_veto_threshold, "rollout_token_veto_threshold")
+    return RejectionCriterion(1 / tau, "k1", "seq_max", 1e-300)
+
+
+def _threshold(value: Any, field: str) -> float:
+    """A ratio bound given to a verl keyword: a finite number > 0 whose inverse is finite."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise invalid_argument(field, f"bad_value: {value!r:.60} is not a number") from None
+    if not (x > 0 and math.isfinite(x) and math.isfinite(1 / x)):
+        raise invalid_argument(
+            field, f"out_of_range: {x!r} must be a finite number > 0 with a finite inverse"
+        )
+    return x
 
 
 @dataclass(frozen=True)
@@ -535,11 +581,16 @@ def build_loss_config(config: LossConfig | None = None, **kw: Any) -> LossConfig
                 )
             if kw.get("rejection"):
                 raise invalid_argument("rollout_rs", "conflict: give rejection= or rollout_rs=, not both")
-            values["rejection"] = rejection_from_verl(val, kw["rollout_rs_threshold"])
-        elif key == "rollout_rs_threshold":
+            values["rejection"] = rejection_from_verl(
+                val, kw["rollout_rs_threshold"], kw.get("rollout_rs_threshold_lower")
+            )
+        elif key in ("rollout_rs_threshold", "rollout_rs_threshold_lower", "rollout_token_veto_threshold"):
             continue
         else:
             raise TypeError(f"unknown loss option {key!r}")
+    tau = kw.get("rollout_token_veto_threshold")
+    if tau is not None:  # (verl's veto joins the rejection criteria given)
+        values["rejection"] = (*LossConfig(rejection=values["rejection"]).rejection, veto_from_verl(tau))
     values["objective"] = Objective(obj_name, obj_params)
     for s, cls in _SECTIONS.items():
         if s in touched:

@@ -313,6 +313,14 @@ def _default_cases(engine: Engine) -> list[dict[str, Any]]:
             (RejectionCriterion(0.02, "k3", "seq_mean"), RejectionCriterion(0.3, "k2", "seq_max")),
         ),
         ("binary_kl", (RejectionCriterion(0.005, "binary_kl"),)),
+        # verl's veto (a sequence with one ratio below 0.8 out) and the largest d bounded (AReaL)
+        (
+            "seq_max_k1_seq_min_k1",
+            (
+                RejectionCriterion(1 / 0.8, "k1", "seq_max", 1e-300),
+                RejectionCriterion(1e300, "k1", "seq_min", 0.7),
+            ),
+        ),
     ):
         cfg = LossConfig(aggregation=AggregationConfig(mode="token_mean"), rejection=crit)
         out.append(_case(f"sapo/rejection_{name}", b, cfg, engine))

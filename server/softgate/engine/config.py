@@ -398,7 +398,7 @@ class RewardKLConfig:
 
 RejectionStatistic = Literal["k1", "k2", "k3", "binary_kl"]
 REJECTION_STATISTICS: tuple[str, ...] = get_args(RejectionStatistic)
-RejectionLevel = Literal["token", "seq_sum", "seq_mean", "seq_max"]
+RejectionLevel = Literal["token", "seq_sum", "seq_mean", "seq_max", "seq_min"]
 REJECTION_LEVELS: tuple[str, ...] = get_args(RejectionLevel)
 
 
@@ -407,9 +407,9 @@ class RejectionCriterion:
     """One rollout rejection filter (verl's `rollout_rs` option `{level}_{statistic}`, e.g.
     seq_mean_k3): a statistic of d = old - rollout per token (k1 = -d, k2 = d^2 / 2, k3 =
     exp(d) - 1 - d, d clamped at log_ratio_clamp; binary_kl: KPop's larger Bernoulli KL of the
-    two probabilities), taken per token or summed, averaged or maxed over each sequence's
-    trained tokens. Kept: k1 in [log lower, log upper] (`lower` None: 1 / upper), the others
-    <= upper. A rejected token leaves the loss mask: no loss, no gradient, not in the
+    two probabilities), taken per token, or the sum, mean, largest or smallest over each
+    sequence's trained tokens. Kept: k1 in [log lower, log upper] (`lower` None: 1 / upper), the
+    others <= upper. A rejected token leaves the loss mask: no loss, no gradient, not in the
     normalisers."""
 
     upper: float | None = None

@@ -5,11 +5,12 @@ they carry no loss and no gradient and are not in the normalisers (or in any met
 
 Each criterion takes a statistic of d = old - rollout per trained token, clamped at
 log_ratio_clamp (k1 = -d, k2 = d^2 / 2, k3 = exp(d) - 1 - d; binary_kl: KPop's larger Bernoulli
-KL of p_old and p_rollout, each probability clamped to [1e-6, 1 - 1e-6]), per token or summed,
-averaged or maxed over the sequence's trained tokens, and bounds it: k1 within [log lower,
-log upper], the others at most upper. A token stays trained when every criterion keeps it. A
-token whose logp or old_logp is positive stays too, for the loss kernel's check to refuse
-it, as it would without rejection.
+KL of p_old and p_rollout, each probability clamped to [1e-6, 1 - 1e-6]), per token, or its
+sum, mean, largest or smallest over the sequence's trained tokens, and bounds it: k1 within
+[log lower, log upper], the others at most upper. (k1's largest bounds every token from one
+side: upper 1 / tau is verl's veto, a sequence dropped for one token whose ratio is below tau.)
+A token stays trained when every criterion keeps it. A token whose logp or old_logp is
+positive stays too, for the loss kernel's check to refuse it, as it would without rejection.
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ def keep_mask(
             stat = token_statistic(c.statistic, d, old, rollout)
             if c.level == "seq_max":
                 per_seq = seg.max(torch.where(m, stat, -math.inf))
+            elif c.level == "seq_min":  # minus the largest of -stat
+                per_seq = seg.max(torch.where(m, stat.neg_(), -math.inf)).neg_()
             else:
                 # zeroed off the mask by multiplying by its bytes (on the CPU ~3x faster than a
                 # select against 0): every statistic is finite, d being clamped (binary_kl: its

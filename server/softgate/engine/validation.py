@@ -169,8 +169,6 @@ def _rejection(criteria: object, v: list[FieldViolation]) -> None:
             )
         elif c.statistic == "binary_kl" and c.level != "token":
             v.append(FieldViolation(f"{p}.level", "unsupported: binary_kl is a token-level statistic"))
-        elif c.statistic == "k1" and c.level == "seq_max":
-            v.append(FieldViolation(f"{p}.level", "unsupported: seq_max bounds k2, k3 (k1 has a sign)"))
         if c.upper is None:
             v.append(FieldViolation(f"{p}.upper", "missing: a rejection criterion needs its upper bound"))
         elif not _num_ok(c.upper):

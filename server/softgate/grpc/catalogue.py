@@ -71,8 +71,8 @@ PARAM_HELP: dict[str, str] = {
     "saturation_threshold": "gate weight below which a token counts as saturated, in (0, 1]",
     "RejectionCriterion.upper": "required, > 0: k1's bound on exp(k1), the others' on the statistic",
     "RejectionCriterion.lower": "k1 only, in (0, upper]: its lower bound on exp(k1); unset: 1 / upper",
-    "RejectionCriterion.level": "token, or the sum, mean or max (k2, k3) over the sequence's trained tokens: "
-    "the whole sequence rejected or kept",
+    "RejectionCriterion.level": "token, or the sum, mean, max or min over the sequence's trained tokens: "
+    "the whole sequence rejected or kept (k1's max under upper 1 / tau: verl's veto of a token below tau)",
     "off_policy_mask_threshold": "OPSM: A < 0 tokens of a sequence whose mean (sampler - current log-prob) "
     "exceeds it lose their policy term; unset: off",
 }
@@ -86,7 +86,7 @@ REJECTION_HELP = {
 }
 
 # the levels each statistic has where not all (validation refuses the others: unsupported)
-REJECTION_LEVELS = {"k1": ("token", "seq_sum", "seq_mean"), "binary_kl": ("token",)}
+REJECTION_LEVELS = {"binary_kl": ("token",)}
 
 ESTIMATOR_HELP = {
     "grpo": "GRPO: (R - group mean) / (group std + eps)",

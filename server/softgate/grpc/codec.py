@@ -731,6 +731,7 @@ _RS_LEVELS = {
     pb.REJECTION_LEVEL_SEQ_SUM: "seq_sum",
     pb.REJECTION_LEVEL_SEQ_MEAN: "seq_mean",
     pb.REJECTION_LEVEL_SEQ_MAX: "seq_max",
+    pb.REJECTION_LEVEL_SEQ_MIN: "seq_min",
 }
 
 

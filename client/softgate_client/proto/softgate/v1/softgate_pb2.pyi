@@ -104,6 +104,7 @@ class RejectionLevel(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REJECTION_LEVEL_SEQ_SUM: _ClassVar[RejectionLevel]
     REJECTION_LEVEL_SEQ_MEAN: _ClassVar[RejectionLevel]
     REJECTION_LEVEL_SEQ_MAX: _ClassVar[RejectionLevel]
+    REJECTION_LEVEL_SEQ_MIN: _ClassVar[RejectionLevel]
 DTYPE_UNSPECIFIED: Dtype
 DTYPE_FLOAT32: Dtype
 DTYPE_FLOAT64: Dtype
@@ -170,6 +171,7 @@ REJECTION_LEVEL_TOKEN: RejectionLevel
 REJECTION_LEVEL_SEQ_SUM: RejectionLevel
 REJECTION_LEVEL_SEQ_MEAN: RejectionLevel
 REJECTION_LEVEL_SEQ_MAX: RejectionLevel
+REJECTION_LEVEL_SEQ_MIN: RejectionLevel
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data", "padding")
