@@ -468,7 +468,8 @@ def reference_loss(batch: Batch, config: LossConfig) -> Reference:
             v = _reference_weights(mm, o, rollout[sl][mi], o_s, rollout[sl][si])
             loss_t = loss_t * (v / norm).detach()
         if config.off_policy_mask_threshold is not None:  # OPSM, as TRL's get_off_policy_mask
-            s = (rollout if rollout is not None else old if old is not None else logp.detach())[sl][mi]
+            use_rollout = rollout is not None and config.off_policy_mask_reference == "rollout"
+            s = (rollout if use_rollout else old if old is not None else logp.detach())[sl][mi]
             if float((s - lp.detach()).mean()) > config.off_policy_mask_threshold:
                 loss_t = torch.where(a < 0, torch.zeros_like(loss_t), loss_t)
         policy_terms.append(loss_t)
@@ -783,7 +784,8 @@ def near_boundary(batch: Batch, config: LossConfig, tol: float = 1e-7) -> bool:
                     return True
         delta = config.off_policy_mask_threshold
         if delta is not None and bool(mi.any()):  # OPSM's sequence mean on its threshold
-            src = batch.rollout_logp if batch.rollout_logp is not None else batch.old_logp
+            use_rollout = batch.rollout_logp is not None and config.off_policy_mask_reference == "rollout"
+            src = batch.rollout_logp if use_rollout else batch.old_logp
             s = src.to(f64) if src is not None else logp
             if abs(float((s - logp)[off[i] : off[i + 1]][mi].mean()) - delta) < tol:
                 return True

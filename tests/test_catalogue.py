@@ -44,19 +44,23 @@ def test_a_choice_parameter_names_its_default_choice() -> None:
 
 
 def test_the_loss_level_parameters_are_listed_with_their_defaults() -> None:
-    """log_ratio_clamp and saturation_threshold, with LossConfig's defaults, and
-    off_policy_mask_threshold, off by default (no default value); every LossConfig field that
-    is a number."""
+    """log_ratio_clamp and saturation_threshold, with LossConfig's defaults,
+    off_policy_mask_threshold, off by default (no default value), and OPSM's reference, a
+    choice; every LossConfig field that is not a section."""
     r = catalogue.build(Limits(), 1 << 20)
     got = {p.name: (p.default_value if p.HasField("default_value") else None) for p in r.loss_parameters}
     assert got == {
         "log_ratio_clamp": c.LossConfig().log_ratio_clamp,
         "saturation_threshold": c.LossConfig().saturation_threshold,
         "off_policy_mask_threshold": None,
+        "off_policy_mask_reference": None,
     }
     sections = {"objective", "advantages", "aggregation", "kl", "mismatch", "rejection", "reward_kl"}
     assert set(got) == {f.name for f in dataclasses.fields(c.LossConfig)} - sections
-    assert "OPSM" in next(p.description for p in r.loss_parameters if p.name == "off_policy_mask_threshold")
+    params = {p.name: p for p in r.loss_parameters}
+    assert "OPSM" in params["off_policy_mask_threshold"].description
+    ref = params["off_policy_mask_reference"]
+    assert list(ref.choices) == ["rollout", "old"] and ref.default_choice == "rollout"
 
 
 def test_reward_kl_estimators_are_listed_with_beta_and_level() -> None:

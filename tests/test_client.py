@@ -198,11 +198,13 @@ CASES = [
             "aggregation": "token_sum_norm",
             "constant": 1.0,
             "off_policy_mask_threshold": 0.5,
+            "off_policy_mask_reference": "old",
         },
         LossConfig(
             objective=ec.Dro(coef=0.2),
             aggregation=ec.AggregationConfig(mode="token_sum_norm", constant=1.0),
             off_policy_mask_threshold=0.5,
+            off_policy_mask_reference="old",
         ),
     ),
     (

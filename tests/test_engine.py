@@ -3133,6 +3133,23 @@ def test_off_policy_sequence_masking_is_trls(vllm: bool) -> None:
     assert res.metrics["off_policy_masked_frac"] == pytest.approx(float(tokens.float().mean()))
 
 
+@pytest.mark.parametrize(
+    ("config", "reason"),
+    [
+        (LossConfig(off_policy_mask_threshold=0.1, off_policy_mask_reference="sampler"), "unknown_name"),  # type: ignore[arg-type]
+        (LossConfig(off_policy_mask_reference="old"), "unsupported"),
+    ],
+)
+def test_off_policy_mask_reference_is_refused_by_name(config: LossConfig, reason: str) -> None:
+    """An unknown reference, or one given without OPSM's threshold, is refused by its name."""
+    b = simple_batch([2, 3], advantages=torch.tensor([1.0, -1.0], dtype=F64))
+    with pytest.raises(InputError) as e:
+        E.loss(b, config)
+    assert [(v.field, v.reason.split(":")[0]) for v in e.value.violations] == [
+        ("off_policy_mask_reference", reason)
+    ]
+
+
 def test_off_policy_mask_threshold_must_be_finite() -> None:
     b = simple_batch([2, 3], advantages=torch.tensor([1.0, -1.0], dtype=F64))
     for bad in (math.nan, math.inf, -math.inf):

@@ -881,6 +881,11 @@ def test_nan_is_named_with_its_index(stub: pb_grpc.LossServiceStub) -> None:
             "config.objective.sapo.tau_neg",
         ),
         (pb.LossConfig(off_policy_mask_threshold=float("nan")), "config.off_policy_mask_threshold"),
+        (pb.LossConfig(off_policy_mask_reference=7), "config.off_policy_mask_reference"),  # type: ignore[arg-type]
+        (  # (its reference without OPSM)
+            pb.LossConfig(off_policy_mask_reference=pb.OFF_POLICY_MASK_REFERENCE_OLD),
+            "config.off_policy_mask_reference",
+        ),
         (
             pb.LossConfig(rejection=[pb.RejectionCriterion(upper=1.0), pb.RejectionCriterion()]),
             "config.rejection[1].upper",

@@ -353,6 +353,37 @@ def test_opsm(use_rollout_logprobs: bool) -> None:
     assert 0 < res.metrics["off_policy_masked_frac"] < 1
 
 
+@pytest.mark.parametrize("reference", ["old", "rollout"])
+def test_opsm_with_tis(reference: str) -> None:
+    """--use-opsm beside --use-tis: slime's OPSM still reads the recomputed old log-probs while
+    TIS weighs each token by exp(old - rollout): off_policy_mask_reference="old" with
+    rollout_logp sent. softgate's default ("rollout") reads the sampler's, rollout_logp, and
+    differs from slime's here (it is TRL's and DeepSeek-V3.2's)."""
+    s = _samples(LENGTHS, 16)  # (A < 0 samples 3 and 6: one past d by old, the other by rollout)
+    x = [t.clone().requires_grad_(True) for t in s["logp"]]
+    a = _per_token(ADV, LENGTHS)
+    keep = []
+    for lp, o, ai, m in zip(x, s["old"], a, s["mask"], strict=True):
+        seq_kl = ((o - lp) * m).sum() / m.sum().clamp(min=1)
+        keep.append(1 - ((ai < 0) & (seq_kl > 0.05)).to(F64))
+    old, rollout = torch.cat(s["old"]), torch.cat(s["rollout"])
+    pg, _ = _ppo(old - torch.cat(x), torch.cat(a), 0.2, 0.2, None)
+    want = _reduce(pg * torch.exp(old - rollout).clamp(max=1.5) * torch.cat(keep), s["mask"], False)
+    cfg = LossConfig(
+        objective=Grpo(),
+        aggregation=_aggregation(s["mask"], False),
+        mismatch=MismatchConfig(mode="truncate", cap=1.5),
+        off_policy_mask_threshold=0.05,
+        off_policy_mask_reference=reference,
+    )
+    res = E.loss(_batch(s, LENGTHS, advantages=torch.tensor(ADV, dtype=F64)), cfg)
+    assert 0 < res.metrics["off_policy_masked_frac"] < 1
+    if reference == "old":
+        _close(res, want, _grad(want, x))
+    else:
+        assert res.loss != pytest.approx(float(want.detach()), rel=1e-6)
+
+
 # ---------------------------------------------------------------- advantages
 
 ADV_LENGTHS = [5, 3, 1, 4, 7, 3, 6, 2, 4, 2, 3, 5]

@@ -269,6 +269,12 @@ def loss_config_to_proto(c: cfg.LossConfig) -> pb.LossConfig:
         saturation_threshold=c.saturation_threshold,
         off_policy_mask_threshold=c.off_policy_mask_threshold,
     )
+    out.off_policy_mask_reference = _enum(  # type: ignore[assignment]
+        pb.OffPolicyMaskReference,
+        "OFF_POLICY_MASK_REFERENCE",
+        c.off_policy_mask_reference,
+        "config.off_policy_mask_reference",
+    )
     return out
 
 
@@ -892,7 +898,8 @@ class SoftgateClient:
         `kl_beta`, `kl_estimator`, `kl_aggregation`, `kl_value_clamp`, `mismatch=MismatchConfig(...)`,
         a KL in the reward (`reward_kl_beta`, `reward_kl_estimator`, `reward_kl_level`,
         `reward_kl_value_clamp`), `log_ratio_clamp`,
-        `off_policy_mask_threshold`, `rejection=(RejectionCriterion(...), ...)` or verl's
+        `off_policy_mask_threshold` (and `off_policy_mask_reference`: "rollout" or "old"),
+        `rejection=(RejectionCriterion(...), ...)` or verl's
         `rollout_rs=` with `rollout_rs_threshold=` (and an earlier verl's
         `rollout_rs_threshold_lower=`), verl's `rollout_token_veto_threshold=`,
         `saturation_threshold`, and `outputs=("ratio", "gate_weight", ...)`.

@@ -414,7 +414,9 @@ class LossConfig:
     """Everything that chooses how a batch's loss and gradient are computed, plus which
     per-token outputs to send back (any of `OUTPUTS`; the gradient always comes back).
     `rejection`: rollout rejection criteria (RejectionCriterion), all of which a token must
-    pass to stay trained."""
+    pass to stay trained. `off_policy_mask_reference`: the log-probs OPSM measures drift from,
+    "rollout" (rollout_logp when sent, else old_logp; the default) or "old" (old_logp: slime's
+    beside TIS)."""
 
     objective: Objective = field(default_factory=Objective)
     advantages: AdvantageConfig = field(default_factory=AdvantageConfig)
@@ -427,6 +429,7 @@ class LossConfig:
     rejection: tuple[RejectionCriterion, ...] = ()
     outputs: tuple[str, ...] = ()
     reward_kl: RewardKLConfig | None = None
+    off_policy_mask_reference: str | None = None
 
     def __post_init__(self) -> None:
         _plain_fields(self, "config")
@@ -571,6 +574,7 @@ def build_loss_config(config: LossConfig | None = None, **kw: Any) -> LossConfig
             "log_ratio_clamp",
             "saturation_threshold",
             "off_policy_mask_threshold",
+            "off_policy_mask_reference",
             "rejection",
         ):
             values[key] = val  # (LossConfig checks them)

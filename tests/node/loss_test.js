@@ -124,6 +124,9 @@ function lossConfig(c) {
   if (c.off_policy_mask_threshold !== null && c.off_policy_mask_threshold !== undefined) {
     out.off_policy_mask_threshold = c.off_policy_mask_threshold;
   }
+  if (c.off_policy_mask_reference) {
+    out.off_policy_mask_reference = enumName('OFF_POLICY_MASK_REFERENCE', c.off_policy_mask_reference);
+  }
   if (c.rejection) {
     out.rejection = c.rejection.map((r) => drop({
       statistic: enumName('REJECTION_STATISTIC', r.statistic),

@@ -77,6 +77,8 @@ def config_to_json(cfg: LossConfig) -> dict[str, Any]:
         del d["advantages"]["skip_nan_components"]
     if d["off_policy_mask_threshold"] is None:
         del d["off_policy_mask_threshold"]
+    if d["off_policy_mask_reference"] == "rollout":
+        del d["off_policy_mask_reference"]
     if d["reward_kl"] is None:
         del d["reward_kl"]
     if not d["rejection"]:
@@ -102,6 +104,7 @@ def config_from_json(d: dict[str, Any]) -> LossConfig:
         log_ratio_clamp=d["log_ratio_clamp"],
         saturation_threshold=d["saturation_threshold"],
         off_policy_mask_threshold=d.get("off_policy_mask_threshold"),
+        off_policy_mask_reference=d.get("off_policy_mask_reference", "rollout"),
         rejection=tuple(RejectionCriterion(**c) for c in d.get("rejection", ())),
         reward_kl=RewardKLConfig(**d["reward_kl"]) if d.get("reward_kl") else None,
     )
@@ -303,6 +306,10 @@ def _default_cases(engine: Engine) -> list[dict[str, Any]]:
         mismatch=MismatchConfig(level="token", mode="truncate", cap=2.0), off_policy_mask_threshold=-0.5
     )
     out.append(_case("sapo/off_policy_mask_threshold", b, cfg, engine))
+    assert 0 < out[-1]["outputs"]["metrics"]["off_policy_masked_frac"] < 1
+    # the same, measured from old_logp though rollout_logp is sent (slime's, beside TIS)
+    cfg = dataclasses.replace(cfg, off_policy_mask_threshold=0.0, off_policy_mask_reference="old")
+    out.append(_case("sapo/off_policy_mask_reference_old", b, cfg, engine))
     assert 0 < out[-1]["outputs"]["metrics"]["off_policy_masked_frac"] < 1
     # rollout rejection (verl's rollout_rs): tokens past a k1 window, sequences past a mean k3 or
     # a max k2 leave the mask, and the normalisers with it

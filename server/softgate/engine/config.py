@@ -300,6 +300,8 @@ Scale = Literal["group", "batch", "none", "leave_one_out"]
 SCALES: tuple[str, ...] = get_args(Scale)
 AggregationMode = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm"]
 AGGREGATION_MODES: tuple[str, ...] = get_args(AggregationMode)
+OffPolicyMaskReference = Literal["rollout", "old"]
+OFF_POLICY_MASK_REFERENCES: tuple[str, ...] = get_args(OffPolicyMaskReference)
 MismatchLevel = Literal["token", "sequence", "geometric"]
 MISMATCH_LEVELS: tuple[str, ...] = get_args(MismatchLevel)
 MismatchMode = Literal["truncate", "mask", "seq_mask"]
@@ -442,7 +444,9 @@ class LossConfig:
     `off_policy_mask_threshold` delta: off-policy sequence masking (OPSM, DeepSeek-V3.2; TRL's
     off_policy_mask_threshold): a token with A < 0 whose sequence's mean of (sampler log-prob -
     logp) over its trained tokens exceeds delta loses its policy term (the KL term stays); the
-    sampler's log-probs are rollout_logp when the batch has them, else old_logp. None: off.
+    sampler's log-probs are rollout_logp when the batch has them, else old_logp
+    (`off_policy_mask_reference` "rollout"), or old_logp always ("old": slime's, beside TIS).
+    None: off.
     `rejection`: rollout rejection sampling (verl's rollout_rs), criteria that must all hold
     for a token to stay trained (RejectionCriterion); needs rollout_logp. Empty: off.
     `reward_kl`: a KL penalty in the reward (RewardKLConfig); needs rewards and ref_logp."""
@@ -457,6 +461,7 @@ class LossConfig:
     off_policy_mask_threshold: float | None = None
     rejection: tuple[RejectionCriterion, ...] = ()
     reward_kl: RewardKLConfig | None = None
+    off_policy_mask_reference: OffPolicyMaskReference = "rollout"
 
     def __post_init__(self) -> None:
         _plain_numbers(self)

@@ -312,7 +312,7 @@ def _compute_loss(
             t["kls"], t["klc"] = sequence_kl(t["ref"] - logp, logp - old, mk, seg, ylen, wkl, clamp)
 
     if config.off_policy_mask_threshold is not None:  # OPSM: each sequence's mean KL from the sampler
-        sampler = old if rollout is None else rollout
+        sampler = old if rollout is None or config.off_policy_mask_reference == "old" else rollout
         t["okl"] = seg.mean(_masked_difference(sampler, logp, m), ylen)
 
     if isinstance(obj, (ClipCov, KlCov)):  # the tokens they clip or penalise (covariance.py)

@@ -29,6 +29,7 @@ from softgate.engine.config import (
     MISMATCH_LEVELS,
     MISMATCH_MODES,
     OBJECTIVES,
+    OFF_POLICY_MASK_REFERENCES,
     REJECTION_LEVELS,
     REJECTION_STATISTICS,
     REWARD_KL_ESTIMATORS,
@@ -488,6 +489,13 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
         v.append(
             FieldViolation("off_policy_mask_threshold", f"out_of_range: {opsm!r} is not a finite number")
         )
+    ref = config.off_policy_mask_reference
+    if ref not in OFF_POLICY_MASK_REFERENCES:
+        why = f"unknown_name: {ref!r}; known: {list(OFF_POLICY_MASK_REFERENCES)}"
+        v.append(FieldViolation("off_policy_mask_reference", why))
+    elif ref != "rollout" and opsm is None:
+        why = f"unsupported: {ref!r} chooses OPSM's log-probs; off_policy_mask_threshold is unset (OPSM off)"
+        v.append(FieldViolation("off_policy_mask_reference", why))
     if not _num_ok(config.saturation_threshold) or not 0 < config.saturation_threshold <= 1:
         v.append(
             FieldViolation(

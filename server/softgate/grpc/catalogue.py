@@ -73,6 +73,8 @@ PARAM_HELP: dict[str, str] = {
     "RejectionCriterion.lower": "k1 only, in (0, upper]: its lower bound on exp(k1); unset: 1 / upper",
     "RejectionCriterion.level": "token, or the sum, mean, max or min over the sequence's trained tokens: "
     "the whole sequence rejected or kept (k1's max under upper 1 / tau: verl's veto of a token below tau)",
+    "off_policy_mask_reference": "OPSM's sampler log-probs: rollout (rollout_logp when sent, else old_logp) or "
+    "old (old_logp: slime's beside TIS)",
     "off_policy_mask_threshold": "OPSM: A < 0 tokens of a sequence whose mean (sampler - current log-prob) "
     "exceeds it lose their policy term; unset: off",
 }
@@ -229,7 +231,13 @@ def build(limits: Limits, max_message_bytes: int) -> pb.ListAlgorithmsResponse:
     r.loss_parameters.extend(
         _param(c.LossConfig, f)
         for f in dataclasses.fields(c.LossConfig)
-        if f.name in ("log_ratio_clamp", "saturation_threshold", "off_policy_mask_threshold")
+        if f.name
+        in (
+            "log_ratio_clamp",
+            "saturation_threshold",
+            "off_policy_mask_threshold",
+            "off_policy_mask_reference",
+        )
     )
     rs_fields = {f.name: f for f in dataclasses.fields(c.RejectionCriterion)}
     for stat in _default_first(c.RejectionCriterion, "statistic"):

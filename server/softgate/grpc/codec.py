@@ -726,6 +726,10 @@ _RS_STATISTICS = {
     pb.REJECTION_STATISTIC_K3: "k3",
     pb.REJECTION_STATISTIC_BINARY_KL: "binary_kl",
 }
+_OPSM_REFERENCES = {
+    pb.OFF_POLICY_MASK_REFERENCE_ROLLOUT: "rollout",
+    pb.OFF_POLICY_MASK_REFERENCE_OLD: "old",
+}
 _RS_LEVELS = {
     pb.REJECTION_LEVEL_TOKEN: "token",
     pb.REJECTION_LEVEL_SEQ_SUM: "seq_sum",
@@ -809,6 +813,14 @@ def _decode_loss_config(msg: pb.LossConfig, v: list[FieldViolation], prefix: str
         msg, "reward_kl", ("beta", "value_clamp"), {"estimator": _KL, "level": _RK_LEVELS}, prefix, v
     )
     top = _set_fields(msg, ("log_ratio_clamp", "saturation_threshold", "off_policy_mask_threshold"))
+    _enum(
+        msg.off_policy_mask_reference,
+        _OPSM_REFERENCES,
+        prefix + "off_policy_mask_reference",
+        v,
+        top,
+        "off_policy_mask_reference",
+    )
     return LossConfig(
         objective=objective,
         advantages=adv,

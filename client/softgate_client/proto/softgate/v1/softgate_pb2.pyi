@@ -105,6 +105,12 @@ class RejectionLevel(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REJECTION_LEVEL_SEQ_MEAN: _ClassVar[RejectionLevel]
     REJECTION_LEVEL_SEQ_MAX: _ClassVar[RejectionLevel]
     REJECTION_LEVEL_SEQ_MIN: _ClassVar[RejectionLevel]
+
+class OffPolicyMaskReference(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    OFF_POLICY_MASK_REFERENCE_UNSPECIFIED: _ClassVar[OffPolicyMaskReference]
+    OFF_POLICY_MASK_REFERENCE_ROLLOUT: _ClassVar[OffPolicyMaskReference]
+    OFF_POLICY_MASK_REFERENCE_OLD: _ClassVar[OffPolicyMaskReference]
 DTYPE_UNSPECIFIED: Dtype
 DTYPE_FLOAT32: Dtype
 DTYPE_FLOAT64: Dtype
@@ -172,6 +178,9 @@ REJECTION_LEVEL_SEQ_SUM: RejectionLevel
 REJECTION_LEVEL_SEQ_MEAN: RejectionLevel
 REJECTION_LEVEL_SEQ_MAX: RejectionLevel
 REJECTION_LEVEL_SEQ_MIN: RejectionLevel
+OFF_POLICY_MASK_REFERENCE_UNSPECIFIED: OffPolicyMaskReference
+OFF_POLICY_MASK_REFERENCE_ROLLOUT: OffPolicyMaskReference
+OFF_POLICY_MASK_REFERENCE_OLD: OffPolicyMaskReference
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data", "padding")
@@ -458,7 +467,7 @@ class RejectionCriterion(_message.Message):
     def __init__(self, statistic: _Optional[_Union[RejectionStatistic, str]] = ..., level: _Optional[_Union[RejectionLevel, str]] = ..., upper: _Optional[float] = ..., lower: _Optional[float] = ...) -> None: ...
 
 class LossConfig(_message.Message):
-    __slots__ = ("objective", "advantages", "aggregation", "kl", "mismatch", "log_ratio_clamp", "saturation_threshold", "off_policy_mask_threshold", "rejection", "reward_kl")
+    __slots__ = ("objective", "advantages", "aggregation", "kl", "mismatch", "log_ratio_clamp", "saturation_threshold", "off_policy_mask_threshold", "rejection", "reward_kl", "off_policy_mask_reference")
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     ADVANTAGES_FIELD_NUMBER: _ClassVar[int]
     AGGREGATION_FIELD_NUMBER: _ClassVar[int]
@@ -469,6 +478,7 @@ class LossConfig(_message.Message):
     OFF_POLICY_MASK_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     REJECTION_FIELD_NUMBER: _ClassVar[int]
     REWARD_KL_FIELD_NUMBER: _ClassVar[int]
+    OFF_POLICY_MASK_REFERENCE_FIELD_NUMBER: _ClassVar[int]
     objective: Objective
     advantages: AdvantageConfig
     aggregation: AggregationConfig
@@ -479,7 +489,8 @@ class LossConfig(_message.Message):
     off_policy_mask_threshold: float
     rejection: _containers.RepeatedCompositeFieldContainer[RejectionCriterion]
     reward_kl: RewardKlConfig
-    def __init__(self, objective: _Optional[_Union[Objective, _Mapping]] = ..., advantages: _Optional[_Union[AdvantageConfig, _Mapping]] = ..., aggregation: _Optional[_Union[AggregationConfig, _Mapping]] = ..., kl: _Optional[_Union[KlConfig, _Mapping]] = ..., mismatch: _Optional[_Union[MismatchConfig, _Mapping]] = ..., log_ratio_clamp: _Optional[float] = ..., saturation_threshold: _Optional[float] = ..., off_policy_mask_threshold: _Optional[float] = ..., rejection: _Optional[_Iterable[_Union[RejectionCriterion, _Mapping]]] = ..., reward_kl: _Optional[_Union[RewardKlConfig, _Mapping]] = ...) -> None: ...
+    off_policy_mask_reference: OffPolicyMaskReference
+    def __init__(self, objective: _Optional[_Union[Objective, _Mapping]] = ..., advantages: _Optional[_Union[AdvantageConfig, _Mapping]] = ..., aggregation: _Optional[_Union[AggregationConfig, _Mapping]] = ..., kl: _Optional[_Union[KlConfig, _Mapping]] = ..., mismatch: _Optional[_Union[MismatchConfig, _Mapping]] = ..., log_ratio_clamp: _Optional[float] = ..., saturation_threshold: _Optional[float] = ..., off_policy_mask_threshold: _Optional[float] = ..., rejection: _Optional[_Iterable[_Union[RejectionCriterion, _Mapping]]] = ..., reward_kl: _Optional[_Union[RewardKlConfig, _Mapping]] = ..., off_policy_mask_reference: _Optional[_Union[OffPolicyMaskReference, str]] = ...) -> None: ...
 
 class OutputSelection(_message.Message):
     __slots__ = ("gradient", "advantages", "ratio", "gate_weight", "clip_mask", "mask")
