@@ -449,6 +449,10 @@ def test_client_maps_verl_keywords_to_criteria() -> None:
     c = build_loss_config(rollout_rs="token_k2", rollout_rs_threshold=0.1, rollout_token_veto_threshold=1e-4)
     assert c.rejection == (C(0.1, "k2", "token"), veto)
     assert build_loss_config(rejection=C(2.0), rollout_token_veto_threshold=1e-4).rejection == (C(2.0), veto)
+    again = build_loss_config(
+        build_loss_config(rollout_token_veto_threshold=1e-4), rollout_token_veto_threshold=1e-4
+    )
+    assert again.rejection == (veto,)  # (not twice)
 
 
 def verl_earlier_rejection_mask(old, rollout, mask, rollout_rs, upper, lower, veto):
@@ -501,6 +505,33 @@ def test_client_keywords_of_an_earlier_verl(rollout_rs: str, upper: float, lower
     assert 0 < got.metrics["rejected_tokens"] < int(batch.mask.sum())
 
 
+def test_client_leaves_open_a_bound_verl_never_reaches() -> None:
+    """That verl clamps a row's log-weight at +-20 before the bounds: rows whose sum of d is +25
+    and -25 are kept by an upper of 1e10 (> e^20) and a lower of 1e-10 (< e^-20); the client
+    leaves those sides open rather than bound softgate's unclamped sum of clamped d. A lower of
+    0.5 rejects the -25 row, as verl does; the veto's clamp is log_ratio_clamp's."""
+    from softgate_client import build_loss_config
+
+    d = torch.tensor([[5.0] * 5, [-5.0] * 5, [0.1] * 5], dtype=F64)
+    old = torch.full((3, 5), -30.0, dtype=F64)
+    rollout, mask = old - d, torch.ones(3, 5, dtype=F64)
+    batch = Batch(
+        logp=old.flatten(),
+        old_logp=old.flatten(),
+        rollout_logp=rollout.flatten(),
+        offsets=Batch.offsets_from_lengths(torch.tensor([5, 5, 5])),
+        advantages=torch.tensor([1.0, -1.0, 0.5], dtype=F64),
+    )
+    for lower, veto in ((None, None), (0.5, None), (None, 0.01)):
+        want = verl_earlier_rejection_mask(old, rollout, mask, "sequence", 1e10, lower, veto).flatten().bool()
+        kw = {"rollout_rs_threshold_lower": lower, "rollout_token_veto_threshold": veto}
+        client = build_loss_config(rollout_rs="sequence", rollout_rs_threshold=1e10, **kw)
+        rejection = tuple(RejectionCriterion(**dataclasses.asdict(c)) for c in client.rejection)
+        got = ENGINE.loss(batch, LossConfig(objective=Grpo(), rejection=rejection))
+        assert torch.equal(got.mask, want), (lower, veto)
+        assert want.all() == (lower is None and veto is None)
+
+
 @pytest.mark.parametrize(
     ("kw", "field"),
     [
@@ -528,6 +559,16 @@ def test_client_keywords_of_an_earlier_verl(rollout_rs: str, upper: float, lower
         ({"rollout_token_veto_threshold": "low"}, "rollout_token_veto_threshold"),
         ({"rollout_token_veto_threshold": float("nan")}, "rollout_token_veto_threshold"),
         ({"rollout_token_veto_threshold": 5e-324}, "rollout_token_veto_threshold"),  # (1 / tau: inf)
+        ({"rollout_token_veto_threshold": True}, "rollout_token_veto_threshold"),
+        # below exp(-log_ratio_clamp): d is clamped there first, so it could never fire
+        ({"rollout_token_veto_threshold": 1e-4, "log_ratio_clamp": 5.0}, "rollout_token_veto_threshold"),
+        ({"rollout_token_veto_threshold": 2e-9}, "rollout_token_veto_threshold"),
+        # an empty window: verl rejects every token
+        ({"rollout_rs": "token", "rollout_rs_threshold": 0.5}, "rollout_rs_threshold"),
+        (
+            {"rollout_rs": "geometric", "rollout_rs_threshold": 2.0, "rollout_rs_threshold_lower": 3.0},
+            "rollout_rs_threshold_lower",
+        ),
     ],
 )
 def test_client_refuses_bad_rejection_keywords(kw: dict, field: str) -> None:

@@ -339,6 +339,8 @@ VERL_ROLLOUT_RS = (
 # an earlier verl's rollout_rs levels (rollout_corr_helper with rollout_rs_threshold_lower):
 # the IS weight exp(d), exp(sum d) or exp(mean d) of d = old - rollout kept in [lower, upper]
 VERL_ROLLOUT_RS_LEVELS = {"token": "token", "sequence": "seq_sum", "geometric": "seq_mean"}
+VERL_WEIGHT_BOUND_MIN = math.exp(-20.0)  # verl's SAFETY_BOUND on a log-weight
+DEFAULT_LOG_RATIO_CLAMP = 20.0  # the server's (docs/spec.md)
 
 
 def rejection_from_verl(
@@ -352,9 +354,20 @@ def rejection_from_verl(
     if str(rollout_rs).strip() in VERL_ROLLOUT_RS_LEVELS:
         level = VERL_ROLLOUT_RS_LEVELS[str(rollout_rs).strip()]
         hi = _threshold(rollout_rs_threshold, "rollout_rs_threshold")
-        lo = 1 / hi if rollout_rs_threshold_lower is None else rollout_rs_threshold_lower
-        lo = _threshold(lo, "rollout_rs_threshold_lower")
-        return (RejectionCriterion(1 / lo, "k1", level, 1 / hi),)
+        if rollout_rs_threshold_lower is None:
+            lo, lo_field = 1 / hi, "rollout_rs_threshold"
+        else:
+            lo, lo_field = (
+                _threshold(rollout_rs_threshold_lower, "rollout_rs_threshold_lower"),
+                "rollout_rs_threshold_lower",
+            )
+        if lo > hi:
+            raise invalid_argument(lo_field, f"out_of_range: the window [{lo!r}, {hi!r}] keeps no weight")
+        # verl compares exp of the log-weight clamped at +-20: a bound past e^+-20 never
+        # rejects (softgate's sum of clamped tokens is not clamped), so that side stays open
+        k1_upper = 1e300 if lo <= VERL_WEIGHT_BOUND_MIN else 1 / lo
+        k1_lower = 1e-300 if hi >= 1 / VERL_WEIGHT_BOUND_MIN else 1 / hi
+        return (RejectionCriterion(k1_upper, "k1", level, k1_lower),)
     if rollout_rs_threshold_lower is not None:
         raise invalid_argument(
             "rollout_rs_threshold_lower",
@@ -393,12 +406,14 @@ def veto_from_verl(rollout_token_veto_threshold: float) -> RejectionCriterion:
     pi_old / pi_rollout is below tau is rejected) as a criterion: the sequence's largest k1 at
     most log(1 / tau), with a lower bound below every k1."""
     tau = _threshold(rollout_token_veto_threshold, "rollout_token_veto_threshold")
-    return RejectionCriterion(1 / tau, "k1", "seq_max", 1e-300)
+    return RejectionCriterion(1 / tau, "k1", "seq_max", min(1e-300, 1 / tau))
 
 
 def _threshold(value: Any, field: str) -> float:
     """A ratio bound given to a verl keyword: a finite number > 0 whose inverse is finite."""
     try:
+        if isinstance(value, bool):
+            raise TypeError
         x = float(value)
     except (TypeError, ValueError):
         raise invalid_argument(field, f"bad_value: {value!r:.60} is not a number") from None
@@ -593,8 +608,19 @@ def build_loss_config(config: LossConfig | None = None, **kw: Any) -> LossConfig
         else:
             raise TypeError(f"unknown loss option {key!r}")
     tau = kw.get("rollout_token_veto_threshold")
-    if tau is not None:  # (verl's veto joins the rejection criteria given)
-        values["rejection"] = (*LossConfig(rejection=values["rejection"]).rejection, veto_from_verl(tau))
+    if tau is not None:  # (verl's veto joins the rejection criteria given, once)
+        tau = _threshold(tau, "rollout_token_veto_threshold")
+        veto = veto_from_verl(tau)
+        given = LossConfig(rejection=values["rejection"]).rejection
+        values["rejection"] = given if veto in given else (*given, veto)
+        clamp = plain_value(values["log_ratio_clamp"])
+        clamp = DEFAULT_LOG_RATIO_CLAMP if clamp is None else clamp
+        if isinstance(clamp, (int, float)) and tau <= math.exp(-clamp):  # (else refused below)
+            raise invalid_argument(
+                "rollout_token_veto_threshold",
+                f"out_of_range: {tau:.3g} is at most exp(-log_ratio_clamp) = {math.exp(-clamp):.3g}: "
+                "old - rollout is clamped there first, so the veto would never fire",
+            )
     values["objective"] = Objective(obj_name, obj_params)
     for s, cls in _SECTIONS.items():
         if s in touched:
