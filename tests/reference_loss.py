@@ -330,7 +330,8 @@ def reference_rejection_keep(batch: Batch, config: LossConfig, mask: Tensor) -> 
                 stat = agg.expand(stat.shape)
             if c.statistic == "k1":
                 lower = c.lower if c.lower is not None else 1 / c.upper
-                bad = (stat < math.log(lower)) | (stat > math.log(c.upper))
+                lo = math.log(lower) if lower > 0 else -math.inf  # (0: no lower bound)
+                bad = (stat < lo) | (stat > math.log(c.upper))
             else:
                 bad = stat > c.upper
             idx = torch.arange(off[i], off[i + 1])[mi]

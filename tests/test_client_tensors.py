@@ -312,3 +312,22 @@ def test_a_client_mask_of_a_value_other_than_0_and_1_is_refused_as_the_engine_re
         lay = make_layout(logp, mask=mask)
         assert lay.offsets.tolist() == [0, 3]  # up to the last trained token
         assert lay.mask is not None and lay.mask.tolist() == [True, False, True]
+
+
+def test_off_policy_mask_reference_goes_unset_at_its_default() -> None:
+    """The reference "rollout" (the default) is sent as the unset 0, which a server from before the field
+    reads as its only behaviour; "old" as OLD; an unknown name is refused, naming the field."""
+    assert (
+        loss_config_to_proto(
+            cfg.build_loss_config(off_policy_mask_reference="rollout")
+        ).off_policy_mask_reference
+        == 0
+    )
+    from softgate_client.proto.softgate.v1 import softgate_pb2 as pb
+
+    old = loss_config_to_proto(
+        cfg.build_loss_config(off_policy_mask_threshold=0.1, off_policy_mask_reference="old")
+    )
+    assert old.off_policy_mask_reference == pb.OFF_POLICY_MASK_REFERENCE_OLD
+    with pytest.raises(ValueError, match=r"config\.off_policy_mask_reference: unknown_choice: 'sampler'"):
+        loss_config_to_proto(cfg.build_loss_config(off_policy_mask_reference="sampler"))

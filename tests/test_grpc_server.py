@@ -221,7 +221,7 @@ CONFIGS: dict[str, tuple[LossConfig, pb.LossConfig]] = {
             rejection=(
                 RejectionCriterion(1.01, "k1", "token", 0.99),
                 RejectionCriterion(5e-5, "k3", "seq_mean"),
-                RejectionCriterion(1e300, "k1", "seq_min", 0.99),
+                RejectionCriterion(math.inf, "k1", "seq_min", 0.99),  # (+inf: no upper bound)
             ),
         ),
         pb.LossConfig(
@@ -231,7 +231,7 @@ CONFIGS: dict[str, tuple[LossConfig, pb.LossConfig]] = {
                 pb.RejectionCriterion(
                     upper=5e-5, statistic=pb.REJECTION_STATISTIC_K3, level=pb.REJECTION_LEVEL_SEQ_MEAN
                 ),
-                pb.RejectionCriterion(upper=1e300, lower=0.99, level=pb.REJECTION_LEVEL_SEQ_MIN),
+                pb.RejectionCriterion(upper=math.inf, lower=0.99, level=pb.REJECTION_LEVEL_SEQ_MIN),
             ],
         ),
     ),

@@ -263,7 +263,7 @@ def test_rejection_sampling_kl_mask(
     mismatch_cap=NO_CAP and num_tokens= the mask's count before rejection. kl_k2 maps as it
     is (level token / seq_sum / seq_mean / seq_max for sequence with agg sum / mean / max).
     softgate's k1 is -d where AReaL's is d = prox - behave, and its bounds are ratios: AReaL's
-    kl_k1 in [l, u] is statistic="k1", lower=exp(-u), upper=exp(-l) (l None: upper=NO_CAP), at
+    kl_k1 in [l, u] is statistic="k1", lower=exp(-u), upper=exp(-l) (l None: upper=inf), at
     level token, seq_sum or seq_mean, and seq_min for agg max (the largest d is minus the
     smallest -d)."""
     logp, prox, behave, mask, keep = _padded(4, spread=0.35)
@@ -280,7 +280,7 @@ def test_rejection_sampling_kl_mask(
         crit = RejectionCriterion(upper=upper, statistic="k2", level=lvl)
     else:
         crit = RejectionCriterion(
-            upper=NO_CAP if lower is None else math.exp(-lower),
+            upper=math.inf if lower is None else math.exp(-lower),
             lower=math.exp(-upper),
             statistic="k1",
             level=lvl,

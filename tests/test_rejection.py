@@ -238,7 +238,8 @@ def test_a_bad_value_is_refused_not_rejected(field: str, value: float, reason: s
         (RejectionCriterion(upper=float("nan")), "rejection[0].upper", "out_of_range"),
         (RejectionCriterion(upper=2.0, lower=3.0), "rejection[0].lower", "out_of_range"),
         (RejectionCriterion(upper=0.5), "rejection[0].upper", "out_of_range"),  # [2, 0.5]: empty
-        (RejectionCriterion(upper=2.0, lower=0.0), "rejection[0].lower", "out_of_range"),
+        (RejectionCriterion(upper=2.0, lower=-1.0), "rejection[0].lower", "out_of_range"),
+        (RejectionCriterion(upper=-math.inf), "rejection[0].upper", "out_of_range"),
         (RejectionCriterion(upper=2.0, statistic="k3", lower=0.5), "rejection[0].lower", "unsupported"),
         (
             RejectionCriterion(upper=2.0, statistic="binary_kl", level="seq_mean"),
@@ -356,7 +357,7 @@ def test_verl_geometric_rollout_is(mode: str, lower: float | None) -> None:
     [
         RejectionCriterion(1.5, "k1", "seq_max", 0.9),
         RejectionCriterion(1.3, "k1", "seq_min", 0.5),
-        RejectionCriterion(1e300, "k1", "seq_min", 0.7),
+        RejectionCriterion(math.inf, "k1", "seq_min", 0.7),
         RejectionCriterion(0.002, "k2", "seq_min"),
         RejectionCriterion(0.005, "k3", "seq_min"),
     ],
@@ -384,12 +385,12 @@ def verl_veto_mask(old: torch.Tensor, rollout: torch.Tensor, mask: torch.Tensor,
 @pytest.mark.parametrize("tau", [0.8, 0.6])
 def test_verl_veto_is_k1_at_seq_max(tau: float) -> None:
     """verl's veto is k1's largest over a sequence under log(1 / tau), with a lower bound below
-    every clamped k1: RejectionCriterion(1 / tau, "k1", "seq_max", 1e-300). (softgate clamps d
+    every clamped k1: RejectionCriterion(1 / tau, "k1", "seq_max", 0). (softgate clamps d
     at log_ratio_clamp first: the two differ only for a tau below exp(-20).)"""
     batch, old, rollout, mask = padded_batch()
     pad = torch.arange(old.shape[1])[None, :] < (batch.offsets[1:] - batch.offsets[:-1])[:, None]
     want = verl_veto_mask(old, rollout, mask, tau).flatten()[pad.flatten()].bool()
-    config = LossConfig(objective=Grpo(), rejection=(RejectionCriterion(1 / tau, "k1", "seq_max", 1e-300),))
+    config = LossConfig(objective=Grpo(), rejection=(RejectionCriterion(1 / tau, "k1", "seq_max", 0.0),))
     got = ENGINE.loss(batch, config)
     assert torch.equal(got.mask, want)
     assert 0 < got.metrics["rejected_tokens"] < int(batch.mask.sum())
@@ -444,7 +445,7 @@ def test_client_maps_verl_keywords_to_criteria() -> None:
     assert rejection_from_verl("geometric", 1.25, 0.5) == (C(2.0, "k1", "seq_mean", 0.8),)
     assert rejection_from_verl("sequence", "2") == (C(2.0, "k1", "seq_sum", 0.5),)
     # its veto joins the criteria given, or stands alone
-    veto = C(1e4, "k1", "seq_max", 1e-300)
+    veto = C(1e4, "k1", "seq_max", 0.0)
     assert build_loss_config(rollout_token_veto_threshold=1e-4).rejection == (veto,)
     c = build_loss_config(rollout_rs="token_k2", rollout_rs_threshold=0.1, rollout_token_veto_threshold=1e-4)
     assert c.rejection == (C(0.1, "k2", "token"), veto)
@@ -506,30 +507,37 @@ def test_client_keywords_of_an_earlier_verl(rollout_rs: str, upper: float, lower
 
 
 def test_client_leaves_open_a_bound_verl_never_reaches() -> None:
-    """That verl clamps a row's log-weight at +-20 before the bounds: rows whose sum of d is +25
-    and -25 are kept by an upper of 1e10 (> e^20) and a lower of 1e-10 (< e^-20); the client
-    leaves those sides open rather than bound softgate's unclamped sum of clamped d. A lower of
-    0.5 rejects the -25 row, as verl does; the veto's clamp is log_ratio_clamp's."""
+    """That verl clamps a row's log-weight at +-20 before the bounds: rows of 1000 tokens whose
+    sum of d is +800 and -800 are kept by an upper of 1e10 (> e^20) or a lower of 1e-10
+    (< e^-20), so the client leaves those sides open (k1's lower 0, upper +inf) rather than
+    bound softgate's unclamped sum of clamped d (a bound of 1e300 would reject |800| > 690).
+    A lower of 0.5 or an upper of 2 rejects the row past it, as verl does; so does a veto."""
     from softgate_client import build_loss_config
 
-    d = torch.tensor([[5.0] * 5, [-5.0] * 5, [0.1] * 5], dtype=F64)
-    old = torch.full((3, 5), -30.0, dtype=F64)
-    rollout, mask = old - d, torch.ones(3, 5, dtype=F64)
+    d = torch.tensor([[0.8] * 1000, [-0.8] * 1000, [0.0005] * 1000], dtype=F64)
+    old = torch.full((3, 1000), -30.0, dtype=F64)
+    rollout, mask = old - d, torch.ones(3, 1000, dtype=F64)
     batch = Batch(
         logp=old.flatten(),
         old_logp=old.flatten(),
         rollout_logp=rollout.flatten(),
-        offsets=Batch.offsets_from_lengths(torch.tensor([5, 5, 5])),
+        offsets=Batch.offsets_from_lengths(torch.tensor([1000, 1000, 1000])),
         advantages=torch.tensor([1.0, -1.0, 0.5], dtype=F64),
     )
-    for lower, veto in ((None, None), (0.5, None), (None, 0.01)):
-        want = verl_earlier_rejection_mask(old, rollout, mask, "sequence", 1e10, lower, veto).flatten().bool()
+    for upper, lower, veto, kept in (
+        (1e10, None, None, 3),
+        (1e10, 0.5, None, 2),
+        (2.0, 1e-10, None, 2),
+        (math.inf, 0.0, None, 3),
+        (1e10, None, 0.5, 2),
+    ):
+        want = verl_earlier_rejection_mask(old, rollout, mask, "sequence", upper, lower, veto)
         kw = {"rollout_rs_threshold_lower": lower, "rollout_token_veto_threshold": veto}
-        client = build_loss_config(rollout_rs="sequence", rollout_rs_threshold=1e10, **kw)
+        client = build_loss_config(rollout_rs="sequence", rollout_rs_threshold=upper, **kw)
         rejection = tuple(RejectionCriterion(**dataclasses.asdict(c)) for c in client.rejection)
         got = ENGINE.loss(batch, LossConfig(objective=Grpo(), rejection=rejection))
-        assert torch.equal(got.mask, want), (lower, veto)
-        assert want.all() == (lower is None and veto is None)
+        assert torch.equal(got.mask, want.flatten().bool()), (upper, lower, veto)
+        assert int(want.sum()) == 1000 * kept, (upper, lower, veto)
 
 
 @pytest.mark.parametrize(
@@ -552,7 +560,7 @@ def test_client_leaves_open_a_bound_verl_never_reaches() -> None:
         ),
         ({"rollout_rs": "geometric", "rollout_rs_threshold": "0.5_2.0"}, "rollout_rs_threshold"),
         (
-            {"rollout_rs": "token", "rollout_rs_threshold": 2.0, "rollout_rs_threshold_lower": 0},
+            {"rollout_rs": "token", "rollout_rs_threshold": 2.0, "rollout_rs_threshold_lower": -1},
             "rollout_rs_threshold_lower",
         ),
         ({"rollout_token_veto_threshold": 0.0}, "rollout_token_veto_threshold"),

@@ -269,12 +269,14 @@ def loss_config_to_proto(c: cfg.LossConfig) -> pb.LossConfig:
         saturation_threshold=c.saturation_threshold,
         off_policy_mask_threshold=c.off_policy_mask_threshold,
     )
-    out.off_policy_mask_reference = _enum(  # type: ignore[assignment]
+    ref = _enum(
         pb.OffPolicyMaskReference,
         "OFF_POLICY_MASK_REFERENCE",
         c.off_policy_mask_reference,
         "config.off_policy_mask_reference",
     )
+    # the default is sent unset: a server from before the field refuses any value of it
+    out.off_policy_mask_reference = 0 if ref == pb.OFF_POLICY_MASK_REFERENCE_ROLLOUT else ref  # type: ignore[assignment]
     return out
 
 

@@ -259,8 +259,9 @@ class RejectionCriterion:
     """One rollout rejection filter (verl's rollout_rs option `{level}_{statistic}`):
     `statistic` `k1` / `k2` / `k3` / `binary_kl` of old_logp - rollout_logp, per `level`
     `token` / `seq_sum` / `seq_mean` / `seq_max` / `seq_min`; a token or sequence past `upper`
-    (k1: outside [lower, upper] on exp(k1), `lower` default 1 / upper) leaves the loss mask.
-    verl's `rollout_is_veto_threshold=tau`: `RejectionCriterion(1 / tau, "k1", "seq_max", 1e-300)`."""
+    (k1: outside [lower, upper] on exp(k1), `lower` default 1 / upper, 0 none; `upper` +inf:
+    none) leaves the loss mask.
+    verl's `rollout_is_veto_threshold=tau`: `RejectionCriterion(1 / tau, "k1", "seq_max", 0)`."""
 
     upper: float | None = None
     statistic: str | None = None
@@ -353,20 +354,24 @@ def rejection_from_verl(
     weight: k1 = -log weight, so the k1 window is [1 / upper, 1 / lower]."""
     if str(rollout_rs).strip() in VERL_ROLLOUT_RS_LEVELS:
         level = VERL_ROLLOUT_RS_LEVELS[str(rollout_rs).strip()]
-        hi = _threshold(rollout_rs_threshold, "rollout_rs_threshold")
+        hi = _number("rollout_rs_threshold", rollout_rs_threshold)
+        if not hi > 0:
+            raise invalid_argument("rollout_rs_threshold", f"out_of_range: {hi!r} must be > 0")
         if rollout_rs_threshold_lower is None:
             lo, lo_field = 1 / hi, "rollout_rs_threshold"
         else:
             lo, lo_field = (
-                _threshold(rollout_rs_threshold_lower, "rollout_rs_threshold_lower"),
+                _number("rollout_rs_threshold_lower", rollout_rs_threshold_lower),
                 "rollout_rs_threshold_lower",
             )
+            if not lo >= 0:
+                raise invalid_argument(lo_field, f"out_of_range: {lo!r} must be >= 0")
         if lo > hi:
             raise invalid_argument(lo_field, f"out_of_range: the window [{lo!r}, {hi!r}] keeps no weight")
         # verl compares exp of the log-weight clamped at +-20: a bound past e^+-20 never
         # rejects (softgate's sum of clamped tokens is not clamped), so that side stays open
-        k1_upper = 1e300 if lo <= VERL_WEIGHT_BOUND_MIN else 1 / lo
-        k1_lower = 1e-300 if hi >= 1 / VERL_WEIGHT_BOUND_MIN else 1 / hi
+        k1_upper = math.inf if lo <= VERL_WEIGHT_BOUND_MIN else 1 / lo
+        k1_lower = 0.0 if hi >= 1 / VERL_WEIGHT_BOUND_MIN else 1 / hi
         return (RejectionCriterion(k1_upper, "k1", level, k1_lower),)
     if rollout_rs_threshold_lower is not None:
         raise invalid_argument(
@@ -404,19 +409,14 @@ def rejection_from_verl(
 def veto_from_verl(rollout_token_veto_threshold: float) -> RejectionCriterion:
     """verl's `rollout_token_veto_threshold` tau (a sequence holding one trained token whose
     pi_old / pi_rollout is below tau is rejected) as a criterion: the sequence's largest k1 at
-    most log(1 / tau), with a lower bound below every k1."""
+    most log(1 / tau), with no lower bound."""
     tau = _threshold(rollout_token_veto_threshold, "rollout_token_veto_threshold")
-    return RejectionCriterion(1 / tau, "k1", "seq_max", min(1e-300, 1 / tau))
+    return RejectionCriterion(1 / tau, "k1", "seq_max", 0.0)
 
 
 def _threshold(value: Any, field: str) -> float:
     """A ratio bound given to a verl keyword: a finite number > 0 whose inverse is finite."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        x = float(value)
-    except (TypeError, ValueError):
-        raise invalid_argument(field, f"bad_value: {value!r:.60} is not a number") from None
+    x = _number(field, value)
     if not (x > 0 and math.isfinite(x) and math.isfinite(1 / x)):
         raise invalid_argument(
             field, f"out_of_range: {x!r} must be a finite number > 0 with a finite inverse"
@@ -615,7 +615,8 @@ def build_loss_config(config: LossConfig | None = None, **kw: Any) -> LossConfig
         values["rejection"] = given if veto in given else (*given, veto)
         clamp = plain_value(values["log_ratio_clamp"])
         clamp = DEFAULT_LOG_RATIO_CLAMP if clamp is None else clamp
-        if isinstance(clamp, (int, float)) and tau <= math.exp(-clamp):  # (else refused below)
+        number = isinstance(clamp, (int, float)) and not isinstance(clamp, bool)
+        if number and tau <= math.exp(-clamp):  # (a clamp not a number is refused below)
             raise invalid_argument(
                 "rollout_token_veto_threshold",
                 f"out_of_range: {tau:.3g} is at most exp(-log_ratio_clamp) = {math.exp(-clamp):.3g}: "

@@ -324,7 +324,7 @@ def _default_cases(engine: Engine) -> list[dict[str, Any]]:
         (
             "seq_max_k1_seq_min_k1",
             (
-                RejectionCriterion(1 / 0.8, "k1", "seq_max", 1e-300),
+                RejectionCriterion(1 / 0.8, "k1", "seq_max", 0.0),
                 RejectionCriterion(1e300, "k1", "seq_min", 0.7),
             ),
         ),

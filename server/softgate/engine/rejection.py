@@ -44,12 +44,12 @@ def token_statistic(statistic: str, d: Tensor, old: Tensor, rollout: Tensor) -> 
 
 def rejected(c: RejectionCriterion, stat: Tensor, k1_of_d: bool = False) -> Tensor:
     """Where criterion `c` rejects (bool, per token or per sequence): k1 outside [log lower,
-    log upper], the others above upper. `k1_of_d`: `stat` is d itself, k1's negation (one
-    pass less: the bounds are negated instead)."""
+    log upper] (lower 0 and upper +inf: no bound), the others above upper. `k1_of_d`: `stat`
+    is d itself, k1's negation (one pass less: the bounds are negated instead)."""
     assert c.upper is not None  # (validated)
     if c.statistic == "k1":
         lower = c.lower if c.lower is not None else 1.0 / c.upper
-        lo, hi = math.log(lower), math.log(c.upper)
+        lo, hi = (math.log(lower) if lower > 0 else -math.inf), math.log(c.upper)
         if k1_of_d:
             return (stat > -lo) | (stat < -hi)
         return (stat < lo) | (stat > hi)

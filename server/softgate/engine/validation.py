@@ -172,8 +172,9 @@ def _rejection(criteria: object, v: list[FieldViolation]) -> None:
             v.append(FieldViolation(f"{p}.level", "unsupported: binary_kl is a token-level statistic"))
         if c.upper is None:
             v.append(FieldViolation(f"{p}.upper", "missing: a rejection criterion needs its upper bound"))
-        elif not _num_ok(c.upper):
-            v.append(FieldViolation(f"{p}.upper", f"out_of_range: {c.upper!r} is not a finite number"))
+        elif not (_num_ok(c.upper) or c.upper == math.inf):
+            why = f"out_of_range: {c.upper!r} is not a finite number or +inf (no upper bound)"
+            v.append(FieldViolation(f"{p}.upper", why))
         elif not c.upper > 0:
             v.append(FieldViolation(f"{p}.upper", f"out_of_range: {c.upper!r} must be > 0"))
         elif (
@@ -191,9 +192,11 @@ def _rejection(criteria: object, v: list[FieldViolation]) -> None:
             )
         elif not _num_ok(c.lower):
             v.append(FieldViolation(f"{p}.lower", f"out_of_range: {c.lower!r} is not a finite number"))
-        elif not c.lower > 0:
-            v.append(FieldViolation(f"{p}.lower", f"out_of_range: {c.lower!r} must be > 0"))
-        elif _num_ok(c.upper) and c.lower > c.upper:  # type: ignore[operator]
+        elif not c.lower >= 0:
+            v.append(
+                FieldViolation(f"{p}.lower", f"out_of_range: {c.lower!r} must be >= 0 (0: no lower bound)")
+            )
+        elif isinstance(c.upper, (int, float)) and c.lower > c.upper:
             v.append(
                 FieldViolation(f"{p}.lower", f"out_of_range: lower {c.lower!r} must be <= upper {c.upper!r}")
             )

@@ -69,8 +69,8 @@ PARAM_HELP: dict[str, str] = {
     "rollout_is_batch_normalize; the mismatch_norm_factor metric); default false",
     "log_ratio_clamp": "bound on |logp - old_logp| before exponentiation, in (0, 80]",
     "saturation_threshold": "gate weight below which a token counts as saturated, in (0, 1]",
-    "RejectionCriterion.upper": "required, > 0: k1's bound on exp(k1), the others' on the statistic",
-    "RejectionCriterion.lower": "k1 only, in (0, upper]: its lower bound on exp(k1); unset: 1 / upper",
+    "RejectionCriterion.upper": "required, > 0: k1's bound on exp(k1), the others' on the statistic; +inf: none",
+    "RejectionCriterion.lower": "k1 only, in [0, upper]: its lower bound on exp(k1), 0: none; unset: 1 / upper",
     "RejectionCriterion.level": "token, or the sum, mean, max or min over the sequence's trained tokens: "
     "the whole sequence rejected or kept (k1's max under upper 1 / tau: verl's veto of a token below tau)",
     "off_policy_mask_reference": "OPSM's sampler log-probs: rollout (rollout_logp when sent, else old_logp) or "
