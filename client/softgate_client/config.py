@@ -261,7 +261,8 @@ class RejectionCriterion:
     `token` / `seq_sum` / `seq_mean` / `seq_max` / `seq_min`; a token or sequence past `upper`
     (k1: outside [lower, upper] on exp(k1), `lower` default 1 / upper, 0 none; `upper` +inf:
     none) leaves the loss mask.
-    verl's `rollout_is_veto_threshold=tau`: `RejectionCriterion(1 / tau, "k1", "seq_max", 0)`."""
+    verl's veto tau (the keyword `rollout_token_veto_threshold`) is
+    `RejectionCriterion(1 / tau, "k1", "seq_max", 0)`."""
 
     upper: float | None = None
     statistic: str | None = None

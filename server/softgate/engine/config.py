@@ -411,8 +411,8 @@ class RejectionCriterion:
     exp(d) - 1 - d, d clamped at log_ratio_clamp; binary_kl: KPop's larger Bernoulli KL of the
     two probabilities), taken per token, or the sum, mean, largest or smallest over each
     sequence's trained tokens. Kept: k1 in [log lower, log upper] (`lower` None: 1 / upper; 0:
-    no lower bound), the others <= upper (+inf: no upper bound). A rejected token leaves the loss mask: no loss, no gradient, not in the
-    normalisers."""
+    no lower bound), the others <= upper (+inf: no upper bound). A rejected token leaves the
+    loss mask: no loss, no gradient, not in the normalisers."""
 
     upper: float | None = None
     statistic: RejectionStatistic = "k1"
