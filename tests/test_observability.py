@@ -681,6 +681,7 @@ CORRECTIONS = LossConfig(
 )
 CORRECTION_SERIES = {
     "softgate_rollout_rejected_tokens_total": ("rejected_tokens", "value"),
+    "softgate_rollout_rejected_sequences_total": ("rejected_seqs", "value"),
     "softgate_kl_clamped_tokens_total": ("kl_clamped_frac", "count"),
     "softgate_mismatch_clipped_tokens_total": ("mismatch_clipped_frac", "count"),
     "softgate_off_policy_masked_tokens_total": ("off_policy_masked_frac", "count"),
@@ -725,7 +726,7 @@ def test_off_policy_corrections_are_exported_for_the_batches_that_have_them() ->
         assert window[key] == pytest.approx(m[key]), key
     assert window["rollout_kl"] == pytest.approx(m["rollout_kl"]) and m["rollout_k3_kl"] > 0
     assert window["rollout_k3_kl"] == pytest.approx(m["rollout_k3_kl"])
-    assert m["rejected_tokens"] > 0
+    assert m["rejected_tokens"] > 0 and 0 < m["rejected_seqs"] <= m["rejected_tokens"]
     assert window["rejected_frac"] == pytest.approx(m["rejected_tokens"] / (n_tok + m["rejected_tokens"]))
 
     # a window's rejected share is over the tokens sent: a batch rejecting everything counts

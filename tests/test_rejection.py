@@ -154,6 +154,9 @@ def test_rejection_is_verl_rollout_rs(options: str, thresholds: str, dtype: torc
         assert torch.equal(got.mask, want_flat), (options, objective)
         n_rejected = int((batch.mask & ~want_flat).sum())
         assert got.metrics["rejected_tokens"] == n_rejected
+        # verl's rollout_rs_seq_masked_fraction: the rows with a token masked, of all rows
+        seqs = int(((mask.bool() & ~want.bool()).any(-1)).sum())
+        assert got.metrics["rejected_seqs"] == seqs
         plain = ENGINE.loss(
             dataclasses.replace(batch, mask=want_flat), dataclasses.replace(config, rejection=())
         )

@@ -193,6 +193,7 @@ def _compute_loss(
     extra: dict[str, Tensor] = {}  # metric terms computed here, fetched with the kernel's
     if sent is not None:
         extra["rejected_tokens"] = (ms_counts.sum() - ylen.sum()).to(F64)
+        extra["rejected_seqs"] = (ms_counts != ylen).sum().to(F64)
 
     # ---- advantages (per sequence unless the caller gave them per token)
     adv_per_token = False
@@ -475,6 +476,7 @@ def _compute_loss(
     mx["mismatch_norm_factor"] = s.get("mismatch_norm_factor", 1.0)
     mx["off_policy_masked_frac"] = share(s["opsm"], cnt)
     mx["rejected_tokens"] = s.get("rejected_tokens", 0.0)
+    mx["rejected_seqs"] = s.get("rejected_seqs", 0.0)
     mx["rollout_tokens"] = s.get("rollout_tokens", 0.0)
     mx["rollout_kl"] = share(s.get("rollout_k1", 0.0), mx["rollout_tokens"])
     mx["rollout_k3_kl"] = share(s.get("rollout_k3", 0.0), mx["rollout_tokens"])

@@ -75,6 +75,9 @@ METRIC_NAMES: dict[str, str] = {
     "their sequence's mean sampler - current log-prob above off_policy_mask_threshold); 0 without it",
     "rejected_tokens": "tokens of the loss mask as given that rollout rejection took out of it (`rejection`); "
     "0 without it. num_tokens and every other metric but the rollout_* ones count the tokens left",
+    "rejected_seqs": "sequences of which rollout rejection took out at least one trained token (a whole-sequence "
+    "criterion, verl's veto: all of them); verl's rollout_rs_seq_masked_fraction times the batch's sequences. "
+    "0 without it",
     "rollout_tokens": "trained tokens of the mask as sent (rejected ones included) the rollout_* metrics are over; "
     "0 without rollout_logp",
     "rollout_kl": "mean of rollout_logp - old_logp (logp on-policy) over rollout_tokens: KL(sampler || trainer), "

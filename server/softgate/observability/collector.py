@@ -78,6 +78,11 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
         "not in softgate_loss_tokens_total; batches with rejection criteria only.",
         RO,
     ),
+    "softgate_rollout_rejected_sequences_total": (
+        "Sequences of which rollout rejection took out at least one trained token (a whole-sequence "
+        "criterion: all of them); batches with rejection criteria only.",
+        RO,
+    ),
     "softgate_advantage_batches_total": ("ComputeAdvantages batches.", ("run",)),
     "softgate_reward_sequences_total": (
         "Sequences whose advantages the server computed from rewards (ComputeAdvantages, and ComputeLoss "

@@ -523,6 +523,7 @@ class PrometheusTelemetry(Telemetry):
                     st.inc(counter, o, round(frac * n_tok))
             if rejected is not None:
                 st.inc("softgate_rollout_rejected_tokens_total", o, rejected)
+                st.inc("softgate_rollout_rejected_sequences_total", o, _f(m, "rejected_seqs") or 0.0)
             if from_rewards:
                 _count_rewarded(st, n_seq, unscored)
             clamped = _f(m, "clamped_tokens")
