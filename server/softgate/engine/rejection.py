@@ -1,7 +1,7 @@
 """Rollout rejection sampling (verl's `rollout_rs`): tokens, or whole sequences, whose sampler
 log-probs are too far from old_logp leave the loss mask before anything else is computed, so
 they carry no loss and no gradient and are not in the normalisers (or in any metric but
-`rejected_tokens` and the sampler's KL, `rollout_*`, which reads the mask as sent).
+`rejected_tokens`, `rejected_seqs` and the sampler's KL, `rollout_*`, which reads the mask as sent).
 
 Each criterion takes a statistic of d = old - rollout per trained token, clamped at
 log_ratio_clamp (k1 = -d, k2 = d^2 / 2, k3 = exp(d) - 1 - d; binary_kl: KPop's larger Bernoulli
