@@ -328,6 +328,18 @@ def test_gspo_with_tis_gradient_differs() -> None:
     assert not torch.allclose(res.grad, _grad(want, x), rtol=1e-3)
 
 
+def _slime_opsm_keep(
+    x: list[Tensor], old: list[Tensor], a: list[Tensor], masks: list[Tensor], delta: float
+) -> Tensor:
+    """compute_opsm_mask (ppo_utils @ 501dae9c): 0 at the tokens with A < 0 of a sample whose
+    masked mean of old - logp exceeds delta, 1 elsewhere (all samples' tokens, concatenated)."""
+    keep = []
+    for lp, o, ai, m in zip(x, old, a, masks, strict=True):
+        seq_kl = ((o - lp) * m).sum() / m.sum().clamp(min=1)
+        keep.append(1 - ((ai < 0) & (seq_kl > delta)).to(F64))
+    return torch.cat(keep)
+
+
 @pytest.mark.parametrize("use_rollout_logprobs", [False, True])
 def test_opsm(use_rollout_logprobs: bool) -> None:
     """--use-opsm --opsm-delta d (compute_opsm_mask, ppo_utils @ 501dae9c): a token with A < 0 of
@@ -339,12 +351,9 @@ def test_opsm(use_rollout_logprobs: bool) -> None:
         s["old"] = s["rollout"]
     x = [t.clone().requires_grad_(True) for t in s["logp"]]
     a = _per_token(ADV, LENGTHS)
-    keep = []
-    for lp, o, ai, m in zip(x, s["old"], a, s["mask"], strict=True):
-        seq_kl = ((o - lp) * m).sum() / m.sum().clamp(min=1)
-        keep.append(1 - ((ai < 0) & (seq_kl > 0.05)).to(F64))
+    keep = _slime_opsm_keep(x, s["old"], a, s["mask"], 0.05)
     pg, _ = _ppo(torch.cat(s["old"]) - torch.cat(x), torch.cat(a), 0.2, 0.2, None)
-    want = _reduce(pg * torch.cat(keep), s["mask"], False)
+    want = _reduce(pg * keep, s["mask"], False)
     cfg = LossConfig(
         objective=Grpo(), aggregation=_aggregation(s["mask"], False), off_policy_mask_threshold=0.05
     )
@@ -362,13 +371,10 @@ def test_opsm_with_tis(reference: str) -> None:
     s = _samples(LENGTHS, 16)  # (A < 0 samples 3 and 6: one past d by old, the other by rollout)
     x = [t.clone().requires_grad_(True) for t in s["logp"]]
     a = _per_token(ADV, LENGTHS)
-    keep = []
-    for lp, o, ai, m in zip(x, s["old"], a, s["mask"], strict=True):
-        seq_kl = ((o - lp) * m).sum() / m.sum().clamp(min=1)
-        keep.append(1 - ((ai < 0) & (seq_kl > 0.05)).to(F64))
+    keep = _slime_opsm_keep(x, s["old"], a, s["mask"], 0.05)
     old, rollout = torch.cat(s["old"]), torch.cat(s["rollout"])
     pg, _ = _ppo(old - torch.cat(x), torch.cat(a), 0.2, 0.2, None)
-    want = _reduce(pg * torch.exp(old - rollout).clamp(max=1.5) * torch.cat(keep), s["mask"], False)
+    want = _reduce(pg * torch.exp(old - rollout).clamp(max=1.5) * keep, s["mask"], False)
     cfg = LossConfig(
         objective=Grpo(),
         aggregation=_aggregation(s["mask"], False),
