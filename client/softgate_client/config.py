@@ -353,8 +353,8 @@ def rejection_from_verl(
     or its upper alone) as criteria; or an earlier verl's `rollout_rs` "token", "sequence" or
     "geometric" with its upper and `rollout_rs_threshold_lower` (unset: 1 / upper) on the IS
     weight: k1 = -log weight, so the k1 window is [1 / upper, 1 / lower]."""
-    if str(rollout_rs).strip() in VERL_ROLLOUT_RS_LEVELS:
-        level = VERL_ROLLOUT_RS_LEVELS[str(rollout_rs).strip()]
+    level = VERL_ROLLOUT_RS_LEVELS.get(str(rollout_rs).strip())
+    if level is not None:
         hi = _number("rollout_rs_threshold", rollout_rs_threshold)
         if not hi > 0:
             raise invalid_argument("rollout_rs_threshold", f"out_of_range: {hi!r} must be > 0")
