@@ -482,14 +482,20 @@ def reference_loss(batch: Batch, config: LossConfig) -> Reference:
             if est == "abs":  # (autograd's gradient of |x| at 0 is 0)
                 k = x.abs()
             cap = config.kl.value_clamp
+            weight = "ratio" if config.kl.estimator == "k3_is" else config.kl.weight
+            if weight != "none":  # w k with w's gradient w (also past the clamp of its log)
+                q = o if weight == "ratio" else (lp.detach() if weight == "score" else rollout[sl][mi])
+                w = torch.exp(torch.clamp(lp - q, -C, C)).detach() * torch.exp(lp - lp.detach())
+                wk = w * k
+                if est == "k3":  # past k3's clamp of x, -x w (k2's gradient weighted), not w k3
+                    past = wk.detach() + (lp - lp.detach()) * (-x * w).detach()
+                    wk = torch.where(x > C, past, wk)
+                k = wk
             if cap is not None:  # verl's torch.clamp(kld, -10, 10): the value and its gradient
                 k = torch.clamp(k, -cap, cap)
             if config.kl.estimator.endswith("_st"):  # straight-through: k's value, k2's gradient
                 k2 = x * x / 2
                 k = k2 - k2.detach() + k.detach()
-            if config.kl.estimator == "k3_is":  # r k3, gradient -x r (r k3's where unclamped)
-                r_tok = torch.exp(torch.clamp(lp - o, -C, C)).detach()
-                k = k.detach() * r_tok + (lp - lp.detach()) * (-x * r_tok).detach()
             if config.kl.estimator == "k3_is_seq" and lp.numel() > 0:
                 # s_i k3, s_i = exp(clamp(mean(lp - o))) with the derivative s_i past the clamp
                 # too; k3 at x clamped from above with its derivative there (straight through)
@@ -532,7 +538,7 @@ OBJECTIVE_NAMES = (
     "dro",
 )
 AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm")
-KL_OPTIONS = (None, "k1", "k2", "k3", "k3_is", "k3_is_seq")
+KL_OPTIONS = (None, "k1", "k2", "k3", "k3_is", "k3_is_seq", "k1@score", "k2@ratio", "abs@sampler_ratio")
 MISMATCH_OPTIONS = (
     None,
     ("token", "truncate"),
@@ -676,7 +682,10 @@ def make_config(
         num_tokens=123.0 if global_norm else None,
         num_seqs=17.0 if global_norm else None,
     )
-    klc = KLConfig(estimator=kl, beta=0.07) if kl else None  # type: ignore[arg-type]
+    klc = None
+    if kl:  # an estimator, or "estimator@weight"
+        est, _, weight = kl.partition("@")
+        klc = KLConfig(estimator=est, beta=0.07, weight=weight or "none")  # type: ignore[arg-type]
     mmc = (
         MismatchConfig(
             level=mismatch[0],  # type: ignore[arg-type]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 from softgate.engine import config as c
 from softgate.engine.validation import validate_config
 from softgate.grpc import catalogue
@@ -79,13 +80,23 @@ def test_reward_kl_estimators_are_listed_with_beta_and_level() -> None:
         assert "reward" in e.description
 
 
-def test_kl_value_clamp_is_listed_where_it_is_accepted() -> None:
-    """Every KL estimator lists value_clamp but k3_is and k3_is_seq, which refuse it."""
+@pytest.mark.parametrize(("param", "value"), [("value_clamp", 10.0), ("weight", "ratio")])
+def test_kl_parameters_are_listed_where_they_are_accepted(param: str, value: object) -> None:
+    """A KL estimator lists value_clamp (every one but k3_is_seq) and weight (k1, k2, k3, abs)
+    exactly where validation accepts them."""
     r = catalogue.build(Limits(), 1 << 20)
-    listed = {e.name for e in r.kl_estimators if "value_clamp" in {p.name for p in e.parameters}}
-    assert listed == set(c.KL_ESTIMATORS) - {"k3_is", "k3_is_seq"}
-    k3 = next(e for e in r.kl_estimators if e.name == "k3")
-    assert "low_var_kl: 10" in next(p.description for p in k3.parameters if p.name == "value_clamp")
+    listed = {e.name for e in r.kl_estimators if param in {p.name for p in e.parameters}}
+    accepted = {
+        est
+        for est in c.KL_ESTIMATORS
+        if not validate_config(c.LossConfig(kl=c.KLConfig(estimator=est, **{param: value})))  # type: ignore[arg-type]
+    }
+    assert listed == accepted
+    assert len(accepted) == (len(c.KL_ESTIMATORS) - 1 if param == "value_clamp" else 4)
+    k3 = {p.name: p for p in next(e for e in r.kl_estimators if e.name == "k3").parameters}
+    assert "low_var_kl: 10" in k3["value_clamp"].description
+    assert list(k3["weight"].choices) == ["none", "ratio", "sampler_ratio", "score"]
+    assert k3["weight"].default_choice == "none" and "unbiased" in k3["weight"].description
 
 
 def test_gamma_is_reinforce_pp_s_alone() -> None:

@@ -109,6 +109,18 @@ CASES = [
         {"objective": "grpo", "kl_beta": 0.05, "kl_estimator": "k3", "kl_value_clamp": 0.01},
         LossConfig(objective=ec.Grpo(), kl=ec.KLConfig("k3", 0.05, value_clamp=0.01)),
     ),
+    (  # slime's --use-unbiased-kl with its default k1: the KL weighted by the ratio to old
+        {"objective": "grpo", "kl_beta": 0.05, "kl_estimator": "k1", "kl_weight": "ratio"},
+        LossConfig(objective=ec.Grpo(), kl=ec.KLConfig("k1", 0.05, weight="ratio")),
+    ),
+    (  # NeMo-RL's use_on_policy_kl_approximation: the ratio to the sampler, w k clamped at 10
+        {"kl_beta": 0.05, "kl_weight": "sampler_ratio", "kl_value_clamp": 10.0},
+        LossConfig(kl=ec.KLConfig("k3", 0.05, value_clamp=10.0, weight="sampler_ratio")),
+    ),
+    (  # NeMo-RL's KL, whose weight exp(logp - sg[logp]) adds k to the gradient
+        {"kl_beta": 0.05, "kl_estimator": "k2", "kl_weight": "score"},
+        LossConfig(kl=ec.KLConfig("k2", 0.05, weight="score")),
+    ),
     (  # verl's rollout_is_batch_normalize on sequence-level TIS weights
         {"objective": "grpo", "mismatch_level": "sequence", "mismatch_batch_normalize": True},
         LossConfig(objective=ec.Grpo(), mismatch=ec.MismatchConfig(level="sequence", batch_normalize=True)),

@@ -1665,6 +1665,10 @@ def test_validation_batch(monkeypatch, path):
     )
     assert ("ref_logp", "missing", None) in reasons(ok, LossConfig(kl=KLConfig(beta=0.1)))
     assert ("rollout_logp", "missing", None) in reasons(ok, LossConfig(mismatch=MismatchConfig()))
+    sampler_kl = KLConfig(beta=0.1, weight="sampler_ratio")
+    assert ("rollout_logp", "missing", None) in reasons(
+        dataclasses.replace(ok, ref_logp=ok.logp), LossConfig(kl=sampler_kl)
+    )
     # ref_logp and rollout_logp values are checked too (the kernel's checks read only logp,
     # old_logp and per-token advantages), each with its own field and index
     both = LossConfig(kl=KLConfig(beta=0.1), mismatch=MismatchConfig())
@@ -1724,8 +1728,11 @@ def test_validation_batch(monkeypatch, path):
         (LossConfig(kl=KLConfig(value_clamp=math.inf)), "kl.value_clamp"),
         (LossConfig(kl=KLConfig(value_clamp=10**400)), "kl.value_clamp"),  # (an OverflowError once)
         (LossConfig(kl=KLConfig(beta=10**400)), "kl.beta"),
-        (LossConfig(kl=KLConfig(estimator="k3_is", value_clamp=10.0)), "kl.value_clamp"),
         (LossConfig(kl=KLConfig(estimator="k3_is_seq", value_clamp=10.0)), "kl.value_clamp"),
+        (LossConfig(kl=KLConfig(weight="sequence")), "kl.weight"),  # type: ignore[arg-type]
+        (LossConfig(kl=KLConfig(weight=["ratio"])), "kl.weight"),  # type: ignore[arg-type]
+        *((LossConfig(kl=KLConfig(estimator=e, weight="ratio")), "kl.weight") for e in ("k3_st", "k3_is")),  # type: ignore[arg-type]
+        (LossConfig(kl=KLConfig(estimator="k3_is_seq", weight="score")), "kl.weight"),
         (LossConfig(mismatch=MismatchConfig(cap=0.0)), "mismatch.cap"),
         (LossConfig(mismatch=MismatchConfig(mode="mask", lo=2.0, hi=2.0)), "mismatch.lo"),
         (LossConfig(mismatch=MismatchConfig(mode="mask", hi=0.3)), "mismatch.hi"),  # lo left at 0.5

@@ -473,7 +473,7 @@ def test_property_random(
         global_norm=global_norm,
         min_group_std=min_group_std,
     )
-    if kl_cap is not None and config.kl is not None and config.kl.estimator not in ("k3_is", "k3_is_seq"):
+    if kl_cap is not None and config.kl is not None and config.kl.estimator != "k3_is_seq":
         config = dataclasses.replace(config, kl=dataclasses.replace(config.kl, value_clamp=kl_cap))
     assume(not near_boundary(batch, config))
     check_against_reference(batch, config)
@@ -592,18 +592,21 @@ def _check_kl_modes(policy_mode: str, kl_mode: str, engine: Engine) -> None:
     "compile,estimator",
     [
         *((False, e) for e in ("k1", "k2", "k3", "abs", "k1_st", "k3_st", "abs_st")),
+        *((False, e) for e in ("k3_is", "k1@ratio", "k2@sampler_ratio", "k3@score", "abs@ratio")),
         pytest.param(True, "k3", marks=needs_compile),
+        pytest.param(True, "k2@sampler_ratio", marks=needs_compile),
         *(
             pytest.param(True, e, marks=(needs_compile, pytest.mark.slow))
-            for e in ("k1", "k2", "abs", "k3_st")
+            for e in ("k1", "k2", "abs", "k3_st", "k1@score")
         ),
     ],
 )
 def test_kl_value_clamp(compile, estimator):
     """kl.value_clamp c (verl's low_var_kl: 10): k clamped to [-c, c] with gradient 0 past it
-    (the straight-through estimators: their value only), against the reference's torch.clamp,
-    eager and compiled, with bounds at which some tokens clamp and some do not; such tokens
-    count in kl_clamped_tokens, and a bound above every |k| changes nothing."""
+    (the straight-through estimators: their value only; a weighted one: w k, as slime's
+    low_var_kl with --use-unbiased-kl), against the reference's torch.clamp, eager and
+    compiled, with bounds at which some tokens clamp and some do not; such tokens count in
+    kl_clamped_tokens, and a bound above every |k| changes nothing."""
     engine = Engine(device="cpu", compile=True) if compile else ENGINE
     checked = clamped = 0
     for seed in range(12):
@@ -655,6 +658,16 @@ def test_straight_through_kl_estimators(estimator, agg):
         if checked == 3:
             return
     raise AssertionError(f"only {checked} batches away from a boundary")
+
+
+def test_k3_with_the_ratio_weight_is_k3_is():
+    """k3_is is k3 weighted by the token's ratio (one kernel for both): the same loss, gradient
+    and metrics bit for bit, a token past the log-ratio clamp included."""
+    batch = random_batch(29, big_deltas=True)
+    got = ENGINE.loss(batch, make_config("grpo", "token_mean", "k3@ratio", None, clamp=1.0))
+    want = ENGINE.loss(batch, make_config("grpo", "token_mean", "k3_is", None, clamp=1.0))
+    assert want.metrics["clamped_tokens"] > 0
+    assert got.loss == want.loss and torch.equal(got.grad, want.grad) and got.metrics == want.metrics
 
 
 @pytest.mark.parametrize(

@@ -270,6 +270,18 @@ CONFIGS: dict[str, tuple[LossConfig, pb.LossConfig]] = {
             ),
         ),
     ),
+    "grpo-k2-sampler-ratio-kl-clamped": (  # NeMo-RL's on-policy KL approximation, its output clamp
+        LossConfig(
+            objective=Grpo(),
+            kl=KLConfig(estimator="k2", beta=0.05, value_clamp=1.2e-3, weight="sampler_ratio"),
+        ),
+        pb.LossConfig(
+            objective=pb.Objective(grpo=pb.GrpoParams()),
+            kl=pb.KlConfig(
+                estimator=pb.KL_ESTIMATOR_K2, beta=0.05, value_clamp=1.2e-3, weight=pb.KL_WEIGHT_SAMPLER_RATIO
+            ),
+        ),
+    ),
     "grpo-reinforce_pp-seq_mask": (
         LossConfig(
             objective=Grpo(),
@@ -566,6 +578,7 @@ def test_given_advantages_per_sequence_and_per_token(stub: pb_grpc.LossServiceSt
         "grpo-opo",  # its baseline weighs trained tokens of groups that span chunks
         "grpo-reinforce_pp-seq_mask",  # whitened over every chunk's tokens
         "gspo-k3_is_seq-token-mean-kl",  # each sequence's KL sum, its ratio's gradient
+        "grpo-k2-sampler-ratio-kl-clamped",  # each token's ratio to the sampler
         "grpo-opsm-truncate",  # each sequence's mean KL from the sampler, over every chunk
         "grpo-rejection",  # the tokens left in the mask normalise the loss
     ],
@@ -882,6 +895,11 @@ def test_nan_is_named_with_its_index(stub: pb_grpc.LossServiceStub) -> None:
         ),
         (pb.LossConfig(off_policy_mask_threshold=float("nan")), "config.off_policy_mask_threshold"),
         (pb.LossConfig(off_policy_mask_reference=7), "config.off_policy_mask_reference"),  # type: ignore[arg-type]
+        (pb.LossConfig(kl=pb.KlConfig(weight=9)), "config.kl.weight"),  # type: ignore[arg-type]
+        (  # (a weight on an estimator already weighted)
+            pb.LossConfig(kl=pb.KlConfig(estimator=pb.KL_ESTIMATOR_K3_IS, weight=pb.KL_WEIGHT_SCORE)),
+            "config.kl.weight",
+        ),
         (  # (its reference without OPSM)
             pb.LossConfig(off_policy_mask_reference=pb.OFF_POLICY_MASK_REFERENCE_OLD),
             "config.off_policy_mask_reference",

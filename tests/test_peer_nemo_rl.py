@@ -263,62 +263,55 @@ def test_reference_policy_kl_penalty(kl_type: str, out_c: float | None, token_le
     assert res.metrics["kl_loss"] / 0.05 == pytest.approx(float(kl_agg.detach()), rel=1e-7)
 
 
-def test_kl_with_score_function_gradient_is_k3_st() -> None:
+@pytest.mark.parametrize("out_c", [None, 10.0])
+@pytest.mark.parametrize("kl_type", ["k1", "k2", "k3"])
+def test_kl_with_score_function_gradient_is_the_score_weight(kl_type: str, out_c: float | None) -> None:
     """The newer ClippedPGLossFn [loss/loss_functions.py @ 006907a9] weights the KL by
-    w = exp(logp - sg[logp]) (value 1), so its gradient is k + dk/dlogp: for k3 that is -x, k2's,
-    softgate's k3_st (k3's value, k2's gradient). Differences: past the output clamp (row 4's
-    k3 > 10) NeMo-RL's gradient is 0, k3_st's stays -x; for k1 the gradient is 1 - x (k1 + 1), for
-    k2 x^2 / 2 - x: no softgate estimator has either (k1_st: -x)."""
+    w = exp(logp - sg[logp]) (value 1) before its output clamp, so its gradient is k + dk/dlogp
+    (k3: -x; k1: 1 - x; k2: x^2 / 2 - x), 0 past the clamp: kl_weight "score" with the clamp as
+    kl_value_clamp. Row 4's k3 is past 10. (k3_st has k3's gradient -x too, but keeps it past
+    the clamp.)"""
     d = _data(13)
     x = d["logp"].clone().requires_grad_(True)
-    n = d["mask"].sum()
-
-    def nemo_kl(kl_type: str, out_c: float | None) -> torch.Tensor:
-        w = torch.exp(x - x.detach())
-        return _mm(0.05 * _calc_kl(x, d["ref"], kl_type, 20.0, out_c, w), d["mask"], norm=n)
-
-    want = nemo_kl("k3", None)
-    kl_cfg = KLConfig(estimator="k3_st", beta=0.05)
-    obj = Grpo()
-    d0 = dataclasses.replace(d["batch"], advantages=torch.zeros(len(LENGTHS), dtype=F64))
-    (grad,) = torch.autograd.grad(want, x)
-    res = E.loss(d0, LossConfig(objective=obj, **_token_mean(d, kl=kl_cfg)))
-    assert res.loss == pytest.approx(float(want.detach()), rel=1e-12)
-    torch.testing.assert_close(res.grad, grad[d["keep"]], rtol=1e-12, atol=1e-15)
-    # with the default output clamp 10: row 4's token, k3 = e^3 - 4, has no gradient in NeMo-RL
-    (g10,) = torch.autograd.grad(nemo_kl("k3", 10.0), x)
-    assert float(g10[4, 0]) == 0.0
-    res10 = E.loss(
-        d0, LossConfig(objective=obj, **_token_mean(d, kl=dataclasses.replace(kl_cfg, value_clamp=10.0)))
-    )
-    assert float(res10.grad[d["keep"][:4].sum()]) == pytest.approx(
-        0.05 * -3.0 / float(n + NEMO_EPS), rel=1e-12
-    )
-    # k1: the score term adds beta / N at every trained token to k1_st's gradient -x
-    (g1,) = torch.autograd.grad(nemo_kl("k1", None), x)
-    res1 = E.loss(
-        d0, LossConfig(objective=obj, **_token_mean(d, kl=dataclasses.replace(kl_cfg, estimator="k1_st")))
-    )
-    extra = g1[d["keep"]] - res1.grad
-    m = d["batch"].mask
-    torch.testing.assert_close(extra[m], torch.full_like(extra[m], 0.05 / float(n + NEMO_EPS)))
+    w = torch.exp(x - x.detach())
+    want = _mm(0.05 * _calc_kl(x, d["ref"], kl_type, 20.0, out_c, w), d["mask"], norm=d["mask"].sum())
+    d["batch"] = dataclasses.replace(d["batch"], advantages=torch.zeros(len(LENGTHS), dtype=F64))
+    kl_cfg = KLConfig(estimator=kl_type, beta=0.05, value_clamp=out_c, weight="score")
+    res, grad = _check(d, want, x, LossConfig(objective=Grpo(), **_token_mean(d, kl=kl_cfg)))
+    if kl_type == "k3":  # row 4's token, k3 = e^3 - 4: no gradient past the clamp, -x = -3 without it
+        want4 = 0.0 if out_c else 0.05 * -3.0 / float(d["mask"].sum() + NEMO_EPS)
+        assert float(grad[4, 0]) == pytest.approx(want4, rel=1e-12, abs=0.0)
+        if out_c is None:
+            st = E.loss(
+                d["batch"], LossConfig(objective=Grpo(), **_token_mean(d, kl=KLConfig("k3_st", 0.05)))
+            )
+            torch.testing.assert_close(st.grad, res.grad, rtol=0.0, atol=0.0)
 
 
-def test_on_policy_kl_approximation_is_k3_is_when_the_sampler_is_the_old_policy() -> None:
-    """use_on_policy_kl_approximation [006907a9]: the KL weighted by w = exp(logp - generation_logprobs)
-    with w's gradient (then the output clamp): with generation = prev and kl_output_clamp_value
-    null, kl_estimator k3_is (r k3, gradient -x r, r = exp(logp - old)). Otherwise not expressible:
-    softgate's r is against old_logp, and k3_is refuses a value clamp (NeMo-RL clamps w k3 at 10).
+@pytest.mark.parametrize("out_c", [None, 10.0])
+@pytest.mark.parametrize("kl_type", ["k1", "k2", "k3"])
+def test_on_policy_kl_approximation_is_the_sampler_ratio_weight(kl_type: str, out_c: float | None) -> None:
+    """use_on_policy_kl_approximation [006907a9]: the KL weighted by w = exp(logp -
+    generation_logprobs) with w's gradient, then the output clamp (Nemotron 3 Nano's recipe sets
+    it with the IS correction): kl_weight "sampler_ratio" with the generation log-probs as
+    rollout_logp. With generation = prev it is the ratio weight, and for k3 k3_is (TRL's).
     The older ClippedPGLossFn [005a098a] detached w (gradient w dk): no softgate estimator."""
     d = _data(14)
-    d["batch"] = dataclasses.replace(d["batch"], rollout_logp=None)
     x = d["logp"].clone().requires_grad_(True)
-    w = torch.exp(x - d["prev"])
-    want = _mm(0.1 * _calc_kl(x, d["ref"], "k3", 20.0, None, w), d["mask"], norm=d["mask"].sum())
+    w = torch.exp(x - d["gen"])
+    want = _mm(0.1 * _calc_kl(x, d["ref"], kl_type, 20.0, out_c, w), d["mask"], norm=d["mask"].sum())
     d["batch"] = dataclasses.replace(d["batch"], advantages=torch.zeros(len(LENGTHS), dtype=F64))
-    _check(
-        d, want, x, LossConfig(objective=Grpo(), **_token_mean(d, kl=KLConfig(estimator="k3_is", beta=0.1)))
-    )
+    kl_cfg = KLConfig(estimator=kl_type, beta=0.1, value_clamp=out_c, weight="sampler_ratio")
+    _check(d, want, x, LossConfig(objective=Grpo(), **_token_mean(d, kl=kl_cfg)))
+    # the sampler as the old policy: the ratio weight (k3: k3_is) reads old_logp instead
+    d["batch"] = dataclasses.replace(d["batch"], rollout_logp=None)
+    ratio_cfgs = [dataclasses.replace(kl_cfg, weight="ratio")]
+    if kl_type == "k3":
+        ratio_cfgs.append(KLConfig("k3_is", 0.1, value_clamp=out_c))
+    for cfg in ratio_cfgs:
+        w = torch.exp(x - d["prev"])
+        want = _mm(0.1 * _calc_kl(x, d["ref"], kl_type, 20.0, out_c, w), d["mask"], norm=d["mask"].sum())
+        _check(d, want, x, LossConfig(objective=Grpo(), **_token_mean(d, kl=cfg)))
 
 
 IS_CASES = [

@@ -238,13 +238,18 @@ def test_reinforce(tis: bool) -> None:
         ("k3", False, KLConfig(estimator="k3", beta=0.3)),
         ("low_var_kl", False, KLConfig(estimator="k3", beta=0.3, value_clamp=10.0)),
         ("k3", True, KLConfig(estimator="k3_is", beta=0.3)),
+        ("k1", True, KLConfig(estimator="k1", beta=0.3, weight="ratio")),
+        ("k2", True, KLConfig(estimator="k2", beta=0.3, weight="ratio")),
+        ("k3", True, KLConfig(estimator="k3", beta=0.3, weight="ratio")),
+        ("low_var_kl", True, KLConfig(estimator="k3", beta=0.3, value_clamp=10.0, weight="ratio")),
     ],
 )
 def test_kl_loss(per_token: bool, kl_loss_type: str, unbiased: bool, kl: KLConfig) -> None:
     """--use-kl-loss --kl-loss-coef b --kl-loss-type (compute_approx_kl, ppo_utils @ 501dae9c, on
     logp - ref; low_var_kl clamps the value to [-10, 10]; --use-unbiased-kl multiplies by
-    exp(logp - old) with its gradient), reduced like the policy term: `kl_estimator` k1 / k2 /
-    k3 (low_var_kl: k3 with kl_value_clamp=10; unbiased k3: k3_is), kl_beta = b."""
+    exp(logp - old) with its gradient, before that clamp), reduced like the policy term:
+    `kl_estimator` k1 / k2 / k3 (low_var_kl: k3 with kl_value_clamp=10), kl_beta = b, and for
+    --use-unbiased-kl `kl_weight="ratio"` (k3's: also k3_is)."""
     s = _samples(LENGTHS, 7)
     s["logp"][6][1], s["ref"][6][1] = -3.5, -1e-4  # k3 = e^3.5 - 4.5 > 10: low_var_kl's clamp
     s["ref"][6][2] = s["logp"][6][2] - 12.0  # k1 and k2 far out

@@ -235,6 +235,10 @@ def loss_config_to_proto(c: cfg.LossConfig) -> pb.LossConfig:
         kl.aggregation = _enum(
             pb.AggregationMode, "AGGREGATION_MODE", c.kl.aggregation, "config.kl.aggregation"
         )
+        weight = _enum(pb.KlWeight, "KL_WEIGHT", c.kl.weight, "config.kl.weight")
+        kl.weight = (
+            0 if weight == pb.KL_WEIGHT_NONE else weight
+        )  # (the default: a server before it accepts it)
         _set_optional(kl, beta=c.kl.beta, value_clamp=c.kl.value_clamp)
     if c.mismatch is not None:
         m = c.mismatch
@@ -897,7 +901,8 @@ class SoftgateClient:
         parameters (`tau_pos`, `tau_neg`, `eps_low`, `eps_high`, `dual_clip`, `ratio_cap`,
         `fraction`, `cov_low`, `cov_high`, `seed`, `coef`),
         `estimator`, `scale`, `aggregation` (mode name), `num_tokens`, `num_seqs`, `constant`,
-        `kl_beta`, `kl_estimator`, `kl_aggregation`, `kl_value_clamp`, `mismatch=MismatchConfig(...)`,
+        `kl_beta`, `kl_estimator`, `kl_aggregation`, `kl_value_clamp`, `kl_weight`,
+        `mismatch=MismatchConfig(...)`,
         a KL in the reward (`reward_kl_beta`, `reward_kl_estimator`, `reward_kl_level`,
         `reward_kl_value_clamp`), `log_ratio_clamp`,
         `off_policy_mask_threshold` (and `off_policy_mask_reference`: "rollout" or "old"),

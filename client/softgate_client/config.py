@@ -202,12 +202,16 @@ class KLConfig:
     `k3_is_seq` (k3 weighted by the sequence ratio: TRL's at sequence level),
     coefficient `beta`
     (needed with an estimator: the server's default 0 is no KL term), `value_clamp` c (k
-    clamped to [-c, c], gradient 0 past it; verl's low_var_kl: 10)."""
+    clamped to [-c, c], gradient 0 past it; verl's low_var_kl: 10), `weight` on k1, k2, k3 or
+    abs, with its gradient: `ratio` (exp(logp - old): slime's --use-unbiased-kl),
+    `sampler_ratio` (exp(logp - rollout): NeMo-RL's use_on_policy_kl_approximation) or
+    `score` (exp(logp - sg[logp]) = 1: NeMo-RL's KL); None: none."""
 
     estimator: str | None = None
     beta: float | None = None
     aggregation: str | None = None  # the KL term's own mode; None: the policy term's
     value_clamp: float | None = None
+    weight: str | None = None
 
     def __post_init__(self) -> None:
         _plain_fields(self, "config.kl")
@@ -511,6 +515,7 @@ _FLAT_ALIASES = {
     "kl_beta": ("kl", "beta"),
     "kl_aggregation": ("kl", "aggregation"),
     "kl_value_clamp": ("kl", "value_clamp"),
+    "kl_weight": ("kl", "weight"),
     "beta": ("kl", "beta"),
     "mismatch_level": ("mismatch", "level"),
     "mismatch_mode": ("mismatch", "mode"),

@@ -95,6 +95,7 @@ function lossConfig(c) {
       beta: c.kl.beta,
       aggregation: enumName('AGGREGATION_MODE', c.kl.aggregation),
       value_clamp: c.kl.value_clamp,
+      weight: enumName('KL_WEIGHT', c.kl.weight),
     });
   }
   if (c.mismatch) {

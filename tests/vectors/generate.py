@@ -66,6 +66,8 @@ def config_to_json(cfg: LossConfig) -> dict[str, Any]:
         del d["mismatch"]["batch_normalize"]
     if d.get("kl") and d["kl"]["aggregation"] is None:
         del d["kl"]["aggregation"]
+    if d.get("kl") and d["kl"]["weight"] == "none":
+        del d["kl"]["weight"]
     for s in ("kl", "reward_kl"):
         if d.get(s) and d[s]["value_clamp"] is None:
             del d[s]["value_clamp"]
@@ -353,6 +355,14 @@ def _default_cases(engine: Engine) -> list[dict[str, Any]]:
     out.append(_case("sapo/kl_k3_value_clamp", b, cfg, engine))
     m = out[-1]["outputs"]["metrics"]
     assert 0 < m["kl_clamped_tokens"] < m["num_tokens"], m
+    # weighted estimates, w's gradient included: k1 by the ratio to old, its w k bounded (slime's
+    # --use-unbiased-kl), k2 by the ratio to the sampler (NeMo-RL's on-policy KL approximation)
+    cfg = LossConfig(kl=KLConfig(estimator="k1", beta=0.3, value_clamp=0.05, weight="ratio"))
+    out.append(_case("sapo/kl_k1_ratio_weight_value_clamp", b, cfg, engine))
+    m = out[-1]["outputs"]["metrics"]
+    assert 0 < m["kl_clamped_tokens"] < m["num_tokens"], m
+    cfg = LossConfig(kl=KLConfig(estimator="k2", beta=0.3, weight="sampler_ratio", aggregation="token_mean"))
+    out.append(_case("sapo/kl_k2_sampler_ratio_weight", b, cfg, engine))
     # opo: the baseline weighs each sequence by its trained tokens; gpg: alpha = B / #(R != 0);
     # grpo_passk: each group's best alone; reinforce_pp: R whitened, no baseline; gdpo (one component)
     b = random_batch(5656, max_seqs=6, max_len=5, advantages="rewards", num_seqs=6)

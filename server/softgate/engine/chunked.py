@@ -37,7 +37,7 @@ def chunked_token_terms(
     kind: str,
     seq_ratio: bool,
     adv_per_token: bool,
-    kl: str | None,
+    kl: tuple[str, str] | None,
     mismatch: tuple[str, str] | None,
     count_dtype: torch.dtype,
     stride: int = 1,

@@ -292,6 +292,10 @@ Estimator = Literal[
 ESTIMATORS: tuple[str, ...] = get_args(Estimator)
 KlEstimator = Literal["k1", "k2", "k3", "k1_st", "k3_st", "k3_is", "abs", "abs_st", "k3_is_seq"]
 KL_ESTIMATORS: tuple[str, ...] = get_args(KlEstimator)
+KlWeight = Literal["none", "ratio", "sampler_ratio", "score"]
+KL_WEIGHTS: tuple[str, ...] = get_args(KlWeight)
+# the estimators a weight applies to (the others are straight-through or already weighted)
+WEIGHTED_KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
 RewardKlEstimator = Literal["k1", "k2", "k3", "abs"]
 REWARD_KL_ESTIMATORS: tuple[str, ...] = get_args(RewardKlEstimator)
 RewardKlLevel = Literal["token", "sequence", "immediate"]
@@ -342,12 +346,17 @@ class KLConfig:
     `aggregation`: the KL term's own aggregation mode (verl aggregates SAPO's and GSPO's policy
     term seq_mean_token_mean and the KL term token_mean), with LossConfig.aggregation's
     normalisers; None: the policy term's mode. `value_clamp` c: k clamped to [-c, c], gradient 0
-    past it (straight-through estimators: the value only; verl's low_var_kl: 10); None: none."""
+    past it (straight-through estimators: the value only; verl's low_var_kl: 10); None: none.
+    `weight` w (k1, k2, k3, abs): the term is w k with w's gradient, w (k + dk); w the token's
+    ratio to old (`ratio`, slime's --use-unbiased-kl), to the sampler (`sampler_ratio`, NeMo-RL's
+    on-policy KL approximation) or exp(logp - sg[logp]) (`score`: value 1, NeMo-RL's KL);
+    value_clamp then bounds w k."""
 
     estimator: KlEstimator = "k3"
     beta: float = 0.0
     aggregation: AggregationMode | None = None
     value_clamp: float | None = None
+    weight: KlWeight = "none"
 
     def __post_init__(self) -> None:
         _plain_numbers(self)

@@ -107,7 +107,7 @@ def terms_layout(
     kind: str,
     seq_ratio: bool,
     adv_per_token: bool,
-    kl: str | None,
+    kl: tuple[str, str] | None,
     mismatch: tuple[str, str] | None,
 ) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
     """kernel_layout for token_terms' own arguments."""
@@ -227,7 +227,7 @@ def token_terms(
     kind: str,
     seq_ratio: bool,
     adv_per_token: bool,
-    kl: str | None,
+    kl: tuple[str, str] | None,
     mismatch: tuple[str, str] | None,
     count_dtype: torch.dtype,
     stride: int = 1,
@@ -255,7 +255,8 @@ def token_terms(
     as uint8 and compiled code reads it through a float compare, which is vectorised (16M
     tokens, SAPO: 48 -> 41 ms); eager code views it as bool.
 
-    `prm` is kernel_params(config); `kl` the KL estimator (None: no KL term), `mismatch` the
+    `prm` is kernel_params(config); `kl` the KL (estimator, weight) (None: no KL term; k3_is
+    comes as ("k3", "ratio"), kl.kernel_kl), `mismatch` the
     mismatch (level, mode) (None: no correction). `t` holds logp, old, m (the mask, uint8 0 /
     1; absent: every token trained), w (aggregation weight per sequence [B], or 0-d: one for
     all), adv ([N] or [B]), ylen ([B] trained tokens), ids (sequence id per token; only where
@@ -349,16 +350,23 @@ def token_terms(
     total("free_abs", alpha * gfree.abs())
     total("d_sum", torch.where(m, logp - old, zero))  # approx_kl's: unclamped (the spec's old - logp)
     if kl is not None:
-        # k3_is: the token's own ratio, also where the policy's is its sequence's (d: clamped);
-        # k3_is_seq: its sequence's, s_i
-        rt = torch.exp(d) if kl == "k3_is" else (per_token(t, "kls", ids) if kl == "k3_is_seq" else None)
-        k, dk, kcl = kl_terms(kl, torch.where(m, t["ref"] - logp, zero), clamp, rt, prm.get("kl_cap"))
+        est, weighted = kl
+        kw: Tensor | float | None = None  # the KL's weight (kl.kl_terms)
+        if weighted == "ratio":  # the token's own, also where the policy's is its sequence's (d: clamped)
+            kw = torch.exp(d)
+        elif weighted == "sampler_ratio":
+            kw = torch.exp(torch.where(m, logp - t["rollout"], zero).clamp(-clamp, clamp))
+        elif weighted == "score":  # exp(logp - sg[logp]): 1, with derivative 1
+            kw = 1.0
+        elif est == "k3_is_seq":  # its sequence's ratio, s_i
+            kw = per_token(t, "kls", ids)
+        k, dk, kcl = kl_terms(est, torch.where(m, t["ref"] - logp, zero), clamp, kw, prm.get("kl_cap"))
         # the KL term's aggregation weight: its own (wkl), or the policy term's
         akl = _weight(t, "wkl", m, ids, zero) if "wkl" in t or "wkl" + EXPANDED in t else alpha
         total("kl_sum", akl * k)
         total("k_sum", torch.where(m, k, zero))
         grad = grad + (prm["beta"] * akl) * dk
-        if kl == "k3_is_seq":  # s_i's own gradient, s_i / |y_i| sum_u w_u k3_u (kl.sequence_kl)
+        if est == "k3_is_seq":  # s_i's own gradient, s_i / |y_i| sum_u w_u k3_u (kl.sequence_kl)
             grad = grad + prm["beta"] * torch.where(m, per_token(t, "klc", ids), zero)
         total("grad_total_abs", grad.abs())  # not finite iff some gradient is not (overflow check)
         count("kl_clamped", kcl & m)

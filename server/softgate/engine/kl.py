@@ -5,12 +5,13 @@ abs's value, k2's gradient -x, the gradient whose expectation is the KL's (k1's 
 are unbiased estimates of the KL, their gradients are not; J. Schulman, "Approximating KL
 divergence").
 
-k3_is is k3 weighted by the token's own ratio r = exp(clamp(logp - old, +-log_ratio_clamp)),
-r's gradient included: DeepSeek-V3.2's unbiased KL estimate for tokens sampled from the old
-policy, TRL's `use_bias_correction_kl`. Its gradient r (k3 + d k3 / d logp) = -x r is k2's
-weighted by r: k3_st's terms times r (its value clamped as k3's, its gradient not by x; the
-exact derivative of a clamped r k3 is r k3 itself past the clamp, e^20 - 21 at r = 1, a push
-of logp further away).
+A weight w (KLConfig.weight) makes the term w k with w's own gradient, w (k + d k / d logp),
+w the token's ratio to old (`ratio`), to the sampler (`sampler_ratio`), each exp(clamp(logp -
+q, +-log_ratio_clamp)) with derivative w also past the clamp, or 1 (`score`, exp(logp -
+sg[logp])). k3_is is k3 with the ratio: DeepSeek-V3.2's unbiased KL estimate for tokens
+sampled from the old policy, TRL's `use_bias_correction_kl`. For k3, k + d k / d logp = -x:
+k2's gradient, weighted (k3's value clamped, its gradient not by x; the exact derivative of a
+clamped w k3 is w k3 itself past the clamp, e^20 - 21 at w = 1, a push of logp further away).
 
 k3_is_seq is k3 weighted by its sequence's ratio s_i = exp(clamp(the mean over the sequence's
 trained tokens of logp - old)), s_i's gradient included (TRL's `use_bias_correction_kl` with
@@ -30,9 +31,9 @@ keeps k3's full pull (gradient ~1), as k1 and k2 keep theirs for every finite x 
 verl's k1 / k2 do).
 
 A value bound c (KLConfig.value_clamp; verl's low_var_kl clamps k3 to [-10, 10], OpenRLHF
-every estimator) clamps k to [-c, c] with gradient 0 where |k| > c (torch.clamp's: the bound
-itself keeps it); the straight-through estimators clamp their value only, their gradient stays
-k2's. Such a token counts as clamped.
+every estimator) clamps k, or a weighted w k, to [-c, c] with gradient 0 where |k| > c
+(torch.clamp's: the bound itself keeps it); the straight-through estimators clamp their value
+only, their gradient stays k2's. Such a token counts as clamped.
 """
 
 from __future__ import annotations
@@ -42,37 +43,49 @@ import math
 import torch
 from torch import Tensor
 
+from softgate.engine.config import KLConfig
 from softgate.engine.segments import Segments
 
 K3_SERIES_BELOW = 0.1  # |x| under which k3 is its series
 _K3_SERIES = tuple(1 / math.factorial(n) for n in range(2, 9))  # exp(x) - 1 - x = sum x^n / n!
 
 
+def kernel_kl(kl: KLConfig | None) -> tuple[str, str] | None:
+    """The kernel's KL, (estimator, weight); k3_is as ("k3", "ratio"), the same compiled kernel."""
+    if kl is None:
+        return None
+    return ("k3", "ratio") if kl.estimator == "k3_is" else (kl.estimator, kl.weight)
+
+
 def kl_terms(
-    estimator: str, x_raw: Tensor, clamp: Tensor, ratio: Tensor | None = None, cap: Tensor | None = None
+    estimator: str,
+    x_raw: Tensor,
+    clamp: Tensor,
+    weight: Tensor | float | None = None,
+    cap: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(k, d k / d logp, clamped) per token from x_raw = ref - logp (0 on masked tokens);
-    `ratio`: k3_is's policy ratio r per token, k3_is_seq's sequence ratio s_i at each token
-    (d k / d logp: the token's own part, without s_i's gradient); `cap`: the value bound c
-    (not with k3_is, k3_is_seq)."""
+    `weight`: w per token (or 1.0 for all) of a weighted k1, k2, k3 or abs, w k with w's
+    gradient (k3_is comes as k3 with its ratio: kernel_kl), or k3_is_seq's sequence ratio s_i at each token
+    (d k / d logp: the token's own part, without s_i's gradient); `cap`: the value bound c on
+    k or w k (not with k3_is_seq)."""
     if cap is not None:
-        k, dk, clamped = kl_terms(estimator, x_raw, clamp)
+        k, dk, clamped = kl_terms(estimator, x_raw, clamp, weight)
         over = k.abs() > cap
         if not estimator.endswith("_st"):
             dk = torch.where(over, torch.zeros_like(dk), dk)
         return k.clamp(-cap, cap), dk, clamped | over
     if estimator == "k3_is_seq":
-        assert ratio is not None
+        assert weight is not None
         k, dk, clamped = kl_terms("k3", x_raw, clamp)
         # past the clamp k3's derivative at the clamped x, not the clamp's 0: it still offsets
         # s_i's share (a one-token sequence: -min(x, clamp) s_i, where 0 would leave +k3 s_i,
         # a push further from the reference)
         dk = torch.where(clamped, 1 - torch.exp(clamp), dk)
-        return ratio * k, ratio * dk, clamped
-    if estimator == "k3_is":
-        assert ratio is not None
-        k, dk, clamped = kl_terms("k3_st", x_raw, clamp)
-        return ratio * k, ratio * dk, clamped
+        return weight * k, weight * dk, clamped
+    if weight is not None:  # w k with w's own gradient: w (k + dk), k3's -x (also past its clamp)
+        k, dk, clamped = kl_terms(estimator, x_raw, clamp)
+        return weight * k, weight * (-x_raw if estimator == "k3" else k + dk), clamped
     if estimator.endswith("_st"):  # the value of k1 / k3 / abs, the gradient of k2 (never clamped)
         k, _, clamped = kl_terms(estimator.removesuffix("_st"), x_raw, clamp)
         return k, -x_raw, clamped

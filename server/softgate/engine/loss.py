@@ -36,7 +36,7 @@ from softgate.engine.config import CispoSeq, ClipCov, Gmpo, Gspo, GspoToken, KlC
 from softgate.engine.covariance import covariance_selection
 from softgate.engine.errors import FieldViolation, InputError
 from softgate.engine.kernel import EXPANDED, Terms, derived_terms, kernel_layout, kernel_params
-from softgate.engine.kl import sequence_kl
+from softgate.engine.kl import kernel_kl, sequence_kl
 from softgate.engine.metrics import METRIC_NAMES, to_floats
 from softgate.engine.mismatch import batch_norm_factor, sequence_log_weights
 from softgate.engine.objectives import OBJECTIVE_KIND, gmpo_bounds
@@ -368,7 +368,7 @@ def _compute_loss(
         kind,
         seq_ratio,
         adv_per_token,
-        config.kl.estimator if config.kl is not None else None,
+        kernel_kl(config.kl),
         # (geometric is the sequence level's kernel: either reads its weight from lvseq)
         ("token" if mm.level == "token" else "sequence", mm.mode) if mm is not None else None,
         torch.int32 if n <= INT32_MAX else torch.int64,

@@ -63,9 +63,9 @@ METRIC_NAMES: dict[str, str] = {
     "component NaN): advantage 0 and left out of every statistic when the advantages come from the rewards, "
     "left out of reward_mean and reward_std beside the caller's advantages; 0 without the setting",
     # KL and mismatch
-    "kl_mean": "mean of the KL estimator (before beta) over tokens; 0 without a KL term",
-    "kl_clamped_tokens": "tokens whose k3 (k3_st, k3_is, k3_is_seq) KL log-ratio ref - logp was above log_ratio_clamp, "
-    "or whose |k| was above kl.value_clamp (without it k1, k2, k1_st, abs, abs_st: 0)",
+    "kl_mean": "mean of the KL estimate (before beta; weighted by kl.weight: w k) over tokens; 0 without a KL term",
+    "kl_clamped_tokens": "tokens whose k3 (also k3_st, k3_is, k3_is_seq, weighted k3) KL log-ratio ref - logp was above "
+    "log_ratio_clamp, or whose |k| (weighted: |w k|) was above kl.value_clamp (without it k1, k2, k1_st, abs, abs_st: 0)",
     "mismatch_weight_mean": "mean train/inference mismatch weight v over tokens (before batch_normalize); 1 without correction",
     "mismatch_clipped_frac": "share of tokens whose v was clamped to [floor, cap] or zeroed outside [lo, hi] "
     "(seq_mask: the tokens of the sequences it dropped); 0 without correction",

@@ -26,6 +26,7 @@ from softgate.engine.config import (
     AGGREGATION_MODES,
     ESTIMATORS,
     KL_ESTIMATORS,
+    KL_WEIGHTS,
     MISMATCH_LEVELS,
     MISMATCH_MODES,
     OBJECTIVES,
@@ -35,6 +36,7 @@ from softgate.engine.config import (
     REWARD_KL_ESTIMATORS,
     REWARD_KL_LEVELS,
     SCALES,
+    WEIGHTED_KL_ESTIMATORS,
     AdvantageConfig,
     AggregationConfig,
     Cispo,
@@ -419,11 +421,22 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
             )
             _value_clamp(kl.value_clamp, "kl.value_clamp", v)
             need(
-                kl.value_clamp is None or kl.estimator not in ("k3_is", "k3_is_seq"),
+                kl.value_clamp is None or kl.estimator != "k3_is_seq",
                 "kl.value_clamp",
-                f"unsupported: {kl.estimator} (k3 weighted by a ratio) takes no value bound here; the bound "
-                "is for k1, k2, k3, abs and their straight-through forms",
+                "unsupported: k3_is_seq (k3 weighted by its sequence's ratio) takes no value bound; "
+                "k3_is (the token's ratio) does",
             )
+            if kl.weight not in KL_WEIGHTS:
+                v.append(
+                    FieldViolation("kl.weight", f"unknown_name: {kl.weight!r}; known: {list(KL_WEIGHTS)}")
+                )
+            elif kl.weight != "none" and kl.estimator in KL_ESTIMATORS:
+                need(
+                    kl.estimator in WEIGHTED_KL_ESTIMATORS,
+                    "kl.weight",
+                    f"unsupported: {kl.estimator} takes no weight; a weight is for "
+                    f"{list(WEIGHTED_KL_ESTIMATORS)} (k3_is is k3 with weight ratio)",
+                )
 
     mm = config.mismatch
     if mm is not None:
@@ -850,6 +863,13 @@ def validate_batch(
             v.append(
                 FieldViolation(
                     "rollout_logp", "missing: a mismatch correction is configured, rollout_logp is required"
+                )
+            )
+        elif getattr(config.kl, "weight", None) == "sampler_ratio" and batch.rollout_logp is None:
+            v.append(
+                FieldViolation(
+                    "rollout_logp",
+                    "missing: the KL is weighted by the sampler's ratio, rollout_logp is required",
                 )
             )
         elif config.rejection and batch.rollout_logp is None:

@@ -52,8 +52,12 @@ PARAM_HELP: dict[str, str] = {
     "constant": "K of token_sum_norm, > 0 (required by that mode)",
     "beta": "KL coefficient, >= 0",
     "aggregation": "the KL term's own aggregation mode, with the loss's normalisers; unset: the policy term's",
-    "value_clamp": "bound c on each token's k, > 0: k clamped to [-c, c], its gradient 0 past it "
-    "(straight-through: the value only; verl's low_var_kl: 10); unset: none",
+    "value_clamp": "bound c on each token's k (weighted: w k), > 0: clamped to [-c, c], its gradient 0 past "
+    "it (straight-through: the value only; verl's low_var_kl: 10); unset: none",
+    "KLConfig.weight": "w on each token's k, with w's gradient (term w k, gradient w (k + dk)): ratio "
+    "exp(clamp(logp - old)) (slime's --use-unbiased-kl), sampler_ratio exp(clamp(logp - rollout)) "
+    "(NeMo-RL's on-policy KL approximation; needs rollout_logp), score exp(logp - sg[logp]) = 1 "
+    "(NeMo-RL's KL); default none",
     "RewardKLConfig.value_clamp": "bound c on each token's k, > 0: k clamped to [-c, c] in the reward "
     "(verl's low_var_kl: 10); unset: none",
     "level": "token, sequence (product) or geometric (mean) mismatch weight",
@@ -209,9 +213,14 @@ def build(limits: Limits, max_message_bytes: int) -> pb.ListAlgorithmsResponse:
     for mode in _default_first(c.AggregationConfig, "mode"):
         r.aggregations.add(name=mode, description=AGGREGATION_HELP.get(mode, ""), parameters=agg_params)
     kl_params = _params(c.KLConfig, skip=("estimator",))
-    unbounded = [p for p in kl_params if p.name != "value_clamp"]  # (refused with the ratio-weighted)
     for est in _default_first(c.KLConfig, "estimator"):
-        ps = unbounded if est in ("k3_is", "k3_is_seq") else kl_params
+        # a weight only where one applies; no bound on k3_is_seq's (validation refuses them)
+        ps = [
+            p
+            for p in kl_params
+            if (p.name != "weight" or est in c.WEIGHTED_KL_ESTIMATORS)
+            and (p.name != "value_clamp" or est != "k3_is_seq")
+        ]
         r.kl_estimators.add(name=est, description=KL_HELP.get(est, ""), parameters=ps)
     rk_params = _params(c.RewardKLConfig, skip=("estimator",))
     for est in _default_first(c.RewardKLConfig, "estimator"):

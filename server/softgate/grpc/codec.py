@@ -705,6 +705,12 @@ _KL = {
     pb.KL_ESTIMATOR_ABS: "abs",
     pb.KL_ESTIMATOR_ABS_ST: "abs_st",
 }
+_KL_WEIGHTS = {
+    pb.KL_WEIGHT_NONE: "none",
+    pb.KL_WEIGHT_RATIO: "ratio",
+    pb.KL_WEIGHT_SAMPLER_RATIO: "sampler_ratio",
+    pb.KL_WEIGHT_SCORE: "score",
+}
 _MM_LEVELS = {
     pb.MISMATCH_LEVEL_TOKEN: "token",
     pb.MISMATCH_LEVEL_SEQUENCE: "sequence",
@@ -802,7 +808,12 @@ def _decode_loss_config(msg: pb.LossConfig, v: list[FieldViolation], prefix: str
     agg_kw = _set_fields(msg.aggregation, ("num_tokens", "num_seqs", "constant"))
     _enum(msg.aggregation.mode, _AGG_MODES, prefix + "aggregation.mode", v, agg_kw, "mode")
     kl = _section(
-        msg, "kl", ("beta", "value_clamp"), {"estimator": _KL, "aggregation": _AGG_MODES}, prefix, v
+        msg,
+        "kl",
+        ("beta", "value_clamp"),
+        {"estimator": _KL, "aggregation": _AGG_MODES, "weight": _KL_WEIGHTS},
+        prefix,
+        v,
     )
     mm = _section(
         msg, "mismatch", ("cap", "lo", "hi", "floor"), {"level": _MM_LEVELS, "mode": _MM_MODES}, prefix, v

@@ -68,6 +68,14 @@ class KlEstimator(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     KL_ESTIMATOR_ABS_ST: _ClassVar[KlEstimator]
     KL_ESTIMATOR_K3_IS_SEQ: _ClassVar[KlEstimator]
 
+class KlWeight(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KL_WEIGHT_UNSPECIFIED: _ClassVar[KlWeight]
+    KL_WEIGHT_NONE: _ClassVar[KlWeight]
+    KL_WEIGHT_RATIO: _ClassVar[KlWeight]
+    KL_WEIGHT_SAMPLER_RATIO: _ClassVar[KlWeight]
+    KL_WEIGHT_SCORE: _ClassVar[KlWeight]
+
 class RewardKlLevel(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     REWARD_KL_LEVEL_UNSPECIFIED: _ClassVar[RewardKlLevel]
@@ -155,6 +163,11 @@ KL_ESTIMATOR_K3_IS: KlEstimator
 KL_ESTIMATOR_ABS: KlEstimator
 KL_ESTIMATOR_ABS_ST: KlEstimator
 KL_ESTIMATOR_K3_IS_SEQ: KlEstimator
+KL_WEIGHT_UNSPECIFIED: KlWeight
+KL_WEIGHT_NONE: KlWeight
+KL_WEIGHT_RATIO: KlWeight
+KL_WEIGHT_SAMPLER_RATIO: KlWeight
+KL_WEIGHT_SCORE: KlWeight
 REWARD_KL_LEVEL_UNSPECIFIED: RewardKlLevel
 REWARD_KL_LEVEL_TOKEN: RewardKlLevel
 REWARD_KL_LEVEL_SEQUENCE: RewardKlLevel
@@ -413,16 +426,18 @@ class AggregationConfig(_message.Message):
     def __init__(self, mode: _Optional[_Union[AggregationMode, str]] = ..., num_tokens: _Optional[float] = ..., num_seqs: _Optional[float] = ..., constant: _Optional[float] = ...) -> None: ...
 
 class KlConfig(_message.Message):
-    __slots__ = ("estimator", "beta", "aggregation", "value_clamp")
+    __slots__ = ("estimator", "beta", "aggregation", "value_clamp", "weight")
     ESTIMATOR_FIELD_NUMBER: _ClassVar[int]
     BETA_FIELD_NUMBER: _ClassVar[int]
     AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     VALUE_CLAMP_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
     estimator: KlEstimator
     beta: float
     aggregation: AggregationMode
     value_clamp: float
-    def __init__(self, estimator: _Optional[_Union[KlEstimator, str]] = ..., beta: _Optional[float] = ..., aggregation: _Optional[_Union[AggregationMode, str]] = ..., value_clamp: _Optional[float] = ...) -> None: ...
+    weight: KlWeight
+    def __init__(self, estimator: _Optional[_Union[KlEstimator, str]] = ..., beta: _Optional[float] = ..., aggregation: _Optional[_Union[AggregationMode, str]] = ..., value_clamp: _Optional[float] = ..., weight: _Optional[_Union[KlWeight, str]] = ...) -> None: ...
 
 class RewardKlConfig(_message.Message):
     __slots__ = ("beta", "estimator", "level", "value_clamp")
