@@ -179,6 +179,10 @@ def test_build_loss_config_flat_keywords() -> None:
     assert cfg.build_loss_config().reward_kl is None
     with pytest.raises(ValueError, match=r"config\.reward_kl\.beta: missing"):
         cfg.build_loss_config(reward_kl_estimator="k3")
+    with pytest.raises(
+        ValueError, match=r"config\.kl\.beta: missing"
+    ):  # (a review: a weight was let through)
+        cfg.build_loss_config(kl_weight="ratio")
     # an unknown estimator is refused listing a reward's choices (test_client: the engine's);
     # the loss term's k3_is and alike pass, for the server to refuse with its reason
     with pytest.raises(

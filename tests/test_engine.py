@@ -1731,6 +1731,7 @@ def test_validation_batch(monkeypatch, path):
         (LossConfig(kl=KLConfig(estimator="k3_is_seq", value_clamp=10.0)), "kl.value_clamp"),
         (LossConfig(kl=KLConfig(weight="sequence")), "kl.weight"),  # type: ignore[arg-type]
         (LossConfig(kl=KLConfig(weight=["ratio"])), "kl.weight"),  # type: ignore[arg-type]
+        (LossConfig(kl=KLConfig(weight=np.array(["ratio"]))), "kl.weight"),  # type: ignore[arg-type]
         *((LossConfig(kl=KLConfig(estimator=e, weight="ratio")), "kl.weight") for e in ("k3_st", "k3_is")),  # type: ignore[arg-type]
         (LossConfig(kl=KLConfig(estimator="k3_is_seq", weight="score")), "kl.weight"),
         (LossConfig(mismatch=MismatchConfig(cap=0.0)), "mismatch.cap"),

@@ -464,7 +464,7 @@ class LossConfig:
             if not isinstance(v, cls) and not (v is None and name in ("kl", "mismatch", "reward_kl")):
                 raise _not_a(f"config.{name}", cls, v)
         for name, others, what_kl in (
-            ("kl", ("estimator", "aggregation", "value_clamp"), "KL term"),
+            ("kl", ("estimator", "aggregation", "value_clamp", "weight"), "KL term"),
             ("reward_kl", ("estimator", "level", "value_clamp"), "KL in the reward"),
         ):
             kl = getattr(self, name)

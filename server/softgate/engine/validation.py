@@ -426,7 +426,7 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
                 "unsupported: k3_is_seq (k3 weighted by its sequence's ratio) takes no value bound; "
                 "k3_is (the token's ratio) does",
             )
-            if kl.weight not in KL_WEIGHTS:
+            if not isinstance(kl.weight, str) or kl.weight not in KL_WEIGHTS:
                 v.append(
                     FieldViolation("kl.weight", f"unknown_name: {kl.weight!r}; known: {list(KL_WEIGHTS)}")
                 )
