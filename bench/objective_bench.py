@@ -1,7 +1,7 @@
 """Each objective's cost in process, on the CPU: the compiled engine as `softgate serve` calls it
 for a request that wants the gradient alone (ratio and gate for a 32K-token sample), on one
 batch of per-sequence advantages, every objective at its defaults, GRPO with a k3, k3_is or k3_is_seq KL
-term, GRPO with a token-level TIS or seq_mask (seq-mask-tis) mismatch correction (the same
+term (and k3 bounded, alone and weighted by the ratio to the sampler), GRPO with a token-level TIS or seq_mask (seq-mask-tis) mismatch correction (the same
 batch with rollout log-probs; TIS also with batch_normalize), GRPO with off-policy sequence masking (OPSM) and with rollout
 rejection (the same rollout log-probs), GSPO with a dual clip, and advantages from rewards in the
 call: GRPO's, and with a KL in the reward (REINFORCE++'s per-token return, verl's per-sequence
@@ -50,6 +50,10 @@ def configs() -> dict[str, LossConfig]:
         out[f"grpo + {est}"] = LossConfig(objective=Grpo(), kl=KLConfig(est, 0.01))
     # verl's low_var_kl: k3's value bounded at 10 (a clamp and a mask more in the kernel)
     out["grpo + k3, value_clamp 10"] = LossConfig(objective=Grpo(), kl=KLConfig("k3", 0.01, value_clamp=10.0))
+    # NeMo-RL's on-policy KL approximation: k3 weighted by the ratio to the sampler, w k bounded
+    out["grpo + k3 w=sampler, clamp 10"] = LossConfig(
+        objective=Grpo(), kl=KLConfig("k3", 0.01, value_clamp=10.0, weight="sampler_ratio")
+    )
     for mode in ("truncate", "seq_mask"):
         out[f"grpo + {mode}"] = LossConfig(
             objective=Grpo(), mismatch=MismatchConfig(mode=mode, lo=0.998, hi=1.002)
@@ -136,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     cfgs = configs()
     batches = {
         name: with_rollout
-        if cfg.mismatch or cfg.rejection
+        if cfg.mismatch or cfg.rejection or (cfg.kl and cfg.kl.weight == "sampler_ratio")
         else with_rewards
         if "rewards" in name or cfg.reward_kl or cfg.advantages.gamma != 1.0
         else plain
