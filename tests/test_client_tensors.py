@@ -122,6 +122,26 @@ def test_verl_kl_types_map_to_an_estimator_and_its_bound(
     assert proto.kl.HasField("value_clamp") == (bound is not None)
 
 
+def test_slime_and_nemo_rl_kl_settings_are_refused_naming_their_option() -> None:
+    """kl_from_slime and kl_from_nemo_rl (their mappings are tested against the peers' KL in
+    tests/test_peer_slime.py and tests/test_peer_nemo_rl.py): an unknown type, and a flag that
+    is not a bool (a string "False" would have turned it on), are refused by the peer's name;
+    the weight reaches the proto."""
+    with pytest.raises(ValueError, match=r"kl_loss_type: unknown_choice: 'mse'; one of \['k1'"):
+        cfg.kl_from_slime("mse", 0.1)
+    with pytest.raises(ValueError, match=r"use_unbiased_kl: bad_type: 'False'"):
+        cfg.kl_from_slime("k1", 0.1, "False")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="reference_policy_kl_type: unknown_choice: 'low_var_kl'"):
+        cfg.kl_from_nemo_rl("low_var_kl", 0.1)
+    with pytest.raises(ValueError, match="use_on_policy_kl_approximation: bad_type: 1"):
+        cfg.kl_from_nemo_rl("k3", 0.1, use_on_policy_kl_approximation=1)  # type: ignore[arg-type]
+    assert cfg.kl_from_slime("k1", 0.1) == cfg.KLConfig("k1", 0.1)
+    from softgate_client.proto.softgate.v1 import softgate_pb2 as pb
+
+    proto = loss_config_to_proto(cfg.build_loss_config(kl=cfg.kl_from_nemo_rl("k2", 0.1)))
+    assert proto.kl.weight == pb.KL_WEIGHT_SCORE and proto.kl.value_clamp == 10.0
+
+
 def test_an_unknown_verl_kl_type_is_refused_naming_verls_option() -> None:
     """An unknown type, and an advantage estimator without a counterpart here (remax's and
     gae's returns are per token, not the outcome estimators' sum; a typo or None went as

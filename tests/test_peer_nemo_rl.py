@@ -36,6 +36,7 @@ from softgate.engine import (
     MismatchConfig,
     RewardKLConfig,
 )
+from softgate_client import kl_from_nemo_rl
 
 E = Engine(device="cpu", compile=False)
 F64 = torch.float64
@@ -277,6 +278,13 @@ def test_kl_with_score_function_gradient_is_the_score_weight(kl_type: str, out_c
     want = _mm(0.05 * _calc_kl(x, d["ref"], kl_type, 20.0, out_c, w), d["mask"], norm=d["mask"].sum())
     d["batch"] = dataclasses.replace(d["batch"], advantages=torch.zeros(len(LENGTHS), dtype=F64))
     kl_cfg = KLConfig(estimator=kl_type, beta=0.05, value_clamp=out_c, weight="score")
+    mapped = kl_from_nemo_rl(kl_type, 0.05, out_c)  # (the client's mapping of NeMo-RL's settings)
+    assert (mapped.estimator, mapped.beta, mapped.value_clamp, mapped.weight) == (
+        kl_type,
+        0.05,
+        out_c,
+        "score",
+    )
     res, grad = _check(d, want, x, LossConfig(objective=Grpo(), **_token_mean(d, kl=kl_cfg)))
     if kl_type == "k3":  # row 4's token, k3 = e^3 - 4: no gradient past the clamp, -x = -3 without it
         want4 = 0.0 if out_c else 0.05 * -3.0 / float(d["mask"].sum() + NEMO_EPS)
@@ -302,6 +310,8 @@ def test_on_policy_kl_approximation_is_the_sampler_ratio_weight(kl_type: str, ou
     want = _mm(0.1 * _calc_kl(x, d["ref"], kl_type, 20.0, out_c, w), d["mask"], norm=d["mask"].sum())
     d["batch"] = dataclasses.replace(d["batch"], advantages=torch.zeros(len(LENGTHS), dtype=F64))
     kl_cfg = KLConfig(estimator=kl_type, beta=0.1, value_clamp=out_c, weight="sampler_ratio")
+    mapped = kl_from_nemo_rl(kl_type, 0.1, out_c, use_on_policy_kl_approximation=True)
+    assert (mapped.estimator, mapped.value_clamp, mapped.weight) == (kl_type, out_c, "sampler_ratio")
     _check(d, want, x, LossConfig(objective=Grpo(), **_token_mean(d, kl=kl_cfg)))
     # the sampler as the old policy: the ratio weight (k3: k3_is) reads old_logp instead
     d["batch"] = dataclasses.replace(d["batch"], rollout_logp=None)

@@ -34,6 +34,7 @@ from softgate.engine import (
     MismatchConfig,
     RewardKLConfig,
 )
+from softgate_client import kl_from_slime
 from torch import Tensor
 
 E = Engine(device="cpu", compile=False)
@@ -249,7 +250,16 @@ def test_kl_loss(per_token: bool, kl_loss_type: str, unbiased: bool, kl: KLConfi
     logp - ref; low_var_kl clamps the value to [-10, 10]; --use-unbiased-kl multiplies by
     exp(logp - old) with its gradient, before that clamp), reduced like the policy term:
     `kl_estimator` k1 / k2 / k3 (low_var_kl: k3 with kl_value_clamp=10), kl_beta = b, and for
-    --use-unbiased-kl `kl_weight="ratio"` (k3's: also k3_is)."""
+    --use-unbiased-kl `kl_weight="ratio"` (k3's: also k3_is); the client's kl_from_slime gives
+    that configuration."""
+    mapped = kl_from_slime(kl_loss_type, 0.3, unbiased)
+    est, weight = ("k3", "ratio") if kl.estimator == "k3_is" else (kl.estimator, kl.weight)
+    assert (mapped.estimator, mapped.beta, mapped.value_clamp, mapped.weight or "none") == (
+        est,
+        kl.beta,
+        kl.value_clamp,
+        weight,
+    )
     s = _samples(LENGTHS, 7)
     s["logp"][6][1], s["ref"][6][1] = -3.5, -1e-4  # k3 = e^3.5 - 4.5 > 10: low_var_kl's clamp
     s["ref"][6][2] = s["logp"][6][2] - 12.0  # k1 and k2 far out

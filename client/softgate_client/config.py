@@ -303,6 +303,54 @@ def kl_from_verl(kl_loss_type: str, kl_loss_coef: float) -> KLConfig:
     return KLConfig(estimator, kl_loss_coef, value_clamp=bound)
 
 
+def _flag(option: str, v: Any) -> bool:
+    if not isinstance(v, bool):  # (a string "False" is true)
+        raise invalid_argument(option, f"bad_type: {v!r:.60}; true or false")
+    return v
+
+
+# slime's --kl-loss-type (compute_approx_kl): softgate's estimator, and the bound slime puts on
+# low_var_kl's value (after --use-unbiased-kl's weight)
+SLIME_KL_TYPES: dict[str, tuple[str, float | None]] = {
+    "k1": ("k1", None),
+    "k2": ("k2", None),
+    "k3": ("k3", None),
+    "low_var_kl": ("k3", 10.0),
+}
+
+
+def kl_from_slime(kl_loss_type: str, kl_loss_coef: float, use_unbiased_kl: bool = False) -> KLConfig:
+    """slime's KL loss (`--use-kl-loss` with `--kl-loss-type`, `--kl-loss-coef` and
+    `--use-unbiased-kl`) as a KLConfig for `kl=`: its estimator, low_var_kl's bound of 10 on the
+    (weighted) value, and the ratio weight exp(logp - old) for `--use-unbiased-kl`."""
+    name = str(kl_loss_type)
+    if name not in SLIME_KL_TYPES:
+        raise invalid_argument("kl_loss_type", f"unknown_choice: {name!r:.60}; one of {list(SLIME_KL_TYPES)}")
+    estimator, bound = SLIME_KL_TYPES[name]
+    weight = "ratio" if _flag("use_unbiased_kl", use_unbiased_kl) else None
+    return KLConfig(estimator, kl_loss_coef, value_clamp=bound, weight=weight)
+
+
+def kl_from_nemo_rl(
+    reference_policy_kl_type: str,
+    reference_policy_kl_penalty: float,
+    kl_output_clamp_value: float | None = 10.0,
+    use_on_policy_kl_approximation: bool = False,
+) -> KLConfig:
+    """NeMo-RL's KL loss (ClippedPGLossFn at 006907a9, its defaults for the clamp) as a KLConfig
+    for `kl=`: k1 / k2 / k3, the output clamp on the weighted value (None: none), weighted by
+    exp(logp - sg[logp]) (the score-function gradient), or by exp(logp - generation_logprobs)
+    with `use_on_policy_kl_approximation` (send generation_logprobs as `rollout_logp`)."""
+    name = str(reference_policy_kl_type)
+    if name not in ("k1", "k2", "k3"):
+        raise invalid_argument(
+            "reference_policy_kl_type", f"unknown_choice: {name!r:.60}; one of ['k1', 'k2', 'k3']"
+        )
+    on_policy = _flag("use_on_policy_kl_approximation", use_on_policy_kl_approximation)
+    weight = "sampler_ratio" if on_policy else "score"
+    return KLConfig(name, reference_policy_kl_penalty, value_clamp=kl_output_clamp_value, weight=weight)
+
+
 # verl's advantage estimators with a softgate counterpart, by where a KL in the reward enters:
 # REINFORCE++'s per-token return, or the outcome estimators' sum of the token-level rewards
 VERL_REWARD_KL_LEVELS = {
