@@ -247,6 +247,8 @@ def _check_panels(
     tel = PrometheusTelemetry(None, cpu_sample_tokens=None)
     for run_name, cfg, b in batches:
         tel.observe_loss(run_name, cfg, engine.loss(b, cfg))
+        n, seqs = b.logp.numel(), b.offsets.numel() - 1  # (the call's own counts, as the servicer's)
+        tel.request_finished("ComputeLoss", run_name, "OK", 0.001, 0, 0, n, seqs, started=False)
     series = []
     for fam in text_string_to_metric_families(tel.exposition().decode()):
         for smp in fam.samples:
@@ -329,8 +331,13 @@ def test_dashboard_correction_panels_are_shares_of_the_corrected_runs_tokens(tmp
         (_target("Off-policy masked and rejected tokens", "masked"), [_sample('objective="grpo"', 3 / 400)]),
         # rejected: 3 of the 100 tokens the rejecting run sent (97 trained)
         (
-            _target("Off-policy masked and rejected tokens", "rejected"),
+            _target("Off-policy masked and rejected tokens", "rejected {"),
             [_sample('objective="grpo"', 3 / 100)],
+        ),
+        # and 1 of its 2 sequences (the other runs send no criteria: no line)
+        (
+            _target("Off-policy masked and rejected tokens", "rejected sequences"),
+            [_sample('run="r"', 1 / 2)],
         ),
     ]
     _check_panels(tmp_path, batches, checks)

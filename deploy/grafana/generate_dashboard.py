@@ -358,6 +358,12 @@ def build() -> dict[str, Any]:
                     "[$__rate_interval]) and ignoring (sign) softgate_rollout_rejected_tokens_total))",
                     "rejected {{objective}}",
                 ),
+                (
+                    f"sum by (run) (rate(softgate_rollout_rejected_sequences_total{{{R}}}[$__rate_interval])) / "
+                    f'sum by (run) (rate(softgate_processed_sequences_total{{{R},rpc=~"ComputeLoss|StreamLoss"}}'
+                    "[$__rate_interval]))",
+                    "rejected sequences {{run}}",
+                ),
             ],
             0,
             y,
@@ -366,7 +372,9 @@ def build() -> dict[str, Any]:
             description="Shares over the interval. Masked (runs with off_policy_mask_threshold): trained tokens "
             "whose policy term off-policy sequence masking dropped (A<0 in a sequence whose mean sampler - "
             "current log-prob is above the threshold). Rejected (runs with rejection criteria, verl's "
-            "rollout_rs): tokens of the masks as sent that rollout rejection took out.",
+            "rollout_rs): tokens of the masks as sent that rollout rejection took out. Rejected sequences, per run: "
+            "the share of its loss calls' sequences of which rejection took a trained token (verl's veto takes whole "
+            "sequences; its rollout_is_veto_fraction when the veto is the only criterion).",
         )
     )
     panels.append(
