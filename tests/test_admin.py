@@ -109,6 +109,8 @@ def test_routes_with_token(server) -> None:
         assert set(alg["advantages"]["estimators"]) == set(ESTIMATORS)
         assert "seq_mean_token_mean" in alg["aggregations"]["modes"]
         assert alg["kl"]["estimators"] == list(KL_ESTIMATORS)
+        assert alg["kl"]["weights"] == ["none", "ratio", "sampler_ratio", "score"]
+        assert alg["kl"]["defaults"]["weight"] == "none"
         assert set(alg["mismatch"]["modes"]) == {"truncate", "mask", "seq_mask"}
         assert alg["loss_defaults"]["saturation_threshold"] == 0.5
 

@@ -219,6 +219,7 @@ def algorithm_catalogue() -> dict[str, Any]:
         "kl": {
             "description": _doc(c.KLConfig),
             "estimators": _literal_options(c.KLConfig, "estimator"),
+            "weights": _literal_options(c.KLConfig, "weight"),
             "defaults": _defaults(c.KLConfig),
         },
         "mismatch": {

@@ -57,9 +57,9 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     ),
     "softgate_clamped_tokens_total": ("Tokens whose log-ratio hit the clamp bound.", RO),
     "softgate_kl_clamped_tokens_total": (
-        "Trained tokens whose KL term was clamped: k3's ref - logp above log_ratio_clamp, or |k| above "
-        "kl.value_clamp (verl's low_var_kl: 10); k1, k2, k3 and abs give it no KL gradient there (the "
-        "straight-through and ratio-weighted estimators keep one). Batches with a KL term only.",
+        "Trained tokens whose KL term was clamped: k3's ref - logp above log_ratio_clamp, or |k| (weighted: "
+        "|w k|) above kl.value_clamp (verl's low_var_kl: 10). Past the value bound only the straight-through "
+        "estimators keep a KL gradient, past log_ratio_clamp only a weighted k3. Batches with a KL term only.",
         RO,
     ),
     "softgate_mismatch_clipped_tokens_total": (
