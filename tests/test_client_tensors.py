@@ -135,7 +135,16 @@ def test_slime_and_nemo_rl_kl_settings_are_refused_naming_their_option() -> None
         cfg.kl_from_nemo_rl("low_var_kl", 0.1)
     with pytest.raises(ValueError, match="use_on_policy_kl_approximation: bad_type: 1"):
         cfg.kl_from_nemo_rl("k3", 0.1, use_on_policy_kl_approximation=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="kl_loss_coef: bad_type"):
+        cfg.kl_from_slime("k1", "0.1x")
+    with pytest.raises(ValueError, match="reference_policy_kl_penalty: bad_type"):
+        cfg.kl_from_nemo_rl("k1", None)  # type: ignore[arg-type]
     assert cfg.kl_from_slime("k1", 0.1) == cfg.KLConfig("k1", 0.1)
+    # numpy's bools are bools, as elsewhere in the client; NeMo-RL's penalty 0 is no KL term
+    # (it then reads no reference log-probs; a KL term of beta 0 would still need them)
+    assert cfg.kl_from_slime("k1", 0.1, np.True_).weight == "ratio"
+    assert cfg.kl_from_nemo_rl("k3", 0.1, use_on_policy_kl_approximation=np.bool_(False)).weight == "score"  # type: ignore[union-attr]
+    assert cfg.kl_from_nemo_rl("k3", 0.0) is None
     from softgate_client.proto.softgate.v1 import softgate_pb2 as pb
 
     proto = loss_config_to_proto(cfg.build_loss_config(kl=cfg.kl_from_nemo_rl("k2", 0.1)))

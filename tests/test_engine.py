@@ -1732,6 +1732,12 @@ def test_validation_batch(monkeypatch, path):
         (LossConfig(kl=KLConfig(weight="sequence")), "kl.weight"),  # type: ignore[arg-type]
         (LossConfig(kl=KLConfig(weight=["ratio"])), "kl.weight"),  # type: ignore[arg-type]
         (LossConfig(kl=KLConfig(weight=np.array(["ratio"]))), "kl.weight"),  # type: ignore[arg-type]
+        # (every name so: a one-name array compared equal to it, then crashed the engine: a review)
+        (LossConfig(kl=KLConfig(estimator=np.array(["k3"]))), "kl.estimator"),  # type: ignore[arg-type]
+        (LossConfig(kl=KLConfig(aggregation=np.array(["token_mean"]))), "kl.aggregation"),  # type: ignore[arg-type]
+        (LossConfig(aggregation=AggregationConfig(mode=np.array(["token_mean"]))), "aggregation.mode"),  # type: ignore[arg-type]
+        (LossConfig(mismatch=MismatchConfig(level=np.array(["token"]))), "mismatch.level"),  # type: ignore[arg-type]
+        (LossConfig(reward_kl=RewardKLConfig(level=np.array(["token"]))), "reward_kl.level"),  # type: ignore[arg-type]
         *((LossConfig(kl=KLConfig(estimator=e, weight="ratio")), "kl.weight") for e in ("k3_st", "k3_is")),  # type: ignore[arg-type]
         (LossConfig(kl=KLConfig(estimator="k3_is_seq", weight="score")), "kl.weight"),
         (LossConfig(mismatch=MismatchConfig(cap=0.0)), "mismatch.cap"),

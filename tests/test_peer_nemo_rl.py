@@ -279,6 +279,7 @@ def test_kl_with_score_function_gradient_is_the_score_weight(kl_type: str, out_c
     d["batch"] = dataclasses.replace(d["batch"], advantages=torch.zeros(len(LENGTHS), dtype=F64))
     kl_cfg = KLConfig(estimator=kl_type, beta=0.05, value_clamp=out_c, weight="score")
     mapped = kl_from_nemo_rl(kl_type, 0.05, out_c)  # (the client's mapping of NeMo-RL's settings)
+    assert mapped is not None
     assert (mapped.estimator, mapped.beta, mapped.value_clamp, mapped.weight) == (
         kl_type,
         0.05,
@@ -311,7 +312,13 @@ def test_on_policy_kl_approximation_is_the_sampler_ratio_weight(kl_type: str, ou
     d["batch"] = dataclasses.replace(d["batch"], advantages=torch.zeros(len(LENGTHS), dtype=F64))
     kl_cfg = KLConfig(estimator=kl_type, beta=0.1, value_clamp=out_c, weight="sampler_ratio")
     mapped = kl_from_nemo_rl(kl_type, 0.1, out_c, use_on_policy_kl_approximation=True)
-    assert (mapped.estimator, mapped.value_clamp, mapped.weight) == (kl_type, out_c, "sampler_ratio")
+    assert mapped is not None
+    assert (mapped.estimator, mapped.beta, mapped.value_clamp, mapped.weight) == (
+        kl_type,
+        0.1,
+        out_c,
+        "sampler_ratio",
+    )
     _check(d, want, x, LossConfig(objective=Grpo(), **_token_mean(d, kl=kl_cfg)))
     # the sampler as the old policy: the ratio weight (k3: k3_is) reads old_logp instead
     d["batch"] = dataclasses.replace(d["batch"], rollout_logp=None)

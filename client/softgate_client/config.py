@@ -304,6 +304,7 @@ def kl_from_verl(kl_loss_type: str, kl_loss_coef: float) -> KLConfig:
 
 
 def _flag(option: str, v: Any) -> bool:
+    v = plain_value(v)  # (numpy's and torch's bools are bools)
     if not isinstance(v, bool):  # (a string "False" is true)
         raise invalid_argument(option, f"bad_type: {v!r:.60}; true or false")
     return v
@@ -328,7 +329,9 @@ def kl_from_slime(kl_loss_type: str, kl_loss_coef: float, use_unbiased_kl: bool 
         raise invalid_argument("kl_loss_type", f"unknown_choice: {name!r:.60}; one of {list(SLIME_KL_TYPES)}")
     estimator, bound = SLIME_KL_TYPES[name]
     weight = "ratio" if _flag("use_unbiased_kl", use_unbiased_kl) else None
-    return KLConfig(estimator, kl_loss_coef, value_clamp=bound, weight=weight)
+    return KLConfig(
+        estimator, _number("kl_loss_coef", plain_value(kl_loss_coef)), value_clamp=bound, weight=weight
+    )
 
 
 def kl_from_nemo_rl(
@@ -336,19 +339,24 @@ def kl_from_nemo_rl(
     reference_policy_kl_penalty: float,
     kl_output_clamp_value: float | None = 10.0,
     use_on_policy_kl_approximation: bool = False,
-) -> KLConfig:
+) -> KLConfig | None:
     """NeMo-RL's KL loss (ClippedPGLossFn at 006907a9, its defaults for the clamp) as a KLConfig
     for `kl=`: k1 / k2 / k3, the output clamp on the weighted value (None: none), weighted by
     exp(logp - sg[logp]) (the score-function gradient), or by exp(logp - generation_logprobs)
-    with `use_on_policy_kl_approximation` (send generation_logprobs as `rollout_logp`)."""
+    with `use_on_policy_kl_approximation` (send generation_logprobs as `rollout_logp`). A
+    penalty of 0 is None, no KL term: NeMo-RL then reads no reference log-probs (its
+    `use_kl_in_reward` sets the penalty to 0 that way)."""
     name = str(reference_policy_kl_type)
     if name not in ("k1", "k2", "k3"):
         raise invalid_argument(
             "reference_policy_kl_type", f"unknown_choice: {name!r:.60}; one of ['k1', 'k2', 'k3']"
         )
     on_policy = _flag("use_on_policy_kl_approximation", use_on_policy_kl_approximation)
+    beta = _number("reference_policy_kl_penalty", plain_value(reference_policy_kl_penalty))
+    if beta == 0:
+        return None
     weight = "sampler_ratio" if on_policy else "score"
-    return KLConfig(name, reference_policy_kl_penalty, value_clamp=kl_output_clamp_value, weight=weight)
+    return KLConfig(name, beta, value_clamp=kl_output_clamp_value, weight=weight)
 
 
 # verl's advantage estimators with a softgate counterpart, by where a KL in the reward enters:

@@ -394,8 +394,8 @@ def build() -> dict[str, Any]:
             "of the reference policy. Runs with a KL in the reward (reward_kl): the mean over sequences of "
             f"each one's mean KL, verl's reward_kl_penalty. {PER_BATCH} Right: share of trained tokens "
             "whose KL term was clamped (k3's ref - logp past log_ratio_clamp, or the estimate past "
-            "kl.value_clamp, verl's 10). With k1, k2, k3 and abs the KL term no longer pulls them back to "
-            "the reference (the straight-through and ratio-weighted estimators still do), so a climbing "
+            "kl.value_clamp, verl's 10). Past the value bound only the straight-through estimators still pull "
+            "them back to the reference, past log_ratio_clamp only a weighted k3, so a climbing "
             "share means the policy is leaving the reference where the KL term cannot hold it.",
             overrides=[right_axis("^clamped .*", "percentunit", "clamped tokens")],
         )

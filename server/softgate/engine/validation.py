@@ -15,7 +15,7 @@ import contextlib
 import functools
 import math
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TypeGuard
 
 import torch
@@ -122,7 +122,7 @@ def _unread_normalisers(agg: AggregationConfig, kl_mode: str | None, v: list[Fie
     num_tokens beside the default mode left each micro-batch its own N_seq (an audit). Both
     num_tokens and num_seqs together stay accepted (common, and harmless). `kl_mode`: the KL
     term's own mode, if it has one."""
-    if agg.mode not in AGGREGATION_MODES:  # (refused by the caller; a list is unhashable)
+    if not _known(agg.mode, AGGREGATION_MODES):  # (refused by the caller; a list is unhashable)
         return
     modes = [agg.mode] + ([kl_mode] if kl_mode is not None and kl_mode != agg.mode else [])
     if modes[1:] == ["token_sum_norm"] and agg.constant is None:  # (the policy's: the caller's check)
@@ -160,13 +160,13 @@ def _rejection(criteria: object, v: list[FieldViolation]) -> None:
         if not isinstance(c, RejectionCriterion):
             v.append(FieldViolation(p, "bad_type: not a RejectionCriterion"))
             continue
-        if c.statistic not in REJECTION_STATISTICS:
+        if not _known(c.statistic, REJECTION_STATISTICS):
             v.append(
                 FieldViolation(
                     f"{p}.statistic", f"unknown_name: {c.statistic!r}; known: {list(REJECTION_STATISTICS)}"
                 )
             )
-        if c.level not in REJECTION_LEVELS:
+        if not _known(c.level, REJECTION_LEVELS):
             v.append(
                 FieldViolation(f"{p}.level", f"unknown_name: {c.level!r}; known: {list(REJECTION_LEVELS)}")
             )
@@ -259,6 +259,12 @@ def _cov_window(obj: ClipCov, p: str, v: list[FieldViolation]) -> None:
 _VALID: dict[int, weakref.ref[LossConfig]] = {}
 
 
+def _known(value: object, choices: Iterable[str]) -> TypeGuard[str]:
+    """Whether `value` is one of the names `choices` (a one-name numpy array compared equal to
+    it, then crashed the engine where it read the name as a string: a review)."""
+    return isinstance(value, str) and value in choices
+
+
 def validate_config(config: LossConfig) -> list[FieldViolation]:
     """Every out-of-range parameter or unknown name in `config` (a config object found valid
     once is not checked again: they are frozen)."""
@@ -298,7 +304,7 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
 
     obj = config.objective
     name = getattr(obj, "name", None)
-    if name not in OBJECTIVES or not isinstance(obj, OBJECTIVES[name]):
+    if not _known(name, OBJECTIVES) or not isinstance(obj, OBJECTIVES[name]):
         v.append(
             FieldViolation("objective", f"unknown_name: objective {name!r}; known: {sorted(OBJECTIVES)}")
         )
@@ -333,12 +339,12 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
         v.append(FieldViolation("advantages", "unknown_name: not an AdvantageConfig"))
     else:
         need(
-            adv.estimator in ESTIMATORS,
+            _known(adv.estimator, ESTIMATORS),
             "advantages.estimator",
             f"unknown_name: {adv.estimator!r}; known: {list(ESTIMATORS)}",
         )
         need(
-            adv.scale is None or adv.scale in SCALES,
+            adv.scale is None or _known(adv.scale, SCALES),
             "advantages.scale",
             f"unknown_name: {adv.scale!r}; known: {list(SCALES)}",
         )
@@ -388,7 +394,7 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
         v.append(FieldViolation("aggregation", "unknown_name: not an AggregationConfig"))
     else:
         need(
-            agg.mode in AGGREGATION_MODES,
+            _known(agg.mode, AGGREGATION_MODES),
             "aggregation.mode",
             f"unknown_name: {agg.mode!r}; known: {list(AGGREGATION_MODES)}",
         )
@@ -399,7 +405,7 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
         if agg.mode == "token_sum_norm" and agg.constant is None:
             v.append(FieldViolation("aggregation.constant", "missing: token_sum_norm needs the constant K"))
         kl_mode = config.kl.aggregation if isinstance(config.kl, KLConfig) else None
-        if kl_mode is not None and kl_mode not in AGGREGATION_MODES:  # (a list: unhashable)
+        if kl_mode is not None and not _known(kl_mode, AGGREGATION_MODES):  # (a list: unhashable)
             kl_mode = None  # (refused below)
         _unread_normalisers(agg, kl_mode, v)
 
@@ -409,13 +415,13 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
             v.append(FieldViolation("kl", "unknown_name: not a KLConfig"))
         else:
             need(
-                kl.estimator in KL_ESTIMATORS,
+                _known(kl.estimator, KL_ESTIMATORS),
                 "kl.estimator",
                 f"unknown_name: {kl.estimator!r}; known: {list(KL_ESTIMATORS)}",
             )
             nonneg(kl.beta, "kl.beta")
             need(
-                kl.aggregation is None or kl.aggregation in AGGREGATION_MODES,
+                kl.aggregation is None or _known(kl.aggregation, AGGREGATION_MODES),
                 "kl.aggregation",
                 f"unknown_name: {kl.aggregation!r}; known: {list(AGGREGATION_MODES)}",
             )
@@ -426,13 +432,13 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
                 "unsupported: k3_is_seq (k3 weighted by its sequence's ratio) takes no value bound; "
                 "k3_is (the token's ratio) does",
             )
-            if not isinstance(kl.weight, str) or kl.weight not in KL_WEIGHTS:
+            if not _known(kl.weight, KL_WEIGHTS):
                 v.append(
                     FieldViolation("kl.weight", f"unknown_name: {kl.weight!r}; known: {list(KL_WEIGHTS)}")
                 )
-            elif kl.weight != "none" and kl.estimator in KL_ESTIMATORS:
+            elif kl.weight != "none" and _known(kl.estimator, KL_ESTIMATORS):
                 need(
-                    kl.estimator in WEIGHTED_KL_ESTIMATORS,
+                    _known(kl.estimator, WEIGHTED_KL_ESTIMATORS),
                     "kl.weight",
                     f"unsupported: {kl.estimator} takes no weight; a weight is for "
                     f"{list(WEIGHTED_KL_ESTIMATORS)} (k3_is is k3 with weight ratio)",
@@ -444,12 +450,12 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
             v.append(FieldViolation("mismatch", "unknown_name: not a MismatchConfig"))
         else:
             need(
-                mm.level in MISMATCH_LEVELS,
+                _known(mm.level, MISMATCH_LEVELS),
                 "mismatch.level",
                 f"unknown_name: {mm.level!r}; known: {list(MISMATCH_LEVELS)}",
             )
             need(
-                mm.mode in MISMATCH_MODES,
+                _known(mm.mode, MISMATCH_MODES),
                 "mismatch.mode",
                 f"unknown_name: {mm.mode!r}; known: {list(MISMATCH_MODES)}",
             )
@@ -506,7 +512,7 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
             FieldViolation("off_policy_mask_threshold", f"out_of_range: {opsm!r} is not a finite number")
         )
     ref = config.off_policy_mask_reference
-    if ref not in OFF_POLICY_MASK_REFERENCES:
+    if not _known(ref, OFF_POLICY_MASK_REFERENCES):
         why = f"unknown_name: {ref!r}; known: {list(OFF_POLICY_MASK_REFERENCES)}"
         v.append(FieldViolation("off_policy_mask_reference", why))
     elif ref != "rollout" and opsm is None:
@@ -729,13 +735,13 @@ def _reward_kl(config: LossConfig, v: list[FieldViolation]) -> None:
     if not isinstance(rk, RewardKLConfig):
         v.append(FieldViolation("reward_kl", "unknown_name: not a RewardKLConfig"))
         return
-    if rk.estimator in KL_ESTIMATORS and rk.estimator not in REWARD_KL_ESTIMATORS:
+    if _known(rk.estimator, KL_ESTIMATORS) and not _known(rk.estimator, REWARD_KL_ESTIMATORS):
         why = f"unsupported: {rk.estimator} shapes a loss term's gradient; a reward takes {list(REWARD_KL_ESTIMATORS)}"
         v.append(FieldViolation("reward_kl.estimator", why))
-    elif rk.estimator not in REWARD_KL_ESTIMATORS:
+    elif not _known(rk.estimator, REWARD_KL_ESTIMATORS):
         why = f"unknown_name: {rk.estimator!r}; known: {list(REWARD_KL_ESTIMATORS)}"
         v.append(FieldViolation("reward_kl.estimator", why))
-    if rk.level not in REWARD_KL_LEVELS:
+    if not _known(rk.level, REWARD_KL_LEVELS):
         v.append(
             FieldViolation("reward_kl.level", f"unknown_name: {rk.level!r}; known: {list(REWARD_KL_LEVELS)}")
         )
