@@ -264,28 +264,29 @@ def test_reference_policy_kl_penalty(kl_type: str, out_c: float | None, token_le
     assert res.metrics["kl_loss"] / 0.05 == pytest.approx(float(kl_agg.detach()), rel=1e-7)
 
 
+def _nemo_kl(kl_type: str, beta: float, out_c: float | None, on_policy: bool = False) -> KLConfig:
+    """The client's kl_from_nemo_rl of these settings, as the engine's KLConfig: the mapping is
+    what the tests below compare with NeMo-RL's KL."""
+    c = kl_from_nemo_rl(kl_type, beta, out_c, use_on_policy_kl_approximation=on_policy)
+    assert c is not None and c.estimator is not None and c.weight is not None
+    return KLConfig(estimator=c.estimator, beta=c.beta, value_clamp=c.value_clamp, weight=c.weight)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("out_c", [None, 10.0])
 @pytest.mark.parametrize("kl_type", ["k1", "k2", "k3"])
 def test_kl_with_score_function_gradient_is_the_score_weight(kl_type: str, out_c: float | None) -> None:
     """The newer ClippedPGLossFn [loss/loss_functions.py @ 006907a9] weights the KL by
     w = exp(logp - sg[logp]) (value 1) before its output clamp, so its gradient is k + dk/dlogp
     (k3: -x; k1: 1 - x; k2: x^2 / 2 - x), 0 past the clamp: kl_weight "score" with the clamp as
-    kl_value_clamp. Row 4's k3 is past 10. (k3_st has k3's gradient -x too, but keeps it past
-    the clamp.)"""
+    kl_value_clamp, as the client's kl_from_nemo_rl gives. Row 4's k3 is past 10. (k3_st has
+    k3's gradient -x too, but keeps it past the clamp.)"""
     d = _data(13)
     x = d["logp"].clone().requires_grad_(True)
     w = torch.exp(x - x.detach())
     want = _mm(0.05 * _calc_kl(x, d["ref"], kl_type, 20.0, out_c, w), d["mask"], norm=d["mask"].sum())
     d["batch"] = dataclasses.replace(d["batch"], advantages=torch.zeros(len(LENGTHS), dtype=F64))
-    kl_cfg = KLConfig(estimator=kl_type, beta=0.05, value_clamp=out_c, weight="score")
-    mapped = kl_from_nemo_rl(kl_type, 0.05, out_c)  # (the client's mapping of NeMo-RL's settings)
-    assert mapped is not None
-    assert (mapped.estimator, mapped.beta, mapped.value_clamp, mapped.weight) == (
-        kl_type,
-        0.05,
-        out_c,
-        "score",
-    )
+    kl_cfg = _nemo_kl(kl_type, 0.05, out_c)
+    assert kl_cfg.weight == "score"
     res, grad = _check(d, want, x, LossConfig(objective=Grpo(), **_token_mean(d, kl=kl_cfg)))
     if kl_type == "k3":  # row 4's token, k3 = e^3 - 4: no gradient past the clamp, -x = -3 without it
         want4 = 0.0 if out_c else 0.05 * -3.0 / float(d["mask"].sum() + NEMO_EPS)
@@ -303,22 +304,16 @@ def test_on_policy_kl_approximation_is_the_sampler_ratio_weight(kl_type: str, ou
     """use_on_policy_kl_approximation [006907a9]: the KL weighted by w = exp(logp -
     generation_logprobs) with w's gradient, then the output clamp (Nemotron 3 Nano's recipe sets
     it with the IS correction): kl_weight "sampler_ratio" with the generation log-probs as
-    rollout_logp. With generation = prev it is the ratio weight, and for k3 k3_is (TRL's).
+    rollout_logp (the client's kl_from_nemo_rl with the flag). With generation = prev it is the
+    ratio weight, and for k3 k3_is (TRL's).
     The older ClippedPGLossFn [005a098a] detached w (gradient w dk): no softgate estimator."""
     d = _data(14)
     x = d["logp"].clone().requires_grad_(True)
     w = torch.exp(x - d["gen"])
     want = _mm(0.1 * _calc_kl(x, d["ref"], kl_type, 20.0, out_c, w), d["mask"], norm=d["mask"].sum())
     d["batch"] = dataclasses.replace(d["batch"], advantages=torch.zeros(len(LENGTHS), dtype=F64))
-    kl_cfg = KLConfig(estimator=kl_type, beta=0.1, value_clamp=out_c, weight="sampler_ratio")
-    mapped = kl_from_nemo_rl(kl_type, 0.1, out_c, use_on_policy_kl_approximation=True)
-    assert mapped is not None
-    assert (mapped.estimator, mapped.beta, mapped.value_clamp, mapped.weight) == (
-        kl_type,
-        0.1,
-        out_c,
-        "sampler_ratio",
-    )
+    kl_cfg = _nemo_kl(kl_type, 0.1, out_c, on_policy=True)
+    assert kl_cfg.weight == "sampler_ratio"
     _check(d, want, x, LossConfig(objective=Grpo(), **_token_mean(d, kl=kl_cfg)))
     # the sampler as the old policy: the ratio weight (k3: k3_is) reads old_logp instead
     d["batch"] = dataclasses.replace(d["batch"], rollout_logp=None)
