@@ -314,6 +314,8 @@ def reference_rejection_keep(batch: Batch, config: LossConfig, mask: Tensor) -> 
                 stat = d * d / 2
             elif c.statistic == "k3":
                 stat = torch.exp(d) - 1 - d
+            elif c.statistic == "k3_reverse":  # AReaL's kl_k3
+                stat = torch.exp(-d) - 1 + d
             else:  # binary_kl
                 p, r = torch.exp(o).clamp(1e-6, 1 - 1e-6), torch.exp(q).clamp(1e-6, 1 - 1e-6)
                 kl = lambda a, z: a * torch.log(a / z) + (1 - a) * torch.log((1 - a) / (1 - z))  # noqa: E731

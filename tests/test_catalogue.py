@@ -145,13 +145,9 @@ def test_rejection_statistics_are_listed_with_their_parameters() -> None:
     """LossConfig.rejection's statistics, the default (k1) first, each with upper, lower and the
     level choices; the level's help is rejection's own, not the mismatch weight's."""
     r = catalogue.build(Limits(), 1 << 20)
-    assert [a.name for a in r.rejection_statistics] == ["k1", "k2", "k3", "binary_kl"]
-    levels = {
-        "k1": ["token", "seq_sum", "seq_mean", "seq_max", "seq_min"],
-        "k2": ["token", "seq_sum", "seq_mean", "seq_max", "seq_min"],
-        "k3": ["token", "seq_sum", "seq_mean", "seq_max", "seq_min"],
-        "binary_kl": ["token"],
-    }
+    assert [a.name for a in r.rejection_statistics] == ["k1", "k2", "k3", "binary_kl", "k3_reverse"]
+    every = ["token", "seq_sum", "seq_mean", "seq_max", "seq_min"]
+    levels = {"k1": every, "k2": every, "k3": every, "binary_kl": ["token"], "k3_reverse": every}
     for a in r.rejection_statistics:
         params = {p.name: p for p in a.parameters}
         assert set(params) == ({"upper", "lower", "level"} if a.name == "k1" else {"upper", "level"})

@@ -252,16 +252,21 @@ def _areal_reject(metric, level, agg, lower, upper, d, m):
         ("kl_k1", "sequence", "sum", None, 0.2),
         ("kl_k1", "sequence", "max", 0.2, 0.6),
         ("kl_k1", "sequence", "max", None, 0.5),
+        ("kl_k3", "token", "mean", None, 0.05),
+        ("kl_k3", "sequence", "sum", None, 0.3),
+        ("kl_k3", "sequence", "mean", None, 0.06),
+        ("kl_k3", "sequence", "max", None, 0.15),
     ],
 )
 def test_rejection_sampling_kl_mask(
     metric: str, level: str, agg: str, lower: float | None, upper: float
 ) -> None:
-    """rejection_sampling with metric kl_k1 / kl_k2, action "mask": the rejected tokens lose
+    """rejection_sampling with metric kl_k1 / kl_k2 / kl_k3, action "mask": the rejected tokens lose
     their loss but stay in AReaL's normaliser, and the kept ones weigh the raw w = exp(prox -
     behave): rejection=[RejectionCriterion(...)] with mismatch_mode="truncate",
     mismatch_cap=NO_CAP and num_tokens= the mask's count before rejection. kl_k2 maps as it
-    is (level token / seq_sum / seq_mean / seq_max for sequence with agg sum / mean / max).
+    is (level token / seq_sum / seq_mean / seq_max for sequence with agg sum / mean / max), and
+    kl_k3, exp(-d) - 1 + d, as statistic="k3_reverse" (softgate's k3 is exp(d) - 1 - d, verl's).
     softgate's k1 is -d where AReaL's is d = prox - behave, and its bounds are ratios: AReaL's
     kl_k1 in [l, u] is statistic="k1", lower=exp(-u), upper=exp(-l) (l None: upper=inf), at
     level token, seq_sum or seq_mean, and seq_min for agg max (the largest d is minus the
@@ -276,8 +281,9 @@ def test_rejection_sampling_kl_mask(
     want, _, _ = _areal_ppo(x, prox, adv[:, None], m2, 0.2, 0.28, 3.0, w=w, count_mask=mask)
     lvl = "token" if level == "token" else {"sum": "seq_sum", "mean": "seq_mean", "max": "seq_max"}[agg]
     lvl = "seq_min" if (metric, lvl) == ("kl_k1", "seq_max") else lvl
-    if metric == "kl_k2":
-        crit = RejectionCriterion(upper=upper, statistic="k2", level=lvl)
+    if metric in ("kl_k2", "kl_k3"):
+        stat = {"kl_k2": "k2", "kl_k3": "k3_reverse"}[metric]
+        crit = RejectionCriterion(upper=upper, statistic=stat, level=lvl)
     else:
         crit = RejectionCriterion(
             upper=math.inf if lower is None else math.exp(-lower),
@@ -296,14 +302,16 @@ def test_rejection_sampling_kl_mask(
     assert res.metrics["rejected_tokens"] == float((mask & ~m2).sum())
 
 
-def test_rejection_kl_k3_is_the_mirror_of_softgates() -> None:
+def test_rejection_kl_k3_is_k3_reverse_not_k3() -> None:
     """AReaL's kl_k3 metric is exp(-d) - 1 + d of d = prox - behave (KLEstimator with
-    log_probs = prox, base = behave); softgate's k3 statistic is exp(d) - 1 - d, verl's: the
-    two disagree off d = 0, so no softgate criterion gives AReaL's kl_k3 rejection."""
+    log_probs = prox, base = behave): softgate's k3_reverse; its k3 (verl's) is exp(d) - 1 - d,
+    the mirror, which disagrees off d = 0."""
+    from softgate.engine.rejection import token_statistic
+
     d = torch.tensor([-0.8, 0.8], dtype=F64)
     areal = _areal_kl_metric("kl_k3", d)
-    sg = torch.expm1(d) - d
-    assert torch.allclose(areal, sg.flip(0)) and not torch.allclose(areal, sg)
+    torch.testing.assert_close(token_statistic("k3_reverse", d, d, d), areal, rtol=1e-15, atol=0.0)
+    assert not torch.allclose(token_statistic("k3", d, d, d), areal)
 
 
 def _areal_gspo(x, prox, a, m, eps, eps_hi, c):

@@ -201,8 +201,12 @@ def test_rejection_ignores_garbage_on_masked_tokens(garbage: float, dtype: torch
     batch, *_ = padded_batch(dtype=dtype)
     config = LossConfig(
         objective=Grpo(),
-        rejection=criteria(
-            "token_k3,seq_sum_k1,seq_max_k2,binary_kl,seq_max_k1,seq_min_k1", "0.5,0.5_2.0,0.5,0.5,2.0,1.1"
+        rejection=(
+            *criteria(
+                "token_k3,seq_sum_k1,seq_max_k2,binary_kl,seq_max_k1,seq_min_k1",
+                "0.5,0.5_2.0,0.5,0.5,2.0,1.1",
+            ),
+            RejectionCriterion(0.5, "k3_reverse", "seq_sum"),
         ),
     )
     clean = ENGINE.loss(batch, config)
@@ -363,12 +367,17 @@ def test_verl_geometric_rollout_is(mode: str, lower: float | None) -> None:
         RejectionCriterion(math.inf, "k1", "seq_min", 0.7),
         RejectionCriterion(0.002, "k2", "seq_min"),
         RejectionCriterion(0.005, "k3", "seq_min"),
+        RejectionCriterion(0.005, "k3_reverse", "seq_min"),
+        RejectionCriterion(0.05, "k3_reverse", "token"),
+        RejectionCriterion(0.1, "k3_reverse", "seq_sum"),
+        RejectionCriterion(0.02, "k3_reverse", "seq_mean"),
     ],
 )
 @pytest.mark.parametrize("dtype", [F64, torch.float32])
 def test_the_largest_and_smallest_of_a_sequence(criterion: RejectionCriterion, dtype: torch.dtype) -> None:
     """Levels seq_max and seq_min (k1 too: its window bounds the sequence's largest or smallest
-    -d) against the reference's, written sequence by sequence (tests/reference_loss.py)."""
+    -d), and k3_reverse (AReaL's kl_k3) at every level, against the reference's, written
+    sequence by sequence (tests/reference_loss.py)."""
     batch, *_ = padded_batch(dtype=dtype)
     config = LossConfig(objective=Grpo(), rejection=(criterion,))
     got = ENGINE.loss(batch, config)

@@ -330,6 +330,7 @@ def _default_cases(engine: Engine) -> list[dict[str, Any]]:
                 RejectionCriterion(1e300, "k1", "seq_min", 0.7),
             ),
         ),
+        ("seq_mean_k3_reverse", (RejectionCriterion(0.02, "k3_reverse", "seq_mean"),)),  # AReaL's kl_k3
     ):
         cfg = LossConfig(aggregation=AggregationConfig(mode="token_mean"), rejection=crit)
         out.append(_case(f"sapo/rejection_{name}", b, cfg, engine))

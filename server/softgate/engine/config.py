@@ -407,7 +407,7 @@ class RewardKLConfig:
         _plain_numbers(self)
 
 
-RejectionStatistic = Literal["k1", "k2", "k3", "binary_kl"]
+RejectionStatistic = Literal["k1", "k2", "k3", "binary_kl", "k3_reverse"]
 REJECTION_STATISTICS: tuple[str, ...] = get_args(RejectionStatistic)
 RejectionLevel = Literal["token", "seq_sum", "seq_mean", "seq_max", "seq_min"]
 REJECTION_LEVELS: tuple[str, ...] = get_args(RejectionLevel)

@@ -4,8 +4,9 @@ they carry no loss and no gradient and are not in the normalisers (or in any met
 `rejected_tokens`, `rejected_seqs` and the sampler's KL, `rollout_*`, which reads the mask as sent).
 
 Each criterion takes a statistic of d = old - rollout per trained token, clamped at
-log_ratio_clamp (k1 = -d, k2 = d^2 / 2, k3 = exp(d) - 1 - d; binary_kl: KPop's larger Bernoulli
-KL of p_old and p_rollout, each probability clamped to [1e-6, 1 - 1e-6]), per token, or its
+log_ratio_clamp (k1 = -d, k2 = d^2 / 2, k3 = exp(d) - 1 - d, k3_reverse = exp(-d) - 1 + d, k3 of
+the inverse ratio, AReaL's kl_k3; binary_kl: KPop's larger Bernoulli KL of p_old and p_rollout,
+each probability clamped to [1e-6, 1 - 1e-6]), per token, or its
 sum, mean, largest or smallest over the sequence's trained tokens, and bounds it: k1 within
 [log lower, log upper], the others at most upper. (k1's largest bounds every token from one
 side: upper 1 / tau is verl's veto, a sequence dropped for one token whose ratio is below tau.)
@@ -35,6 +36,8 @@ def token_statistic(statistic: str, d: Tensor, old: Tensor, rollout: Tensor) -> 
         return 0.5 * d * d
     if statistic == "k3":
         return torch.expm1(d).sub_(d)
+    if statistic == "k3_reverse":
+        return torch.expm1(-d).add_(d)
     p = torch.exp(old).clamp(BINARY_KL_EPS, 1 - BINARY_KL_EPS)  # binary_kl
     q = torch.exp(rollout).clamp(BINARY_KL_EPS, 1 - BINARY_KL_EPS)
     fwd = p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q))

@@ -104,6 +104,7 @@ class RejectionStatistic(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REJECTION_STATISTIC_K2: _ClassVar[RejectionStatistic]
     REJECTION_STATISTIC_K3: _ClassVar[RejectionStatistic]
     REJECTION_STATISTIC_BINARY_KL: _ClassVar[RejectionStatistic]
+    REJECTION_STATISTIC_K3_REVERSE: _ClassVar[RejectionStatistic]
 
 class RejectionLevel(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -185,6 +186,7 @@ REJECTION_STATISTIC_K1: RejectionStatistic
 REJECTION_STATISTIC_K2: RejectionStatistic
 REJECTION_STATISTIC_K3: RejectionStatistic
 REJECTION_STATISTIC_BINARY_KL: RejectionStatistic
+REJECTION_STATISTIC_K3_REVERSE: RejectionStatistic
 REJECTION_LEVEL_UNSPECIFIED: RejectionLevel
 REJECTION_LEVEL_TOKEN: RejectionLevel
 REJECTION_LEVEL_SEQ_SUM: RejectionLevel
