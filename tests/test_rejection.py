@@ -386,6 +386,26 @@ def test_the_largest_and_smallest_of_a_sequence(criterion: RejectionCriterion, d
     assert 0 < got.metrics["rejected_tokens"] < int(batch.mask.sum())
 
 
+@pytest.mark.parametrize("level", ["token", "seq_sum", "seq_mean", "seq_max", "seq_min"])
+def test_k3_reverse_is_not_its_mirror(level: str) -> None:
+    """k3_reverse (AReaL's kl_k3, exp(-d) - 1 + d) against the reference on a batch whose
+    one-token sequence has d = -1.5 (k3_reverse 1.98, k3 0.72), bounded at 1: its mask is not
+    k3's (a review: on the plain batch the two gave the same masks, so the tests could not tell
+    them apart)."""
+    batch, *_ = padded_batch()
+    assert batch.old_logp is not None and batch.rollout_logp is not None and batch.mask is not None
+    i = int(batch.offsets[6])  # (sequence 6 has one token)
+    old, rollout, mask = batch.old_logp.clone(), batch.rollout_logp.clone(), batch.mask.clone()
+    old[i], rollout[i], mask[i] = -2.0, -0.5, True
+    batch = dataclasses.replace(batch, old_logp=old, rollout_logp=rollout, mask=mask)
+    upper = 1.0
+    config = LossConfig(objective=Grpo(), rejection=(RejectionCriterion(upper, "k3_reverse", level),))
+    got = ENGINE.loss(batch, config)
+    assert torch.equal(got.mask, batch.mask & reference_rejection_keep(batch, config, batch.mask))
+    mirror = dataclasses.replace(config, rejection=(RejectionCriterion(upper, "k3", level),))
+    assert not torch.equal(got.mask, ENGINE.loss(batch, mirror).mask)
+
+
 def verl_veto_mask(old: torch.Tensor, rollout: torch.Tensor, mask: torch.Tensor, tau: float) -> torch.Tensor:
     """verl's rollout_is_veto_threshold (volcengine/verl verl/trainer/ppo/mismatch_helper.py @
     10350b61) on padded [B, T] tensors: a row holding one trained token with old - rollout

@@ -261,8 +261,8 @@ class MismatchConfig:
 @dataclass(frozen=True)
 class RejectionCriterion:
     """One rollout rejection filter (verl's rollout_rs option `{level}_{statistic}`):
-    `statistic` `k1` / `k2` / `k3` / `binary_kl` / `k3_reverse` (AReaL's kl_k3) of
-    old_logp - rollout_logp, per `level`
+    `statistic` `k1` / `k2` / `k3` / `binary_kl` of old_logp - rollout_logp, or `k3_reverse`
+    (AReaL's kl_k3, exp(-d) - 1 + d: no verl option, here only), per `level`
     `token` / `seq_sum` / `seq_mean` / `seq_max` / `seq_min`; a token or sequence past `upper`
     (k1: outside [lower, upper] on exp(k1), `lower` default 1 / upper, 0 none; `upper` +inf:
     none) leaves the loss mask.

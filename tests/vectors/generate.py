@@ -330,12 +330,24 @@ def _default_cases(engine: Engine) -> list[dict[str, Any]]:
                 RejectionCriterion(1e300, "k1", "seq_min", 0.7),
             ),
         ),
-        ("seq_mean_k3_reverse", (RejectionCriterion(0.02, "k3_reverse", "seq_mean"),)),  # AReaL's kl_k3
     ):
         cfg = LossConfig(aggregation=AggregationConfig(mode="token_mean"), rejection=crit)
         out.append(_case(f"sapo/rejection_{name}", b, cfg, engine))
         m = out[-1]["outputs"]["metrics"]
         assert m["rejected_tokens"] > 0 and m["num_tokens"] > 0, (name, m)
+    # AReaL's kl_k3, exp(-d) - 1 + d: a token at d = -1.5 (1.98; its mirror k3 0.72) bounded at 1
+    assert b.old_logp is not None and b.rollout_logp is not None and b.mask is not None
+    old, ro, mk = b.old_logp.clone(), b.rollout_logp.clone(), b.mask.clone()
+    old[0], ro[0], mk[0] = -2.0, -0.5, True
+    rb = dataclasses.replace(b, old_logp=old, rollout_logp=ro, mask=mk)
+    cfg = LossConfig(
+        aggregation=AggregationConfig(mode="token_mean"), rejection=(RejectionCriterion(1.0, "k3_reverse"),)
+    )
+    out.append(_case("sapo/rejection_token_k3_reverse", rb, cfg, engine))
+    mirror = dataclasses.replace(cfg, rejection=(RejectionCriterion(1.0, "k3"),))
+    assert (
+        engine.loss(rb, cfg).metrics["rejected_tokens"] > engine.loss(rb, mirror).metrics["rejected_tokens"]
+    )
     # verl's rollout_is_batch_normalize: sequence-level TIS weights divided by their batch mean,
     # beside a KL term it leaves as it was
     cfg = LossConfig(

@@ -417,8 +417,8 @@ REJECTION_LEVELS: tuple[str, ...] = get_args(RejectionLevel)
 class RejectionCriterion:
     """One rollout rejection filter (verl's `rollout_rs` option `{level}_{statistic}`, e.g.
     seq_mean_k3): a statistic of d = old - rollout per token (k1 = -d, k2 = d^2 / 2, k3 =
-    exp(d) - 1 - d, d clamped at log_ratio_clamp; binary_kl: KPop's larger Bernoulli KL of the
-    two probabilities), taken per token, or the sum, mean, largest or smallest over each
+    exp(d) - 1 - d, k3_reverse = exp(-d) - 1 + d (AReaL's kl_k3; no verl option), d clamped at
+    log_ratio_clamp; binary_kl: KPop's larger Bernoulli KL of the two probabilities), taken per token, or the sum, mean, largest or smallest over each
     sequence's trained tokens. Kept: k1 in [log lower, log upper] (`lower` None: 1 / upper; 0:
     no lower bound), the others <= upper (+inf: no upper bound). A rejected token leaves the
     loss mask: no loss, no gradient, not in the normalisers."""

@@ -89,7 +89,8 @@ REJECTION_HELP = {
     "k3": "exp(d) - 1 - d of d = old_logp - rollout_logp per token, kept at most upper",
     "binary_kl": "KPop: the larger Bernoulli KL between exp(old_logp) and exp(rollout_logp) per token (token "
     "level only), kept at most upper",
-    "k3_reverse": "exp(-d) - 1 + d per token, k3 of the inverse ratio (AReaL's kl_k3), kept at most upper",
+    "k3_reverse": "exp(-d) - 1 + d of d = old_logp - rollout_logp per token, k3 of the inverse ratio "
+    "(AReaL's kl_k3), kept at most upper",
 }
 
 # the levels each statistic has where not all (validation refuses the others: unsupported)
