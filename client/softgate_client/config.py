@@ -9,6 +9,7 @@ numpy scalar is read when the configuration is built (a keyword option: at every
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -61,6 +62,22 @@ def _number(path: str, v: Any) -> float:
         raise invalid_argument(path, f"bad_type: expected a number, got {v!r:.80}") from None
     except OverflowError:  # an int past float64's range
         raise invalid_argument(path, f"out_of_range: {v!r:.80} is past float64's range") from None
+
+
+def _flag(path: str, v: Any) -> bool:
+    """The option at `path` as a bool (numpy's and torch's too), or refused naming it: 0 / 1
+    and a string "False" are not bools."""
+    v = plain_value(v)
+    if not isinstance(v, bool):
+        raise invalid_argument(path, f"bad_type: {v!r}; true or false")
+    return v
+
+
+def _choice(option: str, name: str, choices: Iterable[str]) -> str:
+    """A peer's option value `name` if it is one of `choices`, else refused naming the option."""
+    if name not in choices:
+        raise invalid_argument(option, f"unknown_choice: {name!r}; one of {list(choices)}")
+    return name
 
 
 def _uint64(path: str, v: Any) -> int:
@@ -159,9 +176,9 @@ class AdvantageConfig:
 
     def __post_init__(self) -> None:
         _plain_fields(self, "config.advantages")
-        if not isinstance(self.skip_nan_components, bool):  # (numpy's bool_ was read as bool)
-            why = f"bad_type: {self.skip_nan_components!r}; true or false"
-            raise invalid_argument("config.advantages.skip_nan_components", why)
+        _flag(
+            "config.advantages.skip_nan_components", self.skip_nan_components
+        )  # (numpy's bool_ was read as bool)
         w = self.reward_weights
         if w is not None:  # (a list, an array, a tensor: a tuple of floats, hashable)
             path = "config.advantages.reward_weights"
@@ -253,9 +270,9 @@ class MismatchConfig:
 
     def __post_init__(self) -> None:
         _plain_fields(self, "config.mismatch")
-        if not isinstance(self.batch_normalize, bool):  # (numpy's bool_ was read as bool; 0 / 1 are not)
-            why = f"bad_type: {self.batch_normalize!r}; true or false"
-            raise invalid_argument("config.mismatch.batch_normalize", why)
+        _flag(
+            "config.mismatch.batch_normalize", self.batch_normalize
+        )  # (numpy's bool_ was read as bool; 0 / 1 are not)
 
 
 @dataclass(frozen=True)
@@ -292,9 +309,7 @@ VERL_KL_TYPES: dict[str, tuple[str, float | None]] = {
 
 
 def _verl_kl_type(option: str, name: str) -> tuple[str, float | None]:
-    if name not in VERL_KL_TYPES:
-        raise invalid_argument(option, f"unknown_choice: {name!r}; one of {list(VERL_KL_TYPES)}")
-    return VERL_KL_TYPES[name]
+    return VERL_KL_TYPES[_choice(option, name, VERL_KL_TYPES)]
 
 
 def kl_from_verl(kl_loss_type: str, kl_loss_coef: float) -> KLConfig:
@@ -302,13 +317,6 @@ def kl_from_verl(kl_loss_type: str, kl_loss_coef: float) -> KLConfig:
     `kl=`: its estimator, and verl's bound of 10 on low_var_kl's value (`k3`, `k3+`: `value_clamp`)."""
     estimator, bound = _verl_kl_type("kl_loss_type", str(kl_loss_type))
     return KLConfig(estimator, kl_loss_coef, value_clamp=bound)
-
-
-def _flag(option: str, v: Any) -> bool:
-    v = plain_value(v)  # (numpy's and torch's bools are bools)
-    if not isinstance(v, bool):  # (a string "False" is true)
-        raise invalid_argument(option, f"bad_type: {v!r:.60}; true or false")
-    return v
 
 
 # slime's --kl-loss-type (compute_approx_kl): softgate's estimator, and the bound slime puts on
@@ -325,10 +333,7 @@ def kl_from_slime(kl_loss_type: str, kl_loss_coef: float, use_unbiased_kl: bool 
     """slime's KL loss (`--use-kl-loss` with `--kl-loss-type`, `--kl-loss-coef` and
     `--use-unbiased-kl`) as a KLConfig for `kl=`: its estimator, low_var_kl's bound of 10 on the
     (weighted) value, and the ratio weight exp(logp - old) for `--use-unbiased-kl`."""
-    name = str(kl_loss_type)
-    if name not in SLIME_KL_TYPES:
-        raise invalid_argument("kl_loss_type", f"unknown_choice: {name!r:.60}; one of {list(SLIME_KL_TYPES)}")
-    estimator, bound = SLIME_KL_TYPES[name]
+    estimator, bound = SLIME_KL_TYPES[_choice("kl_loss_type", str(kl_loss_type), SLIME_KL_TYPES)]
     weight = "ratio" if _flag("use_unbiased_kl", use_unbiased_kl) else None
     return KLConfig(
         estimator, _number("kl_loss_coef", plain_value(kl_loss_coef)), value_clamp=bound, weight=weight
@@ -347,11 +352,7 @@ def kl_from_nemo_rl(
     with `use_on_policy_kl_approximation` (send generation_logprobs as `rollout_logp`). A
     penalty of 0 is None, no KL term: NeMo-RL then reads no reference log-probs (its
     `use_kl_in_reward` sets the penalty to 0 that way)."""
-    name = str(reference_policy_kl_type)
-    if name not in ("k1", "k2", "k3"):
-        raise invalid_argument(
-            "reference_policy_kl_type", f"unknown_choice: {name!r:.60}; one of ['k1', 'k2', 'k3']"
-        )
+    name = _choice("reference_policy_kl_type", str(reference_policy_kl_type), ("k1", "k2", "k3"))
     on_policy = _flag("use_on_policy_kl_approximation", use_on_policy_kl_approximation)
     beta = _number("reference_policy_kl_penalty", plain_value(reference_policy_kl_penalty))
     if beta == 0:
