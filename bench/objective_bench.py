@@ -5,8 +5,9 @@ term (and k3 bounded, alone and weighted by the ratio to the sampler), GRPO with
 batch with rollout log-probs; TIS also with batch_normalize), GRPO with off-policy sequence masking (OPSM) and with rollout
 rejection (the same rollout log-probs), GSPO with a dual clip, and advantages from rewards in the
 call: GRPO's, and with a KL in the reward (REINFORCE++'s per-token return, verl's per-sequence
-sum), REINFORCE++ discounted with and without it, and GRPO's with skip_nan_components (no NaN:
-the setting's cost alone) (the same batch with rewards and group ids in place of advantages). It runs under the process's allocator (bench/engine_bench.py
+sum), REINFORCE++ discounted with and without it, GRPO's with skip_nan_components (no NaN:
+the setting's cost alone) and verl's optimal token baseline (with sum_pi_squared) (the same
+batch with rewards and group ids in place of advantages). It runs under the process's allocator (bench/engine_bench.py
 preloads tcmalloc, as the service ships; `LD_PRELOAD=libtcmalloc_minimal.so.4` for the same
 here).
 
@@ -101,6 +102,10 @@ def configs() -> dict[str, LossConfig]:
     out["grpo + reward_kl token gamma 0.99"] = LossConfig(
         objective=Grpo(), advantages=discounted, reward_kl=RewardKLConfig(0.01)
     )
+    # verl's optimal token baseline: per-position baselines in each group, from sum_pi_squared
+    out["grpo + optimal_token_baseline"] = LossConfig(
+        objective=Grpo(), advantages=AdvantageConfig("optimal_token_baseline")
+    )
     return out
 
 
@@ -136,10 +141,16 @@ def main(argv: list[str] | None = None) -> None:
     with_rewards = dataclasses.replace(
         plain, advantages=None, advantage_level=None, rewards=rewards, group_ids=torch.arange(side) // 16
     )
+    assert plain.old_logp is not None
+    p = plain.old_logp.exp()
+    spp = p * p + (1 - p) ** 2 * torch.rand(side * side, generator=g)
+    with_spp = dataclasses.replace(with_rewards, sum_pi_squared=spp)
     engine = Engine(device="cpu", compile="sync")
     cfgs = configs()
     batches = {
-        name: with_rollout
+        name: with_spp
+        if cfg.advantages.estimator == "optimal_token_baseline"
+        else with_rollout
         if cfg.mismatch or cfg.rejection or (cfg.kl and cfg.kl.weight == "sampler_ratio")
         else with_rewards
         if "rewards" in name or cfg.reward_kl or cfg.advantages.gamma != 1.0

@@ -17,11 +17,18 @@ import torch
 from softgate.engine import ESTIMATORS, METRIC_NAMES, Batch, LossConfig, MismatchConfig
 from torch import Tensor
 
+# the estimators of one advantage per sequence (ComputeAdvantages'); optimal_token_baseline
+# makes one per token from the tokens' probabilities (tests/test_token_baseline.py)
+SEQUENCE_ESTIMATORS = tuple(e for e in ESTIMATORS if e != "optimal_token_baseline")
 # refused as unsupported: reinforce_pp reads no groups; gdpo's batch normalisation is its whitening;
-# the leave-one-out std goes with rloo's leave-one-out baseline only
-REFUSED_SCALES = {("reinforce_pp", "group"), ("gdpo", "batch")} | {
-    (e, "leave_one_out") for e in ESTIMATORS if e != "rloo"
-}
+# the leave-one-out std goes with rloo's leave-one-out baseline only; optimal_token_baseline divides by none
+REFUSED_SCALES = (
+    {("reinforce_pp", "group"), ("gdpo", "batch")}
+    | {(e, "leave_one_out") for e in ESTIMATORS if e != "rloo"}
+    | {("optimal_token_baseline", s) for s in ("group", "batch")}
+)
+# no group baseline per sequence (optimal_token_baseline's is per token: _reference_token_baseline)
+RAW = ("reinforce_pp", "optimal_token_baseline")
 # SPEC: only grpo, grpo_passk and gdpo divide by the group std unless `scale` says otherwise
 EPS_DEFAULT_SCALE = {e: "group" if e in ("grpo", "grpo_passk", "gdpo") else "none" for e in ESTIMATORS}
 
@@ -49,7 +56,7 @@ def reference_advantages(
         std = math.sqrt(math.fsum((x - mean) ** 2 for x in rs) / (n - 1)) if n > 1 else 0.0
         if n == 1 or max(rs) == min(rs) or std < cfg.min_group_std:
             n_degenerate += 1
-            if cfg.estimator != "reinforce_pp":  # (no group baseline: its members keep their R)
+            if cfg.estimator not in RAW:  # (no group baseline: its members keep their R)
                 for i in idx:
                     degenerate_seq[i] = True
                 continue
@@ -58,7 +65,7 @@ def reference_advantages(
         baseline = math.fsum(w * x for w, x in zip(ws, rs, strict=True)) / sum(ws) if sum(ws) > 0 else mean
         for i in idx:
             a = rewards[i] - mean
-            if cfg.estimator == "reinforce_pp":
+            if cfg.estimator in RAW:
                 a = rewards[i]
             elif cfg.estimator == "rloo":
                 a = a * n / (n - 1)
@@ -239,7 +246,8 @@ def _token_advantages(
     tok_adv: list[Tensor] = []
     rk = getattr(config, "reward_kl", None)
     gamma = config.advantages.gamma
-    if (rk is not None or gamma != 1.0) and batch.advantages is None:
+    otb = config.advantages.estimator == "optimal_token_baseline"
+    if (rk is not None or gamma != 1.0 or otb) and batch.advantages is None:
         ks = (
             reference_reward_kl(batch, config)
             if rk is not None
@@ -250,7 +258,7 @@ def _token_advantages(
             rewards = [r - rk.beta * math.fsum(k) for r, k in zip(rewards, ks, strict=True)]
         beta = rk.beta if rk is not None and rk.level == "token" else 0.0
         own = rk.beta if rk is not None and rk.level == "immediate" else 0.0  # each token's own KL
-        token = (rk is not None and rk.level != "sequence") or gamma != 1.0
+        token = (rk is not None and rk.level != "sequence") or gamma != 1.0 or otb
         seq_adv, _ = reference_advantages(
             rewards, [int(g) for g in batch.group_ids], config.advantages, counts, whiten=not token
         )
@@ -266,6 +274,9 @@ def _token_advantages(
                 # past T_i (untrained): A_i undiscounted, less the KL's return (0 off the mask)
                 row.append((g_ret if j <= last else seq_adv[i] + g_ret) - own * ks[i][j])
             vals.append(row[::-1])
+        if otb:
+            m = mask if mask is not None else torch.ones(off[-1], dtype=torch.bool)
+            vals = _reference_token_baseline(batch, config, vals, m, [True] * b)
         if token and config.advantages.estimator in WHITENING:  # over the trained tokens
             m = mask if mask is not None else torch.ones(off[-1], dtype=torch.bool)
             flat = [a for row in vals for a in row]
@@ -359,6 +370,92 @@ def _reference_weights(mm: MismatchConfig, o: Tensor, ro: Tensor, o_sent: Tensor
     return torch.where((v >= mm.lo) & (v <= mm.hi), v, torch.zeros_like(v))
 
 
+def _reference_norm(batch: Batch, config: LossConfig) -> float:
+    """verl's rollout_is_batch_normalize: the mean weight over the batch as sent (1: none)."""
+    if config.mismatch is None or not config.mismatch.batch_normalize:
+        return 1.0
+    off = [int(x) for x in batch.offsets]
+    sent = torch.ones(off[-1], dtype=torch.bool) if batch.mask is None else batch.mask.to(torch.bool)
+    old = (batch.old_logp if batch.old_logp is not None else batch.logp).detach().to(torch.float64)
+    rollout = batch.rollout_logp.to(torch.float64)
+    total, count = 0.0, 0
+    for i in range(len(off) - 1):
+        si = sent[off[i] : off[i + 1]]
+        if not bool(si.any()):
+            continue
+        o_s, ro_s = old[off[i] : off[i + 1]][si], rollout[off[i] : off[i + 1]][si]
+        v = _reference_weights(config.mismatch, o_s, ro_s, o_s, ro_s)
+        level = config.mismatch.level
+        total, count = (
+            total + float(v.sum() if level == "token" else v[0]),
+            count + (len(v) if level == "token" else 1),
+        )
+    mean = total / max(count, 1)
+    return mean if mean > 1e-8 else 1.0
+
+
+def _reference_token_baseline(
+    batch: Batch, config: LossConfig, returns: list[list[float]], mask: Tensor, scored: list[bool]
+) -> list[list[float]]:
+    """optimal_token_baseline's advantages from each token's return, by plain loops: W the running
+    sum of w = max(1 - 2 pi + sum_pi_squared, 0) (times v^2) over trained tokens, B the group's
+    sum of G W over sum of W at each position, 0 in a group of one member and (zero_tail) on the
+    lone longest member's tail."""
+    adv = config.advantages
+    off = [int(x) for x in batch.offsets]
+    b = len(off) - 1
+    sent = torch.ones(off[-1], dtype=torch.bool) if batch.mask is None else batch.mask.to(torch.bool)
+    old = (batch.old_logp if batch.old_logp is not None else batch.logp).detach().to(torch.float64)
+    spp = batch.sum_pi_squared.to(torch.float64)
+    norm = _reference_norm(batch, config)
+    trained, weights = [], []  # per sequence: (position, index in the sequence) and W at each
+    for i in range(b):
+        sl = slice(off[i], off[i + 1])
+        idx = [j for j in range(off[i + 1] - off[i]) if bool(mask[off[i] + j])] if scored[i] else []
+        v = [1.0] * len(idx)
+        if config.mismatch is not None and idx:
+            si = sent[sl]
+            o_s, ro_s = old[sl][si], batch.rollout_logp.to(torch.float64)[sl][si]
+            mi = mask[sl]
+            vv = _reference_weights(
+                config.mismatch, old[sl][mi], batch.rollout_logp.to(torch.float64)[sl][mi], o_s, ro_s
+            )
+            v = [float(x) / norm for x in vv]
+        run, ws = 0.0, []
+        for k, j in enumerate(idx):
+            w = max(1 - 2 * math.exp(float(old[off[i] + j])) + float(spp[off[i] + j]), 0.0)
+            run += w * v[k] ** 2
+            ws.append(run)
+        trained.append([(k if adv.position == "trained" else j, j) for k, j in enumerate(idx)])
+        weights.append(ws)
+    groups: dict[int, list[int]] = {}
+    for i in range(b):
+        if trained[i]:
+            groups.setdefault(int(batch.group_ids[i]), []).append(i)
+    out = [[0.0] * (off[i + 1] - off[i]) for i in range(b)]
+    for members in groups.values():
+        sums: dict[int, list[float]] = {}
+        for i in members:
+            for (p, j), w in zip(trained[i], weights[i], strict=True):
+                acc = sums.setdefault(p, [0.0, 0.0])
+                acc[0] += returns[i][j] * w
+                acc[1] += w
+        lengths = sorted(len(trained[i]) for i in members)
+        for i in members:
+            tail = (
+                adv.zero_tail
+                and len(members) > 1
+                and len(trained[i]) == lengths[-1]
+                and lengths[-1] > lengths[-2]
+            )
+            for p, j in trained[i]:
+                base = 0.0
+                if len(members) > 1 and not (tail and p >= lengths[-2]):
+                    base = sums[p][0] / (sums[p][1] + adv.eps)
+                out[i][j] = returns[i][j] - base
+    return out
+
+
 def reference_loss(batch: Batch, config: LossConfig) -> Reference:
     f64 = torch.float64
     logp = batch.logp.detach().to(f64).clone().requires_grad_(True)
@@ -402,23 +499,7 @@ def reference_loss(batch: Batch, config: LossConfig) -> Reference:
                 total = total + t.sum() / agg.constant
         return total
 
-    norm = 1.0  # verl's rollout_is_batch_normalize: the mean weight over the batch as sent
-    if config.mismatch is not None and config.mismatch.batch_normalize:
-        total, count = 0.0, 0
-        for i in range(b):
-            si = sent[off[i] : off[i + 1]]
-            if not bool(si.any()):
-                continue
-            o_s = (old if old is not None else logp.detach())[off[i] : off[i + 1]][si]
-            ro_s = rollout[off[i] : off[i + 1]][si]
-            v = _reference_weights(config.mismatch, o_s, ro_s, o_s, ro_s)
-            level = config.mismatch.level
-            total, count = (
-                total + float(v.sum() if level == "token" else v[0]),
-                count + (len(v) if level == "token" else 1),
-            )
-        mean = total / max(count, 1)
-        norm = mean if mean > 1e-8 else 1.0
+    norm = _reference_norm(batch, config)
 
     policy_terms: list[Tensor | None] = []
     kl_terms: list[Tensor | None] = []

@@ -42,6 +42,7 @@ def test_a_choice_parameter_names_its_default_choice() -> None:
     }
     assert scales["rloo"] == {"group", "batch", "none", "leave_one_out"}
     assert scales["reinforce_pp"] == {"batch", "none"} and scales["gdpo"] == {"group", "none"}
+    assert scales["optimal_token_baseline"] == {"none"}
 
 
 def test_the_loss_level_parameters_are_listed_with_their_defaults() -> None:
@@ -109,6 +110,24 @@ def test_gamma_is_reinforce_pp_s_alone() -> None:
         if e.name == "reinforce_pp":
             assert params["gamma"].default_value == c.AdvantageConfig().gamma == 1.0
             assert "[0, 1]" in params["gamma"].description
+
+
+def test_position_and_zero_tail_are_optimal_token_baseline_s_alone() -> None:
+    """The optimal token baseline lists its alignment (a choice, default token) and verl's
+    zero tail; validation refuses either set with another estimator, which does not list them."""
+    r = catalogue.build(Limits(), 1 << 20)
+    for e in r.advantage_estimators:
+        params = {p.name: p for p in e.parameters}
+        own = e.name == "optimal_token_baseline"
+        assert ("position" in params) == own and ("zero_tail" in params) == own, e.name
+        if own:
+            assert list(params["position"].choices) == ["token", "trained"]
+            assert params["position"].default_choice == c.AdvantageConfig().position == "token"
+            assert "sum_pi_squared" in e.description
+        for name, value in (("position", "trained"), ("zero_tail", True)):
+            cfg = c.LossConfig(objective=c.Grpo(), advantages=c.AdvantageConfig(e.name, **{name: value}))
+            refused = any(v.field == f"advantages.{name}" for v in validate_config(cfg))
+            assert refused != own, (e.name, name)
 
 
 def test_skip_nan_components_is_every_estimator_s() -> None:

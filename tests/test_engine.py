@@ -20,6 +20,7 @@ from reference_loss import (
     OBJECTIVE_NAMES,
     PER_SEQUENCE_ADVANTAGES,
     REFUSED_SCALES,
+    SEQUENCE_ESTIMATORS,
     SEQUENCE_RATIO,
     assert_same_result,
     make_config,
@@ -324,7 +325,7 @@ def test_singleton_and_equal_groups_are_degenerate():
     # (reinforce_pp's group scale and gdpo's batch scale are refused: their own tests)
     [
         (e, s)
-        for e in ESTIMATORS
+        for e in SEQUENCE_ESTIMATORS
         for s in (None, "group", "batch", "leave_one_out")
         if (e, s) not in REFUSED_SCALES
     ],
@@ -369,7 +370,7 @@ def test_reinforce_pp_baseline_without_spread_whitens_untrained_sequences_to_0(m
     assert 0 < float(a.abs().max()) < 10  # with spread, the untrained sequence is whitened too
 
 
-@pytest.mark.parametrize("est", ESTIMATORS)
+@pytest.mark.parametrize("est", SEQUENCE_ESTIMATORS)
 def test_estimators(est):
     r = torch.tensor([1.0, 0.0, 0.0, 2.0, 4.0], dtype=F64)
     g = torch.tensor([0, 0, 0, 1, 1])
@@ -854,7 +855,7 @@ def test_skip_nan_components_is_trls_none():
     torch.testing.assert_close(got.advantages, _trl_sum_then_normalize(rewards, 4, w), rtol=0, atol=1e-13)
     # an unscored sequence weighs nothing: as if it were not sent, for every estimator
     counts = torch.randint(1, 9, (16,), generator=gen)
-    for est, scale in itertools.product(ESTIMATORS, (None, "batch")):
+    for est, scale in itertools.product(SEQUENCE_ESTIMATORS, (None, "batch")):
         if est == "gdpo" and scale == "batch":
             continue
         cfg = dataclasses.replace(nan, estimator=est, scale=scale)
@@ -869,7 +870,7 @@ def test_skip_nan_components_is_trls_none():
     assert got.advantages.tolist() == [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]
     # without NaN: the bits of the setting unset, for every estimator and the token weights
     full = rewards.nan_to_num(0.25)
-    for est in ESTIMATORS:
+    for est in SEQUENCE_ESTIMATORS:
         on, off = (AdvantageConfig(est, reward_weights=w, skip_nan_components=x) for x in (True, False))
         got_on, got_off = E.advantages(full, ids, on, counts), E.advantages(full, ids, off, counts)
         assert torch.equal(got_on.advantages, got_off.advantages)

@@ -14,7 +14,7 @@ import torch
 from conftest import needs_compile
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from softgate.engine import ESTIMATORS, AdvantageConfig, Engine
+from softgate.engine import AdvantageConfig, Engine
 
 try:
     from tests.reference_loss import (
@@ -23,6 +23,7 @@ try:
         MISMATCH_OPTIONS,
         OBJECTIVE_NAMES,
         PER_SEQUENCE_ADVANTAGES,
+        SEQUENCE_ESTIMATORS,
         make_config,
         near_boundary,
         random_batch,
@@ -37,6 +38,7 @@ except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.
         MISMATCH_OPTIONS,
         OBJECTIVE_NAMES,
         PER_SEQUENCE_ADVANTAGES,
+        SEQUENCE_ESTIMATORS,
         make_config,
         near_boundary,
         random_batch,
@@ -426,7 +428,7 @@ def test_reward_kl_on_policy_reads_logp() -> None:
     mismatch=st.sampled_from(MISMATCH_OPTIONS),
     variant=st.integers(0, 2),
     advantages=st.sampled_from(["rewards", "sequence", "token"]),
-    estimator=st.sampled_from(ESTIMATORS),
+    estimator=st.sampled_from(SEQUENCE_ESTIMATORS),  # (optimal_token_baseline: test_token_baseline.py)
     scale=st.sampled_from([None, "group", "batch", "none", "leave_one_out"]),
     clamp=st.sampled_from([20.0, 3.0]),
     big_deltas=st.booleans(),

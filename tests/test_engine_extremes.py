@@ -10,9 +10,8 @@ import math
 
 import pytest
 import torch
-from reference_loss import REFUSED_SCALES
+from reference_loss import REFUSED_SCALES, SEQUENCE_ESTIMATORS
 from softgate.engine import (
-    ESTIMATORS,
     AdvantageConfig,
     AggregationConfig,
     Batch,
@@ -91,7 +90,7 @@ def test_to_floats_never_turns_a_non_finite_loss_into_0(key: str, value: float) 
 @pytest.mark.parametrize(
     ("estimator", "scale"),
     # (reinforce_pp's group scale and gdpo's batch scale are refused as unsupported)
-    [(e, s) for e in ESTIMATORS for s in ("group", "batch") if (e, s) not in REFUSED_SCALES],
+    [(e, s) for e in SEQUENCE_ESTIMATORS for s in ("group", "batch") if (e, s) not in REFUSED_SCALES],
 )
 def test_non_finite_advantages_are_refused_by_every_estimator(estimator: str, scale: str) -> None:
     """With eps = 0 a reward spread whose squares underflow divides by a std of 0: inf.

@@ -86,6 +86,8 @@ def make_batch(seed: int = 0, b: int = 12, dtype: torch.dtype = torch.float32, g
     n = int(lengths.sum())
     logp = (-torch.rand(n, generator=g, dtype=torch.float64) * 3 - 0.01).to(dtype)
     old = (logp.double() + 0.3 * torch.randn(n, generator=g, dtype=torch.float64)).clamp(max=-1e-3).to(dtype)
+    p = old.double().exp()
+    sum_pi_squared = (p * p + (1 - p) ** 2 * torch.rand(n, generator=g, dtype=torch.float64)).to(dtype)
     return Batch(
         logp=logp,
         offsets=Batch.offsets_from_lengths(lengths),
@@ -97,12 +99,22 @@ def make_batch(seed: int = 0, b: int = 12, dtype: torch.dtype = torch.float32, g
         .to(dtype),
         rewards=torch.randint(0, 3, (b,), generator=g).to(dtype),
         group_ids=torch.arange(b) % group,
+        sum_pi_squared=sum_pi_squared,
     )
 
 
 def batch_msg(batch: Batch) -> pb.Batch:
     m = pb.Batch(logp=tensor(batch.logp), offsets=tensor(batch.offsets))
-    for name in ("old_logp", "mask", "ref_logp", "rollout_logp", "rewards", "group_ids", "advantages"):
+    for name in (
+        "old_logp",
+        "mask",
+        "ref_logp",
+        "rollout_logp",
+        "rewards",
+        "group_ids",
+        "advantages",
+        "sum_pi_squared",
+    ):
         x = getattr(batch, name)
         if x is not None:
             getattr(m, name).CopyFrom(tensor(x))
@@ -113,7 +125,7 @@ def slice_batch(batch: Batch, s0: int, s1: int) -> Batch:
     """Sequences s0..s1-1 as a self-contained chunk (offsets from 0)."""
     t0, t1 = int(batch.offsets[s0]), int(batch.offsets[s1])
     out: dict[str, Any] = {"offsets": batch.offsets[s0 : s1 + 1] - t0}
-    for name in ("logp", "old_logp", "mask", "ref_logp", "rollout_logp"):
+    for name in ("logp", "old_logp", "mask", "ref_logp", "rollout_logp", "sum_pi_squared"):
         x = getattr(batch, name)
         out[name] = None if x is None else x[t0:t1]
     for name in ("rewards", "group_ids"):
@@ -280,6 +292,25 @@ CONFIGS: dict[str, tuple[LossConfig, pb.LossConfig]] = {
             kl=pb.KlConfig(
                 estimator=pb.KL_ESTIMATOR_K2, beta=0.05, value_clamp=1.2e-3, weight=pb.KL_WEIGHT_SAMPLER_RATIO
             ),
+        ),
+    ),
+    "grpo-optimal_token_baseline-trained-zero_tail-truncate": (  # verl's, its IS correction of W
+        LossConfig(
+            objective=Grpo(),
+            advantages=AdvantageConfig(
+                estimator="optimal_token_baseline", eps=1e-8, position="trained", zero_tail=True
+            ),
+            mismatch=MismatchConfig(mode="truncate", cap=1.005),
+        ),
+        pb.LossConfig(
+            objective=pb.Objective(grpo=pb.GrpoParams()),
+            advantages=pb.AdvantageConfig(
+                estimator=pb.ADVANTAGE_ESTIMATOR_OPTIMAL_TOKEN_BASELINE,
+                eps=1e-8,
+                position=pb.TOKEN_POSITION_TRAINED,
+                zero_tail=True,
+            ),
+            mismatch=pb.MismatchConfig(mode=pb.MISMATCH_MODE_TRUNCATE, cap=1.005),
         ),
     ),
     "grpo-reinforce_pp-seq_mask": (
@@ -581,6 +612,7 @@ def test_given_advantages_per_sequence_and_per_token(stub: pb_grpc.LossServiceSt
         "grpo-k2-sampler-ratio-kl-clamped",  # each token's ratio to the sampler
         "grpo-opsm-truncate",  # each sequence's mean KL from the sampler, over every chunk
         "grpo-rejection",  # the tokens left in the mask normalise the loss
+        "grpo-optimal_token_baseline-trained-zero_tail-truncate",  # baselines over every chunk's members
     ],
 )
 def test_stream_loss_equals_unary(stub: pb_grpc.LossServiceStub, name: str) -> None:

@@ -446,13 +446,13 @@ def test_a_field_this_server_does_not_know_is_refused_by_name_not_ignored(inproc
         (pb.ComputeLossRequest(config=new_kind, batch=batch), "config.objective", "softgate.v1.Objective"),
         (pb.ComputeLossRequest(config=new_param, batch=batch), "config.objective.grpo", "GrpoParams"),
         (_with_unknown(pb.ComputeLossRequest(batch=batch), 4), "request", "ComputeLossRequest"),
-        (pb.ComputeLossRequest(batch=_with_unknown(batch, 11)), "batch", "softgate.v1.Batch"),
+        (pb.ComputeLossRequest(batch=_with_unknown(batch, 12)), "batch", "softgate.v1.Batch"),
         (pb.ComputeLossRequest(batch=batch, outputs=new_output), "outputs", "OutputSelection"),
     ]
     stream_cases = [
         ([pb.StreamLossRequest(config=new_kind, chunk=batch)], "config.objective"),
         (
-            [pb.StreamLossRequest(chunk=batch), pb.StreamLossRequest(chunk=_with_unknown(batch, 11))],
+            [pb.StreamLossRequest(chunk=batch), pb.StreamLossRequest(chunk=_with_unknown(batch, 12))],
             "chunk[1]",
         ),
         ([_with_unknown(pb.StreamLossRequest(chunk=batch), 4)], "chunk[0]"),

@@ -52,6 +52,7 @@ BATCH_FIELDS = {
     "rewards": 7,
     "group_ids": 8,
     "advantages": 9,
+    "sum_pi_squared": 11,
 }
 BATCH_ADVANTAGE_LEVEL = 10
 TOKEN_OUTPUT_FIELDS = {

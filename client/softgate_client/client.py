@@ -211,8 +211,13 @@ def loss_config_to_proto(c: cfg.LossConfig) -> pb.LossConfig:
     obj.SetInParent()
     _set_optional(obj, **c.objective.params)
     a = c.advantages
-    if a.skip_nan_components or any(
-        v is not None for v in (a.estimator, a.scale, a.eps, a.min_group_std, a.reward_weights, a.gamma)
+    if (
+        a.skip_nan_components
+        or a.zero_tail
+        or any(
+            v is not None
+            for v in (a.estimator, a.scale, a.eps, a.min_group_std, a.reward_weights, a.gamma, a.position)
+        )
     ):
         adv: Any = out.advantages
         adv.estimator = _enum(
@@ -223,6 +228,8 @@ def loss_config_to_proto(c: cfg.LossConfig) -> pb.LossConfig:
         if a.reward_weights is not None:
             adv.reward_weights.extend(a.reward_weights)
         adv.skip_nan_components = a.skip_nan_components
+        adv.position = _enum(pb.TokenPosition, "TOKEN_POSITION", a.position, "config.advantages.position")
+        adv.zero_tail = a.zero_tail
     g = c.aggregation
     if any(v is not None for v in (g.mode, g.num_tokens, g.num_seqs, g.constant)):
         agg: Any = out.aggregation
@@ -433,13 +440,19 @@ def pack_batch(
     ref_logp: Any = None,
     rollout_logp: Any = None,
     advantage_level: str | None = None,
+    sum_pi_squared: Any = None,
 ) -> _Packed:
     """Check shapes and pack a batch in the service's ragged layout (no per-element Python)."""
     try:
         lp = float_array(logp, "logp")
         layout = make_layout(lp, mask=mask, offsets=offsets, lengths=lengths)
         token: dict[str, np.ndarray] = {"logp": layout.flatten(lp, "logp")}
-        for name, x in (("old_logp", old_logp), ("ref_logp", ref_logp), ("rollout_logp", rollout_logp)):
+        for name, x in (
+            ("old_logp", old_logp),
+            ("ref_logp", ref_logp),
+            ("rollout_logp", rollout_logp),
+            ("sum_pi_squared", sum_pi_squared),
+        ):
             if x is not None:  # (every float travels in logp's dtype: the wire has one per batch)
                 token[name] = _in_dtype(layout.flatten(x, name), lp.dtype, name, layout)
         if layout.mask is not None:
@@ -882,6 +895,7 @@ class SoftgateClient:
         ref_logp: Any = None,
         rollout_logp: Any = None,
         advantage_level: str | None = None,
+        sum_pi_squared: Any = None,
         config: cfg.LossConfig | None = None,
         stream: bool | None = None,
         timeout: float | None = None,
@@ -893,14 +907,15 @@ class SoftgateClient:
         Batch: `logp` padded [B, T] (+ `mask` [B, T], or `lengths` [B]) or ragged [N]
         (+ `offsets` [B + 1] or `lengths` [B], optional `mask` [N]); numpy arrays or torch
         tensors. `old_logp` None means on-policy. Either `rewards` + `group_ids` ([B]) or
-        `advantages` ([B] per sequence, or per token like logp).
+        `advantages` ([B] per sequence, or per token like logp). `sum_pi_squared` (like logp):
+        each token's sum of squared probabilities, for `estimator="optimal_token_baseline"`.
 
         Configuration: a `config=LossConfig(...)` and/or flat keywords: `objective`
         ("sapo", "grpo", "gspo", "gspo_token", "cispo", "gppo", "gmpo", "dppo_tv", "dppo_kl",
         "clip_cov", "kl_cov", "reinforce", "sapo_seq", "cispo_seq", "dro" or an Objective), its
         parameters (`tau_pos`, `tau_neg`, `eps_low`, `eps_high`, `dual_clip`, `ratio_cap`,
         `fraction`, `cov_low`, `cov_high`, `seed`, `coef`),
-        `estimator`, `scale`, `aggregation` (mode name), `num_tokens`, `num_seqs`, `constant`,
+        `estimator`, `scale`, `baseline_position`, `zero_tail`, `aggregation` (mode name), `num_tokens`, `num_seqs`, `constant`,
         `kl_beta`, `kl_estimator`, `kl_aggregation`, `kl_value_clamp`, `kl_weight`,
         `mismatch=MismatchConfig(...)`,
         a KL in the reward (`reward_kl_beta`, `reward_kl_estimator`, `reward_kl_level`,
@@ -927,6 +942,7 @@ class SoftgateClient:
             ref_logp=ref_logp,
             rollout_logp=rollout_logp,
             advantage_level=advantage_level,
+            sum_pi_squared=sum_pi_squared,
         )
         try:
             return self.loss_packed(packed, c, stream=stream, timeout=timeout, run=run)

@@ -160,7 +160,10 @@ def _given(**kw: float | None) -> dict[str, float]:
 @dataclass(frozen=True)
 class AdvantageConfig:
     """Outcome-reward estimator: `grpo`, `dr_grpo`, `rloo`, `reinforce_pp_baseline`, `opo`, `gpg`,
-    `grpo_passk`, `reinforce_pp`, `gdpo`; `reward_weights` for rewards of K components;
+    `grpo_passk`, `reinforce_pp`, `gdpo`, `optimal_token_baseline` (with the batch's
+    `sum_pi_squared`; `position` "token" or "trained" pairs the group's tokens by index in the
+    sequence or among its trained tokens, `zero_tail` is verl's handle_zero_tail);
+    `reward_weights` for rewards of K components;
     scale `group`, `batch`, `none`, `leave_one_out` (rloo over the others' std: NeMo-RL's
     default; None: the estimator's own default); `gamma` in [0, 1],
     reinforce_pp's discount of each token's return (None: 1, none); `skip_nan_components`:
@@ -173,12 +176,15 @@ class AdvantageConfig:
     reward_weights: tuple[float, ...] | None = None  # one per reward component; None: 1 each
     gamma: float | None = None
     skip_nan_components: bool = False
+    position: str | None = None
+    zero_tail: bool = False
 
     def __post_init__(self) -> None:
         _plain_fields(self, "config.advantages")
         _flag(
             "config.advantages.skip_nan_components", self.skip_nan_components
         )  # (numpy's bool_ was read as bool)
+        _flag("config.advantages.zero_tail", self.zero_tail)
         w = self.reward_weights
         if w is not None:  # (a list, an array, a tensor: a tuple of floats, hashable)
             path = "config.advantages.reward_weights"
@@ -565,6 +571,8 @@ _FLAT_ALIASES = {
     "reward_weights": ("advantages", "reward_weights"),
     "gamma": ("advantages", "gamma"),
     "skip_nan_components": ("advantages", "skip_nan_components"),
+    "baseline_position": ("advantages", "position"),
+    "zero_tail": ("advantages", "zero_tail"),
     "aggregation": ("aggregation", "mode"),
     "num_tokens": ("aggregation", "num_tokens"),
     "num_seqs": ("aggregation", "num_seqs"),

@@ -122,6 +122,7 @@ def softgate_loss(
     advantages: Any = None,
     ref_logp: Any = None,
     rollout_logp: Any = None,
+    sum_pi_squared: Any = None,
     return_result: bool = False,
     timeout: float | None = None,
     **config: Any,
@@ -157,6 +158,7 @@ def softgate_loss(
             advantages=advantages,
             ref_logp=ref_logp,
             rollout_logp=rollout_logp,
+            sum_pi_squared=sum_pi_squared,
             timeout=timeout,
             **config,
         )

@@ -78,6 +78,8 @@ function lossConfig(c) {
       min_group_std: a.min_group_std,
       gamma: a.gamma,
       skip_nan_components: a.skip_nan_components,
+      position: enumName('TOKEN_POSITION', a.position),
+      zero_tail: a.zero_tail,
     });
   }
   if (c.aggregation) {
@@ -141,7 +143,7 @@ function lossConfig(c) {
 
 function batch(inp, dtype) {
   const b = { offsets: tensor(inp.offsets, 'int64'), logp: tensor(inp.logp, dtype) };
-  for (const k of ['old_logp', 'ref_logp', 'rollout_logp']) if (inp[k]) b[k] = tensor(inp[k], dtype);
+  for (const k of ['old_logp', 'ref_logp', 'rollout_logp', 'sum_pi_squared']) if (inp[k]) b[k] = tensor(inp[k], dtype);
   if (inp.mask) b.mask = tensor(inp.mask, 'bool');
   if (inp.rewards) b.rewards = tensor(inp.rewards, dtype);
   if (inp.group_ids) b.group_ids = tensor(inp.group_ids, 'int64');

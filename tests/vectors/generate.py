@@ -77,6 +77,10 @@ def config_to_json(cfg: LossConfig) -> dict[str, Any]:
         del d["advantages"]["gamma"]
     if not d["advantages"]["skip_nan_components"]:  # (a loss case's rewards are one component)
         del d["advantages"]["skip_nan_components"]
+    if d["advantages"]["position"] == "token":
+        del d["advantages"]["position"]
+    if not d["advantages"]["zero_tail"]:
+        del d["advantages"]["zero_tail"]
     if d["off_policy_mask_threshold"] is None:
         del d["off_policy_mask_threshold"]
     if d["off_policy_mask_reference"] == "rollout":
@@ -116,7 +120,7 @@ def batch_to_json(b: Batch) -> dict[str, Any]:
     def lst(t: torch.Tensor | None) -> list | None:
         return None if t is None else t.tolist()
 
-    return {
+    out = {
         "offsets": lst(b.offsets),
         **{f: lst(getattr(b, f)) for f in TOKEN_FIELDS},
         "mask": None if b.mask is None else [int(x) for x in b.mask.tolist()],
@@ -125,6 +129,9 @@ def batch_to_json(b: Batch) -> dict[str, Any]:
         "advantages": lst(b.advantages),
         "advantage_level": b.advantage_level,
     }
+    if b.sum_pi_squared is not None:  # (added since the first vectors: only where sent)
+        out["sum_pi_squared"] = lst(b.sum_pi_squared)
+    return out
 
 
 def batch_from_json(d: dict[str, Any]) -> Batch:
@@ -142,6 +149,7 @@ def batch_from_json(d: dict[str, Any]) -> Batch:
         group_ids=None if d["group_ids"] is None else torch.tensor(d["group_ids"], dtype=torch.int64),
         advantages=f64(d["advantages"]),
         advantage_level=d["advantage_level"],
+        sum_pi_squared=f64(d.get("sum_pi_squared")),
     )
 
 
@@ -418,6 +426,19 @@ def _default_cases(engine: Engine) -> list[dict[str, Any]]:
     assert (
         0 < out[-1]["outputs"]["metrics"]["reward_kl_mean"] < out[-2]["outputs"]["metrics"]["reward_kl_mean"]
     )
+    # verl's optimal token baseline: per-token baselines from the old policy's probabilities and
+    # sum_pi_squared, at trained positions (multi-turn holes in the mask), the longest member's tail 0
+    b = random_batch(5858, max_seqs=6, max_len=7, advantages="rewards", num_seqs=6)
+    b.group_ids = torch.tensor([1, 1, 1, 4, 4, 4])
+    assert b.old_logp is not None and b.mask is not None and not bool(b.mask.all())
+    p = b.old_logp.exp()
+    spread = torch.rand(p.shape, generator=torch.Generator().manual_seed(5858), dtype=torch.float64)
+    b.sum_pi_squared = p * p + (1 - p) ** 2 * spread
+    otb = AdvantageConfig(estimator="optimal_token_baseline", eps=1e-8, position="trained", zero_tail=True)
+    cfg = LossConfig(advantages=otb, aggregation=AggregationConfig(mode="token_mean"))
+    out.append(_case("sapo/optimal_token_baseline_trained_zero_tail", b, cfg, engine))
+    no_tail = dataclasses.replace(cfg, advantages=dataclasses.replace(otb, zero_tail=False))
+    assert engine.loss(b, no_tail).loss != out[-1]["outputs"]["loss"]  # (a longest member alone)
     return out
 
 

@@ -39,7 +39,10 @@ DEFAULT_SCALE = {
     "grpo_passk": "group",
     "reinforce_pp": "none",
     "gdpo": "group",
+    "optimal_token_baseline": "none",
 }
+# no group baseline here: reinforce_pp has none, optimal_token_baseline's is per token (token_baseline.py)
+RAW = ("reinforce_pp", "optimal_token_baseline")
 # whitened over the batch's trained tokens after the estimator (and its scale)
 WHITENED = ("reinforce_pp_baseline", "reinforce_pp", "gdpo")
 
@@ -138,7 +141,7 @@ def group_advantages(
         r = r - penalty
     dev, std_g, gmax, gmin, degenerate_g, c = stats(r, scored)
 
-    a = r if cfg.estimator == "reinforce_pp" else dev
+    a = r if cfg.estimator in RAW else dev
     if cfg.estimator == "rloo":
         a = a * (c / (c - 1).clamp(min=1))[inv]
     elif cfg.estimator == "opo":
@@ -241,8 +244,8 @@ def _finish(
     members of its degenerate groups (`degenerate_g`, per group), whose share is a metric,
     and for the sequences without a reward (`scored` False; `weights` already weigh them 0)."""
     degenerate = degenerate_g[inv]
-    # reinforce_pp has no baseline: a member of an all-equal group still has its R to whiten
-    zeroed = torch.zeros_like(degenerate) if cfg.estimator == "reinforce_pp" else degenerate
+    # no baseline here: a member of an all-equal group keeps its R (reinforce_pp whitens it)
+    zeroed = torch.zeros_like(degenerate) if cfg.estimator in RAW else degenerate
     if scored is not None:
         zeroed = zeroed | ~scored
     if cfg.estimator in WHITENED and whiten:

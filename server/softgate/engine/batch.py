@@ -30,6 +30,9 @@ class Batch:
     # "sequence" or "token"; None infers it from the length of `advantages` ([B] or [N]).
     # Needed only when B == N and some sequence is not exactly one token long.
     advantage_level: str | None = None
+    # [N] sum over the vocabulary of each token's squared probabilities under the old policy:
+    # needed by the optimal_token_baseline estimator (token_baseline.py)
+    sum_pi_squared: Tensor | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -287,7 +287,16 @@ OBJECTIVES: dict[str, type] = {
 # ---------------------------------------------------------------- the other choices
 
 Estimator = Literal[
-    "grpo", "dr_grpo", "rloo", "reinforce_pp_baseline", "opo", "gpg", "grpo_passk", "reinforce_pp", "gdpo"
+    "grpo",
+    "dr_grpo",
+    "rloo",
+    "reinforce_pp_baseline",
+    "opo",
+    "gpg",
+    "grpo_passk",
+    "reinforce_pp",
+    "gdpo",
+    "optimal_token_baseline",
 ]
 ESTIMATORS: tuple[str, ...] = get_args(Estimator)
 KlEstimator = Literal["k1", "k2", "k3", "k1_st", "k3_st", "k3_is", "abs", "abs_st", "k3_is_seq"]
@@ -300,6 +309,9 @@ RewardKlEstimator = Literal["k1", "k2", "k3", "abs"]
 REWARD_KL_ESTIMATORS: tuple[str, ...] = get_args(RewardKlEstimator)
 RewardKlLevel = Literal["token", "sequence", "immediate"]
 REWARD_KL_LEVELS: tuple[str, ...] = get_args(RewardKlLevel)
+# where optimal_token_baseline aligns a group's tokens: the index in the sequence, or among its trained tokens
+TokenPosition = Literal["token", "trained"]
+TOKEN_POSITIONS: tuple[str, ...] = get_args(TokenPosition)
 Scale = Literal["group", "batch", "none", "leave_one_out"]
 SCALES: tuple[str, ...] = get_args(Scale)
 AggregationMode = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm"]
@@ -323,7 +335,9 @@ class AdvantageConfig:
     of the mask as sent) times the sequence's (returns.py; OpenRLHF's and verl's gamma), 1
     for the others. `skip_nan_components`: a NaN reward component does not apply to its
     sequence (TRL's reward function returning None): left out of the weighted sum and of its
-    group's statistics; a sequence none applies to has advantage 0 and no statistic reads it."""
+    group's statistics; a sequence none applies to has advantage 0 and no statistic reads it.
+    `position` and `zero_tail`: optimal_token_baseline's alignment of a group's tokens and
+    verl's handle_zero_tail (token_baseline.py)."""
 
     estimator: Estimator = "grpo"
     scale: Scale | None = None
@@ -332,6 +346,8 @@ class AdvantageConfig:
     reward_weights: tuple[float, ...] | None = None
     gamma: float = 1.0
     skip_nan_components: bool = False
+    position: TokenPosition = "token"
+    zero_tail: bool = False
 
     def __post_init__(self) -> None:
         w = self.reward_weights

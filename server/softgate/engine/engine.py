@@ -249,6 +249,9 @@ class Engine:
         if not any(f.field == "advantages.gamma" for f in v) and config.gamma != 1.0:  # (a number now)
             why = "unsupported: gamma makes an advantage per token, which needs the tokens: compute it in loss()"
             v.append(FieldViolation("advantages.gamma", why))
+        if config.estimator == "optimal_token_baseline":
+            why = "unsupported: optimal_token_baseline makes an advantage per token from the tokens' probabilities: compute it in loss()"
+            v.append(FieldViolation("advantages.estimator", why))
         if v:
             raise InputError(v)
         dev = self._device_for(b, (rewards, group_ids))

@@ -38,13 +38,14 @@ from softgate.engine.errors import FieldViolation, InputError
 from softgate.engine.kernel import EXPANDED, Terms, derived_terms, kernel_layout, kernel_params
 from softgate.engine.kl import kernel_kl, sequence_kl
 from softgate.engine.metrics import METRIC_NAMES, to_floats
-from softgate.engine.mismatch import batch_norm_factor, sequence_log_weights
+from softgate.engine.mismatch import applied_weights, batch_norm_factor, sequence_log_weights
 from softgate.engine.objectives import OBJECTIVE_KIND, gmpo_bounds
 from softgate.engine.rejection import keep_mask
 from softgate.engine.result import LossResult
 from softgate.engine.returns import token_returns
 from softgate.engine.reward_kl import check_bounded, sequence_kl_mean, sequence_sums, token_kl
 from softgate.engine.segments import Segments, host_shortcuts
+from softgate.engine.token_baseline import optimal_token_baseline
 from softgate.engine.validation import advantage_level, check, compute_dtype
 
 F64 = torch.float64
@@ -113,6 +114,47 @@ def _cast(x: Tensor, dtype: torch.dtype, device: torch.device | None = None) -> 
     if x.dtype == dtype and (device is None or x.device == device):
         return x
     return x.to(dtype=dtype, device=device)
+
+
+def _token_baseline(
+    returns: Tensor,
+    batch: Batch,
+    config: LossConfig,
+    old: Tensor,
+    rollout: Tensor | None,
+    m: Tensor,
+    ms: Tensor,
+    ms_counts: Tensor,
+    seg: Segments,
+    unscored: Tensor | None,
+) -> Tensor:
+    """optimal_token_baseline's advantages from the returns, over the trained tokens of the
+    sequences with a reward, W weighted by the squared mismatch weights when a correction is
+    configured (verl's)."""
+    assert batch.sum_pi_squared is not None and batch.group_ids is not None  # (validated)
+    dev = old.device
+    member = m.contiguous() if unscored is None else m & ~unscored
+    v = None
+    mm = config.mismatch
+    if mm is not None:
+        assert rollout is not None
+        prm = kernel_params(config, old.dtype, dev)
+        lv_sent = _masked_difference(old, rollout, ms)
+        v = applied_weights(mm.level, mm.mode, mm.batch_normalize, lv_sent, ms, seg, ms_counts, prm)
+    adv = config.advantages
+    a, _ = optimal_token_baseline(
+        returns,
+        old,
+        batch.sum_pi_squared.to(dev),
+        member,
+        seg,
+        batch.group_ids.to(dev),
+        adv.position,
+        adv.zero_tail,
+        adv.eps,
+        v,
+    )
+    return a
 
 
 def _masked_difference(a: Tensor, b: Tensor, m: Tensor) -> Tensor:
@@ -216,7 +258,8 @@ def _compute_loss(
             penalty = rk.beta * sums if rk.level == "sequence" else None
         kl_per_token = rk is not None and rk.level != "sequence"
         gamma = config.advantages.gamma
-        per_token = kl_per_token or gamma != 1.0  # (returns.py)
+        otb = config.advantages.estimator == "optimal_token_baseline"
+        per_token = kl_per_token or gamma != 1.0 or otb  # (returns.py)
         ga = group_advantages(
             batch.rewards.to(dev),
             batch.group_ids.to(dev),
@@ -233,6 +276,8 @@ def _compute_loss(
             else:
                 a_tok = token_returns(ga.advantages, seg, gamma, kr, beta, sent_mask)
             unscored = None if ga.scored is None else seg.expand(~ga.scored)  # (skip_nan_components)
+            if otb:
+                a_tok = _token_baseline(a_tok, batch, config, old, rollout, m, ms, ms_counts, seg, unscored)
             if config.advantages.estimator in WHITENED:
                 trained = None if batch.mask is None else m
                 if unscored is not None:

@@ -36,6 +36,7 @@ from softgate.engine.config import (
     REWARD_KL_ESTIMATORS,
     REWARD_KL_LEVELS,
     SCALES,
+    TOKEN_POSITIONS,
     WEIGHTED_KL_ESTIMATORS,
     AdvantageConfig,
     AggregationConfig,
@@ -91,6 +92,8 @@ PER_SEQUENCE_ADVANTAGE = (Gspo, Gmpo, SapoSeq)
 MAX_LOG_RATIO_CLAMP = 80.0
 
 LOGP_TOLERANCE = 1e-4
+# how far over 1 a sum of squared probabilities may be rounded (a bfloat16 logsumexp's, say)
+SUM_PI_SQUARED_TOLERANCE = 1e-3
 # rewards beyond this overflow the group statistics' float64 sums of squares (silent zeros)
 MAX_ABS_REWARD = 1e100
 # reward components of [B, K] rewards: gdpo reduces each over the groups in turn (a loop over
@@ -371,6 +374,7 @@ def _validate_config(config: LossConfig) -> list[FieldViolation]:
             "unsupported: gdpo divides each component by its group's std (group) or not (none); "
             "its batch normalisation is the whitening of their sum",
         )
+        _token_baseline(config, v)
         _reward_weights(adv.reward_weights, v)
         need(
             isinstance(adv.skip_nan_components, bool),
@@ -573,6 +577,23 @@ def _float_tensor(
     return True
 
 
+def _sum_pi_squared(v: list[FieldViolation], x: object, n: int, m: Tensor | None) -> None:
+    """sum_pi_squared: [N] float, finite, and a sum of squared probabilities on trained tokens
+    (in [0, 1], 1 by up to SUM_PI_SQUARED_TOLERANCE over for rounding)."""
+    if not _float_tensor(v, "sum_pi_squared", x, n):
+        return
+    assert isinstance(x, Tensor)
+    bad = (x < 0) | (x > 1 + SUM_PI_SQUARED_TOLERANCE)
+    if m is not None:
+        bad = bad & m
+    if bool(bad.any()):
+        i = _first(bad)
+        why = (
+            f"out_of_range: {float(x[i]):.6g} on a trained token; a sum of squared probabilities is in [0, 1]"
+        )
+        v.append(FieldViolation("sum_pi_squared", why, i))
+
+
 def compute_dtype(batch: Batch) -> torch.dtype:
     """float64 when any log-prob tensor or the caller's advantages are float64, else float32."""
     for t in (batch.logp, batch.old_logp, batch.ref_logp, batch.rollout_logp, batch.advantages):
@@ -707,6 +728,34 @@ def reward_tensor(
                 v.append(FieldViolation("rewards", why, i))
                 return False
     return True
+
+
+def _token_baseline(config: LossConfig, v: list[FieldViolation]) -> None:
+    """The violations of optimal_token_baseline's settings (and of its options elsewhere)."""
+    adv = config.advantages
+    otb = adv.estimator == "optimal_token_baseline"
+    if not _known(adv.position, TOKEN_POSITIONS):
+        why = f"unknown_name: {adv.position!r}; known: {list(TOKEN_POSITIONS)}"
+        v.append(FieldViolation("advantages.position", why))
+    elif adv.position != "token" and not otb:
+        why = f"unsupported: position aligns optimal_token_baseline's tokens; not {adv.estimator!r}"
+        v.append(FieldViolation("advantages.position", why))
+    if not isinstance(adv.zero_tail, bool):
+        v.append(FieldViolation("advantages.zero_tail", f"bad_type: {adv.zero_tail!r}; true or false"))
+    elif adv.zero_tail and not otb:
+        why = f"unsupported: zero_tail is optimal_token_baseline's; not {adv.estimator!r}"
+        v.append(FieldViolation("advantages.zero_tail", why))
+    if not otb:
+        return
+    if adv.scale in ("group", "batch"):
+        why = "unsupported: optimal_token_baseline's advantage is G - B, not divided by a std; use none"
+        v.append(FieldViolation("advantages.scale", why))
+    if _num_ok(adv.min_group_std) and adv.min_group_std > 0:
+        why = "unsupported: optimal_token_baseline zeroes no group; a lone member keeps its return"
+        v.append(FieldViolation("advantages.min_group_std", why))
+    if isinstance(config.objective, PER_SEQUENCE_ADVANTAGE):
+        why = f"unsupported: {config.objective.name} uses one advantage per sequence; optimal_token_baseline makes one per token"
+        v.append(FieldViolation("advantages.estimator", why))
 
 
 def _gamma(config: LossConfig, v: list[FieldViolation]) -> None:
@@ -851,6 +900,9 @@ def validate_batch(
         if x is not None and _float_tensor(v, name, x, n, maxima=maxima, values=values) and values:
             logp_range(name, x)
 
+    if batch.sum_pi_squared is not None:
+        _sum_pi_squared(v, batch.sum_pi_squared, n, m)
+
     if config is not None:
         if config.kl is not None and batch.ref_logp is None:
             v.append(FieldViolation("ref_logp", "missing: a KL term is configured, ref_logp is required"))
@@ -865,6 +917,10 @@ def validate_batch(
         if _num_ok(gamma) and gamma != 1.0 and batch.advantages is not None:  # (else: validate_config's)
             why = "unsupported: gamma discounts the returns of advantages computed from rewards; the batch carries advantages"
             v.append(FieldViolation("advantages.gamma", why))
+        otb = getattr(config.advantages, "estimator", None) == "optimal_token_baseline"
+        if otb and batch.sum_pi_squared is None and batch.advantages is None:
+            why = "missing: the optimal_token_baseline estimator is configured, sum_pi_squared is required"
+            v.append(FieldViolation("sum_pi_squared", why))
         if config.mismatch is not None and batch.rollout_logp is None:
             v.append(
                 FieldViolation(

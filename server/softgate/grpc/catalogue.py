@@ -47,6 +47,11 @@ PARAM_HELP: dict[str, str] = {
     "skip_nan_components": "if set, a NaN reward component does not apply to its sequence (TRL's None): "
     "0 in the weighted sum, left out of gdpo's group statistics; a sequence with none that applies "
     "has advantage 0 and is left out of every statistic; default false",
+    "position": "which tokens of a group share optimal_token_baseline's baseline: token (index in the "
+    "sequence, verl's optimal_token_baseline) or trained (index among its trained tokens, verl's "
+    "tir_optimal_token_baseline); default token",
+    "zero_tail": "if set, a member with more trained tokens than every other of its group has baseline 0 "
+    "past the second-longest's count (verl's handle_zero_tail); default false",
     "num_tokens": "global N_tok normaliser, > 0; unset: this request's trained tokens",
     "num_seqs": "global N_seq normaliser (sequences with a trained token), > 0; unset: this request's",
     "constant": "K of token_sum_norm, > 0 (required by that mode)",
@@ -107,6 +112,15 @@ ESTIMATOR_HELP = {
     "reinforce_pp": "REINFORCE++: R (no group baseline), whitened over the batch's trained tokens",
     "gdpo": "GDPO: each reward component of [B, K] rewards normalised in its group, their weighted sum "
     "whitened over the batch's trained tokens",
+    "optimal_token_baseline": "OTB (ComputeLoss): each token's return less its group's baseline at its "
+    "position, sum G W / (sum W + eps), W the running sum of 1 - 2 pi + sum_pi_squared (needs "
+    "batch.sum_pi_squared)",
+}
+# the advantage parameters only some estimators take (validation refuses the others)
+OWN_PARAMETERS = {
+    "gamma": ("reinforce_pp",),
+    "position": ("optimal_token_baseline",),
+    "zero_tail": ("optimal_token_baseline",),
 }
 AGGREGATION_HELP = {
     "token_mean": "sum m l / N_tok",
@@ -187,7 +201,7 @@ def _default_first(cls: type, name: str) -> list[str]:
 
 def _own_scales(p: pb.ParameterInfo, est: str) -> pb.ParameterInfo:
     """`scale` with the choices the engine accepts with `est` (validation decides); other
-    parameters as they are (gamma: the others take 1)."""
+    parameters as they are (OWN_PARAMETERS: listed only with their estimators)."""
     if p.name != "scale":
         return p
     own = pb.ParameterInfo()
@@ -209,7 +223,7 @@ def build(limits: Limits, max_message_bytes: int) -> pb.ListAlgorithmsResponse:
         r.objectives.add(name=name, description=_doc(cls), parameters=_params(cls))
     adv_params = _params(c.AdvantageConfig, skip=("estimator",))
     for est in _default_first(c.AdvantageConfig, "estimator"):
-        adv_own = [_own_scales(p, est) for p in adv_params if p.name != "gamma" or est == "reinforce_pp"]
+        adv_own = [_own_scales(p, est) for p in adv_params if est in OWN_PARAMETERS.get(p.name, (est,))]
         r.advantage_estimators.add(name=est, description=ESTIMATOR_HELP.get(est, ""), parameters=adv_own)
     agg_params = _params(c.AggregationConfig, skip=("mode",))
     for mode in _default_first(c.AggregationConfig, "mode"):

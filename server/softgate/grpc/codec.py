@@ -78,7 +78,7 @@ _ITEMSIZE: dict[int, int] = {k: torch.empty(0, dtype=v).element_size() for k, v 
 _LITTLE = LITTLE_ENDIAN = sys.byteorder == "little"
 
 # the batch's float tensors that must share logp's float dtype (rewards are read in float64)
-SAME_DTYPE_AS_LOGP = ("old_logp", "ref_logp", "rollout_logp", "advantages")
+SAME_DTYPE_AS_LOGP = ("old_logp", "ref_logp", "rollout_logp", "advantages", "sum_pi_squared")
 _FLOAT_DTYPES = frozenset((torch.float32, torch.float64))
 BATCH_TENSORS = (
     "logp",
@@ -90,6 +90,7 @@ BATCH_TENSORS = (
     "rewards",
     "group_ids",
     "advantages",
+    "sum_pi_squared",
 )
 OUTPUT_FIELDS = ("gradient", "advantages", "ratio", "gate_weight", "clip_mask", "mask")
 # the outputs an engine result holds whole only when asked (Engine.loss sample_tokens)
@@ -564,6 +565,7 @@ def decode_batch(
         group_ids=got["group_ids"],
         advantages=got["advantages"],
         advantage_level=level,
+        sum_pi_squared=got["sum_pi_squared"],
     )
 
 
@@ -681,6 +683,11 @@ _ESTIMATORS = {
     pb.ADVANTAGE_ESTIMATOR_GRPO_PASSK: "grpo_passk",
     pb.ADVANTAGE_ESTIMATOR_REINFORCE_PP: "reinforce_pp",
     pb.ADVANTAGE_ESTIMATOR_GDPO: "gdpo",
+    pb.ADVANTAGE_ESTIMATOR_OPTIMAL_TOKEN_BASELINE: "optimal_token_baseline",
+}
+_POSITIONS = {
+    pb.TOKEN_POSITION_TOKEN: "token",
+    pb.TOKEN_POSITION_TRAINED: "trained",
 }
 _SCALES = {
     pb.ADVANTAGE_SCALE_GROUP: "group",
@@ -767,7 +774,10 @@ def decode_advantage_config(msg: pb.AdvantageConfig, prefix: str, v: list[FieldV
         kw["reward_weights"] = tuple(msg.reward_weights)
     if msg.skip_nan_components:
         kw["skip_nan_components"] = True
+    if msg.zero_tail:
+        kw["zero_tail"] = True
     _enum(msg.estimator, _ESTIMATORS, prefix + "estimator", v, kw, "estimator")
+    _enum(msg.position, _POSITIONS, prefix + "position", v, kw, "position")
     _enum(msg.scale, _SCALES, prefix + "scale", v, kw, "scale")
     return AdvantageConfig(**kw)
 

@@ -925,7 +925,10 @@ def _check_chunk(b: Batch, i: int, v: list[FieldViolation]) -> None:
         return
     # lengths are checked here, where the chunk at fault is known (on the concatenated batch
     # the engine could only name `chunk.<field>`)
-    sizes = {name: ("token count", n) for name in ("old_logp", "ref_logp", "rollout_logp", "mask")}
+    sizes = {
+        name: ("token count", n)
+        for name in ("old_logp", "ref_logp", "rollout_logp", "mask", "sum_pi_squared")
+    }
     sizes["rewards"] = sizes["group_ids"] = ("sequence count", off.numel() - 1)
     for name, (what, want) in sizes.items():
         x = getattr(b, name)
@@ -952,6 +955,7 @@ _STREAM_TENSORS = (
     "rewards",
     "group_ids",
     "advantages",
+    "sum_pi_squared",
 )
 
 

@@ -38,6 +38,13 @@ class AdvantageEstimator(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ADVANTAGE_ESTIMATOR_GRPO_PASSK: _ClassVar[AdvantageEstimator]
     ADVANTAGE_ESTIMATOR_REINFORCE_PP: _ClassVar[AdvantageEstimator]
     ADVANTAGE_ESTIMATOR_GDPO: _ClassVar[AdvantageEstimator]
+    ADVANTAGE_ESTIMATOR_OPTIMAL_TOKEN_BASELINE: _ClassVar[AdvantageEstimator]
+
+class TokenPosition(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TOKEN_POSITION_UNSPECIFIED: _ClassVar[TokenPosition]
+    TOKEN_POSITION_TOKEN: _ClassVar[TokenPosition]
+    TOKEN_POSITION_TRAINED: _ClassVar[TokenPosition]
 
 class AdvantageScale(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -144,6 +151,10 @@ ADVANTAGE_ESTIMATOR_GPG: AdvantageEstimator
 ADVANTAGE_ESTIMATOR_GRPO_PASSK: AdvantageEstimator
 ADVANTAGE_ESTIMATOR_REINFORCE_PP: AdvantageEstimator
 ADVANTAGE_ESTIMATOR_GDPO: AdvantageEstimator
+ADVANTAGE_ESTIMATOR_OPTIMAL_TOKEN_BASELINE: AdvantageEstimator
+TOKEN_POSITION_UNSPECIFIED: TokenPosition
+TOKEN_POSITION_TOKEN: TokenPosition
+TOKEN_POSITION_TRAINED: TokenPosition
 ADVANTAGE_SCALE_UNSPECIFIED: AdvantageScale
 ADVANTAGE_SCALE_GROUP: AdvantageScale
 ADVANTAGE_SCALE_BATCH: AdvantageScale
@@ -210,7 +221,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[Dtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., padding: _Optional[bytes] = ...) -> None: ...
 
 class Batch(_message.Message):
-    __slots__ = ("logp", "offsets", "old_logp", "mask", "ref_logp", "rollout_logp", "rewards", "group_ids", "advantages", "advantage_level")
+    __slots__ = ("logp", "offsets", "old_logp", "mask", "ref_logp", "rollout_logp", "rewards", "group_ids", "advantages", "advantage_level", "sum_pi_squared")
     LOGP_FIELD_NUMBER: _ClassVar[int]
     OFFSETS_FIELD_NUMBER: _ClassVar[int]
     OLD_LOGP_FIELD_NUMBER: _ClassVar[int]
@@ -221,6 +232,7 @@ class Batch(_message.Message):
     GROUP_IDS_FIELD_NUMBER: _ClassVar[int]
     ADVANTAGES_FIELD_NUMBER: _ClassVar[int]
     ADVANTAGE_LEVEL_FIELD_NUMBER: _ClassVar[int]
+    SUM_PI_SQUARED_FIELD_NUMBER: _ClassVar[int]
     logp: Tensor
     offsets: Tensor
     old_logp: Tensor
@@ -231,7 +243,8 @@ class Batch(_message.Message):
     group_ids: Tensor
     advantages: Tensor
     advantage_level: AdvantageLevel
-    def __init__(self, logp: _Optional[_Union[Tensor, _Mapping]] = ..., offsets: _Optional[_Union[Tensor, _Mapping]] = ..., old_logp: _Optional[_Union[Tensor, _Mapping]] = ..., mask: _Optional[_Union[Tensor, _Mapping]] = ..., ref_logp: _Optional[_Union[Tensor, _Mapping]] = ..., rollout_logp: _Optional[_Union[Tensor, _Mapping]] = ..., rewards: _Optional[_Union[Tensor, _Mapping]] = ..., group_ids: _Optional[_Union[Tensor, _Mapping]] = ..., advantages: _Optional[_Union[Tensor, _Mapping]] = ..., advantage_level: _Optional[_Union[AdvantageLevel, str]] = ...) -> None: ...
+    sum_pi_squared: Tensor
+    def __init__(self, logp: _Optional[_Union[Tensor, _Mapping]] = ..., offsets: _Optional[_Union[Tensor, _Mapping]] = ..., old_logp: _Optional[_Union[Tensor, _Mapping]] = ..., mask: _Optional[_Union[Tensor, _Mapping]] = ..., ref_logp: _Optional[_Union[Tensor, _Mapping]] = ..., rollout_logp: _Optional[_Union[Tensor, _Mapping]] = ..., rewards: _Optional[_Union[Tensor, _Mapping]] = ..., group_ids: _Optional[_Union[Tensor, _Mapping]] = ..., advantages: _Optional[_Union[Tensor, _Mapping]] = ..., advantage_level: _Optional[_Union[AdvantageLevel, str]] = ..., sum_pi_squared: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class SapoParams(_message.Message):
     __slots__ = ("tau_pos", "tau_neg")
@@ -398,7 +411,7 @@ class Objective(_message.Message):
     def __init__(self, sapo: _Optional[_Union[SapoParams, _Mapping]] = ..., grpo: _Optional[_Union[GrpoParams, _Mapping]] = ..., gspo: _Optional[_Union[GspoParams, _Mapping]] = ..., gspo_token: _Optional[_Union[GspoTokenParams, _Mapping]] = ..., cispo: _Optional[_Union[CispoParams, _Mapping]] = ..., gppo: _Optional[_Union[GppoParams, _Mapping]] = ..., gmpo: _Optional[_Union[GmpoParams, _Mapping]] = ..., dppo_tv: _Optional[_Union[DppoTvParams, _Mapping]] = ..., dppo_kl: _Optional[_Union[DppoKlParams, _Mapping]] = ..., clip_cov: _Optional[_Union[ClipCovParams, _Mapping]] = ..., kl_cov: _Optional[_Union[KlCovParams, _Mapping]] = ..., reinforce: _Optional[_Union[ReinforceParams, _Mapping]] = ..., sapo_seq: _Optional[_Union[SapoSeqParams, _Mapping]] = ..., cispo_seq: _Optional[_Union[CispoSeqParams, _Mapping]] = ..., dro: _Optional[_Union[DroParams, _Mapping]] = ...) -> None: ...
 
 class AdvantageConfig(_message.Message):
-    __slots__ = ("estimator", "scale", "eps", "min_group_std", "reward_weights", "gamma", "skip_nan_components")
+    __slots__ = ("estimator", "scale", "eps", "min_group_std", "reward_weights", "gamma", "skip_nan_components", "position", "zero_tail")
     ESTIMATOR_FIELD_NUMBER: _ClassVar[int]
     SCALE_FIELD_NUMBER: _ClassVar[int]
     EPS_FIELD_NUMBER: _ClassVar[int]
@@ -406,6 +419,8 @@ class AdvantageConfig(_message.Message):
     REWARD_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     GAMMA_FIELD_NUMBER: _ClassVar[int]
     SKIP_NAN_COMPONENTS_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    ZERO_TAIL_FIELD_NUMBER: _ClassVar[int]
     estimator: AdvantageEstimator
     scale: AdvantageScale
     eps: float
@@ -413,7 +428,9 @@ class AdvantageConfig(_message.Message):
     reward_weights: _containers.RepeatedScalarFieldContainer[float]
     gamma: float
     skip_nan_components: bool
-    def __init__(self, estimator: _Optional[_Union[AdvantageEstimator, str]] = ..., scale: _Optional[_Union[AdvantageScale, str]] = ..., eps: _Optional[float] = ..., min_group_std: _Optional[float] = ..., reward_weights: _Optional[_Iterable[float]] = ..., gamma: _Optional[float] = ..., skip_nan_components: bool = ...) -> None: ...
+    position: TokenPosition
+    zero_tail: bool
+    def __init__(self, estimator: _Optional[_Union[AdvantageEstimator, str]] = ..., scale: _Optional[_Union[AdvantageScale, str]] = ..., eps: _Optional[float] = ..., min_group_std: _Optional[float] = ..., reward_weights: _Optional[_Iterable[float]] = ..., gamma: _Optional[float] = ..., skip_nan_components: bool = ..., position: _Optional[_Union[TokenPosition, str]] = ..., zero_tail: bool = ...) -> None: ...
 
 class AggregationConfig(_message.Message):
     __slots__ = ("mode", "num_tokens", "num_seqs", "constant")

@@ -1,0 +1,430 @@
+"""The optimal token baseline (estimator `optimal_token_baseline`): against verl's two functions
+written out, against the loop reference over objectives and corrections, on a GPU's code path,
+its edge cases, refusals, and through the client and server."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections import defaultdict
+
+import numpy as np
+import pytest
+import torch
+from reference_loss import random_batch, reference_loss
+from softgate.engine import (
+    AdvantageConfig,
+    AggregationConfig,
+    Batch,
+    Engine,
+    InputError,
+    LossConfig,
+    MismatchConfig,
+    RejectionCriterion,
+    RewardKLConfig,
+)
+from softgate.engine.config import Cispo, Grpo, Gspo, Sapo
+from torch import Tensor
+
+F64 = torch.float64
+E = Engine(device="cpu", compile=False)
+OTB = "optimal_token_baseline"
+
+
+def _verl_otb(
+    rewards: Tensor,
+    mask: Tensor,
+    index: list[int],
+    old: Tensor,
+    spp: Tensor,
+    is_weights: Tensor | None,
+    zero_tail: bool,
+    tir: bool,
+    eps: float = 1e-8,
+) -> Tensor:
+    """verl's compute_optimal_token_baseline_advantage (`tir=False`) and
+    compute_multi_turn_optimal_token_baseline_advantage (`tir=True`) on padded [B, T] tensors,
+    written out from verl/trainer/ppo/core_algos.py (outcome rewards on each row's last token)."""
+    b, t = mask.shape
+    lengths = mask.sum(-1).long()
+    level = torch.zeros(b, t, dtype=F64)
+    for i in range(b):
+        nz = mask[i].nonzero()
+        if len(nz):
+            level[i, nz[-1]] = rewards[i]
+    returns = (level * mask).flip(-1).cumsum(-1).flip(-1)
+    w = 1 - 2 * torch.exp(old) + spp
+    if is_weights is not None:
+        w = w * is_weights**2
+    wc = (w * mask).cumsum(-1)
+    groups: dict[int, list[int]] = defaultdict(list)
+    if not tir:
+        for i in range(b):
+            groups[index[i]].append(i)
+        base = torch.zeros_like(returns)
+        for ti in groups.values():
+            if len(ti) == 1:
+                continue
+            idx = torch.tensor(ti)
+            num = (returns[idx] * wc[idx] * mask[idx]).sum(0)
+            den = (wc[idx] * mask[idx]).sum(0) + eps
+            base[idx] = (num / den).unsqueeze(0).expand(len(ti), -1)
+            if zero_tail:
+                rl = mask[idx].sum(-1)
+                srt, _ = torch.sort(rl)
+                top, second = int(srt[-1]), int(srt[-2])
+                at = (rl == top).nonzero(as_tuple=True)[0]
+                if at.numel() == 1 and top > second:
+                    base[ti[int(at[0])], second:] = 0.0
+        return (returns - base) * mask
+    width = int(lengths.max())
+    aw = torch.zeros(b, width, dtype=F64)
+    ar = torch.zeros_like(aw)
+    for i in range(b):
+        if lengths[i] == 0:
+            continue
+        mk = mask[i].bool()
+        aw[i, : lengths[i]] = wc[i, mk]
+        ar[i, : lengths[i]] = returns[i, mk]
+    for i in range(b):
+        if lengths[i] > 0:
+            groups[index[i]].append(i)
+    base = torch.zeros_like(ar)
+    for ti in groups.values():
+        idx = torch.tensor(ti)
+        if len(ti) == 1:
+            continue
+        base[idx] = (ar[idx] * aw[idx]).sum(0) / (aw[idx].sum(0) + eps)
+        if zero_tail:
+            rl = lengths[idx]
+            srt, _ = torch.sort(rl)
+            top, second = int(srt[-1]), int(srt[-2])
+            at = (rl == top).nonzero(as_tuple=True)[0]
+            if at.numel() == 1 and top > second:
+                base[ti[int(at[0])], second:] = 0.0
+    adv = torch.zeros(b, t, dtype=F64)
+    for i in range(b):
+        if lengths[i] > 0:
+            adv[i, mask[i].bool()] = (ar - base)[i, : lengths[i]]
+    return adv * mask
+
+
+def _padded_batch(seed: int, holes: bool) -> tuple[Tensor, ...]:
+    """[B, T] padded rows (right padding), a contiguous or holed mask, 0/1 and real rewards."""
+    g = torch.Generator().manual_seed(seed)
+    b, t = 14, 11
+    lengths = torch.randint(1, t + 1, (b,), generator=g)
+    lengths[int(torch.randint(0, b, (1,), generator=g))] = t  # a longest member, alone or not
+    cols = torch.arange(t)
+    mask = (cols < lengths[:, None]).to(F64)
+    if holes:  # tool output inside a response: trained tokens with untrained ones between
+        mask = mask * (torch.rand(b, t, generator=g) > 0.25)
+        mask[:, 0] = 1.0
+    p = torch.rand(b, t, generator=g, dtype=F64) * 0.98 + 0.01
+    spp = p * p + (1 - p) ** 2 * torch.rand(b, t, generator=g, dtype=F64)
+    rewards = torch.where(torch.rand(b, generator=g) < 0.5, torch.rand(b, generator=g, dtype=F64), 0.0)
+    rewards[:3] = torch.tensor([1.0, 0.0, 1.0], dtype=F64)
+    groups = [0, 0, 0, 1, 1, 1, 1, 2, 3, 3, 0, 1, 5, 5]
+    return lengths, mask, p.log(), spp, rewards, torch.tensor(groups)
+
+
+def _ragged(x: Tensor, lengths: Tensor) -> Tensor:
+    return torch.cat([x[i, : int(lengths[i])] for i in range(x.shape[0])])
+
+
+@pytest.mark.parametrize(
+    ("holes", "position", "zero_tail"),
+    list(itertools.product((False, True), ("token", "trained"), (False, True))),
+)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_equals_verl(seed: int, holes: bool, position: str, zero_tail: bool) -> None:
+    """verl's optimal_token_baseline (position token) and tir_optimal_token_baseline (position
+    trained), with and without handle_zero_tail, on contiguous and holed masks."""
+    lengths, mask, old, spp, rewards, groups = _padded_batch(seed, holes)
+    batch = Batch(
+        logp=_ragged(old, lengths),
+        old_logp=_ragged(old, lengths),
+        offsets=Batch.offsets_from_lengths(lengths),
+        mask=_ragged(mask, lengths).bool(),
+        rewards=rewards,
+        group_ids=groups,
+        sum_pi_squared=_ragged(spp, lengths),
+    )
+    adv = AdvantageConfig(OTB, eps=1e-8, position=position, zero_tail=zero_tail)
+    got = E.loss(batch, LossConfig(objective=Grpo(), advantages=adv)).advantages
+    want = _ragged(
+        _verl_otb(rewards, mask, groups.tolist(), old, spp, None, zero_tail, position == "trained"), lengths
+    )
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-14)
+    if zero_tail:  # the case reaches it: a member alone at its group's longest
+        plain = dataclasses.replace(adv, zero_tail=False)
+        assert not torch.equal(E.loss(batch, LossConfig(objective=Grpo(), advantages=plain)).advantages, got)
+
+
+def test_equals_verl_with_its_importance_weights() -> None:
+    """Under rollout IS verl scales each w by the weight squared: softgate by the weight its
+    loss applies (TIS, truncated at the cap, here on both sides of it)."""
+    lengths, mask, old, spp, rewards, groups = _padded_batch(7, holes=False)
+    g = torch.Generator().manual_seed(7)
+    rollout = (old + 0.2 * torch.randn(old.shape, generator=g, dtype=F64)).clamp(max=-1e-4)
+    cap = 1.1
+    is_w = torch.exp(old - rollout).clamp(max=cap) * mask
+    assert bool(((is_w > 1.0) & (is_w < cap)).any()) and bool((is_w == cap).any())
+    batch = Batch(
+        logp=_ragged(old, lengths),
+        old_logp=_ragged(old, lengths),
+        rollout_logp=_ragged(rollout, lengths),
+        offsets=Batch.offsets_from_lengths(lengths),
+        mask=_ragged(mask, lengths).bool(),
+        rewards=rewards,
+        group_ids=groups,
+        sum_pi_squared=_ragged(spp, lengths),
+    )
+    cfg = LossConfig(
+        objective=Grpo(),
+        advantages=AdvantageConfig(OTB, eps=1e-8),
+        mismatch=MismatchConfig(mode="truncate", cap=cap),
+    )
+    got = E.loss(batch, cfg).advantages
+    want = _ragged(_verl_otb(rewards, mask, groups.tolist(), old, spp, is_w, False, False), lengths)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)  # (v^2 rounded in another order)
+    plain = E.loss(batch, dataclasses.replace(cfg, mismatch=None)).advantages
+    assert not torch.allclose(plain, got)
+
+
+def _with_spp(b: Batch, seed: int) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    assert b.old_logp is not None
+    p = b.old_logp.to(F64).exp().clamp(max=1.0)
+    spp = p * p + (1 - p) ** 2 * torch.rand(p.shape, generator=g, dtype=F64)
+    return dataclasses.replace(b, sum_pi_squared=spp.to(b.logp.dtype))
+
+
+CASES = {
+    "grpo": LossConfig(objective=Grpo()),
+    "sapo-token_mean": LossConfig(objective=Sapo(), aggregation=AggregationConfig(mode="token_mean")),
+    "cispo-trained-zero_tail": LossConfig(
+        objective=Cispo(), advantages=AdvantageConfig(OTB, position="trained", zero_tail=True)
+    ),
+    "grpo-sequence-tis-batch_normalize": LossConfig(
+        objective=Grpo(),
+        mismatch=MismatchConfig(level="sequence", mode="truncate", cap=1.3, batch_normalize=True),
+    ),
+    "grpo-icepop": LossConfig(objective=Grpo(), mismatch=MismatchConfig(mode="mask", lo=0.8, hi=1.25)),
+    "grpo-seq_mask": LossConfig(objective=Grpo(), mismatch=MismatchConfig(mode="seq_mask", lo=0.7, hi=1.4)),
+    "sapo-reward_kl-token": LossConfig(reward_kl=RewardKLConfig(beta=0.1, estimator="k3", level="token")),
+    "sapo-reward_kl-sequence": LossConfig(
+        reward_kl=RewardKLConfig(beta=0.1, estimator="k1", level="sequence")
+    ),
+    "grpo-rejection": LossConfig(objective=Grpo(), rejection=(RejectionCriterion(1.2, "k1", "token", 0.85),)),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("seed", range(6))
+def test_equals_the_loop_reference(name: str, seed: int) -> None:
+    """Loss and gradient equal the loop reference (tests/reference_loss.py) over ragged batches
+    with empty sequences, masked garbage and non-contiguous groups."""
+    base = CASES[name]
+    adv = base.advantages if base.advantages.estimator == OTB else AdvantageConfig(OTB)
+    cfg = dataclasses.replace(base, advantages=adv)
+    batch = _with_spp(random_batch(900 + seed, max_seqs=8, max_len=7), seed)
+    res = E.loss(batch, cfg)
+    ref = reference_loss(batch, cfg)
+    assert res.loss == pytest.approx(float(ref.loss.detach()), rel=1e-10, abs=1e-13)
+    g = ref.grad()
+    torch.testing.assert_close(
+        res.grad, g, rtol=1e-9, atol=1e-12 * max(1.0, float(g.abs().max()) if g.numel() else 1.0)
+    )
+
+
+@pytest.mark.parametrize("position", ["token", "trained"])
+def test_the_gpu_code_path_gives_the_same_advantages(monkeypatch: pytest.MonkeyPatch, position: str) -> None:
+    """The device-generic code (doubling-scan prefix sums, sorted segment sums) a GPU runs,
+    here on the CPU, gives the host's advantages to summation order."""
+    from softgate.engine import (
+        advantages,
+        aggregate,
+        chunked,
+        compiled,
+        loss,
+        returns,
+        segments,
+        token_baseline,
+        validation,
+    )
+
+    batch = _with_spp(random_batch(77, max_seqs=16, max_len=12), 77)
+    cfg = LossConfig(objective=Grpo(), advantages=AdvantageConfig(OTB, position=position, zero_tail=True))
+    want = E.loss(batch, cfg)
+    for m in (segments, loss, aggregate, validation, compiled, chunked, returns, token_baseline):
+        monkeypatch.setattr(m, "host_shortcuts", lambda device: False)
+    for m in (segments, advantages):
+        monkeypatch.setattr(m, "use_segment_reduce", lambda device: True)
+    got = E.loss(batch, cfg)
+    torch.testing.assert_close(got.advantages, want.advantages, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(got.grad, want.grad, rtol=1e-12, atol=1e-15)
+
+
+def _small(
+    rewards: list[float], groups: list[int], lengths: list[int], mask: list[bool] | None = None
+) -> Batch:
+    n = sum(lengths)
+    p = torch.linspace(0.2, 0.9, n, dtype=F64)
+    return Batch(
+        logp=p.log(),
+        old_logp=p.log(),
+        offsets=Batch.offsets_from_lengths(torch.tensor(lengths)),
+        mask=None if mask is None else torch.tensor(mask),
+        rewards=torch.tensor(rewards, dtype=F64),
+        group_ids=torch.tensor(groups),
+        sum_pi_squared=p * p + 0.5 * (1 - p) ** 2,
+    )
+
+
+def _adv(batch: Batch, **kw: object) -> Tensor:
+    return E.loss(batch, LossConfig(objective=Grpo(), advantages=AdvantageConfig(OTB, **kw))).advantages  # type: ignore[arg-type]
+
+
+def test_a_lone_member_keeps_its_return() -> None:
+    """Groups of one (and a group whose other member trains no token) have baseline 0: A = R,
+    where GRPO gives 0; an untrained token's advantage is 0."""
+    batch = _small([0.7, -0.4, 1.0, 0.3], [1, 2, 3, 3], [3, 2, 2, 2], [True] * 7 + [False, False])
+    a = _adv(batch)
+    assert a.tolist() == [0.7, 0.7, 0.7, -0.4, -0.4, 1.0, 1.0, 0.0, 0.0]
+
+
+def test_equal_rewards_leave_almost_nothing() -> None:
+    """All members rewarded alike: the baseline is R sum W / (sum W + eps), R less a share of
+    eps, and exactly 0 with eps 0."""
+    batch = _small([1.0, 1.0, 1.0], [0, 0, 0], [2, 3, 4])
+    assert float(_adv(batch).abs().max()) < 1e-5
+    assert not bool(_adv(batch, eps=0.0).any())
+
+
+def test_a_sequence_without_a_reward_is_no_member() -> None:
+    """skip_nan_components: a NaN reward leaves its sequence out of its group's sums (advantage
+    0), as if it were not sent."""
+    with_nan = _small([1.0, math.nan, 0.0, 0.5], [0, 0, 0, 0], [3, 3, 2, 4])
+    without = _small([1.0, 0.0, 0.5], [0, 0, 0], [3, 2, 4])
+    without = dataclasses.replace(
+        without,
+        logp=torch.cat([with_nan.logp[:3], with_nan.logp[6:]]),
+        old_logp=torch.cat([with_nan.old_logp[:3], with_nan.old_logp[6:]]),
+        sum_pi_squared=torch.cat([with_nan.sum_pi_squared[:3], with_nan.sum_pi_squared[6:]]),
+    )
+    a = _adv(with_nan, skip_nan_components=True)
+    assert not bool(a[3:6].any())
+    torch.testing.assert_close(torch.cat([a[:3], a[6:]]), _adv(without), rtol=0, atol=0)
+
+
+def test_a_confident_token_weighs_little() -> None:
+    """w = (1 - pi)^2 + (sum_pi_squared - pi^2): a member whose tokens the policy was sure of
+    barely moves the baseline; an unsure one pulls it to its own reward."""
+    p = torch.tensor([0.999, 0.999, 0.2, 0.2], dtype=F64)
+    batch = Batch(
+        logp=p.log(),
+        old_logp=p.log(),
+        offsets=torch.tensor([0, 2, 4]),
+        rewards=torch.tensor([1.0, 0.0], dtype=F64),
+        group_ids=torch.tensor([0, 0]),
+        sum_pi_squared=p * p,
+    )
+    a = _adv(batch)
+    assert float(a[2]) > -1e-3  # the unsure member's baseline is ~ its own reward 0
+    assert float(a[0]) > 0.99  # the sure member's advantage ~ R - 0
+
+
+@pytest.mark.parametrize(
+    ("cfg", "field"),
+    [
+        (LossConfig(advantages=AdvantageConfig(OTB, scale="group")), "advantages.scale"),
+        (LossConfig(advantages=AdvantageConfig(OTB, scale="batch")), "advantages.scale"),
+        (LossConfig(advantages=AdvantageConfig(OTB, min_group_std=0.1)), "advantages.min_group_std"),
+        (LossConfig(advantages=AdvantageConfig(OTB, gamma=0.9)), "advantages.gamma"),
+        (LossConfig(objective=Gspo(), advantages=AdvantageConfig(OTB)), "advantages.estimator"),
+        (LossConfig(advantages=AdvantageConfig(OTB, position="padded")), "advantages.position"),  # type: ignore[arg-type]
+        (LossConfig(advantages=AdvantageConfig("grpo", position="trained")), "advantages.position"),
+        (LossConfig(advantages=AdvantageConfig("grpo", zero_tail=True)), "advantages.zero_tail"),
+        (LossConfig(advantages=AdvantageConfig(OTB, zero_tail=1)), "advantages.zero_tail"),  # type: ignore[arg-type]
+    ],
+)
+def test_bad_settings_are_refused(cfg: LossConfig, field: str) -> None:
+    batch = _small([1.0, 0.0], [0, 0], [2, 3])
+    with pytest.raises(InputError) as e:
+        E.loss(batch, cfg)
+    assert field in [v.field for v in e.value.violations], e.value
+
+
+@pytest.mark.parametrize(
+    ("spp", "reason"),
+    [(None, "missing"), (-0.1, "out_of_range"), (1.01, "out_of_range"), (math.nan, "non_finite")],
+)
+def test_bad_sum_pi_squared_is_refused(spp: float | None, reason: str) -> None:
+    batch = _small([1.0, 0.0], [0, 0], [2, 3], [True, True, True, True, False])
+    if spp is None:
+        batch = dataclasses.replace(batch, sum_pi_squared=None)
+    else:
+        batch.sum_pi_squared[1] = spp
+    with pytest.raises(InputError) as e:
+        E.loss(batch, LossConfig(advantages=AdvantageConfig(OTB)))
+    (v,) = e.value.violations
+    assert (
+        v.field == "sum_pi_squared"
+        and v.reason.startswith(reason)
+        and v.index == (None if spp is None else 1)
+    )
+
+
+def test_an_untrained_token_s_sum_pi_squared_is_any_finite_value() -> None:
+    batch = _small([1.0, 0.0], [0, 0], [2, 3], [True, True, True, True, False])
+    want = _adv(batch)
+    batch.sum_pi_squared[4] = 7.5
+    assert torch.equal(_adv(batch), want)
+
+
+def test_compute_advantages_refuses_it() -> None:
+    with pytest.raises(InputError) as e:
+        E.advantages(torch.tensor([1.0, 0.0]), torch.tensor([0, 0]), AdvantageConfig(OTB))
+    assert [v.field for v in e.value.violations] == ["advantages.estimator"]
+    assert "per token" in e.value.violations[0].reason
+
+
+def test_through_the_client_and_server(inprocess_server) -> None:
+    """The client's padded [B, T] batch, its keywords and the served result equal the engine's."""
+    from softgate_client import SoftgateClient
+
+    _, mask, old, spp, rewards, groups = _padded_batch(3, holes=True)
+    logp = (old + 0.05).clamp(max=-1e-4)
+    srv = inprocess_server()
+    with SoftgateClient(srv.target, timeout=60) as c:
+        got = c.loss(
+            logp.numpy(),
+            old.numpy(),
+            mask=mask.numpy(),
+            rewards=rewards.numpy(),
+            group_ids=groups.numpy(),
+            sum_pi_squared=spp.numpy(),
+            objective="grpo",
+            estimator=OTB,
+            adv_eps=1e-8,
+            baseline_position="trained",
+            zero_tail=True,
+            outputs=("advantages",),
+        )
+    # the client sends rows trimmed to their last trained token, the engine's batch alike
+    ends = (mask * torch.arange(1, mask.shape[1] + 1)).amax(-1).long()
+    batch = Batch(
+        logp=_ragged(logp, ends),
+        old_logp=_ragged(old, ends),
+        offsets=Batch.offsets_from_lengths(ends),
+        mask=_ragged(mask, ends).bool(),
+        rewards=rewards,
+        group_ids=groups,
+        sum_pi_squared=_ragged(spp, ends),
+    )
+    adv = AdvantageConfig(OTB, eps=1e-8, position="trained", zero_tail=True)
+    want = E.loss(batch, LossConfig(objective=Grpo(), advantages=adv))
+    assert got.loss == want.loss
+    assert np.array_equal(got.advantages[mask.numpy() > 0], want.advantages[batch.mask].numpy())
