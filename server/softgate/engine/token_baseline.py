@@ -52,49 +52,45 @@ def optimal_token_baseline(
     w = torch.exp(old.to(F64)).mul_(-2.0).add_(1.0).add_(sum_pi_squared.to(F64)).clamp_(min=0.0)
     if is_weight is not None:
         w.mul_(is_weight.to(F64).square())
-    w = torch.where(member, w, 0.0)
-    big_w = _prefix_sums(w, seg)
+    big_w = _prefix_sums(torch.where(member, w, 0.0), seg)
     counts = seg.count(member)  # [B] trained tokens of each sequence
     _, inv = torch.unique(group_ids, return_inverse=True)
     g = int(inv.max()) + 1 if inv.numel() else 0
+
+    def per_group(x: Tensor, how: str) -> Tensor:
+        z = torch.zeros(g, dtype=torch.int64, device=dev)
+        return z.index_add_(0, inv, x) if how == "sum" else z.scatter_reduce_(0, inv, x, "amax")
+
     has = counts > 0
-    members = torch.zeros(g, dtype=torch.int64, device=dev).index_add_(0, inv, has.to(torch.int64))
-    lone = members < 2
+    lone = per_group(has.to(torch.int64), "sum") < 2
+    longest = per_group(torch.where(has, seg.lengths.to(dev) if position == "token" else counts, 0), "amax")
+    total = int(longest.sum())
+    if total == 0:  # (no member: every advantage 0)
+        return torch.zeros(n, dtype=F64, device=dev), lone
+    start = (torch.cumsum(longest, 0) - longest)[inv]  # [B]: each group's table in one of `total` entries
+    # the position from which a sequence's baseline is 0: 0 in a lone group, the second-longest
+    # member's count on the lone longest member's tail (zero_tail), else none
+    cut = torch.where(lone[inv], 0, torch.iinfo(torch.int64).max - total)
+    if zero_tail:
+        top = per_group(torch.where(has, counts, 0), "amax")[inv]
+        at_top = has & (counts == top)
+        second = per_group(torch.where(has & ~at_top, counts, 0), "amax")[inv]
+        tail = at_top & (per_group(at_top.to(torch.int64), "sum")[inv] == 1) & ~lone[inv]
+        cut = torch.where(tail, second, cut)
+    # each token's table entry, start + its position (a member's: within its group's table; the
+    # others' weigh 0, clamped into the tables)
     if position == "token":
-        pos = torch.arange(n, device=dev) - seg.expand(seg.offsets[:-1])
-        size = seg.lengths.to(dev)
+        key = torch.arange(n, device=dev).add_(seg.expand(start - seg.offsets[:-1]))
     else:
         c = torch.cumsum(member, 0)  # (int64)
         before = torch.cat([c.new_zeros(1), c])[seg.offsets[:-1]]
-        pos = c.sub_(1).sub_(seg.expand(before))
-        size = counts
-    longest = torch.zeros(g, dtype=torch.int64, device=dev).scatter_reduce_(
-        0, inv, torch.where(has, size, 0), "amax"
-    )
-    start = torch.cumsum(longest, 0).sub_(longest)  # each group's table in one of sum(longest)
-    total = int(longest.sum())
-    idx = member.nonzero()[:, 0]
-    key = (seg.expand(start[inv]) + pos)[idx]
-    gw = (returns * big_w)[idx]
-    num = _table_sums(gw, key, total)
-    den = _table_sums(big_w[idx], key, total)
-    base = num[key] / (den[key] + eps)
-    none = seg.expand(lone[inv])[idx]
-    if zero_tail:
-        top = torch.zeros(g, dtype=torch.int64, device=dev).scatter_reduce_(
-            0, inv, torch.where(has, counts, 0), "amax"
-        )
-        at_top = has & (counts == top[inv])
-        n_top = torch.zeros(g, dtype=torch.int64, device=dev).index_add_(0, inv, at_top.to(torch.int64))
-        second = torch.zeros(g, dtype=torch.int64, device=dev).scatter_reduce_(
-            0, inv, torch.where(has & ~at_top, counts, 0), "amax"
-        )
-        tail = at_top & (n_top[inv] == 1) & ~lone[inv]  # [B]: the member alone at its group's longest
-        none = none | (seg.expand(tail)[idx] & (pos[idx] >= seg.expand(second[inv])[idx]))
-    base = torch.where(none, 0.0, base)
-    out = torch.zeros(n, dtype=F64, device=dev)
-    out[idx] = returns[idx] - base
-    return out, lone
+        key = c.add_(seg.expand(start - before - 1))
+    key.clamp_(0, total - 1)
+    gw = torch.where(member, returns * big_w, 0.0)
+    wm = torch.where(member, big_w, 0.0)
+    base = (_table_sums(gw, key, total) / (_table_sums(wm, key, total) + eps))[key]
+    zero = key >= seg.expand(start + cut)
+    return torch.where(member & ~zero, returns - base, torch.where(member, returns, 0.0)), lone
 
 
 def _prefix_sums(x: Tensor, seg: Segments) -> Tensor:
