@@ -81,7 +81,8 @@ REASON_CODES: dict[str, str] = {
     "unknown_name": "an unknown objective, estimator, mode or level name",
     "unsupported": "a combination not defined (per-token advantages with gspo, gmpo or sapo_seq, group scale "
     "or min_group_std with reinforce_pp, batch scale with gdpo, [B, K] rewards to loss(), seq_mask at "
-    "sequence level, a floor without truncate, constant without token_sum_norm)",
+    "sequence level, a floor without truncate, constant without token_sum_norm, optimal_token_baseline "
+    "with a scale, a min_group_std, a per-sequence objective or in ComputeAdvantages)",
     "overflow": "finite inputs whose loss or gradient is not finite in the compute dtype",
 }
 
