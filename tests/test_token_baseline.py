@@ -133,6 +133,20 @@ def _ragged(x: Tensor, lengths: Tensor) -> Tensor:
     return torch.cat([x[i, : int(lengths[i])] for i in range(x.shape[0])])
 
 
+def _engine_batch(
+    lengths: Tensor, mask: Tensor, logp: Tensor, old: Tensor, spp: Tensor, **seq: Tensor
+) -> Batch:
+    """The padded rows as the engine's ragged batch, each row cut at its length."""
+    return Batch(
+        logp=_ragged(logp, lengths),
+        old_logp=_ragged(old, lengths),
+        offsets=Batch.offsets_from_lengths(lengths),
+        mask=_ragged(mask, lengths).bool(),
+        sum_pi_squared=_ragged(spp, lengths),
+        **seq,
+    )
+
+
 @pytest.mark.parametrize(
     ("holes", "position", "zero_tail"),
     list(itertools.product((False, True), ("token", "trained"), (False, True))),
@@ -142,15 +156,7 @@ def test_equals_verl(seed: int, holes: bool, position: str, zero_tail: bool) -> 
     """verl's optimal_token_baseline (position token) and tir_optimal_token_baseline (position
     trained), with and without handle_zero_tail, on contiguous and holed masks."""
     lengths, mask, old, spp, rewards, groups = _padded_batch(seed, holes)
-    batch = Batch(
-        logp=_ragged(old, lengths),
-        old_logp=_ragged(old, lengths),
-        offsets=Batch.offsets_from_lengths(lengths),
-        mask=_ragged(mask, lengths).bool(),
-        rewards=rewards,
-        group_ids=groups,
-        sum_pi_squared=_ragged(spp, lengths),
-    )
+    batch = _engine_batch(lengths, mask, old, old, spp, rewards=rewards, group_ids=groups)
     adv = AdvantageConfig(OTB, eps=1e-8, position=position, zero_tail=zero_tail)
     got = E.loss(batch, LossConfig(objective=Grpo(), advantages=adv)).advantages
     want = _ragged(
@@ -171,15 +177,15 @@ def test_equals_verl_with_its_importance_weights() -> None:
     cap = 1.1
     is_w = torch.exp(old - rollout).clamp(max=cap) * mask
     assert bool(((is_w > 1.0) & (is_w < cap)).any()) and bool((is_w == cap).any())
-    batch = Batch(
-        logp=_ragged(old, lengths),
-        old_logp=_ragged(old, lengths),
-        rollout_logp=_ragged(rollout, lengths),
-        offsets=Batch.offsets_from_lengths(lengths),
-        mask=_ragged(mask, lengths).bool(),
+    batch = _engine_batch(
+        lengths,
+        mask,
+        old,
+        old,
+        spp,
         rewards=rewards,
         group_ids=groups,
-        sum_pi_squared=_ragged(spp, lengths),
+        rollout_logp=_ragged(rollout, lengths),
     )
     cfg = LossConfig(
         objective=Grpo(),
@@ -191,6 +197,63 @@ def test_equals_verl_with_its_importance_weights() -> None:
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)  # (v^2 rounded in another order)
     plain = E.loss(batch, dataclasses.replace(cfg, mismatch=None)).advantages
     assert not torch.allclose(plain, got)
+
+
+def test_a_negative_w_counts_zero() -> None:
+    """A sum_pi_squared rounded below pi^2 (here 0.02 below) can make 1 - 2 pi + S negative for
+    a likely token: it counts 0 (verl's would subtract it from W)."""
+    lengths, mask, old, _, rewards, groups = _padded_batch(5, holes=False)
+    p = old.exp()
+    low = (p * p - 0.02).clamp(min=0.0)
+    assert bool((1 - 2 * p + low < 0).any())
+    batch = _engine_batch(lengths, mask, old, old, low, rewards=rewards, group_ids=groups)
+    got = E.loss(batch, LossConfig(objective=Grpo(), advantages=AdvantageConfig(OTB, eps=1e-8))).advantages
+    clamped = torch.maximum(low, 2 * p - 1)  # (w = 1 - 2 pi + S at least 0)
+    want = _verl_otb(rewards, mask, groups.tolist(), old, clamped, None, False, False)
+    torch.testing.assert_close(got, _ragged(want, lengths), rtol=0, atol=1e-14)
+    raw = _verl_otb(rewards, mask, groups.tolist(), old, low, None, False, False)
+    assert not torch.allclose(got, _ragged(raw, lengths))
+
+
+@pytest.mark.parametrize("gpu_path", [False, True])
+def test_confident_tokens_keep_their_digits(monkeypatch: pytest.MonkeyPatch, gpu_path: bool) -> None:
+    """W early in a long sequence of confident tokens is ~1e-10 per token beside a batch whose
+    running sum is ~1e4: each W sums its own sequence's values (verl's row-wise cumsum), so the
+    advantages equal verl's to 1e-9 relative on the host and on a GPU's code path (a cumsum
+    over the batch less each sequence's start was off by 15%: an audit)."""
+    if gpu_path:
+        _gpu_code_path(monkeypatch)
+    b, t = 4, 20_000
+    p = torch.full((b, t), 0.5, dtype=F64)
+    p[:, : t // 2] = 1 - 1e-5
+    p[0] = 0.5  # a first row of unsure tokens: the running sum is large before the others start
+    old = p.log()
+    spp = p * p + 0.3 * (1 - p) ** 2
+    mask = torch.ones(b, t, dtype=F64)
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.25], dtype=F64)
+    groups = torch.tensor([0, 0, 0, 0])
+    lengths = torch.full((b,), t)
+    batch = _engine_batch(lengths, mask, old, old, spp, rewards=rewards, group_ids=groups)
+    got = E.loss(batch, LossConfig(objective=Grpo(), advantages=AdvantageConfig(OTB, eps=1e-8))).advantages
+    want = _ragged(_verl_otb(rewards, mask, groups.tolist(), old, spp, None, False, False), lengths)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_eps_0_gives_no_baseline_where_nothing_weighs() -> None:
+    """eps 0: at a position where every member's W is 0 (sure tokens, S = pi^2 = 1) the
+    baseline is 0, not 0 / 0 (a NaN the kernel took for bad input: an audit)."""
+    p = torch.tensor([1.0, 0.5, 1.0, 0.5], dtype=F64)
+    batch = Batch(
+        logp=torch.tensor([0.0, -0.5, 0.0, -0.7], dtype=F64),
+        old_logp=p.log(),
+        offsets=torch.tensor([0, 2, 4]),
+        rewards=torch.tensor([1.0, 0.0], dtype=F64),
+        group_ids=torch.tensor([0, 0]),
+        sum_pi_squared=p * p,
+    )
+    a = _adv(batch, eps=0.0)
+    assert a.tolist()[0] == 1.0 and a.tolist()[2] == 0.0  # position 0: W = 0 for both, B = 0
+    assert bool(torch.isfinite(a).all())
 
 
 def _with_spp(b: Batch, seed: int) -> Batch:
@@ -218,6 +281,12 @@ CASES = {
         reward_kl=RewardKLConfig(beta=0.1, estimator="k1", level="sequence")
     ),
     "grpo-rejection": LossConfig(objective=Grpo(), rejection=(RejectionCriterion(1.2, "k1", "token", 0.85),)),
+    # a sequence's weight reads its tokens as sent, rejected ones included
+    "grpo-rejection-sequence-tis": LossConfig(
+        objective=Grpo(),
+        rejection=(RejectionCriterion(1.2, "k1", "token", 0.85),),
+        mismatch=MismatchConfig(level="sequence", mode="truncate", cap=1.3),
+    ),
 }
 
 
@@ -239,10 +308,8 @@ def test_equals_the_loop_reference(name: str, seed: int) -> None:
     )
 
 
-@pytest.mark.parametrize("position", ["token", "trained"])
-def test_the_gpu_code_path_gives_the_same_advantages(monkeypatch: pytest.MonkeyPatch, position: str) -> None:
-    """The device-generic code (doubling-scan prefix sums, sorted segment sums) a GPU runs,
-    here on the CPU, gives the host's advantages to summation order."""
+def _gpu_code_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The device-generic code a GPU runs (sorted segment sums, gathers), here on the CPU."""
     from softgate.engine import (
         advantages,
         aggregate,
@@ -255,13 +322,20 @@ def test_the_gpu_code_path_gives_the_same_advantages(monkeypatch: pytest.MonkeyP
         validation,
     )
 
-    batch = _with_spp(random_batch(77, max_seqs=16, max_len=12), 77)
-    cfg = LossConfig(objective=Grpo(), advantages=AdvantageConfig(OTB, position=position, zero_tail=True))
-    want = E.loss(batch, cfg)
     for m in (segments, loss, aggregate, validation, compiled, chunked, returns, token_baseline):
         monkeypatch.setattr(m, "host_shortcuts", lambda device: False)
     for m in (segments, advantages):
         monkeypatch.setattr(m, "use_segment_reduce", lambda device: True)
+
+
+@pytest.mark.parametrize("position", ["token", "trained"])
+def test_the_gpu_code_path_gives_the_same_advantages(monkeypatch: pytest.MonkeyPatch, position: str) -> None:
+    """The device-generic code (sorted segment sums) a GPU runs, here on the CPU, gives the
+    host's advantages to summation order."""
+    batch = _with_spp(random_batch(77, max_seqs=16, max_len=12), 77)
+    cfg = LossConfig(objective=Grpo(), advantages=AdvantageConfig(OTB, position=position, zero_tail=True))
+    want = E.loss(batch, cfg)
+    _gpu_code_path(monkeypatch)
     got = E.loss(batch, cfg)
     torch.testing.assert_close(got.advantages, want.advantages, rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(got.grad, want.grad, rtol=1e-12, atol=1e-15)
@@ -382,6 +456,20 @@ def test_an_untrained_token_s_sum_pi_squared_is_any_finite_value() -> None:
     want = _adv(batch)
     batch.sum_pi_squared[4] = 7.5
     assert torch.equal(_adv(batch), want)
+    batch.sum_pi_squared[1] = 1.0005  # (rounded over 1 by up to 1e-3: accepted)
+    assert bool(torch.isfinite(_adv(batch)).all())
+
+
+def test_advantages_sent_need_no_sum_pi_squared() -> None:
+    """With the batch's own advantages the estimator is not run: sum_pi_squared may be absent,
+    and is still checked when sent."""
+    batch = _small([1.0, 0.0], [0, 0], [2, 3])
+    sent = dataclasses.replace(batch, rewards=None, sum_pi_squared=None, advantages=torch.tensor([0.5, -0.5]))
+    cfg = LossConfig(advantages=AdvantageConfig(OTB))
+    assert E.loss(sent, cfg).loss == E.loss(sent, LossConfig()).loss
+    bad = dataclasses.replace(sent, sum_pi_squared=torch.full((5,), 2.0, dtype=F64))
+    with pytest.raises(InputError, match="sum_pi_squared"):
+        E.loss(bad, cfg)
 
 
 def test_compute_advantages_refuses_it() -> None:
@@ -415,15 +503,7 @@ def test_through_the_client_and_server(inprocess_server) -> None:
         )
     # the client sends rows trimmed to their last trained token, the engine's batch alike
     ends = (mask * torch.arange(1, mask.shape[1] + 1)).amax(-1).long()
-    batch = Batch(
-        logp=_ragged(logp, ends),
-        old_logp=_ragged(old, ends),
-        offsets=Batch.offsets_from_lengths(ends),
-        mask=_ragged(mask, ends).bool(),
-        rewards=rewards,
-        group_ids=groups,
-        sum_pi_squared=_ragged(spp, ends),
-    )
+    batch = _engine_batch(ends, mask, logp, old, spp, rewards=rewards, group_ids=groups)
     adv = AdvantageConfig(OTB, eps=1e-8, position="trained", zero_tail=True)
     want = E.loss(batch, LossConfig(objective=Grpo(), advantages=adv))
     assert got.loss == want.loss

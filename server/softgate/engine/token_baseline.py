@@ -26,7 +26,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from softgate.engine.returns import discounted_sums
 from softgate.engine.segments import Segments, host_shortcuts, segment_sum
 
 F64 = torch.float64
@@ -88,19 +87,29 @@ def optimal_token_baseline(
     key.clamp_(0, total - 1)
     gw = torch.where(member, returns * big_w, 0.0)
     wm = torch.where(member, big_w, 0.0)
-    base = (_table_sums(gw, key, total) / (_table_sums(wm, key, total) + eps))[key]
+    den = _table_sums(wm, key, total) + eps
+    # (0 / 0 with eps 0, where no member has weight yet: no baseline there)
+    base = torch.where(den > 0, _table_sums(gw, key, total) / den, 0.0)[key]
     zero = key >= seg.expand(start + cut)
     return torch.where(member & ~zero, returns - base, torch.where(member, returns, 0.0)), lone
 
 
 def _prefix_sums(x: Tensor, seg: Segments) -> Tensor:
-    """sum_{u <= t} x_u within each token's sequence ([N] float64 -> [N]): one prefix sum on the
-    host, a sequence's total less its doubling-scan suffix sums elsewhere (a GPU's float cumsum
-    is not bitwise reproducible)."""
-    if host_shortcuts(x.device):
-        c = torch.cumsum(x, 0)
-        return c.sub_(seg.expand(torch.cat([c.new_zeros(1), c])[seg.offsets[:-1]]))
-    return seg.expand(seg.sum(x)).sub_(discounted_sums(x, seg, 1.0)).add_(x)
+    """sum_{u <= t} x_u within each token's sequence ([N] float64 -> [N]) by a doubling scan:
+    log2 of the longest sequence passes, each sum of the sequence's own values alone. (A cumsum
+    over the batch less each sequence's start lost W's digits: W early in a sequence can be
+    1e-10 where the batch's running sum is 1e4; and a GPU's float cumsum is not reproducible.)"""
+    out = x.clone()
+    longest = int(seg.lengths.max()) if seg.num_seqs else 0  # (one host sync on a GPU)
+    if longest <= 1:
+        return out
+    pos = torch.arange(seg.num_tokens, device=x.device).sub_(seg.expand(seg.offsets[:-1]))
+    d = 1
+    while d < longest:  # after it, out[t] sums (t - 2d, t] within t's sequence
+        near = torch.where(pos[d:] >= d, out[:-d], 0.0)  # (a copy: read before the add below)
+        out[d:].add_(near)
+        d *= 2
+    return out
 
 
 def _table_sums(x: Tensor, key: Tensor, size: int) -> Tensor:
