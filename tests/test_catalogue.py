@@ -120,6 +120,7 @@ def test_position_and_zero_tail_are_optimal_token_baseline_s_alone() -> None:
         params = {p.name: p for p in e.parameters}
         own = e.name == "optimal_token_baseline"
         assert ("position" in params) == own and ("zero_tail" in params) == own, e.name
+        assert ("min_group_std" in params) != own, e.name  # (it zeroes no group)
         if own:
             assert list(params["position"].choices) == ["token", "trained"]
             assert params["position"].default_choice == c.AdvantageConfig().position == "token"

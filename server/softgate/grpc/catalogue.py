@@ -39,7 +39,7 @@ PARAM_HELP: dict[str, str] = {
     "dro.coef": "coefficient of the (logp - old_logp)^2 / 2 penalty on every trained token, >= 0",
     "dual_clip": "dual clip c > 1 for negative advantages; unset: none",
     "scale": "which std divides the centred rewards; unset: the estimator's own default",
-    "eps": "added to the std before dividing, >= 0",
+    "eps": "added to the std before dividing (optimal_token_baseline: to its sum of W), >= 0",
     "min_group_std": "groups with reward std below this get advantage 0, >= 0 (reinforce_pp: 0 only)",
     "reward_weights": "one weight per component of [B, K] rewards (ComputeAdvantages); unset: 1 each",
     "gamma": "discount of REINFORCE++'s per-token return toward each sequence's last sent token, "
@@ -116,12 +116,13 @@ ESTIMATOR_HELP = {
     "position, sum G W / (sum W + eps), W the running sum of 1 - 2 pi + sum_pi_squared (needs "
     "batch.sum_pi_squared)",
 }
-# the advantage parameters only some estimators take (validation refuses the others)
+# the advantage parameters only some estimators take, and those some refuse (validation's)
 OWN_PARAMETERS = {
     "gamma": ("reinforce_pp",),
     "position": ("optimal_token_baseline",),
     "zero_tail": ("optimal_token_baseline",),
 }
+REFUSED_PARAMETERS = {"min_group_std": ("optimal_token_baseline",)}
 AGGREGATION_HELP = {
     "token_mean": "sum m l / N_tok",
     "seq_mean_token_mean": "(1/N_seq) sum_i (sum_t m l / |y_i|), the SAPO / GRPO paper form",
@@ -223,7 +224,11 @@ def build(limits: Limits, max_message_bytes: int) -> pb.ListAlgorithmsResponse:
         r.objectives.add(name=name, description=_doc(cls), parameters=_params(cls))
     adv_params = _params(c.AdvantageConfig, skip=("estimator",))
     for est in _default_first(c.AdvantageConfig, "estimator"):
-        adv_own = [_own_scales(p, est) for p in adv_params if est in OWN_PARAMETERS.get(p.name, (est,))]
+        adv_own = [
+            _own_scales(p, est)
+            for p in adv_params
+            if est in OWN_PARAMETERS.get(p.name, (est,)) and est not in REFUSED_PARAMETERS.get(p.name, ())
+        ]
         r.advantage_estimators.add(name=est, description=ESTIMATOR_HELP.get(est, ""), parameters=adv_own)
     agg_params = _params(c.AggregationConfig, skip=("mode",))
     for mode in _default_first(c.AggregationConfig, "mode"):
