@@ -31,7 +31,6 @@ from reference_loss import (
     splitmix64,
 )
 from softgate.engine import (
-    ESTIMATORS,
     METRIC_NAMES,
     AdvantageConfig,
     AggregationConfig,
@@ -684,7 +683,7 @@ def test_rloo_leave_one_out_scale_on_the_gpu_code_path(monkeypatch, skip_nan: bo
     assert torch.equal(got, want) and bool(want.ne(0).any())
 
 
-@pytest.mark.parametrize("est", [e for e in ESTIMATORS if e != "rloo"])
+@pytest.mark.parametrize("est", [e for e in SEQUENCE_ESTIMATORS if e != "rloo"])
 def test_leave_one_out_scale_is_refused_but_with_rloo(est: str) -> None:
     with pytest.raises(InputError) as err:
         E.advantages(

@@ -256,6 +256,33 @@ def test_eps_0_gives_no_baseline_where_nothing_weighs() -> None:
     assert bool(torch.isfinite(a).all())
 
 
+def test_a_weight_whose_square_overflows_is_refused() -> None:
+    """A mismatch weight above ~1e154 (a cap of 1e300) squares to infinity in W: refused as an
+    overflow of `mismatch`, not a NaN baseline; a token whose w is 0 stays 0 whatever its v."""
+    old = torch.tensor([-0.1, math.log(0.5), -0.5, -0.6], dtype=F64)
+    rollout = torch.tensor([-0.1, -1e3, -0.5, -0.6], dtype=F64)  # v = e^999: inf, capped to 1e300
+    batch = Batch(
+        logp=old.clone(),
+        old_logp=old,
+        rollout_logp=rollout,
+        offsets=torch.tensor([0, 2, 4]),
+        rewards=torch.tensor([1.0, 0.0], dtype=F64),
+        group_ids=torch.tensor([0, 0]),
+        sum_pi_squared=torch.full((4,), 0.25, dtype=F64),
+    )
+    cfg = LossConfig(
+        objective=Grpo(),
+        advantages=AdvantageConfig(OTB),
+        mismatch=MismatchConfig(mode="truncate", cap=1e300),
+    )
+    with pytest.raises(InputError) as e:
+        E.loss(batch, cfg)
+    assert [v.field for v in e.value.violations] == ["mismatch"]
+    assert e.value.violations[0].reason.startswith("overflow")
+    sure = dataclasses.replace(batch, sum_pi_squared=torch.tensor([0.25, 0.0, 0.25, 0.25], dtype=F64))
+    assert bool(torch.isfinite(E.loss(sure, cfg).advantages).all())  # (w = 1 - 2 * 0.5 + 0 = 0)
+
+
 def _with_spp(b: Batch, seed: int) -> Batch:
     g = torch.Generator().manual_seed(seed)
     assert b.old_logp is not None

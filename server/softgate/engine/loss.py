@@ -142,7 +142,7 @@ def _token_baseline(
         lv_sent = _masked_difference(old, rollout, ms)
         v = applied_weights(mm.level, mm.mode, mm.batch_normalize, lv_sent, ms, seg, ms_counts, prm)
     adv = config.advantages
-    a, _ = optimal_token_baseline(
+    return optimal_token_baseline(
         returns,
         old,
         batch.sum_pi_squared.to(dev),
@@ -154,7 +154,6 @@ def _token_baseline(
         adv.eps,
         v,
     )
-    return a
 
 
 def _masked_difference(a: Tensor, b: Tensor, m: Tensor) -> Tensor:

@@ -53,8 +53,9 @@ METRIC_NAMES: dict[str, str] = {
     "adv_mean": "mean advantage over tokens (ComputeAdvantages: over sequences); 0 if none",
     "adv_std": "population std of the advantage over tokens (ComputeAdvantages: over sequences); 0 if none",
     "degenerate_group_frac": "share of groups with no learning signal (singleton, all-equal rewards or std < min_group_std; "
-    "reinforce_pp, which reads no groups, counts them too, and optimal_token_baseline, under which a "
-    "singleton keeps its return; gdpo: groups so in every reward component); "
+    "reinforce_pp, which reads no groups, counts them too, and optimal_token_baseline (not in "
+    "ComputeAdvantages), under which a singleton keeps its return; gdpo: groups so in every reward "
+    "component); "
     "0 without groups",
     "reward_mean": "mean reward over sequences (of several components: their weighted sum; skip_nan_components: "
     "over the sequences with one); 0 without rewards",

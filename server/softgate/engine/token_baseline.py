@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from softgate.engine.errors import FieldViolation, InputError
 from softgate.engine.segments import Segments, host_shortcuts, segment_sum
 
 F64 = torch.float64
@@ -42,16 +43,19 @@ def optimal_token_baseline(
     zero_tail: bool,
     eps: float,
     is_weight: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """(advantages G - B [N] float64, 0 off `member`; [G] bool, the groups with fewer than two
-    members) from the returns G [N], old log-probs and sum_pi_squared [N], `member` [N] bool (the
-    trained tokens of the sequences with a reward) and the [B] group ids; `is_weight` [N]: v."""
+) -> Tensor:
+    """The advantages G - B ([N] float64, 0 off `member`) from the returns G [N], old log-probs and sum_pi_squared [N], `member` [N] bool (the
+    trained tokens of the sequences with a reward) and the [B] group ids; `is_weight` [N]: v
+    (a W it makes infinite is refused as an `overflow` of `mismatch`)."""
     n = seg.num_tokens
     dev = returns.device
     w = torch.exp(old.to(F64)).mul_(-2.0).add_(1.0).add_(sum_pi_squared.to(F64)).clamp_(min=0.0)
-    if is_weight is not None:
-        w.mul_(is_weight.to(F64).square())
+    if is_weight is not None:  # (w 0 stays 0 whatever v)
+        w = torch.where(w > 0, w * is_weight.to(F64).square(), 0.0)
     big_w = _prefix_sums(torch.where(member, w, 0.0), seg)
+    if is_weight is not None and not bool(torch.isfinite(big_w).all()):
+        why = "overflow: a mismatch weight squared makes optimal_token_baseline's W infinite in float64"
+        raise InputError([FieldViolation("mismatch", why)])
     counts = seg.count(member)  # [B] trained tokens of each sequence
     _, inv = torch.unique(group_ids, return_inverse=True)
     g = int(inv.max()) + 1 if inv.numel() else 0
@@ -65,7 +69,7 @@ def optimal_token_baseline(
     longest = per_group(torch.where(has, seg.lengths.to(dev) if position == "token" else counts, 0), "amax")
     total = int(longest.sum())
     if total == 0:  # (no member: every advantage 0)
-        return torch.zeros(n, dtype=F64, device=dev), lone
+        return torch.zeros(n, dtype=F64, device=dev)
     start = (torch.cumsum(longest, 0) - longest)[inv]  # [B]: each group's table in one of `total` entries
     # the position from which a sequence's baseline is 0: 0 in a lone group, the second-longest
     # member's count on the lone longest member's tail (zero_tail), else none
@@ -91,7 +95,7 @@ def optimal_token_baseline(
     # (0 / 0 with eps 0, where no member has weight yet: no baseline there)
     base = torch.where(den > 0, _table_sums(gw, key, total) / den, 0.0)[key]
     zero = key >= seg.expand(start + cut)
-    return torch.where(member & ~zero, returns - base, torch.where(member, returns, 0.0)), lone
+    return torch.where(member & ~zero, returns - base, torch.where(member, returns, 0.0))
 
 
 def _prefix_sums(x: Tensor, seg: Segments) -> Tensor:
