@@ -105,16 +105,8 @@ def make_batch(seed: int = 0, b: int = 12, dtype: torch.dtype = torch.float32, g
 
 def batch_msg(batch: Batch) -> pb.Batch:
     m = pb.Batch(logp=tensor(batch.logp), offsets=tensor(batch.offsets))
-    for name in (
-        "old_logp",
-        "mask",
-        "ref_logp",
-        "rollout_logp",
-        "rewards",
-        "group_ids",
-        "advantages",
-        "sum_pi_squared",
-    ):
+    tensors = [f.name for f in pb.Batch.DESCRIPTOR.fields if f.message_type is not None]  # (every Tensor)
+    for name in tensors[2:]:  # (after logp and offsets)
         x = getattr(batch, name)
         if x is not None:
             getattr(m, name).CopyFrom(tensor(x))

@@ -946,17 +946,7 @@ def _check_chunk(b: Batch, i: int, v: list[FieldViolation]) -> None:
             )
 
 
-_STREAM_TENSORS = (
-    "logp",
-    "old_logp",
-    "mask",
-    "ref_logp",
-    "rollout_logp",
-    "rewards",
-    "group_ids",
-    "advantages",
-    "sum_pi_squared",
-)
+_STREAM_TENSORS = tuple(name for name in codec.BATCH_TENSORS if name != "offsets")  # (a chunk's own)
 
 
 def _level(b: Batch) -> str | None:
