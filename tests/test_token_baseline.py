@@ -535,3 +535,28 @@ def test_through_the_client_and_server(inprocess_server) -> None:
     want = E.loss(batch, LossConfig(objective=Grpo(), advantages=adv))
     assert got.loss == want.loss
     assert np.array_equal(got.advantages[mask.numpy() > 0], want.advantages[batch.mask].numpy())
+    # the torch adapter: sum_pi_squared from the logits as docs/client.md computes it
+    from softgate_client.torch import softgate_loss
+
+    z = torch.randn(*mask.shape, 5, generator=torch.Generator().manual_seed(3), dtype=F64)
+    old_z = z.log_softmax(-1)[..., 0]
+    spp_z = torch.exp(torch.logsumexp(2 * z, -1) - 2 * torch.logsumexp(z, -1))
+    torch.testing.assert_close(spp_z, z.softmax(-1).square().sum(-1), rtol=1e-12, atol=0)
+    lp = (old_z + 0.01).clamp(max=-1e-4).requires_grad_(True)
+    with SoftgateClient(srv.target, timeout=60) as c:
+        loss = softgate_loss(
+            lp,
+            old_z,
+            client=c,
+            mask=mask,
+            rewards=rewards,
+            group_ids=groups,
+            sum_pi_squared=spp_z,
+            objective="grpo",
+            estimator=OTB,
+        )
+    loss.backward()
+    batch = _engine_batch(ends, mask, lp.detach(), old_z, spp_z, rewards=rewards, group_ids=groups)
+    want = E.loss(batch, LossConfig(objective=Grpo(), advantages=AdvantageConfig(OTB)))
+    assert float(loss.detach()) == want.loss
+    assert torch.equal(lp.grad[mask > 0], want.grad[batch.mask])
