@@ -200,11 +200,12 @@ def test_equals_verl_with_its_importance_weights() -> None:
 
 
 def test_a_negative_w_counts_zero() -> None:
-    """A sum_pi_squared rounded below pi^2 (here 0.02 below) can make 1 - 2 pi + S negative for
-    a likely token: it counts 0 (verl's would subtract it from W)."""
+    """A sum_pi_squared rounded below pi^2 (by up to the 1e-3 allowed) can make 1 - 2 pi + S
+    negative for a likely token: it counts 0 (verl's would subtract it from W)."""
     lengths, mask, old, _, rewards, groups = _padded_batch(5, holes=False)
+    old[:, :3] = math.log(0.99)  # (1 - pi)^2 = 1e-4: S = pi^2 - 5e-4 makes w = -4e-4
     p = old.exp()
-    low = (p * p - 0.02).clamp(min=0.0)
+    low = (p * p - 5e-4).clamp(min=0.0)
     assert bool((1 - 2 * p + low < 0).any())
     batch = _engine_batch(lengths, mask, old, old, low, rewards=rewards, group_ids=groups)
     got = E.loss(batch, LossConfig(objective=Grpo(), advantages=AdvantageConfig(OTB, eps=1e-8))).advantages
@@ -258,7 +259,8 @@ def test_eps_0_gives_no_baseline_where_nothing_weighs() -> None:
 
 def test_a_weight_whose_square_overflows_is_refused() -> None:
     """A mismatch weight above ~1e154 (a cap of 1e300) squares to infinity in W: refused as an
-    overflow of `mismatch`, not a NaN baseline; a token whose w is 0 stays 0 whatever its v."""
+    overflow of `mismatch`, not a NaN baseline; a token whose w is 0 stays 0 whatever its v
+    (0 x inf was a NaN)."""
     old = torch.tensor([-0.1, math.log(0.5), -0.5, -0.6], dtype=F64)
     rollout = torch.tensor([-0.1, -1e3, -0.5, -0.6], dtype=F64)  # v = e^999: inf, capped to 1e300
     batch = Batch(
@@ -268,7 +270,7 @@ def test_a_weight_whose_square_overflows_is_refused() -> None:
         offsets=torch.tensor([0, 2, 4]),
         rewards=torch.tensor([1.0, 0.0], dtype=F64),
         group_ids=torch.tensor([0, 0]),
-        sum_pi_squared=torch.full((4,), 0.25, dtype=F64),
+        sum_pi_squared=old.exp().square() + 0.25 * (1 - old.exp()) ** 2,
     )
     cfg = LossConfig(
         objective=Grpo(),
@@ -279,8 +281,11 @@ def test_a_weight_whose_square_overflows_is_refused() -> None:
         E.loss(batch, cfg)
     assert [v.field for v in e.value.violations] == ["mismatch"]
     assert e.value.violations[0].reason.startswith("overflow")
-    sure = dataclasses.replace(batch, sum_pi_squared=torch.tensor([0.25, 0.0, 0.25, 0.25], dtype=F64))
-    assert bool(torch.isfinite(E.loss(sure, cfg).advantages).all())  # (w = 1 - 2 * 0.5 + 0 = 0)
+    # a sure token (pi = 1, S = 1: w = 1 - 2 + 1 = 0) with the same overflowing weight
+    sure_old, sure_s = old.clone(), batch.sum_pi_squared.clone()
+    sure_old[1], sure_s[1] = 0.0, 1.0
+    sure = dataclasses.replace(batch, logp=sure_old.clone(), old_logp=sure_old, sum_pi_squared=sure_s)
+    assert bool(torch.isfinite(E.loss(sure, cfg).advantages).all())
 
 
 def _with_spp(b: Batch, seed: int) -> Batch:
@@ -460,10 +465,18 @@ def test_bad_settings_are_refused(cfg: LossConfig, field: str) -> None:
 
 @pytest.mark.parametrize(
     ("spp", "reason"),
-    [(None, "missing"), (-0.1, "out_of_range"), (1.01, "out_of_range"), (math.nan, "non_finite")],
+    [
+        (None, "missing"),
+        (-0.1, "out_of_range"),
+        (1.01, "out_of_range"),
+        (math.nan, "non_finite"),
+        # below the token's own pi^2 (0.55^2 = 0.3025) by more than 1e-3: another position's logits
+        (0.3, "out_of_range: 0.3 on a trained token is below its own probability squared"),
+    ],
 )
 def test_bad_sum_pi_squared_is_refused(spp: float | None, reason: str) -> None:
     batch = _small([1.0, 0.0], [0, 0], [2, 3], [True, True, True, True, False])
+    batch.old_logp[1] = math.log(0.55)
     if spp is None:
         batch = dataclasses.replace(batch, sum_pi_squared=None)
     else:
@@ -476,6 +489,11 @@ def test_bad_sum_pi_squared_is_refused(spp: float | None, reason: str) -> None:
         and v.reason.startswith(reason)
         and v.index == (None if spp is None else 1)
     )
+    if spp == 0.3:  # (within the allowance: accepted)
+        batch.sum_pi_squared[1] = 0.55**2 - 9e-4
+        assert bool(
+            torch.isfinite(E.loss(batch, LossConfig(advantages=AdvantageConfig(OTB))).advantages).all()
+        )
 
 
 def test_an_untrained_token_s_sum_pi_squared_is_any_finite_value() -> None:
@@ -497,6 +515,28 @@ def test_advantages_sent_need_no_sum_pi_squared() -> None:
     bad = dataclasses.replace(sent, sum_pi_squared=torch.full((5,), 2.0, dtype=F64))
     with pytest.raises(InputError, match="sum_pi_squared"):
         E.loss(bad, cfg)
+
+
+@pytest.mark.parametrize("where", ["client", "engine"])
+def test_a_half_sum_pi_squared_is_refused_with_where_to_compute_it(where: str) -> None:
+    """bf16 sum_pi_squared: `.float()` would keep its rounding (50x the advantages' error of a
+    float32 one, a review): the refusal says to compute it in float32 from the logits."""
+    batch = _small([1.0, 0.0], [0, 0], [2, 3])
+    half = batch.sum_pi_squared.to(torch.bfloat16)
+    if where == "client":
+        from softgate_client import InvalidArgumentError
+        from softgate_client.client import pack_batch
+
+        with pytest.raises(InvalidArgumentError) as e:
+            pack_batch(batch.logp, batch.old_logp, offsets=batch.offsets, sum_pi_squared=half)
+        reason = e.value.violations[0].description
+    else:
+        with pytest.raises(InputError) as e2:
+            E.loss(
+                dataclasses.replace(batch, sum_pi_squared=half), LossConfig(advantages=AdvantageConfig(OTB))
+            )
+        reason = e2.value.violations[0].reason
+    assert reason.startswith("half_precision: sum_pi_squared is bfloat16") and "logsumexp(2 * z" in reason
 
 
 def test_compute_advantages_refuses_it() -> None:

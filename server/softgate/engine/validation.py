@@ -93,7 +93,8 @@ PER_SEQUENCE_ADVANTAGE = (Gspo, Gmpo, SapoSeq)
 MAX_LOG_RATIO_CLAMP = 80.0
 
 LOGP_TOLERANCE = 1e-4
-# how far over 1 a sum of squared probabilities may be rounded (a bfloat16 logsumexp's, say)
+# how far a sum of squared probabilities may be rounded past its bounds: over 1, or under the
+# token's own probability squared (float32 logits' rounding is ~1e-7)
 SUM_PI_SQUARED_TOLERANCE = 1e-3
 # rewards beyond this overflow the group statistics' float64 sums of squares (silent zeros)
 MAX_ABS_REWARD = 1e100
@@ -213,6 +214,11 @@ def half_reason(name: str, dtype: torch.dtype) -> str:
     noise (float16 quoted bfloat16's ~3%; an audit)."""
     dt = str(dtype).removeprefix("torch.")
     send = f"half_precision: {name} is {dt}; send {name} as float32 or float64"
+    if name == "sum_pi_squared":  # (`.float()` keeps the rounding: 50x the advantages' error; a review)
+        return (
+            f"{send}: compute it in float32 from the old logits z (`torch.exp(torch.logsumexp(2 * z, -1) "
+            "- 2 * torch.logsumexp(z, -1))` with `z = logits.float()`); `.float()` on it keeps its rounding"
+        )
     if not name.endswith("logp"):
         return send
     # `.float()` on half log-probs passes this check and keeps their rounding (on-policy GSPO
@@ -578,20 +584,30 @@ def _float_tensor(
     return True
 
 
-def _sum_pi_squared(v: list[FieldViolation], x: object, n: int, m: Tensor | None) -> None:
-    """sum_pi_squared: [N] float, finite, and a sum of squared probabilities on trained tokens
-    (in [0, 1], 1 by up to SUM_PI_SQUARED_TOLERANCE over for rounding)."""
+def _sum_pi_squared(v: list[FieldViolation], x: object, n: int, m: Tensor | None, old: Tensor) -> None:
+    """sum_pi_squared: [N] float, finite, and on trained tokens a sum of squared probabilities
+    that holds the token's own: in [pi^2, 1], pi = exp(old), either bound passed by up to
+    SUM_PI_SQUARED_TOLERANCE for rounding. (One below pi^2 comes from other logits: the next
+    position's, another temperature's or policy's; a review.)"""
     if not _float_tensor(v, "sum_pi_squared", x, n):
         return
     assert isinstance(x, Tensor)
-    bad = (x < 0) | (x > 1 + SUM_PI_SQUARED_TOLERANCE)
+    tol = SUM_PI_SQUARED_TOLERANCE
+    own = torch.exp(old.to(x.dtype).clamp(max=0.0)).square()  # (masked garbage: clamped, never read)
+    over, under = x > 1 + tol, x < own - tol
+    bad = over | under
     if m is not None:
         bad = bad & m
     if bool(bad.any()):
         i = _first(bad)
-        why = (
-            f"out_of_range: {float(x[i]):.6g} on a trained token; a sum of squared probabilities is in [0, 1]"
-        )
+        if bool(over[i]):
+            why = f"out_of_range: {float(x[i]):.6g} on a trained token; a sum of squared probabilities is at most 1"
+        else:
+            why = (
+                f"out_of_range: {float(x[i]):.6g} on a trained token is below its own probability squared, "
+                f"exp(old_logp)^2 = {float(own[i]):.6g}: computed from other logits (the next position's, "
+                "another temperature's or policy's)?"
+            )
         v.append(FieldViolation("sum_pi_squared", why, i))
 
 
@@ -902,7 +918,9 @@ def validate_batch(
             logp_range(name, x)
 
     if batch.sum_pi_squared is not None:
-        _sum_pi_squared(v, batch.sum_pi_squared, n, m)
+        old = batch.old_logp if isinstance(batch.old_logp, Tensor) else batch.logp
+        if isinstance(old, Tensor) and old.dim() == 1 and old.numel() == n:  # (else refused above)
+            _sum_pi_squared(v, batch.sum_pi_squared, n, m, old)
 
     if config is not None:
         if config.kl is not None and batch.ref_logp is None:
