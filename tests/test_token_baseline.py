@@ -360,6 +360,29 @@ def _gpu_code_path(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(m, "use_segment_reduce", lambda device: True)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("position", ["token", "trained"])
+def test_on_cuda_equal_the_cpu(position: str) -> None:
+    """On a GPU (its sorted segment sums, argsort and scan), float64 and float32, with a
+    correction: the CPU's advantages and gradient to summation order, the same bits twice."""
+    cuda = Engine(device="cuda", host_max_tokens=0, compile=False)
+    for dtype in (F64, torch.float32):
+        batch = _with_spp(random_batch(78, max_seqs=64, max_len=40, dtype=dtype), 78)
+        cfg = LossConfig(
+            objective=Grpo(),
+            advantages=AdvantageConfig(OTB, position=position, zero_tail=True),
+            mismatch=MismatchConfig(mode="truncate", cap=1.2),
+        )
+        want = E.loss(batch, cfg)
+        got = cuda.loss(batch, cfg)
+        again = cuda.loss(batch, cfg)
+        assert torch.equal(got.advantages, again.advantages) and torch.equal(got.grad, again.grad)
+        tol = 1e-12 if dtype == F64 else 1e-5
+        torch.testing.assert_close(got.advantages.cpu(), want.advantages, rtol=tol, atol=tol)
+        torch.testing.assert_close(got.grad.cpu(), want.grad, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("position", ["token", "trained"])
 def test_the_gpu_code_path_gives_the_same_advantages(monkeypatch: pytest.MonkeyPatch, position: str) -> None:
     """The device-generic code (sorted segment sums) a GPU runs, here on the CPU, gives the
