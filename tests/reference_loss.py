@@ -276,7 +276,7 @@ def _token_advantages(
             vals.append(row[::-1])
         if otb:
             m = mask if mask is not None else torch.ones(off[-1], dtype=torch.bool)
-            vals = _reference_token_baseline(batch, config, vals, m, [True] * b)
+            vals = _reference_token_baseline(batch, config, vals, m)
         if token and config.advantages.estimator in WHITENING:  # over the trained tokens
             m = mask if mask is not None else torch.ones(off[-1], dtype=torch.bool)
             flat = [a for row in vals for a in row]
@@ -395,7 +395,7 @@ def _reference_norm(batch: Batch, config: LossConfig) -> float:
 
 
 def _reference_token_baseline(
-    batch: Batch, config: LossConfig, returns: list[list[float]], mask: Tensor, scored: list[bool]
+    batch: Batch, config: LossConfig, returns: list[list[float]], mask: Tensor
 ) -> list[list[float]]:
     """optimal_token_baseline's advantages from each token's return, by plain loops: W the running
     sum of w = max(1 - 2 pi + sum_pi_squared, 0) (times v^2) over trained tokens, B the group's
@@ -407,18 +407,18 @@ def _reference_token_baseline(
     sent = torch.ones(off[-1], dtype=torch.bool) if batch.mask is None else batch.mask.to(torch.bool)
     old = (batch.old_logp if batch.old_logp is not None else batch.logp).detach().to(torch.float64)
     spp = batch.sum_pi_squared.to(torch.float64)
+    rollout = None if batch.rollout_logp is None else batch.rollout_logp.to(torch.float64)
     norm = _reference_norm(batch, config)
     trained, weights = [], []  # per sequence: (position, index in the sequence) and W at each
     for i in range(b):
         sl = slice(off[i], off[i + 1])
-        idx = [j for j in range(off[i + 1] - off[i]) if bool(mask[off[i] + j])] if scored[i] else []
+        idx = [j for j in range(off[i + 1] - off[i]) if bool(mask[off[i] + j])]
         v = [1.0] * len(idx)
         if config.mismatch is not None and idx:
-            si = sent[sl]
-            o_s, ro_s = old[sl][si], batch.rollout_logp.to(torch.float64)[sl][si]
-            mi = mask[sl]
+            assert rollout is not None
+            si, mi = sent[sl], mask[sl]
             vv = _reference_weights(
-                config.mismatch, old[sl][mi], batch.rollout_logp.to(torch.float64)[sl][mi], o_s, ro_s
+                config.mismatch, old[sl][mi], rollout[sl][mi], old[sl][si], rollout[sl][si]
             )
             v = [float(x) / norm for x in vv]
         run, ws = 0.0, []
