@@ -439,6 +439,17 @@ def _default_cases(engine: Engine) -> list[dict[str, Any]]:
     out.append(_case("sapo/optimal_token_baseline_trained_zero_tail", b, cfg, engine))
     no_tail = dataclasses.replace(cfg, advantages=dataclasses.replace(otb, zero_tail=False))
     assert engine.loss(b, no_tail).loss != out[-1]["outputs"]["loss"]  # (a longest member alone)
+    # verl's gradient-variance proxy from the same sum_pi_squared beside GRPO's advantages, its W
+    # and total power through sequence-level TIS weights (the metrics variance_proxy_*)
+    b.rollout_logp = (b.old_logp - 0.3 * spread.to(b.old_logp.dtype)).clamp(max=-1e-4)
+    tis = MismatchConfig(level="sequence", mode="truncate", cap=1.6)
+    out.append(_case("sapo/variance_proxy_grpo_sequence_tis", b, LossConfig(mismatch=tis), engine))
+    m = out[-1]["outputs"]["metrics"]
+    assert (
+        m["variance_proxy_tokens"] > 0
+        and m["variance_proxy_total_power"] > 0
+        and m["mismatch_clipped_frac"] > 0
+    )
     return out
 
 

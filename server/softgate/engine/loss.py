@@ -47,6 +47,7 @@ from softgate.engine.reward_kl import check_bounded, sequence_kl_mean, sequence_
 from softgate.engine.segments import Segments, host_shortcuts
 from softgate.engine.token_baseline import optimal_token_baseline
 from softgate.engine.validation import advantage_level, check, compute_dtype
+from softgate.engine.variance_proxy import score_energy, variance_proxy
 
 F64 = torch.float64
 INT32_MAX = 2**31 - 1
@@ -116,39 +117,42 @@ def _cast(x: Tensor, dtype: torch.dtype, device: torch.device | None = None) -> 
     return x.to(dtype=dtype, device=device)
 
 
+def _applied_weights(
+    config: LossConfig, old: Tensor, rollout: Tensor | None, ms: Tensor, seg: Segments, ms_counts: Tensor
+) -> Tensor | None:
+    """The mismatch weight v at every token as the loss applies it (mismatch.applied_weights,
+    over the mask as sent `ms`), verl's rollout_is_weights; None without a correction."""
+    mm = config.mismatch
+    if mm is None:
+        return None
+    assert rollout is not None  # (validated)
+    prm = kernel_params(config, old.dtype, old.device)
+    lv_sent = _masked_difference(old, rollout, ms)
+    return applied_weights(mm.level, mm.mode, mm.batch_normalize, lv_sent, ms, seg, ms_counts, prm)
+
+
 def _token_baseline(
     returns: Tensor,
     batch: Batch,
     config: LossConfig,
-    old: Tensor,
-    rollout: Tensor | None,
+    energy: Tensor,
+    v: Tensor | None,
     m: Tensor,
-    ms: Tensor,
-    ms_counts: Tensor,
     seg: Segments,
     unscored: Tensor | None,
 ) -> Tensor:
     """optimal_token_baseline's advantages from the returns, over the trained tokens of the
-    sequences with a reward, W weighted by the squared mismatch weights when a correction is
+    sequences with a reward, W weighted by the squared mismatch weights v when a correction is
     configured (verl's)."""
-    assert batch.sum_pi_squared is not None and batch.group_ids is not None  # (validated)
-    dev = old.device
+    assert batch.group_ids is not None  # (validated)
     member = m.contiguous() if unscored is None else m & ~unscored
-    v = None
-    mm = config.mismatch
-    if mm is not None:
-        assert rollout is not None
-        prm = kernel_params(config, old.dtype, dev)
-        lv_sent = _masked_difference(old, rollout, ms)
-        v = applied_weights(mm.level, mm.mode, mm.batch_normalize, lv_sent, ms, seg, ms_counts, prm)
     adv = config.advantages
     return optimal_token_baseline(
         returns,
-        old,
-        batch.sum_pi_squared.to(dev),
+        energy,
         member,
         seg,
-        batch.group_ids.to(dev),
+        batch.group_ids.to(m.device),
         adv.position,
         adv.zero_tail,
         adv.eps,
@@ -235,6 +239,12 @@ def _compute_loss(
     if sent is not None:
         extra["rejected_tokens"] = (ms_counts.sum() - ylen.sum()).to(F64)
         extra["rejected_seqs"] = (ms_counts != ylen).sum().to(F64)
+    # each token's score energy and mismatch weight: optimal_token_baseline's W and the
+    # variance-proxy metrics read them (variance_proxy.py)
+    energy = v_applied = None
+    if batch.sum_pi_squared is not None:
+        energy = score_energy(old, batch.sum_pi_squared.to(dev))
+        v_applied = _applied_weights(config, old, rollout, ms, seg, ms_counts)
 
     # ---- advantages (per sequence unless the caller gave them per token)
     adv_per_token = False
@@ -276,7 +286,8 @@ def _compute_loss(
                 a_tok = token_returns(ga.advantages, seg, gamma, kr, beta, sent_mask)
             unscored = None if ga.scored is None else seg.expand(~ga.scored)  # (skip_nan_components)
             if otb:
-                a_tok = _token_baseline(a_tok, batch, config, old, rollout, m, ms, ms_counts, seg, unscored)
+                assert energy is not None  # (validated: sum_pi_squared is required)
+                a_tok = _token_baseline(a_tok, batch, config, energy, v_applied, m, seg, unscored)
             if config.advantages.estimator in WHITENED:
                 trained = None if batch.mask is None else m
                 if unscored is not None:
@@ -305,6 +316,12 @@ def _compute_loss(
         if rw.numel() > 0:  # (the sequences with a reward)
             extra["reward_std"], extra["reward_mean"] = torch.std_mean(rw, correction=0)
         unscored_seqs = batch.rewards.shape[0] - rw.numel()  # (skip_nan_components: those without)
+
+    if energy is not None:  # verl's gradient-variance proxy, on the advantages as the loss reads them
+        vp = variance_proxy(energy, t["adv"], adv_per_token, m, seg, ylen, v_applied)
+        extra["variance_proxy_w"], extra["variance_proxy_a_squared"], extra["variance_proxy_total_power"] = (
+            vp.unbind()
+        )
 
     # ---- sequence-level pieces
     seq_ratio = isinstance(obj, (Gspo, GspoToken, SapoSeq, CispoSeq))
@@ -525,6 +542,9 @@ def _compute_loss(
     mx["rollout_kl"] = share(s.get("rollout_k1", 0.0), mx["rollout_tokens"])
     mx["rollout_k3_kl"] = share(s.get("rollout_k3", 0.0), mx["rollout_tokens"])
     mx["reward_kl_mean"] = s.get("reward_kl_mean", 0.0)
+    mx["variance_proxy_tokens"] = cnt if energy is not None else 0.0
+    for k in ("variance_proxy_w", "variance_proxy_a_squared", "variance_proxy_total_power"):
+        mx[k] = s.get(k, 0.0)
 
     if not math.isfinite(mx["adv_std"] + mx["adv_mean"]):  # a sum of squares past float64's range
         mx["adv_mean"], mx["adv_std"] = _scaled_mean_std(a[m])

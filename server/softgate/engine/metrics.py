@@ -89,6 +89,17 @@ METRIC_NAMES: dict[str, str] = {
     "reward_kl_mean": "mean over sequences of each one's mean reward_kl estimate (before beta) over its tokens as "
     "sent, 0 for one without any: verl's actor/reward_kl_penalty, what an adaptive KL controller reads; 0 without "
     "reward_kl",
+    # verl's gradient-variance proxy (variance_proxy.py), from sum_pi_squared
+    "variance_proxy_tokens": "trained tokens whose score energy w = 1 - 2 exp(old_logp) + sum_pi_squared the "
+    "variance_proxy_* metrics read (num_tokens); 0 without sum_pi_squared",
+    "variance_proxy_w": "mean over sequences (empty ones too) of W_i = sum over its trained tokens of w v^2, v the "
+    "mismatch weight applied (1 without a correction): verl's variance_proxy/expected_w; 0 without sum_pi_squared",
+    "variance_proxy_a_squared": "mean over sequences of the square of each one's mean advantage over its trained "
+    "tokens (0 for one without any): verl's variance_proxy/expected_a_squared; 0 without sum_pi_squared",
+    "variance_proxy_total_power": "mean over sequences of rho_i^2 A_i^2 max(W'_i, 0), A_i its mean advantage, rho_i "
+    "its mean v, W'_i its W without the v^2 (a token of v = 0 counts 0): verl's variance_proxy/proxy2_total_power, "
+    "E||g_i||^2 of the per-sequence gradient; (total_power - ||g||^2) / (B - 1) is verl's proxy3_pure_noise; 0 "
+    "without sum_pi_squared",
 }
 
 

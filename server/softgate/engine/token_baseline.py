@@ -34,8 +34,7 @@ F64 = torch.float64
 
 def optimal_token_baseline(
     returns: Tensor,
-    old: Tensor,
-    sum_pi_squared: Tensor,
+    energy: Tensor,
     member: Tensor,
     seg: Segments,
     group_ids: Tensor,
@@ -44,12 +43,13 @@ def optimal_token_baseline(
     eps: float,
     is_weight: Tensor | None = None,
 ) -> Tensor:
-    """The advantages G - B ([N] float64, 0 off `member`) from the returns G [N], old log-probs and sum_pi_squared [N], `member` [N] bool (the
-    trained tokens of the sequences with a reward) and the [B] group ids; `is_weight` [N]: v
-    (a W it makes infinite is refused as an `overflow` of `mismatch`)."""
+    """The advantages G - B ([N] float64, 0 off `member`) from the returns G [N], the score
+    energy 1 - 2 pi + sum_pi_squared [N] float64 (variance_proxy.score_energy), `member` [N]
+    bool (the trained tokens of the sequences with a reward) and the [B] group ids;
+    `is_weight` [N]: v (a W it makes infinite is refused as an `overflow` of `mismatch`)."""
     n = seg.num_tokens
     dev = returns.device
-    w = torch.exp(old.to(F64)).mul_(-2.0).add_(1.0).add_(sum_pi_squared.to(F64)).clamp_(min=0.0)
+    w = energy.clamp(min=0.0)
     if is_weight is not None:  # (w 0 stays 0 whatever v)
         w = torch.where(w > 0, w * is_weight.to(F64).square(), 0.0)
     big_w = _prefix_sums(torch.where(member, w, 0.0), seg)
