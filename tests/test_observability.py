@@ -84,9 +84,11 @@ def _engine_result(
     seed: int = 0,
     config: LossConfig | None = None,
     corrections: bool = False,
+    sum_pi_squared: bool = False,
 ):
     """A loss result of random data; `corrections`: the batch has reference and sampler
-    log-probs too (for a KL term, a mismatch correction and off-policy masking)."""
+    log-probs too (for a KL term, a mismatch correction and off-policy masking);
+    `sum_pi_squared`: and each token's sum of squared probabilities (the variance proxy)."""
     g = torch.Generator().manual_seed(seed)
     n = n_seqs * length
     logp = -torch.rand(n, generator=g) * 3
@@ -108,6 +110,9 @@ def _engine_result(
             ref_logp=(logp + torch.randn(n, generator=g) * 0.2).clamp(max=0.0),
             rollout_logp=(old + far + torch.randn(n, generator=g) * 0.3).clamp(max=0.0),
         )
+    if sum_pi_squared:
+        p = old.exp()
+        batch = dataclasses.replace(batch, sum_pi_squared=p * p + (1 - p) ** 2 * torch.rand(n, generator=g))
     config = config or LossConfig(objective=Sapo())
     return config, Engine(device="cpu", compile=False).loss(batch, config)
 
@@ -768,6 +773,44 @@ def test_off_policy_corrections_are_exported_for_the_batches_that_have_them() ->
         "softgate_batch_rollout_kl_positive_sum",
         "softgate_batch_rollout_k3_kl_sum",
     }
+
+
+VARIANCE_PROXY = ("variance_proxy_total_power", "variance_proxy_a_squared", "variance_proxy_w")
+
+
+def test_the_variance_proxy_is_exported_for_the_batches_with_sum_pi_squared() -> None:
+    """verl's gradient-variance proxy: a per-batch summary each and a run window, for the
+    batches that sent sum_pi_squared; the others export none (their neutral 0 would dilute)."""
+    tel = PrometheusTelemetry(S())
+    cfg = LossConfig(objective=Grpo(), mismatch=MismatchConfig(mode="truncate", cap=1.2))
+    config, res = _engine_result(config=cfg, corrections=True, sum_pi_squared=True)
+    m = res.metrics
+    assert all(m[k] > 0 for k in VARIANCE_PROXY) and m["variance_proxy_tokens"] == m["num_tokens"]
+    tel.observe_loss("r", config, res)
+    tel.observe_loss("r", *_engine_result(config=cfg, corrections=True))  # (without: none exported)
+    for k in VARIANCE_PROXY:
+        assert _value(tel, f"softgate_batch_{k}_sum", run="r", objective="grpo") == pytest.approx(m[k]), k
+        assert _value(tel, f"softgate_batch_{k}_count", run="r", objective="grpo") == 1, k
+    summary = tel.run_summary("r")
+    assert summary is not None
+    window = summary["windows"]["last_10_batches"]
+    assert {k: window[k] for k in VARIANCE_PROXY} == pytest.approx({k: m[k] for k in VARIANCE_PROXY})
+    # a W that rounding took below 0 counts 0: a summary's _sum must not go down
+    low = dataclasses.replace(res, metrics={**m, "variance_proxy_w": -1e-4})
+    tel.observe_loss("r", config, low)
+    assert _value(tel, "softgate_batch_variance_proxy_w_sum", run="r", objective="grpo") == pytest.approx(
+        m["variance_proxy_w"]
+    )
+    assert _value(tel, "softgate_batch_variance_proxy_w_count", run="r", objective="grpo") == 2
+    # a window's mean is over sequences: a batch of twice the sequences weighs twice
+    config, big = _engine_result(n_seqs=64, seed=1, config=cfg, corrections=True, sum_pi_squared=True)
+    two = PrometheusTelemetry(S())
+    two.observe_loss("s", config, res)
+    two.observe_loss("s", config, big)
+    summary = two.run_summary("s")
+    assert summary is not None
+    want = (m["variance_proxy_total_power"] + 2 * big.metrics["variance_proxy_total_power"]) / 3
+    assert summary["windows"]["last_10_batches"]["variance_proxy_total_power"] == pytest.approx(want)
 
 
 def test_a_kl_that_may_be_negative_comes_as_its_two_parts() -> None:

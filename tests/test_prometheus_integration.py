@@ -51,7 +51,8 @@ def _prometheus() -> str:
 class Traffic:
     """A trainer: sends loss batches to the running server over gRPC (tagged with the run
     name) until stopped, cycling SAPO, GRPO with dual clip and every off-policy correction (a
-    KL term, a KL in the reward, a mismatch mask, off-policy sequence masking, rollout rejection), and GSPO; every 7th batch
+    KL term, a KL in the reward, a mismatch mask, off-policy sequence masking, rollout rejection), and GSPO,
+    each with sum_pi_squared (the variance proxy); every 7th batch
     carries a NaN, which the server refuses (INVALID_ARGUMENT, reason non_finite). Beside
     it, a second run (ADV_RUN) only asks for advantages."""
 
@@ -96,6 +97,8 @@ class Traffic:
                     # the reference and the sampler: a little and a lot off (some mismatch weights masked)
                     ref = np.minimum(logp + rng.normal(0, 0.1, n).astype(np.float32), 0.0)
                     rollout = np.minimum(old + rng.normal(0, 0.5, n).astype(np.float32), 0.0)
+                    p = np.exp(old)  # each token's sum of squared probabilities (the variance proxy)
+                    spp = p * p + (1 - p) ** 2 * rng.random(n, dtype=np.float32)
                     if i % 7 == 6:
                         logp[5] = np.nan
                     try:
@@ -107,6 +110,7 @@ class Traffic:
                             group_ids=np.arange(n_seqs) // 4,
                             ref_logp=ref,
                             rollout_logp=rollout,
+                            sum_pi_squared=spp,
                             **options[i % len(options)],
                         )
                         self.batches += 1

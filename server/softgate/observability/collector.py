@@ -114,6 +114,9 @@ BATCH_SUMMARIES: tuple[tuple[str, str, str | None], ...] = (
     ("softgate_batch_mismatch_norm_factor", "mismatch_norm_factor", None),
     ("softgate_batch_rollout_kl", "rollout_kl", None),
     ("softgate_batch_rollout_k3_kl", "rollout_k3_kl", None),
+    ("softgate_batch_variance_proxy_total_power", "variance_proxy_total_power", None),
+    ("softgate_batch_variance_proxy_a_squared", "variance_proxy_a_squared", None),
+    ("softgate_batch_variance_proxy_w", "variance_proxy_w", None),
 )
 
 # The per-token distributions, bucketed on the device (sign pos and neg only: A = 0 tokens
@@ -214,6 +217,25 @@ SUMMARIES: dict[str, tuple[str, tuple[str, ...]]] = {
         "Per batch: the mean of the mismatch weights over the batch as sent that batch_normalize divided "
         "them by (verl's rollout_is_batch_norm_factor; softgate_batch_mismatch_weight_mean is before it); "
         "batches with mismatch.batch_normalize only.",
+        RO,
+    ),
+    # verl's gradient-variance proxy (engine/variance_proxy.py), batches with sum_pi_squared only
+    "softgate_batch_variance_proxy_total_power": (
+        "Per batch: mean over sequences of rho^2 A^2 max(W, 0), A a sequence's mean advantage, W the sum over its "
+        "trained tokens of the score energy 1 - 2 pi + sum_pi_squared, rho its mean mismatch weight: the "
+        "per-sequence gradient's expected squared norm (verl's variance_proxy/proxy2_total_power); batches with "
+        "sum_pi_squared only.",
+        RO,
+    ),
+    "softgate_batch_variance_proxy_a_squared": (
+        "Per batch: mean over sequences of the squared mean advantage (verl's variance_proxy/expected_a_squared); "
+        "batches with sum_pi_squared only.",
+        RO,
+    ),
+    "softgate_batch_variance_proxy_w": (
+        "Per batch: mean over sequences of W, times each token's squared mismatch weight (verl's "
+        "variance_proxy/expected_w; falls as the policy grows confident); a batch whose mean rounds below 0 "
+        "counts 0; batches with sum_pi_squared only.",
         RO,
     ),
 }

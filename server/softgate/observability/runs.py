@@ -165,6 +165,9 @@ WINDOW_KEYS = (
     "unscored_frac",
     "rollout_kl",
     "rollout_k3_kl",
+    "variance_proxy_total_power",
+    "variance_proxy_a_squared",
+    "variance_proxy_w",
 )
 
 
@@ -203,7 +206,9 @@ def weight(b: BatchRecord, key: str) -> float:
     statistic is over it has (sequences, groups, the tokens of TOKEN_WEIGHTS, trained tokens)."""
     if key == "reward_mean":  # (over the sequences with a reward: skip_nan_components)
         return b.values.get("seqs_scored", b.seqs)
-    if key in ("reward_kl_mean", "unscored_frac"):  # (means over sequences)
+    if key in ("reward_kl_mean", "unscored_frac") or key.startswith(
+        "variance_proxy"
+    ):  # (means over sequences)
         return b.seqs
     if key == "degenerate_group_fraction":
         return b.groups

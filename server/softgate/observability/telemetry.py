@@ -467,6 +467,10 @@ class PrometheusTelemetry(Telemetry):
             "unscored_frac": None,  # (below: of the sequences, when the advantages came from rewards)
             "rollout_kl": _f(m, "rollout_kl"),
             "rollout_k3_kl": _f(m, "rollout_k3_kl"),
+            "variance_proxy_total_power": _f(m, "variance_proxy_total_power"),
+            "variance_proxy_a_squared": _f(m, "variance_proxy_a_squared"),
+            # (>= 0 but for rounding: a summary's _sum must not go down)
+            "variance_proxy_w": max(_f(m, "variance_proxy_w") or 0.0, 0.0),
         }
         # the engine's 0 for a clip the objective does not have means "not applicable": left
         # out, or it dilutes the other objectives' fractions wherever they are summed or averaged
@@ -487,6 +491,9 @@ class PrometheusTelemetry(Telemetry):
             values["mismatch_norm_factor"] = None
         if getattr(config, "off_policy_mask_threshold", None) is None:
             values["off_policy_masked_frac"] = None
+        if not _f(m, "variance_proxy_tokens"):  # (no sum_pi_squared, or no trained token)
+            for k in ("variance_proxy_total_power", "variance_proxy_a_squared", "variance_proxy_w"):
+                values[k] = None
         rollout_tokens = _f(m, "rollout_tokens") or 0.0
         if not rollout_tokens:  # (no rollout_logp, or no trained token: the sampler's KL is none)
             values["rollout_kl"] = values["rollout_k3_kl"] = None
