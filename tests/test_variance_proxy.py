@@ -251,3 +251,29 @@ def test_on_cuda_equal_the_cpu() -> None:
     want = E.loss(batch, cfg).metrics
     got = Engine(device="cuda", compile=False).loss(batch, cfg).metrics
     assert {k: got[k] for k in NAMES} == pytest.approx({k: want[k] for k in NAMES}, rel=1e-12)
+
+
+def test_values_past_float64_saturate_and_a_zero_weight_stays_zero() -> None:
+    """Advantages of 1e200 square past float64: the largest float, not to_floats' 0 for a
+    non-finite metric; a sequence whose every weight v is 0 (IcePop) has no gradient, so its
+    term is 0 whatever its advantage (not 0 * inf = NaN)."""
+    p = torch.tensor([0.5, 0.25, 0.8], dtype=F64)
+    batch = Batch(
+        logp=p.log(),
+        old_logp=p.log(),
+        offsets=torch.tensor([0, 2, 3]),
+        advantages=torch.tensor([1e200, 1.0], dtype=F64),
+        advantage_level="sequence",
+        sum_pi_squared=p * p + 0.01,
+    )
+    m = E.loss(batch, LossConfig()).metrics
+    big = torch.finfo(F64).max
+    assert m["variance_proxy_a_squared"] == m["variance_proxy_total_power"] == big
+    # the first sequence's weights are 2 and 4, outside IcePop's [0.5, 1.5]: v = 0 there
+    rollout = p.log() - torch.tensor([2.0, 4.0, 1.0], dtype=F64).log()
+    icepop = LossConfig(mismatch=MismatchConfig(mode="mask", lo=0.5, hi=1.5))
+    m = E.loss(dataclasses.replace(batch, rollout_logp=rollout), icepop).metrics
+    assert m["variance_proxy_a_squared"] == big
+    assert m["variance_proxy_total_power"] == pytest.approx(
+        (0.0 + 1.0 * (1 - 1.6 + 0.64 + 0.01)) / 2, rel=1e-12
+    )

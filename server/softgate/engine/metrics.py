@@ -99,7 +99,7 @@ METRIC_NAMES: dict[str, str] = {
     "variance_proxy_total_power": "mean over sequences of rho_i^2 A_i^2 max(W'_i, 0), A_i its mean advantage, rho_i "
     "its mean v, W'_i its W without the v^2 (a token of v = 0 counts 0): verl's variance_proxy/proxy2_total_power, "
     "E||g_i||^2 of the per-sequence gradient; (total_power - ||g||^2) / (B - 1) is verl's proxy3_pure_noise; 0 "
-    "without sum_pi_squared",
+    "without sum_pi_squared. The variance_proxy_* past float64's range read as its largest value",
 }
 
 

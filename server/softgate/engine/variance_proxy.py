@@ -15,7 +15,8 @@ mean of v. Over the batch's B sequences (empty ones included, with W = A = 0):
 W'_i = sum_t w_t min(1, v_t^2 / 1e-10), verl's W recovered from the weighted one (so a token
 of v = 0 counts 0); W' = W without a correction. total_power estimates E||g_i||^2, the
 per-sequence gradient's squared norm through the logits; with the step's gradient norm ||g||
-a trainer gets verl's pure-noise proxy (total_power - ||g||^2) / (B - 1).
+a trainer gets verl's pure-noise proxy (total_power - ||g||^2) / (B - 1). A value past
+float64's range (advantages near 1e200) reads as the largest float64.
 """
 
 from __future__ import annotations
@@ -68,4 +69,7 @@ def variance_proxy(
         unweighted = seg.sum(wt * (v2 / V2_FLOOR).clamp(max=1.0))
         rho = seg.sum(torch.where(trained, v.to(F64), 0.0)) / n
         power = rho.square() * a2 * unweighted.clamp(min=0.0)
-    return torch.stack([big_w.mean(), a2.mean(), power.mean()])
+    # past float64's range (advantages of 1e200): its largest value, not the 0 to_floats would
+    # give inf; a 0 * inf there is a sequence with no gradient (no trained token, v = 0): 0
+    out = torch.stack([big_w.mean(), a2.mean(), torch.where(power.isnan(), 0.0, power).mean()])
+    return out.nan_to_num(nan=0.0)
