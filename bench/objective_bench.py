@@ -7,7 +7,8 @@ rejection (the same rollout log-probs), GSPO with a dual clip, and advantages fr
 call: GRPO's, and with a KL in the reward (REINFORCE++'s per-token return, verl's per-sequence
 sum), REINFORCE++ discounted with and without it, GRPO's with skip_nan_components (no NaN:
 the setting's cost alone) and verl's optimal token baseline (with sum_pi_squared) (the same
-batch with rewards and group ids in place of advantages). It runs under the process's allocator (bench/engine_bench.py
+batch with rewards and group ids in place of advantages), and SAPO's batch with sum_pi_squared
+(the variance-proxy metrics' cost). It runs under the process's allocator (bench/engine_bench.py
 preloads tcmalloc, as the service ships; `LD_PRELOAD=libtcmalloc_minimal.so.4` for the same
 here).
 
@@ -106,6 +107,8 @@ def configs() -> dict[str, LossConfig]:
     out["grpo + optimal_token_baseline"] = LossConfig(
         objective=Grpo(), advantages=AdvantageConfig("optimal_token_baseline")
     )
+    # SAPO's batch with sum_pi_squared: the variance-proxy metrics' cost alone
+    out["sapo + sum_pi_squared (variance proxy)"] = LossConfig()
     return out
 
 
@@ -145,11 +148,14 @@ def main(argv: list[str] | None = None) -> None:
     p = plain.old_logp.exp()
     spp = p * p + (1 - p) ** 2 * torch.rand(side * side, generator=g)
     with_spp = dataclasses.replace(with_rewards, sum_pi_squared=spp)
+    plain_spp = dataclasses.replace(plain, sum_pi_squared=spp)
     engine = Engine(device="cpu", compile="sync")
     cfgs = configs()
     batches = {
         name: with_spp
         if cfg.advantages.estimator == "optimal_token_baseline"
+        else plain_spp
+        if "sum_pi_squared" in name
         else with_rollout
         if cfg.mismatch or cfg.rejection or (cfg.kl and cfg.kl.weight == "sampler_ratio")
         else with_rewards

@@ -908,7 +908,8 @@ class SoftgateClient:
         (+ `offsets` [B + 1] or `lengths` [B], optional `mask` [N]); numpy arrays or torch
         tensors. `old_logp` None means on-policy. Either `rewards` + `group_ids` ([B]) or
         `advantages` ([B] per sequence, or per token like logp). `sum_pi_squared` (like logp):
-        each token's sum of squared probabilities, for `estimator="optimal_token_baseline"`.
+        each token's sum of squared probabilities, for `estimator="optimal_token_baseline"`;
+        with any estimator it gives the metrics `variance_proxy_*` (verl's variance proxy).
 
         Configuration: a `config=LossConfig(...)` and/or flat keywords: `objective`
         ("sapo", "grpo", "gspo", "gspo_token", "cispo", "gppo", "gmpo", "dppo_tv", "dppo_kl",
