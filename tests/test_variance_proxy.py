@@ -158,6 +158,84 @@ def test_rejected_tokens_are_not_read() -> None:
     assert res.metrics["variance_proxy_tokens"] == float(left.sum())
 
 
+def test_rejection_beside_a_correction_weighs_by_the_mask_as_sent() -> None:
+    """With rejection and a sequence-level correction, verl's IS weights read the mask as sent
+    (rejected tokens included) and its proxy the mask left, as the loss's own weights do."""
+    lengths, mask, logp, old, spp, rewards, groups, rollout = _case(8)
+    batch = _engine_batch(
+        lengths,
+        mask,
+        logp,
+        old,
+        spp,
+        rewards=rewards,
+        group_ids=groups,
+        rollout_logp=_ragged(rollout, lengths),
+    )
+    mm = MismatchConfig(level="sequence", mode="truncate", cap=1.5, batch_normalize=True)
+    cfg = LossConfig(mismatch=mm, rejection=(RejectionCriterion(1.15, "k1", "token", 0.87),))
+    res = E.loss(batch, cfg)
+    assert res.metrics["rejected_tokens"] > 0
+    left = _padded(res.mask.to(F64), lengths, mask.shape[1])
+    a = _padded(res.advantages, lengths, mask.shape[1])
+    want = _verl_variance_proxy(old, spp, left, a, _is_weights(mm, old, rollout, mask))
+    assert {k: res.metrics[k] for k in NAMES} == pytest.approx(want, rel=1e-7, abs=1e-12)
+    left_weights = _verl_variance_proxy(old, spp, left, a, _is_weights(mm, old, rollout, left))
+    assert want["variance_proxy_w"] != pytest.approx(left_weights["variance_proxy_w"], rel=1e-4)
+
+
+def test_a_rejected_token_s_infinite_weight_is_not_read() -> None:
+    """seq_mask leaves each token its own weight, unbounded: a token rejection took out may
+    hold v = inf, which must not turn W into NaN (and so 0)."""
+    n = 200
+    old = torch.full((n,), math.log(0.5))
+    rollout = old.clone()
+    rollout[7] = -95.0  # v = e^(old - rollout) overflows float32
+    batch = Batch(
+        logp=old.clone(),
+        old_logp=old,
+        offsets=torch.tensor([0, n]),
+        advantages=torch.tensor([1.0]),
+        advantage_level="sequence",
+        rollout_logp=rollout,
+        sum_pi_squared=torch.full((n,), 0.35),
+    )
+    cfg = LossConfig(
+        mismatch=MismatchConfig(mode="seq_mask", lo=0.5, hi=2.0),
+        rejection=(RejectionCriterion(2.0, "k1", "token", 0.5),),
+    )
+    m = E.loss(batch, cfg).metrics
+    assert m["rejected_tokens"] == 1.0
+    w = (n - 1) * (1 - 2 * 0.5 + 0.35)  # v = 1 on every token left
+    assert m["variance_proxy_w"] == pytest.approx(w, rel=1e-5)
+    assert m["variance_proxy_total_power"] == pytest.approx(w, rel=1e-5)
+
+
+def test_a_tiny_weight_counts_as_verl_floors_it() -> None:
+    """W' divides the weighted w by max(v^2, 1e-10) (verl's): a token of v = 1e-3 counts its
+    whole w, one of v = 1e-7 counts w * 1e-14 / 1e-10."""
+    p = torch.tensor([[1e-7, 1e-3, 0.5]], dtype=F64)
+    rollout = torch.tensor([[0.0, 0.0, math.log(0.5)]], dtype=F64)  # v = 1e-7, 1e-3, 1
+    spp = torch.tensor([[0.5, 0.3, 0.4]], dtype=F64)
+    mask = torch.ones(1, 3, dtype=F64)
+    batch = Batch(
+        logp=p.log()[0],
+        old_logp=p.log()[0],
+        offsets=torch.tensor([0, 3]),
+        advantages=torch.tensor([2.0], dtype=F64),
+        advantage_level="sequence",
+        rollout_logp=rollout[0],
+        sum_pi_squared=spp[0],
+    )
+    m = E.loss(batch, LossConfig(mismatch=MismatchConfig(mode="truncate", cap=2.0))).metrics
+    v = torch.exp(p.log() - rollout)
+    want = _verl_variance_proxy(p.log(), spp, mask, torch.full((1, 3), 2.0, dtype=F64), v)
+    assert {k: m[k] for k in NAMES} == pytest.approx(want, rel=1e-7)  # (verl's 1e-8 in its counts)
+    w = 1 - 2 * p + spp
+    by_hand = float((v.mean() * 2) ** 2 * (w[0, 0] * 1e-4 + w[0, 1] + w[0, 2]))
+    assert m["variance_proxy_total_power"] == pytest.approx(by_hand, rel=1e-9)
+
+
 def test_worked_by_hand() -> None:
     """Two sequences and an empty one: w = 1 - 2 pi + sum pi^2 per token, W and A per sequence,
     means over the three; under TIS the total power takes each sequence's mean weight squared

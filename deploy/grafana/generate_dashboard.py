@@ -457,7 +457,7 @@ def build() -> dict[str, Any]:
             minmax=(0, None),
             description="Runs that send sum_pi_squared (verl's variance_proxy/*). Total power: mean over sequences "
             "of A^2 W (times the squared mean mismatch weight), the expected squared norm of one sequence's "
-            "gradient through the logits; A^2 and W (right axis), its parts: a sequence's squared mean advantage "
+            "gradient through the logits; A^2 and W (W on the right axis), its parts: a sequence's squared mean advantage "
             "and its summed score energy 1 - 2 pi + sum pi^2. A total power that jumps warns of a noisy, unstable "
             "update; a W that falls toward 0, of a policy grown confident (entropy collapse). With the step's "
             f"gradient norm, (total power - |g|^2) / (B - 1) is verl's pure-noise proxy. {PER_BATCH}",

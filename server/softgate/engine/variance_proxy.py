@@ -65,7 +65,8 @@ def variance_proxy(
         power = a2 * big_w.clamp(min=0.0)
     else:
         v2 = v.to(F64).square()
-        big_w = seg.sum(wt * v2)
+        # (a rejected token's own v may be inf, seq_mask's: 0 * inf there would make W NaN)
+        big_w = seg.sum(torch.where(trained, w * v2, 0.0))
         unweighted = seg.sum(wt * (v2 / V2_FLOOR).clamp(max=1.0))
         rho = seg.sum(torch.where(trained, v.to(F64), 0.0)) / n
         power = rho.square() * a2 * unweighted.clamp(min=0.0)
