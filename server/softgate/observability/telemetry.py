@@ -492,8 +492,8 @@ class PrometheusTelemetry(Telemetry):
         if getattr(config, "off_policy_mask_threshold", None) is None:
             values["off_policy_masked_frac"] = None
         if not _f(m, "variance_proxy_tokens"):  # (no sum_pi_squared, or no trained token)
-            for k in ("variance_proxy_total_power", "variance_proxy_a_squared", "variance_proxy_w"):
-                values[k] = None
+            for proxy in ("variance_proxy_total_power", "variance_proxy_a_squared", "variance_proxy_w"):
+                values[proxy] = None
         rollout_tokens = _f(m, "rollout_tokens") or 0.0
         if not rollout_tokens:  # (no rollout_logp, or no trained token: the sampler's KL is none)
             values["rollout_kl"] = values["rollout_k3_kl"] = None
