@@ -92,13 +92,23 @@ def test_chunk_bounds_of_empty_sequences() -> None:
 
 
 def test_streamed_chunks_fit_a_small_client_limit(server) -> None:
-    """Every message of a stream fits the client's own limit (1200 B, chunks of 1000 B): a
-    100-token sequence crossing a cut point no longer drags the next ones into its chunk."""
+    """Every message of a stream fits the client's own limit (chunks of 1000 B; the limit 1000 B
+    and the proto's 4 KiB "for the rest": the last response carries the summary, whose metrics
+    map alone is ~1.2 KB): a 100-token sequence crossing a cut point no longer drags the next
+    ones into its chunk (the 21 short sequences after it would make it ~2 KB, its response
+    ~1 KB more)."""
     logp, off, adv = ragged([10, 100, *[5] * 21])
+    chunk = 1000
     with SoftgateClient(
-        f"127.0.0.1:{server.port}", max_message_bytes=1200, stream_chunk_bytes=1000, timeout=60
+        f"127.0.0.1:{server.port}", max_message_bytes=chunk + 4096, stream_chunk_bytes=chunk, timeout=60
     ) as c:
-        res = c.loss(logp, None, offsets=off, advantages=adv)
+        res = c.loss(logp, None, offsets=off, advantages=adv, stream=True)  # (~2 KB: under the limit)
+        assert c.stream_chunk_bytes == chunk
+    p = pack_batch(logp, None, offsets=off, advantages=adv)
+    bounds = p.chunk_bounds(chunk)
+    assert len(bounds) == res.chunks
+    for s0, s1 in bounds:  # within the chunk, headers counted, or one sequence alone (the 100)
+        assert s1 - s0 == 1 or _CHUNK_HEAD_BYTES + int(off[s1] - off[s0]) * 8 + (s1 - s0) * 16 <= chunk
     with SoftgateClient(f"127.0.0.1:{server.port}", timeout=60) as c:
         unary = c.loss(logp, None, offsets=off, advantages=adv, stream=False)
     assert res.streamed and res.chunks > 2 and not unary.streamed

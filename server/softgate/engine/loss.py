@@ -47,6 +47,7 @@ from softgate.engine.reward_kl import check_bounded, sequence_kl_mean, sequence_
 from softgate.engine.segments import Segments, host_shortcuts
 from softgate.engine.token_baseline import optimal_token_baseline
 from softgate.engine.validation import advantage_level, check, compute_dtype
+from softgate.engine.variance_proxy import NAMES as PROXY_NAMES
 from softgate.engine.variance_proxy import score_energy, variance_proxy
 
 F64 = torch.float64
@@ -319,9 +320,7 @@ def _compute_loss(
 
     if energy is not None:  # verl's gradient-variance proxy, on the advantages as the loss reads them
         vp = variance_proxy(energy, t["adv"], adv_per_token, m, seg, ylen, v_applied)
-        extra["variance_proxy_w"], extra["variance_proxy_a_squared"], extra["variance_proxy_total_power"] = (
-            vp.unbind()
-        )
+        extra.update(zip(PROXY_NAMES, vp.unbind(), strict=True))
 
     # ---- sequence-level pieces
     seq_ratio = isinstance(obj, (Gspo, GspoToken, SapoSeq, CispoSeq))
@@ -543,7 +542,7 @@ def _compute_loss(
     mx["rollout_k3_kl"] = share(s.get("rollout_k3", 0.0), mx["rollout_tokens"])
     mx["reward_kl_mean"] = s.get("reward_kl_mean", 0.0)
     mx["variance_proxy_tokens"] = cnt if energy is not None else 0.0
-    for k in ("variance_proxy_w", "variance_proxy_a_squared", "variance_proxy_total_power"):
+    for k in PROXY_NAMES:
         mx[k] = s.get(k, 0.0)
 
     if not math.isfinite(mx["adv_std"] + mx["adv_mean"]):  # a sum of squares past float64's range

@@ -31,6 +31,9 @@ F64 = torch.float64
 # verl's floor under v^2 when it divides the weighted W back (rollout_is_weights**2 clamped)
 V2_FLOOR = 1e-10
 
+# the metrics `variance_proxy` returns, in its order
+NAMES = ("variance_proxy_w", "variance_proxy_a_squared", "variance_proxy_total_power")
+
 
 def score_energy(old: Tensor, sum_pi_squared: Tensor) -> Tensor:
     """w = 1 - 2 exp(old) + sum_pi_squared per token ([N] float64): ||e_y - pi||^2, >= 0 but
@@ -47,7 +50,7 @@ def variance_proxy(
     counts: Tensor,
     v: Tensor | None = None,
 ) -> Tensor:
-    """[w mean, A^2 mean, total power] (float64 [3]) from the score energy w [N], the advantages
+    """The metrics NAMES (float64 [3]) from the score energy w [N], the advantages
     ([N] with `adv_per_token`, else [B]), the trained tokens [N] bool, their count per
     sequence [B] and the applied mismatch weights v [N] (None: no correction)."""
     b = seg.num_seqs
@@ -70,7 +73,7 @@ def variance_proxy(
         unweighted = seg.sum(wt * (v2 / V2_FLOOR).clamp(max=1.0))
         rho = seg.sum(torch.where(trained, v.to(F64), 0.0)) / n
         power = rho.square() * a2 * unweighted.clamp(min=0.0)
-    # past float64's range (advantages of 1e200): its largest value, not the 0 to_floats would
-    # give inf; a 0 * inf there is a sequence with no gradient (no trained token, v = 0): 0
+    # an inf (advantages of 1e200 squared) becomes float64's largest value here, where
+    # to_floats would make it 0; a term 0 * inf is a sequence with no gradient (v = 0): 0
     out = torch.stack([big_w.mean(), a2.mean(), torch.where(power.isnan(), 0.0, power).mean()])
     return out.nan_to_num(nan=0.0)

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from softgate.engine.variance_proxy import NAMES as PROXY_NAMES
+
 DEFAULT_RUN = "default"
 MAX_RUN_NAME = 64
 _BAD = re.compile(r"[^A-Za-z0-9_.:/-]")
@@ -165,11 +167,12 @@ WINDOW_KEYS = (
     "unscored_frac",
     "rollout_kl",
     "rollout_k3_kl",
-    "variance_proxy_total_power",
-    "variance_proxy_a_squared",
-    "variance_proxy_w",
+    *PROXY_NAMES,
 )
 
+
+# statistics that are means over a batch's sequences, weighted by them
+SEQUENCE_MEANS = ("reward_kl_mean", "unscored_frac", *PROXY_NAMES)
 
 # a statistic over some of a batch's tokens (a sign's, those with a policy gradient, the
 # trained ones) is weighted by them, and a batch without any is left out (its 0 / 1 stands
@@ -206,9 +209,7 @@ def weight(b: BatchRecord, key: str) -> float:
     statistic is over it has (sequences, groups, the tokens of TOKEN_WEIGHTS, trained tokens)."""
     if key == "reward_mean":  # (over the sequences with a reward: skip_nan_components)
         return b.values.get("seqs_scored", b.seqs)
-    if key in ("reward_kl_mean", "unscored_frac") or key.startswith(
-        "variance_proxy"
-    ):  # (means over sequences)
+    if key in SEQUENCE_MEANS:
         return b.seqs
     if key == "degenerate_group_fraction":
         return b.groups

@@ -24,6 +24,7 @@ from softgate_client.proto.softgate.v1 import softgate_pb2 as pb
 from softgate import __version__
 from softgate.engine.objectives import OBJECTIVE_KIND
 from softgate.engine.validation import REASON_CODES
+from softgate.engine.variance_proxy import NAMES as PROXY_NAMES
 from softgate.observability.collector import BATCH_SUMMARIES, SIGNED, SoftgateCollector
 from softgate.observability.distributions import GATE_EDGES, RATIO_EDGES, SIGNS, Bucketer
 from softgate.observability.runs import (
@@ -492,7 +493,7 @@ class PrometheusTelemetry(Telemetry):
         if getattr(config, "off_policy_mask_threshold", None) is None:
             values["off_policy_masked_frac"] = None
         if not _f(m, "variance_proxy_tokens"):  # (no sum_pi_squared, or no trained token)
-            for proxy in ("variance_proxy_total_power", "variance_proxy_a_squared", "variance_proxy_w"):
+            for proxy in PROXY_NAMES:
                 values[proxy] = None
         rollout_tokens = _f(m, "rollout_tokens") or 0.0
         if not rollout_tokens:  # (no rollout_logp, or no trained token: the sampler's KL is none)
