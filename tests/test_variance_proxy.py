@@ -134,10 +134,10 @@ def test_equals_verl(seed: int, correction: str, estimator: str) -> None:
         )
 
 
-def test_rejected_tokens_are_not_read() -> None:
-    """Rollout rejection takes tokens out of the mask the proxy reads, as it does verl's
-    response_mask."""
-    lengths, mask, logp, old, spp, rewards, groups, rollout = _case(3)
+def _with_rewards(seed: int) -> tuple[Batch, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """_case's rows as the engine's batch with rewards and the sampler's log-probs, and the
+    padded pieces verl reads (lengths, mask, old, spp, rollout)."""
+    lengths, mask, logp, old, spp, rewards, groups, rollout = _case(seed)
     batch = _engine_batch(
         lengths,
         mask,
@@ -148,40 +148,27 @@ def test_rejected_tokens_are_not_read() -> None:
         group_ids=groups,
         rollout_logp=_ragged(rollout, lengths),
     )
-    cfg = LossConfig(rejection=(RejectionCriterion(1.15, "k1", "token", 0.87),))
-    res = E.loss(batch, cfg)
+    return batch, lengths, mask, old, spp, rollout
+
+
+@pytest.mark.parametrize("correction", ["none", "sequence-tis-batch_normalize"])
+def test_rejected_tokens_are_not_read(correction: str) -> None:
+    """Rollout rejection takes tokens out of the mask the proxy reads, as it does verl's
+    response_mask; a correction's weights read the mask as sent (rejected tokens included), as
+    the loss's own weights and verl's rollout_is_weights do."""
+    batch, lengths, mask, old, spp, rollout = _with_rewards(3)
+    mm = CORRECTIONS[correction]
+    res = E.loss(batch, LossConfig(mismatch=mm, rejection=(RejectionCriterion(1.15, "k1", "token", 0.87),)))
     assert 0 < res.metrics["rejected_tokens"] < float(mask.sum()) / 2
     left = _padded(res.mask.to(F64), lengths, mask.shape[1])
     a = _padded(res.advantages, lengths, mask.shape[1])
-    want = _verl_variance_proxy(old, spp, left, a, None)
+    is_w = None if mm is None else _is_weights(mm, old, rollout, mask)
+    want = _verl_variance_proxy(old, spp, left, a, is_w)
     assert {k: res.metrics[k] for k in NAMES} == pytest.approx(want, rel=1e-7, abs=1e-12)
     assert res.metrics["variance_proxy_tokens"] == float(left.sum())
-
-
-def test_rejection_beside_a_correction_weighs_by_the_mask_as_sent() -> None:
-    """With rejection and a sequence-level correction, verl's IS weights read the mask as sent
-    (rejected tokens included) and its proxy the mask left, as the loss's own weights do."""
-    lengths, mask, logp, old, spp, rewards, groups, rollout = _case(8)
-    batch = _engine_batch(
-        lengths,
-        mask,
-        logp,
-        old,
-        spp,
-        rewards=rewards,
-        group_ids=groups,
-        rollout_logp=_ragged(rollout, lengths),
-    )
-    mm = MismatchConfig(level="sequence", mode="truncate", cap=1.5, batch_normalize=True)
-    cfg = LossConfig(mismatch=mm, rejection=(RejectionCriterion(1.15, "k1", "token", 0.87),))
-    res = E.loss(batch, cfg)
-    assert res.metrics["rejected_tokens"] > 0
-    left = _padded(res.mask.to(F64), lengths, mask.shape[1])
-    a = _padded(res.advantages, lengths, mask.shape[1])
-    want = _verl_variance_proxy(old, spp, left, a, _is_weights(mm, old, rollout, mask))
-    assert {k: res.metrics[k] for k in NAMES} == pytest.approx(want, rel=1e-7, abs=1e-12)
-    left_weights = _verl_variance_proxy(old, spp, left, a, _is_weights(mm, old, rollout, left))
-    assert want["variance_proxy_w"] != pytest.approx(left_weights["variance_proxy_w"], rel=1e-4)
+    if mm is not None:  # (weights over the mask left would differ)
+        left_weights = _verl_variance_proxy(old, spp, left, a, _is_weights(mm, old, rollout, left))
+        assert want["variance_proxy_w"] != pytest.approx(left_weights["variance_proxy_w"], rel=1e-4)
 
 
 def test_a_rejected_token_s_infinite_weight_is_not_read() -> None:
@@ -294,17 +281,7 @@ def test_a_rounded_negative_energy_is_kept_in_w_and_cut_in_the_power() -> None:
 
 @pytest.mark.parametrize("correction", ["none", "sequence-tis-batch_normalize"])
 def test_the_gpu_code_path_gives_the_same(monkeypatch: pytest.MonkeyPatch, correction: str) -> None:
-    lengths, mask, logp, old, spp, rewards, groups, rollout = _case(5)
-    batch = _engine_batch(
-        lengths,
-        mask,
-        logp,
-        old,
-        spp,
-        rewards=rewards,
-        group_ids=groups,
-        rollout_logp=_ragged(rollout, lengths),
-    )
+    batch = _with_rewards(5)[0]
     cfg = LossConfig(advantages=AdvantageConfig("optimal_token_baseline"), mismatch=CORRECTIONS[correction])
     want = E.loss(batch, cfg).metrics
     _gpu_code_path(monkeypatch)
@@ -314,17 +291,7 @@ def test_the_gpu_code_path_gives_the_same(monkeypatch: pytest.MonkeyPatch, corre
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_on_cuda_equal_the_cpu() -> None:
-    lengths, mask, logp, old, spp, rewards, groups, rollout = _case(6)
-    batch = _engine_batch(
-        lengths,
-        mask,
-        logp,
-        old,
-        spp,
-        rewards=rewards,
-        group_ids=groups,
-        rollout_logp=_ragged(rollout, lengths),
-    )
+    batch = _with_rewards(6)[0]
     cfg = LossConfig(mismatch=CORRECTIONS["token-tis"])
     want = E.loss(batch, cfg).metrics
     got = Engine(device="cuda", compile=False).loss(batch, cfg).metrics
