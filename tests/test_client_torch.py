@@ -12,7 +12,7 @@ from softgate_client import InvalidArgumentError, pack_batch
 from softgate_client import config as cfg
 from softgate_client._tensors import half_reason
 from softgate_client.client import LossResult
-from softgate_client.torch import softgate_loss
+from softgate_client.torch import softgate_loss, sum_pi_squared
 
 
 def refusal(fn: Any) -> tuple[str, str]:
@@ -198,3 +198,50 @@ def test_the_adapter_without_torch_says_what_to_install() -> None:
     assert r.returncode == 0, r.stderr
     assert "pip install torch" in r.stdout and "softgate-client[torch]" in r.stdout, r.stdout
     assert r.stdout.strip().endswith("| ModuleNotFoundError"), r.stdout
+
+
+def test_sum_pi_squared_from_the_logits() -> None:
+    """sum softmax(logits / T)^2 per token, in float32 to ~1e-6 of float64's, bit-equal
+    whatever the chunk (one token at a time here), from bf16 logits as from their float32,
+    without autograd; what the engine accepts beside old_logp from the same logits."""
+    g = torch.Generator().manual_seed(0)
+    z = (torch.randn(3, 5, 1000, generator=g) * 6).requires_grad_(True)
+    got = sum_pi_squared(z, temperature=0.7)
+    want = torch.softmax(z.detach().double() / 0.7, -1).square().sum(-1)
+    assert got.shape == (3, 5) and got.dtype == torch.float32 and not got.requires_grad
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
+    assert torch.equal(sum_pi_squared(z, 0.7, chunk_bytes=1), got)
+    half = z.detach().bfloat16()
+    assert torch.equal(sum_pi_squared(half, 0.7), sum_pi_squared(half.float(), 0.7))
+    # the engine takes it with old_logp from the same scaled logits (on trained tokens it must
+    # be within [pi^2, 1])
+    from softgate.engine import Batch, Engine, LossConfig
+
+    old = torch.log_softmax(z.detach() / 0.7, -1)[..., 0].reshape(-1)
+    batch = Batch(
+        logp=old,
+        old_logp=old,
+        offsets=Batch.offsets_from_lengths(torch.full((3,), 5)),
+        advantages=torch.tensor([1.0, -1.0, 0.5]),
+        advantage_level="sequence",
+        sum_pi_squared=got.reshape(-1),
+    )
+    assert Engine(device="cpu", compile=False).loss(batch, LossConfig()).metrics["variance_proxy_w"] > 0
+
+
+@pytest.mark.parametrize(
+    ("logits", "temperature", "field"),
+    [
+        (torch.zeros(2, 3, dtype=torch.int64), 1.0, "logits"),
+        (torch.zeros(2, 0), 1.0, "logits"),
+        (torch.zeros(2, 3), 0.0, "temperature"),
+        (torch.zeros(2, 3), float("nan"), "temperature"),
+        (torch.zeros(2, 3), float("inf"), "temperature"),
+    ],
+)
+def test_sum_pi_squared_refuses_bad_input_by_name(
+    logits: torch.Tensor, temperature: float, field: str
+) -> None:
+    with pytest.raises(InvalidArgumentError) as e:
+        sum_pi_squared(logits, temperature)
+    assert [v.field for v in e.value.violations] == [field]

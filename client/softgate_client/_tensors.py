@@ -47,8 +47,9 @@ def half_reason(name: str, dtype: str) -> str:
     send = f"half_precision: {name} is {dtype}; send {name} as float32 or float64"
     if name == "sum_pi_squared":  # (`.float()` keeps the rounding: 50x the advantages' error; a review)
         return (
-            f"{send}: compute it in float32 from the old logits z (`torch.exp(torch.logsumexp(2 * z, -1) "
-            "- 2 * torch.logsumexp(z, -1))` with `z = logits.float()`); `.float()` on it keeps its rounding"
+            f"{send}: compute it in float32 from the old logits (`softgate_client.torch.sum_pi_squared(logits, "
+            "temperature)`, which is `(torch.softmax(logits.float() / temperature, -1) ** 2).sum(-1)` by chunks); "
+            "`.float()` on it keeps its rounding"
         )
     if not name.endswith("logp"):
         return f"{send} (e.g. `.float()`)"

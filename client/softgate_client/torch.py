@@ -38,7 +38,7 @@ except ImportError as e:  # torch is optional: only this module needs it
 if TYPE_CHECKING:
     from softgate_client.client import LossResult, SoftgateClient
 
-__all__ = ["SoftgateLossFunction", "softgate_loss"]
+__all__ = ["SoftgateLossFunction", "softgate_loss", "sum_pi_squared"]
 
 
 def _as_tensor(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
@@ -171,3 +171,34 @@ def softgate_loss(
     if return_result:
         return loss, result
     return loss
+
+
+# the float32 [chunk, V] temporaries sum_pi_squared makes at a time (the scaled logits, softmax)
+SUM_PI_SQUARED_CHUNK_BYTES = 256 * 1024 * 1024
+
+
+def sum_pi_squared(
+    logits: torch.Tensor, temperature: float = 1.0, chunk_bytes: int = SUM_PI_SQUARED_CHUNK_BYTES
+) -> torch.Tensor:
+    """Each token's sum of squared probabilities over the vocabulary, sum softmax(z)^2 with
+    z = logits / temperature, from the logits [..., V] that gave its old_logp (aligned as
+    old_logp is), in float32 (verl's calculate_sum_pi_squared_from_logits, which takes
+    exp(logsumexp(2z) - 2 logsumexp(z)): 2-3x the rounding). Without autograd, a chunk of
+    tokens at a time, so that its float32 temporaries stay under `chunk_bytes` whatever the
+    vocabulary: the input of optimal_token_baseline and of the variance_proxy_* metrics."""
+    if not logits.is_floating_point() or logits.dim() < 1 or logits.shape[-1] < 1:
+        raise invalid_argument(
+            "logits",
+            f"bad_shape: a floating [..., V] tensor with V >= 1; got {logits.dtype} {tuple(logits.shape)}",
+        )
+    if not (temperature > 0 and temperature < float("inf")):
+        raise invalid_argument("temperature", f"out_of_range: {temperature!r} is not a finite number > 0")
+    v = logits.shape[-1]
+    flat = logits.detach().reshape(-1, v)
+    out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+    step = max(1, chunk_bytes // (4 * v))
+    with torch.no_grad():
+        for i in range(0, flat.shape[0], step):
+            z = flat[i : i + step].float() / temperature
+            out[i : i + step] = torch.softmax(z, -1).square_().sum(-1)
+    return out.reshape(logits.shape[:-1])
