@@ -213,6 +213,11 @@ def test_sum_pi_squared_from_the_logits() -> None:
     assert torch.equal(sum_pi_squared(z, 0.7, chunk_bytes=1), got)
     half = z.detach().bfloat16()
     assert torch.equal(sum_pi_squared(half, 0.7), sum_pi_squared(half.float(), 0.7))
+    # a causal LM's shifted logits, a slice whose tokens do not merge into one view: read in place
+    shifted = z.detach()[:, :-1]
+    assert not shifted.is_contiguous()
+    assert torch.equal(sum_pi_squared(shifted, 0.7, chunk_bytes=3 * 8 * 1000), got[:, :-1])
+    assert torch.equal(sum_pi_squared(z.detach()[1, 2], 0.7), got[1, 2])  # one token, [V]
     # the engine takes it with old_logp from the same scaled logits (on trained tokens it must
     # be within [pi^2, 1])
     from softgate.engine import Batch, Engine, LossConfig

@@ -20,7 +20,7 @@ output, keeps no `.grad` of its own: call `logp.retain_grad()` first to see c th
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -173,7 +173,7 @@ def softgate_loss(
     return loss
 
 
-# the float32 [chunk, V] temporaries sum_pi_squared makes at a time (the scaled logits, softmax)
+# the float32 temporaries sum_pi_squared holds at a time: two [chunk, V] (the scaled logits, softmax)
 SUM_PI_SQUARED_CHUNK_BYTES = 256 * 1024 * 1024
 
 
@@ -182,10 +182,11 @@ def sum_pi_squared(
 ) -> torch.Tensor:
     """Each token's sum of squared probabilities over the vocabulary, sum softmax(z)^2 with
     z = logits / temperature, from the logits [..., V] that gave its old_logp (aligned as
-    old_logp is), in float32 (verl's calculate_sum_pi_squared_from_logits, which takes
-    exp(logsumexp(2z) - 2 logsumexp(z)): 2-3x the rounding). Without autograd, a chunk of
-    tokens at a time, so that its float32 temporaries stay under `chunk_bytes` whatever the
-    vocabulary: the input of optimal_token_baseline and of the variance_proxy_* metrics."""
+    old_logp is: a shifted slice is read in place, not copied), in float32 (verl's
+    calculate_sum_pi_squared_from_logits takes exp(logsumexp(2z) - 2 logsumexp(z)): 2-3x the
+    rounding). Without autograd, a chunk of tokens at a time, so that its float32 temporaries
+    stay under `chunk_bytes` whatever the vocabulary: the input of optimal_token_baseline and
+    of the variance_proxy_* metrics."""
     if not logits.is_floating_point() or logits.dim() < 1 or logits.shape[-1] < 1:
         raise invalid_argument(
             "logits",
@@ -194,11 +195,25 @@ def sum_pi_squared(
     if not (temperature > 0 and temperature < float("inf")):
         raise invalid_argument("temperature", f"out_of_range: {temperature!r} is not a finite number > 0")
     v = logits.shape[-1]
-    flat = logits.detach().reshape(-1, v)
-    out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
-    step = max(1, chunk_bytes // (4 * v))
+    out = torch.empty(logits.shape[:-1], dtype=torch.float32, device=logits.device)
+    flat_out = out.view(-1)
+    step = max(1, chunk_bytes // (8 * v))
+    start = 0
     with torch.no_grad():
-        for i in range(0, flat.shape[0], step):
-            z = flat[i : i + step].float() / temperature
-            out[i : i + step] = torch.softmax(z, -1).square_().sum(-1)
-    return out.reshape(logits.shape[:-1])
+        for rows in _token_rows(logits.detach()):
+            for i in range(0, rows.shape[0], step):
+                z = rows[i : i + step].float() / temperature
+                n = z.shape[0]
+                flat_out[start : start + n] = torch.softmax(z, -1).square_().sum(-1)
+                start += n
+    return out
+
+
+def _token_rows(x: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Views [n, V] of x [..., V] that cover its tokens in order, without a copy: the whole of
+    it when its leading dimensions merge, else one leading index at a time (logits[:, :-1])."""
+    try:
+        yield x.view(-1, x.shape[-1])
+    except RuntimeError:
+        for sub in x.unbind(0):
+            yield from _token_rows(sub)
