@@ -218,6 +218,10 @@ def test_sum_pi_squared_from_the_logits() -> None:
     assert not shifted.is_contiguous()
     assert torch.equal(sum_pi_squared(shifted, 0.7, chunk_bytes=3 * 8 * 1000), got[:, :-1])
     assert torch.equal(sum_pi_squared(z.detach()[1, 2], 0.7), got[1, 2])  # one token, [V]
+    # a Qwen-size vocabulary: float32 softmax sums to 1 within ~2e-5 on the CPU; normalised
+    big = torch.randn(8, 152064, generator=g) * 4
+    want = torch.softmax(big.double(), -1).square().sum(-1)
+    torch.testing.assert_close(sum_pi_squared(big).double(), want, rtol=2e-6, atol=0)
     # the engine takes it with old_logp from the same scaled logits (on trained tokens it must
     # be within [pi^2, 1])
     from softgate.engine import Batch, Engine, LossConfig
@@ -242,11 +246,14 @@ def test_sum_pi_squared_from_the_logits() -> None:
         (torch.zeros(2, 3), 0.0, "temperature"),
         (torch.zeros(2, 3), float("nan"), "temperature"),
         (torch.zeros(2, 3), float("inf"), "temperature"),
+        (torch.zeros(2, 3), 1.0, "chunk_bytes"),
+        (torch.tensor([[0.0, 1.0], [-torch.inf, -torch.inf]]), 1.0, "logits[1]"),
+        (torch.tensor([[[0.0, torch.nan]]]), 1.0, "logits[0, 0]"),
     ],
 )
 def test_sum_pi_squared_refuses_bad_input_by_name(
     logits: torch.Tensor, temperature: float, field: str
 ) -> None:
     with pytest.raises(InvalidArgumentError) as e:
-        sum_pi_squared(logits, temperature)
+        sum_pi_squared(logits, temperature, **({"chunk_bytes": 2.5e8} if field == "chunk_bytes" else {}))
     assert [v.field for v in e.value.violations] == [field]

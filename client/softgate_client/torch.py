@@ -182,11 +182,12 @@ def sum_pi_squared(
 ) -> torch.Tensor:
     """Each token's sum of squared probabilities over the vocabulary, sum softmax(z)^2 with
     z = logits / temperature, from the logits [..., V] that gave its old_logp (aligned as
-    old_logp is: a shifted slice is read in place, not copied), in float32 (verl's
-    calculate_sum_pi_squared_from_logits takes exp(logsumexp(2z) - 2 logsumexp(z)): 2-3x the
-    rounding). Without autograd, a chunk of tokens at a time, so that its float32 temporaries
-    stay under `chunk_bytes` whatever the vocabulary: the input of optimal_token_baseline and
-    of the variance_proxy_* metrics."""
+    old_logp is: a shifted slice is read in place, not copied), in float32, divided by the
+    probabilities' own sum squared (float32 softmax sums to 1 within ~2e-5 at a 152k
+    vocabulary; this keeps ~5e-7). Without autograd, a chunk of tokens at a time, so that its
+    float32 temporaries stay under `chunk_bytes` (but one token's): the input of
+    optimal_token_baseline and of the variance_proxy_* metrics. A token whose logits give no
+    distribution (all -inf, a NaN, +inf) is refused, naming it."""
     if not logits.is_floating_point() or logits.dim() < 1 or logits.shape[-1] < 1:
         raise invalid_argument(
             "logits",
@@ -194,6 +195,8 @@ def sum_pi_squared(
         )
     if not (temperature > 0 and temperature < float("inf")):
         raise invalid_argument("temperature", f"out_of_range: {temperature!r} is not a finite number > 0")
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
+        raise invalid_argument("chunk_bytes", f"out_of_range: {chunk_bytes!r} is not an integer >= 1")
     v = logits.shape[-1]
     out = torch.empty(logits.shape[:-1], dtype=torch.float32, device=logits.device)
     flat_out = out.view(-1)
@@ -202,10 +205,23 @@ def sum_pi_squared(
     with torch.no_grad():
         for rows in _token_rows(logits.detach()):
             for i in range(0, rows.shape[0], step):
-                z = rows[i : i + step].float() / temperature
-                n = z.shape[0]
-                flat_out[start : start + n] = torch.softmax(z, -1).square_().sum(-1)
+                z = rows[i : i + step].to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+                p = torch.softmax(z.div_(temperature), -1)
+                del z  # (two chunks at a time: the next one's copy comes after this one is gone)
+                total = p.sum(-1)
+                n = p.shape[0]
+                flat_out[start : start + n] = p.square_().sum(-1).div_(total.square_())
                 start += n
+                del p
+    bad = ~torch.isfinite(flat_out)
+    if bool(bad.any()):
+        k = int(torch.nonzero(bad)[0, 0])
+        at = tuple(int(i) for i in torch.unravel_index(torch.tensor(k), tuple(out.shape)))
+        raise invalid_argument(
+            f"logits{list(at)}",
+            "non_finite: these logits give no distribution (every entry -inf, a NaN, +inf, or past float32 "
+            "after the temperature); mask such a token's logits with finite values",
+        )
     return out
 
 
@@ -213,7 +229,9 @@ def _token_rows(x: torch.Tensor) -> Iterator[torch.Tensor]:
     """Views [n, V] of x [..., V] that cover its tokens in order, without a copy: the whole of
     it when its leading dimensions merge, else one leading index at a time (logits[:, :-1])."""
     try:
-        yield x.view(-1, x.shape[-1])
+        rows = x.view(-1, x.shape[-1])
     except RuntimeError:
         for sub in x.unbind(0):
             yield from _token_rows(sub)
+        return
+    yield rows
