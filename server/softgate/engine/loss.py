@@ -118,20 +118,6 @@ def _cast(x: Tensor, dtype: torch.dtype, device: torch.device | None = None) -> 
     return x.to(dtype=dtype, device=device)
 
 
-def _applied_weights(
-    config: LossConfig, old: Tensor, rollout: Tensor | None, ms: Tensor, seg: Segments, ms_counts: Tensor
-) -> Tensor | None:
-    """The mismatch weight v at every token as the loss applies it (mismatch.applied_weights,
-    over the mask as sent `ms`), verl's rollout_is_weights; None without a correction."""
-    mm = config.mismatch
-    if mm is None:
-        return None
-    assert rollout is not None  # (validated)
-    prm = kernel_params(config, old.dtype, old.device)
-    lv_sent = _masked_difference(old, rollout, ms)
-    return applied_weights(mm.level, mm.mode, mm.batch_normalize, lv_sent, ms, seg, ms_counts, prm)
-
-
 def _token_baseline(
     returns: Tensor,
     batch: Batch,
@@ -240,12 +226,36 @@ def _compute_loss(
     if sent is not None:
         extra["rejected_tokens"] = (ms_counts.sum() - ylen.sum()).to(F64)
         extra["rejected_seqs"] = (ms_counts != ylen).sum().to(F64)
-    # each token's score energy and mismatch weight: optimal_token_baseline's W and the
-    # variance-proxy metrics read them (variance_proxy.py)
-    energy = v_applied = None
-    if batch.sum_pi_squared is not None:
-        energy = score_energy(old, batch.sum_pi_squared.to(dev))
-        v_applied = _applied_weights(config, old, rollout, ms, seg, ms_counts)
+    # the sampler and the mismatch weights (before the advantages: optimal_token_baseline reads
+    # the weights as applied, v_applied, as the variance proxy does)
+    norm = v_applied = None
+    prm = kernel_params(config, dt, dev)
+    mm = config.mismatch
+    if rollout is not None:  # the sampler's KL from old_logp, summed by the kernel over the tokens as sent
+        t["rollout"] = rollout
+        if sent is not None:
+            t["ms"] = sent.view(torch.uint8)
+        extra["rollout_tokens"] = ms_counts.sum().to(F64)
+    if mm is not None:
+        assert rollout is not None
+        seq_weight = mm.level != "token" or mm.mode == "seq_mask"  # (seq_mask: the mean, its filter)
+        if seq_weight or mm.batch_normalize or batch.sum_pi_squared is not None:
+            # the log-weights over the mask as sent, rejected tokens included (verl's): a
+            # sequence's weight, batch_normalize's mean and the weights as applied read them
+            lv_sent = _masked_difference(old, rollout, ms)
+            if seq_weight:  # (geometric and seq_mask: the mean)
+                t["lvseq"] = sequence_log_weights(lv_sent, seg, ms_counts, mean=mm.level != "sequence")
+            if mm.batch_normalize:  # verl's: v divided by its mean over the batch as sent, through w
+                norm = batch_norm_factor(mm.level, mm.mode, lv_sent, ms, seg, ms_counts, t.get("lvseq"), prm)
+                extra["mismatch_norm_factor"] = norm
+                if config.kl is not None and "wkl" not in t:  # (the KL term keeps the weights it had)
+                    t["wkl"] = t["w"]
+                t["w"] = (t["w"].to(F64) / norm).to(dt)  # v multiplies only the policy term, as w does
+            if batch.sum_pi_squared is not None:  # v at every token, as the loss applies it
+                v_applied = applied_weights(mm.level, mm.mode, lv_sent, seg, t.get("lvseq"), norm, prm)
+    # each token's score energy: optimal_token_baseline's W and the variance-proxy metrics read
+    # it (variance_proxy.py)
+    energy = None if batch.sum_pi_squared is None else score_energy(old, batch.sum_pi_squared.to(dev))
 
     # ---- advantages (per sequence unless the caller gave them per token)
     adv_per_token = False
@@ -342,28 +352,6 @@ def _compute_loss(
         if batch.mask is not None:
             d.mul_(m.view(torch.uint8))  # (clamped: finite; see _masked_difference)
         t["sratio"] = torch.exp(seg.mean(d, ylen))
-    prm = kernel_params(config, dt, dev)
-    mm = config.mismatch
-    if rollout is not None:  # the sampler's KL from old_logp, summed by the kernel over the tokens as sent
-        t["rollout"] = rollout
-        if sent is not None:
-            t["ms"] = sent.view(torch.uint8)
-        extra["rollout_tokens"] = ms_counts.sum().to(F64)
-    if mm is not None:
-        assert rollout is not None
-        seq_weight = mm.level != "token" or mm.mode == "seq_mask"  # (seq_mask: the mean, its filter)
-        if seq_weight or mm.batch_normalize:
-            # the log-weights over the mask as sent, rejected tokens included (verl's): a
-            # sequence's weight and batch_normalize's mean read them
-            lv_sent = _masked_difference(old, rollout, ms)
-            if seq_weight:  # (geometric and seq_mask: the mean)
-                t["lvseq"] = sequence_log_weights(lv_sent, seg, ms_counts, mean=mm.level != "sequence")
-            if mm.batch_normalize:  # verl's: v divided by its mean over the batch as sent, through w
-                norm = batch_norm_factor(mm.level, mm.mode, lv_sent, ms, seg, ms_counts, t.get("lvseq"), prm)
-                extra["mismatch_norm_factor"] = norm
-                if config.kl is not None and "wkl" not in t:  # (the KL term keeps the weights it had)
-                    t["wkl"] = t["w"]
-                t["w"] = (t["w"].to(F64) / norm).to(dt)  # v multiplies only the policy term, as w does
     if config.kl is not None:
         assert batch.ref_logp is not None
         t["ref"] = _cast(batch.ref_logp, dt)

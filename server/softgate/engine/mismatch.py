@@ -83,24 +83,20 @@ def batch_norm_factor(
 def applied_weights(
     level: str,
     mode: str,
-    batch_normalize: bool,
     lv_sent: Tensor,
-    sent: Tensor,
     seg: Segments,
-    sent_counts: Tensor,
+    lvseq: Tensor | None,
+    norm: Tensor | None,
     prm: dict[str, Tensor],
 ) -> Tensor:
-    """v at every token ([N]) as the loss applies it, batch normalisation included, from
-    `lv_sent` = old - rollout on the tokens as sent (0 off them): what optimal_token_baseline
-    squares (verl's rollout_is_weights)."""
-    lvseq = None
-    if level != "token" or mode == "seq_mask":
-        lvseq = sequence_log_weights(lv_sent, seg, sent_counts, mean=level != "sequence")
+    """v at every token ([N]) as the loss applies it, from `lv_sent` = old - rollout on the
+    tokens as sent (0 off them), `lvseq` the [B] log-weight of a sequence (sequence and
+    geometric levels, seq_mask; else None) and batch_normalize's factor `norm` (None without
+    it): what optimal_token_baseline squares and the variance proxy reads (verl's
+    rollout_is_weights)."""
     if level == "token":
         v, _ = mismatch_weights(mode, lv_sent, prm, None if lvseq is None else seg.expand(lvseq))
     else:
         assert lvseq is not None
         v = seg.expand(mismatch_weights(mode, lvseq, prm)[0])
-    if batch_normalize:
-        v = v / batch_norm_factor(level, mode, lv_sent, sent, seg, sent_counts, lvseq, prm).to(v.dtype)
-    return v
+    return v if norm is None else v / norm.to(v.dtype)
