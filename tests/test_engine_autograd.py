@@ -369,6 +369,64 @@ def test_token_returns_on_the_gpu_code_path(monkeypatch, gamma) -> None:
     assert returns.token_returns(a_seq[:1], Segments(torch.tensor([0, 0]), 0), gamma, k[:0], 0.3).numel() == 0
 
 
+def test_token_returns_of_one_sequence_do_not_read_another_huge_kl() -> None:
+    """A k of 3.4e38 in one sequence (a float32 "-inf" sent as ref_logp) leaves every other
+    sequence's returns its own (one prefix sum over the batch gave them ~1e18, an audit); the
+    sequence itself gets its own sums too. Through the engine, in float32 and float64."""
+    from softgate.engine import AdvantageConfig, Batch, LossConfig, RewardKLConfig, returns
+    from softgate.engine.segments import Segments
+
+    offsets = torch.tensor([0, 2, 5, 7, 9])
+    k = torch.full((9,), 0.1, dtype=torch.float64)
+    k[0] = 3.4e38
+    a_seq = torch.tensor([1.0, -1.0, 0.5, -0.5], dtype=torch.float64)
+    got = returns.token_returns(a_seq, Segments(offsets, 9), 1.0, k, 1e-3)
+    want = [
+        a_seq[i] - 1e-3 * k[t:b].sum()
+        for i, (a, b) in enumerate(itertools.pairwise(offsets.tolist()))
+        for t in range(a, b)
+    ]
+    torch.testing.assert_close(got, torch.stack(want), rtol=1e-15, atol=0)
+
+    for dtype in (torch.float32, torch.float64):
+        logp = torch.full((9,), -0.5, dtype=dtype)
+        ref = logp - 0.1
+        ref[0] = torch.finfo(torch.float32).min
+        batch = Batch(
+            logp=logp,
+            offsets=offsets,
+            ref_logp=ref,
+            rewards=torch.tensor([1.0, 0.0, 1.0, 0.0]),
+            group_ids=torch.tensor([0, 0, 1, 1]),
+        )
+        cfg = LossConfig(advantages=AdvantageConfig("dr_grpo"), reward_kl=RewardKLConfig(beta=1e-3))
+        adv = ENGINE.loss(batch, cfg).advantages
+        tail = torch.tensor(
+            [-0.5003, -0.5002, -0.5001, 0.4998, 0.4999, -0.5002, -0.5001], dtype=torch.float64
+        )
+        torch.testing.assert_close(adv[2:].to(torch.float64), tail, rtol=0, atol=1e-6)
+
+
+def test_reward_kl_past_float64_is_overflow_not_internal() -> None:
+    """Two sequences' k of 1e308 are each within reward_kl's bound at beta 1e-210, but their
+    batch mean is past float64: advantages at level token come from each sequence's own sums
+    (finite), and reward_kl_mean is the mean of each over B, not the 0 an inf became (an
+    audit: an INTERNAL error, and a 0 an adaptive KL controller would have read)."""
+    from softgate.engine import Batch, LossConfig, RewardKLConfig
+
+    batch = Batch(
+        logp=torch.full((4,), -0.5, dtype=torch.float64),
+        offsets=torch.tensor([0, 1, 2, 3, 4]),
+        ref_logp=torch.tensor([-1e308, -1e308, -0.6, -0.6], dtype=torch.float64),
+        rewards=torch.tensor([1.0, 0.0, 1.0, 0.0]),
+        group_ids=torch.tensor([0, 0, 1, 1]),
+    )
+    for level in ("token", "sequence", "immediate"):
+        r = ENGINE.loss(batch, LossConfig(reward_kl=RewardKLConfig(beta=1e-210, estimator="k1", level=level)))
+        assert math.isfinite(r.loss) and bool(torch.isfinite(r.advantages).all())
+        assert r.metrics["reward_kl_mean"] == pytest.approx(0.5e308, rel=1e-12)
+
+
 def test_discounted_sums_of_every_length() -> None:
     """The doubling scan's passes reach every token of sequences of each length 0 to 70 (one
     past each power of 2 too), against a direct sum, discounted or not."""

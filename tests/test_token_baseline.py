@@ -484,6 +484,8 @@ def test_bad_settings_are_refused(cfg: LossConfig, field: str) -> None:
     with pytest.raises(InputError) as e:
         E.loss(batch, cfg)
     assert field in [v.field for v in e.value.violations], e.value
+    if field == "advantages.gamma":  # (it made one per sequence, an audit)
+        assert "optimal_token_baseline's returns are undiscounted" in str(e.value)
 
 
 @pytest.mark.parametrize(

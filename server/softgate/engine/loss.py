@@ -306,7 +306,8 @@ def _compute_loss(
                 a_tok = whiten_tokens(a_tok, trained, config.advantages.eps)
             if unscored is not None:  # no reward: 0 at every token, the KL in the reward too
                 a_tok = a_tok.masked_fill(unscored, 0.0)
-            if dt != F64 and n and max(map(abs, torch.aminmax(a_tok))) > torch.finfo(dt).max:  # (one pass)
+            # (one pass; "not <=": NaN too, which no finite input should give, in float64 as well)
+            if n and not max(map(abs, torch.aminmax(a_tok))) <= torch.finfo(dt).max:
                 where = str(dt).replace("torch.", "")
                 fld, what = (
                     ("reward_kl.beta", "with the KL in the reward ") if kl_per_token else ("rewards", "")

@@ -10,8 +10,10 @@ the mask as sent) a reward of its own. Returns run through masked tokens, as Ope
 carry A_i undiscounted, so that gamma = 1 gives A_i at every token.
 
 All in float64, and the same bits on every call: the host sums undiscounted returns from one
-prefix sum (sequential); discounted ones, and any on a GPU (whose float cumsum is not
-bitwise reproducible), by a doubling scan of elementwise multiply-adds within each sequence.
+prefix sum over the batch (sequential) while that is exact to PREFIX_SUM_TOLERANCE; otherwise
+(a huge k in one sequence would take every later sequence's digits), discounted returns, and
+any on a GPU (whose float cumsum is not bitwise reproducible), by a doubling scan of
+elementwise multiply-adds within each sequence.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ from torch import Tensor
 from softgate.engine.segments import Segments, host_shortcuts
 
 F64 = torch.float64
+# The most beta x (the batch's summed |k|) x 2^-52, the prefix sum's rounding at its largest
+# running sum, may be for the host's one prefix sum to stand for each sequence's own sums: a
+# return of a sequence of L tokens is then off by ~sqrt(L) x this (L x this at worst)
+PREFIX_SUM_TOLERANCE = 1e-10
 
 
 def token_returns(
@@ -38,7 +44,7 @@ def token_returns(
         return torch.zeros(0, dtype=F64, device=a_seq.device)
     a_seq = a_seq.to(F64)
     kl = k is not None and beta != 0.0
-    if kl and gamma == 1.0 and host_shortcuts(a_seq.device):
+    if kl and gamma == 1.0 and host_shortcuts(a_seq.device) and _prefix_sum_exact(k, beta):
         # one prefix sum c: A_i - beta sum_{u >= t} k_u = A_i - beta E_i + beta (c_t - k_t),
         # E_i = c at the sequence's last token (an empty sequence's is never read)
         assert k is not None
@@ -52,6 +58,13 @@ def token_returns(
         return out
     assert k is not None
     return out.sub_(beta * discounted_sums(k, seg, gamma))
+
+
+def _prefix_sum_exact(k: Tensor | None, beta: float) -> bool:
+    """Whether one prefix sum over the batch's k keeps every return within
+    PREFIX_SUM_TOLERANCE (a k of 1e38 in one sequence would move the others' by ~1e22 x beta)."""
+    assert k is not None
+    return abs(beta) * float(torch.linalg.vector_norm(k, 1)) * 2.0**-52 <= PREFIX_SUM_TOLERANCE
 
 
 def discounted_sums(x: Tensor, seg: Segments, gamma: float) -> Tensor:

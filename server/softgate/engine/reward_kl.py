@@ -81,4 +81,7 @@ def sequence_kl_mean(sums: Tensor, sent_counts: Tensor) -> Tensor:
     tokens as sent (0 for one without any); 0 for no sequence."""
     if sums.numel() == 0:
         return torch.zeros((), dtype=F64, device=sums.device)
-    return (sums / sent_counts.clamp(min=1).to(F64)).mean()
+    means = sums / sent_counts.clamp(min=1).to(F64)
+    mean = means.mean()
+    # (a sum past float64's range: the mean of each over B, which cannot overflow)
+    return torch.where(torch.isfinite(mean), mean, (means / means.numel()).sum())

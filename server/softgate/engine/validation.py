@@ -781,10 +781,13 @@ def _gamma(config: LossConfig, v: list[FieldViolation]) -> None:
     if not _num_ok(gamma) or not 0.0 <= gamma <= 1.0:
         v.append(FieldViolation("advantages.gamma", f"out_of_range: {gamma!r} must be in [0, 1]"))
     elif gamma != 1.0 and config.advantages.estimator != "reinforce_pp":
-        why = (
-            f"unsupported: {config.advantages.estimator} gives one advantage per sequence; "
-            "gamma discounts reinforce_pp's per-token returns"
+        est = config.advantages.estimator
+        what = (
+            "'s returns are undiscounted"
+            if est == "optimal_token_baseline"
+            else " gives one advantage per sequence"
         )
+        why = f"unsupported: {est}{what}; gamma discounts reinforce_pp's per-token returns"
         v.append(FieldViolation("advantages.gamma", why))
     elif gamma != 1.0 and isinstance(config.objective, PER_SEQUENCE_ADVANTAGE):
         why = (
