@@ -802,6 +802,13 @@ def test_the_variance_proxy_is_exported_for_the_batches_with_sum_pi_squared() ->
         m["variance_proxy_w"]
     )
     assert _value(tel, "softgate_batch_variance_proxy_w_count", run="r", objective="grpo") == 2
+    # saturated batches (float64's largest) count 1e300 each: the _sum stays finite (an audit:
+    # +Inf for good, and every rate() of it NaN)
+    top = dataclasses.replace(res, metrics={**m, "variance_proxy_w": sys.float_info.max})
+    for _ in range(3):
+        tel.observe_loss("r", config, top)
+    w_sum = _value(tel, "softgate_batch_variance_proxy_w_sum", run="r", objective="grpo")
+    assert w_sum == pytest.approx(3e300, rel=1e-9)
     # a window's mean is over sequences: a batch of twice the sequences weighs twice
     config, big = _engine_result(n_seqs=64, seed=1, config=cfg, corrections=True, sum_pi_squared=True)
     two = PrometheusTelemetry(S())

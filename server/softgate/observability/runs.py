@@ -25,6 +25,9 @@ import numpy as np
 from softgate.engine.variance_proxy import NAMES as PROXY_NAMES
 
 DEFAULT_RUN = "default"
+# A per-batch value past this (a saturated statistic: float64's largest) counts as this, so that
+# a summary's or histogram's _sum stays finite: one +Inf and its rate() reads NaN for good
+OBSERVED_LIMIT = 1e300
 MAX_RUN_NAME = 64
 _BAD = re.compile(r"[^A-Za-z0-9_.:/-]")
 
@@ -80,6 +83,7 @@ class RunState:
     def observe(self, name: str, labels: tuple[str, ...], value: float, edges: np.ndarray) -> None:
         if value is None or not math.isfinite(value):
             return
+        value = min(max(value, -OBSERVED_LIMIT), OBSERVED_LIMIT)
         key = (name, labels)
         h = self.hists.get(key)
         if h is None:
