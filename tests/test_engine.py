@@ -932,6 +932,36 @@ def test_skip_nan_components_in_loss(adv: AdvantageConfig):
 
 
 @pytest.mark.parametrize(
+    "est", ["grpo", "dr_grpo", "rloo", "opo", "gpg", "grpo_passk", "reinforce_pp_baseline"]
+)
+def test_skip_nan_components_with_a_sequence_kl_in_the_reward(est: str) -> None:
+    """A sequence without a reward has none for reward_kl at level sequence to move: its KL
+    stays out of its group's mean and std and out of gpg's count (it moved every scored
+    member's advantage, and at a KL of 10 made all three positive, an audit)."""
+    old = torch.full((16,), -0.5, dtype=F64)
+    rewards = torch.tensor([1.0, 0.0, 0.5, math.nan], dtype=F64)
+    cfg = LossConfig(
+        advantages=AdvantageConfig(est, skip_nan_components=True),
+        reward_kl=RewardKLConfig(beta=0.1, estimator="k1", level="sequence"),
+    )
+    got = []
+    for kl in (0.0, 1.0, 10.0):  # of the unscored sequence alone
+        ref = old.clone()
+        ref[12:] -= kl
+        b = Batch(
+            logp=old.clone(),
+            old_logp=old,
+            ref_logp=ref,
+            offsets=torch.tensor([0, 4, 8, 12, 16]),
+            rewards=rewards,
+            group_ids=torch.tensor([0, 0, 0, 0]),
+        )
+        got.append(E.loss(b, cfg).advantages)
+    assert bool(got[0][:12].any()) and not bool(got[0][12:].any())
+    assert torch.equal(got[1], got[0]) and torch.equal(got[2], got[0])
+
+
+@pytest.mark.parametrize(
     ("rewards", "cfg", "field", "reason"),
     [
         (

@@ -122,7 +122,8 @@ def group_advantages(
         """x - its group's mean, each group's unbiased std, max and min, whether it is
         degenerate, and its members; over the members where `ok` (the others: 0, no weight)."""
         c = cnt if ok is None else group_sum(ok.to(torch.float64))
-        dev = x - (group_sum(x) / c.clamp(min=1))[inv]
+        x_ok = x if ok is None else x.masked_fill(~ok, 0.0)  # (the others weigh nothing in the mean)
+        dev = x - (group_sum(x_ok) / c.clamp(min=1))[inv]
         if ok is not None:
             dev = dev.masked_fill(~ok, 0.0)
         std = _unbiased_std(c, group_sum(dev * dev))
@@ -139,6 +140,10 @@ def group_advantages(
     given = r  # (the rewards metrics report)
     if penalty is not None:
         r = r - penalty
+        if (
+            scored is not None
+        ):  # (an unscored sequence has no reward to move: it stays 0, out of every statistic)
+            r = r.masked_fill(~scored, 0.0)
     dev, std_g, gmax, gmin, degenerate_g, c = stats(r, scored)
 
     a = r if cfg.estimator in RAW else dev
