@@ -228,11 +228,20 @@ def _others_squares(r: Tensor, which: Tensor, inv: Tensor, counts: Tensor, sel: 
     first = torch.repeat_interleave(torch.cumsum(size, 0) - size, size)
     other = order[starts[owner] + torch.arange(owner.numel(), device=r.device) - first]
     keep = (other != who[owner]) & sel[other]
-    owner, other = owner[keep], other[keep]
+    owner, other = owner[keep], other[keep]  # (owner ascending: runs, one a member)
     z = torch.zeros(who.numel(), dtype=torch.float64, device=r.device)
-    k = z.clone().index_add_(0, owner, torch.ones_like(r[other]))
-    mean = z.clone().index_add_(0, owner, r[other]) / k.clamp(min=1)
-    return z.index_add_(0, owner, (r[other] - mean[owner]) ** 2)
+    if use_segment_reduce(r.device):  # (CUDA's index_add_ adds float64 in no fixed order)
+        runs = torch.nn.functional.pad(torch.cumsum(torch.bincount(owner, minlength=who.numel()), 0), (1, 0))
+
+        def owner_sum(x: Tensor) -> Tensor:
+            return segment_sum(x, runs)
+    else:
+
+        def owner_sum(x: Tensor) -> Tensor:
+            return z.clone().index_add_(0, owner, x)
+
+    mean = owner_sum(r[other]) / owner_sum(torch.ones_like(r[other])).clamp(min=1)
+    return owner_sum((r[other] - mean[owner]) ** 2)
 
 
 def _finish(
