@@ -2541,6 +2541,10 @@ def test_overflowing_results_are_refused():
         E.advantages(rw.rewards, torch.tensor([0, 0]), AdvantageConfig())
     rw.rewards = torch.tensor([1.0, 1e100], dtype=F64)  # the bound itself is accepted
     E.advantages(rw.rewards, torch.tensor([0, 0]), AdvantageConfig())
+    # an advantage past float32 (the log-probs'): refused on the reward, not on a token of logp
+    # as an overflowing gradient (an audit)
+    rw.rewards = torch.tensor([1e39, 0.0], dtype=F64)
+    assert reasons(rw, dr_grpo) == {("rewards", "overflow", 0)}
     assert ("log_ratio_clamp", "out_of_range", None) in reasons(ok, LossConfig(log_ratio_clamp=100.0))
     assert ("log_ratio_clamp", "out_of_range", None) in reasons(ok, LossConfig(log_ratio_clamp=1e300))
     E.loss(ok, LossConfig(log_ratio_clamp=80.0))
