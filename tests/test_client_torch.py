@@ -165,6 +165,23 @@ def test_torch_func_vmap_and_a_second_derivative_are_refused_clearly() -> None:
         g.pow(2).sum().backward()
 
 
+def test_backward_survives_writes_into_logp_s_buffer_after_the_call() -> None:
+    """The next micro-batch written into the buffer logp is a slice of, before backward:
+    backward failed torch's version check on a logp it never reads (an audit); an ordinary
+    loss of the slice backpropagates, and so does this one, with the same gradient."""
+    rec = GradClient()
+    torch.manual_seed(0)
+    w = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    buf = torch.zeros(8, 6, dtype=torch.float64)
+    buf[:4] = torch.nn.functional.logsigmoid(w)
+    loss = softgate_loss(buf[:4], client=rec, advantages=[1.0, -1.0, 0.5, 2.0])
+    buf[4:] = -1.0
+    loss.backward()
+    ls = torch.nn.functional.logsigmoid(w)  # (GradClient's gradient: logp as sent)
+    want = torch.autograd.grad((ls * ls.detach()).sum(), w)[0]
+    assert w.grad is not None and torch.allclose(w.grad, want, rtol=1e-12, atol=0)
+
+
 def test_the_precision_note_is_each_dtypes_own() -> None:
     """A float16 logp was refused with bf16's figure (~3% ratio noise; float16's is ~0.4%)."""
     bf16, fp16 = half_reason("logp", "bfloat16"), half_reason("logp", "float16")

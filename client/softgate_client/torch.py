@@ -87,15 +87,19 @@ class SoftgateLossFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
         ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(output[1], inputs[0])
+        ctx.save_for_backward(output[1])
+        # logp only as the second-derivative guard's input, its values never read: not saved,
+        # so that writing into its storage after the call (the next micro-batch into the same
+        # buffer) does not fail backward's version check, as an ordinary loss's would not
+        ctx.logp = inputs[0]
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor, _: Any) -> tuple[torch.Tensor | None, None]:  # type: ignore[override]
-        grad, logp = ctx.saved_tensors
+        (grad,) = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None
         if torch.is_grad_enabled():  # create_graph=True, torch.func.grad: this backward is itself
-            grad = _FirstOrderOnly.apply(grad, logp)  # a graph, differentiable in grad_output only
+            grad = _FirstOrderOnly.apply(grad, ctx.logp)  # a graph, differentiable in grad_output only
         return grad * grad_output, None
 
     @staticmethod
