@@ -54,6 +54,23 @@ def test_advantages_checks_rewards_and_group_ids_as_loss_does(client) -> None:
 
 
 @pytest.mark.parametrize(
+    ("extra", "name"), [({"position": "trained"}, "position"), ({"zero_tail": True}, "zero_tail")]
+)
+def test_advantages_passes_every_config_field_to_the_server(inprocess_server, extra, name) -> None:
+    """advantages() rebuilt the AdvantageConfig field by field and dropped position and
+    zero_tail: plain GRPO advantages came back where the server refuses them (an audit)."""
+    client = SoftgateClient(inprocess_server().target)
+    adv = cfg.AdvantageConfig(**extra)
+    field, desc = refusal(lambda: client.advantages([1.0, 0.0, 1.0, 0.0], [0, 0, 1, 1], config=adv))
+    assert (field, desc.split(":")[0]) == (f"config.{name}", "unsupported"), desc
+    # the keyword arguments still override the config's fields
+    got = client.advantages(
+        [1.0, 0.0], [0, 0], config=cfg.AdvantageConfig(estimator="rloo"), estimator="dr_grpo"
+    )
+    assert got.advantages.tolist() == [0.5, -0.5]
+
+
+@pytest.mark.parametrize(
     "half",
     [
         lambda r: torch.tensor(r, dtype=torch.bfloat16),

@@ -852,17 +852,18 @@ class SoftgateClient:
             raise invalid_argument(
                 "config", f"bad_type: expected an AdvantageConfig, got {type(config).__name__}"
             )
-        c = config or cfg.AdvantageConfig()
-        c = cfg.AdvantageConfig(
-            estimator=estimator if estimator is not None else c.estimator,
-            scale=scale if scale is not None else c.scale,
-            eps=eps if eps is not None else c.eps,
-            min_group_std=min_group_std if min_group_std is not None else c.min_group_std,
-            reward_weights=reward_weights if reward_weights is not None else c.reward_weights,
-            skip_nan_components=(
-                skip_nan_components if skip_nan_components is not None else c.skip_nan_components
-            ),
-            gamma=c.gamma,  # (refused by the server: one advantage per sequence here)
+        given = {
+            "estimator": estimator,
+            "scale": scale,
+            "eps": eps,
+            "min_group_std": min_group_std,
+            "reward_weights": reward_weights,
+            "skip_nan_components": skip_nan_components,
+        }
+        # the config's other fields as they are (gamma, position, zero_tail: the server refuses
+        # them here, one advantage per sequence; dropped, they were silently ignored)
+        c = dataclasses.replace(
+            config or cfg.AdvantageConfig(), **{k: v for k, v in given.items() if v is not None}
         )
         try:
             seq = _rewards_and_groups(rewards, group_ids, None, components=True)
