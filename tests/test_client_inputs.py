@@ -450,6 +450,15 @@ def test_a_bool_where_a_number_goes_is_refused_whatever_came_before() -> None:
 
     assert _loss_config(None, {"kl_beta": 1.0, "kl_estimator": "k3"}).kl == cfg.KLConfig("k3", 1.0)
     assert refusal(lambda: _loss_config(None, {"kl_beta": True, "kl_estimator": "k3"}))[0] == "config.kl.beta"
+    # inside a tuple too ((True,) == (1,): an audit)
+    assert _loss_config(None, {"reward_weights": (1,)}).advantages.reward_weights == (1.0,)
+    got = refusal(lambda: _loss_config(None, {"reward_weights": (True,)}))
+    assert got[0] == "config.advantages.reward_weights" and "expected a number" in got[1], got
+    # a tensor inside a tuple is read each time, never remembered by identity
+    w = torch.tensor(0.5)
+    assert _loss_config(None, {"reward_weights": (w, 1.0)}).advantages.reward_weights == (0.5, 1.0)
+    w.fill_(2.0)
+    assert _loss_config(None, {"reward_weights": (w, 1.0)}).advantages.reward_weights == (2.0, 1.0)
     for w in ([np.bool_(True)], [torch.tensor(True)], [np.array(True)], [1.0, np.False_]):
         got = refusal(lambda w=w: cfg.AdvantageConfig(reward_weights=w))
         assert got[0] == "config.advantages.reward_weights" and "expected a number" in got[1], w

@@ -301,9 +301,7 @@ def output_selection(outputs: Sequence[str]) -> pb.OutputSelection:
 # A trainer sends the same configuration every step: building it and its proto cost ~17 us
 # of a 4k-token call's ~70 us of client Python, so both are remembered (for hashable arguments).
 @functools.lru_cache(maxsize=64)
-def _built_config(
-    config: cfg.LossConfig | None, options: tuple[tuple[str, type, Any], ...]
-) -> cfg.LossConfig:
+def _built_config(config: cfg.LossConfig | None, options: tuple[tuple[str, Any, Any], ...]) -> cfg.LossConfig:
     return cfg.build_loss_config(config, **{k: v for k, _, v in options})
 
 
@@ -321,9 +319,20 @@ def _loss_config(config: cfg.LossConfig | None, options: dict[str, Any]) -> cfg.
     try:
         # (each value's type in the key: True == 1.0, and a remembered 1.0 answered for a refused True)
         plain = {k: cfg.plain_value(v) for k, v in options.items()}
-        return _built_config(config, tuple(sorted((k, type(p), p) for k, p in plain.items())))
+        return _built_config(config, tuple(sorted((k, _types(p), p) for k, p in plain.items())))
     except TypeError:  # an unhashable value (e.g. outputs as a list), or a bad one: build it
         return cfg.build_loss_config(config, **options)
+
+
+def _types(v: Any) -> Any:
+    """`v`'s type, and a tuple's elements' ((True,) == (1,), and a remembered (1,) answered for
+    a refused (True,)); TypeError for anything else inside a tuple (an array or a tensor: built
+    each time, never remembered by identity)."""
+    if not isinstance(v, tuple):
+        return type(v)
+    if not all(x is None or isinstance(x, (bool, int, float, str, tuple)) for x in v):
+        raise TypeError("not remembered")
+    return tuple(_types(x) for x in v)
 
 
 def _messages(c: cfg.LossConfig) -> tuple[pb.LossConfig, pb.OutputSelection, dict[int, bytes]]:
