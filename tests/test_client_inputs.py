@@ -228,6 +228,17 @@ def test_half_precision_lengths_are_refused_from_numpy_as_from_torch(half) -> No
     assert field == "batch.lengths" and why.startswith("half_precision") and "as integers" in why
 
 
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_half_precision_group_ids_are_told_to_come_as_integers(half) -> None:
+    """The advice was `.float()`, which the next call refuses as bad_dtype (an audit)."""
+    lp = -np.ones((4, 3), np.float32)
+    gids = torch.tensor([0, 0, 1, 1]).to(half)
+    field, why = refusal(lambda: pack_batch(lp, rewards=[1, 0, 1, 0], group_ids=gids))
+    assert field == "batch.group_ids" and why.startswith("half_precision") and "`.long()`" in why
+    assert ".float()" not in why
+    pack_batch(lp, rewards=[1, 0, 1, 0], group_ids=gids.long())  # (the advice works)
+
+
 def test_a_scalar_ragged_mask_is_refused_by_shape() -> None:
     """A 0-d mask for a ragged logp is a bad_shape refusal (not an IndexError)."""
     lp = -np.ones(3, np.float32)

@@ -44,6 +44,11 @@ def half_reason(name: str, dtype: str) -> str:
             f"half_precision: {name} is {dtype}, whose whole numbers are not exact past 256 (bfloat16) "
             f"or 2048 (float16); send {name} as integers (e.g. `mask.sum(-1, dtype=torch.int64)`)"
         )
+    if name in ("group_ids", "token_counts"):  # (float32, as the advice below said, is refused too)
+        return (
+            f"half_precision: {name} is {dtype}, whose whole numbers are not exact past 256 (bfloat16) "
+            f"or 2048 (float16); send {name} as integers (e.g. `.long()`, before any cast to {dtype})"
+        )
     send = f"half_precision: {name} is {dtype}; send {name} as float32 or float64"
     if name == "sum_pi_squared":  # (`.float()` keeps the rounding: 50x the advantages' error; a review)
         return (
