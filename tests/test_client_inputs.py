@@ -228,6 +228,17 @@ def test_half_precision_lengths_are_refused_from_numpy_as_from_torch(half) -> No
     assert field == "batch.lengths" and why.startswith("half_precision") and "as integers" in why
 
 
+def test_integer_inputs_keep_their_digits_in_a_float64_batch() -> None:
+    """Integers went through float32 before the batch's float64: 16777217 arrived as 16777216
+    (an audit); logp's own integers still make a float32 batch."""
+    big = 2**24 + 1
+    p = pack_batch(np.full((2, 3), -1.0), advantages=np.array([big, -3]), ref_logp=np.full((2, 3), -big))
+    assert p.seq["advantages"].dtype == np.float64 and int(p.seq["advantages"][0]) == big
+    assert int(p.token["ref_logp"][0]) == -big
+    p = pack_batch(np.full((2, 3), -1), advantages=np.array([1, -3]))
+    assert p.token["logp"].dtype == p.seq["advantages"].dtype == np.float32
+
+
 @pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
 def test_half_precision_group_ids_are_told_to_come_as_integers(half) -> None:
     """The advice was `.float()`, which the next call refuses as bad_dtype (an audit)."""

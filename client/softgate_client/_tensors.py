@@ -172,7 +172,9 @@ def int_array(x: Any, name: str) -> np.ndarray:
 
 
 def float_array(x: Any, name: str, dtype: np.dtype | None = None) -> np.ndarray:
-    """A float32/float64 array; integers and bools are widened to float32 (or to `dtype`)."""
+    """A float32/float64 array; integers and bools are widened to float64, exact to 2^53 (logp's
+    to float32, the batch's dtype it sets; or to `dtype`). The other inputs are cast to the
+    batch's dtype after: through float32 they lost digits past 2^24 in a float64 batch."""
     a = to_numpy(x, name)
     if is_half(a):
         raise ArrayInputError(name, half_reason(name, a.dtype.name))
@@ -180,7 +182,7 @@ def float_array(x: Any, name: str, dtype: np.dtype | None = None) -> np.ndarray:
         return a.astype(dtype, copy=False)
     if a.dtype not in FLOAT_DTYPES:
         if a.dtype.kind in "biu":
-            return a.astype(np.float32)
+            return a.astype(np.float32 if name == "logp" else np.float64)
         raise ArrayInputError(name, f"bad_dtype: {a.dtype}; expected float32 or float64")
     return a
 
