@@ -1530,7 +1530,7 @@ def test_a_message_of_many_violations_says_how_many_it_leaves_out() -> None:
     off. The message lists what fits and always says how many more there are (BadRequest
     carries the first 100); one whose violations all fit lists them all, with no count."""
     from softgate.engine.errors import FieldViolation, InputError
-    from softgate.grpc.errors import MAX_MESSAGE_CHARS, MAX_VIOLATIONS, bad_request
+    from softgate.grpc.errors import MAX_DETAIL_BYTES, MAX_MESSAGE_CHARS, bad_request
 
     vs = [FieldViolation(f"chunk[{i}].rollout_logp", "non_finite: value is NaN", i) for i in range(250)]
     f = bad_request(InputError(vs))
@@ -1543,7 +1543,19 @@ def test_a_message_of_many_violations_says_how_many_it_leaves_out() -> None:
     f = bad_request(InputError(vs))
     st = status_pb2.Status.FromString(dict(f.trailing_metadata)["grpc-status-details-bin"])
     detail = error_details_pb2.BadRequest()
-    assert st.details[0].Unpack(detail) and len(detail.field_violations) == MAX_VIOLATIONS
+    assert st.details[0].Unpack(detail) and 10 < len(detail.field_violations) < 250
+    assert detail.ByteSize() <= MAX_DETAIL_BYTES
+    assert [v.field for v in detail.field_violations] == [
+        f"chunk[{i}].rollout_logp[{i}]" for i in range(len(detail.field_violations))
+    ]
+    # the trailers as sent (binary values base64) fit gRPC's 8 KiB soft limit on metadata, the
+    # longest field and description too (cut)
+    for many in (vs, long * 200):
+        trailers = bad_request(InputError(many)).trailing_metadata
+        assert (
+            sum(len(k) + (len(v) * 4 // 3 + 4 if isinstance(v, bytes) else len(v)) for k, v in trailers)
+            < 7000
+        )
     # all listed: no "; and 0 more", and one violation that exactly fills the budget is whole
     v = FieldViolation("batch.logp", "missing: required")
     assert bad_request(InputError([v])).message == f"invalid input: {v}"
@@ -1551,6 +1563,23 @@ def test_a_message_of_many_violations_says_how_many_it_leaves_out() -> None:
     exact = FieldViolation("f" * (budget - len(": missing: required")), "missing: required")
     assert len(str(exact)) == budget
     assert bad_request(InputError([exact])).message == f"invalid input: {exact}"
+
+
+def test_a_refusal_of_many_violations_reaches_the_client_as_invalid_argument() -> None:
+    """100 unknown config fields made 19 KB of trailers: the client read RESOURCE_EXHAUSTED
+    ("received metadata size exceeds hard limit"), a status that says retry (an audit)."""
+    from softgate_client import _wire
+
+    base = pb.ComputeLossRequest(batch=_good()).SerializeToString()
+    body = b"".join(_wire.tag(1000 + i, 0) + b"\x00" for i in range(100))
+    raw = base + _wire.tag(1, 2) + _wire.varint(len(body)) + body
+    with ServerThread() as srv:
+        call = srv.channel().unary_unary("/softgate.v1.LossService/ComputeLoss")
+        with pytest.raises(grpc.RpcError) as ei:
+            call(raw, timeout=30)
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT, ei.value.details()
+        st = rpc_status.from_call(ei.value)
+        assert st is not None and "more" in st.message
 
 
 def test_unexpected_error_is_internal_and_generic(caplog: pytest.LogCaptureFixture) -> None:

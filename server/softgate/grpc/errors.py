@@ -23,9 +23,14 @@ from grpc_status import rpc_status
 
 from softgate.engine.errors import FieldViolation, InputError, is_out_of_memory
 
-MAX_VIOLATIONS = (
-    100  # in a response's BadRequest (its message lists those that fit, and the count of the rest)
-)
+# A response's BadRequest lists the violations that fit MAX_DETAIL_BYTES, each field and
+# description cut at MAX_DETAIL_CHARS (its message lists those that fit MAX_MESSAGE_CHARS, and
+# the count of the rest). The status goes in the trailers twice (the message, and the status
+# with the message and the details, base64): ~6.4 KB at most, under gRPC's 8 KiB soft limit on
+# metadata, past which a client may drop it and read RESOURCE_EXHAUSTED (an audit: 100
+# violations made 19 KB)
+MAX_DETAIL_BYTES = 3000
+MAX_DETAIL_CHARS = 500
 MAX_MESSAGE_CHARS = 1000
 
 
@@ -78,14 +83,22 @@ def _listed(vs: list[FieldViolation]) -> str:
     return "; ".join(parts) + more
 
 
+def _cut(s: str) -> str:
+    return s if len(s) <= MAX_DETAIL_CHARS else s[: MAX_DETAIL_CHARS - 3] + "..."
+
+
 def bad_request(err: InputError) -> Failure:
     vs = err.violations
-    shown = vs[:MAX_VIOLATIONS]
     detail = error_details_pb2.BadRequest()
-    for v in shown:
-        detail.field_violations.add(
-            field=violation_field(v), description=v.reason, reason=violation_reason(v)
+    size = 0
+    for v in vs:
+        fv = error_details_pb2.BadRequest.FieldViolation(
+            field=_cut(violation_field(v)), description=_cut(v.reason), reason=violation_reason(v)
         )
+        size += fv.ByteSize() + 3  # (its tag and length)
+        if size > MAX_DETAIL_BYTES and detail.field_violations:
+            break
+        detail.field_violations.append(fv)
     any_detail = any_pb2.Any()
     any_detail.Pack(detail)
     message = "invalid input: " + _listed(vs)
