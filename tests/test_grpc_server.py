@@ -1779,6 +1779,36 @@ def test_graceful_stop_lets_in_flight_calls_finish() -> None:
             srv.server = None
 
 
+def test_an_open_health_watch_does_not_hold_a_graceful_stop_for_the_whole_grace() -> None:
+    """gRPC's client-side health checking keeps a Watch stream open per connection, and gRPC's
+    stop waited for it: every SIGTERM took the whole grace with nothing in flight (an audit).
+    The watcher sees NOT_SERVING at once, and the stream is cut once the loss calls are done."""
+    with ServerThread() as srv:
+        seen: list[Any] = []
+
+        def watch() -> None:
+            stub = health_pb2_grpc.HealthStub(srv.channel())
+            try:
+                for r in stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=60):
+                    seen.append(r.status)
+            except grpc.RpcError as e:
+                seen.append(e.code())
+
+        with ThreadPoolExecutor(1) as pool:
+            fut = pool.submit(watch)
+            while not seen:
+                time.sleep(0.01)
+            assert srv.server is not None
+            t0 = time.monotonic()
+            srv._call(srv.server.stop(30))
+            took = time.monotonic() - t0
+            fut.result(timeout=10)
+        srv.server = None
+    assert took < 5, took
+    assert seen[0] == health_pb2.HealthCheckResponse.SERVING
+    assert health_pb2.HealthCheckResponse.NOT_SERVING in seen
+
+
 # ---------------------------------------------------------------- bytes that are not protobuf
 
 

@@ -344,6 +344,8 @@ class GrpcServer:
             if wait > 0:
                 await asyncio.sleep(wait)
             left = max(end - time.monotonic(), 0.0)
+            if self.servicer.in_flight == 0:  # what is left never ends by itself: a health Watch
+                left = min(left, DRAIN_S)  # stream held every stop for the whole grace (an audit)
         await self.server.stop(left)
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.server = None
