@@ -1408,6 +1408,45 @@ def test_a_stream_its_client_cut_gives_its_slot_back_and_records_no_batch() -> N
     assert batches == {("default", "sapo"): 1}, batches  # the served call's only
 
 
+def test_a_stream_cut_mid_upload_computes_nothing_and_counts_no_response_bytes() -> None:
+    """grpc ends a cancelled stream's requests as a half-close does: the engine computed a loss
+    on the chunks sent so far, for nobody, and its responses counted as bytes sent (an audit)."""
+    tel = PrometheusTelemetry(None)
+    engine = SlowEngine()
+    with ServerThread(engine=engine, telemetry=tel) as srv:
+        call = srv.channel().stream_stream(
+            "/softgate.v1.LossService/StreamLoss",
+            request_serializer=pb.StreamLossRequest.SerializeToString,
+            response_deserializer=pb.StreamLossResponse.FromString,
+        )
+        gate = threading.Event()
+
+        def partial() -> Iterator[pb.StreamLossRequest]:
+            for i in range(3):
+                yield pb.StreamLossRequest(chunk=f32_batch_msg(8, 5, i))
+            gate.wait(10)
+
+        for _ in range(3):
+            it = call(partial(), timeout=60, metadata=(("softgate-run", "cut"),))
+            time.sleep(0.5)
+            it.cancel()
+            gate.set()
+            gate.clear()
+        deadline = time.monotonic() + 10
+        while srv.server is not None and srv.server.servicer.in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        assert engine.calls == 0
+        assert len(list(call(iter([pb.StreamLossRequest(chunk=f32_batch_msg(2, 4, 9))]), timeout=30))) == 1
+    assert _nonzero(tel, "softgate_requests_total") == {
+        ("StreamLoss", "CANCELLED"): 3,
+        ("StreamLoss", "OK"): 1,
+    }
+    sent = _nonzero(tel, "softgate_response_bytes_total")
+    assert engine.calls == 1 and set(sent) == {("StreamLoss",)}
+    assert sent[("StreamLoss",)] < 2000  # (the served call's one response alone)
+
+
 def test_a_stream_cut_before_its_first_chunk_is_counted_cut_not_bad_input() -> None:
     """grpc ends a cut stream's requests as a half-close: a StreamLoss past its deadline, or
     cancelled, before its first chunk was counted INVALID_ARGUMENT with a rejected input

@@ -206,8 +206,8 @@ def test_only_a_call_answered_ok_records_its_batch(how: str, monkeypatch: pytest
         if how == "inline":
             s._fast_streak = sv.INLINE_STREAK
             s._loop_single_threaded = threading.get_ident()  # (see _inline_ready)
-        if how == "stream_cancelled":
-            assert len([r async for r in s.StreamLoss(_chunks(2), ctx)]) == 2
+        if how == "stream_cancelled":  # (the cancel seen before the first response: none sent)
+            assert len([r async for r in s.StreamLoss(_chunks(2), ctx)]) == 0
         else:
             await s.ComputeLoss(pb.ComputeLossRequest(batch=f32_batch_msg(2, 4, 0)), ctx)
 
@@ -218,6 +218,44 @@ def test_only_a_call_answered_ok_records_its_batch(how: str, monkeypatch: pytest
     code = {"ok": "OK", "pool": "DEADLINE_EXCEEDED", "inline": "DEADLINE_EXCEEDED"}.get(how, "CANCELLED")
     assert [f[2] for f in tel.finished] == [code]
     assert tel.observed == (["r"] if how == "ok" else [])
+
+
+def test_a_stream_whose_requests_ended_in_a_cancel_computes_nothing() -> None:
+    """grpc ends a cancelled stream's requests as a half-close does: the engine computed the
+    chunks sent so far for nobody, and their responses counted as bytes sent (an audit). A
+    stream that really half-closed is served."""
+    tel = Finished()
+    calls: list[int] = []
+
+    class Counting(Engine):
+        def loss(self, batch: Batch, config: LossConfig, **kw: Any) -> Any:
+            calls.append(batch.num_tokens)
+            return super().loss(batch, config, **kw)
+
+    def requests(ctx: Context, cut: bool) -> Any:
+        async def gen() -> Any:
+            for i in range(3):
+                yield pb.StreamLossRequest(chunk=f32_batch_msg(2, 4, i))
+            ctx.is_cancelled = cut  # (grpc's cancel, known once the requests have ended)
+
+        return gen()
+
+    async def go(s: LossServicer) -> list[int]:
+        got = []
+        for cut in (True, False):
+            ctx = Context(((RUN_METADATA_KEY, "r"),))
+            got.append(len([r async for r in s.StreamLoss(requests(ctx, cut), ctx)]))
+            for fn in ctx.callbacks:
+                fn(ctx)
+        return got
+
+    with ThreadPoolExecutor(1) as pool:
+        s = LossServicer(Counting(device="cpu", compile=False), pool, tel)
+        s._loop_single_threaded = threading.get_ident()  # (see _inline_ready: pytest's thread as it is)
+        got = asyncio.run(go(s))
+    assert got == [0, 3] and calls == [24]
+    assert [(f[2], f[3] > 0) for f in tel.finished] == [("CANCELLED", False), ("OK", True)]
+    assert tel.observed == ["r"]
 
 
 # ---------------------------------------------------------------- accounting of cut calls

@@ -698,6 +698,9 @@ class LossServicer(pb_grpc.LossServiceServicer):
                     raise Cancelled()
                 await asyncio.sleep(CUT_WAIT_S)
                 raise InputError([FieldViolation("chunk", "missing: the stream carried no chunk")])
+            await asyncio.sleep(0)  # (grpc's word of a cancel, if that is how the stream ended)
+            if context.cancelled():  # (the client went away mid-upload: no loss for nobody)
+                raise Cancelled()
             self._start(call)
             config_msg = cfg_msg
             config, result, responses = await self._run(
@@ -707,8 +710,11 @@ class LossServicer(pb_grpc.LossServiceServicer):
             )
             chunks.clear()
             for r in responses:
-                call.bytes_out += len(r) if isinstance(r, codec.Encoded) else r.ByteSize()
+                if context.cancelled():  # (nobody to send the rest to, nor to count it for)
+                    raise Cancelled()
+                size = len(r) if isinstance(r, codec.Encoded) else r.ByteSize()
                 yield r
+                call.bytes_out += size
             # recorded once every response is out and the call ends OK (_finish): grpc ends a
             # cancelled stream's requests as if the client had half-closed, so a trainer that
             # went away mid-upload got a loss computed on the chunks it had sent, and its run
