@@ -360,6 +360,7 @@ def test_token_returns_on_the_gpu_code_path(monkeypatch, gamma) -> None:
             ret = math.fsum(gamma ** (u - t) * float(k[u]) for u in range(t, b))
             want.append(float(a_seq[i]) * gamma ** max(last - t, 0) - 0.3 * ret)
     want_t = torch.tensor(want, dtype=torch.float64)
+    assert returns._prefix_sum_exact(a_seq, k, 0.3, Segments(offsets, n))  # (the host's shortcut, here)
     host = returns.token_returns(a_seq, Segments(offsets, n), gamma, k, 0.3, sent)
     monkeypatch.setattr(returns, "host_shortcuts", lambda device: False)
     monkeypatch.setattr(segments, "host_shortcuts", lambda device: False)
@@ -380,6 +381,17 @@ def test_token_returns_of_one_sequence_do_not_read_another_huge_kl() -> None:
     k = torch.full((9,), 0.1, dtype=torch.float64)
     k[0] = 3.4e38
     a_seq = torch.tensor([1.0, -1.0, 0.5, -0.5], dtype=torch.float64)
+    # and returns of 1e-12 beside a neighbour's k of 4e5 keep their digits (a review)
+    tiny = returns.token_returns(
+        torch.tensor([1.0, 3e-12], dtype=torch.float64),
+        Segments(torch.tensor([0, 4, 8]), 8),
+        1.0,
+        torch.tensor([4e5, 0, 0, 0] + [1e-12] * 4, dtype=torch.float64),
+        1.0,
+    )
+    torch.testing.assert_close(
+        tiny[4:], torch.tensor([-1e-12, 0.0, 1e-12, 2e-12], dtype=torch.float64), rtol=1e-9, atol=0
+    )
     got = returns.token_returns(a_seq, Segments(offsets, 9), 1.0, k, 1e-3)
     want = [
         a_seq[i] - 1e-3 * k[t:b].sum()

@@ -93,17 +93,15 @@ def compute_loss(
         return _compute_loss(batch, config, validate, kernel, sample_tokens, grad_out)
 
 
-def _check_advantages_fit(adv: Tensor, batch: Batch, dt: torch.dtype) -> None:
-    """InputError (`overflow`, on `advantages` or `rewards`, at the first one) when an
-    advantage cast to the compute dtype `dt` is not finite."""
+def _check_rewards_fit(adv: Tensor, dt: torch.dtype) -> None:
+    """InputError (`overflow`, on `rewards`, at the first) when an advantage computed from the
+    rewards is not finite cast to the compute dtype `dt` (a caller's own advantages set it)."""
     bad = ~torch.isfinite(adv)
     if not bool(bad.any()):
         return
-    i = int(torch.nonzero(bad)[0, 0])
-    fld = "advantages" if batch.advantages is not None else "rewards"
     where = str(dt).replace("torch.", "")
-    why = f"overflow: its advantage is not finite in {where} (the log-probs' dtype); send float64 log-probs or smaller {fld}"
-    raise InputError([FieldViolation(fld, why, i)])
+    why = f"overflow: its advantage is not finite in {where} (the log-probs' dtype); send float64 log-probs or smaller rewards"
+    raise InputError([FieldViolation("rewards", why, int(torch.nonzero(bad)[0, 0]))])
 
 
 @functools.lru_cache(maxsize=256)
@@ -467,7 +465,8 @@ def _compute_loss(
         return num / den if den > 0 else empty
 
     if not all(math.isfinite(s[k]) for k in ("policy_loss", "kl_sum", "grad_total_abs")):
-        _check_advantages_fit(t["adv"], batch, dt)  # (an advantage past the compute dtype: its field)
+        if batch.advantages is None:  # (an advantage past the compute dtype: its reward named)
+            _check_rewards_fit(t["adv"], dt)
         bad = ~torch.isfinite(grad)
         idx = int(torch.nonzero(bad)[0, 0]) if bool(bad.any()) else None
         where = "the gradient at this token is" if idx is not None else "the loss is"

@@ -10,10 +10,10 @@ the mask as sent) a reward of its own. Returns run through masked tokens, as Ope
 carry A_i undiscounted, so that gamma = 1 gives A_i at every token.
 
 All in float64, and the same bits on every call: the host sums undiscounted returns from one
-prefix sum over the batch (sequential) while that is exact to PREFIX_SUM_TOLERANCE; otherwise
-(a huge k in one sequence would take every later sequence's digits), discounted returns, and
-any on a GPU (whose float cumsum is not bitwise reproducible), by a doubling scan of
-elementwise multiply-adds within each sequence.
+prefix sum over the batch (sequential) while its rounding stays within PREFIX_SUM_TOLERANCE of
+every sequence's own scale; otherwise (a huge k in one sequence would take the digits of the
+later ones), discounted returns, and any on a GPU (whose float cumsum is not bitwise
+reproducible), by a doubling scan of elementwise multiply-adds within each sequence.
 """
 
 from __future__ import annotations
@@ -24,10 +24,12 @@ from torch import Tensor
 from softgate.engine.segments import Segments, host_shortcuts
 
 F64 = torch.float64
-# The most beta x (the batch's summed |k|) x 2^-52, the prefix sum's rounding at its largest
-# running sum, may be for the host's one prefix sum to stand for each sequence's own sums: a
-# return of a sequence of L tokens is then off by ~sqrt(L) x this (L x this at worst)
-PREFIX_SUM_TOLERANCE = 1e-10
+# The host's one prefix sum over the batch stands for each sequence's own sums while its
+# rounding, at most 2^-52 x (|k| summed up to the sequence's end) per token of the sequence,
+# stays within this share of the sequence's own scale, max(|A_i|, beta x its summed |k|)
+# (float32's resolution: a neighbour's k of 1e38, or of 4e5 beside returns of 1e-12, would
+# take the digits; then the doubling scan)
+PREFIX_SUM_TOLERANCE = 2.0**-24
 
 
 def token_returns(
@@ -44,13 +46,13 @@ def token_returns(
         return torch.zeros(0, dtype=F64, device=a_seq.device)
     a_seq = a_seq.to(F64)
     kl = k is not None and beta != 0.0
-    if kl and gamma == 1.0 and host_shortcuts(a_seq.device) and _prefix_sum_exact(k, beta):
-        # one prefix sum c: A_i - beta sum_{u >= t} k_u = A_i - beta E_i + beta (c_t - k_t),
-        # E_i = c at the sequence's last token (an empty sequence's is never read)
+    if kl and gamma == 1.0 and host_shortcuts(a_seq.device) and _prefix_sum_exact(a_seq, k, beta, seg):
+        # one prefix sum c: sum_{u >= t} k_u = E_i - c_t + k_t, E_i = c at the sequence's last
+        # token (an empty sequence's is never read); A_i apart, its digits its own
         assert k is not None
         c = torch.cumsum(k, 0)
-        out = seg.expand(a_seq - beta * c[(seg.offsets[1:] - 1).clamp(min=0)])
-        return out.add_(c.sub_(k), alpha=beta)
+        suffix = seg.expand(c[(seg.offsets[1:] - 1).clamp(min=0)]).sub_(c).add_(k)
+        return seg.expand(a_seq).sub_(suffix, alpha=beta)
     out = seg.expand(a_seq)
     if gamma != 1.0:
         out = out.mul_(torch.pow(gamma, _steps_to_outcome(seg, sent)))
@@ -60,11 +62,15 @@ def token_returns(
     return out.sub_(beta * discounted_sums(k, seg, gamma))
 
 
-def _prefix_sum_exact(k: Tensor | None, beta: float) -> bool:
-    """Whether one prefix sum over the batch's k keeps every return within
-    PREFIX_SUM_TOLERANCE (a k of 1e38 in one sequence would move the others' by ~1e22 x beta)."""
+def _prefix_sum_exact(a_seq: Tensor, k: Tensor | None, beta: float, seg: Segments) -> bool:
+    """Whether one prefix sum over the batch's k keeps every sequence's returns within
+    PREFIX_SUM_TOLERANCE of its own scale (a sequence whose k are all 0 is exact)."""
     assert k is not None
-    return abs(beta) * float(torch.linalg.vector_norm(k, 1)) * 2.0**-52 <= PREFIX_SUM_TOLERANCE
+    own = seg.sum(k.abs())  # [B]
+    upto = torch.cumsum(own, 0)  # the most |c| reaches by each sequence's end
+    rounding = abs(beta) * 2.0**-52 * upto * (seg.lengths + 2).to(F64)
+    scale = torch.maximum(a_seq.abs(), abs(beta) * own)
+    return bool(((rounding <= PREFIX_SUM_TOLERANCE * scale) | (own == 0)).all())
 
 
 def discounted_sums(x: Tensor, seg: Segments, gamma: float) -> Tensor:

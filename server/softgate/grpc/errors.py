@@ -84,7 +84,11 @@ def _listed(vs: list[FieldViolation]) -> str:
 
 
 def _cut(s: str) -> str:
-    return s if len(s) <= MAX_DETAIL_CHARS else s[: MAX_DETAIL_CHARS - 3] + "..."
+    """`s` within MAX_DETAIL_CHARS bytes of UTF-8 (the server's own texts are ASCII)."""
+    b = s.encode()
+    if len(b) <= MAX_DETAIL_CHARS:
+        return s
+    return b[: MAX_DETAIL_CHARS - 3].decode(errors="ignore") + "..."
 
 
 def bad_request(err: InputError) -> Failure:
@@ -93,7 +97,7 @@ def bad_request(err: InputError) -> Failure:
     size = 0
     for v in vs:
         fv = error_details_pb2.BadRequest.FieldViolation(
-            field=_cut(violation_field(v)), description=_cut(v.reason), reason=violation_reason(v)
+            field=_cut(violation_field(v)), description=_cut(v.reason), reason=_cut(violation_reason(v))
         )
         size += fv.ByteSize() + 3  # (its tag and length)
         if size > MAX_DETAIL_BYTES and detail.field_violations:
