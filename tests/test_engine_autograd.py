@@ -360,7 +360,8 @@ def test_token_returns_on_the_gpu_code_path(monkeypatch, gamma) -> None:
             ret = math.fsum(gamma ** (u - t) * float(k[u]) for u in range(t, b))
             want.append(float(a_seq[i]) * gamma ** max(last - t, 0) - 0.3 * ret)
     want_t = torch.tensor(want, dtype=torch.float64)
-    assert returns._prefix_sum_exact(a_seq, k, 0.3, Segments(offsets, n))  # (the host's shortcut, here)
+    seg = Segments(offsets, n)
+    assert returns._prefix_sum_exact(a_seq, seg.sum(k.abs()), 0.3, seg)  # (the host's shortcut, here)
     host = returns.token_returns(a_seq, Segments(offsets, n), gamma, k, 0.3, sent)
     monkeypatch.setattr(returns, "host_shortcuts", lambda device: False)
     monkeypatch.setattr(segments, "host_shortcuts", lambda device: False)
@@ -392,6 +393,15 @@ def test_token_returns_of_one_sequence_do_not_read_another_huge_kl() -> None:
     torch.testing.assert_close(
         tiny[4:], torch.tensor([-1e-12, 0.0, 1e-12, 2e-12], dtype=torch.float64), rtol=1e-9, atol=0
     )
+    # an A_i of 1e-12 with no KL of its own, beside the same neighbour: A_i at every token
+    alone = returns.token_returns(
+        torch.tensor([1.0, 1e-12], dtype=torch.float64),
+        Segments(torch.tensor([0, 4, 8]), 8),
+        1.0,
+        torch.tensor([4e5, 0, 0, 0, 0, 0, 0, 0], dtype=torch.float64),
+        1.0,
+    )
+    assert alone[4:].tolist() == [1e-12] * 4
     got = returns.token_returns(a_seq, Segments(offsets, 9), 1.0, k, 1e-3)
     want = [
         a_seq[i] - 1e-3 * k[t:b].sum()

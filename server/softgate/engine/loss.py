@@ -278,13 +278,13 @@ def _compute_loss(
     else:
         assert batch.rewards is not None and batch.group_ids is not None
         rk = config.reward_kl
-        kr = penalty = None
+        kr = penalty = k_abs_sums = None
         sent_mask = None if batch.mask is None else ms  # (after rejection batch.mask is the mask left)
         if rk is not None:  # a KL penalty in the reward (reward_kl.py), over the mask as sent
             assert batch.ref_logp is not None
             kr = token_kl(rk, old, batch.ref_logp.to(dev), sent_mask, clamp)
-            sums, abs_sums = sequence_sums(rk, kr, seg)
-            check_bounded(rk.beta, abs_sums)
+            sums, k_abs_sums = sequence_sums(rk, kr, seg)
+            check_bounded(rk.beta, k_abs_sums)
             extra["reward_kl_mean"] = sequence_kl_mean(sums, ms_counts)
             penalty = rk.beta * sums if rk.level == "sequence" else None
         kl_per_token = rk is not None and rk.level != "sequence"
@@ -305,7 +305,7 @@ def _compute_loss(
                 assert kr is not None
                 a_tok = token_returns(ga.advantages, seg, gamma, sent=sent_mask).sub_(kr, alpha=beta)
             else:
-                a_tok = token_returns(ga.advantages, seg, gamma, kr, beta, sent_mask)
+                a_tok = token_returns(ga.advantages, seg, gamma, kr, beta, sent_mask, k_abs_sums)
             unscored = None if ga.scored is None else seg.expand(~ga.scored)  # (skip_nan_components)
             if otb:
                 assert energy is not None  # (validated: sum_pi_squared is required)

@@ -39,20 +39,23 @@ def token_returns(
     k: Tensor | None = None,
     beta: float = 0.0,
     sent: Tensor | None = None,
+    abs_sums: Tensor | None = None,
 ) -> Tensor:
     """G_t at every token ([B] advantages, [N] KL estimates or None -> [N] float64); `sent`:
-    the mask as sent ([N] bool; None: every token), which places each sequence's outcome."""
+    the mask as sent ([N] bool; None: every token), which places each sequence's outcome;
+    `abs_sums`: each sequence's summed |k| when the caller has them ([B]; None: summed here)."""
     if seg.num_tokens == 0:
         return torch.zeros(0, dtype=F64, device=a_seq.device)
     a_seq = a_seq.to(F64)
     kl = k is not None and beta != 0.0
-    if kl and gamma == 1.0 and host_shortcuts(a_seq.device) and _prefix_sum_exact(a_seq, k, beta, seg):
-        # one prefix sum c: sum_{u >= t} k_u = E_i - c_t + k_t, E_i = c at the sequence's last
-        # token (an empty sequence's is never read); A_i apart, its digits its own
+    if kl and gamma == 1.0 and host_shortcuts(a_seq.device):
         assert k is not None
-        c = torch.cumsum(k, 0)
-        suffix = seg.expand(c[(seg.offsets[1:] - 1).clamp(min=0)]).sub_(c).add_(k)
-        return seg.expand(a_seq).sub_(suffix, alpha=beta)
+        if _prefix_sum_exact(a_seq, seg.sum(k.abs()) if abs_sums is None else abs_sums, beta, seg):
+            # one prefix sum c: A_i - beta sum_{u >= t} k_u = A_i - beta E_i + beta (c_t - k_t),
+            # E_i = c at the sequence's last token (an empty sequence's is never read)
+            c = torch.cumsum(k, 0)
+            out = seg.expand(a_seq - beta * c[(seg.offsets[1:] - 1).clamp(min=0)])
+            return out.add_(c.sub_(k), alpha=beta)
     out = seg.expand(a_seq)
     if gamma != 1.0:
         out = out.mul_(torch.pow(gamma, _steps_to_outcome(seg, sent)))
@@ -62,15 +65,14 @@ def token_returns(
     return out.sub_(beta * discounted_sums(k, seg, gamma))
 
 
-def _prefix_sum_exact(a_seq: Tensor, k: Tensor | None, beta: float, seg: Segments) -> bool:
-    """Whether one prefix sum over the batch's k keeps every sequence's returns within
-    PREFIX_SUM_TOLERANCE of its own scale (a sequence whose k are all 0 is exact)."""
-    assert k is not None
-    own = seg.sum(k.abs())  # [B]
-    upto = torch.cumsum(own, 0)  # the most |c| reaches by each sequence's end
+def _prefix_sum_exact(a_seq: Tensor, abs_sums: Tensor, beta: float, seg: Segments) -> bool:
+    """Whether one prefix sum over the batch's k (`abs_sums`: each sequence's summed |k|) keeps
+    every sequence's returns within PREFIX_SUM_TOLERANCE of its own scale (the two roundings
+    of beta E_i beside A_i included; a sequence with A_i and every k 0 gets 0 exactly)."""
+    upto = torch.cumsum(abs_sums, 0)  # the most |c| reaches by each sequence's end
     rounding = abs(beta) * 2.0**-52 * upto * (seg.lengths + 2).to(F64)
-    scale = torch.maximum(a_seq.abs(), abs(beta) * own)
-    return bool(((rounding <= PREFIX_SUM_TOLERANCE * scale) | (own == 0)).all())
+    scale = torch.maximum(a_seq.abs(), abs(beta) * abs_sums)
+    return bool(((rounding <= PREFIX_SUM_TOLERANCE * scale) | ((abs_sums == 0) & (a_seq == 0))).all())
 
 
 def discounted_sums(x: Tensor, seg: Segments, gamma: float) -> Tensor:
