@@ -140,9 +140,8 @@ def group_advantages(
     given = r  # (the rewards metrics report)
     if penalty is not None:
         r = r - penalty
-        if (
-            scored is not None
-        ):  # (an unscored sequence has no reward to move: it stays 0, out of every statistic)
+        # an unscored sequence has no reward to move: it stays 0, out of every statistic
+        if scored is not None:
             r = r.masked_fill(~scored, 0.0)
     dev, std_g, gmax, gmin, degenerate_g, c = stats(r, scored)
 

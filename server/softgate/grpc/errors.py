@@ -23,14 +23,14 @@ from grpc_status import rpc_status
 
 from softgate.engine.errors import FieldViolation, InputError, is_out_of_memory
 
-# A response's BadRequest lists the violations that fit MAX_DETAIL_BYTES, each field and
-# description cut at MAX_DETAIL_CHARS (its message lists those that fit MAX_MESSAGE_CHARS, and
-# the count of the rest). The status goes in the trailers twice (the message, and the status
-# with the message and the details, base64): ~6.4 KB at most, under gRPC's 8 KiB soft limit on
-# metadata, past which a client may drop it and read RESOURCE_EXHAUSTED (an audit: 100
-# violations made 19 KB)
+# A response's BadRequest lists the violations that fit MAX_DETAIL_BYTES, each field,
+# description and reason cut at MAX_FIELD_BYTES of UTF-8 (its message lists those that fit
+# MAX_MESSAGE_CHARS, and the count of the rest). The status goes in the trailers twice (the
+# message, and the status with the message and the details, base64): ~6.4 KB at most for the
+# server's own ASCII texts, under gRPC's 8 KiB soft limit on metadata, past which a client may
+# drop it and read RESOURCE_EXHAUSTED (an audit: 100 violations made 19 KB)
 MAX_DETAIL_BYTES = 3000
-MAX_DETAIL_CHARS = 500
+MAX_FIELD_BYTES = 500
 MAX_MESSAGE_CHARS = 1000
 
 
@@ -84,11 +84,11 @@ def _listed(vs: list[FieldViolation]) -> str:
 
 
 def _cut(s: str) -> str:
-    """`s` within MAX_DETAIL_CHARS bytes of UTF-8 (the server's own texts are ASCII)."""
+    """`s` within MAX_FIELD_BYTES bytes of UTF-8 (the server's own texts are ASCII)."""
     b = s.encode()
-    if len(b) <= MAX_DETAIL_CHARS:
+    if len(b) <= MAX_FIELD_BYTES:
         return s
-    return b[: MAX_DETAIL_CHARS - 3].decode(errors="ignore") + "..."
+    return b[: MAX_FIELD_BYTES - 3].decode(errors="ignore") + "..."
 
 
 def bad_request(err: InputError) -> Failure:
