@@ -131,8 +131,12 @@ async function main() {
     );
   }
 
-  // 3. no objective set: SAPO with its defaults, as the proto says
-  const plain = caseRequest(kase);
+  // 3. no objective set: SAPO with its defaults, as the proto says (off-policy, with trained
+  // tokens of both advantage signs, so that tau_pos and tau_neg each shape the result)
+  const both = file.cases.find(
+    (c) => c.inputs.old_logp && c.outputs.metrics.tokens_pos > 0 && c.outputs.metrics.tokens_neg > 0,
+  );
+  const plain = caseRequest(both);
   const unset = { ...plain, config: { ...plain.config } };
   delete unset.config.objective;
   const sapo = { ...plain, config: { ...plain.config, objective: { sapo: {} } } };
