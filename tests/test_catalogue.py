@@ -32,9 +32,13 @@ def test_a_choice_parameter_names_its_default_choice() -> None:
         level = next(p for p in mode.parameters if p.name == "level")
         assert list(level.choices) == ["token", "sequence", "geometric"]
         assert level.default_choice == c.MismatchConfig().level == "token"
-    # a choice parameter without a default (scale: the estimator's own) names none
-    scale = next(p for p in r.advantage_estimators[0].parameters if p.name == "scale")
-    assert set(scale.choices) == {"group", "batch", "none"} and scale.default_choice == ""
+    # scale's default is the estimator's own: group for grpo, grpo_passk and gdpo
+    defaults = {
+        e.name: next(p for p in e.parameters if p.name == "scale").default_choice
+        for e in r.advantage_estimators
+    }
+    assert {e for e, d in defaults.items() if d == "group"} == {"grpo", "grpo_passk", "gdpo"}
+    assert {d for e, d in defaults.items() if e not in ("grpo", "grpo_passk", "gdpo")} == {"none"}
     # each estimator lists the scales it accepts: leave_one_out rloo's alone, group not reinforce_pp's
     scales = {
         e.name: set(next(p for p in e.parameters if p.name == "scale").choices)
@@ -120,7 +124,10 @@ def test_position_and_zero_tail_are_optimal_token_baseline_s_alone() -> None:
         params = {p.name: p for p in e.parameters}
         own = e.name == "optimal_token_baseline"
         assert ("position" in params) == own and ("zero_tail" in params) == own, e.name
-        assert ("min_group_std" in params) != own, e.name  # (it zeroes no group)
+        # (it zeroes no group; reinforce_pp has none): listed where validation accepts it
+        cfg = c.LossConfig(objective=c.Grpo(), advantages=c.AdvantageConfig(e.name, min_group_std=0.1))
+        accepted = not any(v.field == "advantages.min_group_std" for v in validate_config(cfg))
+        assert ("min_group_std" in params) == accepted != (own or e.name == "reinforce_pp"), e.name
         if own:
             assert list(params["position"].choices) == ["token", "trained"]
             assert params["position"].default_choice == c.AdvantageConfig().position == "token"
@@ -179,3 +186,19 @@ def test_rejection_statistics_are_listed_with_their_parameters() -> None:
             crit = c.RejectionCriterion(upper=2.0, statistic=a.name, level=level)
             refused = validate_config(c.LossConfig(rejection=(crit,)))
             assert bool(refused) == (level not in levels[a.name]), (a.name, level, refused)
+
+
+def test_each_aggregation_mode_lists_the_normaliser_it_reads() -> None:
+    """An audit: every mode listed num_tokens, num_seqs and constant, though validation refuses
+    any one alone that the mode does not read. Each now lists its own, which validation accepts."""
+    r = catalogue.build(Limits(), 1 << 20)
+    listed = {a.name: [p.name for p in a.parameters] for a in r.aggregations}
+    assert listed == {
+        "seq_mean_token_mean": ["num_seqs"],
+        "token_mean": ["num_tokens"],
+        "seq_mean_token_sum": ["num_seqs"],
+        "token_sum_norm": ["constant"],
+    }
+    for mode, (name,) in listed.items():
+        agg = c.AggregationConfig(mode=mode, **{name: 4.0})  # type: ignore[arg-type]
+        assert validate_config(c.LossConfig(aggregation=agg)) == [], mode

@@ -205,6 +205,30 @@ NOT_IN_F32 = "out_of_range: not representable in float32; send float64 or a valu
         (LossConfig(kl=KLConfig(beta=0.1, value_clamp=1e-50)), ["kl.value_clamp"]),  # a bound of 0
         (LossConfig(saturation_threshold=1e-50), ["saturation_threshold"]),
         (LossConfig(mismatch=MismatchConfig(mode="mask", lo=1e-50)), ["mismatch.lo"]),
+        # a normaliser is read as its reciprocal: 1e300 gave a loss and gradient of 0, status OK
+        (
+            LossConfig(aggregation=AggregationConfig(mode="token_mean", num_tokens=1e300)),
+            ["aggregation.num_tokens"],
+        ),
+        (
+            LossConfig(aggregation=AggregationConfig(mode="token_mean", num_tokens=1e-300)),
+            ["aggregation.num_tokens"],
+        ),
+        (
+            LossConfig(aggregation=AggregationConfig(mode="token_sum_norm", constant=1e46)),
+            ["aggregation.constant"],
+        ),
+        (
+            LossConfig(aggregation=AggregationConfig(mode="seq_mean_token_mean", num_seqs=1e300)),
+            ["aggregation.num_seqs"],
+        ),
+        (  # the KL term's own mode reads num_seqs
+            LossConfig(
+                aggregation=AggregationConfig(mode="token_mean", num_tokens=10.0, num_seqs=1e300),
+                kl=KLConfig(aggregation="seq_mean_token_sum"),
+            ),
+            ["aggregation.num_seqs"],
+        ),
     ],
 )
 def test_parameters_float32_cannot_hold_are_refused_naming_them(

@@ -673,6 +673,28 @@ def test_a_response_over_the_message_limit_is_refused_before_the_work() -> None:
         assert stub.ComputeLoss(pb.ComputeLossRequest(batch=small), timeout=30).loss < 0  # still serving
 
 
+def test_an_advantages_response_over_the_message_size_is_refused_before_the_work() -> None:
+    """Found by an audit: 1-byte rewards and group ids make a ComputeAdvantages response (4
+    bytes a sequence) larger than its request; one over max_message_bytes failed as
+    RESOURCE_EXHAUSTED after the engine ran, and was recorded OK. It is now too_large."""
+    b, limit = 150_000, 512 * 1024
+    rewards, groups = np.arange(b, dtype=np.int8), np.arange(b, dtype=np.int64) // 8
+    with ServerThread(max_message_bytes=limit) as srv:
+        stub = srv.stub()
+
+        def int8(x: np.ndarray) -> pb.Tensor:
+            return pb.Tensor(dtype=pb.DTYPE_INT8, shape=[b], data=x.astype(np.int8).tobytes())
+
+        req = pb.ComputeAdvantagesRequest(rewards=int8(rewards), group_ids=int8(groups))
+        assert req.ByteSize() < limit
+        vs = expect_invalid(lambda: stub.ComputeAdvantages(req, timeout=30), "rewards", "too_large")
+        assert "600000 bytes" in vs[0][1]
+        fits = pb.ComputeAdvantagesRequest(
+            rewards=tensor(rewards[:1000] * 1.0), group_ids=tensor(groups[:1000])
+        )
+        assert stub.ComputeAdvantages(fits, timeout=30).advantages.data  # still serving
+
+
 def test_a_call_that_ends_before_its_request_arrives_is_not_bad_input() -> None:
     """Found by a review: ComputeLoss reads its request after admission, and a call cut while
     the request was still on its way (its deadline, a message over the size limit) was
@@ -1201,6 +1223,33 @@ def test_stream_chunks_that_fit_either_advantage_level_take_the_others(stub: pb_
     ):
         got = list(stub.StreamLoss(iter(chunks), timeout=10))
         assert got[-1].summary.loss == want
+
+
+def test_a_chunk_s_advantages_must_fit_its_own_stated_level(stub: pb_grpc.LossServiceStub) -> None:
+    """Found by an audit: with advantage_level given, a chunk's advantages were counted only
+    over the joined stream, so two chunks' errors that cancelled out were accepted and one
+    chunk's advantages trained the next chunk's sequences. Each chunk is now checked."""
+
+    def chunk(adv: list[float], level: int) -> pb.StreamLossRequest:
+        b = Batch(
+            logp=torch.tensor([-1.0, -2.0, -0.5]),
+            offsets=torch.tensor([0, 2, 3]),
+            advantages=torch.tensor(adv),
+        )
+        msg = batch_msg(b)
+        msg.advantage_level = level
+        return pb.StreamLossRequest(chunk=msg)
+
+    seq, tok = pb.ADVANTAGE_LEVEL_SEQUENCE, pb.ADVANTAGE_LEVEL_TOKEN
+    for first, second, bad in (
+        (chunk([1.0, 2.0, 3.0], seq), chunk([4.0], seq), "chunk[0].advantages"),
+        (chunk([1.0, 2.0], seq), chunk([4.0], seq), "chunk[1].advantages"),
+        (chunk([1.0, 2.0, 3.0, 4.0], tok), chunk([5.0, 6.0], tok), "chunk[0].advantages"),
+    ):
+        msgs = [first, second]
+        expect_invalid(lambda: list(stub.StreamLoss(iter(msgs), timeout=10)), bad, "length_mismatch")  # noqa: B023
+    ok = list(stub.StreamLoss(iter([chunk([1.0, 2.0], seq), chunk([3.0, 4.0], seq)]), timeout=10))
+    assert ok[-1].summary.metrics["num_tokens"] == 6
 
 
 def test_a_chunk_whose_level_is_ambiguous_takes_the_others(stub: pb_grpc.LossServiceStub) -> None:

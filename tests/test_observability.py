@@ -284,6 +284,36 @@ def test_old_runs_are_dropped_and_counted() -> None:
     assert "folded_runs" not in tel.run_summary("run-9")
 
 
+def test_an_empty_call_takes_no_run_slot_and_moves_no_window() -> None:
+    """Found by an audit: an empty ComputeLoss (no sequence) or ComputeAdvantages (no reward),
+    both answered OK, took a run's slot, so a new run's empty call evicted a run's whole history,
+    and an old run's diluted its advantage windows (an empty record weighed 1, value 0)."""
+    from softgate.engine import AdvantageConfig
+
+    tel = PrometheusTelemetry(S(max_runs=2))
+    eng = Engine(device="cpu", compile=False)
+    config, res = _engine_result()
+    rewards = torch.tensor([0.0, 1.0, 2.0, 4.0], dtype=torch.float64)
+    for run in ("a", "b"):
+        tel.observe_loss(run, config, res)
+        tel.observe_advantages(
+            run,
+            AdvantageConfig(),
+            eng.advantages(rewards, torch.zeros(4, dtype=torch.long), AdvantageConfig()),
+        )
+    before = tel.run_summary("b")
+    empty = Batch(logp=torch.zeros(0), offsets=torch.zeros(1, dtype=torch.long), advantages=torch.zeros(0))
+    for run in ("new", "b"):
+        tel.observe_loss(run, config, eng.loss(empty, config))
+        none = torch.zeros(0, dtype=torch.float64)
+        tel.observe_advantages(
+            run, AdvantageConfig(), eng.advantages(none, torch.zeros(0, dtype=torch.long), AdvantageConfig())
+        )
+    assert [r["run"] for r in tel.runs_overview()] == ["b", "a"]
+    assert tel.run_summary("b") == before
+    assert tel.run_summary("new") is None and tel.runs.evictions == 0
+
+
 def test_an_eviction_adds_nothing_to_the_series_that_remain() -> None:
     """Found by an audit: the evicted run's lifetime totals were added to run="other" in one
     scrape, so sum(rate(...)) over all runs spiked by its whole history. Now every series of
@@ -560,12 +590,14 @@ def test_a_batch_without_a_policy_gradient_leaves_grad_retained_unobserved() -> 
 def test_last_batch_gauges_keep_the_last_batch_that_had_their_tokens() -> None:
     """The `_last` gauges follow the histograms: after a batch of zero advantages,
     grad_retained_last still reads the last batch with a gradient (not the engine's 1 for
-    "none"), and after a fully masked batch the ratio and KL gauges keep the last trained one's."""
+    "none"), and after a fully masked batch the ratio, KL and advantage gauges keep the last
+    trained one's (the engine's 0 mean and std of no token are not a batch's values)."""
     tel = PrometheusTelemetry(S())
     E = Engine(device="cpu", compile=False)
     n = 8
     logp = torch.full((n,), -1.0)
-    clipped = Batch(logp=logp, old_logp=logp - 1.0, offsets=torch.tensor([0, n]), advantages=torch.ones(1))
+    adv = torch.tensor([1.0, 3.0])
+    clipped = Batch(logp=logp, old_logp=logp - 1.0, offsets=torch.tensor([0, n // 2, n]), advantages=adv)
     config = LossConfig(objective=Grpo())
     tel.observe_loss("r", config, E.loss(clipped, config))
     before = {
@@ -576,16 +608,19 @@ def test_last_batch_gauges_keep_the_last_batch_that_had_their_tokens() -> None:
             "softgate_batch_ratio_mean",
             "softgate_batch_ratio_min",
             "softgate_batch_ratio_max",
+            "softgate_advantage_mean",
+            "softgate_advantage_std",
         )
     }
     assert before["softgate_batch_grad_retained_last"] == 0.0
+    assert (before["softgate_advantage_mean"], before["softgate_advantage_std"]) == (2.0, 1.0)
     assert before["softgate_batch_ratio_max"] == pytest.approx(math.e)
-    tel.observe_loss("r", config, E.loss(dataclasses.replace(clipped, advantages=torch.zeros(1)), config))
-    assert _value(tel, "softgate_batch_grad_retained_last", run="r") == 0.0
     tel.observe_loss(
         "r", config, E.loss(dataclasses.replace(clipped, mask=torch.zeros(n, dtype=torch.bool)), config)
     )
     assert {k: _value(tel, k, run="r") for k in before} == before
+    tel.observe_loss("r", config, E.loss(dataclasses.replace(clipped, advantages=torch.zeros(2)), config))
+    assert _value(tel, "softgate_batch_grad_retained_last", run="r") == 0.0
 
 
 def test_non_finite_engine_metrics_are_left_out_not_failed() -> None:
@@ -959,7 +994,7 @@ def test_the_series_of_a_run_are_as_documented() -> None:
     m = re.search(
         r"A batch with rollout_logp adds (\d+) series, a KL term (\d+), a KL in the reward (\d+), "
         r"a mismatch correction (\d+), "
-        r"off-policy sequence masking (\d+) and rollout rejection (\d+)",
+        r"off-policy sequence masking (\d+), rollout rejection (\d+)",
         re.sub(r"\s+", " ", doc),
     )
     assert m, "docs/observability.md no longer states the series of the corrections"
@@ -983,6 +1018,13 @@ def test_the_series_of_a_run_are_as_documented() -> None:
         tel.observe_loss("r", config, res)
         got = [1 for _, lab, _ in _samples(tel) if lab.get("run") == "r" and "objective" in lab]
         assert len(got) == per_objective + (rollout if not part else extra), part
+    proxy = re.search(r"`sum_pi_squared` \(the variance proxy\) (\d+)", re.sub(r"\s+", " ", doc))
+    assert proxy, "docs/observability.md no longer states the variance proxy's series"
+    tel = PrometheusTelemetry(S())
+    config, res = _engine_result(config=LossConfig(objective=Grpo(dual_clip=3.0)), sum_pi_squared=True)
+    tel.observe_loss("r", config, res)
+    got = [1 for _, lab, _ in _samples(tel) if lab.get("run") == "r" and "objective" in lab]
+    assert len(got) == per_objective + int(proxy.group(1))
     normalized = re.search(r"`batch_normalize` (\d+) more", re.sub(r"\s+", " ", doc))
     assert normalized, "docs/observability.md no longer states batch_normalize's series"
     tel = PrometheusTelemetry(S())

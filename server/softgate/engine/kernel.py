@@ -165,6 +165,14 @@ def _kernel_params(config: LossConfig, dtype: torch.dtype, device: torch.device)
         else:
             vals["vlo"], vals["vhi"] = (min(mm.lo, big), "mismatch.lo"), (min(mm.hi, big), "mismatch.hi")
     bad = unrepresentable(vals, dtype)
+    # a normaliser the caller gives is read as its reciprocal, each token's weight, by the
+    # policy term's mode and the KL term's own
+    agg = config.aggregation
+    modes = (agg.mode, getattr(config.kl, "aggregation", None) or agg.mode)
+    read = {"token_mean": "num_tokens", "token_sum_norm": "constant"}
+    for name in dict.fromkeys(read.get(m, "num_seqs") for m in modes):
+        if getattr(agg, name) is not None:
+            bad += unrepresentable({"norm": (1.0 / getattr(agg, name), f"aggregation.{name}")}, dtype)
     if bad:
         name = str(dtype).replace("torch.", "")
         send = "send float64 or a value in range" if dtype != torch.float64 else "send a value in range"

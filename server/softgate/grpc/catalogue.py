@@ -12,6 +12,7 @@ from softgate_client.proto.softgate.v1 import softgate_pb2 as pb
 
 from softgate import __version__
 from softgate.engine import config as c
+from softgate.engine.advantages import DEFAULT_SCALE
 from softgate.engine.metrics import METRIC_NAMES
 from softgate.engine.validation import validate_config
 from softgate.grpc.codec import Limits
@@ -122,7 +123,14 @@ OWN_PARAMETERS = {
     "position": ("optimal_token_baseline",),
     "zero_tail": ("optimal_token_baseline",),
 }
-REFUSED_PARAMETERS = {"min_group_std": ("optimal_token_baseline",)}
+REFUSED_PARAMETERS = {"min_group_std": ("optimal_token_baseline", "reinforce_pp")}
+# the normaliser each aggregation mode reads (validation refuses another alone)
+AGGREGATION_NORMALISER = {
+    "token_mean": "num_tokens",
+    "seq_mean_token_mean": "num_seqs",
+    "seq_mean_token_sum": "num_seqs",
+    "token_sum_norm": "constant",
+}
 AGGREGATION_HELP = {
     "token_mean": "sum m l / N_tok",
     "seq_mean_token_mean": "(1/N_seq) sum_i (sum_t m l / |y_i|), the SAPO / GRPO paper form",
@@ -201,8 +209,8 @@ def _default_first(cls: type, name: str) -> list[str]:
 
 
 def _own_scales(p: pb.ParameterInfo, est: str) -> pb.ParameterInfo:
-    """`scale` with the choices the engine accepts with `est` (validation decides); other
-    parameters as they are (OWN_PARAMETERS: listed only with their estimators)."""
+    """`scale` with the choices the engine accepts with `est` (validation decides) and `est`'s
+    default; other parameters as they are (OWN_PARAMETERS: listed only with their estimators)."""
     if p.name != "scale":
         return p
     own = pb.ParameterInfo()
@@ -212,6 +220,7 @@ def _own_scales(p: pb.ParameterInfo, est: str) -> pb.ParameterInfo:
         cfg = c.LossConfig(advantages=c.AdvantageConfig(estimator=est, scale=s))  # type: ignore[arg-type]
         if not any(v.field == "advantages.scale" for v in validate_config(cfg)):
             own.choices.append(s)
+    own.default_choice = DEFAULT_SCALE[est]
     return own
 
 
@@ -232,7 +241,8 @@ def build(limits: Limits, max_message_bytes: int) -> pb.ListAlgorithmsResponse:
         r.advantage_estimators.add(name=est, description=ESTIMATOR_HELP.get(est, ""), parameters=adv_own)
     agg_params = _params(c.AggregationConfig, skip=("mode",))
     for mode in _default_first(c.AggregationConfig, "mode"):
-        r.aggregations.add(name=mode, description=AGGREGATION_HELP.get(mode, ""), parameters=agg_params)
+        own = [p for p in agg_params if p.name == AGGREGATION_NORMALISER[mode]]
+        r.aggregations.add(name=mode, description=AGGREGATION_HELP.get(mode, ""), parameters=own)
     kl_params = _params(c.KLConfig, skip=("estimator",))
     for est in _default_first(c.KLConfig, "estimator"):
         # a weight only where one applies; no bound on k3_is_seq's (validation refuses them)

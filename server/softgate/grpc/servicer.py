@@ -528,6 +528,16 @@ class LossServicer(pb_grpc.LossServiceServicer):
         if v:
             raise InputError(v)
         assert rewards is not None and group_ids is not None
+        # the response's [B] advantages (FLOAT64 for FLOAT64 rewards, else FLOAT32) must fit the
+        # message limit: 1- or 2-byte rewards and group ids make a response larger than its request
+        out_bytes = n * (8 if rewards.dtype == torch.float64 else 4)
+        if out_bytes > self.max_message_bytes - RESPONSE_OVERHEAD:
+            why = (
+                f"too_large: the response's advantages would hold {out_bytes} bytes, over the "
+                f"{self.max_message_bytes - RESPONSE_OVERHEAD} this server's max_message_bytes "
+                f"{self.max_message_bytes} leaves them; send fewer sequences a call"
+            )
+            raise InputError([FieldViolation("rewards", why)])
         probe = Batch(logp=rewards, offsets=torch.zeros(1, dtype=torch.int64), group_ids=group_ids)
         codec.check_groups(probe, lim, "group_ids", v)
         if v:
@@ -948,6 +958,17 @@ def _check_chunk(b: Batch, i: int, v: list[FieldViolation]) -> None:
             v.append(
                 FieldViolation(
                     p + name, f"length_mismatch: length {x.numel()}, expected {want}, the chunk's {what}"
+                )
+            )
+    # advantages of a given level: the chunk's own B or N (inferred ones are checked by _level)
+    adv, level = b.advantages, b.advantage_level
+    if adv is not None and adv.dim() == 1 and level is not None:
+        want, what = (off.numel() - 1, "sequence count") if level == "sequence" else (n, "token count")
+        if adv.numel() != want:
+            v.append(
+                FieldViolation(
+                    p + "advantages",
+                    f"length_mismatch: length {adv.numel()}, expected {want}, the chunk's {what} ({level} advantages)",
                 )
             )
 

@@ -439,6 +439,8 @@ class PrometheusTelemetry(Telemetry):
         if n_tok is None:
             n_tok = sum(tok.values())
         n_seq = _f(m, "num_seqs") or 0.0
+        if not n_seq and not n_tok:  # an empty batch: no work, no run's slot taken (nor evicted)
+            return
         values = {
             "clip_high": _f(m, "clip_high"),
             "clip_low": _f(m, "clip_low"),
@@ -495,6 +497,8 @@ class PrometheusTelemetry(Telemetry):
         if not _f(m, "variance_proxy_tokens"):  # (no sum_pi_squared, or no trained token)
             for proxy in PROXY_NAMES:
                 values[proxy] = None
+        if not n_tok:  # no trained token: the engine's 0 mean and std stand for "none"
+            values["advantage_mean"] = values["advantage_std"] = None
         rollout_tokens = _f(m, "rollout_tokens") or 0.0
         if not rollout_tokens:  # (no rollout_logp, or no trained token: the sampler's KL is none)
             values["rollout_kl"] = values["rollout_k3_kl"] = None
@@ -609,9 +613,11 @@ class PrometheusTelemetry(Telemetry):
         now = time.time()
         adv = getattr(result, "advantages", None)
         seqs = 0 if adv is None else int(adv.numel())
+        if not seqs:  # an empty call: no work, no run's slot taken (nor evicted), no gauge set to 0
+            return
         unscored = _f(m, "unscored_seqs") or 0.0
-        values["unscored_frac"] = unscored / seqs if seqs else None
-        if seqs and unscored >= seqs:  # (no reward at all: as in _observe_loss)
+        values["unscored_frac"] = unscored / seqs
+        if unscored >= seqs:  # (no reward at all: as in _observe_loss)
             values["reward_mean"] = values["reward_std"] = None
         if unscored:
             values["seqs_scored"] = seqs - unscored  # (the reward statistics' weight)
