@@ -10,6 +10,7 @@ one: a peak within it (ratio <= 1 below) is within the overlays' figure too.
     python bench/memory_bench.py --device cuda            # bench/device_check.sh memory
     python bench/memory_bench.py --compile true          # the compiled engine's steady state
     python bench/memory_bench.py --full                   # every input, KL and mismatch on
+    python bench/memory_bench.py --full --otb             # and sum_pi_squared, optimal token baseline
 
 The server runs as deployed (`--compile auto`: on the CPU a configuration's first calls run
 eager while it compiles in the background; tcmalloc when installed, which keeps its peak);
@@ -79,6 +80,11 @@ def main() -> None:
         action="store_true",
         help="every input (ref and rollout log-probs, rewards), KL and mismatch on",
     )
+    ap.add_argument(
+        "--otb",
+        action="store_true",
+        help="with --full: sum_pi_squared too, and the optimal token baseline (the estimator that reads it)",
+    )
     ap.add_argument("--per-token", type=float, help="the formula's bytes per computing token")
     args = ap.parse_args()
     E.exit_on_sigterm()
@@ -114,6 +120,10 @@ def main() -> None:
                     rewards=np.arange(seqs) % 3, group_ids=np.arange(seqs) // 8, kl_beta=0.01,
                     mismatch=MismatchConfig(),
                 )  # fmt: skip
+                if args.otb:  # p^2 + a share of (1 - p)^2: within [p^2, 1]
+                    p = np.exp(batch["old_logp"].astype(np.float64))
+                    spi2 = (p * p + 0.5 * (1 - p) ** 2).astype(np.float32)
+                    kw.update(sum_pi_squared=spi2, estimator="optimal_token_baseline")
             else:
                 kw["advantages"] = batch["advantages"]
             client.loss(batch["logp"], batch["old_logp"], **kw)
@@ -123,7 +133,8 @@ def main() -> None:
         time.sleep(1.0)
         idle = status_bytes(proc.pid, "VmRSS")
         rows = []
-        request = 16 if args.full else 12  # bytes a token of the request: float32 tensors (+ the mask)
+        # bytes a token of the request: float32 tensors (+ the mask)
+        request = (20 if args.otb else 16) if args.full else 12
 
         def phase(name: str, calls: int) -> None:
             reset_peak(proc.pid)
@@ -146,7 +157,7 @@ def main() -> None:
         E.stop(procs)
     print(
         f"device={args.device} tokens={n:,} workers={args.workers} admitted={args.admitted} "
-        f"compile={args.compile} inputs={'full' if args.full else 'e2e'}"
+        f"compile={args.compile} inputs={'full' if args.full else 'e2e'}{' otb' if args.otb else ''}"
     )
     print(
         f"idle RSS {idle / 1e9:.2f} GB; formula: idle + {args.per_token:g} B x tokens x computing "

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any
 
 import pytest
 import torch
 from conftest import kernel_args
-from softgate.engine import Engine, chunked, kernel
+from softgate.engine import Batch, Engine, RejectionCriterion, chunked, kernel
 from softgate.engine.buckets import BUCKET_SUMS
 from softgate.engine.chunked import chunked_token_terms
+from softgate.engine.config import RewardKLConfig
+from softgate.engine.errors import InputError
 from softgate.engine.kernel import terms_layout, token_terms
 from softgate.engine.loss import compute_loss
 
@@ -158,3 +162,86 @@ def test_token_keys_are_the_sliced_entries() -> None:
     assert all(t[k].numel() == n for k in keys)
     assert {"logp", "old", "adv_tok", "w_tok", "sratio_tok", "lvseq_tok", "ref"} <= set(keys)
     assert not {"ylen", "adv", "sratio", "sclamped"} & set(keys)
+
+
+def _spi(batch: Batch) -> Batch:
+    """`batch` with a sum_pi_squared in [pi^2, 1]: the variance proxy and OTB read it."""
+    own = torch.exp(batch.old_logp.to(torch.float64).clamp(max=0)).square()
+    g = torch.Generator().manual_seed(1)
+    return dataclasses.replace(
+        batch, sum_pi_squared=(own + (1 - own) * torch.rand(own.numel(), generator=g)).to(batch.logp.dtype)
+    )
+
+
+SLICED_CASES = [  # objective, aggregation, kl, mismatch, estimator, extras
+    (
+        "grpo",
+        "token_sum_norm",
+        "k3@ratio",
+        ("sequence", "truncate"),
+        "reinforce_pp",
+        {"bn": True, "rkl": "token"},
+    ),
+    ("sapo", "seq_mean_token_sum", "k2", ("geometric", "mask"), "optimal_token_baseline", {"opsm": 0.05}),
+    (
+        "kl_cov",
+        "token_mean",
+        "abs@sampler_ratio",
+        ("token", "seq_mask"),
+        "rloo",
+        {"rej": True, "rkl": "sequence"},
+    ),
+    (
+        "gspo",
+        "seq_mean_token_mean",
+        "k3_is_seq",
+        ("token", "truncate"),
+        "grpo",
+        {"kl_agg": "token_mean", "bn": True},
+    ),
+    ("dro", "token_mean", "k1@score", None, "reinforce_pp_baseline", {"rkl": "immediate", "opsm": 0.1}),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", SLICED_CASES, ids=[c[0] for c in SLICED_CASES])
+def test_sliced_compute_loss_equals_whole(
+    case: tuple[Any, ...], dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The features the test above leaves out, batch-global ones included (OPSM, a batch
+    normalisation, the KL's own aggregation, a KL in the reward, the optimal token baseline):
+    computed on the whole batch before the kernel runs in slices (an audit)."""
+    name, agg, kl, mm, est, ex = case
+    batch = _spi(random_batch(3, max_seqs=60, max_len=60, big_deltas=True, dtype=dtype))
+    rej = (RejectionCriterion(1.5, "k1", "token", 0.7),) if ex.get("rej") else ()
+    cfg = make_config(name, agg, kl, mm, estimator=est, opsm=ex.get("opsm"), rejection=rej, variant=1)
+    if ex.get("bn"):
+        cfg = dataclasses.replace(cfg, mismatch=dataclasses.replace(cfg.mismatch, batch_normalize=True))
+    if ex.get("kl_agg"):
+        cfg = dataclasses.replace(cfg, kl=dataclasses.replace(cfg.kl, aggregation=ex["kl_agg"]))
+    if ex.get("rkl"):
+        cfg = dataclasses.replace(cfg, reward_kl=RewardKLConfig(beta=0.05, level=ex["rkl"]))
+    want = compute_loss(batch, cfg, kernel=token_terms, sample_tokens=40)
+    monkeypatch.setattr(chunked, "CHUNK_TOKENS", 37)
+    got = compute_loss(batch, cfg, sample_tokens=40)
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    for f in ("grad", "advantages", "ratio", "gate_weight"):
+        torch.testing.assert_close(getattr(got, f), getattr(want, f), rtol=tol, atol=0)
+    for f in ("clip_mask", "ratio_bucket", "gate_bucket"):
+        assert torch.equal(getattr(got, f), getattr(want, f)), f
+    for k, w in want.metrics.items():
+        assert math.isclose(got.metrics[k], w, rel_tol=tol, abs_tol=1e-12), k
+
+
+def test_a_bad_value_in_a_later_slice_is_named_by_its_batch_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    batch = random_batch(4, max_seqs=60, max_len=60, advantages="token")
+    n = batch.logp.numel()
+    monkeypatch.setattr(chunked, "CHUNK_TOKENS", 64)
+    assert n > 3 * 64
+    for i in (2 * 64 + 5, n - 1):
+        batch.mask[i] = True
+        logp = batch.logp.clone()
+        logp[i] = float("nan")
+        with pytest.raises(InputError) as e:
+            compute_loss(dataclasses.replace(batch, logp=logp), make_config("grpo", "token_mean", None, None))
+        assert [(v.field, v.index) for v in e.value.violations] == [("logp", i)]
