@@ -94,6 +94,15 @@ def test_unusable_tls_material_is_refused_at_construction_by_name(certs: Any, tm
             {**pair, "client_key": certs.other_client_key_pem},
             "client_key: not the private key of client_cert",
         ),
+        (  # a key of another type (OpenSSL 3: NO_CERTIFICATE_ASSIGNED; an audit)
+            {
+                **pair,
+                "client_key": trustme.CA()
+                .issue_cert("x", key_type=trustme.KeyType.RSA)
+                .private_key_pem.bytes(),
+            },
+            "client_key: not the private key of client_cert",
+        ),
         (
             {**pair, "client_key": _encrypted(certs.client_key_pem, serialization.PrivateFormat.PKCS8)},
             "client_key: encrypted; gRPC needs an unencrypted key",

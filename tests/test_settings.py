@@ -199,6 +199,22 @@ def test_a_device_this_host_lacks_is_a_host_problem() -> None:
     assert Settings.load({"device": "cpu"}, env={}).host_problems() == []
 
 
+def test_the_engine_s_compile_variable_is_checked_before_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An audit: with compile auto the engine reads SOFTGATE_ENGINE_COMPILE, and a bad value
+    failed after start-up began, naming neither the variable nor where it came from. It is a
+    host problem now (exit 2, one line); every word the settings accept, the engine does."""
+    import torch
+    from softgate.engine.compiled import compile_mode
+    from softgate.settings import _ENGINE_COMPILE_WORDS
+
+    for word in _ENGINE_COMPILE_WORDS:
+        compile_mode(word, torch.device("cpu"))
+    monkeypatch.setenv("SOFTGATE_ENGINE_COMPILE", "maybe")
+    [problem] = Settings.load({"device": "cpu"}, env={}).host_problems()
+    assert problem.startswith("SOFTGATE_ENGINE_COMPILE: 'maybe'; expected")
+    assert Settings.load({"device": "cpu", "compile": "false"}, env={}).host_problems() == []  # (not read)
+
+
 def test_a_device_in_a_config_file_that_is_not_a_name(tmp_path: Path) -> None:
     cfg = tmp_path / "s.yaml"
     cfg.write_text("device: {a: 1}\n")
@@ -252,6 +268,7 @@ def pems() -> dict[str, bytes]:
         "cert": b"".join(x.bytes() for x in a.cert_chain_pems),
         "key": a.private_key_pem.bytes(),
         "other_key": b.private_key_pem.bytes(),
+        "rsa_key": ca.issue_cert("other", key_type=trustme.KeyType.RSA).private_key_pem.bytes(),
         "ca": ca.cert_pem.bytes(),
         "garbage": b"garbage\n",
         "bad_body": b"-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
@@ -269,6 +286,8 @@ def pems() -> dict[str, bytes]:
         ("cert", "key", "missing", "tls_client_ca: cannot read"),
         ("cert", "key", "garbage", "tls_client_ca: .* holds no PEM CERTIFICATE block"),
         ("cert", "other_key", None, "tls_key: .* is not the private key of tls_cert"),
+        # a key of another type: OpenSSL 3 says NO_CERTIFICATE_ASSIGNED (an audit)
+        ("cert", "rsa_key", None, "tls_key: .* is not the private key of tls_cert"),
         ("bad_body", "key", None, "tls_cert and tls_key: .*not a valid certificate"),
         ("cert", "key", "bad_body", "tls_client_ca: .* not valid PEM certificates"),
     ],

@@ -229,7 +229,7 @@ def check_tls_material(roots: bytes | None, cert: bytes | None, key: bytes | Non
     problem = _key_pair_problem(cert, key)
     if problem is None:
         return
-    if "KEY_VALUES_MISMATCH" in problem:
+    if "KEY_VALUES_MISMATCH" in problem or "NO_CERTIFICATE_ASSIGNED" in problem:  # (a key of another type)
         raise ValueError("client_key: not the private key of client_cert")
     raise ValueError(
         f"client_cert / client_key: not a PEM certificate and its unencrypted private key ({problem})"

@@ -29,6 +29,22 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 ALLOCATORS = ("auto", "system", "glibc", "tcmalloc", "jemalloc")
 _TRUE = {"1", "true", "yes", "on", "y", "t"}
 _FALSE = {"0", "false", "no", "off", "n", "f"}
+# what engine/compiled.py's compile_mode reads from SOFTGATE_ENGINE_COMPILE (this module imports no torch)
+_ENGINE_COMPILE_WORDS = {
+    "1",
+    "true",
+    "yes",
+    "on",
+    "sync",
+    "0",
+    "false",
+    "no",
+    "off",
+    "background",
+    "",
+    "auto",
+    "none",
+}
 _NONE_WORDS = ("none", "null", "off", "disabled")  # an optional setting's "unset"
 # what a client can send after "Bearer ": visible ASCII, no space (RFC 6750's b64token is a
 # subset); Starlette decodes a header as Latin-1 and the token compares as UTF-8 (an audit)
@@ -272,6 +288,11 @@ class Settings:
             p.append(f"device: {self.device!r} {device}")
         if self.tls_cert is not None and self.tls_key is not None:
             p += tls_problems(self.tls_cert, self.tls_key, self.tls_client_ca)
+        raw = os.environ.get("SOFTGATE_ENGINE_COMPILE", "")  # (the engine's own: read when compile is auto)
+        if self.compile is None and raw.strip().lower() not in _ENGINE_COMPILE_WORDS:
+            p.append(
+                f"SOFTGATE_ENGINE_COMPILE: {raw!r}; expected 1, 0, true, false, background or auto (read when compile is auto)"
+            )
         return p
 
     # ------------------------------------------------------------ views
@@ -517,6 +538,11 @@ def _pem_problem(name: str, path: str, kind: str) -> str | None:
     return None
 
 
+# OpenSSL's reasons for a key that is not the certificate's: of its type, or of another type
+# (OpenSSL 3 then reports the certificate's slot as empty; an audit)
+KEY_MISMATCH = ("KEY_VALUES_MISMATCH", "NO_CERTIFICATE_ASSIGNED")
+
+
 def tls_problems(cert: str, key: str, client_ca: str | None) -> list[str]:
     """The TLS files: readable, PEM of the right kind, an unencrypted key of an algorithm gRPC
     can use, that belongs to a certificate valid now (the first in `cert`), and a client CA
@@ -553,7 +579,7 @@ def tls_problems(cert: str, key: str, client_ca: str | None) -> list[str]:
     try:
         ctx.load_cert_chain(cert, key, password=lambda: b"")  # (no prompt)
     except ssl.SSLError as e:
-        if e.reason == "KEY_VALUES_MISMATCH":
+        if e.reason in KEY_MISMATCH:
             p.append(
                 f"tls_key: {key!r} is not the private key of tls_cert {cert!r} (the first certificate "
                 "in tls_cert must be the server's own, followed by its intermediates)"

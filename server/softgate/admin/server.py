@@ -42,6 +42,7 @@ class ThreadedAdminServer:
         deadline = time.monotonic() + timeout
         while not self.server.started:
             if not self.thread.is_alive() or time.monotonic() > deadline:
+                self.stop()  # (a late start would serve on, its port held; an audit)
                 raise RuntimeError(f"admin server did not start on {self.url}")
             time.sleep(0.01)
         return self
