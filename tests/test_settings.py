@@ -117,12 +117,23 @@ def test_environment_coercion(env: dict[str, str], field: str, value: object) ->
         # gRPC could not bind "" (exit 1) while an empty admin_host meant every interface (an audit)
         ({"grpc_host": ""}, "grpc_host: empty; give an address (0.0.0.0 or :: for every interface)"),
         ({"admin_host": " "}, "admin_host: empty"),
+        # failed at bind, exit 1, which a supervisor retries (an audit)
+        ({"grpc_host": " 127.0.0.1"}, "grpc_host: ' 127.0.0.1' is not a host name or address"),
+        ({"admin_host": "127.0.0.1\n"}, "admin_host: '127.0.0.1\\n' is not a host name or address"),
+        ({"grpc_host": "127.0.0.1:9000"}, "grpc_host: '127.0.0.1:9000' is not a host name or address"),
+        ({"admin_host": "http://127.0.0.1"}, "admin_host: 'http://127.0.0.1' is not"),
     ],
 )
 def test_bad_values_are_refused_with_the_field_named(flags: dict[str, str], needle: str) -> None:
     with pytest.raises(SettingsError, match=re.escape(needle)) as e:
         Settings.load(flags, env={})
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "::1", "[::1]", "localhost", "softgate.example.com"])
+def test_host_names_and_addresses_load(host: str) -> None:
+    s = Settings.load({"grpc_host": host, "admin_host": host}, env={})
+    assert (s.grpc_host, s.admin_host) == (host, host)
 
 
 def test_the_stream_bounds_load_from_every_source_and_are_checked() -> None:

@@ -260,8 +260,12 @@ class Settings:
         if self.max_connection_age_s == 0:
             p.append("max_connection_age_s: 0 must be > 0 (or none)")
         for name in ("grpc_host", "admin_host"):
-            if not getattr(self, name).strip():  # gRPC could not bind "", uvicorn took all interfaces
+            host = getattr(self, name)
+            if not host.strip():  # gRPC could not bind "", uvicorn took all interfaces
                 p.append(f"{name}: empty; give an address (0.0.0.0 or :: for every interface)")
+            elif host != host.strip() or " " in host or "/" in host or host.count(":") == 1:
+                # failed at bind, exit 1 (a transient failure to a supervisor; an audit)
+                p.append(f"{name}: {host!r} is not a host name or address (no spaces, scheme, path or port)")
         if self.admin_token and not _TOKEN.fullmatch(self.admin_token):
             p.append(
                 "admin_token: has a space, a control or a non-ASCII character; no client could send it "
