@@ -1159,7 +1159,7 @@ def test_advantages_with_token_counts_equal_the_loss_whitening(dtype):
     ("counts", "reason"),
     [
         (torch.tensor([1.0, 2.0, 3.0]), "token_counts: bad_dtype"),
-        (torch.tensor([[1, 2, 3]]), "token_counts: bad_dtype"),
+        (torch.tensor([[1, 2, 3]]), "token_counts: bad_shape: expected a 1-D tensor"),  # (as loss() says)
         (torch.tensor([1, 2]), "token_counts: length_mismatch: length 2, expected 3"),
         (torch.tensor([1, -2, 3]), "token_counts[1]: out_of_range: -2 < 0"),
     ],

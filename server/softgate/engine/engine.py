@@ -236,8 +236,12 @@ class Engine:
         for name, x in (("group_ids", group_ids), ("token_counts", token_counts)):
             if x is None and name == "token_counts":
                 continue
-            if not isinstance(x, Tensor) or x.dtype not in _INTS or x.dim() != 1:
+            if not isinstance(x, Tensor) or x.dtype not in _INTS:
                 v.append(FieldViolation(name, f"bad_dtype: {name} must be a 1-D integer tensor"))
+            elif x.dim() != 1:  # (as loss() names it)
+                v.append(
+                    FieldViolation(name, f"bad_shape: expected a 1-D tensor, got shape {tuple(x.shape)}")
+                )
             elif ok and x.numel() != b:
                 v.append(FieldViolation(name, f"length_mismatch: length {x.numel()}, expected {b}"))
             elif name == "token_counts" and x.numel() and bool((x < 0).any()):

@@ -62,7 +62,8 @@ METRIC_NAMES: dict[str, str] = {
     "reward_std": "population std of rewards over sequences (of several components: their weighted sum; "
     "skip_nan_components: over the sequences with one); 0 without rewards",
     "unscored_seqs": "sequences with no reward that applies (skip_nan_components: a NaN reward, or every "
-    "component NaN): advantage 0 and left out of every statistic when the advantages come from the rewards, "
+    "component NaN): advantage 0 and, when the advantages come from the rewards, left out of the group and "
+    "batch statistics that compute them and of reward_mean and reward_std (adv_mean and adv_std count their 0); "
     "left out of reward_mean and reward_std beside the caller's advantages; 0 without the setting",
     # KL and mismatch
     "kl_mean": "mean of the KL estimate (before beta; weighted by kl.weight: w k) over tokens; 0 without a KL term",

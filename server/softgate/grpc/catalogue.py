@@ -40,7 +40,7 @@ PARAM_HELP: dict[str, str] = {
     "dro.coef": "coefficient of the (logp - old_logp)^2 / 2 penalty on every trained token, >= 0",
     "dual_clip": "dual clip c > 1 for negative advantages; unset: none",
     "scale": "which std divides the centred rewards; unset: the estimator's own default",
-    "eps": "added to the std before dividing (optimal_token_baseline: to its sum of W), >= 0",
+    "eps": "added to the std before dividing (optimal_token_baseline: to its sum of W), 0 or >= 1e-100",
     "min_group_std": "groups with reward std below this get advantage 0, >= 0 (reinforce_pp: 0 only)",
     "reward_weights": "one weight per component of [B, K] rewards (ComputeAdvantages); unset: 1 each",
     "gamma": "discount of REINFORCE++'s per-token return toward each sequence's last sent token, "
