@@ -551,6 +551,15 @@ def test_an_empty_ragged_batch_gives_loss_zero(client) -> None:
     assert r.loss == 0.0 and r.grad.shape == (0,)
 
 
+def test_empty_lists_of_rewards_and_groups_are_an_empty_call(client) -> None:
+    """An audit: `advantages(rewards=[], group_ids=[])` was refused "group_ids: bad_dtype:
+    float64" (numpy's dtype of []), though the server answers an empty batch."""
+    r = client.advantages(rewards=[], group_ids=[])
+    assert r.advantages.shape == (0,)
+    with pytest.raises(InvalidArgumentError, match="group_ids: bad_dtype: float64"):
+        client.advantages(rewards=[1.0], group_ids=[0.0])  # (a float id is still refused)
+
+
 def test_outputs_are_read_only_in_every_layout(client) -> None:
     """Found by an audit: a padded batch with padding gave writable arrays, a full-length one,
     a ragged one (views of the response's bytes) read-only ones, so `r.grad *= s` failed only

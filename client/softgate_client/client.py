@@ -538,7 +538,7 @@ def _rewards_and_groups(
         b = r.shape[0]
     if group_ids is not None:
         g = to_numpy(group_ids, "group_ids")
-        if g.dtype.kind not in "biu":
+        if g.dtype.kind not in "biu" and g.size:  # ([] is float64 to numpy: an empty batch, served)
             raise ArrayInputError("group_ids", f"bad_dtype: {g.dtype}; expected integers")
         out["group_ids"] = _per_seq(int_array(g, "group_ids"), "group_ids", b)
     return out
