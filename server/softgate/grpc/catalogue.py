@@ -241,8 +241,8 @@ def build(limits: Limits, max_message_bytes: int) -> pb.ListAlgorithmsResponse:
         r.advantage_estimators.add(name=est, description=ESTIMATOR_HELP.get(est, ""), parameters=adv_own)
     agg_params = _params(c.AggregationConfig, skip=("mode",))
     for mode in _default_first(c.AggregationConfig, "mode"):
-        own = [p for p in agg_params if p.name == AGGREGATION_NORMALISER[mode]]
-        r.aggregations.add(name=mode, description=AGGREGATION_HELP.get(mode, ""), parameters=own)
+        normaliser = [p for p in agg_params if p.name == AGGREGATION_NORMALISER[mode]]
+        r.aggregations.add(name=mode, description=AGGREGATION_HELP.get(mode, ""), parameters=normaliser)
     kl_params = _params(c.KLConfig, skip=("estimator",))
     for est in _default_first(c.KLConfig, "estimator"):
         # a weight only where one applies; no bound on k3_is_seq's (validation refuses them)
