@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +186,19 @@ def test_serve_keeps_a_preloaded_tcmalloc(serve_process: Any) -> None:
     server = serve_process(admin_port=-1, env={"LD_PRELOAD": TCMALLOC})
     ev = _allocator_event(server.logs())
     assert ev["allocator"] == "tcmalloc" and ev["reexecuted"] == "false"
+
+
+@needs_tcmalloc
+def test_serve_runs_a_malloc_given_by_a_path_of_no_known_name(serve_process: Any, tmp_path: Path) -> None:
+    """An audit: a malloc by path whose name is not tcmalloc's or jemalloc's (mimalloc, say)
+    ran, but was logged as glibc with the warning "did not load"."""
+    assert TCMALLOC is not None
+    lib = tmp_path / "libmymalloc.so"
+    shutil.copy(TCMALLOC, lib)
+    server = serve_process(admin_port=-1, allocator=str(lib), env={"LD_PRELOAD": ""})
+    ev = _allocator_event(server.logs())
+    assert ev == {"allocator": "other", "library": str(lib), "requested": str(lib), "reexecuted": "true"}
+    assert "did not load" not in server.logs() and str(lib) in _maps(server.pid)
 
 
 def test_embedded_main_never_reexecs(monkeypatch: pytest.MonkeyPatch) -> None:

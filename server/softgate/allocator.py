@@ -63,7 +63,7 @@ class Decision:
     """What `plan` decided: `env` is the environment to re-execute with (None: no re-exec)."""
 
     requested: str
-    loaded: str  # the allocator in this process now: tcmalloc, jemalloc or glibc
+    loaded: str  # the allocator in this process now: tcmalloc, jemalloc, glibc, or a path given
     target: str  # the allocator the process should run with
     library: str | None  # its library, for tcmalloc / jemalloc / a path
     env: dict[str, str] | None
@@ -107,6 +107,19 @@ def mapped_allocators(maps_path: str = "/proc/self/maps") -> dict[str, str]:
     except OSError:
         pass
     return out
+
+
+def is_mapped(path: str, maps_path: str = "/proc/self/maps") -> bool:
+    """Whether the library file `path` (symlinks resolved) is mapped into this process: a malloc
+    given by path whose name is neither tcmalloc's nor jemalloc's (mimalloc, say)."""
+    real = os.path.realpath(path)
+    try:
+        with open(maps_path) as f:
+            return any(
+                len(p := line.split(None, 5)) == 6 and os.path.realpath(p[5].strip()) == real for line in f
+            )
+    except OSError:
+        return False
 
 
 def loaded_allocator(maps_path: str = "/proc/self/maps") -> str:
@@ -179,6 +192,8 @@ def plan(
             return Decision(req, loaded, loaded, None, None, f"allocator: library {lib} {why}")
         if loaded == target:
             return Decision(req, loaded, target, lib, None)
+        if target == lib and is_mapped(lib):  # (a malloc of no known name: loaded is the path)
+            return Decision(req, lib, lib, lib, None)
     if again:
         return Decision(req, loaded, loaded, lib, None, f"{lib} did not load (LD_PRELOAD ignored it)")
     others = [p for p in _preload_entries(env) if kind_of(p) == "other" and "malloc" not in p.lower()]

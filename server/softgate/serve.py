@@ -326,6 +326,8 @@ def log_allocator(decision: Decision | None) -> None:
     """One `allocator` event: which malloc this process runs with, and why."""
     name = loaded_allocator()
     lib = mapped_allocators().get(name)
+    if decision is not None and decision.library and decision.loaded == decision.library:
+        name, lib = "other", decision.library  # (given by path, of no known name)
     requested = decision.requested if decision is not None else "n/a"
     log.info(
         "allocator",
