@@ -2523,8 +2523,12 @@ def test_overflowing_results_are_refused():
     huge = Batch(logp=logp, offsets=off, old_logp=old, advantages=torch.tensor([3e38, -3e38]))
     assert ("logp", "overflow", 0) in reasons(huge, LossConfig(objective=Reinforce()))
     ok = Batch(logp=logp, offsets=off, old_logp=old, advantages=torch.tensor([1.0, -1.0]))
-    tiny = LossConfig(aggregation=AggregationConfig(num_seqs=1e-300))
+    # (weights of 5e36, ratios of ~150)
+    tiny = LossConfig(objective=Reinforce(), aggregation=AggregationConfig(num_seqs=1e-37))
     assert {c for _, c, _ in reasons(ok, tiny)} == {"overflow"}
+    # one whose weight float32 cannot hold is the normaliser's fault, named
+    tinier = LossConfig(aggregation=AggregationConfig(num_seqs=1e-300))
+    assert reasons(ok, tinier) == {("aggregation.num_seqs", "out_of_range", None)}
     rw = Batch(
         logp=logp,
         offsets=off,
