@@ -264,6 +264,7 @@ def _compute_loss(
                 t["w"] = (t["w"].to(F64) / norm).to(dt)  # v multiplies only the policy term, as w does
             if batch.sum_pi_squared is not None:  # v at every token, as the loss applies it
                 v_applied = applied_weights(mm.level, mm.mode, lv_sent, seg, t.get("lvseq"), norm, prm)
+            del lv_sent  # (read no more: not held through the kernel)
     # each token's score energy: optimal_token_baseline's W and the variance-proxy metrics read
     # it (variance_proxy.py)
     energy = None if batch.sum_pi_squared is None else score_energy(old, batch.sum_pi_squared.to(dev))
@@ -326,6 +327,7 @@ def _compute_loss(
                 why = f"overflow: a token's advantage {what}is not finite in {where}"
                 raise InputError([FieldViolation(fld, why)])
             t["adv"] = a_tok.to(dt)
+            del a_tok  # (float64: not held through the kernel beside its cast)
             adv_per_token = True
         else:
             t["adv"] = ga.advantages.to(dt)
@@ -343,6 +345,7 @@ def _compute_loss(
     if energy is not None:  # verl's gradient-variance proxy, on the advantages as the loss reads them
         vp = variance_proxy(energy, t["adv"], adv_per_token, m, seg, ylen, v_applied)
         extra.update(zip(PROXY_NAMES, vp.unbind(), strict=True))
+        energy = v_applied = None  # (read no more: not held through the kernel)
 
     # ---- sequence-level pieces
     seq_ratio = isinstance(obj, (Gspo, GspoToken, SapoSeq, CispoSeq))
@@ -543,7 +546,7 @@ def _compute_loss(
     mx["rollout_kl"] = share(s.get("rollout_k1", 0.0), mx["rollout_tokens"])
     mx["rollout_k3_kl"] = share(s.get("rollout_k3", 0.0), mx["rollout_tokens"])
     mx["reward_kl_mean"] = s.get("reward_kl_mean", 0.0)
-    mx["variance_proxy_tokens"] = cnt if energy is not None else 0.0
+    mx["variance_proxy_tokens"] = cnt if batch.sum_pi_squared is not None else 0.0
     for k in PROXY_NAMES:
         mx[k] = s.get(k, 0.0)
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from softgate.engine.chunked import CHUNK_TOKENS
 from softgate.engine.errors import FieldViolation, InputError
 from softgate.engine.segments import Segments, host_shortcuts, segment_sum
 
@@ -49,10 +50,15 @@ def optimal_token_baseline(
     `is_weight` [N]: v (a W it makes infinite is refused as an `overflow` of `mismatch`)."""
     n = seg.num_tokens
     dev = returns.device
+    # (the [N] float64 steps below work in place on few buffers: a call holds ~3 [N] tensors at
+    # its peak, not ~9; every value the same bits)
     w = energy.clamp(min=0.0)
-    if is_weight is not None:  # (w 0 stays 0 whatever v)
-        w = torch.where(w > 0, w * is_weight.to(F64).square(), 0.0)
-    big_w = _prefix_sums(torch.where(member, w, 0.0), seg)
+    weighs = member
+    if is_weight is not None:  # (w 0 stays 0 whatever v: an infinite v would make it NaN)
+        weighs = member & (w > 0)
+        w.mul_(is_weight.to(F64, copy=True).square_())
+    big_w = _prefix_sums_(w.masked_fill_(~weighs, 0.0), seg)
+    del w, weighs
     if is_weight is not None and not bool(torch.isfinite(big_w).all()):
         why = "overflow: a mismatch weight squared makes optimal_token_baseline's W infinite in float64"
         raise InputError([FieldViolation("mismatch", why)])
@@ -86,34 +92,49 @@ def optimal_token_baseline(
         key = torch.arange(n, device=dev).add_(seg.expand(start - seg.offsets[:-1]))
     else:
         c = torch.cumsum(member, 0)  # (int64)
-        before = torch.cat([c.new_zeros(1), c])[seg.offsets[:-1]]
+        first = seg.offsets[:-1]
+        before = torch.where(first > 0, c[(first - 1).clamp(min=0)], 0)  # members before each sequence
         key = c.add_(seg.expand(start - before - 1))
     key.clamp_(0, total - 1)
-    gw = torch.where(member, returns * big_w, 0.0)
-    wm = torch.where(member, big_w, 0.0)
-    den = _table_sums(wm, key, total) + eps
-    # (0 / 0 with eps 0, where no member has weight yet: no baseline there)
-    base = torch.where(den > 0, _table_sums(gw, key, total) / den, 0.0)[key]
+    # (now, beside 2 [N] tensors: after the gather its [N] int64 temporary would add to 3)
     zero = key >= seg.expand(start + cut)
-    return torch.where(member & ~zero, returns - base, torch.where(member, returns, 0.0))
+    off = ~member
+    wm = big_w.masked_fill_(off, 0.0)  # W on the members
+    den = _table_sums(wm, key, total).add_(eps)
+    gw = wm.mul_(returns).masked_fill_(off, 0.0)  # G W on the members (0 elsewhere, whatever G)
+    table = _table_sums(gw, key, total)
+    del big_w, wm, gw
+    # (0 / 0 with eps 0, where no member has weight yet: no baseline there)
+    base = table.div_(den).masked_fill_(~(den > 0), 0.0)[key]
+    del key
+    base.masked_fill_(zero, 0.0)  # no baseline from `cut` on: G - 0 is G, to the bit
+    return torch.sub(returns, base, out=base).masked_fill_(off, 0.0)
 
 
-def _prefix_sums(x: Tensor, seg: Segments) -> Tensor:
-    """sum_{u <= t} x_u within each token's sequence ([N] float64 -> [N]) by a doubling scan:
-    log2 of the longest sequence passes, each sum of the sequence's own values alone. (A cumsum
-    over the batch less each sequence's start lost W's digits: W early in a sequence can be
-    1e-10 where the batch's running sum is 1e4; and a GPU's float cumsum is not reproducible.)"""
-    out = x.clone()
+def _prefix_sums_(x: Tensor, seg: Segments) -> Tensor:
+    """sum_{u <= t} x_u within each token's sequence ([N] float64, in place; returns x) by a
+    doubling scan: log2 of the longest sequence passes, each sum of the sequence's own values
+    alone. (A cumsum over the batch less each sequence's start lost W's digits: W early in a
+    sequence can be 1e-10 where the batch's running sum is 1e4; and a GPU's float cumsum is not
+    reproducible.) On the host a pass goes CHUNK_TOKENS tokens at a time, from the batch's end
+    back: its [N] copy is one slice's, and each token's sum the same bits."""
+    n = seg.num_tokens
     longest = int(seg.lengths.max()) if seg.num_seqs else 0  # (one host sync on a GPU)
     if longest <= 1:
-        return out
-    pos = torch.arange(seg.num_tokens, device=x.device).sub_(seg.expand(seg.offsets[:-1]))
+        return x
+    # each token's index in its sequence (int32 where it fits: half the bytes)
+    idx = torch.int32 if n < 2**31 else torch.int64
+    pos = torch.arange(n, dtype=idx, device=x.device).sub_(seg.expand(seg.offsets[:-1].to(idx)))
+    step = CHUNK_TOKENS if host_shortcuts(x.device) else n
     d = 1
-    while d < longest:  # after it, out[t] sums (t - 2d, t] within t's sequence
-        near = torch.where(pos[d:] >= d, out[:-d], 0.0)  # (a copy: read before the add below)
-        out[d:].add_(near)
+    while d < longest:  # after it, x[t] sums (t - 2d, t] within t's sequence
+        # a slice reads the d tokens before it, which no slice after it has changed yet
+        for e in range(n, d, -step):
+            s = max(e - step, d)
+            near = torch.where(pos[s:e] >= d, x[s - d : e - d], 0.0)  # (a copy: read before the add)
+            x[s:e].add_(near)
         d *= 2
-    return out
+    return x
 
 
 def _table_sums(x: Tensor, key: Tensor, size: int) -> Tensor:

@@ -56,22 +56,25 @@ def variance_proxy(
     b = seg.num_seqs
     if b == 0:
         return torch.zeros(3, dtype=F64, device=w.device)
-    wt = torch.where(trained, w, 0.0)
+    # (each [N] float64 term is one buffer, filled in place and summed before the next: a call
+    # holds two at most)
+    off = ~trained
     n = counts.to(F64).clamp(min=1.0)  # (a sequence without trained tokens sums 0)
     if adv_per_token:
-        a = seg.sum(torch.where(trained, adv.to(F64), 0.0)) / n
+        a = seg.sum(adv.to(F64, copy=True).masked_fill_(off, 0.0)) / n
     else:
         a = torch.where(counts > 0, adv.to(F64), 0.0)
     a2 = a.square()
     if v is None:
-        big_w = seg.sum(wt)
+        big_w = seg.sum(w.masked_fill(off, 0.0))
         power = a2 * big_w.clamp(min=0.0)
     else:
-        v2 = v.to(F64).square()
+        v2 = v.to(F64, copy=True).square_()
         # (a rejected token's own v may be inf, seq_mask's: 0 * inf there would make W NaN)
-        big_w = seg.sum(torch.where(trained, w * v2, 0.0))
-        unweighted = seg.sum(wt * (v2 / V2_FLOOR).clamp(max=1.0))
-        rho = seg.sum(torch.where(trained, v.to(F64), 0.0)) / n
+        big_w = seg.sum(torch.mul(w, v2).masked_fill_(off, 0.0))
+        unweighted = seg.sum(v2.div_(V2_FLOOR).clamp_(max=1.0).mul_(w.masked_fill(off, 0.0)))
+        del v2
+        rho = seg.sum(v.to(F64, copy=True).masked_fill_(off, 0.0)) / n
         power = rho.square() * a2 * unweighted.clamp(min=0.0)
     # an inf (advantages of 1e200 squared) becomes float64's largest value here, where
     # to_floats would make it 0; a term 0 * inf is a sequence with no gradient (v = 0): 0
