@@ -2,7 +2,7 @@
 `--workers` calls of `--tokens` tokens compute and the rest of `--admitted` wait. The
 Kubernetes overlays' memory limits are sized by these figures (deploy/k8s/overlays/*,
 tests/test_deploy.py: idle + BUILD_CHILD_BYTES + PER_TOKEN x tokens x workers +
-REQUEST_BYTES_PER_TOKEN (21) x tokens x waiting); the formula here leaves out the build child
+REQUEST_BYTES_PER_TOKEN (25) x tokens x waiting); the formula here leaves out the build child
 and counts a waiting call at its batch's own bytes (12 or 16 a token), so it is the stricter
 one: a peak within it (ratio <= 1 below) is within the overlays' figure too.
 
@@ -41,13 +41,15 @@ import e2e_bench as E  # noqa: E402
 # What a replica holds, the figures the Kubernetes overlays are sized with (tests/test_deploy.py
 # checks each overlay's limit against them): idle bytes, and bytes a token of each call
 # computing, at its peak and kept by tcmalloc. CPU: measured here at 16 Mi tokens, 50-77 a
-# token, eager or compiled, every input with KL and mismatch the most (bench/RESULTS.md,
-# "Server memory"), with margin. GPU: assumed until measured (`bench/device_check.sh OUT
+# token, eager or compiled, every input with KL and mismatch; 108-115 with sum_pi_squared and
+# the optimal token baseline too (`--full --otb`), the most (bench/RESULTS.md, "Server
+# memory"), with margin. GPU: assumed until measured (`bench/device_check.sh OUT
 # memory`): the compiled figure, the kernel's temporaries on the device in place of the
 # page-locked copies, and a CUDA context's few GB.
-OVERLAY_MEMORY = {"cpu": (0.45e9, 100), "gpu": (3e9, 80)}
-# a waiting call holds its request: at most 5 float32 tensors and the mask, 21 bytes a token
-REQUEST_BYTES_PER_TOKEN = 21
+OVERLAY_MEMORY = {"cpu": (0.45e9, 120), "gpu": (3e9, 80)}
+# a waiting call holds its request: at most 6 float32 tensors (logp, old, ref, rollout,
+# sum_pi_squared, per-token advantages) and the mask, 25 bytes a token
+REQUEST_BYTES_PER_TOKEN = 25
 # a background AOTInductor build runs in a child process (engine/aoti.py) that holds this much
 # while it builds (peak RSS of one build: 588 MB; bench/RESULTS.md, "Engine", twenty-eighth session)
 BUILD_CHILD_BYTES = 0.6e9
@@ -83,11 +85,12 @@ def main() -> None:
     ap.add_argument(
         "--otb",
         action="store_true",
-        help="with --full: sum_pi_squared too, and the optimal token baseline (the estimator that reads it)",
+        help="--full, and sum_pi_squared too with the optimal token baseline (the estimator that reads it)",
     )
     ap.add_argument("--per-token", type=float, help="the formula's bytes per computing token")
     args = ap.parse_args()
     E.exit_on_sigterm()
+    args.full = args.full or args.otb
     if args.per_token is None:  # the overlays' figure
         args.per_token = float(OVERLAY_MEMORY["cpu" if args.device == "cpu" else "gpu"][1])
     import numpy as np

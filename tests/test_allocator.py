@@ -117,6 +117,19 @@ def test_plan_never_loops_and_reports_missing(tmp_path: Path) -> None:
     assert d.env is None and d.warning and "still loaded" in d.warning
 
 
+def test_a_path_mapped_beside_a_known_malloc_still_reexecs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: a malloc by path, preloaded after tcmalloc (which then serves malloc), was
+    taken as running, logged allocator=other; it re-executes without tcmalloc instead."""
+    lib = tmp_path / "libmymalloc.so"
+    lib.write_bytes(b"\x7fELF")
+    monkeypatch.setattr(alloc, "is_mapped", lambda path, maps_path="": True)
+    assert plan(str(lib), {}, loaded="glibc").env is None  # (it alone: running)
+    d = plan(str(lib), {"LD_PRELOAD": f"/x/libtcmalloc.so.4 {lib}"}, loaded="tcmalloc")
+    assert d.env is not None and d.env["LD_PRELOAD"] == str(lib)
+
+
 def test_maybe_reexec_takes_the_mark_out_of_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """The re-executed process reports reexecuted and drops the mark (its children must not
     inherit it)."""

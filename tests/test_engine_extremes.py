@@ -218,6 +218,10 @@ NOT_IN_F32 = "out_of_range: not representable in float32; send float64 or a valu
             LossConfig(aggregation=AggregationConfig(mode="token_sum_norm", constant=1e46)),
             ["aggregation.constant"],
         ),
+        (  # a subnormal weight (1e-45): a few bits, a loss of 0 and a wrong gradient (a review)
+            LossConfig(aggregation=AggregationConfig(mode="token_mean", num_tokens=1e45)),
+            ["aggregation.num_tokens"],
+        ),
         (
             LossConfig(aggregation=AggregationConfig(mode="seq_mean_token_mean", num_seqs=1e300)),
             ["aggregation.num_seqs"],

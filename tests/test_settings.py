@@ -122,6 +122,8 @@ def test_environment_coercion(env: dict[str, str], field: str, value: object) ->
         ({"admin_host": "127.0.0.1\n"}, "admin_host: '127.0.0.1\\n' is not a host name or address"),
         ({"grpc_host": "127.0.0.1:9000"}, "grpc_host: '127.0.0.1:9000' is not a host name or address"),
         ({"admin_host": "http://127.0.0.1"}, "admin_host: 'http://127.0.0.1' is not"),
+        ({"grpc_host": "[::1]:9000"}, "grpc_host: '[::1]:9000' is not a host name or address"),
+        ({"grpc_host": "a\tb"}, "grpc_host: 'a\\tb' is not a host name or address"),
     ],
 )
 def test_bad_values_are_refused_with_the_field_named(flags: dict[str, str], needle: str) -> None:

@@ -192,7 +192,8 @@ def plan(
             return Decision(req, loaded, loaded, None, None, f"allocator: library {lib} {why}")
         if loaded == target:
             return Decision(req, loaded, target, lib, None)
-        if target == lib and is_mapped(lib):  # (a malloc of no known name: loaded is the path)
+        # a malloc of no known name, running (and no known one before it): loaded is the path
+        if target == lib and loaded == "glibc" and is_mapped(lib):
             return Decision(req, lib, lib, lib, None)
     if again:
         return Decision(req, loaded, loaded, lib, None, f"{lib} did not load (LD_PRELOAD ignored it)")

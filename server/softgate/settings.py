@@ -263,7 +263,9 @@ class Settings:
             host = getattr(self, name)
             if not host.strip():  # gRPC could not bind "", uvicorn took all interfaces
                 p.append(f"{name}: empty; give an address (0.0.0.0 or :: for every interface)")
-            elif host != host.strip() or " " in host or "/" in host or host.count(":") == 1:
+            elif (
+                re.search(r"\s|/", host) or host.count(":") == 1 or host.startswith("[") != host.endswith("]")
+            ):
                 # failed at bind, exit 1 (a transient failure to a supervisor; an audit)
                 p.append(f"{name}: {host!r} is not a host name or address (no spaces, scheme, path or port)")
         if self.admin_token and not _TOKEN.fullmatch(self.admin_token):

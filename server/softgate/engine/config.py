@@ -316,6 +316,13 @@ Scale = Literal["group", "batch", "none", "leave_one_out"]
 SCALES: tuple[str, ...] = get_args(Scale)
 AggregationMode = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm"]
 AGGREGATION_MODES: tuple[str, ...] = get_args(AggregationMode)
+# the normaliser each mode reads (AggregationConfig's num_tokens, num_seqs or constant)
+NORMALISER = {
+    "token_mean": "num_tokens",
+    "seq_mean_token_mean": "num_seqs",
+    "seq_mean_token_sum": "num_seqs",
+    "token_sum_norm": "constant",
+}
 OffPolicyMaskReference = Literal["rollout", "old"]
 OFF_POLICY_MASK_REFERENCES: tuple[str, ...] = get_args(OffPolicyMaskReference)
 MismatchLevel = Literal["token", "sequence", "geometric"]

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from softgate.engine.buckets import bucket_codes, bucket_edges
-from softgate.engine.config import ClipCov, LossConfig
+from softgate.engine.config import NORMALISER, ClipCov, LossConfig
 from softgate.engine.errors import FieldViolation, InputError
 from softgate.engine.kl import kl_terms
 from softgate.engine.mismatch import mismatch_weights
@@ -166,13 +166,14 @@ def _kernel_params(config: LossConfig, dtype: torch.dtype, device: torch.device)
             vals["vlo"], vals["vhi"] = (min(mm.lo, big), "mismatch.lo"), (min(mm.hi, big), "mismatch.hi")
     bad = unrepresentable(vals, dtype)
     # a normaliser the caller gives is read as its reciprocal, each token's weight, by the
-    # policy term's mode and the KL term's own
+    # policy term's mode and the KL term's own: one past the dtype's range, or below its normal
+    # numbers (a subnormal's few bits made a loss of 0 and a wrong gradient), is refused
     agg = config.aggregation
     modes = (agg.mode, getattr(config.kl, "aggregation", None) or agg.mode)
-    read = {"token_mean": "num_tokens", "token_sum_norm": "constant"}
-    for name in dict.fromkeys(read.get(m, "num_seqs") for m in modes):
-        if getattr(agg, name) is not None:
-            bad += unrepresentable({"norm": (1.0 / getattr(agg, name), f"aggregation.{name}")}, dtype)
+    for name in dict.fromkeys(NORMALISER[m] for m in modes):
+        x = getattr(agg, name)
+        if x is not None and not torch.finfo(dtype).tiny <= 1.0 / x <= torch.finfo(dtype).max:
+            bad.append(f"aggregation.{name}")
     if bad:
         name = str(dtype).replace("torch.", "")
         send = "send float64 or a value in range" if dtype != torch.float64 else "send a value in range"

@@ -29,6 +29,7 @@ from softgate.engine.config import (
     KL_WEIGHTS,
     MISMATCH_LEVELS,
     MISMATCH_MODES,
+    NORMALISER,
     OBJECTIVES,
     OFF_POLICY_MASK_REFERENCES,
     REJECTION_LEVELS,
@@ -113,12 +114,8 @@ _FLOATS = (torch.float32, torch.float64)
 _HALVES = (torch.float16, torch.bfloat16)
 _INTS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
-# the normaliser each aggregation mode reads (the others it ignores)
-_NORMALISER = {
-    "token_mean": "num_tokens",
-    "seq_mean_token_mean": "num_seqs",
-    "seq_mean_token_sum": "num_seqs",
-}
+# the count each aggregation mode normalises by (token_sum_norm's constant is checked apart)
+_NORMALISER = {m: f for m, f in NORMALISER.items() if f != "constant"}
 
 
 def _unread_normalisers(agg: AggregationConfig, kl_mode: str | None, v: list[FieldViolation]) -> None:

@@ -41,7 +41,7 @@ PARAM_HELP: dict[str, str] = {
     "dual_clip": "dual clip c > 1 for negative advantages; unset: none",
     "scale": "which std divides the centred rewards; unset: the estimator's own default",
     "eps": "added to the std before dividing (optimal_token_baseline: to its sum of W), 0 or >= 1e-100",
-    "min_group_std": "groups with reward std below this get advantage 0, >= 0 (reinforce_pp: 0 only)",
+    "min_group_std": "groups with reward std below this get advantage 0, >= 0",
     "reward_weights": "one weight per component of [B, K] rewards (ComputeAdvantages); unset: 1 each",
     "gamma": "discount of REINFORCE++'s per-token return toward each sequence's last sent token, "
     "in [0, 1]; 1: none",
@@ -124,13 +124,7 @@ OWN_PARAMETERS = {
     "zero_tail": ("optimal_token_baseline",),
 }
 REFUSED_PARAMETERS = {"min_group_std": ("optimal_token_baseline", "reinforce_pp")}
-# the normaliser each aggregation mode reads (validation refuses another alone)
-AGGREGATION_NORMALISER = {
-    "token_mean": "num_tokens",
-    "seq_mean_token_mean": "num_seqs",
-    "seq_mean_token_sum": "num_seqs",
-    "token_sum_norm": "constant",
-}
+
 AGGREGATION_HELP = {
     "token_mean": "sum m l / N_tok",
     "seq_mean_token_mean": "(1/N_seq) sum_i (sum_t m l / |y_i|), the SAPO / GRPO paper form",
@@ -241,7 +235,9 @@ def build(limits: Limits, max_message_bytes: int) -> pb.ListAlgorithmsResponse:
         r.advantage_estimators.add(name=est, description=ESTIMATOR_HELP.get(est, ""), parameters=adv_own)
     agg_params = _params(c.AggregationConfig, skip=("mode",))
     for mode in _default_first(c.AggregationConfig, "mode"):
-        normaliser = [p for p in agg_params if p.name == AGGREGATION_NORMALISER[mode]]
+        normaliser = [
+            p for p in agg_params if p.name == c.NORMALISER[mode]
+        ]  # (validation refuses another alone)
         r.aggregations.add(name=mode, description=AGGREGATION_HELP.get(mode, ""), parameters=normaliser)
     kl_params = _params(c.KLConfig, skip=("estimator",))
     for est in _default_first(c.KLConfig, "estimator"):
