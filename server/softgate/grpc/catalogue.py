@@ -235,9 +235,8 @@ def build(limits: Limits, max_message_bytes: int) -> pb.ListAlgorithmsResponse:
         r.advantage_estimators.add(name=est, description=ESTIMATOR_HELP.get(est, ""), parameters=adv_own)
     agg_params = _params(c.AggregationConfig, skip=("mode",))
     for mode in _default_first(c.AggregationConfig, "mode"):
-        normaliser = [
-            p for p in agg_params if p.name == c.NORMALISER[mode]
-        ]  # (validation refuses another alone)
+        # the normaliser it reads alone (validation refuses another alone)
+        normaliser = [p for p in agg_params if p.name == c.NORMALISER[mode]]
         r.aggregations.add(name=mode, description=AGGREGATION_HELP.get(mode, ""), parameters=normaliser)
     kl_params = _params(c.KLConfig, skip=("estimator",))
     for est in _default_first(c.KLConfig, "estimator"):
