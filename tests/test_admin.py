@@ -566,7 +566,7 @@ def test_a_start_that_fails_leaves_no_server_serving() -> None:
     """An audit: start() raising on its timeout left the thread serving on its port."""
     srv = ThreadedAdminServer(create_app(FakeSettings(admin_token=None), None, lambda: True))
     with pytest.raises(RuntimeError, match="did not start"):
-        srv.start(timeout=0.0)
+        srv.start(timeout=-1.0)  # (a deadline already past: 0 raced a fast start on CI)
     assert not srv.thread.is_alive()
     with pytest.raises(httpx.TransportError):
         httpx.get(srv.url + "/healthz", timeout=2)
