@@ -565,8 +565,16 @@ def test_concurrent_scrapes_share_one_exposition() -> None:
 def test_a_start_that_fails_leaves_no_server_serving() -> None:
     """An audit: start() raising on its timeout left the thread serving on its port."""
     srv = ThreadedAdminServer(create_app(FakeSettings(admin_token=None), None, lambda: True))
+
+    class Slow(type(srv.server)):  # type: ignore[misc]
+        """It serves, but says it has not started yet (a start slower than the timeout; a
+        timeout alone raced a fast start on CI)."""
+
+        started = property(lambda self: False, lambda self, value: None)
+
+    srv.server.__class__ = Slow
     with pytest.raises(RuntimeError, match="did not start"):
-        srv.start(timeout=-1.0)  # (a deadline already past: 0 raced a fast start on CI)
+        srv.start(timeout=0.5)
     assert not srv.thread.is_alive()
     with pytest.raises(httpx.TransportError):
         httpx.get(srv.url + "/healthz", timeout=2)
