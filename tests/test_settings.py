@@ -222,6 +222,9 @@ def test_the_engine_s_compile_variable_is_checked_before_start(monkeypatch: pyte
 
     for word in _ENGINE_COMPILE_WORDS:
         compile_mode(word, torch.device("cpu"))
+    from softgate.engine import compiled  # and every word the engine reads, the settings accept
+
+    assert {*compiled._TRUE, *compiled._FALSE, "background", "", "auto", "none"} <= _ENGINE_COMPILE_WORDS
     monkeypatch.setenv("SOFTGATE_ENGINE_COMPILE", "maybe")
     [problem] = Settings.load({"device": "cpu"}, env={}).host_problems()
     assert problem.startswith("SOFTGATE_ENGINE_COMPILE: 'maybe'; expected")
