@@ -89,23 +89,23 @@ def find_library(kind: str, dirs: Sequence[str] = LIBRARY_DIRS) -> str | None:
     return None
 
 
+def _mapped_files(maps_path: str) -> list[str]:
+    """The files mapped into this process (absolute paths, as /proc/PID/maps lists them)."""
+    try:
+        with open(maps_path) as f:
+            parts = [line.split(None, 5) for line in f]
+    except OSError:
+        return []
+    return [p[5].strip() for p in parts if len(p) == 6 and p[5].startswith("/")]
+
+
 def mapped_allocators(maps_path: str = "/proc/self/maps") -> dict[str, str]:
     """{kind: library path} of the tcmalloc / jemalloc libraries mapped into this process."""
     out: dict[str, str] = {}
-    try:
-        with open(maps_path) as f:
-            for line in f:
-                parts = line.split(None, 5)
-                if len(parts) < 6:
-                    continue
-                path = parts[5].strip()
-                if not path.startswith("/"):
-                    continue
-                kind = kind_of(path)
-                if kind != "other":
-                    out.setdefault(kind, path)
-    except OSError:
-        pass
+    for path in _mapped_files(maps_path):
+        kind = kind_of(path)
+        if kind != "other":
+            out.setdefault(kind, path)
     return out
 
 
@@ -113,13 +113,7 @@ def is_mapped(path: str, maps_path: str = "/proc/self/maps") -> bool:
     """Whether the library file `path` (symlinks resolved) is mapped into this process: a malloc
     given by path whose name is neither tcmalloc's nor jemalloc's (mimalloc, say)."""
     real = os.path.realpath(path)
-    try:
-        with open(maps_path) as f:
-            return any(
-                len(p := line.split(None, 5)) == 6 and os.path.realpath(p[5].strip()) == real for line in f
-            )
-    except OSError:
-        return False
+    return any(os.path.realpath(p) == real for p in set(_mapped_files(maps_path)))
 
 
 def loaded_allocator(maps_path: str = "/proc/self/maps") -> str:
