@@ -124,6 +124,11 @@ def test_environment_coercion(env: dict[str, str], field: str, value: object) ->
         ({"admin_host": "http://127.0.0.1"}, "admin_host: 'http://127.0.0.1' is not"),
         ({"grpc_host": "[::1]:9000"}, "grpc_host: '[::1]:9000' is not a host name or address"),
         ({"grpc_host": "a\tb"}, "grpc_host: 'a\\tb' is not a host name or address"),
+        # brackets hold an IPv6 address only: gRPC cannot parse "[]:port" or "[127.0.0.1]:port"
+        # (exit 1), and an admin_host "[]" listened on every interface, as "" did
+        ({"grpc_host": "[127.0.0.1]"}, "grpc_host: '[127.0.0.1]' is not a host name or address"),
+        ({"grpc_host": "[localhost]"}, "grpc_host: '[localhost]' is not a host name or address"),
+        ({"admin_host": "[]"}, "admin_host: '[]' is not a host name or address"),
     ],
 )
 def test_bad_values_are_refused_with_the_field_named(flags: dict[str, str], needle: str) -> None:

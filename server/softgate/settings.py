@@ -264,7 +264,10 @@ class Settings:
             if not host.strip():  # gRPC could not bind "", uvicorn took all interfaces
                 p.append(f"{name}: empty; give an address (0.0.0.0 or :: for every interface)")
             elif (
-                re.search(r"\s|/", host) or host.count(":") == 1 or host.startswith("[") != host.endswith("]")
+                re.search(r"\s|/", host)
+                or host.count(":") == 1
+                or host.startswith("[") != host.endswith("]")
+                or (host.startswith("[") and ":" not in host[1:-1])  # ([], [127.0.0.1]: gRPC cannot parse)
             ):
                 # failed at bind, exit 1 (a transient failure to a supervisor; an audit)
                 p.append(f"{name}: {host!r} is not a host name or address (no spaces, scheme, path or port)")
