@@ -1397,6 +1397,21 @@ def test_metrics_whose_sums_overflow_are_taken_scaled_not_zeroed(dtype, a, level
     assert E.loss(b, LossConfig()).metrics["approx_kl"] == pytest.approx(1e308 / 3 * 2, rel=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("spread", [0.0, 1e-3])
+def test_adv_std_of_per_token_advantages_far_from_zero_keeps_its_digits(dtype, spread):
+    """adv_std of per-token advantages was taken in one pass (mean of squares minus the square of
+    the mean), each square rounded in the compute dtype: a constant float32 100.1 read 0.008."""
+    n = 1000
+    logp = torch.full((n,), -1.0, dtype=dtype)
+    adv = (100.1 + spread * torch.randn(n, generator=torch.Generator().manual_seed(0), dtype=F64)).to(dtype)
+    b = Batch(logp=logp, offsets=torch.tensor([0, 400, n]), old_logp=logp.clone(), advantages=adv)
+    res = E.loss(b, LossConfig(objective=Sapo()))
+    want = adv.double()
+    assert res.metrics["adv_std"] == pytest.approx(float(want.std(correction=0)), rel=1e-9, abs=1e-12)
+    assert res.metrics["adv_mean"] == pytest.approx(float(want.mean()), rel=1e-12)
+
+
 def test_extreme_log_ratios_are_clamped_and_counted():
     logp = torch.tensor([-1.0, -1.0, -80.0, -1.0], dtype=F64)
     old = torch.tensor([-60.0, -1.0, -1.0, -1.1], dtype=F64)

@@ -550,7 +550,11 @@ def _compute_loss(
     for k in PROXY_NAMES:
         mx[k] = s.get(k, 0.0)
 
-    if not math.isfinite(mx["adv_std"] + mx["adv_mean"]):  # a sum of squares past float64's range
+    # a sum of squares past float64's range, or per-token advantages far from 0 next to their
+    # spread: the one-pass variance then keeps few of its digits (each square rounds in the compute
+    # dtype; a constant 100.1 in float32 read a std of 0.008), so it is taken again in two passes
+    lost = "a_var" not in s and a_var < 1e-3 * share(s["a_sq"], cnt)
+    if lost or not math.isfinite(mx["adv_std"] + mx["adv_mean"]):
         mx["adv_mean"], mx["adv_std"] = _scaled_mean_std(a[m])
     if not math.isfinite(mx["approx_kl"]):  # log-probs near -float64's max
         mx["approx_kl"] = _scaled_mean_std((old - logp)[m])[0]
