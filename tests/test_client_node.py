@@ -62,7 +62,8 @@ def test_node_compute_loss_matches_conformance_vectors(node: str) -> None:
 def test_node_stream_errors_and_defaults(node: str) -> None:
     """The rest of the contract from Node.js (found missing by an audit): StreamLoss in two
     chunks equals ComputeLoss bit for bit, a bad request's BadRequest decodes with messages
-    the script defines itself, and an unset objective is SAPO's defaults."""
+    the script defines itself, an unset objective is SAPO's defaults, and float32 tensors give
+    a float32 gradient."""
     with ServerThread() as server:
         out = subprocess.run(
             [node, str(NODE_DIR / "contract_test.js"), str(server.port), str(VECTORS / "sapo.json")],
@@ -71,4 +72,4 @@ def test_node_stream_errors_and_defaults(node: str) -> None:
             timeout=120,
             cwd=REPO,
         )
-    assert out.returncode == 0 and "7 passed, 0 failed" in out.stdout, f"{out.stdout}\n{out.stderr}"
+    assert out.returncode == 0 and "8 passed, 0 failed" in out.stdout, f"{out.stdout}\n{out.stderr}"

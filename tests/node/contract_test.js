@@ -2,7 +2,8 @@
 // The rest of the contract from Node.js, beyond loss_test.js's unary values: StreamLoss gives
 // the unary results bit for bit, a bad request's google.rpc.BadRequest decodes from
 // `grpc-status-details-bin` with messages defined here (as a client without Google's protos
-// would), and an unset objective is SAPO with its defaults.
+// would), an unset objective is SAPO with its defaults, and float32 tensors give a float32
+// gradient (loss_test.js sends float64 only).
 //
 //   node tests/node/contract_test.js <port> <tests/vectors/sapo.json> [host]
 //
@@ -147,9 +148,22 @@ async function main() {
   const alike = (x, y) => Object.is(x.loss, y.loss) && same(readTensor(x.outputs.gradient), readTensor(y.outputs.gradient));
   check('unset objective: SAPO with tau_pos 1, tau_neg 1.05', alike(ra, rb) && alike(rb, rc), `${ra.loss}, ${rb.loss}, ${rc.loss}`);
 
+  // 4. float32 tensors (Float32 little-endian bytes): a float32 gradient, equal to the float64
+  // vector's within float32's rounding of the inputs
+  const f32 = await call(client, 'ComputeLoss', caseRequest(both, 'float32'));
+  const g32 = f32.outputs.gradient;
+  const want = both.outputs.grad;
+  const near = (x, y) => Math.abs(x - y) <= 1e-6 + 1e-4 * Math.abs(y);
+  const got = readTensor(g32);
+  check(
+    'float32 inputs: a float32 gradient near the float64 vector',
+    g32.dtype === 'DTYPE_FLOAT32' && got.length === want.length && got.every((x, i) => near(x, want[i])) && near(f32.loss, both.outputs.loss),
+    `${g32.dtype}, loss ${f32.loss} vs ${both.outputs.loss}`,
+  );
+
   client.close();
   for (const f of failures) console.error(`FAIL ${f}`);
-  console.log(`${7 - failures.length} passed, ${failures.length} failed`);
+  console.log(`${8 - failures.length} passed, ${failures.length} failed`);
   process.exit(failures.length === 0 ? 0 : 1);
 }
 
