@@ -1867,6 +1867,44 @@ def test_graceful_stop_lets_in_flight_calls_finish() -> None:
             srv.server = None
 
 
+def test_calls_a_stop_cuts_past_its_grace_count_as_their_clients_read_them() -> None:
+    """A call still running when the grace ran out was counted CANCELLED ("the client
+    cancelled") while its client read UNAVAILABLE, so it never reached the error-rate alert
+    (an audit)."""
+    tel = PrometheusTelemetry(Settings())
+    with ServerThread(engine=SlowEngine(delay=3.0), telemetry=tel) as srv:
+        stub = srv.stub()
+        with ThreadPoolExecutor(1) as pool:
+            fut = pool.submit(stub.ComputeLoss, pb.ComputeLossRequest(batch=_good()), timeout=30)
+            while srv.server is not None and srv.server.servicer.in_flight < 1:
+                time.sleep(0.01)
+            assert srv.server is not None
+            srv._call(srv.server.stop(0.2))
+            with pytest.raises(grpc.RpcError) as ei:
+                fut.result()
+            assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+        srv.server = None
+    codes = {
+        s.labels["code"]: s.value
+        for fam in tel.registry.collect()
+        for s in fam.samples
+        if s.name == "softgate_requests_total" and s.labels.get("rpc") == "ComputeLoss" and s.value
+    }
+    assert codes == {"UNAVAILABLE": 1.0}, codes
+
+
+def test_a_unary_call_sent_no_request_is_told_so() -> None:
+    """A raw call that half-closes without its one message: ComputeLoss and ComputeAdvantages
+    answered CANCELLED though nobody cancelled, and ListAlgorithms never answered (grpc's
+    unary handler returns without a status), holding the call until the client's deadline or
+    forever (an audit)."""
+    with ServerThread() as srv, grpc.insecure_channel(srv.target) as ch:
+        for rpc in ("ComputeLoss", "ComputeAdvantages", "ListAlgorithms"):
+            call = ch.stream_unary(f"/softgate.v1.LossService/{rpc}")
+            expect_invalid(lambda c=call: c(iter([]), timeout=10), "request", "missing")
+        assert srv.stub().ListAlgorithms(pb.ListAlgorithmsRequest(), timeout=10).objectives
+
+
 def test_an_open_health_watch_does_not_hold_a_graceful_stop_for_the_whole_grace() -> None:
     """gRPC's client-side health checking keeps a Watch stream open per connection, and gRPC's
     stop waited for it: every SIGTERM took the whole grace with nothing in flight (an audit).

@@ -207,6 +207,7 @@ async def serve(
         stop.set()
         for grpc_server in started if signals_seen > 1 else ():
             if grpc_server.server is not None:  # a second signal: cut the grace period short
+                grpc_server.servicer.stopping = True  # (the calls cut: their clients read UNAVAILABLE)
                 task = loop.create_task(grpc_server.server.stop(0))
                 background.add(task)
                 task.add_done_callback(background.discard)

@@ -195,7 +195,7 @@ def loss_service_handler(servicer: LossServicer) -> grpc.GenericRpcHandler:
             request_deserializer=de(pb.StreamLossRequest, batch_field=3),
             response_serializer=serializer(pb.StreamLossResponse),
         ),
-        "ListAlgorithms": grpc.unary_unary_rpc_method_handler(
+        "ListAlgorithms": grpc.stream_unary_rpc_method_handler(
             servicer.ListAlgorithms,
             request_deserializer=de(pb.ListAlgorithmsRequest),
             response_serializer=pb.ListAlgorithmsResponse.SerializeToString,
@@ -346,6 +346,7 @@ class GrpcServer:
             left = max(end - time.monotonic(), 0.0)
             if self.servicer.in_flight == 0:  # what is left never ends by itself: a health Watch
                 left = min(left, DRAIN_S)  # stream held every stop for the whole grace (an audit)
+        self.servicer.stopping = True  # what is still running now is cut: its client reads UNAVAILABLE
         await self.server.stop(left)
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.server = None

@@ -173,7 +173,8 @@ class _Guard:
             # GeneratorExit: a StreamLoss whose client went away while a response was written;
             # grpc closes the handler's generator later, without a CancelledError
             if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
-                self.call.code = self.call.cut()
+                # cut by a stop past its grace: its client reads UNAVAILABLE ("Cancelling all calls")
+                self.call.code = "UNAVAILABLE" if self.servicer.stopping else self.call.cut()
             elif isinstance(exc, Exception) and not isinstance(exc, grpc.aio.AbortError):
                 self.servicer._fail(self.call, exc, self.context)
                 _clear_frames(exc)
@@ -217,6 +218,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         self._unrecorded = 0  # calls ended since telemetry last recorded (see _kick)
         self._kick_timer: asyncio.TimerHandle | None = None
         self.closing = False  # set by a graceful stop: new calls are refused
+        self.stopping = False  # set when that stop cuts the calls left (grace over, or a second signal)
 
     # ------------------------------------------------------------ plumbing
     def _hook(self, name: str, *args: Any) -> None:
@@ -479,7 +481,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         async with self._guard("ComputeAdvantages", context) as call:
             msg = request
             if not isinstance(msg, (pb.ComputeAdvantagesRequest, codec.CorruptMessage)):
-                msg = await _first(msg, self.stream_idle_timeout_s)
+                msg = await _first(msg, self.stream_idle_timeout_s, call.deadline)
             if isinstance(msg, codec.CorruptMessage):
                 raise InputError([msg.violation("request")])
             assert isinstance(msg, pb.ComputeAdvantagesRequest)
@@ -562,7 +564,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         otherwise (e.g. the generated registration). None: failed, the status says why."""
         async with self._guard("ComputeLoss", context) as call:
             if not isinstance(request, (pb.ComputeLossRequest, codec.Received, codec.CorruptMessage)):
-                request = await _first(request, self.stream_idle_timeout_s)
+                request = await _first(request, self.stream_idle_timeout_s, call.deadline)
             if isinstance(request, codec.CorruptMessage):
                 raise InputError([request.violation("request")])
             msg, wire = codec.unwrap(request)
@@ -778,6 +780,13 @@ class LossServicer(pb_grpc.LossServiceServicer):
         if self.closing:
             await self._refuse(call, grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN, context)
         v: list[FieldViolation] = []
+        if not isinstance(request, (pb.ListAlgorithmsRequest, codec.CorruptMessage)):
+            try:  # (read as a stream of one: grpc's unary handler never answers a call sent none)
+                request = await _first(request, self.stream_idle_timeout_s, call.deadline)
+            except Exception as e:
+                self._fail(call, e, context)
+                self._account(call, time.perf_counter() - call.t0)
+                return None  # type: ignore[return-value]
         if isinstance(request, codec.CorruptMessage):
             v.append(request.violation("request"))
         else:
@@ -795,17 +804,24 @@ class LossServicer(pb_grpc.LossServiceServicer):
 # ---------------------------------------------------------------- helpers
 
 
-async def _first(requests: AsyncIterator[Any], idle_s: float | None) -> Any:
+async def _first(requests: AsyncIterator[Any], idle_s: float | None, deadline: float | None) -> Any:
     """The request of a unary call read as a stream (server.loss_service_handler), waited for
     at most `idle_s` (see `_next_request`). When none comes, the call ended before it arrived
-    (its deadline, a cancel, a message over the size limit that grpc refused itself; a unary
-    client always sends one): accounted as cut, never as a rejected input the client did not see."""
+    (its deadline, a cancel, a message over the size limit that grpc refused itself): accounted
+    as cut, never as a rejected input the client did not see; or its client half-closed without
+    sending it (a raw stream call), which is told so (it was told CANCELLED; an audit)."""
     try:
         return await _next_request(aiter(requests), idle_s)
     except StopAsyncIteration:
-        raise Cancelled() from None
+        pass
     finally:
         await _close(requests)
+    # grpc ends a cut call's requests as a half-close: its cancel arrives a moment later (a
+    # CancelledError in this sleep), as for an empty StreamLoss
+    if deadline is not None and time.perf_counter() >= deadline:
+        raise Cancelled()
+    await asyncio.sleep(CUT_WAIT_S)
+    raise InputError([FieldViolation("request", "missing: the call carried no request message")])
 
 
 async def _next_request(requests: AsyncIterator[T], idle_s: float | None) -> T:
