@@ -295,6 +295,20 @@ def test_run_metadata_and_round_robin_options() -> None:
     assert "grpc.lb_policy_name" not in dict(channel_options(max_message_bytes=1, round_robin=False))
 
 
+def test_the_channel_reconnects_often_enough_for_the_retry_budget() -> None:
+    """Found by an audit: gRPC's own reconnect backoff (1 s x1.6 up to 120 s) left a server
+    back after 45 s untried within the 60 s budget, each retry failing at once on the cached
+    "Connection refused". That scenario takes a minute (the audit's: failed after 60 s before,
+    answered 48 s in after); the options that decide it are checked here."""
+    from softgate_client._channel import channel_options
+
+    for rr in (False, True):
+        opts = dict(channel_options(max_message_bytes=1 << 20, round_robin=rr))
+        assert opts["grpc.initial_reconnect_backoff_ms"] == 100
+        assert opts["grpc.max_reconnect_backoff_ms"] == 5_000
+        assert "grpc.min_reconnect_backoff_ms" not in opts  # (the shortest connect timeout, not a wait)
+
+
 def test_retryable_codes() -> None:
     p = RetryPolicy()
     assert p.retryable(grpc.StatusCode.UNAVAILABLE, "connection refused")
