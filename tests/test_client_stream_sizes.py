@@ -292,3 +292,24 @@ def test_a_request_just_under_the_smallest_server_limit_asks_it(inprocess_server
     with SoftgateClient(srv.target, timeout=60) as c:
         r = c.loss(logp, None, offsets=off, advantages=adv)
         assert r.streamed and r.chunks == 2 and c._server_max_message_bytes == 64 * 1024
+
+
+def test_a_callers_channel_limit_gets_the_call_streamed_under_it(server) -> None:
+    """Found by an audit: a caller's channel (`grpc.insecure_channel(t)`, gRPC's 4 MiB receive
+    limit) refused a large call's response (`CLIENT: Received message larger than max`) and
+    the re-planned call went unary again, refused again. The client now keeps its threshold
+    and chunks under 90% of the limit gRPC names (a 256 KiB one here, for speed)."""
+    limit = 256 * 1024
+    logp, off, adv = ragged([1000] * 100, np.float32)  # 400 KB each way
+    with SoftgateClient(f"127.0.0.1:{server.port}", timeout=60) as own:
+        unary = own.loss(logp, None, offsets=off, advantages=adv)
+    assert not unary.streamed
+    ch = grpc.insecure_channel(
+        f"127.0.0.1:{server.port}", options=[("grpc.max_receive_message_length", limit)]
+    )
+    with SoftgateClient(channel=ch, timeout=60) as c:
+        for _ in range(2):  # (the second call streams at once)
+            res = c.loss(logp, None, offsets=off, advantages=adv)
+            assert res.streamed and res.chunks == 2
+            assert_same(res, unary, ())
+            assert c.stream_threshold_bytes == c.stream_chunk_bytes == int(0.9 * limit)

@@ -74,6 +74,8 @@ _CHUNK_HEAD_BYTES = 48 * len(_wire.BATCH_FIELDS)
 # data, plus headers) asks the server's own limit first (once), as the threshold keeps 10% free
 _LIMIT_PROBE_BYTES = 64 * 1024
 _LIMIT_PROBE_ABOVE = int(0.9 * _LIMIT_PROBE_BYTES) - _CHUNK_HEAD_BYTES
+# this client's channel refusing a message (gRPC's words): its limit is the number after "vs."
+_OWN_LIMIT = re.compile(r"CLIENT: \w+ message larger than max \(\d+ vs\. (\d+)\)")
 _LIMIT_PROBE_S = 10.0  # the longest the ask of the server's limit waits (within the call's timeout)
 T = TypeVar("T")
 
@@ -629,7 +631,8 @@ class SoftgateClient:
     chunk, request and response (a sequence larger than that travels alone).
     channel_options: extra gRPC channel arguments (`{"grpc.default_compression_algorithm": 2}`),
     over the client's own. channel: a channel of the caller's (an intercepted one, say), used
-    as is instead of one built from the arguments above.
+    as is instead of one built from the arguments above (its receive limit, gRPC's 4 MiB by
+    default, bounds a unary call: one it refuses is sent again streamed under 90% of it).
 
     A client may be shared by threads, and by processes forked after it was made (a
     DataLoader's workers): a child's first call builds its own channel, and a fork waits for
@@ -982,8 +985,14 @@ class SoftgateClient:
         except ResourceExhaustedError as e:
             if stream is False or "larger than max" not in e.details:
                 raise
-            # the server's limit is not the one asked (a restart with another limit, pods with
-            # mixed limits): ask it again, once, and plan the call anew in the time left
+            own = _OWN_LIMIT.search(e.details)
+            if own:  # this client's channel's limit (a caller's channel= keeps gRPC's 4 MiB
+                # receive limit): keep every later call's messages under 90% of it too
+                cap = int(int(own.group(1)) * 0.9)
+                self._threshold_bytes = min(self._threshold_bytes, cap)
+                self._chunk_bytes = min(self._chunk_bytes, cap)
+            # else the server's limit is not the one asked (a restart with another limit, pods
+            # with mixed limits): ask it again, once; either way plan the call anew in the time left
             self._forget_limit()
             result = self._loss_call(packed, proto_cfg, sel, fields, out_per_token, stream, md, deadline)
         self.last_result = result
