@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import threading
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from softgate_client import DeadlineExceededError, SoftgateClient, _fork
+from softgate_client import DeadlineExceededError, RetryPolicy, SoftgateClient, _fork
 from softgate_client import client as client_module
 from softgate_client._channel import make_channel
 from test_client_harness import ServerThread
@@ -298,3 +299,31 @@ def test_the_limit_ask_outlasted_by_a_fork_is_skipped_not_raised() -> None:
         assert c._server_max_message_bytes is None  # not asked: asked again next time
         c._ask_limit(time.monotonic() + 5)
         assert c._server_max_message_bytes > 0
+
+
+def test_a_client_pickles_as_its_arguments_for_spawned_workers() -> None:
+    """Found by an audit: the docs send workers to forkserver / spawn, whose copies are pickled,
+    but a client did not pickle (grpc's channel: TypeError). Its copy is built anew from its
+    arguments, a channel of its own; a client on the caller's channel, or closed, says why not."""
+    with ServerThread() as s:
+        policy = RetryPolicy(max_attempts=3, budget=7.0)
+        kw: dict[str, Any] = {"retries": policy, "run": "r1", "max_message_bytes": 1 << 24}
+        for timeout in (12.5, None):
+            with SoftgateClient(f"127.0.0.1:{s.port}", timeout=timeout, stream_chunk_bytes=4096, **kw) as c:
+                copy = pickle.loads(pickle.dumps(c))
+                with copy:
+                    assert copy._channel is not c._channel
+                    assert (copy.target, copy.run, copy.timeout) == (c.target, "r1", timeout)
+                    assert (copy.retry_policy, copy.max_message_bytes) == (policy, 1 << 24)
+                    assert (copy.stream_threshold_bytes, copy.stream_chunk_bytes) == (
+                        int(0.9 * (1 << 24)),
+                        4096,
+                    )
+                    assert copy.loss(LOGP, **KW).loss == c.loss(LOGP, **KW).loss
+        theirs = SoftgateClient(channel=grpc.insecure_channel(f"127.0.0.1:{s.port}"))
+        with theirs, pytest.raises(TypeError, match="built with channel= cannot be pickled"):
+            pickle.dumps(theirs)
+        closed = SoftgateClient(f"127.0.0.1:{s.port}")
+        closed.close()
+        with pytest.raises(ValueError, match=r"^SoftgateClient is closed$"):
+            pickle.dumps(closed)

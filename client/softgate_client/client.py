@@ -636,7 +636,8 @@ class SoftgateClient:
 
     A client may be shared by threads, and by processes forked after it was made (a
     DataLoader's workers): a child's first call builds its own channel, and a fork waits for
-    the calls in flight (see _fork). close() it when done; a closed client raises ValueError.
+    the calls in flight (see _fork). It pickles as its arguments (a spawned worker's copy builds
+    its own channel). close() it when done; a closed client raises ValueError.
     """
 
     def __init__(
@@ -744,6 +745,30 @@ class SoftgateClient:
                 inherited = self._channel
                 self._connect()
                 keep_inherited(inherited)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle as the constructor's arguments (a spawn / forkserver worker's copy, a
+        multiprocessing argument): the copy builds a channel of its own where it is unpickled."""
+        if not self._own_channel:  # (its channel's arguments are not the client's to know)
+            raise TypeError("a SoftgateClient built with channel= cannot be pickled: build one in the worker")
+        if self._closed:
+            raise ValueError("SoftgateClient is closed")
+        a = self._channel_args
+        kw = {
+            "tls": a["tls"],
+            "root_certificates": a["root_certificates"],
+            "client_cert": a["client_cert"],
+            "client_key": a["client_key"],
+            "server_name_override": a["server_name_override"],
+            "channel_options": a["options"],
+            "max_message_bytes": self.max_message_bytes,
+            "retries": self.retry_policy,  # (its budget too)
+            "timeout": math.inf if self.timeout is None else self.timeout,
+            "run": self.run,
+            "stream_threshold_bytes": self._threshold_bytes,
+            "stream_chunk_bytes": self._chunk_bytes,
+        }
+        return (functools.partial(SoftgateClient, self.target, **kw), ())
 
     # -------------------------------------------------------- plumbing
 
