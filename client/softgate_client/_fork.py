@@ -1,6 +1,7 @@
 """Forks: a child keeps the channels it inherited untouched, and a fork() waits (up to
 FORK_WAIT_S) for this process's softgate calls in flight to end while new calls wait for it
-(each within its own timeout: then DEADLINE_EXCEEDED, raised here).
+(each within its own timeout: then DEADLINE_EXCEEDED, raised here); after a wait that ran out,
+later forks do not wait until no call is in flight.
 With a call in flight, gRPC skips its own fork handlers ("Other threads are currently calling
 into gRPC") and the child inherits gRPC's state mid-call: a worker forked then (a DataLoader's,
 while a thread of the trainer calls) could hang or crash even on a channel of its own (an
@@ -23,6 +24,7 @@ class _Gate:
         self.cond = threading.Condition()
         self.calls = 0  # calls in flight
         self.forks = 0  # forks waiting or under way
+        self.stalled = False  # a fork gave up waiting for the calls still in flight
         self.rebuild = threading.Lock()  # a forked child's clients rebuild their channels under it
 
 
@@ -58,6 +60,8 @@ def in_flight(timeout: float | None = None) -> Iterator[None]:
     finally:
         with gate.cond:
             gate.calls -= 1
+            if gate.calls == 0:
+                gate.stalled = False
             gate.cond.notify_all()
 
 
@@ -65,7 +69,10 @@ def _before_fork() -> None:
     gate = _gate
     with gate.cond:
         gate.forks += 1
-        gate.cond.wait_for(lambda: gate.calls == 0, timeout=FORK_WAIT_S)
+        # once a fork gave up on the calls in flight, later forks go on at once until they have
+        # all ended: each waited the full FORK_WAIT_S again for the same long call (an audit)
+        if not gate.stalled:
+            gate.stalled = not gate.cond.wait_for(lambda: gate.calls == 0, timeout=FORK_WAIT_S)
 
 
 def _after_fork_in_parent() -> None:
