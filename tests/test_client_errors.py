@@ -570,6 +570,46 @@ def test_a_timeout_that_is_not_seconds_is_refused_by_name(fake_server, bad: Any)
         c.algorithms(timeout=bad)
 
 
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (
+            {"max_message_bytes": 4 << 30},
+            r"max_message_bytes: 4294967296 must be an integer in \[1, 2147483647\]",
+        ),
+        ({"max_message_bytes": 0}, r"max_message_bytes: 0 must be an integer in \[1, "),
+        ({"max_message_bytes": -1}, r"max_message_bytes: -1 must be an integer in \[1, "),
+        ({"max_message_bytes": "1e6"}, r"max_message_bytes: '1e6' must be an integer"),
+        ({"retries": "abc"}, r"retries: 'abc' must be an integer >= 1 \(attempts in all; 1: no retry\)"),
+        ({"retries": 0}, r"retries: 0 must be an integer >= 1"),
+        ({"retries": -3}, r"retries: -3 must be an integer >= 1"),
+        ({"retries": 2.5}, r"retries: 2.5 must be an integer >= 1"),
+        ({"retries": True}, r"retries: True must be an integer >= 1"),
+        ({"run": 123}, r"run: 123 must be a str"),
+        ({"run": b"x"}, r"run: b'x' must be a str"),
+        ({"stream_chunk_bytes": -5}, r"stream_chunk_bytes: -5 must be an integer >= 1"),
+        ({"stream_chunk_bytes": 0}, r"stream_chunk_bytes: 0 must be an integer >= 1"),
+        ({"stream_threshold_bytes": -1}, r"stream_threshold_bytes: -1 must be an integer >= 1, or None"),
+        ({"initial_backoff": -1}, r"initial_backoff: -1 must be a finite number >= 0"),
+        ({"initial_backoff": "0.1"}, r"initial_backoff: '0.1' must be a finite number >= 0"),
+        ({"max_backoff": math.nan}, r"max_backoff: nan must be a finite number >= 0"),
+        ({"max_backoff": math.inf}, r"max_backoff: inf must be a finite number >= 0"),
+        ({"multiplier": -2}, r"multiplier: -2 must be a finite number >= 1"),
+        ({"multiplier": 0.5}, r"multiplier: 0.5 must be a finite number >= 1"),
+    ],
+)
+def test_bad_client_and_retry_policy_values_are_refused_at_construction_by_name(kw, message) -> None:
+    """Found by an audit: these failed at the first call or retry (AttributeError, a NaN wait),
+    inside gRPC (OverflowError), unnamed (int()'s ValueError), or were taken (retries=0 as 1,
+    a negative chunk size)."""
+    policy_fields = ("initial_backoff", "max_backoff", "multiplier")
+    with pytest.raises(ValueError, match="^" + message):
+        if next(iter(kw)) in policy_fields:
+            RetryPolicy(**kw)
+        else:
+            SoftgateClient("127.0.0.1:1", **kw)
+
+
 def test_a_long_run_name_is_cut_as_the_server_cuts_it(fake_server) -> None:
     """Found by an audit: a run name over gRPC's 16 KiB metadata limit failed every call
     (RESOURCE_EXHAUSTED, retried); the server keeps 64 characters of it anyway."""

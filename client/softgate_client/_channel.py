@@ -54,6 +54,15 @@ class RetryPolicy:
             raise ValueError(f"max_attempts: {self.max_attempts} must be at least 1, or None")
         if not self.budget >= 0:  # (NaN too)
             raise ValueError(f"budget: {self.budget} must be a number of seconds >= 0")
+        # checked here, not at the first retry (a NaN or negative wait failed only there)
+        for name, least in (("initial_backoff", 0.0), ("max_backoff", 0.0), ("multiplier", 1.0)):
+            value = getattr(self, name)
+            try:
+                ok = math.isfinite(value) and value >= least
+            except TypeError:
+                ok = False
+            if not ok:
+                raise ValueError(f"{name}: {value!r} must be a finite number >= {least:g}")
 
     def retryable(self, code: grpc.StatusCode | None, details: str | None) -> bool:
         if code not in self.retry_on:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 import os
 import re
 import time
@@ -146,6 +147,16 @@ def _seconds(value: Any, name: str, also: str) -> float:
     if not t >= 0:
         raise ValueError(f"{name}: {value!r} must be a number of seconds >= 0{also}")
     return t
+
+
+def _count(value: Any, name: str, most: int | None = None, also: str = "") -> int:
+    """`value` as an integer >= 1 (and <= `most`); else ValueError naming `name`, `also` saying
+    what else it may be. A bool is not a count (True would be 1)."""
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not ok or value < 1 or (most is not None and value > most):
+        bound = ">= 1" if most is None else f"in [1, {most}]"
+        raise ValueError(f"{name}: {value!r} must be an integer {bound}{also}")
+    return int(value)
 
 
 def timeout_seconds(timeout: float | None) -> float | None:
@@ -619,7 +630,7 @@ class SoftgateClient:
     at construction (ValueError naming the argument). server_name_override: the host name the
     server's certificate is checked against instead of the target's (a certificate for
     `softgate.internal` reached through an IP or a tunnel).
-    retries: None (default): retried until `retry_budget`; an int: also at most that many
+    retries: None (default): retried until `retry_budget`; an int >= 1: also at most that many
     attempts in all; or a RetryPolicy. retry_budget: seconds a call keeps retrying UNAVAILABLE
     and a busy server (default 60, within `timeout`; a wrong address fails only then: a call
     still retrying after 5 s logs a warning on the `softgate_client` logger).
@@ -660,25 +671,33 @@ class SoftgateClient:
         channel: grpc.Channel | None = None,
     ) -> None:
         self.target = target
-        policy = (
-            retries
-            if isinstance(retries, RetryPolicy)
-            else RetryPolicy(max_attempts=None if retries is None else max(1, int(retries)))
-        )
+        # every argument checked here, by name: a bad one failed at the first call, the first
+        # retry or inside gRPC (OverflowError), or was silently taken (retries=0 as 1)
+        policy = retries
+        if not isinstance(policy, RetryPolicy):
+            also = " (attempts in all; 1: no retry), None or a RetryPolicy"
+            attempts = None if retries is None else _count(retries, "retries", also=also)
+            policy = RetryPolicy(max_attempts=attempts)
         if retry_budget is not None:
             budget = _seconds(retry_budget, "retry_budget", " (math.inf: until timeout)")
             policy = dataclasses.replace(policy, budget=budget)
         self.retry_policy = policy
         self.timeout = timeout_seconds(timeout)
+        if run is not None and not isinstance(run, str):
+            raise ValueError(f"run: {run!r} must be a str (the run's name) or None")
         self.run = run
-        self.max_message_bytes = int(max_message_bytes)
+        # (gRPC's channel arguments are 32-bit ints)
+        self.max_message_bytes = _count(max_message_bytes, "max_message_bytes", most=2**31 - 1)
         self._threshold_bytes = (
-            int(stream_threshold_bytes)
+            _count(
+                stream_threshold_bytes, "stream_threshold_bytes", also=", or None (90% of max_message_bytes)"
+            )
             if stream_threshold_bytes is not None
             else int(self.max_message_bytes * 0.9)
         )
         # each streamed message must fit the limit; the threshold only says when to stream
-        self._chunk_bytes = int(min(stream_chunk_bytes, self.max_message_bytes * 0.9))
+        chunk = _count(stream_chunk_bytes, "stream_chunk_bytes")
+        self._chunk_bytes = int(min(chunk, self.max_message_bytes * 0.9))
         self._channel_args: dict[str, Any] = {
             "tls": tls,
             "root_certificates": root_certificates,
