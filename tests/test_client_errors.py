@@ -257,6 +257,13 @@ def test_normalise_target() -> None:
     assert normalise_target("::1") == ("[::1]:50051", False)
     assert normalise_target("fd00::5") == ("[fd00::5]:50051", False)
     assert normalise_target("dns:///::1") == ("dns:///[::1]:50051", True)
+    # ipv4: / ipv6: addresses too (an audit: `ipv4:127.0.0.1` failed "the target uri is not valid")
+    assert normalise_target("ipv4:127.0.0.1") == ("ipv4:127.0.0.1:50051", False)
+    assert normalise_target("ipv4:127.0.0.1:9") == ("ipv4:127.0.0.1:9", False)
+    assert normalise_target("ipv4:///10.0.0.1,10.0.0.2:9") == ("ipv4:///10.0.0.1:50051,10.0.0.2:9", False)
+    assert normalise_target("ipv6:[::1]") == ("ipv6:[::1]:50051", False)
+    assert normalise_target("ipv6:::1") == ("ipv6:[::1]:50051", False)
+    assert normalise_target("ipv6:[::1]:9") == ("ipv6:[::1]:9", False)
 
 
 def test_run_metadata_and_round_robin_options() -> None:

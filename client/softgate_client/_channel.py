@@ -113,12 +113,18 @@ def _with_port(hostport: str) -> str:
 
 
 def normalise_target(target: str) -> tuple[str, bool]:
-    """(target, is_dns_name): a `host` or `dns:///host` without a port gets the default port
-    (gRPC's DNS resolver would pick 443); `dns:` targets and host names (not IP literals, not
-    `unix:`) are names whose addresses round-robin spreads calls over."""
+    """(target, is_dns_name): a `host`, `dns:///host` or `ipv4:` / `ipv6:` address without a
+    port gets the default port (gRPC's DNS resolver would pick 443; `ipv4:127.0.0.1` is not a
+    valid target to gRPC); `dns:` targets and host names (not IP literals, not `unix:`) are
+    names whose addresses round-robin spreads calls over."""
     t = target.strip()
-    if t.startswith(("unix:", "unix-abstract:", "ipv4:", "ipv6:")):
+    if t.startswith(("unix:", "unix-abstract:")):
         return t, False
+    if t.startswith(("ipv4:", "ipv6:")):  # ipv4:a[:port][,b[:port]...], or after an empty authority `///`
+        scheme, rest = t[:5], t[5:]
+        slashes = "///" if rest.startswith("///") else ""
+        addresses = rest[len(slashes) :].split(",")
+        return scheme + slashes + ",".join(_with_port(a) for a in addresses), False
     if t.startswith("dns:"):  # dns:host, dns:///host or dns://authority/host
         head, sep, host = t.rpartition("/") if "/" in t else ("dns", ":", t[4:])
         return head + sep + _with_port(host), True
