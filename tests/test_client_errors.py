@@ -565,6 +565,16 @@ def test_an_infinite_timeout_means_no_deadline(fake_server, timeout: float) -> N
         assert c.algorithms(timeout=timeout).server_version == "test"
 
 
+def test_a_calls_timeout_none_is_the_clients_and_inf_none() -> None:
+    """Found by an audit: docs/client.md said a call's `timeout=None` meant no deadline; it is
+    the client's timeout (math.inf removes it). What the docs now say, pinned."""
+    with SoftgateClient("127.0.0.1:1", timeout=7.0) as c:
+        t0 = time.monotonic()
+        deadline = c._deadline(None)
+        assert deadline is not None and t0 + 7.0 <= deadline <= time.monotonic() + 7.0
+        assert c._deadline(math.inf) is None
+
+
 @pytest.mark.parametrize("bad", [math.nan, -1.0, "soon"])
 def test_a_timeout_that_is_not_seconds_is_refused_by_name(fake_server, bad: Any) -> None:
     target = fake_server(_Flaky(grpc.StatusCode.OK, "", until=0.0))
