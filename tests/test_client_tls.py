@@ -126,6 +126,17 @@ def test_unusable_tls_material_is_refused_at_construction_by_name(certs: Any, tm
         ),
         ({"root_certificates": certs.client_key_pem}, "root_certificates: not PEM certificates"),
         ({"root_certificates": b"\x30\x82\x01\x0a"}, "root_certificates: not PEM certificates"),
+        # (an audit: a bare FileNotFoundError / IsADirectoryError, naming no argument)
+        (
+            {"root_certificates": str(tmp_path / "nope.pem")},
+            f"root_certificates: cannot read '{tmp_path / 'nope.pem'}': No such file or directory",
+        ),
+        (
+            {"root_certificates": str(tmp_path)},
+            f"root_certificates: cannot read '{tmp_path}': Is a directory",
+        ),
+        ({**pair, "client_cert": str(tmp_path / "c.pem")}, "client_cert: cannot read "),
+        ({**pair, "client_key": str(tmp_path / "c.key")}, "client_key: cannot read "),
     ]
     for kw, why in cases:
         with pytest.raises(ValueError, match=f"^{re.escape(why)}"):

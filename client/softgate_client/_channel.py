@@ -92,15 +92,19 @@ class RetryPolicy:
         return float(min(self.max_backoff, self.initial_backoff * self.multiplier ** min(attempt - 1, 64)))
 
 
-def _read(x: bytes | str | os.PathLike[str] | None) -> bytes | None:
-    """Certificate material given as bytes (PEM) or as a path to a PEM file."""
+def _read(x: bytes | str | os.PathLike[str] | None, name: str) -> bytes | None:
+    """Certificate material given as bytes (PEM) or as a path to a PEM file; a file that
+    cannot be read is a ValueError naming the argument `name`, as unusable material is."""
     if x is None or isinstance(x, bytes):
         return x
     s = os.fspath(x)
     if "-----BEGIN" in s:
         return s.encode()
-    with open(s, "rb") as f:
-        return f.read()
+    try:
+        with open(s, "rb") as f:
+            return f.read()
+    except OSError as e:  # (a missing file, a folder, no permission)
+        raise ValueError(f"{name}: cannot read {s!r}: {e.strerror or e}") from None
 
 
 def _with_port(hostport: str) -> str:
@@ -278,7 +282,8 @@ def make_channel(
     opts = channel_options(max_message_bytes=max_message_bytes, round_robin=is_name, extra=extra)
     if not uses_tls(tls, root_certificates, client_cert):
         return grpc.insecure_channel(target, options=opts)
-    roots, cert, key = _read(root_certificates), _read(client_cert), _read(client_key)
+    roots = _read(root_certificates, "root_certificates")
+    cert, key = _read(client_cert, "client_cert"), _read(client_key, "client_key")
     check_tls_material(roots, cert, key)
     creds = grpc.ssl_channel_credentials(
         root_certificates=roots if roots is not None else os_root_certificates(),
