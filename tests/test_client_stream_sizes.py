@@ -313,3 +313,21 @@ def test_a_callers_channel_limit_gets_the_call_streamed_under_it(server) -> None
             assert res.streamed and res.chunks == 2
             assert_same(res, unary, ())
             assert c.stream_threshold_bytes == c.stream_chunk_bytes == int(0.9 * limit)
+
+
+def test_a_small_call_forced_to_stream_keeps_to_the_servers_chunk_count() -> None:
+    """A call under the size at which the client asks the server's limits, streamed by
+    `stream=True` in small chunks, sent more chunks than max_stream_chunks and was refused
+    (`chunk[8]: too_large`; an audit): a stream of several chunks asks the limits first."""
+    from softgate.grpc.in_process import in_process_server
+
+    logp = np.full((64, 64), -1.0, np.float32)
+    adv = np.ones(64, np.float32)
+    with (
+        in_process_server(max_stream_chunks=8) as target,
+        SoftgateClient(target, stream_chunk_bytes=1024) as c,
+    ):
+        streamed = c.loss(logp, None, advantages=adv, stream=True)
+        unary = c.loss(logp, None, advantages=adv, stream=False)
+    assert streamed.loss == unary.loss
+    assert np.array_equal(streamed.grad, unary.grad)

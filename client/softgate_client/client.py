@@ -1077,6 +1077,11 @@ class SoftgateClient:
     ) -> LossResult:
         """`out_per_token`: the response's bytes per token (_out_bytes_per_token)."""
         bounds = packed.chunk_bounds(self.stream_chunk_bytes, out_per_token)
+        if self._server_max_message_bytes is None and len(bounds) > 1:
+            # a small call forced to stream (stream=True) never asked the server's limits:
+            # its chunk count may exceed max_stream_chunks
+            self._ask_limit(deadline)
+            bounds = packed.chunk_bounds(self.stream_chunk_bytes, out_per_token)
         most = self._server_max_stream_chunks
         if most and len(bounds) > most:  # the server refuses more: the largest chunks a message holds
             largest = min(self.max_message_bytes, self._server_max_message_bytes or self.max_message_bytes)
