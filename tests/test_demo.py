@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("matplotlib")
 
 from softgate.demo import main
-from softgate.demo.runs import parse_run
+from softgate.demo.runs import DEFAULT_RUNS, parse_run
 from softgate.demo.task import EOS, DigitSumTask
 from softgate.engine.config import OBJECTIVES
 
@@ -67,6 +67,31 @@ def test_parse_run():
         parse_run("clip_cov(seed=1.5)")
 
 
+def test_near_identical_runs_are_two_rows(tmp_path, capsys):
+    """Found by an audit: keys printed 6 significant digits, so grpo(eps_low=0.2) and
+    grpo(eps_low=0.2000001) shared one key and were averaged into one row. The default run's
+    keys are as they were (the committed outputs name them)."""
+    assert [parse_run(r).key for r in DEFAULT_RUNS] == [
+        "sapo_tp1_tn1.05",
+        "grpo_el0.2_eh0.27",
+        "gspo_el0.0003_eh0.0004",
+        "reinforce",
+        "sapo_tp1.05_tn1",
+        "sapo_tp1_tn2",
+        "sapo_tp2_tn1",
+    ]
+    near = parse_run("grpo(eps_low=0.2000001)")
+    assert (near.key, near.label) == ("grpo_el0.2000001_eh0.27", "grpo eps=0.2000001/0.27")
+    argv = ["--objectives", "grpo(eps_low=0.2)", "grpo(eps_low=0.2000001)", "--steps", "1", "--seeds", "1"]
+    argv += ["--prompts-per-step", "4", "--minibatches", "2", "--in-process", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "demo-summary.json").read_text())["summary"]
+    assert [(r["run"], r["seeds"]) for r in summary] == [
+        ("grpo_el0.2_eh0.27", 1),
+        ("grpo_el0.2000001_eh0.27", 1),
+    ]
+
+
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
 def test_every_engine_objective_has_a_label(name):
     """Found by an audit: cispo, gppo and gspo_token had no demo defaults, and their label read
@@ -92,6 +117,11 @@ def test_every_engine_objective_has_a_label(name):
         (["--in-process", "--objectives", "sapo", "foo"], "unknown objective 'foo'"),
         (["--in-process", "--objectives", "sapo(tau_pos=-1)"], "tau_pos: out_of_range: -1.0 must be > 0"),
         (["--objectives", "grpo(dual_clip=1)"], "dual_clip: out_of_range: 1.0 must be > 1"),
+        # found by an audit: a run given twice was one row of twice the seeds (seeds=4 for 2)
+        (
+            ["--objectives", "sapo", "grpo", "sapo(tau_pos=1.0)"],
+            "--objectives: 'sapo(tau_pos=1.0)' is the same run as 'sapo' (sapo_tp1_tn1.05)",
+        ),
         (["--seed", "99999999999999999999999"], "--seed must be between 0 and 4294967295"),
         (["--seed", "4294967295", "--seeds", "2"], "--seed must be between 0 and 4294967295"),
         (["--tls"], "--server-name-override need --target"),

@@ -17,7 +17,7 @@ import torch
 from softgate_client.errors import SoftgateError
 
 from softgate.demo.backends import LossBackend
-from softgate.demo.runs import DEFAULT_RUNS, RunSpec, parse_run
+from softgate.demo.runs import DEFAULT_RUNS, RunSpec, parse_runs
 from softgate.demo.task import DigitSumTask
 from softgate.demo.train import RunResult, TrainConfig, check_counts, check_seeds, train
 
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         task=DigitSumTask(),
     )
     try:
-        specs = [parse_run(s) for s in args.objectives]  # checked as the engine checks them
+        specs = parse_runs(args.objectives)  # checked as the engine checks them, none twice
         base.check()
         check_counts({"seeds": args.seeds, "threads": args.threads, "last-k": args.last_k})
         check_seeds(args.seed, args.seeds)

@@ -36,6 +36,13 @@ DEFAULT_RUNS = (
 _RUN = re.compile(r"^\s*([a-z_]+)\s*(?:\((.*)\))?\s*$")
 
 
+def _num(v: float) -> str:
+    """`v` to 6 significant digits, or every digit where 6 would not give `v` back: 0.2 and
+    0.2000001 both read 0.2, and their runs shared one key, so one row (an audit)."""
+    short = format(v, "g")
+    return short if float(short) == v else repr(v)
+
+
 @dataclass(frozen=True)
 class RunSpec:
     objective: str
@@ -46,13 +53,11 @@ class RunSpec:
         parts = [self.objective]
         # any objective's parameters (an audit: cispo's label read eps_low it did not have)
         if "tau_pos" in p and "tau_neg" in p:
-            parts += [f"{tau[0]}{p.pop('tau_pos'):g}", f"{tau[1]}{p.pop('tau_neg'):g}"]
+            parts += [f"{tau[0]}{_num(p.pop('tau_pos'))}", f"{tau[1]}{_num(p.pop('tau_neg'))}"]
         if "eps_low" in p and "eps_high" in p:
-            parts += [f"{eps[0]}{p.pop('eps_low'):g}{eps[1]}{p.pop('eps_high'):g}"]
+            parts += [f"{eps[0]}{_num(p.pop('eps_low'))}{eps[1]}{_num(p.pop('eps_high'))}"]
         # (an integer as it is: a seed of 12345678 read 1.23457e+07, as 12345679 did)
-        return parts + [
-            f"{k}{sep}{v if isinstance(v, int) else format(v, 'g')}" for k, v in sorted(p.items())
-        ]
+        return parts + [f"{k}{sep}{v if isinstance(v, int) else _num(v)}" for k, v in sorted(p.items())]
 
     def call_params(self, call: int) -> dict[str, float]:
         """The parameters of the run's `call`-th loss call (from 0): clip_cov's seed advanced by
@@ -108,3 +113,18 @@ def parse_run(text: str) -> RunSpec:
     if violations:
         raise ValueError(f"invalid run {text!r}: " + "; ".join(str(v) for v in violations))
     return RunSpec(name, params)
+
+
+def parse_runs(texts: list[str]) -> list[RunSpec]:
+    """The runs of --objectives, each by `parse_run`; a run given twice (in any spelling, e.g.
+    ``sapo`` and ``sapo(tau_pos=1.0)``) is refused (ValueError): the report groups runs by key,
+    and a repeat's seeds were counted twice into one row and its standard error (an audit)."""
+    first: dict[str, str] = {}
+    specs = []
+    for text in texts:
+        spec = parse_run(text)
+        if spec.key in first:
+            raise ValueError(f"--objectives: {text!r} is the same run as {first[spec.key]!r} ({spec.key})")
+        first[spec.key] = text
+        specs.append(spec)
+    return specs
