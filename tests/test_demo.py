@@ -117,6 +117,7 @@ def test_every_engine_objective_has_a_label(name):
         (["--in-process", "--objectives", "sapo", "foo"], "unknown objective 'foo'"),
         (["--in-process", "--objectives", "sapo(tau_pos=-1)"], "tau_pos: out_of_range: -1.0 must be > 0"),
         (["--objectives", "grpo(dual_clip=1)"], "dual_clip: out_of_range: 1.0 must be > 1"),
+        (["--objectives", "sapo(tau_pos=1,tau_pos=2)"], "sapo's parameter 'tau_pos' is given twice"),
         # found by an audit: a run given twice was one row of twice the seeds (seeds=4 for 2)
         (
             ["--objectives", "sapo", "grpo", "sapo(tau_pos=1.0)"],

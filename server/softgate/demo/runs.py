@@ -92,6 +92,7 @@ def parse_run(text: str) -> RunSpec:
     names = [f.name for f in fields]
     params = {f.name: f.default for f in fields if isinstance(f.default, float)}
     params.update(DEFAULT_PARAMS.get(name, {}))
+    given: set[str] = set()
     if args and args.strip():
         for item in args.split(","):
             k, sep, v = item.partition("=")
@@ -102,6 +103,10 @@ def parse_run(text: str) -> RunSpec:
                 raise ValueError(
                     f"{name} has no parameter {k.strip()!r} (in {text!r}); its parameters: {known}"
                 )
+            # (an audit: sapo(tau_pos=1,tau_pos=2) ran with the last value, silently)
+            if k.strip() in given:
+                raise ValueError(f"{name}'s parameter {k.strip()!r} is given twice in {text!r}")
+            given.add(k.strip())
             integer = k.strip() == "seed"  # (clip_cov's, a uint64)
             try:
                 params[k.strip()] = int(v) if integer else float(v)
