@@ -110,6 +110,7 @@ def test_every_engine_objective_has_a_label(name):
         (["--steps", "-1"], "--steps must be at least 1, got -1"),
         (["--lr", "nan"], "--lr must be a positive finite number, got nan"),
         (["--seeds", "0"], "--seeds must be at least 1, got 0"),
+        (["--lr", "1e38"], "--lr must be at most 10, got 1e+38"),  # (an audit: Adam overflowed)
         (["--objectives", "sapo(tau_pos=x)"], "'x' is not a number"),
         # found by an audit: tracebacks (TypeError from the client or the engine, KeyError,
         # InputError), some only after the other runs had trained, and the seed's OverflowError
@@ -160,6 +161,21 @@ def test_without_the_demo_extra_exits_2_before_training(tmp_path, capsys, monkey
     err = capsys.readouterr().err
     assert f"needs {' and '.join(missing)}" in err and "pip install '.[demo]'" in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("path", [["--in-process"], []], ids=["in-process", "grpc"])
+def test_a_refused_batch_exits_1_without_a_traceback(tmp_path, capsys, monkeypatch, path):
+    """Found by an audit: a diverging run (--lr 1e37: NaN log-probs) ended in the in-process
+    engine's InputError traceback; over gRPC the same refusal was a clean exit 1."""
+    import softgate.demo.train
+
+    token_logp = softgate.demo.train.token_logp
+    monkeypatch.setattr(softgate.demo.train, "token_logp", lambda *a: token_logp(*a) * math.nan)
+    argv = ["--objectives", "sapo", "--steps", "1", "--seeds", "1", "--prompts-per-step", "4"]
+    argv += ["--minibatches", "2", "--no-progress", *path, "--out", str(tmp_path / "out")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "softgate demo: the loss service failed: " in err and "logp[0]: non_finite" in err, err
 
 
 def test_cispo_runs_and_one_seed_prints_no_nan(tmp_path, capsys):

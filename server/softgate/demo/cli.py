@@ -20,6 +20,7 @@ from softgate.demo.backends import LossBackend
 from softgate.demo.runs import DEFAULT_RUNS, RunSpec, parse_runs
 from softgate.demo.task import DigitSumTask
 from softgate.demo.train import RunResult, TrainConfig, check_counts, check_seeds, train
+from softgate.engine.errors import InputError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     except _BadFlag as e:
         print(f"softgate demo: {e}", file=sys.stderr)
         return 2
-    except SoftgateError as e:  # unreachable --target, a refused request, ...
+    # unreachable --target, a refused request, ...; InputError: the in-process engine's refusal
+    # (a diverging run's NaN log-probs), which gRPC would have sent as a SoftgateError (an audit)
+    except (SoftgateError, InputError) as e:
         print(f"softgate demo: the loss service failed: {e}", file=sys.stderr)
         return 1
     elapsed = time.perf_counter() - t0

@@ -34,6 +34,10 @@ CURVES = (
 # traceback), and a run also seeds seed + 1 and 10_000 + seed.
 MAX_SEED = 2**32 - 1
 
+# The largest --lr, far past a useful one already (the default is 1e-2): an unbounded one
+# overflowed Adam's float32 update (1e38: a traceback; an audit).
+MAX_LR = 10.0
+
 
 def check_counts(counts: dict[str, int]) -> None:
     """Refuse a count flag below 1, naming it (ValueError)."""
@@ -74,6 +78,8 @@ class TrainConfig:
         )
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"--lr must be a positive finite number, got {self.lr}")
+        if self.lr > MAX_LR:
+            raise ValueError(f"--lr must be at most {MAX_LR:g}, got {self.lr:g}")
         if self.prompts_per_step % self.minibatches:
             raise ValueError(
                 f"--prompts-per-step ({self.prompts_per_step}) must be a multiple of --minibatches "
