@@ -100,6 +100,10 @@ def test_every_engine_objective_has_a_label(name):
     assert spec.label.startswith(name) and spec.key.startswith(name)
 
 
+# a one-step run, for a flag whose refusal, were it missing, would train (fast, to fail fast)
+_TINY = ["--objectives", "sapo", "--steps", "1", "--seeds", "1", "--in-process", "--no-progress"]
+
+
 @pytest.mark.parametrize(
     "flags, why",
     [
@@ -110,7 +114,10 @@ def test_every_engine_objective_has_a_label(name):
         (["--steps", "-1"], "--steps must be at least 1, got -1"),
         (["--lr", "nan"], "--lr must be a positive finite number, got nan"),
         (["--seeds", "0"], "--seeds must be at least 1, got 0"),
-        (["--lr", "1e38"], "--lr must be at most 10, got 1e+38"),  # (an audit: Adam overflowed)
+        # (an audit: a ValueError and an allocator's RuntimeError traceback)
+        (["--threads", "2147483648"], "--threads must be at most 1024, got 2147483648"),
+        (["--hidden", "4097", *_TINY], "--hidden must be at most 4096, got 4097"),
+        (["--lr", "1e38", *_TINY], "--lr must be at most 10, got 1e+38"),  # (an audit: Adam overflowed)
         (["--objectives", "sapo(tau_pos=x)"], "'x' is not a number"),
         # found by an audit: tracebacks (TypeError from the client or the engine, KeyError,
         # InputError), some only after the other runs had trained, and the seed's OverflowError
@@ -118,10 +125,10 @@ def test_every_engine_objective_has_a_label(name):
         (["--in-process", "--objectives", "sapo", "foo"], "unknown objective 'foo'"),
         (["--in-process", "--objectives", "sapo(tau_pos=-1)"], "tau_pos: out_of_range: -1.0 must be > 0"),
         (["--objectives", "grpo(dual_clip=1)"], "dual_clip: out_of_range: 1.0 must be > 1"),
-        (["--objectives", "sapo(tau_pos=1,tau_pos=2)"], "sapo's parameter 'tau_pos' is given twice"),
+        ([*_TINY, "--objectives", "sapo(tau_pos=1,tau_pos=2)"], "sapo's parameter 'tau_pos' is given twice"),
         # found by an audit: a run given twice was one row of twice the seeds (seeds=4 for 2)
         (
-            ["--objectives", "sapo", "grpo", "sapo(tau_pos=1.0)"],
+            [*_TINY, "--objectives", "sapo", "grpo", "sapo(tau_pos=1.0)"],
             "--objectives: 'sapo(tau_pos=1.0)' is the same run as 'sapo' (sapo_tp1_tn1.05)",
         ),
         (["--seed", "99999999999999999999999"], "--seed must be between 0 and 4294967295"),

@@ -39,11 +39,19 @@ MAX_SEED = 2**32 - 1
 MAX_LR = 10.0
 
 
+# The largest counts of the flags that have one: more --threads than torch takes (2**31: a
+# ValueError traceback) or than any CPU has; a --hidden whose weights the allocator refuses
+# (1e8: a RuntimeError traceback), far past this task's need (64; an audit).
+MAX_COUNTS = {"threads": 1024, "hidden": 4096}
+
+
 def check_counts(counts: dict[str, int]) -> None:
-    """Refuse a count flag below 1, naming it (ValueError)."""
+    """Refuse a count flag below 1, or above its MAX_COUNTS, naming it (ValueError)."""
     for flag, value in counts.items():
         if value < 1:
             raise ValueError(f"--{flag} must be at least 1, got {value}")
+        if value > MAX_COUNTS.get(flag, value):
+            raise ValueError(f"--{flag} must be at most {MAX_COUNTS[flag]}, got {value}")
 
 
 def check_seeds(first: int, count: int) -> None:
