@@ -134,7 +134,14 @@ _TINY = ["--objectives", "sapo", "--steps", "1", "--seeds", "1", "--in-process",
         (["--seed", "99999999999999999999999"], "--seed must be between 0 and 4294967295"),
         (["--seed", "4294967295", "--seeds", "2"], "--seed must be between 0 and 4294967295"),
         (["--tls"], "--server-name-override need --target"),
-        (["--client-cert", "c.pem", "--in-process", "--target", "h:1"], "need --target"),
+        (["--client-cert", "c.pem", "--in-process"], "need --target"),
+        # found by an audit: --target was ignored with --in-process; and a bad one waited out
+        # the client's 60 s of retries (port 99999 dialled 34463, 99999 mod 65536)
+        ([*_TINY, "--target", "h:1"], "--in-process calls the engine in this process"),
+        *(
+            (["--target", t], f"--target {t!r} is not host:port with a port in 1..65535")
+            for t in ("", "localhost:abc", "nohostport", "256.1.1.1:5", "127.0.0.1:99999", "h:0", "[::1]")
+        ),
     ],
 )
 def test_bad_flags_exit_2(tmp_path, capsys, flags, why):
@@ -142,6 +149,22 @@ def test_bad_flags_exit_2(tmp_path, capsys, flags, why):
     assert main([*flags, "--out", str(out)]) == 2
     assert why in capsys.readouterr().err
     assert not out.exists()  # refused before anything was written
+
+
+def test_target_forms_the_client_takes_are_accepted():
+    from softgate.demo.cli import _check_target
+
+    for t in (
+        "localhost:50051",
+        " 10.0.0.1:1 ",
+        "[::1]:65535",
+        "softgate-0.softgate.default.svc.cluster.local:50051",
+        "dns:///softgate:50051",
+        "dns:softgate:50051",
+        "unix:/tmp/softgate.sock",
+        "ipv4:127.0.0.1:50051",
+    ):
+        _check_target(t)
 
 
 def test_out_naming_a_file_exits_2(tmp_path, capsys):

@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import ipaddress
 import platform
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -99,6 +101,38 @@ def _tls_options(args: argparse.Namespace) -> dict[str, Any]:
     return given
 
 
+_HOST_NAME = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")
+
+
+def _check_target(target: str) -> None:
+    """Refuse a --target that is not `host:port` (port 1..65535; the host a name, an IPv4
+    address or a bracketed IPv6 one), `dns:` and one, or one of gRPC's own schemes as the client
+    passes them (`unix:`, `unix-abstract:`, `ipv4:`, `ipv6:`); ValueError naming --target.
+    (An audit: '', 'localhost:abc' and '256.1.1.1:5' each waited out the client's 60 s of
+    retries, and port 99999 dialled 99999 mod 65536.)"""
+    t = target.strip()  # (as the client strips it)
+    if t.startswith(("unix:", "unix-abstract:", "ipv4:", "ipv6:")):
+        return
+    if t.startswith("dns:"):  # dns:host:port, dns:///host:port or dns://authority/host:port
+        t = t.rpartition("/")[2] if "/" in t else t[4:]
+    host, _, port = t.rpartition(":")
+    ok = re.fullmatch(r"[0-9]{1,5}", port) is not None and 1 <= int(port) <= 65535
+    try:
+        if host.startswith("[") and host.endswith("]"):
+            ipaddress.IPv6Address(host[1:-1])
+        elif host.replace(".", "").isdigit():  # dotted digits: an IPv4 address, not a name
+            ipaddress.IPv4Address(host)
+        else:
+            ok = ok and _HOST_NAME.fullmatch(host) is not None
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"--target {target!r} is not host:port with a port in 1..65535 (nor [IPv6]:port, "
+            "dns:host:port, unix:PATH, ipv4:..., ipv6:...)"
+        )
+
+
 @contextlib.contextmanager
 def _backend(args: argparse.Namespace) -> Iterator[tuple[LossBackend, str]]:
     from softgate.demo.backends import EngineBackend, GrpcBackend
@@ -153,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         base.check()
         check_counts({"seeds": args.seeds, "threads": args.threads, "last-k": args.last_k})
         check_seeds(args.seed, args.seeds)
+        if args.target is not None:
+            if args.in_process:  # (an audit: --target was ignored)
+                raise ValueError("--in-process calls the engine in this process: it takes no --target")
+            _check_target(args.target)
         _tls_options(args)
         if args.out.exists() and not args.out.is_dir():
             raise ValueError(f"--out {args.out} is a file, not a folder")
