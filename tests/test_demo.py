@@ -4,9 +4,11 @@ learns (the evaluation reward after training is clearly above the untrained poli
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -176,6 +178,46 @@ def test_out_naming_a_file_exits_2(tmp_path, capsys):
     assert "cannot create --out" in capsys.readouterr().err
 
 
+def test_out_that_cannot_be_written_exits_2_before_training(tmp_path, capsys):
+    """Found by an audit: an --out the results could not be written to (a folder where a file
+    goes, /proc) was a traceback after every run had trained, the results lost."""
+    (tmp_path / "demo-results.json").mkdir()
+    assert main([*_TINY, "--out", str(tmp_path)]) == 2
+    assert "demo-results.json there is not a file" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["demo-results.json"]
+    if Path("/proc/self").is_dir():  # (Linux: no file can be created there, root or not)
+        assert main([*_TINY, "--out", "/proc"]) == 2
+        assert "softgate demo: cannot write to --out /proc" in capsys.readouterr().err
+        assert main([*_TINY, "--out", "/proc/softgate-demo"]) == 2
+        assert "cannot write to --out /proc/softgate-demo (/proc)" in capsys.readouterr().err
+
+
+def test_results_that_fail_to_write_exit_1_with_the_table(tmp_path, capsys, monkeypatch):
+    """Found by an audit: a write failing after training (a full disk) was a traceback, and
+    the summary table, printed after the files, was lost with it."""
+    import softgate.demo.report
+
+    def full(*_args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(softgate.demo.report, "write_csv", full)
+    assert main([*_TINY, "--out", str(tmp_path / "out")]) == 1
+    out, err = capsys.readouterr()
+    assert "sapo tau+=1 tau-=1.05" in out
+    assert f"softgate demo: cannot write the results to --out {tmp_path / 'out'}: " in err
+    assert "No space left on device" in err and "Traceback" not in err
+
+
+def test_a_refused_tls_flag_leaves_no_out_folder(tmp_path, capsys):
+    """Found by an audit: --out was created before the client, so a TLS file it refused
+    (exit 2) left an empty folder."""
+    out = tmp_path / "out"
+    argv = ["--target", "127.0.0.1:1", "--root-certificates", str(tmp_path / "missing.pem")]
+    assert main([*argv, "--no-progress", "--out", str(out)]) == 2
+    assert "missing.pem" in capsys.readouterr().err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     ("missing", "flags"),
     [(("matplotlib",), ["--no-progress"]), (("tqdm",), []), (("matplotlib", "tqdm"), [])],
@@ -206,6 +248,7 @@ def test_a_refused_batch_exits_1_without_a_traceback(tmp_path, capsys, monkeypat
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "softgate demo: the loss service failed: " in err and "logp[0]: non_finite" in err, err
+    assert not (tmp_path / "out").exists()  # created only with the results
 
 
 def test_cispo_runs_and_one_seed_prints_no_nan(tmp_path, capsys):

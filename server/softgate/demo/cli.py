@@ -10,6 +10,7 @@ import ipaddress
 import platform
 import re
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -156,6 +157,37 @@ def _backend(args: argparse.Namespace) -> Iterator[tuple[LossBackend, str]]:
         yield backend, where
 
 
+# the files the demo writes into --out
+_OUTPUTS = ("demo-results.json", "demo-summary.json", "demo-results.csv", "demo.png")
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an --out the results could not be written to, before anything trains (ValueError
+    naming --out): a file, or a folder whose output names are folders, or one (or, not there yet,
+    its nearest existing parent) where no file can be created. (An audit: these were tracebacks
+    after every run had trained, the results lost.) Creates nothing: --out itself is created
+    only when the results are written, so a refused flag or a failed run leaves no folder."""
+    try:
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file, not a folder")
+        for name in _OUTPUTS:
+            if (out / name).exists() and not (out / name).is_file():
+                raise ValueError(f"--out {out}: {name} there is not a file, so cannot be written")
+        parent = out
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise ValueError(f"cannot create --out {out}: {parent} is a file")
+    except OSError as e:  # no permission to look
+        raise ValueError(f"cannot create --out {out}: {e.strerror or e}") from None
+    try:
+        with tempfile.TemporaryFile(dir=parent):  # created and removed
+            pass
+    except OSError as e:
+        where = "" if parent == out else f" ({parent})"  # (the parent checked in its stead)
+        raise ValueError(f"cannot write to --out {out}{where}: {e.strerror or e}") from None
+
+
 def _missing_extras(progress: bool) -> list[str]:
     """The [demo] extra's packages this run needs and cannot import (tqdm only for the progress bar)."""
     needed = ["matplotlib", "tqdm"] if progress else ["matplotlib"]
@@ -192,15 +224,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("--in-process calls the engine in this process: it takes no --target")
             _check_target(args.target)
         _tls_options(args)
-        if args.out.exists() and not args.out.is_dir():
-            raise ValueError(f"--out {args.out} is a file, not a folder")
+        _check_out(args.out)
     except ValueError as e:
         print(f"softgate demo: {e}", file=sys.stderr)
-        return 2
-    try:
-        args.out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a parent that is a file, no permission, ...
-        print(f"softgate demo: cannot create --out {args.out}: {e.strerror or e}", file=sys.stderr)
         return 2
     seeds = [args.seed + i for i in range(args.seeds)]
     torch.set_num_threads(args.threads)
@@ -217,7 +243,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"softgate demo: the loss service failed: {e}", file=sys.stderr)
         return 1
     elapsed = time.perf_counter() - t0
-    _report(args, base, seeds, results, where, elapsed)
+    try:
+        _report(args, base, seeds, results, where, elapsed)
+    except OSError as e:  # checked before training, but a disk fills, a folder goes, ...
+        print(f"softgate demo: cannot write the results to --out {args.out}: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -288,6 +318,9 @@ def _report(
     json_path, csv_path, png_path = (
         args.out / n for n in ("demo-results.json", "demo-results.csv", "demo.png")
     )
+    # the table first: a write that fails below still leaves the summary on stdout
+    print(report.format_table(rows))
+    args.out.mkdir(parents=True, exist_ok=True)  # (only now: a failed run leaves no folder)
     report.write_json(json_path, base, meta, results, rows)
     report.write_csv(csv_path, results)
     title = (
@@ -296,6 +329,5 @@ def _report(
         f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''} (mean{', min-max band' if len(seeds) > 1 else ''})"
     )
     report.write_figure(png_path, results, title)
-    print(report.format_table(rows))
     summary_path = json_path.with_name("demo-summary.json")  # (written beside the results)
     print(f"\n{elapsed:.0f} s; wrote {png_path}, {json_path}, {summary_path}, {csv_path}")
