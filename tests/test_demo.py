@@ -300,6 +300,27 @@ def test_sapo_over_grpc_learns(tmp_path):
     assert "runs" not in summary and summary["summary"] == data["summary"]
 
 
+def test_every_run_has_its_own_figure_style():
+    """Found by an audit: each objective's second run, and the first of an objective without a
+    style of its own, all took the same colour and dash. The default run's are as they were."""
+    from softgate.demo.report import _ABLATION, _styles
+
+    styles = _styles([parse_run(r) for r in DEFAULT_RUNS])
+    assert list(styles.values()) == [
+        ("tab:blue", "-"),
+        ("tab:orange", "-"),
+        ("tab:green", "-"),
+        ("tab:gray", "-"),
+        ("tab:purple", "--"),
+        ("tab:red", ":"),
+        ("tab:brown", "-."),
+    ]
+    runs = ["sapo", "grpo", "grpo(eps_low=0.1)", "gspo(eps_low=1e-4)", "cispo", "dro", "gmpo"]
+    styles = _styles([parse_run(r) for r in [*runs, *DEFAULT_RUNS[4:]]])
+    assert len(styles) == 10 and len(set(styles.values())) == 10
+    assert len(set(_ABLATION)) == len(_ABLATION)
+
+
 def test_trust_region_metrics_leave_out_mini_batches_without_signal():
     """Found by an audit: a mini-batch whose groups are all degenerate (no advantage) carries
     the engine's stand-ins, grad_retained 1 and saturation 0, and those pulled SAPO's averages

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from softgate.demo.runs import RunSpec
 from softgate.demo.train import CURVES, RunResult, TrainConfig
 
 
@@ -137,13 +138,39 @@ _STYLE = {
     "gspo": ("tab:green", "-"),
     "reinforce": ("tab:gray", "-"),
 }
+# every other run's, in turn (the default run's SAPO ablation: the first three); no two alike
 _ABLATION = [
     ("tab:purple", "--"),
     ("tab:red", ":"),
     ("tab:brown", "-."),
     ("tab:pink", "--"),
     ("tab:gray", ":"),
+    ("tab:olive", "--"),
+    ("tab:cyan", ":"),
+    ("tab:purple", "-."),
+    ("tab:red", "--"),
+    ("tab:brown", ":"),
+    ("tab:pink", "-."),
+    ("tab:olive", ":"),
+    ("tab:cyan", "-."),
 ]
+
+
+def _styles(specs: list[RunSpec]) -> dict[str, tuple[str, str]]:
+    """Each run's (colour, line style) by key: an objective's first run its own _STYLE, every
+    other run the next of _ABLATION, so no two runs share one up to its length (an audit: each
+    objective's second run, and the first of one without a _STYLE, all took _ABLATION[0])."""
+    styles: dict[str, tuple[str, str]] = {}
+    seen: set[str] = set()
+    others = 0  # runs styled from _ABLATION so far
+    for spec in specs:
+        if spec.objective in _STYLE and spec.objective not in seen:
+            styles[spec.key] = _STYLE[spec.objective]
+        else:
+            styles[spec.key] = _ABLATION[others % len(_ABLATION)]
+            others += 1
+        seen.add(spec.objective)
+    return styles
 
 
 def write_figure(path: Path, results: list[RunResult], title: str, smooth: int = 5) -> None:
@@ -162,13 +189,7 @@ def write_figure(path: Path, results: list[RunResult], title: str, smooth: int =
     fig, axes = plt.subplots(2, 3, figsize=(13, 7), dpi=80)
     axes = axes.ravel()
     groups = group_runs(results)
-    seen: dict[str, int] = {}
-    styles = {}
-    for key, rs in groups.items():
-        obj = rs[0].spec.objective
-        n = seen.get(obj, 0)
-        seen[obj] = n + 1
-        styles[key] = _STYLE.get(obj, _ABLATION[0]) if n == 0 else _ABLATION[(n - 1) % len(_ABLATION)]
+    styles = _styles([rs[0].spec for rs in groups.values()])
     for ax, (metric, name) in zip(axes, panels, strict=False):
         for key, rs in groups.items():
             ys = np.array([r.curves[metric] for r in rs], dtype=float)
