@@ -44,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=4,
         help="optimiser steps per rollout batch, first on-policy (default 4)",
     )
-    p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (default 1e-2)")
-    p.add_argument("--hidden", type=int, default=64, help="GRU width (default 64)")
+    p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate, at most 10 (default 1e-2)")
+    p.add_argument("--hidden", type=int, default=64, help="GRU width, at most 4096 (default 64)")
     p.add_argument("--seed", type=int, default=0, help="first seed; every run starts from the same weights")
     p.add_argument("--seeds", type=int, default=3, help="seeds per run: seed, seed+1, ... (default 3)")
     p.add_argument(
@@ -57,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
         "'sapo(tau_pos=1.05,tau_neg=1.0)' 'grpo(eps_low=0.2,eps_high=0.28)' (default: %(default)s)",
     )
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder (default ./demo-out)")
-    p.add_argument("--target", help="host:port of a running softgate (default: start one in-process)")
+    p.add_argument(
+        "--target",
+        help="host:port of a running softgate (default: start one in-process); not with --in-process",
+    )
     tls = p.add_argument_group("TLS to --target")
     tls.add_argument(
         "--tls",
@@ -79,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="check the server's certificate against NAME, not the target's host",
     )
     p.add_argument("--in-process", action="store_true", help="call the engine directly, no gRPC")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads, at most 1024 (default 1)")
     p.add_argument("--last-k", type=int, default=20, help="steps averaged for the summary (default 20)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
