@@ -110,11 +110,22 @@ def main() -> None:
     try:
         procs.append(proc := subprocess.Popen(cmd, stdout=subprocess.DEVNULL))
         E.wait_serving(port, proc)
-        client = SoftgateClient(f"127.0.0.1:{port}", max_message_bytes=limit, timeout=900, retries=1)
+        # a client (and a connection: no shared subchannel) per call at once: on one connection
+        # the requests arrived one after another and the queue seldom filled (an audit)
+        clients = [
+            SoftgateClient(
+                f"127.0.0.1:{port}",
+                max_message_bytes=limit,
+                timeout=900,
+                retries=1,
+                channel_options={"grpc.use_local_subchannel_pool": 1},
+            )
+            for _ in range(max(args.admitted, 1))
+        ]
         b = E.make_batch(n)
         small = E.make_batch(4096)
 
-        def call(batch: dict[str, Any] = b) -> None:
+        def call(batch: dict[str, Any] = b, client: Any = clients[0]) -> None:
             kw: dict[str, Any] = {"lengths": batch["lengths"], "objective": "sapo", "stream": False}
             seqs = len(batch["lengths"])
             if args.full:
@@ -142,7 +153,7 @@ def main() -> None:
         def phase(name: str, calls: int) -> None:
             reset_peak(proc.pid)
             t0 = time.perf_counter()
-            threads = [threading.Thread(target=call) for _ in range(calls)]
+            threads = [threading.Thread(target=call, kwargs={"client": c}) for c in clients[:calls]]
             for t in threads:
                 t.start()
             for t in threads:
@@ -155,7 +166,8 @@ def main() -> None:
         phase("first call", 1)
         phase("second call", 1)
         phase(f"{args.admitted} calls at once", args.admitted)
-        client.close()
+        for c in clients:
+            c.close()
     finally:
         E.stop(procs)
     print(

@@ -159,10 +159,13 @@ def main(argv: list[str] | None = None) -> None:
         else with_rollout
         if cfg.mismatch or cfg.rejection or (cfg.kl and cfg.kl.weight == "sampler_ratio")
         else with_rewards
-        if "rewards" in name or cfg.reward_kl or cfg.advantages.gamma != 1.0
+        if "rewards" in name or cfg.reward_kl or cfg.advantages != AdvantageConfig()
         else plain
         for name, cfg in cfgs.items()
     }
+    # an estimator reads rewards: given advantages it is never run (the rloo row timed grpo's
+    # work, its batch carrying advantages; an audit)
+    assert all(batches[k].rewards is not None for k, c in cfgs.items() if c.advantages != AdvantageConfig())
     for name, cfg in cfgs.items():
         for _ in range(3):
             engine.loss(batches[name], cfg, sample_tokens=32768)

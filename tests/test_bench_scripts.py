@@ -293,12 +293,13 @@ def test_e2e_worker_balances_the_pair_order_and_settles_before_every_large_call(
             pass
 
     class Echo(Softgate):
-        def call(self, _: object) -> np.ndarray:
+        def call(self, b: dict[str, np.ndarray]) -> np.ndarray:
             events.append("E")
-            return grad
+            return b["logp"]
 
     monkeypatch.setattr(softgate_client, "SoftgateClient", Softgate)
     monkeypatch.setattr(e2e, "EchoClient", Echo)
+    monkeypatch.setattr(e2e, "_reference", lambda _: SimpleNamespace(loss=0.0, grad=grad))
     clock = SimpleNamespace(perf_counter=time.perf_counter, sleep=lambda _: events.append("pause"))
     monkeypatch.setattr(e2e, "time", clock)
     args = SimpleNamespace(
@@ -310,6 +311,7 @@ def test_e2e_worker_balances_the_pair_order_and_settles_before_every_large_call(
         sg_port=0,
         echo_port=0,
         chunk_bytes=0,
+        no_check=False,
     )
     e2e.worker(args)
     assert '"tokens": 1048576' in capsys.readouterr().out
@@ -455,3 +457,46 @@ def test_load_bench_latency_leaves_out_the_reply_check(monkeypatch: pytest.Monke
     rep = load_bench.run_load("unused", [w], clients=1, seconds=0.5, channel_factory=Channel)
     assert rep.requests >= 1 and not rep.wrong
     assert max(rep.latencies) < 0.2, rep.latencies
+
+
+@pytest.mark.parametrize("wrong", ["softgate", "echo"])
+def test_e2e_worker_refuses_a_wrong_answer(monkeypatch: pytest.MonkeyPatch, wrong: str) -> None:
+    """The worker checked only the last answers' shapes and a finite loss: a server answering a
+    fast wrong gradient (or an echo answering other bytes) was timed as a fast right one (an
+    audit). Its last answers are now compared with the eager engine's and the request's."""
+    e2e = bench_module("e2e_bench")
+    n = 4096
+    b = e2e.make_batch(n)
+    want = e2e._reference(n)
+
+    class Softgate:
+        def __init__(self, *_: object, **__: object) -> None:
+            pass
+
+        def loss(self, *_: object, **__: object) -> SimpleNamespace:
+            grad = want.grad + (1.0 if wrong == "softgate" else 0.0)
+            return SimpleNamespace(grad=grad, loss=want.loss, streamed=False, chunks=1)
+
+        def close(self) -> None:
+            pass
+
+    class Echo(Softgate):
+        def call(self, _: object) -> np.ndarray:
+            return b["logp"] + (1.0 if wrong == "echo" else 0.0)
+
+    monkeypatch.setattr(softgate_client, "SoftgateClient", Softgate)
+    monkeypatch.setattr(e2e, "EchoClient", Echo)
+    monkeypatch.setattr(e2e, "time", SimpleNamespace(perf_counter=time.perf_counter, sleep=lambda _: None))
+    args = SimpleNamespace(
+        sizes=str(n),
+        reps=f"{n}:2",
+        stream_threshold=0,
+        max_message_bytes=512 << 20,
+        stream_mode="auto",
+        sg_port=0,
+        echo_port=0,
+        chunk_bytes=0,
+        no_check=False,
+    )
+    with pytest.raises(AssertionError):
+        e2e.worker(args)
