@@ -143,6 +143,15 @@ def test_what_is_not_an_array_a_mask_or_a_sum_is_refused_by_name() -> None:
     assert refusal(lambda: pack_batch(lp, lengths=[1, 1], advantages=[1, 2]))[1].startswith(
         "bad_sum: they sum to 2;"
     )
+    # a wrapped int64 sum landing on the token count itself (it went through, and the server
+    # blamed batch.offsets[2], a field the caller never sent; an audit)
+    m = 2**63 - 1
+    assert refusal(
+        lambda: pack_batch(-np.ones(4, np.float32), lengths=[m, m, 2, 4], advantages=[1, 2, 3, 4])
+    ) == (
+        "batch.lengths",
+        f"bad_sum: they sum to {2 * m + 6}; logp has 4 tokens",
+    )
 
 
 def test_offsets_not_ending_at_the_token_count_are_named_as_the_engine_names_them() -> None:

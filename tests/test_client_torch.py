@@ -148,6 +148,32 @@ def test_torch_func_grad_and_vjp_give_the_backward_gradient() -> None:
     assert torch.allclose(vjp(torch.tensor(2.0, dtype=torch.float64))[0], 2 * w.grad, rtol=1e-12, atol=0)
 
 
+def test_torch_func_jacrev_of_the_loss_is_its_gradient() -> None:
+    """jacrev of the scalar loss (a first derivative) raised torch's "You tried to vmap over
+    _FirstOrderOnly" (an audit): it vmaps backward, which is a clone."""
+    step = _step(GradClient())
+    w0 = torch.randn(5, 11, dtype=torch.float64)
+    assert torch.equal(torch.func.jacrev(step)(w0.clone()), torch.func.grad(step)(w0.clone()))
+
+
+def test_softgate_loss_checks_its_own_arguments_by_name() -> None:
+    """A client that is not one, return_result not a bool, a call's stream or run of the wrong
+    type: AttributeErrors from inside, or taken silently (stream=0 streamed by size; an audit)."""
+    logp = -torch.ones(2, 3, requires_grad=True)
+    for client in (None, "127.0.0.1:50051"):
+        with pytest.raises(TypeError, match="client must be a SoftgateClient"):
+            softgate_loss(logp, client=client, advantages=[1.0, -1.0])
+    with pytest.raises(TypeError, match="return_result must be a bool"):
+        softgate_loss(logp, client=GradClient(), advantages=[1.0, -1.0], return_result="no")
+    from softgate_client import SoftgateClient
+
+    with SoftgateClient("127.0.0.1:1") as c:  # (refused before anything is sent)
+        with pytest.raises(ValueError, match="stream: 0 must be True, False or None"):
+            c.loss(logp.detach(), None, advantages=[1.0, -1.0], stream=0)
+        with pytest.raises(ValueError, match="run: 5 must be a str"):
+            c.loss(logp.detach(), None, advantages=[1.0, -1.0], run=5)
+
+
 def test_torch_func_vmap_and_a_second_derivative_are_refused_clearly() -> None:
     """vmap raised torch's message about softgate's internals (setup_context)."""
     rec = GradClient()

@@ -282,7 +282,8 @@ def make_layout(
             if ln.size and np.minimum.reduce(ln) < 0:  # (ln.min() goes through Python-level wrappers)
                 raise ArrayInputError("lengths", "negative", int(np.argmin(ln)))
             off = offsets_from_lengths(ln)
-            if off[-1] != logp.shape[0]:  # (exact in Python ints: int64 sums may wrap)
+            if off[-1] != logp.shape[0] or np.logical_or.reduce(off[1:] < off[:-1]):  # (a wrapped
+                # int64 sum can land on N: lengths >= 0, so a wrap shows as a decrease)
                 total = sum(int(x) for x in ln)
                 raise ArrayInputError(
                     "lengths", f"bad_sum: they sum to {total}; logp has {logp.shape[0]} tokens"

@@ -987,6 +987,10 @@ class SoftgateClient:
         `stream` forces (True) or forbids (False) the StreamLoss RPC; None picks it when the
         request or the response is larger than `stream_threshold_bytes`.
         """
+        if stream is not None and not isinstance(stream, bool):
+            raise ValueError(f"stream: {stream!r} must be True, False or None (by size)")
+        if run is not None and not isinstance(run, str):
+            raise ValueError(f"run: {run!r} must be a str (the run's name) or None")
         c = _loss_config(config, options)
         packed = pack_batch(
             logp,

@@ -52,6 +52,8 @@ class _FirstOrderOnly(torch.autograd.Function):
     """`c` as a function of logp whose derivative raises: the service returns d loss / d logp
     only, so a second derivative through softgate_loss would silently drop its terms."""
 
+    generate_vmap_rule = True  # (forward is a clone: torch.func.jacrev of the loss vmaps backward)
+
     @staticmethod
     def forward(c: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return c.clone()  # (a new tensor: an input returned as it is would be marked as aliased)
@@ -141,6 +143,10 @@ def softgate_loss(
     """
     if not isinstance(logp, torch.Tensor):
         raise TypeError("softgate_loss: logp must be a torch.Tensor")
+    if not callable(getattr(client, "loss", None)):
+        raise TypeError(f"softgate_loss: client must be a SoftgateClient, got {type(client).__name__}")
+    if not isinstance(return_result, bool):
+        raise TypeError(f"softgate_loss: return_result must be a bool, got {return_result!r}")
     if not logp.is_floating_point():  # (the loss, in logp's dtype, was truncated: tensor(-1) for -1.27)
         raise invalid_argument(
             "batch.logp",
