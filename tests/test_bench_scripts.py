@@ -270,6 +270,21 @@ def test_compile_cost_removes_its_fresh_cache_at_exit() -> None:
 # ---------------------------------------------------------------- e2e_bench's worker and summary
 
 
+def _worker_args(n: int, k: int) -> SimpleNamespace:
+    """e2e_bench's worker arguments: `k` timed calls a side of `n` tokens, unary, checked."""
+    return SimpleNamespace(
+        sizes=str(n),
+        reps=f"{n}:{k}",
+        stream_threshold=0,
+        max_message_bytes=512 << 20,
+        stream_mode="auto",
+        sg_port=0,
+        echo_port=0,
+        chunk_bytes=0,
+        no_check=False,
+    )
+
+
 def test_e2e_worker_balances_the_pair_order_and_settles_before_every_large_call(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -302,18 +317,7 @@ def test_e2e_worker_balances_the_pair_order_and_settles_before_every_large_call(
     monkeypatch.setattr(e2e, "_reference", lambda _: SimpleNamespace(loss=0.0, grad=grad))
     clock = SimpleNamespace(perf_counter=time.perf_counter, sleep=lambda _: events.append("pause"))
     monkeypatch.setattr(e2e, "time", clock)
-    args = SimpleNamespace(
-        sizes=str(n),
-        reps=f"{n}:{k}",
-        stream_threshold=0,
-        max_message_bytes=512 << 20,
-        stream_mode="auto",
-        sg_port=0,
-        echo_port=0,
-        chunk_bytes=0,
-        no_check=False,
-    )
-    e2e.worker(args)
+    e2e.worker(_worker_args(n, k))
     assert '"tokens": 1048576' in capsys.readouterr().out
     timed = events[events.index("pause") :]  # (the untimed calls come first)
     calls = [e for e in timed if e != "pause"]
@@ -487,16 +491,5 @@ def test_e2e_worker_refuses_a_wrong_answer(monkeypatch: pytest.MonkeyPatch, wron
     monkeypatch.setattr(softgate_client, "SoftgateClient", Softgate)
     monkeypatch.setattr(e2e, "EchoClient", Echo)
     monkeypatch.setattr(e2e, "time", SimpleNamespace(perf_counter=time.perf_counter, sleep=lambda _: None))
-    args = SimpleNamespace(
-        sizes=str(n),
-        reps=f"{n}:2",
-        stream_threshold=0,
-        max_message_bytes=512 << 20,
-        stream_mode="auto",
-        sg_port=0,
-        echo_port=0,
-        chunk_bytes=0,
-        no_check=False,
-    )
     with pytest.raises(AssertionError):
-        e2e.worker(args)
+        e2e.worker(_worker_args(n, 2))
