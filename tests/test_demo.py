@@ -141,8 +141,8 @@ _TINY = ["--objectives", "sapo", "--steps", "1", "--seeds", "1", "--in-process",
         # the client's 60 s of retries (port 99999 dialled 34463, 99999 mod 65536)
         ([*_TINY, "--target", "h:1"], "--in-process calls the engine in this process"),
         *(
-            (["--target", t], f"--target {t!r} is not host:port with a port in 1..65535")
-            for t in ("", "localhost:abc", "nohostport", "256.1.1.1:5", "127.0.0.1:99999", "h:0", "[::1]")
+            (["--target", t], f"--target {t!r} is not host[:port] with a port in 1..65535")
+            for t in ("", "localhost:abc", "256.1.1.1:5", "127.0.0.1:99999", "h:0", "[::1]:x")
         ),
     ],
 )
@@ -159,6 +159,12 @@ def test_target_forms_the_client_takes_are_accepted():
     for t in (
         "localhost:50051",
         " 10.0.0.1:1 ",
+        # without a port: the client's 50051 (a review: they were refused)
+        "localhost",
+        "10.0.0.1",
+        "::1",
+        "[::1]",
+        "dns:///softgate",
         "[::1]:65535",
         "softgate-0.softgate.default.svc.cluster.local:50051",
         "dns:///softgate:50051",

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from softgate_client._channel import normalise_target
 from softgate_client.errors import SoftgateError
 
 from softgate.demo.backends import LossBackend
@@ -109,12 +110,12 @@ _HOST_NAME = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")
 
 
 def _check_target(target: str) -> None:
-    """Refuse a --target that is not `host:port` (port 1..65535; the host a name, an IPv4
-    address or a bracketed IPv6 one), `dns:` and one, or one of gRPC's own schemes as the client
-    passes them (`unix:`, `unix-abstract:`, `ipv4:`, `ipv6:`); ValueError naming --target.
-    (An audit: '', 'localhost:abc' and '256.1.1.1:5' each waited out the client's 60 s of
-    retries, and port 99999 dialled 99999 mod 65536.)"""
-    t = target.strip()  # (as the client strips it)
+    """Refuse a --target that is not `host[:port]` (port 1..65535, 50051 when left out, as the
+    client adds it; the host a name, an IPv4 address or an IPv6 one), `dns:` and one, or one of
+    gRPC's own schemes as the client passes them (`unix:`, `unix-abstract:`, `ipv4:`, `ipv6:`);
+    ValueError naming --target. (An audit: '', 'localhost:abc' and '256.1.1.1:5' each waited out
+    the client's 60 s of retries, and port 99999 dialled 99999 mod 65536.)"""
+    t = normalise_target(target)[0]  # (stripped, the default port added, as the client does)
     if t.startswith(("unix:", "unix-abstract:", "ipv4:", "ipv6:")):
         return
     if t.startswith("dns:"):  # dns:host:port, dns:///host:port or dns://authority/host:port
@@ -132,7 +133,7 @@ def _check_target(target: str) -> None:
         ok = False
     if not ok:
         raise ValueError(
-            f"--target {target!r} is not host:port with a port in 1..65535 (nor [IPv6]:port, "
+            f"--target {target!r} is not host[:port] with a port in 1..65535 (nor [IPv6]:port, "
             "dns:host:port, unix:PATH, ipv4:..., ipv6:...)"
         )
 
