@@ -1876,9 +1876,10 @@ def test_calls_a_stop_cuts_past_its_grace_count_as_their_clients_read_them() -> 
         stub = srv.stub()
         with ThreadPoolExecutor(1) as pool:
             fut = pool.submit(stub.ComputeLoss, pb.ComputeLossRequest(batch=_good()), timeout=30)
-            while srv.server is not None and srv.server.servicer.in_flight < 1:
+            until = time.monotonic() + 30
+            while srv.server is not None and srv.server.servicer.in_flight < 1 and time.monotonic() < until:
                 time.sleep(0.01)
-            assert srv.server is not None
+            assert srv.server is not None and srv.server.servicer.in_flight == 1
             srv._call(srv.server.stop(0.2))
             with pytest.raises(grpc.RpcError) as ei:
                 fut.result()
@@ -1903,6 +1904,37 @@ def test_a_unary_call_sent_no_request_is_told_so() -> None:
             call = ch.stream_unary(f"/softgate.v1.LossService/{rpc}")
             expect_invalid(lambda c=call: c(iter([]), timeout=10), "request", "missing")
         assert srv.stub().ListAlgorithms(pb.ListAlgorithmsRequest(), timeout=10).objectives
+
+
+def test_a_list_algorithms_call_cut_before_its_request_is_counted() -> None:
+    """Read as a stream of one, a ListAlgorithms cut before its request arrived was never
+    counted, where the other RPCs' cut calls are (a review)."""
+    tel = PrometheusTelemetry(Settings())
+    with ServerThread(telemetry=tel) as srv, grpc.insecure_channel(srv.target) as ch:
+        gate = threading.Event()
+
+        def late() -> Iterator[bytes]:
+            gate.wait(30)
+            yield b""
+
+        fut = ch.stream_unary("/softgate.v1.LossService/ListAlgorithms").future(late(), timeout=30)
+        time.sleep(1.0)  # (the handler waits for the request by then)
+        fut.cancel()
+        gate.set()
+
+        def counted() -> float:
+            return sum(
+                s.value
+                for fam in tel.registry.collect()
+                for s in fam.samples
+                if s.name == "softgate_requests_total" and s.labels.get("rpc") == "ListAlgorithms"
+            )
+
+        until = time.monotonic() + 10
+        while counted() < 1 and time.monotonic() < until:
+            time.sleep(0.05)
+        assert counted() == 1
+        # (a deadline's cut, by contrast, ends the request stream first: counted through _fail)
 
 
 def test_an_open_health_watch_does_not_hold_a_graceful_stop_for_the_whole_grace() -> None:

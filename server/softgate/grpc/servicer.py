@@ -174,7 +174,7 @@ class _Guard:
             # grpc closes the handler's generator later, without a CancelledError
             if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
                 # cut by a stop past its grace: its client reads UNAVAILABLE ("Cancelling all calls")
-                self.call.code = "UNAVAILABLE" if self.servicer.stopping else self.call.cut()
+                self.call.code = self.servicer._cut(self.call)
             elif isinstance(exc, Exception) and not isinstance(exc, grpc.aio.AbortError):
                 self.servicer._fail(self.call, exc, self.context)
                 _clear_frames(exc)
@@ -396,6 +396,12 @@ class LossServicer(pb_grpc.LossServiceServicer):
             cancel.set()
             raise
 
+    def _cut(self, call: _Call) -> str:
+        """The code of a call grpc cut: UNAVAILABLE when a stop past its grace (or a second
+        signal) cut it, as its client reads it (it counted CANCELLED, "the client cancelled",
+        and missed the error-rate alert; an audit); else its deadline's or a cancel's."""
+        return "UNAVAILABLE" if self.stopping else call.cut()
+
     def _fail(self, call: _Call, exc: BaseException, context: Any) -> None:
         """Set the status of failure `exc` on the call; its handler then returns no response.
         Not context.abort: grpc keeps the AbortError it raises in a reference cycle with the
@@ -404,7 +410,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         f = failure_for(exc)
         call.code, call.error = f.code.name, f.message
         if isinstance(exc, Cancelled):  # (grpc cancels a call at its deadline too)
-            call.code = call.cut()
+            call.code = self._cut(call)
         if f.reasons:
             self._hook("rejected", call.rpc, list(f.reasons))
         if f.log:
@@ -418,7 +424,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
 
     def _finish(self, call: _Call, context: Any) -> None:
         if call.code == "OK" and context.cancelled():
-            call.code = call.cut()
+            call.code = self._cut(call)
         if call.code == "OK" and call.observed is not None:  # (deferred: queued, cheap here)
             self._hook(call.observed[0], call.run, *call.observed[1:])
         call.observed = None
@@ -783,6 +789,10 @@ class LossServicer(pb_grpc.LossServiceServicer):
         if not isinstance(request, (pb.ListAlgorithmsRequest, codec.CorruptMessage)):
             try:  # (read as a stream of one: grpc's unary handler never answers a call sent none)
                 request = await _first(request, self.stream_idle_timeout_s, call.deadline)
+            except asyncio.CancelledError:  # (counted, as the other RPCs' cut calls are; a review)
+                call.code = self._cut(call)
+                self._account(call, time.perf_counter() - call.t0)
+                raise
             except Exception as e:
                 self._fail(call, e, context)
                 self._account(call, time.perf_counter() - call.t0)
