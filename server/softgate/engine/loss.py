@@ -185,6 +185,17 @@ def _scaled_mean_std(x: Tensor) -> tuple[float, float]:
     return float(scale * y.mean()), float(scale * y.std(correction=0))
 
 
+def _centred_mean_std(a: Tensor, m: Tensor, mean: float, cnt: float) -> tuple[float, float]:
+    """Mean and population std of a[m] (cnt values) taken about `mean`, their one-pass mean:
+    the deviations are small, so their squares keep the digits (one [N] temporary in a's dtype)."""
+    c = torch.tensor(mean, dtype=a.dtype, device=a.device)  # (rounded to a's dtype)
+    d = a - c
+    d.mul_(m)  # (the untrained tokens' deviations: 0)
+    shift = float(d.sum(dtype=torch.float64)) / cnt  # the mean less c
+    var = float(d.square_().sum(dtype=torch.float64)) / cnt - shift * shift
+    return float(c) + shift, max(var, 0.0) ** 0.5
+
+
 def _compute_loss(
     batch: Batch,
     config: LossConfig,
@@ -550,12 +561,13 @@ def _compute_loss(
     for k in PROXY_NAMES:
         mx[k] = s.get(k, 0.0)
 
-    # a sum of squares past float64's range, or per-token advantages far from 0 next to their
-    # spread: the one-pass variance then keeps few of its digits (each square rounds in the compute
-    # dtype; a constant 100.1 in float32 read a std of 0.008), so it is taken again in two passes
-    lost = "a_var" not in s and a_var < 1e-3 * share(s["a_sq"], cnt)
-    if lost or not math.isfinite(mx["adv_std"] + mx["adv_mean"]):
+    if not math.isfinite(mx["adv_std"] + mx["adv_mean"]):  # a sum of squares past float64's range
         mx["adv_mean"], mx["adv_std"] = _scaled_mean_std(a[m])
+    elif "a_var" not in s and a_var < 1e-3 * share(s["a_sq"], cnt):
+        # per-token advantages far from 0 next to their spread: the one-pass variance kept few of
+        # its digits (each square rounds in the compute dtype; a constant float32 100.1 read a
+        # std of 0.008), so it is taken again about the mean
+        mx["adv_mean"], mx["adv_std"] = _centred_mean_std(a, m, adv_mean, cnt)
     if not math.isfinite(mx["approx_kl"]):  # log-probs near -float64's max
         mx["approx_kl"] = _scaled_mean_std((old - logp)[m])[0]
     metrics = {k: mx[k] for k in METRIC_NAMES}  # floats, each finite unless something overflowed
