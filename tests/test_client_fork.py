@@ -7,6 +7,7 @@ a new one, with the parent mid-call at the fork, a few forks in a hundred hung o
 
 from __future__ import annotations
 
+import inspect
 import multiprocessing as mp
 import os
 import pickle
@@ -320,6 +321,14 @@ def test_a_client_pickles_as_its_arguments_for_spawned_workers() -> None:
                         4096,
                     )
                     assert copy.loss(LOGP, **KW).loss == c.loss(LOGP, **KW).loss
+                # every constructor argument travels (one added later would be dropped silently)
+                rebuild = c.__reduce__()[0]
+                assert rebuild.func is SoftgateClient
+                assert set(rebuild.keywords) == set(inspect.signature(SoftgateClient).parameters) - {
+                    "target",
+                    "channel",
+                    "retry_budget",  # (in `retries`, the policy)
+                }
         theirs = SoftgateClient(channel=grpc.insecure_channel(f"127.0.0.1:{s.port}"))
         with theirs, pytest.raises(TypeError, match="built with channel= cannot be pickled"):
             pickle.dumps(theirs)

@@ -159,6 +159,12 @@ def _count(value: Any, name: str, most: int | None = None, also: str = "") -> in
     return int(value)
 
 
+def _check_run(run: Any) -> None:
+    """A run name is a str or None; else ValueError naming `run` (an int failed inside, later)."""
+    if run is not None and not isinstance(run, str):
+        raise ValueError(f"run: {run!r} must be a str (the run's name) or None")
+
+
 def timeout_seconds(timeout: float | None) -> float | None:
     """`timeout` as the client uses it: None for no deadline (math.inf, or over 1e8 s, which
     gRPC would take as already expired); NaN or negative: ValueError naming it."""
@@ -683,8 +689,7 @@ class SoftgateClient:
             policy = dataclasses.replace(policy, budget=budget)
         self.retry_policy = policy
         self.timeout = timeout_seconds(timeout)
-        if run is not None and not isinstance(run, str):
-            raise ValueError(f"run: {run!r} must be a str (the run's name) or None")
+        _check_run(run)
         self.run = run
         # (gRPC's channel arguments are 32-bit ints)
         self.max_message_bytes = _count(max_message_bytes, "max_message_bytes", most=2**31 - 1)
@@ -787,7 +792,7 @@ class SoftgateClient:
             "stream_threshold_bytes": self._threshold_bytes,
             "stream_chunk_bytes": self._chunk_bytes,
         }
-        return (functools.partial(SoftgateClient, self.target, **kw), ())
+        return (functools.partial(type(self), self.target, **kw), ())
 
     # -------------------------------------------------------- plumbing
 
@@ -989,8 +994,7 @@ class SoftgateClient:
         """
         if stream is not None and not isinstance(stream, bool):
             raise ValueError(f"stream: {stream!r} must be True, False or None (by size)")
-        if run is not None and not isinstance(run, str):
-            raise ValueError(f"run: {run!r} must be a str (the run's name) or None")
+        _check_run(run)
         c = _loss_config(config, options)
         packed = pack_batch(
             logp,
