@@ -371,6 +371,24 @@ def test_forks_after_a_wait_that_ran_out_do_not_wait_again_for_the_same_calls(mo
             th = fork_in_thread()
             th.join(5)
             assert not th.is_alive(), "a later fork waited again for the call an earlier one gave up on"
+        # a call started since is waited for (a review: it was not, until every call had ended)
+        other, other_in = threading.Event(), threading.Event()
+
+        def short() -> None:
+            with _fork.in_flight():
+                other_in.set()
+                other.wait(30)
+
+        caller = threading.Thread(target=short)
+        caller.start()
+        assert other_in.wait(10)
+        th = fork_in_thread()
+        th.join(0.3)
+        waited_for_the_new_call = th.is_alive()
+        other.set()
+        caller.join(10)
+        th.join(10)
+        assert waited_for_the_new_call and not th.is_alive()
     finally:
         release.set()
         holder.join(10)

@@ -1,7 +1,7 @@
 """Forks: a child keeps the channels it inherited untouched, and a fork() waits (up to
 FORK_WAIT_S) for this process's softgate calls in flight to end while new calls wait for it
-(each within its own timeout: then DEADLINE_EXCEEDED, raised here); after a wait that ran out,
-later forks do not wait until no call is in flight.
+(each within its own timeout: then DEADLINE_EXCEEDED, raised here); the calls a wait ran out
+on, later forks do not wait for again (they still wait for any other call).
 With a call in flight, gRPC skips its own fork handlers ("Other threads are currently calling
 into gRPC") and the child inherits gRPC's state mid-call: a worker forked then (a DataLoader's,
 while a thread of the trainer calls) could hang or crash even on a channel of its own (an
@@ -22,9 +22,10 @@ FORK_WAIT_S = 10.0  # the longest a fork waits for the calls in flight (then it 
 class _Gate:
     def __init__(self) -> None:
         self.cond = threading.Condition()
-        self.calls = 0  # calls in flight
+        self.started = 0  # calls ever counted, each numbered by its start
+        self.live: set[int] = set()  # the calls in flight, by number
+        self.stuck: set[int] = set()  # those a fork gave up waiting for
         self.forks = 0  # forks waiting or under way
-        self.stalled = False  # a fork gave up waiting for the calls still in flight
         self.rebuild = threading.Lock()  # a forked child's clients rebuild their channels under it
 
 
@@ -54,14 +55,15 @@ def in_flight(timeout: float | None = None) -> Iterator[None]:
         # entering gRPC with the fork still under way is what the wait is for: fail here
         if not gate.cond.wait_for(lambda: gate.forks == 0, timeout=timeout):
             raise DeadlineExceededError(f"waited {timeout:.1f}s for a fork in progress (os.fork)")
-        gate.calls += 1
+        n = gate.started
+        gate.started += 1
+        gate.live.add(n)
     try:
         yield
     finally:
         with gate.cond:
-            gate.calls -= 1
-            if gate.calls == 0:
-                gate.stalled = False
+            gate.live.discard(n)
+            gate.stuck.discard(n)
             gate.cond.notify_all()
 
 
@@ -69,10 +71,10 @@ def _before_fork() -> None:
     gate = _gate
     with gate.cond:
         gate.forks += 1
-        # once a fork gave up on the calls in flight, later forks go on at once until they have
-        # all ended: each waited the full FORK_WAIT_S again for the same long call (an audit)
-        if not gate.stalled:
-            gate.stalled = not gate.cond.wait_for(lambda: gate.calls == 0, timeout=FORK_WAIT_S)
+        # the calls an earlier fork gave up on are not waited for again: each fork waited the full
+        # FORK_WAIT_S again for the same long call (an audit); any other call is
+        if not gate.cond.wait_for(lambda: gate.live <= gate.stuck, timeout=FORK_WAIT_S):
+            gate.stuck |= gate.live
 
 
 def _after_fork_in_parent() -> None:
