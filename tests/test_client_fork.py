@@ -338,70 +338,60 @@ def test_a_client_pickles_as_its_arguments_for_spawned_workers() -> None:
             pickle.dumps(closed)
 
 
-def test_forks_after_a_wait_that_ran_out_do_not_wait_again_for_the_same_calls(monkeypatch) -> None:
-    """Found by an audit: with one call in flight for long, every fork waited the full
-    FORK_WAIT_S (10 s) again. The fork handlers are called here as os.fork calls them (a
-    real fork adds nothing to what is tested); a second wait would block on the held call."""
-    release = threading.Event()
+def _held_call() -> tuple[threading.Thread, threading.Event]:
+    """A call counted in flight (by a thread of its own) until the event returned is set."""
+    entered, release = threading.Event(), threading.Event()
 
     def hold() -> None:
         with _fork.in_flight():
             entered.set()
             release.wait(30)
 
-    def fork_in_thread() -> threading.Thread:
-        def fork() -> None:
-            _fork._before_fork()
-            _fork._after_fork_in_parent()
-
-        th = threading.Thread(target=fork)
-        th.start()
-        return th
-
-    entered = threading.Event()
-    holder = threading.Thread(target=hold)
-    holder.start()
+    th = threading.Thread(target=hold)
+    th.start()
     assert entered.wait(10)
+    return th, release
+
+
+def _fork_in_thread() -> threading.Thread:
+    """The fork handlers run as os.fork runs them (a real fork adds nothing to what is tested)."""
+
+    def fork() -> None:
+        _fork._before_fork()
+        _fork._after_fork_in_parent()
+
+    th = threading.Thread(target=fork)
+    th.start()
+    return th
+
+
+def _a_fork_waits_for(call: threading.Thread, release: threading.Event) -> bool:
+    """Whether a fork waits for the held `call` until it ends (then releases it)."""
+    th = _fork_in_thread()
+    th.join(0.3)
+    waited = th.is_alive()
+    release.set()
+    call.join(10)
+    th.join(10)
+    return waited and not th.is_alive()
+
+
+def test_forks_after_a_wait_that_ran_out_do_not_wait_again_for_the_same_calls(monkeypatch) -> None:
+    """Found by an audit: with one call in flight for long, every fork waited the full
+    FORK_WAIT_S (10 s) again; a second wait here would block on the held call."""
+    holder, release = _held_call()
     try:
         monkeypatch.setattr(_fork, "FORK_WAIT_S", 0.05)
         _fork._before_fork()  # waits 0.05 s for the held call, then goes on
         _fork._after_fork_in_parent()
         monkeypatch.setattr(_fork, "FORK_WAIT_S", 30.0)
         for _ in range(2):  # the same call still in flight: no wait
-            th = fork_in_thread()
+            th = _fork_in_thread()
             th.join(5)
             assert not th.is_alive(), "a later fork waited again for the call an earlier one gave up on"
         # a call started since is waited for (a review: it was not, until every call had ended)
-        other, other_in = threading.Event(), threading.Event()
-
-        def short() -> None:
-            with _fork.in_flight():
-                other_in.set()
-                other.wait(30)
-
-        caller = threading.Thread(target=short)
-        caller.start()
-        assert other_in.wait(10)
-        th = fork_in_thread()
-        th.join(0.3)
-        waited_for_the_new_call = th.is_alive()
-        other.set()
-        caller.join(10)
-        th.join(10)
-        assert waited_for_the_new_call and not th.is_alive()
+        assert _a_fork_waits_for(*_held_call())
     finally:
         release.set()
         holder.join(10)
-    # every call ended: a fork waits again for a call in flight (until it ends here)
-    release.clear()
-    entered.clear()
-    holder = threading.Thread(target=hold)
-    holder.start()
-    assert entered.wait(10)
-    th = fork_in_thread()
-    th.join(0.3)
-    waited = th.is_alive()
-    release.set()
-    holder.join(10)
-    th.join(10)
-    assert waited and not th.is_alive()
+    assert _a_fork_waits_for(*_held_call())  # every call ended: a fork waits for a call again
