@@ -20,7 +20,7 @@ import traceback
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 import torch
@@ -102,7 +102,7 @@ def run_of(context: Any) -> str:
 # a cancel this close to a call's deadline (at most half its time) is the client's deadline
 # (see _Call.cut)
 CUT_SLACK_S = 0.25
-CUT_WAIT_S = 0.01  # how long an empty StreamLoss waits for grpc to say it was cancelled
+CUT_WAIT_S = 0.01  # how long a request stream that ended empty waits for grpc to say it was cut
 
 
 @dataclass
@@ -709,13 +709,9 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 decoding.clear()
                 await _close(request_iterator)  # (a failed chunk: the stream is read no further)
             if cfg_msg is None:
-                # grpc ends a cut stream's requests as a half-close: a stream past its deadline,
-                # or one whose cancel grpc delivers a moment later (a CancelledError here), was
-                # cut, not sent empty (both were counted bad input, reason missing; an audit)
-                if call.deadline is not None and time.perf_counter() >= call.deadline:
-                    raise Cancelled()
-                await asyncio.sleep(CUT_WAIT_S)
-                raise InputError([FieldViolation("chunk", "missing: the stream carried no chunk")])
+                await _ended_empty(
+                    call.deadline, FieldViolation("chunk", "missing: the stream carried no chunk")
+                )
             await asyncio.sleep(0)  # (grpc's word of a cancel, if that is how the stream ended)
             if context.cancelled():  # (the client went away mid-upload: no loss for nobody)
                 raise Cancelled()
@@ -826,12 +822,18 @@ async def _first(requests: AsyncIterator[Any], idle_s: float | None, deadline: f
         pass
     finally:
         await _close(requests)
-    # grpc ends a cut call's requests as a half-close: its cancel arrives a moment later (a
-    # CancelledError in this sleep), as for an empty StreamLoss
+    await _ended_empty(deadline, FieldViolation("request", "missing: the call carried no request message"))
+
+
+async def _ended_empty(deadline: float | None, missing: FieldViolation) -> NoReturn:
+    """A request stream that ended before its first message: grpc ends a cut call's requests as
+    a half-close, so one past its deadline, or whose cancel grpc delivers a moment later (a
+    CancelledError in the sleep), was cut (Cancelled); else its client sent nothing (`missing`).
+    (Both were counted bad input, reason missing, or all cut; audits.)"""
     if deadline is not None and time.perf_counter() >= deadline:
         raise Cancelled()
     await asyncio.sleep(CUT_WAIT_S)
-    raise InputError([FieldViolation("request", "missing: the call carried no request message")])
+    raise InputError([missing])
 
 
 async def _next_request(requests: AsyncIterator[T], idle_s: float | None) -> T:
