@@ -810,6 +810,7 @@ class SoftgateClient:
         self.close()
 
     def _metadata(self, run: str | None) -> tuple[tuple[str, str], ...]:
+        _check_run(run)  # (every call's run reads here)
         r = run if run is not None else self.run
         return ((RUN_METADATA_KEY, _run_label(r)),) if r else ()
 
@@ -992,9 +993,6 @@ class SoftgateClient:
         `stream` forces (True) or forbids (False) the StreamLoss RPC; None picks it when the
         request or the response is larger than `stream_threshold_bytes`.
         """
-        if stream is not None and not isinstance(stream, bool):
-            raise ValueError(f"stream: {stream!r} must be True, False or None (by size)")
-        _check_run(run)
         c = _loss_config(config, options)
         packed = pack_batch(
             logp,
@@ -1028,6 +1026,8 @@ class SoftgateClient:
     ) -> LossResult:
         """`loss` for an already packed batch (see `pack_batch`)."""
         self._live()
+        if stream is not None and not isinstance(stream, bool):  # (stream=0 was taken as by size)
+            raise ValueError(f"stream: {stream!r} must be True, False or None (by size)")
         proto_cfg, sel, fields = _messages(c)
         out_per_token = _out_bytes_per_token(packed, sel)
         deadline = self._deadline(timeout)
