@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from conftest import self_signed
-from softgate.settings import CLOCK_SKEW_S, Settings, SettingsError
+from softgate.settings import CLOCK_SKEW_S, Settings, SettingsError, unknown_variables
 
 
 def test_defaults_run_on_a_laptop() -> None:
@@ -45,6 +45,29 @@ def test_precedence_flags_over_env_over_file_over_defaults(tmp_path: Path) -> No
     assert s.config == str(cfg)
     # a flag left unset (None) does not override anything
     assert Settings.load({"max_runs": None, "config": str(cfg)}, env={}).max_runs == 5
+
+
+def test_a_misspelt_variable_is_named_with_the_setting_meant() -> None:
+    """A typo in a SOFTGATE_* name was ignored without a word; service links are not typos."""
+    env = {
+        "SOFTGATE_GRPC_PROT": "6000",
+        "SOFTGATE_LOGLEVEL": "DEBUG",
+        "SOFTGATE_XYZ": "1",
+        "SOFTGATE_GRPC_PORT": "6001",  # (settings and the other readers' variables are known)
+        "SOFTGATE_ENGINE_COMPILE": "0",
+        "SOFTGATE_CONFIG": "",
+        "SOFTGATE_SERVICE_HOST": "10.0.0.1",  # (Kubernetes' links for Services softgate, softgate-admin)
+        "SOFTGATE_PORT": "tcp://10.0.0.1:50051",
+        "SOFTGATE_PORT_50051_TCP_ADDR": "10.0.0.1",
+        "SOFTGATE_ADMIN_SERVICE_PORT_HTTP": "8080",
+        "PATH": "/bin",
+    }
+    assert unknown_variables(env) == [
+        "SOFTGATE_GRPC_PROT: no setting reads it; did you mean SOFTGATE_GRPC_PORT?",
+        "SOFTGATE_LOGLEVEL: no setting reads it; did you mean SOFTGATE_LOG_LEVEL?",
+        "SOFTGATE_XYZ: no setting reads it",
+    ]
+    assert Settings.load({}, env=env).grpc_port == 6001  # (a warning, never a refusal)
 
 
 def test_toml_config_with_a_section(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ from softgate.engine import Engine
 from softgate.engine.compiled import COMPILE_EXIT_WAIT_S
 from softgate.grpc.server import GrpcServer, TlsFilesError
 from softgate.logging import NativeStderr, configure, get_logger, quiet_uvicorn_noise
-from softgate.settings import Settings, bind_tcp, host_port
+from softgate.settings import Settings, bind_tcp, host_port, unknown_variables
 from softgate.status import remove_status, write_status
 from softgate.telemetry import Telemetry
 from softgate.threads import cpu_quota, threads_for
@@ -248,6 +248,8 @@ async def _serve(settings: Settings, stop: asyncio.Event, started: list[GrpcServ
     """serve's body: start everything, run until `stop` is set, stop everything (the gRPC
     server made is appended to `started`, for a second signal to hurry)."""
     log.info("starting", version=__version__, settings=settings.redacted())
+    for problem in unknown_variables(os.environ):
+        log.warning("unknown_variable", problem=problem)
     telemetry = make_telemetry(settings)
     try:
         engine = make_engine(settings)

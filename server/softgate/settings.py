@@ -13,6 +13,7 @@ import base64
 import contextlib
 import dataclasses
 import datetime
+import difflib
 import os
 import re
 import shlex
@@ -367,6 +368,32 @@ class Settings:
 
 
 _FIELDS = {f.name: f for f in fields(Settings)}
+
+# SOFTGATE_* variables read elsewhere: the config file's path, the engine's compile switch,
+# the allocator's re-exec mark, scripts/install.sh's
+_OTHER_VARIABLES = frozenset(
+    {"SOFTGATE_CONFIG", "SOFTGATE_ENGINE_COMPILE", "SOFTGATE_ALLOCATOR_REEXEC", "SOFTGATE_INSTALL_UNLOCKED"}
+)
+# what Kubernetes' service links inject for a Service named softgate or softgate-*
+# (SOFTGATE_SERVICE_HOST, SOFTGATE_ADMIN_PORT_8080_TCP_ADDR, ...; deploy/ turns them off)
+_SERVICE_LINK = re.compile(
+    r"SOFTGATE(_\w+?)?_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT_\d+_(TCP|UDP|SCTP)(_\w+)?)"
+)
+
+
+def unknown_variables(env: Mapping[str, str]) -> list[str]:
+    """The `SOFTGATE_*` variables of `env` that no setting reads, each with the likeliest one
+    meant: a misspelt variable is otherwise ignored without a word (an audit's finding)."""
+    names = ["SOFTGATE_" + k.upper() for k in _FIELDS if k != "config"] + sorted(_OTHER_VARIABLES)
+    out = []
+    for var in sorted(env):
+        if not var.startswith("SOFTGATE_") or var in names or _SERVICE_LINK.fullmatch(var):
+            continue
+        if var.endswith("_PORT") and re.match(r"(tcp|udp|sctp)://", env[var]):
+            continue  # (a service link's SOFTGATE_X_PORT=tcp://10.0.0.1:8080)
+        close = difflib.get_close_matches(var[9:], [n[9:] for n in names], n=1)  # (less the prefix)
+        out.append(f"{var}: no setting reads it" + (f"; did you mean SOFTGATE_{close[0]}?" if close else ""))
+    return out
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
