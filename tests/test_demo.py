@@ -120,6 +120,11 @@ _TINY = ["--objectives", "sapo", "--steps", "1", "--seeds", "1", "--in-process",
         (["--threads", "2147483648"], "--threads must be at most 1024, got 2147483648"),
         (["--hidden", "4097", *_TINY], "--hidden must be at most 4096, got 4097"),
         (["--lr", "1e38", *_TINY], "--lr must be at most 10, got 1e+38"),  # (an audit: Adam overflowed)
+        # (an audit: allocated until the OOM killer ended it, without a word)
+        (
+            ["--group-size", "100000000", *_TINY],
+            "--prompts-per-step x --group-size must be at most 65536 rollouts a step, got 16 x 100000000",
+        ),
         (["--objectives", "sapo(tau_pos=x)"], "'x' is not a number"),
         # found by an audit: tracebacks (TypeError from the client or the engine, KeyError,
         # InputError), some only after the other runs had trained, and the seed's OverflowError

@@ -45,6 +45,11 @@ MAX_LR = 10.0
 MAX_COUNTS = {"threads": 1024, "hidden": 4096}
 
 
+# The largest rollout batch, prompts x samples (the default's 128 x 512): a larger one
+# allocated until the OOM killer ended the run, silent (1e8 samples; an audit).
+MAX_ROLLOUTS = 1 << 16
+
+
 def check_counts(counts: dict[str, int]) -> None:
     """Refuse a count flag below 1, or above its MAX_COUNTS, naming it (ValueError)."""
     for flag, value in counts.items():
@@ -97,6 +102,11 @@ class TrainConfig:
         check_seeds(self.seed, 1)
         if self.group_size < 2:
             raise ValueError("--group-size must be at least 2 (a group of one has no baseline)")
+        if self.prompts_per_step * self.group_size > MAX_ROLLOUTS:
+            raise ValueError(
+                f"--prompts-per-step x --group-size must be at most {MAX_ROLLOUTS} rollouts a step, "
+                f"got {self.prompts_per_step} x {self.group_size}"
+            )
 
 
 @dataclass
