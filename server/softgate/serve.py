@@ -56,6 +56,11 @@ def make_telemetry(settings: Settings) -> Telemetry:
     except Exception as e:  # not there yet, or prometheus_client missing
         log.warning("telemetry_disabled", reason=f"{type(e).__name__}: {e}")
         return Telemetry()
+    # no `_created` sample beside every counter and histogram: ~140 series a replica that
+    # Prometheus stores and nothing reads (an audit; process-wide, so the server's only)
+    import prometheus_client
+
+    prometheus_client.disable_created_metrics()
     # deferred: a result's per-run statistics are recorded after its response has gone out
     return PrometheusTelemetry(settings, defer=True)  # type: ignore[no-any-return]
 
