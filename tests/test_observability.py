@@ -221,6 +221,23 @@ def test_run_registry_keeps_the_most_recent_runs() -> None:
     assert reg.evictions == 1 and reg.get("b") is None
 
 
+def test_a_dropped_run_that_comes_back_is_counted() -> None:
+    """An audit: three runs training on max_runs 2 evicted one at every call, each run's
+    counters held one batch and its ratio rules read +-Inf; nothing told why. A return counts."""
+    reg = RunRegistry(max_runs=2)
+    for name in ["a", "b", "c", "d"]:  # a and b dropped: runs that ended, no return
+        reg.state(name)
+    assert (reg.evictions, reg.returns) == (2, 0)
+    for name in ["a", "c", "d"]:  # a back (c dropped), c back (d dropped), d back (a dropped)
+        reg.state(name)
+    assert (reg.evictions, reg.returns) == (5, 3) and reg.names() == ["c", "d"]
+    reg.EVICTED_NAMES = 1  # (the names remembered are bounded: here only the last dropped)
+    reg.state("e")  # drops c
+    reg.state("f")  # drops d, which pushes c out of the names remembered
+    reg.state("c")
+    assert (reg.evictions, reg.returns) == (8, 3)
+
+
 def test_a_run_registry_keeps_at_least_one_run() -> None:
     """max_runs below 1 is 1: the run just seen keeps its own state."""
     reg = RunRegistry(max_runs=0)
@@ -279,6 +296,7 @@ def test_old_runs_are_dropped_and_counted() -> None:
     assert processed == 3 * per_run * 2048
     assert [v for name, _, v in samples if name == "softgate_runs_tracked"] == [3]
     assert [v for name, _, v in samples if name == "softgate_run_evictions_total"] == [7]
+    assert [v for name, _, v in samples if name == "softgate_run_returns_total"] == [0]
     assert tel.run_summary("run-0") is None and tel.run_summary("other") is None
     assert [r["run"] for r in tel.runs_overview()] == ["run-9", "run-8", "run-7"]
     assert "folded_runs" not in tel.run_summary("run-9")

@@ -26,7 +26,7 @@ def avg(metric: str, by: str, extra: str = "") -> str:
     sel = "{" + R + (", " + extra if extra else "") + "}"
     return (
         f"sum by ({by}) (rate({metric}_sum{sel}[$__rate_interval]))"
-        f" / sum by ({by}) (rate({metric}_count{sel}[$__rate_interval]))"
+        f" / (sum by ({by}) (rate({metric}_count{sel}[$__rate_interval])) > 0)"
     )
 
 
@@ -37,7 +37,7 @@ def signed_avg(metric: str, by: str) -> str:
     return (
         f"(sum by ({by}) (rate({metric}_positive_sum{sel}[$__rate_interval]))"
         f" - sum by ({by}) (rate({metric}_negative_sum{sel}[$__rate_interval])))"
-        f" / sum by ({by}) (rate({metric}_positive_count{sel}[$__rate_interval]))"
+        f" / (sum by ({by}) (rate({metric}_positive_count{sel}[$__rate_interval])) > 0)"
     )
 
 
@@ -50,7 +50,7 @@ def share(counter: str, by: str, tokens: str = "", ignoring: str = "") -> str:
     match = f" ignoring ({ignoring})" if ignoring else ""
     return (
         f"sum by ({by}) (rate({counter}{{{R}}}[$__rate_interval]))"
-        f" / sum by ({by}) (rate(softgate_loss_tokens_total{sel}[$__rate_interval]) and{match} {counter})"
+        f" / (sum by ({by}) (rate(softgate_loss_tokens_total{sel}[$__rate_interval]) and{match} {counter}) > 0)"
     )
 
 
@@ -93,7 +93,9 @@ def panel(
         "gridPos": {"h": h, "w": w, "x": x, "y": y},
         "fieldConfig": {"defaults": defaults, "overrides": overrides or []},
         "targets": [
-            {"refId": chr(65 + i), "datasource": DS, "expr": expr, "legendFormat": legend, "range": True}
+            # (a table shows the last values: an instant query; a range one filled it with frames)
+            {"refId": chr(65 + i), "datasource": DS, "expr": expr, "legendFormat": legend}
+            | ({"instant": True, "range": False} if kind == "table" else {"range": True})
             for i, (expr, legend) in enumerate(targets)
         ],
     }
@@ -176,7 +178,7 @@ def build() -> dict[str, Any]:
             [(avg("softgate_batch_gate_weight_mean", "sign"), "A {{sign}}")],
             12,
             y,
-            unit="percentunit",
+            unit="short",  # (a weight, not a share; an audit)
             minmax=(0, None),  # GPPO and CISPO go above 1
             description="Mean gate weight w per sign: SAPO 4p(1-p), hard clips 1 unclipped / 0 clipped "
             "(Clip-Cov's drawn tokens 0; KL-Cov and DRO 1 everywhere). "
@@ -355,13 +357,13 @@ def build() -> dict[str, Any]:
                 ),
                 (
                     f"{rejected} / ({rejected} + sum by (objective) (rate(softgate_loss_tokens_total{{{R}}}"
-                    "[$__rate_interval]) and ignoring (sign) softgate_rollout_rejected_tokens_total))",
+                    "[$__rate_interval]) and ignoring (sign) softgate_rollout_rejected_tokens_total) > 0)",
                     "rejected {{objective}}",
                 ),
                 (
                     f"sum by (run) (rate(softgate_rollout_rejected_sequences_total{{{R}}}[$__rate_interval])) / "
-                    f'sum by (run) (rate(softgate_processed_sequences_total{{{R},rpc=~"ComputeLoss|StreamLoss"}}'
-                    "[$__rate_interval]))",
+                    f'(sum by (run) (rate(softgate_processed_sequences_total{{{R},rpc=~"ComputeLoss|StreamLoss"}}'
+                    "[$__rate_interval])) > 0)",
                     "rejected sequences {{run}}",
                 ),
             ],
@@ -413,7 +415,7 @@ def build() -> dict[str, Any]:
                 (avg("softgate_batch_degenerate_group_fraction", "run"), "mean {{run}}"),
                 (f"max by (run) (softgate_degenerate_group_fraction{{{R}}})", "last batch {{run}}"),
                 (
-                    f"{unscored} / sum by (run) (rate(softgate_reward_sequences_total{{{R}}}[$__rate_interval]))",
+                    f"{unscored} / (sum by (run) (rate(softgate_reward_sequences_total{{{R}}}[$__rate_interval])) > 0)",
                     "unscored {{run}}",
                 ),
             ],
@@ -591,6 +593,30 @@ def build() -> dict[str, Any]:
             12,
             y,
             kind="table",
+        )
+    )
+    y += 8
+    panels.append(
+        panel(
+            "Run labels",
+            [
+                ("sum by (instance) (softgate_runs_tracked)", "tracked {{instance}}"),
+                (
+                    "sum by (instance) (increase(softgate_run_evictions_total[$__rate_interval]))",
+                    "dropped {{instance}}",
+                ),
+                (
+                    "sum by (instance) (increase(softgate_run_returns_total[$__rate_interval]))",
+                    "came back {{instance}}",
+                ),
+            ],
+            0,
+            y,
+            w=24,
+            description="Runs whose series each server exports (at most max_runs), runs it dropped for a new "
+            "one, and dropped runs that came back, in each interval. Dropped runs that come back restart "
+            "their series from 0: their panels above read nothing, and more runs train than max_runs keeps "
+            "(alert SoftgateRunLabelsThrashing). Drops alone are runs that ended making room.",
         )
     )
 

@@ -270,9 +270,7 @@ GAUGE_EXPORT_NAME = {
 def exported_names() -> set[str]:
     """Every sample name the collector can export (with _bucket/_sum/_count/_total)."""
     out: set[str] = set()
-    for n in COUNTERS:
-        out.add(n)
-        out.add(n.removesuffix("_total") + "_created")
+    out.update(COUNTERS)
     for n in HISTOGRAMS:
         out |= {n + "_bucket", n + "_sum", n + "_count"}
     for n in SUMMARIES:
@@ -281,6 +279,7 @@ def exported_names() -> set[str]:
         out.add(GAUGE_EXPORT_NAME.get(n, n))
     out.add("softgate_runs_tracked")
     out.add("softgate_run_evictions_total")
+    out.add("softgate_run_returns_total")
     out.add("softgate_engine_configurations")
     out.update(
         ("softgate_admitted_rpcs", "softgate_max_concurrent_rpcs", "softgate_tls_cert_not_after_seconds")
@@ -306,7 +305,7 @@ class SoftgateCollector(Collector):
     def collect(self) -> Iterator[Any]:
         with self.t.lock:
             items = [(name, _snapshot(st)) for name, st in self.t.runs.items()]
-            evictions = self.t.runs.evictions
+            evictions, returns = self.t.runs.evictions, self.t.runs.returns
         yield from self._families(dict(items))
         g = GaugeMetricFamily(
             "softgate_runs_tracked", "Run label values currently exported (at most max_runs)."
@@ -318,6 +317,12 @@ class SoftgateCollector(Collector):
             "Runs dropped (their series removed) to bound label cardinality at max_runs.",
         )
         c.add_metric([], float(evictions))
+        yield c
+        c = CounterMetricFamily(
+            "softgate_run_returns",
+            "Runs dropped at max_runs that came back, their series restarted from 0 (more runs train than max_runs).",
+        )
+        c.add_metric([], float(returns))
         yield c
         yield self._engine_configurations(self.t.engine_states())
         yield from self._server_state()

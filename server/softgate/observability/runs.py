@@ -111,15 +111,20 @@ class RunRegistry:
     """The `max_runs` most recently active runs, each with its own state.
 
     `state(run)` marks the run as the most recent; a new run beyond the bound drops the least
-    recently active one (`evictions` counts them). Not thread-safe: the caller holds a lock.
+    recently active one (`evictions` counts them), and a dropped run that comes back is counted
+    in `returns` (its series restart from 0: the sign that more runs train than max_runs; the
+    last EVICTED_NAMES names dropped are remembered). Not thread-safe: the caller holds a lock.
     """
 
     WINDOW_BATCHES = 1000
+    EVICTED_NAMES = 1024
 
     def __init__(self, max_runs: int = 32) -> None:
         self.max_runs = max(1, int(max_runs))
         self._runs: OrderedDict[str, RunState] = OrderedDict()
+        self._evicted: OrderedDict[str, None] = OrderedDict()
         self.evictions = 0
+        self.returns = 0
 
     def state(self, run: str | None, now: float | None = None) -> tuple[str, RunState]:
         name = sanitize_run(run)
@@ -127,9 +132,15 @@ class RunRegistry:
         st = self._runs.get(name)
         if st is None:
             st = self._runs[name] = RunState(first_seen=now, last_seen=now)
+            if name in self._evicted:
+                del self._evicted[name]
+                self.returns += 1
             while len(self._runs) > self.max_runs:
-                self._runs.popitem(last=False)
+                gone, _ = self._runs.popitem(last=False)
                 self.evictions += 1
+                self._evicted[gone] = None
+                while len(self._evicted) > self.EVICTED_NAMES:
+                    self._evicted.popitem(last=False)
         else:
             self._runs.move_to_end(name)
         st.last_seen = now
