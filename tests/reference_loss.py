@@ -370,8 +370,9 @@ def _reference_weights(mm: MismatchConfig, o: Tensor, ro: Tensor, o_sent: Tensor
     return torch.where((v >= mm.lo) & (v <= mm.hi), v, torch.zeros_like(v))
 
 
-def _reference_norm(batch: Batch, config: LossConfig) -> float:
-    """verl's rollout_is_batch_normalize: the mean weight over the batch as sent (1: none)."""
+def _reference_norm(batch: Batch, config: LossConfig, trained: Tensor) -> float:
+    """verl's rollout_is_batch_normalize: the mean weight over the batch as sent (1: none);
+    seq_mask's over `trained`, the tokens rollout rejection left."""
     if config.mismatch is None or not config.mismatch.batch_normalize:
         return 1.0
     off = [int(x) for x in batch.offsets]
@@ -385,6 +386,8 @@ def _reference_norm(batch: Batch, config: LossConfig) -> float:
             continue
         o_s, ro_s = old[off[i] : off[i + 1]][si], rollout[off[i] : off[i + 1]][si]
         v = _reference_weights(config.mismatch, o_s, ro_s, o_s, ro_s)
+        if config.mismatch.mode == "seq_mask":
+            v = v[trained[off[i] : off[i + 1]][si]]
         level = config.mismatch.level
         total, count = (
             total + float(v.sum() if level == "token" else v[0]),
@@ -408,7 +411,7 @@ def _reference_token_baseline(
     old = (batch.old_logp if batch.old_logp is not None else batch.logp).detach().to(torch.float64)
     spp = batch.sum_pi_squared.to(torch.float64)
     rollout = None if batch.rollout_logp is None else batch.rollout_logp.to(torch.float64)
-    norm = _reference_norm(batch, config)
+    norm = _reference_norm(batch, config, mask)
     trained, weights = [], []  # per sequence: (position, index in the sequence) and W at each
     for i in range(b):
         sl = slice(off[i], off[i + 1])
@@ -499,7 +502,7 @@ def reference_loss(batch: Batch, config: LossConfig) -> Reference:
                 total = total + t.sum() / agg.constant
         return total
 
-    norm = _reference_norm(batch, config)
+    norm = _reference_norm(batch, config, mask)
 
     policy_terms: list[Tensor | None] = []
     kl_terms: list[Tensor | None] = []

@@ -171,30 +171,61 @@ def test_mismatch_batch_normalize(objective, mismatch):
 
 
 def test_mismatch_batch_normalize_refuses_an_infinite_mean() -> None:
-    """seq_mask leaves a token's own weight unbounded: a rejected token's exp(90) (float32 inf)
-    still counts in the batch mean, which is then infinite; refused as `overflow`, not a silent
-    loss of 0 (w / inf; a review). Without batch_normalize the same batch trains."""
-    from softgate.engine import Batch, InputError, MismatchConfig, RejectionCriterion
+    """seq_mask leaves a token's own weight unbounded: exp(90) (float32 inf) on a token of a
+    sequence whose geometric mean passes makes the batch mean infinite; refused as `overflow`,
+    not a silent loss of 0 (w / inf; a review), as it is without batch_normalize."""
+    from softgate.engine import Batch, InputError, MismatchConfig
     from softgate.engine.config import Grpo, LossConfig
 
-    old, rollout = torch.full((10,), -1.0), torch.full((10,), -1.0)
-    rollout[0], old[1] = -91.0, -90.0  # token 0 rejected by k1 (exp(90) > 2); token 1 kept
+    old, rollout = torch.full((20,), -1.0), torch.full((20,), -1.0)
+    rollout[0] = -91.0  # v = exp(90), its sequence's other nine at exp(-10): a mean of exp(0)
+    old[1:10] = -11.0
     batch = Batch(
         logp=old.clone(),
         old_logp=old,
         rollout_logp=rollout,
-        advantages=torch.ones(10),
-        offsets=torch.tensor([0, 5, 10]),
+        advantages=torch.ones(2),
+        offsets=torch.tensor([0, 10, 20]),
     )
+    config = LossConfig(objective=Grpo(), mismatch=MismatchConfig(mode="seq_mask", batch_normalize=True))
+    for mm in (MismatchConfig(mode="seq_mask", batch_normalize=True), MismatchConfig(mode="seq_mask")):
+        with pytest.raises(InputError, match="overflow"):
+            ENGINE.loss(batch, dataclasses.replace(config, mismatch=mm))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_seq_mask_batch_normalize_leaves_out_the_tokens_rejection_took(dtype) -> None:
+    """An audit: the outlier rollout rejection took out (old - rollout = 94) still counted in
+    seq_mask's batch mean, untruncated: every other token's gradient was scaled by 1e-38
+    (float64), or the batch refused naming a token that was fine (float32)."""
+    from softgate.engine import Batch, MismatchConfig, RejectionCriterion
+    from softgate.engine.config import Grpo, LossConfig
+
+    old = torch.full((193,), -1.0, dtype=torch.float64)
+    rollout = old.clone()
+    rollout[4], rollout[5:] = -95.0, -0.5  # sequence 1's geometric mean: exp(0), kept
+    batch = Batch(
+        logp=old.to(dtype),
+        old_logp=old.to(dtype),
+        rollout_logp=rollout.to(dtype),
+        advantages=torch.tensor([1.0, -1.0], dtype=dtype),
+        offsets=torch.tensor([0, 4, 193]),
+    )
+    mm = MismatchConfig(mode="seq_mask", lo=0.5, hi=2.0, batch_normalize=True)
     config = LossConfig(
-        objective=Grpo(),
-        mismatch=MismatchConfig(mode="seq_mask", batch_normalize=True),
-        rejection=(RejectionCriterion(upper=2.0, statistic="k1"),),
+        objective=Grpo(), mismatch=mm, rejection=(RejectionCriterion(upper=2.0, statistic="k1"),)
     )
-    with pytest.raises(InputError, match="overflow"):
-        ENGINE.loss(batch, config)
-    plain = dataclasses.replace(config, mismatch=MismatchConfig(mode="seq_mask"))
-    assert ENGINE.loss(batch, plain).policy_loss != 0
+    res = ENGINE.loss(batch, config)
+    assert res.metrics["rejected_tokens"] == 1
+    # the mean of the 4 + 188 weights left: 1 and exp(-0.5)
+    want = (4 + 188 * math.exp(-0.5)) / 192
+    assert res.metrics["mismatch_norm_factor"] == pytest.approx(want, rel=1e-6)
+    plain = ENGINE.loss(
+        batch, dataclasses.replace(config, mismatch=dataclasses.replace(mm, batch_normalize=False))
+    )
+    assert res.policy_loss == pytest.approx(plain.policy_loss / want, rel=1e-5)
+    if dtype == torch.float64:
+        check_against_reference(batch, config)
 
 
 @pytest.mark.parametrize("level", ["token", "sequence", "immediate"])

@@ -394,8 +394,9 @@ class MismatchConfig:
     "IcePop"); seq_mask (token level, OpenRLHF's seq-mask-tis): each token's own v, zeroed in a
     sequence whose geometric-mean weight is outside [lo, hi]. `batch_normalize` (verl's
     rollout_is_batch_normalize): the weights are divided by their mean over the batch as sent
-    (its trained tokens at token level, its sequences with any at the other levels), so they
-    average 1; the factor is the `mismatch_norm_factor` metric."""
+    (its trained tokens at token level, its sequences with any at the other levels; seq_mask's
+    over the tokens rollout rejection left), so they average 1; the factor is the
+    `mismatch_norm_factor` metric (1 where the mean is at most 1e-8: nothing is divided)."""
 
     level: MismatchLevel = "token"
     mode: MismatchMode = "truncate"

@@ -268,7 +268,11 @@ def _compute_loss(
             if seq_weight:  # (geometric and seq_mask: the mean)
                 t["lvseq"] = sequence_log_weights(lv_sent, seg, ms_counts, mean=mm.level != "sequence")
             if mm.batch_normalize:  # verl's: v divided by its mean over the batch as sent, through w
-                norm = batch_norm_factor(mm.level, mm.mode, lv_sent, ms, seg, ms_counts, t.get("lvseq"), prm)
+                # but seq_mask's over the tokens rejection left: it leaves a token's weight
+                # untruncated, and the outlier rejection took out (e^94) scaled every other
+                # token's gradient by 1e-38 (an audit)
+                nm, nm_counts = (m, ylen) if mm.mode == "seq_mask" else (ms, ms_counts)
+                norm = batch_norm_factor(mm.level, mm.mode, lv_sent, nm, seg, nm_counts, t.get("lvseq"), prm)
                 extra["mismatch_norm_factor"] = norm
                 if config.kl is not None and "wkl" not in t:  # (the KL term keeps the weights it had)
                     t["wkl"] = t["w"]

@@ -73,7 +73,8 @@ METRIC_NAMES: dict[str, str] = {
     "mismatch_clipped_frac": "share of tokens whose v was clamped to [floor, cap] or zeroed outside [lo, hi] "
     "(seq_mask: the tokens of the sequences it dropped); 0 without correction",
     "mismatch_norm_factor": "the mean of v over the batch as sent that mismatch.batch_normalize divided the weights "
-    "by (verl's rollout_is_batch_norm_factor; mismatch_weight_mean is before it); 1 without it",
+    "by (verl's rollout_is_batch_norm_factor; mismatch_weight_mean is before it; seq_mask's over the tokens "
+    "rejection left); 1 without it, or when that mean is at most 1e-8 (nothing divided)",
     "off_policy_masked_frac": "share of tokens whose policy term off-policy sequence masking dropped (A < 0, "
     "their sequence's mean sampler - current log-prob above off_policy_mask_threshold); 0 without it",
     "rejected_tokens": "tokens of the loss mask as given that rollout rejection took out of it (`rejection`); "

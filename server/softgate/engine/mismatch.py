@@ -59,7 +59,8 @@ def batch_norm_factor(
     prm: dict[str, Tensor],
 ) -> Tensor:
     """verl's rollout_is_batch_normalize: the mean of the weights v (as the kernel makes them,
-    mismatch_weights) over the trained tokens `sent` of the batch as sent (token level) or over
+    mismatch_weights) over the trained tokens `sent` of the batch as sent (seq_mask: those
+    rejection left, the caller's choice; token level) or over
     its sequences with any (sequence and geometric levels), as a float64 0-d tensor; 1 when that
     mean is at most 1e-8 (verl's) or nothing is trained. `lv_sent` is old - rollout on `sent` (0
     off it), `lvseq` the [B] log-weight of a sequence, geometric or seq_mask correction."""
@@ -74,7 +75,7 @@ def batch_norm_factor(
         v, _ = mismatch_weights(mode, lv_sent, prm, lgeo)
         total, count = torch.where(sent, v, torch.zeros_like(v)).sum(dtype=f64), sent_counts.sum()
     mean = total / count.clamp(min=1)
-    # an infinite mean (seq_mask's unbounded weight on a rejected token) is NaN: the loss is then
+    # an infinite mean (seq_mask's unbounded weight on a trained token) is NaN: the loss is then
     # refused as `overflow`, never silently 0 (w / inf)
     factor = torch.where(mean > 1e-8, mean, torch.ones_like(mean))
     return torch.where(torch.isfinite(mean), factor, torch.full_like(mean, math.nan))
