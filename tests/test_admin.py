@@ -578,3 +578,57 @@ def test_a_start_that_fails_leaves_no_server_serving() -> None:
     assert not srv.thread.is_alive()
     with pytest.raises(httpx.TransportError):
         httpx.get(srv.url + "/healthz", timeout=2)
+
+
+def test_stalled_and_surplus_connections_are_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An audit: uvicorn times a connection out only after a response, so 400 silent (or
+    trickling) connections used up a 256-descriptor process and took its gRPC port down too.
+    One that has not sent whole headers in HEADER_TIMEOUT_S is closed, and so is one past
+    MAX_CONNECTIONS; a request that did arrive is answered, and its keep-alive reused."""
+    import softgate.admin.server as admin_server
+
+    monkeypatch.setattr(admin_server, "HEADER_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(admin_server, "MAX_CONNECTIONS", 3)
+    app = create_app(Settings(), Telemetry(), lambda: True)
+
+    def closed_within(sock: socket.socket, seconds: float) -> bool:
+        sock.settimeout(seconds)
+        try:
+            return sock.recv(1) == b""
+        except TimeoutError:
+            return False
+        except ConnectionResetError:
+            return True
+
+    with (
+        ThreadedAdminServer(app) as srv,
+        socket.create_connection(("127.0.0.1", srv.port)) as silent,
+        socket.create_connection(("127.0.0.1", srv.port)) as trickle,
+        httpx.Client(base_url=srv.url) as client,
+    ):
+        assert client.get("/healthz").status_code == 200  # (the third connection)
+        with socket.create_connection(("127.0.0.1", srv.port)) as surplus:
+            assert closed_within(surplus, 2.0)  # (the fourth: closed when accepted)
+        trickle.sendall(b"GET /healthz HTTP/1.1\r\n")
+        time.sleep(0.3)
+        trickle.sendall(b"Host: x\r\n")  # (headers still not whole)
+        assert closed_within(silent, 2.0) and closed_within(trickle, 2.0)
+        time.sleep(0.2)  # (the client's connection, idle after its response, may be closed too)
+        assert client.get("/healthz").status_code == 200
+
+
+def test_health_asks_the_server_directly_whatever_the_proxy(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """An audit: `softgate health` went through http_proxy where one was set, and the images'
+    HEALTHCHECK called a healthy server unhealthy (the proxy here refuses every connection)."""
+    from softgate.status import check, write_status
+
+    for var in ("http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    with ThreadedAdminServer(create_app(Settings(), Telemetry(), lambda: True)) as srv:
+        path = str(tmp_path / "status.json")
+        write_status(path, ("127.0.0.1", 1), ("127.0.0.1", srv.port))
+        assert check(path) is None

@@ -245,3 +245,16 @@ def test_upgrade_and_invalid_requests_write_no_warnings(restore_handlers) -> Non
     events = [x["event"] for x in lines if x["level"] == "debug" and x["logger"] == "uvicorn.error"]
     assert events.count("Unsupported upgrade request.") == 25
     assert events.count("Invalid HTTP request received.") == 25
+
+
+def test_a_burst_of_accept_failures_is_one_line_a_second(restore_handlers) -> None:
+    """An audit: a burst of connections past the process's descriptors had asyncio log
+    "socket.accept() out of system resource", a traceback each, ~8,000 times in 2 s."""
+    out = io.StringIO()
+    configure("json", "INFO", stream=out)
+    asyncio_log = logging.getLogger("asyncio")
+    for _ in range(500):
+        asyncio_log.error("socket.accept() out of system resource\nsocket: %s", "<fd=13>")
+    asyncio_log.error("Task exception was never retrieved")  # (asyncio's others pass)
+    events = [e["event"].split("\n")[0] for e in _json_lines(out)]
+    assert events == ["socket.accept() out of system resource", "Task exception was never retrieved"]

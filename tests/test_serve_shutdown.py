@@ -137,6 +137,25 @@ def test_an_admin_port_in_use_fails_start_up_with_exit_code_1() -> None:
         assert asyncio.run(serve.serve(settings)) == 1
 
 
+def test_a_failed_warm_up_is_one_startup_failed_event_and_exit_1(
+    monkeypatch: pytest.MonkeyPatch, serve_log: LogRecords
+) -> None:
+    """An audit: a warm-up that raised (a CUDA error, a device out of memory) logged `stopped
+    exit_code=0`, then a raw traceback, and the process exited 1."""
+
+    def broken(self: Engine, halt: Any = None) -> None:
+        raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(Engine, "warmup", broken)
+    assert asyncio.run(serve.serve(_settings(warmup=True))) == 1
+    (failed,) = [r for r in serve_log.records if r.getMessage() == "startup_failed"]
+    assert failed.fields["error"] == (  # type: ignore[attr-defined]
+        "RuntimeError: CUDA error: no kernel image is available for execution on the device"
+    )
+    (stopped,) = [r for r in serve_log.records if r.getMessage() == "stopped"]
+    assert stopped.fields["exit_code"] == 1  # type: ignore[attr-defined]
+
+
 def _ipv6_loopback() -> bool:
     try:
         with socket.socket(socket.AF_INET6) as sock:

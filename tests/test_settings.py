@@ -765,3 +765,16 @@ def test_rsa_and_ecdsa_keys_pass(tmp_path: Path) -> None:
 
     for kind in ("RSA-2048", "RSA-4096", "P-256", "P-384", "P-521"):
         assert Settings.load(self_signed(tmp_path, _key(kind)), env={}).host_problems() == [], kind
+
+
+@pytest.mark.parametrize(
+    "line", ["admin_token: @Xk9-s3cr3t", "admin_token: 'Xk9-s3cr3t", "admin_token: a: Xk9-s3cr3t"]
+)
+def test_a_config_file_that_does_not_parse_quotes_none_of_its_lines(tmp_path: Path, line: str) -> None:
+    """An audit: PyYAML's message quotes the offending line, and `softgate serve` printed it,
+    the admin token in it, to its log. The error names the place instead."""
+    cfg = tmp_path / "softgate.yaml"
+    cfg.write_text(f"grpc_port: 50051\n{line}\n")
+    with pytest.raises(SettingsError, match=r"cannot parse: .*\(line \d+, column \d+\)$") as e:
+        Settings.load({}, env={}, config_file=cfg)
+    assert "s3cr3t" not in str(e.value)

@@ -114,6 +114,22 @@ def _not_a_cancellation(record: logging.LogRecord) -> bool:
     return not (type(exc).__name__ == "ExecuteBatchError" and "Send" in text and "Receive" not in text)
 
 
+# asyncio logs "socket.accept() out of system resource" once for every connection its accept
+# loop finds no descriptor for (2048 a pass): a burst of connections past the process's limit
+# wrote ~8,000 lines, a traceback each, in 2 s (an audit). One a second tells as much.
+_ACCEPT_FAILED = "socket.accept() out of system resource"
+_last_accept_failure = [0.0]
+
+
+def _one_accept_failure_a_second(record: logging.LogRecord) -> bool:
+    if record.name != "asyncio" or not str(record.msg).startswith(_ACCEPT_FAILED):
+        return True
+    if record.created - _last_accept_failure[0] < 1.0:
+        return False
+    _last_accept_failure[0] = record.created
+    return True
+
+
 # uvicorn warns of every request with an Upgrade header (websocket; curl --http2's h2c), advising
 # a WebSocket library the admin API does not need, and of every request that is not valid HTTP:
 # whoever reaches the port, token or not, could flood the log (an audit: 600 lines for 400 requests)
@@ -148,6 +164,7 @@ def configure(log_format: str = "text", level: str = "INFO", stream: TextIO | No
     handler.set_name(_HANDLER_NAME)
     handler.setFormatter(fmt)
     handler.addFilter(_not_a_cancellation)
+    handler.addFilter(_one_accept_failure_a_second)
     lvl = getattr(logging, str(level).upper(), logging.INFO)
     # grpc's, asyncio's, torch's records (the root's level, WARNING) as events too, not as
     # Python's last-resort handler writes them: a bare message, a traceback over several lines

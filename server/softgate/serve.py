@@ -96,6 +96,7 @@ def _make_admin_server(
         import uvicorn
 
         from softgate.admin import create_app
+        from softgate.admin.server import guard_connections
     except Exception as e:
         log.warning("admin_disabled", reason=f"softgate.admin not importable: {type(e).__name__}: {e}")
         return None
@@ -121,7 +122,7 @@ def _make_admin_server(
         log_level=settings.log_level.lower(),
     )
     quiet_uvicorn_noise()
-    return _Server(config)
+    return _Server(guard_connections(config))
 
 
 def _admin_socket(settings: Settings) -> socket.socket:
@@ -307,6 +308,9 @@ async def _serve(settings: Settings, stop: asyncio.Event, started: list[GrpcServ
     except (OSError, SystemExit) as e:
         log.error("startup_failed", error=str(e))
         code = 1
+    except Exception as e:  # the warm-up's (a CUDA error, a device out of memory): one event, exit 1
+        log.error("startup_failed", error=f"{type(e).__name__}: {e}", exc_info=True)
+        code = 1  # (it logged `stopped exit_code=0`, then a raw traceback, and exited 1; an audit)
     finally:
         ready = False
         await grpc_server.stop(settings.grace_seconds)

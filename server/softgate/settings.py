@@ -420,7 +420,11 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     except SettingsError:
         raise
     except Exception as e:
-        raise SettingsError(f"config file {path}: cannot parse: {' '.join(str(e).split())}") from e
+        # not str(e) for YAML's: it quotes the offending line, which may be admin_token's (an audit)
+        mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+        why = str(e) if problem is None else f"{getattr(e, 'context', None) or ''} {problem}"
+        where = "" if mark is None else f" (line {mark.line + 1}, column {mark.column + 1})"
+        raise SettingsError(f"config file {path}: cannot parse: {' '.join(why.split())}{where}") from e
     if data is None:
         return {}
     if not isinstance(data, dict):

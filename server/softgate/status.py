@@ -53,7 +53,9 @@ def _healthz(host: str, port: int, timeout: float) -> str | None:
     """None when the admin server at host:port answers /healthz with 200, else why not."""
     url = f"http://{host_port(host, port)}/healthz"
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
+        # never through http_proxy / HTTP_PROXY, where they are set: the server is on this
+        # host (the images' HEALTHCHECK called a healthy server unhealthy; an audit)
+        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=timeout) as r:
             return None if r.status == 200 else f"{url} answered {r.status}"
     except OSError as e:  # (URLError and HTTPError among them)
         return f"{url}: {e}"

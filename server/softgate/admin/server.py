@@ -1,6 +1,7 @@
 """Running the admin app outside `softgate serve`: a uvicorn server on a background thread
 (tests, notebooks, embedding softgate's engine in a trainer process). `softgate serve`
-itself runs the app in its own event loop instead."""
+itself runs the app in its own event loop instead; both guard its connections
+(`guard_connections`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,56 @@ import uvicorn
 
 from softgate.logging import quiet_uvicorn_noise
 from softgate.settings import bind_tcp, host_port
+
+# A connection that has not sent a whole request's headers this long after it opened, or
+# after its last response, is closed; and at most MAX_CONNECTIONS are open at once, later ones
+# closed when accepted. uvicorn times a connection out only after a response: 400 silent
+# connections used up a 256-descriptor process and took its gRPC port down too (an audit).
+HEADER_TIMEOUT_S = 10.0
+MAX_CONNECTIONS = 128
+
+
+def guard_connections(config: uvicorn.Config) -> uvicorn.Config:
+    """`config`, loaded, its HTTP protocol closing connections that stall before a request's
+    headers are whole (HEADER_TIMEOUT_S) or that exceed MAX_CONNECTIONS."""
+    if not config.loaded:
+        config.load()
+    base: Any = config.http_protocol_class
+
+    class Guarded(base):  # type: ignore[misc, valid-type]
+        _deadline: Any = None
+
+        def _arm(self) -> None:
+            # closed unless a request (a new cycle: its headers whole) started in the meantime
+            if self._deadline is not None:
+                self._deadline.cancel()
+            cycle = self.cycle
+
+            def expire() -> None:
+                if self.cycle is cycle:
+                    self.transport.close()
+
+            self._deadline = self.loop.call_later(HEADER_TIMEOUT_S, expire)
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            if len(self.connections) > MAX_CONNECTIONS:
+                transport.close()
+            else:
+                self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            super().connection_lost(exc)
+
+    config.http_protocol_class = Guarded
+    return config
 
 
 class ThreadedAdminServer:
@@ -28,7 +79,7 @@ class ThreadedAdminServer:
             app, host=host, port=self.port, log_level=log_level, lifespan="off", access_log=False
         )
         quiet_uvicorn_noise()  # (after Config, which sets up uvicorn's loggers)
-        self.server = uvicorn.Server(config)
+        self.server = uvicorn.Server(guard_connections(config))
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self.socket]}, name="softgate-admin", daemon=True
         )
