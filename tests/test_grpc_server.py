@@ -673,6 +673,40 @@ def test_a_response_over_the_message_limit_is_refused_before_the_work() -> None:
         assert stub.ComputeLoss(pb.ComputeLossRequest(batch=small), timeout=30).loss < 0  # still serving
 
 
+@pytest.mark.parametrize("why", ["config", "outputs"])
+def test_a_stream_is_refused_at_its_first_bad_message_not_after_the_upload(why: str) -> None:
+    """An audit: StreamLoss checked its config, and each chunk's response size, only once the
+    client half-closed: a trainer learnt of tau_pos 0 after uploading every chunk. Refused now
+    while the client still holds its next chunk (the call ends before the generator's wait)."""
+    n, limit = 5_000, 64 * 1024
+    logp = -np.linspace(0.01, 2.0, n, dtype=np.float32)
+    chunk = pb.Batch(
+        logp=tensor(logp), offsets=tensor(np.array([0, n])), advantages=tensor(np.ones(1, np.float32))
+    )
+    first = pb.StreamLossRequest(chunk=chunk)
+    if why == "config":
+        first.config.objective.sapo.tau_pos = 0.0
+    else:  # (5,000 x 4 x 4 bytes of outputs, over the 64 KiB limit)
+        first.outputs.CopyFrom(pb.OutputSelection(advantages=True, ratio=True, gate_weight=True))
+    ended = threading.Event()
+
+    def messages() -> Iterator[pb.StreamLossRequest]:
+        yield first
+        assert ended.wait(20), "the stream was refused only after its upload"
+        yield pb.StreamLossRequest(chunk=chunk)
+
+    field, reason = (
+        ("config.objective.sapo.tau_pos", "out_of_range") if why == "config" else ("chunk[0]", "too_large")
+    )
+    with ServerThread(max_message_bytes=limit) as srv:
+        t0 = time.monotonic()
+        try:
+            expect_invalid(lambda: list(srv.stub().StreamLoss(messages(), timeout=30)), field, reason)
+        finally:
+            ended.set()
+        assert time.monotonic() - t0 < 10
+
+
 def test_an_advantages_response_over_the_message_size_is_refused_before_the_work() -> None:
     """Found by an audit: 1-byte rewards and group ids make a ComputeAdvantages response (4
     bytes a sequence) larger than its request; one over max_message_bytes failed as

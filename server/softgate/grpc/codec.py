@@ -485,6 +485,13 @@ def claimed_elements(t: pb.Tensor) -> int:
 # ---------------------------------------------------------------- batches
 
 
+def chunk_itemsize(b: pb.Batch) -> int:
+    """The bytes of one float the engine computes `b` in, from its dtypes alone (its bytes
+    unread): 8 when a log-prob tensor or the advantages are FLOAT64 (validation.compute_dtype)."""
+    wide = (b.logp, b.old_logp, b.ref_logp, b.rollout_logp, b.advantages)
+    return 8 if any(t.dtype == pb.DTYPE_FLOAT64 for t in wide) else 4
+
+
 def check_batch_limits(
     b: pb.Batch,
     prefix: str,

@@ -34,7 +34,7 @@ from softgate.engine.config import AdvantageConfig, LossConfig
 from softgate.engine.engine import ONE_THREAD_MAX_TOKENS
 from softgate.engine.errors import FieldViolation, InputError
 from softgate.engine.result import AdvantageResult, LossResult
-from softgate.engine.validation import compute_dtype
+from softgate.engine.validation import compute_dtype, validate_config
 from softgate.grpc import catalogue, codec
 from softgate.grpc.errors import SERVER_BUSY, Cancelled, DeadlineExceeded, exhausted, failure_for
 from softgate.grpc.response_buffer import gradient_response
@@ -454,17 +454,16 @@ class LossServicer(pb_grpc.LossServiceServicer):
         if cancel.is_set():
             raise Cancelled()
 
-    def _check_response_size(
-        self, batch: Batch, names: tuple[str, ...], parts: list[tuple[str, int]]
-    ) -> None:
-        """Refuse before any work a call whose response (a stream's: one per chunk, each named)
-        would hold more per-token output bytes than this server may send (max_message_bytes
-        bounds both directions): grpc would refuse it only after the engine ran, as
-        RESOURCE_EXHAUSTED, which reads as "retry"."""
-        size = compute_dtype(batch).itemsize
-        per_token = sum(1 if name in codec.BOOL_OUTPUTS else size for name in names)
+    def _response_too_large(
+        self, itemsize: int, names: tuple[str, ...], parts: list[tuple[str, int]]
+    ) -> list[FieldViolation]:
+        """The parts (a stream's chunks, each named) whose response would hold more per-token
+        output bytes (floats of `itemsize`) than this server may send (max_message_bytes bounds
+        both directions), refused before any work: grpc would refuse it only after the engine
+        ran, as RESOURCE_EXHAUSTED, which reads as "retry"."""
+        per_token = sum(1 if name in codec.BOOL_OUTPUTS else itemsize for name in names)
         limit = self.max_message_bytes - RESPONSE_OVERHEAD
-        v = [
+        return [
             FieldViolation(
                 field,
                 f"too_large: {'the' if field == 'outputs' else 'its'} response would hold {n * per_token} bytes"
@@ -475,8 +474,6 @@ class LossServicer(pb_grpc.LossServiceServicer):
             for field, n in parts
             if n * per_token > limit
         ]
-        if v:
-            raise InputError(v)
 
     # ------------------------------------------------------------ ComputeAdvantages
     async def ComputeAdvantages(
@@ -613,7 +610,9 @@ class LossServicer(pb_grpc.LossServiceServicer):
         assert batch is not None
         self._check(cancel)
         names = codec.selected_outputs(request.outputs if request.HasField("outputs") else None)
-        self._check_response_size(batch, names, [("outputs", batch.logp.numel())])
+        v = self._response_too_large(compute_dtype(batch).itemsize, names, [("outputs", batch.logp.numel())])
+        if v:
+            raise InputError(v)
         # a large gradient-only response: the engine writes the gradient into its bytes
         out = gradient_response(batch, names, self.engine.device_for(batch)) if wire is not None else None
         try:
@@ -647,6 +646,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
             request_iterator = _idle_bounded(request_iterator, self.stream_idle_timeout_s)
             cfg_msg: pb.LossConfig | None = None
             out_msg: pb.OutputSelection | None = None
+            names: tuple[str, ...] = ()
             # each chunk is decoded (in the pool) while the next one arrives; a failure is
             # reported in chunk order (an earlier chunk's problem first), as when sequential
             decoding: list[asyncio.Task[Batch]] = []
@@ -678,6 +678,16 @@ class LossServicer(pb_grpc.LossServiceServicer):
                             codec.unknown_fields(msg.outputs, "outputs.", v)
                             out_msg = pb.OutputSelection()
                             out_msg.CopyFrom(msg.outputs)
+                        names = codec.selected_outputs(out_msg)
+                        # the configuration is whole here: a bad one refused now, not once every
+                        # chunk is uploaded (gigabytes, from a trainer in Go; an audit). Both are
+                        # decoded and checked once (cached): _stream_loss's costs nothing more
+                        early = codec.decode_loss_config(cfg_msg, v)
+                        if not v:
+                            v += [
+                                FieldViolation(codec.request_field(f.field), f.reason, f.index)
+                                for f in validate_config(early)
+                            ]
                     elif msg.HasField("config") or msg.HasField("outputs"):
                         v.append(
                             FieldViolation(
@@ -689,6 +699,9 @@ class LossServicer(pb_grpc.LossServiceServicer):
                         v.append(FieldViolation(f"chunk[{i}]", "missing: every message carries a chunk"))
                     n, s = codec.check_batch_limits(
                         msg.chunk, f"chunk[{i}].", self.limits, v, call.tokens, call.sequences
+                    )
+                    v += self._response_too_large(
+                        codec.chunk_itemsize(msg.chunk), names, [(f"chunk[{i}]", n)]
                     )
                     if v:
                         await _settle(decoding)
@@ -752,10 +765,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
             raise InputError(v)
         assert batch is not None
         self._check(cancel)
-        names = codec.selected_outputs(out_msg)
-        self._check_response_size(
-            batch, names, [(f"chunk[{j}]", tok_starts[j + 1] - tok_starts[j]) for j in range(len(chunks))]
-        )
+        names = codec.selected_outputs(out_msg)  # (each chunk's response size: checked as it came)
         try:
             result = self.engine.loss(batch, config, sample_tokens=self._sample_tokens(names))
         except InputError as e:
