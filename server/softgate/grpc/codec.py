@@ -341,8 +341,14 @@ def element_count(t: pb.Tensor, name: str, v: list[FieldViolation], nbytes: int 
     itemsize = _ITEMSIZE.get(t.dtype)
     if itemsize is None:
         known = ", ".join(pb.Dtype.Name(k) for k in DTYPES)
-        what = "unset" if t.dtype == pb.DTYPE_UNSPECIFIED else f"unknown value {t.dtype}"
-        v.append(FieldViolation(name, f"bad_dtype: dtype is {what}; one of {known}"))
+        if t.dtype == pb.DTYPE_UNSPECIFIED:
+            v.append(FieldViolation(name, f"bad_dtype: dtype is unset; one of {known}"))
+        else:  # (a newer client's dtype, as every other enum's unknown value; an audit)
+            v.append(
+                FieldViolation(
+                    name, f"unknown_name: dtype {t.dtype} is not in this server's Dtype; one of {known}"
+                )
+            )
         return None
     if nbytes is None:
         nbytes = len(t.data)
