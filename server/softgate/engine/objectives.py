@@ -164,12 +164,8 @@ def policy_terms(
     if kind == "sapo":
         free = -a * dratio
         tau = torch.where(a > 0, prm["tau_pos"], prm["tau_neg"])
-        z = tau * (ratio - 1)
-        # p (1 - p) from the smaller of the two, q: 1 - p cancelled to 0 in float32 from
-        # r ~ 1 + 17 / tau on (a gate weight 0, not 2e-8; an audit). No exp more than sigmoid's
-        q = torch.sigmoid(-z.abs())
-        p = torch.where(z < 0, q, 1 - q)
-        w = 4 * q * (1 - q)
+        p = torch.sigmoid(tau * (ratio - 1))
+        w = 4 * p * (1 - p)
         return PolicyTerms(-(4 / tau) * p * a, w * free, free, w, no, None, None, None)
     if kind == "reinforce":
         free = -a * dratio
