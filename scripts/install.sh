@@ -103,7 +103,7 @@ else
 fi
 case "$mode" in
   --dev) pip install ${lock[@]+"${lock[@]}"} -e ./client -e ".[dev]" ;;
-  --image) pip install --no-cache-dir ${lock[@]+"${lock[@]}"} ./client ".[demo]" ;;
+  --image) pip install --no-cache-dir ${lock[@]+"${lock[@]}"} ./client . ;;  # (no [demo]: matplotlib the server never runs)
   *) pip install ${lock[@]+"${lock[@]}"} -e ./client -e . ;;
 esac
 if [ -n "$stamp" ]; then

@@ -541,6 +541,26 @@ def test_serve_with_admin_server_in_the_same_loop(serve: Any) -> None:
         httpx.get(f"http://{admin}/healthz", timeout=1)
 
 
+def test_a_sigterm_before_the_servers_handlers_ends_the_process(serve: Any) -> None:
+    """An audit: until serve set its handlers (torch's imports: seconds) SIGTERM kept its
+    default action, which the kernel does not deliver to a container's PID 1: `docker stop`
+    waited 10 s for its SIGKILL. softgate catches it from the start and exits 143."""
+    s = serve(
+        "--grpc-port", "0", "--grpc-host", "127.0.0.1", "--admin-port", "-1", "--device", "cpu",
+        "--no-warmup", "--allocator", "system",  # (no re-exec, whose new image starts without it)
+    )  # fmt: skip
+    status = Path(f"/proc/{s.proc.pid}/status")
+    deadline = time.monotonic() + 20
+    while s.proc.poll() is None and time.monotonic() < deadline:  # (until SIGTERM is caught)
+        caught = next((ln for ln in status.read_text().splitlines() if ln.startswith("SigCgt:")), "0")
+        if int(caught.split()[-1], 16) >> (signal.SIGTERM - 1) & 1:
+            break
+        time.sleep(0.005)
+    s.proc.send_signal(signal.SIGTERM)
+    assert s.proc.wait(10) == 128 + signal.SIGTERM  # (killed by it: -15; served: 0)
+    assert "serving" not in s.log_path.read_text()
+
+
 def test_port_in_use_exits_nonzero(serve: Any) -> None:
     import socket
 

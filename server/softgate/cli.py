@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 from dataclasses import fields
 
@@ -127,8 +128,20 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _end_on_signal_until_serving() -> None:
+    """SIGTERM and SIGHUP end the process, exit 128 + the signal, until serve sets its own
+    handlers (torch's imports: seconds). Their default action does so too, except in a
+    container's PID 1, which the kernel spares default-action signals: a `docker stop` in the
+    first seconds waited its 10 s for SIGKILL (an audit). An ignored one (nohup) stays so."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) != signal.SIG_IGN:
+            signal.signal(sig, lambda n, _frame: os._exit(128 + n))
+
+
 def _serve(args: argparse.Namespace, argv_given: bool) -> int:
     """`softgate serve`: settings, the allocator, the host checks, then the server."""
+    if not argv_given:  # (a real command line: an embedding caller's handlers are its own)
+        _end_on_signal_until_serving()
     try:
         settings = load_settings(args)
     except SettingsError as e:
