@@ -587,9 +587,14 @@ def test_stalled_and_surplus_connections_are_closed(monkeypatch: pytest.MonkeyPa
     MAX_CONNECTIONS; a request that did arrive is answered, and its keep-alive reused."""
     import softgate.admin.server as admin_server
 
-    monkeypatch.setattr(admin_server, "HEADER_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(admin_server, "HEADER_TIMEOUT_S", 1.5)
     monkeypatch.setattr(admin_server, "MAX_CONNECTIONS", 3)
     app = create_app(Settings(), Telemetry(), lambda: True)
+
+    @app.get("/slow")
+    def slow() -> dict[str, bool]:
+        time.sleep(2.0)  # (longer than the header timeout)
+        return {"ok": True}
 
     def closed_within(sock: socket.socket, seconds: float) -> bool:
         sock.settimeout(seconds)
@@ -608,13 +613,21 @@ def test_stalled_and_surplus_connections_are_closed(monkeypatch: pytest.MonkeyPa
     ):
         assert client.get("/healthz").status_code == 200  # (the third connection)
         with socket.create_connection(("127.0.0.1", srv.port)) as surplus:
-            assert closed_within(surplus, 2.0)  # (the fourth: closed when accepted)
+            assert closed_within(surplus, 0.5)  # (the fourth: closed when accepted, long before 1.5 s)
         trickle.sendall(b"GET /healthz HTTP/1.1\r\n")
-        time.sleep(0.3)
+        time.sleep(0.2)
         trickle.sendall(b"Host: x\r\n")  # (headers still not whole)
-        assert closed_within(silent, 2.0) and closed_within(trickle, 2.0)
-        time.sleep(0.2)  # (the client's connection, idle after its response, may be closed too)
-        assert client.get("/healthz").status_code == 200
+        assert closed_within(silent, 3.0) and closed_within(trickle, 3.0)
+        # a request pipelined behind a quick one, answered past the timeout, is not cut (a review)
+        client.close()
+        with socket.create_connection(("127.0.0.1", srv.port)) as piped:
+            piped.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            piped.settimeout(5.0)
+            got = b""
+            while b'{"ok":true}' not in got:
+                part = piped.recv(65536)
+                assert part, got  # (closed before the slow answer)
+                got += part
 
 
 def test_health_asks_the_server_directly_whatever_the_proxy(

@@ -911,7 +911,9 @@ def test_bad_dtype(stub: pb_grpc.LossServiceStub) -> None:
     expect_invalid(_loss_call(stub, m), "batch.logp", "bad_dtype")
     m = _good()
     m.old_logp.dtype = 99  # (a newer client's dtype: unknown_name, as any enum's unknown value; an audit)
-    expect_invalid(_loss_call(stub, m), "batch.old_logp", "unknown_name: dtype 99 is not in this server's Dtype")
+    expect_invalid(
+        _loss_call(stub, m), "batch.old_logp", "unknown_name: dtype 99 is not in this server's Dtype"
+    )
 
 
 def test_bytes_not_a_multiple_of_the_dtype(stub: pb_grpc.LossServiceStub) -> None:

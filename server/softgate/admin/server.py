@@ -33,13 +33,14 @@ def guard_connections(config: uvicorn.Config) -> uvicorn.Config:
         _deadline: Any = None
 
         def _arm(self) -> None:
-            # closed unless a request (a new cycle: its headers whole) started in the meantime
+            # closed unless a request (a new cycle: its headers whole) started in the meantime,
+            # or the one current now (pipelined behind the last) is still being answered
             if self._deadline is not None:
                 self._deadline.cancel()
             cycle = self.cycle
 
             def expire() -> None:
-                if self.cycle is cycle:
+                if self.cycle is cycle and (cycle is None or cycle.response_complete):
                     self.transport.close()
 
             self._deadline = self.loop.call_later(HEADER_TIMEOUT_S, expire)

@@ -214,7 +214,7 @@ SUMMARIES: dict[str, tuple[str, tuple[str, ...]]] = {
         RO,
     ),
     "softgate_batch_mismatch_norm_factor": (
-        "Per batch: the mean of the mismatch weights over the batch as sent that batch_normalize divided "
+        "Per batch: the mean of the mismatch weights over the batch as sent (seq_mask: the tokens rejection left) that batch_normalize divided "
         "them by (verl's rollout_is_batch_norm_factor; softgate_batch_mismatch_weight_mean is before it); "
         "batches with mismatch.batch_normalize only.",
         RO,

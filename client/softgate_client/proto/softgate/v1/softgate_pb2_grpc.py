@@ -100,10 +100,11 @@ class LossServiceServicer(object):
         Field violations name the chunk at fault as `chunk[j].<field>` (the config's as
         `config.<field>`), an element index counting from that chunk's first token (or
         sequence, for per-sequence fields); what belongs to no one chunk (the stream's
-        groups as a whole, say) is named `chunk.<field>`. The config's parameters, each
-        message's fields and limits, and each chunk's response size are checked as its message
-        arrives: such a stream ends INVALID_ARGUMENT at once, the chunks not yet sent unread;
-        what needs every chunk (the groups, the batch's values) once the client half-closes.
+        groups as a whole, say) is named `chunk.<field>`. The config's parameters (their
+        ranges and names: not what depends on the batch, such as a value its float dtype cannot
+        hold), each message's fields and limits, and each chunk's response size are checked as
+        the message arrives: such a stream ends INVALID_ARGUMENT at once, the chunks not yet
+        sent unread; the rest once the client half-closes.
         A stream cancelled before all its responses were sent is counted CANCELLED and records
         no batch in the run's statistics.
         A stream holds at most `limits.max_stream_chunks` chunks (16384 by default): the first
