@@ -364,3 +364,13 @@ def test_off_policy_mask_reference_goes_unset_at_its_default() -> None:
     assert old.off_policy_mask_reference == pb.OFF_POLICY_MASK_REFERENCE_OLD
     with pytest.raises(ValueError, match=r"config\.off_policy_mask_reference: unknown_choice: 'sampler'"):
         loss_config_to_proto(cfg.build_loss_config(off_policy_mask_reference="sampler"))
+
+
+def test_a_list_of_tensors_that_require_grad_is_refused_by_name() -> None:
+    """An audit: numpy's RuntimeError ("Can't call numpy() on Tensor that requires grad")
+    escaped, naming no field; one tensor that requires grad is read as it is."""
+    torch = pytest.importorskip("torch")
+    rows = [torch.full((3,), -1.0, requires_grad=True)] * 2
+    with pytest.raises(ArrayInputError, match=r"bad_type: a sequence numpy cannot read") as e:
+        to_numpy(rows, "batch.logp")
+    assert e.value.field == "batch.logp"

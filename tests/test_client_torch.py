@@ -172,6 +172,14 @@ def test_softgate_loss_checks_its_own_arguments_by_name() -> None:
             c.loss(logp.detach(), None, advantages=[1.0, -1.0], stream=0)
         with pytest.raises(ValueError, match="run: 5 must be a str"):
             c.loss(logp.detach(), None, advantages=[1.0, -1.0], run=5)
+        # loss_packed (pack_batch's partner): AttributeErrors from inside (an audit)
+        from softgate_client import LossConfig, pack_batch
+
+        packed = pack_batch(logp.detach(), None, advantages=[1.0, -1.0])
+        with pytest.raises(ValueError, match="config: bad_type: expected a LossConfig, got NoneType"):
+            c.loss_packed(packed, None)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="packed: bad_type: expected pack_batch's result, got dict"):
+            c.loss_packed({}, LossConfig())  # type: ignore[arg-type]
 
 
 def test_torch_func_vmap_and_a_second_derivative_are_refused_clearly() -> None:
@@ -289,6 +297,8 @@ def test_sum_pi_squared_from_the_logits() -> None:
         (torch.zeros(2, 3), 0.0, "temperature"),
         (torch.zeros(2, 3), float("nan"), "temperature"),
         (torch.zeros(2, 3), float("inf"), "temperature"),
+        (torch.zeros(2, 3), "1", "temperature"),  # (a bare TypeError, unnamed; an audit)
+        (torch.zeros(2, 3), None, "temperature"),
         (torch.zeros(2, 3), 1.0, "chunk_bytes"),
         (torch.tensor([[0.0, 1.0], [-torch.inf, -torch.inf]]), 1.0, "logits[1]"),
         (torch.tensor([[[0.0, torch.nan]]]), 1.0, "logits[0, 0]"),

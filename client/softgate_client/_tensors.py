@@ -140,6 +140,11 @@ def to_numpy(x: Any, name: str) -> np.ndarray:
             a = np.asarray(x)
         except (ValueError, TypeError) as e:  # e.g. nested lists of unequal lengths
             raise ArrayInputError(name, f"bad_shape: not an array ({e})") from None
+        except RuntimeError as e:  # a list of torch tensors that require grad (or live on a device)
+            raise ArrayInputError(
+                name,
+                f"bad_type: a sequence numpy cannot read ({e}); pass one tensor (`torch.stack(...).detach()`)",
+            ) from None
     return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))  # big-endian: native
 
 

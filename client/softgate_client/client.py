@@ -1026,6 +1026,12 @@ class SoftgateClient:
     ) -> LossResult:
         """`loss` for an already packed batch (see `pack_batch`)."""
         self._live()
+        if not isinstance(packed, _Packed):  # (an AttributeError inside, naming nothing; an audit)
+            raise invalid_argument(
+                "packed", f"bad_type: expected pack_batch's result, got {type(packed).__name__}"
+            )
+        if not isinstance(c, cfg.LossConfig):
+            raise cfg._not_a("config", cfg.LossConfig, c)
         if stream is not None and not isinstance(stream, bool):  # (stream=0 was taken as by size)
             raise ValueError(f"stream: {stream!r} must be True, False or None (by size)")
         proto_cfg, sel, fields = _messages(c)

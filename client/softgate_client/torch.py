@@ -203,7 +203,11 @@ def sum_pi_squared(
             "logits",
             f"bad_shape: a floating [..., V] tensor with V >= 1; got {logits.dtype} {tuple(logits.shape)}",
         )
-    if not (temperature > 0 and temperature < float("inf")):
+    try:
+        ok = bool(temperature > 0 and temperature < float("inf"))
+    except (TypeError, ValueError, RuntimeError):
+        ok = False
+    if not ok:
         raise invalid_argument("temperature", f"out_of_range: {temperature!r} is not a finite number > 0")
     if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
         raise invalid_argument("chunk_bytes", f"out_of_range: {chunk_bytes!r} is not an integer >= 1")
