@@ -156,6 +156,69 @@ def test_a_failed_warm_up_is_one_startup_failed_event_and_exit_1(
     assert stopped.fields["exit_code"] == 1  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("sticky", [True, False])
+def test_a_device_lost_for_good_stops_the_server_with_exit_1(
+    monkeypatch: pytest.MonkeyPatch, sticky: bool
+) -> None:
+    """An audit: after a sticky CUDA fault (an illegal address, an uncorrectable ECC error)
+    every call failed INTERNAL while health stayed SERVING, and no probe restarted the pod.
+    A CUDA error now has the device probed: one that fails stops the server, exit 1 (a
+    restart); one that passes was that call's alone, and the server serves on."""
+    from softgate_client import SoftgateClient
+    from softgate_client.errors import InternalError
+
+    error = "CUDA error: an illegal memory access was encountered"
+
+    def broken(self: Engine, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(error)
+
+    monkeypatch.setattr(Engine, "loss", broken)
+    monkeypatch.setattr(Engine, "device_problem", lambda self: f"RuntimeError: {error}" if sticky else None)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    box: dict[str, Any] = {}
+
+    def trainer() -> None:
+        # (the client retries UNAVAILABLE until the server serves)
+        with SoftgateClient(f"127.0.0.1:{port}") as c, pytest.raises(InternalError):
+            c.loss([-1.0, -2.0], advantages=[1.0], lengths=[2], timeout=30)
+        box["called"] = True
+        if not sticky:
+            time.sleep(0.5)  # (the probe's verdict in the log)
+            box["loop"].call_soon_threadsafe(box["stop"].set)
+
+    async def go() -> int:
+        box["loop"], box["stop"] = asyncio.get_running_loop(), asyncio.Event()
+        threading.Thread(target=trainer, daemon=True).start()
+        return await asyncio.wait_for(serve.serve(_settings(grpc_port=port), stop=box["stop"]), 60)
+
+    with log_records("softgate.grpc") as grpc_log:
+        assert asyncio.run(go()) == (1 if sticky else 0)
+    assert box.get("called")
+    events = {r.getMessage(): r for r in grpc_log.records}
+    if sticky:
+        assert events["device_failed"].fields["probe"] == f"RuntimeError: {error}"  # type: ignore[attr-defined]
+    else:
+        assert "device_error" in events and "device_failed" not in events
+
+
+def test_device_errors_are_told_from_a_batch_too_large_and_from_bugs() -> None:
+    from softgate.engine.errors import is_device_error
+
+    assert is_device_error(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert is_device_error(RuntimeError("CUDA error: uncorrectable ECC error encountered"))
+    assert is_device_error(RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED"))
+    assert not is_device_error(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not is_device_error(torch.OutOfMemoryError("CUDA out of memory"))
+    assert not is_device_error(RuntimeError("The size of tensor a (3) must match the size of tensor b (4)"))
+    assert not is_device_error(ValueError("CUDA error"))
+
+
+def test_the_device_probe_passes_on_a_working_device() -> None:
+    assert Engine(device="cpu", compile=False).device_problem() is None
+
+
 def _ipv6_loopback() -> bool:
     try:
         with socket.socket(socket.AF_INET6) as sock:

@@ -266,6 +266,7 @@ async def _serve(settings: Settings, stop: asyncio.Event, started: list[GrpcServ
     telemetry.watch_engine(engine.kernel.states)
 
     grpc_server = GrpcServer(settings, engine, telemetry)
+    grpc_server.on_device_failed = stop.set  # (then exit 1: a restart gets a working device)
     started.append(grpc_server)
     telemetry.watch_server(lambda: grpc_server.servicer.in_flight, lambda: grpc_server.tls_not_after)
     await grpc_server.start()
@@ -330,6 +331,8 @@ async def _serve(settings: Settings, stop: asyncio.Event, started: list[GrpcServ
                 close()
         if settings.status_file:
             remove_status(settings.status_file)
+        if grpc_server.device_failed is not None and code == 0:
+            code = 1
         log.info("stopped", exit_code=code)
     return code
 

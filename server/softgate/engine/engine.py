@@ -140,6 +140,20 @@ class Engine:
             self.compile_mode, host_mode=host_mode, max_configurations=max_compiled_kernels
         )
 
+    def device_problem(self) -> str | None:
+        """None when the engine's device still computes (a small sum, synchronised), else
+        why not: after a device error, whether its context is lost for good (a sticky CUDA
+        fault: every later call fails) or only that call failed."""
+        try:
+            x = torch.arange(8.0, device=self.device)
+            if float((x + 1).sum()) != 36.0:
+                return "the device computed a wrong sum"
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        except Exception as e:
+            return f"{type(e).__name__}: {e}"
+        return None
+
     def device_for(self, batch: Batch, grad_out: Tensor | None = None) -> torch.device:
         """The device `loss` computes `batch` on: the host for a batch of at most
         `host_max_tokens` tokens whose tensors (and `grad_out`) are all in host memory, else

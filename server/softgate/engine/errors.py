@@ -45,6 +45,18 @@ class InputError(ValueError):
         return [v.code for v in self.violations]
 
 
+def is_device_error(exc: BaseException) -> bool:
+    """Whether `exc` is a CUDA error other than out of memory ("CUDA error: an illegal memory
+    access was encountered", a cuBLAS or cuDNN failure): one that may have left the device's
+    context unusable for every later call (`Engine.device_problem` tells)."""
+    if is_out_of_memory(exc) or not isinstance(exc, RuntimeError):
+        return False
+    text = str(exc)
+    return type(exc).__name__ == "AcceleratorError" or any(
+        mark in text for mark in ("CUDA error", "CUBLAS_STATUS_", "CUDNN_STATUS_", "cuDNN error")
+    )
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """Whether `exc` is the device (or host) out of memory: the batch is too large, nothing
     is broken."""

@@ -16,6 +16,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -253,6 +254,32 @@ class GrpcServer:
         self.port: int | None = None
         self.serving = False
         self.tls: TlsFiles | None = None  # (set by start, with TLS on)
+        # a device that failed its probe after a call's CUDA error: why (serve then exits 1)
+        self.device_failed: str | None = None
+        self.on_device_failed: Callable[[], None] | None = None
+        self._probe: asyncio.Task[None] | None = None
+        self.servicer.on_device_error = self._device_error
+
+    def _device_error(self, exc: BaseException) -> None:
+        """A call's CUDA error other than out of memory: probe the device, one probe at a time."""
+        if self.device_failed is None and (self._probe is None or self._probe.done()):
+            self._probe = asyncio.get_running_loop().create_task(self._check_device(exc))
+
+    async def _check_device(self, exc: BaseException) -> None:
+        """A device that fails a probe after a CUDA error has lost its context for good (an
+        illegal address, an uncorrectable ECC error): every later call would fail INTERNAL while
+        the health stayed SERVING, and no probe restarted the replica (an audit). Health turns
+        NOT_SERVING and `on_device_failed` is told (serve stops, exit 1, for a restart)."""
+        problem = await asyncio.to_thread(self.engine.device_problem)
+        error = f"{type(exc).__name__}: {exc}"
+        if problem is None:
+            log.warning("device_error", error=error, action="the device passed a probe: serving on")
+            return
+        self.device_failed = problem
+        log.error("device_failed", error=error, probe=problem, action="not serving: exiting for a restart")
+        await self.set_serving(False)
+        if self.on_device_failed is not None:
+            self.on_device_failed()
 
     @property
     def tls_not_after(self) -> float | None:

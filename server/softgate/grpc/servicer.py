@@ -32,7 +32,7 @@ from softgate.engine.batch import Batch
 from softgate.engine.compiled import never_compile_here
 from softgate.engine.config import AdvantageConfig, LossConfig
 from softgate.engine.engine import ONE_THREAD_MAX_TOKENS
-from softgate.engine.errors import FieldViolation, InputError
+from softgate.engine.errors import FieldViolation, InputError, is_device_error
 from softgate.engine.result import AdvantageResult, LossResult
 from softgate.engine.validation import compute_dtype, validate_config
 from softgate.grpc import catalogue, codec
@@ -219,6 +219,8 @@ class LossServicer(pb_grpc.LossServiceServicer):
         self._kick_timer: asyncio.TimerHandle | None = None
         self.closing = False  # set by a graceful stop: new calls are refused
         self.stopping = False  # set when that stop cuts the calls left (grace over, or a second signal)
+        # told of a call's CUDA error other than out of memory (GrpcServer probes the device)
+        self.on_device_error: Callable[[BaseException], None] | None = None
 
     # ------------------------------------------------------------ plumbing
     def _hook(self, name: str, *args: Any) -> None:
@@ -415,6 +417,8 @@ class LossServicer(pb_grpc.LossServiceServicer):
             self._hook("rejected", call.rpc, list(f.reasons))
         if f.log:
             log.error("rpc_internal_error", rpc=call.rpc, run=call.run, error_id=f.error_id, exc_info=exc)
+            if self.on_device_error is not None and is_device_error(exc):
+                self.on_device_error(exc)
         else:
             log.debug("rpc_failed", rpc=call.rpc, run=call.run, code=call.code, message=f.message)
         context.set_code(f.code)
