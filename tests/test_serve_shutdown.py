@@ -156,9 +156,9 @@ def test_a_failed_warm_up_is_one_startup_failed_event_and_exit_1(
     assert stopped.fields["exit_code"] == 1  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("sticky", [True, False])
+@pytest.mark.parametrize("sticky", [True, False, "hung"])
 def test_a_device_lost_for_good_stops_the_server_with_exit_1(
-    monkeypatch: pytest.MonkeyPatch, sticky: bool
+    monkeypatch: pytest.MonkeyPatch, sticky: Any
 ) -> None:
     """An audit: after a sticky CUDA fault (an illegal address, an uncorrectable ECC error)
     every call failed INTERNAL while health stayed SERVING, and no probe restarted the pod.
@@ -172,8 +172,17 @@ def test_a_device_lost_for_good_stops_the_server_with_exit_1(
     def broken(self: Engine, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError(error)
 
+    wedged = threading.Event()
+
+    def probe(self: Engine) -> str | None:
+        if sticky == "hung":  # (a wedged device: torch.cuda.synchronize never returns; a review)
+            wedged.wait(30)
+        return f"RuntimeError: {error}" if sticky else None
+
     monkeypatch.setattr(Engine, "loss", broken)
-    monkeypatch.setattr(Engine, "device_problem", lambda self: f"RuntimeError: {error}" if sticky else None)
+    monkeypatch.setattr(Engine, "device_problem", probe)
+    monkeypatch.setattr("softgate.grpc.server.PROBE_TIMEOUT_S", 0.5)
+    monkeypatch.setitem(serve._exit_now, "hard", False)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -193,11 +202,18 @@ def test_a_device_lost_for_good_stops_the_server_with_exit_1(
         threading.Thread(target=trainer, daemon=True).start()
         return await asyncio.wait_for(serve.serve(_settings(grpc_port=port), stop=box["stop"]), 60)
 
-    with log_records("softgate.grpc") as grpc_log:
-        assert asyncio.run(go()) == (1 if sticky else 0)
+    try:
+        with log_records("softgate.grpc") as grpc_log:
+            assert asyncio.run(go()) == (1 if sticky else 0)
+    finally:
+        wedged.set()
     assert box.get("called")
+    # (a failed device skips the interpreter's exit: an engine thread stuck on it would hold it)
+    assert serve._exit_now["hard"] is bool(sticky)
     events = {r.getMessage(): r for r in grpc_log.records}
-    if sticky:
+    if sticky == "hung":
+        assert "the probe did not end in 0.5 s" in events["device_failed"].fields["probe"]  # type: ignore[attr-defined]
+    elif sticky:
         assert events["device_failed"].fields["probe"] == f"RuntimeError: {error}"  # type: ignore[attr-defined]
     else:
         assert "device_error" in events and "device_failed" not in events
@@ -210,13 +226,26 @@ def test_device_errors_are_told_from_a_batch_too_large_and_from_bugs() -> None:
     assert is_device_error(RuntimeError("CUDA error: uncorrectable ECC error encountered"))
     assert is_device_error(RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED"))
     assert not is_device_error(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    # (cuBLAS's failed allocation is a full device, not a broken one; a review)
+    assert not is_device_error(
+        RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)")
+    )
     assert not is_device_error(torch.OutOfMemoryError("CUDA out of memory"))
     assert not is_device_error(RuntimeError("The size of tensor a (3) must match the size of tensor b (4)"))
     assert not is_device_error(ValueError("CUDA error"))
 
 
-def test_the_device_probe_passes_on_a_working_device() -> None:
-    assert Engine(device="cpu", compile=False).device_problem() is None
+def test_the_device_probe_passes_on_a_working_device_and_a_full_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A probe that finds the device out of memory (the calls in flight hold it) is no failure:
+    it read as a lost context, and the server exited (a review)."""
+    engine = Engine(device="cpu", compile=False)
+    assert engine.device_problem() is None
+
+    def full(*args: Any, **kwargs: Any) -> Any:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+
+    monkeypatch.setattr(torch, "arange", full)
+    assert engine.device_problem() is None
 
 
 def _ipv6_loopback() -> bool:

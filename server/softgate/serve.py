@@ -9,7 +9,8 @@ warm-up in a worker thread, then health SERVING and readiness true.
 Shutdown on SIGTERM, SIGINT or SIGHUP: readiness false and health NOT_SERVING for every
 service, new RPCs refused, in-flight RPCs get `grace_seconds` to finish, then the admin server
 stops and the process exits 0. A second signal during the grace period cuts it short (in-flight
-RPCs are cancelled) and still exits 0. uvicorn's own signal handlers are disabled.
+RPCs are cancelled) and still exits 0. uvicorn's own signal handlers are disabled. A device
+that fails its probe after a CUDA error stops the server the same way, exit 1.
 """
 
 from __future__ import annotations
@@ -331,8 +332,9 @@ async def _serve(settings: Settings, stop: asyncio.Event, started: list[GrpcServ
                 close()
         if settings.status_file:
             remove_status(settings.status_file)
-        if grpc_server.device_failed is not None and code == 0:
-            code = 1
+        if grpc_server.device_failed is not None:
+            code = code or 1  # (even when a signal began the stop: the device is what failed)
+            _exit_now["hard"] = True  # (an engine thread stuck on the device would hold the exit)
         log.info("stopped", exit_code=code)
     return code
 

@@ -23,7 +23,7 @@ from softgate.engine.config import (
     LossConfig,
     MismatchConfig,
 )
-from softgate.engine.errors import FieldViolation, InputError
+from softgate.engine.errors import FieldViolation, InputError, is_out_of_memory
 from softgate.engine.loss import TokenTerms, compute_loss
 from softgate.engine.result import AdvantageResult, LossResult
 from softgate.engine.transfer import to_device
@@ -151,6 +151,8 @@ class Engine:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
         except Exception as e:
+            if is_out_of_memory(e):  # (full, not broken: the calls in flight hold the memory)
+                return None
             return f"{type(e).__name__}: {e}"
         return None
 

@@ -62,4 +62,5 @@ def is_out_of_memory(exc: BaseException) -> bool:
     is broken."""
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
         return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    text = str(exc)  # (cuBLAS's failed allocation is memory too: CUBLAS_STATUS_ALLOC_FAILED)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text.lower() or "ALLOC_FAILED" in text)

@@ -11,6 +11,7 @@ message size, keepalive, max connection age, TLS / mutual TLS, graceful stop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import os
 import socket
@@ -42,6 +43,8 @@ from softgate.settings import (
 from softgate.telemetry import Telemetry
 
 log = get_logger("grpc")
+# how long a device probe may take (a small sum) before the device reads as hung
+PROBE_TIMEOUT_S = 30.0
 HEALTH_SERVICES = ("", SERVICE_NAME)
 # after a graceful stop, at most this long for the responses of the last calls to reach their
 # clients before the server is torn down (bounded by the grace period)
@@ -268,18 +271,39 @@ class GrpcServer:
     async def _check_device(self, exc: BaseException) -> None:
         """A device that fails a probe after a CUDA error has lost its context for good (an
         illegal address, an uncorrectable ECC error): every later call would fail INTERNAL while
-        the health stayed SERVING, and no probe restarted the replica (an audit). Health turns
-        NOT_SERVING and `on_device_failed` is told (serve stops, exit 1, for a restart)."""
-        problem = await asyncio.to_thread(self.engine.device_problem)
+        the health stayed SERVING, and no probe restarted the replica (an audit). A probe that
+        does not end in PROBE_TIMEOUT_S (a wedged device) fails too. Then `on_device_failed`
+        is told (serve stops, exit 1, for a restart) and health turns NOT_SERVING."""
+        loop = asyncio.get_running_loop()
+        verdict: asyncio.Future[str | None] = loop.create_future()
+
+        def probe() -> None:  # (a daemon thread: a hung one must not hold the process's exit)
+            try:
+                problem = self.engine.device_problem()
+            except BaseException as e:  # pragma: no cover - device_problem catches its own
+                problem = f"{type(e).__name__}: {e}"
+
+            def settle() -> None:
+                if not verdict.done():  # (cancelled: the server stopped meanwhile)
+                    verdict.set_result(problem)
+
+            with contextlib.suppress(RuntimeError):  # (the loop is closed: nobody waits)
+                loop.call_soon_threadsafe(settle)
+
+        threading.Thread(target=probe, name="softgate-device-probe", daemon=True).start()
+        try:
+            problem = await asyncio.wait_for(verdict, PROBE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            problem = f"the probe did not end in {PROBE_TIMEOUT_S:g} s: a hung device"
         error = f"{type(exc).__name__}: {exc}"
         if problem is None:
             log.warning("device_error", error=error, action="the device passed a probe: serving on")
             return
         self.device_failed = problem
         log.error("device_failed", error=error, probe=problem, action="not serving: exiting for a restart")
-        await self.set_serving(False)
-        if self.on_device_failed is not None:
+        if self.on_device_failed is not None:  # (first: a warm-up ending now must not turn SERVING)
             self.on_device_failed()
+        await self.set_serving(False)
 
     @property
     def tls_not_after(self) -> float | None:
@@ -343,6 +367,7 @@ class GrpcServer:
             await self.health.set(name, status)
 
     async def set_serving(self, serving: bool) -> None:
+        serving = serving and self.device_failed is None
         self.serving = serving
         await self._set_all(
             health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
