@@ -19,7 +19,7 @@ with apt-get when missing unless --no-install; tcmalloc with TCMALLOC_RELEASE_RA
 `softgate serve` runs it) and the StreamLoss chunk size.
 
     python bench/e2e_bench.py            # full: about 14-20 min on 2 shared cores
-    python bench/e2e_bench.py --quick    # glibc + tcmalloc, one chunk size: about 6-7 min
+    python bench/e2e_bench.py --quick    # glibc + tcmalloc, one chunk size: 2 min (compiled kernel cached), longer on a fresh host
     python bench/e2e_bench.py --json out.json
     python bench/e2e_bench.py --compile false   # the eager engine (default: compiled, its CPU steady state)
 
@@ -143,9 +143,8 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 120.0) 
 
 
 def wait_serving(port: int, proc: subprocess.Popen[bytes], timeout: float = 600.0) -> None:
-    """Until the server's health check says SERVING: `softgate serve` binds its port before the
-    engine's warm-up (which compiles every objective with --compile), and calls made during it
-    compete with the compiles."""
+    """Until the server's health check says SERVING: `softgate serve` binds its port before
+    it serves (a warm-up, where one runs, would compete with calls made during it)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -225,6 +224,10 @@ def _softgate_serve(
             "--max-message-bytes",
             str(max_message_bytes),
             {"true": "--compile", "false": "--no-compile"}.get(compile, "--log-format=text"),
+            # no warm-up: with --compile it compiled all seven objectives, ~4 min a server on 2
+            # cores (three servers: --quick took 14 min, not its 6-7); the worker's untimed
+            # first call compiles the one configuration timed, SAPO's
+            "--no-warmup",
             "--log-level",
             "WARNING",
         ],
@@ -661,7 +664,9 @@ def main() -> None:
         description="softgate end-to-end loopback benchmark vs a raw-bytes echo server"
     )
     p.add_argument(
-        "--quick", action="store_true", help="fewer repetitions and configurations (about 6-7 min on 2 cores)"
+        "--quick",
+        action="store_true",
+        help="fewer repetitions and configurations (~2 min on 2 cores with the kernel cache warm)",
     )
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--no-install", action="store_true", help="never apt-get install allocators")
