@@ -260,10 +260,10 @@ def test_encoded_stream_responses_equal_protobuf() -> None:
     assert sum(c.num_tokens for c in chunks) == n
     with ThreadPoolExecutor(1) as pool:
         s = LossServicer(Engine(device="cpu"), pool)
-        cfg = pb.LossConfig()
-        sel = pb.OutputSelection(ratio=True, clip_mask=True)
-        plain = s._stream_loss(cfg, sel, list(chunks), threading.Event(), False)[2]
-        enc = list(s._stream_loss(cfg, sel, list(chunks), threading.Event(), True)[2])
+        cfg = codec.decode_loss_config(pb.LossConfig(), [])
+        sel = codec.selected_outputs(pb.OutputSelection(ratio=True, clip_mask=True))
+        plain = s._stream_loss(cfg, sel, list(chunks), threading.Event(), False)[1]
+        enc = list(s._stream_loss(cfg, sel, list(chunks), threading.Event(), True)[1])
     assert len(plain) == len(enc) == 3
     for p, e in zip(plain, enc, strict=True):
         assert isinstance(e, codec.Encoded)

@@ -362,7 +362,7 @@ def test_a_non_wire_stream_puts_the_summary_in_its_last_response() -> None:
     want = eng.loss(whole, LossConfig())
     with ThreadPoolExecutor(1) as pool:
         s = LossServicer(eng, pool)
-        _, result, out = s._stream_loss(pb.LossConfig(), None, chunks, threading.Event(), encoded=False)
+        result, out = s._stream_loss(LossConfig(), ("gradient",), chunks, threading.Event(), encoded=False)
     assert [r.chunk_index for r in out] == [0, 1, 2]
     assert [r.HasField("summary") for r in out] == [False, False, True]
     assert out[-1].summary.loss == pytest.approx(float(result.loss))

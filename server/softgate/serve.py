@@ -37,7 +37,7 @@ from softgate.logging import NativeStderr, configure, get_logger, quiet_uvicorn_
 from softgate.settings import Settings, bind_tcp, host_port, unknown_variables
 from softgate.status import remove_status, write_status
 from softgate.telemetry import Telemetry
-from softgate.threads import cpu_quota, threads_for
+from softgate.threads import cpu_quota, on_daemon_thread, threads_for
 
 log = get_logger("serve")
 # on shutdown serve waits up to COMPILE_EXIT_WAIT_S (the engine's own wait at exit) for a
@@ -142,32 +142,6 @@ def _bound_admin_address(server: Any, settings: Settings) -> tuple[str, int]:
         return settings.admin_host, int(settings.admin_port or 0)
 
 
-def _start_warmup(engine: Engine, halt: threading.Event) -> asyncio.Future[None]:
-    """`engine.warmup(halt)` on a daemon thread, done when it returns. Not the loop's executor
-    (asyncio.to_thread): asyncio.run's exit waits for that executor's threads, so a warm-up
-    still compiling would hold the process however soon serve returned."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-
-    def settle(error: BaseException | None) -> None:
-        if error is None:
-            done.set_result(None)
-        else:
-            done.set_exception(error)
-
-    def work() -> None:
-        error: BaseException | None = None
-        try:
-            engine.warmup(halt)
-        except BaseException as e:  # (re-raised in the loop, as asyncio.to_thread would)
-            error = e
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
-            loop.call_soon_threadsafe(settle, error)
-
-    threading.Thread(target=work, name="softgate-warmup", daemon=True).start()
-    return done
-
-
 async def _warm_up(engine: Engine, stop: asyncio.Event) -> None:
     """Warm the engine up unless `stop` is set meanwhile: then halt it between configurations,
     wait up to COMPILE_EXIT_WAIT_S for the one compiling, and past that ask run() for an
@@ -175,7 +149,7 @@ async def _warm_up(engine: Engine, stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     halt = threading.Event()
-    warm = _start_warmup(engine, halt)
+    warm = on_daemon_thread(lambda: engine.warmup(halt), "softgate-warmup")
     stopped = asyncio.ensure_future(stop.wait())
     try:
         await asyncio.wait((warm, stopped), return_when=asyncio.FIRST_COMPLETED)

@@ -13,12 +13,16 @@ initialisation (which would otherwise reset it), and leaves every other thread a
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ctypes
 import math
 import os
 import threading
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 _lib: Any = None
 _lib_lock = threading.Lock()
@@ -159,3 +163,31 @@ def threads_for(quota: float | None, current: int, env: Mapping[str, str]) -> in
         return None
     n = max(1, math.ceil(quota))
     return n if n < current else None
+
+
+def on_daemon_thread(fn: Callable[[], T], name: str) -> asyncio.Future[T]:
+    """`fn()` on a daemon thread, its result (or exception) in a future of the running loop.
+    Not the loop's executor (asyncio.to_thread): asyncio.run's exit waits for that executor's
+    threads, so work that never ends (a compile, a wedged device) would hold the process."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if done.done():  # (cancelled: nobody waits any more)
+            return
+        if error is None:
+            done.set_result(result)
+        else:
+            done.set_exception(error)
+
+    def work() -> None:
+        result, error = None, None
+        try:
+            result = fn()
+        except BaseException as e:  # (re-raised in the loop, as asyncio.to_thread would)
+            error = e
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=work, name=name, daemon=True).start()
+    return done

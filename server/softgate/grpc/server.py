@@ -11,7 +11,6 @@ message size, keepalive, max connection age, TLS / mutual TLS, graceful stop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import os
 import socket
@@ -41,6 +40,7 @@ from softgate.settings import (
     tls_problems,
 )
 from softgate.telemetry import Telemetry
+from softgate.threads import on_daemon_thread
 
 log = get_logger("grpc")
 # how long a device probe may take (a small sum) before the device reads as hung
@@ -274,25 +274,9 @@ class GrpcServer:
         the health stayed SERVING, and no probe restarted the replica (an audit). A probe that
         does not end in PROBE_TIMEOUT_S (a wedged device) fails too. Then `on_device_failed`
         is told (serve stops, exit 1, for a restart) and health turns NOT_SERVING."""
-        loop = asyncio.get_running_loop()
-        verdict: asyncio.Future[str | None] = loop.create_future()
-
-        def probe() -> None:  # (a daemon thread: a hung one must not hold the process's exit)
-            try:
-                problem = self.engine.device_problem()
-            except BaseException as e:  # pragma: no cover - device_problem catches its own
-                problem = f"{type(e).__name__}: {e}"
-
-            def settle() -> None:
-                if not verdict.done():  # (cancelled: the server stopped meanwhile)
-                    verdict.set_result(problem)
-
-            with contextlib.suppress(RuntimeError):  # (the loop is closed: nobody waits)
-                loop.call_soon_threadsafe(settle)
-
-        threading.Thread(target=probe, name="softgate-device-probe", daemon=True).start()
         try:
-            problem = await asyncio.wait_for(verdict, PROBE_TIMEOUT_S)
+            probe = on_daemon_thread(self.engine.device_problem, "softgate-device-probe")
+            problem = await asyncio.wait_for(probe, PROBE_TIMEOUT_S)  # (a hung one is left behind)
         except asyncio.TimeoutError:
             problem = f"the probe did not end in {PROBE_TIMEOUT_S:g} s: a hung device"
         error = f"{type(exc).__name__}: {exc}"

@@ -648,8 +648,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
     ) -> AsyncIterator[pb.StreamLossResponse | codec.Encoded]:
         async with self._guard("StreamLoss", context) as call:
             request_iterator = _idle_bounded(request_iterator, self.stream_idle_timeout_s)
-            cfg_msg: pb.LossConfig | None = None
-            out_msg: pb.OutputSelection | None = None
+            config: LossConfig | None = None  # (decoded from the first message)
             names: tuple[str, ...] = ()
             # each chunk is decoded (in the pool) while the next one arrives; a failure is
             # reported in chunk order (an earlier chunk's problem first), as when sequential
@@ -675,22 +674,17 @@ class LossServicer(pb_grpc.LossServiceServicer):
                     v: list[FieldViolation] = []
                     codec.unknown_fields(msg, f"chunk[{i}]", v, deep=False)
                     codec.unknown_fields(msg.chunk, f"chunk[{i}]", v, deep=False)
-                    if cfg_msg is None:
-                        cfg_msg = pb.LossConfig()
-                        cfg_msg.CopyFrom(msg.config)  # (its unknown fields: decode_loss_config)
+                    if config is None:
                         if msg.HasField("outputs"):
                             codec.unknown_fields(msg.outputs, "outputs.", v)
-                            out_msg = pb.OutputSelection()
-                            out_msg.CopyFrom(msg.outputs)
-                        names = codec.selected_outputs(out_msg)
+                        names = codec.selected_outputs(msg.outputs if msg.HasField("outputs") else None)
                         # the configuration is whole here: a bad one refused now, not once every
-                        # chunk is uploaded (gigabytes, from a trainer in Go; an audit). Both are
-                        # decoded and checked once (cached): _stream_loss's costs nothing more
-                        early = codec.decode_loss_config(cfg_msg, v)
+                        # chunk is uploaded (gigabytes, from a trainer in Go; an audit)
+                        config = codec.decode_loss_config(msg.config, v)  # (its unknown fields too)
                         if not v:
                             v += [
                                 FieldViolation(codec.request_field(f.field), f.reason, f.index)
-                                for f in validate_config(early)
+                                for f in validate_config(config)
                             ]
                     elif msg.HasField("config") or msg.HasField("outputs"):
                         v.append(
@@ -725,7 +719,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
                     t.cancel()
                 decoding.clear()
                 await _close(request_iterator)  # (a failed chunk: the stream is read no further)
-            if cfg_msg is None:
+            if config is None:
                 await _ended_empty(
                     call.deadline, FieldViolation("chunk", "missing: the stream carried no chunk")
                 )
@@ -733,10 +727,10 @@ class LossServicer(pb_grpc.LossServiceServicer):
             if context.cancelled():  # (the client went away mid-upload: no loss for nobody)
                 raise Cancelled()
             self._start(call)
-            config_msg = cfg_msg
-            config, result, responses = await self._run(
+            cfg = config
+            result, responses = await self._run(
                 call,
-                lambda cancel: self._stream_loss(config_msg, out_msg, chunks, cancel, encoded),
+                lambda cancel: self._stream_loss(cfg, names, chunks, cancel, encoded),
                 call.tokens if len(chunks) <= INLINE_MAX_CHUNKS else None,
             )
             chunks.clear()
@@ -754,14 +748,15 @@ class LossServicer(pb_grpc.LossServiceServicer):
 
     def _stream_loss(
         self,
-        cfg_msg: pb.LossConfig,
-        out_msg: pb.OutputSelection | None,
+        config: LossConfig,
+        names: tuple[str, ...],
         chunks: list[Batch],
         cancel: threading.Event,
         encoded: bool = False,
-    ) -> tuple[LossConfig, LossResult, list[pb.StreamLossResponse] | Iterator[codec.Encoded]]:
+    ) -> tuple[LossResult, list[pb.StreamLossResponse] | Iterator[codec.Encoded]]:
+        """The loss of a stream's chunks, with the config and outputs its first message chose
+        (each chunk's response size was checked as it came)."""
         v: list[FieldViolation] = []
-        config = codec.decode_loss_config(cfg_msg, v)
         batch, tok_starts, seq_starts = _concatenate(chunks, v)
         if batch is not None:
             codec.check_groups(batch, self.limits, "chunk.group_ids", v)
@@ -769,7 +764,6 @@ class LossServicer(pb_grpc.LossServiceServicer):
             raise InputError(v)
         assert batch is not None
         self._check(cancel)
-        names = codec.selected_outputs(out_msg)  # (each chunk's response size: checked as it came)
         try:
             result = self.engine.loss(batch, config, sample_tokens=self._sample_tokens(names))
         except InputError as e:
@@ -777,7 +771,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         self._check(cancel)
         host: LossResult = codec.host_result(result, names)
         if encoded:
-            return config, result, _encode_stream(result, host, names, tok_starts, seq_starts)
+            return result, _encode_stream(result, host, names, tok_starts, seq_starts)
         out: list[pb.StreamLossResponse] = []
         for j in range(len(chunks)):
             r = pb.StreamLossResponse(chunk_index=j, token_start=tok_starts[j], sequence_start=seq_starts[j])
@@ -786,7 +780,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         summary = out[-1].summary
         summary.loss, summary.policy_loss, summary.kl_loss = result.loss, result.policy_loss, result.kl_loss
         summary.metrics.update(codec.metrics_map(result.metrics))
-        return config, result, out
+        return result, out
 
     # ------------------------------------------------------------ ListAlgorithms
     async def ListAlgorithms(
