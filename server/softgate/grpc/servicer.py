@@ -102,7 +102,7 @@ def run_of(context: Any) -> str:
 # a cancel this close to a call's deadline (at most half its time) is the client's deadline
 # (see _Call.cut)
 CUT_SLACK_S = 0.25
-CUT_WAIT_S = 0.01  # how long a request stream that ended empty waits for grpc to say it was cut
+CUT_WAIT_S = 0.01  # how long a request stream that ended (empty, or small) waits for grpc to say it was cut
 
 
 @dataclass
@@ -723,7 +723,12 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 await _ended_empty(
                     call.deadline, FieldViolation("chunk", "missing: the stream carried no chunk")
                 )
-            await asyncio.sleep(0)  # (grpc's word of a cancel, if that is how the stream ended)
+            # grpc's word of a cancel, if that is how the stream ended: work in the pool is told
+            # later too (its cancel event), but a small stream computed inline next has no later
+            # chance, so it waits as long as a stream that ended empty (a loaded CI run computed
+            # a cancelled one: one loop turn was not enough)
+            size = call.tokens if len(chunks) <= INLINE_MAX_CHUNKS else None  # (None: never inline)
+            await asyncio.sleep(CUT_WAIT_S if size is not None and size <= self.inline_max_tokens else 0)
             if context.cancelled():  # (the client went away mid-upload: no loss for nobody)
                 raise Cancelled()
             self._start(call)
@@ -731,7 +736,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
             result, responses = await self._run(
                 call,
                 lambda cancel: self._stream_loss(cfg, names, chunks, cancel, encoded),
-                call.tokens if len(chunks) <= INLINE_MAX_CHUNKS else None,
+                size,
             )
             chunks.clear()
             for r in responses:
